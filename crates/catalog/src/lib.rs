@@ -1,0 +1,246 @@
+//! Strata's catalog: the index of what the repository holds plus operational
+//! state (instances, backup sets, WAL segments, restore points, jobs).
+//!
+//! The repository stays the source of truth; everything here except jobs can
+//! be rebuilt from it (`strata repo reindex`). [`Catalog`] is the interface the
+//! engine uses; [`SqliteCatalog`] is the embedded default. A PostgreSQL
+//! implementation for several Strata nodes implements the same trait.
+
+mod sqlite;
+
+use chrono::{DateTime, Utc};
+use pg_wal::{Lsn, TimelineId};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use sqlite::SqliteCatalog;
+
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("instance {0:?} not found")]
+    InstanceNotFound(String),
+    #[error("instance {0:?} already exists")]
+    InstanceExists(String),
+    #[error("backup set {0:?} not found")]
+    BackupNotFound(String),
+    #[error("job {0} not found")]
+    JobNotFound(i64),
+    #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]
+    NewerSchema { found: i64, supported: i64 },
+    #[error("catalog database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("catalog holds an invalid value: {0}")]
+    Invalid(String),
+}
+
+pub type CatalogResult<T> = Result<T, CatalogError>;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Name of the environment variable holding the password (never the password).
+    pub password_env: Option<String>,
+    pub dbname: Option<String>,
+    pub sslmode: String,
+    pub sslrootcert: Option<String>,
+    /// Learned from the server on first contact.
+    #[serde(with = "opt_u64_string")]
+    pub system_identifier: Option<u64>,
+    pub pg_version_num: Option<u32>,
+    pub wal_segment_size: Option<u64>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum BackupStatus {
+    Running,
+    Success,
+    Failed,
+}
+
+impl BackupStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupStatus::Running => "Running",
+            BackupStatus::Success => "Success",
+            BackupStatus::Failed => "Failed",
+        }
+    }
+
+    fn parse(s: &str) -> CatalogResult<Self> {
+        Ok(match s {
+            "Running" => BackupStatus::Running,
+            "Success" => BackupStatus::Success,
+            "Failed" => BackupStatus::Failed,
+            other => return Err(CatalogError::Invalid(format!("backup status {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackupSet {
+    pub id: String,
+    pub instance_id: String,
+    pub status: BackupStatus,
+    /// "Manual" or "Automated", as RDS names backup modes.
+    pub mode: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub start_lsn: Option<Lsn>,
+    pub stop_lsn: Option<Lsn>,
+    pub start_timeline: Option<TimelineId>,
+    pub stop_timeline: Option<TimelineId>,
+    pub pg_version_num: Option<u32>,
+    pub total_bytes: u64,
+    pub new_bytes: u64,
+    pub dedup_bytes: u64,
+    pub stored_bytes: u64,
+    pub file_count: u64,
+    pub error: Option<String>,
+    pub job_id: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WalSegmentRow {
+    pub instance_id: String,
+    pub timeline: TimelineId,
+    pub segment: String,
+    pub partial: bool,
+    pub begin_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub size: u64,
+    pub checksum: String,
+    pub first_commit: Option<DateTime<Utc>>,
+    pub last_commit: Option<DateTime<Utc>>,
+    pub commit_count: u64,
+    pub object_key: String,
+    pub stored_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestorePointRow {
+    pub instance_id: String,
+    pub timeline: TimelineId,
+    pub name: String,
+    pub lsn: Lsn,
+    pub time: DateTime<Utc>,
+}
+
+/// Job states as RDS reports backup tasks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JobState {
+    NoStart,
+    Preparing,
+    Waiting,
+    Uploading,
+    Checking,
+    Finished,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::NoStart => "NoStart",
+            JobState::Preparing => "Preparing",
+            JobState::Waiting => "Waiting",
+            JobState::Uploading => "Uploading",
+            JobState::Checking => "Checking",
+            JobState::Finished => "Finished",
+            JobState::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Finished | JobState::Failed)
+    }
+
+    fn parse(s: &str) -> CatalogResult<Self> {
+        Ok(match s {
+            "NoStart" => JobState::NoStart,
+            "Preparing" => JobState::Preparing,
+            "Waiting" => JobState::Waiting,
+            "Uploading" => JobState::Uploading,
+            "Checking" => JobState::Checking,
+            "Finished" => JobState::Finished,
+            "Failed" => JobState::Failed,
+            other => return Err(CatalogError::Invalid(format!("job state {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: i64,
+    /// "backup", "restore", "wal-receive", "verify".
+    pub kind: String,
+    pub instance_id: Option<String>,
+    pub state: JobState,
+    pub progress: u8,
+    pub detail: String,
+    pub backup_id: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    /// Process running the job, so a crashed owner can be recognised.
+    pub pid: u32,
+}
+
+/// The catalog interface.
+pub trait Catalog: Send + Sync {
+    fn add_instance(&self, instance: &Instance) -> CatalogResult<()>;
+    fn update_instance(&self, instance: &Instance) -> CatalogResult<()>;
+    fn get_instance(&self, id: &str) -> CatalogResult<Instance>;
+    fn list_instances(&self) -> CatalogResult<Vec<Instance>>;
+    fn delete_instance(&self, id: &str) -> CatalogResult<()>;
+
+    fn insert_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
+    fn update_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
+    fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
+    /// Backup sets of an instance, oldest first.
+    fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>>;
+
+    fn upsert_wal_segment(&self, row: &WalSegmentRow) -> CatalogResult<()>;
+    fn delete_wal_segment(
+        &self,
+        instance_id: &str,
+        timeline: TimelineId,
+        segment: &str,
+        partial: bool,
+    ) -> CatalogResult<()>;
+    /// WAL segments of an instance by timeline and name.
+    fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>>;
+    fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;
+    fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
+
+    fn create_job(&self, kind: &str, instance_id: Option<&str>) -> CatalogResult<Job>;
+    fn update_job(&self, job: &Job) -> CatalogResult<()>;
+    fn get_job(&self, id: i64) -> CatalogResult<Job>;
+    fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
+    /// Marks jobs (and their running backup sets) failed when the process
+    /// that ran them is gone; returns how many were failed.
+    fn fail_orphaned_jobs(&self) -> CatalogResult<usize>;
+
+    /// Forgets backup sets, WAL segments and restore points (before a reindex).
+    fn clear_index(&self) -> CatalogResult<()>;
+}
+
+mod opt_u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&v.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| s.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}

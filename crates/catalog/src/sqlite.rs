@@ -1,0 +1,615 @@
+//! The embedded SQLite catalog. WAL journal mode and a busy timeout let the
+//! CLI and a running server share one file safely.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use pg_wal::{Lsn, TimelineId};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::*;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how
+/// many have run. Never edit a released migration: append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    user_name TEXT NOT NULL,
+    password_env TEXT,
+    dbname TEXT,
+    sslmode TEXT NOT NULL,
+    sslrootcert TEXT,
+    system_identifier TEXT,
+    pg_version_num INTEGER,
+    wal_segment_size INTEGER,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE backup_sets (
+    id TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    start_lsn INTEGER,
+    stop_lsn INTEGER,
+    start_timeline INTEGER,
+    stop_timeline INTEGER,
+    pg_version_num INTEGER,
+    total_bytes INTEGER NOT NULL DEFAULT 0,
+    new_bytes INTEGER NOT NULL DEFAULT 0,
+    dedup_bytes INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    file_count INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    job_id INTEGER
+);
+CREATE INDEX backup_sets_instance ON backup_sets(instance_id, started_at);
+CREATE TABLE wal_segments (
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    segment TEXT NOT NULL,
+    partial INTEGER NOT NULL,
+    begin_lsn INTEGER NOT NULL,
+    end_lsn INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    first_commit TEXT,
+    last_commit TEXT,
+    commit_count INTEGER NOT NULL,
+    object_key TEXT NOT NULL,
+    stored_at TEXT NOT NULL,
+    PRIMARY KEY (instance_id, timeline, segment, partial)
+);
+CREATE TABLE restore_points (
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    lsn INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    PRIMARY KEY (instance_id, lsn)
+);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    instance_id TEXT,
+    state TEXT NOT NULL,
+    progress INTEGER NOT NULL DEFAULT 0,
+    detail TEXT NOT NULL DEFAULT '',
+    backup_id TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    error TEXT,
+    pid INTEGER NOT NULL
+);
+"#];
+
+pub struct SqliteCatalog {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteCatalog {
+    pub fn open(path: &Path) -> CatalogResult<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> CatalogResult<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> CatalogResult<Self> {
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(CatalogError::NewerSchema {
+                found: version,
+                supported,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if current > i as i64 {
+                continue; // another process migrated meanwhile
+            }
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(SqliteCatalog {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> CatalogResult<T>) -> CatalogResult<T> {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&conn)
+    }
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn parse_ts(s: String) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(&s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+}
+
+fn opt_ts(s: Option<String>) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    s.map(parse_ts).transpose()
+}
+
+fn lsn_to_sql(l: Lsn) -> i64 {
+    l.0 as i64
+}
+
+fn lsn_from_sql(v: i64) -> Lsn {
+    Lsn(v as u64)
+}
+
+fn instance_from_row(r: &Row) -> rusqlite::Result<Instance> {
+    Ok(Instance {
+        id: r.get(0)?,
+        host: r.get(1)?,
+        port: r.get(2)?,
+        user: r.get(3)?,
+        password_env: r.get(4)?,
+        dbname: r.get(5)?,
+        sslmode: r.get(6)?,
+        sslrootcert: r.get(7)?,
+        system_identifier: r.get::<_, Option<String>>(8)?.and_then(|s| s.parse().ok()),
+        pg_version_num: r.get(9)?,
+        wal_segment_size: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+        created_at: parse_ts(r.get(11)?)?,
+    })
+}
+
+const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at";
+
+fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
+    let status: String = r.get(2)?;
+    Ok(BackupSet {
+        id: r.get(0)?,
+        instance_id: r.get(1)?,
+        status: BackupStatus::parse(&status).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        mode: r.get(3)?,
+        started_at: parse_ts(r.get(4)?)?,
+        finished_at: opt_ts(r.get(5)?)?,
+        start_lsn: r.get::<_, Option<i64>>(6)?.map(lsn_from_sql),
+        stop_lsn: r.get::<_, Option<i64>>(7)?.map(lsn_from_sql),
+        start_timeline: r.get::<_, Option<u32>>(8)?.map(TimelineId),
+        stop_timeline: r.get::<_, Option<u32>>(9)?.map(TimelineId),
+        pg_version_num: r.get(10)?,
+        total_bytes: r.get::<_, i64>(11)? as u64,
+        new_bytes: r.get::<_, i64>(12)? as u64,
+        dedup_bytes: r.get::<_, i64>(13)? as u64,
+        stored_bytes: r.get::<_, i64>(14)? as u64,
+        file_count: r.get::<_, i64>(15)? as u64,
+        error: r.get(16)?,
+        job_id: r.get(17)?,
+    })
+}
+
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id";
+
+fn wal_from_row(r: &Row) -> rusqlite::Result<WalSegmentRow> {
+    Ok(WalSegmentRow {
+        instance_id: r.get(0)?,
+        timeline: TimelineId(r.get(1)?),
+        segment: r.get(2)?,
+        partial: r.get(3)?,
+        begin_lsn: lsn_from_sql(r.get(4)?),
+        end_lsn: lsn_from_sql(r.get(5)?),
+        size: r.get::<_, i64>(6)? as u64,
+        checksum: r.get(7)?,
+        first_commit: opt_ts(r.get(8)?)?,
+        last_commit: opt_ts(r.get(9)?)?,
+        commit_count: r.get::<_, i64>(10)? as u64,
+        object_key: r.get(11)?,
+        stored_at: parse_ts(r.get(12)?)?,
+    })
+}
+
+const WAL_COLS: &str = "instance_id, timeline, segment, partial, begin_lsn, end_lsn, size, checksum, first_commit, last_commit, commit_count, object_key, stored_at";
+
+fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
+    let state: String = r.get(3)?;
+    Ok(Job {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        instance_id: r.get(2)?,
+        state: JobState::parse(&state).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        progress: r.get(4)?,
+        detail: r.get(5)?,
+        backup_id: r.get(6)?,
+        started_at: parse_ts(r.get(7)?)?,
+        finished_at: opt_ts(r.get(8)?)?,
+        error: r.get(9)?,
+        pid: r.get(10)?,
+    })
+}
+
+const JOB_COLS: &str =
+    "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid";
+
+fn process_alive(pid: u32) -> bool {
+    // /proc is enough on Linux; a zombie or reused pid errs on "alive",
+    // which only delays marking a job failed.
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Catalog for SqliteCatalog {
+    fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
+        self.with(|c| {
+            let n = c.execute(
+                &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+                params![
+                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode, i.sslrootcert,
+                    i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
+                    i.wal_segment_size.map(|v| v as i64), ts(&i.created_at)
+                ],
+            )?;
+            if n == 0 {
+                return Err(CatalogError::InstanceExists(i.id.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    fn update_instance(&self, i: &Instance) -> CatalogResult<()> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11 WHERE id=?1",
+                params![
+                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode, i.sslrootcert,
+                    i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
+                    i.wal_segment_size.map(|v| v as i64)
+                ],
+            )?;
+            if n == 0 {
+                return Err(CatalogError::InstanceNotFound(i.id.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    fn get_instance(&self, id: &str) -> CatalogResult<Instance> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1"),
+                [id],
+                instance_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| CatalogError::InstanceNotFound(id.to_string()))
+        })
+    }
+
+    fn list_instances(&self) -> CatalogResult<Vec<Instance>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances ORDER BY id"
+            ))?;
+            let rows = st.query_map([], instance_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn delete_instance(&self, id: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            if c.execute("DELETE FROM instances WHERE id = ?1", [id])? == 0 {
+                return Err(CatalogError::InstanceNotFound(id.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
+                params![
+                    b.id, b.instance_id, b.status.as_str(), b.mode, ts(&b.started_at),
+                    b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
+                    b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
+                    b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
+                    b.file_count as i64, b.error, b.job_id
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn update_backup(&self, b: &BackupSet) -> CatalogResult<()> {
+        self.get_backup(&b.id)?;
+        self.insert_backup(b)
+    }
+
+    fn get_backup(&self, id: &str) -> CatalogResult<BackupSet> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {BACKUP_COLS} FROM backup_sets WHERE id = ?1"),
+                [id],
+                backup_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| CatalogError::BackupNotFound(id.to_string()))
+        })
+    }
+
+    fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {BACKUP_COLS} FROM backup_sets WHERE instance_id = ?1 ORDER BY started_at, id"
+            ))?;
+            let rows = st.query_map([instance_id], backup_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn upsert_wal_segment(&self, w: &WalSegmentRow) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO wal_segments ({WAL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
+                params![
+                    w.instance_id, w.timeline.0, w.segment, w.partial, lsn_to_sql(w.begin_lsn),
+                    lsn_to_sql(w.end_lsn), w.size as i64, w.checksum, w.first_commit.as_ref().map(ts),
+                    w.last_commit.as_ref().map(ts), w.commit_count as i64, w.object_key, ts(&w.stored_at)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_wal_segment(
+        &self,
+        instance_id: &str,
+        timeline: TimelineId,
+        segment: &str,
+        partial: bool,
+    ) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM wal_segments WHERE instance_id=?1 AND timeline=?2 AND segment=?3 AND partial=?4",
+                params![instance_id, timeline.0, segment, partial],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {WAL_COLS} FROM wal_segments WHERE instance_id = ?1 ORDER BY timeline, segment, partial"
+            ))?;
+            let rows = st.query_map([instance_id], wal_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn upsert_restore_point(&self, r: &RestorePointRow) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO restore_points (instance_id, timeline, name, lsn, time) VALUES (?1,?2,?3,?4,?5)",
+                params![r.instance_id, r.timeline.0, r.name, lsn_to_sql(r.lsn), ts(&r.time)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT instance_id, timeline, name, lsn, time FROM restore_points WHERE instance_id = ?1 ORDER BY lsn",
+            )?;
+            let rows = st.query_map([instance_id], |r| {
+                Ok(RestorePointRow {
+                    instance_id: r.get(0)?,
+                    timeline: TimelineId(r.get(1)?),
+                    name: r.get(2)?,
+                    lsn: lsn_from_sql(r.get(3)?),
+                    time: parse_ts(r.get(4)?)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn create_job(&self, kind: &str, instance_id: Option<&str>) -> CatalogResult<Job> {
+        let id = self.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (kind, instance_id, state, started_at, pid) VALUES (?1, ?2, 'NoStart', ?3, ?4)",
+                params![kind, instance_id, ts(&Utc::now()), std::process::id()],
+            )?;
+            Ok(c.last_insert_rowid())
+        })?;
+        self.get_job(id)
+    }
+
+    fn update_job(&self, j: &Job) -> CatalogResult<()> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE jobs SET state=?2, progress=?3, detail=?4, backup_id=?5, finished_at=?6, error=?7 WHERE id=?1",
+                params![
+                    j.id, j.state.as_str(), j.progress, j.detail, j.backup_id,
+                    j.finished_at.as_ref().map(ts), j.error
+                ],
+            )?;
+            if n == 0 {
+                return Err(CatalogError::JobNotFound(j.id));
+            }
+            Ok(())
+        })
+    }
+
+    fn get_job(&self, id: i64) -> CatalogResult<Job> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"),
+                [id],
+                job_from_row,
+            )
+            .optional()?
+            .ok_or(CatalogError::JobNotFound(id))
+        })
+    }
+
+    fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE ?1 IS NULL OR instance_id = ?1 ORDER BY id"
+            ))?;
+            let rows = st.query_map([instance_id], job_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn fail_orphaned_jobs(&self) -> CatalogResult<usize> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed')"
+            ))?;
+            let open: Vec<Job> = st
+                .query_map([], job_from_row)?
+                .collect::<Result<_, _>>()?;
+            let now = ts(&Utc::now());
+            let mut failed = 0;
+            for job in open.into_iter().filter(|j| !process_alive(j.pid)) {
+                let reason = format!(
+                    "the process running this job (pid {}) ended before the job finished",
+                    job.pid
+                );
+                c.execute(
+                    "UPDATE jobs SET state='Failed', finished_at=?2, error=?3 WHERE id=?1",
+                    params![job.id, now, reason],
+                )?;
+                c.execute(
+                    "UPDATE backup_sets SET status='Failed', finished_at=?2, error=?3 WHERE job_id=?1 AND status='Running'",
+                    params![job.id, now, reason],
+                )?;
+                failed += 1;
+            }
+            Ok(failed)
+        })
+    }
+
+    fn clear_index(&self) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute_batch(
+                "DELETE FROM backup_sets; DELETE FROM wal_segments; DELETE FROM restore_points;",
+            )?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str) -> Instance {
+        Instance {
+            id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password_env: None,
+            dbname: None,
+            sslmode: "prefer".into(),
+            sslrootcert: None,
+            system_identifier: Some(u64::MAX - 3),
+            pg_version_num: Some(150018),
+            wal_segment_size: Some(16 << 20),
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn migrations_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let cat = SqliteCatalog::open(&path).unwrap();
+        cat.add_instance(&instance("a")).unwrap();
+        assert!(matches!(
+            cat.add_instance(&instance("a")),
+            Err(CatalogError::InstanceExists(_))
+        ));
+        drop(cat);
+        let cat = SqliteCatalog::open(&path).unwrap();
+        let got = cat.get_instance("a").unwrap();
+        assert_eq!(got.system_identifier, Some(u64::MAX - 3));
+        assert!(matches!(
+            cat.get_instance("b"),
+            Err(CatalogError::InstanceNotFound(_))
+        ));
+
+        let mut job = cat.create_job("backup", Some("a")).unwrap();
+        job.state = JobState::Uploading;
+        job.progress = 40;
+        cat.update_job(&job).unwrap();
+        let b = BackupSet {
+            id: "1".into(),
+            instance_id: "a".into(),
+            status: BackupStatus::Running,
+            mode: "Manual".into(),
+            started_at: Utc::now(),
+            finished_at: None,
+            start_lsn: Some(Lsn(0x1_0000_0028)),
+            stop_lsn: None,
+            start_timeline: Some(TimelineId(1)),
+            stop_timeline: None,
+            pg_version_num: Some(150018),
+            total_bytes: 0,
+            new_bytes: 0,
+            dedup_bytes: 0,
+            stored_bytes: 0,
+            file_count: 0,
+            error: None,
+            job_id: Some(job.id),
+        };
+        cat.insert_backup(&b).unwrap();
+        assert_eq!(cat.get_backup("1").unwrap(), b);
+        // Our own process is alive: nothing to fail.
+        assert_eq!(cat.fail_orphaned_jobs().unwrap(), 0);
+        cat.with(|c| {
+            c.execute("UPDATE jobs SET pid = 999999999", [])?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(cat.fail_orphaned_jobs().unwrap(), 1);
+        assert_eq!(cat.get_job(job.id).unwrap().state, JobState::Failed);
+        assert_eq!(cat.get_backup("1").unwrap().status, BackupStatus::Failed);
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(SqliteCatalog::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(
+            SqliteCatalog::open(&path),
+            Err(CatalogError::NewerSchema { .. })
+        ));
+    }
+}

@@ -1,0 +1,48 @@
+//! Engine errors: each says in one line what went wrong and, where the user
+//! can act, what to do.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Catalog(#[from] strata_catalog::CatalogError),
+    #[error(transparent)]
+    Repo(#[from] strata_repo::RepoError),
+    /// A server or network problem, already phrased for the user.
+    #[error("{0}")]
+    Server(String),
+    /// The request cannot be carried out as asked (bad target, not-empty
+    /// directory, missing binaries...).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl EngineError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+        let context = context.into();
+        move |source| EngineError::Io { context, source }
+    }
+
+    /// Whether a retry (reconnect) may succeed: network trouble and servers
+    /// restarting, not wrong passwords or missing privileges.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EngineError::Server(msg) => msg.starts_with("cannot reach") || msg.contains("connection"),
+            EngineError::Repo(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;

@@ -1,0 +1,92 @@
+//! Strata's engine: the jobs that move data between PostgreSQL servers and the
+//! repository — full backups over the replication protocol, continuous WAL
+//! archiving from a replication slot, restores (latest or point in time),
+//! verification and catalog reindexing. The CLI and the service both drive
+//! these through [`Engine`].
+
+mod archive;
+mod backup;
+mod connect;
+mod error;
+mod progress;
+mod reindex;
+mod restore;
+mod segment;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use strata_catalog::Catalog;
+use strata_repo::Repository;
+
+pub use archive::WalReceiveOptions;
+pub use error::{EngineError, EngineResult};
+pub use progress::{NoProgress, Progress};
+pub use reindex::ReindexReport;
+pub use restore::{RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions};
+
+/// Knobs the engine takes from the configuration file.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// How often the partial WAL segment is written to the repository.
+    pub wal_flush_interval: std::time::Duration,
+    /// How often a standby status update is sent while streaming.
+    pub wal_status_interval: std::time::Duration,
+    /// Files restored at once.
+    pub restore_parallelism: usize,
+    /// Directories searched for PostgreSQL server binaries (`postgres`,
+    /// `pg_ctl`); `{major}` is replaced by the major version.
+    pub pg_bin_dirs: Vec<String>,
+    /// OS user that owns restored data directories and runs restored servers
+    /// (needed when Strata runs as root; PostgreSQL refuses root).
+    pub os_user: Option<String>,
+    /// Seconds to wait for a started server to finish recovery.
+    pub start_timeout: std::time::Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            wal_flush_interval: std::time::Duration::from_secs(1),
+            wal_status_interval: std::time::Duration::from_secs(10),
+            restore_parallelism: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            pg_bin_dirs: vec!["/usr/lib/postgresql/{major}/bin".into()],
+            os_user: None,
+            start_timeout: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+/// The engine: a catalog, a repository and settings, shared by every job.
+#[derive(Clone)]
+pub struct Engine {
+    pub catalog: Arc<dyn Catalog>,
+    pub repo: Repository,
+    pub settings: EngineSettings,
+}
+
+impl Engine {
+    pub fn new(catalog: Arc<dyn Catalog>, repo: Repository, settings: EngineSettings) -> Self {
+        Engine {
+            catalog,
+            repo,
+            settings,
+        }
+    }
+
+    /// Locates the directory with `postgres` and `pg_ctl` for a major version.
+    pub fn pg_bin_dir(&self, major: u32) -> EngineResult<PathBuf> {
+        for pattern in &self.settings.pg_bin_dirs {
+            let dir = PathBuf::from(pattern.replace("{major}", &major.to_string()));
+            if dir.join("postgres").is_file() && dir.join("pg_ctl").is_file() {
+                return Ok(dir);
+            }
+        }
+        Err(EngineError::Refused(format!(
+            "no PostgreSQL {major} server binaries found (searched: {}); set [postgres] bin_dirs in the configuration",
+            self.settings.pg_bin_dirs.join(", ")
+        )))
+    }
+}

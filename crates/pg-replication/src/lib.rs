@@ -1,0 +1,1 @@
+//! (placeholder: module documentation follows with the implementation)

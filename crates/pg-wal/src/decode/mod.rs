@@ -1,0 +1,525 @@
+//! Streaming WAL decoder: finds transaction commits/aborts, restore points and segment
+//! switches in raw WAL bytes, as PostgreSQL's own reader would see them.
+//!
+//! References: src/include/access/xlog_internal.h (page headers, `XLP_*` flags),
+//! src/backend/access/transam/xlogreader.c (`XLogDecodeNextRecord`,
+//! `XLogReaderValidatePageHeader`, `ValidXLogRecordHeader`, `ValidXLogRecord`).
+//!
+//! The end of valid WAL is found the way PostgreSQL finds it: a zero record length, a
+//! record whose CRC-32C does not match, a broken `xl_prev` chain, a page that was never
+//! written or belongs to an older incarnation of a recycled file, or a missing
+//! continuation. Past that point nothing more is reported until the next segment starts,
+//! where the decoder re-synchronises on the page header (this is also how the padding
+//! after an `XLOG_SWITCH` is skipped). Formats we cannot read (unknown page magic, other
+//! segment or page sizes, a file from another position) are errors.
+//!
+//! Memory is bounded by the records that are reported (commit and abort records,
+//! restore points); all other records are CRC-checked as they stream past and dropped.
+
+mod record;
+
+use chrono::{DateTime, Utc};
+
+use crate::{Lsn, WalError, WalGeometry, XLOG_BLCKSZ};
+
+use record::{Kind, RecordHeader, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET};
+
+/// Something in the WAL that Strata acts on (recovery targets, catalog of restore points).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WalEvent {
+    /// `lsn` is the record start; `end_lsn` the MAXALIGNed end, i.e. PostgreSQL's
+    /// `EndRecPtr` and what `pg_current_wal_lsn()` would return right after the commit.
+    Commit {
+        lsn: Lsn,
+        end_lsn: Lsn,
+        xid: u32,
+        time: DateTime<Utc>,
+    },
+    Abort {
+        lsn: Lsn,
+        end_lsn: Lsn,
+        xid: u32,
+        time: DateTime<Utc>,
+    },
+    RestorePoint {
+        lsn: Lsn,
+        end_lsn: Lsn,
+        name: String,
+        time: DateTime<Utc>,
+    },
+    /// `XLOG_SWITCH`: the rest of the segment is padding.
+    Switch { lsn: Lsn },
+}
+
+const SIZE_OF_SHORT_PAGE_HEADER: usize = 24;
+const SIZE_OF_LONG_PAGE_HEADER: usize = 40;
+
+const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
+const XLP_LONG_HEADER: u16 = 0x0002;
+const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0004;
+const XLP_ALL_FLAGS: u16 = 0x0007;
+
+/// Records start at MAXALIGN (8 bytes on every platform PostgreSQL supports for WAL).
+const MAXALIGN: u64 = 8;
+/// `MaxAllocSize`: PostgreSQL's reader refuses longer records.
+const MAX_RECORD_LEN: u32 = 0x3FFF_FFFF;
+/// Initial buffer reservation for a reported record; most are far smaller.
+const RECORD_BUFFER_HINT: usize = 64 * 1024;
+
+/// WAL format generation, identified by `XLOG_PAGE_MAGIC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WalVersion {
+    Pg15,
+    Pg16,
+    Pg17,
+    Pg18,
+}
+
+impl WalVersion {
+    fn from_magic(magic: u16) -> Option<Self> {
+        match magic {
+            0xD110 => Some(WalVersion::Pg15),
+            0xD113 => Some(WalVersion::Pg16),
+            0xD116 => Some(WalVersion::Pg17),
+            0xD118 => Some(WalVersion::Pg18),
+            _ => None,
+        }
+    }
+
+    /// `sizeof(xl_xact_stats_item)`: PostgreSQL 18 widened the object id to 64 bits.
+    fn stats_item_size(self) -> usize {
+        match self {
+            WalVersion::Pg15 | WalVersion::Pg16 | WalVersion::Pg17 => 12,
+            WalVersion::Pg18 => 16,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum PageState {
+    /// Collecting the page header that starts at the current page boundary.
+    Header {
+        bytes: [u8; SIZE_OF_LONG_PAGE_HEADER],
+        have: usize,
+        need: usize,
+    },
+    Content,
+}
+
+#[derive(Debug)]
+enum RecordState {
+    /// Between records: skip alignment padding, then a record header begins.
+    Idle,
+    Header {
+        start: Lsn,
+        bytes: [u8; SIZE_OF_XLOG_RECORD],
+        have: usize,
+    },
+    Body {
+        start: Lsn,
+        head: [u8; SIZE_OF_XLOG_RECORD],
+        header: RecordHeader,
+        kind: Option<Kind>,
+        got: u32,
+        crc: u32,
+        /// The whole record, kept only for kinds we report.
+        buffer: Option<Vec<u8>>,
+    },
+    /// The tail of a record that began before our start position.
+    SkipContinuation { remaining: u32 },
+}
+
+impl RecordState {
+    /// Bytes of the current record still to come, for checking `xlp_rem_len`.
+    fn remaining(&self) -> Option<u32> {
+        match self {
+            RecordState::Idle => None,
+            RecordState::Header { bytes, have, .. } => {
+                // xl_tot_len is always on the record's first page (records are MAXALIGNed).
+                (*have >= 4).then(|| {
+                    let tot_len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                    tot_len.saturating_sub(*have as u32)
+                })
+            }
+            RecordState::Body { header, got, .. } => Some(header.tot_len - got),
+            RecordState::SkipContinuation { remaining } => Some(*remaining),
+        }
+    }
+}
+
+/// Incremental decoder fed consecutive WAL bytes from a page-aligned start position.
+#[derive(Debug)]
+pub struct WalDecoder {
+    geometry: WalGeometry,
+    pos: Lsn,
+    page: PageState,
+    record: RecordState,
+    version: WalVersion,
+    /// At a (re)synchronisation point: continuation data of an earlier record is skipped.
+    fresh: bool,
+    /// Start of the last valid record, to check the next record's `xl_prev`.
+    prev: Option<Lsn>,
+    /// After the end of valid WAL: ignore everything up to this segment start.
+    skip_until: Option<Lsn>,
+    /// Errors are sticky: the stream position is no longer trustworthy.
+    failed: Option<WalError>,
+}
+
+impl WalDecoder {
+    /// `start` must be page aligned (8192 bytes), usually a segment start; otherwise every
+    /// `feed` fails with [`WalError::UnalignedStart`]. Records that began before `start` are
+    /// skipped.
+    pub fn new(geometry: WalGeometry, start: Lsn) -> Self {
+        WalDecoder {
+            geometry,
+            pos: start,
+            page: PageState::Content,
+            record: RecordState::Idle,
+            version: WalVersion::Pg15,
+            fresh: true,
+            prev: None,
+            skip_until: None,
+            failed: (start.0 % XLOG_BLCKSZ != 0).then_some(WalError::UnalignedStart(start)),
+        }
+    }
+
+    /// LSN just after the last byte fed.
+    pub fn position(&self) -> Lsn {
+        self.pos
+    }
+
+    /// Consumes the next bytes of the stream (any chunking) and returns the events of all
+    /// records completed by them. After an error the decoder keeps returning that error.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<WalEvent>, WalError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let mut events = Vec::new();
+        let mut input = bytes;
+        while !input.is_empty() {
+            if let Err(err) = self.step(&mut input, &mut events) {
+                self.failed = Some(err.clone());
+                return Err(err);
+            }
+        }
+        Ok(events)
+    }
+
+    /// Takes up to `max` bytes off the input and moves the stream position past them.
+    fn take<'a>(&mut self, input: &mut &'a [u8], max: u64) -> &'a [u8] {
+        let n = usize::try_from(max).unwrap_or(usize::MAX).min(input.len());
+        let (chunk, rest) = input.split_at(n);
+        *input = rest;
+        self.pos = self.pos + n as u64;
+        chunk
+    }
+
+    fn step(&mut self, input: &mut &[u8], events: &mut Vec<WalEvent>) -> Result<(), WalError> {
+        if let Some(target) = self.skip_until {
+            self.take(input, target - self.pos);
+            if self.pos == target {
+                self.skip_until = None;
+                self.page = PageState::Content;
+                self.record = RecordState::Idle;
+                self.fresh = true;
+            }
+            return Ok(());
+        }
+
+        if self.pos.0 % XLOG_BLCKSZ == 0 && matches!(self.page, PageState::Content) {
+            self.page = PageState::Header {
+                bytes: [0; SIZE_OF_LONG_PAGE_HEADER],
+                have: 0,
+                need: SIZE_OF_SHORT_PAGE_HEADER,
+            };
+        }
+        if let PageState::Header { have, need, .. } = self.page {
+            let chunk = self.take(input, (need - have) as u64);
+            let PageState::Header {
+                bytes, have, need, ..
+            } = &mut self.page
+            else {
+                return Ok(());
+            };
+            bytes[*have..*have + chunk.len()].copy_from_slice(chunk);
+            *have += chunk.len();
+            if *have == SIZE_OF_SHORT_PAGE_HEADER && *need == SIZE_OF_SHORT_PAGE_HEADER {
+                let info = u16::from_le_bytes([bytes[2], bytes[3]]);
+                if info & XLP_LONG_HEADER != 0 {
+                    *need = SIZE_OF_LONG_PAGE_HEADER;
+                }
+            }
+            if *have == *need {
+                let header = *bytes;
+                self.page = PageState::Content;
+                self.on_page_header(&header)?;
+            }
+            return Ok(());
+        }
+
+        let page_left = XLOG_BLCKSZ - self.pos.0 % XLOG_BLCKSZ;
+        match &mut self.record {
+            RecordState::Idle => {
+                let padding = (MAXALIGN - self.pos.0 % MAXALIGN) % MAXALIGN;
+                if padding > 0 {
+                    self.take(input, padding);
+                } else {
+                    self.record = RecordState::Header {
+                        start: self.pos,
+                        bytes: [0; SIZE_OF_XLOG_RECORD],
+                        have: 0,
+                    };
+                }
+            }
+            RecordState::Header { have, .. } => {
+                let want = ((SIZE_OF_XLOG_RECORD - *have) as u64).min(page_left);
+                let chunk = self.take(input, want);
+                if let RecordState::Header { start, bytes, have } = &mut self.record {
+                    bytes[*have..*have + chunk.len()].copy_from_slice(chunk);
+                    *have += chunk.len();
+                    let (start, bytes, have) = (*start, *bytes, *have);
+                    self.on_record_header_bytes(start, &bytes, have, events)?;
+                }
+            }
+            RecordState::Body { header, got, .. } => {
+                let want = u64::from(header.tot_len - *got).min(page_left);
+                let chunk = self.take(input, want);
+                if let RecordState::Body {
+                    header,
+                    got,
+                    crc,
+                    buffer,
+                    ..
+                } = &mut self.record
+                {
+                    *crc = crc32c::crc32c_append(*crc, chunk);
+                    if let Some(buffer) = buffer {
+                        buffer.extend_from_slice(chunk);
+                    }
+                    *got += chunk.len() as u32;
+                    if *got == header.tot_len {
+                        self.finish_record(events)?;
+                    }
+                }
+            }
+            RecordState::SkipContinuation { remaining } => {
+                let want = u64::from(*remaining).min(page_left);
+                let skipped = self.take(input, want).len() as u32;
+                if let RecordState::SkipContinuation { remaining } = &mut self.record {
+                    *remaining -= skipped;
+                    if *remaining == 0 {
+                        self.record = RecordState::Idle;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a page header like `XLogReaderValidatePageHeader` and checks that it
+    /// continues (or does not continue) the record in progress.
+    fn on_page_header(&mut self, header: &[u8; SIZE_OF_LONG_PAGE_HEADER]) -> Result<(), WalError> {
+        let page_start = Lsn(self.pos.0 - self.pos.0 % XLOG_BLCKSZ);
+        let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let magic = u16_at(0);
+        let info = u16_at(2);
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&header[8..16]);
+        let page_addr = Lsn(u64::from_le_bytes(addr));
+        let rem_len = u32_at(16);
+
+        if magic == 0 {
+            // A page that was never written (pre-zeroed segment or unused tail).
+            self.end_of_valid_wal();
+            return Ok(());
+        }
+        self.version = WalVersion::from_magic(magic).ok_or(WalError::UnsupportedPageMagic {
+            lsn: page_start,
+            magic,
+        })?;
+        if info & !XLP_ALL_FLAGS != 0 {
+            self.end_of_valid_wal();
+            return Ok(());
+        }
+        if self.geometry.offset_in_segment(page_start) == 0 {
+            if page_addr != page_start {
+                return Err(WalError::WrongSegment {
+                    expected: page_start,
+                    found: page_addr,
+                });
+            }
+            if info & XLP_LONG_HEADER == 0 {
+                self.end_of_valid_wal();
+                return Ok(());
+            }
+        } else if page_addr != page_start {
+            // Left over from the file's previous life before it was recycled.
+            self.end_of_valid_wal();
+            return Ok(());
+        }
+        if info & XLP_LONG_HEADER != 0 {
+            let segment_size = u64::from(u32_at(32));
+            if segment_size != self.geometry.segment_size() {
+                return Err(WalError::SegmentSizeMismatch {
+                    lsn: page_start,
+                    expected: self.geometry.segment_size(),
+                    found: segment_size,
+                });
+            }
+            let block_size = u32_at(36);
+            if u64::from(block_size) != XLOG_BLCKSZ {
+                return Err(WalError::PageSizeMismatch {
+                    lsn: page_start,
+                    found: block_size,
+                });
+            }
+        }
+
+        let continues = info & XLP_FIRST_IS_CONTRECORD != 0;
+        let fresh = std::mem::replace(&mut self.fresh, false);
+        match self.record.remaining() {
+            Some(remaining) => {
+                if continues && rem_len == remaining && rem_len != 0 {
+                    return Ok(());
+                }
+                if !continues && info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0 {
+                    // Crash recovery abandoned the torn record and wrote new WAL here.
+                    self.record = RecordState::Idle;
+                    self.prev = None;
+                    return Ok(());
+                }
+                self.end_of_valid_wal();
+            }
+            None if matches!(self.record, RecordState::Idle) => {
+                if continues {
+                    if fresh && rem_len != 0 {
+                        self.record = RecordState::SkipContinuation { remaining: rem_len };
+                    } else {
+                        self.end_of_valid_wal();
+                    }
+                }
+            }
+            None => self.end_of_valid_wal(),
+        }
+        Ok(())
+    }
+
+    /// Checks the record header as soon as enough of it is present (`ValidXLogRecordHeader`).
+    fn on_record_header_bytes(
+        &mut self,
+        start: Lsn,
+        bytes: &[u8; SIZE_OF_XLOG_RECORD],
+        have: usize,
+        events: &mut Vec<WalEvent>,
+    ) -> Result<(), WalError> {
+        if have < 4 {
+            return Ok(());
+        }
+        let tot_len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if tot_len < SIZE_OF_XLOG_RECORD as u32 || tot_len > MAX_RECORD_LEN {
+            // Zero here is the usual end of WAL: the unwritten remainder of the last page.
+            self.end_of_valid_wal();
+            return Ok(());
+        }
+        if have < SIZE_OF_XLOG_RECORD {
+            return Ok(());
+        }
+        let header = RecordHeader::parse(bytes);
+        if self.prev.is_some_and(|prev| prev != header.prev) {
+            self.end_of_valid_wal();
+            return Ok(());
+        }
+        let kind = record::classify(header.rmid, header.info);
+        let buffer = kind.map(|_| {
+            let mut buffer = Vec::with_capacity((tot_len as usize).min(RECORD_BUFFER_HINT));
+            buffer.extend_from_slice(bytes);
+            buffer
+        });
+        self.record = RecordState::Body {
+            start,
+            head: *bytes,
+            header,
+            kind,
+            got: SIZE_OF_XLOG_RECORD as u32,
+            crc: 0,
+            buffer,
+        };
+        if tot_len == SIZE_OF_XLOG_RECORD as u32 {
+            self.finish_record(events)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies the CRC like `ValidXLogRecord` (payload first, then the header up to
+    /// `xl_crc`) and reports the record if it is one we care about.
+    fn finish_record(&mut self, events: &mut Vec<WalEvent>) -> Result<(), WalError> {
+        let RecordState::Body {
+            start,
+            head,
+            header,
+            kind,
+            crc,
+            buffer,
+            ..
+        } = std::mem::replace(&mut self.record, RecordState::Idle)
+        else {
+            return Ok(());
+        };
+        let crc = crc32c::crc32c_append(crc, &head[..XL_CRC_OFFSET]);
+        if crc != header.crc {
+            self.end_of_valid_wal();
+            return Ok(());
+        }
+        self.prev = Some(start);
+        let Some(kind) = kind else {
+            return Ok(());
+        };
+        let end_lsn = Lsn(self.pos.0.next_multiple_of(MAXALIGN));
+        let record = buffer.as_deref().unwrap_or(&head);
+        let event = record::to_event(
+            kind,
+            &header,
+            record,
+            start,
+            end_lsn,
+            self.version.stats_item_size(),
+        )
+        .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
+        events.push(event);
+        if kind == Kind::Switch {
+            self.skip_to_next_segment();
+        }
+        Ok(())
+    }
+
+    /// Nothing after this point of the segment is trusted; resume at the next segment.
+    fn end_of_valid_wal(&mut self) {
+        self.prev = None;
+        self.skip_to_next_segment();
+    }
+
+    fn skip_to_next_segment(&mut self) {
+        let offset = self.geometry.offset_in_segment(self.pos);
+        let target = if offset == 0 {
+            self.pos
+        } else {
+            self.pos + (self.geometry.segment_size() - offset)
+        };
+        self.record = RecordState::Idle;
+        self.skip_until = Some(target);
+    }
+}
+
+/// Decodes one whole (or partial, e.g. `.partial`) segment file starting at its segment start.
+pub fn decode_segment(
+    geometry: WalGeometry,
+    segment_start: Lsn,
+    bytes: &[u8],
+) -> Result<Vec<WalEvent>, WalError> {
+    WalDecoder::new(geometry, segment_start).feed(bytes)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,456 @@
+//! Decoder tests against synthetic WAL laid out the way xloginsert.c/xlog.c write it:
+//! MAXALIGNed records, page headers (long on segment starts) with continuation lengths.
+
+use super::*;
+use crate::time::from_pg_micros;
+use crate::SegmentNo;
+
+const MIB: u64 = 1024 * 1024;
+const PG15_MAGIC: u16 = 0xD110;
+
+fn geometry() -> WalGeometry {
+    WalGeometry::new(MIB).unwrap()
+}
+
+/// Writes WAL as PostgreSQL lays it out, so tests can place records across pages/segments.
+struct WalWriter {
+    geometry: WalGeometry,
+    start: Lsn,
+    out: Vec<u8>,
+    prev: Lsn,
+    magic: u16,
+}
+
+impl WalWriter {
+    fn new(start: Lsn) -> Self {
+        WalWriter {
+            geometry: geometry(),
+            start,
+            out: Vec::new(),
+            prev: Lsn::INVALID,
+            magic: PG15_MAGIC,
+        }
+    }
+
+    fn pos(&self) -> Lsn {
+        self.start + self.out.len() as u64
+    }
+
+    fn page_header(&mut self, rem_len: u32) {
+        let page = self.pos();
+        let long = self.geometry.offset_in_segment(page) == 0;
+        let mut info = 0u16;
+        if rem_len > 0 {
+            info |= XLP_FIRST_IS_CONTRECORD;
+        }
+        if long {
+            info |= XLP_LONG_HEADER;
+        }
+        self.out.extend_from_slice(&self.magic.to_le_bytes());
+        self.out.extend_from_slice(&info.to_le_bytes());
+        self.out.extend_from_slice(&1u32.to_le_bytes());
+        self.out.extend_from_slice(&page.0.to_le_bytes());
+        self.out.extend_from_slice(&rem_len.to_le_bytes());
+        self.out.extend_from_slice(&[0; 4]);
+        if long {
+            self.out
+                .extend_from_slice(&0x1234_5678_9ABC_DEF0u64.to_le_bytes());
+            self.out
+                .extend_from_slice(&(self.geometry.segment_size() as u32).to_le_bytes());
+            self.out.extend_from_slice(&8192u32.to_le_bytes());
+        }
+    }
+
+    /// Pads to the next record start, emitting a page header if that is a page boundary.
+    fn align(&mut self) {
+        while self.pos().0 % 8 != 0 {
+            self.out.push(0);
+        }
+        if self.pos().0 % XLOG_BLCKSZ == 0 {
+            self.page_header(0);
+        }
+    }
+
+    /// Appends a complete record (header CRC filled in) and returns its start.
+    fn record(&mut self, rmid: u8, info: u8, xid: u32, payload: &[u8]) -> Lsn {
+        self.align();
+        let start = self.pos();
+        let tot_len = (SIZE_OF_XLOG_RECORD + payload.len()) as u32;
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&tot_len.to_le_bytes());
+        rec.extend_from_slice(&xid.to_le_bytes());
+        rec.extend_from_slice(&self.prev.0.to_le_bytes());
+        rec.extend_from_slice(&[info, rmid, 0, 0]);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(payload), &rec[..XL_CRC_OFFSET]);
+        rec.extend_from_slice(&crc.to_le_bytes());
+        rec.extend_from_slice(payload);
+        self.put_spanning(&rec);
+        self.prev = start;
+        start
+    }
+
+    fn put_spanning(&mut self, mut rec: &[u8]) {
+        while !rec.is_empty() {
+            if self.pos().0 % XLOG_BLCKSZ == 0 {
+                self.page_header(rec.len() as u32);
+            }
+            let room = (XLOG_BLCKSZ - self.pos().0 % XLOG_BLCKSZ) as usize;
+            let n = room.min(rec.len());
+            self.out.extend_from_slice(&rec[..n]);
+            rec = &rec[n..];
+        }
+    }
+
+    /// Zero-fills to the end of the current segment, as after XLOG_SWITCH or unused WAL.
+    fn pad_segment(&mut self) {
+        let offset = self.geometry.offset_in_segment(self.pos());
+        if offset != 0 {
+            let n = self.geometry.segment_size() - offset;
+            self.out.resize(self.out.len() + n as usize, 0);
+        }
+    }
+
+    fn end(&self) -> Lsn {
+        Lsn(self.pos().0.next_multiple_of(8))
+    }
+}
+
+/// Main data only, preceded by the short or long data block id.
+fn with_main_data(main: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    if main.len() < 256 {
+        out.extend_from_slice(&[255, main.len() as u8]);
+    } else {
+        out.push(254);
+        out.extend_from_slice(&(main.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(main);
+    out
+}
+
+fn commit_payload(time: i64) -> Vec<u8> {
+    with_main_data(&time.to_le_bytes())
+}
+
+/// A heap-like record: one block with a full-page image and data, so main data sits
+/// behind block payloads.
+fn record_with_block(image_len: u16, data_len: u16, main: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8, 0x10 | 0x20];
+    out.extend_from_slice(&data_len.to_le_bytes());
+    out.extend_from_slice(&image_len.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.push(0x01 | 0x04); // compressed image with a hole: hole length follows
+    out.extend_from_slice(&100u16.to_le_bytes());
+    out.extend_from_slice(&[7; 12]); // RelFileLocator
+    out.extend_from_slice(&42u32.to_le_bytes());
+    out.extend_from_slice(&[255, main.len() as u8]);
+    out.extend(std::iter::repeat_n(
+        0xAB,
+        image_len as usize + data_len as usize,
+    ));
+    out.extend_from_slice(main);
+    out
+}
+
+fn decode_in_chunks(start: Lsn, bytes: &[u8], chunk: usize) -> Vec<WalEvent> {
+    let mut decoder = WalDecoder::new(geometry(), start);
+    let mut events = Vec::new();
+    for piece in bytes.chunks(chunk) {
+        events.extend(decoder.feed(piece).unwrap());
+    }
+    assert_eq!(decoder.position(), start + bytes.len() as u64);
+    events
+}
+
+fn commit(lsn: Lsn, end_lsn: Lsn, xid: u32, us: i64) -> WalEvent {
+    WalEvent::Commit {
+        lsn,
+        end_lsn,
+        xid,
+        time: from_pg_micros(us),
+    }
+}
+
+#[test]
+fn records_spanning_pages_and_segments_in_any_chunking() {
+    let seg0 = Lsn(5 * MIB);
+    let mut w = WalWriter::new(seg0);
+    let mut expected = Vec::new();
+    let mut xid = 700;
+    // Enough filler (with block images) that commits land on page and segment edges.
+    while w.pos().0 < seg0.0 + MIB + 3 * XLOG_BLCKSZ {
+        w.record(10, 0x00, xid, &record_with_block(3000, 17, b"heap-insert"));
+        let at = w.record(
+            1,
+            XLOG_XACT_COMMIT_TEST,
+            xid,
+            &commit_payload(1_000 + xid as i64),
+        );
+        expected.push(commit(at, w.end(), xid, 1_000 + xid as i64));
+        xid += 1;
+    }
+    let rp = {
+        let mut main = 123_456i64.to_le_bytes().to_vec();
+        let mut name = [0u8; 64];
+        name[..3].copy_from_slice(b"rp1");
+        main.extend_from_slice(&name);
+        w.record(0, 0x70, 0, &with_main_data(&main))
+    };
+    expected.push(WalEvent::RestorePoint {
+        lsn: rp,
+        end_lsn: w.end(),
+        name: "rp1".into(),
+        time: from_pg_micros(123_456),
+    });
+    assert!(expected.len() > 100);
+
+    for chunk in [1, 7, 777, 8192, 1 << 20, usize::MAX] {
+        let chunk = chunk.min(w.out.len());
+        assert_eq!(
+            decode_in_chunks(seg0, &w.out, chunk),
+            expected,
+            "chunk {chunk}"
+        );
+    }
+    assert_eq!(
+        decode_segment(geometry(), seg0, &w.out).unwrap(),
+        expected,
+        "decode_segment"
+    );
+}
+
+const XLOG_XACT_COMMIT_TEST: u8 = 0x00;
+
+#[test]
+fn starting_mid_record_skips_the_continuation() {
+    let seg0 = Lsn(2 * MIB);
+    let mut w = WalWriter::new(seg0);
+    // Fill the first segment so a big record straddles into the second.
+    while w.pos().0 < seg0.0 + MIB - 2 * XLOG_BLCKSZ {
+        w.record(10, 0, 1, &record_with_block(4000, 8, b"x"));
+    }
+    w.record(10, 0, 1, &record_with_block(40_000, 8, b"straddler"));
+    assert!(w.pos().0 > seg0.0 + MIB + XLOG_BLCKSZ);
+    let at = w.record(1, 0x00, 99, &commit_payload(5));
+    let seg1 = seg0 + MIB;
+    let tail = &w.out[MIB as usize..];
+    let events = decode_in_chunks(seg1, tail, 777);
+    assert_eq!(events, vec![commit(at, w.end(), 99, 5)]);
+
+    // Starting at a later page inside the continuation works the same.
+    let page = seg1 + XLOG_BLCKSZ;
+    let events = decode_in_chunks(page, &w.out[(MIB + XLOG_BLCKSZ) as usize..], 1000);
+    assert_eq!(events, vec![commit(at, w.end(), 99, 5)]);
+}
+
+#[test]
+fn zero_tail_and_switch_resume_at_next_segment() {
+    let seg0 = Lsn(MIB);
+    let mut w = WalWriter::new(seg0);
+    let first = w.record(1, 0x00, 10, &commit_payload(1));
+    let first_end = w.end();
+    let switch = w.record(0, 0x40, 0, &[]);
+    w.pad_segment();
+    let second = w.record(1, 0x20, 11, &commit_payload(2));
+    let second_end = w.end();
+    // Unused remainder of the segment is zeros: end of valid WAL.
+    w.pad_segment();
+    let third = w.record(1, 0x00, 12, &commit_payload(3));
+    let third_end = w.end();
+    let events = decode_in_chunks(seg0, &w.out, 4096);
+    assert_eq!(
+        events,
+        vec![
+            commit(first, first_end, 10, 1),
+            WalEvent::Switch { lsn: switch },
+            WalEvent::Abort {
+                lsn: second,
+                end_lsn: second_end,
+                xid: 11,
+                time: from_pg_micros(2)
+            },
+            commit(third, third_end, 12, 3),
+        ]
+    );
+}
+
+#[test]
+fn bad_crc_ends_valid_wal_for_the_segment() {
+    let seg0 = Lsn(MIB);
+    let mut w = WalWriter::new(seg0);
+    let good = w.record(1, 0x00, 10, &commit_payload(1));
+    let good_end = w.end();
+    let bad = w.record(1, 0x00, 11, &commit_payload(2));
+    w.record(1, 0x00, 12, &commit_payload(3));
+    w.pad_segment();
+    w.prev = Lsn::INVALID;
+    let next = w.record(1, 0x00, 13, &commit_payload(4));
+    let next_end = w.end();
+    // Flip one payload byte of the second commit.
+    let offset = (bad.0 - seg0.0) as usize + SIZE_OF_XLOG_RECORD + 3;
+    w.out[offset] ^= 0xFF;
+    let events = decode_in_chunks(seg0, &w.out, 333);
+    assert_eq!(
+        events,
+        vec![commit(good, good_end, 10, 1), commit(next, next_end, 13, 4)]
+    );
+}
+
+#[test]
+fn broken_prev_link_ends_valid_wal() {
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.record(1, 0x00, 10, &commit_payload(1));
+    w.prev = Lsn(12345);
+    w.record(1, 0x00, 11, &commit_payload(2));
+    let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+    assert_eq!(events.len(), 1);
+}
+
+#[test]
+fn stale_page_in_recycled_segment_ends_valid_wal() {
+    let seg0 = Lsn(65 * MIB);
+    let mut w = WalWriter::new(seg0);
+    let good = w.record(1, 0x00, 10, &commit_payload(1));
+    let good_end = w.end();
+    // Spans from the first page into the second, which we then replace.
+    w.record(10, 0, 1, &record_with_block(9000, 8, b"spanning"));
+    while w.pos().0 < seg0.0 + 3 * XLOG_BLCKSZ {
+        w.record(1, 0x00, 11, &commit_payload(2));
+    }
+    let mut bytes = w.out.clone();
+    // Second page as left behind by the file's previous use: an older page address.
+    let mut old = WalWriter::new(Lsn(seg0.0 + XLOG_BLCKSZ - 64 * MIB));
+    old.record(1, 0x00, 5, &commit_payload(9));
+    old.out.resize(XLOG_BLCKSZ as usize, 0);
+    bytes[XLOG_BLCKSZ as usize..2 * XLOG_BLCKSZ as usize].copy_from_slice(&old.out);
+    let events = decode_segment(geometry(), seg0, &bytes).unwrap();
+    assert_eq!(events, vec![commit(good, good_end, 10, 1)]);
+    // Untouched, every commit is found.
+    let all = decode_segment(geometry(), seg0, &w.out).unwrap();
+    assert!(all.len() > 100, "{}", all.len());
+}
+
+#[test]
+fn prepared_transactions_take_the_twophase_xid() {
+    let mut main = 77i64.to_le_bytes().to_vec();
+    let xinfo = (1u32 << 0) | (1 << 1) | (1 << 2) | (1 << 8) | (1 << 3) | (1 << 4) | (1 << 7);
+    main.extend_from_slice(&xinfo.to_le_bytes());
+    main.extend_from_slice(&[1; 8]); // dbinfo
+    main.extend_from_slice(&2i32.to_le_bytes());
+    main.extend_from_slice(&[2; 8]); // subxacts
+    main.extend_from_slice(&1i32.to_le_bytes());
+    main.extend_from_slice(&[3; 12]); // relfilelocators
+    main.extend_from_slice(&1i32.to_le_bytes());
+    main.extend_from_slice(&[4; 12]); // dropped stats (PG15 layout)
+    main.extend_from_slice(&1i32.to_le_bytes());
+    main.extend_from_slice(&[5; 16]); // invalidation messages
+    main.extend_from_slice(&4242u32.to_le_bytes()); // twophase xid
+    main.extend_from_slice(b"gid\0");
+
+    let mut w = WalWriter::new(Lsn(MIB));
+    // COMMIT_PREPARED with XLOG_XACT_HAS_INFO; the header xid is the committing backend's.
+    let at = w.record(1, 0x30 | 0x80, 0, &with_main_data(&main));
+    let end = w.end();
+    // ABORT_PREPARED has no invalidation section.
+    let mut abort = 78i64.to_le_bytes().to_vec();
+    abort.extend_from_slice(&(1u32 << 4).to_le_bytes());
+    abort.extend_from_slice(&4343u32.to_le_bytes());
+    let abort_at = w.record(1, 0x40 | 0x80, 0, &with_main_data(&abort));
+    let abort_end = w.end();
+    let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            commit(at, end, 4242, 77),
+            WalEvent::Abort {
+                lsn: abort_at,
+                end_lsn: abort_end,
+                xid: 4343,
+                time: from_pg_micros(78)
+            }
+        ]
+    );
+}
+
+#[test]
+fn pg18_dropped_stats_items_are_wider() {
+    let mut main = 1i64.to_le_bytes().to_vec();
+    main.extend_from_slice(&((1u32 << 8) | (1 << 4)).to_le_bytes());
+    main.extend_from_slice(&1i32.to_le_bytes());
+    main.extend_from_slice(&[4; 16]);
+    main.extend_from_slice(&555u32.to_le_bytes());
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.magic = 0xD118;
+    let at = w.record(1, 0x30 | 0x80, 0, &with_main_data(&main));
+    let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+    assert_eq!(events, vec![commit(at, w.end(), 555, 1)]);
+}
+
+#[test]
+fn other_records_and_xact_kinds_are_not_reported() {
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.record(1, 0x10, 5, &commit_payload(1)); // PREPARE
+    w.record(1, 0x50, 5, &commit_payload(1)); // ASSIGNMENT
+    w.record(0, 0x10, 0, &with_main_data(&[0; 88])); // CHECKPOINT_ONLINE
+    w.record(10, 0x00, 5, &with_main_data(&[1; 300])); // long main data
+    assert_eq!(
+        decode_segment(geometry(), Lsn(MIB), &w.out).unwrap(),
+        vec![]
+    );
+}
+
+#[test]
+fn malformed_payload_with_valid_crc_is_an_error() {
+    let mut w = WalWriter::new(Lsn(MIB));
+    // A commit whose block id 100 cannot exist.
+    w.record(1, 0x00, 5, &[100, 0, 0, 0]);
+    let err = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap_err();
+    assert!(matches!(err, WalError::MalformedRecord { .. }), "{err}");
+}
+
+#[test]
+fn format_errors() {
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.magic = 0xD10D; // PostgreSQL 14
+    w.record(1, 0x00, 5, &commit_payload(1));
+    let err = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap_err();
+    assert_eq!(
+        err,
+        WalError::UnsupportedPageMagic {
+            lsn: Lsn(MIB),
+            magic: 0xD10D
+        }
+    );
+
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.record(1, 0x00, 5, &commit_payload(1));
+    let sixteen = WalGeometry::DEFAULT;
+    let err = decode_segment(sixteen, Lsn(16 * MIB), &w.out).unwrap_err();
+    assert!(matches!(err, WalError::WrongSegment { .. }), "{err}");
+    let mut decoder = WalDecoder::new(geometry(), Lsn(2 * MIB));
+    assert!(matches!(
+        decoder.feed(&w.out),
+        Err(WalError::WrongSegment { .. })
+    ));
+    // Errors are sticky.
+    assert!(decoder.feed(&[0]).is_err());
+
+    let g2 = WalGeometry::new(2 * MIB).unwrap();
+    let mut w = WalWriter::new(Lsn(2 * MIB));
+    w.record(1, 0x00, 5, &commit_payload(1));
+    let err = decode_segment(g2, Lsn(2 * MIB), &w.out).unwrap_err();
+    assert!(matches!(err, WalError::SegmentSizeMismatch { .. }), "{err}");
+
+    let mut decoder = WalDecoder::new(geometry(), Lsn(MIB + 8));
+    assert_eq!(
+        decoder.feed(&[0]),
+        Err(WalError::UnalignedStart(Lsn(MIB + 8)))
+    );
+}
+
+#[test]
+fn zeroed_segment_yields_nothing() {
+    let zeros = vec![0u8; MIB as usize];
+    let start = geometry().segment_start(SegmentNo(3));
+    assert_eq!(decode_segment(geometry(), start, &zeros).unwrap(), vec![]);
+}

@@ -1,0 +1,246 @@
+//! Packs: many compressed data blocks in one object, so a backup of thousands
+//! of small files does not become thousands of tiny objects. Each blob carries
+//! its own content hash (verifiable alone), the pack ends with an index of its
+//! blobs and a keyed seal over the whole pack. Layout in docs/REPOSITORY.md
+//! ("Packs").
+
+use crate::{BlockHash, Hasher, RepoError, RepoResult};
+
+pub const PACK_MAGIC: &[u8; 8] = b"STRATAPK";
+pub const PACK_INDEX_MAGIC: &[u8; 8] = b"STRATAPX";
+pub const PACK_VERSION: u16 = 1;
+pub const PACK_HEADER_LEN: usize = 16;
+/// stored_len u32, raw_len u32, hash 32, compression u8, 3 reserved bytes.
+pub const BLOB_HEADER_LEN: usize = 44;
+const INDEX_ENTRY_LEN: usize = 32 + 8 + 4 + 4;
+
+pub const COMPRESSION_NONE: u8 = 0;
+pub const COMPRESSION_ZSTD: u8 = 1;
+
+/// One blob as listed in a pack's index. `offset` is where its data starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackEntry {
+    pub hash: BlockHash,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub compression: u8,
+}
+
+/// Accumulates blobs in memory until the pack is big enough to store.
+pub struct PackBuilder {
+    id: String,
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(1 << 20);
+        buf.extend_from_slice(PACK_MAGIC);
+        buf.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        buf.extend_from_slice(&[0; 6]);
+        PackBuilder {
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            buf,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a blob and returns its index entry.
+    pub fn push(
+        &mut self,
+        hash: BlockHash,
+        raw_len: u32,
+        compression: u8,
+        data: &[u8],
+    ) -> PackEntry {
+        self.buf
+            .extend_from_slice(&(data.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&raw_len.to_le_bytes());
+        self.buf.extend_from_slice(&hash.0);
+        self.buf.push(compression);
+        self.buf.extend_from_slice(&[0; 3]);
+        let entry = PackEntry {
+            hash,
+            offset: self.buf.len() as u64,
+            stored_len: data.len() as u32,
+            raw_len,
+            compression,
+        };
+        self.buf.extend_from_slice(data);
+        self.entries.push(entry.clone());
+        entry
+    }
+
+    /// Appends the index and the seal; returns (pack id, bytes).
+    pub fn finish(mut self, hasher: &Hasher) -> (String, Vec<u8>) {
+        let index_offset = self.buf.len() as u64;
+        self.buf
+            .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            self.buf.extend_from_slice(&e.hash.0);
+            self.buf.extend_from_slice(&e.offset.to_le_bytes());
+            self.buf.extend_from_slice(&e.stored_len.to_le_bytes());
+            self.buf.extend_from_slice(&e.raw_len.to_le_bytes());
+        }
+        self.buf.extend_from_slice(&index_offset.to_le_bytes());
+        self.buf.extend_from_slice(PACK_INDEX_MAGIC);
+        let seal = hasher.hash(&self.buf);
+        self.buf.extend_from_slice(&seal.0);
+        (self.id, self.buf)
+    }
+}
+
+impl Default for PackBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Checks a whole pack: its seal, its index against the blob headers, and
+/// every blob's content hash. Returns the blobs it holds.
+pub fn verify_pack(hasher: &Hasher, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackEntry>> {
+    let corrupt = |why: String| RepoError::Corrupt {
+        object: key.to_string(),
+        reason: why,
+    };
+    let min = PACK_HEADER_LEN + 4 + 8 + 8 + 32;
+    if bytes.len() < min || &bytes[..8] != PACK_MAGIC {
+        return Err(corrupt("not a Strata pack (bad magic or truncated)".into()));
+    }
+    let (body, seal) = bytes.split_at(bytes.len() - 32);
+    if hasher.hash(body).0 != seal {
+        return Err(corrupt(
+            "pack seal mismatch: the pack was modified or damaged".into(),
+        ));
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version > PACK_VERSION {
+        return Err(RepoError::NewerFormat {
+            found: version as u32,
+            supported: PACK_VERSION as u32,
+        });
+    }
+    let tail = &body[body.len() - 16..];
+    if &tail[8..] != PACK_INDEX_MAGIC {
+        return Err(corrupt("pack index trailer missing".into()));
+    }
+    let index_offset = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes")) as usize;
+    let index_end = body.len() - 16;
+    if index_offset + 4 > index_end {
+        return Err(corrupt("pack index offset out of range".into()));
+    }
+    let count = u32::from_le_bytes(
+        body[index_offset..index_offset + 4]
+            .try_into()
+            .expect("4 bytes"),
+    ) as usize;
+    if index_offset + 4 + count * INDEX_ENTRY_LEN != index_end {
+        return Err(corrupt("pack index length does not match its count".into()));
+    }
+    let mut entries = Vec::with_capacity(count);
+    let mut pos = PACK_HEADER_LEN;
+    for i in 0..count {
+        let at = index_offset + 4 + i * INDEX_ENTRY_LEN;
+        let rec = &body[at..at + INDEX_ENTRY_LEN];
+        let hash = BlockHash(rec[..32].try_into().expect("32 bytes"));
+        let offset = u64::from_le_bytes(rec[32..40].try_into().expect("8 bytes"));
+        let stored_len = u32::from_le_bytes(rec[40..44].try_into().expect("4 bytes"));
+        let raw_len = u32::from_le_bytes(rec[44..48].try_into().expect("4 bytes"));
+        if offset as usize != pos + BLOB_HEADER_LEN
+            || offset as usize + stored_len as usize > index_offset
+        {
+            return Err(corrupt(format!("blob {i} lies outside its expected place")));
+        }
+        let header = &body[pos..pos + BLOB_HEADER_LEN];
+        let compression = header[40];
+        if header[..4] != stored_len.to_le_bytes()
+            || header[4..8] != raw_len.to_le_bytes()
+            || header[8..40] != hash.0
+        {
+            return Err(corrupt(format!("blob {i} header disagrees with the index")));
+        }
+        let entry = PackEntry {
+            hash,
+            offset,
+            stored_len,
+            raw_len,
+            compression,
+        };
+        let data = &body[offset as usize..offset as usize + stored_len as usize];
+        let raw = decode_blob(key, &entry, data)?;
+        if hasher.hash(&raw) != entry.hash {
+            return Err(corrupt(format!("blob {i} content does not match its hash")));
+        }
+        pos = offset as usize + stored_len as usize;
+        entries.push(entry);
+    }
+    if pos != index_offset {
+        return Err(corrupt("unindexed bytes before the pack index".into()));
+    }
+    Ok(entries)
+}
+
+/// Decompresses one blob's stored bytes.
+pub fn decode_blob(key: &str, entry: &PackEntry, data: &[u8]) -> RepoResult<Vec<u8>> {
+    let raw = match entry.compression {
+        COMPRESSION_NONE => data.to_vec(),
+        COMPRESSION_ZSTD => zstd::bulk::decompress(data, entry.raw_len as usize).map_err(|e| {
+            RepoError::Corrupt {
+                object: key.to_string(),
+                reason: format!("blob at offset {} does not decompress: {e}", entry.offset),
+            }
+        })?,
+        other => {
+            return Err(RepoError::Corrupt {
+                object: key.to_string(),
+                reason: format!("unknown compression {other}"),
+            })
+        }
+    };
+    if raw.len() != entry.raw_len as usize {
+        return Err(RepoError::Corrupt {
+            object: key.to_string(),
+            reason: format!("blob at offset {} has the wrong length", entry.offset),
+        });
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_verify_and_detect_flips() {
+        let hasher = Hasher::new([3; 32]);
+        let mut pack = PackBuilder::new();
+        let a = b"first block".repeat(50);
+        let b = b"second".to_vec();
+        let ca = zstd::bulk::compress(&a, 1).unwrap();
+        pack.push(hasher.hash(&a), a.len() as u32, COMPRESSION_ZSTD, &ca);
+        pack.push(hasher.hash(&b), b.len() as u32, COMPRESSION_NONE, &b);
+        let (_, bytes) = pack.finish(&hasher);
+        let entries = verify_pack(&hasher, "p", &bytes).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].raw_len, 6);
+        for i in (0..bytes.len()).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x80;
+            assert!(verify_pack(&hasher, "p", &bad).is_err(), "flip at {i}");
+        }
+    }
+}

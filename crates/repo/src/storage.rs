@@ -1,0 +1,235 @@
+//! The storage backend the repository is written to.
+//!
+//! A deliberately small trait (put / get / ranged get / list / delete) so the
+//! repository logic never knows whether it talks to a local directory or an
+//! object store. `put` must be atomic: a reader either sees the whole object
+//! or nothing, which is what makes "manifest written last" a commit point.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("I/O error on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    /// Whether retrying the same call may succeed. Local files fail for good;
+    /// network backends will classify their errors here.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// An object store keyed by `/`-separated relative paths.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Stores `data` under `key`, replacing any previous object atomically.
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>>;
+    /// Keys under `prefix` (recursively), sorted.
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>>;
+    fn delete(&self, key: &str) -> StorageResult<()>;
+    fn exists(&self, key: &str) -> StorageResult<bool>;
+    /// Human-readable location, for messages.
+    fn describe(&self) -> String;
+}
+
+/// A repository in a local directory. Writes go to `tmp/` and are renamed into
+/// place after `fsync`, so a crash never leaves a torn object under its key.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    pub fn new(root: impl Into<PathBuf>) -> StorageResult<Self> {
+        let root = root.into();
+        fs::create_dir_all(root.join("tmp")).map_err(|source| StorageError::Io {
+            key: root.display().to_string(),
+            source,
+        })?;
+        Ok(LocalStorage { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> StorageResult<PathBuf> {
+        let valid = !key.is_empty()
+            && !key.starts_with('/')
+            && key
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..");
+        if !valid {
+            return Err(StorageError::InvalidKey(key.to_string()));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StorageError::NotFound(key.to_string())
+        } else {
+            StorageError::Io {
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+impl Storage for LocalStorage {
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        let target = self.path_of(key)?;
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}.{:016x}",
+            std::process::id(),
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            rand::random::<u64>()
+        ));
+        let write = || -> std::io::Result<()> {
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let mut file = fs::File::create(&tmp)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &target)?;
+            if let Some(parent) = target.parent() {
+                fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        let result = write();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io_err(key))
+    }
+
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        fs::read(self.path_of(key)?).map_err(io_err(key))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        let path = self.path_of(key)?;
+        let read = || -> std::io::Result<Vec<u8>> {
+            let mut file = fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::with_capacity(len as usize);
+            file.take(len).read_to_end(&mut buf)?;
+            if buf.len() as u64 != len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("short read: wanted {len} bytes at offset {offset}"),
+                ));
+            }
+            Ok(buf)
+        };
+        read().map_err(io_err(key))
+    }
+
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        let mut keys = Vec::new();
+        let start = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(prefix.trim_end_matches('/'))?
+        };
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
+                Err(source) => {
+                    return Err(StorageError::Io {
+                        key: prefix.to_string(),
+                        source,
+                    })
+                }
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err(prefix))?;
+                let path = entry.path();
+                let file_type = entry.file_type().map_err(io_err(prefix))?;
+                if file_type.is_dir() {
+                    if path != self.root.join("tmp") {
+                        stack.push(path);
+                    }
+                } else if let Ok(rel) = path.strip_prefix(&self.root) {
+                    keys.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        match fs::remove_file(self.path_of(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(key)(e)),
+        }
+    }
+
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        Ok(self.path_of(key)?.exists())
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage::new(dir.path()).unwrap();
+        s.put("a/b/c", b"hello").unwrap();
+        s.put("a/d", b"world").unwrap();
+        assert_eq!(s.get("a/b/c").unwrap(), b"hello");
+        assert_eq!(s.get_range("a/b/c", 1, 3).unwrap(), b"ell");
+        assert!(s.get_range("a/b/c", 3, 10).is_err());
+        assert_eq!(s.list("a").unwrap(), vec!["a/b/c", "a/d"]);
+        assert_eq!(s.list("").unwrap(), vec!["a/b/c", "a/d"]);
+        s.delete("a/d").unwrap();
+        assert!(matches!(s.get("a/d"), Err(StorageError::NotFound(_))));
+        assert!(matches!(
+            s.put("../x", b""),
+            Err(StorageError::InvalidKey(_))
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! `repo verify`: re-reads every object and checks every hash, then checks
+//! that every block a manifest references is present and intact, naming the
+//! backup sets a damaged object affects.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use crate::object::{open, ObjectKind};
+use crate::pack::verify_pack;
+use crate::{BlockHash, RepoResult, Repository, CONFIG_KEY};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VerifyProblem {
+    pub object: String,
+    pub reason: String,
+    /// Backup sets (as `instance/backup`) that cannot be restored because of it.
+    pub backups_affected: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub objects_checked: u64,
+    pub bytes_checked: u64,
+    pub packs_checked: u64,
+    pub blocks_checked: u64,
+    pub backups_checked: u64,
+    pub wal_objects_checked: u64,
+    pub problems: Vec<VerifyProblem>,
+    /// Packs no manifest references (left by interrupted backups); harmless,
+    /// removed by garbage collection.
+    pub unreferenced_packs: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl Repository {
+    /// Checks the whole repository. `progress(done, total)` is called after
+    /// each object.
+    pub fn verify(&self, progress: &dyn Fn(u64, u64)) -> RepoResult<VerifyReport> {
+        let keys: Vec<String> = self
+            .storage
+            .list("")?
+            .into_iter()
+            .filter(|k| k != CONFIG_KEY && !k.starts_with("tmp/"))
+            .collect();
+        let total = keys.len() as u64;
+        let mut report = VerifyReport::default();
+        // pack id -> (offset -> hash) for every intact pack.
+        let mut packs: HashMap<String, HashMap<u64, BlockHash>> = HashMap::new();
+        let mut bad_packs: HashMap<String, usize> = HashMap::new();
+        let mut manifests = Vec::new();
+        for (done, key) in keys.iter().enumerate() {
+            let bytes = match self.storage.get(key) {
+                Ok(b) => b,
+                Err(e) => {
+                    report.problems.push(problem(key, e.to_string()));
+                    continue;
+                }
+            };
+            report.objects_checked += 1;
+            report.bytes_checked += bytes.len() as u64;
+            if let Some(id) = key
+                .strip_prefix("packs/")
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(_, file)| file.strip_suffix(".pack"))
+            {
+                report.packs_checked += 1;
+                match verify_pack(&self.hasher, key, &bytes) {
+                    Ok(entries) => {
+                        report.blocks_checked += entries.len() as u64;
+                        packs.insert(
+                            id.to_string(),
+                            entries.into_iter().map(|e| (e.offset, e.hash)).collect(),
+                        );
+                    }
+                    Err(e) => {
+                        bad_packs.insert(id.to_string(), report.problems.len());
+                        report.problems.push(problem(key, e.to_string()));
+                    }
+                }
+            } else if key.ends_with(".manifest") {
+                report.backups_checked += 1;
+                match self.decode_manifest(key, &bytes) {
+                    Ok(m) => manifests.push(m),
+                    Err(e) => {
+                        let mut p = problem(key, e.to_string());
+                        p.backups_affected = backup_name_from_key(key).into_iter().collect();
+                        report.problems.push(p);
+                    }
+                }
+            } else if key.ends_with(".history") {
+                if let Err(e) = open::<serde_json::Value>(
+                    &self.hasher,
+                    key,
+                    ObjectKind::TimelineHistory,
+                    &bytes,
+                ) {
+                    report.problems.push(problem(key, e.to_string()));
+                }
+            } else if key.ends_with("/instance") {
+                if let Err(e) =
+                    open::<serde_json::Value>(&self.hasher, key, ObjectKind::Instance, &bytes)
+                {
+                    report.problems.push(problem(key, e.to_string()));
+                }
+            } else if key.contains("/wal/") {
+                report.wal_objects_checked += 1;
+                if let Err(e) = self.read_wal(key) {
+                    report.problems.push(problem(key, e.to_string()));
+                }
+            } else {
+                report
+                    .problems
+                    .push(problem(key, "unexpected object in the repository".into()));
+            }
+            progress(done as u64 + 1, total);
+        }
+
+        let mut referenced = BTreeSet::new();
+        for m in &manifests {
+            let name = format!("{}/{}", m.instance_id, m.backup_id);
+            let mut missing: HashMap<String, String> = HashMap::new();
+            for file in m.all_files() {
+                for b in &file.blocks {
+                    referenced.insert(b.p.clone());
+                    if let Some(&i) = bad_packs.get(&b.p) {
+                        if !report.problems[i].backups_affected.contains(&name) {
+                            report.problems[i].backups_affected.push(name.clone());
+                        }
+                        continue;
+                    }
+                    let ok = packs
+                        .get(&b.p)
+                        .and_then(|entries| entries.get(&b.o))
+                        .is_some_and(|h| *h == b.h);
+                    if !ok {
+                        missing.entry(b.p.clone()).or_insert_with(|| {
+                            format!(
+                                "block {} of {} (at offset {}) is missing",
+                                b.h, file.path, b.o
+                            )
+                        });
+                    }
+                }
+            }
+            for (pack, reason) in missing {
+                report.problems.push(VerifyProblem {
+                    object: crate::pack_key(&pack),
+                    reason,
+                    backups_affected: vec![name.clone()],
+                });
+            }
+        }
+        report.unreferenced_packs = packs
+            .keys()
+            .filter(|id| !referenced.contains(*id))
+            .map(|id| crate::pack_key(id))
+            .collect();
+        report.unreferenced_packs.sort();
+        Ok(report)
+    }
+}
+
+fn problem(key: &str, reason: String) -> VerifyProblem {
+    VerifyProblem {
+        object: key.to_string(),
+        reason,
+        backups_affected: Vec::new(),
+    }
+}
+
+fn backup_name_from_key(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("instances/")?;
+    let (instance, rest) = rest.split_once('/')?;
+    let id = rest.strip_prefix("backups/")?.strip_suffix(".manifest")?;
+    Some(format!("{instance}/{id}"))
+}
