@@ -116,6 +116,9 @@ pub struct WalSegmentRow {
     pub first_commit: Option<DateTime<Utc>>,
     pub last_commit: Option<DateTime<Utc>>,
     pub commit_count: u64,
+    /// Smallest and largest xid that committed in this segment.
+    pub min_commit_xid: Option<u32>,
+    pub max_commit_xid: Option<u32>,
     pub object_key: String,
     pub stored_at: DateTime<Utc>,
 }
@@ -211,6 +214,13 @@ pub trait Catalog: Send + Sync {
         segment: &str,
         partial: bool,
     ) -> CatalogResult<()>;
+    /// The complete and partial rows of one segment.
+    fn find_wal_segment(
+        &self,
+        instance_id: &str,
+        timeline: TimelineId,
+        segment: &str,
+    ) -> CatalogResult<Vec<WalSegmentRow>>;
     /// WAL segments of an instance by timeline and name.
     fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>>;
     fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;

@@ -60,6 +60,8 @@ CREATE TABLE wal_segments (
     first_commit TEXT,
     last_commit TEXT,
     commit_count INTEGER NOT NULL,
+    min_commit_xid INTEGER,
+    max_commit_xid INTEGER,
     object_key TEXT NOT NULL,
     stored_at TEXT NOT NULL,
     PRIMARY KEY (instance_id, timeline, segment, partial)
@@ -221,12 +223,14 @@ fn wal_from_row(r: &Row) -> rusqlite::Result<WalSegmentRow> {
         first_commit: opt_ts(r.get(8)?)?,
         last_commit: opt_ts(r.get(9)?)?,
         commit_count: r.get::<_, i64>(10)? as u64,
-        object_key: r.get(11)?,
-        stored_at: parse_ts(r.get(12)?)?,
+        min_commit_xid: r.get(11)?,
+        max_commit_xid: r.get(12)?,
+        object_key: r.get(13)?,
+        stored_at: parse_ts(r.get(14)?)?,
     })
 }
 
-const WAL_COLS: &str = "instance_id, timeline, segment, partial, begin_lsn, end_lsn, size, checksum, first_commit, last_commit, commit_count, object_key, stored_at";
+const WAL_COLS: &str = "instance_id, timeline, segment, partial, begin_lsn, end_lsn, size, checksum, first_commit, last_commit, commit_count, min_commit_xid, max_commit_xid, object_key, stored_at";
 
 fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
     let state: String = r.get(3)?;
@@ -368,11 +372,12 @@ impl Catalog for SqliteCatalog {
     fn upsert_wal_segment(&self, w: &WalSegmentRow) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT OR REPLACE INTO wal_segments ({WAL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
+                &format!("INSERT OR REPLACE INTO wal_segments ({WAL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
                 params![
                     w.instance_id, w.timeline.0, w.segment, w.partial, lsn_to_sql(w.begin_lsn),
                     lsn_to_sql(w.end_lsn), w.size as i64, w.checksum, w.first_commit.as_ref().map(ts),
-                    w.last_commit.as_ref().map(ts), w.commit_count as i64, w.object_key, ts(&w.stored_at)
+                    w.last_commit.as_ref().map(ts), w.commit_count as i64, w.min_commit_xid,
+                    w.max_commit_xid, w.object_key, ts(&w.stored_at)
                 ],
             )?;
             Ok(())
@@ -392,6 +397,21 @@ impl Catalog for SqliteCatalog {
                 params![instance_id, timeline.0, segment, partial],
             )?;
             Ok(())
+        })
+    }
+
+    fn find_wal_segment(
+        &self,
+        instance_id: &str,
+        timeline: TimelineId,
+        segment: &str,
+    ) -> CatalogResult<Vec<WalSegmentRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {WAL_COLS} FROM wal_segments WHERE instance_id = ?1 AND timeline = ?2 AND segment = ?3"
+            ))?;
+            let rows = st.query_map(params![instance_id, timeline.0, segment], wal_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 

@@ -38,7 +38,9 @@ impl EngineError {
     /// restarting, not wrong passwords or missing privileges.
     pub fn is_transient(&self) -> bool {
         match self {
-            EngineError::Server(msg) => msg.starts_with("cannot reach") || msg.contains("connection"),
+            EngineError::Server(msg) => {
+                msg.starts_with("cannot reach") || msg.contains("connection")
+            }
             EngineError::Repo(e) => e.is_transient(),
             _ => false,
         }

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use strata_catalog::Catalog;
 use strata_repo::Repository;
 
-pub use archive::WalReceiveOptions;
+pub use archive::{slot_name, WalReceiveOptions};
+pub use connect::ServerFacts;
 pub use error::{EngineError, EngineResult};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
@@ -74,6 +75,23 @@ impl Engine {
             repo,
             settings,
         }
+    }
+
+    /// Registers an instance in the catalog and records it in the repository
+    /// (without its password) so a rebuilt catalog knows it.
+    pub fn add_instance(&self, instance: &strata_catalog::Instance) -> EngineResult<()> {
+        self.catalog.add_instance(instance)?;
+        self.repo.put_instance(&strata_repo::InstanceRecord {
+            id: instance.id.clone(),
+            host: instance.host.clone(),
+            port: instance.port,
+            user: instance.user.clone(),
+            dbname: instance.dbname.clone(),
+            sslmode: instance.sslmode.clone(),
+            password_env: instance.password_env.clone(),
+            created_at: instance.created_at,
+        })?;
+        Ok(())
     }
 
     /// Locates the directory with `postgres` and `pg_ctl` for a major version.

@@ -24,7 +24,7 @@ pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceE
 pub use object::ObjectKind;
 pub use storage::{LocalStorage, Storage, StorageError};
 pub use verify::{VerifyProblem, VerifyReport};
-pub use wal::{RestorePointInfo, WalObject, WalSegmentMeta};
+pub use wal::{history_key, wal_segment_key, RestorePointInfo, WalObject, WalSegmentMeta};
 
 use object::{open, seal};
 use pack::{PackBuilder, PackEntry, COMPRESSION_NONE, COMPRESSION_ZSTD};
@@ -415,6 +415,10 @@ impl BlockIndex {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    pub fn hashes(&self) -> impl Iterator<Item = BlockHash> + '_ {
+        self.map.keys().copied()
     }
 }
 

@@ -22,6 +22,9 @@ pub struct BackupManifest {
     pub pg_version_num: u32,
     pub wal_segment_size: u64,
     pub label: String,
+    /// "Manual" or "Automated".
+    #[serde(default)]
+    pub mode: String,
     pub start_lsn: Lsn,
     pub start_timeline: TimelineId,
     pub stop_lsn: Lsn,

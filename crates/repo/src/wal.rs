@@ -35,6 +35,8 @@ pub struct WalSegmentMeta {
     pub first_commit: Option<DateTime<Utc>>,
     pub last_commit: Option<DateTime<Utc>>,
     pub commit_count: u64,
+    pub min_commit_xid: Option<u32>,
+    pub max_commit_xid: Option<u32>,
     #[serde(default)]
     pub restore_points: Vec<RestorePointInfo>,
     pub stored_at: DateTime<Utc>,

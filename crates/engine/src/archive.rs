@@ -1,0 +1,290 @@
+//! Continuous WAL archiving from a permanent physical replication slot.
+//!
+//! The slot makes the server keep WAL until Strata has stored it, so a
+//! receiver that was down resumes with no gap. Complete segments are stored
+//! as they fill; the current one is stored as a `.partial` every
+//! `wal_flush_interval`, which bounds the recovery point objective. Timeline
+//! switches (a promoted standby) are followed: the stream ends at the switch
+//! point, the new timeline's history file is stored, and streaming continues
+//! on the new timeline. Reference: PostgreSQL's receivelog.c describes the
+//! same protocol dance from the client side.
+
+use std::time::Duration;
+
+use pg_replication::{ReplicationClient, ReplicationMessage};
+use pg_wal::history::TimelineHistory;
+use pg_wal::{Lsn, TimelineId, WalGeometry};
+use strata_catalog::Instance;
+use tokio::sync::watch;
+
+use crate::connect::{explain, open_session, remember_facts};
+use crate::segment::SegmentArchiver;
+use crate::{Engine, EngineError, EngineResult, Progress};
+
+/// Options for [`Engine::receive_wal`].
+#[derive(Debug, Clone, Default)]
+pub struct WalReceiveOptions {
+    /// Give up instead of reconnecting when the server goes away.
+    pub no_reconnect: bool,
+}
+
+/// The replication slot Strata uses for an instance.
+pub fn slot_name(instance_id: &str) -> String {
+    let cleaned: String = instance_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut name = format!("strata_{cleaned}");
+    name.truncate(63);
+    name
+}
+
+enum Ended {
+    Shutdown,
+}
+
+impl Engine {
+    /// Streams WAL of `instance_id` into the repository until `shutdown`
+    /// turns true. Reconnects with backoff when the server goes away.
+    pub async fn receive_wal(
+        &self,
+        instance_id: &str,
+        mut shutdown: watch::Receiver<bool>,
+        opts: WalReceiveOptions,
+        progress: &dyn Progress,
+    ) -> EngineResult<()> {
+        let mut delay = Duration::from_secs(1);
+        let mut streamed_once = false;
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let mut instance = self.catalog.get_instance(instance_id)?;
+            match self
+                .receive_once(&mut instance, &mut shutdown, &mut streamed_once, progress)
+                .await
+            {
+                Ok(Ended::Shutdown) => return Ok(()),
+                Err(e) => {
+                    let retry = !opts.no_reconnect && (streamed_once || e.is_transient());
+                    if !retry {
+                        return Err(e);
+                    }
+                    progress.message(&format!(
+                        "WAL receiver for {instance_id}: {e}; reconnecting in {}s",
+                        delay.as_secs()
+                    ));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    if streamed_once {
+                        delay = delay.min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn receive_once(
+        &self,
+        instance: &mut Instance,
+        shutdown: &mut watch::Receiver<bool>,
+        streamed_once: &mut bool,
+        progress: &dyn Progress,
+    ) -> EngineResult<Ended> {
+        let mut session = open_session(instance).await?;
+        remember_facts(self, instance, &session)?;
+        let geometry = session.geometry;
+        let slot = slot_name(&instance.id);
+        match session
+            .client
+            .create_physical_slot(&slot, false, true)
+            .await
+        {
+            Ok(_) => progress.message(&format!("created replication slot {slot}")),
+            Err(e) if e.sqlstate() == Some("42710") => {}
+            Err(e) => return Err(explain(instance, e)),
+        }
+        let server_tli = session.timeline;
+        self.store_history(instance, &mut session.client, server_tli)
+            .await?;
+        let (mut tli, start) = self
+            .resume_point(instance, &mut session.client, server_tli, geometry)
+            .await?;
+        progress.message(&format!(
+            "streaming WAL of {} from {start} on timeline {tli}",
+            instance.id
+        ));
+        *streamed_once = true;
+
+        let mut archiver = SegmentArchiver::new(self.clone(), &instance.id, geometry, tli, start);
+        let mut flush_tick = tokio::time::interval(self.settings.wal_flush_interval);
+        let mut status_tick = tokio::time::interval(self.settings.wal_status_interval);
+        loop {
+            let seg_start = archiver.position();
+            let mut stream = session
+                .client
+                .start_replication(Some(&slot), seg_start, Some(tli))
+                .await
+                .map_err(|e| explain(instance, e))?;
+            let mut durable = archiver.complete_end();
+            let next = loop {
+                tokio::select! {
+                    _ = shutdown.changed() => {
+                        archiver.flush_partial()?;
+                        let pos = archiver.position();
+                        let _ = stream.send_status(pos, pos, Lsn::INVALID, false).await;
+                        let _ = stream.stop().await;
+                        report_stored(&mut archiver, progress);
+                        return Ok(Ended::Shutdown);
+                    }
+                    msg = stream.next() => {
+                        match msg.map_err(|e| explain(instance, e))? {
+                            Some(ReplicationMessage::XLogData { start, data, .. }) => {
+                                archiver.push(start, &data)?;
+                                durable = durable.max(archiver.complete_end());
+                                report_stored(&mut archiver, progress);
+                            }
+                            Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
+                                if reply_requested {
+                                    stream.send_status(archiver.position(), durable, Lsn::INVALID, false)
+                                        .await.map_err(|e| explain(instance, e))?;
+                                }
+                            }
+                            Some(ReplicationMessage::EndOfTimeline { next_timeline, next_start }) => {
+                                break (next_timeline, next_start);
+                            }
+                            None => return Err(EngineError::Server(format!(
+                                "instance {}: the server closed the WAL stream (connection lost)", instance.id))),
+                        }
+                    }
+                    _ = flush_tick.tick() => {
+                        archiver.flush_partial()?;
+                        durable = archiver.position();
+                    }
+                    _ = status_tick.tick() => {
+                        stream.send_status(archiver.position(), durable, Lsn::INVALID, false)
+                            .await.map_err(|e| explain(instance, e))?;
+                    }
+                }
+            };
+            let (next_tli, next_start) = next;
+            archiver.flush_partial()?;
+            stream.stop().await.map_err(|e| explain(instance, e))?;
+            self.store_history(instance, &mut session.client, next_tli)
+                .await?;
+            progress.message(&format!(
+                "timeline {tli} ended at {next_start}; following timeline {next_tli}"
+            ));
+            tli = next_tli;
+            archiver = SegmentArchiver::new(self.clone(), &instance.id, geometry, tli, next_start);
+        }
+    }
+
+    /// Stores the history file of `tli` unless it is stored already.
+    async fn store_history(
+        &self,
+        instance: &Instance,
+        client: &mut ReplicationClient,
+        tli: TimelineId,
+    ) -> EngineResult<()> {
+        if tli.0 <= 1 || self.repo.read_history(&instance.id, tli)?.is_some() {
+            return Ok(());
+        }
+        let (_, content) = client
+            .timeline_history(tli)
+            .await
+            .map_err(|e| explain(instance, e))?;
+        self.repo.put_history(&instance.id, tli, &content)?;
+        Ok(())
+    }
+
+    /// Where streaming resumes: after the newest complete segment archived,
+    /// at the start of a partial one, or where the slot holds WAL from.
+    async fn resume_point(
+        &self,
+        instance: &Instance,
+        client: &mut ReplicationClient,
+        server_tli: TimelineId,
+        geometry: WalGeometry,
+    ) -> EngineResult<(TimelineId, Lsn)> {
+        let newest = self
+            .catalog
+            .list_wal_segments(&instance.id)?
+            .into_iter()
+            .max_by(|a, b| {
+                (a.timeline, a.begin_lsn, !a.partial).cmp(&(b.timeline, b.begin_lsn, !b.partial))
+            });
+        let (tli, pos) = match newest {
+            Some(w) if w.partial => (w.timeline, w.begin_lsn),
+            Some(w) => (w.timeline, w.end_lsn),
+            None => {
+                let slot = slot_name(&instance.id);
+                let from_slot = if client.server_version_num() >= 150000 {
+                    client
+                        .read_replication_slot(&slot)
+                        .await
+                        .map_err(|e| explain(instance, e))?
+                        .and_then(|(lsn, _)| lsn)
+                } else {
+                    None
+                };
+                let pos = match from_slot {
+                    Some(lsn) if lsn.is_valid() => lsn,
+                    _ => {
+                        client
+                            .identify_system()
+                            .await
+                            .map_err(|e| explain(instance, e))?
+                            .xlogpos
+                    }
+                };
+                (server_tli, pos)
+            }
+        };
+        if tli > server_tli {
+            return Err(EngineError::Refused(format!(
+                "instance {}: the archive already holds timeline {tli} but the server is on timeline {server_tli}; this is not the server the archive came from",
+                instance.id
+            )));
+        }
+        if tli == server_tli {
+            return Ok((tli, geometry.segment_start(geometry.segment_of(pos))));
+        }
+        let text = self
+            .repo
+            .read_history(&instance.id, server_tli)?
+            .ok_or_else(|| {
+                EngineError::Failed(format!("history of timeline {server_tli} is not stored"))
+            })?;
+        let history = TimelineHistory::parse(server_tli, &String::from_utf8_lossy(&text))
+            .map_err(|e| EngineError::Failed(format!("timeline {server_tli} history: {e}")))?;
+        match history.switchpoint_of(tli) {
+            // Still WAL of the old timeline to fetch: the server streams it
+            // up to the switch point, then tells us to move on.
+            Some(sp) if pos < sp => Ok((tli, geometry.segment_start(geometry.segment_of(pos)))),
+            Some(sp) => {
+                let next = history.timeline_at(sp);
+                Ok((next, geometry.segment_start(geometry.segment_of(sp))))
+            }
+            None => Err(EngineError::Refused(format!(
+                "instance {}: timeline {tli} in the archive is not an ancestor of the server's timeline {server_tli}",
+                instance.id
+            ))),
+        }
+    }
+}
+
+fn report_stored(archiver: &mut SegmentArchiver, progress: &dyn Progress) {
+    for name in archiver.stored.drain(..) {
+        progress.message(&format!("stored WAL segment {name}"));
+    }
+}

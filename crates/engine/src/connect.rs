@@ -1,0 +1,172 @@
+//! Connecting to an instance: connection options from the catalog row, and
+//! server errors turned into messages a DBA can act on.
+
+use std::time::Duration;
+
+use pg_replication::{ConnectOptions, ReplicationClient, ReplicationError, SslMode};
+use pg_wal::{parse_size_setting, WalGeometry};
+use strata_catalog::Instance;
+
+use crate::{EngineError, EngineResult};
+
+pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
+    let password = match &instance.password_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| {
+            EngineError::Refused(format!(
+                "instance {}: environment variable {var} (its password) is not set",
+                instance.id
+            ))
+        })?),
+        None => None,
+    };
+    let sslmode: SslMode = instance.sslmode.parse().map_err(|_| {
+        EngineError::Refused(format!(
+            "instance {}: unknown sslmode {:?}",
+            instance.id, instance.sslmode
+        ))
+    })?;
+    Ok(ConnectOptions {
+        host: instance.host.clone(),
+        port: instance.port,
+        user: instance.user.clone(),
+        password,
+        dbname: instance.dbname.clone(),
+        sslmode,
+        sslrootcert: instance.sslrootcert.clone().map(Into::into),
+        application_name: "strata".into(),
+        connect_timeout: Duration::from_secs(10),
+    })
+}
+
+/// Describes a replication-protocol failure for `instance`.
+pub fn explain(instance: &Instance, err: ReplicationError) -> EngineError {
+    let who = format!(
+        "instance {} ({}:{} as {})",
+        instance.id, instance.host, instance.port, instance.user
+    );
+    let msg = match err.sqlstate() {
+        Some("28P01") | Some("28000") if err.to_string().contains("password") => {
+            format!("{who}: authentication failed: {err}")
+        }
+        Some("28000") => format!(
+            "{who}: the server refused the connection: {err} (check pg_hba.conf allows `replication` connections for this user)"
+        ),
+        Some("42501") => format!(
+            "{who}: the role lacks the REPLICATION attribute: {err} (ALTER ROLE {} REPLICATION)",
+            instance.user
+        ),
+        Some("53300") => format!(
+            "{who}: the server has no free WAL sender (max_wal_senders is reached, or 0 because wal_level is minimal): {err}"
+        ),
+        Some("53400") => format!(
+            "{who}: no free replication slot: {err} (raise max_replication_slots or drop unused slots)"
+        ),
+        Some(_) => format!("{who}: {err}"),
+        None => match err {
+            ReplicationError::Io(_) | ReplicationError::ConnectTimeout => {
+                format!("cannot reach {who}: {err}")
+            }
+            other => format!("{who}: {other}"),
+        },
+    };
+    EngineError::Server(msg)
+}
+
+/// A replication connection plus the facts every job needs.
+pub struct Session {
+    pub client: ReplicationClient,
+    pub system_id: u64,
+    pub timeline: pg_wal::TimelineId,
+    pub geometry: WalGeometry,
+}
+
+/// Connects, identifies the system and checks it can be backed up.
+pub async fn open_session(instance: &Instance) -> EngineResult<Session> {
+    let opts = connect_options(instance)?;
+    let mut client = ReplicationClient::connect(&opts)
+        .await
+        .map_err(|e| explain(instance, e))?;
+    let ident = client
+        .identify_system()
+        .await
+        .map_err(|e| explain(instance, e))?;
+    if let Some(known) = instance.system_identifier {
+        if known != ident.system_id {
+            return Err(EngineError::Refused(format!(
+                "instance {} now answers with system identifier {} but was registered with {}; it is a different cluster (register it as a new instance)",
+                instance.id, ident.system_id, known
+            )));
+        }
+    }
+    let wal_level = client
+        .show("wal_level")
+        .await
+        .map_err(|e| explain(instance, e))?;
+    if wal_level == "minimal" {
+        return Err(EngineError::Refused(format!(
+            "instance {}: wal_level is minimal; set wal_level = replica (or logical) and restart the server",
+            instance.id
+        )));
+    }
+    let seg = client
+        .show("wal_segment_size")
+        .await
+        .map_err(|e| explain(instance, e))?;
+    let geometry = parse_size_setting(&seg)
+        .ok()
+        .and_then(|s| WalGeometry::new(s).ok())
+        .ok_or_else(|| {
+            EngineError::Server(format!(
+                "instance {}: unexpected wal_segment_size {seg:?}",
+                instance.id
+            ))
+        })?;
+    Ok(Session {
+        client,
+        system_id: ident.system_id,
+        timeline: ident.timeline,
+        geometry,
+    })
+}
+
+/// Records what was learned about the server on the instance's catalog row.
+pub fn remember_facts(
+    engine: &crate::Engine,
+    instance: &mut Instance,
+    session: &Session,
+) -> EngineResult<()> {
+    let version = session.client.server_version_num();
+    let changed = instance.system_identifier != Some(session.system_id)
+        || instance.pg_version_num != Some(version)
+        || instance.wal_segment_size != Some(session.geometry.segment_size());
+    if changed {
+        instance.system_identifier = Some(session.system_id);
+        instance.pg_version_num = Some(version);
+        instance.wal_segment_size = Some(session.geometry.segment_size());
+        engine.catalog.update_instance(instance)?;
+    }
+    Ok(())
+}
+
+/// What a first contact learns about a server.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerFacts {
+    pub system_id: u64,
+    pub pg_version_num: u32,
+    pub wal_segment_size: u64,
+    pub timeline: pg_wal::TimelineId,
+}
+
+impl crate::Engine {
+    /// Connects to `instance` and checks it can be backed up (reachable,
+    /// credentials, REPLICATION privilege, wal_level).
+    pub async fn probe(&self, instance: &Instance) -> EngineResult<ServerFacts> {
+        let session = open_session(instance).await?;
+        Ok(ServerFacts {
+            system_id: session.system_id,
+            pg_version_num: session.client.server_version_num(),
+            wal_segment_size: session.geometry.segment_size(),
+            timeline: session.timeline,
+        })
+    }
+}

@@ -1,0 +1,888 @@
+//! Restore: materialize a backup set into a new data directory, stage the WAL
+//! recovery needs, write recovery settings and optionally start PostgreSQL
+//! and wait until the recovery target is reached.
+//!
+//! Targets are checked against the catalog before anything is written and
+//! confirmed against the decoded WAL while it is staged, so a target outside
+//! the recoverable window is refused with a clear message instead of a
+//! server that stops with "recovery ended before configured recovery target
+//! was reached". Staged WAL goes straight into `pg_wal/` (PostgreSQL falls
+//! back to it when `restore_command` finds nothing), so the restored
+//! directory needs no Strata to recover. Reference for the recovery
+//! settings: PostgreSQL's xlogrecovery.c and the "Recovery Target" docs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use pg_wal::decode::{WalDecoder, WalEvent};
+use pg_wal::history::TimelineHistory;
+use pg_wal::{history_file_name, Lsn, SegmentNo, TimelineId, WalGeometry};
+use serde::Serialize;
+use strata_catalog::{BackupSet, BackupStatus, JobState, WalSegmentRow};
+use strata_repo::{BackupManifest, FileEntry, FileKind};
+
+use crate::{Engine, EngineError, EngineResult, Progress};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecoveryTarget {
+    Latest,
+    Time(DateTime<Utc>),
+    Lsn(Lsn),
+    Xid(u32),
+    Name(String),
+}
+
+impl std::fmt::Display for RecoveryTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecoveryTarget::Latest => write!(f, "the end of the archived WAL"),
+            RecoveryTarget::Time(t) => write!(f, "time {}", t.to_rfc3339()),
+            RecoveryTarget::Lsn(l) => write!(f, "LSN {l}"),
+            RecoveryTarget::Xid(x) => write!(f, "transaction {x}"),
+            RecoveryTarget::Name(n) => write!(f, "restore point {n:?}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub target_dir: PathBuf,
+    pub backup_id: Option<String>,
+    pub target: RecoveryTarget,
+    pub start: Option<StartOptions>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreOutcome {
+    pub backup_id: String,
+    pub target_dir: PathBuf,
+    pub target: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub wal_segments: u64,
+    /// End of the WAL staged for recovery.
+    pub wal_end: Lsn,
+    pub started_port: Option<u16>,
+    /// The server's log line saying where recovery stopped, when started.
+    pub recovery_stop: Option<String>,
+}
+
+/// A WAL object chosen for staging.
+struct StagedSegment {
+    row: WalSegmentRow,
+    segno: SegmentNo,
+}
+
+impl Engine {
+    /// Restores `instance_id` as `opts` says. Runs on the calling thread
+    /// (file writes are spread over `restore_parallelism` threads).
+    pub fn restore(
+        &self,
+        instance_id: &str,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+    ) -> EngineResult<RestoreOutcome> {
+        let instance = self.catalog.get_instance(instance_id)?;
+        self.catalog.fail_orphaned_jobs()?;
+        let created = prepare_target_dir(&opts.target_dir)?;
+        let mut job = self.catalog.create_job("restore", Some(instance_id))?;
+        job.state = JobState::Preparing;
+        job.detail = format!("restore to {}", opts.target_dir.display());
+        self.catalog.update_job(&job)?;
+        let result = self.run_restore(&instance.id, opts, progress, &mut job);
+        job.finished_at = Some(Utc::now());
+        match &result {
+            Ok(_) => {
+                job.state = JobState::Finished;
+                job.progress = 100;
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e.to_string());
+                // A failed start keeps the directory for its log; anything
+                // earlier leaves nothing behind.
+                if !matches!(e, EngineError::Server(m) if m.starts_with("the restored server")) {
+                    clean_target_dir(&opts.target_dir, created);
+                }
+            }
+        }
+        let _ = self.catalog.update_job(&job);
+        result
+    }
+
+    fn run_restore(
+        &self,
+        instance_id: &str,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+        job: &mut strata_catalog::Job,
+    ) -> EngineResult<RestoreOutcome> {
+        let backups: Vec<BackupSet> = self
+            .catalog
+            .list_backups(instance_id)?
+            .into_iter()
+            .filter(|b| b.status == BackupStatus::Success)
+            .collect();
+        let wal = self.catalog.list_wal_segments(instance_id)?;
+        let restore_points = self.catalog.list_restore_points(instance_id)?;
+        let (backup, mut target) = choose_backup(
+            instance_id,
+            &backups,
+            &wal,
+            &restore_points,
+            opts.backup_id.as_deref(),
+            &opts.target,
+        )?;
+        progress.message(&format!(
+            "restoring backup {} of {instance_id} to {}, recovering to {}",
+            backup.id,
+            opts.target_dir.display(),
+            opts.target
+        ));
+        let manifest = self.repo.read_manifest(instance_id, &backup.id)?;
+        let geometry = WalGeometry::new(manifest.wal_segment_size)
+            .map_err(|e| EngineError::Failed(format!("backup {}: {e}", backup.id)))?;
+
+        // Plan the WAL first: refusing a target must not cost a full restore.
+        let histories = self.load_histories(instance_id)?;
+        let plan = plan_wal(&manifest, geometry, &wal, &histories)?;
+        let wal_end = plan.last().map(|s| s.row.end_lsn).unwrap_or(Lsn::INVALID);
+        if wal_end < manifest.stop_lsn {
+            return Err(EngineError::Refused(format!(
+                "the WAL needed to make backup {} consistent (up to {}) is not in the archive (archived WAL ends at {wal_end})",
+                backup.id, manifest.stop_lsn
+            )));
+        }
+        if let RecoveryTarget::Lsn(l) = target {
+            if l > wal_end {
+                return Err(EngineError::Refused(format!(
+                    "target LSN {l} is after the newest archived WAL ({wal_end})"
+                )));
+            }
+        }
+
+        job.state = JobState::Uploading;
+        self.catalog.update_job(job)?;
+        let (files, bytes) = self.materialize(&manifest, &opts.target_dir, progress)?;
+
+        job.state = JobState::Checking;
+        job.progress = 90;
+        self.catalog.update_job(job)?;
+        let found = self.stage_wal(
+            &plan,
+            &histories,
+            geometry,
+            &opts.target_dir,
+            &target,
+            &manifest,
+        )?;
+        target = confirm_target(target, &found, &manifest)?;
+
+        write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
+        let os_user = self.os_user();
+        if let Some(user) = &os_user {
+            chown_tree(&opts.target_dir, user)?;
+            for ts in &manifest.tablespaces {
+                chown_tree(&tablespace_dir(&opts.target_dir, ts.oid), user)?;
+            }
+        }
+
+        let mut outcome = RestoreOutcome {
+            backup_id: backup.id.clone(),
+            target_dir: opts.target_dir.clone(),
+            target: target.to_string(),
+            files,
+            bytes,
+            wal_segments: plan.len() as u64,
+            wal_end,
+            started_port: None,
+            recovery_stop: None,
+        };
+        if let Some(start) = &opts.start {
+            let major = manifest.pg_version_num / 10000;
+            let bin = self.pg_bin_dir(major)?;
+            progress.message(&format!(
+                "starting PostgreSQL {major} on port {} and waiting for recovery",
+                start.port
+            ));
+            outcome.recovery_stop = self.start_and_wait(
+                &bin,
+                &opts.target_dir,
+                start.port,
+                os_user.as_deref(),
+                &target,
+            )?;
+            outcome.started_port = Some(start.port);
+        }
+        Ok(outcome)
+    }
+
+    /// The OS user owning restored directories: configured, or `postgres`
+    /// when running as root (PostgreSQL refuses to run as root).
+    fn os_user(&self) -> Option<String> {
+        self.settings.os_user.clone().or_else(|| {
+            // SAFETY: geteuid has no preconditions.
+            (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_string())
+        })
+    }
+
+    fn load_histories(
+        &self,
+        instance_id: &str,
+    ) -> EngineResult<BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>> {
+        let mut out = BTreeMap::new();
+        for tli in self.repo.list_histories(instance_id)? {
+            if let Some(bytes) = self.repo.read_history(instance_id, tli)? {
+                let history = TimelineHistory::parse(tli, &String::from_utf8_lossy(&bytes))
+                    .map_err(|e| EngineError::Failed(format!("history of timeline {tli}: {e}")))?;
+                out.insert(tli, (history, bytes));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes every file of the backup, several at a time.
+    fn materialize(
+        &self,
+        manifest: &BackupManifest,
+        target: &Path,
+        progress: &dyn Progress,
+    ) -> EngineResult<(u64, u64)> {
+        let place = |f: &FileEntry| -> PathBuf {
+            match f.tablespace {
+                Some(oid) => tablespace_dir(target, oid).join(&f.path),
+                None => target.join(&f.path),
+            }
+        };
+        for ts in &manifest.tablespaces {
+            fs::create_dir_all(tablespace_dir(target, ts.oid))
+                .map_err(EngineError::io("creating a tablespace directory"))?;
+        }
+        for f in manifest.files.iter().filter(|f| f.kind == FileKind::Dir) {
+            let dir = place(f);
+            fs::create_dir_all(&dir)
+                .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(
+                EngineError::io(format!("setting mode of {}", dir.display())),
+            )?;
+        }
+        for f in manifest
+            .files
+            .iter()
+            .filter(|f| f.kind == FileKind::Symlink)
+        {
+            let link = place(f);
+            let to = f.link_target.clone().unwrap_or_default();
+            symlink(&to, &link)
+                .map_err(EngineError::io(format!("creating link {}", link.display())))?;
+        }
+        let files: Vec<&FileEntry> = manifest
+            .all_files()
+            .filter(|f| f.kind == FileKind::File)
+            .collect();
+        let total: u64 = files.iter().map(|f| f.size).sum();
+        let next = AtomicUsize::new(0);
+        let written = AtomicU64::new(0);
+        let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
+        let threads = self.settings.restore_parallelism.max(1);
+        let last_report = Mutex::new(Instant::now());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(f) = files.get(i) else { return };
+                    let path = if f.path == "backup_manifest" && f.tablespace.is_none() {
+                        target.join("backup_manifest")
+                    } else {
+                        place(f)
+                    };
+                    if let Err(e) = self.write_file(f, &path) {
+                        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(e);
+                        return;
+                    }
+                    let done = written.fetch_add(f.size, Ordering::Relaxed) + f.size;
+                    if let Ok(mut last) = last_report.try_lock() {
+                        if last.elapsed() >= Duration::from_millis(500) {
+                            *last = Instant::now();
+                            progress.update("restore", done, Some(total));
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        progress.update("restore", total, Some(total));
+        if !manifest.tablespaces.is_empty() {
+            let map: String = manifest
+                .tablespaces
+                .iter()
+                .map(|ts| format!("{} {}\n", ts.oid, tablespace_dir(target, ts.oid).display()))
+                .collect();
+            fs::write(target.join("tablespace_map"), map)
+                .map_err(EngineError::io("writing tablespace_map"))?;
+        }
+        // SAFETY: sync has no preconditions; it makes the restored files durable.
+        unsafe { libc::sync() };
+        Ok((files.len() as u64, total))
+    }
+
+    fn write_file(&self, f: &FileEntry, path: &Path) -> EngineResult<()> {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)
+                .map_err(EngineError::io(format!("creating {}", parent.display())))?;
+        }
+        let mut out = fs::File::create(path)
+            .map_err(EngineError::io(format!("creating {}", path.display())))?;
+        let mut size = 0u64;
+        let mut crc = 0u32;
+        for block in &f.blocks {
+            let data = self.repo.read_block(block)?;
+            crc = crc32c::crc32c_append(crc, &data);
+            size += data.len() as u64;
+            out.write_all(&data)
+                .map_err(EngineError::io(format!("writing {}", path.display())))?;
+        }
+        if size != f.size || f.crc32c.is_some_and(|c| c != crc) {
+            return Err(EngineError::Failed(format!(
+                "{} restored with the wrong size or checksum; the repository is damaged (run `strata repo verify`)",
+                f.path
+            )));
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(
+            EngineError::io(format!("setting mode of {}", path.display())),
+        )?;
+        Ok(())
+    }
+
+    /// Writes the planned WAL (partial segments padded with zeros) and the
+    /// timeline histories into pg_wal, decoding as it goes.
+    fn stage_wal(
+        &self,
+        plan: &[StagedSegment],
+        histories: &BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
+        geometry: WalGeometry,
+        target: &Path,
+        wanted: &RecoveryTarget,
+        manifest: &BackupManifest,
+    ) -> EngineResult<WalFindings> {
+        let pg_wal = target.join("pg_wal");
+        fs::create_dir_all(&pg_wal).map_err(EngineError::io("creating pg_wal"))?;
+        for (tli, (_, bytes)) in histories {
+            fs::write(pg_wal.join(history_file_name(*tli)), bytes)
+                .map_err(EngineError::io("staging a timeline history"))?;
+        }
+        let mut findings = WalFindings::default();
+        let mut decoder: Option<WalDecoder> = None;
+        for seg in plan {
+            let (meta, mut data) = self.repo.read_wal(&seg.row.object_key)?;
+            let start = geometry.segment_start(seg.segno);
+            let dec = decoder.get_or_insert_with(|| WalDecoder::new(geometry, start));
+            if dec.position() != start {
+                *dec = WalDecoder::new(geometry, start);
+            }
+            let events = dec.feed(&data).map_err(|e| {
+                EngineError::Failed(format!("WAL segment {} does not decode: {e}", meta.segment))
+            })?;
+            for event in events {
+                findings.absorb(event, manifest.stop_lsn, wanted);
+            }
+            data.resize(geometry.segment_size() as usize, 0);
+            let name = geometry.segment_file_name(seg.row.timeline, seg.segno);
+            fs::write(pg_wal.join(&name), &data)
+                .map_err(EngineError::io(format!("staging WAL segment {name}")))?;
+        }
+        Ok(findings)
+    }
+
+    fn start_and_wait(
+        &self,
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        os_user: Option<&str>,
+        target: &RecoveryTarget,
+    ) -> EngineResult<Option<String>> {
+        let log = dir.join("strata-restore.log");
+        let mut cmd = as_user(os_user, &bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(dir)
+            .arg("-l")
+            .arg(&log)
+            .arg("-o")
+            .arg(format!("-p {port}"))
+            .arg("-W")
+            .arg("start");
+        let out = cmd
+            .output()
+            .map_err(EngineError::io("running pg_ctl start"))?;
+        let log_tail = || {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(8)..].join("\n")
+        };
+        if !out.status.success() {
+            return Err(EngineError::Server(format!(
+                "the restored server did not start: {}\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                log_tail()
+            )));
+        }
+        let started = Instant::now();
+        let deadline = started + self.settings.start_timeout;
+        let mut seen_running = false;
+        loop {
+            if control_state(dir) == Some(DB_IN_PRODUCTION) && accepts_tcp(port) {
+                break;
+            }
+            // pg_ctl -W returns before the postmaster writes its pid file.
+            let running = dir.join("postmaster.pid").exists();
+            seen_running |= running;
+            if !running && (seen_running || started.elapsed() > Duration::from_secs(30)) {
+                return Err(EngineError::Server(format!(
+                    "the restored server stopped during recovery (log: {}):\n{}",
+                    log.display(),
+                    log_tail()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(EngineError::Server(format!(
+                    "the restored server did not finish recovery within {}s (log: {})",
+                    self.settings.start_timeout.as_secs(),
+                    log.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let stop = text
+            .lines()
+            .find(|l| l.contains("recovery stopping"))
+            .map(|l| l.to_string());
+        if *target != RecoveryTarget::Latest && stop.is_none() {
+            return Err(EngineError::Server(format!(
+                "the restored server finished recovery without reporting the target {target} (log: {})",
+                log.display()
+            )));
+        }
+        Ok(stop)
+    }
+}
+
+/// pg_control's DBState value for a server that finished recovery
+/// (src/include/catalog/pg_control.h: DB_IN_PRODUCTION).
+const DB_IN_PRODUCTION: u32 = 6;
+
+/// Reads the cluster state from global/pg_control: it follows the 64-bit
+/// system identifier and two 32-bit version numbers.
+fn control_state(dir: &Path) -> Option<u32> {
+    let bytes = fs::read(dir.join("global/pg_control")).ok()?;
+    let raw: [u8; 4] = bytes.get(16..20)?.try_into().ok()?;
+    Some(u32::from_le_bytes(raw))
+}
+
+fn accepts_tcp(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+fn as_user(user: Option<&str>, program: &Path) -> Command {
+    match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+pub(crate) fn tablespace_dir(target: &Path, oid: u32) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(format!(".tblspc/{oid}"));
+    PathBuf::from(name)
+}
+
+/// Refuses a non-empty directory; returns whether the directory was created.
+fn prepare_target_dir(dir: &Path) -> EngineResult<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(EngineError::Refused(format!(
+                    "target directory {} is not empty",
+                    dir.display()
+                )));
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir)
+                .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(
+                EngineError::io(format!("setting mode of {}", dir.display())),
+            )?;
+            Ok(true)
+        }
+        Err(e) => Err(EngineError::io(format!("reading {}", dir.display()))(e)),
+    }
+}
+
+fn clean_target_dir(dir: &Path, created: bool) {
+    if created {
+        let _ = fs::remove_dir_all(dir);
+    } else if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let p = entry.path();
+            let _ = if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+    }
+    let ts = tablespace_dir(dir, 0);
+    if let Some(parent) = ts.parent() {
+        let _ = fs::remove_dir_all(parent);
+    }
+}
+
+fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
+    let name = std::ffi::CString::new(user)
+        .map_err(|_| EngineError::Refused(format!("invalid OS user name {user:?}")))?;
+    // SAFETY: getpwnam gets a valid C string; the result is read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return Err(EngineError::Refused(format!(
+            "OS user {user:?} does not exist"
+        )));
+    }
+    // SAFETY: pw was checked to be non-null.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(EngineError::io(format!(
+            "changing owner of {}",
+            p.display()
+        )))?;
+        let meta = fs::symlink_metadata(&p)
+            .map_err(EngineError::io(format!("reading {}", p.display())))?;
+        if meta.is_dir() {
+            for entry in
+                fs::read_dir(&p).map_err(EngineError::io(format!("reading {}", p.display())))?
+            {
+                stack.push(
+                    entry
+                        .map_err(EngineError::io("reading a directory"))?
+                        .path(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Picks the backup to restore for `target` and checks the target lies in
+/// the recoverable window as far as the catalog can tell.
+fn choose_backup<'a>(
+    instance_id: &str,
+    backups: &'a [BackupSet],
+    wal: &[WalSegmentRow],
+    restore_points: &[strata_catalog::RestorePointRow],
+    backup_id: Option<&str>,
+    target: &RecoveryTarget,
+) -> EngineResult<(&'a BackupSet, RecoveryTarget)> {
+    if backups.is_empty() {
+        return Err(EngineError::Refused(format!(
+            "instance {instance_id} has no successful backup to restore"
+        )));
+    }
+    let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
+    let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
+    let (limit_lsn, limit_time): (Option<Lsn>, Option<DateTime<Utc>>) = match target {
+        RecoveryTarget::Latest => (None, None),
+        RecoveryTarget::Time(t) => {
+            let newest = wal.iter().map(|w| w.stored_at).max();
+            match newest {
+                Some(n) if *t > n => {
+                    return Err(EngineError::Refused(format!(
+                        "target time {} is after the newest archived WAL (received {})",
+                        t.to_rfc3339(),
+                        n.to_rfc3339()
+                    )))
+                }
+                None => {
+                    return Err(EngineError::Refused(format!(
+                        "instance {instance_id} has no archived WAL; only a backup can be restored"
+                    )))
+                }
+                _ => {}
+            }
+            (None, Some(*t))
+        }
+        RecoveryTarget::Lsn(l) => (Some(*l), None),
+        RecoveryTarget::Name(n) => {
+            let rp = restore_points
+                .iter()
+                .filter(|r| &r.name == n)
+                .max_by_key(|r| r.lsn)
+                .ok_or_else(|| {
+                    EngineError::Refused(format!(
+                        "no restore point named {n:?} in the archived WAL"
+                    ))
+                })?;
+            (Some(rp.lsn), None)
+        }
+        RecoveryTarget::Xid(x) => {
+            let seg = wal
+                .iter()
+                .filter(|w| {
+                    w.min_commit_xid.is_some_and(|m| m <= *x)
+                        && w.max_commit_xid.is_some_and(|m| m >= *x)
+                })
+                .min_by_key(|w| w.begin_lsn)
+                .ok_or_else(|| {
+                    EngineError::Refused(format!(
+                        "transaction {x} did not commit in the archived WAL"
+                    ))
+                })?;
+            (Some(seg.end_lsn), None)
+        }
+    };
+    let fits = |b: &BackupSet| {
+        limit_lsn.is_none_or(|l| stop(b) <= l) && limit_time.is_none_or(|t| done(b) <= t)
+    };
+    let chosen = match backup_id {
+        Some(id) => {
+            let b = backups.iter().find(|b| b.id == id).ok_or_else(|| {
+                EngineError::Refused(format!(
+                    "backup set {id} is not a successful backup of instance {instance_id}"
+                ))
+            })?;
+            if !fits(b) {
+                return Err(EngineError::Refused(format!(
+                    "{target} is before the end of backup {id}; choose an older backup or a later target"
+                )));
+            }
+            b
+        }
+        None => backups.iter().rev().find(|b| fits(b)).ok_or_else(|| {
+            let oldest = &backups[0];
+            EngineError::Refused(format!(
+                "{target} is before the oldest backup (backup {} ended at {} / LSN {})",
+                oldest.id,
+                done(oldest).to_rfc3339(),
+                stop(oldest)
+            ))
+        })?,
+    };
+    Ok((chosen, target.clone()))
+}
+
+/// The WAL objects recovery reads, in order: from the backup's start along
+/// the newest timeline descending from the backup's, up to the first gap.
+fn plan_wal(
+    manifest: &BackupManifest,
+    geometry: WalGeometry,
+    wal: &[WalSegmentRow],
+    histories: &BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
+) -> EngineResult<Vec<StagedSegment>> {
+    let base = manifest.start_timeline;
+    // Newest timeline whose history contains the backup's timeline.
+    let (target_tli, path): (TimelineId, Vec<(TimelineId, Lsn)>) = histories
+        .iter()
+        .rev()
+        .find_map(|(tli, (h, _))| {
+            h.switchpoint_of(base)?;
+            let mut path = Vec::new();
+            let mut begin = Lsn::INVALID;
+            for e in &h.entries {
+                path.push((e.timeline, begin));
+                begin = e.switchpoint;
+            }
+            path.push((*tli, begin));
+            Some((*tli, path))
+        })
+        .unwrap_or((base, vec![(base, Lsn::INVALID)]));
+    let tli_for = |seg: SegmentNo| -> TimelineId {
+        path.iter()
+            .rev()
+            .find(|(_, begin)| geometry.segment_of(*begin) <= seg)
+            .map(|(t, _)| *t)
+            .unwrap_or(target_tli)
+    };
+    let mut by_key: BTreeMap<(TimelineId, String), Vec<&WalSegmentRow>> = BTreeMap::new();
+    for w in wal {
+        by_key
+            .entry((w.timeline, w.segment.clone()))
+            .or_default()
+            .push(w);
+    }
+    let mut plan = Vec::new();
+    let mut seg = geometry.segment_of(manifest.start_lsn);
+    loop {
+        let tli = tli_for(seg);
+        let name = geometry.segment_file_name(tli, seg);
+        let Some(rows) = by_key.get(&(tli, name)) else {
+            break;
+        };
+        let best = rows
+            .iter()
+            .find(|r| !r.partial)
+            .or_else(|| rows.iter().max_by_key(|r| r.end_lsn));
+        let Some(row) = best else { break };
+        let partial = row.partial;
+        plan.push(StagedSegment {
+            row: (*row).clone(),
+            segno: seg,
+        });
+        if partial {
+            break;
+        }
+        seg = SegmentNo(seg.0 + 1);
+    }
+    Ok(plan)
+}
+
+#[derive(Default)]
+struct WalFindings {
+    /// A commit after the backup's end and after the target time exists.
+    commit_after_time: bool,
+    xid_found: bool,
+    /// Any record after the target LSN was decoded (recovery can stop there).
+    passed_lsn: bool,
+    last_commit: Option<DateTime<Utc>>,
+}
+
+impl WalFindings {
+    fn absorb(&mut self, event: WalEvent, stop_lsn: Lsn, wanted: &RecoveryTarget) {
+        let end = match &event {
+            WalEvent::Commit { end_lsn, .. }
+            | WalEvent::Abort { end_lsn, .. }
+            | WalEvent::RestorePoint { end_lsn, .. } => *end_lsn,
+            WalEvent::Switch { lsn } => *lsn,
+        };
+        if let RecoveryTarget::Lsn(l) = wanted {
+            if end > *l {
+                self.passed_lsn = true;
+            }
+        }
+        if let WalEvent::Commit { xid, time, lsn, .. } = event {
+            if lsn < stop_lsn {
+                return;
+            }
+            self.last_commit = Some(time);
+            match wanted {
+                RecoveryTarget::Time(t) if time > *t => self.commit_after_time = true,
+                RecoveryTarget::Xid(x) if xid == *x => self.xid_found = true,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Checks the target against what the staged WAL really holds. A time
+/// after the last commit, or an LSN after the last record, means "replay
+/// everything": PostgreSQL would otherwise refuse to finish recovery.
+fn confirm_target(
+    target: RecoveryTarget,
+    found: &WalFindings,
+    manifest: &BackupManifest,
+) -> EngineResult<RecoveryTarget> {
+    Ok(match target {
+        RecoveryTarget::Time(t) if !found.commit_after_time => {
+            if t < manifest.stop_time {
+                return Err(EngineError::Refused(format!(
+                    "target time {} is before the end of backup {}",
+                    t.to_rfc3339(),
+                    manifest.backup_id
+                )));
+            }
+            RecoveryTarget::Latest
+        }
+        RecoveryTarget::Xid(x) if !found.xid_found => {
+            return Err(EngineError::Refused(format!(
+                "transaction {x} did not commit in the archived WAL after backup {}",
+                manifest.backup_id
+            )))
+        }
+        RecoveryTarget::Lsn(_) if !found.passed_lsn => RecoveryTarget::Latest,
+        other => other,
+    })
+}
+
+fn write_recovery_settings(
+    dir: &Path,
+    backup_id: &str,
+    target: &RecoveryTarget,
+    start: Option<&StartOptions>,
+) -> EngineResult<()> {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let mut conf = format!(
+        "\n# Recovery settings written by strata restore of backup {backup_id}\n\
+         restore_command = 'false'\n\
+         recovery_target_timeline = 'latest'\n\
+         recovery_target_action = 'promote'\n\
+         archive_mode = 'off'\n"
+    );
+    match target {
+        RecoveryTarget::Latest => {}
+        RecoveryTarget::Time(t) => conf.push_str(&format!(
+            "recovery_target_time = {}\n",
+            quote(&t.to_rfc3339_opts(SecondsFormat::Micros, true))
+        )),
+        RecoveryTarget::Lsn(l) => conf.push_str(&format!("recovery_target_lsn = '{l}'\n")),
+        RecoveryTarget::Xid(x) => conf.push_str(&format!("recovery_target_xid = '{x}'\n")),
+        RecoveryTarget::Name(n) => conf.push_str(&format!("recovery_target_name = {}\n", quote(n))),
+    }
+    if let Some(s) = start {
+        conf.push_str(&format!("port = {}\n", s.port));
+    }
+    let auto = dir.join("postgresql.auto.conf");
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&auto)
+        .map_err(EngineError::io("opening postgresql.auto.conf"))?;
+    f.write_all(conf.as_bytes())
+        .map_err(EngineError::io("writing postgresql.auto.conf"))?;
+    if !dir.join("postgresql.conf").exists() {
+        // Clusters laid out the Debian way keep their configuration outside
+        // the data directory; give the restored one a minimal, safe one.
+        fs::write(
+            dir.join("postgresql.conf"),
+            "listen_addresses = '127.0.0.1'\n",
+        )
+        .map_err(EngineError::io("writing postgresql.conf"))?;
+    }
+    if !dir.join("pg_hba.conf").exists() {
+        fs::write(
+            dir.join("pg_hba.conf"),
+            "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .map_err(EngineError::io("writing pg_hba.conf"))?;
+    }
+    fs::write(dir.join("recovery.signal"), "")
+        .map_err(EngineError::io("writing recovery.signal"))?;
+    Ok(())
+}

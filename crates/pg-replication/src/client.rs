@@ -1,0 +1,581 @@
+//! Connection startup, authentication and the walsender's single-result commands.
+//!
+//! Reference: doc/src/sgml/protocol.sgml ("Start-up", "SASL Authentication",
+//! "Streaming Replication Protocol"), src/backend/replication/repl_gram.y for command syntax,
+//! src/backend/replication/walsender.c for result shapes.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::net::TcpStream;
+
+use crate::conn::{data_row_columns, server_error, Backend, Connection, Transport};
+use crate::tls::{client_config, server_name, Verify};
+use crate::{ConnectOptions, Lsn, ReplicationError, SslMode, TimelineId};
+
+/// Result of IDENTIFY_SYSTEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    /// The cluster's database system identifier (`pg_control_system().system_identifier`).
+    pub system_id: u64,
+    pub timeline: TimelineId,
+    /// Current WAL flush location (on a standby: replay location).
+    pub xlogpos: Lsn,
+    /// Database of a logical replication connection; `None` for physical ones.
+    pub dbname: Option<String>,
+}
+
+/// Whether the connection can take a command, or a COPY is still running on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    Ready,
+    Busy,
+}
+
+/// A physical replication connection (`replication=true`).
+pub struct ReplicationClient {
+    pub(crate) conn: Connection,
+    pub(crate) state: ConnState,
+    server_version_num: u32,
+}
+
+/// What to do about TLS on one connection attempt.
+#[derive(Clone, Copy)]
+enum TlsPlan {
+    Never,
+    /// Ask; fall back to plaintext if the server says 'N'.
+    Try(Verify),
+    /// Ask; fail if the server says 'N'.
+    Must(Verify),
+}
+
+/// `server_version` as `server_version_num`: "15.18 (Debian …)" → 150018, "9.6.24" → 90624.
+pub(crate) fn parse_server_version(v: &str) -> Option<u32> {
+    let numeric: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = numeric.split('.').filter(|p| !p.is_empty());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let second: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if major >= 10 {
+        Some(major * 10000 + second)
+    } else {
+        let third: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(major * 10000 + second * 100 + third)
+    }
+}
+
+/// Quotes an identifier for the replication grammar (slot names).
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for the replication grammar (labels).
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+pub(crate) fn column_str<'a>(
+    row: &'a [Option<Bytes>],
+    idx: usize,
+    what: &str,
+) -> Result<Option<&'a str>, ReplicationError> {
+    match row.get(idx) {
+        None => Err(ReplicationError::protocol(format!(
+            "{what}: missing column {idx}"
+        ))),
+        Some(None) => Ok(None),
+        Some(Some(b)) => std::str::from_utf8(b)
+            .map(Some)
+            .map_err(|_| ReplicationError::protocol(format!("{what}: column {idx} is not UTF-8"))),
+    }
+}
+
+pub(crate) fn required_str<'a>(
+    row: &'a [Option<Bytes>],
+    idx: usize,
+    what: &str,
+) -> Result<&'a str, ReplicationError> {
+    column_str(row, idx, what)?
+        .ok_or_else(|| ReplicationError::protocol(format!("{what}: column {idx} is NULL")))
+}
+
+pub(crate) fn parse_lsn(text: &str, what: &str) -> Result<Lsn, ReplicationError> {
+    text.parse::<Lsn>()
+        .map_err(|_| ReplicationError::protocol(format!("{what}: invalid LSN {text:?}")))
+}
+
+pub(crate) fn parse_num<T: std::str::FromStr>(
+    text: &str,
+    what: &str,
+) -> Result<T, ReplicationError> {
+    text.parse::<T>()
+        .map_err(|_| ReplicationError::protocol(format!("{what}: invalid number {text:?}")))
+}
+
+fn default_root_cert() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let path = PathBuf::from(home).join(".postgresql/root.crt");
+    path.exists().then_some(path)
+}
+
+impl ReplicationClient {
+    /// Connects and authenticates; the whole exchange is bounded by `connect_timeout`.
+    pub async fn connect(opts: &ConnectOptions) -> Result<Self, ReplicationError> {
+        match tokio::time::timeout(opts.connect_timeout, Self::connect_by_sslmode(opts)).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::ConnectTimeout),
+        }
+    }
+
+    async fn connect_by_sslmode(opts: &ConnectOptions) -> Result<Self, ReplicationError> {
+        let plan = match opts.sslmode {
+            SslMode::Disable => TlsPlan::Never,
+            SslMode::Allow => {
+                // libpq's order: plaintext first, TLS only if the server refuses (pg_hba.conf
+                // `hostssl` lines make it answer "no pg_hba.conf entry", SQLSTATE 28000).
+                return match Self::connect_once(opts, TlsPlan::Never).await {
+                    Err(e) if e.sqlstate() == Some("28000") => {
+                        Self::connect_once(opts, TlsPlan::Must(Verify::Nothing)).await
+                    }
+                    other => other,
+                };
+            }
+            SslMode::Prefer => TlsPlan::Try(Verify::Nothing),
+            // libpq: `require` with a root certificate verifies the chain like verify-ca.
+            SslMode::Require if opts.sslrootcert.is_some() => TlsPlan::Must(Verify::Chain),
+            SslMode::Require => TlsPlan::Must(Verify::Nothing),
+            SslMode::VerifyCa => TlsPlan::Must(Verify::Chain),
+            SslMode::VerifyFull => TlsPlan::Must(Verify::ChainAndName),
+        };
+        Self::connect_once(opts, plan).await
+    }
+
+    async fn connect_once(opts: &ConnectOptions, plan: TlsPlan) -> Result<Self, ReplicationError> {
+        let mut tcp = TcpStream::connect((opts.host.as_str(), opts.port)).await?;
+        tcp.set_nodelay(true)?;
+        let transport = match plan {
+            TlsPlan::Never => Transport::Plain(tcp),
+            TlsPlan::Try(verify) | TlsPlan::Must(verify) => {
+                let mut req = bytes::BytesMut::new();
+                frontend::ssl_request(&mut req);
+                tokio::io::AsyncWriteExt::write_all(&mut tcp, &req).await?;
+                match Connection::read_ssl_answer(&mut tcp).await? {
+                    b'S' => {
+                        let root = opts.sslrootcert.clone().or_else(default_root_cert);
+                        let config = client_config(verify, root.as_deref())?;
+                        let name = server_name(&opts.host)?;
+                        let tls = tokio_rustls::TlsConnector::from(config)
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+                        Transport::Tls(Box::new(tls))
+                    }
+                    b'N' if matches!(plan, TlsPlan::Try(_)) => Transport::Plain(tcp),
+                    b'N' => {
+                        return Err(ReplicationError::Tls(format!(
+                            "server does not support SSL, but sslmode={} requires it",
+                            opts.sslmode
+                        )))
+                    }
+                    b'E' => {
+                        return Err(ReplicationError::protocol(
+                            "server answered SSLRequest with an error (pre-7.0 server?)",
+                        ))
+                    }
+                    other => {
+                        return Err(ReplicationError::protocol(format!(
+                            "unexpected answer {:?} to SSLRequest",
+                            char::from(other)
+                        )))
+                    }
+                }
+            }
+        };
+        let mut client = ReplicationClient {
+            conn: Connection::new(transport),
+            state: ConnState::Ready,
+            server_version_num: 0,
+        };
+        client.startup(opts).await?;
+        Ok(client)
+    }
+
+    async fn startup(&mut self, opts: &ConnectOptions) -> Result<(), ReplicationError> {
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", &opts.user),
+            ("replication", "true"),
+            ("application_name", &opts.application_name),
+        ];
+        if let Some(db) = &opts.dbname {
+            params.push(("database", db));
+        }
+        frontend::startup_message(params, self.conn.out())?;
+        self.conn.flush().await?;
+
+        let password = || {
+            opts.password.as_deref().ok_or_else(|| {
+                ReplicationError::UnsupportedAuth(
+                    "the server requested a password but none was configured".into(),
+                )
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = match self.conn.read_message().await? {
+                Backend::Message(m) => m,
+                Backend::CopyBothResponse => {
+                    return Err(ReplicationError::protocol(
+                        "CopyBothResponse during startup",
+                    ))
+                }
+            };
+            match msg {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), self.conn.out())?;
+                    self.conn.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(opts.user.as_bytes(), password()?.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), self.conn.out())?;
+                    self.conn.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut offered = Vec::new();
+                    while let Some(m) = mechanisms
+                        .next()
+                        .map_err(|e| ReplicationError::protocol(format!("SASL mechanisms: {e}")))?
+                    {
+                        offered.push(m.to_string());
+                    }
+                    if !offered.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(ReplicationError::UnsupportedAuth(format!(
+                            "server offers SASL mechanisms {offered:?}, we speak {SCRAM_SHA_256}"
+                        )));
+                    }
+                    // No channel binding ("n,,"): the -PLUS variant is not implemented.
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), self.conn.out())?;
+                    self.conn.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::protocol("SASL continue without SASL start")
+                    })?;
+                    s.update(body.data()).map_err(|e| {
+                        ReplicationError::protocol(format!("SCRAM server-first-message: {e}"))
+                    })?;
+                    frontend::sasl_response(s.message(), self.conn.out())?;
+                    self.conn.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::protocol("SASL final without SASL start")
+                    })?;
+                    s.finish(body.data()).map_err(|e| {
+                        ReplicationError::protocol(format!(
+                            "SCRAM server signature verification failed: {e}"
+                        ))
+                    })?;
+                }
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(ReplicationError::UnsupportedAuth(
+                        "server requested Kerberos/GSSAPI/SSPI/SCM authentication".into(),
+                    ))
+                }
+                Message::ParameterStatus(body) => self.on_parameter_status(&body)?,
+                Message::BackendKeyData(_) => {}
+                Message::NoticeResponse(body) => log_notice(&body),
+                Message::ErrorResponse(body) => return Err(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {
+                    return Err(ReplicationError::protocol(
+                        "unexpected message during startup",
+                    ))
+                }
+            }
+        }
+        if self.server_version_num == 0 {
+            return Err(ReplicationError::protocol(
+                "server did not report server_version",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_parameter_status(
+        &mut self,
+        body: &postgres_protocol::message::backend::ParameterStatusBody,
+    ) -> Result<(), ReplicationError> {
+        let name = body
+            .name()
+            .map_err(|e| ReplicationError::protocol(format!("ParameterStatus: {e}")))?;
+        if name == "server_version" {
+            let value = body
+                .value()
+                .map_err(|e| ReplicationError::protocol(format!("ParameterStatus: {e}")))?;
+            self.server_version_num = parse_server_version(value).ok_or_else(|| {
+                ReplicationError::protocol(format!("unparsable server_version {value:?}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// e.g. 150018 for 15.18, 180004 for 18.4.
+    pub fn server_version_num(&self) -> u32 {
+        self.server_version_num
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.conn.is_tls()
+    }
+
+    pub(crate) fn ensure_ready(&self) -> Result<(), ReplicationError> {
+        match self.state {
+            ConnState::Ready => Ok(()),
+            ConnState::Busy => Err(ReplicationError::protocol(
+                "connection is still inside an abandoned BASE_BACKUP or START_REPLICATION; reconnect",
+            )),
+        }
+    }
+
+    /// Sends a command and collects the rows of all its result sets (raw column values).
+    pub(crate) async fn query_raw(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<Bytes>>>, ReplicationError> {
+        self.ensure_ready()?;
+        frontend::query(sql, self.conn.out())?;
+        self.conn.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let msg = match self.conn.read_message().await? {
+                Backend::Message(m) => m,
+                Backend::CopyBothResponse => {
+                    self.state = ConnState::Busy;
+                    return Err(ReplicationError::protocol(format!(
+                        "{sql:?} unexpectedly started COPY BOTH"
+                    )));
+                }
+            };
+            match msg {
+                Message::RowDescription(_)
+                | Message::CommandComplete(_)
+                | Message::EmptyQueryResponse => {}
+                Message::DataRow(body) => rows.push(data_row_columns(&body)?),
+                Message::NoticeResponse(body) => log_notice(&body),
+                Message::ParameterStatus(body) => self.on_parameter_status(&body)?,
+                Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                Message::CopyOutResponse(_) | Message::CopyInResponse(_) => {
+                    self.state = ConnState::Busy;
+                    return Err(ReplicationError::protocol(format!(
+                        "{sql:?} unexpectedly started COPY"
+                    )));
+                }
+                _ => {
+                    return Err(ReplicationError::protocol(format!(
+                        "unexpected message in response to {sql:?}"
+                    )))
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Runs a command (or SQL the walsender accepts) and returns text rows; NULL is `None`.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        let rows = self.query_raw(sql).await?;
+        rows.into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|col| {
+                        col.map(|b| {
+                            String::from_utf8(b.to_vec()).map_err(|_| {
+                                ReplicationError::protocol(format!("{sql:?}: non-UTF-8 value"))
+                            })
+                        })
+                        .transpose()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    async fn single_row(&mut self, sql: &str) -> Result<Vec<Option<Bytes>>, ReplicationError> {
+        let mut rows = self.query_raw(sql).await?;
+        if rows.len() != 1 {
+            return Err(ReplicationError::protocol(format!(
+                "{sql:?} returned {} rows, expected 1",
+                rows.len()
+            )));
+        }
+        Ok(rows.remove(0))
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        const WHAT: &str = "IDENTIFY_SYSTEM";
+        let row = self.single_row(WHAT).await?;
+        Ok(SystemIdentity {
+            system_id: parse_num(required_str(&row, 0, WHAT)?, WHAT)?,
+            timeline: TimelineId(parse_num(required_str(&row, 1, WHAT)?, WHAT)?),
+            xlogpos: parse_lsn(required_str(&row, 2, WHAT)?, WHAT)?,
+            dbname: column_str(&row, 3, WHAT)?.map(str::to_string),
+        })
+    }
+
+    /// `SHOW setting` (allowed on replication connections since PostgreSQL 10).
+    pub async fn show(&mut self, setting: &str) -> Result<String, ReplicationError> {
+        let sql = format!("SHOW {}", quote_ident(setting));
+        let row = self.single_row(&sql).await?;
+        Ok(required_str(&row, 0, &sql)?.to_string())
+    }
+
+    /// `TIMELINE_HISTORY tli`: the history file's name and raw content.
+    pub async fn timeline_history(
+        &mut self,
+        tli: TimelineId,
+    ) -> Result<(String, Vec<u8>), ReplicationError> {
+        let sql = format!("TIMELINE_HISTORY {}", tli.0);
+        let row = self.single_row(&sql).await?;
+        let name = required_str(&row, 0, &sql)?.to_string();
+        let content = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| ReplicationError::protocol(format!("{sql}: no content")))?;
+        Ok((name, content.to_vec()))
+    }
+
+    /// Creates a physical slot. Returns the slot's restart LSN when WAL was reserved and the
+    /// server can tell (the command's `consistent_point` is `0/0` for physical slots, so on
+    /// PostgreSQL 15+ it is read back with READ_REPLICATION_SLOT); `None` otherwise.
+    pub async fn create_physical_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+        reserve_wal: bool,
+    ) -> Result<Option<Lsn>, ReplicationError> {
+        if temporary && self.server_version_num < 100000 {
+            return Err(ReplicationError::Unsupported(
+                "temporary replication slots need PostgreSQL 10".into(),
+            ));
+        }
+        let mut sql = format!("CREATE_REPLICATION_SLOT {}", quote_ident(name));
+        if temporary {
+            sql.push_str(" TEMPORARY");
+        }
+        sql.push_str(" PHYSICAL");
+        if reserve_wal {
+            // The parenthesised option list replaced the bare keyword in PostgreSQL 15.
+            sql.push_str(if self.server_version_num >= 150000 {
+                " (RESERVE_WAL)"
+            } else {
+                " RESERVE_WAL"
+            });
+        }
+        let row = self.single_row(&sql).await?;
+        if let Some(text) = column_str(&row, 1, &sql)? {
+            let lsn = parse_lsn(text, &sql)?;
+            if lsn.0 != 0 {
+                return Ok(Some(lsn));
+            }
+        }
+        if reserve_wal && self.server_version_num >= 150000 {
+            return Ok(self
+                .read_replication_slot(name)
+                .await?
+                .and_then(|(lsn, _)| lsn));
+        }
+        Ok(None)
+    }
+
+    /// `DROP_REPLICATION_SLOT name [WAIT]`; WAIT blocks while another walsender holds the slot.
+    pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<(), ReplicationError> {
+        let mut sql = format!("DROP_REPLICATION_SLOT {}", quote_ident(name));
+        if wait {
+            sql.push_str(" WAIT");
+        }
+        self.query_raw(&sql).await.map(|_| ())
+    }
+
+    /// `READ_REPLICATION_SLOT` (PostgreSQL 15+): `(restart_lsn, restart_tli)`, `None` if no
+    /// such slot exists.
+    pub async fn read_replication_slot(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<(Option<Lsn>, Option<TimelineId>)>, ReplicationError> {
+        if self.server_version_num < 150000 {
+            return Err(ReplicationError::Unsupported(format!(
+                "READ_REPLICATION_SLOT needs PostgreSQL 15 (server is {})",
+                self.server_version_num
+            )));
+        }
+        let sql = format!("READ_REPLICATION_SLOT {}", quote_ident(name));
+        let row = self.single_row(&sql).await?;
+        if column_str(&row, 0, &sql)?.is_none() {
+            return Ok(None);
+        }
+        let lsn = column_str(&row, 1, &sql)?
+            .map(|t| parse_lsn(t, &sql))
+            .transpose()?;
+        let tli = column_str(&row, 2, &sql)?
+            .map(|t| parse_num(t, &sql).map(TimelineId))
+            .transpose()?;
+        Ok(Some((lsn, tli)))
+    }
+}
+
+pub(crate) fn log_notice(body: &postgres_protocol::message::backend::NoticeResponseBody) {
+    let mut fields = body.fields();
+    let mut text = String::new();
+    while let Ok(Some(f)) = fields.next() {
+        if f.type_() == b'M' {
+            text = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        }
+    }
+    tracing::info!(target: "pg_replication", "server notice: {text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(
+            parse_server_version("15.18 (Debian 15.18-0+deb12u1)"),
+            Some(150018)
+        );
+        assert_eq!(parse_server_version("18.4"), Some(180004));
+        assert_eq!(parse_server_version("18beta1"), Some(180000));
+        assert_eq!(parse_server_version("9.6.24"), Some(90624));
+        assert_eq!(parse_server_version("x"), None);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

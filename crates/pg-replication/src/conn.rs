@@ -1,0 +1,235 @@
+//! Framing of the frontend/backend protocol over TCP or TLS, with buffers that survive
+//! cancellation. Reference: doc/src/sgml/protocol.sgml ("Message Formats").
+//!
+//! Reads go into an internal buffer and a message is taken out only when it is complete, so a
+//! `read_message` future dropped half-way (e.g. in `tokio::select!`) loses nothing. Writes are
+//! queued and drained with `write_buf`, which accounts for partial writes.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::{DataRowBody, ErrorResponseBody, Message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::ReplicationError;
+
+/// Upper bound for one backend message; walsender messages are at most a few hundred KiB, so a
+/// larger length means a corrupt stream, not a reason to allocate.
+const MAX_MESSAGE_LEN: usize = 64 * 1024 * 1024;
+/// `CopyBothResponse`, which `postgres-protocol` does not parse.
+const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
+
+pub(crate) enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A backend message, including the one `postgres-protocol` does not know.
+pub(crate) enum Backend {
+    Message(Message),
+    CopyBothResponse,
+}
+
+pub(crate) struct Connection {
+    transport: Transport,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+impl Connection {
+    pub(crate) fn new(transport: Transport) -> Self {
+        Connection {
+            transport,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+        }
+    }
+
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self.transport, Transport::Tls(_))
+    }
+
+    /// Buffer to append frontend messages to; sent by [`Connection::flush`].
+    pub(crate) fn out(&mut self) -> &mut BytesMut {
+        &mut self.write_buf
+    }
+
+    /// Sends everything queued. Cancellation-safe: unsent bytes stay queued.
+    pub(crate) async fn flush(&mut self) -> Result<(), ReplicationError> {
+        while self.write_buf.has_remaining() {
+            let n = self.transport.write_buf(&mut self.write_buf).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+        }
+        self.transport.flush().await?;
+        Ok(())
+    }
+
+    /// The next complete backend message. Cancellation-safe.
+    pub(crate) async fn read_message(&mut self) -> Result<Backend, ReplicationError> {
+        loop {
+            if let Some(msg) = self.parse_buffered()? {
+                return Ok(msg);
+            }
+            let n = self.transport.read_buf(&mut self.read_buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "server closed the connection unexpectedly",
+                )
+                .into());
+            }
+        }
+    }
+
+    fn parse_buffered(&mut self) -> Result<Option<Backend>, ReplicationError> {
+        if self.read_buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([
+            self.read_buf[1],
+            self.read_buf[2],
+            self.read_buf[3],
+            self.read_buf[4],
+        ]) as usize;
+        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+            return Err(ReplicationError::protocol(format!(
+                "invalid message length {len} (tag {:?})",
+                char::from(self.read_buf[0])
+            )));
+        }
+        if self.read_buf.len() < len + 1 {
+            self.read_buf.reserve(len + 1 - self.read_buf.len());
+            return Ok(None);
+        }
+        if self.read_buf[0] == COPY_BOTH_RESPONSE_TAG {
+            self.read_buf.advance(len + 1);
+            return Ok(Some(Backend::CopyBothResponse));
+        }
+        match Message::parse(&mut self.read_buf) {
+            Ok(Some(msg)) => Ok(Some(Backend::Message(msg))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(ReplicationError::protocol(format!(
+                "bad backend message: {e}"
+            ))),
+        }
+    }
+
+    /// Reads one byte straight from the socket (the answer to SSLRequest). Nothing may be
+    /// buffered at that point, or a man in the middle could inject plaintext (CVE-2021-23222).
+    pub(crate) async fn read_ssl_answer(stream: &mut TcpStream) -> Result<u8, ReplicationError> {
+        let mut b = [0u8; 1];
+        stream.read_exact(&mut b).await?;
+        Ok(b[0])
+    }
+}
+
+/// Turns an ErrorResponse into a [`ReplicationError::Server`].
+pub(crate) fn server_error(body: &ErrorResponseBody) -> ReplicationError {
+    let mut severity = None;
+    let mut localized_severity = None;
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut detail = None;
+    let mut hint = None;
+    let mut fields = body.fields();
+    loop {
+        match fields.next() {
+            Ok(Some(field)) => {
+                let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+                match field.type_() {
+                    b'V' => severity = Some(value),
+                    b'S' => localized_severity = Some(value),
+                    b'C' => code = value,
+                    b'M' => message = value,
+                    b'D' => detail = Some(value),
+                    b'H' => hint = Some(value),
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return ReplicationError::protocol(format!("malformed ErrorResponse: {e}"));
+            }
+        }
+    }
+    ReplicationError::Server {
+        severity: severity
+            .or(localized_severity)
+            .unwrap_or_else(|| "ERROR".into()),
+        code,
+        message,
+        detail,
+        hint,
+    }
+}
+
+/// The columns of a DataRow (text format), NULL as `None`; values share the message's buffer.
+pub(crate) fn data_row_columns(row: &DataRowBody) -> Result<Vec<Option<Bytes>>, ReplicationError> {
+    let storage = row.buffer_bytes();
+    let mut cols = Vec::new();
+    let mut ranges = row.ranges();
+    loop {
+        match ranges.next() {
+            Ok(Some(Some(range))) => {
+                if range.end > storage.len() {
+                    return Err(ReplicationError::protocol("truncated DataRow"));
+                }
+                cols.push(Some(storage.slice(range)));
+            }
+            Ok(Some(None)) => cols.push(None),
+            Ok(None) => return Ok(cols),
+            Err(e) => {
+                return Err(ReplicationError::protocol(format!(
+                    "malformed DataRow: {e}"
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Strata's configuration: one typed struct, read from TOML (`--config FILE`
+//! or `./strata.toml`), with environment overrides; with neither, embedded
+//! defaults keep everything under `./strata-data`. Every key is listed in the
+//! README's configuration table.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use strata_engine::EngineSettings;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root for the default repository and catalog locations.
+    pub data_dir: Option<PathBuf>,
+    /// Repository directory (default `<data_dir>/repo`).
+    pub repository: Option<PathBuf>,
+    /// SQLite catalog file (default `<data_dir>/catalog.db`).
+    pub catalog: Option<PathBuf>,
+    /// zstd level for new blocks and WAL (default 1).
+    pub compress_level: Option<i32>,
+    pub wal: WalConfig,
+    pub restore: RestoreConfig,
+    pub postgres: PostgresConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// How often the partial WAL segment is stored, in milliseconds (default 1000).
+    pub flush_interval_ms: Option<u64>,
+    /// How often the WAL receiver reports its position to the server, in seconds (default 10).
+    pub status_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestoreConfig {
+    /// Files written at once (default: number of CPUs).
+    pub parallelism: Option<usize>,
+    /// OS user owning restored data and running restored servers (default: `postgres` when run as root).
+    pub os_user: Option<String>,
+    /// Seconds to wait for a started server to finish recovery (default 600).
+    pub start_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Directories holding `postgres` and `pg_ctl`; `{major}` is replaced by the major version.
+    pub bin_dirs: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Loads `path`, or `./strata.toml` when present, or the defaults; then
+    /// applies `STRATA_*` environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let mut config = match path {
+            Some(p) => Self::read(p)?,
+            None if Path::new("strata.toml").exists() => Self::read(Path::new("strata.toml"))?,
+            None => Config::default(),
+        };
+        if let Ok(v) = std::env::var("STRATA_DATA_DIR") {
+            config.data_dir = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("STRATA_REPOSITORY") {
+            config.repository = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("STRATA_CATALOG") {
+            config.catalog = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("STRATA_PG_BIN_DIRS") {
+            config.postgres.bin_dirs = Some(v.split(':').map(str::to_string).collect());
+        }
+        if let Ok(v) = std::env::var("STRATA_OS_USER") {
+            config.restore.os_user = Some(v);
+        }
+        if let Some(level) = config.compress_level {
+            if !(1..=19).contains(&level) {
+                bail!("compress_level must be between 1 and 19, got {level}");
+            }
+        }
+        Ok(config)
+    }
+
+    fn read(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid configuration {}", path.display()))
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("strata-data"))
+    }
+
+    pub fn repository_dir(&self) -> PathBuf {
+        self.repository
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("repo"))
+    }
+
+    pub fn catalog_path(&self) -> PathBuf {
+        self.catalog
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("catalog.db"))
+    }
+
+    pub fn engine_settings(&self) -> EngineSettings {
+        let mut s = EngineSettings::default();
+        if let Some(ms) = self.wal.flush_interval_ms {
+            s.wal_flush_interval = Duration::from_millis(ms.max(100));
+        }
+        if let Some(secs) = self.wal.status_interval_secs {
+            s.wal_status_interval = Duration::from_secs(secs.max(1));
+        }
+        if let Some(p) = self.restore.parallelism.filter(|p| *p > 0) {
+            s.restore_parallelism = p;
+        }
+        s.os_user = self.restore.os_user.clone();
+        if let Some(secs) = self.restore.start_timeout_secs {
+            s.start_timeout = Duration::from_secs(secs);
+        }
+        if let Some(dirs) = &self.postgres.bin_dirs {
+            s.pg_bin_dirs = dirs.clone();
+        }
+        s
+    }
+}

@@ -1,0 +1,230 @@
+//! Human output: tables, sizes, and progress (a bar on a terminal, plain
+//! lines otherwise, always on stderr so stdout stays parseable).
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use strata_catalog::{BackupSet, Instance, Job, WalSegmentRow};
+use strata_engine::Progress;
+use strata_repo::VerifyReport;
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+pub struct CliProgress {
+    bar: Option<ProgressBar>,
+    last: Mutex<(Instant, u64)>,
+}
+
+impl CliProgress {
+    /// A bar on a terminal, lines otherwise.
+    pub fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        CliProgress {
+            bar,
+            last: Mutex::new((Instant::now(), u64::MAX)),
+        }
+    }
+
+    /// Always plain lines (long-running commands such as `wal receive`).
+    pub fn lines() -> Self {
+        CliProgress {
+            bar: None,
+            last: Mutex::new((Instant::now(), u64::MAX)),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for CliProgress {
+    fn update(&self, phase: &str, done: u64, total: Option<u64>) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(phase.to_string());
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+            return;
+        }
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        let pct = total.filter(|t| *t > 0).map(|t| done.min(t) * 100 / t);
+        let step = pct.map(|p| p / 10);
+        let due = last.0.elapsed() >= Duration::from_secs(5);
+        if step.is_some_and(|s| s != last.1) || due {
+            *last = (Instant::now(), step.unwrap_or(u64::MAX));
+            match (pct, total) {
+                (Some(p), Some(t)) => eprintln!(
+                    "{phase}: {p}% ({} of {})",
+                    human_bytes(done),
+                    human_bytes(t)
+                ),
+                _ => eprintln!("{phase}: {}", human_bytes(done)),
+            }
+        }
+    }
+
+    fn message(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+pub fn print_instances(list: &[Instance]) {
+    println!(
+        "{:<20} {:<28} {:<12} {:<8} {:<22}",
+        "ID", "ADDRESS", "USER", "VERSION", "SYSTEM ID"
+    );
+    for i in list {
+        println!(
+            "{:<20} {:<28} {:<12} {:<8} {:<22}",
+            i.id,
+            format!("{}:{}", i.host, i.port),
+            i.user,
+            i.pg_version_num
+                .map(|v| format!("{}.{}", v / 10000, v % 10000))
+                .unwrap_or_else(|| "-".into()),
+            i.system_identifier
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+pub fn print_backups(list: &[BackupSet]) {
+    println!(
+        "{:<15} {:<8} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
+        "ID", "STATUS", "MODE", "STARTED", "FINISHED", "SIZE", "NEW", "STOP LSN"
+    );
+    for b in list {
+        println!(
+            "{:<15} {:<8} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
+            b.id,
+            b.status.as_str(),
+            b.mode,
+            time(&b.started_at),
+            b.finished_at
+                .as_ref()
+                .map(time)
+                .unwrap_or_else(|| "-".into()),
+            human_bytes(b.total_bytes),
+            human_bytes(b.new_bytes),
+            b.stop_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        if let Some(e) = &b.error {
+            println!("    error: {e}");
+        }
+    }
+}
+
+pub fn print_wal(list: &[WalSegmentRow]) {
+    println!(
+        "{:<26} {:<4} {:<8} {:>9} {:<21} {:<21}",
+        "SEGMENT", "TLI", "STATE", "SIZE", "FIRST COMMIT", "LAST COMMIT"
+    );
+    for w in list {
+        println!(
+            "{:<26} {:<4} {:<8} {:>9} {:<21} {:<21}",
+            w.segment,
+            w.timeline,
+            if w.partial { "partial" } else { "complete" },
+            human_bytes(w.size),
+            w.first_commit
+                .as_ref()
+                .map(time)
+                .unwrap_or_else(|| "-".into()),
+            w.last_commit
+                .as_ref()
+                .map(time)
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+pub fn print_jobs(list: &[Job]) {
+    println!(
+        "{:<6} {:<12} {:<16} {:<10} {:>4} {:<21}",
+        "ID", "KIND", "INSTANCE", "STATE", "%", "STARTED"
+    );
+    for j in list {
+        println!(
+            "{:<6} {:<12} {:<16} {:<10} {:>4} {:<21}",
+            j.id,
+            j.kind,
+            j.instance_id.as_deref().unwrap_or("-"),
+            j.state.as_str(),
+            j.progress,
+            time(&j.started_at)
+        );
+        if let Some(e) = &j.error {
+            println!("    error: {e}");
+        }
+    }
+}
+
+pub fn print_verify(r: &VerifyReport) {
+    println!(
+        "checked {} objects ({}): {} packs with {} blocks, {} backup manifests, {} WAL objects",
+        r.objects_checked,
+        human_bytes(r.bytes_checked),
+        r.packs_checked,
+        r.blocks_checked,
+        r.backups_checked,
+        r.wal_objects_checked
+    );
+    if !r.unreferenced_packs.is_empty() {
+        println!(
+            "{} pack(s) referenced by no backup (left by interrupted backups; harmless)",
+            r.unreferenced_packs.len()
+        );
+    }
+    for p in &r.problems {
+        let affected = if p.backups_affected.is_empty() {
+            String::new()
+        } else {
+            format!(" [affects backup {}]", p.backups_affected.join(", "))
+        };
+        println!("PROBLEM {}: {}{}", p.object, p.reason, affected);
+    }
+    if r.problems.is_empty() {
+        println!("repository is clean");
+    }
+}
