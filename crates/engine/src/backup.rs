@@ -33,16 +33,41 @@ fn new_backup_id() -> String {
     Utc::now().timestamp_millis().to_string()
 }
 
+/// How a backup runs.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// "Manual" or "Automated", as RDS names backup modes.
+    pub mode: String,
+    /// Server-side read limit in kB/s (BASE_BACKUP MAX_RATE, 32..=1048576).
+    pub max_rate_kb: Option<u32>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            mode: "Manual".into(),
+            max_rate_kb: None,
+        }
+    }
+}
+
 impl Engine {
-    /// Runs a full backup of `instance_id` now. `mode` is "Manual" or
-    /// "Automated". On failure the backup set and its job are recorded as
-    /// failed with the reason, and nothing is committed to the repository.
+    /// Runs a full backup of `instance_id` now. On failure the backup set
+    /// and its job are recorded as failed with the reason, and nothing is
+    /// committed to the repository.
     pub async fn backup(
         &self,
         instance_id: &str,
-        mode: &str,
+        opts: &BackupOptions,
         progress: &dyn Progress,
     ) -> EngineResult<BackupSet> {
+        if let Some(rate) = opts.max_rate_kb {
+            if !(32..=1_048_576).contains(&rate) {
+                return Err(EngineError::Refused(format!(
+                    "max rate must be between 32 and 1048576 kB/s, got {rate}"
+                )));
+            }
+        }
         let mut instance = self.catalog.get_instance(instance_id)?;
         self.catalog.fail_orphaned_jobs()?;
         let mut job = self.catalog.create_job("backup", Some(instance_id))?;
@@ -50,7 +75,7 @@ impl Engine {
             id: new_backup_id(),
             instance_id: instance_id.to_string(),
             status: BackupStatus::Running,
-            mode: mode.to_string(),
+            mode: opts.mode.clone(),
             started_at: Utc::now(),
             finished_at: None,
             start_lsn: None,
@@ -72,7 +97,7 @@ impl Engine {
         self.catalog.update_job(&job)?;
 
         let outcome = self
-            .run_backup(&mut instance, &mut set, &mut job, progress)
+            .run_backup(&mut instance, &mut set, &mut job, opts, progress)
             .await;
         let now = Utc::now();
         set.finished_at = Some(now);
@@ -104,6 +129,7 @@ impl Engine {
         instance: &mut Instance,
         set: &mut BackupSet,
         job: &mut Job,
+        opts: &BackupOptions,
         progress: &dyn Progress,
     ) -> EngineResult<()> {
         let mut main = open_session(instance).await?;
@@ -128,7 +154,7 @@ impl Engine {
                 fast_checkpoint: true,
                 progress: true,
                 manifest: true,
-                max_rate_kb: None,
+                max_rate_kb: opts.max_rate_kb,
                 tablespace_map: true,
             })
             .await
@@ -442,6 +468,9 @@ fn check_server_manifest(
     Ok(())
 }
 
+/// A block for the hashing pool and where to send the prepared result.
+type PoolJob = (Vec<u8>, oneshot::Sender<(PreparedBlock, Vec<u8>)>);
+
 /// Work for the writer thread, in stream order.
 enum Work {
     Begin(FileEntry),
@@ -455,8 +484,7 @@ enum Work {
 /// network read instead of filling memory.
 struct BlockPipeline {
     work_tx: mpsc::Sender<Work>,
-    pool_tx:
-        Option<std::sync::mpsc::SyncSender<(Vec<u8>, oneshot::Sender<(PreparedBlock, Vec<u8>)>)>>,
+    pool_tx: Option<std::sync::mpsc::SyncSender<PoolJob>>,
     writer: std::thread::JoinHandle<EngineResult<(Vec<FileEntry>, BackupStats)>>,
     pool: Vec<std::thread::JoinHandle<()>>,
 }
@@ -467,10 +495,7 @@ impl BlockPipeline {
             .map(|n| n.get())
             .unwrap_or(2);
         let known_hashes: Arc<HashSet<BlockHash>> = Arc::new(known.hashes().collect());
-        let (pool_tx, pool_rx) = std::sync::mpsc::sync_channel::<(
-            Vec<u8>,
-            oneshot::Sender<(PreparedBlock, Vec<u8>)>,
-        )>(threads * 2);
+        let (pool_tx, pool_rx) = std::sync::mpsc::sync_channel::<PoolJob>(threads * 2);
         let pool_rx = Arc::new(Mutex::new(pool_rx));
         let pool = (0..threads)
             .map(|_| {

@@ -20,6 +20,7 @@ use strata_catalog::Catalog;
 use strata_repo::Repository;
 
 pub use archive::{slot_name, WalReceiveOptions};
+pub use backup::BackupOptions;
 pub use connect::ServerFacts;
 pub use error::{EngineError, EngineResult};
 pub use progress::{NoProgress, Progress};

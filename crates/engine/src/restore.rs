@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::history::TimelineHistory;
 use pg_wal::{history_file_name, Lsn, SegmentNo, TimelineId, WalGeometry};
@@ -849,7 +849,7 @@ fn write_recovery_settings(
         RecoveryTarget::Latest => {}
         RecoveryTarget::Time(t) => conf.push_str(&format!(
             "recovery_target_time = {}\n",
-            quote(&t.to_rfc3339_opts(SecondsFormat::Micros, true))
+            quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
         )),
         RecoveryTarget::Lsn(l) => conf.push_str(&format!("recovery_target_lsn = '{l}'\n")),
         RecoveryTarget::Xid(x) => conf.push_str(&format!("recovery_target_xid = '{x}'\n")),

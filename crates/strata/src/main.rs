@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use pg_wal::Lsn;
 use strata_catalog::{Instance, SqliteCatalog};
-use strata_engine::{Engine, RecoveryTarget, RestoreOptions, StartOptions, WalReceiveOptions};
+use strata_engine::{
+    BackupOptions, Engine, RecoveryTarget, RestoreOptions, StartOptions, WalReceiveOptions,
+};
 use strata_repo::{LocalStorage, Repository};
 
 use config::Config;
@@ -89,7 +91,12 @@ enum InstanceCmd {
 #[derive(Subcommand)]
 enum BackupCmd {
     /// Run a full backup now; the last line printed is the backup set id.
-    Create { id: String },
+    Create {
+        id: String,
+        /// Limit the server's read rate, in kB/s (32 to 1048576).
+        #[arg(long)]
+        max_rate: Option<u32>,
+    },
     /// List backup sets of an instance.
     List {
         id: String,
@@ -283,10 +290,14 @@ fn run(cli: Cli) -> Result<()> {
                 output::print_instances(&list);
             }
         }
-        Command::Backup(BackupCmd::Create { id }) => {
+        Command::Backup(BackupCmd::Create { id, max_rate }) => {
+            let opts = BackupOptions {
+                mode: "Manual".into(),
+                max_rate_kb: max_rate,
+            };
             let progress = CliProgress::new();
             let started = std::time::Instant::now();
-            let set = runtime()?.block_on(engine.backup(&id, "Manual", &progress))?;
+            let set = runtime()?.block_on(engine.backup(&id, &opts, &progress))?;
             progress.finish();
             println!(
                 "backup {} of {}: {} in {} files; {} new ({} stored), {} deduplicated; {:.1}s",
