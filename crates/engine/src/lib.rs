@@ -56,7 +56,7 @@ impl Default for EngineSettings {
                 .unwrap_or(2),
             pg_bin_dirs: vec!["/usr/lib/postgresql/{major}/bin".into()],
             os_user: None,
-            start_timeout: std::time::Duration::from_secs(600),
+            start_timeout: std::time::Duration::from_secs(300),
         }
     }
 }

@@ -843,7 +843,9 @@ fn write_recovery_settings(
          restore_command = 'false'\n\
          recovery_target_timeline = 'latest'\n\
          recovery_target_action = 'promote'\n\
-         archive_mode = 'off'\n"
+         archive_mode = 'off'\n\
+         primary_conninfo = ''\n\
+         primary_slot_name = ''\n"
     );
     match target {
         RecoveryTarget::Latest => {}
@@ -881,6 +883,13 @@ fn write_recovery_settings(
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
         )
         .map_err(EngineError::io("writing pg_hba.conf"))?;
+    }
+    // A backup of a standby carries standby.signal: the restored copy is a
+    // new instance that must recover and promote, not follow the old primary.
+    match fs::remove_file(dir.join("standby.signal")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(EngineError::io("removing standby.signal")(e)),
     }
     fs::write(dir.join("recovery.signal"), "")
         .map_err(EngineError::io("writing recovery.signal"))?;

@@ -26,7 +26,7 @@ impl Strata {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n[wal]\nflush_interval_ms = 200\nstatus_interval_secs = 1\n[postgres]\nbin_dirs = [{}]\n",
+                "data_dir = {:?}\n[wal]\nflush_interval_ms = 200\nstatus_interval_secs = 1\n[restore]\nstart_timeout_secs = 90\n[postgres]\nbin_dirs = [{}]\n",
                 dir.join("data").display().to_string(),
                 bin_dirs.join(", ")
             ),

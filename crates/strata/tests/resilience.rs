@@ -1,0 +1,195 @@
+//! Incremental storage, crashes and corruption: a second backup of an
+//! unchanged database stores almost nothing; `kill -9` mid-backup records no
+//! success and leaves a verifiable repository; a flipped byte in a pack, a
+//! manifest or a WAL object is caught by `repo verify` and by restore.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{wait_for, Strata};
+use testkit::Cluster;
+
+fn files_under(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn flip_byte(path: &Path, at_fraction: f64) -> Vec<u8> {
+    let original = std::fs::read(path).unwrap();
+    let mut bytes = original.clone();
+    let i = ((bytes.len() as f64) * at_fraction) as usize;
+    bytes[i] ^= 0x20;
+    std::fs::write(path, &bytes).unwrap();
+    original
+}
+
+#[test]
+fn unchanged_database_second_backup_stores_under_one_percent() {
+    let pg = Cluster::start_default(15);
+    pg.pgbench("postgres", &["-i", "-q", "-s", "3"]);
+    pg.psql("postgres", "CHECKPOINT");
+    let strata = Strata::new("dedup");
+    strata.add_instance("dedup", &pg);
+    strata.backup("dedup");
+    strata.backup("dedup");
+    let sets = strata.backups("dedup");
+    let first = sets[0]["stored_bytes"].as_u64().unwrap();
+    let second = sets[1]["stored_bytes"].as_u64().unwrap();
+    let total = sets[1]["total_bytes"].as_u64().unwrap();
+    assert!(first > 1_000_000, "first backup stored only {first} bytes");
+    assert!(
+        second * 100 < first,
+        "second backup stored {second} bytes, not under 1% of the first's {first}"
+    );
+    assert!(sets[1]["dedup_bytes"].as_u64().unwrap() * 100 > total * 99);
+}
+
+#[test]
+fn kill9_mid_backup_then_next_backup_and_verify_and_corruption() {
+    let pg = Cluster::start_default(15);
+    pg.pgbench("postgres", &["-i", "-q", "-s", "3"]);
+    let strata = Strata::new("crash");
+    strata.add_instance("crash", &pg);
+
+    // A throttled backup, killed while it streams.
+    let mut child = strata
+        .command(&["backup", "create", "crash", "--max-rate", "4096"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the backup to start streaming", 60, || {
+        strata
+            .backups("crash")
+            .first()
+            .is_some_and(|b| b["status"] == "Running" && !b["start_lsn"].is_null())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let repo = strata.repo_dir();
+    let sets = strata.backups("crash");
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0]["status"], "Failed", "{sets:?}");
+    assert!(sets[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("ended before the job finished"));
+    assert!(
+        files_under(&repo, ".manifest").is_empty(),
+        "a killed backup committed a manifest"
+    );
+
+    let id = strata.backup("crash");
+    let sets = strata.backups("crash");
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[1]["id"], id.as_str());
+    assert_eq!(sets[1]["status"], "Success");
+    let report: serde_json::Value =
+        serde_json::from_str(&strata.ok(&["repo", "verify", "--json"])).unwrap();
+    assert!(
+        report["problems"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert!(report["blocks_checked"].as_u64().unwrap() > 0);
+
+    // WAL to corrupt as well.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT 1 AS x; SELECT pg_switch_wal()",
+    );
+    let mut receiver = strata.wal_receiver("crash");
+    wait_for("a complete WAL segment", 60, || {
+        strata
+            .wal("crash")
+            .iter()
+            .filter(|w| w["partial"] == false)
+            .count()
+            >= 2
+    });
+    receiver.stop();
+
+    let pack = files_under(&repo.join("packs"), ".pack")
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let manifest = files_under(&repo, ".manifest").pop().unwrap();
+    let wal = files_under(&repo.join("instances/crash/wal"), "")
+        .into_iter()
+        .find(|p| !p.to_string_lossy().ends_with(".partial"))
+        .unwrap();
+    for (object, fraction) in [(&pack, 0.5), (&manifest, 0.3), (&wal, 0.7)] {
+        let original = flip_byte(object, fraction);
+        let out = strata.run(&["repo", "verify"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success(),
+            "verify missed a flipped byte in {}",
+            object.display()
+        );
+        let name = object.file_name().unwrap().to_string_lossy().to_string();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("PROBLEM") && l.contains(&name))
+            .unwrap_or_else(|| panic!("verify did not name {name}:\n{stdout}"));
+        if object != &wal {
+            assert!(
+                line.contains(&id),
+                "verify did not name backup {id}: {line}"
+            );
+        }
+        {
+            let target = strata.dir.join(format!("restore-corrupt-{name}"));
+            let err = strata.fails(&[
+                "restore",
+                "crash",
+                "--target-dir",
+                &target.display().to_string(),
+                "--backup",
+                &id,
+            ]);
+            assert!(
+                err.contains("corrupt") || err.contains("damaged"),
+                "restore did not refuse the damaged repository: {err}"
+            );
+            assert!(
+                !target.exists(),
+                "a failed restore left {}",
+                target.display()
+            );
+        }
+        std::fs::write(object, original).unwrap();
+    }
+    strata.ok(&["repo", "verify"]);
+
+    // The catalog can be rebuilt from the repository alone.
+    std::fs::remove_file(strata.dir.join("data/catalog.db")).unwrap();
+    let _ = std::fs::remove_file(strata.dir.join("data/catalog.db-wal"));
+    let _ = std::fs::remove_file(strata.dir.join("data/catalog.db-shm"));
+    strata.ok(&["repo", "reindex"]);
+    let sets = strata.backups("crash");
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0]["id"], id.as_str());
+    assert!(strata.wal("crash").len() >= 2);
+    let restored = strata.restore_and_start("crash", "after-reindex", 15, &[]);
+    assert_eq!(restored.psql("postgres", "SELECT x FROM t"), "1");
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*) FROM pgbench_accounts"),
+        "300000"
+    );
+}
