@@ -61,6 +61,22 @@ impl Default for EngineSettings {
     }
 }
 
+/// The major version of the `postgres` binary in `dir` (from `--version`,
+/// e.g. "postgres (PostgreSQL) 16.4").
+fn server_major(dir: &std::path::Path) -> Option<u32> {
+    let out = std::process::Command::new(dir.join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split(')').nth(1)?.trim();
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The engine: a catalog, a repository and settings, shared by every job.
 #[derive(Clone)]
 pub struct Engine {
@@ -99,7 +115,7 @@ impl Engine {
     pub fn pg_bin_dir(&self, major: u32) -> EngineResult<PathBuf> {
         for pattern in &self.settings.pg_bin_dirs {
             let dir = PathBuf::from(pattern.replace("{major}", &major.to_string()));
-            if dir.join("postgres").is_file() && dir.join("pg_ctl").is_file() {
+            if dir.join("pg_ctl").is_file() && server_major(&dir) == Some(major) {
                 return Ok(dir);
             }
         }
