@@ -162,7 +162,7 @@ impl Engine {
                             Some(ReplicationMessage::EndOfTimeline { next_timeline, next_start }) => {
                                 break (next_timeline, next_start);
                             }
-                            None => return Err(EngineError::Server(format!(
+                            None => return Err(EngineError::Unreachable(format!(
                                 "instance {}: the server closed the WAL stream (connection lost)", instance.id))),
                         }
                     }

@@ -608,6 +608,15 @@ impl BlockPipeline {
     }
 }
 
+fn wal_stream_error(e: pg_replication::ReplicationError) -> EngineError {
+    let msg = format!("WAL stream for the backup: {e}");
+    if e.is_transient() {
+        EngineError::Unreachable(msg)
+    } else {
+        EngineError::Server(msg)
+    }
+}
+
 /// Streams the WAL from the backup's start until its stop position is
 /// stored (complete segments, or a partial one if the server does not
 /// finish the segment soon, as on a standby).
@@ -629,7 +638,7 @@ async fn stream_backup_wal(
         .client
         .start_replication(Some(&slot), seg_start, Some(timeline))
         .await
-        .map_err(|e| EngineError::Server(format!("WAL stream for the backup: {e}")))?;
+        .map_err(wal_stream_error)?;
     let mut ticker = tokio::time::interval(status_interval);
     let mut grace: Option<Instant> = None;
     loop {
@@ -649,13 +658,13 @@ async fn stream_backup_wal(
         }
         tokio::select! {
             msg = stream.next() => {
-                match msg.map_err(|e| EngineError::Server(format!("WAL stream for the backup: {e}")))? {
+                match msg.map_err(wal_stream_error)? {
                     Some(ReplicationMessage::XLogData { start, data, .. }) => archiver.push(start, &data)?,
                     Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
                         if reply_requested {
                             let pos = archiver.position();
                             stream.send_status(pos, pos, Lsn::INVALID, false).await
-                                .map_err(|e| EngineError::Server(format!("WAL stream for the backup: {e}")))?;
+                                .map_err(wal_stream_error)?;
                         }
                     }
                     Some(ReplicationMessage::EndOfTimeline { next_timeline, .. }) => {
@@ -669,7 +678,7 @@ async fn stream_backup_wal(
             _ = ticker.tick() => {
                 let pos = archiver.position();
                 stream.send_status(pos, pos, Lsn::INVALID, false).await
-                    .map_err(|e| EngineError::Server(format!("WAL stream for the backup: {e}")))?;
+                    .map_err(wal_stream_error)?;
             }
             changed = stop_rx.changed() => {
                 if changed.is_err() {

@@ -44,6 +44,7 @@ pub fn explain(instance: &Instance, err: ReplicationError) -> EngineError {
         "instance {} ({}:{} as {})",
         instance.id, instance.host, instance.port, instance.user
     );
+    let transient = err.is_transient();
     let msg = match err.sqlstate() {
         Some("28P01") | Some("28000") if err.to_string().contains("password") => {
             format!("{who}: authentication failed: {err}")
@@ -69,7 +70,11 @@ pub fn explain(instance: &Instance, err: ReplicationError) -> EngineError {
             other => format!("{who}: {other}"),
         },
     };
-    EngineError::Server(msg)
+    if transient {
+        EngineError::Unreachable(msg)
+    } else {
+        EngineError::Server(msg)
+    }
 }
 
 /// A replication connection plus the facts every job needs.

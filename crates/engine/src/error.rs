@@ -9,9 +9,16 @@ pub enum EngineError {
     Catalog(#[from] strata_catalog::CatalogError),
     #[error(transparent)]
     Repo(#[from] strata_repo::RepoError),
-    /// A server or network problem, already phrased for the user.
+    /// A server problem a retry will not fix, already phrased for the user.
     #[error("{0}")]
     Server(String),
+    /// The server cannot be reached or went away (network, restart): worth a retry.
+    #[error("{0}")]
+    Unreachable(String),
+    /// A restored server failed to start or to finish recovery; its
+    /// directory is kept for the log.
+    #[error("{0}")]
+    RestoredServer(String),
     /// The request cannot be carried out as asked (bad target, not-empty
     /// directory, missing binaries...).
     #[error("{0}")]
@@ -38,9 +45,7 @@ impl EngineError {
     /// restarting, not wrong passwords or missing privileges.
     pub fn is_transient(&self) -> bool {
         match self {
-            EngineError::Server(msg) => {
-                msg.starts_with("cannot reach") || msg.contains("connection")
-            }
+            EngineError::Unreachable(_) => true,
             EngineError::Repo(e) => e.is_transient(),
             _ => false,
         }

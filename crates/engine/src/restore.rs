@@ -114,7 +114,7 @@ impl Engine {
                 job.error = Some(e.to_string());
                 // A failed start keeps the directory for its log; anything
                 // earlier leaves nothing behind.
-                if !matches!(e, EngineError::Server(m) if m.starts_with("the restored server")) {
+                if !matches!(e, EngineError::RestoredServer(_)) {
                     clean_target_dir(&opts.target_dir, created);
                 }
             }
@@ -440,7 +440,7 @@ impl Engine {
             lines[lines.len().saturating_sub(8)..].join("\n")
         };
         if !out.status.success() {
-            return Err(EngineError::Server(format!(
+            return Err(EngineError::RestoredServer(format!(
                 "the restored server did not start: {}\n{}",
                 String::from_utf8_lossy(&out.stderr).trim(),
                 log_tail()
@@ -457,14 +457,14 @@ impl Engine {
             let running = dir.join("postmaster.pid").exists();
             seen_running |= running;
             if !running && (seen_running || started.elapsed() > Duration::from_secs(30)) {
-                return Err(EngineError::Server(format!(
+                return Err(EngineError::RestoredServer(format!(
                     "the restored server stopped during recovery (log: {}):\n{}",
                     log.display(),
                     log_tail()
                 )));
             }
             if Instant::now() >= deadline {
-                return Err(EngineError::Server(format!(
+                return Err(EngineError::RestoredServer(format!(
                     "the restored server did not finish recovery within {}s (log: {})",
                     self.settings.start_timeout.as_secs(),
                     log.display()
@@ -478,7 +478,7 @@ impl Engine {
             .find(|l| l.contains("recovery stopping"))
             .map(|l| l.to_string());
         if *target != RecoveryTarget::Latest && stop.is_none() {
-            return Err(EngineError::Server(format!(
+            return Err(EngineError::RestoredServer(format!(
                 "the restored server finished recovery without reporting the target {target} (log: {})",
                 log.display()
             )));
