@@ -450,7 +450,13 @@ impl Engine {
         let deadline = started + self.settings.start_timeout;
         let mut seen_running = false;
         loop {
-            if control_state(dir) == Some(DB_IN_PRODUCTION) && accepts_tcp(port) {
+            // PostgreSQL removes recovery.signal when archive recovery ends;
+            // pg_control alone is not enough (the copy in the backup already
+            // says "in production").
+            if !dir.join("recovery.signal").exists()
+                && control_state(dir) == Some(DB_IN_PRODUCTION)
+                && accepts_tcp(port)
+            {
                 break;
             }
             // pg_ctl -W returns before the postmaster writes its pid file.

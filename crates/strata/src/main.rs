@@ -419,7 +419,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Repo(RepoCmd::Verify { json }) => {
-            let progress = CliProgress::new();
+            let progress = CliProgress::objects();
             let report = engine.repo.verify(&|done, total| {
                 strata_engine::Progress::update(&progress, "verify", done, Some(total))
             })?;

@@ -28,25 +28,40 @@ pub fn human_bytes(n: u64) -> String {
 pub struct CliProgress {
     bar: Option<ProgressBar>,
     last: Mutex<(Instant, u64)>,
+    /// Whether the counts are bytes (else objects).
+    bytes: bool,
 }
 
 impl CliProgress {
-    /// A bar on a terminal, lines otherwise.
+    /// A bar on a terminal, lines otherwise; counts are bytes.
     pub fn new() -> Self {
+        Self::with_unit(true)
+    }
+
+    /// Like [`CliProgress::new`], counting objects instead of bytes.
+    pub fn objects() -> Self {
+        Self::with_unit(false)
+    }
+
+    fn with_unit(bytes: bool) -> Self {
+        let template = if bytes {
+            "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+        } else {
+            "{msg:8} [{bar:40}] {pos}/{len} objects eta {eta}"
+        };
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
             bar
         });
         CliProgress {
             bar,
             last: Mutex::new((Instant::now(), u64::MAX)),
+            bytes,
         }
     }
 
@@ -55,6 +70,7 @@ impl CliProgress {
         CliProgress {
             bar: None,
             last: Mutex::new((Instant::now(), u64::MAX)),
+            bytes: true,
         }
     }
 
@@ -84,6 +100,9 @@ impl Progress for CliProgress {
         if step.is_some_and(|s| s != last.1) || due {
             *last = (Instant::now(), step.unwrap_or(u64::MAX));
             match (pct, total) {
+                (Some(p), Some(t)) if !self.bytes => {
+                    eprintln!("{phase}: {p}% ({done} of {t} objects)")
+                }
                 (Some(p), Some(t)) => eprintln!(
                     "{phase}: {p}% ({} of {})",
                     human_bytes(done),
