@@ -361,8 +361,18 @@ impl Engine {
         let server_manifest_entry = files.pop();
 
         let stats = BackupStats {
-            file_count: files.iter().filter(|f| f.kind == FileKind::File).count() as u64,
-            total_bytes: files.iter().map(|f| f.size).sum(),
+            // Everything a restore writes, the server's backup_manifest included,
+            // so that new + deduplicated bytes add up to the total.
+            file_count: files
+                .iter()
+                .chain(server_manifest_entry.iter())
+                .filter(|f| f.kind == FileKind::File)
+                .count() as u64,
+            total_bytes: files
+                .iter()
+                .chain(server_manifest_entry.iter())
+                .map(|f| f.size)
+                .sum(),
             ..stats
         };
         let manifest = BackupManifest {

@@ -56,6 +56,13 @@ fn unchanged_database_second_backup_stores_under_one_percent() {
         "second backup stored {second} bytes, not under 1% of the first's {first}"
     );
     assert!(sets[1]["dedup_bytes"].as_u64().unwrap() * 100 > total * 99);
+    for set in &sets {
+        assert_eq!(
+            set["new_bytes"].as_u64().unwrap() + set["dedup_bytes"].as_u64().unwrap(),
+            set["total_bytes"].as_u64().unwrap(),
+            "new and deduplicated bytes must add up to the backup's size: {set}"
+        );
+    }
 }
 
 #[test]
