@@ -434,15 +434,23 @@ impl Engine {
         let out = cmd
             .output()
             .map_err(EngineError::io("running pg_ctl start"))?;
+        // Errors stay on one line: the server's last FATAL/PANIC (or last
+        // line) says why; the log file has the rest.
         let log_tail = || {
             let text = fs::read_to_string(&log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(8)..].join("\n")
+            text.lines()
+                .rev()
+                .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
+                .or_else(|| text.lines().last())
+                .unwrap_or_default()
+                .to_string()
         };
         if !out.status.success() {
             return Err(EngineError::RestoredServer(format!(
-                "the restored server did not start: {}\n{}",
-                String::from_utf8_lossy(&out.stderr).trim(),
+                "the restored server did not start: {}: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .replace('\n', "; "),
                 log_tail()
             )));
         }
@@ -464,7 +472,7 @@ impl Engine {
             seen_running |= running;
             if !running && (seen_running || started.elapsed() > Duration::from_secs(30)) {
                 return Err(EngineError::RestoredServer(format!(
-                    "the restored server stopped during recovery (log: {}):\n{}",
+                    "the restored server stopped during recovery (log: {}): {}",
                     log.display(),
                     log_tail()
                 )));

@@ -193,7 +193,8 @@ fn main() {
                 msg.push_str(&c);
             }
         }
-        eprintln!("error: {msg}");
+        // One line, always: scripts read the last stderr line.
+        eprintln!("error: {}", msg.replace('\n', "; "));
         std::process::exit(1);
     }
 }
