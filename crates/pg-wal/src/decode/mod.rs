@@ -69,6 +69,7 @@ const RECORD_BUFFER_HINT: usize = 64 * 1024;
 /// WAL format generation, identified by `XLOG_PAGE_MAGIC`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WalVersion {
+    Pg14,
     Pg15,
     Pg16,
     Pg17,
@@ -78,6 +79,7 @@ enum WalVersion {
 impl WalVersion {
     fn from_magic(magic: u16) -> Option<Self> {
         match magic {
+            0xD10D => Some(WalVersion::Pg14),
             0xD110 => Some(WalVersion::Pg15),
             0xD113 => Some(WalVersion::Pg16),
             0xD116 => Some(WalVersion::Pg17),
@@ -86,11 +88,15 @@ impl WalVersion {
         }
     }
 
-    /// `sizeof(xl_xact_stats_item)`: PostgreSQL 18 widened the object id to 64 bits.
-    fn stats_item_size(self) -> usize {
-        match self {
-            WalVersion::Pg15 | WalVersion::Pg16 | WalVersion::Pg17 => 12,
-            WalVersion::Pg18 => 16,
+    fn record_format(self) -> record::RecordFormat {
+        record::RecordFormat {
+            // PostgreSQL 18 widened the stats object id to 64 bits.
+            stats_item_size: if self == WalVersion::Pg18 { 16 } else { 12 },
+            image_compressed: if self == WalVersion::Pg14 {
+                record::BKPIMAGE_IS_COMPRESSED_PG14
+            } else {
+                record::BKPIMAGE_COMPRESSED
+            },
         }
     }
 }
@@ -484,7 +490,7 @@ impl WalDecoder {
             record,
             start,
             end_lsn,
-            self.version.stats_item_size(),
+            self.version.record_format(),
         )
         .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
         events.push(event);

@@ -53,7 +53,18 @@ const BKPBLOCK_HAS_DATA: u8 = 0x20;
 const BKPBLOCK_SAME_REL: u8 = 0x80;
 const BKPIMAGE_HAS_HOLE: u8 = 0x01;
 /// PGLZ, LZ4 and ZSTD compression bits (PostgreSQL 15 and later).
-const BKPIMAGE_COMPRESSED: u8 = 0x04 | 0x08 | 0x10;
+pub(super) const BKPIMAGE_COMPRESSED: u8 = 0x04 | 0x08 | 0x10;
+/// `BKPIMAGE_IS_COMPRESSED` of PostgreSQL 14 (0x02 means "apply" from 15 on).
+pub(super) const BKPIMAGE_IS_COMPRESSED_PG14: u8 = 0x02;
+
+/// What differs between WAL format generations in the parts we decode.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RecordFormat {
+    /// `sizeof(xl_xact_stats_item)` (no such items before PostgreSQL 15).
+    pub stats_item_size: usize,
+    /// Block image flag bits that mean "compressed".
+    pub image_compressed: u8,
+}
 
 /// `sizeof(xl_restore_point)`: TimestampTz plus a 64-byte NUL-padded name.
 const RESTORE_POINT_NAME_LEN: usize = 64;
@@ -121,18 +132,18 @@ pub(super) fn to_event(
     record: &[u8],
     lsn: Lsn,
     end_lsn: Lsn,
-    stats_item_size: usize,
+    format: RecordFormat,
 ) -> Result<WalEvent, String> {
     if kind == Kind::Switch {
         return Ok(WalEvent::Switch { lsn });
     }
-    let mut main = Cursor::new(main_data(record)?);
+    let mut main = Cursor::new(main_data(record, format.image_compressed)?);
     match kind {
         Kind::Commit { prepared } | Kind::Abort { prepared } => {
             let commit = matches!(kind, Kind::Commit { .. });
             let time = from_pg_micros(main.i64()?);
             let xid = if prepared {
-                twophase_xid(&mut main, header.info, commit, stats_item_size)?
+                twophase_xid(&mut main, header.info, commit, format.stats_item_size)?
             } else {
                 header.xid
             };
@@ -205,7 +216,7 @@ fn twophase_xid(
 
 /// Finds the record's main data by walking the block reference headers as
 /// `DecodeXLogRecord` does; main data is the last thing in the record.
-fn main_data(record: &[u8]) -> Result<&[u8], String> {
+fn main_data(record: &[u8], image_compressed: u8) -> Result<&[u8], String> {
     let body = record
         .get(SIZE_OF_XLOG_RECORD..)
         .ok_or("record shorter than its header")?;
@@ -245,8 +256,7 @@ fn main_data(record: &[u8]) -> Result<&[u8], String> {
                     let image_len = headers.u16()?;
                     headers.take(2)?; // hole offset
                     let image_info = headers.u8()?;
-                    if image_info & BKPIMAGE_HAS_HOLE != 0 && image_info & BKPIMAGE_COMPRESSED != 0
-                    {
+                    if image_info & BKPIMAGE_HAS_HOLE != 0 && image_info & image_compressed != 0 {
                         headers.take(2)?; // hole length of a compressed image
                     }
                     data_total += u64::from(image_len);

@@ -411,14 +411,14 @@ fn malformed_payload_with_valid_crc_is_an_error() {
 #[test]
 fn format_errors() {
     let mut w = WalWriter::new(Lsn(MIB));
-    w.magic = 0xD10D; // PostgreSQL 14
+    w.magic = 0xD106; // PostgreSQL 13
     w.record(1, 0x00, 5, &commit_payload(1));
     let err = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap_err();
     assert_eq!(
         err,
         WalError::UnsupportedPageMagic {
             lsn: Lsn(MIB),
-            magic: 0xD10D
+            magic: 0xD106
         }
     );
 

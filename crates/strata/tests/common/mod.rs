@@ -17,7 +17,7 @@ pub struct Strata {
 impl Strata {
     pub fn new(name: &str) -> Strata {
         let dir = testkit::temp_dir(&format!("strata-{name}-"));
-        let bin_dirs: Vec<String> = [15, 16, 17, 18]
+        let bin_dirs: Vec<String> = [14, 15, 16, 17, 18]
             .into_iter()
             .filter_map(testkit::pg_bin_dir)
             .map(|d| format!("{:?}", d.display().to_string()))
