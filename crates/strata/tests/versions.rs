@@ -130,3 +130,45 @@ fn tablespace_round_trip() {
     drop(restored);
     pg.psql("postgres", "DROP TABLE in_ts; DROP TABLESPACE strata_ts");
 }
+
+/// A restored directory recovers with plain `pg_ctl start`: the WAL it needs
+/// is staged in pg_wal and no Strata command is involved.
+#[test]
+fn restored_directory_starts_without_strata() {
+    let pg = testkit::shared_cluster(15);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE plain_start AS SELECT g FROM generate_series(1, 500) g",
+    );
+    let strata = Strata::new("plain");
+    strata.add_instance("plain", pg);
+    strata.backup("plain");
+    let target = strata.dir.join("restored");
+    strata.ok(&[
+        "restore",
+        "plain",
+        "--target-dir",
+        &common::path_str(&target),
+    ]);
+    let port = testkit::free_port();
+    let mut cmd = std::process::Command::new(testkit::pg_bin_dir(15).unwrap().join("pg_ctl"));
+    cmd.arg("-D")
+        .arg(&target)
+        .arg("-l")
+        .arg(target.join("plain-start.log"))
+        .arg("-o")
+        .arg(format!("-p {port}"))
+        .args(["-w", "-t", "120", "start"]);
+    testkit::run_as_postgres(&mut cmd);
+    assert!(cmd.status().unwrap().success(), "pg_ctl start failed");
+    let restored = Cluster::adopt(15, target, port);
+    common::wait_for("recovery to end", 60, || {
+        restored.try_psql("postgres", "SELECT pg_is_in_recovery()") == Ok("f".to_string())
+    });
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*) FROM plain_start"),
+        "500"
+    );
+    drop(restored);
+    pg.psql("postgres", "DROP TABLE plain_start");
+}
