@@ -104,21 +104,46 @@ impl Engine {
         remember_facts(self, instance, &session)?;
         let geometry = session.geometry;
         let slot = slot_name(&instance.id);
-        match session
+        // Where the slot holds WAL from, when it was created just now: WAL
+        // before that may already be gone from the server.
+        let fresh_slot_start = match session
             .client
             .create_physical_slot(&slot, false, true)
             .await
         {
-            Ok(_) => progress.message(&format!("created replication slot {slot}")),
-            Err(e) if e.sqlstate() == Some("42710") => {}
+            Ok(reserved) => {
+                progress.message(&format!("created replication slot {slot}"));
+                match reserved {
+                    Some(lsn) => Some(lsn),
+                    None => Some(
+                        session
+                            .client
+                            .identify_system()
+                            .await
+                            .map_err(|e| explain(instance, e))?
+                            .xlogpos,
+                    ),
+                }
+            }
+            Err(e) if e.sqlstate() == Some("42710") => None,
             Err(e) => return Err(explain(instance, e)),
-        }
+        };
         let server_tli = session.timeline;
         self.store_history(instance, &mut session.client, server_tli)
             .await?;
-        let (mut tli, start) = self
+        let (mut tli, mut start) = self
             .resume_point(instance, &mut session.client, server_tli, geometry)
             .await?;
+        if let Some(held) = fresh_slot_start.filter(|_| tli == server_tli) {
+            let held = geometry.segment_start(geometry.segment_of(held));
+            if start < held {
+                progress.message(&format!(
+                    "warning: WAL of {} from {start} to {held} was not held by a replication slot and cannot be archived; point-in-time recovery into that range is not possible (take a new backup)",
+                    instance.id
+                ));
+                start = held;
+            }
+        }
         progress.message(&format!(
             "streaming WAL of {} from {start} on timeline {tli}",
             instance.id

@@ -166,12 +166,24 @@ impl Engine {
                 backup.id, manifest.stop_lsn
             )));
         }
+        // WAL archived past the end of the usable run means a hole: a
+        // receiver started after the server had dropped the WAL in between.
+        let gap = wal.iter().any(|w| w.begin_lsn > wal_end).then_some(wal_end);
         if let RecoveryTarget::Lsn(l) = target {
             if l > wal_end {
-                return Err(EngineError::Refused(format!(
-                    "target LSN {l} is after the newest archived WAL ({wal_end})"
-                )));
+                return Err(EngineError::Refused(match gap {
+                    Some(g) => format!(
+                        "target LSN {l} lies beyond a gap in the archived WAL at {g}; restore from a backup taken after the gap"
+                    ),
+                    None => format!("target LSN {l} is after the newest archived WAL ({wal_end})"),
+                }));
             }
+        }
+        if let (Some(g), RecoveryTarget::Latest) = (gap, &target) {
+            progress.message(&format!(
+                "warning: the archived WAL after backup {} has a gap at {g}; recovering up to the gap",
+                backup.id
+            ));
         }
 
         job.state = JobState::Uploading;
@@ -189,7 +201,7 @@ impl Engine {
             &target,
             &manifest,
         )?;
-        target = confirm_target(target, &found, &manifest)?;
+        target = confirm_target(target, &found, &manifest, gap)?;
 
         write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
         let os_user = self.os_user();
@@ -822,7 +834,16 @@ fn confirm_target(
     target: RecoveryTarget,
     found: &WalFindings,
     manifest: &BackupManifest,
+    gap: Option<Lsn>,
 ) -> EngineResult<RecoveryTarget> {
+    let beyond_gap = |what: String| {
+        match gap {
+        Some(g) => Err(EngineError::Refused(format!(
+            "{what} lies beyond a gap in the archived WAL at {g}; restore from a backup taken after the gap"
+        ))),
+        None => Ok(RecoveryTarget::Latest),
+    }
+    };
     Ok(match target {
         RecoveryTarget::Time(t) if !found.commit_after_time => {
             if t < manifest.stop_time {
@@ -832,7 +853,7 @@ fn confirm_target(
                     manifest.backup_id
                 )));
             }
-            RecoveryTarget::Latest
+            beyond_gap(format!("target time {}", t.to_rfc3339()))?
         }
         RecoveryTarget::Xid(x) if !found.xid_found => {
             return Err(EngineError::Refused(format!(
@@ -840,7 +861,7 @@ fn confirm_target(
                 manifest.backup_id
             )))
         }
-        RecoveryTarget::Lsn(_) if !found.passed_lsn => RecoveryTarget::Latest,
+        RecoveryTarget::Lsn(l) if !found.passed_lsn => beyond_gap(format!("target LSN {l}"))?,
         other => other,
     })
 }

@@ -146,3 +146,44 @@ fn promoted_standby_timeline_is_followed() {
         "1,2,3,4"
     );
 }
+
+/// A receiver started after the server dropped WAL it never held: it starts
+/// where its new slot holds WAL, says so, and restores refuse targets in the
+/// hole instead of silently recovering less.
+#[test]
+fn late_receiver_reports_the_unarchived_gap() {
+    let pg = Cluster::builder(15).conf("wal_keep_size = 0").start();
+    pg.psql("postgres", "CREATE TABLE t (i int)");
+    let strata = Strata::new("late");
+    strata.add_instance("late", &pg);
+    strata.backup("late");
+    let first_wal = strata.wal("late").len();
+    for i in 0..4 {
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO t VALUES ({i}); SELECT pg_switch_wal(); CHECKPOINT"),
+        );
+    }
+    let mut receiver = strata.wal_receiver("late");
+    pg.psql(
+        "postgres",
+        "INSERT INTO t VALUES (100); SELECT pg_switch_wal()",
+    );
+    let end = pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()");
+    wait_for("WAL after the gap", 60, || {
+        archived_up_to(&strata, "late", &end)
+    });
+    let log = receiver.stop();
+    assert!(log.contains("was not held by a replication slot"), "{log}");
+    assert!(strata.wal("late").len() > first_wal);
+    let target = strata.dir.join("beyond-gap");
+    let err = strata.fails(&[
+        "restore",
+        "late",
+        "--target-dir",
+        &target.display().to_string(),
+        "--lsn",
+        &end,
+    ]);
+    assert!(err.contains("gap in the archived WAL"), "{err}");
+}
