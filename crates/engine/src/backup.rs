@@ -342,39 +342,21 @@ impl Engine {
             size: server_manifest.len() as u64,
             mtime: stop_time.timestamp(),
             link_target: None,
-            crc32c: Some(crc32c::crc32c(&server_manifest)),
+            crc32c: None,
             blocks: Vec::new(),
         };
-        pipeline.begin(manifest_entry).await?;
-        for chunk in server_manifest.chunks(block_size) {
-            pipeline.block(chunk.to_vec()).await?;
-        }
-        let mut f = OpenFile {
-            manifest_path: String::new(),
-            size: server_manifest.len() as u64,
-            remaining: 0,
-            crc: crc32c::crc32c(&server_manifest),
-            block: Vec::new(),
-        };
-        pipeline.end(&mut f, &mut HashMap::new()).await?;
+        pipeline
+            .whole_file(manifest_entry, &server_manifest, block_size)
+            .await?;
         let (mut files, stats) = pipeline.finish().await?;
-        let server_manifest_entry = files.pop();
-
         let stats = BackupStats {
             // Everything a restore writes, the server's backup_manifest included,
             // so that new + deduplicated bytes add up to the total.
-            file_count: files
-                .iter()
-                .chain(server_manifest_entry.iter())
-                .filter(|f| f.kind == FileKind::File)
-                .count() as u64,
-            total_bytes: files
-                .iter()
-                .chain(server_manifest_entry.iter())
-                .map(|f| f.size)
-                .sum(),
+            file_count: files.iter().filter(|f| f.kind == FileKind::File).count() as u64,
+            total_bytes: files.iter().map(|f| f.size).sum(),
             ..stats
         };
+        let server_manifest_entry = files.pop();
         let manifest = BackupManifest {
             format_version: strata_repo::manifest::MANIFEST_VERSION,
             backup_id: set.id.clone(),
@@ -597,6 +579,20 @@ impl BlockPipeline {
         self.send(Work::End(f.crc)).await?;
         received.insert(std::mem::take(&mut f.manifest_path), (f.size, f.crc));
         Ok(())
+    }
+
+    /// Stores a file held in memory as one entry.
+    async fn whole_file(
+        &self,
+        file: FileEntry,
+        data: &[u8],
+        block_size: usize,
+    ) -> EngineResult<()> {
+        self.begin(file).await?;
+        for chunk in data.chunks(block_size) {
+            self.block(chunk.to_vec()).await?;
+        }
+        self.send(Work::End(crc32c::crc32c(data))).await
     }
 
     async fn finish(mut self) -> EngineResult<(Vec<FileEntry>, BackupStats)> {

@@ -138,7 +138,8 @@ impl Engine {
             .collect();
         let wal = self.catalog.list_wal_segments(instance_id)?;
         let restore_points = self.catalog.list_restore_points(instance_id)?;
-        let (backup, mut target) = choose_backup(
+        let mut target = opts.target.clone();
+        let backup = choose_backup(
             instance_id,
             &backups,
             &wal,
@@ -544,10 +545,16 @@ fn as_user(user: Option<&str>, program: &Path) -> Command {
     }
 }
 
-pub(crate) fn tablespace_dir(target: &Path, oid: u32) -> PathBuf {
+/// Where restored tablespaces go: beside the target, never at the source's
+/// locations (which may be on this very host).
+fn tablespace_root(target: &Path) -> PathBuf {
     let mut name = target.as_os_str().to_owned();
-    name.push(format!(".tblspc/{oid}"));
+    name.push(".tblspc");
     PathBuf::from(name)
+}
+
+fn tablespace_dir(target: &Path, oid: u32) -> PathBuf {
+    tablespace_root(target).join(oid.to_string())
 }
 
 /// Refuses a non-empty directory; returns whether the directory was created.
@@ -587,10 +594,7 @@ fn clean_target_dir(dir: &Path, created: bool) {
             };
         }
     }
-    let ts = tablespace_dir(dir, 0);
-    if let Some(parent) = ts.parent() {
-        let _ = fs::remove_dir_all(parent);
-    }
+    let _ = fs::remove_dir_all(tablespace_root(dir));
 }
 
 fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
@@ -637,7 +641,7 @@ fn choose_backup<'a>(
     restore_points: &[strata_catalog::RestorePointRow],
     backup_id: Option<&str>,
     target: &RecoveryTarget,
-) -> EngineResult<(&'a BackupSet, RecoveryTarget)> {
+) -> EngineResult<&'a BackupSet> {
     if backups.is_empty() {
         return Err(EngineError::Refused(format!(
             "instance {instance_id} has no successful backup to restore"
@@ -722,7 +726,7 @@ fn choose_backup<'a>(
             ))
         })?,
     };
-    Ok((chosen, target.clone()))
+    Ok(chosen)
 }
 
 /// The WAL objects recovery reads, in order: from the backup's start along
@@ -797,7 +801,6 @@ struct WalFindings {
     xid_found: bool,
     /// Any record after the target LSN was decoded (recovery can stop there).
     passed_lsn: bool,
-    last_commit: Option<DateTime<Utc>>,
 }
 
 impl WalFindings {
@@ -817,7 +820,6 @@ impl WalFindings {
             if lsn < stop_lsn {
                 return;
             }
-            self.last_commit = Some(time);
             match wanted {
                 RecoveryTarget::Time(t) if time > *t => self.commit_after_time = true,
                 RecoveryTarget::Xid(x) if xid == *x => self.xid_found = true,

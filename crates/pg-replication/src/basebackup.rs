@@ -18,7 +18,7 @@ use postgres_protocol::message::frontend;
 use crate::client::{
     column_str, log_notice, parse_lsn, parse_num, quote_literal, required_str, ConnState,
 };
-use crate::conn::{data_row_columns, server_error, Backend};
+use crate::conn::{data_row_columns, server_error};
 use crate::tar::TarReader;
 use crate::{Lsn, ReplicationClient, ReplicationError, TimelineId};
 
@@ -226,12 +226,7 @@ impl ReplicationClient {
         let mut tablespaces = Vec::new();
         let mut error = None;
         loop {
-            let msg = match self.conn.read_message().await? {
-                Backend::Message(m) => m,
-                Backend::CopyBothResponse => {
-                    return Err(ReplicationError::protocol("BASE_BACKUP started COPY BOTH"))
-                }
-            };
+            let msg = self.conn.read_regular("during BASE_BACKUP").await?;
             match msg {
                 Message::RowDescription(_) => result_sets += 1,
                 Message::DataRow(body) => {
@@ -332,12 +327,7 @@ impl BaseBackup<'_> {
             if self.done {
                 return Ok(None);
             }
-            let msg = match self.client.conn.read_message().await? {
-                Backend::Message(m) => m,
-                Backend::CopyBothResponse => {
-                    return Err(ReplicationError::protocol("BASE_BACKUP started COPY BOTH"))
-                }
-            };
+            let msg = self.client.conn.read_regular("during BASE_BACKUP").await?;
             self.handle(msg)?;
         }
     }

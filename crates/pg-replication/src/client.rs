@@ -228,14 +228,7 @@ impl ReplicationClient {
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
-            let msg = match self.conn.read_message().await? {
-                Backend::Message(m) => m,
-                Backend::CopyBothResponse => {
-                    return Err(ReplicationError::protocol(
-                        "CopyBothResponse during startup",
-                    ))
-                }
-            };
+            let msg = self.conn.read_regular("during startup").await?;
             match msg {
                 Message::AuthenticationOk => {}
                 Message::AuthenticationCleartextPassword => {

@@ -111,6 +111,21 @@ impl Connection {
         Ok(())
     }
 
+    /// The next backend message where a CopyBothResponse cannot legitimately
+    /// appear; `context` names the phase in the protocol error if one does.
+    /// Cancellation-safe.
+    pub(crate) async fn read_regular(
+        &mut self,
+        context: &str,
+    ) -> Result<Message, ReplicationError> {
+        match self.read_message().await? {
+            Backend::Message(m) => Ok(m),
+            Backend::CopyBothResponse => Err(ReplicationError::protocol(format!(
+                "unexpected CopyBothResponse {context}"
+            ))),
+        }
+    }
+
     /// The next complete backend message. Cancellation-safe.
     pub(crate) async fn read_message(&mut self) -> Result<Backend, ReplicationError> {
         loop {

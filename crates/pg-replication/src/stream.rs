@@ -178,14 +178,7 @@ impl ReplicationStream<'_> {
                     return Ok(msg);
                 }
                 State::Streaming => {
-                    let msg = match self.client.conn.read_message().await? {
-                        Backend::Message(m) => m,
-                        Backend::CopyBothResponse => {
-                            return Err(ReplicationError::protocol(
-                                "CopyBothResponse while streaming",
-                            ))
-                        }
-                    };
+                    let msg = self.client.conn.read_regular("while streaming").await?;
                     match msg {
                         Message::CopyData(body) => {
                             return parse_copy_data(body.into_bytes()).map(Some)
@@ -215,12 +208,11 @@ impl ReplicationStream<'_> {
                 }
                 State::Ending { .. } => {
                     self.client.conn.flush().await?;
-                    let msg = match self.client.conn.read_message().await? {
-                        Backend::Message(m) => m,
-                        Backend::CopyBothResponse => {
-                            return Err(ReplicationError::protocol("CopyBothResponse while ending"))
-                        }
-                    };
+                    let msg = self
+                        .client
+                        .conn
+                        .read_regular("while ending the stream")
+                        .await?;
                     self.on_ending_message(msg)?;
                 }
             }

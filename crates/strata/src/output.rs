@@ -125,6 +125,15 @@ fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+fn opt_time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.as_ref().map(time).unwrap_or_else(|| "-".into())
+}
+
+/// A value, or "-" when unknown.
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
 pub fn print_instances(list: &[Instance]) {
     println!(
         "{:<20} {:<28} {:<12} {:<8} {:<22}",
@@ -136,12 +145,11 @@ pub fn print_instances(list: &[Instance]) {
             i.id,
             format!("{}:{}", i.host, i.port),
             i.user,
-            i.pg_version_num
-                .map(|v| format!("{}.{}", v / 10000, v % 10000))
-                .unwrap_or_else(|| "-".into()),
-            i.system_identifier
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "-".into())
+            or_dash(
+                i.pg_version_num
+                    .map(|v| format!("{}.{}", v / 10000, v % 10000))
+            ),
+            or_dash(i.system_identifier)
         );
     }
 }
@@ -158,15 +166,10 @@ pub fn print_backups(list: &[BackupSet]) {
             b.status.as_str(),
             b.mode,
             time(&b.started_at),
-            b.finished_at
-                .as_ref()
-                .map(time)
-                .unwrap_or_else(|| "-".into()),
+            opt_time(b.finished_at),
             human_bytes(b.total_bytes),
             human_bytes(b.new_bytes),
-            b.stop_lsn
-                .map(|l| l.to_string())
-                .unwrap_or_else(|| "-".into())
+            or_dash(b.stop_lsn)
         );
         if let Some(e) = &b.error {
             println!("    error: {e}");
@@ -186,14 +189,8 @@ pub fn print_wal(list: &[WalSegmentRow]) {
             w.timeline,
             if w.partial { "partial" } else { "complete" },
             human_bytes(w.size),
-            w.first_commit
-                .as_ref()
-                .map(time)
-                .unwrap_or_else(|| "-".into()),
-            w.last_commit
-                .as_ref()
-                .map(time)
-                .unwrap_or_else(|| "-".into())
+            opt_time(w.first_commit),
+            opt_time(w.last_commit)
         );
     }
 }

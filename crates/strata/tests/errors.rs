@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{path_str, Strata};
+use common::{add_args, path_str, Strata};
 use testkit::Cluster;
 
 /// Runs `cmd`, expects it to fail and returns its error line. Progress lines
@@ -68,21 +68,6 @@ fn assert_one_failed_backup(strata: &Strata, id: &str, needle: &str) {
 
 fn instances(strata: &Strata) -> Vec<serde_json::Value> {
     serde_json::from_str(&strata.ok(&["instance", "list", "--json"])).unwrap()
-}
-
-/// `instance add` arguments for `user` at `port` on 127.0.0.1.
-fn add_args<'a>(id: &'a str, port: &'a str, user: &'a str) -> Vec<&'a str> {
-    vec![
-        "instance",
-        "add",
-        id,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        port,
-        "--user",
-        user,
-    ]
 }
 
 #[test]

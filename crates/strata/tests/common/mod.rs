@@ -75,17 +75,7 @@ impl Strata {
     }
 
     pub fn add_instance(&self, id: &str, cluster: &Cluster) {
-        self.ok(&[
-            "instance",
-            "add",
-            id,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &cluster.port().to_string(),
-            "--user",
-            "postgres",
-        ]);
+        self.ok(&add_args(id, &cluster.port().to_string(), "postgres"));
     }
 
     /// Runs a backup; returns the backup set id (the last stdout line).
@@ -188,6 +178,21 @@ impl Drop for Receiver {
             let _ = child.wait();
         }
     }
+}
+
+/// `instance add` arguments for `user` at `port` on 127.0.0.1.
+pub fn add_args<'a>(id: &'a str, port: &'a str, user: &'a str) -> Vec<&'a str> {
+    vec![
+        "instance",
+        "add",
+        id,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--user",
+        user,
+    ]
 }
 
 /// Waits until `cond` holds, failing the test after `secs`.
