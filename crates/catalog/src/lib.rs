@@ -41,8 +41,12 @@ pub struct Instance {
     pub host: String,
     pub port: u16,
     pub user: String,
-    /// Name of the environment variable holding the password (never the password).
+    /// Name of the environment variable holding the password.
     pub password_env: Option<String>,
+    /// Password given through the API; kept only in the catalog, never
+    /// serialized, logged or written to the repository.
+    #[serde(skip)]
+    pub password: Option<String>,
     pub dbname: Option<String>,
     pub sslmode: String,
     pub sslrootcert: Option<String>,
@@ -192,6 +196,34 @@ pub struct Job {
     pub pid: u32,
 }
 
+/// An instance's backup policy, as RDS defines one (validated by the service).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackupPolicy {
+    pub instance_id: String,
+    /// Days of the week, e.g. `["Monday", "Thursday"]`, in week order.
+    pub backup_days: Vec<String>,
+    /// Daily window, `HH:mmZ-HH:mmZ` (UTC).
+    pub backup_window: String,
+    pub backup_retention_days: u32,
+    pub log_backup_enabled: bool,
+    pub log_retention_days: u32,
+    /// When the policy last changed: backups due before it are not "missed".
+    pub updated_at: DateTime<Utc>,
+    /// Start of the last window the scheduler ran an automatic backup for.
+    pub last_auto_slot: Option<DateTime<Utc>>,
+}
+
+/// An API access key. The secret is needed in clear to verify HMAC signatures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AccessKey {
+    pub id: String,
+    #[serde(skip_serializing)]
+    pub secret: String,
+    pub read_only: bool,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// The catalog interface.
 pub trait Catalog: Send + Sync {
     fn add_instance(&self, instance: &Instance) -> CatalogResult<()>;
@@ -205,6 +237,8 @@ pub trait Catalog: Send + Sync {
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
     /// Backup sets of an instance, oldest first.
     fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>>;
+
+    fn delete_backup(&self, id: &str) -> CatalogResult<()>;
 
     fn upsert_wal_segment(&self, row: &WalSegmentRow) -> CatalogResult<()>;
     fn delete_wal_segment(
@@ -233,6 +267,16 @@ pub trait Catalog: Send + Sync {
     /// Marks jobs (and their running backup sets) failed when the process
     /// that ran them is gone; returns how many were failed.
     fn fail_orphaned_jobs(&self) -> CatalogResult<usize>;
+
+    /// The policy of an instance, if one was stored.
+    fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
+    fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()>;
+
+    fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
+    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;
+    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>>;
+    /// Returns false when no such key existed.
+    fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
 
     /// Forgets backup sets, WAL segments and restore points (before a reindex).
     fn clear_index(&self) -> CatalogResult<()>;

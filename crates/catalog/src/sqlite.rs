@@ -12,7 +12,8 @@ use crate::*;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many have run. Never edit a released migration: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE instances (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -87,7 +88,29 @@ CREATE TABLE jobs (
     error TEXT,
     pid INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE instances ADD COLUMN password TEXT;
+CREATE TABLE backup_policies (
+    instance_id TEXT PRIMARY KEY,
+    backup_days TEXT NOT NULL,
+    backup_window TEXT NOT NULL,
+    backup_retention_days INTEGER NOT NULL,
+    log_backup_enabled INTEGER NOT NULL,
+    log_retention_days INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_auto_slot TEXT
+);
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    secret TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE INDEX jobs_instance ON jobs(instance_id, id);
+"#,
+];
 
 pub struct SqliteCatalog {
     conn: Mutex<Connection>,
@@ -177,10 +200,11 @@ fn instance_from_row(r: &Row) -> rusqlite::Result<Instance> {
         pg_version_num: r.get(9)?,
         wal_segment_size: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
         created_at: parse_ts(r.get(11)?)?,
+        password: r.get(12)?,
     })
 }
 
-const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at";
+const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at, password";
 
 fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
     let status: String = r.get(2)?;
@@ -254,6 +278,16 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
 const JOB_COLS: &str =
     "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid";
 
+fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
+    Ok(AccessKey {
+        id: r.get(0)?,
+        secret: r.get(1)?,
+        read_only: r.get(2)?,
+        description: r.get(3)?,
+        created_at: parse_ts(r.get(4)?)?,
+    })
+}
+
 fn process_alive(pid: u32) -> bool {
     // /proc is enough on Linux; a zombie or reused pid errs on "alive",
     // which only delays marking a job failed.
@@ -264,11 +298,11 @@ impl Catalog for SqliteCatalog {
     fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
         self.with(|c| {
             let n = c.execute(
-                &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+                &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
                 params![
                     i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode, i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
-                    i.wal_segment_size.map(|v| v as i64), ts(&i.created_at)
+                    i.wal_segment_size.map(|v| v as i64), ts(&i.created_at), i.password
                 ],
             )?;
             if n == 0 {
@@ -281,11 +315,11 @@ impl Catalog for SqliteCatalog {
     fn update_instance(&self, i: &Instance) -> CatalogResult<()> {
         self.with(|c| {
             let n = c.execute(
-                "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11 WHERE id=?1",
+                "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11, password=?12 WHERE id=?1",
                 params![
                     i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode, i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
-                    i.wal_segment_size.map(|v| v as i64)
+                    i.wal_segment_size.map(|v| v as i64), i.password
                 ],
             )?;
             if n == 0 {
@@ -322,6 +356,7 @@ impl Catalog for SqliteCatalog {
             if c.execute("DELETE FROM instances WHERE id = ?1", [id])? == 0 {
                 return Err(CatalogError::InstanceNotFound(id.to_string()));
             }
+            c.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
             Ok(())
         })
     }
@@ -366,6 +401,15 @@ impl Catalog for SqliteCatalog {
             ))?;
             let rows = st.query_map([instance_id], backup_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn delete_backup(&self, id: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            if c.execute("DELETE FROM backup_sets WHERE id = ?1", [id])? == 0 {
+                return Err(CatalogError::BackupNotFound(id.to_string()));
+            }
+            Ok(())
         })
     }
 
@@ -531,6 +575,78 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot FROM backup_policies WHERE instance_id = ?1",
+                [instance_id],
+                |r| {
+                    let days: String = r.get(1)?;
+                    Ok(BackupPolicy {
+                        instance_id: r.get(0)?,
+                        backup_days: days.split(',').filter(|d| !d.is_empty()).map(String::from).collect(),
+                        backup_window: r.get(2)?,
+                        backup_retention_days: r.get(3)?,
+                        log_backup_enabled: r.get(4)?,
+                        log_retention_days: r.get(5)?,
+                        updated_at: parse_ts(r.get(6)?)?,
+                        last_auto_slot: opt_ts(r.get(7)?)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    fn put_policy(&self, p: &BackupPolicy) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO backup_policies (instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                params![
+                    p.instance_id, p.backup_days.join(","), p.backup_window, p.backup_retention_days,
+                    p.log_backup_enabled, p.log_retention_days, ts(&p.updated_at),
+                    p.last_auto_slot.as_ref().map(ts)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn add_access_key(&self, k: &AccessKey) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO access_keys (id, secret, read_only, description, created_at) VALUES (?1,?2,?3,?4,?5)",
+                params![k.id, k.secret, k.read_only, k.description, ts(&k.created_at)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id, secret, read_only, description, created_at FROM access_keys WHERE id = ?1",
+                [id],
+                key_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, secret, read_only, description, created_at FROM access_keys ORDER BY created_at, id",
+            )?;
+            let rows = st.query_map([], key_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn delete_access_key(&self, id: &str) -> CatalogResult<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM access_keys WHERE id = ?1", [id])? > 0))
+    }
+
     fn clear_index(&self) -> CatalogResult<()> {
         self.with(|c| {
             c.execute_batch(
@@ -552,6 +668,7 @@ mod tests {
             port: 5432,
             user: "postgres".into(),
             password_env: None,
+            password: None,
             dbname: None,
             sslmode: "prefer".into(),
             sslrootcert: None,

@@ -173,12 +173,14 @@ impl Engine {
                     }
                     msg = stream.next() => {
                         match msg.map_err(|e| explain(instance, e))? {
-                            Some(ReplicationMessage::XLogData { start, data, .. }) => {
+                            Some(ReplicationMessage::XLogData { start, data, server_wal_end }) => {
                                 archiver.push(start, &data)?;
+                                progress.wal_position(archiver.position().0, server_wal_end.0);
                                 durable = durable.max(archiver.complete_end());
                                 report_stored(&mut archiver, progress);
                             }
-                            Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
+                            Some(ReplicationMessage::Keepalive { reply_requested, server_wal_end }) => {
+                                progress.wal_position(archiver.position().0, server_wal_end.0);
                                 if reply_requested {
                                     stream.send_status(archiver.position(), durable, Lsn::INVALID, false)
                                         .await.map_err(|e| explain(instance, e))?;

@@ -51,6 +51,16 @@ impl Default for BackupOptions {
     }
 }
 
+/// A backup whose job and backup set are recorded (job `NoStart`, set
+/// `Running`) but whose transfer has not begun: the service answers the
+/// caller with the job id, then runs it.
+#[derive(Debug)]
+pub struct PendingBackup {
+    pub job: Job,
+    pub set: BackupSet,
+    instance: Instance,
+}
+
 impl Engine {
     /// Runs a full backup of `instance_id` now. On failure the backup set
     /// and its job are recorded as failed with the reason, and nothing is
@@ -61,6 +71,18 @@ impl Engine {
         opts: &BackupOptions,
         progress: &dyn Progress,
     ) -> EngineResult<BackupSet> {
+        let pending = self.prepare_backup(instance_id, opts)?;
+        self.run_backup_job(pending, opts, progress).await
+    }
+
+    /// Validates the request and records the job and the running backup
+    /// set. Refuses a second backup of an instance while one runs (in any
+    /// process sharing the catalog).
+    pub fn prepare_backup(
+        &self,
+        instance_id: &str,
+        opts: &BackupOptions,
+    ) -> EngineResult<PendingBackup> {
         if let Some(rate) = opts.max_rate_kb {
             if !(32..=1_048_576).contains(&rate) {
                 return Err(EngineError::Refused(format!(
@@ -68,10 +90,22 @@ impl Engine {
                 )));
             }
         }
-        let mut instance = self.catalog.get_instance(instance_id)?;
+        let instance = self.catalog.get_instance(instance_id)?;
         self.catalog.fail_orphaned_jobs()?;
+        if let Some(running) = self
+            .catalog
+            .list_backups(instance_id)?
+            .into_iter()
+            .find(|b| b.status == BackupStatus::Running)
+        {
+            return Err(EngineError::Conflict(format!(
+                "a backup of instance {instance_id} is already running (backup {}, job {})",
+                running.id,
+                running.job_id.map(|j| j.to_string()).unwrap_or_default()
+            )));
+        }
         let mut job = self.catalog.create_job("backup", Some(instance_id))?;
-        let mut set = BackupSet {
+        let set = BackupSet {
             id: new_backup_id(),
             instance_id: instance_id.to_string(),
             status: BackupStatus::Running,
@@ -93,12 +127,32 @@ impl Engine {
         };
         self.catalog.insert_backup(&set)?;
         job.backup_id = Some(set.id.clone());
+        self.catalog.update_job(&job)?;
+        Ok(PendingBackup { job, set, instance })
+    }
+
+    /// Carries out a prepared backup and records its outcome.
+    pub async fn run_backup_job(
+        &self,
+        pending: PendingBackup,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> EngineResult<BackupSet> {
+        let PendingBackup {
+            mut job,
+            mut set,
+            mut instance,
+        } = pending;
         job.state = JobState::Preparing;
         self.catalog.update_job(&job)?;
 
-        let outcome = self
-            .run_backup(&mut instance, &mut set, &mut job, opts, progress)
-            .await;
+        let outcome = match self.gc_guard(false) {
+            Ok(_guard) => {
+                self.run_backup(&mut instance, &mut set, &mut job, opts, progress)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let now = Utc::now();
         set.finished_at = Some(now);
         job.finished_at = Some(now);

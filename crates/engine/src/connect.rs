@@ -17,7 +17,7 @@ pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
                 instance.id
             ))
         })?),
-        None => None,
+        None => instance.password.clone(),
     };
     let sslmode: SslMode = instance.sslmode.parse().map_err(|_| {
         EngineError::Refused(format!(
@@ -173,5 +173,22 @@ impl crate::Engine {
             wal_segment_size: session.geometry.segment_size(),
             timeline: session.timeline,
         })
+    }
+}
+
+impl crate::Engine {
+    /// Drops the permanent replication slot WAL archiving uses, so the
+    /// server stops keeping WAL for Strata (log backup turned off, instance
+    /// deregistered). Returns whether a slot existed.
+    pub async fn drop_wal_slot(&self, instance_id: &str) -> EngineResult<bool> {
+        let instance = self.catalog.get_instance(instance_id)?;
+        let mut session = open_session(&instance).await?;
+        let slot = crate::slot_name(instance_id);
+        match session.client.drop_slot(&slot, true).await {
+            Ok(()) => Ok(true),
+            // 42704: undefined_object, the slot was never created.
+            Err(e) if e.sqlstate() == Some("42704") => Ok(false),
+            Err(e) => Err(explain(&instance, e)),
+        }
     }
 }

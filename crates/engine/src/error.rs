@@ -23,6 +23,10 @@ pub enum EngineError {
     /// directory, missing binaries...).
     #[error("{0}")]
     Refused(String),
+    /// Another job holds what this one needs (a running backup of the same
+    /// instance); retry later.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

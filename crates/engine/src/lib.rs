@@ -11,6 +11,7 @@ mod error;
 mod progress;
 mod reindex;
 mod restore;
+mod retention;
 mod segment;
 
 use std::path::PathBuf;
@@ -21,11 +22,15 @@ use strata_repo::Repository;
 
 pub use archive::{slot_name, WalReceiveOptions};
 pub use backup::BackupOptions;
+pub use backup::PendingBackup;
 pub use connect::ServerFacts;
 pub use error::{EngineError, EngineResult};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
-pub use restore::{RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions};
+pub use restore::{
+    as_user, chown_tree, RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions,
+};
+pub use retention::{pitr_anchor, plan_retention, GcGuard, RetentionPlan};
 
 /// Knobs the engine takes from the configuration file.
 #[derive(Debug, Clone)]
@@ -44,6 +49,10 @@ pub struct EngineSettings {
     pub os_user: Option<String>,
     /// Seconds to wait for a started server to finish recovery.
     pub start_timeout: std::time::Duration,
+    /// Lock file shared by every process using the same catalog, keeping
+    /// garbage collection and backups apart; `None` when only one engine
+    /// ever touches the repository.
+    pub lock_path: Option<PathBuf>,
 }
 
 impl Default for EngineSettings {
@@ -57,6 +66,7 @@ impl Default for EngineSettings {
             pg_bin_dirs: vec!["/usr/lib/postgresql/{major}/bin".into()],
             os_user: None,
             start_timeout: std::time::Duration::from_secs(300),
+            lock_path: None,
         }
     }
 }

@@ -5,6 +5,9 @@
 pub trait Progress: Send + Sync {
     fn update(&self, phase: &str, done: u64, total: Option<u64>);
     fn message(&self, text: &str);
+    /// WAL streaming position: what is received (`received`, an LSN) against
+    /// the end of WAL on the server (`server_end`), for lag reporting.
+    fn wal_position(&self, _received: u64, _server_end: u64) {}
 }
 
 /// Discards progress.

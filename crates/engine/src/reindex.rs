@@ -31,6 +31,7 @@ impl Engine {
                         port: rec.port,
                         user: rec.user.clone(),
                         password_env: rec.password_env.clone(),
+                        password: None,
                         dbname: rec.dbname.clone(),
                         sslmode: rec.sslmode.clone(),
                         sslrootcert: None,

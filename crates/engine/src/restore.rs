@@ -245,7 +245,7 @@ impl Engine {
 
     /// The OS user owning restored directories: configured, or `postgres`
     /// when running as root (PostgreSQL refuses to run as root).
-    fn os_user(&self) -> Option<String> {
+    pub fn os_user(&self) -> Option<String> {
         self.settings.os_user.clone().or_else(|| {
             // SAFETY: geteuid has no preconditions.
             (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_string())
@@ -534,7 +534,9 @@ fn accepts_tcp(port: u16) -> bool {
     .is_ok()
 }
 
-fn as_user(user: Option<&str>, program: &Path) -> Command {
+/// A command running `program` as `user` (through `runuser`) or as
+/// ourselves.
+pub fn as_user(user: Option<&str>, program: &Path) -> Command {
     match user {
         Some(u) => {
             let mut c = Command::new("runuser");
@@ -597,7 +599,8 @@ fn clean_target_dir(dir: &Path, created: bool) {
     let _ = fs::remove_dir_all(tablespace_root(dir));
 }
 
-fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
+/// Gives `root` and everything below it to the OS user `user`.
+pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
     let name = std::ffi::CString::new(user)
         .map_err(|_| EngineError::Refused(format!("invalid OS user name {user:?}")))?;
     // SAFETY: getpwnam gets a valid C string; the result is read at once.

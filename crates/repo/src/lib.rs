@@ -6,6 +6,7 @@
 //! timeline histories are sealed objects of their own. The format is versioned
 //! and specified in docs/REPOSITORY.md; this crate is its only writer.
 
+mod gc;
 pub mod manifest;
 pub mod object;
 pub mod pack;
@@ -20,6 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use gc::GcReport;
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{LocalStorage, Storage, StorageError};

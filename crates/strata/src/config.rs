@@ -24,6 +24,30 @@ pub struct Config {
     pub wal: WalConfig,
     pub restore: RestoreConfig,
     pub postgres: PostgresConfig,
+    pub server: ServerConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address `strata serve` listens on (default 127.0.0.1:8080).
+    pub listen: Option<String>,
+    /// PEM certificate chain; with `tls_key`, the API is served over HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Seconds between scheduler rounds (default 1).
+    pub tick_secs: Option<u64>,
+    /// Seconds between retention passes (default 300).
+    pub retention_interval_secs: Option<u64>,
+    /// Read limit for automatic backups in kB/s (default: none).
+    pub backup_max_rate_kb: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -77,6 +101,12 @@ impl Config {
         if let Ok(v) = std::env::var("STRATA_OS_USER") {
             config.restore.os_user = Some(v);
         }
+        if let Ok(v) = std::env::var("STRATA_LISTEN") {
+            config.server.listen = Some(v);
+        }
+        if config.server.tls_cert.is_some() != config.server.tls_key.is_some() {
+            bail!("[server] tls_cert and tls_key must be set together");
+        }
         if let Some(level) = config.compress_level {
             if !(1..=19).contains(&level) {
                 bail!("compress_level must be between 1 and 19, got {level}");
@@ -109,8 +139,30 @@ impl Config {
             .unwrap_or_else(|| self.data_dir().join("catalog.db"))
     }
 
+    pub fn listen(&self) -> String {
+        self.server
+            .listen
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:8080".into())
+    }
+
+    pub fn service_settings(&self) -> strata_service::ServiceSettings {
+        let mut s = strata_service::ServiceSettings::default();
+        if let Some(t) = self.scheduler.tick_secs {
+            s.tick = Duration::from_secs(t.max(1));
+        }
+        if let Some(t) = self.scheduler.retention_interval_secs {
+            s.retention_interval = chrono::Duration::seconds(t.max(1) as i64);
+        }
+        s.backup_max_rate_kb = self.scheduler.backup_max_rate_kb;
+        s
+    }
+
     pub fn engine_settings(&self) -> EngineSettings {
         let mut s = EngineSettings::default();
+        let mut lock = self.catalog_path().into_os_string();
+        lock.push(".lock");
+        s.lock_path = Some(lock.into());
         if let Some(ms) = self.wal.flush_interval_ms {
             s.wal_flush_interval = Duration::from_millis(ms.max(100));
         }

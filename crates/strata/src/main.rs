@@ -2,7 +2,9 @@
 //! catalog, repository and engine together, and prints results.
 
 mod config;
+mod keys;
 mod output;
+mod serve;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,6 +55,40 @@ enum Command {
     /// Work on the repository itself.
     #[command(subcommand)]
     Repo(RepoCmd),
+    /// Run the service: RDS-compatible API, scheduler, WAL archiving, retention.
+    Serve {
+        /// Address to listen on (default: [server] listen, else 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Also start a sandbox PostgreSQL with sample data and archive it.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Manage API AccessKey pairs.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Create a key pair and print it (the secret is shown only here).
+    Create {
+        /// The key may call only Describe* actions.
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print exactly {"AccessKeyId": "...", "AccessKeySecret": "..."}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List key ids (never secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a key; requests signed with it are refused from then on.
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
@@ -209,6 +245,12 @@ fn open_engine(config: &Config) -> Result<Engine> {
     }
     let catalog = SqliteCatalog::open(&catalog_path)
         .with_context(|| format!("cannot open catalog {}", catalog_path.display()))?;
+    // The catalog holds API secrets and instance passwords.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = catalog_path.clone().into_os_string();
+        p.push(suffix);
+        keys::make_private(std::path::Path::new(&p))?;
+    }
     let storage = LocalStorage::new(config.repository_dir())?;
     let mut repo = Repository::open_or_init(Arc::new(storage))?;
     if let Some(level) = config.compress_level {
@@ -258,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
                 port,
                 user,
                 password_env,
+                password: None,
                 dbname,
                 sslmode,
                 sslrootcert: sslrootcert.map(|p| p.display().to_string()),
@@ -436,6 +479,57 @@ fn run(cli: Cli) -> Result<()> {
                     report.problems.len()
                 );
             }
+        }
+        Command::Serve { listen, demo } => {
+            serve::serve(&config, engine, listen, demo)?;
+        }
+        Command::Key(KeyCmd::Create {
+            read_only,
+            description,
+            json,
+        }) => {
+            let key = keys::generate(read_only, &description);
+            engine.catalog.add_access_key(&key)?;
+            if json {
+                println!("{}", keys::pair_json(&key));
+            } else {
+                println!("AccessKeyId:     {}", key.id);
+                println!("AccessKeySecret: {}", key.secret);
+                println!(
+                    "({}; the secret is not shown again)",
+                    if read_only {
+                        "read-only: Describe* actions only"
+                    } else {
+                        "full access"
+                    }
+                );
+            }
+        }
+        Command::Key(KeyCmd::List { json }) => {
+            let list = engine.catalog.list_access_keys()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<26} {:<10} {:<20} DESCRIPTION",
+                    "ACCESS KEY ID", "ACCESS", "CREATED"
+                );
+                for k in list {
+                    println!(
+                        "{:<26} {:<10} {:<20} {}",
+                        k.id,
+                        if k.read_only { "read-only" } else { "full" },
+                        k.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        k.description
+                    );
+                }
+            }
+        }
+        Command::Key(KeyCmd::Delete { id }) => {
+            if !engine.catalog.delete_access_key(&id)? {
+                bail!("no AccessKey {id:?}");
+            }
+            println!("deleted AccessKey {id}");
         }
         Command::Repo(RepoCmd::Reindex) => {
             let report = engine.reindex()?;

@@ -1,0 +1,593 @@
+//! The RPC actions: RDS 2014-08-15 operations with PostgreSQL semantics,
+//! field names and value spellings as the official SDK models them, plus
+//! Strata's extension actions (prefixed `Strata`). Fields RDS defines that
+//! have a meaning here are filled; extension fields are prefixed `Strata`.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{json, Map, Value};
+use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState};
+use strata_service::policy::{self, format_minutes, format_seconds};
+use strata_service::{PolicyChange, Service};
+
+use crate::error::{ApiError, ApiResult};
+use crate::params::{page, Params};
+
+/// Every action Strata answers, in alphabetical order.
+pub const ACTIONS: &[&str] = &[
+    "CreateBackup",
+    "DeleteBackup",
+    "DescribeBackupPolicy",
+    "DescribeBackupTasks",
+    "DescribeBackups",
+    "DescribeBinlogFiles",
+    "DescribeDBInstanceAttribute",
+    "DescribeDBInstances",
+    "DescribeLocalAvailableRecoveryTime",
+    "ModifyBackupPolicy",
+    "StrataDeregisterDBInstance",
+    "StrataRegisterDBInstance",
+];
+
+pub fn exists(action: &str) -> bool {
+    ACTIONS.contains(&action)
+}
+
+type Fields = Map<String, Value>;
+
+fn obj(v: Value) -> Fields {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+pub async fn dispatch(svc: &Arc<Service>, action: &str, p: &Params) -> ApiResult<Fields> {
+    match action {
+        "CreateBackup" => create_backup(svc, p),
+        "DeleteBackup" => delete_backup(svc, p),
+        "DescribeBackupPolicy" => describe_backup_policy(svc, p),
+        "DescribeBackupTasks" => describe_backup_tasks(svc, p),
+        "DescribeBackups" => describe_backups(svc, p),
+        "DescribeBinlogFiles" => describe_binlog_files(svc, p),
+        "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
+        "DescribeDBInstances" => describe_instances(svc, p),
+        "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
+        "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
+        "StrataDeregisterDBInstance" => deregister_instance(svc, p).await,
+        "StrataRegisterDBInstance" => register_instance(svc, p).await,
+        other => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "InvalidAction.NotFound",
+            format!("Specified api {other} is not found."),
+        )),
+    }
+}
+
+fn instance(svc: &Service, p: &Params) -> ApiResult<Instance> {
+    let id = p.required("DBInstanceId")?;
+    Ok(svc.engine.catalog.get_instance(id)?)
+}
+
+fn not_supported(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad(code, message)
+}
+
+// ----- backups -----
+
+fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    match p.get("BackupMethod").unwrap_or("Physical") {
+        "Physical" => {}
+        "Snapshot" => return Err(not_supported(
+            "InvalidBackupMethod.NotSupported",
+            format!(
+                "Snapshot backups are not supported for instance {}; use BackupMethod Physical.",
+                inst.id
+            ),
+        )),
+        other => {
+            return Err(not_supported(
+                "InvalidBackupMethod.NotSupported",
+                format!("BackupMethod {other:?} is not supported for PostgreSQL; use Physical."),
+            ))
+        }
+    }
+    match p.get("BackupType").unwrap_or("Auto") {
+        "Auto" | "FullBackup" => {}
+        other => {
+            return Err(ApiError::bad(
+                "InvalidBackupType.Malformed",
+                format!("BackupType must be Auto or FullBackup, got {other:?}"),
+            ))
+        }
+    }
+    let job = svc.start_backup(&inst.id, "Manual")?;
+    Ok(obj(json!({"BackupJobId": job.id.to_string()})))
+}
+
+fn engine_version(v: Option<u32>) -> String {
+    v.map(|n| (n / 10000).to_string()).unwrap_or_default()
+}
+
+/// Whether RDS's rules let this set be deleted now (`StoreStatus`).
+fn deletable(
+    set: &BackupSet,
+    log_on: bool,
+    log_start: DateTime<Utc>,
+    anchor: Option<&str>,
+) -> bool {
+    if set.status == BackupStatus::Running {
+        return false;
+    }
+    if !log_on || set.status != BackupStatus::Success {
+        return true;
+    }
+    set.finished_at.unwrap_or(set.started_at) <= log_start && anchor != Some(set.id.as_str())
+}
+
+fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let start = p.time("StartTime")?;
+    let end = p.time("EndTime")?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if e <= s {
+            return Err(ApiError::bad(
+                "InvalidParameterCombination",
+                "EndTime must be later than StartTime.",
+            ));
+        }
+    }
+    let (number, size) = p.paging(&[30, 50, 100], false)?;
+    let policy = svc.policy(&inst.id)?;
+    let mut sets = svc.engine.catalog.list_backups(&inst.id)?;
+    let now = svc.now();
+    let log_start = now - Duration::days(policy.log_retention_days as i64);
+    let mut successes: Vec<&BackupSet> = sets
+        .iter()
+        .filter(|b| b.status == BackupStatus::Success)
+        .collect();
+    successes.sort_by_key(|b| (b.started_at, b.id.clone()));
+    let anchor = strata_engine::pitr_anchor(&successes, log_start);
+    let stored_total: u64 = sets.iter().map(|b| b.stored_bytes).sum();
+    sets.reverse(); // newest first, as RDS lists them
+    let matching: Vec<&BackupSet> = sets
+        .iter()
+        .filter(|b| p.get("BackupId").is_none_or(|id| b.id == id))
+        .filter(|b| p.get("BackupMode").is_none_or(|m| b.mode == m))
+        .filter(|b| p.get("BackupStatus").is_none_or(|s| b.status.as_str() == s))
+        .filter(|_| p.get("BackupType").is_none_or(|t| t == "FullBackup"))
+        .filter(|b| start.is_none_or(|s| b.started_at >= s))
+        .filter(|b| end.is_none_or(|e| b.started_at <= e))
+        .collect();
+    let items: Vec<Value> = page(&matching, number, size)
+        .into_iter()
+        .map(|b| {
+            let mut item = json!({
+                "BackupId": b.id,
+                "DBInstanceId": b.instance_id,
+                "HostInstanceID": b.instance_id,
+                "BackupStatus": b.status.as_str(),
+                "BackupStartTime": format_seconds(b.started_at),
+                "BackupEndTime": b.finished_at.map(format_seconds).unwrap_or_default(),
+                "BackupType": "FullBackup",
+                "BackupMode": b.mode,
+                "BackupMethod": "Physical",
+                "BackupInitiator": if b.mode == "Manual" { "User" } else { "System" },
+                "BackupSize": b.total_bytes,
+                "Engine": "PostgreSQL",
+                "EngineVersion": engine_version(b.pg_version_num),
+                "IsAvail": i32::from(b.status == BackupStatus::Success),
+                "StoreStatus": if deletable(b, policy.log_backup_enabled, log_start, anchor.as_deref()) { "Enabled" } else { "Disabled" },
+                "StorageClass": "0",
+                "StrataStoredSize": b.stored_bytes,
+                "StrataFileCount": b.file_count,
+            });
+            let m = item.as_object_mut().expect("object");
+            if let (Some(f), BackupStatus::Success) = (b.finished_at, b.status) {
+                m.insert("ConsistentTime".into(), json!(f.timestamp()));
+                m.insert(
+                    "ExpectExpireTime".into(),
+                    json!(format_seconds(f + Duration::days(policy.backup_retention_days as i64))),
+                );
+            }
+            if let (Some(a), Some(z)) = (b.start_lsn, b.stop_lsn) {
+                m.insert("StrataStartLsn".into(), json!(a.to_string()));
+                m.insert("StrataStopLsn".into(), json!(z.to_string()));
+            }
+            if let Some(e) = &b.error {
+                m.insert("StrataErrorMessage".into(), json!(e));
+            }
+            item
+        })
+        .collect();
+    Ok(obj(json!({
+        "Items": {"Backup": items},
+        "PageNumber": number.to_string(),
+        "PageRecordCount": items.len().to_string(),
+        "TotalRecordCount": matching.len().to_string(),
+        "TotalEcsSnapshotSize": stored_total,
+    })))
+}
+
+fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let ids: Vec<String> = p
+        .required("BackupId")?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ids.is_empty() || ids.len() > 100 {
+        return Err(ApiError::bad(
+            "InvalidBackupId.Malformed",
+            format!(
+                "BackupId must list 1 to 100 backup set ids separated by commas, got {}",
+                ids.len()
+            ),
+        ));
+    }
+    for id in &ids {
+        let set = svc.engine.catalog.get_backup(id)?;
+        if set.instance_id != inst.id {
+            return Err(strata_catalog::CatalogError::BackupNotFound(id.clone()).into());
+        }
+    }
+    svc.delete_backups(&inst.id, &ids)?;
+    Ok(Map::new())
+}
+
+fn job_status_matches(filter: &str, state: JobState) -> bool {
+    match filter {
+        "Progressing" => matches!(
+            state,
+            JobState::Preparing | JobState::Waiting | JobState::Uploading | JobState::Checking
+        ),
+        other => state.as_str() == other,
+    }
+}
+
+fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let job_id = p.int("BackupJobId")?;
+    let jobs: Vec<Job> = svc
+        .engine
+        .catalog
+        .list_jobs(Some(&inst.id))?
+        .into_iter()
+        .rev()
+        .filter(|j| j.kind == "backup")
+        .filter(|j| job_id.is_none_or(|id| j.id == id))
+        .filter(|j| {
+            p.get("BackupJobStatus")
+                .is_none_or(|s| job_status_matches(s, j.state))
+        })
+        .collect();
+    if let (Some(id), true) = (job_id, jobs.is_empty()) {
+        svc.engine.catalog.get_job(id)?; // 404 for an unknown id
+    }
+    let mut items = Vec::new();
+    for j in jobs {
+        let set = j
+            .backup_id
+            .as_deref()
+            .and_then(|b| svc.engine.catalog.get_backup(b).ok());
+        let mode = set
+            .as_ref()
+            .map(|s| s.mode.clone())
+            .unwrap_or_else(|| "Manual".into());
+        if p.get("BackupMode").is_some_and(|m| m != mode) {
+            continue;
+        }
+        let mut item = json!({
+            "BackupJobId": j.id.to_string(),
+            "BackupId": j.backup_id.clone().unwrap_or_default(),
+            "BackupStatus": j.state.as_str(),
+            "BackupProgressStatus": j.state.as_str(),
+            "Process": format!("{}%", j.progress),
+            "JobMode": mode,
+            "TaskAction": "NormalBackupTask",
+            "StrataStartTime": format_seconds(j.started_at),
+        });
+        let m = item.as_object_mut().expect("object");
+        if let Some(f) = j.finished_at {
+            m.insert("StrataEndTime".into(), json!(format_seconds(f)));
+        }
+        if let Some(e) = &j.error {
+            m.insert("StrataErrorMessage".into(), json!(e));
+        }
+        items.push(item);
+        if items.len() == 100 {
+            break;
+        }
+    }
+    Ok(obj(json!({"Items": {"BackupJob": items}})))
+}
+
+// ----- policy -----
+
+fn policy_mode(p: &Params) -> ApiResult<&str> {
+    match p.get("BackupPolicyMode").unwrap_or("DataBackupPolicy") {
+        m @ ("DataBackupPolicy" | "LogBackupPolicy") => Ok(m),
+        other => Err(ApiError::bad(
+            "InvalidBackupPolicyMode.Malformed",
+            format!("BackupPolicyMode must be DataBackupPolicy or LogBackupPolicy, got {other:?}"),
+        )),
+    }
+}
+
+fn describe_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    policy_mode(p)?;
+    let pol = svc.policy(&inst.id)?;
+    let next = policy::next_backup_time(&pol, svc.now());
+    Ok(obj(json!({
+        "BackupRetentionPeriod": pol.backup_retention_days,
+        "PreferredBackupPeriod": pol.backup_days.join(","),
+        "PreferredBackupTime": pol.backup_window,
+        "PreferredNextBackupTime": next.map(format_minutes).unwrap_or_default(),
+        "BackupLog": if pol.log_backup_enabled { "Enable" } else { "Disabled" },
+        "EnableBackupLog": if pol.log_backup_enabled { "1" } else { "0" },
+        "LogBackupRetentionPeriod": pol.log_retention_days,
+        "BackupMethod": "Physical",
+        "Category": "Standard",
+    })))
+}
+
+async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    policy_mode(p)?;
+    if p.get("Category").is_some_and(|c| c != "Standard") {
+        return Err(not_supported(
+            "InvalidCategory.NotSupported",
+            "Backup within seconds (Category Flash) is not supported; use Standard.",
+        ));
+    }
+    if p.get("BackupMethod").is_some_and(|m| m != "Physical") {
+        return Err(not_supported(
+            "InvalidBackupMethod.NotSupported",
+            "Only Physical backups are supported for this instance.",
+        ));
+    }
+    let log = match p.bool("EnableBackupLog")? {
+        Some(v) => Some(v),
+        None => p.bool("BackupLog")?,
+    };
+    let change = PolicyChange {
+        backup_days: p.get("PreferredBackupPeriod").map(str::to_string),
+        backup_window: p.get("PreferredBackupTime").map(str::to_string),
+        backup_retention_days: p.get("BackupRetentionPeriod").map(str::to_string),
+        log_backup_enabled: log,
+        log_retention_days: p.get("LogBackupRetentionPeriod").map(str::to_string),
+    };
+    let pol = svc.modify_policy(&inst.id, change).await?;
+    Ok(obj(json!({
+        "DBInstanceID": inst.id,
+        "EnableBackupLog": if pol.log_backup_enabled { "1" } else { "0" },
+        "StrataPreferredNextBackupTime": policy::next_backup_time(&pol, svc.now()).map(format_minutes).unwrap_or_default(),
+    })))
+}
+
+// ----- log backups -----
+
+fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    p.required("StartTime")?;
+    p.required("EndTime")?;
+    let start = p.time("StartTime")?.expect("required");
+    let end = p.time("EndTime")?.expect("required");
+    if end <= start {
+        return Err(ApiError::bad(
+            "InvalidParameterCombination",
+            "EndTime must be later than StartTime.",
+        ));
+    }
+    let (number, size) = p.paging(&[30, 100], true)?;
+    let rows = svc.engine.catalog.list_wal_segments(&inst.id)?;
+    // A complete segment supersedes the partial one of the same name.
+    let complete: std::collections::HashSet<(u32, String)> = rows
+        .iter()
+        .filter(|w| !w.partial)
+        .map(|w| (w.timeline.0, w.segment.clone()))
+        .collect();
+    let matching: Vec<_> = rows
+        .iter()
+        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
+        .filter(|w| {
+            let begin = w.first_commit.unwrap_or(w.stored_at);
+            let finish = w.last_commit.unwrap_or(w.stored_at);
+            finish >= start && begin <= end
+        })
+        .collect();
+    let total_size: u64 = matching.iter().map(|w| w.size).sum();
+    let items: Vec<Value> = page(&matching, number, size)
+        .into_iter()
+        .map(|w| {
+            json!({
+                "LogFileName": if w.partial { format!("{}.partial", w.segment) } else { w.segment.clone() },
+                "LogBeginTime": format_seconds(w.first_commit.unwrap_or(w.stored_at)),
+                "LogEndTime": format_seconds(w.last_commit.unwrap_or(w.stored_at)),
+                "FileSize": w.size,
+                "Checksum": w.checksum,
+                "HostInstanceID": w.instance_id,
+                "RemoteStatus": if w.partial { "Uploading" } else { "Completed" },
+                "StrataTimeline": w.timeline.0,
+                "StrataBeginLsn": w.begin_lsn.to_string(),
+                "StrataEndLsn": w.end_lsn.to_string(),
+                "StrataCommitCount": w.commit_count,
+            })
+        })
+        .collect();
+    Ok(obj(json!({
+        "Items": {"BinLogFile": items},
+        "PageNumber": number,
+        "PageRecordCount": items.len(),
+        "TotalRecordCount": matching.len(),
+        "TotalFileSize": total_size,
+    })))
+}
+
+fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let window = svc.recovery_window(&inst.id)?;
+    Ok(obj(json!({
+        "DBInstanceId": inst.id,
+        "RecoveryBeginTime": window.map(|w| format_seconds(w.0)).unwrap_or_default(),
+        "RecoveryEndTime": window.map(|w| format_seconds(w.1)).unwrap_or_default(),
+    })))
+}
+
+// ----- instances -----
+
+fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
+    let wal = svc.wal_state(&i.id);
+    let pol = svc.policy(&i.id)?;
+    let receiver = if !pol.log_backup_enabled {
+        "Off".to_string()
+    } else if wal.running && wal.last_message.is_some() {
+        "Streaming".to_string()
+    } else if let Some(e) = &wal.last_error {
+        format!("Retrying: {e}")
+    } else {
+        "Starting".to_string()
+    };
+    let last_backup = svc
+        .engine
+        .catalog
+        .list_backups(&i.id)?
+        .into_iter()
+        .filter(|b| b.status == BackupStatus::Success)
+        .filter_map(|b| b.finished_at)
+        .max();
+    Ok(json!({
+        "DBInstanceId": i.id,
+        "DBInstanceDescription": i.id,
+        "Engine": "PostgreSQL",
+        "EngineVersion": engine_version(i.pg_version_num),
+        "DBInstanceStatus": "Running",
+        "DBInstanceType": "Primary",
+        "ConnectionString": i.host,
+        "Port": i.port.to_string(),
+        "CreateTime": format_seconds(i.created_at),
+        "CreationTime": format_seconds(i.created_at),
+        "RegionId": "local",
+        "StrataUser": i.user,
+        "StrataDBName": i.dbname.clone().unwrap_or_default(),
+        "StrataSSLMode": i.sslmode,
+        "StrataSystemIdentifier": i.system_identifier.map(|s| s.to_string()).unwrap_or_default(),
+        "StrataWalReceiver": receiver,
+        "StrataLastBackupTime": last_backup.map(format_seconds).unwrap_or_default(),
+    }))
+}
+
+fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let (number, size) = p.paging(&[30, 100], true)?;
+    let wanted: Option<Vec<&str>> = p
+        .get("DBInstanceId")
+        .map(|s| s.split(',').map(str::trim).collect());
+    if p.get("Engine")
+        .is_some_and(|e| !e.eq_ignore_ascii_case("PostgreSQL"))
+    {
+        return Ok(obj(
+            json!({"Items": {"DBInstance": []}, "PageNumber": number, "PageRecordCount": 0, "TotalRecordCount": 0}),
+        ));
+    }
+    let all: Vec<Instance> = svc
+        .engine
+        .catalog
+        .list_instances()?
+        .into_iter()
+        .filter(|i| wanted.as_ref().is_none_or(|w| w.contains(&i.id.as_str())))
+        .collect();
+    let items = page(&all, number, size)
+        .iter()
+        .map(|i| instance_fields(svc, i))
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(obj(json!({
+        "Items": {"DBInstance": items},
+        "PageNumber": number,
+        "PageRecordCount": items.len(),
+        "TotalRecordCount": all.len(),
+    })))
+}
+
+fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let mut items = Vec::new();
+    for id in p
+        .required("DBInstanceId")?
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let i = svc.engine.catalog.get_instance(id)?;
+        items.push(instance_fields(svc, &i)?);
+    }
+    Ok(obj(json!({"Items": {"DBInstanceAttribute": items}})))
+}
+
+/// Instance ids become replication slot and object key parts.
+pub fn valid_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let id = p.required("DBInstanceId")?;
+    if !valid_instance_id(id) {
+        return Err(ApiError::bad(
+            "InvalidDBInstanceId.Malformed",
+            format!(
+                "DBInstanceId {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)"
+            ),
+        ));
+    }
+    let port = match p.int("Port")? {
+        None => 5432,
+        Some(n) if (1..=65535).contains(&n) => n as u16,
+        Some(n) => {
+            return Err(ApiError::bad(
+                "InvalidPort.Malformed",
+                format!("Port must be 1 to 65535, got {n}"),
+            ))
+        }
+    };
+    let sslmode = p.get("SSLMode").unwrap_or("prefer").to_string();
+    if sslmode.parse::<pg_replication::SslMode>().is_err() {
+        return Err(ApiError::bad(
+            "InvalidSSLMode.Malformed",
+            format!("SSLMode must be disable, allow, prefer, require, verify-ca or verify-full, got {sslmode:?}"),
+        ));
+    }
+    let instance = Instance {
+        id: id.to_string(),
+        host: p.required("Host")?.to_string(),
+        port,
+        user: p.required("User")?.to_string(),
+        password_env: None,
+        password: p.get("Password").map(str::to_string),
+        dbname: p.get("DBName").map(str::to_string),
+        sslmode,
+        sslrootcert: p.get("SSLRootCert").map(str::to_string),
+        system_identifier: None,
+        pg_version_num: None,
+        wal_segment_size: None,
+        created_at: Utc::now(),
+    };
+    let registered = svc.register_instance(instance).await?;
+    Ok(obj(json!({
+        "DBInstanceId": registered.id,
+        "EngineVersion": engine_version(registered.pg_version_num),
+        "StrataSystemIdentifier": registered.system_identifier.map(|s| s.to_string()).unwrap_or_default(),
+    })))
+}
+
+async fn deregister_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    svc.deregister_instance(&inst.id).await?;
+    Ok(obj(json!({"DBInstanceId": inst.id})))
+}

@@ -1,0 +1,72 @@
+//! Who is calling: the request's signature (V3 `ACS3-HMAC-SHA256` or V2
+//! `HMAC-SHA1`) checked against the AccessKey secret in the catalog, its
+//! timestamp within 15 minutes of the server clock, its nonce never seen
+//! before inside that window.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use acs_signature::RequestParts;
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, Utc};
+use strata_catalog::Catalog;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Clock skew a signed request may have, and so how long a nonce is kept.
+pub const MAX_SKEW_MINUTES: i64 = 15;
+
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub access_key_id: String,
+    pub read_only: bool,
+}
+
+/// Nonces seen within the skew window, per AccessKey.
+#[derive(Default)]
+pub struct NonceCache {
+    seen: Mutex<HashMap<(String, String), DateTime<Utc>>>,
+}
+
+impl NonceCache {
+    /// Records a nonce; false when it was already used.
+    fn admit(&self, key_id: &str, nonce: &str, now: DateTime<Utc>) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 10_000 {
+            let horizon = now - Duration::minutes(2 * MAX_SKEW_MINUTES);
+            seen.retain(|_, t| *t > horizon);
+        }
+        seen.insert((key_id.to_string(), nonce.to_string()), now)
+            .is_none()
+    }
+}
+
+pub fn authenticate(
+    catalog: &dyn Catalog,
+    nonces: &NonceCache,
+    req: &RequestParts,
+) -> ApiResult<Principal> {
+    let claim = acs_signature::parse(req)?;
+    let key = catalog
+        .get_access_key(&claim.access_key_id)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "InvalidAccessKeyId.NotFound",
+                "Specified access key is not found.",
+            )
+        })?;
+    claim.verify(req, &key.secret)?;
+    let now = Utc::now();
+    claim.check_time(now, Duration::minutes(MAX_SKEW_MINUTES))?;
+    if !nonces.admit(&key.id, &claim.nonce, now) {
+        return Err(ApiError::bad(
+            "SignatureNonceUsed",
+            "Specified signature nonce was used already.",
+        ));
+    }
+    Ok(Principal {
+        access_key_id: key.id,
+        read_only: key.read_only,
+    })
+}

@@ -1,0 +1,200 @@
+//! The parameters of one RPC call, with RDS's spellings of booleans,
+//! integers and times, and the error codes RDS gives for bad ones.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use crate::error::{ApiError, ApiResult};
+
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn new(pairs: Vec<(String, String)>) -> Self {
+        Params(pairs)
+    }
+
+    /// The value of `name`; empty values count as absent, as in RDS.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn required(&self, name: &str) -> ApiResult<&str> {
+        self.get(name).ok_or_else(|| ApiError::missing(name))
+    }
+
+    /// `True`/`False`, `true`/`false`, `1`/`0`, `Enable`/`Disable(d)`.
+    pub fn bool(&self, name: &str) -> ApiResult<Option<bool>> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        match v.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "enable" | "enabled" | "on" => Ok(Some(true)),
+            "false" | "0" | "disable" | "disabled" | "off" => Ok(Some(false)),
+            _ => Err(ApiError::bad(
+                &format!("Invalid{name}.Malformed"),
+                format!("{name} must be True or False (or 1/0), got {v:?}"),
+            )),
+        }
+    }
+
+    pub fn int(&self, name: &str) -> ApiResult<Option<i64>> {
+        self.get(name)
+            .map(|v| {
+                v.trim().parse().map_err(|_| {
+                    ApiError::bad(
+                        &format!("Invalid{name}.Malformed"),
+                        format!("{name} must be an integer, got {v:?}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// A UTC time as `yyyy-MM-ddTHH:mmZ` or `yyyy-MM-ddTHH:mm:ssZ`.
+    pub fn time(&self, name: &str) -> ApiResult<Option<DateTime<Utc>>> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        parse_time(v).map(Some).ok_or_else(|| {
+            ApiError::bad(
+                &format!("Invalid{name}.Format"),
+                format!("{name} must be a UTC time written yyyy-MM-ddTHH:mmZ or yyyy-MM-ddTHH:mm:ssZ, got {v:?}"),
+            )
+        })
+    }
+
+    /// `PageNumber` (≥ 1, default 1) and `PageSize` (one of `sizes`, or any
+    /// value in `sizes[0]..=sizes[1]` when `range` is set).
+    pub fn paging(&self, sizes: &[i64], range: bool) -> ApiResult<(usize, usize)> {
+        let number = self.int("PageNumber")?.unwrap_or(1);
+        if number < 1 {
+            return Err(ApiError::bad(
+                "InvalidPageNumber.Malformed",
+                format!("PageNumber must be 1 or more, got {number}"),
+            ));
+        }
+        let size = self.int("PageSize")?.unwrap_or(sizes[0]);
+        let ok = if range {
+            (sizes[0]..=sizes[sizes.len() - 1]).contains(&size)
+        } else {
+            sizes.contains(&size)
+        };
+        if !ok {
+            let allowed = if range {
+                format!("{} to {}", sizes[0], sizes[sizes.len() - 1])
+            } else {
+                sizes
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(ApiError::bad(
+                "InvalidPageSize.Malformed",
+                format!("PageSize must be {allowed}, got {size}"),
+            ));
+        }
+        Ok((number as usize, size as usize))
+    }
+}
+
+pub fn parse_time(v: &str) -> Option<DateTime<Utc>> {
+    let v = v.trim();
+    ["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%MZ"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(v, f).ok())
+        .map(|t| t.and_utc())
+}
+
+/// One page of `items` (1-based page number).
+pub fn page<T: Clone>(items: &[T], number: usize, size: usize) -> Vec<T> {
+    items
+        .iter()
+        .skip((number - 1).saturating_mul(size))
+        .take(size)
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Params {
+        Params::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn booleans_in_every_spelling() {
+        for (v, want) in [
+            ("True", true),
+            ("true", true),
+            ("1", true),
+            ("False", false),
+            ("0", false),
+            ("Disabled", false),
+        ] {
+            assert_eq!(p(&[("X", v)]).bool("X").unwrap(), Some(want), "{v}");
+        }
+        assert_eq!(
+            p(&[("X", "yes please")]).bool("X").unwrap_err().code,
+            "InvalidX.Malformed"
+        );
+        assert_eq!(p(&[]).bool("X").unwrap(), None);
+    }
+
+    #[test]
+    fn times_and_paging() {
+        assert_eq!(
+            parse_time("2026-11-25T10:00Z").unwrap().to_rfc3339(),
+            "2026-11-25T10:00:00+00:00"
+        );
+        assert_eq!(
+            parse_time("2026-11-25T10:00:07Z").unwrap().to_rfc3339(),
+            "2026-11-25T10:00:07+00:00"
+        );
+        assert!(parse_time("2026-11-25 10:00").is_none());
+        assert_eq!(
+            p(&[("StartTime", "yesterday")])
+                .time("StartTime")
+                .unwrap_err()
+                .code,
+            "InvalidStartTime.Format"
+        );
+        assert_eq!(
+            p(&[("PageSize", "50")])
+                .paging(&[30, 50, 100], false)
+                .unwrap(),
+            (1, 50)
+        );
+        assert_eq!(
+            p(&[("PageSize", "40")])
+                .paging(&[30, 50, 100], false)
+                .unwrap_err()
+                .code,
+            "InvalidPageSize.Malformed"
+        );
+        assert_eq!(
+            p(&[("PageSize", "40")]).paging(&[30, 100], true).unwrap(),
+            (1, 40)
+        );
+        assert_eq!(
+            p(&[("PageNumber", "0")])
+                .paging(&[30], false)
+                .unwrap_err()
+                .code,
+            "InvalidPageNumber.Malformed"
+        );
+        assert_eq!(page(&[1, 2, 3, 4, 5], 2, 2), vec![3, 4]);
+        assert!(page(&[1, 2, 3], 3, 2).is_empty());
+    }
+}

@@ -1,0 +1,619 @@
+//! Strata's service core, what `strata serve` runs besides its HTTP front:
+//! backup policies per instance, the scheduler that starts automatic backups
+//! inside each policy's window, the job workers, one WAL receiver per
+//! instance with log backup on (restarted with backoff), retention with
+//! garbage collection, and the figures `/metrics` exports.
+//!
+//! Time comes from a [`Clock`], so tests can walk the scheduler through
+//! days and weeks; [`Service::tick`] does one round of everything.
+
+mod clock;
+mod metrics;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use strata_catalog::{BackupPolicy, BackupStatus, CatalogError, Instance, Job, JobState};
+use strata_engine::{
+    BackupOptions, Engine, EngineError, NoProgress, Progress, RetentionPlan, WalReceiveOptions,
+};
+use strata_repo::GcReport;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use policy::PolicyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+impl From<CatalogError> for ServiceError {
+    fn from(e: CatalogError) -> Self {
+        ServiceError::Engine(EngineError::Catalog(e))
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// Knobs of the service loop.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// How often the scheduler looks at every instance.
+    pub tick: Duration,
+    /// How often retention runs (by the service clock).
+    pub retention_interval: chrono::Duration,
+    /// Longest wait before a failed WAL receiver is started again.
+    pub receiver_backoff_max: Duration,
+    /// Read limit for automatic backups (kB/s), `None` for no limit.
+    pub backup_max_rate_kb: Option<u32>,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            tick: Duration::from_secs(1),
+            retention_interval: chrono::Duration::minutes(5),
+            receiver_backoff_max: Duration::from_secs(60),
+            backup_max_rate_kb: None,
+        }
+    }
+}
+
+/// A policy change as the API receives it; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyChange {
+    pub backup_days: Option<String>,
+    pub backup_window: Option<String>,
+    pub backup_retention_days: Option<String>,
+    pub log_backup_enabled: Option<bool>,
+    pub log_retention_days: Option<String>,
+}
+
+/// Live state of one instance's WAL receiver.
+#[derive(Debug, Clone, Default)]
+pub struct WalReceiverState {
+    pub running: bool,
+    /// LSN received and stored so far, and the server's end of WAL.
+    pub received: u64,
+    pub server_end: u64,
+    pub last_message: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub restarts: u64,
+}
+
+struct ReceiverTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct BackupTask {
+    job_id: i64,
+    task: JoinHandle<()>,
+}
+
+/// Records a receiver's position for `/metrics`.
+struct WalProgress {
+    instance_id: String,
+    states: Arc<Mutex<HashMap<String, WalReceiverState>>>,
+}
+
+impl Progress for WalProgress {
+    fn update(&self, _: &str, _: u64, _: Option<u64>) {}
+
+    fn message(&self, text: &str) {
+        tracing::info!(instance = %self.instance_id, "{text}");
+    }
+
+    fn wal_position(&self, received: u64, server_end: u64) {
+        let mut states = lock(&self.states);
+        let s = states.entry(self.instance_id.clone()).or_default();
+        s.received = received;
+        s.server_end = server_end.max(received);
+        s.last_message = Some(Utc::now());
+        s.last_error = None;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct Service {
+    pub engine: Engine,
+    clock: Arc<dyn Clock>,
+    settings: ServiceSettings,
+    receivers: Mutex<HashMap<String, ReceiverTask>>,
+    wal_states: Arc<Mutex<HashMap<String, WalReceiverState>>>,
+    backups: Mutex<HashMap<String, BackupTask>>,
+    last_retention: Mutex<Option<DateTime<Utc>>>,
+    gc_due: AtomicBool,
+    last_gc: Mutex<Option<(DateTime<Utc>, GcReport)>>,
+    started: Instant,
+}
+
+impl Service {
+    pub fn new(engine: Engine, clock: Arc<dyn Clock>, settings: ServiceSettings) -> Arc<Self> {
+        Arc::new(Service {
+            engine,
+            clock,
+            settings,
+            receivers: Mutex::new(HashMap::new()),
+            wal_states: Arc::new(Mutex::new(HashMap::new())),
+            backups: Mutex::new(HashMap::new()),
+            last_retention: Mutex::new(None),
+            gc_due: AtomicBool::new(true),
+            last_gc: Mutex::new(None),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// The policy of an instance; an instance without one gets the default.
+    pub fn policy(&self, instance_id: &str) -> ServiceResult<BackupPolicy> {
+        self.engine.catalog.get_instance(instance_id)?;
+        if let Some(p) = self.engine.catalog.get_policy(instance_id)? {
+            return Ok(p);
+        }
+        let p = policy::default_policy(instance_id, self.now());
+        self.engine.catalog.put_policy(&p)?;
+        Ok(p)
+    }
+
+    /// Validates and stores a policy change. Turning log backup off stops
+    /// the WAL receiver, drops its replication slot and deletes every log
+    /// backup no data backup needs, ending point-in-time recovery.
+    pub async fn modify_policy(
+        &self,
+        instance_id: &str,
+        change: PolicyChange,
+    ) -> ServiceResult<BackupPolicy> {
+        let mut p = self.policy(instance_id)?;
+        if let Some(days) = &change.backup_days {
+            p.backup_days = policy::parse_days(days)?;
+        }
+        if let Some(window) = &change.backup_window {
+            policy::parse_window(window)?;
+            p.backup_window = window.trim().to_string();
+        }
+        if let Some(days) = &change.backup_retention_days {
+            p.backup_retention_days = policy::check_data_retention(policy::parse_days_count(
+                days,
+                "InvalidBackupRetentionPeriod.Malformed",
+                "BackupRetentionPeriod",
+            )?)?;
+        }
+        if let Some(days) = &change.log_retention_days {
+            p.log_retention_days = policy::parse_days_count(
+                days,
+                "InvalidLogBackupRetentionPeriod.Malformed",
+                "LogBackupRetentionPeriod",
+            )?;
+        }
+        policy::check_log_retention(p.log_retention_days, p.backup_retention_days)?;
+        let turning_off = p.log_backup_enabled && change.log_backup_enabled == Some(false);
+        if let Some(on) = change.log_backup_enabled {
+            p.log_backup_enabled = on;
+        }
+        p.updated_at = self.now();
+        self.engine.catalog.put_policy(&p)?;
+        if turning_off {
+            self.stop_receiver(instance_id).await;
+            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+                tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+            }
+            let plan = self.engine.apply_retention(&p, self.now())?;
+            tracing::info!(
+                instance = %instance_id,
+                "log backup turned off: {} WAL segments deleted",
+                plan.wal.len()
+            );
+            self.gc_due.store(true, Ordering::SeqCst);
+        }
+        Ok(p)
+    }
+
+    /// Checks the server can be backed up, then registers it with the
+    /// default policy. Its first backup and WAL receiver start at the next
+    /// tick.
+    pub async fn register_instance(&self, mut instance: Instance) -> ServiceResult<Instance> {
+        if self.engine.catalog.get_instance(&instance.id).is_ok() {
+            return Err(CatalogError::InstanceExists(instance.id.clone()).into());
+        }
+        let facts = self.engine.probe(&instance).await?;
+        instance.system_identifier = Some(facts.system_id);
+        instance.pg_version_num = Some(facts.pg_version_num);
+        instance.wal_segment_size = Some(facts.wal_segment_size);
+        self.engine.add_instance(&instance)?;
+        self.policy(&instance.id)?;
+        Ok(instance)
+    }
+
+    /// Stops archiving an instance and forgets it. Its backup sets stay in
+    /// the repository (and in the catalog) until deleted.
+    pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
+        self.engine.catalog.get_instance(instance_id)?;
+        if lock(&self.backups).contains_key(instance_id) {
+            return Err(EngineError::Conflict(format!(
+                "a backup of instance {instance_id} is running; wait for it to finish"
+            ))
+            .into());
+        }
+        self.stop_receiver(instance_id).await;
+        if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+            tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+        }
+        self.engine.catalog.delete_instance(instance_id)?;
+        lock(&self.wal_states).remove(instance_id);
+        Ok(())
+    }
+
+    /// Starts a backup job and returns it at once; the backup runs in the
+    /// background. Refused while another backup of the instance runs.
+    pub fn start_backup(self: &Arc<Self>, instance_id: &str, mode: &str) -> ServiceResult<Job> {
+        let opts = BackupOptions {
+            mode: mode.to_string(),
+            max_rate_kb: if mode == "Automated" {
+                self.settings.backup_max_rate_kb
+            } else {
+                None
+            },
+        };
+        let pending = self.engine.prepare_backup(instance_id, &opts)?;
+        let job = pending.job.clone();
+        let svc = Arc::clone(self);
+        let id = instance_id.to_string();
+        let task = tokio::spawn(async move {
+            match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
+                Ok(set) => tracing::info!(instance = %id, backup = %set.id, "backup finished"),
+                Err(e) => tracing::warn!(instance = %id, "backup failed: {e}"),
+            }
+            lock(&svc.backups).remove(&id);
+            svc.gc_due.store(true, Ordering::SeqCst);
+        });
+        lock(&self.backups).insert(
+            instance_id.to_string(),
+            BackupTask {
+                job_id: job.id,
+                task,
+            },
+        );
+        Ok(job)
+    }
+
+    /// Deletes backup sets by RDS's rules: never a running one; with log
+    /// backup on, only sets finished before the log retention window, and
+    /// never the one the oldest recoverable point restores from.
+    pub fn delete_backups(&self, instance_id: &str, ids: &[String]) -> ServiceResult<()> {
+        let p = self.policy(instance_id)?;
+        let backups = self.engine.catalog.list_backups(instance_id)?;
+        let now = self.now();
+        let log_start = now - chrono::Duration::days(p.log_retention_days as i64);
+        let mut successes: Vec<_> = backups
+            .iter()
+            .filter(|b| b.status == BackupStatus::Success)
+            .collect();
+        successes.sort_by_key(|b| (b.started_at, b.id.clone()));
+        let anchor = strata_engine::pitr_anchor(&successes, log_start);
+        for id in ids {
+            let Some(set) = backups.iter().find(|b| &b.id == id) else {
+                return Err(CatalogError::BackupNotFound(id.clone()).into());
+            };
+            if set.status == BackupStatus::Running {
+                return Err(EngineError::Conflict(format!("backup {id} is still running")).into());
+            }
+            if p.log_backup_enabled && set.status == BackupStatus::Success {
+                if set.finished_at.unwrap_or(set.started_at) > log_start {
+                    return Err(PolicyError {
+                        code: "IncorrectBackupSetState",
+                        message: format!(
+                            "backup {id} is inside the log backup retention period ({} days); with log backup on only older backup sets can be deleted",
+                            p.log_retention_days
+                        ),
+                    }
+                    .into());
+                }
+                if anchor.as_deref() == Some(id.as_str()) {
+                    return Err(PolicyError {
+                        code: "IncorrectBackupSetState",
+                        message: format!(
+                            "backup {id} is the base of the oldest point in time still recoverable; it goes when a newer one leaves the log retention period"
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
+        for id in ids {
+            self.engine.delete_backup_set(id)?;
+        }
+        self.gc_due.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// One round: automatic backups due, WAL receivers, retention, garbage
+    /// collection.
+    pub async fn tick(self: &Arc<Self>) {
+        if let Err(e) = self.engine.catalog.fail_orphaned_jobs() {
+            tracing::warn!("checking for orphaned jobs: {e}");
+        }
+        let instances = match self.engine.catalog.list_instances() {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!("listing instances: {e}");
+                return;
+            }
+        };
+        let now = self.now();
+        let retention_due = {
+            let mut last = lock(&self.last_retention);
+            let due = last.is_none_or(|t| now - t >= self.settings.retention_interval || now < t);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        for instance in &instances {
+            if let Err(e) = self.tick_instance(instance, now, retention_due).await {
+                tracing::warn!(instance = %instance.id, "scheduler: {e}");
+            }
+        }
+        self.reap_receivers();
+        if self.gc_due.load(Ordering::SeqCst) && lock(&self.backups).is_empty() {
+            self.gc_due.store(false, Ordering::SeqCst);
+            let engine = self.engine.clone();
+            match tokio::task::spawn_blocking(move || engine.collect_garbage()).await {
+                Ok(Ok(Some(report))) => {
+                    if report.packs_deleted > 0 {
+                        tracing::info!("garbage collection deleted {} packs", report.packs_deleted);
+                    }
+                    *lock(&self.last_gc) = Some((now, report));
+                }
+                // A backup in another process holds the lock: try again later.
+                Ok(Ok(None)) => self.gc_due.store(true, Ordering::SeqCst),
+                Ok(Err(e)) => tracing::warn!("garbage collection: {e}"),
+                Err(e) => tracing::warn!("garbage collection task: {e}"),
+            }
+        }
+    }
+
+    async fn tick_instance(
+        self: &Arc<Self>,
+        instance: &Instance,
+        now: DateTime<Utc>,
+        retention_due: bool,
+    ) -> ServiceResult<()> {
+        let mut p = self.policy(&instance.id)?;
+        let running_here = lock(&self.backups).contains_key(&instance.id);
+        if !running_here {
+            let backups = self.engine.catalog.list_backups(&instance.id)?;
+            let running_elsewhere = backups.iter().any(|b| b.status == BackupStatus::Running);
+            let first = backups.is_empty() && p.last_auto_slot.is_none();
+            let due = policy::due_slot(&p, now);
+            if !running_elsewhere && (first || due.is_some()) {
+                // Recorded before starting, so a failing backup is not
+                // retried in a loop; the next window tries again.
+                p.last_auto_slot = Some(due.unwrap_or(now));
+                self.engine.catalog.put_policy(&p)?;
+                match self.start_backup(&instance.id, "Automated") {
+                    Ok(job) => tracing::info!(
+                        instance = %instance.id,
+                        job = job.id,
+                        "automatic backup started{}",
+                        if first { " (first backup)" } else { "" }
+                    ),
+                    Err(e) => tracing::warn!(instance = %instance.id, "automatic backup: {e}"),
+                }
+            }
+        }
+        if p.log_backup_enabled {
+            self.ensure_receiver(&instance.id);
+        } else if lock(&self.receivers).contains_key(&instance.id) {
+            self.stop_receiver(&instance.id).await;
+        }
+        if retention_due {
+            let plan: RetentionPlan = self.engine.apply_retention(&p, now)?;
+            if !plan.is_empty() {
+                tracing::info!(
+                    instance = %instance.id,
+                    "retention deleted {} backup sets and {} WAL segments",
+                    plan.backups.len(),
+                    plan.wal.len()
+                );
+                self.gc_due.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_receiver(&self, instance_id: &str) {
+        let mut receivers = lock(&self.receivers);
+        if receivers.contains_key(instance_id) {
+            return;
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let engine = self.engine.clone();
+        let states = Arc::clone(&self.wal_states);
+        let id = instance_id.to_string();
+        let backoff_max = self.settings.receiver_backoff_max;
+        let task = tokio::spawn(async move {
+            let progress = WalProgress {
+                instance_id: id.clone(),
+                states: Arc::clone(&states),
+            };
+            let mut delay = Duration::from_secs(1);
+            loop {
+                lock(&states).entry(id.clone()).or_default().running = true;
+                let outcome = engine
+                    .receive_wal(
+                        &id,
+                        stop_rx.clone(),
+                        WalReceiveOptions::default(),
+                        &progress,
+                    )
+                    .await;
+                {
+                    let mut st = lock(&states);
+                    let s = st.entry(id.clone()).or_default();
+                    s.running = false;
+                    if let Err(e) = &outcome {
+                        s.last_error = Some(e.to_string());
+                        s.restarts += 1;
+                    }
+                }
+                if *stop_rx.borrow() {
+                    return;
+                }
+                if let Err(e) = outcome {
+                    tracing::warn!(instance = %id, "WAL receiver stopped: {e}; restarting in {}s", delay.as_secs());
+                }
+                let mut stop_wait = stop_rx.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop_wait.changed() => return,
+                }
+                delay = (delay * 2).min(backoff_max);
+            }
+        });
+        receivers.insert(instance_id.to_string(), ReceiverTask { stop, task });
+    }
+
+    /// Forgets receivers whose task ended on its own (instance gone).
+    fn reap_receivers(&self) {
+        lock(&self.receivers).retain(|_, r| !r.task.is_finished());
+    }
+
+    async fn stop_receiver(&self, instance_id: &str) {
+        let task = lock(&self.receivers).remove(instance_id);
+        if let Some(r) = task {
+            let _ = r.stop.send(true);
+            if tokio::time::timeout(Duration::from_secs(30), r.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(instance = %instance_id, "WAL receiver did not stop within 30 s");
+            }
+        }
+    }
+
+    /// Runs the scheduler until `shutdown` turns true, then stops every WAL
+    /// receiver (flushing the partial segment) and records running backups
+    /// as failed.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.tick().await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.tick) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        self.shutdown().await;
+    }
+
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = lock(&self.receivers).keys().cloned().collect();
+        for id in ids {
+            self.stop_receiver(&id).await;
+        }
+        let backups: Vec<BackupTask> = lock(&self.backups).drain().map(|(_, t)| t).collect();
+        for b in backups {
+            b.task.abort();
+            if let Ok(mut job) = self.engine.catalog.get_job(b.job_id) {
+                if !job.state.is_terminal() {
+                    let reason = "the server shut down while the backup ran".to_string();
+                    job.state = JobState::Failed;
+                    job.error = Some(reason.clone());
+                    job.finished_at = Some(Utc::now());
+                    let _ = self.engine.catalog.update_job(&job);
+                    if let Some(bid) = &job.backup_id {
+                        if let Ok(mut set) = self.engine.catalog.get_backup(bid) {
+                            set.status = BackupStatus::Failed;
+                            set.error = Some(reason);
+                            set.finished_at = job.finished_at;
+                            let _ = self.engine.catalog.update_backup(&set);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// WAL receiver state of an instance (default when none ran).
+    pub fn wal_state(&self, instance_id: &str) -> WalReceiverState {
+        lock(&self.wal_states)
+            .get(instance_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The job of the backup running for an instance in this process.
+    pub fn running_backup_job(&self, instance_id: &str) -> Option<i64> {
+        lock(&self.backups).get(instance_id).map(|t| t.job_id)
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Service {
+    /// The window point-in-time recovery can reach: from the consistency
+    /// time of the oldest successful backup whose WAL runs without a gap to
+    /// the newest archived WAL, to when that WAL was received. `None` without
+    /// a backup, or with log backup off (then only backup sets restore).
+    pub fn recovery_window(
+        &self,
+        instance_id: &str,
+    ) -> ServiceResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+        let p = self.policy(instance_id)?;
+        if !p.log_backup_enabled {
+            return Ok(None);
+        }
+        let mut wal = self.engine.catalog.list_wal_segments(instance_id)?;
+        wal.sort_by_key(|w| (w.begin_lsn, w.end_lsn));
+        // Start of the gap-free run that reaches the newest WAL.
+        let mut run_start = None;
+        let mut end = pg_wal::Lsn::INVALID;
+        for w in &wal {
+            if run_start.is_none() || w.begin_lsn > end {
+                run_start = Some(w.begin_lsn);
+            }
+            end = end.max(w.end_lsn);
+        }
+        let Some(run_start) = run_start else {
+            return Ok(None);
+        };
+        let received = wal
+            .iter()
+            .filter(|w| w.end_lsn > run_start)
+            .map(|w| w.stored_at)
+            .max();
+        let begin = self
+            .engine
+            .catalog
+            .list_backups(instance_id)?
+            .into_iter()
+            .filter(|b| b.status == BackupStatus::Success)
+            .filter(|b| b.start_lsn.is_some_and(|l| l >= run_start))
+            .filter_map(|b| b.finished_at)
+            .min();
+        Ok(match (begin, received) {
+            (Some(b), Some(r)) if r >= b => Some((b, r)),
+            _ => None,
+        })
+    }
+}

@@ -1,0 +1,301 @@
+//! `strata serve`: the API, the scheduler, WAL receivers and retention in
+//! one process; with `--demo`, also a sandbox PostgreSQL with sample data,
+//! registered and archived like any other instance, stopped with the server.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use strata_api::{ApiState, NonceCache, TlsFiles};
+use strata_catalog::Instance;
+use strata_engine::{as_user, chown_tree, Engine};
+use strata_service::{Service, SystemClock};
+
+use crate::config::Config;
+use crate::keys;
+
+/// The instance id the sandbox registers as.
+pub const DEMO_INSTANCE: &str = "demo";
+
+pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool) -> Result<()> {
+    let data_dir = config.data_dir();
+    let listen = listen.unwrap_or_else(|| config.listen());
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let created = keys::ensure_admin_key(engine.catalog.as_ref(), &data_dir)?;
+    crate::runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let sandbox = if demo {
+            Some(Sandbox::start(&engine, &data_dir).await?)
+        } else {
+            None
+        };
+        let service = Service::new(engine.clone(), Arc::new(SystemClock), config.service_settings());
+        if let Some(sb) = &sandbox {
+            if service.engine.catalog.get_instance(DEMO_INSTANCE).is_err() {
+                service
+                    .register_instance(sb.instance())
+                    .await
+                    .context("registering the sandbox")?;
+            }
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let scheduler = tokio::spawn(Arc::clone(&service).run(stop_rx.clone()));
+        let state = Arc::new(ApiState {
+            service: Arc::clone(&service),
+            nonces: NonceCache::default(),
+            host_id: addr.to_string(),
+        });
+        let url = format!("{scheme}://{addr}/");
+        println!("strata: API listening on {url}");
+        match &created {
+            Some((key, path)) if demo => {
+                println!("strata: admin AccessKey created: AccessKeyId {} AccessKeySecret {}", key.id, key.secret);
+                println!("strata: (also stored in {}, mode 0600)", path.display());
+            }
+            Some((key, path)) => println!(
+                "strata: admin AccessKey {} created; the pair is in {} (mode 0600)",
+                key.id,
+                path.display()
+            ),
+            None => {}
+        }
+        if let Some(sb) = &sandbox {
+            let key_file = keys::admin_key_path(&data_dir);
+            println!("strata: sandbox PostgreSQL {} on 127.0.0.1:{} (data in {}), registered as instance {DEMO_INSTANCE:?}", sb.major, sb.port, sb.pgdata.display());
+            println!("strata: its first backup starts now and WAL is archived continuously. Next steps:");
+            println!("  strata backup list {DEMO_INSTANCE}          # backup sets (CLI, same data directory)");
+            println!("  strata task list {DEMO_INSTANCE}            # jobs and their progress");
+            println!("  python3 -c 'from alibabacloud_rds20140815.client import Client' ...  # see README: \"Using the API\"");
+            println!("  the key pair for the SDK is in {}", key_file.display());
+            println!("strata: press Ctrl-C to stop the server and the sandbox");
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stopper = stop_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = stopper.send(true);
+        });
+        let served = strata_api::serve(listener, strata_api::router(state), tls, stop_rx).await;
+        let _ = stop_tx.send(true);
+        let _ = scheduler.await;
+        if let Some(sb) = sandbox {
+            sb.stop();
+        }
+        served.context("serving the API")?;
+        eprintln!("strata: stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// A PostgreSQL cluster under `<data_dir>/demo`, run by the unprivileged
+/// OS user with the newest local server binaries.
+struct Sandbox {
+    bin: PathBuf,
+    major: u32,
+    pgdata: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    os_user: Option<String>,
+}
+
+impl Sandbox {
+    async fn start(engine: &Engine, data_dir: &Path) -> Result<Sandbox> {
+        let (major, bin) = [18, 17, 16, 15, 14]
+            .into_iter()
+            .find_map(|m| {
+                let dir = engine.pg_bin_dir(m).ok()?;
+                (dir.join("initdb").is_file() && dir.join("psql").is_file()).then_some((m, dir))
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--demo needs PostgreSQL server binaries with initdb and psql (searched: {}); install postgresql-15 or set [postgres] bin_dirs",
+                    engine.settings.pg_bin_dirs.join(", ")
+                )
+            })?;
+        let os_user = engine.os_user();
+        let dir = std::path::absolute(data_dir.join("demo"))?;
+        let pgdata = dir.join("pgdata");
+        let port_file = dir.join("port");
+        std::fs::create_dir_all(&dir)?;
+        let fresh = !pgdata.join("PG_VERSION").exists();
+        let port = if fresh {
+            free_port()?
+        } else {
+            std::fs::read_to_string(&port_file)
+                .context("reading the sandbox's port")?
+                .trim()
+                .parse()
+                .context("the sandbox's port file is damaged")?
+        };
+        let sb = Sandbox {
+            bin,
+            major,
+            pgdata,
+            dir,
+            port,
+            os_user,
+        };
+        if let Some(user) = &sb.os_user {
+            chown_tree(&sb.dir, user)?;
+            let probe = Command::new("runuser")
+                .args(["-u", user, "--", "test", "-w"])
+                .arg(&sb.dir)
+                .status()?;
+            if !probe.success() {
+                bail!(
+                    "the sandbox directory {} is not writable by OS user {user} (a parent directory is closed to it); use a data directory it can reach, e.g. STRATA_DATA_DIR=/var/lib/strata",
+                    sb.dir.display()
+                );
+            }
+        }
+        if fresh {
+            println!(
+                "strata: initializing a sandbox PostgreSQL {major} in {}",
+                sb.pgdata.display()
+            );
+            sb.run(
+                "initdb",
+                &[
+                    "-D",
+                    path(&sb.pgdata),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                ],
+            )?;
+            let conf = format!(
+                "\n# strata --demo sandbox\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\n",
+                sb.port,
+                sb.dir.display()
+            );
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(sb.pgdata.join("postgresql.conf"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+                .context("configuring the sandbox")?;
+            std::fs::write(&port_file, sb.port.to_string())?;
+        }
+        let log = sb.dir.join("postgres.log");
+        sb.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&sb.pgdata),
+                "-l",
+                path(&log),
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ],
+        )
+        .with_context(|| format!("starting the sandbox (log: {})", log.display()))?;
+        if fresh {
+            sb.run(
+                "psql",
+                &[
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &sb.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    SAMPLE_DATA,
+                ],
+            )
+            .context("loading sample data into the sandbox")?;
+        }
+        Ok(sb)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        let out = as_user(self.os_user.as_deref(), &self.bin.join(program))
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            bail!(
+                "{program} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn instance(&self) -> Instance {
+        Instance {
+            id: DEMO_INSTANCE.into(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+            user: "postgres".into(),
+            password_env: None,
+            password: None,
+            dbname: None,
+            sslmode: "disable".into(),
+            sslrootcert: None,
+            system_identifier: None,
+            pg_version_num: None,
+            wal_segment_size: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    fn stop(&self) {
+        match self.run(
+            "pg_ctl",
+            &["-D", path(&self.pgdata), "-m", "fast", "-w", "stop"],
+        ) {
+            Ok(()) => eprintln!("strata: sandbox PostgreSQL stopped"),
+            Err(e) => eprintln!("strata: stopping the sandbox: {e}"),
+        }
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn free_port() -> Result<u16> {
+    for port in 5433..5533 {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port between 5433 and 5532 for the sandbox")
+}
+
+const SAMPLE_DATA: &str = "
+CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, joined timestamptz NOT NULL);
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers,
+                     amount numeric(10,2) NOT NULL, placed timestamptz NOT NULL DEFAULT now());
+INSERT INTO customers SELECT g, 'customer ' || g, now() - g * interval '1 hour' FROM generate_series(1, 1000) g;
+INSERT INTO orders (customer_id, amount, placed)
+  SELECT 1 + g % 1000, round((random() * 500)::numeric, 2), now() - g * interval '1 minute'
+  FROM generate_series(1, 20000) g;
+";
