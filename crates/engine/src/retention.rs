@@ -229,3 +229,127 @@ impl Engine {
         Ok(Some(self.repo.collect_garbage()?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pg_wal::TimelineId;
+
+    fn at(days_ago: i64, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - Duration::days(days_ago)
+    }
+
+    fn set(id: &str, status: BackupStatus, finished: DateTime<Utc>, lsn: (u64, u64)) -> BackupSet {
+        BackupSet {
+            id: id.into(),
+            instance_id: "i".into(),
+            status,
+            mode: "Automated".into(),
+            started_at: finished - Duration::minutes(5),
+            finished_at: Some(finished),
+            start_lsn: Some(Lsn(lsn.0)),
+            stop_lsn: Some(Lsn(lsn.1)),
+            start_timeline: Some(TimelineId(1)),
+            stop_timeline: Some(TimelineId(1)),
+            pg_version_num: Some(150000),
+            total_bytes: 1,
+            new_bytes: 1,
+            dedup_bytes: 0,
+            stored_bytes: 1,
+            file_count: 1,
+            error: None,
+            job_id: None,
+        }
+    }
+
+    /// Segment `n` covers LSNs [n*100, (n+1)*100).
+    fn seg(n: u64, stored: DateTime<Utc>) -> WalSegmentRow {
+        WalSegmentRow {
+            instance_id: "i".into(),
+            timeline: TimelineId(1),
+            segment: format!("{n:024X}"),
+            partial: false,
+            begin_lsn: Lsn(n * 100),
+            end_lsn: Lsn((n + 1) * 100),
+            size: 100,
+            checksum: String::new(),
+            first_commit: None,
+            last_commit: None,
+            commit_count: 0,
+            min_commit_xid: None,
+            max_commit_xid: None,
+            object_key: format!("wal/{n}"),
+            stored_at: stored,
+        }
+    }
+
+    fn policy(data: u32, log: u32, log_on: bool, now: DateTime<Utc>) -> BackupPolicy {
+        BackupPolicy {
+            instance_id: "i".into(),
+            backup_days: vec!["Monday".into(), "Thursday".into()],
+            backup_window: "02:00Z-03:00Z".into(),
+            backup_retention_days: data,
+            log_backup_enabled: log_on,
+            log_retention_days: log,
+            updated_at: now,
+            last_auto_slot: None,
+        }
+    }
+
+    #[test]
+    fn expired_sets_go_but_the_pitr_anchor_and_its_wal_stay() {
+        let now = Utc::now();
+        // Backups 20, 12, 8, 3 and 1 days old; segment n written n days... each
+        // backup at segment 10*k.
+        let backups = vec![
+            set("a", BackupStatus::Success, at(20, now), (0, 50)),
+            set("b", BackupStatus::Success, at(12, now), (100, 150)),
+            set("c", BackupStatus::Success, at(8, now), (200, 250)),
+            set("f", BackupStatus::Failed, at(9, now), (0, 0)),
+            set("d", BackupStatus::Success, at(3, now), (300, 350)),
+            set("e", BackupStatus::Success, at(1, now), (400, 450)),
+        ];
+        let wal: Vec<_> = (0..5).map(|n| seg(n, at(20 - 4 * n as i64, now))).collect();
+        // Data 10 days, log 7 days: a and b expired (f, failed, is 9 days
+        // old and stays until day 10). The
+        // oldest recoverable point (7 days ago) restores from c (8 days old),
+        // which stays, and WAL from c's start (segment 2) on stays.
+        let plan = plan_retention(&policy(10, 7, true, now), &backups, &wal, now);
+        assert_eq!(plan.backups, vec!["a", "b"]);
+        let gone: Vec<u64> = plan.wal.iter().map(|w| w.begin_lsn.0 / 100).collect();
+        assert_eq!(gone, vec![0, 1]);
+
+        // Data and log retention equal: c is past data retention (8 > 7)
+        // but is the anchor of the oldest recoverable point, so it stays.
+        let plan = plan_retention(&policy(7, 7, true, now), &backups, &wal, now);
+        assert_eq!(plan.backups, vec!["a", "b", "f"]);
+
+        // Log backup off: WAL goes except what kept sets need to become
+        // consistent (segments 3 and 4 for d and e; c is expired now).
+        let plan = plan_retention(&policy(7, 7, false, now), &backups, &wal, now);
+        assert_eq!(plan.backups, vec!["a", "b", "c", "f"]);
+        let gone: Vec<u64> = plan.wal.iter().map(|w| w.begin_lsn.0 / 100).collect();
+        assert_eq!(gone, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn the_newest_backup_is_never_deleted() {
+        let now = Utc::now();
+        let backups = vec![
+            set("old", BackupStatus::Success, at(400, now), (0, 50)),
+            set("older-failed", BackupStatus::Failed, at(500, now), (0, 0)),
+            set("running", BackupStatus::Running, at(500, now), (0, 0)),
+        ];
+        let plan = plan_retention(&policy(7, 7, false, now), &backups, &[], now);
+        assert_eq!(plan.backups, vec!["older-failed"]);
+    }
+
+    #[test]
+    fn wal_without_any_backup_expires_by_age() {
+        let now = Utc::now();
+        let wal = vec![seg(0, at(9, now)), seg(1, at(2, now))];
+        let plan = plan_retention(&policy(7, 7, true, now), &[], &wal, now);
+        assert_eq!(plan.wal.len(), 1);
+        assert_eq!(plan.wal[0].begin_lsn, Lsn(0));
+    }
+}

@@ -1,0 +1,305 @@
+//! The scheduler against a real PostgreSQL 15, walked through days with a
+//! manual clock: the first backup on registration, backups at the start of
+//! the window on the chosen days only, a missed window made up once after
+//! "downtime", the WAL receiver kept running, and retention deleting what
+//! the policy lets go (with garbage collection leaving a clean repository).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_engine::{Engine, EngineSettings};
+use strata_repo::{LocalStorage, Repository};
+use strata_service::{policy, ManualClock, PolicyChange, Service, ServiceSettings};
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn engine(dir: &std::path::Path) -> Engine {
+    let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&dir.join("catalog.db")).unwrap());
+    let repo =
+        Repository::open_or_init(Arc::new(LocalStorage::new(dir.join("repo")).unwrap())).unwrap();
+    Engine::new(catalog, repo, EngineSettings::default())
+}
+
+/// Waits until no backup of the instance is running; returns all sets.
+async fn settle(svc: &Service, id: &str) -> Vec<strata_catalog::BackupSet> {
+    for _ in 0..600 {
+        let sets = svc.engine.catalog.list_backups(id).unwrap();
+        if svc.running_backup_job(id).is_none()
+            && sets.iter().all(|b| b.status != BackupStatus::Running)
+        {
+            return sets;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("backup of {id} did not finish within a minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_follows_days_windows_downtime_and_retention() {
+    let cluster = testkit::shared_cluster(15);
+    let dir = tempfile::tempdir().unwrap();
+    // 2027-01-06 is a Wednesday, in the future of every backup taken here.
+    let clock = Arc::new(ManualClock::new(at("2027-01-06T10:00:00Z")));
+    let svc = Service::new(
+        engine(dir.path()),
+        clock.clone(),
+        ServiceSettings::default(),
+    );
+    svc.register_instance(Instance {
+        id: "sched".into(),
+        host: cluster.host().into(),
+        port: cluster.port(),
+        user: "postgres".into(),
+        password_env: None,
+        password: None,
+        dbname: None,
+        sslmode: "disable".into(),
+        sslrootcert: None,
+        system_identifier: None,
+        pg_version_num: None,
+        wal_segment_size: None,
+        created_at: Utc::now(),
+    })
+    .await
+    .unwrap();
+    let p = svc
+        .modify_policy(
+            "sched",
+            PolicyChange {
+                backup_days: Some("Thursday,Monday".into()),
+                backup_window: Some("02:00Z-03:00Z".into()),
+                // Long retention while walking through the windows: the
+                // clock runs weeks ahead of the backups' real times.
+                backup_retention_days: Some("730".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.backup_days, ["Monday", "Thursday"]);
+    assert_eq!(
+        policy::next_backup_time(&p, strata_service::Clock::now(clock.as_ref())),
+        Some(at("2027-01-07T02:00:00Z"))
+    );
+
+    // Registration: the first backup runs at once, whatever the window.
+    svc.tick().await;
+    let sets = settle(&svc, "sched").await;
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    assert_eq!(
+        (sets[0].status, sets[0].mode.as_str()),
+        (BackupStatus::Success, "Automated")
+    );
+
+    // Wednesday: nothing due (Monday's window was before the policy changed).
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sched").await.len(), 1);
+
+    // Thursday, a second before the window: nothing; at its start: a backup.
+    clock.set(at("2027-01-07T01:59:59Z"));
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sched").await.len(), 1);
+    clock.set(at("2027-01-07T02:00:00Z"));
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sched").await.len(), 2);
+    clock.set(at("2027-01-07T02:40:00Z"));
+    svc.tick().await;
+    assert_eq!(
+        settle(&svc, "sched").await.len(),
+        2,
+        "one backup per window"
+    );
+
+    // Saturday is not a backup day.
+    clock.set(at("2027-01-09T02:00:00Z"));
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sched").await.len(), 2);
+
+    // Down over Monday's window: Tuesday's first round makes it up, once.
+    clock.set(at("2027-01-12T09:00:00Z"));
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sched").await.len(), 3);
+    svc.tick().await;
+    let sets = settle(&svc, "sched").await;
+    assert_eq!(sets.len(), 3);
+    assert!(
+        sets.iter().all(|b| b.status == BackupStatus::Success),
+        "{sets:?}"
+    );
+    let p = svc.policy("sched").unwrap();
+    assert_eq!(p.last_auto_slot, Some(at("2027-01-11T02:00:00Z")));
+
+    // The WAL receiver runs and stores WAL.
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE sched_t AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal();",
+    );
+    let mut stored = false;
+    for _ in 0..100 {
+        if !svc
+            .engine
+            .catalog
+            .list_wal_segments("sched")
+            .unwrap()
+            .is_empty()
+            && svc.wal_state("sched").running
+        {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stored, "WAL receiver stored nothing");
+
+    // A month later with 7-day retentions, everything but the newest set
+    // (the base of the oldest recoverable point) goes; WAL before it too.
+    let before = sets.clone();
+    let newest = sets.iter().max_by_key(|b| b.started_at).unwrap().clone();
+    let wal_before = svc.engine.catalog.list_wal_segments("sched").unwrap();
+    svc.modify_policy(
+        "sched",
+        PolicyChange {
+            backup_retention_days: Some("7".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    clock.set(at("2027-02-15T09:00:00Z"));
+    svc.tick().await;
+    let sets = settle(&svc, "sched").await;
+    svc.tick().await;
+    let kept = settle(&svc, "sched").await;
+    let ids: Vec<&str> = kept.iter().map(|b| b.id.as_str()).collect();
+    let newest_now = sets.iter().max_by_key(|b| b.started_at).unwrap();
+    assert!(ids.contains(&newest_now.id.as_str()), "{ids:?}");
+    // The two older sets went; the newest of before (the anchor of the
+    // oldest recoverable point) and Monday's new one stay.
+    assert_eq!(
+        ids,
+        [newest.id.as_str(), newest_now.id.as_str()],
+        "{before:?}"
+    );
+    let wal_after = svc.engine.catalog.list_wal_segments("sched").unwrap();
+    assert!(
+        wal_after.len() < wal_before.len() + 3,
+        "WAL should have been trimmed"
+    );
+    let anchor = kept.iter().min_by_key(|b| b.started_at).unwrap();
+    assert!(
+        wal_after
+            .iter()
+            .all(|w| w.end_lsn > anchor.start_lsn.unwrap()),
+        "WAL before the oldest kept set should be gone"
+    );
+    // Garbage collection ran: no unreferenced pack, nothing damaged.
+    svc.tick().await;
+    let report = svc.engine.repo.verify(&|_, _| {}).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        report.unreferenced_packs.is_empty(),
+        "{:?}",
+        report.unreferenced_packs
+    );
+    assert_eq!(report.backups_checked as usize, kept.len());
+
+    svc.shutdown().await;
+    assert!(!svc.wal_state("sched").running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_waits_for_running_backups() {
+    let cluster = testkit::shared_cluster(15);
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = engine(dir.path());
+    engine.settings.lock_path = Some(dir.path().join("catalog.db.lock"));
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE gc_t AS SELECT g, md5(g::text) AS m FROM generate_series(1, 200000) g;",
+    );
+    let svc = Service::new(
+        engine,
+        Arc::new(ManualClock::new(Utc::now())),
+        ServiceSettings::default(),
+    );
+    svc.register_instance(Instance {
+        id: "gc".into(),
+        host: cluster.host().into(),
+        port: cluster.port(),
+        user: "postgres".into(),
+        password_env: None,
+        password: None,
+        dbname: None,
+        sslmode: "disable".into(),
+        sslrootcert: None,
+        system_identifier: None,
+        pg_version_num: None,
+        wal_segment_size: None,
+        created_at: Utc::now(),
+    })
+    .await
+    .unwrap();
+    let first = svc
+        .engine
+        .backup("gc", &Default::default(), &strata_engine::NoProgress)
+        .await
+        .unwrap();
+    svc.delete_backups("gc", std::slice::from_ref(&first.id))
+        .unwrap_err(); // inside log retention
+    svc.modify_policy(
+        "gc",
+        PolicyChange {
+            log_backup_enabled: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    // A throttled backup holds the shared lock; collection must not run.
+    let opts = strata_engine::BackupOptions {
+        mode: "Manual".into(),
+        max_rate_kb: Some(4096),
+    };
+    let pending = svc.engine.prepare_backup("gc", &opts).unwrap();
+    let engine = svc.engine.clone();
+    let running = tokio::spawn(async move {
+        engine
+            .run_backup_job(pending, &opts, &strata_engine::NoProgress)
+            .await
+    });
+    let mut uploading = false;
+    for _ in 0..200 {
+        let jobs = svc.engine.catalog.list_jobs(Some("gc")).unwrap();
+        if jobs
+            .last()
+            .is_some_and(|j| j.state == strata_catalog::JobState::Uploading)
+        {
+            uploading = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(uploading, "the second backup never started uploading");
+    svc.delete_backups("gc", std::slice::from_ref(&first.id))
+        .unwrap();
+    assert_eq!(
+        svc.engine.collect_garbage().unwrap(),
+        None,
+        "collection ran beside a backup"
+    );
+    let second = running.await.unwrap().unwrap();
+
+    // Now it runs: the first set's packs that the second did not reuse go,
+    // and the second set is intact.
+    let report = svc.engine.collect_garbage().unwrap().expect("lock free");
+    assert_eq!(report.manifests_scanned, 1);
+    let verify = svc.engine.repo.verify(&|_, _| {}).unwrap();
+    assert!(verify.is_clean(), "{:?}", verify.problems);
+    assert!(verify.unreferenced_packs.is_empty());
+    assert_eq!(svc.engine.repo.list_backups("gc").unwrap(), vec![second.id]);
+}
