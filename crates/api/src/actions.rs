@@ -81,13 +81,15 @@ fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     match p.get("BackupMethod").unwrap_or("Physical") {
         "Physical" => {}
-        "Snapshot" => return Err(not_supported(
-            "InvalidBackupMethod.NotSupported",
-            format!(
+        "Snapshot" => {
+            return Err(not_supported(
+                "InvalidBackupMethod.NotSupported",
+                format!(
                 "Snapshot backups are not supported for instance {}; use BackupMethod Physical.",
                 inst.id
             ),
-        )),
+            ))
+        }
         other => {
             return Err(not_supported(
                 "InvalidBackupMethod.NotSupported",

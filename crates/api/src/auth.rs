@@ -3,12 +3,9 @@
 //! timestamp within 15 minutes of the server clock, its nonce never seen
 //! before inside that window.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use acs_signature::RequestParts;
 use axum::http::StatusCode;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{Duration, Utc};
 use strata_catalog::Catalog;
 
 use crate::error::{ApiError, ApiResult};
@@ -22,30 +19,7 @@ pub struct Principal {
     pub read_only: bool,
 }
 
-/// Nonces seen within the skew window, per AccessKey.
-#[derive(Default)]
-pub struct NonceCache {
-    seen: Mutex<HashMap<(String, String), DateTime<Utc>>>,
-}
-
-impl NonceCache {
-    /// Records a nonce; false when it was already used.
-    fn admit(&self, key_id: &str, nonce: &str, now: DateTime<Utc>) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() > 10_000 {
-            let horizon = now - Duration::minutes(2 * MAX_SKEW_MINUTES);
-            seen.retain(|_, t| *t > horizon);
-        }
-        seen.insert((key_id.to_string(), nonce.to_string()), now)
-            .is_none()
-    }
-}
-
-pub fn authenticate(
-    catalog: &dyn Catalog,
-    nonces: &NonceCache,
-    req: &RequestParts,
-) -> ApiResult<Principal> {
+pub fn authenticate(catalog: &dyn Catalog, req: &RequestParts) -> ApiResult<Principal> {
     let claim = acs_signature::parse(req)?;
     let key = catalog
         .get_access_key(&claim.access_key_id)?
@@ -59,7 +33,9 @@ pub fn authenticate(
     claim.verify(req, &key.secret)?;
     let now = Utc::now();
     claim.check_time(now, Duration::minutes(MAX_SKEW_MINUTES))?;
-    if !nonces.admit(&key.id, &claim.nonce, now) {
+    // Kept in the catalog, so a restart does not reopen the replay window.
+    let horizon = now - Duration::minutes(2 * MAX_SKEW_MINUTES);
+    if !catalog.admit_nonce(&key.id, &claim.nonce, now, horizon)? {
         return Err(ApiError::bad(
             "SignatureNonceUsed",
             "Specified signature nonce was used already.",

@@ -27,7 +27,7 @@ use strata_service::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use auth::{NonceCache, Principal};
+pub use auth::Principal;
 pub use error::{ApiError, ApiResult};
 
 /// The API version Strata speaks.
@@ -35,7 +35,6 @@ pub const API_VERSION: &str = "2014-08-15";
 
 pub struct ApiState {
     pub service: Arc<Service>,
-    pub nonces: NonceCache,
     /// Reported as `HostId` in errors.
     pub host_id: String,
 }
@@ -137,8 +136,7 @@ async fn handle(
             format!("Specified parameter Version {version:?} is not valid: Strata speaks {API_VERSION}."),
         ));
     }
-    let principal =
-        auth::authenticate(state.service.engine.catalog.as_ref(), &state.nonces, parts)?;
+    let principal = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
     if !actions::exists(&action) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -277,6 +277,15 @@ pub trait Catalog: Send + Sync {
     fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>>;
     /// Returns false when no such key existed.
     fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
+    /// Records a request nonce of a key; false when it was recorded before.
+    /// Nonces older than `forget_before` are dropped on the way.
+    fn admit_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> CatalogResult<bool>;
 
     /// Forgets backup sets, WAL segments and restore points (before a reindex).
     fn clear_index(&self) -> CatalogResult<()>;

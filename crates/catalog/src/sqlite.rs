@@ -110,6 +110,15 @@ CREATE TABLE access_keys (
 );
 CREATE INDEX jobs_instance ON jobs(instance_id, id);
 "#,
+    r#"
+CREATE TABLE used_nonces (
+    key_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    used_at TEXT NOT NULL,
+    PRIMARY KEY (key_id, nonce)
+);
+CREATE INDEX used_nonces_age ON used_nonces(used_at);
+"#,
 ];
 
 pub struct SqliteCatalog {
@@ -647,6 +656,26 @@ impl Catalog for SqliteCatalog {
         self.with(|c| Ok(c.execute("DELETE FROM access_keys WHERE id = ?1", [id])? > 0))
     }
 
+    fn admit_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> CatalogResult<bool> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM used_nonces WHERE used_at < ?1",
+                [ts(&forget_before)],
+            )?;
+            let n = c.execute(
+                "INSERT OR IGNORE INTO used_nonces (key_id, nonce, used_at) VALUES (?1, ?2, ?3)",
+                params![key_id, nonce, ts(&now)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
     fn clear_index(&self) -> CatalogResult<()> {
         self.with(|c| {
             c.execute_batch(
@@ -748,5 +777,71 @@ mod tests {
             SqliteCatalog::open(&path),
             Err(CatalogError::NewerSchema { .. })
         ));
+    }
+
+    #[test]
+    fn keys_policies_passwords_and_nonces() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let mut i = instance("a");
+        i.password = Some("s3cret".into());
+        cat.add_instance(&i).unwrap();
+        assert_eq!(
+            cat.get_instance("a").unwrap().password.as_deref(),
+            Some("s3cret")
+        );
+        assert!(!serde_json::to_string(&cat.get_instance("a").unwrap())
+            .unwrap()
+            .contains("s3cret"));
+
+        assert_eq!(cat.get_policy("a").unwrap(), None);
+        let now = Utc::now();
+        let p = BackupPolicy {
+            instance_id: "a".into(),
+            backup_days: vec!["Monday".into(), "Friday".into()],
+            backup_window: "01:00Z-02:00Z".into(),
+            backup_retention_days: 30,
+            log_backup_enabled: false,
+            log_retention_days: 8,
+            updated_at: now,
+            last_auto_slot: Some(now),
+        };
+        cat.put_policy(&p).unwrap();
+        let got = cat.get_policy("a").unwrap().unwrap();
+        assert_eq!(
+            (
+                got.backup_days.clone(),
+                got.backup_retention_days,
+                got.log_backup_enabled
+            ),
+            (p.backup_days.clone(), 30, false)
+        );
+        cat.delete_instance("a").unwrap();
+        assert_eq!(cat.get_policy("a").unwrap(), None);
+
+        let k = AccessKey {
+            id: "AK1".into(),
+            secret: "sec".into(),
+            read_only: true,
+            description: "ro".into(),
+            created_at: now,
+        };
+        cat.add_access_key(&k).unwrap();
+        assert!(cat.add_access_key(&k).is_err());
+        assert_eq!(cat.get_access_key("AK1").unwrap().unwrap().secret, "sec");
+        assert!(!serde_json::to_string(&cat.list_access_keys().unwrap())
+            .unwrap()
+            .contains("sec\""));
+        assert!(cat.delete_access_key("AK1").unwrap());
+        assert!(!cat.delete_access_key("AK1").unwrap());
+        assert_eq!(cat.get_access_key("AK1").unwrap(), None);
+
+        let old = now - chrono::Duration::hours(1);
+        assert!(cat.admit_nonce("AK1", "n1", old, old).unwrap());
+        assert!(!cat.admit_nonce("AK1", "n1", old, old).unwrap());
+        assert!(cat.admit_nonce("AK2", "n1", old, old).unwrap());
+        // Forgotten once older than the horizon.
+        assert!(cat
+            .admit_nonce("AK1", "n1", now, now - chrono::Duration::minutes(30))
+            .unwrap());
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
-use strata_api::{ApiState, NonceCache, TlsFiles};
+use strata_api::{ApiState, TlsFiles};
 use strata_catalog::Instance;
 use strata_engine::{as_user, chown_tree, Engine};
 use strata_service::{Service, SystemClock};
@@ -54,7 +54,6 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         let scheduler = tokio::spawn(Arc::clone(&service).run(stop_rx.clone()));
         let state = Arc::new(ApiState {
             service: Arc::clone(&service),
-            nonces: NonceCache::default(),
             host_id: addr.to_string(),
         });
         let url = format!("{scheme}://{addr}/");
