@@ -32,6 +32,18 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
     let scheme = if tls.is_some() { "https" } else { "http" };
     let created = keys::ensure_admin_key(engine.catalog.as_ref(), &data_dir)?;
     crate::runtime()?.block_on(async move {
+        // Signals first: a stop request during the sandbox's start still
+        // ends in an orderly shutdown.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stopper = stop_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = stopper.send(true);
+        });
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -44,13 +56,12 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         let service = Service::new(engine.clone(), Arc::new(SystemClock), config.service_settings());
         if let Some(sb) = &sandbox {
             if service.engine.catalog.get_instance(DEMO_INSTANCE).is_err() {
-                service
-                    .register_instance(sb.instance())
-                    .await
-                    .context("registering the sandbox")?;
+                if let Err(e) = service.register_instance(sb.instance()).await {
+                    sb.stop();
+                    return Err(anyhow::Error::new(e).context("registering the sandbox"));
+                }
             }
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let scheduler = tokio::spawn(Arc::clone(&service).run(stop_rx.clone()));
         let state = Arc::new(ApiState {
             service: Arc::clone(&service),
@@ -80,15 +91,6 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             println!("  the key pair for the SDK is in {}", key_file.display());
             println!("strata: press Ctrl-C to stop the server and the sandbox");
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let stopper = stop_tx.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            let _ = stopper.send(true);
-        });
         let served = strata_api::serve(listener, strata_api::router(state), tls, stop_rx).await;
         let _ = stop_tx.send(true);
         let _ = scheduler.await;

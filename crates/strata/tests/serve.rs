@@ -1,0 +1,263 @@
+//! `strata serve` as a process: the demo sandbox from start to stop, the
+//! admin key and its permissions, `strata key`, `/metrics`, and HTTPS.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::{wait_for, Strata};
+
+/// A running `strata serve`, stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(strata: &Strata, extra: &[&str]) -> Server {
+        let port = testkit::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["serve", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let child = strata
+            .command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start strata serve");
+        let server = Server { child, port };
+        wait_for("the API to listen", 60, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        server
+    }
+
+    /// SIGTERM, then the exit status and everything printed.
+    fn stop(mut self) -> (bool, String, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut out = String::new();
+        let mut err = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let ok = self.child.wait().unwrap().success();
+        (ok, out, err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns status line and body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn demo_sandbox_is_archived_measured_and_stopped() {
+    let strata = Strata::new("demo");
+    let server = Server::start(&strata, &["--demo"]);
+    let data = strata.dir.join("data");
+    // The admin key exists, readable by its owner only, and so is the catalog.
+    let key: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("admin-key.json")).unwrap())
+            .unwrap();
+    assert!(key["AccessKeyId"].as_str().unwrap().starts_with("STRATA"));
+    assert_eq!(key["AccessKeySecret"].as_str().unwrap().len(), 30);
+    assert_eq!(mode(&data.join("admin-key.json")), 0o600);
+    assert_eq!(mode(&data.join("catalog.db")), 0o600);
+
+    // The sandbox is registered (after initdb), backed up at once and archived.
+    wait_for("the demo's first backup", 120, || {
+        let out = strata.run(&["backup", "list", "demo", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+                .unwrap()
+                .iter()
+                .any(|b| b["status"] == "Success")
+    });
+    let backup = strata
+        .backups("demo")
+        .into_iter()
+        .find(|b| b["status"] == "Success")
+        .unwrap();
+    assert_eq!(backup["mode"], "Automated");
+    assert!(backup["total_bytes"].as_u64().unwrap() > 1_000_000);
+    wait_for("the demo's WAL", 60, || !strata.wal("demo").is_empty());
+
+    let (status, metrics) = http_get(server.port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{instance=\"demo\"}}")))
+            .unwrap_or_else(|| panic!("no {name} for demo in:\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(
+        line("strata_last_backup_size_bytes"),
+        backup["total_bytes"].as_u64().unwrap() as f64
+    );
+    assert!(line("strata_last_backup_age_seconds") >= 0.0);
+    assert_eq!(line("strata_wal_receiver_up"), 1.0);
+    assert!(
+        metrics.contains("strata_jobs{state=\"Finished\"} 1"),
+        "{metrics}"
+    );
+    let (status, body) = http_get(server.port, "/healthz");
+    assert!(
+        status.contains("200") && body.trim() == "ok",
+        "{status} {body}"
+    );
+
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
+    assert!(out.contains("registered as instance \"demo\""), "{out}");
+    assert!(
+        out.contains(key["AccessKeySecret"].as_str().unwrap()),
+        "--demo prints the key: {out}"
+    );
+    assert!(err.contains("sandbox PostgreSQL stopped"), "{err}");
+    let pid_file = data.join("demo/pgdata/postmaster.pid");
+    assert!(!pid_file.exists(), "the sandbox still runs");
+
+    // A second start reuses the sandbox and the key, creating no other.
+    let server = Server::start(&strata, &["--demo"]);
+    wait_for("the sandbox to run again", 60, || pid_file.exists());
+    let keys: Vec<serde_json::Value> =
+        serde_json::from_str(&strata.ok(&["key", "list", "--json"])).unwrap();
+    assert_eq!(keys.len(), 1);
+    let (ok, out, err) = server.stop();
+    assert!(ok, "{out}\n{err}");
+    assert!(!out.contains("AccessKey created"), "{out}");
+}
+
+#[test]
+fn keys_are_created_listed_and_deleted_without_showing_secrets() {
+    let strata = Strata::new("keys");
+    let out = strata.ok(&["key", "create", "--read-only", "--json"]);
+    let pair: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        pair.keys().collect::<Vec<_>>(),
+        ["AccessKeyId", "AccessKeySecret"]
+    );
+    let id = pair["AccessKeyId"].as_str().unwrap();
+    let secret = pair["AccessKeySecret"].as_str().unwrap();
+    let list = strata.ok(&["key", "list", "--json"]);
+    assert!(list.contains(id) && !list.contains(secret), "{list}");
+    assert!(list.contains("\"read_only\": true"), "{list}");
+    let table = strata.ok(&["key", "list"]);
+    assert!(table.contains(id) && table.contains("read-only") && !table.contains(secret));
+    strata.ok(&["key", "delete", id]);
+    assert!(!strata.ok(&["key", "list"]).contains(id));
+    assert!(strata
+        .fails(&["key", "delete", id])
+        .contains("no AccessKey"));
+}
+
+#[test]
+fn serves_https_with_a_configured_certificate() {
+    let strata = Strata::new("tls");
+    let cert = strata.dir.join("server.crt");
+    let key = strata.dir.join("server.key");
+    let gen = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&strata.config)
+        .unwrap();
+    writeln!(
+        config,
+        "[server]\ntls_cert = {:?}\ntls_key = {:?}",
+        cert.display().to_string(),
+        key.display().to_string()
+    )
+    .unwrap();
+    drop(config);
+    let server = Server::start(&strata, &[]);
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&cert)
+        .arg(format!("https://127.0.0.1:{}/healthz", server.port))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{}/healthz", server.port))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout).trim(), "ok");
+    let (ok, out, err) = server.stop();
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("https://"), "{out}");
+}
