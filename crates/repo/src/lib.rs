@@ -24,7 +24,9 @@ use thiserror::Error;
 pub use gc::GcReport;
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
-pub use storage::{LocalStorage, Storage, StorageError};
+pub use storage::{
+    LocalStorage, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
+};
 pub use verify::{VerifyProblem, VerifyReport};
 pub use wal::{history_key, wal_segment_key, RestorePointInfo, WalObject, WalSegmentMeta};
 
