@@ -79,7 +79,7 @@ impl Repository {
     ) -> RepoResult<String> {
         let key = wal_segment_key(instance_id, meta.timeline, &meta.segment, meta.partial);
         let bytes = seal(
-            &self.hasher,
+            &self.keys,
             ObjectKind::WalSegment,
             meta,
             data,
@@ -99,13 +99,13 @@ impl Repository {
 
     /// The checksum recorded in [`WalSegmentMeta::checksum`] for `data`.
     pub fn wal_checksum(&self, data: &[u8]) -> String {
-        self.hasher.hash(data).to_string()
+        self.keys.hasher.hash(data).to_string()
     }
 
     /// Reads a WAL object and checks its seal and its content checksum.
     pub fn read_wal(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
         let bytes = self.storage.get(key)?;
-        let opened = open::<WalSegmentMeta>(&self.hasher, key, ObjectKind::WalSegment, &bytes)?;
+        let opened = open::<WalSegmentMeta>(&self.keys, key, ObjectKind::WalSegment, &bytes)?;
         if self.wal_checksum(&opened.payload) != opened.meta.checksum {
             return Err(RepoError::Corrupt {
                 object: key.to_string(),
@@ -156,7 +156,7 @@ impl Repository {
         content: &[u8],
     ) -> RepoResult<()> {
         let bytes = seal(
-            &self.hasher,
+            &self.keys,
             ObjectKind::TimelineHistory,
             &serde_json::json!({"timeline": tli.0}),
             content,
@@ -170,7 +170,7 @@ impl Repository {
         let key = history_key(instance_id, tli);
         match self.storage.get(&key) {
             Ok(bytes) => Ok(Some(
-                open::<serde_json::Value>(&self.hasher, &key, ObjectKind::TimelineHistory, &bytes)?
+                open::<serde_json::Value>(&self.keys, &key, ObjectKind::TimelineHistory, &bytes)?
                     .payload,
             )),
             Err(StorageError::NotFound(_)) => Ok(None),
