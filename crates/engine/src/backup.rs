@@ -431,7 +431,18 @@ impl Engine {
             server_manifest: server_manifest_entry,
             stats: stats.clone(),
         };
-        self.repo.commit_manifest(&manifest)?;
+        if let Err(e) = self.repo.commit_manifest(&manifest) {
+            // A put that failed may still have landed (a timeout after the
+            // store accepted it); this backup is being recorded as failed, so
+            // make sure the repository does not hold it either.
+            if let Err(cleanup) = self.repo.delete_backup(&instance.id, &set.id) {
+                tracing::warn!(
+                    "backup {}: removing the manifest after a failed commit: {cleanup}",
+                    set.id
+                );
+            }
+            return Err(e.into());
+        }
         set.total_bytes = stats.total_bytes;
         set.new_bytes = stats.new_bytes;
         set.dedup_bytes = stats.dedup_bytes;

@@ -33,6 +33,8 @@ pub struct FaultPlan {
     /// Only these operations fail (`put`, `get`, `get_range`, `list`,
     /// `delete`, `exists`); empty = all.
     pub ops: Vec<&'static str>,
+    /// Only keys containing this fail (e.g. `.manifest`); `None` = all.
+    pub keys_containing: Option<&'static str>,
 }
 
 impl FaultPlan {
@@ -47,6 +49,7 @@ impl FaultPlan {
             slow_rate: 0.0,
             slow_delay: Duration::from_millis(50),
             ops: Vec::new(),
+            keys_containing: None,
         }
     }
 }
@@ -147,9 +150,12 @@ impl<S: Storage> FaultyStorage<S> {
 
     fn decide(&self, op: &'static str, key: &str) -> Fault {
         self.counters.calls.fetch_add(1, Ordering::SeqCst);
-        if !self.enabled.load(Ordering::SeqCst)
-            || !(self.plan.ops.is_empty() || self.plan.ops.contains(&op))
-        {
+        let chosen = (self.plan.ops.is_empty() || self.plan.ops.contains(&op))
+            && self
+                .plan
+                .keys_containing
+                .is_none_or(|part| key.contains(part));
+        if !self.enabled.load(Ordering::SeqCst) || !chosen {
             return Fault::None;
         }
         let n = {
@@ -299,10 +305,13 @@ mod tests {
         let mut plan = FaultPlan::none(1);
         plan.error_rate = 1.0;
         plan.ops = vec!["get"];
+        plan.keys_containing = Some("/x/");
         let (_d, s) = faulty(plan);
-        s.put("a", b"1").unwrap();
-        assert!(s.get("a").unwrap_err().is_transient());
+        s.put("a/x/b", b"1").unwrap();
+        s.put("a/y/b", b"2").unwrap();
+        assert!(s.get("a/x/b").unwrap_err().is_transient());
+        assert_eq!(s.get("a/y/b").unwrap(), b"2");
         s.set_enabled(false);
-        assert_eq!(s.get("a").unwrap(), b"1");
+        assert_eq!(s.get("a/x/b").unwrap(), b"1");
     }
 }

@@ -103,6 +103,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
 }
 
+/// A shared backend is a backend, so wrappers (retries, fault injection) can
+/// be stacked over one store that is also used directly.
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        (**self).put(key, data)
+    }
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        (**self).get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        (**self).get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        (**self).list(prefix)
+    }
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        (**self).delete(key)
+    }
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        (**self).exists(key)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// Keys are relative `/`-separated paths without empty, `.` or `..` parts,
 /// on every backend, so a repository can move between them.
 pub(crate) fn validate_key(key: &str) -> StorageResult<()> {
