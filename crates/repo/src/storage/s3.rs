@@ -241,10 +241,13 @@ impl S3Storage {
         F: Future<Output = StorageResult<T>> + Send + 'static,
     {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let started = std::time::Instant::now();
         self.handle.spawn(async move {
             let _ = tx.send(work.await);
         });
-        rx.recv().unwrap_or_else(|_| {
+        let answer = rx.recv();
+        tracing::debug!("s3 {op} {key}: {} ms", started.elapsed().as_millis());
+        answer.unwrap_or_else(|_| {
             Err(StorageError::Remote {
                 op,
                 key: key.to_string(),
