@@ -57,6 +57,20 @@ impl Strata {
         Strata { dir, config }
     }
 
+    /// The same data directory with a configuration rewritten with `top`
+    /// and `sections` in place of what was added before.
+    pub fn reconfigured(mut self, top: &str, sections: &str) -> Strata {
+        let fresh = Self::with_config("reconfig", top, sections);
+        let text = std::fs::read_to_string(&fresh.config)
+            .unwrap()
+            .replace(&path_str(&fresh.dir), &path_str(&self.dir));
+        std::fs::write(&self.config, text).unwrap();
+        // `fresh` removes its own directory on drop; `self` keeps its data.
+        drop(fresh);
+        self.config = self.dir.join("strata.toml");
+        self
+    }
+
     pub fn repo_dir(&self) -> PathBuf {
         self.dir.join("data/repo")
     }
