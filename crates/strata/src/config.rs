@@ -133,7 +133,7 @@ impl Config {
             config.data_dir = Some(v.into());
         }
         if let Ok(v) = std::env::var("STRATA_REPOSITORY") {
-            config.repository = Some(v.into());
+            config.repository = Some(v);
         }
         if let Ok(v) = std::env::var("STRATA_CATALOG") {
             config.catalog = Some(v.into());
