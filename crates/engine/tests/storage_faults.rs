@@ -206,7 +206,7 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
 
     // 5. Slow storage only: success.
     let mut plan = FaultPlan::none(55);
-    plan.slow_rate = 0.3;
+    plan.slow_rate = 0.6;
     plan.slow_delay = Duration::from_millis(20);
     let (ok, counts) = rig.backup_with(plan, &id);
     assert!(ok && counts.slow > 0, "{counts:?}");
