@@ -443,10 +443,12 @@ fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 
 // ----- instances -----
 
-fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
-    let wal = svc.wal_state(&i.id);
-    let pol = svc.policy(&i.id)?;
-    let receiver = if !pol.log_backup_enabled {
+/// The WAL receiver of an instance in a word (`Off`, `Streaming`,
+/// `Starting`) or `Retrying: <last error>` (`StrataWalReceiver`).
+pub fn receiver_status(svc: &Service, instance_id: &str) -> ApiResult<String> {
+    let wal = svc.wal_state(instance_id);
+    let pol = svc.policy(instance_id)?;
+    Ok(if !pol.log_backup_enabled {
         "Off".to_string()
     } else if wal.running && wal.last_message.is_some() {
         "Streaming".to_string()
@@ -454,7 +456,11 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         format!("Retrying: {e}")
     } else {
         "Starting".to_string()
-    };
+    })
+}
+
+fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
+    let receiver = receiver_status(svc, &i.id)?;
     let last_backup = svc
         .engine
         .catalog
