@@ -55,6 +55,8 @@ pub struct ServiceSettings {
     pub receiver_backoff_max: Duration,
     /// Read limit for automatic backups (kB/s), `None` for no limit.
     pub backup_max_rate_kb: Option<u32>,
+    /// Read limit for manual backups (API, console), `None` for no limit.
+    pub manual_backup_max_rate_kb: Option<u32>,
 }
 
 impl Default for ServiceSettings {
@@ -64,6 +66,7 @@ impl Default for ServiceSettings {
             retention_interval: chrono::Duration::minutes(5),
             receiver_backoff_max: Duration::from_secs(60),
             backup_max_rate_kb: None,
+            manual_backup_max_rate_kb: None,
         }
     }
 }
@@ -267,7 +270,7 @@ impl Service {
             max_rate_kb: if mode == "Automated" {
                 self.settings.backup_max_rate_kb
             } else {
-                None
+                self.settings.manual_backup_max_rate_kb
             },
         };
         let pending = self.engine.prepare_backup(instance_id, &opts)?;

@@ -48,6 +48,8 @@ pub struct SchedulerConfig {
     pub retention_interval_secs: Option<u64>,
     /// Read limit for automatic backups in kB/s (default: none).
     pub backup_max_rate_kb: Option<u32>,
+    /// Read limit for backups started by the API or the console in kB/s (default: none).
+    pub manual_backup_max_rate_kb: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -155,6 +157,7 @@ impl Config {
             s.retention_interval = chrono::Duration::seconds(t.max(1) as i64);
         }
         s.backup_max_rate_kb = self.scheduler.backup_max_rate_kb;
+        s.manual_backup_max_rate_kb = self.scheduler.manual_backup_max_rate_kb;
         s
     }
 
