@@ -43,9 +43,11 @@
     root.querySelectorAll("svg text[data-utc]").forEach((el) => {
       const d = parseUtc(el.dataset.utc);
       if (!d) return;
-      el.textContent = el.dataset.fmt === "time"
-        ? `${pad(d.getHours())}:${pad(d.getMinutes())}`
-        : `${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+      const hm = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+      el.textContent = {
+        seconds: `${hm}:${pad(d.getSeconds())}`,
+        time: hm,
+      }[el.dataset.fmt] || `${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
     });
   }
 

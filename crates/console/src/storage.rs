@@ -140,7 +140,7 @@ pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
         return svg;
     };
     // A margin before the first point, so its step is visible.
-    let pad = ((now - first.at) / 20).max(chrono::Duration::minutes(1));
+    let pad = ((now - first.at) / 20).max(chrono::Duration::seconds(2));
     let start = first.at - pad;
     let span = (now - start).num_milliseconds().max(1) as f64;
     let top = points
@@ -170,7 +170,14 @@ pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
         v += step;
     }
     // Time labels, rewritten into the browser's zone by the script.
-    let short = now - start < chrono::Duration::days(2);
+    let span_t = now - start;
+    let (fmt, kind) = if span_t < chrono::Duration::minutes(10) {
+        ("%H:%M:%S UTC", "seconds")
+    } else if span_t < chrono::Duration::days(2) {
+        ("%H:%M UTC", "time")
+    } else {
+        ("%m-%d", "date")
+    };
     for i in 0..=4 {
         let t = start + chrono::Duration::milliseconds((span * i as f64 / 4.0) as i64);
         let anchor = match i {
@@ -178,18 +185,13 @@ pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
             4 => "end",
             _ => "middle",
         };
-        let label = if short {
-            t.format("%H:%M UTC")
-        } else {
-            t.format("%m-%d")
-        };
         let _ = write!(
             svg,
-            r#"<text class="axis" x="{:.1}" y="{}" text-anchor="{anchor}" data-utc="{}" data-fmt="{}">{label}</text>"#,
+            r#"<text class="axis" x="{:.1}" y="{}" text-anchor="{anchor}" data-utc="{}" data-fmt="{kind}">{}</text>"#,
             x(t),
             H - 10.0,
             t.format("%Y-%m-%dT%H:%M:%SZ"),
-            if short { "time" } else { "date" }
+            t.format(fmt)
         );
     }
     // Stacked step areas: data below, log above it.
