@@ -181,7 +181,17 @@ class Api:
             text=True,
             check=True,
         )
-        return json.loads(out.stdout)
+        body = json.loads(out.stdout)
+        return {k: body[k] for k in POLICY_FIELDS}
+
+
+POLICY_FIELDS = (
+    "PreferredBackupPeriod",
+    "PreferredBackupTime",
+    "BackupRetentionPeriod",
+    "EnableBackupLog",
+    "LogBackupRetentionPeriod",
+)
 
 
 @pytest.fixture(scope="session")

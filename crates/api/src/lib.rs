@@ -27,7 +27,7 @@ use strata_service::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use actions::{exists as action_exists, receiver_status};
+pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
 pub use auth::Principal;
 pub use error::{ApiError, ApiResult};
 pub use params::Params;

@@ -312,9 +312,11 @@ fn signin_form(next: &str, token: &str, error: Option<&str>, key_id: &str) -> Ma
                 input type="hidden" name="csrf" value=(token);
                 input type="hidden" name="next" value=(next);
                 label for="key-id" { "AccessKey ID" }
-                input #key-id name="access_key_id" value=(key_id) required autocomplete="username" autofocus spellcheck="false";
+                input #key-id name="access_key_id" value=(key_id) required autocomplete="username"
+                    autofocus[key_id.is_empty()] spellcheck="false";
                 label for="key-secret" { "AccessKey Secret" }
-                input #key-secret name="access_key_secret" type="password" required autocomplete="current-password";
+                input #key-secret name="access_key_secret" type="password" required
+                    autocomplete="current-password" autofocus[!key_id.is_empty()];
                 button.primary type="submit" { "Sign in" }
             }
             p.hint {

@@ -7,7 +7,7 @@
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupStatus, Catalog, CatalogResult, WalSegmentRow};
+use strata_catalog::{BackupStatus, Catalog, CatalogResult};
 
 use crate::layout::bytes;
 
@@ -26,19 +26,6 @@ pub struct Point {
     pub at: DateTime<Utc>,
     pub data: u64,
     pub log: u64,
-}
-
-/// WAL rows as the API lists them: a complete segment supersedes the
-/// partial one of the same name.
-fn current_wal(rows: Vec<WalSegmentRow>) -> Vec<WalSegmentRow> {
-    let complete: std::collections::HashSet<(u32, String)> = rows
-        .iter()
-        .filter(|w| !w.partial)
-        .map(|w| (w.timeline.0, w.segment.clone()))
-        .collect();
-    rows.into_iter()
-        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
-        .collect()
 }
 
 impl Usage {
@@ -60,7 +47,7 @@ pub fn history(catalog: &dyn Catalog, instance_id: &str) -> CatalogResult<(Usage
         usage.data_sets += 1;
         events.push((b.finished_at.unwrap_or(b.started_at), b.stored_bytes, 0));
     }
-    for w in current_wal(catalog.list_wal_segments(instance_id)?) {
+    for w in strata_api::listed_wal_segments(catalog.list_wal_segments(instance_id)?) {
         usage.log_bytes += w.size;
         usage.log_files += 1;
         events.push((w.stored_at, 0, w.size));
