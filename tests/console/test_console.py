@@ -188,6 +188,17 @@ def test_turning_log_backup_off_warns_before_it_applies(console, env, api):
     dialog.find_element("css selector", "button[data-close]").click()
     console.wait("the dialog to close", lambda: dialog.get_attribute("open") is None)
     assert str(api.backup_policy(instance)["EnableBackupLog"]) == "1", "applied before confirming"
+    # Without the script's dialog the server asks for the confirmation itself.
+    status, body = console.d.execute_async_script(
+        """
+        const done = arguments[0];
+        const form = document.querySelector('form.strategy');
+        fetch(form.action, {method: 'POST', body: new URLSearchParams(new FormData(form))})
+          .then(r => r.text().then(t => done([r.status, t])));
+        """
+    )
+    assert status == 200 and 'id="log-off-confirm"' in body and LOG_OFF_WARNING in body, body
+    assert str(api.backup_policy(instance)["EnableBackupLog"]) == "1", "applied without confirmation"
 
     console.find("#save-strategy").click()
     console.wait("the warning dialog", lambda: dialog.get_attribute("open") is not None)
