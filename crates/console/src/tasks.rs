@@ -3,7 +3,6 @@
 //! Failed) and instance. The page polls `/console/api/tasks` with the same
 //! filters and updates its rows in place, so progress moves by itself.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
@@ -87,12 +86,7 @@ fn iso(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn to_task(job: &Job, modes: &HashMap<String, String>) -> Task {
-    let mode = job
-        .backup_id
-        .as_ref()
-        .and_then(|b| modes.get(b))
-        .map(String::as_str);
+fn to_task(job: &Job, mode: Option<&str>) -> Task {
     let (kind, type_label) = task_type(&job.kind, mode);
     let (status, status_label) = status_group(job.state);
     Task {
@@ -112,24 +106,41 @@ fn to_task(job: &Job, modes: &HashMap<String, String>) -> Task {
     }
 }
 
-/// Every task, newest first, and the task types present.
-fn all_tasks(catalog: &dyn Catalog) -> Result<Vec<Task>, strata_api::ApiError> {
-    let jobs = catalog.list_jobs(None)?;
-    let mut modes = HashMap::new();
-    for i in catalog.list_instances()? {
-        for b in catalog.list_backups(&i.id)? {
-            modes.insert(b.id, b.mode);
-        }
-    }
-    let mut tasks: Vec<Task> = jobs.iter().map(|j| to_task(j, &modes)).collect();
-    tasks.sort_by_key(|t| std::cmp::Reverse(t.id));
-    Ok(tasks)
+/// What the Task Center shows: the newest [`SHOWN`] tasks matching
+/// `filter`, and every job kind in the catalog (for the type filter).
+struct Listing {
+    tasks: Vec<Task>,
+    kinds: Vec<String>,
 }
 
-fn matches(t: &Task, f: &Filter) -> bool {
-    (f.kind.is_empty() || t.kind == f.kind)
-        && (f.status.is_empty() || t.status == f.status)
-        && (f.instance.is_empty() || t.instance == f.instance)
+fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api::ApiError> {
+    let mut jobs = catalog.list_jobs(None)?;
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
+    let mut kinds: Vec<String> = Vec::new();
+    let mut tasks = Vec::new();
+    for j in &jobs {
+        if !kinds.contains(&j.kind) {
+            kinds.push(j.kind.clone());
+        }
+        let (status, _) = status_group(j.state);
+        let instance = j.instance_id.as_deref().unwrap_or_default();
+        if tasks.len() == SHOWN
+            || (!filter.status.is_empty() && filter.status != status)
+            || (!filter.instance.is_empty() && filter.instance != instance)
+        {
+            continue;
+        }
+        // Backups are typed by their set's mode: one lookup per job shown.
+        let mode = match (j.kind.as_str(), &j.backup_id) {
+            ("backup", Some(b)) => catalog.get_backup(b).ok().map(|b| b.mode),
+            _ => None,
+        };
+        let task = to_task(j, mode.as_deref());
+        if filter.kind.is_empty() || task.kind == filter.kind {
+            tasks.push(task);
+        }
+    }
+    Ok(Listing { tasks, kinds })
 }
 
 /// `GET /console/tasks`.
@@ -139,10 +150,10 @@ pub async fn page(
     Query(filter): Query<Filter>,
 ) -> Response {
     let catalog = state.service.engine.catalog.as_ref();
-    let body = match (all_tasks(catalog), catalog.list_instances()) {
-        (Ok(tasks), Ok(instances)) => {
+    let body = match (listing(catalog, &filter), catalog.list_instances()) {
+        (Ok(listing), Ok(instances)) => {
             let ids: Vec<String> = instances.into_iter().map(|i| i.id).collect();
-            center(&tasks, &filter, &ids)
+            center(&listing, &filter, &ids)
         }
         (Err(e), _) => layout::error_box("The tasks could not be read:", &e),
         (_, Err(e)) => layout::error_box("The tasks could not be read:", &e.into()),
@@ -172,15 +183,11 @@ pub async fn json(
             serde_json::json!({"error": "The session ended: sign in again."}),
         );
     }
-    match all_tasks(catalog) {
-        Ok(tasks) => {
-            let tasks: Vec<Task> = tasks
-                .into_iter()
-                .filter(|t| matches(t, &filter))
-                .take(SHOWN)
-                .collect();
-            json_response(StatusCode::OK, serde_json::json!({ "tasks": tasks }))
-        }
+    match listing(catalog, &filter) {
+        Ok(listing) => json_response(
+            StatusCode::OK,
+            serde_json::json!({ "tasks": listing.tasks }),
+        ),
         Err(e) => json_response(
             e.status,
             serde_json::json!({"error": e.message, "code": e.code}),
@@ -211,15 +218,16 @@ fn select(name: &str, label: &str, current: &str, options: &[(String, String)]) 
     }
 }
 
-fn center(tasks: &[Task], filter: &Filter, instances: &[String]) -> Markup {
+fn center(listing: &Listing, filter: &Filter, instances: &[String]) -> Markup {
     let mut types: Vec<(String, String)> = vec![
         task_type("backup", Some("Manual")),
         task_type("backup", Some("Automated")),
         task_type("restore", None),
     ];
-    for t in tasks {
-        if !types.iter().any(|(k, _)| *k == t.kind) {
-            types.push((t.kind.clone(), t.type_label.clone()));
+    for kind in &listing.kinds {
+        let t = task_type(kind, None);
+        if kind != "backup" && !types.contains(&t) {
+            types.push(t);
         }
     }
     let statuses: Vec<(String, String)> = STATUSES
@@ -228,11 +236,7 @@ fn center(tasks: &[Task], filter: &Filter, instances: &[String]) -> Markup {
         .collect();
     let instance_options: Vec<(String, String)> =
         instances.iter().map(|i| (i.clone(), i.clone())).collect();
-    let shown: Vec<&Task> = tasks
-        .iter()
-        .filter(|t| matches(t, filter))
-        .take(SHOWN)
-        .collect();
+    let shown = &listing.tasks;
     html! {
         div.pagehead {
             div {
@@ -263,7 +267,7 @@ fn center(tasks: &[Task], filter: &Filter, instances: &[String]) -> Markup {
                     th scope="col" { "Details" }
                 } }
                 tbody {
-                    @for t in &shown {
+                    @for t in shown {
                         (row(Some(t)))
                     }
                 }
@@ -338,6 +342,91 @@ mod tests {
         }
         assert_eq!(status_group(JobState::Finished).0, "finished");
         assert_eq!(status_group(JobState::Failed).0, "failed");
+    }
+
+    #[test]
+    fn listing_filters_by_type_status_and_instance() {
+        use strata_catalog::{BackupSet, BackupStatus, Instance, SqliteCatalog};
+        let catalog = SqliteCatalog::open_in_memory().unwrap();
+        let now = chrono::Utc::now();
+        for id in ["a", "b"] {
+            catalog
+                .add_instance(&Instance {
+                    id: id.into(),
+                    host: "127.0.0.1".into(),
+                    port: 5432,
+                    user: "postgres".into(),
+                    password_env: None,
+                    password: None,
+                    dbname: None,
+                    sslmode: "disable".into(),
+                    sslrootcert: None,
+                    system_identifier: None,
+                    pg_version_num: None,
+                    wal_segment_size: None,
+                    created_at: now,
+                })
+                .unwrap();
+        }
+        let backup = |instance: &str, set: &str, mode: &str, state: JobState| {
+            catalog
+                .insert_backup(&BackupSet {
+                    id: set.into(),
+                    instance_id: instance.into(),
+                    status: BackupStatus::Running,
+                    mode: mode.into(),
+                    started_at: now,
+                    finished_at: None,
+                    start_lsn: None,
+                    stop_lsn: None,
+                    start_timeline: None,
+                    stop_timeline: None,
+                    pg_version_num: None,
+                    total_bytes: 0,
+                    new_bytes: 0,
+                    dedup_bytes: 0,
+                    stored_bytes: 0,
+                    file_count: 0,
+                    error: None,
+                    job_id: None,
+                })
+                .unwrap();
+            let mut job = catalog.create_job("backup", Some(instance)).unwrap();
+            job.backup_id = Some(set.into());
+            job.state = state;
+            catalog.update_job(&job).unwrap();
+            job.id
+        };
+        let auto = backup("a", "1", "Automated", JobState::Finished);
+        let manual = backup("a", "2", "Manual", JobState::Uploading);
+        let other = backup("b", "3", "Manual", JobState::Failed);
+        let ids = |f: Filter| -> Vec<i64> {
+            listing(&catalog, &f)
+                .unwrap()
+                .tasks
+                .iter()
+                .map(|t| t.id)
+                .collect()
+        };
+        assert_eq!(ids(Filter::default()), [other, manual, auto]);
+        let kind = |k: &str| Filter {
+            kind: k.into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(kind("manual-backup")), [other, manual]);
+        assert_eq!(ids(kind("auto-backup")), [auto]);
+        let status = |s: &str| Filter {
+            status: s.into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(status("progress")), [manual]);
+        assert_eq!(ids(status("failed")), [other]);
+        assert!(ids(status("pending")).is_empty());
+        let instance = Filter {
+            instance: "b".into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(instance), [other]);
     }
 
     #[test]
