@@ -74,7 +74,12 @@ impl Default for EngineSettings {
 /// The major version of the `postgres` binary in `dir` (from `--version`,
 /// e.g. "postgres (PostgreSQL) 16.4").
 fn server_major(dir: &std::path::Path) -> Option<u32> {
-    let out = std::process::Command::new(dir.join("postgres"))
+    tool_major(&dir.join("postgres"))
+}
+
+/// The major version a PostgreSQL program reports with `--version`.
+fn tool_major(program: &std::path::Path) -> Option<u32> {
+    let out = std::process::Command::new(program)
         .arg("--version")
         .output()
         .ok()?;
@@ -119,6 +124,26 @@ impl Engine {
             created_at: instance.created_at,
         })?;
         Ok(())
+    }
+
+    /// A PostgreSQL client program (`psql`, `pg_dump`, `pg_restore`,
+    /// `pg_amcheck`…) that can work with a server of major version `major`:
+    /// the same major's, else the oldest newer one found in the configured
+    /// directories.
+    pub fn client_tool(&self, name: &str, major: u32) -> EngineResult<PathBuf> {
+        for m in major..=major + 10 {
+            for pattern in &self.settings.pg_bin_dirs {
+                let dir = PathBuf::from(pattern.replace("{major}", &m.to_string()));
+                let tool = dir.join(name);
+                if tool.is_file() && tool_major(&tool) == Some(m) {
+                    return Ok(tool);
+                }
+            }
+        }
+        Err(EngineError::Refused(format!(
+            "no {name} for PostgreSQL {major} or newer found (searched: {}); set [postgres] bin_dirs in the configuration",
+            self.settings.pg_bin_dirs.join(", ")
+        )))
     }
 
     /// Locates the directory with `postgres` and `pg_ctl` for a major version.

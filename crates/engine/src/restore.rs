@@ -52,9 +52,17 @@ impl std::fmt::Display for RecoveryTarget {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     pub port: u16,
+    /// `listen_addresses` for the restored server (default: the source's).
+    pub listen_addresses: Option<String>,
+    /// `unix_socket_directories` (default: the source's, which must exist
+    /// on this host).
+    pub socket_dir: Option<PathBuf>,
+    /// Lines put at the top of `pg_hba.conf` before the server starts
+    /// (scratch instances let Strata in over their private socket).
+    pub hba_prepend: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +71,10 @@ pub struct RestoreOptions {
     pub backup_id: Option<String>,
     pub target: RecoveryTarget,
     pub start: Option<StartOptions>,
+    /// A job the caller created and will finish itself (clones, scratch
+    /// servers); by default the restore records and finishes its own
+    /// `restore` job. Either way a failure is recorded on the job.
+    pub job_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,18 +110,25 @@ impl Engine {
         let instance = self.catalog.get_instance(instance_id)?;
         self.catalog.fail_orphaned_jobs()?;
         let created = prepare_target_dir(&opts.target_dir)?;
-        let mut job = self.catalog.create_job("restore", Some(instance_id))?;
+        let (mut job, own_job) = match opts.job_id {
+            Some(id) => (self.catalog.get_job(id)?, false),
+            None => (self.catalog.create_job("restore", Some(instance_id))?, true),
+        };
         job.state = JobState::Preparing;
-        job.detail = format!("restore to {}", opts.target_dir.display());
+        if own_job {
+            job.detail = format!("restore to {}", opts.target_dir.display());
+        }
         self.catalog.update_job(&job)?;
         let result = self.run_restore(&instance.id, opts, progress, &mut job);
-        job.finished_at = Some(Utc::now());
         match &result {
+            Ok(_) if !own_job => {}
             Ok(_) => {
+                job.finished_at = Some(Utc::now());
                 job.state = JobState::Finished;
                 job.progress = 100;
             }
             Err(e) => {
+                job.finished_at = Some(Utc::now());
                 job.state = JobState::Failed;
                 job.error = Some(e.to_string());
                 // A failed start keeps the directory for its log; anything
@@ -899,6 +918,15 @@ fn write_recovery_settings(
     }
     if let Some(s) = start {
         conf.push_str(&format!("port = {}\n", s.port));
+        if let Some(l) = &s.listen_addresses {
+            conf.push_str(&format!("listen_addresses = {}\n", quote(l)));
+        }
+        if let Some(d) = &s.socket_dir {
+            conf.push_str(&format!(
+                "unix_socket_directories = {}\n",
+                quote(&d.display().to_string())
+            ));
+        }
     }
     let auto = dir.join("postgresql.auto.conf");
     let mut f = fs::OpenOptions::new()
@@ -923,6 +951,12 @@ fn write_recovery_settings(
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
         )
         .map_err(EngineError::io("writing pg_hba.conf"))?;
+    }
+    if let Some(lines) = start.and_then(|s| s.hba_prepend.as_ref()) {
+        let hba = dir.join("pg_hba.conf");
+        let old = fs::read_to_string(&hba).unwrap_or_default();
+        fs::write(&hba, format!("{lines}\n{old}"))
+            .map_err(EngineError::io("writing pg_hba.conf"))?;
     }
     // A backup of a standby carries standby.signal: the restored copy is a
     // new instance that must recover and promote, not follow the old primary.

@@ -8,8 +8,11 @@
 //! days and weeks; [`Service::tick`] does one round of everything.
 
 mod clock;
+mod drills;
+mod local;
 mod metrics;
 pub mod policy;
+mod tables;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +29,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use local::{RestoreSource, Scratch};
 pub use policy::PolicyError;
+pub use tables::{parse_table_meta, DbSpec, TableSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -55,6 +60,14 @@ pub struct ServiceSettings {
     pub receiver_backoff_max: Duration,
     /// Read limit for automatic backups (kB/s), `None` for no limit.
     pub backup_max_rate_kb: Option<u32>,
+    /// Where instances Strata creates (clones, scratch servers) live.
+    pub instances_dir: std::path::PathBuf,
+    /// Ports those instances may use.
+    pub local_ports: (u16, u16),
+    /// `listen_addresses` of clones.
+    pub local_listen: String,
+    /// Drill every successful backup (restore, recover, pg_amcheck).
+    pub drills: bool,
 }
 
 impl Default for ServiceSettings {
@@ -64,6 +77,10 @@ impl Default for ServiceSettings {
             retention_interval: chrono::Duration::minutes(5),
             receiver_backoff_max: Duration::from_secs(60),
             backup_max_rate_kb: None,
+            instances_dir: std::path::PathBuf::from("strata-data/instances"),
+            local_ports: (15432, 15531),
+            local_listen: "127.0.0.1".into(),
+            drills: true,
         }
     }
 }
@@ -123,6 +140,18 @@ impl Progress for WalProgress {
     }
 }
 
+/// Records a job as failed (best effort: the error matters more).
+pub(crate) fn fail_job(engine: &Engine, job_id: i64, reason: &str) {
+    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+        if !job.state.is_terminal() {
+            job.state = JobState::Failed;
+            job.error = Some(reason.to_string());
+            job.finished_at = Some(Utc::now());
+            let _ = engine.catalog.update_job(&job);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -138,6 +167,11 @@ pub struct Service {
     gc_due: AtomicBool,
     last_gc: Mutex<Option<(DateTime<Utc>, GcReport)>>,
     started: Instant,
+    /// Drills waiting: (instance, backup set, job).
+    drill_queue: Mutex<std::collections::VecDeque<(String, String, i64)>>,
+    drill_wakeup: std::sync::Condvar,
+    drill_worker: std::sync::Once,
+    stopping: AtomicBool,
 }
 
 impl Service {
@@ -153,6 +187,10 @@ impl Service {
             gc_due: AtomicBool::new(true),
             last_gc: Mutex::new(None),
             started: Instant::now(),
+            drill_queue: Mutex::new(std::collections::VecDeque::new()),
+            drill_wakeup: std::sync::Condvar::new(),
+            drill_worker: std::sync::Once::new(),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -276,7 +314,14 @@ impl Service {
         let id = instance_id.to_string();
         let task = tokio::spawn(async move {
             match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
-                Ok(set) => tracing::info!(instance = %id, backup = %set.id, "backup finished"),
+                Ok(set) => {
+                    tracing::info!(instance = %id, backup = %set.id, "backup finished");
+                    if svc.settings.drills {
+                        if let Err(e) = svc.start_drill(&set.id) {
+                            tracing::warn!(instance = %id, "cannot queue a restore drill: {e}");
+                        }
+                    }
+                }
                 Err(e) => tracing::warn!(instance = %id, "backup failed: {e}"),
             }
             lock(&svc.backups).remove(&id);
@@ -394,6 +439,9 @@ impl Service {
         now: DateTime<Utc>,
         retention_due: bool,
     ) -> ServiceResult<()> {
+        if !self.is_ready(&instance.id) {
+            return Ok(());
+        }
         let mut p = self.policy(&instance.id)?;
         let running_here = lock(&self.backups).contains_key(&instance.id);
         if !running_here {
@@ -511,6 +559,8 @@ impl Service {
     /// receiver (flushing the partial segment) and records running backups
     /// as failed.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let svc = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || svc.start_local_instances()).await;
         loop {
             self.tick().await;
             tokio::select! {
@@ -525,6 +575,8 @@ impl Service {
     }
 
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.drill_wakeup.notify_all();
         let ids: Vec<String> = lock(&self.receivers).keys().cloned().collect();
         for id in ids {
             self.stop_receiver(&id).await;

@@ -24,6 +24,14 @@ fn engine(dir: &std::path::Path) -> Engine {
     Engine::new(catalog, repo, EngineSettings::default())
 }
 
+fn settings(dir: &std::path::Path) -> ServiceSettings {
+    ServiceSettings {
+        instances_dir: dir.join("instances"),
+        drills: false,
+        ..Default::default()
+    }
+}
+
 /// Waits until no backup of the instance is running; returns all sets.
 async fn settle(svc: &Service, id: &str) -> Vec<strata_catalog::BackupSet> {
     for _ in 0..600 {
@@ -224,7 +232,7 @@ async fn garbage_collection_waits_for_running_backups() {
     let svc = Service::new(
         engine,
         Arc::new(ManualClock::new(Utc::now())),
-        ServiceSettings::default(),
+        settings(dir.path()),
     );
     svc.register_instance(Instance {
         id: "gc".into(),

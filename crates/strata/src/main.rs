@@ -417,10 +417,14 @@ fn run(cli: Cli) -> Result<()> {
                 backup_id: args.backup.clone(),
                 target,
                 start: if args.start {
-                    args.port.map(|port| StartOptions { port })
+                    args.port.map(|port| StartOptions {
+                        port,
+                        ..Default::default()
+                    })
                 } else {
                     None
                 },
+                job_id: None,
             };
             let progress = CliProgress::new();
             let outcome = engine.restore(&args.id, &opts, &progress)?;
