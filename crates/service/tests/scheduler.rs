@@ -52,11 +52,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     let dir = tempfile::tempdir().unwrap();
     // 2027-01-06 is a Wednesday, in the future of every backup taken here.
     let clock = Arc::new(ManualClock::new(at("2027-01-06T10:00:00Z")));
-    let svc = Service::new(
-        engine(dir.path()),
-        clock.clone(),
-        ServiceSettings::default(),
-    );
+    let svc = Service::new(engine(dir.path()), clock.clone(), settings(dir.path()));
     svc.register_instance(Instance {
         id: "sched".into(),
         host: cluster.host().into(),
