@@ -14,6 +14,7 @@ use strata_service::{PolicyChange, RestoreSource, Service};
 
 use crate::error::{ApiError, ApiResult};
 use crate::params::{page, Params};
+use crate::ApiState;
 
 /// Every action Strata answers, in alphabetical order.
 pub const ACTIONS: &[&str] = &[
@@ -48,7 +49,8 @@ fn obj(v: Value) -> Fields {
     }
 }
 
-pub async fn dispatch(svc: &Arc<Service>, action: &str, p: &Params) -> ApiResult<Fields> {
+pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
     match action {
         "CloneDBInstance" => clone_instance(svc, p),
         "CreateBackup" => create_backup(svc, p),
@@ -58,8 +60,8 @@ pub async fn dispatch(svc: &Arc<Service>, action: &str, p: &Params) -> ApiResult
         "StrataStartRestoreDrill" => start_drill(svc, p),
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
-        "DescribeBackups" => describe_backups(svc, p),
-        "DescribeBinlogFiles" => describe_binlog_files(svc, p),
+        "DescribeBackups" => describe_backups(state, p),
+        "DescribeBinlogFiles" => describe_binlog_files(state, p),
         "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
         "DescribeDBInstances" => describe_instances(svc, p),
         "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
@@ -138,7 +140,8 @@ fn deletable(
     set.finished_at.unwrap_or(set.started_at) <= log_start && anchor != Some(set.id.as_str())
 }
 
-fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
     let inst = instance(svc, p)?;
     let start = p.time("StartTime")?;
     let end = p.time("EndTime")?;
@@ -216,6 +219,13 @@ fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             }
             if let Some(e) = &b.error {
                 m.insert("StrataErrorMessage".into(), json!(e));
+            }
+            if b.status == BackupStatus::Success {
+                let (url, _) = state.links.sign(&format!("/download/backups/{}/{}.tar", b.instance_id, b.id), Utc::now());
+                let (zst, _) = state.links.sign(&format!("/download/backups/{}/{}.tar.zst", b.instance_id, b.id), Utc::now());
+                m.insert("BackupDownloadURL".into(), json!(url));
+                m.insert("BackupIntranetDownloadURL".into(), json!(url));
+                m.insert("StrataBackupDownloadURLZstd".into(), json!(zst));
             }
             if let Some(d) = drills.get(&b.id) {
                 m.insert("StrataDrillStatus".into(), json!(d.status));
@@ -402,7 +412,8 @@ async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
 
 // ----- log backups -----
 
-fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
     let inst = instance(svc, p)?;
     p.required("StartTime")?;
     p.required("EndTime")?;
@@ -435,8 +446,20 @@ fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let items: Vec<Value> = page(&matching, number, size)
         .into_iter()
         .map(|w| {
+            let file = if w.partial {
+                format!("{}.partial", w.segment)
+            } else {
+                w.segment.clone()
+            };
+            let (link, expires) = state.links.sign(
+                &format!("/download/wal/{}/{file}", w.instance_id),
+                Utc::now(),
+            );
             json!({
-                "LogFileName": if w.partial { format!("{}.partial", w.segment) } else { w.segment.clone() },
+                "DownloadLink": link,
+                "IntranetDownloadLink": link,
+                "LinkExpiredTime": format_seconds(expires),
+                "LogFileName": file,
                 "LogBeginTime": format_seconds(w.first_commit.unwrap_or(w.stored_at)),
                 "LogEndTime": format_seconds(w.last_commit.unwrap_or(w.stored_at)),
                 "FileSize": w.size,

@@ -9,6 +9,7 @@
 
 mod actions;
 mod auth;
+mod download;
 mod error;
 mod params;
 
@@ -28,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use auth::Principal;
+pub use download::LinkSigner;
 pub use error::{ApiError, ApiResult};
 
 /// The API version Strata speaks.
@@ -35,6 +37,8 @@ pub const API_VERSION: &str = "2014-08-15";
 
 pub struct ApiState {
     pub service: Arc<Service>,
+    /// Signs and checks download links.
+    pub links: LinkSigner,
     /// Reported as `HostId` in errors.
     pub host_id: String,
 }
@@ -44,6 +48,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/", get(rpc).post(rpc))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/download/backups/{instance}/{file}", get(download::backup))
+        .route("/download/wal/{instance}/{file}", get(download::wal))
         .with_state(state)
 }
 
@@ -157,7 +163,7 @@ async fn handle(
             ),
         ));
     }
-    let fields = actions::dispatch(&state.service, &action, &params).await?;
+    let fields = actions::dispatch(state, &action, &params).await?;
     Ok((action, fields))
 }
 

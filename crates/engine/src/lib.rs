@@ -5,6 +5,7 @@
 //! these through [`Engine`].
 
 mod archive;
+mod archive_tar;
 mod backup;
 mod connect;
 mod error;
@@ -21,6 +22,7 @@ use strata_catalog::Catalog;
 use strata_repo::Repository;
 
 pub use archive::{slot_name, WalReceiveOptions};
+pub use archive_tar::BackupArchive;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
 pub use connect::ServerFacts;

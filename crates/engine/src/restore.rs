@@ -34,6 +34,8 @@ use crate::{Engine, EngineError, EngineResult, Progress};
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecoveryTarget {
     Latest,
+    /// Stop as soon as the backup is consistent (`recovery_target = 'immediate'`).
+    Immediate,
     Time(DateTime<Utc>),
     Lsn(Lsn),
     Xid(u32),
@@ -44,6 +46,7 @@ impl std::fmt::Display for RecoveryTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RecoveryTarget::Latest => write!(f, "the end of the archived WAL"),
+            RecoveryTarget::Immediate => write!(f, "the backup's consistency point"),
             RecoveryTarget::Time(t) => write!(f, "time {}", t.to_rfc3339()),
             RecoveryTarget::Lsn(l) => write!(f, "LSN {l}"),
             RecoveryTarget::Xid(x) => write!(f, "transaction {x}"),
@@ -93,9 +96,9 @@ pub struct RestoreOutcome {
 }
 
 /// A WAL object chosen for staging.
-struct StagedSegment {
-    row: WalSegmentRow,
-    segno: SegmentNo,
+pub(crate) struct StagedSegment {
+    pub(crate) row: WalSegmentRow,
+    pub(crate) segno: SegmentNo,
 }
 
 impl Engine {
@@ -271,7 +274,7 @@ impl Engine {
         })
     }
 
-    fn load_histories(
+    pub(crate) fn load_histories(
         &self,
         instance_id: &str,
     ) -> EngineResult<BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>> {
@@ -672,7 +675,7 @@ fn choose_backup<'a>(
     let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
     let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
     let (limit_lsn, limit_time): (Option<Lsn>, Option<DateTime<Utc>>) = match target {
-        RecoveryTarget::Latest => (None, None),
+        RecoveryTarget::Latest | RecoveryTarget::Immediate => (None, None),
         RecoveryTarget::Time(t) => {
             let newest = wal.iter().map(|w| w.stored_at).max();
             match newest {
@@ -753,7 +756,7 @@ fn choose_backup<'a>(
 
 /// The WAL objects recovery reads, in order: from the backup's start along
 /// the newest timeline descending from the backup's, up to the first gap.
-fn plan_wal(
+pub(crate) fn plan_wal(
     manifest: &BackupManifest,
     geometry: WalGeometry,
     wal: &[WalSegmentRow],
@@ -908,6 +911,7 @@ fn write_recovery_settings(
     );
     match target {
         RecoveryTarget::Latest => {}
+        RecoveryTarget::Immediate => conf.push_str("recovery_target = 'immediate'\n"),
         RecoveryTarget::Time(t) => conf.push_str(&format!(
             "recovery_target_time = {}\n",
             quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())

@@ -104,12 +104,7 @@ impl Service {
                 RecoveryTarget::Time(t)
             }
             // A backup set alone: recover just to its consistency point.
-            (None, Some(b)) => RecoveryTarget::Lsn(b.stop_lsn.ok_or_else(|| {
-                invalid(
-                    "InvalidBackupId.NotFound",
-                    format!("backup {} has no stop position", b.id),
-                )
-            })?),
+            (None, Some(_)) => RecoveryTarget::Immediate,
             (None, None) => {
                 return Err(invalid(
                     "MissingParameter",
@@ -421,7 +416,8 @@ impl Service {
                 target,
                 start: Some(StartOptions {
                     port,
-                    listen_addresses: Some(String::new()),
+                    // Loopback TCP too: readiness is checked by connecting to it.
+                    listen_addresses: Some("127.0.0.1".into()),
                     socket_dir: Some(dir.clone()),
                     hba_prepend: Some("local all all trust".into()),
                 }),

@@ -28,6 +28,17 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
+    pub downloads: DownloadsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadsConfig {
+    /// How long download links stay valid, in seconds (default 3600).
+    pub link_lifetime_secs: Option<u64>,
+    /// `scheme://host:port` download links start with (default: the
+    /// address `strata serve` listens on).
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
