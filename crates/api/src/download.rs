@@ -268,7 +268,7 @@ pub async fn wal(
         let (_, data) = engine
             .repo
             .read_wal(&row.object_key)
-            .map_err(|e| strata_engine::EngineError::from(e))?;
+            .map_err(strata_engine::EngineError::from)?;
         Ok(data)
     })
     .await;
