@@ -287,3 +287,78 @@ pub async fn wal(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(dir: &Path) -> LinkSigner {
+        LinkSigner::load_or_create(&dir.join("k"), "http://h:1/".into(), Duration::seconds(60))
+            .unwrap()
+    }
+
+    fn query(url: &str) -> LinkQuery {
+        let q = url.split_once('?').unwrap().1;
+        let get = |k: &str| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        LinkQuery {
+            expires: get("Expires").map(|v| v.parse().unwrap()),
+            signature: get("Signature"),
+        }
+    }
+
+    #[test]
+    fn links_expire_and_cannot_be_moved_or_forged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let now = Utc::now();
+        let (url, expires) = s.sign("/download/wal/i/seg", now);
+        assert!(url.starts_with("http://h:1/download/wal/i/seg?Expires="));
+        assert_eq!(expires, now + Duration::seconds(60));
+        let q = query(&url);
+        s.check("/download/wal/i/seg", &q, now).unwrap();
+        s.check("/download/wal/i/seg", &q, now + Duration::seconds(59))
+            .unwrap();
+        let late = s
+            .check("/download/wal/i/seg", &q, now + Duration::seconds(61))
+            .unwrap_err();
+        assert_eq!(late.status, StatusCode::FORBIDDEN);
+        assert!(late.message.contains("expired"), "{}", late.message);
+        let moved = s.check("/download/wal/i/other", &q, now).unwrap_err();
+        assert!(moved.message.contains("does not match"));
+        let stretched = LinkQuery {
+            expires: q.expires.map(|e| e + 3600),
+            signature: q.signature.clone(),
+        };
+        assert!(s.check("/download/wal/i/seg", &stretched, now).is_err());
+        assert!(s
+            .check(
+                "/download/wal/i/seg",
+                &LinkQuery {
+                    expires: None,
+                    signature: None
+                },
+                now
+            )
+            .is_err());
+        // The key persists (0600); another key does not accept the link.
+        let again = signer(dir.path());
+        again.check("/download/wal/i/seg", &q, now).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(dir.path().join("k"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let other_dir = tempfile::tempdir().unwrap();
+        assert!(signer(other_dir.path())
+            .check("/download/wal/i/seg", &q, now)
+            .is_err());
+    }
+}
