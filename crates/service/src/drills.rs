@@ -49,6 +49,22 @@ impl Service {
         Ok(job.id)
     }
 
+    /// Queues again the drills a previous process did not finish.
+    pub(crate) fn resume_drills(self: &Arc<Self>) {
+        let Ok(instances) = self.engine.catalog.list_instances() else {
+            return;
+        };
+        for i in instances {
+            for d in self.engine.catalog.list_drills(&i.id).unwrap_or_default() {
+                if matches!(d.status.as_str(), "Pending" | "Running") {
+                    if let Err(e) = self.start_drill(&d.backup_id) {
+                        tracing::warn!(backup = %d.backup_id, "cannot resume the restore drill: {e}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The drill worker: takes queued drills one by one until shutdown.
     fn spawn_drill_worker(self: &Arc<Self>) {
         let svc = Arc::clone(self);

@@ -560,7 +560,12 @@ impl Service {
     /// as failed.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let svc = Arc::clone(&self);
-        let _ = tokio::task::spawn_blocking(move || svc.start_local_instances()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            svc.remove_stale_scratch();
+            svc.start_local_instances();
+            svc.resume_drills();
+        })
+        .await;
         loop {
             self.tick().await;
             tokio::select! {
