@@ -118,6 +118,12 @@ impl Service {
             sets,
         );
         family(
+            "strata_drill_failed",
+            "gauge",
+            "1 when the newest restore drill of the instance failed (alert on this).",
+            drill_failed,
+        );
+        family(
             "strata_wal_archived_bytes",
             "gauge",
             "Bytes of WAL segments held for the instance.",
