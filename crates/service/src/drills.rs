@@ -103,6 +103,15 @@ impl Service {
             Ok(Some(r)) => r,
             _ => return, // the backup set was deleted meanwhile
         };
+        if self.engine.catalog.get_instance(instance_id).is_err() {
+            // Deregistered while the drill waited: nothing to prove it for.
+            result.status = "Skipped".into();
+            result.detail = "the instance was deregistered before the drill ran".into();
+            result.finished_at = Some(Utc::now());
+            let _ = self.engine.catalog.put_drill(&result);
+            fail_job(&self.engine, job_id, &result.detail);
+            return;
+        }
         result.status = "Running".into();
         result.started_at = Utc::now();
         let _ = self.engine.catalog.put_drill(&result);

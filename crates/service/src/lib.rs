@@ -172,6 +172,9 @@ pub struct Service {
     drill_wakeup: std::sync::Condvar,
     drill_worker: std::sync::Once,
     stopping: AtomicBool,
+    /// Instances being deregistered or deleted: the scheduler leaves them
+    /// alone (no new receiver may recreate a dropped slot).
+    leaving: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Service {
@@ -191,6 +194,7 @@ impl Service {
             drill_wakeup: std::sync::Condvar::new(),
             drill_worker: std::sync::Once::new(),
             stopping: AtomicBool::new(false),
+            leaving: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -247,8 +251,13 @@ impl Service {
         p.updated_at = self.now();
         self.engine.catalog.put_policy(&p)?;
         if turning_off {
+            // The policy is stored first and the instance marked, so the
+            // scheduler starts no new receiver once this one has stopped.
+            lock(&self.leaving).insert(instance_id.to_string());
             self.stop_receiver(instance_id).await;
-            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+            let dropped = self.engine.drop_wal_slot(instance_id).await;
+            lock(&self.leaving).remove(instance_id);
+            if let Err(e) = dropped {
                 tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
             }
             let plan = self.engine.apply_retention(&p, self.now())?;
@@ -288,13 +297,19 @@ impl Service {
             ))
             .into());
         }
-        self.stop_receiver(instance_id).await;
-        if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
-            tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+        lock(&self.leaving).insert(instance_id.to_string());
+        let outcome = async {
+            self.stop_receiver(instance_id).await;
+            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+                tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+            }
+            self.engine.catalog.delete_instance(instance_id)?;
+            lock(&self.wal_states).remove(instance_id);
+            Ok(())
         }
-        self.engine.catalog.delete_instance(instance_id)?;
-        lock(&self.wal_states).remove(instance_id);
-        Ok(())
+        .await;
+        lock(&self.leaving).remove(instance_id);
+        outcome
     }
 
     /// Starts a backup job and returns it at once; the backup runs in the
@@ -439,7 +454,7 @@ impl Service {
         now: DateTime<Utc>,
         retention_due: bool,
     ) -> ServiceResult<()> {
-        if !self.is_ready(&instance.id) {
+        if !self.is_ready(&instance.id) || lock(&self.leaving).contains(&instance.id) {
             return Ok(());
         }
         let mut p = self.policy(&instance.id)?;
@@ -468,7 +483,12 @@ impl Service {
         if p.log_backup_enabled {
             self.ensure_receiver(&instance.id);
         } else if lock(&self.receivers).contains_key(&instance.id) {
+            // Log backup went off while this round ran: the slot a racing
+            // receiver may have recreated goes too.
             self.stop_receiver(&instance.id).await;
+            if let Err(e) = self.engine.drop_wal_slot(&instance.id).await {
+                tracing::warn!(instance = %instance.id, "could not drop the replication slot: {e}");
+            }
         }
         if retention_due {
             let plan: RetentionPlan = self.engine.apply_retention(&p, now)?;
@@ -487,7 +507,7 @@ impl Service {
 
     fn ensure_receiver(&self, instance_id: &str) {
         let mut receivers = lock(&self.receivers);
-        if receivers.contains_key(instance_id) {
+        if receivers.contains_key(instance_id) || lock(&self.leaving).contains(instance_id) {
             return;
         }
         let (stop, stop_rx) = watch::channel(false);
