@@ -291,13 +291,27 @@ impl Service {
     /// the repository (and in the catalog) until deleted.
     pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
         self.engine.catalog.get_instance(instance_id)?;
-        if lock(&self.backups).contains_key(instance_id) {
+        lock(&self.leaving).insert(instance_id.to_string());
+        // A backup this server runs for the instance is cancelled (recorded
+        // as failed); one another process runs cannot be, so it is waited for.
+        self.cancel_backup(
+            instance_id,
+            "the instance was deregistered while the backup ran",
+        );
+        if let Some(b) = self
+            .engine
+            .catalog
+            .list_backups(instance_id)?
+            .into_iter()
+            .find(|b| b.status == BackupStatus::Running)
+        {
+            lock(&self.leaving).remove(instance_id);
             return Err(EngineError::Conflict(format!(
-                "a backup of instance {instance_id} is running; wait for it to finish"
+                "backup {} of instance {instance_id} is running in another process; wait for it to finish",
+                b.id
             ))
             .into());
         }
-        lock(&self.leaving).insert(instance_id.to_string());
         let outcome = async {
             self.stop_receiver(instance_id).await;
             if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
@@ -310,6 +324,28 @@ impl Service {
         .await;
         lock(&self.leaving).remove(instance_id);
         outcome
+    }
+
+    /// Stops the backup this server runs for an instance, if any, and
+    /// records it as failed with `reason`.
+    fn cancel_backup(&self, instance_id: &str, reason: &str) {
+        let Some(task) = lock(&self.backups).remove(instance_id) else {
+            return;
+        };
+        task.task.abort();
+        fail_job(&self.engine, task.job_id, reason);
+        if let Ok(job) = self.engine.catalog.get_job(task.job_id) {
+            if let Some(bid) = &job.backup_id {
+                if let Ok(mut set) = self.engine.catalog.get_backup(bid) {
+                    if set.status == BackupStatus::Running {
+                        set.status = BackupStatus::Failed;
+                        set.error = Some(reason.to_string());
+                        set.finished_at = Some(Utc::now());
+                        let _ = self.engine.catalog.update_backup(&set);
+                    }
+                }
+            }
+        }
     }
 
     /// Starts a backup job and returns it at once; the backup runs in the
