@@ -9,6 +9,7 @@
 
 mod actions;
 mod auth;
+mod download;
 mod error;
 mod params;
 
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 
 pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
 pub use auth::Principal;
+pub use download::LinkSigner;
 pub use error::{ApiError, ApiResult};
 pub use params::Params;
 
@@ -37,6 +39,8 @@ pub const API_VERSION: &str = "2014-08-15";
 
 pub struct ApiState {
     pub service: Arc<Service>,
+    /// Signs and checks download links.
+    pub links: LinkSigner,
     /// Reported as `HostId` in errors.
     pub host_id: String,
 }
@@ -46,6 +50,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/", get(rpc).post(rpc))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/download/backups/{instance}/{file}", get(download::backup))
+        .route("/download/wal/{instance}/{file}", get(download::wal))
         .with_state(state)
 }
 
@@ -139,7 +145,7 @@ async fn handle(
         ));
     }
     let principal = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
-    let fields = invoke(&state.service, &principal, &action, params).await?;
+    let fields = invoke(state, &principal, &action, params).await?;
     Ok((action, fields))
 }
 
@@ -148,7 +154,7 @@ async fn handle(
 /// too, so its validation, error codes and messages and its read-only
 /// refusals are the API's own.
 pub async fn invoke(
-    service: &Arc<Service>,
+    state: &ApiState,
     principal: &Principal,
     action: &str,
     params: params::Params,
@@ -173,7 +179,7 @@ pub async fn invoke(
             ),
         ));
     }
-    actions::dispatch(service, action, &params).await
+    actions::dispatch(state, action, &params).await
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

@@ -774,19 +774,17 @@ pub async fn restore(
         .rev()
         .filter(|b| b.status == BackupStatus::Success)
         .collect();
-    let missing: Vec<&str> = RESTORE_ACTIONS
-        .into_iter()
-        .filter(|a| !strata_api::action_exists(a))
-        .collect();
     let body = html! {
         div.notice.info #restore-unavailable role="status" {
-            strong { "Not available yet. " }
-            "Restoring from the console needs the API actions "
-            @for (i, a) in missing.iter().enumerate() {
+            strong { "Not available yet in the console. " }
+            "Restore through the API, whose actions "
+            @for (i, a) in RESTORE_ACTIONS.iter().enumerate() {
                 @if i > 0 { " and " }
                 code { (a) }
             }
-            ", which this Strata does not have yet. Until then, restore with "
+            " do this (official SDK, or "
+            code { "scripts/rds-curl.sh CloneDBInstance DBInstanceId=" (inst.id) " BackupId=SET" }
+            "), or with "
             code { "strata restore " (inst.id) " --target-dir DIR [--backup SET | --time T] --start" } "."
         }
         div.cards {
@@ -929,11 +927,12 @@ mod tests {
     }
 
     #[test]
-    fn restore_tab_waits_for_the_restore_actions() {
-        // When these actions land, wire the tab's forms to them through
-        // `ConsoleState::call` and drop the "not available yet" notice.
+    fn restore_notice_points_at_existing_api_actions() {
+        // The notice sends users to these API actions: they must exist.
+        // Wiring the tab's forms to them (through `ConsoleState::call`)
+        // replaces the notice.
         for a in RESTORE_ACTIONS {
-            assert!(!strata_api::action_exists(a), "{a} exists now");
+            assert!(strata_api::action_exists(a), "{a} is missing");
         }
     }
 

@@ -46,15 +46,18 @@ pub const HOME: &str = "/console/";
 
 pub struct ConsoleState {
     service: Arc<Service>,
+    /// The API the console's changes go through.
+    api: Arc<strata_api::ApiState>,
     sessions: Sessions,
     /// Mark cookies `Secure` (the server speaks HTTPS).
     secure_cookies: bool,
 }
 
 impl ConsoleState {
-    pub fn new(service: Arc<Service>, secure_cookies: bool) -> Arc<Self> {
+    pub fn new(api: Arc<strata_api::ApiState>, secure_cookies: bool) -> Arc<Self> {
         Arc::new(ConsoleState {
-            service,
+            service: Arc::clone(&api.service),
+            api,
             sessions: Sessions::default(),
             secure_cookies,
         })
@@ -71,7 +74,7 @@ impl ConsoleState {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        strata_api::invoke(&self.service, &who.principal(), action, Params::new(params)).await
+        strata_api::invoke(&self.api, &who.principal(), action, Params::new(params)).await
     }
 
     /// Records a one-time message for the next page of this session.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
-use strata_api::{ApiState, TlsFiles};
+use strata_api::{ApiState, LinkSigner, TlsFiles};
 use strata_catalog::Instance;
 use strata_console::ConsoleState;
 use strata_engine::{as_user, chown_tree, Engine};
@@ -64,8 +64,19 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             }
         }
         let scheduler = tokio::spawn(Arc::clone(&service).run(stop_rx.clone()));
+        let links = LinkSigner::load_or_create(
+            &data_dir.join("link-key"),
+            config
+                .downloads
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{addr}")),
+            chrono::Duration::seconds(config.downloads.link_lifetime_secs.unwrap_or(3600).max(1) as i64),
+        )
+        .context("loading the download link key")?;
         let state = Arc::new(ApiState {
             service: Arc::clone(&service),
+            links,
             host_id: addr.to_string(),
         });
         let url = format!("{scheme}://{addr}/");
@@ -93,7 +104,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             println!("  the key pair for the SDK is in {}", key_file.display());
             println!("strata: press Ctrl-C to stop the server and the sandbox");
         }
-        let console = ConsoleState::new(Arc::clone(&service), scheme == "https");
+        let console = ConsoleState::new(Arc::clone(&state), scheme == "https");
         let app = strata_console::with_console(strata_api::router(state), console);
         let served = strata_api::serve(listener, app, tls, stop_rx).await;
         let _ = stop_tx.send(true);
