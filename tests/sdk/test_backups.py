@@ -168,13 +168,27 @@ def test_refusals_while_a_backup_runs(instance, client):
     if running["BackupId"]:
         h.expect_error("IncorrectDBInstanceState", 403, client.delete_backup,
                        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=running["BackupId"]))
-    h.expect_error("IncorrectDBInstanceState", 403, h.call, client, "StrataDeregisterDBInstance",
-                   DBInstanceId=instance.id)
     job = h.wait_job(client, instance.id, job_id)
     assert job.backup_status == "Finished"
     assert h.jobs(client, instance.id, BackupJobStatus="Progressing") == []
     (b,) = h.describe_backups(client, instance.id, backup_id=job.backup_id).items.backup
     assert b.backup_status == "Success"
+
+
+def test_deregistering_during_a_backup_cancels_it():
+    admin = h.make_client("v3", *h.admin_key())
+    iid = h.new_instance_id("cancel")
+    h.register(admin, iid)
+    h.wait_first_backup(admin, iid)
+    job_id = admin.create_backup(rds.CreateBackupRequest(dbinstance_id=iid)).body.backup_job_id
+    (running,) = h.jobs(admin, iid, BackupJobStatus="Progressing")
+    assert running["BackupJobId"] == job_id, running
+    body = h.call(admin, "StrataDeregisterDBInstance", DBInstanceId=iid)
+    assert body["DBInstanceId"] == iid
+    h.expect_error("InvalidDBInstance.NotFound", 404, admin.describe_backups,
+                   rds.DescribeBackupsRequest(dbinstance_id=iid))
+    slot = "strata_" + iid.replace("-", "_")
+    assert h.psql(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'") == "0"
 
 
 def test_backup_method_snapshot_is_refused(instance, client):
