@@ -14,10 +14,9 @@ import subprocess
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM_FLAGS = [
@@ -78,7 +77,17 @@ class Console:
         """Clicks something that loads a page, and waits for the new page."""
         old = self.find("html")
         element.click()
-        self.wait("the next page", lambda: staleness_of(old)(self.d))
+
+        def replaced():
+            # During navigation chromedriver reports the old node either as
+            # stale or as not belonging to the document: both mean "gone".
+            try:
+                old.is_enabled()
+                return False
+            except WebDriverException:
+                return True
+
+        self.wait("the next page", replaced)
 
     def viewport(self, width, height, mobile=False):
         self.d.execute_cdp_cmd(
