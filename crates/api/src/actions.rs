@@ -8,17 +8,20 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Map, Value};
-use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState};
+use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState, WalSegmentRow};
 use strata_service::policy::{self, format_minutes, format_seconds};
-use strata_service::{PolicyChange, Service};
+use strata_service::{PolicyChange, RestoreSource, Service};
 
 use crate::error::{ApiError, ApiResult};
 use crate::params::{page, Params};
+use crate::ApiState;
 
 /// Every action Strata answers, in alphabetical order.
 pub const ACTIONS: &[&str] = &[
+    "CloneDBInstance",
     "CreateBackup",
     "DeleteBackup",
+    "DeleteDBInstance",
     "DescribeBackupPolicy",
     "DescribeBackupTasks",
     "DescribeBackups",
@@ -27,8 +30,10 @@ pub const ACTIONS: &[&str] = &[
     "DescribeDBInstances",
     "DescribeLocalAvailableRecoveryTime",
     "ModifyBackupPolicy",
+    "RestoreTable",
     "StrataDeregisterDBInstance",
     "StrataRegisterDBInstance",
+    "StrataStartRestoreDrill",
 ];
 
 pub fn exists(action: &str) -> bool {
@@ -44,14 +49,19 @@ fn obj(v: Value) -> Fields {
     }
 }
 
-pub async fn dispatch(svc: &Arc<Service>, action: &str, p: &Params) -> ApiResult<Fields> {
+pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
     match action {
+        "CloneDBInstance" => clone_instance(svc, p),
         "CreateBackup" => create_backup(svc, p),
         "DeleteBackup" => delete_backup(svc, p),
+        "DeleteDBInstance" => delete_instance(svc, p).await,
+        "RestoreTable" => restore_table(svc, p),
+        "StrataStartRestoreDrill" => start_drill(svc, p),
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
-        "DescribeBackups" => describe_backups(svc, p),
-        "DescribeBinlogFiles" => describe_binlog_files(svc, p),
+        "DescribeBackups" => describe_backups(state, p),
+        "DescribeBinlogFiles" => describe_binlog_files(state, p),
         "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
         "DescribeDBInstances" => describe_instances(svc, p),
         "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
@@ -130,7 +140,8 @@ fn deletable(
     set.finished_at.unwrap_or(set.started_at) <= log_start && anchor != Some(set.id.as_str())
 }
 
-fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
     let inst = instance(svc, p)?;
     let start = p.time("StartTime")?;
     let end = p.time("EndTime")?;
@@ -154,6 +165,13 @@ fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     successes.sort_by_key(|b| (b.started_at, b.id.clone()));
     let anchor = strata_engine::pitr_anchor(&successes, log_start);
     let stored_total: u64 = sets.iter().map(|b| b.stored_bytes).sum();
+    let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
+        .engine
+        .catalog
+        .list_drills(&inst.id)?
+        .into_iter()
+        .map(|d| (d.backup_id.clone(), d))
+        .collect();
     sets.reverse(); // newest first, as RDS lists them
     let matching: Vec<&BackupSet> = sets
         .iter()
@@ -181,7 +199,7 @@ fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
                 "BackupSize": b.total_bytes,
                 "Engine": "PostgreSQL",
                 "EngineVersion": engine_version(b.pg_version_num),
-                "IsAvail": i32::from(b.status == BackupStatus::Success),
+                "IsAvail": i32::from(b.status == BackupStatus::Success && drills.get(&b.id).is_none_or(|d| d.status != "Failed")),
                 "StoreStatus": if deletable(b, policy.log_backup_enabled, log_start, anchor.as_deref()) { "Enabled" } else { "Disabled" },
                 "StorageClass": "0",
                 "StrataStoredSize": b.stored_bytes,
@@ -201,6 +219,20 @@ fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             }
             if let Some(e) = &b.error {
                 m.insert("StrataErrorMessage".into(), json!(e));
+            }
+            if b.status == BackupStatus::Success {
+                let (url, _) = state.links.sign(&format!("/download/backups/{}/{}.tar", b.instance_id, b.id), Utc::now());
+                let (zst, _) = state.links.sign(&format!("/download/backups/{}/{}.tar.zst", b.instance_id, b.id), Utc::now());
+                m.insert("BackupDownloadURL".into(), json!(url));
+                m.insert("BackupIntranetDownloadURL".into(), json!(url));
+                m.insert("StrataBackupDownloadURLZstd".into(), json!(zst));
+            }
+            if let Some(d) = drills.get(&b.id) {
+                m.insert("StrataDrillStatus".into(), json!(d.status));
+                m.insert("StrataDrillMessage".into(), json!(d.detail));
+                if let Some(f) = d.finished_at {
+                    m.insert("StrataDrillTime".into(), json!(format_seconds(f)));
+                }
             }
             item
         })
@@ -260,7 +292,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .list_jobs(Some(&inst.id))?
         .into_iter()
         .rev()
-        .filter(|j| j.kind == "backup")
+        .filter(|j| matches!(j.kind.as_str(), "backup" | "clone" | "restore-table"))
         .filter(|j| job_id.is_none_or(|id| j.id == id))
         .filter(|j| {
             p.get("BackupJobStatus")
@@ -276,10 +308,15 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             .backup_id
             .as_deref()
             .and_then(|b| svc.engine.catalog.get_backup(b).ok());
-        let mode = set
-            .as_ref()
-            .map(|s| s.mode.clone())
-            .unwrap_or_else(|| "Manual".into());
+        let mode = match (j.kind.as_str(), &set) {
+            ("backup", Some(s)) => s.mode.clone(),
+            _ => "Manual".into(),
+        };
+        let action = match j.kind.as_str() {
+            "clone" => "CloneDBInstance",
+            "restore-table" => "RestoreTable",
+            _ => "NormalBackupTask",
+        };
         if p.get("BackupMode").is_some_and(|m| m != mode) {
             continue;
         }
@@ -290,8 +327,9 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             "BackupProgressStatus": j.state.as_str(),
             "Process": format!("{}%", j.progress),
             "JobMode": mode,
-            "TaskAction": "NormalBackupTask",
+            "TaskAction": action,
             "StrataStartTime": format_seconds(j.started_at),
+            "StrataDetail": j.detail,
         });
         let m = item.as_object_mut().expect("object");
         if let Some(f) = j.finished_at {
@@ -374,7 +412,8 @@ async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
 
 // ----- log backups -----
 
-fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
     let inst = instance(svc, p)?;
     p.required("StartTime")?;
     p.required("EndTime")?;
@@ -387,16 +426,9 @@ fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         ));
     }
     let (number, size) = p.paging(&[30, 100], true)?;
-    let rows = svc.engine.catalog.list_wal_segments(&inst.id)?;
-    // A complete segment supersedes the partial one of the same name.
-    let complete: std::collections::HashSet<(u32, String)> = rows
-        .iter()
-        .filter(|w| !w.partial)
-        .map(|w| (w.timeline.0, w.segment.clone()))
-        .collect();
+    let rows = listed_wal_segments(svc.engine.catalog.list_wal_segments(&inst.id)?);
     let matching: Vec<_> = rows
         .iter()
-        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
         .filter(|w| {
             let begin = w.first_commit.unwrap_or(w.stored_at);
             let finish = w.last_commit.unwrap_or(w.stored_at);
@@ -407,8 +439,20 @@ fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let items: Vec<Value> = page(&matching, number, size)
         .into_iter()
         .map(|w| {
+            let file = if w.partial {
+                format!("{}.partial", w.segment)
+            } else {
+                w.segment.clone()
+            };
+            let (link, expires) = state.links.sign(
+                &format!("/download/wal/{}/{file}", w.instance_id),
+                Utc::now(),
+            );
             json!({
-                "LogFileName": if w.partial { format!("{}.partial", w.segment) } else { w.segment.clone() },
+                "DownloadLink": link,
+                "IntranetDownloadLink": link,
+                "LinkExpiredTime": format_seconds(expires),
+                "LogFileName": file,
                 "LogBeginTime": format_seconds(w.first_commit.unwrap_or(w.stored_at)),
                 "LogEndTime": format_seconds(w.last_commit.unwrap_or(w.stored_at)),
                 "FileSize": w.size,
@@ -431,6 +475,19 @@ fn describe_binlog_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     })))
 }
 
+/// WAL segments as the API lists them: a complete segment supersedes the
+/// partial one of the same name.
+pub fn listed_wal_segments(rows: Vec<WalSegmentRow>) -> Vec<WalSegmentRow> {
+    let complete: std::collections::HashSet<(u32, String)> = rows
+        .iter()
+        .filter(|w| !w.partial)
+        .map(|w| (w.timeline.0, w.segment.clone()))
+        .collect();
+    rows.into_iter()
+        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
+        .collect()
+}
+
 fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let window = svc.recovery_window(&inst.id)?;
@@ -441,12 +498,74 @@ fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     })))
 }
 
+// ----- restores -----
+
+fn restore_source(p: &Params) -> ApiResult<RestoreSource> {
+    let restore_time = match p.get("RestoreTime") {
+        Some(v) => Some(crate::params::parse_time(v).ok_or_else(|| {
+            ApiError::bad(
+                "InvalidRestoreTime.Format",
+                format!("RestoreTime must be yyyy-MM-ddTHH:mm:ssZ (UTC), got {v:?}"),
+            )
+        })?),
+        None => None,
+    };
+    let backup_id = p.get("BackupId").map(str::to_string);
+    if backup_id.is_none() && restore_time.is_none() {
+        return Err(ApiError::bad(
+            "MissingParameter",
+            "Specify BackupId, RestoreTime or both.",
+        ));
+    }
+    Ok(RestoreSource {
+        backup_id,
+        restore_time,
+    })
+}
+
+fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    // PayType, DBInstanceClass, VPCId… describe billing and networking
+    // this service does not have; they are accepted and ignored.
+    let src = restore_source(p)?;
+    let id = svc.clone_instance(&inst.id, src)?;
+    Ok(obj(json!({"DBInstanceId": id, "OrderId": ""})))
+}
+
+async fn delete_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let keep = matches!(p.get("ReleasedKeepPolicy"), Some("All" | "Lastest"));
+    svc.delete_instance(&inst.id, keep).await?;
+    Ok(Map::new())
+}
+
+fn restore_table(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let src = restore_source(p)?;
+    let specs = strata_service::parse_table_meta(p.required("TableMeta")?)?;
+    let job = svc.restore_tables(&inst.id, src, specs)?;
+    Ok(obj(json!({"StrataJobId": job.to_string()})))
+}
+
+fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let id = p.required("BackupId")?;
+    let set = svc.engine.catalog.get_backup(id)?;
+    if set.instance_id != inst.id {
+        return Err(strata_catalog::CatalogError::BackupNotFound(id.to_string()).into());
+    }
+    let job = svc.start_drill(id)?;
+    Ok(obj(json!({"StrataJobId": job.to_string()})))
+}
+
 // ----- instances -----
 
-fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
-    let wal = svc.wal_state(&i.id);
-    let pol = svc.policy(&i.id)?;
-    let receiver = if !pol.log_backup_enabled {
+/// The WAL receiver of an instance in a word (`Off`, `Streaming`,
+/// `Starting`) or `Retrying: <last error>` (`StrataWalReceiver`).
+pub fn receiver_status(svc: &Service, instance_id: &str) -> ApiResult<String> {
+    let wal = svc.wal_state(instance_id);
+    let pol = svc.policy(instance_id)?;
+    Ok(if !pol.log_backup_enabled {
         "Off".to_string()
     } else if wal.running && wal.last_message.is_some() {
         "Streaming".to_string()
@@ -454,7 +573,16 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         format!("Retrying: {e}")
     } else {
         "Starting".to_string()
-    };
+    })
+}
+
+fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
+    let receiver = receiver_status(svc, &i.id)?;
+    let managed = svc.engine.catalog.get_managed(&i.id)?;
+    let status = managed
+        .as_ref()
+        .map(|m| m.status.clone())
+        .unwrap_or_else(|| "Running".into());
     let last_backup = svc
         .engine
         .catalog
@@ -468,8 +596,12 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         "DBInstanceDescription": i.id,
         "Engine": "PostgreSQL",
         "EngineVersion": engine_version(i.pg_version_num),
-        "DBInstanceStatus": "Running",
+        "DBInstanceStatus": status,
         "DBInstanceType": "Primary",
+        "StrataCreatedByStrata": managed.is_some(),
+        "StrataSourceDBInstanceId": managed.as_ref().map(|m| m.source_instance.clone()).unwrap_or_default(),
+        "StrataErrorMessage": managed.as_ref().and_then(|m| m.error.clone()).unwrap_or_default(),
+        "StrataDataDirectory": managed.as_ref().map(|m| m.data_dir.clone()).unwrap_or_default(),
         "ConnectionString": i.host,
         "Port": i.port.to_string(),
         "CreateTime": format_seconds(i.created_at),

@@ -9,6 +9,7 @@
 
 mod actions;
 mod auth;
+mod download;
 mod error;
 mod params;
 
@@ -27,14 +28,19 @@ use strata_service::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
 pub use auth::Principal;
+pub use download::LinkSigner;
 pub use error::{ApiError, ApiResult};
+pub use params::Params;
 
 /// The API version Strata speaks.
 pub const API_VERSION: &str = "2014-08-15";
 
 pub struct ApiState {
     pub service: Arc<Service>,
+    /// Signs and checks download links.
+    pub links: LinkSigner,
     /// Reported as `HostId` in errors.
     pub host_id: String,
 }
@@ -44,6 +50,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/", get(rpc).post(rpc))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/download/backups/{instance}/{file}", get(download::backup))
+        .route("/download/wal/{instance}/{file}", get(download::wal))
         .with_state(state)
 }
 
@@ -137,7 +145,21 @@ async fn handle(
         ));
     }
     let principal = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
-    if !actions::exists(&action) {
+    let fields = invoke(state, &principal, &action, params).await?;
+    Ok((action, fields))
+}
+
+/// Runs `action` for an authenticated `principal`: the permission check and
+/// dispatch behind the RPC endpoint. The console calls actions through this
+/// too, so its validation, error codes and messages and its read-only
+/// refusals are the API's own.
+pub async fn invoke(
+    state: &ApiState,
+    principal: &Principal,
+    action: &str,
+    params: params::Params,
+) -> ApiResult<Map<String, Value>> {
+    if !actions::exists(action) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "InvalidAction.NotFound",
@@ -157,8 +179,7 @@ async fn handle(
             ),
         ));
     }
-    let fields = actions::dispatch(&state.service, &action, &params).await?;
-    Ok((action, fields))
+    actions::dispatch(state, action, &params).await
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

@@ -23,6 +23,8 @@ pub enum CatalogError {
     InstanceExists(String),
     #[error("backup set {0:?} not found")]
     BackupNotFound(String),
+    #[error("backup set {0:?} already exists")]
+    BackupExists(String),
     #[error("job {0} not found")]
     JobNotFound(i64),
     #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]
@@ -213,6 +215,37 @@ pub struct BackupPolicy {
     pub last_auto_slot: Option<DateTime<Utc>>,
 }
 
+/// A PostgreSQL server Strata itself created and runs (a clone restored
+/// from a backup): only these can be deleted through the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManagedInstance {
+    pub instance_id: String,
+    /// Instance the data came from.
+    pub source_instance: String,
+    pub backup_id: Option<String>,
+    pub restore_time: Option<DateTime<Utc>>,
+    pub data_dir: String,
+    pub port: u16,
+    pub pg_major: u32,
+    /// `Creating`, `Running`, `Failed`, `Deleting`.
+    pub status: String,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The outcome of a restore drill of one backup set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrillResult {
+    pub backup_id: String,
+    pub instance_id: String,
+    /// `Running`, `Passed` or `Failed`.
+    pub status: String,
+    pub detail: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub job_id: Option<i64>,
+}
+
 /// An API access key. The secret is needed in clear to verify HMAC signatures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccessKey {
@@ -271,6 +304,15 @@ pub trait Catalog: Send + Sync {
     /// The policy of an instance, if one was stored.
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
     fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()>;
+
+    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()>;
+    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>>;
+    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>>;
+    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()>;
+
+    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()>;
+    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>>;
+    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>>;
 
     fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
     fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;

@@ -119,6 +119,29 @@ CREATE TABLE used_nonces (
 );
 CREATE INDEX used_nonces_age ON used_nonces(used_at);
 "#,
+    r#"
+CREATE TABLE managed_instances (
+    instance_id TEXT PRIMARY KEY,
+    source_instance TEXT NOT NULL,
+    backup_id TEXT,
+    restore_time TEXT,
+    data_dir TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    pg_major INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE backup_drills (
+    backup_id TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    job_id INTEGER
+);
+"#,
 ];
 
 pub struct SqliteCatalog {
@@ -287,6 +310,37 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
 const JOB_COLS: &str =
     "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid";
 
+const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
+
+fn managed_from_row(r: &Row) -> rusqlite::Result<ManagedInstance> {
+    Ok(ManagedInstance {
+        instance_id: r.get(0)?,
+        source_instance: r.get(1)?,
+        backup_id: r.get(2)?,
+        restore_time: opt_ts(r.get(3)?)?,
+        data_dir: r.get(4)?,
+        port: r.get(5)?,
+        pg_major: r.get(6)?,
+        status: r.get(7)?,
+        error: r.get(8)?,
+        created_at: parse_ts(r.get(9)?)?,
+    })
+}
+
+const DRILL_COLS: &str = "backup_id, instance_id, status, detail, started_at, finished_at, job_id";
+
+fn drill_from_row(r: &Row) -> rusqlite::Result<DrillResult> {
+    Ok(DrillResult {
+        backup_id: r.get(0)?,
+        instance_id: r.get(1)?,
+        status: r.get(2)?,
+        detail: r.get(3)?,
+        started_at: parse_ts(r.get(4)?)?,
+        finished_at: opt_ts(r.get(5)?)?,
+        job_id: r.get(6)?,
+    })
+}
+
 fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
     Ok(AccessKey {
         id: r.get(0)?,
@@ -295,6 +349,25 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
         description: r.get(3)?,
         created_at: parse_ts(r.get(4)?)?,
     })
+}
+
+impl SqliteCatalog {
+    /// Writes a backup set row with `verb` (`INSERT OR IGNORE` / `INSERT OR
+    /// REPLACE`); returns the rows changed.
+    fn write_backup(&self, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
+        self.with(|c| {
+            Ok(c.execute(
+                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
+                params![
+                    b.id, b.instance_id, b.status.as_str(), b.mode, ts(&b.started_at),
+                    b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
+                    b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
+                    b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
+                    b.file_count as i64, b.error, b.job_id
+                ],
+            )?)
+        })
+    }
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -371,24 +444,22 @@ impl Catalog for SqliteCatalog {
     }
 
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT OR REPLACE INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
-                params![
-                    b.id, b.instance_id, b.status.as_str(), b.mode, ts(&b.started_at),
-                    b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
-                    b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
-                    b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
-                    b.file_count as i64, b.error, b.job_id
-                ],
-            )?;
-            Ok(())
-        })
+        if self.write_backup(b, "INSERT OR IGNORE")? == 0 {
+            return Err(CatalogError::BackupExists(b.id.clone()));
+        }
+        Ok(())
     }
 
     fn update_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        self.get_backup(&b.id)?;
-        self.insert_backup(b)
+        let existing = self.get_backup(&b.id)?;
+        if existing.instance_id != b.instance_id {
+            return Err(CatalogError::Invalid(format!(
+                "backup set {} belongs to instance {}, not {}",
+                b.id, existing.instance_id, b.instance_id
+            )));
+        }
+        self.write_backup(b, "INSERT OR REPLACE")?;
+        Ok(())
     }
 
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet> {
@@ -418,6 +489,7 @@ impl Catalog for SqliteCatalog {
             if c.execute("DELETE FROM backup_sets WHERE id = ?1", [id])? == 0 {
                 return Err(CatalogError::BackupNotFound(id.to_string()));
             }
+            c.execute("DELETE FROM backup_drills WHERE backup_id = ?1", [id])?;
             Ok(())
         })
     }
@@ -618,6 +690,84 @@ impl Catalog for SqliteCatalog {
                 ],
             )?;
             Ok(())
+        })
+    }
+
+    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO managed_instances ({MANAGED_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"),
+                params![
+                    m.instance_id, m.source_instance, m.backup_id, m.restore_time.as_ref().map(ts),
+                    m.data_dir, m.port, m.pg_major, m.status, m.error, ts(&m.created_at)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {MANAGED_COLS} FROM managed_instances WHERE instance_id = ?1"),
+                [instance_id],
+                managed_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {MANAGED_COLS} FROM managed_instances ORDER BY created_at, instance_id"
+            ))?;
+            let rows = st.query_map([], managed_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM managed_instances WHERE instance_id = ?1",
+                [instance_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO backup_drills ({DRILL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
+                params![
+                    d.backup_id, d.instance_id, d.status, d.detail, ts(&d.started_at),
+                    d.finished_at.as_ref().map(ts), d.job_id
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {DRILL_COLS} FROM backup_drills WHERE backup_id = ?1"),
+                [backup_id],
+                drill_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {DRILL_COLS} FROM backup_drills WHERE instance_id = ?1 ORDER BY started_at"
+            ))?;
+            let rows = st.query_map([instance_id], drill_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 

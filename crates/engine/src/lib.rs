@@ -5,6 +5,7 @@
 //! these through [`Engine`].
 
 mod archive;
+mod archive_tar;
 mod backup;
 mod connect;
 mod error;
@@ -21,6 +22,7 @@ use strata_catalog::Catalog;
 use strata_repo::Repository;
 
 pub use archive::{slot_name, WalReceiveOptions};
+pub use archive_tar::BackupArchive;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
 pub use connect::ServerFacts;
@@ -74,7 +76,12 @@ impl Default for EngineSettings {
 /// The major version of the `postgres` binary in `dir` (from `--version`,
 /// e.g. "postgres (PostgreSQL) 16.4").
 fn server_major(dir: &std::path::Path) -> Option<u32> {
-    let out = std::process::Command::new(dir.join("postgres"))
+    tool_major(&dir.join("postgres"))
+}
+
+/// The major version a PostgreSQL program reports with `--version`.
+fn tool_major(program: &std::path::Path) -> Option<u32> {
+    let out = std::process::Command::new(program)
         .arg("--version")
         .output()
         .ok()?;
@@ -107,6 +114,20 @@ impl Engine {
     /// Registers an instance in the catalog and records it in the repository
     /// (without its password) so a rebuilt catalog knows it.
     pub fn add_instance(&self, instance: &strata_catalog::Instance) -> EngineResult<()> {
+        // Slot names fold case and punctuation (and are cut at 63 bytes):
+        // two instances must never share one.
+        let slot = slot_name(&instance.id);
+        if let Some(other) = self
+            .catalog
+            .list_instances()?
+            .into_iter()
+            .find(|o| o.id != instance.id && slot_name(&o.id) == slot)
+        {
+            return Err(EngineError::Refused(format!(
+                "instance id {:?} would share the replication slot {slot} with instance {:?}; choose an id that differs in more than case and punctuation",
+                instance.id, other.id
+            )));
+        }
         self.catalog.add_instance(instance)?;
         self.repo.put_instance(&strata_repo::InstanceRecord {
             id: instance.id.clone(),
@@ -119,6 +140,26 @@ impl Engine {
             created_at: instance.created_at,
         })?;
         Ok(())
+    }
+
+    /// A PostgreSQL client program (`psql`, `pg_dump`, `pg_restore`,
+    /// `pg_amcheck`…) that can work with a server of major version `major`:
+    /// the same major's, else the oldest newer one found in the configured
+    /// directories.
+    pub fn client_tool(&self, name: &str, major: u32) -> EngineResult<PathBuf> {
+        for m in major..=major + 10 {
+            for pattern in &self.settings.pg_bin_dirs {
+                let dir = PathBuf::from(pattern.replace("{major}", &m.to_string()));
+                let tool = dir.join(name);
+                if tool.is_file() && tool_major(&tool) == Some(m) {
+                    return Ok(tool);
+                }
+            }
+        }
+        Err(EngineError::Refused(format!(
+            "no {name} for PostgreSQL {major} or newer found (searched: {}); set [postgres] bin_dirs in the configuration",
+            self.settings.pg_bin_dirs.join(", ")
+        )))
     }
 
     /// Locates the directory with `postgres` and `pg_ctl` for a major version.

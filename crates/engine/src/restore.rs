@@ -34,6 +34,8 @@ use crate::{Engine, EngineError, EngineResult, Progress};
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecoveryTarget {
     Latest,
+    /// Stop as soon as the backup is consistent (`recovery_target = 'immediate'`).
+    Immediate,
     Time(DateTime<Utc>),
     Lsn(Lsn),
     Xid(u32),
@@ -44,6 +46,7 @@ impl std::fmt::Display for RecoveryTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RecoveryTarget::Latest => write!(f, "the end of the archived WAL"),
+            RecoveryTarget::Immediate => write!(f, "the backup's consistency point"),
             RecoveryTarget::Time(t) => write!(f, "time {}", t.to_rfc3339()),
             RecoveryTarget::Lsn(l) => write!(f, "LSN {l}"),
             RecoveryTarget::Xid(x) => write!(f, "transaction {x}"),
@@ -52,9 +55,17 @@ impl std::fmt::Display for RecoveryTarget {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     pub port: u16,
+    /// `listen_addresses` for the restored server (default: the source's).
+    pub listen_addresses: Option<String>,
+    /// `unix_socket_directories` (default: the source's, which must exist
+    /// on this host).
+    pub socket_dir: Option<PathBuf>,
+    /// Lines put at the top of `pg_hba.conf` before the server starts
+    /// (scratch instances let Strata in over their private socket).
+    pub hba_prepend: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +74,10 @@ pub struct RestoreOptions {
     pub backup_id: Option<String>,
     pub target: RecoveryTarget,
     pub start: Option<StartOptions>,
+    /// A job the caller created and will finish itself (clones, scratch
+    /// servers); by default the restore records and finishes its own
+    /// `restore` job. Either way a failure is recorded on the job.
+    pub job_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,9 +96,9 @@ pub struct RestoreOutcome {
 }
 
 /// A WAL object chosen for staging.
-struct StagedSegment {
-    row: WalSegmentRow,
-    segno: SegmentNo,
+pub(crate) struct StagedSegment {
+    pub(crate) row: WalSegmentRow,
+    pub(crate) segno: SegmentNo,
 }
 
 impl Engine {
@@ -98,18 +113,25 @@ impl Engine {
         let instance = self.catalog.get_instance(instance_id)?;
         self.catalog.fail_orphaned_jobs()?;
         let created = prepare_target_dir(&opts.target_dir)?;
-        let mut job = self.catalog.create_job("restore", Some(instance_id))?;
+        let (mut job, own_job) = match opts.job_id {
+            Some(id) => (self.catalog.get_job(id)?, false),
+            None => (self.catalog.create_job("restore", Some(instance_id))?, true),
+        };
         job.state = JobState::Preparing;
-        job.detail = format!("restore to {}", opts.target_dir.display());
+        if own_job {
+            job.detail = format!("restore to {}", opts.target_dir.display());
+        }
         self.catalog.update_job(&job)?;
         let result = self.run_restore(&instance.id, opts, progress, &mut job);
-        job.finished_at = Some(Utc::now());
         match &result {
+            Ok(_) if !own_job => {}
             Ok(_) => {
+                job.finished_at = Some(Utc::now());
                 job.state = JobState::Finished;
                 job.progress = 100;
             }
             Err(e) => {
+                job.finished_at = Some(Utc::now());
                 job.state = JobState::Failed;
                 job.error = Some(e.to_string());
                 // A failed start keeps the directory for its log; anything
@@ -252,7 +274,35 @@ impl Engine {
         })
     }
 
-    fn load_histories(
+    /// Reads the WAL object of a catalog row. A partial segment completed
+    /// by the receiver since the row was read is gone; its complete object
+    /// holds the same bytes and more.
+    pub(crate) fn read_wal_row(
+        &self,
+        row: &WalSegmentRow,
+    ) -> EngineResult<(strata_repo::WalSegmentMeta, Vec<u8>)> {
+        match self.repo.read_wal(&row.object_key) {
+            Err(strata_repo::RepoError::Storage(strata_repo::StorageError::NotFound(_)))
+                if row.partial =>
+            {
+                let complete = self
+                    .catalog
+                    .find_wal_segment(&row.instance_id, row.timeline, &row.segment)?
+                    .into_iter()
+                    .find(|w| !w.partial)
+                    .ok_or_else(|| {
+                        EngineError::Failed(format!(
+                            "WAL segment {} vanished from the repository while being read",
+                            row.segment
+                        ))
+                    })?;
+                Ok(self.repo.read_wal(&complete.object_key)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    pub(crate) fn load_histories(
         &self,
         instance_id: &str,
     ) -> EngineResult<BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>> {
@@ -406,7 +456,7 @@ impl Engine {
         let mut findings = WalFindings::default();
         let mut decoder: Option<WalDecoder> = None;
         for seg in plan {
-            let (meta, mut data) = self.repo.read_wal(&seg.row.object_key)?;
+            let (meta, mut data) = self.read_wal_row(&seg.row)?;
             let start = geometry.segment_start(seg.segno);
             let dec = decoder.get_or_insert_with(|| WalDecoder::new(geometry, start));
             if dec.position() != start {
@@ -653,7 +703,7 @@ fn choose_backup<'a>(
     let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
     let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
     let (limit_lsn, limit_time): (Option<Lsn>, Option<DateTime<Utc>>) = match target {
-        RecoveryTarget::Latest => (None, None),
+        RecoveryTarget::Latest | RecoveryTarget::Immediate => (None, None),
         RecoveryTarget::Time(t) => {
             let newest = wal.iter().map(|w| w.stored_at).max();
             match newest {
@@ -734,7 +784,7 @@ fn choose_backup<'a>(
 
 /// The WAL objects recovery reads, in order: from the backup's start along
 /// the newest timeline descending from the backup's, up to the first gap.
-fn plan_wal(
+pub(crate) fn plan_wal(
     manifest: &BackupManifest,
     geometry: WalGeometry,
     wal: &[WalSegmentRow],
@@ -889,6 +939,7 @@ fn write_recovery_settings(
     );
     match target {
         RecoveryTarget::Latest => {}
+        RecoveryTarget::Immediate => conf.push_str("recovery_target = 'immediate'\n"),
         RecoveryTarget::Time(t) => conf.push_str(&format!(
             "recovery_target_time = {}\n",
             quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
@@ -899,6 +950,15 @@ fn write_recovery_settings(
     }
     if let Some(s) = start {
         conf.push_str(&format!("port = {}\n", s.port));
+        if let Some(l) = &s.listen_addresses {
+            conf.push_str(&format!("listen_addresses = {}\n", quote(l)));
+        }
+        if let Some(d) = &s.socket_dir {
+            conf.push_str(&format!(
+                "unix_socket_directories = {}\n",
+                quote(&d.display().to_string())
+            ));
+        }
     }
     let auto = dir.join("postgresql.auto.conf");
     let mut f = fs::OpenOptions::new()
@@ -923,6 +983,12 @@ fn write_recovery_settings(
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
         )
         .map_err(EngineError::io("writing pg_hba.conf"))?;
+    }
+    if let Some(lines) = start.and_then(|s| s.hba_prepend.as_ref()) {
+        let hba = dir.join("pg_hba.conf");
+        let old = fs::read_to_string(&hba).unwrap_or_default();
+        fs::write(&hba, format!("{lines}\n{old}"))
+            .map_err(EngineError::io("writing pg_hba.conf"))?;
     }
     // A backup of a standby carries standby.signal: the restored copy is a
     // new instance that must recover and promote, not follow the old primary.

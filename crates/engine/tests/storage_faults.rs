@@ -234,7 +234,11 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
                 target_dir: target.clone(),
                 backup_id: Some(newest.id.clone()),
                 target: RecoveryTarget::Latest,
-                start: Some(StartOptions { port }),
+                start: Some(StartOptions {
+                    port,
+                    ..Default::default()
+                }),
+                job_id: None,
             },
             &NoProgress,
         )

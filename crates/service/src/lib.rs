@@ -8,8 +8,11 @@
 //! days and weeks; [`Service::tick`] does one round of everything.
 
 mod clock;
+mod drills;
+mod local;
 mod metrics;
 pub mod policy;
+mod tables;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +29,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use local::{RestoreSource, Scratch};
 pub use policy::PolicyError;
+pub use tables::{parse_table_meta, DbSpec, TableSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -55,6 +60,16 @@ pub struct ServiceSettings {
     pub receiver_backoff_max: Duration,
     /// Read limit for automatic backups (kB/s), `None` for no limit.
     pub backup_max_rate_kb: Option<u32>,
+    /// Read limit for manual backups (API, console), `None` for no limit.
+    pub manual_backup_max_rate_kb: Option<u32>,
+    /// Where instances Strata creates (clones, scratch servers) live.
+    pub instances_dir: std::path::PathBuf,
+    /// Ports those instances may use.
+    pub local_ports: (u16, u16),
+    /// `listen_addresses` of clones.
+    pub local_listen: String,
+    /// Drill every successful backup (restore, recover, pg_amcheck).
+    pub drills: bool,
 }
 
 impl Default for ServiceSettings {
@@ -64,6 +79,11 @@ impl Default for ServiceSettings {
             retention_interval: chrono::Duration::minutes(5),
             receiver_backoff_max: Duration::from_secs(60),
             backup_max_rate_kb: None,
+            manual_backup_max_rate_kb: None,
+            instances_dir: std::path::PathBuf::from("strata-data/instances"),
+            local_ports: (15432, 15531),
+            local_listen: "127.0.0.1".into(),
+            drills: true,
         }
     }
 }
@@ -123,6 +143,18 @@ impl Progress for WalProgress {
     }
 }
 
+/// Records a job as failed (best effort: the error matters more).
+pub(crate) fn fail_job(engine: &Engine, job_id: i64, reason: &str) {
+    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+        if !job.state.is_terminal() {
+            job.state = JobState::Failed;
+            job.error = Some(reason.to_string());
+            job.finished_at = Some(Utc::now());
+            let _ = engine.catalog.update_job(&job);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -138,6 +170,14 @@ pub struct Service {
     gc_due: AtomicBool,
     last_gc: Mutex<Option<(DateTime<Utc>, GcReport)>>,
     started: Instant,
+    /// Drills waiting: (instance, backup set, job).
+    drill_queue: Mutex<std::collections::VecDeque<(String, String, i64)>>,
+    drill_wakeup: std::sync::Condvar,
+    drill_worker: std::sync::Once,
+    stopping: AtomicBool,
+    /// Instances being deregistered or deleted: the scheduler leaves them
+    /// alone (no new receiver may recreate a dropped slot).
+    leaving: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Service {
@@ -153,6 +193,11 @@ impl Service {
             gc_due: AtomicBool::new(true),
             last_gc: Mutex::new(None),
             started: Instant::now(),
+            drill_queue: Mutex::new(std::collections::VecDeque::new()),
+            drill_wakeup: std::sync::Condvar::new(),
+            drill_worker: std::sync::Once::new(),
+            stopping: AtomicBool::new(false),
+            leaving: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -209,8 +254,13 @@ impl Service {
         p.updated_at = self.now();
         self.engine.catalog.put_policy(&p)?;
         if turning_off {
+            // The policy is stored first and the instance marked, so the
+            // scheduler starts no new receiver once this one has stopped.
+            lock(&self.leaving).insert(instance_id.to_string());
             self.stop_receiver(instance_id).await;
-            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+            let dropped = self.engine.drop_wal_slot(instance_id).await;
+            lock(&self.leaving).remove(instance_id);
+            if let Err(e) = dropped {
                 tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
             }
             let plan = self.engine.apply_retention(&p, self.now())?;
@@ -244,19 +294,61 @@ impl Service {
     /// the repository (and in the catalog) until deleted.
     pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
         self.engine.catalog.get_instance(instance_id)?;
-        if lock(&self.backups).contains_key(instance_id) {
+        lock(&self.leaving).insert(instance_id.to_string());
+        // A backup this server runs for the instance is cancelled (recorded
+        // as failed); one another process runs cannot be, so it is waited for.
+        self.cancel_backup(
+            instance_id,
+            "the instance was deregistered while the backup ran",
+        );
+        if let Some(b) = self
+            .engine
+            .catalog
+            .list_backups(instance_id)?
+            .into_iter()
+            .find(|b| b.status == BackupStatus::Running)
+        {
+            lock(&self.leaving).remove(instance_id);
             return Err(EngineError::Conflict(format!(
-                "a backup of instance {instance_id} is running; wait for it to finish"
+                "backup {} of instance {instance_id} is running in another process; wait for it to finish",
+                b.id
             ))
             .into());
         }
-        self.stop_receiver(instance_id).await;
-        if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
-            tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+        let outcome = async {
+            self.stop_receiver(instance_id).await;
+            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+                tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+            }
+            self.engine.catalog.delete_instance(instance_id)?;
+            lock(&self.wal_states).remove(instance_id);
+            Ok(())
         }
-        self.engine.catalog.delete_instance(instance_id)?;
-        lock(&self.wal_states).remove(instance_id);
-        Ok(())
+        .await;
+        lock(&self.leaving).remove(instance_id);
+        outcome
+    }
+
+    /// Stops the backup this server runs for an instance, if any, and
+    /// records it as failed with `reason`.
+    fn cancel_backup(&self, instance_id: &str, reason: &str) {
+        let Some(task) = lock(&self.backups).remove(instance_id) else {
+            return;
+        };
+        task.task.abort();
+        fail_job(&self.engine, task.job_id, reason);
+        if let Ok(job) = self.engine.catalog.get_job(task.job_id) {
+            if let Some(bid) = &job.backup_id {
+                if let Ok(mut set) = self.engine.catalog.get_backup(bid) {
+                    if set.status == BackupStatus::Running {
+                        set.status = BackupStatus::Failed;
+                        set.error = Some(reason.to_string());
+                        set.finished_at = Some(Utc::now());
+                        let _ = self.engine.catalog.update_backup(&set);
+                    }
+                }
+            }
+        }
     }
 
     /// Starts a backup job and returns it at once; the backup runs in the
@@ -267,7 +359,7 @@ impl Service {
             max_rate_kb: if mode == "Automated" {
                 self.settings.backup_max_rate_kb
             } else {
-                None
+                self.settings.manual_backup_max_rate_kb
             },
         };
         let pending = self.engine.prepare_backup(instance_id, &opts)?;
@@ -276,7 +368,14 @@ impl Service {
         let id = instance_id.to_string();
         let task = tokio::spawn(async move {
             match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
-                Ok(set) => tracing::info!(instance = %id, backup = %set.id, "backup finished"),
+                Ok(set) => {
+                    tracing::info!(instance = %id, backup = %set.id, "backup finished");
+                    if svc.settings.drills {
+                        if let Err(e) = svc.start_drill(&set.id) {
+                            tracing::warn!(instance = %id, "cannot queue a restore drill: {e}");
+                        }
+                    }
+                }
                 Err(e) => tracing::warn!(instance = %id, "backup failed: {e}"),
             }
             lock(&svc.backups).remove(&id);
@@ -394,6 +493,9 @@ impl Service {
         now: DateTime<Utc>,
         retention_due: bool,
     ) -> ServiceResult<()> {
+        if !self.is_ready(&instance.id) || lock(&self.leaving).contains(&instance.id) {
+            return Ok(());
+        }
         let mut p = self.policy(&instance.id)?;
         let running_here = lock(&self.backups).contains_key(&instance.id);
         if !running_here {
@@ -420,7 +522,12 @@ impl Service {
         if p.log_backup_enabled {
             self.ensure_receiver(&instance.id);
         } else if lock(&self.receivers).contains_key(&instance.id) {
+            // Log backup went off while this round ran: the slot a racing
+            // receiver may have recreated goes too.
             self.stop_receiver(&instance.id).await;
+            if let Err(e) = self.engine.drop_wal_slot(&instance.id).await {
+                tracing::warn!(instance = %instance.id, "could not drop the replication slot: {e}");
+            }
         }
         if retention_due {
             let plan: RetentionPlan = self.engine.apply_retention(&p, now)?;
@@ -439,7 +546,7 @@ impl Service {
 
     fn ensure_receiver(&self, instance_id: &str) {
         let mut receivers = lock(&self.receivers);
-        if receivers.contains_key(instance_id) {
+        if receivers.contains_key(instance_id) || lock(&self.leaving).contains(instance_id) {
             return;
         }
         let (stop, stop_rx) = watch::channel(false);
@@ -511,6 +618,13 @@ impl Service {
     /// receiver (flushing the partial segment) and records running backups
     /// as failed.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let svc = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || {
+            svc.remove_stale_scratch();
+            svc.start_local_instances();
+            svc.resume_drills();
+        })
+        .await;
         loop {
             self.tick().await;
             tokio::select! {
@@ -525,6 +639,8 @@ impl Service {
     }
 
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.drill_wakeup.notify_all();
         let ids: Vec<String> = lock(&self.receivers).keys().cloned().collect();
         for id in ids {
             self.stop_receiver(&id).await;

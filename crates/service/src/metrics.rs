@@ -29,6 +29,7 @@ impl Service {
         let instances = self.engine.catalog.list_instances()?;
         let (mut age, mut duration, mut size, mut stored) = (vec![], vec![], vec![], vec![]);
         let (mut lag, mut up, mut sets, mut wal_bytes) = (vec![], vec![], vec![], vec![]);
+        let mut drill_failed = vec![];
         for i in &instances {
             let l = format!("{{instance=\"{}\"}}", label(&i.id));
             let backups = self.engine.catalog.list_backups(&i.id)?;
@@ -70,6 +71,16 @@ impl Service {
                 .map(|w| w.size)
                 .sum();
             wal_bytes.push((l.clone(), wal as f64));
+            let last_drill = self
+                .engine
+                .catalog
+                .list_drills(&i.id)?
+                .into_iter()
+                .filter(|d| d.finished_at.is_some() && d.status != "Skipped")
+                .max_by_key(|d| d.finished_at);
+            if let Some(d) = last_drill {
+                drill_failed.push((l.clone(), if d.status == "Failed" { 1.0 } else { 0.0 }));
+            }
             let st = self.wal_state(&i.id);
             up.push((l.clone(), if st.running { 1.0 } else { 0.0 }));
             if st.last_message.is_some() {
@@ -105,6 +116,12 @@ impl Service {
             "gauge",
             "Backup sets in the catalog by status.",
             sets,
+        );
+        family(
+            "strata_drill_failed",
+            "gauge",
+            "1 when the newest restore drill of the instance failed (alert on this).",
+            drill_failed,
         );
         family(
             "strata_wal_archived_bytes",

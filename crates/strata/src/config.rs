@@ -32,6 +32,37 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub s3: S3Settings,
     pub encryption: EncryptionSettings,
+    pub instances: InstancesConfig,
+    pub drills: DrillsConfig,
+    pub downloads: DownloadsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadsConfig {
+    /// How long download links stay valid, in seconds (default 3600).
+    pub link_lifetime_secs: Option<u64>,
+    /// `scheme://host:port` download links start with (default: the
+    /// address `strata serve` listens on).
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstancesConfig {
+    /// Where clones and scratch servers live (default `<data_dir>/instances`).
+    pub dir: Option<PathBuf>,
+    /// Ports they may use, `LOW-HIGH` (default 15432-15531).
+    pub port_range: Option<String>,
+    /// `listen_addresses` of clones (default 127.0.0.1).
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrillsConfig {
+    /// Restore-drill every successful backup (default true).
+    pub enabled: Option<bool>,
 }
 
 /// How to reach an `s3://` repository.
@@ -91,6 +122,8 @@ pub struct SchedulerConfig {
     pub retention_interval_secs: Option<u64>,
     /// Read limit for automatic backups in kB/s (default: none).
     pub backup_max_rate_kb: Option<u32>,
+    /// Read limit for backups started by the API or the console in kB/s (default: none).
+    pub manual_backup_max_rate_kb: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -156,6 +189,12 @@ impl Config {
         }
         if config.encryption.key_file.is_some() && config.encryption.passphrase_env.is_some() {
             bail!("[encryption] key_file and passphrase_env are alternatives; set one");
+        }
+        if config.instances.port_range.is_some() && config.instance_ports().is_none() {
+            bail!(
+                "[instances] port_range must be LOW-HIGH, e.g. 15432-15531, got {:?}",
+                config.instances.port_range.as_deref().unwrap_or_default()
+            );
         }
         if config.server.tls_cert.is_some() != config.server.tls_key.is_some() {
             bail!("[server] tls_cert and tls_key must be set together");
@@ -266,7 +305,32 @@ impl Config {
             s.retention_interval = chrono::Duration::seconds(t.max(1) as i64);
         }
         s.backup_max_rate_kb = self.scheduler.backup_max_rate_kb;
+        s.manual_backup_max_rate_kb = self.scheduler.manual_backup_max_rate_kb;
+        s.instances_dir = self
+            .instances
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("instances"));
+        if let Ok(abs) = std::path::absolute(&s.instances_dir) {
+            s.instances_dir = abs;
+        }
+        if let Some(range) = self.instance_ports() {
+            s.local_ports = range;
+        }
+        if let Some(l) = &self.instances.listen {
+            s.local_listen = l.clone();
+        }
+        if let Some(on) = self.drills.enabled {
+            s.drills = on;
+        }
         s
+    }
+
+    /// `[instances] port_range`, checked by [`Config::load`].
+    fn instance_ports(&self) -> Option<(u16, u16)> {
+        let (lo, hi) = self.instances.port_range.as_deref()?.split_once('-')?;
+        let (lo, hi) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
+        (lo <= hi && lo > 0).then_some((lo, hi))
     }
 
     pub fn engine_settings(&self) -> EngineSettings {

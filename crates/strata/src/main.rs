@@ -159,7 +159,7 @@ enum WalCmd {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name"])))]
+#[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name", "immediate"])))]
 struct RestoreArgs {
     id: String,
     /// New data directory (must be empty or absent).
@@ -180,6 +180,9 @@ struct RestoreArgs {
     /// Recover to this named restore point.
     #[arg(long)]
     name: Option<String>,
+    /// Stop as soon as the backup is consistent (no WAL replayed past it).
+    #[arg(long)]
+    immediate: bool,
     /// Start the restored server and wait until the target is reached.
     #[arg(long, requires = "port")]
     start: bool,
@@ -420,6 +423,8 @@ fn run(cli: Cli) -> Result<()> {
                     RecoveryTarget::Xid(x)
                 } else if let Some(n) = &args.name {
                     RecoveryTarget::Name(n.clone())
+                } else if args.immediate {
+                    RecoveryTarget::Immediate
                 } else {
                     RecoveryTarget::Latest
                 };
@@ -428,10 +433,14 @@ fn run(cli: Cli) -> Result<()> {
                 backup_id: args.backup.clone(),
                 target,
                 start: if args.start {
-                    args.port.map(|port| StartOptions { port })
+                    args.port.map(|port| StartOptions {
+                        port,
+                        ..Default::default()
+                    })
                 } else {
                     None
                 },
+                job_id: None,
             };
             let progress = CliProgress::new();
             let outcome = engine.restore(&args.id, &opts, &progress)?;

@@ -1,0 +1,364 @@
+//! Downloads through expiring signed links. A link is a path plus
+//! `Expires` (Unix seconds) and `Signature` = hex HMAC-SHA256 over
+//! `GET\n<path>\n<expires>` with a key only the server knows (never an
+//! AccessKey secret). Expired or altered links get 403.
+//!
+//! - `/download/backups/<instance>/<backup>.tar[.zst]`: the backup set in
+//!   pg_basebackup's tar layout (see `strata_engine::BackupArchive`).
+//! - `/download/wal/<instance>/<segment>`: one WAL segment, its original
+//!   bytes.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Duration, Utc};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::ApiState;
+
+/// Makes and checks download links.
+pub struct LinkSigner {
+    key: [u8; 32],
+    /// `scheme://host:port` the links start with.
+    pub base_url: String,
+    pub lifetime: Duration,
+}
+
+impl LinkSigner {
+    /// Loads the link key from `path`, creating it (mode 0600) on first use.
+    pub fn load_or_create(
+        path: &Path,
+        base_url: String,
+        lifetime: Duration,
+    ) -> std::io::Result<Self> {
+        let key = match std::fs::read(path) {
+            Ok(bytes) if bytes.len() == 32 => {
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&bytes);
+                k
+            }
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a 32-byte link key; delete it to make a new one (old links stop working)",
+                    path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k: [u8; 32] = rand::random();
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)?;
+                f.write_all(&k)?;
+                f.sync_all()?;
+                k
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(LinkSigner {
+            key,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            lifetime,
+        })
+    }
+
+    fn mac(&self, path: &str, expires: i64) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(format!("GET\n{path}\n{expires}").as_bytes());
+        mac
+    }
+
+    /// A link to `path` valid from `now` for the configured lifetime.
+    pub fn sign(&self, path: &str, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
+        let expires = now + self.lifetime;
+        let sig = hex::encode(self.mac(path, expires.timestamp()).finalize().into_bytes());
+        (
+            format!(
+                "{}{path}?Expires={}&Signature={sig}",
+                self.base_url,
+                expires.timestamp()
+            ),
+            expires,
+        )
+    }
+
+    fn check(&self, path: &str, q: &LinkQuery, now: DateTime<Utc>) -> Result<(), ApiError> {
+        let forbidden = |m: &str| ApiError::new(StatusCode::FORBIDDEN, "Forbidden.DownloadLink", m);
+        let (Some(expires), Some(sig)) = (q.expires, q.signature.as_deref()) else {
+            return Err(forbidden("The download link lacks Expires or Signature."));
+        };
+        let sig = hex::decode(sig)
+            .map_err(|_| forbidden("The download link's signature is malformed."))?;
+        self.mac(path, expires).verify_slice(&sig).map_err(|_| {
+            forbidden("The download link's signature does not match (altered link?).")
+        })?;
+        if expires < now.timestamp() {
+            return Err(forbidden(
+                "The download link has expired; list the backups again for a fresh one.",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct LinkQuery {
+    #[serde(rename = "Expires")]
+    expires: Option<i64>,
+    #[serde(rename = "Signature")]
+    signature: Option<String>,
+}
+
+fn error(e: ApiError) -> Response {
+    (
+        e.status,
+        [(header::CONTENT_TYPE, "application/json;charset=utf-8")],
+        serde_json::json!({"Code": e.code, "Message": e.message}).to_string(),
+    )
+        .into_response()
+}
+
+/// Buffers writes and hands them to the HTTP body; a client that goes away
+/// makes the next write fail, which stops the producer.
+struct ChannelWriter {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+fn stream_body(
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), String> + Send + 'static,
+) -> Body {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let outcome = produce(&mut w).and_then(|()| w.flush().map_err(|e| e.to_string()));
+        if let Err(e) = outcome {
+            tracing::warn!("download stopped: {e}");
+            // Ends the body with an error: the client sees a broken transfer,
+            // never a silently truncated archive.
+            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+pub async fn backup(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((instance, file)): UrlPath<(String, String)>,
+    Query(q): Query<LinkQuery>,
+) -> Response {
+    let path = format!("/download/backups/{instance}/{file}");
+    if let Err(e) = state.links.check(&path, &q, Utc::now()) {
+        return error(e);
+    }
+    let (backup_id, zstd) = match (file.strip_suffix(".tar.zst"), file.strip_suffix(".tar")) {
+        (Some(b), _) => (b.to_string(), true),
+        (None, Some(b)) => (b.to_string(), false),
+        _ => {
+            return error(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "InvalidBackupSetID.NotFound",
+                "Unknown download.",
+            ))
+        }
+    };
+    let engine = state.service.engine.clone();
+    let planned = tokio::task::spawn_blocking(move || {
+        let archive = engine.backup_archive(&instance, &backup_id)?;
+        let size = if zstd { None } else { Some(archive.size()?) };
+        Ok::<_, strata_engine::EngineError>((archive, size))
+    })
+    .await;
+    let (archive, size) = match planned {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return error(e.into()),
+        Err(e) => {
+            return error(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+            ))
+        }
+    };
+    let body = stream_body(move |w| {
+        archive
+            .write(w, zstd.then_some(3))
+            .map_err(|e| e.to_string())
+    });
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        "application/x-tar".parse().expect("valid header"),
+    );
+    if let Ok(v) = format!("attachment; filename=\"{file}\"").parse() {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Some(n) = size {
+        headers.insert(header::CONTENT_LENGTH, n.into());
+    }
+    resp
+}
+
+pub async fn wal(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((instance, file)): UrlPath<(String, String)>,
+    Query(q): Query<LinkQuery>,
+) -> Response {
+    let path = format!("/download/wal/{instance}/{file}");
+    if let Err(e) = state.links.check(&path, &q, Utc::now()) {
+        return error(e);
+    }
+    let engine = state.service.engine.clone();
+    let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let (name, partial) = match file.strip_suffix(".partial") {
+            Some(n) => (n.to_string(), true),
+            None => (file.clone(), false),
+        };
+        let row = engine
+            .catalog
+            .list_wal_segments(&instance)?
+            .into_iter()
+            .find(|w| w.segment == name && w.partial == partial)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "InvalidLogFile.NotFound",
+                    format!("no WAL segment {file} for {instance}"),
+                )
+            })?;
+        let (_, data) = engine
+            .repo
+            .read_wal(&row.object_key)
+            .map_err(strata_engine::EngineError::from)?;
+        Ok(data)
+    })
+    .await;
+    match read {
+        Ok(Ok(data)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            data,
+        )
+            .into_response(),
+        Ok(Err(e)) => error(e),
+        Err(e) => error(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            e.to_string(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(dir: &Path) -> LinkSigner {
+        LinkSigner::load_or_create(&dir.join("k"), "http://h:1/".into(), Duration::seconds(60))
+            .unwrap()
+    }
+
+    fn query(url: &str) -> LinkQuery {
+        let q = url.split_once('?').unwrap().1;
+        let get = |k: &str| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        LinkQuery {
+            expires: get("Expires").map(|v| v.parse().unwrap()),
+            signature: get("Signature"),
+        }
+    }
+
+    #[test]
+    fn links_expire_and_cannot_be_moved_or_forged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let now = Utc::now();
+        let (url, expires) = s.sign("/download/wal/i/seg", now);
+        assert!(url.starts_with("http://h:1/download/wal/i/seg?Expires="));
+        assert_eq!(expires, now + Duration::seconds(60));
+        let q = query(&url);
+        s.check("/download/wal/i/seg", &q, now).unwrap();
+        s.check("/download/wal/i/seg", &q, now + Duration::seconds(59))
+            .unwrap();
+        let late = s
+            .check("/download/wal/i/seg", &q, now + Duration::seconds(61))
+            .unwrap_err();
+        assert_eq!(late.status, StatusCode::FORBIDDEN);
+        assert!(late.message.contains("expired"), "{}", late.message);
+        let moved = s.check("/download/wal/i/other", &q, now).unwrap_err();
+        assert!(moved.message.contains("does not match"));
+        let stretched = LinkQuery {
+            expires: q.expires.map(|e| e + 3600),
+            signature: q.signature.clone(),
+        };
+        assert!(s.check("/download/wal/i/seg", &stretched, now).is_err());
+        assert!(s
+            .check(
+                "/download/wal/i/seg",
+                &LinkQuery {
+                    expires: None,
+                    signature: None
+                },
+                now
+            )
+            .is_err());
+        // The key persists (0600); another key does not accept the link.
+        let again = signer(dir.path());
+        again.check("/download/wal/i/seg", &q, now).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(dir.path().join("k"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let other_dir = tempfile::tempdir().unwrap();
+        assert!(signer(other_dir.path())
+            .check("/download/wal/i/seg", &q, now)
+            .is_err());
+    }
+}

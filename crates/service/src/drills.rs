@@ -1,0 +1,188 @@
+//! Restore drills: every successful backup (and any on demand) is restored
+//! to a scratch server, recovered to consistency and checked with
+//! `pg_amcheck` over every database, then removed. The outcome is recorded
+//! per backup set (`DescribeBackups` reports it, `/metrics` alerts on a
+//! failure). Drills run one at a time by default on their own thread at
+//! low CPU priority, so scheduled backups are never held up by them.
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chrono::Utc;
+use strata_catalog::{BackupStatus, DrillResult, JobState};
+use strata_engine::EngineError;
+
+use crate::local::RestoreSource;
+use crate::{fail_job, lock, Service, ServiceResult};
+
+impl Service {
+    /// Queues a drill of a successful backup set; returns the job id.
+    pub fn start_drill(self: &Arc<Self>, backup_id: &str) -> ServiceResult<i64> {
+        let set = self.engine.catalog.get_backup(backup_id)?;
+        if set.status != BackupStatus::Success {
+            return Err(EngineError::Refused(format!(
+                "backup {backup_id} is {}; only successful backups are drilled",
+                set.status.as_str()
+            ))
+            .into());
+        }
+        let mut job = self
+            .engine
+            .catalog
+            .create_job("drill", Some(&set.instance_id))?;
+        job.backup_id = Some(set.id.clone());
+        job.detail = format!("restore drill of backup {}", set.id);
+        self.engine.catalog.update_job(&job)?;
+        self.engine.catalog.put_drill(&DrillResult {
+            backup_id: set.id.clone(),
+            instance_id: set.instance_id.clone(),
+            status: "Pending".into(),
+            detail: String::new(),
+            started_at: Utc::now(),
+            finished_at: None,
+            job_id: Some(job.id),
+        })?;
+        lock(&self.drill_queue).push_back((set.instance_id, set.id, job.id));
+        self.drill_worker.call_once(|| self.spawn_drill_worker());
+        self.drill_wakeup.notify_one();
+        Ok(job.id)
+    }
+
+    /// Queues again the drills a previous process did not finish.
+    pub(crate) fn resume_drills(self: &Arc<Self>) {
+        let Ok(instances) = self.engine.catalog.list_instances() else {
+            return;
+        };
+        for i in instances {
+            for d in self.engine.catalog.list_drills(&i.id).unwrap_or_default() {
+                if matches!(d.status.as_str(), "Pending" | "Running") {
+                    if let Err(e) = self.start_drill(&d.backup_id) {
+                        tracing::warn!(backup = %d.backup_id, "cannot resume the restore drill: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The drill worker: takes queued drills one by one until shutdown.
+    fn spawn_drill_worker(self: &Arc<Self>) {
+        let svc = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("strata-drills".into())
+            .spawn(move || {
+                // Low priority for this thread and everything it starts
+                // (the scratch server inherits it). SAFETY: setpriority on
+                // the calling thread only.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+                }
+                loop {
+                    if svc.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let next = lock(&svc.drill_queue).pop_front();
+                    match next {
+                        Some((instance, backup, job)) => svc.run_drill(&instance, &backup, job),
+                        None => {
+                            let guard = lock(&svc.drill_queue);
+                            let _ = svc
+                                .drill_wakeup
+                                .wait_timeout(guard, std::time::Duration::from_secs(1));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the drill worker: {e}");
+        }
+    }
+
+    fn run_drill(&self, instance_id: &str, backup_id: &str, job_id: i64) {
+        let mut result = match self.engine.catalog.get_drill(backup_id) {
+            Ok(Some(r)) => r,
+            _ => return, // the backup set was deleted meanwhile
+        };
+        if self.engine.catalog.get_instance(instance_id).is_err() {
+            // Deregistered while the drill waited: nothing to prove it for.
+            result.status = "Skipped".into();
+            result.detail = "the instance was deregistered before the drill ran".into();
+            result.finished_at = Some(Utc::now());
+            let _ = self.engine.catalog.put_drill(&result);
+            fail_job(&self.engine, job_id, &result.detail);
+            return;
+        }
+        result.status = "Running".into();
+        result.started_at = Utc::now();
+        let _ = self.engine.catalog.put_drill(&result);
+        let outcome = self.drill(instance_id, backup_id, job_id);
+        result.finished_at = Some(Utc::now());
+        match outcome {
+            Ok(summary) => {
+                result.status = "Passed".into();
+                result.detail = summary;
+                if let Ok(mut job) = self.engine.catalog.get_job(job_id) {
+                    job.state = JobState::Finished;
+                    job.progress = 100;
+                    job.finished_at = result.finished_at;
+                    let _ = self.engine.catalog.update_job(&job);
+                }
+                tracing::info!(instance = %instance_id, backup = %backup_id, "restore drill passed");
+            }
+            Err(e) => {
+                result.status = "Failed".into();
+                result.detail = e.to_string();
+                fail_job(&self.engine, job_id, &e.to_string());
+                tracing::warn!(instance = %instance_id, backup = %backup_id, "restore drill FAILED: {e}");
+            }
+        }
+        if self.engine.catalog.get_backup(backup_id).is_ok() {
+            let _ = self.engine.catalog.put_drill(&result);
+        }
+    }
+
+    /// Restores, checks, removes; returns what was checked.
+    fn drill(&self, instance_id: &str, backup_id: &str, job_id: i64) -> ServiceResult<String> {
+        let src = RestoreSource {
+            backup_id: Some(backup_id.to_string()),
+            restore_time: None,
+        };
+        let scratch = self.start_scratch(instance_id, &src, job_id)?;
+        let checked = (|| {
+            let amcheck = self.engine.client_tool("pg_amcheck", scratch.major)?;
+            // amcheck must exist in every database pg_amcheck visits.
+            let dbs: Vec<String> = scratch
+                .psql(
+                    "postgres",
+                    "SELECT datname FROM pg_database WHERE datallowconn",
+                )?
+                .lines()
+                .map(str::to_string)
+                .collect();
+            for db in &dbs {
+                scratch.psql(db, "CREATE EXTENSION IF NOT EXISTS amcheck")?;
+            }
+            let out = Command::new(&amcheck)
+                .args(scratch.conn_args())
+                .args(["--all", "--no-strict-names"])
+                .output()
+                .map_err(EngineError::io("running pg_amcheck"))?;
+            if !out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let first: Vec<&str> = text.lines().take(5).collect();
+                return Err(EngineError::Failed(format!(
+                    "pg_amcheck found corruption: {}{}",
+                    first.join("; "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+                .into());
+            }
+            Ok(format!(
+                "recovered to consistency; pg_amcheck clean over {} databases",
+                dbs.len()
+            ))
+        })();
+        scratch.remove();
+        checked
+    }
+}

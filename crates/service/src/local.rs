@@ -1,0 +1,553 @@
+//! The local instance provider: PostgreSQL servers Strata restores from
+//! backups and runs itself — clones (`CloneDBInstance`, registered as new
+//! instances, kept until `DeleteDBInstance`) and scratch servers (for
+//! restoring single databases and for restore drills, removed when done).
+//! Data directories live under the service's instances directory, servers
+//! run as the unprivileged OS user on a port from the configured range.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use strata_catalog::{BackupStatus, Instance, ManagedInstance};
+use strata_engine::{
+    as_user, EngineError, NoProgress, RecoveryTarget, RestoreOptions, StartOptions,
+};
+
+use crate::{PolicyError, Service, ServiceError, ServiceResult};
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ServiceError {
+    PolicyError {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// What to restore: a backup set, a point in time, or both (that set,
+/// recovered to that time).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreSource {
+    pub backup_id: Option<String>,
+    pub restore_time: Option<DateTime<Utc>>,
+}
+
+/// A server restored for a short task, stopped and removed by [`Scratch::remove`].
+pub struct Scratch {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub major: u32,
+    /// Bootstrap superuser of the restored cluster.
+    pub superuser: String,
+    pub backup_id: String,
+    bin: PathBuf,
+    os_user: Option<String>,
+}
+
+fn random_suffix(n: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+impl Service {
+    /// Checks a restore source against the instance's backups and
+    /// recoverable window; returns the recovery target to use.
+    pub fn check_restore_source(
+        &self,
+        instance_id: &str,
+        src: &RestoreSource,
+    ) -> ServiceResult<(Option<String>, RecoveryTarget)> {
+        let backups = self.engine.catalog.list_backups(instance_id)?;
+        let chosen = match &src.backup_id {
+            Some(id) => {
+                let b = backups
+                    .iter()
+                    .find(|b| &b.id == id && b.status == BackupStatus::Success)
+                    .ok_or_else(|| strata_catalog::CatalogError::BackupNotFound(id.clone()))?;
+                Some(b.clone())
+            }
+            None => None,
+        };
+        let target = match (src.restore_time, &chosen) {
+            (Some(t), _) => {
+                let Some((begin, end)) = self.recovery_window(instance_id)? else {
+                    return Err(invalid(
+                        "InvalidRestoreTime.NoLogBackup",
+                        format!("instance {instance_id} has no log backup covering any time (log backup off, or no backup yet): restore a backup set instead"),
+                    ));
+                };
+                if t < begin || t > end {
+                    return Err(invalid(
+                        "InvalidRestoreTime",
+                        format!(
+                            "RestoreTime {} is outside the recoverable window {} to {}",
+                            crate::policy::format_seconds(t),
+                            crate::policy::format_seconds(begin),
+                            crate::policy::format_seconds(end)
+                        ),
+                    ));
+                }
+                if let Some(b) = &chosen {
+                    if b.finished_at.is_some_and(|f| f > t) {
+                        return Err(invalid(
+                            "InvalidParameterCombination",
+                            format!("backup {} ends after RestoreTime; choose an older backup or a later time", b.id),
+                        ));
+                    }
+                }
+                RecoveryTarget::Time(t)
+            }
+            // A backup set alone: recover just to its consistency point.
+            (None, Some(_)) => RecoveryTarget::Immediate,
+            (None, None) => {
+                return Err(invalid(
+                    "MissingParameter",
+                    "specify BackupId, RestoreTime or both",
+                ))
+            }
+        };
+        Ok((src.backup_id.clone(), target))
+    }
+
+    /// A free port from the configured range, used by no managed instance.
+    fn free_port(&self) -> ServiceResult<u16> {
+        let taken: Vec<u16> = self
+            .engine
+            .catalog
+            .list_managed()?
+            .iter()
+            .map(|m| m.port)
+            .collect();
+        let (lo, hi) = self.settings.local_ports;
+        // A random start keeps two servers being set up at once apart.
+        let span = (hi - lo) as u32 + 1;
+        let offset = rand::random::<u32>() % span;
+        (0..span)
+            .map(|i| lo + ((offset + i) % span) as u16)
+            .filter(|p| !taken.contains(p))
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .ok_or_else(|| {
+                EngineError::Refused(format!("no free port left in {lo}-{hi} for a new instance"))
+                    .into()
+            })
+    }
+
+    fn pg_major(&self, instance_id: &str, backup_id: Option<&str>) -> ServiceResult<u32> {
+        let version = match backup_id {
+            Some(b) => self.engine.catalog.get_backup(b)?.pg_version_num,
+            None => {
+                self.engine
+                    .catalog
+                    .get_instance(instance_id)?
+                    .pg_version_num
+            }
+        };
+        version.map(|v| v / 10000).ok_or_else(|| {
+            EngineError::Refused(format!(
+                "the PostgreSQL version of {instance_id} is not known yet"
+            ))
+            .into()
+        })
+    }
+
+    /// Starts restoring a new instance from `source_id`'s backups and
+    /// returns its id at once; the instance shows `Creating` until it runs.
+    pub fn clone_instance(
+        self: &Arc<Self>,
+        source_id: &str,
+        src: RestoreSource,
+    ) -> ServiceResult<String> {
+        let source = self.engine.catalog.get_instance(source_id)?;
+        let (backup_id, target) = self.check_restore_source(source_id, &src)?;
+        let major = self.pg_major(source_id, backup_id.as_deref())?;
+        self.engine.pg_bin_dir(major)?;
+        let id = format!("pgc-{}", random_suffix(12));
+        let port = self.free_port()?;
+        let dir = self.settings.instances_dir.join(&id);
+        let managed = ManagedInstance {
+            instance_id: id.clone(),
+            source_instance: source_id.to_string(),
+            backup_id: backup_id.clone(),
+            restore_time: src.restore_time,
+            data_dir: dir.join("pgdata").display().to_string(),
+            port,
+            pg_major: major,
+            status: "Creating".into(),
+            error: None,
+            created_at: Utc::now(),
+        };
+        self.engine.catalog.put_managed(&managed)?;
+        let mut job = self.engine.catalog.create_job("clone", Some(source_id))?;
+        job.detail = format!("clone to new instance {id} on port {port}");
+        job.backup_id = backup_id.clone();
+        self.engine.catalog.update_job(&job)?;
+        let job_id = job.id;
+        self.engine.add_instance(&Instance {
+            id: id.clone(),
+            host: "127.0.0.1".into(),
+            port,
+            user: source.user.clone(),
+            password_env: source.password_env.clone(),
+            password: source.password.clone(),
+            dbname: source.dbname.clone(),
+            sslmode: "prefer".into(),
+            sslrootcert: None,
+            system_identifier: None,
+            pg_version_num: None,
+            wal_segment_size: None,
+            created_at: Utc::now(),
+        })?;
+        let svc = Arc::clone(self);
+        let source_id = source_id.to_string();
+        tokio::spawn(async move {
+            let work = Arc::clone(&svc);
+            let run = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)
+                    .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+                if let Some(user) = work.engine.os_user() {
+                    strata_engine::chown_tree(&dir, &user)?;
+                }
+                work.engine.restore(
+                    &source_id,
+                    &RestoreOptions {
+                        target_dir: dir.join("pgdata"),
+                        backup_id,
+                        target,
+                        start: Some(StartOptions {
+                            port,
+                            listen_addresses: Some(work.settings.local_listen.clone()),
+                            socket_dir: Some(dir.clone()),
+                            hba_prepend: None,
+                        }),
+                        job_id: Some(job_id),
+                    },
+                    &NoProgress,
+                )
+            })
+            .await;
+            let mut m = match svc.engine.catalog.get_managed(&managed.instance_id) {
+                Ok(Some(m)) => m,
+                _ => return,
+            };
+            match run {
+                Ok(Ok(outcome)) => {
+                    m.status = "Running".into();
+                    m.backup_id = Some(outcome.backup_id.clone());
+                    tracing::info!(instance = %m.instance_id, port = m.port, "clone running");
+                    if let Ok(mut job) = svc.engine.catalog.get_job(job_id) {
+                        job.state = strata_catalog::JobState::Finished;
+                        job.progress = 100;
+                        job.backup_id = Some(outcome.backup_id);
+                        job.finished_at = Some(Utc::now());
+                        let _ = svc.engine.catalog.update_job(&job);
+                    }
+                }
+                Ok(Err(e)) => {
+                    m.status = "Failed".into();
+                    m.error = Some(e.to_string());
+                    tracing::warn!(instance = %m.instance_id, "clone failed: {e}");
+                }
+                Err(e) => {
+                    m.status = "Failed".into();
+                    m.error = Some(format!("restore task: {e}"));
+                    crate::fail_job(&svc.engine, job_id, &format!("restore task: {e}"));
+                }
+            }
+            let _ = svc.engine.catalog.put_managed(&m);
+        });
+        Ok(id)
+    }
+
+    /// Stops and removes an instance Strata created; with `keep_backups`
+    /// false its backup sets and WAL go too.
+    pub async fn delete_instance(
+        &self,
+        instance_id: &str,
+        keep_backups: bool,
+    ) -> ServiceResult<()> {
+        let Some(mut m) = self.engine.catalog.get_managed(instance_id)? else {
+            self.engine.catalog.get_instance(instance_id)?;
+            return Err(invalid(
+                "IncorrectDBInstanceType",
+                format!("instance {instance_id} was registered, not created by Strata: deregister it with StrataDeregisterDBInstance instead"),
+            ));
+        };
+        if m.status == "Creating" {
+            return Err(EngineError::Conflict(format!(
+                "instance {instance_id} is still being created; delete it once it is Running or Failed"
+            ))
+            .into());
+        }
+        m.status = "Deleting".into();
+        self.engine.catalog.put_managed(&m)?;
+        self.deregister_instance(instance_id).await?;
+        self.stop_local(&m);
+        let dir = Path::new(&m.data_dir)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&m.data_dir));
+        if dir.starts_with(&self.settings.instances_dir) {
+            std::fs::remove_dir_all(&dir)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(EngineError::io(format!("removing {}", dir.display())))?;
+        }
+        if !keep_backups {
+            for b in self.engine.catalog.list_backups(instance_id)? {
+                if b.status != BackupStatus::Running {
+                    self.engine.delete_backup_set(&b.id)?;
+                }
+            }
+            let wal = self.engine.catalog.list_wal_segments(instance_id)?;
+            self.engine.delete_wal_segments(&wal)?;
+            self.gc_due.store(true, Ordering::SeqCst);
+        }
+        self.engine.catalog.delete_managed(instance_id)?;
+        Ok(())
+    }
+
+    fn pg_ctl(&self, m: &ManagedInstance) -> ServiceResult<Command> {
+        let bin = self.engine.pg_bin_dir(m.pg_major)?;
+        let mut cmd = as_user(self.engine.os_user().as_deref(), &bin.join("pg_ctl"));
+        cmd.arg("-D").arg(&m.data_dir);
+        Ok(cmd)
+    }
+
+    fn stop_local(&self, m: &ManagedInstance) {
+        if !Path::new(&m.data_dir).join("postmaster.pid").exists() {
+            return;
+        }
+        match self.pg_ctl(m).and_then(|mut c| {
+            c.args(["-m", "fast", "-w", "stop"])
+                .output()
+                .map_err(|e| EngineError::io("running pg_ctl stop")(e).into())
+        }) {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                tracing::warn!(instance = %m.instance_id, "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr).trim())
+            }
+            Err(e) => tracing::warn!(instance = %m.instance_id, "pg_ctl stop: {e}"),
+        }
+    }
+
+    /// Removes scratch servers a previous process left behind (killed in
+    /// the middle of a drill or a table restore): stops them and deletes
+    /// their directories.
+    pub fn remove_stale_scratch(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.settings.instances_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let is_scratch = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("scratch-"));
+            if !is_scratch {
+                continue;
+            }
+            let pgdata = dir.join("pgdata");
+            if pgdata.join("postmaster.pid").exists() {
+                let major = std::fs::read_to_string(pgdata.join("PG_VERSION"))
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+                if let Some(bin) = major.and_then(|m| self.engine.pg_bin_dir(m).ok()) {
+                    let _ = as_user(self.engine.os_user().as_deref(), &bin.join("pg_ctl"))
+                        .arg("-D")
+                        .arg(&pgdata)
+                        .args(["-m", "immediate", "-w", "stop"])
+                        .output();
+                }
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!("removed stale scratch server {}", dir.display()),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+            }
+        }
+    }
+
+    /// Starts every `Running` instance Strata created whose server is down
+    /// (after a host restart, say).
+    pub fn start_local_instances(&self) {
+        let Ok(all) = self.engine.catalog.list_managed() else {
+            return;
+        };
+        // One still being created when the last server stopped never will be.
+        for mut m in all.iter().filter(|m| m.status == "Creating").cloned() {
+            m.status = "Failed".into();
+            m.error = Some("the server stopped while this instance was being created".into());
+            let _ = self.engine.catalog.put_managed(&m);
+        }
+        for m in all.into_iter().filter(|m| m.status == "Running") {
+            if Path::new(&m.data_dir).join("postmaster.pid").exists() {
+                continue;
+            }
+            let log = Path::new(&m.data_dir).join("strata-restore.log");
+            let started = self.pg_ctl(&m).and_then(|mut c| {
+                c.arg("-l")
+                    .arg(&log)
+                    .args(["-w", "-t", "120", "start"])
+                    .output()
+                    .map_err(|e| EngineError::io("running pg_ctl start")(e).into())
+            });
+            match started {
+                Ok(out) if out.status.success() => {
+                    tracing::info!(instance = %m.instance_id, "started")
+                }
+                Ok(out) => {
+                    tracing::warn!(instance = %m.instance_id, "could not start: {}", String::from_utf8_lossy(&out.stderr).trim())
+                }
+                Err(e) => tracing::warn!(instance = %m.instance_id, "could not start: {e}"),
+            }
+        }
+    }
+
+    /// Whether the scheduler may back up and archive an instance: instances
+    /// Strata is still creating (or failed to create, or is deleting) wait.
+    pub(crate) fn is_ready(&self, instance_id: &str) -> bool {
+        match self.engine.catalog.get_managed(instance_id) {
+            Ok(Some(m)) => m.status == "Running",
+            _ => true,
+        }
+    }
+
+    /// Restores `instance_id` into a scratch server (blocking): private
+    /// socket, trust for local connections only, a port from the range.
+    pub fn start_scratch(
+        &self,
+        instance_id: &str,
+        src: &RestoreSource,
+        job_id: i64,
+    ) -> ServiceResult<Scratch> {
+        let (backup_id, target) = self.check_restore_source(instance_id, src)?;
+        let major = self.pg_major(instance_id, backup_id.as_deref())?;
+        let bin = self.engine.pg_bin_dir(major)?;
+        let port = self.free_port()?;
+        let dir = self
+            .settings
+            .instances_dir
+            .join(format!("scratch-{}", random_suffix(10)));
+        std::fs::create_dir_all(&dir)
+            .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+        let os_user = self.engine.os_user();
+        if let Some(user) = &os_user {
+            strata_engine::chown_tree(&dir, user)?;
+        }
+        let outcome = self.engine.restore(
+            instance_id,
+            &RestoreOptions {
+                target_dir: dir.join("pgdata"),
+                backup_id,
+                target,
+                start: Some(StartOptions {
+                    port,
+                    // Loopback TCP too: readiness is checked by connecting to it.
+                    listen_addresses: Some("127.0.0.1".into()),
+                    socket_dir: Some(dir.clone()),
+                    hba_prepend: Some("local all all trust".into()),
+                }),
+                job_id: Some(job_id),
+            },
+            &NoProgress,
+        );
+        let mut scratch = Scratch {
+            dir,
+            port,
+            major,
+            superuser: String::new(),
+            backup_id: String::new(),
+            bin,
+            os_user,
+        };
+        match outcome {
+            Ok(o) => scratch.backup_id = o.backup_id,
+            Err(e) => {
+                scratch.remove();
+                return Err(e.into());
+            }
+        }
+        let user = self.engine.catalog.get_instance(instance_id)?.user;
+        match scratch.psql_as(
+            &user,
+            "postgres",
+            "SELECT rolname FROM pg_roles WHERE oid = 10",
+        ) {
+            Ok(name) => scratch.superuser = name.trim().to_string(),
+            Err(e) => {
+                scratch.remove();
+                return Err(e);
+            }
+        }
+        Ok(scratch)
+    }
+}
+
+impl Scratch {
+    /// Runs SQL over the private socket as `user`; returns unaligned output.
+    pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> ServiceResult<String> {
+        let out = Command::new(self.bin_tool("psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+            .arg("-h")
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", user, "-d", db, "-c", sql])
+            .output()
+            .map_err(EngineError::io("running psql"))?;
+        if !out.status.success() {
+            return Err(EngineError::Failed(format!(
+                "psql on the scratch server: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) -> ServiceResult<String> {
+        self.psql_as(&self.superuser, db, sql)
+    }
+
+    /// A program from the server's own binary directory.
+    pub fn bin_tool(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    /// Connection arguments for client programs (`-h`, `-p`, `-U`).
+    pub fn conn_args(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.dir.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            self.superuser.clone(),
+        ]
+    }
+
+    /// Stops the server and removes everything.
+    pub fn remove(self) {
+        let pgdata = self.dir.join("pgdata");
+        if pgdata.join("postmaster.pid").exists() {
+            let _ = as_user(self.os_user.as_deref(), &self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&pgdata)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let tblspc = PathBuf::from(format!("{}.tblspc", pgdata.display()));
+        let _ = std::fs::remove_dir_all(tblspc);
+    }
+}
