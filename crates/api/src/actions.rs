@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{Duration, Utc};
 use serde_json::{json, Map, Value};
 use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState, WalSegmentRow};
 use strata_service::policy::{self, format_minutes, format_seconds};
@@ -124,22 +124,6 @@ fn engine_version(v: Option<u32>) -> String {
     v.map(|n| (n / 10000).to_string()).unwrap_or_default()
 }
 
-/// Whether RDS's rules let this set be deleted now (`StoreStatus`).
-fn deletable(
-    set: &BackupSet,
-    log_on: bool,
-    log_start: DateTime<Utc>,
-    anchor: Option<&str>,
-) -> bool {
-    if set.status == BackupStatus::Running {
-        return false;
-    }
-    if !log_on || set.status != BackupStatus::Success {
-        return true;
-    }
-    set.finished_at.unwrap_or(set.started_at) <= log_start && anchor != Some(set.id.as_str())
-}
-
 fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let svc = &state.service;
     let inst = instance(svc, p)?;
@@ -156,14 +140,7 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let (number, size) = p.paging(&[30, 50, 100], false)?;
     let policy = svc.policy(&inst.id)?;
     let mut sets = svc.engine.catalog.list_backups(&inst.id)?;
-    let now = svc.now();
-    let log_start = now - Duration::days(policy.log_retention_days as i64);
-    let mut successes: Vec<&BackupSet> = sets
-        .iter()
-        .filter(|b| b.status == BackupStatus::Success)
-        .collect();
-    successes.sort_by_key(|b| (b.started_at, b.id.clone()));
-    let anchor = strata_engine::pitr_anchor(&successes, log_start);
+    let rules = svc.deletion_rules(&policy, &sets);
     let stored_total: u64 = sets.iter().map(|b| b.stored_bytes).sum();
     let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
         .engine
@@ -200,7 +177,7 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
                 "Engine": "PostgreSQL",
                 "EngineVersion": engine_version(b.pg_version_num),
                 "IsAvail": i32::from(b.status == BackupStatus::Success && drills.get(&b.id).is_none_or(|d| d.status != "Failed")),
-                "StoreStatus": if deletable(b, policy.log_backup_enabled, log_start, anchor.as_deref()) { "Enabled" } else { "Disabled" },
+                "StoreStatus": if rules.refusal(b).is_none() { "Enabled" } else { "Disabled" },
                 "StorageClass": "0",
                 "StrataStoredSize": b.stored_bytes,
                 "StrataFileCount": b.file_count,
@@ -661,18 +638,9 @@ fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fiel
     Ok(obj(json!({"Items": {"DBInstanceAttribute": items}})))
 }
 
-/// Instance ids become replication slot and object key parts.
-pub fn valid_instance_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
 async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let id = p.required("DBInstanceId")?;
-    if !valid_instance_id(id) {
+    if !Instance::valid_id(id) {
         return Err(ApiError::bad(
             "InvalidDBInstanceId.Malformed",
             format!(
@@ -698,19 +666,10 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         ));
     }
     let instance = Instance {
-        id: id.to_string(),
-        host: p.required("Host")?.to_string(),
-        port,
-        user: p.required("User")?.to_string(),
-        password_env: None,
         password: p.get("Password").map(str::to_string),
         dbname: p.get("DBName").map(str::to_string),
-        sslmode,
         sslrootcert: p.get("SSLRootCert").map(str::to_string),
-        system_identifier: None,
-        pg_version_num: None,
-        wal_segment_size: None,
-        created_at: Utc::now(),
+        ..Instance::new(id, p.required("Host")?, port, p.required("User")?, &sslmode)
     };
     let registered = svc.register_instance(instance).await?;
     Ok(obj(json!({

@@ -60,6 +60,38 @@ pub struct Instance {
     pub created_at: DateTime<Utc>,
 }
 
+impl Instance {
+    /// A server not contacted yet: no password, nothing learned about it,
+    /// registered now.
+    pub fn new(id: &str, host: &str, port: u16, user: &str, sslmode: &str) -> Instance {
+        Instance {
+            id: id.to_string(),
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            password_env: None,
+            password: None,
+            dbname: None,
+            sslmode: sslmode.to_string(),
+            sslrootcert: None,
+            system_identifier: None,
+            pg_version_num: None,
+            wal_segment_size: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    /// Instance ids become replication slot names and object key parts:
+    /// letters, digits, `-`, `_` and `.`, at most 64.
+    pub fn valid_id(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum BackupStatus {
     Running,

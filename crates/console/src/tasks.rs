@@ -352,19 +352,8 @@ mod tests {
         for id in ["a", "b"] {
             catalog
                 .add_instance(&Instance {
-                    id: id.into(),
-                    host: "127.0.0.1".into(),
-                    port: 5432,
-                    user: "postgres".into(),
-                    password_env: None,
-                    password: None,
-                    dbname: None,
-                    sslmode: "disable".into(),
-                    sslrootcert: None,
-                    system_identifier: None,
-                    pg_version_num: None,
-                    wal_segment_size: None,
                     created_at: now,
+                    ..Instance::new(id, "127.0.0.1", 5432, "postgres", "disable")
                 })
                 .unwrap();
         }

@@ -76,9 +76,20 @@ impl RetentionPlan {
     }
 }
 
+/// Successful sets, oldest first.
+fn successes(backups: &[BackupSet]) -> Vec<&BackupSet> {
+    let mut s: Vec<&BackupSet> = backups
+        .iter()
+        .filter(|b| b.status == BackupStatus::Success)
+        .collect();
+    s.sort_by_key(|b| (b.started_at, b.id.clone()));
+    s
+}
+
 /// The set the oldest recoverable point restores from: the newest successful
 /// set finished at or before `log_start`, else the oldest successful one.
-pub fn pitr_anchor(successes: &[&BackupSet], log_start: DateTime<Utc>) -> Option<String> {
+pub fn pitr_anchor(backups: &[BackupSet], log_start: DateTime<Utc>) -> Option<String> {
+    let successes = successes(backups);
     successes
         .iter()
         .rev()
@@ -97,14 +108,10 @@ pub fn plan_retention(
 ) -> RetentionPlan {
     let data_start = now - Duration::days(policy.backup_retention_days as i64);
     let log_start = now - Duration::days(policy.log_retention_days as i64);
-    let mut successes: Vec<&BackupSet> = backups
-        .iter()
-        .filter(|b| b.status == BackupStatus::Success)
-        .collect();
-    successes.sort_by_key(|b| (b.started_at, b.id.clone()));
+    let successes = successes(backups);
     let newest = successes.last().map(|b| b.id.clone());
     let anchor = if policy.log_backup_enabled {
-        pitr_anchor(&successes, log_start)
+        pitr_anchor(backups, log_start)
     } else {
         None
     };

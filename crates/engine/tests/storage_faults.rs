@@ -51,21 +51,13 @@ impl Rig {
         };
         let engine = Engine::new(catalog, clean.clone(), settings);
         engine
-            .add_instance(&Instance {
-                id: id.into(),
-                host: cluster.host().into(),
-                port: cluster.port(),
-                user: "postgres".into(),
-                password_env: None,
-                password: None,
-                dbname: None,
-                sslmode: "disable".into(),
-                sslrootcert: None,
-                system_identifier: None,
-                pg_version_num: None,
-                wal_segment_size: None,
-                created_at: chrono::Utc::now(),
-            })
+            .add_instance(&Instance::new(
+                id,
+                cluster.host(),
+                cluster.port(),
+                "postgres",
+                "disable",
+            ))
             .unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::Utc;
-use strata_catalog::{BackupStatus, DrillResult, JobState};
+use strata_catalog::{BackupStatus, DrillResult};
 use strata_engine::EngineError;
 
 use crate::local::RestoreSource;
-use crate::{fail_job, lock, Service, ServiceResult};
+use crate::{fail_job, finish_job, lock, Service, ServiceResult};
 
 impl Service {
     /// Queues a drill of a successful backup set; returns the job id.
@@ -121,12 +121,7 @@ impl Service {
             Ok(summary) => {
                 result.status = "Passed".into();
                 result.detail = summary;
-                if let Ok(mut job) = self.engine.catalog.get_job(job_id) {
-                    job.state = JobState::Finished;
-                    job.progress = 100;
-                    job.finished_at = result.finished_at;
-                    let _ = self.engine.catalog.update_job(&job);
-                }
+                finish_job(&self.engine, job_id, None);
                 tracing::info!(instance = %instance_id, backup = %backup_id, "restore drill passed");
             }
             Err(e) => {

@@ -88,6 +88,49 @@ impl Default for ServiceSettings {
     }
 }
 
+/// Which backup sets may be deleted by hand: never a running one; with log
+/// backup on, only sets finished before the log retention window, and never
+/// the one the oldest recoverable point restores from.
+#[derive(Debug, Clone)]
+pub struct DeletionRules {
+    log_on: bool,
+    log_days: u32,
+    log_start: DateTime<Utc>,
+    anchor: Option<String>,
+}
+
+impl DeletionRules {
+    /// Why `set` may not be deleted now, or `None` when it may.
+    pub fn refusal(&self, set: &strata_catalog::BackupSet) -> Option<ServiceError> {
+        let id = &set.id;
+        if set.status == BackupStatus::Running {
+            return Some(EngineError::Conflict(format!("backup {id} is still running")).into());
+        }
+        if !self.log_on || set.status != BackupStatus::Success {
+            return None;
+        }
+        let message = if set.finished_at.unwrap_or(set.started_at) > self.log_start {
+            format!(
+                "backup {id} is inside the log backup retention period ({} days); with log backup on only older backup sets can be deleted",
+                self.log_days
+            )
+        } else if self.anchor.as_deref() == Some(id.as_str()) {
+            format!(
+                "backup {id} is the base of the oldest point in time still recoverable; it goes when a newer one leaves the log retention period"
+            )
+        } else {
+            return None;
+        };
+        Some(
+            PolicyError {
+                code: "IncorrectBackupSetState",
+                message,
+            }
+            .into(),
+        )
+    }
+}
+
 /// A policy change as the API receives it; `None` keeps the current value.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyChange {
@@ -140,6 +183,20 @@ impl Progress for WalProgress {
         s.server_end = server_end.max(received);
         s.last_message = Some(Utc::now());
         s.last_error = None;
+    }
+}
+
+/// Records a job the service ran itself as finished, naming the backup set
+/// it used when that was chosen only while it ran.
+pub(crate) fn finish_job(engine: &Engine, job_id: i64, backup_id: Option<String>) {
+    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+        job.state = JobState::Finished;
+        job.progress = 100;
+        job.finished_at = Some(Utc::now());
+        if backup_id.is_some() {
+            job.backup_id = backup_id;
+        }
+        let _ = engine.catalog.update_job(&job);
     }
 }
 
@@ -257,12 +314,8 @@ impl Service {
             // The policy is stored first and the instance marked, so the
             // scheduler starts no new receiver once this one has stopped.
             lock(&self.leaving).insert(instance_id.to_string());
-            self.stop_receiver(instance_id).await;
-            let dropped = self.engine.drop_wal_slot(instance_id).await;
+            self.stop_archiving(instance_id).await;
             lock(&self.leaving).remove(instance_id);
-            if let Err(e) = dropped {
-                tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
-            }
             let plan = self.engine.apply_retention(&p, self.now())?;
             tracing::info!(
                 instance = %instance_id,
@@ -316,10 +369,7 @@ impl Service {
             .into());
         }
         let outcome = async {
-            self.stop_receiver(instance_id).await;
-            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
-                tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
-            }
+            self.stop_archiving(instance_id).await;
             self.engine.catalog.delete_instance(instance_id)?;
             lock(&self.wal_states).remove(instance_id);
             Ok(())
@@ -391,47 +441,33 @@ impl Service {
         Ok(job)
     }
 
-    /// Deletes backup sets by RDS's rules: never a running one; with log
-    /// backup on, only sets finished before the log retention window, and
-    /// never the one the oldest recoverable point restores from.
+    /// RDS's rules for deleting an instance's backup sets by hand now
+    /// (`DeleteBackup`, and `StoreStatus` in `DescribeBackups`).
+    pub fn deletion_rules(
+        &self,
+        policy: &BackupPolicy,
+        backups: &[strata_catalog::BackupSet],
+    ) -> DeletionRules {
+        let log_start = self.now() - chrono::Duration::days(policy.log_retention_days as i64);
+        DeletionRules {
+            log_on: policy.log_backup_enabled,
+            log_days: policy.log_retention_days,
+            log_start,
+            anchor: strata_engine::pitr_anchor(backups, log_start),
+        }
+    }
+
+    /// Deletes backup sets by [`DeletionRules`]; all or none.
     pub fn delete_backups(&self, instance_id: &str, ids: &[String]) -> ServiceResult<()> {
         let p = self.policy(instance_id)?;
         let backups = self.engine.catalog.list_backups(instance_id)?;
-        let now = self.now();
-        let log_start = now - chrono::Duration::days(p.log_retention_days as i64);
-        let mut successes: Vec<_> = backups
-            .iter()
-            .filter(|b| b.status == BackupStatus::Success)
-            .collect();
-        successes.sort_by_key(|b| (b.started_at, b.id.clone()));
-        let anchor = strata_engine::pitr_anchor(&successes, log_start);
+        let rules = self.deletion_rules(&p, &backups);
         for id in ids {
             let Some(set) = backups.iter().find(|b| &b.id == id) else {
                 return Err(CatalogError::BackupNotFound(id.clone()).into());
             };
-            if set.status == BackupStatus::Running {
-                return Err(EngineError::Conflict(format!("backup {id} is still running")).into());
-            }
-            if p.log_backup_enabled && set.status == BackupStatus::Success {
-                if set.finished_at.unwrap_or(set.started_at) > log_start {
-                    return Err(PolicyError {
-                        code: "IncorrectBackupSetState",
-                        message: format!(
-                            "backup {id} is inside the log backup retention period ({} days); with log backup on only older backup sets can be deleted",
-                            p.log_retention_days
-                        ),
-                    }
-                    .into());
-                }
-                if anchor.as_deref() == Some(id.as_str()) {
-                    return Err(PolicyError {
-                        code: "IncorrectBackupSetState",
-                        message: format!(
-                            "backup {id} is the base of the oldest point in time still recoverable; it goes when a newer one leaves the log retention period"
-                        ),
-                    }
-                    .into());
-                }
+            if let Some(refusal) = rules.refusal(set) {
+                return Err(refusal);
             }
         }
         for id in ids {
@@ -524,10 +560,7 @@ impl Service {
         } else if lock(&self.receivers).contains_key(&instance.id) {
             // Log backup went off while this round ran: the slot a racing
             // receiver may have recreated goes too.
-            self.stop_receiver(&instance.id).await;
-            if let Err(e) = self.engine.drop_wal_slot(&instance.id).await {
-                tracing::warn!(instance = %instance.id, "could not drop the replication slot: {e}");
-            }
+            self.stop_archiving(&instance.id).await;
         }
         if retention_due {
             let plan: RetentionPlan = self.engine.apply_retention(&p, now)?;
@@ -601,6 +634,16 @@ impl Service {
         lock(&self.receivers).retain(|_, r| !r.task.is_finished());
     }
 
+    /// Stops the WAL receiver and drops its replication slot, so the server
+    /// keeps no WAL for Strata. A slot that cannot be dropped is logged: the
+    /// caller's change (policy off, instance gone) stands either way.
+    async fn stop_archiving(&self, instance_id: &str) {
+        self.stop_receiver(instance_id).await;
+        if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+            tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+        }
+    }
+
     async fn stop_receiver(&self, instance_id: &str) {
         let task = lock(&self.receivers).remove(instance_id);
         if let Some(r) = task {
@@ -645,26 +688,9 @@ impl Service {
         for id in ids {
             self.stop_receiver(&id).await;
         }
-        let backups: Vec<BackupTask> = lock(&self.backups).drain().map(|(_, t)| t).collect();
-        for b in backups {
-            b.task.abort();
-            if let Ok(mut job) = self.engine.catalog.get_job(b.job_id) {
-                if !job.state.is_terminal() {
-                    let reason = "the server shut down while the backup ran".to_string();
-                    job.state = JobState::Failed;
-                    job.error = Some(reason.clone());
-                    job.finished_at = Some(Utc::now());
-                    let _ = self.engine.catalog.update_job(&job);
-                    if let Some(bid) = &job.backup_id {
-                        if let Ok(mut set) = self.engine.catalog.get_backup(bid) {
-                            set.status = BackupStatus::Failed;
-                            set.error = Some(reason);
-                            set.finished_at = job.finished_at;
-                            let _ = self.engine.catalog.update_backup(&set);
-                        }
-                    }
-                }
-            }
+        let running: Vec<String> = lock(&self.backups).keys().cloned().collect();
+        for id in running {
+            self.cancel_backup(&id, "the server shut down while the backup ran");
         }
     }
 

@@ -189,19 +189,10 @@ impl Service {
         self.engine.catalog.update_job(&job)?;
         let job_id = job.id;
         self.engine.add_instance(&Instance {
-            id: id.clone(),
-            host: "127.0.0.1".into(),
-            port,
-            user: source.user.clone(),
             password_env: source.password_env.clone(),
             password: source.password.clone(),
             dbname: source.dbname.clone(),
-            sslmode: "prefer".into(),
-            sslrootcert: None,
-            system_identifier: None,
-            pg_version_num: None,
-            wal_segment_size: None,
-            created_at: Utc::now(),
+            ..Instance::new(&id, "127.0.0.1", port, &source.user, "prefer")
         })?;
         let svc = Arc::clone(self);
         let source_id = source_id.to_string();
@@ -240,13 +231,7 @@ impl Service {
                     m.status = "Running".into();
                     m.backup_id = Some(outcome.backup_id.clone());
                     tracing::info!(instance = %m.instance_id, port = m.port, "clone running");
-                    if let Ok(mut job) = svc.engine.catalog.get_job(job_id) {
-                        job.state = strata_catalog::JobState::Finished;
-                        job.progress = 100;
-                        job.backup_id = Some(outcome.backup_id);
-                        job.finished_at = Some(Utc::now());
-                        let _ = svc.engine.catalog.update_job(&job);
-                    }
+                    crate::finish_job(&svc.engine, job_id, Some(outcome.backup_id));
                 }
                 Ok(Err(e)) => {
                     m.status = "Failed".into();

@@ -16,7 +16,7 @@ use strata_catalog::{Instance, JobState};
 use strata_engine::EngineError;
 
 use crate::local::{RestoreSource, Scratch};
-use crate::{fail_job, PolicyError, Service, ServiceError, ServiceResult};
+use crate::{fail_job, finish_job, PolicyError, Service, ServiceError, ServiceResult};
 
 /// One entry of `TableMeta`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -282,12 +282,7 @@ impl Service {
             });
             match outcome {
                 Ok(()) => {
-                    if let Ok(mut job) = svc.engine.catalog.get_job(job_id) {
-                        job.state = JobState::Finished;
-                        job.progress = 100;
-                        job.finished_at = Some(chrono::Utc::now());
-                        let _ = svc.engine.catalog.update_job(&job);
-                    }
+                    finish_job(&svc.engine, job_id, None);
                     tracing::info!(instance = %id, job = job_id, "databases and tables restored");
                 }
                 Err(e) => {

@@ -53,21 +53,13 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     // 2027-01-06 is a Wednesday, in the future of every backup taken here.
     let clock = Arc::new(ManualClock::new(at("2027-01-06T10:00:00Z")));
     let svc = Service::new(engine(dir.path()), clock.clone(), settings(dir.path()));
-    svc.register_instance(Instance {
-        id: "sched".into(),
-        host: cluster.host().into(),
-        port: cluster.port(),
-        user: "postgres".into(),
-        password_env: None,
-        password: None,
-        dbname: None,
-        sslmode: "disable".into(),
-        sslrootcert: None,
-        system_identifier: None,
-        pg_version_num: None,
-        wal_segment_size: None,
-        created_at: Utc::now(),
-    })
+    svc.register_instance(Instance::new(
+        "sched",
+        cluster.host(),
+        cluster.port(),
+        "postgres",
+        "disable",
+    ))
     .await
     .unwrap();
     let p = svc
@@ -230,21 +222,13 @@ async fn garbage_collection_waits_for_running_backups() {
         Arc::new(ManualClock::new(Utc::now())),
         settings(dir.path()),
     );
-    svc.register_instance(Instance {
-        id: "gc".into(),
-        host: cluster.host().into(),
-        port: cluster.port(),
-        user: "postgres".into(),
-        password_env: None,
-        password: None,
-        dbname: None,
-        sslmode: "disable".into(),
-        sslrootcert: None,
-        system_identifier: None,
-        pg_version_num: None,
-        wal_segment_size: None,
-        created_at: Utc::now(),
-    })
+    svc.register_instance(Instance::new(
+        "gc",
+        cluster.host(),
+        cluster.port(),
+        "postgres",
+        "disable",
+    ))
     .await
     .unwrap();
     let first = svc
@@ -328,21 +312,13 @@ async fn a_failed_restore_drill_raises_the_alert() {
         .map(|d| d.display().to_string())
         .collect();
     let svc = Service::new(engine, Arc::new(ManualClock::new(Utc::now())), settings);
-    svc.register_instance(Instance {
-        id: "drill".into(),
-        host: cluster.host().into(),
-        port: cluster.port(),
-        user: "postgres".into(),
-        password_env: None,
-        password: None,
-        dbname: None,
-        sslmode: "disable".into(),
-        sslrootcert: None,
-        system_identifier: None,
-        pg_version_num: None,
-        wal_segment_size: None,
-        created_at: Utc::now(),
-    })
+    svc.register_instance(Instance::new(
+        "drill",
+        cluster.host(),
+        cluster.port(),
+        "postgres",
+        "disable",
+    ))
     .await
     .unwrap();
     let wait_drill = |backup: String| {

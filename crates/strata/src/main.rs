@@ -298,30 +298,17 @@ fn run(cli: Cli) -> Result<()> {
             sslrootcert,
             no_check,
         }) => {
-            if id.is_empty()
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.'");
+            if !Instance::valid_id(&id) {
+                bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)");
             }
             sslmode
                 .parse::<pg_replication::SslMode>()
                 .map_err(|_| anyhow::anyhow!("unknown sslmode {sslmode:?}"))?;
             let mut instance = Instance {
-                id: id.clone(),
-                host,
-                port,
-                user,
                 password_env,
-                password: None,
                 dbname,
-                sslmode,
                 sslrootcert: sslrootcert.map(|p| p.display().to_string()),
-                system_identifier: None,
-                pg_version_num: None,
-                wal_segment_size: None,
-                created_at: Utc::now(),
+                ..Instance::new(&id, &host, port, &user, &sslmode)
             };
             if let Ok(existing) = engine.catalog.get_instance(&id) {
                 bail!(

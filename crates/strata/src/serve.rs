@@ -7,7 +7,6 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use chrono::Utc;
 use strata_api::{ApiState, LinkSigner, TlsFiles};
 use strata_catalog::Instance;
 use strata_console::ConsoleState;
@@ -265,21 +264,7 @@ impl Sandbox {
     }
 
     fn instance(&self) -> Instance {
-        Instance {
-            id: DEMO_INSTANCE.into(),
-            host: "127.0.0.1".into(),
-            port: self.port,
-            user: "postgres".into(),
-            password_env: None,
-            password: None,
-            dbname: None,
-            sslmode: "disable".into(),
-            sslrootcert: None,
-            system_identifier: None,
-            pg_version_num: None,
-            wal_segment_size: None,
-            created_at: Utc::now(),
-        }
+        Instance::new(DEMO_INSTANCE, "127.0.0.1", self.port, "postgres", "disable")
     }
 
     fn stop(&self) {
