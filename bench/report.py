@@ -166,7 +166,7 @@ def machine(strata, pgbin, data_dir):
     fs = df[-1].split() if len(df) > 1 else ["?", "?"]
     dev = os.path.basename(fs[0])
     rota = run("cat", f"/sys/block/{dev}/queue/rotational")
-    disk = f"{fs[0]} ({fs[1]}, {'rotational' if rota == '1' else 'non-rotational' if rota == '0' else 'unknown type'}, {fs[2] if len(fs) > 2 else '?'} 1K-blocks)"
+    disk = f"{fs[0]} ({fs[1]}, {'kernel says rotational' if rota == '1' else 'kernel says non-rotational' if rota == '0' else 'type unknown'}, {fs[2] if len(fs) > 2 else '?'} 1K-blocks)"
     commit = run("git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rev-parse", "--short", "HEAD")
     return [
         ("CPU", f"{cpu}, {os.cpu_count()} cores"),
@@ -355,9 +355,9 @@ def main():
         w(f"| {k} | {v} |")
     w("")
     w(
-        f"Command: `bench/run.sh --size-gb {a.size_gb} --reps {a.reps} --lag-secs {a.lag_secs}`"
-        + (" --quick" if a.quick else "")
-        + "\n"
+        "Command: `bench/run.sh "
+        + ("--quick" if a.quick else f"--size-gb {a.size_gb} --reps {a.reps} --lag-secs {a.lag_secs}")
+        + "`\n"
     )
 
     text = "\n".join(out)

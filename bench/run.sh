@@ -143,13 +143,13 @@ timed() {
 # ---- source cluster ----------------------------------------------------------
 log "initdb in $T (port $PORT)"
 as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres >/dev/null
-cat >"$T/archive-push.sh" <<SH
+cat >"$T/pgbackrest-archive-push.sh" <<SH
 #!/bin/sh
 # archive_command for the pgBackRest runs; per-call CPU and RSS go to a file.
 exec /usr/bin/time -a -o "$T/times/archive-push.txt" -f "%e %U %S %M" \
     pgbackrest --config="$PGBR_CONF" --stanza=bench archive-push "\$1"
 SH
-chmod 755 "$T/archive-push.sh"
+chmod 755 "$T/pgbackrest-archive-push.sh"
 touch "$T/times/archive-push.txt"
 chown postgres "$T/times" "$T/times/archive-push.txt"
 cat >>"$PGDATA/postgresql.conf" <<CONF
@@ -165,7 +165,7 @@ max_wal_size = 8GB
 checkpoint_timeout = 30min
 autovacuum = off
 archive_mode = on
-archive_command = '$T/archive-push.sh %p'
+archive_command = '$T/pgbackrest-archive-push.sh %p'
 logging_collector = off
 CONF
 as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
@@ -347,11 +347,11 @@ log "restore workload: WAL receiver on, pgbench for ${RESTORE_LOAD_SECS} s"
 "$STRATA" --config "$STRATA_CFG" wal receive bench >"$T/receiver-restore.log" 2>&1 &
 RECEIVER=$!
 BG_PIDS+=("$RECEIVER")
-wait_for 30 "the WAL receiver" grep -q "streaming WAL" "$T/receiver-restore.log"
+wait_for 30 "the WAL receiver" grep -qs "streaming WAL" "$T/receiver-restore.log"
 as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -n -c 4 -j 2 -T "$RESTORE_LOAD_SECS" postgres >/dev/null 2>&1 &
 LOAD=$!
 sleep "$(awk -v s="$RESTORE_LOAD_SECS" 'BEGIN { print s / 2 }')"
-TARGET=$(sql "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+TARGET=$(sql "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
 wait "$LOAD"
 SWITCH=$(sql "SELECT pg_switch_wal()")
 sql "SELECT pg_switch_wal()" >/dev/null
@@ -376,7 +376,7 @@ restore_run() { # tool rep
             mkdir -p "$dir" && chown postgres "$dir" && chmod 700 "$dir"
             /usr/bin/time -v -o "$T/times/restore-pgbackrest-$rep.txt" runuser -u postgres -- \
                 pgbackrest --config="$PGBR_CONF" --stanza=bench --pg1-path="$dir" restore \
-                --type=time "--target=${TARGET%Z}+00" --target-action=promote
+                --type=time "--target=$(echo "${TARGET%Z}" | tr T ' ')+00" --target-action=promote
             tr=$(now)
             as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$T/restore-pgbackrest.log" -W \
                 -o "-p $RPORT -c archive_mode=off" start >/dev/null
@@ -431,7 +431,7 @@ sql "CHECKPOINT"
     >"$T/receiver-lag.log" 2>&1 &
 RECEIVER=$!
 BG_PIDS=("$RECEIVER")
-wait_for 30 "the WAL receiver" grep -q "streaming WAL" "$T/receiver-lag.log"
+wait_for 30 "the WAL receiver" grep -qs "streaming WAL" "$T/receiver-lag.log"
 lag_run strata
 kill -INT "$(pgrep -P "$RECEIVER" -x strata)" 2>/dev/null || true
 wait "$RECEIVER" || true
