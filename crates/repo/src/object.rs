@@ -44,14 +44,35 @@ pub fn seal<M: Serialize>(
     payload: &[u8],
     compress_level: Option<i32>,
 ) -> RepoResult<Vec<u8>> {
+    match compress_level {
+        Some(level) => {
+            let body = zstd::bulk::compress(payload, level)
+                .map_err(|e| RepoError::Format(e.to_string()))?;
+            seal_body(hasher, kind, meta, FLAG_ZSTD, &body)
+        }
+        None => seal_body(hasher, kind, meta, 0, payload),
+    }
+}
+
+/// Like [`seal`] for a payload already compressed: `zstd` holds one or more
+/// zstd frames (a reader decompresses them as one stream).
+pub fn seal_compressed<M: Serialize>(
+    hasher: &Hasher,
+    kind: ObjectKind,
+    meta: &M,
+    zstd: &[u8],
+) -> RepoResult<Vec<u8>> {
+    seal_body(hasher, kind, meta, FLAG_ZSTD, zstd)
+}
+
+fn seal_body<M: Serialize>(
+    hasher: &Hasher,
+    kind: ObjectKind,
+    meta: &M,
+    flags: u8,
+    body: &[u8],
+) -> RepoResult<Vec<u8>> {
     let meta = serde_json::to_vec(meta).map_err(|e| RepoError::Format(e.to_string()))?;
-    let (flags, body) = match compress_level {
-        Some(level) => (
-            FLAG_ZSTD,
-            zstd::bulk::compress(payload, level).map_err(|e| RepoError::Format(e.to_string()))?,
-        ),
-        None => (0, payload.to_vec()),
-    };
     let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + body.len() + 32);
     out.extend_from_slice(OBJECT_MAGIC);
     out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
@@ -59,7 +80,7 @@ pub fn seal<M: Serialize>(
     out.push(flags);
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&meta);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let tag = hasher.hash(&out);
     out.extend_from_slice(&tag.0);
     Ok(out)

@@ -36,7 +36,14 @@ pub struct PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(1 << 20);
+        Self::with_buffer(Vec::with_capacity(1 << 20))
+    }
+
+    /// A pack built in `buf` (cleared first): a writer hands back the buffer
+    /// of a stored pack, so full-size buffers are allocated (and their pages
+    /// faulted in) once per backup instead of once per pack.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(PACK_MAGIC);
         buf.extend_from_slice(&PACK_VERSION.to_le_bytes());
         buf.extend_from_slice(&[0; 6]);
