@@ -192,6 +192,7 @@ def main():
     ap.add_argument("--reps", type=int, required=True)
     ap.add_argument("--lag-secs", required=True)
     ap.add_argument("--lag-clients", required=True)
+    ap.add_argument("--drain-secs", required=True)
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--note", default="")
@@ -284,7 +285,7 @@ def main():
             f"pgBackRest: end of `pg_stat_archiver.last_archived_wal`). Lag in seconds = how long ago the server "
             f"was at the stored position. Only samples taken while pgbench ran count.\n"
         )
-        w("| WAL archiving | pgbench tps | WAL MiB/s | lag MiB, first quarter median | last quarter median | 5 s after the load | archive-push calls |")
+        w(f"| WAL archiving | pgbench tps | WAL MiB/s | lag MiB, first quarter median | last quarter median | {a.drain_secs} s after the load | archive-push calls |")
         w("|---|---|---|---|---|---|---|")
         for t, s in lag.items():
             w(

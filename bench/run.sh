@@ -433,7 +433,7 @@ RECEIVER=$!
 BG_PIDS=("$RECEIVER")
 wait_for 30 "the WAL receiver" grep -qs "streaming WAL" "$T/receiver-lag.log"
 lag_run strata
-kill -INT "$(pgrep -P "$RECEIVER" -x strata)" 2>/dev/null || true
+pkill -INT -P "$RECEIVER" || true # /usr/bin/time ignores SIGINT; its child does not
 wait "$RECEIVER" || true
 BG_PIDS=()
 record lag strata 1 time_file "$T/times/lag-strata-1.txt"
@@ -453,4 +453,4 @@ record setup machine 0 load_end "$(cut -d' ' -f1 /proc/loadavg)"
 log "writing the report"
 python3 "$BENCH/report.py" --results "$RESULTS" --strata "$STRATA" --pgbin "$PGBIN" \
     --data-dir "$T" --size-gb "$SIZE_GB" --reps "$REPS" --lag-secs "$LAG_SECS" \
-    --lag-clients "$LAG_CLIENTS" --note "${BENCH_NOTE:-}" ${OUT:+--out "$OUT"} $([ "$QUICK" = 1 ] && echo --quick)
+    --lag-clients "$LAG_CLIENTS" --drain-secs "$DRAIN_SECS" --note "${BENCH_NOTE:-}" ${OUT:+--out "$OUT"} $([ "$QUICK" = 1 ] && echo --quick)
