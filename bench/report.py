@@ -206,7 +206,7 @@ def main():
     lag = {}
     for t in ("strata", "pgbackrest"):
         r = rows["lag"].get(t, {}).get(1)
-        if not r:
+        if not r or "samples" not in r:
             continue
         s = lag_stats(r["samples"], float(r["load_start"]), float(r["load_end"]))
         if t == "strata" and os.path.exists(r.get("time_file", "")):
@@ -224,9 +224,9 @@ def main():
     w = out.append
     title = "Smoke run (--quick): the numbers mean nothing" if a.quick else "Results"
     w(f"## {title}\n")
-    db_mb = int(setup["db_bytes"]) / 2**20
+    db_mb = float(setup["db_bytes"]) / 2**20
     w(
-        f"Dataset: {db_mb:.0f} MiB of databases ({int(setup['data_dir_bytes']) / 2**20:.0f} MiB data directory): "
+        f"Dataset: {db_mb:.0f} MiB of databases ({float(setup['data_dir_bytes']) / 2**20:.0f} MiB data directory with its WAL): "
         f"pgbench scale {setup['pgbench_scale']}, {int(setup['text_rows']):,} rows of random hex text "
         f"(~260 characters each), {int(setup['bytea_rows']):,} rows of 1000 random bytes. "
         f"Each figure is the median of {a.reps} alternating repetitions (peak RSS: the highest). "
