@@ -653,14 +653,7 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Bytes of a block [`compress_block`] tries first: one PostgreSQL page.
-const SAMPLE_LEN: usize = 8 * 1024;
-
-/// zstd when it makes the block smaller, else the raw bytes. A block whose
-/// first page does not shrink by a fifth is stored raw without trying the
-/// rest: random or already compressed data (pages of such a relation keep
-/// only their headers and free space compressible, ~14 %) would otherwise
-/// take a quarter of zstd's time for a few percent of the bytes stored.
+/// zstd when it makes the block smaller, else the raw bytes.
 fn compress_block(raw: &[u8], level: i32) -> (u8, Vec<u8>) {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -668,17 +661,7 @@ fn compress_block(raw: &[u8], level: i32) -> (u8, Vec<u8>) {
             *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
         }
         let compressed = match slot.as_mut() {
-            Some((_, compressor)) => {
-                let poor = raw.len() >= 4 * SAMPLE_LEN
-                    && compressor
-                        .compress(&raw[..SAMPLE_LEN])
-                        .map_or(true, |c| c.len() > SAMPLE_LEN * 4 / 5);
-                if poor {
-                    None
-                } else {
-                    compressor.compress(raw).ok()
-                }
-            }
+            Some((_, compressor)) => compressor.compress(raw).ok(),
             None => None,
         };
         match compressed {
@@ -750,12 +733,6 @@ mod tests {
         let (code, stored) = compress_block(&text, 1);
         assert_eq!(code, COMPRESSION_ZSTD);
         assert!(stored.len() < text.len() / 10);
-        // A block whose first page barely compresses is stored raw, even
-        // if the rest would: the price of not compressing random data.
-        let mut mixed = noise(block, 2);
-        mixed[..SAMPLE_LEN / 10].fill(0);
-        mixed[SAMPLE_LEN..].fill(0);
-        assert_eq!(compress_block(&mixed, 1).0, COMPRESSION_NONE);
         // The thread's context follows a change of level.
         let (code, stored3) = compress_block(&text, 3);
         assert_eq!(code, COMPRESSION_ZSTD);
