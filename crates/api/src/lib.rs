@@ -28,9 +28,11 @@ use strata_service::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
 pub use auth::Principal;
 pub use download::LinkSigner;
 pub use error::{ApiError, ApiResult};
+pub use params::Params;
 
 /// The API version Strata speaks.
 pub const API_VERSION: &str = "2014-08-15";
@@ -143,7 +145,21 @@ async fn handle(
         ));
     }
     let principal = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
-    if !actions::exists(&action) {
+    let fields = invoke(state, &principal, &action, params).await?;
+    Ok((action, fields))
+}
+
+/// Runs `action` for an authenticated `principal`: the permission check and
+/// dispatch behind the RPC endpoint. The console calls actions through this
+/// too, so its validation, error codes and messages and its read-only
+/// refusals are the API's own.
+pub async fn invoke(
+    state: &ApiState,
+    principal: &Principal,
+    action: &str,
+    params: params::Params,
+) -> ApiResult<Map<String, Value>> {
+    if !actions::exists(action) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "InvalidAction.NotFound",
@@ -163,8 +179,7 @@ async fn handle(
             ),
         ));
     }
-    let fields = actions::dispatch(state, &action, &params).await?;
-    Ok((action, fields))
+    actions::dispatch(state, action, &params).await
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

@@ -23,6 +23,8 @@ pub enum CatalogError {
     InstanceExists(String),
     #[error("backup set {0:?} not found")]
     BackupNotFound(String),
+    #[error("backup set {0:?} already exists")]
+    BackupExists(String),
     #[error("job {0} not found")]
     JobNotFound(i64),
     #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]

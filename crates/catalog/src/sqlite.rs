@@ -351,6 +351,25 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
     })
 }
 
+impl SqliteCatalog {
+    /// Writes a backup set row with `verb` (`INSERT OR IGNORE` / `INSERT OR
+    /// REPLACE`); returns the rows changed.
+    fn write_backup(&self, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
+        self.with(|c| {
+            Ok(c.execute(
+                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
+                params![
+                    b.id, b.instance_id, b.status.as_str(), b.mode, ts(&b.started_at),
+                    b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
+                    b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
+                    b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
+                    b.file_count as i64, b.error, b.job_id
+                ],
+            )?)
+        })
+    }
+}
+
 fn process_alive(pid: u32) -> bool {
     // /proc is enough on Linux; a zombie or reused pid errs on "alive",
     // which only delays marking a job failed.
@@ -425,24 +444,22 @@ impl Catalog for SqliteCatalog {
     }
 
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT OR REPLACE INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
-                params![
-                    b.id, b.instance_id, b.status.as_str(), b.mode, ts(&b.started_at),
-                    b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
-                    b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
-                    b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
-                    b.file_count as i64, b.error, b.job_id
-                ],
-            )?;
-            Ok(())
-        })
+        if self.write_backup(b, "INSERT OR IGNORE")? == 0 {
+            return Err(CatalogError::BackupExists(b.id.clone()));
+        }
+        Ok(())
     }
 
     fn update_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        self.get_backup(&b.id)?;
-        self.insert_backup(b)
+        let existing = self.get_backup(&b.id)?;
+        if existing.instance_id != b.instance_id {
+            return Err(CatalogError::Invalid(format!(
+                "backup set {} belongs to instance {}, not {}",
+                b.id, existing.instance_id, b.instance_id
+            )));
+        }
+        self.write_backup(b, "INSERT OR REPLACE")?;
+        Ok(())
     }
 
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet> {

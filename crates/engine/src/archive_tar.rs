@@ -226,7 +226,7 @@ impl BackupArchive {
                         b.append_data(&mut h, path, io::repeat(0).take(self.segment_size))
                             .map_err(io_err)?;
                     } else {
-                        let (_, mut data) = self.engine.repo.read_wal(&s.row.object_key)?;
+                        let (_, mut data) = self.engine.read_wal_row(&s.row)?;
                         data.resize(self.segment_size as usize, 0);
                         b.append_data(&mut h, path, &data[..]).map_err(io_err)?;
                     }

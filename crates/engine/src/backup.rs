@@ -28,9 +28,10 @@ use crate::segment::SegmentArchiver;
 use crate::{Engine, EngineError, EngineResult, Progress};
 
 /// Backup set ids are the start time in milliseconds: numeric like RDS ids,
-/// and sorting by id sorts by age.
-fn new_backup_id() -> String {
-    Utc::now().timestamp_millis().to_string()
+/// and sorting by id sorts by age. Two backups starting in the same
+/// millisecond take the next free one (the catalog refuses duplicates).
+fn new_backup_id(attempt: i64) -> String {
+    (Utc::now().timestamp_millis() + attempt).to_string()
 }
 
 /// How a backup runs.
@@ -105,8 +106,8 @@ impl Engine {
             )));
         }
         let mut job = self.catalog.create_job("backup", Some(instance_id))?;
-        let set = BackupSet {
-            id: new_backup_id(),
+        let mut set = BackupSet {
+            id: new_backup_id(0),
             instance_id: instance_id.to_string(),
             status: BackupStatus::Running,
             mode: opts.mode.clone(),
@@ -125,7 +126,17 @@ impl Engine {
             error: None,
             job_id: Some(job.id),
         };
-        self.catalog.insert_backup(&set)?;
+        let mut attempt = 0;
+        loop {
+            match self.catalog.insert_backup(&set) {
+                Ok(()) => break,
+                Err(strata_catalog::CatalogError::BackupExists(_)) if attempt < 1000 => {
+                    attempt += 1;
+                    set.id = new_backup_id(attempt);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         job.backup_id = Some(set.id.clone());
         self.catalog.update_job(&job)?;
         Ok(PendingBackup { job, set, instance })
@@ -431,7 +442,18 @@ impl Engine {
             server_manifest: server_manifest_entry,
             stats: stats.clone(),
         };
-        self.repo.commit_manifest(&manifest)?;
+        if let Err(e) = self.repo.commit_manifest(&manifest) {
+            // A put that failed may still have landed (a timeout after the
+            // store accepted it); this backup is being recorded as failed, so
+            // make sure the repository does not hold it either.
+            if let Err(cleanup) = self.repo.delete_backup(&instance.id, &set.id) {
+                tracing::warn!(
+                    "backup {}: removing the manifest after a failed commit: {cleanup}",
+                    set.id
+                );
+            }
+            return Err(e.into());
+        }
         set.total_bytes = stats.total_bytes;
         set.new_bytes = stats.new_bytes;
         set.dedup_bytes = stats.dedup_bytes;

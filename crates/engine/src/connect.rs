@@ -184,11 +184,20 @@ impl crate::Engine {
         let instance = self.catalog.get_instance(instance_id)?;
         let mut session = open_session(&instance).await?;
         let slot = crate::slot_name(instance_id);
-        match session.client.drop_slot(&slot, true).await {
-            Ok(()) => Ok(true),
-            // 42704: undefined_object, the slot was never created.
-            Err(e) if e.sqlstate() == Some("42704") => Ok(false),
-            Err(e) => Err(explain(&instance, e)),
+        // Never WAIT: a slot still active (a walsender finishing) is retried
+        // for a few seconds, then reported, rather than hanging the caller.
+        for attempt in 0.. {
+            match session.client.drop_slot(&slot, false).await {
+                Ok(()) => return Ok(true),
+                // 42704: undefined_object, the slot was never created.
+                Err(e) if e.sqlstate() == Some("42704") => return Ok(false),
+                // 55006: object_in_use.
+                Err(e) if e.sqlstate() == Some("55006") && attempt < 20 => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(explain(&instance, e)),
+            }
         }
+        unreachable!("the loop returns")
     }
 }

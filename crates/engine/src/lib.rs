@@ -116,6 +116,20 @@ impl Engine {
     /// Registers an instance in the catalog and records it in the repository
     /// (without its password) so a rebuilt catalog knows it.
     pub fn add_instance(&self, instance: &strata_catalog::Instance) -> EngineResult<()> {
+        // Slot names fold case and punctuation (and are cut at 63 bytes):
+        // two instances must never share one.
+        let slot = slot_name(&instance.id);
+        if let Some(other) = self
+            .catalog
+            .list_instances()?
+            .into_iter()
+            .find(|o| o.id != instance.id && slot_name(&o.id) == slot)
+        {
+            return Err(EngineError::Refused(format!(
+                "instance id {:?} would share the replication slot {slot} with instance {:?}; choose an id that differs in more than case and punctuation",
+                instance.id, other.id
+            )));
+        }
         self.catalog.add_instance(instance)?;
         self.repo.put_instance(&strata_repo::InstanceRecord {
             id: instance.id.clone(),

@@ -46,7 +46,7 @@ impl Engine {
             }
             for backup_id in self.repo.list_backups(&rec.id)? {
                 let m = self.repo.read_manifest(&rec.id, &backup_id)?;
-                self.catalog.insert_backup(&BackupSet {
+                let inserted = self.catalog.insert_backup(&BackupSet {
                     id: m.backup_id.clone(),
                     instance_id: rec.id.clone(),
                     status: BackupStatus::Success,
@@ -69,7 +69,18 @@ impl Engine {
                     file_count: m.stats.file_count,
                     error: None,
                     job_id: None,
-                })?;
+                });
+                match inserted {
+                    Ok(()) => {}
+                    // Sets of two instances that started in the same
+                    // millisecond (before ids were made unique) share an id;
+                    // the catalog can index only one of them.
+                    Err(strata_catalog::CatalogError::BackupExists(id)) => {
+                        tracing::warn!(instance = %rec.id, "backup set {id} has the id of another instance's set; not indexed");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 report.backups += 1;
             }
             for obj in self.repo.list_wal(&rec.id)? {

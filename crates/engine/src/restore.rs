@@ -274,6 +274,34 @@ impl Engine {
         })
     }
 
+    /// Reads the WAL object of a catalog row. A partial segment completed
+    /// by the receiver since the row was read is gone; its complete object
+    /// holds the same bytes and more.
+    pub(crate) fn read_wal_row(
+        &self,
+        row: &WalSegmentRow,
+    ) -> EngineResult<(strata_repo::WalSegmentMeta, Vec<u8>)> {
+        match self.repo.read_wal(&row.object_key) {
+            Err(strata_repo::RepoError::Storage(strata_repo::StorageError::NotFound(_)))
+                if row.partial =>
+            {
+                let complete = self
+                    .catalog
+                    .find_wal_segment(&row.instance_id, row.timeline, &row.segment)?
+                    .into_iter()
+                    .find(|w| !w.partial)
+                    .ok_or_else(|| {
+                        EngineError::Failed(format!(
+                            "WAL segment {} vanished from the repository while being read",
+                            row.segment
+                        ))
+                    })?;
+                Ok(self.repo.read_wal(&complete.object_key)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     pub(crate) fn load_histories(
         &self,
         instance_id: &str,
@@ -432,7 +460,7 @@ impl Engine {
         let mut findings = WalFindings::default();
         let mut decoder: Option<WalDecoder> = None;
         for seg in plan {
-            let (meta, mut data) = self.repo.read_wal(&seg.row.object_key)?;
+            let (meta, mut data) = self.read_wal_row(&seg.row)?;
             let start = geometry.segment_start(seg.segno);
             let dec = decoder.get_or_insert_with(|| WalDecoder::new(geometry, start));
             if dec.position() != start {

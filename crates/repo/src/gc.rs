@@ -49,7 +49,12 @@ impl Repository {
             else {
                 continue;
             };
-            let manifest = self.read_manifest(instance_id, backup_id)?;
+            // A set deleted since the listing has no blocks left to keep.
+            let manifest = match self.read_manifest(instance_id, backup_id) {
+                Ok(m) => m,
+                Err(crate::RepoError::BackupNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
             report.manifests_scanned += 1;
             for file in manifest.all_files() {
                 for block in &file.blocks {

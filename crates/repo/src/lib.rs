@@ -1,11 +1,13 @@
 //! Strata's repository: the self-describing store of backups and WAL.
 //!
 //! Data files are cut into fixed-size blocks, each addressed by a keyed BLAKE3
-//! hash of its contents, compressed with zstd and stored once in a pack. A
-//! backup set is a manifest listing files as block references; WAL segments and
-//! timeline histories are sealed objects of their own. The format is versioned
-//! and specified in docs/REPOSITORY.md; this crate is its only writer.
+//! hash of its contents, compressed with zstd, optionally encrypted, and
+//! stored once in a pack. A backup set is a manifest listing files as block
+//! references; WAL segments and timeline histories are sealed objects of their
+//! own. The format is versioned and specified in docs/REPOSITORY.md; this
+//! crate is its only writer.
 
+pub mod crypto;
 mod gc;
 pub mod manifest;
 pub mod object;
@@ -21,20 +23,27 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crypto::{EncryptionConfig, KeySource, Keys};
 pub use gc::GcReport;
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
-pub use storage::{LocalStorage, Storage, StorageError};
+pub use storage::{
+    LocalStorage, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
+};
 pub use verify::{VerifyProblem, VerifyReport};
 pub use wal::{
     history_key, wal_segment_key, RestorePointInfo, WalObject, WalPayload, WalSegmentMeta,
 };
 
 use object::{open, seal};
-use pack::{PackBuilder, PackEntry, COMPRESSION_NONE, COMPRESSION_ZSTD};
+use pack::{encode_blob, PackBuilder, PackEntry};
 
-/// Version of the repository layout written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// The highest repository format version this build reads. Unencrypted
+/// repositories are written as version 1 (unchanged, so older builds still
+/// open them), encrypted ones as version 2.
+pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION_PLAIN: u32 = 1;
+pub const FORMAT_VERSION_ENCRYPTED: u32 = 2;
 pub const CONFIG_KEY: &str = "strata-repo.json";
 pub const DEFAULT_BLOCK_SIZE: u32 = 128 * 1024;
 pub const DEFAULT_PACK_SIZE: usize = 16 * 1024 * 1024;
@@ -55,6 +64,13 @@ pub enum RepoError {
     BackupNotFound(String),
     #[error("repository format error: {0}")]
     Format(String),
+    /// The configured key is not the repository's (or the repository's key
+    /// was rotated); nothing was decrypted.
+    #[error("the {what} does not unlock repository {repository} (wrong key or passphrase, or the key was rotated)")]
+    WrongKey { what: String, repository: String },
+    /// A key is missing, unreadable, or configured where none belongs.
+    #[error("{0}")]
+    KeyRequired(String),
 }
 
 impl RepoError {
@@ -144,8 +160,14 @@ pub struct RepoConfig {
     pub created_at: DateTime<Utc>,
     pub block_size: u32,
     pub hash: String,
+    /// Hex; empty in encrypted repositories, whose hash key is derived from
+    /// the wrapped data key instead of being stored in the clear.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash_key: String,
     pub compression: String,
+    /// Present when the repository is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// What the repository remembers of a registered instance, so a catalog can be
@@ -166,15 +188,26 @@ pub struct InstanceRecord {
 pub struct Repository {
     storage: Arc<dyn Storage>,
     config: RepoConfig,
-    hasher: Hasher,
+    keys: Arc<Keys>,
     compress_level: i32,
 }
 
 impl Repository {
-    /// Opens the repository in `storage`, creating it when the store is empty.
+    /// Opens the unencrypted repository in `storage`, creating it when the
+    /// store is empty.
     pub fn open_or_init(storage: Arc<dyn Storage>) -> RepoResult<Self> {
+        Self::open_or_init_with_key(storage, None)
+    }
+
+    /// Opens the repository in `storage` with `key` (required for an
+    /// encrypted repository, refused for an unencrypted one), creating it when
+    /// the store is empty: encrypted under `key` when one is given.
+    pub fn open_or_init_with_key(
+        storage: Arc<dyn Storage>,
+        key: Option<&KeySource>,
+    ) -> RepoResult<Self> {
         match storage.get(CONFIG_KEY) {
-            Ok(_) => Self::open(storage),
+            Ok(_) => Self::open_with_key(storage, key),
             Err(StorageError::NotFound(_)) => {
                 if storage.list("")?.iter().any(|k| !k.starts_with("tmp/")) {
                     return Err(RepoError::NotARepository(format!(
@@ -182,26 +215,44 @@ impl Repository {
                         storage.describe()
                     )));
                 }
+                let repository_id = hex::encode(rand::random::<[u8; 8]>());
+                let (format_version, hash_key, encryption) = match key {
+                    Some(source) => {
+                        let (_, encryption) = Keys::generate(source, &repository_id)?;
+                        (FORMAT_VERSION_ENCRYPTED, String::new(), Some(encryption))
+                    }
+                    None => (
+                        FORMAT_VERSION_PLAIN,
+                        hex::encode(rand::random::<[u8; 32]>()),
+                        None,
+                    ),
+                };
                 let config = RepoConfig {
-                    format_version: FORMAT_VERSION,
-                    repository_id: hex::encode(rand::random::<[u8; 8]>()),
+                    format_version,
+                    repository_id,
                     created_at: Utc::now(),
                     block_size: DEFAULT_BLOCK_SIZE,
                     hash: "blake3-keyed".into(),
-                    hash_key: hex::encode(rand::random::<[u8; 32]>()),
+                    hash_key,
                     compression: "zstd".into(),
+                    encryption,
                 };
-                let bytes = serde_json::to_vec_pretty(&config)
-                    .map_err(|e| RepoError::Format(e.to_string()))?;
-                storage.put(CONFIG_KEY, &bytes)?;
-                Self::open(storage)
+                write_config(storage.as_ref(), &config)?;
+                Self::open_with_key(storage, key)
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Opens an existing repository; refuses one written by a newer format.
+    /// Opens an existing unencrypted repository; refuses one written by a
+    /// newer format.
     pub fn open(storage: Arc<dyn Storage>) -> RepoResult<Self> {
+        Self::open_with_key(storage, None)
+    }
+
+    /// Opens an existing repository with `key` (see
+    /// [`Repository::open_or_init_with_key`]).
+    pub fn open_with_key(storage: Arc<dyn Storage>, key: Option<&KeySource>) -> RepoResult<Self> {
         let bytes = match storage.get(CONFIG_KEY) {
             Ok(b) => b,
             Err(StorageError::NotFound(_)) => {
@@ -228,11 +279,37 @@ impl Repository {
             object: CONFIG_KEY.into(),
             reason: e.to_string(),
         })?;
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(&config.hash_key, &mut key).map_err(|e| RepoError::Corrupt {
-            object: CONFIG_KEY.into(),
-            reason: format!("hash_key: {e}"),
-        })?;
+        let keys = match (&config.encryption, key) {
+            (Some(encryption), Some(source)) => {
+                Keys::unlock(source, &config.repository_id, encryption)?
+            }
+            (Some(encryption), None) => {
+                return Err(RepoError::KeyRequired(format!(
+                    "repository {} ({}) is encrypted: {}",
+                    config.repository_id,
+                    storage.describe(),
+                    crypto::configure_hint(&encryption.key_source)
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(RepoError::KeyRequired(format!(
+                    "repository {} ({}) is not encrypted but an encryption key is configured; \
+                     encryption is chosen when a repository is created (remove the [encryption] settings to use this one)",
+                    config.repository_id,
+                    storage.describe()
+                )))
+            }
+            (None, None) => {
+                let mut hash_key = [0u8; 32];
+                hex::decode_to_slice(&config.hash_key, &mut hash_key).map_err(|e| {
+                    RepoError::Corrupt {
+                        object: CONFIG_KEY.into(),
+                        reason: format!("hash_key: {e}"),
+                    }
+                })?;
+                Keys::plain(hash_key)
+            }
+        };
         if config.block_size == 0 || config.block_size > 16 * 1024 * 1024 {
             return Err(RepoError::Corrupt {
                 object: CONFIG_KEY.into(),
@@ -242,9 +319,24 @@ impl Repository {
         Ok(Repository {
             storage,
             config,
-            hasher: Hasher::new(key),
+            keys: Arc::new(keys),
             compress_level: 1,
         })
+    }
+
+    /// Wraps the data key under `new` and stores the configuration: from now
+    /// on only `new` unlocks the repository. No data object is rewritten.
+    pub fn rotate_key(&mut self, new: &KeySource) -> RepoResult<()> {
+        let encryption = self.keys.rewrap(new, &self.config.repository_id)?;
+        let mut config = self.config.clone();
+        config.encryption = Some(encryption);
+        write_config(self.storage.as_ref(), &config)?;
+        self.config = config;
+        Ok(())
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_encrypted()
     }
 
     /// zstd level for new blocks and objects (default 1: fast, and backups
@@ -263,7 +355,7 @@ impl Repository {
     }
 
     pub fn hasher(&self) -> &Hasher {
-        &self.hasher
+        &self.keys.hasher
     }
 
     pub fn block_size(&self) -> usize {
@@ -273,7 +365,7 @@ impl Repository {
     // ----- instances -----
 
     pub fn put_instance(&self, rec: &InstanceRecord) -> RepoResult<()> {
-        let bytes = seal(&self.hasher, ObjectKind::Instance, rec, &[], None)?;
+        let bytes = seal(&self.keys, ObjectKind::Instance, rec, &[], None)?;
         self.storage.put(&instance_key(&rec.id), &bytes)?;
         Ok(())
     }
@@ -283,7 +375,7 @@ impl Repository {
         for key in self.storage.list("instances")? {
             if key.ends_with("/instance") {
                 let bytes = self.storage.get(&key)?;
-                out.push(open(&self.hasher, &key, ObjectKind::Instance, &bytes)?.meta);
+                out.push(open(&self.keys, &key, ObjectKind::Instance, &bytes)?.meta);
             }
         }
         Ok(out)
@@ -297,7 +389,7 @@ impl Repository {
         BlockWriter {
             repo: self.clone(),
             index: known,
-            pack: PackBuilder::with_buffer(Vec::with_capacity(PACK_BUFFER_CAPACITY)),
+            pack: PackBuilder::with_buffer(&self.keys, Vec::with_capacity(PACK_BUFFER_CAPACITY)),
             stats: BackupStats::default(),
             uploads: None,
         }
@@ -322,7 +414,7 @@ impl Repository {
     /// Writes the manifest: from this moment the backup set exists.
     pub fn commit_manifest(&self, manifest: &BackupManifest) -> RepoResult<()> {
         let bytes = seal(
-            &self.hasher,
+            &self.keys,
             ObjectKind::Manifest,
             &serde_json::json!({"backup_id": manifest.backup_id}),
             &serde_json::to_vec(manifest).map_err(|e| RepoError::Format(e.to_string()))?,
@@ -348,7 +440,7 @@ impl Repository {
     }
 
     fn decode_manifest(&self, key: &str, bytes: &[u8]) -> RepoResult<BackupManifest> {
-        let opened = open::<serde_json::Value>(&self.hasher, key, ObjectKind::Manifest, bytes)?;
+        let opened = open::<serde_json::Value>(&self.keys, key, ObjectKind::Manifest, bytes)?;
         let raw: serde_json::Value =
             serde_json::from_slice(&opened.payload).map_err(|e| RepoError::Corrupt {
                 object: key.to_string(),
@@ -441,8 +533,8 @@ impl Repository {
             raw_len: block.r,
             compression: block.c,
         };
-        let raw = pack::decode_blob(key, &entry, stored)?;
-        if self.hasher.hash(&raw) != block.h {
+        let raw = pack::decode_blob(&self.keys, key, &entry, stored)?;
+        if self.keys.hasher.hash(&raw) != block.h {
             return Err(RepoError::Corrupt {
                 object: key.to_string(),
                 reason: format!(
@@ -508,12 +600,12 @@ impl PackUploads {
         let (tx, rx) = std::sync::mpsc::sync_channel::<PackBuilder>(1);
         let (spare_tx, spare) = std::sync::mpsc::channel();
         let storage = repo.storage.clone();
-        let hasher = repo.hasher.clone();
+        let keys = repo.keys.clone();
         let thread = std::thread::Builder::new()
             .name("strata-packs".into())
             .spawn(move || {
                 for pack in rx {
-                    let (id, bytes) = pack.finish(&hasher);
+                    let (id, bytes) = pack.finish(&keys);
                     storage.put(&pack_key(&id), &bytes)?;
                     let _ = spare_tx.send(bytes);
                 }
@@ -535,33 +627,33 @@ impl PackUploads {
     }
 }
 
-/// A block hashed (and, when new, compressed) away from the writer, so the
-/// expensive part can run on several threads.
+/// A block hashed (and, when new, compressed and encrypted) away from the
+/// writer, so the expensive part can run on several threads.
 pub struct PreparedBlock {
     hash: BlockHash,
     raw_len: u32,
-    compressed: Option<(u8, Vec<u8>)>,
+    encoded: Option<RepoResult<(u8, Vec<u8>)>>,
 }
 
 impl BlockWriter {
-    /// Hashes and compresses `raw` without touching the writer's state;
-    /// safe to call from many threads. Compression is skipped for blocks
+    /// Hashes, compresses and encrypts `raw` without touching the writer's
+    /// state; safe to call from many threads. Encoding is skipped for blocks
     /// `known` says are stored already.
     pub fn prepare(
         repo: &Repository,
         raw: &[u8],
         known: impl Fn(&BlockHash) -> bool,
     ) -> PreparedBlock {
-        let hash = repo.hasher.hash(raw);
-        let compressed = if known(&hash) {
+        let hash = repo.keys.hasher.hash(raw);
+        let encoded = if known(&hash) {
             None
         } else {
-            Some(compress_block(raw, repo.compress_level))
+            Some(encode_blob(&repo.keys, &hash, raw, repo.compress_level))
         };
         PreparedBlock {
             hash,
             raw_len: raw.len() as u32,
-            compressed,
+            encoded,
         }
     }
 
@@ -583,9 +675,14 @@ impl BlockWriter {
             self.stats.dedup_bytes += prepared.raw_len as u64;
             return Ok(existing.clone());
         }
-        let (compression, data) = match prepared.compressed {
-            Some(c) => c,
-            None => compress_block(raw, self.repo.compress_level),
+        let (compression, data) = match prepared.encoded {
+            Some(encoded) => encoded?,
+            None => encode_blob(
+                &self.repo.keys,
+                &prepared.hash,
+                raw,
+                self.repo.compress_level,
+            )?,
         };
         let entry = self
             .pack
@@ -621,7 +718,10 @@ impl BlockWriter {
             .spare
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(PACK_BUFFER_CAPACITY));
-        let pack = std::mem::replace(&mut self.pack, PackBuilder::with_buffer(buf));
+        let pack = std::mem::replace(
+            &mut self.pack,
+            PackBuilder::with_buffer(&self.repo.keys, buf),
+        );
         if uploads.tx.send(pack).is_err() {
             // The thread stopped on an error: report it.
             let uploads = self.uploads.take().expect("started above");
@@ -647,28 +747,10 @@ impl BlockWriter {
     }
 }
 
-thread_local! {
-    /// One zstd context per thread and level, instead of one per block.
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// zstd when it makes the block smaller, else the raw bytes.
-fn compress_block(raw: &[u8], level: i32) -> (u8, Vec<u8>) {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
-        }
-        let compressed = match slot.as_mut() {
-            Some((_, compressor)) => compressor.compress(raw).ok(),
-            None => None,
-        };
-        match compressed {
-            Some(c) if c.len() < raw.len() => (COMPRESSION_ZSTD, c),
-            _ => (COMPRESSION_NONE, raw.to_vec()),
-        }
-    })
+fn write_config(storage: &dyn Storage, config: &RepoConfig) -> RepoResult<()> {
+    let bytes = serde_json::to_vec_pretty(config).map_err(|e| RepoError::Format(e.to_string()))?;
+    storage.put(CONFIG_KEY, &bytes)?;
+    Ok(())
 }
 
 pub fn pack_key(id: &str) -> String {
@@ -687,6 +769,7 @@ pub fn instance_key(instance_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pack::{COMPRESSION_NONE, COMPRESSION_ZSTD};
 
     fn repo() -> (tempfile::TempDir, Repository) {
         let dir = tempfile::tempdir().unwrap();
@@ -727,14 +810,14 @@ mod tests {
     #[test]
     fn blocks_are_compressed_only_when_it_helps() {
         let block = DEFAULT_BLOCK_SIZE as usize;
-        let (code, stored) = compress_block(&noise(block, 1), 1);
+        let (code, stored) = pack::compress_block(&noise(block, 1), 1);
         assert_eq!((code, stored.len()), (COMPRESSION_NONE, block));
         let text: Vec<u8> = b"every page of a table looks alike ".repeat(block / 34);
-        let (code, stored) = compress_block(&text, 1);
+        let (code, stored) = pack::compress_block(&text, 1);
         assert_eq!(code, COMPRESSION_ZSTD);
         assert!(stored.len() < text.len() / 10);
         // The thread's context follows a change of level.
-        let (code, stored3) = compress_block(&text, 3);
+        let (code, stored3) = pack::compress_block(&text, 3);
         assert_eq!(code, COMPRESSION_ZSTD);
         assert_eq!(zstd::bulk::decompress(&stored3, text.len()).unwrap(), text);
     }
@@ -855,5 +938,90 @@ mod tests {
         let storage = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
         let err = Repository::open(storage).unwrap_err();
         assert!(matches!(err, RepoError::NewerFormat { .. }), "{err}");
+    }
+
+    fn key_file(dir: &std::path::Path, name: &str) -> KeySource {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("{}\n", hex::encode(rand::random::<[u8; 32]>())),
+        )
+        .unwrap();
+        KeySource::KeyFile(path)
+    }
+
+    #[test]
+    fn encrypted_repository_round_trip_rotation_and_wrong_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+        let first = key_file(dir.path(), "first");
+        let repo = Repository::open_or_init_with_key(storage.clone(), Some(&first)).unwrap();
+        assert!(repo.is_encrypted());
+        assert_eq!(repo.config().format_version, FORMAT_VERSION_ENCRYPTED);
+        let config_text = String::from_utf8(storage.get(CONFIG_KEY).unwrap()).unwrap();
+        assert!(!config_text.contains("hash_key"), "{config_text}");
+
+        let block: Vec<u8> = b"row data that must not be readable ".repeat(200);
+        let mut w = repo.block_writer(BlockIndex::default());
+        let r = w.add(&block).unwrap();
+        w.finish().unwrap();
+        repo.put_instance(&InstanceRecord {
+            id: "db1".into(),
+            host: "secret-host.example".into(),
+            port: 5432,
+            user: "backup".into(),
+            dbname: None,
+            sslmode: "prefer".into(),
+            password_env: None,
+            created_at: Utc::now(),
+        })
+        .unwrap();
+        // Nothing readable at rest.
+        for key in storage.list("").unwrap() {
+            let bytes = storage.get(&key).unwrap();
+            assert!(!bytes.windows(8).any(|w| w == b"row data"), "{key}");
+            assert!(!bytes.windows(11).any(|w| w == b"secret-host"), "{key}");
+        }
+        assert!(repo.verify(&|_, _| {}).unwrap().is_clean());
+
+        // No key, a wrong key, a key for a plain repository: clear refusals.
+        let err = Repository::open(storage.clone()).unwrap_err();
+        assert!(err.to_string().contains("is encrypted"), "{err}");
+        let wrong = key_file(dir.path(), "wrong");
+        let err = Repository::open_with_key(storage.clone(), Some(&wrong)).unwrap_err();
+        assert!(matches!(err, RepoError::WrongKey { .. }), "{err}");
+
+        // Rotation: the new key opens it and reads the old blocks; the old key no longer does.
+        let mut repo = repo;
+        let second = KeySource::Passphrase(zeroize::Zeroizing::new("a long passphrase".into()));
+        let before = storage.list("packs").unwrap();
+        repo.rotate_key(&second).unwrap();
+        assert_eq!(storage.list("packs").unwrap(), before);
+        let reopened = Repository::open_with_key(storage.clone(), Some(&second)).unwrap();
+        assert_eq!(reopened.read_block(&r).unwrap(), block);
+        assert_eq!(
+            reopened.list_instances().unwrap()[0].host,
+            "secret-host.example"
+        );
+        let err = Repository::open_with_key(storage.clone(), Some(&first)).unwrap_err();
+        assert!(err.to_string().contains("passphrase"), "{err}");
+
+        let plain_dir = tempfile::tempdir().unwrap();
+        let plain: Arc<dyn Storage> = Arc::new(LocalStorage::new(plain_dir.path()).unwrap());
+        Repository::open_or_init(plain.clone()).unwrap();
+        let err = Repository::open_with_key(plain, Some(&first)).unwrap_err();
+        assert!(err.to_string().contains("is not encrypted"), "{err}");
+    }
+
+    #[test]
+    fn unencrypted_repositories_stay_format_version_1() {
+        let (dir, repo) = repo();
+        assert_eq!(repo.config().format_version, 1);
+        let text = std::fs::read_to_string(dir.path().join("repo").join(CONFIG_KEY)).unwrap();
+        assert!(
+            text.contains("hash_key") && !text.contains("encryption"),
+            "{text}"
+        );
     }
 }

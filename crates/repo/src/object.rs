@@ -1,17 +1,27 @@
 //! Sealed objects: every repository object other than a pack (manifests, WAL
-//! segments, timeline histories, instance records) is stored in one envelope
-//! whose last 32 bytes are a keyed BLAKE3 hash of everything before them, so a
-//! single flipped byte anywhere is detected. The layout is specified in
-//! docs/REPOSITORY.md ("Sealed objects").
+//! segments, timeline histories, instance records) is stored in one envelope.
+//! Unencrypted (version 1), its last 32 bytes are a keyed BLAKE3 hash of
+//! everything before them, so a single flipped byte anywhere is detected. In an
+//! encrypted repository (version 2) everything after the 12-byte header is
+//! sealed with the repository's AEAD, the header being its associated data.
+//! The layout is specified in docs/REPOSITORY.md ("Sealed objects").
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{Hasher, RepoError, RepoResult};
+use crate::crypto::Keys;
+use crate::{RepoError, RepoResult};
 
 pub const OBJECT_MAGIC: &[u8; 8] = b"STRATAOB";
-pub const OBJECT_VERSION: u16 = 1;
-const HEADER_LEN: usize = 16;
+/// Envelope version of unencrypted repositories.
+pub const OBJECT_VERSION_PLAIN: u16 = 1;
+/// Envelope version of encrypted repositories.
+pub const OBJECT_VERSION_ENCRYPTED: u16 = 2;
+/// The highest envelope version this build reads.
+pub const OBJECT_VERSION: u16 = OBJECT_VERSION_ENCRYPTED;
+/// Magic, version, kind, flags.
+const FIXED_LEN: usize = 12;
 const FLAG_ZSTD: u8 = 1;
+const FLAG_ENCRYPTED: u8 = 2;
 
 /// What a sealed object holds; stored in its header and checked on read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +48,7 @@ impl ObjectKind {
 /// Builds the bytes of a sealed object: JSON metadata plus an optional
 /// payload, zstd-compressed when `compress_level` is given.
 pub fn seal<M: Serialize>(
-    hasher: &Hasher,
+    keys: &Keys,
     kind: ObjectKind,
     meta: &M,
     payload: &[u8],
@@ -48,41 +58,58 @@ pub fn seal<M: Serialize>(
         Some(level) => {
             let body = zstd::bulk::compress(payload, level)
                 .map_err(|e| RepoError::Format(e.to_string()))?;
-            seal_body(hasher, kind, meta, FLAG_ZSTD, &body)
+            seal_body(keys, kind, meta, FLAG_ZSTD, &body)
         }
-        None => seal_body(hasher, kind, meta, 0, payload),
+        None => seal_body(keys, kind, meta, 0, payload),
     }
 }
 
 /// Like [`seal`] for a payload already compressed: `zstd` holds one or more
 /// zstd frames (a reader decompresses them as one stream).
 pub fn seal_compressed<M: Serialize>(
-    hasher: &Hasher,
+    keys: &Keys,
     kind: ObjectKind,
     meta: &M,
     zstd: &[u8],
 ) -> RepoResult<Vec<u8>> {
-    seal_body(hasher, kind, meta, FLAG_ZSTD, zstd)
+    seal_body(keys, kind, meta, FLAG_ZSTD, zstd)
 }
 
 fn seal_body<M: Serialize>(
-    hasher: &Hasher,
+    keys: &Keys,
     kind: ObjectKind,
     meta: &M,
     flags: u8,
     body: &[u8],
 ) -> RepoResult<Vec<u8>> {
     let meta = serde_json::to_vec(meta).map_err(|e| RepoError::Format(e.to_string()))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + body.len() + 32);
+    let mut flags = flags;
+    let version = if keys.is_encrypted() {
+        flags |= FLAG_ENCRYPTED;
+        OBJECT_VERSION_ENCRYPTED
+    } else {
+        OBJECT_VERSION_PLAIN
+    };
+    let mut out = Vec::with_capacity(FIXED_LEN + 4 + meta.len() + body.len() + 40);
     out.extend_from_slice(OBJECT_MAGIC);
-    out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.push(kind as u8);
     out.push(flags);
-    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    out.extend_from_slice(&meta);
-    out.extend_from_slice(body);
-    let tag = hasher.hash(&out);
-    out.extend_from_slice(&tag.0);
+    let mut inner = Vec::with_capacity(4 + meta.len() + body.len());
+    inner.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    inner.extend_from_slice(&meta);
+    inner.extend_from_slice(body);
+    match &keys.cipher {
+        Some(cipher) => {
+            let sealed = cipher.seal(&inner, &out)?;
+            out.extend_from_slice(&sealed);
+        }
+        None => {
+            out.extend_from_slice(&inner);
+            let tag = keys.hasher.hash(&out);
+            out.extend_from_slice(&tag.0);
+        }
+    }
     Ok(out)
 }
 
@@ -95,7 +122,7 @@ pub struct Opened<M> {
 /// Checks the seal, version and kind of `bytes` and decodes it. `key` names
 /// the object in error messages.
 pub fn open<M: DeserializeOwned>(
-    hasher: &Hasher,
+    keys: &Keys,
     key: &str,
     expected: ObjectKind,
     bytes: &[u8],
@@ -104,19 +131,43 @@ pub fn open<M: DeserializeOwned>(
         object: key.to_string(),
         reason: why.to_string(),
     };
-    if bytes.len() < HEADER_LEN + 32 || &bytes[..8] != OBJECT_MAGIC {
+    if bytes.len() < FIXED_LEN + 4 + 32 || &bytes[..8] != OBJECT_MAGIC {
         return Err(corrupt("not a Strata object (bad magic or truncated)"));
     }
-    let (body, tag) = bytes.split_at(bytes.len() - 32);
-    if hasher.hash(body).0 != tag {
-        return Err(corrupt("seal mismatch: the object was modified or damaged"));
-    }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let flags = bytes[11];
+    let encrypted = flags & FLAG_ENCRYPTED != 0;
+    let inner = match (&keys.cipher, encrypted) {
+        (None, false) => {
+            let (body, tag) = bytes.split_at(bytes.len() - 32);
+            if keys.hasher.hash(body).0 != tag {
+                return Err(corrupt("seal mismatch: the object was modified or damaged"));
+            }
+            body[FIXED_LEN..].to_vec()
+        }
+        (Some(cipher), true) => {
+            let (header, sealed) = bytes.split_at(FIXED_LEN);
+            cipher
+                .open(sealed, header)
+                .ok_or_else(|| corrupt("cannot be decrypted: the object was modified or damaged"))?
+        }
+        (None, true) => {
+            return Err(corrupt("encrypted object in an unencrypted repository"));
+        }
+        (Some(_), false) => {
+            return Err(corrupt("unencrypted object in an encrypted repository"));
+        }
+    };
     if version > OBJECT_VERSION {
         return Err(RepoError::NewerFormat {
             found: version as u32,
             supported: OBJECT_VERSION as u32,
         });
+    }
+    if encrypted != (version == OBJECT_VERSION_ENCRYPTED) {
+        return Err(corrupt(
+            "envelope version does not match its encryption flag",
+        ));
     }
     let kind = ObjectKind::from_u8(bytes[10]);
     if kind != Some(expected) {
@@ -125,14 +176,16 @@ pub fn open<M: DeserializeOwned>(
             bytes[10], expected
         )));
     }
-    let flags = bytes[11];
-    let meta_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
-    if HEADER_LEN + meta_len > body.len() {
+    if inner.len() < 4 {
+        return Err(corrupt("truncated metadata length"));
+    }
+    let meta_len = u32::from_le_bytes([inner[0], inner[1], inner[2], inner[3]]) as usize;
+    if 4 + meta_len > inner.len() {
         return Err(corrupt("metadata length beyond object end"));
     }
-    let meta = serde_json::from_slice(&body[HEADER_LEN..HEADER_LEN + meta_len])
+    let meta = serde_json::from_slice(&inner[4..4 + meta_len])
         .map_err(|e| corrupt(&format!("metadata: {e}")))?;
-    let stored = &body[HEADER_LEN + meta_len..];
+    let stored = &inner[4 + meta_len..];
     let payload = if flags & FLAG_ZSTD != 0 {
         zstd::stream::decode_all(stored).map_err(|e| corrupt(&format!("payload: {e}")))?
     } else {
@@ -144,12 +197,11 @@ pub fn open<M: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::KeySource;
 
-    #[test]
-    fn round_trip_and_every_flipped_byte_is_caught() {
-        let hasher = Hasher::new([7; 32]);
+    fn round_trip(keys: &Keys) -> Vec<u8> {
         let sealed = seal(
-            &hasher,
+            keys,
             ObjectKind::WalSegment,
             &serde_json::json!({"a": 1}),
             b"payload bytes payload bytes",
@@ -157,17 +209,45 @@ mod tests {
         )
         .unwrap();
         let opened: Opened<serde_json::Value> =
-            open(&hasher, "k", ObjectKind::WalSegment, &sealed).unwrap();
+            open(keys, "k", ObjectKind::WalSegment, &sealed).unwrap();
         assert_eq!(opened.payload, b"payload bytes payload bytes");
         assert_eq!(opened.meta["a"], 1);
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x01;
             assert!(
-                open::<serde_json::Value>(&hasher, "k", ObjectKind::WalSegment, &bad).is_err(),
+                open::<serde_json::Value>(keys, "k", ObjectKind::WalSegment, &bad).is_err(),
                 "flip at {i} not detected"
             );
         }
-        assert!(open::<serde_json::Value>(&hasher, "k", ObjectKind::Manifest, &sealed).is_err());
+        assert!(open::<serde_json::Value>(keys, "k", ObjectKind::Manifest, &sealed).is_err());
+        sealed
+    }
+
+    #[test]
+    fn round_trip_and_every_flipped_byte_is_caught() {
+        let sealed = round_trip(&Keys::plain([7; 32]));
+        // Version 1 objects are exactly what earlier builds wrote.
+        assert_eq!(&sealed[8..10], &[1, 0]);
+        assert_eq!(u32::from_le_bytes(sealed[12..16].try_into().unwrap()), 7);
+        assert_eq!(&sealed[16..23], br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn encrypted_objects_hide_metadata_and_refuse_mixing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k");
+        std::fs::write(&file, "0123456789abcdef0123456789abcdef").unwrap();
+        let (keys, _) = Keys::generate(&KeySource::KeyFile(file), "r").unwrap();
+        let sealed = round_trip(&keys);
+        assert_eq!(&sealed[8..10], &[2, 0]);
+        assert!(!sealed.windows(3).any(|w| w == br#""a""#));
+        let plain = Keys::plain([7; 32]);
+        let err = open::<serde_json::Value>(&plain, "k", ObjectKind::WalSegment, &sealed)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("encrypted object"), "{err}");
+        let v1 = seal(&plain, ObjectKind::Instance, &1, b"", None).unwrap();
+        assert!(open::<u32>(&keys, "k", ObjectKind::Instance, &v1).is_err());
     }
 }

@@ -1,14 +1,22 @@
 //! Packs: many compressed data blocks in one object, so a backup of thousands
 //! of small files does not become thousands of tiny objects. Each blob carries
 //! its own content hash (verifiable alone), the pack ends with an index of its
-//! blobs and a keyed seal over the whole pack. Layout in docs/REPOSITORY.md
-//! ("Packs").
+//! blobs and a keyed seal over the whole pack. In an encrypted repository
+//! (pack version 2) each blob's data is sealed on its own with the
+//! repository's AEAD, so one block can still be read with a ranged GET.
+//! Layout in docs/REPOSITORY.md ("Packs").
 
-use crate::{BlockHash, Hasher, RepoError, RepoResult};
+use crate::crypto::{Cipher, Keys};
+use crate::{BlockHash, RepoError, RepoResult};
 
 pub const PACK_MAGIC: &[u8; 8] = b"STRATAPK";
 pub const PACK_INDEX_MAGIC: &[u8; 8] = b"STRATAPX";
-pub const PACK_VERSION: u16 = 1;
+/// Pack version of unencrypted repositories.
+pub const PACK_VERSION_PLAIN: u16 = 1;
+/// Pack version of encrypted repositories: every blob's data is AEAD-sealed.
+pub const PACK_VERSION_ENCRYPTED: u16 = 2;
+/// The highest pack version this build reads.
+pub const PACK_VERSION: u16 = PACK_VERSION_ENCRYPTED;
 pub const PACK_HEADER_LEN: usize = 16;
 /// stored_len u32, raw_len u32, hash 32, compression u8, 3 reserved bytes.
 pub const BLOB_HEADER_LEN: usize = 44;
@@ -35,17 +43,23 @@ pub struct PackBuilder {
 }
 
 impl PackBuilder {
-    pub fn new() -> Self {
-        Self::with_buffer(Vec::with_capacity(1 << 20))
+    /// A pack for blobs encoded by [`encode_blob`] with the same `keys`.
+    pub fn new(keys: &Keys) -> Self {
+        Self::with_buffer(keys, Vec::with_capacity(1 << 20))
     }
 
     /// A pack built in `buf` (cleared first): a writer hands back the buffer
     /// of a stored pack, so full-size buffers are allocated (and their pages
     /// faulted in) once per backup instead of once per pack.
-    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+    pub fn with_buffer(keys: &Keys, mut buf: Vec<u8>) -> Self {
+        let version = if keys.is_encrypted() {
+            PACK_VERSION_ENCRYPTED
+        } else {
+            PACK_VERSION_PLAIN
+        };
         buf.clear();
         buf.extend_from_slice(PACK_MAGIC);
-        buf.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&[0; 6]);
         PackBuilder {
             id: hex::encode(rand::random::<[u8; 16]>()),
@@ -93,7 +107,7 @@ impl PackBuilder {
     }
 
     /// Appends the index and the seal; returns (pack id, bytes).
-    pub fn finish(mut self, hasher: &Hasher) -> (String, Vec<u8>) {
+    pub fn finish(mut self, keys: &Keys) -> (String, Vec<u8>) {
         let index_offset = self.buf.len() as u64;
         self.buf
             .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
@@ -105,21 +119,67 @@ impl PackBuilder {
         }
         self.buf.extend_from_slice(&index_offset.to_le_bytes());
         self.buf.extend_from_slice(PACK_INDEX_MAGIC);
-        let seal = hasher.hash(&self.buf);
+        let seal = keys.hasher.hash(&self.buf);
         self.buf.extend_from_slice(&seal.0);
         (self.id, self.buf)
     }
 }
 
-impl Default for PackBuilder {
-    fn default() -> Self {
-        Self::new()
+/// Compresses a block (zstd at `level`, kept only when smaller) and, in an
+/// encrypted repository, seals the result. Returns (compression, stored bytes).
+pub fn encode_blob(
+    keys: &Keys,
+    hash: &BlockHash,
+    raw: &[u8],
+    level: i32,
+) -> RepoResult<(u8, Vec<u8>)> {
+    let (compression, data) = compress_block(raw, level);
+    match &keys.cipher {
+        None => Ok((compression, data)),
+        Some(cipher) => {
+            let sealed = cipher.seal(&data, &blob_aad(hash, raw.len() as u32, compression))?;
+            Ok((compression, sealed))
+        }
     }
+}
+
+thread_local! {
+    /// One zstd context per thread and level, instead of one per block.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd when it makes the block smaller, else the raw bytes.
+pub(crate) fn compress_block(raw: &[u8], level: i32) -> (u8, Vec<u8>) {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let compressed = match slot.as_mut() {
+            Some((_, compressor)) => compressor.compress(raw).ok(),
+            None => None,
+        };
+        match compressed {
+            Some(c) if c.len() < raw.len() => (COMPRESSION_ZSTD, c),
+            _ => (COMPRESSION_NONE, raw.to_vec()),
+        }
+    })
+}
+
+/// A blob's AEAD associated data: what its header says about it, so a blob
+/// cannot be passed off as another block.
+fn blob_aad(hash: &BlockHash, raw_len: u32, compression: u8) -> [u8; 37] {
+    let mut aad = [0u8; 37];
+    aad[..32].copy_from_slice(&hash.0);
+    aad[32..36].copy_from_slice(&raw_len.to_le_bytes());
+    aad[36] = compression;
+    aad
 }
 
 /// Checks a whole pack: its seal, its index against the blob headers, and
 /// every blob's content hash. Returns the blobs it holds.
-pub fn verify_pack(hasher: &Hasher, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackEntry>> {
+pub fn verify_pack(keys: &Keys, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackEntry>> {
     let corrupt = |why: String| RepoError::Corrupt {
         object: key.to_string(),
         reason: why,
@@ -129,7 +189,7 @@ pub fn verify_pack(hasher: &Hasher, key: &str, bytes: &[u8]) -> RepoResult<Vec<P
         return Err(corrupt("not a Strata pack (bad magic or truncated)".into()));
     }
     let (body, seal) = bytes.split_at(bytes.len() - 32);
-    if hasher.hash(body).0 != seal {
+    if keys.hasher.hash(body).0 != seal {
         return Err(corrupt(
             "pack seal mismatch: the pack was modified or damaged".into(),
         ));
@@ -140,6 +200,11 @@ pub fn verify_pack(hasher: &Hasher, key: &str, bytes: &[u8]) -> RepoResult<Vec<P
             found: version as u32,
             supported: PACK_VERSION as u32,
         });
+    }
+    if (version == PACK_VERSION_ENCRYPTED) != keys.is_encrypted() {
+        return Err(corrupt(format!(
+            "pack version {version} does not match the repository's encryption setting"
+        )));
     }
     let tail = &body[body.len() - 16..];
     if &tail[8..] != PACK_INDEX_MAGIC {
@@ -188,8 +253,8 @@ pub fn verify_pack(hasher: &Hasher, key: &str, bytes: &[u8]) -> RepoResult<Vec<P
             compression,
         };
         let data = &body[offset as usize..offset as usize + stored_len as usize];
-        let raw = decode_blob(key, &entry, data)?;
-        if hasher.hash(&raw) != entry.hash {
+        let raw = decode_blob(keys, key, &entry, data)?;
+        if keys.hasher.hash(&raw) != entry.hash {
             return Err(corrupt(format!("blob {i} content does not match its hash")));
         }
         pos = offset as usize + stored_len as usize;
@@ -201,8 +266,16 @@ pub fn verify_pack(hasher: &Hasher, key: &str, bytes: &[u8]) -> RepoResult<Vec<P
     Ok(entries)
 }
 
-/// Decompresses one blob's stored bytes.
-pub fn decode_blob(key: &str, entry: &PackEntry, data: &[u8]) -> RepoResult<Vec<u8>> {
+/// Opens (in an encrypted repository) and decompresses one blob's stored bytes.
+pub fn decode_blob(keys: &Keys, key: &str, entry: &PackEntry, data: &[u8]) -> RepoResult<Vec<u8>> {
+    let opened;
+    let data = match &keys.cipher {
+        None => data,
+        Some(cipher) => {
+            opened = open_blob(cipher, key, entry, data)?;
+            &opened[..]
+        }
+    };
     let raw = match entry.compression {
         COMPRESSION_NONE => data.to_vec(),
         COMPRESSION_ZSTD => zstd::bulk::decompress(data, entry.raw_len as usize).map_err(|e| {
@@ -227,27 +300,67 @@ pub fn decode_blob(key: &str, entry: &PackEntry, data: &[u8]) -> RepoResult<Vec<
     Ok(raw)
 }
 
+fn open_blob(cipher: &Cipher, key: &str, entry: &PackEntry, data: &[u8]) -> RepoResult<Vec<u8>> {
+    cipher
+        .open(
+            data,
+            &blob_aad(&entry.hash, entry.raw_len, entry.compression),
+        )
+        .ok_or_else(|| RepoError::Corrupt {
+            object: key.to_string(),
+            reason: format!(
+                "blob at offset {} cannot be decrypted: it was modified or damaged",
+                entry.offset
+            ),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn build_verify_and_detect_flips() {
-        let hasher = Hasher::new([3; 32]);
-        let mut pack = PackBuilder::new();
-        let a = b"first block".repeat(50);
-        let b = b"second".to_vec();
-        let ca = zstd::bulk::compress(&a, 1).unwrap();
-        pack.push(hasher.hash(&a), a.len() as u32, COMPRESSION_ZSTD, &ca);
-        pack.push(hasher.hash(&b), b.len() as u32, COMPRESSION_NONE, &b);
-        let (_, bytes) = pack.finish(&hasher);
-        let entries = verify_pack(&hasher, "p", &bytes).unwrap();
+    use crate::crypto::KeySource;
+
+    fn build(keys: &Keys) -> Vec<u8> {
+        let mut pack = PackBuilder::new(keys);
+        for block in [b"first block".repeat(50), b"second".to_vec()] {
+            let hash = keys.hasher.hash(&block);
+            let (c, data) = encode_blob(keys, &hash, &block, 1).unwrap();
+            pack.push(hash, block.len() as u32, c, &data);
+        }
+        pack.finish(keys).1
+    }
+
+    fn check(keys: &Keys, bytes: &[u8]) {
+        let entries = verify_pack(keys, "p", bytes).unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[1].raw_len, 6);
+        assert_eq!(entries[0].compression, COMPRESSION_ZSTD);
         for i in (0..bytes.len()).step_by(7) {
-            let mut bad = bytes.clone();
+            let mut bad = bytes.to_vec();
             bad[i] ^= 0x80;
-            assert!(verify_pack(&hasher, "p", &bad).is_err(), "flip at {i}");
+            assert!(verify_pack(keys, "p", &bad).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn build_verify_and_detect_flips() {
+        let keys = Keys::plain([3; 32]);
+        check(&keys, &build(&keys));
+    }
+
+    #[test]
+    fn encrypted_packs_hide_blocks_and_need_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k");
+        std::fs::write(&file, "k".repeat(32)).unwrap();
+        let (keys, _) = Keys::generate(&KeySource::KeyFile(file), "r").unwrap();
+        let bytes = build(&keys);
+        assert!(!bytes.windows(11).any(|w| w == b"first block"));
+        assert!(!bytes.windows(6).any(|w| w == b"second"));
+        check(&keys, &bytes);
+        assert!(verify_pack(&Keys::plain([3; 32]), "p", &bytes).is_err());
+        let plain = Keys::plain([3; 32]);
+        assert!(verify_pack(&keys, "p", &build(&plain)).is_err());
     }
 }

@@ -70,7 +70,7 @@ impl Repository {
                 .and_then(|(_, file)| file.strip_suffix(".pack"))
             {
                 report.packs_checked += 1;
-                match verify_pack(&self.hasher, key, &bytes) {
+                match verify_pack(&self.keys, key, &bytes) {
                     Ok(entries) => {
                         report.blocks_checked += entries.len() as u64;
                         packs.insert(
@@ -94,17 +94,14 @@ impl Repository {
                     }
                 }
             } else if key.ends_with(".history") {
-                if let Err(e) = open::<serde_json::Value>(
-                    &self.hasher,
-                    key,
-                    ObjectKind::TimelineHistory,
-                    &bytes,
-                ) {
+                if let Err(e) =
+                    open::<serde_json::Value>(&self.keys, key, ObjectKind::TimelineHistory, &bytes)
+                {
                     report.problems.push(problem(key, e.to_string()));
                 }
             } else if key.ends_with("/instance") {
                 if let Err(e) =
-                    open::<serde_json::Value>(&self.hasher, key, ObjectKind::Instance, &bytes)
+                    open::<serde_json::Value>(&self.keys, key, ObjectKind::Instance, &bytes)
                 {
                     report.problems.push(problem(key, e.to_string()));
                 }

@@ -119,7 +119,7 @@ impl Repository {
     ) -> RepoResult<String> {
         let key = wal_segment_key(instance_id, meta.timeline, &meta.segment, meta.partial);
         let bytes = seal(
-            &self.hasher,
+            &self.keys,
             ObjectKind::WalSegment,
             meta,
             data,
@@ -140,7 +140,7 @@ impl Repository {
     /// An empty [`WalPayload`] for the segment being received.
     pub fn wal_payload(&self) -> WalPayload {
         WalPayload {
-            checksum: self.hasher.incremental(),
+            checksum: self.keys.hasher.incremental(),
             frames: Vec::new(),
             len: 0,
             level: self.compress_level,
@@ -157,20 +157,20 @@ impl Repository {
         payload: &WalPayload,
     ) -> RepoResult<String> {
         let key = wal_segment_key(instance_id, meta.timeline, &meta.segment, meta.partial);
-        let bytes = seal_compressed(&self.hasher, ObjectKind::WalSegment, meta, &payload.frames)?;
+        let bytes = seal_compressed(&self.keys, ObjectKind::WalSegment, meta, &payload.frames)?;
         self.storage.put(&key, &bytes)?;
         Ok(key)
     }
 
     /// The checksum recorded in [`WalSegmentMeta::checksum`] for `data`.
     pub fn wal_checksum(&self, data: &[u8]) -> String {
-        self.hasher.hash(data).to_string()
+        self.keys.hasher.hash(data).to_string()
     }
 
     /// Reads a WAL object and checks its seal and its content checksum.
     pub fn read_wal(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
         let bytes = self.storage.get(key)?;
-        let opened = open::<WalSegmentMeta>(&self.hasher, key, ObjectKind::WalSegment, &bytes)?;
+        let opened = open::<WalSegmentMeta>(&self.keys, key, ObjectKind::WalSegment, &bytes)?;
         if self.wal_checksum(&opened.payload) != opened.meta.checksum {
             return Err(RepoError::Corrupt {
                 object: key.to_string(),
@@ -221,7 +221,7 @@ impl Repository {
         content: &[u8],
     ) -> RepoResult<()> {
         let bytes = seal(
-            &self.hasher,
+            &self.keys,
             ObjectKind::TimelineHistory,
             &serde_json::json!({"timeline": tli.0}),
             content,
@@ -235,7 +235,7 @@ impl Repository {
         let key = history_key(instance_id, tli);
         match self.storage.get(&key) {
             Ok(bytes) => Ok(Some(
-                open::<serde_json::Value>(&self.hasher, &key, ObjectKind::TimelineHistory, &bytes)?
+                open::<serde_json::Value>(&self.keys, &key, ObjectKind::TimelineHistory, &bytes)?
                     .payload,
             )),
             Err(StorageError::NotFound(_)) => Ok(None),

@@ -49,6 +49,22 @@ impl Service {
         Ok(job.id)
     }
 
+    /// Queues again the drills a previous process did not finish.
+    pub(crate) fn resume_drills(self: &Arc<Self>) {
+        let Ok(instances) = self.engine.catalog.list_instances() else {
+            return;
+        };
+        for i in instances {
+            for d in self.engine.catalog.list_drills(&i.id).unwrap_or_default() {
+                if matches!(d.status.as_str(), "Pending" | "Running") {
+                    if let Err(e) = self.start_drill(&d.backup_id) {
+                        tracing::warn!(backup = %d.backup_id, "cannot resume the restore drill: {e}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The drill worker: takes queued drills one by one until shutdown.
     fn spawn_drill_worker(self: &Arc<Self>) {
         let svc = Arc::clone(self);
@@ -87,6 +103,15 @@ impl Service {
             Ok(Some(r)) => r,
             _ => return, // the backup set was deleted meanwhile
         };
+        if self.engine.catalog.get_instance(instance_id).is_err() {
+            // Deregistered while the drill waited: nothing to prove it for.
+            result.status = "Skipped".into();
+            result.detail = "the instance was deregistered before the drill ran".into();
+            result.finished_at = Some(Utc::now());
+            let _ = self.engine.catalog.put_drill(&result);
+            fail_job(&self.engine, job_id, &result.detail);
+            return;
+        }
         result.status = "Running".into();
         result.started_at = Utc::now();
         let _ = self.engine.catalog.put_drill(&result);

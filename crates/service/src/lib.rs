@@ -60,6 +60,8 @@ pub struct ServiceSettings {
     pub receiver_backoff_max: Duration,
     /// Read limit for automatic backups (kB/s), `None` for no limit.
     pub backup_max_rate_kb: Option<u32>,
+    /// Read limit for manual backups (API, console), `None` for no limit.
+    pub manual_backup_max_rate_kb: Option<u32>,
     /// Where instances Strata creates (clones, scratch servers) live.
     pub instances_dir: std::path::PathBuf,
     /// Ports those instances may use.
@@ -77,6 +79,7 @@ impl Default for ServiceSettings {
             retention_interval: chrono::Duration::minutes(5),
             receiver_backoff_max: Duration::from_secs(60),
             backup_max_rate_kb: None,
+            manual_backup_max_rate_kb: None,
             instances_dir: std::path::PathBuf::from("strata-data/instances"),
             local_ports: (15432, 15531),
             local_listen: "127.0.0.1".into(),
@@ -172,6 +175,9 @@ pub struct Service {
     drill_wakeup: std::sync::Condvar,
     drill_worker: std::sync::Once,
     stopping: AtomicBool,
+    /// Instances being deregistered or deleted: the scheduler leaves them
+    /// alone (no new receiver may recreate a dropped slot).
+    leaving: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Service {
@@ -191,6 +197,7 @@ impl Service {
             drill_wakeup: std::sync::Condvar::new(),
             drill_worker: std::sync::Once::new(),
             stopping: AtomicBool::new(false),
+            leaving: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -247,8 +254,13 @@ impl Service {
         p.updated_at = self.now();
         self.engine.catalog.put_policy(&p)?;
         if turning_off {
+            // The policy is stored first and the instance marked, so the
+            // scheduler starts no new receiver once this one has stopped.
+            lock(&self.leaving).insert(instance_id.to_string());
             self.stop_receiver(instance_id).await;
-            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+            let dropped = self.engine.drop_wal_slot(instance_id).await;
+            lock(&self.leaving).remove(instance_id);
+            if let Err(e) = dropped {
                 tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
             }
             let plan = self.engine.apply_retention(&p, self.now())?;
@@ -282,19 +294,61 @@ impl Service {
     /// the repository (and in the catalog) until deleted.
     pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
         self.engine.catalog.get_instance(instance_id)?;
-        if lock(&self.backups).contains_key(instance_id) {
+        lock(&self.leaving).insert(instance_id.to_string());
+        // A backup this server runs for the instance is cancelled (recorded
+        // as failed); one another process runs cannot be, so it is waited for.
+        self.cancel_backup(
+            instance_id,
+            "the instance was deregistered while the backup ran",
+        );
+        if let Some(b) = self
+            .engine
+            .catalog
+            .list_backups(instance_id)?
+            .into_iter()
+            .find(|b| b.status == BackupStatus::Running)
+        {
+            lock(&self.leaving).remove(instance_id);
             return Err(EngineError::Conflict(format!(
-                "a backup of instance {instance_id} is running; wait for it to finish"
+                "backup {} of instance {instance_id} is running in another process; wait for it to finish",
+                b.id
             ))
             .into());
         }
-        self.stop_receiver(instance_id).await;
-        if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
-            tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+        let outcome = async {
+            self.stop_receiver(instance_id).await;
+            if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
+                tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
+            }
+            self.engine.catalog.delete_instance(instance_id)?;
+            lock(&self.wal_states).remove(instance_id);
+            Ok(())
         }
-        self.engine.catalog.delete_instance(instance_id)?;
-        lock(&self.wal_states).remove(instance_id);
-        Ok(())
+        .await;
+        lock(&self.leaving).remove(instance_id);
+        outcome
+    }
+
+    /// Stops the backup this server runs for an instance, if any, and
+    /// records it as failed with `reason`.
+    fn cancel_backup(&self, instance_id: &str, reason: &str) {
+        let Some(task) = lock(&self.backups).remove(instance_id) else {
+            return;
+        };
+        task.task.abort();
+        fail_job(&self.engine, task.job_id, reason);
+        if let Ok(job) = self.engine.catalog.get_job(task.job_id) {
+            if let Some(bid) = &job.backup_id {
+                if let Ok(mut set) = self.engine.catalog.get_backup(bid) {
+                    if set.status == BackupStatus::Running {
+                        set.status = BackupStatus::Failed;
+                        set.error = Some(reason.to_string());
+                        set.finished_at = Some(Utc::now());
+                        let _ = self.engine.catalog.update_backup(&set);
+                    }
+                }
+            }
+        }
     }
 
     /// Starts a backup job and returns it at once; the backup runs in the
@@ -305,7 +359,7 @@ impl Service {
             max_rate_kb: if mode == "Automated" {
                 self.settings.backup_max_rate_kb
             } else {
-                None
+                self.settings.manual_backup_max_rate_kb
             },
         };
         let pending = self.engine.prepare_backup(instance_id, &opts)?;
@@ -439,7 +493,7 @@ impl Service {
         now: DateTime<Utc>,
         retention_due: bool,
     ) -> ServiceResult<()> {
-        if !self.is_ready(&instance.id) {
+        if !self.is_ready(&instance.id) || lock(&self.leaving).contains(&instance.id) {
             return Ok(());
         }
         let mut p = self.policy(&instance.id)?;
@@ -468,7 +522,12 @@ impl Service {
         if p.log_backup_enabled {
             self.ensure_receiver(&instance.id);
         } else if lock(&self.receivers).contains_key(&instance.id) {
+            // Log backup went off while this round ran: the slot a racing
+            // receiver may have recreated goes too.
             self.stop_receiver(&instance.id).await;
+            if let Err(e) = self.engine.drop_wal_slot(&instance.id).await {
+                tracing::warn!(instance = %instance.id, "could not drop the replication slot: {e}");
+            }
         }
         if retention_due {
             let plan: RetentionPlan = self.engine.apply_retention(&p, now)?;
@@ -487,7 +546,7 @@ impl Service {
 
     fn ensure_receiver(&self, instance_id: &str) {
         let mut receivers = lock(&self.receivers);
-        if receivers.contains_key(instance_id) {
+        if receivers.contains_key(instance_id) || lock(&self.leaving).contains(instance_id) {
             return;
         }
         let (stop, stop_rx) = watch::channel(false);
@@ -560,7 +619,12 @@ impl Service {
     /// as failed.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let svc = Arc::clone(&self);
-        let _ = tokio::task::spawn_blocking(move || svc.start_local_instances()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            svc.remove_stale_scratch();
+            svc.start_local_instances();
+            svc.resume_drills();
+        })
+        .await;
         loop {
             self.tick().await;
             tokio::select! {

@@ -341,6 +341,42 @@ impl Service {
         }
     }
 
+    /// Removes scratch servers a previous process left behind (killed in
+    /// the middle of a drill or a table restore): stops them and deletes
+    /// their directories.
+    pub fn remove_stale_scratch(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.settings.instances_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let is_scratch = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("scratch-"));
+            if !is_scratch {
+                continue;
+            }
+            let pgdata = dir.join("pgdata");
+            if pgdata.join("postmaster.pid").exists() {
+                let major = std::fs::read_to_string(pgdata.join("PG_VERSION"))
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+                if let Some(bin) = major.and_then(|m| self.engine.pg_bin_dir(m).ok()) {
+                    let _ = as_user(self.engine.os_user().as_deref(), &bin.join("pg_ctl"))
+                        .arg("-D")
+                        .arg(&pgdata)
+                        .args(["-m", "immediate", "-w", "stop"])
+                        .output();
+                }
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!("removed stale scratch server {}", dir.display()),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+            }
+        }
+    }
+
     /// Starts every `Running` instance Strata created whose server is down
     /// (after a host restart, say).
     pub fn start_local_instances(&self) {

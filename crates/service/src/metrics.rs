@@ -76,7 +76,7 @@ impl Service {
                 .catalog
                 .list_drills(&i.id)?
                 .into_iter()
-                .filter(|d| d.finished_at.is_some())
+                .filter(|d| d.finished_at.is_some() && d.status != "Skipped")
                 .max_by_key(|d| d.finished_at);
             if let Some(d) = last_drill {
                 drill_failed.push((l.clone(), if d.status == "Failed" { 1.0 } else { 0.0 }));
@@ -116,6 +116,12 @@ impl Service {
             "gauge",
             "Backup sets in the catalog by status.",
             sets,
+        );
+        family(
+            "strata_drill_failed",
+            "gauge",
+            "1 when the newest restore drill of the instance failed (alert on this).",
+            drill_failed,
         );
         family(
             "strata_wal_archived_bytes",

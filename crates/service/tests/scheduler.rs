@@ -307,3 +307,110 @@ async fn garbage_collection_waits_for_running_backups() {
     assert!(verify.unreferenced_packs.is_empty());
     assert_eq!(svc.engine.repo.list_backups("gc").unwrap(), vec![second.id]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_drill_raises_the_alert() {
+    let cluster = testkit::shared_cluster(15);
+    let dir = tempfile::tempdir().unwrap();
+    // The scratch server runs as the postgres OS user: its directory must be
+    // reachable by it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut settings = settings(dir.path());
+    settings.drills = true;
+    let mut engine = engine(dir.path());
+    engine.settings.pg_bin_dirs = [14, 15, 16, 17, 18]
+        .into_iter()
+        .filter_map(testkit::pg_bin_dir)
+        .map(|d| d.display().to_string())
+        .collect();
+    let svc = Service::new(engine, Arc::new(ManualClock::new(Utc::now())), settings);
+    svc.register_instance(Instance {
+        id: "drill".into(),
+        host: cluster.host().into(),
+        port: cluster.port(),
+        user: "postgres".into(),
+        password_env: None,
+        password: None,
+        dbname: None,
+        sslmode: "disable".into(),
+        sslrootcert: None,
+        system_identifier: None,
+        pg_version_num: None,
+        wal_segment_size: None,
+        created_at: Utc::now(),
+    })
+    .await
+    .unwrap();
+    let wait_drill = |backup: String| {
+        let svc = Arc::clone(&svc);
+        async move {
+            for _ in 0..1200 {
+                if let Some(d) = svc.engine.catalog.get_drill(&backup).unwrap() {
+                    if d.status == "Passed" || d.status == "Failed" {
+                        return d;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("drill of {backup} did not finish in two minutes");
+        }
+    };
+    let good = svc
+        .engine
+        .backup("drill", &Default::default(), &strata_engine::NoProgress)
+        .await
+        .unwrap();
+    svc.start_drill(&good.id).unwrap();
+    let d = wait_drill(good.id.clone()).await;
+    assert_eq!(d.status, "Passed", "{d:?}");
+    let metrics = svc.metrics().unwrap();
+    assert!(
+        metrics.contains("strata_drill_failed{instance=\"drill\"} 0"),
+        "{metrics}"
+    );
+
+    // Damage one stored block of a second backup: its drill must fail and
+    // the alert turn on.
+    let bad = svc
+        .engine
+        .backup("drill", &Default::default(), &strata_engine::NoProgress)
+        .await
+        .unwrap();
+    let manifest = svc.engine.repo.read_manifest("drill", &bad.id).unwrap();
+    let block = manifest
+        .files
+        .iter()
+        .find(|f| f.blocks.len() > 2)
+        .unwrap()
+        .blocks[1]
+        .clone();
+    let pack = dir
+        .path()
+        .join("repo")
+        .join(strata_repo::pack_key(&block.p));
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[block.o as usize + 10] ^= 0xff;
+    std::fs::write(&pack, bytes).unwrap();
+    svc.start_drill(&bad.id).unwrap();
+    let d = wait_drill(bad.id.clone()).await;
+    assert_eq!(d.status, "Failed", "{d:?}");
+    assert!(!d.detail.is_empty());
+    let metrics = svc.metrics().unwrap();
+    assert!(
+        metrics.contains("strata_drill_failed{instance=\"drill\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !dir.path().join("instances").read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("scratch-")),
+        "scratch servers must be removed"
+    );
+    svc.shutdown().await;
+}

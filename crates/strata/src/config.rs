@@ -4,19 +4,23 @@
 //! README's configuration table.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use strata_engine::EngineSettings;
+use strata_repo::{
+    KeySource, LocalStorage, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
+};
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Root for the default repository and catalog locations.
     pub data_dir: Option<PathBuf>,
-    /// Repository directory (default `<data_dir>/repo`).
-    pub repository: Option<PathBuf>,
+    /// Repository: a directory (default `<data_dir>/repo`) or `s3://bucket/prefix`.
+    pub repository: Option<String>,
     /// SQLite catalog file (default `<data_dir>/catalog.db`).
     pub catalog: Option<PathBuf>,
     /// zstd level for new blocks and WAL (default 1).
@@ -26,6 +30,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub server: ServerConfig,
     pub scheduler: SchedulerConfig,
+    pub s3: S3Settings,
+    pub encryption: EncryptionSettings,
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
     pub downloads: DownloadsConfig,
@@ -59,6 +65,43 @@ pub struct DrillsConfig {
     pub enabled: Option<bool>,
 }
 
+/// How to reach an `s3://` repository.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    /// Service URL (default: AWS S3 for `region`).
+    pub endpoint: Option<String>,
+    /// Region (default us-east-1).
+    pub region: Option<String>,
+    /// Static credentials (default: the AWS_* environment / instance credentials).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as most non-AWS services want.
+    pub path_style: Option<bool>,
+    /// Allow a plain-http endpoint.
+    pub allow_http: Option<bool>,
+    /// Objects above this size (MiB) go up as multipart uploads (default 16).
+    pub multipart_threshold_mb: Option<usize>,
+    /// Part size of multipart uploads in MiB (default 8, at least 5).
+    pub part_size_mb: Option<usize>,
+    /// Requests in flight at once (default 8).
+    pub max_concurrency: Option<usize>,
+    /// Deadline of one request in seconds (default 60).
+    pub request_timeout_secs: Option<u64>,
+    /// Attempts per call on transient errors, the first included (default 6).
+    pub max_attempts: Option<u32>,
+}
+
+/// Encryption at rest: what unlocks (or, for a new repository, encrypts) it.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionSettings {
+    /// File holding the master key (at least 32 bytes).
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding a passphrase (stretched with Argon2id).
+    pub passphrase_env: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -79,6 +122,8 @@ pub struct SchedulerConfig {
     pub retention_interval_secs: Option<u64>,
     /// Read limit for automatic backups in kB/s (default: none).
     pub backup_max_rate_kb: Option<u32>,
+    /// Read limit for backups started by the API or the console in kB/s (default: none).
+    pub manual_backup_max_rate_kb: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -121,7 +166,7 @@ impl Config {
             config.data_dir = Some(v.into());
         }
         if let Ok(v) = std::env::var("STRATA_REPOSITORY") {
-            config.repository = Some(v.into());
+            config.repository = Some(v);
         }
         if let Ok(v) = std::env::var("STRATA_CATALOG") {
             config.catalog = Some(v.into());
@@ -134,6 +179,16 @@ impl Config {
         }
         if let Ok(v) = std::env::var("STRATA_LISTEN") {
             config.server.listen = Some(v);
+        }
+        config.s3.apply_env()?;
+        if let Ok(v) = std::env::var("STRATA_ENCRYPTION_KEY_FILE") {
+            config.encryption.key_file = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("STRATA_ENCRYPTION_PASSPHRASE_ENV") {
+            config.encryption.passphrase_env = Some(v);
+        }
+        if config.encryption.key_file.is_some() && config.encryption.passphrase_env.is_some() {
+            bail!("[encryption] key_file and passphrase_env are alternatives; set one");
         }
         if config.instances.port_range.is_some() && config.instance_ports().is_none() {
             bail!(
@@ -164,10 +219,68 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("strata-data"))
     }
 
-    pub fn repository_dir(&self) -> PathBuf {
+    /// The repository as configured: a directory path or an `s3://` URL.
+    pub fn repository(&self) -> String {
         self.repository
             .clone()
-            .unwrap_or_else(|| self.data_dir().join("repo"))
+            .unwrap_or_else(|| self.data_dir().join("repo").display().to_string())
+    }
+
+    /// The storage the repository lives in. Object storage is wrapped in
+    /// retries with backoff; a local directory fails fast.
+    pub fn storage(&self) -> Result<Arc<dyn Storage>> {
+        let location = self.repository();
+        if !location.starts_with("s3://") {
+            let dir = PathBuf::from(&location);
+            let local = LocalStorage::new(&dir)
+                .with_context(|| format!("cannot use repository directory {location}"))?;
+            return Ok(Arc::new(local));
+        }
+        let s = &self.s3;
+        let mut c = S3Config::from_url(&location)?;
+        c.endpoint = s.endpoint.clone();
+        if let Some(region) = &s.region {
+            c.region = region.clone();
+        }
+        c.access_key_id = s.access_key_id.clone();
+        c.secret_access_key = s.secret_access_key.clone();
+        if c.access_key_id.is_some() != c.secret_access_key.is_some() {
+            bail!("[s3] access_key_id and secret_access_key must be set together");
+        }
+        c.path_style = s.path_style.unwrap_or(false);
+        c.allow_http = s.allow_http.unwrap_or(false);
+        const MIB: usize = 1024 * 1024;
+        if let Some(mb) = s.multipart_threshold_mb {
+            c.multipart_threshold = mb.saturating_mul(MIB);
+        }
+        if let Some(mb) = s.part_size_mb {
+            c.part_size = mb.saturating_mul(MIB);
+        }
+        if let Some(n) = s.max_concurrency {
+            c.max_concurrency = n;
+        }
+        if let Some(secs) = s.request_timeout_secs {
+            c.request_timeout = Duration::from_secs(secs.max(1));
+        }
+        let policy = RetryPolicy {
+            max_attempts: s
+                .max_attempts
+                .unwrap_or(RetryPolicy::default().max_attempts)
+                .max(1),
+            ..RetryPolicy::default()
+        };
+        Ok(Arc::new(RetryingStorage::new(S3Storage::new(c)?, policy)))
+    }
+
+    /// The configured repository key, if any.
+    pub fn key_source(&self) -> Result<Option<KeySource>> {
+        if let Some(path) = &self.encryption.key_file {
+            return Ok(Some(KeySource::KeyFile(path.clone())));
+        }
+        match &self.encryption.passphrase_env {
+            Some(var) => passphrase_from_env(var).map(Some),
+            None => Ok(None),
+        }
     }
 
     pub fn catalog_path(&self) -> PathBuf {
@@ -192,6 +305,7 @@ impl Config {
             s.retention_interval = chrono::Duration::seconds(t.max(1) as i64);
         }
         s.backup_max_rate_kb = self.scheduler.backup_max_rate_kb;
+        s.manual_backup_max_rate_kb = self.scheduler.manual_backup_max_rate_kb;
         s.instances_dir = self
             .instances
             .dir
@@ -241,5 +355,50 @@ impl Config {
             s.pg_bin_dirs = dirs.clone();
         }
         s
+    }
+}
+
+/// Reads a passphrase from the environment variable `var`.
+pub fn passphrase_from_env(var: &str) -> Result<KeySource> {
+    let value = std::env::var(var)
+        .with_context(|| format!("the encryption passphrase variable {var} is not set"))?;
+    if value.is_empty() {
+        bail!("the encryption passphrase variable {var} is empty");
+    }
+    Ok(KeySource::Passphrase(value.into()))
+}
+
+impl S3Settings {
+    fn apply_env(&mut self) -> Result<()> {
+        let text = |name: &str| std::env::var(name).ok();
+        let flag = |name: &str| -> Result<Option<bool>> {
+            match std::env::var(name) {
+                Ok(v) => match v.as_str() {
+                    "1" | "true" | "yes" | "on" => Ok(Some(true)),
+                    "0" | "false" | "no" | "off" => Ok(Some(false)),
+                    _ => bail!("{name} must be true or false, got {v:?}"),
+                },
+                Err(_) => Ok(None),
+            }
+        };
+        if let Some(v) = text("STRATA_S3_ENDPOINT") {
+            self.endpoint = Some(v);
+        }
+        if let Some(v) = text("STRATA_S3_REGION") {
+            self.region = Some(v);
+        }
+        if let Some(v) = text("STRATA_S3_ACCESS_KEY_ID") {
+            self.access_key_id = Some(v);
+        }
+        if let Some(v) = text("STRATA_S3_SECRET_ACCESS_KEY") {
+            self.secret_access_key = Some(v);
+        }
+        if let Some(v) = flag("STRATA_S3_PATH_STYLE")? {
+            self.path_style = Some(v);
+        }
+        if let Some(v) = flag("STRATA_S3_ALLOW_HTTP")? {
+            self.allow_http = Some(v);
+        }
+        Ok(())
     }
 }

@@ -17,7 +17,7 @@ use strata_catalog::{Instance, SqliteCatalog};
 use strata_engine::{
     BackupOptions, Engine, RecoveryTarget, RestoreOptions, StartOptions, WalReceiveOptions,
 };
-use strata_repo::{LocalStorage, Repository};
+use strata_repo::Repository;
 
 use config::Config;
 use output::{human_bytes, CliProgress};
@@ -212,6 +212,17 @@ enum RepoCmd {
     },
     /// Rebuild the catalog's index from the repository.
     Reindex,
+    /// Re-wrap an encrypted repository's data key under a new key file or
+    /// passphrase (no data is rewritten). Update [encryption] afterwards.
+    #[command(group(clap::ArgGroup::new("new_key").required(true).args(["new_key_file", "new_passphrase_env"])))]
+    RotateKey {
+        /// File holding the new master key (at least 32 bytes).
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+        /// Environment variable holding the new passphrase.
+        #[arg(long)]
+        new_passphrase_env: Option<String>,
+    },
 }
 
 fn main() {
@@ -254,8 +265,8 @@ fn open_engine(config: &Config) -> Result<Engine> {
         p.push(suffix);
         keys::make_private(std::path::Path::new(&p))?;
     }
-    let storage = LocalStorage::new(config.repository_dir())?;
-    let mut repo = Repository::open_or_init(Arc::new(storage))?;
+    let key = config.key_source()?;
+    let mut repo = Repository::open_or_init_with_key(config.storage()?, key.as_ref())?;
     if let Some(level) = config.compress_level {
         repo = repo.with_compress_level(level);
     }
@@ -539,6 +550,27 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("no AccessKey {id:?}");
             }
             println!("deleted AccessKey {id}");
+        }
+        Command::Repo(RepoCmd::RotateKey {
+            new_key_file,
+            new_passphrase_env,
+        }) => {
+            let new = match (new_key_file, new_passphrase_env) {
+                (Some(path), _) => strata_repo::KeySource::KeyFile(path),
+                (None, Some(var)) => config::passphrase_from_env(&var)?,
+                (None, None) => bail!("give --new-key-file or --new-passphrase-env"),
+            };
+            let mut repo = engine.repo.clone();
+            repo.rotate_key(&new)?;
+            println!(
+                "repository {} is now unlocked by the new {}; update [encryption] in the configuration",
+                repo.config().repository_id,
+                if matches!(new, strata_repo::KeySource::KeyFile(_)) {
+                    "key file"
+                } else {
+                    "passphrase"
+                }
+            );
         }
         Command::Repo(RepoCmd::Reindex) => {
             let report = engine.reindex()?;

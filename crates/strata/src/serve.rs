@@ -1,5 +1,5 @@
-//! `strata serve`: the API, the scheduler, WAL receivers and retention in
-//! one process; with `--demo`, also a sandbox PostgreSQL with sample data,
+//! `strata serve`: the API, the web console, the scheduler, WAL receivers
+//! and retention in one process; with `--demo`, also a sandbox PostgreSQL with sample data,
 //! registered and archived like any other instance, stopped with the server.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use strata_api::{ApiState, LinkSigner, TlsFiles};
 use strata_catalog::Instance;
+use strata_console::ConsoleState;
 use strata_engine::{as_user, chown_tree, Engine};
 use strata_service::{Service, SystemClock};
 
@@ -80,6 +81,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         });
         let url = format!("{scheme}://{addr}/");
         println!("strata: API listening on {url}");
+        println!("strata: console on {url}console/ (sign in with an AccessKey pair)");
         match &created {
             Some((key, path)) if demo => {
                 println!("strata: admin AccessKey created: AccessKeyId {} AccessKeySecret {}", key.id, key.secret);
@@ -102,7 +104,9 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             println!("  the key pair for the SDK is in {}", key_file.display());
             println!("strata: press Ctrl-C to stop the server and the sandbox");
         }
-        let served = strata_api::serve(listener, strata_api::router(state), tls, stop_rx).await;
+        let console = ConsoleState::new(Arc::clone(&state), scheme == "https");
+        let app = strata_console::with_console(strata_api::router(state), console);
+        let served = strata_api::serve(listener, app, tls, stop_rx).await;
         let _ = stop_tx.send(true);
         let _ = scheduler.await;
         if let Some(sb) = sandbox {

@@ -3,86 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Stdio};
-use std::time::Duration;
 
-use common::{wait_for, Strata};
-
-/// A running `strata serve`, stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(strata: &Strata, extra: &[&str]) -> Server {
-        let port = testkit::free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["serve", "--listen", &listen];
-        args.extend_from_slice(extra);
-        let child = strata
-            .command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start strata serve");
-        let server = Server { child, port };
-        wait_for("the API to listen", 60, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        server
-    }
-
-    /// SIGTERM, then the exit status and everything printed.
-    fn stop(mut self) -> (bool, String, String) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let mut out = String::new();
-        let mut err = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        let ok = self.child.wait().unwrap().success();
-        (ok, out, err)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A plain HTTP/1.1 GET; returns status line and body.
-fn http_get(port: u16, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
+use common::{http_get, wait_for, Server, Strata};
 
 fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777

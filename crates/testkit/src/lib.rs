@@ -1,4 +1,5 @@
-//! Test harness that starts real PostgreSQL clusters for Strata's integration tests.
+//! Test harness that starts real PostgreSQL clusters (and a real S3-protocol server, see
+//! [`S3Server`]) for Strata's integration tests.
 //!
 //! Every cluster lives in its own directory under `/tmp`, listens on `127.0.0.1` on a free port
 //! and keeps its unix socket in that directory. `initdb` and `postgres` refuse to run as root
@@ -9,6 +10,10 @@
 //!
 //! Failures panic with the server log attached so that CI output explains itself. This crate is a
 //! dev-dependency only and knows nothing about Strata's own types.
+
+mod s3;
+
+pub use s3::{s3s_fs_binary, S3Server};
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -1,62 +1,14 @@
-//! The storage backend the repository is written to.
-//!
-//! A deliberately small trait (put / get / ranged get / list / delete) so the
-//! repository logic never knows whether it talks to a local directory or an
-//! object store. `put` must be atomic: a reader either sees the whole object
-//! or nothing, which is what makes "manifest written last" a commit point.
+//! A repository in a local directory (or any mounted filesystem). Writes go
+//! to `tmp/` and are renamed into place after `fsync` (see rename(2): atomic
+//! within one filesystem), so a crash never leaves a torn object under its key.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use thiserror::Error;
+use super::{list_dir, validate_key, Storage, StorageError, StorageResult};
 
-#[derive(Debug, Error)]
-pub enum StorageError {
-    #[error("object {0} not found")]
-    NotFound(String),
-    #[error("invalid object key {0:?}")]
-    InvalidKey(String),
-    #[error("I/O error on {key}: {source}")]
-    Io {
-        key: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl StorageError {
-    /// Whether retrying the same call may succeed. Local files fail for good;
-    /// network backends will classify their errors here.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StorageError::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
-            ),
-            _ => false,
-        }
-    }
-}
-
-pub type StorageResult<T> = Result<T, StorageError>;
-
-/// An object store keyed by `/`-separated relative paths.
-pub trait Storage: Send + Sync + std::fmt::Debug {
-    /// Stores `data` under `key`, replacing any previous object atomically.
-    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
-    fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>>;
-    /// Keys under `prefix` (recursively), sorted.
-    fn list(&self, prefix: &str) -> StorageResult<Vec<String>>;
-    fn delete(&self, key: &str) -> StorageResult<()>;
-    fn exists(&self, key: &str) -> StorageResult<bool>;
-    /// Human-readable location, for messages.
-    fn describe(&self) -> String;
-}
-
-/// A repository in a local directory. Writes go to `tmp/` and are renamed into
-/// place after `fsync`, so a crash never leaves a torn object under its key.
+/// A repository in a local directory.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
@@ -77,14 +29,7 @@ impl LocalStorage {
     }
 
     fn path_of(&self, key: &str) -> StorageResult<PathBuf> {
-        let valid = !key.is_empty()
-            && !key.starts_with('/')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != "..");
-        if !valid {
-            return Err(StorageError::InvalidKey(key.to_string()));
-        }
+        validate_key(key)?;
         Ok(self.root.join(key))
     }
 }
@@ -145,23 +90,24 @@ impl Storage for LocalStorage {
             file.seek(SeekFrom::Start(offset))?;
             let mut buf = Vec::with_capacity(len as usize);
             file.take(len).read_to_end(&mut buf)?;
-            if buf.len() as u64 != len {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("short read: wanted {len} bytes at offset {offset}"),
-                ));
-            }
             Ok(buf)
         };
-        read().map_err(io_err(key))
+        let buf = read().map_err(io_err(key))?;
+        if buf.len() as u64 != len {
+            return Err(StorageError::ShortRead {
+                key: key.to_string(),
+                offset,
+                len,
+            });
+        }
+        Ok(buf)
     }
 
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
         let mut keys = Vec::new();
-        let start = if prefix.is_empty() {
-            self.root.clone()
-        } else {
-            self.path_of(prefix.trim_end_matches('/'))?
+        let start = match list_dir(prefix)? {
+            None => self.root.clone(),
+            Some(dir) => self.root.join(dir),
         };
         let mut stack = vec![start];
         while let Some(dir) = stack.pop() {

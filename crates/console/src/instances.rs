@@ -1,0 +1,162 @@
+//! The Instances page: every registered server with its address, version,
+//! state, last backup, recoverable window and the storage its backups use.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use maud::{html, Markup};
+use strata_catalog::{BackupStatus, Instance};
+
+use crate::layout::{self, badge, bytes, sort_th, state_kind, time, Section};
+use crate::{html_response, url_encode, ConsoleState, Page};
+
+/// What the list shows of one instance.
+struct Row {
+    instance: Instance,
+    backing_up: Option<u8>,
+    receiver: String,
+    last_backup: Option<chrono::DateTime<chrono::Utc>>,
+    window: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
+    log_on: bool,
+    data_bytes: u64,
+    log_bytes: u64,
+}
+
+fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiError> {
+    let svc = &state.service;
+    let catalog = svc.engine.catalog.as_ref();
+    let backups = catalog.list_backups(&instance.id)?;
+    let running = backups
+        .iter()
+        .filter(|b| b.status == BackupStatus::Running)
+        .find_map(|b| b.job_id)
+        .or_else(|| svc.running_backup_job(&instance.id));
+    let backing_up = running
+        .and_then(|j| catalog.get_job(j).ok())
+        .filter(|j| !j.state.is_terminal())
+        .map(|j| j.progress);
+    let last_backup = backups
+        .iter()
+        .filter(|b| b.status == BackupStatus::Success)
+        .filter_map(|b| b.finished_at)
+        .max();
+    let usage = crate::storage::Usage::of(catalog, &instance.id)?;
+    Ok(Row {
+        receiver: strata_api::receiver_status(svc, &instance.id)?,
+        window: svc.recovery_window(&instance.id)?,
+        log_on: svc.policy(&instance.id)?.log_backup_enabled,
+        backing_up,
+        last_backup,
+        data_bytes: usage.data_bytes,
+        log_bytes: usage.log_bytes,
+        instance,
+    })
+}
+
+/// `GET /console/`.
+pub async fn page(State(state): State<Arc<ConsoleState>>, page: Page) -> Response {
+    let rows = state
+        .service
+        .engine
+        .catalog
+        .list_instances()
+        .map_err(strata_api::ApiError::from)
+        .and_then(|list| {
+            list.into_iter()
+                .map(|i| row(&state, i))
+                .collect::<Result<Vec<_>, _>>()
+        });
+    let body = match rows {
+        Ok(rows) => list(&rows),
+        Err(e) => layout::error_box("The instances could not be read:", &e),
+    };
+    html_response(
+        StatusCode::OK,
+        layout::page(
+            "Instances",
+            Some(&page.who),
+            Section::Instances,
+            page.flash,
+            body,
+        ),
+    )
+}
+
+fn list(rows: &[Row]) -> Markup {
+    html! {
+        div.pagehead {
+            div {
+                h1 { "Instances" }
+                p.muted { (rows.len()) " PostgreSQL " (if rows.len() == 1 { "server" } else { "servers" }) " backed up by this Strata" }
+            }
+        }
+        @if rows.is_empty() {
+            div.empty {
+                p { "No instances yet." }
+                p.muted { "Register a server with " code { "strata instance add ID --host H --user U" }
+                    " or the API action " code { "StrataRegisterDBInstance" } "; its first backup starts at once." }
+            }
+        } @else {
+            div.card.tablewrap {
+                table.data.sortable #instances {
+                    thead { tr {
+                        (sort_th("Instance ID", "text"))
+                        (sort_th("Address", "text"))
+                        (sort_th("PostgreSQL", "version"))
+                        (sort_th("Status", "text"))
+                        (sort_th("Last backup", "num"))
+                        (sort_th("Recoverable window", "num"))
+                        (sort_th("Storage used", "num"))
+                    } }
+                    tbody {
+                        @for r in rows {
+                            (instance_row(r))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn instance_row(r: &Row) -> Markup {
+    let i = &r.instance;
+    let href = format!("/console/instances/{}/backups", url_encode(&i.id));
+    html! {
+        tr data-instance=(i.id) {
+            td data-v=(i.id) { a.strong href=(href) { (i.id) } }
+            td data-v=(format!("{}:{}", i.host, i.port)) { code { (i.host) ":" (i.port) } }
+            td data-v=(i.pg_version_num.unwrap_or(0)) { (layout::pg_version(i.pg_version_num)) }
+            td data-v=(if r.backing_up.is_some() { "Backing up" } else { "Running" }) {
+                @match r.backing_up {
+                    Some(p) => { (badge("info", &format!("Backing up {p}%"))) }
+                    None => { (badge("ok", "Running")) }
+                }
+                div.sub {
+                    "Log backup: "
+                    span class=(format!("dot {}", state_kind(&r.receiver))) {}
+                    span title=(r.receiver) { (r.receiver.split(':').next().unwrap_or("")) }
+                }
+            }
+            td data-v=(layout::sort_time(r.last_backup)) {
+                @match r.last_backup {
+                    Some(t) => { (time(t)) }
+                    None => { span.muted { "None yet" } }
+                }
+            }
+            td data-v=(layout::sort_time(r.window.map(|w| w.0))) {
+                @match (r.window, r.log_on) {
+                    (Some((from, to)), _) => { (time(from)) span.muted { " – " } (time(to)) }
+                    (None, false) => { span.muted { "Log backup off" } }
+                    (None, true) => { span.muted { "After the first backup" } }
+                }
+            }
+            td data-v=(r.data_bytes + r.log_bytes) {
+                (bytes(r.data_bytes + r.log_bytes))
+                div.sub { "data " (bytes(r.data_bytes)) " · log " (bytes(r.log_bytes)) }
+            }
+        }
+    }
+}

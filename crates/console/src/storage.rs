@@ -1,0 +1,274 @@
+//! Storage an instance's backups use, now and over time, from the catalog:
+//! data is what each successful backup set added to the repository
+//! (compressed, after deduplication), log is the archived WAL. The history
+//! is how what the catalog holds now accumulated, so sets and WAL that
+//! retention removed leave it. The chart is an inline SVG drawn here.
+
+use std::fmt::Write;
+
+use chrono::{DateTime, Utc};
+use strata_catalog::{BackupStatus, Catalog, CatalogResult};
+
+use crate::layout::bytes;
+
+/// Totals for one instance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub data_bytes: u64,
+    pub data_sets: usize,
+    pub log_bytes: u64,
+    pub log_files: usize,
+}
+
+/// One moment of the history: bytes held after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub at: DateTime<Utc>,
+    pub data: u64,
+    pub log: u64,
+}
+
+impl Usage {
+    pub fn of(catalog: &dyn Catalog, instance_id: &str) -> CatalogResult<Usage> {
+        let (usage, _) = history(catalog, instance_id)?;
+        Ok(usage)
+    }
+}
+
+/// Totals and the history of an instance, oldest point first.
+pub fn history(catalog: &dyn Catalog, instance_id: &str) -> CatalogResult<(Usage, Vec<Point>)> {
+    let mut events: Vec<(DateTime<Utc>, u64, u64)> = Vec::new();
+    let mut usage = Usage::default();
+    for b in catalog.list_backups(instance_id)? {
+        if b.status != BackupStatus::Success {
+            continue;
+        }
+        usage.data_bytes += b.stored_bytes;
+        usage.data_sets += 1;
+        events.push((b.finished_at.unwrap_or(b.started_at), b.stored_bytes, 0));
+    }
+    for w in strata_api::listed_wal_segments(catalog.list_wal_segments(instance_id)?) {
+        usage.log_bytes += w.size;
+        usage.log_files += 1;
+        events.push((w.stored_at, 0, w.size));
+    }
+    events.sort_by_key(|e| e.0);
+    let (mut data, mut log) = (0, 0);
+    let points = events
+        .into_iter()
+        .map(|(at, d, l)| {
+            data += d;
+            log += l;
+            Point { at, data, log }
+        })
+        .collect();
+    Ok((usage, points))
+}
+
+/// At most `max` points: the first, then the last of each equal slice of
+/// time after it.
+pub fn downsample(points: &[Point], max: usize) -> Vec<Point> {
+    if points.len() <= max || max < 3 {
+        return points.to_vec();
+    }
+    let (first, last) = (points[0].at, points[points.len() - 1].at);
+    let span = (last - first).num_milliseconds().max(1) as f64;
+    let mut out: Vec<Point> = Vec::with_capacity(max);
+    out.push(points[0]);
+    let mut bucket = usize::MAX;
+    for p in &points[1..] {
+        let b = (((p.at - first).num_milliseconds() as f64 / span) * (max - 2) as f64) as usize;
+        if b == bucket {
+            *out.last_mut().expect("a point per bucket") = *p;
+        } else {
+            out.push(*p);
+            bucket = b;
+        }
+    }
+    out
+}
+
+/// Round axis steps: 1, 2 or 5 times a power of ten of B, KiB, MiB, …,
+/// below 1024 of the unit; returns the step in bytes.
+pub fn nice_step(max: u64, ticks: u64) -> u64 {
+    let raw = (max / ticks.max(1)).max(1);
+    let mut unit = 1u64;
+    while raw / unit >= 1024 {
+        unit *= 1024;
+    }
+    [1, 2, 5, 10, 20, 50, 100, 200, 500, 1024]
+        .into_iter()
+        .map(|m| m * unit)
+        .find(|s| *s >= raw)
+        .unwrap_or(1024 * unit)
+}
+
+const W: f64 = 960.0;
+const H: f64 = 280.0;
+const LEFT: f64 = 72.0;
+const RIGHT: f64 = 16.0;
+const TOP: f64 = 14.0;
+const BOTTOM: f64 = 34.0;
+
+/// The stacked chart of data and log bytes from the first point to `now`.
+pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="chart-title" preserveAspectRatio="xMidYMid meet"><title id="chart-title">Storage used over time: data and log backups</title>"#
+    );
+    let Some(first) = points.first() else {
+        let _ = write!(
+            svg,
+            r#"<text class="axis" x="{}" y="{}" text-anchor="middle">No backups yet</text></svg>"#,
+            W / 2.0,
+            H / 2.0
+        );
+        return svg;
+    };
+    // A margin before the first point, so its step is visible.
+    let pad = ((now - first.at) / 20).max(chrono::Duration::seconds(2));
+    let start = first.at - pad;
+    let span = (now - start).num_milliseconds().max(1) as f64;
+    let top = points
+        .iter()
+        .map(|p| p.data + p.log)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let step = nice_step(top, 4);
+    let y_max = top.div_ceil(step) * step;
+    let x =
+        |t: DateTime<Utc>| LEFT + (t - start).num_milliseconds() as f64 / span * (W - LEFT - RIGHT);
+    let y = |v: u64| H - BOTTOM - v as f64 / y_max as f64 * (H - TOP - BOTTOM);
+
+    // Grid and y labels.
+    let mut v = 0;
+    while v <= y_max {
+        let _ = write!(
+            svg,
+            r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            W - RIGHT,
+            LEFT - 8.0,
+            y(v) + 4.0,
+            bytes(v),
+            y = y(v)
+        );
+        v += step;
+    }
+    // Time labels, rewritten into the browser's zone by the script.
+    let span_t = now - start;
+    let (fmt, kind) = if span_t < chrono::Duration::minutes(10) {
+        ("%H:%M:%S UTC", "seconds")
+    } else if span_t < chrono::Duration::days(2) {
+        ("%H:%M UTC", "time")
+    } else {
+        ("%m-%d", "date")
+    };
+    for i in 0..=4 {
+        let t = start + chrono::Duration::milliseconds((span * i as f64 / 4.0) as i64);
+        let anchor = match i {
+            0 => "start",
+            4 => "end",
+            _ => "middle",
+        };
+        let _ = write!(
+            svg,
+            r#"<text class="axis" x="{:.1}" y="{}" text-anchor="{anchor}" data-utc="{}" data-fmt="{kind}">{}</text>"#,
+            x(t),
+            H - 10.0,
+            t.format("%Y-%m-%dT%H:%M:%SZ"),
+            t.format(fmt)
+        );
+    }
+    // Stacked step areas: data below, log above it.
+    let last = points[points.len() - 1];
+    let area = |lower: fn(&Point) -> u64, upper: fn(&Point) -> u64| {
+        let mut d = format!("M{:.1},{:.1}", x(start), y(0));
+        for p in points {
+            let _ = write!(d, " H{:.1} V{:.1}", x(p.at), y(upper(p)));
+        }
+        let _ = write!(d, " H{:.1} V{:.1}", x(now), y(lower(&last)));
+        for i in (0..points.len()).rev() {
+            let below = if i == 0 { 0 } else { lower(&points[i - 1]) };
+            let _ = write!(d, " H{:.1} V{:.1}", x(points[i].at), y(below));
+        }
+        let _ = write!(d, " H{:.1} Z", x(start));
+        d
+    };
+    let data_area = area(|_| 0, |p| p.data);
+    let log_area = area(|p| p.data, |p| p.data + p.log);
+    let _ = write!(
+        svg,
+        r#"<path class="area data" d="{data_area}"/><path class="area log" d="{log_area}"/>"#
+    );
+    let _ = write!(
+        svg,
+        r#"<line class="axisline" x1="{LEFT}" x2="{}" y1="{y0}" y2="{y0}"/></svg>"#,
+        W - RIGHT,
+        y0 = y(0)
+    );
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn steps_are_round_in_binary_units() {
+        assert_eq!(nice_step(4, 4), 1);
+        assert_eq!(nice_step(1000, 4), 500);
+        assert_eq!(nice_step(90 << 20, 4), 50 << 20);
+        assert_eq!(nice_step(30 << 20, 4), 10 << 20);
+        assert_eq!(nice_step(3 << 30, 4), 1 << 30);
+    }
+
+    #[test]
+    fn downsampling_keeps_the_ends_and_the_latest_of_each_slice() {
+        let t0 = at("2026-11-25T00:00:00Z");
+        let points: Vec<Point> = (0..1000)
+            .map(|i| Point {
+                at: t0 + chrono::Duration::seconds(i),
+                data: i as u64,
+                log: 0,
+            })
+            .collect();
+        let d = downsample(&points, 100);
+        assert!(d.len() <= 100, "{}", d.len());
+        assert_eq!(d[0], points[0]);
+        assert_eq!(d.last(), points.last());
+        assert!(d.windows(2).all(|w| w[0].at < w[1].at));
+        assert_eq!(downsample(&points[..10], 100), points[..10].to_vec());
+    }
+
+    #[test]
+    fn chart_draws_both_series_and_labels() {
+        let t0 = at("2026-11-25T10:00:00Z");
+        let points = vec![
+            Point {
+                at: t0,
+                data: 10 << 20,
+                log: 0,
+            },
+            Point {
+                at: t0 + chrono::Duration::minutes(30),
+                data: 10 << 20,
+                log: 16 << 20,
+            },
+        ];
+        let svg = chart(&points, t0 + chrono::Duration::hours(1));
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+        assert!(svg.contains(r#"class="area data""#) && svg.contains(r#"class="area log""#));
+        assert!(svg.contains("MiB"), "{svg}");
+        // The axis starts a little before the first point (1/20 of the span).
+        assert!(svg.contains(r#"data-utc="2026-11-25T09:57:00Z""#), "{svg}");
+        assert!(!svg.contains("NaN"), "{svg}");
+        let empty = chart(&[], t0);
+        assert!(empty.contains("No backups yet"));
+    }
+}

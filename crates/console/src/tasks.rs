@@ -1,0 +1,445 @@
+//! The Task Center: every job of every instance, newest first, filtered by
+//! task type, status (RDS's Pending Execution / In Progress / Finished /
+//! Failed) and instance. The page polls `/console/api/tasks` with the same
+//! filters and updates its rows in place, so progress moves by itself.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use maud::{html, Markup};
+use serde::{Deserialize, Serialize};
+use strata_catalog::{Catalog, Job, JobState};
+
+use crate::layout::{self, sort_th, Section};
+use crate::{html_response, url_encode, ConsoleState, Page};
+
+/// The newest tasks shown; older ones stay in the catalog and the API.
+const SHOWN: usize = 500;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Filter {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub instance: String,
+}
+
+/// RDS's task status groups: (key, label).
+pub const STATUSES: [(&str, &str); 4] = [
+    ("pending", "Pending Execution"),
+    ("progress", "In Progress"),
+    ("finished", "Finished"),
+    ("failed", "Failed"),
+];
+
+pub fn status_group(state: JobState) -> (&'static str, &'static str) {
+    match state {
+        JobState::NoStart => STATUSES[0],
+        JobState::Preparing | JobState::Waiting | JobState::Uploading | JobState::Checking => {
+            STATUSES[1]
+        }
+        JobState::Finished => STATUSES[2],
+        JobState::Failed => STATUSES[3],
+    }
+}
+
+/// Task types: (key, label) of a job, by its kind and, for backups, mode.
+pub fn task_type(kind: &str, mode: Option<&str>) -> (String, String) {
+    match (kind, mode) {
+        ("backup", Some("Automated")) => ("auto-backup".into(), "Automatic Backup".into()),
+        ("backup", _) => ("manual-backup".into(), "Manually Back Up Instance".into()),
+        ("restore", _) => ("restore".into(), "Restore".into()),
+        (other, _) => {
+            let mut label = other.replace('-', " ");
+            if let Some(first) = label.get(..1) {
+                label = first.to_uppercase() + &label[1..];
+            }
+            (other.to_string(), label)
+        }
+    }
+}
+
+/// One row, as the page shows it and the poll returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Task {
+    pub id: i64,
+    pub instance: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub type_label: String,
+    pub state: &'static str,
+    pub status: &'static str,
+    pub status_label: &'static str,
+    pub progress: u8,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub backup_id: Option<String>,
+    pub error: Option<String>,
+    pub detail: String,
+}
+
+fn iso(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn to_task(job: &Job, mode: Option<&str>) -> Task {
+    let (kind, type_label) = task_type(&job.kind, mode);
+    let (status, status_label) = status_group(job.state);
+    Task {
+        id: job.id,
+        instance: job.instance_id.clone().unwrap_or_default(),
+        kind,
+        type_label,
+        state: job.state.as_str(),
+        status,
+        status_label,
+        progress: job.progress,
+        started_at: iso(job.started_at),
+        finished_at: job.finished_at.map(iso),
+        backup_id: job.backup_id.clone(),
+        error: job.error.clone(),
+        detail: job.detail.clone(),
+    }
+}
+
+/// What the Task Center shows: the newest [`SHOWN`] tasks matching
+/// `filter`, and every job kind in the catalog (for the type filter).
+struct Listing {
+    tasks: Vec<Task>,
+    kinds: Vec<String>,
+}
+
+fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api::ApiError> {
+    let mut jobs = catalog.list_jobs(None)?;
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
+    let mut kinds: Vec<String> = Vec::new();
+    let mut tasks = Vec::new();
+    for j in &jobs {
+        if !kinds.contains(&j.kind) {
+            kinds.push(j.kind.clone());
+        }
+        let (status, _) = status_group(j.state);
+        let instance = j.instance_id.as_deref().unwrap_or_default();
+        if tasks.len() == SHOWN
+            || (!filter.status.is_empty() && filter.status != status)
+            || (!filter.instance.is_empty() && filter.instance != instance)
+        {
+            continue;
+        }
+        // Backups are typed by their set's mode: one lookup per job shown.
+        let mode = match (j.kind.as_str(), &j.backup_id) {
+            ("backup", Some(b)) => catalog.get_backup(b).ok().map(|b| b.mode),
+            _ => None,
+        };
+        let task = to_task(j, mode.as_deref());
+        if filter.kind.is_empty() || task.kind == filter.kind {
+            tasks.push(task);
+        }
+    }
+    Ok(Listing { tasks, kinds })
+}
+
+/// `GET /console/tasks`.
+pub async fn page(
+    State(state): State<Arc<ConsoleState>>,
+    page: Page,
+    Query(filter): Query<Filter>,
+) -> Response {
+    let catalog = state.service.engine.catalog.as_ref();
+    let body = match (listing(catalog, &filter), catalog.list_instances()) {
+        (Ok(listing), Ok(instances)) => {
+            let ids: Vec<String> = instances.into_iter().map(|i| i.id).collect();
+            center(&listing, &filter, &ids)
+        }
+        (Err(e), _) => layout::error_box("The tasks could not be read:", &e),
+        (_, Err(e)) => layout::error_box("The tasks could not be read:", &e.into()),
+    };
+    html_response(
+        StatusCode::OK,
+        layout::page(
+            "Task Center",
+            Some(&page.who),
+            Section::Tasks,
+            page.flash,
+            body,
+        ),
+    )
+}
+
+/// `GET /console/api/tasks`: the rows the page would show now.
+pub async fn json(
+    State(state): State<Arc<ConsoleState>>,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> Response {
+    let catalog = state.service.engine.catalog.as_ref();
+    if state.sessions.get(&headers, catalog).is_none() {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "The session ended: sign in again."}),
+        );
+    }
+    match listing(catalog, &filter) {
+        Ok(listing) => json_response(
+            StatusCode::OK,
+            serde_json::json!({ "tasks": listing.tasks }),
+        ),
+        Err(e) => json_response(
+            e.status,
+            serde_json::json!({"error": e.message, "code": e.code}),
+        ),
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn select(name: &str, label: &str, current: &str, options: &[(String, String)]) -> Markup {
+    html! {
+        label.field {
+            span { (label) }
+            select name=(name) {
+                option value="" selected[current.is_empty()] { "All" }
+                @for (k, v) in options {
+                    option value=(k) selected[current == k] { (v) }
+                }
+            }
+        }
+    }
+}
+
+fn center(listing: &Listing, filter: &Filter, instances: &[String]) -> Markup {
+    let mut types: Vec<(String, String)> = vec![
+        task_type("backup", Some("Manual")),
+        task_type("backup", Some("Automated")),
+        task_type("restore", None),
+    ];
+    for kind in &listing.kinds {
+        let t = task_type(kind, None);
+        if kind != "backup" && !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    let statuses: Vec<(String, String)> = STATUSES
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let instance_options: Vec<(String, String)> =
+        instances.iter().map(|i| (i.clone(), i.clone())).collect();
+    let shown = &listing.tasks;
+    html! {
+        div.pagehead {
+            div {
+                h1 { "Task Center" }
+                p.muted { "Backups and restores of every instance. "
+                    span #live.live aria-live="polite" { "Progress updates by itself." } }
+            }
+        }
+        form.filters method="get" action="/console/tasks" {
+            (select("type", "Task type", &filter.kind, &types))
+            (select("status", "Status", &filter.status, &statuses))
+            (select("instance", "Instance", &filter.instance, &instance_options))
+            button.secondary type="submit" { "Filter" }
+            @if !filter.kind.is_empty() || !filter.status.is_empty() || !filter.instance.is_empty() {
+                a.button.ghost href="/console/tasks" { "Clear" }
+            }
+        }
+        div.card.tablewrap {
+            table.data.sortable #tasks data-poll="/console/api/tasks" {
+                thead { tr {
+                    (sort_th("Task ID", "num"))
+                    (sort_th("Instance", "text"))
+                    (sort_th("Task type", "text"))
+                    (sort_th("Status", "text"))
+                    (sort_th("Progress", "num"))
+                    (sort_th("Started", "num"))
+                    (sort_th("Finished", "num"))
+                    th scope="col" { "Details" }
+                } }
+                tbody {
+                    @for t in shown {
+                        (row(Some(t)))
+                    }
+                }
+            }
+            p.empty #tasks-empty hidden[!shown.is_empty()] { "No tasks match these filters." }
+            template #task-row { (row(None)) }
+        }
+    }
+}
+
+/// A task row; with `None`, the empty row the script fills for new tasks.
+/// Cells carry `data-f` names the script fills from the poll's JSON.
+fn row(t: Option<&Task>) -> Markup {
+    let started = t.and_then(|t| layout::parse_api_time(&t.started_at));
+    let finished = t
+        .and_then(|t| t.finished_at.as_deref())
+        .and_then(layout::parse_api_time);
+    let status_kind = t.map(|t| layout::state_kind(t.state)).unwrap_or("neutral");
+    let (detail, failed) = match t {
+        Some(Task { error: Some(e), .. }) => (e.clone(), true),
+        Some(Task {
+            backup_id: Some(b), ..
+        }) => (format!("Backup set {b}"), false),
+        Some(t) => (t.detail.clone(), false),
+        None => (String::new(), false),
+    };
+    html! {
+        tr data-task=[t.map(|t| t.id)] data-status=[t.map(|t| t.status)] {
+            td data-f="id" data-v=[t.map(|t| t.id)] { @if let Some(t) = t { (t.id) } }
+            td data-f="instance" data-v=[t.map(|t| &t.instance)] {
+                a href=[t.map(|t| format!("/console/instances/{}/backups", url_encode(&t.instance)))] {
+                    @if let Some(t) = t { (t.instance) }
+                }
+            }
+            td data-f="type" data-v=[t.map(|t| &t.type_label)] { @if let Some(t) = t { (t.type_label) } }
+            td data-f="status" data-v=[t.map(|t| t.status_label)] {
+                span class=(format!("badge {status_kind}")) { @if let Some(t) = t { (t.status_label) } }
+                span.sub.state { @if let Some(t) = t { (t.state) } }
+            }
+            td data-f="progress" data-v=[t.map(|t| t.progress)] {
+                progress max="100" value=(t.map(|t| t.progress).unwrap_or(0)) {}
+                span.pct { @if let Some(t) = t { (t.progress) "%" } }
+            }
+            td data-f="started" data-v=(layout::sort_time(started)) {
+                @if let Some(s) = started { (layout::time(s)) }
+            }
+            td data-f="finished" data-v=(layout::sort_time(finished)) {
+                @match finished {
+                    Some(f) => { (layout::time(f)) }
+                    None => { span.muted { "—" } }
+                }
+            }
+            td data-f="detail" .err-text[failed] { (detail) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_fall_into_rds_status_groups() {
+        assert_eq!(status_group(JobState::NoStart).1, "Pending Execution");
+        for s in [
+            JobState::Preparing,
+            JobState::Waiting,
+            JobState::Uploading,
+            JobState::Checking,
+        ] {
+            assert_eq!(status_group(s).1, "In Progress");
+        }
+        assert_eq!(status_group(JobState::Finished).0, "finished");
+        assert_eq!(status_group(JobState::Failed).0, "failed");
+    }
+
+    #[test]
+    fn listing_filters_by_type_status_and_instance() {
+        use strata_catalog::{BackupSet, BackupStatus, Instance, SqliteCatalog};
+        let catalog = SqliteCatalog::open_in_memory().unwrap();
+        let now = chrono::Utc::now();
+        for id in ["a", "b"] {
+            catalog
+                .add_instance(&Instance {
+                    id: id.into(),
+                    host: "127.0.0.1".into(),
+                    port: 5432,
+                    user: "postgres".into(),
+                    password_env: None,
+                    password: None,
+                    dbname: None,
+                    sslmode: "disable".into(),
+                    sslrootcert: None,
+                    system_identifier: None,
+                    pg_version_num: None,
+                    wal_segment_size: None,
+                    created_at: now,
+                })
+                .unwrap();
+        }
+        let backup = |instance: &str, set: &str, mode: &str, state: JobState| {
+            catalog
+                .insert_backup(&BackupSet {
+                    id: set.into(),
+                    instance_id: instance.into(),
+                    status: BackupStatus::Running,
+                    mode: mode.into(),
+                    started_at: now,
+                    finished_at: None,
+                    start_lsn: None,
+                    stop_lsn: None,
+                    start_timeline: None,
+                    stop_timeline: None,
+                    pg_version_num: None,
+                    total_bytes: 0,
+                    new_bytes: 0,
+                    dedup_bytes: 0,
+                    stored_bytes: 0,
+                    file_count: 0,
+                    error: None,
+                    job_id: None,
+                })
+                .unwrap();
+            let mut job = catalog.create_job("backup", Some(instance)).unwrap();
+            job.backup_id = Some(set.into());
+            job.state = state;
+            catalog.update_job(&job).unwrap();
+            job.id
+        };
+        let auto = backup("a", "1", "Automated", JobState::Finished);
+        let manual = backup("a", "2", "Manual", JobState::Uploading);
+        let other = backup("b", "3", "Manual", JobState::Failed);
+        let ids = |f: Filter| -> Vec<i64> {
+            listing(&catalog, &f)
+                .unwrap()
+                .tasks
+                .iter()
+                .map(|t| t.id)
+                .collect()
+        };
+        assert_eq!(ids(Filter::default()), [other, manual, auto]);
+        let kind = |k: &str| Filter {
+            kind: k.into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(kind("manual-backup")), [other, manual]);
+        assert_eq!(ids(kind("auto-backup")), [auto]);
+        let status = |s: &str| Filter {
+            status: s.into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(status("progress")), [manual]);
+        assert_eq!(ids(status("failed")), [other]);
+        assert!(ids(status("pending")).is_empty());
+        let instance = Filter {
+            instance: "b".into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(instance), [other]);
+    }
+
+    #[test]
+    fn task_types_name_backups_by_mode() {
+        assert_eq!(
+            task_type("backup", Some("Manual")).1,
+            "Manually Back Up Instance"
+        );
+        assert_eq!(task_type("backup", None).0, "manual-backup");
+        assert_eq!(task_type("backup", Some("Automated")).1, "Automatic Backup");
+        assert_eq!(
+            task_type("wal-receive", None),
+            ("wal-receive".into(), "Wal receive".into())
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! Backups against storage that misbehaves: errors (transient and
+//! permanent), timeouts (some after the write landed) and slow answers on a
+//! fraction of calls, injected by `FaultyStorage` under the same retry layer
+//! the binary uses, on a local directory and on a real S3 server (s3s-fs).
+//!
+//! After every run: the backup either succeeded or is recorded `Failed` with
+//! its reason (never left `Running`); the repository holds a manifest exactly
+//! for the successful sets; `verify` finds no problem, so every block and WAL
+//! object a committed set needs is there and intact. At the end the last
+//! successful set is restored, started and compared with the source.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_engine::{
+    BackupOptions, Engine, EngineSettings, NoProgress, RecoveryTarget, RestoreOptions, StartOptions,
+};
+use strata_repo::storage::fault::{FaultCounts, FaultPlan, FaultyStorage};
+use strata_repo::{
+    LocalStorage, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
+};
+use testkit::{Cluster, S3Server};
+
+/// Retries as the binary does, with short delays so the test stays quick.
+fn retry_policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 16,
+        base_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(50),
+    }
+}
+
+struct Rig {
+    store: Arc<dyn Storage>,
+    engine: Engine,
+    /// The same repository without faults, to inspect what runs left.
+    clean: Repository,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Rig {
+    fn new(store: Arc<dyn Storage>, dir: &std::path::Path, cluster: &Cluster, id: &str) -> Self {
+        let catalog: Arc<dyn Catalog> =
+            Arc::new(SqliteCatalog::open(&dir.join("catalog.db")).unwrap());
+        let clean = Repository::open_or_init(store.clone()).unwrap();
+        let settings = EngineSettings {
+            os_user: Some("postgres".into()),
+            start_timeout: Duration::from_secs(90),
+            ..EngineSettings::default()
+        };
+        let engine = Engine::new(catalog, clean.clone(), settings);
+        engine
+            .add_instance(&Instance {
+                id: id.into(),
+                host: cluster.host().into(),
+                port: cluster.port(),
+                user: "postgres".into(),
+                password_env: None,
+                password: None,
+                dbname: None,
+                sslmode: "disable".into(),
+                sslrootcert: None,
+                system_identifier: None,
+                pg_version_num: None,
+                wal_segment_size: None,
+                created_at: chrono::Utc::now(),
+            })
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        Rig {
+            store,
+            engine,
+            clean,
+            runtime,
+        }
+    }
+
+    /// One backup through `plan`'s faults under the retry layer; whether it
+    /// succeeded and which faults were injected.
+    fn backup_with(&mut self, plan: FaultPlan, id: &str) -> (bool, FaultCounts) {
+        let faulty = Arc::new(FaultyStorage::new(self.store.clone(), plan));
+        let storage: Arc<dyn Storage> =
+            Arc::new(RetryingStorage::new(faulty.clone(), retry_policy()));
+        self.engine.repo = Repository::open(storage).unwrap();
+        let outcome = self.runtime.block_on(self.engine.backup(
+            id,
+            &BackupOptions::default(),
+            &NoProgress,
+        ));
+        faulty.set_enabled(false);
+        (outcome.is_ok(), faulty.counts())
+    }
+}
+
+/// The invariants every run must leave behind.
+fn check_invariants(rig: &Rig, id: &str) {
+    let sets = rig.engine.catalog.list_backups(id).unwrap();
+    let manifests = rig.clean.list_backups(id).unwrap();
+    for set in &sets {
+        match set.status {
+            BackupStatus::Success => assert!(
+                manifests.contains(&set.id),
+                "successful backup {} has no manifest",
+                set.id
+            ),
+            BackupStatus::Failed => {
+                assert!(
+                    !manifests.contains(&set.id),
+                    "failed backup {} left a manifest",
+                    set.id
+                );
+                assert!(set.error.as_deref().is_some_and(|e| !e.is_empty()));
+            }
+            BackupStatus::Running => panic!("backup {} left Running", set.id),
+        }
+    }
+    for m in &manifests {
+        assert!(
+            sets.iter()
+                .any(|s| &s.id == m && s.status == BackupStatus::Success),
+            "manifest {m} in the repository for a set not recorded as successful"
+        );
+    }
+    let report = rig.clean.verify(&|_, _| {}).unwrap();
+    assert!(report.is_clean(), "verify: {:?}", report.problems);
+}
+
+fn scenario(store: Arc<dyn Storage>, name: &str) {
+    let cluster = testkit::shared_cluster(15);
+    let db = format!("faults_{name}");
+    cluster.psql("postgres", &format!("CREATE DATABASE {db}"));
+    cluster.pgbench(&db, &["-i", "-q", "-s", "1"]);
+    cluster.psql(&db, "CHECKPOINT");
+    let digest = |c: &Cluster| {
+        c.psql(
+            &db,
+            "SELECT md5(string_agg(aid::text || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts",
+        )
+    };
+    let source_digest = digest(cluster);
+    let dir = testkit::temp_dir(&format!("strata-faults-{name}-"));
+    let id = format!("faults-{name}");
+    let mut rig = Rig::new(store, &dir, cluster, &id);
+
+    // 1. Transient trouble everywhere: retries absorb it, the backup succeeds.
+    // (A small backup makes only a dozen calls, so the rates are high.)
+    let mut plan = FaultPlan::none(11);
+    plan.error_rate = 0.35;
+    plan.timeout_rate = 0.15;
+    plan.timeout_after = Duration::from_millis(20);
+    plan.slow_rate = 0.1;
+    plan.slow_delay = Duration::from_millis(30);
+    let (ok, counts) = rig.backup_with(plan, &id);
+    assert!(ok, "transient faults were not absorbed: {counts:?}");
+    assert!(
+        counts.transient_errors + counts.timeouts_before + counts.timeouts_after > 0,
+        "{counts:?}"
+    );
+    check_invariants(&rig, &id);
+
+    // 2. Permanent refusals on some writes: success or a recorded failure.
+    let mut plan = FaultPlan::none(22);
+    plan.error_rate = 0.3;
+    plan.permanent_share = 1.0;
+    plan.ops = vec!["put"];
+    let (_, counts) = rig.backup_with(plan, &id);
+    assert!(counts.calls > 0);
+    check_invariants(&rig, &id);
+
+    // 3. Every write refused: the backup must fail, and say why.
+    let mut plan = FaultPlan::none(33);
+    plan.error_rate = 1.0;
+    plan.permanent_share = 1.0;
+    plan.ops = vec!["put"];
+    let (ok, counts) = rig.backup_with(plan, &id);
+    assert!(!ok && counts.permanent_errors > 0, "{counts:?}");
+    check_invariants(&rig, &id);
+    let last = rig.engine.catalog.list_backups(&id).unwrap().pop().unwrap();
+    assert!(
+        last.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("injected fault"),
+        "{last:?}"
+    );
+
+    // 4. The commit point itself times out, sometimes after landing: the set
+    //    is failed and its manifest, if it landed, removed again.
+    let mut plan = FaultPlan::none(44);
+    plan.timeout_rate = 1.0;
+    plan.timeout_after = Duration::from_millis(5);
+    plan.ops = vec!["put"];
+    plan.keys_containing = Some(".manifest");
+    let (ok, counts) = rig.backup_with(plan, &id);
+    assert!(!ok, "{counts:?}");
+    assert!(
+        counts.timeouts_after + counts.timeouts_before >= 10,
+        "{counts:?}"
+    );
+    check_invariants(&rig, &id);
+
+    // 5. Slow storage only: success.
+    let mut plan = FaultPlan::none(55);
+    plan.slow_rate = 0.6;
+    plan.slow_delay = Duration::from_millis(20);
+    let (ok, counts) = rig.backup_with(plan, &id);
+    assert!(ok && counts.slow > 0, "{counts:?}");
+    check_invariants(&rig, &id);
+
+    // The newest successful set restores and matches the source.
+    let sets = rig.engine.catalog.list_backups(&id).unwrap();
+    assert!(
+        sets.iter()
+            .filter(|s| s.status == BackupStatus::Success)
+            .count()
+            >= 2
+    );
+    let newest = sets
+        .iter()
+        .rev()
+        .find(|s| s.status == BackupStatus::Success)
+        .unwrap();
+    let target = dir.join("restored");
+    let port = testkit::free_port();
+    rig.engine
+        .restore(
+            &id,
+            &RestoreOptions {
+                target_dir: target.clone(),
+                backup_id: Some(newest.id.clone()),
+                target: RecoveryTarget::Latest,
+                start: Some(StartOptions {
+                    port,
+                    ..Default::default()
+                }),
+                job_id: None,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    let restored = Cluster::adopt(15, target, port);
+    assert_eq!(digest(&restored), source_digest);
+    drop(restored);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn backups_under_storage_faults_on_a_local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+    scenario(store, "local");
+}
+
+#[test]
+fn backups_under_storage_faults_on_s3() {
+    let server = S3Server::start();
+    let mut config = S3Config::from_url(&format!("s3://{}/faults", S3Server::BUCKET)).unwrap();
+    config.endpoint = Some(server.endpoint());
+    config.access_key_id = Some(S3Server::ACCESS_KEY.into());
+    config.secret_access_key = Some(S3Server::SECRET_KEY.into());
+    config.path_style = true;
+    config.allow_http = true;
+    scenario(Arc::new(S3Storage::new(config).unwrap()), "s3");
+}

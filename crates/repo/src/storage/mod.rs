@@ -1,0 +1,155 @@
+//! The storage backend the repository is written to.
+//!
+//! A deliberately small trait (put / get / ranged get / list / delete) so the
+//! repository logic never knows whether it talks to a local directory or an
+//! object store (the restic backend pattern). `put` must be atomic: a reader
+//! either sees the whole object or nothing, which is what makes "manifest
+//! written last" a commit point.
+//!
+//! Backends: [`LocalStorage`] (a directory) and [`S3Storage`] (any
+//! S3-compatible service, through the `object_store` crate). [`RetryingStorage`]
+//! wraps either and retries what [`StorageError::is_transient`] calls
+//! transient; it is the only place a storage call is retried.
+
+mod local;
+mod retry;
+mod s3;
+
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use local::LocalStorage;
+pub use retry::{RetryPolicy, RetryingStorage};
+pub use s3::{S3Config, S3Storage};
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("I/O error on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ranged read asked for bytes past the end of the object.
+    #[error("{key}: wanted {len} bytes at offset {offset}, the object is shorter")]
+    ShortRead { key: String, offset: u64, len: u64 },
+    /// The object store refused or failed a request. `transient` is decided
+    /// where the answer is decoded (HTTP status, transport error kind).
+    #[error("{op} {key}: {message}")]
+    Remote {
+        op: &'static str,
+        key: String,
+        message: String,
+        transient: bool,
+    },
+    /// The call did not finish in time; it may or may not have taken effect.
+    #[error("{op} {key}: no answer within {after:?}")]
+    Timeout {
+        op: &'static str,
+        key: String,
+        after: Duration,
+    },
+    /// The backend cannot be set up as configured (bad URL, missing
+    /// credentials); retrying does not help.
+    #[error("storage configuration: {0}")]
+    Config(String),
+}
+
+impl StorageError {
+    /// Whether retrying the same call may succeed. This is the one place that
+    /// decides: [`RetryingStorage`] retries exactly these, and callers that
+    /// reconnect (WAL receivers) ask the same question through the engine.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            StorageError::Remote { transient, .. } => *transient,
+            StorageError::Timeout { .. } => true,
+            StorageError::NotFound(_)
+            | StorageError::InvalidKey(_)
+            | StorageError::ShortRead { .. }
+            | StorageError::Config(_) => false,
+        }
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// An object store keyed by `/`-separated relative paths.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Stores `data` under `key`, replacing any previous object atomically.
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
+    /// Exactly `len` bytes from `offset`; [`StorageError::ShortRead`] when the
+    /// object ends sooner.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>>;
+    /// Keys under the directory `prefix` (recursively; `""` = everything),
+    /// sorted. `"a"` and `"a/"` both mean the keys starting with `a/`.
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>>;
+    /// Removes `key`; removing an absent key is not an error.
+    fn delete(&self, key: &str) -> StorageResult<()>;
+    fn exists(&self, key: &str) -> StorageResult<bool>;
+    /// Human-readable location, for messages.
+    fn describe(&self) -> String;
+}
+
+/// A shared backend is a backend, so wrappers (retries, fault injection) can
+/// be stacked over one store that is also used directly.
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        (**self).put(key, data)
+    }
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        (**self).get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        (**self).get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        (**self).list(prefix)
+    }
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        (**self).delete(key)
+    }
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        (**self).exists(key)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// Keys are relative `/`-separated paths without empty, `.` or `..` parts,
+/// on every backend, so a repository can move between them.
+pub(crate) fn validate_key(key: &str) -> StorageResult<()> {
+    let valid = !key.is_empty()
+        && !key.starts_with('/')
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if valid {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidKey(key.to_string()))
+    }
+}
+
+/// A list prefix as a directory key (no trailing `/`), or `None` for the root.
+pub(crate) fn list_dir(prefix: &str) -> StorageResult<Option<&str>> {
+    let dir = prefix.trim_end_matches('/');
+    if dir.is_empty() {
+        return Ok(None);
+    }
+    validate_key(dir)?;
+    Ok(Some(dir))
+}

@@ -1,0 +1,446 @@
+//! The API as its users meet it: the official Alibaba Cloud RDS SDK for
+//! Python (`alibabacloud-rds20140815`, installed into `.cache/venv` by
+//! `scripts/install-test-deps.sh`) against a real `strata serve` backing up a
+//! real PostgreSQL 15.
+//!
+//! Each test here starts its own server (own data directory, free port),
+//! creates a read-only key next to the admin key the first start wrote, and
+//! runs one pytest module of `tests/sdk/` with the endpoint, both key pairs
+//! and the PostgreSQL server (its own cluster) in its environment. The
+//! modules register their own instance ids (one replication slot each).
+//! The crash test kills a server with SIGKILL in the middle of a backup and
+//! checks, through the SDK, what the restarted server reports.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Strata;
+use testkit::Cluster;
+
+/// Longest a pytest module (or the crash client) may run.
+const PYTHON_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+fn sdk_dir() -> PathBuf {
+    workspace_root().join("tests/sdk")
+}
+
+/// The venv's Python with the SDK and pytest; a missing one fails the test
+/// (a broken test environment is not a reason to skip).
+fn python() -> PathBuf {
+    let py = workspace_root().join(".cache/venv/bin/python");
+    let ok = py.exists()
+        && Command::new(&py)
+            .args([
+                "-c",
+                "import alibabacloud_rds20140815.client, alibabacloud_tea_openapi, pytest",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import the Alibaba Cloud RDS SDK and pytest: run scripts/install-test-deps.sh \
+         (it installs alibabacloud-rds20140815 and pytest into .cache/venv)",
+        py.display()
+    );
+    py
+}
+
+fn json_file(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+}
+
+/// `(AccessKeyId, AccessKeySecret)` of a `{"AccessKeyId", "AccessKeySecret"}` object.
+fn key_pair(v: &serde_json::Value) -> (String, String) {
+    let field = |name: &str| {
+        v[name]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| panic!("no {name} in {v}"))
+            .to_string()
+    };
+    (field("AccessKeyId"), field("AccessKeySecret"))
+}
+
+/// A `strata serve` child process with its own data directory; killed on
+/// drop (also when the test panics).
+struct ApiServer {
+    strata: Strata,
+    port: u16,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl ApiServer {
+    /// Writes `[scheduler] retention_interval_secs = 2` plus `scheduler`
+    /// (more lines of that table) into the configuration and starts.
+    /// Restore drills are off: each would restore and start a scratch
+    /// server after every backup, which is not what these tests are about
+    /// and would compete with them for the two cores.
+    fn start_new(name: &str, scheduler: &str) -> ApiServer {
+        Self::start_with_drills(name, scheduler, false)
+    }
+
+    fn start_with_drills(name: &str, scheduler: &str, drills: bool) -> ApiServer {
+        let strata = Strata::new(name);
+        let mut config = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&strata.config)
+            .expect("open strata.toml");
+        write!(
+            config,
+            "[drills]\nenabled = {drills}\n[scheduler]\nretention_interval_secs = 2\n{scheduler}"
+        )
+        .expect("write strata.toml");
+        let mut server = ApiServer {
+            strata,
+            port: testkit::free_port(),
+            child: None,
+            starts: 0,
+        };
+        server.start();
+        server
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.strata.dir.join("data")
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.strata.dir.join("serve.log")
+    }
+
+    /// Everything the server wrote to stderr (all starts).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the server on its port and data directory and
+    /// waits until `/healthz` answers.
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open serve.log");
+        let out = std::fs::File::create(self.strata.dir.join(format!("serve-{}.out", self.starts)))
+            .expect("create serve.out");
+        let listen = self.endpoint();
+        let child = self
+            .strata
+            .command(&["serve", "--listen", &listen])
+            .env("STRATA_LOG", "info")
+            .env("STRATA_DATA_DIR", self.data_dir())
+            .stdout(out)
+            .stderr(log)
+            .spawn()
+            .expect("spawn strata serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!("strata serve exited with {status}:\n{}", self.log());
+            }
+            if self.healthz() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "strata serve not healthy after 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn healthz(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(self.endpoint()) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let req = format!(
+            "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.endpoint()
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.starts_with("HTTP/1.1 200") && resp.trim_end().ends_with("ok")
+    }
+
+    /// SIGKILL, as a crash would; waits for (and reaps) the process.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().expect("SIGKILL strata serve");
+        let status = child.wait().expect("wait for strata serve");
+        assert!(!status.success(), "killed server exited with {status}");
+    }
+
+    /// SIGTERM (graceful), SIGKILL after 20 s.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: a signal to the pid of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn admin_key(&self) -> (String, String) {
+        let path = self.data_dir().join("admin-key.json");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{} must be private", path.display());
+        key_pair(&json_file(&path))
+    }
+
+    fn create_read_only_key(&self) -> (String, String) {
+        let out = self
+            .strata
+            .command(&["key", "create", "--read-only", "--json"])
+            .env("STRATA_DATA_DIR", self.data_dir())
+            .output()
+            .expect("run strata key create");
+        assert!(
+            out.status.success(),
+            "strata key create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        key_pair(
+            &serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("key create --json printed {stdout:?}: {e}")),
+        )
+    }
+
+    /// What the Python side needs: the endpoint, both key pairs, the
+    /// PostgreSQL server.
+    fn python_env(&self, cluster: &Cluster) -> Vec<(String, String)> {
+        let (id, secret) = self.admin_key();
+        let (ro_id, ro_secret) = self.create_read_only_key();
+        assert_ne!(id, ro_id);
+        [
+            ("STRATA_ENDPOINT", self.endpoint()),
+            ("STRATA_KEY_ID", id),
+            ("STRATA_KEY_SECRET", secret),
+            ("STRATA_RO_KEY_ID", ro_id),
+            ("STRATA_RO_KEY_SECRET", ro_secret),
+            ("STRATA_PG_HOST", cluster.host().to_string()),
+            ("STRATA_PG_PORT", cluster.port().to_string()),
+            ("STRATA_PG_USER", "postgres".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Runs `python args…` in the workspace root with `env`; fails the test
+    /// with Python's output and the server log unless it exits 0. Returns
+    /// Python's output.
+    fn run_python(&self, what: &str, args: &[&str], env: &[(String, String)]) -> String {
+        let out_path = self.strata.dir.join(format!("{what}.out"));
+        let out = std::fs::File::create(&out_path).expect("create python output file");
+        let mut child = Command::new(python())
+            .args(args)
+            .current_dir(workspace_root())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup output file"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn python");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for python") {
+                break Some(status);
+            }
+            if started.elapsed() > PYTHON_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        match status {
+            Some(s) if s.success() => {
+                println!(
+                    "--- {what} ({:.1} s) ---\n{output}",
+                    started.elapsed().as_secs_f64()
+                );
+                output
+            }
+            other => panic!(
+                "{what} {}:\n{output}\n--- strata serve log ---\n{}",
+                match other {
+                    Some(s) => format!("failed ({s})"),
+                    None => format!("timed out after {} s", PYTHON_TIMEOUT.as_secs()),
+                },
+                self.log()
+            ),
+        }
+    }
+
+    /// A 5xx is a server bug whatever the test expected.
+    fn assert_no_internal_errors(&self) {
+        let log = self.log();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("internal error") || l.contains("panicked"))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "the server logged internal errors:\n{}",
+            bad.join("\n")
+        );
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// One pytest module of `tests/sdk/` against a fresh server and its own
+/// PostgreSQL 15 cluster (not the shared one: the modules register several
+/// instances, each with a replication slot, and switch WAL; on their own
+/// cluster they neither run out of slots nor see each other's WAL).
+fn run_module(module: &str) {
+    run_module_with_drills(module, false);
+}
+
+fn run_module_with_drills(module: &str, drills: bool) {
+    python();
+    assert!(
+        sdk_dir().join(module).is_file(),
+        "tests/sdk/{module} missing"
+    );
+    let cluster = Cluster::start_default(15);
+    let name = module.trim_start_matches("test_").trim_end_matches(".py");
+    let server = ApiServer::start_with_drills(&format!("api-{name}"), "", drills);
+    let env = server.python_env(&cluster);
+    let path = format!("tests/sdk/{module}");
+    let output = server.run_python(
+        &format!("pytest-{name}"),
+        &["-m", "pytest", "-q", &path],
+        &env,
+    );
+    assert!(
+        output.contains(" passed") && !output.contains(" skipped"),
+        "pytest ran nothing or skipped tests:\n{output}"
+    );
+    server.assert_no_internal_errors();
+}
+
+#[test]
+fn sdk_backups_tasks_instances_read_only_key() {
+    run_module("test_backups.py");
+}
+
+#[test]
+fn sdk_backup_policy() {
+    run_module("test_policy.py");
+}
+
+#[test]
+fn sdk_log_backups_recovery_window_and_delete() {
+    run_module("test_wal.py");
+}
+
+/// Clones, RestoreTable, downloads and restore drills (drills on here).
+#[test]
+fn sdk_restores_downloads_and_drills() {
+    run_module_with_drills("test_restore.py", true);
+}
+
+#[test]
+fn sdk_authentication() {
+    run_module("test_auth.py");
+}
+
+/// SIGKILL during a (throttled, automatic) backup: after a restart on the
+/// same data directory the job is Failed with a reason, the set is Failed,
+/// never Success, a replayed request stays refused, and a new backup works.
+#[test]
+fn crash_during_backup_leaves_a_failed_job_and_the_server_recovers() {
+    python();
+    let cluster = Cluster::start_default(15);
+    // About 100 MB of data directory: at 2 MB/s the automatic first backup
+    // takes close to a minute, so the kill lands in the middle of it.
+    cluster.pgbench("postgres", &["-i", "-s", "5", "-q"]);
+    let mut server = ApiServer::start_new("api-crash", "backup_max_rate_kb = 2048\n");
+    let env = server.python_env(&cluster);
+    let state = server.strata.dir.join("crash-state.json");
+    let state_s = state.display().to_string();
+    let client = sdk_dir().join("crash_client.py").display().to_string();
+    server.run_python(
+        "crash-start",
+        &[&client, "start", "crash-1", &state_s],
+        &env,
+    );
+    let job = json_file(&state);
+    server.kill9();
+
+    server.start();
+    let output = server.run_python(
+        "crash-after-restart",
+        &[&client, "after-restart", &state_s],
+        &env,
+    );
+    assert!(output.contains("Failed:"), "{output}");
+    let log = server.log();
+    assert!(
+        log.contains("automatic backup started (first backup)"),
+        "the first backup was the automatic one:\n{log}"
+    );
+    server.assert_no_internal_errors();
+    println!(
+        "crashed job {} (backup set {}) reported Failed after the restart",
+        job["job"], job["backup"]
+    );
+}

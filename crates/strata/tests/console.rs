@@ -1,0 +1,161 @@
+//! The web console in a real browser: headless Chromium, driven by the
+//! Python tests in `tests/console/` (selenium, pytest), against a real
+//! `strata serve` archiving a real PostgreSQL. `scripts/install-test-deps.sh`
+//! installs Chromium, its driver and the Python packages.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{wait_for, Server, Strata};
+use testkit::Cluster;
+
+const INSTANCE: &str = "pg-main";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// The venv's Python, after checking the browser and the packages are there.
+fn prerequisites(root: &Path) -> PathBuf {
+    let hint = "run scripts/install-test-deps.sh (as root) first";
+    let python = root.join(".cache/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the console tests need the Python venv {}: {hint}",
+        python.display()
+    );
+    for bin in ["chromium", "chromedriver"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "the console tests need {bin} (Debian packages chromium, chromium-driver): {hint}"
+        );
+    }
+    let out = Command::new(&python)
+        .args(["-c", "import selenium, pytest"])
+        .output()
+        .expect("run the venv's python");
+    assert!(
+        out.status.success(),
+        "the console tests need selenium and pytest in {}: {hint}\n{}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    python
+}
+
+/// One raw HTTP/1.1 request; returns the status line and the headers.
+fn request(port: u16, head: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{head}\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn console_in_a_headless_browser() {
+    let root = repo_root();
+    let python = prerequisites(&root);
+    let cluster = Cluster::start_default(15);
+    let strata = Strata::new("console");
+    // Manual backups are slowed so the browser can watch their progress
+    // move; the first, automatic one runs at full speed.
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&strata.config)
+        .unwrap();
+    writeln!(config, "[scheduler]\nmanual_backup_max_rate_kb = 4000").unwrap();
+    drop(config);
+    strata.add_instance(INSTANCE, &cluster);
+    let key = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["key", "create", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(strata.ok(&args).trim()).unwrap()
+    };
+    let admin = key(&[]);
+    let reader = key(&["--read-only"]);
+    let server = Server::start(&strata, &[]);
+    wait_for("the first automatic backup", 120, || {
+        strata
+            .backups(INSTANCE)
+            .iter()
+            .any(|b| b["status"] == "Success")
+    });
+
+    // A browser opening `/` lands in the console; RPC calls to `/` do not.
+    let browser = request(
+        server.port,
+        "GET / HTTP/1.1\r\nAccept: text/html,application/xhtml+xml,*/*;q=0.8",
+    );
+    assert!(
+        browser.starts_with("HTTP/1.1 303") && browser.contains("location: /console/"),
+        "{browser}"
+    );
+    for rpc in [
+        "GET / HTTP/1.1\r\nAccept: application/json",
+        "GET /?Action=DescribeDBInstances&Version=2014-08-15 HTTP/1.1\r\nAccept: text/html",
+        "POST / HTTP/1.1\r\nAccept: text/html",
+    ] {
+        let answer = request(server.port, rpc);
+        assert!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("application/json"),
+            "{rpc}: {answer}"
+        );
+    }
+
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "pytest",
+            "tests/console",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+        ])
+        .current_dir(&root)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("STRATA_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("STRATA_INSTANCE", INSTANCE)
+        .env("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId"))
+        .env("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret"))
+        .env("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId"))
+        .env("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret"))
+        .env("STRATA_BIN", env!("CARGO_BIN_EXE_strata"))
+        .env("STRATA_CONFIG", &strata.config)
+        .env("STRATA_SCREENSHOTS", &shots)
+        .env("STRATA_DOCS_DIR", root.join("docs"))
+        .output()
+        .expect("run pytest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}\n{stderr}\nscreenshots: {}", shots.display());
+    assert!(
+        out.status.success(),
+        "the browser tests failed (screenshots in {}):\n{stdout}\n{stderr}",
+        shots.display()
+    );
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
+}

@@ -1,0 +1,271 @@
+"""The console in headless Chromium, page by page, in one session.
+
+The tests run in file order and build on each other: the admin signs in,
+backs the instance up and edits its policy; the read-only key comes last.
+"""
+
+import re
+from datetime import datetime, timedelta
+
+from conftest import strata_json
+
+LOG_OFF_WARNING = "Disabling log backup permanently deletes all existing log backup files"
+
+
+def test_sign_in_with_an_access_key_pair(console, env):
+    console.go("/")
+    console.wait("the sign-in page", lambda: console.path().startswith("/console/signin"))
+    key_id, secret = env["admin"]
+    console.sign_in(key_id, secret + "x")
+    assert "do not match" in console.text(".notice.err")
+    assert console.find("input[name=access_key_id]").get_attribute("value") == key_id
+    console.shot("sign-in")
+    console.sign_in(key_id, secret)
+    console.wait("the instances page", lambda: console.path() == "/console/")
+    assert key_id in console.text(".whoami")
+    # The session cookie is not readable by scripts.
+    assert "strata_session" not in console.d.execute_script("return document.cookie")
+
+
+def test_instances_page_lists_the_instance(console, env):
+    row = console.find(f"tr[data-instance='{env['instance']}']")
+    cells = [c.text for c in row.find_elements("css selector", "td")]
+    assert cells[0] == env["instance"]
+    assert re.match(r"127\.0\.0\.1:\d+", cells[1]), cells
+    assert cells[2].startswith("15."), cells
+    assert "Running" in cells[3] and "Log backup" in cells[3], cells
+    assert "GMT+8" in cells[4], cells  # the last backup, in the browser's zone
+    assert "MiB" in cells[6], cells
+    console.shot("instances")
+
+
+def shown_in_shanghai(time_element):
+    """The element shows its UTC datetime attribute as UTC+8."""
+    utc = datetime.strptime(time_element.get_attribute("datetime"), "%Y-%m-%dT%H:%M:%SZ")
+    local = (utc + timedelta(hours=8)).strftime("%Y-%m-%d %H:%M:%S")
+    return time_element.text.startswith(local) and time_element.get_attribute("title").startswith("UTC: ")
+
+
+def test_backup_instance_runs_in_the_task_center_and_is_listed(console, env):
+    instance = env["instance"]
+    console.go(f"/console/instances/{instance}/backups")
+    console.find("button[data-open=backup-dialog]").click()
+    dialog = console.find("#backup-dialog")
+    console.wait("the confirmation dialog", lambda: dialog.get_attribute("open") is not None)
+    assert instance in dialog.text
+    console.click_through(dialog.find_element("css selector", "button[type=submit]"))
+    console.wait("the started notice", lambda: console.finds(".notice.ok"))
+    notice = console.text(".notice.ok")
+    job = re.search(r"Backup task (\d+)", notice).group(1)
+    console.click_through(console.find(".notice.ok a"))
+    console.wait("the Task Center", lambda: console.path().startswith("/console/tasks"))
+    console.d.execute_script("window.__notReloaded = true")
+    row_css = f"tr[data-task='{job}']"
+    console.wait("the task's row", lambda: console.finds(row_css))
+    assert console.text(f"{row_css} td[data-f=type]") == "Manually Back Up Instance"
+
+    seen = []
+    shot_taken = False
+
+    def progress():
+        nonlocal shot_taken
+        rows = console.finds(row_css)
+        if not rows:
+            return False
+        status = rows[0].find_element("css selector", "td[data-f=status] .badge").text
+        value = int(rows[0].find_element("css selector", "td[data-f=progress]").get_attribute("data-v"))
+        if status == "In Progress":
+            if not seen or seen[-1] != value:
+                seen.append(value)
+            if 0 < value < 100 and not shot_taken:
+                console.shot("task-center")
+                shot_taken = True
+        return status in ("Finished", "Failed") and status
+
+    final = console.wait("the backup to finish", progress, timeout=120)
+    assert final == "Finished", console.text(row_css)
+    assert console.d.execute_script("return window.__notReloaded === true"), "the page was reloaded"
+    assert len(set(v for v in seen if v < 100)) >= 2, f"progress did not move: {seen}"
+    assert console.text(f"{row_css} .pct") == "100%"
+    backup_id = re.search(r"Backup set (\S+)", console.text(f"{row_css} td[data-f=detail]")).group(1)
+    if not shot_taken:
+        console.shot("task-center")
+
+    # Filters: the finished task is under Finished, not under In Progress.
+    console.go("/console/tasks?status=finished&type=manual-backup")
+    assert console.finds(row_css)
+    console.go("/console/tasks?status=progress")
+    assert not console.finds(row_css)
+
+    console.go(f"/console/instances/{instance}/backups")
+    row = console.find(f"tr[data-backup='{backup_id}']")
+    assert "Success" in row.text and "Manual" in row.text and "Physical" in row.text, row.text
+    assert shown_in_shanghai(row.find_element("css selector", "time"))
+    listed = {b["id"]: b for b in strata_json(env, "backup", "list", instance)}
+    assert listed[backup_id]["mode"] == "Manual" and listed[backup_id]["status"] == "Success"
+    console.shot("base-backups")
+
+    # Sortable: oldest first, then newest first.
+    header = console.find("#data-backups th:nth-child(2)")
+    header.find_element("css selector", "button").click()
+    assert header.get_attribute("aria-sort") == "ascending"
+    starts = [int(td.get_attribute("data-v")) for td in console.finds("#data-backups tbody td:nth-child(2)")]
+    assert len(starts) >= 2 and starts == sorted(starts), starts
+    header.find_element("css selector", "button").click()
+    starts = [int(td.get_attribute("data-v")) for td in console.finds("#data-backups tbody td:nth-child(2)")]
+    assert starts == sorted(starts, reverse=True), starts
+
+    # A time range that ends before it began is refused with the API's words.
+    console.go(f"/console/instances/{instance}/backups?from=2026-01-02T00:00Z&to=2026-01-01T00:00Z")
+    assert "EndTime must be later than StartTime" in console.text(".notice.err")
+
+    console.go(f"/console/instances/{instance}/backups?view=log")
+    console.wait("the log backup list", lambda: console.finds("#log-backups tbody tr"))
+    console.shot("log-backups")
+
+
+def set_days(console, days):
+    for box in console.finds("input[name=day]"):
+        if box.is_selected() != (box.get_attribute("value") in days):
+            box.click()
+
+
+def set_field(console, css, value):
+    field = console.find(css)
+    field.clear()
+    field.send_keys(value)
+
+
+def test_policy_is_validated_inline_then_saved(console, env, api):
+    instance = env["instance"]
+    before = api.backup_policy(instance)
+    console.go(f"/console/instances/{instance}/strategy")
+    set_days(console, {"Monday"})
+    console.click_through(console.find("#save-strategy"))
+    console.wait("the inline error", lambda: console.finds("#days-error"))
+    error = console.text("#days-error")
+    assert "at least two days" in error and "InvalidPreferredBackupPeriod.Malformed" in error, error
+    # The form keeps what was entered; nothing was saved.
+    assert [b.get_attribute("value") for b in console.finds("input[name=day]:checked")] == ["Monday"]
+    assert api.backup_policy(instance) == before
+    console.shot("backup-strategy-error")
+
+    # Log retention above data retention: the API's combination rule.
+    set_days(console, {"Monday", "Thursday"})
+    set_field(console, "#retention", "10")
+    set_field(console, "#log_retention", "30")
+    console.click_through(console.find("#save-strategy"))
+    console.wait("the retention error", lambda: console.finds("#log_retention-error"))
+    assert "InvalidParameterCombination" in console.text("#log_retention-error")
+
+    set_field(console, "#log_retention", "8")
+    console.find("#window option[value='03:00Z-04:00Z']").click()
+    console.click_through(console.find("#save-strategy"))
+    console.wait("the saved notice", lambda: console.finds(".notice.ok"))
+    assert "Backup policy saved" in console.text(".notice.ok")
+    saved = api.backup_policy(instance)
+    assert saved["PreferredBackupPeriod"] == "Monday,Thursday", saved
+    assert saved["PreferredBackupTime"] == "03:00Z-04:00Z", saved
+    assert saved["BackupRetentionPeriod"] == 10 and saved["LogBackupRetentionPeriod"] == 8, saved
+    console.d.refresh()
+    assert [b.get_attribute("value") for b in console.finds("input[name=day]:checked")] == ["Monday", "Thursday"]
+    assert console.find("#retention").get_attribute("value") == "10"
+    console.shot("backup-strategy")
+
+
+def test_turning_log_backup_off_warns_before_it_applies(console, env, api):
+    instance = env["instance"]
+    console.go(f"/console/instances/{instance}/strategy")
+    box = console.find("#log-backup")
+    assert box.is_selected()
+    box.click()
+    assert "active" in console.find("#log-off-warning").get_attribute("class")
+    console.find("#save-strategy").click()
+    dialog = console.find("#log-off-dialog")
+    console.wait("the warning dialog", lambda: dialog.get_attribute("open") is not None)
+    assert LOG_OFF_WARNING in dialog.text
+    console.shot("log-backup-off-warning")
+    dialog.find_element("css selector", "button[data-close]").click()
+    console.wait("the dialog to close", lambda: dialog.get_attribute("open") is None)
+    assert str(api.backup_policy(instance)["EnableBackupLog"]) == "1", "applied before confirming"
+    # Without the script's dialog the server asks for the confirmation itself.
+    status, body = console.d.execute_async_script(
+        """
+        const done = arguments[0];
+        const form = document.querySelector('form.strategy');
+        fetch(form.action, {method: 'POST', body: new URLSearchParams(new FormData(form))})
+          .then(r => r.text().then(t => done([r.status, t])));
+        """
+    )
+    assert status == 200 and 'id="log-off-confirm"' in body and LOG_OFF_WARNING in body, body
+    assert str(api.backup_policy(instance)["EnableBackupLog"]) == "1", "applied without confirmation"
+
+    console.find("#save-strategy").click()
+    console.wait("the warning dialog", lambda: dialog.get_attribute("open") is not None)
+    console.click_through(dialog.find_element("css selector", "button[name=confirm_log_off]"))
+    console.wait("the saved notice", lambda: console.finds(".notice.ok"))
+    assert "Log backup is off" in console.text(".notice.ok")
+    assert str(api.backup_policy(instance)["EnableBackupLog"]) == "0"
+    assert "Off" in console.text(".facts")
+
+
+def test_restore_and_storage_tabs(console, env):
+    instance = env["instance"]
+    console.go(f"/console/instances/{instance}/restore")
+    notice = console.text("#restore-unavailable")
+    assert "Not available yet" in notice and "CloneDBInstance" in notice, notice
+    assert all(f.get_attribute("disabled") is not None for f in console.finds("fieldset.card"))
+    console.shot("restore")
+    console.go(f"/console/instances/{instance}/storage")
+    assert console.finds("svg.chart path.area.data") and console.finds("svg.chart path.area.log")
+    assert "backup sets" in console.text(".figures")
+    console.shot("storage")
+
+
+def test_pages_fit_a_narrow_screen(console, env):
+    instance = env["instance"]
+    console.viewport(390, 844, mobile=True)
+    try:
+        for name, path in [
+            ("narrow-instances", "/console/"),
+            ("narrow-base-backups", f"/console/instances/{instance}/backups"),
+            ("narrow-backup-strategy", f"/console/instances/{instance}/strategy"),
+            ("narrow-task-center", "/console/tasks"),
+        ]:
+            console.go(path)
+            assert console.no_horizontal_scroll(), f"{path} scrolls sideways at 390 px"
+            console.shot(name)
+    finally:
+        console.viewport(1280, 800)
+
+
+def test_read_only_key_sees_no_buttons_that_change_things(console, env):
+    instance = env["instance"]
+    tasks_before = len(strata_json(env, "task", "list", instance))
+    console.sign_out()
+    console.sign_in(*env["reader"])
+    console.wait("the instances page", lambda: console.path() == "/console/")
+    assert "read-only" in console.text(".whoami")
+    console.go(f"/console/instances/{instance}/backups")
+    assert not console.finds("button[data-open=backup-dialog]")
+    console.go(f"/console/instances/{instance}/strategy")
+    assert not console.finds("#save-strategy")
+    assert all(f.get_attribute("disabled") is not None for f in console.finds("fieldset.card"))
+    console.shot("read-only-strategy")
+
+    # The server refuses anyway: a forged POST with the session's own token,
+    # and one without it.
+    post = """
+        const [url, token, done] = arguments;
+        fetch(url, {method: 'POST', body: new URLSearchParams({csrf: token})})
+          .then(r => r.text().then(t => done([r.status, t])));
+    """
+    token = console.find("input[name=csrf]").get_attribute("value")
+    status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/backup", token)
+    assert "Forbidden.ReadOnlyAccessKey" in body, body
+    status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/strategy", token)
+    assert status == 403 and "read-only" in body, (status, body)
+    status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/backup", "forged")
+    assert status == 403 and "Request refused" in body, (status, body)
+    assert len(strata_json(env, "task", "list", instance)) == tasks_before
+
