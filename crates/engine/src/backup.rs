@@ -552,7 +552,7 @@ enum Work {
 /// network read instead of filling memory.
 struct BlockPipeline {
     work_tx: mpsc::Sender<Work>,
-    pool_tx: Option<std::sync::mpsc::SyncSender<PoolJob>>,
+    pool_tx: Option<mpsc::Sender<PoolJob>>,
     writer: std::thread::JoinHandle<EngineResult<(Vec<FileEntry>, BackupStats)>>,
     pool: Vec<std::thread::JoinHandle<()>>,
 }
@@ -563,7 +563,9 @@ impl BlockPipeline {
             .map(|n| n.get())
             .unwrap_or(2);
         let known_hashes: Arc<HashSet<BlockHash>> = Arc::new(known.hashes().collect());
-        let (pool_tx, pool_rx) = std::sync::mpsc::sync_channel::<PoolJob>(threads * 2);
+        // A tokio channel: the network task waits for room asynchronously,
+        // the pool threads block on it.
+        let (pool_tx, pool_rx) = mpsc::channel::<PoolJob>(threads * 2);
         let pool_rx = Arc::new(Mutex::new(pool_rx));
         let pool = (0..threads)
             .map(|_| {
@@ -571,8 +573,8 @@ impl BlockPipeline {
                 let repo = repo.clone();
                 let known = known_hashes.clone();
                 std::thread::spawn(move || loop {
-                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((raw, reply)) = next else { break };
+                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
+                    let Some((raw, reply)) = next else { break };
                     let prepared = BlockWriter::prepare(&repo, &raw, |h| known.contains(h));
                     let _ = reply.send((prepared, raw));
                 })
@@ -633,12 +635,12 @@ impl BlockPipeline {
 
     async fn block(&self, raw: Vec<u8>) -> EngineResult<()> {
         let (tx, rx) = oneshot::channel();
-        let pool_tx = self.pool_tx.clone().expect("pool open until finish");
+        let pool_tx = self.pool_tx.as_ref().expect("pool open until finish");
         // The pool queue is short and drains at compression speed; waiting
         // for room here is the backpressure.
-        tokio::task::spawn_blocking(move || pool_tx.send((raw, tx)))
+        pool_tx
+            .send((raw, tx))
             .await
-            .map_err(|e| EngineError::Failed(format!("compression pool: {e}")))?
             .map_err(|_| EngineError::Failed("the compression pool stopped".into()))?;
         self.send(Work::Block(rx)).await
     }

@@ -60,9 +60,11 @@ pub struct EngineSettings {
 impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
-            wal_flush_interval: std::time::Duration::from_secs(1),
+            wal_flush_interval: std::time::Duration::from_millis(200),
             wal_status_interval: std::time::Duration::from_secs(10),
-            restore_parallelism: std::thread::available_parallelism()
+            // Twice the cores: restoring waits on file creation and writes
+            // as much as on the CPU.
+            restore_parallelism: 2 * std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
             pg_bin_dirs: vec!["/usr/lib/postgresql/{major}/bin".into()],

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{RestorePointRow, WalSegmentRow};
-use strata_repo::{wal_segment_key, RestorePointInfo, WalSegmentMeta};
+use strata_repo::{wal_segment_key, RestorePointInfo, WalPayload, WalSegmentMeta};
 
 use crate::{Engine, EngineError, EngineResult};
 
@@ -54,6 +54,8 @@ pub struct SegmentArchiver {
     timeline: TimelineId,
     seg_start: Lsn,
     buf: Vec<u8>,
+    /// `buf` as stored in partial objects, extended at each refresh.
+    payload: WalPayload,
     decoder: WalDecoder,
     summary: Summary,
     /// Bytes of the current segment already stored as a partial object.
@@ -73,6 +75,7 @@ impl SegmentArchiver {
         start: Lsn,
     ) -> Self {
         let seg_start = geometry.segment_start(geometry.segment_of(start));
+        let payload = engine.repo.wal_payload();
         SegmentArchiver {
             engine,
             instance_id: instance_id.to_string(),
@@ -80,6 +83,7 @@ impl SegmentArchiver {
             timeline,
             seg_start,
             buf: Vec::with_capacity(geometry.segment_size() as usize),
+            payload,
             decoder: WalDecoder::new(geometry, seg_start),
             summary: Summary::default(),
             partial_len: 0,
@@ -135,6 +139,7 @@ impl SegmentArchiver {
                 self.store(false)?;
                 self.seg_start = self.seg_start + seg_size as u64;
                 self.buf.clear();
+                self.payload = self.engine.repo.wal_payload();
                 self.summary = Summary::default();
                 self.partial_len = 0;
             }
@@ -168,7 +173,14 @@ impl SegmentArchiver {
     fn store(&mut self, partial: bool) -> EngineResult<()> {
         let name = self.segment_name();
         let repo = &self.engine.repo;
-        let checksum = repo.wal_checksum(&self.buf);
+        // A partial object only adds the bytes received since the last one;
+        // a complete segment is compressed whole, as one frame.
+        let checksum = if partial {
+            self.payload.extend(&self.buf[self.payload.len()..])?;
+            self.payload.checksum()
+        } else {
+            repo.wal_checksum(&self.buf)
+        };
         if !partial {
             let already = self
                 .engine
@@ -202,7 +214,11 @@ impl SegmentArchiver {
             restore_points: self.summary.restore_points.clone(),
             stored_at: Utc::now(),
         };
-        let key = repo.put_wal_segment(&self.instance_id, &meta, &self.buf)?;
+        let key = if partial {
+            repo.put_wal_payload(&self.instance_id, &meta, &self.payload)?
+        } else {
+            repo.put_wal_segment(&self.instance_id, &meta, &self.buf)?
+        };
         record_segment(&self.engine, &self.instance_id, &meta, key)?;
         if !partial {
             self.stored.push(name);

@@ -21,6 +21,8 @@ use crate::ReplicationError;
 /// Upper bound for one backend message; walsender messages are at most a few hundred KiB, so a
 /// larger length means a corrupt stream, not a reason to allocate.
 const MAX_MESSAGE_LEN: usize = 64 * 1024 * 1024;
+/// How much the read buffer grows by when it runs low.
+const READ_CHUNK: usize = 256 * 1024;
 /// `CopyBothResponse`, which `postgres-protocol` does not parse.
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 
@@ -131,6 +133,13 @@ impl Connection {
         loop {
             if let Some(msg) = self.parse_buffered()? {
                 return Ok(msg);
+            }
+            // Room for many messages per read: reserving only what one
+            // message lacks would move the unread bytes to a new buffer at
+            // almost every read (parsed messages still share the old one),
+            // copying the whole stream once more.
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                self.read_buf.reserve(READ_CHUNK);
             }
             let n = self.transport.read_buf(&mut self.read_buf).await?;
             if n == 0 {

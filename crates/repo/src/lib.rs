@@ -31,7 +31,9 @@ pub use storage::{
     LocalStorage, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
 };
 pub use verify::{VerifyProblem, VerifyReport};
-pub use wal::{history_key, wal_segment_key, RestorePointInfo, WalObject, WalSegmentMeta};
+pub use wal::{
+    history_key, wal_segment_key, RestorePointInfo, WalObject, WalPayload, WalSegmentMeta,
+};
 
 use object::{open, seal};
 use pack::{encode_blob, PackBuilder, PackEntry};
@@ -99,6 +101,11 @@ impl Hasher {
 
     pub fn hash(&self, data: &[u8]) -> BlockHash {
         BlockHash(*blake3::keyed_hash(&self.key, data).as_bytes())
+    }
+
+    /// The same keyed hash, fed piece by piece.
+    fn incremental(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.key)
     }
 }
 
@@ -382,8 +389,9 @@ impl Repository {
         BlockWriter {
             repo: self.clone(),
             index: known,
-            pack: PackBuilder::new(&self.keys),
+            pack: PackBuilder::with_buffer(&self.keys, Vec::with_capacity(PACK_BUFFER_CAPACITY)),
             stats: BackupStats::default(),
+            uploads: None,
         }
     }
 
@@ -475,6 +483,49 @@ impl Repository {
     pub fn read_block(&self, block: &BlockRef) -> RepoResult<Vec<u8>> {
         let key = pack_key(&block.p);
         let data = self.storage.get_range(&key, block.o, block.s as u64)?;
+        self.decode_block(&key, block, &data)
+    }
+
+    /// Reads `blocks` in order and hands each one, checked against its
+    /// hash, to `sink`. Blocks lying back to back in one pack (a file's new
+    /// blocks usually do) are fetched with one ranged read of up to
+    /// [`READ_RUN_MAX`] bytes instead of one read each.
+    pub fn read_blocks<E: From<RepoError>>(
+        &self,
+        blocks: &[BlockRef],
+        mut sink: impl FnMut(Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut i = 0;
+        while i < blocks.len() {
+            let first = &blocks[i];
+            let mut end = i + 1;
+            let mut run_end = first.o + first.s as u64;
+            while let Some(next) = blocks.get(end) {
+                let adjacent =
+                    next.p == first.p && next.o == run_end + pack::BLOB_HEADER_LEN as u64;
+                let next_end = next.o + next.s as u64;
+                if !adjacent || next_end - first.o > READ_RUN_MAX {
+                    break;
+                }
+                run_end = next_end;
+                end += 1;
+            }
+            let key = pack_key(&first.p);
+            let data = self
+                .storage
+                .get_range(&key, first.o, run_end - first.o)
+                .map_err(RepoError::from)?;
+            for block in &blocks[i..end] {
+                let at = (block.o - first.o) as usize;
+                let raw = self.decode_block(&key, block, &data[at..at + block.s as usize])?;
+                sink(raw)?;
+            }
+            i = end;
+        }
+        Ok(())
+    }
+
+    fn decode_block(&self, key: &str, block: &BlockRef, stored: &[u8]) -> RepoResult<Vec<u8>> {
         let entry = PackEntry {
             hash: block.h,
             offset: block.o,
@@ -482,10 +533,10 @@ impl Repository {
             raw_len: block.r,
             compression: block.c,
         };
-        let raw = pack::decode_blob(&self.keys, &key, &entry, &data)?;
+        let raw = pack::decode_blob(&self.keys, key, &entry, stored)?;
         if self.keys.hasher.hash(&raw) != block.h {
             return Err(RepoError::Corrupt {
-                object: key,
+                object: key.to_string(),
                 reason: format!(
                     "block {} at offset {} does not match its hash",
                     block.h, block.o
@@ -495,6 +546,13 @@ impl Repository {
         Ok(raw)
     }
 }
+
+/// The most [`Repository::read_blocks`] fetches with one read.
+pub const READ_RUN_MAX: u64 = 8 * 1024 * 1024;
+
+/// Room for a full pack: blobs up to [`DEFAULT_PACK_SIZE`] plus the block
+/// that crosses it and the index, so a pack buffer never reallocates.
+const PACK_BUFFER_CAPACITY: usize = DEFAULT_PACK_SIZE + 1024 * 1024;
 
 /// Blocks already stored, by content hash.
 #[derive(Debug, Default, Clone)]
@@ -524,6 +582,49 @@ pub struct BlockWriter {
     index: BlockIndex,
     pack: PackBuilder,
     stats: BackupStats,
+    uploads: Option<PackUploads>,
+}
+
+/// Full packs are sealed and stored on a thread of their own, so adding
+/// blocks never waits for the disk (or the network): one pack is stored
+/// while the next fills, and at most one more waits, which bounds memory to
+/// three pack buffers. Stored packs' buffers come back for reuse.
+struct PackUploads {
+    tx: std::sync::mpsc::SyncSender<PackBuilder>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: std::thread::JoinHandle<RepoResult<()>>,
+}
+
+impl PackUploads {
+    fn start(repo: &Repository) -> RepoResult<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<PackBuilder>(1);
+        let (spare_tx, spare) = std::sync::mpsc::channel();
+        let storage = repo.storage.clone();
+        let keys = repo.keys.clone();
+        let thread = std::thread::Builder::new()
+            .name("strata-packs".into())
+            .spawn(move || {
+                for pack in rx {
+                    let (id, bytes) = pack.finish(&keys);
+                    storage.put(&pack_key(&id), &bytes)?;
+                    let _ = spare_tx.send(bytes);
+                }
+                Ok(())
+            })
+            .map_err(|source| StorageError::Io {
+                key: "packs".into(),
+                source,
+            })?;
+        Ok(PackUploads { tx, spare, thread })
+    }
+
+    /// Waits for every pack handed over to be stored.
+    fn finish(self) -> RepoResult<()> {
+        drop(self.tx);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(RepoError::Format("the pack writer thread panicked".into())))
+    }
 }
 
 /// A block hashed (and, when new, compressed and encrypted) away from the
@@ -604,20 +705,40 @@ impl BlockWriter {
         Ok(block)
     }
 
+    /// Hands the current pack to the upload thread and starts the next one.
     fn flush(&mut self) -> RepoResult<()> {
         if self.pack.is_empty() {
             return Ok(());
         }
-        let pack = std::mem::replace(&mut self.pack, PackBuilder::new(&self.repo.keys));
-        let (id, bytes) = pack.finish(&self.repo.keys);
-        self.repo.storage.put(&pack_key(&id), &bytes)?;
+        if self.uploads.is_none() {
+            self.uploads = Some(PackUploads::start(&self.repo)?);
+        }
+        let uploads = self.uploads.as_ref().expect("started above");
+        let buf = uploads
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(PACK_BUFFER_CAPACITY));
+        let pack = std::mem::replace(
+            &mut self.pack,
+            PackBuilder::with_buffer(&self.repo.keys, buf),
+        );
+        if uploads.tx.send(pack).is_err() {
+            // The thread stopped on an error: report it.
+            let uploads = self.uploads.take().expect("started above");
+            uploads.finish()?;
+            return Err(RepoError::Format("the pack writer thread stopped".into()));
+        }
         self.stats.packs += 1;
         Ok(())
     }
 
-    /// Writes the last pack; returns the counters for the manifest.
+    /// Stores the last pack and waits until every pack is stored; returns
+    /// the counters for the manifest.
     pub fn finish(mut self) -> RepoResult<BackupStats> {
         self.flush()?;
+        if let Some(uploads) = self.uploads.take() {
+            uploads.finish()?;
+        }
         Ok(self.stats)
     }
 
@@ -648,6 +769,7 @@ pub fn instance_key(instance_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pack::{COMPRESSION_NONE, COMPRESSION_ZSTD};
 
     fn repo() -> (tempfile::TempDir, Repository) {
         let dir = tempfile::tempdir().unwrap();
@@ -670,6 +792,137 @@ mod tests {
         assert_eq!(stats.dedup_blocks, 1);
         assert_eq!(repo.read_block(&ra).unwrap(), a);
         assert_eq!(repo.read_block(&rb).unwrap(), b);
+    }
+
+    /// Bytes zstd cannot shrink (xorshift), for incompressible blocks.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocks_are_compressed_only_when_it_helps() {
+        let block = DEFAULT_BLOCK_SIZE as usize;
+        let (code, stored) = pack::compress_block(&noise(block, 1), 1);
+        assert_eq!((code, stored.len()), (COMPRESSION_NONE, block));
+        let text: Vec<u8> = b"every page of a table looks alike ".repeat(block / 34);
+        let (code, stored) = pack::compress_block(&text, 1);
+        assert_eq!(code, COMPRESSION_ZSTD);
+        assert!(stored.len() < text.len() / 10);
+        // The thread's context follows a change of level.
+        let (code, stored3) = pack::compress_block(&text, 3);
+        assert_eq!(code, COMPRESSION_ZSTD);
+        assert_eq!(zstd::bulk::decompress(&stored3, text.len()).unwrap(), text);
+    }
+
+    #[test]
+    fn packs_fill_on_the_upload_thread_and_read_back_in_runs() {
+        let (_d, repo) = repo();
+        let mut w = repo.block_writer(BlockIndex::default());
+        let block = DEFAULT_BLOCK_SIZE as usize;
+        let blocks: Vec<Vec<u8>> = (0..(DEFAULT_PACK_SIZE * 5 / 2 / block) as u64)
+            .map(|i| {
+                if i % 3 == 0 {
+                    vec![i as u8; block]
+                } else {
+                    noise(block, i)
+                }
+            })
+            .collect();
+        let refs: Vec<BlockRef> = blocks.iter().map(|b| w.add(b).unwrap()).collect();
+        let stats = w.finish().unwrap();
+        assert!(stats.packs >= 2, "{} packs", stats.packs);
+        assert_eq!(
+            repo.storage().list("packs").unwrap().len() as u64,
+            stats.packs
+        );
+        let mut back = Vec::new();
+        repo.read_blocks(&refs, |raw| {
+            back.push(raw);
+            Ok::<_, RepoError>(())
+        })
+        .unwrap();
+        assert_eq!(back, blocks);
+        // Out of order and repeated blocks read back too.
+        let shuffled = vec![
+            refs[40].clone(),
+            refs[3].clone(),
+            refs[3].clone(),
+            refs[0].clone(),
+        ];
+        let mut back = Vec::new();
+        repo.read_blocks(&shuffled, |raw| {
+            back.push(raw);
+            Ok::<_, RepoError>(())
+        })
+        .unwrap();
+        assert_eq!(
+            back,
+            vec![
+                blocks[40].clone(),
+                blocks[3].clone(),
+                blocks[3].clone(),
+                blocks[0].clone()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_pack_write_fails_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let storage = Arc::new(LocalStorage::new(&root).unwrap());
+        let repo = Repository::open_or_init(storage).unwrap();
+        // A file where the packs directory should be: every pack put fails.
+        std::fs::write(root.join("packs"), b"").unwrap();
+        let mut w = repo.block_writer(BlockIndex::default());
+        let block = DEFAULT_BLOCK_SIZE as usize;
+        let mut failed = false;
+        for i in 0..(DEFAULT_PACK_SIZE * 3 / block) as u64 {
+            if w.add(&noise(block, i)).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed || w.finish().is_err());
+    }
+
+    #[test]
+    fn wal_payload_frames_open_as_one_payload() {
+        let (_d, repo) = repo();
+        let mut payload = repo.wal_payload();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(70_000) {
+            payload.extend(piece).unwrap();
+        }
+        assert_eq!(payload.len(), data.len());
+        assert_eq!(payload.checksum(), repo.wal_checksum(&data));
+        let meta = WalSegmentMeta {
+            timeline: pg_wal::TimelineId(1),
+            segment: "000000010000000000000003".into(),
+            begin_lsn: pg_wal::Lsn(0x300_0000),
+            end_lsn: pg_wal::Lsn(0x300_0000 + data.len() as u64),
+            partial: true,
+            checksum: payload.checksum(),
+            first_commit: None,
+            last_commit: None,
+            commit_count: 0,
+            min_commit_xid: None,
+            max_commit_xid: None,
+            restore_points: Vec::new(),
+            stored_at: Utc::now(),
+        };
+        let key = repo.put_wal_payload("i", &meta, &payload).unwrap();
+        let (read_meta, read) = repo.read_wal(&key).unwrap();
+        assert_eq!(read_meta, meta);
+        assert_eq!(read, data);
     }
 
     #[test]

@@ -54,14 +54,36 @@ pub fn seal<M: Serialize>(
     payload: &[u8],
     compress_level: Option<i32>,
 ) -> RepoResult<Vec<u8>> {
+    match compress_level {
+        Some(level) => {
+            let body = zstd::bulk::compress(payload, level)
+                .map_err(|e| RepoError::Format(e.to_string()))?;
+            seal_body(keys, kind, meta, FLAG_ZSTD, &body)
+        }
+        None => seal_body(keys, kind, meta, 0, payload),
+    }
+}
+
+/// Like [`seal`] for a payload already compressed: `zstd` holds one or more
+/// zstd frames (a reader decompresses them as one stream).
+pub fn seal_compressed<M: Serialize>(
+    keys: &Keys,
+    kind: ObjectKind,
+    meta: &M,
+    zstd: &[u8],
+) -> RepoResult<Vec<u8>> {
+    seal_body(keys, kind, meta, FLAG_ZSTD, zstd)
+}
+
+fn seal_body<M: Serialize>(
+    keys: &Keys,
+    kind: ObjectKind,
+    meta: &M,
+    flags: u8,
+    body: &[u8],
+) -> RepoResult<Vec<u8>> {
     let meta = serde_json::to_vec(meta).map_err(|e| RepoError::Format(e.to_string()))?;
-    let (mut flags, body) = match compress_level {
-        Some(level) => (
-            FLAG_ZSTD,
-            zstd::bulk::compress(payload, level).map_err(|e| RepoError::Format(e.to_string()))?,
-        ),
-        None => (0, payload.to_vec()),
-    };
+    let mut flags = flags;
     let version = if keys.is_encrypted() {
         flags |= FLAG_ENCRYPTED;
         OBJECT_VERSION_ENCRYPTED
@@ -76,7 +98,7 @@ pub fn seal<M: Serialize>(
     let mut inner = Vec::with_capacity(4 + meta.len() + body.len());
     inner.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     inner.extend_from_slice(&meta);
-    inner.extend_from_slice(&body);
+    inner.extend_from_slice(body);
     match &keys.cipher {
         Some(cipher) => {
             let sealed = cipher.seal(&inner, &out)?;

@@ -45,12 +45,19 @@ pub struct PackBuilder {
 impl PackBuilder {
     /// A pack for blobs encoded by [`encode_blob`] with the same `keys`.
     pub fn new(keys: &Keys) -> Self {
+        Self::with_buffer(keys, Vec::with_capacity(1 << 20))
+    }
+
+    /// A pack built in `buf` (cleared first): a writer hands back the buffer
+    /// of a stored pack, so full-size buffers are allocated (and their pages
+    /// faulted in) once per backup instead of once per pack.
+    pub fn with_buffer(keys: &Keys, mut buf: Vec<u8>) -> Self {
         let version = if keys.is_encrypted() {
             PACK_VERSION_ENCRYPTED
         } else {
             PACK_VERSION_PLAIN
         };
-        let mut buf = Vec::with_capacity(1 << 20);
+        buf.clear();
         buf.extend_from_slice(PACK_MAGIC);
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&[0; 6]);
@@ -126,10 +133,7 @@ pub fn encode_blob(
     raw: &[u8],
     level: i32,
 ) -> RepoResult<(u8, Vec<u8>)> {
-    let (compression, data) = match zstd::bulk::compress(raw, level) {
-        Ok(c) if c.len() < raw.len() => (COMPRESSION_ZSTD, c),
-        _ => (COMPRESSION_NONE, raw.to_vec()),
-    };
+    let (compression, data) = compress_block(raw, level);
     match &keys.cipher {
         None => Ok((compression, data)),
         Some(cipher) => {
@@ -137,6 +141,30 @@ pub fn encode_blob(
             Ok((compression, sealed))
         }
     }
+}
+
+thread_local! {
+    /// One zstd context per thread and level, instead of one per block.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd when it makes the block smaller, else the raw bytes.
+pub(crate) fn compress_block(raw: &[u8], level: i32) -> (u8, Vec<u8>) {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let compressed = match slot.as_mut() {
+            Some((_, compressor)) => compressor.compress(raw).ok(),
+            None => None,
+        };
+        match compressed {
+            Some(c) if c.len() < raw.len() => (COMPRESSION_ZSTD, c),
+            _ => (COMPRESSION_NONE, raw.to_vec()),
+        }
+    })
 }
 
 /// A blob's AEAD associated data: what its header says about it, so a blob

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 
-use crate::object::{open, seal, ObjectKind};
+use crate::object::{open, seal, seal_compressed, ObjectKind};
 use crate::{RepoError, RepoResult, Repository, StorageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,6 +40,46 @@ pub struct WalSegmentMeta {
     #[serde(default)]
     pub restore_points: Vec<RestorePointInfo>,
     pub stored_at: DateTime<Utc>,
+}
+
+/// The prefix of a segment being received, kept ready to store as a
+/// partial object: its keyed checksum and its zstd frames are extended with
+/// each new piece and never recomputed, so refreshing the partial object
+/// often costs only the bytes received since the last refresh.
+pub struct WalPayload {
+    checksum: blake3::Hasher,
+    frames: Vec<u8>,
+    len: usize,
+    level: i32,
+}
+
+impl WalPayload {
+    /// Appends `data` as one more zstd frame.
+    pub fn extend(&mut self, data: &[u8]) -> RepoResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let frame =
+            zstd::bulk::compress(data, self.level).map_err(|e| RepoError::Format(e.to_string()))?;
+        self.frames.extend_from_slice(&frame);
+        self.checksum.update(data);
+        self.len += data.len();
+        Ok(())
+    }
+
+    /// Raw bytes held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The keyed checksum of the raw bytes held, as [`Repository::wal_checksum`] gives it.
+    pub fn checksum(&self) -> String {
+        hex::encode(self.checksum.finalize().as_bytes())
+    }
 }
 
 /// A WAL object as found by listing (nothing read yet).
@@ -94,6 +134,31 @@ impl Repository {
                 true,
             ))?;
         }
+        Ok(key)
+    }
+
+    /// An empty [`WalPayload`] for the segment being received.
+    pub fn wal_payload(&self) -> WalPayload {
+        WalPayload {
+            checksum: self.keys.hasher.incremental(),
+            frames: Vec::new(),
+            len: 0,
+            level: self.compress_level,
+        }
+    }
+
+    /// Stores a (partial) segment whose bytes were gathered in `payload`;
+    /// `meta.checksum` must be [`WalPayload::checksum`]. Costs no
+    /// compression: the payload's frames are written as they are.
+    pub fn put_wal_payload(
+        &self,
+        instance_id: &str,
+        meta: &WalSegmentMeta,
+        payload: &WalPayload,
+    ) -> RepoResult<String> {
+        let key = wal_segment_key(instance_id, meta.timeline, &meta.segment, meta.partial);
+        let bytes = seal_compressed(&self.keys, ObjectKind::WalSegment, meta, &payload.frames)?;
+        self.storage.put(&key, &bytes)?;
         Ok(key)
     }
 

@@ -129,7 +129,7 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalConfig {
-    /// How often the partial WAL segment is stored, in milliseconds (default 1000).
+    /// How often the partial WAL segment is stored, in milliseconds (default 200).
     pub flush_interval_ms: Option<u64>,
     /// How often the WAL receiver reports its position to the server, in seconds (default 10).
     pub status_interval_secs: Option<u64>,
@@ -138,7 +138,7 @@ pub struct WalConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RestoreConfig {
-    /// Files written at once (default: number of CPUs).
+    /// Files written at once (default: twice the number of CPUs).
     pub parallelism: Option<usize>,
     /// OS user owning restored data and running restored servers (default: `postgres` when run as root).
     pub os_user: Option<String>,
