@@ -275,6 +275,23 @@ fn restore_refuses_impossible_targets() {
     assert_eq!(std::fs::read_to_string(&keep).unwrap(), "precious");
     assert_eq!(std::fs::read_dir(&occupied).unwrap().count(), 1);
 
+    // A restored server that cannot start (its port is taken by the source
+    // server) is reported with PostgreSQL's own reason.
+    let busy = strata.dir.join("restore-busy-port");
+    fails_with(
+        &strata,
+        &[
+            "restore",
+            "targets",
+            "--target-dir",
+            &path_str(&busy),
+            "--start",
+            "--port",
+            &pg.port().to_string(),
+        ],
+        "could not create any TCP/IP sockets",
+    );
+
     let jobs: Vec<serde_json::Value> =
         serde_json::from_str(&strata.ok(&["task", "list", "targets", "--json"])).unwrap();
     let restores: Vec<_> = jobs.iter().filter(|j| j["kind"] == "restore").collect();
