@@ -401,7 +401,9 @@ fn drill_cell(set: &Value) -> Markup {
         (None, m) => m.to_string(),
     };
     let (kind, label) = match status {
-        "" => return html! { td.drill data-v="" { span.muted title="This set has not been drilled" { "None" } } },
+        "" => {
+            return html! { td.drill data-v="" { span.muted title="This set has not been drilled" { "None" } } }
+        }
         "Passed" => ("ok", "Passed"),
         "Failed" => ("err", "Failed"),
         "Skipped" => ("neutral", "Skipped"),
@@ -409,7 +411,7 @@ fn drill_cell(set: &Value) -> Markup {
     };
     html! {
         td.drill data-v=(status) {
-            span.badge class=(kind) title=(hover) data-utc=[at.map(iso)] { (label) }
+            span class=(format!("badge {kind}")) title=(hover) data-utc=[at.map(iso)] { (label) }
         }
     }
 }
@@ -1032,13 +1034,6 @@ fn restore_body(state: &ConsoleState, who: &Signed, inst: &Instance, view: &Rest
         @if ro {
             p.notice.info { "This AccessKey is read-only: restores are shown, not started." }
         }
-        p.summary {
-            "Recoverable window: "
-            @match window {
-                Some((from, to)) => { strong #window-bounds { (time(from)) " – " (time(to)) } }
-                None => { span.muted { "none (log backup is off, or no backup has finished yet): restore a backup set." } }
-            }
-        }
         div.cards {
             (restore_form(who, inst, RestoreKind::Clone, &sets, window, view))
             (restore_form(who, inst, RestoreKind::Databases, &sets, window, view))
@@ -1130,7 +1125,7 @@ fn restore_form(
                     input type="hidden" name="restore_time" value=(v.restore_time);
                     p.hint {
                         @match window {
-                            Some((from, to)) => { "Your local time, within " (time(from)) " – " (time(to)) "." }
+                            Some((from, to)) => { "Your local time, within the recoverable window " span.bounds id=(format!("{p}-window")) { (time(from)) " – " (time(to)) } "." }
                             None => { "No recoverable window: log backup is off or no backup has finished yet." }
                         }
                     }
@@ -1294,19 +1289,37 @@ mod tests {
             ])
         );
         let specs = strata_service::parse_table_meta(&by_time.table_meta());
-        assert!(specs.unwrap_err().message.contains("\"crm\" needs a \"newname\""));
+        assert!(specs
+            .unwrap_err()
+            .message
+            .contains("\"crm\" needs a \"newname\""));
     }
 
     #[test]
     fn restore_errors_land_under_their_fields() {
         assert_eq!(restore_error_field("InvalidRestoreTime", true), "time");
-        assert_eq!(restore_error_field("InvalidRestoreTime.Format", true), "time");
+        assert_eq!(
+            restore_error_field("InvalidRestoreTime.Format", true),
+            "time"
+        );
         assert_eq!(restore_error_field("MissingParameter", true), "time");
         assert_eq!(restore_error_field("MissingParameter", false), "set");
-        assert_eq!(restore_error_field("InvalidBackupSetID.NotFound", false), "set");
-        assert_eq!(restore_error_field("InvalidDBName.Duplicate", false), "databases");
-        assert_eq!(restore_error_field("InvalidTableMeta.Malformed", true), "databases");
-        assert_eq!(restore_error_field("Forbidden.ReadOnlyAccessKey", false), "");
+        assert_eq!(
+            restore_error_field("InvalidBackupSetID.NotFound", false),
+            "set"
+        );
+        assert_eq!(
+            restore_error_field("InvalidDBName.Duplicate", false),
+            "databases"
+        );
+        assert_eq!(
+            restore_error_field("InvalidTableMeta.Malformed", true),
+            "databases"
+        );
+        assert_eq!(
+            restore_error_field("Forbidden.ReadOnlyAccessKey", false),
+            ""
+        );
     }
 
     #[test]

@@ -430,7 +430,10 @@ mod tests {
         assert_eq!(task_type("backup", None).0, "manual-backup");
         assert_eq!(task_type("backup", Some("Automated")).1, "Automatic Backup");
         assert_eq!(task_type("clone", None).1, "Clone to New Instance");
-        assert_eq!(task_type("restore-table", None).1, "Restore Databases or Tables");
+        assert_eq!(
+            task_type("restore-table", None).1,
+            "Restore Databases or Tables"
+        );
         assert_eq!(
             task_type("wal-receive", None),
             ("wal-receive".into(), "Wal receive".into())
