@@ -1296,6 +1296,30 @@ mod tests {
     }
 
     #[test]
+    fn drill_results_show_with_their_time_and_findings() {
+        let passed = drill_cell(&serde_json::json!({
+            "StrataDrillStatus": "Passed",
+            "StrataDrillTime": "2026-11-25T10:00:07Z",
+            "StrataDrillMessage": "pg_amcheck clean over 3 databases",
+        }))
+        .into_string();
+        assert!(passed.contains(r#"class="badge ok""#), "{passed}");
+        assert!(
+            passed
+                .contains(r#"title="2026-11-25 10:00:07 UTC · pg_amcheck clean over 3 databases""#),
+            "{passed}"
+        );
+        assert!(
+            passed.contains(r#"data-utc="2026-11-25T10:00:07Z""#),
+            "{passed}"
+        );
+        let failed = drill_cell(&serde_json::json!({"StrataDrillStatus": "Failed"})).into_string();
+        assert!(failed.contains(r#"class="badge err""#), "{failed}");
+        let none = drill_cell(&serde_json::json!({"BackupId": "1"})).into_string();
+        assert!(none.contains("None") && !none.contains("badge"), "{none}");
+    }
+
+    #[test]
     fn restore_errors_land_under_their_fields() {
         assert_eq!(restore_error_field("InvalidRestoreTime", true), "time");
         assert_eq!(

@@ -82,7 +82,12 @@ fn console_in_a_headless_browser() {
         .append(true)
         .open(&strata.config)
         .unwrap();
-    writeln!(config, "[scheduler]\nmanual_backup_max_rate_kb = 4000").unwrap();
+    // Drills on (the default), for the Data Backup list's drill column.
+    writeln!(
+        config,
+        "[scheduler]\nmanual_backup_max_rate_kb = 4000\n[drills]\nenabled = true"
+    )
+    .unwrap();
     drop(config);
     // Data the Restore tab's clone and database restore must bring back:
     // in the first backup, and not changed afterwards.
