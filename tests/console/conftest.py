@@ -30,7 +30,7 @@ CHROMIUM_FLAGS = [
 ]
 TIME_ZONE = "Asia/Shanghai"
 # Screenshots also copied into docs/ when STRATA_UPDATE_DOCS_SCREENSHOTS=1.
-DOCS_SHOTS = {"instances", "task-center", "base-backups", "backup-strategy-error", "storage"}
+DOCS_SHOTS = {"instances", "task-center", "base-backups", "backup-strategy-error", "storage", "restore"}
 
 
 def need(name):
@@ -129,6 +129,9 @@ def env():
         "bin": need("STRATA_BIN"),
         "config": need("STRATA_CONFIG"),
         "shots": need("STRATA_SCREENSHOTS"),
+        "pg_host": need("STRATA_PG_HOST"),
+        "pg_port": int(need("STRATA_PG_PORT")),
+        "pg_bin": need("STRATA_PG_BIN"),
     }
 
 
@@ -167,6 +170,27 @@ class Api:
         except ImportError:
             self.sdk = None
 
+    def delete_instance(self, instance):
+        """DeleteDBInstance (instances Strata created: stops and removes them)."""
+        if self.sdk is not None:
+            from alibabacloud_rds20140815 import models
+
+            self.sdk.delete_dbinstance(models.DeleteDBInstanceRequest(dbinstance_id=instance))
+            return
+        self._curl("DeleteDBInstance", f"DBInstanceId={instance}")
+
+    def _curl(self, action, *params):
+        key_id, secret = self.env["admin"]
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "rds-curl.sh")
+        out = subprocess.run(
+            ["bash", script, action, *params],
+            env={**os.environ, "STRATA_ENDPOINT": self.env["url"], "STRATA_KEY_ID": key_id, "STRATA_KEY_SECRET": secret},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(out.stdout)
+
     def backup_policy(self, instance):
         if self.sdk is not None:
             from alibabacloud_rds20140815 import models
@@ -181,16 +205,7 @@ class Api:
                 "EnableBackupLog": body.enable_backup_log,
                 "LogBackupRetentionPeriod": int(body.log_backup_retention_period),
             }
-        key_id, secret = self.env["admin"]
-        script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "rds-curl.sh")
-        out = subprocess.run(
-            ["bash", script, "DescribeBackupPolicy", f"DBInstanceId={instance}"],
-            env={**os.environ, "STRATA_ENDPOINT": self.env["url"], "STRATA_KEY_ID": key_id, "STRATA_KEY_SECRET": secret},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        body = json.loads(out.stdout)
+        body = self._curl("DescribeBackupPolicy", f"DBInstanceId={instance}")
         return {k: body[k] for k in POLICY_FIELDS}
 
 
@@ -218,6 +233,24 @@ def strata_json(env, *args):
     )
     return json.loads(out.stdout)
 
+
+def psql(env, sql, port=None, db="postgres"):
+    """One query with the `psql` binary as the `postgres` OS user (the
+    clusters trust it); `port` defaults to the source instance's."""
+    cmd = [os.path.join(env["pg_bin"], "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+           "-h", env["pg_host"] if port is None else "127.0.0.1",
+           "-p", str(env["pg_port"] if port is None else port), "-U", "postgres", "-d", db, "-c", sql]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--"] + cmd
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd="/tmp", timeout=120)
+    assert out.returncode == 0, f"psql on port {port or env['pg_port']} failed: {out.stderr}\n{sql}"
+    return out.stdout.strip()
+
+
+def answers(env, port):
+    """Whether a PostgreSQL server accepts connections on `port`."""
+    cmd = [os.path.join(env["pg_bin"], "pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
+    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
 
 
 @pytest.hookimpl(hookwrapper=True)

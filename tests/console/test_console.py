@@ -1,13 +1,15 @@
 """The console in headless Chromium, page by page, in one session.
 
 The tests run in file order and build on each other: the admin signs in,
-backs the instance up and edits its policy; the read-only key comes last.
+backs the instance up, edits its policy, clones it and restores a database
+into it (before log backup is turned off); the read-only key comes last.
 """
 
 import re
+import time
 from datetime import datetime, timedelta
 
-from conftest import strata_json
+from conftest import answers, psql, strata_json
 
 LOG_OFF_WARNING = "Disabling log backup permanently deletes all existing log backup files"
 
@@ -173,6 +175,165 @@ def test_policy_is_validated_inline_then_saved(console, env, api):
     console.shot("backup-strategy")
 
 
+def utc(s):
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def ledger_sum(env, port=None, db="postgres", table="ledger"):
+    """Row count and a digest of every row, to compare copies."""
+    return psql(env, f"SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t",
+                port=port, db=db)
+
+
+def task_row(console, type_label, job=None):
+    """The Task Center row of task `job`, or the newest of that type."""
+    rows = [r for r in console.finds("tr[data-task]")
+            if r.find_element("css selector", "td[data-f=type]").text == type_label
+            and job in (None, r.get_attribute("data-task"))]
+    return max(rows, key=lambda r: int(r.get_attribute("data-task")), default=None)
+
+
+def wait_task_finished(console, type_label, job=None, timeout=240):
+    """Waits in the live Task Center until that task ends; returns its row."""
+    seen = {}
+
+    def ended():
+        row = task_row(console, type_label, job)
+        if row is None:
+            return False
+        status = row.find_element("css selector", "td[data-f=status] .badge").text
+        seen["text"] = row.text
+        return status in ("Finished", "Failed") and row
+
+    row = console.wait(f"the {type_label} task to end", ended, timeout=timeout)
+    assert row.find_element("css selector", "td[data-f=status] .badge").text == "Finished", seen
+    return row
+
+
+def test_data_backups_show_restore_drill_results(console, env):
+    """Every successful backup is drilled (restored and checked with
+    pg_amcheck); the list shows the last drill's result, its time on hover."""
+    instance = env["instance"]
+
+    def passed():
+        time.sleep(1)
+        console.go(f"/console/instances/{instance}/backups")
+        return [b for b in console.finds("#data-backups td.drill .badge") if b.text == "Passed"]
+
+    badges = console.wait("a passed restore drill", passed, timeout=240)
+    header = [th.text for th in console.finds("#data-backups thead th")]
+    assert "Restore Drill" in header, header
+    assert "ok" in badges[0].get_attribute("class").split()
+    hover = badges[0].get_attribute("title")
+    # Local time first, then UTC, then what the drill checked.
+    at = utc(badges[0].get_attribute("data-utc"))
+    local = (at + timedelta(hours=8)).strftime("%Y-%m-%d %H:%M:%S")
+    assert hover.startswith(local) and "UTC: " in hover and "pg_amcheck clean" in hover, hover
+    console.shot("base-backups-drills")
+
+
+def test_restore_refuses_a_time_outside_the_window_inline(console, env):
+    instance = env["instance"]
+    tasks_before = len(strata_json(env, "task", "list", instance))
+    console.go(f"/console/instances/{instance}/restore")
+    form = console.find("#clone-form")
+    assert not console.find("#clone-time").is_displayed()
+    form.find_element("css selector", "input[value=BackupTime]").click()
+    assert console.find("#clone-time").is_displayed()
+    assert not console.find("#clone-set").is_displayed()
+    bounds = console.finds("#clone-window time")
+    assert len(bounds) == 2 and all(shown_in_shanghai(t) for t in bounds), console.text("#clone-form")
+    picker = console.find("#clone-time")
+    begin = utc(picker.get_attribute("data-min-utc"))
+    end = utc(picker.get_attribute("data-max-utc"))
+    assert begin == utc(bounds[0].get_attribute("datetime")) and end == utc(bounds[1].get_attribute("datetime"))
+    # The picker is bounded in the browser's zone.
+    assert picker.get_attribute("min") == (begin + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert picker.get_attribute("max") == (end + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%S")
+
+    before = begin - timedelta(days=1)
+    console.d.execute_script(
+        "arguments[0].value = arguments[1]", picker, (before + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%S"))
+    console.click_through(console.find("#clone-submit"))
+    console.wait("the inline error", lambda: console.finds("#clone-time-error"))
+    error = console.text("#clone-time-error")
+    assert "outside the recoverable window" in error and "InvalidRestoreTime" in error, error
+    # The time was sent in UTC and is kept for correcting it.
+    assert before.strftime("%Y-%m-%dT%H:%M:%SZ") in error, error
+    assert console.find("#clone-time").get_attribute("value") == (before + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert console.find("#clone-form input[value=BackupTime]").is_selected()
+    assert len(strata_json(env, "task", "list", instance)) == tasks_before
+    console.shot("restore-time-refused")
+
+
+def test_clone_by_backup_set_becomes_a_running_instance(console, env, api):
+    instance = env["instance"]
+    console.go(f"/console/instances/{instance}/restore")
+    newest = console.find("#clone-set option")
+    backup_id = newest.get_attribute("value")
+    assert newest.is_selected() and "GMT+8" in newest.text and newest.get_attribute("title").startswith("UTC: ")
+    assert not console.find("#clone-time").is_displayed()
+    console.shot("restore")
+    console.click_through(console.find("#clone-submit"))
+    console.wait("the Task Center", lambda: console.path().startswith("/console/tasks"))
+    notice = console.text(".notice.ok")
+    clone = re.search(r"New instance (\S+) is being created", notice).group(1)
+    try:
+        row = wait_task_finished(console, "Clone to New Instance")
+        assert row.find_element("css selector", "td[data-f=instance]").text == instance
+        assert backup_id in row.find_element("css selector", "td[data-f=detail]").text
+
+        def running():
+            time.sleep(1)
+            console.go("/console/")
+            rows = console.finds(f"tr[data-instance='{clone}']")
+            return rows and "Running" in rows[0].find_element("css selector", "td:nth-child(4)").text and rows[0]
+
+        # Creating until restored; a first backup of the clone may run before "Running".
+        row = console.wait("the clone listed as Running", running, timeout=180)
+        cells = [c.text for c in row.find_elements("css selector", "td")]
+        assert f"Clone of {instance}" in cells[3], cells
+        port = int(re.match(r"127\.0\.0\.1:(\d+)$", cells[1]).group(1))
+        console.shot("instances-with-clone")
+        assert ledger_sum(env, port=port) == ledger_sum(env)
+        assert ledger_sum(env, port=port, db="shop", table="orders") == ledger_sum(env, db="shop", table="orders")
+    finally:
+        api.delete_instance(clone)
+    console.go("/console/")
+    assert not console.finds(f"tr[data-instance='{clone}']")
+    assert not answers(env, port), f"the deleted clone still answers on port {port}"
+
+
+def test_restore_a_database_into_the_original(console, env):
+    instance = env["instance"]
+    console.go(f"/console/instances/{instance}/restore")
+    names = console.finds("#db-form input[name=db_name]")
+    new_names = console.finds("#db-form input[name=db_newname]")
+    names[0].send_keys("shop")
+    new_names[0].send_keys("shop")  # exists: refused like the API refuses it
+    console.click_through(console.find("#db-submit"))
+    console.wait("the inline error", lambda: console.finds("#db-databases-error"))
+    error = console.text("#db-databases-error")
+    assert "already exists" in error and "InvalidDBName.Duplicate" in error, error
+    assert console.find("#db-form input[name=db_name]").get_attribute("value") == "shop"
+
+    # Now by point in time: the newest recoverable moment, picked in local time.
+    set_field(console, "#db-form input[name=db_newname]", "shop_restored")
+    console.find("#db-form input[value=BackupTime]").click()
+    picker = console.find("#db-time")
+    latest = utc(picker.get_attribute("data-max-utc"))
+    assert picker.get_attribute("max") == (latest + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%S")
+    console.d.execute_script("arguments[0].value = arguments[0].max", picker)
+    console.click_through(console.find("#db-submit"))
+    console.wait("the Task Center", lambda: console.path().startswith("/console/tasks"))
+    notice = console.text(".notice.ok")
+    assert "shop as shop_restored" in notice, notice
+    job = re.search(r"Restore task (\d+) started", notice).group(1)
+    wait_task_finished(console, "Restore Databases or Tables", job=job)
+    assert ledger_sum(env, db="shop_restored", table="orders") == ledger_sum(env, db="shop", table="orders")
+    assert "shop_restored" in psql(env, "SELECT datname FROM pg_database").split()
+
+
 def test_turning_log_backup_off_warns_before_it_applies(console, env, api):
     instance = env["instance"]
     console.go(f"/console/instances/{instance}/strategy")
@@ -209,13 +370,8 @@ def test_turning_log_backup_off_warns_before_it_applies(console, env, api):
     assert "Off" in console.text(".facts")
 
 
-def test_restore_and_storage_tabs(console, env):
+def test_storage_tab(console, env):
     instance = env["instance"]
-    console.go(f"/console/instances/{instance}/restore")
-    notice = console.text("#restore-unavailable")
-    assert "Not available yet" in notice and "CloneDBInstance" in notice, notice
-    assert all(f.get_attribute("disabled") is not None for f in console.finds("fieldset.card"))
-    console.shot("restore")
     console.go(f"/console/instances/{instance}/storage")
     assert console.finds("svg.chart path.area.data") and console.finds("svg.chart path.area.log")
     assert "backup sets" in console.text(".figures")
@@ -230,6 +386,7 @@ def test_pages_fit_a_narrow_screen(console, env):
             ("narrow-instances", "/console/"),
             ("narrow-base-backups", f"/console/instances/{instance}/backups"),
             ("narrow-backup-strategy", f"/console/instances/{instance}/strategy"),
+            ("narrow-restore", f"/console/instances/{instance}/restore"),
             ("narrow-task-center", "/console/tasks"),
         ]:
             console.go(path)
@@ -252,6 +409,10 @@ def test_read_only_key_sees_no_buttons_that_change_things(console, env):
     assert not console.finds("#save-strategy")
     assert all(f.get_attribute("disabled") is not None for f in console.finds("fieldset.card"))
     console.shot("read-only-strategy")
+    console.go(f"/console/instances/{instance}/restore")
+    assert not console.finds("#clone-submit") and not console.finds("#db-submit")
+    assert all(f.get_attribute("disabled") is not None for f in console.finds("fieldset.card"))
+    assert "read-only" in console.text(".notice.info")
 
     # The server refuses anyway: a forged POST with the session's own token,
     # and one without it.
@@ -265,6 +426,10 @@ def test_read_only_key_sees_no_buttons_that_change_things(console, env):
     assert "Forbidden.ReadOnlyAccessKey" in body, body
     status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/strategy", token)
     assert status == 403 and "read-only" in body, (status, body)
+    for form in ("clone", "databases"):
+        status, body = console.d.execute_async_script(
+            post, f"/console/instances/{instance}/restore/{form}", token)
+        assert status == 403 and "Forbidden.ReadOnlyAccessKey" in body, (form, status, body)
     status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/backup", "forged")
     assert status == 403 and "Request refused" in body, (status, body)
     assert len(strata_json(env, "task", "list", instance)) == tasks_before

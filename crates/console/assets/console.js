@@ -1,6 +1,7 @@
 // Strata console: local times, sortable tables, dialogs, time filters, the
-// log-backup confirmation and the Task Center's live progress. Pages work
-// without it except for those; nothing here changes data by itself.
+// log-backup confirmation, the restore forms' pickers and the Task Center's
+// live progress. Pages work without it except for those; nothing here
+// changes data by itself.
 "use strict";
 
 (function () {
@@ -21,9 +22,10 @@
   }
 
   // A value for <input type="datetime-local"> in the browser's zone.
-  function localInput(d) {
+  function localInput(d, withSeconds) {
     return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T` +
-      `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+      `${pad(d.getHours())}:${pad(d.getMinutes())}` +
+      (withSeconds ? `:${pad(d.getSeconds())}` : "");
   }
 
   // "2026-11-25T10:00Z" or "…:00:07Z" as a Date.
@@ -39,6 +41,19 @@
       if (!d) return;
       el.textContent = localText(d, true);
       el.title = "UTC: " + utcText(d);
+    });
+    // Backup sets in a select: "id · local time", UTC on hover.
+    root.querySelectorAll("option[data-utc]").forEach((el) => {
+      const d = parseUtc(el.dataset.utc);
+      if (!d) return;
+      el.textContent = el.value + " · " + localText(d, true);
+      el.title = "UTC: " + utcText(d);
+    });
+    // Badges whose tooltip starts with a UTC time (restore drills).
+    root.querySelectorAll(".badge[data-utc]").forEach((el) => {
+      const d = parseUtc(el.dataset.utc);
+      if (!d) return;
+      el.title = el.title.replace(utcText(d), localText(d, true) + " (UTC: " + utcText(d) + ")");
     });
     root.querySelectorAll("svg text[data-utc]").forEach((el) => {
       const d = parseUtc(el.dataset.utc);
@@ -118,14 +133,15 @@
       const pairs = Array.from(form.querySelectorAll("input[data-utc-for]")).map((input) => {
         const hidden = form.querySelector(`input[type=hidden][name="${input.dataset.utcFor}"]`);
         const d = parseUtc(hidden && hidden.value);
-        if (d) input.value = localInput(d);
-        return [input, hidden];
+        const seconds = input.hasAttribute("data-seconds");
+        if (d) input.value = localInput(d, seconds);
+        return [input, hidden, seconds];
       });
       form.addEventListener("submit", () => {
-        pairs.forEach(([input, hidden]) => {
+        pairs.forEach(([input, hidden, seconds]) => {
           if (!hidden) return;
           const d = input.value ? new Date(input.value) : null;
-          hidden.value = d && !isNaN(d) ? d.toISOString().slice(0, 16) + "Z" : "";
+          hidden.value = d && !isNaN(d) ? d.toISOString().slice(0, seconds ? 19 : 16) + "Z" : "";
         });
       });
     });
@@ -166,8 +182,23 @@
     document.querySelectorAll("input[data-min-utc]").forEach((input) => {
       const min = parseUtc(input.dataset.minUtc);
       const max = parseUtc(input.dataset.maxUtc);
-      if (min) input.min = localInput(min);
-      if (max) input.max = localInput(max);
+      const seconds = input.hasAttribute("data-seconds");
+      if (min) input.min = localInput(min, seconds);
+      if (max) input.max = localInput(max, seconds);
+    });
+  }
+
+  // ----- restore forms: only the chosen source's field is shown -----
+  function setupRestoreForms() {
+    document.querySelectorAll("form.restore").forEach((form) => {
+      const show = () => {
+        const chosen = form.querySelector("input[name=restore_by]:checked");
+        form.querySelectorAll("[data-by]").forEach((field) => {
+          field.hidden = !!chosen && field.dataset.by !== chosen.value;
+        });
+      };
+      form.querySelectorAll("input[name=restore_by]").forEach((r) => r.addEventListener("change", show));
+      show();
     });
   }
 
@@ -275,6 +306,7 @@
     setupTimeFilters();
     setupStrategy();
     setupBounds();
+    setupRestoreForms();
     setupTasks();
   });
 })();

@@ -354,6 +354,7 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
                     (sort_th("Mode", "text"))
                     (sort_th("Size", "num"))
                     (sort_th("Status", "text"))
+                    (sort_th("Restore Drill", "text"))
                     th scope="col" { "Download" }
                 } }
                 tbody {
@@ -376,6 +377,7 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
                                     div.sub.err-text { (e) }
                                 }
                             }
+                            (drill_cell(b))
                             td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
                         }
                     }
@@ -384,6 +386,32 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
             @if rows.is_empty() {
                 p.empty { "No backup sets in this range." }
             }
+        }
+    }
+}
+
+/// The last restore drill of a set: its result, with when it ran and what
+/// it found on hover.
+fn drill_cell(set: &Value) -> Markup {
+    let status = text(set, "StrataDrillStatus");
+    let at = layout::parse_api_time(text(set, "StrataDrillTime"));
+    let hover = match (at, text(set, "StrataDrillMessage")) {
+        (Some(t), "") => format!("{}", t.format("%Y-%m-%d %H:%M:%S UTC")),
+        (Some(t), m) => format!("{} · {m}", t.format("%Y-%m-%d %H:%M:%S UTC")),
+        (None, m) => m.to_string(),
+    };
+    let (kind, label) = match status {
+        "" => {
+            return html! { td.drill data-v="" { span.muted title="This set has not been drilled" { "None" } } }
+        }
+        "Passed" => ("ok", "Passed"),
+        "Failed" => ("err", "Failed"),
+        "Skipped" => ("neutral", "Skipped"),
+        other => ("info", other),
+    };
+    html! {
+        td.drill data-v=(status) {
+            span class=(format!("badge {kind}")) title=(hover) data-utc=[at.map(iso)] { (label) }
         }
     }
 }
@@ -400,6 +428,7 @@ fn log_list(answer: &Map<String, Value>) -> Markup {
                     (sort_th("End Time", "num"))
                     (sort_th("Size", "num"))
                     (sort_th("Status", "text"))
+                    (sort_th("Restore Drill", "text"))
                     th scope="col" { "Download" }
                 } }
                 tbody {
@@ -750,8 +779,122 @@ const LOG_OFF_WARNING: &str = "Disabling log backup permanently deletes all exis
 
 // ----- Restore -----
 
-/// API actions the Restore tab needs.
-const RESTORE_ACTIONS: [&str; 2] = ["CloneDBInstance", "RestoreTable"];
+/// Which of the Restore tab's forms was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestoreKind {
+    /// `CloneDBInstance`: a new instance from a backup set or a time.
+    Clone,
+    /// `RestoreTable` with databases: copies beside the originals.
+    Databases,
+}
+
+impl RestoreKind {
+    /// Prefix of the form's element ids.
+    fn prefix(self) -> &'static str {
+        match self {
+            RestoreKind::Clone => "clone",
+            RestoreKind::Databases => "db",
+        }
+    }
+}
+
+/// Database rows the Restore Databases form offers.
+const DATABASE_ROWS: usize = 3;
+
+/// A Restore tab form's values, as submitted (or blank).
+#[derive(Debug, Clone, Default)]
+struct RestoreForm {
+    by_time: bool,
+    backup_id: String,
+    /// UTC, `yyyy-MM-ddTHH:mm:ssZ`, as the script fills it from the local picker.
+    restore_time: String,
+    /// (database, restored as) pairs; blank rows are left out.
+    databases: Vec<(String, String)>,
+}
+
+impl RestoreForm {
+    fn from_form(f: &Fields) -> RestoreForm {
+        let names = f.all("db_name");
+        let new_names = f.all("db_newname");
+        RestoreForm {
+            by_time: f.get("restore_by") == "BackupTime",
+            backup_id: f.get("backup_id").trim().to_string(),
+            restore_time: f.get("restore_time").trim().to_string(),
+            databases: names
+                .iter()
+                .zip(new_names.iter().chain(std::iter::repeat(&"")))
+                .map(|(n, m)| (n.trim().to_string(), m.trim().to_string()))
+                .filter(|(n, m)| !n.is_empty() || !m.is_empty())
+                .collect(),
+        }
+    }
+
+    /// `BackupId` or `RestoreTime`, whichever the form restores by; an
+    /// empty choice is left to the API to refuse.
+    fn source_params(&self, instance_id: &str) -> Vec<(&'static str, String)> {
+        let source = if self.by_time {
+            ("RestoreTime", self.restore_time.clone())
+        } else {
+            ("BackupId", self.backup_id.clone())
+        };
+        vec![("DBInstanceId", instance_id.to_string()), source]
+    }
+
+    /// `RestoreTable`'s `TableMeta` for the chosen databases.
+    fn table_meta(&self) -> String {
+        let entries: Vec<Value> = self
+            .databases
+            .iter()
+            .map(|(name, new)| serde_json::json!({"type": "db", "name": name, "newname": new}))
+            .collect();
+        Value::Array(entries).to_string()
+    }
+}
+
+/// Which field of a Restore tab form an API error belongs under.
+fn restore_error_field(code: &str, by_time: bool) -> &'static str {
+    match code {
+        "InvalidRestoreTime"
+        | "InvalidRestoreTime.Format"
+        | "InvalidRestoreTime.NoLogBackup"
+        | "InvalidParameterCombination" => "time",
+        "InvalidBackupSetID.NotFound" => "set",
+        "MissingParameter" if by_time => "time",
+        "MissingParameter" => "set",
+        c if c.starts_with("InvalidTableMeta")
+            || c.starts_with("InvalidDBName")
+            || c.starts_with("InvalidTableName") =>
+        {
+            "databases"
+        }
+        _ => "",
+    }
+}
+
+/// What the Restore tab shows: each form's values and the error of the one
+/// that was sent.
+#[derive(Default)]
+struct RestoreView {
+    clone: RestoreForm,
+    databases: RestoreForm,
+    error: Option<(RestoreKind, ApiError)>,
+}
+
+impl RestoreView {
+    fn form(&self, kind: RestoreKind) -> &RestoreForm {
+        match kind {
+            RestoreKind::Clone => &self.clone,
+            RestoreKind::Databases => &self.databases,
+        }
+    }
+
+    fn error(&self, kind: RestoreKind) -> Option<&ApiError> {
+        self.error
+            .as_ref()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, e)| e)
+    }
+}
 
 /// `GET /console/instances/{id}/restore`.
 pub async fn restore(
@@ -763,6 +906,111 @@ pub async fn restore(
         Ok(i) => i,
         Err(e) => return missing(&page, e),
     };
+    let body = restore_body(&state, &page.who, &inst, &RestoreView::default());
+    render(&state, page, &inst, Tab::Restore, StatusCode::OK, body)
+}
+
+/// `POST /console/instances/{id}/restore/clone`: `CloneDBInstance`.
+pub async fn clone_instance(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    submit_restore(state, id, page, Fields(form), RestoreKind::Clone).await
+}
+
+/// `POST /console/instances/{id}/restore/databases`: `RestoreTable`.
+pub async fn restore_databases(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    submit_restore(state, id, page, Fields(form), RestoreKind::Databases).await
+}
+
+/// Runs the form's action as the signed-in key; on success the Task
+/// Center, else the tab again with the values kept and the error under its
+/// field.
+async fn submit_restore(
+    state: Arc<ConsoleState>,
+    id: String,
+    page: Page,
+    form: Fields,
+    kind: RestoreKind,
+) -> Response {
+    if !csrf_ok(&page.who, &form) {
+        return csrf_refused(&page.who);
+    }
+    let inst = match load(&state, &id) {
+        Ok(i) => i,
+        Err(e) => return missing(&page, e),
+    };
+    let values = RestoreForm::from_form(&form);
+    let mut params = values.source_params(&inst.id);
+    let action = match kind {
+        RestoreKind::Clone => "CloneDBInstance",
+        RestoreKind::Databases => {
+            params.push(("TableMeta", values.table_meta()));
+            "RestoreTable"
+        }
+    };
+    match state.call(&page.who, action, params).await {
+        Ok(answer) => {
+            let done = match kind {
+                RestoreKind::Clone => {
+                    let new_id = answer
+                        .get("DBInstanceId")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    Flash::Done {
+                        text: format!(
+                            "New instance {new_id} is being created from {}; it is listed as Running once its restore finishes.",
+                            inst.id
+                        ),
+                        link: Some((crate::HOME.into(), "See it in the Instances list".into())),
+                    }
+                }
+                RestoreKind::Databases => {
+                    let job = answer
+                        .get("StrataJobId")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    let list: Vec<String> = values
+                        .databases
+                        .iter()
+                        .map(|(n, m)| format!("{n} as {m}"))
+                        .collect();
+                    Flash::Done {
+                        text: format!(
+                            "Restore task {job} started: {} into {}.",
+                            list.join(", "),
+                            inst.id
+                        ),
+                        link: None,
+                    }
+                }
+            };
+            state.flash(&page.who, done);
+            Redirect::to(&format!("/console/tasks?instance={}", url_encode(&inst.id)))
+                .into_response()
+        }
+        Err(e) => {
+            let status = e.status;
+            let mut view = RestoreView::default();
+            match kind {
+                RestoreKind::Clone => view.clone = values,
+                RestoreKind::Databases => view.databases = values,
+            }
+            view.error = Some((kind, e));
+            let body = restore_body(&state, &page.who, &inst, &view);
+            render(&state, page, &inst, Tab::Restore, status, body)
+        }
+    }
+}
+
+fn restore_body(state: &ConsoleState, who: &Signed, inst: &Instance, view: &RestoreView) -> Markup {
     let window = state.service.recovery_window(&inst.id).ok().flatten();
     let sets: Vec<_> = state
         .service
@@ -774,72 +1022,140 @@ pub async fn restore(
         .rev()
         .filter(|b| b.status == BackupStatus::Success)
         .collect();
-    let body = html! {
-        div.notice.info #restore-unavailable role="status" {
-            strong { "Not available yet in the console. " }
-            "Restore through the API, whose actions "
-            @for (i, a) in RESTORE_ACTIONS.iter().enumerate() {
-                @if i > 0 { " and " }
-                code { (a) }
+    let ro = who.read_only;
+    html! {
+        @if let Some((_, e)) = &view.error {
+            @if error_field_of(view, e).is_empty() {
+                (layout::error_box("Nothing was started:", e))
+            } @else {
+                div.notice.err role="alert" { "Nothing was started: correct the field marked below." }
             }
-            " do this (official SDK, or "
-            code { "scripts/rds-curl.sh CloneDBInstance DBInstanceId=" (inst.id) " BackupId=SET" }
-            "), or with "
-            code { "strata restore " (inst.id) " --target-dir DIR [--backup SET | --time T] --start" } "."
+        }
+        @if ro {
+            p.notice.info { "This AccessKey is read-only: restores are shown, not started." }
         }
         div.cards {
-            fieldset.card disabled {
-                legend { "Clone to a New Instance" }
-                div.field {
-                    span.label #restore-by { "Restore By" }
-                    div.choices role="radiogroup" aria-labelledby="restore-by" {
-                        label.check { input type="radio" name="restore_type" value="BackupSet" checked; span { "Backup Set" } }
-                        label.check { input type="radio" name="restore_type" value="BackupTime"; span { "Point in Time" } }
+            (restore_form(who, inst, RestoreKind::Clone, &sets, window, view))
+            (restore_form(who, inst, RestoreKind::Databases, &sets, window, view))
+        }
+    }
+}
+
+/// The field the view's error is shown under ("" for the top of the tab).
+fn error_field_of(view: &RestoreView, e: &ApiError) -> &'static str {
+    let by_time = view
+        .error
+        .as_ref()
+        .is_some_and(|(k, _)| view.form(*k).by_time);
+    restore_error_field(&e.code, by_time)
+}
+
+fn restore_field_error(view: &RestoreView, kind: RestoreKind, field: &str) -> Markup {
+    let error = view
+        .error(kind)
+        .filter(|e| error_field_of(view, e) == field);
+    html! {
+        @if let Some(e) = error {
+            p.fielderror role="alert" id=(format!("{}-{field}-error", kind.prefix())) { (e.message) " " span.code { (e.code) } }
+        }
+    }
+}
+
+fn restore_form(
+    who: &Signed,
+    inst: &Instance,
+    kind: RestoreKind,
+    sets: &[strata_catalog::BackupSet],
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    view: &RestoreView,
+) -> Markup {
+    let ro = who.read_only;
+    let v = view.form(kind);
+    let p = kind.prefix();
+    let invalid = |field: &str| {
+        view.error(kind)
+            .filter(|e| error_field_of(view, e) == field)
+            .map(|_| "true")
+    };
+    let (title, action, button) = match kind {
+        RestoreKind::Clone => ("Clone to a New Instance", "clone", "Clone Instance"),
+        RestoreKind::Databases => (
+            "Restore Databases to the Original Instance",
+            "databases",
+            "Restore Databases",
+        ),
+    };
+    html! {
+        form.restore.timefilter method="post" action=(format!("{}/restore/{action}", base(&inst.id))) novalidate id=(format!("{p}-form")) {
+            (layout::csrf(who))
+            fieldset.card disabled[ro] {
+                legend { (title) }
+                @if kind == RestoreKind::Clone {
+                    p.hint { "Restores into a new instance that Strata starts and runs on this host; the original is not touched." }
+                } @else {
+                    p.hint { "Each database is restored beside the original under its new name, which must not exist yet." }
+                }
+                div.field role="radiogroup" aria-labelledby=(format!("{p}-by")) {
+                    span.label id=(format!("{p}-by")) { "Restore By" }
+                    div.choices {
+                        label.check { input type="radio" name="restore_by" value="BackupSet" checked[!v.by_time]; span { "Backup Set" } }
+                        label.check { input type="radio" name="restore_by" value="BackupTime" checked[v.by_time]; span { "Point in Time" } }
                     }
                 }
-                div.field {
-                    label for="clone-set" { "Backup Set" }
-                    select #clone-set {
-                        @for b in &sets {
-                            option value=(b.id) { (b.id) " · " (b.finished_at.map(|f| f.format("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_default()) }
+                div.field data-by="BackupSet" {
+                    label for=(format!("{p}-set")) { "Backup Set" }
+                    select id=(format!("{p}-set")) name="backup_id" aria-invalid=[invalid("set")] {
+                        @for b in sets {
+                            @let finished = b.finished_at.unwrap_or(b.started_at);
+                            option value=(b.id) selected[v.backup_id == b.id] data-utc=(iso(finished)) title=(format!("finished {}", finished.format("%Y-%m-%d %H:%M:%S UTC"))) {
+                                (b.id) " · " (finished.format("%Y-%m-%d %H:%M:%S UTC"))
+                            }
                         }
                     }
+                    @if sets.is_empty() {
+                        p.hint { "No successful backup set yet." }
+                    }
+                    (restore_field_error(view, kind, "set"))
                 }
-                div.field {
-                    label for="clone-time" { "Point in Time" }
-                    input #clone-time type="datetime-local" step="1"
-                        data-min-utc=[window.map(|w| iso(w.0))] data-max-utc=[window.map(|w| iso(w.1))];
+                div.field data-by="BackupTime" {
+                    label for=(format!("{p}-time")) { "Point in Time" }
+                    input id=(format!("{p}-time")) type="datetime-local" step="1" data-utc-for="restore_time" data-seconds
+                        data-min-utc=[window.map(|w| iso(w.0))] data-max-utc=[window.map(|w| iso(w.1))]
+                        aria-invalid=[invalid("time")];
+                    input type="hidden" name="restore_time" value=(v.restore_time);
                     p.hint {
                         @match window {
-                            Some((from, to)) => { "Within the recoverable window " (time(from)) " – " (time(to)) "." }
+                            Some((from, to)) => { "Your local time, within the recoverable window " span.bounds id=(format!("{p}-window")) { (time(from)) " – " (time(to)) } "." }
                             None => { "No recoverable window: log backup is off or no backup has finished yet." }
                         }
                     }
+                    (restore_field_error(view, kind, "time"))
                 }
-                div.field {
-                    label for="clone-id" { "New Instance ID" }
-                    input #clone-id placeholder=(format!("{}-clone", inst.id));
-                }
-                div.formactions { button.primary type="button" { "Clone Instance" } }
-            }
-            fieldset.card disabled {
-                legend { "Restore Databases to the Original Instance" }
-                div.field {
-                    label for="db-set" { "Backup Set or Time" }
-                    select #db-set {
-                        @for b in &sets { option value=(b.id) { (b.id) } }
+                @if kind == RestoreKind::Databases {
+                    div.field role="group" aria-labelledby="db-names-label" {
+                        span.label #db-names-label { "Databases" }
+                        div.dbrows {
+                            @for i in 0..DATABASE_ROWS.max(v.databases.len()) {
+                                @let (name, new) = v.databases.get(i).cloned().unwrap_or_default();
+                                div.dbrow {
+                                    input name="db_name" value=(name) placeholder="database" aria-label=(format!("Database {}", i + 1))
+                                        aria-invalid=[invalid("databases")] spellcheck="false";
+                                    span.muted { "as" }
+                                    input name="db_newname" value=(new) placeholder="new name" aria-label=(format!("Restore database {} as", i + 1))
+                                        aria-invalid=[invalid("databases")] spellcheck="false";
+                                }
+                            }
+                        }
+                        p.hint { "Leave rows you do not need empty." }
+                        (restore_field_error(view, kind, "databases"))
                     }
                 }
-                div.field {
-                    label for="db-names" { "Databases" }
-                    input #db-names placeholder="orders, billing";
-                    p.hint { "Each is restored under a new name beside the original." }
+                @if !ro {
+                    div.formactions { button.primary type="submit" id=(format!("{p}-submit")) { (button) } }
                 }
-                div.formactions { button.primary type="button" { "Restore Databases" } }
             }
         }
-    };
-    render(&state, page, &inst, Tab::Restore, StatusCode::OK, body)
+    }
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -926,14 +1242,108 @@ mod tests {
         );
     }
 
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        Fields(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     #[test]
-    fn restore_notice_points_at_existing_api_actions() {
-        // The notice sends users to these API actions: they must exist.
-        // Wiring the tab's forms to them (through `ConsoleState::call`)
-        // replaces the notice.
-        for a in RESTORE_ACTIONS {
-            assert!(strata_api::action_exists(a), "{a} is missing");
-        }
+    fn restore_forms_become_the_api_parameters() {
+        let by_set = RestoreForm::from_form(&fields(&[
+            ("restore_by", "BackupSet"),
+            ("backup_id", "1764000000000"),
+            ("restore_time", "2026-11-25T10:00:07Z"),
+        ]));
+        assert_eq!(
+            by_set.source_params("pg-1"),
+            vec![
+                ("DBInstanceId", "pg-1".to_string()),
+                ("BackupId", "1764000000000".to_string())
+            ]
+        );
+        let by_time = RestoreForm::from_form(&fields(&[
+            ("restore_by", "BackupTime"),
+            ("backup_id", "1764000000000"),
+            ("restore_time", " 2026-11-25T10:00:07Z "),
+            ("db_name", "shop"),
+            ("db_newname", "shop_copy"),
+            ("db_name", ""),
+            ("db_newname", ""),
+            ("db_name", "crm"),
+            ("db_newname", ""),
+        ]));
+        assert_eq!(
+            by_time.source_params("pg-1")[1],
+            ("RestoreTime", "2026-11-25T10:00:07Z".to_string())
+        );
+        // Blank rows are dropped; a missing new name is left to the API.
+        assert_eq!(
+            serde_json::from_str::<Value>(&by_time.table_meta()).unwrap(),
+            serde_json::json!([
+                {"type": "db", "name": "shop", "newname": "shop_copy"},
+                {"type": "db", "name": "crm", "newname": ""}
+            ])
+        );
+        let specs = strata_service::parse_table_meta(&by_time.table_meta());
+        assert!(specs
+            .unwrap_err()
+            .message
+            .contains("\"crm\" needs a \"newname\""));
+    }
+
+    #[test]
+    fn drill_results_show_with_their_time_and_findings() {
+        let passed = drill_cell(&serde_json::json!({
+            "StrataDrillStatus": "Passed",
+            "StrataDrillTime": "2026-11-25T10:00:07Z",
+            "StrataDrillMessage": "pg_amcheck clean over 3 databases",
+        }))
+        .into_string();
+        assert!(passed.contains(r#"class="badge ok""#), "{passed}");
+        assert!(
+            passed
+                .contains(r#"title="2026-11-25 10:00:07 UTC · pg_amcheck clean over 3 databases""#),
+            "{passed}"
+        );
+        assert!(
+            passed.contains(r#"data-utc="2026-11-25T10:00:07Z""#),
+            "{passed}"
+        );
+        let failed = drill_cell(&serde_json::json!({"StrataDrillStatus": "Failed"})).into_string();
+        assert!(failed.contains(r#"class="badge err""#), "{failed}");
+        let none = drill_cell(&serde_json::json!({"BackupId": "1"})).into_string();
+        assert!(none.contains("None") && !none.contains("badge"), "{none}");
+    }
+
+    #[test]
+    fn restore_errors_land_under_their_fields() {
+        assert_eq!(restore_error_field("InvalidRestoreTime", true), "time");
+        assert_eq!(
+            restore_error_field("InvalidRestoreTime.Format", true),
+            "time"
+        );
+        assert_eq!(restore_error_field("MissingParameter", true), "time");
+        assert_eq!(restore_error_field("MissingParameter", false), "set");
+        assert_eq!(
+            restore_error_field("InvalidBackupSetID.NotFound", false),
+            "set"
+        );
+        assert_eq!(
+            restore_error_field("InvalidDBName.Duplicate", false),
+            "databases"
+        );
+        assert_eq!(
+            restore_error_field("InvalidTableMeta.Malformed", true),
+            "databases"
+        );
+        assert_eq!(
+            restore_error_field("Forbidden.ReadOnlyAccessKey", false),
+            ""
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use maud::{html, Markup};
-use strata_catalog::{BackupStatus, Instance};
+use strata_catalog::{BackupStatus, Instance, ManagedInstance};
 
 use crate::layout::{self, badge, bytes, sort_th, state_kind, time, Section};
 use crate::{html_response, url_encode, ConsoleState, Page};
@@ -16,6 +16,8 @@ use crate::{html_response, url_encode, ConsoleState, Page};
 struct Row {
     instance: Instance,
     backing_up: Option<u8>,
+    /// For instances Strata created: their state, error and source.
+    managed: Option<ManagedInstance>,
     receiver: String,
     last_backup: Option<chrono::DateTime<chrono::Utc>>,
     window: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
@@ -48,6 +50,7 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
         window: svc.recovery_window(&instance.id)?,
         log_on: svc.policy(&instance.id)?.log_backup_enabled,
         backing_up,
+        managed: catalog.get_managed(&instance.id)?,
         last_backup,
         data_bytes: usage.data_bytes,
         log_bytes: usage.log_bytes,
@@ -124,15 +127,23 @@ fn list(rows: &[Row]) -> Markup {
 fn instance_row(r: &Row) -> Markup {
     let i = &r.instance;
     let href = format!("/console/instances/{}/backups", url_encode(&i.id));
+    let status = r.managed.as_ref().map_or("Running", |m| m.status.as_str());
     html! {
         tr data-instance=(i.id) {
             td data-v=(i.id) { a.strong href=(href) { (i.id) } }
             td data-v=(format!("{}:{}", i.host, i.port)) { code { (i.host) ":" (i.port) } }
             td data-v=(i.pg_version_num.unwrap_or(0)) { (layout::pg_version(i.pg_version_num)) }
-            td data-v=(if r.backing_up.is_some() { "Backing up" } else { "Running" }) {
-                @match r.backing_up {
-                    Some(p) => { (badge("info", &format!("Backing up {p}%"))) }
-                    None => { (badge("ok", "Running")) }
+            td data-v=(status) {
+                @match (r.backing_up, status) {
+                    (Some(p), "Running") => { (badge("info", &format!("Backing up {p}%"))) }
+                    (_, "Running") => { (badge("ok", "Running")) }
+                    (_, other) => { (badge(state_kind(other), other)) }
+                }
+                @if let Some(m) = &r.managed {
+                    div.sub {
+                        "Clone of " (m.source_instance)
+                        @if let Some(e) = &m.error { div.err-text { (e) } }
+                    }
                 }
                 div.sub {
                     "Log backup: "

@@ -116,6 +116,14 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
             get(instance::strategy).post(instance::save_strategy),
         )
         .route("/console/instances/{id}/restore", get(instance::restore))
+        .route(
+            "/console/instances/{id}/restore/clone",
+            post(instance::clone_instance),
+        )
+        .route(
+            "/console/instances/{id}/restore/databases",
+            post(instance::restore_databases),
+        )
         .route("/console/instances/{id}/storage", get(instance::storage))
         .route("/console/instances/{id}/backup", post(instance::backup_now))
         .route("/console/static/{version}/{name}", get(assets::serve))

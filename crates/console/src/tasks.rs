@@ -53,6 +53,9 @@ pub fn task_type(kind: &str, mode: Option<&str>) -> (String, String) {
         ("backup", Some("Automated")) => ("auto-backup".into(), "Automatic Backup".into()),
         ("backup", _) => ("manual-backup".into(), "Manually Back Up Instance".into()),
         ("restore", _) => ("restore".into(), "Restore".into()),
+        ("clone", _) => ("clone".into(), "Clone to New Instance".into()),
+        ("restore-table", _) => ("restore-table".into(), "Restore Databases or Tables".into()),
+        ("drill", _) => ("drill".into(), "Restore Drill".into()),
         (other, _) => {
             let mut label = other.replace('-', " ");
             if let Some(first) = label.get(..1) {
@@ -426,6 +429,11 @@ mod tests {
         );
         assert_eq!(task_type("backup", None).0, "manual-backup");
         assert_eq!(task_type("backup", Some("Automated")).1, "Automatic Backup");
+        assert_eq!(task_type("clone", None).1, "Clone to New Instance");
+        assert_eq!(
+            task_type("restore-table", None).1,
+            "Restore Databases or Tables"
+        );
         assert_eq!(
             task_type("wal-receive", None),
             ("wal-receive".into(), "Wal receive".into())

@@ -82,8 +82,26 @@ fn console_in_a_headless_browser() {
         .append(true)
         .open(&strata.config)
         .unwrap();
-    writeln!(config, "[scheduler]\nmanual_backup_max_rate_kb = 4000").unwrap();
+    // Drills on (the default), for the Data Backup list's drill column.
+    writeln!(
+        config,
+        "[scheduler]\nmanual_backup_max_rate_kb = 4000\n[drills]\nenabled = true"
+    )
+    .unwrap();
     drop(config);
+    // Data the Restore tab's clone and database restore must bring back:
+    // in the first backup, and not changed afterwards.
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE ledger (id int PRIMARY KEY, note text); \
+         INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 300) g;",
+    );
+    cluster.psql("postgres", "CREATE DATABASE shop");
+    cluster.psql(
+        "shop",
+        "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int); \
+         INSERT INTO orders SELECT g, 'item ' || g, g % 7 FROM generate_series(1, 120) g;",
+    );
     strata.add_instance(INSTANCE, &cluster);
     let key = |extra: &[&str]| -> serde_json::Value {
         let mut args = vec!["key", "create", "--json"];
@@ -146,6 +164,9 @@ fn console_in_a_headless_browser() {
         .env("STRATA_CONFIG", &strata.config)
         .env("STRATA_SCREENSHOTS", &shots)
         .env("STRATA_DOCS_DIR", root.join("docs"))
+        .env("STRATA_PG_HOST", cluster.host())
+        .env("STRATA_PG_PORT", cluster.port().to_string())
+        .env("STRATA_PG_BIN", cluster.bin_dir())
         .output()
         .expect("run pytest");
     let stdout = String::from_utf8_lossy(&out.stdout);
