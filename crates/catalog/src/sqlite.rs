@@ -1101,6 +1101,83 @@ mod tests {
     }
 
     #[test]
+    fn cross_region_policy_copies_and_wal() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        assert_eq!(cat.get_cross_policy("a").unwrap(), None);
+        let now = DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let p = CrossBackupPolicy {
+            instance_id: "a".into(),
+            region: "cn-shanghai".into(),
+            backup_enabled: true,
+            log_backup_enabled: false,
+            retention_days: 30,
+            backup_enabled_at: Some(now),
+            log_backup_enabled_at: None,
+            updated_at: now,
+        };
+        cat.put_cross_policy(&p).unwrap();
+        assert_eq!(cat.get_cross_policy("a").unwrap(), Some(p));
+
+        let set = |id: &str| BackupSet {
+            id: id.into(),
+            instance_id: "a".into(),
+            status: BackupStatus::Success,
+            mode: "Manual".into(),
+            started_at: now,
+            finished_at: Some(now),
+            start_lsn: Some(Lsn(0x1_0000_0028)),
+            stop_lsn: Some(Lsn(0x1_0000_0100)),
+            start_timeline: Some(TimelineId(1)),
+            stop_timeline: Some(TimelineId(1)),
+            pg_version_num: Some(150018),
+            total_bytes: 1 << 20,
+            new_bytes: 0,
+            dedup_bytes: 0,
+            stored_bytes: 0,
+            file_count: 9,
+            error: None,
+            job_id: None,
+        };
+        let first = cat.insert_cross_backup("cn-shanghai", &set("1"), 512, now).unwrap();
+        let second = cat.insert_cross_backup("cn-beijing", &set("2"), 64, now).unwrap();
+        assert!(second > first);
+        // One copy of a set per region.
+        assert!(cat.insert_cross_backup("cn-shanghai", &set("1"), 1, now).is_err());
+        let listed = cat.list_cross_backups("a").unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!((listed[0].id, &listed[0].region), (first, &"cn-shanghai".to_string()));
+        assert_eq!((listed[0].set.clone(), listed[0].copied_bytes), (set("1"), 512));
+        cat.delete_cross_backup(first).unwrap();
+        assert_eq!(cat.list_cross_backups("a").unwrap()[0].id, second);
+        assert!(cat.list_cross_backups("b").unwrap().is_empty());
+
+        let row = WalSegmentRow {
+            instance_id: "a".into(),
+            timeline: TimelineId(1),
+            segment: "000000010000000000000001".into(),
+            partial: false,
+            begin_lsn: Lsn(0x100_0000),
+            end_lsn: Lsn(0x200_0000),
+            size: 16 << 20,
+            checksum: "ab".into(),
+            first_commit: Some(now),
+            last_commit: Some(now),
+            commit_count: 3,
+            min_commit_xid: Some(700),
+            max_commit_xid: Some(702),
+            object_key: "instances/a/wal/00000001/000000010000000000000001".into(),
+            stored_at: now,
+        };
+        let id = cat.insert_cross_wal("cn-shanghai", &row, now).unwrap();
+        let wal = cat.list_cross_wal("a").unwrap();
+        assert_eq!((wal[0].id, wal[0].row.clone()), (id, row));
+        cat.delete_cross_wal(id).unwrap();
+        assert!(cat.list_cross_wal("a").unwrap().is_empty());
+    }
+
+    #[test]
     fn refuses_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");

@@ -164,3 +164,169 @@ pub fn copy_histories(
     }
     Ok(copied)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Utc;
+    use pg_wal::{Lsn, TimelineId};
+    use strata_repo::{
+        FileEntry, FileKind, KeySource, LocalStorage, Storage, WalSegmentMeta,
+    };
+
+    use super::*;
+
+    fn repo(dir: &std::path::Path, name: &str, key: Option<&KeySource>) -> Repository {
+        let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.join(name)).unwrap());
+        Repository::open_or_init_with_key(storage, key).unwrap()
+    }
+
+    /// A small file of `blocks` distinct 4 KiB blocks, seeded by `seed`.
+    fn content(seed: u8, blocks: usize) -> Vec<Vec<u8>> {
+        (0..blocks)
+            .map(|i| {
+                (0..4096)
+                    .map(|j| (j as u8).wrapping_mul(seed).wrapping_add(i as u8))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Commits a backup set of one file made of `blocks`.
+    fn backup(repo: &Repository, id: &str, blocks: &[Vec<u8>]) {
+        let mut w = repo.block_writer(repo.block_index("db").unwrap());
+        let refs = blocks.iter().map(|b| w.add(b).unwrap()).collect();
+        w.finish().unwrap();
+        let size = blocks.iter().map(|b| b.len() as u64).sum();
+        repo.commit_manifest(&BackupManifest {
+            format_version: 1,
+            backup_id: id.into(),
+            instance_id: "db".into(),
+            system_identifier: 7,
+            pg_version_num: 150000,
+            wal_segment_size: 16 * 1024 * 1024,
+            label: id.into(),
+            mode: "Manual".into(),
+            start_lsn: Lsn(0x100_0028),
+            start_timeline: TimelineId(1),
+            stop_lsn: Lsn(0x100_0100),
+            stop_timeline: TimelineId(1),
+            start_time: Utc::now(),
+            stop_time: Utc::now(),
+            tablespaces: Vec::new(),
+            files: vec![FileEntry {
+                tablespace: None,
+                path: "base/1/1259".into(),
+                kind: FileKind::File,
+                mode: 0o600,
+                size,
+                mtime: 0,
+                link_target: None,
+                crc32c: None,
+                blocks: refs,
+            }],
+            server_manifest: None,
+            stats: BackupStats::default(),
+        })
+        .unwrap();
+    }
+
+    fn read_back(repo: &Repository, id: &str) -> Vec<u8> {
+        let m = repo.read_manifest("db", id).unwrap();
+        let mut out = Vec::new();
+        repo.read_blocks(&m.files[0].blocks, |raw| {
+            out.extend(raw);
+            Ok::<_, RepoError>(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn copies_rehash_into_an_encrypted_target_and_skip_known_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = repo(dir.path(), "source", None);
+        let key_path = dir.path().join("key");
+        std::fs::write(&key_path, "k".repeat(40)).unwrap();
+        let target = repo(dir.path(), "target", Some(&KeySource::KeyFile(key_path)));
+
+        let first = content(3, 6);
+        backup(&source, "1000", &first);
+        let report =
+            copy_backup_set(&source, &target, "db", "1000", &CopiedBlocks::default()).unwrap();
+        assert_eq!((report.blocks_read, report.blocks_known), (6, 0));
+        assert_eq!(report.stats.new_blocks, 6);
+        assert_eq!(read_back(&target, "1000"), first.concat());
+        // Different keys: the same data has different addresses there.
+        let (s, t) = (
+            source.read_manifest("db", "1000").unwrap(),
+            target.read_manifest("db", "1000").unwrap(),
+        );
+        assert_ne!(s.files[0].blocks[0].h, t.files[0].blocks[0].h);
+
+        // Four blocks unchanged, two new: only the new ones are read and stored.
+        let mut second = first.clone();
+        second[1] = content(5, 1).remove(0);
+        second[4] = content(7, 1).remove(0);
+        backup(&source, "2000", &second);
+        let known = CopiedBlocks::learn(&source, &target, "db", &["1000".into()]).unwrap();
+        let report = copy_backup_set(&source, &target, "db", "2000", &known).unwrap();
+        assert_eq!((report.blocks_read, report.blocks_known), (2, 4));
+        assert_eq!(report.stats.new_blocks, 2);
+        assert_eq!(read_back(&target, "2000"), second.concat());
+        assert!(target.verify(&|_, _| {}).unwrap().is_clean());
+
+        // A copy whose manifest was never written does not exist there.
+        assert!(matches!(
+            target.read_manifest("db", "3000"),
+            Err(RepoError::BackupNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn wal_copies_carry_the_target_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = repo(dir.path(), "source", None);
+        let target = repo(dir.path(), "target", None);
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let meta = WalSegmentMeta {
+            timeline: TimelineId(1),
+            segment: "000000010000000000000001".into(),
+            begin_lsn: Lsn(0x100_0000),
+            end_lsn: Lsn(0x200_0000),
+            partial: false,
+            checksum: source.wal_checksum(&data),
+            first_commit: None,
+            last_commit: None,
+            commit_count: 0,
+            min_commit_xid: None,
+            max_commit_xid: None,
+            restore_points: Vec::new(),
+            stored_at: Utc::now(),
+        };
+        let key = source.put_wal_segment("db", &meta, &data).unwrap();
+        let row = WalSegmentRow {
+            instance_id: "db".into(),
+            timeline: meta.timeline,
+            segment: meta.segment.clone(),
+            partial: false,
+            begin_lsn: meta.begin_lsn,
+            end_lsn: meta.end_lsn,
+            size: data.len() as u64,
+            checksum: meta.checksum.clone(),
+            first_commit: None,
+            last_commit: None,
+            commit_count: 0,
+            min_commit_xid: None,
+            max_commit_xid: None,
+            object_key: key,
+            stored_at: meta.stored_at,
+        };
+        let copy = copy_wal_segment(&source, &target, &row).unwrap();
+        assert_ne!(copy.checksum, row.checksum);
+        let (read_meta, read) = target.read_wal(&copy.object_key).unwrap();
+        assert_eq!(read, data);
+        assert_eq!(read_meta.checksum, copy.checksum);
+    }
+}

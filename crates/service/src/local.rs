@@ -226,18 +226,32 @@ impl Service {
             error: None,
             created_at: Utc::now(),
         };
+        // Marked as managed first, so the scheduler leaves it alone until it runs.
         self.engine.catalog.put_managed(&managed)?;
+        match self.engine.add_instance(&Instance {
+            password_env: source.password_env.clone(),
+            password: source.password.clone(),
+            dbname: source.dbname.clone(),
+            ..Instance::new(&id, "127.0.0.1", port, &source.user, "prefer")
+        }) {
+            Ok(()) => {}
+            // Registered in the catalog; only its record in the primary
+            // repository is missing. A restore from another region's copies
+            // is what runs when the primary repository is lost, so it goes on.
+            Err(EngineError::Repo(e)) => tracing::warn!(
+                instance = %id,
+                "the new instance's record could not be written to the repository: {e}"
+            ),
+            Err(e) => {
+                let _ = self.engine.catalog.delete_managed(&id);
+                return Err(e.into());
+            }
+        }
         let mut job = self.engine.catalog.create_job(job_kind, Some(source_id))?;
         job.detail = format!("restore to new instance {id} on port {port}");
         job.backup_id = backup_id.clone();
         self.engine.catalog.update_job(&job)?;
         let job_id = job.id;
-        self.engine.add_instance(&Instance {
-            password_env: source.password_env.clone(),
-            password: source.password.clone(),
-            dbname: source.dbname.clone(),
-            ..Instance::new(&id, "127.0.0.1", port, &source.user, "prefer")
-        })?;
         let svc = Arc::clone(self);
         let source_id = source_id.to_string();
         tokio::spawn(async move {
