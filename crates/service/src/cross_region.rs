@@ -495,7 +495,12 @@ impl Service {
             .filter(|c| c.region == policy.region)
             .collect();
         let copied: HashSet<&str> = copies.iter().map(|c| c.set.id.as_str()).collect();
-        let since = policy.backup_enabled_at.unwrap_or(policy.updated_at);
+        // Sets from before the policy went on are not copied, nor sets
+        // already past the copies' retention (retention would delete them).
+        let since = policy
+            .backup_enabled_at
+            .unwrap_or(policy.updated_at)
+            .max(self.now() - chrono::Duration::days(policy.retention_days as i64));
         let due: Vec<_> = self
             .engine
             .catalog
