@@ -50,7 +50,10 @@ fn policy_fields(svc: &Service, instance_id: &str, pol: Option<&CrossBackupPolic
 }
 
 pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.engine.catalog.get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
     if let Some(t) = p.get("CrossBackupType").filter(|t| *t != "1") {
         return Err(ApiError::bad(
             "InvalidCrossBackupType.Malformed",
@@ -74,7 +77,10 @@ pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 }
 
 pub fn describe_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.engine.catalog.get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
     let pol = svc.cross_policy(&inst.id)?;
     let mut fields = obj(policy_fields(svc, &inst.id, pol.as_ref()));
     let at = |t: Option<chrono::DateTime<Utc>>, on: bool| {
@@ -131,7 +137,10 @@ fn copy_fields(svc: &Service, c: &CrossBackup) -> Value {
 }
 
 pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.engine.catalog.get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
     let start = p.time("StartTime")?;
     let end = p.time("EndTime")?;
     let cross_id = p.int("CrossBackupId")?;
@@ -164,7 +173,10 @@ pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 }
 
 pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.engine.catalog.get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
     p.required("StartTime")?;
     p.required("EndTime")?;
     let start = p.time("StartTime")?.expect("required");
@@ -259,7 +271,10 @@ pub fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
 }
 
 pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    if let Some(engine) = p.get("Engine").filter(|e| !e.eq_ignore_ascii_case("PostgreSQL")) {
+    if let Some(engine) = p
+        .get("Engine")
+        .filter(|e| !e.eq_ignore_ascii_case("PostgreSQL"))
+    {
         return Err(ApiError::bad(
             "InvalidEngine.Malformed",
             format!("Engine must be PostgreSQL, got {engine:?}"),
@@ -273,7 +288,9 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
             let id: i64 = raw.trim().parse().map_err(|_| {
                 ApiError::bad(
                     "InvalidBackupSetID.Malformed",
-                    format!("BackupSetId must be a cross-region backup id (an integer), got {raw:?}"),
+                    format!(
+                        "BackupSetId must be a cross-region backup id (an integer), got {raw:?}"
+                    ),
                 )
             })?;
             let copy = find_copy(svc, p.get("SourceDBInstanceName"), id).map_err(|_| {

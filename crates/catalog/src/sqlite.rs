@@ -886,7 +886,9 @@ impl Catalog for SqliteCatalog {
     fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>> {
         self.with(|c| {
             Ok(c.query_row(
-                &format!("SELECT {CROSS_POLICY_COLS} FROM cross_backup_policies WHERE instance_id = ?1"),
+                &format!(
+                    "SELECT {CROSS_POLICY_COLS} FROM cross_backup_policies WHERE instance_id = ?1"
+                ),
                 [instance_id],
                 cross_policy_from_row,
             )
@@ -1140,15 +1142,27 @@ mod tests {
             error: None,
             job_id: None,
         };
-        let first = cat.insert_cross_backup("cn-shanghai", &set("1"), 512, now).unwrap();
-        let second = cat.insert_cross_backup("cn-beijing", &set("2"), 64, now).unwrap();
+        let first = cat
+            .insert_cross_backup("cn-shanghai", &set("1"), 512, now)
+            .unwrap();
+        let second = cat
+            .insert_cross_backup("cn-beijing", &set("2"), 64, now)
+            .unwrap();
         assert!(second > first);
         // One copy of a set per region.
-        assert!(cat.insert_cross_backup("cn-shanghai", &set("1"), 1, now).is_err());
+        assert!(cat
+            .insert_cross_backup("cn-shanghai", &set("1"), 1, now)
+            .is_err());
         let listed = cat.list_cross_backups("a").unwrap();
         assert_eq!(listed.len(), 2);
-        assert_eq!((listed[0].id, &listed[0].region), (first, &"cn-shanghai".to_string()));
-        assert_eq!((listed[0].set.clone(), listed[0].copied_bytes), (set("1"), 512));
+        assert_eq!(
+            (listed[0].id, &listed[0].region),
+            (first, &"cn-shanghai".to_string())
+        );
+        assert_eq!(
+            (listed[0].set.clone(), listed[0].copied_bytes),
+            (set("1"), 512)
+        );
         cat.delete_cross_backup(first).unwrap();
         assert_eq!(cat.list_cross_backups("a").unwrap()[0].id, second);
         assert!(cat.list_cross_backups("b").unwrap().is_empty());

@@ -92,10 +92,7 @@ pub fn copy_backup_set(
     let mut writer = target.block_writer(target.block_index(instance_id)?);
     let mut report = CopyReport::default();
     let mut copy = manifest.clone();
-    let files = copy
-        .files
-        .iter_mut()
-        .chain(copy.server_manifest.iter_mut());
+    let files = copy.files.iter_mut().chain(copy.server_manifest.iter_mut());
     for file in files {
         let mut blocks = Vec::with_capacity(file.blocks.len());
         let mut to_read = Vec::new();
@@ -171,9 +168,7 @@ mod tests {
 
     use chrono::Utc;
     use pg_wal::{Lsn, TimelineId};
-    use strata_repo::{
-        FileEntry, FileKind, KeySource, LocalStorage, Storage, WalSegmentMeta,
-    };
+    use strata_repo::{FileEntry, FileKind, KeySource, LocalStorage, Storage, WalSegmentMeta};
 
     use super::*;
 

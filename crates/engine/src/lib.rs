@@ -32,8 +32,7 @@ pub use error::{EngineError, EngineResult};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
 pub use restore::{
-    as_user, chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome,
-    StartOptions,
+    as_user, chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome, StartOptions,
 };
 pub use retention::{pitr_anchor, plan_retention, GcGuard, RetentionPlan};
 

@@ -153,7 +153,9 @@ pub(crate) struct CopyRetries {
 
 impl CopyRetries {
     fn ready(&self, key: &str) -> bool {
-        self.due.get(key).is_none_or(|(at, _)| Instant::now() >= *at)
+        self.due
+            .get(key)
+            .is_none_or(|(at, _)| Instant::now() >= *at)
     }
 
     fn failed(&mut self, key: &str) {
@@ -647,7 +649,8 @@ impl Service {
             }
             let repo = self.regions.target(region)?.repository()?;
             for c in &expired {
-                repo.delete_backup(id, &c.set.id).map_err(EngineError::from)?;
+                repo.delete_backup(id, &c.set.id)
+                    .map_err(EngineError::from)?;
                 self.engine.catalog.delete_cross_backup(c.id)?;
             }
             for w in &stale_wal {

@@ -97,7 +97,10 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     settle(&svc, "xr").await;
     svc.start_backup("xr", "Manual").unwrap();
     settle(&svc, "xr").await;
-    cluster.psql("postgres", "CREATE TABLE IF NOT EXISTS xr_t AS SELECT 1 AS a; SELECT pg_switch_wal();");
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE IF NOT EXISTS xr_t AS SELECT 1 AS a; SELECT pg_switch_wal();",
+    );
     let sets = svc.engine.catalog.list_backups("xr").unwrap();
     assert_eq!(sets.len(), 2);
     tick_until(&svc, "two copies and their WAL", || {
