@@ -31,11 +31,6 @@ fn enable(on: bool) -> &'static str {
     }
 }
 
-/// `0`/`1`, `Enable`/`Disable` (and the other spellings `Params::bool` takes).
-fn switch(p: &Params, name: &str) -> ApiResult<Option<bool>> {
-    p.bool(name)
-}
-
 fn policy_fields(svc: &Service, instance_id: &str, pol: Option<&CrossBackupPolicy>) -> Value {
     json!({
         "DBInstanceId": instance_id,
@@ -68,8 +63,8 @@ pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     }
     let change = CrossPolicyChange {
         region: p.get("CrossBackupRegion").map(str::to_string),
-        backup_enabled: switch(p, "BackupEnabled")?,
-        log_backup_enabled: switch(p, "LogBackupEnabled")?,
+        backup_enabled: p.bool("BackupEnabled")?,
+        log_backup_enabled: p.bool("LogBackupEnabled")?,
         retention_days: p.int("Retention")?,
     };
     let pol = svc.modify_cross_policy(&inst.id, change)?;

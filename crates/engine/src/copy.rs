@@ -142,6 +142,21 @@ pub fn copy_wal_segment(
     })
 }
 
+/// Copies the instance's record (host, user, no password) when the target
+/// lacks it, so the target can be reindexed on its own.
+pub fn copy_instance_record(
+    source: &Repository,
+    target: &Repository,
+    instance_id: &str,
+) -> EngineResult<()> {
+    if target.read_instance(instance_id)?.is_none() {
+        if let Some(rec) = source.read_instance(instance_id)? {
+            target.put_instance(&rec)?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies every timeline history of an instance the target lacks.
 pub fn copy_histories(
     source: &Repository,

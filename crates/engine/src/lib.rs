@@ -27,7 +27,10 @@ pub use archive_tar::BackupArchive;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
 pub use connect::ServerFacts;
-pub use copy::{copy_backup_set, copy_histories, copy_wal_segment, CopiedBlocks, CopyReport};
+pub use copy::{
+    copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
+    CopyReport,
+};
 pub use error::{EngineError, EngineResult};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;

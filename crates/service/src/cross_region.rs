@@ -19,7 +19,8 @@ use strata_catalog::{
     BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, JobState, WalSegmentRow,
 };
 use strata_engine::{
-    copy_backup_set, copy_histories, copy_wal_segment, CopiedBlocks, EngineError, RestoreIndex,
+    copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
+    EngineError, RestoreIndex,
 };
 use strata_repo::{KeySource, Repository, Storage};
 
@@ -513,6 +514,7 @@ impl Service {
             .filter(|b| !copied.contains(b.id.as_str()))
             .collect();
         if !due.is_empty() {
+            copy_instance_record(&self.engine.repo, &repo, id)?;
             let ids: Vec<String> = copies.iter().map(|c| c.set.id.clone()).collect();
             let known = CopiedBlocks::learn(&self.engine.repo, &repo, id, &ids)?;
             for set in due {

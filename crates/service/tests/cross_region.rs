@@ -133,6 +133,17 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         target.read_wal(&w.row.object_key).unwrap();
     }
 
+    // The target stands on its own: a catalog rebuilt from it alone lists
+    // both sets.
+    let rebuilt = Engine::new(
+        Arc::new(SqliteCatalog::open_in_memory().unwrap()),
+        target.clone(),
+        EngineSettings::default(),
+    );
+    rebuilt.reindex().unwrap();
+    assert_eq!(rebuilt.catalog.list_backups("xr").unwrap().len(), 2);
+    assert!(!rebuilt.catalog.list_wal_segments("xr").unwrap().is_empty());
+
     // Off: a new backup is not copied.
     svc.modify_cross_policy(
         "xr",
