@@ -475,13 +475,27 @@ impl Service {
                     continue;
                 }
             };
-            if policy.backup_enabled {
-                if let Err(e) = self.copy_instance(&policy) {
-                    tracing::warn!(instance = %instance.id, region = %policy.region, "cross-region copy: {e}");
+            // A target that cannot be reached is tried again with backoff,
+            // not every tick.
+            let key = format!("{}/{}", policy.region, instance.id);
+            if policy.backup_enabled && lock(&self.copy_retries).ready(&key) {
+                match self.copy_instance(&policy) {
+                    Ok(()) => lock(&self.copy_retries).succeeded(&key),
+                    Err(e) => {
+                        lock(&self.copy_retries).failed(&key);
+                        tracing::warn!(instance = %instance.id, region = %policy.region, "cross-region copy: {e}");
+                    }
                 }
             }
-            if let Err(e) = self.apply_copy_retention(&policy) {
-                tracing::warn!(instance = %instance.id, "cross-region retention: {e}");
+            let key = format!("retention/{}", instance.id);
+            if lock(&self.copy_retries).ready(&key) {
+                match self.apply_copy_retention(&policy) {
+                    Ok(()) => lock(&self.copy_retries).succeeded(&key),
+                    Err(e) => {
+                        lock(&self.copy_retries).failed(&key);
+                        tracing::warn!(instance = %instance.id, "cross-region retention: {e}");
+                    }
+                }
             }
         }
     }

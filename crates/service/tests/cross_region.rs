@@ -2,18 +2,59 @@
 //! backups taken with the policy on are copied with their WAL into the
 //! target region's own repository (verified clean there), copies past
 //! their retention are deleted from the target with their WAL and its
-//! garbage collected, and turning the policy off stops copying.
+//! garbage collected, a copy whose manifest cannot be written is never
+//! listed and is retried, and turning the policy off stops copying.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
 use strata_engine::{Engine, EngineSettings};
-use strata_repo::{LocalStorage, Repository, Storage};
+use strata_repo::storage::StorageResult;
+use strata_repo::{LocalStorage, Repository, Storage, StorageError};
 use strata_service::{
     CrossPolicyChange, ManualClock, RegionTarget, Regions, Service, ServiceSettings,
 };
+
+/// A target whose manifest writes fail while `refuse` is set: copies
+/// cannot commit.
+#[derive(Debug)]
+struct RefusingManifests {
+    inner: LocalStorage,
+    refuse: AtomicBool,
+}
+
+impl Storage for RefusingManifests {
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        if key.ends_with(".manifest") && self.refuse.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                key: key.to_string(),
+                source: std::io::Error::other("injected: the target refuses manifests"),
+            });
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        self.inner.delete(key)
+    }
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        self.inner.exists(key)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
 
 /// Ticks until `done` holds (the copier runs in the background).
 async fn tick_until(svc: &Arc<Service>, what: &str, mut done: impl FnMut() -> bool) {
@@ -51,8 +92,11 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     ))
     .unwrap();
     let engine = Engine::new(catalog, repo, EngineSettings::default());
-    let target_storage: Arc<dyn Storage> =
-        Arc::new(LocalStorage::new(dir.path().join("dr")).unwrap());
+    let refusing = Arc::new(RefusingManifests {
+        inner: LocalStorage::new(dir.path().join("dr")).unwrap(),
+        refuse: AtomicBool::new(true),
+    });
+    let target_storage: Arc<dyn Storage> = refusing.clone();
     let regions = Regions::new(
         "home",
         vec![RegionTarget::new("dr", target_storage.clone(), None, 1)],
@@ -103,6 +147,22 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     );
     let sets = svc.engine.catalog.list_backups("xr").unwrap();
     assert_eq!(sets.len(), 2);
+    // The target refuses manifests: the copies fail, are recorded failed
+    // and are not listed; the target holds no backup set.
+    tick_until(&svc, "a failed copy job", || {
+        svc.engine
+            .catalog
+            .list_jobs(Some("xr"))
+            .unwrap()
+            .iter()
+            .any(|j| j.kind == "cross-copy" && j.state == strata_catalog::JobState::Failed)
+    })
+    .await;
+    assert!(svc.cross_backups("xr").unwrap().is_empty());
+    let target = Repository::open(target_storage.clone()).unwrap();
+    assert!(target.list_backups("xr").unwrap().is_empty());
+    // Once the target accepts them again, the copies are retried.
+    refusing.refuse.store(false, Ordering::SeqCst);
     tick_until(&svc, "two copies and their WAL", || {
         svc.cross_backups("xr").unwrap().len() == 2 && !svc.cross_wal("xr").unwrap().is_empty()
     })
@@ -112,15 +172,18 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         copies.iter().map(|c| c.set.id.clone()).collect::<Vec<_>>(),
         sets.iter().map(|b| b.id.clone()).collect::<Vec<_>>()
     );
-    assert!(copies[0].id < copies[1].id);
-    // The second copy added far less than the first: its blocks were there.
+    // Whichever copy committed second added far less: its blocks were there.
+    let (earlier, later) = if copies[0].id < copies[1].id {
+        (&copies[0], &copies[1])
+    } else {
+        (&copies[1], &copies[0])
+    };
     assert!(
-        copies[1].copied_bytes * 4 < copies[0].copied_bytes,
+        later.copied_bytes * 4 < earlier.copied_bytes,
         "{} then {}",
-        copies[0].copied_bytes,
-        copies[1].copied_bytes
+        earlier.copied_bytes,
+        later.copied_bytes
     );
-    let target = Repository::open(target_storage.clone()).unwrap();
     assert_eq!(
         target.list_backups("xr").unwrap(),
         sets.iter().map(|b| b.id.clone()).collect::<Vec<_>>()
