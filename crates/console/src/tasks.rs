@@ -53,6 +53,11 @@ pub fn task_type(kind: &str, mode: Option<&str>) -> (String, String) {
         ("backup", Some("Automated")) => ("auto-backup".into(), "Automatic Backup".into()),
         ("backup", _) => ("manual-backup".into(), "Manually Back Up Instance".into()),
         ("restore", _) => ("restore".into(), "Restore".into()),
+        ("cross-copy", _) => ("cross-copy".into(), "Cross-Region Backup".into()),
+        ("ddr-restore", _) => (
+            "ddr-restore".into(),
+            "Restore from Cross-Region Backup".into(),
+        ),
         (other, _) => {
             let mut label = other.replace('-', " ");
             if let Some(first) = label.get(..1) {
@@ -426,6 +431,7 @@ mod tests {
         );
         assert_eq!(task_type("backup", None).0, "manual-backup");
         assert_eq!(task_type("backup", Some("Automated")).1, "Automatic Backup");
+        assert_eq!(task_type("cross-copy", None).1, "Cross-Region Backup");
         assert_eq!(
             task_type("wal-receive", None),
             ("wal-receive".into(), "Wal receive".into())
