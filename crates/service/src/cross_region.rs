@@ -174,6 +174,26 @@ impl CopyRetries {
     }
 }
 
+/// The complete segments holding a backup set's WAL from its start to its
+/// stop LSN, or `None` while some of it is not archived complete.
+fn set_wal(set: &strata_catalog::BackupSet, wal: &[WalSegmentRow]) -> Option<Vec<WalSegmentRow>> {
+    let (start, stop) = (set.start_lsn?, set.stop_lsn?);
+    let mut rows: Vec<WalSegmentRow> = wal
+        .iter()
+        .filter(|w| !w.partial && w.begin_lsn < stop && w.end_lsn > start)
+        .cloned()
+        .collect();
+    rows.sort_by_key(|w| (w.begin_lsn, w.timeline));
+    let mut reached = start;
+    for w in &rows {
+        if w.begin_lsn > reached {
+            return None;
+        }
+        reached = reached.max(w.end_lsn);
+    }
+    (reached >= stop).then_some(rows)
+}
+
 /// Start and end of point-in-time recovery over `backups` and `wal`: from
 /// the consistency time of the oldest backup whose WAL runs without a gap
 /// to the newest WAL, to when that WAL was stored.
@@ -531,20 +551,39 @@ impl Service {
             copy_instance_record(&self.engine.repo, &repo, id)?;
             let ids: Vec<String> = copies.iter().map(|c| c.set.id.clone()).collect();
             let known = CopiedBlocks::learn(&self.engine.repo, &repo, id, &ids)?;
+            let wal = self.engine.catalog.list_wal_segments(id)?;
             for set in due {
                 let key = format!("{}/{}/{}", policy.region, id, set.id);
                 if !lock(&self.copy_retries).ready(&key) {
                     continue;
                 }
+                // A copy carries the WAL that makes it consistent, whether
+                // or not log copies are on; it waits until that WAL is
+                // archived as complete segments.
+                let Some(own_wal) = set_wal(&set, &wal) else {
+                    tracing::debug!(instance = %id, backup = %set.id, "copy waits for the backup's WAL segments to complete");
+                    continue;
+                };
                 let mut job = self.engine.catalog.create_job("cross-copy", Some(id))?;
                 job.state = JobState::Uploading;
                 job.backup_id = Some(set.id.clone());
                 job.detail = format!("copy backup {} to region {}", set.id, policy.region);
                 self.engine.catalog.update_job(&job)?;
                 // Primary garbage collection waits while the copy reads.
-                let outcome = self.engine.hold_gc().and_then(|_guard| {
-                    copy_backup_set(&self.engine.repo, &repo, id, &set.id, &known)
-                });
+                let outcome =
+                    self.engine
+                        .hold_gc()
+                        .map_err(ServiceError::from)
+                        .and_then(|_guard| {
+                            self.copy_segments(&policy.region, &repo, &own_wal)?;
+                            Ok(copy_backup_set(
+                                &self.engine.repo,
+                                &repo,
+                                id,
+                                &set.id,
+                                &known,
+                            )?)
+                        });
                 match outcome {
                     Ok(report) => {
                         let cross_id = self.engine.catalog.insert_cross_backup(
@@ -576,6 +615,39 @@ impl Service {
         }
         if policy.log_backup_enabled {
             self.copy_wal(policy, &repo)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the segments of `rows` the region does not hold yet (with the
+    /// timeline histories), recording each copy.
+    fn copy_segments(
+        &self,
+        region: &str,
+        repo: &Repository,
+        rows: &[WalSegmentRow],
+    ) -> ServiceResult<()> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let id = &first.instance_id;
+        let have: HashSet<(u32, String)> = self
+            .engine
+            .catalog
+            .list_cross_wal(id)?
+            .into_iter()
+            .filter(|w| w.region == region)
+            .map(|w| (w.row.timeline.0, w.row.segment))
+            .collect();
+        copy_histories(&self.engine.repo, repo, id)?;
+        for row in rows {
+            if have.contains(&(row.timeline.0, row.segment.clone())) {
+                continue;
+            }
+            let copy = copy_wal_segment(&self.engine.repo, repo, row)?;
+            self.engine
+                .catalog
+                .insert_cross_wal(region, &copy, Utc::now())?;
         }
         Ok(())
     }

@@ -128,15 +128,15 @@ async fn copies_follow_the_policy_and_their_own_retention() {
             CrossPolicyChange {
                 region: Some("dr".into()),
                 backup_enabled: Some(true),
-                log_backup_enabled: Some(true),
+                log_backup_enabled: Some(false),
                 retention_days: Some(7),
             },
         )
         .unwrap();
-    assert!(p.backup_enabled && p.log_backup_enabled);
+    assert!(p.backup_enabled && !p.log_backup_enabled);
 
     // The registration's first backup, then a second one: both copied,
-    // with the WAL from the first one's start.
+    // each with its own WAL although log copies are off.
     svc.tick().await;
     settle(&svc, "xr").await;
     svc.start_backup("xr", "Manual").unwrap();
@@ -190,9 +190,24 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     );
     let report = target.verify(&|_, _| {}).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    let first_start = sets[0].start_lsn.unwrap();
-    for w in svc.cross_wal("xr").unwrap() {
-        assert!(!w.row.partial && w.row.end_lsn > first_start);
+    let wal = svc.cross_wal("xr").unwrap();
+    for set in &sets {
+        let (start, stop) = (set.start_lsn.unwrap(), set.stop_lsn.unwrap());
+        assert!(
+            wal.iter()
+                .any(|w| w.row.begin_lsn <= start && start < w.row.end_lsn),
+            "no copied WAL at the start of {}",
+            set.id
+        );
+        assert!(
+            wal.iter()
+                .any(|w| w.row.begin_lsn < stop && stop <= w.row.end_lsn),
+            "no copied WAL at the stop of {}",
+            set.id
+        );
+    }
+    for w in &wal {
+        assert!(!w.row.partial);
         target.read_wal(&w.row.object_key).unwrap();
     }
 
