@@ -12,6 +12,7 @@ use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState, WalSegmen
 use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
 
+use crate::cross_region;
 use crate::error::{ApiError, ApiResult};
 use crate::params::{page, Params};
 use crate::ApiState;
@@ -20,16 +21,23 @@ use crate::ApiState;
 pub const ACTIONS: &[&str] = &[
     "CloneDBInstance",
     "CreateBackup",
+    "CreateDdrInstance",
     "DeleteBackup",
     "DeleteDBInstance",
+    "DescribeAvailableCrossRegion",
+    "DescribeAvailableRecoveryTime",
     "DescribeBackupPolicy",
     "DescribeBackupTasks",
     "DescribeBackups",
     "DescribeBinlogFiles",
+    "DescribeCrossRegionBackups",
+    "DescribeCrossRegionLogBackupFiles",
     "DescribeDBInstanceAttribute",
     "DescribeDBInstances",
+    "DescribeInstanceCrossBackupPolicy",
     "DescribeLocalAvailableRecoveryTime",
     "ModifyBackupPolicy",
+    "ModifyInstanceCrossBackupPolicy",
     "RestoreTable",
     "StrataDeregisterDBInstance",
     "StrataRegisterDBInstance",
@@ -54,18 +62,25 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
     match action {
         "CloneDBInstance" => clone_instance(svc, p),
         "CreateBackup" => create_backup(svc, p),
+        "CreateDdrInstance" => cross_region::create_ddr_instance(svc, p),
         "DeleteBackup" => delete_backup(svc, p),
         "DeleteDBInstance" => delete_instance(svc, p).await,
         "RestoreTable" => restore_table(svc, p),
         "StrataStartRestoreDrill" => start_drill(svc, p),
+        "DescribeAvailableCrossRegion" => cross_region::describe_available_regions(svc, p),
+        "DescribeAvailableRecoveryTime" => cross_region::describe_recovery_time(svc, p),
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
         "DescribeBackups" => describe_backups(state, p),
         "DescribeBinlogFiles" => describe_binlog_files(state, p),
+        "DescribeCrossRegionBackups" => cross_region::describe_backups(svc, p),
+        "DescribeCrossRegionLogBackupFiles" => cross_region::describe_log_files(svc, p),
+        "DescribeInstanceCrossBackupPolicy" => cross_region::describe_policy(svc, p),
         "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
         "DescribeDBInstances" => describe_instances(svc, p),
         "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
         "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
+        "ModifyInstanceCrossBackupPolicy" => cross_region::modify_policy(svc, p),
         "StrataDeregisterDBInstance" => deregister_instance(svc, p).await,
         "StrataRegisterDBInstance" => register_instance(svc, p).await,
         other => Err(ApiError::new(
@@ -269,7 +284,12 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .list_jobs(Some(&inst.id))?
         .into_iter()
         .rev()
-        .filter(|j| matches!(j.kind.as_str(), "backup" | "clone" | "restore-table"))
+        .filter(|j| {
+            matches!(
+                j.kind.as_str(),
+                "backup" | "clone" | "restore-table" | "cross-copy" | "ddr-restore"
+            )
+        })
         .filter(|j| job_id.is_none_or(|id| j.id == id))
         .filter(|j| {
             p.get("BackupJobStatus")
@@ -292,6 +312,8 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         let action = match j.kind.as_str() {
             "clone" => "CloneDBInstance",
             "restore-table" => "RestoreTable",
+            "cross-copy" => "CrossRegionBackup",
+            "ddr-restore" => "CreateDdrInstance",
             _ => "NormalBackupTask",
         };
         if p.get("BackupMode").is_some_and(|m| m != mode) {
@@ -583,7 +605,7 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         "Port": i.port.to_string(),
         "CreateTime": format_seconds(i.created_at),
         "CreationTime": format_seconds(i.created_at),
-        "RegionId": "local",
+        "RegionId": svc.regions().primary,
         "StrataUser": i.user,
         "StrataDBName": i.dbname.clone().unwrap_or_default(),
         "StrataSSLMode": i.sslmode,

@@ -9,6 +9,7 @@
 
 mod actions;
 mod auth;
+mod cross_region;
 mod download;
 mod error;
 mod params;

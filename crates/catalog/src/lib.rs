@@ -278,6 +278,46 @@ pub struct DrillResult {
     pub job_id: Option<i64>,
 }
 
+/// Cross-region backup of an instance (RDS's cross-region backup policy):
+/// new backup sets, and with `log_backup_enabled` their WAL, are copied to
+/// the repository of the named region and kept there `retention_days`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CrossBackupPolicy {
+    pub instance_id: String,
+    /// Target region id, a `[regions.<id>]` of the configuration.
+    pub region: String,
+    pub backup_enabled: bool,
+    pub log_backup_enabled: bool,
+    pub retention_days: u32,
+    /// When copying was last turned on: backup sets finished before are not copied.
+    pub backup_enabled_at: Option<DateTime<Utc>>,
+    pub log_backup_enabled_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A backup set copied to another region, listed once its manifest is
+/// committed there. `id` is the integer `CrossBackupId` of the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CrossBackup {
+    pub id: i64,
+    pub region: String,
+    /// The source set as it was copied (same id, LSNs, times and sizes).
+    pub set: BackupSet,
+    /// Compressed bytes the copy added to the target repository.
+    pub copied_bytes: u64,
+    pub copied_at: DateTime<Utc>,
+}
+
+/// A complete WAL segment copied to another region. `row.object_key` and
+/// `row.checksum` are the target repository's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CrossWalSegment {
+    pub id: i64,
+    pub region: String,
+    pub row: WalSegmentRow,
+    pub copied_at: DateTime<Utc>,
+}
+
 /// An API access key. The secret is needed in clear to verify HMAC signatures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccessKey {
@@ -345,6 +385,30 @@ pub trait Catalog: Send + Sync {
     fn put_drill(&self, d: &DrillResult) -> CatalogResult<()>;
     fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>>;
     fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>>;
+
+    fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>>;
+    fn put_cross_policy(&self, policy: &CrossBackupPolicy) -> CatalogResult<()>;
+    /// Records a committed copy and returns its new id.
+    fn insert_cross_backup(
+        &self,
+        region: &str,
+        set: &BackupSet,
+        copied_bytes: u64,
+        copied_at: DateTime<Utc>,
+    ) -> CatalogResult<i64>;
+    /// Copies of an instance's backup sets, oldest first.
+    fn list_cross_backups(&self, instance_id: &str) -> CatalogResult<Vec<CrossBackup>>;
+    fn delete_cross_backup(&self, id: i64) -> CatalogResult<()>;
+    /// Records a copied WAL segment and returns its new id.
+    fn insert_cross_wal(
+        &self,
+        region: &str,
+        row: &WalSegmentRow,
+        copied_at: DateTime<Utc>,
+    ) -> CatalogResult<i64>;
+    /// Copied WAL segments of an instance by timeline and name.
+    fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>>;
+    fn delete_cross_wal(&self, id: i64) -> CatalogResult<()>;
 
     fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
     fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;

@@ -142,6 +142,40 @@ CREATE TABLE backup_drills (
     job_id INTEGER
 );
 "#,
+    r#"
+CREATE TABLE cross_backup_policies (
+    instance_id TEXT PRIMARY KEY,
+    region TEXT NOT NULL,
+    backup_enabled INTEGER NOT NULL,
+    log_backup_enabled INTEGER NOT NULL,
+    retention_days INTEGER NOT NULL,
+    backup_enabled_at TEXT,
+    log_backup_enabled_at TEXT,
+    updated_at TEXT NOT NULL
+);
+-- The copied set and segment rows are kept whole as JSON: they are read
+-- back as a whole and only ever looked up by instance.
+CREATE TABLE cross_backups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    region TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    backup_id TEXT NOT NULL,
+    backup_set TEXT NOT NULL,
+    copied_bytes INTEGER NOT NULL,
+    copied_at TEXT NOT NULL,
+    UNIQUE (region, instance_id, backup_id)
+);
+CREATE TABLE cross_wal_segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    region TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    segment TEXT NOT NULL,
+    wal_segment TEXT NOT NULL,
+    copied_at TEXT NOT NULL,
+    UNIQUE (region, instance_id, timeline, segment)
+);
+"#,
 ];
 
 pub struct SqliteCatalog {
@@ -325,6 +359,29 @@ fn managed_from_row(r: &Row) -> rusqlite::Result<ManagedInstance> {
         error: r.get(8)?,
         created_at: parse_ts(r.get(9)?)?,
     })
+}
+
+const CROSS_POLICY_COLS: &str = "instance_id, region, backup_enabled, log_backup_enabled, retention_days, backup_enabled_at, log_backup_enabled_at, updated_at";
+
+fn cross_policy_from_row(r: &Row) -> rusqlite::Result<CrossBackupPolicy> {
+    Ok(CrossBackupPolicy {
+        instance_id: r.get(0)?,
+        region: r.get(1)?,
+        backup_enabled: r.get(2)?,
+        log_backup_enabled: r.get(3)?,
+        retention_days: r.get(4)?,
+        backup_enabled_at: opt_ts(r.get(5)?)?,
+        log_backup_enabled_at: opt_ts(r.get(6)?)?,
+        updated_at: parse_ts(r.get(7)?)?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> CatalogResult<String> {
+    serde_json::to_string(v).map_err(|e| CatalogError::Invalid(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> CatalogResult<T> {
+    serde_json::from_str(text).map_err(|e| CatalogError::Invalid(e.to_string()))
 }
 
 const DRILL_COLS: &str = "backup_id, instance_id, status, detail, started_at, finished_at, job_id";
@@ -826,6 +883,136 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!(
+                    "SELECT {CROSS_POLICY_COLS} FROM cross_backup_policies WHERE instance_id = ?1"
+                ),
+                [instance_id],
+                cross_policy_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn put_cross_policy(&self, p: &CrossBackupPolicy) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO cross_backup_policies ({CROSS_POLICY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
+                params![
+                    p.instance_id, p.region, p.backup_enabled, p.log_backup_enabled, p.retention_days,
+                    p.backup_enabled_at.as_ref().map(ts), p.log_backup_enabled_at.as_ref().map(ts),
+                    ts(&p.updated_at)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn insert_cross_backup(
+        &self,
+        region: &str,
+        set: &BackupSet,
+        copied_bytes: u64,
+        copied_at: DateTime<Utc>,
+    ) -> CatalogResult<i64> {
+        let json = to_json(set)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO cross_backups (region, instance_id, backup_id, backup_set, copied_bytes, copied_at) VALUES (?1,?2,?3,?4,?5,?6)",
+                params![region, set.instance_id, set.id, json, copied_bytes as i64, ts(&copied_at)],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    fn list_cross_backups(&self, instance_id: &str) -> CatalogResult<Vec<CrossBackup>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, region, backup_set, copied_bytes, copied_at FROM cross_backups WHERE instance_id = ?1 ORDER BY backup_id, id",
+            )?;
+            let rows = st.query_map([instance_id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, region, json, copied_bytes, copied_at) = row?;
+                out.push(CrossBackup {
+                    id,
+                    region,
+                    set: from_json(&json)?,
+                    copied_bytes: copied_bytes as u64,
+                    copied_at: parse_ts(copied_at)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_cross_backup(&self, id: i64) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM cross_backups WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    fn insert_cross_wal(
+        &self,
+        region: &str,
+        row: &WalSegmentRow,
+        copied_at: DateTime<Utc>,
+    ) -> CatalogResult<i64> {
+        let json = to_json(row)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO cross_wal_segments (region, instance_id, timeline, segment, wal_segment, copied_at) VALUES (?1,?2,?3,?4,?5,?6)",
+                params![region, row.instance_id, row.timeline.0, row.segment, json, ts(&copied_at)],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, region, wal_segment, copied_at FROM cross_wal_segments WHERE instance_id = ?1 ORDER BY timeline, segment, id",
+            )?;
+            let rows = st.query_map([instance_id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, region, json, copied_at) = row?;
+                out.push(CrossWalSegment {
+                    id,
+                    region,
+                    row: from_json(&json)?,
+                    copied_at: parse_ts(copied_at)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_cross_wal(&self, id: i64) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM cross_wal_segments WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
     fn clear_index(&self) -> CatalogResult<()> {
         self.with(|c| {
             c.execute_batch(
@@ -913,6 +1100,95 @@ mod tests {
         assert_eq!(cat.fail_orphaned_jobs().unwrap(), 1);
         assert_eq!(cat.get_job(job.id).unwrap().state, JobState::Failed);
         assert_eq!(cat.get_backup("1").unwrap().status, BackupStatus::Failed);
+    }
+
+    #[test]
+    fn cross_region_policy_copies_and_wal() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        assert_eq!(cat.get_cross_policy("a").unwrap(), None);
+        let now = DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let p = CrossBackupPolicy {
+            instance_id: "a".into(),
+            region: "cn-shanghai".into(),
+            backup_enabled: true,
+            log_backup_enabled: false,
+            retention_days: 30,
+            backup_enabled_at: Some(now),
+            log_backup_enabled_at: None,
+            updated_at: now,
+        };
+        cat.put_cross_policy(&p).unwrap();
+        assert_eq!(cat.get_cross_policy("a").unwrap(), Some(p));
+
+        let set = |id: &str| BackupSet {
+            id: id.into(),
+            instance_id: "a".into(),
+            status: BackupStatus::Success,
+            mode: "Manual".into(),
+            started_at: now,
+            finished_at: Some(now),
+            start_lsn: Some(Lsn(0x1_0000_0028)),
+            stop_lsn: Some(Lsn(0x1_0000_0100)),
+            start_timeline: Some(TimelineId(1)),
+            stop_timeline: Some(TimelineId(1)),
+            pg_version_num: Some(150018),
+            total_bytes: 1 << 20,
+            new_bytes: 0,
+            dedup_bytes: 0,
+            stored_bytes: 0,
+            file_count: 9,
+            error: None,
+            job_id: None,
+        };
+        let first = cat
+            .insert_cross_backup("cn-shanghai", &set("1"), 512, now)
+            .unwrap();
+        let second = cat
+            .insert_cross_backup("cn-beijing", &set("2"), 64, now)
+            .unwrap();
+        assert!(second > first);
+        // One copy of a set per region.
+        assert!(cat
+            .insert_cross_backup("cn-shanghai", &set("1"), 1, now)
+            .is_err());
+        let listed = cat.list_cross_backups("a").unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(
+            (listed[0].id, &listed[0].region),
+            (first, &"cn-shanghai".to_string())
+        );
+        assert_eq!(
+            (listed[0].set.clone(), listed[0].copied_bytes),
+            (set("1"), 512)
+        );
+        cat.delete_cross_backup(first).unwrap();
+        assert_eq!(cat.list_cross_backups("a").unwrap()[0].id, second);
+        assert!(cat.list_cross_backups("b").unwrap().is_empty());
+
+        let row = WalSegmentRow {
+            instance_id: "a".into(),
+            timeline: TimelineId(1),
+            segment: "000000010000000000000001".into(),
+            partial: false,
+            begin_lsn: Lsn(0x100_0000),
+            end_lsn: Lsn(0x200_0000),
+            size: 16 << 20,
+            checksum: "ab".into(),
+            first_commit: Some(now),
+            last_commit: Some(now),
+            commit_count: 3,
+            min_commit_xid: Some(700),
+            max_commit_xid: Some(702),
+            object_key: "instances/a/wal/00000001/000000010000000000000001".into(),
+            stored_at: now,
+        };
+        let id = cat.insert_cross_wal("cn-shanghai", &row, now).unwrap();
+        let wal = cat.list_cross_wal("a").unwrap();
+        assert_eq!((wal[0].id, wal[0].row.clone()), (id, row));
+        cat.delete_cross_wal(id).unwrap();
+        assert!(cat.list_cross_wal("a").unwrap().is_empty());
     }
 
     #[test]

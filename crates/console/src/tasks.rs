@@ -56,6 +56,11 @@ pub fn task_type(kind: &str, mode: Option<&str>) -> (String, String) {
         ("clone", _) => ("clone".into(), "Clone to New Instance".into()),
         ("restore-table", _) => ("restore-table".into(), "Restore Databases or Tables".into()),
         ("drill", _) => ("drill".into(), "Restore Drill".into()),
+        ("cross-copy", _) => ("cross-copy".into(), "Cross-Region Backup".into()),
+        ("ddr-restore", _) => (
+            "ddr-restore".into(),
+            "Restore from Cross-Region Backup".into(),
+        ),
         (other, _) => {
             let mut label = other.replace('-', " ");
             if let Some(first) = label.get(..1) {
@@ -434,6 +439,7 @@ mod tests {
             task_type("restore-table", None).1,
             "Restore Databases or Tables"
         );
+        assert_eq!(task_type("cross-copy", None).1, "Cross-Region Backup");
         assert_eq!(
             task_type("wal-receive", None),
             ("wal-receive".into(), "Wal receive".into())

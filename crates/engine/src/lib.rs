@@ -8,6 +8,7 @@ mod archive;
 mod archive_tar;
 mod backup;
 mod connect;
+mod copy;
 mod error;
 mod progress;
 mod reindex;
@@ -26,13 +27,34 @@ pub use archive_tar::BackupArchive;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
 pub use connect::ServerFacts;
+pub use copy::{
+    copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
+    CopyReport,
+};
 pub use error::{EngineError, EngineResult};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
 pub use restore::{
-    as_user, chown_tree, RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions,
+    as_user, chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome, StartOptions,
 };
 pub use retention::{pitr_anchor, plan_retention, GcGuard, RetentionPlan};
+
+impl Engine {
+    /// The same engine reading and writing `repo` instead (a cross-region
+    /// target).
+    pub fn with_repository(&self, repo: Repository) -> Engine {
+        Engine {
+            repo,
+            ..self.clone()
+        }
+    }
+
+    /// Holds garbage collection of the primary repository off while a
+    /// copy reads from it, as a backup does.
+    pub fn hold_gc(&self) -> EngineResult<Option<GcGuard>> {
+        self.gc_guard(false)
+    }
+}
 
 /// Knobs the engine takes from the configuration file.
 #[derive(Debug, Clone)]

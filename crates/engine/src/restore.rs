@@ -26,7 +26,7 @@ use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::history::TimelineHistory;
 use pg_wal::{history_file_name, Lsn, SegmentNo, TimelineId, WalGeometry};
 use serde::Serialize;
-use strata_catalog::{BackupSet, BackupStatus, JobState, WalSegmentRow};
+use strata_catalog::{BackupSet, BackupStatus, JobState, RestorePointRow, WalSegmentRow};
 use strata_repo::{BackupManifest, FileEntry, FileKind};
 
 use crate::{Engine, EngineError, EngineResult, Progress};
@@ -78,6 +78,18 @@ pub struct RestoreOptions {
     /// servers); by default the restore records and finishes its own
     /// `restore` job. Either way a failure is recorded on the job.
     pub job_id: Option<i64>,
+    /// The backup sets and WAL to choose from when they are not the
+    /// catalog's own rows for the instance (a cross-region copy, read from
+    /// the engine's repository); `None` for the catalog's.
+    pub index: Option<RestoreIndex>,
+}
+
+/// Backup sets, WAL segments and restore points a restore plans with.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreIndex {
+    pub backups: Vec<BackupSet>,
+    pub wal: Vec<WalSegmentRow>,
+    pub restore_points: Vec<RestorePointRow>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,14 +164,23 @@ impl Engine {
         progress: &dyn Progress,
         job: &mut strata_catalog::Job,
     ) -> EngineResult<RestoreOutcome> {
-        let backups: Vec<BackupSet> = self
-            .catalog
-            .list_backups(instance_id)?
+        let index = match &opts.index {
+            Some(index) => index.clone(),
+            None => RestoreIndex {
+                backups: self.catalog.list_backups(instance_id)?,
+                wal: self.catalog.list_wal_segments(instance_id)?,
+                restore_points: self.catalog.list_restore_points(instance_id)?,
+            },
+        };
+        let RestoreIndex {
+            backups,
+            wal,
+            restore_points,
+        } = index;
+        let backups: Vec<BackupSet> = backups
             .into_iter()
             .filter(|b| b.status == BackupStatus::Success)
             .collect();
-        let wal = self.catalog.list_wal_segments(instance_id)?;
-        let restore_points = self.catalog.list_restore_points(instance_id)?;
         let mut target = opts.target.clone();
         let backup = choose_backup(
             instance_id,

@@ -231,6 +231,7 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
                     ..Default::default()
                 }),
                 job_id: None,
+                index: None,
             },
             &NoProgress,
         )

@@ -370,6 +370,18 @@ impl Repository {
         Ok(())
     }
 
+    /// The record of one instance, if the repository has it.
+    pub fn read_instance(&self, instance_id: &str) -> RepoResult<Option<InstanceRecord>> {
+        let key = instance_key(instance_id);
+        match self.storage.get(&key) {
+            Ok(bytes) => Ok(Some(
+                open(&self.keys, &key, ObjectKind::Instance, &bytes)?.meta,
+            )),
+            Err(StorageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn list_instances(&self) -> RepoResult<Vec<InstanceRecord>> {
         let mut out = Vec::new();
         for key in self.storage.list("instances")? {

@@ -8,6 +8,7 @@
 //! days and weeks; [`Service::tick`] does one round of everything.
 
 mod clock;
+mod cross_region;
 mod drills;
 mod local;
 mod metrics;
@@ -29,6 +30,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use cross_region::{
+    recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
+};
 pub use local::{RestoreSource, Scratch};
 pub use policy::PolicyError;
 pub use tables::{parse_table_meta, DbSpec, TableSpec};
@@ -235,10 +239,24 @@ pub struct Service {
     /// Instances being deregistered or deleted: the scheduler leaves them
     /// alone (no new receiver may recreate a dropped slot).
     leaving: Mutex<std::collections::HashSet<String>>,
+    /// Cross-region targets, the copier's state and its failed copies.
+    regions: cross_region::Regions,
+    copying: AtomicBool,
+    copy_retries: Mutex<cross_region::CopyRetries>,
 }
 
 impl Service {
     pub fn new(engine: Engine, clock: Arc<dyn Clock>, settings: ServiceSettings) -> Arc<Self> {
+        Self::with_regions(engine, clock, settings, Regions::default())
+    }
+
+    /// A service that also copies backups to the cross-region `regions`.
+    pub fn with_regions(
+        engine: Engine,
+        clock: Arc<dyn Clock>,
+        settings: ServiceSettings,
+        regions: Regions,
+    ) -> Arc<Self> {
         Arc::new(Service {
             engine,
             clock,
@@ -255,6 +273,9 @@ impl Service {
             drill_worker: std::sync::Once::new(),
             stopping: AtomicBool::new(false),
             leaving: Mutex::new(std::collections::HashSet::new()),
+            regions,
+            copying: AtomicBool::new(false),
+            copy_retries: Mutex::new(cross_region::CopyRetries::default()),
         })
     }
 
@@ -505,6 +526,7 @@ impl Service {
             }
         }
         self.reap_receivers();
+        self.start_copy_round();
         if self.gc_due.load(Ordering::SeqCst) && lock(&self.backups).is_empty() {
             self.gc_due.store(false, Ordering::SeqCst);
             let engine = self.engine.clone();
@@ -725,37 +747,8 @@ impl Service {
         if !p.log_backup_enabled {
             return Ok(None);
         }
-        let mut wal = self.engine.catalog.list_wal_segments(instance_id)?;
-        wal.sort_by_key(|w| (w.begin_lsn, w.end_lsn));
-        // Start of the gap-free run that reaches the newest WAL.
-        let mut run_start = None;
-        let mut end = pg_wal::Lsn::INVALID;
-        for w in &wal {
-            if run_start.is_none() || w.begin_lsn > end {
-                run_start = Some(w.begin_lsn);
-            }
-            end = end.max(w.end_lsn);
-        }
-        let Some(run_start) = run_start else {
-            return Ok(None);
-        };
-        let received = wal
-            .iter()
-            .filter(|w| w.end_lsn > run_start)
-            .map(|w| w.stored_at)
-            .max();
-        let begin = self
-            .engine
-            .catalog
-            .list_backups(instance_id)?
-            .into_iter()
-            .filter(|b| b.status == BackupStatus::Success)
-            .filter(|b| b.start_lsn.is_some_and(|l| l >= run_start))
-            .filter_map(|b| b.finished_at)
-            .min();
-        Ok(match (begin, received) {
-            (Some(b), Some(r)) if r >= b => Some((b, r)),
-            _ => None,
-        })
+        let wal = self.engine.catalog.list_wal_segments(instance_id)?;
+        let backups = self.engine.catalog.list_backups(instance_id)?;
+        Ok(recovery_window(&backups, &wal))
     }
 }

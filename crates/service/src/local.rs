@@ -34,6 +34,19 @@ pub struct RestoreSource {
     pub restore_time: Option<DateTime<Utc>>,
 }
 
+/// How to create a new instance from backups: which set and target, and
+/// which repository and index to read (the primary's, or a region's copies).
+pub(crate) struct CloneRequest {
+    pub backup_id: Option<String>,
+    pub target: RecoveryTarget,
+    pub restore_time: Option<DateTime<Utc>>,
+    pub major: u32,
+    pub engine: strata_engine::Engine,
+    pub index: Option<strata_engine::RestoreIndex>,
+    /// Job kind recorded: `clone` or `ddr-restore`.
+    pub job_kind: &'static str,
+}
+
 /// A server restored for a short task, stopped and removed by [`Scratch::remove`].
 pub struct Scratch {
     pub dir: PathBuf,
@@ -163,9 +176,40 @@ impl Service {
         source_id: &str,
         src: RestoreSource,
     ) -> ServiceResult<String> {
-        let source = self.engine.catalog.get_instance(source_id)?;
         let (backup_id, target) = self.check_restore_source(source_id, &src)?;
         let major = self.pg_major(source_id, backup_id.as_deref())?;
+        let (id, _) = self.launch_clone(
+            source_id,
+            CloneRequest {
+                backup_id,
+                target,
+                restore_time: src.restore_time,
+                major,
+                engine: self.engine.clone(),
+                index: None,
+                job_kind: "clone",
+            },
+        )?;
+        Ok(id)
+    }
+
+    /// Registers a new instance (`Creating`) and restores it in the
+    /// background as `req` says; returns its id and port at once.
+    pub(crate) fn launch_clone(
+        self: &Arc<Self>,
+        source_id: &str,
+        req: CloneRequest,
+    ) -> ServiceResult<(String, u16)> {
+        let source = self.engine.catalog.get_instance(source_id)?;
+        let CloneRequest {
+            backup_id,
+            target,
+            restore_time,
+            major,
+            engine,
+            index,
+            job_kind,
+        } = req;
         self.engine.pg_bin_dir(major)?;
         let id = format!("pgc-{}", random_suffix(12));
         let port = self.free_port()?;
@@ -174,7 +218,7 @@ impl Service {
             instance_id: id.clone(),
             source_instance: source_id.to_string(),
             backup_id: backup_id.clone(),
-            restore_time: src.restore_time,
+            restore_time,
             data_dir: dir.join("pgdata").display().to_string(),
             port,
             pg_major: major,
@@ -182,29 +226,43 @@ impl Service {
             error: None,
             created_at: Utc::now(),
         };
+        // Marked as managed first, so the scheduler leaves it alone until it runs.
         self.engine.catalog.put_managed(&managed)?;
-        let mut job = self.engine.catalog.create_job("clone", Some(source_id))?;
-        job.detail = format!("clone to new instance {id} on port {port}");
-        job.backup_id = backup_id.clone();
-        self.engine.catalog.update_job(&job)?;
-        let job_id = job.id;
-        self.engine.add_instance(&Instance {
+        match self.engine.add_instance(&Instance {
             password_env: source.password_env.clone(),
             password: source.password.clone(),
             dbname: source.dbname.clone(),
             ..Instance::new(&id, "127.0.0.1", port, &source.user, "prefer")
-        })?;
+        }) {
+            Ok(()) => {}
+            // Registered in the catalog; only its record in the primary
+            // repository is missing. A restore from another region's copies
+            // is what runs when the primary repository is lost, so it goes on.
+            Err(EngineError::Repo(e)) => tracing::warn!(
+                instance = %id,
+                "the new instance's record could not be written to the repository: {e}"
+            ),
+            Err(e) => {
+                let _ = self.engine.catalog.delete_managed(&id);
+                return Err(e.into());
+            }
+        }
+        let mut job = self.engine.catalog.create_job(job_kind, Some(source_id))?;
+        job.detail = format!("restore to new instance {id} on port {port}");
+        job.backup_id = backup_id.clone();
+        self.engine.catalog.update_job(&job)?;
+        let job_id = job.id;
         let svc = Arc::clone(self);
         let source_id = source_id.to_string();
         tokio::spawn(async move {
-            let work = Arc::clone(&svc);
+            let listen = svc.settings.local_listen.clone();
             let run = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)
                     .map_err(EngineError::io(format!("creating {}", dir.display())))?;
-                if let Some(user) = work.engine.os_user() {
+                if let Some(user) = engine.os_user() {
                     strata_engine::chown_tree(&dir, &user)?;
                 }
-                work.engine.restore(
+                engine.restore(
                     &source_id,
                     &RestoreOptions {
                         target_dir: dir.join("pgdata"),
@@ -212,11 +270,12 @@ impl Service {
                         target,
                         start: Some(StartOptions {
                             port,
-                            listen_addresses: Some(work.settings.local_listen.clone()),
+                            listen_addresses: Some(listen),
                             socket_dir: Some(dir.clone()),
                             hba_prepend: None,
                         }),
                         job_id: Some(job_id),
+                        index,
                     },
                     &NoProgress,
                 )
@@ -246,7 +305,7 @@ impl Service {
             }
             let _ = svc.engine.catalog.put_managed(&m);
         });
-        Ok(id)
+        Ok((id, port))
     }
 
     /// Stops and removes an instance Strata created; with `keep_backups`
@@ -443,6 +502,7 @@ impl Service {
                     hba_prepend: Some("local all all trust".into()),
                 }),
                 job_id: Some(job_id),
+                index: None,
             },
             &NoProgress,
         );

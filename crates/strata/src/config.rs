@@ -35,6 +35,21 @@ pub struct Config {
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
     pub downloads: DownloadsConfig,
+    /// This server's own region id, as the API reports it (default `local`).
+    pub region_id: Option<String>,
+    /// Cross-region backup targets by region id.
+    pub regions: std::collections::BTreeMap<String, RegionConfig>,
+}
+
+/// A cross-region backup target: a repository of its own, reached and
+/// unlocked like the primary one.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegionConfig {
+    /// A directory or `s3://bucket/prefix`.
+    pub repository: String,
+    pub s3: S3Settings,
+    pub encryption: EncryptionSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -190,6 +205,17 @@ impl Config {
         if config.encryption.key_file.is_some() && config.encryption.passphrase_env.is_some() {
             bail!("[encryption] key_file and passphrase_env are alternatives; set one");
         }
+        for (id, region) in &config.regions {
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                bail!("[regions.{id}]: a region id uses letters, digits and '-'");
+            }
+            if region.repository.is_empty() {
+                bail!("[regions.{id}] repository is required (a directory or s3://bucket/prefix)");
+            }
+            if region.encryption.key_file.is_some() && region.encryption.passphrase_env.is_some() {
+                bail!("[regions.{id}.encryption] key_file and passphrase_env are alternatives; set one");
+            }
+        }
         if config.instances.port_range.is_some() && config.instance_ports().is_none() {
             bail!(
                 "[instances] port_range must be LOW-HIGH, e.g. 15432-15531, got {:?}",
@@ -229,58 +255,37 @@ impl Config {
     /// The storage the repository lives in. Object storage is wrapped in
     /// retries with backoff; a local directory fails fast.
     pub fn storage(&self) -> Result<Arc<dyn Storage>> {
-        let location = self.repository();
-        if !location.starts_with("s3://") {
-            let dir = PathBuf::from(&location);
-            let local = LocalStorage::new(&dir)
-                .with_context(|| format!("cannot use repository directory {location}"))?;
-            return Ok(Arc::new(local));
-        }
-        let s = &self.s3;
-        let mut c = S3Config::from_url(&location)?;
-        c.endpoint = s.endpoint.clone();
-        if let Some(region) = &s.region {
-            c.region = region.clone();
-        }
-        c.access_key_id = s.access_key_id.clone();
-        c.secret_access_key = s.secret_access_key.clone();
-        if c.access_key_id.is_some() != c.secret_access_key.is_some() {
-            bail!("[s3] access_key_id and secret_access_key must be set together");
-        }
-        c.path_style = s.path_style.unwrap_or(false);
-        c.allow_http = s.allow_http.unwrap_or(false);
-        const MIB: usize = 1024 * 1024;
-        if let Some(mb) = s.multipart_threshold_mb {
-            c.multipart_threshold = mb.saturating_mul(MIB);
-        }
-        if let Some(mb) = s.part_size_mb {
-            c.part_size = mb.saturating_mul(MIB);
-        }
-        if let Some(n) = s.max_concurrency {
-            c.max_concurrency = n;
-        }
-        if let Some(secs) = s.request_timeout_secs {
-            c.request_timeout = Duration::from_secs(secs.max(1));
-        }
-        let policy = RetryPolicy {
-            max_attempts: s
-                .max_attempts
-                .unwrap_or(RetryPolicy::default().max_attempts)
-                .max(1),
-            ..RetryPolicy::default()
-        };
-        Ok(Arc::new(RetryingStorage::new(S3Storage::new(c)?, policy)))
+        open_storage(&self.repository(), &self.s3)
     }
 
     /// The configured repository key, if any.
     pub fn key_source(&self) -> Result<Option<KeySource>> {
-        if let Some(path) = &self.encryption.key_file {
-            return Ok(Some(KeySource::KeyFile(path.clone())));
+        self.encryption.key_source()
+    }
+
+    pub fn region_id(&self) -> String {
+        self.region_id.clone().unwrap_or_else(|| "local".into())
+    }
+
+    /// The cross-region targets, their storage opened (not their
+    /// repositories: those are opened on first use).
+    pub fn regions(&self) -> Result<strata_service::Regions> {
+        let mut targets = Vec::new();
+        for (id, region) in &self.regions {
+            let storage = open_storage(&region.repository, &region.s3)
+                .with_context(|| format!("[regions.{id}]"))?;
+            let key = region
+                .encryption
+                .key_source()
+                .with_context(|| format!("[regions.{id}.encryption]"))?;
+            targets.push(strata_service::RegionTarget::new(
+                id,
+                storage,
+                key,
+                self.compress_level.unwrap_or(1),
+            ));
         }
-        match &self.encryption.passphrase_env {
-            Some(var) => passphrase_from_env(var).map(Some),
-            None => Ok(None),
-        }
+        Ok(strata_service::Regions::new(&self.region_id(), targets))
     }
 
     pub fn catalog_path(&self) -> PathBuf {
@@ -355,6 +360,64 @@ impl Config {
             s.pg_bin_dirs = dirs.clone();
         }
         s
+    }
+}
+
+/// Opens the storage at `location` (a directory or `s3://bucket/prefix`,
+/// reached with `s`). Object storage is wrapped in retries with backoff; a
+/// local directory fails fast.
+fn open_storage(location: &str, s: &S3Settings) -> Result<Arc<dyn Storage>> {
+    if !location.starts_with("s3://") {
+        let dir = PathBuf::from(&location);
+        let local = LocalStorage::new(&dir)
+            .with_context(|| format!("cannot use repository directory {location}"))?;
+        return Ok(Arc::new(local));
+    }
+    let mut c = S3Config::from_url(location)?;
+    c.endpoint = s.endpoint.clone();
+    if let Some(region) = &s.region {
+        c.region = region.clone();
+    }
+    c.access_key_id = s.access_key_id.clone();
+    c.secret_access_key = s.secret_access_key.clone();
+    if c.access_key_id.is_some() != c.secret_access_key.is_some() {
+        bail!("[s3] access_key_id and secret_access_key must be set together");
+    }
+    c.path_style = s.path_style.unwrap_or(false);
+    c.allow_http = s.allow_http.unwrap_or(false);
+    const MIB: usize = 1024 * 1024;
+    if let Some(mb) = s.multipart_threshold_mb {
+        c.multipart_threshold = mb.saturating_mul(MIB);
+    }
+    if let Some(mb) = s.part_size_mb {
+        c.part_size = mb.saturating_mul(MIB);
+    }
+    if let Some(n) = s.max_concurrency {
+        c.max_concurrency = n;
+    }
+    if let Some(secs) = s.request_timeout_secs {
+        c.request_timeout = Duration::from_secs(secs.max(1));
+    }
+    let policy = RetryPolicy {
+        max_attempts: s
+            .max_attempts
+            .unwrap_or(RetryPolicy::default().max_attempts)
+            .max(1),
+        ..RetryPolicy::default()
+    };
+    Ok(Arc::new(RetryingStorage::new(S3Storage::new(c)?, policy)))
+}
+
+impl EncryptionSettings {
+    /// What unlocks the repository, if anything is configured.
+    pub fn key_source(&self) -> Result<Option<KeySource>> {
+        if let Some(path) = &self.key_file {
+            return Ok(Some(KeySource::KeyFile(path.clone())));
+        }
+        match &self.passphrase_env {
+            Some(var) => passphrase_from_env(var).map(Some),
+            None => Ok(None),
+        }
     }
 }
 

@@ -428,6 +428,7 @@ fn run(cli: Cli) -> Result<()> {
                     None
                 },
                 job_id: None,
+                index: None,
             };
             let progress = CliProgress::new();
             let outcome = engine.restore(&args.id, &opts, &progress)?;

@@ -31,6 +31,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let created = keys::ensure_admin_key(engine.catalog.as_ref(), &data_dir)?;
+    let regions = config.regions()?;
     crate::runtime()?.block_on(async move {
         // Signals first: a stop request during the sandbox's start still
         // ends in an orderly shutdown.
@@ -53,7 +54,12 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         } else {
             None
         };
-        let service = Service::new(engine.clone(), Arc::new(SystemClock), config.service_settings());
+        let service = Service::with_regions(
+            engine.clone(),
+            Arc::new(SystemClock),
+            config.service_settings(),
+            regions,
+        );
         if let Some(sb) = &sandbox {
             if service.engine.catalog.get_instance(DEMO_INSTANCE).is_err() {
                 if let Err(e) = service.register_instance(sb.instance()).await {

@@ -1,0 +1,344 @@
+//! Cross-region backup actions: the policy, the copies and their WAL, the
+//! regions copies may go to, the window a copy recovers, and restoring a new
+//! instance from the copies (`CreateDdrInstance`). Field names as the SDK
+//! models them; `CrossBackupId` and `CrossLogBackupId` are integers there.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::{json, Map, Value};
+use strata_catalog::{CrossBackup, CrossBackupPolicy};
+use strata_service::policy::format_seconds;
+use strata_service::{CopyChoice, CrossPolicyChange, Service};
+
+use crate::error::{ApiError, ApiResult};
+use crate::params::{page, Params};
+
+type Fields = Map<String, Value>;
+
+fn obj(v: Value) -> Fields {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn enable(on: bool) -> &'static str {
+    if on {
+        "Enable"
+    } else {
+        "Disable"
+    }
+}
+
+fn policy_fields(svc: &Service, instance_id: &str, pol: Option<&CrossBackupPolicy>) -> Value {
+    json!({
+        "DBInstanceId": instance_id,
+        "RegionId": svc.regions().primary,
+        "CrossBackupRegion": pol.map(|p| p.region.clone()).unwrap_or_default(),
+        "CrossBackupType": "1",
+        "BackupEnabled": enable(pol.is_some_and(|p| p.backup_enabled)),
+        "LogBackupEnabled": enable(pol.is_some_and(|p| p.log_backup_enabled)),
+        "RetentType": 1,
+        "Retention": pol.map(|p| p.retention_days).unwrap_or(7),
+    })
+}
+
+pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
+    if let Some(t) = p.get("CrossBackupType").filter(|t| *t != "1") {
+        return Err(ApiError::bad(
+            "InvalidCrossBackupType.Malformed",
+            format!("CrossBackupType must be 1 (every backup is copied), got {t:?}"),
+        ));
+    }
+    if let Some(t) = p.int("RetentType")?.filter(|t| *t != 1) {
+        return Err(ApiError::bad(
+            "InvalidRetentType.Malformed",
+            format!("RetentType must be 1 (kept for Retention days), got {t}"),
+        ));
+    }
+    let change = CrossPolicyChange {
+        region: p.get("CrossBackupRegion").map(str::to_string),
+        backup_enabled: p.bool("BackupEnabled")?,
+        log_backup_enabled: p.bool("LogBackupEnabled")?,
+        retention_days: p.int("Retention")?,
+    };
+    let pol = svc.modify_cross_policy(&inst.id, change)?;
+    Ok(obj(policy_fields(svc, &inst.id, Some(&pol))))
+}
+
+pub fn describe_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
+    let pol = svc.cross_policy(&inst.id)?;
+    let mut fields = obj(policy_fields(svc, &inst.id, pol.as_ref()));
+    let at = |t: Option<chrono::DateTime<Utc>>, on: bool| {
+        t.filter(|_| on).map(format_seconds).unwrap_or_default()
+    };
+    fields.extend(obj(json!({
+        "BackupEnabledTime": at(pol.as_ref().and_then(|p| p.backup_enabled_at), pol.as_ref().is_some_and(|p| p.backup_enabled)),
+        "LogBackupEnabledTime": at(pol.as_ref().and_then(|p| p.log_backup_enabled_at), pol.as_ref().is_some_and(|p| p.log_backup_enabled)),
+        "DBInstanceDescription": inst.id,
+        "DBInstanceStatus": "Running",
+        "Engine": "PostgreSQL",
+        "EngineVersion": inst.pg_version_num.map(|v| (v / 10000).to_string()).unwrap_or_default(),
+        "LockMode": "Unlock",
+    })));
+    Ok(fields)
+}
+
+pub fn describe_available_regions(svc: &Arc<Service>, _p: &Params) -> ApiResult<Fields> {
+    Ok(obj(
+        json!({"Regions": {"Region": svc.regions().available()}}),
+    ))
+}
+
+fn copy_fields(svc: &Service, c: &CrossBackup) -> Value {
+    let set = &c.set;
+    let major = set
+        .pg_version_num
+        .map(|v| (v / 10000).to_string())
+        .unwrap_or_default();
+    json!({
+        "CrossBackupId": c.id,
+        "CrossBackupRegion": c.region,
+        "BackupStartTime": format_seconds(set.started_at),
+        "BackupEndTime": set.finished_at.map(format_seconds).unwrap_or_default(),
+        "ConsistentTime": set.finished_at.map(format_seconds).unwrap_or_default(),
+        "BackupMethod": "Physical",
+        "BackupType": "FullBackup",
+        "BackupSetStatus": 0,
+        "BackupSetScale": 0,
+        "Category": "Standard",
+        "CrossBackupSetSize": set.total_bytes,
+        "CrossBackupSetFile": format!("{}.manifest", set.id),
+        "CrossBackupSetLocation": "Strata",
+        "CrossBackupDownloadLink": "",
+        "DBInstanceStorageType": "local_ssd",
+        "Engine": "PostgreSQL",
+        "EngineVersion": major,
+        "RestoreRegions": {"RestoreRegion": [c.region.clone()]},
+        "StrataBackupId": set.id,
+        "StrataCopiedBytes": c.copied_bytes,
+        "StrataCopyTime": format_seconds(c.copied_at),
+        "StrataSourceRegion": svc.regions().primary,
+    })
+}
+
+pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
+    let start = p.time("StartTime")?;
+    let end = p.time("EndTime")?;
+    let cross_id = p.int("CrossBackupId")?;
+    let backup_id = p.get("BackupId");
+    let region = p.get("CrossBackupRegion");
+    let (number, size) = p.paging(&[30, 50, 100], false)?;
+    let mut copies: Vec<CrossBackup> = svc
+        .cross_backups(&inst.id)?
+        .into_iter()
+        .filter(|c| cross_id.is_none_or(|id| c.id == id))
+        .filter(|c| backup_id.is_none_or(|b| c.set.id == b))
+        .filter(|c| region.is_none_or(|r| c.region == r))
+        .filter(|c| start.is_none_or(|s| c.set.started_at >= s))
+        .filter(|c| end.is_none_or(|e| c.set.started_at <= e))
+        .collect();
+    copies.reverse();
+    let items: Vec<Value> = page(&copies, number, size)
+        .iter()
+        .map(|c| copy_fields(svc, c))
+        .collect();
+    Ok(obj(json!({
+        "RegionId": svc.regions().primary,
+        "StartTime": start.map(format_seconds).unwrap_or_default(),
+        "EndTime": end.map(format_seconds).unwrap_or_default(),
+        "Items": {"Item": items},
+        "PageNumber": number,
+        "PageRecordCount": items.len(),
+        "TotalRecordCount": copies.len(),
+    })))
+}
+
+pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = svc
+        .engine
+        .catalog
+        .get_instance(p.required("DBInstanceId")?)?;
+    p.required("StartTime")?;
+    p.required("EndTime")?;
+    let start = p.time("StartTime")?.expect("required");
+    let end = p.time("EndTime")?.expect("required");
+    if end <= start {
+        return Err(ApiError::bad(
+            "InvalidParameterCombination",
+            "EndTime must be later than StartTime.",
+        ));
+    }
+    let region = p.get("CrossBackupRegion");
+    let (number, size) = p.paging(&[30, 50, 100], false)?;
+    let files: Vec<_> = svc
+        .cross_wal(&inst.id)?
+        .into_iter()
+        .filter(|w| region.is_none_or(|r| w.region == r))
+        .filter(|w| {
+            let begin = w.row.first_commit.unwrap_or(w.row.stored_at);
+            let finish = w.row.last_commit.unwrap_or(w.row.stored_at);
+            finish >= start && begin <= end
+        })
+        .collect();
+    let items: Vec<Value> = page(&files, number, size)
+        .iter()
+        .map(|w| {
+            json!({
+                "CrossLogBackupId": w.id,
+                "CrossBackupRegion": w.region,
+                "CrossLogBackupSize": w.row.size,
+                "LogFileName": w.row.segment,
+                "LogBeginTime": format_seconds(w.row.first_commit.unwrap_or(w.row.stored_at)),
+                "LogEndTime": format_seconds(w.row.last_commit.unwrap_or(w.row.stored_at)),
+                "CrossDownloadLink": "",
+                "CrossIntranetDownloadLink": "",
+                "LinkExpiredTime": "",
+                "StrataTimeline": w.row.timeline.0,
+                "StrataBeginLsn": w.row.begin_lsn.to_string(),
+                "StrataEndLsn": w.row.end_lsn.to_string(),
+                "StrataChecksum": w.row.checksum,
+                "StrataCopyTime": format_seconds(w.copied_at),
+            })
+        })
+        .collect();
+    Ok(obj(json!({
+        "DBInstanceId": inst.id,
+        "RegionId": svc.regions().primary,
+        "StartTime": format_seconds(start),
+        "EndTime": format_seconds(end),
+        "Items": {"Item": items},
+        "PageNumber": number,
+        "PageRecordCount": items.len(),
+        "TotalRecordCount": files.len(),
+    })))
+}
+
+fn find_copy(svc: &Service, instance_id: Option<&str>, id: i64) -> ApiResult<CrossBackup> {
+    let instances = match instance_id {
+        Some(i) => vec![svc.engine.catalog.get_instance(i)?.id],
+        None => svc
+            .engine
+            .catalog
+            .list_instances()?
+            .into_iter()
+            .map(|i| i.id)
+            .collect(),
+    };
+    for i in instances {
+        if let Some(c) = svc.cross_backups(&i)?.into_iter().find(|c| c.id == id) {
+            return Ok(c);
+        }
+    }
+    Err(ApiError::bad(
+        "InvalidCrossBackupId.NotFound",
+        format!("no cross-region backup {id}"),
+    ))
+}
+
+pub fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let id = p
+        .int("CrossBackupId")?
+        .ok_or_else(|| ApiError::missing("CrossBackupId"))?;
+    let copy = find_copy(svc, p.get("DBInstanceId"), id)?;
+    let window = svc.cross_recovery_window(&copy)?;
+    // Without copied WAL a copy still restores to its consistency point.
+    let consistent = copy.set.finished_at.map(format_seconds).unwrap_or_default();
+    Ok(obj(json!({
+        "CrossBackupId": copy.id,
+        "RegionId": svc.regions().primary,
+        "RecoveryBeginTime": window.map(|w| format_seconds(w.0)).unwrap_or_else(|| consistent.clone()),
+        "RecoveryEndTime": window.map(|w| format_seconds(w.1)).unwrap_or(consistent),
+    })))
+}
+
+pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    if let Some(engine) = p
+        .get("Engine")
+        .filter(|e| !e.eq_ignore_ascii_case("PostgreSQL"))
+    {
+        return Err(ApiError::bad(
+            "InvalidEngine.Malformed",
+            format!("Engine must be PostgreSQL, got {engine:?}"),
+        ));
+    }
+    // Billing, class, storage and network parameters describe resources
+    // this service does not have; they are accepted and ignored.
+    let (source, region, choice) = match p.required("RestoreType")? {
+        "BackupSet" => {
+            let raw = p.required("BackupSetId")?;
+            let id: i64 = raw.trim().parse().map_err(|_| {
+                ApiError::bad(
+                    "InvalidBackupSetID.Malformed",
+                    format!(
+                        "BackupSetId must be a cross-region backup id (an integer), got {raw:?}"
+                    ),
+                )
+            })?;
+            let copy = find_copy(svc, p.get("SourceDBInstanceName"), id).map_err(|_| {
+                ApiError::bad(
+                    "InvalidBackupSetID.NotFound",
+                    format!("no cross-region backup {id}"),
+                )
+            })?;
+            (
+                copy.set.instance_id.clone(),
+                p.get("BackupSetRegion").map(str::to_string),
+                CopyChoice::BackupSet(id),
+            )
+        }
+        "BackupTime" => {
+            let source = p.required("SourceDBInstanceName")?;
+            let source_region = p.required("SourceRegion")?;
+            if source_region != svc.regions().primary {
+                return Err(ApiError::bad(
+                    "InvalidSourceRegion.NotFound",
+                    format!(
+                        "SourceRegion {source_region:?} is not this server's region ({})",
+                        svc.regions().primary
+                    ),
+                ));
+            }
+            let raw = p.required("RestoreTime")?;
+            let t = crate::params::parse_time(raw).ok_or_else(|| {
+                ApiError::bad(
+                    "InvalidRestoreTime.Format",
+                    format!("RestoreTime must be yyyy-MM-ddTHH:mm:ssZ (UTC), got {raw:?}"),
+                )
+            })?;
+            // RegionId names the region the new instance is created in:
+            // the copies there are what it restores from.
+            let region = p
+                .get("RegionId")
+                .filter(|r| *r != svc.regions().primary)
+                .map(str::to_string);
+            (source.to_string(), region, CopyChoice::Time(t))
+        }
+        other => {
+            return Err(ApiError::bad(
+                "InvalidRestoreType.Malformed",
+                format!("RestoreType must be BackupSet or BackupTime, got {other:?}"),
+            ))
+        }
+    };
+    let (id, port) = svc.restore_from_copies(&source, region.as_deref(), choice)?;
+    Ok(obj(json!({
+        "DBInstanceId": id,
+        "ConnectionString": "127.0.0.1",
+        "Port": port.to_string(),
+        "OrderId": "",
+    })))
+}

@@ -1,0 +1,252 @@
+//! The cross-region copier against a real PostgreSQL 15 and a manual clock:
+//! backups taken with the policy on are copied with their WAL into the
+//! target region's own repository (verified clean there), copies past
+//! their retention are deleted from the target with their WAL and its
+//! garbage collected, a copy whose manifest cannot be written is never
+//! listed and is retried, and turning the policy off stops copying.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_engine::{Engine, EngineSettings};
+use strata_repo::storage::StorageResult;
+use strata_repo::{LocalStorage, Repository, Storage, StorageError};
+use strata_service::{
+    CrossPolicyChange, ManualClock, RegionTarget, Regions, Service, ServiceSettings,
+};
+
+/// A target whose manifest writes fail while `refuse` is set: copies
+/// cannot commit.
+#[derive(Debug)]
+struct RefusingManifests {
+    inner: LocalStorage,
+    refuse: AtomicBool,
+}
+
+impl Storage for RefusingManifests {
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        if key.ends_with(".manifest") && self.refuse.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                key: key.to_string(),
+                source: std::io::Error::other("injected: the target refuses manifests"),
+            });
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        self.inner.delete(key)
+    }
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        self.inner.exists(key)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Ticks until `done` holds (the copier runs in the background).
+async fn tick_until(svc: &Arc<Service>, what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        svc.tick().await;
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not happen within a minute");
+}
+
+async fn settle(svc: &Service, id: &str) {
+    for _ in 0..600 {
+        let sets = svc.engine.catalog.list_backups(id).unwrap();
+        if svc.running_backup_job(id).is_none()
+            && sets.iter().all(|b| b.status != BackupStatus::Running)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("backup of {id} did not finish within a minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_follow_the_policy_and_their_own_retention() {
+    let cluster = testkit::Cluster::start_default(15);
+    let dir = tempfile::tempdir().unwrap();
+    let catalog: Arc<dyn Catalog> =
+        Arc::new(SqliteCatalog::open(&dir.path().join("catalog.db")).unwrap());
+    let repo = Repository::open_or_init(Arc::new(
+        LocalStorage::new(dir.path().join("repo")).unwrap(),
+    ))
+    .unwrap();
+    let engine = Engine::new(catalog, repo, EngineSettings::default());
+    let refusing = Arc::new(RefusingManifests {
+        inner: LocalStorage::new(dir.path().join("dr")).unwrap(),
+        refuse: AtomicBool::new(true),
+    });
+    let target_storage: Arc<dyn Storage> = refusing.clone();
+    let regions = Regions::new(
+        "home",
+        vec![RegionTarget::new("dr", target_storage.clone(), None, 1)],
+    );
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let svc = Service::with_regions(
+        engine,
+        clock.clone(),
+        ServiceSettings {
+            instances_dir: dir.path().join("instances"),
+            drills: false,
+            ..Default::default()
+        },
+        regions,
+    );
+    assert_eq!(svc.regions().available(), ["dr"]);
+    svc.register_instance(Instance::new(
+        "xr",
+        cluster.host(),
+        cluster.port(),
+        "postgres",
+        "disable",
+    ))
+    .await
+    .unwrap();
+    let p = svc
+        .modify_cross_policy(
+            "xr",
+            CrossPolicyChange {
+                region: Some("dr".into()),
+                backup_enabled: Some(true),
+                log_backup_enabled: Some(false),
+                retention_days: Some(7),
+            },
+        )
+        .unwrap();
+    assert!(p.backup_enabled && !p.log_backup_enabled);
+
+    // The registration's first backup, then a second one: both copied,
+    // each with its own WAL although log copies are off.
+    svc.tick().await;
+    settle(&svc, "xr").await;
+    svc.start_backup("xr", "Manual").unwrap();
+    settle(&svc, "xr").await;
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE IF NOT EXISTS xr_t AS SELECT 1 AS a; SELECT pg_switch_wal();",
+    );
+    let sets = svc.engine.catalog.list_backups("xr").unwrap();
+    assert_eq!(sets.len(), 2);
+    // The target refuses manifests: the copies fail, are recorded failed
+    // and are not listed; the target holds no backup set.
+    tick_until(&svc, "a failed copy job", || {
+        svc.engine
+            .catalog
+            .list_jobs(Some("xr"))
+            .unwrap()
+            .iter()
+            .any(|j| j.kind == "cross-copy" && j.state == strata_catalog::JobState::Failed)
+    })
+    .await;
+    assert!(svc.cross_backups("xr").unwrap().is_empty());
+    let target = Repository::open(target_storage.clone()).unwrap();
+    assert!(target.list_backups("xr").unwrap().is_empty());
+    // Once the target accepts them again, the copies are retried.
+    refusing.refuse.store(false, Ordering::SeqCst);
+    tick_until(&svc, "two copies and their WAL", || {
+        svc.cross_backups("xr").unwrap().len() == 2 && !svc.cross_wal("xr").unwrap().is_empty()
+    })
+    .await;
+    let copies = svc.cross_backups("xr").unwrap();
+    assert_eq!(
+        copies.iter().map(|c| c.set.id.clone()).collect::<Vec<_>>(),
+        sets.iter().map(|b| b.id.clone()).collect::<Vec<_>>()
+    );
+    // Whichever copy committed second added far less: its blocks were there.
+    let (earlier, later) = if copies[0].id < copies[1].id {
+        (&copies[0], &copies[1])
+    } else {
+        (&copies[1], &copies[0])
+    };
+    assert!(
+        later.copied_bytes * 4 < earlier.copied_bytes,
+        "{} then {}",
+        earlier.copied_bytes,
+        later.copied_bytes
+    );
+    assert_eq!(
+        target.list_backups("xr").unwrap(),
+        sets.iter().map(|b| b.id.clone()).collect::<Vec<_>>()
+    );
+    let report = target.verify(&|_, _| {}).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let wal = svc.cross_wal("xr").unwrap();
+    for set in &sets {
+        let (start, stop) = (set.start_lsn.unwrap(), set.stop_lsn.unwrap());
+        assert!(
+            wal.iter()
+                .any(|w| w.row.begin_lsn <= start && start < w.row.end_lsn),
+            "no copied WAL at the start of {}",
+            set.id
+        );
+        assert!(
+            wal.iter()
+                .any(|w| w.row.begin_lsn < stop && stop <= w.row.end_lsn),
+            "no copied WAL at the stop of {}",
+            set.id
+        );
+    }
+    for w in &wal {
+        assert!(!w.row.partial);
+        target.read_wal(&w.row.object_key).unwrap();
+    }
+
+    // The target stands on its own: a catalog rebuilt from it alone lists
+    // both sets.
+    let rebuilt = Engine::new(
+        Arc::new(SqliteCatalog::open_in_memory().unwrap()),
+        target.clone(),
+        EngineSettings::default(),
+    );
+    rebuilt.reindex().unwrap();
+    assert_eq!(rebuilt.catalog.list_backups("xr").unwrap().len(), 2);
+    assert!(!rebuilt.catalog.list_wal_segments("xr").unwrap().is_empty());
+
+    // Off: a new backup is not copied.
+    svc.modify_cross_policy(
+        "xr",
+        CrossPolicyChange {
+            backup_enabled: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    svc.start_backup("xr", "Manual").unwrap();
+    settle(&svc, "xr").await;
+    for _ in 0..20 {
+        svc.tick().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(svc.cross_backups("xr").unwrap().len(), 2);
+
+    // Eight days on, the copies' seven-day retention has passed: copies,
+    // their WAL and every pack go from the target.
+    clock.set(Utc::now() + chrono::Duration::days(8));
+    tick_until(&svc, "copies expiring", || {
+        svc.cross_backups("xr").unwrap().is_empty() && svc.cross_wal("xr").unwrap().is_empty()
+    })
+    .await;
+    assert!(target.list_backups("xr").unwrap().is_empty());
+    assert!(target.list_wal("xr").unwrap().is_empty());
+    assert!(target_storage.list("packs").unwrap().is_empty());
+}
