@@ -1,5 +1,6 @@
 //! Strata's catalog: the index of what the repository holds plus operational
-//! state (instances, backup sets, WAL segments, restore points, jobs).
+//! state (instances, backup sets, WAL segments, restore points, jobs, storage
+//! usage samples).
 //!
 //! The repository stays the source of truth; everything here except jobs can
 //! be rebuilt from it (`strata repo reindex`). [`Catalog`] is the interface the
@@ -278,6 +279,36 @@ pub struct DrillResult {
     pub job_id: Option<i64>,
 }
 
+/// Bytes stored for an instance at one moment, and the free quota then
+/// (recorded by the scheduler; billable GB-hours are integrated from these).
+/// A new stored figure (e.g. cross-region copies) is one more field here,
+/// one more column, and one more term in [`UsageSample::stored_bytes`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageSample {
+    pub instance_id: String,
+    pub at: DateTime<Utc>,
+    /// Data size of the instance's backup sets added up.
+    pub logical_bytes: u64,
+    /// Backup data stored (pack share, manifests, instance record).
+    pub data_bytes: u64,
+    /// WAL stored.
+    pub wal_bytes: u64,
+    /// The free quota in force when sampled.
+    pub quota_bytes: u64,
+}
+
+impl UsageSample {
+    /// Everything stored for the instance: what the quota is compared with.
+    pub fn stored_bytes(&self) -> u64 {
+        self.data_bytes + self.wal_bytes
+    }
+
+    /// Bytes above the free quota (0 within it).
+    pub fn excess_bytes(&self) -> u64 {
+        self.stored_bytes().saturating_sub(self.quota_bytes)
+    }
+}
+
 /// An API access key. The secret is needed in clear to verify HMAC signatures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccessKey {
@@ -345,6 +376,17 @@ pub trait Catalog: Send + Sync {
     fn put_drill(&self, d: &DrillResult) -> CatalogResult<()>;
     fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>>;
     fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>>;
+
+    fn add_usage_sample(&self, sample: &UsageSample) -> CatalogResult<()>;
+    /// Samples of an instance taken between `from` and `to` (inclusive,
+    /// either open), oldest first.
+    fn list_usage_samples(
+        &self,
+        instance_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<UsageSample>>;
+    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>>;
 
     fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
     fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;
