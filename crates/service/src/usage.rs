@@ -73,11 +73,12 @@ impl FreeQuota {
     }
 }
 
+/// As [`FreeQuota::parse`] reads it: `"200%"` or a number of bytes.
 impl std::fmt::Display for FreeQuota {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FreeQuota::Bytes(n) => write!(f, "{n} bytes"),
-            FreeQuota::PercentOfDatabase(p) => write!(f, "{p}% of the database size"),
+            FreeQuota::Bytes(n) => write!(f, "{n}"),
+            FreeQuota::PercentOfDatabase(p) => write!(f, "{p}%"),
         }
     }
 }
@@ -299,6 +300,12 @@ mod tests {
         assert_eq!(FreeQuota::PercentOfDatabase(200).bytes(1000), 2000);
         assert_eq!(FreeQuota::PercentOfDatabase(50).bytes(1001), 500);
         assert_eq!(FreeQuota::Bytes(7).bytes(1000), 7);
+        for q in [
+            FreeQuota::Bytes(50 << 30),
+            FreeQuota::PercentOfDatabase(150),
+        ] {
+            assert_eq!(FreeQuota::parse(&q.to_string()), Ok(q));
+        }
     }
 
     fn sample(t: &str, stored: u64, quota: u64) -> UsageSample {

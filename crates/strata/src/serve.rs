@@ -53,7 +53,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         } else {
             None
         };
-        let service = Service::new(engine.clone(), Arc::new(SystemClock), config.service_settings());
+        let service = Service::new(engine.clone(), Arc::new(SystemClock), config.service_settings()?);
         if let Some(sb) = &sandbox {
             if service.engine.catalog.get_instance(DEMO_INSTANCE).is_err() {
                 if let Err(e) = service.register_instance(sb.instance()).await {
