@@ -245,7 +245,8 @@ impl Service {
     }
 
     /// Current figures, samples and billable GB-hours of an instance between
-    /// `from` (default: its first sample) and `to` (default: now).
+    /// `from` (default: its first sample) and `to` (default and latest: now;
+    /// the future is not billed).
     pub fn usage_report(
         &self,
         instance_id: &str,
@@ -253,7 +254,8 @@ impl Service {
         to: Option<DateTime<Utc>>,
     ) -> ServiceResult<UsageReport> {
         let current = self.current_usage(instance_id)?;
-        let to = to.unwrap_or_else(|| self.now());
+        let now = self.now();
+        let to = to.map_or(now, |t| t.min(now));
         let all = self
             .engine
             .catalog
