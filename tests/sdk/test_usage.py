@@ -112,3 +112,31 @@ def test_read_only_key_and_refused_input(instance, ro_client, client):
         "InvalidParameterCombination", 400, usage, client, instance.id,
         StartTime="2026-11-25T10:00Z", EndTime="2026-11-25T09:00Z",
     )
+
+
+def metric(text, name, **labels):
+    """The value of one sample line of /metrics."""
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    lines = [l for l in text.splitlines() if l.startswith(f"{name}{{{selector}}} ")]
+    assert len(lines) == 1, (name, labels, text)
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+def test_metrics_carry_the_newest_sample(instance, client):
+    settled_usage(client, instance.id)
+    for _ in range(10):
+        body = usage(client, instance.id)
+        status, _, text = h.http_get("/metrics")
+        if usage(client, instance.id)["SampleTime"] == body["SampleTime"]:
+            break
+    else:
+        pytest.fail("samples kept landing between the calls")
+    assert status == 200
+    i = instance.id
+    assert metric(text, "strata_backup_storage_free_quota_bytes", instance=i) == QUOTA
+    assert metric(text, "strata_backup_storage_logical_bytes", instance=i) == body["LogicalSize"]
+    assert metric(text, "strata_backup_storage_stored_bytes", instance=i, kind="data") == body["DataStoredSize"]
+    assert metric(text, "strata_backup_storage_stored_bytes", instance=i, kind="wal") == body["LogStoredSize"]
+    assert metric(text, "strata_backup_storage_excess_bytes", instance=i) == body["ExcessSize"]
+    assert "# TYPE strata_backup_storage_billable_gb_hours_total counter" in text
+    assert metric(text, "strata_backup_storage_billable_gb_hours_total", instance=i) > 0
