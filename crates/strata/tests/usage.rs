@@ -117,3 +117,24 @@ fn usage_figures_equal_the_bytes_in_local_and_s3_repositories() {
     let root = s3.bucket_dir(S3Server::BUCKET).join("usage-s3");
     figures_match_the_bytes_present(&remote, &root, "us3", &pg);
 }
+
+#[test]
+fn malformed_free_quotas_are_refused_with_the_key() {
+    for (section, key) in [
+        ("[usage]\nfree_quota = \"lots\"\n", "[usage] free_quota"),
+        (
+            "[usage.instance_free_quota]\nprod = \"5GB\"\n",
+            "[usage] instance_free_quota.prod",
+        ),
+    ] {
+        let strata = Strata::with_config("usage-bad", "", section);
+        let err = strata.fails(&["instance", "list"]);
+        assert!(err.contains(key) && err.contains("50GiB"), "{err}");
+    }
+    let fine = Strata::with_config(
+        "usage-fine",
+        "",
+        "[usage]\nfree_quota = \"150%\"\nsample_interval_secs = 60\n[usage.instance_free_quota]\nprod = \"5GiB\"\n",
+    );
+    fine.ok(&["instance", "list"]);
+}
