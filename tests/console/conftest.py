@@ -209,6 +209,21 @@ class Api:
         return {k: body[k] for k in POLICY_FIELDS}
 
 
+    def storage_usage(self, instance):
+        """StrataDescribeBackupStorageUsage (an extension action: its fields
+        are not in the SDK's models), through scripts/rds-curl.sh."""
+        key_id, secret = self.env["admin"]
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "rds-curl.sh")
+        out = subprocess.run(
+            ["bash", script, "StrataDescribeBackupStorageUsage", f"DBInstanceId={instance}"],
+            env={**os.environ, "STRATA_ENDPOINT": self.env["url"], "STRATA_KEY_ID": key_id, "STRATA_KEY_SECRET": secret},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(out.stdout)
+
+
 POLICY_FIELDS = (
     "PreferredBackupPeriod",
     "PreferredBackupTime",

@@ -370,11 +370,23 @@ def test_turning_log_backup_off_warns_before_it_applies(console, env, api):
     assert "Off" in console.text(".facts")
 
 
-def test_storage_tab(console, env):
+def test_storage_tab(console, env, api):
     instance = env["instance"]
     console.go(f"/console/instances/{instance}/storage")
     assert console.finds("svg.chart path.area.data") and console.finds("svg.chart path.area.log")
-    assert "backup sets" in console.text(".figures")
+    assert console.finds("svg.chart path.quota"), "no free quota line"
+    assert "of data in the sets" in console.text(".figures")
+    assert "200% of the database size" in console.text(".figures")
+
+    def page_shows_the_api_figures():
+        usage = api.storage_usage(instance)
+        console.go(f"/console/instances/{instance}/storage")
+        quota = int(console.find("#usage-quota").get_attribute("data-bytes"))
+        excess = int(console.find("#usage-excess").get_attribute("data-bytes"))
+        return usage["FreeQuota"] > 0 and (quota, excess) == (usage["FreeQuota"], usage["ExcessSize"])
+
+    console.wait("the quota and excess of the API's newest sample", page_shows_the_api_figures)
+    assert "GB-hours billable" in console.text("#usage-gb-hours")
     console.shot("storage")
 
 

@@ -40,6 +40,7 @@ pub const ACTIONS: &[&str] = &[
     "ModifyInstanceCrossBackupPolicy",
     "RestoreTable",
     "StrataDeregisterDBInstance",
+    "StrataDescribeBackupStorageUsage",
     "StrataRegisterDBInstance",
     "StrataStartRestoreDrill",
 ];
@@ -82,6 +83,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
         "ModifyInstanceCrossBackupPolicy" => cross_region::modify_policy(svc, p),
         "StrataDeregisterDBInstance" => deregister_instance(svc, p).await,
+        "StrataDescribeBackupStorageUsage" => describe_storage_usage(svc, p),
         "StrataRegisterDBInstance" => register_instance(svc, p).await,
         other => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -156,7 +158,8 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let policy = svc.policy(&inst.id)?;
     let mut sets = svc.engine.catalog.list_backups(&inst.id)?;
     let rules = svc.deletion_rules(&policy, &sets);
-    let stored_total: u64 = sets.iter().map(|b| b.stored_bytes).sum();
+    let stored_total = svc.current_usage(&inst.id)?.stored_bytes();
+    let encryption = encryption_field(svc);
     let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
         .engine
         .catalog
@@ -194,6 +197,7 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
                 "IsAvail": i32::from(b.status == BackupStatus::Success && drills.get(&b.id).is_none_or(|d| d.status != "Failed")),
                 "StoreStatus": if rules.refusal(b).is_none() { "Enabled" } else { "Disabled" },
                 "StorageClass": "0",
+                "Encryption": encryption,
                 "StrataStoredSize": b.stored_bytes,
                 "StrataFileCount": b.file_count,
             });
@@ -236,6 +240,63 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         "TotalRecordCount": matching.len().to_string(),
         "TotalEcsSnapshotSize": stored_total,
     })))
+}
+
+/// `Encryption` of backup sets: RDS puts a JSON object in a string; here it
+/// describes the repository's encryption at rest, which covers every set:
+/// `{"Encrypted":false}` or `{"Encrypted":true,"Algorithm":"xchacha20-poly1305","KeySource":"key-file"}`
+/// (`KeySource` `key-file` or `passphrase`).
+fn encryption_field(svc: &Service) -> String {
+    let value = match &svc.engine.repo.config().encryption {
+        Some(e) if svc.engine.repo.is_encrypted() => json!({
+            "Encrypted": true,
+            "Algorithm": e.cipher,
+            "KeySource": e.key_source,
+        }),
+        _ => json!({"Encrypted": false}),
+    };
+    value.to_string()
+}
+
+fn usage_sample_fields(s: &strata_catalog::UsageSample) -> Value {
+    json!({
+        "SampleTime": format_seconds(s.at),
+        "LogicalSize": s.logical_bytes,
+        "DataStoredSize": s.data_bytes,
+        "LogStoredSize": s.wal_bytes,
+        "TotalStoredSize": s.stored_bytes(),
+        "FreeQuota": s.quota_bytes,
+        "ExcessSize": s.excess_bytes(),
+    })
+}
+
+/// Extension: what an instance's backups store, its free quota, and the
+/// bytes above it integrated over `StartTime`..`EndTime` (default: from the
+/// first sample to now) in GB-hours, with the samples of that period.
+fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let start = p.time("StartTime")?;
+    let end = p.time("EndTime")?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if e <= s {
+            return Err(ApiError::bad(
+                "InvalidParameterCombination",
+                "EndTime must be later than StartTime.",
+            ));
+        }
+    }
+    let report = svc.usage_report(&inst.id, start, end)?;
+    let mut fields = obj(usage_sample_fields(&report.current));
+    let samples: Vec<Value> = report.samples.iter().map(usage_sample_fields).collect();
+    fields.extend(obj(json!({
+        "DBInstanceId": inst.id,
+        "FreeQuotaRule": report.quota.to_string(),
+        "StartTime": format_seconds(report.from),
+        "EndTime": format_seconds(report.to),
+        "BillableGBHours": report.billable_gb_hours,
+        "Samples": {"Sample": samples},
+    })));
+    Ok(fields)
 }
 
 fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {

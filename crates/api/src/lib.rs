@@ -170,7 +170,10 @@ pub async fn invoke(
             ),
         ));
     }
-    if principal.read_only && !action.starts_with("Describe") {
+    if principal.read_only
+        && !action.starts_with("Describe")
+        && !action.starts_with("StrataDescribe")
+    {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Forbidden.ReadOnlyAccessKey",

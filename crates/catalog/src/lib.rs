@@ -1,5 +1,6 @@
 //! Strata's catalog: the index of what the repository holds plus operational
-//! state (instances, backup sets, WAL segments, restore points, jobs).
+//! state (instances, backup sets, WAL segments, restore points, jobs, storage
+//! usage samples).
 //!
 //! The repository stays the source of truth; everything here except jobs can
 //! be rebuilt from it (`strata repo reindex`). [`Catalog`] is the interface the
@@ -318,6 +319,36 @@ pub struct CrossWalSegment {
     pub copied_at: DateTime<Utc>,
 }
 
+/// Bytes stored for an instance at one moment, and the free quota then
+/// (recorded by the scheduler; billable GB-hours are integrated from these).
+/// A new stored figure (e.g. cross-region copies) is one more field here,
+/// one more column, and one more term in [`UsageSample::stored_bytes`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageSample {
+    pub instance_id: String,
+    pub at: DateTime<Utc>,
+    /// Data size of the instance's backup sets added up.
+    pub logical_bytes: u64,
+    /// Backup data stored (pack share, manifests, instance record).
+    pub data_bytes: u64,
+    /// WAL stored.
+    pub wal_bytes: u64,
+    /// The free quota in force when sampled.
+    pub quota_bytes: u64,
+}
+
+impl UsageSample {
+    /// Everything stored for the instance: what the quota is compared with.
+    pub fn stored_bytes(&self) -> u64 {
+        self.data_bytes + self.wal_bytes
+    }
+
+    /// Bytes above the free quota (0 within it).
+    pub fn excess_bytes(&self) -> u64 {
+        self.stored_bytes().saturating_sub(self.quota_bytes)
+    }
+}
+
 /// An API access key. The secret is needed in clear to verify HMAC signatures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccessKey {
@@ -409,6 +440,17 @@ pub trait Catalog: Send + Sync {
     /// Copied WAL segments of an instance by timeline and name.
     fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>>;
     fn delete_cross_wal(&self, id: i64) -> CatalogResult<()>;
+
+    fn add_usage_sample(&self, sample: &UsageSample) -> CatalogResult<()>;
+    /// Samples of an instance taken between `from` and `to` (inclusive,
+    /// either open), oldest first.
+    fn list_usage_samples(
+        &self,
+        instance_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<UsageSample>>;
+    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>>;
 
     fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
     fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;

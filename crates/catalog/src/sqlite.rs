@@ -176,6 +176,17 @@ CREATE TABLE cross_wal_segments (
     UNIQUE (region, instance_id, timeline, segment)
 );
 "#,
+    r#"
+CREATE TABLE usage_samples (
+    instance_id TEXT NOT NULL,
+    sampled_at TEXT NOT NULL,
+    logical_bytes INTEGER NOT NULL,
+    data_bytes INTEGER NOT NULL,
+    wal_bytes INTEGER NOT NULL,
+    quota_bytes INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, sampled_at)
+);
+"#,
 ];
 
 pub struct SqliteCatalog {
@@ -395,6 +406,20 @@ fn drill_from_row(r: &Row) -> rusqlite::Result<DrillResult> {
         started_at: parse_ts(r.get(4)?)?,
         finished_at: opt_ts(r.get(5)?)?,
         job_id: r.get(6)?,
+    })
+}
+
+const SAMPLE_COLS: &str =
+    "instance_id, sampled_at, logical_bytes, data_bytes, wal_bytes, quota_bytes";
+
+fn sample_from_row(r: &Row) -> rusqlite::Result<UsageSample> {
+    Ok(UsageSample {
+        instance_id: r.get(0)?,
+        at: parse_ts(r.get(1)?)?,
+        logical_bytes: r.get::<_, i64>(2)? as u64,
+        data_bytes: r.get::<_, i64>(3)? as u64,
+        wal_bytes: r.get::<_, i64>(4)? as u64,
+        quota_bytes: r.get::<_, i64>(5)? as u64,
     })
 }
 
@@ -828,6 +853,48 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    fn add_usage_sample(&self, u: &UsageSample) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO usage_samples ({SAMPLE_COLS}) VALUES (?1,?2,?3,?4,?5,?6)"),
+                params![
+                    u.instance_id, ts(&u.at), u.logical_bytes as i64, u.data_bytes as i64,
+                    u.wal_bytes as i64, u.quota_bytes as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_usage_samples(
+        &self,
+        instance_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<UsageSample>> {
+        // Timestamps are fixed-width RFC 3339 in UTC: text order is time order.
+        let from = from.map(|t| ts(&t)).unwrap_or_default();
+        let to = to.map(|t| ts(&t)).unwrap_or_else(|| "9".into());
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = ?1 AND sampled_at >= ?2 AND sampled_at <= ?3 ORDER BY sampled_at"
+            ))?;
+            let rows = st.query_map(params![instance_id, from, to], sample_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = ?1 ORDER BY sampled_at DESC LIMIT 1"),
+                [instance_id],
+                sample_from_row,
+            )
+            .optional()?)
+        })
+    }
+
     fn add_access_key(&self, k: &AccessKey) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
@@ -1189,6 +1256,41 @@ mod tests {
         assert_eq!((wal[0].id, wal[0].row.clone()), (id, row));
         cat.delete_cross_wal(id).unwrap();
         assert!(cat.list_cross_wal("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn usage_samples_by_time() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let t0 = DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for (i, instance) in [(0, "a"), (1, "a"), (2, "a"), (1, "b")] {
+            cat.add_usage_sample(&UsageSample {
+                instance_id: instance.into(),
+                at: t0 + chrono::Duration::hours(i),
+                logical_bytes: 10 * i as u64,
+                data_bytes: i as u64,
+                wal_bytes: 2,
+                quota_bytes: 5,
+            })
+            .unwrap();
+        }
+        let all = cat.list_usage_samples("a", None, None).unwrap();
+        assert_eq!(
+            all.iter().map(|s| s.data_bytes).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        let some = cat
+            .list_usage_samples(
+                "a",
+                Some(t0 + chrono::Duration::minutes(30)),
+                Some(t0 + chrono::Duration::hours(1)),
+            )
+            .unwrap();
+        assert_eq!(some.len(), 1);
+        assert_eq!(some[0].at, t0 + chrono::Duration::hours(1));
+        assert_eq!(cat.last_usage_sample("a").unwrap().unwrap().data_bytes, 2);
+        assert_eq!(cat.last_usage_sample("c").unwrap(), None);
     }
 
     #[test]

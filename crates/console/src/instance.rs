@@ -1158,10 +1158,6 @@ fn restore_form(
     }
 }
 
-fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 fn iso(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
@@ -1178,31 +1174,7 @@ pub async fn storage(
         Ok(i) => i,
         Err(e) => return missing(&page, e),
     };
-    let now = state.service.now();
-    let body = match crate::storage::history(state.service.engine.catalog.as_ref(), &inst.id) {
-        Ok((usage, points)) => {
-            let chart = crate::storage::chart(&crate::storage::downsample(&points, 400), now);
-            html! {
-                div.figures {
-                    div.figure { span.label { "Data backups" } strong { (bytes(usage.data_bytes)) } span.muted { (plural(usage.data_sets, "backup set", "backup sets")) } }
-                    div.figure { span.label { "Log backups" } strong { (bytes(usage.log_bytes)) } span.muted { (plural(usage.log_files, "WAL file", "WAL files")) } }
-                    div.figure { span.label { "Total" } strong { (bytes(usage.data_bytes + usage.log_bytes)) } span.muted { "no free quota applies" } }
-                }
-                div.card.chartcard {
-                    div.legend {
-                        span.key.data { "Data backups" }
-                        span.key.log { "Log backups" }
-                    }
-                    (layout::svg(chart))
-                    p.hint {
-                        "Bytes held for this instance as each backup set (compressed bytes it added) and WAL file arrived. "
-                        "Sets and files that retention deleted no longer count."
-                    }
-                }
-            }
-        }
-        Err(e) => layout::error_box("Storage could not be read:", &e.into()),
-    };
+    let body = crate::storage::tab(&state.service, &inst.id, state.service.now());
     render(&state, page, &inst, Tab::Storage, StatusCode::OK, body)
 }
 

@@ -44,7 +44,7 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
         .filter(|b| b.status == BackupStatus::Success)
         .filter_map(|b| b.finished_at)
         .max();
-    let usage = crate::storage::Usage::of(catalog, &instance.id)?;
+    let usage = crate::storage::current(svc, &instance.id)?;
     Ok(Row {
         receiver: strata_api::receiver_status(svc, &instance.id)?,
         window: svc.recovery_window(&instance.id)?,
@@ -53,7 +53,7 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
         managed: catalog.get_managed(&instance.id)?,
         last_backup,
         data_bytes: usage.data_bytes,
-        log_bytes: usage.log_bytes,
+        log_bytes: usage.wal_bytes,
         instance,
     })
 }

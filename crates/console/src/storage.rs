@@ -1,68 +1,85 @@
-//! Storage an instance's backups use, now and over time, from the catalog:
-//! data is what each successful backup set added to the repository
-//! (compressed, after deduplication), log is the archived WAL. The history
-//! is how what the catalog holds now accumulated, so sets and WAL that
-//! retention removed leave it. The chart is an inline SVG drawn here.
+//! The Storage tab: what an instance's backups store, its free quota, the
+//! bytes above it and the billable GB-hours, from the usage samples the
+//! scheduler records (`strata_service::usage`; the attribution rule is in
+//! docs/DESIGN.md). Before the first sample one is measured on the spot.
+//! The chart is an inline SVG drawn here: data and log stacked, the free
+//! quota as a line.
 
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupStatus, Catalog, CatalogResult};
+use maud::{html, Markup};
+use strata_catalog::UsageSample;
+use strata_service::Service;
 
-use crate::layout::bytes;
+use crate::layout::{self, bytes};
 
-/// Totals for one instance.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Usage {
-    pub data_bytes: u64,
-    pub data_sets: usize,
-    pub log_bytes: u64,
-    pub log_files: usize,
-}
-
-/// One moment of the history: bytes held after it.
+/// One moment of the history: bytes stored and the quota from then on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Point {
     pub at: DateTime<Utc>,
     pub data: u64,
     pub log: u64,
+    pub quota: u64,
 }
 
-impl Usage {
-    pub fn of(catalog: &dyn Catalog, instance_id: &str) -> CatalogResult<Usage> {
-        let (usage, _) = history(catalog, instance_id)?;
-        Ok(usage)
-    }
-}
-
-/// Totals and the history of an instance, oldest point first.
-pub fn history(catalog: &dyn Catalog, instance_id: &str) -> CatalogResult<(Usage, Vec<Point>)> {
-    let mut events: Vec<(DateTime<Utc>, u64, u64)> = Vec::new();
-    let mut usage = Usage::default();
-    for b in catalog.list_backups(instance_id)? {
-        if b.status != BackupStatus::Success {
-            continue;
+impl From<&UsageSample> for Point {
+    fn from(s: &UsageSample) -> Point {
+        Point {
+            at: s.at,
+            data: s.data_bytes,
+            log: s.wal_bytes,
+            quota: s.quota_bytes,
         }
-        usage.data_bytes += b.stored_bytes;
-        usage.data_sets += 1;
-        events.push((b.finished_at.unwrap_or(b.started_at), b.stored_bytes, 0));
     }
-    for w in strata_api::listed_wal_segments(catalog.list_wal_segments(instance_id)?) {
-        usage.log_bytes += w.size;
-        usage.log_files += 1;
-        events.push((w.stored_at, 0, w.size));
+}
+
+/// The newest figures of an instance (the Instances list's "Storage used").
+pub fn current(service: &Service, instance_id: &str) -> Result<UsageSample, strata_api::ApiError> {
+    Ok(service.current_usage(instance_id)?)
+}
+
+/// The tab's body: figures, then the chart.
+pub fn tab(service: &Service, instance_id: &str, now: DateTime<Utc>) -> Markup {
+    let report = match service.usage_report(instance_id, None, None) {
+        Ok(r) => r,
+        Err(e) => return layout::error_box("Storage could not be read:", &e.into()),
+    };
+    let c = &report.current;
+    let points: Vec<Point> = report.samples.iter().map(Point::from).collect();
+    let chart = chart(&downsample(&points, 400), now);
+    let gb_hours = format!("{:.3}", report.billable_gb_hours);
+    html! {
+        div.figures #usage-figures {
+            div.figure { span.label { "Data backups" } strong #usage-data { (bytes(c.data_bytes)) } span.muted { "stored; " (bytes(c.logical_bytes)) " of data in the sets" } }
+            div.figure { span.label { "Log backups" } strong #usage-log { (bytes(c.wal_bytes)) } span.muted { "WAL stored" } }
+            div.figure { span.label { "Total" } strong #usage-total { (bytes(c.stored_bytes())) } span.muted { "after deduplication and compression" } }
+            div.figure { span.label { "Free quota" } strong #usage-quota data-bytes=(c.quota_bytes) { (bytes(c.quota_bytes)) } span.muted { (quota_rule(&report.quota)) } }
+            div.figure { span.label { "Above the quota" } strong #usage-excess data-bytes=(c.excess_bytes()) { (bytes(c.excess_bytes())) } span.muted #usage-gb-hours { (gb_hours) " GB-hours billable since " (layout::time(report.from)) } }
+        }
+        div.card.chartcard {
+            div.legend {
+                span.key.data { "Data backups" }
+                span.key.log { "Log backups" }
+                span.key.quota { "Free quota" }
+            }
+            (layout::svg(chart))
+            p.hint {
+                "Bytes stored for this instance at each usage sample (taken by the scheduler at least every sampling interval, and after backups, deletions and garbage collection), "
+                "with the free quota then. Bytes above the quota, held until the next sample, add up to the billable GB-hours (1 GB = 2^30 bytes). "
+                "Last sample: " (layout::time(c.at)) "."
+            }
+        }
     }
-    events.sort_by_key(|e| e.0);
-    let (mut data, mut log) = (0, 0);
-    let points = events
-        .into_iter()
-        .map(|(at, d, l)| {
-            data += d;
-            log += l;
-            Point { at, data, log }
-        })
-        .collect();
-    Ok((usage, points))
+}
+
+fn quota_rule(q: &strata_service::FreeQuota) -> String {
+    match q {
+        strata_service::FreeQuota::PercentOfDatabase(p) => {
+            format!("{p}% of the database size (newest backup set)")
+        }
+        strata_service::FreeQuota::Bytes(_) => "fixed for this instance".into(),
+    }
 }
 
 /// At most `max` points: the first, then the last of each equal slice of
@@ -110,17 +127,18 @@ const RIGHT: f64 = 16.0;
 const TOP: f64 = 14.0;
 const BOTTOM: f64 = 34.0;
 
-/// The stacked chart of data and log bytes from the first point to `now`.
+/// The stacked chart of data and log bytes from the first point to `now`,
+/// with the free quota as a line.
 pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
     let mut svg = String::new();
     let _ = write!(
         svg,
-        r#"<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="chart-title" preserveAspectRatio="xMidYMid meet"><title id="chart-title">Storage used over time: data and log backups</title>"#
+        r#"<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="chart-title" preserveAspectRatio="xMidYMid meet"><title id="chart-title">Storage used over time: data and log backups, and the free quota</title>"#
     );
     let Some(first) = points.first() else {
         let _ = write!(
             svg,
-            r#"<text class="axis" x="{}" y="{}" text-anchor="middle">No backups yet</text></svg>"#,
+            r#"<text class="axis" x="{}" y="{}" text-anchor="middle">No usage samples yet</text></svg>"#,
             W / 2.0,
             H / 2.0
         );
@@ -132,7 +150,7 @@ pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
     let span = (now - start).num_milliseconds().max(1) as f64;
     let top = points
         .iter()
-        .map(|p| p.data + p.log)
+        .map(|p| (p.data + p.log).max(p.quota))
         .max()
         .unwrap_or(0)
         .max(1);
@@ -202,6 +220,12 @@ pub fn chart(points: &[Point], now: DateTime<Utc>) -> String {
         svg,
         r#"<path class="area data" d="{data_area}"/><path class="area log" d="{log_area}"/>"#
     );
+    let mut quota = format!("M{:.1},{:.1}", x(first.at), y(first.quota));
+    for p in &points[1..] {
+        let _ = write!(quota, " H{:.1} V{:.1}", x(p.at), y(p.quota));
+    }
+    let _ = write!(quota, " H{:.1}", x(now));
+    let _ = write!(svg, r#"<path class="quota" d="{quota}"/>"#);
     let _ = write!(
         svg,
         r#"<line class="axisline" x1="{LEFT}" x2="{}" y1="{y0}" y2="{y0}"/></svg>"#,
@@ -236,6 +260,7 @@ mod tests {
                 at: t0 + chrono::Duration::seconds(i),
                 data: i as u64,
                 log: 0,
+                quota: 0,
             })
             .collect();
         let d = downsample(&points, 100);
@@ -254,21 +279,24 @@ mod tests {
                 at: t0,
                 data: 10 << 20,
                 log: 0,
+                quota: 20 << 20,
             },
             Point {
                 at: t0 + chrono::Duration::minutes(30),
                 data: 10 << 20,
                 log: 16 << 20,
+                quota: 40 << 20,
             },
         ];
         let svg = chart(&points, t0 + chrono::Duration::hours(1));
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
         assert!(svg.contains(r#"class="area data""#) && svg.contains(r#"class="area log""#));
+        assert!(svg.contains(r#"<path class="quota" d="M"#), "{svg}");
         assert!(svg.contains("MiB"), "{svg}");
         // The axis starts a little before the first point (1/20 of the span).
         assert!(svg.contains(r#"data-utc="2026-11-25T09:57:00Z""#), "{svg}");
         assert!(!svg.contains("NaN"), "{svg}");
         let empty = chart(&[], t0);
-        assert!(empty.contains("No backups yet"));
+        assert!(empty.contains("No usage samples yet"));
     }
 }

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod object;
 pub mod pack;
 pub mod storage;
+mod usage;
 mod verify;
 mod wal;
 
@@ -28,8 +29,10 @@ pub use gc::GcReport;
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{
-    LocalStorage, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
+    LocalStorage, ObjectSize, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
+    StorageError,
 };
+pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};
 pub use wal::{
     history_key, wal_segment_key, RestorePointInfo, WalObject, WalPayload, WalSegmentMeta,

@@ -70,6 +70,18 @@ fn contract(s: &dyn Storage) {
     assert_eq!(s.list("a/").unwrap(), vec!["a/b/c", "a/d"]);
     assert_eq!(s.list("a/b").unwrap(), vec!["a/b/c"]);
     assert!(s.list("nothing/here").unwrap().is_empty());
+    // Sizes are the stored objects' lengths, listed like the keys.
+    let sized: Vec<(String, u64)> = s
+        .list_sizes("a")
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    assert_eq!(
+        sized,
+        vec![("a/b/c".to_string(), 5), ("a/d".to_string(), 15)]
+    );
+    assert_eq!(s.list_sizes("").unwrap().len(), s.list("").unwrap().len());
     let all = s.list("").unwrap();
     let mut sorted = all.clone();
     sorted.sort();

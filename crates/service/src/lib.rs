@@ -2,7 +2,8 @@
 //! backup policies per instance, the scheduler that starts automatic backups
 //! inside each policy's window, the job workers, one WAL receiver per
 //! instance with log backup on (restarted with backoff), retention with
-//! garbage collection, and the figures `/metrics` exports.
+//! garbage collection, storage usage samples against each instance's free
+//! quota, and the figures `/metrics` exports.
 //!
 //! Time comes from a [`Clock`], so tests can walk the scheduler through
 //! days and weeks; [`Service::tick`] does one round of everything.
@@ -14,6 +15,7 @@ mod local;
 mod metrics;
 pub mod policy;
 mod tables;
+mod usage;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +38,7 @@ pub use cross_region::{
 pub use local::{RestoreSource, Scratch};
 pub use policy::PolicyError;
 pub use tables::{parse_table_meta, DbSpec, TableSpec};
+pub use usage::{billable_gb_hours, FreeQuota, UsageReport, UsageSettings, DEFAULT_FREE_QUOTA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -74,6 +77,8 @@ pub struct ServiceSettings {
     pub local_listen: String,
     /// Drill every successful backup (restore, recover, pg_amcheck).
     pub drills: bool,
+    /// Storage usage sampling and free quotas.
+    pub usage: UsageSettings,
 }
 
 impl Default for ServiceSettings {
@@ -88,6 +93,7 @@ impl Default for ServiceSettings {
             local_ports: (15432, 15531),
             local_listen: "127.0.0.1".into(),
             drills: true,
+            usage: UsageSettings::default(),
         }
     }
 }
@@ -230,6 +236,10 @@ pub struct Service {
     last_retention: Mutex<Option<DateTime<Utc>>>,
     gc_due: AtomicBool,
     last_gc: Mutex<Option<(DateTime<Utc>, GcReport)>>,
+    /// A usage sample is owed at the next tick (what is stored changed).
+    usage_due: AtomicBool,
+    last_usage_sample: Mutex<Option<DateTime<Utc>>>,
+    usage_cache: Mutex<strata_repo::UsageCache>,
     started: Instant,
     /// Drills waiting: (instance, backup set, job).
     drill_queue: Mutex<std::collections::VecDeque<(String, String, i64)>>,
@@ -267,6 +277,9 @@ impl Service {
             last_retention: Mutex::new(None),
             gc_due: AtomicBool::new(true),
             last_gc: Mutex::new(None),
+            usage_due: AtomicBool::new(true),
+            last_usage_sample: Mutex::new(None),
+            usage_cache: Mutex::new(strata_repo::UsageCache::default()),
             started: Instant::now(),
             drill_queue: Mutex::new(std::collections::VecDeque::new()),
             drill_wakeup: std::sync::Condvar::new(),
@@ -499,7 +512,7 @@ impl Service {
     }
 
     /// One round: automatic backups due, WAL receivers, retention, garbage
-    /// collection.
+    /// collection, a storage usage sample when one is due.
     pub async fn tick(self: &Arc<Self>) {
         if let Err(e) = self.engine.catalog.fail_orphaned_jobs() {
             tracing::warn!("checking for orphaned jobs: {e}");
@@ -536,12 +549,17 @@ impl Service {
                         tracing::info!("garbage collection deleted {} packs", report.packs_deleted);
                     }
                     *lock(&self.last_gc) = Some((now, report));
+                    // Collections follow every change of what is stored.
+                    self.usage_changed();
                 }
                 // A backup in another process holds the lock: try again later.
                 Ok(Ok(None)) => self.gc_due.store(true, Ordering::SeqCst),
                 Ok(Err(e)) => tracing::warn!("garbage collection: {e}"),
                 Err(e) => tracing::warn!("garbage collection task: {e}"),
             }
+        }
+        if let Err(e) = self.sample_usage_if_due().await {
+            tracing::warn!("storage usage sample: {e}");
         }
     }
 

@@ -30,6 +30,8 @@ impl Service {
         let (mut age, mut duration, mut size, mut stored) = (vec![], vec![], vec![], vec![]);
         let (mut lag, mut up, mut sets, mut wal_bytes) = (vec![], vec![], vec![], vec![]);
         let mut drill_failed = vec![];
+        let (mut logical, mut stored_now, mut quota, mut excess, mut gb_hours) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for i in &instances {
             let l = format!("{{instance=\"{}\"}}", label(&i.id));
             let backups = self.engine.catalog.list_backups(&i.id)?;
@@ -80,6 +82,23 @@ impl Service {
                 .max_by_key(|d| d.finished_at);
             if let Some(d) = last_drill {
                 drill_failed.push((l.clone(), if d.status == "Failed" { 1.0 } else { 0.0 }));
+            }
+            // Usage from the recorded samples only: a scrape never measures.
+            let samples = self.engine.catalog.list_usage_samples(&i.id, None, None)?;
+            if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
+                logical.push((l.clone(), last.logical_bytes as f64));
+                for (kind, v) in [("data", last.data_bytes), ("wal", last.wal_bytes)] {
+                    stored_now.push((
+                        format!("{{instance=\"{}\",kind=\"{kind}\"}}", label(&i.id)),
+                        v as f64,
+                    ));
+                }
+                quota.push((l.clone(), last.quota_bytes as f64));
+                excess.push((l.clone(), last.excess_bytes() as f64));
+                gb_hours.push((
+                    l.clone(),
+                    crate::billable_gb_hours(&samples, first.at, now.max(last.at)),
+                ));
             }
             let st = self.wal_state(&i.id);
             up.push((l.clone(), if st.running { 1.0 } else { 0.0 }));
@@ -140,6 +159,36 @@ impl Service {
             "gauge",
             "Server end of WAL minus what the receiver has received.",
             lag,
+        );
+        family(
+            "strata_backup_storage_logical_bytes",
+            "gauge",
+            "Data size of the instance's backup sets added up (newest usage sample).",
+            logical,
+        );
+        family(
+            "strata_backup_storage_stored_bytes",
+            "gauge",
+            "Bytes stored for the instance after deduplication and compression, by kind (newest usage sample).",
+            stored_now,
+        );
+        family(
+            "strata_backup_storage_free_quota_bytes",
+            "gauge",
+            "Free backup storage of the instance.",
+            quota,
+        );
+        family(
+            "strata_backup_storage_excess_bytes",
+            "gauge",
+            "Bytes stored above the free quota.",
+            excess,
+        );
+        family(
+            "strata_backup_storage_billable_gb_hours_total",
+            "counter",
+            "Bytes above the free quota integrated over time since the first usage sample, in GB-hours (GB = 2^30 bytes).",
+            gb_hours,
         );
         let mut by_state: BTreeMap<&str, u64> = [
             "NoStart",

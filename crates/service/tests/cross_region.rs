@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
 use strata_engine::{Engine, EngineSettings};
-use strata_repo::storage::StorageResult;
+use strata_repo::storage::{ObjectSize, StorageResult};
 use strata_repo::{LocalStorage, Repository, Storage, StorageError};
 use strata_service::{
     CrossPolicyChange, ManualClock, RegionTarget, Regions, Service, ServiceSettings,
@@ -44,6 +44,9 @@ impl Storage for RefusingManifests {
     }
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
         self.inner.list(prefix)
+    }
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        self.inner.list_sizes(prefix)
     }
     fn delete(&self, key: &str) -> StorageResult<()> {
         self.inner.delete(key)

@@ -39,6 +39,7 @@ pub struct Config {
     pub region_id: Option<String>,
     /// Cross-region backup targets by region id.
     pub regions: std::collections::BTreeMap<String, RegionConfig>,
+    pub usage: UsageConfig,
 }
 
 /// A cross-region backup target: a repository of its own, reached and
@@ -50,6 +51,18 @@ pub struct RegionConfig {
     pub repository: String,
     pub s3: S3Settings,
     pub encryption: EncryptionSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Longest time between two storage usage samples (default 600).
+    pub sample_interval_secs: Option<u64>,
+    /// Free backup storage of every instance: `"200%"` of its database
+    /// size (the default) or a size such as `"50GiB"`.
+    pub free_quota: Option<String>,
+    /// Free quotas of single instances, by instance id.
+    pub instance_free_quota: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -230,6 +243,7 @@ impl Config {
                 bail!("compress_level must be between 1 and 19, got {level}");
             }
         }
+        config.usage_settings()?;
         Ok(config)
     }
 
@@ -301,8 +315,31 @@ impl Config {
             .unwrap_or_else(|| "127.0.0.1:8080".into())
     }
 
-    pub fn service_settings(&self) -> strata_service::ServiceSettings {
-        let mut s = strata_service::ServiceSettings::default();
+    /// `[usage]`: sampling interval and free quotas (checked by [`Config::load`]).
+    fn usage_settings(&self) -> Result<strata_service::UsageSettings> {
+        let mut u = strata_service::UsageSettings::default();
+        if let Some(secs) = self.usage.sample_interval_secs {
+            u.sample_interval = chrono::Duration::seconds(secs.max(1) as i64);
+        }
+        let parse = |text: &str, key: &str| {
+            strata_service::FreeQuota::parse(text)
+                .map_err(|e| anyhow::anyhow!("[usage] {key}: {e}"))
+        };
+        if let Some(q) = &self.usage.free_quota {
+            u.default_quota = parse(q, "free_quota")?;
+        }
+        for (id, q) in &self.usage.instance_free_quota {
+            u.instance_quotas
+                .insert(id.clone(), parse(q, &format!("instance_free_quota.{id}"))?);
+        }
+        Ok(u)
+    }
+
+    pub fn service_settings(&self) -> Result<strata_service::ServiceSettings> {
+        let mut s = strata_service::ServiceSettings {
+            usage: self.usage_settings()?,
+            ..Default::default()
+        };
         if let Some(t) = self.scheduler.tick_secs {
             s.tick = Duration::from_secs(t.max(1));
         }
@@ -328,7 +365,7 @@ impl Config {
         if let Some(on) = self.drills.enabled {
             s.drills = on;
         }
-        s
+        Ok(s)
     }
 
     /// `[instances] port_range`, checked by [`Config::load`].

@@ -212,6 +212,12 @@ enum RepoCmd {
     },
     /// Rebuild the catalog's index from the repository.
     Reindex,
+    /// Bytes the repository stores for each instance (data, WAL) and for
+    /// nobody, by the attribution rule of docs/DESIGN.md.
+    Usage {
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-wrap an encrypted repository's data key under a new key file or
     /// passphrase (no data is rewritten). Update [encryption] afterwards.
     #[command(group(clap::ArgGroup::new("new_key").required(true).args(["new_key_file", "new_passphrase_env"])))]
@@ -486,6 +492,14 @@ fn run(cli: Cli) -> Result<()> {
                     "repository verification found {} problem(s)",
                     report.problems.len()
                 );
+            }
+        }
+        Command::Repo(RepoCmd::Usage { json }) => {
+            let usage = engine.repo.measure_usage(&mut Default::default())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&usage)?);
+            } else {
+                output::print_usage(&usage);
             }
         }
         Command::Serve { listen, demo } => {

@@ -216,6 +216,29 @@ pub fn print_jobs(list: &[Job]) {
     }
 }
 
+pub fn print_usage(u: &strata_repo::RepositoryUsage) {
+    println!(
+        "{:<24} {:>5} {:>12} {:>12} {:>12} {:>12}",
+        "INSTANCE", "SETS", "LOGICAL", "DATA", "WAL", "STORED"
+    );
+    for (id, i) in &u.instances {
+        println!(
+            "{:<24} {:>5} {:>12} {:>12} {:>12} {:>12}",
+            id,
+            i.backup_sets,
+            human_bytes(i.logical_bytes),
+            human_bytes(i.data_bytes()),
+            human_bytes(i.wal_bytes),
+            human_bytes(i.stored_bytes())
+        );
+    }
+    println!(
+        "unattributed {} · repository total {}",
+        human_bytes(u.unattributed_bytes),
+        human_bytes(u.total_bytes)
+    );
+}
+
 pub fn print_verify(r: &VerifyReport) {
     println!(
         "checked {} objects ({}): {} packs with {} blocks, {} backup manifests, {} WAL objects",

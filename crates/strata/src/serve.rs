@@ -57,7 +57,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         let service = Service::with_regions(
             engine.clone(),
             Arc::new(SystemClock),
-            config.service_settings(),
+            config.service_settings()?,
             regions,
         );
         if let Some(sb) = &sandbox {

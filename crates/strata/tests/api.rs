@@ -358,6 +358,12 @@ fn run_module(module: &str) {
 }
 
 fn run_module_with_drills(module: &str, drills: bool) {
+    run_module_configured(module, drills, "");
+}
+
+/// `config` is appended to the server's configuration after its
+/// `[scheduler]` table (start it with a table header of its own).
+fn run_module_configured(module: &str, drills: bool, config: &str) {
     python();
     assert!(
         sdk_dir().join(module).is_file(),
@@ -365,7 +371,7 @@ fn run_module_with_drills(module: &str, drills: bool) {
     );
     let cluster = Cluster::start_default(15);
     let name = module.trim_start_matches("test_").trim_end_matches(".py");
-    let server = ApiServer::start_with_drills(&format!("api-{name}"), "", drills);
+    let server = ApiServer::start_with_drills(&format!("api-{name}"), config, drills);
     let env = server.python_env(&cluster);
     let path = format!("tests/sdk/{module}");
     let output = server.run_python(
@@ -399,6 +405,18 @@ fn sdk_log_backups_recovery_window_and_delete() {
 #[test]
 fn sdk_restores_downloads_and_drills() {
     run_module_with_drills("test_restore.py", true);
+}
+
+/// Storage usage with a 1 KiB free quota and an hour between samples (so
+/// samples follow changes only): StrataDescribeBackupStorageUsage,
+/// TotalEcsSnapshotSize and Encryption.
+#[test]
+fn sdk_storage_usage_and_free_quota() {
+    run_module_configured(
+        "test_usage.py",
+        false,
+        "[usage]\nfree_quota = \"1KiB\"\nsample_interval_secs = 3600\n",
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Storage, StorageError, StorageResult};
+use super::{ObjectSize, Storage, StorageError, StorageResult};
 
 /// Which failures to inject, and how often (fractions of calls, 0.0–1.0).
 #[derive(Debug, Clone)]
@@ -242,6 +242,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
         self.call("list", prefix, || self.inner.list(prefix))
+    }
+
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        self.call("list", prefix, || self.inner.list_sizes(prefix))
     }
 
     fn delete(&self, key: &str) -> StorageResult<()> {

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::{list_dir, validate_key, Storage, StorageError, StorageResult};
+use super::{list_dir, validate_key, ObjectSize, Storage, StorageError, StorageResult};
 
 /// A repository in a local directory.
 #[derive(Debug, Clone)]
@@ -26,6 +26,55 @@ impl LocalStorage {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Objects under `prefix`, sorted by key, skipping `tmp/`; sizes are
+    /// read only when `sizes` is set (one `stat` per file).
+    fn walk(&self, prefix: &str, sizes: bool) -> StorageResult<Vec<ObjectSize>> {
+        let mut objects = Vec::new();
+        let start = match list_dir(prefix)? {
+            None => self.root.clone(),
+            Some(dir) => self.root.join(dir),
+        };
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
+                Err(source) => {
+                    return Err(StorageError::Io {
+                        key: prefix.to_string(),
+                        source,
+                    })
+                }
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err(prefix))?;
+                let path = entry.path();
+                let file_type = entry.file_type().map_err(io_err(prefix))?;
+                if file_type.is_dir() {
+                    if path != self.root.join("tmp") {
+                        stack.push(path);
+                    }
+                } else if let Ok(rel) = path.strip_prefix(&self.root) {
+                    let key = rel.to_string_lossy().into_owned();
+                    let size = if sizes {
+                        match entry.metadata() {
+                            Ok(m) => m.len(),
+                            // Deleted since the directory was read.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(io_err(&key)(e)),
+                        }
+                    } else {
+                        0
+                    };
+                    objects.push(ObjectSize { key, size });
+                }
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
     }
 
     fn path_of(&self, key: &str) -> StorageResult<PathBuf> {
@@ -104,39 +153,15 @@ impl Storage for LocalStorage {
     }
 
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
-        let mut keys = Vec::new();
-        let start = match list_dir(prefix)? {
-            None => self.root.clone(),
-            Some(dir) => self.root.join(dir),
-        };
-        let mut stack = vec![start];
-        while let Some(dir) = stack.pop() {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
-                Err(source) => {
-                    return Err(StorageError::Io {
-                        key: prefix.to_string(),
-                        source,
-                    })
-                }
-            };
-            for entry in entries {
-                let entry = entry.map_err(io_err(prefix))?;
-                let path = entry.path();
-                let file_type = entry.file_type().map_err(io_err(prefix))?;
-                if file_type.is_dir() {
-                    if path != self.root.join("tmp") {
-                        stack.push(path);
-                    }
-                } else if let Ok(rel) = path.strip_prefix(&self.root) {
-                    keys.push(rel.to_string_lossy().into_owned());
-                }
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        Ok(self
+            .walk(prefix, false)?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        self.walk(prefix, true)
     }
 
     fn delete(&self, key: &str) -> StorageResult<()> {

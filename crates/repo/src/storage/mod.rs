@@ -85,6 +85,13 @@ impl StorageError {
 
 pub type StorageResult<T> = Result<T, StorageError>;
 
+/// One object of a listing with its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectSize {
+    pub key: String,
+    pub size: u64,
+}
+
 /// An object store keyed by `/`-separated relative paths.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Stores `data` under `key`, replacing any previous object atomically.
@@ -96,6 +103,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Keys under the directory `prefix` (recursively; `""` = everything),
     /// sorted. `"a"` and `"a/"` both mean the keys starting with `a/`.
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>>;
+    /// The same listing with each object's size in bytes (what the store
+    /// holds, i.e. what it bills).
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>>;
     /// Removes `key`; removing an absent key is not an error.
     fn delete(&self, key: &str) -> StorageResult<()>;
     fn exists(&self, key: &str) -> StorageResult<bool>;
@@ -117,6 +127,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
         (**self).list(prefix)
+    }
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        (**self).list_sizes(prefix)
     }
     fn delete(&self, key: &str) -> StorageResult<()> {
         (**self).delete(key)

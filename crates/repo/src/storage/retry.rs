@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::{Storage, StorageResult};
+use super::{ObjectSize, Storage, StorageResult};
 
 /// How hard to retry transient failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +104,10 @@ impl<S: Storage> Storage for RetryingStorage<S> {
         self.retry("list", prefix, || self.inner.list(prefix))
     }
 
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        self.retry("list", prefix, || self.inner.list_sizes(prefix))
+    }
+
     fn delete(&self, key: &str) -> StorageResult<()> {
         self.retry("delete", key, || self.inner.delete(key))
     }
@@ -159,6 +163,9 @@ mod tests {
             self.answer()
         }
         fn list(&self, _: &str) -> StorageResult<Vec<String>> {
+            self.answer().map(|_| Vec::new())
+        }
+        fn list_sizes(&self, _: &str) -> StorageResult<Vec<ObjectSize>> {
             self.answer().map(|_| Vec::new())
         }
         fn delete(&self, _: &str) -> StorageResult<()> {

@@ -32,7 +32,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use tokio::sync::Semaphore;
 
-use super::{list_dir, validate_key, Storage, StorageError, StorageResult};
+use super::{list_dir, validate_key, ObjectSize, Storage, StorageError, StorageResult};
 
 /// The smallest part S3 accepts in a multipart upload (all but the last).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
@@ -396,7 +396,7 @@ impl Request {
         }
     }
 
-    async fn list(self, dir: Option<String>) -> StorageResult<Vec<String>> {
+    async fn list(self, dir: Option<String>) -> StorageResult<Vec<ObjectSize>> {
         let prefix = dir
             .map(|d| Path::parse(&d).map_err(|_| StorageError::InvalidKey(d)))
             .transpose()?;
@@ -407,12 +407,15 @@ impl Request {
             .try_collect()
             .await
             .map_err(|e| self.fail(e))?;
-        let mut keys: Vec<String> = objects
+        let mut listed: Vec<ObjectSize> = objects
             .into_iter()
-            .map(|meta| meta.location.to_string())
+            .map(|meta| ObjectSize {
+                key: meta.location.to_string(),
+                size: meta.size,
+            })
             .collect();
-        keys.sort();
-        Ok(keys)
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(listed)
     }
 
     async fn delete(self) -> StorageResult<()> {
@@ -457,6 +460,14 @@ impl Storage for S3Storage {
     }
 
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        Ok(self
+            .list_sizes(prefix)?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
         let dir = list_dir(prefix)?.map(str::to_string);
         let request = self.request_context("list", prefix);
         self.call("list", prefix, request.list(dir))
