@@ -107,6 +107,13 @@ def test_copies_then_restore_from_them_with_the_primary_wiped(instance, admin):
         return [c for c in raw["Items"]["Item"] if c["StrataBackupId"] == backup_id]
     raw_copy = wait_for("the copy of the new backup", copied)[0]
     assert raw_copy["StrataCopiedBytes"] > 0, raw_copy
+    # The next usage sample counts what the copy holds in the target region.
+    def cross_usage():
+        body = h.call(admin, "StrataDescribeBackupStorageUsage", DBInstanceId=instance.id)
+        return body if body.get("CrossRegionStoredSize", 0) > 0 else None
+    usage = wait_for("the copy in the usage figures", cross_usage)
+    assert any(s.get("CrossRegionStoredSize", 0) > 0 for s in usage["Samples"]["Sample"])
+    assert usage["TotalStoredSize"] == usage["DataStoredSize"] + usage["LogStoredSize"]
     # Only the set taken after the policy went on is copied.
     first = instance.first_job["BackupId"]
     assert first != backup_id

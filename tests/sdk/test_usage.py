@@ -137,6 +137,10 @@ def test_metrics_carry_the_newest_sample(instance, client):
     assert metric(text, "strata_backup_storage_logical_bytes", instance=i) == body["LogicalSize"]
     assert metric(text, "strata_backup_storage_stored_bytes", instance=i, kind="data") == body["DataStoredSize"]
     assert metric(text, "strata_backup_storage_stored_bytes", instance=i, kind="wal") == body["LogStoredSize"]
+    # No cross-region policy: nothing in other regions, outside the total.
+    assert body["CrossRegionStoredSize"] == 0
+    assert metric(text, "strata_backup_storage_stored_bytes", instance=i, kind="cross_region") == 0
+    assert body["TotalStoredSize"] == body["DataStoredSize"] + body["LogStoredSize"]
     assert metric(text, "strata_backup_storage_excess_bytes", instance=i) == body["ExcessSize"]
     assert "# TYPE strata_backup_storage_billable_gb_hours_total counter" in text
     assert metric(text, "strata_backup_storage_billable_gb_hours_total", instance=i) > 0

@@ -258,8 +258,10 @@ fn encryption_field(svc: &Service) -> String {
     value.to_string()
 }
 
+/// `CrossRegionStoredSize` is left out while not known, and is not part
+/// of `TotalStoredSize` (the quota does not cover it).
 fn usage_sample_fields(s: &strata_catalog::UsageSample) -> Value {
-    json!({
+    let mut fields = json!({
         "SampleTime": format_seconds(s.at),
         "LogicalSize": s.logical_bytes,
         "DataStoredSize": s.data_bytes,
@@ -267,7 +269,11 @@ fn usage_sample_fields(s: &strata_catalog::UsageSample) -> Value {
         "TotalStoredSize": s.stored_bytes(),
         "FreeQuota": s.quota_bytes,
         "ExcessSize": s.excess_bytes(),
-    })
+    });
+    if let Some(n) = s.cross_region_bytes {
+        fields["CrossRegionStoredSize"] = json!(n);
+    }
+    fields
 }
 
 /// Extension: what an instance's backups store, its free quota, and the

@@ -321,8 +321,8 @@ pub struct CrossWalSegment {
 
 /// Bytes stored for an instance at one moment, and the free quota then
 /// (recorded by the scheduler; billable GB-hours are integrated from these).
-/// A new stored figure (e.g. cross-region copies) is one more field here,
-/// one more column, and one more term in [`UsageSample::stored_bytes`].
+/// A new figure the quota covers is one more field here, one more column,
+/// and one more term in [`UsageSample::stored_bytes`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UsageSample {
     pub instance_id: String,
@@ -335,10 +335,16 @@ pub struct UsageSample {
     pub wal_bytes: u64,
     /// The free quota in force when sampled.
     pub quota_bytes: u64,
+    /// What the instance's copies (data and WAL) hold in the target
+    /// regions' repositories; `None` when not known (a target holding its
+    /// copies was never measured). Outside the free quota, as RDS bills
+    /// cross-region backup storage on its own.
+    pub cross_region_bytes: Option<u64>,
 }
 
 impl UsageSample {
-    /// Everything stored for the instance: what the quota is compared with.
+    /// Everything stored for the instance in its own region: what the quota
+    /// is compared with (cross-region copies are not).
     pub fn stored_bytes(&self) -> u64 {
         self.data_bytes + self.wal_bytes
     }

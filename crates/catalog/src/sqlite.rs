@@ -184,6 +184,7 @@ CREATE TABLE usage_samples (
     data_bytes INTEGER NOT NULL,
     wal_bytes INTEGER NOT NULL,
     quota_bytes INTEGER NOT NULL,
+    cross_region_bytes INTEGER,
     PRIMARY KEY (instance_id, sampled_at)
 );
 "#,
@@ -410,7 +411,7 @@ fn drill_from_row(r: &Row) -> rusqlite::Result<DrillResult> {
 }
 
 const SAMPLE_COLS: &str =
-    "instance_id, sampled_at, logical_bytes, data_bytes, wal_bytes, quota_bytes";
+    "instance_id, sampled_at, logical_bytes, data_bytes, wal_bytes, quota_bytes, cross_region_bytes";
 
 fn sample_from_row(r: &Row) -> rusqlite::Result<UsageSample> {
     Ok(UsageSample {
@@ -420,6 +421,7 @@ fn sample_from_row(r: &Row) -> rusqlite::Result<UsageSample> {
         data_bytes: r.get::<_, i64>(3)? as u64,
         wal_bytes: r.get::<_, i64>(4)? as u64,
         quota_bytes: r.get::<_, i64>(5)? as u64,
+        cross_region_bytes: r.get::<_, Option<i64>>(6)?.map(|n| n as u64),
     })
 }
 
@@ -856,10 +858,11 @@ impl Catalog for SqliteCatalog {
     fn add_usage_sample(&self, u: &UsageSample) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT OR REPLACE INTO usage_samples ({SAMPLE_COLS}) VALUES (?1,?2,?3,?4,?5,?6)"),
+                &format!("INSERT OR REPLACE INTO usage_samples ({SAMPLE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
                 params![
                     u.instance_id, ts(&u.at), u.logical_bytes as i64, u.data_bytes as i64,
-                    u.wal_bytes as i64, u.quota_bytes as i64
+                    u.wal_bytes as i64, u.quota_bytes as i64,
+                    u.cross_region_bytes.map(|n| n as i64)
                 ],
             )?;
             Ok(())
@@ -1272,6 +1275,7 @@ mod tests {
                 data_bytes: i as u64,
                 wal_bytes: 2,
                 quota_bytes: 5,
+                cross_region_bytes: (instance == "a").then_some(100 * i as u64),
             })
             .unwrap();
         }
@@ -1289,7 +1293,11 @@ mod tests {
             .unwrap();
         assert_eq!(some.len(), 1);
         assert_eq!(some[0].at, t0 + chrono::Duration::hours(1));
-        assert_eq!(cat.last_usage_sample("a").unwrap().unwrap().data_bytes, 2);
+        let last = cat.last_usage_sample("a").unwrap().unwrap();
+        assert_eq!((last.data_bytes, last.cross_region_bytes), (2, Some(200)));
+        // Not known: NULL, read back as such.
+        let b = cat.list_usage_samples("b", None, None).unwrap();
+        assert_eq!(b[0].cross_region_bytes, None);
         assert_eq!(cat.last_usage_sample("c").unwrap(), None);
     }
 

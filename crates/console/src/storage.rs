@@ -2,6 +2,8 @@
 //! bytes above it and the billable GB-hours, from the usage samples the
 //! scheduler records (`strata_service::usage`; the attribution rule is in
 //! docs/DESIGN.md). Before the first sample one is measured on the spot.
+//! Cross-region copies are a figure of their own, outside the total and the
+//! quota.
 //! The chart is an inline SVG drawn here: data and log stacked, the free
 //! quota as a line.
 
@@ -49,11 +51,13 @@ pub fn tab(service: &Service, instance_id: &str, now: DateTime<Utc>) -> Markup {
     let points: Vec<Point> = report.samples.iter().map(Point::from).collect();
     let chart = chart(&downsample(&points, 400), now);
     let gb_hours = format!("{:.3}", report.billable_gb_hours);
+    let cross_region = c.cross_region_bytes.map_or("unknown".to_string(), bytes);
     html! {
         div.figures #usage-figures {
             div.figure { span.label { "Data backups" } strong #usage-data { (bytes(c.data_bytes)) } span.muted { "stored; " (bytes(c.logical_bytes)) " of data in the sets" } }
             div.figure { span.label { "Log backups" } strong #usage-log { (bytes(c.wal_bytes)) } span.muted { "WAL stored" } }
             div.figure { span.label { "Total" } strong #usage-total { (bytes(c.stored_bytes())) } span.muted { "after deduplication and compression" } }
+            div.figure { span.label { "Cross-region copies" } strong #usage-cross-region { (cross_region) } span.muted { "in other regions' repositories; not counted against the free quota" } }
             div.figure { span.label { "Free quota" } strong #usage-quota data-bytes=(c.quota_bytes) { (bytes(c.quota_bytes)) } span.muted { (quota_rule(&report.quota)) } }
             div.figure { span.label { "Above the quota" } strong #usage-excess data-bytes=(c.excess_bytes()) { (bytes(c.excess_bytes())) } span.muted #usage-gb-hours { (gb_hours) " GB-hours billable since " (layout::time(report.from)) } }
         }
@@ -241,6 +245,60 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn the_tab_shows_the_cross_region_figure_or_that_it_is_unknown() {
+        use std::sync::Arc;
+
+        use strata_catalog::{Catalog, Instance, SqliteCatalog};
+        use strata_engine::{Engine, EngineSettings};
+        use strata_repo::{LocalStorage, Repository};
+
+        let dir = tempfile::tempdir().unwrap();
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open_in_memory().unwrap());
+        let storage = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+        let engine = Engine::new(
+            catalog.clone(),
+            Repository::open_or_init(storage).unwrap(),
+            EngineSettings::default(),
+        );
+        catalog
+            .add_instance(&Instance::new("a", "127.0.0.1", 5432, "postgres", "prefer"))
+            .unwrap();
+        let t0 = at("2026-11-25T10:00:00Z");
+        let service = Service::new(
+            engine,
+            Arc::new(strata_service::ManualClock::new(
+                t0 + chrono::Duration::hours(1),
+            )),
+            strata_service::ServiceSettings {
+                instances_dir: dir.path().join("instances"),
+                drills: false,
+                ..Default::default()
+            },
+        );
+        let sample = |minutes, cross| UsageSample {
+            instance_id: "a".into(),
+            at: t0 + chrono::Duration::minutes(minutes),
+            logical_bytes: 8 << 20,
+            data_bytes: 2 << 20,
+            wal_bytes: 1 << 20,
+            quota_bytes: 1 << 20,
+            cross_region_bytes: cross,
+        };
+        let figure = |html: &str| {
+            let start = html.find(r#"id="usage-cross-region">"#).expect(html) + 24;
+            html[start..start + html[start..].find('<').unwrap()].to_string()
+        };
+        catalog.add_usage_sample(&sample(0, Some(5 << 20))).unwrap();
+        let html = tab(&service, "a", t0).into_string();
+        assert_eq!(figure(&html), "5.0 MiB");
+        // Copies are outside the total and the excess.
+        assert!(html.contains(r#"id="usage-total">3.0 MiB<"#), "{html}");
+        assert!(html.contains(r#"data-bytes="2097152">2.0 MiB<"#), "{html}");
+        catalog.add_usage_sample(&sample(10, None)).unwrap();
+        assert_eq!(figure(&tab(&service, "a", t0).into_string()), "unknown");
     }
 
     #[test]

@@ -593,6 +593,7 @@ impl Service {
                             Utc::now(),
                         )?;
                         lock(&self.copy_retries).succeeded(&key);
+                        self.usage_changed();
                         finish_job(&self.engine, job.id, None);
                         tracing::info!(
                             instance = %id,
@@ -698,6 +699,7 @@ impl Service {
                         .catalog
                         .insert_cross_wal(&policy.region, &copy, Utc::now())?;
                     lock(&self.copy_retries).succeeded(&key);
+                    self.usage_changed();
                 }
                 Err(e) => {
                     lock(&self.copy_retries).failed(&key);
@@ -747,6 +749,7 @@ impl Service {
                 self.engine.catalog.delete_cross_wal(w.id)?;
             }
             let report = repo.collect_garbage().map_err(EngineError::from)?;
+            self.usage_changed();
             tracing::info!(
                 instance = %id,
                 region = %region,

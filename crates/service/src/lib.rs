@@ -240,6 +240,8 @@ pub struct Service {
     usage_due: AtomicBool,
     last_usage_sample: Mutex<Option<DateTime<Utc>>>,
     usage_cache: Mutex<strata_repo::UsageCache>,
+    /// The same, per target region measured for cross-region figures.
+    cross_usage_caches: Mutex<HashMap<String, strata_repo::UsageCache>>,
     started: Instant,
     /// Drills waiting: (instance, backup set, job).
     drill_queue: Mutex<std::collections::VecDeque<(String, String, i64)>>,
@@ -280,6 +282,7 @@ impl Service {
             usage_due: AtomicBool::new(true),
             last_usage_sample: Mutex::new(None),
             usage_cache: Mutex::new(strata_repo::UsageCache::default()),
+            cross_usage_caches: Mutex::new(HashMap::new()),
             started: Instant::now(),
             drill_queue: Mutex::new(std::collections::VecDeque::new()),
             drill_wakeup: std::sync::Condvar::new(),

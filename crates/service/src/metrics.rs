@@ -87,7 +87,14 @@ impl Service {
             let samples = self.engine.catalog.list_usage_samples(&i.id, None, None)?;
             if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
                 logical.push((l.clone(), last.logical_bytes as f64));
-                for (kind, v) in [("data", last.data_bytes), ("wal", last.wal_bytes)] {
+                let kinds = [
+                    ("data", Some(last.data_bytes)),
+                    ("wal", Some(last.wal_bytes)),
+                    ("cross_region", last.cross_region_bytes),
+                ];
+                for (kind, v) in kinds {
+                    // An unknown cross-region figure has no series.
+                    let Some(v) = v else { continue };
                     stored_now.push((
                         format!("{{instance=\"{}\",kind=\"{kind}\"}}", label(&i.id)),
                         v as f64,
@@ -169,7 +176,7 @@ impl Service {
         family(
             "strata_backup_storage_stored_bytes",
             "gauge",
-            "Bytes stored for the instance after deduplication and compression, by kind (newest usage sample).",
+            "Bytes stored for the instance after deduplication and compression, by kind (newest usage sample): data and wal in its own region, cross_region in the target regions' repositories (outside the free quota).",
             stored_now,
         );
         family(

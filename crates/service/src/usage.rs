@@ -8,13 +8,20 @@
 //! Billable GB-hours are the bytes above the quota integrated over time:
 //! each sample's excess holds until the next sample (or the end of the
 //! period), and a GB is 2^30 bytes.
+//!
+//! Each sample also records what the instance's cross-region copies hold:
+//! every target region that holds or receives its copies is measured by
+//! the same rule on the target's own listing. Those bytes are outside the
+//! free quota (RDS bills cross-region backup storage on its own). A target
+//! that cannot be reached keeps the instance's last known figure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupStatus, UsageSample};
+use strata_repo::RepositoryUsage;
 
 use crate::{lock, Service, ServiceResult};
 
@@ -210,6 +217,7 @@ impl Service {
                 .measure_usage(&mut cache)
                 .map_err(strata_engine::EngineError::from)?
         };
+        let mut targets = HashMap::new();
         for instance in self.engine.catalog.list_instances()? {
             let figures = usage
                 .instances
@@ -223,9 +231,79 @@ impl Service {
                 data_bytes: figures.data_bytes(),
                 wal_bytes: figures.wal_bytes,
                 quota_bytes: self.free_quota(&instance.id)?,
+                cross_region_bytes: self.cross_region_bytes(&instance.id, &mut targets)?,
             })?;
         }
         Ok(())
+    }
+
+    /// The regions that may hold an instance's copies: those of its copies
+    /// in the catalog and the one its policy copies to.
+    fn copy_regions(&self, instance_id: &str) -> ServiceResult<BTreeSet<String>> {
+        let catalog = &self.engine.catalog;
+        let mut regions: BTreeSet<String> = catalog
+            .list_cross_backups(instance_id)?
+            .into_iter()
+            .map(|c| c.region)
+            .chain(
+                catalog
+                    .list_cross_wal(instance_id)?
+                    .into_iter()
+                    .map(|w| w.region),
+            )
+            .collect();
+        if let Some(policy) = catalog.get_cross_policy(instance_id)? {
+            if !policy.region.is_empty() {
+                regions.insert(policy.region);
+            }
+        }
+        Ok(regions)
+    }
+
+    /// A target region's repository measured, opened as the copier opens
+    /// it; `None` when it cannot be reached (or is no longer configured).
+    fn measure_target(&self, region: &str) -> Option<RepositoryUsage> {
+        let measured = self.regions.target(region).and_then(|target| {
+            let repo = target.repository()?;
+            let mut caches = lock(&self.cross_usage_caches);
+            let cache = caches.entry(region.to_string()).or_default();
+            Ok(repo
+                .measure_usage(cache)
+                .map_err(strata_engine::EngineError::from)?)
+        });
+        match measured {
+            Ok(usage) => Some(usage),
+            Err(e) => {
+                tracing::warn!(region = %region, "measuring the cross-region target: {e}");
+                None
+            }
+        }
+    }
+
+    /// What an instance's copies hold in every region that may have them,
+    /// each target measured once per sampling (`targets`). When one cannot
+    /// be measured, the instance's last known figure stands (none yet:
+    /// unknown).
+    fn cross_region_bytes(
+        &self,
+        instance_id: &str,
+        targets: &mut HashMap<String, Option<RepositoryUsage>>,
+    ) -> ServiceResult<Option<u64>> {
+        let mut total = 0;
+        for region in self.copy_regions(instance_id)? {
+            let usage = targets
+                .entry(region.clone())
+                .or_insert_with(|| self.measure_target(&region));
+            let Some(usage) = usage else {
+                let last = self.engine.catalog.last_usage_sample(instance_id)?;
+                return Ok(last.and_then(|s| s.cross_region_bytes));
+            };
+            total += usage
+                .instances
+                .get(instance_id)
+                .map_or(0, |u| u.stored_bytes());
+        }
+        Ok(Some(total))
     }
 
     /// The newest sample of an instance; before the scheduler took any, one
@@ -318,6 +396,7 @@ mod tests {
             data_bytes: stored,
             wal_bytes: 0,
             quota_bytes: quota,
+            cross_region_bytes: Some(stored),
         }
     }
 
@@ -401,6 +480,8 @@ mod tests {
         let report = svc.usage_report("a", None, None).unwrap();
         assert_eq!(report.samples.len(), 2);
         assert_eq!(report.current.wal_bytes, 9216);
+        // No cross-region policy nor copies: nothing in other regions.
+        assert_eq!(report.current.cross_region_bytes, Some(0));
         assert_eq!(report.current.excess_bytes(), 8192);
         assert_eq!(
             (report.samples[0].at, report.samples[1].at),

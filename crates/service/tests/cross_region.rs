@@ -3,8 +3,15 @@
 //! target region's own repository (verified clean there), copies past
 //! their retention are deleted from the target with their WAL and its
 //! garbage collected, a copy whose manifest cannot be written is never
-//! listed and is retried, and turning the policy off stops copying.
+//! listed and is retried, and turning the policy off stops copying. The
+//! usage samples' cross-region figure equals the bytes the target directory
+//! holds for the instance by the attribution rule of docs/DESIGN.md (its
+//! `instances/<id>/` files and the packs its copied manifests reference;
+//! `strata-repo.json` and unreferenced packs are nobody's), keeps its last
+//! value while the target cannot be reached, and drops when the copies'
+//! retention removes them.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +20,30 @@ use chrono::Utc;
 use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
 use strata_engine::{Engine, EngineSettings};
 use strata_repo::storage::{ObjectSize, StorageResult};
-use strata_repo::{LocalStorage, Repository, Storage, StorageError};
+use strata_repo::{pack_key, LocalStorage, Repository, Storage, StorageError};
 use strata_service::{
     CrossPolicyChange, ManualClock, RegionTarget, Regions, Service, ServiceSettings,
 };
 
-/// A target whose manifest writes fail while `refuse` is set: copies
-/// cannot commit.
+/// A target whose manifest writes fail while `refuse` is set (copies
+/// cannot commit), and whose listings fail while `unreachable` is set.
 #[derive(Debug)]
 struct RefusingManifests {
     inner: LocalStorage,
     refuse: AtomicBool,
+    unreachable: AtomicBool,
+}
+
+impl RefusingManifests {
+    fn reach(&self, key: &str) -> StorageResult<()> {
+        if self.unreachable.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                key: key.to_string(),
+                source: std::io::Error::other("injected: the target cannot be reached"),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Storage for RefusingManifests {
@@ -43,9 +63,11 @@ impl Storage for RefusingManifests {
         self.inner.get_range(key, offset, len)
     }
     fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        self.reach(prefix)?;
         self.inner.list(prefix)
     }
     fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        self.reach(prefix)?;
         self.inner.list_sizes(prefix)
     }
     fn delete(&self, key: &str) -> StorageResult<()> {
@@ -57,6 +79,66 @@ impl Storage for RefusingManifests {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+}
+
+fn files_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.map(Result::unwrap) {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                total += e.metadata().unwrap().len();
+            }
+        }
+    }
+    total
+}
+
+/// What the target directory `root` holds for `instance` by the rule: its
+/// `instances/<id>/` files (record, manifests, WAL, histories) and the pack
+/// files its manifests there reference (one instance: no shared packs).
+fn attributed_bytes(root: &Path, target: &Repository, instance: &str) -> u64 {
+    let mut packs = std::collections::BTreeSet::new();
+    for id in target.list_backups(instance).unwrap() {
+        let m = target.read_manifest(instance, &id).unwrap();
+        packs.extend(
+            m.all_files()
+                .flat_map(|f| f.blocks.iter().map(|b| b.p.clone())),
+        );
+    }
+    let pack_bytes: u64 = packs
+        .iter()
+        .map(|p| std::fs::metadata(root.join(pack_key(p))).unwrap().len())
+        .sum();
+    files_size(&root.join("instances").join(instance)) + pack_bytes
+}
+
+fn cross_figure(svc: &Service, instance: &str) -> Option<u64> {
+    svc.engine
+        .catalog
+        .last_usage_sample(instance)
+        .unwrap()
+        .and_then(|s| s.cross_region_bytes)
+}
+
+/// Moves the clock past the sampling interval and ticks until a usage
+/// sample of `instance` is taken at the new time.
+async fn sample_at(svc: &Arc<Service>, clock: &ManualClock, instance: &str) {
+    let at = svc.now() + chrono::Duration::minutes(11);
+    clock.set(at);
+    tick_until(svc, "a usage sample", || {
+        svc.engine
+            .catalog
+            .last_usage_sample(instance)
+            .unwrap()
+            .is_some_and(|s| s.at == at)
+    })
+    .await;
 }
 
 /// Ticks until `done` holds (the copier runs in the background).
@@ -98,6 +180,7 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     let refusing = Arc::new(RefusingManifests {
         inner: LocalStorage::new(dir.path().join("dr")).unwrap(),
         refuse: AtomicBool::new(true),
+        unreachable: AtomicBool::new(false),
     });
     let target_storage: Arc<dyn Storage> = refusing.clone();
     let regions = Regions::new(
@@ -214,6 +297,29 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         target.read_wal(&w.row.object_key).unwrap();
     }
 
+    // A sample counts what the target holds for the instance: not
+    // unreferenced packs (one as an interrupted copy leaves, beside any the
+    // refused copies left), nor strata-repo.json.
+    let dr = dir.path().join("dr");
+    let pack = target
+        .read_manifest("xr", &sets[0].id)
+        .unwrap()
+        .all_files()
+        .find_map(|f| f.blocks.first().map(|b| b.p.clone()))
+        .unwrap();
+    let garbage = dr.join("packs/ff").join(format!("{}.pack", "f".repeat(32)));
+    std::fs::create_dir_all(garbage.parent().unwrap()).unwrap();
+    std::fs::copy(dr.join(pack_key(&pack)), &garbage).unwrap();
+    sample_at(&svc, &clock, "xr").await;
+    let copied = cross_figure(&svc, "xr").unwrap();
+    assert_eq!(copied, attributed_bytes(&dr, &target, "xr"));
+    // A target that cannot be reached does not fail the sample: the last
+    // figure stands.
+    refusing.unreachable.store(true, Ordering::SeqCst);
+    sample_at(&svc, &clock, "xr").await;
+    assert_eq!(cross_figure(&svc, "xr"), Some(copied));
+    refusing.unreachable.store(false, Ordering::SeqCst);
+
     // The target stands on its own: a catalog rebuilt from it alone lists
     // both sets.
     let rebuilt = Engine::new(
@@ -252,4 +358,10 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     assert!(target.list_backups("xr").unwrap().is_empty());
     assert!(target.list_wal("xr").unwrap().is_empty());
     assert!(target_storage.list("packs").unwrap().is_empty());
+    // The instance record and timeline histories are what remains there.
+    sample_at(&svc, &clock, "xr").await;
+    let left = cross_figure(&svc, "xr").unwrap();
+    assert_eq!(left, attributed_bytes(&dr, &target, "xr"));
+    assert_eq!(left, files_size(&dr.join("instances/xr")));
+    assert!(left < copied / 100, "{left} of {copied} left");
 }

@@ -217,6 +217,10 @@ enum RepoCmd {
     Usage {
         #[arg(long)]
         json: bool,
+        /// Measure the cross-region target `[regions.<id>]` instead (opened
+        /// as the copier opens it: created when empty).
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Re-wrap an encrypted repository's data key under a new key file or
     /// passphrase (no data is rewritten). Update [encryption] afterwards.
@@ -494,8 +498,12 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Repo(RepoCmd::Usage { json }) => {
-            let usage = engine.repo.measure_usage(&mut Default::default())?;
+        Command::Repo(RepoCmd::Usage { json, region }) => {
+            let repo = match region {
+                Some(id) => config.regions()?.target(&id)?.repository()?,
+                None => engine.repo.clone(),
+            };
+            let usage = repo.measure_usage(&mut Default::default())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&usage)?);
             } else {

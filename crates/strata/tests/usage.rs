@@ -6,7 +6,8 @@
 //! docs/DESIGN.md: WAL under `instances/<id>/wal/`, the rest of
 //! `instances/<id>/` as metadata, packs the instance's manifests reference
 //! as its pack bytes, and unreferenced packs plus `strata-repo.json` as
-//! nobody's.
+//! nobody's. The same directory measured as another server's cross-region
+//! target (`repo usage --region`) gives the same figures.
 
 mod common;
 
@@ -111,6 +112,22 @@ fn usage_figures_equal_the_bytes_in_local_and_s3_repositories() {
     let local = Strata::new("usage-local");
     let root = local.repo_dir();
     figures_match_the_bytes_present(&local, &root, "ulocal", &pg);
+    // The same directory as a cross-region target of another server: the
+    // same figures, measured through `[regions.<id>]`.
+    let other = Strata::with_config(
+        "usage-region",
+        "",
+        &format!(
+            "[regions.dr]\nrepository = {:?}\n",
+            root.display().to_string()
+        ),
+    );
+    assert_eq!(
+        other.ok(&["repo", "usage", "--json", "--region", "dr"]),
+        local.ok(&["repo", "usage", "--json"])
+    );
+    let err = other.fails(&["repo", "usage", "--region", "nowhere"]);
+    assert!(err.contains("nowhere") && err.contains("dr"), "{err}");
 
     let s3 = S3Server::start();
     let remote = Strata::on_s3("usage-s3", &s3, "");
