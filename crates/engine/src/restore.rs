@@ -232,19 +232,31 @@ impl Engine {
 
         job.state = JobState::Uploading;
         self.catalog.update_job(job)?;
-        let (files, bytes) = self.materialize(&manifest, &opts.target_dir, progress)?;
+        // The WAL is staged (and decoded) on its own thread while the files
+        // are written: writing waits on the disk, decoding on the CPU.
+        let (materialized, staged) = std::thread::scope(|scope| {
+            let wal = scope.spawn(|| {
+                self.stage_wal(
+                    &plan,
+                    &histories,
+                    geometry,
+                    &opts.target_dir,
+                    &target,
+                    &manifest,
+                )
+            });
+            let files = self.materialize(&manifest, &opts.target_dir, progress);
+            let staged = wal
+                .join()
+                .unwrap_or_else(|_| Err(EngineError::Failed("staging the WAL panicked".into())));
+            (files, staged)
+        });
+        let (files, bytes) = materialized?;
+        let found = staged?;
 
         job.state = JobState::Checking;
         job.progress = 90;
         self.catalog.update_job(job)?;
-        let found = self.stage_wal(
-            &plan,
-            &histories,
-            geometry,
-            &opts.target_dir,
-            &target,
-            &manifest,
-        )?;
         target = confirm_target(target, &found, &manifest, gap)?;
 
         write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
@@ -580,7 +592,7 @@ impl Engine {
                     log.display()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(50));
         }
         let text = fs::read_to_string(&log).unwrap_or_default();
         let stop = text
