@@ -144,16 +144,7 @@ fn engine_version(v: Option<u32>) -> String {
 fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let svc = &state.service;
     let inst = instance(svc, p)?;
-    let start = p.time("StartTime")?;
-    let end = p.time("EndTime")?;
-    if let (Some(s), Some(e)) = (start, end) {
-        if e <= s {
-            return Err(ApiError::bad(
-                "InvalidParameterCombination",
-                "EndTime must be later than StartTime.",
-            ));
-        }
-    }
+    let (start, end) = p.period()?;
     let (number, size) = p.paging(&[30, 50, 100], false)?;
     let policy = svc.policy(&inst.id)?;
     let mut sets = svc.engine.catalog.list_backups(&inst.id)?;
@@ -281,16 +272,7 @@ fn usage_sample_fields(s: &strata_catalog::UsageSample) -> Value {
 /// first sample to now) in GB-hours, with the samples of that period.
 fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
-    let start = p.time("StartTime")?;
-    let end = p.time("EndTime")?;
-    if let (Some(s), Some(e)) = (start, end) {
-        if e <= s {
-            return Err(ApiError::bad(
-                "InvalidParameterCombination",
-                "EndTime must be later than StartTime.",
-            ));
-        }
-    }
+    let (start, end) = p.period()?;
     let report = svc.usage_report(&inst.id, start, end)?;
     let mut fields = obj(usage_sample_fields(&report.current));
     let samples: Vec<Value> = report.samples.iter().map(usage_sample_fields).collect();
@@ -481,16 +463,7 @@ async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
 fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let svc = &state.service;
     let inst = instance(svc, p)?;
-    p.required("StartTime")?;
-    p.required("EndTime")?;
-    let start = p.time("StartTime")?.expect("required");
-    let end = p.time("EndTime")?.expect("required");
-    if end <= start {
-        return Err(ApiError::bad(
-            "InvalidParameterCombination",
-            "EndTime must be later than StartTime.",
-        ));
-    }
+    let (start, end) = p.required_period()?;
     let (number, size) = p.paging(&[30, 100], true)?;
     let rows = listed_wal_segments(svc.engine.catalog.list_wal_segments(&inst.id)?);
     let matching: Vec<_> = rows

@@ -172,16 +172,7 @@ pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .engine
         .catalog
         .get_instance(p.required("DBInstanceId")?)?;
-    p.required("StartTime")?;
-    p.required("EndTime")?;
-    let start = p.time("StartTime")?.expect("required");
-    let end = p.time("EndTime")?.expect("required");
-    if end <= start {
-        return Err(ApiError::bad(
-            "InvalidParameterCombination",
-            "EndTime must be later than StartTime.",
-        ));
-    }
+    let (start, end) = p.required_period()?;
     let region = p.get("CrossBackupRegion");
     let (number, size) = p.paging(&[30, 50, 100], false)?;
     let files: Vec<_> = svc

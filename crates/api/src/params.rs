@@ -5,6 +5,9 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 
 use crate::error::{ApiError, ApiResult};
 
+/// A time given in a request.
+type Time = DateTime<Utc>;
+
 pub struct Params(Vec<(String, String)>);
 
 impl Params {
@@ -65,6 +68,30 @@ impl Params {
                 format!("{name} must be a UTC time written yyyy-MM-ddTHH:mmZ or yyyy-MM-ddTHH:mm:ssZ, got {v:?}"),
             )
         })
+    }
+
+    /// `StartTime` and `EndTime`, each optional; refused when both are given
+    /// and the end is not after the start.
+    pub fn period(&self) -> ApiResult<(Option<Time>, Option<Time>)> {
+        let start = self.time("StartTime")?;
+        let end = self.time("EndTime")?;
+        if let (Some(s), Some(e)) = (start, end) {
+            if e <= s {
+                return Err(ApiError::bad(
+                    "InvalidParameterCombination",
+                    "EndTime must be later than StartTime.",
+                ));
+            }
+        }
+        Ok((start, end))
+    }
+
+    /// Like [`Params::period`] with both times required.
+    pub fn required_period(&self) -> ApiResult<(Time, Time)> {
+        self.required("StartTime")?;
+        self.required("EndTime")?;
+        let (start, end) = self.period()?;
+        Ok((start.expect("required above"), end.expect("required above")))
     }
 
     /// `PageNumber` (≥ 1, default 1) and `PageSize` (one of `sizes`, or any

@@ -390,7 +390,8 @@ impl Service {
         self.cancel_backup(
             instance_id,
             "the instance was deregistered while the backup ran",
-        );
+        )
+        .await;
         if let Some(b) = self
             .engine
             .catalog
@@ -417,12 +418,18 @@ impl Service {
     }
 
     /// Stops the backup this server runs for an instance, if any, and
-    /// records it as failed with `reason`.
-    fn cancel_backup(&self, instance_id: &str, reason: &str) {
+    /// records it as failed with `reason`. Waits for the task to end first:
+    /// a task busy on another thread runs on to its next await and may still
+    /// record progress, which must not outlive the cancellation.
+    async fn cancel_backup(&self, instance_id: &str, reason: &str) {
         let Some(task) = lock(&self.backups).remove(instance_id) else {
             return;
         };
         task.task.abort();
+        if task.task.await.is_ok() {
+            // It finished (and recorded its outcome) before the abort landed.
+            return;
+        }
         fail_job(&self.engine, task.job_id, reason);
         if let Ok(job) = self.engine.catalog.get_job(task.job_id) {
             if let Some(bid) = &job.backup_id {
@@ -733,7 +740,8 @@ impl Service {
         }
         let running: Vec<String> = lock(&self.backups).keys().cloned().collect();
         for id in running {
-            self.cancel_backup(&id, "the server shut down while the backup ran");
+            self.cancel_backup(&id, "the server shut down while the backup ran")
+                .await;
         }
     }
 
