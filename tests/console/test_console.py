@@ -117,13 +117,22 @@ def test_backup_instance_runs_in_the_task_center_and_is_listed(console, env):
     starts = [int(td.get_attribute("data-v")) for td in console.finds("#data-backups tbody td:nth-child(2)")]
     assert starts == sorted(starts, reverse=True), starts
 
+    assert_a_cell_per_heading(console, "#data-backups")
+
     # A time range that ends before it began is refused with the API's words.
     console.go(f"/console/instances/{instance}/backups?from=2026-01-02T00:00Z&to=2026-01-01T00:00Z")
     assert "EndTime must be later than StartTime" in console.text(".notice.err")
 
     console.go(f"/console/instances/{instance}/backups?view=log")
     console.wait("the log backup list", lambda: console.finds("#log-backups tbody tr"))
+    assert_a_cell_per_heading(console, "#log-backups")
     console.shot("log-backups")
+
+
+def assert_a_cell_per_heading(console, table):
+    headings = len(console.finds(f"{table} thead th"))
+    cells = len(console.finds(f"{table} tbody tr:first-child td"))
+    assert headings > 0 and headings == cells, (table, headings, cells)
 
 
 def set_days(console, days):

@@ -428,7 +428,6 @@ fn log_list(answer: &Map<String, Value>) -> Markup {
                     (sort_th("End Time", "num"))
                     (sort_th("Size", "num"))
                     (sort_th("Status", "text"))
-                    (sort_th("Restore Drill", "text"))
                     th scope="col" { "Download" }
                 } }
                 tbody {
