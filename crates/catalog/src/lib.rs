@@ -142,6 +142,38 @@ pub struct BackupSet {
     pub job_id: Option<i64>,
 }
 
+impl BackupSet {
+    /// A set just started: `Running`, nothing known of it yet.
+    pub fn started(
+        id: String,
+        instance_id: &str,
+        mode: &str,
+        started_at: DateTime<Utc>,
+        job_id: Option<i64>,
+    ) -> BackupSet {
+        BackupSet {
+            id,
+            instance_id: instance_id.to_string(),
+            status: BackupStatus::Running,
+            mode: mode.to_string(),
+            started_at,
+            finished_at: None,
+            start_lsn: None,
+            stop_lsn: None,
+            start_timeline: None,
+            stop_timeline: None,
+            pg_version_num: None,
+            total_bytes: 0,
+            new_bytes: 0,
+            dedup_bytes: 0,
+            stored_bytes: 0,
+            file_count: 0,
+            error: None,
+            job_id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WalSegmentRow {
     pub instance_id: String,

@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn listing_filters_by_type_status_and_instance() {
-        use strata_catalog::{BackupSet, BackupStatus, Instance, SqliteCatalog};
+        use strata_catalog::{BackupSet, Instance, SqliteCatalog};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let now = chrono::Utc::now();
         for id in ["a", "b"] {
@@ -367,26 +367,7 @@ mod tests {
         }
         let backup = |instance: &str, set: &str, mode: &str, state: JobState| {
             catalog
-                .insert_backup(&BackupSet {
-                    id: set.into(),
-                    instance_id: instance.into(),
-                    status: BackupStatus::Running,
-                    mode: mode.into(),
-                    started_at: now,
-                    finished_at: None,
-                    start_lsn: None,
-                    stop_lsn: None,
-                    start_timeline: None,
-                    stop_timeline: None,
-                    pg_version_num: None,
-                    total_bytes: 0,
-                    new_bytes: 0,
-                    dedup_bytes: 0,
-                    stored_bytes: 0,
-                    file_count: 0,
-                    error: None,
-                    job_id: None,
-                })
+                .insert_backup(&BackupSet::started(set.into(), instance, mode, now, None))
                 .unwrap();
             let mut job = catalog.create_job("backup", Some(instance)).unwrap();
             job.backup_id = Some(set.into());

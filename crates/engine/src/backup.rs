@@ -106,26 +106,13 @@ impl Engine {
             )));
         }
         let mut job = self.catalog.create_job("backup", Some(instance_id))?;
-        let mut set = BackupSet {
-            id: new_backup_id(0),
-            instance_id: instance_id.to_string(),
-            status: BackupStatus::Running,
-            mode: opts.mode.clone(),
-            started_at: Utc::now(),
-            finished_at: None,
-            start_lsn: None,
-            stop_lsn: None,
-            start_timeline: None,
-            stop_timeline: None,
-            pg_version_num: None,
-            total_bytes: 0,
-            new_bytes: 0,
-            dedup_bytes: 0,
-            stored_bytes: 0,
-            file_count: 0,
-            error: None,
-            job_id: Some(job.id),
-        };
+        let mut set = BackupSet::started(
+            new_backup_id(0),
+            instance_id,
+            &opts.mode,
+            Utc::now(),
+            Some(job.id),
+        );
         let mut attempt = 0;
         loop {
             match self.catalog.insert_backup(&set) {
