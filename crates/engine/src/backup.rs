@@ -8,6 +8,10 @@
 //! thread, so memory stays bounded whatever the database size. Every file is
 //! checked against the CRC-32C the server lists in its backup_manifest, and
 //! the Strata manifest is written last: until then the backup does not exist.
+//!
+//! On PostgreSQL 17 and later with `summarize_wal = on`, the server is given
+//! the previous backup's manifest and sends only the blocks changed since
+//! (see [`crate::incremental`]); the files are rebuilt whole as they arrive.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,12 +22,16 @@ use pg_replication::{BaseBackupEvent, BaseBackupOptions, ReplicationMessage, Tar
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState};
 use strata_repo::{
-    BackupManifest, BackupStats, BlockHash, BlockWriter, FileEntry, FileKind, PreparedBlock,
-    Repository, TablespaceEntry,
+    BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
+    PreparedBlock, Repository, TablespaceEntry,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connect::{explain, open_session, remember_facts, Session};
+use crate::incremental::{
+    full_name, parse_size_setting, rel_file, rewrite_server_manifest, strip_backup_label,
+    BlockPlan, Fork, HeapChanges, IncrementalBase, IncrementalFile, ManifestChange, RelFile,
+};
 use crate::segment::SegmentArchiver;
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -198,19 +206,51 @@ impl Engine {
             .await
             .map_err(|e| explain(instance, e))?;
 
+        let mut base = if pg_version >= 170000 {
+            self.incremental_base(instance, &mut main, pg_version, progress)
+                .await
+        } else {
+            None
+        };
+        if let Some(b) = &base {
+            progress.message(&format!(
+                "backup {}: changed blocks only, relative to backup {}",
+                set.id, b.backup_id
+            ));
+        }
+
         progress.message(&format!("backup {}: checkpoint requested", set.id));
-        let mut bb = main
-            .client
-            .base_backup(&BaseBackupOptions {
-                label: format!("strata backup {}", set.id),
-                fast_checkpoint: true,
-                progress: true,
-                manifest: true,
-                max_rate_kb: opts.max_rate_kb,
-                tablespace_map: true,
-            })
-            .await
-            .map_err(|e| explain(instance, e))?;
+        let bb_opts = |incremental: bool| BaseBackupOptions {
+            label: format!("strata backup {}", set.id),
+            fast_checkpoint: true,
+            progress: true,
+            manifest: true,
+            max_rate_kb: opts.max_rate_kb,
+            tablespace_map: true,
+            incremental,
+        };
+        // Declared before the stream that may borrow it.
+        let mut fallback: Option<Session> = None;
+        let first = main.client.base_backup(&bb_opts(base.is_some())).await;
+        let mut bb = match first {
+            Ok(bb) => bb,
+            // Summaries missing or removed, a timeline the server does not
+            // know: a full transfer still works.
+            Err(e) if base.is_some() && !e.is_transient() => {
+                progress.message(&format!(
+                    "backup {}: the server refused an incremental transfer ({e}); it sends every file instead",
+                    set.id
+                ));
+                base = None;
+                let session = fallback.insert(open_session(instance).await?);
+                session
+                    .client
+                    .base_backup(&bb_opts(false))
+                    .await
+                    .map_err(|e| explain(instance, e))?
+            }
+            Err(e) => return Err(explain(instance, e)),
+        };
         let start_lsn = bb.start_lsn();
         let start_tli = bb.start_timeline();
         let start_time = Utc::now();
@@ -240,6 +280,9 @@ impl Engine {
         let mut tablespace: Option<u32> = None;
         let mut open: Option<OpenFile> = None;
         let mut received: HashMap<String, (u64, u32)> = HashMap::new();
+        let mut manifest_changes: HashMap<String, ManifestChange> = HashMap::new();
+        let mut heap_changes = HeapChanges::default();
+        let mut deferred_maps: Vec<DeferredMap> = Vec::new();
         let mut server_manifest = Vec::new();
         let mut finished: Option<(Lsn, TimelineId)> = None;
         let mut last_report = Instant::now();
@@ -273,7 +316,7 @@ impl Engine {
                             (FileKind::Symlink, Some(target.clone()))
                         }
                     };
-                    let file = FileEntry {
+                    let mut file = FileEntry {
                         tablespace,
                         path: path.clone(),
                         kind,
@@ -289,16 +332,67 @@ impl Engine {
                         blocks: Vec::new(),
                     };
                     if kind == FileKind::File {
-                        pipeline.begin(file).await?;
+                        let mut content = Content::Plain;
+                        if let Some(base) = &base {
+                            if let Some(full) = full_name(&path) {
+                                let earlier = base.file(tablespace, &full).ok_or_else(|| {
+                                    EngineError::Failed(format!(
+                                        "the server sent {path} as changes to {full}, which backup {} does not hold",
+                                        base.backup_id
+                                    ))
+                                })?;
+                                let inc = IncrementalFile::new(
+                                    entry.size,
+                                    earlier,
+                                    base.page_size,
+                                    block_size,
+                                )
+                                .map_err(|e| EngineError::Failed(format!("{path}: {e}")))?;
+                                let rel = rel_file(&full);
+                                file.path = full;
+                                content = match rel {
+                                    Some(rel) if rel.fork == Fork::VisibilityMap => Content::Map {
+                                        inc: Box::new(inc),
+                                        rel,
+                                        entry: file.clone(),
+                                        plans: Vec::new(),
+                                    },
+                                    rel => Content::Incremental {
+                                        inc: Box::new(inc),
+                                        main: rel.filter(|r| r.fork == Fork::Main),
+                                    },
+                                };
+                            } else if tablespace.is_none() && path == "backup_label" {
+                                content = Content::Label(file.clone(), Vec::new());
+                            } else if let Some(rel) =
+                                rel_file(&path).filter(|r| r.fork == Fork::Main)
+                            {
+                                heap_changes.whole(tablespace, &rel);
+                            }
+                        }
+                        if matches!(content, Content::Plain | Content::Incremental { .. }) {
+                            pipeline.begin(file).await?;
+                        }
                         let mut f = OpenFile {
                             manifest_path: manifest_path(tablespace, &path),
+                            tablespace,
+
                             size: entry.size,
                             remaining: entry.size,
                             crc: 0,
                             block: Vec::with_capacity(block_size),
+                            content,
                         };
                         if f.remaining == 0 {
-                            pipeline.end(&mut f, &mut received).await?;
+                            let mut ends = Ends {
+                                received: &mut received,
+                                changes: &mut manifest_changes,
+                                heap: &mut heap_changes,
+                                maps: &mut deferred_maps,
+                                block_size,
+                                segment_pages: base.as_ref().map(|b| b.segment_pages),
+                            };
+                            pipeline.end(&mut f, &mut ends).await?;
                         } else {
                             open = Some(f);
                         }
@@ -321,18 +415,47 @@ impl Engine {
                     streamed += data.len() as u64;
                     f.remaining -= data.len() as u64;
                     f.crc = crc32c::crc32c_append(f.crc, &data);
-                    while !data.is_empty() {
-                        let take = (block_size - f.block.len()).min(data.len());
-                        f.block.extend_from_slice(&data.split_to(take));
-                        if f.block.len() == block_size {
-                            let full =
-                                std::mem::replace(&mut f.block, Vec::with_capacity(block_size));
-                            pipeline.block(full).await?;
+                    match &mut f.content {
+                        Content::Plain => {
+                            while !data.is_empty() {
+                                let take = (block_size - f.block.len()).min(data.len());
+                                f.block.extend_from_slice(&data.split_to(take));
+                                if f.block.len() == block_size {
+                                    let full = std::mem::replace(
+                                        &mut f.block,
+                                        Vec::with_capacity(block_size),
+                                    );
+                                    pipeline.block(full).await?;
+                                }
+                            }
                         }
+                        Content::Incremental { inc, .. } => {
+                            let mut plans = Vec::new();
+                            inc.push(&data, &mut plans).map_err(|e| {
+                                EngineError::Failed(format!("{}: {e}", f.manifest_path))
+                            })?;
+                            for plan in plans {
+                                pipeline.plan(plan).await?;
+                            }
+                        }
+                        Content::Map { inc, plans, .. } => {
+                            inc.push(&data, plans).map_err(|e| {
+                                EngineError::Failed(format!("{}: {e}", f.manifest_path))
+                            })?;
+                        }
+                        Content::Label(_, buf) => buf.extend_from_slice(&data),
                     }
                     if f.remaining == 0 {
                         let mut f = open.take().expect("open file checked above");
-                        pipeline.end(&mut f, &mut received).await?;
+                        let mut ends = Ends {
+                            received: &mut received,
+                            changes: &mut manifest_changes,
+                            heap: &mut heap_changes,
+                            maps: &mut deferred_maps,
+                            block_size,
+                            segment_pages: base.as_ref().map(|b| b.segment_pages),
+                        };
+                        pipeline.end(&mut f, &mut ends).await?;
                     }
                     if last_report.elapsed() >= Duration::from_millis(500) {
                         last_report = Instant::now();
@@ -350,6 +473,13 @@ impl Engine {
                             f.manifest_path
                         )));
                     }
+                    // Every main fork of this tablespace is in: the maps
+                    // held back can be checked against their heap changes.
+                    if let Some(base) = &base {
+                        for map in deferred_maps.drain(..) {
+                            pipeline.map(map, &heap_changes, base, block_size).await?;
+                        }
+                    }
                 }
                 BaseBackupEvent::Progress { .. } => {}
                 BaseBackupEvent::Manifest(chunk) => server_manifest.extend_from_slice(&chunk),
@@ -360,6 +490,11 @@ impl Engine {
             }
         }
         drop(bb);
+        if !deferred_maps.is_empty() {
+            return Err(EngineError::Failed(
+                "visibility map files arrived outside an archive".into(),
+            ));
+        }
         let (stop_lsn, stop_tli) = finished.ok_or_else(|| {
             EngineError::Failed("the server ended the backup without its end position".into())
         })?;
@@ -371,6 +506,10 @@ impl Engine {
         job.state = JobState::Checking;
         self.catalog.update_job(job)?;
         check_server_manifest(&server_manifest, &received)?;
+        if base.is_some() {
+            server_manifest = rewrite_server_manifest(&server_manifest, &manifest_changes)
+                .map_err(|e| EngineError::Failed(format!("rewriting backup_manifest: {e}")))?;
+        }
 
         progress.message(&format!(
             "backup {}: waiting for WAL up to {stop_lsn}",
@@ -427,6 +566,8 @@ impl Engine {
             tablespaces,
             files,
             server_manifest: server_manifest_entry,
+            incremental_from: base.map(|b| b.backup_id),
+            received_bytes: Some(streamed),
             stats: stats.clone(),
         };
         if let Err(e) = self.repo.commit_manifest(&manifest) {
@@ -450,6 +591,113 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The earlier backup a PostgreSQL 17+ server can send changes against,
+    /// with its manifest uploaded on `main`: the newest backup of this
+    /// server and major version in the repository. `None` (a full
+    /// transfer) when WAL summaries are off or anything else is missing;
+    /// the reason is reported, never fatal.
+    async fn incremental_base(
+        &self,
+        instance: &Instance,
+        main: &mut Session,
+        pg_version: u32,
+        progress: &dyn Progress,
+    ) -> Option<IncrementalBase> {
+        let note = |why: String| {
+            progress.message(&format!(
+                "instance {}: every file is sent in full: {why}",
+                instance.id
+            ))
+        };
+        match main.client.show("summarize_wal").await {
+            Ok(v) if v == "on" => {}
+            Ok(_) => {
+                tracing::debug!(
+                    "instance {}: summarize_wal is off; full transfer",
+                    instance.id
+                );
+                return None;
+            }
+            Err(e) => {
+                note(format!("cannot read summarize_wal ({e})"));
+                return None;
+            }
+        }
+        let page_size = match main.client.show("block_size").await {
+            Ok(v) => v.parse::<usize>().unwrap_or(0),
+            Err(e) => {
+                note(format!("cannot read block_size ({e})"));
+                return None;
+            }
+        };
+        let segment_pages = match main.client.show("segment_size").await {
+            Ok(v) => parse_size_setting(&v).unwrap_or(0) / page_size.max(1) as u64,
+            Err(e) => {
+                note(format!("cannot read segment_size ({e})"));
+                return None;
+            }
+        };
+        let block_size = self.repo.block_size();
+        if page_size == 0 || segment_pages == 0 || !block_size.is_multiple_of(page_size) {
+            note(format!(
+                "the repository's {block_size}-byte blocks are not whole {page_size}-byte pages"
+            ));
+            return None;
+        }
+        let ids = match self.repo.list_backups(&instance.id) {
+            Ok(ids) => ids,
+            Err(e) => {
+                note(format!("cannot list earlier backups ({e})"));
+                return None;
+            }
+        };
+        let mut found = None;
+        for id in ids.iter().rev() {
+            let m = match self.repo.read_manifest(&instance.id, id) {
+                Ok(m) => m,
+                Err(e) => {
+                    note(format!("cannot read backup {id} ({e})"));
+                    return None;
+                }
+            };
+            if m.system_identifier == main.system_id
+                && m.pg_version_num / 10000 == pg_version / 10000
+                && m.server_manifest.is_some()
+            {
+                found = Some(m);
+                break;
+            }
+        }
+        let earlier = found?;
+        let entry = earlier.server_manifest.as_ref()?;
+        let mut text = Vec::with_capacity(entry.size as usize);
+        if let Err(e) = self.repo.read_blocks(&entry.blocks, |d| {
+            text.extend_from_slice(&d);
+            Ok::<(), EngineError>(())
+        }) {
+            note(format!(
+                "cannot read the manifest of backup {} ({e})",
+                earlier.backup_id
+            ));
+            return None;
+        }
+        if let Err(e) = main.client.upload_manifest(&text).await {
+            note(format!(
+                "the server did not accept the manifest of backup {} ({e})",
+                earlier.backup_id
+            ));
+            return None;
+        }
+        Some(IncrementalBase::new(
+            earlier.backup_id.clone(),
+            &earlier.files,
+            page_size,
+            segment_pages,
+        ))
+    }
+}
+
 fn rand_u32() -> u32 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()) as u32
@@ -464,11 +712,38 @@ fn manifest_path(tablespace: Option<u32>, path: &str) -> String {
 }
 
 struct OpenFile {
+    /// The path as the server sent it (an `INCREMENTAL.` name included).
     manifest_path: String,
+    tablespace: Option<u32>,
     size: u64,
     remaining: u64,
+    /// CRC-32C of the bytes as sent.
     crc: u32,
     block: Vec<u8>,
+    content: Content,
+}
+
+/// How the bytes of a file being received become stored blocks.
+enum Content {
+    /// Cut into blocks as they come.
+    Plain,
+    /// Changed pages, rebuilt into the whole file; `main` names the
+    /// relation when this is a main fork, whose changed pages are recorded.
+    Incremental {
+        inc: Box<IncrementalFile>,
+        main: Option<RelFile>,
+    },
+    /// A visibility map's changed pages: planned as they come but stored
+    /// once the tablespace's main forks are all in (see [`HeapChanges`]).
+    Map {
+        inc: Box<IncrementalFile>,
+        rel: RelFile,
+        entry: FileEntry,
+        plans: Vec<BlockPlan>,
+    },
+    /// An incremental backup's backup_label: held until complete, then
+    /// stored without its `INCREMENTAL FROM` lines.
+    Label(FileEntry, Vec<u8>),
 }
 
 /// Compares what was received with the server's own manifest: same files,
@@ -480,6 +755,11 @@ fn check_server_manifest(
     let bad = |why: String| EngineError::Failed(format!("backup_manifest check failed: {why}"));
     let doc: serde_json::Value =
         serde_json::from_slice(manifest).map_err(|e| bad(format!("not JSON: {e}")))?;
+    if !crate::incremental::manifest_checksum_ok(manifest) {
+        return Err(bad(
+            "its Manifest-Checksum does not match its contents".into()
+        ));
+    }
     let files = doc
         .get("Files")
         .and_then(|f| f.as_array())
@@ -523,14 +803,55 @@ fn check_server_manifest(
     Ok(())
 }
 
+/// A visibility map held back until the end of its tablespace's archive.
+struct DeferredMap {
+    entry: FileEntry,
+    rel: RelFile,
+    tablespace: Option<u32>,
+    plans: Vec<BlockPlan>,
+    size: u64,
+}
+
+/// Where [`BlockPipeline::end`] records what it learns of a finished file.
+struct Ends<'a> {
+    /// Size and CRC-32C of each file as sent, by the server's manifest path.
+    received: &'a mut HashMap<String, (u64, u32)>,
+    /// Entries of the server's manifest that change in the stored backup.
+    changes: &'a mut HashMap<String, ManifestChange>,
+    heap: &'a mut HeapChanges,
+    maps: &'a mut Vec<DeferredMap>,
+    block_size: usize,
+    segment_pages: Option<u64>,
+}
+
+/// The contents of a block for the hashing pool.
+enum BlockSource {
+    Raw(Vec<u8>),
+    /// Rebuilt from an earlier backup's block (read by the pool thread);
+    /// see [`BlockPlan::Build`].
+    Build {
+        base: Option<BlockRef>,
+        keep: usize,
+        len: usize,
+        pages: Vec<(usize, Vec<u8>)>,
+    },
+}
+
+type Prepared = EngineResult<(PreparedBlock, Vec<u8>)>;
+
 /// A block for the hashing pool and where to send the prepared result.
-type PoolJob = (Vec<u8>, oneshot::Sender<(PreparedBlock, Vec<u8>)>);
+type PoolJob = (BlockSource, oneshot::Sender<Prepared>);
 
 /// Work for the writer thread, in stream order.
 enum Work {
     Begin(FileEntry),
-    Block(oneshot::Receiver<(PreparedBlock, Vec<u8>)>),
-    End(u32),
+    Block(oneshot::Receiver<Prepared>),
+    /// A block of an earlier backup, taken as it is.
+    Reuse(BlockRef),
+    End {
+        size: u64,
+        crc32c: Option<u32>,
+    },
     Other(FileEntry),
 }
 
@@ -561,9 +882,27 @@ impl BlockPipeline {
                 let known = known_hashes.clone();
                 std::thread::spawn(move || loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
-                    let Some((raw, reply)) = next else { break };
-                    let prepared = BlockWriter::prepare(&repo, &raw, |h| known.contains(h));
-                    let _ = reply.send((prepared, raw));
+                    let Some((source, reply)) = next else { break };
+                    let raw = match source {
+                        BlockSource::Raw(raw) => Ok(raw),
+                        BlockSource::Build {
+                            base,
+                            keep,
+                            len,
+                            pages,
+                        } => base
+                            .map(|b| repo.read_block(&b))
+                            .transpose()
+                            .map(|base| BlockPlan::assemble(keep, len, base, pages))
+                            .map_err(EngineError::from),
+                    };
+                    let prepared = raw.map(|raw| {
+                        (
+                            BlockWriter::prepare(&repo, &raw, |h| known.contains(h)),
+                            raw,
+                        )
+                    });
+                    let _ = reply.send(prepared);
                 })
             })
             .collect();
@@ -578,18 +917,33 @@ impl BlockPipeline {
                     Work::Block(reply) => {
                         let (prepared, raw) = reply.blocking_recv().map_err(|_| {
                             EngineError::Failed("a compression thread stopped".into())
-                        })?;
+                        })??;
                         let block = writer.add_prepared(prepared, &raw)?;
                         match current.as_mut() {
                             Some(f) => f.blocks.push(block),
                             None => return Err(EngineError::Failed("block outside a file".into())),
                         }
                     }
-                    Work::End(crc) => {
+                    Work::Reuse(block) => {
+                        let block = writer.add_existing(&block);
+                        match current.as_mut() {
+                            Some(f) => f.blocks.push(block),
+                            None => return Err(EngineError::Failed("block outside a file".into())),
+                        }
+                    }
+                    Work::End { size, crc32c } => {
                         let mut f = current
                             .take()
                             .ok_or_else(|| EngineError::Failed("file end outside a file".into()))?;
-                        f.crc32c = Some(crc);
+                        let stored: u64 = f.blocks.iter().map(|b| b.r as u64).sum();
+                        if stored != size {
+                            return Err(EngineError::Failed(format!(
+                                "{}: {stored} bytes stored for a file of {size}",
+                                f.path
+                            )));
+                        }
+                        f.size = size;
+                        f.crc32c = crc32c;
                         files.push(f);
                     }
                     Work::Other(f) => files.push(f),
@@ -621,29 +975,156 @@ impl BlockPipeline {
     }
 
     async fn block(&self, raw: Vec<u8>) -> EngineResult<()> {
+        self.source(BlockSource::Raw(raw)).await
+    }
+
+    async fn source(&self, source: BlockSource) -> EngineResult<()> {
         let (tx, rx) = oneshot::channel();
         let pool_tx = self.pool_tx.as_ref().expect("pool open until finish");
         // The pool queue is short and drains at compression speed; waiting
         // for room here is the backpressure.
         pool_tx
-            .send((raw, tx))
+            .send((source, tx))
             .await
             .map_err(|_| EngineError::Failed("the compression pool stopped".into()))?;
         self.send(Work::Block(rx)).await
     }
 
-    async fn end(
-        &self,
-        f: &mut OpenFile,
-        received: &mut HashMap<String, (u64, u32)>,
-    ) -> EngineResult<()> {
-        if !f.block.is_empty() {
-            let last = std::mem::take(&mut f.block);
-            self.block(last).await?;
+    /// One block of a file rebuilt from an incremental one.
+    async fn plan(&self, plan: BlockPlan) -> EngineResult<()> {
+        match plan {
+            BlockPlan::Reuse(block) => self.send(Work::Reuse(block)).await,
+            BlockPlan::Build {
+                base,
+                keep,
+                len,
+                pages,
+            } => {
+                self.source(BlockSource::Build {
+                    base,
+                    keep,
+                    len,
+                    pages,
+                })
+                .await
+            }
         }
-        self.send(Work::End(f.crc)).await?;
-        received.insert(std::mem::take(&mut f.manifest_path), (f.size, f.crc));
+    }
+
+    /// Closes the file being received: records what arrived (for the
+    /// check against the server's manifest) and what the manifest must
+    /// say instead when the stored file differs from the one sent.
+    async fn end(&self, f: &mut OpenFile, ends: &mut Ends<'_>) -> EngineResult<()> {
+        let block_size = ends.block_size;
+        match std::mem::replace(&mut f.content, Content::Plain) {
+            Content::Plain => {
+                if !f.block.is_empty() {
+                    let last = std::mem::take(&mut f.block);
+                    self.block(last).await?;
+                }
+                self.send(Work::End {
+                    size: f.size,
+                    crc32c: Some(f.crc),
+                })
+                .await?;
+            }
+            Content::Incremental { inc, main } => {
+                if let (Some(rel), Some(segment_pages)) = (&main, ends.segment_pages) {
+                    ends.heap
+                        .listed(f.tablespace, rel, inc.listed_blocks(), segment_pages);
+                }
+                let mut plans = Vec::new();
+                let size = inc
+                    .finish(&mut plans)
+                    .map_err(|e| EngineError::Failed(format!("{}: {e}", f.manifest_path)))?;
+                for plan in plans {
+                    self.plan(plan).await?;
+                }
+                // The CRC of the whole file would need every unchanged
+                // block read back; the blocks' own hashes check it instead.
+                self.send(Work::End { size, crc32c: None }).await?;
+                let full = full_name(&f.manifest_path).expect("an INCREMENTAL. name");
+                ends.changes.insert(
+                    f.manifest_path.clone(),
+                    ManifestChange {
+                        path: full,
+                        size,
+                        crc32c: None,
+                    },
+                );
+            }
+            Content::Label(mut entry, sent) => {
+                let label = strip_backup_label(&sent);
+                entry.size = label.len() as u64;
+                self.whole_file(entry, &label, block_size).await?;
+                ends.changes.insert(
+                    f.manifest_path.clone(),
+                    ManifestChange {
+                        path: f.manifest_path.clone(),
+                        size: label.len() as u64,
+                        crc32c: Some(crc32c::crc32c(&label)),
+                    },
+                );
+            }
+            Content::Map {
+                inc,
+                rel,
+                mut entry,
+                mut plans,
+            } => {
+                let size = inc
+                    .finish(&mut plans)
+                    .map_err(|e| EngineError::Failed(format!("{}: {e}", f.manifest_path)))?;
+                entry.size = size;
+                let full = full_name(&f.manifest_path).expect("an INCREMENTAL. name");
+                ends.changes.insert(
+                    f.manifest_path.clone(),
+                    ManifestChange {
+                        path: full,
+                        size,
+                        crc32c: None,
+                    },
+                );
+                ends.maps.push(DeferredMap {
+                    entry,
+                    rel,
+                    tablespace: f.tablespace,
+                    plans,
+                    size,
+                });
+            }
+        }
+        ends.received
+            .insert(std::mem::take(&mut f.manifest_path), (f.size, f.crc));
         Ok(())
+    }
+
+    /// Stores a visibility map held back by [`BlockPipeline::end`], with
+    /// its stale pages zeroed.
+    async fn map(
+        &self,
+        map: DeferredMap,
+        heap: &HeapChanges,
+        base: &IncrementalBase,
+        block_size: usize,
+    ) -> EngineResult<()> {
+        let plans = heap.guard_map(
+            map.tablespace,
+            &map.rel,
+            map.plans,
+            base.page_size,
+            block_size,
+            base.segment_pages,
+        );
+        self.begin(map.entry).await?;
+        for plan in plans {
+            self.plan(plan).await?;
+        }
+        self.send(Work::End {
+            size: map.size,
+            crc32c: None,
+        })
+        .await
     }
 
     /// Stores a file held in memory as one entry.
@@ -657,7 +1138,11 @@ impl BlockPipeline {
         for chunk in data.chunks(block_size) {
             self.block(chunk.to_vec()).await?;
         }
-        self.send(Work::End(crc32c::crc32c(data))).await
+        self.send(Work::End {
+            size: data.len() as u64,
+            crc32c: Some(crc32c::crc32c(data)),
+        })
+        .await
     }
 
     async fn finish(mut self) -> EngineResult<(Vec<FileEntry>, BackupStats)> {

@@ -237,6 +237,8 @@ mod tests {
                 blocks: refs,
             }],
             server_manifest: None,
+            incremental_from: None,
+            received_bytes: None,
             stats: BackupStats::default(),
         })
         .unwrap();

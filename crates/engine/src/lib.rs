@@ -10,6 +10,7 @@ mod backup;
 mod connect;
 mod copy;
 mod error;
+mod incremental;
 mod progress;
 mod reindex;
 mod restore;

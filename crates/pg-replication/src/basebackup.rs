@@ -50,6 +50,10 @@ pub struct BaseBackupOptions {
     pub max_rate_kb: Option<u32>,
     /// Put symlinked tablespaces into a `tablespace_map` file instead of symlinks.
     pub tablespace_map: bool,
+    /// Send relation files as `INCREMENTAL.*` files holding only the blocks changed since
+    /// the backup whose manifest was uploaded with
+    /// [`ReplicationClient::upload_manifest`] (PostgreSQL 17+, `summarize_wal = on`).
+    pub incremental: bool,
 }
 
 impl Default for BaseBackupOptions {
@@ -61,6 +65,7 @@ impl Default for BaseBackupOptions {
             manifest: true,
             max_rate_kb: None,
             tablespace_map: true,
+            incremental: false,
         }
     }
 }
@@ -141,6 +146,11 @@ fn command(opts: &BaseBackupOptions, server_version_num: u32) -> Result<String, 
             "backup manifests need PostgreSQL 13".into(),
         ));
     }
+    if opts.incremental && server_version_num < 170000 {
+        return Err(ReplicationError::Unsupported(
+            "incremental backups need PostgreSQL 17".into(),
+        ));
+    }
     let label = quote_literal(&opts.label);
     if server_version_num >= 150000 {
         let mut parts = vec![format!("LABEL {label}")];
@@ -166,6 +176,9 @@ fn command(opts: &BaseBackupOptions, server_version_num: u32) -> Result<String, 
         parts.push("WAIT false".into());
         if let Some(rate) = opts.max_rate_kb {
             parts.push(format!("MAX_RATE {rate}"));
+        }
+        if opts.incremental {
+            parts.push("INCREMENTAL".into());
         }
         Ok(format!("BASE_BACKUP ( {} )", parts.join(", ")))
     } else {
@@ -518,6 +531,14 @@ mod tests {
              MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'"
         );
         assert!(command(&opts, 120000).is_err());
+        let incremental = BaseBackupOptions {
+            incremental: true,
+            ..opts
+        };
+        assert!(command(&incremental, 170004)
+            .unwrap()
+            .ends_with("MAX_RATE 1024, INCREMENTAL )"));
+        assert!(command(&incremental, 160004).is_err());
     }
 
     #[test]

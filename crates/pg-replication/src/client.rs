@@ -444,6 +444,62 @@ impl ReplicationClient {
         Ok(required_str(&row, 0, &sql)?.to_string())
     }
 
+    /// `UPLOAD_MANIFEST` (PostgreSQL 17+): hands the server the backup_manifest of an earlier
+    /// backup, so that the next BASE_BACKUP on this connection can be `INCREMENTAL` to it.
+    /// The server parses and checks the manifest as it arrives; its objections come back as
+    /// the error, and the connection stays usable.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), ReplicationError> {
+        const WHAT: &str = "UPLOAD_MANIFEST";
+        if self.server_version_num() < 170000 {
+            return Err(ReplicationError::Unsupported(
+                "incremental backups need PostgreSQL 17".into(),
+            ));
+        }
+        self.ensure_ready()?;
+        frontend::query(WHAT, self.conn.out())?;
+        self.conn.flush().await?;
+        let mut error = None;
+        let mut sent = false;
+        loop {
+            match self
+                .conn
+                .read_regular("in response to UPLOAD_MANIFEST")
+                .await?
+            {
+                Message::CopyInResponse(_) if !sent => {
+                    sent = true;
+                    // CopyData messages of at most 64 KiB, as libpq clients send them.
+                    for chunk in manifest.chunks(64 * 1024) {
+                        frontend::CopyData::new(chunk)?.write(self.conn.out());
+                        if self.conn.out().len() >= 1024 * 1024 {
+                            self.conn.flush().await?;
+                        }
+                    }
+                    frontend::copy_done(self.conn.out());
+                    self.conn.flush().await?;
+                }
+                Message::CommandComplete(_) | Message::RowDescription(_) => {}
+                Message::NoticeResponse(body) => log_notice(&body),
+                Message::ParameterStatus(body) => self.on_parameter_status(&body)?,
+                Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {
+                    self.state = ConnState::Busy;
+                    return Err(ReplicationError::protocol(format!(
+                        "unexpected message in response to {WHAT}"
+                    )));
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None if sent => Ok(()),
+            None => Err(ReplicationError::protocol(format!(
+                "{WHAT} finished without asking for the manifest"
+            ))),
+        }
+    }
+
     /// `TIMELINE_HISTORY tli`: the history file's name and raw content.
     pub async fn timeline_history(
         &mut self,

@@ -174,6 +174,7 @@ async fn base_backup_without_manifest_or_progress() {
             manifest: false,
             max_rate_kb: None,
             tablespace_map: false,
+            incremental: false,
         },
     )
     .await;

@@ -682,6 +682,18 @@ impl BlockWriter {
         self.add_prepared(prepared, raw)
     }
 
+    /// Records a block that is already stored, taken by reference without
+    /// reading it (an unchanged block of an earlier backup).
+    pub fn add_existing(&mut self, block: &BlockRef) -> BlockRef {
+        self.stats.dedup_blocks += 1;
+        self.stats.dedup_bytes += block.r as u64;
+        self.index
+            .map
+            .entry(block.h)
+            .or_insert_with(|| block.clone())
+            .clone()
+    }
+
     /// Stores a block prepared by [`BlockWriter::prepare`]; `raw` is only
     /// needed when the block turned out new but was prepared as known.
     pub fn add_prepared(&mut self, prepared: PreparedBlock, raw: &[u8]) -> RepoResult<BlockRef> {

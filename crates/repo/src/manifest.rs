@@ -33,8 +33,16 @@ pub struct BackupManifest {
     pub stop_time: DateTime<Utc>,
     pub tablespaces: Vec<TablespaceEntry>,
     pub files: Vec<FileEntry>,
-    /// The server's own backup_manifest, kept byte for byte (pg_verifybackup reads it).
+    /// The server's own backup_manifest, kept byte for byte (pg_verifybackup reads it);
+    /// for a block-level incremental transfer, rewritten to list the whole files stored.
     pub server_manifest: Option<FileEntry>,
+    /// The backup whose unchanged blocks this one took by reference when the server
+    /// sent only changed blocks (PostgreSQL 17+). The files listed are whole either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_from: Option<String>,
+    /// Bytes the server sent for the files (less than their total when incremental).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_bytes: Option<u64>,
     pub stats: BackupStats,
 }
 

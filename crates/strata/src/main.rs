@@ -139,6 +139,14 @@ enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show what the repository holds for one backup set: positions, files,
+    /// bytes, and what the server sent for it.
+    Show {
+        id: String,
+        backup: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -365,6 +373,14 @@ fn run(cli: Cli) -> Result<()> {
                 human_bytes(set.dedup_bytes),
                 started.elapsed().as_secs_f64()
             );
+            if let Ok(m) = engine.repo.read_manifest(&set.instance_id, &set.id) {
+                if let (Some(from), Some(received)) = (&m.incremental_from, m.received_bytes) {
+                    println!(
+                        "the server sent {} (changed blocks since backup {from}); the rest was taken from that backup",
+                        human_bytes(received)
+                    );
+                }
+            }
             println!("{}", set.id);
         }
         Command::Backup(BackupCmd::List { id, json }) => {
@@ -375,6 +391,16 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 output::print_backups(&list);
+            }
+        }
+        Command::Backup(BackupCmd::Show { id, backup, json }) => {
+            engine.catalog.get_instance(&id)?;
+            let m = engine.repo.read_manifest(&id, &backup)?;
+            let summary = output::BackupSummary::of(&m);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                summary.print();
             }
         }
         Command::Wal(WalCmd::Receive { id, no_reconnect }) => {

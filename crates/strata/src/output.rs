@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use strata_catalog::{BackupSet, Instance, Job, WalSegmentRow};
 use strata_engine::Progress;
@@ -265,5 +266,101 @@ pub fn print_verify(r: &VerifyReport) {
     }
     if r.problems.is_empty() {
         println!("repository is clean");
+    }
+}
+
+/// What `strata backup show` reports of a committed backup set.
+#[derive(serde::Serialize)]
+pub struct BackupSummary {
+    pub backup_id: String,
+    pub instance_id: String,
+    pub label: String,
+    pub mode: String,
+    pub pg_version_num: u32,
+    pub start_lsn: String,
+    pub start_timeline: u32,
+    pub stop_lsn: String,
+    pub stop_timeline: u32,
+    pub start_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    pub file_count: u64,
+    pub total_bytes: u64,
+    pub new_bytes: u64,
+    pub dedup_bytes: u64,
+    pub stored_bytes: u64,
+    /// Bytes the server sent for the files (absent for backups from before this was recorded).
+    pub received_bytes: Option<u64>,
+    /// The backup whose unchanged blocks were taken by reference.
+    pub incremental_from: Option<String>,
+    pub tablespaces: usize,
+}
+
+impl BackupSummary {
+    pub fn of(m: &strata_repo::BackupManifest) -> Self {
+        BackupSummary {
+            backup_id: m.backup_id.clone(),
+            instance_id: m.instance_id.clone(),
+            label: m.label.clone(),
+            mode: m.mode.clone(),
+            pg_version_num: m.pg_version_num,
+            start_lsn: m.start_lsn.to_string(),
+            start_timeline: m.start_timeline.0,
+            stop_lsn: m.stop_lsn.to_string(),
+            stop_timeline: m.stop_timeline.0,
+            start_time: m.start_time,
+            stop_time: m.stop_time,
+            file_count: m.stats.file_count,
+            total_bytes: m.stats.total_bytes,
+            new_bytes: m.stats.new_bytes,
+            dedup_bytes: m.stats.dedup_bytes,
+            stored_bytes: m.stats.stored_bytes,
+            received_bytes: m.received_bytes,
+            incremental_from: m.incremental_from.clone(),
+            tablespaces: m.tablespaces.len(),
+        }
+    }
+
+    pub fn print(&self) {
+        let rows = [
+            ("backup", self.backup_id.clone()),
+            ("instance", self.instance_id.clone()),
+            ("mode", self.mode.clone()),
+            ("server version", self.pg_version_num.to_string()),
+            (
+                "WAL",
+                format!(
+                    "{} (timeline {}) to {} (timeline {})",
+                    self.start_lsn, self.start_timeline, self.stop_lsn, self.stop_timeline
+                ),
+            ),
+            ("started", time(&self.start_time)),
+            ("finished", time(&self.stop_time)),
+            (
+                "files",
+                format!("{} ({})", self.file_count, human_bytes(self.total_bytes)),
+            ),
+            (
+                "new",
+                format!(
+                    "{} ({} stored)",
+                    human_bytes(self.new_bytes),
+                    human_bytes(self.stored_bytes)
+                ),
+            ),
+            ("deduplicated", human_bytes(self.dedup_bytes)),
+            (
+                "sent by the server",
+                match (self.received_bytes, &self.incremental_from) {
+                    (Some(r), Some(from)) => {
+                        format!("{} (changed blocks since backup {from})", human_bytes(r))
+                    }
+                    (Some(r), None) => format!("{} (every file)", human_bytes(r)),
+                    (None, _) => "-".into(),
+                },
+            ),
+        ];
+        for (k, v) in rows {
+            println!("{k:<19} {v}");
+        }
     }
 }

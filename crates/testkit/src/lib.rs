@@ -31,7 +31,7 @@ const CLIENT_TOOLS_DIR: &str = "/usr/lib/postgresql/15/bin";
 const PG_OS_USER: &str = "postgres";
 
 /// The workspace root (two levels above this crate's manifest).
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .nth(2)
