@@ -7,7 +7,11 @@
 # a table with ratios against each peer (docs/BENCHMARKS.md by default).
 #
 #   bench/run.sh [--size-gb N] [--reps N] [--lag-secs N] [--quick] [--keep]
-#                [--out FILE] [--strata-bin PATH] [--no-install]
+#                [--out FILE] [--strata-bin PATH] [--no-install] [--no-pg17]
+#
+# Last, the same dataset on PostgreSQL 17 with summarize_wal = on: Strata's
+# full backup against its backup after ~1 % change, where the server sends
+# only changed blocks (pgBackRest 2.45 from Debian does not support 17).
 #
 # BENCH_NOTE="text" adds a sentence to the report (e.g. about other load).
 #
@@ -24,6 +28,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
 SIZE_GB=2
 REPS=3
+PG17=1
 LAG_SECS=60
 QUICK=0
 KEEP=0
@@ -40,7 +45,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --strata-bin) STRATA=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-pg17) PG17=0; shift ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -112,6 +118,7 @@ cleanup() {
         [ -d "$d" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1
     done
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" stop -m immediate >/dev/null 2>&1
+    [ -d "$T/pgdata17" ] && runuser -u postgres -- "$PG17BIN/pg_ctl" -D "$T/pgdata17" stop -m immediate >/dev/null 2>&1
     if [ "$KEEP" = 1 ]; then
         echo "kept $T" >&2
     else
@@ -447,6 +454,71 @@ wait_for 120 "pgBackRest to archive $SWITCH" pgbr_archived_past "$SWITCH"
 : >"$T/times/archive-push.txt"
 lag_run pgbackrest
 record lag pgbackrest 1 push_times "$T/times/archive-push.txt"
+
+# ---- PostgreSQL 17: backups that send only changed blocks --------------------
+PG17BIN=${PG17BIN:-$ROOT/.cache/pg/17/bin}
+if [ "$PG17" = 1 ] && [ ! -x "$PG17BIN/initdb" ] && [ "$INSTALL" = 1 ]; then
+    log "installing the PostgreSQL 17 server (scripts/install-test-deps.sh)"
+    "$ROOT/scripts/install-test-deps.sh" >"$T/install-deps.log" 2>&1 || {
+        tail -20 "$T/install-deps.log" >&2
+        exit 1
+    }
+fi
+if [ "$PG17" = 1 ] && [ -x "$PG17BIN/initdb" ]; then
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA" stop -m fast >/dev/null
+    PORT=$(free_port)
+    PGDATA17=$T/pgdata17
+    log "PostgreSQL 17: initdb (port $PORT), same dataset"
+    as_pg "$PG17BIN/initdb" -D "$PGDATA17" -A trust -U postgres >/dev/null
+    cat >>"$PGDATA17/postgresql.conf" <<CONF
+# written by bench/run.sh
+port = $PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$T/sock'
+shared_buffers = 256MB
+wal_level = replica
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+autovacuum = off
+summarize_wal = on
+logging_collector = off
+CONF
+    as_pg "$PG17BIN/pg_ctl" -D "$PGDATA17" -l "$T/pg17.log" -w start >/dev/null
+    as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
+    sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
+    sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)" >/dev/null
+    sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)" >/dev/null
+    sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g" &
+    p1=$!
+    sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
+    p2=$!
+    wait $p1 $p2
+    sql "VACUUM (FREEZE, ANALYZE)"
+    sql "CHECKPOINT"
+    record pg17 dataset 0 db_bytes "$(sql "SELECT sum(pg_database_size(oid)) FROM pg_database")"
+    record pg17 dataset 0 version "$("$PG17BIN/postgres" --version)"
+    for ((rep = 1; rep <= REPS; rep++)); do
+        rm -rf "$T"/strata17-*
+        cfg=$(strata_conf "$T/strata17-$rep")
+        "$STRATA" --config "$cfg" instance add bench --host 127.0.0.1 --port "$PORT" --user postgres >/dev/null
+        log "PostgreSQL 17, $rep/$REPS: full backup"
+        timed full17 strata "$rep" -- "$STRATA" --config "$cfg" backup create bench >"$T/strata17.out" 2>"$T/strata-backup.log"
+        record full17 strata "$rep" bytes "$(strata_repo_bytes "$T/strata17-$rep")"
+        log "PostgreSQL 17, $rep/$REPS: changing 1 % of rows, then the next backup"
+        change_one_percent "$rep"
+        before=$(strata_repo_bytes "$T/strata17-$rep")
+        timed incr17 strata "$rep" -- "$STRATA" --config "$cfg" backup create bench >"$T/strata17.out" 2>"$T/strata-backup.log"
+        record incr17 strata "$rep" bytes "$(($(strata_repo_bytes "$T/strata17-$rep") - before))"
+        id=$(tail -n1 "$T/strata17.out")
+        "$STRATA" --config "$cfg" backup show bench "$id" --json >"$T/strata17-show.json"
+        record incr17 strata "$rep" received "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["received_bytes"])' "$T/strata17-show.json")"
+        record incr17 strata "$rep" incremental_from "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["incremental_from"])' "$T/strata17-show.json")"
+        record incr17 strata "$rep" total "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["total_bytes"])' "$T/strata17-show.json")"
+    done
+    as_pg "$PG17BIN/pg_ctl" -D "$PGDATA17" stop -m fast >/dev/null
+elif [ "$PG17" = 1 ]; then
+    log "PostgreSQL 17 not found in $PG17BIN: its part is left out"
+fi
 
 # ---- report ------------------------------------------------------------------
 record setup machine 0 load_end "$(cut -d' ' -f1 /proc/loadavg)"
