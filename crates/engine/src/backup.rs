@@ -206,6 +206,7 @@ impl Engine {
             .await
             .map_err(|e| explain(instance, e))?;
 
+        tracing::debug!("backup {}: connected, slot {slot} created", set.id);
         let mut base = if pg_version >= 170000 {
             self.incremental_base(instance, &mut main, pg_version, progress)
                 .await
@@ -253,6 +254,7 @@ impl Engine {
         };
         let start_lsn = bb.start_lsn();
         let start_tli = bb.start_timeline();
+        tracing::debug!("backup {}: BASE_BACKUP started at {start_lsn}", set.id);
         let start_time = Utc::now();
         let total = bb.total_size_bytes();
         set.start_lsn = Some(start_lsn);
@@ -275,6 +277,7 @@ impl Engine {
         ));
 
         let known = self.repo.block_index(&instance.id)?;
+        tracing::debug!("backup {}: {} blocks known", set.id, known.len());
         let pipeline = BlockPipeline::start(&self.repo, known);
         let mut tablespaces = Vec::new();
         let mut tablespace: Option<u32> = None;
@@ -503,6 +506,7 @@ impl Engine {
         set.stop_lsn = Some(stop_lsn);
         set.stop_timeline = Some(stop_tli);
 
+        tracing::debug!("backup {}: files received, stop at {stop_lsn}", set.id);
         job.state = JobState::Checking;
         self.catalog.update_job(job)?;
         check_server_manifest(&server_manifest, &received)?;
@@ -525,6 +529,7 @@ impl Engine {
             }
         }
 
+        tracing::debug!("backup {}: WAL up to {stop_lsn} stored", set.id);
         let manifest_entry = FileEntry {
             tablespace: None,
             path: "backup_manifest".into(),
@@ -581,6 +586,14 @@ impl Engine {
                 );
             }
             return Err(e.into());
+        }
+        if let Some(from) = &manifest.incremental_from {
+            progress.message(&format!(
+                "backup {}: the server sent {} MiB of {} MiB (blocks changed since backup {from}); the rest was taken from that backup",
+                set.id,
+                streamed.div_ceil(1 << 20),
+                stats.total_bytes.div_ceil(1 << 20)
+            ));
         }
         set.total_bytes = stats.total_bytes;
         set.new_bytes = stats.new_bytes;

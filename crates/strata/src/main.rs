@@ -373,14 +373,7 @@ fn run(cli: Cli) -> Result<()> {
                 human_bytes(set.dedup_bytes),
                 started.elapsed().as_secs_f64()
             );
-            if let Ok(m) = engine.repo.read_manifest(&set.instance_id, &set.id) {
-                if let (Some(from), Some(received)) = (&m.incremental_from, m.received_bytes) {
-                    println!(
-                        "the server sent {} (changed blocks since backup {from}); the rest was taken from that backup",
-                        human_bytes(received)
-                    );
-                }
-            }
+
             println!("{}", set.id);
         }
         Command::Backup(BackupCmd::List { id, json }) => {
