@@ -458,8 +458,8 @@ record lag pgbackrest 1 push_times "$T/times/archive-push.txt"
 # ---- PostgreSQL 17: backups that send only changed blocks --------------------
 PG17BIN=${PG17BIN:-$ROOT/.cache/pg/17/bin}
 if [ "$PG17" = 1 ] && [ ! -x "$PG17BIN/initdb" ] && [ "$INSTALL" = 1 ]; then
-    log "installing the PostgreSQL 17 server (scripts/install-test-deps.sh)"
-    "$ROOT/scripts/install-test-deps.sh" >"$T/install-deps.log" 2>&1 || {
+    log "installing the PostgreSQL 17 server (scripts/install-test-deps.sh --pg-server 17)"
+    "$ROOT/scripts/install-test-deps.sh" --pg-server 17 >"$T/install-deps.log" 2>&1 || {
         tail -20 "$T/install-deps.log" >&2
         exit 1
     }

