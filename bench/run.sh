@@ -20,7 +20,7 @@
 # Clusters run as the `postgres` OS user; all data lives under one temporary
 # directory, all traffic stays on loopback, and everything started here is
 # stopped on exit.
-set -euo pipefail
+set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/bench
@@ -107,6 +107,7 @@ CORES=$(nproc)
 
 BG_PIDS=()
 cleanup() {
+    trap - ERR
     set +e
     for pid in "${BG_PIDS[@]}"; do
         # /usr/bin/time ignores SIGINT: signal what it runs as well.
@@ -125,6 +126,18 @@ cleanup() {
         rm -rf "$T"
     fi
 }
+# A step that fails (set -e) shows the logs of what it ran before they go.
+on_error() {
+    local rc=$?
+    trap - ERR
+    echo "bench: a step failed (exit $rc); the last lines of its logs:" >&2
+    for f in "$T"/strata-*.log "$T"/restore-*.log "$T"/restore-strata/strata-restore.log; do
+        [ -f "$f" ] || continue
+        echo "--- $f" >&2
+        tail -n 20 "$f" >&2
+    done
+}
+trap on_error ERR
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
