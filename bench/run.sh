@@ -226,19 +226,22 @@ print(max(1, round(gb * 0.4 / 15.5e6)), max(1000, int(gb * 0.3 / 340)), max(1000
 PY
 )
 log "dataset: pgbench scale $SCALE, $TEXT_ROWS text rows, $BYTEA_ROWS bytea rows"
-t0=$(now)
-as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
 TEXT_EXPR="md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text)"
-sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
-sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)" >/dev/null
-sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)" >/dev/null
-sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g" &
-p1=$!
-sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
-p2=$!
-wait $p1 $p2
-sql "VACUUM (FREEZE, ANALYZE)"
-sql "CHECKPOINT"
+load_dataset() { # into the server on $PORT
+    as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
+    sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
+    sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)" >/dev/null
+    sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)" >/dev/null
+    sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g" &
+    local p1=$!
+    sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
+    local p2=$!
+    wait $p1 $p2
+    sql "VACUUM (FREEZE, ANALYZE)"
+    sql "CHECKPOINT"
+}
+t0=$(now)
+load_dataset
 DB_BYTES=$(sql "SELECT sum(pg_database_size(oid)) FROM pg_database")
 DATA_BYTES=$(dir_bytes "$PGDATA")
 log "dataset ready in $(elapsed "$t0" "$(now)") s: databases $((DB_BYTES / 1048576)) MiB, data directory $((DATA_BYTES / 1048576)) MiB"
@@ -497,17 +500,7 @@ summarize_wal = on
 logging_collector = off
 CONF
     as_pg "$PG17BIN/pg_ctl" -D "$PGDATA17" -l "$T/pg17.log" -w start >/dev/null
-    as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
-    sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
-    sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)" >/dev/null
-    sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)" >/dev/null
-    sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g" &
-    p1=$!
-    sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
-    p2=$!
-    wait $p1 $p2
-    sql "VACUUM (FREEZE, ANALYZE)"
-    sql "CHECKPOINT"
+    load_dataset
     record pg17 dataset 0 db_bytes "$(sql "SELECT sum(pg_database_size(oid)) FROM pg_database")"
     record pg17 dataset 0 version "$("$PG17BIN/postgres" --version)"
     for ((rep = 1; rep <= REPS; rep++)); do

@@ -282,10 +282,14 @@ impl Engine {
         let mut tablespaces = Vec::new();
         let mut tablespace: Option<u32> = None;
         let mut open: Option<OpenFile> = None;
-        let mut received: HashMap<String, (u64, u32)> = HashMap::new();
-        let mut manifest_changes: HashMap<String, ManifestChange> = HashMap::new();
-        let mut heap_changes = HeapChanges::default();
-        let mut deferred_maps: Vec<DeferredMap> = Vec::new();
+        let mut ends = Ends {
+            received: HashMap::new(),
+            changes: HashMap::new(),
+            heap: HeapChanges::default(),
+            maps: Vec::new(),
+            block_size: self.repo.block_size(),
+            segment_pages: base.as_ref().map(|b| b.segment_pages),
+        };
         let mut server_manifest = Vec::new();
         let mut finished: Option<(Lsn, TimelineId)> = None;
         let mut last_report = Instant::now();
@@ -370,7 +374,7 @@ impl Engine {
                             } else if let Some(rel) =
                                 rel_file(&path).filter(|r| r.fork == Fork::Main)
                             {
-                                heap_changes.whole(tablespace, &rel);
+                                ends.heap.whole(tablespace, &rel);
                             }
                         }
                         if matches!(content, Content::Plain | Content::Incremental { .. }) {
@@ -387,14 +391,6 @@ impl Engine {
                             content,
                         };
                         if f.remaining == 0 {
-                            let mut ends = Ends {
-                                received: &mut received,
-                                changes: &mut manifest_changes,
-                                heap: &mut heap_changes,
-                                maps: &mut deferred_maps,
-                                block_size,
-                                segment_pages: base.as_ref().map(|b| b.segment_pages),
-                            };
                             pipeline.end(&mut f, &mut ends).await?;
                         } else {
                             open = Some(f);
@@ -450,14 +446,6 @@ impl Engine {
                     }
                     if f.remaining == 0 {
                         let mut f = open.take().expect("open file checked above");
-                        let mut ends = Ends {
-                            received: &mut received,
-                            changes: &mut manifest_changes,
-                            heap: &mut heap_changes,
-                            maps: &mut deferred_maps,
-                            block_size,
-                            segment_pages: base.as_ref().map(|b| b.segment_pages),
-                        };
                         pipeline.end(&mut f, &mut ends).await?;
                     }
                     if last_report.elapsed() >= Duration::from_millis(500) {
@@ -479,8 +467,8 @@ impl Engine {
                     // Every main fork of this tablespace is in: the maps
                     // held back can be checked against their heap changes.
                     if let Some(base) = &base {
-                        for map in deferred_maps.drain(..) {
-                            pipeline.map(map, &heap_changes, base, block_size).await?;
+                        for map in std::mem::take(&mut ends.maps) {
+                            pipeline.map(map, &ends.heap, base, block_size).await?;
                         }
                     }
                 }
@@ -493,7 +481,7 @@ impl Engine {
             }
         }
         drop(bb);
-        if !deferred_maps.is_empty() {
+        if !ends.maps.is_empty() {
             return Err(EngineError::Failed(
                 "visibility map files arrived outside an archive".into(),
             ));
@@ -509,9 +497,9 @@ impl Engine {
         tracing::debug!("backup {}: files received, stop at {stop_lsn}", set.id);
         job.state = JobState::Checking;
         self.catalog.update_job(job)?;
-        check_server_manifest(&server_manifest, &received)?;
+        check_server_manifest(&server_manifest, &ends.received)?;
         if base.is_some() {
-            server_manifest = rewrite_server_manifest(&server_manifest, &manifest_changes)
+            server_manifest = rewrite_server_manifest(&server_manifest, &ends.changes)
                 .map_err(|e| EngineError::Failed(format!("rewriting backup_manifest: {e}")))?;
         }
 
@@ -825,14 +813,15 @@ struct DeferredMap {
     size: u64,
 }
 
-/// Where [`BlockPipeline::end`] records what it learns of a finished file.
-struct Ends<'a> {
+/// What [`BlockPipeline::end`] learns of the files received.
+struct Ends {
     /// Size and CRC-32C of each file as sent, by the server's manifest path.
-    received: &'a mut HashMap<String, (u64, u32)>,
+    received: HashMap<String, (u64, u32)>,
     /// Entries of the server's manifest that change in the stored backup.
-    changes: &'a mut HashMap<String, ManifestChange>,
-    heap: &'a mut HeapChanges,
-    maps: &'a mut Vec<DeferredMap>,
+    changes: HashMap<String, ManifestChange>,
+    heap: HeapChanges,
+    /// Visibility maps waiting for the end of their tablespace's archive.
+    maps: Vec<DeferredMap>,
     block_size: usize,
     segment_pages: Option<u64>,
 }
@@ -1027,7 +1016,7 @@ impl BlockPipeline {
     /// Closes the file being received: records what arrived (for the
     /// check against the server's manifest) and what the manifest must
     /// say instead when the stored file differs from the one sent.
-    async fn end(&self, f: &mut OpenFile, ends: &mut Ends<'_>) -> EngineResult<()> {
+    async fn end(&self, f: &mut OpenFile, ends: &mut Ends) -> EngineResult<()> {
         let block_size = ends.block_size;
         match std::mem::replace(&mut f.content, Content::Plain) {
             Content::Plain => {
