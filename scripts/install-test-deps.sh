@@ -82,7 +82,10 @@ while [ $# -gt 0 ]; do
         --force) FORCE=1; VERIFY=1 ;;
         --pg-server)
             ONLY_PG="${2:-}"
-            [ -n "${PG_NPM_VERSION[$ONLY_PG]:-}" ] || { echo "install-test-deps: --pg-server takes one of: ${!PG_NPM_VERSION[*]}" >&2; exit 2; }
+            if [ -z "$ONLY_PG" ] || [ -z "${PG_NPM_VERSION[$ONLY_PG]:-}" ]; then
+                echo "install-test-deps: --pg-server takes one of: ${!PG_NPM_VERSION[*]}" >&2
+                exit 2
+            fi
             shift ;;
         -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "install-test-deps: unknown argument: $1" >&2; exit 2 ;;
