@@ -172,7 +172,8 @@ SH
 chmod 755 "$T/pgbackrest-archive-push.sh"
 touch "$T/times/archive-push.txt"
 chown postgres "$T/times" "$T/times/archive-push.txt"
-cat >>"$PGDATA/postgresql.conf" <<CONF
+server_conf() { # data directory, extra settings: what every benchmark server runs with
+    cat >>"$1/postgresql.conf" <<CONF
 # written by bench/run.sh
 port = $PORT
 listen_addresses = '127.0.0.1'
@@ -184,10 +185,12 @@ max_replication_slots = 10
 max_wal_size = 8GB
 checkpoint_timeout = 30min
 autovacuum = off
-archive_mode = on
-archive_command = '$T/pgbackrest-archive-push.sh %p'
 logging_collector = off
+$2
 CONF
+}
+server_conf "$PGDATA" "archive_mode = on
+archive_command = '$T/pgbackrest-archive-push.sh %p'"
 as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
 
 pgbr_conf() { # repo directory
@@ -486,19 +489,7 @@ if [ "$PG17" = 1 ] && [ -x "$PG17BIN/initdb" ]; then
     PGDATA17=$T/pgdata17
     log "PostgreSQL 17: initdb (port $PORT), same dataset"
     as_pg "$PG17BIN/initdb" -D "$PGDATA17" -A trust -U postgres >/dev/null
-    cat >>"$PGDATA17/postgresql.conf" <<CONF
-# written by bench/run.sh
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$T/sock'
-shared_buffers = 256MB
-wal_level = replica
-max_wal_size = 8GB
-checkpoint_timeout = 30min
-autovacuum = off
-summarize_wal = on
-logging_collector = off
-CONF
+    server_conf "$PGDATA17" "summarize_wal = on"
     as_pg "$PG17BIN/pg_ctl" -D "$PGDATA17" -l "$T/pg17.log" -w start >/dev/null
     load_dataset
     record pg17 dataset 0 db_bytes "$(sql "SELECT sum(pg_database_size(oid)) FROM pg_database")"

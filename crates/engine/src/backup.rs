@@ -216,7 +216,8 @@ impl Engine {
         if let Some(b) = &base {
             progress.message(&format!(
                 "backup {}: changed blocks only, relative to backup {}",
-                set.id, b.backup_id
+                set.id,
+                b.backup_id()
             ));
         }
 
@@ -276,7 +277,9 @@ impl Engine {
             stop_rx,
         ));
 
-        let known = self.repo.block_index(&instance.id)?;
+        let known = self
+            .repo
+            .block_index_with(&instance.id, base.as_ref().map(|b| &b.manifest))?;
         tracing::debug!("backup {}: {} blocks known", set.id, known.len());
         let pipeline = BlockPipeline::start(&self.repo, known);
         let mut tablespaces = Vec::new();
@@ -345,7 +348,7 @@ impl Engine {
                                 let earlier = base.file(tablespace, &full).ok_or_else(|| {
                                     EngineError::Failed(format!(
                                         "the server sent {path} as changes to {full}, which backup {} does not hold",
-                                        base.backup_id
+                                        base.backup_id()
                                     ))
                                 })?;
                                 let inc = IncrementalFile::new(
@@ -559,7 +562,7 @@ impl Engine {
             tablespaces,
             files,
             server_manifest: server_manifest_entry,
-            incremental_from: base.map(|b| b.backup_id),
+            incremental_from: base.map(|b| b.manifest.backup_id),
             received_bytes: Some(streamed),
             stats: stats.clone(),
         };
@@ -690,12 +693,7 @@ impl Engine {
             ));
             return None;
         }
-        Some(IncrementalBase::new(
-            earlier.backup_id.clone(),
-            &earlier.files,
-            page_size,
-            segment_pages,
-        ))
+        Some(IncrementalBase::new(earlier, page_size, segment_pages))
     }
 }
 
@@ -824,6 +822,30 @@ struct Ends {
     maps: Vec<DeferredMap>,
     block_size: usize,
     segment_pages: Option<u64>,
+}
+
+/// Plans the last blocks of a file rebuilt from an incremental one and
+/// records its whole name and size for the rewritten server manifest;
+/// returns the size.
+fn finish_rebuilt(
+    f: &OpenFile,
+    inc: IncrementalFile,
+    plans: &mut Vec<BlockPlan>,
+    ends: &mut Ends,
+) -> EngineResult<u64> {
+    let size = inc
+        .finish(plans)
+        .map_err(|e| EngineError::Failed(format!("{}: {e}", f.manifest_path)))?;
+    let full = full_name(&f.manifest_path).expect("an INCREMENTAL. name");
+    ends.changes.insert(
+        f.manifest_path.clone(),
+        ManifestChange {
+            path: full,
+            size,
+            crc32c: None,
+        },
+    );
+    Ok(size)
 }
 
 /// The contents of a block for the hashing pool.
@@ -1036,24 +1058,13 @@ impl BlockPipeline {
                         .listed(f.tablespace, rel, inc.listed_blocks(), segment_pages);
                 }
                 let mut plans = Vec::new();
-                let size = inc
-                    .finish(&mut plans)
-                    .map_err(|e| EngineError::Failed(format!("{}: {e}", f.manifest_path)))?;
+                let size = finish_rebuilt(f, *inc, &mut plans, ends)?;
                 for plan in plans {
                     self.plan(plan).await?;
                 }
                 // The CRC of the whole file would need every unchanged
                 // block read back; the blocks' own hashes check it instead.
                 self.send(Work::End { size, crc32c: None }).await?;
-                let full = full_name(&f.manifest_path).expect("an INCREMENTAL. name");
-                ends.changes.insert(
-                    f.manifest_path.clone(),
-                    ManifestChange {
-                        path: full,
-                        size,
-                        crc32c: None,
-                    },
-                );
             }
             Content::Label(mut entry, sent) => {
                 let label = strip_backup_label(&sent);
@@ -1074,19 +1085,8 @@ impl BlockPipeline {
                 mut entry,
                 mut plans,
             } => {
-                let size = inc
-                    .finish(&mut plans)
-                    .map_err(|e| EngineError::Failed(format!("{}: {e}", f.manifest_path)))?;
+                let size = finish_rebuilt(f, *inc, &mut plans, ends)?;
                 entry.size = size;
-                let full = full_name(&f.manifest_path).expect("an INCREMENTAL. name");
-                ends.changes.insert(
-                    f.manifest_path.clone(),
-                    ManifestChange {
-                        path: full,
-                        size,
-                        crc32c: None,
-                    },
-                );
                 ends.maps.push(DeferredMap {
                     entry,
                     rel,

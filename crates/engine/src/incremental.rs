@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
-use strata_repo::{BlockRef, FileEntry, FileKind};
+use strata_repo::{BackupManifest, BlockRef, FileEntry, FileKind};
 
 pub(crate) const INCREMENTAL_MAGIC: u32 = 0xd3ae_1f0d;
 const INCREMENTAL_PREFIX: &str = "INCREMENTAL.";
@@ -49,8 +49,10 @@ pub(crate) fn full_name(path: &str) -> Option<String> {
 /// The earlier backup an incremental transfer is relative to: its files'
 /// blocks, by tablespace and path.
 pub(crate) struct IncrementalBase {
-    pub backup_id: String,
-    files: HashMap<(Option<u32>, String), FileEntry>,
+    /// Its manifest, as read from the repository (also the block index's).
+    pub manifest: BackupManifest,
+    /// Index in `manifest.files` of each file, by tablespace and path.
+    files: HashMap<(Option<u32>, String), usize>,
     /// The server's page size (`block_size`).
     pub page_size: usize,
     /// Pages per relation segment file (`segment_size` / `block_size`).
@@ -58,27 +60,29 @@ pub(crate) struct IncrementalBase {
 }
 
 impl IncrementalBase {
-    pub fn new(
-        backup_id: String,
-        files: &[FileEntry],
-        page_size: usize,
-        segment_pages: u64,
-    ) -> Self {
-        let files = files
+    pub fn new(manifest: BackupManifest, page_size: usize, segment_pages: u64) -> Self {
+        let files = manifest
+            .files
             .iter()
-            .filter(|f| f.kind == FileKind::File)
-            .map(|f| ((f.tablespace, f.path.clone()), f.clone()))
+            .enumerate()
+            .filter(|(_, f)| f.kind == FileKind::File)
+            .map(|(i, f)| ((f.tablespace, f.path.clone()), i))
             .collect();
         IncrementalBase {
-            backup_id,
+            manifest,
             files,
             page_size,
             segment_pages,
         }
     }
 
+    pub fn backup_id(&self) -> &str {
+        &self.manifest.backup_id
+    }
+
     pub fn file(&self, tablespace: Option<u32>, path: &str) -> Option<&FileEntry> {
-        self.files.get(&(tablespace, path.to_string()))
+        let i = *self.files.get(&(tablespace, path.to_string()))?;
+        self.manifest.files.get(i)
     }
 }
 

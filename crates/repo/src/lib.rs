@@ -414,13 +414,28 @@ impl Repository {
     /// Blocks of unfinished backups are deliberately not reused: only what a
     /// manifest vouches for counts as stored.
     pub fn block_index(&self, instance_id: &str) -> RepoResult<BlockIndex> {
+        self.block_index_with(instance_id, None)
+    }
+
+    /// [`Repository::block_index`], taking the blocks of `read` (a manifest
+    /// of the instance the caller holds already) without reading it again.
+    pub fn block_index_with(
+        &self,
+        instance_id: &str,
+        read: Option<&BackupManifest>,
+    ) -> RepoResult<BlockIndex> {
         let mut index = BlockIndex::default();
-        for backup_id in self.list_backups(instance_id)? {
-            let manifest = self.read_manifest(instance_id, &backup_id)?;
+        let mut add = |manifest: &BackupManifest| {
             for file in manifest.all_files() {
                 for block in &file.blocks {
                     index.map.entry(block.h).or_insert_with(|| block.clone());
                 }
+            }
+        };
+        for backup_id in self.list_backups(instance_id)? {
+            match read {
+                Some(m) if m.backup_id == backup_id => add(m),
+                _ => add(&self.read_manifest(instance_id, &backup_id)?),
             }
         }
         Ok(index)
