@@ -11,6 +11,7 @@ mod connect;
 mod copy;
 mod error;
 mod incremental;
+pub mod local_server;
 mod progress;
 mod reindex;
 mod restore;
@@ -33,11 +34,10 @@ pub use copy::{
     CopyReport,
 };
 pub use error::{EngineError, EngineResult};
+pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
-pub use restore::{
-    as_user, chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome, StartOptions,
-};
+pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
 pub use retention::{pitr_anchor, plan_retention, GcGuard, RetentionPlan};
 
 impl Engine {

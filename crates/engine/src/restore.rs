@@ -16,7 +16,6 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -29,6 +28,7 @@ use serde::Serialize;
 use strata_catalog::{BackupSet, BackupStatus, JobState, RestorePointRow, WalSegmentRow};
 use strata_repo::{BackupManifest, FileEntry, FileKind};
 
+use crate::local_server::{self, LocalServer, ServerUse, StartOptions};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -53,19 +53,6 @@ impl std::fmt::Display for RecoveryTarget {
             RecoveryTarget::Name(n) => write!(f, "restore point {n:?}"),
         }
     }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct StartOptions {
-    pub port: u16,
-    /// `listen_addresses` for the restored server (default: the source's).
-    pub listen_addresses: Option<String>,
-    /// `unix_socket_directories` (default: the source's, which must exist
-    /// on this host).
-    pub socket_dir: Option<PathBuf>,
-    /// Lines put at the top of `pg_hba.conf` before the server starts
-    /// (scratch instances let Strata in over their private socket).
-    pub hba_prepend: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +92,9 @@ pub struct RestoreOutcome {
     pub started_port: Option<u16>,
     /// The server's log line saying where recovery stopped, when started.
     pub recovery_stop: Option<String>,
+    /// Settings of the source removed before the start (see
+    /// [`crate::local_server::is_neutralized`]).
+    pub neutralized: Vec<String>,
 }
 
 /// A WAL object chosen for staging.
@@ -259,7 +249,8 @@ impl Engine {
         self.catalog.update_job(job)?;
         target = confirm_target(target, &found, &manifest, gap)?;
 
-        write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
+        let neutralized =
+            write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
         let os_user = self.os_user();
         if let Some(user) = &os_user {
             chown_tree(&opts.target_dir, user)?;
@@ -284,6 +275,7 @@ impl Engine {
             wal_end,
             started_port: None,
             recovery_stop: None,
+            neutralized,
         };
         if let Some(start) = &opts.start {
             let major = manifest.pg_version_num / 10000;
@@ -292,14 +284,12 @@ impl Engine {
                 "starting PostgreSQL {major} on port {} and waiting for recovery",
                 start.port
             ));
-            outcome.recovery_stop = self.start_and_wait(
-                &bin,
-                major,
-                &opts.target_dir,
-                start.port,
-                os_user.as_deref(),
-                &target,
-            )?;
+            let server = LocalServer {
+                bin,
+                data_dir: opts.target_dir.clone(),
+                os_user: os_user.clone(),
+            };
+            outcome.recovery_stop = self.start_and_wait(&server, major, start, &target)?;
             outcome.started_port = Some(start.port);
         }
         Ok(outcome)
@@ -518,46 +508,19 @@ impl Engine {
 
     fn start_and_wait(
         &self,
-        bin: &Path,
+        server: &LocalServer,
         major: u32,
-        dir: &Path,
-        port: u16,
-        os_user: Option<&str>,
+        start: &StartOptions,
         target: &RecoveryTarget,
     ) -> EngineResult<Option<String>> {
+        let dir = server.data_dir.as_path();
+        let port = start.port;
         let log = dir.join("strata-restore.log");
-        let mut cmd = as_user(os_user, &bin.join("pg_ctl"));
-        cmd.arg("-D")
-            .arg(dir)
-            .arg("-l")
-            .arg(&log)
-            .arg("-o")
-            .arg(server_options(major, port))
-            .arg("-W")
-            .arg("start");
-        let out = cmd
-            .output()
-            .map_err(EngineError::io("running pg_ctl start"))?;
-        // Errors stay on one line: the server's last FATAL/PANIC (or last
-        // line) says why; the log file has the rest.
-        let log_tail = || {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            text.lines()
-                .rev()
-                .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
-                .or_else(|| text.lines().last())
-                .unwrap_or_default()
-                .to_string()
-        };
-        if !out.status.success() {
-            return Err(EngineError::RestoredServer(format!(
-                "the restored server did not start: {}: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .trim()
-                    .replace('\n', "; "),
-                log_tail()
-            )));
-        }
+        server.start(&log, &server_options(major, port), None, start.usage)?;
+        let log_tail = || local_server::log_tail(&log);
+        let socket = (start.usage == ServerUse::Scratch)
+            .then(|| start.socket_dir.clone())
+            .flatten();
         let started = Instant::now();
         let deadline = started + self.settings.start_timeout;
         let mut seen_running = false;
@@ -567,7 +530,7 @@ impl Engine {
             // says "in production").
             if !dir.join("recovery.signal").exists()
                 && control_state(dir) == Some(DB_IN_PRODUCTION)
-                && accepts_tcp(port)
+                && local_server::accepts_connections(socket.as_deref(), port)
             {
                 break;
             }
@@ -672,27 +635,6 @@ fn control_state(dir: &Path) -> Option<u32> {
     let bytes = fs::read(dir.join("global/pg_control")).ok()?;
     let raw: [u8; 4] = bytes.get(16..20)?.try_into().ok()?;
     Some(u32::from_le_bytes(raw))
-}
-
-fn accepts_tcp(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(500),
-    )
-    .is_ok()
-}
-
-/// A command running `program` as `user` (through `runuser`) or as
-/// ourselves.
-pub fn as_user(user: Option<&str>, program: &Path) -> Command {
-    match user {
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.arg("-u").arg(u).arg("--").arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
 }
 
 /// Where restored tablespaces go: beside the target, never at the source's
@@ -1024,8 +966,8 @@ fn write_recovery_settings(
     backup_id: &str,
     target: &RecoveryTarget,
     start: Option<&StartOptions>,
-) -> EngineResult<()> {
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+) -> EngineResult<Vec<String>> {
+    let quote = local_server::quote;
     let mut conf = format!(
         "\n# Recovery settings written by strata restore of backup {backup_id}\n\
          restore_command = 'false'\n\
@@ -1046,18 +988,28 @@ fn write_recovery_settings(
         RecoveryTarget::Xid(x) => conf.push_str(&format!("recovery_target_xid = '{x}'\n")),
         RecoveryTarget::Name(n) => conf.push_str(&format!("recovery_target_name = {}\n", quote(n))),
     }
-    if let Some(s) = start {
-        conf.push_str(&format!("port = {}\n", s.port));
-        if let Some(l) = &s.listen_addresses {
-            conf.push_str(&format!("listen_addresses = {}\n", quote(l)));
+    let neutralized = match start {
+        Some(s) => local_server::configure(dir, s, &conf)?,
+        None => {
+            write_unstarted_settings(dir, &conf)?;
+            Vec::new()
         }
-        if let Some(d) = &s.socket_dir {
-            conf.push_str(&format!(
-                "unix_socket_directories = {}\n",
-                quote(&d.display().to_string())
-            ));
-        }
+    };
+    // A backup of a standby carries standby.signal: the restored copy is a
+    // new instance that must recover and promote, not follow the old primary.
+    match fs::remove_file(dir.join("standby.signal")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(EngineError::io("removing standby.signal")(e)),
     }
+    fs::write(dir.join("recovery.signal"), "")
+        .map_err(EngineError::io("writing recovery.signal"))?;
+    Ok(neutralized)
+}
+
+/// Recovery settings of a directory Strata does not start: appended to the
+/// source's own configuration, which the operator starts as they see fit.
+fn write_unstarted_settings(dir: &Path, conf: &str) -> EngineResult<()> {
     let auto = dir.join("postgresql.auto.conf");
     let mut f = fs::OpenOptions::new()
         .create(true)
@@ -1082,20 +1034,5 @@ fn write_recovery_settings(
         )
         .map_err(EngineError::io("writing pg_hba.conf"))?;
     }
-    if let Some(lines) = start.and_then(|s| s.hba_prepend.as_ref()) {
-        let hba = dir.join("pg_hba.conf");
-        let old = fs::read_to_string(&hba).unwrap_or_default();
-        fs::write(&hba, format!("{lines}\n{old}"))
-            .map_err(EngineError::io("writing pg_hba.conf"))?;
-    }
-    // A backup of a standby carries standby.signal: the restored copy is a
-    // new instance that must recover and promote, not follow the old primary.
-    match fs::remove_file(dir.join("standby.signal")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(EngineError::io("removing standby.signal")(e)),
-    }
-    fs::write(dir.join("recovery.signal"), "")
-        .map_err(EngineError::io("writing recovery.signal"))?;
     Ok(())
 }

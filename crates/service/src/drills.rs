@@ -5,7 +5,6 @@
 //! failure). Drills run one at a time by default on their own thread at
 //! low CPU priority, so scheduled backups are never held up by them.
 
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -146,19 +145,18 @@ impl Service {
         let checked = (|| {
             let amcheck = self.engine.client_tool("pg_amcheck", scratch.major)?;
             // amcheck must exist in every database pg_amcheck visits.
-            let dbs: Vec<String> = scratch
-                .psql(
-                    "postgres",
-                    "SELECT datname FROM pg_database WHERE datallowconn",
-                )?
-                .lines()
-                .map(str::to_string)
-                .collect();
+            let dbs = scratch.names(
+                "postgres",
+                "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn",
+            )?;
             for db in &dbs {
+                scratch.disarm(db)?;
                 scratch.psql(db, "CREATE EXTENSION IF NOT EXISTS amcheck")?;
             }
-            let out = Command::new(&amcheck)
-                .args(scratch.conn_args())
+            let conn = scratch.conn();
+            let out = conn
+                .bare_command(&amcheck)
+                .arg(format!("--maintenance-db={}", conn.conninfo("postgres")))
                 .args(["--all", "--no-strict-names"])
                 .output()
                 .map_err(EngineError::io("running pg_amcheck"))?;

@@ -13,6 +13,7 @@ mod cross_region;
 mod drills;
 mod local;
 mod metrics;
+mod pg_client;
 pub mod policy;
 mod tables;
 mod usage;

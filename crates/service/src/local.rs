@@ -5,16 +5,18 @@
 //! Data directories live under the service's instances directory, servers
 //! run as the unprivileged OS user on a port from the configured range.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupStatus, Instance, ManagedInstance};
 use strata_engine::{
-    as_user, EngineError, NoProgress, RecoveryTarget, RestoreOptions, StartOptions,
+    EngineError, LocalServer, NoProgress, RecoveryTarget, RestoreOptions, ServerUse, StartOptions,
 };
+
+use crate::pg_client::{ident, ClientConn};
 
 use crate::{PolicyError, Service, ServiceError, ServiceResult};
 
@@ -47,7 +49,10 @@ pub(crate) struct CloneRequest {
     pub job_kind: &'static str,
 }
 
-/// A server restored for a short task, stopped and removed by [`Scratch::remove`].
+/// A server restored for a short task, stopped and removed by
+/// [`Scratch::remove`]. It runs on a configuration Strata wrote, without
+/// network, reached over a Unix socket in a directory only Strata and the
+/// server's OS user can enter.
 pub struct Scratch {
     pub dir: PathBuf,
     pub port: u16,
@@ -57,6 +62,20 @@ pub struct Scratch {
     pub backup_id: String,
     bin: PathBuf,
     os_user: Option<String>,
+}
+
+/// Session settings Strata's own connections to a scratch server send at
+/// start: they win over settings stored for roles and databases in the
+/// restored catalog, so that catalog cannot load libraries into the session
+/// or (from PostgreSQL 17) fire event triggers on Strata's commands.
+fn scratch_session_options(major: u32) -> String {
+    let mut o = String::from(
+        "-c session_preload_libraries= -c local_preload_libraries= -c jit=off -c search_path=pg_catalog",
+    );
+    if major >= 17 {
+        o.push_str(" -c event_triggers=off");
+    }
+    o
 }
 
 fn random_suffix(n: usize) -> String {
@@ -272,7 +291,7 @@ impl Service {
                             port,
                             listen_addresses: Some(listen),
                             socket_dir: Some(dir.clone()),
-                            hba_prepend: None,
+                            usage: ServerUse::Copy,
                         }),
                         job_id: Some(job_id),
                         index,
@@ -290,6 +309,9 @@ impl Service {
                     m.status = "Running".into();
                     m.backup_id = Some(outcome.backup_id.clone());
                     tracing::info!(instance = %m.instance_id, port = m.port, "clone running");
+                    if !outcome.neutralized.is_empty() {
+                        note_neutralized(&svc.engine, job_id, &outcome.neutralized);
+                    }
                     crate::finish_job(&svc.engine, job_id, Some(outcome.backup_id));
                 }
                 Ok(Err(e)) => {
@@ -361,27 +383,17 @@ impl Service {
         Ok(())
     }
 
-    fn pg_ctl(&self, m: &ManagedInstance) -> ServiceResult<Command> {
-        let bin = self.engine.pg_bin_dir(m.pg_major)?;
-        let mut cmd = as_user(self.engine.os_user().as_deref(), &bin.join("pg_ctl"));
-        cmd.arg("-D").arg(&m.data_dir);
-        Ok(cmd)
+    fn local_server(&self, m: &ManagedInstance) -> ServiceResult<LocalServer> {
+        Ok(LocalServer {
+            bin: self.engine.pg_bin_dir(m.pg_major)?,
+            data_dir: PathBuf::from(&m.data_dir),
+            os_user: self.engine.os_user(),
+        })
     }
 
     fn stop_local(&self, m: &ManagedInstance) {
-        if !Path::new(&m.data_dir).join("postmaster.pid").exists() {
-            return;
-        }
-        match self.pg_ctl(m).and_then(|mut c| {
-            c.args(["-m", "fast", "-w", "stop"])
-                .output()
-                .map_err(|e| EngineError::io("running pg_ctl stop")(e).into())
-        }) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                tracing::warn!(instance = %m.instance_id, "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr).trim())
-            }
-            Err(e) => tracing::warn!(instance = %m.instance_id, "pg_ctl stop: {e}"),
+        if let Err(e) = self.local_server(m).and_then(|s| Ok(s.stop(false)?)) {
+            tracing::warn!(instance = %m.instance_id, "stopping the server: {e}");
         }
     }
 
@@ -407,11 +419,17 @@ impl Service {
                     .ok()
                     .and_then(|v| v.trim().parse().ok());
                 if let Some(bin) = major.and_then(|m| self.engine.pg_bin_dir(m).ok()) {
-                    let _ = as_user(self.engine.os_user().as_deref(), &bin.join("pg_ctl"))
-                        .arg("-D")
-                        .arg(&pgdata)
-                        .args(["-m", "immediate", "-w", "stop"])
-                        .output();
+                    let server = LocalServer {
+                        bin,
+                        data_dir: pgdata.clone(),
+                        os_user: self.engine.os_user(),
+                    };
+                    if let Err(e) = server.stop(true) {
+                        tracing::warn!(
+                            "stopping the stale scratch server in {}: {e}",
+                            dir.display()
+                        );
+                    }
                 }
             }
             match std::fs::remove_dir_all(&dir) {
@@ -438,20 +456,16 @@ impl Service {
                 continue;
             }
             let log = Path::new(&m.data_dir).join("strata-restore.log");
-            let started = self.pg_ctl(&m).and_then(|mut c| {
-                c.arg("-l")
-                    .arg(&log)
-                    .args(["-w", "-t", "120", "start"])
-                    .output()
-                    .map_err(|e| EngineError::io("running pg_ctl start")(e).into())
+            let started = self.local_server(&m).and_then(|s| {
+                Ok(s.start(
+                    &log,
+                    "",
+                    Some(std::time::Duration::from_secs(120)),
+                    ServerUse::Copy,
+                )?)
             });
             match started {
-                Ok(out) if out.status.success() => {
-                    tracing::info!(instance = %m.instance_id, "started")
-                }
-                Ok(out) => {
-                    tracing::warn!(instance = %m.instance_id, "could not start: {}", String::from_utf8_lossy(&out.stderr).trim())
-                }
+                Ok(()) => tracing::info!(instance = %m.instance_id, "started"),
                 Err(e) => tracing::warn!(instance = %m.instance_id, "could not start: {e}"),
             }
         }
@@ -466,8 +480,9 @@ impl Service {
         }
     }
 
-    /// Restores `instance_id` into a scratch server (blocking): private
-    /// socket, trust for local connections only, a port from the range.
+    /// Restores `instance_id` into a scratch server (blocking): a private
+    /// socket directory (0700), no TCP listener, no network, a port from the
+    /// range.
     pub fn start_scratch(
         &self,
         instance_id: &str,
@@ -484,6 +499,9 @@ impl Service {
             .join(format!("scratch-{}", random_suffix(10)));
         std::fs::create_dir_all(&dir)
             .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            EngineError::io(format!("setting mode of {}", dir.display())),
+        )?;
         let os_user = self.engine.os_user();
         if let Some(user) = &os_user {
             strata_engine::chown_tree(&dir, user)?;
@@ -496,10 +514,9 @@ impl Service {
                 target,
                 start: Some(StartOptions {
                     port,
-                    // Loopback TCP too: readiness is checked by connecting to it.
-                    listen_addresses: Some("127.0.0.1".into()),
+                    listen_addresses: None,
                     socket_dir: Some(dir.clone()),
-                    hba_prepend: Some("local all all trust".into()),
+                    usage: ServerUse::Scratch,
                 }),
                 job_id: Some(job_id),
                 index: None,
@@ -523,15 +540,25 @@ impl Service {
             }
         }
         let user = self.engine.catalog.get_instance(instance_id)?.user;
-        match scratch.psql_as(
-            &user,
+        let probe = ClientConn {
+            user,
+            ..scratch.conn()
+        };
+        match probe.names(
+            &scratch.bin_tool("psql"),
             "postgres",
             "SELECT rolname FROM pg_roles WHERE oid = 10",
         ) {
-            Ok(name) => scratch.superuser = name.trim().to_string(),
-            Err(e) => {
+            Ok(names) if names.len() == 1 => scratch.superuser = names[0].clone(),
+            other => {
                 scratch.remove();
-                return Err(e);
+                return Err(match other {
+                    Err(e) => e,
+                    Ok(_) => {
+                        EngineError::Failed("the scratch server has no bootstrap superuser".into())
+                            .into()
+                    }
+                });
             }
         }
         Ok(scratch)
@@ -539,29 +566,48 @@ impl Service {
 }
 
 impl Scratch {
-    /// Runs SQL over the private socket as `user`; returns unaligned output.
-    pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> ServiceResult<String> {
-        let out = Command::new(self.bin_tool("psql"))
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
-            .arg("-h")
-            .arg(&self.dir)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(["-U", user, "-d", db, "-c", sql])
-            .output()
-            .map_err(EngineError::io("running psql"))?;
-        if !out.status.success() {
-            return Err(EngineError::Failed(format!(
-                "psql on the scratch server: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-            .into());
+    /// Strata's connection to the scratch server: its private socket, as
+    /// the bootstrap superuser, with [`scratch_session_options`].
+    pub(crate) fn conn(&self) -> ClientConn {
+        ClientConn {
+            host: self.dir.display().to_string(),
+            port: self.port,
+            user: self.superuser.clone(),
+            password: None,
+            sslmode: None,
+            sslrootcert: None,
+            options: Some(scratch_session_options(self.major)),
+            label: "the scratch server".into(),
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs SQL as the superuser; returns psql's unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> ServiceResult<String> {
-        self.psql_as(&self.superuser, db, sql)
+        self.conn().run(&self.bin_tool("psql"), db, sql, false)
+    }
+
+    /// The text values of a one-column query, read back exactly.
+    pub fn names(&self, db: &str, sql: &str) -> ServiceResult<Vec<String>> {
+        self.conn().names(&self.bin_tool("psql"), db, sql)
+    }
+
+    /// Disables the restored catalog's event triggers in `db` before Strata
+    /// runs DDL there (commands on event triggers fire none themselves).
+    /// From PostgreSQL 17 the session setting `event_triggers` already does.
+    pub fn disarm(&self, db: &str) -> ServiceResult<()> {
+        let triggers = self.names(
+            db,
+            "SELECT evtname FROM pg_catalog.pg_event_trigger WHERE evtenabled <> 'D'",
+        )?;
+        if triggers.is_empty() {
+            return Ok(());
+        }
+        let sql: String = triggers
+            .iter()
+            .map(|t| format!("ALTER EVENT TRIGGER {} DISABLE;", ident(t)))
+            .collect();
+        self.conn().run(&self.bin_tool("psql"), db, &sql, true)?;
+        Ok(())
     }
 
     /// A program from the server's own binary directory.
@@ -569,30 +615,31 @@ impl Scratch {
         self.bin.join(name)
     }
 
-    /// Connection arguments for client programs (`-h`, `-p`, `-U`).
-    pub fn conn_args(&self) -> Vec<String> {
-        vec![
-            "-h".into(),
-            self.dir.display().to_string(),
-            "-p".into(),
-            self.port.to_string(),
-            "-U".into(),
-            self.superuser.clone(),
-        ]
-    }
-
     /// Stops the server and removes everything.
     pub fn remove(self) {
         let pgdata = self.dir.join("pgdata");
-        if pgdata.join("postmaster.pid").exists() {
-            let _ = as_user(self.os_user.as_deref(), &self.bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&pgdata)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
+        let server = LocalServer {
+            bin: self.bin.clone(),
+            data_dir: pgdata.clone(),
+            os_user: self.os_user.clone(),
+        };
+        if let Err(e) = server.stop(true) {
+            tracing::warn!("stopping the scratch server in {}: {e}", self.dir.display());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let tblspc = PathBuf::from(format!("{}.tblspc", pgdata.display()));
         let _ = std::fs::remove_dir_all(tblspc);
+    }
+}
+
+/// Adds what was removed from a clone's configuration to its job's detail.
+fn note_neutralized(engine: &strata_engine::Engine, job_id: i64, names: &[String]) {
+    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+        job.detail = format!(
+            "{}; source settings not kept (they run commands, load code, name paths or open listeners): {}",
+            job.detail,
+            names.join(", ")
+        );
+        let _ = engine.catalog.update_job(&job);
     }
 }

@@ -4,10 +4,15 @@
 //! their new names, and the scratch server is removed. Nothing that exists
 //! in the original is touched: every target name must be free.
 //!
-//! Tables are renamed (with their indexes and owned sequences) on the
-//! scratch copy before the dump, so the restored objects never collide with
-//! the originals they sit beside.
+//! A restore either completes or leaves nothing behind. Objects are loaded
+//! under temporary names (`strata_restore_<job>_…`) in one transaction
+//! each (`pg_restore --single-transaction`), then given their final names
+//! in one transaction at the end; on any failure the temporary objects are
+//! dropped. Tables are renamed to their temporary names (with their indexes
+//! and owned sequences) on the scratch copy before the dump.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -16,10 +21,16 @@ use strata_catalog::{Instance, JobState};
 use strata_engine::EngineError;
 
 use crate::local::{RestoreSource, Scratch};
+use crate::pg_client::{ident, lit, ClientConn};
 use crate::{fail_job, finish_job, PolicyError, Service, ServiceError, ServiceResult};
+
+/// Longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer ones are
+/// cut silently, which would restore under another name.
+const MAX_NAME_BYTES: usize = 63;
 
 /// One entry of `TableMeta`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct DbSpec {
     #[serde(rename = "type", default = "db_kind")]
     pub kind: String,
@@ -31,6 +42,7 @@ pub struct DbSpec {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TableSpec {
     #[serde(rename = "type", default = "table_kind")]
     pub kind: String,
@@ -55,18 +67,50 @@ fn invalid(code: &'static str, message: impl Into<String>) -> ServiceError {
     .into()
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && !s.contains('\0')
+/// Why a name cannot be used, if it cannot. An existing name only has to be
+/// one PostgreSQL can hold; a new name must also be printable.
+fn name_problem(s: &str, new: bool) -> Option<String> {
+    if s.is_empty() {
+        return Some("is empty".into());
+    }
+    if s.contains('\0') {
+        return Some("contains a NUL character".into());
+    }
+    if s.len() > MAX_NAME_BYTES {
+        return Some(format!(
+            "is {} bytes long; PostgreSQL names hold at most {MAX_NAME_BYTES} bytes",
+            s.len()
+        ));
+    }
+    if new && s.chars().any(char::is_control) {
+        return Some("contains a control character (newline, tab, …)".into());
+    }
+    None
 }
 
-/// SQL string literal.
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// Checks one name; `what` says which (e.g. "database newname").
+fn check_name(code: &'static str, what: &str, s: &str, new: bool) -> Result<(), PolicyError> {
+    match name_problem(s, new) {
+        None => Ok(()),
+        Some(why) => Err(PolicyError {
+            code,
+            message: format!("{what} {} {why}", shown(s)),
+        }),
+    }
 }
 
-/// SQL identifier.
-fn ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
+/// A name as shown in a message: escaped, and cut when long.
+fn shown(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(80)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if s.chars().count() > 80 {
+        out.push('…');
+    }
+    format!("\"{out}\"")
 }
 
 /// Splits `schema.table` (default schema `public`).
@@ -91,96 +135,106 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
     if specs.is_empty() {
         return Err(bad("TableMeta lists nothing to restore".into()));
     }
+    let mut new_dbs = HashSet::new();
     for d in &specs {
-        if d.kind != "db" || !valid_name(&d.name) {
+        if d.kind != "db" {
             return Err(bad(format!(
-                "each entry needs \"type\":\"db\" and a database name, got {:?}",
-                d.name
+                "each entry needs \"type\":\"db\", got {}",
+                shown(&d.kind)
             )));
         }
-        if d.tables.is_empty() && !d.newname.as_deref().is_some_and(valid_name) {
-            return Err(bad(format!(
-                "database {:?} needs a \"newname\" to be restored under",
-                d.name
-            )));
+        check_name("InvalidDBName.Format", "database name", &d.name, false)?;
+        if let Some(new) = &d.newname {
+            check_name("InvalidDBName.Format", "database newname", new, true)?;
         }
+        if d.tables.is_empty() {
+            let Some(new) = &d.newname else {
+                return Err(bad(format!(
+                    "database {} needs a \"newname\" to be restored under",
+                    shown(&d.name)
+                )));
+            };
+            if !new_dbs.insert(new.clone()) {
+                return Err(PolicyError {
+                    code: "InvalidDBName.Duplicate",
+                    message: format!("database newname {} is given twice", shown(new)),
+                });
+            }
+        }
+        let mut new_tables = HashSet::new();
         for t in &d.tables {
             let (schema, table) = split_table(&t.name);
-            if t.kind != "table"
-                || !valid_name(&schema)
-                || !valid_name(&table)
-                || !valid_name(&t.newname)
-                || t.newname.contains('.')
-            {
+            if t.kind != "table" {
                 return Err(bad(format!(
-                    "table entries need \"type\":\"table\", a name (schema.table) and an unqualified newname, got {:?} -> {:?}",
-                    t.name, t.newname
+                    "table entries need \"type\":\"table\", got {}",
+                    shown(&t.kind)
                 )));
+            }
+            check_name("InvalidTableName.Format", "schema name", &schema, false)?;
+            check_name("InvalidTableName.Format", "table name", &table, false)?;
+            check_name("InvalidTableName.Format", "table newname", &t.newname, true)?;
+            if t.newname.contains('.') {
+                return Err(PolicyError {
+                    code: "InvalidTableName.Format",
+                    message: format!(
+                        "table newname {} must be unqualified (it is restored into the schema of {})",
+                        shown(&t.newname),
+                        shown(&t.name)
+                    ),
+                });
+            }
+            if !new_tables.insert((schema.clone(), t.newname.clone())) {
+                return Err(PolicyError {
+                    code: "InvalidTableName.Duplicate",
+                    message: format!("table newname {} is given twice", shown(&t.newname)),
+                });
             }
         }
     }
     Ok(specs)
 }
 
-/// `psql`/`pg_dump` connection to a registered instance.
-struct Original {
-    instance: Instance,
-    password: Option<String>,
+/// The connection to a registered instance, for its client programs.
+fn original_conn(instance: &Instance) -> ServiceResult<ClientConn> {
+    let password = match &instance.password_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| {
+            EngineError::Refused(format!(
+                "environment variable {var} (the password of {}) is not set",
+                instance.id
+            ))
+        })?),
+        None => instance.password.clone(),
+    };
+    Ok(ClientConn {
+        host: instance.host.clone(),
+        port: instance.port,
+        user: instance.user.clone(),
+        password,
+        sslmode: Some(instance.sslmode.clone()),
+        sslrootcert: instance.sslrootcert.clone(),
+        options: None,
+        label: format!("instance {}", instance.id),
+    })
 }
 
-impl Original {
-    fn new(instance: Instance) -> ServiceResult<Self> {
-        let password = match &instance.password_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                EngineError::Refused(format!(
-                    "environment variable {var} (the password of {}) is not set",
-                    instance.id
-                ))
-            })?),
-            None => instance.password.clone(),
-        };
-        Ok(Original { instance, password })
-    }
-
-    fn command(&self, program: &std::path::Path, db: &str) -> Command {
-        let mut c = Command::new(program);
-        c.args([
-            "-h",
-            &self.instance.host,
-            "-p",
-            &self.instance.port.to_string(),
-            "-U",
-            &self.instance.user,
-        ]);
-        c.arg("-d").arg(db);
-        c.env("PGSSLMODE", &self.instance.sslmode);
-        c.env("PGCONNECT_TIMEOUT", "10");
-        if let Some(ca) = &self.instance.sslrootcert {
-            c.env("PGSSLROOTCERT", ca);
-        }
-        match &self.password {
-            Some(p) => c.env("PGPASSWORD", p),
-            None => c.env_remove("PGPASSWORD"),
-        };
-        c
-    }
-
-    fn psql(&self, psql: &std::path::Path, db: &str, sql: &str) -> ServiceResult<String> {
-        let out = self
-            .command(psql, db)
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .map_err(EngineError::io("running psql"))?;
-        if !out.status.success() {
-            return Err(EngineError::Server(format!(
-                "instance {}: {}",
-                self.instance.id,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-            .into());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
+/// Names of a relation's schema in the original, to pick free ones.
+fn relation_names(
+    original: &ClientConn,
+    psql: &Path,
+    db: &str,
+    schema: &str,
+) -> ServiceResult<HashSet<String>> {
+    Ok(original
+        .names(
+            psql,
+            db,
+            &format!(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {}",
+                lit(schema)
+            ),
+        )?
+        .into_iter()
+        .collect())
 }
 
 impl Service {
@@ -198,19 +252,18 @@ impl Service {
         let psql = self.engine.client_tool("psql", major)?;
         self.engine.client_tool("pg_dump", major)?;
         self.engine.client_tool("pg_restore", major)?;
-        let original = Original::new(instance)?;
-        let databases: Vec<String> = original
-            .psql(&psql, "postgres", "SELECT datname FROM pg_database")?
-            .lines()
-            .map(str::to_string)
-            .collect();
+        let original = original_conn(&instance)?;
+        let databases = original.names(&psql, "postgres", "SELECT datname FROM pg_database")?;
         for d in &specs {
             if d.tables.is_empty() {
                 let new = d.newname.as_deref().unwrap_or_default();
                 if databases.iter().any(|x| x == new) {
                     return Err(invalid(
                         "InvalidDBName.Duplicate",
-                        format!("database {new:?} already exists in instance {instance_id}; choose another newname"),
+                        format!(
+                            "database {} already exists in instance {instance_id}; choose another newname",
+                            shown(new)
+                        ),
                     ));
                 }
                 continue;
@@ -219,24 +272,23 @@ impl Service {
             if !databases.iter().any(|x| x == into) {
                 return Err(invalid(
                     "InvalidDBName.NotFound",
-                    format!("tables are restored into an existing database, and {into:?} does not exist in instance {instance_id}"),
+                    format!(
+                        "tables are restored into an existing database, and {} does not exist in instance {instance_id}",
+                        shown(into)
+                    ),
                 ));
             }
             for t in &d.tables {
                 let (schema, _) = split_table(&t.name);
-                let exists = original.psql(
-                    &psql,
-                    into,
-                    &format!(
-                        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {}",
-                        lit(&schema),
-                        lit(&t.newname)
-                    ),
-                )?;
-                if exists.trim() != "0" {
+                if relation_names(&original, &psql, into, &schema)?.contains(&t.newname) {
                     return Err(invalid(
                         "InvalidTableName.Duplicate",
-                        format!("{schema}.{} already exists in database {into:?}; choose another newname", t.newname),
+                        format!(
+                            "{}.{} already exists in database {}; choose another newname",
+                            shown(&schema),
+                            shown(&t.newname),
+                            shown(into)
+                        ),
                     ));
                 }
             }
@@ -245,30 +297,7 @@ impl Service {
             .engine
             .catalog
             .create_job("restore-table", Some(instance_id))?;
-        job.detail = specs
-            .iter()
-            .map(|d| {
-                if d.tables.is_empty() {
-                    format!(
-                        "database {} as {}",
-                        d.name,
-                        d.newname.as_deref().unwrap_or_default()
-                    )
-                } else {
-                    let tables: Vec<String> = d
-                        .tables
-                        .iter()
-                        .map(|t| format!("{} as {}", t.name, t.newname))
-                        .collect();
-                    format!(
-                        "{} in {}",
-                        tables.join(", "),
-                        d.newname.as_deref().unwrap_or(&d.name)
-                    )
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        job.detail = describe(&specs);
         job.backup_id = src.backup_id.clone();
         self.engine.catalog.update_job(&job)?;
         let job_id = job.id;
@@ -297,127 +326,314 @@ impl Service {
     fn copy_objects(
         &self,
         scratch: &Scratch,
-        original: &Original,
-        psql: &std::path::Path,
+        original: &ClientConn,
+        psql: &Path,
         specs: &[DbSpec],
         job_id: i64,
     ) -> ServiceResult<()> {
-        let pg_dump = self.engine.client_tool("pg_dump", scratch.major)?;
-        let pg_restore = self.engine.client_tool("pg_restore", scratch.major)?;
-        let in_backup: Vec<String> = scratch
-            .psql("postgres", "SELECT datname FROM pg_database")?
-            .lines()
-            .map(str::to_string)
-            .collect();
-        for (i, d) in specs.iter().enumerate() {
+        let tools = Tools {
+            pg_dump: self.engine.client_tool("pg_dump", scratch.major)?,
+            pg_restore: self.engine.client_tool("pg_restore", scratch.major)?,
+            psql: psql.to_path_buf(),
+            scratch_psql: scratch.bin_tool("psql"),
+        };
+        let in_backup = scratch.names("postgres", "SELECT datname FROM pg_database")?;
+        for d in specs {
             if !in_backup.contains(&d.name) {
                 return Err(invalid(
                     "InvalidDBName.NotFound",
                     format!(
-                        "database {:?} does not exist at the chosen restore point",
-                        d.name
+                        "database {} does not exist at the chosen restore point",
+                        shown(&d.name)
                     ),
                 ));
             }
+        }
+        for (i, d) in specs.iter().enumerate() {
             if let Ok(mut job) = self.engine.catalog.get_job(job_id) {
                 job.state = JobState::Uploading;
                 job.progress = (90 + i * 9 / specs.len()).min(99) as u8;
                 let _ = self.engine.catalog.update_job(&job);
             }
-            let mut dump = Command::new(&pg_dump);
-            dump.args(scratch.conn_args()).args(["-Fc", "-d", &d.name]);
-            let target_db;
+            let temp = format!("strata_restore_{job_id}_{i}");
             if d.tables.is_empty() {
-                target_db = d.newname.clone().unwrap_or_default();
-                original.psql(
-                    psql,
-                    "postgres",
-                    &format!("CREATE DATABASE {} TEMPLATE template0", ident(&target_db)),
-                )?;
+                restore_database(scratch, original, &tools, d, &temp)?;
             } else {
-                target_db = d.newname.clone().unwrap_or_else(|| d.name.clone());
-                for t in &d.tables {
-                    let (schema, table) = split_table(&t.name);
-                    rename_on_scratch(scratch, &d.name, &schema, &table, &t.newname)?;
-                    dump.arg("-t")
-                        .arg(format!("{}.{}", ident(&schema), ident(&t.newname)));
-                }
-            }
-            let copied = pipe(dump, {
-                let mut r = original.command(&pg_restore, &target_db);
-                r.args(["--exit-on-error", "--no-owner"]);
-                r
-            });
-            if let Err(e) = copied {
-                if d.tables.is_empty() {
-                    // Nothing of the original was touched; drop the half copy.
-                    let _ = original.psql(
-                        psql,
-                        "postgres",
-                        &format!("DROP DATABASE IF EXISTS {}", ident(&target_db)),
-                    );
-                }
-                return Err(e);
+                restore_tables(scratch, original, &tools, d, &temp)?;
             }
         }
         Ok(())
     }
 }
 
-/// Renames a table on the scratch copy, with its indexes and owned
-/// sequences, so the dump creates objects whose names are free in the
-/// original.
+/// One line per database for the job's detail.
+fn describe(specs: &[DbSpec]) -> String {
+    specs
+        .iter()
+        .map(|d| {
+            if d.tables.is_empty() {
+                format!(
+                    "database {} as {}",
+                    shown(&d.name),
+                    shown(d.newname.as_deref().unwrap_or_default())
+                )
+            } else {
+                let tables: Vec<String> = d
+                    .tables
+                    .iter()
+                    .map(|t| format!("{} as {}", shown(&t.name), shown(&t.newname)))
+                    .collect();
+                format!(
+                    "{} in {}",
+                    tables.join(", "),
+                    shown(d.newname.as_deref().unwrap_or(&d.name))
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+struct Tools {
+    pg_dump: std::path::PathBuf,
+    pg_restore: std::path::PathBuf,
+    /// psql for the original instance.
+    psql: std::path::PathBuf,
+    /// psql of the scratch server's version.
+    scratch_psql: std::path::PathBuf,
+}
+
+/// Copies a whole database: loaded into a temporary database, renamed at
+/// the end, dropped on failure.
+fn restore_database(
+    scratch: &Scratch,
+    original: &ClientConn,
+    tools: &Tools,
+    d: &DbSpec,
+    temp: &str,
+) -> ServiceResult<()> {
+    let final_name = d.newname.clone().unwrap_or_default();
+    original.run(
+        &tools.psql,
+        "postgres",
+        &format!("CREATE DATABASE {} TEMPLATE template0", ident(temp)),
+        false,
+    )?;
+    let loaded = (|| {
+        let mut dump = scratch.conn().command(&tools.pg_dump, &d.name);
+        dump.arg("-Fc");
+        let mut load = original.command(&tools.pg_restore, temp);
+        load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
+        pipe(dump, load)?;
+        original.run(
+            &tools.psql,
+            "postgres",
+            &format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                ident(temp),
+                ident(&final_name)
+            ),
+            false,
+        )
+    })();
+    if let Err(e) = loaded {
+        if let Err(cleanup) = original.run(
+            &tools.psql,
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {}", ident(temp)),
+            false,
+        ) {
+            tracing::warn!("could not drop the partly restored database {temp}: {cleanup}");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// A relation to rename at the end: where it was loaded and its final name.
+struct Rename {
+    kind: &'static str,
+    schema: String,
+    temp: String,
+    name: String,
+}
+
+/// Copies tables into an existing database: each table with its indexes
+/// and owned sequences is loaded under temporary names in one transaction,
+/// then everything is renamed in one transaction.
+fn restore_tables(
+    scratch: &Scratch,
+    original: &ClientConn,
+    tools: &Tools,
+    d: &DbSpec,
+    temp: &str,
+) -> ServiceResult<()> {
+    let into = d.newname.clone().unwrap_or_else(|| d.name.clone());
+    let mut dump = scratch.conn().command(&tools.pg_dump, &d.name);
+    dump.arg("-Fc");
+    let mut renames = Vec::new();
+    let mut loaded_tables = Vec::new();
+    for (n, t) in d.tables.iter().enumerate() {
+        let (schema, table) = split_table(&t.name);
+        let table_temp = format!("{temp}_{n}");
+        let deps = rename_on_scratch(scratch, tools, &d.name, &schema, &table, &table_temp)?;
+        dump.arg(format!("--table={}.{}", ident(&schema), ident(&table_temp)));
+        let taken = relation_names(original, &tools.psql, &into, &schema)?;
+        let mut chosen: HashSet<String> = HashSet::new();
+        chosen.insert(t.newname.clone());
+        renames.push(Rename {
+            kind: "TABLE",
+            schema: schema.clone(),
+            temp: table_temp.clone(),
+            name: t.newname.clone(),
+        });
+        for (kind, old_name, dep_temp) in deps {
+            let name = derived_name(&old_name, &table, &t.newname, &taken, &chosen);
+            chosen.insert(name.clone());
+            renames.push(Rename {
+                kind,
+                schema: schema.clone(),
+                temp: dep_temp,
+                name,
+            });
+        }
+        loaded_tables.push((schema, table_temp));
+    }
+    let mut load = original.command(&tools.pg_restore, &into);
+    load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
+    let done = pipe(dump, load).and_then(|()| {
+        let sql: String = renames
+            .iter()
+            .map(|r| {
+                format!(
+                    "ALTER {} {}.{} RENAME TO {};\n",
+                    r.kind,
+                    ident(&r.schema),
+                    ident(&r.temp),
+                    ident(&r.name)
+                )
+            })
+            .collect();
+        original.run(&tools.psql, &into, &sql, true).map(|_| ())
+    });
+    if let Err(e) = done {
+        let drop: String = loaded_tables
+            .iter()
+            .map(|(s, t)| format!("DROP TABLE IF EXISTS {}.{};\n", ident(s), ident(t)))
+            .collect();
+        if let Err(cleanup) = original.run(&tools.psql, &into, &drop, true) {
+            tracing::warn!("could not drop partly restored tables in {into:?}: {cleanup}");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The final name of an index or sequence of a restored table: the
+/// table's name in it replaced by the new one (`t_pkey` → `t2_pkey`), cut to
+/// what PostgreSQL holds, and numbered if taken.
+fn derived_name(
+    old: &str,
+    table: &str,
+    newname: &str,
+    taken: &HashSet<String>,
+    chosen: &HashSet<String>,
+) -> String {
+    let base = match old.strip_prefix(table) {
+        Some(rest) => format!("{newname}{rest}"),
+        None => format!("{newname}_{old}"),
+    };
+    let free = |n: &String| !taken.contains(n) && !chosen.contains(n);
+    let candidate = cut(&base, MAX_NAME_BYTES);
+    if free(&candidate) {
+        return candidate;
+    }
+    (1..)
+        .map(|i| {
+            let suffix = format!("_{i}");
+            format!("{}{suffix}", cut(&base, MAX_NAME_BYTES - suffix.len()))
+        })
+        .find(free)
+        .unwrap_or(candidate)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Renames a table on the scratch copy to `temp`, with its indexes and
+/// owned sequences (to `temp_<k>`), so the dump loads under names nobody
+/// uses in the original. Returns (kind, original name, temporary name) of
+/// each dependent.
 fn rename_on_scratch(
     scratch: &Scratch,
+    tools: &Tools,
     db: &str,
     schema: &str,
     table: &str,
-    newname: &str,
-) -> ServiceResult<()> {
-    let qualified = format!("{}.{}", ident(schema), ident(table));
-    let found = scratch.psql(
+    temp: &str,
+) -> ServiceResult<Vec<(&'static str, String, String)>> {
+    let conn = scratch.conn();
+    let psql = &tools.scratch_psql;
+    let found = conn.names(
+        psql,
         db,
         &format!(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
             lit(schema),
             lit(table)
         ),
     )?;
-    if found.trim() != "1" {
+    if found.len() != 1 {
         return Err(invalid(
             "InvalidTableName.NotFound",
-            format!("table {schema}.{table} does not exist in database {db:?} at the chosen restore point"),
+            format!(
+                "table {}.{} does not exist in database {} at the chosen restore point",
+                shown(schema),
+                shown(table),
+                shown(db)
+            ),
         ));
     }
-    let dependents = scratch.psql(
+    let qualified = format!("{}.{}", ident(schema), ident(table));
+    let oid = format!("{}::regclass", lit(&qualified));
+    let indexes = conn.names(
+        psql,
+        db,
+        &format!("SELECT c.relname FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid WHERE i.indrelid = {oid}"),
+    )?;
+    let sequences = conn.names(
+        psql,
         db,
         &format!(
-            "SELECT c.relkind, c.relname FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid WHERE i.indrelid = '{q}'::regclass \
-             UNION ALL \
-             SELECT s.relkind, s.relname FROM pg_class s JOIN pg_depend d ON d.objid = s.oid \
-               WHERE d.refobjid = '{q}'::regclass AND s.relkind = 'S' AND d.deptype IN ('a', 'i')",
-            q = qualified.replace('\'', "''")
+            "SELECT s.relname FROM pg_class s JOIN pg_depend d ON d.objid = s.oid \
+             WHERE d.refobjid = {oid} AND s.relkind = 'S' AND d.deptype IN ('a', 'i')"
         ),
     )?;
-    let mut sql = format!("ALTER TABLE {qualified} RENAME TO {};", ident(newname));
-    for line in dependents.lines() {
-        let Some((kind, name)) = line.split_once('|') else {
-            continue;
-        };
-        let renamed = match name.strip_prefix(table) {
-            Some(rest) => format!("{newname}{rest}"),
-            None => format!("{newname}_{name}"),
-        };
-        let what = if kind == "S" { "SEQUENCE" } else { "INDEX" };
+    scratch.disarm(db)?;
+    let mut sql = format!("ALTER TABLE {qualified} RENAME TO {};", ident(temp));
+    let mut deps = Vec::new();
+    let all = indexes
+        .into_iter()
+        .map(|n| ("INDEX", n))
+        .chain(sequences.into_iter().map(|n| ("SEQUENCE", n)));
+    for (k, (kind, name)) in all.enumerate() {
+        let dep_temp = format!("{temp}_{k}");
         sql.push_str(&format!(
-            " ALTER {what} {}.{} RENAME TO {};",
+            " ALTER {kind} {}.{} RENAME TO {};",
             ident(schema),
-            ident(name),
-            ident(&renamed)
+            ident(&name),
+            ident(&dep_temp)
         ));
+        deps.push((kind, name, dep_temp));
     }
-    scratch.psql(db, &sql)?;
-    Ok(())
+    conn.run(psql, db, &sql, true)?;
+    Ok(deps)
 }
 
 /// Runs `producer | consumer`; fails with the stderr of whichever failed.
@@ -479,7 +695,7 @@ mod tests {
             "[]",
             r#"[{"type":"db","name":"db1"}]"#,
             r#"[{"type":"table","name":"db1","newname":"x"}]"#,
-            r#"[{"type":"db","name":"app","tables":[{"type":"table","name":"t","newname":"s.t2"}]}]"#,
+            r#"[{"type":"db","name":"db1","newname":"x","extra":1}]"#,
         ] {
             assert_eq!(
                 parse_table_meta(bad).unwrap_err().code,
@@ -489,7 +705,74 @@ mod tests {
         }
         assert_eq!(split_table("t"), ("public".into(), "t".into()));
         assert_eq!(split_table("s.t"), ("s".into(), "t".into()));
-        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(lit("o'k"), "'o''k'");
+    }
+
+    #[test]
+    fn hostile_names_are_data_or_refused_up_front() {
+        let db = |new: &str| {
+            parse_table_meta(
+                &serde_json::json!([{"type": "db", "name": "src", "newname": new}]).to_string(),
+            )
+        };
+        // Accepted as plain names: they reach PostgreSQL only as quoted values.
+        for ok in [
+            "host=127.0.0.1 port=5999 user=leak",
+            "dbname=postgres",
+            "postgresql://evil/x",
+            "a'b\"c;DROP",
+            "-d",
+            "ünïcødé-名前",
+            &"x".repeat(63),
+            &"é".repeat(31),
+        ] {
+            assert!(db(ok).is_ok(), "{ok}");
+        }
+        for (bad, code) in [
+            ("a\nb", "InvalidDBName.Format"),
+            ("a\0b", "InvalidDBName.Format"),
+            ("tab\there", "InvalidDBName.Format"),
+            (&"x".repeat(64) as &str, "InvalidDBName.Format"),
+            (&"é".repeat(32), "InvalidDBName.Format"),
+            ("", "InvalidDBName.Format"),
+        ] {
+            let e = db(bad).unwrap_err();
+            assert_eq!(e.code, code, "{bad:?}");
+            assert!(!e.message.contains('\n'), "{:?}", e.message);
+        }
+        let table = |name: &str, new: &str| {
+            parse_table_meta(
+                &serde_json::json!([{"type": "db", "name": "app",
+                    "tables": [{"type": "table", "name": name, "newname": new}]}])
+                .to_string(),
+            )
+        };
+        assert_eq!(
+            table("public.t", "s.t2").unwrap_err().code,
+            "InvalidTableName.Format"
+        );
+        assert_eq!(
+            table("public.t", &"n".repeat(64)).unwrap_err().code,
+            "InvalidTableName.Format"
+        );
+        assert!(table("public.t", &"n".repeat(63)).is_ok());
+        assert!(table("we\"ird.t;x", "new'name").is_ok());
+        let twice = parse_table_meta(r#"[{"name":"a","newname":"x"},{"name":"b","newname":"x"}]"#);
+        assert_eq!(twice.unwrap_err().code, "InvalidDBName.Duplicate");
+    }
+
+    #[test]
+    fn derived_names_fit_and_stay_free() {
+        let none = HashSet::new();
+        assert_eq!(derived_name("t_pkey", "t", "t2", &none, &none), "t2_pkey");
+        assert_eq!(derived_name("idx", "t", "t2", &none, &none), "t2_idx");
+        let long = "n".repeat(63);
+        let name = derived_name("t_pkey", "t", &long, &none, &none);
+        assert_eq!(name.len(), 63);
+        let taken: HashSet<String> = [name.clone()].into();
+        let other = derived_name("t_pkey", "t", &long, &taken, &none);
+        assert!(other.len() <= 63 && other != name && other.ends_with("_1"));
+        let multibyte = "é".repeat(31);
+        let n = derived_name("t_pkey", "t", &multibyte, &none, &none);
+        assert!(n.len() <= 63 && n.starts_with(&multibyte));
     }
 }

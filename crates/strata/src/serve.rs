@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use strata_api::{ApiState, LinkSigner, TlsFiles};
 use strata_catalog::Instance;
 use strata_console::ConsoleState;
-use strata_engine::{as_user, chown_tree, Engine};
+use strata_engine::{as_user, chown_tree, Engine, LocalServer, ServerUse};
 use strata_service::{Service, SystemClock};
 
 use crate::config::Config;
@@ -215,20 +215,14 @@ impl Sandbox {
             std::fs::write(&port_file, sb.port.to_string())?;
         }
         let log = sb.dir.join("postgres.log");
-        sb.run(
-            "pg_ctl",
-            &[
-                "-D",
-                path(&sb.pgdata),
-                "-l",
-                path(&log),
-                "-w",
-                "-t",
-                "120",
-                "start",
-            ],
-        )
-        .with_context(|| format!("starting the sandbox (log: {})", log.display()))?;
+        sb.server()
+            .start(
+                &log,
+                "",
+                Some(std::time::Duration::from_secs(120)),
+                ServerUse::Copy,
+            )
+            .with_context(|| format!("starting the sandbox (log: {})", log.display()))?;
         if fresh {
             sb.run(
                 "psql",
@@ -273,11 +267,16 @@ impl Sandbox {
         Instance::new(DEMO_INSTANCE, "127.0.0.1", self.port, "postgres", "disable")
     }
 
+    fn server(&self) -> LocalServer {
+        LocalServer {
+            bin: self.bin.clone(),
+            data_dir: self.pgdata.clone(),
+            os_user: self.os_user.clone(),
+        }
+    }
+
     fn stop(&self) {
-        match self.run(
-            "pg_ctl",
-            &["-D", path(&self.pgdata), "-m", "fast", "-w", "stop"],
-        ) {
+        match self.server().stop(false) {
             Ok(()) => eprintln!("strata: sandbox PostgreSQL stopped"),
             Err(e) => eprintln!("strata: stopping the sandbox: {e}"),
         }

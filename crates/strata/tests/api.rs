@@ -271,6 +271,7 @@ impl ApiServer {
             ("STRATA_PG_HOST", cluster.host().to_string()),
             ("STRATA_PG_PORT", cluster.port().to_string()),
             ("STRATA_PG_USER", "postgres".to_string()),
+            ("STRATA_DATA_DIR", self.data_dir().display().to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -405,6 +406,14 @@ fn sdk_log_backups_recovery_window_and_delete() {
 #[test]
 fn sdk_restores_downloads_and_drills() {
     run_module_with_drills("test_restore.py", true);
+}
+
+/// Hostile names (conninfo strings, quotes, long and multibyte names) in
+/// RestoreTable and restore drills, a source whose settings run commands,
+/// scratch servers closed to other users, table restores that fail cleanly.
+#[test]
+fn sdk_hostile_names_and_source_settings() {
+    run_module("test_hostile_source.py");
 }
 
 /// Storage usage with a 1 KiB free quota and an hour between samples (so

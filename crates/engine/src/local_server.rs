@@ -1,0 +1,665 @@
+//! PostgreSQL servers Strata starts on its own host: restored copies people
+//! asked for (clones, `strata restore --start`), scratch servers for its own
+//! work (restore drills, table restores) and the `--demo` sandbox. This is
+//! the one place that writes their configuration, starts them and stops them.
+//!
+//! A restored data directory comes from a registered server, whose superuser
+//! chose every byte of its configuration. Strata must not let that choice run
+//! anything on this host, so before a start:
+//! - a **scratch** server gets a configuration written by Strata alone (the
+//!   source's files are set aside; only a few integer capacity settings that
+//!   recovery needs are carried over), a Unix socket in a private directory
+//!   and no TCP listener;
+//! - a **copy** keeps the source's settings except every one that runs a
+//!   command, loads a library, names a file or directory, opens a listener or
+//!   replicates somewhere (see [`is_neutralized`]); what was removed is
+//!   reported to the caller.
+//!
+//! Reference: PostgreSQL's src/backend/utils/misc/guc-file.l (configuration
+//! file syntax) and guc_tables.c (the settings and what they do).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{EngineError, EngineResult};
+
+/// Why Strata starts a server: decides how much of the source's
+/// configuration it keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServerUse {
+    /// A copy someone asked for: the source's settings minus the dangerous ones.
+    #[default]
+    Copy,
+    /// A server for Strata's own work: Strata's configuration only, reached
+    /// over a private Unix socket.
+    Scratch,
+}
+
+/// How a restored server is started.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub port: u16,
+    /// `listen_addresses` (default: `127.0.0.1` for a copy; a scratch server
+    /// never listens on TCP).
+    pub listen_addresses: Option<String>,
+    /// `unix_socket_directories` (default: the data directory's parent).
+    pub socket_dir: Option<PathBuf>,
+    pub usage: ServerUse,
+}
+
+impl StartOptions {
+    fn socket_dir_for(&self, data_dir: &Path) -> PathBuf {
+        self.socket_dir
+            .clone()
+            .or_else(|| data_dir.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| data_dir.to_path_buf())
+    }
+}
+
+/// The configuration files PostgreSQL reads from a data directory.
+const CONFIG_FILES: [&str; 4] = [
+    "postgresql.conf",
+    "postgresql.auto.conf",
+    "pg_hba.conf",
+    "pg_ident.conf",
+];
+
+/// Where a scratch server keeps the source's configuration files, unread.
+pub const SET_ASIDE_DIR: &str = "strata-source-config";
+
+/// Capacity settings a server must have at least as high as the source to
+/// replay its WAL (xlogrecovery.c: CheckRequiredParameterValues), carried
+/// over to scratch servers when they are plain integers.
+const CAPACITY_SETTINGS: [&str; 6] = [
+    "max_connections",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+    "max_worker_processes",
+    "max_wal_senders",
+    "max_pred_locks_per_transaction",
+];
+
+/// Whether a setting from a source's configuration file is removed before
+/// Strata starts a copy: it runs a command, loads code, names a file or
+/// directory (which may lie outside the data directory), opens a listener,
+/// or points recovery or replication somewhere. Strata sets its own values
+/// for the listener and recovery afterwards.
+pub fn is_neutralized(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    const SUFFIXES: [&str; 9] = [
+        "_command",
+        "_library",
+        "_libraries",
+        "_path",
+        "file",
+        "_dir",
+        "_directory",
+        "_directories",
+        "_provider",
+    ];
+    const PREFIXES: [&str; 7] = [
+        "include",
+        "archive_",
+        "primary_",
+        "recovery_",
+        "restore_",
+        "unix_socket_",
+        "ssl",
+    ];
+    const EXACT: [&str; 8] = [
+        "listen_addresses",
+        "port",
+        "log_filename",
+        "hot_standby",
+        "data_directory",
+        "event_source",
+        "krb_server_keyfile",
+        "synchronized_standby_slots",
+    ];
+    SUFFIXES.iter().any(|s| name.ends_with(s))
+        || PREFIXES.iter().any(|p| name.starts_with(p))
+        || EXACT.contains(&name.as_str())
+}
+
+/// The setting (or directive) a configuration line sets, as PostgreSQL's
+/// lexer reads it: optional blanks, then a name made of letters, digits,
+/// `_`, `.` and bytes ≥ 0x80. `None` for blank and comment lines.
+fn line_setting(line: &str) -> Option<&str> {
+    let t = line.trim_start_matches([' ', '\t', '\r', '\x0c', '\x0b']);
+    let end = t
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || !c.is_ascii()))
+        .unwrap_or(t.len());
+    (end > 0).then(|| &t[..end])
+}
+
+/// The value of a `name = value` line, unquoted; `None` if it is not a
+/// plain value.
+fn line_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let t = line.trim_start();
+    let rest = t.get(name.len()..)?.trim_start();
+    let rest = rest.strip_prefix('=').unwrap_or(rest).trim();
+    let value = rest.split('#').next()?.trim();
+    Some(value.trim_matches('\''))
+}
+
+/// Comments out every neutralized setting of one configuration file's
+/// text; returns the new text and the names removed.
+fn neutralize_text(text: &str) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(text.len());
+    let mut removed = Vec::new();
+    for line in text.split_inclusive('\n') {
+        match line_setting(line) {
+            Some(name) if is_neutralized(name) => {
+                out.push_str("# neutralized by strata: ");
+                out.push_str(&line.replace('\r', ""));
+                if !line.ends_with('\n') {
+                    out.push('\n');
+                }
+                removed.push(name.to_ascii_lowercase());
+            }
+            _ => out.push_str(line),
+        }
+    }
+    (out, removed)
+}
+
+/// Lines of `pg_hba.conf`/`pg_ident.conf` that read other files
+/// (`include*` directives, `@file` lists) are dropped from a copy.
+fn neutralize_hba(text: &str) -> (String, bool) {
+    let mut dropped = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let t = line.trim_start();
+        let reads_files = !t.starts_with('#')
+            && (t.to_ascii_lowercase().starts_with("include") || t.contains('@'));
+        if reads_files {
+            dropped = true;
+            out.push_str("# neutralized by strata: ");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    (out, dropped)
+}
+
+/// A configuration-file string literal: quotes doubled, backslashes and
+/// control characters escaped (guc-file.l's GUC_scanstr reads them back), so
+/// a value can never end its line or the string early.
+pub(crate) fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Strata's own values for a server it starts: the listener and, for
+/// recovery, the lines the restore computed.
+fn strata_settings(opts: &StartOptions, data_dir: &Path, recovery: &str) -> String {
+    let socket_dir = opts.socket_dir_for(data_dir);
+    let listen = match opts.usage {
+        ServerUse::Scratch => String::new(),
+        ServerUse::Copy => opts
+            .listen_addresses
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".into()),
+    };
+    let mut conf = format!(
+        "\n# Written by strata for the server it starts\n\
+         port = {}\n\
+         listen_addresses = {}\n\
+         unix_socket_directories = {}\n",
+        opts.port,
+        quote(&listen),
+        quote(&socket_dir.display().to_string()),
+    );
+    if opts.usage == ServerUse::Scratch {
+        conf.push_str(
+            "unix_socket_permissions = 0700\n\
+             hot_standby = off\n\
+             logging_collector = off\n\
+             archive_mode = off\n",
+        );
+    }
+    conf.push_str(recovery);
+    conf
+}
+
+/// Writes the configuration a restored server starts on (see the module
+/// documentation) and returns the names of the source's settings that were
+/// removed. `recovery` holds the recovery settings to add.
+pub fn configure(
+    data_dir: &Path,
+    opts: &StartOptions,
+    recovery: &str,
+) -> EngineResult<Vec<String>> {
+    let io = |what: String| EngineError::io(what);
+    let path = |name: &str| data_dir.join(name);
+    match opts.usage {
+        ServerUse::Scratch => {
+            let aside = data_dir.join(SET_ASIDE_DIR);
+            fs::create_dir_all(&aside).map_err(io(format!("creating {}", aside.display())))?;
+            fs::set_permissions(&aside, fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("setting mode of {}", aside.display())))?;
+            let mut capacity = String::new();
+            for name in CONFIG_FILES {
+                let from = path(name);
+                let Ok(text) = fs::read_to_string(&from) else {
+                    continue;
+                };
+                if name.starts_with("postgresql") {
+                    capacity.push_str(&capacity_lines(&text));
+                }
+                fs::rename(&from, aside.join(name))
+                    .map_err(io(format!("setting aside {}", from.display())))?;
+            }
+            let conf = format!(
+                "# A server strata runs for itself; the source's configuration is in {SET_ASIDE_DIR}/\n{capacity}{}",
+                strata_settings(opts, data_dir, recovery)
+            );
+            write_private(&path("postgresql.conf"), &conf)?;
+            write_private(&path("postgresql.auto.conf"), "")?;
+            // The socket's directory is private to Strata and the server's
+            // OS user, and nothing listens on TCP.
+            write_private(&path("pg_hba.conf"), "local all all trust\n")?;
+            write_private(&path("pg_ident.conf"), "")?;
+            Ok(Vec::new())
+        }
+        ServerUse::Copy => {
+            let mut removed = Vec::new();
+            for name in ["postgresql.conf", "postgresql.auto.conf"] {
+                let Ok(text) = fs::read_to_string(path(name)) else {
+                    continue;
+                };
+                let (text, mut gone) = neutralize_text(&text);
+                removed.append(&mut gone);
+                write_private(&path(name), &text)?;
+            }
+            if !path("postgresql.conf").exists() {
+                // Clusters laid out the Debian way keep their configuration
+                // outside the data directory.
+                write_private(&path("postgresql.conf"), "")?;
+            }
+            for name in ["pg_hba.conf", "pg_ident.conf"] {
+                let Ok(text) = fs::read_to_string(path(name)) else {
+                    continue;
+                };
+                let (text, dropped) = neutralize_hba(&text);
+                if dropped {
+                    removed.push(format!("{name}: include and @file lines"));
+                }
+                write_private(&path(name), &text)?;
+            }
+            if !path("pg_hba.conf").exists() {
+                write_private(
+                    &path("pg_hba.conf"),
+                    "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
+                )?;
+            }
+            let mut tail = strata_settings(opts, data_dir, recovery);
+            if removed.iter().any(|n| n.starts_with("ssl")) {
+                // Certificates named outside the data directory are gone.
+                tail.push_str("ssl = off\n");
+            }
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(path("postgresql.auto.conf"))
+                .or_else(|_| fs::File::create(path("postgresql.auto.conf")))
+                .map_err(io("opening postgresql.auto.conf".into()))?;
+            f.write_all(tail.as_bytes())
+                .map_err(io("writing postgresql.auto.conf".into()))?;
+            removed.sort();
+            removed.dedup();
+            Ok(removed)
+        }
+    }
+}
+
+/// The capacity settings of a source file, as lines, when plain integers.
+fn capacity_lines(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let Some(name) = line_setting(line) else {
+            continue;
+        };
+        let lower = name.to_ascii_lowercase();
+        if !CAPACITY_SETTINGS.contains(&lower.as_str()) {
+            continue;
+        }
+        if let Some(v) = line_value(line, name) {
+            if !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit()) {
+                out.push_str(&format!("{lower} = {v}\n"));
+            }
+        }
+    }
+    out
+}
+
+fn write_private(path: &Path, text: &str) -> EngineResult<()> {
+    fs::write(path, text).map_err(EngineError::io(format!("writing {}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(EngineError::io(format!(
+        "setting mode of {}",
+        path.display()
+    )))
+}
+
+/// A command running `program` as `user` (through `runuser`) or as
+/// ourselves.
+pub fn as_user(user: Option<&str>, program: &Path) -> Command {
+    match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A server binary run with a clean environment: nothing of Strata's own
+/// (passwords, keys) reaches PostgreSQL or the commands it runs.
+fn server_command(os_user: Option<&str>, program: &Path, isolate: bool) -> Command {
+    let mut cmd = if isolate && can_isolate_network() {
+        // A scratch server gets a network namespace of its own: whatever
+        // runs inside it reaches no network, only its Unix socket is used.
+        let mut c = Command::new("unshare");
+        c.arg("--net").arg("--");
+        if let Some(u) = os_user {
+            c.arg("runuser").arg("-u").arg(u).arg("--");
+        }
+        c.arg(program);
+        c
+    } else {
+        as_user(os_user, program)
+    };
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    // The locale and time zone are all the server takes from Strata.
+    for (k, v) in std::env::vars_os() {
+        let k_str = k.to_string_lossy();
+        if k_str == "LANG" || k_str == "TZ" || k_str.starts_with("LC_") {
+            cmd.env(&k, v);
+        }
+    }
+    cmd
+}
+
+/// Network namespaces need root (or a user namespace, which PostgreSQL's
+/// ownership checks would not survive).
+fn can_isolate_network() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Path::new("/usr/bin/unshare").exists()
+}
+
+/// A local server: its binaries, data directory and OS user.
+#[derive(Debug, Clone)]
+pub struct LocalServer {
+    pub bin: PathBuf,
+    pub data_dir: PathBuf,
+    pub os_user: Option<String>,
+}
+
+impl LocalServer {
+    fn pg_ctl(&self, isolate: bool) -> Command {
+        let mut cmd = server_command(self.os_user.as_deref(), &self.bin.join("pg_ctl"), isolate);
+        cmd.arg("-D").arg(&self.data_dir);
+        cmd
+    }
+
+    /// Starts the server with `pg_ctl`, logging to `log`, with `options`
+    /// given to `postgres`; `wait` waits up to that long for it to accept
+    /// connections (`None`: returns as soon as it is launched). A scratch
+    /// server runs without network.
+    pub fn start(
+        &self,
+        log: &Path,
+        options: &str,
+        wait: Option<Duration>,
+        usage: ServerUse,
+    ) -> EngineResult<()> {
+        let mut cmd = self.pg_ctl(usage == ServerUse::Scratch);
+        cmd.arg("-l").arg(log);
+        if !options.is_empty() {
+            cmd.arg("-o").arg(options);
+        }
+        match wait {
+            Some(t) => cmd.args(["-w", "-t", &t.as_secs().max(1).to_string()]),
+            None => cmd.arg("-W"),
+        };
+        let out = cmd
+            .arg("start")
+            .output()
+            .map_err(EngineError::io("running pg_ctl start"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(EngineError::RestoredServer(format!(
+            "the server in {} did not start: {}: {}",
+            self.data_dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', "; "),
+            log_tail(log)
+        )))
+    }
+
+    /// Stops the server if it runs (`fast`, or `immediate` when its data is
+    /// about to be removed).
+    pub fn stop(&self, immediate: bool) -> EngineResult<()> {
+        if !self.data_dir.join("postmaster.pid").exists() {
+            return Ok(());
+        }
+        let mode = if immediate { "immediate" } else { "fast" };
+        let out = self
+            .pg_ctl(false)
+            .args(["-m", mode, "-w", "stop"])
+            .output()
+            .map_err(EngineError::io("running pg_ctl stop"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(EngineError::Failed(format!(
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The server's last FATAL/PANIC line (or last line) of a log, for errors
+/// that stay on one line.
+pub(crate) fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
+        .or_else(|| text.lines().last())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether a server accepts connections on its Unix socket (`socket_dir`)
+/// or, without one, on loopback TCP.
+pub fn accepts_connections(socket_dir: Option<&Path>, port: u16) -> bool {
+    match socket_dir {
+        Some(dir) => {
+            std::os::unix::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).is_ok()
+        }
+        None => std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(500),
+        )
+        .is_ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dangerous_settings_are_neutralized_as_a_class() {
+        for name in [
+            "archive_command",
+            "restore_command",
+            "recovery_end_command",
+            "archive_cleanup_command",
+            "ssl_passphrase_command",
+            "shared_preload_libraries",
+            "session_preload_libraries",
+            "local_preload_libraries",
+            "dynamic_library_path",
+            "jit_provider",
+            "archive_library",
+            "include",
+            "include_if_exists",
+            "include_dir",
+            "hba_file",
+            "ident_file",
+            "config_file",
+            "external_pid_file",
+            "ssl_cert_file",
+            "ssl_crl_dir",
+            "krb_server_keyfile",
+            "data_directory",
+            "listen_addresses",
+            "port",
+            "unix_socket_directories",
+            "unix_socket_group",
+            "unix_socket_permissions",
+            "log_directory",
+            "log_filename",
+            "stats_temp_directory",
+            "promote_trigger_file",
+            "primary_conninfo",
+            "primary_slot_name",
+            "recovery_target_time",
+            "Archive_Command",
+            "SHARED_PRELOAD_LIBRARIES",
+        ] {
+            assert!(is_neutralized(name), "{name}");
+        }
+        for name in [
+            "shared_buffers",
+            "work_mem",
+            "max_connections",
+            "wal_level",
+            "timezone",
+            "lc_messages",
+            "log_min_messages",
+            "myext.setting",
+        ] {
+            assert!(!is_neutralized(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn configuration_lines_are_read_as_postgres_reads_them() {
+        let text = "# comment\n\
+                    shared_buffers = 128MB\n\
+                    \tarchive_command='touch /tmp/x' # run me\n\
+                    recovery_end_command 'id > /tmp/y'\n\
+                    include_dir 'conf.d'\n\
+                    Shared_Preload_Libraries='./evil.so'\n\
+                    max_connections = 150\n\
+                    ssl_passphrase_command='/bin/sh -c x'";
+        let (out, removed) = neutralize_text(text);
+        assert_eq!(
+            removed,
+            [
+                "archive_command",
+                "recovery_end_command",
+                "include_dir",
+                "shared_preload_libraries",
+                "ssl_passphrase_command"
+            ]
+        );
+        let live: Vec<&str> = out
+            .lines()
+            .filter(|l| line_setting(l).is_some() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(live, ["shared_buffers = 128MB", "max_connections = 150"]);
+        assert_eq!(capacity_lines(text), "max_connections = 150\n");
+        assert_eq!(
+            capacity_lines("max_connections = '100; archive_command=x'\nmax_wal_senders=10"),
+            "max_wal_senders = 10\n"
+        );
+    }
+
+    #[test]
+    fn configuration_strings_cannot_end_early() {
+        assert_eq!(quote("a'b"), "'a''b'");
+        assert_eq!(quote("a\\'b"), "'a\\\\''b'");
+        assert_eq!(quote("x\nport = 1"), "'x\\012port = 1'");
+    }
+
+    #[test]
+    fn hba_lines_that_read_files_are_dropped() {
+        let (out, dropped) =
+            neutralize_hba("local all all peer\ninclude_dir 'x'\nhost all @admins 0.0.0.0/0 md5\n");
+        assert!(dropped);
+        assert_eq!(
+            out.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>(),
+            ["local all all peer"]
+        );
+    }
+
+    #[test]
+    fn scratch_servers_start_on_strata_configuration_only() {
+        let dir = std::env::temp_dir().join(format!("strata-ls-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("postgresql.conf"),
+            "max_connections = 300\nshared_preload_libraries = 'x'\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.join("postgresql.auto.conf"),
+            "recovery_end_command = 'id > /tmp/x'\n",
+        )
+        .unwrap();
+        fs::write(dir.join("pg_hba.conf"), "host all all 0.0.0.0/0 trust\n").unwrap();
+        let opts = StartOptions {
+            port: 5999,
+            socket_dir: Some(dir.clone()),
+            usage: ServerUse::Scratch,
+            ..Default::default()
+        };
+        configure(&dir, &opts, "restore_command = 'false'\n").unwrap();
+        let conf = fs::read_to_string(dir.join("postgresql.conf")).unwrap();
+        assert!(conf.contains("max_connections = 300\n"));
+        assert!(conf.contains("listen_addresses = ''\n"));
+        assert!(conf.contains("unix_socket_permissions = 0700\n"));
+        assert!(!conf.contains("shared_preload"));
+        assert_eq!(
+            fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap(),
+            ""
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("pg_hba.conf")).unwrap(),
+            "local all all trust\n"
+        );
+        assert!(
+            fs::read_to_string(dir.join(SET_ASIDE_DIR).join("postgresql.auto.conf"))
+                .unwrap()
+                .contains("recovery_end_command")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
