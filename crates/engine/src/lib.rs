@@ -107,6 +107,7 @@ fn server_major(dir: &std::path::Path) -> Option<u32> {
 /// The major version a PostgreSQL program reports with `--version`.
 fn tool_major(program: &std::path::Path) -> Option<u32> {
     let out = std::process::Command::new(program)
+        .env_clear()
         .arg("--version")
         .output()
         .ok()?;

@@ -61,6 +61,8 @@ pub struct Scratch {
     pub superuser: String,
     pub backup_id: String,
     bin: PathBuf,
+    /// `psql` of the server's major version or newer.
+    psql_tool: PathBuf,
     os_user: Option<String>,
 }
 
@@ -492,6 +494,7 @@ impl Service {
         let (backup_id, target) = self.check_restore_source(instance_id, src)?;
         let major = self.pg_major(instance_id, backup_id.as_deref())?;
         let bin = self.engine.pg_bin_dir(major)?;
+        let psql_tool = self.engine.client_tool("psql", major)?;
         let port = self.free_port()?;
         let dir = self
             .settings
@@ -530,6 +533,7 @@ impl Service {
             superuser: String::new(),
             backup_id: String::new(),
             bin,
+            psql_tool,
             os_user,
         };
         match outcome {
@@ -545,7 +549,7 @@ impl Service {
             ..scratch.conn()
         };
         match probe.names(
-            &scratch.bin_tool("psql"),
+            &scratch.psql_tool,
             "postgres",
             "SELECT rolname FROM pg_roles WHERE oid = 10",
         ) {
@@ -583,12 +587,12 @@ impl Scratch {
 
     /// Runs SQL as the superuser; returns psql's unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> ServiceResult<String> {
-        self.conn().run(&self.bin_tool("psql"), db, sql, false)
+        self.conn().run(&self.psql_tool, db, sql, false)
     }
 
     /// The text values of a one-column query, read back exactly.
     pub fn names(&self, db: &str, sql: &str) -> ServiceResult<Vec<String>> {
-        self.conn().names(&self.bin_tool("psql"), db, sql)
+        self.conn().names(&self.psql_tool, db, sql)
     }
 
     /// Disables the restored catalog's event triggers in `db` before Strata
@@ -606,13 +610,13 @@ impl Scratch {
             .iter()
             .map(|t| format!("ALTER EVENT TRIGGER {} DISABLE;", ident(t)))
             .collect();
-        self.conn().run(&self.bin_tool("psql"), db, &sql, true)?;
+        self.conn().run(&self.psql_tool, db, &sql, true)?;
         Ok(())
     }
 
-    /// A program from the server's own binary directory.
-    pub fn bin_tool(&self, name: &str) -> PathBuf {
-        self.bin.join(name)
+    /// The `psql` Strata uses on this server.
+    pub(crate) fn psql_tool(&self) -> &Path {
+        &self.psql_tool
     }
 
     /// Stops the server and removes everything.

@@ -335,7 +335,7 @@ impl Service {
             pg_dump: self.engine.client_tool("pg_dump", scratch.major)?,
             pg_restore: self.engine.client_tool("pg_restore", scratch.major)?,
             psql: psql.to_path_buf(),
-            scratch_psql: scratch.bin_tool("psql"),
+            scratch_psql: scratch.psql_tool().to_path_buf(),
         };
         let in_backup = scratch.names("postgres", "SELECT datname FROM pg_database")?;
         for d in specs {
