@@ -105,12 +105,18 @@ pub(crate) fn parse_urlencoded(
 
 /// All parameters of an RPC request: the query string, then the body when the request's
 /// `content-type` is `application/x-www-form-urlencoded` (parameters may be like
-/// `; charset=utf-8`), decoded (`%XX`, and `+` as a space). A key given more than once
-/// keeps the position of its first occurrence and the value of its last, so body values
-/// override query values. The `Signature` parameter is included.
+/// `; charset=utf-8`), decoded (`%XX`, and `+` as a space), in order. The `Signature`
+/// parameter is included.
 ///
-/// Exposed because the server needs the very decoding the V2 signature covers for the
-/// action's own parameters.
+/// A name given twice (in the query, in the body, or once in each) is refused with
+/// [`SignatureError::DuplicateParameter`]: V3 sorts repeated names by value before
+/// signing, so their order is not covered and "which one wins" would be the sender's
+/// choice after signing. With every name unique, the pairs returned are exactly the
+/// signed set under both versions.
+///
+/// Exposed because the server needs the very decoding the signature covers for the
+/// action's own parameters; prefer the [`crate::SignedCall`] that
+/// [`crate::Claim::verify`] returns.
 pub fn request_params(req: &RequestParts) -> Result<Vec<(String, String)>, SignatureError> {
     let mut pairs = parse_urlencoded(req.raw_query, "query string")?;
     if is_form(req)? {
@@ -118,7 +124,18 @@ pub fn request_params(req: &RequestParts) -> Result<Vec<(String, String)>, Signa
             .map_err(|_| SignatureError::Malformed("form body is not UTF-8".to_owned()))?;
         pairs.extend(parse_urlencoded(body, "form body")?);
     }
-    Ok(last_wins(pairs))
+    refuse_duplicates(&pairs)?;
+    Ok(pairs)
+}
+
+/// Refuses a list of pairs in which a name occurs twice.
+fn refuse_duplicates(pairs: &[(String, String)]) -> Result<(), SignatureError> {
+    let mut names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(SignatureError::DuplicateParameter(shown(w[0]))),
+        None => Ok(()),
+    }
 }
 
 fn is_form(req: &RequestParts) -> Result<bool, SignatureError> {
@@ -128,7 +145,8 @@ fn is_form(req: &RequestParts) -> Result<bool, SignatureError> {
     }))
 }
 
-/// Keeps the first position and the last value of each key.
+/// Keeps the first position and the last value of each key (for signing only: a server
+/// refuses repeated names, see [`request_params`]).
 pub(crate) fn last_wins(pairs: Vec<(String, String)>) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
@@ -195,21 +213,48 @@ mod tests {
     }
 
     #[test]
-    fn request_params_merges_form_body_later_wins() {
+    fn request_params_merges_query_and_form_body() {
         let form = vec![(
             "Content-Type".to_owned(),
             "application/x-www-form-urlencoded; charset=utf-8".to_owned(),
         )];
-        let r = req("A=1&B=q&A=2", &form, b"B=body+value&C=%2B");
+        let r = req("A=1&B=q", &form, b"D=body+value&C=%2B");
         let got = request_params(&r).unwrap();
         assert_eq!(
             got,
             vec![
-                ("A".into(), "2".into()),
-                ("B".into(), "body value".into()),
+                ("A".into(), "1".into()),
+                ("B".into(), "q".into()),
+                ("D".into(), "body value".into()),
                 ("C".into(), "+".into())
             ]
         );
+    }
+
+    #[test]
+    fn request_params_refuses_repeated_names() {
+        let form = vec![(
+            "content-type".to_owned(),
+            "application/x-www-form-urlencoded".to_owned(),
+        )];
+        let dup = |e: Result<_, _>| match e {
+            Err(SignatureError::DuplicateParameter(name)) => name,
+            other => panic!("{other:?}"),
+        };
+        // In the query, in the body, across both, under two spellings of one name.
+        assert_eq!(dup(request_params(&req("A=1&B=2&A=1", &[], b""))), "A");
+        assert_eq!(dup(request_params(&req("", &form, b"X=1&X=2"))), "X");
+        assert_eq!(
+            dup(request_params(&req("Action=A", &form, b"Action=B"))),
+            "Action"
+        );
+        assert_eq!(dup(request_params(&req("%41=1&A=2", &[], b""))), "A");
+        assert_eq!(
+            dup(request_params(&req("Signature=a&Signature", &[], b""))),
+            "Signature"
+        );
+        // Names differing in case are different names.
+        assert_eq!(request_params(&req("a=1&A=2", &[], b"")).unwrap().len(), 2);
     }
 
     #[test]

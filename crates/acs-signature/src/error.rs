@@ -19,7 +19,9 @@ pub enum SignatureError {
     UnsupportedAlgorithm(String),
     /// V3: a header that must be covered by the signature when present (`host`,
     /// `content-type`, `x-acs-date`, `x-acs-signature-nonce`, `x-acs-action`,
-    /// `x-acs-version`) is on the request but not in `SignedHeaders`. Names it.
+    /// `x-acs-version`) is on the request but not in `SignedHeaders`. V2, which signs no
+    /// header: `x-acs-action` or `x-acs-version` without the signed `Action` or `Version`
+    /// parameter it would have to repeat. Names it.
     #[error("header `{0}` is present but not signed")]
     HeaderNotSigned(String),
     /// The signature does not match the request under the given secret.
@@ -28,6 +30,21 @@ pub enum SignatureError {
     /// V3: the `x-acs-content-sha256` header is not the SHA-256 of the body received.
     #[error("x-acs-content-sha256 does not match the request body")]
     BodyHashMismatch,
+    /// A parameter name occurs more than once in the query string and form body together.
+    /// Refused because V3 does not sign the order of repeated names. Names it.
+    #[error("parameter `{0}` is given more than once")]
+    DuplicateParameter(String),
+    /// `x-acs-action` or `x-acs-version` names something else than the signed `Action`
+    /// or `Version` parameter of the same request.
+    #[error(
+        "header `{header}` ({header_value}) disagrees with parameter `{param}` ({param_value})"
+    )]
+    Conflict {
+        header: &'static str,
+        header_value: String,
+        param: &'static str,
+        param_value: String,
+    },
     /// The timestamp (`x-acs-date` or `Timestamp`) is not `yyyy-MM-ddTHH:mm:ssZ`.
     #[error("bad timestamp (expected yyyy-MM-ddTHH:mm:ssZ): {0}")]
     TimestampFormat(String),

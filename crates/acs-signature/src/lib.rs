@@ -5,7 +5,9 @@
 //! Strata's own tools.
 //!
 //! The flow on the server is: [`parse`] the request (no secret needed) → look up the
-//! secret for [`Claim::access_key_id`] → [`Claim::check_time`] → [`Claim::verify`].
+//! secret for [`Claim::access_key_id`] → [`Claim::check_time`] → [`Claim::verify`],
+//! which returns the [`SignedCall`]: the action, version and parameters exactly as the
+//! signature covers them. The server takes what it runs from there and nowhere else.
 //! Nonce replay tracking is the caller's job: [`Claim::nonce`] and [`Claim::timestamp`]
 //! are covered by the signature once `verify` succeeds.
 //!
@@ -127,13 +129,72 @@ pub fn parse(req: &RequestParts) -> Result<Claim, SignatureError> {
     }
 }
 
+/// What a verified request asks for, taken only from what its signature covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCall {
+    /// The action: the `Action` parameter, or for V3 the (signed) `x-acs-action` header.
+    /// `None` when the request names none.
+    pub action: Option<String>,
+    /// The API version, from `Version` or (V3) `x-acs-version` likewise.
+    pub version: Option<String>,
+    /// Every parameter of the query string and form body, each name once (the signature
+    /// parameters included), as [`request_params`] decodes them.
+    pub params: Vec<(String, String)>,
+}
+
 impl Claim {
     /// Checks the signature of `req` (the request this claim was parsed from) with the
-    /// AccessKey secret of [`Claim::access_key_id`]. Comparison is constant-time.
-    pub fn verify(&self, req: &RequestParts, secret: &str) -> Result<(), SignatureError> {
+    /// AccessKey secret of [`Claim::access_key_id`] (comparison is constant-time), and
+    /// returns what the request may run.
+    ///
+    /// Refused besides a mismatch: a parameter name given twice
+    /// ([`SignatureError::DuplicateParameter`]); an `x-acs-action`/`x-acs-version` header
+    /// that names something else than the `Action`/`Version` parameter
+    /// ([`SignatureError::Conflict`]); for V2, which signs no header, such a header
+    /// without the parameter ([`SignatureError::HeaderNotSigned`]).
+    pub fn verify(&self, req: &RequestParts, secret: &str) -> Result<SignedCall, SignatureError> {
+        let params = request_params(req)?;
         match &self.proof {
-            Proof::V3(proof) => v3::verify(proof, req, secret),
-            Proof::V2(proof) => v2::verify(proof, req, secret),
+            Proof::V3(proof) => v3::verify(proof, req, secret)?,
+            Proof::V2(proof) => v2::verify(proof, req, &params, secret)?,
+        }
+        let action = self.signed_value(req, &params, "Action", "x-acs-action")?;
+        let version = self.signed_value(req, &params, "Version", "x-acs-version")?;
+        Ok(SignedCall {
+            action,
+            version,
+            params,
+        })
+    }
+
+    /// The value of `param`, or of `header` where the signature covers it (V3, whose
+    /// [`parse`] refused the header unsigned). When both are given they must agree.
+    fn signed_value(
+        &self,
+        req: &RequestParts,
+        params: &[(String, String)],
+        param: &'static str,
+        header: &'static str,
+    ) -> Result<Option<String>, SignatureError> {
+        let from_param = params
+            .iter()
+            .find(|(k, _)| k == param)
+            .map(|(_, v)| v.trim())
+            .filter(|v| !v.is_empty());
+        let from_header = req.single_header(header)?.map(str::trim);
+        match (from_param, from_header) {
+            (Some(p), Some(h)) if p != h => Err(SignatureError::Conflict {
+                header,
+                header_value: shown(h),
+                param,
+                param_value: shown(p),
+            }),
+            (Some(p), _) => Ok(Some(p.to_owned())),
+            (None, Some(_)) if self.version == SignatureVersion::V2 => {
+                Err(SignatureError::HeaderNotSigned(header.to_owned()))
+            }
+            (None, Some(h)) => Ok(Some(h.to_owned()).filter(|h| !h.is_empty())),
+            (None, None) => Ok(None),
         }
     }
 
@@ -249,6 +310,153 @@ mod tests {
             parse(&req).unwrap_err(),
             SignatureError::UnsupportedAlgorithm("ACS3-HMAC-SM3".into())
         );
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 7).unwrap()
+    }
+
+    fn call(req: &RequestParts, secret: &str) -> Result<SignedCall, SignatureError> {
+        parse(req)?.verify(req, secret)
+    }
+
+    fn header(name: &str, value: &str) -> (String, String) {
+        (name.to_owned(), value.to_owned())
+    }
+
+    /// Verifies a V2 POST with `query` and `headers`.
+    fn v2(query: &str, headers: &[(String, String)]) -> Result<SignedCall, SignatureError> {
+        let req = RequestParts {
+            method: "POST",
+            path: "/",
+            raw_query: query,
+            headers,
+            body: b"",
+        };
+        call(&req, "s")
+    }
+
+    #[test]
+    fn v2_action_comes_from_the_signed_parameter_only() {
+        let delete = [header("x-acs-action", "DeleteBackup")];
+        // Signed without `Action`: a header cannot supply one.
+        let no_action = sign_v2("POST", &[("DBInstanceId", "pg-1")], "AK", "s", now(), "n");
+        assert_eq!(v2(&no_action, &[]).unwrap().action, None);
+        assert_eq!(
+            v2(&no_action, &delete),
+            Err(SignatureError::HeaderNotSigned("x-acs-action".into()))
+        );
+        // Signed with `Action`: the header may repeat it, never change it.
+        let params = [("Action", "DescribeBackups"), ("Version", "2014-08-15")];
+        let with_action = sign_v2("POST", &params, "AK", "s", now(), "n");
+        let same = [
+            header("X-Acs-Action", "DescribeBackups"),
+            header("x-acs-version", "2014-08-15"),
+        ];
+        let ok = v2(&with_action, &same).unwrap();
+        assert_eq!(ok.action.as_deref(), Some("DescribeBackups"));
+        assert_eq!(ok.version.as_deref(), Some("2014-08-15"));
+        assert!(matches!(
+            v2(&with_action, &delete),
+            Err(SignatureError::Conflict {
+                header: "x-acs-action",
+                param: "Action",
+                ..
+            })
+        ));
+        let twice = [
+            header("x-acs-action", "DescribeBackups"),
+            header("x-acs-action", "DeleteBackup"),
+        ];
+        assert!(
+            matches!(v2(&with_action, &twice), Err(SignatureError::Malformed(m)) if m.contains("more than once"))
+        );
+        // An empty signed `Action` is no action: the header still cannot fill it in.
+        let empty = sign_v2("POST", &[("Action", "")], "AK", "s", now(), "n");
+        assert_eq!(
+            v2(&empty, &delete),
+            Err(SignatureError::HeaderNotSigned("x-acs-action".into()))
+        );
+    }
+
+    /// Signs a V3 POST with `query` and the given extra headers; returns all headers.
+    fn v3_headers(query: &str, extra: &[(String, String)]) -> Vec<(String, String)> {
+        let mut headers = vec![header("host", "h")];
+        headers.extend_from_slice(extra);
+        let req = RequestParts {
+            method: "POST",
+            path: "/",
+            raw_query: query,
+            headers: &headers,
+            body: b"",
+        };
+        let added = sign_v3(&req, "AK", "s", now(), "n").unwrap();
+        headers.extend(added);
+        headers
+    }
+
+    #[test]
+    fn v3_action_from_signed_header_or_parameter() {
+        let headers = v3_headers("A=1", &[header("x-acs-action", "DescribeBackups")]);
+        let req = RequestParts {
+            method: "POST",
+            path: "/",
+            raw_query: "A=1",
+            headers: &headers,
+            body: b"",
+        };
+        let got = call(&req, "s").unwrap();
+        assert_eq!(got.action.as_deref(), Some("DescribeBackups"));
+        assert_eq!(got.params, vec![("A".to_owned(), "1".to_owned())]);
+        // A signed header and a signed parameter that disagree.
+        let query = "Action=DeleteBackup";
+        let headers = v3_headers(query, &[header("x-acs-action", "DescribeBackups")]);
+        let req = RequestParts {
+            raw_query: query,
+            headers: &headers,
+            ..req
+        };
+        assert!(matches!(
+            call(&req, "s"),
+            Err(SignatureError::Conflict {
+                header: "x-acs-action",
+                ..
+            })
+        ));
+        // No header: the signed parameter.
+        let query = "Action=DescribeBackups";
+        let headers = v3_headers(query, &[]);
+        let req = RequestParts {
+            raw_query: query,
+            headers: &headers,
+            ..req
+        };
+        assert_eq!(
+            call(&req, "s").unwrap().action.as_deref(),
+            Some("DescribeBackups")
+        );
+    }
+
+    #[test]
+    fn v3_repeated_parameter_is_refused_in_any_order() {
+        // V3 sorts repeated names by value, so both orders carry the same signature;
+        // neither may run.
+        let signed_order = "BackupId=1&BackupId=2";
+        let headers = v3_headers(signed_order, &[header("x-acs-action", "DeleteBackup")]);
+        for query in [signed_order, "BackupId=2&BackupId=1"] {
+            let req = RequestParts {
+                method: "POST",
+                path: "/",
+                raw_query: query,
+                headers: &headers,
+                body: b"",
+            };
+            assert_eq!(
+                call(&req, "s"),
+                Err(SignatureError::DuplicateParameter("BackupId".into())),
+                "{query}"
+            );
+        }
     }
 
     #[test]

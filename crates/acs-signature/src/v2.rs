@@ -16,8 +16,7 @@ use sha1::Sha1;
 use crate::encoding::{last_wins, percent_encode};
 use crate::error::shown;
 use crate::{
-    format_timestamp, parse_timestamp, request_params, Claim, RequestParts, SignatureError,
-    SignatureVersion,
+    format_timestamp, parse_timestamp, Claim, RequestParts, SignatureError, SignatureVersion,
 };
 
 /// What [`verify`] needs: the decoded `Signature` parameter.
@@ -35,7 +34,7 @@ impl Proof {
     }
 }
 
-/// Reads the claim from the request's parameters (as [`request_params`] returns them).
+/// Reads the claim from the request's parameters (as [`crate::request_params`] returns them).
 pub(crate) fn parse(params: Vec<(String, String)>) -> Result<Claim, SignatureError> {
     let required = |name: &str| -> Result<&str, SignatureError> {
         params
@@ -75,13 +74,14 @@ pub(crate) fn parse(params: Vec<(String, String)>) -> Result<Claim, SignatureErr
     })
 }
 
+/// `params` are the request's own, as [`crate::request_params`] returned them (unique names).
 pub(crate) fn verify(
     proof: &Proof,
     req: &RequestParts,
+    params: &[(String, String)],
     secret: &str,
 ) -> Result<(), SignatureError> {
-    let params = request_params(req)?;
-    mac(secret, &string_to_sign(req.method, &params))
+    mac(secret, &string_to_sign(req.method, params))
         .verify_slice(&proof.signature)
         .map_err(|_| SignatureError::Mismatch)
 }
@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(claim.access_key_id, "AKID");
         assert_eq!(claim.nonce, "nonce-1");
         assert_eq!(claim.timestamp, now());
-        assert_eq!(claim.verify(&req, "s3cr3t"), Ok(()));
+        assert_eq!(claim.verify(&req, "s3cr3t").map(drop), Ok(()));
         assert_eq!(claim.verify(&req, "s3cr3t-"), Err(SignatureError::Mismatch));
         let post = RequestParts {
             method: "POST",
@@ -216,7 +216,7 @@ mod tests {
         );
         // Spaces may arrive as `+` instead of `%20`: same parameters.
         let plus = query.replace("a%20b", "a+b");
-        assert_eq!(claim.verify(&get(&plus), "s3cr3t"), Ok(()));
+        assert_eq!(claim.verify(&get(&plus), "s3cr3t").map(drop), Ok(()));
     }
 
     #[test]
@@ -237,7 +237,10 @@ mod tests {
         assert!(query.starts_with("A=2&AccessKeyId=AK&SignatureMethod=HMAC-SHA1&SignatureNonce=n&SignatureVersion=1.0&Timestamp=2026-03-04T05%3A06%3A07Z&Signature="), "{query}");
         assert_eq!(query.matches("Signature=").count(), 1);
         let req = get(&query);
-        assert_eq!(crate::parse(&req).unwrap().verify(&req, "s"), Ok(()));
+        assert_eq!(
+            crate::parse(&req).unwrap().verify(&req, "s").map(drop),
+            Ok(())
+        );
     }
 
     #[test]
@@ -255,7 +258,7 @@ mod tests {
             body: query.as_bytes(),
         };
         let claim = crate::parse(&req).unwrap();
-        assert_eq!(claim.verify(&req, "s3cr3t"), Ok(()));
+        assert_eq!(claim.verify(&req, "s3cr3t").map(drop), Ok(()));
         // The same body without the form content type carries no parameters at all.
         let req = RequestParts {
             headers: &[],

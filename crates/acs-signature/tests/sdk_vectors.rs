@@ -177,7 +177,12 @@ fn sdk_requests_verify_with_the_right_secret_only() {
             "{}: SDK nonces are 32 hex digits",
             f.name
         );
-        assert_eq!(claim.verify(&req, &f.secret), Ok(()), "{}", f.name);
+        assert_eq!(
+            claim.verify(&req, &f.secret).map(drop),
+            Ok(()),
+            "{}",
+            f.name
+        );
         assert_eq!(
             claim.verify(&req, "secret-exampl"),
             Err(SignatureError::Mismatch),
@@ -272,7 +277,12 @@ fn equivalent_query_encodings_still_verify() {
             raw_query: &query,
             ..f.req()
         };
-        assert_eq!(claim.verify(&req, &f.secret), Ok(()), "{}", f.name);
+        assert_eq!(
+            claim.verify(&req, &f.secret).map(drop),
+            Ok(()),
+            "{}",
+            f.name
+        );
     }
 }
 
@@ -330,7 +340,12 @@ fn altered_signed_header_fails_v3() {
             headers: &headers,
             ..f.req()
         };
-        assert_eq!(claim.verify(&req, &f.secret), Ok(()), "{}", f.name);
+        assert_eq!(
+            claim.verify(&req, &f.secret).map(drop),
+            Ok(()),
+            "{}",
+            f.name
+        );
         // A signed header that is missing makes the request malformed.
         let headers = f.without_header("x-acs-action");
         let req = RequestParts {
@@ -357,19 +372,65 @@ fn altered_signed_header_fails_v3() {
     }
 }
 
+/// V2 signs no header, so `x-acs-action`/`x-acs-version` (which the SDK sends beside the
+/// parameters) may only repeat the signed `Action`/`Version`: never choose or change them.
 #[test]
-fn headers_are_not_signed_in_v2() {
+fn v2_headers_cannot_choose_the_action() {
     for f in load_fixtures()
         .into_iter()
         .filter(|f| f.version == SignatureVersion::V2)
     {
         let claim = parse(&f.req()).unwrap();
-        let headers = f.with_header("x-acs-action", "DeleteDBInstance");
+        let call = claim.verify(&f.req(), &f.secret).unwrap();
+        let action = param(&call.params, "Action");
+        assert_eq!(call.action.as_deref(), Some(action), "{}", f.name);
+        assert_eq!(f.header("x-acs-action"), action, "{}", f.name);
+        assert_eq!(call.version.as_deref(), Some("2014-08-15"), "{}", f.name);
+        for (header, param_name) in [("x-acs-action", "Action"), ("x-acs-version", "Version")] {
+            let headers = f.with_header(header, "DeleteDBInstance");
+            let req = RequestParts {
+                headers: &headers,
+                ..f.req()
+            };
+            match claim.verify(&req, &f.secret) {
+                Err(SignatureError::Conflict {
+                    header: h,
+                    param: p,
+                    header_value,
+                    ..
+                }) => {
+                    assert_eq!(
+                        (h, p, header_value.as_str()),
+                        (header, param_name, "DeleteDBInstance")
+                    )
+                }
+                other => panic!("{}: {header} changed: {other:?}", f.name),
+            }
+            // Without the header the signed parameter alone decides.
+            let headers = f.without_header(header);
+            let req = RequestParts {
+                headers: &headers,
+                ..f.req()
+            };
+            assert_eq!(
+                claim.verify(&req, &f.secret),
+                Ok(call.clone()),
+                "{}",
+                f.name
+            );
+        }
+        // Other headers are not signed and change nothing.
+        let headers = f.with_header("user-agent", "someone else");
         let req = RequestParts {
             headers: &headers,
             ..f.req()
         };
-        assert_eq!(claim.verify(&req, &f.secret), Ok(()), "{}", f.name);
+        assert_eq!(
+            claim.verify(&req, &f.secret),
+            Ok(call.clone()),
+            "{}",
+            f.name
+        );
         let req = RequestParts {
             method: "GET",
             ..f.req()
@@ -448,7 +509,12 @@ fn altered_body_fails() {
                     body: b"ignored",
                     ..f.req()
                 };
-                assert_eq!(claim.verify(&req, &f.secret), Ok(()), "{}", f.name);
+                assert_eq!(
+                    claim.verify(&req, &f.secret).map(drop),
+                    Ok(()),
+                    "{}",
+                    f.name
+                );
             }
         }
     }

@@ -13,7 +13,7 @@ use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
 
 use crate::cross_region;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::params::{page, Params};
 use crate::ApiState;
 
@@ -88,7 +88,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         other => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "InvalidAction.NotFound",
-            format!("Specified api {other} is not found."),
+            format!("Specified api {} is not found.", shown(other)),
         )),
     }
 }
@@ -120,7 +120,10 @@ fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         other => {
             return Err(not_supported(
                 "InvalidBackupMethod.NotSupported",
-                format!("BackupMethod {other:?} is not supported for PostgreSQL; use Physical."),
+                format!(
+                    "BackupMethod {} is not supported for PostgreSQL; use Physical.",
+                    quoted(other)
+                ),
             ))
         }
     }
@@ -129,7 +132,10 @@ fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         other => {
             return Err(ApiError::bad(
                 "InvalidBackupType.Malformed",
-                format!("BackupType must be Auto or FullBackup, got {other:?}"),
+                format!(
+                    "BackupType must be Auto or FullBackup, got {}",
+                    quoted(other)
+                ),
             ))
         }
     }
@@ -401,7 +407,10 @@ fn policy_mode(p: &Params) -> ApiResult<&str> {
         m @ ("DataBackupPolicy" | "LogBackupPolicy") => Ok(m),
         other => Err(ApiError::bad(
             "InvalidBackupPolicyMode.Malformed",
-            format!("BackupPolicyMode must be DataBackupPolicy or LogBackupPolicy, got {other:?}"),
+            format!(
+                "BackupPolicyMode must be DataBackupPolicy or LogBackupPolicy, got {}",
+                quoted(other)
+            ),
         )),
     }
 }
@@ -544,7 +553,10 @@ fn restore_source(p: &Params) -> ApiResult<RestoreSource> {
         Some(v) => Some(crate::params::parse_time(v).ok_or_else(|| {
             ApiError::bad(
                 "InvalidRestoreTime.Format",
-                format!("RestoreTime must be yyyy-MM-ddTHH:mm:ssZ (UTC), got {v:?}"),
+                format!(
+                    "RestoreTime must be yyyy-MM-ddTHH:mm:ssZ (UTC), got {}",
+                    quoted(v)
+                ),
             )
         })?),
         None => None,
@@ -706,7 +718,8 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         return Err(ApiError::bad(
             "InvalidDBInstanceId.Malformed",
             format!(
-                "DBInstanceId {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)"
+                "DBInstanceId {} may only use letters, digits, '-', '_' and '.' (at most 64)",
+                quoted(id)
             ),
         ));
     }
@@ -724,7 +737,10 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
     if sslmode.parse::<pg_replication::SslMode>().is_err() {
         return Err(ApiError::bad(
             "InvalidSSLMode.Malformed",
-            format!("SSLMode must be disable, allow, prefer, require, verify-ca or verify-full, got {sslmode:?}"),
+            format!(
+                "SSLMode must be disable, allow, prefer, require, verify-ca or verify-full, got {}",
+                quoted(&sslmode)
+            ),
         ));
     }
     let instance = Instance {

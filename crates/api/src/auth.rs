@@ -1,9 +1,10 @@
 //! Who is calling: the request's signature (V3 `ACS3-HMAC-SHA256` or V2
 //! `HMAC-SHA1`) checked against the AccessKey secret in the catalog, its
 //! timestamp within 15 minutes of the server clock, its nonce never seen
-//! before inside that window.
+//! before inside that window. What the request may run (action, version,
+//! parameters) comes out of the verification itself, as the signature covers it.
 
-use acs_signature::RequestParts;
+use acs_signature::{RequestParts, SignedCall};
 use axum::http::StatusCode;
 use chrono::{Duration, Utc};
 use strata_catalog::Catalog;
@@ -19,7 +20,11 @@ pub struct Principal {
     pub read_only: bool,
 }
 
-pub fn authenticate(catalog: &dyn Catalog, req: &RequestParts) -> ApiResult<Principal> {
+/// The caller of `req` and what it signed.
+pub fn authenticate(
+    catalog: &dyn Catalog,
+    req: &RequestParts,
+) -> ApiResult<(Principal, SignedCall)> {
     let claim = acs_signature::parse(req)?;
     let key = catalog
         .get_access_key(&claim.access_key_id)?
@@ -30,7 +35,7 @@ pub fn authenticate(catalog: &dyn Catalog, req: &RequestParts) -> ApiResult<Prin
                 "Specified access key is not found.",
             )
         })?;
-    claim.verify(req, &key.secret)?;
+    let call = claim.verify(req, &key.secret)?;
     let now = Utc::now();
     claim.check_time(now, Duration::minutes(MAX_SKEW_MINUTES))?;
     // Kept in the catalog, so a restart does not reopen the replay window.
@@ -41,8 +46,9 @@ pub fn authenticate(catalog: &dyn Catalog, req: &RequestParts) -> ApiResult<Prin
             "Specified signature nonce was used already.",
         ));
     }
-    Ok(Principal {
+    let principal = Principal {
         access_key_id: key.id,
         read_only: key.read_only,
-    })
+    };
+    Ok((principal, call))
 }

@@ -11,7 +11,7 @@ use strata_catalog::{CrossBackup, CrossBackupPolicy};
 use strata_service::policy::format_seconds;
 use strata_service::{CopyChoice, CrossPolicyChange, Service};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{quoted, ApiError, ApiResult};
 use crate::params::{page, Params};
 
 type Fields = Map<String, Value>;
@@ -52,7 +52,10 @@ pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     if let Some(t) = p.get("CrossBackupType").filter(|t| *t != "1") {
         return Err(ApiError::bad(
             "InvalidCrossBackupType.Malformed",
-            format!("CrossBackupType must be 1 (every backup is copied), got {t:?}"),
+            format!(
+                "CrossBackupType must be 1 (every backup is copied), got {}",
+                quoted(t)
+            ),
         ));
     }
     if let Some(t) = p.int("RetentType")?.filter(|t| *t != 1) {
@@ -263,7 +266,7 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
     {
         return Err(ApiError::bad(
             "InvalidEngine.Malformed",
-            format!("Engine must be PostgreSQL, got {engine:?}"),
+            format!("Engine must be PostgreSQL, got {}", quoted(engine)),
         ));
     }
     // Billing, class, storage and network parameters describe resources
@@ -275,7 +278,8 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
                 ApiError::bad(
                     "InvalidBackupSetID.Malformed",
                     format!(
-                        "BackupSetId must be a cross-region backup id (an integer), got {raw:?}"
+                        "BackupSetId must be a cross-region backup id (an integer), got {}",
+                        quoted(raw)
                     ),
                 )
             })?;
@@ -298,7 +302,8 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
                 return Err(ApiError::bad(
                     "InvalidSourceRegion.NotFound",
                     format!(
-                        "SourceRegion {source_region:?} is not this server's region ({})",
+                        "SourceRegion {} is not this server's region ({})",
+                        quoted(source_region),
                         svc.regions().primary
                     ),
                 ));
@@ -307,7 +312,10 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
             let t = crate::params::parse_time(raw).ok_or_else(|| {
                 ApiError::bad(
                     "InvalidRestoreTime.Format",
-                    format!("RestoreTime must be yyyy-MM-ddTHH:mm:ssZ (UTC), got {raw:?}"),
+                    format!(
+                        "RestoreTime must be yyyy-MM-ddTHH:mm:ssZ (UTC), got {}",
+                        quoted(raw)
+                    ),
                 )
             })?;
             // RegionId names the region the new instance is created in:
@@ -321,7 +329,10 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         other => {
             return Err(ApiError::bad(
                 "InvalidRestoreType.Malformed",
-                format!("RestoreType must be BackupSet or BackupTime, got {other:?}"),
+                format!(
+                    "RestoreType must be BackupSet or BackupTime, got {}",
+                    quoted(other)
+                ),
             ))
         }
     };

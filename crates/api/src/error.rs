@@ -1,11 +1,75 @@
 //! The RDS error envelope: an HTTP status and `{"RequestId", "HostId",
 //! "Code", "Message"}`, with RDS's codes wherever RDS has one.
+//!
+//! Messages repeat what the caller sent (a parameter value, an action name, an
+//! id) and are both answered and logged, so every message passes through
+//! [`ApiError::new`], which escapes control characters and bounds its length:
+//! no request can write a line of its own into the log or make a message
+//! carry its megabytes back. Sites that quote input use [`quoted`] or
+//! [`shown`], which cut each piece at [`MAX_ECHO`] characters.
 
 use acs_signature::SignatureError;
 use axum::http::StatusCode;
 use strata_catalog::CatalogError;
 use strata_engine::EngineError;
 use strata_service::{PolicyError, ServiceError};
+
+/// Longest piece of request input a message repeats, in characters.
+pub const MAX_ECHO: usize = 200;
+
+/// Longest message, in characters (the longest fixed text is the list of
+/// supported actions, well below this).
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Request input as a message repeats it: control characters, quotes and
+/// backslashes escaped as Rust's `{:?}` does, cut after [`MAX_ECHO`]
+/// characters with `…`, unquoted.
+pub fn shown(input: &str) -> String {
+    let (part, more) = cut(input);
+    let debug = format!("{part:?}");
+    // `{:?}` of a str always starts and ends with an ASCII `"`.
+    format!("{}{more}", &debug[1..debug.len() - 1])
+}
+
+/// Like [`shown`], in double quotes: the `{:?}` of short input.
+pub fn quoted(input: &str) -> String {
+    let (part, more) = cut(input);
+    format!("{part:?}{more}")
+}
+
+/// The first [`MAX_ECHO`] characters of `input`, and `…` when there were more.
+fn cut(input: &str) -> (&str, &'static str) {
+    match input.char_indices().nth(MAX_ECHO) {
+        Some((end, _)) => (&input[..end], "…"),
+        None => (input, ""),
+    }
+}
+
+/// A message as it may be answered and logged: control characters escaped
+/// (CR as `\r`, LF as `\n`, others as `\u{…}`), cut after [`MAX_MESSAGE`]
+/// characters with `…`.
+fn bounded(message: String) -> String {
+    let clean = |c: char| !c.is_control();
+    if message.chars().all(clean) && message.chars().nth(MAX_MESSAGE).is_none() {
+        return message;
+    }
+    let mut out = String::with_capacity(MAX_MESSAGE + 8);
+    let mut len = 0;
+    for c in message.chars() {
+        let piece: String = if clean(c) {
+            c.to_string()
+        } else {
+            c.escape_debug().collect()
+        };
+        len += piece.chars().count();
+        if len > MAX_MESSAGE {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -17,11 +81,12 @@ pub struct ApiError {
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
+    /// `message` is escaped and bounded (see the module's notes).
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
-            code: code.to_string(),
-            message: message.into(),
+            code: bounded(code.to_string()),
+            message: bounded(message.into()),
         }
     }
 
@@ -43,16 +108,16 @@ impl From<CatalogError> for ApiError {
             CatalogError::InstanceNotFound(id) => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "InvalidDBInstance.NotFound",
-                format!("The specified instance {id} is not found."),
+                format!("The specified instance {} is not found.", shown(id)),
             ),
             CatalogError::InstanceExists(id) => ApiError::bad(
                 "InvalidDBInstanceId.Duplicate",
-                format!("An instance with id {id} is already registered."),
+                format!("An instance with id {} is already registered.", shown(id)),
             ),
             CatalogError::BackupNotFound(id) => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "InvalidBackupSetID.NotFound",
-                format!("The specified backup set {id} is not found."),
+                format!("The specified backup set {} is not found.", shown(id)),
             ),
             CatalogError::JobNotFound(id) => ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -65,12 +130,14 @@ impl From<CatalogError> for ApiError {
 }
 
 fn internal(e: &dyn std::fmt::Display) -> ApiError {
-    tracing::error!("internal error: {e}");
-    ApiError::new(
+    let error = ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "InternalError",
         format!("The request processing has failed due to some unknown error: {e}"),
-    )
+    );
+    // The bounded, escaped text: an internal error may quote a name from the request.
+    tracing::error!("internal error: {}", error.message);
+    error
 }
 
 impl From<EngineError> for ApiError {
@@ -125,11 +192,60 @@ impl From<SignatureError> for ApiError {
                 "SignatureDoesNotMatch",
                 format!("Specified signature does not match our calculation ({e})."),
             ),
+            SignatureError::DuplicateParameter(name) => ApiError::bad(
+                "InvalidParameter",
+                format!("The parameter {name} is given more than once; send each parameter once."),
+            ),
+            SignatureError::Conflict { .. } => ApiError::bad("InvalidParameter", e.to_string()),
             SignatureError::TimestampFormat(_) => ApiError::bad("InvalidTimeStamp.Format", e.to_string()),
             SignatureError::TimestampExpired => ApiError::bad(
                 "InvalidTimeStamp.Expired",
                 "Specified time stamp or date value is expired: it must be within 15 minutes of the server's clock.",
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_is_cut_and_escaped() {
+        assert_eq!(shown("pg-1"), "pg-1");
+        assert_eq!(quoted("pg-1"), "\"pg-1\"");
+        assert_eq!(
+            shown("a\r\nFAKE \"x\"\u{1b}[31m"),
+            "a\\r\\nFAKE \\\"x\\\"\\u{1b}[31m"
+        );
+        let long = format!("é{}", "x".repeat(10_000));
+        let cut = shown(&long);
+        assert_eq!(cut.chars().count(), MAX_ECHO + 1, "{cut}");
+        assert!(cut.starts_with("éxx") && cut.ends_with("x…"));
+        assert_eq!(quoted(&long).chars().count(), MAX_ECHO + 3);
+        assert_eq!(shown(&"y".repeat(MAX_ECHO)), "y".repeat(MAX_ECHO));
+    }
+
+    #[test]
+    fn every_message_is_one_bounded_line() {
+        let e = ApiError::bad(
+            "X",
+            format!("got {}\r\nFAKE LOG LINE{}", "a", "b".repeat(10_000)),
+        );
+        assert!(!e.message.contains(['\r', '\n']), "{}", &e.message[..80]);
+        assert!(e.message.starts_with("got a\\r\\nFAKE LOG LINEbbb"));
+        assert!(e.message.chars().count() <= MAX_MESSAGE + 1);
+        assert!(e.message.chars().count() > MAX_MESSAGE - 4);
+        assert!(e.message.ends_with('…'));
+        let e = ApiError::bad("X", "short and clean");
+        assert_eq!(e.message, "short and clean");
+        let e: ApiError =
+            CatalogError::InstanceNotFound(format!("x\nFAKE{}", "z".repeat(500))).into();
+        assert!(
+            e.message.starts_with("The specified instance x\\nFAKEzz"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.len() < 300, "{}", e.message);
     }
 }

@@ -1,6 +1,7 @@
 //! Strata's HTTP front. `POST /` (and `GET /`) is the RDS 2014-08-15 RPC
 //! endpoint: parameters in the query string or a form body, the action from
-//! `Action` or `x-acs-action`, every request signed with an AccessKey, JSON
+//! `Action` or (V3 only, where it is signed) `x-acs-action`, every request
+//! signed with an AccessKey and run only as signed, JSON
 //! answers with a `RequestId`. `/metrics` serves Prometheus figures and
 //! `/healthz` answers when the server is up.
 //!
@@ -26,13 +27,14 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Map, Value};
 use strata_service::Service;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
 pub use auth::Principal;
 pub use download::LinkSigner;
-pub use error::{ApiError, ApiResult};
+pub use error::{quoted, shown, ApiError, ApiResult};
 pub use params::Params;
 
 /// The API version Strata speaks.
@@ -44,15 +46,62 @@ pub struct ApiState {
     pub links: LinkSigner,
     /// Reported as `HostId` in errors.
     pub host_id: String,
+    /// Where `/metrics` is served and who may read it.
+    pub metrics: MetricsAccess,
 }
 
+/// Who may scrape `/metrics`, and on which listener. The default is open on
+/// the API's listener: the figures name instance ids, so an operator who
+/// does not want every API client to see them sets a token or moves the
+/// endpoint to an address only the scraper reaches, or both.
+#[derive(Clone, Default)]
+pub struct MetricsAccess {
+    /// A scrape must send `Authorization: Bearer <token>`; `None`: open.
+    pub token: Option<String>,
+    /// `/metrics` is served by [`metrics_router`] on a listener of its own,
+    /// and [`router`] (the API's listener) does not serve it.
+    pub own_listener: bool,
+}
+
+impl MetricsAccess {
+    /// Whether `headers` carry the token (or none is needed). The comparison
+    /// takes the same time wherever the first wrong byte is.
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        headers
+            .get_all(axum::http::header::AUTHORIZATION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| {
+                let (scheme, credentials) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("Bearer")
+                    .then_some(credentials.trim())
+            })
+            .any(|presented| bool::from(presented.as_bytes().ct_eq(token.as_bytes())))
+    }
+}
+
+/// The API: the RPC endpoint, download links, `/healthz`, and `/metrics`
+/// unless it has a listener of its own.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/", get(rpc).post(rpc))
-        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/download/backups/{instance}/{file}", get(download::backup))
-        .route("/download/wal/{instance}/{file}", get(download::wal))
+        .route("/download/wal/{instance}/{file}", get(download::wal));
+    if !state.metrics.own_listener {
+        router = router.route("/metrics", get(metrics));
+    }
+    router.with_state(state)
+}
+
+/// `/metrics` alone, for a listener of its own (`MetricsAccess::own_listener`).
+pub fn metrics_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -100,7 +149,7 @@ async fn rpc(
         headers: &header_pairs,
         body: &body,
     };
-    let outcome = handle(&state, &parts, &headers).await;
+    let outcome = handle(&state, &parts).await;
     match outcome {
         Ok((action, mut fields)) => {
             fields.insert("RequestId".into(), Value::String(rid.clone()));
@@ -120,34 +169,50 @@ async fn rpc(
 async fn handle(
     state: &Arc<ApiState>,
     parts: &RequestParts<'_>,
-    headers: &HeaderMap,
 ) -> ApiResult<(String, Map<String, Value>)> {
-    let params = params::Params::new(acs_signature::request_params(parts)?);
-    let header = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+    // Before the signature: repeated parameter names, and the answers RDS gives any
+    // client (signed or not) that names no action or another API version. Nothing
+    // read here is used once the signature is checked.
+    let unsigned = acs_signature::request_params(parts)?;
+    let named = |param: &str, header: &str| {
+        fn non_empty(v: &str) -> Option<&str> {
+            Some(v.trim()).filter(|v| !v.is_empty())
+        }
+        unsigned
+            .iter()
+            .find(|(k, _)| k == param)
+            .and_then(|(_, v)| non_empty(v))
+            .or_else(|| {
+                parts
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(header))
+                    .and_then(|(_, v)| non_empty(v))
+            })
+            .map(str::to_owned)
     };
-    let action = params
-        .get("Action")
-        .map(str::to_string)
-        .or_else(|| header("x-acs-action"))
-        .ok_or_else(|| ApiError::missing("Action"))?;
-    let version = params
-        .get("Version")
-        .map(str::to_string)
-        .or_else(|| header("x-acs-version"))
-        .ok_or_else(|| ApiError::missing("Version"))?;
-    if version != API_VERSION {
-        return Err(ApiError::bad(
-            "InvalidVersion",
-            format!("Specified parameter Version {version:?} is not valid: Strata speaks {API_VERSION}."),
-        ));
-    }
-    let principal = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
-    let fields = invoke(state, &principal, &action, params).await?;
+    named("Action", "x-acs-action").ok_or_else(|| ApiError::missing("Action"))?;
+    check_version(named("Version", "x-acs-version").as_deref())?;
+    let (principal, call) = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
+    // From here on, only what the signature covers.
+    let action = call.action.ok_or_else(|| ApiError::missing("Action"))?;
+    check_version(call.version.as_deref())?;
+    let fields = invoke(state, &principal, &action, params::Params::new(call.params)).await?;
     Ok((action, fields))
+}
+
+fn check_version(version: Option<&str>) -> ApiResult<()> {
+    match version {
+        Some(API_VERSION) => Ok(()),
+        Some(other) => Err(ApiError::bad(
+            "InvalidVersion",
+            format!(
+                "Specified parameter Version {} is not valid: Strata speaks {API_VERSION}.",
+                error::shown(other)
+            ),
+        )),
+        None => Err(ApiError::missing("Version")),
+    }
 }
 
 /// Runs `action` for an authenticated `principal`: the permission check and
@@ -165,7 +230,8 @@ pub async fn invoke(
             StatusCode::NOT_FOUND,
             "InvalidAction.NotFound",
             format!(
-                "Specified api {action} is not found. Supported actions: {}.",
+                "Specified api {} is not found. Supported actions: {}.",
+                error::shown(action),
                 actions::ACTIONS.join(", ")
             ),
         ));
@@ -186,7 +252,18 @@ pub async fn invoke(
     actions::dispatch(state, action, &params).await
 }
 
-async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+async fn metrics(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if !state.metrics.admits(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"strata metrics\"",
+            )],
+            "/metrics needs Authorization: Bearer <metrics token>\n",
+        )
+            .into_response();
+    }
     let svc = state.service.clone();
     match tokio::task::spawn_blocking(move || svc.metrics()).await {
         Ok(Ok(text)) => (
@@ -276,5 +353,44 @@ pub async fn serve(
                 tracing::debug!(%peer, "connection: {e}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::header::AUTHORIZATION;
+
+    fn with_auth(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(AUTHORIZATION, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn metrics_token_is_a_bearer_token() {
+        let open = MetricsAccess::default();
+        assert!(open.admits(&HeaderMap::new()));
+        let locked = MetricsAccess {
+            token: Some("s3cr3t-token".into()),
+            own_listener: false,
+        };
+        assert!(locked.admits(&with_auth(&["Bearer s3cr3t-token"])));
+        assert!(locked.admits(&with_auth(&["bearer  s3cr3t-token "])));
+        assert!(locked.admits(&with_auth(&["Basic eA==", "Bearer s3cr3t-token"])));
+        for refused in [
+            &[][..],
+            &["Bearer s3cr3t-toke"],
+            &["Bearer s3cr3t-token2"],
+            &["Bearer"],
+            &["Bearer "],
+            &["s3cr3t-token"],
+            &["Basic s3cr3t-token"],
+            &["Bearer S3CR3T-TOKEN"],
+        ] {
+            assert!(!locked.admits(&with_auth(refused)), "{refused:?}");
+        }
     }
 }

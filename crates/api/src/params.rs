@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{quoted, ApiError, ApiResult};
 
 /// A time given in a request.
 type Time = DateTime<Utc>;
@@ -39,7 +39,7 @@ impl Params {
             "false" | "0" | "disable" | "disabled" | "off" => Ok(Some(false)),
             _ => Err(ApiError::bad(
                 &format!("Invalid{name}.Malformed"),
-                format!("{name} must be True or False (or 1/0), got {v:?}"),
+                format!("{name} must be True or False (or 1/0), got {}", quoted(v)),
             )),
         }
     }
@@ -50,7 +50,7 @@ impl Params {
                 v.trim().parse().map_err(|_| {
                     ApiError::bad(
                         &format!("Invalid{name}.Malformed"),
-                        format!("{name} must be an integer, got {v:?}"),
+                        format!("{name} must be an integer, got {}", quoted(v)),
                     )
                 })
             })
@@ -65,7 +65,7 @@ impl Params {
         parse_time(v).map(Some).ok_or_else(|| {
             ApiError::bad(
                 &format!("Invalid{name}.Format"),
-                format!("{name} must be a UTC time written yyyy-MM-ddTHH:mmZ or yyyy-MM-ddTHH:mm:ssZ, got {v:?}"),
+                format!("{name} must be a UTC time written yyyy-MM-ddTHH:mmZ or yyyy-MM-ddTHH:mm:ssZ, got {}", quoted(v)),
             )
         })
     }

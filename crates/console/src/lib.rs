@@ -409,8 +409,8 @@ async fn signin(
         form.get("access_key_secret"),
     ) else {
         tracing::info!(
-            "console sign-in refused for key {:?}",
-            form.get("access_key_id")
+            "console sign-in refused for key {}",
+            strata_api::quoted(form.get("access_key_id"))
         );
         return fail("That AccessKey ID and secret do not match a key of this server.");
     };

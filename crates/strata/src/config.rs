@@ -40,6 +40,7 @@ pub struct Config {
     /// Cross-region backup targets by region id.
     pub regions: std::collections::BTreeMap<String, RegionConfig>,
     pub usage: UsageConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// A cross-region backup target: a repository of its own, reached and
@@ -141,6 +142,50 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
 }
 
+/// `/metrics`: where it is served and whether a scrape needs a token.
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of a listener serving only `/metrics` (default: none, it is
+    /// served on the API's listener).
+    pub listen: Option<String>,
+    /// Bearer token a scrape must send (default: none, open).
+    pub token: Option<String>,
+    /// File holding that token instead (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for MetricsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+impl MetricsConfig {
+    /// The token a scrape must send, read from `token_file` when that is set.
+    pub fn token(&self) -> Result<Option<String>> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                bail!("[metrics] token and token_file are alternatives; set one")
+            }
+            (Some(t), None) => t.trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("[metrics] token_file {}", path.display()))?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("[metrics] the token must be one word of visible characters (e.g. `openssl rand -hex 32`)");
+        }
+        Ok(Some(token))
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
@@ -237,6 +282,9 @@ impl Config {
         }
         if config.server.tls_cert.is_some() != config.server.tls_key.is_some() {
             bail!("[server] tls_cert and tls_key must be set together");
+        }
+        if config.metrics.token.is_some() && config.metrics.token_file.is_some() {
+            bail!("[metrics] token and token_file are alternatives; set one");
         }
         if let Some(level) = config.compress_level {
             if !(1..=19).contains(&level) {

@@ -3,6 +3,7 @@
 
 mod config;
 mod keys;
+mod log;
 mod output;
 mod serve;
 
@@ -249,7 +250,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log::StderrOneLine)
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use strata_api::{ApiState, LinkSigner, TlsFiles};
+use strata_api::{ApiState, LinkSigner, MetricsAccess, TlsFiles};
 use strata_catalog::Instance;
 use strata_console::ConsoleState;
 use strata_engine::{as_user, chown_tree, Engine, LocalServer, ServerUse};
@@ -30,6 +30,10 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let metrics = MetricsAccess {
+        token: config.metrics.token()?,
+        own_listener: config.metrics.listen.is_some(),
+    };
     let created = keys::ensure_admin_key(engine.catalog.as_ref(), &data_dir)?;
     let regions = config.regions()?;
     crate::runtime()?.block_on(async move {
@@ -49,6 +53,14 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
+        let metrics_listener = match &config.metrics.listen {
+            Some(l) => Some(
+                tokio::net::TcpListener::bind(l)
+                    .await
+                    .with_context(|| format!("cannot listen on {l} ([metrics] listen)"))?,
+            ),
+            None => None,
+        };
         let sandbox = if demo {
             Some(Sandbox::start(&engine, &data_dir).await?)
         } else {
@@ -83,9 +95,13 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             service: Arc::clone(&service),
             links,
             host_id: addr.to_string(),
+            metrics,
         });
         let url = format!("{scheme}://{addr}/");
         println!("strata: API listening on {url}");
+        if let Some(l) = &metrics_listener {
+            println!("strata: metrics on {scheme}://{}/metrics", l.local_addr()?);
+        }
         println!("strata: console on {url}console/ (sign in with an AccessKey pair)");
         match &created {
             Some((key, path)) if demo => {
@@ -110,8 +126,16 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             println!("strata: press Ctrl-C to stop the server and the sandbox");
         }
         let console = ConsoleState::new(Arc::clone(&state), scheme == "https");
+        let metrics_app = strata_api::metrics_router(Arc::clone(&state));
         let app = strata_console::with_console(strata_api::router(state), console);
-        let served = strata_api::serve(listener, app, tls, stop_rx).await;
+        let api = strata_api::serve(listener, app, tls.clone(), stop_rx.clone());
+        let served = match metrics_listener {
+            // Either failing stops both: a server whose metrics cannot be
+            // served as configured should not look healthy.
+            Some(l) => tokio::try_join!(api, strata_api::serve(l, metrics_app, tls, stop_rx))
+                .map(|_| ()),
+            None => api.await,
+        };
         let _ = stop_tx.send(true);
         let _ = scheduler.await;
         if let Some(sb) = sandbox {

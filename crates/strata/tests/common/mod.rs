@@ -427,12 +427,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(strata: &Strata, extra: &[&str]) -> Server {
+        Self::start_env(strata, extra, &[])
+    }
+
+    /// Like [`Server::start`] with `env` added to the server's environment.
+    pub fn start_env(strata: &Strata, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let port = testkit::free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--listen", &listen];
         args.extend_from_slice(extra);
         let child = strata
             .command(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -491,4 +497,37 @@ pub fn http_get(port: u16, path: &str) -> (String, String) {
         head.lines().next().unwrap_or("").to_string(),
         body.to_string(),
     )
+}
+
+/// A plain HTTP/1.1 request with `headers` (`Host` and `Content-Length` are
+/// added); returns the status code, the response head and the body.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
+    (status, head.to_string(), body.to_string())
 }
