@@ -13,7 +13,7 @@ pub trait Progress: Send + Sync {
     /// `retry_in`.
     fn wal_failing(&self, error: &str, attempt: u32, retry_in: std::time::Duration) {
         self.message(&format!(
-            "WAL receiver failed (attempt {attempt}): {error}; retrying in {}s",
+            "WAL receiver failed (attempt {attempt}): {error}; reconnecting in {}s",
             retry_in.as_secs()
         ));
     }
