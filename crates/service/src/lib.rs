@@ -253,7 +253,7 @@ impl Progress for WalProgress {
         if let (Some(error), failures) = was {
             tracing::warn!(
                 instance = %self.instance_id,
-                "WAL receiver streaming again after {failures} failures (last: {error})"
+                "WAL receiver streaming again after {failures} failed attempts (last: {error})"
             );
         }
     }
