@@ -122,7 +122,10 @@ fn a_backup_that_fills_the_disk_reports_the_file_systems_error() {
         "[local_repository]\nmin_free_bytes = 0\n",
     );
     let cluster = Cluster::start_default(15);
-    add_random_data(&cluster, "junk", 40);
+    // Far more than fits: the writer stops on a pack while the server
+    // still streams blocks to hand it (which used to read "the block
+    // writer stopped").
+    add_random_data(&cluster, "junk", 64);
     strata.add_instance("full", &cluster);
 
     let err = strata.fails(&["backup", "create", "full"]);
