@@ -67,6 +67,8 @@ impl Drop for Tmpfs {
     }
 }
 
+// The statvfs fields are 32-bit on some targets, 64-bit on others.
+#[allow(clippy::unnecessary_cast)]
 fn free_bytes(dir: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();

@@ -65,6 +65,8 @@ impl MinFreeSpace {
 }
 
 /// Bytes available to unprivileged writers and the file system's size.
+// The statvfs fields are 32-bit on some targets, 64-bit on others.
+#[allow(clippy::unnecessary_cast)]
 fn free_space(dir: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
