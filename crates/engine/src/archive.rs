@@ -393,3 +393,60 @@ fn report_stored(archiver: &mut SegmentArchiver, progress: &dyn Progress) -> boo
     }
     any
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Default)]
+    struct Recoveries(AtomicU32);
+
+    impl Progress for Recoveries {
+        fn update(&self, _: &str, _: u64, _: Option<u64>) {}
+        fn message(&self, _: &str) {}
+        fn wal_recovered(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A storing failure ends only when WAL is stored: reconnecting is not
+    /// enough. A lost connection ends once streaming starts again.
+    #[test]
+    fn recovery_waits_for_what_failed() {
+        let p = Recoveries::default();
+        let mut h = Health {
+            failing: Some(Failure::Storing),
+            stored: false,
+        };
+        h.working(false, &p);
+        assert_eq!(
+            (h.failing, p.0.load(Ordering::SeqCst)),
+            (Some(Failure::Storing), 0)
+        );
+        h.working(true, &p);
+        assert_eq!((h.failing, p.0.load(Ordering::SeqCst)), (None, 1));
+        assert!(h.stored);
+        // Working while nothing failed reports nothing.
+        h.working(true, &p);
+        assert_eq!(p.0.load(Ordering::SeqCst), 1);
+        h.failing = Some(Failure::Connection);
+        h.working(false, &p);
+        assert_eq!((h.failing, p.0.load(Ordering::SeqCst)), (None, 2));
+    }
+
+    #[test]
+    fn full_repositories_are_storage_failures() {
+        let full = EngineError::Repo(strata_repo::RepoError::Storage(
+            strata_repo::StorageError::BelowMinFree {
+                key: "packs/aa/b.pack".into(),
+                needed: 1,
+                free: 2,
+                minimum: 3,
+            },
+        ));
+        assert!(is_storage_error(&full));
+        assert!(!full.is_transient());
+        assert!(!is_storage_error(&EngineError::Unreachable("gone".into())));
+    }
+}

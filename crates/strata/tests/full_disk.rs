@@ -194,6 +194,66 @@ fn receiver(server: &Server, key: &(String, String), id: &str) -> (String, Strin
     )
 }
 
+/// One raw HTTP/1.1 exchange: the response's head and body.
+fn http(port: u16, request: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// The value a response head sets for cookie `name`.
+fn set_cookie(head: &str, name: &str) -> String {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .find_map(|(_, v)| v.trim().strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no {name} cookie in {head}"))
+        .to_string()
+}
+
+/// Signs in to the console with `key`; returns the session cookie.
+fn console_session(server: &Server, key: &(String, String)) -> String {
+    let (head, _) = http(
+        server.port,
+        "GET /console/signin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    let token = set_cookie(&head, "strata_signin");
+    let form = format!(
+        "csrf={token}&access_key_id={}&access_key_secret={}&next=%2Fconsole%2Finstances",
+        key.0, key.1
+    );
+    let (head, _) = http(
+        server.port,
+        &format!(
+            "POST /console/signin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Cookie: strata_signin={token}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        ),
+    );
+    set_cookie(&head, "strata_session")
+}
+
+/// The console's page of instance `id`.
+fn console_page(server: &Server, session: &str, id: &str) -> String {
+    let (head, body) = http(
+        server.port,
+        &format!(
+            "GET /console/instances/{id}/backups HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Cookie: strata_session={session}\r\n\r\n"
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body
+}
+
 /// A metric of instance `id` from `/metrics`.
 fn metric(server: &Server, name: &str, id: &str) -> Option<f64> {
     let (_, body) = http_get(server.port, "/metrics");
@@ -284,6 +344,13 @@ fn the_guard_keeps_space_free_and_a_receiver_that_cannot_store_says_so() {
         Some(1.0)
     );
     assert!(fs.free() >= GUARD, "{} bytes free", fs.free());
+    let session = console_session(&server, &key);
+    let page = console_page(&server, &session, "guarded");
+    assert!(
+        page.contains("Log backup is failing") && page.contains("below the minimum"),
+        "{page}"
+    );
+    assert!(page.contains("Connection not verified"), "{page}");
 
     // A backup now is refused by the guard, with that reason recorded.
     let err = strata.fails(&["backup", "create", "guarded"]);
@@ -318,6 +385,8 @@ fn the_guard_keeps_space_free_and_a_receiver_that_cannot_store_says_so() {
         Some(0.0)
     );
     assert!(fs.free() >= GUARD, "{} bytes free", fs.free());
+    let page = console_page(&server, &session, "guarded");
+    assert!(!page.contains("Log backup is failing"), "{page}");
     let lsn = cluster.psql("postgres", "SELECT pg_current_wal_lsn()");
     let lsn: pg_wal::Lsn = lsn.trim().parse().unwrap();
     wait_for("the WAL written while full to be archived", 120, || {
