@@ -948,7 +948,7 @@ impl BlockPipeline {
                     Work::Begin(file) => current = Some(file),
                     Work::Block(reply) => {
                         let (prepared, raw) = reply.blocking_recv().map_err(|_| {
-                            EngineError::Failed("a compression thread stopped".into())
+                            EngineError::Failed("a compression thread panicked".into())
                         })??;
                         let block = writer.add_prepared(prepared, &raw)?;
                         match current.as_mut() {
@@ -1024,11 +1024,13 @@ impl BlockPipeline {
         let (tx, rx) = oneshot::channel();
         let pool_tx = self.pool_tx.as_ref().expect("pool open until finish");
         // The pool queue is short and drains at compression speed; waiting
-        // for room here is the backpressure.
+        // for room here is the backpressure. Pool threads send their errors
+        // in the reply and end only when the queue closes, so a closed
+        // queue here means they panicked.
         pool_tx
             .send((source, tx))
             .await
-            .map_err(|_| EngineError::Failed("the compression pool stopped".into()))?;
+            .map_err(|_| EngineError::Failed("the compression threads panicked".into()))?;
         self.send(Work::Block(rx)).await
     }
 
