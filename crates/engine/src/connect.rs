@@ -231,3 +231,43 @@ impl crate::Engine {
         unreachable!("the loop returns")
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    fn instance(sslmode: &str, root: Option<&str>) -> Instance {
+        Instance {
+            sslrootcert: root.map(str::to_string),
+            ..Instance::new("i", "db.example", 5432, "backup", sslmode)
+        }
+    }
+
+    /// Only a checked certificate goes without a warning; `require` checks
+    /// the chain when given a root certificate, as libpq does.
+    #[test]
+    fn unverified_connections_are_warned_about() {
+        for (mode, root, verified) in [
+            ("disable", None, false),
+            ("allow", None, false),
+            ("prefer", None, false),
+            ("prefer", Some("/ca.crt"), false),
+            ("require", None, false),
+            ("require", Some("/ca.crt"), true),
+            ("verify-ca", Some("/ca.crt"), true),
+            ("verify-full", Some("/ca.crt"), true),
+        ] {
+            let i = instance(mode, root);
+            assert_eq!(connection_verified(&i), verified, "{mode} {root:?}");
+            let warnings = connection_warnings(&i);
+            assert_eq!(warnings.is_empty(), verified, "{mode} {root:?}");
+            if let Some(w) = warnings.first() {
+                assert!(w.starts_with(&format!("sslmode={mode}: ")), "{w}");
+                assert!(
+                    w.contains("db.example:5432") && w.contains("verify-full"),
+                    "{w}"
+                );
+            }
+        }
+    }
+}
