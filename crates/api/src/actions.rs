@@ -612,23 +612,34 @@ fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 // ----- instances -----
 
 /// The WAL receiver of an instance in a word (`Off`, `Streaming`,
-/// `Starting`) or `Retrying: <last error>` (`StrataWalReceiver`).
+/// `Starting`) or `Failing: <the last error>` while it fails and retries
+/// (`StrataWalReceiver`).
 pub fn receiver_status(svc: &Service, instance_id: &str) -> ApiResult<String> {
+    let (state, error) = receiver_state(svc, instance_id)?;
+    Ok(match error {
+        Some(e) => format!("{state}: {e}"),
+        None => state.to_string(),
+    })
+}
+
+/// The receiver's state word and, when `Failing`, why.
+fn receiver_state(svc: &Service, instance_id: &str) -> ApiResult<(&'static str, Option<String>)> {
     let wal = svc.wal_state(instance_id);
     let pol = svc.policy(instance_id)?;
     Ok(if !pol.log_backup_enabled {
-        "Off".to_string()
+        ("Off", None)
+    } else if let Some(e) = wal.failing.or(wal.last_error.filter(|_| !wal.running)) {
+        ("Failing", Some(e))
     } else if wal.running && wal.last_message.is_some() {
-        "Streaming".to_string()
-    } else if let Some(e) = &wal.last_error {
-        format!("Retrying: {e}")
+        ("Streaming", None)
     } else {
-        "Starting".to_string()
+        ("Starting", None)
     })
 }
 
 fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
     let receiver = receiver_status(svc, &i.id)?;
+    let (receiver_word, receiver_error) = receiver_state(svc, &i.id)?;
     let managed = svc.engine.catalog.get_managed(&i.id)?;
     let status = managed
         .as_ref()
@@ -661,8 +672,11 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         "StrataUser": i.user,
         "StrataDBName": i.dbname.clone().unwrap_or_default(),
         "StrataSSLMode": i.sslmode,
+        "StrataConnectionVerified": strata_engine::connection_verified(i),
         "StrataSystemIdentifier": i.system_identifier.map(|s| s.to_string()).unwrap_or_default(),
         "StrataWalReceiver": receiver,
+        "StrataWalReceiverState": receiver_word,
+        "StrataWalReceiverError": receiver_error.unwrap_or_default(),
         "StrataLastBackupTime": last_backup.map(format_seconds).unwrap_or_default(),
     }))
 }
@@ -754,6 +768,8 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         "DBInstanceId": registered.id,
         "EngineVersion": engine_version(registered.pg_version_num),
         "StrataSystemIdentifier": registered.system_identifier.map(|s| s.to_string()).unwrap_or_default(),
+        "StrataConnectionVerified": strata_engine::connection_verified(&registered),
+        "Warnings": strata_engine::connection_warnings(&registered),
     })))
 }
 

@@ -36,6 +36,8 @@ pub use auth::Principal;
 pub use download::LinkSigner;
 pub use error::{quoted, shown, ApiError, ApiResult};
 pub use params::Params;
+/// What the console says about how a registered server is reached.
+pub use strata_engine::{connection_verified, connection_warnings};
 
 /// The API version Strata speaks.
 pub const API_VERSION: &str = "2014-08-15";

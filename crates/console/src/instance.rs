@@ -108,6 +108,17 @@ fn head(state: &ConsoleState, who: &Signed, inst: &Instance, tab: Tab) -> Markup
                 }
             }
         }
+        @for warning in strata_api::connection_warnings(inst) {
+            div.notice.warn role="note" {
+                strong { "Connection not verified. " } (warning)
+            }
+        }
+        @if let Some(reason) = receiver.strip_prefix("Failing: ") {
+            div.notice.err role="alert" {
+                strong { "Log backup is failing: " } (reason)
+                p.muted { "The WAL receiver retries with a growing pause; WAL the server keeps in its replication slot is stored once the cause is fixed." }
+            }
+        }
         nav.tabs aria-label="Backup and Restoration" {
             @for (t, path, label) in TABS {
                 a href=(format!("{b}/{path}")) aria-current=[(t == tab).then_some("page")] { (label) }

@@ -163,7 +163,7 @@ pub fn state_kind(state: &str) -> &'static str {
         "Success" | "Finished" | "Completed" | "Streaming" => "ok",
         "Failed" => "err",
         "NoStart" | "Off" => "neutral",
-        s if s.starts_with("Retrying") => "warn",
+        s if s.starts_with("Failing") => "err",
         _ => "info",
     }
 }

@@ -49,9 +49,55 @@ enum Ended {
     Shutdown,
 }
 
+/// What failed last, which decides when the receiver counts as working
+/// again: a lost connection once it streams, storing once WAL is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Connection,
+    Storing,
+}
+
+/// The receiver's health across reconnections.
+#[derive(Debug, Default)]
+struct Health {
+    failing: Option<Failure>,
+    /// WAL was stored since the last (re)connection.
+    stored: bool,
+}
+
+impl Health {
+    /// Records that WAL was stored (or, with `stored` false, that streaming
+    /// started) and reports the recovery it ends.
+    fn working(&mut self, stored: bool, progress: &dyn Progress) {
+        self.stored |= stored;
+        let recovered = match self.failing {
+            Some(Failure::Connection) => true,
+            Some(Failure::Storing) => stored,
+            None => false,
+        };
+        if recovered {
+            self.failing = None;
+            progress.wal_recovered();
+        }
+    }
+}
+
+/// Errors of the repository or the catalog (a full disk, a refused write),
+/// as opposed to the server or the network.
+fn is_storage_error(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::Repo(_) | EngineError::Catalog(_) | EngineError::Io { .. }
+    )
+}
+
 impl Engine {
     /// Streams WAL of `instance_id` into the repository until `shutdown`
-    /// turns true. Reconnects with backoff when the server goes away.
+    /// turns true. Reconnects when the server goes away or storing fails,
+    /// waiting 2 s, then twice as long after each failure in a row, up to
+    /// `wal_retry_max`; every failure is reported through
+    /// [`Progress::wal_failing`] with its cause, and the way back through
+    /// [`Progress::wal_recovered`].
     pub async fn receive_wal(
         &self,
         instance_id: &str,
@@ -59,35 +105,58 @@ impl Engine {
         opts: WalReceiveOptions,
         progress: &dyn Progress,
     ) -> EngineResult<()> {
-        let mut delay = Duration::from_secs(1);
+        let first_delay = Duration::from_secs(2).min(self.settings.wal_retry_max);
+        let mut delay = first_delay;
+        let mut failures: u32 = 0;
         let mut streamed_once = false;
+        // A receiver started again after failing (by whoever supervises
+        // it) reports its recovery once it streams.
+        let mut health = Health {
+            failing: Some(Failure::Connection),
+            stored: false,
+        };
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
             let mut instance = self.catalog.get_instance(instance_id)?;
-            match self
-                .receive_once(&mut instance, &mut shutdown, &mut streamed_once, progress)
-                .await
-            {
+            health.stored = false;
+            let outcome = self
+                .receive_once(
+                    &mut instance,
+                    &mut shutdown,
+                    &mut streamed_once,
+                    &mut health,
+                    progress,
+                )
+                .await;
+            match outcome {
                 Ok(Ended::Shutdown) => return Ok(()),
                 Err(e) => {
-                    let retry = !opts.no_reconnect && (streamed_once || e.is_transient());
+                    // A repository that refuses writes (full, below its
+                    // free-space minimum) may take space again: keep trying.
+                    let retry = !opts.no_reconnect
+                        && (streamed_once || e.is_transient() || is_storage_error(&e));
                     if !retry {
                         return Err(e);
                     }
-                    progress.message(&format!(
-                        "WAL receiver for {instance_id}: {e}; reconnecting in {}s",
-                        delay.as_secs()
-                    ));
+                    if health.stored {
+                        // It worked for a while: a new trouble starts over.
+                        failures = 0;
+                        delay = first_delay;
+                    }
+                    failures = failures.saturating_add(1);
+                    health.failing = Some(if is_storage_error(&e) {
+                        Failure::Storing
+                    } else {
+                        Failure::Connection
+                    });
+                    progress.wal_failing(&e.to_string(), failures, delay);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => return Ok(()),
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                    if streamed_once {
-                        delay = delay.min(Duration::from_secs(2));
-                    }
+                    delay = (delay * 2).min(self.settings.wal_retry_max);
                 }
             }
         }
@@ -98,6 +167,7 @@ impl Engine {
         instance: &mut Instance,
         shutdown: &mut watch::Receiver<bool>,
         streamed_once: &mut bool,
+        health: &mut Health,
         progress: &dyn Progress,
     ) -> EngineResult<Ended> {
         let mut session = open_session(instance).await?;
@@ -149,6 +219,7 @@ impl Engine {
             instance.id
         ));
         *streamed_once = true;
+        health.working(false, progress);
 
         let mut archiver = SegmentArchiver::new(self.clone(), &instance.id, geometry, tli, start);
         let mut flush_tick = tokio::time::interval(self.settings.wal_flush_interval);
@@ -177,7 +248,9 @@ impl Engine {
                                 archiver.push(start, &data)?;
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
                                 durable = durable.max(archiver.complete_end());
-                                report_stored(&mut archiver, progress);
+                                if report_stored(&mut archiver, progress) {
+                                    health.working(true, progress);
+                                }
                             }
                             Some(ReplicationMessage::Keepalive { reply_requested, server_wal_end }) => {
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
@@ -194,7 +267,9 @@ impl Engine {
                         }
                     }
                     _ = flush_tick.tick() => {
-                        archiver.flush_partial()?;
+                        if archiver.flush_partial()? {
+                            health.working(true, progress);
+                        }
                         durable = archiver.position();
                     }
                     _ = status_tick.tick() => {
@@ -310,8 +385,68 @@ impl Engine {
     }
 }
 
-fn report_stored(archiver: &mut SegmentArchiver, progress: &dyn Progress) {
+/// Reports the segments stored since the last call; whether there were any.
+fn report_stored(archiver: &mut SegmentArchiver, progress: &dyn Progress) -> bool {
+    let any = !archiver.stored.is_empty();
     for name in archiver.stored.drain(..) {
         progress.message(&format!("stored WAL segment {name}"));
+    }
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Default)]
+    struct Recoveries(AtomicU32);
+
+    impl Progress for Recoveries {
+        fn update(&self, _: &str, _: u64, _: Option<u64>) {}
+        fn message(&self, _: &str) {}
+        fn wal_recovered(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A storing failure ends only when WAL is stored: reconnecting is not
+    /// enough. A lost connection ends once streaming starts again.
+    #[test]
+    fn recovery_waits_for_what_failed() {
+        let p = Recoveries::default();
+        let mut h = Health {
+            failing: Some(Failure::Storing),
+            stored: false,
+        };
+        h.working(false, &p);
+        assert_eq!(
+            (h.failing, p.0.load(Ordering::SeqCst)),
+            (Some(Failure::Storing), 0)
+        );
+        h.working(true, &p);
+        assert_eq!((h.failing, p.0.load(Ordering::SeqCst)), (None, 1));
+        assert!(h.stored);
+        // Working while nothing failed reports nothing.
+        h.working(true, &p);
+        assert_eq!(p.0.load(Ordering::SeqCst), 1);
+        h.failing = Some(Failure::Connection);
+        h.working(false, &p);
+        assert_eq!((h.failing, p.0.load(Ordering::SeqCst)), (None, 2));
+    }
+
+    #[test]
+    fn full_repositories_are_storage_failures() {
+        let full = EngineError::Repo(strata_repo::RepoError::Storage(
+            strata_repo::StorageError::BelowMinFree {
+                key: "packs/aa/b.pack".into(),
+                needed: 1,
+                free: 2,
+                minimum: 3,
+            },
+        ));
+        assert!(is_storage_error(&full));
+        assert!(!full.is_transient());
+        assert!(!is_storage_error(&EngineError::Unreachable("gone".into())));
     }
 }

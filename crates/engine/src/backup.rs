@@ -879,13 +879,21 @@ enum Work {
     Other(FileEntry),
 }
 
+type WriterThread = std::thread::JoinHandle<EngineResult<(Vec<FileEntry>, BackupStats)>>;
+
 /// Hashing and compression on a thread pool; packing, in stream order, on a
 /// writer thread. Both channels are bounded: a slow repository slows the
 /// network read instead of filling memory.
+///
+/// A stage that stops on an error hands that error to the network side:
+/// when the writer stops (a pack it could not store: a full disk, a refused
+/// upload), the next hand-over finds its queue closed and reports the
+/// writer's own error, never "the writer stopped".
 struct BlockPipeline {
     work_tx: mpsc::Sender<Work>,
     pool_tx: Option<mpsc::Sender<PoolJob>>,
-    writer: std::thread::JoinHandle<EngineResult<(Vec<FileEntry>, BackupStats)>>,
+    /// Taken by whoever first learns that the writer ended.
+    writer: Mutex<Option<WriterThread>>,
     pool: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -940,7 +948,7 @@ impl BlockPipeline {
                     Work::Begin(file) => current = Some(file),
                     Work::Block(reply) => {
                         let (prepared, raw) = reply.blocking_recv().map_err(|_| {
-                            EngineError::Failed("a compression thread stopped".into())
+                            EngineError::Failed("a compression thread panicked".into())
                         })??;
                         let block = writer.add_prepared(prepared, &raw)?;
                         match current.as_mut() {
@@ -978,16 +986,26 @@ impl BlockPipeline {
         BlockPipeline {
             work_tx,
             pool_tx: Some(pool_tx),
-            writer,
+            writer: Mutex::new(Some(writer)),
             pool,
         }
     }
 
     async fn send(&self, work: Work) -> EngineResult<()> {
-        self.work_tx
-            .send(work)
-            .await
-            .map_err(|_| EngineError::Failed("the block writer stopped".into()))
+        if self.work_tx.send(work).await.is_ok() {
+            return Ok(());
+        }
+        // The writer dropped its queue, so it has returned (or is
+        // returning): its error is the cause to report.
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let stopped = || EngineError::Failed("the block writer stopped without an error".into());
+        let Some(writer) = writer else {
+            return Err(stopped());
+        };
+        match join_writer(writer).await {
+            Err(e) => Err(e),
+            Ok(_) => Err(stopped()),
+        }
     }
 
     async fn begin(&self, file: FileEntry) -> EngineResult<()> {
@@ -1006,11 +1024,13 @@ impl BlockPipeline {
         let (tx, rx) = oneshot::channel();
         let pool_tx = self.pool_tx.as_ref().expect("pool open until finish");
         // The pool queue is short and drains at compression speed; waiting
-        // for room here is the backpressure.
+        // for room here is the backpressure. Pool threads send their errors
+        // in the reply and end only when the queue closes, so a closed
+        // queue here means they panicked.
         pool_tx
             .send((source, tx))
             .await
-            .map_err(|_| EngineError::Failed("the compression pool stopped".into()))?;
+            .map_err(|_| EngineError::Failed("the compression threads panicked".into()))?;
         self.send(Work::Block(rx)).await
     }
 
@@ -1150,20 +1170,33 @@ impl BlockPipeline {
     async fn finish(mut self) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
         drop(self.work_tx);
         self.pool_tx.take();
-        let writer = self.writer;
+        let writer = self
+            .writer
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| EngineError::Failed("the block writer was already joined".into()))?;
+        let result = join_writer(writer).await;
         let pool = std::mem::take(&mut self.pool);
-        tokio::task::spawn_blocking(move || {
-            let result = writer
-                .join()
-                .map_err(|_| EngineError::Failed("the block writer panicked".into()))?;
+        let _ = tokio::task::spawn_blocking(move || {
             for t in pool {
                 let _ = t.join();
             }
-            result
         })
-        .await
-        .map_err(|e| EngineError::Failed(format!("block writer: {e}")))?
+        .await;
+        result
     }
+}
+
+/// Waits for the writer thread off the async runtime and returns what it
+/// returned.
+async fn join_writer(writer: WriterThread) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+    tokio::task::spawn_blocking(move || {
+        writer
+            .join()
+            .map_err(|_| EngineError::Failed("the block writer panicked".into()))?
+    })
+    .await
+    .map_err(|e| EngineError::Failed(format!("block writer: {e}")))?
 }
 
 fn wal_stream_error(e: pg_replication::ReplicationError) -> EngineError {
@@ -1249,4 +1282,108 @@ async fn stream_backup_wal(
     // The temporary slot disappears with the connection.
     let _ = stream.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use strata_repo::{LocalStorage, ObjectSize, Storage, StorageError};
+
+    /// A local directory whose file system is full for packs.
+    #[derive(Debug)]
+    struct FullForPacks(LocalStorage);
+
+    impl Storage for FullForPacks {
+        fn put(&self, key: &str, data: &[u8]) -> strata_repo::storage::StorageResult<()> {
+            if key.starts_with("packs/") {
+                return Err(StorageError::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
+            self.0.put(key, data)
+        }
+        fn get(&self, key: &str) -> strata_repo::storage::StorageResult<Vec<u8>> {
+            self.0.get(key)
+        }
+        fn get_range(
+            &self,
+            key: &str,
+            offset: u64,
+            len: u64,
+        ) -> strata_repo::storage::StorageResult<Vec<u8>> {
+            self.0.get_range(key, offset, len)
+        }
+        fn list(&self, prefix: &str) -> strata_repo::storage::StorageResult<Vec<String>> {
+            self.0.list(prefix)
+        }
+        fn list_sizes(&self, prefix: &str) -> strata_repo::storage::StorageResult<Vec<ObjectSize>> {
+            self.0.list_sizes(prefix)
+        }
+        fn delete(&self, key: &str) -> strata_repo::storage::StorageResult<()> {
+            self.0.delete(key)
+        }
+        fn exists(&self, key: &str) -> strata_repo::storage::StorageResult<bool> {
+            self.0.exists(key)
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+    }
+
+    /// Random bytes, so every block is new and packs fill.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The writer thread stops on the pack it cannot store; the side that
+    /// feeds it reports that error, not that the writer went away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writers_error_reaches_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(FullForPacks(
+            LocalStorage::new(dir.path())
+                .unwrap()
+                .with_min_free(strata_repo::MinFreeSpace::NONE),
+        ));
+        let repo = Repository::open_or_init(storage).unwrap();
+        let pipeline = BlockPipeline::start(&repo, strata_repo::BlockIndex::default());
+        let block = repo.block_size();
+        let file = FileEntry {
+            tablespace: None,
+            path: "base/1/1".into(),
+            kind: FileKind::File,
+            mode: 0o600,
+            size: 0,
+            mtime: 0,
+            link_target: None,
+            crc32c: None,
+            blocks: Vec::new(),
+        };
+        let mut outcome = pipeline.begin(file).await;
+        // Far more than the packs the writer and its upload queue hold.
+        for i in 0..(8 * strata_repo::DEFAULT_PACK_SIZE / block) as u64 {
+            if outcome.is_err() {
+                break;
+            }
+            outcome = pipeline.block(noise(block, i)).await;
+        }
+        let err = match outcome {
+            Err(e) => e,
+            Ok(()) => pipeline.finish().await.map(|_| ()).unwrap_err(),
+        };
+        let text = err.to_string();
+        assert!(text.contains("No space left on device"), "{text}");
+        assert!(text.contains("packs/"), "{text}");
+        assert!(!text.contains("stopped"), "{text}");
+    }
 }

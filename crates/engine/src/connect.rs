@@ -38,6 +38,36 @@ pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
     })
 }
 
+/// Whether Strata checks that it talks to the registered server: the
+/// certificate chain against `sslrootcert` (`verify-ca`, `verify-full`, or
+/// `require` with a root certificate, as libpq does), and with
+/// `verify-full` the host name too.
+pub fn connection_verified(instance: &Instance) -> bool {
+    match instance.sslmode.parse::<SslMode>() {
+        Ok(SslMode::VerifyCa | SslMode::VerifyFull) => true,
+        Ok(SslMode::Require) => instance.sslrootcert.is_some(),
+        _ => false,
+    }
+}
+
+/// What a DBA must know about how Strata reaches `instance`: said at
+/// registration (CLI, API) and on the console's instance page. Empty when
+/// the server's certificate is verified.
+pub fn connection_warnings(instance: &Instance) -> Vec<String> {
+    if connection_verified(instance) {
+        return Vec::new();
+    }
+    let what = match instance.sslmode.parse::<SslMode>() {
+        Ok(SslMode::Disable) => "the connection is not encrypted",
+        Ok(SslMode::Require) => "the connection is encrypted but the server's certificate is not checked",
+        _ => "the server's certificate is not checked and the connection falls back to plain text when the server offers no TLS",
+    };
+    vec![format!(
+        "sslmode={}: {what}; anyone on the network path to {}:{} can pose as the server and receive the password and every backed-up byte. Register with sslmode=verify-full and the server's CA certificate (sslrootcert) to verify it.",
+        instance.sslmode, instance.host, instance.port
+    )]
+}
+
 /// Describes a replication-protocol failure for `instance`.
 pub fn explain(instance: &Instance, err: ReplicationError) -> EngineError {
     let who = format!(
@@ -199,5 +229,45 @@ impl crate::Engine {
             }
         }
         unreachable!("the loop returns")
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    fn instance(sslmode: &str, root: Option<&str>) -> Instance {
+        Instance {
+            sslrootcert: root.map(str::to_string),
+            ..Instance::new("i", "db.example", 5432, "backup", sslmode)
+        }
+    }
+
+    /// Only a checked certificate goes without a warning; `require` checks
+    /// the chain when given a root certificate, as libpq does.
+    #[test]
+    fn unverified_connections_are_warned_about() {
+        for (mode, root, verified) in [
+            ("disable", None, false),
+            ("allow", None, false),
+            ("prefer", None, false),
+            ("prefer", Some("/ca.crt"), false),
+            ("require", None, false),
+            ("require", Some("/ca.crt"), true),
+            ("verify-ca", Some("/ca.crt"), true),
+            ("verify-full", Some("/ca.crt"), true),
+        ] {
+            let i = instance(mode, root);
+            assert_eq!(connection_verified(&i), verified, "{mode} {root:?}");
+            let warnings = connection_warnings(&i);
+            assert_eq!(warnings.is_empty(), verified, "{mode} {root:?}");
+            if let Some(w) = warnings.first() {
+                assert!(w.starts_with(&format!("sslmode={mode}: ")), "{w}");
+                assert!(
+                    w.contains("db.example:5432") && w.contains("verify-full"),
+                    "{w}"
+                );
+            }
+        }
     }
 }

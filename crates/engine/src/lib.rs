@@ -28,7 +28,7 @@ pub use archive::{slot_name, WalReceiveOptions};
 pub use archive_tar::BackupArchive;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
-pub use connect::ServerFacts;
+pub use connect::{connection_verified, connection_warnings, ServerFacts};
 pub use copy::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
     CopyReport,
@@ -64,6 +64,9 @@ pub struct EngineSettings {
     pub wal_flush_interval: std::time::Duration,
     /// How often a standby status update is sent while streaming.
     pub wal_status_interval: std::time::Duration,
+    /// Longest wait between two attempts of a failing WAL receiver; the
+    /// wait doubles from 2 s up to this.
+    pub wal_retry_max: std::time::Duration,
     /// Files restored at once.
     pub restore_parallelism: usize,
     /// Directories searched for PostgreSQL server binaries (`postgres`,
@@ -85,6 +88,7 @@ impl Default for EngineSettings {
         EngineSettings {
             wal_flush_interval: std::time::Duration::from_millis(200),
             wal_status_interval: std::time::Duration::from_secs(10),
+            wal_retry_max: std::time::Duration::from_secs(60),
             // Twice the cores: restoring waits on file creation and writes
             // as much as on the CPU.
             restore_parallelism: 2 * std::thread::available_parallelism()

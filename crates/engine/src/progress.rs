@@ -8,6 +8,18 @@ pub trait Progress: Send + Sync {
     /// WAL streaming position: what is received (`received`, an LSN) against
     /// the end of WAL on the server (`server_end`), for lag reporting.
     fn wal_position(&self, _received: u64, _server_end: u64) {}
+    /// The WAL receiver failed (`error`, the real cause) for the
+    /// `attempt`-th time since it last stored WAL, and tries again after
+    /// `retry_in`.
+    fn wal_failing(&self, error: &str, attempt: u32, retry_in: std::time::Duration) {
+        self.message(&format!(
+            "WAL receiver failed (attempt {attempt}): {error}; reconnecting in {}s",
+            retry_in.as_secs()
+        ));
+    }
+    /// The WAL receiver works again after failing: connected, and WAL
+    /// stored when storing was what failed.
+    fn wal_recovered(&self) {}
 }
 
 /// Discards progress.

@@ -162,6 +162,50 @@ pub struct WalReceiverState {
     pub last_message: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub restarts: u64,
+    /// Why the receiver is failing (its last error, e.g. a full
+    /// repository), until it stores WAL again; `None` while it works.
+    pub failing: Option<String>,
+    /// Failures in a row behind `failing`.
+    pub failures: u32,
+    pub failing_since: Option<DateTime<Utc>>,
+}
+
+impl WalReceiverState {
+    /// Streaming and not failing: what `strata_wal_receiver_up` reports.
+    pub fn is_up(&self) -> bool {
+        self.running && self.failing.is_none()
+    }
+}
+
+/// Records a failure of an instance's receiver and logs it: the first one
+/// (and a change of cause) at WARN, a failure that persists at ERROR.
+fn note_receiver_failure(
+    states: &Mutex<HashMap<String, WalReceiverState>>,
+    instance_id: &str,
+    error: &str,
+    attempt: u32,
+    retry_in: Duration,
+) {
+    let changed = {
+        let mut states = lock(states);
+        let s = states.entry(instance_id.to_string()).or_default();
+        let changed = s.failing.as_deref() != Some(error);
+        if s.failing.is_none() {
+            s.failing_since = Some(Utc::now());
+        }
+        s.failing = Some(error.to_string());
+        s.failures = attempt.max(s.failures.saturating_add(1));
+        changed
+    };
+    let secs = retry_in.as_secs();
+    if attempt <= 1 || changed {
+        tracing::warn!(instance = %instance_id, "WAL receiver failing: {error}; retrying in {secs}s");
+    } else {
+        tracing::error!(
+            instance = %instance_id,
+            "WAL receiver still failing after {attempt} attempts: {error}; retrying in {secs}s"
+        );
+    }
 }
 
 struct ReceiverTask {
@@ -194,6 +238,25 @@ impl Progress for WalProgress {
         s.server_end = server_end.max(received);
         s.last_message = Some(Utc::now());
         s.last_error = None;
+    }
+
+    fn wal_failing(&self, error: &str, attempt: u32, retry_in: Duration) {
+        note_receiver_failure(&self.states, &self.instance_id, error, attempt, retry_in);
+    }
+
+    fn wal_recovered(&self) {
+        let was = {
+            let mut states = lock(&self.states);
+            let s = states.entry(self.instance_id.clone()).or_default();
+            s.failing_since = None;
+            (s.failing.take(), std::mem::take(&mut s.failures))
+        };
+        if let (Some(error), failures) = was {
+            tracing::warn!(
+                instance = %self.instance_id,
+                "WAL receiver streaming again after {failures} failed attempts (last: {error})"
+            );
+        }
     }
 }
 
@@ -643,7 +706,7 @@ impl Service {
                 instance_id: id.clone(),
                 states: Arc::clone(&states),
             };
-            let mut delay = Duration::from_secs(1);
+            let mut delay = Duration::from_secs(2).min(backoff_max);
             loop {
                 lock(&states).entry(id.clone()).or_default().running = true;
                 let outcome = engine
@@ -667,7 +730,8 @@ impl Service {
                     return;
                 }
                 if let Err(e) = outcome {
-                    tracing::warn!(instance = %id, "WAL receiver stopped: {e}; restarting in {}s", delay.as_secs());
+                    let attempt = lock(&states).get(&id).map_or(0, |s| s.failures) + 1;
+                    note_receiver_failure(&states, &id, &e.to_string(), attempt, delay);
                 }
                 let mut stop_wait = stop_rx.clone();
                 tokio::select! {

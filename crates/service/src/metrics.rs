@@ -29,7 +29,7 @@ impl Service {
         let instances = self.engine.catalog.list_instances()?;
         let (mut age, mut duration, mut size, mut stored) = (vec![], vec![], vec![], vec![]);
         let (mut lag, mut up, mut sets, mut wal_bytes) = (vec![], vec![], vec![], vec![]);
-        let mut drill_failed = vec![];
+        let (mut drill_failed, mut failing) = (vec![], vec![]);
         let (mut logical, mut stored_now, mut quota, mut excess, mut gb_hours) =
             (vec![], vec![], vec![], vec![], vec![]);
         for i in &instances {
@@ -108,7 +108,8 @@ impl Service {
                 ));
             }
             let st = self.wal_state(&i.id);
-            up.push((l.clone(), if st.running { 1.0 } else { 0.0 }));
+            up.push((l.clone(), if st.is_up() { 1.0 } else { 0.0 }));
+            failing.push((l.clone(), if st.failing.is_some() { 1.0 } else { 0.0 }));
             if st.last_message.is_some() {
                 lag.push((l, st.server_end.saturating_sub(st.received) as f64));
             }
@@ -158,8 +159,14 @@ impl Service {
         family(
             "strata_wal_receiver_up",
             "gauge",
-            "1 while the WAL receiver is streaming or connecting.",
+            "1 while the WAL receiver is streaming or connecting and its last attempt did not fail.",
             up,
+        );
+        family(
+            "strata_wal_receiver_failing",
+            "gauge",
+            "1 while the WAL receiver fails (cannot store or cannot stream) and retries; the reason is in StrataWalReceiver and the log.",
+            failing,
         );
         family(
             "strata_wal_receive_lag_bytes",

@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use strata_engine::EngineSettings;
 use strata_repo::{
-    KeySource, LocalStorage, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
+    KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage, S3Config, S3Storage,
+    Storage,
 };
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -41,6 +42,32 @@ pub struct Config {
     pub regions: std::collections::BTreeMap<String, RegionConfig>,
     pub usage: UsageConfig,
     pub metrics: MetricsConfig,
+    pub local_repository: LocalRepositoryConfig,
+}
+
+/// Free space kept on the file system of a repository in a directory.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalRepositoryConfig {
+    /// Bytes kept free (default 1 GiB); the smaller of this and
+    /// `min_free_percent` applies, so either at 0 turns the guard off.
+    pub min_free_bytes: Option<u64>,
+    /// Percent of the file system kept free (default 5).
+    pub min_free_percent: Option<u8>,
+}
+
+impl LocalRepositoryConfig {
+    fn min_free(&self) -> Result<MinFreeSpace> {
+        let default = MinFreeSpace::default();
+        let percent = self.min_free_percent.unwrap_or(default.percent);
+        if percent > 100 {
+            bail!("[local_repository] min_free_percent must be between 0 and 100, got {percent}");
+        }
+        Ok(MinFreeSpace {
+            bytes: self.min_free_bytes.unwrap_or(default.bytes),
+            percent,
+        })
+    }
 }
 
 /// A cross-region backup target: a repository of its own, reached and
@@ -206,6 +233,9 @@ pub struct WalConfig {
     pub flush_interval_ms: Option<u64>,
     /// How often the WAL receiver reports its position to the server, in seconds (default 10).
     pub status_interval_secs: Option<u64>,
+    /// Longest pause between two attempts of a failing WAL receiver, in
+    /// seconds (default 60); the pause doubles from 2 s up to this.
+    pub retry_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -240,6 +270,11 @@ impl Config {
         }
         if let Ok(v) = std::env::var("STRATA_REPOSITORY") {
             config.repository = Some(v);
+        }
+        if let Ok(v) = std::env::var("STRATA_REPOSITORY_MIN_FREE_BYTES") {
+            config.local_repository.min_free_bytes = Some(v.trim().parse().with_context(|| {
+                format!("STRATA_REPOSITORY_MIN_FREE_BYTES must be a byte count, got {v:?}")
+            })?);
         }
         if let Ok(v) = std::env::var("STRATA_CATALOG") {
             config.catalog = Some(v.into());
@@ -292,6 +327,7 @@ impl Config {
             }
         }
         config.usage_settings()?;
+        config.local_repository.min_free()?;
         Ok(config)
     }
 
@@ -317,7 +353,11 @@ impl Config {
     /// The storage the repository lives in. Object storage is wrapped in
     /// retries with backoff; a local directory fails fast.
     pub fn storage(&self) -> Result<Arc<dyn Storage>> {
-        open_storage(&self.repository(), &self.s3)
+        open_storage(
+            &self.repository(),
+            &self.s3,
+            self.local_repository.min_free()?,
+        )
     }
 
     /// The configured repository key, if any.
@@ -334,8 +374,12 @@ impl Config {
     pub fn regions(&self) -> Result<strata_service::Regions> {
         let mut targets = Vec::new();
         for (id, region) in &self.regions {
-            let storage = open_storage(&region.repository, &region.s3)
-                .with_context(|| format!("[regions.{id}]"))?;
+            let storage = open_storage(
+                &region.repository,
+                &region.s3,
+                self.local_repository.min_free()?,
+            )
+            .with_context(|| format!("[regions.{id}]"))?;
             let key = region
                 .encryption
                 .key_source()
@@ -394,6 +438,9 @@ impl Config {
         if let Some(t) = self.scheduler.retention_interval_secs {
             s.retention_interval = chrono::Duration::seconds(t.max(1) as i64);
         }
+        if let Some(secs) = self.wal.retry_max_secs {
+            s.receiver_backoff_max = Duration::from_secs(secs.max(1));
+        }
         s.backup_max_rate_kb = self.scheduler.backup_max_rate_kb;
         s.manual_backup_max_rate_kb = self.scheduler.manual_backup_max_rate_kb;
         s.instances_dir = self
@@ -434,6 +481,9 @@ impl Config {
         if let Some(secs) = self.wal.status_interval_secs {
             s.wal_status_interval = Duration::from_secs(secs.max(1));
         }
+        if let Some(secs) = self.wal.retry_max_secs {
+            s.wal_retry_max = Duration::from_secs(secs.max(1));
+        }
         if let Some(p) = self.restore.parallelism.filter(|p| *p > 0) {
             s.restore_parallelism = p;
         }
@@ -450,12 +500,17 @@ impl Config {
 
 /// Opens the storage at `location` (a directory or `s3://bucket/prefix`,
 /// reached with `s`). Object storage is wrapped in retries with backoff; a
-/// local directory fails fast.
-fn open_storage(location: &str, s: &S3Settings) -> Result<Arc<dyn Storage>> {
+/// local directory fails fast and keeps `min_free` free.
+fn open_storage(
+    location: &str,
+    s: &S3Settings,
+    min_free: MinFreeSpace,
+) -> Result<Arc<dyn Storage>> {
     if !location.starts_with("s3://") {
         let dir = PathBuf::from(&location);
         let local = LocalStorage::new(&dir)
-            .with_context(|| format!("cannot use repository directory {location}"))?;
+            .with_context(|| format!("cannot use repository directory {location}"))?
+            .with_min_free(min_free);
         return Ok(Arc::new(local));
     }
     let mut c = S3Config::from_url(location)?;

@@ -344,6 +344,9 @@ fn run(cli: Cli) -> Result<()> {
                 instance.wal_segment_size = Some(facts.wal_segment_size);
             }
             engine.add_instance(&instance)?;
+            for warning in strata_engine::connection_warnings(&instance) {
+                eprintln!("warning: instance {id}: {warning}");
+            }
             println!("instance {id} added");
         }
         Command::Instance(InstanceCmd::List { json }) => {

@@ -12,12 +12,15 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::{list_dir, validate_key, ObjectSize, Storage, StorageError, StorageResult};
+use super::{
+    list_dir, validate_key, MinFreeSpace, ObjectSize, Storage, StorageError, StorageResult,
+};
 
 /// A repository in a local directory.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
+    min_free: MinFreeSpace,
 }
 
 impl LocalStorage {
@@ -27,7 +30,17 @@ impl LocalStorage {
             key: root.display().to_string(),
             source,
         })?;
-        Ok(LocalStorage { root })
+        Ok(LocalStorage {
+            root,
+            min_free: MinFreeSpace::default(),
+        })
+    }
+
+    /// Keeps `min_free` free on the repository's file system: a write that
+    /// would leave less is refused (see [`MinFreeSpace`]).
+    pub fn with_min_free(mut self, min_free: MinFreeSpace) -> Self {
+        self.min_free = min_free;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -182,6 +195,7 @@ fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
 impl Storage for LocalStorage {
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         let target = self.path_of(key)?;
+        self.min_free.check(&self.root, key, data.len() as u64)?;
         let tmp = self.root.join("tmp").join(format!(
             "{}.{}.{:016x}",
             std::process::id(),

@@ -14,6 +14,7 @@
 mod local;
 mod retry;
 mod s3;
+mod space;
 
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -25,6 +26,7 @@ use thiserror::Error;
 pub use local::LocalStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
 pub use s3::{S3Config, S3Storage};
+pub use space::MinFreeSpace;
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -61,6 +63,18 @@ pub enum StorageError {
     /// credentials); retrying does not help.
     #[error("storage configuration: {0}")]
     Config(String),
+    /// A local repository's file system would keep less free space than
+    /// the configured minimum after this write; nothing was written.
+    #[error(
+        "writing {key} ({}) refused: the repository's file system has {} free, below the minimum {}",
+        space::human(*.needed), space::human(*.free), space::human(*.minimum)
+    )]
+    BelowMinFree {
+        key: String,
+        needed: u64,
+        free: u64,
+        minimum: u64,
+    },
 }
 
 impl StorageError {
@@ -78,7 +92,8 @@ impl StorageError {
             StorageError::NotFound(_)
             | StorageError::InvalidKey(_)
             | StorageError::ShortRead { .. }
-            | StorageError::Config(_) => false,
+            | StorageError::Config(_)
+            | StorageError::BelowMinFree { .. } => false,
         }
     }
 }
