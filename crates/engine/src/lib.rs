@@ -7,6 +7,7 @@
 mod archive;
 mod archive_tar;
 mod backup;
+mod beneath;
 mod connect;
 mod copy;
 mod error;
