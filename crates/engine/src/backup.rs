@@ -771,8 +771,9 @@ enum Content {
 }
 
 /// Compares what was received with the server's own manifest: same files,
-/// same sizes, same CRC-32C.
-fn check_server_manifest(
+/// same sizes, same CRC-32C. `received` maps each path as the server's
+/// manifest names it to the size and CRC-32C of what arrived.
+pub fn check_server_manifest(
     manifest: &[u8],
     received: &HashMap<String, (u64, u32)>,
 ) -> EngineResult<()> {

@@ -26,6 +26,8 @@ use strata_repo::Repository;
 
 pub use archive::{slot_name, WalReceiveOptions};
 pub use archive_tar::BackupArchive;
+/// Exposed for the fuzz target over the server's backup_manifest.
+pub use backup::check_server_manifest;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
 pub use connect::ServerFacts;
