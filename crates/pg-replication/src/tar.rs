@@ -5,6 +5,9 @@
 //! directory, '2' symlink, data padded to 512 bytes. The server may or may not append the two
 //! zero blocks that end an archive, so both forms are accepted. GNU 'L' long names are
 //! understood in case a server ever sends them; pax headers are not used by PostgreSQL.
+//! Member names are passed on as the server wrote them (the backup decides which it stores, see
+//! `strata_repo::paths`), except names that are not UTF-8, which are refused: a lossy
+//! conversion would store the file under another name.
 
 use std::collections::VecDeque;
 
