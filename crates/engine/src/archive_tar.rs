@@ -139,7 +139,17 @@ impl BackupArchive {
                 entries: Vec::new(),
             })
             .collect();
-        for (i, f) in manifest.files.iter().enumerate() {
+        // Names were checked when the manifest was read (`read_manifest`
+        // refuses absolute, `..` and other non-plain paths). Tablespace links
+        // are left out: `tablespace_map` in base.tar tells PostgreSQL where
+        // each tablespace goes, and a link's recorded target is not
+        // something an archive should hand to whoever extracts it.
+        for (i, f) in manifest
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.kind != FileKind::Symlink)
+        {
             let target = match f.tablespace {
                 None => Some(&mut base),
                 Some(oid) => spaces.iter_mut().find(|s| s.name == format!("{oid}.tar")),
@@ -190,11 +200,6 @@ impl BackupArchive {
                 Content::Segment(i) => Item::Segment(&self.wal[*i]),
             };
             match content {
-                Item::File(f) if f.kind == FileKind::Symlink => {
-                    let mut h = header(f.kind, f.mode, 0, f.mtime);
-                    b.append_link(&mut h, path, f.link_target.as_deref().unwrap_or_default())
-                        .map_err(io_err)?;
-                }
                 Item::File(f) if f.kind == FileKind::Dir => {
                     let mut h = header(f.kind, f.mode, 0, f.mtime);
                     b.append_data(&mut h, format!("{path}/"), io::empty())

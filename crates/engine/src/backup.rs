@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use pg_replication::{BaseBackupEvent, BaseBackupOptions, ReplicationMessage, TarEntryKind};
+use pg_replication::{
+    BaseBackupEvent, BaseBackupOptions, ReplicationMessage, TarEntry, TarEntryKind,
+};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState};
 use strata_repo::{
@@ -318,33 +320,18 @@ impl Engine {
                                 .into(),
                         ));
                     }
-                    let path = entry.path.trim_end_matches('/').to_string();
-                    let (kind, link_target) = match &entry.kind {
-                        TarEntryKind::File => (FileKind::File, None),
-                        TarEntryKind::Directory => (FileKind::Dir, None),
-                        TarEntryKind::Symlink { target } => {
-                            (FileKind::Symlink, Some(target.clone()))
-                        }
-                    };
-                    let mut file = FileEntry {
-                        tablespace,
-                        path: path.clone(),
-                        kind,
-                        mode: entry.mode,
-                        size: if kind == FileKind::File {
-                            entry.size
-                        } else {
-                            0
-                        },
-                        mtime: entry.mtime,
-                        link_target,
-                        crc32c: None,
-                        blocks: Vec::new(),
-                    };
+                    let mut file = file_entry(tablespace, &entry)?;
+                    let (path, kind) = (file.path.clone(), file.kind);
                     if kind == FileKind::File {
                         let mut content = Content::Plain;
                         if let Some(base) = &base {
                             if let Some(full) = full_name(&path) {
+                                // `INCREMENTAL..` would name the parent directory.
+                                strata_repo::paths::check_relative_path(&full).map_err(|e| {
+                                    EngineError::Failed(format!(
+                                        "the server sent {path:?}, changes to a file whose name {e}"
+                                    ))
+                                })?;
                                 let earlier = base.file(tablespace, &full).ok_or_else(|| {
                                     EngineError::Failed(format!(
                                         "the server sent {path} as changes to {full}, which backup {} does not hold",
@@ -702,6 +689,44 @@ fn rand_u32() -> u32 {
     std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()) as u32
 }
 
+/// The manifest entry for a member of the server's tar stream, refused
+/// (naming it) unless its name is one a restore may write: see
+/// [`strata_repo::paths`]. Checked here, before anything is stored, so a
+/// hostile or broken server fails the backup instead of leaving a manifest
+/// no restore accepts.
+fn file_entry(tablespace: Option<u32>, entry: &TarEntry) -> EngineResult<FileEntry> {
+    let (kind, link_target) = match &entry.kind {
+        TarEntryKind::File => (FileKind::File, None),
+        TarEntryKind::Directory => (FileKind::Dir, None),
+        TarEntryKind::Symlink { target } => (FileKind::Symlink, Some(target.clone())),
+    };
+    strata_repo::paths::check_entry(tablespace, &entry.path, kind).map_err(|e| {
+        let archive = match tablespace {
+            Some(oid) => format!("the archive of tablespace {oid}"),
+            None => "the data directory's archive".to_string(),
+        };
+        EngineError::Failed(format!(
+            "the server sent an entry Strata refuses to store: {:?} in {archive} {e}",
+            entry.path
+        ))
+    })?;
+    Ok(FileEntry {
+        tablespace,
+        path: entry.path.clone(),
+        kind,
+        mode: entry.mode,
+        size: if kind == FileKind::File {
+            entry.size
+        } else {
+            0
+        },
+        mtime: entry.mtime,
+        link_target,
+        crc32c: None,
+        blocks: Vec::new(),
+    })
+}
+
 /// The path the server's backup_manifest uses for a file.
 fn manifest_path(tablespace: Option<u32>, path: &str) -> String {
     match tablespace {
@@ -746,8 +771,9 @@ enum Content {
 }
 
 /// Compares what was received with the server's own manifest: same files,
-/// same sizes, same CRC-32C.
-fn check_server_manifest(
+/// same sizes, same CRC-32C. `received` maps each path as the server's
+/// manifest names it to the size and CRC-32C of what arrived.
+pub fn check_server_manifest(
     manifest: &[u8],
     received: &HashMap<String, (u64, u32)>,
 ) -> EngineResult<()> {
@@ -1385,5 +1411,84 @@ mod tests {
         assert!(text.contains("No space left on device"), "{text}");
         assert!(text.contains("packs/"), "{text}");
         assert!(!text.contains("stopped"), "{text}");
+    }
+
+    use std::collections::VecDeque;
+
+    use bytes::Bytes;
+    use pg_replication::TarReader;
+
+    /// A ustar member whose name and link are written byte for byte, as a
+    /// hostile server could (the `tar` crate's own setters refuse `..`).
+    fn member(name: &str, kind: tar::EntryType, link: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(0o600);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        let ustar = h.as_ustar_mut().expect("a ustar header");
+        ustar.name[..name.len()].copy_from_slice(name.as_bytes());
+        ustar.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    /// Runs a crafted archive through the tar parser and the backup's entry
+    /// check, as the backup does with the server's stream.
+    fn store(tablespace: Option<u32>, archive: Vec<u8>) -> EngineResult<Vec<FileEntry>> {
+        let mut reader = TarReader::new();
+        let mut events = VecDeque::new();
+        reader
+            .feed(Bytes::from(archive), &mut events)
+            .expect("a well-formed archive");
+        reader.finish().expect("a complete archive");
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                BaseBackupEvent::Entry(entry) => Some(file_entry(tablespace, &entry)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hostile_tar_names_fail_the_backup_naming_the_entry() {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let good = [
+            member("./pg_wal/archive_status", Directory, "", b""),
+            member("base", Directory, "", b""),
+            member("base/1/1259", Regular, "", b"x"),
+            member("pg_tblspc/16384", Symlink, "/srv/ts", b""),
+        ]
+        .concat();
+        let stored = store(None, good).unwrap();
+        assert_eq!(stored.len(), 4);
+        assert_eq!(stored[3].kind, FileKind::Symlink);
+
+        for (tablespace, name, kind, link) in [
+            (None, "/tmp/pwned", Regular, ""),
+            (None, "../../pwned", Regular, ""),
+            (None, "base/../../pwned", Directory, ""),
+            (None, "base//x", Regular, ""),
+            (None, "././base", Regular, ""),
+            (None, "base/evil", Symlink, "/tmp"),
+            (None, "pg_wal", Symlink, "/tmp"),
+            (Some(16384), "pg_tblspc/16384", Symlink, "/tmp"),
+            (Some(16384), "../x", Regular, ""),
+        ] {
+            let archive = [
+                member("PG_VERSION", Regular, "", b"15\n"),
+                member(name, kind, link, b""),
+            ]
+            .concat();
+            let err = store(tablespace, archive).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{name:?}")) && err.contains("refuses"),
+                "{name}: {err}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@
 mod archive;
 mod archive_tar;
 mod backup;
+mod beneath;
 mod connect;
 mod copy;
 mod error;
@@ -26,6 +27,8 @@ use strata_repo::Repository;
 
 pub use archive::{slot_name, WalReceiveOptions};
 pub use archive_tar::BackupArchive;
+/// Exposed for the fuzz target over the server's backup_manifest.
+pub use backup::check_server_manifest;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
 pub use connect::{connection_verified, connection_warnings, ServerFacts};

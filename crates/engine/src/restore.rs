@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -28,6 +28,7 @@ use serde::Serialize;
 use strata_catalog::{BackupSet, BackupStatus, JobState, RestorePointRow, WalSegmentRow};
 use strata_repo::{BackupManifest, FileEntry, FileKind};
 
+use crate::beneath::Beneath;
 use crate::local_server::{self, LocalServer, ServerUse, StartOptions};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -347,40 +348,46 @@ impl Engine {
         Ok(out)
     }
 
-    /// Writes every file of the backup, several at a time.
+    /// Writes every file of the backup, several at a time, strictly beneath
+    /// the target and the restored tablespace directories: names are
+    /// checked first (a forged manifest is refused, naming the entry,
+    /// before anything is written) and every open is relative to a
+    /// directory handle without following links (see [`Beneath`]).
     fn materialize(
         &self,
         manifest: &BackupManifest,
         target: &Path,
         progress: &dyn Progress,
     ) -> EngineResult<(u64, u64)> {
-        let place = |f: &FileEntry| -> PathBuf {
-            match f.tablespace {
-                Some(oid) => tablespace_dir(target, oid).join(&f.path),
-                None => target.join(&f.path),
-            }
-        };
-        for ts in &manifest.tablespaces {
-            fs::create_dir_all(tablespace_dir(target, ts.oid))
-                .map_err(EngineError::io("creating a tablespace directory"))?;
-        }
+        manifest.validate().map_err(|e| {
+            EngineError::Refused(format!(
+                "backup {} cannot be restored: its manifest has a forged or damaged {e}",
+                manifest.backup_id
+            ))
+        })?;
+        let roots = RestoreRoots::open(manifest, target)?;
         for f in manifest.files.iter().filter(|f| f.kind == FileKind::Dir) {
-            let dir = place(f);
-            fs::create_dir_all(&dir)
-                .map_err(EngineError::io(format!("creating {}", dir.display())))?;
-            fs::set_permissions(&dir, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(
-                EngineError::io(format!("setting mode of {}", dir.display())),
-            )?;
+            let (root, shown) = roots.place(f)?;
+            root.create_dir_all(&f.path, f.mode & 0o7777)
+                .map_err(EngineError::io(format!("creating {}", shown.display())))?;
         }
+        // Tablespace links point at the restored tablespace, never at the
+        // target recorded in the manifest (the source's location, or
+        // anything a forger wrote).
         for f in manifest
             .files
             .iter()
             .filter(|f| f.kind == FileKind::Symlink)
         {
-            let link = place(f);
-            let to = f.link_target.clone().unwrap_or_default();
-            symlink(&to, &link)
-                .map_err(EngineError::io(format!("creating link {}", link.display())))?;
+            let oid = strata_repo::paths::tablespace_link_oid(&f.path).ok_or_else(|| {
+                EngineError::Refused(format!("link {:?} is not a tablespace link", f.path))
+            })?;
+            let (root, shown) = roots.place(f)?;
+            root.symlink(&f.path, &tablespace_dir(target, oid))
+                .map_err(EngineError::io(format!(
+                    "creating link {}",
+                    shown.display()
+                )))?;
         }
         let mut files: Vec<&FileEntry> = manifest
             .all_files()
@@ -402,12 +409,10 @@ impl Engine {
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(f) = files.get(i) else { return };
-                    let path = if f.path == "backup_manifest" && f.tablespace.is_none() {
-                        target.join("backup_manifest")
-                    } else {
-                        place(f)
-                    };
-                    if let Err(e) = self.write_file(f, &path) {
+                    if let Err(e) = roots
+                        .place(f)
+                        .and_then(|(root, shown)| self.write_file(f, root, &shown))
+                    {
                         let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
                         slot.get_or_insert(e);
                         return;
@@ -432,26 +437,28 @@ impl Engine {
                 .iter()
                 .map(|ts| format!("{} {}\n", ts.oid, tablespace_dir(target, ts.oid).display()))
                 .collect();
-            fs::write(target.join("tablespace_map"), map)
+            let mut out = roots
+                .main
+                .create_file("tablespace_map")
+                .map_err(EngineError::io("writing tablespace_map"))?;
+            out.write_all(map.as_bytes())
                 .map_err(EngineError::io("writing tablespace_map"))?;
         }
         Ok((files.len() as u64, total))
     }
 
-    fn write_file(&self, f: &FileEntry, path: &Path) -> EngineResult<()> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .map_err(EngineError::io(format!("creating {}", parent.display())))?;
-        }
-        let mut out = fs::File::create(path)
-            .map_err(EngineError::io(format!("creating {}", path.display())))?;
+    /// Writes one file beneath `root`; `shown` names it in errors.
+    fn write_file(&self, f: &FileEntry, root: &Beneath, shown: &Path) -> EngineResult<()> {
+        let mut out = root
+            .create_file(&f.path)
+            .map_err(EngineError::io(format!("creating {}", shown.display())))?;
         let mut size = 0u64;
         let mut crc = 0u32;
         self.repo.read_blocks(&f.blocks, |data| {
             crc = crc32c::crc32c_append(crc, &data);
             size += data.len() as u64;
             out.write_all(&data)
-                .map_err(EngineError::io(format!("writing {}", path.display())))
+                .map_err(EngineError::io(format!("writing {}", shown.display())))
         })?;
         start_writeback(&out);
         if size != f.size || f.crc32c.is_some_and(|c| c != crc) {
@@ -460,9 +467,11 @@ impl Engine {
                 f.path
             )));
         }
-        fs::set_permissions(path, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(
-            EngineError::io(format!("setting mode of {}", path.display())),
-        )?;
+        out.set_permissions(fs::Permissions::from_mode(f.mode & 0o7777))
+            .map_err(EngineError::io(format!(
+                "setting mode of {}",
+                shown.display()
+            )))?;
         Ok(())
     }
 
@@ -647,6 +656,50 @@ fn tablespace_root(target: &Path) -> PathBuf {
 
 fn tablespace_dir(target: &Path, oid: u32) -> PathBuf {
     tablespace_root(target).join(oid.to_string())
+}
+
+/// The directories a restore writes beneath: the target, and one restored
+/// directory per tablespace the manifest lists.
+struct RestoreRoots<'a> {
+    target: &'a Path,
+    main: Beneath,
+    tablespaces: BTreeMap<u32, Beneath>,
+}
+
+impl<'a> RestoreRoots<'a> {
+    fn open(manifest: &BackupManifest, target: &'a Path) -> EngineResult<Self> {
+        let mut tablespaces = BTreeMap::new();
+        for ts in &manifest.tablespaces {
+            let dir = tablespace_dir(target, ts.oid);
+            fs::create_dir_all(&dir).map_err(EngineError::io("creating a tablespace directory"))?;
+            let handle = Beneath::open(&dir)
+                .map_err(EngineError::io(format!("opening {}", dir.display())))?;
+            tablespaces.insert(ts.oid, handle);
+        }
+        let main = Beneath::open(target)
+            .map_err(EngineError::io(format!("opening {}", target.display())))?;
+        Ok(RestoreRoots {
+            target,
+            main,
+            tablespaces,
+        })
+    }
+
+    /// The directory an entry is written beneath, and its full path for messages.
+    fn place(&self, f: &FileEntry) -> EngineResult<(&Beneath, PathBuf)> {
+        match f.tablespace {
+            None => Ok((&self.main, self.target.join(&f.path))),
+            Some(oid) => {
+                let root = self.tablespaces.get(&oid).ok_or_else(|| {
+                    EngineError::Refused(format!(
+                        "{:?} belongs to tablespace {oid}, which the backup does not list",
+                        f.path
+                    ))
+                })?;
+                Ok((root, tablespace_dir(self.target, oid).join(&f.path)))
+            }
+        }
+    }
 }
 
 /// Refuses a non-empty directory; returns whether the directory was created.

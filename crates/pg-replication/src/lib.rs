@@ -28,6 +28,7 @@ pub use client::{ReplicationClient, SystemIdentity};
 pub use error::ReplicationError;
 pub use options::{ConnectOptions, SslMode};
 pub use stream::{ReplicationMessage, ReplicationStream};
+pub use tar::TarReader;
 
 /// Re-exported so callers need not depend on `pg-wal` for the types in this API.
 pub use pg_wal::{Lsn, TimelineId};

@@ -5,6 +5,9 @@
 //! directory, '2' symlink, data padded to 512 bytes. The server may or may not append the two
 //! zero blocks that end an archive, so both forms are accepted. GNU 'L' long names are
 //! understood in case a server ever sends them; pax headers are not used by PostgreSQL.
+//! Member names are passed on as the server wrote them (the backup decides which it stores, see
+//! `strata_repo::paths`), except names that are not UTF-8, which are refused: a lossy
+//! conversion would store the file under another name.
 
 use std::collections::VecDeque;
 
@@ -31,7 +34,10 @@ enum State {
     Ended,
 }
 
-pub(crate) struct TarReader {
+/// The parser: fed the archive's bytes in chunks of any size, it emits one
+/// [`BaseBackupEvent::Entry`] per member followed by its contents as
+/// [`BaseBackupEvent::Data`].
+pub struct TarReader {
     state: State,
     header: Vec<u8>,
     long_name: Vec<u8>,
@@ -80,8 +86,26 @@ fn c_string(field: &[u8]) -> String {
     String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
+/// A member name: up to the first NUL, and UTF-8 (a name with other bytes
+/// is refused rather than stored under a replaced one that names another file).
+fn name_string(field: &[u8]) -> Result<String, ReplicationError> {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8(field[..end].to_vec()).map_err(|e| {
+        tar_err(format!(
+            "member name {:?} is not UTF-8",
+            String::from_utf8_lossy(e.as_bytes())
+        ))
+    })
+}
+
+impl Default for TarReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TarReader {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         TarReader {
             state: State::Header,
             header: Vec::with_capacity(BLOCK),
@@ -92,7 +116,7 @@ impl TarReader {
     }
 
     /// Consumes one chunk of the archive, appending events to `out`.
-    pub(crate) fn feed(
+    pub fn feed(
         &mut self,
         mut chunk: Bytes,
         out: &mut VecDeque<BaseBackupEvent>,
@@ -126,7 +150,7 @@ impl TarReader {
                     self.long_name.extend_from_slice(&chunk.split_to(take));
                     *remaining -= take as u64;
                     if *remaining == 0 {
-                        self.pending_long_name = Some(c_string(&self.long_name));
+                        self.pending_long_name = Some(name_string(&self.long_name)?);
                         self.long_name.clear();
                         self.state = State::Padding {
                             remaining: self.pad_after,
@@ -147,7 +171,7 @@ impl TarReader {
     }
 
     /// Checks that the archive ended on a member boundary.
-    pub(crate) fn finish(&self) -> Result<(), ReplicationError> {
+    pub fn finish(&self) -> Result<(), ReplicationError> {
         match &self.state {
             State::Ended => Ok(()),
             State::Header if self.header.is_empty() && self.pending_long_name.is_none() => Ok(()),
@@ -195,9 +219,9 @@ impl TarReader {
         let path = match self.pending_long_name.take() {
             Some(name) => name,
             None => {
-                let name = c_string(&h[0..100]);
+                let name = name_string(&h[0..100])?;
                 let prefix = if &h[257..262] == b"ustar" {
-                    c_string(&h[345..500])
+                    name_string(&h[345..500])?
                 } else {
                     String::new()
                 };
@@ -355,6 +379,30 @@ mod tests {
         )
         .unwrap();
         assert!(r.finish().is_err());
+    }
+
+    /// Names are passed on as the server wrote them (the backup checks
+    /// them), except bytes that are not UTF-8, which no name can carry.
+    #[test]
+    fn hostile_names_are_reported_verbatim_or_refused() {
+        for name in ["/etc/passwd", "../../x", "base//x", "pg_tblspc/1/../../y"] {
+            let mut a = header(name, b'0', 0, "");
+            a.extend(vec![0u8; 2 * BLOCK]);
+            let events = parse_in_chunks(&a, 512);
+            assert!(
+                matches!(&events[0], BaseBackupEvent::Entry(e) if e.path == name),
+                "{name}"
+            );
+        }
+        let mut h = header("base/x", b'0', 0, "");
+        h[5] = 0xff;
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let err = TarReader::new()
+            .feed(Bytes::from(h), &mut VecDeque::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod gc;
 pub mod manifest;
 pub mod object;
 pub mod pack;
+pub mod paths;
 pub mod storage;
 mod usage;
 mod verify;
@@ -49,6 +50,8 @@ pub const FORMAT_VERSION_PLAIN: u32 = 1;
 pub const FORMAT_VERSION_ENCRYPTED: u32 = 2;
 pub const CONFIG_KEY: &str = "strata-repo.json";
 pub const DEFAULT_BLOCK_SIZE: u32 = 128 * 1024;
+/// The largest `block_size` a repository may have.
+pub const MAX_BLOCK_SIZE: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_PACK_SIZE: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Error)]
@@ -67,6 +70,14 @@ pub enum RepoError {
     BackupNotFound(String),
     #[error("repository format error: {0}")]
     Format(String),
+    /// A manifest names an entry a restore must not write (an absolute or
+    /// `..` path, a link outside `pg_tblspc/`, …): forged or damaged.
+    #[error("{object} is refused: {source}")]
+    UnsafeEntry {
+        object: String,
+        #[source]
+        source: paths::EntryError,
+    },
     /// The configured key is not the repository's (or the repository's key
     /// was rotated); nothing was decrypted.
     #[error("the {what} does not unlock repository {repository} (wrong key or passphrase, or the key was rotated)")]
@@ -313,7 +324,7 @@ impl Repository {
                 Keys::plain(hash_key)
             }
         };
-        if config.block_size == 0 || config.block_size > 16 * 1024 * 1024 {
+        if config.block_size == 0 || config.block_size > MAX_BLOCK_SIZE {
             return Err(RepoError::Corrupt {
                 object: CONFIG_KEY.into(),
                 reason: format!("block_size {} out of range", config.block_size),
@@ -443,6 +454,13 @@ impl Repository {
 
     /// Writes the manifest: from this moment the backup set exists.
     pub fn commit_manifest(&self, manifest: &BackupManifest) -> RepoResult<()> {
+        let key = manifest_key(&manifest.instance_id, &manifest.backup_id);
+        manifest
+            .validate()
+            .map_err(|source| RepoError::UnsafeEntry {
+                object: key.clone(),
+                source,
+            })?;
         let bytes = seal(
             &self.keys,
             ObjectKind::Manifest,
@@ -450,10 +468,7 @@ impl Repository {
             &serde_json::to_vec(manifest).map_err(|e| RepoError::Format(e.to_string()))?,
             Some(3),
         )?;
-        self.storage.put(
-            &manifest_key(&manifest.instance_id, &manifest.backup_id),
-            &bytes,
-        )?;
+        self.storage.put(&key, &bytes)?;
         Ok(())
     }
 
@@ -486,10 +501,20 @@ impl Repository {
                 supported: manifest::MANIFEST_VERSION,
             });
         }
-        serde_json::from_value(raw).map_err(|e| RepoError::Corrupt {
-            object: key.to_string(),
-            reason: e.to_string(),
-        })
+        let manifest: BackupManifest =
+            serde_json::from_value(raw).map_err(|e| RepoError::Corrupt {
+                object: key.to_string(),
+                reason: e.to_string(),
+            })?;
+        // Sealed is not trusted: whoever can write a plain repository has its
+        // hash key, so every name is checked before anyone acts on it.
+        manifest
+            .validate()
+            .map_err(|source| RepoError::UnsafeEntry {
+                object: key.to_string(),
+                source,
+            })?;
+        Ok(manifest)
     }
 
     /// Backup set ids of an instance, oldest first.

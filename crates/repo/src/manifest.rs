@@ -99,6 +99,11 @@ impl BackupManifest {
     pub fn all_files(&self) -> impl Iterator<Item = &FileEntry> {
         self.files.iter().chain(self.server_manifest.iter())
     }
+
+    /// Checks every entry's name and kind (see [`crate::paths`]).
+    pub fn validate(&self) -> Result<(), crate::paths::EntryError> {
+        crate::paths::validate_manifest(self)
+    }
 }
 
 mod u64_string {

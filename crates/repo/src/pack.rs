@@ -276,6 +276,16 @@ pub fn decode_blob(keys: &Keys, key: &str, entry: &PackEntry, data: &[u8]) -> Re
             &opened[..]
         }
     };
+    // The length sizes zstd's output buffer: never take it at its word.
+    if entry.raw_len > crate::MAX_BLOCK_SIZE {
+        return Err(RepoError::Corrupt {
+            object: key.to_string(),
+            reason: format!(
+                "blob at offset {} claims {} bytes, more than any block",
+                entry.offset, entry.raw_len
+            ),
+        });
+    }
     let raw = match entry.compression {
         COMPRESSION_NONE => data.to_vec(),
         COMPRESSION_ZSTD => zstd::bulk::decompress(data, entry.raw_len as usize).map_err(|e| {
