@@ -572,7 +572,7 @@ impl Service {
                 // Primary garbage collection waits while the copy reads.
                 let outcome =
                     self.engine
-                        .hold_gc()
+                        .hold_gc_blocking()
                         .map_err(ServiceError::from)
                         .and_then(|_guard| {
                             self.copy_segments(&policy.region, &repo, &own_wal)?;
@@ -748,7 +748,7 @@ impl Service {
                     .map_err(EngineError::from)?;
                 self.engine.catalog.delete_cross_wal(w.id)?;
             }
-            let report = repo.collect_garbage().map_err(EngineError::from)?;
+            let report = self.engine.collect_garbage_in(&repo)?;
             self.usage_changed();
             tracing::info!(
                 instance = %id,
