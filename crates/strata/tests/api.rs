@@ -482,16 +482,22 @@ fn only_child(pid: u32) -> u32 {
     children[0]
 }
 
-/// Whether `pid` still runs (a zombie has ended).
+/// Whether any thread of `pid` still runs. A killed process's leader can
+/// be a zombie while its other threads are still exiting (and holding its
+/// sockets), so every thread is looked at.
 fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().chars().next())
-        })
-        .flatten()
-        .is_some_and(|state| state != 'Z' && state != 'X')
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
 }
 
 /// SIGKILL during a (throttled, automatic) backup: after a restart on the
