@@ -458,8 +458,11 @@ pub trait Catalog: Send + Sync {
     /// `Failed` with the reason, with its running backup set, so new work
     /// can start. Jobs of this handle's own owner are never taken over.
     /// Returns how many were failed.
-    fn fail_expired_jobs(&self, now: DateTime<Utc>, lease: chrono::Duration)
-        -> CatalogResult<usize>;
+    fn fail_expired_jobs(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> CatalogResult<usize>;
 
     /// The policy of an instance, if one was stored.
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
@@ -527,8 +530,10 @@ pub trait Catalog: Send + Sync {
     /// Packs of the repository `repository_id` that a garbage collection
     /// found unreferenced and kept for the grace period, each with when it
     /// was first found so.
-    fn gc_pending(&self, repository_id: &str)
-        -> CatalogResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
+    fn gc_pending(
+        &self,
+        repository_id: &str,
+    ) -> CatalogResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
     /// Replaces that list after a collection, in one transaction.
     fn put_gc_pending(
         &self,

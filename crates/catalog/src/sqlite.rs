@@ -1300,7 +1300,10 @@ mod tests {
         assert_eq!(orphan.pid, live.pid);
 
         // Within the lease nothing is taken over.
-        assert_eq!(observer.fail_expired_jobs(t0 + lease / 2, lease).unwrap(), 0);
+        assert_eq!(
+            observer.fail_expired_jobs(t0 + lease / 2, lease).unwrap(),
+            0
+        );
 
         // `alive` renews, `dead` does not; past the lease only the silent
         // owner's job (same PID as the live one) is failed, with its set.
@@ -1324,14 +1327,20 @@ mod tests {
         let kept = observer.get_job(live.id).unwrap();
         assert_eq!(kept.state, JobState::Uploading);
         assert_eq!(kept.heartbeat_at, renewed_at);
-        assert_eq!(observer.get_backup("2").unwrap().status, BackupStatus::Running);
+        assert_eq!(
+            observer.get_backup("2").unwrap().status,
+            BackupStatus::Running
+        );
 
         // Renewing touches only unfinished jobs of the owner itself.
         assert_eq!(dead.renew_leases(now).unwrap(), 0);
         // The live one expires too once its owner falls silent.
         let much_later = renewed_at + lease + chrono::Duration::seconds(1);
         assert_eq!(observer.fail_expired_jobs(much_later, lease).unwrap(), 1);
-        assert_eq!(observer.get_backup("2").unwrap().status, BackupStatus::Failed);
+        assert_eq!(
+            observer.get_backup("2").unwrap().status,
+            BackupStatus::Failed
+        );
     }
 
     #[test]
@@ -1346,10 +1355,19 @@ mod tests {
         let lease = chrono::Duration::seconds(30);
         let got = cat.get_job(job.id).unwrap();
         assert_eq!(got.heartbeat_at, got.started_at);
-        assert_eq!(cat.fail_expired_jobs(got.started_at + lease, lease).unwrap(), 0);
+        assert_eq!(
+            cat.fail_expired_jobs(got.started_at + lease, lease)
+                .unwrap(),
+            0
+        );
         let later = got.started_at + lease + chrono::Duration::seconds(1);
         assert_eq!(cat.fail_expired_jobs(later, lease).unwrap(), 1);
-        assert!(cat.get_job(job.id).unwrap().error.unwrap().contains("(none recorded)"));
+        assert!(cat
+            .get_job(job.id)
+            .unwrap()
+            .error
+            .unwrap()
+            .contains("(none recorded)"));
     }
 
     #[test]

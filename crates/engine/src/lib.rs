@@ -55,8 +55,8 @@ impl Engine {
     /// running backup sets; returns how many. Leases are wall-clock facts,
     /// so this uses the real time, never a test clock.
     pub fn fail_expired_jobs(&self) -> EngineResult<usize> {
-        let lease = chrono::Duration::from_std(self.settings.job_lease)
-            .unwrap_or(chrono::Duration::MAX);
+        let lease =
+            chrono::Duration::from_std(self.settings.job_lease).unwrap_or(chrono::Duration::MAX);
         Ok(self.catalog.fail_expired_jobs(chrono::Utc::now(), lease)?)
     }
 

@@ -99,7 +99,10 @@ impl Repository {
                 continue;
             }
             let since = pending.get(id).copied().unwrap_or(now);
-            if since.checked_add_signed(grace).is_some_and(|end| end <= now) {
+            if since
+                .checked_add_signed(grace)
+                .is_some_and(|end| end <= now)
+            {
                 self.storage.delete(&key)?;
                 report.packs_deleted += 1;
             } else {
@@ -169,8 +172,17 @@ mod tests {
         let t0 = Utc::now();
 
         // First sight: pending, not deleted.
-        let (report, pending) = repo.collect_garbage(&PendingPacks::new(), t0, grace).unwrap();
-        assert_eq!((report.packs_kept, report.packs_deleted, report.packs_pending), (1, 0, 1));
+        let (report, pending) = repo
+            .collect_garbage(&PendingPacks::new(), t0, grace)
+            .unwrap();
+        assert_eq!(
+            (
+                report.packs_kept,
+                report.packs_deleted,
+                report.packs_pending
+            ),
+            (1, 0, 1)
+        );
         assert_eq!(pending.get(&garbage.p), Some(&t0));
 
         // The set is deleted; its pack becomes pending at t1, the first one
@@ -210,12 +222,16 @@ mod tests {
         repo.commit_manifest(&manifest("2", vec![block.clone()]))
             .unwrap();
         let later = t0 + Duration::hours(2);
-        let (report, pending) = repo.collect_garbage(&pending, later, Duration::hours(1)).unwrap();
+        let (report, pending) = repo
+            .collect_garbage(&pending, later, Duration::hours(1))
+            .unwrap();
         assert_eq!((report.packs_kept, report.packs_deleted), (1, 0));
         assert!(pending.is_empty());
 
         repo.delete_backup("i", "2").unwrap();
-        let (report, pending) = repo.collect_garbage(&pending, later, Duration::zero()).unwrap();
+        let (report, pending) = repo
+            .collect_garbage(&pending, later, Duration::zero())
+            .unwrap();
         assert_eq!(report.packs_deleted, 1);
         assert!(pending.is_empty());
         assert!(!storage.exists(&pack_key(&block.p)).unwrap());

@@ -570,20 +570,20 @@ impl Service {
                 job.detail = format!("copy backup {} to region {}", set.id, policy.region);
                 self.engine.catalog.update_job(&job)?;
                 // Primary garbage collection waits while the copy reads.
-                let outcome =
-                    self.engine
-                        .hold_gc_blocking()
-                        .map_err(ServiceError::from)
-                        .and_then(|_guard| {
-                            self.copy_segments(&policy.region, &repo, &own_wal)?;
-                            Ok(copy_backup_set(
-                                &self.engine.repo,
-                                &repo,
-                                id,
-                                &set.id,
-                                &known,
-                            )?)
-                        });
+                let outcome = self
+                    .engine
+                    .hold_gc_blocking()
+                    .map_err(ServiceError::from)
+                    .and_then(|_guard| {
+                        self.copy_segments(&policy.region, &repo, &own_wal)?;
+                        Ok(copy_backup_set(
+                            &self.engine.repo,
+                            &repo,
+                            id,
+                            &set.id,
+                            &known,
+                        )?)
+                    });
                 match outcome {
                     Ok(report) => {
                         let cross_id = self.engine.catalog.insert_cross_backup(

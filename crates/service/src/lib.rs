@@ -122,20 +122,18 @@ impl DeletionRules {
         if set.status != BackupStatus::Success {
             return None;
         }
-        let message = if self.newest.as_deref() == Some(id.as_str()) {
-            format!(
-                "backup {id} is the newest successful backup set of the instance; it is kept until a newer one succeeds (or the instance is deleted)"
-            )
-        } else if !self.log_on {
-            return None;
-        } else if set.finished_at.unwrap_or(set.started_at) > self.log_start {
+        let message = if self.log_on && set.finished_at.unwrap_or(set.started_at) > self.log_start {
             format!(
                 "backup {id} is inside the log backup retention period ({} days); with log backup on only older backup sets can be deleted",
                 self.log_days
             )
-        } else if self.anchor.as_deref() == Some(id.as_str()) {
+        } else if self.log_on && self.anchor.as_deref() == Some(id.as_str()) {
             format!(
                 "backup {id} is the base of the oldest point in time still recoverable; it goes when a newer one leaves the log retention period"
+            )
+        } else if self.newest.as_deref() == Some(id.as_str()) {
+            format!(
+                "backup {id} is the newest successful backup set of the instance; it is kept until a newer one succeeds (or the instance is deleted)"
             )
         } else {
             return None;
@@ -536,9 +534,7 @@ impl Service {
     pub async fn tick(self: &Arc<Self>) {
         match self.engine.fail_expired_jobs() {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                "failed {n} job(s) whose owner stopped renewing its lease"
-            ),
+            Ok(n) => tracing::warn!("failed {n} job(s) whose owner stopped renewing its lease"),
             Err(e) => tracing::warn!("checking for jobs with an expired lease: {e}"),
         }
         let instances = match self.engine.catalog.list_instances() {

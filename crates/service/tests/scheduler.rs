@@ -320,10 +320,13 @@ async fn garbage_collection_waits_for_running_backups() {
     let refused = svc
         .delete_backups("gc", std::slice::from_ref(&third.id))
         .unwrap_err();
-    assert!(matches!(
-        &refused,
-        strata_service::ServiceError::Policy(p) if p.code == "IncorrectBackupSetState"
-    ), "{refused:?}");
+    assert!(
+        matches!(
+            &refused,
+            strata_service::ServiceError::Policy(p) if p.code == "IncorrectBackupSetState"
+        ),
+        "{refused:?}"
+    );
     let left: Vec<String> = svc
         .engine
         .catalog

@@ -234,7 +234,10 @@ impl ApiServer {
         if let Some(pid) = self.server_pid.take() {
             let deadline = Instant::now() + Duration::from_secs(20);
             while process_running(pid) {
-                assert!(Instant::now() < deadline, "strata serve (pid {pid}) outlived SIGKILL");
+                assert!(
+                    Instant::now() < deadline,
+                    "strata serve (pid {pid}) outlived SIGKILL"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -538,7 +541,11 @@ fn crash_during_backup(name: &str, pid_namespace: bool) {
 
     server.start();
     if pid_namespace {
-        assert_eq!(server.pid_in_namespace(), 1, "the restarted server is not PID 1");
+        assert_eq!(
+            server.pid_in_namespace(),
+            1,
+            "the restarted server is not PID 1"
+        );
     }
     let output = server.run_python(
         "crash-after-restart",
