@@ -88,3 +88,39 @@ impl Drop for LeaseKeeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::{Catalog, JobState, SqliteCatalog};
+
+    #[test]
+    fn the_keeper_renews_its_owners_unfinished_jobs_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(SqliteCatalog::open(&dir.path().join("c.db")).unwrap());
+        let job = catalog.create_job("backup", None).unwrap();
+        let mut done = catalog.create_job("restore", None).unwrap();
+        done.state = JobState::Finished;
+        catalog.update_job(&done).unwrap();
+        let created = catalog.get_job(job.id).unwrap().heartbeat_at;
+
+        let keeper = LeaseKeeper::start(catalog.clone(), Duration::from_millis(20)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while catalog.get_job(job.id).unwrap().heartbeat_at == created {
+            assert!(Instant::now() < deadline, "the lease was never renewed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(keeper);
+        let renewed = catalog.get_job(job.id).unwrap().heartbeat_at;
+        assert!(renewed > created);
+        // A finished job is not renewed, and the thread ends with the keeper.
+        assert_eq!(
+            catalog.get_job(done.id).unwrap().heartbeat_at,
+            done.heartbeat_at
+        );
+        assert_eq!(Arc::strong_count(&catalog), 1, "the keeper's thread ended");
+    }
+}
