@@ -7,10 +7,11 @@ data directory and runs `after-restart`.
         registers the instance, waits until its automatic first backup is
         uploading (in progress, not done), sends one hand-signed request, and
         writes {instance, job, backup, request} to STATE_FILE.
-    crash_client.py after-restart STATE_FILE
-        the job is Failed with a StrataErrorMessage, its backup set Failed
-        (never Success), the request sent before the crash is refused as a
-        replay, and a new CreateBackup runs to Finished.
+    crash_client.py after-restart STATE_FILE [REASON]
+        the job is Failed with a StrataErrorMessage (containing REASON when
+        given), its backup set Failed (never Success), the request sent
+        before the crash is refused as a replay, and a new CreateBackup runs
+        to Finished.
 """
 
 import json
@@ -62,7 +63,7 @@ def start(instance_id, state_file):
     log(f"job {job['BackupJobId']} {job['BackupStatus']} {job['Process']}: kill the server now")
 
 
-def after_restart(state_file):
+def after_restart(state_file, reason=None):
     with open(state_file) as f:
         state = json.load(f)
     instance_id, job_id, backup_id = state["instance"], state["job"], state["backup"]
@@ -79,6 +80,7 @@ def after_restart(state_file):
         assert job["BackupProgressStatus"] == "Failed", job
         assert job["BackupId"] == backup_id, job
         assert job.get("StrataErrorMessage", "").strip(), job
+        assert reason is None or reason in job["StrataErrorMessage"], job
         assert job.get("StrataEndTime"), job
         log(f"[{sig}] job {job_id}: Failed: {job['StrataErrorMessage']}")
 
@@ -87,6 +89,7 @@ def after_restart(state_file):
         assert b["BackupStatus"] == "Failed", b
         assert b["IsAvail"] == 0, b
         assert b.get("StrataErrorMessage", "").strip(), b
+        assert reason is None or reason in b["StrataErrorMessage"], b
         ok = h.describe_backups(client, instance_id, backup_status="Success")
         assert backup_id not in [x.backup_id for x in ok.items.backup]
         failed = h.describe_backups(client, instance_id, backup_status="Failed")
@@ -113,8 +116,8 @@ def after_restart(state_file):
 def main(argv):
     if len(argv) == 4 and argv[1] == "start":
         start(argv[2], argv[3])
-    elif len(argv) == 3 and argv[1] == "after-restart":
-        after_restart(argv[2])
+    elif len(argv) in (3, 4) and argv[1] == "after-restart":
+        after_restart(*argv[2:])
     else:
         sys.exit(__doc__)
 

@@ -274,6 +274,7 @@ def set_log_backup(client, instance_id, on, sig):
 
 
 def test_log_backup_off_keeps_only_needed_wal_and_allows_delete(instance, client, sig):
+    older = h.backup(client, instance.id)
     newest = h.backup(client, instance.id)
     # WAL after the newest backup: no backup needs it.
     names = [h.write_and_switch_wal(table(instance, sig)) for _ in range(2)]
@@ -289,7 +290,7 @@ def test_log_backup_off_keeps_only_needed_wal_and_allows_delete(instance, client
     assert len(after) < len(before), (len(after), len(before))
     assert not set(names) & after_names, "WAL no backup needs was kept"
     ranges = success_ranges(client, instance.id)
-    assert newest.backup_id in ranges and instance.first_job["BackupId"] in ranges
+    assert {newest.backup_id, older.backup_id, instance.first_job["BackupId"]} <= set(ranges)
     for seg in after:
         assert any(overlaps(seg, r) for r in ranges.values()), f"kept but not needed: {seg}"
     for backup_id, r in ranges.items():
@@ -308,33 +309,47 @@ def test_log_backup_off_keeps_only_needed_wal_and_allows_delete(instance, client
     time.sleep(2)
     assert ignored not in [f.log_file_name for f in binlogs(client, instance.id).items.bin_log_file]
 
-    # With log backup off any finished backup set can be deleted, even a fresh one.
+    # With log backup off any finished backup set can be deleted, even a
+    # fresh one, except the newest successful one: it goes only with its
+    # instance, or nothing could be restored.
     listed = h.describe_backups(client, instance.id, page_size=100).items.backup
-    assert all(b.store_status == "Enabled" for b in listed), [b.to_map() for b in listed]
+    assert {b.backup_id: b.store_status for b in listed} == {
+        b.backup_id: "Disabled" if b.backup_id == newest.backup_id else "Enabled" for b in listed
+    }, [b.to_map() for b in listed]
+    e = h.expect_error(
+        "IncorrectBackupSetState", 403, client.delete_backup,
+        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=newest.backup_id),
+    )
+    assert "newest successful backup set" in e.data["Message"], e.data
+    h.expect_error(
+        "IncorrectBackupSetState", 403, client.delete_backup,
+        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=f"{older.backup_id},{newest.backup_id}"),
+    )
     resp = client.delete_backup(
-        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=newest.backup_id)
+        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=older.backup_id)
     )
     assert resp.status_code == 200 and resp.body.request_id
-    gone = h.describe_backups(client, instance.id, backup_id=newest.backup_id)
+    gone = h.describe_backups(client, instance.id, backup_id=older.backup_id)
     assert gone.total_record_count == "0" and gone.items.backup == []
     ids = [b.backup_id for b in h.describe_backups(client, instance.id, page_size=100).items.backup]
-    assert newest.backup_id not in ids and instance.first_job["BackupId"] in ids
+    assert older.backup_id not in ids
+    assert newest.backup_id in ids and instance.first_job["BackupId"] in ids
     h.expect_error(
         "InvalidBackupSetID.NotFound", 404, client.delete_backup,
-        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=newest.backup_id),
+        rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=older.backup_id),
     )
     # The next retention pass drops the WAL only the deleted backup needed.
     remaining = success_ranges(client, instance.id)
-    only_newest = {
+    only_older = {
         f["LogFileName"] for f in after
-        if overlaps(f, ranges[newest.backup_id]) and not any(overlaps(f, r) for r in remaining.values())
+        if overlaps(f, ranges[older.backup_id]) and not any(overlaps(f, r) for r in remaining.values())
     }
     deadline = time.monotonic() + 30
     while True:
         now_names = {f["LogFileName"] for f in raw_binlogs(client, instance.id)}
-        if not only_newest & now_names:
+        if not only_older & now_names:
             break
-        assert time.monotonic() < deadline, f"WAL of the deleted backup still listed: {only_newest & now_names}"
+        assert time.monotonic() < deadline, f"WAL of the deleted backup still listed: {only_older & now_names}"
         time.sleep(0.5)
     for seg in raw_binlogs(client, instance.id):
         assert any(overlaps(seg, r) for r in remaining.values()), f"kept but not needed: {seg}"

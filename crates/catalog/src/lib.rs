@@ -7,6 +7,7 @@
 //! engine uses; [`SqliteCatalog`] is the embedded default. A PostgreSQL
 //! implementation for several Strata nodes implements the same trait.
 
+mod lease;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -14,6 +15,7 @@ use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use lease::{LeaseKeeper, LeaseOwner};
 pub use sqlite::SqliteCatalog;
 
 #[derive(Debug, Error)]
@@ -259,7 +261,13 @@ pub struct Job {
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
-    /// Process running the job, so a crashed owner can be recognised.
+    /// The lease the job belongs to: the process (start) running it. A job
+    /// whose owner stops renewing is taken over (see [`Catalog::fail_expired_jobs`]).
+    pub owner: LeaseOwner,
+    /// When the owner last renewed its lease on this job.
+    pub heartbeat_at: DateTime<Utc>,
+    /// Process id of the owner, for people reading the job only: a PID says
+    /// nothing about liveness across PID namespaces or hosts.
     pub pid: u32,
 }
 
@@ -434,13 +442,27 @@ pub trait Catalog: Send + Sync {
     fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;
     fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
 
+    /// A new job owned by this catalog handle's lease ([`Catalog::lease_owner`]).
     fn create_job(&self, kind: &str, instance_id: Option<&str>) -> CatalogResult<Job>;
     fn update_job(&self, job: &Job) -> CatalogResult<()>;
     fn get_job(&self, id: i64) -> CatalogResult<Job>;
     fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
-    /// Marks jobs (and their running backup sets) failed when the process
-    /// that ran them is gone; returns how many were failed.
-    fn fail_orphaned_jobs(&self) -> CatalogResult<usize>;
+    /// The lease owner jobs created through this handle belong to: random
+    /// per process start, never a PID.
+    fn lease_owner(&self) -> &LeaseOwner;
+    /// Renews the lease on every unfinished job of [`Catalog::lease_owner`]
+    /// (heartbeat = `now`); returns how many jobs were renewed.
+    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize>;
+    /// Takes over the unfinished jobs of other owners whose lease expired
+    /// (last heartbeat more than `lease` before `now`): each is marked
+    /// `Failed` with the reason, with its running backup set, so new work
+    /// can start. Jobs of this handle's own owner are never taken over.
+    /// Returns how many were failed.
+    fn fail_expired_jobs(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> CatalogResult<usize>;
 
     /// The policy of an instance, if one was stored.
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
@@ -504,6 +526,20 @@ pub trait Catalog: Send + Sync {
         now: DateTime<Utc>,
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<bool>;
+
+    /// Packs of the repository `repository_id` that a garbage collection
+    /// found unreferenced and kept for the grace period, each with when it
+    /// was first found so.
+    fn gc_pending(
+        &self,
+        repository_id: &str,
+    ) -> CatalogResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
+    /// Replaces that list after a collection, in one transaction.
+    fn put_gc_pending(
+        &self,
+        repository_id: &str,
+        pending: &std::collections::BTreeMap<String, DateTime<Utc>>,
+    ) -> CatalogResult<()>;
 
     /// Forgets backup sets, WAL segments and restore points (before a reindex).
     fn clear_index(&self) -> CatalogResult<()>;

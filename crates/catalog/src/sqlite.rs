@@ -188,10 +188,25 @@ CREATE TABLE usage_samples (
     PRIMARY KEY (instance_id, sampled_at)
 );
 "#,
+    r#"
+-- A job belongs to a lease (owner id + heartbeat), never to a PID.
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN heartbeat_at TEXT;
+CREATE INDEX jobs_open_owner ON jobs(owner) WHERE state NOT IN ('Finished', 'Failed');
+-- Packs found unreferenced by a garbage collection, and since when: one is
+-- deleted only once it stayed unreferenced for the grace period.
+CREATE TABLE gc_pending (
+    repository_id TEXT NOT NULL,
+    pack_id TEXT NOT NULL,
+    unreferenced_since TEXT NOT NULL,
+    PRIMARY KEY (repository_id, pack_id)
+);
+"#,
 ];
 
 pub struct SqliteCatalog {
     conn: Mutex<Connection>,
+    owner: LeaseOwner,
 }
 
 impl SqliteCatalog {
@@ -228,6 +243,7 @@ impl SqliteCatalog {
         }
         Ok(SqliteCatalog {
             conn: Mutex::new(conn),
+            owner: LeaseOwner::random(),
         })
     }
 
@@ -336,6 +352,7 @@ const WAL_COLS: &str = "instance_id, timeline, segment, partial, begin_lsn, end_
 
 fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
     let state: String = r.get(3)?;
+    let started_at = parse_ts(r.get(7)?)?;
     Ok(Job {
         id: r.get(0)?,
         kind: r.get(1)?,
@@ -346,15 +363,34 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
         progress: r.get(4)?,
         detail: r.get(5)?,
         backup_id: r.get(6)?,
-        started_at: parse_ts(r.get(7)?)?,
         finished_at: opt_ts(r.get(8)?)?,
         error: r.get(9)?,
         pid: r.get(10)?,
+        // Rows from before leases existed belong to no live owner.
+        owner: LeaseOwner::from_stored(r.get::<_, Option<String>>(11)?.unwrap_or_default()),
+        heartbeat_at: match r.get::<_, Option<String>>(12)? {
+            Some(t) => parse_ts(t)?,
+            None => started_at,
+        },
+        started_at,
     })
 }
 
-const JOB_COLS: &str =
-    "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid";
+const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at";
+
+/// Why a job was taken over from `owner`.
+fn lease_expired_reason(job: &Job) -> String {
+    let owner = if job.owner.as_str().is_empty() {
+        "(none recorded)"
+    } else {
+        job.owner.as_str()
+    };
+    format!(
+        "its owner {owner} (pid {}) stopped renewing its lease at {}; the job was taken over and failed",
+        job.pid,
+        job.heartbeat_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
+}
 
 const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
 
@@ -452,12 +488,6 @@ impl SqliteCatalog {
             )?)
         })
     }
-}
-
-fn process_alive(pid: u32) -> bool {
-    // /proc is enough on Linux; a zombie or reused pid errs on "alive",
-    // which only delays marking a job failed.
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl Catalog for SqliteCatalog {
@@ -664,9 +694,10 @@ impl Catalog for SqliteCatalog {
 
     fn create_job(&self, kind: &str, instance_id: Option<&str>) -> CatalogResult<Job> {
         let id = self.with(|c| {
+            let now = ts(&Utc::now());
             c.execute(
-                "INSERT INTO jobs (kind, instance_id, state, started_at, pid) VALUES (?1, ?2, 'NoStart', ?3, ?4)",
-                params![kind, instance_id, ts(&Utc::now()), std::process::id()],
+                "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) VALUES (?1, ?2, 'NoStart', ?3, ?4, ?5, ?3)",
+                params![kind, instance_id, now, std::process::id(), self.owner.as_str()],
             )?;
             Ok(c.last_insert_rowid())
         })?;
@@ -711,31 +742,53 @@ impl Catalog for SqliteCatalog {
         })
     }
 
-    fn fail_orphaned_jobs(&self) -> CatalogResult<usize> {
+    fn lease_owner(&self) -> &LeaseOwner {
+        &self.owner
+    }
+
+    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize> {
         self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed')"
-            ))?;
-            let open: Vec<Job> = st
-                .query_map([], job_from_row)?
-                .collect::<Result<_, _>>()?;
-            let now = ts(&Utc::now());
+            Ok(c.execute(
+                "UPDATE jobs SET heartbeat_at=?2 WHERE owner=?1 AND state NOT IN ('Finished', 'Failed')",
+                params![self.owner.as_str(), ts(&now)],
+            )?)
+        })
+    }
+
+    fn fail_expired_jobs(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> CatalogResult<usize> {
+        self.with(|c| {
+            // One write transaction from the look to the takeover: an owner
+            // renewing meanwhile waits, then finds its job already failed.
+            let tx = rusqlite::Transaction::new_unchecked(
+                c,
+                rusqlite::TransactionBehavior::Immediate,
+            )?;
+            let open: Vec<Job> = {
+                let mut st = tx.prepare(&format!(
+                    "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') AND owner IS NOT ?1"
+                ))?;
+                let rows = st.query_map([self.owner.as_str()], job_from_row)?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let at = ts(&now);
             let mut failed = 0;
-            for job in open.into_iter().filter(|j| !process_alive(j.pid)) {
-                let reason = format!(
-                    "the process running this job (pid {}) ended before the job finished",
-                    job.pid
-                );
-                c.execute(
+            for job in open.into_iter().filter(|j| j.heartbeat_at.checked_add_signed(lease).is_some_and(|end| end < now)) {
+                let reason = lease_expired_reason(&job);
+                tx.execute(
                     "UPDATE jobs SET state='Failed', finished_at=?2, error=?3 WHERE id=?1",
-                    params![job.id, now, reason],
+                    params![job.id, at, reason],
                 )?;
-                c.execute(
+                tx.execute(
                     "UPDATE backup_sets SET status='Failed', finished_at=?2, error=?3 WHERE job_id=?1 AND status='Running'",
-                    params![job.id, now, reason],
+                    params![job.id, at, reason],
                 )?;
                 failed += 1;
             }
+            tx.commit()?;
             Ok(failed)
         })
     }
@@ -1083,6 +1136,48 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    fn gc_pending(
+        &self,
+        repository_id: &str,
+    ) -> CatalogResult<std::collections::BTreeMap<String, DateTime<Utc>>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT pack_id, unreferenced_since FROM gc_pending WHERE repository_id = ?1",
+            )?;
+            let rows = st.query_map([repository_id], |r| {
+                Ok((r.get::<_, String>(0)?, parse_ts(r.get(1)?)?))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn put_gc_pending(
+        &self,
+        repository_id: &str,
+        pending: &std::collections::BTreeMap<String, DateTime<Utc>>,
+    ) -> CatalogResult<()> {
+        self.with(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(
+                c,
+                rusqlite::TransactionBehavior::Immediate,
+            )?;
+            tx.execute(
+                "DELETE FROM gc_pending WHERE repository_id = ?1",
+                [repository_id],
+            )?;
+            {
+                let mut st = tx.prepare(
+                    "INSERT INTO gc_pending (repository_id, pack_id, unreferenced_since) VALUES (?1, ?2, ?3)",
+                )?;
+                for (pack, since) in pending {
+                    st.execute(params![repository_id, pack, ts(since)])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     fn clear_index(&self) -> CatalogResult<()> {
         self.with(|c| {
             c.execute_batch(
@@ -1160,16 +1255,137 @@ mod tests {
         };
         cat.insert_backup(&b).unwrap();
         assert_eq!(cat.get_backup("1").unwrap(), b);
-        // Our own process is alive: nothing to fail.
-        assert_eq!(cat.fail_orphaned_jobs().unwrap(), 0);
+        // Its own owner never takes a job over, however old the heartbeat.
+        let lease = chrono::Duration::seconds(30);
+        let later = Utc::now() + chrono::Duration::hours(1);
+        assert_eq!(cat.fail_expired_jobs(later, lease).unwrap(), 0);
+        assert_eq!(cat.get_job(job.id).unwrap().state, JobState::Uploading);
+        assert_eq!(cat.get_job(job.id).unwrap().owner, *cat.lease_owner());
+        assert_eq!(cat.get_backup("1").unwrap().status, BackupStatus::Running);
+    }
+
+    fn running_backup(cat: &SqliteCatalog, id: &str) -> Job {
+        let mut job = cat.create_job("backup", Some("a")).unwrap();
+        job.state = JobState::Uploading;
+        job.progress = 49;
+        job.backup_id = Some(id.into());
+        cat.update_job(&job).unwrap();
+        cat.insert_backup(&BackupSet::started(
+            id.into(),
+            "a",
+            "Manual",
+            Utc::now(),
+            Some(job.id),
+        ))
+        .unwrap();
+        job
+    }
+
+    /// Two handles on one file are two owners in one process (same PID): the
+    /// PID says nothing, the lease everything.
+    #[test]
+    fn a_job_belongs_to_its_lease_not_to_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let dead = SqliteCatalog::open(&path).unwrap();
+        let alive = SqliteCatalog::open(&path).unwrap();
+        let observer = SqliteCatalog::open(&path).unwrap();
+        assert_ne!(dead.lease_owner(), alive.lease_owner());
+        assert_eq!(dead.lease_owner().as_str().len(), 32);
+        observer.add_instance(&instance("a")).unwrap();
+        let lease = chrono::Duration::seconds(30);
+        let t0 = Utc::now();
+        let orphan = running_backup(&dead, "1");
+        let live = running_backup(&alive, "2");
+        assert_eq!(orphan.pid, live.pid);
+
+        // Within the lease nothing is taken over.
+        assert_eq!(
+            observer.fail_expired_jobs(t0 + lease / 2, lease).unwrap(),
+            0
+        );
+
+        // `alive` renews, `dead` does not; past the lease only the silent
+        // owner's job (same PID as the live one) is failed, with its set.
+        let renewed_at = t0 + chrono::Duration::seconds(25);
+        assert_eq!(alive.renew_leases(renewed_at).unwrap(), 1);
+        let now = t0 + chrono::Duration::seconds(40);
+        assert_eq!(observer.fail_expired_jobs(now, lease).unwrap(), 1);
+
+        let failed = observer.get_job(orphan.id).unwrap();
+        assert_eq!(failed.state, JobState::Failed);
+        let reason = failed.error.unwrap();
+        assert!(
+            reason.contains(&format!("its owner {} ", dead.lease_owner()))
+                && reason.contains("stopped renewing its lease at"),
+            "{reason}"
+        );
+        let set = observer.get_backup("1").unwrap();
+        assert_eq!(set.status, BackupStatus::Failed);
+        assert_eq!(set.error.as_deref(), Some(reason.as_str()));
+
+        let kept = observer.get_job(live.id).unwrap();
+        assert_eq!(kept.state, JobState::Uploading);
+        assert_eq!(kept.heartbeat_at, renewed_at);
+        assert_eq!(
+            observer.get_backup("2").unwrap().status,
+            BackupStatus::Running
+        );
+
+        // Renewing touches only unfinished jobs of the owner itself.
+        assert_eq!(dead.renew_leases(now).unwrap(), 0);
+        // The live one expires too once its owner falls silent.
+        let much_later = renewed_at + lease + chrono::Duration::seconds(1);
+        assert_eq!(observer.fail_expired_jobs(much_later, lease).unwrap(), 1);
+        assert_eq!(
+            observer.get_backup("2").unwrap().status,
+            BackupStatus::Failed
+        );
+    }
+
+    #[test]
+    fn jobs_from_before_leases_expire_from_their_start() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let job = cat.create_job("restore", None).unwrap();
         cat.with(|c| {
-            c.execute("UPDATE jobs SET pid = 999999999", [])?;
+            c.execute("UPDATE jobs SET owner = NULL, heartbeat_at = NULL", [])?;
             Ok(())
         })
         .unwrap();
-        assert_eq!(cat.fail_orphaned_jobs().unwrap(), 1);
-        assert_eq!(cat.get_job(job.id).unwrap().state, JobState::Failed);
-        assert_eq!(cat.get_backup("1").unwrap().status, BackupStatus::Failed);
+        let lease = chrono::Duration::seconds(30);
+        let got = cat.get_job(job.id).unwrap();
+        assert_eq!(got.heartbeat_at, got.started_at);
+        assert_eq!(
+            cat.fail_expired_jobs(got.started_at + lease, lease)
+                .unwrap(),
+            0
+        );
+        let later = got.started_at + lease + chrono::Duration::seconds(1);
+        assert_eq!(cat.fail_expired_jobs(later, lease).unwrap(), 1);
+        assert!(cat
+            .get_job(job.id)
+            .unwrap()
+            .error
+            .unwrap()
+            .contains("(none recorded)"));
+    }
+
+    #[test]
+    fn gc_pending_is_kept_per_repository() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let t = Utc::now();
+        let mut a = std::collections::BTreeMap::new();
+        a.insert("p1".to_string(), t);
+        a.insert("p2".to_string(), t + chrono::Duration::seconds(5));
+        cat.put_gc_pending("repo-a", &a).unwrap();
+        let mut b = std::collections::BTreeMap::new();
+        b.insert("p9".to_string(), t);
+        cat.put_gc_pending("repo-b", &b).unwrap();
+        assert_eq!(cat.gc_pending("repo-a").unwrap(), a);
+        a.remove("p1");
+        cat.put_gc_pending("repo-a", &a).unwrap();
+        assert_eq!(cat.gc_pending("repo-a").unwrap(), a);
+        assert_eq!(cat.gc_pending("repo-b").unwrap(), b);
     }
 
     #[test]

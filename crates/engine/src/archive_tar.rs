@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use strata_repo::{BackupManifest, BlockRef, FileEntry, FileKind, Repository};
 
 use crate::restore::{plan_wal, StagedSegment};
-use crate::{Engine, EngineError, EngineResult};
+use crate::{Engine, EngineError, EngineResult, GcGuard};
 
 /// Reads a file's content block by block from the repository.
 struct BlockReader<'a> {
@@ -88,6 +88,10 @@ struct InnerTar {
 /// A backup set laid out for download.
 pub struct BackupArchive {
     engine: Engine,
+    /// Keeps garbage collection off the packs the archive reads for as long
+    /// as it exists: a download drops it when the stream ends, fails or its
+    /// client goes away.
+    _reading: GcGuard,
     manifest: BackupManifest,
     wal: Vec<StagedSegment>,
     inner: Vec<InnerTar>,
@@ -96,12 +100,14 @@ pub struct BackupArchive {
 
 impl Engine {
     /// Plans the archive of a backup set (reads the manifest and the WAL
-    /// plan; nothing is streamed yet).
+    /// plan; nothing is streamed yet). Blocks while a garbage collection
+    /// runs: call it off async worker threads.
     pub fn backup_archive(
         &self,
         instance_id: &str,
         backup_id: &str,
     ) -> EngineResult<BackupArchive> {
+        let reading = self.hold_gc_blocking()?;
         let manifest = self.repo.read_manifest(instance_id, backup_id)?;
         let geometry = pg_wal::WalGeometry::new(manifest.wal_segment_size)
             .map_err(|e| EngineError::Failed(format!("backup {backup_id}: {e}")))?;
@@ -121,12 +127,17 @@ impl Engine {
                 manifest.stop_lsn
             )));
         }
-        Ok(BackupArchive::new(self.clone(), manifest, plan))
+        Ok(BackupArchive::new(self.clone(), reading, manifest, plan))
     }
 }
 
 impl BackupArchive {
-    fn new(engine: Engine, manifest: BackupManifest, wal: Vec<StagedSegment>) -> Self {
+    fn new(
+        engine: Engine,
+        reading: GcGuard,
+        manifest: BackupManifest,
+        wal: Vec<StagedSegment>,
+    ) -> Self {
         let mut base = InnerTar {
             name: "base.tar".into(),
             entries: Vec::new(),
@@ -178,6 +189,7 @@ impl BackupArchive {
         let segment_size = manifest.wal_segment_size;
         BackupArchive {
             engine,
+            _reading: reading,
             manifest,
             wal,
             inner,

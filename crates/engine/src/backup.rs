@@ -102,7 +102,7 @@ impl Engine {
             }
         }
         let instance = self.catalog.get_instance(instance_id)?;
-        self.catalog.fail_orphaned_jobs()?;
+        self.fail_expired_jobs()?;
         if let Some(running) = self
             .catalog
             .list_backups(instance_id)?
@@ -154,7 +154,7 @@ impl Engine {
         job.state = JobState::Preparing;
         self.catalog.update_job(&job)?;
 
-        let outcome = match self.gc_guard(false) {
+        let outcome = match self.hold_gc().await {
             Ok(_guard) => {
                 self.run_backup(&mut instance, &mut set, &mut job, opts, progress)
                     .await

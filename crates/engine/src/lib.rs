@@ -41,7 +41,7 @@ pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
 pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
-pub use retention::{pitr_anchor, plan_retention, GcGuard, RetentionPlan};
+pub use retention::{newest_success, pitr_anchor, plan_retention, GcGuard, RetentionPlan};
 
 impl Engine {
     /// The same engine reading and writing `repo` instead (a cross-region
@@ -53,10 +53,21 @@ impl Engine {
         }
     }
 
-    /// Holds garbage collection of the primary repository off while a
-    /// copy reads from it, as a backup does.
-    pub fn hold_gc(&self) -> EngineResult<Option<GcGuard>> {
-        self.gc_guard(false)
+    /// Takes over jobs of other processes whose lease expired (their owner
+    /// stopped renewing for longer than `job_lease`), failing them and their
+    /// running backup sets; returns how many. Leases are wall-clock facts,
+    /// so this uses the real time, never a test clock.
+    pub fn fail_expired_jobs(&self) -> EngineResult<usize> {
+        let lease =
+            chrono::Duration::from_std(self.settings.job_lease).unwrap_or(chrono::Duration::MAX);
+        Ok(self.catalog.fail_expired_jobs(chrono::Utc::now(), lease)?)
+    }
+
+    /// How often a process renews the leases of the jobs it runs: a sixth
+    /// of the lease, so a few missed renewals (a busy catalog) never let a
+    /// live job expire.
+    pub fn lease_renewal_interval(&self) -> std::time::Duration {
+        (self.settings.job_lease / 6).max(std::time::Duration::from_millis(100))
     }
 }
 
@@ -84,6 +95,12 @@ pub struct EngineSettings {
     /// garbage collection and backups apart; `None` when only one engine
     /// ever touches the repository.
     pub lock_path: Option<PathBuf>,
+    /// How long a job stays owned by a process that stopped renewing its
+    /// lease before another process takes it over and fails it.
+    pub job_lease: std::time::Duration,
+    /// How long a pack must have been unreferenced, as seen by an earlier
+    /// garbage collection, before a collection deletes it.
+    pub gc_grace: std::time::Duration,
 }
 
 impl Default for EngineSettings {
@@ -101,6 +118,8 @@ impl Default for EngineSettings {
             os_user: None,
             start_timeout: std::time::Duration::from_secs(300),
             lock_path: None,
+            job_lease: std::time::Duration::from_secs(30),
+            gc_grace: std::time::Duration::from_secs(3600),
         }
     }
 }

@@ -114,7 +114,10 @@ impl Engine {
         progress: &dyn Progress,
     ) -> EngineResult<RestoreOutcome> {
         let instance = self.catalog.get_instance(instance_id)?;
-        self.catalog.fail_orphaned_jobs()?;
+        self.fail_expired_jobs()?;
+        // Garbage collection stays off the packs this restore reads until
+        // it ends, whatever becomes of the set meanwhile.
+        let _reading = self.hold_gc_blocking()?;
         let created = prepare_target_dir(&opts.target_dir)?;
         let (mut job, own_job) = match opts.job_id {
             Some(id) => (self.catalog.get_job(id)?, false),

@@ -1,6 +1,7 @@
 //! Retention: which backup sets and WAL segments an instance's policy lets
-//! go, deleting them, and the lock that keeps garbage collection away from
-//! running backups.
+//! go, deleting them, garbage collection with its grace period, and the lock
+//! that keeps collections away from running backups and readers (restores,
+//! downloads, copies, drills).
 //!
 //! The rules, in order of precedence:
 //! - the newest successful backup set is never deleted (or nothing could be
@@ -20,16 +21,27 @@ use chrono::{DateTime, Duration, Utc};
 use pg_wal::Lsn;
 use serde::Serialize;
 use strata_catalog::{BackupPolicy, BackupSet, BackupStatus, WalSegmentRow};
-use strata_repo::GcReport;
+use strata_repo::{GcReport, Repository};
 
 use crate::{Engine, EngineError, EngineResult};
 
-/// Held while a backup writes packs (shared) or while garbage is collected
-/// (exclusive). An advisory `flock` on a file beside the catalog, so every
-/// process sharing the catalog takes part. Released on drop.
+/// Held while a backup writes packs or a reader reads them (shared), or
+/// while garbage is collected (exclusive). An advisory `flock` on a file
+/// beside the catalog, so every process sharing the catalog takes part (no
+/// file when the engine is alone). Released on drop, so a reader that ends
+/// early (an error, a download whose client went away) releases it too.
 #[derive(Debug)]
 pub struct GcGuard {
-    _file: File,
+    _file: Option<File>,
+}
+
+/// Longest wait for a collection to finish before a shared hold gives up.
+const GC_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often a waiting shared hold tries again.
+const GC_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn gc_wait_expired() -> EngineError {
+    EngineError::Conflict("garbage collection held the repository lock for 10 minutes".into())
 }
 
 fn try_flock(path: &Path, exclusive: bool) -> EngineResult<Option<GcGuard>> {
@@ -49,7 +61,7 @@ fn try_flock(path: &Path, exclusive: bool) -> EngineResult<Option<GcGuard>> {
     } | libc::LOCK_NB;
     // SAFETY: flock on a descriptor we own; no memory is shared.
     if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-        return Ok(Some(GcGuard { _file: file }));
+        return Ok(Some(GcGuard { _file: Some(file) }));
     }
     let err = std::io::Error::last_os_error();
     if err.kind() == std::io::ErrorKind::WouldBlock {
@@ -86,6 +98,12 @@ fn successes(backups: &[BackupSet]) -> Vec<&BackupSet> {
     s
 }
 
+/// The newest successful set, which neither retention nor a deletion by
+/// hand ever removes.
+pub fn newest_success(backups: &[BackupSet]) -> Option<String> {
+    successes(backups).last().map(|b| b.id.clone())
+}
+
 /// The set the oldest recoverable point restores from: the newest successful
 /// set finished at or before `log_start`, else the oldest successful one.
 pub fn pitr_anchor(backups: &[BackupSet], log_start: DateTime<Utc>) -> Option<String> {
@@ -109,7 +127,7 @@ pub fn plan_retention(
     let data_start = now - Duration::days(policy.backup_retention_days as i64);
     let log_start = now - Duration::days(policy.log_retention_days as i64);
     let successes = successes(backups);
-    let newest = successes.last().map(|b| b.id.clone());
+    let newest = newest_success(backups);
     let anchor = if policy.log_backup_enabled {
         pitr_anchor(backups, log_start)
     } else {
@@ -156,28 +174,43 @@ pub fn plan_retention(
 }
 
 impl Engine {
-    /// Shared (`exclusive = false`, waits) or exclusive (returns `None` when
-    /// busy) hold on the garbage-collection lock; `None` lock path means this
-    /// engine is alone and needs no lock.
-    pub(crate) fn gc_guard(&self, exclusive: bool) -> EngineResult<Option<GcGuard>> {
-        let Some(path) = &self.settings.lock_path else {
-            return Ok(None);
-        };
-        if exclusive {
-            return try_flock(path, true);
+    /// One attempt at the lock: `None` while it is held the other way.
+    fn try_gc_lock(&self, exclusive: bool) -> EngineResult<Option<GcGuard>> {
+        match &self.settings.lock_path {
+            Some(path) => try_flock(path, exclusive),
+            None => Ok(Some(GcGuard { _file: None })),
         }
-        // A collection takes seconds; a backup waits for it rather than fail.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    }
+
+    /// A shared hold that keeps garbage collection off the repository while
+    /// the caller writes or reads packs; waits (up to 10 minutes) while a
+    /// collection runs. For async callers: the wait sleeps on the runtime's
+    /// timer and never blocks a worker thread.
+    pub async fn hold_gc(&self) -> EngineResult<GcGuard> {
+        let deadline = std::time::Instant::now() + GC_WAIT;
         loop {
-            if let Some(guard) = try_flock(path, false)? {
-                return Ok(Some(guard));
+            if let Some(guard) = self.try_gc_lock(false)? {
+                return Ok(guard);
             }
             if std::time::Instant::now() > deadline {
-                return Err(EngineError::Conflict(
-                    "garbage collection held the repository lock for 10 minutes".into(),
-                ));
+                return Err(gc_wait_expired());
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            tokio::time::sleep(GC_RETRY).await;
+        }
+    }
+
+    /// [`Engine::hold_gc`] for synchronous callers (restores, downloads
+    /// and copies run on threads of their own, never on an async worker).
+    pub fn hold_gc_blocking(&self) -> EngineResult<GcGuard> {
+        let deadline = std::time::Instant::now() + GC_WAIT;
+        loop {
+            if let Some(guard) = self.try_gc_lock(false)? {
+                return Ok(guard);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(gc_wait_expired());
+            }
+            std::thread::sleep(GC_RETRY);
         }
     }
 
@@ -224,16 +257,27 @@ impl Engine {
         Ok(plan)
     }
 
-    /// Removes packs no manifest references. Returns `None` without doing
-    /// anything while a backup runs (it will be tried again later).
+    /// Removes packs no manifest references once they stayed so for the
+    /// grace period. Returns `None` without doing anything while a backup or
+    /// a reader holds the repository (it will be tried again later).
     pub fn collect_garbage(&self) -> EngineResult<Option<GcReport>> {
-        let Some(_guard) = self.gc_guard(true)? else {
-            if self.settings.lock_path.is_some() {
-                return Ok(None);
-            }
-            return Ok(Some(self.repo.collect_garbage()?));
+        let Some(_guard) = self.try_gc_lock(true)? else {
+            return Ok(None);
         };
-        Ok(Some(self.repo.collect_garbage()?))
+        self.collect_garbage_in(&self.repo).map(Some)
+    }
+
+    /// Garbage collection of `repo` by the grace period alone, without the
+    /// lock: for a repository only this engine writes (a cross-region
+    /// target). The packs found unreferenced are remembered in the catalog,
+    /// by repository id, between runs.
+    pub fn collect_garbage_in(&self, repo: &Repository) -> EngineResult<GcReport> {
+        let repository_id = &repo.config().repository_id;
+        let pending = self.catalog.gc_pending(repository_id)?;
+        let grace = Duration::from_std(self.settings.gc_grace).unwrap_or(Duration::MAX);
+        let (report, pending) = repo.collect_garbage(&pending, Utc::now(), grace)?;
+        self.catalog.put_gc_pending(repository_id, &pending)?;
+        Ok(report)
     }
 }
 

@@ -1,14 +1,21 @@
 //! Deleting backup sets and WAL objects, and garbage collection.
 //!
 //! Deleting a backup set removes only its manifest: the blocks it listed may
-//! be shared with other sets. Garbage collection is mark and sweep: every
-//! pack referenced by some committed manifest is kept, every other pack is
-//! removed. A pack being written by a running backup is referenced by no
-//! manifest yet, so the caller must make sure no backup runs during a
-//! collection (the engine holds a lock for that).
+//! be shared with other sets. Garbage collection is mark and sweep with a
+//! grace period (as rustic's prune keeps packs for `keep-delete`): every pack
+//! referenced by some committed manifest is kept; a pack referenced by none
+//! is deleted only when an earlier collection, at least the grace period
+//! before, already found it unreferenced. Until then it is "pending", with
+//! the time it was first found so; the caller keeps that list between runs.
+//! A reader that opened a manifest before its set was deleted (a restore, a
+//! download, a copy) therefore keeps every block it needs for at least the
+//! grace period. A pack being written by a running backup is referenced by
+//! no manifest yet, so the caller must also make sure no backup runs during
+//! a collection (the engine holds a lock for that).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
+use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
 use crate::{manifest_key, RepoResult, Repository};
@@ -19,7 +26,13 @@ pub struct GcReport {
     pub manifests_scanned: u64,
     pub packs_kept: u64,
     pub packs_deleted: u64,
+    /// Unreferenced packs kept until their grace period is over.
+    pub packs_pending: u64,
 }
+
+/// Packs found unreferenced by earlier collections: pack id -> when first
+/// found so.
+pub type PendingPacks = BTreeMap<String, DateTime<Utc>>;
 
 impl Repository {
     /// Removes a backup set's manifest; its blocks go at the next collection.
@@ -34,10 +47,19 @@ impl Repository {
         Ok(())
     }
 
-    /// Mark and sweep over every instance's manifests. The caller guarantees
-    /// that no backup is writing packs meanwhile.
-    pub fn collect_garbage(&self) -> RepoResult<GcReport> {
+    /// Mark and sweep over every instance's manifests at `now`: an
+    /// unreferenced pack goes when `pending` says it was already
+    /// unreferenced `grace` ago (with a zero grace, at once). Returns what
+    /// was done and the pending list for the next run. The caller
+    /// guarantees that no backup is writing packs meanwhile.
+    pub fn collect_garbage(
+        &self,
+        pending: &PendingPacks,
+        now: DateTime<Utc>,
+        grace: Duration,
+    ) -> RepoResult<(GcReport, PendingPacks)> {
         let mut report = GcReport::default();
+        let mut still_pending = PendingPacks::new();
         let mut referenced: HashSet<String> = HashSet::new();
         for key in self.storage.list("instances/")? {
             let Some(rest) = key.strip_prefix("instances/") else {
@@ -74,11 +96,144 @@ impl Repository {
             };
             if referenced.contains(id) {
                 report.packs_kept += 1;
-            } else {
+                continue;
+            }
+            let since = pending.get(id).copied().unwrap_or(now);
+            if since
+                .checked_add_signed(grace)
+                .is_some_and(|end| end <= now)
+            {
                 self.storage.delete(&key)?;
                 report.packs_deleted += 1;
+            } else {
+                still_pending.insert(id.to_string(), since);
+                report.packs_pending += 1;
             }
         }
-        Ok(report)
+        Ok((report, still_pending))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::{Duration, Utc};
+
+    use super::*;
+    use crate::manifest::{BackupManifest, FileEntry, FileKind};
+    use crate::{pack_key, BlockIndex, BlockRef, LocalStorage, Storage};
+
+    fn manifest(id: &str, blocks: Vec<BlockRef>) -> BackupManifest {
+        let mut m: BackupManifest = serde_json::from_value(serde_json::json!({
+            "format_version": 1, "backup_id": id, "instance_id": "i", "mode": "Manual",
+            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
+            "label": "t", "start_lsn": "0/2000028", "start_timeline": 1, "stop_lsn": "0/2000100",
+            "stop_timeline": 1, "start_time": Utc::now(), "stop_time": Utc::now(),
+            "tablespaces": [], "files": [], "server_manifest": null,
+            "stats": {"file_count": 1, "total_bytes": 1, "new_bytes": 0, "dedup_bytes": 0,
+                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
+        }))
+        .unwrap();
+        m.files.push(FileEntry {
+            tablespace: None,
+            path: "base/1/1".into(),
+            kind: FileKind::File,
+            mode: 0o600,
+            size: 1,
+            mtime: 0,
+            link_target: None,
+            crc32c: None,
+            blocks,
+        });
+        m
+    }
+
+    /// One block in a pack of its own.
+    fn stored(repo: &Repository, byte: u8) -> BlockRef {
+        let mut w = repo.block_writer(BlockIndex::default());
+        let block = w.add(&vec![byte; 4096]).unwrap();
+        w.finish().unwrap();
+        block
+    }
+
+    #[test]
+    fn an_unreferenced_pack_goes_only_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+        let repo = Repository::open_or_init(storage.clone()).unwrap();
+        let kept = stored(&repo, 1);
+        let garbage = stored(&repo, 2);
+        assert_ne!(kept.p, garbage.p);
+        repo.commit_manifest(&manifest("1", vec![kept.clone()]))
+            .unwrap();
+        let exists = |b: &BlockRef| storage.exists(&pack_key(&b.p)).unwrap();
+        let grace = Duration::hours(1);
+        let t0 = Utc::now();
+
+        // First sight: pending, not deleted.
+        let (report, pending) = repo
+            .collect_garbage(&PendingPacks::new(), t0, grace)
+            .unwrap();
+        assert_eq!(
+            (
+                report.packs_kept,
+                report.packs_deleted,
+                report.packs_pending
+            ),
+            (1, 0, 1)
+        );
+        assert_eq!(pending.get(&garbage.p), Some(&t0));
+
+        // The set is deleted; its pack becomes pending at t1, the first one
+        // keeps its t0.
+        repo.delete_backup("i", "1").unwrap();
+        let t1 = t0 + Duration::minutes(30);
+        let (report, pending) = repo.collect_garbage(&pending, t1, grace).unwrap();
+        assert_eq!((report.packs_deleted, report.packs_pending), (0, 2));
+        assert_eq!(pending.get(&garbage.p), Some(&t0));
+        assert_eq!(pending.get(&kept.p), Some(&t1));
+        assert!(exists(&garbage) && exists(&kept));
+        assert_eq!(repo.read_block(&kept).unwrap(), vec![1; 4096]);
+
+        // One grace after t0: only the first pack goes.
+        let t2 = t0 + grace;
+        let (report, pending) = repo.collect_garbage(&pending, t2, grace).unwrap();
+        assert_eq!((report.packs_deleted, report.packs_pending), (1, 1));
+        assert!(!exists(&garbage) && exists(&kept));
+
+        // One grace after t1: the second.
+        let (report, pending) = repo.collect_garbage(&pending, t1 + grace, grace).unwrap();
+        assert_eq!((report.packs_deleted, report.packs_pending), (1, 0));
+        assert!(pending.is_empty() && !exists(&kept));
+    }
+
+    #[test]
+    fn a_pending_pack_referenced_again_is_kept_and_zero_grace_deletes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+        let repo = Repository::open_or_init(storage.clone()).unwrap();
+        let block = stored(&repo, 3);
+        let t0 = Utc::now();
+        let (_, pending) = repo
+            .collect_garbage(&PendingPacks::new(), t0, Duration::hours(1))
+            .unwrap();
+        assert_eq!(pending.len(), 1);
+        repo.commit_manifest(&manifest("2", vec![block.clone()]))
+            .unwrap();
+        let later = t0 + Duration::hours(2);
+        let (report, pending) = repo
+            .collect_garbage(&pending, later, Duration::hours(1))
+            .unwrap();
+        assert_eq!((report.packs_kept, report.packs_deleted), (1, 0));
+        assert!(pending.is_empty());
+
+        repo.delete_backup("i", "2").unwrap();
+        let (report, pending) = repo
+            .collect_garbage(&pending, later, Duration::zero())
+            .unwrap();
+        assert_eq!(report.packs_deleted, 1);
+        assert!(pending.is_empty());
+        assert!(!storage.exists(&pack_key(&block.p)).unwrap());
     }
 }

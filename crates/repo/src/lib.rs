@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use crypto::{EncryptionConfig, KeySource, Keys};
-pub use gc::GcReport;
+pub use gc::{GcReport, PendingPacks};
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{

@@ -570,20 +570,20 @@ impl Service {
                 job.detail = format!("copy backup {} to region {}", set.id, policy.region);
                 self.engine.catalog.update_job(&job)?;
                 // Primary garbage collection waits while the copy reads.
-                let outcome =
-                    self.engine
-                        .hold_gc()
-                        .map_err(ServiceError::from)
-                        .and_then(|_guard| {
-                            self.copy_segments(&policy.region, &repo, &own_wal)?;
-                            Ok(copy_backup_set(
-                                &self.engine.repo,
-                                &repo,
-                                id,
-                                &set.id,
-                                &known,
-                            )?)
-                        });
+                let outcome = self
+                    .engine
+                    .hold_gc_blocking()
+                    .map_err(ServiceError::from)
+                    .and_then(|_guard| {
+                        self.copy_segments(&policy.region, &repo, &own_wal)?;
+                        Ok(copy_backup_set(
+                            &self.engine.repo,
+                            &repo,
+                            id,
+                            &set.id,
+                            &known,
+                        )?)
+                    });
                 match outcome {
                     Ok(report) => {
                         let cross_id = self.engine.catalog.insert_cross_backup(
@@ -748,7 +748,7 @@ impl Service {
                     .map_err(EngineError::from)?;
                 self.engine.catalog.delete_cross_wal(w.id)?;
             }
-            let report = repo.collect_garbage().map_err(EngineError::from)?;
+            let report = self.engine.collect_garbage_in(&repo)?;
             self.usage_changed();
             tracing::info!(
                 instance = %id,

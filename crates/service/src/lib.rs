@@ -99,15 +99,18 @@ impl Default for ServiceSettings {
     }
 }
 
-/// Which backup sets may be deleted by hand: never a running one; with log
-/// backup on, only sets finished before the log retention window, and never
-/// the one the oldest recoverable point restores from.
+/// Which backup sets may be deleted by hand: never a running one, never
+/// the newest successful one (log backup on or off: without it nothing
+/// could be restored; it goes only with its instance); with log backup on,
+/// only sets finished before the log retention window, and never the one
+/// the oldest recoverable point restores from.
 #[derive(Debug, Clone)]
 pub struct DeletionRules {
     log_on: bool,
     log_days: u32,
     log_start: DateTime<Utc>,
     anchor: Option<String>,
+    newest: Option<String>,
 }
 
 impl DeletionRules {
@@ -117,17 +120,21 @@ impl DeletionRules {
         if set.status == BackupStatus::Running {
             return Some(EngineError::Conflict(format!("backup {id} is still running")).into());
         }
-        if !self.log_on || set.status != BackupStatus::Success {
+        if set.status != BackupStatus::Success {
             return None;
         }
-        let message = if set.finished_at.unwrap_or(set.started_at) > self.log_start {
+        let message = if self.log_on && set.finished_at.unwrap_or(set.started_at) > self.log_start {
             format!(
                 "backup {id} is inside the log backup retention period ({} days); with log backup on only older backup sets can be deleted",
                 self.log_days
             )
-        } else if self.anchor.as_deref() == Some(id.as_str()) {
+        } else if self.log_on && self.anchor.as_deref() == Some(id.as_str()) {
             format!(
                 "backup {id} is the base of the oldest point in time still recoverable; it goes when a newer one leaves the log retention period"
+            )
+        } else if self.newest.as_deref() == Some(id.as_str()) {
+            format!(
+                "backup {id} is the newest successful backup set of the instance; it is kept until a newer one succeeds (or the instance is deleted)"
             )
         } else {
             return None;
@@ -562,6 +569,7 @@ impl Service {
             log_days: policy.log_retention_days,
             log_start,
             anchor: strata_engine::pitr_anchor(backups, log_start),
+            newest: strata_engine::newest_success(backups),
         }
     }
 
@@ -588,8 +596,10 @@ impl Service {
     /// One round: automatic backups due, WAL receivers, retention, garbage
     /// collection, a storage usage sample when one is due.
     pub async fn tick(self: &Arc<Self>) {
-        if let Err(e) = self.engine.catalog.fail_orphaned_jobs() {
-            tracing::warn!("checking for orphaned jobs: {e}");
+        match self.engine.fail_expired_jobs() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("failed {n} job(s) whose owner stopped renewing its lease"),
+            Err(e) => tracing::warn!("checking for jobs with an expired lease: {e}"),
         }
         let instances = match self.engine.catalog.list_instances() {
             Ok(i) => i,

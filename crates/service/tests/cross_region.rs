@@ -176,7 +176,12 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         LocalStorage::new(dir.path().join("repo")).unwrap(),
     ))
     .unwrap();
-    let engine = Engine::new(catalog, repo, EngineSettings::default());
+    // The target's collections are checked for what they remove at once.
+    let settings = EngineSettings {
+        gc_grace: Duration::ZERO,
+        ..EngineSettings::default()
+    };
+    let engine = Engine::new(catalog, repo, settings);
     let refusing = Arc::new(RefusingManifests {
         inner: LocalStorage::new(dir.path().join("dr")).unwrap(),
         refuse: AtomicBool::new(true),

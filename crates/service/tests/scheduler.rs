@@ -21,7 +21,13 @@ fn engine(dir: &std::path::Path) -> Engine {
     let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&dir.join("catalog.db")).unwrap());
     let repo =
         Repository::open_or_init(Arc::new(LocalStorage::new(dir.join("repo")).unwrap())).unwrap();
-    Engine::new(catalog, repo, EngineSettings::default())
+    // These tests check what a collection removes, so packs go at once
+    // rather than after the grace period.
+    let settings = EngineSettings {
+        gc_grace: Duration::ZERO,
+        ..EngineSettings::default()
+    };
+    Engine::new(catalog, repo, settings)
 }
 
 fn settings(dir: &std::path::Path) -> ServiceSettings {
@@ -236,6 +242,11 @@ async fn garbage_collection_waits_for_running_backups() {
         .backup("gc", &Default::default(), &strata_engine::NoProgress)
         .await
         .unwrap();
+    let base = svc
+        .engine
+        .backup("gc", &Default::default(), &strata_engine::NoProgress)
+        .await
+        .unwrap();
     svc.delete_backups("gc", std::slice::from_ref(&first.id))
         .unwrap_err(); // inside log retention
     svc.modify_policy(
@@ -272,7 +283,15 @@ async fn garbage_collection_waits_for_running_backups() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(uploading, "the second backup never started uploading");
+    assert!(uploading, "the third backup never started uploading");
+    // The newest successful set stays, log backup off or not.
+    let refused = svc
+        .delete_backups("gc", std::slice::from_ref(&base.id))
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("newest successful backup set"),
+        "{refused}"
+    );
     svc.delete_backups("gc", std::slice::from_ref(&first.id))
         .unwrap();
     assert_eq!(
@@ -280,16 +299,44 @@ async fn garbage_collection_waits_for_running_backups() {
         None,
         "collection ran beside a backup"
     );
-    let second = running.await.unwrap().unwrap();
+    let third = running.await.unwrap().unwrap();
 
-    // Now it runs: the first set's packs that the second did not reuse go,
-    // and the second set is intact.
+    // Now it runs: the first set's packs that the others did not reuse go,
+    // and the other sets are intact.
     let report = svc.engine.collect_garbage().unwrap().expect("lock free");
-    assert_eq!(report.manifests_scanned, 1);
+    assert_eq!(report.manifests_scanned, 2);
     let verify = svc.engine.repo.verify(&|_, _| {}).unwrap();
     assert!(verify.is_clean(), "{:?}", verify.problems);
     assert!(verify.unreferenced_packs.is_empty());
-    assert_eq!(svc.engine.repo.list_backups("gc").unwrap(), vec![second.id]);
+    assert_eq!(
+        svc.engine.repo.list_backups("gc").unwrap(),
+        vec![base.id.clone(), third.id.clone()]
+    );
+
+    // With log backup off every set but the newest successful one can go;
+    // the newest stays until a newer one succeeds.
+    svc.delete_backups("gc", std::slice::from_ref(&base.id))
+        .unwrap();
+    let refused = svc
+        .delete_backups("gc", std::slice::from_ref(&third.id))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            strata_service::ServiceError::Policy(p) if p.code == "IncorrectBackupSetState"
+        ),
+        "{refused:?}"
+    );
+    let left: Vec<String> = svc
+        .engine
+        .catalog
+        .list_backups("gc")
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(left, vec![third.id.clone()]);
+    assert_eq!(svc.engine.repo.list_backups("gc").unwrap(), vec![third.id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

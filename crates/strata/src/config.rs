@@ -43,6 +43,8 @@ pub struct Config {
     pub usage: UsageConfig,
     pub metrics: MetricsConfig,
     pub local_repository: LocalRepositoryConfig,
+    pub jobs: JobsConfig,
+    pub gc: GcConfig,
 }
 
 /// Free space kept on the file system of a repository in a directory.
@@ -68,6 +70,22 @@ impl LocalRepositoryConfig {
             percent,
         })
     }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Seconds a running job stays owned by a process that stopped
+    /// renewing its lease before another process fails it (default 30).
+    pub lease_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Seconds a pack must have been unreferenced, as seen by an earlier
+    /// garbage collection, before it is deleted (default 3600).
+    pub grace_secs: Option<u64>,
 }
 
 /// A cross-region backup target: a repository of its own, reached and
@@ -493,6 +511,12 @@ impl Config {
         }
         if let Some(dirs) = &self.postgres.bin_dirs {
             s.pg_bin_dirs = dirs.clone();
+        }
+        if let Some(secs) = self.jobs.lease_secs {
+            s.job_lease = Duration::from_secs(secs.max(1));
+        }
+        if let Some(secs) = self.gc.grace_secs {
+            s.gc_grace = Duration::from_secs(secs);
         }
         s
     }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use pg_wal::Lsn;
-use strata_catalog::{Instance, SqliteCatalog};
+use strata_catalog::{Instance, LeaseKeeper, SqliteCatalog};
 use strata_engine::{
     BackupOptions, Engine, RecoveryTarget, RestoreOptions, StartOptions, WalReceiveOptions,
 };
@@ -305,6 +305,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let engine = open_engine(&config)?;
+    // Every job this process creates (a backup or restore run here, or
+    // everything `serve` runs) stays owned by it while the lease is renewed.
+    let _lease = LeaseKeeper::start(engine.catalog.clone(), engine.lease_renewal_interval())
+        .context("cannot start the job lease renewal thread")?;
     match cli.command {
         Command::Instance(InstanceCmd::Add {
             id,
@@ -382,7 +386,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Backup(BackupCmd::List { id, json }) => {
             engine.catalog.get_instance(&id)?;
-            engine.catalog.fail_orphaned_jobs()?;
+            engine.fail_expired_jobs()?;
             let list = engine.catalog.list_backups(&id)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -495,7 +499,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Task(TaskCmd::List { id, json }) => {
-            engine.catalog.fail_orphaned_jobs()?;
+            engine.fail_expired_jobs()?;
             let jobs = engine.catalog.list_jobs(id.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);

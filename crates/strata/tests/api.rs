@@ -85,23 +85,31 @@ struct ApiServer {
     port: u16,
     child: Option<Child>,
     starts: u32,
+    /// Run as PID 1 of a PID namespace of its own (as in a container),
+    /// under `unshare --pid --fork --mount-proc --kill-child`: `child` is
+    /// `unshare`, and killing it kills the namespace.
+    pid_namespace: bool,
+    /// Host pid of the `strata serve` process of the current start.
+    server_pid: Option<u32>,
 }
 
 impl ApiServer {
-    /// Writes `[scheduler] retention_interval_secs = 2` plus `scheduler`
-    /// (more lines of that table) into the configuration and starts.
-    /// Restore drills are off: each would restore and start a scratch
-    /// server after every backup, which is not what these tests are about
-    /// and would compete with them for the two cores.
-    fn start_new(name: &str, scheduler: &str) -> ApiServer {
-        Self::start_with_drills(name, scheduler, false)
-    }
-
     fn start_with_drills(name: &str, scheduler: &str, drills: bool) -> ApiServer {
         Self::start_configured(Strata::new(name), scheduler, drills)
     }
 
     fn start_configured(strata: Strata, scheduler: &str, drills: bool) -> ApiServer {
+        let mut server = Self::configured(strata, scheduler, drills);
+        server.start();
+        server
+    }
+
+    /// Writes `[scheduler] retention_interval_secs = 2` plus `scheduler`
+    /// (more lines of that table) into the configuration, without starting.
+    /// Restore drills run only with `drills`: each would restore and start
+    /// a scratch server after every backup, which is not what most tests
+    /// are about and would compete with them for the two cores.
+    fn configured(strata: Strata, scheduler: &str, drills: bool) -> ApiServer {
         let mut config = std::fs::OpenOptions::new()
             .append(true)
             .open(&strata.config)
@@ -111,14 +119,14 @@ impl ApiServer {
             "[drills]\nenabled = {drills}\n[scheduler]\nretention_interval_secs = 2\n{scheduler}"
         )
         .expect("write strata.toml");
-        let mut server = ApiServer {
+        ApiServer {
             strata,
             port: testkit::free_port(),
             child: None,
             starts: 0,
-        };
-        server.start();
-        server
+            pid_namespace: false,
+            server_pid: None,
+        }
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -151,9 +159,19 @@ impl ApiServer {
         let out = std::fs::File::create(self.strata.dir.join(format!("serve-{}.out", self.starts)))
             .expect("create serve.out");
         let listen = self.endpoint();
-        let child = self
-            .strata
-            .command(&["serve", "--listen", &listen])
+        let mut command = if self.pid_namespace {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                .arg(env!("CARGO_BIN_EXE_strata"))
+                .arg("--config")
+                .arg(&self.strata.config)
+                .args(["serve", "--listen", &listen])
+                .stdin(Stdio::null());
+            c
+        } else {
+            self.strata.command(&["serve", "--listen", &listen])
+        };
+        let child = command
             .env("STRATA_LOG", "info")
             .env("STRATA_DATA_DIR", self.data_dir())
             .stdout(out)
@@ -172,6 +190,11 @@ impl ApiServer {
                 panic!("strata serve exited with {status}:\n{}", self.log());
             }
             if self.healthz() {
+                let pid = self.child.as_ref().map(Child::id);
+                self.server_pid = match (self.pid_namespace, pid) {
+                    (true, Some(unshare)) => Some(only_child(unshare)),
+                    (_, pid) => pid,
+                };
                 return;
             }
             assert!(
@@ -200,12 +223,38 @@ impl ApiServer {
         resp.starts_with("HTTP/1.1 200") && resp.trim_end().ends_with("ok")
     }
 
-    /// SIGKILL, as a crash would; waits for (and reaps) the process.
+    /// SIGKILL, as a crash would; waits for (and reaps) the process. In a
+    /// PID namespace, `unshare` dies and takes its namespace with it; the
+    /// server's end is waited for before returning.
     fn kill9(&mut self) {
         let mut child = self.child.take().expect("server running");
         child.kill().expect("SIGKILL strata serve");
         let status = child.wait().expect("wait for strata serve");
         assert!(!status.success(), "killed server exited with {status}");
+        if let Some(pid) = self.server_pid.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while process_running(pid) {
+                assert!(
+                    Instant::now() < deadline,
+                    "strata serve (pid {pid}) outlived SIGKILL"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The server's pid as its own PID namespace numbers it (the last
+    /// `NSpid` field of its status).
+    fn pid_in_namespace(&self) -> u32 {
+        let pid = self.server_pid.expect("server running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("status of pid {pid}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no NSpid in /proc/{pid}/status:\n{status}"))
     }
 
     /// SIGTERM (graceful), SIGKILL after 20 s.
@@ -433,17 +482,60 @@ fn sdk_authentication() {
     run_module("test_auth.py");
 }
 
+/// The one child of process `pid` (`unshare --fork` has exactly one).
+fn only_child(pid: u32) -> u32 {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let children: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(children.len(), 1, "children of {pid}: {text:?}");
+    children[0]
+}
+
+/// Whether any thread of `pid` still runs. A killed process's leader can
+/// be a zombie while its other threads are still exiting (and holding its
+/// sockets), so every thread is looked at.
+fn process_running(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
 /// SIGKILL during a (throttled, automatic) backup: after a restart on the
 /// same data directory the job is Failed with a reason, the set is Failed,
 /// never Success, a replayed request stays refused, and a new backup works.
-#[test]
-fn crash_during_backup_leaves_a_failed_job_and_the_server_recovers() {
+/// With `pid_namespace`, the server runs as PID 1 of its own PID namespace
+/// (as in a container), so the restarted server has the dead one's PID:
+/// the job must be taken over because its lease expired, not because a PID
+/// disappeared.
+fn crash_during_backup(name: &str, pid_namespace: bool) {
     python();
     let cluster = Cluster::start_default(15);
     // About 100 MB of data directory: at 2 MB/s the automatic first backup
     // takes close to a minute, so the kill lands in the middle of it.
     cluster.pgbench("postgres", &["-i", "-s", "5", "-q"]);
-    let mut server = ApiServer::start_new("api-crash", "backup_max_rate_kb = 2048\n");
+    // A short lease, so the takeover comes within the client's wait.
+    let mut server = ApiServer::configured(
+        Strata::new(name),
+        "backup_max_rate_kb = 2048\n[jobs]\nlease_secs = 4\n",
+        false,
+    );
+    server.pid_namespace = pid_namespace;
+    server.start();
+    if pid_namespace {
+        assert_eq!(server.pid_in_namespace(), 1, "strata serve is not PID 1");
+    }
     let env = server.python_env(&cluster);
     let state = server.strata.dir.join("crash-state.json");
     let state_s = state.display().to_string();
@@ -457,9 +549,21 @@ fn crash_during_backup_leaves_a_failed_job_and_the_server_recovers() {
     server.kill9();
 
     server.start();
+    if pid_namespace {
+        assert_eq!(
+            server.pid_in_namespace(),
+            1,
+            "the restarted server is not PID 1"
+        );
+    }
     let output = server.run_python(
         "crash-after-restart",
-        &[&client, "after-restart", &state_s],
+        &[
+            &client,
+            "after-restart",
+            &state_s,
+            "stopped renewing its lease",
+        ],
         &env,
     );
     assert!(output.contains("Failed:"), "{output}");
@@ -468,11 +572,26 @@ fn crash_during_backup_leaves_a_failed_job_and_the_server_recovers() {
         log.contains("automatic backup started (first backup)"),
         "the first backup was the automatic one:\n{log}"
     );
+    assert!(
+        log.contains("whose owner stopped renewing its lease"),
+        "the restarted server did not take the job over:\n{log}"
+    );
     server.assert_no_internal_errors();
     println!(
         "crashed job {} (backup set {}) reported Failed after the restart",
         job["job"], job["backup"]
     );
+}
+
+#[test]
+fn crash_during_backup_leaves_a_failed_job_and_the_server_recovers() {
+    crash_during_backup("api-crash", false);
+}
+
+/// The same crash in a container: `strata serve` is PID 1 before and after.
+#[test]
+fn crash_as_pid_1_of_a_pid_namespace_fails_the_job_when_its_lease_expires() {
+    crash_during_backup("api-crash-pidns", true);
 }
 
 /// Cross-region backup: this server is region `cn-hangzhou`; copies go to

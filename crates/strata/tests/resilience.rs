@@ -69,7 +69,8 @@ fn unchanged_database_second_backup_stores_under_one_percent() {
 fn kill9_mid_backup_then_next_backup_and_verify_and_corruption() {
     let pg = Cluster::start_default(15);
     pg.pgbench("postgres", &["-i", "-q", "-s", "3"]);
-    let strata = Strata::new("crash");
+    // A short lease: the killed backup's job is taken over soon after.
+    let strata = Strata::with_config("crash", "", "[jobs]\nlease_secs = 2\n");
     strata.add_instance("crash", &pg);
 
     // A throttled backup, killed while it streams.
@@ -90,13 +91,17 @@ fn kill9_mid_backup_then_next_backup_and_verify_and_corruption() {
     child.wait().unwrap();
 
     let repo = strata.repo_dir();
+    // Listing takes over jobs whose owner stopped renewing its lease.
+    wait_for("the killed backup to be failed", 30, || {
+        strata.backups("crash")[0]["status"] != "Running"
+    });
     let sets = strata.backups("crash");
     assert_eq!(sets.len(), 1);
     assert_eq!(sets[0]["status"], "Failed", "{sets:?}");
     assert!(sets[0]["error"]
         .as_str()
         .unwrap()
-        .contains("ended before the job finished"));
+        .contains("stopped renewing its lease"));
     assert!(
         files_under(&repo, ".manifest").is_empty(),
         "a killed backup committed a manifest"
