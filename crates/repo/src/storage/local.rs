@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -26,7 +27,7 @@ pub struct LocalStorage {
 impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> StorageResult<Self> {
         let root = root.into();
-        fs::create_dir_all(root.join("tmp")).map_err(|source| StorageError::Io {
+        private_dirs(&root.join("tmp")).map_err(|source| StorageError::Io {
             key: root.display().to_string(),
             source,
         })?;
@@ -144,8 +145,9 @@ impl Drop for AlignedBuf {
 /// cut back to `data.len()`. `Ok(None)` when the filesystem refuses direct
 /// I/O (tmpfs, some network filesystems): the caller writes it buffered.
 fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<Option<fs::File>> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::fs::FileExt;
     let file = match fs::OpenOptions::new()
+        .mode(0o600)
         .write(true)
         .create(true)
         .truncate(true)
@@ -179,6 +181,16 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<Option<fs::File>> {
     Ok(Some(file))
 }
 
+/// Creates `dir` and its missing parents as 0700: a repository's objects
+/// (0600) are its owner's alone, whatever the umask.
+fn private_dirs(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -207,7 +219,7 @@ impl Storage for LocalStorage {
         ));
         let write = || -> std::io::Result<()> {
             if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)?;
+                private_dirs(parent)?;
             }
             let file = match data.len() >= DIRECT_MIN {
                 true => write_direct(&tmp, data)?,
@@ -216,7 +228,12 @@ impl Storage for LocalStorage {
             let file = match file {
                 Some(file) => file,
                 None => {
-                    let mut file = fs::File::create(&tmp)?;
+                    let mut file = fs::OpenOptions::new()
+                        .mode(0o600)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&tmp)?;
                     file.write_all(data)?;
                     file
                 }
@@ -291,6 +308,31 @@ impl Storage for LocalStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let s = LocalStorage::new(&root)
+            .unwrap()
+            .with_min_free(crate::MinFreeSpace::NONE);
+        s.put("packs/ab/small", b"x").unwrap();
+        s.put("packs/ab/large", &vec![7u8; DIRECT_MIN + 10])
+            .unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for d in [
+            root.clone(),
+            root.join("tmp"),
+            root.join("packs"),
+            root.join("packs/ab"),
+        ] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        for f in ["packs/ab/small", "packs/ab/large"] {
+            assert_eq!(mode(&root.join(f)), 0o600, "{f}");
+        }
+    }
 
     #[test]
     fn put_get_list_delete() {
