@@ -545,6 +545,8 @@ impl Service {
             }
             lock(&svc.backups).remove(&id);
             svc.gc_due.store(true, Ordering::SeqCst);
+            // What is stored changed; the collection may wait for readers.
+            svc.usage_changed();
         });
         lock(&self.backups).insert(
             instance_id.to_string(),
