@@ -258,22 +258,29 @@ def test_a_drill_of_a_database_named_like_a_conninfo_stays_home(instance, admin,
 
 
 def scratch_dirs():
-    root = os.environ.get("STRATA_DATA_DIR", "")
-    return glob.glob(os.path.join(root, "instances", "scratch-*")) if root else []
+    return glob.glob(os.path.join(h.env("STRATA_DATA_DIR"), "instances", "scratch-*"))
 
 
 def test_source_commands_never_run_on_the_strata_host(instance, admin):
     marker = f"/tmp/strata-pwned-{uuid.uuid4().hex}"
-    h.psql(f"ALTER SYSTEM SET recovery_end_command = 'touch {marker}-recovery-end'")
-    h.psql(f"ALTER SYSTEM SET archive_cleanup_command = 'touch {marker}-cleanup'")
-    h.psql("ALTER SYSTEM SET shared_preload_libraries = 'strata_missing_library'")
-    h.psql("ALTER SYSTEM SET ssl_passphrase_command = 'touch /tmp/never'")
+    # Written byte for byte, as a superuser can (lo_export), with a byte
+    # that is not UTF-8: the file must be filtered all the same.
+    settings = {
+        "recovery_end_command": f"touch {marker}-recovery-end",
+        "archive_cleanup_command": f"touch {marker}-cleanup",
+        "shared_preload_libraries": "strata_missing_library",
+        "ssl_passphrase_command": "touch /tmp/never",
+        "plperl.on_init": "system('touch /tmp/never')",
+    }
+    conf = b"# \xff\xfe not UTF-8 \xe9\n" + "".join(
+        f"{k} = '{v.replace(chr(39), chr(39) * 2)}'\n" for k, v in settings.items()).encode()
+    h.psql(f"SELECT lo_export(lo_from_bytea(0, decode('{conf.hex()}', 'hex')), "
+           "current_setting('data_directory') || '/postgresql.auto.conf')")
+    h.psql("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
     try:
         backup_id = h.backup(admin, instance.id).backup_id
     finally:
-        for setting in ("recovery_end_command", "archive_cleanup_command",
-                        "shared_preload_libraries", "ssl_passphrase_command"):
-            h.psql(f"ALTER SYSTEM RESET {setting}")
+        h.psql("ALTER SYSTEM RESET ALL")
 
     # A drill, watched while its scratch server runs: private directory, no
     # TCP listener.
@@ -284,12 +291,14 @@ def test_source_commands_never_run_on_the_strata_host(instance, admin):
         while time.monotonic() < deadline and "conf" not in seen:
             for d in scratch_dirs():
                 try:
-                    mode = stat.S_IMODE(os.stat(d).st_mode)
+                    st = os.stat(d)
+                    socket_mode = stat.S_IMODE(os.stat(os.path.join(d, "socket")).st_mode)
                     conf = open(os.path.join(d, "pgdata", "postgresql.conf")).read()
                 except OSError:
                     continue
                 if "written by strata" in conf.lower():
-                    seen.update(mode=mode, conf=conf)
+                    seen.update(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
+                                socket_mode=socket_mode, conf=conf)
                     break
             time.sleep(0.02)
 
@@ -299,10 +308,13 @@ def test_source_commands_never_run_on_the_strata_host(instance, admin):
     watcher.join()
     assert item["StrataDrillStatus"] == "Passed", item
     assert not glob.glob(marker + "*"), glob.glob(marker + "*")
-    if os.environ.get("STRATA_DATA_DIR"):
-        assert seen.get("mode") == 0o700, seen
-        assert "listen_addresses = ''" in seen["conf"], seen["conf"]
-        assert "recovery_end_command" not in seen["conf"]
+    # The instance directory is Strata's (nobody else can swap what it
+    # holds), the socket's directory is the server's alone, no TCP.
+    assert "conf" in seen, "no scratch server was seen under STRATA_DATA_DIR"
+    assert seen["uid"] == os.geteuid() and seen["mode"] & 0o022 == 0, seen
+    assert seen["socket_mode"] == 0o700, seen
+    assert "listen_addresses = ''" in seen["conf"], seen["conf"]
+    assert "recovery_end_command" not in seen["conf"]
 
     # A clone keeps the source's settings except those, and says so.
     clone = admin.clone_dbinstance(rds.CloneDBInstanceRequest(
@@ -318,8 +330,7 @@ def test_source_commands_never_run_on_the_strata_host(instance, admin):
     assert a["DBInstanceStatus"] == "Running", a
     assert not glob.glob(marker + "*")
     task = [j for j in h.jobs(admin, instance.id) if j["TaskAction"] == "CloneDBInstance"][0]
-    for setting in ("recovery_end_command", "archive_cleanup_command",
-                    "shared_preload_libraries", "ssl_passphrase_command"):
+    for setting in settings:
         assert setting in task["StrataDetail"], task
     assert psql_in("postgres", "SHOW shared_preload_libraries", port=int(a["Port"]),
                    host="127.0.0.1") == ""

@@ -86,7 +86,7 @@ const CAPACITY_SETTINGS: [&str; 6] = [
 /// Whether a setting from a source's configuration file is removed before
 /// Strata starts a copy: it runs a command, loads code, names a file or
 /// directory (which may lie outside the data directory), opens a listener,
-/// or points recovery or replication somewhere. Strata sets its own values
+/// points recovery or replication somewhere, or belongs to an extension. Strata sets its own values
 /// for the listener and recovery afterwards.
 pub fn is_neutralized(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
@@ -120,20 +120,30 @@ pub fn is_neutralized(name: &str) -> bool {
         "krb_server_keyfile",
         "synchronized_standby_slots",
     ];
-    SUFFIXES.iter().any(|s| name.ends_with(s))
+    // Settings of extensions (dotted names): their libraries are not
+    // preloaded any more, and some run code when loaded (`plperl.on_init`,
+    // `pltcl.start_proc`).
+    name.contains('.')
+        || SUFFIXES.iter().any(|s| name.ends_with(s))
         || PREFIXES.iter().any(|p| name.starts_with(p))
         || EXACT.contains(&name.as_str())
 }
 
-/// The setting (or directive) a configuration line sets, as PostgreSQL's
-/// lexer reads it: optional blanks, then a name made of letters, digits,
-/// `_`, `.` and bytes ≥ 0x80. `None` for blank and comment lines.
-fn line_setting(line: &str) -> Option<&str> {
-    let t = line.trim_start_matches([' ', '\t', '\r', '\x0c', '\x0b']);
+/// The setting (or directive) a configuration line sets, lowercased, as
+/// PostgreSQL's lexer reads it: optional blanks, then a name made of
+/// letters, digits, `_`, `.` and bytes ≥ 0x80. `None` for blank and
+/// comment lines. Lines are bytes: PostgreSQL reads files in any encoding,
+/// so a line that is not UTF-8 is still a line.
+fn line_setting(line: &[u8]) -> Option<String> {
+    let start = line
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\x0c' | b'\x0b'))?;
+    let t = &line[start..];
     let end = t
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || !c.is_ascii()))
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b >= 0x80))
         .unwrap_or(t.len());
-    (end > 0).then(|| &t[..end])
+    (end > 0).then(|| String::from_utf8_lossy(&t[..end]).to_ascii_lowercase())
 }
 
 /// The value of a `name = value` line, unquoted; `None` if it is not a
@@ -146,44 +156,98 @@ fn line_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     Some(value.trim_matches('\''))
 }
 
-/// Comments out every neutralized setting of one configuration file's
-/// text; returns the new text and the names removed.
-fn neutralize_text(text: &str) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(text.len());
+const NEUTRALIZED: &[u8] = b"# neutralized by strata: ";
+
+/// Comments out every neutralized setting of one configuration file;
+/// returns the new text and the names removed.
+fn neutralize_text(text: &[u8]) -> (Vec<u8>, Vec<String>) {
+    let mut out = Vec::with_capacity(text.len());
     let mut removed = Vec::new();
-    for line in text.split_inclusive('\n') {
+    for line in text.split_inclusive(|&b| b == b'\n') {
         match line_setting(line) {
-            Some(name) if is_neutralized(name) => {
-                out.push_str("# neutralized by strata: ");
-                out.push_str(&line.replace('\r', ""));
-                if !line.ends_with('\n') {
-                    out.push('\n');
+            Some(name) if is_neutralized(&name) => {
+                out.extend_from_slice(NEUTRALIZED);
+                out.extend(line.iter().filter(|&&b| b != b'\r'));
+                if !line.ends_with(b"\n") {
+                    out.push(b'\n');
                 }
-                removed.push(name.to_ascii_lowercase());
+                removed.push(name);
             }
-            _ => out.push_str(line),
+            _ => out.extend_from_slice(line),
         }
     }
     (out, removed)
 }
 
 /// Lines of `pg_hba.conf`/`pg_ident.conf` that read other files
-/// (`include*` directives, `@file` lists) are dropped from a copy.
-fn neutralize_hba(text: &str) -> (String, bool) {
+/// (`include*` directives, `@file` lists) are dropped from a copy. A line
+/// ending in a backslash continues on the next (PostgreSQL 16+), so the
+/// decision is taken for whole logical lines.
+fn neutralize_hba(text: &[u8]) -> (Vec<u8>, bool) {
     let mut dropped = false;
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let t = line.trim_start();
-        let reads_files = !t.starts_with('#')
-            && (t.to_ascii_lowercase().starts_with("include") || t.contains('@'));
-        if reads_files {
-            dropped = true;
-            out.push_str("# neutralized by strata: ");
+    let mut out = Vec::with_capacity(text.len());
+    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let mut j = i;
+        while j + 1 < lines.len() && trim_end(lines[j]).ends_with(b"\\") {
+            j += 1;
         }
-        out.push_str(line);
-        out.push('\n');
+        // PostgreSQL drops the backslash and the line break and reads on.
+        let logical: Vec<u8> = lines[i..=j]
+            .iter()
+            .enumerate()
+            .flat_map(|(k, l)| {
+                let l = if i + k < j {
+                    let t = trim_end(l);
+                    &t[..t.len() - 1]
+                } else {
+                    l
+                };
+                l.iter().copied()
+            })
+            .collect();
+        let t = trim_start(&logical);
+        let reads_files = !t.starts_with(b"#")
+            && (t.to_ascii_lowercase().starts_with(b"include") || t.contains(&b'@'));
+        for line in &lines[i..=j] {
+            if reads_files {
+                dropped = true;
+                out.extend_from_slice(NEUTRALIZED);
+            }
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        i = j + 1;
     }
+    // One line break was added per piece, one more than the text has.
+    out.pop();
     (out, dropped)
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    &b[n..]
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .rev()
+        .take_while(|c| c.is_ascii_whitespace())
+        .count();
+    &b[..b.len() - n]
+}
+
+/// A configuration file's bytes; `None` when it does not exist. Any other
+/// failure to read it stops the start: a file left unread would be left
+/// unfiltered.
+fn read_config(path: &Path) -> EngineResult<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EngineError::io(format!("reading {}", path.display()))(e)),
+    }
 }
 
 /// A configuration-file string literal: quotes doubled, backslashes and
@@ -224,10 +288,12 @@ fn strata_settings(opts: &StartOptions, data_dir: &Path, recovery: &str) -> Stri
         quote(&listen),
         quote(&socket_dir.display().to_string()),
     );
+    // Only Strata and the server's OS user reach the socket; clients of a
+    // copy connect over TCP, where its pg_hba.conf applies.
+    conf.push_str("unix_socket_permissions = 0700\n");
     if opts.usage == ServerUse::Scratch {
         conf.push_str(
-            "unix_socket_permissions = 0700\n\
-             hot_standby = off\n\
+            "hot_standby = off\n\
              logging_collector = off\n\
              archive_mode = off\n",
         );
@@ -255,11 +321,11 @@ pub fn configure(
             let mut capacity = String::new();
             for name in CONFIG_FILES {
                 let from = path(name);
-                let Ok(text) = fs::read_to_string(&from) else {
+                let Some(text) = read_config(&from)? else {
                     continue;
                 };
                 if name.starts_with("postgresql") {
-                    capacity.push_str(&capacity_lines(&text));
+                    capacity.push_str(&capacity_lines(&String::from_utf8_lossy(&text)));
                 }
                 fs::rename(&from, aside.join(name))
                     .map_err(io(format!("setting aside {}", from.display())))?;
@@ -279,7 +345,7 @@ pub fn configure(
         ServerUse::Copy => {
             let mut removed = Vec::new();
             for name in ["postgresql.conf", "postgresql.auto.conf"] {
-                let Ok(text) = fs::read_to_string(path(name)) else {
+                let Some(text) = read_config(&path(name))? else {
                     continue;
                 };
                 let (text, mut gone) = neutralize_text(&text);
@@ -292,7 +358,7 @@ pub fn configure(
                 write_private(&path("postgresql.conf"), "")?;
             }
             for name in ["pg_hba.conf", "pg_ident.conf"] {
-                let Ok(text) = fs::read_to_string(path(name)) else {
+                let Some(text) = read_config(&path(name))? else {
                     continue;
                 };
                 let (text, dropped) = neutralize_hba(&text);
@@ -330,14 +396,13 @@ pub fn configure(
 fn capacity_lines(text: &str) -> String {
     let mut out = String::new();
     for line in text.lines() {
-        let Some(name) = line_setting(line) else {
+        let Some(lower) = line_setting(line.as_bytes()) else {
             continue;
         };
-        let lower = name.to_ascii_lowercase();
         if !CAPACITY_SETTINGS.contains(&lower.as_str()) {
             continue;
         }
-        if let Some(v) = line_value(line, name) {
+        if let Some(v) = line_value(line, &lower) {
             if !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit()) {
                 out.push_str(&format!("{lower} = {v}\n"));
             }
@@ -346,7 +411,7 @@ fn capacity_lines(text: &str) -> String {
     out
 }
 
-fn write_private(path: &Path, text: &str) -> EngineResult<()> {
+fn write_private(path: &Path, text: impl AsRef<[u8]>) -> EngineResult<()> {
     fs::write(path, text).map_err(EngineError::io(format!("writing {}", path.display())))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(EngineError::io(format!(
         "setting mode of {}",
@@ -549,6 +614,9 @@ mod tests {
             "recovery_target_time",
             "Archive_Command",
             "SHARED_PRELOAD_LIBRARIES",
+            "plperl.on_init",
+            "pltcl.start_proc",
+            "myext.setting",
         ] {
             assert!(is_neutralized(name), "{name}");
         }
@@ -560,7 +628,6 @@ mod tests {
             "timezone",
             "lc_messages",
             "log_min_messages",
-            "myext.setting",
         ] {
             assert!(!is_neutralized(name), "{name}");
         }
@@ -575,8 +642,9 @@ mod tests {
                     include_dir 'conf.d'\n\
                     Shared_Preload_Libraries='./evil.so'\n\
                     max_connections = 150\n\
+                    plperl.on_init = 'system(\"id\")'\n\
                     ssl_passphrase_command='/bin/sh -c x'";
-        let (out, removed) = neutralize_text(text);
+        let (out, removed) = neutralize_text(text.as_bytes());
         assert_eq!(
             removed,
             [
@@ -584,12 +652,14 @@ mod tests {
                 "recovery_end_command",
                 "include_dir",
                 "shared_preload_libraries",
+                "plperl.on_init",
                 "ssl_passphrase_command"
             ]
         );
+        let out = String::from_utf8(out).unwrap();
         let live: Vec<&str> = out
             .lines()
-            .filter(|l| line_setting(l).is_some() && !l.starts_with('#'))
+            .filter(|l| line_setting(l.as_bytes()).is_some() && !l.starts_with('#'))
             .collect();
         assert_eq!(live, ["shared_buffers = 128MB", "max_connections = 150"]);
         assert_eq!(capacity_lines(text), "max_connections = 150\n");
@@ -597,6 +667,20 @@ mod tests {
             capacity_lines("max_connections = '100; archive_command=x'\nmax_wal_senders=10"),
             "max_wal_senders = 10\n"
         );
+    }
+
+    #[test]
+    fn files_that_are_not_utf8_are_filtered_too() {
+        let text = b"# \xff\xfe Latin-1 comment \xe9\n\
+                     recovery_end_command = 'touch /tmp/x'\n\
+                     work_mem = '4MB' # \xe9\n";
+        let (out, removed) = neutralize_text(text);
+        assert_eq!(removed, ["recovery_end_command"]);
+        assert!(out.starts_with(b"# \xff\xfe"));
+        assert!(out
+            .windows(b"# neutralized by strata: recovery_end_command".len())
+            .any(|w| w == b"# neutralized by strata: recovery_end_command"));
+        assert!(out.ends_with(b"work_mem = '4MB' # \xe9\n"));
     }
 
     #[test]
@@ -608,9 +692,11 @@ mod tests {
 
     #[test]
     fn hba_lines_that_read_files_are_dropped() {
-        let (out, dropped) =
-            neutralize_hba("local all all peer\ninclude_dir 'x'\nhost all @admins 0.0.0.0/0 md5\n");
+        let (out, dropped) = neutralize_hba(
+            b"local all all peer\ninclude_dir 'x'\nhost all @admins 0.0.0.0/0 md5\nincl\\\nude_file /etc/x\n",
+        );
         assert!(dropped);
+        let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out.lines()
                 .filter(|l| !l.starts_with('#'))

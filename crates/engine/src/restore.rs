@@ -371,7 +371,7 @@ impl Engine {
         let roots = RestoreRoots::open(manifest, target)?;
         for f in manifest.files.iter().filter(|f| f.kind == FileKind::Dir) {
             let (root, shown) = roots.place(f)?;
-            root.create_dir_all(&f.path, f.mode & 0o7777)
+            root.create_dir_all(&f.path, f.mode & DIR_MODE_MASK)
                 .map_err(EngineError::io(format!("creating {}", shown.display())))?;
         }
         // Tablespace links point at the restored tablespace, never at the
@@ -470,7 +470,7 @@ impl Engine {
                 f.path
             )));
         }
-        out.set_permissions(fs::Permissions::from_mode(f.mode & 0o7777))
+        out.set_permissions(fs::Permissions::from_mode(f.mode & FILE_MODE_MASK))
             .map_err(EngineError::io(format!(
                 "setting mode of {}",
                 shown.display()
@@ -745,7 +745,16 @@ fn clean_target_dir(dir: &Path, created: bool) {
     let _ = fs::remove_dir_all(tablespace_root(dir));
 }
 
-/// Gives `root` and everything below it to the OS user `user`.
+/// The most a restored directory or file may allow: what PostgreSQL itself
+/// uses (0700/0600, or 0750/0640 with group access). A manifest cannot ask
+/// for setuid, setgid or sticky bits, or for anyone else to write.
+const DIR_MODE_MASK: u32 = 0o750;
+const FILE_MODE_MASK: u32 = 0o640;
+
+/// Gives `root` and everything below it to the OS user `user`, deepest
+/// first: until `root` itself changes hands at the end, that user can
+/// change nothing inside it, so it cannot swap a directory for a link
+/// while the tree is walked.
 pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
     let name = std::ffi::CString::new(user)
         .map_err(|_| EngineError::Refused(format!("invalid OS user name {user:?}")))?;
@@ -759,11 +768,9 @@ pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
     // SAFETY: pw was checked to be non-null.
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     let mut stack = vec![root.to_path_buf()];
+    let mut walked = Vec::new();
     while let Some(p) = stack.pop() {
-        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(EngineError::io(format!(
-            "changing owner of {}",
-            p.display()
-        )))?;
+        walked.push(p.clone());
         let meta = fs::symlink_metadata(&p)
             .map_err(EngineError::io(format!("reading {}", p.display())))?;
         if meta.is_dir() {
@@ -777,6 +784,12 @@ pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
                 );
             }
         }
+    }
+    for p in walked.iter().rev() {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(EngineError::io(format!(
+            "changing owner of {}",
+            p.display()
+        )))?;
     }
     Ok(())
 }

@@ -249,11 +249,17 @@ impl Engine {
     ) -> EngineResult<RetentionPlan> {
         let backups = self.catalog.list_backups(&policy.instance_id)?;
         let wal = self.catalog.list_wal_segments(&policy.instance_id)?;
-        let plan = plan_retention(policy, &backups, &wal, now);
+        let mut plan = plan_retention(policy, &backups, &wal, now);
         for id in &plan.backups {
             self.delete_backup_set(id)?;
         }
-        self.delete_wal_segments(&plan.wal)?;
+        // A restore stages WAL while it runs and holds the repository
+        // shared: expired WAL waits for the next round rather than vanish
+        // under it.
+        match self.try_gc_lock(true)? {
+            Some(_guard) => self.delete_wal_segments(&plan.wal)?,
+            None => plan.wal.clear(),
+        }
         Ok(plan)
     }
 

@@ -598,9 +598,12 @@ impl Service {
     /// One round: automatic backups due, WAL receivers, retention, garbage
     /// collection, a storage usage sample when one is due.
     pub async fn tick(self: &Arc<Self>) {
-        match self.engine.fail_expired_jobs() {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!("failed {n} job(s) whose owner stopped renewing its lease"),
+        // A write transaction that may wait for the catalog: off the runtime.
+        let engine = self.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.fail_expired_jobs()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::warn!("failed {n} job(s) whose owner stopped renewing its lease"),
+            Ok(Err(e)) => tracing::warn!("checking for jobs with an expired lease: {e}"),
             Err(e) => tracing::warn!("checking for jobs with an expired lease: {e}"),
         }
         let instances = match self.engine.catalog.list_instances() {

@@ -55,6 +55,8 @@ pub(crate) struct CloneRequest {
 /// server's OS user can enter.
 pub struct Scratch {
     pub dir: PathBuf,
+    /// The private directory of its Unix socket.
+    socket_dir: PathBuf,
     pub port: u16,
     pub major: u32,
     /// Bootstrap superuser of the restored cluster.
@@ -278,11 +280,7 @@ impl Service {
         tokio::spawn(async move {
             let listen = svc.settings.local_listen.clone();
             let run = tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&dir)
-                    .map_err(EngineError::io(format!("creating {}", dir.display())))?;
-                if let Some(user) = engine.os_user() {
-                    strata_engine::chown_tree(&dir, &user)?;
-                }
+                let socket_dir = prepare_instance_dir(&dir, engine.os_user().as_deref())?;
                 engine.restore(
                     &source_id,
                     &RestoreOptions {
@@ -292,7 +290,7 @@ impl Service {
                         start: Some(StartOptions {
                             port,
                             listen_addresses: Some(listen),
-                            socket_dir: Some(dir.clone()),
+                            socket_dir: Some(socket_dir),
                             usage: ServerUse::Copy,
                         }),
                         job_id: Some(job_id),
@@ -500,15 +498,8 @@ impl Service {
             .settings
             .instances_dir
             .join(format!("scratch-{}", random_suffix(10)));
-        std::fs::create_dir_all(&dir)
-            .map_err(EngineError::io(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            EngineError::io(format!("setting mode of {}", dir.display())),
-        )?;
         let os_user = self.engine.os_user();
-        if let Some(user) = &os_user {
-            strata_engine::chown_tree(&dir, user)?;
-        }
+        let socket_dir = prepare_instance_dir(&dir, os_user.as_deref())?;
         let outcome = self.engine.restore(
             instance_id,
             &RestoreOptions {
@@ -518,7 +509,7 @@ impl Service {
                 start: Some(StartOptions {
                     port,
                     listen_addresses: None,
-                    socket_dir: Some(dir.clone()),
+                    socket_dir: Some(socket_dir.clone()),
                     usage: ServerUse::Scratch,
                 }),
                 job_id: Some(job_id),
@@ -528,6 +519,7 @@ impl Service {
         );
         let mut scratch = Scratch {
             dir,
+            socket_dir,
             port,
             major,
             superuser: String::new(),
@@ -574,7 +566,7 @@ impl Scratch {
     /// the bootstrap superuser, with [`scratch_session_options`].
     pub(crate) fn conn(&self) -> ClientConn {
         ClientConn {
-            host: self.dir.display().to_string(),
+            host: self.socket_dir.display().to_string(),
             port: self.port,
             user: self.superuser.clone(),
             password: None,
@@ -634,6 +626,40 @@ impl Scratch {
         let tblspc = PathBuf::from(format!("{}.tblspc", pgdata.display()));
         let _ = std::fs::remove_dir_all(tblspc);
     }
+}
+
+/// Creates the directory of an instance Strata restores: owned by Strata
+/// (0711: the server's OS user may pass, not change it), so nobody else can
+/// swap the data directory Strata writes as root for a link; and inside it
+/// the server's socket directory (0700, the server's OS user's). Returns
+/// the socket directory.
+fn prepare_instance_dir(dir: &Path, os_user: Option<&str>) -> Result<PathBuf, EngineError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mode = if os_user.is_some() { 0o711 } else { 0o700 };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir.parent().unwrap_or(dir))
+        .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+    std::fs::DirBuilder::new()
+        .mode(mode)
+        .create(dir)
+        .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(
+        EngineError::io(format!("setting mode of {}", dir.display())),
+    )?;
+    let socket_dir = dir.join("socket");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&socket_dir)
+        .map_err(EngineError::io(format!(
+            "creating {}",
+            socket_dir.display()
+        )))?;
+    if let Some(user) = os_user {
+        strata_engine::chown_tree(&socket_dir, user)?;
+    }
+    Ok(socket_dir)
 }
 
 /// Adds what was removed from a clone's configuration to its job's detail.

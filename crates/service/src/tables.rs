@@ -127,13 +127,19 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
         code: "InvalidTableMeta.Malformed",
         message: m,
     };
-    let specs: Vec<DbSpec> = serde_json::from_str(text).map_err(|e| {
+    let mut specs: Vec<DbSpec> = serde_json::from_str(text).map_err(|e| {
         bad(format!(
             "TableMeta must be a JSON list like [{{\"type\":\"db\",\"name\":\"db1\",\"newname\":\"db1_new\"}}]: {e}"
         ))
     })?;
     if specs.is_empty() {
         return Err(bad("TableMeta lists nothing to restore".into()));
+    }
+    // An empty newname (a form left blank) is no newname.
+    for d in &mut specs {
+        if d.newname.as_deref() == Some("") {
+            d.newname = None;
+        }
     }
     let mut new_dbs = HashSet::new();
     for d in &specs {
@@ -499,24 +505,36 @@ fn restore_tables(
         }
         loaded_tables.push((schema, table_temp));
     }
+    // Temporary names someone else already uses are not ours to load into
+    // (nor to drop on failure).
+    for (schema, temp_name) in renames.iter().map(|r| (&r.schema, &r.temp)) {
+        if relation_names(original, &tools.psql, &into, schema)?.contains(temp_name) {
+            return Err(EngineError::Conflict(format!(
+                "{}.{} already exists in database {}; remove it or retry later",
+                shown(schema),
+                shown(temp_name),
+                shown(&into)
+            ))
+            .into());
+        }
+    }
     let mut load = original.command(&tools.pg_restore, &into);
     load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
-    let done = pipe(dump, load).and_then(|()| {
-        let sql: String = renames
-            .iter()
-            .map(|r| {
-                format!(
-                    "ALTER {} {}.{} RENAME TO {};\n",
-                    r.kind,
-                    ident(&r.schema),
-                    ident(&r.temp),
-                    ident(&r.name)
-                )
-            })
-            .collect();
-        original.run(&tools.psql, &into, &sql, true).map(|_| ())
-    });
-    if let Err(e) = done {
+    // A failed load rolled back as a whole: nothing of it is left.
+    pipe(dump, load)?;
+    let sql: String = renames
+        .iter()
+        .map(|r| {
+            format!(
+                "ALTER {} {}.{} RENAME TO {};\n",
+                r.kind,
+                ident(&r.schema),
+                ident(&r.temp),
+                ident(&r.name)
+            )
+        })
+        .collect();
+    if let Err(e) = original.run(&tools.psql, &into, &sql, true) {
         let drop: String = loaded_tables
             .iter()
             .map(|(s, t)| format!("DROP TABLE IF EXISTS {}.{};\n", ident(s), ident(t)))
@@ -637,6 +655,8 @@ fn rename_on_scratch(
 }
 
 /// Runs `producer | consumer`; fails with the stderr of whichever failed.
+/// The producer's stderr is read on a thread of its own, so neither side
+/// waits on a full pipe.
 fn pipe(mut producer: Command, mut consumer: Command) -> ServiceResult<()> {
     let mut p = producer
         .stdout(Stdio::piped())
@@ -647,31 +667,42 @@ fn pipe(mut producer: Command, mut consumer: Command) -> ServiceResult<()> {
         .stdout
         .take()
         .ok_or_else(|| EngineError::Failed("pg_dump has no stdout".into()))?;
-    let c = consumer
+    let p_err = p.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut e, &mut text);
+            text
+        })
+    });
+    let c = match consumer
         .stdin(stdout)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(EngineError::io("running pg_restore"))?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = p.kill();
+            let _ = p.wait();
+            return Err(EngineError::io("running pg_restore")(e).into());
+        }
+    };
     let c_out = c
         .wait_with_output()
         .map_err(EngineError::io("waiting for pg_restore"))?;
-    let p_out = p
-        .wait_with_output()
-        .map_err(EngineError::io("waiting for pg_dump"))?;
-    if !p_out.status.success() {
-        return Err(EngineError::Failed(format!(
-            "pg_dump: {}",
-            String::from_utf8_lossy(&p_out.stderr).trim()
-        ))
-        .into());
-    }
+    let p_status = p.wait().map_err(EngineError::io("waiting for pg_dump"))?;
+    let p_stderr = p_err.and_then(|t| t.join().ok()).unwrap_or_default();
+    // A consumer that stopped makes the producer fail on a closed pipe:
+    // its own error is the cause.
     if !c_out.status.success() {
         return Err(EngineError::Failed(format!(
             "pg_restore: {}",
             String::from_utf8_lossy(&c_out.stderr).trim()
         ))
         .into());
+    }
+    if !p_status.success() {
+        return Err(EngineError::Failed(format!("pg_dump: {}", p_stderr.trim())).into());
     }
     Ok(())
 }
@@ -733,7 +764,7 @@ mod tests {
             ("tab\there", "InvalidDBName.Format"),
             (&"x".repeat(64) as &str, "InvalidDBName.Format"),
             (&"é".repeat(32), "InvalidDBName.Format"),
-            ("", "InvalidDBName.Format"),
+            ("", "InvalidTableMeta.Malformed"),
         ] {
             let e = db(bad).unwrap_err();
             assert_eq!(e.code, code, "{bad:?}");

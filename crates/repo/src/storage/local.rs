@@ -31,6 +31,10 @@ impl LocalStorage {
             key: root.display().to_string(),
             source,
         })?;
+        close_root(&root).map_err(|source| StorageError::Io {
+            key: root.display().to_string(),
+            source,
+        })?;
         Ok(LocalStorage {
             root,
             min_free: MinFreeSpace::default(),
@@ -181,6 +185,19 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<Option<fs::File>> {
     Ok(Some(file))
 }
 
+/// Makes a repository created before objects were private (or by hand)
+/// private too: its root becomes 0700 when it is ours and open to others.
+fn close_root(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::metadata(root)?;
+    // SAFETY: geteuid has no preconditions.
+    let ours = meta.uid() == unsafe { libc::geteuid() };
+    if ours && meta.mode() & 0o077 != 0 {
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Creates `dir` and its missing parents as 0700: a repository's objects
 /// (0600) are its owner's alone, whatever the umask.
 fn private_dirs(dir: &Path) -> std::io::Result<()> {
@@ -314,6 +331,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         let s = LocalStorage::new(&root)
             .unwrap()
             .with_min_free(crate::MinFreeSpace::NONE);
