@@ -274,9 +274,9 @@ def test_source_commands_never_run_on_the_strata_host(instance, admin):
     }
     conf = b"# \xff\xfe not UTF-8 \xe9\n" + "".join(
         f"{k} = '{v.replace(chr(39), chr(39) * 2)}'\n" for k, v in settings.items()).encode()
-    h.psql(f"SELECT lo_export(lo_from_bytea(0, decode('{conf.hex()}', 'hex')), "
-           "current_setting('data_directory') || '/postgresql.auto.conf')")
-    h.psql("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
+    oid = h.psql(f"SELECT lo_from_bytea(0, decode('{conf.hex()}', 'hex'))")
+    h.psql(f"SELECT lo_export({oid}, current_setting('data_directory') || '/postgresql.auto.conf')")
+    h.psql(f"SELECT lo_unlink({oid})")
     try:
         backup_id = h.backup(admin, instance.id).backup_id
     finally:

@@ -30,6 +30,8 @@ pub enum CatalogError {
     BackupExists(String),
     #[error("job {0} not found")]
     JobNotFound(i64),
+    #[error("job {0} was taken over by another process after its lease expired; its outcome is not recorded")]
+    LeaseLost(i64),
     #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]
     NewerSchema { found: i64, supported: i64 },
     #[error("catalog database error: {0}")]

@@ -572,6 +572,16 @@ impl Catalog for SqliteCatalog {
                 b.id, existing.instance_id, b.instance_id
             )));
         }
+        // A set failed by a takeover stays failed: its old owner may still
+        // be running after a pause longer than its lease.
+        if existing.status == BackupStatus::Failed && b.status != BackupStatus::Failed {
+            if let Some(job_id) = existing.job_id {
+                let job = self.get_job(job_id)?;
+                if job.state.is_terminal() && job.owner.as_str() != self.owner.as_str() {
+                    return Err(CatalogError::LeaseLost(job_id));
+                }
+            }
+        }
         self.write_backup(b, "INSERT OR REPLACE")?;
         Ok(())
     }
@@ -707,14 +717,25 @@ impl Catalog for SqliteCatalog {
     fn update_job(&self, j: &Job) -> CatalogResult<()> {
         self.with(|c| {
             let n = c.execute(
-                "UPDATE jobs SET state=?2, progress=?3, detail=?4, backup_id=?5, finished_at=?6, error=?7 WHERE id=?1",
+                // A job that ended under another owner (taken over when this
+                // one stopped renewing its lease) is no longer this one's.
+                "UPDATE jobs SET state=?2, progress=?3, detail=?4, backup_id=?5, finished_at=?6, error=?7 \
+                 WHERE id=?1 AND (state NOT IN ('Finished', 'Failed') OR owner IS ?8)",
                 params![
                     j.id, j.state.as_str(), j.progress, j.detail, j.backup_id,
-                    j.finished_at.as_ref().map(ts), j.error
+                    j.finished_at.as_ref().map(ts), j.error, self.owner.as_str()
                 ],
             )?;
             if n == 0 {
-                return Err(CatalogError::JobNotFound(j.id));
+                let exists: bool = c
+                    .query_row("SELECT 1 FROM jobs WHERE id = ?1", [j.id], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                return Err(if exists {
+                    CatalogError::LeaseLost(j.id)
+                } else {
+                    CatalogError::JobNotFound(j.id)
+                });
             }
             Ok(())
         })
@@ -778,9 +799,10 @@ impl Catalog for SqliteCatalog {
             let mut failed = 0;
             for job in open.into_iter().filter(|j| j.heartbeat_at.checked_add_signed(lease).is_some_and(|end| end < now)) {
                 let reason = lease_expired_reason(&job);
+                // The job changes hands: its old owner can no longer write it.
                 tx.execute(
-                    "UPDATE jobs SET state='Failed', finished_at=?2, error=?3 WHERE id=?1",
-                    params![job.id, at, reason],
+                    "UPDATE jobs SET state='Failed', finished_at=?2, error=?3, owner=?4 WHERE id=?1",
+                    params![job.id, at, reason, self.owner.as_str()],
                 )?;
                 tx.execute(
                     "UPDATE backup_sets SET status='Failed', finished_at=?2, error=?3 WHERE job_id=?1 AND status='Running'",
@@ -1330,6 +1352,26 @@ mod tests {
         assert_eq!(
             observer.get_backup("2").unwrap().status,
             BackupStatus::Running
+        );
+
+        // The old owner, waking up, can no longer record an outcome.
+        let mut late = dead.get_job(orphan.id).unwrap();
+        late.state = JobState::Finished;
+        assert!(matches!(
+            dead.update_job(&late),
+            Err(CatalogError::LeaseLost(id)) if id == orphan.id
+        ));
+        let mut late_set = dead.get_backup("1").unwrap();
+        late_set.status = BackupStatus::Success;
+        late_set.error = None;
+        assert!(matches!(
+            dead.update_backup(&late_set),
+            Err(CatalogError::LeaseLost(_))
+        ));
+        assert_eq!(observer.get_job(orphan.id).unwrap().state, JobState::Failed);
+        assert_eq!(
+            observer.get_backup("1").unwrap().status,
+            BackupStatus::Failed
         );
 
         // Renewing touches only unfinished jobs of the owner itself.
