@@ -11,6 +11,7 @@
 //! Failures panic with the server log attached so that CI output explains itself. This crate is a
 //! dev-dependency only and knows nothing about Strata's own types.
 
+pub mod fuzz;
 mod s3;
 
 pub use s3::{s3s_fs_binary, S3Server};
