@@ -993,7 +993,7 @@ impl BlockPipeline {
                         let mut f = current
                             .take()
                             .ok_or_else(|| EngineError::Failed("file end outside a file".into()))?;
-                        let stored: u64 = f.blocks.iter().map(|b| b.r as u64).sum();
+                        let stored: u64 = f.blocks.iter().map(|b| b.raw_len as u64).sum();
                         if stored != size {
                             return Err(EngineError::Failed(format!(
                                 "{}: {stored} bytes stored for a file of {size}",

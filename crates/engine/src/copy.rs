@@ -59,7 +59,7 @@ impl CopiedBlocks {
                     )));
                 }
                 for (sa, tb) in a.blocks.iter().zip(&b.blocks) {
-                    known.map.entry(sa.h).or_insert_with(|| tb.clone());
+                    known.map.entry(sa.hash).or_insert_with(|| tb.clone());
                 }
             }
         }
@@ -97,7 +97,7 @@ pub fn copy_backup_set(
         let mut blocks = Vec::with_capacity(file.blocks.len());
         let mut to_read = Vec::new();
         for (i, b) in file.blocks.iter().enumerate() {
-            match known.map.get(&b.h) {
+            match known.map.get(&b.hash) {
                 Some(t) => blocks.push(Some(t.clone())),
                 None => {
                     blocks.push(None);
@@ -275,7 +275,7 @@ mod tests {
             source.read_manifest("db", "1000").unwrap(),
             target.read_manifest("db", "1000").unwrap(),
         );
-        assert_ne!(s.files[0].blocks[0].h, t.files[0].blocks[0].h);
+        assert_ne!(s.files[0].blocks[0].hash, t.files[0].blocks[0].hash);
 
         // Four blocks unchanged, two new: only the new ones are read and stored.
         let mut second = first.clone();

@@ -166,7 +166,7 @@ impl IncrementalFile {
             .blocks
             .iter()
             .take(n.saturating_sub(1))
-            .any(|b| b.r as usize != block_size)
+            .any(|b| b.raw_len as usize != block_size)
         {
             return Err(format!(
                 "{}: the earlier backup's blocks are not {block_size} bytes each",
@@ -340,7 +340,7 @@ impl IncrementalFile {
         let from_base = self.truncation.saturating_sub(first_page).min(pages_here) as usize;
         let base = self.base.get(block as usize);
         if pages.is_empty() && from_base as u64 == pages_here {
-            if let Some(b) = base.filter(|b| b.r as usize == len) {
+            if let Some(b) = base.filter(|b| b.raw_len as usize == len) {
                 return BlockPlan::Reuse(b.clone());
             }
         }
@@ -482,7 +482,7 @@ impl HeapChanges {
             .map(|(i, plan)| {
                 let (base, keep, len, mut pages) = match plan {
                     BlockPlan::Reuse(b) => {
-                        let len = b.r as usize;
+                        let len = b.raw_len as usize;
                         (Some(b), len, len, Vec::new())
                     }
                     BlockPlan::Build {
@@ -506,7 +506,10 @@ impl HeapChanges {
                 }
                 match base {
                     Some(b)
-                        if !zeroed && pages.is_empty() && keep == len && b.r as usize == len =>
+                        if !zeroed
+                            && pages.is_empty()
+                            && keep == len
+                            && b.raw_len as usize == len =>
                     {
                         BlockPlan::Reuse(b)
                     }
@@ -707,12 +710,12 @@ mod tests {
 
     fn block_ref(n: u8, len: usize) -> BlockRef {
         BlockRef {
-            h: BlockHash([n; 32]),
-            p: format!("pack{n}"),
-            o: 0,
-            s: 1,
-            r: len as u32,
-            c: 1,
+            hash: BlockHash([n; 32]),
+            pack: format!("pack{n}"),
+            offset: 0,
+            stored_len: 1,
+            raw_len: len as u32,
+            compression: 1,
         }
     }
 

@@ -80,8 +80,8 @@ impl Repository {
             report.manifests_scanned += 1;
             for file in manifest.all_files() {
                 for block in &file.blocks {
-                    if !referenced.contains(&block.p) {
-                        referenced.insert(block.p.clone());
+                    if !referenced.contains(&block.pack) {
+                        referenced.insert(block.pack.clone());
                     }
                 }
             }
@@ -164,10 +164,10 @@ mod tests {
         let repo = Repository::open_or_init(storage.clone()).unwrap();
         let kept = stored(&repo, 1);
         let garbage = stored(&repo, 2);
-        assert_ne!(kept.p, garbage.p);
+        assert_ne!(kept.pack, garbage.pack);
         repo.commit_manifest(&manifest("1", vec![kept.clone()]))
             .unwrap();
-        let exists = |b: &BlockRef| storage.exists(&pack_key(&b.p)).unwrap();
+        let exists = |b: &BlockRef| storage.exists(&pack_key(&b.pack)).unwrap();
         let grace = Duration::hours(1);
         let t0 = Utc::now();
 
@@ -183,7 +183,7 @@ mod tests {
             ),
             (1, 0, 1)
         );
-        assert_eq!(pending.get(&garbage.p), Some(&t0));
+        assert_eq!(pending.get(&garbage.pack), Some(&t0));
 
         // The set is deleted; its pack becomes pending at t1, the first one
         // keeps its t0.
@@ -191,8 +191,8 @@ mod tests {
         let t1 = t0 + Duration::minutes(30);
         let (report, pending) = repo.collect_garbage(&pending, t1, grace).unwrap();
         assert_eq!((report.packs_deleted, report.packs_pending), (0, 2));
-        assert_eq!(pending.get(&garbage.p), Some(&t0));
-        assert_eq!(pending.get(&kept.p), Some(&t1));
+        assert_eq!(pending.get(&garbage.pack), Some(&t0));
+        assert_eq!(pending.get(&kept.pack), Some(&t1));
         assert!(exists(&garbage) && exists(&kept));
         assert_eq!(repo.read_block(&kept).unwrap(), vec![1; 4096]);
 
@@ -234,6 +234,6 @@ mod tests {
             .unwrap();
         assert_eq!(report.packs_deleted, 1);
         assert!(pending.is_empty());
-        assert!(!storage.exists(&pack_key(&block.p)).unwrap());
+        assert!(!storage.exists(&pack_key(&block.pack)).unwrap());
     }
 }

@@ -153,17 +153,29 @@ impl<'de> Deserialize<'de> for BlockHash {
     }
 }
 
-/// Where one block of a file lives. Short field names keep manifests small:
-/// `h` hash, `p` pack id, `o` offset of the stored bytes in the pack, `s`
-/// stored length, `r` raw length, `c` compression (0 none, 1 zstd).
+/// Where one block of a file lives. Manifests spell the fields with one
+/// letter (`h`, `p`, `o`, `s`, `r`, `c`, see docs/REPOSITORY.md) to stay
+/// small; the renames keep that format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRef {
-    pub h: BlockHash,
-    pub p: String,
-    pub o: u64,
-    pub s: u32,
-    pub r: u32,
-    pub c: u8,
+    /// Keyed hash of the raw block.
+    #[serde(rename = "h")]
+    pub hash: BlockHash,
+    /// Id of the pack holding the block (`packs/<2 hex>/<id>.pack`).
+    #[serde(rename = "p")]
+    pub pack: String,
+    /// Offset of the stored bytes in the pack, after the blob header.
+    #[serde(rename = "o")]
+    pub offset: u64,
+    /// Length of the stored (compressed, encrypted) bytes.
+    #[serde(rename = "s")]
+    pub stored_len: u32,
+    /// Length of the block before compression.
+    #[serde(rename = "r")]
+    pub raw_len: u32,
+    /// Compression of the stored bytes: 0 none, 1 zstd.
+    #[serde(rename = "c")]
+    pub compression: u8,
 }
 
 /// The repository's own configuration object (`strata-repo.json`).
@@ -439,7 +451,7 @@ impl Repository {
         let mut add = |manifest: &BackupManifest| {
             for file in manifest.all_files() {
                 for block in &file.blocks {
-                    index.map.entry(block.h).or_insert_with(|| block.clone());
+                    index.map.entry(block.hash).or_insert_with(|| block.clone());
                 }
             }
         };
@@ -536,8 +548,10 @@ impl Repository {
 
     /// Reads one block, checking it against its content hash.
     pub fn read_block(&self, block: &BlockRef) -> RepoResult<Vec<u8>> {
-        let key = pack_key(&block.p);
-        let data = self.storage.get_range(&key, block.o, block.s as u64)?;
+        let key = pack_key(&block.pack);
+        let data = self
+            .storage
+            .get_range(&key, block.offset, block.stored_len as u64)?;
         self.decode_block(&key, block, &data)
     }
 
@@ -554,25 +568,26 @@ impl Repository {
         while i < blocks.len() {
             let first = &blocks[i];
             let mut end = i + 1;
-            let mut run_end = first.o + first.s as u64;
+            let mut run_end = first.offset + first.stored_len as u64;
             while let Some(next) = blocks.get(end) {
-                let adjacent =
-                    next.p == first.p && next.o == run_end + pack::BLOB_HEADER_LEN as u64;
-                let next_end = next.o + next.s as u64;
-                if !adjacent || next_end - first.o > READ_RUN_MAX {
+                let adjacent = next.pack == first.pack
+                    && next.offset == run_end + pack::BLOB_HEADER_LEN as u64;
+                let next_end = next.offset + next.stored_len as u64;
+                if !adjacent || next_end - first.offset > READ_RUN_MAX {
                     break;
                 }
                 run_end = next_end;
                 end += 1;
             }
-            let key = pack_key(&first.p);
+            let key = pack_key(&first.pack);
             let data = self
                 .storage
-                .get_range(&key, first.o, run_end - first.o)
+                .get_range(&key, first.offset, run_end - first.offset)
                 .map_err(RepoError::from)?;
             for block in &blocks[i..end] {
-                let at = (block.o - first.o) as usize;
-                let raw = self.decode_block(&key, block, &data[at..at + block.s as usize])?;
+                let at = (block.offset - first.offset) as usize;
+                let raw =
+                    self.decode_block(&key, block, &data[at..at + block.stored_len as usize])?;
                 sink(raw)?;
             }
             i = end;
@@ -582,19 +597,19 @@ impl Repository {
 
     fn decode_block(&self, key: &str, block: &BlockRef, stored: &[u8]) -> RepoResult<Vec<u8>> {
         let entry = PackEntry {
-            hash: block.h,
-            offset: block.o,
-            stored_len: block.s,
-            raw_len: block.r,
-            compression: block.c,
+            hash: block.hash,
+            offset: block.offset,
+            stored_len: block.stored_len,
+            raw_len: block.raw_len,
+            compression: block.compression,
         };
         let raw = pack::decode_blob(&self.keys, key, &entry, stored)?;
-        if self.keys.hasher.hash(&raw) != block.h {
+        if self.keys.hasher.hash(&raw) != block.hash {
             return Err(RepoError::Corrupt {
                 object: key.to_string(),
                 reason: format!(
                     "block {} at offset {} does not match its hash",
-                    block.h, block.o
+                    block.hash, block.offset
                 ),
             });
         }
@@ -726,10 +741,10 @@ impl BlockWriter {
     /// reading it (an unchanged block of an earlier backup).
     pub fn add_existing(&mut self, block: &BlockRef) -> BlockRef {
         self.stats.dedup_blocks += 1;
-        self.stats.dedup_bytes += block.r as u64;
+        self.stats.dedup_bytes += block.raw_len as u64;
         self.index
             .map
-            .entry(block.h)
+            .entry(block.hash)
             .or_insert_with(|| block.clone())
             .clone()
     }
@@ -755,12 +770,12 @@ impl BlockWriter {
             .pack
             .push(prepared.hash, prepared.raw_len, compression, &data);
         let block = BlockRef {
-            h: prepared.hash,
-            p: self.pack.id().to_string(),
-            o: entry.offset,
-            s: entry.stored_len,
-            r: entry.raw_len,
-            c: compression,
+            hash: prepared.hash,
+            pack: self.pack.id().to_string(),
+            offset: entry.offset,
+            stored_len: entry.stored_len,
+            raw_len: entry.raw_len,
+            compression: compression,
         };
         self.stats.new_blocks += 1;
         self.stats.new_bytes += prepared.raw_len as u64;

@@ -120,24 +120,24 @@ pub fn check_entry(tablespace: Option<u32>, path: &str, kind: FileKind) -> Resul
 /// pack id of 32 hex digits, lengths no larger than the largest block (plus
 /// the AEAD's 40 bytes when stored), a known compression.
 fn check_block(b: &BlockRef) -> Result<(), &'static str> {
-    if b.p.len() != 32
+    if b.pack.len() != 32
         || !b
-            .p
+            .pack
             .bytes()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
     {
         return Err("a pack id that is not 32 lower-case hex digits");
     }
-    if b.r > MAX_BLOCK_SIZE {
+    if b.raw_len > MAX_BLOCK_SIZE {
         return Err("a raw length above the largest block size");
     }
-    if b.s > MAX_BLOCK_SIZE + 40 {
+    if b.stored_len > MAX_BLOCK_SIZE + 40 {
         return Err("a stored length above the largest block size");
     }
-    if b.o > 1 << 48 {
+    if b.offset > 1 << 48 {
         return Err("an offset beyond any pack");
     }
-    if b.c > crate::pack::COMPRESSION_ZSTD {
+    if b.compression > crate::pack::COMPRESSION_ZSTD {
         return Err("an unknown compression");
     }
     Ok(())
@@ -358,20 +358,20 @@ mod tests {
         assert_eq!(e.reason, PathError::Duplicate);
         let mut forged = entry(None, "base/1", FileKind::File);
         forged.blocks.push(crate::BlockRef {
-            h: crate::BlockHash([0; 32]),
-            p: "../../../etc/passwd".into(),
-            o: 0,
-            s: 1,
-            r: 1,
-            c: 0,
+            hash: crate::BlockHash([0; 32]),
+            pack: "../../../etc/passwd".into(),
+            offset: 0,
+            stored_len: 1,
+            raw_len: 1,
+            compression: 0,
         });
         let e = refused(vec![forged.clone()]);
         assert!(
             matches!(e.reason, PathError::BadBlock { index: 0, .. }),
             "{e}"
         );
-        forged.blocks[0].p = "0123456789abcdef0123456789abcdef".into();
-        forged.blocks[0].r = u32::MAX;
+        forged.blocks[0].pack = "0123456789abcdef0123456789abcdef".into();
+        forged.blocks[0].raw_len = u32::MAX;
         assert!(matches!(
             refused(vec![forged]).reason,
             PathError::BadBlock { .. }

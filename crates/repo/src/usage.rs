@@ -127,7 +127,7 @@ impl Repository {
                     Ok(m) => {
                         let packs: BTreeSet<&str> = m
                             .all_files()
-                            .flat_map(|f| f.blocks.iter().map(|b| b.p.as_str()))
+                            .flat_map(|f| f.blocks.iter().map(|b| b.pack.as_str()))
                             .collect();
                         let refs = ManifestRefs {
                             size: object.size,
@@ -268,7 +268,7 @@ mod tests {
         let mut cache = UsageCache::default();
         let usage = repo.measure_usage(&mut cache).unwrap();
         let pack_size = |r: &BlockRef| {
-            std::fs::metadata(root.join(crate::pack_key(&r.p)))
+            std::fs::metadata(root.join(crate::pack_key(&r.pack)))
                 .unwrap()
                 .len()
         };

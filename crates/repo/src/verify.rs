@@ -124,22 +124,22 @@ impl Repository {
             let mut missing: HashMap<String, String> = HashMap::new();
             for file in m.all_files() {
                 for b in &file.blocks {
-                    referenced.insert(b.p.clone());
-                    if let Some(&i) = bad_packs.get(&b.p) {
+                    referenced.insert(b.pack.clone());
+                    if let Some(&i) = bad_packs.get(&b.pack) {
                         if !report.problems[i].backups_affected.contains(&name) {
                             report.problems[i].backups_affected.push(name.clone());
                         }
                         continue;
                     }
                     let ok = packs
-                        .get(&b.p)
-                        .and_then(|entries| entries.get(&b.o))
-                        .is_some_and(|h| *h == b.h);
+                        .get(&b.pack)
+                        .and_then(|entries| entries.get(&b.offset))
+                        .is_some_and(|h| *h == b.hash);
                     if !ok {
-                        missing.entry(b.p.clone()).or_insert_with(|| {
+                        missing.entry(b.pack.clone()).or_insert_with(|| {
                             format!(
                                 "block {} of {} (at offset {}) is missing",
-                                b.h, file.path, b.o
+                                b.hash, file.path, b.offset
                             )
                         });
                     }

@@ -62,7 +62,11 @@ fn expected_files(block_size: usize) -> Vec<(Option<u32>, &'static str, Option<V
         (None, "global", None),
         (None, "global/pg_filenode.map", Some(Vec::new())),
         (Some(TABLESPACE), "PG_15_202209061", None),
-        (Some(TABLESPACE), "PG_15_202209061/1/16500", Some(text(3000, 2))),
+        (
+            Some(TABLESPACE),
+            "PG_15_202209061/1/16500",
+            Some(text(3000, 2)),
+        ),
     ]
 }
 
@@ -108,7 +112,10 @@ fn repository_written_by_the_previous_release_reads_back_byte_exact() {
         .collect();
     assert_eq!(regular.len(), expected.len());
     for (entry, (tablespace, path, contents)) in regular.iter().zip(&expected) {
-        assert_eq!((entry.tablespace, entry.path.as_str()), (*tablespace, *path));
+        assert_eq!(
+            (entry.tablespace, entry.path.as_str()),
+            (*tablespace, *path)
+        );
         match contents {
             None => assert_eq!(entry.kind, FileKind::Dir, "{path}"),
             Some(contents) => {
@@ -128,12 +135,27 @@ fn repository_written_by_the_previous_release_reads_back_byte_exact() {
     // The incompressible block is stored as is, the others compressed; the
     // repeated block points at the same place as the original.
     let file = |p: &str| manifest.files.iter().find(|f| f.path == p).unwrap();
-    assert!(file("base/1/16385").blocks.iter().all(|b| b.c == 0));
-    assert!(file("base/1/16384").blocks.iter().all(|b| b.c == 1));
+    assert!(file("base/1/16385")
+        .blocks
+        .iter()
+        .all(|b| b.compression == 0));
+    assert!(file("base/1/16384")
+        .blocks
+        .iter()
+        .all(|b| b.compression == 1));
     assert_eq!(
         file("base/1/16386").blocks[0],
         file("base/1/16384").blocks[0]
     );
+    // And new manifests spell block references as the old ones did.
+    let written = serde_json::to_value(&file("base/1/16384").blocks[0]).unwrap();
+    let keys: Vec<&str> = written
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["c", "h", "o", "p", "r", "s"]);
     let link = file(&format!("pg_tblspc/{TABLESPACE}"));
     assert_eq!(link.kind, FileKind::Symlink);
     assert_eq!(link.link_target.as_deref(), Some("/srv/ts"));
@@ -147,7 +169,11 @@ fn repository_written_by_the_previous_release_reads_back_byte_exact() {
 #[ignore]
 fn write_fixture() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
-    assert!(!root.exists(), "{} exists; it must not be rewritten", root.display());
+    assert!(
+        !root.exists(),
+        "{} exists; it must not be rewritten",
+        root.display()
+    );
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(&root).unwrap());
     let repo = Repository::open_or_init(storage).unwrap();
     let at = Utc.with_ymd_and_hms(2026, 12, 6, 0, 0, 0).unwrap();

@@ -108,7 +108,7 @@ fn attributed_bytes(root: &Path, target: &Repository, instance: &str) -> u64 {
         let m = target.read_manifest(instance, &id).unwrap();
         packs.extend(
             m.all_files()
-                .flat_map(|f| f.blocks.iter().map(|b| b.p.clone())),
+                .flat_map(|f| f.blocks.iter().map(|b| b.pack.clone())),
         );
     }
     let pack_bytes: u64 = packs
@@ -310,7 +310,7 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         .read_manifest("xr", &sets[0].id)
         .unwrap()
         .all_files()
-        .find_map(|f| f.blocks.first().map(|b| b.p.clone()))
+        .find_map(|f| f.blocks.first().map(|b| b.pack.clone()))
         .unwrap();
     let garbage = dr.join("packs/ff").join(format!("{}.pack", "f".repeat(32)));
     std::fs::create_dir_all(garbage.parent().unwrap()).unwrap();

@@ -414,9 +414,9 @@ async fn a_failed_restore_drill_raises_the_alert() {
     let pack = dir
         .path()
         .join("repo")
-        .join(strata_repo::pack_key(&block.p));
+        .join(strata_repo::pack_key(&block.pack));
     let mut bytes = std::fs::read(&pack).unwrap();
-    bytes[block.o as usize + 10] ^= 0xff;
+    bytes[block.offset as usize + 10] ^= 0xff;
     std::fs::write(&pack, bytes).unwrap();
     svc.start_drill(&bad.id).unwrap();
     let d = wait_drill(bad.id.clone()).await;
