@@ -8,7 +8,9 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use chrono::{Duration, Utc};
 use serde_json::{json, Map, Value};
-use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState, WalSegmentRow};
+use strata_catalog::{
+    BackupMode, BackupSet, BackupStatus, Instance, Job, JobKind, JobState, SslMode, WalSegmentRow,
+};
 use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
 
@@ -139,7 +141,7 @@ fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             ))
         }
     }
-    let job = svc.start_backup(&inst.id, "Manual")?;
+    let job = svc.start_backup(&inst.id, BackupMode::Manual)?;
     Ok(obj(json!({"BackupJobId": job.id.to_string()})))
 }
 
@@ -168,7 +170,7 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let matching: Vec<&BackupSet> = sets
         .iter()
         .filter(|b| p.get("BackupId").is_none_or(|id| b.id == id))
-        .filter(|b| p.get("BackupMode").is_none_or(|m| b.mode == m))
+        .filter(|b| p.get("BackupMode").is_none_or(|m| b.mode.as_str() == m))
         .filter(|b| p.get("BackupStatus").is_none_or(|s| b.status.as_str() == s))
         .filter(|_| p.get("BackupType").is_none_or(|t| t == "FullBackup"))
         .filter(|b| start.is_none_or(|s| b.started_at >= s))
@@ -187,7 +189,7 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
                 "BackupType": "FullBackup",
                 "BackupMode": b.mode,
                 "BackupMethod": "Physical",
-                "BackupInitiator": if b.mode == "Manual" { "User" } else { "System" },
+                "BackupInitiator": if b.mode == BackupMode::Manual { "User" } else { "System" },
                 "BackupSize": b.total_bytes,
                 "Engine": "PostgreSQL",
                 "EngineVersion": engine_version(b.pg_version_num),
@@ -341,8 +343,12 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .rev()
         .filter(|j| {
             matches!(
-                j.kind.as_str(),
-                "backup" | "clone" | "restore-table" | "cross-copy" | "ddr-restore"
+                j.kind,
+                JobKind::Backup
+                    | JobKind::Clone
+                    | JobKind::RestoreTable
+                    | JobKind::CrossCopy
+                    | JobKind::DdrRestore
             )
         })
         .filter(|j| job_id.is_none_or(|id| j.id == id))
@@ -360,18 +366,18 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             .backup_id
             .as_deref()
             .and_then(|b| svc.engine.catalog.get_backup(b).ok());
-        let mode = match (j.kind.as_str(), &set) {
-            ("backup", Some(s)) => s.mode.clone(),
-            _ => "Manual".into(),
+        let mode = match (j.kind, &set) {
+            (JobKind::Backup, Some(s)) => s.mode,
+            _ => BackupMode::Manual,
         };
-        let action = match j.kind.as_str() {
-            "clone" => "CloneDBInstance",
-            "restore-table" => "RestoreTable",
-            "cross-copy" => "CrossRegionBackup",
-            "ddr-restore" => "CreateDdrInstance",
+        let action = match j.kind {
+            JobKind::Clone => "CloneDBInstance",
+            JobKind::RestoreTable => "RestoreTable",
+            JobKind::CrossCopy => "CrossRegionBackup",
+            JobKind::DdrRestore => "CreateDdrInstance",
             _ => "NormalBackupTask",
         };
-        if p.get("BackupMode").is_some_and(|m| m != mode) {
+        if p.get("BackupMode").is_some_and(|m| m != mode.as_str()) {
             continue;
         }
         let mut item = json!({
@@ -671,7 +677,7 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         "RegionId": svc.regions().primary,
         "StrataUser": i.user,
         "StrataDBName": i.dbname.clone().unwrap_or_default(),
-        "StrataSSLMode": i.sslmode,
+        "StrataSSLMode": i.sslmode.as_str(),
         "StrataConnectionVerified": strata_engine::connection_verified(i),
         "StrataSystemIdentifier": i.system_identifier.map(|s| s.to_string()).unwrap_or_default(),
         "StrataWalReceiver": receiver,
@@ -747,21 +753,21 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
             ))
         }
     };
-    let sslmode = p.get("SSLMode").unwrap_or("prefer").to_string();
-    if sslmode.parse::<pg_replication::SslMode>().is_err() {
-        return Err(ApiError::bad(
+    let sslmode = p.get("SSLMode").unwrap_or("prefer");
+    let sslmode: SslMode = sslmode.parse().map_err(|_| {
+        ApiError::bad(
             "InvalidSSLMode.Malformed",
             format!(
                 "SSLMode must be disable, allow, prefer, require, verify-ca or verify-full, got {}",
-                quoted(&sslmode)
+                quoted(sslmode)
             ),
-        ));
-    }
+        )
+    })?;
     let instance = Instance {
         password: p.get("Password").map(str::to_string),
         dbname: p.get("DBName").map(str::to_string),
         sslrootcert: p.get("SSLRootCert").map(str::to_string),
-        ..Instance::new(id, p.required("Host")?, port, p.required("User")?, &sslmode)
+        ..Instance::new(id, p.required("Host")?, port, p.required("User")?, sslmode)
     };
     let registered = svc.register_instance(instance).await?;
     Ok(obj(json!({

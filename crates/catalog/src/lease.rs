@@ -95,14 +95,14 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::{Catalog, JobState, SqliteCatalog};
+    use crate::{Catalog, JobKind, JobState, SqliteCatalog};
 
     #[test]
     fn the_keeper_renews_its_owners_unfinished_jobs_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = Arc::new(SqliteCatalog::open(&dir.path().join("c.db")).unwrap());
-        let job = catalog.create_job("backup", None).unwrap();
-        let mut done = catalog.create_job("restore", None).unwrap();
+        let job = catalog.create_job(JobKind::Backup, None).unwrap();
+        let mut done = catalog.create_job(JobKind::Restore, None).unwrap();
         done.state = JobState::Finished;
         catalog.update_job(&done).unwrap();
         let created = catalog.get_job(job.id).unwrap().heartbeat_at;

@@ -10,7 +10,11 @@
 mod lease;
 mod sqlite;
 
+use std::fmt;
+use std::str::FromStr;
+
 use chrono::{DateTime, Utc};
+pub use pg_replication::{InvalidSslMode, SslMode};
 use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -55,7 +59,8 @@ pub struct Instance {
     #[serde(skip)]
     pub password: Option<String>,
     pub dbname: Option<String>,
-    pub sslmode: String,
+    #[serde(with = "sslmode_string")]
+    pub sslmode: SslMode,
     pub sslrootcert: Option<String>,
     /// Learned from the server on first contact.
     #[serde(with = "opt_u64_string")]
@@ -68,7 +73,7 @@ pub struct Instance {
 impl Instance {
     /// A server not contacted yet: no password, nothing learned about it,
     /// registered now.
-    pub fn new(id: &str, host: &str, port: u16, user: &str, sslmode: &str) -> Instance {
+    pub fn new(id: &str, host: &str, port: u16, user: &str, sslmode: SslMode) -> Instance {
         Instance {
             id: id.to_string(),
             host: host.to_string(),
@@ -77,7 +82,7 @@ impl Instance {
             password_env: None,
             password: None,
             dbname: None,
-            sslmode: sslmode.to_string(),
+            sslmode,
             sslrootcert: None,
             system_identifier: None,
             pg_version_num: None,
@@ -128,8 +133,7 @@ pub struct BackupSet {
     pub id: String,
     pub instance_id: String,
     pub status: BackupStatus,
-    /// "Manual" or "Automated", as RDS names backup modes.
-    pub mode: String,
+    pub mode: BackupMode,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub start_lsn: Option<Lsn>,
@@ -151,7 +155,7 @@ impl BackupSet {
     pub fn started(
         id: String,
         instance_id: &str,
-        mode: &str,
+        mode: BackupMode,
         started_at: DateTime<Utc>,
         job_id: Option<i64>,
     ) -> BackupSet {
@@ -159,7 +163,7 @@ impl BackupSet {
             id,
             instance_id: instance_id.to_string(),
             status: BackupStatus::Running,
-            mode: mode.to_string(),
+            mode,
             started_at,
             finished_at: None,
             start_lsn: None,
@@ -205,6 +209,106 @@ pub struct RestorePointRow {
     pub name: String,
     pub lsn: Lsn,
     pub time: DateTime<Utc>,
+}
+
+/// What a job does. Stored in the catalog as [`JobKind::as_str`] spells it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// A backup set taken from an instance.
+    Backup,
+    /// A restore into a directory (the CLI's `restore`).
+    Restore,
+    /// A restore to a new instance Strata runs.
+    Clone,
+    /// A restore to a new instance from another region's copies.
+    DdrRestore,
+    /// Databases or tables restored into a running instance.
+    RestoreTable,
+    /// A restore drill: restore, start, check, discard.
+    Drill,
+    /// Backup sets and WAL copied to another region's repository.
+    CrossCopy,
+}
+
+impl JobKind {
+    /// Every kind, in the order above.
+    pub const ALL: [JobKind; 7] = [
+        JobKind::Backup,
+        JobKind::Restore,
+        JobKind::Clone,
+        JobKind::DdrRestore,
+        JobKind::RestoreTable,
+        JobKind::Drill,
+        JobKind::CrossCopy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+            JobKind::Clone => "clone",
+            JobKind::DdrRestore => "ddr-restore",
+            JobKind::RestoreTable => "restore-table",
+            JobKind::Drill => "drill",
+            JobKind::CrossCopy => "cross-copy",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobKind {
+    type Err = CatalogError;
+
+    fn from_str(s: &str) -> CatalogResult<Self> {
+        JobKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| CatalogError::Invalid(format!("job kind {s:?}")))
+    }
+}
+
+/// How a backup was started, as RDS names backup modes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum BackupMode {
+    /// Started by the scheduler from the instance's backup policy.
+    Automated,
+    /// Started by a user (API, console or CLI).
+    Manual,
+}
+
+impl BackupMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupMode::Automated => "Automated",
+            BackupMode::Manual => "Manual",
+        }
+    }
+}
+
+impl fmt::Display for BackupMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackupMode {
+    type Err = CatalogError;
+
+    fn from_str(s: &str) -> CatalogResult<Self> {
+        match s {
+            "Automated" => Ok(BackupMode::Automated),
+            "Manual" => Ok(BackupMode::Manual),
+            other => Err(CatalogError::Invalid(format!(
+                "backup mode {other:?} (Automated or Manual)"
+            ))),
+        }
+    }
 }
 
 /// Job states as RDS reports backup tasks.
@@ -253,8 +357,7 @@ impl JobState {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
     pub id: i64,
-    /// "backup", "restore", "wal-receive", "verify".
-    pub kind: String,
+    pub kind: JobKind,
     pub instance_id: Option<String>,
     pub state: JobState,
     pub progress: u8,
@@ -445,7 +548,7 @@ pub trait Catalog: Send + Sync {
     fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
 
     /// A new job owned by this catalog handle's lease ([`Catalog::lease_owner`]).
-    fn create_job(&self, kind: &str, instance_id: Option<&str>) -> CatalogResult<Job>;
+    fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job>;
     fn update_job(&self, job: &Job) -> CatalogResult<()>;
     fn get_job(&self, id: i64) -> CatalogResult<Job>;
     fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
@@ -545,6 +648,22 @@ pub trait Catalog: Send + Sync {
 
     /// Forgets backup sets, WAL segments and restore points (before a reindex).
     fn clear_index(&self) -> CatalogResult<()>;
+}
+
+/// `sslmode` as libpq spells it.
+mod sslmode_string {
+    use pg_replication::SslMode;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &SslMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SslMode, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 mod opt_u64_string {

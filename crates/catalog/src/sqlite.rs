@@ -288,7 +288,7 @@ fn instance_from_row(r: &Row) -> rusqlite::Result<Instance> {
         user: r.get(3)?,
         password_env: r.get(4)?,
         dbname: r.get(5)?,
-        sslmode: r.get(6)?,
+        sslmode: parsed(r, 6)?,
         sslrootcert: r.get(7)?,
         system_identifier: r.get::<_, Option<String>>(8)?.and_then(|s| s.parse().ok()),
         pg_version_num: r.get(9)?,
@@ -300,6 +300,19 @@ fn instance_from_row(r: &Row) -> rusqlite::Result<Instance> {
 
 const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at, password";
 
+/// A text column parsed into its type; a value this build does not know is
+/// a conversion error that names it.
+fn parsed<T>(r: &Row, i: usize) -> rusqlite::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let text: String = r.get(i)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
     let status: String = r.get(2)?;
     Ok(BackupSet {
@@ -308,7 +321,7 @@ fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
         status: BackupStatus::parse(&status).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
         })?,
-        mode: r.get(3)?,
+        mode: parsed(r, 3)?,
         started_at: parse_ts(r.get(4)?)?,
         finished_at: opt_ts(r.get(5)?)?,
         start_lsn: r.get::<_, Option<i64>>(6)?.map(lsn_from_sql),
@@ -355,7 +368,7 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
     let started_at = parse_ts(r.get(7)?)?;
     Ok(Job {
         id: r.get(0)?,
-        kind: r.get(1)?,
+        kind: parsed(r, 1)?,
         instance_id: r.get(2)?,
         state: JobState::parse(&state).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
@@ -479,7 +492,7 @@ impl SqliteCatalog {
             Ok(c.execute(
                 &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
                 params![
-                    b.id, b.instance_id, b.status.as_str(), b.mode, ts(&b.started_at),
+                    b.id, b.instance_id, b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
                     b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
                     b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
                     b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
@@ -496,7 +509,7 @@ impl Catalog for SqliteCatalog {
             let n = c.execute(
                 &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
                 params![
-                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode, i.sslrootcert,
+                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
                     i.wal_segment_size.map(|v| v as i64), ts(&i.created_at), i.password
                 ],
@@ -513,7 +526,7 @@ impl Catalog for SqliteCatalog {
             let n = c.execute(
                 "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11, password=?12 WHERE id=?1",
                 params![
-                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode, i.sslrootcert,
+                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
                     i.wal_segment_size.map(|v| v as i64), i.password
                 ],
@@ -702,12 +715,12 @@ impl Catalog for SqliteCatalog {
         })
     }
 
-    fn create_job(&self, kind: &str, instance_id: Option<&str>) -> CatalogResult<Job> {
+    fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {
         let id = self.with(|c| {
             let now = ts(&Utc::now());
             c.execute(
                 "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) VALUES (?1, ?2, 'NoStart', ?3, ?4, ?5, ?3)",
-                params![kind, instance_id, now, std::process::id(), self.owner.as_str()],
+                params![kind.as_str(), instance_id, now, std::process::id(), self.owner.as_str()],
             )?;
             Ok(c.last_insert_rowid())
         })?;
@@ -1223,13 +1236,92 @@ mod tests {
             password_env: None,
             password: None,
             dbname: None,
-            sslmode: "prefer".into(),
+            sslmode: SslMode::Prefer,
             sslrootcert: None,
             system_identifier: Some(u64::MAX - 3),
             pg_version_num: Some(150018),
             wal_segment_size: Some(16 << 20),
             created_at: Utc::now(),
         }
+    }
+
+    /// Kinds, modes and sslmodes are stored as the strings earlier releases
+    /// wrote: rows written that way read back, and new rows are spelled the
+    /// same; a value no release wrote is an error that names it.
+    #[test]
+    fn typed_columns_keep_their_stored_spelling() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let column = |sql: &str| -> String {
+            cat.with(|c| Ok(c.query_row(sql, [], |r| r.get(0))?))
+                .unwrap()
+        };
+        let kinds = [
+            "backup",
+            "restore",
+            "clone",
+            "ddr-restore",
+            "restore-table",
+            "drill",
+            "cross-copy",
+        ];
+        for (i, kind) in kinds.iter().enumerate() {
+            cat.with(|c| {
+                c.execute(
+                    "INSERT INTO jobs (id, kind, state, started_at, pid) VALUES (?1, ?2, 'Finished', ?3, 1)",
+                    params![100 + i as i64, kind, ts(&Utc::now())],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        for (i, kind) in kinds.iter().enumerate() {
+            let job = cat.get_job(100 + i as i64).unwrap();
+            assert_eq!(job.kind.as_str(), *kind);
+            assert_eq!(kind.parse::<JobKind>().unwrap(), job.kind);
+            let new = cat.create_job(job.kind, None).unwrap();
+            let stored = column(&format!("SELECT kind FROM jobs WHERE id = {}", new.id));
+            assert_eq!(stored, *kind);
+        }
+        assert_eq!(JobKind::ALL.len(), 7);
+
+        for (mode, sslmode) in [("Automated", "verify-full"), ("Manual", "disable")] {
+            let id = format!("{mode}-{sslmode}");
+            cat.add_instance(&Instance {
+                sslmode: sslmode.parse().unwrap(),
+                ..instance(&id)
+            })
+            .unwrap();
+            assert_eq!(
+                column(&format!("SELECT sslmode FROM instances WHERE id = '{id}'")),
+                sslmode
+            );
+            cat.with(|c| {
+                c.execute(
+                    "INSERT INTO backup_sets (id, instance_id, status, mode, started_at) VALUES (?1, ?1, 'Success', ?2, ?3)",
+                    params![id, mode, ts(&Utc::now())],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+            let set = cat.get_backup(&id).unwrap();
+            assert_eq!(set.mode.as_str(), mode);
+            assert_eq!(cat.get_instance(&id).unwrap().sslmode.as_str(), sslmode);
+        }
+
+        cat.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (id, kind, state, started_at, pid) VALUES (5000, 'wal-receive', 'Finished', ?1, 1)",
+                params![ts(&Utc::now())],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        let err = cat.get_job(5000).unwrap_err().to_string();
+        assert!(err.contains("\"wal-receive\""), "{err}");
+        let err = "verify-none".parse::<SslMode>().unwrap_err().to_string();
+        assert!(err.contains("verify-ca or verify-full"), "{err}");
+        let err = "manual".parse::<BackupMode>().unwrap_err().to_string();
+        assert!(err.contains("Automated or Manual"), "{err}");
     }
 
     #[test]
@@ -1251,7 +1343,7 @@ mod tests {
             Err(CatalogError::InstanceNotFound(_))
         ));
 
-        let mut job = cat.create_job("backup", Some("a")).unwrap();
+        let mut job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
         job.state = JobState::Uploading;
         job.progress = 40;
         cat.update_job(&job).unwrap();
@@ -1259,7 +1351,7 @@ mod tests {
             id: "1".into(),
             instance_id: "a".into(),
             status: BackupStatus::Running,
-            mode: "Manual".into(),
+            mode: BackupMode::Manual,
             started_at: Utc::now(),
             finished_at: None,
             start_lsn: Some(Lsn(0x1_0000_0028)),
@@ -1287,7 +1379,7 @@ mod tests {
     }
 
     fn running_backup(cat: &SqliteCatalog, id: &str) -> Job {
-        let mut job = cat.create_job("backup", Some("a")).unwrap();
+        let mut job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
         job.state = JobState::Uploading;
         job.progress = 49;
         job.backup_id = Some(id.into());
@@ -1295,7 +1387,7 @@ mod tests {
         cat.insert_backup(&BackupSet::started(
             id.into(),
             "a",
-            "Manual",
+            BackupMode::Manual,
             Utc::now(),
             Some(job.id),
         ))
@@ -1388,7 +1480,7 @@ mod tests {
     #[test]
     fn jobs_from_before_leases_expire_from_their_start() {
         let cat = SqliteCatalog::open_in_memory().unwrap();
-        let job = cat.create_job("restore", None).unwrap();
+        let job = cat.create_job(JobKind::Restore, None).unwrap();
         cat.with(|c| {
             c.execute("UPDATE jobs SET owner = NULL, heartbeat_at = NULL", [])?;
             Ok(())
@@ -1454,7 +1546,7 @@ mod tests {
             id: id.into(),
             instance_id: "a".into(),
             status: BackupStatus::Success,
-            mode: "Manual".into(),
+            mode: BackupMode::Manual,
             started_at: now,
             finished_at: Some(now),
             start_lsn: Some(Lsn(0x1_0000_0028)),

@@ -251,7 +251,7 @@ mod tests {
     fn the_tab_shows_the_cross_region_figure_or_that_it_is_unknown() {
         use std::sync::Arc;
 
-        use strata_catalog::{Catalog, Instance, SqliteCatalog};
+        use strata_catalog::{Catalog, Instance, SqliteCatalog, SslMode};
         use strata_engine::{Engine, EngineSettings};
         use strata_repo::{LocalStorage, Repository};
 
@@ -264,7 +264,13 @@ mod tests {
             EngineSettings::default(),
         );
         catalog
-            .add_instance(&Instance::new("a", "127.0.0.1", 5432, "postgres", "prefer"))
+            .add_instance(&Instance::new(
+                "a",
+                "127.0.0.1",
+                5432,
+                "postgres",
+                SslMode::Prefer,
+            ))
             .unwrap();
         let t0 = at("2026-11-25T10:00:00Z");
         let service = Service::new(

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use serde::{Deserialize, Serialize};
-use strata_catalog::{Catalog, Job, JobState};
+use strata_catalog::{BackupMode, Catalog, Job, JobKind, JobState};
 
 use crate::layout::{self, sort_th, Section};
 use crate::{html_response, url_encode, ConsoleState, Page};
@@ -48,27 +48,18 @@ pub fn status_group(state: JobState) -> (&'static str, &'static str) {
 }
 
 /// Task types: (key, label) of a job, by its kind and, for backups, mode.
-pub fn task_type(kind: &str, mode: Option<&str>) -> (String, String) {
-    match (kind, mode) {
-        ("backup", Some("Automated")) => ("auto-backup".into(), "Automatic Backup".into()),
-        ("backup", _) => ("manual-backup".into(), "Manually Back Up Instance".into()),
-        ("restore", _) => ("restore".into(), "Restore".into()),
-        ("clone", _) => ("clone".into(), "Clone to New Instance".into()),
-        ("restore-table", _) => ("restore-table".into(), "Restore Databases or Tables".into()),
-        ("drill", _) => ("drill".into(), "Restore Drill".into()),
-        ("cross-copy", _) => ("cross-copy".into(), "Cross-Region Backup".into()),
-        ("ddr-restore", _) => (
-            "ddr-restore".into(),
-            "Restore from Cross-Region Backup".into(),
-        ),
-        (other, _) => {
-            let mut label = other.replace('-', " ");
-            if let Some(first) = label.get(..1) {
-                label = first.to_uppercase() + &label[1..];
-            }
-            (other.to_string(), label)
-        }
-    }
+pub fn task_type(kind: JobKind, mode: Option<BackupMode>) -> (String, String) {
+    let (key, label) = match (kind, mode) {
+        (JobKind::Backup, Some(BackupMode::Automated)) => ("auto-backup", "Automatic Backup"),
+        (JobKind::Backup, _) => ("manual-backup", "Manually Back Up Instance"),
+        (JobKind::Restore, _) => ("restore", "Restore"),
+        (JobKind::Clone, _) => ("clone", "Clone to New Instance"),
+        (JobKind::RestoreTable, _) => ("restore-table", "Restore Databases or Tables"),
+        (JobKind::Drill, _) => ("drill", "Restore Drill"),
+        (JobKind::CrossCopy, _) => ("cross-copy", "Cross-Region Backup"),
+        (JobKind::DdrRestore, _) => ("ddr-restore", "Restore from Cross-Region Backup"),
+    };
+    (key.into(), label.into())
 }
 
 /// One row, as the page shows it and the poll returns it.
@@ -94,8 +85,8 @@ fn iso(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn to_task(job: &Job, mode: Option<&str>) -> Task {
-    let (kind, type_label) = task_type(&job.kind, mode);
+fn to_task(job: &Job, mode: Option<BackupMode>) -> Task {
+    let (kind, type_label) = task_type(job.kind, mode);
     let (status, status_label) = status_group(job.state);
     Task {
         id: job.id,
@@ -118,17 +109,17 @@ fn to_task(job: &Job, mode: Option<&str>) -> Task {
 /// `filter`, and every job kind in the catalog (for the type filter).
 struct Listing {
     tasks: Vec<Task>,
-    kinds: Vec<String>,
+    kinds: Vec<JobKind>,
 }
 
 fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api::ApiError> {
     let mut jobs = catalog.list_jobs(None)?;
     jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
-    let mut kinds: Vec<String> = Vec::new();
+    let mut kinds: Vec<JobKind> = Vec::new();
     let mut tasks = Vec::new();
     for j in &jobs {
         if !kinds.contains(&j.kind) {
-            kinds.push(j.kind.clone());
+            kinds.push(j.kind);
         }
         let (status, _) = status_group(j.state);
         let instance = j.instance_id.as_deref().unwrap_or_default();
@@ -139,11 +130,11 @@ fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api
             continue;
         }
         // Backups are typed by their set's mode: one lookup per job shown.
-        let mode = match (j.kind.as_str(), &j.backup_id) {
-            ("backup", Some(b)) => catalog.get_backup(b).ok().map(|b| b.mode),
+        let mode = match (j.kind, &j.backup_id) {
+            (JobKind::Backup, Some(b)) => catalog.get_backup(b).ok().map(|b| b.mode),
             _ => None,
         };
-        let task = to_task(j, mode.as_deref());
+        let task = to_task(j, mode);
         if filter.kind.is_empty() || task.kind == filter.kind {
             tasks.push(task);
         }
@@ -228,13 +219,13 @@ fn select(name: &str, label: &str, current: &str, options: &[(String, String)]) 
 
 fn center(listing: &Listing, filter: &Filter, instances: &[String]) -> Markup {
     let mut types: Vec<(String, String)> = vec![
-        task_type("backup", Some("Manual")),
-        task_type("backup", Some("Automated")),
-        task_type("restore", None),
+        task_type(JobKind::Backup, Some(BackupMode::Manual)),
+        task_type(JobKind::Backup, Some(BackupMode::Automated)),
+        task_type(JobKind::Restore, None),
     ];
-    for kind in &listing.kinds {
+    for &kind in &listing.kinds {
         let t = task_type(kind, None);
-        if kind != "backup" && !types.contains(&t) {
+        if kind != JobKind::Backup && !types.contains(&t) {
             types.push(t);
         }
     }
@@ -354,30 +345,30 @@ mod tests {
 
     #[test]
     fn listing_filters_by_type_status_and_instance() {
-        use strata_catalog::{BackupSet, Instance, SqliteCatalog};
+        use strata_catalog::{BackupSet, Instance, SqliteCatalog, SslMode};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let now = chrono::Utc::now();
         for id in ["a", "b"] {
             catalog
                 .add_instance(&Instance {
                     created_at: now,
-                    ..Instance::new(id, "127.0.0.1", 5432, "postgres", "disable")
+                    ..Instance::new(id, "127.0.0.1", 5432, "postgres", SslMode::Disable)
                 })
                 .unwrap();
         }
-        let backup = |instance: &str, set: &str, mode: &str, state: JobState| {
+        let backup = |instance: &str, set: &str, mode: BackupMode, state: JobState| {
             catalog
                 .insert_backup(&BackupSet::started(set.into(), instance, mode, now, None))
                 .unwrap();
-            let mut job = catalog.create_job("backup", Some(instance)).unwrap();
+            let mut job = catalog.create_job(JobKind::Backup, Some(instance)).unwrap();
             job.backup_id = Some(set.into());
             job.state = state;
             catalog.update_job(&job).unwrap();
             job.id
         };
-        let auto = backup("a", "1", "Automated", JobState::Finished);
-        let manual = backup("a", "2", "Manual", JobState::Uploading);
-        let other = backup("b", "3", "Manual", JobState::Failed);
+        let auto = backup("a", "1", BackupMode::Automated, JobState::Finished);
+        let manual = backup("a", "2", BackupMode::Manual, JobState::Uploading);
+        let other = backup("b", "3", BackupMode::Manual, JobState::Failed);
         let ids = |f: Filter| -> Vec<i64> {
             listing(&catalog, &f)
                 .unwrap()
@@ -410,20 +401,23 @@ mod tests {
     #[test]
     fn task_types_name_backups_by_mode() {
         assert_eq!(
-            task_type("backup", Some("Manual")).1,
+            task_type(JobKind::Backup, Some(BackupMode::Manual)).1,
             "Manually Back Up Instance"
         );
-        assert_eq!(task_type("backup", None).0, "manual-backup");
-        assert_eq!(task_type("backup", Some("Automated")).1, "Automatic Backup");
-        assert_eq!(task_type("clone", None).1, "Clone to New Instance");
+        assert_eq!(task_type(JobKind::Backup, None).0, "manual-backup");
         assert_eq!(
-            task_type("restore-table", None).1,
+            task_type(JobKind::Backup, Some(BackupMode::Automated)).1,
+            "Automatic Backup"
+        );
+        assert_eq!(task_type(JobKind::Clone, None).1, "Clone to New Instance");
+        assert_eq!(
+            task_type(JobKind::RestoreTable, None).1,
             "Restore Databases or Tables"
         );
-        assert_eq!(task_type("cross-copy", None).1, "Cross-Region Backup");
-        assert_eq!(
-            task_type("wal-receive", None),
-            ("wal-receive".into(), "Wal receive".into())
-        );
+        assert_eq!(task_type(JobKind::CrossCopy, None).1, "Cross-Region Backup");
+        // Other kinds are keyed by their catalog name.
+        for kind in JobKind::ALL.into_iter().filter(|&k| k != JobKind::Backup) {
+            assert_eq!(task_type(kind, None).0, kind.as_str());
+        }
     }
 }

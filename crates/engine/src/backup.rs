@@ -22,7 +22,7 @@ use pg_replication::{
     BaseBackupEvent, BaseBackupOptions, ReplicationMessage, TarEntry, TarEntryKind,
 };
 use pg_wal::{Lsn, TimelineId, WalGeometry};
-use strata_catalog::{BackupSet, BackupStatus, Instance, Job, JobState};
+use strata_catalog::{BackupMode, BackupSet, BackupStatus, Instance, Job, JobKind, JobState};
 use strata_repo::{
     BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
     PreparedBlock, Repository, TablespaceEntry,
@@ -47,8 +47,7 @@ fn new_backup_id(attempt: i64) -> String {
 /// How a backup runs.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
-    /// "Manual" or "Automated", as RDS names backup modes.
-    pub mode: String,
+    pub mode: BackupMode,
     /// Server-side read limit in kB/s (BASE_BACKUP MAX_RATE, 32..=1048576).
     pub max_rate_kb: Option<u32>,
 }
@@ -56,7 +55,7 @@ pub struct BackupOptions {
 impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
-            mode: "Manual".into(),
+            mode: BackupMode::Manual,
             max_rate_kb: None,
         }
     }
@@ -115,11 +114,13 @@ impl Engine {
                 running.job_id.map(|j| j.to_string()).unwrap_or_default()
             )));
         }
-        let mut job = self.catalog.create_job("backup", Some(instance_id))?;
+        let mut job = self
+            .catalog
+            .create_job(JobKind::Backup, Some(instance_id))?;
         let mut set = BackupSet::started(
             new_backup_id(0),
             instance_id,
-            &opts.mode,
+            opts.mode,
             Utc::now(),
             Some(job.id),
         );
@@ -539,7 +540,7 @@ impl Engine {
             pg_version_num: pg_version,
             wal_segment_size: geometry.segment_size(),
             label: format!("strata backup {}", set.id),
-            mode: set.mode.clone(),
+            mode: set.mode.to_string(),
             start_lsn,
             start_timeline: start_tli,
             stop_lsn,

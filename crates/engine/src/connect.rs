@@ -19,19 +19,13 @@ pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
         })?),
         None => instance.password.clone(),
     };
-    let sslmode: SslMode = instance.sslmode.parse().map_err(|_| {
-        EngineError::Refused(format!(
-            "instance {}: unknown sslmode {:?}",
-            instance.id, instance.sslmode
-        ))
-    })?;
     Ok(ConnectOptions {
         host: instance.host.clone(),
         port: instance.port,
         user: instance.user.clone(),
         password,
         dbname: instance.dbname.clone(),
-        sslmode,
+        sslmode: instance.sslmode,
         sslrootcert: instance.sslrootcert.clone().map(Into::into),
         application_name: "strata".into(),
         connect_timeout: Duration::from_secs(10),
@@ -43,9 +37,9 @@ pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
 /// `require` with a root certificate, as libpq does), and with
 /// `verify-full` the host name too.
 pub fn connection_verified(instance: &Instance) -> bool {
-    match instance.sslmode.parse::<SslMode>() {
-        Ok(SslMode::VerifyCa | SslMode::VerifyFull) => true,
-        Ok(SslMode::Require) => instance.sslrootcert.is_some(),
+    match instance.sslmode {
+        SslMode::VerifyCa | SslMode::VerifyFull => true,
+        SslMode::Require => instance.sslrootcert.is_some(),
         _ => false,
     }
 }
@@ -57,9 +51,9 @@ pub fn connection_warnings(instance: &Instance) -> Vec<String> {
     if connection_verified(instance) {
         return Vec::new();
     }
-    let what = match instance.sslmode.parse::<SslMode>() {
-        Ok(SslMode::Disable) => "the connection is not encrypted",
-        Ok(SslMode::Require) => "the connection is encrypted but the server's certificate is not checked",
+    let what = match instance.sslmode {
+        SslMode::Disable => "the connection is not encrypted",
+        SslMode::Require => "the connection is encrypted but the server's certificate is not checked",
         _ => "the server's certificate is not checked and the connection falls back to plain text when the server offers no TLS",
     };
     vec![format!(
@@ -239,7 +233,7 @@ mod tls_tests {
     fn instance(sslmode: &str, root: Option<&str>) -> Instance {
         Instance {
             sslrootcert: root.map(str::to_string),
-            ..Instance::new("i", "db.example", 5432, "backup", sslmode)
+            ..Instance::new("i", "db.example", 5432, "backup", sslmode.parse().unwrap())
         }
     }
 

@@ -187,7 +187,7 @@ impl Engine {
             port: instance.port,
             user: instance.user.clone(),
             dbname: instance.dbname.clone(),
-            sslmode: instance.sslmode.clone(),
+            sslmode: instance.sslmode.to_string(),
             password_env: instance.password_env.clone(),
             created_at: instance.created_at,
         })?;

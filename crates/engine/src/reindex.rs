@@ -3,7 +3,8 @@
 //! source of truth; jobs are operational history and are kept).
 
 use serde::Serialize;
-use strata_catalog::{BackupSet, BackupStatus, CatalogError, Instance};
+use strata_catalog::{BackupMode, BackupSet, BackupStatus, CatalogError, Instance};
+use strata_repo::RepoError;
 
 use crate::segment::record_segment;
 use crate::{Engine, EngineResult};
@@ -33,7 +34,10 @@ impl Engine {
                         password_env: rec.password_env.clone(),
                         password: None,
                         dbname: rec.dbname.clone(),
-                        sslmode: rec.sslmode.clone(),
+                        sslmode: rec.sslmode.parse().map_err(|e| RepoError::Corrupt {
+                            object: strata_repo::instance_key(&rec.id),
+                            reason: format!("{e}"),
+                        })?,
                         sslrootcert: None,
                         system_identifier: None,
                         pg_version_num: None,
@@ -50,10 +54,14 @@ impl Engine {
                     id: m.backup_id.clone(),
                     instance_id: rec.id.clone(),
                     status: BackupStatus::Success,
+                    // Manifests from before backup modes were recorded have none.
                     mode: if m.mode.is_empty() {
-                        "Manual".into()
+                        BackupMode::Manual
                     } else {
-                        m.mode.clone()
+                        m.mode.parse().map_err(|e| RepoError::Corrupt {
+                            object: strata_repo::manifest_key(&rec.id, &backup_id),
+                            reason: format!("{e}"),
+                        })?
                     },
                     started_at: m.start_time,
                     finished_at: Some(m.stop_time),

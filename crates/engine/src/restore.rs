@@ -25,7 +25,7 @@ use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::history::TimelineHistory;
 use pg_wal::{history_file_name, Lsn, SegmentNo, TimelineId, WalGeometry};
 use serde::Serialize;
-use strata_catalog::{BackupSet, BackupStatus, JobState, RestorePointRow, WalSegmentRow};
+use strata_catalog::{BackupSet, BackupStatus, JobKind, JobState, RestorePointRow, WalSegmentRow};
 use strata_repo::{BackupManifest, FileEntry, FileKind};
 
 use crate::beneath::Beneath;
@@ -121,7 +121,11 @@ impl Engine {
         let created = prepare_target_dir(&opts.target_dir)?;
         let (mut job, own_job) = match opts.job_id {
             Some(id) => (self.catalog.get_job(id)?, false),
-            None => (self.catalog.create_job("restore", Some(instance_id))?, true),
+            None => (
+                self.catalog
+                    .create_job(JobKind::Restore, Some(instance_id))?,
+                true,
+            ),
         };
         job.state = JobState::Preparing;
         if own_job {

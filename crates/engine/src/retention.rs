@@ -291,6 +291,7 @@ impl Engine {
 mod tests {
     use super::*;
     use pg_wal::TimelineId;
+    use strata_catalog::BackupMode;
 
     fn at(days_ago: i64, now: DateTime<Utc>) -> DateTime<Utc> {
         now - Duration::days(days_ago)
@@ -301,7 +302,7 @@ mod tests {
             id: id.into(),
             instance_id: "i".into(),
             status,
-            mode: "Automated".into(),
+            mode: BackupMode::Automated,
             started_at: finished - Duration::minutes(5),
             finished_at: Some(finished),
             start_lsn: Some(Lsn(lsn.0)),

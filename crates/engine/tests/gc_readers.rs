@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strata_catalog::{Catalog, Instance, SqliteCatalog};
+use strata_catalog::{BackupMode, Catalog, Instance, SqliteCatalog, SslMode};
 use strata_engine::{
     BackupOptions, Engine, EngineSettings, NoProgress, RecoveryTarget, RestoreOptions, StartOptions,
 };
@@ -166,7 +166,7 @@ impl Rig {
 
     fn backup(&self, runtime: &tokio::runtime::Runtime, id: &str) -> String {
         let opts = BackupOptions {
-            mode: "Manual".into(),
+            mode: BackupMode::Manual,
             max_rate_kb: None,
         };
         runtime
@@ -200,7 +200,7 @@ fn a_restore_and_a_download_of_a_set_deleted_meanwhile_complete() {
             cluster.host(),
             cluster.port(),
             "postgres",
-            "disable",
+            SslMode::Disable,
         ))
         .unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog, SslMode};
 use strata_engine::{
     BackupOptions, Engine, EngineSettings, NoProgress, RecoveryTarget, RestoreOptions, StartOptions,
 };
@@ -56,7 +56,7 @@ impl Rig {
                 cluster.host(),
                 cluster.port(),
                 "postgres",
-                "disable",
+                SslMode::Disable,
             ))
             .unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()

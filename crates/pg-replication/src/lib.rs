@@ -26,7 +26,7 @@ pub use basebackup::{
 };
 pub use client::{ReplicationClient, SystemIdentity};
 pub use error::ReplicationError;
-pub use options::{ConnectOptions, SslMode};
+pub use options::{ConnectOptions, InvalidSslMode, SslMode};
 pub use stream::{ReplicationMessage, ReplicationStream};
 pub use tar::TarReader;
 

@@ -44,8 +44,15 @@ impl fmt::Display for SslMode {
     }
 }
 
+/// An `sslmode` libpq does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid sslmode {0:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
+)]
+pub struct InvalidSslMode(pub String);
+
 impl FromStr for SslMode {
-    type Err = String;
+    type Err = InvalidSslMode;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s {
@@ -55,7 +62,7 @@ impl FromStr for SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            other => return Err(format!("invalid sslmode {other:?}")),
+            other => return Err(InvalidSslMode(other.to_string())),
         })
     }
 }

@@ -775,7 +775,7 @@ impl BlockWriter {
             offset: entry.offset,
             stored_len: entry.stored_len,
             raw_len: entry.raw_len,
-            compression: compression,
+            compression,
         };
         self.stats.new_blocks += 1;
         self.stats.new_bytes += prepared.raw_len as u64;

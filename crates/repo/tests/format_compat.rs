@@ -45,9 +45,11 @@ fn text(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
-/// The files of the fixture's backup: (tablespace, path, contents); `None`
+/// One file of the fixture's backup: (tablespace, path, contents); `None`
 /// for a directory.
-fn expected_files(block_size: usize) -> Vec<(Option<u32>, &'static str, Option<Vec<u8>>)> {
+type Expected = (Option<u32>, &'static str, Option<Vec<u8>>);
+
+fn expected_files(block_size: usize) -> Vec<Expected> {
     let big = text(2 * block_size + 1000, 1);
     // Its first block is the first block of `big`: stored once.
     let mut repeat = big[..block_size].to_vec();

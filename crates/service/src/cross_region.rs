@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pg_wal::Lsn;
 use strata_catalog::{
-    BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, JobState, WalSegmentRow,
+    BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, JobKind, JobState, WalSegmentRow,
 };
 use strata_engine::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
@@ -456,7 +456,7 @@ impl Service {
                 major,
                 engine: self.engine.with_repository(repo),
                 index: Some(index),
-                job_kind: "ddr-restore",
+                job_kind: JobKind::DdrRestore,
             },
         )
     }
@@ -564,7 +564,10 @@ impl Service {
                     tracing::debug!(instance = %id, backup = %set.id, "copy waits for the backup's WAL segments to complete");
                     continue;
                 };
-                let mut job = self.engine.catalog.create_job("cross-copy", Some(id))?;
+                let mut job = self
+                    .engine
+                    .catalog
+                    .create_job(JobKind::CrossCopy, Some(id))?;
                 job.state = JobState::Uploading;
                 job.backup_id = Some(set.id.clone());
                 job.detail = format!("copy backup {} to region {}", set.id, policy.region);

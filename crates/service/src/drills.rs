@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::Utc;
-use strata_catalog::{BackupStatus, DrillResult};
+use strata_catalog::{BackupStatus, DrillResult, JobKind};
 use strata_engine::EngineError;
 
 use crate::local::RestoreSource;
@@ -29,7 +29,7 @@ impl Service {
         let mut job = self
             .engine
             .catalog
-            .create_job("drill", Some(&set.instance_id))?;
+            .create_job(JobKind::Drill, Some(&set.instance_id))?;
         job.backup_id = Some(set.id.clone());
         job.detail = format!("restore drill of backup {}", set.id);
         self.engine.catalog.update_job(&job)?;

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupPolicy, BackupStatus, CatalogError, Instance, Job, JobState};
+use strata_catalog::{
+    BackupMode, BackupPolicy, BackupStatus, CatalogError, Instance, Job, JobState,
+};
 use strata_engine::{
     BackupOptions, Engine, EngineError, NoProgress, Progress, RetentionPlan, WalReceiveOptions,
 };
@@ -518,10 +520,14 @@ impl Service {
 
     /// Starts a backup job and returns it at once; the backup runs in the
     /// background. Refused while another backup of the instance runs.
-    pub fn start_backup(self: &Arc<Self>, instance_id: &str, mode: &str) -> ServiceResult<Job> {
+    pub fn start_backup(
+        self: &Arc<Self>,
+        instance_id: &str,
+        mode: BackupMode,
+    ) -> ServiceResult<Job> {
         let opts = BackupOptions {
-            mode: mode.to_string(),
-            max_rate_kb: if mode == "Automated" {
+            mode,
+            max_rate_kb: if mode == BackupMode::Automated {
                 self.settings.backup_max_rate_kb
             } else {
                 self.settings.manual_backup_max_rate_kb
@@ -673,7 +679,7 @@ impl Service {
                 // retried in a loop; the next window tries again.
                 p.last_auto_slot = Some(due.unwrap_or(now));
                 self.engine.catalog.put_policy(&p)?;
-                match self.start_backup(&instance.id, "Automated") {
+                match self.start_backup(&instance.id, BackupMode::Automated) {
                     Ok(job) => tracing::info!(
                         instance = %instance.id,
                         job = job.id,

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupStatus, Instance, ManagedInstance};
+use strata_catalog::{BackupStatus, Instance, JobKind, ManagedInstance, SslMode};
 use strata_engine::{
     EngineError, LocalServer, NoProgress, RecoveryTarget, RestoreOptions, ServerUse, StartOptions,
 };
@@ -45,8 +45,8 @@ pub(crate) struct CloneRequest {
     pub major: u32,
     pub engine: strata_engine::Engine,
     pub index: Option<strata_engine::RestoreIndex>,
-    /// Job kind recorded: `clone` or `ddr-restore`.
-    pub job_kind: &'static str,
+    /// Job kind recorded: [`JobKind::Clone`] or [`JobKind::DdrRestore`].
+    pub job_kind: JobKind,
 }
 
 /// A server restored for a short task, stopped and removed by
@@ -210,7 +210,7 @@ impl Service {
                 major,
                 engine: self.engine.clone(),
                 index: None,
-                job_kind: "clone",
+                job_kind: JobKind::Clone,
             },
         )?;
         Ok(id)
@@ -255,7 +255,7 @@ impl Service {
             password_env: source.password_env.clone(),
             password: source.password.clone(),
             dbname: source.dbname.clone(),
-            ..Instance::new(&id, "127.0.0.1", port, &source.user, "prefer")
+            ..Instance::new(&id, "127.0.0.1", port, &source.user, SslMode::Prefer)
         }) {
             Ok(()) => {}
             // Registered in the catalog; only its record in the primary

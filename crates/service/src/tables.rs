@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use strata_catalog::{Instance, JobState};
+use strata_catalog::{Instance, JobKind, JobState};
 use strata_engine::EngineError;
 
 use crate::local::{RestoreSource, Scratch};
@@ -216,7 +216,7 @@ fn original_conn(instance: &Instance) -> ServiceResult<ClientConn> {
         port: instance.port,
         user: instance.user.clone(),
         password,
-        sslmode: Some(instance.sslmode.clone()),
+        sslmode: Some(instance.sslmode.to_string()),
         sslrootcert: instance.sslrootcert.clone(),
         options: None,
         label: format!("instance {}", instance.id),
@@ -302,7 +302,7 @@ impl Service {
         let mut job = self
             .engine
             .catalog
-            .create_job("restore-table", Some(instance_id))?;
+            .create_job(JobKind::RestoreTable, Some(instance_id))?;
         job.detail = describe(&specs);
         job.backup_id = src.backup_id.clone();
         self.engine.catalog.update_job(&job)?;

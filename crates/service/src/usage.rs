@@ -438,7 +438,13 @@ mod tests {
         let repo = Repository::open_or_init(storage.clone()).unwrap();
         let engine = Engine::new(catalog.clone(), repo, EngineSettings::default());
         catalog
-            .add_instance(&Instance::new("a", "127.0.0.1", 5432, "postgres", "prefer"))
+            .add_instance(&Instance::new(
+                "a",
+                "127.0.0.1",
+                5432,
+                "postgres",
+                strata_catalog::SslMode::Prefer,
+            ))
             .unwrap();
         let clock = Arc::new(ManualClock::new(at("2026-11-25T10:00:00Z")));
         let mut settings = ServiceSettings {

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_catalog::{
+    BackupMode, BackupStatus, Catalog, Instance, JobKind, SqliteCatalog, SslMode,
+};
 use strata_engine::{Engine, EngineSettings};
 use strata_repo::storage::{ObjectSize, StorageResult};
 use strata_repo::{pack_key, LocalStorage, Repository, Storage, StorageError};
@@ -209,7 +211,7 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         cluster.host(),
         cluster.port(),
         "postgres",
-        "disable",
+        SslMode::Disable,
     ))
     .await
     .unwrap();
@@ -230,7 +232,7 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     // each with its own WAL although log copies are off.
     svc.tick().await;
     settle(&svc, "xr").await;
-    svc.start_backup("xr", "Manual").unwrap();
+    svc.start_backup("xr", BackupMode::Manual).unwrap();
     settle(&svc, "xr").await;
     cluster.psql(
         "postgres",
@@ -246,7 +248,7 @@ async fn copies_follow_the_policy_and_their_own_retention() {
             .list_jobs(Some("xr"))
             .unwrap()
             .iter()
-            .any(|j| j.kind == "cross-copy" && j.state == strata_catalog::JobState::Failed)
+            .any(|j| j.kind == JobKind::CrossCopy && j.state == strata_catalog::JobState::Failed)
     })
     .await;
     assert!(svc.cross_backups("xr").unwrap().is_empty());
@@ -345,7 +347,7 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         },
     )
     .unwrap();
-    svc.start_backup("xr", "Manual").unwrap();
+    svc.start_backup("xr", BackupMode::Manual).unwrap();
     settle(&svc, "xr").await;
     for _ in 0..20 {
         svc.tick().await;

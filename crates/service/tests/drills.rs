@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog, SslMode};
 use strata_engine::{Engine, EngineSettings};
 use strata_repo::{LocalStorage, Repository};
 use strata_service::{ManualClock, Service, ServiceSettings};
@@ -73,7 +73,7 @@ async fn drill_of_a_hostile_catalog(major: u32) {
         cluster.host(),
         cluster.port(),
         "postgres",
-        "disable",
+        SslMode::Disable,
     ))
     .await
     .unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog};
+use strata_catalog::{BackupMode, BackupStatus, Catalog, Instance, SqliteCatalog, SslMode};
 use strata_engine::{Engine, EngineSettings};
 use strata_repo::{LocalStorage, Repository};
 use strata_service::{policy, ManualClock, PolicyChange, Service, ServiceSettings};
@@ -64,7 +64,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
         cluster.host(),
         cluster.port(),
         "postgres",
-        "disable",
+        SslMode::Disable,
     ))
     .await
     .unwrap();
@@ -93,8 +93,8 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     let sets = settle(&svc, "sched").await;
     assert_eq!(sets.len(), 1, "{sets:?}");
     assert_eq!(
-        (sets[0].status, sets[0].mode.as_str()),
-        (BackupStatus::Success, "Automated")
+        (sets[0].status, sets[0].mode),
+        (BackupStatus::Success, BackupMode::Automated)
     );
 
     // Wednesday: nothing due (Monday's window was before the policy changed).
@@ -233,7 +233,7 @@ async fn garbage_collection_waits_for_running_backups() {
         cluster.host(),
         cluster.port(),
         "postgres",
-        "disable",
+        SslMode::Disable,
     ))
     .await
     .unwrap();
@@ -261,7 +261,7 @@ async fn garbage_collection_waits_for_running_backups() {
 
     // A throttled backup holds the shared lock; collection must not run.
     let opts = strata_engine::BackupOptions {
-        mode: "Manual".into(),
+        mode: BackupMode::Manual,
         max_rate_kb: Some(4096),
     };
     let pending = svc.engine.prepare_backup("gc", &opts).unwrap();
@@ -364,7 +364,7 @@ async fn a_failed_restore_drill_raises_the_alert() {
         cluster.host(),
         cluster.port(),
         "postgres",
-        "disable",
+        SslMode::Disable,
     ))
     .await
     .unwrap();

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use pg_wal::Lsn;
-use strata_catalog::{Instance, LeaseKeeper, SqliteCatalog};
+use strata_catalog::{BackupMode, Instance, LeaseKeeper, SqliteCatalog, SslMode};
 use strata_engine::{
     BackupOptions, Engine, RecoveryTarget, RestoreOptions, StartOptions, WalReceiveOptions,
 };
@@ -110,7 +110,7 @@ enum InstanceCmd {
         dbname: Option<String>,
         /// libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full.
         #[arg(long, default_value = "prefer")]
-        sslmode: String,
+        sslmode: SslMode,
         /// CA certificate for verify-ca / verify-full.
         #[arg(long)]
         sslrootcert: Option<PathBuf>,
@@ -324,14 +324,11 @@ fn run(cli: Cli) -> Result<()> {
             if !Instance::valid_id(&id) {
                 bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)");
             }
-            sslmode
-                .parse::<pg_replication::SslMode>()
-                .map_err(|_| anyhow::anyhow!("unknown sslmode {sslmode:?}"))?;
             let mut instance = Instance {
                 password_env,
                 dbname,
                 sslrootcert: sslrootcert.map(|p| p.display().to_string()),
-                ..Instance::new(&id, &host, port, &user, &sslmode)
+                ..Instance::new(&id, &host, port, &user, sslmode)
             };
             if let Ok(existing) = engine.catalog.get_instance(&id) {
                 bail!(
@@ -363,7 +360,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Backup(BackupCmd::Create { id, max_rate }) => {
             let opts = BackupOptions {
-                mode: "Manual".into(),
+                mode: BackupMode::Manual,
                 max_rate_kb: max_rate,
             };
             let progress = CliProgress::new();

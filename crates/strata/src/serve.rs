@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use strata_api::{ApiState, LinkSigner, MetricsAccess, TlsFiles};
-use strata_catalog::Instance;
+use strata_catalog::{Instance, SslMode};
 use strata_console::ConsoleState;
 use strata_engine::{as_user, chown_tree, Engine, LocalServer, ServerUse};
 use strata_service::{Service, SystemClock};
@@ -288,7 +288,13 @@ impl Sandbox {
     }
 
     fn instance(&self) -> Instance {
-        Instance::new(DEMO_INSTANCE, "127.0.0.1", self.port, "postgres", "disable")
+        Instance::new(
+            DEMO_INSTANCE,
+            "127.0.0.1",
+            self.port,
+            "postgres",
+            SslMode::Disable,
+        )
     }
 
     fn server(&self) -> LocalServer {
