@@ -31,7 +31,7 @@ pub(crate) struct ClientConn {
     pub port: u16,
     pub user: String,
     pub password: Option<String>,
-    pub sslmode: Option<String>,
+    pub sslmode: Option<strata_catalog::SslMode>,
     pub sslrootcert: Option<String>,
     /// Session settings sent at connection start (`PGOPTIONS`): they win
     /// over per-role and per-database settings stored in the server.
@@ -97,7 +97,7 @@ impl ClientConn {
             "client_encoding=UTF8".to_string(),
         ];
         if let Some(m) = &self.sslmode {
-            parts.push(format!("sslmode={}", conninfo_value(m)));
+            parts.push(format!("sslmode={}", conninfo_value(m.as_str())));
         }
         if let Some(ca) = &self.sslrootcert {
             parts.push(format!("sslrootcert={}", conninfo_value(ca)));
@@ -188,7 +188,7 @@ mod tests {
             port: 5432,
             user: "u'ser".into(),
             password: Some("secret".into()),
-            sslmode: Some("verify-full".into()),
+            sslmode: Some(strata_catalog::SslMode::VerifyFull),
             sslrootcert: None,
             options: None,
             label: "test".into(),

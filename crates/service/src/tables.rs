@@ -216,7 +216,7 @@ fn original_conn(instance: &Instance) -> ServiceResult<ClientConn> {
         port: instance.port,
         user: instance.user.clone(),
         password,
-        sslmode: Some(instance.sslmode.to_string()),
+        sslmode: Some(instance.sslmode),
         sslrootcert: instance.sslrootcert.clone(),
         options: None,
         label: format!("instance {}", instance.id),

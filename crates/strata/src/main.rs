@@ -110,7 +110,7 @@ enum InstanceCmd {
         dbname: Option<String>,
         /// libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full.
         #[arg(long, default_value = "prefer")]
-        sslmode: SslMode,
+        sslmode: String,
         /// CA certificate for verify-ca / verify-full.
         #[arg(long)]
         sslrootcert: Option<PathBuf>,
@@ -324,6 +324,8 @@ fn run(cli: Cli) -> Result<()> {
             if !Instance::valid_id(&id) {
                 bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)");
             }
+            // Parsed here rather than by clap: one `error:` line, like every other refusal.
+            let sslmode: SslMode = sslmode.parse()?;
             let mut instance = Instance {
                 password_env,
                 dbname,

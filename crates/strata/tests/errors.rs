@@ -2,7 +2,8 @@
 //! `error: ` line on stderr, a non-zero exit and nothing recorded as a
 //! success. Unknown instances, an unreachable host, a wrong password, a role
 //! without REPLICATION, wal_level = minimal, no free replication slot,
-//! impossible restore targets and a repository from a newer Strata.
+//! impossible restore targets, a repository from a newer Strata and an
+//! unknown sslmode.
 
 mod common;
 
@@ -86,6 +87,21 @@ fn unknown_instance() {
     assert!(
         !target.exists(),
         "restore of an unknown instance created its target"
+    );
+    assert!(instances(&strata).is_empty());
+}
+
+/// An sslmode libpq does not know is refused before anything is recorded,
+/// with the accepted values named.
+#[test]
+fn unknown_sslmode() {
+    let strata = Strata::new("err-sslmode");
+    let mut add = add_args("tls", "5432", "postgres");
+    add.extend(["--sslmode", "verify-none"]);
+    let line = fails_with(&strata, &add, "invalid sslmode \"verify-none\"");
+    assert!(
+        line.contains("disable, allow, prefer, require, verify-ca or verify-full"),
+        "{line}"
     );
     assert!(instances(&strata).is_empty());
 }
