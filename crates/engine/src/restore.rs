@@ -1267,12 +1267,14 @@ mod tests {
             xid_found,
             passed_lsn,
         };
-        let cases: Vec<(
+        /// Target, what the WAL showed, a gap, and the target kept (or why not).
+        type Case<'a> = (
             RecoveryTarget,
             WalFindings,
             Option<Lsn>,
-            Result<RecoveryTarget, &str>,
-        )> = vec![
+            Result<RecoveryTarget, &'a str>,
+        );
+        let cases: Vec<Case> = vec![
             // A time after the last commit replays everything.
             (
                 RecoveryTarget::Time(t(30)),
