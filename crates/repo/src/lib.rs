@@ -30,8 +30,8 @@ pub use gc::{GcReport, PendingPacks};
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{
-    LocalStorage, MinFreeSpace, ObjectSize, RetryPolicy, RetryingStorage, S3Config, S3Storage,
-    Storage, StorageError,
+    LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy, RetryingStorage, S3Config,
+    S3Storage, Storage, StorageError,
 };
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};
