@@ -22,7 +22,7 @@ pub const MAX_ECHO: usize = 200;
 pub const MAX_MESSAGE: usize = 1024;
 
 /// Request input as a message repeats it: control characters, quotes and
-/// backslashes escaped as Rust's `{:?}` does, cut after [`MAX_ECHO`]
+/// backslashes escaped as Rust's `{:?}` does, cut after `MAX_ECHO`
 /// characters with `…`, unquoted.
 pub fn shown(input: &str) -> String {
     let (part, more) = cut(input);

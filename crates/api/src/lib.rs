@@ -5,7 +5,7 @@
 //! answers with a `RequestId`. `/metrics` serves Prometheus figures and
 //! `/healthz` answers when the server is up.
 //!
-//! Actions are dispatched in [`actions`]; extension actions (what RDS has
+//! Actions are dispatched in `actions`; extension actions (what RDS has
 //! no call for) are prefixed `Strata`.
 
 mod actions;
