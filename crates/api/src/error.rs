@@ -71,13 +71,18 @@ fn bounded(message: String) -> String {
     out
 }
 
+/// An error answer: HTTP status, RDS error code, message.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The RDS error code (`Code`).
     pub code: String,
+    /// The message (`Message`), escaped and bounded.
     pub message: String,
 }
 
+/// What an action returns.
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
@@ -90,10 +95,12 @@ impl ApiError {
         }
     }
 
+    /// A 400 answer.
     pub fn bad(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// A 400 `MissingParameter` answer naming `param`.
     pub fn missing(param: &str) -> Self {
         Self::bad(
             "MissingParameter",
