@@ -17,6 +17,7 @@ mod pg_client;
 pub mod policy;
 mod tables;
 mod usage;
+mod window;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
