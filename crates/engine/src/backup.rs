@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connect::{explain, open_session, remember_facts, Session};
 use crate::incremental::{
-    full_name, rel_file, rewrite_server_manifest, strip_backup_label, BlockPlan, Fork,
-    HeapChanges, IncrementalBase, IncrementalFile, ManifestChange, RelFile,
+    full_name, rel_file, rewrite_server_manifest, strip_backup_label, BlockPlan, Fork, HeapChanges,
+    IncrementalBase, IncrementalFile, ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
 use crate::{Engine, EngineError, EngineResult, Progress};

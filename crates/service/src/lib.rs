@@ -88,7 +88,8 @@ impl Default for ServiceSettings {
         ServiceSettings {
             tick: Duration::from_secs(1),
             retention_interval: chrono::Duration::minutes(5),
-            receiver_backoff_max: Duration::from_secs(60),
+            // The receiver it restarts backs off as long as the engine's own retries.
+            receiver_backoff_max: strata_engine::EngineSettings::default().wal_retry_max,
             backup_max_rate_kb: None,
             manual_backup_max_rate_kb: None,
             instances_dir: std::path::PathBuf::from("strata-data/instances"),

@@ -100,7 +100,10 @@ mod tests {
                 at(11, 0),
                 own,
                 Some("InvalidRestoreTime.NoLogBackup"),
-                &["instance pgm-1 has no log backup", "restore a backup set instead"],
+                &[
+                    "instance pgm-1 has no log backup",
+                    "restore a backup set instead",
+                ],
             ),
             (
                 None,
@@ -115,7 +118,11 @@ mod tests {
             assert_eq!(got.as_ref().err().map(|e| e.code), *code, "case {i}");
             if let Err(e) = got {
                 for w in *words {
-                    assert!(e.message.contains(w), "case {i}: {:?} lacks {w:?}", e.message);
+                    assert!(
+                        e.message.contains(w),
+                        "case {i}: {:?} lacks {w:?}",
+                        e.message
+                    );
                 }
             }
         }
