@@ -92,7 +92,8 @@ impl Default for ServiceSettings {
             receiver_backoff_max: strata_engine::EngineSettings::default().wal_retry_max,
             backup_max_rate_kb: None,
             manual_backup_max_rate_kb: None,
-            instances_dir: std::path::PathBuf::from("strata-data/instances"),
+            // Relative to the working directory; `strata serve` puts it under its data directory.
+            instances_dir: std::path::PathBuf::from("instances"),
             local_ports: (15432, 15531),
             local_listen: "127.0.0.1".into(),
             drills: true,

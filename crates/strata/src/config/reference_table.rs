@@ -119,6 +119,14 @@ fn resolved_default(key: &str) -> Option<String> {
     const MIB: usize = 1024 * 1024;
     Some(match key {
         "data_dir" => config.data_dir().display().to_string(),
+        "repository" => config.repository(),
+        "catalog" => config.catalog_path().display().to_string(),
+        // Made absolute for the servers Strata starts; the table gives it relative.
+        "instances.dir" => {
+            let cwd = std::env::current_dir().expect("working directory");
+            let dir = service.instances_dir.clone();
+            dir.strip_prefix(&cwd).unwrap_or(&dir).display().to_string()
+        }
         "compress_level" => config.compress_level().to_string(),
         "region_id" => config.region_id(),
         "local_repository.min_free_bytes" => min_free.bytes.to_string(),
@@ -157,15 +165,20 @@ fn resolved_default(key: &str) -> Option<String> {
 }
 
 /// The value a default cell states, when it states one plainly: one
-/// backticked value without a placeholder, optionally followed by a
-/// parenthesized gloss (`` `1073741824` (1 GiB) ``).
+/// backticked value, optionally followed by a parenthesized gloss
+/// (`` `1073741824` (1 GiB) ``); `<data_dir>` stands for the default data
+/// directory, no other placeholder is plain.
 fn plain_default(cell: &str) -> Option<String> {
     let rest = cell.strip_prefix('`')?;
     let (value, after) = rest.split_once('`')?;
     let after = after.trim();
+    let value = value.replace(
+        "<data_dir>",
+        &Config::default().data_dir().display().to_string(),
+    );
     let plain = !value.contains('<')
         && (after.is_empty() || (after.starts_with('(') && after.ends_with(')')));
-    plain.then(|| value.strip_prefix("./").unwrap_or(value).to_string())
+    plain.then(|| value.strip_prefix("./").unwrap_or(&value).to_string())
 }
 
 #[test]
@@ -240,7 +253,8 @@ fn plain_defaults_are_recognized() {
         ("`1073741824` (1 GiB)", Some("1073741824")),
         ("`./strata-data`", Some("strata-data")),
         ("`[\"/a/{major}/bin\"]`", Some("[\"/a/{major}/bin\"]")),
-        ("`<data_dir>/repo`", None),
+        ("`<data_dir>/repo`", Some("strata-data/repo")),
+        ("`<id>`", None),
         ("2 × CPUs", None),
         ("`postgres` when root", None),
         ("none", None),
