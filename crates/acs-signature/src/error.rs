@@ -40,9 +40,13 @@ pub enum SignatureError {
         "header `{header}` ({header_value}) disagrees with parameter `{param}` ({param_value})"
     )]
     Conflict {
+        /// The header (`x-acs-action` or `x-acs-version`).
         header: &'static str,
+        /// What the header said.
         header_value: String,
+        /// The signed parameter (`Action` or `Version`).
         param: &'static str,
+        /// What the signed parameter said.
         param_value: String,
     },
     /// The timestamp (`x-acs-date` or `Timestamp`) is not `yyyy-MM-ddTHH:mm:ssZ`.

@@ -13,6 +13,7 @@
 //!
 //! Both algorithms are checked against requests captured from the official Python SDK
 //! (`tests/fixtures/gen_vectors.py`).
+#![warn(missing_docs)]
 
 mod encoding;
 mod error;

@@ -47,6 +47,7 @@ pub const ACTIONS: &[&str] = &[
     "StrataStartRestoreDrill",
 ];
 
+/// Whether Strata implements `action` (RDS's or an extension).
 pub fn exists(action: &str) -> bool {
     ACTIONS.contains(&action)
 }

@@ -14,9 +14,12 @@ use crate::error::{ApiError, ApiResult};
 /// Clock skew a signed request may have, and so how long a nonce is kept.
 pub const MAX_SKEW_MINUTES: i64 = 15;
 
+/// Who signed a request.
 #[derive(Debug, Clone)]
 pub struct Principal {
+    /// The AccessKey that signed it.
     pub access_key_id: String,
+    /// Read-only keys call `Describe*` actions only.
     pub read_only: bool,
 }
 

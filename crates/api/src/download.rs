@@ -29,6 +29,7 @@ pub struct LinkSigner {
     key: [u8; 32],
     /// `scheme://host:port` the links start with.
     pub base_url: String,
+    /// How long a link stays valid.
     pub lifetime: Duration,
 }
 

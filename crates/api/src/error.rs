@@ -22,7 +22,7 @@ pub const MAX_ECHO: usize = 200;
 pub const MAX_MESSAGE: usize = 1024;
 
 /// Request input as a message repeats it: control characters, quotes and
-/// backslashes escaped as Rust's `{:?}` does, cut after [`MAX_ECHO`]
+/// backslashes escaped as Rust's `{:?}` does, cut after `MAX_ECHO`
 /// characters with `…`, unquoted.
 pub fn shown(input: &str) -> String {
     let (part, more) = cut(input);
@@ -71,13 +71,18 @@ fn bounded(message: String) -> String {
     out
 }
 
+/// An error answer: HTTP status, RDS error code, message.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The RDS error code (`Code`).
     pub code: String,
+    /// The message (`Message`), escaped and bounded.
     pub message: String,
 }
 
+/// What an action returns.
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
@@ -90,10 +95,12 @@ impl ApiError {
         }
     }
 
+    /// A 400 answer.
     pub fn bad(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// A 400 `MissingParameter` answer naming `param`.
     pub fn missing(param: &str) -> Self {
         Self::bad(
             "MissingParameter",

@@ -5,8 +5,9 @@
 //! answers with a `RequestId`. `/metrics` serves Prometheus figures and
 //! `/healthz` answers when the server is up.
 //!
-//! Actions are dispatched in [`actions`]; extension actions (what RDS has
+//! Actions are dispatched in `actions`; extension actions (what RDS has
 //! no call for) are prefixed `Strata`.
+#![warn(missing_docs)]
 
 mod actions;
 mod auth;
@@ -42,7 +43,9 @@ pub use strata_engine::{connection_verified, connection_warnings};
 /// The API version Strata speaks.
 pub const API_VERSION: &str = "2014-08-15";
 
+/// What every request handler shares.
 pub struct ApiState {
+    /// The service the actions call.
     pub service: Arc<Service>,
     /// Signs and checks download links.
     pub links: LinkSigner,
@@ -285,7 +288,9 @@ async fn metrics(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Resp
 /// Certificate chain and private key (PEM files) for HTTPS.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// The certificate chain (PEM).
     pub cert: std::path::PathBuf,
+    /// Its private key (PEM).
     pub key: std::path::PathBuf,
 }
 

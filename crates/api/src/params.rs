@@ -8,9 +8,11 @@ use crate::error::{quoted, ApiError, ApiResult};
 /// A time given in a request.
 type Time = DateTime<Utc>;
 
+/// A request's parameters, as signed.
 pub struct Params(Vec<(String, String)>);
 
 impl Params {
+    /// Parameters from decoded name/value pairs.
     pub fn new(pairs: Vec<(String, String)>) -> Self {
         Params(pairs)
     }
@@ -25,6 +27,7 @@ impl Params {
             .filter(|v| !v.trim().is_empty())
     }
 
+    /// The value of `name`, or a `MissingParameter` error.
     pub fn required(&self, name: &str) -> ApiResult<&str> {
         self.get(name).ok_or_else(|| ApiError::missing(name))
     }
@@ -44,6 +47,7 @@ impl Params {
         }
     }
 
+    /// An integer parameter, if given.
     pub fn int(&self, name: &str) -> ApiResult<Option<i64>> {
         self.get(name)
             .map(|v| {

@@ -4,8 +4,8 @@
 //!
 //! The repository stays the source of truth; everything here except jobs can
 //! be rebuilt from it (`strata repo reindex`). [`Catalog`] is the interface the
-//! engine uses; [`SqliteCatalog`] is the embedded default. A PostgreSQL
-//! implementation for several Strata nodes implements the same trait.
+//! engine and service use; [`SqliteCatalog`], one SQLite file per data
+//! directory, is its only implementation.
 
 mod lease;
 mod sqlite;

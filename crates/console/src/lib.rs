@@ -15,6 +15,7 @@
 //! `DescribeBinlogFiles`) are read through their actions for the same
 //! reason; overviews the API has no action for (all jobs, storage history)
 //! read the catalog.
+#![warn(missing_docs)]
 
 mod assets;
 mod instance;
@@ -44,6 +45,8 @@ use session::{Flash, Sessions, Signed, LIFETIME, SESSION_COOKIE, SIGNIN_COOKIE};
 /// Where browsers land.
 pub const HOME: &str = "/console/";
 
+/// What the console's pages share: the service they read, the API its
+/// changes go through, and the signed-in sessions.
 pub struct ConsoleState {
     service: Arc<Service>,
     /// The API the console's changes go through.
@@ -54,6 +57,7 @@ pub struct ConsoleState {
 }
 
 impl ConsoleState {
+    /// A console over `api`; `secure_cookies` when served over HTTPS.
     pub fn new(api: Arc<strata_api::ApiState>, secure_cookies: bool) -> Arc<Self> {
         Arc::new(ConsoleState {
             service: Arc::clone(&api.service),

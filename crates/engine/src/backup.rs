@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connect::{explain, open_session, remember_facts, Session};
 use crate::incremental::{
-    full_name, parse_size_setting, rel_file, rewrite_server_manifest, strip_backup_label,
-    BlockPlan, Fork, HeapChanges, IncrementalBase, IncrementalFile, ManifestChange, RelFile,
+    full_name, rel_file, rewrite_server_manifest, strip_backup_label, BlockPlan, Fork, HeapChanges,
+    IncrementalBase, IncrementalFile, ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
 use crate::{Engine, EngineError, EngineResult, Progress};
@@ -624,7 +624,7 @@ impl Engine {
             }
         };
         let segment_pages = match main.client.show("segment_size").await {
-            Ok(v) => parse_size_setting(&v).unwrap_or(0) / page_size.max(1) as u64,
+            Ok(v) => pg_wal::parse_size_setting(&v).unwrap_or(0) / page_size.max(1) as u64,
             Err(e) => {
                 note(format!("cannot read segment_size ({e})"));
                 return None;

@@ -525,21 +525,6 @@ impl HeapChanges {
     }
 }
 
-/// Parses a size setting as `SHOW` prints it (`1GB`, `8kB`, `16MB`).
-pub(crate) fn parse_size_setting(v: &str) -> Option<u64> {
-    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let n: u64 = digits.trim().parse().ok()?;
-    let unit = match &v[digits.len()..] {
-        "" | "B" => 1,
-        "kB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        "TB" => 1 << 40,
-        _ => return None,
-    };
-    Some(n * unit)
-}
-
 /// `SizeOfPageHeaderData`, already a multiple of the maximum alignment.
 const PAGE_HEADER_SIZE: usize = 24;
 
@@ -896,14 +881,6 @@ mod tests {
         inc.push(&good[..good.len() - 1], &mut Vec::new()).unwrap();
         assert!(inc.finish(&mut Vec::new()).is_err());
         assert!(IncrementalFile::new(10, &base, PAGE, PAGE * 3 / 2).is_err());
-    }
-
-    #[test]
-    fn size_settings() {
-        assert_eq!(parse_size_setting("1GB"), Some(1 << 30));
-        assert_eq!(parse_size_setting("8kB"), Some(8192));
-        assert_eq!(parse_size_setting("8192"), Some(8192));
-        assert_eq!(parse_size_setting("1 furlong"), None);
     }
 
     #[test]

@@ -1109,3 +1109,303 @@ fn write_unstarted_settings(dir: &Path, conf: &str) -> EngineResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The restore's planning without a server: which backup a target
+    //! restores from, and what the staged WAL must show before a target is
+    //! kept as given.
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 10, minute, 0).unwrap()
+    }
+
+    /// A successful set that ended at `minute` at LSN `stop`.
+    fn set(id: &str, minute: u32, stop: u64) -> BackupSet {
+        let mut b = BackupSet::started(
+            id.into(),
+            "i",
+            strata_catalog::BackupMode::Automated,
+            t(minute) - chrono::Duration::minutes(1),
+            None,
+        );
+        b.status = BackupStatus::Success;
+        b.finished_at = Some(t(minute));
+        b.start_lsn = Some(Lsn(stop - 10));
+        b.stop_lsn = Some(Lsn(stop));
+        b
+    }
+
+    /// WAL received at `minute`, covering [begin, end), with commits of xids.
+    fn wal(minute: u32, begin: u64, end: u64, xids: Option<(u32, u32)>) -> WalSegmentRow {
+        WalSegmentRow {
+            instance_id: "i".into(),
+            timeline: TimelineId(1),
+            segment: format!("{begin:024X}"),
+            partial: false,
+            begin_lsn: Lsn(begin),
+            end_lsn: Lsn(end),
+            size: end - begin,
+            checksum: String::new(),
+            first_commit: None,
+            last_commit: None,
+            commit_count: 0,
+            min_commit_xid: xids.map(|x| x.0),
+            max_commit_xid: xids.map(|x| x.1),
+            object_key: String::new(),
+            stored_at: t(minute),
+        }
+    }
+
+    #[test]
+    fn the_backup_for_each_target() {
+        let backups = [set("a", 10, 1000), set("b", 20, 2000), set("c", 30, 3000)];
+        let segments = [
+            wal(15, 1000, 2000, Some((100, 199))),
+            wal(25, 2000, 3000, Some((200, 299))),
+            wal(40, 3000, 4000, Some((300, 399))),
+        ];
+        let points = [RestorePointRow {
+            instance_id: "i".into(),
+            timeline: TimelineId(1),
+            name: "before-migration".into(),
+            lsn: Lsn(2500),
+            time: t(22),
+        }];
+        let pick = |id: Option<&str>, target: RecoveryTarget| {
+            choose_backup("i", &backups, &segments, &points, id, &target)
+                .map(|b| b.id.clone())
+                .map_err(|e| e.to_string())
+        };
+        let cases: Vec<(Option<&str>, RecoveryTarget, Result<&str, &str>)> = vec![
+            (None, RecoveryTarget::Latest, Ok("c")),
+            (None, RecoveryTarget::Immediate, Ok("c")),
+            (Some("a"), RecoveryTarget::Latest, Ok("a")),
+            (None, RecoveryTarget::Time(t(25)), Ok("b")),
+            (None, RecoveryTarget::Time(t(20)), Ok("b")),
+            (
+                None,
+                RecoveryTarget::Time(t(5)),
+                Err("before the oldest backup"),
+            ),
+            (
+                None,
+                RecoveryTarget::Time(t(45)),
+                Err("after the newest archived WAL"),
+            ),
+            (
+                Some("c"),
+                RecoveryTarget::Time(t(25)),
+                Err("before the end of backup c"),
+            ),
+            (None, RecoveryTarget::Lsn(Lsn(2999)), Ok("b")),
+            (None, RecoveryTarget::Lsn(Lsn(3000)), Ok("c")),
+            (
+                None,
+                RecoveryTarget::Name("before-migration".into()),
+                Ok("b"),
+            ),
+            (
+                None,
+                RecoveryTarget::Name("nope".into()),
+                Err("no restore point named"),
+            ),
+            (None, RecoveryTarget::Xid(150), Ok("b")),
+            (None, RecoveryTarget::Xid(350), Ok("c")),
+            (None, RecoveryTarget::Xid(999), Err("did not commit")),
+            (
+                Some("zz"),
+                RecoveryTarget::Latest,
+                Err("not a successful backup"),
+            ),
+        ];
+        for (id, target, want) in cases {
+            let got = pick(id, target.clone());
+            match (want, &got) {
+                (Ok(w), Ok(g)) => assert_eq!(g, w, "{id:?} {target:?}"),
+                (Err(w), Err(g)) => assert!(g.contains(w), "{id:?} {target:?}: {g}"),
+                _ => panic!("{id:?} {target:?}: wanted {want:?}, got {got:?}"),
+            }
+        }
+        let none: [BackupSet; 0] = [];
+        assert!(choose_backup(
+            "i",
+            &none,
+            &segments,
+            &points,
+            None,
+            &RecoveryTarget::Latest
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("no successful backup"));
+        assert!(choose_backup(
+            "i",
+            &backups,
+            &[],
+            &points,
+            None,
+            &RecoveryTarget::Time(t(25))
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("no archived WAL"));
+    }
+
+    #[test]
+    fn targets_the_staged_wal_does_not_reach() {
+        let manifest: BackupManifest = serde_json::from_value(serde_json::json!({
+            "format_version": 1, "backup_id": "b", "instance_id": "i", "mode": "Manual",
+            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
+            "label": "t", "start_lsn": "0/7C6", "start_timeline": 1, "stop_lsn": "0/7D0",
+            "stop_timeline": 1, "start_time": t(19), "stop_time": t(20),
+            "tablespaces": [], "files": [], "server_manifest": null,
+            "stats": {"file_count": 0, "total_bytes": 0, "new_bytes": 0, "dedup_bytes": 0,
+                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
+        }))
+        .expect("a manifest");
+        let seen = |commit_after_time, xid_found, passed_lsn| WalFindings {
+            commit_after_time,
+            xid_found,
+            passed_lsn,
+        };
+        /// Target, what the WAL showed, a gap, and the target kept (or why not).
+        type Case<'a> = (
+            RecoveryTarget,
+            WalFindings,
+            Option<Lsn>,
+            Result<RecoveryTarget, &'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            // A time after the last commit replays everything.
+            (
+                RecoveryTarget::Time(t(30)),
+                seen(false, false, false),
+                None,
+                Ok(RecoveryTarget::Latest),
+            ),
+            (
+                RecoveryTarget::Time(t(30)),
+                seen(true, false, false),
+                None,
+                Ok(RecoveryTarget::Time(t(30))),
+            ),
+            (
+                RecoveryTarget::Time(t(10)),
+                seen(false, false, false),
+                None,
+                Err("before the end of backup b"),
+            ),
+            (
+                RecoveryTarget::Time(t(30)),
+                seen(false, false, false),
+                Some(Lsn(5000)),
+                Err("beyond a gap"),
+            ),
+            (
+                RecoveryTarget::Xid(7),
+                seen(false, false, false),
+                None,
+                Err("did not commit"),
+            ),
+            (
+                RecoveryTarget::Xid(7),
+                seen(false, true, false),
+                None,
+                Ok(RecoveryTarget::Xid(7)),
+            ),
+            (
+                RecoveryTarget::Lsn(Lsn(9000)),
+                seen(false, false, false),
+                None,
+                Ok(RecoveryTarget::Latest),
+            ),
+            (
+                RecoveryTarget::Lsn(Lsn(9000)),
+                seen(false, false, true),
+                None,
+                Ok(RecoveryTarget::Lsn(Lsn(9000))),
+            ),
+            (
+                RecoveryTarget::Latest,
+                seen(false, false, false),
+                Some(Lsn(5000)),
+                Ok(RecoveryTarget::Latest),
+            ),
+        ];
+        for (target, found, gap, want) in cases {
+            let got =
+                confirm_target(target.clone(), &found, &manifest, gap).map_err(|e| e.to_string());
+            match (&want, &got) {
+                (Ok(w), Ok(g)) => assert_eq!(g, w, "{target:?}"),
+                (Err(w), Err(g)) => assert!(g.contains(w), "{target:?}: {g}"),
+                _ => panic!("{target:?}: wanted {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_wal_a_restore_stages() {
+        let g = WalGeometry::new(16 << 20).unwrap();
+        let manifest: BackupManifest = serde_json::from_value(serde_json::json!({
+            "format_version": 1, "backup_id": "b", "instance_id": "i", "mode": "Manual",
+            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
+            "label": "t", "start_lsn": "0/1000028", "start_timeline": 1, "stop_lsn": "0/1000100",
+            "stop_timeline": 1, "start_time": t(19), "stop_time": t(20),
+            "tablespaces": [], "files": [], "server_manifest": null,
+            "stats": {"file_count": 0, "total_bytes": 0, "new_bytes": 0, "dedup_bytes": 0,
+                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
+        }))
+        .expect("a manifest");
+        let row = |tli: u32, seg: u64, partial: bool| {
+            let mut w = wal(20, seg << 24, (seg + 1) << 24, None);
+            w.timeline = TimelineId(tli);
+            w.segment = g.segment_file_name(TimelineId(tli), SegmentNo(seg));
+            w.partial = partial;
+            w
+        };
+        let staged = |rows: &[WalSegmentRow], histories| -> Vec<(u32, u64, bool)> {
+            plan_wal(&manifest, g, rows, histories)
+                .unwrap()
+                .iter()
+                .map(|s| (s.row.timeline.0, s.segno.0, s.row.partial))
+                .collect()
+        };
+        let none = BTreeMap::new();
+        // From the backup's segment on, complete segments, then the partial one.
+        let rows = [
+            row(1, 0, false),
+            row(1, 1, false),
+            row(1, 2, false),
+            row(1, 3, true),
+        ];
+        assert_eq!(
+            staged(&rows, &none),
+            [(1, 1, false), (1, 2, false), (1, 3, true)]
+        );
+        // A complete segment wins over a partial of the same name; a gap ends the run.
+        let rows = [
+            row(1, 1, true),
+            row(1, 1, false),
+            row(1, 2, false),
+            row(1, 4, false),
+        ];
+        assert_eq!(staged(&rows, &none), [(1, 1, false), (1, 2, false)]);
+        // Timeline 2 branched off in segment 2: its segments from there on.
+        let history = TimelineHistory::parse(TimelineId(2), "1\t0/2000100\tno reason\n").unwrap();
+        let histories = BTreeMap::from([(TimelineId(2), (history, Vec::new()))]);
+        let rows = [
+            row(1, 1, false),
+            row(1, 2, false),
+            row(1, 3, false),
+            row(2, 2, false),
+            row(2, 3, false),
+        ];
+        assert_eq!(
+            staged(&rows, &histories),
+            [(1, 1, false), (2, 2, false), (2, 3, false)]
+        );
+    }
+}

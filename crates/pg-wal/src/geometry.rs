@@ -223,17 +223,33 @@ mod tests {
         }
     }
 
+    /// One rule for every memory-unit setting Strata reads (`wal_segment_size`,
+    /// `segment_size`, ...): units are PostgreSQL's powers of 1024, any case, optional space.
     #[test]
     fn size_settings() {
-        assert_eq!(parse_size_setting("16MB").unwrap(), 16 * MIB);
-        assert_eq!(parse_size_setting("1GB").unwrap(), 1024 * MIB);
-        assert_eq!(parse_size_setting("64MB").unwrap(), 64 * MIB);
-        assert_eq!(parse_size_setting("8kB").unwrap(), 8192);
-        assert_eq!(parse_size_setting("16777216").unwrap(), 16 * MIB);
-        assert_eq!(parse_size_setting(" 2 TB ").unwrap(), 2 << 40);
-        assert_eq!(parse_size_setting("512B").unwrap(), 512);
-        for bad in ["", "MB", "16XB", "-1MB", "1.5GB", "99999999999999999999TB"] {
-            assert!(parse_size_setting(bad).is_err(), "{bad:?}");
+        let cases: &[(&str, Option<u64>)] = &[
+            ("16MB", Some(16 * MIB)),
+            ("1GB", Some(1024 * MIB)),
+            ("64MB", Some(64 * MIB)),
+            ("8kB", Some(8192)),
+            ("8KB", Some(8192)),
+            ("16777216", Some(16 * MIB)),
+            ("8192", Some(8192)),
+            (" 2 TB ", Some(2 << 40)),
+            ("512B", Some(512)),
+            ("0", Some(0)),
+            ("", None),
+            ("MB", None),
+            ("16XB", None),
+            ("1 furlong", None),
+            ("-1MB", None),
+            ("1.5GB", None),
+            ("99999999999999999999TB", None),
+            // Fits in u64 as a number, overflows once multiplied by the unit.
+            ("17179869184TB", None),
+        ];
+        for &(text, want) in cases {
+            assert_eq!(parse_size_setting(text).ok(), want, "{text:?}");
         }
     }
 

@@ -30,8 +30,8 @@ pub use gc::{GcReport, PendingPacks};
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{
-    LocalStorage, MinFreeSpace, ObjectSize, RetryPolicy, RetryingStorage, S3Config, S3Storage,
-    Storage, StorageError,
+    LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy, RetryingStorage, S3Config,
+    S3Storage, Storage, StorageError,
 };
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};
@@ -45,6 +45,10 @@ use pack::{encode_blob, PackBuilder, PackEntry};
 /// The highest repository format version this build reads. Unencrypted
 /// repositories are written as version 1 (unchanged, so older builds still
 /// open them), encrypted ones as version 2.
+/// zstd level for new blocks and objects unless configured otherwise: fast,
+/// and backups are usually limited by compression speed.
+pub const DEFAULT_COMPRESS_LEVEL: i32 = 1;
+
 pub const FORMAT_VERSION: u32 = 2;
 pub const FORMAT_VERSION_PLAIN: u32 = 1;
 pub const FORMAT_VERSION_ENCRYPTED: u32 = 2;
@@ -346,7 +350,7 @@ impl Repository {
             storage,
             config,
             keys: Arc::new(keys),
-            compress_level: 1,
+            compress_level: DEFAULT_COMPRESS_LEVEL,
         })
     }
 
@@ -365,8 +369,7 @@ impl Repository {
         self.keys.is_encrypted()
     }
 
-    /// zstd level for new blocks and objects (default 1: fast, and backups
-    /// are usually limited by compression speed).
+    /// zstd level for new blocks and objects (default [`DEFAULT_COMPRESS_LEVEL`]).
     pub fn with_compress_level(mut self, level: i32) -> Self {
         self.compress_level = level;
         self

@@ -152,6 +152,11 @@ fn contract(s: &dyn Storage) {
 }
 
 #[test]
+fn memory_meets_the_contract() {
+    contract(&strata_repo::MemoryStorage::new());
+}
+
+#[test]
 fn local_directory_meets_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     contract(&LocalStorage::new(dir.path()).unwrap());

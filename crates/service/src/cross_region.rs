@@ -24,6 +24,8 @@ use strata_engine::{
 };
 use strata_repo::{KeySource, Repository, Storage};
 
+use crate::policy::invalid;
+use crate::window::{check_restore_time, WindowOf};
 use crate::{fail_job, finish_job, lock, PolicyError, Service, ServiceError, ServiceResult};
 
 /// Fewest and most days copies are kept, as RDS allows.
@@ -31,14 +33,6 @@ pub const RETENTION_DAYS: std::ops::RangeInclusive<u32> = 7..=1825;
 
 /// Longest wait before a failed copy is tried again.
 const RETRY_MAX: Duration = Duration::from_secs(600);
-
-fn invalid(code: &'static str, message: impl Into<String>) -> ServiceError {
-    PolicyError {
-        code,
-        message: message.into(),
-    }
-    .into()
-}
 
 /// One configured target region: where its repository lives and what
 /// unlocks it. The repository is opened (created when empty) on first use,
@@ -370,7 +364,7 @@ impl Service {
         let (region, backup_id, target) = match choice {
             CopyChoice::BackupSet(id) => {
                 let copy = copies.iter().find(|c| c.id == id).ok_or_else(|| {
-                    invalid(
+                    invalid::<PolicyError>(
                         "InvalidBackupSetID.NotFound",
                         format!("no cross-region backup {id} of instance {source_id}"),
                     )
@@ -401,30 +395,21 @@ impl Service {
                         .map(|p| p.region)
                         .filter(|r| !r.is_empty())
                         .ok_or_else(|| {
-                            invalid(
+                            invalid::<PolicyError>(
                                 "InvalidRestoreTime.NoLogBackup",
                                 format!("instance {source_id} has no cross-region backups"),
                             )
                         })?,
                 };
                 let index = self.cross_restore_index(source_id, &region)?;
-                let Some((begin, end)) = recovery_window(&index.backups, &index.wal) else {
-                    return Err(invalid(
-                        "InvalidRestoreTime.NoLogBackup",
-                        format!("the copies of instance {source_id} in region {region} cover no time (no copied backup with copied log after it)"),
-                    ));
-                };
-                if t < begin || t > end {
-                    return Err(invalid(
-                        "InvalidRestoreTime",
-                        format!(
-                            "RestoreTime {} is outside the window the copies in region {region} recover: {} to {}",
-                            crate::policy::format_seconds(t),
-                            crate::policy::format_seconds(begin),
-                            crate::policy::format_seconds(end)
-                        ),
-                    ));
-                }
+                check_restore_time(
+                    recovery_window(&index.backups, &index.wal),
+                    t,
+                    WindowOf::Copies {
+                        instance: source_id,
+                        region: &region,
+                    },
+                )?;
                 (region, None, strata_engine::RecoveryTarget::Time(t))
             }
         };

@@ -17,6 +17,7 @@ mod pg_client;
 pub mod policy;
 mod tables;
 mod usage;
+mod window;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,10 +90,12 @@ impl Default for ServiceSettings {
         ServiceSettings {
             tick: Duration::from_secs(1),
             retention_interval: chrono::Duration::minutes(5),
-            receiver_backoff_max: Duration::from_secs(60),
+            // The receiver it restarts backs off as long as the engine's own retries.
+            receiver_backoff_max: strata_engine::EngineSettings::default().wal_retry_max,
             backup_max_rate_kb: None,
             manual_backup_max_rate_kb: None,
-            instances_dir: std::path::PathBuf::from("strata-data/instances"),
+            // Relative to the working directory; `strata serve` puts it under its data directory.
+            instances_dir: std::path::PathBuf::from("instances"),
             local_ports: (15432, 15531),
             local_listen: "127.0.0.1".into(),
             drills: true,

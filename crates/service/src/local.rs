@@ -17,16 +17,10 @@ use strata_engine::{
 };
 
 use crate::pg_client::{ident, ClientConn};
+use crate::policy::invalid;
+use crate::window::{check_restore_time, WindowOf};
 
-use crate::{PolicyError, Service, ServiceError, ServiceResult};
-
-fn invalid(code: &'static str, message: impl Into<String>) -> ServiceError {
-    PolicyError {
-        code,
-        message: message.into(),
-    }
-    .into()
-}
+use crate::{Service, ServiceResult};
 
 /// What to restore: a backup set, a point in time, or both (that set,
 /// recovered to that time).
@@ -112,23 +106,11 @@ impl Service {
         };
         let target = match (src.restore_time, &chosen) {
             (Some(t), _) => {
-                let Some((begin, end)) = self.recovery_window(instance_id)? else {
-                    return Err(invalid(
-                        "InvalidRestoreTime.NoLogBackup",
-                        format!("instance {instance_id} has no log backup covering any time (log backup off, or no backup yet): restore a backup set instead"),
-                    ));
-                };
-                if t < begin || t > end {
-                    return Err(invalid(
-                        "InvalidRestoreTime",
-                        format!(
-                            "RestoreTime {} is outside the recoverable window {} to {}",
-                            crate::policy::format_seconds(t),
-                            crate::policy::format_seconds(begin),
-                            crate::policy::format_seconds(end)
-                        ),
-                    ));
-                }
+                check_restore_time(
+                    self.recovery_window(instance_id)?,
+                    t,
+                    WindowOf::Instance(instance_id),
+                )?;
                 if let Some(b) = &chosen {
                     if b.finished_at.is_some_and(|f| f > t) {
                         return Err(invalid(

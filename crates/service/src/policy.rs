@@ -29,11 +29,14 @@ pub struct PolicyError {
     pub message: String,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> PolicyError {
+/// A refusal with RDS's error `code`, as the error type the caller returns
+/// (a [`PolicyError`] or a [`crate::ServiceError`]).
+pub(crate) fn invalid<E: From<PolicyError>>(code: &'static str, message: impl Into<String>) -> E {
     PolicyError {
         code,
         message: message.into(),
     }
+    .into()
 }
 
 /// Parses `PreferredBackupPeriod` ("Monday,Thursday"): known day names, at

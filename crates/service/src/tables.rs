@@ -22,7 +22,8 @@ use strata_engine::EngineError;
 
 use crate::local::{RestoreSource, Scratch};
 use crate::pg_client::{ident, lit, ClientConn};
-use crate::{fail_job, finish_job, PolicyError, Service, ServiceError, ServiceResult};
+use crate::policy::invalid;
+use crate::{fail_job, finish_job, PolicyError, Service, ServiceResult};
 
 /// Longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer ones are
 /// cut silently, which would restore under another name.
@@ -57,14 +58,6 @@ fn db_kind() -> String {
 
 fn table_kind() -> String {
     "table".into()
-}
-
-fn invalid(code: &'static str, message: impl Into<String>) -> ServiceError {
-    PolicyError {
-        code,
-        message: message.into(),
-    }
-    .into()
 }
 
 /// Why a name cannot be used, if it cannot. An existing name only has to be

@@ -1,7 +1,16 @@
 //! Strata's configuration: one typed struct, read from TOML (`--config FILE`
 //! or `./strata.toml`), with environment overrides; with neither, embedded
-//! defaults keep everything under `./strata-data`. Every key is listed in the
-//! README's configuration table.
+//! defaults keep everything under `./strata-data`.
+//!
+//! Every key is optional here; the accessors below resolve it into the
+//! settings each crate runs with ([`EngineSettings`], `ServiceSettings` with
+//! its `UsageSettings`, [`S3Config`], [`RetryPolicy`], [`MinFreeSpace`]).
+//! A default is defined once: in that crate's `Default` (or constant), or in
+//! an accessor here for what only the binary knows (data directory, listen
+//! address, link lifetime). The field comments therefore say what a key
+//! does, not its default: the README's configuration table states the
+//! defaults, and a test holds the table, these structs and the resolved
+//! defaults together.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,8 +21,11 @@ use serde::Deserialize;
 use strata_engine::EngineSettings;
 use strata_repo::{
     KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage, S3Config, S3Storage,
-    Storage,
+    Storage, DEFAULT_COMPRESS_LEVEL,
 };
+
+#[cfg(test)]
+mod reference_table;
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -24,7 +36,7 @@ pub struct Config {
     pub repository: Option<String>,
     /// SQLite catalog file (default `<data_dir>/catalog.db`).
     pub catalog: Option<PathBuf>,
-    /// zstd level for new blocks and WAL (default 1).
+    /// zstd level for new blocks and WAL.
     pub compress_level: Option<i32>,
     pub wal: WalConfig,
     pub restore: RestoreConfig,
@@ -36,7 +48,7 @@ pub struct Config {
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
     pub downloads: DownloadsConfig,
-    /// This server's own region id, as the API reports it (default `local`).
+    /// This server's own region id, as the API reports it.
     pub region_id: Option<String>,
     /// Cross-region backup targets by region id.
     pub regions: std::collections::BTreeMap<String, RegionConfig>,
@@ -51,10 +63,10 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalRepositoryConfig {
-    /// Bytes kept free (default 1 GiB); the smaller of this and
+    /// Bytes kept free; the smaller of this and
     /// `min_free_percent` applies, so either at 0 turns the guard off.
     pub min_free_bytes: Option<u64>,
-    /// Percent of the file system kept free (default 5).
+    /// Percent of the file system kept free.
     pub min_free_percent: Option<u8>,
 }
 
@@ -76,7 +88,7 @@ impl LocalRepositoryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
     /// Seconds a running job stays owned by a process that stopped
-    /// renewing its lease before another process fails it (default 30).
+    /// renewing its lease before another process fails it.
     pub lease_secs: Option<u64>,
 }
 
@@ -84,7 +96,7 @@ pub struct JobsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GcConfig {
     /// Seconds a pack must have been unreferenced, as seen by an earlier
-    /// garbage collection, before it is deleted (default 3600).
+    /// garbage collection, before it is deleted.
     pub grace_secs: Option<u64>,
 }
 
@@ -102,7 +114,7 @@ pub struct RegionConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {
-    /// Longest time between two storage usage samples (default 600).
+    /// Longest time between two storage usage samples.
     pub sample_interval_secs: Option<u64>,
     /// Free backup storage of every instance: `"200%"` of its database
     /// size (the default) or a size such as `"50GiB"`.
@@ -114,7 +126,7 @@ pub struct UsageConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DownloadsConfig {
-    /// How long download links stay valid, in seconds (default 3600).
+    /// How long download links stay valid, in seconds.
     pub link_lifetime_secs: Option<u64>,
     /// `scheme://host:port` download links start with (default: the
     /// address `strata serve` listens on).
@@ -126,16 +138,16 @@ pub struct DownloadsConfig {
 pub struct InstancesConfig {
     /// Where clones and scratch servers live (default `<data_dir>/instances`).
     pub dir: Option<PathBuf>,
-    /// Ports they may use, `LOW-HIGH` (default 15432-15531).
+    /// Ports they may use, `LOW-HIGH`.
     pub port_range: Option<String>,
-    /// `listen_addresses` of clones (default 127.0.0.1).
+    /// `listen_addresses` of clones.
     pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DrillsConfig {
-    /// Restore-drill every successful backup (default true).
+    /// Restore-drill every successful backup.
     pub enabled: Option<bool>,
 }
 
@@ -145,7 +157,7 @@ pub struct DrillsConfig {
 pub struct S3Settings {
     /// Service URL (default: AWS S3 for `region`).
     pub endpoint: Option<String>,
-    /// Region (default us-east-1).
+    /// Region.
     pub region: Option<String>,
     /// Static credentials (default: the AWS_* environment / instance credentials).
     pub access_key_id: Option<String>,
@@ -154,15 +166,15 @@ pub struct S3Settings {
     pub path_style: Option<bool>,
     /// Allow a plain-http endpoint.
     pub allow_http: Option<bool>,
-    /// Objects above this size (MiB) go up as multipart uploads (default 16).
+    /// Objects above this size (MiB) go up as multipart uploads.
     pub multipart_threshold_mb: Option<usize>,
-    /// Part size of multipart uploads in MiB (default 8, at least 5).
+    /// Part size of multipart uploads in MiB (at least 5).
     pub part_size_mb: Option<usize>,
-    /// Requests in flight at once (default 8).
+    /// Requests in flight at once.
     pub max_concurrency: Option<usize>,
-    /// Deadline of one request in seconds (default 60).
+    /// Deadline of one request in seconds.
     pub request_timeout_secs: Option<u64>,
-    /// Attempts per call on transient errors, the first included (default 6).
+    /// Attempts per call on transient errors, the first included.
     pub max_attempts: Option<u32>,
 }
 
@@ -179,7 +191,7 @@ pub struct EncryptionSettings {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address `strata serve` listens on (default 127.0.0.1:8080).
+    /// Address `strata serve` listens on.
     pub listen: Option<String>,
     /// PEM certificate chain; with `tls_key`, the API is served over HTTPS.
     pub tls_cert: Option<PathBuf>,
@@ -234,9 +246,9 @@ impl MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
-    /// Seconds between scheduler rounds (default 1).
+    /// Seconds between scheduler rounds.
     pub tick_secs: Option<u64>,
-    /// Seconds between retention passes (default 300).
+    /// Seconds between retention passes.
     pub retention_interval_secs: Option<u64>,
     /// Read limit for automatic backups in kB/s (default: none).
     pub backup_max_rate_kb: Option<u32>,
@@ -247,12 +259,12 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalConfig {
-    /// How often the partial WAL segment is stored, in milliseconds (default 200).
+    /// How often the partial WAL segment is stored, in milliseconds.
     pub flush_interval_ms: Option<u64>,
-    /// How often the WAL receiver reports its position to the server, in seconds (default 10).
+    /// How often the WAL receiver reports its position to the server, in seconds.
     pub status_interval_secs: Option<u64>,
     /// Longest pause between two attempts of a failing WAL receiver, in
-    /// seconds (default 60); the pause doubles from 2 s up to this.
+    /// seconds; the pause doubles from 2 s up to this.
     pub retry_max_secs: Option<u64>,
 }
 
@@ -263,7 +275,7 @@ pub struct RestoreConfig {
     pub parallelism: Option<usize>,
     /// OS user owning restored data and running restored servers (default: `postgres` when run as root).
     pub os_user: Option<String>,
-    /// Seconds to wait for a started server to finish recovery (default 600).
+    /// Seconds to wait for a started server to finish recovery.
     pub start_timeout_secs: Option<u64>,
 }
 
@@ -384,7 +396,23 @@ impl Config {
     }
 
     pub fn region_id(&self) -> String {
-        self.region_id.clone().unwrap_or_else(|| "local".into())
+        self.region_id
+            .clone()
+            .unwrap_or_else(|| strata_service::Regions::default().primary)
+    }
+
+    /// zstd level for new blocks and WAL.
+    pub fn compress_level(&self) -> i32 {
+        self.compress_level.unwrap_or(DEFAULT_COMPRESS_LEVEL)
+    }
+
+    /// How long download links stay valid.
+    pub fn link_lifetime(&self) -> chrono::Duration {
+        let secs = self.downloads.link_lifetime_secs.unwrap_or(3600).max(1);
+        i64::try_from(secs)
+            .ok()
+            .and_then(chrono::Duration::try_seconds)
+            .unwrap_or(chrono::Duration::MAX)
     }
 
     /// The cross-region targets, their storage opened (not their
@@ -406,7 +434,7 @@ impl Config {
                 id,
                 storage,
                 key,
-                self.compress_level.unwrap_or(1),
+                self.compress_level(),
             ));
         }
         Ok(strata_service::Regions::new(&self.region_id(), targets))
@@ -537,6 +565,15 @@ fn open_storage(
             .with_min_free(min_free);
         return Ok(Arc::new(local));
     }
+    let c = s3_config(location, s)?;
+    Ok(Arc::new(RetryingStorage::new(
+        S3Storage::new(c)?,
+        retry_policy(s),
+    )))
+}
+
+/// `s3://bucket/prefix` reached as `s` says, the rest as [`S3Config`] has it.
+fn s3_config(location: &str, s: &S3Settings) -> Result<S3Config> {
     let mut c = S3Config::from_url(location)?;
     c.endpoint = s.endpoint.clone();
     if let Some(region) = &s.region {
@@ -547,8 +584,12 @@ fn open_storage(
     if c.access_key_id.is_some() != c.secret_access_key.is_some() {
         bail!("[s3] access_key_id and secret_access_key must be set together");
     }
-    c.path_style = s.path_style.unwrap_or(false);
-    c.allow_http = s.allow_http.unwrap_or(false);
+    if let Some(on) = s.path_style {
+        c.path_style = on;
+    }
+    if let Some(on) = s.allow_http {
+        c.allow_http = on;
+    }
     const MIB: usize = 1024 * 1024;
     if let Some(mb) = s.multipart_threshold_mb {
         c.multipart_threshold = mb.saturating_mul(MIB);
@@ -562,14 +603,17 @@ fn open_storage(
     if let Some(secs) = s.request_timeout_secs {
         c.request_timeout = Duration::from_secs(secs.max(1));
     }
-    let policy = RetryPolicy {
-        max_attempts: s
-            .max_attempts
-            .unwrap_or(RetryPolicy::default().max_attempts)
-            .max(1),
-        ..RetryPolicy::default()
-    };
-    Ok(Arc::new(RetryingStorage::new(S3Storage::new(c)?, policy)))
+    Ok(c)
+}
+
+/// Retries of calls to object storage: `s3.max_attempts`, the rest as
+/// [`RetryPolicy`] has it.
+fn retry_policy(s: &S3Settings) -> RetryPolicy {
+    let default = RetryPolicy::default();
+    RetryPolicy {
+        max_attempts: s.max_attempts.unwrap_or(default.max_attempts).max(1),
+        ..default
+    }
 }
 
 impl EncryptionSettings {

@@ -58,7 +58,7 @@ enum Command {
     Repo(RepoCmd),
     /// Run the service: RDS-compatible API, scheduler, WAL archiving, retention.
     Serve {
-        /// Address to listen on (default: [server] listen, else 127.0.0.1:8080).
+        /// Address to listen on (default: server.listen from the configuration, else 127.0.0.1:8080).
         #[arg(long)]
         listen: Option<String>,
         /// Also start a sandbox PostgreSQL with sample data and archive it.
@@ -232,7 +232,7 @@ enum RepoCmd {
         region: Option<String>,
     },
     /// Re-wrap an encrypted repository's data key under a new key file or
-    /// passphrase (no data is rewritten). Update [encryption] afterwards.
+    /// passphrase (no data is rewritten). Update the encryption settings afterwards.
     #[command(group(clap::ArgGroup::new("new_key").required(true).args(["new_key_file", "new_passphrase_env"])))]
     RotateKey {
         /// File holding the new master key (at least 32 bytes).

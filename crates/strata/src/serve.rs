@@ -88,7 +88,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("{scheme}://{addr}")),
-            chrono::Duration::seconds(config.downloads.link_lifetime_secs.unwrap_or(3600).max(1) as i64),
+            config.link_lifetime(),
         )
         .context("loading the download link key")?;
         let state = Arc::new(ApiState {

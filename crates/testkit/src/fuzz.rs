@@ -15,7 +15,7 @@ use proptest::test_runner::{Config, TestRunner};
 /// Any single allocation above this is a length field taken at its word.
 const MAX_ALLOCATION: usize = 256 << 20;
 
-/// Refuses single allocations above [`MAX_ALLOCATION`] (the process aborts
+/// Refuses single allocations above 256 MiB (the process aborts
 /// and the test fails), so a parser that trusts a length field is caught.
 pub struct CappedAlloc;
 
@@ -143,7 +143,7 @@ fn mutate(seeds: &[Vec<u8>], seed: usize, mutations: &[Mutation]) -> Vec<u8> {
     data
 }
 
-/// Feeds `check` every seed, then [`cases`] inputs: mutated seeds, and now
+/// Feeds `check` every seed, then `STRATA_FUZZ_CASES` (default 512) inputs: mutated seeds, and now
 /// and then bytes that are random throughout. `check` panics when the
 /// property fails; proptest then shrinks the input and reports it.
 pub fn run(crate_dir: &str, name: &str, check: impl Fn(&[u8])) {

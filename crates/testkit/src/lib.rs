@@ -10,6 +10,7 @@
 //!
 //! Failures panic with the server log attached so that CI output explains itself. This crate is a
 //! dev-dependency only and knows nothing about Strata's own types.
+#![warn(missing_docs)]
 
 pub mod fuzz;
 mod s3;
@@ -421,22 +422,27 @@ impl Cluster {
         }
     }
 
+    /// Host the cluster listens on (127.0.0.1).
     pub fn host(&self) -> &str {
         &self.host
     }
 
+    /// Its TCP port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// Its data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
+    /// The directory of its server binaries.
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
     }
 
+    /// Its PostgreSQL major version.
     pub fn major(&self) -> u32 {
         self.major
     }
@@ -535,6 +541,7 @@ impl Cluster {
         self.running = false;
     }
 
+    /// Stops the cluster (fast) and starts it again.
     pub fn restart(&mut self) {
         self.stop();
         self.start();

@@ -88,6 +88,7 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The server's TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -102,6 +103,7 @@ impl S3Server {
         std::fs::create_dir_all(self.bucket_dir(name)).expect("create bucket directory");
     }
 
+    /// The directory it serves buckets from.
     pub fn root(&self) -> &Path {
         &self.root
     }

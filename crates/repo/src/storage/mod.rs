@@ -12,6 +12,7 @@
 //! transient; it is the only place a storage call is retried.
 
 mod local;
+mod memory;
 mod retry;
 mod s3;
 mod space;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use local::LocalStorage;
+pub use memory::MemoryStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
 pub use s3::{S3Config, S3Storage};
 pub use space::MinFreeSpace;
