@@ -522,11 +522,25 @@ impl Service {
             user,
             ..scratch.conn()
         };
-        match probe.names(
-            &scratch.psql_tool,
-            "postgres",
-            "SELECT rolname FROM pg_roles WHERE oid = 10",
-        ) {
+        // Recovery has ended when the restore returns, but the postmaster
+        // may refuse sessions for a moment more ("not yet accepting
+        // connections"): ask again for a while before giving up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let found = loop {
+            let answer = probe.names(
+                &scratch.psql_tool,
+                "postgres",
+                "SELECT rolname FROM pg_roles WHERE oid = 10",
+            );
+            let starting = matches!(&answer, Err(e) if e.to_string().contains("accepting connections")
+                || e.to_string().contains("Hot standby mode is disabled")
+                || e.to_string().contains("starting up"));
+            if !starting || std::time::Instant::now() >= deadline {
+                break answer;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        match found {
             Ok(names) if names.len() == 1 => scratch.superuser = names[0].clone(),
             other => {
                 scratch.remove();
