@@ -35,6 +35,7 @@ use crate::incremental::{
     BlockPlan, Fork, HeapChanges, IncrementalBase, IncrementalFile, ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
+use crate::wal_uploader::WalUploader;
 use crate::{Engine, EngineError, EngineResult, Progress};
 
 /// Backup set ids are the start time in milliseconds: numeric like RDS ids,
@@ -1241,16 +1242,33 @@ fn wal_stream_error(e: pg_replication::ReplicationError) -> EngineError {
 async fn stream_backup_wal(
     engine: Engine,
     instance_id: String,
-    mut session: Session,
+    session: Session,
     slot: String,
     start: Lsn,
     timeline: TimelineId,
     geometry: WalGeometry,
     status_interval: Duration,
+    stop_rx: watch::Receiver<Option<Lsn>>,
+) -> EngineResult<()> {
+    let seg_start = geometry.segment_start(geometry.segment_of(start));
+    let uploader = WalUploader::start(engine, &instance_id, seg_start);
+    let archiver = SegmentArchiver::new(geometry, timeline, start, uploader.queue());
+    let streamed = stream_wal_to(archiver, session, slot, timeline, status_interval, stop_rx).await;
+    // Done only once the uploader stored all of it; a storing failure is the cause.
+    let (_, stored) = uploader.finish().await;
+    stored.and(streamed)
+}
+
+/// Feeds `archiver` until its stop position is handed over.
+async fn stream_wal_to(
+    mut archiver: SegmentArchiver,
+    mut session: Session,
+    slot: String,
+    timeline: TimelineId,
+    status_interval: Duration,
     mut stop_rx: watch::Receiver<Option<Lsn>>,
 ) -> EngineResult<()> {
-    let mut archiver = SegmentArchiver::new(engine, &instance_id, geometry, timeline, start);
-    let seg_start = geometry.segment_start(geometry.segment_of(start));
+    let seg_start = archiver.position();
     let mut stream = session
         .client
         .start_replication(Some(&slot), seg_start, Some(timeline))
@@ -1268,7 +1286,7 @@ async fn stream_backup_wal(
                 let deadline =
                     *grace.get_or_insert_with(|| Instant::now() + Duration::from_secs(3));
                 if Instant::now() >= deadline {
-                    archiver.flush_partial()?;
+                    archiver.flush_partial().await?;
                     break;
                 }
             }
@@ -1276,7 +1294,7 @@ async fn stream_backup_wal(
         tokio::select! {
             msg = stream.next() => {
                 match msg.map_err(wal_stream_error)? {
-                    Some(ReplicationMessage::XLogData { start, data, .. }) => archiver.push(start, &data)?,
+                    Some(ReplicationMessage::XLogData { start, data, .. }) => archiver.push(start, &data).await?,
                     Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
                         if reply_requested {
                             let pos = archiver.position();

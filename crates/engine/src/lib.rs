@@ -18,6 +18,7 @@ mod reindex;
 mod restore;
 mod retention;
 mod segment;
+mod wal_uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;
