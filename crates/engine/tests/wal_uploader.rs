@@ -43,6 +43,16 @@ impl GatedStorage {
     }
 }
 
+/// Opens the gate when the test ends, passed or failed, so the runtime's
+/// threads finish and a failure is reported rather than a hang.
+struct OpenOnDrop(Arc<GatedStorage>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.set_closed(false);
+    }
+}
+
 fn is_complete_segment(key: &str) -> bool {
     key.contains("/wal/") && !key.ends_with(".partial") && !key.ends_with(".history")
 }
@@ -171,6 +181,7 @@ fn receipt_continues_while_a_segment_put_hangs() {
     let received = Arc::new(Received::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     storage.set_closed(true);
+    let _open = OpenOnDrop(storage.clone());
     let receiver = {
         let engine = engine.clone();
         let received = received.clone();
