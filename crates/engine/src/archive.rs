@@ -17,6 +17,7 @@ use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::Instance;
 use tokio::sync::watch;
 
+use crate::blocking::blocking;
 use crate::connect::{explain, open_session, remember_facts};
 use crate::segment::SegmentArchiver;
 use crate::wal_uploader::{Stored, WalUploader};
@@ -344,15 +345,22 @@ impl Engine {
         client: &mut ReplicationClient,
         tli: TimelineId,
     ) -> EngineResult<()> {
-        if tli.0 <= 1 || self.repo.read_history(&instance.id, tli)?.is_some() {
+        if tli.0 <= 1 {
+            return Ok(());
+        }
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        if blocking(move || Ok(repo.read_history(&id, tli)?))
+            .await?
+            .is_some()
+        {
             return Ok(());
         }
         let (_, content) = client
             .timeline_history(tli)
             .await
             .map_err(|e| explain(instance, e))?;
-        self.repo.put_history(&instance.id, tli, &content)?;
-        Ok(())
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        blocking(move || Ok(repo.put_history(&id, tli, &content)?)).await
     }
 
     /// Where streaming resumes: after the newest complete segment archived,
@@ -364,9 +372,9 @@ impl Engine {
         server_tli: TimelineId,
         geometry: WalGeometry,
     ) -> EngineResult<(TimelineId, Lsn)> {
-        let newest = self
-            .catalog
-            .list_wal_segments(&instance.id)?
+        let (catalog, id) = (self.catalog.clone(), instance.id.clone());
+        let newest = blocking(move || Ok(catalog.list_wal_segments(&id)?))
+            .await?
             .into_iter()
             .max_by(|a, b| {
                 (a.timeline, a.begin_lsn, !a.partial).cmp(&(b.timeline, b.begin_lsn, !b.partial))
@@ -407,9 +415,9 @@ impl Engine {
         if tli == server_tli {
             return Ok((tli, geometry.segment_start(geometry.segment_of(pos))));
         }
-        let text = self
-            .repo
-            .read_history(&instance.id, server_tli)?
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        let text = blocking(move || Ok(repo.read_history(&id, server_tli)?))
+            .await?
             .ok_or_else(|| {
                 EngineError::Failed(format!("history of timeline {server_tli} is not stored"))
             })?;

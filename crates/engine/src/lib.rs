@@ -8,6 +8,7 @@ mod archive;
 mod archive_tar;
 mod backup;
 mod beneath;
+mod blocking;
 mod connect;
 mod copy;
 mod error;
