@@ -3,7 +3,10 @@
 //! The slot makes the server keep WAL until Strata has stored it, so a
 //! receiver that was down resumes with no gap. Complete segments are stored
 //! as they fill; the current one is stored as a `.partial` every
-//! `wal_flush_interval`, which bounds the recovery point objective. Timeline
+//! `wal_flush_interval`, which bounds the recovery point objective. Storing
+//! is the [`WalUploader`]'s, off the runtime: the loop reading the stream
+//! never waits on the repository unless the uploader's queue is full, and
+//! acknowledges to the server only what the uploader reports stored. Timeline
 //! switches (a promoted standby) are followed: the stream ends at the switch
 //! point, the new timeline's history file is stored, and streaming continues
 //! on the new timeline. Reference: PostgreSQL's receivelog.c describes the

@@ -355,3 +355,151 @@ fn meta(
         stored_at: Utc::now(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_catalog::{Catalog, Instance, SqliteCatalog};
+    use strata_repo::{LocalStorage, Repository, Storage};
+
+    const SEG: u64 = 1 << 20;
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open_in_memory().unwrap());
+        let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir).unwrap());
+        let engine = Engine::new(
+            catalog,
+            Repository::open_or_init(storage).unwrap(),
+            crate::EngineSettings::default(),
+        );
+        engine
+            .add_instance(&Instance::new(
+                "i",
+                "localhost",
+                5432,
+                "postgres",
+                "disable",
+            ))
+            .unwrap();
+        engine
+    }
+
+    fn partial(offset: usize, added: &[u8]) -> PartialUpload {
+        PartialUpload {
+            timeline: TimelineId(1),
+            seg_start: Lsn(SEG),
+            name: "000000010000000000000001".into(),
+            offset,
+            added: added.to_vec(),
+            summary: Summary::default(),
+        }
+    }
+
+    fn rows(engine: &Engine) -> Vec<(bool, Lsn)> {
+        let mut rows: Vec<_> = engine
+            .catalog
+            .list_wal_segments("i")
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.partial, w.end_lsn))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Refreshes extend the partial object; a refresh shorter than what
+    /// another writer stored is skipped; the complete segment replaces the
+    /// partial one; each is reported with the end of what is durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partial_rules_hold_and_stores_are_reported_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let bytes: Vec<u8> = (0..SEG).map(|i| (i % 251) as u8).collect();
+
+        let mut up = WalUploader::start(engine.clone(), "i", Lsn(SEG));
+        let q = up.queue();
+        q.partial(partial(0, &bytes[..100])).await.unwrap();
+        q.partial(partial(100, &bytes[100..300])).await.unwrap();
+        let first = up.next_stored().await.unwrap();
+        let second = up.next_stored().await.unwrap();
+        assert_eq!((first.end, first.wrote), (Lsn(SEG + 100), true));
+        assert_eq!((second.end, second.wrote), (Lsn(SEG + 300), true));
+        assert_eq!(up.durable(), Lsn(SEG + 300));
+        assert_eq!(rows(&engine), vec![(true, Lsn(SEG + 300))]);
+        // The partial object holds exactly the 300 bytes, checksum and all.
+        let key = wal_segment_key("i", TimelineId(1), "000000010000000000000001", true);
+        let (_, stored) = engine.repo.read_wal(&key).unwrap();
+        assert_eq!(stored, &bytes[..300]);
+        drop(q);
+        let (left, outcome) = up.finish().await;
+        assert!(left.is_empty());
+        outcome.unwrap();
+
+        // Another uploader (a new connection) starting the segment over
+        // never replaces the 300 bytes with 200.
+        let mut up = WalUploader::start(engine.clone(), "i", Lsn(SEG));
+        let q = up.queue();
+        q.partial(partial(0, &bytes[..200])).await.unwrap();
+        let skipped = up.next_stored().await.unwrap();
+        assert_eq!((skipped.end, skipped.wrote), (Lsn(SEG + 200), false));
+        assert_eq!(rows(&engine), vec![(true, Lsn(SEG + 300))]);
+        assert_eq!(engine.repo.read_wal(&key).unwrap().1, &bytes[..300]);
+
+        // The complete segment deletes the partial object and its row.
+        q.segment(SegmentUpload {
+            timeline: TimelineId(1),
+            seg_start: Lsn(SEG),
+            name: "000000010000000000000001".into(),
+            data: bytes.clone(),
+            summary: Summary::default(),
+        })
+        .await
+        .unwrap();
+        drop(q);
+        let (left, outcome) = up.finish().await;
+        outcome.unwrap();
+        assert_eq!(
+            left,
+            vec![Stored {
+                end: Lsn(2 * SEG),
+                segment: Some("000000010000000000000001".into()),
+                wrote: true
+            }]
+        );
+        assert_eq!(rows(&engine), vec![(false, Lsn(2 * SEG))]);
+        assert!(!engine.repo.storage().exists(&key).unwrap());
+        let complete = wal_segment_key("i", TimelineId(1), "000000010000000000000001", false);
+        assert_eq!(engine.repo.read_wal(&complete).unwrap().1, bytes);
+    }
+
+    /// A refresh that does not continue where the last one ended stops the
+    /// worker with an error, which `finish` returns; the queue refuses more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refresh_out_of_step_stops_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let mut up = WalUploader::start(engine.clone(), "i", Lsn(SEG));
+        let q = up.queue();
+        q.partial(partial(50, b"late")).await.unwrap();
+        assert!(up.next_stored().await.is_none());
+        assert!(q.partial(partial(0, b"more")).await.is_err());
+        drop(q);
+        let (_, outcome) = up.finish().await;
+        assert!(matches!(outcome, Err(EngineError::Failed(m)) if m.contains("from byte 50")));
+        assert!(rows(&engine).is_empty());
+    }
+
+    /// One refresh waits in the queue at most: the next is not queued, so
+    /// refreshes never take the room complete segments need.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_one_refresh_waits_in_the_queue() {
+        let (tx, _rx) = mpsc::channel(QUEUE_SEGMENTS);
+        let q = UploadQueue {
+            tx,
+            partial_queued: Arc::new(AtomicBool::new(false)),
+        };
+        assert!(q.offer_partial(|| partial(0, b"a")).unwrap());
+        assert!(!q.offer_partial(|| partial(1, b"b")).unwrap());
+        assert_eq!(q.tx.capacity(), QUEUE_SEGMENTS - 1);
+    }
+}
