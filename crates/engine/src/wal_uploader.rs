@@ -9,7 +9,8 @@
 //! so memory stays bounded at [`QUEUE_SEGMENTS`] segments). The worker
 //! reports each object stored back to the reader, which acknowledges to the
 //! server only WAL that is durable in the repository. The first storing
-//! failure stops the worker; [`WalUploader::finish`] returns it.
+//! failure stops the worker; [`WalUploader::finish`] returns it. An
+//! uploader dropped unfinished (its task aborted) stores nothing more.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -116,10 +117,23 @@ impl UploadQueue {
 
 /// The receiving end of one uploader: its queue, its reports and its worker.
 pub struct WalUploader {
-    queue: UploadQueue,
+    /// Taken only by [`WalUploader::finish`].
+    queue: Option<UploadQueue>,
     reports: mpsc::UnboundedReceiver<Stored>,
-    worker: JoinHandle<EngineResult<()>>,
+    worker: Option<JoinHandle<EngineResult<()>>>,
     durable: Lsn,
+    /// Set when the uploader is dropped unfinished (its task was aborted, as
+    /// a cancelled backup's is): the worker stores nothing more, so no
+    /// object appears after the caller stopped.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Drop for WalUploader {
+    fn drop(&mut self) {
+        if self.worker.is_some() {
+            self.abandoned.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl WalUploader {
@@ -131,7 +145,9 @@ impl WalUploader {
         // bounded queue, read by the receiver as they come.
         let (report_tx, reports) = mpsc::unbounded_channel();
         let partial_queued = Arc::new(AtomicBool::new(false));
+        let abandoned = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            abandoned: abandoned.clone(),
             engine,
             instance_id: instance_id.to_string(),
             partial: None,
@@ -140,16 +156,19 @@ impl WalUploader {
         };
         let worker = tokio::task::spawn_blocking(move || worker.run(rx));
         WalUploader {
-            queue: UploadQueue { tx, partial_queued },
+            queue: Some(UploadQueue { tx, partial_queued }),
             reports,
-            worker,
+            worker: Some(worker),
             durable,
+            abandoned,
         }
     }
 
     /// A sender for an archiver.
     pub fn queue(&self) -> UploadQueue {
-        self.queue.clone()
+        self.queue
+            .clone()
+            .expect("the queue is taken only by finish, which consumes the uploader")
     }
 
     /// End of the WAL known durable in the repository.
@@ -168,20 +187,18 @@ impl WalUploader {
     /// Waits until everything queued is stored or the worker failed, after
     /// every [`UploadQueue`] handed out was dropped; returns the uploads
     /// done that were not yet seen, and the worker's outcome.
-    pub async fn finish(self) -> (Vec<Stored>, EngineResult<()>) {
-        let WalUploader {
-            queue,
-            mut reports,
-            worker,
-            ..
-        } = self;
-        drop(queue);
-        let outcome = match worker.await {
-            Ok(outcome) => outcome,
-            Err(e) => Err(EngineError::Failed(format!("the WAL uploader failed: {e}"))),
+    pub async fn finish(mut self) -> (Vec<Stored>, EngineResult<()>) {
+        drop(self.queue.take());
+        let outcome = match self.worker.as_mut() {
+            Some(worker) => match worker.await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(EngineError::Failed(format!("the WAL uploader failed: {e}"))),
+            },
+            None => Ok(()),
         };
+        self.worker = None;
         let mut left = Vec::new();
-        while let Ok(stored) = reports.try_recv() {
+        while let Ok(stored) = self.reports.try_recv() {
             left.push(stored);
         }
         (left, outcome)
@@ -210,12 +227,16 @@ struct Worker {
     instance_id: String,
     partial: Option<PartialObject>,
     partial_queued: Arc<AtomicBool>,
+    abandoned: Arc<AtomicBool>,
     reports: mpsc::UnboundedSender<Stored>,
 }
 
 impl Worker {
     fn run(mut self, mut queue: mpsc::Receiver<Upload>) -> EngineResult<()> {
         while let Some(upload) = queue.blocking_recv() {
+            if self.abandoned.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let stored = match upload {
                 Upload::Segment(s) => self.store_segment(s)?,
                 Upload::Partial(p) => {
