@@ -75,7 +75,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "DescribeAvailableRecoveryTime" => cross_region::describe_recovery_time(svc, p),
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
-        "DescribeBackups" => describe_backups(state, p),
+        "DescribeBackups" => describe_backups(state, p).await,
         "DescribeBinlogFiles" => describe_binlog_files(state, p),
         "DescribeCrossRegionBackups" => cross_region::describe_backups(svc, p),
         "DescribeCrossRegionLogBackupFiles" => cross_region::describe_log_files(svc, p),
@@ -86,7 +86,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
         "ModifyInstanceCrossBackupPolicy" => cross_region::modify_policy(svc, p),
         "StrataDeregisterDBInstance" => deregister_instance(svc, p).await,
-        "StrataDescribeBackupStorageUsage" => describe_storage_usage(svc, p),
+        "StrataDescribeBackupStorageUsage" => describe_storage_usage(svc, p).await,
         "StrataRegisterDBInstance" => register_instance(svc, p).await,
         other => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -150,7 +150,25 @@ fn engine_version(v: Option<u32>) -> String {
     v.map(|n| (n / 10000).to_string()).unwrap_or_default()
 }
 
-fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
+/// Runs a service query that may measure the repository (usage before the
+/// first sample walks every object) on the blocking pool, never on the
+/// request's runtime thread.
+async fn off_runtime<T: Send + 'static>(
+    svc: &Arc<Service>,
+    query: impl FnOnce(&Service) -> Result<T, strata_service::ServiceError> + Send + 'static,
+) -> ApiResult<T> {
+    let svc = Arc::clone(svc);
+    match tokio::task::spawn_blocking(move || query(&svc)).await {
+        Ok(answer) => Ok(answer?),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let svc = &state.service;
     let inst = instance(svc, p)?;
     let (start, end) = p.period()?;
@@ -158,7 +176,10 @@ fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let policy = svc.policy(&inst.id)?;
     let mut sets = svc.engine.catalog.list_backups(&inst.id)?;
     let rules = svc.deletion_rules(&policy, &sets);
-    let stored_total = svc.current_usage(&inst.id)?.stored_bytes();
+    let id = inst.id.clone();
+    let stored_total = off_runtime(svc, move |svc| svc.current_usage(&id))
+        .await?
+        .stored_bytes();
     let encryption = encryption_field(svc);
     let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
         .engine
@@ -279,10 +300,11 @@ fn usage_sample_fields(s: &strata_catalog::UsageSample) -> Value {
 /// Extension: what an instance's backups store, its free quota, and the
 /// bytes above it integrated over `StartTime`..`EndTime` (default: from the
 /// first sample to now) in GB-hours, with the samples of that period.
-fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+async fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let (start, end) = p.period()?;
-    let report = svc.usage_report(&inst.id, start, end)?;
+    let id = inst.id.clone();
+    let report = off_runtime(svc, move |svc| svc.usage_report(&id, start, end)).await?;
     let mut fields = obj(usage_sample_fields(&report.current));
     let samples: Vec<Value> = report.samples.iter().map(usage_sample_fields).collect();
     fields.extend(obj(json!({

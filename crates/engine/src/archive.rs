@@ -3,7 +3,10 @@
 //! The slot makes the server keep WAL until Strata has stored it, so a
 //! receiver that was down resumes with no gap. Complete segments are stored
 //! as they fill; the current one is stored as a `.partial` every
-//! `wal_flush_interval`, which bounds the recovery point objective. Timeline
+//! `wal_flush_interval`, which bounds the recovery point objective. Storing
+//! is the [`WalUploader`]'s, off the runtime: the loop reading the stream
+//! never waits on the repository unless the uploader's queue is full, and
+//! acknowledges to the server only what the uploader reports stored. Timeline
 //! switches (a promoted standby) are followed: the stream ends at the switch
 //! point, the new timeline's history file is stored, and streaming continues
 //! on the new timeline. Reference: PostgreSQL's receivelog.c describes the
@@ -17,8 +20,10 @@ use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::Instance;
 use tokio::sync::watch;
 
+use crate::blocking::blocking;
 use crate::connect::{explain, open_session, remember_facts};
 use crate::segment::SegmentArchiver;
+use crate::wal_uploader::{Stored, WalUploader};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
 /// Options for [`Engine::receive_wal`].
@@ -201,7 +206,7 @@ impl Engine {
         let server_tli = session.timeline;
         self.store_history(instance, &mut session.client, server_tli)
             .await?;
-        let (mut tli, mut start) = self
+        let (tli, mut start) = self
             .resume_point(instance, &mut session.client, server_tli, geometry)
             .await?;
         if let Some(held) = fresh_slot_start.filter(|_| tli == server_tli) {
@@ -221,41 +226,90 @@ impl Engine {
         *streamed_once = true;
         health.working(false, progress);
 
-        let mut archiver = SegmentArchiver::new(self.clone(), &instance.id, geometry, tli, start);
+        let start = geometry.segment_start(geometry.segment_of(start));
+        let mut uploader = WalUploader::start(self.clone(), &instance.id, start);
+        let streamed = self
+            .stream_wal(
+                instance,
+                &mut session.client,
+                &mut uploader,
+                geometry,
+                (tli, start),
+                shutdown,
+                health,
+                progress,
+            )
+            .await;
+        // Whatever ended the stream, what was received is stored before a
+        // reconnection reads the catalog for where to resume.
+        let (left, stored) = uploader.finish().await;
+        for s in &left {
+            note_stored(s, health, progress);
+        }
+        // A storing failure is the cause, whatever the stream saw after it.
+        stored?;
+        streamed
+    }
+
+    /// Streams WAL from `from` (a segment start on its timeline), following
+    /// timeline switches, handing segments to `uploader` and acknowledging
+    /// to the server what it reports stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_wal(
+        &self,
+        instance: &Instance,
+        client: &mut ReplicationClient,
+        uploader: &mut WalUploader,
+        geometry: WalGeometry,
+        from: (TimelineId, Lsn),
+        shutdown: &mut watch::Receiver<bool>,
+        health: &mut Health,
+        progress: &dyn Progress,
+    ) -> EngineResult<Ended> {
+        let slot = slot_name(&instance.id);
+        let (mut tli, start) = from;
+        let mut archiver = SegmentArchiver::new(geometry, tli, start, uploader.queue());
         let mut flush_tick = tokio::time::interval(self.settings.wal_flush_interval);
         let mut status_tick = tokio::time::interval(self.settings.wal_status_interval);
         loop {
             let seg_start = archiver.position();
-            let mut stream = session
-                .client
+            let mut stream = client
                 .start_replication(Some(&slot), seg_start, Some(tli))
                 .await
                 .map_err(|e| explain(instance, e))?;
-            let mut durable = archiver.complete_end();
             let next = loop {
                 tokio::select! {
                     _ = shutdown.changed() => {
-                        archiver.flush_partial()?;
+                        archiver.flush_partial().await?;
                         let pos = archiver.position();
-                        let _ = stream.send_status(pos, pos, Lsn::INVALID, false).await;
+                        // Acknowledge only what is stored: wait for the
+                        // uploader (it stops early only when failing).
+                        while uploader.durable() < pos {
+                            match uploader.next_stored().await {
+                                Some(s) => note_stored(&s, health, progress),
+                                None => break,
+                            }
+                        }
+                        let _ = stream.send_status(pos, uploader.durable(), Lsn::INVALID, false).await;
                         let _ = stream.stop().await;
-                        report_stored(&mut archiver, progress);
                         return Ok(Ended::Shutdown);
                     }
+                    stored = uploader.next_stored() => match stored {
+                        Some(s) => note_stored(&s, health, progress),
+                        // The worker failed; `finish` returns why.
+                        None => return Err(EngineError::Failed("the WAL uploader stopped".into())),
+                    },
                     msg = stream.next() => {
                         match msg.map_err(|e| explain(instance, e))? {
                             Some(ReplicationMessage::XLogData { start, data, server_wal_end }) => {
-                                archiver.push(start, &data)?;
+                                // Waits only when the uploader's queue is full.
+                                archiver.push(start, &data).await?;
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
-                                durable = durable.max(archiver.complete_end());
-                                if report_stored(&mut archiver, progress) {
-                                    health.working(true, progress);
-                                }
                             }
                             Some(ReplicationMessage::Keepalive { reply_requested, server_wal_end }) => {
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
                                 if reply_requested {
-                                    stream.send_status(archiver.position(), durable, Lsn::INVALID, false)
+                                    stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, false)
                                         .await.map_err(|e| explain(instance, e))?;
                                 }
                             }
@@ -267,27 +321,23 @@ impl Engine {
                         }
                     }
                     _ = flush_tick.tick() => {
-                        if archiver.flush_partial()? {
-                            health.working(true, progress);
-                        }
-                        durable = archiver.position();
+                        archiver.offer_partial()?;
                     }
                     _ = status_tick.tick() => {
-                        stream.send_status(archiver.position(), durable, Lsn::INVALID, false)
+                        stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, false)
                             .await.map_err(|e| explain(instance, e))?;
                     }
                 }
             };
             let (next_tli, next_start) = next;
-            archiver.flush_partial()?;
+            archiver.flush_partial().await?;
             stream.stop().await.map_err(|e| explain(instance, e))?;
-            self.store_history(instance, &mut session.client, next_tli)
-                .await?;
+            self.store_history(instance, client, next_tli).await?;
             progress.message(&format!(
                 "timeline {tli} ended at {next_start}; following timeline {next_tli}"
             ));
             tli = next_tli;
-            archiver = SegmentArchiver::new(self.clone(), &instance.id, geometry, tli, next_start);
+            archiver = SegmentArchiver::new(geometry, tli, next_start, uploader.queue());
         }
     }
 
@@ -298,15 +348,22 @@ impl Engine {
         client: &mut ReplicationClient,
         tli: TimelineId,
     ) -> EngineResult<()> {
-        if tli.0 <= 1 || self.repo.read_history(&instance.id, tli)?.is_some() {
+        if tli.0 <= 1 {
+            return Ok(());
+        }
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        if blocking(move || Ok(repo.read_history(&id, tli)?))
+            .await?
+            .is_some()
+        {
             return Ok(());
         }
         let (_, content) = client
             .timeline_history(tli)
             .await
             .map_err(|e| explain(instance, e))?;
-        self.repo.put_history(&instance.id, tli, &content)?;
-        Ok(())
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        blocking(move || Ok(repo.put_history(&id, tli, &content)?)).await
     }
 
     /// Where streaming resumes: after the newest complete segment archived,
@@ -318,9 +375,9 @@ impl Engine {
         server_tli: TimelineId,
         geometry: WalGeometry,
     ) -> EngineResult<(TimelineId, Lsn)> {
-        let newest = self
-            .catalog
-            .list_wal_segments(&instance.id)?
+        let (catalog, id) = (self.catalog.clone(), instance.id.clone());
+        let newest = blocking(move || Ok(catalog.list_wal_segments(&id)?))
+            .await?
             .into_iter()
             .max_by(|a, b| {
                 (a.timeline, a.begin_lsn, !a.partial).cmp(&(b.timeline, b.begin_lsn, !b.partial))
@@ -361,9 +418,9 @@ impl Engine {
         if tli == server_tli {
             return Ok((tli, geometry.segment_start(geometry.segment_of(pos))));
         }
-        let text = self
-            .repo
-            .read_history(&instance.id, server_tli)?
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        let text = blocking(move || Ok(repo.read_history(&id, server_tli)?))
+            .await?
             .ok_or_else(|| {
                 EngineError::Failed(format!("history of timeline {server_tli} is not stored"))
             })?;
@@ -385,13 +442,15 @@ impl Engine {
     }
 }
 
-/// Reports the segments stored since the last call; whether there were any.
-fn report_stored(archiver: &mut SegmentArchiver, progress: &dyn Progress) -> bool {
-    let any = !archiver.stored.is_empty();
-    for name in archiver.stored.drain(..) {
+/// Reports what the uploader stored: a complete segment by name, and WAL
+/// written as the sign that storing works.
+fn note_stored(stored: &Stored, health: &mut Health, progress: &dyn Progress) {
+    if let Some(name) = &stored.segment {
         progress.message(&format!("stored WAL segment {name}"));
     }
-    any
+    if stored.wrote {
+        health.working(true, progress);
+    }
 }
 
 #[cfg(test)]

@@ -29,12 +29,14 @@ use strata_repo::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::blocking::blocking;
 use crate::connect::{explain, open_session, remember_facts, Session};
 use crate::incremental::{
     full_name, rel_file, rewrite_server_manifest, strip_backup_label, BlockPlan, Fork, HeapChanges,
     IncrementalBase, IncrementalFile, ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
+use crate::wal_uploader::WalUploader;
 use crate::{Engine, EngineError, EngineResult, Progress};
 
 /// Backup set ids are the start time in milliseconds: numeric like RDS ids,
@@ -280,9 +282,13 @@ impl Engine {
             stop_rx,
         ));
 
-        let known = self
-            .repo
-            .block_index_with(&instance.id, base.as_ref().map(|b| &b.manifest))?;
+        // Reads every manifest of the instance: off the runtime.
+        let (repo, id) = (self.repo.clone(), instance.id.clone());
+        let (known, base) = blocking(move || {
+            let known = repo.block_index_with(&id, base.as_ref().map(|b| &b.manifest))?;
+            Ok((known, base))
+        })
+        .await?;
         tracing::debug!("backup {}: {} blocks known", set.id, known.len());
         let pipeline = BlockPipeline::start(&self.repo, known);
         let mut tablespaces = Vec::new();
@@ -554,18 +560,23 @@ impl Engine {
             received_bytes: Some(streamed),
             stats: stats.clone(),
         };
-        if let Err(e) = self.repo.commit_manifest(&manifest) {
-            // A put that failed may still have landed (a timeout after the
-            // store accepted it); this backup is being recorded as failed, so
-            // make sure the repository does not hold it either.
-            if let Err(cleanup) = self.repo.delete_backup(&instance.id, &set.id) {
-                tracing::warn!(
-                    "backup {}: removing the manifest after a failed commit: {cleanup}",
-                    set.id
-                );
+        let repo = self.repo.clone();
+        let manifest = blocking(move || {
+            if let Err(e) = repo.commit_manifest(&manifest) {
+                // A put that failed may still have landed (a timeout after the
+                // store accepted it); this backup is being recorded as failed, so
+                // make sure the repository does not hold it either.
+                let (instance_id, id) = (&manifest.instance_id, &manifest.backup_id);
+                if let Err(cleanup) = repo.delete_backup(instance_id, id) {
+                    tracing::warn!(
+                        "backup {id}: removing the manifest after a failed commit: {cleanup}"
+                    );
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+            Ok(manifest)
+        })
+        .await?;
         if let Some(from) = &manifest.incremental_from {
             progress.message(&format!(
                 "backup {}: the server sent {} MiB of {} MiB (blocks changed since backup {from}); the rest was taken from that backup",
@@ -637,43 +648,22 @@ impl Engine {
             ));
             return None;
         }
-        let ids = match self.repo.list_backups(&instance.id) {
-            Ok(ids) => ids,
+        // Reads manifests and blocks: off the runtime.
+        let (repo, id, system_id) = (self.repo.clone(), instance.id.clone(), main.system_id);
+        let found =
+            blocking(move || Ok(earlier_server_manifest(&repo, &id, system_id, pg_version))).await;
+        let (earlier, text) = match found {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => return None,
+            Ok(Err(why)) => {
+                note(why);
+                return None;
+            }
             Err(e) => {
-                note(format!("cannot list earlier backups ({e})"));
+                note(format!("cannot read earlier backups ({e})"));
                 return None;
             }
         };
-        let mut found = None;
-        for id in ids.iter().rev() {
-            let m = match self.repo.read_manifest(&instance.id, id) {
-                Ok(m) => m,
-                Err(e) => {
-                    note(format!("cannot read backup {id} ({e})"));
-                    return None;
-                }
-            };
-            if m.system_identifier == main.system_id
-                && m.pg_version_num / 10000 == pg_version / 10000
-                && m.server_manifest.is_some()
-            {
-                found = Some(m);
-                break;
-            }
-        }
-        let earlier = found?;
-        let entry = earlier.server_manifest.as_ref()?;
-        let mut text = Vec::with_capacity(entry.size as usize);
-        if let Err(e) = self.repo.read_blocks(&entry.blocks, |d| {
-            text.extend_from_slice(&d);
-            Ok::<(), EngineError>(())
-        }) {
-            note(format!(
-                "cannot read the manifest of backup {} ({e})",
-                earlier.backup_id
-            ));
-            return None;
-        }
         if let Err(e) = main.client.upload_manifest(&text).await {
             note(format!(
                 "the server did not accept the manifest of backup {} ({e})",
@@ -683,6 +673,51 @@ impl Engine {
         }
         Some(IncrementalBase::new(earlier, page_size, segment_pages))
     }
+}
+
+/// The newest backup of this server and major version that kept the
+/// server's backup_manifest, with that manifest's text; `Err` says why
+/// there is none to use.
+fn earlier_server_manifest(
+    repo: &strata_repo::Repository,
+    instance_id: &str,
+    system_id: u64,
+    pg_version: u32,
+) -> Result<Option<(BackupManifest, Vec<u8>)>, String> {
+    let ids = repo
+        .list_backups(instance_id)
+        .map_err(|e| format!("cannot list earlier backups ({e})"))?;
+    let mut found = None;
+    for id in ids.iter().rev() {
+        let m = repo
+            .read_manifest(instance_id, id)
+            .map_err(|e| format!("cannot read backup {id} ({e})"))?;
+        if m.system_identifier == system_id
+            && m.pg_version_num / 10000 == pg_version / 10000
+            && m.server_manifest.is_some()
+        {
+            found = Some(m);
+            break;
+        }
+    }
+    let Some(earlier) = found else {
+        return Ok(None);
+    };
+    let Some(entry) = earlier.server_manifest.as_ref() else {
+        return Ok(None);
+    };
+    let mut text = Vec::with_capacity(entry.size as usize);
+    repo.read_blocks(&entry.blocks, |d| {
+        text.extend_from_slice(&d);
+        Ok::<(), EngineError>(())
+    })
+    .map_err(|e| {
+        format!(
+            "cannot read the manifest of backup {} ({e})",
+            earlier.backup_id
+        )
+    })?;
+    Ok(Some((earlier, text)))
 }
 
 fn rand_u32() -> u32 {
@@ -1242,16 +1277,33 @@ fn wal_stream_error(e: pg_replication::ReplicationError) -> EngineError {
 async fn stream_backup_wal(
     engine: Engine,
     instance_id: String,
-    mut session: Session,
+    session: Session,
     slot: String,
     start: Lsn,
     timeline: TimelineId,
     geometry: WalGeometry,
     status_interval: Duration,
+    stop_rx: watch::Receiver<Option<Lsn>>,
+) -> EngineResult<()> {
+    let seg_start = geometry.segment_start(geometry.segment_of(start));
+    let uploader = WalUploader::start(engine, &instance_id, seg_start);
+    let archiver = SegmentArchiver::new(geometry, timeline, start, uploader.queue());
+    let streamed = stream_wal_to(archiver, session, slot, timeline, status_interval, stop_rx).await;
+    // Done only once the uploader stored all of it; a storing failure is the cause.
+    let (_, stored) = uploader.finish().await;
+    stored.and(streamed)
+}
+
+/// Feeds `archiver` until its stop position is handed over.
+async fn stream_wal_to(
+    mut archiver: SegmentArchiver,
+    mut session: Session,
+    slot: String,
+    timeline: TimelineId,
+    status_interval: Duration,
     mut stop_rx: watch::Receiver<Option<Lsn>>,
 ) -> EngineResult<()> {
-    let mut archiver = SegmentArchiver::new(engine, &instance_id, geometry, timeline, start);
-    let seg_start = geometry.segment_start(geometry.segment_of(start));
+    let seg_start = archiver.position();
     let mut stream = session
         .client
         .start_replication(Some(&slot), seg_start, Some(timeline))
@@ -1269,7 +1321,7 @@ async fn stream_backup_wal(
                 let deadline =
                     *grace.get_or_insert_with(|| Instant::now() + Duration::from_secs(3));
                 if Instant::now() >= deadline {
-                    archiver.flush_partial()?;
+                    archiver.flush_partial().await?;
                     break;
                 }
             }
@@ -1277,7 +1329,7 @@ async fn stream_backup_wal(
         tokio::select! {
             msg = stream.next() => {
                 match msg.map_err(wal_stream_error)? {
-                    Some(ReplicationMessage::XLogData { start, data, .. }) => archiver.push(start, &data)?,
+                    Some(ReplicationMessage::XLogData { start, data, .. }) => archiver.push(start, &data).await?,
                     Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
                         if reply_requested {
                             let pos = archiver.position();

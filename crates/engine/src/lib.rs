@@ -8,6 +8,7 @@ mod archive;
 mod archive_tar;
 mod backup;
 mod beneath;
+mod blocking;
 mod connect;
 mod copy;
 mod error;
@@ -18,6 +19,7 @@ mod reindex;
 mod restore;
 mod retention;
 mod segment;
+mod wal_uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,25 +1,29 @@
-//! Turns a stream of WAL bytes into stored segment objects: buffers the
-//! current segment, decodes its records (commit times, xids, restore points)
-//! as they arrive, stores complete segments and, on request, the valid prefix
-//! of the current one as a `.partial` object. Used by the continuous archiver
-//! and by backups (which stream the WAL they need for consistency).
+//! Turns a stream of WAL bytes into segment uploads: buffers the current
+//! segment and decodes its records (commit times, xids, restore points) as
+//! they arrive, hands each complete segment and, on request, the bytes of
+//! the current one received since the last refresh of its `.partial` object
+//! to a [`WalUploader`](crate::wal_uploader::WalUploader), which stores them
+//! off the async runtime. Used by the continuous archiver and by backups
+//! (which stream the WAL they need for consistency).
 
 use chrono::{DateTime, Utc};
 use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{RestorePointRow, WalSegmentRow};
-use strata_repo::{wal_segment_key, RestorePointInfo, WalPayload, WalSegmentMeta};
+use strata_repo::{RestorePointInfo, WalSegmentMeta};
 
+use crate::wal_uploader::{PartialUpload, SegmentUpload, UploadQueue};
 use crate::{Engine, EngineError, EngineResult};
 
-#[derive(Default)]
-struct Summary {
-    first_commit: Option<DateTime<Utc>>,
-    last_commit: Option<DateTime<Utc>>,
-    commit_count: u64,
-    min_xid: Option<u32>,
-    max_xid: Option<u32>,
-    restore_points: Vec<RestorePointInfo>,
+/// What a segment's records say, stored with it.
+#[derive(Default, Clone)]
+pub struct Summary {
+    pub first_commit: Option<DateTime<Utc>>,
+    pub last_commit: Option<DateTime<Utc>>,
+    pub commit_count: u64,
+    pub min_xid: Option<u32>,
+    pub max_xid: Option<u32>,
+    pub restore_points: Vec<RestorePointInfo>,
 }
 
 impl Summary {
@@ -48,46 +52,36 @@ impl Summary {
 }
 
 pub struct SegmentArchiver {
-    engine: Engine,
-    instance_id: String,
     geometry: WalGeometry,
     timeline: TimelineId,
     seg_start: Lsn,
     buf: Vec<u8>,
-    /// `buf` as stored in partial objects, extended at each refresh.
-    payload: WalPayload,
     decoder: WalDecoder,
     summary: Summary,
-    /// Bytes of the current segment already stored as a partial object.
-    partial_len: usize,
-    /// Segments this archiver stored whole, oldest first.
-    pub stored: Vec<String>,
+    /// Bytes of the current segment already handed over as partial refreshes.
+    partial_sent: usize,
+    queue: UploadQueue,
 }
 
 impl SegmentArchiver {
     /// Starts at the segment containing `start` (streaming must begin at
-    /// that segment's first byte).
+    /// that segment's first byte), handing segments to `queue`.
     pub fn new(
-        engine: Engine,
-        instance_id: &str,
         geometry: WalGeometry,
         timeline: TimelineId,
         start: Lsn,
+        queue: UploadQueue,
     ) -> Self {
         let seg_start = geometry.segment_start(geometry.segment_of(start));
-        let payload = engine.repo.wal_payload();
         SegmentArchiver {
-            engine,
-            instance_id: instance_id.to_string(),
             geometry,
             timeline,
             seg_start,
             buf: Vec::with_capacity(geometry.segment_size() as usize),
-            payload,
             decoder: WalDecoder::new(geometry, seg_start),
             summary: Summary::default(),
-            partial_len: 0,
-            stored: Vec::new(),
+            partial_sent: 0,
+            queue,
         }
     }
 
@@ -96,7 +90,7 @@ impl SegmentArchiver {
         self.seg_start + self.buf.len() as u64
     }
 
-    /// End of the WAL stored as complete segments.
+    /// End of the WAL handed over as complete segments.
     pub fn complete_end(&self) -> Lsn {
         self.seg_start
     }
@@ -108,7 +102,8 @@ impl SegmentArchiver {
 
     /// Appends WAL that starts at `start`. Bytes already received are
     /// skipped (servers may resend after a reconnect); a hole is an error.
-    pub fn push(&mut self, start: Lsn, mut data: &[u8]) -> EngineResult<()> {
+    /// Waits only when the uploader's queue is full.
+    pub async fn push(&mut self, start: Lsn, mut data: &[u8]) -> EngineResult<()> {
         let pos = self.position();
         if start > pos {
             return Err(EngineError::Failed(format!(
@@ -136,94 +131,55 @@ impl SegmentArchiver {
             }
             data = rest;
             if self.buf.len() == seg_size {
-                self.store(false)?;
+                let upload = SegmentUpload {
+                    timeline: self.timeline,
+                    seg_start: self.seg_start,
+                    name: self.segment_name(),
+                    data: std::mem::replace(&mut self.buf, Vec::with_capacity(seg_size)),
+                    summary: std::mem::take(&mut self.summary),
+                };
                 self.seg_start = self.seg_start + seg_size as u64;
-                self.buf.clear();
-                self.payload = self.engine.repo.wal_payload();
-                self.summary = Summary::default();
-                self.partial_len = 0;
+                self.partial_sent = 0;
+                self.queue.segment(upload).await?;
             }
         }
         Ok(())
     }
 
-    /// Stores the received prefix of the current segment, if it grew since
-    /// the last call. Returns whether anything was written.
-    pub fn flush_partial(&mut self) -> EngineResult<bool> {
-        if self.buf.len() <= self.partial_len {
+    fn partial_upload(&self) -> PartialUpload {
+        PartialUpload {
+            timeline: self.timeline,
+            seg_start: self.seg_start,
+            name: self.segment_name(),
+            offset: self.partial_sent,
+            added: self.buf[self.partial_sent..].to_vec(),
+            summary: self.summary.clone(),
+        }
+    }
+
+    /// Hands over a refresh of the partial object if the segment grew since
+    /// the last one and the queue has room; never waits. Returns whether a
+    /// refresh was queued.
+    pub fn offer_partial(&mut self) -> EngineResult<bool> {
+        if self.buf.len() <= self.partial_sent {
             return Ok(false);
         }
-        // Another writer (a backup's WAL stream, or the archiver) may have
-        // stored more of this segment already; never replace it with less.
-        let name = self.segment_name();
-        let existing =
-            self.engine
-                .catalog
-                .find_wal_segment(&self.instance_id, self.timeline, &name)?;
-        let longer = existing
-            .iter()
-            .any(|w| !w.partial || w.end_lsn >= self.position());
-        if !longer {
-            self.store(true)?;
+        let queued = self.queue.offer_partial(|| self.partial_upload())?;
+        if queued {
+            self.partial_sent = self.buf.len();
         }
-        self.partial_len = self.buf.len();
-        Ok(!longer)
+        Ok(queued)
     }
 
-    fn store(&mut self, partial: bool) -> EngineResult<()> {
-        let name = self.segment_name();
-        let repo = &self.engine.repo;
-        // A partial object only adds the bytes received since the last one;
-        // a complete segment is compressed whole, as one frame.
-        let checksum = if partial {
-            self.payload.extend(&self.buf[self.payload.len()..])?;
-            self.payload.checksum()
-        } else {
-            repo.wal_checksum(&self.buf)
-        };
-        if !partial {
-            let already = self
-                .engine
-                .catalog
-                .find_wal_segment(&self.instance_id, self.timeline, &name)?
-                .into_iter()
-                .any(|w| !w.partial && w.checksum == checksum);
-            let key = wal_segment_key(&self.instance_id, self.timeline, &name, false);
-            if already
-                && repo
-                    .storage()
-                    .exists(&key)
-                    .map_err(strata_repo::RepoError::from)?
-            {
-                self.stored.push(name);
-                return Ok(());
-            }
+    /// Hands over a refresh of the partial object if the segment grew since
+    /// the last one, waiting for room in the queue.
+    pub async fn flush_partial(&mut self) -> EngineResult<()> {
+        if self.buf.len() <= self.partial_sent {
+            return Ok(());
         }
-        let meta = WalSegmentMeta {
-            timeline: self.timeline,
-            segment: name.clone(),
-            begin_lsn: self.seg_start,
-            end_lsn: self.position(),
-            partial,
-            checksum,
-            first_commit: self.summary.first_commit,
-            last_commit: self.summary.last_commit,
-            commit_count: self.summary.commit_count,
-            min_commit_xid: self.summary.min_xid,
-            max_commit_xid: self.summary.max_xid,
-            restore_points: self.summary.restore_points.clone(),
-            stored_at: Utc::now(),
-        };
-        let key = if partial {
-            repo.put_wal_payload(&self.instance_id, &meta, &self.payload)?
-        } else {
-            repo.put_wal_segment(&self.instance_id, &meta, &self.buf)?
-        };
-        record_segment(&self.engine, &self.instance_id, &meta, key)?;
-        if !partial {
-            self.stored.push(name);
-        }
-        Ok(())
+        let upload = self.partial_upload();
+        self.partial_sent = self.buf.len();
+        self.queue.partial(upload).await
     }
 }
 
