@@ -49,6 +49,7 @@ fn new_backup_id(attempt: i64) -> String {
 /// How a backup runs.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
+    /// `Automated` (scheduled) or `Manual` (asked for).
     pub mode: BackupMode,
     /// Server-side read limit in kB/s (BASE_BACKUP MAX_RATE, 32..=1048576).
     pub max_rate_kb: Option<u32>,
@@ -68,7 +69,9 @@ impl Default for BackupOptions {
 /// caller with the job id, then runs it.
 #[derive(Debug)]
 pub struct PendingBackup {
+    /// The job, `NoStart` until the transfer begins.
     pub job: Job,
+    /// The backup set, `Running` until it commits or fails.
     pub set: BackupSet,
     instance: Instance,
 }

@@ -180,9 +180,13 @@ pub fn remember_facts(
 /// What a first contact learns about a server.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServerFacts {
+    /// The cluster's system identifier (IDENTIFY_SYSTEM).
     pub system_id: u64,
+    /// `server_version_num`, e.g. 150018.
     pub pg_version_num: u32,
+    /// `wal_segment_size` in bytes.
     pub wal_segment_size: u64,
+    /// The server's current timeline.
     pub timeline: pg_wal::TimelineId,
 }
 

@@ -3,10 +3,13 @@
 
 use thiserror::Error;
 
+/// Why a job failed; the variant tells the caller what it can do about it.
 #[derive(Debug, Error)]
 pub enum EngineError {
+    /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] strata_catalog::CatalogError),
+    /// The repository failed (storage, format, encryption).
     #[error(transparent)]
     Repo(#[from] strata_repo::RepoError),
     /// A server problem a retry will not fix, already phrased for the user.
@@ -27,19 +30,25 @@ pub enum EngineError {
     /// instance); retry later.
     #[error("{0}")]
     Conflict(String),
+    /// A local file or process could not be used.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The job ran and failed; the message says why.
     #[error("{0}")]
     Failed(String),
+    /// The job was stopped (shutdown, cancellation).
     #[error("interrupted")]
     Interrupted,
 }
 
 impl EngineError {
+    /// Wraps an I/O error with what was being done (for `map_err`).
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
         let context = context.into();
         move |source| EngineError::Io { context, source }
@@ -56,4 +65,5 @@ impl EngineError {
     }
 }
 
+/// What the engine's jobs return.
 pub type EngineResult<T> = Result<T, EngineError>;

@@ -3,6 +3,7 @@
 //! archiving from a replication slot, restores (latest or point in time),
 //! verification and catalog reindexing. The CLI and the service both drive
 //! these through [`Engine`].
+#![warn(missing_docs)]
 
 mod archive;
 mod archive_tar;
@@ -151,12 +152,16 @@ fn tool_major(program: &std::path::Path) -> Option<u32> {
 /// The engine: a catalog, a repository and settings, shared by every job.
 #[derive(Clone)]
 pub struct Engine {
+    /// The catalog the jobs record in.
     pub catalog: Arc<dyn Catalog>,
+    /// The repository the jobs read and write.
     pub repo: Repository,
+    /// Knobs from the configuration.
     pub settings: EngineSettings,
 }
 
 impl Engine {
+    /// An engine over `catalog` and `repo`.
     pub fn new(catalog: Arc<dyn Catalog>, repo: Repository, settings: EngineSettings) -> Self {
         Engine {
             catalog,

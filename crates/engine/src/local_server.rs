@@ -42,12 +42,14 @@ pub enum ServerUse {
 /// How a restored server is started.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
+    /// The port it listens on (and names its socket after).
     pub port: u16,
     /// `listen_addresses` (default: `127.0.0.1` for a copy; a scratch server
     /// never listens on TCP).
     pub listen_addresses: Option<String>,
     /// `unix_socket_directories` (default: the data directory's parent).
     pub socket_dir: Option<PathBuf>,
+    /// A copy someone asked for, or a scratch server of Strata's own.
     pub usage: ServerUse,
 }
 
@@ -473,8 +475,11 @@ fn can_isolate_network() -> bool {
 /// A local server: its binaries, data directory and OS user.
 #[derive(Debug, Clone)]
 pub struct LocalServer {
+    /// The directory of `pg_ctl` and `postgres`.
     pub bin: PathBuf,
+    /// The data directory.
     pub data_dir: PathBuf,
+    /// The OS user it runs as (`None`: Strata's own).
     pub os_user: Option<String>,
 }
 

@@ -3,7 +3,9 @@
 
 /// Receives progress of one job. `total` is `None` while unknown.
 pub trait Progress: Send + Sync {
+    /// `done` of `total` units of `phase` are finished.
     fn update(&self, phase: &str, done: u64, total: Option<u64>);
+    /// A line worth showing as it is.
     fn message(&self, text: &str);
     /// WAL streaming position: what is received (`received`, an LSN) against
     /// the end of WAL on the server (`server_end`), for lag reporting.

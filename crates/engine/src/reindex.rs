@@ -9,15 +9,21 @@ use strata_repo::RepoError;
 use crate::segment::record_segment;
 use crate::{Engine, EngineResult};
 
+/// What a reindex found in the repository and put in the catalog.
 #[derive(Debug, Default, Serialize)]
 pub struct ReindexReport {
+    /// Instance records read.
     pub instances: u64,
+    /// Instances the catalog did not know.
     pub instances_added: u64,
+    /// Backup sets indexed.
     pub backups: u64,
+    /// WAL segments indexed.
     pub wal_segments: u64,
 }
 
 impl Engine {
+    /// Rebuilds the catalog's index from the repository (`strata repo reindex`).
     pub fn reindex(&self) -> EngineResult<ReindexReport> {
         let mut report = ReindexReport::default();
         self.catalog.clear_index()?;

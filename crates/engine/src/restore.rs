@@ -32,14 +32,20 @@ use crate::beneath::Beneath;
 use crate::local_server::{self, LocalServer, ServerUse, StartOptions};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
+/// Where recovery stops.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecoveryTarget {
+    /// The end of the archived WAL.
     Latest,
     /// Stop as soon as the backup is consistent (`recovery_target = 'immediate'`).
     Immediate,
+    /// The last commit at or before a time.
     Time(DateTime<Utc>),
+    /// An LSN.
     Lsn(Lsn),
+    /// Just after a transaction's commit.
     Xid(u32),
+    /// A named restore point (`pg_create_restore_point`).
     Name(String),
 }
 
@@ -56,11 +62,16 @@ impl std::fmt::Display for RecoveryTarget {
     }
 }
 
+/// What to restore, where, and whether to start it.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
+    /// The new data directory (absent or empty).
     pub target_dir: PathBuf,
+    /// The set to restore (default: the newest that reaches `target`).
     pub backup_id: Option<String>,
+    /// Where recovery stops.
     pub target: RecoveryTarget,
+    /// Start the restored server and wait for recovery (`None`: files only).
     pub start: Option<StartOptions>,
     /// A job the caller created and will finish itself (clones, scratch
     /// servers); by default the restore records and finishes its own
@@ -75,21 +86,32 @@ pub struct RestoreOptions {
 /// Backup sets, WAL segments and restore points a restore plans with.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreIndex {
+    /// Backup sets to choose from.
     pub backups: Vec<BackupSet>,
+    /// WAL objects to stage.
     pub wal: Vec<WalSegmentRow>,
+    /// Named restore points, for `Name` targets.
     pub restore_points: Vec<RestorePointRow>,
 }
 
+/// What a restore did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreOutcome {
+    /// The set restored.
     pub backup_id: String,
+    /// The data directory written.
     pub target_dir: PathBuf,
+    /// Where recovery was told to stop, in words.
     pub target: String,
+    /// Files written.
     pub files: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// WAL segments staged.
     pub wal_segments: u64,
     /// End of the WAL staged for recovery.
     pub wal_end: Lsn,
+    /// The port of the started server, when started.
     pub started_port: Option<u16>,
     /// The server's log line saying where recovery stopped, when started.
     pub recovery_stop: Option<String>,

@@ -79,10 +79,12 @@ fn try_flock(path: &Path, exclusive: bool) -> EngineResult<Option<GcGuard>> {
 pub struct RetentionPlan {
     /// Backup set ids to delete (successful and failed ones).
     pub backups: Vec<String>,
+    /// WAL objects to delete.
     pub wal: Vec<WalSegmentRow>,
 }
 
 impl RetentionPlan {
+    /// Whether there is nothing to delete.
     pub fn is_empty(&self) -> bool {
         self.backups.is_empty() && self.wal.is_empty()
     }
