@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 
+/// Where the scheduler reads the time (a manual clock in tests).
 pub trait Clock: Send + Sync {
+    /// The current time.
     fn now(&self) -> DateTime<Utc>;
 }
 
@@ -24,14 +26,17 @@ impl Clock for SystemClock {
 pub struct ManualClock(Mutex<DateTime<Utc>>);
 
 impl ManualClock {
+    /// A clock stopped at `at`.
     pub fn new(at: DateTime<Utc>) -> Self {
         ManualClock(Mutex::new(at))
     }
 
+    /// Sets the time.
     pub fn set(&self, at: DateTime<Utc>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = at;
     }
 
+    /// Moves the time forward.
     pub fn advance(&self, by: Duration) {
         let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
         *now += by;

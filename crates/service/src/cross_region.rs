@@ -38,6 +38,7 @@ const RETRY_MAX: Duration = Duration::from_secs(600);
 /// unlocks it. The repository is opened (created when empty) on first use,
 /// so a target that is down does not keep the server from starting.
 pub struct RegionTarget {
+    /// The region id.
     pub id: String,
     storage: Arc<dyn Storage>,
     key: Option<KeySource>,
@@ -46,6 +47,7 @@ pub struct RegionTarget {
 }
 
 impl RegionTarget {
+    /// A target over `storage`, unlocked by `key` when encrypted.
     pub fn new(
         id: &str,
         storage: Arc<dyn Storage>,
@@ -77,6 +79,7 @@ impl RegionTarget {
 
 /// The primary's region id and the targets copies may go to.
 pub struct Regions {
+    /// This server's own region id.
     pub primary: String,
     targets: BTreeMap<String, Arc<RegionTarget>>,
 }
@@ -91,6 +94,7 @@ impl Default for Regions {
 }
 
 impl Regions {
+    /// The primary's region and its copy targets.
     pub fn new(primary: &str, targets: Vec<RegionTarget>) -> Self {
         Regions {
             primary: primary.to_string(),
@@ -107,6 +111,7 @@ impl Regions {
         self.targets.keys().cloned().collect()
     }
 
+    /// The target named `id`, or an RDS-style refusal.
     pub fn target(&self, id: &str) -> ServiceResult<Arc<RegionTarget>> {
         self.targets.get(id).cloned().ok_or_else(|| {
             invalid(
@@ -124,9 +129,13 @@ impl Regions {
 /// current value.
 #[derive(Debug, Clone, Default)]
 pub struct CrossPolicyChange {
+    /// The target region id.
     pub region: Option<String>,
+    /// Whether backup sets are copied.
     pub backup_enabled: Option<bool>,
+    /// Whether WAL is copied too.
     pub log_backup_enabled: Option<bool>,
+    /// Days copies are kept.
     pub retention_days: Option<i64>,
 }
 
@@ -224,6 +233,7 @@ pub fn recovery_window(
 }
 
 impl Service {
+    /// The regions this service knows.
     pub fn regions(&self) -> &Regions {
         &self.regions
     }

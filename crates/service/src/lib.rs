@@ -7,6 +7,7 @@
 //!
 //! Time comes from a [`Clock`], so tests can walk the scheduler through
 //! days and weeks; [`Service::tick`] does one round of everything.
+#![warn(missing_docs)]
 
 mod clock;
 mod cross_region;
@@ -44,10 +45,13 @@ pub use policy::PolicyError;
 pub use tables::{parse_table_meta, DbSpec, TableSpec};
 pub use usage::{billable_gb_hours, FreeQuota, UsageReport, UsageSettings, DEFAULT_FREE_QUOTA};
 
+/// Why a service call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    /// A job or a look-up below failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The request breaks a policy rule.
     #[error(transparent)]
     Policy(#[from] PolicyError),
 }
@@ -58,6 +62,7 @@ impl From<CatalogError> for ServiceError {
     }
 }
 
+/// What the service's calls return.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
 /// Knobs of the service loop.
@@ -157,28 +162,39 @@ impl DeletionRules {
 /// A policy change as the API receives it; `None` keeps the current value.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyChange {
+    /// Weekdays, comma-separated (`Monday,Thursday`).
     pub backup_days: Option<String>,
+    /// The window, `HH:mmZ-HH:mmZ`.
     pub backup_window: Option<String>,
+    /// Days data backups are kept.
     pub backup_retention_days: Option<String>,
+    /// Whether WAL is archived.
     pub log_backup_enabled: Option<bool>,
+    /// Days WAL is kept.
     pub log_retention_days: Option<String>,
 }
 
 /// Live state of one instance's WAL receiver.
 #[derive(Debug, Clone, Default)]
 pub struct WalReceiverState {
+    /// Whether a receiver task runs.
     pub running: bool,
     /// LSN received and stored so far, and the server's end of WAL.
     pub received: u64,
+    /// The server's end of WAL at the last status message.
     pub server_end: u64,
+    /// When the server last sent anything.
     pub last_message: Option<DateTime<Utc>>,
+    /// The last error, kept after recovery for the record.
     pub last_error: Option<String>,
+    /// Reconnections since the service started.
     pub restarts: u64,
     /// Why the receiver is failing (its last error, e.g. a full
     /// repository), until it stores WAL again; `None` while it works.
     pub failing: Option<String>,
     /// Failures in a row behind `failing`.
     pub failures: u32,
+    /// When the current run of failures began.
     pub failing_since: Option<DateTime<Utc>>,
 }
 
@@ -302,7 +318,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The service: policies, the scheduler and everything it runs on its own.
 pub struct Service {
+    /// The engine the jobs run on.
     pub engine: Engine,
     clock: Arc<dyn Clock>,
     settings: ServiceSettings,
@@ -334,6 +352,7 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service over `engine`, timed by `clock`.
     pub fn new(engine: Engine, clock: Arc<dyn Clock>, settings: ServiceSettings) -> Arc<Self> {
         Self::with_regions(engine, clock, settings, Regions::default())
     }
@@ -371,6 +390,7 @@ impl Service {
         })
     }
 
+    /// The service clock's time.
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
@@ -820,6 +840,7 @@ impl Service {
         self.shutdown().await;
     }
 
+    /// Stops the WAL receivers (flushing partial segments) and fails running backups.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.drill_wakeup.notify_all();
@@ -847,6 +868,7 @@ impl Service {
         lock(&self.backups).get(instance_id).map(|t| t.job_id)
     }
 
+    /// How long the service has run.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -26,7 +26,9 @@ use crate::{Service, ServiceResult};
 /// recovered to that time).
 #[derive(Debug, Clone, Default)]
 pub struct RestoreSource {
+    /// The set to restore.
     pub backup_id: Option<String>,
+    /// The time to recover to.
     pub restore_time: Option<DateTime<Utc>>,
 }
 
@@ -48,13 +50,17 @@ pub(crate) struct CloneRequest {
 /// network, reached over a Unix socket in a directory only Strata and the
 /// server's OS user can enter.
 pub struct Scratch {
+    /// Its directory (Strata's), holding the data and socket directories.
     pub dir: PathBuf,
     /// The private directory of its Unix socket.
     socket_dir: PathBuf,
+    /// Its port (names its socket; no TCP listener).
     pub port: u16,
+    /// Its PostgreSQL major version.
     pub major: u32,
     /// Bootstrap superuser of the restored cluster.
     pub superuser: String,
+    /// The set it was restored from.
     pub backup_id: String,
     bin: PathBuf,
     /// `psql` of the server's major version or newer.

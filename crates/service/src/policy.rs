@@ -7,6 +7,7 @@
 use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc, Weekday};
 use strata_catalog::BackupPolicy;
 
+/// Weekday names as RDS spells them.
 pub const WEEKDAYS: [&str; 7] = [
     "Monday",
     "Tuesday",
@@ -17,15 +18,20 @@ pub const WEEKDAYS: [&str; 7] = [
     "Sunday",
 ];
 
+/// Days data backups may be kept.
 pub const DATA_RETENTION_DAYS: std::ops::RangeInclusive<u32> = 7..=730;
+/// Days WAL may be kept.
 pub const LOG_RETENTION_DAYS: std::ops::RangeInclusive<u32> = 7..=7300;
+/// Retention of a new instance, in days.
 pub const DEFAULT_RETENTION_DAYS: u32 = 7;
 
 /// A request that breaks a policy rule: RDS's error code and a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct PolicyError {
+    /// The RDS error code.
     pub code: &'static str,
+    /// What is wrong, for people.
     pub message: String,
 }
 
@@ -93,6 +99,7 @@ pub fn parse_window(s: &str) -> Result<NaiveTime, PolicyError> {
     Ok(start)
 }
 
+/// Checks a data retention period against RDS's range.
 pub fn check_data_retention(days: u32) -> Result<u32, PolicyError> {
     if DATA_RETENTION_DAYS.contains(&days) {
         Ok(days)
@@ -104,6 +111,7 @@ pub fn check_data_retention(days: u32) -> Result<u32, PolicyError> {
     }
 }
 
+/// Checks a log retention period: in range and no longer than the data's.
 pub fn check_log_retention(days: u32, data_days: u32) -> Result<u32, PolicyError> {
     if !LOG_RETENTION_DAYS.contains(&days) {
         return Err(invalid(
@@ -207,6 +215,7 @@ pub fn format_minutes(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%MZ").to_string()
 }
 
+/// A time as RDS writes it, `yyyy-MM-ddTHH:mm:ssZ`.
 pub fn format_seconds(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }

@@ -33,22 +33,29 @@ const MAX_NAME_BYTES: usize = 63;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DbSpec {
+    /// Always `db`.
     #[serde(rename = "type", default = "db_kind")]
     pub kind: String,
+    /// The database in the backup.
     pub name: String,
+    /// The name to restore it under (a new database), or the existing database tables go into.
     #[serde(default)]
     pub newname: Option<String>,
+    /// Tables to restore; none: the whole database.
     #[serde(default)]
     pub tables: Vec<TableSpec>,
 }
 
+/// One table of a `TableMeta` entry.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TableSpec {
+    /// Always `table`.
     #[serde(rename = "type", default = "table_kind")]
     pub kind: String,
     /// `schema.table` or `table` (schema `public`).
     pub name: String,
+    /// The name it is restored under, in the same schema.
     pub newname: String,
 }
 

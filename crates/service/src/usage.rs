@@ -95,6 +95,7 @@ impl std::fmt::Display for FreeQuota {
 pub struct UsageSettings {
     /// Longest time between two samples.
     pub sample_interval: chrono::Duration,
+    /// The quota of instances without one of their own.
     pub default_quota: FreeQuota,
     /// Quotas of single instances, by id.
     pub instance_quotas: HashMap<String, FreeQuota>,
@@ -137,8 +138,11 @@ pub struct UsageReport {
     pub quota: FreeQuota,
     /// Samples taken in the period, oldest first.
     pub samples: Vec<UsageSample>,
+    /// Start of the period.
     pub from: DateTime<Utc>,
+    /// End of the period.
     pub to: DateTime<Utc>,
+    /// GB-hours above the quota in the period.
     pub billable_gb_hours: f64,
 }
 
