@@ -98,7 +98,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
 
 fn instance(svc: &Service, p: &Params) -> ApiResult<Instance> {
     let id = p.required("DBInstanceId")?;
-    Ok(svc.engine.catalog.get_instance(id)?)
+    Ok(svc.instance(id)?)
 }
 
 fn not_supported(code: &str, message: impl Into<String>) -> ApiError {
@@ -174,7 +174,7 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let (start, end) = p.period()?;
     let (number, size) = p.paging(&[30, 50, 100], false)?;
     let policy = svc.policy(&inst.id)?;
-    let mut sets = svc.engine.catalog.list_backups(&inst.id)?;
+    let mut sets = svc.backup_sets(&inst.id)?;
     let rules = svc.deletion_rules(&policy, &sets);
     let id = inst.id.clone();
     let stored_total = off_runtime(svc, move |svc| svc.current_usage(&id))
@@ -182,8 +182,7 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         .stored_bytes();
     let encryption = encryption_field(svc);
     let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
-        .engine
-        .catalog
+        .catalog()
         .list_drills(&inst.id)?
         .into_iter()
         .map(|d| (d.backup_id.clone(), d))
@@ -268,8 +267,8 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
 /// `{"Encrypted":false}` or `{"Encrypted":true,"Algorithm":"xchacha20-poly1305","KeySource":"key-file"}`
 /// (`KeySource` `key-file` or `passphrase`).
 fn encryption_field(svc: &Service) -> String {
-    let value = match &svc.engine.repo.config().encryption {
-        Some(e) if svc.engine.repo.is_encrypted() => json!({
+    let value = match &svc.repository().config().encryption {
+        Some(e) if svc.repository().is_encrypted() => json!({
             "Encrypted": true,
             "Algorithm": e.cipher,
             "KeySource": e.key_source,
@@ -336,7 +335,7 @@ fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         ));
     }
     for id in &ids {
-        let set = svc.engine.catalog.get_backup(id)?;
+        let set = svc.backup_set(id)?;
         if set.instance_id != inst.id {
             return Err(strata_catalog::CatalogError::BackupNotFound(id.clone()).into());
         }
@@ -359,8 +358,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let job_id = p.int("BackupJobId")?;
     let jobs: Vec<Job> = svc
-        .engine
-        .catalog
+        .catalog()
         .list_jobs(Some(&inst.id))?
         .into_iter()
         .rev()
@@ -381,14 +379,11 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         })
         .collect();
     if let (Some(id), true) = (job_id, jobs.is_empty()) {
-        svc.engine.catalog.get_job(id)?; // 404 for an unknown id
+        svc.job(id)?; // 404 for an unknown id
     }
     let mut items = Vec::new();
     for j in jobs {
-        let set = j
-            .backup_id
-            .as_deref()
-            .and_then(|b| svc.engine.catalog.get_backup(b).ok());
+        let set = j.backup_id.as_deref().and_then(|b| svc.backup_set(b).ok());
         let mode = match (j.kind, &set) {
             (JobKind::Backup, Some(s)) => s.mode,
             _ => BackupMode::Manual,
@@ -503,7 +498,7 @@ fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let (start, end) = p.required_period()?;
     let (number, size) = p.paging(&[30, 100], true)?;
-    let rows = listed_wal_segments(svc.engine.catalog.list_wal_segments(&inst.id)?);
+    let rows = listed_wal_segments(svc.wal_segments(&inst.id)?);
     let matching: Vec<_> = rows
         .iter()
         .filter(|w| {
@@ -630,7 +625,7 @@ fn restore_table(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let id = p.required("BackupId")?;
-    let set = svc.engine.catalog.get_backup(id)?;
+    let set = svc.backup_set(id)?;
     if set.instance_id != inst.id {
         return Err(strata_catalog::CatalogError::BackupNotFound(id.to_string()).into());
     }
@@ -669,15 +664,13 @@ fn receiver_state(svc: &Service, instance_id: &str) -> ApiResult<(&'static str, 
 fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
     let receiver = receiver_status(svc, &i.id)?;
     let (receiver_word, receiver_error) = receiver_state(svc, &i.id)?;
-    let managed = svc.engine.catalog.get_managed(&i.id)?;
+    let managed = svc.managed_instance(&i.id)?;
     let status = managed
         .as_ref()
         .map(|m| m.status.clone())
         .unwrap_or_else(|| "Running".into());
     let last_backup = svc
-        .engine
-        .catalog
-        .list_backups(&i.id)?
+        .backup_sets(&i.id)?
         .into_iter()
         .filter(|b| b.status == BackupStatus::Success)
         .filter_map(|b| b.finished_at)
@@ -723,8 +716,7 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         ));
     }
     let all: Vec<Instance> = svc
-        .engine
-        .catalog
+        .catalog()
         .list_instances()?
         .into_iter()
         .filter(|i| wanted.as_ref().is_none_or(|w| w.contains(&i.id.as_str())))
@@ -749,7 +741,7 @@ fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fiel
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
-        let i = svc.engine.catalog.get_instance(id)?;
+        let i = svc.instance(id)?;
         items.push(instance_fields(svc, &i)?);
     }
     Ok(obj(json!({"Items": {"DBInstanceAttribute": items}})))

@@ -45,10 +45,7 @@ fn policy_fields(svc: &Service, instance_id: &str, pol: Option<&CrossBackupPolic
 }
 
 pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc
-        .engine
-        .catalog
-        .get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
     if let Some(t) = p.get("CrossBackupType").filter(|t| *t != "1") {
         return Err(ApiError::bad(
             "InvalidCrossBackupType.Malformed",
@@ -75,10 +72,7 @@ pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 }
 
 pub fn describe_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc
-        .engine
-        .catalog
-        .get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
     let pol = svc.cross_policy(&inst.id)?;
     let mut fields = obj(policy_fields(svc, &inst.id, pol.as_ref()));
     let at = |t: Option<chrono::DateTime<Utc>>, on: bool| {
@@ -135,10 +129,7 @@ fn copy_fields(svc: &Service, c: &CrossBackup) -> Value {
 }
 
 pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc
-        .engine
-        .catalog
-        .get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
     let start = p.time("StartTime")?;
     let end = p.time("EndTime")?;
     let cross_id = p.int("CrossBackupId")?;
@@ -171,10 +162,7 @@ pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 }
 
 pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc
-        .engine
-        .catalog
-        .get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
     let (start, end) = p.required_period()?;
     let region = p.get("CrossBackupRegion");
     let (number, size) = p.paging(&[30, 50, 100], false)?;
@@ -223,10 +211,9 @@ pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 
 fn find_copy(svc: &Service, instance_id: Option<&str>, id: i64) -> ApiResult<CrossBackup> {
     let instances = match instance_id {
-        Some(i) => vec![svc.engine.catalog.get_instance(i)?.id],
+        Some(i) => vec![svc.instance(i)?.id],
         None => svc
-            .engine
-            .catalog
+            .catalog()
             .list_instances()?
             .into_iter()
             .map(|i| i.id)

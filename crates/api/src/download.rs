@@ -201,7 +201,7 @@ pub async fn backup(
             ))
         }
     };
-    let engine = state.service.engine.clone();
+    let engine = state.service.engine().clone();
     let planned = tokio::task::spawn_blocking(move || {
         let archive = engine.backup_archive(&instance, &backup_id)?;
         let size = if zstd { None } else { Some(archive.size()?) };
@@ -248,7 +248,7 @@ pub async fn wal(
     if let Err(e) = state.links.check(&path, &q, Utc::now()) {
         return error(e);
     }
-    let engine = state.service.engine.clone();
+    let engine = state.service.engine().clone();
     let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let (name, partial) = match file.strip_suffix(".partial") {
             Some(n) => (n.to_string(), true),

@@ -198,7 +198,7 @@ async fn handle(
     };
     named("Action", "x-acs-action").ok_or_else(|| ApiError::missing("Action"))?;
     check_version(named("Version", "x-acs-version").as_deref())?;
-    let (principal, call) = auth::authenticate(state.service.engine.catalog.as_ref(), parts)?;
+    let (principal, call) = auth::authenticate(state.service.catalog(), parts)?;
     // From here on, only what the signature covers.
     let action = call.action.ok_or_else(|| ApiError::missing("Action"))?;
     check_version(call.version.as_deref())?;

@@ -42,7 +42,7 @@ fn base(id: &str) -> String {
 
 /// The instance, or the error for the page saying it does not exist.
 fn load(state: &ConsoleState, id: &str) -> Result<Instance, ApiError> {
-    Ok(state.service.engine.catalog.get_instance(id)?)
+    Ok(state.service.instance(id)?)
 }
 
 fn missing(page: &Page, e: ApiError) -> Response {
@@ -1024,9 +1024,7 @@ fn restore_body(state: &ConsoleState, who: &Signed, inst: &Instance, view: &Rest
     let window = state.service.recovery_window(&inst.id).ok().flatten();
     let sets: Vec<_> = state
         .service
-        .engine
-        .catalog
-        .list_backups(&inst.id)
+        .backup_sets(&inst.id)
         .unwrap_or_default()
         .into_iter()
         .rev()

@@ -28,7 +28,7 @@ struct Row {
 
 fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiError> {
     let svc = &state.service;
-    let catalog = svc.engine.catalog.as_ref();
+    let catalog = svc.catalog();
     let backups = catalog.list_backups(&instance.id)?;
     let running = backups
         .iter()
@@ -62,8 +62,7 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
 pub async fn page(State(state): State<Arc<ConsoleState>>, page: Page) -> Response {
     let rows = state
         .service
-        .engine
-        .catalog
+        .catalog()
         .list_instances()
         .map_err(strata_api::ApiError::from)
         .and_then(|list| {

@@ -219,10 +219,7 @@ impl FromRequestParts<Arc<ConsoleState>> for Page {
         parts: &mut Parts,
         state: &Arc<ConsoleState>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(who) = state
-            .sessions
-            .get(&parts.headers, state.service.engine.catalog.as_ref())
-        else {
+        let Some(who) = state.sessions.get(&parts.headers, state.service.catalog()) else {
             let back = parts
                 .uri
                 .path_and_query()
@@ -371,7 +368,7 @@ async fn signin_page(
     let next = safe_next(q.next.as_deref());
     if state
         .sessions
-        .get(&headers, state.service.engine.catalog.as_ref())
+        .get(&headers, state.service.catalog())
         .is_some()
     {
         return Redirect::to(&next).into_response();
@@ -406,7 +403,7 @@ async fn signin(
     if !token_ok {
         return fail("The sign-in form had expired. Please sign in again.");
     }
-    let catalog = state.service.engine.catalog.as_ref();
+    let catalog = state.service.catalog();
     let Some(principal) = session::check_key_pair(
         catalog,
         form.get("access_key_id"),

@@ -148,7 +148,7 @@ pub async fn page(
     page: Page,
     Query(filter): Query<Filter>,
 ) -> Response {
-    let catalog = state.service.engine.catalog.as_ref();
+    let catalog = state.service.catalog();
     let body = match (listing(catalog, &filter), catalog.list_instances()) {
         (Ok(listing), Ok(instances)) => {
             let ids: Vec<String> = instances.into_iter().map(|i| i.id).collect();
@@ -175,7 +175,7 @@ pub async fn json(
     headers: HeaderMap,
     Query(filter): Query<Filter>,
 ) -> Response {
-    let catalog = state.service.engine.catalog.as_ref();
+    let catalog = state.service.catalog();
     if state.sessions.get(&headers, catalog).is_none() {
         return json_response(
             StatusCode::UNAUTHORIZED,

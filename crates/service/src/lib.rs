@@ -320,8 +320,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The service: policies, the scheduler and everything it runs on its own.
 pub struct Service {
-    /// The engine the jobs run on.
-    pub engine: Engine,
+    /// The engine the jobs run on (reached from outside through the
+    /// queries below).
+    engine: Engine,
     clock: Arc<dyn Clock>,
     settings: ServiceSettings,
     receivers: Mutex<HashMap<String, ReceiverTask>>,
@@ -388,6 +389,62 @@ impl Service {
             copying: AtomicBool::new(false),
             copy_retries: Mutex::new(cross_region::CopyRetries::default()),
         })
+    }
+
+    /// The engine underneath, for work a caller streams itself (downloads)
+    /// and for tests; everything else goes through the service's methods.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The catalog, for what lives there alone: AccessKeys and nonces
+    /// (authentication), console sessions, and read-only listings.
+    pub fn catalog(&self) -> &dyn strata_catalog::Catalog {
+        self.engine.catalog.as_ref()
+    }
+
+    /// A registered instance.
+    pub fn instance(&self, id: &str) -> strata_catalog::CatalogResult<Instance> {
+        self.engine.catalog.get_instance(id)
+    }
+
+    /// A backup set.
+    pub fn backup_set(&self, id: &str) -> strata_catalog::CatalogResult<strata_catalog::BackupSet> {
+        self.engine.catalog.get_backup(id)
+    }
+
+    /// The backup sets of an instance, oldest first.
+    pub fn backup_sets(
+        &self,
+        instance_id: &str,
+    ) -> strata_catalog::CatalogResult<Vec<strata_catalog::BackupSet>> {
+        self.engine.catalog.list_backups(instance_id)
+    }
+
+    /// A job.
+    pub fn job(&self, id: i64) -> strata_catalog::CatalogResult<strata_catalog::Job> {
+        self.engine.catalog.get_job(id)
+    }
+
+    /// The archived WAL of an instance.
+    pub fn wal_segments(
+        &self,
+        instance_id: &str,
+    ) -> strata_catalog::CatalogResult<Vec<strata_catalog::WalSegmentRow>> {
+        self.engine.catalog.list_wal_segments(instance_id)
+    }
+
+    /// Strata's record of an instance it created (a clone), if it is one.
+    pub fn managed_instance(
+        &self,
+        id: &str,
+    ) -> strata_catalog::CatalogResult<Option<strata_catalog::ManagedInstance>> {
+        self.engine.catalog.get_managed(id)
+    }
+
+    /// The repository's configuration and whether it is encrypted.
+    pub fn repository(&self) -> &strata_repo::Repository {
+        &self.engine.repo
     }
 
     /// The service clock's time.

@@ -121,7 +121,7 @@ fn attributed_bytes(root: &Path, target: &Repository, instance: &str) -> u64 {
 }
 
 fn cross_figure(svc: &Service, instance: &str) -> Option<u64> {
-    svc.engine
+    svc.engine()
         .catalog
         .last_usage_sample(instance)
         .unwrap()
@@ -134,7 +134,7 @@ async fn sample_at(svc: &Arc<Service>, clock: &ManualClock, instance: &str) {
     let at = svc.now() + chrono::Duration::minutes(11);
     clock.set(at);
     tick_until(svc, "a usage sample", || {
-        svc.engine
+        svc.engine()
             .catalog
             .last_usage_sample(instance)
             .unwrap()
@@ -157,7 +157,7 @@ async fn tick_until(svc: &Arc<Service>, what: &str, mut done: impl FnMut() -> bo
 
 async fn settle(svc: &Service, id: &str) {
     for _ in 0..600 {
-        let sets = svc.engine.catalog.list_backups(id).unwrap();
+        let sets = svc.engine().catalog.list_backups(id).unwrap();
         if svc.running_backup_job(id).is_none()
             && sets.iter().all(|b| b.status != BackupStatus::Running)
         {
@@ -238,12 +238,12 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         "postgres",
         "CREATE TABLE IF NOT EXISTS xr_t AS SELECT 1 AS a; SELECT pg_switch_wal();",
     );
-    let sets = svc.engine.catalog.list_backups("xr").unwrap();
+    let sets = svc.engine().catalog.list_backups("xr").unwrap();
     assert_eq!(sets.len(), 2);
     // The target refuses manifests: the copies fail, are recorded failed
     // and are not listed; the target holds no backup set.
     tick_until(&svc, "a failed copy job", || {
-        svc.engine
+        svc.engine()
             .catalog
             .list_jobs(Some("xr"))
             .unwrap()

@@ -79,7 +79,7 @@ async fn drill_of_a_hostile_catalog(major: u32) {
     .unwrap();
     svc.tick().await;
     let set = wait_for(|| {
-        svc.engine
+        svc.engine()
             .catalog
             .list_backups(&id)
             .unwrap()
@@ -90,7 +90,7 @@ async fn drill_of_a_hostile_catalog(major: u32) {
     assert_eq!(set.status, BackupStatus::Success, "{set:?}");
     svc.start_drill(&set.id).unwrap();
     let drill = wait_for(|| {
-        svc.engine
+        svc.engine()
             .catalog
             .get_drill(&set.id)
             .unwrap()

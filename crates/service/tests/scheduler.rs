@@ -41,7 +41,7 @@ fn settings(dir: &std::path::Path) -> ServiceSettings {
 /// Waits until no backup of the instance is running; returns all sets.
 async fn settle(svc: &Service, id: &str) -> Vec<strata_catalog::BackupSet> {
     for _ in 0..600 {
-        let sets = svc.engine.catalog.list_backups(id).unwrap();
+        let sets = svc.engine().catalog.list_backups(id).unwrap();
         if svc.running_backup_job(id).is_none()
             && sets.iter().all(|b| b.status != BackupStatus::Running)
         {
@@ -143,7 +143,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     let mut stored = false;
     for _ in 0..100 {
         if !svc
-            .engine
+            .engine()
             .catalog
             .list_wal_segments("sched")
             .unwrap()
@@ -161,7 +161,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     // (the base of the oldest recoverable point) goes; WAL before it too.
     let before = sets.clone();
     let newest = sets.iter().max_by_key(|b| b.started_at).unwrap().clone();
-    let wal_before = svc.engine.catalog.list_wal_segments("sched").unwrap();
+    let wal_before = svc.engine().catalog.list_wal_segments("sched").unwrap();
     svc.modify_policy(
         "sched",
         PolicyChange {
@@ -186,7 +186,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
         [newest.id.as_str(), newest_now.id.as_str()],
         "{before:?}"
     );
-    let wal_after = svc.engine.catalog.list_wal_segments("sched").unwrap();
+    let wal_after = svc.engine().catalog.list_wal_segments("sched").unwrap();
     assert!(
         wal_after.len() < wal_before.len() + 3,
         "WAL should have been trimmed"
@@ -200,7 +200,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     );
     // Garbage collection ran: no unreferenced pack, nothing damaged.
     svc.tick().await;
-    let report = svc.engine.repo.verify(&|_, _| {}).unwrap();
+    let report = svc.engine().repo.verify(&|_, _| {}).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     assert!(
         report.unreferenced_packs.is_empty(),
@@ -238,12 +238,12 @@ async fn garbage_collection_waits_for_running_backups() {
     .await
     .unwrap();
     let first = svc
-        .engine
+        .engine()
         .backup("gc", &Default::default(), &strata_engine::NoProgress)
         .await
         .unwrap();
     let base = svc
-        .engine
+        .engine()
         .backup("gc", &Default::default(), &strata_engine::NoProgress)
         .await
         .unwrap();
@@ -264,8 +264,8 @@ async fn garbage_collection_waits_for_running_backups() {
         mode: BackupMode::Manual,
         max_rate_kb: Some(4096),
     };
-    let pending = svc.engine.prepare_backup("gc", &opts).unwrap();
-    let engine = svc.engine.clone();
+    let pending = svc.engine().prepare_backup("gc", &opts).unwrap();
+    let engine = svc.engine().clone();
     let running = tokio::spawn(async move {
         engine
             .run_backup_job(pending, &opts, &strata_engine::NoProgress)
@@ -273,7 +273,7 @@ async fn garbage_collection_waits_for_running_backups() {
     });
     let mut uploading = false;
     for _ in 0..200 {
-        let jobs = svc.engine.catalog.list_jobs(Some("gc")).unwrap();
+        let jobs = svc.engine().catalog.list_jobs(Some("gc")).unwrap();
         if jobs
             .last()
             .is_some_and(|j| j.state == strata_catalog::JobState::Uploading)
@@ -295,7 +295,7 @@ async fn garbage_collection_waits_for_running_backups() {
     svc.delete_backups("gc", std::slice::from_ref(&first.id))
         .unwrap();
     assert_eq!(
-        svc.engine.collect_garbage().unwrap(),
+        svc.engine().collect_garbage().unwrap(),
         None,
         "collection ran beside a backup"
     );
@@ -303,13 +303,13 @@ async fn garbage_collection_waits_for_running_backups() {
 
     // Now it runs: the first set's packs that the others did not reuse go,
     // and the other sets are intact.
-    let report = svc.engine.collect_garbage().unwrap().expect("lock free");
+    let report = svc.engine().collect_garbage().unwrap().expect("lock free");
     assert_eq!(report.manifests_scanned, 2);
-    let verify = svc.engine.repo.verify(&|_, _| {}).unwrap();
+    let verify = svc.engine().repo.verify(&|_, _| {}).unwrap();
     assert!(verify.is_clean(), "{:?}", verify.problems);
     assert!(verify.unreferenced_packs.is_empty());
     assert_eq!(
-        svc.engine.repo.list_backups("gc").unwrap(),
+        svc.engine().repo.list_backups("gc").unwrap(),
         vec![base.id.clone(), third.id.clone()]
     );
 
@@ -328,7 +328,7 @@ async fn garbage_collection_waits_for_running_backups() {
         "{refused:?}"
     );
     let left: Vec<String> = svc
-        .engine
+        .engine()
         .catalog
         .list_backups("gc")
         .unwrap()
@@ -336,7 +336,10 @@ async fn garbage_collection_waits_for_running_backups() {
         .map(|b| b.id)
         .collect();
     assert_eq!(left, vec![third.id.clone()]);
-    assert_eq!(svc.engine.repo.list_backups("gc").unwrap(), vec![third.id]);
+    assert_eq!(
+        svc.engine().repo.list_backups("gc").unwrap(),
+        vec![third.id]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +375,7 @@ async fn a_failed_restore_drill_raises_the_alert() {
         let svc = Arc::clone(&svc);
         async move {
             for _ in 0..1200 {
-                if let Some(d) = svc.engine.catalog.get_drill(&backup).unwrap() {
+                if let Some(d) = svc.engine().catalog.get_drill(&backup).unwrap() {
                     if d.status == "Passed" || d.status == "Failed" {
                         return d;
                     }
@@ -383,7 +386,7 @@ async fn a_failed_restore_drill_raises_the_alert() {
         }
     };
     let good = svc
-        .engine
+        .engine()
         .backup("drill", &Default::default(), &strata_engine::NoProgress)
         .await
         .unwrap();
@@ -399,11 +402,11 @@ async fn a_failed_restore_drill_raises_the_alert() {
     // Damage one stored block of a second backup: its drill must fail and
     // the alert turn on.
     let bad = svc
-        .engine
+        .engine()
         .backup("drill", &Default::default(), &strata_engine::NoProgress)
         .await
         .unwrap();
-    let manifest = svc.engine.repo.read_manifest("drill", &bad.id).unwrap();
+    let manifest = svc.engine().repo.read_manifest("drill", &bad.id).unwrap();
     let block = manifest
         .files
         .iter()

@@ -73,7 +73,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             regions,
         );
         if let Some(sb) = &sandbox {
-            if service.engine.catalog.get_instance(DEMO_INSTANCE).is_err() {
+            if service.instance(DEMO_INSTANCE).is_err() {
                 if let Err(e) = service.register_instance(sb.instance()).await {
                     sb.stop();
                     return Err(anyhow::Error::new(e).context("registering the sandbox"));
