@@ -1182,7 +1182,23 @@ pub async fn storage(
         Ok(i) => i,
         Err(e) => return missing(&page, e),
     };
-    let body = crate::storage::tab(&state.service, &inst.id, state.service.now());
+    // The figures may need a repository walk (before the first usage
+    // sample): on the blocking pool.
+    let (service, instance_id) = (Arc::clone(&state.service), inst.id.clone());
+    let now = state.service.now();
+    let body =
+        tokio::task::spawn_blocking(move || crate::storage::tab(&service, &instance_id, now))
+            .await
+            .unwrap_or_else(|e| {
+                layout::error_box(
+                    "Storage could not be read:",
+                    &strata_api::ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "InternalError",
+                        format!("the storage figures stopped: {e}"),
+                    ),
+                )
+            });
     render(&state, page, &inst, Tab::Storage, StatusCode::OK, body)
 }
 

@@ -60,16 +60,29 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
 
 /// `GET /console/`.
 pub async fn page(State(state): State<Arc<ConsoleState>>, page: Page) -> Response {
-    let rows = state
-        .service
-        .catalog()
-        .list_instances()
-        .map_err(strata_api::ApiError::from)
-        .and_then(|list| {
-            list.into_iter()
-                .map(|i| row(&state, i))
-                .collect::<Result<Vec<_>, _>>()
-        });
+    // Catalog reads, and a repository walk for storage figures before the
+    // first usage sample: on the blocking pool.
+    let reader = Arc::clone(&state);
+    let rows = tokio::task::spawn_blocking(move || {
+        reader
+            .service
+            .catalog()
+            .list_instances()
+            .map_err(strata_api::ApiError::from)
+            .and_then(|list| {
+                list.into_iter()
+                    .map(|i| row(&reader, i))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(strata_api::ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("reading the instances stopped: {e}"),
+        ))
+    });
     let body = match rows {
         Ok(rows) => list(&rows),
         Err(e) => layout::error_box("The instances could not be read:", &e),
