@@ -247,14 +247,21 @@ def test_unusable_names_are_refused_up_front(instance, admin, newname, code):
 
 def test_a_drill_of_a_database_named_like_a_conninfo_stays_home(instance, admin, trap):
     name = f"host=127.0.0.1 port={trap.port} user=x dbname=y"
-    h.psql(f"DROP DATABASE IF EXISTS {sql_ident(name)}")
-    h.psql(f"CREATE DATABASE {sql_ident(name)}")
+    # A name with a line break and quotes: listed, connected to and checked
+    # like any other (names travel hex-encoded, connections as quoted values).
+    odd = 'line\nbreak "q" \'; --'
+    for db in (name, odd):
+        h.psql(f"DROP DATABASE IF EXISTS {sql_ident(db)}")
+        h.psql(f"CREATE DATABASE {sql_ident(db)}")
     psql_in(name, "CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept VALUES (1), (2);")
     backup_id = h.backup(admin, instance.id).backup_id
     item = drill(admin, instance.id, backup_id)
     assert item["StrataDrillStatus"] == "Passed", item
+    dbs = h.psql("SELECT count(*) FROM pg_database WHERE datallowconn")
+    assert f"pg_amcheck clean over {dbs} databases" in item["StrataDrillMessage"], (dbs, item)
     assert trap.connections == 0 and trap.passwords == []
-    h.psql(f"DROP DATABASE {sql_ident(name)}")
+    for db in (name, odd):
+        h.psql(f"DROP DATABASE {sql_ident(db)}")
 
 
 def scratch_dirs():

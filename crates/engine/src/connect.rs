@@ -9,16 +9,22 @@ use strata_catalog::Instance;
 
 use crate::{EngineError, EngineResult};
 
-pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
-    let password = match &instance.password_env {
-        Some(var) => Some(std::env::var(var).map_err(|_| {
+/// An instance's password: the one stored with it, or read from the
+/// environment variable it names, for this one server only.
+pub fn instance_password(instance: &Instance) -> EngineResult<Option<String>> {
+    match &instance.password_env {
+        Some(var) => std::env::var(var).map(Some).map_err(|_| {
             EngineError::Refused(format!(
                 "instance {}: environment variable {var} (its password) is not set",
                 instance.id
             ))
-        })?),
-        None => instance.password.clone(),
-    };
+        }),
+        None => Ok(instance.password.clone()),
+    }
+}
+
+pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
+    let password = instance_password(instance)?;
     Ok(ConnectOptions {
         host: instance.host.clone(),
         port: instance.port,

@@ -1144,6 +1144,21 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 12, 1, 10, minute, 0).unwrap()
     }
 
+    /// Backup `b` of instance `i`, from `start` to `stop` (LSNs as text),
+    /// ended at minute 20.
+    fn manifest(start: &str, stop: &str) -> BackupManifest {
+        serde_json::from_value(serde_json::json!({
+            "format_version": 1, "backup_id": "b", "instance_id": "i", "mode": "Manual",
+            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
+            "label": "t", "start_lsn": start, "start_timeline": 1, "stop_lsn": stop,
+            "stop_timeline": 1, "start_time": t(19), "stop_time": t(20),
+            "tablespaces": [], "files": [], "server_manifest": null,
+            "stats": {"file_count": 0, "total_bytes": 0, "new_bytes": 0, "dedup_bytes": 0,
+                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
+        }))
+        .expect("a manifest")
+    }
+
     /// A successful set that ended at `minute` at LSN `stop`.
     fn set(id: &str, minute: u32, stop: u64) -> BackupSet {
         let mut b = BackupSet::started(
@@ -1278,16 +1293,7 @@ mod tests {
 
     #[test]
     fn targets_the_staged_wal_does_not_reach() {
-        let manifest: BackupManifest = serde_json::from_value(serde_json::json!({
-            "format_version": 1, "backup_id": "b", "instance_id": "i", "mode": "Manual",
-            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
-            "label": "t", "start_lsn": "0/7C6", "start_timeline": 1, "stop_lsn": "0/7D0",
-            "stop_timeline": 1, "start_time": t(19), "stop_time": t(20),
-            "tablespaces": [], "files": [], "server_manifest": null,
-            "stats": {"file_count": 0, "total_bytes": 0, "new_bytes": 0, "dedup_bytes": 0,
-                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
-        }))
-        .expect("a manifest");
+        let manifest = manifest("0/7C6", "0/7D0");
         let seen = |commit_after_time, xid_found, passed_lsn| WalFindings {
             commit_after_time,
             xid_found,
@@ -1371,16 +1377,7 @@ mod tests {
     #[test]
     fn the_wal_a_restore_stages() {
         let g = WalGeometry::new(16 << 20).unwrap();
-        let manifest: BackupManifest = serde_json::from_value(serde_json::json!({
-            "format_version": 1, "backup_id": "b", "instance_id": "i", "mode": "Manual",
-            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
-            "label": "t", "start_lsn": "0/1000028", "start_timeline": 1, "stop_lsn": "0/1000100",
-            "stop_timeline": 1, "start_time": t(19), "stop_time": t(20),
-            "tablespaces": [], "files": [], "server_manifest": null,
-            "stats": {"file_count": 0, "total_bytes": 0, "new_bytes": 0, "dedup_bytes": 0,
-                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
-        }))
-        .expect("a manifest");
+        let manifest = manifest("0/1000028", "0/1000100");
         let row = |tli: u32, seg: u64, partial: bool| {
             let mut w = wal(20, seg << 24, (seg + 1) << 24, None);
             w.timeline = TimelineId(tli);

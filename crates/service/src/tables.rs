@@ -11,7 +11,8 @@
 //! dropped. Tables are renamed to their temporary names (with their indexes
 //! and owned sequences) on the scratch copy before the dump.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -202,15 +203,7 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
 
 /// The connection to a registered instance, for its client programs.
 fn original_conn(instance: &Instance) -> ServiceResult<ClientConn> {
-    let password = match &instance.password_env {
-        Some(var) => Some(std::env::var(var).map_err(|_| {
-            EngineError::Refused(format!(
-                "environment variable {var} (the password of {}) is not set",
-                instance.id
-            ))
-        })?),
-        None => instance.password.clone(),
-    };
+    let password = strata_engine::instance_password(instance)?;
     Ok(ClientConn {
         host: instance.host.clone(),
         port: instance.port,
@@ -479,14 +472,32 @@ fn restore_tables(
     dump.arg("-Fc");
     let mut renames = Vec::new();
     let mut loaded_tables = Vec::new();
+    // Per schema: the relations of the original, read once, plus every
+    // name this restore chooses, so no two chosen names collide either.
+    let mut names: HashMap<String, HashSet<String>> = HashMap::new();
     for (n, t) in d.tables.iter().enumerate() {
         let (schema, table) = split_table(&t.name);
         let table_temp = format!("{temp}_{n}");
         let deps = rename_on_scratch(scratch, tools, &d.name, &schema, &table, &table_temp)?;
         dump.arg(format!("--table={}.{}", ident(&schema), ident(&table_temp)));
-        let taken = relation_names(original, &tools.psql, &into, &schema)?;
-        let mut chosen: HashSet<String> = HashSet::new();
-        chosen.insert(t.newname.clone());
+        let taken = match names.entry(schema.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(relation_names(original, &tools.psql, &into, &schema)?),
+        };
+        // Temporary names someone else already uses are not ours to load
+        // into (nor to drop on failure).
+        for temp_name in std::iter::once(&table_temp).chain(deps.iter().map(|(_, _, t)| t)) {
+            if taken.contains(temp_name) {
+                return Err(EngineError::Conflict(format!(
+                    "{}.{} already exists in database {}; remove it or retry later",
+                    shown(&schema),
+                    shown(temp_name),
+                    shown(&into)
+                ))
+                .into());
+            }
+        }
+        taken.insert(t.newname.clone());
         renames.push(Rename {
             kind: "TABLE",
             schema: schema.clone(),
@@ -494,8 +505,8 @@ fn restore_tables(
             name: t.newname.clone(),
         });
         for (kind, old_name, dep_temp) in deps {
-            let name = derived_name(&old_name, &table, &t.newname, &taken, &chosen);
-            chosen.insert(name.clone());
+            let name = derived_name(&old_name, &table, &t.newname, taken);
+            taken.insert(name.clone());
             renames.push(Rename {
                 kind,
                 schema: schema.clone(),
@@ -504,19 +515,6 @@ fn restore_tables(
             });
         }
         loaded_tables.push((schema, table_temp));
-    }
-    // Temporary names someone else already uses are not ours to load into
-    // (nor to drop on failure).
-    for (schema, temp_name) in renames.iter().map(|r| (&r.schema, &r.temp)) {
-        if relation_names(original, &tools.psql, &into, schema)?.contains(temp_name) {
-            return Err(EngineError::Conflict(format!(
-                "{}.{} already exists in database {}; remove it or retry later",
-                shown(schema),
-                shown(temp_name),
-                shown(&into)
-            ))
-            .into());
-        }
     }
     let mut load = original.command(&tools.pg_restore, &into);
     load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
@@ -550,18 +548,12 @@ fn restore_tables(
 /// The final name of an index or sequence of a restored table: the
 /// table's name in it replaced by the new one (`t_pkey` → `t2_pkey`), cut to
 /// what PostgreSQL holds, and numbered if taken.
-fn derived_name(
-    old: &str,
-    table: &str,
-    newname: &str,
-    taken: &HashSet<String>,
-    chosen: &HashSet<String>,
-) -> String {
+fn derived_name(old: &str, table: &str, newname: &str, taken: &HashSet<String>) -> String {
     let base = match old.strip_prefix(table) {
         Some(rest) => format!("{newname}{rest}"),
         None => format!("{newname}_{old}"),
     };
-    let free = |n: &String| !taken.contains(n) && !chosen.contains(n);
+    let free = |n: &String| !taken.contains(n);
     let candidate = cut(&base, MAX_NAME_BYTES);
     if free(&candidate) {
         return candidate;
@@ -794,16 +786,16 @@ mod tests {
     #[test]
     fn derived_names_fit_and_stay_free() {
         let none = HashSet::new();
-        assert_eq!(derived_name("t_pkey", "t", "t2", &none, &none), "t2_pkey");
-        assert_eq!(derived_name("idx", "t", "t2", &none, &none), "t2_idx");
+        assert_eq!(derived_name("t_pkey", "t", "t2", &none), "t2_pkey");
+        assert_eq!(derived_name("idx", "t", "t2", &none), "t2_idx");
         let long = "n".repeat(63);
-        let name = derived_name("t_pkey", "t", &long, &none, &none);
+        let name = derived_name("t_pkey", "t", &long, &none);
         assert_eq!(name.len(), 63);
         let taken: HashSet<String> = [name.clone()].into();
-        let other = derived_name("t_pkey", "t", &long, &taken, &none);
+        let other = derived_name("t_pkey", "t", &long, &taken);
         assert!(other.len() <= 63 && other != name && other.ends_with("_1"));
         let multibyte = "é".repeat(31);
-        let n = derived_name("t_pkey", "t", &multibyte, &none, &none);
+        let n = derived_name("t_pkey", "t", &multibyte, &none);
         assert!(n.len() <= 63 && n.starts_with(&multibyte));
     }
 }
