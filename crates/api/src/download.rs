@@ -248,29 +248,19 @@ pub async fn wal(
     if let Err(e) = state.links.check(&path, &q, Utc::now()) {
         return error(e);
     }
-    let engine = state.service.engine().clone();
+    let service = state.service.clone();
     let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let (name, partial) = match file.strip_suffix(".partial") {
             Some(n) => (n.to_string(), true),
             None => (file.clone(), false),
         };
-        let row = engine
-            .catalog
-            .list_wal_segments(&instance)?
-            .into_iter()
-            .find(|w| w.segment == name && w.partial == partial)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "InvalidLogFile.NotFound",
-                    format!("no WAL segment {file} for {instance}"),
-                )
-            })?;
-        let (_, data) = engine
-            .repo
-            .read_wal(&row.object_key)
-            .map_err(strata_engine::EngineError::from)?;
-        Ok(data)
+        service.wal_file(&instance, &name, partial)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "InvalidLogFile.NotFound",
+                format!("no WAL segment {file} for {instance}"),
+            )
+        })
     })
     .await;
     match read {

@@ -12,7 +12,7 @@ use acs_signature::SignatureError;
 use axum::http::StatusCode;
 use strata_catalog::CatalogError;
 use strata_engine::EngineError;
-use strata_service::{PolicyError, ServiceError};
+use strata_service::{PolicyError, Refusal, ServiceError};
 
 /// Longest piece of request input a message repeats, in characters.
 pub const MAX_ECHO: usize = 200;
@@ -162,14 +162,44 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// RDS's error code for a policy refusal.
+pub fn refusal_code(kind: Refusal) -> &'static str {
+    match kind {
+        Refusal::BackupDaysMalformed => "InvalidPreferredBackupPeriod.Malformed",
+        Refusal::BackupWindowMalformed => "InvalidPreferredBackupTime.Malformed",
+        Refusal::DataRetentionMalformed => "InvalidBackupRetentionPeriod.Malformed",
+        Refusal::LogRetentionMalformed => "InvalidLogBackupRetentionPeriod.Malformed",
+        Refusal::ConflictingParameters => "InvalidParameterCombination",
+        Refusal::MissingParameter => "MissingParameter",
+        Refusal::CopyRetentionMalformed => "InvalidRetention.Malformed",
+        Refusal::UnknownRegion => "InvalidCrossBackupRegion.NotFound",
+        Refusal::CopyNotFound => "InvalidBackupSetID.NotFound",
+        Refusal::NoLogBackup => "InvalidRestoreTime.NoLogBackup",
+        Refusal::RestoreTimeOutsideWindow => "InvalidRestoreTime",
+        Refusal::BackupSetKept => "IncorrectBackupSetState",
+        Refusal::NotCreatedByStrata => "IncorrectDBInstanceType",
+        Refusal::TableMetaMalformed => "InvalidTableMeta.Malformed",
+        Refusal::DatabaseNameFormat => "InvalidDBName.Format",
+        Refusal::DatabaseNameTaken => "InvalidDBName.Duplicate",
+        Refusal::DatabaseNotFound => "InvalidDBName.NotFound",
+        Refusal::TableNameFormat => "InvalidTableName.Format",
+        Refusal::TableNameTaken => "InvalidTableName.Duplicate",
+        Refusal::TableNotFound => "InvalidTableName.NotFound",
+    }
+}
+
+/// The HTTP status of a policy refusal: RDS answers a request that the
+/// resource's state forbids ("Incorrect…") with 403, a malformed one with 400.
+pub fn refusal_status(kind: Refusal) -> StatusCode {
+    match kind {
+        Refusal::BackupSetKept | Refusal::NotCreatedByStrata => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
 impl From<PolicyError> for ApiError {
     fn from(e: PolicyError) -> Self {
-        let status = if e.code.starts_with("Incorrect") {
-            StatusCode::FORBIDDEN
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        ApiError::new(status, e.code, e.message)
+        ApiError::new(refusal_status(e.kind), refusal_code(e.kind), e.message)
     }
 }
 
@@ -254,5 +284,62 @@ mod tests {
             e.message
         );
         assert!(e.message.len() < 300, "{}", e.message);
+    }
+
+    /// Every refusal keeps the code and status clients saw when the service
+    /// named them itself (the SDK and CLI tests match on these codes).
+    #[test]
+    fn refusals_keep_their_rds_codes() {
+        let cases = [
+            (
+                Refusal::BackupDaysMalformed,
+                "InvalidPreferredBackupPeriod.Malformed",
+            ),
+            (
+                Refusal::BackupWindowMalformed,
+                "InvalidPreferredBackupTime.Malformed",
+            ),
+            (
+                Refusal::DataRetentionMalformed,
+                "InvalidBackupRetentionPeriod.Malformed",
+            ),
+            (
+                Refusal::LogRetentionMalformed,
+                "InvalidLogBackupRetentionPeriod.Malformed",
+            ),
+            (
+                Refusal::ConflictingParameters,
+                "InvalidParameterCombination",
+            ),
+            (Refusal::MissingParameter, "MissingParameter"),
+            (
+                Refusal::CopyRetentionMalformed,
+                "InvalidRetention.Malformed",
+            ),
+            (Refusal::UnknownRegion, "InvalidCrossBackupRegion.NotFound"),
+            (Refusal::CopyNotFound, "InvalidBackupSetID.NotFound"),
+            (Refusal::NoLogBackup, "InvalidRestoreTime.NoLogBackup"),
+            (Refusal::RestoreTimeOutsideWindow, "InvalidRestoreTime"),
+            (Refusal::BackupSetKept, "IncorrectBackupSetState"),
+            (Refusal::NotCreatedByStrata, "IncorrectDBInstanceType"),
+            (Refusal::TableMetaMalformed, "InvalidTableMeta.Malformed"),
+            (Refusal::DatabaseNameFormat, "InvalidDBName.Format"),
+            (Refusal::DatabaseNameTaken, "InvalidDBName.Duplicate"),
+            (Refusal::DatabaseNotFound, "InvalidDBName.NotFound"),
+            (Refusal::TableNameFormat, "InvalidTableName.Format"),
+            (Refusal::TableNameTaken, "InvalidTableName.Duplicate"),
+            (Refusal::TableNotFound, "InvalidTableName.NotFound"),
+        ];
+        for (kind, code) in cases {
+            let e = ApiError::from(PolicyError {
+                kind,
+                message: "why".into(),
+            });
+            assert_eq!(e.code, code, "{kind:?}");
+            assert_eq!(e.message, "why");
+            let forbidden = code.starts_with("Incorrect");
+            assert_eq!(e.status == StatusCode::FORBIDDEN, forbidden, "{kind:?}");
+            assert_eq!(e.status == StatusCode::BAD_REQUEST, !forbidden, "{kind:?}");
+        }
     }
 }

@@ -525,7 +525,7 @@ impl Strategy {
         if self.retention.is_empty() {
             return policy::parse_days_count(
                 "",
-                "InvalidBackupRetentionPeriod.Malformed",
+                policy::Refusal::DataRetentionMalformed,
                 "BackupRetentionPeriod",
             )
             .err()
@@ -534,7 +534,7 @@ impl Strategy {
         if self.log_retention.is_empty() {
             return policy::parse_days_count(
                 "",
-                "InvalidLogBackupRetentionPeriod.Malformed",
+                policy::Refusal::LogRetentionMalformed,
                 "LogBackupRetentionPeriod",
             )
             .err()

@@ -153,11 +153,11 @@ fn tool_major(program: &std::path::Path) -> Option<u32> {
 #[derive(Clone)]
 pub struct Engine {
     /// The catalog the jobs record in.
-    pub catalog: Arc<dyn Catalog>,
+    catalog: Arc<dyn Catalog>,
     /// The repository the jobs read and write.
-    pub repo: Repository,
+    repo: Repository,
     /// Knobs from the configuration.
-    pub settings: EngineSettings,
+    settings: EngineSettings,
 }
 
 impl Engine {
@@ -168,6 +168,34 @@ impl Engine {
             repo,
             settings,
         }
+    }
+
+    /// The catalog the jobs record in (shared with whoever else holds the
+    /// `Arc`, e.g. the service's scheduler).
+    pub fn catalog(&self) -> &Arc<dyn Catalog> {
+        &self.catalog
+    }
+
+    /// The repository the jobs read and write.
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// The knobs this engine was built with.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// This engine with another repository (same catalog and settings), e.g.
+    /// the same store seen through a fault-injecting or retrying layer.
+    pub fn with_repo(&self, repo: Repository) -> Engine {
+        Engine::new(self.catalog.clone(), repo, self.settings.clone())
+    }
+
+    /// This engine with `settings` in place of its own (same catalog and
+    /// repository).
+    pub fn with_settings(&self, settings: EngineSettings) -> Engine {
+        Engine::new(self.catalog.clone(), self.repo.clone(), settings)
     }
 
     /// Registers an instance in the catalog and records it in the repository

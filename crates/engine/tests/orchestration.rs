@@ -56,7 +56,7 @@ fn days_ago(n: i64) -> DateTime<Utc> {
 /// A successful set finished `age` days ago, committed with one block of
 /// its own (in a pack of its own) covering LSNs [lsn, lsn + 100].
 fn backup(rig: &Rig, id: &str, age: i64, lsn: u64) -> BlockRef {
-    let repo = &rig.engine.repo;
+    let repo = &rig.engine.repo();
     let mut w = repo.block_writer(BlockIndex::default());
     let block = w.add(&vec![lsn as u8; 4096]).unwrap();
     w.finish().unwrap();
@@ -90,7 +90,7 @@ fn backup(rig: &Rig, id: &str, age: i64, lsn: u64) -> BlockRef {
     set.stop_lsn = Some(Lsn(lsn + 100));
     set.start_timeline = Some(TimelineId(1));
     set.stop_timeline = Some(TimelineId(1));
-    rig.engine.catalog.insert_backup(&set).unwrap();
+    rig.engine.catalog().insert_backup(&set).unwrap();
     block
 }
 
@@ -115,7 +115,7 @@ fn wal(rig: &Rig, age: i64, begin: u64, end: u64) -> WalSegmentRow {
         object_key: key,
         stored_at: days_ago(age),
     };
-    rig.engine.catalog.upsert_wal_segment(&row).unwrap();
+    rig.engine.catalog().upsert_wal_segment(&row).unwrap();
     row
 }
 
@@ -144,7 +144,7 @@ fn retention_then_collection_frees_exactly_the_deleted_sets() {
     assert_eq!(gone, ["100", "50"]);
     let left: Vec<String> = rig
         .engine
-        .catalog
+        .catalog()
         .list_backups("i")
         .unwrap()
         .into_iter()
@@ -161,7 +161,7 @@ fn retention_then_collection_frees_exactly_the_deleted_sets() {
     let packs = |b: &BlockRef| rig.storage.exists(&pack_key(&b.pack)).unwrap();
     assert!(!packs(&old) && !packs(&older) && packs(&newest));
     assert_eq!(
-        rig.engine.repo.read_block(&newest).unwrap(),
+        rig.engine.repo().read_block(&newest).unwrap(),
         vec![2000u64 as u8; 4096]
     );
 
@@ -191,7 +191,7 @@ fn expired_wal_waits_while_a_reader_holds_the_repository() {
     assert_eq!(plan.wal.len(), 1, "{plan:?}");
     assert!(!rig.storage.exists(&expired.object_key).unwrap());
     assert!(rig.storage.exists(&needed.object_key).unwrap());
-    let rows = rig.engine.catalog.list_wal_segments("i").unwrap();
+    let rows = rig.engine.catalog().list_wal_segments("i").unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].begin_lsn, Lsn(3000));
 }

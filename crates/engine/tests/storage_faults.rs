@@ -78,7 +78,7 @@ impl Rig {
         let faulty = Arc::new(FaultyStorage::new(self.store.clone(), plan));
         let storage: Arc<dyn Storage> =
             Arc::new(RetryingStorage::new(faulty.clone(), retry_policy()));
-        self.engine.repo = Repository::open(storage).unwrap();
+        self.engine = self.engine.with_repo(Repository::open(storage).unwrap());
         let outcome = self.runtime.block_on(self.engine.backup(
             id,
             &BackupOptions::default(),
@@ -91,7 +91,7 @@ impl Rig {
 
 /// The invariants every run must leave behind.
 fn check_invariants(rig: &Rig, id: &str) {
-    let sets = rig.engine.catalog.list_backups(id).unwrap();
+    let sets = rig.engine.catalog().list_backups(id).unwrap();
     let manifests = rig.clean.list_backups(id).unwrap();
     for set in &sets {
         match set.status {
@@ -172,7 +172,13 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
     let (ok, counts) = rig.backup_with(plan, &id);
     assert!(!ok && counts.permanent_errors > 0, "{counts:?}");
     check_invariants(&rig, &id);
-    let last = rig.engine.catalog.list_backups(&id).unwrap().pop().unwrap();
+    let last = rig
+        .engine
+        .catalog()
+        .list_backups(&id)
+        .unwrap()
+        .pop()
+        .unwrap();
     assert!(
         last.error
             .as_deref()
@@ -205,7 +211,7 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
     check_invariants(&rig, &id);
 
     // The newest successful set restores and matches the source.
-    let sets = rig.engine.catalog.list_backups(&id).unwrap();
+    let sets = rig.engine.catalog().list_backups(&id).unwrap();
     assert!(
         sets.iter()
             .filter(|s| s.status == BackupStatus::Success)

@@ -25,6 +25,7 @@ use strata_engine::{
 use strata_repo::{KeySource, Repository, Storage};
 
 use crate::policy::invalid;
+use crate::policy::Refusal;
 use crate::window::{check_restore_time, WindowOf};
 use crate::{fail_job, finish_job, lock, PolicyError, Service, ServiceError, ServiceResult};
 
@@ -115,7 +116,7 @@ impl Regions {
     pub fn target(&self, id: &str) -> ServiceResult<Arc<RegionTarget>> {
         self.targets.get(id).cloned().ok_or_else(|| {
             invalid(
-                "InvalidCrossBackupRegion.NotFound",
+                Refusal::UnknownRegion,
                 format!(
                     "region {id:?} is not a cross-region backup target here (available: {})",
                     self.available().join(", ")
@@ -240,8 +241,8 @@ impl Service {
 
     /// The cross-region policy of an instance, if one was ever set.
     pub fn cross_policy(&self, instance_id: &str) -> ServiceResult<Option<CrossBackupPolicy>> {
-        self.engine.catalog.get_instance(instance_id)?;
-        Ok(self.engine.catalog.get_cross_policy(instance_id)?)
+        self.engine.catalog().get_instance(instance_id)?;
+        Ok(self.engine.catalog().get_cross_policy(instance_id)?)
     }
 
     /// Validates and stores a cross-region policy change.
@@ -265,7 +266,7 @@ impl Service {
         if let Some(days) = change.retention_days {
             if !(*RETENTION_DAYS.start() as i64..=*RETENTION_DAYS.end() as i64).contains(&days) {
                 return Err(invalid(
-                    "InvalidRetention.Malformed",
+                    Refusal::CopyRetentionMalformed,
                     format!(
                         "Retention must be {} to {} days, got {days}",
                         RETENTION_DAYS.start(),
@@ -288,19 +289,19 @@ impl Service {
         };
         if log_on && !backup_on {
             return Err(invalid(
-                "InvalidParameterCombination",
+                Refusal::ConflictingParameters,
                 "cross-region log backup needs cross-region backup on (BackupEnabled)",
             ));
         }
         if backup_on && p.region.is_empty() {
             return Err(invalid(
-                "MissingParameter",
+                Refusal::MissingParameter,
                 "CrossBackupRegion is required to turn cross-region backup on",
             ));
         }
         if log_on && !p.log_backup_enabled && !self.policy(instance_id)?.log_backup_enabled {
             return Err(invalid(
-                "InvalidParameterCombination",
+                Refusal::ConflictingParameters,
                 format!("instance {instance_id} has log backup off: turn it on (ModifyBackupPolicy) before copying its logs to another region"),
             ));
         }
@@ -313,20 +314,20 @@ impl Service {
         p.backup_enabled = backup_on;
         p.log_backup_enabled = log_on;
         p.updated_at = now;
-        self.engine.catalog.put_cross_policy(&p)?;
+        self.engine.catalog().put_cross_policy(&p)?;
         Ok(p)
     }
 
     /// Committed copies of an instance's backup sets, oldest first.
     pub fn cross_backups(&self, instance_id: &str) -> ServiceResult<Vec<CrossBackup>> {
-        self.engine.catalog.get_instance(instance_id)?;
-        Ok(self.engine.catalog.list_cross_backups(instance_id)?)
+        self.engine.catalog().get_instance(instance_id)?;
+        Ok(self.engine.catalog().list_cross_backups(instance_id)?)
     }
 
     /// Copied WAL segments of an instance.
     pub fn cross_wal(&self, instance_id: &str) -> ServiceResult<Vec<CrossWalSegment>> {
-        self.engine.catalog.get_instance(instance_id)?;
-        Ok(self.engine.catalog.list_cross_wal(instance_id)?)
+        self.engine.catalog().get_instance(instance_id)?;
+        Ok(self.engine.catalog().list_cross_wal(instance_id)?)
     }
 
     /// What a restore from `region`'s copies of an instance chooses from.
@@ -375,13 +376,13 @@ impl Service {
             CopyChoice::BackupSet(id) => {
                 let copy = copies.iter().find(|c| c.id == id).ok_or_else(|| {
                     invalid::<PolicyError>(
-                        "InvalidBackupSetID.NotFound",
+                        Refusal::CopyNotFound,
                         format!("no cross-region backup {id} of instance {source_id}"),
                     )
                 })?;
                 if region.is_some_and(|r| r != copy.region) {
                     return Err(invalid(
-                        "InvalidBackupSetID.NotFound",
+                        Refusal::CopyNotFound,
                         format!(
                             "cross-region backup {id} is in region {}, not {}",
                             copy.region,
@@ -400,13 +401,13 @@ impl Service {
                     Some(r) => r.to_string(),
                     None => self
                         .engine
-                        .catalog
+                        .catalog()
                         .get_cross_policy(source_id)?
                         .map(|p| p.region)
                         .filter(|r| !r.is_empty())
                         .ok_or_else(|| {
                             invalid::<PolicyError>(
-                                "InvalidRestoreTime.NoLogBackup",
+                                Refusal::NoLogBackup,
                                 format!("instance {source_id} has no cross-region backups"),
                             )
                         })?,
@@ -471,7 +472,7 @@ impl Service {
     /// One pass of the copier over every instance with a cross-region
     /// policy: copies what is missing, then applies the copies' retention.
     fn copy_round(&self) {
-        let instances = match self.engine.catalog.list_instances() {
+        let instances = match self.engine.catalog().list_instances() {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("copier: listing instances: {e}");
@@ -482,7 +483,7 @@ impl Service {
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            let policy = match self.engine.catalog.get_cross_policy(&instance.id) {
+            let policy = match self.engine.catalog().get_cross_policy(&instance.id) {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
                 Err(e) => {
@@ -521,7 +522,7 @@ impl Service {
         let repo = target.repository()?;
         let copies: Vec<CrossBackup> = self
             .engine
-            .catalog
+            .catalog()
             .list_cross_backups(id)?
             .into_iter()
             .filter(|c| c.region == policy.region)
@@ -535,7 +536,7 @@ impl Service {
             .max(self.now() - chrono::Duration::days(policy.retention_days as i64));
         let due: Vec<_> = self
             .engine
-            .catalog
+            .catalog()
             .list_backups(id)?
             .into_iter()
             .filter(|b| b.status == BackupStatus::Success)
@@ -543,10 +544,10 @@ impl Service {
             .filter(|b| !copied.contains(b.id.as_str()))
             .collect();
         if !due.is_empty() {
-            copy_instance_record(&self.engine.repo, &repo, id)?;
+            copy_instance_record(&self.engine.repo(), &repo, id)?;
             let ids: Vec<String> = copies.iter().map(|c| c.set.id.clone()).collect();
-            let known = CopiedBlocks::learn(&self.engine.repo, &repo, id, &ids)?;
-            let wal = self.engine.catalog.list_wal_segments(id)?;
+            let known = CopiedBlocks::learn(&self.engine.repo(), &repo, id, &ids)?;
+            let wal = self.engine.catalog().list_wal_segments(id)?;
             for set in due {
                 let key = format!("{}/{}/{}", policy.region, id, set.id);
                 if !lock(&self.copy_retries).ready(&key) {
@@ -561,12 +562,12 @@ impl Service {
                 };
                 let mut job = self
                     .engine
-                    .catalog
+                    .catalog()
                     .create_job(JobKind::CrossCopy, Some(id))?;
                 job.state = JobState::Uploading;
                 job.backup_id = Some(set.id.clone());
                 job.detail = format!("copy backup {} to region {}", set.id, policy.region);
-                self.engine.catalog.update_job(&job)?;
+                self.engine.catalog().update_job(&job)?;
                 // Primary garbage collection waits while the copy reads.
                 let outcome = self
                     .engine
@@ -575,7 +576,7 @@ impl Service {
                     .and_then(|_guard| {
                         self.copy_segments(&policy.region, &repo, &own_wal)?;
                         Ok(copy_backup_set(
-                            &self.engine.repo,
+                            &self.engine.repo(),
                             &repo,
                             id,
                             &set.id,
@@ -584,7 +585,7 @@ impl Service {
                     });
                 match outcome {
                     Ok(report) => {
-                        let cross_id = self.engine.catalog.insert_cross_backup(
+                        let cross_id = self.engine.catalog().insert_cross_backup(
                             &policy.region,
                             &set,
                             report.stats.stored_bytes,
@@ -632,20 +633,20 @@ impl Service {
         let id = &first.instance_id;
         let have: HashSet<(u32, String)> = self
             .engine
-            .catalog
+            .catalog()
             .list_cross_wal(id)?
             .into_iter()
             .filter(|w| w.region == region)
             .map(|w| (w.row.timeline.0, w.row.segment))
             .collect();
-        copy_histories(&self.engine.repo, repo, id)?;
+        copy_histories(&self.engine.repo(), repo, id)?;
         for row in rows {
             if have.contains(&(row.timeline.0, row.segment.clone())) {
                 continue;
             }
-            let copy = copy_wal_segment(&self.engine.repo, repo, row)?;
+            let copy = copy_wal_segment(&self.engine.repo(), repo, row)?;
             self.engine
-                .catalog
+                .catalog()
                 .insert_cross_wal(region, &copy, Utc::now())?;
         }
         Ok(())
@@ -657,7 +658,7 @@ impl Service {
         let id = &policy.instance_id;
         let Some(anchor) = self
             .engine
-            .catalog
+            .catalog()
             .list_cross_backups(id)?
             .iter()
             .filter(|c| c.region == policy.region)
@@ -668,7 +669,7 @@ impl Service {
         };
         let have: HashSet<(u32, String)> = self
             .engine
-            .catalog
+            .catalog()
             .list_cross_wal(id)?
             .into_iter()
             .filter(|w| w.region == policy.region)
@@ -676,7 +677,7 @@ impl Service {
             .collect();
         let due: Vec<WalSegmentRow> = self
             .engine
-            .catalog
+            .catalog()
             .list_wal_segments(id)?
             .into_iter()
             .filter(|w| !w.partial && w.end_lsn > anchor)
@@ -685,16 +686,16 @@ impl Service {
         if due.is_empty() {
             return Ok(());
         }
-        copy_histories(&self.engine.repo, repo, id)?;
+        copy_histories(&self.engine.repo(), repo, id)?;
         for row in due {
             let key = format!("{}/{}/{}", policy.region, id, row.object_key);
             if !lock(&self.copy_retries).ready(&key) {
                 continue;
             }
-            match copy_wal_segment(&self.engine.repo, repo, &row) {
+            match copy_wal_segment(&self.engine.repo(), repo, &row) {
                 Ok(copy) => {
                     self.engine
-                        .catalog
+                        .catalog()
                         .insert_cross_wal(&policy.region, &copy, Utc::now())?;
                     lock(&self.copy_retries).succeeded(&key);
                     self.usage_changed();
@@ -714,8 +715,8 @@ impl Service {
     fn apply_copy_retention(&self, policy: &CrossBackupPolicy) -> ServiceResult<()> {
         let id = &policy.instance_id;
         let cutoff = self.now() - chrono::Duration::days(policy.retention_days as i64);
-        let copies = self.engine.catalog.list_cross_backups(id)?;
-        let wal = self.engine.catalog.list_cross_wal(id)?;
+        let copies = self.engine.catalog().list_cross_backups(id)?;
+        let wal = self.engine.catalog().list_cross_wal(id)?;
         let regions: HashSet<&str> = copies
             .iter()
             .map(|c| c.region.as_str())
@@ -739,12 +740,12 @@ impl Service {
             for c in &expired {
                 repo.delete_backup(id, &c.set.id)
                     .map_err(EngineError::from)?;
-                self.engine.catalog.delete_cross_backup(c.id)?;
+                self.engine.catalog().delete_cross_backup(c.id)?;
             }
             for w in &stale_wal {
                 repo.delete_object(&w.row.object_key)
                     .map_err(EngineError::from)?;
-                self.engine.catalog.delete_cross_wal(w.id)?;
+                self.engine.catalog().delete_cross_wal(w.id)?;
             }
             let report = self.engine.collect_garbage_in(&repo)?;
             self.usage_changed();

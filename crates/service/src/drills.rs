@@ -18,7 +18,7 @@ use crate::{fail_job, finish_job, lock, Service, ServiceResult};
 impl Service {
     /// Queues a drill of a successful backup set; returns the job id.
     pub fn start_drill(self: &Arc<Self>, backup_id: &str) -> ServiceResult<i64> {
-        let set = self.engine.catalog.get_backup(backup_id)?;
+        let set = self.engine.catalog().get_backup(backup_id)?;
         if set.status != BackupStatus::Success {
             return Err(EngineError::Refused(format!(
                 "backup {backup_id} is {}; only successful backups are drilled",
@@ -28,12 +28,12 @@ impl Service {
         }
         let mut job = self
             .engine
-            .catalog
+            .catalog()
             .create_job(JobKind::Drill, Some(&set.instance_id))?;
         job.backup_id = Some(set.id.clone());
         job.detail = format!("restore drill of backup {}", set.id);
-        self.engine.catalog.update_job(&job)?;
-        self.engine.catalog.put_drill(&DrillResult {
+        self.engine.catalog().update_job(&job)?;
+        self.engine.catalog().put_drill(&DrillResult {
             backup_id: set.id.clone(),
             instance_id: set.instance_id.clone(),
             status: "Pending".into(),
@@ -50,11 +50,11 @@ impl Service {
 
     /// Queues again the drills a previous process did not finish.
     pub(crate) fn resume_drills(self: &Arc<Self>) {
-        let Ok(instances) = self.engine.catalog.list_instances() else {
+        let Ok(instances) = self.engine.catalog().list_instances() else {
             return;
         };
         for i in instances {
-            for d in self.engine.catalog.list_drills(&i.id).unwrap_or_default() {
+            for d in self.engine.catalog().list_drills(&i.id).unwrap_or_default() {
                 if matches!(d.status.as_str(), "Pending" | "Running") {
                     if let Err(e) = self.start_drill(&d.backup_id) {
                         tracing::warn!(backup = %d.backup_id, "cannot resume the restore drill: {e}");
@@ -98,22 +98,22 @@ impl Service {
     }
 
     fn run_drill(&self, instance_id: &str, backup_id: &str, job_id: i64) {
-        let mut result = match self.engine.catalog.get_drill(backup_id) {
+        let mut result = match self.engine.catalog().get_drill(backup_id) {
             Ok(Some(r)) => r,
             _ => return, // the backup set was deleted meanwhile
         };
-        if self.engine.catalog.get_instance(instance_id).is_err() {
+        if self.engine.catalog().get_instance(instance_id).is_err() {
             // Deregistered while the drill waited: nothing to prove it for.
             result.status = "Skipped".into();
             result.detail = "the instance was deregistered before the drill ran".into();
             result.finished_at = Some(Utc::now());
-            let _ = self.engine.catalog.put_drill(&result);
+            let _ = self.engine.catalog().put_drill(&result);
             fail_job(&self.engine, job_id, &result.detail);
             return;
         }
         result.status = "Running".into();
         result.started_at = Utc::now();
-        let _ = self.engine.catalog.put_drill(&result);
+        let _ = self.engine.catalog().put_drill(&result);
         let outcome = self.drill(instance_id, backup_id, job_id);
         result.finished_at = Some(Utc::now());
         match outcome {
@@ -130,8 +130,8 @@ impl Service {
                 tracing::warn!(instance = %instance_id, backup = %backup_id, "restore drill FAILED: {e}");
             }
         }
-        if self.engine.catalog.get_backup(backup_id).is_ok() {
-            let _ = self.engine.catalog.put_drill(&result);
+        if self.engine.catalog().get_backup(backup_id).is_ok() {
+            let _ = self.engine.catalog().put_drill(&result);
         }
     }
 

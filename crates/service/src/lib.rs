@@ -41,7 +41,7 @@ pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
 pub use local::{RestoreSource, Scratch};
-pub use policy::PolicyError;
+pub use policy::{PolicyError, Refusal};
 pub use tables::{parse_table_meta, DbSpec, TableSpec};
 pub use usage::{billable_gb_hours, FreeQuota, UsageReport, UsageSettings, DEFAULT_FREE_QUOTA};
 
@@ -151,7 +151,7 @@ impl DeletionRules {
         };
         Some(
             PolicyError {
-                code: "IncorrectBackupSetState",
+                kind: Refusal::BackupSetKept,
                 message,
             }
             .into(),
@@ -291,25 +291,25 @@ impl Progress for WalProgress {
 /// Records a job the service ran itself as finished, naming the backup set
 /// it used when that was chosen only while it ran.
 pub(crate) fn finish_job(engine: &Engine, job_id: i64, backup_id: Option<String>) {
-    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+    if let Ok(mut job) = engine.catalog().get_job(job_id) {
         job.state = JobState::Finished;
         job.progress = 100;
         job.finished_at = Some(Utc::now());
         if backup_id.is_some() {
             job.backup_id = backup_id;
         }
-        let _ = engine.catalog.update_job(&job);
+        let _ = engine.catalog().update_job(&job);
     }
 }
 
 /// Records a job as failed (best effort: the error matters more).
 pub(crate) fn fail_job(engine: &Engine, job_id: i64, reason: &str) {
-    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+    if let Ok(mut job) = engine.catalog().get_job(job_id) {
         if !job.state.is_terminal() {
             job.state = JobState::Failed;
             job.error = Some(reason.to_string());
             job.finished_at = Some(Utc::now());
-            let _ = engine.catalog.update_job(&job);
+            let _ = engine.catalog().update_job(&job);
         }
     }
 }
@@ -400,17 +400,17 @@ impl Service {
     /// The catalog, for what lives there alone: AccessKeys and nonces
     /// (authentication), console sessions, and read-only listings.
     pub fn catalog(&self) -> &dyn strata_catalog::Catalog {
-        self.engine.catalog.as_ref()
+        self.engine.catalog().as_ref()
     }
 
     /// A registered instance.
     pub fn instance(&self, id: &str) -> strata_catalog::CatalogResult<Instance> {
-        self.engine.catalog.get_instance(id)
+        self.engine.catalog().get_instance(id)
     }
 
     /// A backup set.
     pub fn backup_set(&self, id: &str) -> strata_catalog::CatalogResult<strata_catalog::BackupSet> {
-        self.engine.catalog.get_backup(id)
+        self.engine.catalog().get_backup(id)
     }
 
     /// The backup sets of an instance, oldest first.
@@ -418,12 +418,12 @@ impl Service {
         &self,
         instance_id: &str,
     ) -> strata_catalog::CatalogResult<Vec<strata_catalog::BackupSet>> {
-        self.engine.catalog.list_backups(instance_id)
+        self.engine.catalog().list_backups(instance_id)
     }
 
     /// A job.
     pub fn job(&self, id: i64) -> strata_catalog::CatalogResult<strata_catalog::Job> {
-        self.engine.catalog.get_job(id)
+        self.engine.catalog().get_job(id)
     }
 
     /// The archived WAL of an instance.
@@ -431,7 +431,33 @@ impl Service {
         &self,
         instance_id: &str,
     ) -> strata_catalog::CatalogResult<Vec<strata_catalog::WalSegmentRow>> {
-        self.engine.catalog.list_wal_segments(instance_id)
+        self.engine.catalog().list_wal_segments(instance_id)
+    }
+
+    /// The bytes of one archived WAL file of an instance (`partial` for the
+    /// `.partial` segment a timeline ended with); `None` when the catalog
+    /// lists no such file. Reads the repository: call it off the runtime.
+    pub fn wal_file(
+        &self,
+        instance_id: &str,
+        segment: &str,
+        partial: bool,
+    ) -> ServiceResult<Option<Vec<u8>>> {
+        let Some(row) = self
+            .engine
+            .catalog()
+            .list_wal_segments(instance_id)?
+            .into_iter()
+            .find(|w| w.segment == segment && w.partial == partial)
+        else {
+            return Ok(None);
+        };
+        let (_, data) = self
+            .engine
+            .repo()
+            .read_wal(&row.object_key)
+            .map_err(EngineError::from)?;
+        Ok(Some(data))
     }
 
     /// Strata's record of an instance it created (a clone), if it is one.
@@ -439,12 +465,12 @@ impl Service {
         &self,
         id: &str,
     ) -> strata_catalog::CatalogResult<Option<strata_catalog::ManagedInstance>> {
-        self.engine.catalog.get_managed(id)
+        self.engine.catalog().get_managed(id)
     }
 
     /// The repository's configuration and whether it is encrypted.
     pub fn repository(&self) -> &strata_repo::Repository {
-        &self.engine.repo
+        &self.engine.repo()
     }
 
     /// The service clock's time.
@@ -454,12 +480,12 @@ impl Service {
 
     /// The policy of an instance; an instance without one gets the default.
     pub fn policy(&self, instance_id: &str) -> ServiceResult<BackupPolicy> {
-        self.engine.catalog.get_instance(instance_id)?;
-        if let Some(p) = self.engine.catalog.get_policy(instance_id)? {
+        self.engine.catalog().get_instance(instance_id)?;
+        if let Some(p) = self.engine.catalog().get_policy(instance_id)? {
             return Ok(p);
         }
         let p = policy::default_policy(instance_id, self.now());
-        self.engine.catalog.put_policy(&p)?;
+        self.engine.catalog().put_policy(&p)?;
         Ok(p)
     }
 
@@ -482,14 +508,14 @@ impl Service {
         if let Some(days) = &change.backup_retention_days {
             p.backup_retention_days = policy::check_data_retention(policy::parse_days_count(
                 days,
-                "InvalidBackupRetentionPeriod.Malformed",
+                Refusal::DataRetentionMalformed,
                 "BackupRetentionPeriod",
             )?)?;
         }
         if let Some(days) = &change.log_retention_days {
             p.log_retention_days = policy::parse_days_count(
                 days,
-                "InvalidLogBackupRetentionPeriod.Malformed",
+                Refusal::LogRetentionMalformed,
                 "LogBackupRetentionPeriod",
             )?;
         }
@@ -499,7 +525,7 @@ impl Service {
             p.log_backup_enabled = on;
         }
         p.updated_at = self.now();
-        self.engine.catalog.put_policy(&p)?;
+        self.engine.catalog().put_policy(&p)?;
         if turning_off {
             // The policy is stored first and the instance marked, so the
             // scheduler starts no new receiver once this one has stopped.
@@ -521,7 +547,7 @@ impl Service {
     /// default policy. Its first backup and WAL receiver start at the next
     /// tick.
     pub async fn register_instance(&self, mut instance: Instance) -> ServiceResult<Instance> {
-        if self.engine.catalog.get_instance(&instance.id).is_ok() {
+        if self.engine.catalog().get_instance(&instance.id).is_ok() {
             return Err(CatalogError::InstanceExists(instance.id.clone()).into());
         }
         let facts = self.engine.probe(&instance).await?;
@@ -536,7 +562,7 @@ impl Service {
     /// Stops archiving an instance and forgets it. Its backup sets stay in
     /// the repository (and in the catalog) until deleted.
     pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
-        self.engine.catalog.get_instance(instance_id)?;
+        self.engine.catalog().get_instance(instance_id)?;
         lock(&self.leaving).insert(instance_id.to_string());
         // A backup this server runs for the instance is cancelled (recorded
         // as failed); one another process runs cannot be, so it is waited for.
@@ -547,7 +573,7 @@ impl Service {
         .await;
         if let Some(b) = self
             .engine
-            .catalog
+            .catalog()
             .list_backups(instance_id)?
             .into_iter()
             .find(|b| b.status == BackupStatus::Running)
@@ -561,7 +587,7 @@ impl Service {
         }
         let outcome = async {
             self.stop_archiving(instance_id).await;
-            self.engine.catalog.delete_instance(instance_id)?;
+            self.engine.catalog().delete_instance(instance_id)?;
             lock(&self.wal_states).remove(instance_id);
             Ok(())
         }
@@ -584,14 +610,14 @@ impl Service {
             return;
         }
         fail_job(&self.engine, task.job_id, reason);
-        if let Ok(job) = self.engine.catalog.get_job(task.job_id) {
+        if let Ok(job) = self.engine.catalog().get_job(task.job_id) {
             if let Some(bid) = &job.backup_id {
-                if let Ok(mut set) = self.engine.catalog.get_backup(bid) {
+                if let Ok(mut set) = self.engine.catalog().get_backup(bid) {
                     if set.status == BackupStatus::Running {
                         set.status = BackupStatus::Failed;
                         set.error = Some(reason.to_string());
                         set.finished_at = Some(Utc::now());
-                        let _ = self.engine.catalog.update_backup(&set);
+                        let _ = self.engine.catalog().update_backup(&set);
                     }
                 }
             }
@@ -664,7 +690,7 @@ impl Service {
     /// Deletes backup sets by [`DeletionRules`]; all or none.
     pub fn delete_backups(&self, instance_id: &str, ids: &[String]) -> ServiceResult<()> {
         let p = self.policy(instance_id)?;
-        let backups = self.engine.catalog.list_backups(instance_id)?;
+        let backups = self.engine.catalog().list_backups(instance_id)?;
         let rules = self.deletion_rules(&p, &backups);
         for id in ids {
             let Some(set) = backups.iter().find(|b| &b.id == id) else {
@@ -692,7 +718,7 @@ impl Service {
             Ok(Err(e)) => tracing::warn!("checking for jobs with an expired lease: {e}"),
             Err(e) => tracing::warn!("checking for jobs with an expired lease: {e}"),
         }
-        let instances = match self.engine.catalog.list_instances() {
+        let instances = match self.engine.catalog().list_instances() {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("listing instances: {e}");
@@ -750,7 +776,7 @@ impl Service {
         let mut p = self.policy(&instance.id)?;
         let running_here = lock(&self.backups).contains_key(&instance.id);
         if !running_here {
-            let backups = self.engine.catalog.list_backups(&instance.id)?;
+            let backups = self.engine.catalog().list_backups(&instance.id)?;
             let running_elsewhere = backups.iter().any(|b| b.status == BackupStatus::Running);
             let first = backups.is_empty() && p.last_auto_slot.is_none();
             let due = policy::due_slot(&p, now);
@@ -758,7 +784,7 @@ impl Service {
                 // Recorded before starting, so a failing backup is not
                 // retried in a loop; the next window tries again.
                 p.last_auto_slot = Some(due.unwrap_or(now));
-                self.engine.catalog.put_policy(&p)?;
+                self.engine.catalog().put_policy(&p)?;
                 match self.start_backup(&instance.id, BackupMode::Automated) {
                     Ok(job) => tracing::info!(
                         instance = %instance.id,
@@ -944,8 +970,8 @@ impl Service {
         if !p.log_backup_enabled {
             return Ok(None);
         }
-        let wal = self.engine.catalog.list_wal_segments(instance_id)?;
-        let backups = self.engine.catalog.list_backups(instance_id)?;
+        let wal = self.engine.catalog().list_wal_segments(instance_id)?;
+        let backups = self.engine.catalog().list_backups(instance_id)?;
         Ok(recovery_window(&backups, &wal))
     }
 }

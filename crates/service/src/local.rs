@@ -18,6 +18,7 @@ use strata_engine::{
 
 use crate::pg_client::{ident, ClientConn};
 use crate::policy::invalid;
+use crate::policy::Refusal;
 use crate::window::{check_restore_time, WindowOf};
 
 use crate::{Service, ServiceResult};
@@ -99,7 +100,7 @@ impl Service {
         instance_id: &str,
         src: &RestoreSource,
     ) -> ServiceResult<(Option<String>, RecoveryTarget)> {
-        let backups = self.engine.catalog.list_backups(instance_id)?;
+        let backups = self.engine.catalog().list_backups(instance_id)?;
         let chosen = match &src.backup_id {
             Some(id) => {
                 let b = backups
@@ -120,7 +121,7 @@ impl Service {
                 if let Some(b) = &chosen {
                     if b.finished_at.is_some_and(|f| f > t) {
                         return Err(invalid(
-                            "InvalidParameterCombination",
+                            Refusal::ConflictingParameters,
                             format!("backup {} ends after RestoreTime; choose an older backup or a later time", b.id),
                         ));
                     }
@@ -131,7 +132,7 @@ impl Service {
             (None, Some(_)) => RecoveryTarget::Immediate,
             (None, None) => {
                 return Err(invalid(
-                    "MissingParameter",
+                    Refusal::MissingParameter,
                     "specify BackupId, RestoreTime or both",
                 ))
             }
@@ -143,7 +144,7 @@ impl Service {
     fn free_port(&self) -> ServiceResult<u16> {
         let taken: Vec<u16> = self
             .engine
-            .catalog
+            .catalog()
             .list_managed()?
             .iter()
             .map(|m| m.port)
@@ -164,10 +165,10 @@ impl Service {
 
     fn pg_major(&self, instance_id: &str, backup_id: Option<&str>) -> ServiceResult<u32> {
         let version = match backup_id {
-            Some(b) => self.engine.catalog.get_backup(b)?.pg_version_num,
+            Some(b) => self.engine.catalog().get_backup(b)?.pg_version_num,
             None => {
                 self.engine
-                    .catalog
+                    .catalog()
                     .get_instance(instance_id)?
                     .pg_version_num
             }
@@ -211,7 +212,7 @@ impl Service {
         source_id: &str,
         req: CloneRequest,
     ) -> ServiceResult<(String, u16)> {
-        let source = self.engine.catalog.get_instance(source_id)?;
+        let source = self.engine.catalog().get_instance(source_id)?;
         let CloneRequest {
             backup_id,
             target,
@@ -238,7 +239,7 @@ impl Service {
             created_at: Utc::now(),
         };
         // Marked as managed first, so the scheduler leaves it alone until it runs.
-        self.engine.catalog.put_managed(&managed)?;
+        self.engine.catalog().put_managed(&managed)?;
         match self.engine.add_instance(&Instance {
             password_env: source.password_env.clone(),
             password: source.password.clone(),
@@ -254,14 +255,17 @@ impl Service {
                 "the new instance's record could not be written to the repository: {e}"
             ),
             Err(e) => {
-                let _ = self.engine.catalog.delete_managed(&id);
+                let _ = self.engine.catalog().delete_managed(&id);
                 return Err(e.into());
             }
         }
-        let mut job = self.engine.catalog.create_job(job_kind, Some(source_id))?;
+        let mut job = self
+            .engine
+            .catalog()
+            .create_job(job_kind, Some(source_id))?;
         job.detail = format!("restore to new instance {id} on port {port}");
         job.backup_id = backup_id.clone();
-        self.engine.catalog.update_job(&job)?;
+        self.engine.catalog().update_job(&job)?;
         let job_id = job.id;
         let svc = Arc::clone(self);
         let source_id = source_id.to_string();
@@ -288,7 +292,7 @@ impl Service {
                 )
             })
             .await;
-            let mut m = match svc.engine.catalog.get_managed(&managed.instance_id) {
+            let mut m = match svc.engine.catalog().get_managed(&managed.instance_id) {
                 Ok(Some(m)) => m,
                 _ => return,
             };
@@ -313,7 +317,7 @@ impl Service {
                     crate::fail_job(&svc.engine, job_id, &format!("restore task: {e}"));
                 }
             }
-            let _ = svc.engine.catalog.put_managed(&m);
+            let _ = svc.engine.catalog().put_managed(&m);
         });
         Ok((id, port))
     }
@@ -325,10 +329,10 @@ impl Service {
         instance_id: &str,
         keep_backups: bool,
     ) -> ServiceResult<()> {
-        let Some(mut m) = self.engine.catalog.get_managed(instance_id)? else {
-            self.engine.catalog.get_instance(instance_id)?;
+        let Some(mut m) = self.engine.catalog().get_managed(instance_id)? else {
+            self.engine.catalog().get_instance(instance_id)?;
             return Err(invalid(
-                "IncorrectDBInstanceType",
+                Refusal::NotCreatedByStrata,
                 format!("instance {instance_id} was registered, not created by Strata: deregister it with StrataDeregisterDBInstance instead"),
             ));
         };
@@ -339,7 +343,7 @@ impl Service {
             .into());
         }
         m.status = "Deleting".into();
-        self.engine.catalog.put_managed(&m)?;
+        self.engine.catalog().put_managed(&m)?;
         self.deregister_instance(instance_id).await?;
         self.stop_local(&m);
         let dir = Path::new(&m.data_dir)
@@ -358,16 +362,16 @@ impl Service {
                 .map_err(EngineError::io(format!("removing {}", dir.display())))?;
         }
         if !keep_backups {
-            for b in self.engine.catalog.list_backups(instance_id)? {
+            for b in self.engine.catalog().list_backups(instance_id)? {
                 if b.status != BackupStatus::Running {
                     self.engine.delete_backup_set(&b.id)?;
                 }
             }
-            let wal = self.engine.catalog.list_wal_segments(instance_id)?;
+            let wal = self.engine.catalog().list_wal_segments(instance_id)?;
             self.engine.delete_wal_segments(&wal)?;
             self.gc_due.store(true, Ordering::SeqCst);
         }
-        self.engine.catalog.delete_managed(instance_id)?;
+        self.engine.catalog().delete_managed(instance_id)?;
         Ok(())
     }
 
@@ -430,14 +434,14 @@ impl Service {
     /// Starts every `Running` instance Strata created whose server is down
     /// (after a host restart, say).
     pub fn start_local_instances(&self) {
-        let Ok(all) = self.engine.catalog.list_managed() else {
+        let Ok(all) = self.engine.catalog().list_managed() else {
             return;
         };
         // One still being created when the last server stopped never will be.
         for mut m in all.iter().filter(|m| m.status == "Creating").cloned() {
             m.status = "Failed".into();
             m.error = Some("the server stopped while this instance was being created".into());
-            let _ = self.engine.catalog.put_managed(&m);
+            let _ = self.engine.catalog().put_managed(&m);
         }
         for m in all.into_iter().filter(|m| m.status == "Running") {
             if Path::new(&m.data_dir).join("postmaster.pid").exists() {
@@ -462,7 +466,7 @@ impl Service {
     /// Whether the scheduler may back up and archive an instance: instances
     /// Strata is still creating (or failed to create, or is deleting) wait.
     pub(crate) fn is_ready(&self, instance_id: &str) -> bool {
-        match self.engine.catalog.get_managed(instance_id) {
+        match self.engine.catalog().get_managed(instance_id) {
             Ok(Some(m)) => m.status == "Running",
             _ => true,
         }
@@ -523,7 +527,7 @@ impl Service {
                 return Err(e.into());
             }
         }
-        let user = self.engine.catalog.get_instance(instance_id)?.user;
+        let user = self.engine.catalog().get_instance(instance_id)?.user;
         let probe = ClientConn {
             user,
             ..scratch.conn()
@@ -666,12 +670,12 @@ fn prepare_instance_dir(dir: &Path, os_user: Option<&str>) -> Result<PathBuf, En
 
 /// Adds what was removed from a clone's configuration to its job's detail.
 fn note_neutralized(engine: &strata_engine::Engine, job_id: i64, names: &[String]) {
-    if let Ok(mut job) = engine.catalog.get_job(job_id) {
+    if let Ok(mut job) = engine.catalog().get_job(job_id) {
         job.detail = format!(
             "{}; source settings not kept (they run commands, load code, name paths or open listeners): {}",
             job.detail,
             names.join(", ")
         );
-        let _ = engine.catalog.update_job(&job);
+        let _ = engine.catalog().update_job(&job);
     }
 }

@@ -26,7 +26,7 @@ impl Service {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        let instances = self.engine.catalog.list_instances()?;
+        let instances = self.engine.catalog().list_instances()?;
         let (mut age, mut duration, mut size, mut stored) = (vec![], vec![], vec![], vec![]);
         let (mut lag, mut up, mut sets, mut wal_bytes) = (vec![], vec![], vec![], vec![]);
         let (mut drill_failed, mut failing) = (vec![], vec![]);
@@ -34,7 +34,7 @@ impl Service {
             (vec![], vec![], vec![], vec![], vec![]);
         for i in &instances {
             let l = format!("{{instance=\"{}\"}}", label(&i.id));
-            let backups = self.engine.catalog.list_backups(&i.id)?;
+            let backups = self.engine.catalog().list_backups(&i.id)?;
             if let Some(last) = backups
                 .iter()
                 .filter(|b| b.status == BackupStatus::Success)
@@ -67,7 +67,7 @@ impl Service {
             }
             let wal: u64 = self
                 .engine
-                .catalog
+                .catalog()
                 .list_wal_segments(&i.id)?
                 .iter()
                 .map(|w| w.size)
@@ -75,7 +75,7 @@ impl Service {
             wal_bytes.push((l.clone(), wal as f64));
             let last_drill = self
                 .engine
-                .catalog
+                .catalog()
                 .list_drills(&i.id)?
                 .into_iter()
                 .filter(|d| d.finished_at.is_some() && d.status != "Skipped")
@@ -84,7 +84,10 @@ impl Service {
                 drill_failed.push((l.clone(), if d.status == "Failed" { 1.0 } else { 0.0 }));
             }
             // Usage from the recorded samples only: a scrape never measures.
-            let samples = self.engine.catalog.list_usage_samples(&i.id, None, None)?;
+            let samples = self
+                .engine
+                .catalog()
+                .list_usage_samples(&i.id, None, None)?;
             if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
                 logical.push((l.clone(), last.logical_bytes as f64));
                 let kinds = [
@@ -216,7 +219,7 @@ impl Service {
         .into_iter()
         .map(|s| (s, 0))
         .collect();
-        for j in self.engine.catalog.list_jobs(None)? {
+        for j in self.engine.catalog().list_jobs(None)? {
             *by_state.entry(j.state.as_str()).or_default() += 1;
         }
         family(

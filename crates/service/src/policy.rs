@@ -25,21 +25,68 @@ pub const LOG_RETENTION_DAYS: std::ops::RangeInclusive<u32> = 7..=7300;
 /// Retention of a new instance, in days.
 pub const DEFAULT_RETENTION_DAYS: u32 = 7;
 
-/// A request that breaks a policy rule: RDS's error code and a message.
+/// What a refused request got wrong; the API layer maps each to its
+/// RDS error code and HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// `PreferredBackupPeriod` is not a list of at least two days of the week.
+    BackupDaysMalformed,
+    /// `PreferredBackupTime` is not a one-hour UTC window.
+    BackupWindowMalformed,
+    /// A data retention period is not a number of days in range.
+    DataRetentionMalformed,
+    /// A log retention period is not a number of days in range.
+    LogRetentionMalformed,
+    /// Parameters that each make sense do not make sense together.
+    ConflictingParameters,
+    /// A parameter the request needs in this combination is absent.
+    MissingParameter,
+    /// A cross-region copy retention is out of range.
+    CopyRetentionMalformed,
+    /// The named region is not a cross-region target of this service.
+    UnknownRegion,
+    /// No cross-region copy has that id (in that region).
+    CopyNotFound,
+    /// A restore to a point in time where no log backup covers any time.
+    NoLogBackup,
+    /// A restore time outside the recoverable window.
+    RestoreTimeOutsideWindow,
+    /// The backup set must be kept (newest successful one, or in use).
+    BackupSetKept,
+    /// The operation is for instances Strata created, and this one was registered.
+    NotCreatedByStrata,
+    /// `TableMeta` is not a well-formed list of databases and tables.
+    TableMetaMalformed,
+    /// A database name cannot be used (length, control characters).
+    DatabaseNameFormat,
+    /// A new database name is given twice or already exists.
+    DatabaseNameTaken,
+    /// A named database does not exist where the restore needs it.
+    DatabaseNotFound,
+    /// A schema or table name cannot be used.
+    TableNameFormat,
+    /// A new table name is given twice or already exists.
+    TableNameTaken,
+    /// A named table does not exist at the restore point.
+    TableNotFound,
+}
+
+/// A request that breaks a policy rule: what it got wrong and a message for
+/// people (the API answers it as is).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct PolicyError {
-    /// The RDS error code.
-    pub code: &'static str,
+    /// Which rule the request breaks.
+    pub kind: Refusal,
     /// What is wrong, for people.
     pub message: String,
 }
 
-/// A refusal with RDS's error `code`, as the error type the caller returns
-/// (a [`PolicyError`] or a [`crate::ServiceError`]).
-pub(crate) fn invalid<E: From<PolicyError>>(code: &'static str, message: impl Into<String>) -> E {
+/// A refusal of `kind`, as the error type the caller returns (a
+/// [`PolicyError`] or a [`crate::ServiceError`]).
+pub(crate) fn invalid<E: From<PolicyError>>(kind: Refusal, message: impl Into<String>) -> E {
     PolicyError {
-        code,
+        kind,
         message: message.into(),
     }
     .into()
@@ -52,7 +99,7 @@ pub fn parse_days(s: &str) -> Result<Vec<String>, PolicyError> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some(i) = WEEKDAYS.iter().position(|d| d.eq_ignore_ascii_case(part)) else {
             return Err(invalid(
-                "InvalidPreferredBackupPeriod.Malformed",
+                Refusal::BackupDaysMalformed,
                 format!(
                     "PreferredBackupPeriod: {part:?} is not a day of the week (Monday … Sunday)"
                 ),
@@ -68,7 +115,7 @@ pub fn parse_days(s: &str) -> Result<Vec<String>, PolicyError> {
         .collect();
     if chosen.len() < 2 {
         return Err(invalid(
-            "InvalidPreferredBackupPeriod.Malformed",
+            Refusal::BackupDaysMalformed,
             "PreferredBackupPeriod must name at least two days of the week, so a backup runs at least twice a week",
         ));
     }
@@ -80,7 +127,7 @@ pub fn parse_days(s: &str) -> Result<Vec<String>, PolicyError> {
 pub fn parse_window(s: &str) -> Result<NaiveTime, PolicyError> {
     let bad = || {
         invalid(
-            "InvalidPreferredBackupTime.Malformed",
+            Refusal::BackupWindowMalformed,
             format!("PreferredBackupTime {s:?} must be a one-hour UTC window written HH:mmZ-HH:mmZ, e.g. 02:00Z-03:00Z"),
         )
     };
@@ -105,7 +152,7 @@ pub fn check_data_retention(days: u32) -> Result<u32, PolicyError> {
         Ok(days)
     } else {
         Err(invalid(
-            "InvalidBackupRetentionPeriod.Malformed",
+            Refusal::DataRetentionMalformed,
             format!("BackupRetentionPeriod must be 7 to 730 days, got {days}"),
         ))
     }
@@ -115,25 +162,25 @@ pub fn check_data_retention(days: u32) -> Result<u32, PolicyError> {
 pub fn check_log_retention(days: u32, data_days: u32) -> Result<u32, PolicyError> {
     if !LOG_RETENTION_DAYS.contains(&days) {
         return Err(invalid(
-            "InvalidLogBackupRetentionPeriod.Malformed",
+            Refusal::LogRetentionMalformed,
             format!("LogBackupRetentionPeriod must be 7 to 7300 days, got {days}"),
         ));
     }
     if days > data_days {
         return Err(invalid(
-            "InvalidParameterCombination",
+            Refusal::ConflictingParameters,
             format!("LogBackupRetentionPeriod ({days}) cannot exceed BackupRetentionPeriod ({data_days})"),
         ));
     }
     Ok(days)
 }
 
-/// A retention value as it arrives on the API (a string); `code` names the
-/// parameter's RDS error code.
-pub fn parse_days_count(value: &str, code: &'static str, name: &str) -> Result<u32, PolicyError> {
+/// A retention value as it arrives on the API (a string); `kind` says which
+/// retention it is, `name` the parameter.
+pub fn parse_days_count(value: &str, kind: Refusal, name: &str) -> Result<u32, PolicyError> {
     value.trim().parse().map_err(|_| {
         invalid(
-            code,
+            kind,
             format!("{name} must be a whole number of days, got {value:?}"),
         )
     })
@@ -244,12 +291,12 @@ mod tests {
             ["Monday", "Thursday"]
         );
         assert_eq!(
-            parse_days("Monday").unwrap_err().code,
-            "InvalidPreferredBackupPeriod.Malformed"
+            parse_days("Monday").unwrap_err().kind,
+            Refusal::BackupDaysMalformed
         );
         assert_eq!(
-            parse_days("Monday,Monday").unwrap_err().code,
-            "InvalidPreferredBackupPeriod.Malformed"
+            parse_days("Monday,Monday").unwrap_err().kind,
+            Refusal::BackupDaysMalformed
         );
         assert!(parse_days("Monday,Funday")
             .unwrap_err()
@@ -276,8 +323,8 @@ mod tests {
             "02:00Z",
         ] {
             assert_eq!(
-                parse_window(bad).unwrap_err().code,
-                "InvalidPreferredBackupTime.Malformed",
+                parse_window(bad).unwrap_err().kind,
+                Refusal::BackupWindowMalformed,
                 "{bad}"
             );
         }
@@ -287,24 +334,24 @@ mod tests {
     fn retention_bounds() {
         assert!(check_data_retention(7).is_ok() && check_data_retention(730).is_ok());
         assert_eq!(
-            check_data_retention(6).unwrap_err().code,
-            "InvalidBackupRetentionPeriod.Malformed"
+            check_data_retention(6).unwrap_err().kind,
+            Refusal::DataRetentionMalformed
         );
         assert_eq!(
-            check_data_retention(731).unwrap_err().code,
-            "InvalidBackupRetentionPeriod.Malformed"
+            check_data_retention(731).unwrap_err().kind,
+            Refusal::DataRetentionMalformed
         );
         assert_eq!(
-            check_log_retention(8, 7).unwrap_err().code,
-            "InvalidParameterCombination"
+            check_log_retention(8, 7).unwrap_err().kind,
+            Refusal::ConflictingParameters
         );
         assert_eq!(
-            check_log_retention(6, 30).unwrap_err().code,
-            "InvalidLogBackupRetentionPeriod.Malformed"
+            check_log_retention(6, 30).unwrap_err().kind,
+            Refusal::LogRetentionMalformed
         );
         assert_eq!(
-            check_log_retention(7301, 7400).unwrap_err().code,
-            "InvalidLogBackupRetentionPeriod.Malformed"
+            check_log_retention(7301, 7400).unwrap_err().kind,
+            Refusal::LogRetentionMalformed
         );
         assert_eq!(check_log_retention(30, 30).unwrap(), 30);
     }

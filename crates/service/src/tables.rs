@@ -24,6 +24,7 @@ use strata_engine::EngineError;
 use crate::local::{RestoreSource, Scratch};
 use crate::pg_client::{ident, lit, ClientConn};
 use crate::policy::invalid;
+use crate::policy::Refusal;
 use crate::{fail_job, finish_job, PolicyError, Service, ServiceResult};
 
 /// Longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer ones are
@@ -90,11 +91,11 @@ fn name_problem(s: &str, new: bool) -> Option<String> {
 }
 
 /// Checks one name; `what` says which (e.g. "database newname").
-fn check_name(code: &'static str, what: &str, s: &str, new: bool) -> Result<(), PolicyError> {
+fn check_name(kind: Refusal, what: &str, s: &str, new: bool) -> Result<(), PolicyError> {
     match name_problem(s, new) {
         None => Ok(()),
         Some(why) => Err(PolicyError {
-            code,
+            kind,
             message: format!("{what} {} {why}", shown(s)),
         }),
     }
@@ -125,7 +126,7 @@ fn split_table(name: &str) -> (String, String) {
 /// Parses and checks `TableMeta`.
 pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
     let bad = |m: String| PolicyError {
-        code: "InvalidTableMeta.Malformed",
+        kind: Refusal::TableMetaMalformed,
         message: m,
     };
     let mut specs: Vec<DbSpec> = serde_json::from_str(text).map_err(|e| {
@@ -150,9 +151,9 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
                 shown(&d.kind)
             )));
         }
-        check_name("InvalidDBName.Format", "database name", &d.name, false)?;
+        check_name(Refusal::DatabaseNameFormat, "database name", &d.name, false)?;
         if let Some(new) = &d.newname {
-            check_name("InvalidDBName.Format", "database newname", new, true)?;
+            check_name(Refusal::DatabaseNameFormat, "database newname", new, true)?;
         }
         if d.tables.is_empty() {
             let Some(new) = &d.newname else {
@@ -163,7 +164,7 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
             };
             if !new_dbs.insert(new.clone()) {
                 return Err(PolicyError {
-                    code: "InvalidDBName.Duplicate",
+                    kind: Refusal::DatabaseNameTaken,
                     message: format!("database newname {} is given twice", shown(new)),
                 });
             }
@@ -177,12 +178,12 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
                     shown(&t.kind)
                 )));
             }
-            check_name("InvalidTableName.Format", "schema name", &schema, false)?;
-            check_name("InvalidTableName.Format", "table name", &table, false)?;
-            check_name("InvalidTableName.Format", "table newname", &t.newname, true)?;
+            check_name(Refusal::TableNameFormat, "schema name", &schema, false)?;
+            check_name(Refusal::TableNameFormat, "table name", &table, false)?;
+            check_name(Refusal::TableNameFormat, "table newname", &t.newname, true)?;
             if t.newname.contains('.') {
                 return Err(PolicyError {
-                    code: "InvalidTableName.Format",
+                    kind: Refusal::TableNameFormat,
                     message: format!(
                         "table newname {} must be unqualified (it is restored into the schema of {})",
                         shown(&t.newname),
@@ -192,7 +193,7 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
             }
             if !new_tables.insert((schema.clone(), t.newname.clone())) {
                 return Err(PolicyError {
-                    code: "InvalidTableName.Duplicate",
+                    kind: Refusal::TableNameTaken,
                     message: format!("table newname {} is given twice", shown(&t.newname)),
                 });
             }
@@ -245,7 +246,7 @@ impl Service {
         src: RestoreSource,
         specs: Vec<DbSpec>,
     ) -> ServiceResult<i64> {
-        let instance = self.engine.catalog.get_instance(instance_id)?;
+        let instance = self.engine.catalog().get_instance(instance_id)?;
         self.check_restore_source(instance_id, &src)?;
         let major = instance.pg_version_num.map(|v| v / 10000).unwrap_or(15);
         let psql = self.engine.client_tool("psql", major)?;
@@ -258,7 +259,7 @@ impl Service {
                 let new = d.newname.as_deref().unwrap_or_default();
                 if databases.iter().any(|x| x == new) {
                     return Err(invalid(
-                        "InvalidDBName.Duplicate",
+                        Refusal::DatabaseNameTaken,
                         format!(
                             "database {} already exists in instance {instance_id}; choose another newname",
                             shown(new)
@@ -270,7 +271,7 @@ impl Service {
             let into = d.newname.as_deref().unwrap_or(&d.name);
             if !databases.iter().any(|x| x == into) {
                 return Err(invalid(
-                    "InvalidDBName.NotFound",
+                    Refusal::DatabaseNotFound,
                     format!(
                         "tables are restored into an existing database, and {} does not exist in instance {instance_id}",
                         shown(into)
@@ -281,7 +282,7 @@ impl Service {
                 let (schema, _) = split_table(&t.name);
                 if relation_names(&original, &psql, into, &schema)?.contains(&t.newname) {
                     return Err(invalid(
-                        "InvalidTableName.Duplicate",
+                        Refusal::TableNameTaken,
                         format!(
                             "{}.{} already exists in database {}; choose another newname",
                             shown(&schema),
@@ -294,11 +295,11 @@ impl Service {
         }
         let mut job = self
             .engine
-            .catalog
+            .catalog()
             .create_job(JobKind::RestoreTable, Some(instance_id))?;
         job.detail = describe(&specs);
         job.backup_id = src.backup_id.clone();
-        self.engine.catalog.update_job(&job)?;
+        self.engine.catalog().update_job(&job)?;
         let job_id = job.id;
         let svc = Arc::clone(self);
         let id = instance_id.to_string();
@@ -340,7 +341,7 @@ impl Service {
         for d in specs {
             if !in_backup.contains(&d.name) {
                 return Err(invalid(
-                    "InvalidDBName.NotFound",
+                    Refusal::DatabaseNotFound,
                     format!(
                         "database {} does not exist at the chosen restore point",
                         shown(&d.name)
@@ -349,10 +350,10 @@ impl Service {
             }
         }
         for (i, d) in specs.iter().enumerate() {
-            if let Ok(mut job) = self.engine.catalog.get_job(job_id) {
+            if let Ok(mut job) = self.engine.catalog().get_job(job_id) {
                 job.state = JobState::Uploading;
                 job.progress = (90 + i * 9 / specs.len()).min(99) as u8;
-                let _ = self.engine.catalog.update_job(&job);
+                let _ = self.engine.catalog().update_job(&job);
             }
             let temp = format!("strata_restore_{job_id}_{i}");
             if d.tables.is_empty() {
@@ -601,7 +602,7 @@ fn rename_on_scratch(
     )?;
     if found.len() != 1 {
         return Err(invalid(
-            "InvalidTableName.NotFound",
+            Refusal::TableNotFound,
             format!(
                 "table {}.{} does not exist in database {} at the chosen restore point",
                 shown(schema),
@@ -721,8 +722,8 @@ mod tests {
             r#"[{"type":"db","name":"db1","newname":"x","extra":1}]"#,
         ] {
             assert_eq!(
-                parse_table_meta(bad).unwrap_err().code,
-                "InvalidTableMeta.Malformed",
+                parse_table_meta(bad).unwrap_err().kind,
+                Refusal::TableMetaMalformed,
                 "{bad}"
             );
         }
@@ -751,15 +752,15 @@ mod tests {
             assert!(db(ok).is_ok(), "{ok}");
         }
         for (bad, code) in [
-            ("a\nb", "InvalidDBName.Format"),
-            ("a\0b", "InvalidDBName.Format"),
-            ("tab\there", "InvalidDBName.Format"),
-            (&"x".repeat(64) as &str, "InvalidDBName.Format"),
-            (&"é".repeat(32), "InvalidDBName.Format"),
-            ("", "InvalidTableMeta.Malformed"),
+            ("a\nb", Refusal::DatabaseNameFormat),
+            ("a\0b", Refusal::DatabaseNameFormat),
+            ("tab\there", Refusal::DatabaseNameFormat),
+            (&"x".repeat(64) as &str, Refusal::DatabaseNameFormat),
+            (&"é".repeat(32), Refusal::DatabaseNameFormat),
+            ("", Refusal::TableMetaMalformed),
         ] {
             let e = db(bad).unwrap_err();
-            assert_eq!(e.code, code, "{bad:?}");
+            assert_eq!(e.kind, code, "{bad:?}");
             assert!(!e.message.contains('\n'), "{:?}", e.message);
         }
         let table = |name: &str, new: &str| {
@@ -770,17 +771,17 @@ mod tests {
             )
         };
         assert_eq!(
-            table("public.t", "s.t2").unwrap_err().code,
-            "InvalidTableName.Format"
+            table("public.t", "s.t2").unwrap_err().kind,
+            Refusal::TableNameFormat
         );
         assert_eq!(
-            table("public.t", &"n".repeat(64)).unwrap_err().code,
-            "InvalidTableName.Format"
+            table("public.t", &"n".repeat(64)).unwrap_err().kind,
+            Refusal::TableNameFormat
         );
         assert!(table("public.t", &"n".repeat(63)).is_ok());
         assert!(table("we\"ird.t;x", "new'name").is_ok());
         let twice = parse_table_meta(r#"[{"name":"a","newname":"x"},{"name":"b","newname":"x"}]"#);
-        assert_eq!(twice.unwrap_err().code, "InvalidDBName.Duplicate");
+        assert_eq!(twice.unwrap_err().kind, Refusal::DatabaseNameTaken);
     }
 
     #[test]

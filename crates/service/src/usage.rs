@@ -161,7 +161,7 @@ impl Service {
     pub fn free_quota(&self, instance_id: &str) -> ServiceResult<u64> {
         let database = self
             .engine
-            .catalog
+            .catalog()
             .list_backups(instance_id)?
             .into_iter()
             .filter(|b| b.status == BackupStatus::Success)
@@ -217,18 +217,18 @@ impl Service {
         let usage = {
             let mut cache = lock(&self.usage_cache);
             self.engine
-                .repo
+                .repo()
                 .measure_usage(&mut cache)
                 .map_err(strata_engine::EngineError::from)?
         };
         let mut targets = HashMap::new();
-        for instance in self.engine.catalog.list_instances()? {
+        for instance in self.engine.catalog().list_instances()? {
             let figures = usage
                 .instances
                 .get(&instance.id)
                 .cloned()
                 .unwrap_or_default();
-            self.engine.catalog.add_usage_sample(&UsageSample {
+            self.engine.catalog().add_usage_sample(&UsageSample {
                 instance_id: instance.id.clone(),
                 at: now,
                 logical_bytes: figures.logical_bytes,
@@ -244,7 +244,7 @@ impl Service {
     /// The regions that may hold an instance's copies: those of its copies
     /// in the catalog and the one its policy copies to.
     fn copy_regions(&self, instance_id: &str) -> ServiceResult<BTreeSet<String>> {
-        let catalog = &self.engine.catalog;
+        let catalog = &self.engine.catalog();
         let mut regions: BTreeSet<String> = catalog
             .list_cross_backups(instance_id)?
             .into_iter()
@@ -299,7 +299,7 @@ impl Service {
                 .entry(region.clone())
                 .or_insert_with(|| self.measure_target(&region));
             let Some(usage) = usage else {
-                let last = self.engine.catalog.last_usage_sample(instance_id)?;
+                let last = self.engine.catalog().last_usage_sample(instance_id)?;
                 return Ok(last.and_then(|s| s.cross_region_bytes));
             };
             total += usage
@@ -313,13 +313,13 @@ impl Service {
     /// The newest sample of an instance; before the scheduler took any, one
     /// is measured and recorded now.
     pub fn current_usage(&self, instance_id: &str) -> ServiceResult<UsageSample> {
-        self.engine.catalog.get_instance(instance_id)?;
-        if let Some(s) = self.engine.catalog.last_usage_sample(instance_id)? {
+        self.engine.catalog().get_instance(instance_id)?;
+        if let Some(s) = self.engine.catalog().last_usage_sample(instance_id)? {
             return Ok(s);
         }
         self.record_samples(self.now())?;
         self.engine
-            .catalog
+            .catalog()
             .last_usage_sample(instance_id)?
             .ok_or_else(|| {
                 strata_catalog::CatalogError::InstanceNotFound(instance_id.to_string()).into()
@@ -340,7 +340,7 @@ impl Service {
         let to = to.map_or(now, |t| t.min(now));
         let all = self
             .engine
-            .catalog
+            .catalog()
             .list_usage_samples(instance_id, None, Some(to))?;
         let from = from.or_else(|| all.first().map(|s| s.at)).unwrap_or(to);
         let billable_gb_hours = billable_gb_hours(&all, from, to);

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::policy::Refusal;
 use crate::policy::{format_seconds, invalid, PolicyError};
 
 /// Whose recovery window a restore time is checked against.
@@ -37,13 +38,13 @@ pub(crate) fn check_restore_time(
 ) -> Result<(), PolicyError> {
     let Some((begin, end)) = window else {
         return Err(invalid(
-            "InvalidRestoreTime.NoLogBackup",
+            Refusal::NoLogBackup,
             format!("{of} has no log backup covering any time (log backup off, or no backup with log after it yet): restore a backup set instead"),
         ));
     };
     if t < begin || t > end {
         return Err(invalid(
-            "InvalidRestoreTime",
+            Refusal::RestoreTimeOutsideWindow,
             format!(
                 "RestoreTime {} is outside the recoverable window of {of}: {} to {}",
                 format_seconds(t),
@@ -72,8 +73,8 @@ mod tests {
             instance: "pgm-1",
             region: "eu",
         };
-        // (window, time, whose, expected code, words the message must hold)
-        let cases: &[(_, _, _, Option<&str>, &[&str])] = &[
+        // (window, time, whose, expected refusal, words the message must hold)
+        let cases: &[(_, _, _, Option<Refusal>, &[&str])] = &[
             (window, at(10, 0), own, None, &[]),
             (window, at(11, 30), own, None, &[]),
             (window, at(12, 0), copies, None, &[]),
@@ -81,7 +82,7 @@ mod tests {
                 window,
                 at(9, 59),
                 own,
-                Some("InvalidRestoreTime"),
+                Some(Refusal::RestoreTimeOutsideWindow),
                 &[
                     "RestoreTime 2026-12-06T09:59:00Z",
                     "outside the recoverable window of instance pgm-1",
@@ -92,14 +93,14 @@ mod tests {
                 window,
                 at(12, 1),
                 copies,
-                Some("InvalidRestoreTime"),
+                Some(Refusal::RestoreTimeOutsideWindow),
                 &["outside the recoverable window of the copies of instance pgm-1 in region eu"],
             ),
             (
                 None,
                 at(11, 0),
                 own,
-                Some("InvalidRestoreTime.NoLogBackup"),
+                Some(Refusal::NoLogBackup),
                 &[
                     "instance pgm-1 has no log backup",
                     "restore a backup set instead",
@@ -109,13 +110,13 @@ mod tests {
                 None,
                 at(11, 0),
                 copies,
-                Some("InvalidRestoreTime.NoLogBackup"),
+                Some(Refusal::NoLogBackup),
                 &["the copies of instance pgm-1 in region eu has no log backup"],
             ),
         ];
         for (i, (window, t, of, code, words)) in cases.iter().enumerate() {
             let got = check_restore_time(*window, *t, *of);
-            assert_eq!(got.as_ref().err().map(|e| e.code), *code, "case {i}");
+            assert_eq!(got.as_ref().err().map(|e| e.kind), *code, "case {i}");
             if let Err(e) = got {
                 for w in *words {
                     assert!(

@@ -122,7 +122,7 @@ fn attributed_bytes(root: &Path, target: &Repository, instance: &str) -> u64 {
 
 fn cross_figure(svc: &Service, instance: &str) -> Option<u64> {
     svc.engine()
-        .catalog
+        .catalog()
         .last_usage_sample(instance)
         .unwrap()
         .and_then(|s| s.cross_region_bytes)
@@ -135,7 +135,7 @@ async fn sample_at(svc: &Arc<Service>, clock: &ManualClock, instance: &str) {
     clock.set(at);
     tick_until(svc, "a usage sample", || {
         svc.engine()
-            .catalog
+            .catalog()
             .last_usage_sample(instance)
             .unwrap()
             .is_some_and(|s| s.at == at)
@@ -157,7 +157,7 @@ async fn tick_until(svc: &Arc<Service>, what: &str, mut done: impl FnMut() -> bo
 
 async fn settle(svc: &Service, id: &str) {
     for _ in 0..600 {
-        let sets = svc.engine().catalog.list_backups(id).unwrap();
+        let sets = svc.engine().catalog().list_backups(id).unwrap();
         if svc.running_backup_job(id).is_none()
             && sets.iter().all(|b| b.status != BackupStatus::Running)
         {
@@ -238,13 +238,13 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         "postgres",
         "CREATE TABLE IF NOT EXISTS xr_t AS SELECT 1 AS a; SELECT pg_switch_wal();",
     );
-    let sets = svc.engine().catalog.list_backups("xr").unwrap();
+    let sets = svc.engine().catalog().list_backups("xr").unwrap();
     assert_eq!(sets.len(), 2);
     // The target refuses manifests: the copies fail, are recorded failed
     // and are not listed; the target holds no backup set.
     tick_until(&svc, "a failed copy job", || {
         svc.engine()
-            .catalog
+            .catalog()
             .list_jobs(Some("xr"))
             .unwrap()
             .iter()
@@ -335,8 +335,12 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         EngineSettings::default(),
     );
     rebuilt.reindex().unwrap();
-    assert_eq!(rebuilt.catalog.list_backups("xr").unwrap().len(), 2);
-    assert!(!rebuilt.catalog.list_wal_segments("xr").unwrap().is_empty());
+    assert_eq!(rebuilt.catalog().list_backups("xr").unwrap().len(), 2);
+    assert!(!rebuilt
+        .catalog()
+        .list_wal_segments("xr")
+        .unwrap()
+        .is_empty());
 
     // Off: a new backup is not copied.
     svc.modify_cross_policy(

@@ -80,7 +80,7 @@ async fn drill_of_a_hostile_catalog(major: u32) {
     svc.tick().await;
     let set = wait_for(|| {
         svc.engine()
-            .catalog
+            .catalog()
             .list_backups(&id)
             .unwrap()
             .into_iter()
@@ -91,7 +91,7 @@ async fn drill_of_a_hostile_catalog(major: u32) {
     svc.start_drill(&set.id).unwrap();
     let drill = wait_for(|| {
         svc.engine()
-            .catalog
+            .catalog()
             .get_drill(&set.id)
             .unwrap()
             .filter(|d| d.status == "Passed" || d.status == "Failed")

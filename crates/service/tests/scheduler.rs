@@ -41,7 +41,7 @@ fn settings(dir: &std::path::Path) -> ServiceSettings {
 /// Waits until no backup of the instance is running; returns all sets.
 async fn settle(svc: &Service, id: &str) -> Vec<strata_catalog::BackupSet> {
     for _ in 0..600 {
-        let sets = svc.engine().catalog.list_backups(id).unwrap();
+        let sets = svc.engine().catalog().list_backups(id).unwrap();
         if svc.running_backup_job(id).is_none()
             && sets.iter().all(|b| b.status != BackupStatus::Running)
         {
@@ -144,7 +144,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     for _ in 0..100 {
         if !svc
             .engine()
-            .catalog
+            .catalog()
             .list_wal_segments("sched")
             .unwrap()
             .is_empty()
@@ -161,7 +161,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     // (the base of the oldest recoverable point) goes; WAL before it too.
     let before = sets.clone();
     let newest = sets.iter().max_by_key(|b| b.started_at).unwrap().clone();
-    let wal_before = svc.engine().catalog.list_wal_segments("sched").unwrap();
+    let wal_before = svc.engine().catalog().list_wal_segments("sched").unwrap();
     svc.modify_policy(
         "sched",
         PolicyChange {
@@ -186,7 +186,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
         [newest.id.as_str(), newest_now.id.as_str()],
         "{before:?}"
     );
-    let wal_after = svc.engine().catalog.list_wal_segments("sched").unwrap();
+    let wal_after = svc.engine().catalog().list_wal_segments("sched").unwrap();
     assert!(
         wal_after.len() < wal_before.len() + 3,
         "WAL should have been trimmed"
@@ -200,7 +200,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     );
     // Garbage collection ran: no unreferenced pack, nothing damaged.
     svc.tick().await;
-    let report = svc.engine().repo.verify(&|_, _| {}).unwrap();
+    let report = svc.engine().repo().verify(&|_, _| {}).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     assert!(
         report.unreferenced_packs.is_empty(),
@@ -217,8 +217,10 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
 async fn garbage_collection_waits_for_running_backups() {
     let cluster = testkit::shared_cluster(15);
     let dir = tempfile::tempdir().unwrap();
-    let mut engine = engine(dir.path());
-    engine.settings.lock_path = Some(dir.path().join("catalog.db.lock"));
+    let engine = engine(dir.path());
+    let mut engine_settings = engine.settings().clone();
+    engine_settings.lock_path = Some(dir.path().join("catalog.db.lock"));
+    let engine = engine.with_settings(engine_settings);
     cluster.psql(
         "postgres",
         "CREATE TABLE gc_t AS SELECT g, md5(g::text) AS m FROM generate_series(1, 200000) g;",
@@ -273,7 +275,7 @@ async fn garbage_collection_waits_for_running_backups() {
     });
     let mut uploading = false;
     for _ in 0..200 {
-        let jobs = svc.engine().catalog.list_jobs(Some("gc")).unwrap();
+        let jobs = svc.engine().catalog().list_jobs(Some("gc")).unwrap();
         if jobs
             .last()
             .is_some_and(|j| j.state == strata_catalog::JobState::Uploading)
@@ -305,11 +307,11 @@ async fn garbage_collection_waits_for_running_backups() {
     // and the other sets are intact.
     let report = svc.engine().collect_garbage().unwrap().expect("lock free");
     assert_eq!(report.manifests_scanned, 2);
-    let verify = svc.engine().repo.verify(&|_, _| {}).unwrap();
+    let verify = svc.engine().repo().verify(&|_, _| {}).unwrap();
     assert!(verify.is_clean(), "{:?}", verify.problems);
     assert!(verify.unreferenced_packs.is_empty());
     assert_eq!(
-        svc.engine().repo.list_backups("gc").unwrap(),
+        svc.engine().repo().list_backups("gc").unwrap(),
         vec![base.id.clone(), third.id.clone()]
     );
 
@@ -323,13 +325,13 @@ async fn garbage_collection_waits_for_running_backups() {
     assert!(
         matches!(
             &refused,
-            strata_service::ServiceError::Policy(p) if p.code == "IncorrectBackupSetState"
+            strata_service::ServiceError::Policy(p) if p.kind == strata_service::Refusal::BackupSetKept
         ),
         "{refused:?}"
     );
     let left: Vec<String> = svc
         .engine()
-        .catalog
+        .catalog()
         .list_backups("gc")
         .unwrap()
         .into_iter()
@@ -337,7 +339,7 @@ async fn garbage_collection_waits_for_running_backups() {
         .collect();
     assert_eq!(left, vec![third.id.clone()]);
     assert_eq!(
-        svc.engine().repo.list_backups("gc").unwrap(),
+        svc.engine().repo().list_backups("gc").unwrap(),
         vec![third.id]
     );
 }
@@ -355,12 +357,14 @@ async fn a_failed_restore_drill_raises_the_alert() {
     .unwrap();
     let mut settings = settings(dir.path());
     settings.drills = true;
-    let mut engine = engine(dir.path());
-    engine.settings.pg_bin_dirs = [14, 15, 16, 17, 18]
+    let engine = engine(dir.path());
+    let mut engine_settings = engine.settings().clone();
+    engine_settings.pg_bin_dirs = [14, 15, 16, 17, 18]
         .into_iter()
         .filter_map(testkit::pg_bin_dir)
         .map(|d| d.display().to_string())
         .collect();
+    let engine = engine.with_settings(engine_settings);
     let svc = Service::new(engine, Arc::new(ManualClock::new(Utc::now())), settings);
     svc.register_instance(Instance::new(
         "drill",
@@ -375,7 +379,7 @@ async fn a_failed_restore_drill_raises_the_alert() {
         let svc = Arc::clone(&svc);
         async move {
             for _ in 0..1200 {
-                if let Some(d) = svc.engine().catalog.get_drill(&backup).unwrap() {
+                if let Some(d) = svc.engine().catalog().get_drill(&backup).unwrap() {
                     if d.status == "Passed" || d.status == "Failed" {
                         return d;
                     }
@@ -406,7 +410,7 @@ async fn a_failed_restore_drill_raises_the_alert() {
         .backup("drill", &Default::default(), &strata_engine::NoProgress)
         .await
         .unwrap();
-    let manifest = svc.engine().repo.read_manifest("drill", &bad.id).unwrap();
+    let manifest = svc.engine().repo().read_manifest("drill", &bad.id).unwrap();
     let block = manifest
         .files
         .iter()

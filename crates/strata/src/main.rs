@@ -307,7 +307,7 @@ fn run(cli: Cli) -> Result<()> {
     let engine = open_engine(&config)?;
     // Every job this process creates (a backup or restore run here, or
     // everything `serve` runs) stays owned by it while the lease is renewed.
-    let _lease = LeaseKeeper::start(engine.catalog.clone(), engine.lease_renewal_interval())
+    let _lease = LeaseKeeper::start(engine.catalog().clone(), engine.lease_renewal_interval())
         .context("cannot start the job lease renewal thread")?;
     match cli.command {
         Command::Instance(InstanceCmd::Add {
@@ -332,7 +332,7 @@ fn run(cli: Cli) -> Result<()> {
                 sslrootcert: sslrootcert.map(|p| p.display().to_string()),
                 ..Instance::new(&id, &host, port, &user, sslmode)
             };
-            if let Ok(existing) = engine.catalog.get_instance(&id) {
+            if let Ok(existing) = engine.catalog().get_instance(&id) {
                 bail!(
                     "instance {:?} already exists ({}:{})",
                     id,
@@ -353,7 +353,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("instance {id} added");
         }
         Command::Instance(InstanceCmd::List { json }) => {
-            let list = engine.catalog.list_instances()?;
+            let list = engine.catalog().list_instances()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -384,9 +384,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", set.id);
         }
         Command::Backup(BackupCmd::List { id, json }) => {
-            engine.catalog.get_instance(&id)?;
+            engine.catalog().get_instance(&id)?;
             engine.fail_expired_jobs()?;
-            let list = engine.catalog.list_backups(&id)?;
+            let list = engine.catalog().list_backups(&id)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -394,8 +394,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Backup(BackupCmd::Show { id, backup, json }) => {
-            engine.catalog.get_instance(&id)?;
-            let m = engine.repo.read_manifest(&id, &backup)?;
+            engine.catalog().get_instance(&id)?;
+            let m = engine.repo().read_manifest(&id, &backup)?;
             let summary = output::BackupSummary::of(&m);
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -404,7 +404,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Wal(WalCmd::Receive { id, no_reconnect }) => {
-            engine.catalog.get_instance(&id)?;
+            engine.catalog().get_instance(&id)?;
             let rt = runtime()?;
             rt.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -426,8 +426,8 @@ fn run(cli: Cli) -> Result<()> {
             })?;
         }
         Command::Wal(WalCmd::List { id, json }) => {
-            engine.catalog.get_instance(&id)?;
-            let list = engine.catalog.list_wal_segments(&id)?;
+            engine.catalog().get_instance(&id)?;
+            let list = engine.catalog().list_wal_segments(&id)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -499,7 +499,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Task(TaskCmd::List { id, json }) => {
             engine.fail_expired_jobs()?;
-            let jobs = engine.catalog.list_jobs(id.as_deref())?;
+            let jobs = engine.catalog().list_jobs(id.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
@@ -508,7 +508,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Repo(RepoCmd::Verify { json }) => {
             let progress = CliProgress::objects();
-            let report = engine.repo.verify(&|done, total| {
+            let report = engine.repo().verify(&|done, total| {
                 strata_engine::Progress::update(&progress, "verify", done, Some(total))
             })?;
             progress.finish();
@@ -527,7 +527,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Repo(RepoCmd::Usage { json, region }) => {
             let repo = match region {
                 Some(id) => config.regions()?.target(&id)?.repository()?,
-                None => engine.repo.clone(),
+                None => engine.repo().clone(),
             };
             let usage = repo.measure_usage(&mut Default::default())?;
             if json {
@@ -545,7 +545,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         }) => {
             let key = keys::generate(read_only, &description);
-            engine.catalog.add_access_key(&key)?;
+            engine.catalog().add_access_key(&key)?;
             if json {
                 println!("{}", keys::pair_json(&key));
             } else {
@@ -562,7 +562,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Key(KeyCmd::List { json }) => {
-            let list = engine.catalog.list_access_keys()?;
+            let list = engine.catalog().list_access_keys()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -582,7 +582,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Key(KeyCmd::Delete { id }) => {
-            if !engine.catalog.delete_access_key(&id)? {
+            if !engine.catalog().delete_access_key(&id)? {
                 bail!("no AccessKey {id:?}");
             }
             println!("deleted AccessKey {id}");
@@ -596,7 +596,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(var)) => config::passphrase_from_env(&var)?,
                 (None, None) => bail!("give --new-key-file or --new-passphrase-env"),
             };
-            let mut repo = engine.repo.clone();
+            let mut repo = engine.repo().clone();
             repo.rotate_key(&new)?;
             println!(
                 "repository {} is now unlocked by the new {}; update [encryption] in the configuration",

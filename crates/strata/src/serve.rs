@@ -34,7 +34,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         token: config.metrics.token()?,
         own_listener: config.metrics.listen.is_some(),
     };
-    let created = keys::ensure_admin_key(engine.catalog.as_ref(), &data_dir)?;
+    let created = keys::ensure_admin_key(engine.catalog().as_ref(), &data_dir)?;
     let regions = config.regions()?;
     crate::runtime()?.block_on(async move {
         // Signals first: a stop request during the sandbox's start still
@@ -169,7 +169,7 @@ impl Sandbox {
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "--demo needs PostgreSQL server binaries with initdb and psql (searched: {}); install postgresql-15 or set [postgres] bin_dirs",
-                    engine.settings.pg_bin_dirs.join(", ")
+                    engine.settings().pg_bin_dirs.join(", ")
                 )
             })?;
         let os_user = engine.os_user();
