@@ -182,8 +182,7 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         .stored_bytes();
     let encryption = encryption_field(svc);
     let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
-        .catalog()
-        .list_drills(&inst.id)?
+        .drills(&inst.id)?
         .into_iter()
         .map(|d| (d.backup_id.clone(), d))
         .collect();
@@ -358,8 +357,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let job_id = p.int("BackupJobId")?;
     let jobs: Vec<Job> = svc
-        .catalog()
-        .list_jobs(Some(&inst.id))?
+        .jobs(Some(&inst.id))?
         .into_iter()
         .rev()
         .filter(|j| {
@@ -716,8 +714,7 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         ));
     }
     let all: Vec<Instance> = svc
-        .catalog()
-        .list_instances()?
+        .instances()?
         .into_iter()
         .filter(|i| wanted.as_ref().is_none_or(|w| w.contains(&i.id.as_str())))
         .collect();

@@ -45,7 +45,7 @@ fn policy_fields(svc: &Service, instance_id: &str, pol: Option<&CrossBackupPolic
 }
 
 pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.instance(p.required("DBInstanceId")?)?;
     if let Some(t) = p.get("CrossBackupType").filter(|t| *t != "1") {
         return Err(ApiError::bad(
             "InvalidCrossBackupType.Malformed",
@@ -72,7 +72,7 @@ pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 }
 
 pub fn describe_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.instance(p.required("DBInstanceId")?)?;
     let pol = svc.cross_policy(&inst.id)?;
     let mut fields = obj(policy_fields(svc, &inst.id, pol.as_ref()));
     let at = |t: Option<chrono::DateTime<Utc>>, on: bool| {
@@ -129,7 +129,7 @@ fn copy_fields(svc: &Service, c: &CrossBackup) -> Value {
 }
 
 pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.instance(p.required("DBInstanceId")?)?;
     let start = p.time("StartTime")?;
     let end = p.time("EndTime")?;
     let cross_id = p.int("CrossBackupId")?;
@@ -162,7 +162,7 @@ pub fn describe_backups(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 }
 
 pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = svc.catalog().get_instance(p.required("DBInstanceId")?)?;
+    let inst = svc.instance(p.required("DBInstanceId")?)?;
     let (start, end) = p.required_period()?;
     let region = p.get("CrossBackupRegion");
     let (number, size) = p.paging(&[30, 50, 100], false)?;
@@ -212,12 +212,7 @@ pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 fn find_copy(svc: &Service, instance_id: Option<&str>, id: i64) -> ApiResult<CrossBackup> {
     let instances = match instance_id {
         Some(i) => vec![svc.instance(i)?.id],
-        None => svc
-            .catalog()
-            .list_instances()?
-            .into_iter()
-            .map(|i| i.id)
-            .collect(),
+        None => svc.instances()?.into_iter().map(|i| i.id).collect(),
     };
     for i in instances {
         if let Some(c) = svc.cross_backups(&i)?.into_iter().find(|c| c.id == id) {

@@ -28,15 +28,14 @@ struct Row {
 
 fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiError> {
     let svc = &state.service;
-    let catalog = svc.catalog();
-    let backups = catalog.list_backups(&instance.id)?;
+    let backups = svc.backup_sets(&instance.id)?;
     let running = backups
         .iter()
         .filter(|b| b.status == BackupStatus::Running)
         .find_map(|b| b.job_id)
         .or_else(|| svc.running_backup_job(&instance.id));
     let backing_up = running
-        .and_then(|j| catalog.get_job(j).ok())
+        .and_then(|j| svc.job(j).ok())
         .filter(|j| !j.state.is_terminal())
         .map(|j| j.progress);
     let last_backup = backups
@@ -50,7 +49,7 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
         window: svc.recovery_window(&instance.id)?,
         log_on: svc.policy(&instance.id)?.log_backup_enabled,
         backing_up,
-        managed: catalog.get_managed(&instance.id)?,
+        managed: svc.managed_instance(&instance.id)?,
         last_backup,
         data_bytes: usage.data_bytes,
         log_bytes: usage.wal_bytes,
@@ -66,8 +65,7 @@ pub async fn page(State(state): State<Arc<ConsoleState>>, page: Page) -> Respons
     let rows = tokio::task::spawn_blocking(move || {
         reader
             .service
-            .catalog()
-            .list_instances()
+            .instances()
             .map_err(strata_api::ApiError::from)
             .and_then(|list| {
                 list.into_iter()

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use serde::{Deserialize, Serialize};
-use strata_catalog::{BackupMode, Catalog, Job, JobKind, JobState};
+use strata_catalog::{BackupMode, Job, JobKind, JobState};
 
 use crate::layout::{self, sort_th, Section};
 use crate::{html_response, url_encode, ConsoleState, Page};
@@ -112,8 +112,13 @@ struct Listing {
     kinds: Vec<JobKind>,
 }
 
-fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api::ApiError> {
-    let mut jobs = catalog.list_jobs(None)?;
+/// `jobs` are every job in the catalog; `backup_mode` looks up the mode of a
+/// backup set by id.
+fn listing(
+    mut jobs: Vec<Job>,
+    backup_mode: impl Fn(&str) -> Option<BackupMode>,
+    filter: &Filter,
+) -> Listing {
     jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
     let mut kinds: Vec<JobKind> = Vec::new();
     let mut tasks = Vec::new();
@@ -131,7 +136,7 @@ fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api
         }
         // Backups are typed by their set's mode: one lookup per job shown.
         let mode = match (j.kind, &j.backup_id) {
-            (JobKind::Backup, Some(b)) => catalog.get_backup(b).ok().map(|b| b.mode),
+            (JobKind::Backup, Some(b)) => backup_mode(b),
             _ => None,
         };
         let task = to_task(j, mode);
@@ -139,7 +144,7 @@ fn listing(catalog: &dyn Catalog, filter: &Filter) -> Result<Listing, strata_api
             tasks.push(task);
         }
     }
-    Ok(Listing { tasks, kinds })
+    Listing { tasks, kinds }
 }
 
 /// `GET /console/tasks`.
@@ -148,14 +153,14 @@ pub async fn page(
     page: Page,
     Query(filter): Query<Filter>,
 ) -> Response {
-    let catalog = state.service.catalog();
-    let body = match (listing(catalog, &filter), catalog.list_instances()) {
-        (Ok(listing), Ok(instances)) => {
+    let svc = &state.service;
+    let body = match (svc.jobs(None), svc.instances()) {
+        (Ok(jobs), Ok(instances)) => {
+            let listing = listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter);
             let ids: Vec<String> = instances.into_iter().map(|i| i.id).collect();
             center(&listing, &filter, &ids)
         }
-        (Err(e), _) => layout::error_box("The tasks could not be read:", &e),
-        (_, Err(e)) => layout::error_box("The tasks could not be read:", &e.into()),
+        (Err(e), _) | (_, Err(e)) => layout::error_box("The tasks could not be read:", &e.into()),
     };
     html_response(
         StatusCode::OK,
@@ -175,22 +180,28 @@ pub async fn json(
     headers: HeaderMap,
     Query(filter): Query<Filter>,
 ) -> Response {
-    let catalog = state.service.catalog();
-    if state.sessions.get(&headers, catalog).is_none() {
+    let svc = &state.service;
+    if state.sessions.get(&headers, svc.catalog()).is_none() {
         return json_response(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "The session ended: sign in again."}),
         );
     }
-    match listing(catalog, &filter) {
-        Ok(listing) => json_response(
-            StatusCode::OK,
-            serde_json::json!({ "tasks": listing.tasks }),
-        ),
-        Err(e) => json_response(
-            e.status,
-            serde_json::json!({"error": e.message, "code": e.code}),
-        ),
+    match svc.jobs(None) {
+        Ok(jobs) => {
+            let listing = listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter);
+            json_response(
+                StatusCode::OK,
+                serde_json::json!({ "tasks": listing.tasks }),
+            )
+        }
+        Err(e) => {
+            let e = strata_api::ApiError::from(e);
+            json_response(
+                e.status,
+                serde_json::json!({"error": e.message, "code": e.code}),
+            )
+        }
     }
 }
 
@@ -345,7 +356,7 @@ mod tests {
 
     #[test]
     fn listing_filters_by_type_status_and_instance() {
-        use strata_catalog::{BackupSet, Instance, SqliteCatalog, SslMode};
+        use strata_catalog::{BackupSet, Catalog, Instance, SqliteCatalog, SslMode};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let now = chrono::Utc::now();
         for id in ["a", "b"] {
@@ -370,12 +381,15 @@ mod tests {
         let manual = backup("a", "2", BackupMode::Manual, JobState::Uploading);
         let other = backup("b", "3", BackupMode::Manual, JobState::Failed);
         let ids = |f: Filter| -> Vec<i64> {
-            listing(&catalog, &f)
-                .unwrap()
-                .tasks
-                .iter()
-                .map(|t| t.id)
-                .collect()
+            listing(
+                catalog.list_jobs(None).unwrap(),
+                |b| catalog.get_backup(b).ok().map(|b| b.mode),
+                &f,
+            )
+            .tasks
+            .iter()
+            .map(|t| t.id)
+            .collect()
         };
         assert_eq!(ids(Filter::default()), [other, manual, auto]);
         let kind = |k: &str| Filter {

@@ -398,9 +398,32 @@ impl Service {
     }
 
     /// The catalog, for what lives there alone: AccessKeys and nonces
-    /// (authentication), console sessions, and read-only listings.
+    /// (authentication) and console sessions. Domain look-ups go through the
+    /// service's own queries ([`Service::instance`], [`Service::jobs`]…).
     pub fn catalog(&self) -> &dyn strata_catalog::Catalog {
         self.engine.catalog().as_ref()
+    }
+
+    /// Every registered instance.
+    pub fn instances(&self) -> strata_catalog::CatalogResult<Vec<Instance>> {
+        self.engine.catalog().list_instances()
+    }
+
+    /// The jobs of an instance (`None`: of every instance and none), oldest
+    /// first.
+    pub fn jobs(
+        &self,
+        instance_id: Option<&str>,
+    ) -> strata_catalog::CatalogResult<Vec<strata_catalog::Job>> {
+        self.engine.catalog().list_jobs(instance_id)
+    }
+
+    /// The restore drills of an instance's backups.
+    pub fn drills(
+        &self,
+        instance_id: &str,
+    ) -> strata_catalog::CatalogResult<Vec<strata_catalog::DrillResult>> {
+        self.engine.catalog().list_drills(instance_id)
     }
 
     /// A registered instance.
