@@ -7,7 +7,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -369,7 +368,7 @@ impl Service {
             }
             let wal = self.engine.catalog().list_wal_segments(instance_id)?;
             self.engine.delete_wal_segments(&wal)?;
-            self.gc_due.store(true, Ordering::SeqCst);
+            self.housekeeping.request_gc();
         }
         self.engine.catalog().delete_managed(instance_id)?;
         Ok(())

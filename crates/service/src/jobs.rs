@@ -1,0 +1,155 @@
+//! Job bookkeeping: the backup tasks this process runs (one per instance at
+//! most), starting and cancelling them, and recording the outcome of jobs
+//! the service runs itself (drills, copies, restores) in the catalog.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use strata_catalog::{BackupMode, BackupStatus, Job, JobState};
+use strata_engine::{BackupOptions, Engine, NoProgress};
+use tokio::task::JoinHandle;
+
+use crate::{lock, Service, ServiceResult};
+
+/// Records a job the service ran itself as finished, naming the backup set
+/// it used when that was chosen only while it ran.
+pub(crate) fn finish_job(engine: &Engine, job_id: i64, backup_id: Option<String>) {
+    if let Ok(mut job) = engine.catalog().get_job(job_id) {
+        job.state = JobState::Finished;
+        job.progress = 100;
+        job.finished_at = Some(Utc::now());
+        if backup_id.is_some() {
+            job.backup_id = backup_id;
+        }
+        let _ = engine.catalog().update_job(&job);
+    }
+}
+
+/// Records a job as failed (best effort: the error matters more).
+pub(crate) fn fail_job(engine: &Engine, job_id: i64, reason: &str) {
+    if let Ok(mut job) = engine.catalog().get_job(job_id) {
+        if !job.state.is_terminal() {
+            job.state = JobState::Failed;
+            job.error = Some(reason.to_string());
+            job.finished_at = Some(Utc::now());
+            let _ = engine.catalog().update_job(&job);
+        }
+    }
+}
+
+struct BackupTask {
+    job_id: i64,
+    task: JoinHandle<()>,
+}
+
+/// The backups this process runs, by instance.
+#[derive(Default)]
+pub(crate) struct BackupTasks {
+    tasks: Mutex<HashMap<String, BackupTask>>,
+}
+
+impl BackupTasks {
+    /// Whether a backup of `instance_id` runs in this process.
+    pub(crate) fn runs(&self, instance_id: &str) -> bool {
+        lock(&self.tasks).contains_key(instance_id)
+    }
+
+    /// Whether no backup runs in this process.
+    pub(crate) fn is_idle(&self) -> bool {
+        lock(&self.tasks).is_empty()
+    }
+
+    /// The job of the backup running for `instance_id`.
+    pub(crate) fn job(&self, instance_id: &str) -> Option<i64> {
+        lock(&self.tasks).get(instance_id).map(|t| t.job_id)
+    }
+
+    /// The instances with a running backup.
+    pub(crate) fn instances(&self) -> Vec<String> {
+        lock(&self.tasks).keys().cloned().collect()
+    }
+
+    fn insert(&self, instance_id: &str, job_id: i64, task: JoinHandle<()>) {
+        lock(&self.tasks).insert(instance_id.to_string(), BackupTask { job_id, task });
+    }
+
+    fn remove(&self, instance_id: &str) -> Option<BackupTask> {
+        lock(&self.tasks).remove(instance_id)
+    }
+}
+
+impl Service {
+    /// Starts a backup job and returns it at once; the backup runs in the
+    /// background. Refused while another backup of the instance runs.
+    pub fn start_backup(
+        self: &Arc<Self>,
+        instance_id: &str,
+        mode: BackupMode,
+    ) -> ServiceResult<Job> {
+        let opts = BackupOptions {
+            mode,
+            max_rate_kb: if mode == BackupMode::Automated {
+                self.settings.backup_max_rate_kb
+            } else {
+                self.settings.manual_backup_max_rate_kb
+            },
+        };
+        let pending = self.engine.prepare_backup(instance_id, &opts)?;
+        let job = pending.job.clone();
+        let svc = Arc::clone(self);
+        let id = instance_id.to_string();
+        let task = tokio::spawn(async move {
+            match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
+                Ok(set) => {
+                    tracing::info!(instance = %id, backup = %set.id, "backup finished");
+                    if svc.settings.drills {
+                        if let Err(e) = svc.start_drill(&set.id) {
+                            tracing::warn!(instance = %id, "cannot queue a restore drill: {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(instance = %id, "backup failed: {e}"),
+            }
+            svc.backups.remove(&id);
+            svc.housekeeping.request_gc();
+            // What is stored changed; the collection may wait for readers.
+            svc.usage_changed();
+        });
+        self.backups.insert(instance_id, job.id, task);
+        Ok(job)
+    }
+
+    /// Stops the backup this server runs for an instance, if any, and
+    /// records it as failed with `reason`. Waits for the task to end first:
+    /// a task busy on another thread runs on to its next await and may still
+    /// record progress, which must not outlive the cancellation.
+    pub(crate) async fn cancel_backup(&self, instance_id: &str, reason: &str) {
+        let Some(task) = self.backups.remove(instance_id) else {
+            return;
+        };
+        task.task.abort();
+        if task.task.await.is_ok() {
+            // It finished (and recorded its outcome) before the abort landed.
+            return;
+        }
+        fail_job(&self.engine, task.job_id, reason);
+        if let Ok(job) = self.engine.catalog().get_job(task.job_id) {
+            if let Some(bid) = &job.backup_id {
+                if let Ok(mut set) = self.engine.catalog().get_backup(bid) {
+                    if set.status == BackupStatus::Running {
+                        set.status = BackupStatus::Failed;
+                        set.error = Some(reason.to_string());
+                        set.finished_at = Some(Utc::now());
+                        let _ = self.engine.catalog().update_backup(&set);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The job of the backup running for an instance in this process.
+    pub fn running_backup_job(&self, instance_id: &str) -> Option<i64> {
+        self.backups.job(instance_id)
+    }
+}
