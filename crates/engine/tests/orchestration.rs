@@ -56,7 +56,7 @@ fn days_ago(n: i64) -> DateTime<Utc> {
 /// A successful set finished `age` days ago, committed with one block of
 /// its own (in a pack of its own) covering LSNs [lsn, lsn + 100].
 fn backup(rig: &Rig, id: &str, age: i64, lsn: u64) -> BlockRef {
-    let repo = &rig.engine.repo();
+    let repo = rig.engine.repo();
     let mut w = repo.block_writer(BlockIndex::default());
     let block = w.add(&vec![lsn as u8; 4096]).unwrap();
     w.finish().unwrap();

@@ -544,9 +544,9 @@ impl Service {
             .filter(|b| !copied.contains(b.id.as_str()))
             .collect();
         if !due.is_empty() {
-            copy_instance_record(&self.engine.repo(), &repo, id)?;
+            copy_instance_record(self.engine.repo(), &repo, id)?;
             let ids: Vec<String> = copies.iter().map(|c| c.set.id.clone()).collect();
-            let known = CopiedBlocks::learn(&self.engine.repo(), &repo, id, &ids)?;
+            let known = CopiedBlocks::learn(self.engine.repo(), &repo, id, &ids)?;
             let wal = self.engine.catalog().list_wal_segments(id)?;
             for set in due {
                 let key = format!("{}/{}/{}", policy.region, id, set.id);
@@ -576,7 +576,7 @@ impl Service {
                     .and_then(|_guard| {
                         self.copy_segments(&policy.region, &repo, &own_wal)?;
                         Ok(copy_backup_set(
-                            &self.engine.repo(),
+                            self.engine.repo(),
                             &repo,
                             id,
                             &set.id,
@@ -639,12 +639,12 @@ impl Service {
             .filter(|w| w.region == region)
             .map(|w| (w.row.timeline.0, w.row.segment))
             .collect();
-        copy_histories(&self.engine.repo(), repo, id)?;
+        copy_histories(self.engine.repo(), repo, id)?;
         for row in rows {
             if have.contains(&(row.timeline.0, row.segment.clone())) {
                 continue;
             }
-            let copy = copy_wal_segment(&self.engine.repo(), repo, row)?;
+            let copy = copy_wal_segment(self.engine.repo(), repo, row)?;
             self.engine
                 .catalog()
                 .insert_cross_wal(region, &copy, Utc::now())?;
@@ -686,13 +686,13 @@ impl Service {
         if due.is_empty() {
             return Ok(());
         }
-        copy_histories(&self.engine.repo(), repo, id)?;
+        copy_histories(self.engine.repo(), repo, id)?;
         for row in due {
             let key = format!("{}/{}/{}", policy.region, id, row.object_key);
             if !lock(&self.copy_retries).ready(&key) {
                 continue;
             }
-            match copy_wal_segment(&self.engine.repo(), repo, &row) {
+            match copy_wal_segment(self.engine.repo(), repo, &row) {
                 Ok(copy) => {
                     self.engine
                         .catalog()

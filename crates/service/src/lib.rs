@@ -308,7 +308,7 @@ impl Service {
 
     /// The repository's configuration and whether it is encrypted.
     pub fn repository(&self) -> &strata_repo::Repository {
-        &self.engine.repo()
+        self.engine.repo()
     }
 
     /// The service clock's time.
