@@ -9,7 +9,7 @@
 //! policy off stops copying; copies made stay until their retention ends.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,9 +150,17 @@ pub enum CopyChoice {
     Time(DateTime<Utc>),
 }
 
+/// The copier's state: whether a round runs and the copies to retry.
+#[derive(Default)]
+pub(crate) struct Copier {
+    /// A copy round runs (at most one at a time).
+    running: AtomicBool,
+    retries: Mutex<CopyRetries>,
+}
+
 /// Copies that failed and when to try them again.
 #[derive(Default)]
-pub(crate) struct CopyRetries {
+struct CopyRetries {
     due: HashMap<String, (Instant, Duration)>,
 }
 
@@ -459,13 +467,13 @@ impl Service {
 
     /// Starts a copy round in the background unless one runs.
     pub(crate) fn start_copy_round(self: &Arc<Self>) {
-        if self.copying.swap(true, Ordering::SeqCst) {
+        if self.copier.running.swap(true, Ordering::SeqCst) {
             return;
         }
         let svc = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             svc.copy_round();
-            svc.copying.store(false, Ordering::SeqCst);
+            svc.copier.running.store(false, Ordering::SeqCst);
         });
     }
 
@@ -494,21 +502,21 @@ impl Service {
             // A target that cannot be reached is tried again with backoff,
             // not every tick.
             let key = format!("{}/{}", policy.region, instance.id);
-            if policy.backup_enabled && lock(&self.copy_retries).ready(&key) {
+            if policy.backup_enabled && lock(&self.copier.retries).ready(&key) {
                 match self.copy_instance(&policy) {
-                    Ok(()) => lock(&self.copy_retries).succeeded(&key),
+                    Ok(()) => lock(&self.copier.retries).succeeded(&key),
                     Err(e) => {
-                        lock(&self.copy_retries).failed(&key);
+                        lock(&self.copier.retries).failed(&key);
                         tracing::warn!(instance = %instance.id, region = %policy.region, "cross-region copy: {e}");
                     }
                 }
             }
             let key = format!("retention/{}", instance.id);
-            if lock(&self.copy_retries).ready(&key) {
+            if lock(&self.copier.retries).ready(&key) {
                 match self.apply_copy_retention(&policy) {
-                    Ok(()) => lock(&self.copy_retries).succeeded(&key),
+                    Ok(()) => lock(&self.copier.retries).succeeded(&key),
                     Err(e) => {
-                        lock(&self.copy_retries).failed(&key);
+                        lock(&self.copier.retries).failed(&key);
                         tracing::warn!(instance = %instance.id, "cross-region retention: {e}");
                     }
                 }
@@ -550,7 +558,7 @@ impl Service {
             let wal = self.engine.catalog().list_wal_segments(id)?;
             for set in due {
                 let key = format!("{}/{}/{}", policy.region, id, set.id);
-                if !lock(&self.copy_retries).ready(&key) {
+                if !lock(&self.copier.retries).ready(&key) {
                     continue;
                 }
                 // A copy carries the WAL that makes it consistent, whether
@@ -591,7 +599,7 @@ impl Service {
                             report.stats.stored_bytes,
                             Utc::now(),
                         )?;
-                        lock(&self.copy_retries).succeeded(&key);
+                        lock(&self.copier.retries).succeeded(&key);
                         self.usage_changed();
                         finish_job(&self.engine, job.id, None);
                         tracing::info!(
@@ -606,7 +614,7 @@ impl Service {
                         );
                     }
                     Err(e) => {
-                        lock(&self.copy_retries).failed(&key);
+                        lock(&self.copier.retries).failed(&key);
                         fail_job(&self.engine, job.id, &e.to_string());
                         tracing::warn!(instance = %id, backup = %set.id, "copy to region {} failed: {e}", policy.region);
                     }
@@ -689,7 +697,7 @@ impl Service {
         copy_histories(self.engine.repo(), repo, id)?;
         for row in due {
             let key = format!("{}/{}/{}", policy.region, id, row.object_key);
-            if !lock(&self.copy_retries).ready(&key) {
+            if !lock(&self.copier.retries).ready(&key) {
                 continue;
             }
             match copy_wal_segment(self.engine.repo(), repo, &row) {
@@ -697,11 +705,11 @@ impl Service {
                     self.engine
                         .catalog()
                         .insert_cross_wal(&policy.region, &copy, Utc::now())?;
-                    lock(&self.copy_retries).succeeded(&key);
+                    lock(&self.copier.retries).succeeded(&key);
                     self.usage_changed();
                 }
                 Err(e) => {
-                    lock(&self.copy_retries).failed(&key);
+                    lock(&self.copier.retries).failed(&key);
                     tracing::warn!(instance = %id, segment = %row.segment, "WAL copy to region {} failed: {e}", policy.region);
                 }
             }

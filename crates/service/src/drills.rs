@@ -5,8 +5,9 @@
 //! failure). Drills run one at a time by default on their own thread at
 //! low CPU priority, so scheduled backups are never held up by them.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, Once};
 
 use chrono::Utc;
 use strata_catalog::{BackupStatus, DrillResult, JobKind};
@@ -14,6 +15,25 @@ use strata_engine::EngineError;
 
 use crate::local::RestoreSource;
 use crate::{fail_job, finish_job, lock, Service, ServiceResult};
+
+/// The drill worker thread, started with the first drill, and its queue.
+pub(crate) struct DrillWorker {
+    /// Drills waiting: (instance, backup set, job).
+    queue: Mutex<VecDeque<(String, String, i64)>>,
+    /// Wakes the worker when a drill is queued or the service stops.
+    pub(crate) wakeup: Condvar,
+    started: Once,
+}
+
+impl Default for DrillWorker {
+    fn default() -> Self {
+        DrillWorker {
+            queue: Mutex::new(VecDeque::new()),
+            wakeup: Condvar::new(),
+            started: Once::new(),
+        }
+    }
+}
 
 impl Service {
     /// Queues a drill of a successful backup set; returns the job id.
@@ -42,9 +62,11 @@ impl Service {
             finished_at: None,
             job_id: Some(job.id),
         })?;
-        lock(&self.drill_queue).push_back((set.instance_id, set.id, job.id));
-        self.drill_worker.call_once(|| self.spawn_drill_worker());
-        self.drill_wakeup.notify_one();
+        lock(&self.drill_worker.queue).push_back((set.instance_id, set.id, job.id));
+        self.drill_worker
+            .started
+            .call_once(|| self.spawn_drill_worker());
+        self.drill_worker.wakeup.notify_one();
         Ok(job.id)
     }
 
@@ -80,13 +102,14 @@ impl Service {
                     if svc.stopping.load(Ordering::SeqCst) {
                         return;
                     }
-                    let next = lock(&svc.drill_queue).pop_front();
+                    let next = lock(&svc.drill_worker.queue).pop_front();
                     match next {
                         Some((instance, backup, job)) => svc.run_drill(&instance, &backup, job),
                         None => {
-                            let guard = lock(&svc.drill_queue);
+                            let guard = lock(&svc.drill_worker.queue);
                             let _ = svc
-                                .drill_wakeup
+                                .drill_worker
+                                .wakeup
                                 .wait_timeout(guard, std::time::Duration::from_secs(1));
                         }
                     }

@@ -24,7 +24,6 @@ mod usage;
 mod wal_supervisor;
 mod window;
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,11 +42,14 @@ pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
 pub use wal_supervisor::WalReceiverState;
 
+use cross_region::Copier;
+use drills::DrillWorker;
 use jobs::BackupTasks;
 pub(crate) use jobs::{fail_job, finish_job};
 use retention::Housekeeping;
 use scheduler::Leaving;
 pub use tables::{parse_table_meta, DbSpec, TableSpec};
+use usage::UsageState;
 pub use usage::{billable_gb_hours, FreeQuota, UsageReport, UsageSettings, DEFAULT_FREE_QUOTA};
 use wal_supervisor::WalSupervisor;
 
@@ -149,24 +151,19 @@ pub struct Service {
     housekeeping: Housekeeping,
     /// The last collection and what it did (for `/metrics`).
     last_gc: Mutex<Option<(DateTime<Utc>, GcReport)>>,
-    /// A usage sample is owed at the next tick (what is stored changed).
-    usage_due: AtomicBool,
-    last_usage_sample: Mutex<Option<DateTime<Utc>>>,
-    usage_cache: Mutex<strata_repo::UsageCache>,
-    /// The same, per target region measured for cross-region figures.
-    cross_usage_caches: Mutex<HashMap<String, strata_repo::UsageCache>>,
+    /// Storage usage sampling.
+    usage: UsageState,
     started: Instant,
-    /// Drills waiting: (instance, backup set, job).
-    drill_queue: Mutex<std::collections::VecDeque<(String, String, i64)>>,
-    drill_wakeup: std::sync::Condvar,
-    drill_worker: std::sync::Once,
+    /// The restore drills queued and their worker.
+    drill_worker: DrillWorker,
+    /// The service is shutting down: background workers stop.
     stopping: AtomicBool,
     /// Instances the scheduler leaves alone while they go.
     leaving: Leaving,
-    /// Cross-region targets, the copier's state and its failed copies.
+    /// Cross-region targets.
     regions: cross_region::Regions,
-    copying: AtomicBool,
-    copy_retries: Mutex<cross_region::CopyRetries>,
+    /// The cross-region copier's state and its failed copies.
+    copier: Copier,
 }
 
 impl Service {
@@ -190,19 +187,13 @@ impl Service {
             backups: BackupTasks::default(),
             housekeeping: Housekeeping::default(),
             last_gc: Mutex::new(None),
-            usage_due: AtomicBool::new(true),
-            last_usage_sample: Mutex::new(None),
-            usage_cache: Mutex::new(strata_repo::UsageCache::default()),
-            cross_usage_caches: Mutex::new(HashMap::new()),
+            usage: UsageState::default(),
             started: Instant::now(),
-            drill_queue: Mutex::new(std::collections::VecDeque::new()),
-            drill_wakeup: std::sync::Condvar::new(),
-            drill_worker: std::sync::Once::new(),
+            drill_worker: DrillWorker::default(),
             stopping: AtomicBool::new(false),
             leaving: Leaving::default(),
             regions,
-            copying: AtomicBool::new(false),
-            copy_retries: Mutex::new(cross_region::CopyRetries::default()),
+            copier: Copier::default(),
         })
     }
 
@@ -456,5 +447,163 @@ impl Service {
         let wal = self.engine.catalog().list_wal_segments(instance_id)?;
         let backups = self.engine.catalog().list_backups(instance_id)?;
         Ok(recovery_window(&backups, &wal))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The service's own rules, over an in-memory catalog and repository
+    //! (no PostgreSQL server).
+
+    use strata_catalog::{BackupMode, BackupSet, Catalog, SqliteCatalog, SslMode};
+    use strata_engine::EngineSettings;
+    use strata_repo::{MemoryStorage, Repository};
+
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// A service with one registered instance "a", at Monday 30 November 2026 noon.
+    fn service() -> (Arc<Service>, Arc<dyn Catalog>) {
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open_in_memory().unwrap());
+        let repo = Repository::open_or_init(Arc::new(MemoryStorage::default())).unwrap();
+        let engine = Engine::new(catalog.clone(), repo, EngineSettings::default());
+        catalog
+            .add_instance(&Instance::new(
+                "a",
+                "127.0.0.1",
+                5432,
+                "postgres",
+                SslMode::Disable,
+            ))
+            .unwrap();
+        let clock = Arc::new(ManualClock::new(at("2026-11-30T12:00:00Z")));
+        let settings = ServiceSettings {
+            drills: false,
+            ..Default::default()
+        };
+        (Service::new(engine, clock, settings), catalog)
+    }
+
+    fn refusal<T: std::fmt::Debug>(r: ServiceResult<T>) -> Refusal {
+        match r {
+            Err(ServiceError::Policy(p)) => p.kind,
+            other => panic!("not a policy refusal: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn policy_changes_are_checked_before_anything_is_stored() {
+        let (svc, _) = service();
+        let before = svc.policy("a").unwrap();
+        let change = |f: fn(&mut PolicyChange)| {
+            let mut c = PolicyChange::default();
+            f(&mut c);
+            c
+        };
+        let cases: [(PolicyChange, Refusal); 6] = [
+            (
+                change(|c| c.backup_retention_days = Some("6".into())),
+                Refusal::DataRetentionMalformed,
+            ),
+            (
+                change(|c| c.backup_retention_days = Some("a week".into())),
+                Refusal::DataRetentionMalformed,
+            ),
+            (
+                change(|c| c.log_retention_days = Some("x".into())),
+                Refusal::LogRetentionMalformed,
+            ),
+            (
+                change(|c| {
+                    c.backup_retention_days = Some("30".into());
+                    c.log_retention_days = Some("40".into());
+                }),
+                Refusal::ConflictingParameters,
+            ),
+            (
+                change(|c| c.backup_days = Some("Monday".into())),
+                Refusal::BackupDaysMalformed,
+            ),
+            (
+                change(|c| {
+                    c.backup_days = Some("Tuesday,Friday".into());
+                    c.backup_window = Some("02:00Z-04:00Z".into());
+                }),
+                Refusal::BackupWindowMalformed,
+            ),
+        ];
+        for (i, (c, kind)) in cases.into_iter().enumerate() {
+            assert_eq!(refusal(svc.modify_policy("a", c).await), kind, "case {i}");
+            assert_eq!(
+                svc.policy("a").unwrap(),
+                before,
+                "case {i} stored something"
+            );
+        }
+        assert!(matches!(
+            svc.modify_policy("nope", PolicyChange::default()).await,
+            Err(ServiceError::Engine(EngineError::Catalog(
+                CatalogError::InstanceNotFound(_)
+            )))
+        ));
+
+        let stored = svc
+            .modify_policy(
+                "a",
+                PolicyChange {
+                    backup_days: Some("friday, Tuesday".into()),
+                    backup_window: Some(" 23:30Z-00:30Z ".into()),
+                    backup_retention_days: Some(" 30 ".into()),
+                    log_retention_days: Some("30".into()),
+                    log_backup_enabled: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored.backup_days, ["Tuesday", "Friday"]);
+        assert_eq!(stored.backup_window, "23:30Z-00:30Z");
+        assert_eq!(
+            (stored.backup_retention_days, stored.log_retention_days),
+            (30, 30)
+        );
+        assert_eq!(stored.updated_at, at("2026-11-30T12:00:00Z"));
+        assert_eq!(svc.policy("a").unwrap(), stored);
+    }
+
+    #[test]
+    fn backup_deletion_is_all_or_none() {
+        let (svc, catalog) = service();
+        let done = |id: &str, day: &str| {
+            let t = at(&format!("2026-11-{day}T02:00:00Z"));
+            let mut s = BackupSet::started(id.into(), "a", BackupMode::Automated, t, None);
+            s.status = BackupStatus::Success;
+            s.finished_at = Some(t);
+            catalog.insert_backup(&s).unwrap();
+        };
+        done("old", "01");
+        done("anchor", "10");
+        done("newest", "29");
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // "old" alone could go; with the newest in the request nothing goes.
+        assert_eq!(
+            refusal(svc.delete_backups("a", &ids(&["old", "newest"]))),
+            Refusal::BackupSetKept
+        );
+        assert!(matches!(
+            svc.delete_backups("a", &ids(&["old", "missing"])),
+            Err(ServiceError::Engine(EngineError::Catalog(
+                CatalogError::BackupNotFound(id)
+            ))) if id == "missing"
+        ));
+        let left: Vec<String> = svc
+            .backup_sets("a")
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(left, ["old", "anchor", "newest"]);
     }
 }

@@ -190,7 +190,7 @@ impl Service {
     /// Stops the WAL receivers (flushing partial segments) and fails running backups.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.drill_wakeup.notify_all();
+        self.drill_worker.wakeup.notify_all();
         for id in self.wal.instances() {
             self.wal.stop(&id).await;
         }

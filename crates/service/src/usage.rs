@@ -16,14 +16,37 @@
 //! that cannot be reached keeps the instance's last known figure.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupStatus, UsageSample};
 use strata_repo::RepositoryUsage;
 
 use crate::{lock, Service, ServiceResult};
+
+/// When usage was last sampled, whether a sample is owed, and the
+/// measurement caches (so a sample reads only what changed).
+pub(crate) struct UsageState {
+    /// A sample is owed at the next tick (what is stored changed).
+    due: AtomicBool,
+    last_sample: Mutex<Option<DateTime<Utc>>>,
+    cache: Mutex<strata_repo::UsageCache>,
+    /// The same, per target region measured for cross-region figures.
+    cross_caches: Mutex<HashMap<String, strata_repo::UsageCache>>,
+}
+
+impl Default for UsageState {
+    fn default() -> Self {
+        UsageState {
+            // The first tick samples.
+            due: AtomicBool::new(true),
+            last_sample: Mutex::new(None),
+            cache: Mutex::new(strata_repo::UsageCache::default()),
+            cross_caches: Mutex::new(HashMap::new()),
+        }
+    }
+}
 
 /// An instance's free backup storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +195,7 @@ impl Service {
 
     /// Asks for a sample at the next tick (what is stored changed).
     pub(crate) fn usage_changed(&self) {
-        self.usage_due.store(true, Ordering::SeqCst);
+        self.usage.due.store(true, Ordering::SeqCst);
     }
 
     /// Measures the repository and records a sample for every registered
@@ -182,27 +205,27 @@ impl Service {
     pub async fn sample_usage_if_due(self: &Arc<Self>) -> ServiceResult<bool> {
         let now = self.now();
         let due = {
-            let last = lock(&self.last_usage_sample);
-            self.usage_due.load(Ordering::SeqCst)
+            let last = lock(&self.usage.last_sample);
+            self.usage.due.load(Ordering::SeqCst)
                 || last.is_none_or(|t| now - t >= self.settings.usage.sample_interval || now < t)
         };
         if !due {
             return Ok(false);
         }
-        self.usage_due.store(false, Ordering::SeqCst);
+        self.usage.due.store(false, Ordering::SeqCst);
         let svc = Arc::clone(self);
         let recorded = tokio::task::spawn_blocking(move || svc.record_samples(now)).await;
         match recorded {
             Ok(Ok(())) => {
-                *lock(&self.last_usage_sample) = Some(now);
+                *lock(&self.usage.last_sample) = Some(now);
                 Ok(true)
             }
             Ok(Err(e)) => {
-                self.usage_due.store(true, Ordering::SeqCst);
+                self.usage.due.store(true, Ordering::SeqCst);
                 Err(e)
             }
             Err(e) => {
-                self.usage_due.store(true, Ordering::SeqCst);
+                self.usage.due.store(true, Ordering::SeqCst);
                 Err(crate::ServiceError::Engine(
                     strata_engine::EngineError::Conflict(format!(
                         "the usage measurement stopped: {e}"
@@ -215,7 +238,7 @@ impl Service {
     /// Measures now and records a sample per registered instance (blocking).
     fn record_samples(&self, now: DateTime<Utc>) -> ServiceResult<()> {
         let usage = {
-            let mut cache = lock(&self.usage_cache);
+            let mut cache = lock(&self.usage.cache);
             self.engine
                 .repo()
                 .measure_usage(&mut cache)
@@ -269,7 +292,7 @@ impl Service {
     fn measure_target(&self, region: &str) -> Option<RepositoryUsage> {
         let measured = self.regions.target(region).and_then(|target| {
             let repo = target.repository()?;
-            let mut caches = lock(&self.cross_usage_caches);
+            let mut caches = lock(&self.usage.cross_caches);
             let cache = caches.entry(region.to_string()).or_default();
             Ok(repo
                 .measure_usage(cache)
