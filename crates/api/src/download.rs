@@ -201,11 +201,11 @@ pub async fn backup(
             ))
         }
     };
-    let engine = state.service.engine().clone();
+    let service = state.service.clone();
     let planned = tokio::task::spawn_blocking(move || {
-        let archive = engine.backup_archive(&instance, &backup_id)?;
+        let archive = service.backup_archive(&instance, &backup_id)?;
         let size = if zstd { None } else { Some(archive.size()?) };
-        Ok::<_, strata_engine::EngineError>((archive, size))
+        Ok::<_, strata_service::ServiceError>((archive, size))
     })
     .await;
     let (archive, size) = match planned {

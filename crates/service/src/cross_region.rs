@@ -24,8 +24,7 @@ use strata_engine::{
 };
 use strata_repo::{KeySource, Repository, Storage};
 
-use crate::policy::invalid;
-use crate::policy::Refusal;
+use crate::policy::{invalid, Refusal};
 use crate::window::{check_restore_time, WindowOf};
 use crate::{fail_job, finish_job, lock, PolicyError, Service, ServiceError, ServiceResult};
 
@@ -112,7 +111,7 @@ impl Regions {
         self.targets.keys().cloned().collect()
     }
 
-    /// The target named `id`, or an RDS-style refusal.
+    /// The target named `id`, or a refusal naming the targets there are.
     pub fn target(&self, id: &str) -> ServiceResult<Arc<RegionTarget>> {
         self.targets.get(id).cloned().ok_or_else(|| {
             invalid(

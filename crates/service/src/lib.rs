@@ -7,6 +7,14 @@
 //!
 //! Time comes from a [`Clock`], so tests can walk the scheduler through
 //! days and weeks; [`Service::tick`] does one round of everything.
+//!
+//! This file holds the [`Service`] itself, its errors, settings, queries and
+//! instance lifecycle; each responsibility keeps its state in its own module:
+//! `scheduler` (the round and its decisions), `wal_supervisor`, `retention`
+//! (retention, garbage collection, deletion rules), `jobs` (backup tasks and
+//! job records), `usage`, `drills`, `cross_region` (the copier), `local`
+//! (clones and scratch servers), `tables` and `metrics`. Refusals are typed
+//! ([`PolicyError`] with a [`Refusal`] kind); RDS's codes are the API's.
 #![warn(missing_docs)]
 
 mod clock;
@@ -197,8 +205,8 @@ impl Service {
         })
     }
 
-    /// The engine underneath, for work a caller streams itself (downloads)
-    /// and for tests; everything else goes through the service's methods.
+    /// The engine underneath, for tests that drive a job directly;
+    /// everything else goes through the service's methods.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -287,6 +295,17 @@ impl Service {
             .read_wal(&row.object_key)
             .map_err(EngineError::from)?;
         Ok(Some(data))
+    }
+
+    /// The archive of a backup set as a download streams it (planned, not
+    /// yet read). Blocks while a garbage collection runs: call it off the
+    /// runtime.
+    pub fn backup_archive(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+    ) -> ServiceResult<strata_engine::BackupArchive> {
+        Ok(self.engine.backup_archive(instance_id, backup_id)?)
     }
 
     /// Strata's record of an instance it created (a clone), if it is one.

@@ -16,8 +16,7 @@ use strata_engine::{
 };
 
 use crate::pg_client::{ident, ClientConn};
-use crate::policy::invalid;
-use crate::policy::Refusal;
+use crate::policy::{invalid, Refusal};
 use crate::window::{check_restore_time, WindowOf};
 
 use crate::{Service, ServiceResult};

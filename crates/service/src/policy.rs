@@ -1,8 +1,9 @@
 //! Backup policies as RDS defines them: the days of the week and the daily
 //! one-hour window for automatic data backups, data retention 7–730 days, log
 //! backup on or off, log retention 7–7300 days and never above data
-//! retention. Parsing, validation (with RDS's error codes), defaults and the
-//! schedule arithmetic live here as pure functions.
+//! retention. Parsing, validation (refusing with a [`Refusal`] kind the API
+//! maps to RDS's error code), defaults and the schedule arithmetic live here
+//! as pure functions.
 
 use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc, Weekday};
 use strata_catalog::BackupPolicy;

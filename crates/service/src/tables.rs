@@ -23,8 +23,7 @@ use strata_engine::EngineError;
 
 use crate::local::{RestoreSource, Scratch};
 use crate::pg_client::{ident, lit, ClientConn};
-use crate::policy::invalid;
-use crate::policy::Refusal;
+use crate::policy::{invalid, Refusal};
 use crate::{fail_job, finish_job, PolicyError, Service, ServiceResult};
 
 /// Longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer ones are

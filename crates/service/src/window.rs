@@ -1,13 +1,13 @@
 //! The check a restore to a point in time passes first: the time must lie in
 //! the recovery window of what it restores from, the instance's own backups
 //! or their copies in another region. Both paths word their refusals alike
-//! and keep RDS's codes (`InvalidRestoreTime.NoLogBackup` when nothing can
-//! be recovered to a point in time, `InvalidRestoreTime` outside the window).
+//! and refuse with the same kinds ([`Refusal::NoLogBackup`] when nothing can
+//! be recovered to a point in time, [`Refusal::RestoreTimeOutsideWindow`]
+//! outside the window).
 
 use chrono::{DateTime, Utc};
 
-use crate::policy::Refusal;
-use crate::policy::{format_seconds, invalid, PolicyError};
+use crate::policy::{format_seconds, invalid, PolicyError, Refusal};
 
 /// Whose recovery window a restore time is checked against.
 #[derive(Debug, Clone, Copy)]
