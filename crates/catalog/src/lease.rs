@@ -95,7 +95,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::{Catalog, JobKind, JobState, SqliteCatalog};
+    use crate::prelude::*;
+    use crate::{JobKind, JobState, SqliteCatalog};
 
     #[test]
     fn the_keeper_renews_its_owners_unfinished_jobs_until_dropped() {

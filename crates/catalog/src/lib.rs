@@ -1,13 +1,22 @@
 //! Strata's catalog: the index of what the repository holds plus operational
-//! state (instances, backup sets, WAL segments, restore points, jobs, storage
-//! usage samples).
+//! state (instances, backup sets, WAL segments, restore points, jobs,
+//! policies, access keys, storage usage samples, cross-region copies).
 //!
-//! The repository stays the source of truth; everything here except jobs can
-//! be rebuilt from it (`strata repo reindex`). [`Catalog`] is the interface the
-//! engine and service use; [`SqliteCatalog`], one SQLite file per data
-//! directory, is its only implementation.
+//! The repository stays the source of truth for what is stored: backup sets,
+//! WAL segments, restore points and instances (without their passwords) can
+//! be rebuilt from it (`strata repo reindex`); the rest is operational state
+//! kept only here. [`Catalog`] is the interface the engine and service use,
+//! made of one trait per aggregate ([`InstanceCatalog`], [`BackupCatalog`],
+//! [`WalCatalog`], [`JobCatalog`], [`PolicyCatalog`], [`CrossRegionCatalog`],
+//! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`]);
+//! [`SqliteCatalog`], one SQLite file per data directory, is its
+//! implementation. Errors are backend-neutral
+//! ([`CatalogError`]) and the schema history is one list of versioned steps
+//! ([`MIGRATIONS`]) that any backend follows.
 
+mod interface;
 mod lease;
+mod migrations;
 mod sqlite;
 
 use std::fmt;
@@ -19,31 +28,87 @@ use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use interface::{
+    AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
+    InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+};
 pub use lease::{LeaseKeeper, LeaseOwner};
+pub use migrations::{Migration, MIGRATIONS};
 pub use sqlite::SqliteCatalog;
 
+/// The catalog traits, to call their methods on an `Arc<dyn Catalog>`:
+/// `use strata_catalog::prelude::*;`.
+pub mod prelude {
+    pub use crate::interface::{
+        AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
+        InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+    };
+}
+
+/// A boxed error from the backend underneath, kept as the source.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a catalog call can fail with, whatever the backend: the first
+/// variants are the catalog's own rules, the last ones classify what the
+/// database reported (see [`CatalogError::is_retryable`]).
 #[derive(Debug, Error)]
 pub enum CatalogError {
+    /// No instance has that id.
     #[error("instance {0:?} not found")]
     InstanceNotFound(String),
+    /// An instance with that id is already registered.
     #[error("instance {0:?} already exists")]
     InstanceExists(String),
+    /// No backup set has that id.
     #[error("backup set {0:?} not found")]
     BackupNotFound(String),
+    /// A backup set with that id exists (ids are unique across instances).
     #[error("backup set {0:?} already exists")]
     BackupExists(String),
+    /// No job has that id.
     #[error("job {0} not found")]
     JobNotFound(i64),
+    /// Another process took the job over after its lease expired.
     #[error("job {0} was taken over by another process after its lease expired; its outcome is not recorded")]
     LeaseLost(i64),
+    /// The catalog's schema is newer than this build knows.
     #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]
-    NewerSchema { found: i64, supported: i64 },
+    NewerSchema {
+        /// The schema version the catalog records.
+        found: i64,
+        /// The newest version this build can migrate to.
+        supported: i64,
+    },
+    /// A row the call needed does not exist (and no variant above names it).
+    #[error("catalog row not found: {0}")]
+    NotFound(String),
+    /// A write would break a uniqueness rule no variant above names.
+    #[error("catalog refused a duplicate: {0}")]
+    Conflict(#[source] BackendError),
+    /// The database is busy or cannot be reached now: the same call may
+    /// succeed when retried.
+    #[error("catalog database busy or unavailable: {0}")]
+    Busy(#[source] BackendError),
+    /// The database or a value stored in it is damaged or of the wrong type.
+    #[error("catalog database is corrupt: {0}")]
+    Corrupt(#[source] BackendError),
+    /// Any other failure of the database underneath.
     #[error("catalog database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Backend(#[source] BackendError),
+    /// A value given to or stored in the catalog breaks its rules.
     #[error("catalog holds an invalid value: {0}")]
     Invalid(String),
 }
 
+impl CatalogError {
+    /// True when the failure is transient (the database was busy or
+    /// unreachable) and the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CatalogError::Busy(_))
+    }
+}
+
+/// What catalog calls return.
 pub type CatalogResult<T> = Result<T, CatalogError>;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -509,145 +574,6 @@ pub struct AccessKey {
     pub read_only: bool,
     pub description: String,
     pub created_at: DateTime<Utc>,
-}
-
-/// The catalog interface.
-pub trait Catalog: Send + Sync {
-    fn add_instance(&self, instance: &Instance) -> CatalogResult<()>;
-    fn update_instance(&self, instance: &Instance) -> CatalogResult<()>;
-    fn get_instance(&self, id: &str) -> CatalogResult<Instance>;
-    fn list_instances(&self) -> CatalogResult<Vec<Instance>>;
-    fn delete_instance(&self, id: &str) -> CatalogResult<()>;
-
-    fn insert_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
-    fn update_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
-    fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
-    /// Backup sets of an instance, oldest first.
-    fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>>;
-
-    fn delete_backup(&self, id: &str) -> CatalogResult<()>;
-
-    fn upsert_wal_segment(&self, row: &WalSegmentRow) -> CatalogResult<()>;
-    fn delete_wal_segment(
-        &self,
-        instance_id: &str,
-        timeline: TimelineId,
-        segment: &str,
-        partial: bool,
-    ) -> CatalogResult<()>;
-    /// The complete and partial rows of one segment.
-    fn find_wal_segment(
-        &self,
-        instance_id: &str,
-        timeline: TimelineId,
-        segment: &str,
-    ) -> CatalogResult<Vec<WalSegmentRow>>;
-    /// WAL segments of an instance by timeline and name.
-    fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>>;
-    fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;
-    fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
-
-    /// A new job owned by this catalog handle's lease ([`Catalog::lease_owner`]).
-    fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job>;
-    fn update_job(&self, job: &Job) -> CatalogResult<()>;
-    fn get_job(&self, id: i64) -> CatalogResult<Job>;
-    fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
-    /// The lease owner jobs created through this handle belong to: random
-    /// per process start, never a PID.
-    fn lease_owner(&self) -> &LeaseOwner;
-    /// Renews the lease on every unfinished job of [`Catalog::lease_owner`]
-    /// (heartbeat = `now`); returns how many jobs were renewed.
-    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize>;
-    /// Takes over the unfinished jobs of other owners whose lease expired
-    /// (last heartbeat more than `lease` before `now`): each is marked
-    /// `Failed` with the reason, with its running backup set, so new work
-    /// can start. Jobs of this handle's own owner are never taken over.
-    /// Returns how many were failed.
-    fn fail_expired_jobs(
-        &self,
-        now: DateTime<Utc>,
-        lease: chrono::Duration,
-    ) -> CatalogResult<usize>;
-
-    /// The policy of an instance, if one was stored.
-    fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
-    fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()>;
-
-    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()>;
-    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>>;
-    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>>;
-    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()>;
-
-    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()>;
-    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>>;
-    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>>;
-
-    fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>>;
-    fn put_cross_policy(&self, policy: &CrossBackupPolicy) -> CatalogResult<()>;
-    /// Records a committed copy and returns its new id.
-    fn insert_cross_backup(
-        &self,
-        region: &str,
-        set: &BackupSet,
-        copied_bytes: u64,
-        copied_at: DateTime<Utc>,
-    ) -> CatalogResult<i64>;
-    /// Copies of an instance's backup sets, oldest first.
-    fn list_cross_backups(&self, instance_id: &str) -> CatalogResult<Vec<CrossBackup>>;
-    fn delete_cross_backup(&self, id: i64) -> CatalogResult<()>;
-    /// Records a copied WAL segment and returns its new id.
-    fn insert_cross_wal(
-        &self,
-        region: &str,
-        row: &WalSegmentRow,
-        copied_at: DateTime<Utc>,
-    ) -> CatalogResult<i64>;
-    /// Copied WAL segments of an instance by timeline and name.
-    fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>>;
-    fn delete_cross_wal(&self, id: i64) -> CatalogResult<()>;
-
-    fn add_usage_sample(&self, sample: &UsageSample) -> CatalogResult<()>;
-    /// Samples of an instance taken between `from` and `to` (inclusive,
-    /// either open), oldest first.
-    fn list_usage_samples(
-        &self,
-        instance_id: &str,
-        from: Option<DateTime<Utc>>,
-        to: Option<DateTime<Utc>>,
-    ) -> CatalogResult<Vec<UsageSample>>;
-    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>>;
-
-    fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
-    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;
-    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>>;
-    /// Returns false when no such key existed.
-    fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
-    /// Records a request nonce of a key; false when it was recorded before.
-    /// Nonces older than `forget_before` are dropped on the way.
-    fn admit_nonce(
-        &self,
-        key_id: &str,
-        nonce: &str,
-        now: DateTime<Utc>,
-        forget_before: DateTime<Utc>,
-    ) -> CatalogResult<bool>;
-
-    /// Packs of the repository `repository_id` that a garbage collection
-    /// found unreferenced and kept for the grace period, each with when it
-    /// was first found so.
-    fn gc_pending(
-        &self,
-        repository_id: &str,
-    ) -> CatalogResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
-    /// Replaces that list after a collection, in one transaction.
-    fn put_gc_pending(
-        &self,
-        repository_id: &str,
-        pending: &std::collections::BTreeMap<String, DateTime<Utc>>,
-    ) -> CatalogResult<()>;
-
-    /// Forgets backup sets, WAL segments and restore points (before a reindex).
-    fn clear_index(&self) -> CatalogResult<()>;
 }
 
 /// `sslmode` as libpq spells it.

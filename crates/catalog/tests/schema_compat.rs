@@ -225,11 +225,18 @@ fn check(cat: &SqliteCatalog) {
     assert_eq!(cat.get_policy(INSTANCE).unwrap(), Some(policy()));
     assert_eq!(cat.list_managed().unwrap(), vec![managed()]);
     assert_eq!(cat.list_drills(INSTANCE).unwrap(), vec![drill()]);
-    assert_eq!(cat.get_cross_policy(INSTANCE).unwrap(), Some(cross_policy()));
+    assert_eq!(
+        cat.get_cross_policy(INSTANCE).unwrap(),
+        Some(cross_policy())
+    );
     let copies = cat.list_cross_backups(INSTANCE).unwrap();
     assert_eq!(copies.len(), 1);
     assert_eq!(
-        (copies[0].region.as_str(), &copies[0].set, copies[0].copied_bytes),
+        (
+            copies[0].region.as_str(),
+            &copies[0].set,
+            copies[0].copied_bytes
+        ),
         ("eu-2", &backup(), 8_000_000)
     );
     assert_eq!(copies[0].copied_at, at(1, 10));
@@ -244,7 +251,10 @@ fn check(cat: &SqliteCatalog) {
         vec![usage()]
     );
     assert_eq!(cat.list_access_keys().unwrap(), vec![key()]);
-    assert_eq!(cat.get_access_key(&key().id).unwrap().unwrap().secret, key().secret);
+    assert_eq!(
+        cat.get_access_key(&key().id).unwrap().unwrap().secret,
+        key().secret
+    );
     // The nonce recorded then is still known: a replay is refused.
     assert!(!cat
         .admit_nonce(&key().id, "nonce-1", at(5, 0), at(4, 0))
