@@ -36,6 +36,7 @@ impl LeaseOwner {
         LeaseOwner(id)
     }
 
+    /// The owner id as stored in the catalog.
     pub fn as_str(&self) -> &str {
         &self.0
     }
