@@ -1,8 +1,9 @@
 //! The catalog interface, one trait per aggregate: each trait owns a set of
 //! tables (or, for another backend, their equivalent) and the rules that
 //! hold between their rows. [`Catalog`] is all of them together; the engine
-//! and the service hold an `Arc<dyn Catalog>`, code that needs one aggregate
-//! only may take `&dyn InstanceCatalog` and the like.
+//! and the service hold an `Arc<dyn Catalog>`; code that needs one aggregate
+//! only can be generic over it (`C: JobCatalog + ?Sized`), which both a
+//! `dyn Catalog` and a test fake of just that aggregate satisfy.
 //!
 //! Every method is one atomic change: a second handle on the same catalog
 //! (another process, or another Strata node sharing the database) sees all
@@ -295,4 +296,31 @@ impl<T> Catalog for T where
         + GcCatalog
         + IndexCatalog
 {
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{JobState, SqliteCatalog};
+
+    /// Needs jobs only: any job store will do.
+    fn open_jobs<C: JobCatalog + ?Sized>(jobs: &C) -> usize {
+        jobs.list_jobs(None)
+            .unwrap()
+            .iter()
+            .filter(|j| !j.state.is_terminal())
+            .count()
+    }
+
+    #[test]
+    fn one_aggregate_is_reachable_through_the_whole_catalog() {
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open_in_memory().unwrap());
+        let mut job = catalog.create_job(JobKind::Backup, None).unwrap();
+        catalog.create_job(JobKind::Restore, None).unwrap();
+        job.state = JobState::Finished;
+        catalog.update_job(&job).unwrap();
+        assert_eq!(open_jobs(&*catalog), 1);
+    }
 }
