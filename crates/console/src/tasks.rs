@@ -345,6 +345,7 @@ mod tests {
 
     #[test]
     fn listing_filters_by_type_status_and_instance() {
+        use strata_catalog::prelude::*;
         use strata_catalog::{BackupSet, Instance, SqliteCatalog, SslMode};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let now = chrono::Utc::now();

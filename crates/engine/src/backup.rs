@@ -588,11 +588,7 @@ impl Engine {
                 stats.total_bytes.div_ceil(1 << 20)
             ));
         }
-        set.total_bytes = stats.total_bytes;
-        set.new_bytes = stats.new_bytes;
-        set.dedup_bytes = stats.dedup_bytes;
-        set.stored_bytes = stats.stored_bytes;
-        set.file_count = stats.file_count;
+        crate::entities::record_stats(set, &stats);
         Ok(())
     }
 }
