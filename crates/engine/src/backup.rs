@@ -222,14 +222,7 @@ impl Engine {
         let pg_version = main.client.server_version_num();
         set.pg_version_num = Some(pg_version);
 
-        let mut wal_session = open_session(instance).await?;
-        let slot = format!("strata_backup_{}_{:08x}", std::process::id(), rand_u32());
-        wal_session
-            .client
-            .create_physical_slot(&slot, true, true)
-            .await
-            .map_err(|e| explain(instance, e))?;
-
+        let (wal_session, slot) = open_wal_slot(instance).await?;
         tracing::debug!("backup {}: connected, slot {slot} created", set.id);
         let mut base = if pg_version >= 170000 {
             self.incremental_base(instance, &mut main, pg_version, progress)
@@ -292,34 +285,14 @@ impl Engine {
             start.start_lsn
         );
 
-        let (stop_tx, stop_rx) = watch::channel(None);
-        let wal_task = tokio::spawn(stream_backup_wal(
-            self.clone(),
-            instance.id.clone(),
-            wal_session,
-            slot,
-            start.start_lsn,
-            start.start_timeline,
-            geometry,
-            self.settings.wal_status_interval,
-            stop_rx,
-        ));
-        let wal_stored = |stop_lsn: Lsn| async move {
-            let _ = stop_tx.send(Some(stop_lsn));
-            match wal_task.await {
-                Ok(result) => result,
-                Err(e) => Err(EngineError::Failed(format!(
-                    "WAL streaming task failed: {e}"
-                ))),
-            }
-        };
+        let wal = BackupWal::start(self, instance, wal_session, slot, &start, geometry);
         let run = BackupRun {
             instance: &*instance,
             set,
             job,
             progress,
         };
-        self.consume_backup(run, &start, base, &mut bb, wal_stored)
+        self.consume_backup(run, &start, base, &mut bb, |stop| wal.stored(stop))
             .await
     }
 
@@ -420,6 +393,62 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// A second connection with a temporary physical slot, created before the
+/// backup starts so the server keeps every WAL segment the backup needs.
+async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session, String)> {
+    let mut session = open_session(instance).await?;
+    let slot = format!("strata_backup_{}_{:08x}", std::process::id(), rand_u32());
+    session
+        .client
+        .create_physical_slot(&slot, true, true)
+        .await
+        .map_err(|e| explain(instance, e))?;
+    Ok((session, slot))
+}
+
+/// The task streaming a backup's WAL into the repository, until told the
+/// backup's end position.
+struct BackupWal {
+    stop_tx: watch::Sender<Option<Lsn>>,
+    task: tokio::task::JoinHandle<EngineResult<()>>,
+}
+
+impl BackupWal {
+    fn start(
+        engine: &Engine,
+        instance: &Instance,
+        session: Session,
+        slot: String,
+        start: &StreamStart,
+        geometry: WalGeometry,
+    ) -> Self {
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let task = tokio::spawn(stream_backup_wal(
+            engine.clone(),
+            instance.id.clone(),
+            session,
+            slot,
+            start.start_lsn,
+            start.start_timeline,
+            geometry,
+            engine.settings.wal_status_interval,
+            stop_rx,
+        ));
+        BackupWal { stop_tx, task }
+    }
+
+    /// Done once the WAL up to `stop` is stored.
+    async fn stored(self, stop: Lsn) -> EngineResult<()> {
+        let _ = self.stop_tx.send(Some(stop));
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(EngineError::Failed(format!(
+                "WAL streaming task failed: {e}"
+            ))),
+        }
     }
 }
 
@@ -825,80 +854,13 @@ impl BlockPipeline {
         let pool_rx = Arc::new(Mutex::new(pool_rx));
         let pool = (0..threads)
             .map(|_| {
-                let rx = pool_rx.clone();
-                let repo = repo.clone();
-                let known = known_hashes.clone();
-                std::thread::spawn(move || loop {
-                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
-                    let Some((source, reply)) = next else { break };
-                    let raw = match source {
-                        BlockSource::Raw(raw) => Ok(raw),
-                        BlockSource::Build {
-                            base,
-                            keep,
-                            len,
-                            pages,
-                        } => base
-                            .map(|b| repo.read_block(&b))
-                            .transpose()
-                            .map(|base| BlockPlan::assemble(keep, len, base, pages))
-                            .map_err(EngineError::from),
-                    };
-                    let prepared = raw.map(|raw| {
-                        (
-                            BlockWriter::prepare(&repo, &raw, |h| known.contains(h)),
-                            raw,
-                        )
-                    });
-                    let _ = reply.send(prepared);
-                })
+                let (rx, repo, known) = (pool_rx.clone(), repo.clone(), known_hashes.clone());
+                std::thread::spawn(move || prepare_blocks(&rx, &repo, &known))
             })
             .collect();
-        let (work_tx, mut work_rx) = mpsc::channel::<Work>(64);
-        let mut writer = repo.block_writer(known);
-        let writer = std::thread::spawn(move || {
-            let mut files = Vec::new();
-            let mut current: Option<FileEntry> = None;
-            while let Some(work) = work_rx.blocking_recv() {
-                match work {
-                    Work::Begin(file) => current = Some(file),
-                    Work::Block(reply) => {
-                        let (prepared, raw) = reply.blocking_recv().map_err(|_| {
-                            EngineError::Failed("a compression thread panicked".into())
-                        })??;
-                        let block = writer.add_prepared(prepared, &raw)?;
-                        match current.as_mut() {
-                            Some(f) => f.blocks.push(block),
-                            None => return Err(EngineError::Failed("block outside a file".into())),
-                        }
-                    }
-                    Work::Reuse(block) => {
-                        let block = writer.add_existing(&block);
-                        match current.as_mut() {
-                            Some(f) => f.blocks.push(block),
-                            None => return Err(EngineError::Failed("block outside a file".into())),
-                        }
-                    }
-                    Work::End { size, crc32c } => {
-                        let mut f = current
-                            .take()
-                            .ok_or_else(|| EngineError::Failed("file end outside a file".into()))?;
-                        let stored: u64 = f.blocks.iter().map(|b| b.raw_len as u64).sum();
-                        if stored != size {
-                            return Err(EngineError::Failed(format!(
-                                "{}: {stored} bytes stored for a file of {size}",
-                                f.path
-                            )));
-                        }
-                        f.size = size;
-                        f.crc32c = crc32c;
-                        files.push(f);
-                    }
-                    Work::Other(f) => files.push(f),
-                }
-            }
-            Ok((files, writer.finish()?))
-        });
+        let (work_tx, work_rx) = mpsc::channel::<Work>(64);
+        let writer = repo.block_writer(known);
+        let writer = std::thread::spawn(move || write_blocks(work_rx, writer));
         BlockPipeline {
             work_tx,
             pool_tx: Some(pool_tx),
@@ -1101,6 +1063,85 @@ impl BlockPipeline {
         .await;
         result
     }
+}
+
+/// A pool thread: reads or rebuilds each block handed to it, hashes and
+/// compresses it, and replies; ends when the queue closes.
+fn prepare_blocks(
+    rx: &Mutex<mpsc::Receiver<PoolJob>>,
+    repo: &Repository,
+    known: &HashSet<BlockHash>,
+) {
+    loop {
+        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
+        let Some((source, reply)) = next else { break };
+        let raw = match source {
+            BlockSource::Raw(raw) => Ok(raw),
+            BlockSource::Build {
+                base,
+                keep,
+                len,
+                pages,
+            } => base
+                .map(|b| repo.read_block(&b))
+                .transpose()
+                .map(|base| BlockPlan::assemble(keep, len, base, pages))
+                .map_err(EngineError::from),
+        };
+        let prepared =
+            raw.map(|raw| (BlockWriter::prepare(repo, &raw, |h| known.contains(h)), raw));
+        let _ = reply.send(prepared);
+    }
+}
+
+/// The writer thread: packs the prepared blocks in stream order and builds
+/// the file entries; returns them with the packing figures once the work
+/// queue closes.
+fn write_blocks(
+    mut work_rx: mpsc::Receiver<Work>,
+    mut writer: strata_repo::BlockWriter,
+) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+    let mut files = Vec::new();
+    let mut current: Option<FileEntry> = None;
+    while let Some(work) = work_rx.blocking_recv() {
+        match work {
+            Work::Begin(file) => current = Some(file),
+            Work::Block(reply) => {
+                let (prepared, raw) = reply
+                    .blocking_recv()
+                    .map_err(|_| EngineError::Failed("a compression thread panicked".into()))??;
+                let block = writer.add_prepared(prepared, &raw)?;
+                match current.as_mut() {
+                    Some(f) => f.blocks.push(block),
+                    None => return Err(EngineError::Failed("block outside a file".into())),
+                }
+            }
+            Work::Reuse(block) => {
+                let block = writer.add_existing(&block);
+                match current.as_mut() {
+                    Some(f) => f.blocks.push(block),
+                    None => return Err(EngineError::Failed("block outside a file".into())),
+                }
+            }
+            Work::End { size, crc32c } => {
+                let mut f = current
+                    .take()
+                    .ok_or_else(|| EngineError::Failed("file end outside a file".into()))?;
+                let stored: u64 = f.blocks.iter().map(|b| b.raw_len as u64).sum();
+                if stored != size {
+                    return Err(EngineError::Failed(format!(
+                        "{}: {stored} bytes stored for a file of {size}",
+                        f.path
+                    )));
+                }
+                f.size = size;
+                f.crc32c = crc32c;
+                files.push(f);
+            }
+            Work::Other(f) => files.push(f),
+        }
+    }
+    Ok((files, writer.finish()?))
 }
 
 /// Waits for the writer thread off the async runtime and returns what it

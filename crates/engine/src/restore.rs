@@ -936,24 +936,15 @@ fn check_wal_reach(
     Ok(gap)
 }
 
-/// Picks the backup to restore for `target` and checks the target lies in
-/// the recoverable window as far as the catalog can tell.
-fn choose_backup<'a>(
+/// The latest backup end a target allows, as an LSN or a time (`None`:
+/// any), as far as the catalog's WAL rows and restore points tell.
+fn target_limit(
     instance_id: &str,
-    backups: &'a [BackupSet],
     wal: &[WalSegmentRow],
     restore_points: &[strata_catalog::RestorePointRow],
-    backup_id: Option<&str>,
     target: &RecoveryTarget,
-) -> EngineResult<&'a BackupSet> {
-    if backups.is_empty() {
-        return Err(EngineError::Refused(format!(
-            "instance {instance_id} has no successful backup to restore"
-        )));
-    }
-    let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
-    let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
-    let (limit_lsn, limit_time): (Option<Lsn>, Option<DateTime<Utc>>) = match target {
+) -> EngineResult<(Option<Lsn>, Option<DateTime<Utc>>)> {
+    Ok(match target {
         RecoveryTarget::Latest | RecoveryTarget::Immediate => (None, None),
         RecoveryTarget::Time(t) => {
             let newest = wal.iter().map(|w| w.stored_at).max();
@@ -1002,7 +993,27 @@ fn choose_backup<'a>(
                 })?;
             (Some(seg.end_lsn), None)
         }
-    };
+    })
+}
+
+/// Picks the backup to restore for `target` and checks the target lies in
+/// the recoverable window as far as the catalog can tell.
+fn choose_backup<'a>(
+    instance_id: &str,
+    backups: &'a [BackupSet],
+    wal: &[WalSegmentRow],
+    restore_points: &[strata_catalog::RestorePointRow],
+    backup_id: Option<&str>,
+    target: &RecoveryTarget,
+) -> EngineResult<&'a BackupSet> {
+    if backups.is_empty() {
+        return Err(EngineError::Refused(format!(
+            "instance {instance_id} has no successful backup to restore"
+        )));
+    }
+    let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
+    let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
+    let (limit_lsn, limit_time) = target_limit(instance_id, wal, restore_points, target)?;
     let fits = |b: &BackupSet| {
         limit_lsn.is_none_or(|l| stop(b) <= l) && limit_time.is_none_or(|t| done(b) <= t)
     };
