@@ -239,15 +239,7 @@ impl Engine {
         }
 
         progress.message(&format!("backup {}: checkpoint requested", set.id));
-        let bb_opts = |incremental: bool| BaseBackupOptions {
-            label: format!("strata backup {}", set.id),
-            fast_checkpoint: true,
-            progress: true,
-            manifest: true,
-            max_rate_kb: opts.max_rate_kb,
-            tablespace_map: true,
-            incremental,
-        };
+        let bb_opts = |incremental: bool| base_backup_options(&set.id, opts, incremental);
         // Declared before the stream that may borrow it.
         let mut fallback: Option<Session> = None;
         let first = main.client.base_backup(&bb_opts(base.is_some())).await;
@@ -393,6 +385,20 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// BASE_BACKUP's options for backup `id`: a fast checkpoint, progress, the
+/// server's manifest with CRC-32C checksums, tablespaces mapped.
+fn base_backup_options(id: &str, opts: &BackupOptions, incremental: bool) -> BaseBackupOptions {
+    BaseBackupOptions {
+        label: format!("strata backup {id}"),
+        fast_checkpoint: true,
+        progress: true,
+        manifest: true,
+        max_rate_kb: opts.max_rate_kb,
+        tablespace_map: true,
+        incremental,
     }
 }
 
