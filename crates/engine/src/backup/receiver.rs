@@ -966,7 +966,8 @@ mod tests {
             .iter()
             .position(|e| matches!(e, BaseBackupEvent::Manifest(_)))
             .unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut Vec<BaseBackupEvent>)>, &str)> = vec![
+        type Mangle = Box<dyn Fn(&mut Vec<BaseBackupEvent>)>;
+        let cases: Vec<(Mangle, &str)> = vec![
             // A member with no archive started.
             (
                 Box::new(move |e| {
