@@ -380,8 +380,8 @@ impl BackupReceiver {
         Ok(())
     }
 
-    /// The stream is over: the end position it must have brought, and the
-    /// time the backup stopped.
+    /// The stream is over: the end position it must have brought (the
+    /// backup's stop time is taken now).
     pub fn end_of_stream(&mut self) -> EngineResult<(Lsn, TimelineId)> {
         let state = std::mem::replace(&mut self.state, State::Failed);
         let State::Finished(lsn, tli) = state else {
