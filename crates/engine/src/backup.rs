@@ -348,7 +348,7 @@ impl Engine {
                 stats.total_bytes.div_ceil(1 << 20)
             ));
         }
-        crate::entities::record_stats(set, &stats);
+        crate::entities::record_stats(set, stats);
         Ok(())
     }
 
