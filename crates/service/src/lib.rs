@@ -12,6 +12,7 @@
 mod clock;
 mod cross_region;
 mod drills;
+pub mod fleet;
 mod local;
 mod metrics;
 mod pg_client;
