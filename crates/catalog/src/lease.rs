@@ -36,6 +36,7 @@ impl LeaseOwner {
         LeaseOwner(id)
     }
 
+    /// The owner id as stored in the catalog.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -95,7 +96,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::{Catalog, JobKind, JobState, SqliteCatalog};
+    use crate::prelude::*;
+    use crate::{JobKind, JobState, SqliteCatalog};
 
     #[test]
     fn the_keeper_renews_its_owners_unfinished_jobs_until_dropped() {

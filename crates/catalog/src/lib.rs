@@ -1,13 +1,24 @@
 //! Strata's catalog: the index of what the repository holds plus operational
-//! state (instances, backup sets, WAL segments, restore points, jobs, storage
-//! usage samples).
+//! state (instances, backup sets, WAL segments, restore points, jobs,
+//! policies, access keys, storage usage samples, cross-region copies).
 //!
-//! The repository stays the source of truth; everything here except jobs can
-//! be rebuilt from it (`strata repo reindex`). [`Catalog`] is the interface the
-//! engine and service use; [`SqliteCatalog`], one SQLite file per data
-//! directory, is its only implementation.
+//! The repository stays the source of truth for what is stored: backup sets,
+//! WAL segments, restore points and instances (without their passwords) can
+//! be rebuilt from it (`strata repo reindex`); the rest is operational state
+//! kept only here. [`Catalog`] is the interface the engine and service use,
+//! made of one trait per aggregate ([`InstanceCatalog`], [`BackupCatalog`],
+//! [`WalCatalog`], [`JobCatalog`], [`PolicyCatalog`], [`CrossRegionCatalog`],
+//! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`]);
+//! [`SqliteCatalog`], one SQLite file per data directory, is its
+//! implementation. Errors are backend-neutral
+//! ([`CatalogError`]) and the schema history is one list of versioned steps
+//! ([`MIGRATIONS`]) that any backend follows.
 
+#![warn(missing_docs)]
+
+mod interface;
 mod lease;
+mod migrations;
 mod sqlite;
 
 use std::fmt;
@@ -19,38 +30,99 @@ use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use interface::{
+    AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
+    InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+};
 pub use lease::{LeaseKeeper, LeaseOwner};
+pub use migrations::{Migration, MIGRATIONS};
 pub use sqlite::SqliteCatalog;
 
+/// The catalog traits, to call their methods on an `Arc<dyn Catalog>`:
+/// `use strata_catalog::prelude::*;`.
+pub mod prelude {
+    pub use crate::interface::{
+        AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
+        InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+    };
+}
+
+/// A boxed error from the backend underneath, kept as the source.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a catalog call can fail with, whatever the backend: the first
+/// variants are the catalog's own rules, the last ones classify what the
+/// database reported (see [`CatalogError::is_retryable`]).
 #[derive(Debug, Error)]
 pub enum CatalogError {
+    /// No instance has that id.
     #[error("instance {0:?} not found")]
     InstanceNotFound(String),
+    /// An instance with that id is already registered.
     #[error("instance {0:?} already exists")]
     InstanceExists(String),
+    /// No backup set has that id.
     #[error("backup set {0:?} not found")]
     BackupNotFound(String),
+    /// A backup set with that id exists (ids are unique across instances).
     #[error("backup set {0:?} already exists")]
     BackupExists(String),
+    /// No job has that id.
     #[error("job {0} not found")]
     JobNotFound(i64),
+    /// Another process took the job over after its lease expired.
     #[error("job {0} was taken over by another process after its lease expired; its outcome is not recorded")]
     LeaseLost(i64),
+    /// The catalog's schema is newer than this build knows.
     #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]
-    NewerSchema { found: i64, supported: i64 },
+    NewerSchema {
+        /// The schema version the catalog records.
+        found: i64,
+        /// The newest version this build can migrate to.
+        supported: i64,
+    },
+    /// A row the call needed does not exist (and no variant above names it).
+    #[error("catalog row not found: {0}")]
+    NotFound(String),
+    /// A write would break a uniqueness rule no variant above names.
+    #[error("catalog refused a duplicate: {0}")]
+    Conflict(#[source] BackendError),
+    /// The database is busy or cannot be reached now: the same call may
+    /// succeed when retried.
+    #[error("catalog database busy or unavailable: {0}")]
+    Busy(#[source] BackendError),
+    /// The database or a value stored in it is damaged or of the wrong type.
+    #[error("catalog database is corrupt: {0}")]
+    Corrupt(#[source] BackendError),
+    /// Any other failure of the database underneath.
     #[error("catalog database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Backend(#[source] BackendError),
+    /// A value given to or stored in the catalog breaks its rules.
     #[error("catalog holds an invalid value: {0}")]
     Invalid(String),
 }
 
+impl CatalogError {
+    /// True when the failure is transient (the database was busy or
+    /// unreachable) and the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CatalogError::Busy(_))
+    }
+}
+
+/// What catalog calls return.
 pub type CatalogResult<T> = Result<T, CatalogError>;
 
+/// A PostgreSQL server Strata backs up, as registered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Instance {
+    /// Instance id: letters, digits, `-`, `_` and `.` (see [`Instance::valid_id`]).
     pub id: String,
+    /// Host name or address to connect to.
     pub host: String,
+    /// TCP port.
     pub port: u16,
+    /// Role to log in as (needs the REPLICATION attribute).
     pub user: String,
     /// Name of the environment variable holding the password.
     pub password_env: Option<String>,
@@ -58,15 +130,21 @@ pub struct Instance {
     /// serialized, logged or written to the repository.
     #[serde(skip)]
     pub password: Option<String>,
+    /// Database to connect to for SQL (the server's default when `None`).
     pub dbname: Option<String>,
+    /// TLS mode, as libpq's `sslmode`.
     #[serde(with = "sslmode_string")]
     pub sslmode: SslMode,
+    /// CA certificate file to verify the server with (`verify-ca`, `verify-full`).
     pub sslrootcert: Option<String>,
     /// Learned from the server on first contact.
     #[serde(with = "opt_u64_string")]
     pub system_identifier: Option<u64>,
+    /// `server_version_num`, learned from the server.
     pub pg_version_num: Option<u32>,
+    /// WAL segment size in bytes, learned from the server.
     pub wal_segment_size: Option<u64>,
+    /// When the instance was registered.
     pub created_at: DateTime<Utc>,
 }
 
@@ -102,14 +180,19 @@ impl Instance {
     }
 }
 
+/// Where a backup set stands.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum BackupStatus {
+    /// Being taken.
     Running,
+    /// Committed to the repository: usable for restores.
     Success,
+    /// Ended without a committed manifest.
     Failed,
 }
 
 impl BackupStatus {
+    /// The spelling stored in the catalog and shown by the API.
     pub fn as_str(self) -> &'static str {
         match self {
             BackupStatus::Running => "Running",
@@ -128,25 +211,44 @@ impl BackupStatus {
     }
 }
 
+/// A backup set: one base backup of an instance, as the catalog indexes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackupSet {
+    /// Backup id (a UTC timestamp, unique across instances).
     pub id: String,
+    /// Instance the set was taken from.
     pub instance_id: String,
+    /// Where the backup stands.
     pub status: BackupStatus,
+    /// Automated (by policy) or manual.
     pub mode: BackupMode,
+    /// When the backup started.
     pub started_at: DateTime<Utc>,
+    /// When it ended, successfully or not.
     pub finished_at: Option<DateTime<Utc>>,
+    /// LSN the backup starts at (its checkpoint's redo point).
     pub start_lsn: Option<Lsn>,
+    /// LSN a restore must replay to for the set to be consistent.
     pub stop_lsn: Option<Lsn>,
+    /// Timeline at the start LSN.
     pub start_timeline: Option<TimelineId>,
+    /// Timeline at the stop LSN.
     pub stop_timeline: Option<TimelineId>,
+    /// `server_version_num` of the server backed up.
     pub pg_version_num: Option<u32>,
+    /// Bytes of file data in the set (what a restore writes).
     pub total_bytes: u64,
+    /// Raw bytes of blocks this set added to the repository.
     pub new_bytes: u64,
+    /// Raw bytes of blocks that were already stored.
     pub dedup_bytes: u64,
+    /// Compressed bytes this set added to the repository.
     pub stored_bytes: u64,
+    /// Files (and directories and links) in the set.
     pub file_count: u64,
+    /// Why the backup failed.
     pub error: Option<String>,
+    /// The job that took the backup, when one did.
     pub job_id: Option<i64>,
 }
 
@@ -182,32 +284,53 @@ impl BackupSet {
     }
 }
 
+/// A stored WAL object (a complete segment or a segment's `.partial`), as the catalog indexes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WalSegmentRow {
+    /// Instance the WAL came from.
     pub instance_id: String,
+    /// Timeline of the segment.
     pub timeline: TimelineId,
+    /// The 24-character segment file name.
     pub segment: String,
+    /// True for the `.partial` object of a segment still being received.
     pub partial: bool,
+    /// First LSN stored.
     pub begin_lsn: Lsn,
+    /// End of the bytes stored (exclusive): the segment end when complete.
     pub end_lsn: Lsn,
+    /// Bytes of WAL stored (`end_lsn - begin_lsn`).
     pub size: u64,
+    /// Keyed BLAKE3 of the raw bytes stored, hex.
     pub checksum: String,
+    /// Time of the first commit record in the segment.
     pub first_commit: Option<DateTime<Utc>>,
+    /// Time of the last commit record in the segment.
     pub last_commit: Option<DateTime<Utc>>,
+    /// Commit records in the segment.
     pub commit_count: u64,
-    /// Smallest and largest xid that committed in this segment.
+    /// Smallest xid that committed in this segment.
     pub min_commit_xid: Option<u32>,
+    /// Largest xid that committed in this segment.
     pub max_commit_xid: Option<u32>,
+    /// Key of the WAL object in the repository.
     pub object_key: String,
+    /// When the object was stored.
     pub stored_at: DateTime<Utc>,
 }
 
+/// A named restore point (`pg_create_restore_point`) found in stored WAL.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RestorePointRow {
+    /// Instance the WAL came from.
     pub instance_id: String,
+    /// Timeline of the record.
     pub timeline: TimelineId,
+    /// The name given to `pg_create_restore_point`.
     pub name: String,
+    /// LSN of the restore point record.
     pub lsn: Lsn,
+    /// Time the record was written.
     pub time: DateTime<Utc>,
 }
 
@@ -243,6 +366,7 @@ impl JobKind {
         JobKind::CrossCopy,
     ];
 
+    /// The spelling stored in the catalog and used by the API.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Backup => "backup",
@@ -283,6 +407,7 @@ pub enum BackupMode {
 }
 
 impl BackupMode {
+    /// The spelling RDS uses, stored in the catalog.
     pub fn as_str(self) -> &'static str {
         match self {
             BackupMode::Automated => "Automated",
@@ -314,16 +439,24 @@ impl FromStr for BackupMode {
 /// Job states as RDS reports backup tasks.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum JobState {
+    /// Created, not started yet.
     NoStart,
+    /// Connecting to the server and checking what the job needs.
     Preparing,
+    /// Queued behind other work (an RDS state; listed for the API's filters).
     Waiting,
+    /// Moving data (streaming a backup, writing a restore).
     Uploading,
+    /// Checking what was written.
     Checking,
+    /// Ended successfully.
     Finished,
+    /// Ended with an error (or taken over after its lease expired).
     Failed,
 }
 
 impl JobState {
+    /// The spelling RDS uses, stored in the catalog.
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::NoStart => "NoStart",
@@ -336,6 +469,7 @@ impl JobState {
         }
     }
 
+    /// True once the job has ended (finished or failed).
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Finished | JobState::Failed)
     }
@@ -354,20 +488,31 @@ impl JobState {
     }
 }
 
+/// A unit of work (a backup, a restore, a copy…) and its progress.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
+    /// Job id, assigned by the catalog.
     pub id: i64,
+    /// What the job does.
     pub kind: JobKind,
+    /// Instance the job works on, when it works on one.
     pub instance_id: Option<String>,
+    /// Where the job stands.
     pub state: JobState,
+    /// Percent done, 0 to 100.
     pub progress: u8,
+    /// What the job is doing now, for people.
     pub detail: String,
+    /// The backup set the job took or restores.
     pub backup_id: Option<String>,
+    /// When the job was created.
     pub started_at: DateTime<Utc>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why it failed.
     pub error: Option<String>,
     /// The lease the job belongs to: the process (start) running it. A job
-    /// whose owner stops renewing is taken over (see [`Catalog::fail_expired_jobs`]).
+    /// whose owner stops renewing is taken over (see [`JobCatalog::fail_expired_jobs`]).
     pub owner: LeaseOwner,
     /// When the owner last renewed its lease on this job.
     pub heartbeat_at: DateTime<Utc>,
@@ -379,13 +524,17 @@ pub struct Job {
 /// An instance's backup policy, as RDS defines one (validated by the service).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackupPolicy {
+    /// Instance the policy belongs to.
     pub instance_id: String,
     /// Days of the week, e.g. `["Monday", "Thursday"]`, in week order.
     pub backup_days: Vec<String>,
     /// Daily window, `HH:mmZ-HH:mmZ` (UTC).
     pub backup_window: String,
+    /// Days automated backup sets are kept.
     pub backup_retention_days: u32,
+    /// Whether WAL is archived continuously (point-in-time recovery).
     pub log_backup_enabled: bool,
+    /// Days archived WAL is kept.
     pub log_retention_days: u32,
     /// When the policy last changed: backups due before it are not "missed".
     pub updated_at: DateTime<Utc>,
@@ -397,30 +546,44 @@ pub struct BackupPolicy {
 /// from a backup): only these can be deleted through the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ManagedInstance {
+    /// Id of the new instance (also registered as an [`Instance`]).
     pub instance_id: String,
     /// Instance the data came from.
     pub source_instance: String,
+    /// Backup set the data was restored from.
     pub backup_id: Option<String>,
+    /// Point in time it was restored to, if not the backup's end.
     pub restore_time: Option<DateTime<Utc>>,
+    /// Data directory of the server.
     pub data_dir: String,
+    /// Port the server listens on.
     pub port: u16,
+    /// PostgreSQL major version the server runs.
     pub pg_major: u32,
     /// `Creating`, `Running`, `Failed`, `Deleting`.
     pub status: String,
+    /// Why the server failed to be created or started.
     pub error: Option<String>,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
 }
 
 /// The outcome of a restore drill of one backup set.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrillResult {
+    /// Backup set drilled (at most one result per set).
     pub backup_id: String,
+    /// Instance the set belongs to.
     pub instance_id: String,
     /// `Running`, `Passed` or `Failed`.
     pub status: String,
+    /// What the drill found, for people.
     pub detail: String,
+    /// When the drill started.
     pub started_at: DateTime<Utc>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The drill's job.
     pub job_id: Option<i64>,
 }
 
@@ -429,15 +592,21 @@ pub struct DrillResult {
 /// the repository of the named region and kept there `retention_days`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CrossBackupPolicy {
+    /// Instance the policy belongs to.
     pub instance_id: String,
     /// Target region id, a `[regions.<id>]` of the configuration.
     pub region: String,
+    /// Whether new backup sets are copied.
     pub backup_enabled: bool,
+    /// Whether WAL is copied (point-in-time recovery in the target region).
     pub log_backup_enabled: bool,
+    /// Days copies are kept in the target region.
     pub retention_days: u32,
     /// When copying was last turned on: backup sets finished before are not copied.
     pub backup_enabled_at: Option<DateTime<Utc>>,
+    /// When WAL copying was last turned on: WAL stored before is not copied.
     pub log_backup_enabled_at: Option<DateTime<Utc>>,
+    /// When the policy last changed.
     pub updated_at: DateTime<Utc>,
 }
 
@@ -445,12 +614,15 @@ pub struct CrossBackupPolicy {
 /// committed there. `id` is the integer `CrossBackupId` of the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CrossBackup {
+    /// Copy id, assigned by the catalog.
     pub id: i64,
+    /// Target region id.
     pub region: String,
     /// The source set as it was copied (same id, LSNs, times and sizes).
     pub set: BackupSet,
     /// Compressed bytes the copy added to the target repository.
     pub copied_bytes: u64,
+    /// When the copy was committed.
     pub copied_at: DateTime<Utc>,
 }
 
@@ -458,9 +630,13 @@ pub struct CrossBackup {
 /// `row.checksum` are the target repository's.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CrossWalSegment {
+    /// Copy id, assigned by the catalog.
     pub id: i64,
+    /// Target region id.
     pub region: String,
+    /// The segment as stored in the target repository.
     pub row: WalSegmentRow,
+    /// When the copy was committed.
     pub copied_at: DateTime<Utc>,
 }
 
@@ -470,7 +646,9 @@ pub struct CrossWalSegment {
 /// and one more term in [`UsageSample::stored_bytes`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UsageSample {
+    /// Instance measured.
     pub instance_id: String,
+    /// When it was measured.
     pub at: DateTime<Utc>,
     /// Data size of the instance's backup sets added up.
     pub logical_bytes: u64,
@@ -503,151 +681,17 @@ impl UsageSample {
 /// An API access key. The secret is needed in clear to verify HMAC signatures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccessKey {
+    /// Key id, sent with each request.
     pub id: String,
+    /// Shared secret (HMAC key); never serialized.
     #[serde(skip_serializing)]
     pub secret: String,
+    /// True for a key that may only read.
     pub read_only: bool,
+    /// What the key is for, for people.
     pub description: String,
+    /// When the key was created.
     pub created_at: DateTime<Utc>,
-}
-
-/// The catalog interface.
-pub trait Catalog: Send + Sync {
-    fn add_instance(&self, instance: &Instance) -> CatalogResult<()>;
-    fn update_instance(&self, instance: &Instance) -> CatalogResult<()>;
-    fn get_instance(&self, id: &str) -> CatalogResult<Instance>;
-    fn list_instances(&self) -> CatalogResult<Vec<Instance>>;
-    fn delete_instance(&self, id: &str) -> CatalogResult<()>;
-
-    fn insert_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
-    fn update_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
-    fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
-    /// Backup sets of an instance, oldest first.
-    fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>>;
-
-    fn delete_backup(&self, id: &str) -> CatalogResult<()>;
-
-    fn upsert_wal_segment(&self, row: &WalSegmentRow) -> CatalogResult<()>;
-    fn delete_wal_segment(
-        &self,
-        instance_id: &str,
-        timeline: TimelineId,
-        segment: &str,
-        partial: bool,
-    ) -> CatalogResult<()>;
-    /// The complete and partial rows of one segment.
-    fn find_wal_segment(
-        &self,
-        instance_id: &str,
-        timeline: TimelineId,
-        segment: &str,
-    ) -> CatalogResult<Vec<WalSegmentRow>>;
-    /// WAL segments of an instance by timeline and name.
-    fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>>;
-    fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;
-    fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
-
-    /// A new job owned by this catalog handle's lease ([`Catalog::lease_owner`]).
-    fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job>;
-    fn update_job(&self, job: &Job) -> CatalogResult<()>;
-    fn get_job(&self, id: i64) -> CatalogResult<Job>;
-    fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
-    /// The lease owner jobs created through this handle belong to: random
-    /// per process start, never a PID.
-    fn lease_owner(&self) -> &LeaseOwner;
-    /// Renews the lease on every unfinished job of [`Catalog::lease_owner`]
-    /// (heartbeat = `now`); returns how many jobs were renewed.
-    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize>;
-    /// Takes over the unfinished jobs of other owners whose lease expired
-    /// (last heartbeat more than `lease` before `now`): each is marked
-    /// `Failed` with the reason, with its running backup set, so new work
-    /// can start. Jobs of this handle's own owner are never taken over.
-    /// Returns how many were failed.
-    fn fail_expired_jobs(
-        &self,
-        now: DateTime<Utc>,
-        lease: chrono::Duration,
-    ) -> CatalogResult<usize>;
-
-    /// The policy of an instance, if one was stored.
-    fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
-    fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()>;
-
-    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()>;
-    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>>;
-    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>>;
-    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()>;
-
-    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()>;
-    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>>;
-    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>>;
-
-    fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>>;
-    fn put_cross_policy(&self, policy: &CrossBackupPolicy) -> CatalogResult<()>;
-    /// Records a committed copy and returns its new id.
-    fn insert_cross_backup(
-        &self,
-        region: &str,
-        set: &BackupSet,
-        copied_bytes: u64,
-        copied_at: DateTime<Utc>,
-    ) -> CatalogResult<i64>;
-    /// Copies of an instance's backup sets, oldest first.
-    fn list_cross_backups(&self, instance_id: &str) -> CatalogResult<Vec<CrossBackup>>;
-    fn delete_cross_backup(&self, id: i64) -> CatalogResult<()>;
-    /// Records a copied WAL segment and returns its new id.
-    fn insert_cross_wal(
-        &self,
-        region: &str,
-        row: &WalSegmentRow,
-        copied_at: DateTime<Utc>,
-    ) -> CatalogResult<i64>;
-    /// Copied WAL segments of an instance by timeline and name.
-    fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>>;
-    fn delete_cross_wal(&self, id: i64) -> CatalogResult<()>;
-
-    fn add_usage_sample(&self, sample: &UsageSample) -> CatalogResult<()>;
-    /// Samples of an instance taken between `from` and `to` (inclusive,
-    /// either open), oldest first.
-    fn list_usage_samples(
-        &self,
-        instance_id: &str,
-        from: Option<DateTime<Utc>>,
-        to: Option<DateTime<Utc>>,
-    ) -> CatalogResult<Vec<UsageSample>>;
-    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>>;
-
-    fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
-    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;
-    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>>;
-    /// Returns false when no such key existed.
-    fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
-    /// Records a request nonce of a key; false when it was recorded before.
-    /// Nonces older than `forget_before` are dropped on the way.
-    fn admit_nonce(
-        &self,
-        key_id: &str,
-        nonce: &str,
-        now: DateTime<Utc>,
-        forget_before: DateTime<Utc>,
-    ) -> CatalogResult<bool>;
-
-    /// Packs of the repository `repository_id` that a garbage collection
-    /// found unreferenced and kept for the grace period, each with when it
-    /// was first found so.
-    fn gc_pending(
-        &self,
-        repository_id: &str,
-    ) -> CatalogResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
-    /// Replaces that list after a collection, in one transaction.
-    fn put_gc_pending(
-        &self,
-        repository_id: &str,
-        pending: &std::collections::BTreeMap<String, DateTime<Utc>>,
-    ) -> CatalogResult<()>;
-
-    /// Forgets backup sets, WAL segments and restore points (before a reindex).
-    fn clear_index(&self) -> CatalogResult<()>;
 }
 
 /// `sslmode` as libpq spells it.

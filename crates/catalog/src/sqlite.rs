@@ -1,5 +1,7 @@
 //! The embedded SQLite catalog. WAL journal mode and a busy timeout let the
-//! CLI and a running server share one file safely.
+//! CLI and a running server share one file safely. SQLite's errors stay in
+//! this file: [`From<rusqlite::Error>`] sorts them into the backend-neutral
+//! [`CatalogError`] variants.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -10,211 +12,56 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::*;
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how
-/// many have run. Never edit a released migration: append a new one.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE instances (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    user_name TEXT NOT NULL,
-    password_env TEXT,
-    dbname TEXT,
-    sslmode TEXT NOT NULL,
-    sslrootcert TEXT,
-    system_identifier TEXT,
-    pg_version_num INTEGER,
-    wal_segment_size INTEGER,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE backup_sets (
-    id TEXT PRIMARY KEY,
-    instance_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    start_lsn INTEGER,
-    stop_lsn INTEGER,
-    start_timeline INTEGER,
-    stop_timeline INTEGER,
-    pg_version_num INTEGER,
-    total_bytes INTEGER NOT NULL DEFAULT 0,
-    new_bytes INTEGER NOT NULL DEFAULT 0,
-    dedup_bytes INTEGER NOT NULL DEFAULT 0,
-    stored_bytes INTEGER NOT NULL DEFAULT 0,
-    file_count INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    job_id INTEGER
-);
-CREATE INDEX backup_sets_instance ON backup_sets(instance_id, started_at);
-CREATE TABLE wal_segments (
-    instance_id TEXT NOT NULL,
-    timeline INTEGER NOT NULL,
-    segment TEXT NOT NULL,
-    partial INTEGER NOT NULL,
-    begin_lsn INTEGER NOT NULL,
-    end_lsn INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    checksum TEXT NOT NULL,
-    first_commit TEXT,
-    last_commit TEXT,
-    commit_count INTEGER NOT NULL,
-    min_commit_xid INTEGER,
-    max_commit_xid INTEGER,
-    object_key TEXT NOT NULL,
-    stored_at TEXT NOT NULL,
-    PRIMARY KEY (instance_id, timeline, segment, partial)
-);
-CREATE TABLE restore_points (
-    instance_id TEXT NOT NULL,
-    timeline INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    lsn INTEGER NOT NULL,
-    time TEXT NOT NULL,
-    PRIMARY KEY (instance_id, lsn)
-);
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    instance_id TEXT,
-    state TEXT NOT NULL,
-    progress INTEGER NOT NULL DEFAULT 0,
-    detail TEXT NOT NULL DEFAULT '',
-    backup_id TEXT,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    error TEXT,
-    pid INTEGER NOT NULL
-);
-"#,
-    r#"
-ALTER TABLE instances ADD COLUMN password TEXT;
-CREATE TABLE backup_policies (
-    instance_id TEXT PRIMARY KEY,
-    backup_days TEXT NOT NULL,
-    backup_window TEXT NOT NULL,
-    backup_retention_days INTEGER NOT NULL,
-    log_backup_enabled INTEGER NOT NULL,
-    log_retention_days INTEGER NOT NULL,
-    updated_at TEXT NOT NULL,
-    last_auto_slot TEXT
-);
-CREATE TABLE access_keys (
-    id TEXT PRIMARY KEY,
-    secret TEXT NOT NULL,
-    read_only INTEGER NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL
-);
-CREATE INDEX jobs_instance ON jobs(instance_id, id);
-"#,
-    r#"
-CREATE TABLE used_nonces (
-    key_id TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    used_at TEXT NOT NULL,
-    PRIMARY KEY (key_id, nonce)
-);
-CREATE INDEX used_nonces_age ON used_nonces(used_at);
-"#,
-    r#"
-CREATE TABLE managed_instances (
-    instance_id TEXT PRIMARY KEY,
-    source_instance TEXT NOT NULL,
-    backup_id TEXT,
-    restore_time TEXT,
-    data_dir TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    pg_major INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE backup_drills (
-    backup_id TEXT PRIMARY KEY,
-    instance_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    job_id INTEGER
-);
-"#,
-    r#"
-CREATE TABLE cross_backup_policies (
-    instance_id TEXT PRIMARY KEY,
-    region TEXT NOT NULL,
-    backup_enabled INTEGER NOT NULL,
-    log_backup_enabled INTEGER NOT NULL,
-    retention_days INTEGER NOT NULL,
-    backup_enabled_at TEXT,
-    log_backup_enabled_at TEXT,
-    updated_at TEXT NOT NULL
-);
--- The copied set and segment rows are kept whole as JSON: they are read
--- back as a whole and only ever looked up by instance.
-CREATE TABLE cross_backups (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    region TEXT NOT NULL,
-    instance_id TEXT NOT NULL,
-    backup_id TEXT NOT NULL,
-    backup_set TEXT NOT NULL,
-    copied_bytes INTEGER NOT NULL,
-    copied_at TEXT NOT NULL,
-    UNIQUE (region, instance_id, backup_id)
-);
-CREATE TABLE cross_wal_segments (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    region TEXT NOT NULL,
-    instance_id TEXT NOT NULL,
-    timeline INTEGER NOT NULL,
-    segment TEXT NOT NULL,
-    wal_segment TEXT NOT NULL,
-    copied_at TEXT NOT NULL,
-    UNIQUE (region, instance_id, timeline, segment)
-);
-"#,
-    r#"
-CREATE TABLE usage_samples (
-    instance_id TEXT NOT NULL,
-    sampled_at TEXT NOT NULL,
-    logical_bytes INTEGER NOT NULL,
-    data_bytes INTEGER NOT NULL,
-    wal_bytes INTEGER NOT NULL,
-    quota_bytes INTEGER NOT NULL,
-    cross_region_bytes INTEGER,
-    PRIMARY KEY (instance_id, sampled_at)
-);
-"#,
-    r#"
--- A job belongs to a lease (owner id + heartbeat), never to a PID.
-ALTER TABLE jobs ADD COLUMN owner TEXT;
-ALTER TABLE jobs ADD COLUMN heartbeat_at TEXT;
-CREATE INDEX jobs_open_owner ON jobs(owner) WHERE state NOT IN ('Finished', 'Failed');
--- Packs found unreferenced by a garbage collection, and since when: one is
--- deleted only once it stayed unreferenced for the grace period.
-CREATE TABLE gc_pending (
-    repository_id TEXT NOT NULL,
-    pack_id TEXT NOT NULL,
-    unreferenced_since TEXT NOT NULL,
-    PRIMARY KEY (repository_id, pack_id)
-);
-"#,
-];
+/// Classifies what SQLite reported: busy/locked is retryable, a unique or
+/// primary-key violation is a conflict, a damaged file or a stored value of
+/// the wrong type is corruption; the SQLite error stays the source.
+impl From<rusqlite::Error> for CatalogError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ffi;
+        use rusqlite::Error as E;
+        match &e {
+            E::QueryReturnedNoRows => CatalogError::NotFound(e.to_string()),
+            E::SqliteFailure(f, _) => match f.code {
+                ffi::ErrorCode::DatabaseBusy | ffi::ErrorCode::DatabaseLocked => {
+                    CatalogError::Busy(Box::new(e))
+                }
+                ffi::ErrorCode::ConstraintViolation
+                    if matches!(
+                        f.extended_code,
+                        ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    ) =>
+                {
+                    CatalogError::Conflict(Box::new(e))
+                }
+                ffi::ErrorCode::DatabaseCorrupt | ffi::ErrorCode::NotADatabase => {
+                    CatalogError::Corrupt(Box::new(e))
+                }
+                _ => CatalogError::Backend(Box::new(e)),
+            },
+            E::FromSqlConversionFailure(..)
+            | E::IntegralValueOutOfRange(..)
+            | E::InvalidColumnType(..)
+            | E::Utf8Error(..) => CatalogError::Corrupt(Box::new(e)),
+            _ => CatalogError::Backend(Box::new(e)),
+        }
+    }
+}
 
+/// The SQLite catalog: one file, shared by every process of a data
+/// directory. Opening it applies the migrations it lacks.
 pub struct SqliteCatalog {
     conn: Mutex<Connection>,
     owner: LeaseOwner,
 }
 
 impl SqliteCatalog {
+    /// Opens (creating when absent) and upgrades the catalog file at `path`.
     pub fn open(path: &Path) -> CatalogResult<Self> {
         let conn = Connection::open(path)?;
         Self::init(conn)
     }
 
+    /// A private catalog in memory, for tests and one-off tools.
     pub fn open_in_memory() -> CatalogResult<Self> {
         Self::init(Connection::open_in_memory()?)
     }
@@ -224,21 +71,21 @@ impl SqliteCatalog {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let supported = MIGRATIONS.len() as i64;
+        let supported = MIGRATIONS.last().map_or(0, |m| m.version);
         if version > supported {
             return Err(CatalogError::NewerSchema {
                 found: version,
                 supported,
             });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        for step in MIGRATIONS.iter().filter(|m| m.version > version) {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            if current > i as i64 {
+            if current >= step.version {
                 continue; // another process migrated meanwhile
             }
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.execute_batch(step.sqlite)?;
+            tx.pragma_update(None, "user_version", step.version)?;
             tx.commit()?;
         }
         Ok(SqliteCatalog {
@@ -254,6 +101,12 @@ impl SqliteCatalog {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&conn)
     }
+}
+
+/// A write transaction taken at once (`BEGIN IMMEDIATE`): what it reads
+/// cannot change before it writes. Dropped without commit, it rolls back.
+fn immediate(c: &Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
 }
 
 fn ts(t: &DateTime<Utc>) -> String {
@@ -484,12 +337,10 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
     })
 }
 
-impl SqliteCatalog {
-    /// Writes a backup set row with `verb` (`INSERT OR IGNORE` / `INSERT OR
-    /// REPLACE`); returns the rows changed.
-    fn write_backup(&self, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
-        self.with(|c| {
-            Ok(c.execute(
+/// Writes a backup set row with `verb` (`INSERT OR IGNORE` / `INSERT OR
+/// REPLACE`); returns the rows changed.
+fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
+    Ok(c.execute(
                 &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
                 params![
                     b.id, b.instance_id, b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
@@ -499,11 +350,9 @@ impl SqliteCatalog {
                     b.file_count as i64, b.error, b.job_id
                 ],
             )?)
-        })
-    }
 }
 
-impl Catalog for SqliteCatalog {
+impl InstanceCatalog for SqliteCatalog {
     fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
         self.with(|c| {
             let n = c.execute(
@@ -562,41 +411,109 @@ impl Catalog for SqliteCatalog {
 
     fn delete_instance(&self, id: &str) -> CatalogResult<()> {
         self.with(|c| {
-            if c.execute("DELETE FROM instances WHERE id = ?1", [id])? == 0 {
+            let tx = immediate(c)?;
+            if tx.execute("DELETE FROM instances WHERE id = ?1", [id])? == 0 {
                 return Err(CatalogError::InstanceNotFound(id.to_string()));
             }
-            c.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
+            tx.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
+            tx.commit()?;
             Ok(())
         })
     }
 
+    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO managed_instances ({MANAGED_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"),
+                params![
+                    m.instance_id, m.source_instance, m.backup_id, m.restore_time.as_ref().map(ts),
+                    m.data_dir, m.port, m.pg_major, m.status, m.error, ts(&m.created_at)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {MANAGED_COLS} FROM managed_instances WHERE instance_id = ?1"),
+                [instance_id],
+                managed_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {MANAGED_COLS} FROM managed_instances ORDER BY created_at, instance_id"
+            ))?;
+            let rows = st.query_map([], managed_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM managed_instances WHERE instance_id = ?1",
+                [instance_id],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+impl BackupCatalog for SqliteCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        if self.write_backup(b, "INSERT OR IGNORE")? == 0 {
+        if self.with(|c| write_backup(c, b, "INSERT OR IGNORE"))? == 0 {
             return Err(CatalogError::BackupExists(b.id.clone()));
         }
         Ok(())
     }
 
     fn update_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        let existing = self.get_backup(&b.id)?;
-        if existing.instance_id != b.instance_id {
-            return Err(CatalogError::Invalid(format!(
-                "backup set {} belongs to instance {}, not {}",
-                b.id, existing.instance_id, b.instance_id
-            )));
-        }
-        // A set failed by a takeover stays failed: its old owner may still
-        // be running after a pause longer than its lease.
-        if existing.status == BackupStatus::Failed && b.status != BackupStatus::Failed {
-            if let Some(job_id) = existing.job_id {
-                let job = self.get_job(job_id)?;
-                if job.state.is_terminal() && job.owner.as_str() != self.owner.as_str() {
-                    return Err(CatalogError::LeaseLost(job_id));
+        self.with(|c| {
+            // The checks and the write are one transaction: a takeover
+            // cannot land between them.
+            let tx = immediate(c)?;
+            let existing = tx
+                .query_row(
+                    &format!("SELECT {BACKUP_COLS} FROM backup_sets WHERE id = ?1"),
+                    [&b.id],
+                    backup_from_row,
+                )
+                .optional()?
+                .ok_or_else(|| CatalogError::BackupNotFound(b.id.clone()))?;
+            if existing.instance_id != b.instance_id {
+                return Err(CatalogError::Invalid(format!(
+                    "backup set {} belongs to instance {}, not {}",
+                    b.id, existing.instance_id, b.instance_id
+                )));
+            }
+            // A set failed by a takeover stays failed: its old owner may
+            // still be running after a pause longer than its lease.
+            if existing.status == BackupStatus::Failed && b.status != BackupStatus::Failed {
+                if let Some(job_id) = existing.job_id {
+                    let job = tx
+                        .query_row(
+                            &format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"),
+                            [job_id],
+                            job_from_row,
+                        )
+                        .optional()?
+                        .ok_or(CatalogError::JobNotFound(job_id))?;
+                    if job.state.is_terminal() && job.owner.as_str() != self.owner.as_str() {
+                        return Err(CatalogError::LeaseLost(job_id));
+                    }
                 }
             }
-        }
-        self.write_backup(b, "INSERT OR REPLACE")?;
-        Ok(())
+            write_backup(&tx, b, "INSERT OR REPLACE")?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet> {
@@ -623,14 +540,52 @@ impl Catalog for SqliteCatalog {
 
     fn delete_backup(&self, id: &str) -> CatalogResult<()> {
         self.with(|c| {
-            if c.execute("DELETE FROM backup_sets WHERE id = ?1", [id])? == 0 {
+            let tx = immediate(c)?;
+            if tx.execute("DELETE FROM backup_sets WHERE id = ?1", [id])? == 0 {
                 return Err(CatalogError::BackupNotFound(id.to_string()));
             }
-            c.execute("DELETE FROM backup_drills WHERE backup_id = ?1", [id])?;
+            tx.execute("DELETE FROM backup_drills WHERE backup_id = ?1", [id])?;
+            tx.commit()?;
             Ok(())
         })
     }
 
+    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO backup_drills ({DRILL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
+                params![
+                    d.backup_id, d.instance_id, d.status, d.detail, ts(&d.started_at),
+                    d.finished_at.as_ref().map(ts), d.job_id
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {DRILL_COLS} FROM backup_drills WHERE backup_id = ?1"),
+                [backup_id],
+                drill_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {DRILL_COLS} FROM backup_drills WHERE instance_id = ?1 ORDER BY started_at"
+            ))?;
+            let rows = st.query_map([instance_id], drill_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
+
+impl WalCatalog for SqliteCatalog {
     fn upsert_wal_segment(&self, w: &WalSegmentRow) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
@@ -714,7 +669,9 @@ impl Catalog for SqliteCatalog {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+}
 
+impl JobCatalog for SqliteCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {
         let id = self.with(|c| {
             let now = ts(&Utc::now());
@@ -797,10 +754,7 @@ impl Catalog for SqliteCatalog {
         self.with(|c| {
             // One write transaction from the look to the takeover: an owner
             // renewing meanwhile waits, then finds its job already failed.
-            let tx = rusqlite::Transaction::new_unchecked(
-                c,
-                rusqlite::TransactionBehavior::Immediate,
-            )?;
+            let tx = immediate(c)?;
             let open: Vec<Job> = {
                 let mut st = tx.prepare(&format!(
                     "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') AND owner IS NOT ?1"
@@ -827,7 +781,9 @@ impl Catalog for SqliteCatalog {
             Ok(failed)
         })
     }
+}
 
+impl PolicyCatalog for SqliteCatalog {
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>> {
         self.with(|c| {
             Ok(c.query_row(
@@ -865,182 +821,6 @@ impl Catalog for SqliteCatalog {
         })
     }
 
-    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT OR REPLACE INTO managed_instances ({MANAGED_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"),
-                params![
-                    m.instance_id, m.source_instance, m.backup_id, m.restore_time.as_ref().map(ts),
-                    m.data_dir, m.port, m.pg_major, m.status, m.error, ts(&m.created_at)
-                ],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>> {
-        self.with(|c| {
-            Ok(c.query_row(
-                &format!("SELECT {MANAGED_COLS} FROM managed_instances WHERE instance_id = ?1"),
-                [instance_id],
-                managed_from_row,
-            )
-            .optional()?)
-        })
-    }
-
-    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {MANAGED_COLS} FROM managed_instances ORDER BY created_at, instance_id"
-            ))?;
-            let rows = st.query_map([], managed_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-    }
-
-    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                "DELETE FROM managed_instances WHERE instance_id = ?1",
-                [instance_id],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT OR REPLACE INTO backup_drills ({DRILL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
-                params![
-                    d.backup_id, d.instance_id, d.status, d.detail, ts(&d.started_at),
-                    d.finished_at.as_ref().map(ts), d.job_id
-                ],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>> {
-        self.with(|c| {
-            Ok(c.query_row(
-                &format!("SELECT {DRILL_COLS} FROM backup_drills WHERE backup_id = ?1"),
-                [backup_id],
-                drill_from_row,
-            )
-            .optional()?)
-        })
-    }
-
-    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {DRILL_COLS} FROM backup_drills WHERE instance_id = ?1 ORDER BY started_at"
-            ))?;
-            let rows = st.query_map([instance_id], drill_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-    }
-
-    fn add_usage_sample(&self, u: &UsageSample) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT OR REPLACE INTO usage_samples ({SAMPLE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
-                params![
-                    u.instance_id, ts(&u.at), u.logical_bytes as i64, u.data_bytes as i64,
-                    u.wal_bytes as i64, u.quota_bytes as i64,
-                    u.cross_region_bytes.map(|n| n as i64)
-                ],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn list_usage_samples(
-        &self,
-        instance_id: &str,
-        from: Option<DateTime<Utc>>,
-        to: Option<DateTime<Utc>>,
-    ) -> CatalogResult<Vec<UsageSample>> {
-        // Timestamps are fixed-width RFC 3339 in UTC: text order is time order.
-        let from = from.map(|t| ts(&t)).unwrap_or_default();
-        let to = to.map(|t| ts(&t)).unwrap_or_else(|| "9".into());
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = ?1 AND sampled_at >= ?2 AND sampled_at <= ?3 ORDER BY sampled_at"
-            ))?;
-            let rows = st.query_map(params![instance_id, from, to], sample_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-    }
-
-    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>> {
-        self.with(|c| {
-            Ok(c.query_row(
-                &format!("SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = ?1 ORDER BY sampled_at DESC LIMIT 1"),
-                [instance_id],
-                sample_from_row,
-            )
-            .optional()?)
-        })
-    }
-
-    fn add_access_key(&self, k: &AccessKey) -> CatalogResult<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO access_keys (id, secret, read_only, description, created_at) VALUES (?1,?2,?3,?4,?5)",
-                params![k.id, k.secret, k.read_only, k.description, ts(&k.created_at)],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>> {
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT id, secret, read_only, description, created_at FROM access_keys WHERE id = ?1",
-                [id],
-                key_from_row,
-            )
-            .optional()?)
-        })
-    }
-
-    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT id, secret, read_only, description, created_at FROM access_keys ORDER BY created_at, id",
-            )?;
-            let rows = st.query_map([], key_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-    }
-
-    fn delete_access_key(&self, id: &str) -> CatalogResult<bool> {
-        self.with(|c| Ok(c.execute("DELETE FROM access_keys WHERE id = ?1", [id])? > 0))
-    }
-
-    fn admit_nonce(
-        &self,
-        key_id: &str,
-        nonce: &str,
-        now: DateTime<Utc>,
-        forget_before: DateTime<Utc>,
-    ) -> CatalogResult<bool> {
-        self.with(|c| {
-            c.execute(
-                "DELETE FROM used_nonces WHERE used_at < ?1",
-                [ts(&forget_before)],
-            )?;
-            let n = c.execute(
-                "INSERT OR IGNORE INTO used_nonces (key_id, nonce, used_at) VALUES (?1, ?2, ?3)",
-                params![key_id, nonce, ts(&now)],
-            )?;
-            Ok(n == 1)
-        })
-    }
-
     fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>> {
         self.with(|c| {
             Ok(c.query_row(
@@ -1067,7 +847,9 @@ impl Catalog for SqliteCatalog {
             Ok(())
         })
     }
+}
 
+impl CrossRegionCatalog for SqliteCatalog {
     fn insert_cross_backup(
         &self,
         region: &str,
@@ -1170,7 +952,111 @@ impl Catalog for SqliteCatalog {
             Ok(())
         })
     }
+}
 
+impl UsageCatalog for SqliteCatalog {
+    fn add_usage_sample(&self, u: &UsageSample) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO usage_samples ({SAMPLE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
+                params![
+                    u.instance_id, ts(&u.at), u.logical_bytes as i64, u.data_bytes as i64,
+                    u.wal_bytes as i64, u.quota_bytes as i64,
+                    u.cross_region_bytes.map(|n| n as i64)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_usage_samples(
+        &self,
+        instance_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<UsageSample>> {
+        // Timestamps are fixed-width RFC 3339 in UTC: text order is time order.
+        let from = from.map(|t| ts(&t)).unwrap_or_default();
+        let to = to.map(|t| ts(&t)).unwrap_or_else(|| "9".into());
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = ?1 AND sampled_at >= ?2 AND sampled_at <= ?3 ORDER BY sampled_at"
+            ))?;
+            let rows = st.query_map(params![instance_id, from, to], sample_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = ?1 ORDER BY sampled_at DESC LIMIT 1"),
+                [instance_id],
+                sample_from_row,
+            )
+            .optional()?)
+        })
+    }
+}
+
+impl AccessCatalog for SqliteCatalog {
+    fn add_access_key(&self, k: &AccessKey) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO access_keys (id, secret, read_only, description, created_at) VALUES (?1,?2,?3,?4,?5)",
+                params![k.id, k.secret, k.read_only, k.description, ts(&k.created_at)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id, secret, read_only, description, created_at FROM access_keys WHERE id = ?1",
+                [id],
+                key_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, secret, read_only, description, created_at FROM access_keys ORDER BY created_at, id",
+            )?;
+            let rows = st.query_map([], key_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn delete_access_key(&self, id: &str) -> CatalogResult<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM access_keys WHERE id = ?1", [id])? > 0))
+    }
+
+    fn admit_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> CatalogResult<bool> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM used_nonces WHERE used_at < ?1",
+                [ts(&forget_before)],
+            )?;
+            let n = c.execute(
+                "INSERT OR IGNORE INTO used_nonces (key_id, nonce, used_at) VALUES (?1, ?2, ?3)",
+                params![key_id, nonce, ts(&now)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+}
+
+impl GcCatalog for SqliteCatalog {
     fn gc_pending(
         &self,
         repository_id: &str,
@@ -1192,10 +1078,7 @@ impl Catalog for SqliteCatalog {
         pending: &std::collections::BTreeMap<String, DateTime<Utc>>,
     ) -> CatalogResult<()> {
         self.with(|c| {
-            let tx = rusqlite::Transaction::new_unchecked(
-                c,
-                rusqlite::TransactionBehavior::Immediate,
-            )?;
+            let tx = immediate(c)?;
             tx.execute(
                 "DELETE FROM gc_pending WHERE repository_id = ?1",
                 [repository_id],
@@ -1212,12 +1095,16 @@ impl Catalog for SqliteCatalog {
             Ok(())
         })
     }
+}
 
+impl IndexCatalog for SqliteCatalog {
     fn clear_index(&self) -> CatalogResult<()> {
         self.with(|c| {
-            c.execute_batch(
+            let tx = immediate(c)?;
+            tx.execute_batch(
                 "DELETE FROM backup_sets; DELETE FROM wal_segments; DELETE FROM restore_points;",
             )?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -1729,5 +1616,82 @@ mod tests {
         assert!(cat
             .admit_nonce("AK1", "n1", now, now - chrono::Duration::minutes(30))
             .unwrap());
+    }
+
+    #[test]
+    fn sqlite_errors_become_backend_neutral_variants() {
+        use std::error::Error as _;
+        // A second copy of a set in one region breaks a unique key.
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let set = BackupSet::started("b1".into(), "db1", BackupMode::Manual, Utc::now(), None);
+        cat.insert_cross_backup("eu", &set, 1, Utc::now()).unwrap();
+        let err = cat
+            .insert_cross_backup("eu", &set, 1, Utc::now())
+            .unwrap_err();
+        assert!(matches!(err, CatalogError::Conflict(_)), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(err.source().is_some(), "the SQLite error stays the source");
+
+        // A stored value this build cannot read is corruption, not a panic.
+        cat.insert_backup(&set).unwrap();
+        cat.with(|c| Ok(c.execute("UPDATE backup_sets SET mode = 'Sideways'", [])?))
+            .unwrap();
+        let err = cat.get_backup("b1").unwrap_err();
+        assert!(matches!(err, CatalogError::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("Sideways"), "{err}");
+
+        // A file that is not a database.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = SqliteCatalog::open(&path).err().expect("not a database");
+        assert!(matches!(err, CatalogError::Corrupt(_)), "{err:?}");
+
+        // Busy and locked are the retryable ones.
+        for code in [rusqlite::ffi::SQLITE_BUSY, rusqlite::ffi::SQLITE_LOCKED] {
+            let err = CatalogError::from(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ));
+            assert!(
+                matches!(err, CatalogError::Busy(_)) && err.is_retryable(),
+                "{err:?}"
+            );
+        }
+        let err = CatalogError::from(rusqlite::Error::QueryReturnedNoRows);
+        assert!(matches!(err, CatalogError::NotFound(_)), "{err:?}");
+    }
+
+    #[test]
+    fn deleting_an_instance_forgets_its_policy_for_every_handle() {
+        // delete_instance drops the instance and its policy together: a
+        // reader on another handle never sees the policy of a deleted
+        // instance, and a failed delete leaves both.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        let a = SqliteCatalog::open(&path).unwrap();
+        let b = SqliteCatalog::open(&path).unwrap();
+        a.add_instance(&instance("db1")).unwrap();
+        a.put_policy(&BackupPolicy {
+            instance_id: "db1".into(),
+            backup_days: vec!["Monday".into()],
+            backup_window: "01:00Z-02:00Z".into(),
+            backup_retention_days: 7,
+            log_backup_enabled: false,
+            log_retention_days: 7,
+            updated_at: Utc::now(),
+            last_auto_slot: None,
+        })
+        .unwrap();
+        assert!(matches!(
+            b.delete_instance("nope"),
+            Err(CatalogError::InstanceNotFound(_))
+        ));
+        b.delete_instance("db1").unwrap();
+        assert!(matches!(
+            a.get_instance("db1"),
+            Err(CatalogError::InstanceNotFound(_))
+        ));
+        assert_eq!(a.get_policy("db1").unwrap(), None);
     }
 }

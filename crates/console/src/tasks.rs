@@ -356,7 +356,8 @@ mod tests {
 
     #[test]
     fn listing_filters_by_type_status_and_instance() {
-        use strata_catalog::{BackupSet, Catalog, Instance, SqliteCatalog, SslMode};
+        use strata_catalog::prelude::*;
+        use strata_catalog::{BackupSet, Instance, SqliteCatalog, SslMode};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let now = chrono::Utc::now();
         for id in ["a", "b"] {

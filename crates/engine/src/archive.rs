@@ -178,46 +178,23 @@ impl Engine {
         let mut session = open_session(instance).await?;
         remember_facts(self, instance, &session)?;
         let geometry = session.geometry;
-        let slot = slot_name(&instance.id);
         // Where the slot holds WAL from, when it was created just now: WAL
         // before that may already be gone from the server.
-        let fresh_slot_start = match session
-            .client
-            .create_physical_slot(&slot, false, true)
-            .await
-        {
-            Ok(reserved) => {
-                progress.message(&format!("created replication slot {slot}"));
-                match reserved {
-                    Some(lsn) => Some(lsn),
-                    None => Some(
-                        session
-                            .client
-                            .identify_system()
-                            .await
-                            .map_err(|e| explain(instance, e))?
-                            .xlogpos,
-                    ),
-                }
-            }
-            Err(e) if e.sqlstate() == Some("42710") => None,
-            Err(e) => return Err(explain(instance, e)),
-        };
+        let fresh_slot_start = self
+            .ensure_slot(instance, &mut session.client, progress)
+            .await?;
         let server_tli = session.timeline;
         self.store_history(instance, &mut session.client, server_tli)
             .await?;
         let (tli, mut start) = self
             .resume_point(instance, &mut session.client, server_tli, geometry)
             .await?;
-        if let Some(held) = fresh_slot_start.filter(|_| tli == server_tli) {
-            let held = geometry.segment_start(geometry.segment_of(held));
-            if start < held {
-                progress.message(&format!(
-                    "warning: WAL of {} from {start} to {held} was not held by a replication slot and cannot be archived; point-in-time recovery into that range is not possible (take a new backup)",
-                    instance.id
-                ));
-                start = held;
-            }
+        if let Some(held) = lost_before_slot(start, fresh_slot_start, tli == server_tli, geometry) {
+            progress.message(&format!(
+                "warning: WAL of {} from {start} to {held} was not held by a replication slot and cannot be archived; point-in-time recovery into that range is not possible (take a new backup)",
+                instance.id
+            ));
+            start = held;
         }
         progress.message(&format!(
             "streaming WAL of {} from {start} on timeline {tli}",
@@ -251,6 +228,34 @@ impl Engine {
         streamed
     }
 
+    /// Creates the instance's slot unless it exists; when created now,
+    /// returns where it holds WAL from.
+    async fn ensure_slot(
+        &self,
+        instance: &Instance,
+        client: &mut ReplicationClient,
+        progress: &dyn Progress,
+    ) -> EngineResult<Option<Lsn>> {
+        let slot = slot_name(&instance.id);
+        match client.create_physical_slot(&slot, false, true).await {
+            Ok(reserved) => {
+                progress.message(&format!("created replication slot {slot}"));
+                match reserved {
+                    Some(lsn) => Ok(Some(lsn)),
+                    None => Ok(Some(
+                        client
+                            .identify_system()
+                            .await
+                            .map_err(|e| explain(instance, e))?
+                            .xlogpos,
+                    )),
+                }
+            }
+            Err(e) if e.sqlstate() == Some("42710") => Ok(None),
+            Err(e) => Err(explain(instance, e)),
+        }
+    }
+
     /// Streams WAL from `from` (a segment start on its timeline), following
     /// timeline switches, handing segments to `uploader` and acknowledging
     /// to the server what it reports stored.
@@ -281,17 +286,7 @@ impl Engine {
                 tokio::select! {
                     _ = shutdown.changed() => {
                         archiver.flush_partial().await?;
-                        let pos = archiver.position();
-                        // Acknowledge only what is stored: wait for the
-                        // uploader (it stops early only when failing).
-                        while uploader.durable() < pos {
-                            match uploader.next_stored().await {
-                                Some(s) => note_stored(&s, health, progress),
-                                None => break,
-                            }
-                        }
-                        let _ = stream.send_status(pos, uploader.durable(), Lsn::INVALID, false).await;
-                        let _ = stream.stop().await;
+                        stop_stream(stream, archiver.position(), uploader, health, progress).await;
                         return Ok(Ended::Shutdown);
                     }
                     stored = uploader.next_stored() => match stored {
@@ -453,6 +448,41 @@ fn note_stored(stored: &Stored, health: &mut Health, progress: &dyn Progress) {
     }
 }
 
+/// Where streaming must start instead of `start` when a slot created just
+/// now (holding WAL from `fresh_slot`) holds nothing before a later segment
+/// on the server's own timeline: the WAL in between is gone for good.
+fn lost_before_slot(
+    start: Lsn,
+    fresh_slot: Option<Lsn>,
+    on_server_timeline: bool,
+    geometry: WalGeometry,
+) -> Option<Lsn> {
+    let held = fresh_slot.filter(|_| on_server_timeline)?;
+    let held = geometry.segment_start(geometry.segment_of(held));
+    (start < held).then_some(held)
+}
+
+/// Ends a stream being shut down: acknowledges to the server only what the
+/// uploader stored, waiting for it (it stops early only when failing).
+async fn stop_stream(
+    mut stream: pg_replication::ReplicationStream<'_>,
+    pos: Lsn,
+    uploader: &mut WalUploader,
+    health: &mut Health,
+    progress: &dyn Progress,
+) {
+    while uploader.durable() < pos {
+        match uploader.next_stored().await {
+            Some(s) => note_stored(&s, health, progress),
+            None => break,
+        }
+    }
+    let _ = stream
+        .send_status(pos, uploader.durable(), Lsn::INVALID, false)
+        .await;
+    let _ = stream.stop().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,5 +537,30 @@ mod tests {
         assert!(is_storage_error(&full));
         assert!(!full.is_transient());
         assert!(!is_storage_error(&EngineError::Unreachable("gone".into())));
+    }
+
+    /// Where WAL streaming starts when the slot was created just now: the
+    /// WAL before the slot's segment is gone, whatever the catalog resumes from.
+    #[test]
+    fn wal_a_new_slot_did_not_hold() {
+        let g = WalGeometry::new(16 << 20).unwrap();
+        let seg = |n: u64| Lsn(n << 24);
+        for (start, fresh, same_tli, expected) in [
+            // An existing slot held everything since the last run.
+            (seg(2), None, true, None),
+            // A new slot holding from inside segment 5: resume at its start.
+            (seg(2), Some(Lsn((5 << 24) + 0x28)), true, Some(seg(5))),
+            // Already at or past the slot's segment: nothing lost.
+            (seg(5), Some(Lsn((5 << 24) + 0x28)), true, None),
+            (seg(6), Some(Lsn((5 << 24) + 0x28)), true, None),
+            // Catching up an older timeline: the slot says nothing of it.
+            (seg(2), Some(seg(5)), false, None),
+        ] {
+            assert_eq!(
+                lost_before_slot(start, fresh, same_tli, g),
+                expected,
+                "{start} {fresh:?} {same_tli}"
+            );
+        }
     }
 }

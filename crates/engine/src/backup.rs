@@ -19,25 +19,29 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use pg_replication::{
-    BaseBackupEvent, BaseBackupOptions, ReplicationMessage, TarEntry, TarEntryKind,
+    BaseBackupEvent, BaseBackupOptions, ReplicationError, ReplicationMessage, TarEntry,
+    TarEntryKind,
 };
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{BackupMode, BackupSet, BackupStatus, Instance, Job, JobKind, JobState};
 use strata_repo::{
     BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
-    PreparedBlock, Repository, TablespaceEntry,
+    PreparedBlock, Repository,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::blocking::blocking;
 use crate::connect::{explain, open_session, remember_facts, Session};
 use crate::incremental::{
-    full_name, rel_file, rewrite_server_manifest, strip_backup_label, BlockPlan, Fork, HeapChanges,
-    IncrementalBase, IncrementalFile, ManifestChange, RelFile,
+    full_name, strip_backup_label, BlockPlan, HeapChanges, IncrementalBase, IncrementalFile,
+    ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
+
+mod receiver;
 use crate::wal_uploader::WalUploader;
 use crate::{Engine, EngineError, EngineResult, Progress};
+use receiver::{BackupReceiver, StreamStart};
 
 /// Backup set ids are the start time in milliseconds: numeric like RDS ids,
 /// and sorting by id sorts by age. Two backups starting in the same
@@ -167,6 +171,18 @@ impl Engine {
             }
             Err(e) => Err(e),
         };
+        self.record_backup_outcome(set, job, outcome)
+    }
+
+    /// Records how a backup ended on its set and job: `Success` and
+    /// `Finished`, or `Failed` with the reason on both (the original error is
+    /// returned even when recording it fails).
+    fn record_backup_outcome(
+        &self,
+        mut set: BackupSet,
+        mut job: Job,
+        outcome: EngineResult<()>,
+    ) -> EngineResult<BackupSet> {
         let now = Utc::now();
         set.finished_at = Some(now);
         job.finished_at = Some(now);
@@ -206,14 +222,7 @@ impl Engine {
         let pg_version = main.client.server_version_num();
         set.pg_version_num = Some(pg_version);
 
-        let mut wal_session = open_session(instance).await?;
-        let slot = format!("strata_backup_{}_{:08x}", std::process::id(), rand_u32());
-        wal_session
-            .client
-            .create_physical_slot(&slot, true, true)
-            .await
-            .map_err(|e| explain(instance, e))?;
-
+        let (wal_session, slot) = open_wal_slot(instance).await?;
         tracing::debug!("backup {}: connected, slot {slot} created", set.id);
         let mut base = if pg_version >= 170000 {
             self.incremental_base(instance, &mut main, pg_version, progress)
@@ -230,15 +239,7 @@ impl Engine {
         }
 
         progress.message(&format!("backup {}: checkpoint requested", set.id));
-        let bb_opts = |incremental: bool| BaseBackupOptions {
-            label: format!("strata backup {}", set.id),
-            fast_checkpoint: true,
-            progress: true,
-            manifest: true,
-            max_rate_kb: opts.max_rate_kb,
-            tablespace_map: true,
-            incremental,
-        };
+        let bb_opts = |incremental: bool| base_backup_options(&set.id, opts, incremental);
         // Declared before the stream that may borrow it.
         let mut fallback: Option<Session> = None;
         let first = main.client.base_backup(&bb_opts(base.is_some())).await;
@@ -261,235 +262,66 @@ impl Engine {
             }
             Err(e) => return Err(explain(instance, e)),
         };
-        let start_lsn = bb.start_lsn();
-        let start_tli = bb.start_timeline();
-        tracing::debug!("backup {}: BASE_BACKUP started at {start_lsn}", set.id);
-        let start_time = Utc::now();
-        let total = bb.total_size_bytes();
-        set.start_lsn = Some(start_lsn);
-        set.start_timeline = Some(start_tli);
+        let start = StreamStart {
+            system_id: main.system_id,
+            pg_version,
+            wal_segment_size: geometry.segment_size(),
+            start_lsn: bb.start_lsn(),
+            start_timeline: bb.start_timeline(),
+            start_time: Utc::now(),
+            total: bb.total_size_bytes(),
+        };
+        tracing::debug!(
+            "backup {}: BASE_BACKUP started at {}",
+            set.id,
+            start.start_lsn
+        );
+
+        let wal = BackupWal::start(self, instance, wal_session, slot, &start, geometry);
+        let run = BackupRun {
+            instance: &*instance,
+            set,
+            job,
+            progress,
+        };
+        self.consume_backup(run, &start, base, &mut bb, |stop| wal.stored(stop))
+            .await
+    }
+
+    /// Everything a backup does once the server streams: records the start,
+    /// feeds the stream to a [`BackupReceiver`], checks it, waits until
+    /// `wal_stored` says the WAL up to the end position is stored, commits
+    /// the manifest and records its figures in the set. The caller records
+    /// the outcome ([`Engine::record_backup_outcome`]).
+    async fn consume_backup<W, F>(
+        &self,
+        run: BackupRun<'_>,
+        start: &StreamStart,
+        base: Option<IncrementalBase>,
+        events: &mut impl BackupEvents,
+        wal_stored: W,
+    ) -> EngineResult<()>
+    where
+        W: FnOnce(Lsn) -> F,
+        F: std::future::Future<Output = EngineResult<()>>,
+    {
+        let BackupRun {
+            instance,
+            set,
+            job,
+            progress,
+        } = run;
+        set.start_lsn = Some(start.start_lsn);
+        set.start_timeline = Some(start.start_timeline);
         self.catalog.update_backup(set)?;
         job.state = JobState::Uploading;
         self.catalog.update_job(job)?;
 
-        let (stop_tx, stop_rx) = watch::channel(None);
-        let wal_task = tokio::spawn(stream_backup_wal(
-            self.clone(),
-            instance.id.clone(),
-            wal_session,
-            slot,
-            start_lsn,
-            start_tli,
-            geometry,
-            self.settings.wal_status_interval,
-            stop_rx,
-        ));
-
-        // Reads every manifest of the instance: off the runtime.
-        let (repo, id) = (self.repo.clone(), instance.id.clone());
-        let (known, base) = blocking(move || {
-            let known = repo.block_index_with(&id, base.as_ref().map(|b| &b.manifest))?;
-            Ok((known, base))
-        })
-        .await?;
-        tracing::debug!("backup {}: {} blocks known", set.id, known.len());
-        let pipeline = BlockPipeline::start(&self.repo, known);
-        let mut tablespaces = Vec::new();
-        let mut tablespace: Option<u32> = None;
-        let mut open: Option<OpenFile> = None;
-        let mut ends = Ends {
-            received: HashMap::new(),
-            changes: HashMap::new(),
-            heap: HeapChanges::default(),
-            maps: Vec::new(),
-            block_size: self.repo.block_size(),
-            segment_pages: base.as_ref().map(|b| b.segment_pages),
-        };
-        let mut server_manifest = Vec::new();
-        let mut finished: Option<(Lsn, TimelineId)> = None;
-        let mut last_report = Instant::now();
-        let mut streamed: u64 = 0;
-        let block_size = self.repo.block_size();
-
-        while let Some(event) = bb.next().await.map_err(|e| explain(instance, e))? {
-            match event {
-                BaseBackupEvent::ArchiveStart {
-                    tablespace_oid,
-                    location,
-                    ..
-                } => {
-                    tablespace = tablespace_oid;
-                    if let (Some(oid), Some(location)) = (tablespace_oid, location) {
-                        tablespaces.push(TablespaceEntry { oid, location });
-                    }
-                }
-                BaseBackupEvent::Entry(entry) => {
-                    if open.is_some() {
-                        return Err(EngineError::Failed(
-                            "the server started a new file before finishing the previous one"
-                                .into(),
-                        ));
-                    }
-                    let mut file = file_entry(tablespace, &entry)?;
-                    let (path, kind) = (file.path.clone(), file.kind);
-                    if kind == FileKind::File {
-                        let mut content = Content::Plain;
-                        if let Some(base) = &base {
-                            if let Some(full) = full_name(&path) {
-                                // `INCREMENTAL..` would name the parent directory.
-                                strata_repo::paths::check_relative_path(&full).map_err(|e| {
-                                    EngineError::Failed(format!(
-                                        "the server sent {path:?}, changes to a file whose name {e}"
-                                    ))
-                                })?;
-                                let earlier = base.file(tablespace, &full).ok_or_else(|| {
-                                    EngineError::Failed(format!(
-                                        "the server sent {path} as changes to {full}, which backup {} does not hold",
-                                        base.backup_id()
-                                    ))
-                                })?;
-                                let inc = IncrementalFile::new(
-                                    entry.size,
-                                    earlier,
-                                    base.page_size,
-                                    block_size,
-                                )
-                                .map_err(|e| EngineError::Failed(format!("{path}: {e}")))?;
-                                let rel = rel_file(&full);
-                                file.path = full;
-                                content = match rel {
-                                    Some(rel) if rel.fork == Fork::VisibilityMap => Content::Map {
-                                        inc: Box::new(inc),
-                                        rel,
-                                        entry: file.clone(),
-                                        plans: Vec::new(),
-                                    },
-                                    rel => Content::Incremental {
-                                        inc: Box::new(inc),
-                                        main: rel.filter(|r| r.fork == Fork::Main),
-                                    },
-                                };
-                            } else if tablespace.is_none() && path == "backup_label" {
-                                content = Content::Label(file.clone(), Vec::new());
-                            } else if let Some(rel) =
-                                rel_file(&path).filter(|r| r.fork == Fork::Main)
-                            {
-                                ends.heap.whole(tablespace, &rel);
-                            }
-                        }
-                        if matches!(content, Content::Plain | Content::Incremental { .. }) {
-                            pipeline.begin(file).await?;
-                        }
-                        let mut f = OpenFile {
-                            manifest_path: manifest_path(tablespace, &path),
-                            tablespace,
-
-                            size: entry.size,
-                            remaining: entry.size,
-                            crc: 0,
-                            block: Vec::with_capacity(block_size),
-                            content,
-                        };
-                        if f.remaining == 0 {
-                            pipeline.end(&mut f, &mut ends).await?;
-                        } else {
-                            open = Some(f);
-                        }
-                    } else {
-                        pipeline.other(file).await?;
-                    }
-                }
-                BaseBackupEvent::Data(mut data) => {
-                    let Some(f) = open.as_mut() else {
-                        return Err(EngineError::Failed(
-                            "the server sent file data outside a file".into(),
-                        ));
-                    };
-                    if data.len() as u64 > f.remaining {
-                        return Err(EngineError::Failed(format!(
-                            "the server sent more data than the size of {}",
-                            f.manifest_path
-                        )));
-                    }
-                    streamed += data.len() as u64;
-                    f.remaining -= data.len() as u64;
-                    f.crc = crc32c::crc32c_append(f.crc, &data);
-                    match &mut f.content {
-                        Content::Plain => {
-                            while !data.is_empty() {
-                                let take = (block_size - f.block.len()).min(data.len());
-                                f.block.extend_from_slice(&data.split_to(take));
-                                if f.block.len() == block_size {
-                                    let full = std::mem::replace(
-                                        &mut f.block,
-                                        Vec::with_capacity(block_size),
-                                    );
-                                    pipeline.block(full).await?;
-                                }
-                            }
-                        }
-                        Content::Incremental { inc, .. } => {
-                            let mut plans = Vec::new();
-                            inc.push(&data, &mut plans).map_err(|e| {
-                                EngineError::Failed(format!("{}: {e}", f.manifest_path))
-                            })?;
-                            for plan in plans {
-                                pipeline.plan(plan).await?;
-                            }
-                        }
-                        Content::Map { inc, plans, .. } => {
-                            inc.push(&data, plans).map_err(|e| {
-                                EngineError::Failed(format!("{}: {e}", f.manifest_path))
-                            })?;
-                        }
-                        Content::Label(_, buf) => buf.extend_from_slice(&data),
-                    }
-                    if f.remaining == 0 {
-                        let mut f = open.take().expect("open file checked above");
-                        pipeline.end(&mut f, &mut ends).await?;
-                    }
-                    if last_report.elapsed() >= Duration::from_millis(500) {
-                        last_report = Instant::now();
-                        progress.update("backup", streamed, total);
-                        if let Some(total) = total.filter(|t| *t > 0) {
-                            job.progress = ((streamed * 95 / total).min(95)) as u8;
-                            self.catalog.update_job(job)?;
-                        }
-                    }
-                }
-                BaseBackupEvent::ArchiveEnd => {
-                    if let Some(f) = &open {
-                        return Err(EngineError::Failed(format!(
-                            "archive ended in the middle of {}",
-                            f.manifest_path
-                        )));
-                    }
-                    // Every main fork of this tablespace is in: the maps
-                    // held back can be checked against their heap changes.
-                    if let Some(base) = &base {
-                        for map in std::mem::take(&mut ends.maps) {
-                            pipeline.map(map, &ends.heap, base, block_size).await?;
-                        }
-                    }
-                }
-                BaseBackupEvent::Progress { .. } => {}
-                BaseBackupEvent::Manifest(chunk) => server_manifest.extend_from_slice(&chunk),
-                BaseBackupEvent::Finished {
-                    end_lsn,
-                    end_timeline,
-                } => finished = Some((end_lsn, end_timeline)),
-            }
-        }
-        drop(bb);
-        if !ends.maps.is_empty() {
-            return Err(EngineError::Failed(
-                "visibility map files arrived outside an archive".into(),
-            ));
-        }
-        let (stop_lsn, stop_tli) = finished.ok_or_else(|| {
-            EngineError::Failed("the server ended the backup without its end position".into())
-        })?;
-        let stop_time = Utc::now();
+        let mut receiver = BackupReceiver::start(&self.repo, &instance.id, base).await?;
+        self.feed_stream(instance, job, start.total, events, &mut receiver, progress)
+            .await?;
+        let (stop_lsn, stop_tli) = receiver.end_of_stream()?;
+        let streamed = receiver.streamed();
         progress.update("backup", streamed, Some(streamed));
         set.stop_lsn = Some(stop_lsn);
         set.stop_timeline = Some(stop_tli);
@@ -497,89 +329,17 @@ impl Engine {
         tracing::debug!("backup {}: files received, stop at {stop_lsn}", set.id);
         job.state = JobState::Checking;
         self.catalog.update_job(job)?;
-        check_server_manifest(&server_manifest, &ends.received)?;
-        if base.is_some() {
-            server_manifest = rewrite_server_manifest(&server_manifest, &ends.changes)
-                .map_err(|e| EngineError::Failed(format!("rewriting backup_manifest: {e}")))?;
-        }
+        receiver.check_server_manifest()?;
 
         progress.message(&format!(
             "backup {}: waiting for WAL up to {stop_lsn}",
             set.id
         ));
-        let _ = stop_tx.send(Some(stop_lsn));
-        match wal_task.await {
-            Ok(result) => result?,
-            Err(e) => {
-                return Err(EngineError::Failed(format!(
-                    "WAL streaming task failed: {e}"
-                )))
-            }
-        }
-
+        wal_stored(stop_lsn).await?;
         tracing::debug!("backup {}: WAL up to {stop_lsn} stored", set.id);
-        let manifest_entry = FileEntry {
-            tablespace: None,
-            path: "backup_manifest".into(),
-            kind: FileKind::File,
-            mode: 0o600,
-            size: server_manifest.len() as u64,
-            mtime: stop_time.timestamp(),
-            link_target: None,
-            crc32c: None,
-            blocks: Vec::new(),
-        };
-        pipeline
-            .whole_file(manifest_entry, &server_manifest, block_size)
-            .await?;
-        let (mut files, stats) = pipeline.finish().await?;
-        let stats = BackupStats {
-            // Everything a restore writes, the server's backup_manifest included,
-            // so that new + deduplicated bytes add up to the total.
-            file_count: files.iter().filter(|f| f.kind == FileKind::File).count() as u64,
-            total_bytes: files.iter().map(|f| f.size).sum(),
-            ..stats
-        };
-        let server_manifest_entry = files.pop();
-        let manifest = BackupManifest {
-            format_version: strata_repo::manifest::MANIFEST_VERSION,
-            backup_id: set.id.clone(),
-            instance_id: instance.id.clone(),
-            system_identifier: main.system_id,
-            pg_version_num: pg_version,
-            wal_segment_size: geometry.segment_size(),
-            label: format!("strata backup {}", set.id),
-            mode: set.mode.to_string(),
-            start_lsn,
-            start_timeline: start_tli,
-            stop_lsn,
-            stop_timeline: stop_tli,
-            start_time,
-            stop_time,
-            tablespaces,
-            files,
-            server_manifest: server_manifest_entry,
-            incremental_from: base.map(|b| b.manifest.backup_id),
-            received_bytes: Some(streamed),
-            stats: stats.clone(),
-        };
-        let repo = self.repo.clone();
-        let manifest = blocking(move || {
-            if let Err(e) = repo.commit_manifest(&manifest) {
-                // A put that failed may still have landed (a timeout after the
-                // store accepted it); this backup is being recorded as failed, so
-                // make sure the repository does not hold it either.
-                let (instance_id, id) = (&manifest.instance_id, &manifest.backup_id);
-                if let Err(cleanup) = repo.delete_backup(instance_id, id) {
-                    tracing::warn!(
-                        "backup {id}: removing the manifest after a failed commit: {cleanup}"
-                    );
-                }
-                return Err(e.into());
-            }
-            Ok(manifest)
-        })
-        .await?;
+
+        let manifest = receiver.commit(set, start).await?;
+        let stats = &manifest.stats;
         if let Some(from) = &manifest.incremental_from {
             progress.message(&format!(
                 "backup {}: the server sent {} MiB of {} MiB (blocks changed since backup {from}); the rest was taken from that backup",
@@ -588,12 +348,134 @@ impl Engine {
                 stats.total_bytes.div_ceil(1 << 20)
             ));
         }
-        set.total_bytes = stats.total_bytes;
-        set.new_bytes = stats.new_bytes;
-        set.dedup_bytes = stats.dedup_bytes;
-        set.stored_bytes = stats.stored_bytes;
-        set.file_count = stats.file_count;
+        crate::entities::record_stats(set, stats);
         Ok(())
+    }
+
+    /// Feeds every event of the stream to `receiver`, reporting progress
+    /// (and recording it on the job) every half second.
+    async fn feed_stream(
+        &self,
+        instance: &Instance,
+        job: &mut Job,
+        total: Option<u64>,
+        events: &mut impl BackupEvents,
+        receiver: &mut BackupReceiver,
+        progress: &dyn Progress,
+    ) -> EngineResult<()> {
+        let mut last_report = Instant::now();
+        while let Some(event) = events
+            .next_event()
+            .await
+            .map_err(|e| explain(instance, e))?
+        {
+            receiver.feed(event).await?;
+            if last_report.elapsed() >= Duration::from_millis(500) {
+                last_report = Instant::now();
+                let streamed = receiver.streamed();
+                progress.update("backup", streamed, total);
+                if let Some(total) = total.filter(|t| *t > 0) {
+                    job.progress = ((streamed * 95 / total).min(95)) as u8;
+                    self.catalog.update_job(job)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// BASE_BACKUP's options for backup `id`: a fast checkpoint, progress, the
+/// server's manifest with CRC-32C checksums, tablespaces mapped.
+fn base_backup_options(id: &str, opts: &BackupOptions, incremental: bool) -> BaseBackupOptions {
+    BaseBackupOptions {
+        label: format!("strata backup {id}"),
+        fast_checkpoint: true,
+        progress: true,
+        manifest: true,
+        max_rate_kb: opts.max_rate_kb,
+        tablespace_map: true,
+        incremental,
+    }
+}
+
+/// A second connection with a temporary physical slot, created before the
+/// backup starts so the server keeps every WAL segment the backup needs.
+async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session, String)> {
+    let mut session = open_session(instance).await?;
+    let slot = format!("strata_backup_{}_{:08x}", std::process::id(), rand_u32());
+    session
+        .client
+        .create_physical_slot(&slot, true, true)
+        .await
+        .map_err(|e| explain(instance, e))?;
+    Ok((session, slot))
+}
+
+/// The task streaming a backup's WAL into the repository, until told the
+/// backup's end position.
+struct BackupWal {
+    stop_tx: watch::Sender<Option<Lsn>>,
+    task: tokio::task::JoinHandle<EngineResult<()>>,
+}
+
+impl BackupWal {
+    fn start(
+        engine: &Engine,
+        instance: &Instance,
+        session: Session,
+        slot: String,
+        start: &StreamStart,
+        geometry: WalGeometry,
+    ) -> Self {
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let task = tokio::spawn(stream_backup_wal(
+            engine.clone(),
+            instance.id.clone(),
+            session,
+            slot,
+            start.start_lsn,
+            start.start_timeline,
+            geometry,
+            engine.settings.wal_status_interval,
+            stop_rx,
+        ));
+        BackupWal { stop_tx, task }
+    }
+
+    /// Done once the WAL up to `stop` is stored.
+    async fn stored(self, stop: Lsn) -> EngineResult<()> {
+        let _ = self.stop_tx.send(Some(stop));
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(EngineError::Failed(format!(
+                "WAL streaming task failed: {e}"
+            ))),
+        }
+    }
+}
+
+/// The rows a running backup updates and where it reports.
+struct BackupRun<'a> {
+    instance: &'a Instance,
+    set: &'a mut BackupSet,
+    job: &'a mut Job,
+    progress: &'a dyn Progress,
+}
+
+/// A source of BASE_BACKUP events: the live stream, or a recorded one.
+trait BackupEvents {
+    /// The next event; `None` once the stream is over.
+    fn next_event(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<BaseBackupEvent>, ReplicationError>> + Send;
+}
+
+impl BackupEvents for pg_replication::BaseBackup<'_> {
+    fn next_event(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<BaseBackupEvent>, ReplicationError>> + Send
+    {
+        self.next()
     }
 }
 
@@ -974,80 +856,13 @@ impl BlockPipeline {
         let pool_rx = Arc::new(Mutex::new(pool_rx));
         let pool = (0..threads)
             .map(|_| {
-                let rx = pool_rx.clone();
-                let repo = repo.clone();
-                let known = known_hashes.clone();
-                std::thread::spawn(move || loop {
-                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
-                    let Some((source, reply)) = next else { break };
-                    let raw = match source {
-                        BlockSource::Raw(raw) => Ok(raw),
-                        BlockSource::Build {
-                            base,
-                            keep,
-                            len,
-                            pages,
-                        } => base
-                            .map(|b| repo.read_block(&b))
-                            .transpose()
-                            .map(|base| BlockPlan::assemble(keep, len, base, pages))
-                            .map_err(EngineError::from),
-                    };
-                    let prepared = raw.map(|raw| {
-                        (
-                            BlockWriter::prepare(&repo, &raw, |h| known.contains(h)),
-                            raw,
-                        )
-                    });
-                    let _ = reply.send(prepared);
-                })
+                let (rx, repo, known) = (pool_rx.clone(), repo.clone(), known_hashes.clone());
+                std::thread::spawn(move || prepare_blocks(&rx, &repo, &known))
             })
             .collect();
-        let (work_tx, mut work_rx) = mpsc::channel::<Work>(64);
-        let mut writer = repo.block_writer(known);
-        let writer = std::thread::spawn(move || {
-            let mut files = Vec::new();
-            let mut current: Option<FileEntry> = None;
-            while let Some(work) = work_rx.blocking_recv() {
-                match work {
-                    Work::Begin(file) => current = Some(file),
-                    Work::Block(reply) => {
-                        let (prepared, raw) = reply.blocking_recv().map_err(|_| {
-                            EngineError::Failed("a compression thread panicked".into())
-                        })??;
-                        let block = writer.add_prepared(prepared, &raw)?;
-                        match current.as_mut() {
-                            Some(f) => f.blocks.push(block),
-                            None => return Err(EngineError::Failed("block outside a file".into())),
-                        }
-                    }
-                    Work::Reuse(block) => {
-                        let block = writer.add_existing(&block);
-                        match current.as_mut() {
-                            Some(f) => f.blocks.push(block),
-                            None => return Err(EngineError::Failed("block outside a file".into())),
-                        }
-                    }
-                    Work::End { size, crc32c } => {
-                        let mut f = current
-                            .take()
-                            .ok_or_else(|| EngineError::Failed("file end outside a file".into()))?;
-                        let stored: u64 = f.blocks.iter().map(|b| b.raw_len as u64).sum();
-                        if stored != size {
-                            return Err(EngineError::Failed(format!(
-                                "{}: {stored} bytes stored for a file of {size}",
-                                f.path
-                            )));
-                        }
-                        f.size = size;
-                        f.crc32c = crc32c;
-                        files.push(f);
-                    }
-                    Work::Other(f) => files.push(f),
-                }
-            }
-            Ok((files, writer.finish()?))
-        });
+        let (work_tx, work_rx) = mpsc::channel::<Work>(64);
+        let writer = repo.block_writer(known);
+        let writer = std::thread::spawn(move || write_blocks(work_rx, writer));
         BlockPipeline {
             work_tx,
             pool_tx: Some(pool_tx),
@@ -1250,6 +1065,85 @@ impl BlockPipeline {
         .await;
         result
     }
+}
+
+/// A pool thread: reads or rebuilds each block handed to it, hashes and
+/// compresses it, and replies; ends when the queue closes.
+fn prepare_blocks(
+    rx: &Mutex<mpsc::Receiver<PoolJob>>,
+    repo: &Repository,
+    known: &HashSet<BlockHash>,
+) {
+    loop {
+        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
+        let Some((source, reply)) = next else { break };
+        let raw = match source {
+            BlockSource::Raw(raw) => Ok(raw),
+            BlockSource::Build {
+                base,
+                keep,
+                len,
+                pages,
+            } => base
+                .map(|b| repo.read_block(&b))
+                .transpose()
+                .map(|base| BlockPlan::assemble(keep, len, base, pages))
+                .map_err(EngineError::from),
+        };
+        let prepared =
+            raw.map(|raw| (BlockWriter::prepare(repo, &raw, |h| known.contains(h)), raw));
+        let _ = reply.send(prepared);
+    }
+}
+
+/// The writer thread: packs the prepared blocks in stream order and builds
+/// the file entries; returns them with the packing figures once the work
+/// queue closes.
+fn write_blocks(
+    mut work_rx: mpsc::Receiver<Work>,
+    mut writer: strata_repo::BlockWriter,
+) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+    let mut files = Vec::new();
+    let mut current: Option<FileEntry> = None;
+    while let Some(work) = work_rx.blocking_recv() {
+        match work {
+            Work::Begin(file) => current = Some(file),
+            Work::Block(reply) => {
+                let (prepared, raw) = reply
+                    .blocking_recv()
+                    .map_err(|_| EngineError::Failed("a compression thread panicked".into()))??;
+                let block = writer.add_prepared(prepared, &raw)?;
+                match current.as_mut() {
+                    Some(f) => f.blocks.push(block),
+                    None => return Err(EngineError::Failed("block outside a file".into())),
+                }
+            }
+            Work::Reuse(block) => {
+                let block = writer.add_existing(&block);
+                match current.as_mut() {
+                    Some(f) => f.blocks.push(block),
+                    None => return Err(EngineError::Failed("block outside a file".into())),
+                }
+            }
+            Work::End { size, crc32c } => {
+                let mut f = current
+                    .take()
+                    .ok_or_else(|| EngineError::Failed("file end outside a file".into()))?;
+                let stored: u64 = f.blocks.iter().map(|b| b.raw_len as u64).sum();
+                if stored != size {
+                    return Err(EngineError::Failed(format!(
+                        "{}: {stored} bytes stored for a file of {size}",
+                        f.path
+                    )));
+                }
+                f.size = size;
+                f.crc32c = crc32c;
+                files.push(f);
+            }
+            Work::Other(f) => files.push(f),
+        }
+    }
+    Ok((files, writer.finish()?))
 }
 
 /// Waits for the writer thread off the async runtime and returns what it

@@ -573,7 +573,6 @@ pub(crate) fn rewrite_server_manifest(
         .get("WAL-Ranges")
         .and_then(|f| f.as_array())
         .ok_or("backup_manifest has no WAL-Ranges list")?;
-    let json = |v: &serde_json::Value| serde_json::to_string(v).expect("JSON value");
     let mut out = format!(
         "{{ \"PostgreSQL-Backup-Manifest-Version\": {},\n",
         json(&version)
@@ -585,58 +584,9 @@ pub(crate) fn rewrite_server_manifest(
     let mut applied = 0;
     for (i, file) in files.iter().enumerate() {
         out.push_str(if i == 0 { "\n" } else { ",\n" });
-        let path = match (file.get("Path"), file.get("Encoded-Path")) {
-            (Some(p), _) => p.as_str().unwrap_or_default().to_string(),
-            (None, Some(e)) => {
-                let raw = hex::decode(e.as_str().unwrap_or_default())
-                    .map_err(|e| format!("backup_manifest Encoded-Path: {e}"))?;
-                String::from_utf8_lossy(&raw).into_owned()
-            }
-            (None, None) => return Err("backup_manifest lists a file without a path".into()),
-        };
-        let modified = field(file, "Last-Modified").ok_or("a file without Last-Modified")?;
-        let (name, size, checksum) = match changes.get(&path) {
-            Some(change) => {
-                applied += 1;
-                let checksum = change.crc32c.map(|c| {
-                    (
-                        serde_json::Value::from("CRC32C"),
-                        serde_json::Value::from(hex::encode(c.to_le_bytes())),
-                    )
-                });
-                (
-                    format!("\"Path\": {}", json(&change.path.clone().into())),
-                    serde_json::Value::from(change.size),
-                    checksum,
-                )
-            }
-            None => {
-                let name = match (file.get("Path"), file.get("Encoded-Path")) {
-                    (Some(p), _) => format!("\"Path\": {}", json(p)),
-                    (None, Some(e)) => format!("\"Encoded-Path\": {}", json(e)),
-                    (None, None) => unreachable!("checked above"),
-                };
-                let checksum = field(file, "Checksum-Algorithm").zip(field(file, "Checksum"));
-                (
-                    name,
-                    field(file, "Size").ok_or("a file without a size")?,
-                    checksum,
-                )
-            }
-        };
-        out.push_str(&format!(
-            "{{ {name}, \"Size\": {}, \"Last-Modified\": {}",
-            json(&size),
-            json(&modified)
-        ));
-        if let Some((algorithm, sum)) = checksum {
-            out.push_str(&format!(
-                ", \"Checksum-Algorithm\": {}, \"Checksum\": {}",
-                json(&algorithm),
-                json(&sum)
-            ));
-        }
-        out.push_str(" }");
+        let (line, changed) = manifest_file_line(file, changes)?;
+        applied += usize::from(changed);
+        out.push_str(&line);
     }
     if applied != changes.len() {
         return Err(format!(
@@ -647,17 +597,89 @@ pub(crate) fn rewrite_server_manifest(
     out.push_str("\n],\n\"WAL-Ranges\": [");
     for (i, range) in ranges.iter().enumerate() {
         out.push_str(if i == 0 { "\n" } else { ",\n" });
-        out.push_str(&format!(
-            "{{ \"Timeline\": {}, \"Start-LSN\": {}, \"End-LSN\": {} }}",
-            json(&field(range, "Timeline").ok_or("a WAL range without Timeline")?),
-            json(&field(range, "Start-LSN").ok_or("a WAL range without Start-LSN")?),
-            json(&field(range, "End-LSN").ok_or("a WAL range without End-LSN")?),
-        ));
+        out.push_str(&wal_range_line(range)?);
     }
     out.push_str("\n],\n");
     let sum = hex::encode(Sha256::digest(out.as_bytes()));
     out.push_str(&format!("\"Manifest-Checksum\": \"{sum}\"}}\n"));
     Ok(out.into_bytes())
+}
+
+fn json(v: &serde_json::Value) -> String {
+    serde_json::to_string(v).expect("JSON value")
+}
+
+/// One entry of the `Files` list as PostgreSQL writes it: the server's, or
+/// the stored file's when `changes` lists it (then `true`).
+fn manifest_file_line(
+    file: &serde_json::Value,
+    changes: &HashMap<String, ManifestChange>,
+) -> Result<(String, bool), String> {
+    let field = |k: &str| file.get(k).cloned();
+    let path = match (file.get("Path"), file.get("Encoded-Path")) {
+        (Some(p), _) => p.as_str().unwrap_or_default().to_string(),
+        (None, Some(e)) => {
+            let raw = hex::decode(e.as_str().unwrap_or_default())
+                .map_err(|e| format!("backup_manifest Encoded-Path: {e}"))?;
+            String::from_utf8_lossy(&raw).into_owned()
+        }
+        (None, None) => return Err("backup_manifest lists a file without a path".into()),
+    };
+    let modified = field("Last-Modified").ok_or("a file without Last-Modified")?;
+    let change = changes.get(&path);
+    let (name, size, checksum) = match change {
+        Some(change) => {
+            let checksum = change.crc32c.map(|c| {
+                (
+                    serde_json::Value::from("CRC32C"),
+                    serde_json::Value::from(hex::encode(c.to_le_bytes())),
+                )
+            });
+            (
+                format!("\"Path\": {}", json(&change.path.clone().into())),
+                serde_json::Value::from(change.size),
+                checksum,
+            )
+        }
+        None => {
+            let name = match (file.get("Path"), file.get("Encoded-Path")) {
+                (Some(p), _) => format!("\"Path\": {}", json(p)),
+                (None, Some(e)) => format!("\"Encoded-Path\": {}", json(e)),
+                (None, None) => unreachable!("checked above"),
+            };
+            let checksum = field("Checksum-Algorithm").zip(field("Checksum"));
+            (
+                name,
+                field("Size").ok_or("a file without a size")?,
+                checksum,
+            )
+        }
+    };
+    let mut out = format!(
+        "{{ {name}, \"Size\": {}, \"Last-Modified\": {}",
+        json(&size),
+        json(&modified)
+    );
+    if let Some((algorithm, sum)) = checksum {
+        out.push_str(&format!(
+            ", \"Checksum-Algorithm\": {}, \"Checksum\": {}",
+            json(&algorithm),
+            json(&sum)
+        ));
+    }
+    out.push_str(" }");
+    Ok((out, change.is_some()))
+}
+
+/// One entry of the `WAL-Ranges` list as PostgreSQL writes it.
+fn wal_range_line(range: &serde_json::Value) -> Result<String, String> {
+    let field = |k: &str| range.get(k).cloned();
+    Ok(format!(
+        "{{ \"Timeline\": {}, \"Start-LSN\": {}, \"End-LSN\": {} }}",
+        json(&field("Timeline").ok_or("a WAL range without Timeline")?),
+        json(&field("Start-LSN").ok_or("a WAL range without Start-LSN")?),
+        json(&field("End-LSN").ok_or("a WAL range without End-LSN")?),
+    ))
 }
 
 /// Whether a backup_manifest's `Manifest-Checksum` matches its contents:

@@ -12,6 +12,7 @@ mod beneath;
 mod blocking;
 mod connect;
 mod copy;
+mod entities;
 mod error;
 mod incremental;
 pub mod local_server;
@@ -216,16 +217,8 @@ impl Engine {
             )));
         }
         self.catalog.add_instance(instance)?;
-        self.repo.put_instance(&strata_repo::InstanceRecord {
-            id: instance.id.clone(),
-            host: instance.host.clone(),
-            port: instance.port,
-            user: instance.user.clone(),
-            dbname: instance.dbname.clone(),
-            sslmode: instance.sslmode.to_string(),
-            password_env: instance.password_env.clone(),
-            created_at: instance.created_at,
-        })?;
+        self.repo
+            .put_instance(&entities::instance_record(instance))?;
         Ok(())
     }
 

@@ -3,9 +3,9 @@
 //! source of truth; jobs are operational history and are kept).
 
 use serde::Serialize;
-use strata_catalog::{BackupMode, BackupSet, BackupStatus, CatalogError, Instance};
-use strata_repo::RepoError;
+use strata_catalog::CatalogError;
 
+use crate::entities;
 use crate::segment::record_segment;
 use crate::{Engine, EngineResult};
 
@@ -32,58 +32,17 @@ impl Engine {
             match self.catalog.get_instance(&rec.id) {
                 Ok(_) => {}
                 Err(CatalogError::InstanceNotFound(_)) => {
-                    self.catalog.add_instance(&Instance {
-                        id: rec.id.clone(),
-                        host: rec.host.clone(),
-                        port: rec.port,
-                        user: rec.user.clone(),
-                        password_env: rec.password_env.clone(),
-                        password: None,
-                        dbname: rec.dbname.clone(),
-                        sslmode: rec.sslmode.parse().map_err(|e| RepoError::Corrupt {
-                            object: strata_repo::instance_key(&rec.id),
-                            reason: format!("{e}"),
-                        })?,
-                        sslrootcert: None,
-                        system_identifier: None,
-                        pg_version_num: None,
-                        wal_segment_size: None,
-                        created_at: rec.created_at,
-                    })?;
+                    self.catalog
+                        .add_instance(&entities::instance_from_record(&rec)?)?;
                     report.instances_added += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
             for backup_id in self.repo.list_backups(&rec.id)? {
                 let m = self.repo.read_manifest(&rec.id, &backup_id)?;
-                let inserted = self.catalog.insert_backup(&BackupSet {
-                    id: m.backup_id.clone(),
-                    instance_id: rec.id.clone(),
-                    status: BackupStatus::Success,
-                    // Manifests from before backup modes were recorded have none.
-                    mode: if m.mode.is_empty() {
-                        BackupMode::Manual
-                    } else {
-                        m.mode.parse().map_err(|e| RepoError::Corrupt {
-                            object: strata_repo::manifest_key(&rec.id, &backup_id),
-                            reason: format!("{e}"),
-                        })?
-                    },
-                    started_at: m.start_time,
-                    finished_at: Some(m.stop_time),
-                    start_lsn: Some(m.start_lsn),
-                    stop_lsn: Some(m.stop_lsn),
-                    start_timeline: Some(m.start_timeline),
-                    stop_timeline: Some(m.stop_timeline),
-                    pg_version_num: Some(m.pg_version_num),
-                    total_bytes: m.stats.total_bytes,
-                    new_bytes: m.stats.new_bytes,
-                    dedup_bytes: m.stats.dedup_bytes,
-                    stored_bytes: m.stats.stored_bytes,
-                    file_count: m.stats.file_count,
-                    error: None,
-                    job_id: None,
-                });
+                let inserted = self
+                    .catalog
+                    .insert_backup(&entities::backup_set_from_manifest(&rec.id, &m)?);
                 match inserted {
                     Ok(()) => {}
                     // Sets of two instances that started in the same

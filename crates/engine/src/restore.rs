@@ -186,64 +186,20 @@ impl Engine {
     ) -> EngineResult<RestoreOutcome> {
         let index = match &opts.index {
             Some(index) => index.clone(),
-            None => RestoreIndex {
-                backups: self.catalog.list_backups(instance_id)?,
-                wal: self.catalog.list_wal_segments(instance_id)?,
-                restore_points: self.catalog.list_restore_points(instance_id)?,
-            },
+            None => self.restore_index(instance_id)?,
         };
-        let RestoreIndex {
-            backups,
-            wal,
-            restore_points,
-        } = index;
-        let backups: Vec<BackupSet> = backups
-            .into_iter()
-            .filter(|b| b.status == BackupStatus::Success)
-            .collect();
-        let mut target = opts.target.clone();
-        let backup = choose_backup(
-            instance_id,
-            &backups,
-            &wal,
-            &restore_points,
-            opts.backup_id.as_deref(),
-            &opts.target,
-        )?;
-        progress.message(&format!(
-            "restoring backup {} of {instance_id} to {}, recovering to {}",
-            backup.id,
-            opts.target_dir.display(),
-            opts.target
-        ));
-        let manifest = self.repo.read_manifest(instance_id, &backup.id)?;
-        let geometry = WalGeometry::new(manifest.wal_segment_size)
-            .map_err(|e| EngineError::Failed(format!("backup {}: {e}", backup.id)))?;
-
         // Plan the WAL first: refusing a target must not cost a full restore.
-        let histories = self.load_histories(instance_id)?;
-        let plan = plan_wal(&manifest, geometry, &wal, &histories)?;
-        let wal_end = plan.last().map(|s| s.row.end_lsn).unwrap_or(Lsn::INVALID);
-        if wal_end < manifest.stop_lsn {
-            return Err(EngineError::Refused(format!(
-                "the WAL needed to make backup {} consistent (up to {}) is not in the archive (archived WAL ends at {wal_end})",
-                backup.id, manifest.stop_lsn
-            )));
-        }
-        // WAL archived past the end of the usable run means a hole: a
-        // receiver started after the server had dropped the WAL in between.
-        let gap = wal.iter().any(|w| w.begin_lsn > wal_end).then_some(wal_end);
-        if let RecoveryTarget::Lsn(l) = target {
-            if l > wal_end {
-                return Err(EngineError::Refused(match gap {
-                    Some(g) => format!(
-                        "target LSN {l} lies beyond a gap in the archived WAL at {g}; restore from a backup taken after the gap"
-                    ),
-                    None => format!("target LSN {l} is after the newest archived WAL ({wal_end})"),
-                }));
-            }
-        }
-        if let (Some(g), RecoveryTarget::Latest) = (gap, &target) {
+        let plan = self.plan_restore(instance_id, index, opts, progress)?;
+        let RestorePlan {
+            backup,
+            manifest,
+            geometry,
+            histories,
+            wal: staged_wal,
+            wal_end,
+            gap,
+        } = &plan;
+        if let (Some(g), RecoveryTarget::Latest) = (gap, &opts.target) {
             progress.message(&format!(
                 "warning: the archived WAL after backup {} has a gap at {g}; recovering up to the gap",
                 backup.id
@@ -257,15 +213,15 @@ impl Engine {
         let (materialized, staged) = std::thread::scope(|scope| {
             let wal = scope.spawn(|| {
                 self.stage_wal(
-                    &plan,
-                    &histories,
-                    geometry,
+                    staged_wal,
+                    histories,
+                    *geometry,
                     &opts.target_dir,
-                    &target,
-                    &manifest,
+                    &opts.target,
+                    manifest,
                 )
             });
-            let files = self.materialize(&manifest, &opts.target_dir, progress);
+            let files = self.materialize(manifest, &opts.target_dir, progress);
             let staged = wal
                 .join()
                 .unwrap_or_else(|_| Err(EngineError::Failed("staging the WAL panicked".into())));
@@ -277,23 +233,11 @@ impl Engine {
         job.state = JobState::Checking;
         job.progress = 90;
         self.catalog.update_job(job)?;
-        target = confirm_target(target, &found, &manifest, gap)?;
+        let target = confirm_target(opts.target.clone(), &found, manifest, *gap)?;
 
         let neutralized =
             write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
-        let os_user = self.os_user();
-        if let Some(user) = &os_user {
-            chown_tree(&opts.target_dir, user)?;
-            for ts in &manifest.tablespaces {
-                chown_tree(&tablespace_dir(&opts.target_dir, ts.oid), user)?;
-            }
-        }
-        // One sync for everything written (files, WAL, settings), so the
-        // restore is durable when it returns, started or not.
-        sync_filesystem(&opts.target_dir)?;
-        for ts in &manifest.tablespaces {
-            sync_filesystem(&tablespace_dir(&opts.target_dir, ts.oid))?;
-        }
+        self.hand_over(&opts.target_dir, manifest)?;
 
         let mut outcome = RestoreOutcome {
             backup_id: backup.id.clone(),
@@ -301,28 +245,122 @@ impl Engine {
             target: target.to_string(),
             files,
             bytes,
-            wal_segments: plan.len() as u64,
-            wal_end,
+            wal_segments: staged_wal.len() as u64,
+            wal_end: *wal_end,
             started_port: None,
             recovery_stop: None,
             neutralized,
         };
         if let Some(start) = &opts.start {
-            let major = manifest.pg_version_num / 10000;
-            let bin = self.pg_bin_dir(major)?;
-            progress.message(&format!(
-                "starting PostgreSQL {major} on port {} and waiting for recovery",
-                start.port
-            ));
-            let server = LocalServer {
-                bin,
-                data_dir: opts.target_dir.clone(),
-                os_user: os_user.clone(),
-            };
-            outcome.recovery_stop = self.start_and_wait(&server, major, start, &target)?;
+            outcome.recovery_stop =
+                self.start_restored(manifest, &opts.target_dir, start, &target, progress)?;
             outcome.started_port = Some(start.port);
         }
         Ok(outcome)
+    }
+
+    /// The backup sets, WAL and restore points of `instance_id` in the catalog.
+    fn restore_index(&self, instance_id: &str) -> EngineResult<RestoreIndex> {
+        Ok(RestoreIndex {
+            backups: self.catalog.list_backups(instance_id)?,
+            wal: self.catalog.list_wal_segments(instance_id)?,
+            restore_points: self.catalog.list_restore_points(instance_id)?,
+        })
+    }
+
+    /// Chooses the backup for the target and the WAL to stage from `index`,
+    /// reading the backup's manifest and the timeline histories from the
+    /// repository; refuses a target the archived WAL cannot reach before
+    /// anything is written.
+    fn plan_restore(
+        &self,
+        instance_id: &str,
+        index: RestoreIndex,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+    ) -> EngineResult<RestorePlan> {
+        let RestoreIndex {
+            backups,
+            wal,
+            restore_points,
+        } = index;
+        let backups: Vec<BackupSet> = backups
+            .into_iter()
+            .filter(|b| b.status == BackupStatus::Success)
+            .collect();
+        let backup = choose_backup(
+            instance_id,
+            &backups,
+            &wal,
+            &restore_points,
+            opts.backup_id.as_deref(),
+            &opts.target,
+        )?
+        .clone();
+        progress.message(&format!(
+            "restoring backup {} of {instance_id} to {}, recovering to {}",
+            backup.id,
+            opts.target_dir.display(),
+            opts.target
+        ));
+        let manifest = self.repo.read_manifest(instance_id, &backup.id)?;
+        let geometry = WalGeometry::new(manifest.wal_segment_size)
+            .map_err(|e| EngineError::Failed(format!("backup {}: {e}", backup.id)))?;
+        let histories = self.load_histories(instance_id)?;
+        let staged = plan_wal(&manifest, geometry, &wal, &histories)?;
+        let wal_end = staged.last().map(|s| s.row.end_lsn).unwrap_or(Lsn::INVALID);
+        let gap = check_wal_reach(&manifest, &wal, wal_end, &opts.target)?;
+        Ok(RestorePlan {
+            backup,
+            manifest,
+            geometry,
+            histories,
+            wal: staged,
+            wal_end,
+            gap,
+        })
+    }
+
+    /// Gives the restored directories to the OS user the server runs as
+    /// and makes everything written durable.
+    fn hand_over(&self, target_dir: &Path, manifest: &BackupManifest) -> EngineResult<()> {
+        if let Some(user) = &self.os_user() {
+            chown_tree(target_dir, user)?;
+            for ts in &manifest.tablespaces {
+                chown_tree(&tablespace_dir(target_dir, ts.oid), user)?;
+            }
+        }
+        // One sync for everything written (files, WAL, settings), so the
+        // restore is durable when it returns, started or not.
+        sync_filesystem(target_dir)?;
+        for ts in &manifest.tablespaces {
+            sync_filesystem(&tablespace_dir(target_dir, ts.oid))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the restored server and waits until recovery reached
+    /// `target`; returns the server's line saying where it stopped.
+    fn start_restored(
+        &self,
+        manifest: &BackupManifest,
+        target_dir: &Path,
+        start: &StartOptions,
+        target: &RecoveryTarget,
+        progress: &dyn Progress,
+    ) -> EngineResult<Option<String>> {
+        let major = manifest.pg_version_num / 10000;
+        let bin = self.pg_bin_dir(major)?;
+        progress.message(&format!(
+            "starting PostgreSQL {major} on port {} and waiting for recovery",
+            start.port
+        ));
+        let server = LocalServer {
+            bin,
+            data_dir: target_dir.to_path_buf(),
+            os_user: self.os_user(),
+        };
+        self.start_and_wait(&server, major, start, target)
     }
 
     /// The OS user owning restored directories: configured, or `postgres`
@@ -400,31 +438,42 @@ impl Engine {
             root.create_dir_all(&f.path, f.mode & DIR_MODE_MASK)
                 .map_err(EngineError::io(format!("creating {}", shown.display())))?;
         }
-        // Tablespace links point at the restored tablespace, never at the
-        // target recorded in the manifest (the source's location, or
-        // anything a forger wrote).
         for f in manifest
             .files
             .iter()
             .filter(|f| f.kind == FileKind::Symlink)
         {
-            let oid = strata_repo::paths::tablespace_link_oid(&f.path).ok_or_else(|| {
-                EngineError::Refused(format!("link {:?} is not a tablespace link", f.path))
-            })?;
+            let to = tablespace_link(f, target)?;
             let (root, shown) = roots.place(f)?;
-            root.symlink(&f.path, &tablespace_dir(target, oid))
-                .map_err(EngineError::io(format!(
-                    "creating link {}",
-                    shown.display()
-                )))?;
+            root.symlink(&f.path, &to).map_err(EngineError::io(format!(
+                "creating link {}",
+                shown.display()
+            )))?;
         }
-        let mut files: Vec<&FileEntry> = manifest
-            .all_files()
-            .filter(|f| f.kind == FileKind::File)
-            .collect();
-        // Largest first, so no thread is left alone with a big file at the end.
-        files.sort_by_key(|f| std::cmp::Reverse(f.size));
+        let files = write_order(manifest);
         let total: u64 = files.iter().map(|f| f.size).sum();
+        self.write_files(&files, &roots, total, progress)?;
+        progress.update("restore", total, Some(total));
+        if let Some(map) = tablespace_map(manifest, target) {
+            let mut out = roots
+                .main
+                .create_file("tablespace_map")
+                .map_err(EngineError::io("writing tablespace_map"))?;
+            out.write_all(map.as_bytes())
+                .map_err(EngineError::io("writing tablespace_map"))?;
+        }
+        Ok((files.len() as u64, total))
+    }
+
+    /// Writes `files` on `restore_parallelism` threads; the first error
+    /// stops them all and is returned.
+    fn write_files(
+        &self,
+        files: &[&FileEntry],
+        roots: &RestoreRoots,
+        total: u64,
+        progress: &dyn Progress,
+    ) -> EngineResult<()> {
         let next = AtomicUsize::new(0);
         let written = AtomicU64::new(0);
         let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
@@ -456,24 +505,10 @@ impl Engine {
                 });
             }
         });
-        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        progress.update("restore", total, Some(total));
-        if !manifest.tablespaces.is_empty() {
-            let map: String = manifest
-                .tablespaces
-                .iter()
-                .map(|ts| format!("{} {}\n", ts.oid, tablespace_dir(target, ts.oid).display()))
-                .collect();
-            let mut out = roots
-                .main
-                .create_file("tablespace_map")
-                .map_err(EngineError::io("writing tablespace_map"))?;
-            out.write_all(map.as_bytes())
-                .map_err(EngineError::io("writing tablespace_map"))?;
-        }
-        Ok((files.len() as u64, total))
     }
 
     /// Writes one file beneath `root`; `shown` names it in errors.
@@ -820,24 +855,96 @@ pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
     Ok(())
 }
 
-/// Picks the backup to restore for `target` and checks the target lies in
-/// the recoverable window as far as the catalog can tell.
-fn choose_backup<'a>(
-    instance_id: &str,
-    backups: &'a [BackupSet],
+/// The regular files of a backup (the server's backup_manifest included),
+/// largest first, so no thread is left alone with a big file at the end.
+fn write_order(manifest: &BackupManifest) -> Vec<&FileEntry> {
+    let mut files: Vec<&FileEntry> = manifest
+        .all_files()
+        .filter(|f| f.kind == FileKind::File)
+        .collect();
+    files.sort_by_key(|f| std::cmp::Reverse(f.size));
+    files
+}
+
+/// Where a tablespace link of the backup points in the restore: at the
+/// restored tablespace, never at the target recorded in the manifest (the
+/// source's location, or anything a forger wrote).
+fn tablespace_link(f: &FileEntry, target: &Path) -> EngineResult<PathBuf> {
+    let oid = strata_repo::paths::tablespace_link_oid(&f.path).ok_or_else(|| {
+        EngineError::Refused(format!("link {:?} is not a tablespace link", f.path))
+    })?;
+    Ok(tablespace_dir(target, oid))
+}
+
+/// The tablespace_map a restore writes (each tablespace at its restored
+/// directory), or `None` for a backup without tablespaces.
+fn tablespace_map(manifest: &BackupManifest, target: &Path) -> Option<String> {
+    if manifest.tablespaces.is_empty() {
+        return None;
+    }
+    Some(
+        manifest
+            .tablespaces
+            .iter()
+            .map(|ts| format!("{} {}\n", ts.oid, tablespace_dir(target, ts.oid).display()))
+            .collect(),
+    )
+}
+
+/// What a restore reads, decided before anything is written.
+struct RestorePlan {
+    backup: BackupSet,
+    manifest: BackupManifest,
+    geometry: WalGeometry,
+    histories: BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
+    /// The WAL objects staged, in order.
+    wal: Vec<StagedSegment>,
+    /// The end of the staged WAL.
+    wal_end: Lsn,
+    /// Where the archived WAL has a hole (WAL archived past `wal_end`).
+    gap: Option<Lsn>,
+}
+
+/// Refuses a restore whose staged WAL (ending at `wal_end`) cannot make the
+/// backup consistent or reach an LSN target; returns where the archived WAL
+/// has a gap, if it has one.
+fn check_wal_reach(
+    manifest: &BackupManifest,
     wal: &[WalSegmentRow],
-    restore_points: &[strata_catalog::RestorePointRow],
-    backup_id: Option<&str>,
+    wal_end: Lsn,
     target: &RecoveryTarget,
-) -> EngineResult<&'a BackupSet> {
-    if backups.is_empty() {
+) -> EngineResult<Option<Lsn>> {
+    if wal_end < manifest.stop_lsn {
         return Err(EngineError::Refused(format!(
-            "instance {instance_id} has no successful backup to restore"
+            "the WAL needed to make backup {} consistent (up to {}) is not in the archive (archived WAL ends at {wal_end})",
+            manifest.backup_id, manifest.stop_lsn
         )));
     }
-    let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
-    let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
-    let (limit_lsn, limit_time): (Option<Lsn>, Option<DateTime<Utc>>) = match target {
+    // WAL archived past the end of the usable run means a hole: a
+    // receiver started after the server had dropped the WAL in between.
+    let gap = wal.iter().any(|w| w.begin_lsn > wal_end).then_some(wal_end);
+    if let RecoveryTarget::Lsn(l) = target {
+        if *l > wal_end {
+            return Err(EngineError::Refused(match gap {
+                Some(g) => format!(
+                    "target LSN {l} lies beyond a gap in the archived WAL at {g}; restore from a backup taken after the gap"
+                ),
+                None => format!("target LSN {l} is after the newest archived WAL ({wal_end})"),
+            }));
+        }
+    }
+    Ok(gap)
+}
+
+/// The latest backup end a target allows, as an LSN or a time (`None`:
+/// any), as far as the catalog's WAL rows and restore points tell.
+fn target_limit(
+    instance_id: &str,
+    wal: &[WalSegmentRow],
+    restore_points: &[strata_catalog::RestorePointRow],
+    target: &RecoveryTarget,
+) -> EngineResult<(Option<Lsn>, Option<DateTime<Utc>>)> {
+    Ok(match target {
         RecoveryTarget::Latest | RecoveryTarget::Immediate => (None, None),
         RecoveryTarget::Time(t) => {
             let newest = wal.iter().map(|w| w.stored_at).max();
@@ -886,7 +993,27 @@ fn choose_backup<'a>(
                 })?;
             (Some(seg.end_lsn), None)
         }
-    };
+    })
+}
+
+/// Picks the backup to restore for `target` and checks the target lies in
+/// the recoverable window as far as the catalog can tell.
+fn choose_backup<'a>(
+    instance_id: &str,
+    backups: &'a [BackupSet],
+    wal: &[WalSegmentRow],
+    restore_points: &[strata_catalog::RestorePointRow],
+    backup_id: Option<&str>,
+    target: &RecoveryTarget,
+) -> EngineResult<&'a BackupSet> {
+    if backups.is_empty() {
+        return Err(EngineError::Refused(format!(
+            "instance {instance_id} has no successful backup to restore"
+        )));
+    }
+    let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
+    let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
+    let (limit_lsn, limit_time) = target_limit(instance_id, wal, restore_points, target)?;
     let fits = |b: &BackupSet| {
         limit_lsn.is_none_or(|l| stop(b) <= l) && limit_time.is_none_or(|t| done(b) <= t)
     };
@@ -1425,6 +1552,233 @@ mod tests {
         assert_eq!(
             staged(&rows, &histories),
             [(1, 1, false), (2, 2, false), (2, 3, false)]
+        );
+    }
+
+    /// An engine over a catalog and a repository in memory that holds
+    /// `manifest` (of instance `i`) and a history for each of `histories`.
+    fn engine_with(manifest: &BackupManifest, histories: &[(u32, &str)]) -> Engine {
+        let repo = strata_repo::Repository::open_or_init(std::sync::Arc::new(
+            strata_repo::MemoryStorage::new(),
+        ))
+        .unwrap();
+        repo.commit_manifest(manifest).unwrap();
+        for (tli, text) in histories {
+            repo.put_history("i", TimelineId(*tli), text.as_bytes())
+                .unwrap();
+        }
+        let catalog = strata_catalog::SqliteCatalog::open_in_memory().unwrap();
+        Engine::new(
+            std::sync::Arc::new(catalog),
+            repo,
+            crate::EngineSettings::default(),
+        )
+    }
+
+    fn options(target: RecoveryTarget) -> RestoreOptions {
+        RestoreOptions {
+            target_dir: PathBuf::from("/restore/here"),
+            backup_id: None,
+            target,
+            start: None,
+            job_id: None,
+            index: None,
+        }
+    }
+
+    /// Segment `seg` (16 MiB segments) of timeline `tli` as the catalog lists it.
+    fn segment(tli: u32, seg: u64, partial: bool) -> WalSegmentRow {
+        let g = WalGeometry::new(16 << 20).unwrap();
+        let mut w = wal(20, seg << 24, (seg + 1) << 24, None);
+        w.timeline = TimelineId(tli);
+        w.segment = g.segment_file_name(TimelineId(tli), SegmentNo(seg));
+        w.partial = partial;
+        w
+    }
+
+    /// The plan a restore makes from the repository and the catalog rows,
+    /// before writing anything: the backup, the WAL objects in order (along
+    /// the newest timeline, from the history stored in the repository), the
+    /// WAL's end and the gap after it.
+    #[test]
+    fn a_restore_plans_its_backup_and_wal_from_the_repository() {
+        let manifest = manifest("0/1000028", "0/1000100");
+        let engine = engine_with(&manifest, &[(2, "1\t0/2000100\tno reason\n")]);
+        let mut b = set("b", 20, 0x100_0100);
+        b.start_lsn = Some(Lsn(0x100_0028));
+        let index = RestoreIndex {
+            backups: vec![b],
+            wal: vec![
+                segment(1, 1, false),
+                segment(1, 2, false),
+                segment(2, 2, false),
+                segment(2, 3, true),
+                // After a hole: archived, but recovery cannot reach it.
+                segment(2, 5, false),
+            ],
+            restore_points: Vec::new(),
+        };
+        let plan = engine
+            .plan_restore(
+                "i",
+                index.clone(),
+                &options(RecoveryTarget::Latest),
+                &crate::NoProgress,
+            )
+            .unwrap();
+        assert_eq!(plan.backup.id, "b");
+        assert_eq!(plan.manifest.backup_id, "b");
+        let staged: Vec<_> = plan
+            .wal
+            .iter()
+            .map(|s| (s.row.timeline.0, s.segno.0, s.row.partial))
+            .collect();
+        assert_eq!(staged, [(1, 1, false), (2, 2, false), (2, 3, true)]);
+        assert_eq!(plan.wal_end, Lsn(4 << 24));
+        assert_eq!(plan.gap, Some(Lsn(4 << 24)));
+        assert_eq!(
+            plan.histories.keys().copied().collect::<Vec<_>>(),
+            [TimelineId(2)]
+        );
+
+        // An LSN past the hole is refused before anything is written.
+        let err = engine
+            .plan_restore(
+                "i",
+                index.clone(),
+                &options(RecoveryTarget::Lsn(Lsn(5 << 24))),
+                &crate::NoProgress,
+            )
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("lies beyond a gap in the archived WAL at 0/4000000"),
+            "{err}"
+        );
+
+        // A failed set is never chosen, even when asked for by id.
+        let mut failed = index;
+        failed.backups[0].status = BackupStatus::Failed;
+        let err = engine
+            .plan_restore(
+                "i",
+                failed,
+                &options(RecoveryTarget::Latest),
+                &crate::NoProgress,
+            )
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("has no successful backup"), "{err}");
+    }
+
+    #[test]
+    fn how_far_the_staged_wal_must_reach() {
+        let manifest = manifest("0/1000028", "0/1000100");
+        let rows = [segment(1, 1, false), segment(1, 3, false)];
+        let end = Lsn(2 << 24);
+        for (wal_end, rows, target, expected) in [
+            // Not even to the backup's end: refused whatever the target.
+            (
+                Lsn(0x100_0080),
+                &rows[..1],
+                RecoveryTarget::Immediate,
+                Err("consistent (up to 0/1000100) is not in the archive (archived WAL ends at 0/1000080)"),
+            ),
+            (end, &rows[..1], RecoveryTarget::Latest, Ok(None)),
+            (end, &rows[..], RecoveryTarget::Latest, Ok(Some(end))),
+            (end, &rows[..1], RecoveryTarget::Lsn(end), Ok(None)),
+            (
+                end,
+                &rows[..1],
+                RecoveryTarget::Lsn(Lsn(end.0 + 1)),
+                Err("target LSN 0/2000001 is after the newest archived WAL (0/2000000)"),
+            ),
+            (
+                end,
+                &rows[..],
+                RecoveryTarget::Lsn(Lsn(end.0 + 1)),
+                Err("lies beyond a gap in the archived WAL at 0/2000000"),
+            ),
+            // Other targets are checked against the decoded WAL later.
+            (end, &rows[..], RecoveryTarget::Xid(5), Ok(Some(end))),
+        ] {
+            let got = check_wal_reach(&manifest, rows, wal_end, &target).map_err(|e| e.to_string());
+            match (got, expected) {
+                (Ok(gap), Ok(want)) => assert_eq!(gap, want, "{target}"),
+                (Err(e), Err(want)) => assert!(e.contains(want), "{target}: {e}"),
+                (got, want) => panic!("{target}: {got:?}, expected {want:?}"),
+            }
+        }
+    }
+
+    /// Which files a restore writes, in which order, and where its
+    /// tablespaces go: beside the target, never where the source had them.
+    #[test]
+    fn files_and_tablespaces_a_restore_writes() {
+        let mut m = manifest("0/1000028", "0/1000100");
+        let entry = |ts: Option<u32>, path: &str, kind: FileKind, size: u64| FileEntry {
+            tablespace: ts,
+            path: path.into(),
+            kind,
+            mode: 0o600,
+            size,
+            mtime: 0,
+            link_target: (kind == FileKind::Symlink).then(|| "/srv/source/ts".to_string()),
+            crc32c: None,
+            blocks: Vec::new(),
+        };
+        m.files = vec![
+            entry(None, "base", FileKind::Dir, 0),
+            entry(None, "PG_VERSION", FileKind::File, 3),
+            entry(None, "base/5/1259", FileKind::File, 900),
+            entry(None, "pg_tblspc/16384", FileKind::Symlink, 0),
+            entry(Some(16384), "PG_15_202209061/5/16385", FileKind::File, 5000),
+            entry(None, "base/5/16390", FileKind::File, 0),
+        ];
+        m.server_manifest = Some(entry(None, "backup_manifest", FileKind::File, 1200));
+        let order: Vec<_> = write_order(&m)
+            .iter()
+            .map(|f| (f.tablespace, f.path.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (Some(16384), "PG_15_202209061/5/16385"),
+                (None, "backup_manifest"),
+                (None, "base/5/1259"),
+                (None, "PG_VERSION"),
+                (None, "base/5/16390"),
+            ]
+        );
+
+        let target = Path::new("/restore/here");
+        assert_eq!(tablespace_map(&m, target), None);
+        m.tablespaces = vec![
+            strata_repo::TablespaceEntry {
+                oid: 16384,
+                location: "/srv/source/ts".into(),
+            },
+            strata_repo::TablespaceEntry {
+                oid: 16390,
+                location: "/srv/source/ts2".into(),
+            },
+        ];
+        assert_eq!(
+            tablespace_map(&m, target).as_deref(),
+            Some("16384 /restore/here.tblspc/16384\n16390 /restore/here.tblspc/16390\n")
+        );
+        assert_eq!(
+            tablespace_link(&m.files[3], target).unwrap(),
+            PathBuf::from("/restore/here.tblspc/16384")
+        );
+        let err = tablespace_link(&entry(None, "base/evil", FileKind::Symlink, 0), target)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"base/evil\" is not a tablespace link"),
+            "{err}"
         );
     }
 }

@@ -9,9 +9,9 @@
 use chrono::{DateTime, Utc};
 use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
-use strata_catalog::{RestorePointRow, WalSegmentRow};
 use strata_repo::{RestorePointInfo, WalSegmentMeta};
 
+use crate::entities;
 use crate::wal_uploader::{PartialUpload, SegmentUpload, UploadQueue};
 use crate::{Engine, EngineError, EngineResult};
 
@@ -191,34 +191,12 @@ pub fn record_segment(
     object_key: String,
 ) -> EngineResult<()> {
     let catalog = &engine.catalog;
-    catalog.upsert_wal_segment(&WalSegmentRow {
-        instance_id: instance_id.to_string(),
-        timeline: meta.timeline,
-        segment: meta.segment.clone(),
-        partial: meta.partial,
-        begin_lsn: meta.begin_lsn,
-        end_lsn: meta.end_lsn,
-        size: meta.end_lsn - meta.begin_lsn,
-        checksum: meta.checksum.clone(),
-        first_commit: meta.first_commit,
-        last_commit: meta.last_commit,
-        commit_count: meta.commit_count,
-        min_commit_xid: meta.min_commit_xid,
-        max_commit_xid: meta.max_commit_xid,
-        object_key,
-        stored_at: meta.stored_at,
-    })?;
+    catalog.upsert_wal_segment(&entities::wal_segment_row(instance_id, meta, object_key))?;
     if !meta.partial {
         catalog.delete_wal_segment(instance_id, meta.timeline, &meta.segment, true)?;
     }
-    for rp in &meta.restore_points {
-        catalog.upsert_restore_point(&RestorePointRow {
-            instance_id: instance_id.to_string(),
-            timeline: meta.timeline,
-            name: rp.name.clone(),
-            lsn: rp.lsn,
-            time: rp.time,
-        })?;
+    for row in entities::restore_point_rows(instance_id, meta) {
+        catalog.upsert_restore_point(&row)?;
     }
     Ok(())
 }

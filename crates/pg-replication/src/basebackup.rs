@@ -39,6 +39,7 @@ pub struct TablespaceInfo {
 /// Options of BASE_BACKUP. WAL is never included: Strata streams it separately.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseBackupOptions {
+    /// Backup label (`LABEL`), recorded in `backup_label`.
     pub label: String,
     /// Request an immediate checkpoint instead of a spread one.
     pub fast_checkpoint: bool,
@@ -70,19 +71,29 @@ impl Default for BaseBackupOptions {
     }
 }
 
+/// What a tar member is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TarEntryKind {
+    /// A regular file.
     File,
+    /// A directory.
     Directory,
-    Symlink { target: String },
+    /// A symbolic link.
+    Symlink {
+        /// Where the link points.
+        target: String,
+    },
 }
 
 /// A member of a tablespace archive. `path` is relative to the tablespace root, without a
 /// trailing slash for directories.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TarEntry {
+    /// Member path.
     pub path: String,
+    /// File, directory or link.
     pub kind: TarEntryKind,
+    /// Permission bits (`st_mode & 07777`).
     pub mode: u32,
     /// Content length; 0 for directories and symlinks.
     pub size: u64,
@@ -90,12 +101,16 @@ pub struct TarEntry {
     pub mtime: i64,
 }
 
+/// What a running base backup yields, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BaseBackupEvent {
     /// A new archive: `base.tar` for the data directory or `<oid>.tar` for a tablespace.
     ArchiveStart {
+        /// Archive name as the server sends it.
         name: String,
+        /// OID of the tablespace; `None` for the data directory.
         tablespace_oid: Option<u32>,
+        /// Tablespace location on the server.
         location: Option<String>,
     },
     /// A new member of the current archive; for files, `Data` events totalling exactly `size`
@@ -103,16 +118,20 @@ pub enum BaseBackupEvent {
     Entry(TarEntry),
     /// Next chunk (at most 1 MiB) of the current file's contents.
     Data(Bytes),
+    /// The current archive is complete.
     ArchiveEnd,
     /// Bytes sent so far by the server (compare with [`BaseBackup::total_size_bytes`]).
     Progress {
+        /// Bytes sent so far.
         bytes_done: u64,
     },
     /// Next chunk of the `backup_manifest` JSON.
     Manifest(Bytes),
     /// The backup is complete; WAL up to `end_lsn` is needed to make it consistent.
     Finished {
+        /// WAL position the restore must replay to.
         end_lsn: Lsn,
+        /// Timeline of `end_lsn`.
         end_timeline: TimelineId,
     },
 }
@@ -314,6 +333,7 @@ impl BaseBackup<'_> {
         self.start_lsn
     }
 
+    /// Timeline the backup started on.
     pub fn start_timeline(&self) -> TimelineId {
         self.start_timeline
     }

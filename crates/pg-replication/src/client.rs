@@ -23,6 +23,7 @@ use crate::{ConnectOptions, Lsn, ReplicationError, SslMode, TimelineId};
 pub struct SystemIdentity {
     /// The cluster's database system identifier (`pg_control_system().system_identifier`).
     pub system_id: u64,
+    /// The server's current timeline.
     pub timeline: TimelineId,
     /// Current WAL flush location (on a standby: replay location).
     pub xlogpos: Lsn,
@@ -332,6 +333,7 @@ impl ReplicationClient {
         self.server_version_num
     }
 
+    /// True when the connection is encrypted with TLS.
     pub fn is_tls(&self) -> bool {
         self.conn.is_tls()
     }
@@ -426,6 +428,7 @@ impl ReplicationClient {
         Ok(rows.remove(0))
     }
 
+    /// `IDENTIFY_SYSTEM`: the cluster's identity, timeline and WAL position.
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
         const WHAT: &str = "IDENTIFY_SYSTEM";
         let row = self.single_row(WHAT).await?;

@@ -8,25 +8,36 @@ use std::fmt;
 /// Everything that can go wrong talking to a walsender.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
+    /// The socket failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// TLS could not be set up or verified.
     #[error("TLS error: {0}")]
     Tls(String),
+    /// The server sent something the protocol does not allow here.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server asked for an authentication method this client does not speak.
     #[error("unsupported authentication: {0}")]
     UnsupportedAuth(String),
+    /// The server lacks something Strata needs (version, setting, feature).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The server did not accept the connection within the connect timeout.
     #[error("timed out connecting to the server")]
     ConnectTimeout,
+    /// An ErrorResponse from the server.
     #[error("{}", ServerDisplay { severity, code, message, detail, hint })]
     Server {
+        /// `FATAL`, `ERROR`…
         severity: String,
         /// SQLSTATE, e.g. `28P01`.
         code: String,
+        /// The primary message.
         message: String,
+        /// The `DETAIL` line, if any.
         detail: Option<String>,
+        /// The `HINT` line, if any.
         hint: Option<String>,
     },
 }

@@ -12,6 +12,8 @@
 //! src/backend/replication/walsender.c, src/backend/backup/basebackup.c and basebackup_copy.c,
 //! src/bin/pg_basebackup/pg_basebackup.c and receivelog.c.
 
+#![warn(missing_docs)]
+
 mod basebackup;
 mod client;
 mod conn;

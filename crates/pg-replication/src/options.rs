@@ -26,6 +26,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
+    /// The spelling libpq uses.
     pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
@@ -71,14 +72,21 @@ impl FromStr for SslMode {
 /// connection is not bound to a database.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
+    /// Host name or address.
     pub host: String,
+    /// TCP port.
     pub port: u16,
+    /// Role to log in as.
     pub user: String,
+    /// Password, when the server asks for one.
     pub password: Option<String>,
+    /// Database named in the startup packet.
     pub dbname: Option<String>,
+    /// TLS mode.
     pub sslmode: SslMode,
     /// PEM file of trusted CA certificates (libpq's `sslrootcert`).
     pub sslrootcert: Option<PathBuf>,
+    /// `application_name` the server shows in `pg_stat_replication`.
     pub application_name: String,
     /// Bound on TCP connect, TLS handshake and authentication together.
     pub connect_timeout: Duration,

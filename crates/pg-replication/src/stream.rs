@@ -16,22 +16,30 @@ use crate::{Lsn, ReplicationClient, ReplicationError, TimelineId};
 /// Seconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01 00:00:00 UTC.
 const PG_EPOCH_OFFSET_SECS: i64 = 946_684_800;
 
+/// A message of the COPY BOTH stream of START_REPLICATION.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicationMessage {
     /// WAL bytes starting at `start`.
     XLogData {
+        /// WAL position of the first byte of `data`.
         start: Lsn,
+        /// The server's current end of WAL.
         server_wal_end: Lsn,
+        /// The WAL bytes.
         data: Bytes,
     },
     /// The server is alive; with `reply_requested` it wants a status update now.
     Keepalive {
+        /// The server's current end of WAL.
         server_wal_end: Lsn,
+        /// True when the server wants a status update now.
         reply_requested: bool,
     },
     /// The requested timeline ended on the server; continue on `next_timeline` at `next_start`.
     EndOfTimeline {
+        /// The timeline that follows.
         next_timeline: TimelineId,
+        /// Where it starts.
         next_start: Lsn,
     },
 }

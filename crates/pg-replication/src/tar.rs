@@ -105,6 +105,7 @@ impl Default for TarReader {
 }
 
 impl TarReader {
+    /// A reader at the start of an archive.
     pub fn new() -> Self {
         TarReader {
             state: State::Header,

@@ -47,6 +47,7 @@ impl WalGeometry {
         segment_size: 16 * 1024 * 1024,
     };
 
+    /// The geometry of a server with segments of `segment_size` bytes; refuses sizes PostgreSQL cannot have.
     pub fn new(segment_size: u64) -> Result<Self, WalError> {
         if segment_size.is_power_of_two()
             && (MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&segment_size)
@@ -57,18 +58,22 @@ impl WalGeometry {
         }
     }
 
+    /// Segment size in bytes.
     pub fn segment_size(&self) -> u64 {
         self.segment_size
     }
 
+    /// The segment holding `lsn`.
     pub fn segment_of(&self, lsn: Lsn) -> SegmentNo {
         SegmentNo(lsn.0 / self.segment_size)
     }
 
+    /// First LSN of segment `seg`.
     pub fn segment_start(&self, seg: SegmentNo) -> Lsn {
         Lsn(seg.0 * self.segment_size)
     }
 
+    /// Offset of `lsn` within its segment.
     pub fn offset_in_segment(&self, lsn: Lsn) -> u64 {
         lsn.0 & (self.segment_size - 1)
     }
@@ -111,6 +116,7 @@ pub fn history_file_name(tli: TimelineId) -> String {
     format!("{:08X}.history", tli.0)
 }
 
+/// The timeline of a history file name (`00000002.history`); `None` for any other name.
 pub fn parse_history_file_name(name: &str) -> Option<TimelineId> {
     let hex = name.strip_suffix(".history")?;
     if hex.len() != 8 || !hex.bytes().all(is_upper_hex) {

@@ -8,14 +8,18 @@
 
 use crate::{Lsn, TimelineId, WalError};
 
+/// One line of a timeline history file: an ancestor timeline and where it was left.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimelineHistoryEntry {
+    /// The ancestor timeline.
     pub timeline: TimelineId,
     /// First LSN that is no longer on `timeline`.
     pub switchpoint: Lsn,
+    /// Why the switch happened, as PostgreSQL wrote it (e.g. "no recovery target specified").
     pub reason: String,
 }
 
+/// A timeline history file (`NNNNNNNN.history`): how a timeline descends from its ancestors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimelineHistory {
     /// The timeline this history file belongs to (the newest one).
@@ -25,6 +29,7 @@ pub struct TimelineHistory {
 }
 
 impl TimelineHistory {
+    /// Parses the history file of timeline `tli` (PostgreSQL's `readTimeLineHistory`).
     pub fn parse(tli: TimelineId, text: &str) -> Result<Self, WalError> {
         let mut entries: Vec<TimelineHistoryEntry> = Vec::new();
         for (index, raw) in text.lines().enumerate() {

@@ -9,6 +9,8 @@
 //! Nothing is process-global: the WAL segment size travels as a [`WalGeometry`] value so
 //! instances with different `wal_segment_size` settings can share one process.
 
+#![warn(missing_docs)]
+
 pub mod decode;
 mod error;
 mod geometry;

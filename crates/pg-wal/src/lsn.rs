@@ -18,6 +18,7 @@ impl Lsn {
     /// `InvalidXLogRecPtr`: PostgreSQL never writes WAL at position zero.
     pub const INVALID: Lsn = Lsn(0);
 
+    /// False for `InvalidXLogRecPtr` (zero).
     pub fn is_valid(self) -> bool {
         self != Lsn::INVALID
     }

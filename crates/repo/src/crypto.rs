@@ -25,8 +25,11 @@ use zeroize::Zeroizing;
 
 use crate::{Hasher, RepoError, RepoResult};
 
+/// The AEAD that seals objects and blocks of an encrypted repository.
 pub const CIPHER_NAME: &str = "xchacha20-poly1305";
+/// Nonce bytes at the start of every sealed message (random per message).
 pub const NONCE_LEN: usize = 24;
+/// Authentication tag bytes at the end of every sealed message.
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed message has beyond its plaintext.
 pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
@@ -48,6 +51,7 @@ const ARGON2_P_COST: u32 = 1;
 pub enum KeySource {
     /// A file of at least 32 bytes (e.g. `openssl rand -hex 32 > key`).
     KeyFile(PathBuf),
+    /// A passphrase, stretched with Argon2id.
     Passphrase(Zeroizing<String>),
 }
 
@@ -93,14 +97,18 @@ pub struct EncryptionConfig {
     pub wrapped_key: String,
 }
 
+/// How a passphrase is stretched into the key that unwraps the data key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct KdfParams {
     /// `argon2id` (version 0x13).
     pub algorithm: String,
     /// Hex, 16 random bytes.
     pub salt: String,
+    /// Argon2 memory cost, KiB.
     pub m_cost_kib: u32,
+    /// Argon2 passes.
     pub t_cost: u32,
+    /// Argon2 lanes.
     pub p_cost: u32,
 }
 
@@ -117,6 +125,7 @@ impl Cipher {
         }
     }
 
+    /// Encrypts and authenticates `plaintext` bound to `aad` (a random nonce first, the tag last).
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> RepoResult<Vec<u8>> {
         let nonce: [u8; NONCE_LEN] = rand::random();
         let sealed = self
@@ -249,6 +258,7 @@ impl Keys {
         wrap(source, repository_id, data_key)
     }
 
+    /// True when the repository's objects are sealed.
     pub fn is_encrypted(&self) -> bool {
         self.cipher.is_some()
     }

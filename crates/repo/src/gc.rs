@@ -23,8 +23,11 @@ use crate::{manifest_key, RepoResult, Repository};
 /// What one collection did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct GcReport {
+    /// Manifests read to find the referenced packs.
     pub manifests_scanned: u64,
+    /// Packs still referenced.
     pub packs_kept: u64,
+    /// Unreferenced packs deleted (their grace period was over).
     pub packs_deleted: u64,
     /// Unreferenced packs kept until their grace period is over.
     pub packs_pending: u64,

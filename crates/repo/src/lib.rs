@@ -7,6 +7,8 @@
 //! own. The format is versioned and specified in docs/REPOSITORY.md; this
 //! crate is its only writer.
 
+#![warn(missing_docs)]
+
 pub mod crypto;
 mod gc;
 pub mod manifest;
@@ -49,54 +51,86 @@ use pack::{encode_blob, PackBuilder, PackEntry};
 /// and backups are usually limited by compression speed.
 pub const DEFAULT_COMPRESS_LEVEL: i32 = 1;
 
+/// The newest repository format this build reads; a newer one is refused.
 pub const FORMAT_VERSION: u32 = 2;
+/// Format version of a plain (unencrypted) repository.
 pub const FORMAT_VERSION_PLAIN: u32 = 1;
+/// Format version of an encrypted repository.
 pub const FORMAT_VERSION_ENCRYPTED: u32 = 2;
+/// Key of the repository's configuration object.
 pub const CONFIG_KEY: &str = "strata-repo.json";
+/// Block size of new repositories: files are cut into blocks of this size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 128 * 1024;
 /// The largest `block_size` a repository may have.
 pub const MAX_BLOCK_SIZE: u32 = 16 * 1024 * 1024;
+/// Size at which a pack being written is closed and stored.
 pub const DEFAULT_PACK_SIZE: usize = 16 * 1024 * 1024;
 
+/// What a repository operation can fail with.
 #[derive(Debug, Error)]
 pub enum RepoError {
+    /// The store underneath failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// An object does not read back as written (bad checksum, tag, or contents).
     #[error("{object} is corrupt: {reason}")]
-    Corrupt { object: String, reason: String },
+    Corrupt {
+        /// Key of the object.
+        object: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The repository was written by a newer Strata.
     #[error(
         "the repository was written by a newer Strata (format version {found}); this build supports up to version {supported}"
     )]
-    NewerFormat { found: u32, supported: u32 },
+    NewerFormat {
+        /// The repository's format version.
+        found: u32,
+        /// The newest this build reads.
+        supported: u32,
+    },
+    /// The store holds no repository configuration.
     #[error("no Strata repository at {0}")]
     NotARepository(String),
+    /// No manifest for that backup set.
     #[error("backup set {0} not found")]
     BackupNotFound(String),
+    /// An object could not be encoded or decoded.
     #[error("repository format error: {0}")]
     Format(String),
     /// A manifest names an entry a restore must not write (an absolute or
     /// `..` path, a link outside `pg_tblspc/`, …): forged or damaged.
     #[error("{object} is refused: {source}")]
     UnsafeEntry {
+        /// Key of the manifest.
         object: String,
+        /// Which entry and why.
         #[source]
         source: paths::EntryError,
     },
     /// The configured key is not the repository's (or the repository's key
     /// was rotated); nothing was decrypted.
     #[error("the {what} does not unlock repository {repository} (wrong key or passphrase, or the key was rotated)")]
-    WrongKey { what: String, repository: String },
+    WrongKey {
+        /// Which key was tried (key file, passphrase).
+        what: String,
+        /// Repository id.
+        repository: String,
+    },
     /// A key is missing, unreadable, or configured where none belongs.
     #[error("{0}")]
     KeyRequired(String),
 }
 
 impl RepoError {
+    /// True when retrying may succeed (a transient storage failure).
     pub fn is_transient(&self) -> bool {
         matches!(self, RepoError::Storage(e) if e.is_transient())
     }
 }
 
+/// What repository operations return.
 pub type RepoResult<T> = Result<T, RepoError>;
 
 /// Keyed BLAKE3: the key is per repository, so block addresses reveal nothing
@@ -113,10 +147,12 @@ impl std::fmt::Debug for Hasher {
 }
 
 impl Hasher {
+    /// A hasher with the repository's hash key.
     pub fn new(key: [u8; 32]) -> Self {
         Hasher { key }
     }
 
+    /// The block's address: keyed BLAKE3 of its raw bytes.
     pub fn hash(&self, data: &[u8]) -> BlockHash {
         BlockHash(*blake3::keyed_hash(&self.key, data).as_bytes())
     }
@@ -127,6 +163,7 @@ impl Hasher {
     }
 }
 
+/// A block's address (keyed BLAKE3 of its raw bytes).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockHash(pub [u8; 32]);
 
@@ -185,15 +222,21 @@ pub struct BlockRef {
 /// The repository's own configuration object (`strata-repo.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RepoConfig {
+    /// Repository format version (see [`FORMAT_VERSION`]).
     pub format_version: u32,
+    /// Random id, distinct for every repository.
     pub repository_id: String,
+    /// When the repository was created.
     pub created_at: DateTime<Utc>,
+    /// Block size in bytes.
     pub block_size: u32,
+    /// Hash of block addresses (`blake3-keyed`).
     pub hash: String,
     /// Hex; empty in encrypted repositories, whose hash key is derived from
     /// the wrapped data key instead of being stored in the clear.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash_key: String,
+    /// Compression of blocks and objects (`zstd`).
     pub compression: String,
     /// Present when the repository is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,16 +247,25 @@ pub struct RepoConfig {
 /// rebuilt from the repository alone. Never holds a password.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InstanceRecord {
+    /// Instance id.
     pub id: String,
+    /// Host name or address.
     pub host: String,
+    /// TCP port.
     pub port: u16,
+    /// Role to log in as.
     pub user: String,
+    /// Database for SQL, if not the default.
     pub dbname: Option<String>,
+    /// TLS mode, as libpq spells it.
     pub sslmode: String,
+    /// Environment variable holding the password (the password itself is never stored).
     pub password_env: Option<String>,
+    /// When the instance was registered.
     pub created_at: DateTime<Utc>,
 }
 
+/// A repository: its configuration, keys and store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Repository {
     storage: Arc<dyn Storage>,
@@ -365,6 +417,7 @@ impl Repository {
         Ok(())
     }
 
+    /// True when the repository is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.keys.is_encrypted()
     }
@@ -375,24 +428,29 @@ impl Repository {
         self
     }
 
+    /// The repository's configuration object.
     pub fn config(&self) -> &RepoConfig {
         &self.config
     }
 
+    /// The store underneath.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
 
+    /// The keyed hasher of block addresses.
     pub fn hasher(&self) -> &Hasher {
         &self.keys.hasher
     }
 
+    /// Block size in bytes.
     pub fn block_size(&self) -> usize {
         self.config.block_size as usize
     }
 
     // ----- instances -----
 
+    /// Stores an instance's record (replacing an older one).
     pub fn put_instance(&self, rec: &InstanceRecord) -> RepoResult<()> {
         let bytes = seal(&self.keys, ObjectKind::Instance, rec, &[], None)?;
         self.storage.put(&instance_key(&rec.id), &bytes)?;
@@ -411,6 +469,7 @@ impl Repository {
         }
     }
 
+    /// The records of every instance the repository has.
     pub fn list_instances(&self) -> RepoResult<Vec<InstanceRecord>> {
         let mut out = Vec::new();
         for key in self.storage.list("instances")? {
@@ -487,6 +546,7 @@ impl Repository {
         Ok(())
     }
 
+    /// The manifest of a backup set; [`RepoError::BackupNotFound`] when there is none.
     pub fn read_manifest(&self, instance_id: &str, backup_id: &str) -> RepoResult<BackupManifest> {
         let key = manifest_key(instance_id, backup_id);
         let bytes = match self.storage.get(&key) {
@@ -634,14 +694,17 @@ pub struct BlockIndex {
 }
 
 impl BlockIndex {
+    /// Blocks indexed.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    /// True when no block is indexed.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
+    /// Addresses of the blocks indexed.
     pub fn hashes(&self) -> impl Iterator<Item = BlockHash> + '_ {
         self.map.keys().copied()
     }
@@ -730,6 +793,7 @@ impl BlockWriter {
         }
     }
 
+    /// True when the block is already stored or written by this writer.
     pub fn contains(&self, hash: &BlockHash) -> bool {
         self.index.map.contains_key(hash)
     }
@@ -827,6 +891,7 @@ impl BlockWriter {
         Ok(self.stats)
     }
 
+    /// What the writer stored so far.
     pub fn stats(&self) -> &BackupStats {
         &self.stats
     }
@@ -838,15 +903,18 @@ fn write_config(storage: &dyn Storage, config: &RepoConfig) -> RepoResult<()> {
     Ok(())
 }
 
+/// Key of a pack object.
 pub fn pack_key(id: &str) -> String {
     let shard = id.get(..2).unwrap_or("00");
     format!("packs/{shard}/{id}.pack")
 }
 
+/// Key of a backup set's manifest.
 pub fn manifest_key(instance_id: &str, backup_id: &str) -> String {
     format!("instances/{instance_id}/backups/{backup_id}.manifest")
 }
 
+/// Key of an instance's record.
 pub fn instance_key(instance_id: &str) -> String {
     format!("instances/{instance_id}/instance")
 }

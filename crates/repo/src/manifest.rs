@@ -9,29 +9,45 @@ use serde::{Deserialize, Serialize};
 
 use crate::BlockRef;
 
+/// Version of the manifest format this build writes.
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// What a committed backup set holds: where it starts and stops in WAL, and every file with its blocks. Its presence in the repository is what makes the set exist.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackupManifest {
+    /// Manifest format version ([`MANIFEST_VERSION`]).
     pub format_version: u32,
+    /// Backup id.
     pub backup_id: String,
+    /// Instance the backup was taken from.
     pub instance_id: String,
     /// Serialized as a string: 64-bit identifiers lose precision in many JSON readers.
     #[serde(with = "u64_string")]
     pub system_identifier: u64,
+    /// `server_version_num` of the server.
     pub pg_version_num: u32,
+    /// WAL segment size of the server, bytes.
     pub wal_segment_size: u64,
+    /// Backup label sent with BASE_BACKUP.
     pub label: String,
     /// "Manual" or "Automated".
     #[serde(default)]
     pub mode: String,
+    /// LSN the backup starts at (its checkpoint's redo point).
     pub start_lsn: Lsn,
+    /// Timeline at the start LSN.
     pub start_timeline: TimelineId,
+    /// LSN a restore must replay to for the backup to be consistent.
     pub stop_lsn: Lsn,
+    /// Timeline at the stop LSN.
     pub stop_timeline: TimelineId,
+    /// When the backup started.
     pub start_time: DateTime<Utc>,
+    /// When the backup ended.
     pub stop_time: DateTime<Utc>,
+    /// Tablespaces of the server, with their locations.
     pub tablespaces: Vec<TablespaceEntry>,
+    /// Every file, directory and link of the data directory and tablespaces.
     pub files: Vec<FileEntry>,
     /// The server's own backup_manifest, kept byte for byte (pg_verifybackup reads it);
     /// for a block-level incremental transfer, rewritten to list the whole files stored.
@@ -43,44 +59,62 @@ pub struct BackupManifest {
     /// Bytes the server sent for the files (less than their total when incremental).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_bytes: Option<u64>,
+    /// What the backup wrote.
     pub stats: BackupStats,
 }
 
+/// A tablespace of the backed-up server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TablespaceEntry {
+    /// Tablespace OID (`pg_tblspc/<oid>`).
     pub oid: u32,
+    /// Location on the server.
     pub location: String,
 }
 
+/// What a manifest entry is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FileKind {
+    /// A regular file.
     File,
+    /// A directory.
     Dir,
+    /// A symbolic link.
     Symlink,
 }
 
+/// One file, directory or link of a backup.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileEntry {
     /// Tablespace OID, or None for the main data directory.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tablespace: Option<u32>,
+    /// Path relative to the data directory or tablespace root.
     pub path: String,
+    /// File, directory or link.
     pub kind: FileKind,
+    /// Permission bits.
     pub mode: u32,
+    /// Size in bytes (0 for directories and links).
     pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
     pub mtime: i64,
+    /// Where a symbolic link points.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub link_target: Option<String>,
     /// CRC-32C of the whole file, as the server's backup_manifest records it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub crc32c: Option<u32>,
+    /// The file's blocks, in order.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub blocks: Vec<BlockRef>,
 }
 
+/// What a backup wrote, and how much of it was new.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BackupStats {
+    /// Files, directories and links in the backup.
     pub file_count: u64,
     /// Bytes of file data in the backup (what a restore writes).
     pub total_bytes: u64,
@@ -90,12 +124,16 @@ pub struct BackupStats {
     pub dedup_bytes: u64,
     /// Compressed bytes this backup added to the repository.
     pub stored_bytes: u64,
+    /// Blocks this backup added.
     pub new_blocks: u64,
+    /// Blocks that were already stored.
     pub dedup_blocks: u64,
+    /// Packs this backup wrote.
     pub packs: u64,
 }
 
 impl BackupManifest {
+    /// The backup's files and then the server's `backup_manifest`.
     pub fn all_files(&self) -> impl Iterator<Item = &FileEntry> {
         self.files.iter().chain(self.server_manifest.iter())
     }

@@ -11,6 +11,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::crypto::Keys;
 use crate::{RepoError, RepoResult};
 
+/// First bytes of every sealed object.
 pub const OBJECT_MAGIC: &[u8; 8] = b"STRATAOB";
 /// Envelope version of unencrypted repositories.
 pub const OBJECT_VERSION_PLAIN: u16 = 1;
@@ -27,9 +28,13 @@ const FLAG_ENCRYPTED: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ObjectKind {
+    /// A backup manifest.
     Manifest = 1,
+    /// A WAL segment (complete or partial).
     WalSegment = 2,
+    /// A timeline history file.
     TimelineHistory = 3,
+    /// An instance record.
     Instance = 4,
 }
 
@@ -115,7 +120,9 @@ fn seal_body<M: Serialize>(
 
 /// A sealed object whose seal has been checked.
 pub struct Opened<M> {
+    /// The object's metadata.
     pub meta: M,
+    /// The object's payload (e.g. WAL bytes).
     pub payload: Vec<u8>,
 }
 

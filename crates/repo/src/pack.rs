@@ -9,7 +9,9 @@
 use crate::crypto::{Cipher, Keys};
 use crate::{BlockHash, RepoError, RepoResult};
 
+/// First bytes of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"STRATAPK";
+/// First bytes of a pack's index (at its end).
 pub const PACK_INDEX_MAGIC: &[u8; 8] = b"STRATAPX";
 /// Pack version of unencrypted repositories.
 pub const PACK_VERSION_PLAIN: u16 = 1;
@@ -17,21 +19,29 @@ pub const PACK_VERSION_PLAIN: u16 = 1;
 pub const PACK_VERSION_ENCRYPTED: u16 = 2;
 /// The highest pack version this build reads.
 pub const PACK_VERSION: u16 = PACK_VERSION_ENCRYPTED;
+/// Bytes of a pack's header.
 pub const PACK_HEADER_LEN: usize = 16;
 /// stored_len u32, raw_len u32, hash 32, compression u8, 3 reserved bytes.
 pub const BLOB_HEADER_LEN: usize = 44;
 const INDEX_ENTRY_LEN: usize = 32 + 8 + 4 + 4;
 
+/// Blob stored as is (compression would not shrink it).
 pub const COMPRESSION_NONE: u8 = 0;
+/// Blob compressed with zstd.
 pub const COMPRESSION_ZSTD: u8 = 1;
 
 /// One blob as listed in a pack's index. `offset` is where its data starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackEntry {
+    /// The block's address.
     pub hash: BlockHash,
+    /// Offset in the pack of the blob's data.
     pub offset: u64,
+    /// Bytes the blob takes in the pack.
     pub stored_len: u32,
+    /// Bytes of the block.
     pub raw_len: u32,
+    /// [`COMPRESSION_NONE`] or [`COMPRESSION_ZSTD`].
     pub compression: u8,
 }
 
@@ -68,14 +78,17 @@ impl PackBuilder {
         }
     }
 
+    /// The pack's id (its object key is [`crate::pack_key`] of it).
     pub fn id(&self) -> &str {
         &self.id
     }
 
+    /// Bytes written so far.
     pub fn len(&self) -> usize {
         self.buf.len()
     }
 
+    /// True when no blob was added.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

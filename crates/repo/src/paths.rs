@@ -31,36 +31,54 @@ pub const MAX_COMPONENT_LEN: usize = 255;
 /// Why a path or an entry is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PathError {
+    /// The path is empty.
     #[error("is empty")]
     Empty,
+    /// The path starts at `/`.
     #[error("is absolute")]
     Absolute,
+    /// The path has a `..` component.
     #[error("contains a `..` component")]
     ParentComponent,
+    /// The path has a `.` component.
     #[error("contains a `.` component")]
     CurrentComponent,
+    /// The path has an empty component.
     #[error("contains an empty component (`//` or a trailing `/`)")]
     EmptyComponent,
+    /// The path holds a NUL byte.
     #[error("contains a NUL byte")]
     Nul,
+    /// The path is longer than the limit.
     #[error("is longer than {MAX_PATH_LEN} bytes")]
     TooLong,
+    /// A component is longer than the limit.
     #[error("has a component longer than {MAX_COMPONENT_LEN} bytes")]
     ComponentTooLong,
+    /// A symbolic link outside `pg_tblspc/`.
     #[error("is a symbolic link outside pg_tblspc/<oid> of the data directory")]
     SymlinkOutsideTablespaces,
+    /// A tablespace link for a tablespace the backup does not list.
     #[error("is a link for tablespace {0}, which the backup does not list")]
     UnknownTablespaceLink(u32),
+    /// An entry of a tablespace the backup does not list.
     #[error("belongs to tablespace {0}, which the backup does not list")]
     UnknownTablespace(u32),
+    /// An entry beneath a symbolic link of the backup.
     #[error("lies beneath the symbolic link {0}")]
     BeneathSymlink(String),
+    /// Two entries with the same path.
     #[error("appears twice")]
     Duplicate,
     /// A block reference no backup writes: a reader would size a read or
     /// an allocation from it, or build an object key from its pack id.
     #[error("has block {index} with {why}")]
-    BadBlock { index: usize, why: &'static str },
+    BadBlock {
+        /// Position of the block in the entry.
+        index: usize,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }
 
 /// `path` without the one leading `./` PostgreSQL writes before a few
@@ -150,6 +168,7 @@ pub struct EntryError {
     /// The entry's path, quoted and escaped (`"../x"`, `"a\nb"`), prefixed
     /// with its tablespace when it has one.
     pub entry: String,
+    /// Why it is refused.
     pub reason: PathError,
 }
 

@@ -54,6 +54,7 @@ impl InstanceUsage {
 /// One measurement of the whole repository.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RepositoryUsage {
+    /// Bytes attributed to each instance, by instance id.
     pub instances: BTreeMap<String, InstanceUsage>,
     /// Bytes attributed to no instance (see the module documentation).
     pub unattributed_bytes: u64,

@@ -10,22 +10,33 @@ use crate::object::{open, ObjectKind};
 use crate::pack::verify_pack;
 use crate::{BlockHash, RepoResult, Repository, CONFIG_KEY};
 
+/// Something verification found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct VerifyProblem {
+    /// Key of the object.
     pub object: String,
+    /// What is wrong with it.
     pub reason: String,
     /// Backup sets (as `instance/backup`) that cannot be restored because of it.
     pub backups_affected: Vec<String>,
 }
 
+/// What a verification checked and found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
+    /// Objects read and checked.
     pub objects_checked: u64,
+    /// Bytes read.
     pub bytes_checked: u64,
+    /// Packs checked.
     pub packs_checked: u64,
+    /// Blocks checked.
     pub blocks_checked: u64,
+    /// Backup sets checked.
     pub backups_checked: u64,
+    /// WAL objects checked.
     pub wal_objects_checked: u64,
+    /// Everything found wrong.
     pub problems: Vec<VerifyProblem>,
     /// Packs no manifest references (left by interrupted backups); harmless,
     /// removed by garbage collection.
@@ -33,6 +44,7 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// True when nothing was found wrong.
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }

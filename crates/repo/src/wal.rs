@@ -14,31 +14,46 @@ use serde::{Deserialize, Serialize};
 use crate::object::{open, seal, seal_compressed, ObjectKind};
 use crate::{RepoError, RepoResult, Repository, StorageError};
 
+/// A named restore point found in a WAL segment.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RestorePointInfo {
+    /// The name given to `pg_create_restore_point`.
     pub name: String,
+    /// End of the restore point record: where recovery to it stops.
     pub lsn: Lsn,
+    /// Time the record was written.
     pub time: DateTime<Utc>,
 }
 
+/// What a WAL object records about its segment (stored in the sealed object's metadata).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WalSegmentMeta {
+    /// Timeline of the segment.
     pub timeline: TimelineId,
     /// The 24-character segment file name.
     pub segment: String,
+    /// First LSN stored.
     pub begin_lsn: Lsn,
     /// End of the bytes stored (exclusive): the segment end when complete.
     pub end_lsn: Lsn,
+    /// True for the `.partial` object of a segment still being received.
     pub partial: bool,
     /// Keyed BLAKE3 of the raw segment bytes stored, hex.
     pub checksum: String,
+    /// Time of the first commit record.
     pub first_commit: Option<DateTime<Utc>>,
+    /// Time of the last commit record.
     pub last_commit: Option<DateTime<Utc>>,
+    /// Commit records in the segment.
     pub commit_count: u64,
+    /// Smallest xid that committed in the segment.
     pub min_commit_xid: Option<u32>,
+    /// Largest xid that committed in the segment.
     pub max_commit_xid: Option<u32>,
+    /// Restore points created in the segment.
     #[serde(default)]
     pub restore_points: Vec<RestorePointInfo>,
+    /// When the object was stored.
     pub stored_at: DateTime<Utc>,
 }
 
@@ -72,6 +87,7 @@ impl WalPayload {
         self.len
     }
 
+    /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -85,9 +101,13 @@ impl WalPayload {
 /// A WAL object as found by listing (nothing read yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalObject {
+    /// Object key.
     pub key: String,
+    /// Timeline, from the key.
     pub timeline: TimelineId,
+    /// Segment file name, from the key.
     pub segment: String,
+    /// True for a `.partial` object.
     pub partial: bool,
 }
 
@@ -95,6 +115,7 @@ fn wal_prefix(instance_id: &str) -> String {
     format!("instances/{instance_id}/wal")
 }
 
+/// Key of a WAL object.
 pub fn wal_segment_key(instance_id: &str, tli: TimelineId, segment: &str, partial: bool) -> String {
     let suffix = if partial { ".partial" } else { "" };
     format!(
@@ -104,6 +125,7 @@ pub fn wal_segment_key(instance_id: &str, tli: TimelineId, segment: &str, partia
     )
 }
 
+/// Key of a timeline history object.
 pub fn history_key(instance_id: &str, tli: TimelineId) -> String {
     format!("{}/{:08X}.history", wal_prefix(instance_id), tli.0)
 }
@@ -214,6 +236,7 @@ impl Repository {
         Ok(out)
     }
 
+    /// Stores the history file of timeline `tli`.
     pub fn put_history(
         &self,
         instance_id: &str,
@@ -231,6 +254,7 @@ impl Repository {
         Ok(())
     }
 
+    /// The history file of timeline `tli`, if the repository has it.
     pub fn read_history(&self, instance_id: &str, tli: TimelineId) -> RepoResult<Option<Vec<u8>>> {
         let key = history_key(instance_id, tli);
         match self.storage.get(&key) {

@@ -20,6 +20,7 @@
 mod clock;
 mod cross_region;
 mod drills;
+pub mod fleet;
 mod jobs;
 mod local;
 mod metrics;

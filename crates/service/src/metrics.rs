@@ -1,9 +1,14 @@
 //! `/metrics` in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Collection and rendering are apart: the collectors fill [`Samples`] by
+//! family name, and [`render`] writes the families of [`FAMILIES`] in their
+//! order, so the text's layout is pinned by a unit test without a server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use strata_catalog::BackupStatus;
+use chrono::{DateTime, Utc};
+use strata_catalog::{BackupStatus, Instance};
 
 use crate::{lock, Service, ServiceResult};
 
@@ -13,245 +18,350 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Every family: name, type and help, in the order they are written.
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "strata_last_backup_age_seconds",
+        "gauge",
+        "Seconds since the last successful backup finished.",
+    ),
+    (
+        "strata_last_backup_duration_seconds",
+        "gauge",
+        "Wall time of the last successful backup.",
+    ),
+    (
+        "strata_last_backup_size_bytes",
+        "gauge",
+        "Data size of the last successful backup.",
+    ),
+    (
+        "strata_last_backup_stored_bytes",
+        "gauge",
+        "Bytes the last successful backup added to the repository.",
+    ),
+    (
+        "strata_backup_sets",
+        "gauge",
+        "Backup sets in the catalog by status.",
+    ),
+    (
+        "strata_drill_failed",
+        "gauge",
+        "1 when the newest restore drill of the instance failed (alert on this).",
+    ),
+    (
+        "strata_wal_archived_bytes",
+        "gauge",
+        "Bytes of WAL segments held for the instance.",
+    ),
+    (
+        "strata_wal_receiver_up",
+        "gauge",
+        "1 while the WAL receiver is streaming or connecting and its last attempt did not fail.",
+    ),
+    (
+        "strata_wal_receiver_failing",
+        "gauge",
+        "1 while the WAL receiver fails (cannot store or cannot stream) and retries; the reason is in StrataWalReceiver and the log.",
+    ),
+    (
+        "strata_wal_receive_lag_bytes",
+        "gauge",
+        "Server end of WAL minus what the receiver has received.",
+    ),
+    (
+        "strata_backup_storage_logical_bytes",
+        "gauge",
+        "Data size of the instance's backup sets added up (newest usage sample).",
+    ),
+    (
+        "strata_backup_storage_stored_bytes",
+        "gauge",
+        "Bytes stored for the instance after deduplication and compression, by kind (newest usage sample): data and wal in its own region, cross_region in the target regions' repositories (outside the free quota).",
+    ),
+    (
+        "strata_backup_storage_free_quota_bytes",
+        "gauge",
+        "Free backup storage of the instance.",
+    ),
+    (
+        "strata_backup_storage_excess_bytes",
+        "gauge",
+        "Bytes stored above the free quota.",
+    ),
+    (
+        "strata_backup_storage_billable_gb_hours_total",
+        "counter",
+        "Bytes above the free quota integrated over time since the first usage sample, in GB-hours (GB = 2^30 bytes).",
+    ),
+    ("strata_jobs", "gauge", "Jobs in the catalog by state."),
+    (
+        "strata_gc_last_run_timestamp_seconds",
+        "gauge",
+        "When garbage collection last ran.",
+    ),
+    (
+        "strata_gc_last_deleted_packs",
+        "gauge",
+        "Packs the last garbage collection deleted.",
+    ),
+    (
+        "strata_uptime_seconds",
+        "gauge",
+        "Seconds since the service started.",
+    ),
+];
+
+/// The families with an entry are written (with no sample lines when the
+/// entry is empty); a family without one is left out entirely.
+#[derive(Default)]
+struct Samples(BTreeMap<&'static str, Vec<(String, f64)>>);
+
+impl Samples {
+    /// Declares families that are written even when they have no sample.
+    fn declare(&mut self, names: &[&'static str]) {
+        for n in names {
+            self.0.entry(n).or_default();
+        }
+    }
+
+    fn push(&mut self, family: &'static str, labels: String, value: f64) {
+        self.0.entry(family).or_default().push((labels, value));
+    }
+}
+
+/// The exposition text of `samples`, family by family in [`FAMILIES`] order.
+fn render(samples: &Samples) -> String {
+    let mut out = String::new();
+    for (name, kind, help) in FAMILIES {
+        let Some(lines) = samples.0.get(name) else {
+            continue;
+        };
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    }
+    out
+}
+
+/// Families written for every scrape, empty or not.
+const PER_INSTANCE: &[&str] = &[
+    "strata_last_backup_age_seconds",
+    "strata_last_backup_duration_seconds",
+    "strata_last_backup_size_bytes",
+    "strata_last_backup_stored_bytes",
+    "strata_backup_sets",
+    "strata_drill_failed",
+    "strata_wal_archived_bytes",
+    "strata_wal_receiver_up",
+    "strata_wal_receiver_failing",
+    "strata_wal_receive_lag_bytes",
+    "strata_backup_storage_logical_bytes",
+    "strata_backup_storage_stored_bytes",
+    "strata_backup_storage_free_quota_bytes",
+    "strata_backup_storage_excess_bytes",
+    "strata_backup_storage_billable_gb_hours_total",
+];
+
+/// Job states, each with a `strata_jobs` series even at zero.
+const JOB_STATES: &[&str] = &[
+    "NoStart",
+    "Preparing",
+    "Waiting",
+    "Uploading",
+    "Checking",
+    "Finished",
+    "Failed",
+];
+
 impl Service {
     /// Renders every metric. Figures per instance come from the catalog;
     /// WAL lag from the live receivers.
     pub fn metrics(&self) -> ServiceResult<String> {
         let now = self.now();
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let instances = self.engine.catalog().list_instances()?;
-        let (mut age, mut duration, mut size, mut stored) = (vec![], vec![], vec![], vec![]);
-        let (mut lag, mut up, mut sets, mut wal_bytes) = (vec![], vec![], vec![], vec![]);
-        let (mut drill_failed, mut failing) = (vec![], vec![]);
-        let (mut logical, mut stored_now, mut quota, mut excess, mut gb_hours) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        for i in &instances {
-            let l = format!("{{instance=\"{}\"}}", label(&i.id));
-            let backups = self.engine.catalog().list_backups(&i.id)?;
-            if let Some(last) = backups
-                .iter()
-                .filter(|b| b.status == BackupStatus::Success)
-                .max_by_key(|b| b.finished_at)
-            {
-                if let Some(f) = last.finished_at {
-                    age.push((l.clone(), (now - f).num_milliseconds() as f64 / 1000.0));
-                    duration.push((
-                        l.clone(),
-                        (f - last.started_at).num_milliseconds() as f64 / 1000.0,
-                    ));
-                }
-                size.push((l.clone(), last.total_bytes as f64));
-                stored.push((l.clone(), last.stored_bytes as f64));
-            }
-            for status in [
-                BackupStatus::Success,
-                BackupStatus::Failed,
-                BackupStatus::Running,
-            ] {
-                let n = backups.iter().filter(|b| b.status == status).count();
-                sets.push((
-                    format!(
-                        "{{instance=\"{}\",status=\"{}\"}}",
-                        label(&i.id),
-                        status.as_str()
-                    ),
-                    n as f64,
-                ));
-            }
-            let wal: u64 = self
-                .engine
-                .catalog()
-                .list_wal_segments(&i.id)?
-                .iter()
-                .map(|w| w.size)
-                .sum();
-            wal_bytes.push((l.clone(), wal as f64));
-            let last_drill = self
-                .engine
-                .catalog()
-                .list_drills(&i.id)?
-                .into_iter()
-                .filter(|d| d.finished_at.is_some() && d.status != "Skipped")
-                .max_by_key(|d| d.finished_at);
-            if let Some(d) = last_drill {
-                drill_failed.push((l.clone(), if d.status == "Failed" { 1.0 } else { 0.0 }));
-            }
-            // Usage from the recorded samples only: a scrape never measures.
-            let samples = self
-                .engine
-                .catalog()
-                .list_usage_samples(&i.id, None, None)?;
-            if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
-                logical.push((l.clone(), last.logical_bytes as f64));
-                let kinds = [
-                    ("data", Some(last.data_bytes)),
-                    ("wal", Some(last.wal_bytes)),
-                    ("cross_region", last.cross_region_bytes),
-                ];
-                for (kind, v) in kinds {
-                    // An unknown cross-region figure has no series.
-                    let Some(v) = v else { continue };
-                    stored_now.push((
-                        format!("{{instance=\"{}\",kind=\"{kind}\"}}", label(&i.id)),
-                        v as f64,
-                    ));
-                }
-                quota.push((l.clone(), last.quota_bytes as f64));
-                excess.push((l.clone(), last.excess_bytes() as f64));
-                gb_hours.push((
-                    l.clone(),
-                    crate::billable_gb_hours(&samples, first.at, now.max(last.at)),
-                ));
-            }
-            let st = self.wal_state(&i.id);
-            up.push((l.clone(), if st.is_up() { 1.0 } else { 0.0 }));
-            failing.push((l.clone(), if st.failing.is_some() { 1.0 } else { 0.0 }));
-            if st.last_message.is_some() {
-                lag.push((l, st.server_end.saturating_sub(st.received) as f64));
-            }
+        let mut samples = Samples::default();
+        samples.declare(PER_INSTANCE);
+        for i in &self.engine.catalog().list_instances()? {
+            self.backup_samples(i, now, &mut samples)?;
+            self.wal_samples(i, &mut samples)?;
+            self.usage_samples(i, now, &mut samples)?;
         }
-        family(
-            "strata_last_backup_age_seconds",
-            "gauge",
-            "Seconds since the last successful backup finished.",
-            age,
-        );
-        family(
-            "strata_last_backup_duration_seconds",
-            "gauge",
-            "Wall time of the last successful backup.",
-            duration,
-        );
-        family(
-            "strata_last_backup_size_bytes",
-            "gauge",
-            "Data size of the last successful backup.",
-            size,
-        );
-        family(
-            "strata_last_backup_stored_bytes",
-            "gauge",
-            "Bytes the last successful backup added to the repository.",
-            stored,
-        );
-        family(
-            "strata_backup_sets",
-            "gauge",
-            "Backup sets in the catalog by status.",
-            sets,
-        );
-        family(
-            "strata_drill_failed",
-            "gauge",
-            "1 when the newest restore drill of the instance failed (alert on this).",
-            drill_failed,
-        );
-        family(
-            "strata_wal_archived_bytes",
-            "gauge",
-            "Bytes of WAL segments held for the instance.",
-            wal_bytes,
-        );
-        family(
-            "strata_wal_receiver_up",
-            "gauge",
-            "1 while the WAL receiver is streaming or connecting and its last attempt did not fail.",
-            up,
-        );
-        family(
-            "strata_wal_receiver_failing",
-            "gauge",
-            "1 while the WAL receiver fails (cannot store or cannot stream) and retries; the reason is in StrataWalReceiver and the log.",
-            failing,
-        );
-        family(
-            "strata_wal_receive_lag_bytes",
-            "gauge",
-            "Server end of WAL minus what the receiver has received.",
-            lag,
-        );
-        family(
-            "strata_backup_storage_logical_bytes",
-            "gauge",
-            "Data size of the instance's backup sets added up (newest usage sample).",
-            logical,
-        );
-        family(
-            "strata_backup_storage_stored_bytes",
-            "gauge",
-            "Bytes stored for the instance after deduplication and compression, by kind (newest usage sample): data and wal in its own region, cross_region in the target regions' repositories (outside the free quota).",
-            stored_now,
-        );
-        family(
-            "strata_backup_storage_free_quota_bytes",
-            "gauge",
-            "Free backup storage of the instance.",
-            quota,
-        );
-        family(
-            "strata_backup_storage_excess_bytes",
-            "gauge",
-            "Bytes stored above the free quota.",
-            excess,
-        );
-        family(
-            "strata_backup_storage_billable_gb_hours_total",
-            "counter",
-            "Bytes above the free quota integrated over time since the first usage sample, in GB-hours (GB = 2^30 bytes).",
-            gb_hours,
-        );
-        let mut by_state: BTreeMap<&str, u64> = [
-            "NoStart",
-            "Preparing",
-            "Waiting",
-            "Uploading",
-            "Checking",
-            "Finished",
-            "Failed",
-        ]
-        .into_iter()
-        .map(|s| (s, 0))
-        .collect();
+        let mut by_state: BTreeMap<&str, u64> = JOB_STATES.iter().map(|s| (*s, 0)).collect();
         for j in self.engine.catalog().list_jobs(None)? {
             *by_state.entry(j.state.as_str()).or_default() += 1;
         }
-        family(
-            "strata_jobs",
-            "gauge",
-            "Jobs in the catalog by state.",
-            by_state
-                .into_iter()
-                .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n as f64))
-                .collect(),
-        );
+        samples.declare(&["strata_jobs"]);
+        for (s, n) in by_state {
+            samples.push("strata_jobs", format!("{{state=\"{s}\"}}"), n as f64);
+        }
         let gc = lock(&self.last_gc).clone();
         if let Some((at, report)) = gc {
-            family(
-                "strata_gc_last_run_timestamp_seconds",
-                "gauge",
-                "When garbage collection last ran.",
-                vec![(String::new(), at.timestamp() as f64)],
-            );
-            family(
-                "strata_gc_last_deleted_packs",
-                "gauge",
-                "Packs the last garbage collection deleted.",
-                vec![(String::new(), report.packs_deleted as f64)],
-            );
+            let at = at.timestamp() as f64;
+            samples.push("strata_gc_last_run_timestamp_seconds", String::new(), at);
+            let deleted = report.packs_deleted as f64;
+            samples.push("strata_gc_last_deleted_packs", String::new(), deleted);
         }
-        family(
-            "strata_uptime_seconds",
-            "gauge",
-            "Seconds since the service started.",
-            vec![(String::new(), self.uptime().as_secs_f64())],
-        );
-        Ok(out)
+        let uptime = self.uptime().as_secs_f64();
+        samples.push("strata_uptime_seconds", String::new(), uptime);
+        Ok(render(&samples))
+    }
+
+    /// The last successful backup, set counts by status and the newest drill.
+    fn backup_samples(
+        &self,
+        i: &Instance,
+        now: DateTime<Utc>,
+        out: &mut Samples,
+    ) -> ServiceResult<()> {
+        let l = format!("{{instance=\"{}\"}}", label(&i.id));
+        let backups = self.engine.catalog().list_backups(&i.id)?;
+        if let Some(last) = backups
+            .iter()
+            .filter(|b| b.status == BackupStatus::Success)
+            .max_by_key(|b| b.finished_at)
+        {
+            if let Some(f) = last.finished_at {
+                let age = (now - f).num_milliseconds() as f64 / 1000.0;
+                out.push("strata_last_backup_age_seconds", l.clone(), age);
+                let took = (f - last.started_at).num_milliseconds() as f64 / 1000.0;
+                out.push("strata_last_backup_duration_seconds", l.clone(), took);
+            }
+            let (total, stored) = (last.total_bytes as f64, last.stored_bytes as f64);
+            out.push("strata_last_backup_size_bytes", l.clone(), total);
+            out.push("strata_last_backup_stored_bytes", l.clone(), stored);
+        }
+        for status in [
+            BackupStatus::Success,
+            BackupStatus::Failed,
+            BackupStatus::Running,
+        ] {
+            let n = backups.iter().filter(|b| b.status == status).count();
+            let labels = format!(
+                "{{instance=\"{}\",status=\"{}\"}}",
+                label(&i.id),
+                status.as_str()
+            );
+            out.push("strata_backup_sets", labels, n as f64);
+        }
+        let last_drill = self
+            .engine
+            .catalog()
+            .list_drills(&i.id)?
+            .into_iter()
+            .filter(|d| d.finished_at.is_some() && d.status != "Skipped")
+            .max_by_key(|d| d.finished_at);
+        if let Some(d) = last_drill {
+            let failed = if d.status == "Failed" { 1.0 } else { 0.0 };
+            out.push("strata_drill_failed", l, failed);
+        }
+        Ok(())
+    }
+
+    /// Archived WAL bytes and the live receiver's state and lag.
+    fn wal_samples(&self, i: &Instance, out: &mut Samples) -> ServiceResult<()> {
+        let l = format!("{{instance=\"{}\"}}", label(&i.id));
+        let wal: u64 = self
+            .engine
+            .catalog()
+            .list_wal_segments(&i.id)?
+            .iter()
+            .map(|w| w.size)
+            .sum();
+        out.push("strata_wal_archived_bytes", l.clone(), wal as f64);
+        let st = self.wal_state(&i.id);
+        let up = if st.is_up() { 1.0 } else { 0.0 };
+        out.push("strata_wal_receiver_up", l.clone(), up);
+        let failing = if st.failing.is_some() { 1.0 } else { 0.0 };
+        out.push("strata_wal_receiver_failing", l.clone(), failing);
+        if st.last_message.is_some() {
+            let lag = st.server_end.saturating_sub(st.received) as f64;
+            out.push("strata_wal_receive_lag_bytes", l, lag);
+        }
+        Ok(())
+    }
+
+    /// Storage figures from the recorded usage samples only: a scrape never
+    /// measures the repository.
+    fn usage_samples(
+        &self,
+        i: &Instance,
+        now: DateTime<Utc>,
+        out: &mut Samples,
+    ) -> ServiceResult<()> {
+        let l = format!("{{instance=\"{}\"}}", label(&i.id));
+        let samples = self
+            .engine
+            .catalog()
+            .list_usage_samples(&i.id, None, None)?;
+        let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+            return Ok(());
+        };
+        let logical = last.logical_bytes as f64;
+        out.push("strata_backup_storage_logical_bytes", l.clone(), logical);
+        let kinds = [
+            ("data", Some(last.data_bytes)),
+            ("wal", Some(last.wal_bytes)),
+            ("cross_region", last.cross_region_bytes),
+        ];
+        for (kind, v) in kinds {
+            // An unknown cross-region figure has no series.
+            let Some(v) = v else { continue };
+            let labels = format!("{{instance=\"{}\",kind=\"{kind}\"}}", label(&i.id));
+            out.push("strata_backup_storage_stored_bytes", labels, v as f64);
+        }
+        let quota = last.quota_bytes as f64;
+        out.push("strata_backup_storage_free_quota_bytes", l.clone(), quota);
+        let excess = last.excess_bytes() as f64;
+        out.push("strata_backup_storage_excess_bytes", l.clone(), excess);
+        let gb_hours = crate::billable_gb_hours(&samples, first.at, now.max(last.at));
+        out.push("strata_backup_storage_billable_gb_hours_total", l, gb_hours);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn families_are_written_in_table_order_and_absent_ones_left_out() {
+        let mut s = Samples::default();
+        s.push("strata_uptime_seconds", String::new(), 5.0);
+        s.declare(&["strata_wal_receive_lag_bytes"]);
+        s.push("strata_jobs", "{state=\"Failed\"}".into(), 2.0);
+        let text = render(&s);
+        let want = "\
+# HELP strata_wal_receive_lag_bytes Server end of WAL minus what the receiver has received.
+# TYPE strata_wal_receive_lag_bytes gauge
+# HELP strata_jobs Jobs in the catalog by state.
+# TYPE strata_jobs gauge
+strata_jobs{state=\"Failed\"} 2
+# HELP strata_uptime_seconds Seconds since the service started.
+# TYPE strata_uptime_seconds gauge
+strata_uptime_seconds 5
+";
+        assert_eq!(text, want);
+        assert!(!text.contains("strata_gc_last_run"));
+    }
+
+    #[test]
+    fn every_declared_family_has_a_help_line() {
+        let names: Vec<&str> = FAMILIES.iter().map(|f| f.0).collect();
+        for n in PER_INSTANCE {
+            assert!(names.contains(n), "{n} is not in FAMILIES");
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len(), "a family is listed twice");
     }
 }

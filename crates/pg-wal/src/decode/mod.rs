@@ -30,25 +30,42 @@ pub enum WalEvent {
     /// `lsn` is the record start; `end_lsn` the MAXALIGNed end, i.e. PostgreSQL's
     /// `EndRecPtr` and what `pg_current_wal_lsn()` would return right after the commit.
     Commit {
+        /// Start of the commit record.
         lsn: Lsn,
+        /// End of the commit record (`EndRecPtr`).
         end_lsn: Lsn,
+        /// Transaction id that committed.
         xid: u32,
+        /// Commit time (`xact_time`).
         time: DateTime<Utc>,
     },
+    /// A transaction aborted (`XLOG_XACT_ABORT`); fields as for `Commit`.
     Abort {
+        /// Start of the abort record.
         lsn: Lsn,
+        /// End of the abort record (`EndRecPtr`).
         end_lsn: Lsn,
+        /// Transaction id that aborted.
         xid: u32,
+        /// Abort time (`xact_time`).
         time: DateTime<Utc>,
     },
+    /// A named restore point (`XLOG_RESTORE_POINT`, from `pg_create_restore_point`).
     RestorePoint {
+        /// Start of the record.
         lsn: Lsn,
+        /// End of the record (`EndRecPtr`): where recovery to this point stops.
         end_lsn: Lsn,
+        /// The restore point's name.
         name: String,
+        /// Time the record was written (`rp_time`).
         time: DateTime<Utc>,
     },
     /// `XLOG_SWITCH`: the rest of the segment is padding.
-    Switch { lsn: Lsn },
+    Switch {
+        /// Start of the switch record.
+        lsn: Lsn,
+    },
 }
 
 const SIZE_OF_SHORT_PAGE_HEADER: usize = 24;

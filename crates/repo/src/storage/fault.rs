@@ -19,6 +19,7 @@ use super::{ObjectSize, Storage, StorageError, StorageResult};
 /// Which failures to inject, and how often (fractions of calls, 0.0–1.0).
 #[derive(Debug, Clone)]
 pub struct FaultPlan {
+    /// Seed of every draw: the same seed and calls give the same faults.
     pub seed: u64,
     /// Calls answered with an error instead of being carried out.
     pub error_rate: f64,
@@ -26,9 +27,11 @@ pub struct FaultPlan {
     pub permanent_share: f64,
     /// Calls that time out after `timeout_after` (half of them having taken effect).
     pub timeout_rate: f64,
+    /// How long a timing-out call waits before failing.
     pub timeout_after: Duration,
     /// Calls carried out after an extra `slow_delay`.
     pub slow_rate: f64,
+    /// Extra delay of a slow call.
     pub slow_delay: Duration,
     /// Only these operations fail (`put`, `get`, `get_range`, `list`,
     /// `delete`, `exists`); empty = all.
@@ -57,15 +60,22 @@ impl FaultPlan {
 /// How many faults of each kind were injected so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultCounts {
+    /// Calls seen.
     pub calls: u64,
+    /// Transient errors injected.
     pub transient_errors: u64,
+    /// Permanent errors injected.
     pub permanent_errors: u64,
+    /// Timeouts injected before the call took effect.
     pub timeouts_before: u64,
+    /// Timeouts injected after the call took effect.
     pub timeouts_after: u64,
+    /// Calls slowed down.
     pub slow: u64,
 }
 
 impl FaultCounts {
+    /// Faults of every kind added up.
     pub fn faults(&self) -> u64 {
         self.transient_errors
             + self.permanent_errors
@@ -103,6 +113,7 @@ pub struct FaultyStorage<S> {
 }
 
 impl<S: Storage> FaultyStorage<S> {
+    /// Wraps `inner`, injecting the faults `plan` describes.
     pub fn new(inner: S, plan: FaultPlan) -> Self {
         FaultyStorage {
             inner,
@@ -118,10 +129,12 @@ impl<S: Storage> FaultyStorage<S> {
         self.enabled.store(on, Ordering::SeqCst);
     }
 
+    /// The store underneath.
     pub fn inner(&self) -> &S {
         &self.inner
     }
 
+    /// The faults injected so far.
     pub fn counts(&self) -> FaultCounts {
         let c = &self.counters;
         FaultCounts {

@@ -25,6 +25,7 @@ pub struct LocalStorage {
 }
 
 impl LocalStorage {
+    /// A store in the directory `root` (created when absent).
     pub fn new(root: impl Into<PathBuf>) -> StorageResult<Self> {
         let root = root.into();
         private_dirs(&root.join("tmp")).map_err(|source| StorageError::Io {
@@ -48,6 +49,7 @@ impl LocalStorage {
         self
     }
 
+    /// The directory the store writes in.
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -30,35 +30,55 @@ pub use retry::{RetryPolicy, RetryingStorage};
 pub use s3::{S3Config, S3Storage};
 pub use space::MinFreeSpace;
 
+/// What a store can fail with; [`StorageError::is_transient`] decides retries.
 #[derive(Debug, Error)]
 pub enum StorageError {
+    /// No object has that key.
     #[error("object {0} not found")]
     NotFound(String),
+    /// A key that is not a safe relative path.
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
+    /// A local file system call failed.
     #[error("I/O error on {key}: {source}")]
     Io {
+        /// Key of the object.
         key: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A ranged read asked for bytes past the end of the object.
     #[error("{key}: wanted {len} bytes at offset {offset}, the object is shorter")]
-    ShortRead { key: String, offset: u64, len: u64 },
+    ShortRead {
+        /// Key of the object.
+        key: String,
+        /// Offset asked for.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+    },
     /// The object store refused or failed a request. `transient` is decided
     /// where the answer is decoded (HTTP status, transport error kind).
     #[error("{op} {key}: {message}")]
     Remote {
+        /// The request (`GET`, `PUT`…).
         op: &'static str,
+        /// Key of the object.
         key: String,
+        /// What the store answered.
         message: String,
+        /// Whether retrying may succeed.
         transient: bool,
     },
     /// The call did not finish in time; it may or may not have taken effect.
     #[error("{op} {key}: no answer within {after:?}")]
     Timeout {
+        /// The request.
         op: &'static str,
+        /// Key of the object.
         key: String,
+        /// How long it waited.
         after: Duration,
     },
     /// The backend cannot be set up as configured (bad URL, missing
@@ -72,9 +92,13 @@ pub enum StorageError {
         space::human(*.needed), space::human(*.free), space::human(*.minimum)
     )]
     BelowMinFree {
+        /// Key of the object.
         key: String,
+        /// Bytes the write needs.
         needed: u64,
+        /// Bytes free now.
         free: u64,
+        /// The minimum to keep free.
         minimum: u64,
     },
 }
@@ -100,12 +124,15 @@ impl StorageError {
     }
 }
 
+/// What store calls return.
 pub type StorageResult<T> = Result<T, StorageError>;
 
 /// One object of a listing with its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectSize {
+    /// Object key.
     pub key: String,
+    /// Size in bytes.
     pub size: u64,
 }
 
@@ -113,6 +140,7 @@ pub struct ObjectSize {
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Stores `data` under `key`, replacing any previous object atomically.
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    /// The whole object; [`StorageError::NotFound`] when absent.
     fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
     /// Exactly `len` bytes from `offset`; [`StorageError::ShortRead`] when the
     /// object ends sooner.
@@ -125,6 +153,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>>;
     /// Removes `key`; removing an absent key is not an error.
     fn delete(&self, key: &str) -> StorageResult<()>;
+    /// True when an object has that key.
     fn exists(&self, key: &str) -> StorageResult<bool>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;

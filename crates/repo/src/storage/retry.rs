@@ -53,10 +53,12 @@ pub struct RetryingStorage<S> {
 }
 
 impl<S: Storage> RetryingStorage<S> {
+    /// Wraps `inner`, retrying transient failures as `policy` says.
     pub fn new(inner: S, policy: RetryPolicy) -> Self {
         RetryingStorage { inner, policy }
     }
 
+    /// The store underneath.
     pub fn inner(&self) -> &S {
         &self.inner
     }

@@ -40,16 +40,20 @@ pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 /// Where and how to reach the bucket.
 #[derive(Clone, PartialEq, Eq)]
 pub struct S3Config {
+    /// Bucket name.
     pub bucket: String,
     /// Key prefix inside the bucket (no leading or trailing `/`; may be empty).
     pub prefix: String,
     /// Service URL, e.g. `http://127.0.0.1:9000`; `None` = AWS for `region`.
     pub endpoint: Option<String>,
+    /// Region used to sign requests (SigV4).
     pub region: String,
     /// Static credentials; when absent, the `AWS_*` environment and the
     /// instance's credentials are used, as the AWS SDKs do.
     pub access_key_id: Option<String>,
+    /// Secret of `access_key_id`.
     pub secret_access_key: Option<String>,
+    /// Session token of temporary credentials.
     pub session_token: Option<String>,
     /// `http://endpoint/bucket/key` instead of `http://bucket.endpoint/key`.
     pub path_style: bool,
@@ -57,11 +61,13 @@ pub struct S3Config {
     pub allow_http: bool,
     /// Objects larger than this go up as multipart uploads.
     pub multipart_threshold: usize,
+    /// Size of each part of a multipart upload.
     pub part_size: usize,
     /// Requests in flight at once.
     pub max_concurrency: usize,
     /// Deadline of one HTTP request.
     pub request_timeout: Duration,
+    /// Deadline of establishing a connection.
     pub connect_timeout: Duration,
 }
 
@@ -230,6 +236,7 @@ impl S3Storage {
         })
     }
 
+    /// The configuration the store was made with.
     pub fn config(&self) -> &S3Config {
         &self.config
     }

@@ -14,7 +14,9 @@ use super::{StorageError, StorageResult};
 /// refused outright by a fixed figure meant for a large one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MinFreeSpace {
+    /// Absolute minimum, bytes.
     pub bytes: u64,
+    /// Minimum as a percentage of the file system's size.
     pub percent: u8,
 }
 

@@ -1,0 +1,326 @@
+//! The catalog interface, one trait per aggregate: each trait owns a set of
+//! tables (or, for another backend, their equivalent) and the rules that
+//! hold between their rows. [`Catalog`] is all of them together; the engine
+//! and the service hold an `Arc<dyn Catalog>`; code that needs one aggregate
+//! only can be generic over it (`C: JobCatalog + ?Sized`), which both a
+//! `dyn Catalog` and a test fake of just that aggregate satisfy.
+//!
+//! Every method is one atomic change: a second handle on the same catalog
+//! (another process, or another Strata node sharing the database) sees all
+//! of it or none of it. Errors are [`CatalogError`]s whatever the backend.
+//! The traits are synchronous: callers on an async runtime call them from a
+//! blocking pool.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use pg_wal::TimelineId;
+
+use crate::{
+    AccessKey, BackupPolicy, BackupSet, CatalogResult, CrossBackup, CrossBackupPolicy,
+    CrossWalSegment, DrillResult, Instance, Job, JobKind, LeaseOwner, ManagedInstance,
+    RestorePointRow, UsageSample, WalSegmentRow,
+};
+
+/// Registered instances and the instances Strata itself runs.
+///
+/// Owns: instances (unique by id), managed instances (unique by instance
+/// id). Deleting an instance also forgets its backup policy.
+pub trait InstanceCatalog: Send + Sync {
+    /// Registers an instance; [`crate::CatalogError::InstanceExists`] when
+    /// its id is taken.
+    fn add_instance(&self, instance: &Instance) -> CatalogResult<()>;
+    /// Replaces everything but the id and registration time;
+    /// [`crate::CatalogError::InstanceNotFound`] when unknown.
+    fn update_instance(&self, instance: &Instance) -> CatalogResult<()>;
+    /// One instance; [`crate::CatalogError::InstanceNotFound`] when unknown.
+    fn get_instance(&self, id: &str) -> CatalogResult<Instance>;
+    /// Every instance, by id.
+    fn list_instances(&self) -> CatalogResult<Vec<Instance>>;
+    /// Forgets an instance and its backup policy (one transaction);
+    /// [`crate::CatalogError::InstanceNotFound`] when unknown.
+    fn delete_instance(&self, id: &str) -> CatalogResult<()>;
+
+    /// Records or replaces a managed instance.
+    fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()>;
+    /// The managed instance of that id, if Strata runs one.
+    fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>>;
+    /// Every managed instance, by id.
+    fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>>;
+    /// Forgets a managed instance (no error when unknown).
+    fn delete_managed(&self, instance_id: &str) -> CatalogResult<()>;
+}
+
+/// Backup sets and the restore drills run on them.
+///
+/// Owns: backup sets (ids unique across all instances), drill results (at
+/// most one per backup set). A set's instance never changes, and a set
+/// failed by a lease takeover ([`JobCatalog::fail_expired_jobs`]) is never
+/// revived by its old owner ([`crate::CatalogError::LeaseLost`]).
+pub trait BackupCatalog: Send + Sync {
+    /// Records a new set; [`crate::CatalogError::BackupExists`] when its id
+    /// is taken (by any instance).
+    fn insert_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
+    /// Replaces a set's row; [`crate::CatalogError::BackupNotFound`] when
+    /// unknown, [`crate::CatalogError::Invalid`] when it names another
+    /// instance, [`crate::CatalogError::LeaseLost`] when it would revive a
+    /// set failed by a takeover.
+    fn update_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
+    /// One set; [`crate::CatalogError::BackupNotFound`] when unknown.
+    fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
+    /// Backup sets of an instance, oldest first.
+    fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>>;
+    /// Forgets a set and its drill result (one transaction);
+    /// [`crate::CatalogError::BackupNotFound`] when unknown.
+    fn delete_backup(&self, id: &str) -> CatalogResult<()>;
+
+    /// Records or replaces the drill result of a backup set.
+    fn put_drill(&self, d: &DrillResult) -> CatalogResult<()>;
+    /// The drill result of a backup set, if it was drilled.
+    fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>>;
+    /// Drill results of an instance's sets.
+    fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>>;
+}
+
+/// The index of stored WAL: segments and restore points.
+///
+/// Owns: WAL segment rows, unique by (instance, timeline, segment,
+/// partial), so a segment has at most one complete and one partial row;
+/// restore points, unique by (instance, LSN).
+pub trait WalCatalog: Send + Sync {
+    /// Records a stored segment object, replacing the row of the same key.
+    fn upsert_wal_segment(&self, row: &WalSegmentRow) -> CatalogResult<()>;
+    /// Forgets the complete (`partial` false) or partial row of a segment
+    /// (no error when there is none).
+    fn delete_wal_segment(
+        &self,
+        instance_id: &str,
+        timeline: TimelineId,
+        segment: &str,
+        partial: bool,
+    ) -> CatalogResult<()>;
+    /// The complete and partial rows of one segment.
+    fn find_wal_segment(
+        &self,
+        instance_id: &str,
+        timeline: TimelineId,
+        segment: &str,
+    ) -> CatalogResult<Vec<WalSegmentRow>>;
+    /// WAL segments of an instance by timeline and name.
+    fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>>;
+    /// Records a restore point, replacing one at the same LSN.
+    fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;
+    /// Restore points of an instance by LSN.
+    fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
+}
+
+/// Jobs and the leases that say which process runs them.
+///
+/// Owns: jobs (ids assigned by the catalog, increasing). Every job belongs
+/// to the lease of the handle that created it; only that owner may change
+/// an unfinished job, and a job another owner took over stays ended
+/// ([`crate::CatalogError::LeaseLost`]).
+pub trait JobCatalog: Send + Sync {
+    /// A new job owned by this catalog handle's lease ([`JobCatalog::lease_owner`]).
+    fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job>;
+    /// Records a job's state, progress and outcome;
+    /// [`crate::CatalogError::JobNotFound`] when unknown,
+    /// [`crate::CatalogError::LeaseLost`] when another owner ended it.
+    fn update_job(&self, job: &Job) -> CatalogResult<()>;
+    /// One job; [`crate::CatalogError::JobNotFound`] when unknown.
+    fn get_job(&self, id: i64) -> CatalogResult<Job>;
+    /// Jobs of an instance (every job with `None`), by id.
+    fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
+    /// The lease owner jobs created through this handle belong to: random
+    /// per process start, never a PID.
+    fn lease_owner(&self) -> &LeaseOwner;
+    /// Renews the lease on every unfinished job of [`JobCatalog::lease_owner`]
+    /// (heartbeat = `now`); returns how many jobs were renewed.
+    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize>;
+    /// Takes over the unfinished jobs of other owners whose lease expired
+    /// (last heartbeat more than `lease` before `now`): each is marked
+    /// `Failed` with the reason, with its running backup set, so new work
+    /// can start. Jobs of this handle's own owner are never taken over.
+    /// The look and the takeover are one transaction. Returns how many were
+    /// failed.
+    fn fail_expired_jobs(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> CatalogResult<usize>;
+}
+
+/// Backup policies: an instance's own and its cross-region one.
+///
+/// Owns: at most one backup policy and one cross-region policy per
+/// instance (a put replaces).
+pub trait PolicyCatalog: Send + Sync {
+    /// The policy of an instance, if one was stored.
+    fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>>;
+    /// Records or replaces an instance's policy.
+    fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()>;
+    /// The cross-region policy of an instance, if one was stored.
+    fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>>;
+    /// Records or replaces an instance's cross-region policy.
+    fn put_cross_policy(&self, policy: &CrossBackupPolicy) -> CatalogResult<()>;
+}
+
+/// What was copied to other regions' repositories.
+///
+/// Owns: copied backup sets, unique by (region, instance, backup id), and
+/// copied WAL segments, unique by (region, instance, timeline, segment);
+/// ids assigned by the catalog.
+pub trait CrossRegionCatalog: Send + Sync {
+    /// Records a committed copy and returns its new id.
+    fn insert_cross_backup(
+        &self,
+        region: &str,
+        set: &BackupSet,
+        copied_bytes: u64,
+        copied_at: DateTime<Utc>,
+    ) -> CatalogResult<i64>;
+    /// Copies of an instance's backup sets, oldest first.
+    fn list_cross_backups(&self, instance_id: &str) -> CatalogResult<Vec<CrossBackup>>;
+    /// Forgets a copied set (no error when unknown).
+    fn delete_cross_backup(&self, id: i64) -> CatalogResult<()>;
+    /// Records a copied WAL segment and returns its new id.
+    fn insert_cross_wal(
+        &self,
+        region: &str,
+        row: &WalSegmentRow,
+        copied_at: DateTime<Utc>,
+    ) -> CatalogResult<i64>;
+    /// Copied WAL segments of an instance by timeline and name.
+    fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>>;
+    /// Forgets a copied segment (no error when unknown).
+    fn delete_cross_wal(&self, id: i64) -> CatalogResult<()>;
+}
+
+/// Storage usage samples, from which billable GB-hours are integrated.
+///
+/// Owns: samples, unique by (instance, time): a second sample at the same
+/// moment replaces the first.
+pub trait UsageCatalog: Send + Sync {
+    /// Records a sample.
+    fn add_usage_sample(&self, sample: &UsageSample) -> CatalogResult<()>;
+    /// Samples of an instance taken between `from` and `to` (inclusive,
+    /// either open), oldest first.
+    fn list_usage_samples(
+        &self,
+        instance_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<UsageSample>>;
+    /// The newest sample of an instance.
+    fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>>;
+}
+
+/// API access keys and the request nonces seen with them.
+///
+/// Owns: access keys (unique by id) and nonces (unique by key and nonce):
+/// recording a nonce and learning whether it was new is one atomic step,
+/// so a replayed request is refused even when two servers see it at once.
+pub trait AccessCatalog: Send + Sync {
+    /// Records a new key.
+    fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()>;
+    /// One key, with its secret.
+    fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>>;
+    /// Every key, by id.
+    fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>>;
+    /// Returns false when no such key existed.
+    fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
+    /// Records a request nonce of a key; false when it was recorded before.
+    /// Nonces older than `forget_before` are dropped on the way.
+    fn admit_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> CatalogResult<bool>;
+}
+
+/// Packs a garbage collection keeps for the grace period before deleting.
+///
+/// Owns: per repository, the unreferenced packs and since when each was
+/// found so; the list is replaced whole, in one transaction.
+pub trait GcCatalog: Send + Sync {
+    /// Packs of the repository `repository_id` that a garbage collection
+    /// found unreferenced and kept for the grace period, each with when it
+    /// was first found so.
+    fn gc_pending(&self, repository_id: &str) -> CatalogResult<BTreeMap<String, DateTime<Utc>>>;
+    /// Replaces that list after a collection, in one transaction.
+    fn put_gc_pending(
+        &self,
+        repository_id: &str,
+        pending: &BTreeMap<String, DateTime<Utc>>,
+    ) -> CatalogResult<()>;
+}
+
+/// The part of the catalog that can be rebuilt from the repository.
+pub trait IndexCatalog: Send + Sync {
+    /// Forgets backup sets, WAL segments and restore points in one
+    /// transaction (before a reindex); instances, jobs and everything else
+    /// are kept.
+    fn clear_index(&self) -> CatalogResult<()>;
+}
+
+/// The whole catalog: every aggregate trait. Implemented for any type that
+/// implements them all, so a backend implements the aggregates and callers
+/// hold `Arc<dyn Catalog>`. Bring [`crate::prelude`] into scope to call the
+/// aggregates' methods on it.
+pub trait Catalog:
+    InstanceCatalog
+    + BackupCatalog
+    + WalCatalog
+    + JobCatalog
+    + PolicyCatalog
+    + CrossRegionCatalog
+    + UsageCatalog
+    + AccessCatalog
+    + GcCatalog
+    + IndexCatalog
+{
+}
+
+impl<T> Catalog for T where
+    T: ?Sized
+        + InstanceCatalog
+        + BackupCatalog
+        + WalCatalog
+        + JobCatalog
+        + PolicyCatalog
+        + CrossRegionCatalog
+        + UsageCatalog
+        + AccessCatalog
+        + GcCatalog
+        + IndexCatalog
+{
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{JobState, SqliteCatalog};
+
+    /// Needs jobs only: any job store will do.
+    fn open_jobs<C: JobCatalog + ?Sized>(jobs: &C) -> usize {
+        jobs.list_jobs(None)
+            .unwrap()
+            .iter()
+            .filter(|j| !j.state.is_terminal())
+            .count()
+    }
+
+    #[test]
+    fn one_aggregate_is_reachable_through_the_whole_catalog() {
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open_in_memory().unwrap());
+        let mut job = catalog.create_job(JobKind::Backup, None).unwrap();
+        catalog.create_job(JobKind::Restore, None).unwrap();
+        job.state = JobState::Finished;
+        catalog.update_job(&job).unwrap();
+        assert_eq!(open_jobs(&*catalog), 1);
+    }
+}

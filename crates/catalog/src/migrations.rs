@@ -1,0 +1,252 @@
+//! The catalog's schema history: one ordered list of versioned steps that
+//! every backend follows. A catalog records the version it reached (SQLite:
+//! `PRAGMA user_version`) and applies the steps after it, each in its own
+//! transaction, so any catalog written by an earlier release opens and
+//! upgrades. Never edit a released step: append a new one, with its SQL for
+//! every backend.
+
+/// One step of the schema history.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// The schema version a catalog has once this step ran: steps are
+    /// numbered 1, 2, 3… in list order.
+    pub version: i64,
+    /// What the step adds, for people and logs.
+    pub description: &'static str,
+    /// The step's SQL for the SQLite catalog.
+    pub sqlite: &'static str,
+}
+
+/// Every step, oldest first; the newest version is `MIGRATIONS.len()`.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "instances, backup sets, WAL segments, restore points and jobs",
+        sqlite: r#"
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    user_name TEXT NOT NULL,
+    password_env TEXT,
+    dbname TEXT,
+    sslmode TEXT NOT NULL,
+    sslrootcert TEXT,
+    system_identifier TEXT,
+    pg_version_num INTEGER,
+    wal_segment_size INTEGER,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE backup_sets (
+    id TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    start_lsn INTEGER,
+    stop_lsn INTEGER,
+    start_timeline INTEGER,
+    stop_timeline INTEGER,
+    pg_version_num INTEGER,
+    total_bytes INTEGER NOT NULL DEFAULT 0,
+    new_bytes INTEGER NOT NULL DEFAULT 0,
+    dedup_bytes INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    file_count INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    job_id INTEGER
+);
+CREATE INDEX backup_sets_instance ON backup_sets(instance_id, started_at);
+CREATE TABLE wal_segments (
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    segment TEXT NOT NULL,
+    partial INTEGER NOT NULL,
+    begin_lsn INTEGER NOT NULL,
+    end_lsn INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    first_commit TEXT,
+    last_commit TEXT,
+    commit_count INTEGER NOT NULL,
+    min_commit_xid INTEGER,
+    max_commit_xid INTEGER,
+    object_key TEXT NOT NULL,
+    stored_at TEXT NOT NULL,
+    PRIMARY KEY (instance_id, timeline, segment, partial)
+);
+CREATE TABLE restore_points (
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    lsn INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    PRIMARY KEY (instance_id, lsn)
+);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    instance_id TEXT,
+    state TEXT NOT NULL,
+    progress INTEGER NOT NULL DEFAULT 0,
+    detail TEXT NOT NULL DEFAULT '',
+    backup_id TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    error TEXT,
+    pid INTEGER NOT NULL
+);
+"#,
+    },
+    Migration {
+        version: 2,
+        description: "instance passwords, backup policies, access keys and jobs by instance",
+        sqlite: r#"
+ALTER TABLE instances ADD COLUMN password TEXT;
+CREATE TABLE backup_policies (
+    instance_id TEXT PRIMARY KEY,
+    backup_days TEXT NOT NULL,
+    backup_window TEXT NOT NULL,
+    backup_retention_days INTEGER NOT NULL,
+    log_backup_enabled INTEGER NOT NULL,
+    log_retention_days INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_auto_slot TEXT
+);
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    secret TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE INDEX jobs_instance ON jobs(instance_id, id);
+"#,
+    },
+    Migration {
+        version: 3,
+        description: "request nonces, so a signed request cannot be replayed",
+        sqlite: r#"
+CREATE TABLE used_nonces (
+    key_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    used_at TEXT NOT NULL,
+    PRIMARY KEY (key_id, nonce)
+);
+CREATE INDEX used_nonces_age ON used_nonces(used_at);
+"#,
+    },
+    Migration {
+        version: 4,
+        description: "managed instances (clones Strata runs) and restore drills",
+        sqlite: r#"
+CREATE TABLE managed_instances (
+    instance_id TEXT PRIMARY KEY,
+    source_instance TEXT NOT NULL,
+    backup_id TEXT,
+    restore_time TEXT,
+    data_dir TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    pg_major INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE backup_drills (
+    backup_id TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    job_id INTEGER
+);
+"#,
+    },
+    Migration {
+        version: 5,
+        description: "cross-region policies and the copied backup sets and WAL segments",
+        sqlite: r#"
+CREATE TABLE cross_backup_policies (
+    instance_id TEXT PRIMARY KEY,
+    region TEXT NOT NULL,
+    backup_enabled INTEGER NOT NULL,
+    log_backup_enabled INTEGER NOT NULL,
+    retention_days INTEGER NOT NULL,
+    backup_enabled_at TEXT,
+    log_backup_enabled_at TEXT,
+    updated_at TEXT NOT NULL
+);
+-- The copied set and segment rows are kept whole as JSON: they are read
+-- back as a whole and only ever looked up by instance.
+CREATE TABLE cross_backups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    region TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    backup_id TEXT NOT NULL,
+    backup_set TEXT NOT NULL,
+    copied_bytes INTEGER NOT NULL,
+    copied_at TEXT NOT NULL,
+    UNIQUE (region, instance_id, backup_id)
+);
+CREATE TABLE cross_wal_segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    region TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    segment TEXT NOT NULL,
+    wal_segment TEXT NOT NULL,
+    copied_at TEXT NOT NULL,
+    UNIQUE (region, instance_id, timeline, segment)
+);
+"#,
+    },
+    Migration {
+        version: 6,
+        description: "storage usage samples",
+        sqlite: r#"
+CREATE TABLE usage_samples (
+    instance_id TEXT NOT NULL,
+    sampled_at TEXT NOT NULL,
+    logical_bytes INTEGER NOT NULL,
+    data_bytes INTEGER NOT NULL,
+    wal_bytes INTEGER NOT NULL,
+    quota_bytes INTEGER NOT NULL,
+    cross_region_bytes INTEGER,
+    PRIMARY KEY (instance_id, sampled_at)
+);
+"#,
+    },
+    Migration {
+        version: 7,
+        description: "job leases (owner and heartbeat) and packs kept for the GC grace period",
+        sqlite: r#"
+-- A job belongs to a lease (owner id + heartbeat), never to a PID.
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN heartbeat_at TEXT;
+CREATE INDEX jobs_open_owner ON jobs(owner) WHERE state NOT IN ('Finished', 'Failed');
+-- Packs found unreferenced by a garbage collection, and since when: one is
+-- deleted only once it stayed unreferenced for the grace period.
+CREATE TABLE gc_pending (
+    repository_id TEXT NOT NULL,
+    pack_id TEXT NOT NULL,
+    unreferenced_since TEXT NOT NULL,
+    PRIMARY KEY (repository_id, pack_id)
+);
+"#,
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_count_up_from_one_in_list_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "step {:?}", m.description);
+            assert!(!m.sqlite.trim().is_empty());
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! One function per command group of the CLI: each turns parsed arguments
+//! into engine calls and prints the result, as a table or as JSON.
+
+use anyhow::{bail, Result};
+use chrono::{DateTime, Utc};
+use pg_wal::Lsn;
+use serde::Serialize;
+use strata_catalog::{BackupMode, Instance, SslMode};
+use strata_engine::{
+    BackupOptions, Engine, RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions,
+    WalReceiveOptions,
+};
+
+use crate::config::{self, Config};
+use crate::output::{self, human_bytes, CliProgress};
+use crate::{keys, runtime, BackupCmd, InstanceCmd, KeyCmd, RepoCmd, RestoreArgs, WalCmd};
+
+/// Prints `value` as pretty JSON when `json` is set, else through `table`.
+fn print<T: Serialize + ?Sized>(json: bool, value: &T, table: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}
+
+/// `strata instance add|list`.
+pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
+    match cmd {
+        InstanceCmd::Add {
+            id,
+            host,
+            port,
+            user,
+            password_env,
+            dbname,
+            sslmode,
+            sslrootcert,
+            no_check,
+        } => {
+            if !Instance::valid_id(&id) {
+                bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)");
+            }
+            // Parsed here rather than by clap: one `error:` line, like every other refusal.
+            let sslmode: SslMode = sslmode.parse()?;
+            let mut instance = Instance {
+                password_env,
+                dbname,
+                sslrootcert: sslrootcert.map(|p| p.display().to_string()),
+                ..Instance::new(&id, &host, port, &user, sslmode)
+            };
+            if let Ok(existing) = engine.catalog().get_instance(&id) {
+                bail!(
+                    "instance {:?} already exists ({}:{})",
+                    id,
+                    existing.host,
+                    existing.port
+                );
+            }
+            if !no_check {
+                let facts = runtime()?.block_on(engine.probe(&instance))?;
+                instance.system_identifier = Some(facts.system_id);
+                instance.pg_version_num = Some(facts.pg_version_num);
+                instance.wal_segment_size = Some(facts.wal_segment_size);
+            }
+            engine.add_instance(&instance)?;
+            for warning in strata_engine::connection_warnings(&instance) {
+                eprintln!("warning: instance {id}: {warning}");
+            }
+            println!("instance {id} added");
+            Ok(())
+        }
+        InstanceCmd::List { json } => {
+            let list = engine.catalog().list_instances()?;
+            print(json, &list[..], output::print_instances)
+        }
+    }
+}
+
+/// `strata backup create|list|show`.
+pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
+    match cmd {
+        BackupCmd::Create { id, max_rate } => {
+            let opts = BackupOptions {
+                mode: BackupMode::Manual,
+                max_rate_kb: max_rate,
+            };
+            let progress = CliProgress::new();
+            let started = std::time::Instant::now();
+            let set = runtime()?.block_on(engine.backup(&id, &opts, &progress))?;
+            progress.finish();
+            println!(
+                "backup {} of {}: {} in {} files; {} new ({} stored), {} deduplicated; {:.1}s",
+                set.id,
+                set.instance_id,
+                human_bytes(set.total_bytes),
+                set.file_count,
+                human_bytes(set.new_bytes),
+                human_bytes(set.stored_bytes),
+                human_bytes(set.dedup_bytes),
+                started.elapsed().as_secs_f64()
+            );
+            println!("{}", set.id);
+            Ok(())
+        }
+        BackupCmd::List { id, json } => {
+            engine.catalog().get_instance(&id)?;
+            engine.fail_expired_jobs()?;
+            let list = engine.catalog().list_backups(&id)?;
+            print(json, &list[..], output::print_backups)
+        }
+        BackupCmd::Show { id, backup, json } => {
+            engine.catalog().get_instance(&id)?;
+            let m = engine.repo().read_manifest(&id, &backup)?;
+            let summary = output::BackupSummary::of(&m);
+            print(json, &summary, output::BackupSummary::print)
+        }
+    }
+}
+
+/// `strata wal receive|list`.
+pub(crate) fn wal(engine: &Engine, cmd: WalCmd) -> Result<()> {
+    match cmd {
+        WalCmd::Receive { id, no_reconnect } => {
+            engine.catalog().get_instance(&id)?;
+            runtime()?.block_on(async {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    let _ = tx.send(true);
+                });
+                let progress = CliProgress::lines();
+                engine
+                    .receive_wal(&id, rx, WalReceiveOptions { no_reconnect }, &progress)
+                    .await?;
+                eprintln!("WAL receiver for {id} stopped");
+                anyhow::Ok(())
+            })
+        }
+        WalCmd::List { id, json } => {
+            engine.catalog().get_instance(&id)?;
+            let list = engine.catalog().list_wal_segments(&id)?;
+            print(json, &list[..], output::print_wal)
+        }
+    }
+}
+
+/// The recovery target the restore arguments ask for (clap allows at most one).
+fn recovery_target(args: &RestoreArgs) -> Result<RecoveryTarget> {
+    Ok(if let Some(t) = &args.time {
+        RecoveryTarget::Time(parse_time(t)?)
+    } else if let Some(l) = &args.lsn {
+        RecoveryTarget::Lsn(
+            l.parse::<Lsn>()
+                .map_err(|_| anyhow::anyhow!("invalid LSN {l:?} (expected e.g. 0/3000000)"))?,
+        )
+    } else if let Some(x) = args.xid {
+        RecoveryTarget::Xid(x)
+    } else if let Some(n) = &args.name {
+        RecoveryTarget::Name(n.clone())
+    } else if args.immediate {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::Latest
+    })
+}
+
+/// `strata restore`.
+pub(crate) fn restore(engine: &Engine, args: &RestoreArgs) -> Result<()> {
+    let opts = RestoreOptions {
+        target_dir: args.target_dir.clone(),
+        backup_id: args.backup.clone(),
+        target: recovery_target(args)?,
+        start: match (args.start, args.port) {
+            (true, Some(port)) => Some(StartOptions {
+                port,
+                ..Default::default()
+            }),
+            _ => None,
+        },
+        job_id: None,
+        index: None,
+    };
+    let progress = CliProgress::new();
+    let outcome = engine.restore(&args.id, &opts, &progress)?;
+    progress.finish();
+    print(args.json, &outcome, print_restore)
+}
+
+fn print_restore(outcome: &RestoreOutcome) {
+    println!(
+        "restored backup {} to {}: {} in {} files, {} WAL segments (to {}), recovering to {}",
+        outcome.backup_id,
+        outcome.target_dir.display(),
+        human_bytes(outcome.bytes),
+        outcome.files,
+        outcome.wal_segments,
+        outcome.wal_end,
+        outcome.target
+    );
+    match outcome.started_port {
+        Some(port) => println!(
+            "server running on port {port}{}",
+            outcome
+                .recovery_stop
+                .as_ref()
+                .map(|s| format!(" ({})", s.trim()))
+                .unwrap_or_default()
+        ),
+        None => println!(
+            "start it with: pg_ctl -D {} start (recovery runs on start)",
+            outcome.target_dir.display()
+        ),
+    }
+}
+
+/// `strata task list`.
+pub(crate) fn tasks(engine: &Engine, instance_id: Option<&str>, json: bool) -> Result<()> {
+    engine.fail_expired_jobs()?;
+    let jobs = engine.catalog().list_jobs(instance_id)?;
+    print(json, &jobs[..], output::print_jobs)
+}
+
+/// `strata repo verify|usage|rotate-key|reindex`.
+pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()> {
+    match cmd {
+        RepoCmd::Verify { json } => {
+            let progress = CliProgress::objects();
+            let report = engine.repo().verify(&|done, total| {
+                strata_engine::Progress::update(&progress, "verify", done, Some(total))
+            })?;
+            progress.finish();
+            print(json, &report, output::print_verify)?;
+            if !report.is_clean() {
+                bail!(
+                    "repository verification found {} problem(s)",
+                    report.problems.len()
+                );
+            }
+            Ok(())
+        }
+        RepoCmd::Usage { json, region } => {
+            let repo = match region {
+                Some(id) => config.regions()?.target(&id)?.repository()?,
+                None => engine.repo().clone(),
+            };
+            let usage = repo.measure_usage(&mut Default::default())?;
+            print(json, &usage, output::print_usage)
+        }
+        RepoCmd::RotateKey {
+            new_key_file,
+            new_passphrase_env,
+        } => {
+            let new = match (new_key_file, new_passphrase_env) {
+                (Some(path), _) => strata_repo::KeySource::KeyFile(path),
+                (None, Some(var)) => config::passphrase_from_env(&var)?,
+                (None, None) => bail!("give --new-key-file or --new-passphrase-env"),
+            };
+            let mut repo = engine.repo().clone();
+            repo.rotate_key(&new)?;
+            println!(
+                "repository {} is now unlocked by the new {}; update [encryption] in the configuration",
+                repo.config().repository_id,
+                if matches!(new, strata_repo::KeySource::KeyFile(_)) {
+                    "key file"
+                } else {
+                    "passphrase"
+                }
+            );
+            Ok(())
+        }
+        RepoCmd::Reindex => {
+            let report = engine.reindex()?;
+            println!(
+                "reindexed {} instance(s) ({} added), {} backup set(s), {} WAL object(s)",
+                report.instances, report.instances_added, report.backups, report.wal_segments
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `strata key create|list|delete`.
+pub(crate) fn key(engine: &Engine, cmd: KeyCmd) -> Result<()> {
+    match cmd {
+        KeyCmd::Create {
+            read_only,
+            description,
+            json,
+        } => {
+            let key = keys::generate(read_only, &description);
+            engine.catalog().add_access_key(&key)?;
+            if json {
+                println!("{}", keys::pair_json(&key));
+            } else {
+                println!("AccessKeyId:     {}", key.id);
+                println!("AccessKeySecret: {}", key.secret);
+                println!(
+                    "({}; the secret is not shown again)",
+                    if read_only {
+                        "read-only: Describe* actions only"
+                    } else {
+                        "full access"
+                    }
+                );
+            }
+            Ok(())
+        }
+        KeyCmd::List { json } => {
+            let list = engine.catalog().list_access_keys()?;
+            print(json, &list[..], |list| {
+                println!(
+                    "{:<26} {:<10} {:<20} DESCRIPTION",
+                    "ACCESS KEY ID", "ACCESS", "CREATED"
+                );
+                for k in list {
+                    println!(
+                        "{:<26} {:<10} {:<20} {}",
+                        k.id,
+                        if k.read_only { "read-only" } else { "full" },
+                        k.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        k.description
+                    );
+                }
+            })
+        }
+        KeyCmd::Delete { id } => {
+            if !engine.catalog().delete_access_key(&id)? {
+                bail!("no AccessKey {id:?}");
+            }
+            println!("deleted AccessKey {id}");
+            Ok(())
+        }
+    }
+}
+
+/// A time given on the command line: RFC 3339, or RDS's spelling without seconds.
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    // RDS spells times without seconds: 2026-11-25T10:00Z.
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%MZ") {
+        return Ok(t.and_utc());
+    }
+    bail!("invalid time {s:?} (expected RFC 3339, e.g. 2026-11-25T10:00:00Z)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn restore_args(extra: &[&str]) -> RestoreArgs {
+        let mut argv = vec!["strata", "restore", "db1", "--target-dir", "/tmp/x"];
+        argv.extend_from_slice(extra);
+        match crate::Cli::try_parse_from(argv)
+            .expect("arguments parse")
+            .command
+        {
+            crate::Command::Restore(args) => args,
+            _ => unreachable!("the restore subcommand was given"),
+        }
+    }
+
+    #[test]
+    fn each_restore_flag_chooses_its_target() {
+        let t = |extra: &[&str]| recovery_target(&restore_args(extra)).unwrap().to_string();
+        assert_eq!(t(&[]), RecoveryTarget::Latest.to_string());
+        assert_eq!(t(&["--immediate"]), RecoveryTarget::Immediate.to_string());
+        assert_eq!(t(&["--xid", "742"]), RecoveryTarget::Xid(742).to_string());
+        assert_eq!(
+            t(&["--name", "before-upgrade"]),
+            RecoveryTarget::Name("before-upgrade".into()).to_string()
+        );
+        assert_eq!(
+            t(&["--lsn", "0/3000000"]),
+            RecoveryTarget::Lsn("0/3000000".parse().unwrap()).to_string()
+        );
+        assert_eq!(
+            t(&["--time", "2026-11-25T10:00Z"]),
+            RecoveryTarget::Time(parse_time("2026-11-25T10:00:00Z").unwrap()).to_string()
+        );
+    }
+
+    #[test]
+    fn conflicting_or_malformed_targets_are_refused() {
+        let argv = [
+            "strata",
+            "restore",
+            "db1",
+            "--target-dir",
+            "/x",
+            "--xid",
+            "1",
+            "--immediate",
+        ];
+        assert!(crate::Cli::try_parse_from(argv).is_err());
+        let err = recovery_target(&restore_args(&["--lsn", "3000000"])).unwrap_err();
+        assert!(err.to_string().contains("invalid LSN"), "{err}");
+        let err = recovery_target(&restore_args(&["--time", "yesterday"])).unwrap_err();
+        assert!(err.to_string().contains("invalid time"), "{err}");
+    }
+
+    #[test]
+    fn times_parse_with_and_without_seconds_and_offsets() {
+        let cases = [
+            ("2026-11-25T10:00:00Z", "2026-11-25T10:00:00+00:00"),
+            ("2026-11-25T10:00Z", "2026-11-25T10:00:00+00:00"),
+            ("2026-11-25T12:30:05+02:00", "2026-11-25T10:30:05+00:00"),
+            ("2026-11-25T10:00:00.250Z", "2026-11-25T10:00:00.250+00:00"),
+        ];
+        for (given, want) in cases {
+            assert_eq!(parse_time(given).unwrap().to_rfc3339(), want, "{given}");
+        }
+        for bad in ["", "2026-11-25", "10:00Z", "2026-13-01T00:00Z"] {
+            assert!(parse_time(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
