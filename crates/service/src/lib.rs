@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupPolicy, BackupStatus, CatalogError, Instance};
 use strata_engine::{Engine, EngineError};
-use strata_repo::GcReport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cross_region::{
@@ -158,8 +157,6 @@ pub struct Service {
     backups: BackupTasks,
     /// When retention last ran and whether a collection is owed.
     housekeeping: Housekeeping,
-    /// The last collection and what it did (for `/metrics`).
-    last_gc: Mutex<Option<(DateTime<Utc>, GcReport)>>,
     /// Storage usage sampling.
     usage: UsageState,
     started: Instant,
@@ -195,7 +192,6 @@ impl Service {
             settings,
             backups: BackupTasks::default(),
             housekeeping: Housekeeping::default(),
-            last_gc: Mutex::new(None),
             usage: UsageState::default(),
             started: Instant::now(),
             drill_worker: DrillWorker::default(),

@@ -197,7 +197,7 @@ impl Service {
         for (s, n) in by_state {
             samples.push("strata_jobs", format!("{{state=\"{s}\"}}"), n as f64);
         }
-        let gc = lock(&self.last_gc).clone();
+        let gc = lock(&self.housekeeping.last_gc).clone();
         if let Some((at, report)) = gc {
             let at = at.timestamp() as f64;
             samples.push("strata_gc_last_run_timestamp_seconds", String::new(), at);

@@ -29,6 +29,8 @@ pub(crate) struct Housekeeping {
     /// A collection is owed (something stored was deleted, or the last one
     /// found the lock taken).
     gc_due: AtomicBool,
+    /// The last collection and what it did (for `/metrics`).
+    pub(crate) last_gc: Mutex<Option<(DateTime<Utc>, strata_repo::GcReport)>>,
 }
 
 impl Default for Housekeeping {
@@ -37,6 +39,7 @@ impl Default for Housekeeping {
             last_retention: Mutex::new(None),
             // A collection at the first tick cleans up after a crash.
             gc_due: AtomicBool::new(true),
+            last_gc: Mutex::new(None),
         }
     }
 }
@@ -181,7 +184,7 @@ impl Service {
                 if report.packs_deleted > 0 {
                     tracing::info!("garbage collection deleted {} packs", report.packs_deleted);
                 }
-                *lock(&self.last_gc) = Some((now, report));
+                *lock(&self.housekeeping.last_gc) = Some((now, report));
                 // Collections follow every change of what is stored.
                 self.usage_changed();
             }
