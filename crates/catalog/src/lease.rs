@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::Catalog;
+use crate::{Catalog, Job};
 
 /// A lease owner: 128 random bits as 32 hex digits, one per process start
 /// (per catalog handle).
@@ -46,6 +46,20 @@ impl std::fmt::Display for LeaseOwner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Why a job was taken over from `owner`.
+pub(crate) fn lease_expired_reason(job: &Job) -> String {
+    let owner = if job.owner.as_str().is_empty() {
+        "(none recorded)"
+    } else {
+        job.owner.as_str()
+    };
+    format!(
+        "its owner {owner} (pid {}) stopped renewing its lease at {}; the job was taken over and failed",
+        job.pid,
+        job.heartbeat_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
 }
 
 /// Renews the leases of one catalog handle's jobs on a background thread,

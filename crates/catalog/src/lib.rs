@@ -19,6 +19,7 @@
 mod interface;
 mod lease;
 mod migrations;
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -36,6 +37,7 @@ pub use interface::{
 };
 pub use lease::{LeaseKeeper, LeaseOwner};
 pub use migrations::{Migration, MIGRATIONS};
+pub use postgres::{PgCatalog, PgConnect};
 pub use sqlite::SqliteCatalog;
 
 /// The catalog traits, to call their methods on an `Arc<dyn Catalog>`:

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use crate::lease::lease_expired_reason;
 use crate::*;
 
 /// Classifies what SQLite reported: busy/locked is retryable, a unique or
@@ -243,20 +244,6 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
 }
 
 const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at";
-
-/// Why a job was taken over from `owner`.
-fn lease_expired_reason(job: &Job) -> String {
-    let owner = if job.owner.as_str().is_empty() {
-        "(none recorded)"
-    } else {
-        job.owner.as_str()
-    };
-    format!(
-        "its owner {owner} (pid {}) stopped renewing its lease at {}; the job was taken over and failed",
-        job.pid,
-        job.heartbeat_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    )
-}
 
 const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
 
