@@ -163,7 +163,8 @@ impl PgConnect {
 
     /// The driver's configuration and the TLS settings the URL asks for.
     fn config(&self) -> CatalogResult<(tokio_postgres::Config, TlsWanted)> {
-        let invalid = |what: &str| CatalogError::Invalid(format!("catalog URL {}: {what}", self.redacted()));
+        let invalid =
+            |what: &str| CatalogError::Invalid(format!("catalog URL {}: {what}", self.redacted()));
         if !PgConnect::is_url(&self.url) {
             return Err(invalid("not a postgres:// URL"));
         }
@@ -249,9 +250,7 @@ fn redact_url(url: &str) -> String {
 
 /// TLS as the URL asked: certificates are always verified, against
 /// `sslrootcert` when given, else the system's roots.
-fn tls_connector(
-    tls: &TlsWanted,
-) -> CatalogResult<tokio_postgres_rustls::MakeRustlsConnect> {
+fn tls_connector(tls: &TlsWanted) -> CatalogResult<tokio_postgres_rustls::MakeRustlsConnect> {
     let mut roots = rustls::RootCertStore::empty();
     match &tls.root_cert {
         Some(path) => {
@@ -900,8 +899,11 @@ impl InstanceCatalog for PgCatalog {
                 {
                     return Ok(false);
                 }
-                tx.execute("DELETE FROM backup_policies WHERE instance_id = $1", &[&key])
-                    .await?;
+                tx.execute(
+                    "DELETE FROM backup_policies WHERE instance_id = $1",
+                    &[&key],
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -957,8 +959,11 @@ impl InstanceCatalog for PgCatalog {
         self.call(move |c| {
             let key = key.clone();
             async move {
-                c.execute("DELETE FROM managed_instances WHERE instance_id = $1", &[&key])
-                    .await?;
+                c.execute(
+                    "DELETE FROM managed_instances WHERE instance_id = $1",
+                    &[&key],
+                )
+                .await?;
                 Ok(())
             }
         })
@@ -1402,7 +1407,8 @@ impl PolicyCatalog for PgCatalog {
         self.call(move |c| {
             let key = key.clone();
             async move {
-                let sql = format!("SELECT {POLICY_COLS} FROM backup_policies WHERE instance_id = $1");
+                let sql =
+                    format!("SELECT {POLICY_COLS} FROM backup_policies WHERE instance_id = $1");
                 c.query_opt(&sql, &[&key])
                     .await?
                     .map(|r| policy_from_row(&r))
