@@ -95,7 +95,10 @@ impl SqliteCatalog {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> CatalogResult<T>) -> CatalogResult<T> {
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> CatalogResult<T>,
+    ) -> CatalogResult<T> {
         let conn = self
             .conn
             .lock()

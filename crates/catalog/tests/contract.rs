@@ -955,3 +955,186 @@ fn calls_from_inside_an_async_runtime_work() {
         drop(cat);
     });
 }
+
+/// A SQLite catalog with a row in every table, times with nanoseconds
+/// SQLite keeps and PostgreSQL does not.
+fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
+    let cat = SqliteCatalog::open(path).unwrap();
+    let t = Utc::now();
+    let mut i = instance("a");
+    i.password = Some("s3cret".into());
+    i.created_at = t;
+    cat.add_instance(&i).unwrap();
+    cat.add_instance(&instance("b")).unwrap();
+    let job = running_backup(&cat, "running");
+    let mut done = cat.create_job(JobKind::Restore, None).unwrap();
+    done.state = JobState::Finished;
+    done.finished_at = Some(t);
+    cat.update_job(&done).unwrap();
+    cat.insert_backup(&full_set("full", t)).unwrap();
+    cat.upsert_wal_segment(&wal_row("a", "000000010000000000000001", false))
+        .unwrap();
+    cat.upsert_wal_segment(&wal_row("a", "000000010000000000000002", true))
+        .unwrap();
+    cat.upsert_restore_point(&RestorePointRow {
+        instance_id: "a".into(),
+        timeline: TimelineId(1),
+        name: "before".into(),
+        lsn: Lsn(0x100_0100),
+        time: t,
+    })
+    .unwrap();
+    cat.put_policy(&policy("a")).unwrap();
+    cat.put_cross_policy(&CrossBackupPolicy {
+        instance_id: "a".into(),
+        region: "eu".into(),
+        backup_enabled: true,
+        log_backup_enabled: true,
+        retention_days: 3,
+        backup_enabled_at: Some(t),
+        log_backup_enabled_at: None,
+        updated_at: t,
+    })
+    .unwrap();
+    cat.insert_cross_backup("eu", &full_set("full", t), 10, t)
+        .unwrap();
+    cat.insert_cross_wal("eu", &wal_row("a", "000000010000000000000001", false), t)
+        .unwrap();
+    cat.add_usage_sample(&UsageSample {
+        instance_id: "a".into(),
+        at: t,
+        logical_bytes: 1,
+        data_bytes: 2,
+        wal_bytes: 3,
+        quota_bytes: 4,
+        cross_region_bytes: None,
+    })
+    .unwrap();
+    cat.add_access_key(&AccessKey {
+        id: "AK1".into(),
+        secret: "sec".into(),
+        read_only: false,
+        description: String::new(),
+        created_at: t,
+    })
+    .unwrap();
+    assert!(cat
+        .admit_nonce("AK1", "seen", t, t - chrono::Duration::hours(1))
+        .unwrap());
+    cat.put_managed(&ManagedInstance {
+        instance_id: "clone".into(),
+        source_instance: "a".into(),
+        backup_id: Some("full".into()),
+        restore_time: None,
+        data_dir: "/srv/clone".into(),
+        port: 15432,
+        pg_major: 15,
+        status: "Running".into(),
+        error: None,
+        created_at: t,
+    })
+    .unwrap();
+    cat.put_drill(&DrillResult {
+        backup_id: "full".into(),
+        instance_id: "a".into(),
+        status: "Passed".into(),
+        detail: "12 tables".into(),
+        started_at: t,
+        finished_at: Some(t),
+        job_id: Some(job.id),
+    })
+    .unwrap();
+    let mut pending = BTreeMap::new();
+    pending.insert("pack-1".to_string(), t);
+    cat.put_gc_pending("repo", &pending).unwrap();
+    cat
+}
+
+/// What the catalog answers, with times cut to the microsecond.
+fn everything(cat: &dyn Catalog) -> String {
+    let mut out = serde_json::json!({
+        "instances": cat.list_instances().unwrap(),
+        "passwords": cat.list_instances().unwrap().iter().map(|i| i.password.clone()).collect::<Vec<_>>(),
+        "managed": cat.list_managed().unwrap(),
+        "jobs": cat.list_jobs(None).unwrap(),
+        "keys": cat.list_access_keys().unwrap().iter().map(|k| (k.id.clone(), k.secret.clone())).collect::<Vec<_>>(),
+        "gc": cat.gc_pending("repo").unwrap(),
+    });
+    for id in ["a", "b"] {
+        out[id] = serde_json::json!({
+            "backups": cat.list_backups(id).unwrap(),
+            "drills": cat.list_drills(id).unwrap(),
+            "wal": cat.list_wal_segments(id).unwrap(),
+            "points": cat.list_restore_points(id).unwrap(),
+            "policy": cat.get_policy(id).unwrap(),
+            "cross_policy": cat.get_cross_policy(id).unwrap(),
+            "cross": cat.list_cross_backups(id).unwrap(),
+            "cross_wal": cat.list_cross_wal(id).unwrap(),
+            "usage": cat.list_usage_samples(id, None, None).unwrap(),
+        });
+    }
+    // RFC 3339 with nanoseconds: keep six digits of the fraction.
+    let text = out.to_string();
+    let re_cut = |s: &str| -> String {
+        let mut r = String::new();
+        let mut digits = 0;
+        let mut in_fraction = false;
+        for ch in s.chars() {
+            if in_fraction && ch.is_ascii_digit() {
+                digits += 1;
+                if digits > 6 {
+                    continue;
+                }
+            } else {
+                in_fraction = false;
+            }
+            if ch == '.' {
+                in_fraction = true;
+                digits = 0;
+            }
+            r.push(ch);
+        }
+        r
+    };
+    re_cut(&text)
+}
+
+#[test]
+fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = populated_sqlite(&dir.path().join("catalog.db"));
+    let url = testkit::catalog_database("transfer");
+    let pg = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+
+    let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
+    let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
+    assert_eq!(tables.len(), 15, "{tables:?}");
+    assert!(
+        report.iter().all(|t| t.rows > 0),
+        "a row in every table: {report:?}"
+    );
+    assert_eq!(everything(&sqlite), everything(&pg));
+    // Nonces and ids carry over: a replay stays refused, new ids go on.
+    let t = Utc::now();
+    assert!(!pg
+        .admit_nonce("AK1", "seen", t, t - chrono::Duration::hours(1))
+        .unwrap());
+    let max = sqlite
+        .list_jobs(None)
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .max()
+        .unwrap();
+    assert!(pg.create_job(JobKind::Backup, None).unwrap().id > max);
+    let cross = pg
+        .insert_cross_backup("us", &full_set("full", now()), 1, now())
+        .unwrap();
+    assert!(cross > sqlite.list_cross_backups("a").unwrap()[0].id);
+
+    // A catalog in use is never overwritten; nothing of a refused copy lands.
+    let before = everything(&pg);
+    let err = copy_sqlite_to_postgres(&sqlite, &pg).unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert_eq!(everything(&pg), before);
+}
