@@ -18,7 +18,7 @@ use tokio_postgres::types::ToSql;
 use crate::{CatalogError, CatalogResult, PgCatalog, SqliteCatalog};
 
 /// One table copied: its name and how many rows it holds in both catalogs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TableCopy {
     /// Table name.
     pub table: String,
