@@ -14,6 +14,7 @@ use chrono::{DateTime, DurationRound, Utc};
 use pg_wal::{Lsn, TimelineId};
 use strata_catalog::prelude::*;
 use strata_catalog::*;
+use testkit::Cluster;
 
 /// Opens handles on one catalog.
 trait Backend {
@@ -1137,4 +1138,55 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
     let err = copy_sqlite_to_postgres(&sqlite, &pg).unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
     assert_eq!(everything(&pg), before);
+}
+
+/// A pooled connection the server dropped costs at most the call that finds
+/// it (as retryable); the next call connects afresh.
+#[test]
+fn a_dropped_connection_is_retryable_and_replaced() {
+    let url = testkit::catalog_database("dropped_connection");
+    let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+    cat.add_instance(&instance("a")).unwrap();
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let killed = testkit::catalog_server().psql(
+        "postgres",
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
+        ),
+    );
+    assert_ne!(killed, "0", "the catalog's connection was there to drop");
+    match cat.list_instances() {
+        Ok(list) => assert_eq!(list.len(), 1),
+        Err(e) => assert!(e.is_retryable(), "{e:?}"),
+    }
+    assert_eq!(cat.list_instances().unwrap().len(), 1);
+}
+
+/// TLS: verified against the URL's `sslrootcert`; a server the roots do not
+/// vouch for is refused.
+#[test]
+fn tls_is_verified_against_sslrootcert() {
+    let server = Cluster::builder(15).ssl(true).wal_level("minimal").start();
+    let ca = server.ca_cert().unwrap().display().to_string();
+    let base = format!("postgres://postgres@localhost:{}/postgres", server.port());
+    let cat = PgCatalog::open(&PgConnect::new(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={ca}"
+    )))
+    .unwrap();
+    cat.add_instance(&instance("over-tls")).unwrap();
+    let ssl = server.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.application_name = 'strata'",
+    );
+    assert_ne!(ssl, "0", "the catalog's connections use TLS");
+    drop(cat);
+    // The system's roots do not know the test CA.
+    let err = PgCatalog::open(&PgConnect::new(&format!("{base}?sslmode=require")))
+        .err()
+        .expect("an unknown CA is refused");
+    assert!(
+        format!("{err:?}").to_lowercase().contains("certificate"),
+        "{err:?}"
+    );
 }
