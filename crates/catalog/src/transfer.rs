@@ -109,7 +109,8 @@ pub fn copy_sqlite_to_postgres(
                 let n: i64 = tx
                     .query_one(&format!("SELECT count(*) FROM {table}"), &[])
                     .await?
-                    .get(0);
+                    .try_get(0)
+                    .map_err(|e| CatalogError::Corrupt(Box::new(e)))?;
                 if n > 0 {
                     return Err(CatalogError::Invalid(format!(
                         "the target catalog is not empty (table {table} holds {n} rows); \
@@ -196,14 +197,15 @@ fn postgres_schema(
         .await?
         .iter()
         .map(|r| {
-            (
-                r.get::<_, String>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
-                r.get::<_, bool>(3),
-            )
+            Ok((
+                r.try_get::<_, String>(0)?,
+                r.try_get::<_, String>(1)?,
+                r.try_get::<_, String>(2)?,
+                r.try_get::<_, bool>(3)?,
+            ))
         })
-        .collect::<Vec<_>>())
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        .map_err(|e| CatalogError::Corrupt(Box::new(e)))?)
     })?;
     let mut schema: BTreeMap<String, Columns> = BTreeMap::new();
     let mut identities = BTreeMap::new();

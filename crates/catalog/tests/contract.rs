@@ -1190,3 +1190,116 @@ fn tls_is_verified_against_sslrootcert() {
         "{err:?}"
     );
 }
+
+/// Both backends hold the same tables and columns, in the same order, with
+/// types that mean the same: SQLite TEXT is PostgreSQL text or (times)
+/// timestamptz, INTEGER is bigint or (truth values) boolean.
+#[test]
+fn both_backends_have_the_same_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    drop(SqliteCatalog::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut sqlite: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for t in tables {
+        let cols = conn
+            .prepare(&format!(
+                "SELECT name, type FROM pragma_table_info('{t}') ORDER BY cid"
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        sqlite.insert(t, cols);
+    }
+
+    let url = testkit::catalog_database("same_schema");
+    drop(PgCatalog::open(&PgConnect::new(&url)).unwrap());
+    let listing = psql_url(
+        &url,
+        "SELECT table_name || '|' || column_name || '|' || data_type FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name <> 'strata_schema_migrations' \
+         ORDER BY table_name, ordinal_position",
+    );
+    let mut postgres: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for line in listing.lines() {
+        let mut parts = line.split('|');
+        let (t, c, ty) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        postgres
+            .entry(t.to_string())
+            .or_default()
+            .push((c.to_string(), ty.to_string()));
+    }
+    assert_eq!(
+        sqlite.keys().collect::<Vec<_>>(),
+        postgres.keys().collect::<Vec<_>>()
+    );
+    for (table, cols) in &sqlite {
+        let pg = &postgres[table];
+        let names = |c: &[(String, String)]| c.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(cols), names(pg), "columns of {table}");
+        for ((name, lite), (_, big)) in cols.iter().zip(pg) {
+            let same = match lite.as_str() {
+                "TEXT" => big == "text" || big == "timestamp with time zone",
+                "INTEGER" => big == "bigint" || big == "boolean",
+                _ => false,
+            };
+            assert!(same, "{table}.{name}: SQLite {lite}, PostgreSQL {big}");
+        }
+    }
+}
+
+/// A PostgreSQL catalog left at any earlier step (built from the migration
+/// list itself) upgrades on open and keeps its rows.
+#[test]
+fn a_postgres_catalog_at_every_earlier_step_upgrades_and_keeps_its_rows() {
+    for reached in 1..MIGRATIONS.len() {
+        let url = testkit::catalog_database(&format!("upgrade_from_{reached}"));
+        let mut sql = String::from(
+            "CREATE TABLE strata_schema_migrations (version bigint PRIMARY KEY, \
+             description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());\n",
+        );
+        for step in &MIGRATIONS[..reached] {
+            sql.push_str(step.postgres);
+            sql.push_str(&format!(
+                "\nINSERT INTO strata_schema_migrations (version, description) VALUES ({}, 'old');\n",
+                step.version
+            ));
+        }
+        sql.push_str(
+            "INSERT INTO instances (id, host, port, user_name, sslmode, created_at) \
+             VALUES ('old', 'db.example', 5433, 'strata', 'verify-full', '2026-01-02T03:04:05.678901Z');\n",
+        );
+        psql_url(&url, &sql);
+        let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+        let old = cat.get_instance("old").unwrap();
+        assert_eq!(
+            (old.host.as_str(), old.port, old.sslmode, old.password),
+            ("db.example", 5433, SslMode::VerifyFull, None),
+            "from step {reached}"
+        );
+        assert_eq!(old.created_at, at("2026-01-02T03:04:05.678901Z"));
+        let versions = psql_url(&url, "SELECT count(*) FROM strata_schema_migrations");
+        assert_eq!(
+            versions,
+            MIGRATIONS.len().to_string(),
+            "from step {reached}"
+        );
+        // Everything the newest steps added works.
+        cat.put_gc_pending("r", &BTreeMap::from([("p".to_string(), now())]))
+            .unwrap();
+        assert!(cat.create_job(JobKind::Backup, None).unwrap().id > 0);
+    }
+}
