@@ -168,6 +168,17 @@ fn a_sqlite_catalog_moves_to_postgres_and_backs_up_and_restores_from_there() {
     assert_eq!(at_t, "1:before the backup,2:kept");
     let latest = strata.restore_and_start(id, "latest", 15, &[]);
     assert_eq!(ledger(&latest), ledger(&pg));
+
+    // The service runs on it too: its async handlers reach the catalog.
+    let server = Server::start(&strata, &[]);
+    let (status, body) = http_get(server.port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains(&format!("\"{id}\"")), "{body}");
+    let (ok, _, err) = server.stop();
+    assert!(
+        ok,
+        "serve on a PostgreSQL catalog did not stop cleanly:\n{err}"
+    );
 }
 
 /// A catalog that cannot be reached names itself without its password,
