@@ -79,6 +79,8 @@ impl Value {
 
 type Columns = Vec<(String, ColumnType)>;
 type Rows = Vec<Vec<Value>>;
+/// Tables with their columns, and the identity column of those with one.
+type Schema = (BTreeMap<String, Columns>, BTreeMap<String, String>);
 
 fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_trunc(chrono::Duration::microseconds(1))
@@ -182,10 +184,7 @@ pub fn copy_sqlite_to_postgres(
 
 /// The PostgreSQL catalog's tables (but its migration record) and
 /// columns, and the identity column of each table that has one.
-#[allow(clippy::type_complexity)]
-fn postgres_schema(
-    to: &PgCatalog,
-) -> CatalogResult<(BTreeMap<String, Columns>, BTreeMap<String, String>)> {
+fn postgres_schema(to: &PgCatalog) -> CatalogResult<Schema> {
     let rows = to.call(|c| async move {
         Ok(c.query(
             "SELECT table_name::text, column_name::text, data_type::text, is_identity::text = 'YES' \
