@@ -186,7 +186,7 @@ pub fn copy_sqlite_to_postgres(
 /// columns, and the identity column of each table that has one.
 fn postgres_schema(to: &PgCatalog) -> CatalogResult<Schema> {
     let rows = to.call(|c| async move {
-        Ok(c.query(
+        c.query(
             "SELECT table_name::text, column_name::text, data_type::text, is_identity::text = 'YES' \
              FROM information_schema.columns \
              WHERE table_schema = current_schema() AND table_name <> 'strata_schema_migrations' \
@@ -204,7 +204,7 @@ fn postgres_schema(to: &PgCatalog) -> CatalogResult<Schema> {
             ))
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-        .map_err(|e| CatalogError::Corrupt(Box::new(e)))?)
+        .map_err(|e| CatalogError::Corrupt(Box::new(e)))
     })?;
     let mut schema: BTreeMap<String, Columns> = BTreeMap::new();
     let mut identities = BTreeMap::new();
