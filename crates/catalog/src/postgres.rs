@@ -1806,4 +1806,73 @@ mod tests {
             .expect("an unknown parameter");
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
+
+    /// Raises SQLSTATE `code` on the server, as a real conflict would.
+    async fn raise(c: &Object, code: &str) -> CatalogResult<()> {
+        c.batch_execute(&format!(
+            "DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{code}'; END $$"
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// Counts the attempts of a call that raises `code` on its first
+    /// `failures` attempts; returns what the call returned and the count.
+    fn attempts(cat: &PgCatalog, code: &'static str, failures: u32) -> (CatalogResult<()>, u32) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let count = std::sync::Arc::new(AtomicU32::new(0));
+        let seen = count.clone();
+        let r = cat.call(move |c| {
+            let seen = seen.clone();
+            async move {
+                if seen.fetch_add(1, Ordering::SeqCst) < failures {
+                    raise(&c, code).await?;
+                }
+                Ok(())
+            }
+        });
+        (r, count.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    #[test]
+    fn server_errors_are_classified_and_only_rolled_back_conflicts_are_run_again() {
+        let url = testkit::catalog_database("classify");
+        let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+        // Serialization failures and deadlocks: run again until they pass…
+        for code in ["40001", "40P01"] {
+            let (r, n) = attempts(&cat, code, 2);
+            assert!(r.is_ok(), "{code}: {r:?}");
+            assert_eq!(n, 3, "{code}");
+        }
+        // …or until the attempts are spent: then retryable for the caller.
+        let (r, n) = attempts(&cat, "40001", u32::MAX);
+        assert_eq!(n, TX_ATTEMPTS);
+        let err = r.unwrap_err();
+        assert!(
+            matches!(err, CatalogError::Busy(_)) && err.is_retryable(),
+            "{err:?}"
+        );
+        // A server shutting down or out of connections: retryable, not re-run
+        // here (the statement may have committed before the connection went).
+        for code in ["57P01", "53300", "08006"] {
+            let (r, n) = attempts(&cat, code, 1);
+            assert_eq!(n, 1, "{code}");
+            let err = r.unwrap_err();
+            assert!(err.is_retryable(), "{code}: {err:?}");
+        }
+        // A duplicate is a conflict, corruption is corruption, neither retried.
+        let (r, n) = attempts(&cat, "23505", 1);
+        assert_eq!(n, 1);
+        assert!(matches!(r, Err(CatalogError::Conflict(_))), "{r:?}");
+        let (r, _) = attempts(&cat, "XX001", 1);
+        assert!(matches!(r, Err(CatalogError::Corrupt(_))), "{r:?}");
+        let (r, _) = attempts(&cat, "42P01", 1);
+        let err = r.unwrap_err();
+        assert!(
+            matches!(err, CatalogError::Backend(_)) && !err.is_retryable(),
+            "{err:?}"
+        );
+        use std::error::Error as _;
+        assert!(err.source().is_some(), "the driver error stays the source");
+    }
 }
