@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pg_wal::Lsn;
 use strata_catalog::{
-    BackupId, BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, JobKind, JobState,
-    WalSegmentRow,
+    BackupId, BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, InstanceId, JobKind,
+    JobState, WalSegmentRow,
 };
 use strata_engine::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
@@ -378,7 +378,7 @@ impl Service {
         source_id: &str,
         region: Option<&str>,
         choice: CopyChoice,
-    ) -> ServiceResult<(String, u16)> {
+    ) -> ServiceResult<(InstanceId, u16)> {
         let copies = self.cross_backups(source_id)?;
         let (region, backup_id, target) = match choice {
             CopyChoice::BackupSet(id) => {

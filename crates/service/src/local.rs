@@ -187,7 +187,7 @@ impl Service {
         self: &Arc<Self>,
         source_id: &str,
         src: RestoreSource,
-    ) -> ServiceResult<String> {
+    ) -> ServiceResult<InstanceId> {
         let (backup_id, target) = self.check_restore_source(source_id, &src)?;
         let major = self.pg_major(source_id, backup_id.as_deref())?;
         let (id, _) = self.launch_clone(
@@ -211,7 +211,7 @@ impl Service {
         self: &Arc<Self>,
         source_id: &str,
         req: CloneRequest,
-    ) -> ServiceResult<(String, u16)> {
+    ) -> ServiceResult<(InstanceId, u16)> {
         let source = self.engine.catalog().get_instance(source_id)?;
         let CloneRequest {
             backup_id,
@@ -223,11 +223,11 @@ impl Service {
             job_kind,
         } = req;
         self.engine.pg_bin_dir(major)?;
-        let id = format!("pgc-{}", random_suffix(12));
+        let id = InstanceId::new(format!("pgc-{}", random_suffix(12)));
         let port = self.free_port()?;
-        let dir = self.settings.instances_dir.join(&id);
+        let dir = self.settings.instances_dir.join(id.as_str());
         let managed = ManagedInstance {
-            instance_id: InstanceId::from(&id),
+            instance_id: id.clone(),
             source_instance: source_id.into(),
             backup_id: backup_id.clone(),
             restore_time,
