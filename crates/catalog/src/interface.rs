@@ -9,7 +9,9 @@
 //! (another process, or another Strata node sharing the database) sees all
 //! of it or none of it. Errors are [`CatalogError`]s whatever the backend.
 //! The traits are synchronous: callers on an async runtime call them from a
-//! blocking pool.
+//! blocking pool. Times are kept at least to the microsecond (PostgreSQL's
+//! precision; SQLite keeps nanoseconds). `tests/contract.rs` checks every
+//! backend against these docs.
 
 use std::collections::BTreeMap;
 

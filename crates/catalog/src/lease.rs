@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::Catalog;
+use crate::{Catalog, Job};
 
 /// A lease owner: 128 random bits as 32 hex digits, one per process start
 /// (per catalog handle).
@@ -46,6 +46,20 @@ impl std::fmt::Display for LeaseOwner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Why a job was taken over from `owner`.
+pub(crate) fn lease_expired_reason(job: &Job) -> String {
+    let owner = if job.owner.as_str().is_empty() {
+        "(none recorded)"
+    } else {
+        job.owner.as_str()
+    };
+    format!(
+        "its owner {owner} (pid {}) stopped renewing its lease at {}; the job was taken over and failed",
+        job.pid,
+        job.heartbeat_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
 }
 
 /// Renews the leases of one catalog handle's jobs on a background thread,
@@ -87,42 +101,5 @@ impl Drop for LeaseKeeper {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use super::*;
-    use crate::prelude::*;
-    use crate::{JobKind, JobState, SqliteCatalog};
-
-    #[test]
-    fn the_keeper_renews_its_owners_unfinished_jobs_until_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = Arc::new(SqliteCatalog::open(&dir.path().join("c.db")).unwrap());
-        let job = catalog.create_job(JobKind::Backup, None).unwrap();
-        let mut done = catalog.create_job(JobKind::Restore, None).unwrap();
-        done.state = JobState::Finished;
-        catalog.update_job(&done).unwrap();
-        let created = catalog.get_job(job.id).unwrap().heartbeat_at;
-
-        let keeper = LeaseKeeper::start(catalog.clone(), Duration::from_millis(20)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while catalog.get_job(job.id).unwrap().heartbeat_at == created {
-            assert!(Instant::now() < deadline, "the lease was never renewed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        drop(keeper);
-        let renewed = catalog.get_job(job.id).unwrap().heartbeat_at;
-        assert!(renewed > created);
-        // A finished job is not renewed, and the thread ends with the keeper.
-        assert_eq!(
-            catalog.get_job(done.id).unwrap().heartbeat_at,
-            done.heartbeat_at
-        );
-        assert_eq!(Arc::strong_count(&catalog), 1, "the keeper's thread ended");
     }
 }

@@ -9,8 +9,10 @@
 //! made of one trait per aggregate ([`InstanceCatalog`], [`BackupCatalog`],
 //! [`WalCatalog`], [`JobCatalog`], [`PolicyCatalog`], [`CrossRegionCatalog`],
 //! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`]);
-//! [`SqliteCatalog`], one SQLite file per data directory, is its
-//! implementation. Errors are backend-neutral
+//! [`SqliteCatalog`], one SQLite file per data directory, is the embedded
+//! default; [`PgCatalog`], a PostgreSQL database several Strata nodes can
+//! share, is the other backend, and [`copy_sqlite_to_postgres`] moves a
+//! catalog from the first to the second. Errors are backend-neutral
 //! ([`CatalogError`]) and the schema history is one list of versioned steps
 //! ([`MIGRATIONS`]) that any backend follows.
 
@@ -19,7 +21,9 @@
 mod interface;
 mod lease;
 mod migrations;
+mod postgres;
 mod sqlite;
+mod transfer;
 
 use std::fmt;
 use std::str::FromStr;
@@ -36,8 +40,10 @@ pub use interface::{
 };
 pub use lease::{LeaseKeeper, LeaseOwner};
 pub use migrations::{Migration, MIGRATIONS};
+pub use postgres::{PgCatalog, PgConnect};
 pub use sqlite::SqliteCatalog;
 pub use strata_ids::{BackupId, InstanceId, JobId, PackId};
+pub use transfer::{copy_sqlite_to_postgres, TableCopy};
 
 /// The catalog traits, to call their methods on an `Arc<dyn Catalog>`:
 /// `use strata_catalog::prelude::*;`.

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use crate::lease::lease_expired_reason;
 use crate::*;
 
 /// Classifies what SQLite reported: busy/locked is retryable, a unique or
@@ -94,7 +95,10 @@ impl SqliteCatalog {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> CatalogResult<T>) -> CatalogResult<T> {
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> CatalogResult<T>,
+    ) -> CatalogResult<T> {
         let conn = self
             .conn
             .lock()
@@ -243,20 +247,6 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
 }
 
 const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at";
-
-/// Why a job was taken over from `owner`.
-fn lease_expired_reason(job: &Job) -> String {
-    let owner = if job.owner.as_str().is_empty() {
-        "(none recorded)"
-    } else {
-        job.owner.as_str()
-    };
-    format!(
-        "its owner {owner} (pid {}) stopped renewing its lease at {}; the job was taken over and failed",
-        job.pid,
-        job.heartbeat_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    )
-}
 
 const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
 
@@ -1212,159 +1202,6 @@ mod tests {
     }
 
     #[test]
-    fn migrations_and_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let cat = SqliteCatalog::open(&path).unwrap();
-        cat.add_instance(&instance("a")).unwrap();
-        assert!(matches!(
-            cat.add_instance(&instance("a")),
-            Err(CatalogError::InstanceExists(_))
-        ));
-        drop(cat);
-        let cat = SqliteCatalog::open(&path).unwrap();
-        let got = cat.get_instance("a").unwrap();
-        assert_eq!(got.system_identifier, Some(u64::MAX - 3));
-        assert!(matches!(
-            cat.get_instance("b"),
-            Err(CatalogError::InstanceNotFound(_))
-        ));
-
-        let mut job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
-        job.state = JobState::Uploading;
-        job.progress = 40;
-        cat.update_job(&job).unwrap();
-        let b = BackupSet {
-            id: "1".into(),
-            instance_id: "a".into(),
-            status: BackupStatus::Running,
-            mode: BackupMode::Manual,
-            started_at: Utc::now(),
-            finished_at: None,
-            start_lsn: Some(Lsn(0x1_0000_0028)),
-            stop_lsn: None,
-            start_timeline: Some(TimelineId(1)),
-            stop_timeline: None,
-            pg_version_num: Some(150018),
-            total_bytes: 0,
-            new_bytes: 0,
-            dedup_bytes: 0,
-            stored_bytes: 0,
-            file_count: 0,
-            error: None,
-            job_id: Some(job.id),
-        };
-        cat.insert_backup(&b).unwrap();
-        assert_eq!(cat.get_backup("1").unwrap(), b);
-        // Its own owner never takes a job over, however old the heartbeat.
-        let lease = chrono::Duration::seconds(30);
-        let later = Utc::now() + chrono::Duration::hours(1);
-        assert_eq!(cat.fail_expired_jobs(later, lease).unwrap(), 0);
-        assert_eq!(cat.get_job(job.id).unwrap().state, JobState::Uploading);
-        assert_eq!(cat.get_job(job.id).unwrap().owner, *cat.lease_owner());
-        assert_eq!(cat.get_backup("1").unwrap().status, BackupStatus::Running);
-    }
-
-    fn running_backup(cat: &SqliteCatalog, id: &str) -> Job {
-        let mut job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
-        job.state = JobState::Uploading;
-        job.progress = 49;
-        job.backup_id = Some(id.into());
-        cat.update_job(&job).unwrap();
-        cat.insert_backup(&BackupSet::started(
-            id.into(),
-            "a",
-            BackupMode::Manual,
-            Utc::now(),
-            Some(job.id),
-        ))
-        .unwrap();
-        job
-    }
-
-    /// Two handles on one file are two owners in one process (same PID): the
-    /// PID says nothing, the lease everything.
-    #[test]
-    fn a_job_belongs_to_its_lease_not_to_its_pid() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let dead = SqliteCatalog::open(&path).unwrap();
-        let alive = SqliteCatalog::open(&path).unwrap();
-        let observer = SqliteCatalog::open(&path).unwrap();
-        assert_ne!(dead.lease_owner(), alive.lease_owner());
-        assert_eq!(dead.lease_owner().as_str().len(), 32);
-        observer.add_instance(&instance("a")).unwrap();
-        let lease = chrono::Duration::seconds(30);
-        let t0 = Utc::now();
-        let orphan = running_backup(&dead, "1");
-        let live = running_backup(&alive, "2");
-        assert_eq!(orphan.pid, live.pid);
-
-        // Within the lease nothing is taken over.
-        assert_eq!(
-            observer.fail_expired_jobs(t0 + lease / 2, lease).unwrap(),
-            0
-        );
-
-        // `alive` renews, `dead` does not; past the lease only the silent
-        // owner's job (same PID as the live one) is failed, with its set.
-        let renewed_at = t0 + chrono::Duration::seconds(25);
-        assert_eq!(alive.renew_leases(renewed_at).unwrap(), 1);
-        let now = t0 + chrono::Duration::seconds(40);
-        assert_eq!(observer.fail_expired_jobs(now, lease).unwrap(), 1);
-
-        let failed = observer.get_job(orphan.id).unwrap();
-        assert_eq!(failed.state, JobState::Failed);
-        let reason = failed.error.unwrap();
-        assert!(
-            reason.contains(&format!("its owner {} ", dead.lease_owner()))
-                && reason.contains("stopped renewing its lease at"),
-            "{reason}"
-        );
-        let set = observer.get_backup("1").unwrap();
-        assert_eq!(set.status, BackupStatus::Failed);
-        assert_eq!(set.error.as_deref(), Some(reason.as_str()));
-
-        let kept = observer.get_job(live.id).unwrap();
-        assert_eq!(kept.state, JobState::Uploading);
-        assert_eq!(kept.heartbeat_at, renewed_at);
-        assert_eq!(
-            observer.get_backup("2").unwrap().status,
-            BackupStatus::Running
-        );
-
-        // The old owner, waking up, can no longer record an outcome.
-        let mut late = dead.get_job(orphan.id).unwrap();
-        late.state = JobState::Finished;
-        assert!(matches!(
-            dead.update_job(&late),
-            Err(CatalogError::LeaseLost(id)) if id == orphan.id
-        ));
-        let mut late_set = dead.get_backup("1").unwrap();
-        late_set.status = BackupStatus::Success;
-        late_set.error = None;
-        assert!(matches!(
-            dead.update_backup(&late_set),
-            Err(CatalogError::LeaseLost(_))
-        ));
-        assert_eq!(observer.get_job(orphan.id).unwrap().state, JobState::Failed);
-        assert_eq!(
-            observer.get_backup("1").unwrap().status,
-            BackupStatus::Failed
-        );
-
-        // Renewing touches only unfinished jobs of the owner itself.
-        assert_eq!(dead.renew_leases(now).unwrap(), 0);
-        // The live one expires too once its owner falls silent.
-        let much_later = renewed_at + lease + chrono::Duration::seconds(1);
-        assert_eq!(observer.fail_expired_jobs(much_later, lease).unwrap(), 1);
-        assert_eq!(
-            observer.get_backup("2").unwrap().status,
-            BackupStatus::Failed
-        );
-    }
-
-    #[test]
     fn jobs_from_before_leases_expire_from_their_start() {
         let cat = SqliteCatalog::open_in_memory().unwrap();
         let job = cat.create_job(JobKind::Restore, None).unwrap();
@@ -1392,153 +1229,6 @@ mod tests {
     }
 
     #[test]
-    fn gc_pending_is_kept_per_repository() {
-        let cat = SqliteCatalog::open_in_memory().unwrap();
-        let t = Utc::now();
-        let mut a = std::collections::BTreeMap::new();
-        a.insert("p1".to_string(), t);
-        a.insert("p2".to_string(), t + chrono::Duration::seconds(5));
-        cat.put_gc_pending("repo-a", &a).unwrap();
-        let mut b = std::collections::BTreeMap::new();
-        b.insert("p9".to_string(), t);
-        cat.put_gc_pending("repo-b", &b).unwrap();
-        assert_eq!(cat.gc_pending("repo-a").unwrap(), a);
-        a.remove("p1");
-        cat.put_gc_pending("repo-a", &a).unwrap();
-        assert_eq!(cat.gc_pending("repo-a").unwrap(), a);
-        assert_eq!(cat.gc_pending("repo-b").unwrap(), b);
-    }
-
-    #[test]
-    fn cross_region_policy_copies_and_wal() {
-        let cat = SqliteCatalog::open_in_memory().unwrap();
-        assert_eq!(cat.get_cross_policy("a").unwrap(), None);
-        let now = DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let p = CrossBackupPolicy {
-            instance_id: "a".into(),
-            region: "cn-shanghai".into(),
-            backup_enabled: true,
-            log_backup_enabled: false,
-            retention_days: 30,
-            backup_enabled_at: Some(now),
-            log_backup_enabled_at: None,
-            updated_at: now,
-        };
-        cat.put_cross_policy(&p).unwrap();
-        assert_eq!(cat.get_cross_policy("a").unwrap(), Some(p));
-
-        let set = |id: &str| BackupSet {
-            id: id.into(),
-            instance_id: "a".into(),
-            status: BackupStatus::Success,
-            mode: BackupMode::Manual,
-            started_at: now,
-            finished_at: Some(now),
-            start_lsn: Some(Lsn(0x1_0000_0028)),
-            stop_lsn: Some(Lsn(0x1_0000_0100)),
-            start_timeline: Some(TimelineId(1)),
-            stop_timeline: Some(TimelineId(1)),
-            pg_version_num: Some(150018),
-            total_bytes: 1 << 20,
-            new_bytes: 0,
-            dedup_bytes: 0,
-            stored_bytes: 0,
-            file_count: 9,
-            error: None,
-            job_id: None,
-        };
-        let first = cat
-            .insert_cross_backup("cn-shanghai", &set("1"), 512, now)
-            .unwrap();
-        let second = cat
-            .insert_cross_backup("cn-beijing", &set("2"), 64, now)
-            .unwrap();
-        assert!(second > first);
-        // One copy of a set per region.
-        assert!(cat
-            .insert_cross_backup("cn-shanghai", &set("1"), 1, now)
-            .is_err());
-        let listed = cat.list_cross_backups("a").unwrap();
-        assert_eq!(listed.len(), 2);
-        assert_eq!(
-            (listed[0].id, &listed[0].region),
-            (first, &"cn-shanghai".to_string())
-        );
-        assert_eq!(
-            (listed[0].set.clone(), listed[0].copied_bytes),
-            (set("1"), 512)
-        );
-        cat.delete_cross_backup(first).unwrap();
-        assert_eq!(cat.list_cross_backups("a").unwrap()[0].id, second);
-        assert!(cat.list_cross_backups("b").unwrap().is_empty());
-
-        let row = WalSegmentRow {
-            instance_id: "a".into(),
-            timeline: TimelineId(1),
-            segment: "000000010000000000000001".into(),
-            partial: false,
-            begin_lsn: Lsn(0x100_0000),
-            end_lsn: Lsn(0x200_0000),
-            size: 16 << 20,
-            checksum: "ab".into(),
-            first_commit: Some(now),
-            last_commit: Some(now),
-            commit_count: 3,
-            min_commit_xid: Some(700),
-            max_commit_xid: Some(702),
-            object_key: "instances/a/wal/00000001/000000010000000000000001".into(),
-            stored_at: now,
-        };
-        let id = cat.insert_cross_wal("cn-shanghai", &row, now).unwrap();
-        let wal = cat.list_cross_wal("a").unwrap();
-        assert_eq!((wal[0].id, wal[0].row.clone()), (id, row));
-        cat.delete_cross_wal(id).unwrap();
-        assert!(cat.list_cross_wal("a").unwrap().is_empty());
-    }
-
-    #[test]
-    fn usage_samples_by_time() {
-        let cat = SqliteCatalog::open_in_memory().unwrap();
-        let t0 = DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        for (i, instance) in [(0, "a"), (1, "a"), (2, "a"), (1, "b")] {
-            cat.add_usage_sample(&UsageSample {
-                instance_id: instance.into(),
-                at: t0 + chrono::Duration::hours(i),
-                logical_bytes: 10 * i as u64,
-                data_bytes: i as u64,
-                wal_bytes: 2,
-                quota_bytes: 5,
-                cross_region_bytes: (instance == "a").then_some(100 * i as u64),
-            })
-            .unwrap();
-        }
-        let all = cat.list_usage_samples("a", None, None).unwrap();
-        assert_eq!(
-            all.iter().map(|s| s.data_bytes).collect::<Vec<_>>(),
-            [0, 1, 2]
-        );
-        let some = cat
-            .list_usage_samples(
-                "a",
-                Some(t0 + chrono::Duration::minutes(30)),
-                Some(t0 + chrono::Duration::hours(1)),
-            )
-            .unwrap();
-        assert_eq!(some.len(), 1);
-        assert_eq!(some[0].at, t0 + chrono::Duration::hours(1));
-        let last = cat.last_usage_sample("a").unwrap().unwrap();
-        assert_eq!((last.data_bytes, last.cross_region_bytes), (2, Some(200)));
-        // Not known: NULL, read back as such.
-        let b = cat.list_usage_samples("b", None, None).unwrap();
-        assert_eq!(b[0].cross_region_bytes, None);
-        assert_eq!(cat.last_usage_sample("c").unwrap(), None);
-    }
-
-    #[test]
     fn refuses_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
@@ -1550,72 +1240,6 @@ mod tests {
             SqliteCatalog::open(&path),
             Err(CatalogError::NewerSchema { .. })
         ));
-    }
-
-    #[test]
-    fn keys_policies_passwords_and_nonces() {
-        let cat = SqliteCatalog::open_in_memory().unwrap();
-        let mut i = instance("a");
-        i.password = Some("s3cret".into());
-        cat.add_instance(&i).unwrap();
-        assert_eq!(
-            cat.get_instance("a").unwrap().password.as_deref(),
-            Some("s3cret")
-        );
-        assert!(!serde_json::to_string(&cat.get_instance("a").unwrap())
-            .unwrap()
-            .contains("s3cret"));
-
-        assert_eq!(cat.get_policy("a").unwrap(), None);
-        let now = Utc::now();
-        let p = BackupPolicy {
-            instance_id: "a".into(),
-            backup_days: vec!["Monday".into(), "Friday".into()],
-            backup_window: "01:00Z-02:00Z".into(),
-            backup_retention_days: 30,
-            log_backup_enabled: false,
-            log_retention_days: 8,
-            updated_at: now,
-            last_auto_slot: Some(now),
-        };
-        cat.put_policy(&p).unwrap();
-        let got = cat.get_policy("a").unwrap().unwrap();
-        assert_eq!(
-            (
-                got.backup_days.clone(),
-                got.backup_retention_days,
-                got.log_backup_enabled
-            ),
-            (p.backup_days.clone(), 30, false)
-        );
-        cat.delete_instance("a").unwrap();
-        assert_eq!(cat.get_policy("a").unwrap(), None);
-
-        let k = AccessKey {
-            id: "AK1".into(),
-            secret: "sec".into(),
-            read_only: true,
-            description: "ro".into(),
-            created_at: now,
-        };
-        cat.add_access_key(&k).unwrap();
-        assert!(cat.add_access_key(&k).is_err());
-        assert_eq!(cat.get_access_key("AK1").unwrap().unwrap().secret, "sec");
-        assert!(!serde_json::to_string(&cat.list_access_keys().unwrap())
-            .unwrap()
-            .contains("sec\""));
-        assert!(cat.delete_access_key("AK1").unwrap());
-        assert!(!cat.delete_access_key("AK1").unwrap());
-        assert_eq!(cat.get_access_key("AK1").unwrap(), None);
-
-        let old = now - chrono::Duration::hours(1);
-        assert!(cat.admit_nonce("AK1", "n1", old, old).unwrap());
-        assert!(!cat.admit_nonce("AK1", "n1", old, old).unwrap());
-        assert!(cat.admit_nonce("AK2", "n1", old, old).unwrap());
-        // Forgotten once older than the horizon.
-        assert!(cat
-            .admit_nonce("AK1", "n1", now, now - chrono::Duration::minutes(30))
-            .unwrap());
     }
 
     #[test]
@@ -1660,38 +1284,5 @@ mod tests {
         }
         let err = CatalogError::from(rusqlite::Error::QueryReturnedNoRows);
         assert!(matches!(err, CatalogError::NotFound(_)), "{err:?}");
-    }
-
-    #[test]
-    fn deleting_an_instance_forgets_its_policy_for_every_handle() {
-        // delete_instance drops the instance and its policy together: a
-        // reader on another handle never sees the policy of a deleted
-        // instance, and a failed delete leaves both.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.sqlite");
-        let a = SqliteCatalog::open(&path).unwrap();
-        let b = SqliteCatalog::open(&path).unwrap();
-        a.add_instance(&instance("db1")).unwrap();
-        a.put_policy(&BackupPolicy {
-            instance_id: "db1".into(),
-            backup_days: vec!["Monday".into()],
-            backup_window: "01:00Z-02:00Z".into(),
-            backup_retention_days: 7,
-            log_backup_enabled: false,
-            log_retention_days: 7,
-            updated_at: Utc::now(),
-            last_auto_slot: None,
-        })
-        .unwrap();
-        assert!(matches!(
-            b.delete_instance("nope"),
-            Err(CatalogError::InstanceNotFound(_))
-        ));
-        b.delete_instance("db1").unwrap();
-        assert!(matches!(
-            a.get_instance("db1"),
-            Err(CatalogError::InstanceNotFound(_))
-        ));
-        assert_eq!(a.get_policy("db1").unwrap(), None);
     }
 }

@@ -1,7 +1,7 @@
 //! One function per command group of the CLI: each turns parsed arguments
 //! into engine calls and prints the result, as a table or as JSON.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pg_wal::Lsn;
 use serde::Serialize;
@@ -11,7 +11,7 @@ use strata_engine::{
     WalReceiveOptions,
 };
 
-use crate::config::{self, Config};
+use crate::config::{self, CatalogLocation, Config};
 use crate::output::{self, human_bytes, CliProgress};
 use crate::{keys, runtime, BackupCmd, InstanceCmd, KeyCmd, RepoCmd, RestoreArgs, WalCmd};
 
@@ -23,6 +23,44 @@ fn print<T: Serialize + ?Sized>(json: bool, value: &T, table: impl FnOnce(&T)) -
         table(value);
     }
     Ok(())
+}
+
+/// `strata catalog migrate --to URL`: the configured SQLite catalog copied
+/// into an empty PostgreSQL catalog, checked row for row.
+pub(crate) fn catalog_migrate(config: &Config, to: &str, json: bool) -> Result<()> {
+    let CatalogLocation::Sqlite(path) = config.catalog_location()? else {
+        bail!(
+            "`catalog` already names a PostgreSQL database; migrate copies from a SQLite catalog"
+        );
+    };
+    if !path.is_file() {
+        bail!("no SQLite catalog at {}", path.display());
+    }
+    if !strata_catalog::PgConnect::is_url(to) {
+        bail!("--to must be a postgres:// URL");
+    }
+    let source = crate::open_sqlite(&path)?;
+    let connect = config.pg_connect(to)?;
+    let target = strata_catalog::PgCatalog::open(&connect)
+        .with_context(|| format!("cannot open catalog {}", connect.redacted()))?;
+    let copied = strata_catalog::copy_sqlite_to_postgres(&source, &target)
+        .with_context(|| format!("cannot copy {} to {}", path.display(), connect.redacted()))?;
+    print(json, &copied, |tables| {
+        for t in tables {
+            println!("{:<24} {:>9} rows", t.table, t.rows);
+        }
+        let rows: usize = tables.iter().map(|t| t.rows).sum();
+        println!(
+            "copied {rows} rows in {} tables from {} to {}, each checked against the source",
+            tables.len(),
+            path.display(),
+            connect.redacted()
+        );
+        println!(
+            "now set `catalog = \"{}\"` in the configuration",
+            connect.redacted()
+        );
+    })
 }
 
 /// `strata instance add|list`.

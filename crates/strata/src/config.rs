@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
     KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage, S3Config, S3Storage,
@@ -27,6 +28,14 @@ use strata_repo::{
 #[cfg(test)]
 mod reference_table;
 
+/// Where the catalog lives, as the configuration says.
+pub enum CatalogLocation {
+    /// The embedded SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, shared by every node that names it.
+    Postgres(PgConnect),
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -34,8 +43,11 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Repository: a directory (default `<data_dir>/repo`) or `s3://bucket/prefix`.
     pub repository: Option<String>,
-    /// SQLite catalog file (default `<data_dir>/catalog.db`).
-    pub catalog: Option<PathBuf>,
+    /// The catalog: a SQLite file (default `<data_dir>/catalog.db`) or a
+    /// `postgres://` URL.
+    pub catalog: Option<String>,
+    /// Environment variable holding the PostgreSQL catalog's password.
+    pub catalog_password_env: Option<String>,
     /// zstd level for new blocks and WAL.
     pub compress_level: Option<i32>,
     pub wal: WalConfig,
@@ -307,7 +319,10 @@ impl Config {
             })?);
         }
         if let Ok(v) = std::env::var("STRATA_CATALOG") {
-            config.catalog = Some(v.into());
+            config.catalog = Some(v);
+        }
+        if let Ok(v) = std::env::var("STRATA_CATALOG_PASSWORD_ENV") {
+            config.catalog_password_env = Some(v);
         }
         if let Ok(v) = std::env::var("STRATA_PG_BIN_DIRS") {
             config.postgres.bin_dirs = Some(v.split(':').map(str::to_string).collect());
@@ -440,10 +455,36 @@ impl Config {
         Ok(strata_service::Regions::new(&self.region_id(), targets))
     }
 
+    /// The SQLite catalog file: `catalog` when it is a path, else
+    /// `<data_dir>/catalog.db`.
     pub fn catalog_path(&self) -> PathBuf {
-        self.catalog
-            .clone()
-            .unwrap_or_else(|| self.data_dir().join("catalog.db"))
+        match &self.catalog {
+            Some(c) if !PgConnect::is_url(c) => PathBuf::from(c),
+            _ => self.data_dir().join("catalog.db"),
+        }
+    }
+
+    /// Where the catalog is: a SQLite file, or a PostgreSQL database with
+    /// the password from `catalog_password_env` (when set) or the URL.
+    pub fn catalog_location(&self) -> Result<CatalogLocation> {
+        match &self.catalog {
+            Some(url) if PgConnect::is_url(url) => {
+                Ok(CatalogLocation::Postgres(self.pg_connect(url)?))
+            }
+            _ => Ok(CatalogLocation::Sqlite(self.catalog_path())),
+        }
+    }
+
+    /// A PostgreSQL catalog at `url`, logging in with the password of
+    /// `catalog_password_env` when that is set.
+    pub fn pg_connect(&self, url: &str) -> Result<PgConnect> {
+        let password = match &self.catalog_password_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("catalog_password_env names {var}, which is not set")
+            })?),
+            None => None,
+        };
+        Ok(PgConnect::new(url).password(password))
     }
 
     pub fn listen(&self) -> String {
@@ -518,6 +559,8 @@ impl Config {
 
     pub fn engine_settings(&self) -> EngineSettings {
         let mut s = EngineSettings::default();
+        // Beside a SQLite catalog; in the data directory for a PostgreSQL one
+        // (the lock is host-local either way).
         let mut lock = self.catalog_path().into_os_string();
         lock.push(".lock");
         s.lock_path = Some(lock.into());

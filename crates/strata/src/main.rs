@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use strata_catalog::{LeaseKeeper, SqliteCatalog};
+use strata_catalog::{Catalog, LeaseKeeper, PgCatalog, SqliteCatalog};
 use strata_engine::Engine;
 use strata_repo::Repository;
 
-use config::Config;
+use config::{CatalogLocation, Config};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +64,24 @@ enum Command {
     /// Manage API AccessKey pairs.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Work on the catalog itself.
+    #[command(subcommand)]
+    Catalog(CatalogCmd),
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Copy the configured SQLite catalog into an empty PostgreSQL catalog
+    /// (one transaction, checked row for row), then set `catalog` to the URL.
+    /// Stop every Strata process using the SQLite catalog first.
+    Migrate {
+        /// The PostgreSQL catalog: postgres://user@host:port/dbname?sslmode=…
+        /// (password from `catalog_password_env` or the URL).
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -268,28 +286,35 @@ fn open_engine(config: &Config) -> Result<Engine> {
     let data_dir = config.data_dir();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let catalog_path = config.catalog_path();
-    if let Some(parent) = catalog_path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let catalog = SqliteCatalog::open(&catalog_path)
-        .with_context(|| format!("cannot open catalog {}", catalog_path.display()))?;
-    // The catalog holds API secrets and instance passwords.
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = catalog_path.clone().into_os_string();
-        p.push(suffix);
-        keys::make_private(std::path::Path::new(&p))?;
-    }
+    let catalog: Arc<dyn Catalog> = match config.catalog_location()? {
+        CatalogLocation::Sqlite(path) => Arc::new(open_sqlite(&path)?),
+        CatalogLocation::Postgres(connect) => Arc::new(
+            PgCatalog::open(&connect)
+                .with_context(|| format!("cannot open catalog {}", connect.redacted()))?,
+        ),
+    };
     let key = config.key_source()?;
     let mut repo = Repository::open_or_init_with_key(config.storage()?, key.as_ref())?;
     if let Some(level) = config.compress_level {
         repo = repo.with_compress_level(level);
     }
-    Ok(Engine::new(
-        Arc::new(catalog),
-        repo,
-        config.engine_settings(),
-    ))
+    Ok(Engine::new(catalog, repo, config.engine_settings()))
+}
+
+/// Opens (creating) the SQLite catalog at `path`, readable by its owner only.
+fn open_sqlite(path: &std::path::Path) -> Result<SqliteCatalog> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let catalog = SqliteCatalog::open(path)
+        .with_context(|| format!("cannot open catalog {}", path.display()))?;
+    // The catalog holds API secrets and instance passwords.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(suffix);
+        keys::make_private(std::path::Path::new(&p))?;
+    }
+    Ok(catalog)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -300,6 +325,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
+    // Moving the catalog needs neither the repository nor a lease.
+    if let Command::Catalog(CatalogCmd::Migrate { to, json }) = &cli.command {
+        return commands::catalog_migrate(&config, to, *json);
+    }
     let engine = open_engine(&config)?;
     // Every job this process creates (a backup or restore run here, or
     // everything `serve` runs) stays owned by it while the lease is renewed.
@@ -314,5 +343,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Repo(cmd) => commands::repo(&config, &engine, cmd),
         Command::Key(cmd) => commands::key(&engine, cmd),
         Command::Serve { listen, demo } => serve::serve(&config, engine, listen, demo),
+        Command::Catalog(CatalogCmd::Migrate { to, json }) => {
+            commands::catalog_migrate(&config, &to, json)
+        }
     }
 }

@@ -812,6 +812,59 @@ pub fn shared_cluster(major: u32) -> &'static Cluster {
         .or_insert_with(|| Box::leak(Box::new(Cluster::start_default(major))))
 }
 
+/// The PostgreSQL 15 server this test process keeps Strata catalogs in, started on first use and
+/// stopped at process exit. Separate from [`shared_cluster`] (more connections: every catalog
+/// handle keeps a pool); tests get a database each from [`catalog_database`].
+pub fn catalog_server() -> &'static Cluster {
+    static SERVER: OnceLock<&'static Cluster> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        // SAFETY: registers a plain extern "C" function that captures nothing.
+        unsafe { libc::atexit(stop_catalog_server) };
+        let cluster = Cluster::builder(15)
+            .wal_level("minimal")
+            .conf("max_connections = 300")
+            .start();
+        let cluster: &'static Cluster = Box::leak(Box::new(cluster));
+        let _ = CATALOG_SERVER.set(cluster);
+        cluster
+    })
+}
+
+static CATALOG_SERVER: OnceLock<&'static Cluster> = OnceLock::new();
+
+extern "C" fn stop_catalog_server() {
+    if let Some(cluster) = CATALOG_SERVER.get() {
+        cluster.cleanup();
+    }
+}
+
+/// A new, empty database on [`catalog_server`] and its URL
+/// (`postgres://postgres@127.0.0.1:PORT/NAME?sslmode=disable`, trust authentication), so tests
+/// that each need their own catalog run in parallel.
+pub fn catalog_database(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let server = catalog_server();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let clean: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let name = format!("{clean}_{}_{n}", std::process::id());
+    server.psql("postgres", &format!("CREATE DATABASE {name}"));
+    format!(
+        "postgres://postgres@{}:{}/{name}?sslmode=disable",
+        server.host(),
+        server.port()
+    )
+}
+
 extern "C" fn stop_shared_clusters() {
     if let Some(map) = SHARED.get() {
         let guard = map.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,0 +1,1306 @@
+//! The catalog contract: what every backend must do, run against each one.
+//!
+//! Every test below is a function taking a [`Backend`] (a way to open one
+//! more handle on the same catalog, as another process or node would) and
+//! runs twice: on a SQLite file in a temporary directory and on a database
+//! of its own in a real PostgreSQL 15 server that testkit starts once for
+//! this test binary. The concurrency tests race handles (and threads) for
+//! the same unique row and check that exactly one wins.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+
+use chrono::{DateTime, DurationRound, Utc};
+use pg_wal::{Lsn, TimelineId};
+use strata_catalog::prelude::*;
+use strata_catalog::*;
+use testkit::Cluster;
+
+/// Opens handles on one catalog.
+trait Backend {
+    /// One more handle, with its own lease owner.
+    fn open(&self) -> Arc<dyn Catalog>;
+}
+
+struct Sqlite {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Sqlite {
+    fn new() -> Sqlite {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Sqlite { _dir: dir, path }
+    }
+}
+
+impl Backend for Sqlite {
+    fn open(&self) -> Arc<dyn Catalog> {
+        Arc::new(SqliteCatalog::open(&self.path).unwrap())
+    }
+}
+
+struct Postgres {
+    url: String,
+}
+
+impl Postgres {
+    fn new(test: &str) -> Postgres {
+        Postgres {
+            url: testkit::catalog_database(test),
+        }
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Arc<dyn Catalog> {
+        Arc::new(PgCatalog::open(&PgConnect::new(&self.url)).unwrap())
+    }
+}
+
+/// Each contract test on both backends: `sqlite::name` and `postgres::name`.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(&super::Sqlite::new()); })*
+        }
+        mod postgres {
+            $(#[test] fn $name() { super::$name(&super::Postgres::new(stringify!($name))); })*
+        }
+    };
+}
+
+contract!(
+    instances_round_trip_and_refuse_duplicates,
+    deleting_an_instance_forgets_its_policy_for_every_handle,
+    backup_sets_round_trip,
+    a_job_belongs_to_its_lease_not_to_its_pid,
+    the_lease_keeper_renews_its_owners_unfinished_jobs,
+    gc_pending_is_kept_per_repository,
+    cross_region_policy_copies_and_wal,
+    usage_samples_by_time,
+    keys_policies_passwords_and_nonces,
+    wal_segments_and_restore_points,
+    managed_instances_and_drills,
+    clear_index_keeps_everything_else,
+    duplicates_are_conflicts_with_their_source,
+    racing_handles_register_one_backup_id_once,
+    racing_handles_admit_a_nonce_once,
+    racing_takeovers_fail_an_expired_job_once,
+    a_takeover_and_its_owner_never_both_win,
+);
+
+/// Now, to the microsecond every backend keeps.
+fn now() -> DateTime<Utc> {
+    Utc::now()
+        .duration_trunc(chrono::Duration::microseconds(1))
+        .unwrap()
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn instance(id: &str) -> Instance {
+    Instance {
+        id: id.into(),
+        host: "127.0.0.1".into(),
+        port: 5432,
+        user: "postgres".into(),
+        password_env: None,
+        password: None,
+        dbname: None,
+        sslmode: SslMode::Prefer,
+        sslrootcert: None,
+        system_identifier: Some(u64::MAX - 3),
+        pg_version_num: Some(150018),
+        wal_segment_size: Some(16 << 20),
+        created_at: now(),
+    }
+}
+
+fn policy(instance_id: &str) -> BackupPolicy {
+    BackupPolicy {
+        instance_id: instance_id.into(),
+        backup_days: vec!["Monday".into(), "Friday".into()],
+        backup_window: "01:00Z-02:00Z".into(),
+        backup_retention_days: 30,
+        log_backup_enabled: false,
+        log_retention_days: 8,
+        updated_at: now(),
+        last_auto_slot: Some(now()),
+    }
+}
+
+fn wal_row(instance_id: &str, segment: &str, partial: bool) -> WalSegmentRow {
+    let t = at("2026-11-25T10:00:00.123456Z");
+    WalSegmentRow {
+        instance_id: instance_id.into(),
+        timeline: TimelineId(1),
+        segment: segment.into(),
+        partial,
+        begin_lsn: Lsn(0x100_0000),
+        end_lsn: Lsn(if partial { 0x180_0000 } else { 0x200_0000 }),
+        size: if partial { 8 << 20 } else { 16 << 20 },
+        checksum: "ab".into(),
+        first_commit: Some(t),
+        last_commit: Some(t),
+        commit_count: 3,
+        min_commit_xid: Some(700),
+        max_commit_xid: Some(u32::MAX),
+        object_key: format!("instances/{instance_id}/wal/00000001/{segment}"),
+        stored_at: t,
+    }
+}
+
+fn full_set(id: &str, t: DateTime<Utc>) -> BackupSet {
+    BackupSet {
+        id: id.into(),
+        instance_id: "a".into(),
+        status: BackupStatus::Success,
+        mode: BackupMode::Manual,
+        started_at: t,
+        finished_at: Some(t),
+        // The top bit set: LSNs are unsigned 64-bit everywhere.
+        start_lsn: Some(Lsn(0x8000_0001_0000_0028)),
+        stop_lsn: Some(Lsn(0x8000_0001_0000_0100)),
+        start_timeline: Some(TimelineId(1)),
+        stop_timeline: Some(TimelineId(u32::MAX)),
+        pg_version_num: Some(150018),
+        total_bytes: 1 << 40,
+        new_bytes: 1,
+        dedup_bytes: 2,
+        stored_bytes: 3,
+        file_count: 9,
+        error: None,
+        job_id: None,
+    }
+}
+
+fn instances_round_trip_and_refuse_duplicates(b: &dyn Backend) {
+    let cat = b.open();
+    let mut i = instance("a");
+    i.password = Some("s3cret".into());
+    i.sslmode = SslMode::VerifyFull;
+    i.sslrootcert = Some("/etc/ca.pem".into());
+    cat.add_instance(&i).unwrap();
+    assert!(matches!(
+        cat.add_instance(&instance("a")),
+        Err(CatalogError::InstanceExists(_))
+    ));
+    // Another handle (another process or node) reads it back whole.
+    let other = b.open();
+    assert_eq!(other.get_instance("a").unwrap(), i);
+    assert!(matches!(
+        other.get_instance("b"),
+        Err(CatalogError::InstanceNotFound(_))
+    ));
+
+    let mut changed = i.clone();
+    changed.host = "db.example".into();
+    changed.port = 6543;
+    changed.password = None;
+    changed.created_at = now() + chrono::Duration::hours(1);
+    other.update_instance(&changed).unwrap();
+    let got = cat.get_instance("a").unwrap();
+    assert_eq!(
+        (got.host.as_str(), got.port, got.password),
+        ("db.example", 6543, None)
+    );
+    assert_eq!(
+        got.created_at, i.created_at,
+        "the registration time is kept"
+    );
+    assert!(matches!(
+        cat.update_instance(&instance("zz")),
+        Err(CatalogError::InstanceNotFound(_))
+    ));
+    cat.add_instance(&instance("0-first")).unwrap();
+    let ids: Vec<InstanceId> = cat
+        .list_instances()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids, ["0-first", "a"]);
+}
+
+fn deleting_an_instance_forgets_its_policy_for_every_handle(b: &dyn Backend) {
+    let a = b.open();
+    let other = b.open();
+    a.add_instance(&instance("db1")).unwrap();
+    a.put_policy(&policy("db1")).unwrap();
+    assert!(matches!(
+        other.delete_instance("nope"),
+        Err(CatalogError::InstanceNotFound(_))
+    ));
+    other.delete_instance("db1").unwrap();
+    assert!(matches!(
+        a.get_instance("db1"),
+        Err(CatalogError::InstanceNotFound(_))
+    ));
+    assert_eq!(a.get_policy("db1").unwrap(), None);
+}
+
+fn backup_sets_round_trip(b: &dyn Backend) {
+    let cat = b.open();
+    let t = now();
+    let set = full_set("1", t);
+    cat.insert_backup(&set).unwrap();
+    assert_eq!(cat.get_backup("1").unwrap(), set);
+    assert!(matches!(
+        cat.insert_backup(&set),
+        Err(CatalogError::BackupExists(_))
+    ));
+    let mut running = BackupSet::started(
+        "0".into(),
+        "a",
+        BackupMode::Automated,
+        t - chrono::Duration::hours(1),
+        None,
+    );
+    cat.insert_backup(&running).unwrap();
+    assert_eq!(cat.get_backup("0").unwrap(), running);
+    running.status = BackupStatus::Failed;
+    running.error = Some("disk full".into());
+    cat.update_backup(&running).unwrap();
+    assert_eq!(cat.get_backup("0").unwrap(), running);
+    let ids: Vec<BackupId> = cat
+        .list_backups("a")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, ["0", "1"], "oldest first");
+    assert!(cat.list_backups("b").unwrap().is_empty());
+
+    let mut moved = set.clone();
+    moved.instance_id = "b".into();
+    assert!(matches!(
+        cat.update_backup(&moved),
+        Err(CatalogError::Invalid(_))
+    ));
+    assert!(matches!(
+        cat.update_backup(&full_set("nope", t)),
+        Err(CatalogError::BackupNotFound(_))
+    ));
+    cat.put_drill(&DrillResult {
+        backup_id: "1".into(),
+        instance_id: "a".into(),
+        status: "Passed".into(),
+        detail: "ok".into(),
+        started_at: t,
+        finished_at: Some(t),
+        job_id: None,
+    })
+    .unwrap();
+    cat.delete_backup("1").unwrap();
+    assert_eq!(
+        cat.get_drill("1").unwrap(),
+        None,
+        "the drill goes with its set"
+    );
+    assert!(matches!(
+        cat.delete_backup("1"),
+        Err(CatalogError::BackupNotFound(_))
+    ));
+}
+
+fn running_backup(cat: &dyn Catalog, id: &str) -> Job {
+    let mut job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
+    job.state = JobState::Uploading;
+    job.progress = 49;
+    job.backup_id = Some(id.into());
+    cat.update_job(&job).unwrap();
+    cat.insert_backup(&BackupSet::started(
+        id.into(),
+        "a",
+        BackupMode::Manual,
+        now(),
+        Some(job.id),
+    ))
+    .unwrap();
+    job
+}
+
+/// Two handles on one catalog are two owners in one process (same PID): the
+/// PID says nothing, the lease everything.
+fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
+    let dead = b.open();
+    let alive = b.open();
+    let observer = b.open();
+    assert_ne!(dead.lease_owner(), alive.lease_owner());
+    assert_eq!(dead.lease_owner().as_str().len(), 32);
+    observer.add_instance(&instance("a")).unwrap();
+    let lease = chrono::Duration::seconds(30);
+    let t0 = now();
+    let orphan = running_backup(&*dead, "1");
+    let live = running_backup(&*alive, "2");
+    assert_eq!(orphan.pid, live.pid);
+    assert_eq!(dead.get_job(orphan.id).unwrap(), orphan);
+    // Its own owner never takes a job over, however old the heartbeat.
+    let later = t0 + chrono::Duration::hours(1);
+    assert_eq!(dead.get_job(orphan.id).unwrap().owner, *dead.lease_owner());
+
+    // Within the lease nothing is taken over.
+    assert_eq!(
+        observer.fail_expired_jobs(t0 + lease / 2, lease).unwrap(),
+        0
+    );
+
+    // `alive` renews, `dead` does not; past the lease only the silent
+    // owner's job (same PID as the live one) is failed, with its set.
+    let renewed_at = t0 + chrono::Duration::seconds(25);
+    assert_eq!(alive.renew_leases(renewed_at).unwrap(), 1);
+    let at = t0 + chrono::Duration::seconds(40);
+    assert_eq!(observer.fail_expired_jobs(at, lease).unwrap(), 1);
+
+    let failed = observer.get_job(orphan.id).unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    let reason = failed.error.unwrap();
+    assert!(
+        reason.contains(&format!("its owner {} ", dead.lease_owner()))
+            && reason.contains("stopped renewing its lease at"),
+        "{reason}"
+    );
+    let set = observer.get_backup("1").unwrap();
+    assert_eq!(set.status, BackupStatus::Failed);
+    assert_eq!(set.error.as_deref(), Some(reason.as_str()));
+
+    let kept = observer.get_job(live.id).unwrap();
+    assert_eq!(kept.state, JobState::Uploading);
+    assert_eq!(kept.heartbeat_at, renewed_at);
+    assert_eq!(
+        observer.get_backup("2").unwrap().status,
+        BackupStatus::Running
+    );
+    assert_eq!(
+        alive.fail_expired_jobs(later, lease).unwrap(),
+        0,
+        "own jobs are never taken over"
+    );
+
+    // The old owner, waking up, can no longer record an outcome.
+    let mut late = dead.get_job(orphan.id).unwrap();
+    late.state = JobState::Finished;
+    assert!(matches!(
+        dead.update_job(&late),
+        Err(CatalogError::LeaseLost(id)) if id == orphan.id
+    ));
+    let mut late_set = dead.get_backup("1").unwrap();
+    late_set.status = BackupStatus::Success;
+    late_set.error = None;
+    assert!(matches!(
+        dead.update_backup(&late_set),
+        Err(CatalogError::LeaseLost(_))
+    ));
+    assert_eq!(observer.get_job(orphan.id).unwrap().state, JobState::Failed);
+    assert_eq!(
+        observer.get_backup("1").unwrap().status,
+        BackupStatus::Failed
+    );
+    let mut ghost = late.clone();
+    ghost.id = JobId::new(1 << 40);
+    assert!(matches!(
+        dead.update_job(&ghost),
+        Err(CatalogError::JobNotFound(_))
+    ));
+
+    // Renewing touches only unfinished jobs of the owner itself.
+    assert_eq!(dead.renew_leases(at).unwrap(), 0);
+    // The live one expires too once its owner falls silent.
+    let much_later = renewed_at + lease + chrono::Duration::seconds(1);
+    assert_eq!(observer.fail_expired_jobs(much_later, lease).unwrap(), 1);
+    assert_eq!(
+        observer.get_backup("2").unwrap().status,
+        BackupStatus::Failed
+    );
+    let all: Vec<JobId> = observer
+        .list_jobs(None)
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(all, [orphan.id, live.id]);
+    assert_eq!(observer.list_jobs(Some("a")).unwrap().len(), 2);
+    assert!(observer.list_jobs(Some("b")).unwrap().is_empty());
+}
+
+fn the_lease_keeper_renews_its_owners_unfinished_jobs(b: &dyn Backend) {
+    use std::time::{Duration, Instant};
+    let catalog = b.open();
+    let job = catalog.create_job(JobKind::Backup, None).unwrap();
+    let mut done = catalog.create_job(JobKind::Restore, None).unwrap();
+    done.state = JobState::Finished;
+    catalog.update_job(&done).unwrap();
+    let created = catalog.get_job(job.id).unwrap().heartbeat_at;
+
+    let keeper = LeaseKeeper::start(catalog.clone(), Duration::from_millis(20)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while catalog.get_job(job.id).unwrap().heartbeat_at == created {
+        assert!(Instant::now() < deadline, "the lease was never renewed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(keeper);
+    assert!(catalog.get_job(job.id).unwrap().heartbeat_at > created);
+    assert_eq!(
+        catalog.get_job(done.id).unwrap().heartbeat_at,
+        done.heartbeat_at
+    );
+    assert_eq!(Arc::strong_count(&catalog), 1, "the keeper's thread ended");
+}
+
+fn gc_pending_is_kept_per_repository(b: &dyn Backend) {
+    let cat = b.open();
+    let t = now();
+    let mut a = BTreeMap::new();
+    a.insert("p1".to_string(), t);
+    a.insert("p2".to_string(), t + chrono::Duration::seconds(5));
+    cat.put_gc_pending("repo-a", &a).unwrap();
+    let mut other = BTreeMap::new();
+    other.insert("p9".to_string(), t);
+    cat.put_gc_pending("repo-b", &other).unwrap();
+    assert_eq!(cat.gc_pending("repo-a").unwrap(), a);
+    a.remove("p1");
+    cat.put_gc_pending("repo-a", &a).unwrap();
+    assert_eq!(b.open().gc_pending("repo-a").unwrap(), a);
+    assert_eq!(cat.gc_pending("repo-b").unwrap(), other);
+    cat.put_gc_pending("repo-b", &BTreeMap::new()).unwrap();
+    assert!(cat.gc_pending("repo-b").unwrap().is_empty());
+}
+
+fn cross_region_policy_copies_and_wal(b: &dyn Backend) {
+    let cat = b.open();
+    assert_eq!(cat.get_cross_policy("a").unwrap(), None);
+    let t = at("2026-11-25T10:00:00Z");
+    let mut p = CrossBackupPolicy {
+        instance_id: "a".into(),
+        region: "cn-shanghai".into(),
+        backup_enabled: true,
+        log_backup_enabled: false,
+        retention_days: 30,
+        backup_enabled_at: Some(t),
+        log_backup_enabled_at: None,
+        updated_at: t,
+    };
+    cat.put_cross_policy(&p).unwrap();
+    assert_eq!(cat.get_cross_policy("a").unwrap(), Some(p.clone()));
+    p.log_backup_enabled = true;
+    p.log_backup_enabled_at = Some(t);
+    cat.put_cross_policy(&p).unwrap();
+    assert_eq!(cat.get_cross_policy("a").unwrap(), Some(p));
+
+    let first = cat
+        .insert_cross_backup("cn-shanghai", &full_set("1", t), 512, t)
+        .unwrap();
+    let second = cat
+        .insert_cross_backup("cn-beijing", &full_set("2", t), 64, t)
+        .unwrap();
+    assert!(second > first);
+    // One copy of a set per region.
+    assert!(matches!(
+        cat.insert_cross_backup("cn-shanghai", &full_set("1", t), 1, t),
+        Err(CatalogError::Conflict(_))
+    ));
+    let listed = cat.list_cross_backups("a").unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        (listed[0].id, listed[0].region.as_str()),
+        (first, "cn-shanghai")
+    );
+    assert_eq!(
+        (listed[0].set.clone(), listed[0].copied_bytes),
+        (full_set("1", t), 512)
+    );
+    cat.delete_cross_backup(first).unwrap();
+    assert_eq!(cat.list_cross_backups("a").unwrap()[0].id, second);
+    assert!(cat.list_cross_backups("b").unwrap().is_empty());
+
+    let row = wal_row("a", "000000010000000000000001", false);
+    let id = cat.insert_cross_wal("cn-shanghai", &row, t).unwrap();
+    let wal = cat.list_cross_wal("a").unwrap();
+    assert_eq!(
+        (wal[0].id, wal[0].row.clone(), wal[0].copied_at),
+        (id, row, t)
+    );
+    cat.delete_cross_wal(id).unwrap();
+    assert!(cat.list_cross_wal("a").unwrap().is_empty());
+}
+
+fn usage_samples_by_time(b: &dyn Backend) {
+    let cat = b.open();
+    let t0 = at("2026-11-25T10:00:00Z");
+    for (i, instance) in [(0, "a"), (1, "a"), (2, "a"), (1, "b")] {
+        cat.add_usage_sample(&UsageSample {
+            instance_id: instance.into(),
+            at: t0 + chrono::Duration::hours(i),
+            logical_bytes: 10 * i as u64,
+            data_bytes: i as u64,
+            wal_bytes: 2,
+            quota_bytes: 5,
+            cross_region_bytes: (instance == "a").then_some(100 * i as u64),
+        })
+        .unwrap();
+    }
+    let all = cat.list_usage_samples("a", None, None).unwrap();
+    assert_eq!(
+        all.iter().map(|s| s.data_bytes).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    let some = cat
+        .list_usage_samples(
+            "a",
+            Some(t0 + chrono::Duration::minutes(30)),
+            Some(t0 + chrono::Duration::hours(1)),
+        )
+        .unwrap();
+    assert_eq!(some.len(), 1);
+    assert_eq!(some[0].at, t0 + chrono::Duration::hours(1));
+    let from = cat
+        .list_usage_samples("a", Some(t0 + chrono::Duration::hours(1)), None)
+        .unwrap();
+    assert_eq!(from.len(), 2);
+    let last = cat.last_usage_sample("a").unwrap().unwrap();
+    assert_eq!((last.data_bytes, last.cross_region_bytes), (2, Some(200)));
+    // A second sample at the same moment replaces the first.
+    let mut again = last.clone();
+    again.data_bytes = 7;
+    cat.add_usage_sample(&again).unwrap();
+    assert_eq!(cat.list_usage_samples("a", None, None).unwrap().len(), 3);
+    assert_eq!(cat.last_usage_sample("a").unwrap().unwrap().data_bytes, 7);
+    // Not known: NULL, read back as such.
+    let other = cat.list_usage_samples("b", None, None).unwrap();
+    assert_eq!(other[0].cross_region_bytes, None);
+    assert_eq!(cat.last_usage_sample("c").unwrap(), None);
+}
+
+fn keys_policies_passwords_and_nonces(b: &dyn Backend) {
+    let cat = b.open();
+    let mut i = instance("a");
+    i.password = Some("s3cret".into());
+    cat.add_instance(&i).unwrap();
+    assert!(!serde_json::to_string(&cat.get_instance("a").unwrap())
+        .unwrap()
+        .contains("s3cret"));
+
+    assert_eq!(cat.get_policy("a").unwrap(), None);
+    let p = policy("a");
+    cat.put_policy(&p).unwrap();
+    assert_eq!(cat.get_policy("a").unwrap(), Some(p.clone()));
+    let mut p2 = p.clone();
+    p2.backup_days = vec!["Sunday".into()];
+    p2.log_backup_enabled = true;
+    p2.last_auto_slot = None;
+    cat.put_policy(&p2).unwrap();
+    assert_eq!(cat.get_policy("a").unwrap(), Some(p2));
+
+    let t = now();
+    let k = AccessKey {
+        id: "AK1".into(),
+        secret: "sec".into(),
+        read_only: true,
+        description: "ro".into(),
+        created_at: t,
+    };
+    cat.add_access_key(&k).unwrap();
+    assert!(matches!(
+        cat.add_access_key(&k),
+        Err(CatalogError::Conflict(_))
+    ));
+    assert_eq!(cat.get_access_key("AK1").unwrap(), Some(k.clone()));
+    assert_eq!(cat.list_access_keys().unwrap(), [k]);
+    assert!(cat.delete_access_key("AK1").unwrap());
+    assert!(!cat.delete_access_key("AK1").unwrap());
+    assert_eq!(cat.get_access_key("AK1").unwrap(), None);
+
+    let old = t - chrono::Duration::hours(1);
+    assert!(cat.admit_nonce("AK1", "n1", old, old).unwrap());
+    assert!(!b.open().admit_nonce("AK1", "n1", old, old).unwrap());
+    assert!(cat.admit_nonce("AK2", "n1", old, old).unwrap());
+    // Forgotten once older than the horizon.
+    assert!(cat
+        .admit_nonce("AK1", "n1", t, t - chrono::Duration::minutes(30))
+        .unwrap());
+}
+
+fn wal_segments_and_restore_points(b: &dyn Backend) {
+    let cat = b.open();
+    let seg = "000000010000000000000002";
+    let partial = wal_row("a", seg, true);
+    let complete = wal_row("a", seg, false);
+    cat.upsert_wal_segment(&partial).unwrap();
+    cat.upsert_wal_segment(&complete).unwrap();
+    cat.upsert_wal_segment(&wal_row("a", "000000010000000000000001", false))
+        .unwrap();
+    cat.upsert_wal_segment(&wal_row("b", seg, false)).unwrap();
+    assert_eq!(
+        cat.find_wal_segment("a", TimelineId(1), seg).unwrap(),
+        [complete.clone(), partial.clone()]
+    );
+    // The same key replaces its row.
+    let mut grown = partial.clone();
+    grown.end_lsn = Lsn(0x1c0_0000);
+    grown.size = 12 << 20;
+    cat.upsert_wal_segment(&grown).unwrap();
+    let listed = cat.list_wal_segments("a").unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].segment, "000000010000000000000001");
+    assert_eq!((&listed[1], &listed[2]), (&complete, &grown));
+    cat.delete_wal_segment("a", TimelineId(1), seg, true)
+        .unwrap();
+    cat.delete_wal_segment("a", TimelineId(1), seg, true)
+        .unwrap();
+    assert_eq!(
+        cat.find_wal_segment("a", TimelineId(1), seg).unwrap(),
+        [complete]
+    );
+
+    let rp = |lsn: u64, name: &str| RestorePointRow {
+        instance_id: "a".into(),
+        timeline: TimelineId(1),
+        name: name.into(),
+        lsn: Lsn(lsn),
+        time: at("2026-11-25T10:00:00.000001Z"),
+    };
+    cat.upsert_restore_point(&rp(0x300, "later")).unwrap();
+    cat.upsert_restore_point(&rp(0x200, "first")).unwrap();
+    cat.upsert_restore_point(&rp(0x200, "renamed")).unwrap();
+    assert_eq!(
+        cat.list_restore_points("a").unwrap(),
+        [rp(0x200, "renamed"), rp(0x300, "later")]
+    );
+    assert!(cat.list_restore_points("b").unwrap().is_empty());
+}
+
+fn managed_instances_and_drills(b: &dyn Backend) {
+    let cat = b.open();
+    let t = now();
+    let mut m = ManagedInstance {
+        instance_id: "clone-1".into(),
+        source_instance: "a".into(),
+        backup_id: Some("1".into()),
+        restore_time: Some(t),
+        data_dir: "/srv/clone-1".into(),
+        port: 15432,
+        pg_major: 16,
+        status: "Creating".into(),
+        error: None,
+        created_at: t,
+    };
+    cat.put_managed(&m).unwrap();
+    m.status = "Running".into();
+    cat.put_managed(&m).unwrap();
+    assert_eq!(cat.get_managed("clone-1").unwrap(), Some(m.clone()));
+    assert_eq!(cat.list_managed().unwrap(), [m]);
+    cat.delete_managed("clone-1").unwrap();
+    cat.delete_managed("clone-1").unwrap();
+    assert_eq!(cat.get_managed("clone-1").unwrap(), None);
+
+    let mut d = DrillResult {
+        backup_id: "1".into(),
+        instance_id: "a".into(),
+        status: "Running".into(),
+        detail: String::new(),
+        started_at: t,
+        finished_at: None,
+        job_id: Some(JobId::new(3)),
+    };
+    cat.put_drill(&d).unwrap();
+    d.status = "Passed".into();
+    d.finished_at = Some(t);
+    cat.put_drill(&d).unwrap();
+    assert_eq!(cat.get_drill("1").unwrap(), Some(d.clone()));
+    assert_eq!(cat.list_drills("a").unwrap(), [d]);
+    assert!(cat.list_drills("b").unwrap().is_empty());
+}
+
+fn clear_index_keeps_everything_else(b: &dyn Backend) {
+    let cat = b.open();
+    cat.add_instance(&instance("a")).unwrap();
+    cat.insert_backup(&full_set("1", now())).unwrap();
+    cat.upsert_wal_segment(&wal_row("a", "000000010000000000000001", false))
+        .unwrap();
+    let job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
+    cat.clear_index().unwrap();
+    assert!(cat.list_backups("a").unwrap().is_empty());
+    assert!(cat.list_wal_segments("a").unwrap().is_empty());
+    assert_eq!(cat.list_instances().unwrap().len(), 1);
+    assert_eq!(cat.get_job(job.id).unwrap(), job);
+}
+
+fn duplicates_are_conflicts_with_their_source(b: &dyn Backend) {
+    use std::error::Error as _;
+    let cat = b.open();
+    let set = BackupSet::started("b1".into(), "db1", BackupMode::Manual, now(), None);
+    cat.insert_cross_backup("eu", &set, 1, now()).unwrap();
+    let err = cat.insert_cross_backup("eu", &set, 1, now()).unwrap_err();
+    assert!(matches!(err, CatalogError::Conflict(_)), "{err:?}");
+    assert!(!err.is_retryable());
+    assert!(
+        err.source().is_some(),
+        "the driver's error stays the source"
+    );
+}
+
+/// Runs `f(handle, thread)` on `threads` threads at once, spread over two
+/// handles, and returns what each returned.
+fn race<T: Send + 'static>(
+    b: &dyn Backend,
+    threads: usize,
+    f: impl Fn(&dyn Catalog, usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let handles = [b.open(), b.open()];
+    let barrier = Arc::new(Barrier::new(threads));
+    let f = Arc::new(f);
+    let joins: Vec<_> = (0..threads)
+        .map(|n| {
+            let (cat, barrier, f) = (handles[n % 2].clone(), barrier.clone(), f.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                f(&*cat, n)
+            })
+        })
+        .collect();
+    joins.into_iter().map(|j| j.join().unwrap()).collect()
+}
+
+fn racing_handles_register_one_backup_id_once(b: &dyn Backend) {
+    for round in 0..10 {
+        let id = format!("race-{round}");
+        let results = race(b, 4, move |cat, n| {
+            let mut set =
+                BackupSet::started(id.as_str().into(), "a", BackupMode::Manual, now(), None);
+            set.error = Some(format!("writer {n}"));
+            cat.insert_backup(&set).map(|()| n)
+        });
+        let winners: Vec<usize> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert!(matches!(e, CatalogError::BackupExists(_)), "{e:?}");
+            }
+        }
+        // The row is the winner's, whole.
+        let stored = b.open().get_backup(&format!("race-{round}")).unwrap();
+        assert_eq!(stored.error, Some(format!("writer {}", winners[0])));
+    }
+}
+
+fn racing_handles_admit_a_nonce_once(b: &dyn Backend) {
+    let t = now();
+    for round in 0..10 {
+        let nonce = format!("nonce-{round}");
+        let admitted = race(b, 4, move |cat, _| {
+            cat.admit_nonce("AK1", &nonce, t, t - chrono::Duration::minutes(15))
+                .unwrap()
+        });
+        assert_eq!(
+            admitted.iter().filter(|a| **a).count(),
+            1,
+            "round {round}: {admitted:?}"
+        );
+    }
+}
+
+fn racing_takeovers_fail_an_expired_job_once(b: &dyn Backend) {
+    let dead = b.open();
+    let lease = chrono::Duration::seconds(30);
+    let jobs: Vec<JobId> = (0..6)
+        .map(|n| running_backup(&*dead, &format!("expired-{n}")).id)
+        .collect();
+    let later = now() + chrono::Duration::hours(1);
+    let taken = race(b, 4, move |cat, _| {
+        cat.fail_expired_jobs(later, lease).unwrap()
+    });
+    assert_eq!(taken.iter().sum::<usize>(), jobs.len(), "{taken:?}");
+    let check = b.open();
+    for id in jobs {
+        let job = check.get_job(id).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_ne!(job.owner, *dead.lease_owner());
+    }
+}
+
+/// The owner finishing its job and another handle taking it over race:
+/// exactly one of them wins, and the catalog agrees with the winner.
+fn a_takeover_and_its_owner_never_both_win(b: &dyn Backend) {
+    let owner = b.open();
+    let observer = b.open();
+    let lease = chrono::Duration::seconds(30);
+    for round in 0..10 {
+        let job = running_backup(&*owner, &format!("contested-{round}"));
+        let later = now() + chrono::Duration::hours(1);
+        let barrier = Arc::new(Barrier::new(2));
+        let (o, bar) = (owner.clone(), barrier.clone());
+        let mut done = job.clone();
+        let finisher = std::thread::spawn(move || {
+            done.state = JobState::Finished;
+            done.progress = 100;
+            bar.wait();
+            o.update_job(&done)
+        });
+        let (obs, bar) = (observer.clone(), barrier);
+        let taker = std::thread::spawn(move || {
+            bar.wait();
+            obs.fail_expired_jobs(later, lease).unwrap()
+        });
+        let finished = finisher.join().unwrap();
+        let taken = taker.join().unwrap();
+        let stored = observer.get_job(job.id).unwrap();
+        match finished {
+            Ok(()) => {
+                assert_eq!(taken, 0, "round {round}");
+                assert_eq!(stored.state, JobState::Finished);
+            }
+            Err(CatalogError::LeaseLost(id)) => {
+                assert_eq!((id, taken), (job.id, 1), "round {round}");
+                assert_eq!(stored.state, JobState::Failed);
+            }
+            Err(e) => panic!("round {round}: {e:?}"),
+        }
+    }
+}
+
+// PostgreSQL only: opening, migrating and classifying its errors.
+
+fn psql_url(url: &str, sql: &str) -> String {
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    testkit::catalog_server().psql(db, sql)
+}
+
+#[test]
+fn nodes_opening_an_empty_database_at_once_migrate_it_once() {
+    let url = testkit::catalog_database("migrate_once");
+    let joins: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || PgCatalog::open(&PgConnect::new(&url)).map(|_| ()))
+        })
+        .collect();
+    for j in joins {
+        j.join().unwrap().unwrap();
+    }
+    let versions = psql_url(
+        &url,
+        "SELECT string_agg(version::text, ',' ORDER BY version) FROM strata_schema_migrations",
+    );
+    let expected: Vec<String> = MIGRATIONS.iter().map(|m| m.version.to_string()).collect();
+    assert_eq!(versions, expected.join(","));
+    // Reopening applies nothing and keeps rows.
+    let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+    cat.add_instance(&instance("kept")).unwrap();
+    drop(cat);
+    let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+    assert_eq!(cat.list_instances().unwrap().len(), 1);
+}
+
+#[test]
+fn a_newer_postgres_schema_is_refused() {
+    let url = testkit::catalog_database("newer_schema");
+    drop(PgCatalog::open(&PgConnect::new(&url)).unwrap());
+    psql_url(
+        &url,
+        "INSERT INTO strata_schema_migrations (version, description) VALUES (99, 'future')",
+    );
+    assert!(matches!(
+        PgCatalog::open(&PgConnect::new(&url)),
+        Err(CatalogError::NewerSchema { found: 99, .. })
+    ));
+}
+
+#[test]
+fn an_unreachable_server_is_retryable_and_a_bad_value_is_corrupt() {
+    let port = testkit::free_port();
+    let err = PgCatalog::open(&PgConnect::new(&format!(
+        "postgres://strata:hunter2@127.0.0.1:{port}/nowhere?sslmode=disable"
+    )))
+    .err()
+    .expect("nothing listens there");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+
+    let url = testkit::catalog_database("corrupt_value");
+    let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+    cat.insert_backup(&BackupSet::started(
+        "b1".into(),
+        "a",
+        BackupMode::Manual,
+        now(),
+        None,
+    ))
+    .unwrap();
+    psql_url(&url, "UPDATE backup_sets SET mode = 'Sideways'");
+    let err = cat.get_backup("b1").unwrap_err();
+    assert!(matches!(err, CatalogError::Corrupt(_)), "{err:?}");
+    assert!(err.to_string().contains("Sideways"), "{err}");
+}
+
+/// Catalog calls from inside an async runtime (as some handlers still make
+/// them) neither panic nor deadlock, and dropping the catalog there is fine.
+#[test]
+fn calls_from_inside_an_async_runtime_work() {
+    let url = testkit::catalog_database("async_caller");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+        cat.add_instance(&instance("a")).unwrap();
+        assert_eq!(cat.get_instance("a").unwrap().id, "a");
+        drop(cat);
+    });
+}
+
+/// A SQLite catalog with a row in every table, times with nanoseconds
+/// SQLite keeps and PostgreSQL does not.
+fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
+    let cat = SqliteCatalog::open(path).unwrap();
+    let t = Utc::now();
+    let mut i = instance("a");
+    i.password = Some("s3cret".into());
+    i.created_at = t;
+    cat.add_instance(&i).unwrap();
+    cat.add_instance(&instance("b")).unwrap();
+    let job = running_backup(&cat, "running");
+    let mut done = cat.create_job(JobKind::Restore, None).unwrap();
+    done.state = JobState::Finished;
+    done.finished_at = Some(t);
+    cat.update_job(&done).unwrap();
+    cat.insert_backup(&full_set("full", t)).unwrap();
+    cat.upsert_wal_segment(&wal_row("a", "000000010000000000000001", false))
+        .unwrap();
+    cat.upsert_wal_segment(&wal_row("a", "000000010000000000000002", true))
+        .unwrap();
+    cat.upsert_restore_point(&RestorePointRow {
+        instance_id: "a".into(),
+        timeline: TimelineId(1),
+        name: "before".into(),
+        lsn: Lsn(0x100_0100),
+        time: t,
+    })
+    .unwrap();
+    cat.put_policy(&policy("a")).unwrap();
+    cat.put_cross_policy(&CrossBackupPolicy {
+        instance_id: "a".into(),
+        region: "eu".into(),
+        backup_enabled: true,
+        log_backup_enabled: true,
+        retention_days: 3,
+        backup_enabled_at: Some(t),
+        log_backup_enabled_at: None,
+        updated_at: t,
+    })
+    .unwrap();
+    cat.insert_cross_backup("eu", &full_set("full", t), 10, t)
+        .unwrap();
+    cat.insert_cross_wal("eu", &wal_row("a", "000000010000000000000001", false), t)
+        .unwrap();
+    cat.add_usage_sample(&UsageSample {
+        instance_id: "a".into(),
+        at: t,
+        logical_bytes: 1,
+        data_bytes: 2,
+        wal_bytes: 3,
+        quota_bytes: 4,
+        cross_region_bytes: None,
+    })
+    .unwrap();
+    cat.add_access_key(&AccessKey {
+        id: "AK1".into(),
+        secret: "sec".into(),
+        read_only: false,
+        description: String::new(),
+        created_at: t,
+    })
+    .unwrap();
+    assert!(cat
+        .admit_nonce("AK1", "seen", t, t - chrono::Duration::hours(1))
+        .unwrap());
+    cat.put_managed(&ManagedInstance {
+        instance_id: "clone".into(),
+        source_instance: "a".into(),
+        backup_id: Some("full".into()),
+        restore_time: None,
+        data_dir: "/srv/clone".into(),
+        port: 15432,
+        pg_major: 15,
+        status: "Running".into(),
+        error: None,
+        created_at: t,
+    })
+    .unwrap();
+    cat.put_drill(&DrillResult {
+        backup_id: "full".into(),
+        instance_id: "a".into(),
+        status: "Passed".into(),
+        detail: "12 tables".into(),
+        started_at: t,
+        finished_at: Some(t),
+        job_id: Some(job.id),
+    })
+    .unwrap();
+    let mut pending = BTreeMap::new();
+    pending.insert("pack-1".to_string(), t);
+    cat.put_gc_pending("repo", &pending).unwrap();
+    cat
+}
+
+/// What the catalog answers, with times cut to the microsecond.
+fn everything(cat: &dyn Catalog) -> String {
+    let mut out = serde_json::json!({
+        "instances": cat.list_instances().unwrap(),
+        "passwords": cat.list_instances().unwrap().iter().map(|i| i.password.clone()).collect::<Vec<_>>(),
+        "managed": cat.list_managed().unwrap(),
+        "jobs": cat.list_jobs(None).unwrap(),
+        "keys": cat.list_access_keys().unwrap().iter().map(|k| (k.id.clone(), k.secret.clone())).collect::<Vec<_>>(),
+        "gc": cat.gc_pending("repo").unwrap(),
+    });
+    for id in ["a", "b"] {
+        out[id] = serde_json::json!({
+            "backups": cat.list_backups(id).unwrap(),
+            "drills": cat.list_drills(id).unwrap(),
+            "wal": cat.list_wal_segments(id).unwrap(),
+            "points": cat.list_restore_points(id).unwrap(),
+            "policy": cat.get_policy(id).unwrap(),
+            "cross_policy": cat.get_cross_policy(id).unwrap(),
+            "cross": cat.list_cross_backups(id).unwrap(),
+            "cross_wal": cat.list_cross_wal(id).unwrap(),
+            "usage": cat.list_usage_samples(id, None, None).unwrap(),
+        });
+    }
+    // RFC 3339 with nanoseconds: keep six digits of the fraction.
+    let text = out.to_string();
+    let re_cut = |s: &str| -> String {
+        let mut r = String::new();
+        let mut digits = 0;
+        let mut in_fraction = false;
+        for ch in s.chars() {
+            if in_fraction && ch.is_ascii_digit() {
+                digits += 1;
+                if digits > 6 {
+                    continue;
+                }
+            } else {
+                in_fraction = false;
+            }
+            if ch == '.' {
+                in_fraction = true;
+                digits = 0;
+            }
+            r.push(ch);
+        }
+        r
+    };
+    re_cut(&text)
+}
+
+#[test]
+fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = populated_sqlite(&dir.path().join("catalog.db"));
+    let url = testkit::catalog_database("transfer");
+    let pg = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+
+    let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
+    let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
+    assert_eq!(tables.len(), 15, "{tables:?}");
+    assert!(
+        report.iter().all(|t| t.rows > 0),
+        "a row in every table: {report:?}"
+    );
+    assert_eq!(everything(&sqlite), everything(&pg));
+    // Nonces and ids carry over: a replay stays refused, new ids go on.
+    let t = Utc::now();
+    assert!(!pg
+        .admit_nonce("AK1", "seen", t, t - chrono::Duration::hours(1))
+        .unwrap());
+    let max = sqlite
+        .list_jobs(None)
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .max()
+        .unwrap();
+    assert!(pg.create_job(JobKind::Backup, None).unwrap().id > max);
+    let cross = pg
+        .insert_cross_backup("us", &full_set("full", now()), 1, now())
+        .unwrap();
+    assert!(cross > sqlite.list_cross_backups("a").unwrap()[0].id);
+
+    // A catalog in use is never overwritten; nothing of a refused copy lands.
+    let before = everything(&pg);
+    let err = copy_sqlite_to_postgres(&sqlite, &pg).unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert_eq!(everything(&pg), before);
+}
+
+/// A pooled connection the server dropped costs at most the call that finds
+/// it (as retryable); the next call connects afresh.
+#[test]
+fn a_dropped_connection_is_retryable_and_replaced() {
+    let url = testkit::catalog_database("dropped_connection");
+    let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+    cat.add_instance(&instance("a")).unwrap();
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let killed = testkit::catalog_server().psql(
+        "postgres",
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
+        ),
+    );
+    assert_ne!(killed, "0", "the catalog's connection was there to drop");
+    match cat.list_instances() {
+        Ok(list) => assert_eq!(list.len(), 1),
+        Err(e) => assert!(e.is_retryable(), "{e:?}"),
+    }
+    assert_eq!(cat.list_instances().unwrap().len(), 1);
+}
+
+/// TLS: verified against the URL's `sslrootcert`; a server the roots do not
+/// vouch for is refused.
+#[test]
+fn tls_is_verified_against_sslrootcert() {
+    let server = Cluster::builder(15).ssl(true).wal_level("minimal").start();
+    let ca = server.ca_cert().unwrap().display().to_string();
+    let base = format!("postgres://postgres@localhost:{}/postgres", server.port());
+    let cat = PgCatalog::open(&PgConnect::new(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={ca}"
+    )))
+    .unwrap();
+    cat.add_instance(&instance("over-tls")).unwrap();
+    let ssl = server.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.application_name = 'strata'",
+    );
+    assert_ne!(ssl, "0", "the catalog's connections use TLS");
+    drop(cat);
+    // The system's roots do not know the test CA.
+    let err = PgCatalog::open(&PgConnect::new(&format!("{base}?sslmode=require")))
+        .err()
+        .expect("an unknown CA is refused");
+    assert!(
+        format!("{err:?}").to_lowercase().contains("certificate"),
+        "{err:?}"
+    );
+}
+
+/// Both backends hold the same tables and columns, in the same order, with
+/// types that mean the same: SQLite TEXT is PostgreSQL text or (times)
+/// timestamptz, INTEGER is bigint or (truth values) boolean.
+#[test]
+fn both_backends_have_the_same_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    drop(SqliteCatalog::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut sqlite: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for t in tables {
+        let cols = conn
+            .prepare(&format!(
+                "SELECT name, type FROM pragma_table_info('{t}') ORDER BY cid"
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        sqlite.insert(t, cols);
+    }
+
+    let url = testkit::catalog_database("same_schema");
+    drop(PgCatalog::open(&PgConnect::new(&url)).unwrap());
+    let listing = psql_url(
+        &url,
+        "SELECT table_name || '|' || column_name || '|' || data_type FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name <> 'strata_schema_migrations' \
+         ORDER BY table_name, ordinal_position",
+    );
+    let mut postgres: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for line in listing.lines() {
+        let mut parts = line.split('|');
+        let (t, c, ty) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        postgres
+            .entry(t.to_string())
+            .or_default()
+            .push((c.to_string(), ty.to_string()));
+    }
+    assert_eq!(
+        sqlite.keys().collect::<Vec<_>>(),
+        postgres.keys().collect::<Vec<_>>()
+    );
+    for (table, cols) in &sqlite {
+        let pg = &postgres[table];
+        let names = |c: &[(String, String)]| c.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(cols), names(pg), "columns of {table}");
+        for ((name, lite), (_, big)) in cols.iter().zip(pg) {
+            let same = match lite.as_str() {
+                "TEXT" => big == "text" || big == "timestamp with time zone",
+                "INTEGER" => big == "bigint" || big == "boolean",
+                _ => false,
+            };
+            assert!(same, "{table}.{name}: SQLite {lite}, PostgreSQL {big}");
+        }
+    }
+}
+
+/// A PostgreSQL catalog left at any earlier step (built from the migration
+/// list itself) upgrades on open and keeps its rows.
+#[test]
+fn a_postgres_catalog_at_every_earlier_step_upgrades_and_keeps_its_rows() {
+    for reached in 1..MIGRATIONS.len() {
+        let url = testkit::catalog_database(&format!("upgrade_from_{reached}"));
+        let mut sql = String::from(
+            "CREATE TABLE strata_schema_migrations (version bigint PRIMARY KEY, \
+             description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());\n",
+        );
+        for step in &MIGRATIONS[..reached] {
+            sql.push_str(step.postgres);
+            sql.push_str(&format!(
+                "\nINSERT INTO strata_schema_migrations (version, description) VALUES ({}, 'old');\n",
+                step.version
+            ));
+        }
+        sql.push_str(
+            "INSERT INTO instances (id, host, port, user_name, sslmode, created_at) \
+             VALUES ('old', 'db.example', 5433, 'strata', 'verify-full', '2026-01-02T03:04:05.678901Z');\n",
+        );
+        psql_url(&url, &sql);
+        let cat = PgCatalog::open(&PgConnect::new(&url)).unwrap();
+        let old = cat.get_instance("old").unwrap();
+        assert_eq!(
+            (old.host.as_str(), old.port, old.sslmode, old.password),
+            ("db.example", 5433, SslMode::VerifyFull, None),
+            "from step {reached}"
+        );
+        assert_eq!(old.created_at, at("2026-01-02T03:04:05.678901Z"));
+        let versions = psql_url(&url, "SELECT count(*) FROM strata_schema_migrations");
+        assert_eq!(
+            versions,
+            MIGRATIONS.len().to_string(),
+            "from step {reached}"
+        );
+        // Everything the newest steps added works.
+        cat.put_gc_pending("r", &BTreeMap::from([("p".to_string(), now())]))
+            .unwrap();
+        assert!(cat.create_job(JobKind::Backup, None).unwrap().id.get() > 0);
+    }
+}
