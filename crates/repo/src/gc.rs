@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
-use crate::{manifest_key, RepoResult, Repository};
+use crate::{manifest_key, PackId, RepoResult, Repository};
 
 /// What one collection did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -35,7 +35,7 @@ pub struct GcReport {
 
 /// Packs found unreferenced by earlier collections: pack id -> when first
 /// found so.
-pub type PendingPacks = BTreeMap<String, DateTime<Utc>>;
+pub type PendingPacks = BTreeMap<PackId, DateTime<Utc>>;
 
 impl Repository {
     /// Removes a backup set's manifest; its blocks go at the next collection.
@@ -63,7 +63,7 @@ impl Repository {
     ) -> RepoResult<(GcReport, PendingPacks)> {
         let mut report = GcReport::default();
         let mut still_pending = PendingPacks::new();
-        let mut referenced: HashSet<String> = HashSet::new();
+        let mut referenced: HashSet<PackId> = HashSet::new();
         for key in self.storage.list("instances/")? {
             let Some(rest) = key.strip_prefix("instances/") else {
                 continue;
@@ -109,7 +109,7 @@ impl Repository {
                 self.storage.delete(&key)?;
                 report.packs_deleted += 1;
             } else {
-                still_pending.insert(id.to_string(), since);
+                still_pending.insert(PackId::from(id), since);
                 report.packs_pending += 1;
             }
         }
