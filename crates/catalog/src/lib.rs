@@ -8,7 +8,8 @@
 //! kept only here. [`Catalog`] is the interface the engine and service use,
 //! made of one trait per aggregate ([`InstanceCatalog`], [`BackupCatalog`],
 //! [`WalCatalog`], [`JobCatalog`], [`PolicyCatalog`], [`CrossRegionCatalog`],
-//! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`]);
+//! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`],
+//! [`NodeCatalog`]);
 //! [`SqliteCatalog`], one SQLite file per data directory, is its
 //! implementation. Errors are backend-neutral
 //! ([`CatalogError`]) and the schema history is one list of versioned steps
@@ -32,7 +33,7 @@ use thiserror::Error;
 
 pub use interface::{
     AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
-    InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+    InstanceCatalog, JobCatalog, NodeCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
 };
 pub use lease::{LeaseKeeper, LeaseOwner};
 pub use migrations::{Migration, MIGRATIONS};
@@ -43,7 +44,7 @@ pub use sqlite::SqliteCatalog;
 pub mod prelude {
     pub use crate::interface::{
         AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
-        InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+        InstanceCatalog, JobCatalog, NodeCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
     };
 }
 
@@ -112,6 +113,37 @@ impl CatalogError {
 
 /// What catalog calls return.
 pub type CatalogResult<T> = Result<T, CatalogError>;
+
+/// A `strata serve` node of a fleet sharing this catalog, as its last
+/// heartbeat recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// The node's id (`[node] id`, or generated once per data directory).
+    pub id: String,
+    /// Where its API listens, as it bound it.
+    pub api_address: String,
+    /// When this run of the node started.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat: a node is live while this is recent.
+    pub heartbeat_at: DateTime<Utc>,
+    /// The Strata version it runs.
+    pub version: String,
+}
+
+/// The ownership lease of one instance: the node that runs its WAL
+/// receiver, scheduled backups, copies, drills and retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceOwner {
+    /// The instance.
+    pub instance_id: String,
+    /// The node holding the lease.
+    pub node_id: String,
+    /// Counts the lease's changes of hands: 1 for the first owner, one more
+    /// at every takeover (a renewal keeps it).
+    pub epoch: i64,
+    /// When the lease lapses unless its node renews it.
+    pub expires_at: DateTime<Utc>,
+}
 
 /// A PostgreSQL server Strata backs up, as registered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

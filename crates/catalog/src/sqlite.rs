@@ -416,6 +416,7 @@ impl InstanceCatalog for SqliteCatalog {
                 return Err(CatalogError::InstanceNotFound(id.to_string()));
             }
             tx.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
+            tx.execute("DELETE FROM instance_owners WHERE instance_id = ?1", [id])?;
             tx.commit()?;
             Ok(())
         })
@@ -1097,6 +1098,125 @@ impl GcCatalog for SqliteCatalog {
     }
 }
 
+fn node_from_row(r: &Row) -> rusqlite::Result<Node> {
+    Ok(Node {
+        id: r.get(0)?,
+        api_address: r.get(1)?,
+        started_at: parse_ts(r.get(2)?)?,
+        heartbeat_at: parse_ts(r.get(3)?)?,
+        version: r.get(4)?,
+    })
+}
+
+fn owner_from_row(r: &Row) -> rusqlite::Result<InstanceOwner> {
+    Ok(InstanceOwner {
+        instance_id: r.get(0)?,
+        node_id: r.get(1)?,
+        epoch: r.get(2)?,
+        expires_at: parse_ts(r.get(3)?)?,
+    })
+}
+
+/// `now + ttl`, refusing a ttl that does not fit a timestamp.
+fn lease_end(now: DateTime<Utc>, ttl: chrono::Duration) -> CatalogResult<DateTime<Utc>> {
+    now.checked_add_signed(ttl)
+        .ok_or_else(|| CatalogError::Invalid(format!("lease of {ttl} from {now}")))
+}
+
+impl NodeCatalog for SqliteCatalog {
+    fn heartbeat(&self, n: &Node) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO nodes (id, api_address, started_at, heartbeat_at, version) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET api_address=excluded.api_address, started_at=excluded.started_at,
+                 heartbeat_at=excluded.heartbeat_at, version=excluded.version",
+                params![n.id, n.api_address, ts(&n.started_at), ts(&n.heartbeat_at), n.version],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_nodes(&self) -> CatalogResult<Vec<Node>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, api_address, started_at, heartbeat_at, version FROM nodes ORDER BY id",
+            )?;
+            let rows = st.query_map([], node_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn claim_instance(
+        &self,
+        instance_id: &str,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<bool> {
+        let until = ts(&lease_end(now, ttl)?);
+        self.with(|c| {
+            // BEGIN IMMEDIATE: the row read cannot change before the write,
+            // so two nodes claiming at once are serialized and the second
+            // sees the first's lease.
+            let tx = immediate(c)?;
+            let current = tx
+                .query_row(
+                    "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners WHERE instance_id = ?1",
+                    [instance_id],
+                    owner_from_row,
+                )
+                .optional()?;
+            let epoch = match current {
+                None => 1,
+                Some(o) if o.node_id == node_id => o.epoch,
+                Some(o) if o.expires_at <= now => o.epoch + 1,
+                Some(_) => return Ok(false),
+            };
+            tx.execute(
+                "INSERT INTO instance_owners (instance_id, node_id, epoch, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(instance_id) DO UPDATE SET node_id=excluded.node_id, epoch=excluded.epoch, expires_at=excluded.expires_at",
+                params![instance_id, node_id, epoch, until],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn renew_instances(
+        &self,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<usize> {
+        let until = ts(&lease_end(now, ttl)?);
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE instance_owners SET expires_at=?2 WHERE node_id=?1",
+                params![node_id, until],
+            )?)
+        })
+    }
+
+    fn release_instance(&self, instance_id: &str, node_id: &str) -> CatalogResult<bool> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM instance_owners WHERE instance_id=?1 AND node_id=?2",
+                params![instance_id, node_id],
+            )? > 0)
+        })
+    }
+
+    fn list_owners(&self) -> CatalogResult<Vec<InstanceOwner>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners ORDER BY instance_id",
+            )?;
+            let rows = st.query_map([], owner_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
+
 impl IndexCatalog for SqliteCatalog {
     fn clear_index(&self) -> CatalogResult<()> {
         self.with(|c| {
@@ -1693,5 +1813,129 @@ mod tests {
             Err(CatalogError::InstanceNotFound(_))
         ));
         assert_eq!(a.get_policy("db1").unwrap(), None);
+    }
+
+    fn node(id: &str, at: DateTime<Utc>) -> Node {
+        Node {
+            id: id.into(),
+            api_address: format!("{id}.example:8080"),
+            started_at: at,
+            heartbeat_at: at,
+            version: "1.0.0".into(),
+        }
+    }
+
+    #[test]
+    fn heartbeats_insert_then_replace_a_node() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let t0 = Utc::now();
+        cat.heartbeat(&node("b", t0)).unwrap();
+        cat.heartbeat(&node("a", t0)).unwrap();
+        let later = Node {
+            heartbeat_at: t0 + chrono::Duration::seconds(5),
+            api_address: "10.0.0.2:8080".into(),
+            ..node("a", t0)
+        };
+        cat.heartbeat(&later).unwrap();
+        assert_eq!(cat.list_nodes().unwrap(), vec![later, node("b", t0)]);
+    }
+
+    #[test]
+    fn two_handles_racing_for_one_lease_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let ttl = chrono::Duration::seconds(15);
+        for round in 0..20 {
+            let id = format!("pg-{round}");
+            let now = Utc::now();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let claims: Vec<_> = ["a", "b"]
+                .into_iter()
+                .map(|n| {
+                    let (path, id, barrier) = (path.clone(), id.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let cat = SqliteCatalog::open(&path).unwrap();
+                        barrier.wait();
+                        (n, cat.claim_instance(&id, n, now, ttl).unwrap())
+                    })
+                })
+                .collect();
+            let won: Vec<&str> = claims
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .filter(|(_, won)| *won)
+                .map(|(n, _)| n)
+                .collect();
+            assert_eq!(won.len(), 1, "round {round}: {won:?} won");
+            let owners = SqliteCatalog::open(&path).unwrap().list_owners().unwrap();
+            let row = owners.iter().find(|o| o.instance_id == id).unwrap();
+            assert_eq!((row.node_id.as_str(), row.epoch), (won[0], 1));
+        }
+    }
+
+    #[test]
+    fn a_lapsed_lease_is_taken_over_and_a_valid_one_is_not() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let ttl = chrono::Duration::seconds(10);
+        let t0 = Utc::now();
+        assert!(cat.claim_instance("db", "a", t0, ttl).unwrap());
+        // Valid: b is refused and nothing changes.
+        assert!(!cat
+            .claim_instance("db", "b", t0 + chrono::Duration::seconds(9), ttl)
+            .unwrap());
+        let row = &cat.list_owners().unwrap()[0];
+        assert_eq!((row.node_id.as_str(), row.epoch), ("a", 1));
+        assert_eq!(row.expires_at, t0 + ttl);
+        // a renews by claiming again: same epoch, later expiry.
+        let t1 = t0 + chrono::Duration::seconds(5);
+        assert!(cat.claim_instance("db", "a", t1, ttl).unwrap());
+        let row = &cat.list_owners().unwrap()[0];
+        assert_eq!((row.epoch, row.expires_at), (1, t1 + ttl));
+        // Lapsed: b takes it, the epoch goes up, a's renewals miss it.
+        let t2 = t1 + ttl;
+        assert!(cat.claim_instance("db", "b", t2, ttl).unwrap());
+        assert_eq!(cat.renew_instances("a", t2, ttl).unwrap(), 0);
+        assert!(!cat.release_instance("db", "a").unwrap());
+        let row = &cat.list_owners().unwrap()[0];
+        assert_eq!(
+            (row.node_id.as_str(), row.epoch, row.expires_at),
+            ("b", 2, t2 + ttl)
+        );
+        // Released, it is free for anyone (a fresh lease).
+        assert!(cat.release_instance("db", "b").unwrap());
+        assert!(cat.list_owners().unwrap().is_empty());
+        assert!(cat.claim_instance("db", "a", t2, ttl).unwrap());
+        assert_eq!(cat.list_owners().unwrap()[0].epoch, 1);
+    }
+
+    #[test]
+    fn renewal_extends_only_the_nodes_own_leases() {
+        let cat = SqliteCatalog::open_in_memory().unwrap();
+        let ttl = chrono::Duration::seconds(10);
+        let t0 = Utc::now();
+        for (i, n) in [("x", "a"), ("y", "a"), ("z", "b")] {
+            assert!(cat.claim_instance(i, n, t0, ttl).unwrap());
+        }
+        let t1 = t0 + chrono::Duration::seconds(4);
+        assert_eq!(cat.renew_instances("a", t1, ttl).unwrap(), 2);
+        let expiry: std::collections::BTreeMap<String, DateTime<Utc>> = cat
+            .list_owners()
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.instance_id, o.expires_at))
+            .collect();
+        assert_eq!(expiry["x"], t1 + ttl);
+        assert_eq!(expiry["y"], t1 + ttl);
+        assert_eq!(expiry["z"], t0 + ttl, "another node's lease moved");
+        // Deleting an instance forgets its lease.
+        cat.add_instance(&instance("x")).unwrap();
+        cat.delete_instance("x").unwrap();
+        let left: Vec<String> = cat
+            .list_owners()
+            .unwrap()
+            .into_iter()
+            .map(|o| o.instance_id)
+            .collect();
+        assert_eq!(left, ["y", "z"]);
     }
 }
