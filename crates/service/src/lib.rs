@@ -23,6 +23,7 @@ mod drills;
 pub mod fleet;
 mod jobs;
 mod local;
+mod membership;
 mod metrics;
 mod pg_client;
 pub mod policy;
@@ -46,6 +47,7 @@ pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
 pub use local::{RestoreSource, Scratch};
+pub use membership::DEFAULT_NODE_LEASE;
 pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
 pub use wal_supervisor::WalReceiverState;
@@ -104,6 +106,32 @@ pub struct ServiceSettings {
     pub drills: bool,
     /// Storage usage sampling and free quotas.
     pub usage: UsageSettings,
+    /// This node's identity in a fleet sharing the catalog.
+    pub node: NodeSettings,
+}
+
+/// Who this node is among the `strata serve` nodes sharing a catalog, and
+/// how long its ownership leases last.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The node's id, unique in the fleet and stable across restarts.
+    pub id: String,
+    /// Where its API listens, recorded with its heartbeat.
+    pub api_address: String,
+    /// How long an ownership lease lasts unless renewed (renewed every
+    /// quarter of it): a node that stops lets its instances go this long
+    /// after its last renewal.
+    pub lease: Duration,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            id: "local".into(),
+            api_address: String::new(),
+            lease: DEFAULT_NODE_LEASE,
+        }
+    }
 }
 
 impl Default for ServiceSettings {
@@ -121,6 +149,7 @@ impl Default for ServiceSettings {
             local_listen: "127.0.0.1".into(),
             drills: true,
             usage: UsageSettings::default(),
+            node: NodeSettings::default(),
         }
     }
 }
@@ -170,6 +199,10 @@ pub struct Service {
     regions: cross_region::Regions,
     /// The cross-region copier's state and its failed copies.
     copier: Copier,
+    /// The instances this node holds ownership leases on.
+    membership: membership::Membership,
+    /// When this service started (recorded with the node's heartbeat).
+    started_at: DateTime<Utc>,
 }
 
 impl Service {
@@ -199,6 +232,8 @@ impl Service {
             leaving: Leaving::default(),
             regions,
             copier: Copier::default(),
+            membership: membership::Membership::default(),
+            started_at: Utc::now(),
         })
     }
 

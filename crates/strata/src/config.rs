@@ -57,6 +57,38 @@ pub struct Config {
     pub local_repository: LocalRepositoryConfig,
     pub jobs: JobsConfig,
     pub gc: GcConfig,
+    pub node: NodeConfig,
+}
+
+/// `[node]`: this server's identity among `strata serve` nodes sharing one
+/// catalog, and how long its ownership leases last.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique in the fleet and stable across restarts; default: generated
+    /// once and kept in `<data_dir>/node-id`.
+    pub id: Option<String>,
+    /// Seconds an instance's ownership lease lasts unless renewed.
+    pub lease_secs: Option<u64>,
+}
+
+/// The range `node.lease_secs` must lie in: a renewal every quarter of the
+/// lease must fit a slow catalog round, and a failover should not wait
+/// longer than a few minutes.
+pub const NODE_LEASE_SECS: std::ops::RangeInclusive<u64> = 8..=300;
+
+/// Bytes as lowercase hex digits.
+fn hex_id(bytes: [u8; 6]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `id` can name a node: 1 to 64 letters, digits, `-`, `_`, `.`.
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Free space kept on the file system of a repository in a directory.
@@ -356,9 +388,52 @@ impl Config {
                 bail!("compress_level must be between 1 and 19, got {level}");
             }
         }
+        if let Some(id) = &config.node.id {
+            if !valid_node_id(id) {
+                bail!("[node] id must be 1 to 64 letters, digits, '-', '_' or '.', got {id:?}");
+            }
+        }
+        if let Some(secs) = config.node.lease_secs {
+            if !NODE_LEASE_SECS.contains(&secs) {
+                bail!(
+                    "[node] lease_secs must be between {} and {}, got {secs}",
+                    NODE_LEASE_SECS.start(),
+                    NODE_LEASE_SECS.end()
+                );
+            }
+        }
         config.usage_settings()?;
         config.local_repository.min_free()?;
         Ok(config)
+    }
+
+    /// This node's id: `[node] id`, else the one kept in `<data_dir>/node-id`,
+    /// generated and written there the first time.
+    pub fn node_id(&self) -> Result<String> {
+        if let Some(id) = &self.node.id {
+            return Ok(id.clone());
+        }
+        let path = self.data_dir().join("node-id");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let id = text.trim();
+                if !valid_node_id(id) {
+                    bail!("{} holds no valid node id: {id:?}", path.display());
+                }
+                return Ok(id.to_string());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let id = format!("node-{}", hex_id(rand::random::<[u8; 6]>()));
+        std::fs::create_dir_all(self.data_dir())?;
+        // Written whole under a temporary name, then renamed: a crash never
+        // leaves a half-written id that a restart would refuse.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{id}\n"))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(id)
     }
 
     fn read(path: &Path) -> Result<Config> {
@@ -505,6 +580,12 @@ impl Config {
         }
         if let Some(on) = self.drills.enabled {
             s.drills = on;
+        }
+        if let Some(id) = &self.node.id {
+            s.node.id = id.clone();
+        }
+        if let Some(secs) = self.node.lease_secs {
+            s.node.lease = Duration::from_secs(secs);
         }
         Ok(s)
     }
