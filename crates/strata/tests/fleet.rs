@@ -17,7 +17,7 @@ const LEASE_SECS: u64 = 8;
 /// lease + one scheduler tick + connecting, well under this.
 const FAILOVER_BOUND_SECS: u64 = 30;
 
-/// Signs an RPC call with `strata`'s admin key and returns the JSON answer.
+/// Signs an RPC call with the admin key `strata` created and returns the JSON answer.
 fn api(strata: &Strata, server: &Server, params: &[(&str, &str)]) -> serde_json::Value {
     let path = strata.dir.join("data/admin-key.json");
     wait_for("the admin key", 30, || path.exists());
@@ -113,6 +113,21 @@ fn write_everywhere(clusters: &[(String, Cluster)], round: u32) -> Vec<(String, 
         .collect()
 }
 
+/// Waits up to `secs` for `cond` to hold; on timeout, fails with why it
+/// last did not.
+fn poll(what: &str, secs: u64, mut cond: impl FnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match cond() {
+            Ok(()) => return,
+            Err(why) if std::time::Instant::now() > deadline => {
+                panic!("timed out waiting for {what}: {why}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(250)),
+        }
+    }
+}
+
 /// The running server of node `i`.
 fn server(i: usize, servers: &[Option<Server>]) -> &Server {
     servers[i].as_ref().unwrap()
@@ -167,38 +182,52 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     }
 
     // Every instance owned by exactly one node, each node owning some,
-    // streaming there only, after its first backup.
-    let settled = |servers: &[Option<Server>], alive: &[usize]| {
-        let owners = owners(&nodes[alive[0]], server(alive[0], servers));
+    // streaming there only.
+    let settled = |servers: &[Option<Server>], alive: &[usize]| -> Result<(), String> {
+        let owners = owners(&nodes[0], server(alive[0], servers));
         let mut streaming_on: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for &n in alive {
             let (up, owned) = streaming(server(n, servers));
             let mine = owners.values().filter(|o| **o == ids[n]).count();
             if owned != mine || mine == 0 {
-                return false;
+                return Err(format!(
+                    "node {} owns {owned} by its metrics, {mine} by StrataNode: {owners:?}",
+                    ids[n]
+                ));
             }
             for id in up {
                 streaming_on.entry(id).or_default().push(ids[n].clone());
             }
         }
-        clusters.iter().all(|(id, _)| {
-            owners
-                .get(id)
-                .is_some_and(|o| streaming_on.get(id) == Some(&vec![o.clone()]))
-        })
+        for (id, _) in &clusters {
+            let owner = owners.get(id).cloned().unwrap_or_default();
+            if streaming_on.get(id) != Some(&vec![owner.clone()]) {
+                return Err(format!(
+                    "{id}: owner {owner:?}, streaming on {:?}",
+                    streaming_on.get(id)
+                ));
+            }
+        }
+        Ok(())
     };
-    wait_for("instances to spread over three nodes", 120, || {
-        settled(&servers, &[0, 1, 2])
-            && clusters.iter().all(|(id, _)| {
+    poll("instances to spread over three nodes", 120, || {
+        settled(&servers, &[0, 1, 2])?;
+        let backed_up = clusters.iter().all(|(id, _)| {
                 nodes[0]
                     .backups(id)
                     .iter()
                     .any(|b| b["status"] == "Success")
-            })
+        });
+        if backed_up {
+            Ok(())
+        } else {
+            Err("first backups still running".into())
+        }
     });
-    let before = owners(&nodes[1], server(1, &servers));
+    // The admin key is in the shared catalog: every node accepts node a's.
+    let before = owners(&nodes[0], server(1, &servers));
     // Every node answers the same.
-    assert_eq!(before, owners(&nodes[2], server(2, &servers)));
+    assert_eq!(before, owners(&nodes[0], server(2, &servers)));
     let lost: Vec<String> = before
         .iter()
         .filter(|(_, n)| **n == ids[2])
@@ -209,7 +238,7 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     // Node c dies; WAL is written while nobody archives its instances.
     servers[2].take().unwrap().kill9();
     let written = write_everywhere(&clusters, 1);
-    wait_for(
+    poll(
         "the lost node's instances to stream on the survivors",
         FAILOVER_BOUND_SECS,
         || settled(&servers, &[0, 1]),
@@ -233,10 +262,10 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     // Node c comes back under the same id and gets its share again; the
     // instances it takes back keep archiving without a hole.
     servers[2] = Some(Server::start(&nodes[2], &[]));
-    wait_for("the restarted node to rejoin", 90, || {
+    poll("the restarted node to rejoin", 90, || {
         settled(&servers, &[0, 1, 2])
     });
-    assert_eq!(owners(&nodes[2], server(2, &servers)), before);
+    assert_eq!(owners(&nodes[0], server(2, &servers)), before);
     let written = write_everywhere(&clusters, 2);
     wait_for("WAL after the rejoin to be archived", 60, || {
         written.iter().all(|(id, seg)| archived(&nodes[0], id, seg))
