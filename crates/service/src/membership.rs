@@ -174,6 +174,30 @@ impl Service {
         }
     }
 
+    /// Gives up every lease this node holds (at shutdown, once its work
+    /// stopped), so other nodes take its instances in their next round.
+    pub(crate) async fn release_all(self: &Arc<Self>) {
+        let owned: Vec<String> = std::mem::take(&mut *lock(&self.membership.owned))
+            .into_keys()
+            .collect();
+        if owned.is_empty() {
+            return;
+        }
+        let svc = Arc::clone(self);
+        let released = tokio::task::spawn_blocking(move || {
+            for id in &owned {
+                svc.engine.catalog().release_instance(id, svc.node_id())?;
+            }
+            CatalogResult::Ok(owned.len())
+        })
+        .await;
+        match released {
+            Ok(Ok(n)) => tracing::info!("released {n} instance(s) at shutdown"),
+            Ok(Err(e)) => tracing::warn!("releasing instances at shutdown: {e}"),
+            Err(e) => tracing::warn!("releasing instances at shutdown: {e}"),
+        }
+    }
+
     /// The catalog part of a fleet round (blocking): returns the instances
     /// to release. The owned set is updated before it returns, without the
     /// instances to release, so nothing new starts for them.

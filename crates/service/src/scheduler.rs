@@ -203,6 +203,9 @@ impl Service {
             }
         }
         self.shutdown().await;
+        // Receivers stopped and backups ended: the other nodes may take the
+        // instances at once rather than when the leases lapse.
+        self.release_all().await;
     }
 
     /// Stops the WAL receivers (flushing partial segments) and fails running backups.

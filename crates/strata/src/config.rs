@@ -754,3 +754,55 @@ impl S3Settings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod node_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_id_is_generated_once_and_kept_in_the_data_dir() {
+        let dir = testkit::temp_dir("strata-node-id-");
+        let config = Config {
+            data_dir: Some(dir.join("data")),
+            ..Config::default()
+        };
+        let id = config.node_id().unwrap();
+        assert!(valid_node_id(&id) && id.starts_with("node-"), "{id}");
+        let stored = std::fs::read_to_string(dir.join("data/node-id")).unwrap();
+        assert_eq!(stored.trim(), id);
+        assert_eq!(config.node_id().unwrap(), id, "a restart keeps its id");
+        // A configured id wins and writes nothing; a damaged file is refused.
+        let named = Config {
+            node: NodeConfig {
+                id: Some("backup-1".into()),
+                lease_secs: None,
+            },
+            ..config.clone()
+        };
+        assert_eq!(named.node_id().unwrap(), "backup-1");
+        std::fs::write(dir.join("data/node-id"), "bad id\n").unwrap();
+        assert!(config.node_id().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn node_settings_are_checked() {
+        let dir = testkit::temp_dir("strata-node-conf-");
+        let load = |text: &str| {
+            let path = dir.join("strata.toml");
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path))
+        };
+        for bad in [
+            "[node]\nlease_secs = 7\n",
+            "[node]\nlease_secs = 301\n",
+            "[node]\nid = \"a b\"\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+        let c = load("[node]\nid = \"n-1\"\nlease_secs = 8\n").unwrap();
+        let s = c.service_settings().unwrap();
+        assert_eq!((s.node.id.as_str(), s.node.lease.as_secs()), ("n-1", 8));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

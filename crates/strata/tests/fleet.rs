@@ -6,8 +6,9 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
 use common::{http_get, wait_for, Server, Strata};
+use std::collections::{BTreeMap, BTreeSet};
+use strata_service::fleet::desired_owner;
 use testkit::Cluster;
 
 const INSTANCES: usize = 6;
@@ -148,35 +149,48 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
         shared.join("catalog.db").display().to_string(),
         shared.join("repo").display().to_string()
     );
-    let sections = format!("[node]\nlease_secs = {LEASE_SECS}\n[drills]\nenabled = false\n");
-    let nodes: Vec<Strata> = ["a", "b", "c"]
+    // Ids set in the configuration, so the instances' spread is known: two
+    // instances hash to each node (rendezvous hashing is deterministic).
+    let ids: Vec<String> = ["a", "b", "c"]
         .iter()
-        .map(|n| Strata::with_config(&format!("fleet-{n}"), &top, &sections))
+        .map(|n| format!("node-{n}"))
         .collect();
+    let nodes: Vec<Strata> = ids
+        .iter()
+        .map(|id| {
+            let sections = format!(
+                "[node]\nid = {id:?}\nlease_secs = {LEASE_SECS}\n[drills]\nenabled = false\n"
+            );
+            Strata::with_config(&format!("fleet-{id}"), &top, &sections)
+        })
+        .collect();
+    let live: BTreeSet<String> = ids.iter().cloned().collect();
+    let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+    let instance_ids: Vec<String> = (0..100)
+        .map(|i| format!("fleet-{i}"))
+        .filter(|i| {
+            let n = desired_owner(i, &live).unwrap();
+            let count = per_node.entry(n).or_default();
+            *count += 1;
+            *count <= INSTANCES / 3
+        })
+        .take(INSTANCES)
+        .collect();
+    assert_eq!(instance_ids.len(), INSTANCES);
 
-    let clusters: Vec<(String, Cluster)> = (0..INSTANCES)
-        .map(|i| {
+    let clusters: Vec<(String, Cluster)> = instance_ids
+        .iter()
+        .map(|id| {
             let c = Cluster::builder(15)
                 .conf("shared_buffers = 16MB")
                 .conf("max_wal_size = 64MB")
                 .start();
             c.psql("postgres", "CREATE TABLE t (i int)");
-            (format!("fleet-{i}"), c)
+            (id.clone(), c)
         })
         .collect();
-    let mut servers: Vec<Option<Server>> = nodes
-        .iter()
-        .map(|s| Some(Server::start(s, &[])))
-        .collect();
-    let ids: Vec<String> = nodes
-        .iter()
-        .map(|s| {
-            let path = s.dir.join("data/node-id");
-            wait_for("the node id", 30, || path.exists());
-            std::fs::read_to_string(path).unwrap().trim().to_string()
-        })
-        .collect();
-    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 3, "{ids:?}");
+    let mut servers: Vec<Option<Server>> =
+        nodes.iter().map(|s| Some(Server::start(s, &[]))).collect();
     for (id, c) in &clusters {
         nodes[0].add_instance(id, c);
     }
@@ -213,10 +227,10 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     poll("instances to spread over three nodes", 120, || {
         settled(&servers, &[0, 1, 2])?;
         let backed_up = clusters.iter().all(|(id, _)| {
-                nodes[0]
-                    .backups(id)
-                    .iter()
-                    .any(|b| b["status"] == "Success")
+            nodes[0]
+                .backups(id)
+                .iter()
+                .any(|b| b["status"] == "Success")
         });
         if backed_up {
             Ok(())
@@ -245,7 +259,10 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     );
     let after = owners(&nodes[0], server(0, &servers));
     for id in &lost {
-        assert!(after[id] == ids[0] || after[id] == ids[1], "{id}: {after:?}");
+        assert!(
+            after[id] == ids[0] || after[id] == ids[1],
+            "{id}: {after:?}"
+        );
     }
     for (id, owner) in &before {
         if owner != &ids[2] {
