@@ -1,5 +1,6 @@
 //! The Instances page: every registered server with its address, version,
-//! state, last backup, recoverable window and the storage its backups use.
+//! state, last backup, recoverable window, the storage its backups use and
+//! the node that owns it.
 
 use std::sync::Arc;
 
@@ -130,10 +131,10 @@ fn list(rows: &[Row]) -> Markup {
                         (sort_th("Address", "text"))
                         (sort_th("PostgreSQL", "version"))
                         (sort_th("Status", "text"))
-                        (sort_th("Node", "text"))
                         (sort_th("Last backup", "num"))
                         (sort_th("Recoverable window", "num"))
                         (sort_th("Storage used", "num"))
+                        (sort_th("Node", "text"))
                     } }
                     tbody {
                         @for r in rows {
@@ -173,9 +174,6 @@ fn instance_row(r: &Row) -> Markup {
                     span title=(r.receiver) { (r.receiver.split(':').next().unwrap_or("")) }
                 }
             }
-            td data-v=(r.node) {
-                @if r.node.is_empty() { span.muted { "None yet" } } @else { code { (r.node) } }
-            }
             td data-v=(layout::sort_time(r.last_backup)) {
                 @match r.last_backup {
                     Some(t) => { (time(t)) }
@@ -192,6 +190,9 @@ fn instance_row(r: &Row) -> Markup {
             td data-v=(r.data_bytes + r.log_bytes) {
                 (bytes(r.data_bytes + r.log_bytes))
                 div.sub { "data " (bytes(r.data_bytes)) " · log " (bytes(r.log_bytes)) }
+            }
+            td data-v=(r.node) {
+                @if r.node.is_empty() { span.muted { "None yet" } } @else { code { (r.node) } }
             }
         }
     }
