@@ -440,9 +440,30 @@ impl Service {
     }
 
     /// Stops archiving an instance and forgets it. Its backup sets stay in
-    /// the repository (and in the catalog) until deleted.
+    /// the repository (and in the catalog) until deleted. Refused on a node
+    /// other than the instance's owner: the WAL receiver and the
+    /// replication slot it must drop are in use there, and a slot left
+    /// behind would keep WAL on the server for ever.
     pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
         self.engine.catalog().get_instance(instance_id)?;
+        if let Some(owner) = self
+            .instance_owners()?
+            .remove(instance_id)
+            .filter(|n| n != self.node_id())
+        {
+            let address = self
+                .engine
+                .catalog()
+                .list_nodes()?
+                .into_iter()
+                .find(|n| n.id == owner)
+                .map(|n| format!(" (API at {})", n.api_address))
+                .unwrap_or_default();
+            return Err(EngineError::Conflict(format!(
+                "instance {instance_id} is run by node {owner}{address}, which holds its WAL receiver and replication slot; deregister it there"
+            ))
+            .into());
+        }
         self.leaving.mark(instance_id);
         // A backup this server runs for the instance is cancelled (recorded
         // as failed); one another process runs cannot be, so it is waited for.
@@ -622,6 +643,33 @@ mod tests {
         );
         assert_eq!(stored.updated_at, at("2026-11-30T12:00:00Z"));
         assert_eq!(svc.policy("a").unwrap(), stored);
+    }
+
+    #[tokio::test]
+    async fn only_the_owning_node_deregisters_an_instance() {
+        let (svc, catalog) = service();
+        let now = Utc::now();
+        let ttl = chrono::Duration::seconds(60);
+        assert!(catalog.claim_instance("a", "other", now, ttl).unwrap());
+        catalog
+            .heartbeat(&strata_catalog::Node {
+                id: "other".into(),
+                api_address: "10.0.0.9:8080".into(),
+                started_at: now,
+                heartbeat_at: now,
+                version: "x".into(),
+            })
+            .unwrap();
+        let err = svc.deregister_instance("a").await.unwrap_err().to_string();
+        assert!(
+            err.contains("node other") && err.contains("10.0.0.9:8080"),
+            "{err}"
+        );
+        assert!(svc.instance("a").is_ok(), "the instance stays registered");
+        // Once that node lets it go (its lease lapses), this node may.
+        assert!(catalog.release_instance("a", "other").unwrap());
+        svc.deregister_instance("a").await.unwrap();
+        assert!(svc.instance("a").is_err());
     }
 
     #[test]
