@@ -174,19 +174,26 @@ impl Service {
         }
     }
 
-    /// Gives up every lease this node holds (at shutdown, once its work
-    /// stopped), so other nodes take its instances in their next round.
+    /// Leaves the fleet (at shutdown, once its work stopped): records a
+    /// heartbeat from long ago, so the other nodes count this one out at
+    /// once, and gives up every lease it holds, so they take its instances
+    /// in their next round rather than when the leases lapse.
     pub(crate) async fn release_all(self: &Arc<Self>) {
         let owned: Vec<String> = std::mem::take(&mut *lock(&self.membership.owned))
             .into_keys()
             .collect();
-        if owned.is_empty() {
-            return;
-        }
         let svc = Arc::clone(self);
         let released = tokio::task::spawn_blocking(move || {
+            let catalog = svc.engine.catalog();
+            catalog.heartbeat(&Node {
+                id: svc.node_id().to_string(),
+                api_address: svc.settings.node.api_address.clone(),
+                started_at: svc.started_at,
+                heartbeat_at: DateTime::UNIX_EPOCH,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })?;
             for id in &owned {
-                svc.engine.catalog().release_instance(id, svc.node_id())?;
+                catalog.release_instance(id, svc.node_id())?;
             }
             CatalogResult::Ok(owned.len())
         })
@@ -263,6 +270,67 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ManualClock, NodeSettings, ServiceSettings};
+    use strata_catalog::{Catalog, SqliteCatalog};
+    use strata_engine::{Engine, EngineSettings};
+    use strata_repo::{MemoryStorage, Repository};
+
+    /// A node `id` on the catalog file at `path` (a handle of its own).
+    fn node(id: &str, path: &std::path::Path) -> Arc<Service> {
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(path).unwrap());
+        let repo = Repository::open_or_init(Arc::new(MemoryStorage::default())).unwrap();
+        let engine = Engine::new(catalog, repo, EngineSettings::default());
+        let settings = ServiceSettings {
+            drills: false,
+            node: NodeSettings {
+                id: id.into(),
+                api_address: format!("{id}:8080"),
+                lease: Duration::from_secs(20),
+            },
+            ..Default::default()
+        };
+        Service::new(engine, Arc::new(ManualClock::new(Utc::now())), settings)
+    }
+
+    fn owned(svc: &Service, ids: &[String]) -> BTreeSet<String> {
+        ids.iter().filter(|i| svc.owns(i)).cloned().collect()
+    }
+
+    #[tokio::test]
+    async fn a_joining_node_gets_its_share_handed_over_and_nothing_is_owned_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let ids: Vec<String> = (0..12).map(|i| format!("pg-{i}")).collect();
+        let a = node("a", &path);
+        a.fleet_round(ids.clone()).await;
+        assert_eq!(owned(&a, &ids).len(), 12, "a node alone owns everything");
+
+        let b = node("b", &path);
+        b.fleet_round(ids.clone()).await;
+        assert!(owned(&b, &ids).is_empty(), "b waits for a to let go");
+        // a sees b live and releases b's share; b claims it on its next
+        // round.
+        a.fleet_round(ids.clone()).await;
+        b.fleet_round(ids.clone()).await;
+        let (mine_a, mine_b) = (owned(&a, &ids), owned(&b, &ids));
+        assert!(mine_a.is_disjoint(&mine_b), "{mine_a:?} {mine_b:?}");
+        assert_eq!(mine_a.len() + mine_b.len(), 12);
+        assert!(!mine_b.is_empty() && !mine_a.is_empty());
+        let live = BTreeSet::from(["a".to_string(), "b".to_string()]);
+        for id in &mine_b {
+            assert_eq!(fleet::desired_owner(id, &live), Some("b"));
+        }
+        // The catalog agrees, and every node reads the same owners.
+        assert_eq!(a.instance_owners().unwrap(), b.instance_owners().unwrap());
+        assert_eq!(a.owned_count(), mine_a.len());
+
+        // a stops: it leaves and its leases go at once; b takes everything
+        // in its next round, without waiting for a lease to lapse.
+        a.release_all().await;
+        assert_eq!(a.owned_count(), 0);
+        b.fleet_round(ids.clone()).await;
+        assert_eq!(owned(&b, &ids).len(), 12);
+    }
 
     #[test]
     fn a_node_is_live_while_its_heartbeat_is_recent_and_this_node_always() {
