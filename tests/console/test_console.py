@@ -38,6 +38,7 @@ def test_instances_page_lists_the_instance(console, env):
     assert "Running" in cells[3] and "Log backup" in cells[3], cells
     assert "GMT+8" in cells[4], cells  # the last backup, in the browser's zone
     assert "MiB" in cells[6], cells
+    assert cells[7].startswith("node-"), cells  # the node owning it (a generated id)
     console.shot("instances")
 
 

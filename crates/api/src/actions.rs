@@ -660,7 +660,13 @@ fn receiver_state(svc: &Service, instance_id: &str) -> ApiResult<(&'static str, 
     })
 }
 
-fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
+/// An instance's fields; `owners` maps instance ids to the node holding
+/// their ownership lease (`StrataNode`, empty while no node holds it).
+fn instance_fields(
+    svc: &Service,
+    i: &Instance,
+    owners: &std::collections::BTreeMap<String, String>,
+) -> ApiResult<Value> {
     let receiver = receiver_status(svc, &i.id)?;
     let (receiver_word, receiver_error) = receiver_state(svc, &i.id)?;
     let managed = svc.managed_instance(&i.id)?;
@@ -699,6 +705,7 @@ fn instance_fields(svc: &Service, i: &Instance) -> ApiResult<Value> {
         "StrataWalReceiverState": receiver_word,
         "StrataWalReceiverError": receiver_error.unwrap_or_default(),
         "StrataLastBackupTime": last_backup.map(format_seconds).unwrap_or_default(),
+        "StrataNode": owners.get(i.id.as_str()).cloned().unwrap_or_default(),
     }))
 }
 
@@ -719,9 +726,10 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .into_iter()
         .filter(|i| wanted.as_ref().is_none_or(|w| w.contains(&i.id.as_str())))
         .collect();
+    let owners = svc.instance_owners()?;
     let items = page(&all, number, size)
         .iter()
-        .map(|i| instance_fields(svc, i))
+        .map(|i| instance_fields(svc, i, &owners))
         .collect::<ApiResult<Vec<_>>>()?;
     Ok(obj(json!({
         "Items": {"DBInstance": items},
@@ -733,6 +741,7 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 
 fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let mut items = Vec::new();
+    let owners = svc.instance_owners()?;
     for id in p
         .required("DBInstanceId")?
         .split(',')
@@ -740,7 +749,7 @@ fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fiel
         .filter(|s| !s.is_empty())
     {
         let i = svc.instance(id)?;
-        items.push(instance_fields(svc, &i)?);
+        items.push(instance_fields(svc, &i, &owners)?);
     }
     Ok(obj(json!({"Items": {"DBInstanceAttribute": items}})))
 }

@@ -20,8 +20,8 @@ use pg_wal::TimelineId;
 
 use crate::{
     AccessKey, BackupPolicy, BackupSet, CatalogResult, CrossBackup, CrossBackupPolicy,
-    CrossWalSegment, DrillResult, Instance, Job, JobId, JobKind, LeaseOwner, ManagedInstance,
-    RestorePointRow, UsageSample, WalSegmentRow,
+    CrossWalSegment, DrillResult, Instance, InstanceOwner, Job, JobId, JobKind, LeaseOwner,
+    ManagedInstance, Node, RestorePointRow, UsageSample, WalSegmentRow,
 };
 
 /// Registered instances and the instances Strata itself runs.
@@ -267,6 +267,47 @@ pub trait IndexCatalog: Send + Sync {
     fn clear_index(&self) -> CatalogResult<()>;
 }
 
+/// The nodes of a fleet sharing this catalog and which of them owns each
+/// instance.
+///
+/// Owns: nodes (unique by id), and at most one ownership lease per
+/// instance. A lease changes hands only by [`NodeCatalog::claim_instance`],
+/// a compare-and-set: of two nodes claiming the same free or lapsed lease
+/// at once, exactly one gets it.
+pub trait NodeCatalog: Send + Sync {
+    /// Records a node's heartbeat: inserts its row or replaces its address,
+    /// start, heartbeat time and version.
+    fn heartbeat(&self, node: &Node) -> CatalogResult<()>;
+    /// Every node that ever heartbeated, by id (live or not: the caller
+    /// judges by `heartbeat_at`).
+    fn list_nodes(&self) -> CatalogResult<Vec<Node>>;
+    /// Takes or renews the lease of `instance_id` for `node_id` until
+    /// `now + ttl`: succeeds when no node holds it, when its lease lapsed
+    /// (`expires_at <= now`; the epoch goes up), or when `node_id` holds it
+    /// already (a renewal). False, changing nothing, when another node holds
+    /// a valid lease. The look and the write are one transaction.
+    fn claim_instance(
+        &self,
+        instance_id: &str,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<bool>;
+    /// Extends every lease `node_id` holds to `now + ttl`; returns how many.
+    /// Leases of other nodes are untouched.
+    fn renew_instances(
+        &self,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<usize>;
+    /// Gives up the lease of `instance_id` if `node_id` holds it; false when
+    /// it does not (another node took it, or nobody held it).
+    fn release_instance(&self, instance_id: &str, node_id: &str) -> CatalogResult<bool>;
+    /// Every lease, by instance id.
+    fn list_owners(&self) -> CatalogResult<Vec<InstanceOwner>>;
+}
+
 /// The whole catalog: every aggregate trait. Implemented for any type that
 /// implements them all, so a backend implements the aggregates and callers
 /// hold `Arc<dyn Catalog>`. Bring [`crate::prelude`] into scope to call the
@@ -282,6 +323,7 @@ pub trait Catalog:
     + AccessCatalog
     + GcCatalog
     + IndexCatalog
+    + NodeCatalog
 {
 }
 
@@ -297,6 +339,7 @@ impl<T> Catalog for T where
         + AccessCatalog
         + GcCatalog
         + IndexCatalog
+        + NodeCatalog
 {
 }
 

@@ -8,11 +8,12 @@
 //! kept only here. [`Catalog`] is the interface the engine and service use,
 //! made of one trait per aggregate ([`InstanceCatalog`], [`BackupCatalog`],
 //! [`WalCatalog`], [`JobCatalog`], [`PolicyCatalog`], [`CrossRegionCatalog`],
-//! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`]);
-//! [`SqliteCatalog`], one SQLite file per data directory, is the embedded
-//! default; [`PgCatalog`], a PostgreSQL database several Strata nodes can
-//! share, is the other backend, and [`copy_sqlite_to_postgres`] moves a
-//! catalog from the first to the second. Errors are backend-neutral
+//! [`UsageCatalog`], [`AccessCatalog`], [`GcCatalog`], [`IndexCatalog`],
+//! [`NodeCatalog`]); [`SqliteCatalog`], one SQLite file per data directory,
+//! is the embedded default; [`PgCatalog`], a PostgreSQL database several
+//! Strata nodes can share, is the other backend, and
+//! [`copy_sqlite_to_postgres`] moves a catalog from the first to the second.
+//! Errors are backend-neutral
 //! ([`CatalogError`]) and the schema history is one list of versioned steps
 //! ([`MIGRATIONS`]) that any backend follows.
 
@@ -36,7 +37,7 @@ use thiserror::Error;
 
 pub use interface::{
     AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
-    InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+    InstanceCatalog, JobCatalog, NodeCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
 };
 pub use lease::{LeaseKeeper, LeaseOwner};
 pub use migrations::{Migration, MIGRATIONS};
@@ -50,7 +51,7 @@ pub use transfer::{copy_sqlite_to_postgres, TableCopy};
 pub mod prelude {
     pub use crate::interface::{
         AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
-        InstanceCatalog, JobCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
+        InstanceCatalog, JobCatalog, NodeCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
     };
 }
 
@@ -119,6 +120,37 @@ impl CatalogError {
 
 /// What catalog calls return.
 pub type CatalogResult<T> = Result<T, CatalogError>;
+
+/// A `strata serve` node of a fleet sharing this catalog, as its last
+/// heartbeat recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// The node's id (`[node] id`, or generated once per data directory).
+    pub id: String,
+    /// Where its API listens, as it bound it.
+    pub api_address: String,
+    /// When this run of the node started.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat: a node is live while this is recent.
+    pub heartbeat_at: DateTime<Utc>,
+    /// The Strata version it runs.
+    pub version: String,
+}
+
+/// The ownership lease of one instance: the node that runs its WAL
+/// receiver, scheduled backups, copies, drills and retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceOwner {
+    /// The instance.
+    pub instance_id: String,
+    /// The node holding the lease.
+    pub node_id: String,
+    /// Counts the lease's changes of hands: 1 for the first owner, one more
+    /// at every takeover (a renewal keeps it).
+    pub epoch: i64,
+    /// When the lease lapses unless its node renews it.
+    pub expires_at: DateTime<Utc>,
+}
 
 /// A PostgreSQL server Strata backs up, as registered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

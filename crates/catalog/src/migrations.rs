@@ -429,6 +429,45 @@ CREATE TABLE gc_pending (
 );
 "#,
     },
+    Migration {
+        version: 8,
+        description: "fleet nodes and instance ownership leases",
+        sqlite: r#"
+-- The strata serve nodes sharing this catalog and their last heartbeat.
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    api_address TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL,
+    version TEXT NOT NULL
+);
+-- Which node runs each instance's work, until when; the epoch counts
+-- changes of hands.
+CREATE TABLE instance_owners (
+    instance_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX instance_owners_node ON instance_owners(node_id);
+"#,
+        postgres: r#"
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    api_address TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    heartbeat_at TIMESTAMPTZ NOT NULL,
+    version TEXT NOT NULL
+);
+CREATE TABLE instance_owners (
+    instance_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX instance_owners_node ON instance_owners(node_id);
+"#,
+    },
 ];
 
 #[cfg(test)]

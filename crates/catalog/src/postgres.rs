@@ -904,6 +904,11 @@ impl InstanceCatalog for PgCatalog {
                     &[&key],
                 )
                 .await?;
+                tx.execute(
+                    "DELETE FROM instance_owners WHERE instance_id = $1",
+                    &[&key],
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -1758,6 +1763,145 @@ impl GcCatalog for PgCatalog {
                 tx.commit().await?;
                 Ok(())
             }
+        })
+    }
+}
+
+impl NodeCatalog for PgCatalog {
+    fn heartbeat(&self, node: &Node) -> CatalogResult<()> {
+        let n = node.clone();
+        self.call(move |c| {
+            let n = n.clone();
+            async move {
+                c.execute(
+                    "INSERT INTO nodes (id, api_address, started_at, heartbeat_at, version) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                     api_address = EXCLUDED.api_address, started_at = EXCLUDED.started_at, \
+                     heartbeat_at = EXCLUDED.heartbeat_at, version = EXCLUDED.version",
+                    &[
+                        &n.id,
+                        &n.api_address,
+                        &n.started_at,
+                        &n.heartbeat_at,
+                        &n.version,
+                    ],
+                )
+                .await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn list_nodes(&self) -> CatalogResult<Vec<Node>> {
+        self.call(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT id, api_address, started_at, heartbeat_at, version FROM nodes ORDER BY id",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Node {
+                        id: get(r, 0)?,
+                        api_address: get(r, 1)?,
+                        started_at: get(r, 2)?,
+                        heartbeat_at: get(r, 3)?,
+                        version: get(r, 4)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn claim_instance(
+        &self,
+        instance_id: &str,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<bool> {
+        let (instance, node, until) = (instance_id.to_string(), node_id.to_string(), now + ttl);
+        // One statement: the row lock taken by ON CONFLICT makes the look and
+        // the write one step, so of two racing claims exactly one changes
+        // the row (the other sees the winner's valid lease and updates none).
+        self.call(move |c| {
+            let (instance, node) = (instance.clone(), node.clone());
+            async move {
+                let row = c
+                    .query_opt(
+                        "INSERT INTO instance_owners (instance_id, node_id, epoch, expires_at) \
+                         VALUES ($1, $2, 1, $3) ON CONFLICT (instance_id) DO UPDATE SET \
+                         epoch = CASE WHEN instance_owners.node_id = EXCLUDED.node_id \
+                                 THEN instance_owners.epoch ELSE instance_owners.epoch + 1 END, \
+                         node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at \
+                         WHERE instance_owners.node_id = EXCLUDED.node_id \
+                            OR instance_owners.expires_at <= $4 \
+                         RETURNING epoch",
+                        &[&instance, &node, &until, &now],
+                    )
+                    .await?;
+                Ok(row.is_some())
+            }
+        })
+    }
+
+    fn renew_instances(
+        &self,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<usize> {
+        let (node, until) = (node_id.to_string(), now + ttl);
+        self.call(move |c| {
+            let node = node.clone();
+            async move {
+                let n = c
+                    .execute(
+                        "UPDATE instance_owners SET expires_at = $2 WHERE node_id = $1",
+                        &[&node, &until],
+                    )
+                    .await?;
+                Ok(n as usize)
+            }
+        })
+    }
+
+    fn release_instance(&self, instance_id: &str, node_id: &str) -> CatalogResult<bool> {
+        let (instance, node) = (instance_id.to_string(), node_id.to_string());
+        self.call(move |c| {
+            let (instance, node) = (instance.clone(), node.clone());
+            async move {
+                let n = c
+                    .execute(
+                        "DELETE FROM instance_owners WHERE instance_id = $1 AND node_id = $2",
+                        &[&instance, &node],
+                    )
+                    .await?;
+                Ok(n > 0)
+            }
+        })
+    }
+
+    fn list_owners(&self) -> CatalogResult<Vec<InstanceOwner>> {
+        self.call(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners \
+                     ORDER BY instance_id",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(InstanceOwner {
+                        instance_id: get(r, 0)?,
+                        node_id: get(r, 1)?,
+                        epoch: get(r, 2)?,
+                        expires_at: get(r, 3)?,
+                    })
+                })
+                .collect()
         })
     }
 }

@@ -406,6 +406,7 @@ impl InstanceCatalog for SqliteCatalog {
                 return Err(CatalogError::InstanceNotFound(id.to_string()));
             }
             tx.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
+            tx.execute("DELETE FROM instance_owners WHERE instance_id = ?1", [id])?;
             tx.commit()?;
             Ok(())
         })
@@ -1083,6 +1084,125 @@ impl GcCatalog for SqliteCatalog {
             }
             tx.commit()?;
             Ok(())
+        })
+    }
+}
+
+fn node_from_row(r: &Row) -> rusqlite::Result<Node> {
+    Ok(Node {
+        id: r.get(0)?,
+        api_address: r.get(1)?,
+        started_at: parse_ts(r.get(2)?)?,
+        heartbeat_at: parse_ts(r.get(3)?)?,
+        version: r.get(4)?,
+    })
+}
+
+fn owner_from_row(r: &Row) -> rusqlite::Result<InstanceOwner> {
+    Ok(InstanceOwner {
+        instance_id: r.get(0)?,
+        node_id: r.get(1)?,
+        epoch: r.get(2)?,
+        expires_at: parse_ts(r.get(3)?)?,
+    })
+}
+
+/// `now + ttl`, refusing a ttl that does not fit a timestamp.
+fn lease_end(now: DateTime<Utc>, ttl: chrono::Duration) -> CatalogResult<DateTime<Utc>> {
+    now.checked_add_signed(ttl)
+        .ok_or_else(|| CatalogError::Invalid(format!("lease of {ttl} from {now}")))
+}
+
+impl NodeCatalog for SqliteCatalog {
+    fn heartbeat(&self, n: &Node) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO nodes (id, api_address, started_at, heartbeat_at, version) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET api_address=excluded.api_address, started_at=excluded.started_at,
+                 heartbeat_at=excluded.heartbeat_at, version=excluded.version",
+                params![n.id, n.api_address, ts(&n.started_at), ts(&n.heartbeat_at), n.version],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_nodes(&self) -> CatalogResult<Vec<Node>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, api_address, started_at, heartbeat_at, version FROM nodes ORDER BY id",
+            )?;
+            let rows = st.query_map([], node_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn claim_instance(
+        &self,
+        instance_id: &str,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<bool> {
+        let until = ts(&lease_end(now, ttl)?);
+        self.with(|c| {
+            // BEGIN IMMEDIATE: the row read cannot change before the write,
+            // so two nodes claiming at once are serialized and the second
+            // sees the first's lease.
+            let tx = immediate(c)?;
+            let current = tx
+                .query_row(
+                    "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners WHERE instance_id = ?1",
+                    [instance_id],
+                    owner_from_row,
+                )
+                .optional()?;
+            let epoch = match current {
+                None => 1,
+                Some(o) if o.node_id == node_id => o.epoch,
+                Some(o) if o.expires_at <= now => o.epoch + 1,
+                Some(_) => return Ok(false),
+            };
+            tx.execute(
+                "INSERT INTO instance_owners (instance_id, node_id, epoch, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(instance_id) DO UPDATE SET node_id=excluded.node_id, epoch=excluded.epoch, expires_at=excluded.expires_at",
+                params![instance_id, node_id, epoch, until],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn renew_instances(
+        &self,
+        node_id: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> CatalogResult<usize> {
+        let until = ts(&lease_end(now, ttl)?);
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE instance_owners SET expires_at=?2 WHERE node_id=?1",
+                params![node_id, until],
+            )?)
+        })
+    }
+
+    fn release_instance(&self, instance_id: &str, node_id: &str) -> CatalogResult<bool> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM instance_owners WHERE instance_id=?1 AND node_id=?2",
+                params![instance_id, node_id],
+            )? > 0)
+        })
+    }
+
+    fn list_owners(&self) -> CatalogResult<Vec<InstanceOwner>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners ORDER BY instance_id",
+            )?;
+            let rows = st.query_map([], owner_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 }

@@ -89,6 +89,10 @@ contract!(
     racing_handles_admit_a_nonce_once,
     racing_takeovers_fail_an_expired_job_once,
     a_takeover_and_its_owner_never_both_win,
+    heartbeats_insert_then_replace_a_node,
+    racing_handles_claim_one_instance_lease_once,
+    a_lapsed_lease_is_taken_over_and_a_valid_one_is_not,
+    renewal_extends_only_the_nodes_own_leases,
 );
 
 /// Now, to the microsecond every backend keeps.
@@ -968,6 +972,10 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
     i.created_at = t;
     cat.add_instance(&i).unwrap();
     cat.add_instance(&instance("b")).unwrap();
+    cat.heartbeat(&node("n1", t)).unwrap();
+    assert!(cat
+        .claim_instance("a", "n1", t, chrono::Duration::seconds(20))
+        .unwrap());
     let job = running_backup(&cat, "running");
     let mut done = cat.create_job(JobKind::Restore, None).unwrap();
     done.state = JobState::Finished;
@@ -1061,6 +1069,12 @@ fn everything(cat: &dyn Catalog) -> String {
         "jobs": cat.list_jobs(None).unwrap(),
         "keys": cat.list_access_keys().unwrap().iter().map(|k| (k.id.clone(), k.secret.clone())).collect::<Vec<_>>(),
         "gc": cat.gc_pending("repo").unwrap(),
+        "nodes": cat.list_nodes().unwrap().iter().map(|n| {
+            (n.id.clone(), n.api_address.clone(), n.started_at, n.heartbeat_at, n.version.clone())
+        }).collect::<Vec<_>>(),
+        "owners": cat.list_owners().unwrap().iter().map(|o| {
+            (o.instance_id.clone(), o.node_id.clone(), o.epoch, o.expires_at)
+        }).collect::<Vec<_>>(),
     });
     for id in ["a", "b"] {
         out[id] = serde_json::json!({
@@ -1110,7 +1124,7 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
 
     let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
     let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
-    assert_eq!(tables.len(), 15, "{tables:?}");
+    assert_eq!(tables.len(), 17, "{tables:?}");
     assert!(
         report.iter().all(|t| t.rows > 0),
         "a row in every table: {report:?}"
@@ -1303,4 +1317,123 @@ fn a_postgres_catalog_at_every_earlier_step_upgrades_and_keeps_its_rows() {
             .unwrap();
         assert!(cat.create_job(JobKind::Backup, None).unwrap().id.get() > 0);
     }
+}
+
+fn node(id: &str, at: DateTime<Utc>) -> Node {
+    Node {
+        id: id.into(),
+        api_address: format!("{id}.example:8080"),
+        started_at: at,
+        heartbeat_at: at,
+        version: "1.0.0".into(),
+    }
+}
+
+fn heartbeats_insert_then_replace_a_node(b: &dyn Backend) {
+    let cat = b.open();
+    let t0 = now();
+    cat.heartbeat(&node("b", t0)).unwrap();
+    cat.heartbeat(&node("a", t0)).unwrap();
+    let later = Node {
+        heartbeat_at: t0 + chrono::Duration::seconds(5),
+        api_address: "10.0.0.2:8080".into(),
+        ..node("a", t0)
+    };
+    cat.heartbeat(&later).unwrap();
+    assert_eq!(b.open().list_nodes().unwrap(), vec![later, node("b", t0)]);
+}
+
+fn racing_handles_claim_one_instance_lease_once(b: &dyn Backend) {
+    let ttl = chrono::Duration::seconds(15);
+    let handles = [b.open(), b.open()];
+    for round in 0..20 {
+        let id = format!("pg-{round}");
+        let t = now();
+        let barrier = Arc::new(Barrier::new(2));
+        let claims: Vec<_> = ["a", "b"]
+            .into_iter()
+            .zip(handles.iter().cloned())
+            .map(|(n, cat)| {
+                let (id, barrier) = (id.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (n, cat.claim_instance(&id, n, t, ttl).unwrap())
+                })
+            })
+            .collect();
+        let won: Vec<&str> = claims
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|(_, won)| *won)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {won:?} won");
+        let owners = b.open().list_owners().unwrap();
+        let row = owners.iter().find(|o| o.instance_id == id).unwrap();
+        assert_eq!((row.node_id.as_str(), row.epoch), (won[0], 1));
+    }
+}
+
+fn a_lapsed_lease_is_taken_over_and_a_valid_one_is_not(b: &dyn Backend) {
+    let cat = b.open();
+    let ttl = chrono::Duration::seconds(10);
+    let t0 = now();
+    assert!(cat.claim_instance("db", "a", t0, ttl).unwrap());
+    // Valid: b is refused and nothing changes.
+    assert!(!cat
+        .claim_instance("db", "b", t0 + chrono::Duration::seconds(9), ttl)
+        .unwrap());
+    let row = &cat.list_owners().unwrap()[0];
+    assert_eq!((row.node_id.as_str(), row.epoch), ("a", 1));
+    assert_eq!(row.expires_at, t0 + ttl);
+    // a renews by claiming again: same epoch, later expiry.
+    let t1 = t0 + chrono::Duration::seconds(5);
+    assert!(cat.claim_instance("db", "a", t1, ttl).unwrap());
+    let row = &cat.list_owners().unwrap()[0];
+    assert_eq!((row.epoch, row.expires_at), (1, t1 + ttl));
+    // Lapsed: b takes it, the epoch goes up, a's renewals miss it.
+    let t2 = t1 + ttl;
+    assert!(cat.claim_instance("db", "b", t2, ttl).unwrap());
+    assert_eq!(cat.renew_instances("a", t2, ttl).unwrap(), 0);
+    assert!(!cat.release_instance("db", "a").unwrap());
+    let row = &cat.list_owners().unwrap()[0];
+    assert_eq!(
+        (row.node_id.as_str(), row.epoch, row.expires_at),
+        ("b", 2, t2 + ttl)
+    );
+    // Released, it is free for anyone (a fresh lease).
+    assert!(cat.release_instance("db", "b").unwrap());
+    assert!(cat.list_owners().unwrap().is_empty());
+    assert!(cat.claim_instance("db", "a", t2, ttl).unwrap());
+    assert_eq!(cat.list_owners().unwrap()[0].epoch, 1);
+}
+
+fn renewal_extends_only_the_nodes_own_leases(b: &dyn Backend) {
+    let cat = b.open();
+    let ttl = chrono::Duration::seconds(10);
+    let t0 = now();
+    for (i, n) in [("x", "a"), ("y", "a"), ("z", "b")] {
+        assert!(cat.claim_instance(i, n, t0, ttl).unwrap());
+    }
+    let t1 = t0 + chrono::Duration::seconds(4);
+    assert_eq!(cat.renew_instances("a", t1, ttl).unwrap(), 2);
+    let expiry: BTreeMap<String, DateTime<Utc>> = cat
+        .list_owners()
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.instance_id, o.expires_at))
+        .collect();
+    assert_eq!(expiry["x"], t1 + ttl);
+    assert_eq!(expiry["y"], t1 + ttl);
+    assert_eq!(expiry["z"], t0 + ttl, "another node's lease moved");
+    // Deleting an instance forgets its lease.
+    cat.add_instance(&instance("x")).unwrap();
+    cat.delete_instance("x").unwrap();
+    let left: Vec<String> = cat
+        .list_owners()
+        .unwrap()
+        .into_iter()
+        .map(|o| o.instance_id)
+        .collect();
+    assert_eq!(left, ["y", "z"]);
 }

@@ -1,5 +1,6 @@
 //! The Instances page: every registered server with its address, version,
-//! state, last backup, recoverable window and the storage its backups use.
+//! state, last backup, recoverable window, the storage its backups use and
+//! the node that owns it.
 
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ struct Row {
     /// For instances Strata created: their state, error and source.
     managed: Option<ManagedInstance>,
     receiver: String,
+    /// The node holding its ownership lease (empty while none does).
+    node: String,
     last_backup: Option<chrono::DateTime<chrono::Utc>>,
     window: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
     log_on: bool,
@@ -26,7 +29,11 @@ struct Row {
     log_bytes: u64,
 }
 
-fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiError> {
+fn row(
+    state: &ConsoleState,
+    instance: Instance,
+    owners: &std::collections::BTreeMap<String, String>,
+) -> Result<Row, strata_api::ApiError> {
     let svc = &state.service;
     let backups = svc.backup_sets(&instance.id)?;
     let running = backups
@@ -46,6 +53,10 @@ fn row(state: &ConsoleState, instance: Instance) -> Result<Row, strata_api::ApiE
     let usage = crate::storage::current(svc, &instance.id)?;
     Ok(Row {
         receiver: strata_api::receiver_status(svc, &instance.id)?,
+        node: owners
+            .get(instance.id.as_str())
+            .cloned()
+            .unwrap_or_default(),
         window: svc.recovery_window(&instance.id)?,
         log_on: svc.policy(&instance.id)?.log_backup_enabled,
         backing_up,
@@ -63,13 +74,17 @@ pub async fn page(State(state): State<Arc<ConsoleState>>, page: Page) -> Respons
     // first usage sample: on the blocking pool.
     let reader = Arc::clone(&state);
     let rows = tokio::task::spawn_blocking(move || {
+        let owners = reader
+            .service
+            .instance_owners()
+            .map_err(strata_api::ApiError::from)?;
         reader
             .service
             .instances()
             .map_err(strata_api::ApiError::from)
             .and_then(|list| {
                 list.into_iter()
-                    .map(|i| row(&reader, i))
+                    .map(|i| row(&reader, i, &owners))
                     .collect::<Result<Vec<_>, _>>()
             })
     })
@@ -122,6 +137,7 @@ fn list(rows: &[Row]) -> Markup {
                         (sort_th("Last backup", "num"))
                         (sort_th("Recoverable window", "num"))
                         (sort_th("Storage used", "num"))
+                        (sort_th("Node", "text"))
                     } }
                     tbody {
                         @for r in rows {
@@ -177,6 +193,9 @@ fn instance_row(r: &Row) -> Markup {
             td data-v=(r.data_bytes + r.log_bytes) {
                 (bytes(r.data_bytes + r.log_bytes))
                 div.sub { "data " (bytes(r.data_bytes)) " · log " (bytes(r.log_bytes)) }
+            }
+            td data-v=(r.node) {
+                @if r.node.is_empty() { span.muted { "None yet" } } @else { code { (r.node) } }
             }
         }
     }

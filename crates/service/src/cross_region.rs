@@ -491,6 +491,9 @@ impl Service {
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
+            if !self.owns(&instance.id) {
+                continue; // another node copies it
+            }
             let policy = match self.engine.catalog().get_cross_policy(&instance.id) {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,

@@ -75,7 +75,7 @@ impl Service {
         let Ok(instances) = self.engine.catalog().list_instances() else {
             return;
         };
-        for i in instances {
+        for i in instances.iter().filter(|i| self.owns(&i.id)) {
             for d in self.engine.catalog().list_drills(&i.id).unwrap_or_default() {
                 if matches!(d.status.as_str(), "Pending" | "Running") {
                     if let Err(e) = self.start_drill(&d.backup_id) {

@@ -23,6 +23,7 @@ mod drills;
 pub mod fleet;
 mod jobs;
 mod local;
+mod membership;
 mod metrics;
 mod pg_client;
 pub mod policy;
@@ -46,6 +47,7 @@ pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
 pub use local::{RestoreSource, Scratch};
+pub use membership::DEFAULT_NODE_LEASE;
 pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
 pub use wal_supervisor::WalReceiverState;
@@ -104,6 +106,32 @@ pub struct ServiceSettings {
     pub drills: bool,
     /// Storage usage sampling and free quotas.
     pub usage: UsageSettings,
+    /// This node's identity in a fleet sharing the catalog.
+    pub node: NodeSettings,
+}
+
+/// Who this node is among the `strata serve` nodes sharing a catalog, and
+/// how long its ownership leases last.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The node's id, unique in the fleet and stable across restarts.
+    pub id: String,
+    /// Where its API listens, recorded with its heartbeat.
+    pub api_address: String,
+    /// How long an ownership lease lasts unless renewed (renewed every
+    /// quarter of it): a node that stops lets its instances go this long
+    /// after its last renewal.
+    pub lease: Duration,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            id: "local".into(),
+            api_address: String::new(),
+            lease: DEFAULT_NODE_LEASE,
+        }
+    }
 }
 
 impl Default for ServiceSettings {
@@ -121,6 +149,7 @@ impl Default for ServiceSettings {
             local_listen: "127.0.0.1".into(),
             drills: true,
             usage: UsageSettings::default(),
+            node: NodeSettings::default(),
         }
     }
 }
@@ -170,6 +199,10 @@ pub struct Service {
     regions: cross_region::Regions,
     /// The cross-region copier's state and its failed copies.
     copier: Copier,
+    /// The instances this node holds ownership leases on.
+    membership: membership::Membership,
+    /// When this service started (recorded with the node's heartbeat).
+    started_at: DateTime<Utc>,
 }
 
 impl Service {
@@ -199,6 +232,8 @@ impl Service {
             leaving: Leaving::default(),
             regions,
             copier: Copier::default(),
+            membership: membership::Membership::default(),
+            started_at: Utc::now(),
         })
     }
 
@@ -405,9 +440,30 @@ impl Service {
     }
 
     /// Stops archiving an instance and forgets it. Its backup sets stay in
-    /// the repository (and in the catalog) until deleted.
+    /// the repository (and in the catalog) until deleted. Refused on a node
+    /// other than the instance's owner: the WAL receiver and the
+    /// replication slot it must drop are in use there, and a slot left
+    /// behind would keep WAL on the server for ever.
     pub async fn deregister_instance(&self, instance_id: &str) -> ServiceResult<()> {
         self.engine.catalog().get_instance(instance_id)?;
+        if let Some(owner) = self
+            .instance_owners()?
+            .remove(instance_id)
+            .filter(|n| n != self.node_id())
+        {
+            let address = self
+                .engine
+                .catalog()
+                .list_nodes()?
+                .into_iter()
+                .find(|n| n.id == owner)
+                .map(|n| format!(" (API at {})", n.api_address))
+                .unwrap_or_default();
+            return Err(EngineError::Conflict(format!(
+                "instance {instance_id} is run by node {owner}{address}, which holds its WAL receiver and replication slot; deregister it there"
+            ))
+            .into());
+        }
         self.leaving.mark(instance_id);
         // A backup this server runs for the instance is cancelled (recorded
         // as failed); one another process runs cannot be, so it is waited for.
@@ -587,6 +643,33 @@ mod tests {
         );
         assert_eq!(stored.updated_at, at("2026-11-30T12:00:00Z"));
         assert_eq!(svc.policy("a").unwrap(), stored);
+    }
+
+    #[tokio::test]
+    async fn only_the_owning_node_deregisters_an_instance() {
+        let (svc, catalog) = service();
+        let now = Utc::now();
+        let ttl = chrono::Duration::seconds(60);
+        assert!(catalog.claim_instance("a", "other", now, ttl).unwrap());
+        catalog
+            .heartbeat(&strata_catalog::Node {
+                id: "other".into(),
+                api_address: "10.0.0.9:8080".into(),
+                started_at: now,
+                heartbeat_at: now,
+                version: "x".into(),
+            })
+            .unwrap();
+        let err = svc.deregister_instance("a").await.unwrap_err().to_string();
+        assert!(
+            err.contains("node other") && err.contains("10.0.0.9:8080"),
+            "{err}"
+        );
+        assert!(svc.instance("a").is_ok(), "the instance stays registered");
+        // Once that node lets it go (its lease lapses), this node may.
+        assert!(catalog.release_instance("a", "other").unwrap());
+        svc.deregister_instance("a").await.unwrap();
+        assert!(svc.instance("a").is_err());
     }
 
     #[test]

@@ -111,6 +111,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "gauge",
         "Seconds since the service started.",
     ),
+    (
+        "strata_node_info",
+        "gauge",
+        "1, labelled with this node's id and version; figures per instance are of the instances this node owns.",
+    ),
+    (
+        "strata_node_owned_instances",
+        "gauge",
+        "Instances whose ownership lease this node holds.",
+    ),
 ];
 
 /// The families with an entry are written (with no sample lines when the
@@ -179,12 +189,19 @@ const JOB_STATES: &[&str] = &[
 
 impl Service {
     /// Renders every metric. Figures per instance come from the catalog;
-    /// WAL lag from the live receivers.
+    /// WAL lag from the live receivers. In a fleet each node reports the
+    /// instances it owns (see [`Service::reports`]), so summing over the
+    /// nodes counts each instance once.
     pub fn metrics(&self) -> ServiceResult<String> {
         let now = self.now();
         let mut samples = Samples::default();
         samples.declare(PER_INSTANCE);
+        let owners = self.instance_owners()?;
+        let live = self.live_nodes()?;
         for i in &self.engine.catalog().list_instances()? {
+            if !self.reports(&i.id, &owners, &live) {
+                continue;
+            }
             self.backup_samples(i, now, &mut samples)?;
             self.wal_samples(i, &mut samples)?;
             self.usage_samples(i, now, &mut samples)?;
@@ -206,6 +223,14 @@ impl Service {
         }
         let uptime = self.uptime().as_secs_f64();
         samples.push("strata_uptime_seconds", String::new(), uptime);
+        let node = format!(
+            "{{node=\"{}\",version=\"{}\"}}",
+            label(self.node_id()),
+            env!("CARGO_PKG_VERSION")
+        );
+        samples.push("strata_node_info", node, 1.0);
+        let owned = self.owned_count() as f64;
+        samples.push("strata_node_owned_instances", String::new(), owned);
         Ok(render(&samples))
     }
 

@@ -69,8 +69,10 @@ impl Leaving {
 }
 
 impl Service {
-    /// One round: automatic backups due, WAL receivers, retention, garbage
-    /// collection, a storage usage sample when one is due.
+    /// One round: the fleet round (this node's ownership leases), then for
+    /// the instances this node owns automatic backups due, WAL receivers,
+    /// retention; garbage collection, a storage usage sample when one is
+    /// due.
     pub async fn tick(self: &Arc<Self>) {
         self.fail_orphaned_jobs().await;
         let instances = match self.engine.catalog().list_instances() {
@@ -80,6 +82,13 @@ impl Service {
                 return;
             }
         };
+        self.fleet_round(
+            instances
+                .iter()
+                .map(|i| String::from(i.id.clone()))
+                .collect(),
+        )
+        .await;
         let now = self.now();
         let retention_due = self
             .housekeeping
@@ -117,6 +126,15 @@ impl Service {
         now: DateTime<Utc>,
         retention_due: bool,
     ) -> ServiceResult<()> {
+        if !self.owns(&instance.id) {
+            // Another node runs it now (its lease lapsed here, or it was
+            // given up): the receiver stops, the slot stays and keeps the
+            // WAL for the new owner.
+            if self.wal.runs(&instance.id) {
+                self.wal.stop(&instance.id).await;
+            }
+            return Ok(());
+        }
         if !self.is_ready(&instance.id) || self.leaving.contains(&instance.id) {
             return Ok(());
         }
@@ -167,6 +185,11 @@ impl Service {
     /// receiver (flushing the partial segment) and records running backups
     /// as failed.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // Leases first: drills resumed below are only this node's.
+        if let Ok(instances) = self.instances() {
+            self.fleet_round(instances.into_iter().map(|i| String::from(i.id)).collect())
+                .await;
+        }
         let svc = Arc::clone(&self);
         let _ = tokio::task::spawn_blocking(move || {
             svc.remove_stale_scratch();
@@ -185,6 +208,9 @@ impl Service {
             }
         }
         self.shutdown().await;
+        // Receivers stopped and backups ended: the other nodes may take the
+        // instances at once rather than when the leases lapse.
+        self.release_all().await;
     }
 
     /// Stops the WAL receivers (flushing partial segments) and fails running backups.

@@ -214,7 +214,7 @@ impl Service {
         }
         self.usage.due.store(false, Ordering::SeqCst);
         let svc = Arc::clone(self);
-        let recorded = tokio::task::spawn_blocking(move || svc.record_samples(now)).await;
+        let recorded = tokio::task::spawn_blocking(move || svc.record_samples(now, true)).await;
         match recorded {
             Ok(Ok(())) => {
                 *lock(&self.usage.last_sample) = Some(now);
@@ -235,8 +235,11 @@ impl Service {
         }
     }
 
-    /// Measures now and records a sample per registered instance (blocking).
-    fn record_samples(&self, now: DateTime<Utc>) -> ServiceResult<()> {
+    /// Measures now and records a sample per registered instance (blocking);
+    /// `only_owned`: per instance this node reports (the scheduled samples:
+    /// in a fleet each instance is sampled by its owner only, see
+    /// [`Service::reports`]).
+    fn record_samples(&self, now: DateTime<Utc>, only_owned: bool) -> ServiceResult<()> {
         let usage = {
             let mut cache = lock(&self.usage.cache);
             self.engine
@@ -245,7 +248,12 @@ impl Service {
                 .map_err(strata_engine::EngineError::from)?
         };
         let mut targets = HashMap::new();
+        let owners = self.instance_owners()?;
+        let live = self.live_nodes()?;
         for instance in self.engine.catalog().list_instances()? {
+            if only_owned && !self.reports(&instance.id, &owners, &live) {
+                continue;
+            }
             let figures = usage
                 .instances
                 .get(&instance.id)
@@ -340,7 +348,7 @@ impl Service {
         if let Some(s) = self.engine.catalog().last_usage_sample(instance_id)? {
             return Ok(s);
         }
-        self.record_samples(self.now())?;
+        self.record_samples(self.now(), false)?;
         self.engine
             .catalog()
             .last_usage_sample(instance_id)?

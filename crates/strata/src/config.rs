@@ -69,6 +69,38 @@ pub struct Config {
     pub local_repository: LocalRepositoryConfig,
     pub jobs: JobsConfig,
     pub gc: GcConfig,
+    pub node: NodeConfig,
+}
+
+/// `[node]`: this server's identity among `strata serve` nodes sharing one
+/// catalog, and how long its ownership leases last.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique in the fleet and stable across restarts; default: generated
+    /// once and kept in `<data_dir>/node-id`.
+    pub id: Option<String>,
+    /// Seconds an instance's ownership lease lasts unless renewed.
+    pub lease_secs: Option<u64>,
+}
+
+/// The range `node.lease_secs` must lie in: a renewal every quarter of the
+/// lease must fit a slow catalog round, and a failover should not wait
+/// longer than a few minutes.
+pub const NODE_LEASE_SECS: std::ops::RangeInclusive<u64> = 8..=300;
+
+/// Bytes as lowercase hex digits.
+fn hex_id(bytes: [u8; 6]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `id` can name a node: 1 to 64 letters, digits, `-`, `_`, `.`.
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Free space kept on the file system of a repository in a directory.
@@ -371,9 +403,52 @@ impl Config {
                 bail!("compress_level must be between 1 and 19, got {level}");
             }
         }
+        if let Some(id) = &config.node.id {
+            if !valid_node_id(id) {
+                bail!("[node] id must be 1 to 64 letters, digits, '-', '_' or '.', got {id:?}");
+            }
+        }
+        if let Some(secs) = config.node.lease_secs {
+            if !NODE_LEASE_SECS.contains(&secs) {
+                bail!(
+                    "[node] lease_secs must be between {} and {}, got {secs}",
+                    NODE_LEASE_SECS.start(),
+                    NODE_LEASE_SECS.end()
+                );
+            }
+        }
         config.usage_settings()?;
         config.local_repository.min_free()?;
         Ok(config)
+    }
+
+    /// This node's id: `[node] id`, else the one kept in `<data_dir>/node-id`,
+    /// generated and written there the first time.
+    pub fn node_id(&self) -> Result<String> {
+        if let Some(id) = &self.node.id {
+            return Ok(id.clone());
+        }
+        let path = self.data_dir().join("node-id");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let id = text.trim();
+                if !valid_node_id(id) {
+                    bail!("{} holds no valid node id: {id:?}", path.display());
+                }
+                return Ok(id.to_string());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let id = format!("node-{}", hex_id(rand::random::<[u8; 6]>()));
+        std::fs::create_dir_all(self.data_dir())?;
+        // Written whole under a temporary name, then renamed: a crash never
+        // leaves a half-written id that a restart would refuse.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{id}\n"))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(id)
     }
 
     fn read(path: &Path) -> Result<Config> {
@@ -547,6 +622,12 @@ impl Config {
         if let Some(on) = self.drills.enabled {
             s.drills = on;
         }
+        if let Some(id) = &self.node.id {
+            s.node.id = id.clone();
+        }
+        if let Some(secs) = self.node.lease_secs {
+            s.node.lease = Duration::from_secs(secs);
+        }
         Ok(s)
     }
 
@@ -714,5 +795,57 @@ impl S3Settings {
             self.allow_http = Some(v);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod node_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_id_is_generated_once_and_kept_in_the_data_dir() {
+        let dir = testkit::temp_dir("strata-node-id-");
+        let config = Config {
+            data_dir: Some(dir.join("data")),
+            ..Config::default()
+        };
+        let id = config.node_id().unwrap();
+        assert!(valid_node_id(&id) && id.starts_with("node-"), "{id}");
+        let stored = std::fs::read_to_string(dir.join("data/node-id")).unwrap();
+        assert_eq!(stored.trim(), id);
+        assert_eq!(config.node_id().unwrap(), id, "a restart keeps its id");
+        // A configured id wins and writes nothing; a damaged file is refused.
+        let named = Config {
+            node: NodeConfig {
+                id: Some("backup-1".into()),
+                lease_secs: None,
+            },
+            ..config.clone()
+        };
+        assert_eq!(named.node_id().unwrap(), "backup-1");
+        std::fs::write(dir.join("data/node-id"), "bad id\n").unwrap();
+        assert!(config.node_id().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn node_settings_are_checked() {
+        let dir = testkit::temp_dir("strata-node-conf-");
+        let load = |text: &str| {
+            let path = dir.join("strata.toml");
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path))
+        };
+        for bad in [
+            "[node]\nlease_secs = 7\n",
+            "[node]\nlease_secs = 301\n",
+            "[node]\nid = \"a b\"\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+        let c = load("[node]\nid = \"n-1\"\nlease_secs = 8\n").unwrap();
+        let s = c.service_settings().unwrap();
+        assert_eq!((s.node.id.as_str(), s.node.lease.as_secs()), ("n-1", 8));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -36,6 +36,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
     };
     let created = keys::ensure_admin_key(engine.catalog().as_ref(), &data_dir)?;
     let regions = config.regions()?;
+    let node_id = config.node_id()?;
     crate::runtime()?.block_on(async move {
         // Signals first: a stop request during the sandbox's start still
         // ends in an orderly shutdown.
@@ -66,12 +67,10 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         } else {
             None
         };
-        let service = Service::with_regions(
-            engine.clone(),
-            Arc::new(SystemClock),
-            config.service_settings()?,
-            regions,
-        );
+        let mut settings = config.service_settings()?;
+        settings.node.id = node_id;
+        settings.node.api_address = addr.to_string();
+        let service = Service::with_regions(engine.clone(), Arc::new(SystemClock), settings, regions);
         if let Some(sb) = &sandbox {
             if service.instance(DEMO_INSTANCE).is_err() {
                 if let Err(e) = service.register_instance(sb.instance()).await {
@@ -103,6 +102,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             println!("strata: metrics on {scheme}://{}/metrics", l.local_addr()?);
         }
         println!("strata: console on {url}console/ (sign in with an AccessKey pair)");
+        println!("strata: node {}", service.node_id());
         match &created {
             Some((key, path)) if demo => {
                 println!("strata: admin AccessKey created: AccessKeyId {} AccessKeySecret {}", key.id, key.secret);

@@ -145,6 +145,7 @@ fn resolved_default(key: &str) -> Option<String> {
         "scheduler.retention_interval_secs" => service.retention_interval.num_seconds().to_string(),
         "jobs.lease_secs" => engine.job_lease.as_secs().to_string(),
         "gc.grace_secs" => engine.gc_grace.as_secs().to_string(),
+        "node.lease_secs" => service.node.lease.as_secs().to_string(),
         "instances.port_range" => format!("{}-{}", service.local_ports.0, service.local_ports.1),
         "instances.listen" => service.local_listen,
         "drills.enabled" => service.drills.to_string(),

@@ -450,6 +450,12 @@ impl Server {
         server
     }
 
+    /// SIGKILL, as a crash or a lost machine: nothing runs after it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then the exit status and everything printed.
     pub fn stop(mut self) -> (bool, String, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
