@@ -95,10 +95,10 @@ pub struct EngineSettings {
     pub os_user: Option<String>,
     /// Seconds to wait for a started server to finish recovery.
     pub start_timeout: std::time::Duration,
-    /// Lock file shared by every process using the same catalog, keeping
-    /// garbage collection and backups apart; `None` when only one engine
-    /// ever touches the repository.
-    pub lock_path: Option<PathBuf>,
+    /// How long a repository hold (the catalog row keeping garbage
+    /// collection and backups or readers apart) outlives its last renewal;
+    /// renewed every quarter of it while held.
+    pub repo_hold_ttl: std::time::Duration,
     /// How long a job stays owned by a process that stopped renewing its
     /// lease before another process takes it over and fails it.
     pub job_lease: std::time::Duration,
@@ -121,7 +121,7 @@ impl Default for EngineSettings {
             pg_bin_dirs: vec!["/usr/lib/postgresql/{major}/bin".into()],
             os_user: None,
             start_timeout: std::time::Duration::from_secs(300),
-            lock_path: None,
+            repo_hold_ttl: std::time::Duration::from_secs(60),
             job_lease: std::time::Duration::from_secs(30),
             gc_grace: std::time::Duration::from_secs(3600),
         }

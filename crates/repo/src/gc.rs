@@ -61,6 +61,21 @@ impl Repository {
         now: DateTime<Utc>,
         grace: Duration,
     ) -> RepoResult<(GcReport, PendingPacks)> {
+        self.collect_garbage_fenced(pending, now, grace, &mut || true)
+    }
+
+    /// [`Repository::collect_garbage`] that asks `still_held` before each
+    /// deletion whether the caller still holds the repository: once it
+    /// says no, nothing more is deleted and the rest stays pending (with
+    /// its first-seen time) for the next collection.
+    pub fn collect_garbage_fenced(
+        &self,
+        pending: &PendingPacks,
+        now: DateTime<Utc>,
+        grace: Duration,
+        still_held: &mut dyn FnMut() -> bool,
+    ) -> RepoResult<(GcReport, PendingPacks)> {
+        let mut held = true;
         let mut report = GcReport::default();
         let mut still_pending = PendingPacks::new();
         let mut referenced: HashSet<String> = HashSet::new();
@@ -102,10 +117,13 @@ impl Repository {
                 continue;
             }
             let since = pending.get(id).copied().unwrap_or(now);
-            if since
+            let due = since
                 .checked_add_signed(grace)
-                .is_some_and(|end| end <= now)
-            {
+                .is_some_and(|end| end <= now);
+            if due && held {
+                held = still_held();
+            }
+            if due && held {
                 self.storage.delete(&key)?;
                 report.packs_deleted += 1;
             } else {

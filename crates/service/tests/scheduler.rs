@@ -218,9 +218,6 @@ async fn garbage_collection_waits_for_running_backups() {
     let cluster = testkit::shared_cluster(15);
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
-    let mut engine_settings = engine.settings().clone();
-    engine_settings.lock_path = Some(dir.path().join("catalog.db.lock"));
-    let engine = engine.with_settings(engine_settings);
     cluster.psql(
         "postgres",
         "CREATE TABLE gc_t AS SELECT g, md5(g::text) AS m FROM generate_series(1, 200000) g;",
