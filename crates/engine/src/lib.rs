@@ -256,3 +256,32 @@ impl Engine {
         )))
     }
 }
+
+impl Engine {
+    /// A 32-byte key every node sharing the catalog agrees on (the download
+    /// link key), kept in the catalog under `name`. Sealed there under the
+    /// repository's data key when the repository is encrypted
+    /// (`sealed:<hex>`), so the catalog alone does not reveal it; otherwise
+    /// `plain:<hex>`, as readable as the access keys' secrets beside it.
+    /// The first node to ask stores `candidate`; every node gets that one.
+    pub fn shared_key(&self, name: &str, candidate: &[u8; 32]) -> EngineResult<[u8; 32]> {
+        let stored = match self.repo.seal_secret(candidate, name)? {
+            Some(sealed) => format!("sealed:{}", hex::encode(sealed)),
+            None => format!("plain:{}", hex::encode(candidate)),
+        };
+        let value = self.catalog.shared_secret(name, &stored)?;
+        let bad = |why: &str| {
+            EngineError::Catalog(strata_catalog::CatalogError::Invalid(format!(
+                "shared secret {name}: {why}"
+            )))
+        };
+        let (form, text) = value.split_once(':').ok_or_else(|| bad("no form prefix"))?;
+        let bytes = hex::decode(text).map_err(|_| bad("not hex"))?;
+        let key = match form {
+            "sealed" => self.repo.open_secret(&bytes, name)?,
+            "plain" => bytes,
+            other => return Err(bad(&format!("unknown form {other:?}"))),
+        };
+        key.try_into().map_err(|_| bad("not 32 bytes"))
+    }
+}

@@ -62,8 +62,14 @@ fn gc_on_one_node_spares_a_backup_and_a_restore_on_two_others_and_deletes_garbag
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     std::fs::copy(&packs[0], &orphan).unwrap();
 
-    // New data, so the second backup writes packs of its own.
+    // New data, so the second backup writes packs of its own for a while
+    // (each unreferenced until its manifest is committed).
     pg.pgbench("postgres", &["-t", "300", "-c", "2"]);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE bulk AS SELECT g, md5(random()::text) || md5(random()::text) AS m \
+         FROM generate_series(1, 500000) g",
+    );
     pg.psql("postgres", "INSERT INTO ledger VALUES (2, 'second')");
 
     // Node A collects over and over while B backs up and C restores.
