@@ -500,13 +500,18 @@ fn repo_holds_exclude_a_collection_from_backups_and_readers_on_every_handle(b: &
         .acquire_repo_hold(&hold(&node_b, "other", true, 60), t)
         .unwrap());
     node_a.release_repo_hold(&backup.id).unwrap();
-    assert!(!node_a.acquire_repo_hold(&gc, t).unwrap(), "the reader still holds");
+    assert!(
+        !node_a.acquire_repo_hold(&gc, t).unwrap(),
+        "the reader still holds"
+    );
     node_b.release_repo_hold(&reader.id).unwrap();
     assert!(node_a.acquire_repo_hold(&gc, t).unwrap());
     // While collected, no shared hold is given, on any handle.
     let late = hold(&node_b, "r", false, 60);
     assert!(!node_b.acquire_repo_hold(&late, t).unwrap());
-    assert!(node_a.renew_repo_hold(&gc, t + chrono::Duration::seconds(30)).unwrap());
+    assert!(node_a
+        .renew_repo_hold(&gc, t + chrono::Duration::seconds(30))
+        .unwrap());
     // Renewed at t+30 s with 60 s: still live at t+80 s.
     assert!(!node_b
         .acquire_repo_hold(&late, t + chrono::Duration::seconds(80))
@@ -546,8 +551,14 @@ fn racing_handles_take_one_exclusive_hold(b: &dyn Backend) {
 
 fn every_handle_gets_the_first_shared_secret(b: &dyn Backend) {
     let (a, c) = (b.open(), b.open());
-    assert_eq!(a.shared_secret("download-link-key", "first").unwrap(), "first");
-    assert_eq!(c.shared_secret("download-link-key", "second").unwrap(), "first");
+    assert_eq!(
+        a.shared_secret("download-link-key", "first").unwrap(),
+        "first"
+    );
+    assert_eq!(
+        c.shared_secret("download-link-key", "second").unwrap(),
+        "first"
+    );
     assert_eq!(c.shared_secret("other", "x").unwrap(), "x");
 }
 

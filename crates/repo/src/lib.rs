@@ -443,7 +443,11 @@ impl Repository {
         })?;
         cipher
             .open(sealed, self.secret_aad(label).as_bytes())
-            .ok_or_else(|| corrupt("does not open under this repository's key (altered, or another repository's)"))
+            .ok_or_else(|| {
+                corrupt(
+                    "does not open under this repository's key (altered, or another repository's)",
+                )
+            })
     }
 
     fn secret_aad(&self, label: &str) -> String {
