@@ -31,6 +31,7 @@ use strata_repo::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::blocking::blocking;
+use crate::catalog_retry::retry_busy;
 use crate::connect::{explain, open_session, remember_facts, Session};
 use crate::incremental::{
     full_name, strip_backup_label, BlockPlan, HeapChanges, IncrementalBase, IncrementalFile,
@@ -171,7 +172,9 @@ impl Engine {
             }
             Err(e) => Err(e),
         };
-        self.record_backup_outcome(set, job, outcome)
+        // Recording may wait out a catalog outage: off the runtime.
+        let engine = self.clone();
+        blocking(move || engine.record_backup_outcome(set, job, outcome)).await
     }
 
     /// Records how a backup ended on its set and job: `Success` and
@@ -191,8 +194,12 @@ impl Engine {
                 set.status = BackupStatus::Success;
                 job.state = JobState::Finished;
                 job.progress = 100;
-                self.catalog.update_backup(&set)?;
-                self.catalog.update_job(&job)?;
+                // Whole-row updates: safe to make again after an outage, and
+                // a backup that succeeded is not failed for a catalog restart.
+                retry_busy("recording a finished backup", || {
+                    self.catalog.update_backup(&set)
+                })?;
+                retry_busy("recording a finished job", || self.catalog.update_job(&job))?;
                 Ok(set)
             }
             Err(e) => {
@@ -201,8 +208,10 @@ impl Engine {
                 job.state = JobState::Failed;
                 job.error = Some(e.to_string());
                 // The original error matters more than a failure to record it.
-                let _ = self.catalog.update_backup(&set);
-                let _ = self.catalog.update_job(&job);
+                let _ = retry_busy("recording a failed backup", || {
+                    self.catalog.update_backup(&set)
+                });
+                let _ = retry_busy("recording a failed job", || self.catalog.update_job(&job));
                 Err(e)
             }
         }

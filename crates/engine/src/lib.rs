@@ -10,6 +10,7 @@ mod archive_tar;
 mod backup;
 mod beneath;
 mod blocking;
+mod catalog_retry;
 mod connect;
 mod copy;
 mod entities;
