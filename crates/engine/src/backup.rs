@@ -163,7 +163,8 @@ impl Engine {
             mut instance,
         } = pending;
         job.state = JobState::Preparing;
-        self.catalog.update_job(&job)?;
+        self.record_job("recording a backup job's start", &job)
+            .await?;
 
         let outcome = match self.hold_gc().await {
             Ok(_guard) => {
@@ -322,9 +323,11 @@ impl Engine {
         } = run;
         set.start_lsn = Some(start.start_lsn);
         set.start_timeline = Some(start.start_timeline);
-        self.catalog.update_backup(set)?;
+        self.record_set("recording a backup's start position", set)
+            .await?;
         job.state = JobState::Uploading;
-        self.catalog.update_job(job)?;
+        self.record_job("recording a backup job's state", job)
+            .await?;
 
         let mut receiver = BackupReceiver::start(&self.repo, &instance.id, base).await?;
         self.feed_stream(instance, job, start.total, events, &mut receiver, progress)
@@ -337,7 +340,8 @@ impl Engine {
 
         tracing::debug!("backup {}: files received, stop at {stop_lsn}", set.id);
         job.state = JobState::Checking;
-        self.catalog.update_job(job)?;
+        self.record_job("recording a backup job's state", job)
+            .await?;
         receiver.check_server_manifest()?;
 
         progress.message(&format!(
@@ -385,7 +389,14 @@ impl Engine {
                 progress.update("backup", streamed, total);
                 if let Some(total) = total.filter(|t| *t > 0) {
                     job.progress = ((streamed * 95 / total).min(95)) as u8;
-                    self.catalog.update_job(job)?;
+                    // Progress is a hint: while the catalog is unreachable
+                    // the backup goes on, and the next report catches up.
+                    match self.catalog.update_job(job) {
+                        Err(e) if e.is_retryable() => {
+                            tracing::debug!("backup progress not recorded: {e}")
+                        }
+                        r => r?,
+                    }
                 }
             }
         }

@@ -9,7 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use strata_catalog::CatalogResult;
+use strata_catalog::{BackupSet, CatalogResult, Job};
+
+use crate::blocking::blocking;
+use crate::{Engine, EngineResult};
 
 /// How long a write waits for the catalog to come back before its caller
 /// sees the error.
@@ -33,6 +36,21 @@ pub fn retry_busy<T>(what: &str, mut call: impl FnMut() -> CatalogResult<T>) -> 
             }
             r => return r,
         }
+    }
+}
+
+impl Engine {
+    /// Records a job's whole row, waiting out a catalog outage on the
+    /// blocking pool (never on a runtime thread).
+    pub(crate) async fn record_job(&self, what: &'static str, job: &Job) -> EngineResult<()> {
+        let (catalog, job) = (self.catalog.clone(), job.clone());
+        blocking(move || Ok(retry_busy(what, || catalog.update_job(&job))?)).await
+    }
+
+    /// Records a backup set's whole row, like [`Engine::record_job`].
+    pub(crate) async fn record_set(&self, what: &'static str, set: &BackupSet) -> EngineResult<()> {
+        let (catalog, set) = (self.catalog.clone(), set.clone());
+        blocking(move || Ok(retry_busy(what, || catalog.update_backup(&set))?)).await
     }
 }
 

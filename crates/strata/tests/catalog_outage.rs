@@ -1,6 +1,6 @@
 //! `strata serve` on a PostgreSQL catalog whose server goes away for a few
-//! seconds and comes back while the source writes WAL: the service waits
-//! the outage out and carries on. The catalog server here is a cluster of
+//! seconds and comes back while the source writes WAL and a backup runs:
+//! the service and the backup wait the outage out and carry on. The catalog server here is a cluster of
 //! this test's own, so stopping it disturbs no other test.
 
 mod common;
@@ -43,6 +43,8 @@ fn a_catalog_server_restart_is_waited_out_without_gaps_or_duplicates() {
         "postgres",
         "CREATE TABLE ledger (id serial PRIMARY KEY, note text)",
     );
+    // Enough data that a throttled backup is still running during the outage.
+    pg.pgbench("postgres", &["-i", "-q", "-s", "5"]);
     let strata = Strata::with_config(
         "outage",
         &format!("catalog = {url:?}\n"),
@@ -61,13 +63,41 @@ fn a_catalog_server_restart_is_waited_out_without_gaps_or_duplicates() {
     write_segments(&pg, 2, "before");
     wait_for("WAL archived", 60, || !strata.wal(id).is_empty());
 
-    // The catalog server goes away while WAL is written, then comes back.
+    // A backup (about 75 MB read at 8 MB/s) is running...
+    let running_backup = strata
+        .command(&["backup", "create", id, "--max-rate", "8192"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the second backup to run", 60, || {
+        strata
+            .backups(id)
+            .iter()
+            .any(|b| b["status"].as_str() == Some("Running"))
+    });
+    // ...when the catalog server goes away while WAL is written, then
+    // comes back.
     catalog.stop();
     write_segments(&pg, 3, "during");
     std::thread::sleep(Duration::from_secs(4));
     write_segments(&pg, 2, "during-late");
     catalog.start();
     write_segments(&pg, 2, "after");
+
+    // The backup waited the outage out and succeeded.
+    let out = running_backup.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the backup running through the outage failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let through = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
 
     // Everything written is archived by the same service.
     let end: Lsn = pg
@@ -103,11 +133,10 @@ fn a_catalog_server_restart_is_waited_out_without_gaps_or_duplicates() {
     // A backup after the restart succeeds, and the service still archives.
     let after = strata.backup(id);
     let sets = strata.backups(id);
-    let set = sets
-        .iter()
-        .find(|b| b["id"].as_str() == Some(&after))
-        .unwrap();
-    assert_eq!(set["status"].as_str(), Some("Success"), "{set}");
+    for id in [&through, &after] {
+        let set = sets.iter().find(|b| b["id"].as_str() == Some(id)).unwrap();
+        assert_eq!(set["status"].as_str(), Some("Success"), "{set}");
+    }
     write_segments(&pg, 1, "last");
     let end: Lsn = pg
         .psql("postgres", "SELECT pg_current_wal_insert_lsn()")
