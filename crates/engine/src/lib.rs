@@ -36,6 +36,7 @@ pub use archive_tar::BackupArchive;
 pub use backup::check_server_manifest;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
+pub use catalog_retry::{retry_busy, CATALOG_OUTAGE_WAIT};
 pub use connect::{connection_verified, connection_warnings, instance_password, ServerFacts};
 pub use copy::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
