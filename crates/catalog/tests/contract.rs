@@ -1138,6 +1138,15 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
     let mut pending = BTreeMap::new();
     pending.insert("pack-1".to_string(), t);
     cat.put_gc_pending("repo", &pending).unwrap();
+    let hold = RepoHold::new(
+        "repo",
+        false,
+        cat.lease_owner().clone(),
+        "backup",
+        std::time::Duration::from_secs(60),
+    );
+    assert!(cat.acquire_repo_hold(&hold, t).unwrap());
+    cat.shared_secret("download-link-key", "plain:00").unwrap();
     cat
 }
 
@@ -1150,6 +1159,7 @@ fn everything(cat: &dyn Catalog) -> String {
         "jobs": cat.list_jobs(None).unwrap(),
         "keys": cat.list_access_keys().unwrap().iter().map(|k| (k.id.clone(), k.secret.clone())).collect::<Vec<_>>(),
         "gc": cat.gc_pending("repo").unwrap(),
+        "secret": cat.shared_secret("download-link-key", "other").unwrap(),
     });
     for id in ["a", "b"] {
         out[id] = serde_json::json!({
@@ -1199,7 +1209,7 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
 
     let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
     let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
-    assert_eq!(tables.len(), 15, "{tables:?}");
+    assert_eq!(tables.len(), 17, "{tables:?}");
     assert!(
         report.iter().all(|t| t.rows > 0),
         "a row in every table: {report:?}"

@@ -166,16 +166,23 @@ impl Engine {
         self.record_job("recording a backup job's start", &job)
             .await?;
 
-        let outcome = match self.hold_gc().await {
-            Ok(_guard) => {
-                self.run_backup(&mut instance, &mut set, &mut job, opts, progress)
-                    .await
+        let (outcome, hold) = match self.hold_gc().await {
+            Ok(hold) => {
+                let outcome = self
+                    .run_backup(&mut instance, &mut set, &mut job, opts, progress)
+                    .await;
+                (outcome, Some(hold))
             }
-            Err(e) => Err(e),
+            Err(e) => (Err(e), None),
         };
-        // Recording may wait out a catalog outage: off the runtime.
+        // Releasing the hold and recording the outcome are catalog writes
+        // that may wait out an outage: off the runtime.
         let engine = self.clone();
-        blocking(move || engine.record_backup_outcome(set, job, outcome)).await
+        blocking(move || {
+            drop(hold);
+            engine.record_backup_outcome(set, job, outcome)
+        })
+        .await
     }
 
     /// Records how a backup ended on its set and job: `Success` and
