@@ -9,7 +9,8 @@ use axum::http::StatusCode;
 use chrono::{Duration, Utc};
 use serde_json::{json, Map, Value};
 use strata_catalog::{
-    BackupMode, BackupSet, BackupStatus, Instance, Job, JobKind, JobState, SslMode, WalSegmentRow,
+    BackupId, BackupMode, BackupSet, BackupStatus, Instance, Job, JobId, JobKind, JobState,
+    SslMode, WalSegmentRow,
 };
 use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
@@ -181,7 +182,7 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         .await?
         .stored_bytes();
     let encryption = encryption_field(svc);
-    let drills: std::collections::HashMap<String, strata_catalog::DrillResult> = svc
+    let drills: std::collections::HashMap<BackupId, strata_catalog::DrillResult> = svc
         .drills(&inst.id)?
         .into_iter()
         .map(|d| (d.backup_id.clone(), d))
@@ -318,10 +319,10 @@ async fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fie
 
 fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
-    let ids: Vec<String> = p
+    let ids: Vec<BackupId> = p
         .required("BackupId")?
         .split(',')
-        .map(|s| s.trim().to_string())
+        .map(|s| BackupId::from(s.trim()))
         .filter(|s| !s.is_empty())
         .collect();
     if ids.is_empty() || ids.len() > 100 {
@@ -336,7 +337,7 @@ fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     for id in &ids {
         let set = svc.backup_set(id)?;
         if set.instance_id != inst.id {
-            return Err(strata_catalog::CatalogError::BackupNotFound(id.clone()).into());
+            return Err(strata_catalog::CatalogError::BackupNotFound(id.to_string()).into());
         }
     }
     svc.delete_backups(&inst.id, &ids)?;
@@ -355,7 +356,7 @@ fn job_status_matches(filter: &str, state: JobState) -> bool {
 
 fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
-    let job_id = p.int("BackupJobId")?;
+    let job_id = p.int("BackupJobId")?.map(JobId::new);
     let jobs: Vec<Job> = svc
         .jobs(Some(&inst.id))?
         .into_iter()
@@ -583,7 +584,7 @@ fn restore_source(p: &Params) -> ApiResult<RestoreSource> {
         })?),
         None => None,
     };
-    let backup_id = p.get("BackupId").map(str::to_string);
+    let backup_id = p.get("BackupId").map(BackupId::from);
     if backup_id.is_none() && restore_time.is_none() {
         return Err(ApiError::bad(
             "MissingParameter",

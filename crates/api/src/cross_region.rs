@@ -306,7 +306,7 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
                 .get("RegionId")
                 .filter(|r| *r != svc.regions().primary)
                 .map(str::to_string);
-            (source.to_string(), region, CopyChoice::Time(t))
+            (source.into(), region, CopyChoice::Time(t))
         }
         other => {
             return Err(ApiError::bad(

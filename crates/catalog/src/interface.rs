@@ -20,8 +20,8 @@ use pg_wal::TimelineId;
 
 use crate::{
     AccessKey, BackupPolicy, BackupSet, CatalogResult, CrossBackup, CrossBackupPolicy,
-    CrossWalSegment, DrillResult, Instance, Job, JobKind, LeaseOwner, ManagedInstance, RepoHold,
-    RestorePointRow, UsageSample, WalSegmentRow,
+    CrossWalSegment, DrillResult, Instance, Job, JobId, JobKind, LeaseOwner, ManagedInstance,
+    RepoHold, RestorePointRow, UsageSample, WalSegmentRow,
 };
 
 /// Registered instances and the instances Strata itself runs.
@@ -130,7 +130,7 @@ pub trait JobCatalog: Send + Sync {
     /// [`crate::CatalogError::LeaseLost`] when another owner ended it.
     fn update_job(&self, job: &Job) -> CatalogResult<()>;
     /// One job; [`crate::CatalogError::JobNotFound`] when unknown.
-    fn get_job(&self, id: i64) -> CatalogResult<Job>;
+    fn get_job(&self, id: JobId) -> CatalogResult<Job>;
     /// Jobs of an instance (every job with `None`), by id.
     fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
     /// The lease owner jobs created through this handle belong to: random

@@ -42,6 +42,7 @@ pub use lease::{LeaseKeeper, LeaseOwner};
 pub use migrations::{Migration, MIGRATIONS};
 pub use postgres::{PgCatalog, PgConnect};
 pub use sqlite::SqliteCatalog;
+pub use strata_ids::{BackupId, InstanceId, JobId, PackId};
 pub use transfer::{copy_sqlite_to_postgres, TableCopy};
 
 /// The catalog traits, to call their methods on an `Arc<dyn Catalog>`:
@@ -119,10 +120,10 @@ pub enum CatalogError {
     BackupExists(String),
     /// No job has that id.
     #[error("job {0} not found")]
-    JobNotFound(i64),
+    JobNotFound(JobId),
     /// Another process took the job over after its lease expired.
     #[error("job {0} was taken over by another process after its lease expired; its outcome is not recorded")]
-    LeaseLost(i64),
+    LeaseLost(JobId),
     /// The catalog's schema is newer than this build knows.
     #[error("the catalog was written by a newer Strata (schema version {found}; this build knows up to {supported})")]
     NewerSchema {
@@ -167,7 +168,7 @@ pub type CatalogResult<T> = Result<T, CatalogError>;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Instance {
     /// Instance id: letters, digits, `-`, `_` and `.` (see [`Instance::valid_id`]).
-    pub id: String,
+    pub id: InstanceId,
     /// Host name or address to connect to.
     pub host: String,
     /// TCP port.
@@ -203,7 +204,7 @@ impl Instance {
     /// registered now.
     pub fn new(id: &str, host: &str, port: u16, user: &str, sslmode: SslMode) -> Instance {
         Instance {
-            id: id.to_string(),
+            id: id.into(),
             host: host.to_string(),
             port,
             user: user.to_string(),
@@ -265,9 +266,9 @@ impl BackupStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackupSet {
     /// Backup id (a UTC timestamp, unique across instances).
-    pub id: String,
+    pub id: BackupId,
     /// Instance the set was taken from.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Where the backup stands.
     pub status: BackupStatus,
     /// Automated (by policy) or manual.
@@ -299,21 +300,21 @@ pub struct BackupSet {
     /// Why the backup failed.
     pub error: Option<String>,
     /// The job that took the backup, when one did.
-    pub job_id: Option<i64>,
+    pub job_id: Option<JobId>,
 }
 
 impl BackupSet {
     /// A set just started: `Running`, nothing known of it yet.
     pub fn started(
-        id: String,
+        id: BackupId,
         instance_id: &str,
         mode: BackupMode,
         started_at: DateTime<Utc>,
-        job_id: Option<i64>,
+        job_id: Option<JobId>,
     ) -> BackupSet {
         BackupSet {
             id,
-            instance_id: instance_id.to_string(),
+            instance_id: instance_id.into(),
             status: BackupStatus::Running,
             mode,
             started_at,
@@ -338,7 +339,7 @@ impl BackupSet {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WalSegmentRow {
     /// Instance the WAL came from.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Timeline of the segment.
     pub timeline: TimelineId,
     /// The 24-character segment file name.
@@ -373,7 +374,7 @@ pub struct WalSegmentRow {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RestorePointRow {
     /// Instance the WAL came from.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Timeline of the record.
     pub timeline: TimelineId,
     /// The name given to `pg_create_restore_point`.
@@ -542,11 +543,11 @@ impl JobState {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
     /// Job id, assigned by the catalog.
-    pub id: i64,
+    pub id: JobId,
     /// What the job does.
     pub kind: JobKind,
     /// Instance the job works on, when it works on one.
-    pub instance_id: Option<String>,
+    pub instance_id: Option<InstanceId>,
     /// Where the job stands.
     pub state: JobState,
     /// Percent done, 0 to 100.
@@ -554,7 +555,7 @@ pub struct Job {
     /// What the job is doing now, for people.
     pub detail: String,
     /// The backup set the job took or restores.
-    pub backup_id: Option<String>,
+    pub backup_id: Option<BackupId>,
     /// When the job was created.
     pub started_at: DateTime<Utc>,
     /// When it ended.
@@ -575,7 +576,7 @@ pub struct Job {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackupPolicy {
     /// Instance the policy belongs to.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Days of the week, e.g. `["Monday", "Thursday"]`, in week order.
     pub backup_days: Vec<String>,
     /// Daily window, `HH:mmZ-HH:mmZ` (UTC).
@@ -597,11 +598,11 @@ pub struct BackupPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ManagedInstance {
     /// Id of the new instance (also registered as an [`Instance`]).
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Instance the data came from.
-    pub source_instance: String,
+    pub source_instance: InstanceId,
     /// Backup set the data was restored from.
-    pub backup_id: Option<String>,
+    pub backup_id: Option<BackupId>,
     /// Point in time it was restored to, if not the backup's end.
     pub restore_time: Option<DateTime<Utc>>,
     /// Data directory of the server.
@@ -622,9 +623,9 @@ pub struct ManagedInstance {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrillResult {
     /// Backup set drilled (at most one result per set).
-    pub backup_id: String,
+    pub backup_id: BackupId,
     /// Instance the set belongs to.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// `Running`, `Passed` or `Failed`.
     pub status: String,
     /// What the drill found, for people.
@@ -634,7 +635,7 @@ pub struct DrillResult {
     /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
     /// The drill's job.
-    pub job_id: Option<i64>,
+    pub job_id: Option<JobId>,
 }
 
 /// Cross-region backup of an instance (RDS's cross-region backup policy):
@@ -643,7 +644,7 @@ pub struct DrillResult {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CrossBackupPolicy {
     /// Instance the policy belongs to.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Target region id, a `[regions.<id>]` of the configuration.
     pub region: String,
     /// Whether new backup sets are copied.
@@ -697,7 +698,7 @@ pub struct CrossWalSegment {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UsageSample {
     /// Instance measured.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// When it was measured.
     pub at: DateTime<Utc>,
     /// Data size of the instance's backup sets added up.

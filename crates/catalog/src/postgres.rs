@@ -474,7 +474,7 @@ const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, ss
 
 fn instance_params(i: &Instance) -> Params {
     vec![
-        Box::new(i.id.clone()),
+        Box::new(i.id.to_string()),
         Box::new(i.host.clone()),
         Box::new(i64::from(i.port)),
         Box::new(i.user.clone()),
@@ -492,7 +492,7 @@ fn instance_params(i: &Instance) -> Params {
 
 fn instance_from_row(r: &Row) -> CatalogResult<Instance> {
     Ok(Instance {
-        id: get(r, 0)?,
+        id: get::<String>(r, 0)?.into(),
         host: get(r, 1)?,
         port: u16::try_from(get::<i64>(r, 2)?)
             .map_err(|e| CatalogError::Invalid(format!("port: {e}")))?,
@@ -513,8 +513,8 @@ const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_a
 
 fn backup_params(b: &BackupSet) -> Params {
     vec![
-        Box::new(b.id.clone()),
-        Box::new(b.instance_id.clone()),
+        Box::new(b.id.to_string()),
+        Box::new(b.instance_id.to_string()),
         Box::new(b.status.as_str().to_string()),
         Box::new(b.mode.as_str().to_string()),
         Box::new(b.started_at),
@@ -530,15 +530,15 @@ fn backup_params(b: &BackupSet) -> Params {
         Box::new(b.stored_bytes as i64),
         Box::new(b.file_count as i64),
         Box::new(b.error.clone()),
-        Box::new(b.job_id),
+        Box::new(b.job_id.map(JobId::get)),
     ]
 }
 
 fn backup_from_row(r: &Row) -> CatalogResult<BackupSet> {
     let status: String = get(r, 2)?;
     Ok(BackupSet {
-        id: get(r, 0)?,
-        instance_id: get(r, 1)?,
+        id: get::<String>(r, 0)?.into(),
+        instance_id: get::<String>(r, 1)?.into(),
         status: BackupStatus::parse(&status)
             .map_err(|e| CatalogError::Corrupt(e.to_string().into()))?,
         mode: get_parsed(r, 3)?,
@@ -555,7 +555,7 @@ fn backup_from_row(r: &Row) -> CatalogResult<BackupSet> {
         stored_bytes: get_u64(r, 14)?,
         file_count: get_u64(r, 15)?,
         error: get(r, 16)?,
-        job_id: get(r, 17)?,
+        job_id: get::<Option<i64>>(r, 17)?.map(JobId::new),
     })
 }
 
@@ -563,7 +563,7 @@ const WAL_COLS: &str = "instance_id, timeline, segment, partial, begin_lsn, end_
 
 fn wal_params(w: &WalSegmentRow) -> Params {
     vec![
-        Box::new(w.instance_id.clone()),
+        Box::new(w.instance_id.to_string()),
         Box::new(i64::from(w.timeline.0)),
         Box::new(w.segment.clone()),
         Box::new(w.partial),
@@ -583,7 +583,7 @@ fn wal_params(w: &WalSegmentRow) -> Params {
 
 fn wal_from_row(r: &Row) -> CatalogResult<WalSegmentRow> {
     Ok(WalSegmentRow {
-        instance_id: get(r, 0)?,
+        instance_id: get::<String>(r, 0)?.into(),
         timeline: TimelineId(get_u32(r, 1)?),
         segment: get(r, 2)?,
         partial: get(r, 3)?,
@@ -607,14 +607,14 @@ fn job_from_row(r: &Row) -> CatalogResult<Job> {
     let state: String = get(r, 3)?;
     let started_at = get(r, 7)?;
     Ok(Job {
-        id: get(r, 0)?,
+        id: JobId::new(get(r, 0)?),
         kind: get_parsed(r, 1)?,
-        instance_id: get(r, 2)?,
+        instance_id: get::<Option<String>>(r, 2)?.map(Into::into),
         state: JobState::parse(&state).map_err(|e| CatalogError::Corrupt(e.to_string().into()))?,
         progress: u8::try_from(get::<i64>(r, 4)?)
             .map_err(|e| CatalogError::Invalid(format!("job progress: {e}")))?,
         detail: get(r, 5)?,
-        backup_id: get(r, 6)?,
+        backup_id: get::<Option<String>>(r, 6)?.map(Into::into),
         finished_at: get(r, 8)?,
         error: get(r, 9)?,
         pid: get_u32(r, 10)?,
@@ -629,9 +629,9 @@ const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_tim
 
 fn managed_params(m: &ManagedInstance) -> Params {
     vec![
-        Box::new(m.instance_id.clone()),
-        Box::new(m.source_instance.clone()),
-        Box::new(m.backup_id.clone()),
+        Box::new(m.instance_id.to_string()),
+        Box::new(m.source_instance.to_string()),
+        Box::new(m.backup_id.as_deref().map(str::to_string)),
         Box::new(m.restore_time),
         Box::new(m.data_dir.clone()),
         Box::new(i64::from(m.port)),
@@ -644,9 +644,9 @@ fn managed_params(m: &ManagedInstance) -> Params {
 
 fn managed_from_row(r: &Row) -> CatalogResult<ManagedInstance> {
     Ok(ManagedInstance {
-        instance_id: get(r, 0)?,
-        source_instance: get(r, 1)?,
-        backup_id: get(r, 2)?,
+        instance_id: get::<String>(r, 0)?.into(),
+        source_instance: get::<String>(r, 1)?.into(),
+        backup_id: get::<Option<String>>(r, 2)?.map(Into::into),
         restore_time: get(r, 3)?,
         data_dir: get(r, 4)?,
         port: u16::try_from(get::<i64>(r, 5)?)
@@ -662,25 +662,25 @@ const DRILL_COLS: &str = "backup_id, instance_id, status, detail, started_at, fi
 
 fn drill_params(d: &DrillResult) -> Params {
     vec![
-        Box::new(d.backup_id.clone()),
-        Box::new(d.instance_id.clone()),
+        Box::new(d.backup_id.to_string()),
+        Box::new(d.instance_id.to_string()),
         Box::new(d.status.clone()),
         Box::new(d.detail.clone()),
         Box::new(d.started_at),
         Box::new(d.finished_at),
-        Box::new(d.job_id),
+        Box::new(d.job_id.map(JobId::get)),
     ]
 }
 
 fn drill_from_row(r: &Row) -> CatalogResult<DrillResult> {
     Ok(DrillResult {
-        backup_id: get(r, 0)?,
-        instance_id: get(r, 1)?,
+        backup_id: get::<String>(r, 0)?.into(),
+        instance_id: get::<String>(r, 1)?.into(),
         status: get(r, 2)?,
         detail: get(r, 3)?,
         started_at: get(r, 4)?,
         finished_at: get(r, 5)?,
-        job_id: get(r, 6)?,
+        job_id: get::<Option<i64>>(r, 6)?.map(JobId::new),
     })
 }
 
@@ -688,7 +688,7 @@ const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_reten
 
 fn policy_params(p: &BackupPolicy) -> Params {
     vec![
-        Box::new(p.instance_id.clone()),
+        Box::new(p.instance_id.to_string()),
         Box::new(p.backup_days.join(",")),
         Box::new(p.backup_window.clone()),
         Box::new(i64::from(p.backup_retention_days)),
@@ -702,7 +702,7 @@ fn policy_params(p: &BackupPolicy) -> Params {
 fn policy_from_row(r: &Row) -> CatalogResult<BackupPolicy> {
     let days: String = get(r, 1)?;
     Ok(BackupPolicy {
-        instance_id: get(r, 0)?,
+        instance_id: get::<String>(r, 0)?.into(),
         backup_days: days
             .split(',')
             .filter(|d| !d.is_empty())
@@ -721,7 +721,7 @@ const CROSS_POLICY_COLS: &str = "instance_id, region, backup_enabled, log_backup
 
 fn cross_policy_params(p: &CrossBackupPolicy) -> Params {
     vec![
-        Box::new(p.instance_id.clone()),
+        Box::new(p.instance_id.to_string()),
         Box::new(p.region.clone()),
         Box::new(p.backup_enabled),
         Box::new(p.log_backup_enabled),
@@ -734,7 +734,7 @@ fn cross_policy_params(p: &CrossBackupPolicy) -> Params {
 
 fn cross_policy_from_row(r: &Row) -> CatalogResult<CrossBackupPolicy> {
     Ok(CrossBackupPolicy {
-        instance_id: get(r, 0)?,
+        instance_id: get::<String>(r, 0)?.into(),
         region: get(r, 1)?,
         backup_enabled: get(r, 2)?,
         log_backup_enabled: get(r, 3)?,
@@ -750,7 +750,7 @@ const SAMPLE_COLS: &str =
 
 fn sample_params(u: &UsageSample) -> Params {
     vec![
-        Box::new(u.instance_id.clone()),
+        Box::new(u.instance_id.to_string()),
         Box::new(u.at),
         Box::new(u.logical_bytes as i64),
         Box::new(u.data_bytes as i64),
@@ -762,7 +762,7 @@ fn sample_params(u: &UsageSample) -> Params {
 
 fn sample_from_row(r: &Row) -> CatalogResult<UsageSample> {
     Ok(UsageSample {
-        instance_id: get(r, 0)?,
+        instance_id: get::<String>(r, 0)?.into(),
         at: get(r, 1)?,
         logical_bytes: get_u64(r, 2)?,
         data_bytes: get_u64(r, 3)?,
@@ -827,7 +827,7 @@ fn all<T>(rows: Vec<Row>, f: fn(&Row) -> CatalogResult<T>) -> CatalogResult<Vec<
 impl InstanceCatalog for PgCatalog {
     fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
         let p = instance_params(i);
-        let id = i.id.clone();
+        let id = i.id.to_string();
         let sql = format!(
             "INSERT INTO instances ({INSTANCE_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
             placeholders(13)
@@ -859,7 +859,7 @@ impl InstanceCatalog for PgCatalog {
             }
         })?;
         if n == 0 {
-            return Err(CatalogError::InstanceNotFound(i.id.clone()));
+            return Err(CatalogError::InstanceNotFound(i.id.to_string()));
         }
         Ok(())
     }
@@ -982,7 +982,7 @@ impl BackupCatalog for PgCatalog {
             async move { Ok(c.execute(&sql, &refs(&p)).await?) }
         })?;
         if n == 0 {
-            return Err(CatalogError::BackupExists(b.id.clone()));
+            return Err(CatalogError::BackupExists(b.id.to_string()));
         }
         Ok(())
     }
@@ -1004,12 +1004,12 @@ impl BackupCatalog for PgCatalog {
                 let existing = tx
                     .query_opt(
                         &format!("SELECT {BACKUP_COLS} FROM backup_sets WHERE id = $1 FOR UPDATE"),
-                        &[&set.id],
+                        &[&set.id.as_str()],
                     )
                     .await?
                     .map(|r| backup_from_row(&r))
                     .transpose()?
-                    .ok_or_else(|| CatalogError::BackupNotFound(set.id.clone()))?;
+                    .ok_or_else(|| CatalogError::BackupNotFound(set.id.to_string()))?;
                 if existing.instance_id != set.instance_id {
                     return Err(CatalogError::Invalid(format!(
                         "backup set {} belongs to instance {}, not {}",
@@ -1023,7 +1023,7 @@ impl BackupCatalog for PgCatalog {
                         let job = tx
                             .query_opt(
                                 &format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1"),
-                                &[&job_id],
+                                &[&job_id.get()],
                             )
                             .await?
                             .map(|r| job_from_row(&r))
@@ -1223,7 +1223,7 @@ impl WalCatalog for PgCatalog {
                 c.execute(
                     "INSERT INTO restore_points (instance_id, timeline, name, lsn, time) VALUES ($1,$2,$3,$4,$5) \
                      ON CONFLICT (instance_id, lsn) DO UPDATE SET timeline = EXCLUDED.timeline, name = EXCLUDED.name, time = EXCLUDED.time",
-                    &[&row.instance_id, &i64::from(row.timeline.0), &row.name, &lsn_to_sql(row.lsn), &row.time],
+                    &[&row.instance_id.as_str(), &i64::from(row.timeline.0), &row.name, &lsn_to_sql(row.lsn), &row.time],
                 )
                 .await?;
                 Ok(())
@@ -1244,7 +1244,7 @@ impl WalCatalog for PgCatalog {
                     .await?;
                 all(rows, |r| {
                     Ok(RestorePointRow {
-                        instance_id: get(r, 0)?,
+                        instance_id: get::<String>(r, 0)?.into(),
                         timeline: TimelineId(get_u32(r, 1)?),
                         name: get(r, 2)?,
                         lsn: lsn_from_sql(get(r, 3)?),
@@ -1293,8 +1293,8 @@ impl JobCatalog for PgCatalog {
                         "UPDATE jobs SET state=$2, progress=$3, detail=$4, backup_id=$5, finished_at=$6, error=$7 \
                          WHERE id=$1 AND (state NOT IN ('Finished', 'Failed') OR owner IS NOT DISTINCT FROM $8)",
                         &[
-                            &job.id, &job.state.as_str(), &i64::from(job.progress), &job.detail,
-                            &job.backup_id, &job.finished_at, &job.error, &owner,
+                            &job.id.get(), &job.state.as_str(), &i64::from(job.progress), &job.detail,
+                            &job.backup_id.as_deref(), &job.finished_at, &job.error, &owner,
                         ],
                     )
                     .await?;
@@ -1302,7 +1302,7 @@ impl JobCatalog for PgCatalog {
                     return Ok((true, true));
                 }
                 let exists = c
-                    .query_opt("SELECT 1 FROM jobs WHERE id = $1", &[&job.id])
+                    .query_opt("SELECT 1 FROM jobs WHERE id = $1", &[&job.id.get()])
                     .await?
                     .is_some();
                 Ok((false, exists))
@@ -1315,10 +1315,10 @@ impl JobCatalog for PgCatalog {
         }
     }
 
-    fn get_job(&self, id: i64) -> CatalogResult<Job> {
+    fn get_job(&self, id: JobId) -> CatalogResult<Job> {
         let found = self.call(move |c| async move {
             let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1");
-            c.query_opt(&sql, &[&id])
+            c.query_opt(&sql, &[&id.get()])
                 .await?
                 .map(|r| job_from_row(&r))
                 .transpose()
@@ -1385,12 +1385,12 @@ impl JobCatalog for PgCatalog {
                     // The job changes hands: its old owner can no longer write it.
                     tx.execute(
                         "UPDATE jobs SET state='Failed', finished_at=$2, error=$3, owner=$4 WHERE id=$1",
-                        &[&job.id, &now, &reason, &owner],
+                        &[&job.id.get(), &now, &reason, &owner],
                     )
                     .await?;
                     tx.execute(
                         "UPDATE backup_sets SET status='Failed', finished_at=$2, error=$3 WHERE job_id=$1 AND status='Running'",
-                        &[&job.id, &now, &reason],
+                        &[&job.id.get(), &now, &reason],
                     )
                     .await?;
                 }
@@ -1475,8 +1475,11 @@ impl CrossRegionCatalog for PgCatalog {
         copied_at: DateTime<Utc>,
     ) -> CatalogResult<i64> {
         let json = to_json(set)?;
-        let (region, instance, backup) =
-            (region.to_string(), set.instance_id.clone(), set.id.clone());
+        let (region, instance, backup) = (
+            region.to_string(),
+            set.instance_id.to_string(),
+            set.id.to_string(),
+        );
         self.call(move |c| {
             let (region, instance, backup, json) =
                 (region.clone(), instance.clone(), backup.clone(), json.clone());
@@ -1534,7 +1537,7 @@ impl CrossRegionCatalog for PgCatalog {
         let json = to_json(row)?;
         let (region, instance, segment, tl) = (
             region.to_string(),
-            row.instance_id.clone(),
+            row.instance_id.to_string(),
             row.segment.clone(),
             i64::from(row.timeline.0),
         );

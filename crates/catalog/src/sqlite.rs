@@ -139,7 +139,7 @@ fn lsn_from_sql(v: i64) -> Lsn {
 
 fn instance_from_row(r: &Row) -> rusqlite::Result<Instance> {
     Ok(Instance {
-        id: r.get(0)?,
+        id: r.get::<_, String>(0)?.into(),
         host: r.get(1)?,
         port: r.get(2)?,
         user: r.get(3)?,
@@ -173,8 +173,8 @@ where
 fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
     let status: String = r.get(2)?;
     Ok(BackupSet {
-        id: r.get(0)?,
-        instance_id: r.get(1)?,
+        id: r.get::<_, String>(0)?.into(),
+        instance_id: r.get::<_, String>(1)?.into(),
         status: BackupStatus::parse(&status).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
         })?,
@@ -192,7 +192,7 @@ fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
         stored_bytes: r.get::<_, i64>(14)? as u64,
         file_count: r.get::<_, i64>(15)? as u64,
         error: r.get(16)?,
-        job_id: r.get(17)?,
+        job_id: r.get::<_, Option<i64>>(17)?.map(JobId::new),
     })
 }
 
@@ -200,7 +200,7 @@ const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_a
 
 fn wal_from_row(r: &Row) -> rusqlite::Result<WalSegmentRow> {
     Ok(WalSegmentRow {
-        instance_id: r.get(0)?,
+        instance_id: r.get::<_, String>(0)?.into(),
         timeline: TimelineId(r.get(1)?),
         segment: r.get(2)?,
         partial: r.get(3)?,
@@ -224,15 +224,15 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
     let state: String = r.get(3)?;
     let started_at = parse_ts(r.get(7)?)?;
     Ok(Job {
-        id: r.get(0)?,
+        id: JobId::new(r.get(0)?),
         kind: parsed(r, 1)?,
-        instance_id: r.get(2)?,
+        instance_id: r.get::<_, Option<String>>(2)?.map(Into::into),
         state: JobState::parse(&state).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
         })?,
         progress: r.get(4)?,
         detail: r.get(5)?,
-        backup_id: r.get(6)?,
+        backup_id: r.get::<_, Option<String>>(6)?.map(Into::into),
         finished_at: opt_ts(r.get(8)?)?,
         error: r.get(9)?,
         pid: r.get(10)?,
@@ -252,9 +252,9 @@ const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_tim
 
 fn managed_from_row(r: &Row) -> rusqlite::Result<ManagedInstance> {
     Ok(ManagedInstance {
-        instance_id: r.get(0)?,
-        source_instance: r.get(1)?,
-        backup_id: r.get(2)?,
+        instance_id: r.get::<_, String>(0)?.into(),
+        source_instance: r.get::<_, String>(1)?.into(),
+        backup_id: r.get::<_, Option<String>>(2)?.map(Into::into),
         restore_time: opt_ts(r.get(3)?)?,
         data_dir: r.get(4)?,
         port: r.get(5)?,
@@ -269,7 +269,7 @@ const CROSS_POLICY_COLS: &str = "instance_id, region, backup_enabled, log_backup
 
 fn cross_policy_from_row(r: &Row) -> rusqlite::Result<CrossBackupPolicy> {
     Ok(CrossBackupPolicy {
-        instance_id: r.get(0)?,
+        instance_id: r.get::<_, String>(0)?.into(),
         region: r.get(1)?,
         backup_enabled: r.get(2)?,
         log_backup_enabled: r.get(3)?,
@@ -292,13 +292,13 @@ const DRILL_COLS: &str = "backup_id, instance_id, status, detail, started_at, fi
 
 fn drill_from_row(r: &Row) -> rusqlite::Result<DrillResult> {
     Ok(DrillResult {
-        backup_id: r.get(0)?,
-        instance_id: r.get(1)?,
+        backup_id: r.get::<_, String>(0)?.into(),
+        instance_id: r.get::<_, String>(1)?.into(),
         status: r.get(2)?,
         detail: r.get(3)?,
         started_at: parse_ts(r.get(4)?)?,
         finished_at: opt_ts(r.get(5)?)?,
-        job_id: r.get(6)?,
+        job_id: r.get::<_, Option<i64>>(6)?.map(JobId::new),
     })
 }
 
@@ -307,7 +307,7 @@ const SAMPLE_COLS: &str =
 
 fn sample_from_row(r: &Row) -> rusqlite::Result<UsageSample> {
     Ok(UsageSample {
-        instance_id: r.get(0)?,
+        instance_id: r.get::<_, String>(0)?.into(),
         at: parse_ts(r.get(1)?)?,
         logical_bytes: r.get::<_, i64>(2)? as u64,
         data_bytes: r.get::<_, i64>(3)? as u64,
@@ -333,11 +333,11 @@ fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usiz
     Ok(c.execute(
                 &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
                 params![
-                    b.id, b.instance_id, b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
+                    b.id.as_str(), b.instance_id.as_str(), b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
                     b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
                     b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
                     b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
-                    b.file_count as i64, b.error, b.job_id
+                    b.file_count as i64, b.error, b.job_id.map(JobId::get)
                 ],
             )?)
 }
@@ -348,13 +348,13 @@ impl InstanceCatalog for SqliteCatalog {
             let n = c.execute(
                 &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
                 params![
-                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
+                    i.id.as_str(), i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
                     i.wal_segment_size.map(|v| v as i64), ts(&i.created_at), i.password
                 ],
             )?;
             if n == 0 {
-                return Err(CatalogError::InstanceExists(i.id.clone()));
+                return Err(CatalogError::InstanceExists(i.id.to_string()));
             }
             Ok(())
         })
@@ -365,13 +365,13 @@ impl InstanceCatalog for SqliteCatalog {
             let n = c.execute(
                 "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11, password=?12 WHERE id=?1",
                 params![
-                    i.id, i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
+                    i.id.as_str(), i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
                     i.wal_segment_size.map(|v| v as i64), i.password
                 ],
             )?;
             if n == 0 {
-                return Err(CatalogError::InstanceNotFound(i.id.clone()));
+                return Err(CatalogError::InstanceNotFound(i.id.to_string()));
             }
             Ok(())
         })
@@ -416,7 +416,7 @@ impl InstanceCatalog for SqliteCatalog {
             c.execute(
                 &format!("INSERT OR REPLACE INTO managed_instances ({MANAGED_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"),
                 params![
-                    m.instance_id, m.source_instance, m.backup_id, m.restore_time.as_ref().map(ts),
+                    m.instance_id.as_str(), m.source_instance.as_str(), m.backup_id.as_deref(), m.restore_time.as_ref().map(ts),
                     m.data_dir, m.port, m.pg_major, m.status, m.error, ts(&m.created_at)
                 ],
             )?;
@@ -459,7 +459,7 @@ impl InstanceCatalog for SqliteCatalog {
 impl BackupCatalog for SqliteCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
         if self.with(|c| write_backup(c, b, "INSERT OR IGNORE"))? == 0 {
-            return Err(CatalogError::BackupExists(b.id.clone()));
+            return Err(CatalogError::BackupExists(b.id.to_string()));
         }
         Ok(())
     }
@@ -472,11 +472,11 @@ impl BackupCatalog for SqliteCatalog {
             let existing = tx
                 .query_row(
                     &format!("SELECT {BACKUP_COLS} FROM backup_sets WHERE id = ?1"),
-                    [&b.id],
+                    [b.id.as_str()],
                     backup_from_row,
                 )
                 .optional()?
-                .ok_or_else(|| CatalogError::BackupNotFound(b.id.clone()))?;
+                .ok_or_else(|| CatalogError::BackupNotFound(b.id.to_string()))?;
             if existing.instance_id != b.instance_id {
                 return Err(CatalogError::Invalid(format!(
                     "backup set {} belongs to instance {}, not {}",
@@ -490,7 +490,7 @@ impl BackupCatalog for SqliteCatalog {
                     let job = tx
                         .query_row(
                             &format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"),
-                            [job_id],
+                            [job_id.get()],
                             job_from_row,
                         )
                         .optional()?
@@ -545,8 +545,8 @@ impl BackupCatalog for SqliteCatalog {
             c.execute(
                 &format!("INSERT OR REPLACE INTO backup_drills ({DRILL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
                 params![
-                    d.backup_id, d.instance_id, d.status, d.detail, ts(&d.started_at),
-                    d.finished_at.as_ref().map(ts), d.job_id
+                    d.backup_id.as_str(), d.instance_id.as_str(), d.status, d.detail, ts(&d.started_at),
+                    d.finished_at.as_ref().map(ts), d.job_id.map(JobId::get)
                 ],
             )?;
             Ok(())
@@ -581,7 +581,7 @@ impl WalCatalog for SqliteCatalog {
             c.execute(
                 &format!("INSERT OR REPLACE INTO wal_segments ({WAL_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
                 params![
-                    w.instance_id, w.timeline.0, w.segment, w.partial, lsn_to_sql(w.begin_lsn),
+                    w.instance_id.as_str(), w.timeline.0, w.segment, w.partial, lsn_to_sql(w.begin_lsn),
                     lsn_to_sql(w.end_lsn), w.size as i64, w.checksum, w.first_commit.as_ref().map(ts),
                     w.last_commit.as_ref().map(ts), w.commit_count as i64, w.min_commit_xid,
                     w.max_commit_xid, w.object_key, ts(&w.stored_at)
@@ -636,7 +636,7 @@ impl WalCatalog for SqliteCatalog {
         self.with(|c| {
             c.execute(
                 "INSERT OR REPLACE INTO restore_points (instance_id, timeline, name, lsn, time) VALUES (?1,?2,?3,?4,?5)",
-                params![r.instance_id, r.timeline.0, r.name, lsn_to_sql(r.lsn), ts(&r.time)],
+                params![r.instance_id.as_str(), r.timeline.0, r.name, lsn_to_sql(r.lsn), ts(&r.time)],
             )?;
             Ok(())
         })
@@ -649,7 +649,7 @@ impl WalCatalog for SqliteCatalog {
             )?;
             let rows = st.query_map([instance_id], |r| {
                 Ok(RestorePointRow {
-                    instance_id: r.get(0)?,
+                    instance_id: r.get::<_, String>(0)?.into(),
                     timeline: TimelineId(r.get(1)?),
                     name: r.get(2)?,
                     lsn: lsn_from_sql(r.get(3)?),
@@ -669,7 +669,7 @@ impl JobCatalog for SqliteCatalog {
                 "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) VALUES (?1, ?2, 'NoStart', ?3, ?4, ?5, ?3)",
                 params![kind.as_str(), instance_id, now, std::process::id(), self.owner.as_str()],
             )?;
-            Ok(c.last_insert_rowid())
+            Ok(JobId::new(c.last_insert_rowid()))
         })?;
         self.get_job(id)
     }
@@ -682,13 +682,13 @@ impl JobCatalog for SqliteCatalog {
                 "UPDATE jobs SET state=?2, progress=?3, detail=?4, backup_id=?5, finished_at=?6, error=?7 \
                  WHERE id=?1 AND (state NOT IN ('Finished', 'Failed') OR owner IS ?8)",
                 params![
-                    j.id, j.state.as_str(), j.progress, j.detail, j.backup_id,
+                    j.id.get(), j.state.as_str(), j.progress, j.detail, j.backup_id.as_deref(),
                     j.finished_at.as_ref().map(ts), j.error, self.owner.as_str()
                 ],
             )?;
             if n == 0 {
                 let exists: bool = c
-                    .query_row("SELECT 1 FROM jobs WHERE id = ?1", [j.id], |_| Ok(()))
+                    .query_row("SELECT 1 FROM jobs WHERE id = ?1", [j.id.get()], |_| Ok(()))
                     .optional()?
                     .is_some();
                 return Err(if exists {
@@ -701,11 +701,11 @@ impl JobCatalog for SqliteCatalog {
         })
     }
 
-    fn get_job(&self, id: i64) -> CatalogResult<Job> {
+    fn get_job(&self, id: JobId) -> CatalogResult<Job> {
         self.with(|c| {
             c.query_row(
                 &format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"),
-                [id],
+                [id.get()],
                 job_from_row,
             )
             .optional()?
@@ -759,11 +759,11 @@ impl JobCatalog for SqliteCatalog {
                 // The job changes hands: its old owner can no longer write it.
                 tx.execute(
                     "UPDATE jobs SET state='Failed', finished_at=?2, error=?3, owner=?4 WHERE id=?1",
-                    params![job.id, at, reason, self.owner.as_str()],
+                    params![job.id.get(), at, reason, self.owner.as_str()],
                 )?;
                 tx.execute(
                     "UPDATE backup_sets SET status='Failed', finished_at=?2, error=?3 WHERE job_id=?1 AND status='Running'",
-                    params![job.id, at, reason],
+                    params![job.id.get(), at, reason],
                 )?;
                 failed += 1;
             }
@@ -782,7 +782,7 @@ impl PolicyCatalog for SqliteCatalog {
                 |r| {
                     let days: String = r.get(1)?;
                     Ok(BackupPolicy {
-                        instance_id: r.get(0)?,
+                        instance_id: r.get::<_, String>(0)?.into(),
                         backup_days: days.split(',').filter(|d| !d.is_empty()).map(String::from).collect(),
                         backup_window: r.get(2)?,
                         backup_retention_days: r.get(3)?,
@@ -802,7 +802,7 @@ impl PolicyCatalog for SqliteCatalog {
             c.execute(
                 "INSERT OR REPLACE INTO backup_policies (instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
                 params![
-                    p.instance_id, p.backup_days.join(","), p.backup_window, p.backup_retention_days,
+                    p.instance_id.as_str(), p.backup_days.join(","), p.backup_window, p.backup_retention_days,
                     p.log_backup_enabled, p.log_retention_days, ts(&p.updated_at),
                     p.last_auto_slot.as_ref().map(ts)
                 ],
@@ -829,7 +829,7 @@ impl PolicyCatalog for SqliteCatalog {
             c.execute(
                 &format!("INSERT OR REPLACE INTO cross_backup_policies ({CROSS_POLICY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
                 params![
-                    p.instance_id, p.region, p.backup_enabled, p.log_backup_enabled, p.retention_days,
+                    p.instance_id.as_str(), p.region, p.backup_enabled, p.log_backup_enabled, p.retention_days,
                     p.backup_enabled_at.as_ref().map(ts), p.log_backup_enabled_at.as_ref().map(ts),
                     ts(&p.updated_at)
                 ],
@@ -851,7 +851,7 @@ impl CrossRegionCatalog for SqliteCatalog {
         self.with(|c| {
             c.execute(
                 "INSERT INTO cross_backups (region, instance_id, backup_id, backup_set, copied_bytes, copied_at) VALUES (?1,?2,?3,?4,?5,?6)",
-                params![region, set.instance_id, set.id, json, copied_bytes as i64, ts(&copied_at)],
+                params![region, set.instance_id.as_str(), set.id.as_str(), json, copied_bytes as i64, ts(&copied_at)],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -903,7 +903,7 @@ impl CrossRegionCatalog for SqliteCatalog {
         self.with(|c| {
             c.execute(
                 "INSERT INTO cross_wal_segments (region, instance_id, timeline, segment, wal_segment, copied_at) VALUES (?1,?2,?3,?4,?5,?6)",
-                params![region, row.instance_id, row.timeline.0, row.segment, json, ts(&copied_at)],
+                params![region, row.instance_id.as_str(), row.timeline.0, row.segment, json, ts(&copied_at)],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -950,7 +950,7 @@ impl UsageCatalog for SqliteCatalog {
             c.execute(
                 &format!("INSERT OR REPLACE INTO usage_samples ({SAMPLE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7)"),
                 params![
-                    u.instance_id, ts(&u.at), u.logical_bytes as i64, u.data_bytes as i64,
+                    u.instance_id.as_str(), ts(&u.at), u.logical_bytes as i64, u.data_bytes as i64,
                     u.wal_bytes as i64, u.quota_bytes as i64,
                     u.cross_region_bytes.map(|n| n as i64)
                 ],
@@ -1218,7 +1218,7 @@ mod tests {
             .unwrap();
         }
         for (i, kind) in kinds.iter().enumerate() {
-            let job = cat.get_job(100 + i as i64).unwrap();
+            let job = cat.get_job(JobId::new(100 + i as i64)).unwrap();
             assert_eq!(job.kind.as_str(), *kind);
             assert_eq!(kind.parse::<JobKind>().unwrap(), job.kind);
             let new = cat.create_job(job.kind, None).unwrap();
@@ -1259,7 +1259,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let err = cat.get_job(5000).unwrap_err().to_string();
+        let err = cat.get_job(JobId::new(5000)).unwrap_err().to_string();
         assert!(err.contains("\"wal-receive\""), "{err}");
         let err = "verify-none".parse::<SslMode>().unwrap_err().to_string();
         assert!(err.contains("verify-ca or verify-full"), "{err}");

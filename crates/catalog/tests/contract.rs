@@ -222,7 +222,7 @@ fn instances_round_trip_and_refuse_duplicates(b: &dyn Backend) {
         Err(CatalogError::InstanceNotFound(_))
     ));
     cat.add_instance(&instance("0-first")).unwrap();
-    let ids: Vec<String> = cat
+    let ids: Vec<InstanceId> = cat
         .list_instances()
         .unwrap()
         .into_iter()
@@ -271,7 +271,7 @@ fn backup_sets_round_trip(b: &dyn Backend) {
     running.error = Some("disk full".into());
     cat.update_backup(&running).unwrap();
     assert_eq!(cat.get_backup("0").unwrap(), running);
-    let ids: Vec<String> = cat
+    let ids: Vec<BackupId> = cat
         .list_backups("a")
         .unwrap()
         .into_iter()
@@ -406,7 +406,7 @@ fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
         BackupStatus::Failed
     );
     let mut ghost = late.clone();
-    ghost.id = 1 << 40;
+    ghost.id = JobId::new(1 << 40);
     assert!(matches!(
         dead.update_job(&ghost),
         Err(CatalogError::JobNotFound(_))
@@ -421,7 +421,7 @@ fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
         observer.get_backup("2").unwrap().status,
         BackupStatus::Failed
     );
-    let all: Vec<i64> = observer
+    let all: Vec<JobId> = observer
         .list_jobs(None)
         .unwrap()
         .iter()
@@ -796,7 +796,7 @@ fn managed_instances_and_drills(b: &dyn Backend) {
         detail: String::new(),
         started_at: t,
         finished_at: None,
-        job_id: Some(3),
+        job_id: Some(JobId::new(3)),
     };
     cat.put_drill(&d).unwrap();
     d.status = "Passed".into();
@@ -861,7 +861,8 @@ fn racing_handles_register_one_backup_id_once(b: &dyn Backend) {
     for round in 0..10 {
         let id = format!("race-{round}");
         let results = race(b, 4, move |cat, n| {
-            let mut set = BackupSet::started(id.clone(), "a", BackupMode::Manual, now(), None);
+            let mut set =
+                BackupSet::started(id.as_str().into(), "a", BackupMode::Manual, now(), None);
             set.error = Some(format!("writer {n}"));
             cat.insert_backup(&set).map(|()| n)
         });
@@ -900,7 +901,7 @@ fn racing_handles_admit_a_nonce_once(b: &dyn Backend) {
 fn racing_takeovers_fail_an_expired_job_once(b: &dyn Backend) {
     let dead = b.open();
     let lease = chrono::Duration::seconds(30);
-    let jobs: Vec<i64> = (0..6)
+    let jobs: Vec<JobId> = (0..6)
         .map(|n| running_backup(&*dead, &format!("expired-{n}")).id)
         .collect();
     let later = now() + chrono::Duration::hours(1);
@@ -1400,6 +1401,6 @@ fn a_postgres_catalog_at_every_earlier_step_upgrades_and_keeps_its_rows() {
         // Everything the newest steps added works.
         cat.put_gc_pending("r", &BTreeMap::from([("p".to_string(), now())]))
             .unwrap();
-        assert!(cat.create_job(JobKind::Backup, None).unwrap().id > 0);
+        assert!(cat.create_job(JobKind::Backup, None).unwrap().id.get() > 0);
     }
 }

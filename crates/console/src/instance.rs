@@ -261,7 +261,7 @@ pub async fn backups(
         q.to = format_minutes(now + Duration::minutes(1));
     }
     let params = vec![
-        ("DBInstanceId", inst.id.clone()),
+        ("DBInstanceId", inst.id.to_string()),
         ("StartTime", q.from.clone()),
         ("EndTime", q.to.clone()),
         ("PageSize", q.size.clone()),

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use serde::{Deserialize, Serialize};
-use strata_catalog::{BackupMode, Job, JobKind, JobState};
+use strata_catalog::{BackupId, BackupMode, InstanceId, Job, JobId, JobKind, JobState};
 
 use crate::layout::{self, sort_th, Section};
 use crate::{html_response, url_encode, ConsoleState, Page};
@@ -65,8 +65,8 @@ pub fn task_type(kind: JobKind, mode: Option<BackupMode>) -> (String, String) {
 /// One row, as the page shows it and the poll returns it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Task {
-    pub id: i64,
-    pub instance: String,
+    pub id: JobId,
+    pub instance: InstanceId,
     #[serde(rename = "type")]
     pub kind: String,
     pub type_label: String,
@@ -76,7 +76,7 @@ pub struct Task {
     pub progress: u8,
     pub started_at: String,
     pub finished_at: Option<String>,
-    pub backup_id: Option<String>,
+    pub backup_id: Option<BackupId>,
     pub error: Option<String>,
     pub detail: String,
 }
@@ -157,7 +157,7 @@ pub async fn page(
     let body = match (svc.jobs(None), svc.instances()) {
         (Ok(jobs), Ok(instances)) => {
             let listing = listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter);
-            let ids: Vec<String> = instances.into_iter().map(|i| i.id).collect();
+            let ids: Vec<InstanceId> = instances.into_iter().map(|i| i.id).collect();
             center(&listing, &filter, &ids)
         }
         (Err(e), _) | (_, Err(e)) => layout::error_box("The tasks could not be read:", &e.into()),
@@ -228,7 +228,7 @@ fn select(name: &str, label: &str, current: &str, options: &[(String, String)]) 
     }
 }
 
-fn center(listing: &Listing, filter: &Filter, instances: &[String]) -> Markup {
+fn center(listing: &Listing, filter: &Filter, instances: &[InstanceId]) -> Markup {
     let mut types: Vec<(String, String)> = vec![
         task_type(JobKind::Backup, Some(BackupMode::Manual)),
         task_type(JobKind::Backup, Some(BackupMode::Automated)),
@@ -244,8 +244,10 @@ fn center(listing: &Listing, filter: &Filter, instances: &[String]) -> Markup {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let instance_options: Vec<(String, String)> =
-        instances.iter().map(|i| (i.clone(), i.clone())).collect();
+    let instance_options: Vec<(String, String)> = instances
+        .iter()
+        .map(|i| (i.to_string(), i.to_string()))
+        .collect();
     let shown = &listing.tasks;
     html! {
         div.pagehead {
@@ -381,7 +383,7 @@ mod tests {
         let auto = backup("a", "1", BackupMode::Automated, JobState::Finished);
         let manual = backup("a", "2", BackupMode::Manual, JobState::Uploading);
         let other = backup("b", "3", BackupMode::Manual, JobState::Failed);
-        let ids = |f: Filter| -> Vec<i64> {
+        let ids = |f: Filter| -> Vec<JobId> {
             listing(
                 catalog.list_jobs(None).unwrap(),
                 |b| catalog.get_backup(b).ok().map(|b| b.mode),

@@ -23,7 +23,9 @@ use pg_replication::{
     TarEntryKind,
 };
 use pg_wal::{Lsn, TimelineId, WalGeometry};
-use strata_catalog::{BackupMode, BackupSet, BackupStatus, Instance, Job, JobKind, JobState};
+use strata_catalog::{
+    BackupId, BackupMode, BackupSet, BackupStatus, Instance, InstanceId, Job, JobKind, JobState,
+};
 use strata_repo::{
     BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
     PreparedBlock, Repository,
@@ -47,8 +49,8 @@ use receiver::{BackupReceiver, StreamStart};
 /// Backup set ids are the start time in milliseconds: numeric like RDS ids,
 /// and sorting by id sorts by age. Two backups starting in the same
 /// millisecond take the next free one (the catalog refuses duplicates).
-fn new_backup_id(attempt: i64) -> String {
-    (Utc::now().timestamp_millis() + attempt).to_string()
+fn new_backup_id(attempt: i64) -> BackupId {
+    BackupId::new((Utc::now().timestamp_millis() + attempt).to_string())
 }
 
 /// How a backup runs.
@@ -1200,7 +1202,7 @@ fn wal_stream_error(e: pg_replication::ReplicationError) -> EngineError {
 #[allow(clippy::too_many_arguments)]
 async fn stream_backup_wal(
     engine: Engine,
-    instance_id: String,
+    instance_id: InstanceId,
     session: Session,
     slot: String,
     start: Lsn,

@@ -14,7 +14,9 @@
 use std::collections::HashMap;
 
 use strata_catalog::WalSegmentRow;
-use strata_repo::{BackupManifest, BackupStats, BlockHash, BlockRef, RepoError, Repository};
+use strata_repo::{
+    BackupId, BackupManifest, BackupStats, BlockHash, BlockRef, RepoError, Repository,
+};
 
 use crate::{EngineError, EngineResult};
 
@@ -42,7 +44,7 @@ impl CopiedBlocks {
         source: &Repository,
         target: &Repository,
         instance_id: &str,
-        backup_ids: &[String],
+        backup_ids: &[BackupId],
     ) -> EngineResult<CopiedBlocks> {
         let mut known = CopiedBlocks::default();
         for id in backup_ids {

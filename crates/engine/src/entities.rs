@@ -94,7 +94,7 @@ pub(crate) fn wal_segment_row(
     object_key: String,
 ) -> WalSegmentRow {
     WalSegmentRow {
-        instance_id: instance_id.to_string(),
+        instance_id: instance_id.into(),
         timeline: meta.timeline,
         segment: meta.segment.clone(),
         partial: meta.partial,
@@ -118,7 +118,7 @@ pub(crate) fn restore_point_rows<'a>(
     meta: &'a WalSegmentMeta,
 ) -> impl Iterator<Item = RestorePointRow> + 'a {
     meta.restore_points.iter().map(move |rp| RestorePointRow {
-        instance_id: instance_id.to_string(),
+        instance_id: instance_id.into(),
         timeline: meta.timeline,
         name: rp.name.clone(),
         lsn: rp.lsn,

@@ -710,7 +710,7 @@ pub(crate) fn manifest_checksum_ok(manifest: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_repo::BlockHash;
+    use strata_repo::{BlockHash, PackId};
 
     const PAGE: usize = 8192;
     const BLOCK: usize = 4 * PAGE;
@@ -718,7 +718,7 @@ mod tests {
     fn block_ref(n: u8, len: usize) -> BlockRef {
         BlockRef {
             hash: BlockHash([n; 32]),
-            pack: format!("pack{n}"),
+            pack: PackId::new(format!("pack{n}")),
             offset: 0,
             stored_len: 1,
             raw_len: len as u32,

@@ -25,7 +25,9 @@ use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::history::TimelineHistory;
 use pg_wal::{history_file_name, Lsn, SegmentNo, TimelineId, WalGeometry};
 use serde::Serialize;
-use strata_catalog::{BackupSet, BackupStatus, JobKind, JobState, RestorePointRow, WalSegmentRow};
+use strata_catalog::{
+    BackupId, BackupSet, BackupStatus, JobId, JobKind, JobState, RestorePointRow, WalSegmentRow,
+};
 use strata_repo::{BackupManifest, FileEntry, FileKind};
 
 use crate::beneath::Beneath;
@@ -69,7 +71,7 @@ pub struct RestoreOptions {
     /// The new data directory (absent or empty).
     pub target_dir: PathBuf,
     /// The set to restore (default: the newest that reaches `target`).
-    pub backup_id: Option<String>,
+    pub backup_id: Option<BackupId>,
     /// Where recovery stops.
     pub target: RecoveryTarget,
     /// Start the restored server and wait for recovery (`None`: files only).
@@ -77,7 +79,7 @@ pub struct RestoreOptions {
     /// A job the caller created and will finish itself (clones, scratch
     /// servers); by default the restore records and finishes its own
     /// `restore` job. Either way a failure is recorded on the job.
-    pub job_id: Option<i64>,
+    pub job_id: Option<JobId>,
     /// The backup sets and WAL to choose from when they are not the
     /// catalog's own rows for the instance (a cross-region copy, read from
     /// the engine's repository); `None` for the catalog's.
@@ -99,7 +101,7 @@ pub struct RestoreIndex {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreOutcome {
     /// The set restored.
-    pub backup_id: String,
+    pub backup_id: BackupId,
     /// The data directory written.
     pub target_dir: PathBuf,
     /// Where recovery was told to stop, in words.

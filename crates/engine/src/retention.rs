@@ -20,8 +20,10 @@ use std::thread::JoinHandle;
 use chrono::{DateTime, Duration, Utc};
 use pg_wal::Lsn;
 use serde::Serialize;
-use strata_catalog::{BackupPolicy, BackupSet, BackupStatus, Catalog, RepoHold, WalSegmentRow};
-use strata_repo::{GcReport, Repository};
+use strata_catalog::{
+    BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, RepoHold, WalSegmentRow,
+};
+use strata_repo::{GcReport, PackId, PendingPacks, Repository};
 
 use crate::{Engine, EngineError, EngineResult};
 
@@ -130,7 +132,7 @@ fn shared_attempt(r: EngineResult<Option<GcGuard>>) -> EngineResult<Option<GcGua
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct RetentionPlan {
     /// Backup set ids to delete (successful and failed ones).
-    pub backups: Vec<String>,
+    pub backups: Vec<BackupId>,
     /// WAL objects to delete.
     pub wal: Vec<WalSegmentRow>,
 }
@@ -154,13 +156,13 @@ fn successes(backups: &[BackupSet]) -> Vec<&BackupSet> {
 
 /// The newest successful set, which neither retention nor a deletion by
 /// hand ever removes.
-pub fn newest_success(backups: &[BackupSet]) -> Option<String> {
+pub fn newest_success(backups: &[BackupSet]) -> Option<BackupId> {
     successes(backups).last().map(|b| b.id.clone())
 }
 
 /// The set the oldest recoverable point restores from: the newest successful
 /// set finished at or before `log_start`, else the oldest successful one.
-pub fn pitr_anchor(backups: &[BackupSet], log_start: DateTime<Utc>) -> Option<String> {
+pub fn pitr_anchor(backups: &[BackupSet], log_start: DateTime<Utc>) -> Option<BackupId> {
     let successes = successes(backups);
     successes
         .iter()
@@ -358,10 +360,20 @@ impl Engine {
         still_held: &mut dyn FnMut() -> bool,
     ) -> EngineResult<GcReport> {
         let repository_id = &repo.config().repository_id;
-        let pending = self.catalog.gc_pending(repository_id)?;
+        // The catalog keeps the pending list as plain pack id strings.
+        let pending: PendingPacks = self
+            .catalog
+            .gc_pending(repository_id)?
+            .into_iter()
+            .map(|(pack, since)| (PackId::from(pack), since))
+            .collect();
         let grace = Duration::from_std(self.settings.gc_grace).unwrap_or(Duration::MAX);
         let (report, pending) =
             repo.collect_garbage_fenced(&pending, Utc::now(), grace, still_held)?;
+        let pending = pending
+            .into_iter()
+            .map(|(pack, since)| (pack.into_string(), since))
+            .collect();
         self.catalog.put_gc_pending(repository_id, &pending)?;
         Ok(report)
     }

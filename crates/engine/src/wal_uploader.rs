@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use pg_wal::{Lsn, TimelineId};
-use strata_repo::{wal_segment_key, WalPayload, WalSegmentMeta};
+use strata_repo::{wal_segment_key, InstanceId, WalPayload, WalSegmentMeta};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -150,7 +150,7 @@ impl WalUploader {
         let worker = Worker {
             abandoned: abandoned.clone(),
             engine,
-            instance_id: instance_id.to_string(),
+            instance_id: instance_id.into(),
             partial: None,
             partial_queued: partial_queued.clone(),
             reports: report_tx,
@@ -225,7 +225,7 @@ impl PartialObject {
 
 struct Worker {
     engine: Engine,
-    instance_id: String,
+    instance_id: InstanceId,
     partial: Option<PartialObject>,
     partial_queued: Arc<AtomicBool>,
     abandoned: Arc<AtomicBool>,

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strata_catalog::{BackupMode, Catalog, Instance, SqliteCatalog, SslMode};
+use strata_catalog::{BackupId, BackupMode, Catalog, Instance, SqliteCatalog, SslMode};
 use strata_engine::{
     BackupOptions, Engine, EngineSettings, NoProgress, RecoveryTarget, RestoreOptions, StartOptions,
 };
@@ -162,7 +162,7 @@ impl Rig {
         }
     }
 
-    fn backup(&self, runtime: &tokio::runtime::Runtime, id: &str) -> String {
+    fn backup(&self, runtime: &tokio::runtime::Runtime, id: &str) -> BackupId {
         let opts = BackupOptions {
             mode: BackupMode::Manual,
             max_rate_kb: None,

@@ -147,7 +147,7 @@ fn retention_then_collection_frees_exactly_the_deleted_sets() {
         .list_backups("i")
         .unwrap()
         .into_iter()
-        .map(|b| b.id)
+        .map(|b| b.id.into_string())
         .collect();
     assert_eq!(left, ["200"]);
 

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
-use crate::{manifest_key, RepoResult, Repository};
+use crate::{manifest_key, PackId, RepoResult, Repository};
 
 /// What one collection did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -37,7 +37,7 @@ pub struct GcReport {
 
 /// Packs found unreferenced by earlier collections: pack id -> when first
 /// found so.
-pub type PendingPacks = BTreeMap<String, DateTime<Utc>>;
+pub type PendingPacks = BTreeMap<PackId, DateTime<Utc>>;
 
 impl Repository {
     /// Removes a backup set's manifest; its blocks go at the next collection.
@@ -80,7 +80,7 @@ impl Repository {
         let mut held = true;
         let mut report = GcReport::default();
         let mut still_pending = PendingPacks::new();
-        let mut referenced: HashSet<String> = HashSet::new();
+        let mut referenced: HashSet<PackId> = HashSet::new();
         for key in self.storage.list("instances/")? {
             let Some(rest) = key.strip_prefix("instances/") else {
                 continue;
@@ -129,7 +129,7 @@ impl Repository {
                 self.storage.delete(&key)?;
                 report.packs_deleted += 1;
             } else {
-                still_pending.insert(id.to_string(), since);
+                still_pending.insert(PackId::from(id), since);
                 report.packs_pending += 1;
             }
         }

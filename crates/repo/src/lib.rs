@@ -14,6 +14,8 @@ mod gc;
 pub mod manifest;
 pub mod object;
 pub mod pack;
+
+pub use strata_ids::{BackupId, InstanceId, JobId, PackId};
 pub mod paths;
 pub mod storage;
 mod usage;
@@ -204,7 +206,7 @@ pub struct BlockRef {
     pub hash: BlockHash,
     /// Id of the pack holding the block (`packs/<2 hex>/<id>.pack`).
     #[serde(rename = "p")]
-    pub pack: String,
+    pub pack: PackId,
     /// Offset of the stored bytes in the pack, after the blob header.
     #[serde(rename = "o")]
     pub offset: u64,
@@ -248,7 +250,7 @@ pub struct RepoConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InstanceRecord {
     /// Instance id.
-    pub id: String,
+    pub id: InstanceId,
     /// Host name or address.
     pub host: String,
     /// TCP port.
@@ -625,16 +627,16 @@ impl Repository {
     }
 
     /// Backup set ids of an instance, oldest first.
-    pub fn list_backups(&self, instance_id: &str) -> RepoResult<Vec<String>> {
+    pub fn list_backups(&self, instance_id: &str) -> RepoResult<Vec<BackupId>> {
         let prefix = format!("instances/{instance_id}/backups");
-        let mut ids: Vec<String> = self
+        let mut ids: Vec<BackupId> = self
             .storage
             .list(&prefix)?
             .into_iter()
             .filter_map(|k| {
                 k.strip_prefix(&format!("{prefix}/"))
                     .and_then(|rest| rest.strip_suffix(".manifest"))
-                    .map(str::to_string)
+                    .map(BackupId::from)
             })
             .collect();
         ids.sort();
@@ -870,7 +872,7 @@ impl BlockWriter {
             .push(prepared.hash, prepared.raw_len, compression, &data);
         let block = BlockRef {
             hash: prepared.hash,
-            pack: self.pack.id().to_string(),
+            pack: self.pack.id().clone(),
             offset: entry.offset,
             stored_len: entry.stored_len,
             raw_len: entry.raw_len,

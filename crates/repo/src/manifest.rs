@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 
-use crate::BlockRef;
+use crate::{BackupId, BlockRef, InstanceId};
 
 /// Version of the manifest format this build writes.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -18,9 +18,9 @@ pub struct BackupManifest {
     /// Manifest format version ([`MANIFEST_VERSION`]).
     pub format_version: u32,
     /// Backup id.
-    pub backup_id: String,
+    pub backup_id: BackupId,
     /// Instance the backup was taken from.
-    pub instance_id: String,
+    pub instance_id: InstanceId,
     /// Serialized as a string: 64-bit identifiers lose precision in many JSON readers.
     #[serde(with = "u64_string")]
     pub system_identifier: u64,
@@ -55,7 +55,7 @@ pub struct BackupManifest {
     /// The backup whose unchanged blocks this one took by reference when the server
     /// sent only changed blocks (PostgreSQL 17+). The files listed are whole either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub incremental_from: Option<String>,
+    pub incremental_from: Option<BackupId>,
     /// Bytes the server sent for the files (less than their total when incremental).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_bytes: Option<u64>,

@@ -7,7 +7,7 @@
 //! Layout in docs/REPOSITORY.md ("Packs").
 
 use crate::crypto::{Cipher, Keys};
-use crate::{BlockHash, RepoError, RepoResult};
+use crate::{BlockHash, PackId, RepoError, RepoResult};
 
 /// First bytes of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"STRATAPK";
@@ -47,7 +47,7 @@ pub struct PackEntry {
 
 /// Accumulates blobs in memory until the pack is big enough to store.
 pub struct PackBuilder {
-    id: String,
+    id: PackId,
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
 }
@@ -72,14 +72,14 @@ impl PackBuilder {
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&[0; 6]);
         PackBuilder {
-            id: hex::encode(rand::random::<[u8; 16]>()),
+            id: PackId::new(hex::encode(rand::random::<[u8; 16]>())),
             buf,
             entries: Vec::new(),
         }
     }
 
     /// The pack's id (its object key is [`crate::pack_key`] of it).
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &PackId {
         &self.id
     }
 
@@ -120,7 +120,7 @@ impl PackBuilder {
     }
 
     /// Appends the index and the seal; returns (pack id, bytes).
-    pub fn finish(mut self, keys: &Keys) -> (String, Vec<u8>) {
+    pub fn finish(mut self, keys: &Keys) -> (PackId, Vec<u8>) {
         let index_offset = self.buf.len() as u64;
         self.buf
             .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
-use crate::{RepoError, RepoResult, Repository};
+use crate::{InstanceId, PackId, RepoError, RepoResult, Repository};
 
 /// Bytes stored for one instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -55,7 +55,7 @@ impl InstanceUsage {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RepositoryUsage {
     /// Bytes attributed to each instance, by instance id.
-    pub instances: BTreeMap<String, InstanceUsage>,
+    pub instances: BTreeMap<InstanceId, InstanceUsage>,
     /// Bytes attributed to no instance (see the module documentation).
     pub unattributed_bytes: u64,
     /// Every object's size added up.
@@ -67,7 +67,7 @@ pub struct RepositoryUsage {
 struct ManifestRefs {
     size: u64,
     logical_bytes: u64,
-    packs: Vec<String>,
+    packs: Vec<PackId>,
 }
 
 /// Per-manifest results of earlier measurements, keyed by object key.
@@ -82,8 +82,8 @@ impl Repository {
     pub fn measure_usage(&self, cache: &mut UsageCache) -> RepoResult<RepositoryUsage> {
         let objects = self.storage.list_sizes("")?;
         let mut usage = RepositoryUsage::default();
-        let mut packs: Vec<(String, u64)> = Vec::new();
-        let mut pack_users: HashMap<String, BTreeSet<String>> = HashMap::new();
+        let mut packs: Vec<(PackId, u64)> = Vec::new();
+        let mut pack_users: HashMap<PackId, BTreeSet<InstanceId>> = HashMap::new();
         let mut seen_manifests = Vec::new();
         for object in &objects {
             usage.total_bytes += object.size;
@@ -93,7 +93,7 @@ impl Repository {
                     .next()
                     .and_then(|n| n.strip_suffix(".pack"));
                 match id {
-                    Some(id) => packs.push((id.to_string(), object.size)),
+                    Some(id) => packs.push((PackId::from(id), object.size)),
                     None => usage.unattributed_bytes += object.size,
                 }
                 continue;
@@ -106,7 +106,10 @@ impl Repository {
                 usage.unattributed_bytes += object.size;
                 continue;
             };
-            let entry = usage.instances.entry(instance_id.to_string()).or_default();
+            let entry = usage
+                .instances
+                .entry(InstanceId::from(instance_id))
+                .or_default();
             if rest.starts_with("wal/") {
                 entry.wal_bytes += object.size;
                 continue;
@@ -126,14 +129,14 @@ impl Repository {
                 Some(refs) => refs.clone(),
                 None => match self.read_manifest(instance_id, backup_id) {
                     Ok(m) => {
-                        let packs: BTreeSet<&str> = m
+                        let packs: BTreeSet<&PackId> = m
                             .all_files()
-                            .flat_map(|f| f.blocks.iter().map(|b| b.pack.as_str()))
+                            .flat_map(|f| f.blocks.iter().map(|b| &b.pack))
                             .collect();
                         let refs = ManifestRefs {
                             size: object.size,
                             logical_bytes: m.stats.total_bytes,
-                            packs: packs.into_iter().map(str::to_string).collect(),
+                            packs: packs.into_iter().cloned().collect(),
                         };
                         cache.manifests.insert(object.key.clone(), refs.clone());
                         refs
@@ -154,7 +157,7 @@ impl Repository {
                 pack_users
                     .entry(pack)
                     .or_default()
-                    .insert(instance_id.to_string());
+                    .insert(InstanceId::from(instance_id));
             }
         }
         // Deleted manifests leave the cache.

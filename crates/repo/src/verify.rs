@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::object::{open, ObjectKind};
 use crate::pack::verify_pack;
-use crate::{BlockHash, RepoResult, Repository, CONFIG_KEY};
+use crate::{BlockHash, PackId, RepoResult, Repository, CONFIG_KEY};
 
 /// Something verification found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -63,8 +63,8 @@ impl Repository {
         let total = keys.len() as u64;
         let mut report = VerifyReport::default();
         // pack id -> (offset -> hash) for every intact pack.
-        let mut packs: HashMap<String, HashMap<u64, BlockHash>> = HashMap::new();
-        let mut bad_packs: HashMap<String, usize> = HashMap::new();
+        let mut packs: HashMap<PackId, HashMap<u64, BlockHash>> = HashMap::new();
+        let mut bad_packs: HashMap<PackId, usize> = HashMap::new();
         let mut manifests = Vec::new();
         for (done, key) in keys.iter().enumerate() {
             let bytes = match self.storage.get(key) {
@@ -86,12 +86,12 @@ impl Repository {
                     Ok(entries) => {
                         report.blocks_checked += entries.len() as u64;
                         packs.insert(
-                            id.to_string(),
+                            PackId::from(id),
                             entries.into_iter().map(|e| (e.offset, e.hash)).collect(),
                         );
                     }
                     Err(e) => {
-                        bad_packs.insert(id.to_string(), report.problems.len());
+                        bad_packs.insert(PackId::from(id), report.problems.len());
                         report.problems.push(problem(key, e.to_string()));
                     }
                 }
@@ -133,7 +133,7 @@ impl Repository {
         let mut referenced = BTreeSet::new();
         for m in &manifests {
             let name = format!("{}/{}", m.instance_id, m.backup_id);
-            let mut missing: HashMap<String, String> = HashMap::new();
+            let mut missing: HashMap<PackId, String> = HashMap::new();
             for file in m.all_files() {
                 for b in &file.blocks {
                     referenced.insert(b.pack.clone());

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pg_wal::Lsn;
 use strata_catalog::{
-    BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, JobKind, JobState, WalSegmentRow,
+    BackupId, BackupStatus, CrossBackup, CrossBackupPolicy, CrossWalSegment, InstanceId, JobKind,
+    JobState, WalSegmentRow,
 };
 use strata_engine::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
@@ -261,7 +262,7 @@ impl Service {
         let now = self.now();
         let current = self.cross_policy(instance_id)?;
         let mut p = current.clone().unwrap_or(CrossBackupPolicy {
-            instance_id: instance_id.to_string(),
+            instance_id: instance_id.into(),
             region: String::new(),
             backup_enabled: false,
             log_backup_enabled: false,
@@ -377,7 +378,7 @@ impl Service {
         source_id: &str,
         region: Option<&str>,
         choice: CopyChoice,
-    ) -> ServiceResult<(String, u16)> {
+    ) -> ServiceResult<(InstanceId, u16)> {
         let copies = self.cross_backups(source_id)?;
         let (region, backup_id, target) = match choice {
             CopyChoice::BackupSet(id) => {
@@ -552,7 +553,7 @@ impl Service {
             .collect();
         if !due.is_empty() {
             copy_instance_record(self.engine.repo(), &repo, id)?;
-            let ids: Vec<String> = copies.iter().map(|c| c.set.id.clone()).collect();
+            let ids: Vec<BackupId> = copies.iter().map(|c| c.set.id.clone()).collect();
             let known = CopiedBlocks::learn(self.engine.repo(), &repo, id, &ids)?;
             let wal = self.engine.catalog().list_wal_segments(id)?;
             for set in due {

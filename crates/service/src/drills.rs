@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, Once};
 
 use chrono::Utc;
-use strata_catalog::{BackupStatus, DrillResult, JobKind};
+use strata_catalog::{BackupId, BackupStatus, DrillResult, InstanceId, JobId, JobKind};
 use strata_engine::EngineError;
 
 use crate::local::RestoreSource;
@@ -19,7 +19,7 @@ use crate::{fail_job, finish_job, lock, Service, ServiceResult};
 /// The drill worker thread, started with the first drill, and its queue.
 pub(crate) struct DrillWorker {
     /// Drills waiting: (instance, backup set, job).
-    queue: Mutex<VecDeque<(String, String, i64)>>,
+    queue: Mutex<VecDeque<(InstanceId, BackupId, JobId)>>,
     /// Wakes the worker when a drill is queued or the service stops.
     pub(crate) wakeup: Condvar,
     started: Once,
@@ -37,7 +37,7 @@ impl Default for DrillWorker {
 
 impl Service {
     /// Queues a drill of a successful backup set; returns the job id.
-    pub fn start_drill(self: &Arc<Self>, backup_id: &str) -> ServiceResult<i64> {
+    pub fn start_drill(self: &Arc<Self>, backup_id: &str) -> ServiceResult<JobId> {
         let set = self.engine.catalog().get_backup(backup_id)?;
         if set.status != BackupStatus::Success {
             return Err(EngineError::Refused(format!(
@@ -120,7 +120,7 @@ impl Service {
         }
     }
 
-    fn run_drill(&self, instance_id: &str, backup_id: &str, job_id: i64) {
+    fn run_drill(&self, instance_id: &str, backup_id: &str, job_id: JobId) {
         let mut result = match self.engine.catalog().get_drill(backup_id) {
             Ok(Some(r)) => r,
             _ => return, // the backup set was deleted meanwhile
@@ -159,9 +159,9 @@ impl Service {
     }
 
     /// Restores, checks, removes; returns what was checked.
-    fn drill(&self, instance_id: &str, backup_id: &str, job_id: i64) -> ServiceResult<String> {
+    fn drill(&self, instance_id: &str, backup_id: &str, job_id: JobId) -> ServiceResult<String> {
         let src = RestoreSource {
-            backup_id: Some(backup_id.to_string()),
+            backup_id: Some(backup_id.into()),
             restore_time: None,
         };
         let scratch = self.start_scratch(instance_id, &src, job_id)?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use strata_catalog::{BackupMode, BackupStatus, Job, JobState};
+use strata_catalog::{BackupId, BackupMode, BackupStatus, Job, JobId, JobState};
 use strata_engine::{BackupOptions, Engine, NoProgress};
 use tokio::task::JoinHandle;
 
@@ -14,7 +14,7 @@ use crate::{lock, Service, ServiceResult};
 
 /// Records a job the service ran itself as finished, naming the backup set
 /// it used when that was chosen only while it ran.
-pub(crate) fn finish_job(engine: &Engine, job_id: i64, backup_id: Option<String>) {
+pub(crate) fn finish_job(engine: &Engine, job_id: JobId, backup_id: Option<BackupId>) {
     if let Ok(mut job) = engine.catalog().get_job(job_id) {
         job.state = JobState::Finished;
         job.progress = 100;
@@ -27,7 +27,7 @@ pub(crate) fn finish_job(engine: &Engine, job_id: i64, backup_id: Option<String>
 }
 
 /// Records a job as failed (best effort: the error matters more).
-pub(crate) fn fail_job(engine: &Engine, job_id: i64, reason: &str) {
+pub(crate) fn fail_job(engine: &Engine, job_id: JobId, reason: &str) {
     if let Ok(mut job) = engine.catalog().get_job(job_id) {
         if !job.state.is_terminal() {
             job.state = JobState::Failed;
@@ -39,7 +39,7 @@ pub(crate) fn fail_job(engine: &Engine, job_id: i64, reason: &str) {
 }
 
 struct BackupTask {
-    job_id: i64,
+    job_id: JobId,
     task: JoinHandle<()>,
 }
 
@@ -61,7 +61,7 @@ impl BackupTasks {
     }
 
     /// The job of the backup running for `instance_id`.
-    pub(crate) fn job(&self, instance_id: &str) -> Option<i64> {
+    pub(crate) fn job(&self, instance_id: &str) -> Option<JobId> {
         lock(&self.tasks).get(instance_id).map(|t| t.job_id)
     }
 
@@ -70,7 +70,7 @@ impl BackupTasks {
         lock(&self.tasks).keys().cloned().collect()
     }
 
-    fn insert(&self, instance_id: &str, job_id: i64, task: JoinHandle<()>) {
+    fn insert(&self, instance_id: &str, job_id: JobId, task: JoinHandle<()>) {
         lock(&self.tasks).insert(instance_id.to_string(), BackupTask { job_id, task });
     }
 
@@ -149,7 +149,7 @@ impl Service {
     }
 
     /// The job of the backup running for an instance in this process.
-    pub fn running_backup_job(&self, instance_id: &str) -> Option<i64> {
+    pub fn running_backup_job(&self, instance_id: &str) -> Option<JobId> {
         self.backups.job(instance_id)
     }
 }

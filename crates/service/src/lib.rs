@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupPolicy, BackupStatus, CatalogError, Instance};
+use strata_catalog::{BackupPolicy, BackupStatus, CatalogError, Instance, JobId};
 use strata_engine::{Engine, EngineError};
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -256,7 +256,7 @@ impl Service {
     }
 
     /// A job.
-    pub fn job(&self, id: i64) -> strata_catalog::CatalogResult<strata_catalog::Job> {
+    pub fn job(&self, id: JobId) -> strata_catalog::CatalogResult<strata_catalog::Job> {
         self.engine.catalog().get_job(id)
     }
 
@@ -393,7 +393,7 @@ impl Service {
     /// tick.
     pub async fn register_instance(&self, mut instance: Instance) -> ServiceResult<Instance> {
         if self.engine.catalog().get_instance(&instance.id).is_ok() {
-            return Err(CatalogError::InstanceExists(instance.id.clone()).into());
+            return Err(CatalogError::InstanceExists(instance.id.to_string()).into());
         }
         let facts = self.engine.probe(&instance).await?;
         instance.system_identifier = Some(facts.system_id);
@@ -471,7 +471,7 @@ mod tests {
     //! The service's own rules, over an in-memory catalog and repository
     //! (no PostgreSQL server).
 
-    use strata_catalog::{BackupMode, BackupSet, Catalog, SqliteCatalog, SslMode};
+    use strata_catalog::{BackupId, BackupMode, BackupSet, Catalog, SqliteCatalog, SslMode};
     use strata_engine::EngineSettings;
     use strata_repo::{MemoryStorage, Repository};
 
@@ -602,7 +602,7 @@ mod tests {
         done("old", "01");
         done("anchor", "10");
         done("newest", "29");
-        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ids = |v: &[&str]| v.iter().map(|s| BackupId::from(*s)).collect::<Vec<_>>();
         // "old" alone could go; with the newest in the request nothing goes.
         assert_eq!(
             refusal(svc.delete_backups("a", &ids(&["old", "newest"]))),
@@ -614,7 +614,7 @@ mod tests {
                 CatalogError::BackupNotFound(id)
             ))) if id == "missing"
         ));
-        let left: Vec<String> = svc
+        let left: Vec<BackupId> = svc
             .backup_sets("a")
             .unwrap()
             .into_iter()

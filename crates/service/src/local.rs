@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupStatus, Instance, JobKind, ManagedInstance, SslMode};
+use strata_catalog::{
+    BackupId, BackupStatus, Instance, InstanceId, JobId, JobKind, ManagedInstance, SslMode,
+};
 use strata_engine::{
     EngineError, LocalServer, NoProgress, RecoveryTarget, RestoreOptions, ServerUse, StartOptions,
 };
@@ -26,7 +28,7 @@ use crate::{Service, ServiceResult};
 #[derive(Debug, Clone, Default)]
 pub struct RestoreSource {
     /// The set to restore.
-    pub backup_id: Option<String>,
+    pub backup_id: Option<BackupId>,
     /// The time to recover to.
     pub restore_time: Option<DateTime<Utc>>,
 }
@@ -34,7 +36,7 @@ pub struct RestoreSource {
 /// How to create a new instance from backups: which set and target, and
 /// which repository and index to read (the primary's, or a region's copies).
 pub(crate) struct CloneRequest {
-    pub backup_id: Option<String>,
+    pub backup_id: Option<BackupId>,
     pub target: RecoveryTarget,
     pub restore_time: Option<DateTime<Utc>>,
     pub major: u32,
@@ -60,7 +62,7 @@ pub struct Scratch {
     /// Bootstrap superuser of the restored cluster.
     pub superuser: String,
     /// The set it was restored from.
-    pub backup_id: String,
+    pub backup_id: BackupId,
     bin: PathBuf,
     /// `psql` of the server's major version or newer.
     psql_tool: PathBuf,
@@ -97,14 +99,14 @@ impl Service {
         &self,
         instance_id: &str,
         src: &RestoreSource,
-    ) -> ServiceResult<(Option<String>, RecoveryTarget)> {
+    ) -> ServiceResult<(Option<BackupId>, RecoveryTarget)> {
         let backups = self.engine.catalog().list_backups(instance_id)?;
         let chosen = match &src.backup_id {
             Some(id) => {
                 let b = backups
                     .iter()
                     .find(|b| &b.id == id && b.status == BackupStatus::Success)
-                    .ok_or_else(|| strata_catalog::CatalogError::BackupNotFound(id.clone()))?;
+                    .ok_or_else(|| strata_catalog::CatalogError::BackupNotFound(id.to_string()))?;
                 Some(b.clone())
             }
             None => None,
@@ -185,7 +187,7 @@ impl Service {
         self: &Arc<Self>,
         source_id: &str,
         src: RestoreSource,
-    ) -> ServiceResult<String> {
+    ) -> ServiceResult<InstanceId> {
         let (backup_id, target) = self.check_restore_source(source_id, &src)?;
         let major = self.pg_major(source_id, backup_id.as_deref())?;
         let (id, _) = self.launch_clone(
@@ -209,7 +211,7 @@ impl Service {
         self: &Arc<Self>,
         source_id: &str,
         req: CloneRequest,
-    ) -> ServiceResult<(String, u16)> {
+    ) -> ServiceResult<(InstanceId, u16)> {
         let source = self.engine.catalog().get_instance(source_id)?;
         let CloneRequest {
             backup_id,
@@ -221,12 +223,12 @@ impl Service {
             job_kind,
         } = req;
         self.engine.pg_bin_dir(major)?;
-        let id = format!("pgc-{}", random_suffix(12));
+        let id = InstanceId::new(format!("pgc-{}", random_suffix(12)));
         let port = self.free_port()?;
-        let dir = self.settings.instances_dir.join(&id);
+        let dir = self.settings.instances_dir.join(id.as_str());
         let managed = ManagedInstance {
             instance_id: id.clone(),
-            source_instance: source_id.to_string(),
+            source_instance: source_id.into(),
             backup_id: backup_id.clone(),
             restore_time,
             data_dir: dir.join("pgdata").display().to_string(),
@@ -477,7 +479,7 @@ impl Service {
         &self,
         instance_id: &str,
         src: &RestoreSource,
-        job_id: i64,
+        job_id: JobId,
     ) -> ServiceResult<Scratch> {
         let (backup_id, target) = self.check_restore_source(instance_id, src)?;
         let major = self.pg_major(instance_id, backup_id.as_deref())?;
@@ -513,7 +515,7 @@ impl Service {
             port,
             major,
             superuser: String::new(),
-            backup_id: String::new(),
+            backup_id: BackupId::default(),
             bin,
             psql_tool,
             os_user,
@@ -667,7 +669,7 @@ fn prepare_instance_dir(dir: &Path, os_user: Option<&str>) -> Result<PathBuf, En
 }
 
 /// Adds what was removed from a clone's configuration to its job's detail.
-fn note_neutralized(engine: &strata_engine::Engine, job_id: i64, names: &[String]) {
+fn note_neutralized(engine: &strata_engine::Engine, job_id: JobId, names: &[String]) {
     if let Ok(mut job) = engine.catalog().get_job(job_id) {
         job.detail = format!(
             "{}; source settings not kept (they run commands, load code, name paths or open listeners): {}",

@@ -200,7 +200,7 @@ pub fn default_policy(instance_id: &str, now: DateTime<Utc>) -> BackupPolicy {
     days.sort();
     let hour = (h >> 16) % 24;
     BackupPolicy {
-        instance_id: instance_id.to_string(),
+        instance_id: instance_id.into(),
         backup_days: days.into_iter().map(|d| WEEKDAYS[d].to_string()).collect(),
         backup_window: format!("{:02}:00Z-{:02}:00Z", hour, (hour + 1) % 24),
         backup_retention_days: DEFAULT_RETENTION_DAYS,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupPolicy, BackupSet, BackupStatus, CatalogError};
+use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, CatalogError};
 use strata_engine::{EngineError, RetentionPlan};
 
 use crate::policy::{PolicyError, Refusal};
@@ -75,8 +75,8 @@ pub struct DeletionRules {
     log_on: bool,
     log_days: u32,
     log_start: DateTime<Utc>,
-    anchor: Option<String>,
-    newest: Option<String>,
+    anchor: Option<BackupId>,
+    newest: Option<BackupId>,
 }
 
 impl DeletionRules {
@@ -135,13 +135,13 @@ impl Service {
     }
 
     /// Deletes backup sets by [`DeletionRules`]; all or none.
-    pub fn delete_backups(&self, instance_id: &str, ids: &[String]) -> ServiceResult<()> {
+    pub fn delete_backups(&self, instance_id: &str, ids: &[BackupId]) -> ServiceResult<()> {
         let p = self.policy(instance_id)?;
         let backups = self.engine.catalog().list_backups(instance_id)?;
         let rules = self.deletion_rules(&p, &backups);
         for id in ids {
             let Some(set) = backups.iter().find(|b| &b.id == id) else {
-                return Err(CatalogError::BackupNotFound(id.clone()).into());
+                return Err(CatalogError::BackupNotFound(id.to_string()).into());
             };
             if let Some(refusal) = rules.refusal(set) {
                 return Err(refusal);

@@ -168,7 +168,7 @@ impl Service {
         match self.start_backup(&instance.id, BackupMode::Automated) {
             Ok(job) => tracing::info!(
                 instance = %instance.id,
-                job = job.id,
+                job = %job.id,
                 "automatic backup started{}",
                 if why.first { " (first backup)" } else { "" }
             ),

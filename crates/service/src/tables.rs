@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use strata_catalog::{Instance, JobKind, JobState};
+use strata_catalog::{Instance, JobId, JobKind, JobState};
 use strata_engine::EngineError;
 
 use crate::local::{RestoreSource, Scratch};
@@ -244,7 +244,7 @@ impl Service {
         instance_id: &str,
         src: RestoreSource,
         specs: Vec<DbSpec>,
-    ) -> ServiceResult<i64> {
+    ) -> ServiceResult<JobId> {
         let instance = self.engine.catalog().get_instance(instance_id)?;
         self.check_restore_source(instance_id, &src)?;
         let major = instance.pg_version_num.map(|v| v / 10000).unwrap_or(15);
@@ -311,10 +311,10 @@ impl Service {
             match outcome {
                 Ok(()) => {
                     finish_job(&svc.engine, job_id, None);
-                    tracing::info!(instance = %id, job = job_id, "databases and tables restored");
+                    tracing::info!(instance = %id, job = %job_id, "databases and tables restored");
                 }
                 Err(e) => {
-                    tracing::warn!(instance = %id, job = job_id, "restore of databases/tables failed: {e}");
+                    tracing::warn!(instance = %id, job = %job_id, "restore of databases/tables failed: {e}");
                     fail_job(&svc.engine, job_id, &e.to_string());
                 }
             }
@@ -328,7 +328,7 @@ impl Service {
         original: &ClientConn,
         psql: &Path,
         specs: &[DbSpec],
-        job_id: i64,
+        job_id: JobId,
     ) -> ServiceResult<()> {
         let tools = Tools {
             pg_dump: self.engine.client_tool("pg_dump", scratch.major)?,

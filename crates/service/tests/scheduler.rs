@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupMode, BackupStatus, Catalog, Instance, SqliteCatalog, SslMode};
+use strata_catalog::{
+    BackupId, BackupMode, BackupStatus, Catalog, Instance, SqliteCatalog, SslMode,
+};
 use strata_engine::{Engine, EngineSettings};
 use strata_repo::{LocalStorage, Repository};
 use strata_service::{policy, ManualClock, PolicyChange, Service, ServiceSettings};
@@ -332,7 +334,7 @@ async fn garbage_collection_waits_for_running_backups() {
         ),
         "{refused:?}"
     );
-    let left: Vec<String> = svc
+    let left: Vec<BackupId> = svc
         .engine()
         .catalog()
         .list_backups("gc")
@@ -378,7 +380,7 @@ async fn a_failed_restore_drill_raises_the_alert() {
     ))
     .await
     .unwrap();
-    let wait_drill = |backup: String| {
+    let wait_drill = |backup: BackupId| {
         let svc = Arc::clone(&svc);
         async move {
             for _ in 0..1200 {

@@ -213,7 +213,7 @@ fn recovery_target(args: &RestoreArgs) -> Result<RecoveryTarget> {
 pub(crate) fn restore(engine: &Engine, args: &RestoreArgs) -> Result<()> {
     let opts = RestoreOptions {
         target_dir: args.target_dir.clone(),
-        backup_id: args.backup.clone(),
+        backup_id: args.backup.as_deref().map(Into::into),
         target: recovery_target(args)?,
         start: match (args.start, args.port) {
             (true, Some(port)) => Some(StartOptions {

@@ -272,8 +272,8 @@ pub fn print_verify(r: &VerifyReport) {
 /// What `strata backup show` reports of a committed backup set.
 #[derive(serde::Serialize)]
 pub struct BackupSummary {
-    pub backup_id: String,
-    pub instance_id: String,
+    pub backup_id: strata_repo::BackupId,
+    pub instance_id: strata_repo::InstanceId,
     pub label: String,
     pub mode: String,
     pub pg_version_num: u32,
@@ -291,7 +291,7 @@ pub struct BackupSummary {
     /// Bytes the server sent for the files (absent for backups from before this was recorded).
     pub received_bytes: Option<u64>,
     /// The backup whose unchanged blocks were taken by reference.
-    pub incremental_from: Option<String>,
+    pub incremental_from: Option<strata_repo::BackupId>,
     pub tablespaces: usize,
 }
 
@@ -322,8 +322,8 @@ impl BackupSummary {
 
     pub fn print(&self) {
         let rows = [
-            ("backup", self.backup_id.clone()),
-            ("instance", self.instance_id.clone()),
+            ("backup", self.backup_id.to_string()),
+            ("instance", self.instance_id.to_string()),
             ("mode", self.mode.clone()),
             ("server version", self.pg_version_num.to_string()),
             (

@@ -498,7 +498,9 @@ mod tests {
     use std::sync::Arc;
 
     use pg_replication::{ReplicationError, TarReader};
-    use strata_catalog::{BackupStatus, Catalog, Instance, JobState, SqliteCatalog, SslMode};
+    use strata_catalog::{
+        BackupId, BackupStatus, Catalog, Instance, JobId, JobState, SqliteCatalog, SslMode,
+    };
     use strata_repo::{MemoryStorage, ObjectSize, Storage, StorageError};
 
     use super::super::{BackupEvents, BackupOptions, BackupRun, PendingBackup};
@@ -783,7 +785,7 @@ mod tests {
     async fn backup(
         rig: &Rig,
         events: Vec<Result<BaseBackupEvent, ReplicationError>>,
-    ) -> (EngineResult<BackupSet>, String, i64) {
+    ) -> (EngineResult<BackupSet>, BackupId, JobId) {
         let engine = &rig.engine;
         let PendingBackup {
             mut job,
@@ -822,7 +824,7 @@ mod tests {
         rig: &Rig,
         outcome: EngineResult<BackupSet>,
         id: &str,
-        job: i64,
+        job: JobId,
         why: &str,
     ) {
         let err = outcome.expect_err("the backup must fail").to_string();
