@@ -34,43 +34,26 @@ pub struct LinkSigner {
 }
 
 impl LinkSigner {
-    /// Loads the link key from `path`, creating it (mode 0600) on first use.
-    pub fn load_or_create(
-        path: &Path,
-        base_url: String,
-        lifetime: Duration,
-    ) -> std::io::Result<Self> {
-        let key = match std::fs::read(path) {
-            Ok(bytes) if bytes.len() == 32 => {
-                let mut k = [0u8; 32];
-                k.copy_from_slice(&bytes);
-                k
-            }
-            Ok(_) => {
-                return Err(std::io::Error::other(format!(
-                    "{} is not a 32-byte link key; delete it to make a new one (old links stop working)",
-                    path.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let k: [u8; 32] = rand::random();
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)?;
-                f.write_all(&k)?;
-                f.sync_all()?;
-                k
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(LinkSigner {
+    /// A signer with `key` (for a fleet: the key shared through the
+    /// catalog, so every node accepts links any node signed).
+    pub fn new(key: [u8; 32], base_url: String, lifetime: Duration) -> Self {
+        LinkSigner {
             key,
             base_url: base_url.trim_end_matches('/').to_string(),
             lifetime,
-        })
+        }
+    }
+
+    /// The key in `path`, if a file holds one (what an earlier release
+    /// signed links with).
+    pub fn read_key_file(path: &Path) -> std::io::Result<Option<[u8; 32]>> {
+        match std::fs::read(path) {
+            Ok(bytes) => bytes.try_into().map(Some).map_err(|_| {
+                std::io::Error::other(format!("{} is not a 32-byte link key", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn mac(&self, path: &str, expires: i64) -> Hmac<Sha256> {
@@ -283,9 +266,8 @@ pub async fn wal(
 mod tests {
     use super::*;
 
-    fn signer(dir: &Path) -> LinkSigner {
-        LinkSigner::load_or_create(&dir.join("k"), "http://h:1/".into(), Duration::seconds(60))
-            .unwrap()
+    fn signer(key: [u8; 32]) -> LinkSigner {
+        LinkSigner::new(key, "http://h:1/".into(), Duration::seconds(60))
     }
 
     fn query(url: &str) -> LinkQuery {
@@ -303,8 +285,8 @@ mod tests {
 
     #[test]
     fn links_expire_and_cannot_be_moved_or_forged() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = signer(dir.path());
+        let key: [u8; 32] = rand::random();
+        let s = signer(key);
         let now = Utc::now();
         let (url, expires) = s.sign("/download/wal/i/seg", now);
         assert!(url.starts_with("http://h:1/download/wal/i/seg?Expires="));
@@ -335,21 +317,22 @@ mod tests {
                 now
             )
             .is_err());
-        // The key persists (0600); another key does not accept the link.
-        let again = signer(dir.path());
-        again.check("/download/wal/i/seg", &q, now).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(dir.path().join("k"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600
-        );
-        let other_dir = tempfile::tempdir().unwrap();
-        assert!(signer(other_dir.path())
+        // A signer with the same key (another node) accepts the link;
+        // another key does not.
+        signer(key).check("/download/wal/i/seg", &q, now).unwrap();
+        assert!(signer(rand::random())
             .check("/download/wal/i/seg", &q, now)
             .is_err());
+    }
+
+    #[test]
+    fn an_old_key_file_is_read_and_a_wrong_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link-key");
+        assert_eq!(LinkSigner::read_key_file(&path).unwrap(), None);
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        assert_eq!(LinkSigner::read_key_file(&path).unwrap(), Some([7u8; 32]));
+        std::fs::write(&path, [7u8; 31]).unwrap();
+        assert!(LinkSigner::read_key_file(&path).is_err());
     }
 }

@@ -21,7 +21,7 @@ use pg_wal::TimelineId;
 use crate::{
     AccessKey, BackupPolicy, BackupSet, CatalogResult, CrossBackup, CrossBackupPolicy,
     CrossWalSegment, DrillResult, Instance, InstanceOwner, Job, JobId, JobKind, LeaseOwner,
-    ManagedInstance, Node, RestorePointRow, UsageSample, WalSegmentRow,
+    ManagedInstance, Node, RepoHold, RestorePointRow, UsageSample, WalSegmentRow,
 };
 
 /// Registered instances and the instances Strata itself runs.
@@ -240,13 +240,34 @@ pub trait AccessCatalog: Send + Sync {
         now: DateTime<Utc>,
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<bool>;
+    /// The secret stored under `name`; when none is stored yet, stores
+    /// `candidate` and returns it. Of several nodes asking at once, exactly
+    /// one candidate is stored and all of them get it back.
+    fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String>;
 }
 
-/// Packs a garbage collection keeps for the grace period before deleting.
+/// Packs a garbage collection keeps for the grace period before deleting,
+/// and the holds that keep collections away from backups and readers.
 ///
 /// Owns: per repository, the unreferenced packs and since when each was
-/// found so; the list is replaced whole, in one transaction.
+/// found so; the list is replaced whole, in one transaction. Repository
+/// holds (unique by id): at any time a repository has either any number of
+/// live shared holds or one live exclusive hold, never both, whichever
+/// node took them; a hold past its expiry is removed by the next acquirer.
 pub trait GcCatalog: Send + Sync {
+    /// Takes `hold` at `now` (expiring `hold.ttl` later) unless a live hold
+    /// of the same repository conflicts (any hold for an exclusive one, an
+    /// exclusive one for a shared one): then false and nothing is taken.
+    /// Expired holds of the repository are removed first. The look and the
+    /// take are one atomic step across every handle on the catalog.
+    fn acquire_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool>;
+    /// Moves the hold's expiry to `now` + `hold.ttl`; false when the hold
+    /// is gone (released, or expired and removed by another acquirer): its
+    /// holder lost it and must stop relying on it.
+    fn renew_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool>;
+    /// Drops a hold (no error when it is gone already).
+    fn release_repo_hold(&self, hold_id: &str) -> CatalogResult<()>;
+
     /// Packs of the repository `repository_id` that a garbage collection
     /// found unreferenced and kept for the grace period, each with when it
     /// was first found so.

@@ -55,6 +55,50 @@ pub mod prelude {
     };
 }
 
+/// A hold on a repository's packs (see [`GcCatalog`]): shared while a
+/// backup writes packs or a reader (restore, download, copy, drill) reads
+/// them, exclusive while a garbage collection deletes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoHold {
+    /// Random id of this hold.
+    pub id: String,
+    /// The repository held (its `repository_id`).
+    pub repository_id: String,
+    /// Exclusive (a collection) or shared (everything else).
+    pub exclusive: bool,
+    /// The process that holds it.
+    pub owner: LeaseOwner,
+    /// What the hold is for, for people reading the table.
+    pub purpose: String,
+    /// How long the hold lives past its last renewal.
+    pub ttl: std::time::Duration,
+}
+
+impl RepoHold {
+    /// A new hold of `repository_id` by `owner`, with a random id.
+    pub fn new(
+        repository_id: &str,
+        exclusive: bool,
+        owner: LeaseOwner,
+        purpose: &str,
+        ttl: std::time::Duration,
+    ) -> RepoHold {
+        RepoHold {
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            repository_id: repository_id.to_string(),
+            exclusive,
+            owner,
+            purpose: purpose.to_string(),
+            ttl,
+        }
+    }
+
+    /// When the hold expires if renewed at `now`.
+    pub fn expiry(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::days(1))
+    }
+}
+
 /// A boxed error from the backend underneath, kept as the source.
 pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

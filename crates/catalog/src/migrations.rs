@@ -26,7 +26,7 @@ pub struct Migration {
     pub postgres: &'static str,
 }
 
-/// Every step, oldest first; the newest version is `MIGRATIONS.len()`.
+/// Every step, oldest first; the newest version is the last step's.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -468,6 +468,50 @@ CREATE TABLE instance_owners (
 CREATE INDEX instance_owners_node ON instance_owners(node_id);
 "#,
     },
+    Migration {
+        version: 9,
+        description: "repository holds (garbage collection against backups and readers on any node) and shared secrets",
+        sqlite: r#"
+-- A hold on a repository's packs: shared by a backup or a reader, exclusive
+-- by a garbage collection. A hold lives until released or until its holder
+-- stops renewing it past expires_at; an expired hold is removed by the next
+-- acquirer of the repository.
+CREATE TABLE repo_holds (
+    hold_id TEXT PRIMARY KEY,
+    repository_id TEXT NOT NULL,
+    exclusive INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    acquired_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX repo_holds_repository ON repo_holds(repository_id);
+-- Secrets every node must agree on (the download-link key), created once
+-- by whichever node needs one first.
+CREATE TABLE shared_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"#,
+        postgres: r#"
+CREATE TABLE repo_holds (
+    hold_id text PRIMARY KEY,
+    repository_id text NOT NULL,
+    exclusive boolean NOT NULL,
+    owner text NOT NULL,
+    purpose text NOT NULL,
+    acquired_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX repo_holds_repository ON repo_holds(repository_id);
+CREATE TABLE shared_secrets (
+    name text PRIMARY KEY,
+    value text NOT NULL,
+    created_at timestamptz NOT NULL
+);
+"#,
+    },
 ];
 
 #[cfg(test)]
@@ -476,8 +520,10 @@ mod tests {
 
     #[test]
     fn versions_count_up_from_one_in_list_order() {
-        for (i, m) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(m.version, i as i64 + 1, "step {:?}", m.description);
+        let versions: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+        let expected: Vec<i64> = (1..=versions.len() as i64).collect();
+        assert_eq!(versions, expected);
+        for m in MIGRATIONS {
             assert!(!m.sqlite.trim().is_empty());
             assert!(!m.postgres.trim().is_empty());
         }

@@ -1719,9 +1719,105 @@ impl AccessCatalog for PgCatalog {
             }
         })
     }
+
+    fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String> {
+        let (name, candidate) = (name.to_string(), candidate.to_string());
+        self.call(move |c| {
+            let (name, candidate) = (name.clone(), candidate.clone());
+            async move {
+                // The primary key decides which node's candidate is kept.
+                c.execute(
+                    "INSERT INTO shared_secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&name, &candidate, &Utc::now()],
+                )
+                .await?;
+                let row = c
+                    .query_one("SELECT value FROM shared_secrets WHERE name = $1", &[&name])
+                    .await?;
+                get(&row, 0)
+            }
+        })
+    }
 }
 
 impl GcCatalog for PgCatalog {
+    fn acquire_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
+        let hold = hold.clone();
+        self.call(move |mut c| {
+            let hold = hold.clone();
+            async move {
+                let tx = c.transaction().await?;
+                // One acquirer per repository at a time, on every node: the
+                // look below cannot miss a hold being taken concurrently.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('strata-repo-hold/' || $1, 0))",
+                    &[&hold.repository_id],
+                )
+                .await?;
+                tx.execute(
+                    "DELETE FROM repo_holds WHERE repository_id = $1 AND expires_at < $2",
+                    &[&hold.repository_id, &now],
+                )
+                .await?;
+                let row = tx
+                    .query_one(
+                        "SELECT count(*) FROM repo_holds WHERE repository_id = $1 AND ($2 OR exclusive)",
+                        &[&hold.repository_id, &hold.exclusive],
+                    )
+                    .await?;
+                let conflicts: i64 = get(&row, 0)?;
+                if conflicts > 0 {
+                    tx.commit().await?;
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO repo_holds (hold_id, repository_id, exclusive, owner, purpose, acquired_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &hold.id,
+                        &hold.repository_id,
+                        &hold.exclusive,
+                        &hold.owner.as_str(),
+                        &hold.purpose,
+                        &now,
+                        &hold.expiry(now),
+                    ],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+        })
+    }
+
+    fn renew_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
+        let (id, expiry) = (hold.id.clone(), hold.expiry(now));
+        self.call(move |c| {
+            let id = id.clone();
+            async move {
+                let n = c
+                    .execute(
+                        "UPDATE repo_holds SET expires_at = $2 WHERE hold_id = $1",
+                        &[&id, &expiry],
+                    )
+                    .await?;
+                Ok(n == 1)
+            }
+        })
+    }
+
+    fn release_repo_hold(&self, hold_id: &str) -> CatalogResult<()> {
+        let id = hold_id.to_string();
+        self.call(move |c| {
+            let id = id.clone();
+            async move {
+                c.execute("DELETE FROM repo_holds WHERE hold_id = $1", &[&id])
+                    .await?;
+                Ok(())
+            }
+        })
+    }
+
     fn gc_pending(&self, repository_id: &str) -> CatalogResult<BTreeMap<String, DateTime<Utc>>> {
         let key = repository_id.to_string();
         self.call(move |c| {

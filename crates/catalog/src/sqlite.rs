@@ -1045,9 +1045,75 @@ impl AccessCatalog for SqliteCatalog {
             Ok(n == 1)
         })
     }
+
+    fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO shared_secrets (name, value, created_at) VALUES (?1, ?2, ?3)",
+                params![name, candidate, ts(&Utc::now())],
+            )?;
+            Ok(c.query_row(
+                "SELECT value FROM shared_secrets WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )?)
+        })
+    }
 }
 
 impl GcCatalog for SqliteCatalog {
+    fn acquire_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
+        self.with(|c| {
+            // BEGIN IMMEDIATE: no other writer between the look and the take.
+            let tx = immediate(c)?;
+            tx.execute(
+                "DELETE FROM repo_holds WHERE repository_id = ?1 AND expires_at < ?2",
+                params![hold.repository_id, ts(&now)],
+            )?;
+            let conflicts: i64 = tx.query_row(
+                "SELECT count(*) FROM repo_holds WHERE repository_id = ?1 AND (?2 OR exclusive)",
+                params![hold.repository_id, hold.exclusive],
+                |r| r.get(0),
+            )?;
+            if conflicts > 0 {
+                tx.commit()?;
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO repo_holds (hold_id, repository_id, exclusive, owner, purpose, acquired_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    hold.id,
+                    hold.repository_id,
+                    hold.exclusive,
+                    hold.owner.as_str(),
+                    hold.purpose,
+                    ts(&now),
+                    ts(&hold.expiry(now))
+                ],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn renew_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE repo_holds SET expires_at = ?2 WHERE hold_id = ?1",
+                params![hold.id, ts(&hold.expiry(now))],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn release_repo_hold(&self, hold_id: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM repo_holds WHERE hold_id = ?1", [hold_id])?;
+            Ok(())
+        })
+    }
+
     fn gc_pending(
         &self,
         repository_id: &str,

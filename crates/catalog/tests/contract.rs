@@ -78,6 +78,9 @@ contract!(
     a_job_belongs_to_its_lease_not_to_its_pid,
     the_lease_keeper_renews_its_owners_unfinished_jobs,
     gc_pending_is_kept_per_repository,
+    repo_holds_exclude_a_collection_from_backups_and_readers_on_every_handle,
+    racing_handles_take_one_exclusive_hold,
+    every_handle_gets_the_first_shared_secret,
     cross_region_policy_copies_and_wal,
     usage_samples_by_time,
     keys_policies_passwords_and_nonces,
@@ -474,6 +477,93 @@ fn gc_pending_is_kept_per_repository(b: &dyn Backend) {
     assert_eq!(cat.gc_pending("repo-b").unwrap(), other);
     cat.put_gc_pending("repo-b", &BTreeMap::new()).unwrap();
     assert!(cat.gc_pending("repo-b").unwrap().is_empty());
+}
+
+fn hold(cat: &Arc<dyn Catalog>, repo: &str, exclusive: bool, ttl_secs: u64) -> RepoHold {
+    RepoHold::new(
+        repo,
+        exclusive,
+        cat.lease_owner().clone(),
+        if exclusive { "gc" } else { "backup" },
+        std::time::Duration::from_secs(ttl_secs),
+    )
+}
+
+fn repo_holds_exclude_a_collection_from_backups_and_readers_on_every_handle(b: &dyn Backend) {
+    let (node_a, node_b) = (b.open(), b.open());
+    let t = now();
+    // Two shared holds on two nodes live together; a collection waits.
+    let backup = hold(&node_a, "r", false, 60);
+    let reader = hold(&node_b, "r", false, 60);
+    assert!(node_a.acquire_repo_hold(&backup, t).unwrap());
+    assert!(node_b.acquire_repo_hold(&reader, t).unwrap());
+    let gc = hold(&node_b, "r", true, 60);
+    assert!(!node_b.acquire_repo_hold(&gc, t).unwrap());
+    // Another repository is not held.
+    assert!(node_b
+        .acquire_repo_hold(&hold(&node_b, "other", true, 60), t)
+        .unwrap());
+    node_a.release_repo_hold(&backup.id).unwrap();
+    assert!(
+        !node_a.acquire_repo_hold(&gc, t).unwrap(),
+        "the reader still holds"
+    );
+    node_b.release_repo_hold(&reader.id).unwrap();
+    assert!(node_a.acquire_repo_hold(&gc, t).unwrap());
+    // While collected, no shared hold is given, on any handle.
+    let late = hold(&node_b, "r", false, 60);
+    assert!(!node_b.acquire_repo_hold(&late, t).unwrap());
+    assert!(node_a
+        .renew_repo_hold(&gc, t + chrono::Duration::seconds(30))
+        .unwrap());
+    // Renewed at t+30 s with 60 s: still live at t+80 s.
+    assert!(!node_b
+        .acquire_repo_hold(&late, t + chrono::Duration::seconds(80))
+        .unwrap());
+    // A collector that stopped renewing loses its hold to the next
+    // acquirer, and learns so at its next renewal (its fence).
+    assert!(node_b
+        .acquire_repo_hold(&late, t + chrono::Duration::seconds(91))
+        .unwrap());
+    assert!(!node_a
+        .renew_repo_hold(&gc, t + chrono::Duration::seconds(92))
+        .unwrap());
+    node_b.release_repo_hold(&late.id).unwrap();
+    node_b.release_repo_hold(&late.id).unwrap();
+}
+
+fn racing_handles_take_one_exclusive_hold(b: &dyn Backend) {
+    let handles: Vec<Arc<dyn Catalog>> = (0..4).map(|_| b.open()).collect();
+    let barrier = Arc::new(Barrier::new(handles.len()));
+    let t = now();
+    let won: Vec<bool> = handles
+        .into_iter()
+        .map(|cat| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let h = hold(&cat, "race", true, 60);
+                barrier.wait();
+                cat.acquire_repo_hold(&h, t).unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+}
+
+fn every_handle_gets_the_first_shared_secret(b: &dyn Backend) {
+    let (a, c) = (b.open(), b.open());
+    assert_eq!(
+        a.shared_secret("download-link-key", "first").unwrap(),
+        "first"
+    );
+    assert_eq!(
+        c.shared_secret("download-link-key", "second").unwrap(),
+        "first"
+    );
+    assert_eq!(c.shared_secret("other", "x").unwrap(), "x");
 }
 
 fn cross_region_policy_copies_and_wal(b: &dyn Backend) {
@@ -1057,6 +1147,15 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
     let mut pending = BTreeMap::new();
     pending.insert("pack-1".to_string(), t);
     cat.put_gc_pending("repo", &pending).unwrap();
+    let hold = RepoHold::new(
+        "repo",
+        false,
+        cat.lease_owner().clone(),
+        "backup",
+        std::time::Duration::from_secs(60),
+    );
+    assert!(cat.acquire_repo_hold(&hold, t).unwrap());
+    cat.shared_secret("download-link-key", "plain:00").unwrap();
     cat
 }
 
@@ -1075,6 +1174,7 @@ fn everything(cat: &dyn Catalog) -> String {
         "owners": cat.list_owners().unwrap().iter().map(|o| {
             (o.instance_id.clone(), o.node_id.clone(), o.epoch, o.expires_at)
         }).collect::<Vec<_>>(),
+        "secret": cat.shared_secret("download-link-key", "other").unwrap(),
     });
     for id in ["a", "b"] {
         out[id] = serde_json::json!({
@@ -1124,7 +1224,7 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
 
     let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
     let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
-    assert_eq!(tables.len(), 17, "{tables:?}");
+    assert_eq!(tables.len(), 19, "{tables:?}");
     assert!(
         report.iter().all(|t| t.rows > 0),
         "a row in every table: {report:?}"

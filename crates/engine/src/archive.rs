@@ -124,17 +124,22 @@ impl Engine {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            let mut instance = self.catalog.get_instance(instance_id)?;
             health.stored = false;
-            let outcome = self
-                .receive_once(
-                    &mut instance,
-                    &mut shutdown,
-                    &mut streamed_once,
-                    &mut health,
-                    progress,
-                )
-                .await;
+            // An unreachable catalog is retried here like an unreachable
+            // server (the slot holds the WAL meanwhile).
+            let outcome = match self.catalog.get_instance(instance_id) {
+                Ok(mut instance) => {
+                    self.receive_once(
+                        &mut instance,
+                        &mut shutdown,
+                        &mut streamed_once,
+                        &mut health,
+                        progress,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.into()),
+            };
             match outcome {
                 Ok(Ended::Shutdown) => return Ok(()),
                 Err(e) => {

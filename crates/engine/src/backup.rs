@@ -33,6 +33,7 @@ use strata_repo::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::blocking::blocking;
+use crate::catalog_retry::retry_busy;
 use crate::connect::{explain, open_session, remember_facts, Session};
 use crate::incremental::{
     full_name, strip_backup_label, BlockPlan, HeapChanges, IncrementalBase, IncrementalFile,
@@ -164,16 +165,26 @@ impl Engine {
             mut instance,
         } = pending;
         job.state = JobState::Preparing;
-        self.catalog.update_job(&job)?;
+        self.record_job("recording a backup job's start", &job)
+            .await?;
 
-        let outcome = match self.hold_gc().await {
-            Ok(_guard) => {
-                self.run_backup(&mut instance, &mut set, &mut job, opts, progress)
-                    .await
+        let (outcome, hold) = match self.hold_gc().await {
+            Ok(hold) => {
+                let outcome = self
+                    .run_backup(&mut instance, &mut set, &mut job, opts, progress)
+                    .await;
+                (outcome, Some(hold))
             }
-            Err(e) => Err(e),
+            Err(e) => (Err(e), None),
         };
-        self.record_backup_outcome(set, job, outcome)
+        // Releasing the hold and recording the outcome are catalog writes
+        // that may wait out an outage: off the runtime.
+        let engine = self.clone();
+        blocking(move || {
+            drop(hold);
+            engine.record_backup_outcome(set, job, outcome)
+        })
+        .await
     }
 
     /// Records how a backup ended on its set and job: `Success` and
@@ -193,8 +204,12 @@ impl Engine {
                 set.status = BackupStatus::Success;
                 job.state = JobState::Finished;
                 job.progress = 100;
-                self.catalog.update_backup(&set)?;
-                self.catalog.update_job(&job)?;
+                // Whole-row updates: safe to make again after an outage, and
+                // a backup that succeeded is not failed for a catalog restart.
+                retry_busy("recording a finished backup", || {
+                    self.catalog.update_backup(&set)
+                })?;
+                retry_busy("recording a finished job", || self.catalog.update_job(&job))?;
                 Ok(set)
             }
             Err(e) => {
@@ -203,8 +218,10 @@ impl Engine {
                 job.state = JobState::Failed;
                 job.error = Some(e.to_string());
                 // The original error matters more than a failure to record it.
-                let _ = self.catalog.update_backup(&set);
-                let _ = self.catalog.update_job(&job);
+                let _ = retry_busy("recording a failed backup", || {
+                    self.catalog.update_backup(&set)
+                });
+                let _ = retry_busy("recording a failed job", || self.catalog.update_job(&job));
                 Err(e)
             }
         }
@@ -315,9 +332,11 @@ impl Engine {
         } = run;
         set.start_lsn = Some(start.start_lsn);
         set.start_timeline = Some(start.start_timeline);
-        self.catalog.update_backup(set)?;
+        self.record_set("recording a backup's start position", set)
+            .await?;
         job.state = JobState::Uploading;
-        self.catalog.update_job(job)?;
+        self.record_job("recording a backup job's state", job)
+            .await?;
 
         let mut receiver = BackupReceiver::start(&self.repo, &instance.id, base).await?;
         self.feed_stream(instance, job, start.total, events, &mut receiver, progress)
@@ -330,7 +349,8 @@ impl Engine {
 
         tracing::debug!("backup {}: files received, stop at {stop_lsn}", set.id);
         job.state = JobState::Checking;
-        self.catalog.update_job(job)?;
+        self.record_job("recording a backup job's state", job)
+            .await?;
         receiver.check_server_manifest()?;
 
         progress.message(&format!(
@@ -378,7 +398,14 @@ impl Engine {
                 progress.update("backup", streamed, total);
                 if let Some(total) = total.filter(|t| *t > 0) {
                     job.progress = ((streamed * 95 / total).min(95)) as u8;
-                    self.catalog.update_job(job)?;
+                    // Progress is a hint: while the catalog is unreachable
+                    // the backup goes on, and the next report catches up.
+                    match self.catalog.update_job(job) {
+                        Err(e) if e.is_retryable() => {
+                            tracing::debug!("backup progress not recorded: {e}")
+                        }
+                        r => r?,
+                    }
                 }
             }
         }

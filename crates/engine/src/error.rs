@@ -60,6 +60,8 @@ impl EngineError {
         match self {
             EngineError::Unreachable(_) => true,
             EngineError::Repo(e) => e.is_transient(),
+            // The catalog server restarting or failing over.
+            EngineError::Catalog(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -10,6 +10,7 @@ mod archive_tar;
 mod backup;
 mod beneath;
 mod blocking;
+mod catalog_retry;
 mod connect;
 mod copy;
 mod entities;
@@ -35,6 +36,7 @@ pub use archive_tar::BackupArchive;
 pub use backup::check_server_manifest;
 pub use backup::BackupOptions;
 pub use backup::PendingBackup;
+pub use catalog_retry::{retry_busy, CATALOG_OUTAGE_WAIT};
 pub use connect::{connection_verified, connection_warnings, instance_password, ServerFacts};
 pub use copy::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
@@ -95,10 +97,10 @@ pub struct EngineSettings {
     pub os_user: Option<String>,
     /// Seconds to wait for a started server to finish recovery.
     pub start_timeout: std::time::Duration,
-    /// Lock file shared by every process using the same catalog, keeping
-    /// garbage collection and backups apart; `None` when only one engine
-    /// ever touches the repository.
-    pub lock_path: Option<PathBuf>,
+    /// How long a repository hold (the catalog row keeping garbage
+    /// collection and backups or readers apart) outlives its last renewal;
+    /// renewed every quarter of it while held.
+    pub repo_hold_ttl: std::time::Duration,
     /// How long a job stays owned by a process that stopped renewing its
     /// lease before another process takes it over and fails it.
     pub job_lease: std::time::Duration,
@@ -121,7 +123,7 @@ impl Default for EngineSettings {
             pg_bin_dirs: vec!["/usr/lib/postgresql/{major}/bin".into()],
             os_user: None,
             start_timeout: std::time::Duration::from_secs(300),
-            lock_path: None,
+            repo_hold_ttl: std::time::Duration::from_secs(60),
             job_lease: std::time::Duration::from_secs(30),
             gc_grace: std::time::Duration::from_secs(3600),
         }
@@ -254,5 +256,34 @@ impl Engine {
             "no PostgreSQL {major} server binaries found (searched: {}); set [postgres] bin_dirs in the configuration",
             self.settings.pg_bin_dirs.join(", ")
         )))
+    }
+}
+
+impl Engine {
+    /// A 32-byte key every node sharing the catalog agrees on (the download
+    /// link key), kept in the catalog under `name`. Sealed there under the
+    /// repository's data key when the repository is encrypted
+    /// (`sealed:<hex>`), so the catalog alone does not reveal it; otherwise
+    /// `plain:<hex>`, as readable as the access keys' secrets beside it.
+    /// The first node to ask stores `candidate`; every node gets that one.
+    pub fn shared_key(&self, name: &str, candidate: &[u8; 32]) -> EngineResult<[u8; 32]> {
+        let stored = match self.repo.seal_secret(candidate, name)? {
+            Some(sealed) => format!("sealed:{}", hex::encode(sealed)),
+            None => format!("plain:{}", hex::encode(candidate)),
+        };
+        let value = self.catalog.shared_secret(name, &stored)?;
+        let bad = |why: &str| {
+            EngineError::Catalog(strata_catalog::CatalogError::Invalid(format!(
+                "shared secret {name}: {why}"
+            )))
+        };
+        let (form, text) = value.split_once(':').ok_or_else(|| bad("no form prefix"))?;
+        let bytes = hex::decode(text).map_err(|_| bad("not hex"))?;
+        let key = match form {
+            "sealed" => self.repo.open_secret(&bytes, name)?,
+            "plain" => bytes,
+            other => return Err(bad(&format!("unknown form {other:?}"))),
+        };
+        key.try_into().map_err(|_| bad("not 32 bytes"))
     }
 }

@@ -31,6 +31,7 @@ use strata_catalog::{
 use strata_repo::{BackupManifest, FileEntry, FileKind};
 
 use crate::beneath::Beneath;
+use crate::catalog_retry::retry_busy;
 use crate::local_server::{self, LocalServer, ServerUse, StartOptions};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -155,7 +156,9 @@ impl Engine {
         if own_job {
             job.detail = format!("restore to {}", opts.target_dir.display());
         }
-        self.catalog.update_job(&job)?;
+        retry_busy("recording a restore job's start", || {
+            self.catalog.update_job(&job)
+        })?;
         let result = self.run_restore(&instance.id, opts, progress, &mut job);
         match &result {
             Ok(_) if !own_job => {}
@@ -175,7 +178,9 @@ impl Engine {
                 }
             }
         }
-        let _ = self.catalog.update_job(&job);
+        let _ = retry_busy("recording a restore job's end", || {
+            self.catalog.update_job(&job)
+        });
         result
     }
 
@@ -209,7 +214,9 @@ impl Engine {
         }
 
         job.state = JobState::Uploading;
-        self.catalog.update_job(job)?;
+        retry_busy("recording a restore job's state", || {
+            self.catalog.update_job(job)
+        })?;
         // The WAL is staged (and decoded) on its own thread while the files
         // are written: writing waits on the disk, decoding on the CPU.
         let (materialized, staged) = std::thread::scope(|scope| {
@@ -234,7 +241,9 @@ impl Engine {
 
         job.state = JobState::Checking;
         job.progress = 90;
-        self.catalog.update_job(job)?;
+        retry_busy("recording a restore job's state", || {
+            self.catalog.update_job(job)
+        })?;
         let target = confirm_target(opts.target.clone(), &found, manifest, *gap)?;
 
         let neutralized =

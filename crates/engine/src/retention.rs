@@ -13,26 +13,101 @@
 //!   which it cannot reach consistency (with log backup off too);
 //! - everything else older than its retention period goes.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use chrono::{DateTime, Duration, Utc};
 use pg_wal::Lsn;
 use serde::Serialize;
-use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, WalSegmentRow};
+use strata_catalog::{
+    BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, RepoHold, WalSegmentRow,
+};
 use strata_repo::{GcReport, PackId, PendingPacks, Repository};
 
 use crate::{Engine, EngineError, EngineResult};
 
 /// Held while a backup writes packs or a reader reads them (shared), or
-/// while garbage is collected (exclusive). An advisory `flock` on a file
-/// beside the catalog, so every process sharing the catalog takes part (no
-/// file when the engine is alone). Released on drop, so a reader that ends
-/// early (an error, a download whose client went away) releases it too.
-#[derive(Debug)]
+/// while garbage is collected (exclusive): a hold row in the catalog, so
+/// every process and every node sharing the catalog takes part, whatever
+/// machine it runs on. A thread renews the hold while it lives; released
+/// on drop, so a reader that ends early (an error, a download whose client
+/// went away) releases it too. A holder that dies without releasing loses
+/// the hold once it expires (`repo_hold_ttl` after its last renewal).
 pub struct GcGuard {
-    _file: Option<File>,
+    catalog: Arc<dyn Catalog>,
+    hold: RepoHold,
+    stop: Option<mpsc::Sender<()>>,
+    renewer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for GcGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcGuard").field("hold", &self.hold).finish()
+    }
+}
+
+impl GcGuard {
+    /// Takes `hold` if no conflicting live hold exists; `None` otherwise.
+    fn try_take(catalog: Arc<dyn Catalog>, hold: RepoHold) -> EngineResult<Option<GcGuard>> {
+        if !catalog.acquire_repo_hold(&hold, Utc::now())? {
+            return Ok(None);
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let interval = (hold.ttl / 4).max(std::time::Duration::from_millis(50));
+        let (renewing, h) = (catalog.clone(), hold.clone());
+        let renewer = std::thread::Builder::new()
+            .name("strata-repo-hold".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(interval) {
+                    Err(RecvTimeoutError::Timeout) => match renewing.renew_repo_hold(&h, Utc::now()) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(hold = %h.id, "the repository hold expired and was taken over");
+                            return;
+                        }
+                        // Retried at the next interval; only a hold left
+                        // unrenewed for its whole lifetime is lost.
+                        Err(e) => tracing::warn!(hold = %h.id, "renewing the repository hold: {e}"),
+                    },
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
+            })
+            .map_err(EngineError::io("starting the repository hold's renewal thread"))?;
+        Ok(Some(GcGuard {
+            catalog,
+            hold,
+            stop: Some(stop),
+            renewer: Some(renewer),
+        }))
+    }
+
+    /// Renews the hold now and says whether it is still this process's:
+    /// the fence a collection checks before each deletion, so a collector
+    /// that stalled past its expiry (and lost the hold to a backup) deletes
+    /// nothing more. A catalog that cannot answer counts as lost.
+    pub fn still_held(&self) -> bool {
+        match self.catalog.renew_repo_hold(&self.hold, Utc::now()) {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(hold = %self.hold.id, "confirming the repository hold: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for GcGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+        // A hold that cannot be released now expires by itself.
+        if let Err(e) = self.catalog.release_repo_hold(&self.hold.id) {
+            tracing::warn!(hold = %self.hold.id, "releasing the repository hold: {e}");
+        }
+    }
 }
 
 /// Longest wait for a collection to finish before a shared hold gives up.
@@ -44,33 +119,12 @@ fn gc_wait_expired() -> EngineError {
     EngineError::Conflict("garbage collection held the repository lock for 10 minutes".into())
 }
 
-fn try_flock(path: &Path, exclusive: bool) -> EngineResult<Option<GcGuard>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(EngineError::io(format!(
-            "opening lock file {}",
-            path.display()
-        )))?;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    } | libc::LOCK_NB;
-    // SAFETY: flock on a descriptor we own; no memory is shared.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-        return Ok(Some(GcGuard { _file: Some(file) }));
-    }
-    let err = std::io::Error::last_os_error();
-    if err.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(None)
-    } else {
-        Err(EngineError::Io {
-            context: format!("locking {}", path.display()),
-            source: err,
-        })
+/// One attempt at a shared hold while waiting: a catalog that is briefly
+/// unreachable is waited out like a running collection.
+fn shared_attempt(r: EngineResult<Option<GcGuard>>) -> EngineResult<Option<GcGuard>> {
+    match r {
+        Err(EngineError::Catalog(e)) if e.is_retryable() => Ok(None),
+        r => r,
     }
 }
 
@@ -176,22 +230,37 @@ pub fn plan_retention(
 }
 
 impl Engine {
-    /// One attempt at the lock: `None` while it is held the other way.
+    /// One attempt at the repository hold: `None` while it is held the
+    /// other way (by any process on any node).
     fn try_gc_lock(&self, exclusive: bool) -> EngineResult<Option<GcGuard>> {
-        match &self.settings.lock_path {
-            Some(path) => try_flock(path, exclusive),
-            None => Ok(Some(GcGuard { _file: None })),
-        }
+        GcGuard::try_take(self.catalog.clone(), self.repo_hold(exclusive))
+    }
+
+    fn repo_hold(&self, exclusive: bool) -> RepoHold {
+        RepoHold::new(
+            &self.repo.config().repository_id,
+            exclusive,
+            self.catalog.lease_owner().clone(),
+            if exclusive {
+                "garbage collection"
+            } else {
+                "backup or reader"
+            },
+            self.settings.repo_hold_ttl,
+        )
     }
 
     /// A shared hold that keeps garbage collection off the repository while
     /// the caller writes or reads packs; waits (up to 10 minutes) while a
-    /// collection runs. For async callers: the wait sleeps on the runtime's
-    /// timer and never blocks a worker thread.
+    /// collection runs or the catalog is unreachable. For async callers:
+    /// the catalog is asked on the blocking pool and the wait sleeps on the
+    /// runtime's timer, never blocking a worker thread.
     pub async fn hold_gc(&self) -> EngineResult<GcGuard> {
         let deadline = std::time::Instant::now() + GC_WAIT;
         loop {
-            if let Some(guard) = self.try_gc_lock(false)? {
+            let (catalog, hold) = (self.catalog.clone(), self.repo_hold(false));
+            let attempt = crate::blocking::blocking(move || GcGuard::try_take(catalog, hold)).await;
+            if let Some(guard) = shared_attempt(attempt)? {
                 return Ok(guard);
             }
             if std::time::Instant::now() > deadline {
@@ -206,7 +275,7 @@ impl Engine {
     pub fn hold_gc_blocking(&self) -> EngineResult<GcGuard> {
         let deadline = std::time::Instant::now() + GC_WAIT;
         loop {
-            if let Some(guard) = self.try_gc_lock(false)? {
+            if let Some(guard) = shared_attempt(self.try_gc_lock(false))? {
                 return Ok(guard);
             }
             if std::time::Instant::now() > deadline {
@@ -269,17 +338,27 @@ impl Engine {
     /// grace period. Returns `None` without doing anything while a backup or
     /// a reader holds the repository (it will be tried again later).
     pub fn collect_garbage(&self) -> EngineResult<Option<GcReport>> {
-        let Some(_guard) = self.try_gc_lock(true)? else {
+        let Some(guard) = self.try_gc_lock(true)? else {
             return Ok(None);
         };
-        self.collect_garbage_in(&self.repo).map(Some)
+        self.collect(&self.repo, &mut || guard.still_held())
+            .map(Some)
     }
 
     /// Garbage collection of `repo` by the grace period alone, without the
-    /// lock: for a repository only this engine writes (a cross-region
+    /// hold: for a repository only this engine writes (a cross-region
     /// target). The packs found unreferenced are remembered in the catalog,
     /// by repository id, between runs.
     pub fn collect_garbage_in(&self, repo: &Repository) -> EngineResult<GcReport> {
+        self.collect(repo, &mut || true)
+    }
+
+    /// One collection of `repo`; `still_held` is asked before each deletion.
+    fn collect(
+        &self,
+        repo: &Repository,
+        still_held: &mut dyn FnMut() -> bool,
+    ) -> EngineResult<GcReport> {
         let repository_id = &repo.config().repository_id;
         // The catalog keeps the pending list as plain pack id strings.
         let pending: PendingPacks = self
@@ -289,7 +368,8 @@ impl Engine {
             .map(|(pack, since)| (PackId::from(pack), since))
             .collect();
         let grace = Duration::from_std(self.settings.gc_grace).unwrap_or(Duration::MAX);
-        let (report, pending) = repo.collect_garbage(&pending, Utc::now(), grace)?;
+        let (report, pending) =
+            repo.collect_garbage_fenced(&pending, Utc::now(), grace, still_held)?;
         let pending = pending
             .into_iter()
             .map(|(pack, since)| (pack.into_string(), since))

@@ -11,6 +11,7 @@ use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_repo::{RestorePointInfo, WalSegmentMeta};
 
+use crate::catalog_retry::retry_busy;
 use crate::entities;
 use crate::wal_uploader::{PartialUpload, SegmentUpload, UploadQueue};
 use crate::{Engine, EngineError, EngineResult};
@@ -190,13 +191,22 @@ pub fn record_segment(
     meta: &WalSegmentMeta,
     object_key: String,
 ) -> EngineResult<()> {
+    // Each write is keyed (one row per segment and kind, one per restore
+    // point LSN): made again after an outage, it records nothing twice.
     let catalog = &engine.catalog;
-    catalog.upsert_wal_segment(&entities::wal_segment_row(instance_id, meta, object_key))?;
+    let row = entities::wal_segment_row(instance_id, meta, object_key);
+    retry_busy("recording a WAL segment", || {
+        catalog.upsert_wal_segment(&row)
+    })?;
     if !meta.partial {
-        catalog.delete_wal_segment(instance_id, meta.timeline, &meta.segment, true)?;
+        retry_busy("forgetting a replaced partial segment", || {
+            catalog.delete_wal_segment(instance_id, meta.timeline, &meta.segment, true)
+        })?;
     }
     for row in entities::restore_point_rows(instance_id, meta) {
-        catalog.upsert_restore_point(&row)?;
+        retry_busy("recording a restore point", || {
+            catalog.upsert_restore_point(&row)
+        })?;
     }
     Ok(())
 }

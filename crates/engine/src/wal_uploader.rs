@@ -21,6 +21,7 @@ use strata_repo::{wal_segment_key, InstanceId, WalPayload, WalSegmentMeta};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::catalog_retry::retry_busy;
 use crate::segment::{record_segment, Summary};
 use crate::{Engine, EngineError, EngineResult};
 
@@ -267,12 +268,12 @@ impl Worker {
             wrote: true,
         };
         // Another writer (a backup's WAL stream) may have stored it already.
-        let already = self
-            .engine
-            .catalog
-            .find_wal_segment(&self.instance_id, s.timeline, &s.name)?
-            .into_iter()
-            .any(|w| !w.partial && w.checksum == checksum);
+        let catalog = &self.engine.catalog;
+        let already = retry_busy("looking up a WAL segment", || {
+            catalog.find_wal_segment(&self.instance_id, s.timeline, &s.name)
+        })?
+        .into_iter()
+        .any(|w| !w.partial && w.checksum == checksum);
         let key = wal_segment_key(&self.instance_id, s.timeline, &s.name, false);
         if already
             && repo
@@ -319,12 +320,12 @@ impl Worker {
         let end = p.seg_start + object.len() as u64;
         // Another writer may have stored more of this segment already;
         // never replace it with less.
-        let longer = self
-            .engine
-            .catalog
-            .find_wal_segment(&self.instance_id, p.timeline, &p.name)?
-            .iter()
-            .any(|w| !w.partial || w.end_lsn >= end);
+        let catalog = &self.engine.catalog;
+        let longer = retry_busy("looking up a WAL segment", || {
+            catalog.find_wal_segment(&self.instance_id, p.timeline, &p.name)
+        })?
+        .iter()
+        .any(|w| !w.partial || w.end_lsn >= end);
         if !longer {
             object.payload.extend(&object.waiting)?;
             object.waiting.clear();

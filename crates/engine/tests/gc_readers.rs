@@ -1,9 +1,10 @@
 //! Garbage collection beside readers. A backup set deleted while a restore
 //! or a download reads it keeps every pack the reader needs: the reader
-//! holds the collection lock shared for its whole run (a collection on the
-//! same catalog does nothing meanwhile), and a collection that does not see
-//! the lock (another node of a fleet) only marks the packs pending for the
-//! grace period. Both collections run at the moment the reader fetches its
+//! holds the repository shared in the catalog for its whole run (a
+//! collection through the same catalog, from any node, does nothing
+//! meanwhile), and a collection that does not see the hold (an engine on
+//! another catalog writing to the same repository) only marks the packs
+//! pending for the grace period. Both collections run at the moment the reader fetches its
 //! first block, through a storage wrapper; the restored server and the
 //! downloaded archive are then checked against the source.
 
@@ -24,7 +25,7 @@ use testkit::Cluster;
 struct Collections {
     /// The collection sharing the reader's lock.
     same_catalog: Option<Result<Option<GcReport>, String>>,
-    /// The collection of a node that does not see the lock.
+    /// The collection of an engine that does not see the hold.
     other_node: Option<Result<Option<GcReport>, String>>,
 }
 
@@ -94,10 +95,10 @@ impl Storage for OnFirstPackRead {
 
 struct Rig {
     store: Arc<OnFirstPackRead>,
-    /// Holds the collection lock beside the catalog, as every process of
-    /// one Strata installation does.
+    /// Holds the repository in the catalog, as every process of one
+    /// Strata installation does.
     engine: Engine,
-    /// Same catalog and repository, no lock: another node.
+    /// Same repository, another catalog: it never sees the holds.
     other_node: Engine,
     collections: Arc<Mutex<Collections>>,
 }
@@ -114,17 +115,14 @@ impl Rig {
         let settings = EngineSettings {
             os_user: Some("postgres".into()),
             start_timeout: Duration::from_secs(90),
-            lock_path: Some(dir.join("catalog.db.lock")),
             ..EngineSettings::default()
         };
-        let other = EngineSettings {
-            lock_path: None,
-            ..settings.clone()
-        };
+        let other_catalog: Arc<dyn Catalog> =
+            Arc::new(SqliteCatalog::open(&dir.join("other.db")).unwrap());
         Rig {
             store,
-            engine: Engine::new(catalog.clone(), repo.clone(), settings),
-            other_node: Engine::new(catalog, repo, other),
+            engine: Engine::new(catalog, repo.clone(), settings.clone()),
+            other_node: Engine::new(other_catalog, repo, settings),
             collections: Arc::default(),
         }
     }

@@ -38,7 +38,6 @@ fn rig() -> Rig {
         ))
         .unwrap();
     let settings = EngineSettings {
-        lock_path: Some(lock_dir.path().join("gc.lock")),
         gc_grace: Duration::ZERO,
         ..EngineSettings::default()
     };

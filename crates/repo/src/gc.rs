@@ -11,7 +11,9 @@
 //! download, a copy) therefore keeps every block it needs for at least the
 //! grace period. A pack being written by a running backup is referenced by
 //! no manifest yet, so the caller must also make sure no backup runs during
-//! a collection (the engine holds a lock for that).
+//! a collection: the engine holds the repository exclusively in the catalog
+//! and checks before each deletion that it still does (the fence of
+//! [`Repository::collect_garbage_fenced`]).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -61,6 +63,21 @@ impl Repository {
         now: DateTime<Utc>,
         grace: Duration,
     ) -> RepoResult<(GcReport, PendingPacks)> {
+        self.collect_garbage_fenced(pending, now, grace, &mut || true)
+    }
+
+    /// [`Repository::collect_garbage`] that asks `still_held` before each
+    /// deletion whether the caller still holds the repository: once it
+    /// says no, nothing more is deleted and the rest stays pending (with
+    /// its first-seen time) for the next collection.
+    pub fn collect_garbage_fenced(
+        &self,
+        pending: &PendingPacks,
+        now: DateTime<Utc>,
+        grace: Duration,
+        still_held: &mut dyn FnMut() -> bool,
+    ) -> RepoResult<(GcReport, PendingPacks)> {
+        let mut held = true;
         let mut report = GcReport::default();
         let mut still_pending = PendingPacks::new();
         let mut referenced: HashSet<PackId> = HashSet::new();
@@ -102,10 +119,13 @@ impl Repository {
                 continue;
             }
             let since = pending.get(id).copied().unwrap_or(now);
-            if since
+            let due = since
                 .checked_add_signed(grace)
-                .is_some_and(|end| end <= now)
-            {
+                .is_some_and(|end| end <= now);
+            if due && held {
+                held = still_held();
+            }
+            if due && held {
                 self.storage.delete(&key)?;
                 report.packs_deleted += 1;
             } else {
@@ -209,6 +229,35 @@ mod tests {
         let (report, pending) = repo.collect_garbage(&pending, t1 + grace, grace).unwrap();
         assert_eq!((report.packs_deleted, report.packs_pending), (1, 0));
         assert!(pending.is_empty() && !exists(&kept));
+    }
+
+    #[test]
+    fn a_collector_that_lost_its_hold_deletes_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+        let repo = Repository::open_or_init(storage.clone()).unwrap();
+        let packs: Vec<BlockRef> = (10..13).map(|b| stored(&repo, b)).collect();
+        let t0 = Utc::now() - Duration::hours(2);
+        let pending: PendingPacks = packs.iter().map(|b| (b.pack.clone(), t0)).collect();
+        // Held for the first deletion only, then taken over.
+        let mut asked = 0;
+        let (report, still) = repo
+            .collect_garbage_fenced(&pending, Utc::now(), Duration::hours(1), &mut || {
+                asked += 1;
+                asked == 1
+            })
+            .unwrap();
+        assert_eq!((report.packs_deleted, report.packs_pending), (1, 2));
+        assert_eq!(asked, 2, "not asked again once the hold was lost");
+        let left: Vec<&BlockRef> = packs
+            .iter()
+            .filter(|b| storage.exists(&pack_key(&b.pack)).unwrap())
+            .collect();
+        assert_eq!(left.len(), 2);
+        // What was not deleted keeps its first-seen time for the next run.
+        for b in left {
+            assert_eq!(still.get(&b.pack), Some(&t0));
+        }
     }
 
     #[test]

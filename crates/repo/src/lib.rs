@@ -424,6 +424,38 @@ impl Repository {
         self.keys.is_encrypted()
     }
 
+    /// Seals a small secret kept outside the repository (in the catalog)
+    /// under the repository's data key, bound to this repository and to
+    /// `label`; `None` when the repository is not encrypted.
+    pub fn seal_secret(&self, secret: &[u8], label: &str) -> RepoResult<Option<Vec<u8>>> {
+        match &self.keys.cipher {
+            Some(c) => c.seal(secret, self.secret_aad(label).as_bytes()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens what [`Repository::seal_secret`] sealed with the same label.
+    pub fn open_secret(&self, sealed: &[u8], label: &str) -> RepoResult<Vec<u8>> {
+        let corrupt = |reason: &str| RepoError::Corrupt {
+            object: format!("catalog secret {label}"),
+            reason: reason.into(),
+        };
+        let cipher = self.keys.cipher.as_ref().ok_or_else(|| {
+            corrupt("sealed under a repository key, but the repository is not encrypted")
+        })?;
+        cipher
+            .open(sealed, self.secret_aad(label).as_bytes())
+            .ok_or_else(|| {
+                corrupt(
+                    "does not open under this repository's key (altered, or another repository's)",
+                )
+            })
+    }
+
+    fn secret_aad(&self, label: &str) -> String {
+        format!("strata-secret/{}/{label}", self.config.repository_id)
+    }
+
     /// zstd level for new blocks and objects (default [`DEFAULT_COMPRESS_LEVEL`]).
     pub fn with_compress_level(mut self, level: i32) -> Self {
         self.compress_level = level;

@@ -259,7 +259,7 @@ impl Service {
                 .get(&instance.id)
                 .cloned()
                 .unwrap_or_default();
-            self.engine.catalog().add_usage_sample(&UsageSample {
+            let sample = UsageSample {
                 instance_id: instance.id.clone(),
                 at: now,
                 logical_bytes: figures.logical_bytes,
@@ -267,6 +267,10 @@ impl Service {
                 wal_bytes: figures.wal_bytes,
                 quota_bytes: self.free_quota(&instance.id)?,
                 cross_region_bytes: self.cross_region_bytes(&instance.id, &mut targets)?,
+            };
+            // Keyed by (instance, time): made again, it replaces itself.
+            strata_engine::retry_busy("recording a usage sample", || {
+                self.engine.catalog().add_usage_sample(&sample)
             })?;
         }
         Ok(())

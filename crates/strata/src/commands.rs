@@ -265,7 +265,7 @@ pub(crate) fn tasks(engine: &Engine, instance_id: Option<&str>, json: bool) -> R
     print(json, &jobs[..], output::print_jobs)
 }
 
-/// `strata repo verify|usage|rotate-key|reindex`.
+/// `strata repo verify|usage|rotate-key|reindex|gc`.
 pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()> {
     match cmd {
         RepoCmd::Verify { json } => {
@@ -313,6 +313,22 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
             );
             Ok(())
         }
+        RepoCmd::Gc { json } => match engine.collect_garbage()? {
+            Some(report) => print(json, &report, |r| {
+                println!(
+                    "deleted {} pack(s), {} kept, {} pending until their grace period is over",
+                    r.packs_deleted, r.packs_kept, r.packs_pending
+                )
+            }),
+            None if json => {
+                println!("null");
+                Ok(())
+            }
+            None => {
+                println!("skipped: a backup or a reader holds the repository; try again later");
+                Ok(())
+            }
+        },
         RepoCmd::Reindex => {
             let report = engine.reindex()?;
             println!(

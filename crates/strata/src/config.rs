@@ -640,11 +640,6 @@ impl Config {
 
     pub fn engine_settings(&self) -> EngineSettings {
         let mut s = EngineSettings::default();
-        // Beside a SQLite catalog; in the data directory for a PostgreSQL one
-        // (the lock is host-local either way).
-        let mut lock = self.catalog_path().into_os_string();
-        lock.push(".lock");
-        s.lock_path = Some(lock.into());
         if let Some(ms) = self.wal.flush_interval_ms {
             s.wal_flush_interval = Duration::from_millis(ms.max(100));
         }

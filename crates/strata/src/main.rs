@@ -235,6 +235,13 @@ enum RepoCmd {
     },
     /// Rebuild the catalog's index from the repository.
     Reindex,
+    /// Collect garbage once now: delete packs no backup set references
+    /// once they stayed so for `[gc] grace_secs`. Does nothing (and says
+    /// so) while a backup or a reader on any node holds the repository.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
     /// Bytes the repository stores for each instance (data, WAL) and for
     /// nobody, by the attribution rule of docs/DESIGN.md.
     Usage {

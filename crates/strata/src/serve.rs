@@ -80,16 +80,27 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             }
         }
         let scheduler = tokio::spawn(Arc::clone(&service).run(stop_rx.clone()));
-        let links = LinkSigner::load_or_create(
-            &data_dir.join("link-key"),
+        // One key for every node sharing the catalog, so any node serves a
+        // link another signed; a key file an earlier release wrote seeds it
+        // (links already handed out keep working).
+        let candidate = LinkSigner::read_key_file(&data_dir.join("link-key"))
+            .context("reading the old download link key")?
+            .unwrap_or_else(rand::random);
+        let key = {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || engine.shared_key("download-link-key", &candidate))
+                .await?
+                .context("loading the download link key from the catalog")?
+        };
+        let links = LinkSigner::new(
+            key,
             config
                 .downloads
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("{scheme}://{addr}")),
             config.link_lifetime(),
-        )
-        .context("loading the download link key")?;
+        );
         let state = Arc::new(ApiState {
             service: Arc::clone(&service),
             links,
