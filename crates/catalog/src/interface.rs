@@ -21,7 +21,7 @@ use pg_wal::TimelineId;
 use crate::{
     AccessKey, BackupPolicy, BackupSet, CatalogResult, CrossBackup, CrossBackupPolicy,
     CrossWalSegment, DrillResult, Instance, InstanceOwner, Job, JobId, JobKind, LeaseOwner,
-    ManagedInstance, Node, RepoHold, RestorePointRow, UsageSample, WalSegmentRow,
+    ManagedInstance, Node, ReceiverStatus, RepoHold, RestorePointRow, UsageSample, WalSegmentRow,
 };
 
 /// Registered instances and the instances Strata itself runs.
@@ -139,12 +139,36 @@ pub trait JobCatalog: Send + Sync {
     /// Renews the lease on every unfinished job of [`JobCatalog::lease_owner`]
     /// (heartbeat = `now`); returns how many jobs were renewed.
     fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize>;
+    /// A new job for `instance_id` that no process owns yet: `NoStart`,
+    /// queued until the node owning the instance claims it
+    /// ([`JobCatalog::claim_queued_job`]). `backup_id` names the set it
+    /// works on, when it needs one (a drill).
+    fn queue_job(
+        &self,
+        kind: JobKind,
+        instance_id: &str,
+        backup_id: Option<&str>,
+    ) -> CatalogResult<Job>;
+    /// Every queued job, oldest first.
+    fn queued_jobs(&self) -> CatalogResult<Vec<Job>>;
+    /// Claims a queued job for this handle's lease owner, run by `node_id`:
+    /// it stops being queued, its heartbeat is `now`. `None`, changing
+    /// nothing, when it is no longer queued (another handle claimed it) or
+    /// unknown. Of several handles claiming the same job at once, exactly one
+    /// gets it; a handle never waits for another's claim.
+    fn claim_queued_job(
+        &self,
+        id: JobId,
+        node_id: &str,
+        now: DateTime<Utc>,
+    ) -> CatalogResult<Option<Job>>;
     /// Takes over the unfinished jobs of other owners whose lease expired
     /// (last heartbeat more than `lease` before `now`): each is marked
     /// `Failed` with the reason, with its running backup set, so new work
-    /// can start. Jobs of this handle's own owner are never taken over.
-    /// The look and the takeover are one transaction. Returns how many were
-    /// failed.
+    /// can start. Jobs of this handle's own owner are never taken over, nor
+    /// queued jobs (nobody owns them yet: the instance's next owner claims
+    /// them). The look and the takeover are one transaction. Returns how
+    /// many were failed.
     fn fail_expired_jobs(
         &self,
         now: DateTime<Utc>,
@@ -327,6 +351,11 @@ pub trait NodeCatalog: Send + Sync {
     fn release_instance(&self, instance_id: &str, node_id: &str) -> CatalogResult<bool>;
     /// Every lease, by instance id.
     fn list_owners(&self) -> CatalogResult<Vec<InstanceOwner>>;
+    /// Records an instance's WAL receiver state as its owner sees it,
+    /// replacing the instance's previous row (whichever node wrote it).
+    fn publish_receiver(&self, status: &ReceiverStatus) -> CatalogResult<()>;
+    /// Every published receiver state, by instance id.
+    fn list_receivers(&self) -> CatalogResult<Vec<ReceiverStatus>>;
 }
 
 /// The whole catalog: every aggregate trait. Implemented for any type that

@@ -196,6 +196,30 @@ pub struct InstanceOwner {
     pub expires_at: DateTime<Utc>,
 }
 
+/// An instance's WAL receiver as the node owning the instance last
+/// published it, so that every node answers the same about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiverStatus {
+    /// The instance.
+    pub instance_id: String,
+    /// The node that published it (the instance's owner then).
+    pub node_id: String,
+    /// Whether a receiver task ran.
+    pub running: bool,
+    /// LSN received and stored (flushed to the repository) so far.
+    pub received_lsn: u64,
+    /// The server's end of WAL at its last status message.
+    pub server_end_lsn: u64,
+    /// When the server last sent anything.
+    pub last_message_at: Option<DateTime<Utc>>,
+    /// The last error, kept after recovery for the record.
+    pub last_error: Option<String>,
+    /// Why the receiver is failing, while it does.
+    pub failing: Option<String>,
+    /// When the owner published this.
+    pub published_at: DateTime<Utc>,
+}
+
 /// A PostgreSQL server Strata backs up, as registered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Instance {
@@ -602,6 +626,12 @@ pub struct Job {
     /// Process id of the owner, for people reading the job only: a PID says
     /// nothing about liveness across PID namespaces or hosts.
     pub pid: u32,
+    /// Waiting for the node owning its instance to claim it
+    /// ([`JobCatalog::claim_queued_job`]); no process owns it meanwhile.
+    pub queued: bool,
+    /// The node that claimed the job and runs (or ran) it, when it was
+    /// queued (`StrataNode`).
+    pub node_id: Option<String>,
 }
 
 /// An instance's backup policy, as RDS defines one (validated by the service).

@@ -512,6 +512,46 @@ CREATE TABLE shared_secrets (
 );
 "#,
     },
+    Migration {
+        version: 10,
+        description: "jobs queued for an instance's owner, and WAL receiver states every node can read",
+        sqlite: r#"
+-- A job started through any node's API waits, queued, until the node owning
+-- its instance claims it (owner set, queued cleared); node_id names the node
+-- that ran it.
+ALTER TABLE jobs ADD COLUMN queued INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN node_id TEXT;
+CREATE INDEX jobs_queued ON jobs(id) WHERE queued = 1;
+-- Each instance's WAL receiver as its owner last published it.
+CREATE TABLE wal_receivers (
+    instance_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    running INTEGER NOT NULL,
+    received_lsn INTEGER NOT NULL,
+    server_end_lsn INTEGER NOT NULL,
+    last_message_at TEXT,
+    last_error TEXT,
+    failing TEXT,
+    published_at TEXT NOT NULL
+);
+"#,
+        postgres: r#"
+ALTER TABLE jobs ADD COLUMN queued boolean NOT NULL DEFAULT false;
+ALTER TABLE jobs ADD COLUMN node_id text;
+CREATE INDEX jobs_queued ON jobs(id) WHERE queued;
+CREATE TABLE wal_receivers (
+    instance_id text PRIMARY KEY,
+    node_id text NOT NULL,
+    running boolean NOT NULL,
+    received_lsn bigint NOT NULL,
+    server_end_lsn bigint NOT NULL,
+    last_message_at timestamptz,
+    last_error text,
+    failing text,
+    published_at timestamptz NOT NULL
+);
+"#,
+    },
 ];
 
 #[cfg(test)]

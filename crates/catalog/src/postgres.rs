@@ -601,7 +601,7 @@ fn wal_from_row(r: &Row) -> CatalogResult<WalSegmentRow> {
     })
 }
 
-const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at";
+const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id";
 
 fn job_from_row(r: &Row) -> CatalogResult<Job> {
     let state: String = get(r, 3)?;
@@ -621,6 +621,8 @@ fn job_from_row(r: &Row) -> CatalogResult<Job> {
         // Rows from before leases existed belong to no live owner.
         owner: LeaseOwner::from_stored(get::<Option<String>>(r, 11)?.unwrap_or_default()),
         heartbeat_at: get::<Option<DateTime<Utc>>>(r, 12)?.unwrap_or(started_at),
+        queued: get(r, 13)?,
+        node_id: get(r, 14)?,
         started_at,
     })
 }
@@ -1344,6 +1346,69 @@ impl JobCatalog for PgCatalog {
         })
     }
 
+    fn queue_job(
+        &self,
+        kind: JobKind,
+        instance_id: &str,
+        backup_id: Option<&str>,
+    ) -> CatalogResult<Job> {
+        let key = instance_id.to_string();
+        let set = backup_id.map(str::to_string);
+        let now = Utc::now();
+        self.call(move |c| {
+            let (key, set) = (key.clone(), set.clone());
+            async move {
+                let sql = format!(
+                    "INSERT INTO jobs (kind, instance_id, state, backup_id, started_at, pid, queued, heartbeat_at) \
+                     VALUES ($1, $2, 'NoStart', $3, $4, $5, true, $4) RETURNING {JOB_COLS}"
+                );
+                let row = c
+                    .query_one(
+                        &sql,
+                        &[&kind.as_str(), &key, &set, &now, &i64::from(std::process::id())],
+                    )
+                    .await?;
+                job_from_row(&row)
+            }
+        })
+    }
+
+    fn queued_jobs(&self) -> CatalogResult<Vec<Job>> {
+        self.call(move |c| async move {
+            let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE queued ORDER BY id");
+            all(c.query(&sql, &[]).await?, job_from_row)
+        })
+    }
+
+    fn claim_queued_job(
+        &self,
+        id: JobId,
+        node_id: &str,
+        now: DateTime<Utc>,
+    ) -> CatalogResult<Option<Job>> {
+        let owner = self.owner.as_str().to_string();
+        let node = node_id.to_string();
+        self.call(move |c| {
+            let (owner, node) = (owner.clone(), node.clone());
+            async move {
+                // A job another node is claiming right now is skipped, not
+                // waited for: that node gets it, this one finds nothing.
+                let sql = format!(
+                    "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = $4, pid = $5 \
+                     WHERE id = (SELECT id FROM jobs WHERE id = $1 AND queued FOR UPDATE SKIP LOCKED) \
+                     AND queued RETURNING {JOB_COLS}"
+                );
+                c.query_opt(
+                    &sql,
+                    &[&id.get(), &owner, &node, &now, &i64::from(std::process::id())],
+                )
+                .await?
+                .map(|r| job_from_row(&r))
+                .transpose()
+            }
+        })
+    }
+
     fn lease_owner(&self) -> &LeaseOwner {
         &self.owner
     }
@@ -1381,7 +1446,7 @@ impl JobCatalog for PgCatalog {
                 let tx = c.transaction().await?;
                 let sql = format!(
                     "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') \
-                     AND owner IS DISTINCT FROM $1 AND coalesce(heartbeat_at, started_at) < $2 \
+                     AND owner IS DISTINCT FROM $1 AND NOT queued AND coalesce(heartbeat_at, started_at) < $2 \
                      ORDER BY id FOR UPDATE SKIP LOCKED"
                 );
                 let expired = all(tx.query(&sql, &[&owner, &expired_before]).await?, job_from_row)?;
@@ -1995,6 +2060,57 @@ impl NodeCatalog for PgCatalog {
                         node_id: get(r, 1)?,
                         epoch: get(r, 2)?,
                         expires_at: get(r, 3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn publish_receiver(&self, status: &ReceiverStatus) -> CatalogResult<()> {
+        let r = status.clone();
+        self.call(move |c| {
+            let r = r.clone();
+            async move {
+                c.execute(
+                    "INSERT INTO wal_receivers (instance_id, node_id, running, received_lsn, server_end_lsn, \
+                     last_message_at, last_error, failing, published_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (instance_id) DO UPDATE SET node_id=excluded.node_id, running=excluded.running, \
+                     received_lsn=excluded.received_lsn, server_end_lsn=excluded.server_end_lsn, \
+                     last_message_at=excluded.last_message_at, last_error=excluded.last_error, \
+                     failing=excluded.failing, published_at=excluded.published_at",
+                    &[
+                        &r.instance_id, &r.node_id, &r.running, &lsn_to_sql(Lsn(r.received_lsn)),
+                        &lsn_to_sql(Lsn(r.server_end_lsn)), &r.last_message_at, &r.last_error,
+                        &r.failing, &r.published_at,
+                    ],
+                )
+                .await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn list_receivers(&self) -> CatalogResult<Vec<ReceiverStatus>> {
+        self.call(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, \
+                     last_error, failing, published_at FROM wal_receivers ORDER BY instance_id",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ReceiverStatus {
+                        instance_id: get(r, 0)?,
+                        node_id: get(r, 1)?,
+                        running: get(r, 2)?,
+                        received_lsn: lsn_from_sql(get(r, 3)?).0,
+                        server_end_lsn: lsn_from_sql(get(r, 4)?).0,
+                        last_message_at: get(r, 5)?,
+                        last_error: get(r, 6)?,
+                        failing: get(r, 7)?,
+                        published_at: get(r, 8)?,
                     })
                 })
                 .collect()

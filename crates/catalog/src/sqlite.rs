@@ -242,11 +242,13 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
             Some(t) => parse_ts(t)?,
             None => started_at,
         },
+        queued: r.get(13)?,
+        node_id: r.get(14)?,
         started_at,
     })
 }
 
-const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at";
+const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id";
 
 const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
 
@@ -724,6 +726,59 @@ impl JobCatalog for SqliteCatalog {
         })
     }
 
+    fn queue_job(
+        &self,
+        kind: JobKind,
+        instance_id: &str,
+        backup_id: Option<&str>,
+    ) -> CatalogResult<Job> {
+        let id = self.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (kind, instance_id, state, backup_id, started_at, pid, queued, heartbeat_at) \
+                 VALUES (?1, ?2, 'NoStart', ?3, ?4, ?5, 1, ?4)",
+                params![kind.as_str(), instance_id, backup_id, ts(&Utc::now()), std::process::id()],
+            )?;
+            Ok(JobId::new(c.last_insert_rowid()))
+        })?;
+        self.get_job(id)
+    }
+
+    fn queued_jobs(&self) -> CatalogResult<Vec<Job>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE queued = 1 ORDER BY id"
+            ))?;
+            let rows = st.query_map([], job_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn claim_queued_job(
+        &self,
+        id: JobId,
+        node_id: &str,
+        now: DateTime<Utc>,
+    ) -> CatalogResult<Option<Job>> {
+        self.with(|c| {
+            // SQLite has one writer at a time: the conditional update is the
+            // look and the claim at once, and a second claimer finds the job
+            // no longer queued.
+            let n = c.execute(
+                "UPDATE jobs SET queued = 0, owner = ?2, node_id = ?3, heartbeat_at = ?4, pid = ?5 \
+                 WHERE id = ?1 AND queued = 1",
+                params![id.get(), self.owner.as_str(), node_id, ts(&now), std::process::id()],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            Ok(Some(c.query_row(
+                &format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"),
+                [id.get()],
+                job_from_row,
+            )?))
+        })
+    }
+
     fn lease_owner(&self) -> &LeaseOwner {
         &self.owner
     }
@@ -748,7 +803,7 @@ impl JobCatalog for SqliteCatalog {
             let tx = immediate(c)?;
             let open: Vec<Job> = {
                 let mut st = tx.prepare(&format!(
-                    "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') AND owner IS NOT ?1"
+                    "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') AND owner IS NOT ?1 AND queued = 0"
                 ))?;
                 let rows = st.query_map([self.owner.as_str()], job_from_row)?;
                 rows.collect::<Result<_, _>>()?
@@ -1268,6 +1323,48 @@ impl NodeCatalog for SqliteCatalog {
                 "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners ORDER BY instance_id",
             )?;
             let rows = st.query_map([], owner_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn publish_receiver(&self, r: &ReceiverStatus) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO wal_receivers (instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT(instance_id) DO UPDATE SET node_id=excluded.node_id, running=excluded.running, \
+                 received_lsn=excluded.received_lsn, server_end_lsn=excluded.server_end_lsn, \
+                 last_message_at=excluded.last_message_at, last_error=excluded.last_error, \
+                 failing=excluded.failing, published_at=excluded.published_at",
+                params![
+                    r.instance_id, r.node_id, r.running, lsn_to_sql(Lsn(r.received_lsn)),
+                    lsn_to_sql(Lsn(r.server_end_lsn)), r.last_message_at.as_ref().map(ts),
+                    r.last_error, r.failing, ts(&r.published_at)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_receivers(&self) -> CatalogResult<Vec<ReceiverStatus>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at \
+                 FROM wal_receivers ORDER BY instance_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(ReceiverStatus {
+                    instance_id: r.get(0)?,
+                    node_id: r.get(1)?,
+                    running: r.get(2)?,
+                    received_lsn: lsn_from_sql(r.get(3)?).0,
+                    server_end_lsn: lsn_from_sql(r.get(4)?).0,
+                    last_message_at: opt_ts(r.get(5)?)?,
+                    last_error: r.get(6)?,
+                    failing: r.get(7)?,
+                    published_at: parse_ts(r.get(8)?)?,
+                })
+            })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

@@ -96,6 +96,9 @@ contract!(
     racing_handles_claim_one_instance_lease_once,
     a_lapsed_lease_is_taken_over_and_a_valid_one_is_not,
     renewal_extends_only_the_nodes_own_leases,
+    racing_handles_claim_one_queued_job_once,
+    a_queued_job_waits_for_its_next_owner_and_is_never_taken_over,
+    receiver_states_are_published_and_replaced,
 );
 
 /// Now, to the microsecond every backend keeps.
@@ -1156,6 +1159,10 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
     );
     assert!(cat.acquire_repo_hold(&hold, t).unwrap());
     cat.shared_secret("download-link-key", "plain:00").unwrap();
+    let queued = cat.queue_job(JobKind::Drill, "a", Some("full")).unwrap();
+    cat.claim_queued_job(queued.id, "n1", t).unwrap().unwrap();
+    cat.queue_job(JobKind::Backup, "b", None).unwrap();
+    cat.publish_receiver(&receiver("a", "n1", t)).unwrap();
     cat
 }
 
@@ -1175,6 +1182,7 @@ fn everything(cat: &dyn Catalog) -> String {
             (o.instance_id.clone(), o.node_id.clone(), o.epoch, o.expires_at)
         }).collect::<Vec<_>>(),
         "secret": cat.shared_secret("download-link-key", "other").unwrap(),
+        "receivers": cat.list_receivers().unwrap(),
     });
     for id in ["a", "b"] {
         out[id] = serde_json::json!({
@@ -1224,7 +1232,7 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
 
     let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
     let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
-    assert_eq!(tables.len(), 19, "{tables:?}");
+    assert_eq!(tables.len(), 20, "{tables:?}");
     assert!(
         report.iter().all(|t| t.rows > 0),
         "a row in every table: {report:?}"
@@ -1536,4 +1544,104 @@ fn renewal_extends_only_the_nodes_own_leases(b: &dyn Backend) {
         .map(|o| o.instance_id)
         .collect();
     assert_eq!(left, ["y", "z"]);
+}
+
+/// A job queued through one node's API: exactly one of several claimers
+/// gets it, named as its runner, and it leaves the queue.
+fn racing_handles_claim_one_queued_job_once(b: &dyn Backend) {
+    let api = b.open();
+    for round in 0..10 {
+        let queued = api.queue_job(JobKind::Backup, "a", None).unwrap();
+        assert!(queued.queued && queued.state == JobState::NoStart);
+        let t = now();
+        let id = queued.id;
+        let claims = race(b, 4, move |cat, n| {
+            cat.claim_queued_job(id, &format!("node-{n}"), t)
+                .unwrap()
+                .map(|job| (n, job, cat.lease_owner().clone()))
+        });
+        let won: Vec<_> = claims.into_iter().flatten().collect();
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        let (n, claimed, owner) = &won[0];
+        let stored = b.open().get_job(id).unwrap();
+        assert_eq!(&stored, claimed);
+        assert!(!stored.queued);
+        assert_eq!(stored.node_id.as_deref(), Some(format!("node-{n}").as_str()));
+        assert_eq!(&stored.owner, owner);
+        assert_eq!((stored.state, stored.heartbeat_at), (JobState::NoStart, t));
+        assert!(api.queued_jobs().unwrap().iter().all(|j| j.id != id));
+        assert_eq!(api.claim_queued_job(id, "late", t).unwrap(), None);
+    }
+}
+
+/// Nobody owns a queued job: the handle that queued it going away fails
+/// nothing, the instance's next owner claims it and owns it from then on.
+fn a_queued_job_waits_for_its_next_owner_and_is_never_taken_over(b: &dyn Backend) {
+    let lease = chrono::Duration::seconds(30);
+    let api = b.open();
+    let job = api.queue_job(JobKind::Drill, "a", Some("full")).unwrap();
+    assert_eq!(job.backup_id.as_deref(), Some("full"));
+    assert_eq!(job.node_id, None);
+    api.renew_leases(now()).unwrap();
+    drop(api);
+    let later = now() + chrono::Duration::hours(1);
+    let other = b.open();
+    assert_eq!(other.fail_expired_jobs(later, lease).unwrap(), 0);
+    let queue = other.queued_jobs().unwrap();
+    assert_eq!(queue, vec![job.clone()]);
+    assert_eq!(other.list_jobs(Some("a")).unwrap(), vec![job.clone()]);
+
+    let owner = b.open();
+    let t = now();
+    let claimed = owner.claim_queued_job(job.id, "node-b", t).unwrap().unwrap();
+    assert_eq!(&claimed.owner, owner.lease_owner());
+    assert_eq!(owner.renew_leases(later).unwrap(), 1);
+    // Claimed, it is an ordinary job: its owner stopping fails it.
+    assert_eq!(
+        other
+            .fail_expired_jobs(later + chrono::Duration::hours(1), lease)
+            .unwrap(),
+        1
+    );
+    assert_eq!(other.get_job(job.id).unwrap().state, JobState::Failed);
+}
+
+fn receiver(instance: &str, node: &str, t: DateTime<Utc>) -> ReceiverStatus {
+    ReceiverStatus {
+        instance_id: instance.into(),
+        node_id: node.into(),
+        running: true,
+        received_lsn: 0x1_0000_0028,
+        server_end_lsn: u64::MAX - 1,
+        last_message_at: Some(t),
+        last_error: Some("connection reset".into()),
+        failing: None,
+        published_at: t,
+    }
+}
+
+fn receiver_states_are_published_and_replaced(b: &dyn Backend) {
+    let a = b.open();
+    let t = now();
+    a.publish_receiver(&receiver("pg-2", "node-a", t)).unwrap();
+    a.publish_receiver(&receiver("pg-1", "node-a", t)).unwrap();
+    let reader = b.open();
+    assert_eq!(
+        reader.list_receivers().unwrap(),
+        vec![receiver("pg-1", "node-a", t), receiver("pg-2", "node-a", t)]
+    );
+    // The next owner's row replaces the last one's, whole.
+    let moved = ReceiverStatus {
+        running: false,
+        last_message_at: None,
+        last_error: None,
+        failing: Some("could not connect".into()),
+        published_at: t + chrono::Duration::seconds(3),
+        ..receiver("pg-1", "node-b", t)
+    };
+    b.open().publish_receiver(&moved).unwrap();
+    assert_eq!(
+        reader.list_receivers().unwrap(),
+        vec![moved, receiver("pg-2", "node-a", t)]
+    );
 }
