@@ -143,7 +143,7 @@ fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             ))
         }
     }
-    let job = svc.start_backup(&inst.id, BackupMode::Manual)?;
+    let job = svc.request_backup(&inst.id)?;
     Ok(obj(json!({"BackupJobId": job.id.to_string()})))
 }
 
@@ -407,6 +407,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             "TaskAction": action,
             "StrataStartTime": format_seconds(j.started_at),
             "StrataDetail": j.detail,
+            "StrataNode": j.node_id.clone().unwrap_or_default(),
         });
         let m = item.as_object_mut().expect("object");
         if let Some(f) = j.finished_at {
@@ -628,7 +629,7 @@ fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     if set.instance_id != inst.id {
         return Err(strata_catalog::CatalogError::BackupNotFound(id.to_string()).into());
     }
-    let job = svc.start_drill(id)?;
+    let job = svc.request_drill(id)?;
     Ok(obj(json!({"StrataJobId": job.to_string()})))
 }
 
@@ -638,16 +639,24 @@ fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 /// `Starting`) or `Failing: <the last error>` while it fails and retries
 /// (`StrataWalReceiver`).
 pub fn receiver_status(svc: &Service, instance_id: &str) -> ApiResult<String> {
-    let (state, error) = receiver_state(svc, instance_id)?;
-    Ok(match error {
-        Some(e) => format!("{state}: {e}"),
-        None => state.to_string(),
-    })
+    let (state, error) = receiver_state(svc, instance_id, svc.wal_state(instance_id)?)?;
+    Ok(receiver_words(state, error))
 }
 
-/// The receiver's state word and, when `Failing`, why.
-fn receiver_state(svc: &Service, instance_id: &str) -> ApiResult<(&'static str, Option<String>)> {
-    let wal = svc.wal_state(instance_id);
+fn receiver_words(state: &str, error: Option<String>) -> String {
+    match error {
+        Some(e) => format!("{state}: {e}"),
+        None => state.to_string(),
+    }
+}
+
+/// The receiver's state word and, when `Failing`, why, from `wal` (the
+/// owner's state: see [`Service::wal_state`]).
+fn receiver_state(
+    svc: &Service,
+    instance_id: &str,
+    wal: strata_service::WalReceiverState,
+) -> ApiResult<(&'static str, Option<String>)> {
     let pol = svc.policy(instance_id)?;
     Ok(if !pol.log_backup_enabled {
         ("Off", None)
@@ -660,15 +669,33 @@ fn receiver_state(svc: &Service, instance_id: &str) -> ApiResult<(&'static str, 
     })
 }
 
-/// An instance's fields; `owners` maps instance ids to the node holding
-/// their ownership lease (`StrataNode`, empty while no node holds it).
-fn instance_fields(
-    svc: &Service,
-    i: &Instance,
-    owners: &std::collections::BTreeMap<String, String>,
-) -> ApiResult<Value> {
-    let receiver = receiver_status(svc, &i.id)?;
-    let (receiver_word, receiver_error) = receiver_state(svc, &i.id)?;
+/// What every node answers about the fleet's instances: the node holding
+/// each one's ownership lease and each one's WAL receiver state.
+struct FleetView {
+    owners: std::collections::BTreeMap<String, String>,
+    receivers: std::collections::BTreeMap<String, strata_service::WalReceiverState>,
+}
+
+impl FleetView {
+    fn read(svc: &Service) -> ApiResult<FleetView> {
+        Ok(FleetView {
+            owners: svc.instance_owners()?,
+            receivers: svc.wal_states()?,
+        })
+    }
+}
+
+/// An instance's fields; `fleet.owners` gives `StrataNode` (empty while no
+/// node holds the instance's lease).
+fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<Value> {
+    let wal = fleet
+        .receivers
+        .get(i.id.as_str())
+        .cloned()
+        .unwrap_or_default();
+    let (receiver_word, receiver_error) = receiver_state(svc, &i.id, wal)?;
+    let receiver = receiver_words(receiver_word, receiver_error.clone());
+    let owners = &fleet.owners;
     let managed = svc.managed_instance(&i.id)?;
     let status = managed
         .as_ref()
@@ -726,10 +753,10 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .into_iter()
         .filter(|i| wanted.as_ref().is_none_or(|w| w.contains(&i.id.as_str())))
         .collect();
-    let owners = svc.instance_owners()?;
+    let fleet = FleetView::read(svc)?;
     let items = page(&all, number, size)
         .iter()
-        .map(|i| instance_fields(svc, i, &owners))
+        .map(|i| instance_fields(svc, i, &fleet))
         .collect::<ApiResult<Vec<_>>>()?;
     Ok(obj(json!({
         "Items": {"DBInstance": items},
@@ -741,7 +768,7 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 
 fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let mut items = Vec::new();
-    let owners = svc.instance_owners()?;
+    let fleet = FleetView::read(svc)?;
     for id in p
         .required("DBInstanceId")?
         .split(',')
@@ -749,7 +776,7 @@ fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fiel
         .filter(|s| !s.is_empty())
     {
         let i = svc.instance(id)?;
-        items.push(instance_fields(svc, &i, &owners)?);
+        items.push(instance_fields(svc, &i, &fleet)?);
     }
     Ok(obj(json!({"Items": {"DBInstanceAttribute": items}})))
 }

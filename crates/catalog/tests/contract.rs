@@ -1566,7 +1566,10 @@ fn racing_handles_claim_one_queued_job_once(b: &dyn Backend) {
         let stored = b.open().get_job(id).unwrap();
         assert_eq!(&stored, claimed);
         assert!(!stored.queued);
-        assert_eq!(stored.node_id.as_deref(), Some(format!("node-{n}").as_str()));
+        assert_eq!(
+            stored.node_id.as_deref(),
+            Some(format!("node-{n}").as_str())
+        );
         assert_eq!(&stored.owner, owner);
         assert_eq!((stored.state, stored.heartbeat_at), (JobState::NoStart, t));
         assert!(api.queued_jobs().unwrap().iter().all(|j| j.id != id));
@@ -1593,7 +1596,10 @@ fn a_queued_job_waits_for_its_next_owner_and_is_never_taken_over(b: &dyn Backend
 
     let owner = b.open();
     let t = now();
-    let claimed = owner.claim_queued_job(job.id, "node-b", t).unwrap().unwrap();
+    let claimed = owner
+        .claim_queued_job(job.id, "node-b", t)
+        .unwrap()
+        .unwrap();
     assert_eq!(&claimed.owner, owner.lease_owner());
     assert_eq!(owner.renew_leases(later).unwrap(), 1);
     // Claimed, it is an ordinary job: its owner stopping fails it.

@@ -105,6 +105,34 @@ impl Engine {
         instance_id: &str,
         opts: &BackupOptions,
     ) -> EngineResult<PendingBackup> {
+        let instance = self.check_backup(instance_id, opts)?;
+        let job = self
+            .catalog
+            .create_job(JobKind::Backup, Some(instance_id))?;
+        self.record_backup_set(job, instance, opts)
+    }
+
+    /// [`Engine::prepare_backup`] for a backup job queued earlier and claimed
+    /// by this process: the same checks, then its running backup set. The
+    /// caller fails the job when this refuses.
+    pub fn prepare_claimed_backup(
+        &self,
+        job: Job,
+        opts: &BackupOptions,
+    ) -> EngineResult<PendingBackup> {
+        let Some(instance_id) = job.instance_id.clone() else {
+            return Err(EngineError::Refused(format!(
+                "backup job {} names no instance",
+                job.id
+            )));
+        };
+        let instance = self.check_backup(&instance_id, opts)?;
+        self.record_backup_set(job, instance, opts)
+    }
+
+    /// Whether a backup of `instance_id` may start now: its options are
+    /// valid, the instance exists and no backup of it runs anywhere.
+    pub fn check_backup(&self, instance_id: &str, opts: &BackupOptions) -> EngineResult<Instance> {
         if let Some(rate) = opts.max_rate_kb {
             if !(32..=1_048_576).contains(&rate) {
                 return Err(EngineError::Refused(format!(
@@ -126,12 +154,19 @@ impl Engine {
                 running.job_id.map(|j| j.to_string()).unwrap_or_default()
             )));
         }
-        let mut job = self
-            .catalog
-            .create_job(JobKind::Backup, Some(instance_id))?;
+        Ok(instance)
+    }
+
+    /// Records the running backup set of `job` and names it in the job.
+    fn record_backup_set(
+        &self,
+        mut job: Job,
+        instance: Instance,
+        opts: &BackupOptions,
+    ) -> EngineResult<PendingBackup> {
         let mut set = BackupSet::started(
             new_backup_id(0),
-            instance_id,
+            &instance.id,
             opts.mode,
             Utc::now(),
             Some(job.id),

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, Once};
 
 use chrono::Utc;
-use strata_catalog::{BackupId, BackupStatus, DrillResult, InstanceId, JobId, JobKind};
+use strata_catalog::{
+    BackupId, BackupSet, BackupStatus, DrillResult, InstanceId, Job, JobId, JobKind,
+};
 use strata_engine::EngineError;
 
 use crate::local::RestoreSource;
@@ -38,6 +40,27 @@ impl Default for DrillWorker {
 impl Service {
     /// Queues a drill of a successful backup set; returns the job id.
     pub fn start_drill(self: &Arc<Self>, backup_id: &str) -> ServiceResult<JobId> {
+        let set = self.drillable(backup_id)?;
+        let job = self
+            .engine
+            .catalog()
+            .create_job(JobKind::Drill, Some(&set.instance_id))?;
+        self.begin_drill(set, job)
+    }
+
+    /// Queues the drill of a queued job this node claimed.
+    pub(crate) fn start_claimed_drill(self: &Arc<Self>, job: Job) -> ServiceResult<JobId> {
+        let Some(backup_id) = job.backup_id.clone() else {
+            return Err(
+                EngineError::Refused(format!("drill job {} names no backup", job.id)).into(),
+            );
+        };
+        let set = self.drillable(&backup_id)?;
+        self.begin_drill(set, job)
+    }
+
+    /// The backup set `backup_id`, if a drill may restore it (successful).
+    pub(crate) fn drillable(&self, backup_id: &str) -> ServiceResult<BackupSet> {
         let set = self.engine.catalog().get_backup(backup_id)?;
         if set.status != BackupStatus::Success {
             return Err(EngineError::Refused(format!(
@@ -46,10 +69,12 @@ impl Service {
             ))
             .into());
         }
-        let mut job = self
-            .engine
-            .catalog()
-            .create_job(JobKind::Drill, Some(&set.instance_id))?;
+        Ok(set)
+    }
+
+    /// Records the drill of `set` as pending under `job` and hands it to the
+    /// drill worker.
+    fn begin_drill(self: &Arc<Self>, set: BackupSet, mut job: Job) -> ServiceResult<JobId> {
         job.backup_id = Some(set.id.clone());
         job.detail = format!("restore drill of backup {}", set.id);
         self.engine.catalog().update_job(&job)?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use strata_catalog::{BackupId, BackupMode, BackupStatus, Job, JobId, JobState};
-use strata_engine::{BackupOptions, Engine, NoProgress};
+use strata_engine::{BackupOptions, Engine, NoProgress, PendingBackup};
 use tokio::task::JoinHandle;
 
 use crate::{lock, Service, ServiceResult};
@@ -80,6 +80,18 @@ impl BackupTasks {
 }
 
 impl Service {
+    /// The options of a backup of `mode` on this node.
+    pub(crate) fn backup_options(&self, mode: BackupMode) -> BackupOptions {
+        BackupOptions {
+            mode,
+            max_rate_kb: if mode == BackupMode::Automated {
+                self.settings.backup_max_rate_kb
+            } else {
+                self.settings.manual_backup_max_rate_kb
+            },
+        }
+    }
+
     /// Starts a backup job and returns it at once; the backup runs in the
     /// background. Refused while another backup of the instance runs.
     pub fn start_backup(
@@ -87,19 +99,26 @@ impl Service {
         instance_id: &str,
         mode: BackupMode,
     ) -> ServiceResult<Job> {
-        let opts = BackupOptions {
-            mode,
-            max_rate_kb: if mode == BackupMode::Automated {
-                self.settings.backup_max_rate_kb
-            } else {
-                self.settings.manual_backup_max_rate_kb
-            },
-        };
+        let opts = self.backup_options(mode);
         let pending = self.engine.prepare_backup(instance_id, &opts)?;
+        Ok(self.spawn_backup(pending, opts))
+    }
+
+    /// Starts the manual backup of a queued job this node claimed.
+    pub(crate) fn start_claimed_backup(self: &Arc<Self>, job: Job) -> ServiceResult<Job> {
+        let opts = self.backup_options(BackupMode::Manual);
+        let pending = self.engine.prepare_claimed_backup(job, &opts)?;
+        Ok(self.spawn_backup(pending, opts))
+    }
+
+    /// Runs a prepared backup in the background.
+    fn spawn_backup(self: &Arc<Self>, pending: PendingBackup, opts: BackupOptions) -> Job {
         let job = pending.job.clone();
+        let id = pending.set.instance_id.to_string();
         let svc = Arc::clone(self);
-        let id = instance_id.to_string();
+        let task_id = id.clone();
         let task = tokio::spawn(async move {
+            let id = task_id;
             match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
                 Ok(set) => {
                     tracing::info!(instance = %id, backup = %set.id, "backup finished");
@@ -116,8 +135,8 @@ impl Service {
             // What is stored changed; the collection may wait for readers.
             svc.usage_changed();
         });
-        self.backups.insert(instance_id, job.id, task);
-        Ok(job)
+        self.backups.insert(&id, job.id, task);
+        job
     }
 
     /// Stops the backup this server runs for an instance, if any, and

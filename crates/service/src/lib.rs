@@ -12,8 +12,10 @@
 //! instance lifecycle; each responsibility keeps its state in its own module:
 //! `scheduler` (the round and its decisions), `wal_supervisor`, `retention`
 //! (retention, garbage collection, deletion rules), `jobs` (backup tasks and
-//! job records), `usage`, `drills`, `cross_region` (the copier), `local`
-//! (clones and scratch servers), `tables` and `metrics`. Refusals are typed
+//! job records), `queue` (work any node's API starts for the instance's
+//! owner), `receivers` (WAL receiver states every node answers with),
+//! `usage`, `drills`, `cross_region` (the copier), `local` (clones
+//! and scratch servers), `tables` and `metrics`. Refusals are typed
 //! ([`PolicyError`] with a [`Refusal`] kind); RDS's codes are the API's.
 #![warn(missing_docs)]
 
@@ -27,6 +29,8 @@ mod membership;
 mod metrics;
 mod pg_client;
 pub mod policy;
+mod queue;
+mod receivers;
 mod retention;
 mod scheduler;
 mod tables;
@@ -201,6 +205,8 @@ pub struct Service {
     copier: Copier,
     /// The instances this node holds ownership leases on.
     membership: membership::Membership,
+    /// The WAL receiver states this node last published, for every node.
+    published: receivers::Published,
     /// When this service started (recorded with the node's heartbeat).
     started_at: DateTime<Utc>,
 }
@@ -233,6 +239,7 @@ impl Service {
             regions,
             copier: Copier::default(),
             membership: membership::Membership::default(),
+            published: receivers::Published::default(),
             started_at: Utc::now(),
         })
     }

@@ -296,7 +296,7 @@ impl Service {
             .map(|w| w.size)
             .sum();
         out.push("strata_wal_archived_bytes", l.clone(), wal as f64);
-        let st = self.wal_state(&i.id);
+        let st = self.wal.state(&i.id);
         let up = if st.is_up() { 1.0 } else { 0.0 };
         out.push("strata_wal_receiver_up", l.clone(), up);
         let failing = if st.failing.is_some() { 1.0 } else { 0.0 };

@@ -1,8 +1,9 @@
 //! The scheduler: the service loop and one round of it ([`Service::tick`]):
-//! jobs whose owner died, automatic backups due by each policy, WAL
-//! receivers for instances with log backup on, retention, cross-region
-//! copies, garbage collection and usage samples. Time comes from the
-//! service's [`crate::Clock`], so tests walk it through days and weeks.
+//! jobs whose owner died, queued jobs of owned instances, automatic backups
+//! due by each policy, WAL receivers for instances with log backup on,
+//! retention, cross-region copies, garbage collection and usage samples.
+//! Time comes from the service's [`crate::Clock`], so tests walk it through
+//! days and weeks.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -93,6 +94,7 @@ impl Service {
                 .collect(),
         )
         .await;
+        self.take_queued_jobs().await;
         let now = self.now();
         let retention_due = self
             .housekeeping
@@ -103,6 +105,8 @@ impl Service {
             }
         }
         self.wal.reap();
+        let ids: Vec<String> = instances.iter().map(|i| i.id.to_string()).collect();
+        self.publish_receivers(&ids).await;
         self.start_copy_round();
         self.collect_garbage_if_due(now).await;
         if let Err(e) = self.sample_usage_if_due().await {

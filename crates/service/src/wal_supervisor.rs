@@ -1,6 +1,7 @@
 //! WAL-receiver supervision: one receiver task per instance with log backup
 //! on, restarted with exponential backoff when it fails, and the live state
-//! (`received`, `failing`…) that `/metrics` and the console read.
+//! (`received`, `failing`…) that `/metrics` reads and the owner publishes
+//! for every node's API (see `receivers`).
 //!
 //! The receiver itself (START_REPLICATION, sealing and storing segments)
 //! lives in the engine; this module only starts, watches and stops it.
@@ -216,6 +217,11 @@ impl WalSupervisor {
             .unwrap_or_default()
     }
 
+    /// The instances with a state in memory (their receiver runs or ran).
+    pub(crate) fn instances_with_state(&self) -> Vec<String> {
+        lock(&self.states).keys().cloned().collect()
+    }
+
     /// Drops the state of an instance that is gone.
     pub(crate) fn forget(&self, instance_id: &str) {
         lock(&self.states).remove(instance_id);
@@ -239,11 +245,6 @@ impl crate::Service {
         if let Err(e) = self.engine.drop_wal_slot(instance_id).await {
             tracing::warn!(instance = %instance_id, "could not drop the replication slot: {e}");
         }
-    }
-
-    /// WAL receiver state of an instance (default when none ran).
-    pub fn wal_state(&self, instance_id: &str) -> WalReceiverState {
-        self.wal.state(instance_id)
     }
 }
 

@@ -150,7 +150,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
             .list_wal_segments("sched")
             .unwrap()
             .is_empty()
-            && svc.wal_state("sched").running
+            && svc.wal_state("sched").unwrap().running
         {
             stored = true;
             break;
@@ -218,7 +218,7 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     assert_eq!(report.backups_checked as usize, kept.len());
 
     svc.shutdown().await;
-    assert!(!svc.wal_state("sched").running);
+    assert!(!svc.wal_state("sched").unwrap().running);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
