@@ -2,7 +2,8 @@
 //! each instance is owned by exactly one node and the instances spread; a
 //! node killed with SIGKILL loses its instances to the others, whose WAL
 //! receivers resume with no hole in the archived WAL; a restarted node
-//! rejoins and gets instances back.
+//! rejoins and gets instances back. Whichever node is asked, a backup runs
+//! on the instance's owner and every node reports the same WAL receivers.
 
 mod common;
 
@@ -60,6 +61,40 @@ fn owners(strata: &Strata, server: &Server) -> BTreeMap<String, String> {
             )
         })
         .collect()
+}
+
+/// `StrataWalReceiverState` of every instance, as one node's API answers.
+fn receiver_states(strata: &Strata, server: &Server) -> BTreeMap<String, String> {
+    let v = api(
+        strata,
+        server,
+        &[("Action", "DescribeDBInstances"), ("PageSize", "100")],
+    );
+    v["Items"]["DBInstance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["DBInstanceId"].as_str().unwrap().to_string(),
+                i["StrataWalReceiverState"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// One backup job as `DescribeBackupTasks` of one node answers it.
+fn backup_task(strata: &Strata, server: &Server, id: &str, job: &str) -> serde_json::Value {
+    let v = api(
+        strata,
+        server,
+        &[
+            ("Action", "DescribeBackupTasks"),
+            ("DBInstanceId", id),
+            ("BackupJobId", job),
+        ],
+    );
+    v["Items"]["BackupJob"][0].clone()
 }
 
 /// The instances a node's `/metrics` reports with a streaming WAL receiver,
@@ -242,6 +277,55 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     let before = owners(&nodes[0], server(1, &servers));
     // Every node answers the same.
     assert_eq!(before, owners(&nodes[0], server(2, &servers)));
+    poll(
+        "every node to report every receiver streaming",
+        60,
+        || {
+            let states: Vec<BTreeMap<String, String>> = (0..3)
+                .map(|n| receiver_states(&nodes[0], server(n, &servers)))
+                .collect();
+            let all_streaming = states[0].len() == INSTANCES
+                && states[0].values().all(|s| s == "Streaming");
+            if all_streaming && states.iter().all(|s| *s == states[0]) {
+                Ok(())
+            } else {
+                Err(format!("{states:?}"))
+            }
+        },
+    );
+
+    // A backup asked of a node that does not own the instance is run by
+    // the owner.
+    let (target, owner) = before
+        .iter()
+        .find(|(_, n)| **n == ids[1])
+        .map(|(i, n)| (i.clone(), n.clone()))
+        .unwrap();
+    let asked = api(
+        &nodes[0],
+        server(0, &servers),
+        &[("Action", "CreateBackup"), ("DBInstanceId", &target)],
+    );
+    let job = asked["BackupJobId"].as_str().unwrap().to_string();
+    poll("the queued backup to finish on its owner", 120, || {
+        let task = backup_task(&nodes[0], server(2, &servers), &target, &job);
+        match task["BackupStatus"].as_str() {
+            Some("Finished") => Ok(()),
+            Some("Failed") => panic!("the queued backup failed: {task}"),
+            _ => Err(task.to_string()),
+        }
+    });
+    let task = backup_task(&nodes[0], server(0, &servers), &target, &job);
+    assert_eq!(task["StrataNode"], owner.as_str(), "{task}");
+    let set = task["BackupId"].as_str().unwrap();
+    assert!(
+        nodes[0]
+            .backups(&target)
+            .iter()
+            .any(|b| b["id"] == set && b["status"] == "Success"),
+        "{set} not among {:?}",
+        nodes[0].backups(&target)
+    );
     let lost: Vec<String> = before
         .iter()
         .filter(|(_, n)| **n == ids[2])
