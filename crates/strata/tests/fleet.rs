@@ -277,22 +277,18 @@ fn instances_spread_over_nodes_and_move_when_a_node_dies() {
     let before = owners(&nodes[0], server(1, &servers));
     // Every node answers the same.
     assert_eq!(before, owners(&nodes[0], server(2, &servers)));
-    poll(
-        "every node to report every receiver streaming",
-        60,
-        || {
-            let states: Vec<BTreeMap<String, String>> = (0..3)
-                .map(|n| receiver_states(&nodes[0], server(n, &servers)))
-                .collect();
-            let all_streaming = states[0].len() == INSTANCES
-                && states[0].values().all(|s| s == "Streaming");
-            if all_streaming && states.iter().all(|s| *s == states[0]) {
-                Ok(())
-            } else {
-                Err(format!("{states:?}"))
-            }
-        },
-    );
+    poll("every node to report every receiver streaming", 60, || {
+        let states: Vec<BTreeMap<String, String>> = (0..3)
+            .map(|n| receiver_states(&nodes[0], server(n, &servers)))
+            .collect();
+        let all_streaming =
+            states[0].len() == INSTANCES && states[0].values().all(|s| s == "Streaming");
+        if all_streaming && states.iter().all(|s| *s == states[0]) {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    });
 
     // A backup asked of a node that does not own the instance is run by
     // the owner.
