@@ -62,7 +62,7 @@ impl ConsoleState {
         Arc::new(ConsoleState {
             service: Arc::clone(&api.service),
             api,
-            sessions: Sessions::default(),
+            sessions: Sessions,
             secure_cookies,
         })
     }
@@ -83,7 +83,7 @@ impl ConsoleState {
 
     /// Records a one-time message for the next page of this session.
     fn flash(&self, who: &Signed, f: Flash) {
-        self.sessions.set_flash(&who.id, f);
+        self.sessions.set_flash(&who.id, f, self.service.catalog());
     }
 
     fn flash_error(&self, who: &Signed, lead: &str, e: &ApiError) {
@@ -233,7 +233,7 @@ impl FromRequestParts<Arc<ConsoleState>> for Page {
             return Err(Redirect::to(&to).into_response());
         };
         let flash = if parts.method == Method::GET {
-            state.sessions.take_flash(&who.id)
+            state.sessions.take_flash(&who.id, state.service.catalog())
         } else {
             None
         };
@@ -415,7 +415,13 @@ async fn signin(
         );
         return fail("That AccessKey ID and secret do not match a key of this server.");
     };
-    let id = state.sessions.create(&principal);
+    let id = match state.sessions.create(&principal, state.service.catalog()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("console sign-in: {e}");
+            return fail("The catalog cannot be reached just now; try again in a moment.");
+        }
+    };
     tracing::info!(key = %principal.access_key_id, "console sign-in");
     let mut res = Redirect::to(&next).into_response();
     for c in [
@@ -442,7 +448,7 @@ async fn signout(
     if !csrf_ok(&page.who, &Fields(form)) {
         return csrf_refused(&page.who);
     }
-    state.sessions.remove(&page.who.id);
+    state.sessions.remove(&page.who.id, state.service.catalog());
     let mut res = Redirect::to("/console/signin").into_response();
     let c = session::set_cookie(
         SESSION_COOKIE,
