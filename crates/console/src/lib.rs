@@ -219,7 +219,10 @@ impl FromRequestParts<Arc<ConsoleState>> for Page {
         parts: &mut Parts,
         state: &Arc<ConsoleState>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(who) = state.sessions.get(&parts.headers, state.service.catalog()) else {
+        let headers = &parts.headers;
+        let signed =
+            strata_api::off_the_workers(|| state.sessions.get(headers, state.service.catalog()));
+        let Some(who) = signed else {
             let back = parts
                 .uri
                 .path_and_query()
@@ -233,7 +236,9 @@ impl FromRequestParts<Arc<ConsoleState>> for Page {
             return Err(Redirect::to(&to).into_response());
         };
         let flash = if parts.method == Method::GET {
-            state.sessions.take_flash(&who.id, state.service.catalog())
+            strata_api::off_the_workers(|| {
+                state.sessions.take_flash(&who.id, state.service.catalog())
+            })
         } else {
             None
         };
