@@ -318,8 +318,8 @@ fn a_fleet_on_a_postgres_catalog_and_s3_survives_a_node_and_a_catalog_restart() 
         sorted.sort();
         sorted
     });
-    for n in 0..NODES.len() {
-        assert_eq!(owners(&nodes[0], port(&servers, n)), before, "{}", names[n]);
+    for (n, name) in names.iter().enumerate() {
+        assert_eq!(owners(&nodes[0], port(&servers, n)), before, "{name}");
         for id in &ids {
             let v = api(
                 &nodes[0],
@@ -334,8 +334,7 @@ fn a_fleet_on_a_postgres_catalog_and_s3_survives_a_node_and_a_catalog_restart() 
             );
             assert!(
                 v["TotalRecordCount"].as_u64().unwrap_or(0) >= 1,
-                "{} has no WAL of {id}: {v}",
-                names[n]
+                "{name} has no WAL of {id}: {v}"
             );
         }
     }
