@@ -1,7 +1,7 @@
 //! Strata's web console, served by `strata serve` under `/console/`: the
 //! instance list, each instance's Backup and Restoration page (base backups,
-//! backup strategy, restore, storage) and the Task Center, laid out as RDS
-//! users know them.
+//! backup strategy, restore, storage), the Task Center, laid out as RDS
+//! users know them, and the fleet's nodes with their health.
 //!
 //! Pages are rendered on the server; a small script (no build step, nothing
 //! from the internet) adds local times, sorting, dialogs and the Task
@@ -21,6 +21,7 @@ mod assets;
 mod instance;
 mod instances;
 mod layout;
+mod nodes;
 mod session;
 mod storage;
 mod tasks;
@@ -105,6 +106,7 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         .route("/console/signin", get(signin_page).post(signin))
         .route("/console/signout", post(signout))
         .route("/console/tasks", get(tasks::page))
+        .route("/console/nodes", get(nodes::page))
         .route("/console/api/tasks", get(tasks::json))
         .route(
             "/console/instances/{id}",
