@@ -5,7 +5,9 @@ backs the instance up, edits its policy, clones it and restores a database
 into it (before log backup is turned off); the read-only key comes last.
 """
 
+import os
 import re
+import subprocess
 import time
 from datetime import datetime, timedelta
 
@@ -47,6 +49,30 @@ def shown_in_shanghai(time_element):
     utc = datetime.strptime(time_element.get_attribute("datetime"), "%Y-%m-%dT%H:%M:%SZ")
     local = (utc + timedelta(hours=8)).strftime("%Y-%m-%d %H:%M:%S")
     return time_element.text.startswith(local) and time_element.get_attribute("title").startswith("UTC: ")
+
+
+def test_nodes_page_shows_each_node_and_its_health(console, env):
+    console.go("/console/")
+    node = console.find(f"tr[data-instance='{env['instance']}'] td:nth-child(8)").text
+    console.click_through(console.find(".mainnav a[href='/console/nodes']"))
+    assert console.path() == "/console/nodes"
+    assert console.find(".mainnav a[aria-current=page]").text == "Nodes"
+    version = subprocess.run([env["bin"], "--version"], capture_output=True, text=True, check=True).stdout.split()[-1]
+
+    cells = [c.text for c in console.find(f"tr[data-node='{node}']").find_elements("css selector", "td")]
+    assert cells[0] == f"{node} (this node)", cells
+    assert cells[1] == env["url"].removeprefix("http://"), cells  # the API address it listens on
+    assert cells[2] == version, cells
+    assert "GMT+8" in cells[3] and "GMT+8" in cells[4], cells  # started, last heartbeat
+    assert cells[5] == "Live", cells
+    assert cells[6] == "1", cells  # it owns the one instance
+
+    left = os.environ["STRATA_LEFT_NODE"]
+    cells = [c.text for c in console.find(f"tr[data-node='{left}']").find_elements("css selector", "td")]
+    assert cells[0] == left and cells[1].startswith("127.0.0.1:") and cells[2] == version, cells
+    assert cells[4] == "—" and cells[5] == "Left" and cells[6] == "0", cells
+    assert "2 nodes share this catalog; 1 live" in console.text(".pagehead")
+    console.shot("nodes")
 
 
 def test_backup_instance_runs_in_the_task_center_and_is_listed(console, env):

@@ -123,6 +123,27 @@ fn request_id() -> String {
     )
 }
 
+/// Whether the current runtime can hand a worker's tasks to the others
+/// (`block_in_place`); a single-threaded runtime cannot.
+fn on_multi_thread_runtime() -> bool {
+    matches!(
+        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+    )
+}
+
+/// Runs `f`, which blocks on synchronous catalog or storage calls, without
+/// blocking an async worker: on a multi-thread runtime the current worker
+/// hands its other tasks to the rest of the pool first
+/// (`block_in_place`); elsewhere it simply runs.
+pub fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    if on_multi_thread_runtime() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 fn respond(status: StatusCode, body: Value) -> Response {
     (
         status,
@@ -154,7 +175,17 @@ async fn rpc(
         headers: &header_pairs,
         body: &body,
     };
-    let outcome = handle(&state, &parts).await;
+    // An action reads and writes the catalog synchronously (a network
+    // round trip on a PostgreSQL catalog): the request runs on this worker
+    // after its other tasks were handed to the rest of the pool, so no
+    // async worker is ever blocked on the catalog.
+    let outcome = if on_multi_thread_runtime() {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(handle(&state, &parts))
+        })
+    } else {
+        handle(&state, &parts).await
+    };
     match outcome {
         Ok((action, mut fields)) => {
             fields.insert("RequestId".into(), Value::String(rid.clone()));

@@ -19,9 +19,10 @@ use chrono::{DateTime, Utc};
 use pg_wal::TimelineId;
 
 use crate::{
-    AccessKey, BackupPolicy, BackupSet, CatalogResult, CrossBackup, CrossBackupPolicy,
-    CrossWalSegment, DrillResult, Instance, InstanceOwner, Job, JobId, JobKind, LeaseOwner,
-    ManagedInstance, Node, ReceiverStatus, RepoHold, RestorePointRow, UsageSample, WalSegmentRow,
+    AccessKey, BackupPolicy, BackupSet, CatalogResult, ConsoleSession, CrossBackup,
+    CrossBackupPolicy, CrossWalSegment, DrillResult, Instance, InstanceOwner, Job, JobId, JobKind,
+    LeaseOwner, ManagedInstance, Node, ReceiverStatus, RepoHold, RestorePointRow, UsageSample,
+    WalSegmentRow,
 };
 
 /// Registered instances and the instances Strata itself runs.
@@ -268,6 +269,27 @@ pub trait AccessCatalog: Send + Sync {
     /// `candidate` and returns it. Of several nodes asking at once, exactly
     /// one candidate is stored and all of them get it back.
     fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String>;
+    /// Records a new console session; sessions last seen before
+    /// `forget_before` are dropped on the way.
+    fn put_session(
+        &self,
+        session: &ConsoleSession,
+        forget_before: DateTime<Utc>,
+    ) -> CatalogResult<()>;
+    /// The session with that id hash, its `last_seen_at` moved to `now`
+    /// (returned as it was before); `None` when there is none.
+    fn touch_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> CatalogResult<Option<ConsoleSession>>;
+    /// Ends a session (no error when there is none).
+    fn delete_session(&self, id_hash: &str) -> CatalogResult<()>;
+    /// Sets the session's one-time message.
+    fn set_session_flash(&self, id_hash: &str, flash: &str) -> CatalogResult<()>;
+    /// Takes the session's one-time message: of several requests taking it
+    /// at once, exactly one gets it.
+    fn take_session_flash(&self, id_hash: &str) -> CatalogResult<Option<String>>;
 }
 
 /// Packs a garbage collection keeps for the grace period before deleting,

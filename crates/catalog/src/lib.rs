@@ -55,6 +55,27 @@ pub mod prelude {
     };
 }
 
+/// A console session as the catalog keeps it, so every node behind a load
+/// balancer knows it. The session's id (the cookie's value) is never
+/// stored: only its SHA-256, so reading the catalog does not sign anyone in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// SHA-256 of the session id, hex.
+    pub id_hash: String,
+    /// The AccessKey the session signed in with.
+    pub key_id: String,
+    /// Whether that key may only read.
+    pub read_only: bool,
+    /// The session's CSRF token.
+    pub csrf: String,
+    /// When it signed in.
+    pub created_at: DateTime<Utc>,
+    /// Its last request.
+    pub last_seen_at: DateTime<Utc>,
+    /// A one-time message for its next page (JSON, the console's format).
+    pub flash: Option<String>,
+}
+
 /// A hold on a repository's packs (see [`GcCatalog`]): shared while a
 /// backup writes packs or a reader (restore, download, copy, drill) reads
 /// them, exclusive while a garbage collection deletes them.

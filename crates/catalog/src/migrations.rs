@@ -514,6 +514,34 @@ CREATE TABLE shared_secrets (
     },
     Migration {
         version: 10,
+        description: "console sessions every node knows",
+        sqlite: r#"
+-- Console sessions by the SHA-256 of their id (the cookie's value is never
+-- stored), so any node behind a load balancer serves a signed-in user.
+CREATE TABLE console_sessions (
+    id_hash TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL,
+    flash TEXT
+);
+"#,
+        postgres: r#"
+CREATE TABLE console_sessions (
+    id_hash text PRIMARY KEY,
+    key_id text NOT NULL,
+    read_only boolean NOT NULL,
+    csrf text NOT NULL,
+    created_at timestamptz NOT NULL,
+    last_seen_at timestamptz NOT NULL,
+    flash text
+);
+"#,
+    },
+    Migration {
+        version: 11,
         description: "jobs queued for an instance's owner, and WAL receiver states every node can read",
         sqlite: r#"
 -- A job started through any node's API waits, queued, until the node owning

@@ -315,8 +315,12 @@ impl PgCatalog {
         let manager = Manager::from_config(
             config,
             tls_connector(&tls)?,
+            // Verified: a pooled connection answers a round trip before it
+            // is handed out, so connections the server dropped while idle
+            // (a restart, a terminated backend) are replaced instead of
+            // failing the calls that would have drawn them.
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
@@ -1800,6 +1804,141 @@ impl AccessCatalog for PgCatalog {
                     .query_one("SELECT value FROM shared_secrets WHERE name = $1", &[&name])
                     .await?;
                 get(&row, 0)
+            }
+        })
+    }
+
+    fn put_session(
+        &self,
+        session: &ConsoleSession,
+        forget_before: DateTime<Utc>,
+    ) -> CatalogResult<()> {
+        let s = session.clone();
+        self.call(move |mut c| {
+            let s = s.clone();
+            async move {
+                let tx = c.transaction().await?;
+                tx.execute(
+                    "DELETE FROM console_sessions WHERE last_seen_at < $1",
+                    &[&forget_before],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO console_sessions (id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &s.id_hash,
+                        &s.key_id,
+                        &s.read_only,
+                        &s.csrf,
+                        &s.created_at,
+                        &s.last_seen_at,
+                        &s.flash,
+                    ],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn touch_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> CatalogResult<Option<ConsoleSession>> {
+        let key = id_hash.to_string();
+        self.call(move |mut c| {
+            let key = key.clone();
+            async move {
+                let tx = c.transaction().await?;
+                let row = tx
+                    .query_opt(
+                        "SELECT id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash \
+                         FROM console_sessions WHERE id_hash = $1 FOR UPDATE",
+                        &[&key],
+                    )
+                    .await?;
+                let found = match row {
+                    Some(r) => Some(ConsoleSession {
+                        id_hash: get(&r, 0)?,
+                        key_id: get(&r, 1)?,
+                        read_only: get(&r, 2)?,
+                        csrf: get(&r, 3)?,
+                        created_at: get(&r, 4)?,
+                        last_seen_at: get(&r, 5)?,
+                        flash: get(&r, 6)?,
+                    }),
+                    None => None,
+                };
+                if found.is_some() {
+                    tx.execute(
+                        "UPDATE console_sessions SET last_seen_at = $2 WHERE id_hash = $1",
+                        &[&key, &now],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(found)
+            }
+        })
+    }
+
+    fn delete_session(&self, id_hash: &str) -> CatalogResult<()> {
+        let key = id_hash.to_string();
+        self.call(move |c| {
+            let key = key.clone();
+            async move {
+                c.execute("DELETE FROM console_sessions WHERE id_hash = $1", &[&key])
+                    .await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn set_session_flash(&self, id_hash: &str, flash: &str) -> CatalogResult<()> {
+        let (key, flash) = (id_hash.to_string(), flash.to_string());
+        self.call(move |c| {
+            let (key, flash) = (key.clone(), flash.clone());
+            async move {
+                c.execute(
+                    "UPDATE console_sessions SET flash = $2 WHERE id_hash = $1",
+                    &[&key, &flash],
+                )
+                .await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn take_session_flash(&self, id_hash: &str) -> CatalogResult<Option<String>> {
+        let key = id_hash.to_string();
+        // The row is locked from the look to the clear, so of two requests
+        // taking the message at once only one sees it.
+        self.call(move |mut c| {
+            let key = key.clone();
+            async move {
+                let tx = c.transaction().await?;
+                let row = tx
+                    .query_opt(
+                        "SELECT flash FROM console_sessions WHERE id_hash = $1 FOR UPDATE",
+                        &[&key],
+                    )
+                    .await?;
+                let flash: Option<String> = match row {
+                    Some(r) => get(&r, 0)?,
+                    None => None,
+                };
+                if flash.is_some() {
+                    tx.execute(
+                        "UPDATE console_sessions SET flash = NULL WHERE id_hash = $1",
+                        &[&key],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(flash)
             }
         })
     }

@@ -1114,6 +1114,108 @@ impl AccessCatalog for SqliteCatalog {
             )?)
         })
     }
+
+    fn put_session(&self, s: &ConsoleSession, forget_before: DateTime<Utc>) -> CatalogResult<()> {
+        self.with(|c| {
+            let tx = immediate(c)?;
+            tx.execute(
+                "DELETE FROM console_sessions WHERE last_seen_at < ?1",
+                [ts(&forget_before)],
+            )?;
+            tx.execute(
+                "INSERT INTO console_sessions (id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    s.id_hash,
+                    s.key_id,
+                    s.read_only,
+                    s.csrf,
+                    ts(&s.created_at),
+                    ts(&s.last_seen_at),
+                    s.flash
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn touch_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> CatalogResult<Option<ConsoleSession>> {
+        self.with(|c| {
+            let tx = immediate(c)?;
+            let found = tx
+                .query_row(
+                    "SELECT id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash \
+                     FROM console_sessions WHERE id_hash = ?1",
+                    [id_hash],
+                    session_from_row,
+                )
+                .optional()?;
+            if found.is_some() {
+                tx.execute(
+                    "UPDATE console_sessions SET last_seen_at = ?2 WHERE id_hash = ?1",
+                    params![id_hash, ts(&now)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(found)
+        })
+    }
+
+    fn delete_session(&self, id_hash: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM console_sessions WHERE id_hash = ?1", [id_hash])?;
+            Ok(())
+        })
+    }
+
+    fn set_session_flash(&self, id_hash: &str, flash: &str) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE console_sessions SET flash = ?2 WHERE id_hash = ?1",
+                params![id_hash, flash],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn take_session_flash(&self, id_hash: &str) -> CatalogResult<Option<String>> {
+        self.with(|c| {
+            let tx = immediate(c)?;
+            let flash: Option<String> = tx
+                .query_row(
+                    "SELECT flash FROM console_sessions WHERE id_hash = ?1",
+                    [id_hash],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            if flash.is_some() {
+                tx.execute(
+                    "UPDATE console_sessions SET flash = NULL WHERE id_hash = ?1",
+                    [id_hash],
+                )?;
+            }
+            tx.commit()?;
+            Ok(flash)
+        })
+    }
+}
+
+fn session_from_row(r: &Row) -> rusqlite::Result<ConsoleSession> {
+    Ok(ConsoleSession {
+        id_hash: r.get(0)?,
+        key_id: r.get(1)?,
+        read_only: r.get(2)?,
+        csrf: r.get(3)?,
+        created_at: parse_ts(r.get(4)?)?,
+        last_seen_at: parse_ts(r.get(5)?)?,
+        flash: r.get(6)?,
+    })
 }
 
 impl GcCatalog for SqliteCatalog {

@@ -99,6 +99,8 @@ contract!(
     racing_handles_claim_one_queued_job_once,
     a_queued_job_waits_for_its_next_owner_and_is_never_taken_over,
     receiver_states_are_published_and_replaced,
+    console_sessions_are_known_to_every_handle,
+    racing_handles_take_a_flash_once,
 );
 
 /// Now, to the microsecond every backend keeps.
@@ -1066,6 +1068,7 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
     cat.add_instance(&i).unwrap();
     cat.add_instance(&instance("b")).unwrap();
     cat.heartbeat(&node("n1", t)).unwrap();
+    cat.put_session(&session("h1", t), t).unwrap();
     assert!(cat
         .claim_instance("a", "n1", t, chrono::Duration::seconds(20))
         .unwrap());
@@ -1178,6 +1181,9 @@ fn everything(cat: &dyn Catalog) -> String {
         "nodes": cat.list_nodes().unwrap().iter().map(|n| {
             (n.id.clone(), n.api_address.clone(), n.started_at, n.heartbeat_at, n.version.clone())
         }).collect::<Vec<_>>(),
+        "session": cat.touch_session("h1", Utc::now()).unwrap().map(|s| {
+            (s.key_id, s.read_only, s.csrf, s.created_at, s.flash)
+        }),
         "owners": cat.list_owners().unwrap().iter().map(|o| {
             (o.instance_id.clone(), o.node_id.clone(), o.epoch, o.expires_at)
         }).collect::<Vec<_>>(),
@@ -1232,7 +1238,7 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
 
     let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
     let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
-    assert_eq!(tables.len(), 20, "{tables:?}");
+    assert_eq!(tables.len(), 21, "{tables:?}");
     assert!(
         report.iter().all(|t| t.rows > 0),
         "a row in every table: {report:?}"
@@ -1650,4 +1656,77 @@ fn receiver_states_are_published_and_replaced(b: &dyn Backend) {
         reader.list_receivers().unwrap(),
         vec![moved, receiver("pg-2", "node-a", t)]
     );
+}
+fn session(id_hash: &str, t: DateTime<Utc>) -> ConsoleSession {
+    ConsoleSession {
+        id_hash: id_hash.into(),
+        key_id: "AK1".into(),
+        read_only: true,
+        csrf: "c".repeat(64),
+        created_at: t,
+        last_seen_at: t,
+        flash: Some(r#"{"Done":{"text":"signed in"}}"#.into()),
+    }
+}
+
+fn console_sessions_are_known_to_every_handle(b: &dyn Backend) {
+    let (a, other) = (b.open(), b.open());
+    let t0 = now();
+    a.put_session(&session("old", t0), t0).unwrap();
+    let t1 = t0 + chrono::Duration::minutes(10);
+    a.put_session(&session("new", t1), t1 - chrono::Duration::minutes(5))
+        .unwrap();
+    // Putting "new" forgot "old" (last seen before the horizon).
+    assert_eq!(other.touch_session("old", t1).unwrap(), None);
+    // Another handle (node) finds it whole, and its touch is seen by all.
+    let t2 = t1 + chrono::Duration::seconds(30);
+    assert_eq!(
+        other.touch_session("new", t2).unwrap(),
+        Some(session("new", t1))
+    );
+    assert_eq!(
+        a.touch_session("new", t2).unwrap().unwrap().last_seen_at,
+        t2
+    );
+    // The flash is taken once, wherever; a new one replaces nothing else.
+    assert!(a.take_session_flash("new").unwrap().is_some());
+    assert_eq!(other.take_session_flash("new").unwrap(), None);
+    other.set_session_flash("new", "again").unwrap();
+    assert_eq!(
+        a.take_session_flash("new").unwrap().as_deref(),
+        Some("again")
+    );
+    // Deleted on one handle, gone for every handle; deleting twice is fine.
+    a.delete_session("new").unwrap();
+    a.delete_session("new").unwrap();
+    assert_eq!(other.touch_session("new", t2).unwrap(), None);
+    assert_eq!(other.take_session_flash("new").unwrap(), None);
+}
+
+fn racing_handles_take_a_flash_once(b: &dyn Backend) {
+    let handles: Vec<_> = (0..4).map(|_| b.open()).collect();
+    let t = now();
+    handles[0].put_session(&session("s", t), t).unwrap();
+    for round in 0..10 {
+        handles[0]
+            .set_session_flash("s", &format!("message {round}"))
+            .unwrap();
+        let barrier = Arc::new(Barrier::new(handles.len()));
+        let takers: Vec<_> = handles
+            .iter()
+            .cloned()
+            .map(|cat| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    cat.take_session_flash("s").unwrap()
+                })
+            })
+            .collect();
+        let got: Vec<String> = takers
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(got, vec![format!("message {round}")], "round {round}");
+    }
 }

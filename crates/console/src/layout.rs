@@ -14,6 +14,7 @@ use crate::session::{Flash, Signed};
 pub enum Section {
     Instances,
     Tasks,
+    Nodes,
     None,
 }
 
@@ -46,6 +47,7 @@ pub fn page(
                         nav.mainnav aria-label="Main" {
                             a href="/console/" aria-current=[(section == Section::Instances).then_some("page")] { "Instances" }
                             a href="/console/tasks" aria-current=[(section == Section::Tasks).then_some("page")] { "Task Center" }
+                            a href="/console/nodes" aria-current=[(section == Section::Nodes).then_some("page")] { "Nodes" }
                         }
                         div.whoami {
                             span.key title="Signed in with this AccessKey" { (who.key_id) }

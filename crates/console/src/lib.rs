@@ -1,7 +1,7 @@
 //! Strata's web console, served by `strata serve` under `/console/`: the
 //! instance list, each instance's Backup and Restoration page (base backups,
-//! backup strategy, restore, storage) and the Task Center, laid out as RDS
-//! users know them.
+//! backup strategy, restore, storage), the Task Center, laid out as RDS
+//! users know them, and the fleet's nodes with their health.
 //!
 //! Pages are rendered on the server; a small script (no build step, nothing
 //! from the internet) adds local times, sorting, dialogs and the Task
@@ -21,6 +21,7 @@ mod assets;
 mod instance;
 mod instances;
 mod layout;
+mod nodes;
 mod session;
 mod storage;
 mod tasks;
@@ -62,7 +63,7 @@ impl ConsoleState {
         Arc::new(ConsoleState {
             service: Arc::clone(&api.service),
             api,
-            sessions: Sessions::default(),
+            sessions: Sessions,
             secure_cookies,
         })
     }
@@ -83,7 +84,7 @@ impl ConsoleState {
 
     /// Records a one-time message for the next page of this session.
     fn flash(&self, who: &Signed, f: Flash) {
-        self.sessions.set_flash(&who.id, f);
+        self.sessions.set_flash(&who.id, f, self.service.catalog());
     }
 
     fn flash_error(&self, who: &Signed, lead: &str, e: &ApiError) {
@@ -105,6 +106,7 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         .route("/console/signin", get(signin_page).post(signin))
         .route("/console/signout", post(signout))
         .route("/console/tasks", get(tasks::page))
+        .route("/console/nodes", get(nodes::page))
         .route("/console/api/tasks", get(tasks::json))
         .route(
             "/console/instances/{id}",
@@ -219,7 +221,10 @@ impl FromRequestParts<Arc<ConsoleState>> for Page {
         parts: &mut Parts,
         state: &Arc<ConsoleState>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(who) = state.sessions.get(&parts.headers, state.service.catalog()) else {
+        let headers = &parts.headers;
+        let signed =
+            strata_api::off_the_workers(|| state.sessions.get(headers, state.service.catalog()));
+        let Some(who) = signed else {
             let back = parts
                 .uri
                 .path_and_query()
@@ -233,7 +238,9 @@ impl FromRequestParts<Arc<ConsoleState>> for Page {
             return Err(Redirect::to(&to).into_response());
         };
         let flash = if parts.method == Method::GET {
-            state.sessions.take_flash(&who.id)
+            strata_api::off_the_workers(|| {
+                state.sessions.take_flash(&who.id, state.service.catalog())
+            })
         } else {
             None
         };
@@ -415,7 +422,13 @@ async fn signin(
         );
         return fail("That AccessKey ID and secret do not match a key of this server.");
     };
-    let id = state.sessions.create(&principal);
+    let id = match state.sessions.create(&principal, state.service.catalog()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("console sign-in: {e}");
+            return fail("The catalog cannot be reached just now; try again in a moment.");
+        }
+    };
     tracing::info!(key = %principal.access_key_id, "console sign-in");
     let mut res = Redirect::to(&next).into_response();
     for c in [
@@ -442,7 +455,7 @@ async fn signout(
     if !csrf_ok(&page.who, &Fields(form)) {
         return csrf_refused(&page.who);
     }
-    state.sessions.remove(&page.who.id);
+    state.sessions.remove(&page.who.id, state.service.catalog());
     let mut res = Redirect::to("/console/signin").into_response();
     let c = session::set_cookie(
         SESSION_COOKIE,

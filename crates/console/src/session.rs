@@ -1,13 +1,17 @@
 //! Console sessions. Signing in checks an AccessKey pair against the
-//! catalog; the session then lives in this process under an opaque random
-//! id carried by an `HttpOnly`, `SameSite=Strict` cookie scoped to
-//! `/console`, and ends after [`IDLE`] without requests, [`LIFETIME`] after
-//! sign-in, at sign-out, or when its key is deleted. Each session has its own
-//! CSRF token that every form and state-changing request must return.
+//! catalog; the session then lives in the catalog (so every node behind a
+//! load balancer knows it) under an opaque random id carried by an
+//! `HttpOnly`, `SameSite=Strict` cookie scoped to `/console`. The catalog
+//! keeps only the id's SHA-256: reading the catalog signs nobody in. A
+//! session ends after [`IDLE`] without requests, [`LIFETIME`] after sign-in,
+//! at sign-out, or when its key is deleted. Each session has its own CSRF
+//! token that every form and state-changing request must return.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use strata_catalog::{CatalogResult, ConsoleSession};
 
 use axum::http::HeaderMap;
 use strata_api::Principal;
@@ -24,7 +28,7 @@ pub const IDLE: Duration = Duration::from_secs(30 * 60);
 pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
 /// A one-time message shown on the next page (after a redirect).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Flash {
     /// Something happened; `link` is (href, label) of where to follow it.
     Done {
@@ -35,16 +39,6 @@ pub enum Flash {
         text: String,
         code: String,
     },
-}
-
-#[derive(Debug, Clone)]
-struct Session {
-    key_id: String,
-    read_only: bool,
-    csrf: String,
-    created: Instant,
-    last_seen: Instant,
-    flash: Option<Flash>,
 }
 
 /// Who is signed in, as a request sees it.
@@ -70,9 +64,13 @@ impl Signed {
     }
 }
 
+/// The console's sessions, kept in the catalog.
 #[derive(Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, Session>>,
+pub struct Sessions;
+
+/// What the catalog keys a session by: the SHA-256 of its id, hex.
+fn id_hash(id: &str) -> String {
+    hex::encode(Sha256::digest(id.as_bytes()))
 }
 
 /// 32 random bytes from the thread-local CSPRNG, hex-encoded.
@@ -117,74 +115,85 @@ pub fn check_key_pair(catalog: &dyn Catalog, id: &str, secret: &str) -> Option<P
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Starts a session for `principal`; returns its id.
-    pub fn create(&self, principal: &Principal) -> String {
-        let now = Instant::now();
+    /// Starts a session for `principal`; returns its id (the cookie's value).
+    pub fn create(&self, principal: &Principal, catalog: &dyn Catalog) -> CatalogResult<String> {
+        let now = Utc::now();
         let id = random_token();
-        let mut map = self.lock();
-        map.retain(|_, s| alive(s, now));
-        map.insert(
-            id.clone(),
-            Session {
-                key_id: principal.access_key_id.clone(),
-                read_only: principal.read_only,
-                csrf: random_token(),
-                created: now,
-                last_seen: now,
-                flash: None,
-            },
-        );
-        id
+        let session = ConsoleSession {
+            id_hash: id_hash(&id),
+            key_id: principal.access_key_id.clone(),
+            read_only: principal.read_only,
+            csrf: random_token(),
+            created_at: now,
+            last_seen_at: now,
+            flash: None,
+        };
+        catalog.put_session(&session, now - chrono_duration(IDLE))?;
+        Ok(id)
     }
 
     /// The live session the request's cookie names, if any. Its key must
-    /// still exist: deleting a key signs its sessions out.
+    /// still exist: deleting a key signs its sessions out. A catalog that
+    /// cannot answer counts as no session (the user is asked to sign in).
     pub fn get(&self, headers: &HeaderMap, catalog: &dyn Catalog) -> Option<Signed> {
         let id = cookie(headers, SESSION_COOKIE)?;
-        let now = Instant::now();
-        let signed = {
-            let mut map = self.lock();
-            let s = map.get_mut(id)?;
-            if !alive(s, now) {
-                map.remove(id);
+        let hash = id_hash(id);
+        let now = Utc::now();
+        let s = match catalog.touch_session(&hash, now) {
+            Ok(found) => found?,
+            Err(e) => {
+                tracing::warn!("reading a console session: {e}");
                 return None;
             }
-            s.last_seen = now;
-            Signed {
-                id: id.to_string(),
-                key_id: s.key_id.clone(),
-                read_only: s.read_only,
-                csrf: s.csrf.clone(),
-            }
         };
-        if !matches!(catalog.get_access_key(&signed.key_id), Ok(Some(_))) {
-            self.remove(&signed.id);
+        if !alive(&s, now) || !matches!(catalog.get_access_key(&s.key_id), Ok(Some(_))) {
+            self.remove(id, catalog);
             return None;
         }
-        Some(signed)
+        Some(Signed {
+            id: id.to_string(),
+            key_id: s.key_id,
+            read_only: s.read_only,
+            csrf: s.csrf,
+        })
     }
 
-    pub fn remove(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    pub fn set_flash(&self, id: &str, flash: Flash) {
-        if let Some(s) = self.lock().get_mut(id) {
-            s.flash = Some(flash);
+    /// Ends the session `id`.
+    pub fn remove(&self, id: &str, catalog: &dyn Catalog) {
+        if let Err(e) = catalog.delete_session(&id_hash(id)) {
+            tracing::warn!("ending a console session: {e}");
         }
     }
 
-    pub fn take_flash(&self, id: &str) -> Option<Flash> {
-        self.lock().get_mut(id).and_then(|s| s.flash.take())
+    /// Keeps `flash` for the session's next page.
+    pub fn set_flash(&self, id: &str, flash: Flash, catalog: &dyn Catalog) {
+        let text = match serde_json::to_string(&flash) {
+            Ok(t) => t,
+            Err(e) => return tracing::warn!("a console message: {e}"),
+        };
+        if let Err(e) = catalog.set_session_flash(&id_hash(id), &text) {
+            tracing::warn!("keeping a console message: {e}");
+        }
+    }
+
+    /// The session's one-time message, taken (no other page shows it).
+    pub fn take_flash(&self, id: &str, catalog: &dyn Catalog) -> Option<Flash> {
+        match catalog.take_session_flash(&id_hash(id)) {
+            Ok(text) => serde_json::from_str(&text?).ok(),
+            Err(e) => {
+                tracing::warn!("reading a console message: {e}");
+                None
+            }
+        }
     }
 }
 
-fn alive(s: &Session, now: Instant) -> bool {
-    now.duration_since(s.last_seen) < IDLE && now.duration_since(s.created) < LIFETIME
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn alive(s: &ConsoleSession, now: DateTime<Utc>) -> bool {
+    now - s.last_seen_at < chrono_duration(IDLE) && now - s.created_at < chrono_duration(LIFETIME)
 }
 
 #[cfg(test)]
@@ -226,18 +235,73 @@ mod tests {
 
     #[test]
     fn sessions_expire_when_idle() {
-        let now = Instant::now();
-        let mut s = Session {
+        let now = Utc::now();
+        let mut s = ConsoleSession {
+            id_hash: String::new(),
             key_id: "k".into(),
             read_only: false,
             csrf: String::new(),
-            created: now,
-            last_seen: now,
+            created_at: now,
+            last_seen_at: now,
             flash: None,
         };
-        assert!(alive(&s, now + Duration::from_secs(60)));
-        assert!(!alive(&s, now + IDLE));
-        s.last_seen = now + LIFETIME - Duration::from_secs(1);
-        assert!(!alive(&s, now + LIFETIME));
+        assert!(alive(&s, now + chrono::Duration::seconds(60)));
+        assert!(!alive(&s, now + chrono_duration(IDLE)));
+        s.last_seen_at = now + chrono_duration(LIFETIME) - chrono::Duration::seconds(1);
+        assert!(!alive(&s, now + chrono_duration(LIFETIME)));
+    }
+
+    #[test]
+    fn a_session_started_on_one_node_is_known_to_another() {
+        use strata_catalog::prelude::*;
+        use strata_catalog::{AccessKey, SqliteCatalog};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let (a, b) = (
+            SqliteCatalog::open(&path).unwrap(),
+            SqliteCatalog::open(&path).unwrap(),
+        );
+        a.add_access_key(&AccessKey {
+            id: "AK1".into(),
+            secret: "s".into(),
+            read_only: true,
+            description: String::new(),
+            created_at: Utc::now(),
+        })
+        .unwrap();
+        let principal = Principal {
+            access_key_id: "AK1".into(),
+            read_only: true,
+        };
+        let id = Sessions.create(&principal, &a).unwrap();
+        let mut headers = HeaderMap::new();
+        let value = format!("strata_session={id}");
+        headers.append("cookie", HeaderValue::from_str(&value).unwrap());
+        let on_b = Sessions
+            .get(&headers, &b)
+            .expect("node b knows the session");
+        assert_eq!((on_b.key_id.as_str(), on_b.read_only), ("AK1", true));
+        // The catalog holds the id's hash only: the id itself signs in.
+        let stored = b.touch_session(&id_hash(&id), Utc::now()).unwrap().unwrap();
+        assert_ne!(stored.id_hash, id);
+        assert!(a.touch_session(&id, Utc::now()).unwrap().is_none());
+        // A message set through one node shows once, on the other.
+        let flash = Flash::Failed {
+            text: "no".into(),
+            code: "InvalidParameter".into(),
+        };
+        Sessions.set_flash(&id, flash.clone(), &a);
+        assert_eq!(Sessions.take_flash(&id, &b), Some(flash));
+        assert_eq!(Sessions.take_flash(&id, &a), None);
+        // Signing out on b ends it for a; a deleted key ends it too.
+        Sessions.remove(&id, &b);
+        assert!(Sessions.get(&headers, &a).is_none());
+        let id = Sessions.create(&principal, &a).unwrap();
+        let value = format!("strata_session={id}");
+        let mut headers = HeaderMap::new();
+        headers.append("cookie", HeaderValue::from_str(&value).unwrap());
+        assert!(Sessions.get(&headers, &b).is_some());
+        a.delete_access_key("AK1").unwrap();
+        assert!(Sessions.get(&headers, &b).is_none());
     }
 }

@@ -181,7 +181,7 @@ pub async fn json(
     Query(filter): Query<Filter>,
 ) -> Response {
     let svc = &state.service;
-    if state.sessions.get(&headers, svc.catalog()).is_none() {
+    if strata_api::off_the_workers(|| state.sessions.get(&headers, svc.catalog())).is_none() {
         return json_response(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "The session ended: sign in again."}),

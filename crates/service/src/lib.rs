@@ -51,7 +51,7 @@ pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
 pub use local::{RestoreSource, Scratch};
-pub use membership::DEFAULT_NODE_LEASE;
+pub use membership::{NodeHealth, NodeState, DEFAULT_NODE_LEASE};
 pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
 pub use wal_supervisor::WalReceiverState;

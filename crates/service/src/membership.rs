@@ -67,6 +67,50 @@ fn owner_map(rows: &[InstanceOwner]) -> BTreeMap<String, fleet::Owner> {
         .collect()
 }
 
+/// A node of the fleet as the catalog records it, with how it is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// The node's row: id, API address, version, start and last heartbeat.
+    pub node: Node,
+    /// How its heartbeat looks from here.
+    pub state: NodeState,
+    /// Instances it holds an unexpired lease on.
+    pub owned: usize,
+    /// Whether it is the node answering.
+    pub this_node: bool,
+}
+
+/// A node's health by its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Heartbeat within one lease: it takes and keeps instances.
+    Live,
+    /// Stopped cleanly: it recorded a heartbeat from long ago and gave its
+    /// instances up.
+    Left,
+    /// No heartbeat for a lease or more (killed, its machine or network
+    /// gone): its instances moved once their leases lapsed.
+    Lost,
+}
+
+/// A node's health: live within one lease of its heartbeat (the node
+/// asking always is), left when its last heartbeat is the one from long ago
+/// a clean stop records, lost otherwise.
+fn node_state(
+    this_node: bool,
+    node: &Node,
+    now: DateTime<Utc>,
+    ttl: chrono::Duration,
+) -> NodeState {
+    if this_node || node.heartbeat_at + ttl > now {
+        NodeState::Live
+    } else if node.heartbeat_at == DateTime::UNIX_EPOCH {
+        NodeState::Left
+    } else {
+        NodeState::Lost
+    }
+}
+
 impl Service {
     /// This node's id.
     pub fn node_id(&self) -> &str {
@@ -105,6 +149,29 @@ impl Service {
             .into_iter()
             .filter(|o| o.expires_at > now)
             .map(|o| (o.instance_id, o.node_id))
+            .collect())
+    }
+
+    /// Every node that ever heartbeated on this catalog, by id, with its
+    /// health judged as the fleet rounds judge it (this node is live).
+    pub fn nodes_health(&self) -> CatalogResult<Vec<NodeHealth>> {
+        let now = Utc::now();
+        let owners = self.instance_owners()?;
+        let ttl = self.node_ttl();
+        let mut nodes = self.engine.catalog().list_nodes()?;
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes
+            .into_iter()
+            .map(|node| {
+                let this_node = node.id == self.node_id();
+                let state = node_state(this_node, &node, now, ttl);
+                NodeHealth {
+                    owned: owners.values().filter(|n| **n == node.id).count(),
+                    state,
+                    this_node,
+                    node,
+                }
+            })
             .collect())
     }
 
@@ -330,6 +397,46 @@ mod tests {
         assert_eq!(a.owned_count(), 0);
         b.fleet_round(ids.clone()).await;
         assert_eq!(owned(&b, &ids).len(), 12);
+        // What the console's Nodes page shows: a left, b live with all.
+        let health: Vec<(String, NodeState, usize, bool)> = b
+            .nodes_health()
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.node.id, h.state, h.owned, h.this_node))
+            .collect();
+        assert_eq!(
+            health,
+            [
+                ("a".to_string(), NodeState::Left, 0, false),
+                ("b".to_string(), NodeState::Live, 12, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_node_without_a_heartbeat_for_a_lease_is_lost_and_one_that_stopped_left() {
+        let now = Utc::now();
+        let ttl = chrono::Duration::seconds(20);
+        let node = |heartbeat_at| Node {
+            id: "n".into(),
+            api_address: String::new(),
+            started_at: now,
+            heartbeat_at,
+            version: String::new(),
+        };
+        let secs = chrono::Duration::seconds;
+        assert_eq!(
+            node_state(false, &node(now - secs(19)), now, ttl),
+            NodeState::Live
+        );
+        assert_eq!(
+            node_state(false, &node(now - secs(21)), now, ttl),
+            NodeState::Lost
+        );
+        let stopped = node(DateTime::UNIX_EPOCH);
+        assert_eq!(node_state(false, &stopped, now, ttl), NodeState::Left);
+        // The node asking is live whatever the catalog last recorded.
+        assert_eq!(node_state(true, &stopped, now, ttl), NodeState::Live);
     }
 
     #[test]

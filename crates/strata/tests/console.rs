@@ -75,7 +75,9 @@ fn console_in_a_headless_browser() {
     let root = repo_root();
     let python = prerequisites(&root);
     let cluster = Cluster::start_default(15);
-    let strata = Strata::new("console");
+    // A fixed node id, so a second node can be named that never takes the
+    // instance (rendezvous hashing is deterministic).
+    let strata = Strata::with_config("console", "", "[node]\nid = \"node-main\"\n");
     // Manual backups are slowed so the browser can watch their progress
     // move; the first, automatic one runs at full speed.
     let mut config = std::fs::OpenOptions::new()
@@ -118,6 +120,27 @@ fn console_in_a_headless_browser() {
             .any(|b| b["status"] == "Success")
     });
 
+    // A second node joins the catalog and leaves cleanly, so the Nodes page
+    // has a node that left beside the live one.
+    let spare_id = (0..100)
+        .map(|i| format!("node-spare-{i}"))
+        .find(|n| {
+            let live = ["node-main".to_string(), n.clone()].into_iter().collect();
+            strata_service::fleet::desired_owner(INSTANCE, &live) == Some("node-main")
+        })
+        .unwrap();
+    let spare = Strata::with_config(
+        "console-spare",
+        &format!(
+            "catalog = {:?}\nrepository = {:?}\n",
+            strata.dir.join("data/catalog.db").display().to_string(),
+            strata.repo_dir().display().to_string()
+        ),
+        &format!("[node]\nid = {spare_id:?}\n[drills]\nenabled = false\n"),
+    );
+    let (ok, out, err) = Server::start(&spare, &[]).stop();
+    assert!(ok, "the second node exited with an error:\n{out}\n{err}");
+
     // A browser opening `/` lands in the console; RPC calls to `/` do not.
     let browser = request(
         server.port,
@@ -156,6 +179,7 @@ fn console_in_a_headless_browser() {
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("STRATA_URL", format!("http://127.0.0.1:{}", server.port))
         .env("STRATA_INSTANCE", INSTANCE)
+        .env("STRATA_LEFT_NODE", &spare_id)
         .env("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId"))
         .env("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret"))
         .env("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId"))

@@ -832,6 +832,34 @@ pub fn catalog_server() -> &'static Cluster {
 
 static CATALOG_SERVER: OnceLock<&'static Cluster> = OnceLock::new();
 
+/// Stops [`catalog_server`] (fast shutdown), as a catalog outage: every
+/// Strata process of this test process using it loses its catalog until
+/// [`catalog_server_start`]. Only for a test binary whose tests all expect it.
+pub fn catalog_server_stop() {
+    let server = catalog_server();
+    let mut cmd = server.pg_ctl();
+    cmd.args(["-w", "-t", "60", "-m", "fast", "stop"]);
+    run_as_postgres(&mut cmd);
+    let out = run_output(&mut cmd);
+    if !out.status.success() {
+        server.fail(&describe_failure("pg_ctl stop", &out));
+    }
+}
+
+/// Starts [`catalog_server`] again on its port after [`catalog_server_stop`].
+pub fn catalog_server_start() {
+    let server = catalog_server();
+    let mut cmd = server.pg_ctl();
+    cmd.args(["-w", "-t", "60", "-l"])
+        .arg(&server.log_file)
+        .arg("start");
+    run_as_postgres(&mut cmd);
+    let out = run_output(&mut cmd);
+    if !out.status.success() {
+        server.fail(&describe_failure("pg_ctl start", &out));
+    }
+}
+
 extern "C" fn stop_catalog_server() {
     if let Some(cluster) = CATALOG_SERVER.get() {
         cluster.cleanup();
