@@ -378,6 +378,8 @@ pub trait NodeCatalog: Send + Sync {
     fn publish_receiver(&self, status: &ReceiverStatus) -> CatalogResult<()>;
     /// Every published receiver state, by instance id.
     fn list_receivers(&self) -> CatalogResult<Vec<ReceiverStatus>>;
+    /// The published receiver state of one instance, if any.
+    fn get_receiver(&self, instance_id: &str) -> CatalogResult<Option<ReceiverStatus>>;
 }
 
 /// The whole catalog: every aggregate trait. Implemented for any type that

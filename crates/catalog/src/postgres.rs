@@ -2233,28 +2233,45 @@ impl NodeCatalog for PgCatalog {
         self.call(move |c| async move {
             let rows = c
                 .query(
-                    "SELECT instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, \
-                     last_error, failing, published_at FROM wal_receivers ORDER BY instance_id",
+                    &format!("SELECT {RECEIVER_COLS} FROM wal_receivers ORDER BY instance_id"),
                     &[],
                 )
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ReceiverStatus {
-                        instance_id: get(r, 0)?,
-                        node_id: get(r, 1)?,
-                        running: get(r, 2)?,
-                        received_lsn: lsn_from_sql(get(r, 3)?).0,
-                        server_end_lsn: lsn_from_sql(get(r, 4)?).0,
-                        last_message_at: get(r, 5)?,
-                        last_error: get(r, 6)?,
-                        failing: get(r, 7)?,
-                        published_at: get(r, 8)?,
-                    })
-                })
-                .collect()
+            all(rows, receiver_from_row)
         })
     }
+
+    fn get_receiver(&self, instance_id: &str) -> CatalogResult<Option<ReceiverStatus>> {
+        let key = instance_id.to_string();
+        self.call(move |c| {
+            let key = key.clone();
+            async move {
+                let sql =
+                    format!("SELECT {RECEIVER_COLS} FROM wal_receivers WHERE instance_id = $1");
+                c.query_opt(&sql, &[&key])
+                    .await?
+                    .map(|r| receiver_from_row(&r))
+                    .transpose()
+            }
+        })
+    }
+}
+
+const RECEIVER_COLS: &str = "instance_id, node_id, running, received_lsn, server_end_lsn, \
+                             last_message_at, last_error, failing, published_at";
+
+fn receiver_from_row(r: &Row) -> CatalogResult<ReceiverStatus> {
+    Ok(ReceiverStatus {
+        instance_id: get(r, 0)?,
+        node_id: get(r, 1)?,
+        running: get(r, 2)?,
+        received_lsn: lsn_from_sql(get(r, 3)?).0,
+        server_end_lsn: lsn_from_sql(get(r, 4)?).0,
+        last_message_at: get(r, 5)?,
+        last_error: get(r, 6)?,
+        failing: get(r, 7)?,
+        published_at: get(r, 8)?,
+    })
 }
 
 impl IndexCatalog for PgCatalog {

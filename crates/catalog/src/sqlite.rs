@@ -1450,26 +1450,40 @@ impl NodeCatalog for SqliteCatalog {
 
     fn list_receivers(&self) -> CatalogResult<Vec<ReceiverStatus>> {
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at \
-                 FROM wal_receivers ORDER BY instance_id",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(ReceiverStatus {
-                    instance_id: r.get(0)?,
-                    node_id: r.get(1)?,
-                    running: r.get(2)?,
-                    received_lsn: lsn_from_sql(r.get(3)?).0,
-                    server_end_lsn: lsn_from_sql(r.get(4)?).0,
-                    last_message_at: opt_ts(r.get(5)?)?,
-                    last_error: r.get(6)?,
-                    failing: r.get(7)?,
-                    published_at: parse_ts(r.get(8)?)?,
-                })
-            })?;
+            let mut st = c.prepare(&format!(
+                "SELECT {RECEIVER_COLS} FROM wal_receivers ORDER BY instance_id"
+            ))?;
+            let rows = st.query_map([], receiver_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+
+    fn get_receiver(&self, instance_id: &str) -> CatalogResult<Option<ReceiverStatus>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {RECEIVER_COLS} FROM wal_receivers WHERE instance_id = ?1"),
+                [instance_id],
+                receiver_from_row,
+            )
+            .optional()?)
+        })
+    }
+}
+
+const RECEIVER_COLS: &str = "instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at";
+
+fn receiver_from_row(r: &Row) -> rusqlite::Result<ReceiverStatus> {
+    Ok(ReceiverStatus {
+        instance_id: r.get(0)?,
+        node_id: r.get(1)?,
+        running: r.get(2)?,
+        received_lsn: lsn_from_sql(r.get(3)?).0,
+        server_end_lsn: lsn_from_sql(r.get(4)?).0,
+        last_message_at: opt_ts(r.get(5)?)?,
+        last_error: r.get(6)?,
+        failing: r.get(7)?,
+        published_at: parse_ts(r.get(8)?)?,
+    })
 }
 
 impl IndexCatalog for SqliteCatalog {

@@ -1652,6 +1652,8 @@ fn receiver_states_are_published_and_replaced(b: &dyn Backend) {
         ..receiver("pg-1", "node-b", t)
     };
     b.open().publish_receiver(&moved).unwrap();
+    assert_eq!(reader.get_receiver("pg-1").unwrap(), Some(moved.clone()));
+    assert_eq!(reader.get_receiver("pg-3").unwrap(), None);
     assert_eq!(
         reader.list_receivers().unwrap(),
         vec![moved, receiver("pg-2", "node-a", t)]

@@ -135,9 +135,7 @@ impl Service {
         Ok(self
             .engine
             .catalog()
-            .list_receivers()?
-            .into_iter()
-            .find(|r| r.instance_id == instance_id)
+            .get_receiver(instance_id)?
             .map(from_row)
             .unwrap_or_default())
     }
