@@ -163,6 +163,7 @@ class Bench:
         api_port = 25900
         cfg.write_text(
             f'data_dir = "{self.tmp / "strata"}"\n\n[server]\nlisten = "127.0.0.1:{api_port}"\n'
+            + self.args.config_extra.replace("\\n", "\n") + "\n"
         )
         env = dict(os.environ, STRATA_LOG="warn")
         key = json.loads(subprocess.run(
@@ -231,6 +232,14 @@ class Bench:
                     rss_kb = int(line.split()[1])
         return ticks / os.sysconf("SC_CLK_TCK"), rss_kb / 1024
 
+    def written(self):
+        """Bytes the Strata process had written (write(2), /proc/PID/io wchar)."""
+        with open(f"/proc/{self.server.pid}/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+        return 0
+
     def proc_detail(self):
         """Thread count and /proc/PID/smaps_rollup (kB) of the Strata process."""
         pid = self.server.pid
@@ -245,6 +254,8 @@ class Bench:
 
     def measure(self, n):
         secs, rate = self.args.secs, self.args.rate
+        wal_sql = "SELECT pg_current_wal_lsn() - '0/0'"
+        wal0 = float(psql(self.clusters[0][0], wal_sql))
         load = [
             as_postgres_popen(PGBIN / "pgbench", "-h", "127.0.0.1", "-p", port, "-U", "postgres",
                               "-n", "-c", "1", "-R", rate, "-T", secs, "postgres")
@@ -252,6 +263,7 @@ class Bench:
         ]
         stop = threading.Event()
         api_ms, lags, rss = [], [], []
+        worst = {}  # cluster index -> largest lag seen
 
         def api_loop():
             k = 0
@@ -284,15 +296,17 @@ class Bench:
             while not stop.is_set():
                 for s in samplers:
                     s.stdin.write(lag_sql)
-                for s in samplers:
+                for k, s in enumerate(samplers):
                     line = s.stdout.readline()
                     v = float(line) if line.strip() else -1
                     if v >= 0:
                         lags.append(v)
+                        worst[k] = max(worst.get(k, 0.0), v)
                 stop.wait(2)
 
         threads = [threading.Thread(target=api_loop), threading.Thread(target=lag_loop)]
         cpu0, _ = self.proc_sample()
+        written0 = self.written()
         t0 = time.monotonic()
         machine0 = machine_cpu_seconds()
         for t in threads:
@@ -302,6 +316,7 @@ class Bench:
             time.sleep(1)
         cpu1, _ = self.proc_sample()
         wall = time.monotonic() - t0
+        written = (self.written() - written0) / 2**20 / wall
         threads_n, smaps = self.proc_detail()
         stop.set()
         for t in threads:
@@ -312,12 +327,16 @@ class Bench:
             smp.stdin.close()
             smp.wait()
         machine = [b - a for a, b in zip(machine0, machine_cpu_seconds())]
+        wal_kib_s = (float(psql(self.clusters[0][0], wal_sql)) - wal0) / 1024 / wall
         return {
             "instances": n,
             "rss_mib": statistics.median(rss),
             "rss_peak_mib": max(rss),
             "rss_first_mib": rss[0],
             "rss_last_mib": rss[-1],
+            "rss_every_10s": [round(x) for x in rss[::10]],
+            "wal_kib_s": wal_kib_s,
+            "written_mib_s": written,
             "threads": threads_n,
             "anon_mib": smaps.get("Anonymous", 0) / 1024,
             "private_dirty_mib": smaps.get("Private_Dirty", 0) / 1024,
@@ -328,6 +347,8 @@ class Bench:
             "lag_p50": percentile(lags, 50),
             "lag_p99": percentile(lags, 99),
             "lag_samples": len(lags),
+            "lag_worst": sorted(((round(v, 2), f"fleet-{k:03d}") for k, v in worst.items()),
+                                reverse=True)[:5],
             "api_p50": percentile(api_ms, 50),
             "api_p99": percentile(api_ms, 99),
             "api_calls": len(api_ms),
@@ -670,14 +691,22 @@ def report(rows, args, load_start, load_end):
     # A node is full at 70 % of its cores or half its memory, whichever first.
     by_cpu = (0.7 * cores * 100 - cpu_a) / cpu_b if cpu_b > 0 else float("inf")
     by_mem = (0.5 * mem_gib * 1024 - rss_a) / rss_b if rss_b > 0 else float("inf")
+    command = (
+        f"`bench/fleet.py --counts {args.counts} --secs {args.secs} --rate {args.rate}"
+        f" --settle {args.settle}"
+        + (f" --config-extra '{args.config_extra}'" if args.config_extra else "")
+        + (f"` with `MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']}`."
+           if os.environ.get("MALLOC_ARENA_MAX") else "`.")
+    )
     lines = [
         "## Cost per instance (one node)",
         "",
-        f"Command: `bench/fleet.py --counts {args.counts} --secs {args.secs} --rate {args.rate}`."
+        f"Command: {command}"
         f" Machine: {cores} cores, {mem_gib:.0f} GiB. Each instance is a PostgreSQL 15 cluster"
         f" (pgbench scale 1) running pgbench at {args.rate} transactions/s during a {args.secs} s"
         " window, log backup on; Strata runs on SQLite and a local repository. The clusters and"
         " pgbench run on the same machine; only the Strata process's CPU and memory are counted."
+        f" WAL written per instance: about {statistics.median(r['wal_kib_s'] for r in rows):.0f} KiB/s."
         f" Load average (1 min) {load_start:.2f} at the start of the run, {load_end:.2f} at the end"
         " (other processes on the machine count in it).",
         "",
@@ -692,13 +721,14 @@ def report(rows, args, load_start, load_end):
         )
     lines += [
         "",
-        "| instances | RSS MiB first / last sample of the window | anonymous MiB | private dirty MiB | threads |",
-        "|---|---|---|---|---|",
+        "| instances | RSS MiB first / last sample of the window | anonymous MiB | private dirty MiB | threads | written by Strata MiB/s | WAL KiB/s per instance |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['instances']} | {r['rss_first_mib']:.1f} / {r['rss_last_mib']:.1f} "
-            f"| {r['anon_mib']:.1f} | {r['private_dirty_mib']:.1f} | {r['threads']} |"
+            f"| {r['anon_mib']:.1f} | {r['private_dirty_mib']:.1f} | {r['threads']} "
+            f"| {r['written_mib_s']:.1f} | {r['wal_kib_s']:.0f} |"
         )
     lines += [
         "",
@@ -721,6 +751,10 @@ def main():
     ap.add_argument("--strata-bin", default=str(ROOT / "target" / "release" / "strata"))
     ap.add_argument("--out", default="")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--config-extra", default="",
+                    help='TOML appended to the node\'s strata.toml, e.g. "[wal]\\nflush_interval_ms = 1000"')
+    ap.add_argument("--settle", type=int, default=30,
+                    help="seconds between registering a step and measuring it")
     ap.add_argument("--failover", action="store_true",
                     help="measure failover on three nodes instead of the cost per instance")
     ap.add_argument("--failover-instances", type=int, default=12)
@@ -757,6 +791,9 @@ def main():
         for n in counts:
             log(f"registering up to {n} instances")
             bench.register(n)
+            if args.settle:
+                log(f"letting {n} instances settle for {args.settle} s")
+                time.sleep(args.settle)
             log(f"measuring {n} instances for {args.secs} s")
             rows.append(bench.measure(n))
             log(json.dumps(rows[-1]))
