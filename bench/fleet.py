@@ -19,8 +19,20 @@ many instances a node of this size holds under the load used. The clusters
 and pgbench run on the same machine and their CPU is not Strata's; it is
 reported apart.
 
-    bench/fleet.py [--counts 10,25,50] [--secs 60] [--rate 5] [--strata-bin PATH]
-                   [--out FILE] [--keep]
+    bench/fleet.py [--counts 10,25,50] [--secs 60] [--rate 5] [--settle 30]
+                   [--config-extra TOML] [--strata-bin PATH] [--out FILE] [--keep]
+    bench/fleet.py --failover [--failover-instances 12] [--kills 5] [--rate 5]
+
+With --failover it measures failover instead: a PostgreSQL 15 catalog server
+started here, three `strata serve` nodes (distinct `[node] id` and ports, one
+shared repository directory, default `node.lease_secs`), the instances spread
+over them with log backup on and pgbench at the fixed rate; then, --kills
+times, SIGKILL of the node owning the most instances and the time until every
+one of its instances streams WAL on a survivor (`StrataNode` names the owner,
+`StrataWalReceiverState` on that owner says `Streaming`; polled every 200 ms),
+a restart of the killed node and a wait until the spread settles. API latency
+(DescribeDBInstances and DescribeBackups alternating) is timed on every node
+throughout.
 
 Run as root with the test dependencies installed (scripts/install-test-deps.sh:
 the SDK lives in .cache/venv; this script re-executes itself there). All
