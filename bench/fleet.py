@@ -276,6 +276,7 @@ class Bench:
         stop = threading.Event()
         api_ms, lags, rss = [], [], []
         worst = {}  # cluster index -> largest lag seen
+        behind = []  # bytes not yet acknowledged, at samples with a lag over 1 s
 
         def api_loop():
             k = 0
@@ -301,18 +302,24 @@ class Bench:
             for port, _ in self.clusters[:n]
         ]
         # Always one row: -1 when no walsender of Strata is connected.
-        lag_sql = ("SELECT coalesce((SELECT max(extract(epoch FROM coalesce(flush_lag, '0')))"
-                   " FROM pg_stat_replication WHERE application_name = 'strata'), -1);\n")
+        # With the lag, how far the acknowledged flush position is behind the
+        # server's WAL at that moment (bytes): a lag of seconds with next to
+        # nothing unacknowledged is the reporting cadence, not a backlog.
+        lag_sql = ("SELECT coalesce(max(extract(epoch FROM coalesce(flush_lag, '0'))), -1)"
+                   " || ' ' || coalesce(max(pg_current_wal_lsn() - flush_lsn), 0)"
+                   " FROM pg_stat_replication WHERE application_name = 'strata';\n")
 
         def lag_loop():
             while not stop.is_set():
                 for s in samplers:
                     s.stdin.write(lag_sql)
                 for k, s in enumerate(samplers):
-                    line = s.stdout.readline()
-                    v = float(line) if line.strip() else -1
+                    line = s.stdout.readline().split()
+                    v = float(line[0]) if line else -1
                     if v >= 0:
                         lags.append(v)
+                        if v > 1:
+                            behind.append(float(line[1]))
                         worst[k] = max(worst.get(k, 0.0), v)
                 stop.wait(2)
 
@@ -359,6 +366,9 @@ class Bench:
             "lag_p50": percentile(lags, 50),
             "lag_p99": percentile(lags, 99),
             "lag_samples": len(lags),
+            "lag_over_1s_bytes_behind_p50": percentile(behind, 50),
+            "lag_over_1s_bytes_behind_max": max(behind, default=0),
+            "lag_over_1s_samples": len(behind),
             "lag_worst": sorted(((round(v, 2), f"fleet-{k:03d}") for k, v in worst.items()),
                                 reverse=True)[:5],
             "api_p50": percentile(api_ms, 50),
