@@ -50,17 +50,7 @@ fn owners(strata: &Strata, server: &Server) -> BTreeMap<String, String> {
         server,
         &[("Action", "DescribeDBInstances"), ("PageSize", "100")],
     );
-    v["Items"]["DBInstance"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["DBInstanceId"].as_str().unwrap().to_string(),
-                i["StrataNode"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    common::instances_field(&v, "StrataNode")
 }
 
 /// `StrataWalReceiverState` of every instance, as one node's API answers.
@@ -70,17 +60,7 @@ fn receiver_states(strata: &Strata, server: &Server) -> BTreeMap<String, String>
         server,
         &[("Action", "DescribeDBInstances"), ("PageSize", "100")],
     );
-    v["Items"]["DBInstance"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["DBInstanceId"].as_str().unwrap().to_string(),
-                i["StrataWalReceiverState"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    common::instances_field(&v, "StrataWalReceiverState")
 }
 
 /// One backup job as `DescribeBackupTasks` of one node answers it.

@@ -63,17 +63,7 @@ fn owners(strata: &Strata, port: u16) -> BTreeMap<String, String> {
         port,
         &[("Action", "DescribeDBInstances"), ("PageSize", "100")],
     );
-    v["Items"]["DBInstance"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["DBInstanceId"].as_str().unwrap().to_string(),
-                i["StrataNode"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    common::instances_field(&v, "StrataNode")
 }
 
 /// The instances a node's `/metrics` reports streaming, and how many it owns.

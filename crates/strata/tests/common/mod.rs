@@ -537,3 +537,20 @@ pub fn http_request(
         .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
     (status, head.to_string(), body.to_string())
 }
+
+/// One string field of every instance in a `DescribeDBInstances` answer,
+/// by instance id (an absent field reads as empty).
+pub fn instances_field(
+    describe: &serde_json::Value,
+    field: &str,
+) -> std::collections::BTreeMap<String, String> {
+    describe["Items"]["DBInstance"]
+        .as_array()
+        .expect("DescribeDBInstances lists Items.DBInstance")
+        .iter()
+        .map(|i| {
+            let id = i["DBInstanceId"].as_str().unwrap_or_default().to_string();
+            (id, i[field].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
