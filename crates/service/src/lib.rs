@@ -497,11 +497,35 @@ impl Service {
             self.stop_archiving(instance_id).await;
             self.engine.catalog().delete_instance(instance_id)?;
             self.wal.forget(instance_id);
+            self.fail_queued_jobs(
+                instance_id,
+                "the instance was deregistered before the job started",
+            )?;
             Ok(())
         }
         .await;
         self.leaving.unmark(instance_id);
         outcome
+    }
+
+    /// Fails the jobs queued for `instance_id` that no node took yet: with
+    /// the instance gone, no owner would ever claim them. Each is claimed
+    /// first, so a node starting it at this moment keeps it instead.
+    fn fail_queued_jobs(&self, instance_id: &str, reason: &str) -> ServiceResult<()> {
+        let catalog = self.engine.catalog();
+        let queued = catalog
+            .queued_jobs()?
+            .into_iter()
+            .filter(|j| j.instance_id.as_deref() == Some(instance_id));
+        for job in queued {
+            if catalog
+                .claim_queued_job(job.id, self.node_id(), Utc::now())?
+                .is_some()
+            {
+                jobs::fail_job(&self.engine, job.id, reason);
+            }
+        }
+        Ok(())
     }
 
     /// How long the service has run.

@@ -90,6 +90,24 @@ async fn a_backup_runs_on_the_instances_owner_whichever_node_is_asked() {
     assert_eq!(taken.node_id.as_deref(), Some("node-b"));
     assert_eq!(b.running_backup_job("queued"), Some(job.id));
     assert_eq!(finished(&b, job.id).await, BackupStatus::Success);
+
+    // A job still queued when its instance is deregistered fails with the
+    // reason instead of waiting for an owner that will never come.
+    let job = a.request_backup("queued").unwrap();
+    assert!(job.queued);
+    b.deregister_instance("queued").await.unwrap();
+    let ended = a.job(job.id).unwrap();
+    assert_eq!(ended.state, JobState::Failed);
+    assert!(!ended.queued);
+    assert!(
+        ended
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("deregistered"),
+        "{ended:?}"
+    );
+    assert!(a.engine().catalog().queued_jobs().unwrap().is_empty());
     b.shutdown().await;
     a.shutdown().await;
 }
