@@ -40,7 +40,8 @@ pub trait InstanceCatalog: Send + Sync {
     fn get_instance(&self, id: &str) -> CatalogResult<Instance>;
     /// Every instance, by id.
     fn list_instances(&self) -> CatalogResult<Vec<Instance>>;
-    /// Forgets an instance and its backup policy (one transaction);
+    /// Forgets an instance with its backup policy, its ownership lease and
+    /// its published WAL receiver state (one transaction);
     /// [`crate::CatalogError::InstanceNotFound`] when unknown.
     fn delete_instance(&self, id: &str) -> CatalogResult<()>;
 

@@ -915,6 +915,8 @@ impl InstanceCatalog for PgCatalog {
                     &[&key],
                 )
                 .await?;
+                tx.execute("DELETE FROM wal_receivers WHERE instance_id = $1", &[&key])
+                    .await?;
                 tx.commit().await?;
                 Ok(true)
             }

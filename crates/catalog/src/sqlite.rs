@@ -409,6 +409,7 @@ impl InstanceCatalog for SqliteCatalog {
             }
             tx.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
             tx.execute("DELETE FROM instance_owners WHERE instance_id = ?1", [id])?;
+            tx.execute("DELETE FROM wal_receivers WHERE instance_id = ?1", [id])?;
             tx.commit()?;
             Ok(())
         })

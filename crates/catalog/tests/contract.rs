@@ -1658,7 +1658,13 @@ fn receiver_states_are_published_and_replaced(b: &dyn Backend) {
         reader.list_receivers().unwrap(),
         vec![moved, receiver("pg-2", "node-a", t)]
     );
+    // Deleting an instance forgets its published state with it.
+    a.add_instance(&instance("pg-2")).unwrap();
+    a.delete_instance("pg-2").unwrap();
+    assert_eq!(reader.get_receiver("pg-2").unwrap(), None);
+    assert_eq!(reader.list_receivers().unwrap().len(), 1);
 }
+
 fn session(id_hash: &str, t: DateTime<Utc>) -> ConsoleSession {
     ConsoleSession {
         id_hash: id_hash.into(),
