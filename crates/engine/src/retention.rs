@@ -135,6 +135,10 @@ pub struct RetentionPlan {
     pub backups: Vec<BackupId>,
     /// WAL objects to delete.
     pub wal: Vec<WalSegmentRow>,
+    /// WAL objects that were due but left for a later pass, because a
+    /// backup or a reader on some node held the repository.
+    #[serde(skip)]
+    pub wal_postponed: usize,
 }
 
 impl RetentionPlan {
@@ -329,7 +333,10 @@ impl Engine {
         // under it.
         match self.try_gc_lock(true)? {
             Some(_guard) => self.delete_wal_segments(&plan.wal)?,
-            None => plan.wal.clear(),
+            None => {
+                plan.wal_postponed = plan.wal.len();
+                plan.wal.clear();
+            }
         }
         Ok(plan)
     }

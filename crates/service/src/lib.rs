@@ -419,7 +419,15 @@ impl Service {
             self.leaving.mark(instance_id);
             self.stop_archiving(instance_id).await;
             self.leaving.unmark(instance_id);
-            let plan = self.engine.apply_retention(&p, self.now())?;
+            // The WAL no backup needs goes now: while a backup or a reader
+            // on some node holds the repository, wait for it (up to a
+            // minute) rather than leave the deletion to a later round.
+            let mut plan = self.engine.apply_retention(&p, self.now())?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while plan.wal_postponed > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                plan = self.engine.apply_retention(&p, self.now())?;
+            }
             tracing::info!(
                 instance = %instance_id,
                 "log backup turned off: {} WAL segments deleted",
