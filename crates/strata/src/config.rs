@@ -94,13 +94,10 @@ fn hex_id(bytes: [u8; 6]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether `id` can name a node: 1 to 64 letters, digits, `-`, `_`, `.`.
+/// Whether `id` can name a node: the rule for every id Strata accepts
+/// (1 to 64 letters, digits, `-`, `_`, `.`), as for instances.
 fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    strata_catalog::Instance::valid_id(id)
 }
 
 /// Free space kept on the file system of a repository in a directory.
@@ -835,9 +832,18 @@ mod node_id_tests {
             "[node]\nlease_secs = 7\n",
             "[node]\nlease_secs = 301\n",
             "[node]\nid = \"a b\"\n",
+            "[node]\nid = \"a=b\"\n",
+            "[node]\nid = \"../x\"\n",
+            "[node]\nid = \"a'b\"\n",
+            "[node]\nid = \"a\\nb\"\n",
+            "[node]\nid = \"\"\n",
         ] {
             assert!(load(bad).is_err(), "{bad}");
         }
+        let long = format!("[node]\nid = \"{}\"\n", "n".repeat(65));
+        assert!(load(&long).is_err(), "a 65-byte node id was accepted");
+        let longest = format!("[node]\nid = \"{}\"\n", "n".repeat(64));
+        assert_eq!(load(&longest).unwrap().node.id, Some("n".repeat(64)));
         let c = load("[node]\nid = \"n-1\"\nlease_secs = 8\n").unwrap();
         let s = c.service_settings().unwrap();
         assert_eq!((s.node.id.as_str(), s.node.lease.as_secs()), ("n-1", 8));

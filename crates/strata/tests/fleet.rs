@@ -21,26 +21,7 @@ const FAILOVER_BOUND_SECS: u64 = 30;
 
 /// Signs an RPC call with the admin key `strata` created and returns the JSON answer.
 fn api(strata: &Strata, server: &Server, params: &[(&str, &str)]) -> serde_json::Value {
-    let path = strata.dir.join("data/admin-key.json");
-    wait_for("the admin key", 30, || path.exists());
-    let key: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let mut all = vec![("Version", "2014-08-15"), ("Format", "JSON")];
-    all.extend_from_slice(params);
-    let nonce = format!("{:032x}", rand::random::<u128>());
-    let query = acs_signature::sign_v2(
-        "GET",
-        &all,
-        key["AccessKeyId"].as_str().unwrap(),
-        key["AccessKeySecret"].as_str().unwrap(),
-        chrono::Utc::now(),
-        &nonce,
-    );
-    let (status, body) = http_get(server.port, &format!("/?{query}"));
-    let v: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status}: {e}: {body}"));
-    assert!(status.contains("200"), "{status}: {v}");
-    v
+    common::signed_call(strata, server.port, params)
 }
 
 /// `StrataNode` of every instance, as one node's API answers.

@@ -34,26 +34,7 @@ const FAILOVER_BOUND_SECS: u64 = 30;
 
 /// Signs an RPC call with the admin key and sends it to `port`.
 fn api(strata: &Strata, port: u16, params: &[(&str, &str)]) -> serde_json::Value {
-    let path = strata.dir.join("data/admin-key.json");
-    wait_for("the admin key", 30, || path.exists());
-    let key: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let mut all = vec![("Version", "2014-08-15"), ("Format", "JSON")];
-    all.extend_from_slice(params);
-    let nonce = format!("{:032x}", rand::random::<u128>());
-    let query = acs_signature::sign_v2(
-        "GET",
-        &all,
-        key["AccessKeyId"].as_str().unwrap(),
-        key["AccessKeySecret"].as_str().unwrap(),
-        chrono::Utc::now(),
-        &nonce,
-    );
-    let (status, body) = http_get(port, &format!("/?{query}"));
-    let v: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status}: {e}: {body}"));
-    assert!(status.contains("200"), "{status}: {v}");
-    v
+    common::signed_call(strata, port, params)
 }
 
 /// `StrataNode` of every instance, as the node on `port` answers.

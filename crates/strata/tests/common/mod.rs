@@ -554,3 +554,29 @@ pub fn instances_field(
         })
         .collect()
 }
+
+/// Signs an RPC call (V2) with the admin key `strata serve` wrote to
+/// `data/admin-key.json`, sends it to the server on `port` and returns the
+/// JSON answer, which must be a 200.
+pub fn signed_call(strata: &Strata, port: u16, params: &[(&str, &str)]) -> serde_json::Value {
+    let path = strata.dir.join("data/admin-key.json");
+    wait_for("the admin key", 30, || path.exists());
+    let key: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut all = vec![("Version", "2014-08-15"), ("Format", "JSON")];
+    all.extend_from_slice(params);
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    let query = acs_signature::sign_v2(
+        "GET",
+        &all,
+        key["AccessKeyId"].as_str().unwrap(),
+        key["AccessKeySecret"].as_str().unwrap(),
+        chrono::Utc::now(),
+        &nonce,
+    );
+    let (status, body) = http_get(port, &format!("/?{query}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status}: {e}: {body}"));
+    assert!(status.contains("200"), "{status}: {v}");
+    v
+}
