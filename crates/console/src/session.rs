@@ -281,6 +281,15 @@ mod tests {
             .get(&headers, &b)
             .expect("node b knows the session");
         assert_eq!((on_b.key_id.as_str(), on_b.read_only), ("AK1", true));
+        // Cookie values that are not a session: quotes, SQL, a path, and the
+        // stored 64-character hash itself. Each only ever becomes a hash.
+        let stored_hash = id_hash(&id);
+        for hostile in ["'", "' OR '1'='1", "../../x", "a=b", stored_hash.as_str()] {
+            let mut h = HeaderMap::new();
+            let v = format!("strata_session={hostile}");
+            h.append("cookie", HeaderValue::from_str(&v).unwrap());
+            assert!(Sessions.get(&h, &b).is_none(), "{hostile:?} signed in");
+        }
         // The catalog holds the id's hash only: the id itself signs in.
         let stored = b.touch_session(&id_hash(&id), Utc::now()).unwrap().unwrap();
         assert_ne!(stored.id_hash, id);
