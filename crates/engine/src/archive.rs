@@ -281,6 +281,7 @@ impl Engine {
         let mut archiver = SegmentArchiver::new(geometry, tli, start, uploader.queue());
         let mut flush_tick = tokio::time::interval(self.settings.wal_flush_interval);
         let mut status_tick = tokio::time::interval(self.settings.wal_status_interval);
+        let mut acknowledged = uploader.durable();
         loop {
             let seg_start = archiver.position();
             let mut stream = client
@@ -295,7 +296,18 @@ impl Engine {
                         return Ok(Ended::Shutdown);
                     }
                     stored = uploader.next_stored() => match stored {
-                        Some(s) => note_stored(&s, health, progress),
+                        Some(s) => {
+                            note_stored(&s, health, progress);
+                            // Tell the server at once what became durable:
+                            // its slot advances and its lag figures
+                            // (pg_stat_replication's flush_lag) measure the
+                            // repository, not the status interval.
+                            if s.end > acknowledged {
+                                acknowledged = s.end;
+                                stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, false)
+                                    .await.map_err(|e| explain(instance, e))?;
+                            }
+                        }
                         // The worker failed; `finish` returns why.
                         None => return Err(EngineError::Failed("the WAL uploader stopped".into())),
                     },

@@ -309,7 +309,7 @@ impl Engine {
     /// Deletes WAL segments from the repository, then from the catalog.
     pub fn delete_wal_segments(&self, rows: &[WalSegmentRow]) -> EngineResult<()> {
         for w in rows {
-            self.repo.delete_object(&w.object_key)?;
+            self.repo.delete_wal(&w.object_key)?;
             self.catalog
                 .delete_wal_segment(&w.instance_id, w.timeline, &w.segment, w.partial)?;
         }

@@ -1,9 +1,11 @@
-//! Turns a stream of WAL bytes into segment uploads: buffers the current
-//! segment and decodes its records (commit times, xids, restore points) as
-//! they arrive, hands each complete segment and, on request, the bytes of
-//! the current one received since the last refresh of its `.partial` object
-//! to a [`WalUploader`](crate::wal_uploader::WalUploader), which stores them
-//! off the async runtime. Used by the continuous archiver and by backups
+//! Turns a stream of WAL bytes into pieces for a
+//! [`WalUploader`](crate::wal_uploader::WalUploader): decodes the records
+//! of the current segment (commit times, xids, restore points) as they
+//! arrive and hands over the bytes received since the last handover, as a
+//! refresh of the segment's `.partial` object when asked and as the last
+//! piece when the segment is complete. It keeps no copy of the segment
+//! (the uploader holds it, compressed), so a receiver's memory is the WAL
+//! of one refresh interval. Used by the continuous archiver and by backups
 //! (which stream the WAL they need for consistency).
 
 use chrono::{DateTime, Utc};
@@ -13,7 +15,7 @@ use strata_repo::{RestorePointInfo, WalSegmentMeta};
 
 use crate::catalog_retry::retry_busy;
 use crate::entities;
-use crate::wal_uploader::{PartialUpload, SegmentUpload, UploadQueue};
+use crate::wal_uploader::{UploadQueue, WalPiece};
 use crate::{Engine, EngineError, EngineResult};
 
 /// What a segment's records say, stored with it.
@@ -56,17 +58,18 @@ pub struct SegmentArchiver {
     geometry: WalGeometry,
     timeline: TimelineId,
     seg_start: Lsn,
-    buf: Vec<u8>,
+    /// Bytes of the current segment received.
+    received: usize,
+    /// The last of those not handed over yet.
+    pending: Vec<u8>,
     decoder: WalDecoder,
     summary: Summary,
-    /// Bytes of the current segment already handed over as partial refreshes.
-    partial_sent: usize,
     queue: UploadQueue,
 }
 
 impl SegmentArchiver {
     /// Starts at the segment containing `start` (streaming must begin at
-    /// that segment's first byte), handing segments to `queue`.
+    /// that segment's first byte), handing pieces to `queue`.
     pub fn new(
         geometry: WalGeometry,
         timeline: TimelineId,
@@ -78,17 +81,17 @@ impl SegmentArchiver {
             geometry,
             timeline,
             seg_start,
-            buf: Vec::with_capacity(geometry.segment_size() as usize),
+            received: 0,
+            pending: Vec::new(),
             decoder: WalDecoder::new(geometry, seg_start),
             summary: Summary::default(),
-            partial_sent: 0,
             queue,
         }
     }
 
     /// The first LSN not yet received.
     pub fn position(&self) -> Lsn {
-        self.seg_start + self.buf.len() as u64
+        self.seg_start + self.received as u64
     }
 
     /// End of the WAL handed over as complete segments.
@@ -99,6 +102,18 @@ impl SegmentArchiver {
     fn segment_name(&self) -> String {
         self.geometry
             .segment_file_name(self.timeline, self.geometry.segment_of(self.seg_start))
+    }
+
+    /// The bytes not handed over yet, as a piece; they leave the archiver.
+    fn take_piece(&mut self) -> WalPiece {
+        WalPiece {
+            timeline: self.timeline,
+            seg_start: self.seg_start,
+            name: self.segment_name(),
+            offset: self.received - self.pending.len(),
+            bytes: std::mem::take(&mut self.pending),
+            summary: self.summary.clone(),
+        }
     }
 
     /// Appends WAL that starts at `start`. Bytes already received are
@@ -118,9 +133,10 @@ impl SegmentArchiver {
         data = &data[overlap..];
         let seg_size = self.geometry.segment_size() as usize;
         while !data.is_empty() {
-            let take = (seg_size - self.buf.len()).min(data.len());
+            let take = (seg_size - self.received).min(data.len());
             let (now, rest) = data.split_at(take);
-            self.buf.extend_from_slice(now);
+            self.pending.extend_from_slice(now);
+            self.received += take;
             let events = self.decoder.feed(now).map_err(|e| {
                 EngineError::Failed(format!(
                     "cannot decode WAL of segment {}: {e}",
@@ -131,56 +147,36 @@ impl SegmentArchiver {
                 self.summary.absorb(event);
             }
             data = rest;
-            if self.buf.len() == seg_size {
-                let upload = SegmentUpload {
-                    timeline: self.timeline,
-                    seg_start: self.seg_start,
-                    name: self.segment_name(),
-                    data: std::mem::replace(&mut self.buf, Vec::with_capacity(seg_size)),
-                    summary: std::mem::take(&mut self.summary),
-                };
+            if self.received == seg_size {
+                let mut piece = self.take_piece();
+                piece.summary = std::mem::take(&mut self.summary);
                 self.seg_start = self.seg_start + seg_size as u64;
-                self.partial_sent = 0;
-                self.queue.segment(upload).await?;
+                self.received = 0;
+                self.queue.segment(piece).await?;
             }
         }
         Ok(())
     }
 
-    fn partial_upload(&self) -> PartialUpload {
-        PartialUpload {
-            timeline: self.timeline,
-            seg_start: self.seg_start,
-            name: self.segment_name(),
-            offset: self.partial_sent,
-            added: self.buf[self.partial_sent..].to_vec(),
-            summary: self.summary.clone(),
-        }
-    }
-
-    /// Hands over a refresh of the partial object if the segment grew since
-    /// the last one and the queue has room; never waits. Returns whether a
+    /// Hands over a refresh of the partial object if bytes arrived since the
+    /// last handover and the queue has room; never waits. Returns whether a
     /// refresh was queued.
     pub fn offer_partial(&mut self) -> EngineResult<bool> {
-        if self.buf.len() <= self.partial_sent {
+        if self.pending.is_empty() {
             return Ok(false);
         }
-        let queued = self.queue.offer_partial(|| self.partial_upload())?;
-        if queued {
-            self.partial_sent = self.buf.len();
-        }
-        Ok(queued)
+        let queue = self.queue.clone();
+        queue.offer_partial(|| self.take_piece())
     }
 
-    /// Hands over a refresh of the partial object if the segment grew since
-    /// the last one, waiting for room in the queue.
+    /// Hands over a refresh of the partial object if bytes arrived since the
+    /// last handover, waiting for room in the queue.
     pub async fn flush_partial(&mut self) -> EngineResult<()> {
-        if self.buf.len() <= self.partial_sent {
+        if self.pending.is_empty() {
             return Ok(());
         }
-        let upload = self.partial_upload();
-        self.partial_sent = self.buf.len();
-        self.queue.partial(upload).await
+        let piece = self.take_piece();
+        self.queue.partial(piece).await
     }
 }
 

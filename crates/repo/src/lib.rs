@@ -1106,10 +1106,134 @@ mod tests {
             restore_points: Vec::new(),
             stored_at: Utc::now(),
         };
-        let key = repo.put_wal_payload("i", &meta, &payload).unwrap();
+        let key = repo.put_wal_payload("i", &meta, &mut payload).unwrap();
         let (read_meta, read) = repo.read_wal(&key).unwrap();
         assert_eq!(read_meta, meta);
         assert_eq!(read, data);
+    }
+
+    fn partial_meta(payload: &WalPayload) -> WalSegmentMeta {
+        WalSegmentMeta {
+            timeline: pg_wal::TimelineId(1),
+            segment: "000000010000000000000003".into(),
+            begin_lsn: pg_wal::Lsn(0x300_0000),
+            end_lsn: pg_wal::Lsn(0x300_0000 + payload.len() as u64),
+            partial: true,
+            checksum: payload.checksum(),
+            first_commit: None,
+            last_commit: None,
+            commit_count: payload.len() as u64,
+            min_commit_xid: None,
+            max_commit_xid: None,
+            restore_points: Vec::new(),
+            stored_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn partial_tails_join_and_whole_writes_replace_them() {
+        let (_d, repo) = repo();
+        let data: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut payload = repo.wal_payload();
+        let tails_of = |repo: &Repository| {
+            repo.storage()
+                .list("instances/i/wal/00000001/000000010000000000000003.partial.d/")
+                .unwrap()
+                .len()
+        };
+        // The prefix written whole, then three tails of new bytes only.
+        payload.extend(&data[..100_000]).unwrap();
+        let key = repo
+            .put_wal_payload("i", &partial_meta(&payload), &mut payload)
+            .unwrap();
+        for piece in data[100_000..250_000].chunks(50_000) {
+            payload.extend(piece).unwrap();
+            assert_eq!(payload.unstored_len(), piece.len());
+            let from = payload.stored_len();
+            let tail_key = repo
+                .put_wal_tail("i", &partial_meta(&payload), &mut payload, from)
+                .unwrap();
+            assert_eq!(tail_key, key, "the catalog keeps naming the partial object");
+            assert_eq!(payload.unstored_len(), 0);
+        }
+        assert_eq!(tails_of(&repo), 3);
+        let (meta, read) = repo.read_wal(&key).unwrap();
+        assert_eq!(read, &data[..250_000]);
+        assert_eq!(meta.end_lsn, pg_wal::Lsn(0x300_0000 + 250_000));
+        assert_eq!(meta.begin_lsn, pg_wal::Lsn(0x300_0000));
+        assert_eq!(meta.commit_count, 250_000, "the newest piece's summary");
+        assert_eq!(meta.checksum, repo.wal_checksum(&data[..250_000]));
+
+        // A tail missing in the middle: only the contiguous prefix is read.
+        repo.storage()
+            .delete(&format!(
+                "{key}.d/{:016X}-{:016X}",
+                0x300_0000 + 150_000,
+                0x300_0000 + 200_000
+            ))
+            .unwrap();
+        assert_eq!(repo.read_wal(&key).unwrap().1, &data[..150_000]);
+
+        // The prefix written whole again replaces the tails it covers.
+        payload.extend(&data[250_000..]).unwrap();
+        repo.put_wal_payload("i", &partial_meta(&payload), &mut payload)
+            .unwrap();
+        assert_eq!(tails_of(&repo), 0);
+        assert_eq!(repo.read_wal(&key).unwrap().1, data);
+
+        // A tail from an earlier frame merges the tails it covers.
+        payload.extend(b"more").unwrap();
+        repo.put_wal_tail("i", &partial_meta(&payload), &mut payload, data.len())
+            .unwrap();
+        payload.extend(b" and more").unwrap();
+        repo.put_wal_tail("i", &partial_meta(&payload), &mut payload, data.len() + 4)
+            .unwrap();
+        assert_eq!(tails_of(&repo), 2);
+        repo.put_wal_tail("i", &partial_meta(&payload), &mut payload, data.len())
+            .unwrap();
+        assert_eq!(tails_of(&repo), 1);
+        let (meta, read) = repo.read_wal(&key).unwrap();
+        assert_eq!(&read[data.len()..], b"more and more");
+        assert_eq!(meta.checksum, repo.wal_checksum(&read));
+        // Not where a frame begins, or past what is stored: refused.
+        payload.extend(b"!").unwrap();
+        assert!(repo
+            .put_wal_tail("i", &partial_meta(&payload), &mut payload, data.len() + 1)
+            .is_err());
+
+        // Deleting the partial object deletes its tails with it.
+        repo.delete_wal(&key).unwrap();
+        assert_eq!(tails_of(&repo), 0);
+        assert!(!repo.storage().exists(&key).unwrap());
+    }
+
+    #[test]
+    fn a_tail_that_lies_about_its_range_is_corrupt() {
+        let (_d, repo) = repo();
+        let mut payload = repo.wal_payload();
+        payload.extend(&[1u8; 1000]).unwrap();
+        let key = repo
+            .put_wal_payload("i", &partial_meta(&payload), &mut payload)
+            .unwrap();
+        payload.extend(&[2u8; 1000]).unwrap();
+        repo.put_wal_tail("i", &partial_meta(&payload), &mut payload, 1000)
+            .unwrap();
+        let tail = repo.storage().list(&format!("{key}.d/")).unwrap().remove(0);
+        let bytes = repo.storage().get(&tail).unwrap();
+        // The same object under a key that claims one byte more.
+        repo.storage().delete(&tail).unwrap();
+        repo.storage()
+            .put(
+                &format!(
+                    "{key}.d/{:016X}-{:016X}",
+                    0x300_0000 + 1000,
+                    0x300_0000 + 2001
+                ),
+                &bytes,
+            )
+            .unwrap();
+        let err = repo.read_wal(&key).unwrap_err();
+        assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
     }
 
     #[test]

@@ -1,11 +1,17 @@
 //! WAL segments and timeline history files as sealed objects.
 //!
-//! A segment is stored whole once complete; while it is being written the
-//! archiver refreshes a `.partial` object holding its valid prefix so the
-//! recovery point is seconds old, and deletes that object once the complete
-//! segment is stored. Each object carries what was decoded from its records
-//! (commit timestamps, restore points) so time targets can be resolved
-//! without reading WAL.
+//! A segment is stored whole once complete. While it is being received its
+//! valid prefix is kept durable as a `.partial` object plus *tails*: each
+//! refresh stores only the bytes received since the last one, as an object
+//! under `<segment>.partial.d/<begin>-<end>` (LSNs in hex), and now and then
+//! the whole prefix is written again as the `.partial` object, which makes
+//! the tails it covers redundant (they are deleted). Refreshing every few
+//! hundred milliseconds so costs about the WAL received, not the segment's
+//! size each time. [`Repository::read_wal`] of a `.partial` key returns the
+//! prefix joined from both; storing the complete segment deletes them all.
+//! Each object carries what was decoded from its records (commit
+//! timestamps, restore points) so time targets can be resolved without
+//! reading WAL.
 
 use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
@@ -58,14 +64,24 @@ pub struct WalSegmentMeta {
 }
 
 /// The prefix of a segment being received, kept ready to store as a
-/// partial object: its keyed checksum and its zstd frames are extended with
-/// each new piece and never recomputed, so refreshing the partial object
-/// often costs only the bytes received since the last refresh.
+/// partial object: its keyed checksum and its zstd frames (one per
+/// [`WalPayload::extend`]) are extended with each new piece and never
+/// recomputed. It also remembers how much of it stored objects hold, so a
+/// refresh can store only a *tail*: the bytes from a frame's start on
+/// ([`Repository::put_wal_tail`]).
 pub struct WalPayload {
     checksum: blake3::Hasher,
     frames: Vec<u8>,
+    /// Where each frame begins: (raw offset, offset in `frames`).
+    starts: Vec<(usize, usize)>,
     len: usize,
     level: i32,
+    /// The keyed hasher before any byte, to start a tail's checksum.
+    empty: blake3::Hasher,
+    /// Checksum of the raw bytes from `stored_len` on.
+    unstored_checksum: blake3::Hasher,
+    /// Raw bytes already in some stored object.
+    stored_len: usize,
 }
 
 impl WalPayload {
@@ -76,8 +92,10 @@ impl WalPayload {
         }
         let frame =
             zstd::bulk::compress(data, self.level).map_err(|e| RepoError::Format(e.to_string()))?;
+        self.starts.push((self.len, self.frames.len()));
         self.frames.extend_from_slice(&frame);
         self.checksum.update(data);
+        self.unstored_checksum.update(data);
         self.len += data.len();
         Ok(())
     }
@@ -95,6 +113,53 @@ impl WalPayload {
     /// The keyed checksum of the raw bytes held, as [`Repository::wal_checksum`] gives it.
     pub fn checksum(&self) -> String {
         hex::encode(self.checksum.finalize().as_bytes())
+    }
+
+    /// How many zstd frames hold the bytes.
+    pub fn frames(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The raw bytes held, decompressed.
+    pub fn raw(&self) -> RepoResult<Vec<u8>> {
+        self.raw_from(0)
+    }
+
+    /// Raw bytes held that no stored object has yet.
+    pub fn unstored_len(&self) -> usize {
+        self.len - self.stored_len
+    }
+
+    /// Raw bytes in stored objects.
+    pub fn stored_len(&self) -> usize {
+        self.stored_len
+    }
+
+    /// The frames holding the raw bytes from `from` on; `from` must be
+    /// where a frame begins.
+    fn frames_from(&self, from: usize) -> RepoResult<&[u8]> {
+        if from == self.len {
+            return Ok(&[]);
+        }
+        let at = self
+            .starts
+            .binary_search_by_key(&from, |&(raw, _)| raw)
+            .map_err(|_| RepoError::Format(format!("no WAL frame begins at byte {from}")))?;
+        Ok(&self.frames[self.starts[at].1..])
+    }
+
+    /// The raw bytes from `from` (a frame's start) on, decompressed.
+    fn raw_from(&self, from: usize) -> RepoResult<Vec<u8>> {
+        let mut raw = Vec::with_capacity(self.len - from);
+        zstd::stream::copy_decode(self.frames_from(from)?, &mut raw)
+            .map_err(|e| RepoError::Format(format!("WAL frames do not decompress: {e}")))?;
+        Ok(raw)
+    }
+
+    /// Records that everything held is now in stored objects.
+    fn mark_stored(&mut self) {
+        self.stored_len = self.len;
+        self.unstored_checksum = self.empty.clone();
     }
 }
 
@@ -125,6 +190,33 @@ pub fn wal_segment_key(instance_id: &str, tli: TimelineId, segment: &str, partia
     )
 }
 
+/// Where the tails of the partial object `partial_key` are stored.
+fn tails_prefix(partial_key: &str) -> String {
+    format!("{partial_key}.d/")
+}
+
+/// Key of the tail of a partial object holding WAL from `begin` to `end`.
+fn tail_key(partial_key: &str, begin: Lsn, end: Lsn) -> String {
+    format!(
+        "{}{:016X}-{:016X}",
+        tails_prefix(partial_key),
+        begin.0,
+        end.0
+    )
+}
+
+/// The WAL range a tail's key names; `None` for any other key.
+fn parse_tail_key(partial_key: &str, key: &str) -> Option<(Lsn, Lsn)> {
+    let name = key.strip_prefix(&tails_prefix(partial_key))?;
+    let (begin, end) = name.split_once('-')?;
+    if begin.len() != 16 || end.len() != 16 {
+        return None;
+    }
+    let begin = u64::from_str_radix(begin, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    (begin < end).then_some((Lsn(begin), Lsn(end)))
+}
+
 /// Key of a timeline history object.
 pub fn history_key(instance_id: &str, tli: TimelineId) -> String {
     format!("{}/{:08X}.history", wal_prefix(instance_id), tli.0)
@@ -148,40 +240,130 @@ impl Repository {
             Some(self.compress_level),
         )?;
         self.storage.put(&key, &bytes)?;
-        if !meta.partial {
-            self.storage.delete(&wal_segment_key(
-                instance_id,
-                meta.timeline,
-                &meta.segment,
-                true,
-            ))?;
-        }
+        self.after_whole_write(instance_id, meta)?;
         Ok(key)
+    }
+
+    /// What storing a segment's bytes whole makes redundant: a complete
+    /// segment replaces its partial object and tails; a whole partial
+    /// object replaces the tails it covers.
+    fn after_whole_write(&self, instance_id: &str, meta: &WalSegmentMeta) -> RepoResult<()> {
+        let partial_key = wal_segment_key(instance_id, meta.timeline, &meta.segment, true);
+        if meta.partial {
+            self.delete_tails(&partial_key, Some(meta.end_lsn))
+        } else {
+            self.delete_wal(&partial_key)
+        }
+    }
+
+    /// Deletes the tails of `partial_key` that end at or before `upto`
+    /// (all of them for `None`). Tails are deleted before the object they
+    /// extend, so an interrupted deletion never leaves a gap behind a prefix.
+    fn delete_tails(&self, partial_key: &str, upto: Option<Lsn>) -> RepoResult<()> {
+        for key in self.storage.list(&tails_prefix(partial_key))? {
+            let Some((_, end)) = parse_tail_key(partial_key, &key) else {
+                continue;
+            };
+            if upto.is_none_or(|upto| end <= upto) {
+                self.storage.delete(&key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a WAL object; for a `.partial` one, its tails with it.
+    pub fn delete_wal(&self, key: &str) -> RepoResult<()> {
+        if key.ends_with(".partial") {
+            self.delete_tails(key, None)?;
+        }
+        self.storage.delete(key)?;
+        Ok(())
     }
 
     /// An empty [`WalPayload`] for the segment being received.
     pub fn wal_payload(&self) -> WalPayload {
+        let empty = self.keys.hasher.incremental();
         WalPayload {
-            checksum: self.keys.hasher.incremental(),
+            checksum: empty.clone(),
             frames: Vec::new(),
+            starts: Vec::new(),
             len: 0,
             level: self.compress_level,
+            unstored_checksum: empty.clone(),
+            empty,
+            stored_len: 0,
         }
     }
 
-    /// Stores a (partial) segment whose bytes were gathered in `payload`;
-    /// `meta.checksum` must be [`WalPayload::checksum`]. Costs no
-    /// compression: the payload's frames are written as they are.
+    /// Stores a segment, complete or partial, whose bytes were gathered in
+    /// `payload`, whole; `meta` describes all of them (its checksum is
+    /// [`WalPayload::checksum`]). Costs no compression: the payload's frames
+    /// are written as they are. Marks the payload stored.
     pub fn put_wal_payload(
         &self,
         instance_id: &str,
         meta: &WalSegmentMeta,
-        payload: &WalPayload,
+        payload: &mut WalPayload,
     ) -> RepoResult<String> {
         let key = wal_segment_key(instance_id, meta.timeline, &meta.segment, meta.partial);
         let bytes = seal_compressed(&self.keys, ObjectKind::WalSegment, meta, &payload.frames)?;
         self.storage.put(&key, &bytes)?;
+        payload.mark_stored();
+        self.after_whole_write(instance_id, meta)?;
         Ok(key)
+    }
+
+    /// Stores the tail of a partial segment's `payload` from raw byte
+    /// `from` (where a frame begins, at most what is stored already) to its
+    /// end, next to the partial object; `meta` describes the whole prefix,
+    /// as for [`Repository::put_wal_payload`], and the tail's own range and
+    /// checksum are derived from it. A tail from before the end of what is
+    /// stored merges the tails it covers, which are then deleted. Returns
+    /// the partial object's key, the one the catalog records. Marks the
+    /// payload stored.
+    pub fn put_wal_tail(
+        &self,
+        instance_id: &str,
+        meta: &WalSegmentMeta,
+        payload: &mut WalPayload,
+        from: usize,
+    ) -> RepoResult<String> {
+        if !meta.partial || from > payload.stored_len || from >= payload.len {
+            return Err(RepoError::Format(format!(
+                "WAL segment {}: a tail from byte {from} of {} ({} stored) cannot be stored",
+                meta.segment, payload.len, payload.stored_len
+            )));
+        }
+        let partial_key = wal_segment_key(instance_id, meta.timeline, &meta.segment, true);
+        let mut tail_meta = meta.clone();
+        tail_meta.begin_lsn = Lsn(meta.end_lsn.0 - (payload.len - from) as u64);
+        tail_meta.checksum = if from == payload.stored_len {
+            hex::encode(payload.unstored_checksum.finalize().as_bytes())
+        } else {
+            self.wal_checksum(&payload.raw_from(from)?)
+        };
+        let bytes = seal_compressed(
+            &self.keys,
+            ObjectKind::WalSegment,
+            &tail_meta,
+            payload.frames_from(from)?,
+        )?;
+        let key = tail_key(&partial_key, tail_meta.begin_lsn, tail_meta.end_lsn);
+        let merges = from < payload.stored_len;
+        self.storage.put(&key, &bytes)?;
+        payload.mark_stored();
+        if merges {
+            for covered in self.storage.list(&tails_prefix(&partial_key))? {
+                let Some((begin, end)) = parse_tail_key(&partial_key, &covered) else {
+                    continue;
+                };
+                let inside = begin >= tail_meta.begin_lsn && end <= tail_meta.end_lsn;
+                if inside && covered != key {
+                    self.storage.delete(&covered)?;
+                }
+            }
+        }
+        Ok(partial_key)
     }
 
     /// The checksum recorded in [`WalSegmentMeta::checksum`] for `data`.
@@ -189,8 +371,69 @@ impl Repository {
         self.keys.hasher.hash(data).to_string()
     }
 
-    /// Reads a WAL object and checks its seal and its content checksum.
+    /// Reads a WAL object and checks its seal and its content checksum. A
+    /// `.partial` object is returned joined with its tails: the longest
+    /// contiguous prefix they hold, with the metadata of the newest piece
+    /// (its summary covers the whole prefix).
     pub fn read_wal(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
+        if !key.ends_with(".partial") {
+            return self.read_wal_object(key);
+        }
+        // A writer that stores the prefix whole deletes the tails it covers;
+        // a tail gone between the listing and the read means that happened,
+        // and reading again finds the longer prefix.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.read_partial(key) {
+                Err(RepoError::Storage(StorageError::NotFound(_))) if attempt < 4 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn read_partial(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
+        let (mut meta, mut data) = self.read_wal_object(key)?;
+        let mut tails: Vec<(Lsn, Lsn, String)> = self
+            .storage
+            .list(&tails_prefix(key))?
+            .into_iter()
+            .filter_map(|k| parse_tail_key(key, &k).map(|(b, e)| (b, e, k)))
+            .collect();
+        tails.sort();
+        let mut joined = false;
+        for (begin, end, tail) in tails {
+            if end <= meta.end_lsn {
+                continue;
+            }
+            if begin > meta.end_lsn {
+                break;
+            }
+            let (tail_meta, bytes) = self.read_wal_object(&tail)?;
+            if (tail_meta.begin_lsn, tail_meta.end_lsn) != (begin, end)
+                || bytes.len() as u64 != end.0 - begin.0
+                || tail_meta.segment != meta.segment
+                || tail_meta.timeline != meta.timeline
+            {
+                return Err(RepoError::Corrupt {
+                    object: tail,
+                    reason: "the tail does not hold the WAL its key names".into(),
+                });
+            }
+            data.extend_from_slice(&bytes[(meta.end_lsn.0 - begin.0) as usize..]);
+            meta = WalSegmentMeta {
+                begin_lsn: meta.begin_lsn,
+                ..tail_meta
+            };
+            joined = true;
+        }
+        if joined {
+            meta.checksum = self.wal_checksum(&data);
+        }
+        Ok((meta, data))
+    }
+
+    fn read_wal_object(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
         let bytes = self.storage.get(key)?;
         let opened = open::<WalSegmentMeta>(&self.keys, key, ObjectKind::WalSegment, &bytes)?;
         if self.wal_checksum(&opened.payload) != opened.meta.checksum {

@@ -754,7 +754,7 @@ impl Service {
                 self.engine.catalog().delete_cross_backup(c.id)?;
             }
             for w in &stale_wal {
-                repo.delete_object(&w.row.object_key)
+                repo.delete_wal(&w.row.object_key)
                     .map_err(EngineError::from)?;
                 self.engine.catalog().delete_cross_wal(w.id)?;
             }

@@ -187,3 +187,54 @@ fn late_receiver_reports_the_unarchived_gap() {
     ]);
     assert!(err.contains("gap in the archived WAL"), "{err}");
 }
+
+/// Commits arriving over many refreshes of one segment are stored as tails
+/// of its partial object; a restore to "latest" joins them and loses none.
+#[test]
+fn latest_commits_in_partial_tails_are_restored() {
+    let pg = Cluster::start_default(15);
+    let strata = Strata::new("tails");
+    strata.add_instance("tails", &pg);
+    pg.psql("postgres", "CREATE TABLE t (i int)");
+    strata.backup("tails");
+    let mut receiver = strata.wal_receiver("tails");
+    let segment = pg.psql(
+        "postgres",
+        "SELECT pg_walfile_name(pg_current_wal_insert_lsn())",
+    );
+    let timeline = &segment[..8];
+    let tails = strata.repo_dir().join(format!(
+        "instances/tails/wal/{timeline}/{segment}.partial.d"
+    ));
+    // Each commit waits for the refresh after it (200 ms), so each becomes
+    // a tail of its own until tails are merged.
+    let mut seen_tails = 0;
+    for i in 1..=40 {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({i})"));
+        let end = pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()");
+        wait_for("the commit to be archived", 30, || {
+            archived_up_to(&strata, "tails", &end)
+        });
+        let now = std::fs::read_dir(&tails).map(|d| d.count()).unwrap_or(0);
+        seen_tails = seen_tails.max(now);
+    }
+    let now_segment = pg.psql(
+        "postgres",
+        "SELECT pg_walfile_name(pg_current_wal_insert_lsn())",
+    );
+    assert_eq!(now_segment, segment, "the test's WAL left its segment");
+    assert!(
+        seen_tails >= 2,
+        "no tails were stored (at most {seen_tails} at once)"
+    );
+    assert!(
+        seen_tails <= 16,
+        "{seen_tails} tails at once: they were not merged"
+    );
+    receiver.stop();
+    let restored = strata.restore_and_start("tails", "latest", 15, &[]);
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*), sum(i) FROM t"),
+        "40|820"
+    );
+}
