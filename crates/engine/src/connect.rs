@@ -35,6 +35,7 @@ pub fn connect_options(instance: &Instance) -> EngineResult<ConnectOptions> {
         sslrootcert: instance.sslrootcert.clone().map(Into::into),
         application_name: "strata".into(),
         connect_timeout: Duration::from_secs(10),
+        replication: true,
     })
 }
 

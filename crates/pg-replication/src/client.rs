@@ -211,9 +211,11 @@ impl ReplicationClient {
     async fn startup(&mut self, opts: &ConnectOptions) -> Result<(), ReplicationError> {
         let mut params: Vec<(&str, &str)> = vec![
             ("user", &opts.user),
-            ("replication", "true"),
             ("application_name", &opts.application_name),
         ];
+        if opts.replication {
+            params.push(("replication", "true"));
+        }
         if let Some(db) = &opts.dbname {
             params.push(("database", db));
         }

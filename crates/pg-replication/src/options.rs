@@ -90,6 +90,11 @@ pub struct ConnectOptions {
     pub application_name: String,
     /// Bound on TCP connect, TLS handshake and authentication together.
     pub connect_timeout: Duration,
+    /// A physical replication connection (the default). Without it the
+    /// session is an ordinary one that runs SQL only, e.g. the functions
+    /// that hold a cluster in backup mode while its files are copied by
+    /// other means.
+    pub replication: bool,
 }
 
 impl Default for ConnectOptions {
@@ -104,6 +109,7 @@ impl Default for ConnectOptions {
             sslrootcert: None,
             application_name: "strata".into(),
             connect_timeout: Duration::from_secs(30),
+            replication: true,
         }
     }
 }

@@ -244,3 +244,36 @@ async fn timeline_history_and_end_of_timeline() {
         TimelineId(2)
     );
 }
+
+/// Without `replication` the session is an ordinary one: it runs SQL (here
+/// a backup started and stopped, as snapshot backups do) and refuses
+/// walsender commands.
+#[tokio::test]
+async fn a_plain_session_runs_sql_not_walsender_commands() {
+    let cluster = shared_cluster(15);
+    let mut plain = opts(cluster, "postgres");
+    plain.replication = false;
+    plain.dbname = Some("postgres".into());
+    let mut client = ReplicationClient::connect(&plain).await.unwrap();
+    let rows = client
+        .simple_query("SELECT pg_backup_start('plain session', true)::text")
+        .await
+        .unwrap();
+    let start: Lsn = rows[0][0].as_deref().unwrap().parse().unwrap();
+    assert_eq!(
+        cluster.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND application_name = 'strata-test'"
+        ),
+        "1"
+    );
+    let rows = client
+        .simple_query("SELECT lsn::text, labelfile FROM pg_backup_stop(false)")
+        .await
+        .unwrap();
+    let stop: Lsn = rows[0][0].as_deref().unwrap().parse().unwrap();
+    assert!(stop >= start);
+    let label = rows[0][1].as_deref().unwrap();
+    assert!(label.contains("LABEL: plain session"), "{label}");
+    assert!(client.identify_system().await.is_err());
+}

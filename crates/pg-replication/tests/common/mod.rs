@@ -17,6 +17,7 @@ pub fn opts(cluster: &Cluster, user: &str) -> ConnectOptions {
         sslrootcert: None,
         application_name: "strata-test".into(),
         connect_timeout: Duration::from_secs(20),
+        replication: true,
     }
 }
 
