@@ -30,7 +30,11 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
     };
     let data = fake_data_dir(fs.path(), 64 * 1024);
     let agent = start_agent(default_layout(&data), FreeFloor::Percent(1)).await;
-    let snapshots = || std::fs::read_dir(&agent.layout.snapshot_dir).unwrap().count();
+    let snapshots = || {
+        std::fs::read_dir(&agent.layout.snapshot_dir)
+            .unwrap()
+            .count()
+    };
     let path = "/v1/snapshots/a";
 
     // Unsigned.
@@ -42,7 +46,14 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
 
     // Signed with another key.
     let other = AgentKey::generate();
-    let (status, body) = raw_request(agent.addr, "POST", path, &signed(&other, "POST", path, "", b"", unix_now()), b"").await;
+    let (status, body) = raw_request(
+        agent.addr,
+        "POST",
+        path,
+        &signed(&other, "POST", path, "", b"", unix_now()),
+        b"",
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("wrong key"), "{body}");
 
@@ -86,7 +97,13 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
     let wrong = AgentClient::new(&format!("http://{}", agent.addr), other, None).unwrap();
     let err = wrong.snapshots().await.unwrap_err();
     assert!(matches!(err, AgentError::Unauthorized { .. }), "{err:?}");
-    assert!(err.to_string().starts_with(&format!("agent at http://{} refused the credential: ", agent.addr)), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "agent at http://{} refused the credential: ",
+            agent.addr
+        )),
+        "{err}"
+    );
     let err = wrong.delete_snapshot(&name("a")).await.unwrap_err();
     assert!(matches!(err, AgentError::Unauthorized { .. }), "{err:?}");
     assert!(agent.layout.snapshot_dir.join("a").is_dir());
@@ -115,35 +132,87 @@ async fn names_and_paths_cannot_leave_the_agents_directories() {
         let addr = agent.addr;
         async move {
             let h = signed(&key, method, &path, &query, &body, unix_now());
-            let target = if query.is_empty() { path } else { format!("{path}?{query}") };
+            let target = if query.is_empty() {
+                path
+            } else {
+                format!("{path}?{query}")
+            };
             raw_request(addr, method, &target, &h, &body).await
         }
     };
-    let file = |p: &str| format!("path={}&offset=0&len=100", strata_agent::proto::encode_query_value(p));
+    let file = |p: &str| {
+        format!(
+            "path={}&offset=0&len=100",
+            strata_agent::proto::encode_query_value(p)
+        )
+    };
 
-    for bad in ["../../etc/passwd", "/etc/passwd", "base/../../x", "./PG_VERSION", "a//b", ""] {
+    for bad in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "base/../../x",
+        "./PG_VERSION",
+        "a//b",
+        "",
+    ] {
         let (status, body) = send("GET", "/v1/snapshots/s/file".into(), file(bad), vec![]).await;
         assert_eq!(status, 400, "{bad:?}: {body}");
         assert_eq!(code_of(&body), ErrorCode::InvalidParameter, "{bad:?}");
     }
     for through_link in ["evil", "base/etc/passwd", "base/5/up/victim/keep"] {
-        let (status, body) = send("GET", "/v1/snapshots/s/file".into(), file(through_link), vec![]).await;
+        let (status, body) = send(
+            "GET",
+            "/v1/snapshots/s/file".into(),
+            file(through_link),
+            vec![],
+        )
+        .await;
         assert_eq!(status, 422, "{through_link}: {body}");
         assert_eq!(code_of(&body), ErrorCode::Refused, "{through_link}");
         assert!(!body.contains("root:"), "{body}");
     }
     // Names: percent-encoded dots and slashes are decoded before the check, and refused.
     for bad in ["%2e%2e", "..%2Fvictim", "a%2Fb", "a.b", "%2Fetc"] {
-        let (status, body) = send("DELETE", format!("/v1/snapshots/{bad}"), String::new(), vec![]).await;
+        let (status, body) = send(
+            "DELETE",
+            format!("/v1/snapshots/{bad}"),
+            String::new(),
+            vec![],
+        )
+        .await;
         assert_eq!(status, 400, "{bad}: {body}");
-        let (status, _) = send("GET", format!("/v1/snapshots/{bad}/manifest"), String::new(), vec![]).await;
+        let (status, _) = send(
+            "GET",
+            format!("/v1/snapshots/{bad}/manifest"),
+            String::new(),
+            vec![],
+        )
+        .await;
         assert_eq!(status, 400, "{bad}");
-        let (status, _) = send("POST", format!("/v1/clones/{bad}"), String::new(), br#"{"snapshot":"s"}"#.to_vec()).await;
+        let (status, _) = send(
+            "POST",
+            format!("/v1/clones/{bad}"),
+            String::new(),
+            br#"{"snapshot":"s"}"#.to_vec(),
+        )
+        .await;
         assert_eq!(status, 400, "{bad}");
     }
-    let (status, _) = send("POST", "/v1/clones/c".into(), String::new(), br#"{"snapshot":"../victim"}"#.to_vec()).await;
+    let (status, _) = send(
+        "POST",
+        "/v1/clones/c".into(),
+        String::new(),
+        br#"{"snapshot":"../victim"}"#.to_vec(),
+    )
+    .await;
     assert_eq!(status, 400);
-    let (status, _) = send("GET", "/v1/snapshots/s/changes".into(), "since=..%2Fvictim".into(), vec![]).await;
+    let (status, _) = send(
+        "GET",
+        "/v1/snapshots/s/changes".into(),
+        "since=..%2Fvictim".into(),
+        vec![],
+    )
+    .await;
     assert_eq!(status, 400);
     assert!(victim.join("keep").exists());
 
@@ -154,7 +223,11 @@ async fn names_and_paths_cannot_leave_the_agents_directories() {
         .await
         .unwrap();
     assert_eq!(got, b"15\n");
-    let err = agent.client.read_range_to_vec(&name("s"), &RelPath::new("PG_VERSION").unwrap(), 10, 1).await.unwrap_err();
+    let err = agent
+        .client
+        .read_range_to_vec(&name("s"), &RelPath::new("PG_VERSION").unwrap(), 10, 1)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Refused), "{err}");
     let err = agent.client.manifest(&name("nope")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
@@ -163,11 +236,17 @@ async fn names_and_paths_cannot_leave_the_agents_directories() {
 #[tokio::test]
 async fn an_agent_that_is_not_there_is_unreachable() {
     let port = testkit::free_port();
-    let client = AgentClient::new(&format!("http://127.0.0.1:{port}"), AgentKey::generate(), None).unwrap();
+    let client = AgentClient::new(
+        &format!("http://127.0.0.1:{port}"),
+        AgentKey::generate(),
+        None,
+    )
+    .unwrap();
     let err = client.facts().await.unwrap_err();
     assert!(err.is_unreachable(), "{err:?}");
     assert!(
-        err.to_string().starts_with(&format!("agent at http://127.0.0.1:{port} unreachable: ")),
+        err.to_string()
+            .starts_with(&format!("agent at http://127.0.0.1:{port} unreachable: ")),
         "{err}"
     );
     for bad in ["ftp://h:1", "http://h:1/path", "https://h:1", "not a url"] {
@@ -185,10 +264,28 @@ async fn the_agent_serves_https_to_a_client_trusting_its_certificate() {
     };
     let data = fake_data_dir(fs.path(), 4096);
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = (certs.path().join("agent.crt"), certs.path().join("agent.key"));
+    let (cert, key) = (
+        certs.path().join("agent.crt"),
+        certs.path().join("agent.key"),
+    );
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-nodes", "-days", "2", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
         .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-keyout")
         .arg(&key)
@@ -196,16 +293,39 @@ async fn the_agent_serves_https_to_a_client_trusting_its_certificate() {
         .arg(&cert)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let agent_key = AgentKey::generate();
-    let agent = Agent::start(default_layout(&data), agent_key.clone(), FreeFloor::Percent(1)).unwrap();
-    let acceptor = strata_agent::server::tls_acceptor(&strata_agent::TlsFiles { cert: cert.clone(), key }).unwrap();
+    let agent = Agent::start(
+        default_layout(&data),
+        agent_key.clone(),
+        FreeFloor::Percent(1),
+    )
+    .unwrap();
+    let acceptor = strata_agent::server::tls_acceptor(&strata_agent::TlsFiles {
+        cert: cert.clone(),
+        key,
+    })
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(strata_agent::server::serve(listener, std::sync::Arc::new(agent), Some(acceptor), stop_rx));
+    tokio::spawn(strata_agent::server::serve(
+        listener,
+        std::sync::Arc::new(agent),
+        Some(acceptor),
+        stop_rx,
+    ));
 
-    let client = AgentClient::new(&format!("https://127.0.0.1:{}", addr.port()), agent_key.clone(), Some(&cert)).unwrap();
+    let client = AgentClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        agent_key.clone(),
+        Some(&cert),
+    )
+    .unwrap();
     let facts = client.facts().await.unwrap();
     assert_eq!(facts.system_identifier, Some(0x0123_4567_89ab_cdef));
     assert_eq!(facts.fs.fs_type, "xfs");
@@ -213,8 +333,23 @@ async fn the_agent_serves_https_to_a_client_trusting_its_certificate() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = other_dir.path().join("other.crt");
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-nodes", "-days", "2", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
         .arg("-keyout")
         .arg(other_dir.path().join("other.key"))
         .arg("-out")
@@ -222,7 +357,12 @@ async fn the_agent_serves_https_to_a_client_trusting_its_certificate() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let distrustful = AgentClient::new(&format!("https://127.0.0.1:{}", addr.port()), agent_key, Some(&other)).unwrap();
+    let distrustful = AgentClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        agent_key,
+        Some(&other),
+    )
+    .unwrap();
     let err = distrustful.facts().await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err:?}");
     // Plain HTTP to the TLS port gets nothing.

@@ -18,7 +18,11 @@ fn data_dir_on(fs: &LoopFs) -> PathBuf {
     std::fs::create_dir_all(data.join("global")).unwrap();
     std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
     std::fs::write(data.join("global/pg_control"), 42u64.to_ne_bytes()).unwrap();
-    let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(fs.path().join("pg")).status().unwrap();
+    let ok = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(fs.path().join("pg"))
+        .status()
+        .unwrap();
     assert!(ok.success());
     data
 }
@@ -42,11 +46,16 @@ fn spawn_agent(data: &Path, port: u16) -> (Child, String) {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
-    let line = rx.recv_timeout(Duration::from_secs(30)).expect("the agent printed nothing");
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent printed nothing");
     assert!(line.contains("strata agent serving"), "{line}");
     (child, line)
 }
@@ -74,7 +83,10 @@ fn strata_agent_refuses_ext4_with_one_line() {
             data.display()
         )
     );
-    assert!(!fs.path().join("pg/strata-snapshots/agent.key").exists(), "no key written on a refused start");
+    assert!(
+        !fs.path().join("pg/strata-snapshots/agent.key").exists(),
+        "no key written on a refused start"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,8 +98,14 @@ async fn strata_agent_keeps_its_key_private_and_refuses_a_shared_key_file() {
     let port = testkit::free_port();
     let (child, line) = spawn_agent(&data, port);
     let key_file = fs.path().join("pg/strata-snapshots/agent.key");
-    assert!(line.contains(&key_file.display().to_string()) && line.contains("just created"), "{line}");
-    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        line.contains(&key_file.display().to_string()) && line.contains("just created"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let key = AgentKey::load(&key_file).unwrap();
     let client = AgentClient::new(&format!("http://127.0.0.1:{port}"), key.clone(), None).unwrap();
     let facts = client.facts().await.unwrap();
@@ -109,7 +127,10 @@ async fn strata_agent_keeps_its_key_private_and_refuses_a_shared_key_file() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("key file {} is readable by group or others (mode 0644)", key_file.display())),
+        stderr.contains(&format!(
+            "key file {} is readable by group or others (mode 0644)",
+            key_file.display()
+        )),
         "{stderr}"
     );
 }
