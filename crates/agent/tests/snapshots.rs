@@ -72,6 +72,30 @@ async fn snapshot_round(kind: FsKind, size_mib: u64) {
             TABLE_PAGES * 36
         ),
     );
+    // A tablespace on the same file system, with a table in it.
+    let ts_dir = fs.path().join("tablespace");
+    std::fs::create_dir(&ts_dir).unwrap();
+    let ok = std::process::Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&ts_dir)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    cluster.psql(
+        "postgres",
+        &format!("CREATE TABLESPACE ts LOCATION '{}'", ts_dir.display()),
+    );
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE in_ts (id int) TABLESPACE ts; INSERT INTO in_ts SELECT generate_series(1, 5000); CHECKPOINT;",
+    );
+    let ts_oid = cluster
+        .psql(
+            "postgres",
+            "SELECT oid FROM pg_tablespace WHERE spcname = 'ts'",
+        )
+        .trim()
+        .to_string();
     let pages: u64 = cluster
         .psql("postgres", "SELECT pg_relation_size('t') / 8192")
         .trim()
@@ -221,6 +245,26 @@ async fn snapshot_round(kind: FsKind, size_mib: u64) {
         compared += 1;
     }
     assert!(compared > 500, "only {compared} files compared");
+    // The tablespace is a directory pg_tblspc/<oid>/ in the snapshot, with the same files.
+    let ts_files = files_under(&ts_dir);
+    assert!(
+        ts_files.keys().any(|k| k.starts_with("PG_15_")),
+        "{ts_files:?}"
+    );
+    assert!(
+        std::fs::symlink_metadata(snap1.join(format!("pg_tblspc/{ts_oid}")))
+            .unwrap()
+            .is_dir()
+    );
+    for (rel, src) in &ts_files {
+        let in_snap = format!("pg_tblspc/{ts_oid}/{rel}");
+        assert!(in_manifest.contains_key(&in_snap), "{in_snap} missing");
+        assert_eq!(
+            std::fs::read(snap1.join(&in_snap)).unwrap(),
+            std::fs::read(src).unwrap(),
+            "{in_snap}"
+        );
+    }
     assert!(in_manifest.contains_key(&table_file));
 
     // Change 1 % of the table's pages, one row each (HOT, the page stays where it is).
@@ -506,4 +550,31 @@ async fn a_snapshot_below_the_free_space_floor_is_refused() {
         .await
         .unwrap();
     assert_eq!(s.manifest.file_count(), 3);
+}
+
+#[test]
+fn leftovers_of_an_interrupted_snapshot_are_removed_at_start() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 4096);
+    let layout = default_layout(&data);
+    std::fs::create_dir_all(layout.snapshot_dir.join(".partial-s1/base")).unwrap();
+    std::fs::write(layout.snapshot_dir.join(".partial-s1/base/x"), b"half").unwrap();
+    std::fs::create_dir_all(layout.snapshot_dir.join("done")).unwrap();
+    let agent = Agent::start(layout.clone(), AgentKey::generate(), FreeFloor::Percent(1)).unwrap();
+    assert!(!layout.snapshot_dir.join(".partial-s1").exists());
+    let listed: Vec<String> = agent
+        .store()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(listed, ["done"]);
+    // The name is free again.
+    agent
+        .store()
+        .create(&name("s1"), FreeFloor::Percent(1))
+        .unwrap();
 }
