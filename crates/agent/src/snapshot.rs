@@ -449,12 +449,11 @@ impl SnapshotStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io_err("resolve tablespace", &link)(e)),
             };
+            let location_meta = fs::metadata(&location).map_err(io_err("stat", &location))?;
+            owner_may_read(&location_meta, self.owner, &location)?;
             let rel = format!("pg_tblspc/{oid}");
             let dst = target.join(&rel);
-            let mode = fs::metadata(&location)
-                .map_err(io_err("stat", &location))?
-                .mode()
-                & 0o7777;
+            let mode = location_meta.mode() & 0o7777;
             make_dir(&dst, mode, self.owner)?;
             walk.push(&rel, EntryKind::Dir, 0, mode)?;
             walk.filter = Filter::Tablespace;
@@ -686,7 +685,16 @@ impl SnapshotStore {
                 match e.kind {
                     EntryKind::Dir => make_dir(&dst, e.mode, self.owner)?,
                     EntryKind::File => {
-                        bytes += cow::reflink(&src, &dst, e.mode)?;
+                        // The snapshot belongs to the data directory's owner, who could swap
+                        // a directory in it for a symlink: check what was actually opened.
+                        let source = fs::OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_NOFOLLOW)
+                            .open(&src)
+                            .map_err(io_err("open", &src))?;
+                        let opened = source.metadata().map_err(io_err("stat", &src))?;
+                        owner_may_read(&opened, self.owner, &src)?;
+                        bytes += cow::reflink_from(&source, &src, &dst, e.mode)?;
                         files += 1;
                         chown_like(&dst, self.owner)?;
                     }
@@ -823,20 +831,33 @@ impl Walk {
             }
             let mode = meta.mode() & 0o7777;
             if meta.is_dir() {
+                owner_may_read(&meta, self.owner, &src_path)?;
                 make_dir(&dst_path, mode, self.owner)?;
                 self.push(&child_rel, EntryKind::Dir, 0, mode)?;
                 if !EXCLUDE_DIR_CONTENTS.contains(&name) {
                     self.dir(&src_path, &dst_path, &child_rel)?;
                 }
             } else if meta.is_file() {
-                match cow::reflink(&src_path, &dst_path, mode) {
-                    Ok(size) => {
-                        chown_like(&dst_path, self.owner)?;
-                        self.push(&child_rel, EntryKind::File, size, mode)?;
-                    }
-                    Err(e) if e.is_not_found() && e.path == src_path => {}
-                    Err(e) => return Err(e.into()),
+                // Opened without following a symlink, and checked on the open descriptor, so
+                // a path swapped during the walk cannot make the agent copy another file.
+                let source = match fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&src_path)
+                {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("open", &src_path)(e)),
+                };
+                let opened = source.metadata().map_err(io_err("stat", &src_path))?;
+                if !opened.is_file() {
+                    continue;
                 }
+                owner_may_read(&opened, self.owner, &src_path)?;
+                let mode = opened.mode() & 0o7777;
+                let size = cow::reflink_from(&source, &src_path, &dst_path, mode)?;
+                chown_like(&dst_path, self.owner)?;
+                self.push(&child_rel, EntryKind::File, size, mode)?;
             }
             // Symlinks outside pg_tblspc, sockets and FIFOs are not part of a base backup.
         }
@@ -956,6 +977,39 @@ fn mode_of(path: &Path) -> Result<Option<u32>, SnapshotError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("stat", path)(e)),
     }
+}
+
+/// Refuses an entry the data directory's owner could not read (a directory: enter). Running
+/// as root, the agent would otherwise copy files the PostgreSQL OS user cannot read (through a
+/// tablespace symlink it planted, say) into a snapshot that user owns; as that user, the
+/// kernel enforces this already. `pg_basebackup`, running as the server, could not read such
+/// files either.
+fn owner_may_read(
+    meta: &fs::Metadata,
+    owner: (u32, u32),
+    path: &Path,
+) -> Result<(), SnapshotError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let mode = meta.mode();
+    let bits = if meta.uid() == owner.0 {
+        (mode >> 6) & 0o7
+    } else if meta.gid() == owner.1 {
+        (mode >> 3) & 0o7
+    } else {
+        mode & 0o7
+    };
+    let need = if meta.is_dir() { 0o5 } else { 0o4 };
+    if bits & need == need {
+        return Ok(());
+    }
+    Err(SnapshotError::Refused(format!(
+        "{} is not readable by the data directory's owner (uid {}); a base backup could not read it either",
+        path.display(),
+        owner.0
+    )))
 }
 
 /// Creates directory `path` with exactly `mode`, owned by `owner` when we may give files away.

@@ -369,3 +369,58 @@ async fn the_agent_serves_https_to_a_client_trusting_its_certificate() {
     let (status, _) = raw_request(addr, "GET", "/v1/facts", &[], b"").await;
     assert_ne!(status, 200);
 }
+
+/// Run as root, the agent copies nothing the data directory's owner could not read itself: not
+/// a root-only file in the data directory, not a root-only directory a planted tablespace
+/// symlink points at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_the_postgres_user_cannot_read_are_never_copied() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 4096);
+    let agent = start_agent(default_layout(&data), FreeFloor::Percent(1)).await;
+
+    let secret_file = data.join("root_only.conf");
+    std::fs::write(&secret_file, b"secret").unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = agent.client.create_snapshot(&name("s1")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Refused), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is not readable by the data directory's owner"),
+        "{err}"
+    );
+    std::fs::remove_file(&secret_file).unwrap();
+
+    let secret_dir = fs.path().join("root_secrets");
+    std::fs::create_dir(&secret_dir).unwrap();
+    std::fs::write(secret_dir.join("shadow"), b"root:hash").unwrap();
+    std::fs::set_permissions(&secret_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+    std::os::unix::fs::symlink(&secret_dir, data.join("pg_tblspc/99999")).unwrap();
+    let err = agent.client.create_snapshot(&name("s1")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Refused), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&agent.layout.snapshot_dir)
+            .unwrap()
+            .count(),
+        0,
+        "nothing kept"
+    );
+
+    // Once the postgres user may read it, it is an ordinary tablespace.
+    let ok = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&secret_dir)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let s = agent.client.create_snapshot(&name("s1")).await.unwrap();
+    assert!(s
+        .manifest
+        .entries
+        .iter()
+        .any(|e| e.path.as_str() == "pg_tblspc/99999/shadow"));
+}
