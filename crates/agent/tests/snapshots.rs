@@ -140,6 +140,12 @@ async fn snapshot_round(kind: FsKind, size_mib: u64) {
     assert_eq!(facts.system_identifier, Some(system_id));
 
     let s1 = agent.client.create_snapshot(&name("s1")).await.unwrap();
+    eprintln!(
+        "{kind:?}: snapshot of {} files, {} bytes in {} ms",
+        s1.manifest.file_count(),
+        s1.manifest.total_bytes(),
+        s1.elapsed_ms
+    );
     let snap1 = agent.layout.snapshot_dir.join("s1");
     let in_manifest: BTreeMap<String, _> = s1
         .manifest
