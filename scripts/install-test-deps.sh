@@ -15,6 +15,7 @@
 #   .cache/venv/ (same venv)             alibabacloud-rds20140815 (official RDS SDK) and pytest
 #                                        for the API tests: .cache/venv/bin/python -m pytest tests/sdk
 #   /usr/bin/chromium, /usr/bin/chromedriver  headless browser for the console tests (Debian)
+#   /usr/sbin/mkfs.xfs, /usr/sbin/mkfs.btrfs   loop-mounted XFS/btrfs for the agent's tests (Debian)
 #   .cache/venv/ (same venv)             selenium and pytest for the console tests:
 #                                        .cache/venv/bin/python -m pytest tests/console
 #   .cache/s3s/bin/s3s-fs                S3-protocol server over a directory (crates.io s3s-fs), for
@@ -64,9 +65,12 @@ S3S_FS_VERSION=0.14.1
 # everything bundled in their own lib/ (RUNPATH $ORIGIN/../lib: OpenSSL 1.1,
 # ICU 60, libxml2, zlib, lzma) except glibc, libstdc++6 and libgcc-s1; the PyPI
 # client tools need only glibc and zlib1g.  python3-venv for the venv.
-# chromium and chromium-driver drive the console's browser tests.
+# chromium and chromium-driver drive the console's browser tests.  xfsprogs and
+# btrfs-progs format the loop-mounted copy-on-write file systems the snapshot
+# agent's tests run on (testkit's LoopFs; util-linux brings losetup and mount).
 APT_PACKAGES=(postgresql-15 postgresql-client-15 openssl libc6 libstdc++6 libgcc-s1 zlib1g
-              python3 python3-venv util-linux curl zstd chromium chromium-driver)
+              python3 python3-venv util-linux curl zstd chromium chromium-driver
+              xfsprogs btrfs-progs)
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="$REPO/.cache"
@@ -381,3 +385,4 @@ echo "RDS SDK (PyPI):  alibabacloud-rds20140815 $sdk_ver, $(first_line "$VENV/bi
 echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_line chromedriver --version); selenium $("$VENV/bin/python" -c 'import selenium; print(selenium.__version__)' 2>&1 | head -n1) -> .cache/venv (tests/console)"
 echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
 echo "openssl:         $(first_line openssl version)"
+echo "loop file systems: $(first_line mkfs.xfs -V), $(first_line mkfs.btrfs --version)"

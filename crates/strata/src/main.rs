@@ -1,6 +1,7 @@
 //! The `strata` binary: parses configuration and the command line, wires the
 //! catalog, repository and engine together, and prints results.
 
+mod agent;
 mod commands;
 mod config;
 mod keys;
@@ -67,6 +68,9 @@ enum Command {
     /// Work on the catalog itself.
     #[command(subcommand)]
     Catalog(CatalogCmd),
+    /// Run the snapshot agent on the database host: copy-on-write snapshots and clones of
+    /// one data directory, served over signed HTTP.
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Subcommand)]
@@ -347,6 +351,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // The agent runs on the database host: no catalog, repository or configuration.
+    if let Command::Agent(args) = cli.command {
+        return agent::run(args);
+    }
     let config = Config::load(cli.config.as_deref())?;
     // Moving the catalog needs neither the repository nor a lease.
     if let Command::Catalog(CatalogCmd::Migrate { to, json }) = &cli.command {
@@ -369,5 +377,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Catalog(CatalogCmd::Migrate { to, json }) => {
             commands::catalog_migrate(&config, &to, json)
         }
+        Command::Agent(_) => unreachable!("handled before the engine is opened"),
     }
 }

@@ -13,8 +13,10 @@
 #![warn(missing_docs)]
 
 pub mod fuzz;
+mod loopfs;
 mod s3;
 
+pub use loopfs::{FsKind, LoopFs, LoopFsUnavailable};
 pub use s3::{s3s_fs_binary, S3Server};
 
 use std::collections::HashMap;
@@ -134,9 +136,14 @@ pub fn free_port() -> u16 {
 
 /// A fresh directory `/tmp/{prefix}XXXXXX`, owned by `postgres` when we are root.
 pub fn temp_dir(prefix: &str) -> PathBuf {
+    temp_dir_in(Path::new("/tmp"), prefix)
+}
+
+/// A fresh directory `{parent}/{prefix}XXXXXX`, owned by `postgres` when we are root.
+pub fn temp_dir_in(parent: &Path, prefix: &str) -> PathBuf {
     let dir = tempfile::Builder::new()
         .prefix(prefix)
-        .tempdir_in("/tmp")
+        .tempdir_in(parent)
         .expect("create temp dir")
         .keep();
     chown_to_postgres(&dir);
@@ -171,9 +178,17 @@ pub struct ClusterBuilder {
     wal_level: String,
     conf: Vec<String>,
     hba: Vec<String>,
+    parent: Option<PathBuf>,
 }
 
 impl ClusterBuilder {
+    /// Puts the cluster's directory (data directory, socket, log) under `parent` instead of
+    /// `/tmp`, e.g. on a [`LoopFs`]; `parent` must be reachable by the `postgres` OS user.
+    pub fn in_dir(mut self, parent: &Path) -> Self {
+        self.parent = Some(parent.to_path_buf());
+        self
+    }
+
     /// Authentication method of the `host` lines in pg_hba.conf (`trust`, `scram-sha-256`, `md5`,
     /// `password`). Unix-socket connections (used by the harness itself) are always `trust`.
     /// With `md5`, `password_encryption` is set to `md5` so stored passwords really are MD5.
@@ -210,7 +225,10 @@ impl ClusterBuilder {
     /// Runs initdb, writes the configuration and starts the server.
     pub fn start(self) -> Cluster {
         let bin_dir = require_bin_dir(self.major);
-        let root = temp_dir("strata-pg-");
+        let root = match &self.parent {
+            Some(parent) => temp_dir_in(parent, "strata-pg-"),
+            None => temp_dir("strata-pg-"),
+        };
         let data_dir = root.join("data");
         let mut initdb = Command::new(bin_dir.join("initdb"));
         initdb
@@ -395,6 +413,7 @@ impl Cluster {
             wal_level: "replica".to_string(),
             conf: Vec::new(),
             hba: Vec::new(),
+            parent: None,
         }
     }
 

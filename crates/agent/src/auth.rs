@@ -1,0 +1,442 @@
+//! The agent's credential and the signature every request carries.
+//!
+//! The credential is 32 random bytes, kept hex-encoded in a key file of mode 0600 that the
+//! agent writes on first start and the Strata server is given. A request is signed with
+//! HMAC-SHA256 under that key over
+//!
+//! ```text
+//! STRATA-AGENT-HMAC-SHA256\n<METHOD>\n<path>\n<query>\n<unix seconds>\n<nonce>\n<hex sha256 of body>
+//! ```
+//!
+//! sent as the headers `x-strata-timestamp`, `x-strata-nonce`, `x-strata-content-sha256` and
+//! `authorization: Strata-HMAC-SHA256 <hex signature>`. The agent refuses a request whose
+//! signature does not verify, whose body does not hash to the signed hash, whose time is more
+//! than five minutes off, or whose nonce it has already seen within that window (a replay);
+//! nonces are remembered only after the signature verified, so unsigned traffic cannot fill
+//! the memory.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+/// Header: the request's time, Unix seconds.
+pub const HEADER_TIMESTAMP: &str = "x-strata-timestamp";
+/// Header: 32 lowercase hex characters, never reused.
+pub const HEADER_NONCE: &str = "x-strata-nonce";
+/// Header: hex SHA-256 of the request body.
+pub const HEADER_CONTENT_SHA256: &str = "x-strata-content-sha256";
+/// The `authorization` scheme.
+pub const AUTH_SCHEME: &str = "Strata-HMAC-SHA256";
+/// Largest accepted difference between a request's time and the agent's clock, seconds.
+pub const MAX_SKEW_SECS: i64 = 300;
+/// Nonces remembered at most; beyond this requests are refused until old ones expire.
+const MAX_NONCES: usize = 1_000_000;
+
+/// Why a key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Reading or writing it failed.
+    #[error("key file {}: {source}", path.display())]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Group or others may read it.
+    #[error("key file {} is readable by group or others (mode {mode:04o}); run chmod 600 {}", path.display(), path.display())]
+    Permissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// It does not hold 64 hex characters.
+    #[error("key file {} does not hold a key (64 hex characters)", path.display())]
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+    },
+}
+
+/// The 32-byte credential shared by the agent and the Strata server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentKey([u8; 32]);
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentKey(..)")
+    }
+}
+
+impl AgentKey {
+    /// A fresh random key.
+    pub fn generate() -> AgentKey {
+        AgentKey(rand::random())
+    }
+
+    /// From its 64 hex characters (surrounding whitespace ignored).
+    pub fn from_hex(text: &str) -> Option<AgentKey> {
+        let bytes = hex::decode(text.trim()).ok()?;
+        Some(AgentKey(bytes.try_into().ok()?))
+    }
+
+    /// Its 64 hex characters.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Reads a key file, refusing one that group or others may read.
+    pub fn load(path: &Path) -> Result<AgentKey, KeyError> {
+        let io = |source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        AgentKey::from_hex(&text).ok_or_else(|| KeyError::Malformed {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Reads the key file, or creates it (mode 0600, a new random key) when it does not exist.
+    /// Returns the key and whether it was created.
+    pub fn load_or_create(path: &Path) -> Result<(AgentKey, bool), KeyError> {
+        let key = AgentKey::generate();
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match created {
+            Ok(mut f) => {
+                let io = |source| KeyError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+                writeln!(f, "{}", key.to_hex())
+                    .and_then(|()| f.sync_all())
+                    .map_err(io)?;
+                Ok((key, true))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Ok((AgentKey::load(path)?, false))
+            }
+            Err(source) => Err(KeyError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The signature headers of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHeaders {
+    /// `x-strata-timestamp`.
+    pub timestamp: i64,
+    /// `x-strata-nonce`.
+    pub nonce: String,
+    /// `x-strata-content-sha256`.
+    pub content_sha256: String,
+    /// `authorization`.
+    pub authorization: String,
+}
+
+impl SignedHeaders {
+    /// The headers as (name, value) pairs.
+    pub fn pairs(&self) -> [(&'static str, String); 4] {
+        [
+            (HEADER_TIMESTAMP, self.timestamp.to_string()),
+            (HEADER_NONCE, self.nonce.clone()),
+            (HEADER_CONTENT_SHA256, self.content_sha256.clone()),
+            ("authorization", self.authorization.clone()),
+        ]
+    }
+}
+
+/// A fresh nonce: 16 random bytes as 32 lowercase hex characters.
+pub fn new_nonce() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// The current time, Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn string_to_sign(
+    method: &str,
+    path: &str,
+    query: &str,
+    timestamp: i64,
+    nonce: &str,
+    body_hash: &str,
+) -> String {
+    format!(
+        "STRATA-AGENT-HMAC-SHA256\n{method}\n{path}\n{query}\n{timestamp}\n{nonce}\n{body_hash}"
+    )
+}
+
+fn mac(key: &AgentKey, text: &str) -> Hmac<Sha256> {
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&key.0).expect("HMAC takes keys of any length");
+    mac.update(text.as_bytes());
+    mac
+}
+
+/// Signs a request: `method` (upper case), the URI's `path` and raw `query` (empty when
+/// none) exactly as sent, its `body`, at `timestamp` with `nonce`.
+pub fn sign(
+    key: &AgentKey,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    timestamp: i64,
+    nonce: &str,
+) -> SignedHeaders {
+    let content_sha256 = hex::encode(Sha256::digest(body));
+    let text = string_to_sign(method, path, query, timestamp, nonce, &content_sha256);
+    let signature = hex::encode(mac(key, &text).finalize().into_bytes());
+    SignedHeaders {
+        timestamp,
+        nonce: nonce.to_string(),
+        content_sha256,
+        authorization: format!("{AUTH_SCHEME} {signature}"),
+    }
+}
+
+/// A request the agent refuses to authenticate, with a one-line reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthRefusal(pub String);
+
+/// Checks request signatures and remembers nonces (one per agent).
+#[derive(Debug)]
+pub struct Verifier {
+    key: AgentKey,
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl Verifier {
+    /// A verifier for `key`.
+    pub fn new(key: AgentKey) -> Verifier {
+        Verifier {
+            key,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Verifies a request at time `now`. `header` looks a header up by lower-case name.
+    pub fn verify<'h>(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        header: impl Fn(&str) -> Option<&'h str>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), AuthRefusal> {
+        let refuse = |m: &str| Err(AuthRefusal(m.to_string()));
+        let Some(auth) = header("authorization") else {
+            return refuse("unsigned request: no authorization header");
+        };
+        let Some(signature) = auth
+            .strip_prefix(AUTH_SCHEME)
+            .and_then(|s| s.strip_prefix(' '))
+        else {
+            return refuse("authorization is not Strata-HMAC-SHA256");
+        };
+        let Ok(signature) = hex::decode(signature.trim()) else {
+            return refuse("signature is not hex");
+        };
+        let Some(timestamp) = header(HEADER_TIMESTAMP).and_then(|t| t.parse::<i64>().ok()) else {
+            return refuse("missing or malformed x-strata-timestamp");
+        };
+        let Some(nonce) = header(HEADER_NONCE)
+            .filter(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        else {
+            return refuse("missing or malformed x-strata-nonce (32 hex characters)");
+        };
+        let Some(claimed_hash) = header(HEADER_CONTENT_SHA256) else {
+            return refuse("missing x-strata-content-sha256");
+        };
+        let text = string_to_sign(method, path, query, timestamp, nonce, claimed_hash);
+        if mac(&self.key, &text).verify_slice(&signature).is_err() {
+            return refuse("signature does not match (wrong key?)");
+        }
+        if !hex::encode(Sha256::digest(body)).eq_ignore_ascii_case(claimed_hash) {
+            return refuse("body does not match its signed hash");
+        }
+        if (now - timestamp).abs() > MAX_SKEW_SECS {
+            return Err(AuthRefusal(format!(
+                "request time {timestamp} is {}s away from the agent's clock (at most {MAX_SKEW_SECS}s)",
+                (now - timestamp).abs()
+            )));
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, t| (now - *t).abs() <= MAX_SKEW_SECS);
+        if seen.contains_key(nonce) {
+            return refuse("replayed request: nonce already used");
+        }
+        if seen.len() >= MAX_NONCES {
+            return refuse("too many requests within the replay window; retry later");
+        }
+        seen.insert(nonce.to_string(), timestamp);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verify(
+        v: &Verifier,
+        h: &SignedHeaders,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), AuthRefusal> {
+        let map: HashMap<&str, String> = h.pairs().into_iter().collect();
+        v.verify(
+            method,
+            path,
+            query,
+            |n| map.get(n).map(String::as_str),
+            body,
+            now,
+        )
+    }
+
+    #[test]
+    fn a_signed_request_verifies_once() {
+        let key = AgentKey::generate();
+        let v = Verifier::new(key.clone());
+        let h = sign(
+            &key,
+            "POST",
+            "/v1/snapshots/a",
+            "x=1",
+            b"{}",
+            1000,
+            &new_nonce(),
+        );
+        assert_eq!(
+            verify(&v, &h, "POST", "/v1/snapshots/a", "x=1", b"{}", 1000),
+            Ok(())
+        );
+        let again = verify(&v, &h, "POST", "/v1/snapshots/a", "x=1", b"{}", 1001).unwrap_err();
+        assert!(again.0.contains("replayed"), "{again}");
+    }
+
+    #[test]
+    fn every_signed_part_is_bound() {
+        let key = AgentKey::generate();
+        let v = Verifier::new(key.clone());
+        let h = sign(
+            &key,
+            "POST",
+            "/v1/snapshots/a",
+            "x=1",
+            b"{}",
+            1000,
+            &new_nonce(),
+        );
+        for (method, path, query, body) in [
+            ("DELETE", "/v1/snapshots/a", "x=1", &b"{}"[..]),
+            ("POST", "/v1/snapshots/b", "x=1", b"{}"),
+            ("POST", "/v1/snapshots/a", "x=2", b"{}"),
+        ] {
+            let e = verify(&v, &h, method, path, query, body, 1000).unwrap_err();
+            assert!(e.0.contains("signature does not match"), "{e}");
+        }
+        let e = verify(&v, &h, "POST", "/v1/snapshots/a", "x=1", b"{\"a\":1}", 1000).unwrap_err();
+        assert!(e.0.contains("body does not match"), "{e}");
+        let other = Verifier::new(AgentKey::generate());
+        let e = verify(&other, &h, "POST", "/v1/snapshots/a", "x=1", b"{}", 1000).unwrap_err();
+        assert!(e.0.contains("wrong key"), "{e}");
+    }
+
+    #[test]
+    fn stale_and_future_requests_are_refused() {
+        let key = AgentKey::generate();
+        let v = Verifier::new(key.clone());
+        for now in [1000 + MAX_SKEW_SECS + 1, 1000 - MAX_SKEW_SECS - 1] {
+            let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
+            let e = verify(&v, &h, "GET", "/v1/facts", "", b"", now).unwrap_err();
+            assert!(e.0.contains("away from the agent's clock"), "{e}");
+        }
+        let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
+        assert_eq!(
+            verify(&v, &h, "GET", "/v1/facts", "", b"", 1000 + MAX_SKEW_SECS),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn unsigned_and_malformed_requests_are_refused() {
+        let v = Verifier::new(AgentKey::generate());
+        let e = v
+            .verify("GET", "/v1/facts", "", |_| None, b"", 0)
+            .unwrap_err();
+        assert_eq!(e.0, "unsigned request: no authorization header");
+        let e = v
+            .verify(
+                "GET",
+                "/v1/facts",
+                "",
+                |n| (n == "authorization").then_some("Bearer x"),
+                b"",
+                0,
+            )
+            .unwrap_err();
+        assert!(e.0.contains("not Strata-HMAC-SHA256"), "{e}");
+    }
+
+    #[test]
+    fn key_files_are_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.key");
+        let (key, created) = AgentKey::load_or_create(&path).unwrap();
+        assert!(created);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (again, created) = AgentKey::load_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(key, again);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = AgentKey::load_or_create(&path).unwrap_err();
+        assert!(
+            matches!(e, KeyError::Permissions { mode: 0o644, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("readable by group or others"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "not a key").unwrap();
+        assert!(matches!(
+            AgentKey::load(&path),
+            Err(KeyError::Malformed { .. })
+        ));
+    }
+}

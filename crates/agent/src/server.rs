@@ -1,0 +1,479 @@
+//! The agent's HTTP server: checks every request's signature, then serves snapshots and
+//! clones of its one data directory (see `proto` for the paths).
+//!
+//! The agent refuses to start on a file system that cannot clone files, with one line naming
+//! the file system and what is needed. Disk work runs on the blocking pool; file reads are
+//! streamed in 256 KiB chunks, so a large range never sits in memory.
+
+use std::io::{self, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{unix_now, AgentKey, Verifier};
+use crate::cow;
+use crate::names::{CloneName, RelPath, SnapshotName};
+use crate::proto::{
+    ChangesQuery, CloneRequest, ErrorBody, ErrorCode, FileQuery, HostFacts, SpaceEstimate,
+    MAX_READ_LEN, MAX_REQUEST_BODY,
+};
+use crate::snapshot::{FreeFloor, Labels, Layout, SnapshotError, SnapshotStore};
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory's file system cannot clone files.
+    #[error("data directory {} is on {fs_type}, which cannot clone files; snapshots need a file system with reflink (XFS made with -m reflink=1, or btrfs)", data_dir.display())]
+    NotCopyOnWrite {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Its file system.
+        fs_type: String,
+    },
+    /// The snapshot directory is on another file system than the data directory.
+    #[error("snapshot directory {} cannot share data with data directory {} (reflink across them failed); put it on the data directory's file system", snapshot_dir.display(), data_dir.display())]
+    OtherFileSystem {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The snapshot directory.
+        snapshot_dir: PathBuf,
+    },
+    /// The data directory is not a PostgreSQL data directory.
+    #[error("{} is not a PostgreSQL data directory (no PG_VERSION)", .0.display())]
+    NotADataDirectory(PathBuf),
+    /// Opening the directories failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// A running agent's state: its directories, credential verifier and free-space floor.
+#[derive(Debug)]
+pub struct Agent {
+    store: SnapshotStore,
+    verifier: Verifier,
+    min_free: FreeFloor,
+}
+
+impl Agent {
+    /// Opens `layout` (creating the snapshot and clone directories), checks that the data
+    /// directory's file system can clone files into the snapshot directory, and returns the
+    /// agent ready to serve requests signed with `key`.
+    pub fn start(layout: Layout, key: AgentKey, min_free: FreeFloor) -> Result<Agent, StartError> {
+        if !layout.data_dir.join("PG_VERSION").is_file() {
+            return Err(StartError::NotADataDirectory(layout.data_dir.clone()));
+        }
+        let store = SnapshotStore::open(layout)?;
+        let fs = store.probe()?;
+        if !fs.reflink {
+            let layout = store.layout();
+            let snapshot_fs_can = cow::probe(&layout.snapshot_dir)
+                .map(|i| i.reflink)
+                .unwrap_or(false);
+            return Err(if snapshot_fs_can {
+                StartError::OtherFileSystem {
+                    data_dir: layout.data_dir.clone(),
+                    snapshot_dir: layout.snapshot_dir.clone(),
+                }
+            } else {
+                StartError::NotCopyOnWrite {
+                    data_dir: layout.data_dir.clone(),
+                    fs_type: fs.fs_type,
+                }
+            });
+        }
+        Ok(Agent {
+            store,
+            verifier: Verifier::new(key),
+            min_free,
+        })
+    }
+
+    /// The snapshots and clones this agent serves.
+    pub fn store(&self) -> &SnapshotStore {
+        &self.store
+    }
+
+    /// Facts about the host: the data directory's file system and cluster.
+    pub fn facts(&self) -> Result<HostFacts, SnapshotError> {
+        let layout = self.store.layout();
+        let fs = self.store.probe()?;
+        let pg_major = std::fs::read_to_string(layout.data_dir.join("PG_VERSION"))
+            .ok()
+            .and_then(|v| v.trim().split('.').next().and_then(|m| m.parse().ok()));
+        Ok(HostFacts {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            data_dir: layout.data_dir.clone(),
+            snapshot_dir: layout.snapshot_dir.clone(),
+            clone_dir: layout.clone_dir.clone(),
+            fs,
+            min_free: self.min_free,
+            pg_major,
+            system_identifier: system_identifier(&layout.data_dir),
+        })
+    }
+
+    /// The HTTP routes, every one behind the signature check.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/facts", get(facts))
+            .route("/v1/snapshots", get(list_snapshots))
+            .route(
+                "/v1/snapshots/{name}",
+                post(create_snapshot).delete(delete_snapshot),
+            )
+            .route("/v1/snapshots/{name}/labels", put(put_labels))
+            .route("/v1/snapshots/{name}/manifest", get(manifest))
+            .route("/v1/snapshots/{name}/space", get(space))
+            .route("/v1/snapshots/{name}/file", get(read_file))
+            .route("/v1/snapshots/{name}/changes", get(changes))
+            .route("/v1/clones/{name}", post(create_clone).delete(delete_clone))
+            .fallback(not_found)
+            .layer(middleware::from_fn_with_state(self.clone(), authenticate))
+            .with_state(self)
+    }
+}
+
+/// The cluster's system identifier: `ControlFileData.system_identifier`, the first field of
+/// `global/pg_control` (src/include/catalog/pg_control.h), in the host's byte order.
+fn system_identifier(data_dir: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(data_dir.join("global/pg_control")).ok()?;
+    let mut buf = [0u8; 8];
+    f.read_exact(&mut buf).ok()?;
+    Some(u64::from_ne_bytes(buf))
+}
+
+/// A refusal as the API sends it.
+struct ApiError(ErrorCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            code: self.0,
+            message: self.1.replace('\n', "; "),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(e: SnapshotError) -> Self {
+        let code = match &e {
+            SnapshotError::InvalidName(_) => ErrorCode::InvalidParameter,
+            SnapshotError::NotFound(_) => ErrorCode::NotFound,
+            SnapshotError::Exists(_) => ErrorCode::Exists,
+            SnapshotError::LowSpace(_) => ErrorCode::LowSpace,
+            SnapshotError::Refused(_) => ErrorCode::Refused,
+            SnapshotError::Cow(_) | SnapshotError::Io { .. } => ErrorCode::Internal,
+        };
+        if code == ErrorCode::Internal {
+            tracing::warn!("agent request failed: {e}");
+        }
+        ApiError(code, e.to_string())
+    }
+}
+
+impl From<crate::names::InvalidName> for ApiError {
+    fn from(e: crate::names::InvalidName) -> Self {
+        ApiError(ErrorCode::InvalidParameter, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs disk work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError(
+            ErrorCode::Internal,
+            format!("agent task failed: {e}"),
+        )),
+    }
+}
+
+async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(ErrorBody {
+                    code: ErrorCode::Refused,
+                    message: format!("request body over {MAX_REQUEST_BODY} bytes"),
+                }),
+            )
+                .into_response()
+        }
+    };
+    let verified = agent.verifier.verify(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+        &bytes,
+        unix_now(),
+    );
+    if let Err(refusal) = verified {
+        tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
+        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+async fn not_found() -> ApiError {
+    ApiError(ErrorCode::NotFound, "no such agent endpoint".into())
+}
+
+async fn facts(State(agent): State<Arc<Agent>>) -> ApiResult<Json<HostFacts>> {
+    let a = agent.clone();
+    Ok(Json(blocking(move || a.facts()).await?))
+}
+
+async fn list_snapshots(State(agent): State<Arc<Agent>>) -> ApiResult<Response> {
+    let a = agent.clone();
+    Ok(Json(blocking(move || a.store.list()).await?).into_response())
+}
+
+async fn create_snapshot(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let name = SnapshotName::new(&name)?;
+    let a = agent.clone();
+    let created = blocking(move || a.store.create(&name, a.min_free)).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn delete_snapshot(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    let name = SnapshotName::new(&name)?;
+    let a = agent.clone();
+    blocking(move || a.store.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn put_labels(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let name = SnapshotName::new(&name)?;
+    let labels: Labels = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(ErrorCode::InvalidParameter, format!("labels: {e}")))?;
+    let a = agent.clone();
+    blocking(move || a.store.write_labels(&name, &labels)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn manifest(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let name = SnapshotName::new(&name)?;
+    let a = agent.clone();
+    Ok(Json(blocking(move || a.store.manifest(&name)).await?).into_response())
+}
+
+async fn space(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<SpaceEstimate>> {
+    let name = SnapshotName::new(&name)?;
+    let a = agent.clone();
+    let estimate = blocking(move || {
+        let logical_bytes = a.store.manifest(&name)?.total_bytes();
+        let exclusive_bytes = a.store.space_estimate(&name)?;
+        Ok(SpaceEstimate {
+            exclusive_bytes,
+            logical_bytes,
+        })
+    })
+    .await?;
+    Ok(Json(estimate))
+}
+
+async fn changes(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<ChangesQuery>,
+) -> ApiResult<Response> {
+    let name = SnapshotName::new(&name)?;
+    let since = SnapshotName::new(&q.since)?;
+    let a = agent.clone();
+    Ok(Json(blocking(move || a.store.changed_ranges(&name, &since)).await?).into_response())
+}
+
+async fn read_file(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<FileQuery>,
+) -> ApiResult<Response> {
+    let name = SnapshotName::new(&name)?;
+    let path = RelPath::new(&q.path)?;
+    let a = agent.clone();
+    let file = blocking(move || a.store.open_file(&name, &path)).await?;
+    let size = file
+        .metadata()
+        .map_err(|e| ApiError(ErrorCode::Internal, format!("stat: {e}")))?
+        .len();
+    if q.offset > size {
+        return Err(ApiError(
+            ErrorCode::Refused,
+            format!(
+                "offset {} is beyond the file's end ({size} bytes)",
+                q.offset
+            ),
+        ));
+    }
+    let len = q.len.min(size - q.offset).min(MAX_READ_LEN);
+    let mut file = tokio::fs::File::from_std(file);
+    file.seek(SeekFrom::Start(q.offset))
+        .await
+        .map_err(|e| ApiError(ErrorCode::Internal, format!("seek: {e}")))?;
+    let stream = futures::stream::unfold(Some(file.take(len)), |state| async move {
+        let mut reader = state?;
+        let mut buf = vec![0u8; 256 * 1024];
+        match reader.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, io::Error>(Bytes::from(buf)), Some(reader)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(response)
+}
+
+async fn create_clone(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let clone = CloneName::new(&name)?;
+    let req: CloneRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(ErrorCode::InvalidParameter, format!("clone request: {e}")))?;
+    let a = agent.clone();
+    let created = blocking(move || a.store.clone_snapshot(&req.snapshot, &clone)).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn delete_clone(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    let clone = CloneName::new(&name)?;
+    let a = agent.clone();
+    blocking(move || a.store.delete_clone(&clone)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Certificate chain and private key (PEM files) for HTTPS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Loads the TLS certificate and key (the same way the API does).
+pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    let read =
+        |p: &Path| std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())));
+    let certs = rustls_pemfile::certs(&mut &read(&files.cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(format!("{}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!(
+            "{}: no PEM certificate found",
+            files.cert.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(&files.key)?[..])
+        .map_err(|e| StartError::Tls(format!("{}: {e}", files.key.display())))?
+        .ok_or_else(|| {
+            StartError::Tls(format!("{}: no PEM private key found", files.key.display()))
+        })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StartError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| StartError::Tls(format!("certificate/key: {e}")))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let router = agent.router();
+    let Some(acceptor) = tls else {
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    };
+    loop {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+            };
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if let Err(e) =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(io, svc)
+                    .await
+            {
+                tracing::debug!(%peer, "connection: {e}");
+            }
+        });
+    }
+}
