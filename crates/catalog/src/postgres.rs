@@ -19,7 +19,12 @@
 //! backend-neutral [`CatalogError`] variants with the driver error as
 //! source.
 //!
-//! Times are kept to the microsecond (PostgreSQL's `timestamptz`).
+//! Times are kept to the microsecond (PostgreSQL's `timestamptz`). Every
+//! lease and expiry is judged by the server's clock (`now()`, the start of
+//! the deciding statement's transaction): the `now` a caller passes is its
+//! own clock's reading and decides nothing here, so a node whose clock runs
+//! ahead cannot take a live lease and one whose clock runs behind cannot
+//! keep a dead one or write a lease that lapses early.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -452,6 +457,18 @@ where
     let text: String = get(r, i)?;
     text.parse()
         .map_err(|e: T::Err| CatalogError::Corrupt(format!("{text:?}: {e}").into()))
+}
+
+/// A lease length as the microseconds a statement multiplies into an
+/// interval (`now() + $n * interval '1 microsecond'`).
+fn lease_micros(ttl: chrono::Duration) -> CatalogResult<i64> {
+    ttl.num_microseconds()
+        .ok_or_else(|| CatalogError::Invalid(format!("lease of {ttl}")))
+}
+
+/// A repository hold's lifetime, as [`RepoHold::expiry`] bounds it.
+fn hold_micros(hold: &RepoHold) -> CatalogResult<i64> {
+    lease_micros(chrono::Duration::from_std(hold.ttl).unwrap_or(chrono::Duration::days(1)))
 }
 
 fn lsn_to_sql(l: Lsn) -> i64 {
@@ -1280,7 +1297,7 @@ impl JobCatalog for PgCatalog {
             async move {
                 let sql = format!(
                     "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) \
-                     VALUES ($1, $2, 'NoStart', $3, $4, $5, $3) RETURNING {JOB_COLS}"
+                     VALUES ($1, $2, 'NoStart', $3, $4, $5, now()) RETURNING {JOB_COLS}"
                 );
                 let row = c
                     .query_one(
@@ -1366,7 +1383,7 @@ impl JobCatalog for PgCatalog {
             async move {
                 let sql = format!(
                     "INSERT INTO jobs (kind, instance_id, state, backup_id, started_at, pid, queued, heartbeat_at) \
-                     VALUES ($1, $2, 'NoStart', $3, $4, $5, true, $4) RETURNING {JOB_COLS}"
+                     VALUES ($1, $2, 'NoStart', $3, $4, $5, true, now()) RETURNING {JOB_COLS}"
                 );
                 let row = c
                     .query_one(
@@ -1390,7 +1407,7 @@ impl JobCatalog for PgCatalog {
         &self,
         id: JobId,
         node_id: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> CatalogResult<Option<Job>> {
         let owner = self.owner.as_str().to_string();
         let node = node_id.to_string();
@@ -1400,13 +1417,13 @@ impl JobCatalog for PgCatalog {
                 // A job another node is claiming right now is skipped, not
                 // waited for: that node gets it, this one finds nothing.
                 let sql = format!(
-                    "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = $4, pid = $5 \
+                    "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = now(), pid = $4 \
                      WHERE id = (SELECT id FROM jobs WHERE id = $1 AND queued FOR UPDATE SKIP LOCKED) \
                      AND queued RETURNING {JOB_COLS}"
                 );
                 c.query_opt(
                     &sql,
-                    &[&id.get(), &owner, &node, &now, &i64::from(std::process::id())],
+                    &[&id.get(), &owner, &node, &i64::from(std::process::id())],
                 )
                 .await?
                 .map(|r| job_from_row(&r))
@@ -1419,14 +1436,14 @@ impl JobCatalog for PgCatalog {
         &self.owner
     }
 
-    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize> {
+    fn renew_leases(&self, _now: DateTime<Utc>) -> CatalogResult<usize> {
         let owner = self.owner.as_str().to_string();
         self.call(move |c| {
             let owner = owner.clone();
             async move {
                 Ok(c.execute(
-                    "UPDATE jobs SET heartbeat_at=$2 WHERE owner=$1 AND state NOT IN ('Finished', 'Failed')",
-                    &[&owner, &now],
+                    "UPDATE jobs SET heartbeat_at=now() WHERE owner=$1 AND state NOT IN ('Finished', 'Failed')",
+                    &[&owner],
                 )
                 .await? as usize)
             }
@@ -1435,12 +1452,10 @@ impl JobCatalog for PgCatalog {
 
     fn fail_expired_jobs(
         &self,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
         lease: chrono::Duration,
     ) -> CatalogResult<usize> {
-        let Some(expired_before) = now.checked_sub_signed(lease) else {
-            return Ok(0);
-        };
+        let lease = lease_micros(lease)?;
         let owner = self.owner.as_str().to_string();
         self.call(move |mut c| {
             let owner = owner.clone();
@@ -1452,21 +1467,22 @@ impl JobCatalog for PgCatalog {
                 let tx = c.transaction().await?;
                 let sql = format!(
                     "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') \
-                     AND owner IS DISTINCT FROM $1 AND NOT queued AND coalesce(heartbeat_at, started_at) < $2 \
+                     AND owner IS DISTINCT FROM $1 AND NOT queued \
+                     AND coalesce(heartbeat_at, started_at) < now() - $2::bigint * interval '1 microsecond' \
                      ORDER BY id FOR UPDATE SKIP LOCKED"
                 );
-                let expired = all(tx.query(&sql, &[&owner, &expired_before]).await?, job_from_row)?;
+                let expired = all(tx.query(&sql, &[&owner, &lease]).await?, job_from_row)?;
                 for job in &expired {
                     let reason = lease_expired_reason(job);
                     // The job changes hands: its old owner can no longer write it.
                     tx.execute(
-                        "UPDATE jobs SET state='Failed', finished_at=$2, error=$3, owner=$4 WHERE id=$1",
-                        &[&job.id.get(), &now, &reason, &owner],
+                        "UPDATE jobs SET state='Failed', finished_at=now(), error=$2, owner=$3 WHERE id=$1",
+                        &[&job.id.get(), &reason, &owner],
                     )
                     .await?;
                     tx.execute(
-                        "UPDATE backup_sets SET status='Failed', finished_at=$2, error=$3 WHERE job_id=$1 AND status='Running'",
-                        &[&job.id.get(), &now, &reason],
+                        "UPDATE backup_sets SET status='Failed', finished_at=now(), error=$2 WHERE job_id=$1 AND status='Running'",
+                        &[&job.id.get(), &reason],
                     )
                     .await?;
                 }
@@ -1947,7 +1963,8 @@ impl AccessCatalog for PgCatalog {
 }
 
 impl GcCatalog for PgCatalog {
-    fn acquire_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
+    fn acquire_repo_hold(&self, hold: &RepoHold, _now: DateTime<Utc>) -> CatalogResult<bool> {
+        let ttl = hold_micros(hold)?;
         let hold = hold.clone();
         self.call(move |mut c| {
             let hold = hold.clone();
@@ -1961,8 +1978,8 @@ impl GcCatalog for PgCatalog {
                 )
                 .await?;
                 tx.execute(
-                    "DELETE FROM repo_holds WHERE repository_id = $1 AND expires_at < $2",
-                    &[&hold.repository_id, &now],
+                    "DELETE FROM repo_holds WHERE repository_id = $1 AND expires_at < now()",
+                    &[&hold.repository_id],
                 )
                 .await?;
                 let row = tx
@@ -1978,15 +1995,14 @@ impl GcCatalog for PgCatalog {
                 }
                 tx.execute(
                     "INSERT INTO repo_holds (hold_id, repository_id, exclusive, owner, purpose, acquired_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                     VALUES ($1, $2, $3, $4, $5, now(), now() + $6::bigint * interval '1 microsecond')",
                     &[
                         &hold.id,
                         &hold.repository_id,
                         &hold.exclusive,
                         &hold.owner.as_str(),
                         &hold.purpose,
-                        &now,
-                        &hold.expiry(now),
+                        &ttl,
                     ],
                 )
                 .await?;
@@ -1996,15 +2012,16 @@ impl GcCatalog for PgCatalog {
         })
     }
 
-    fn renew_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
-        let (id, expiry) = (hold.id.clone(), hold.expiry(now));
+    fn renew_repo_hold(&self, hold: &RepoHold, _now: DateTime<Utc>) -> CatalogResult<bool> {
+        let (id, ttl) = (hold.id.clone(), hold_micros(hold)?);
         self.call(move |c| {
             let id = id.clone();
             async move {
                 let n = c
                     .execute(
-                        "UPDATE repo_holds SET expires_at = $2 WHERE hold_id = $1",
-                        &[&id, &expiry],
+                        "UPDATE repo_holds SET expires_at = now() + $2::bigint * interval '1 microsecond' \
+                         WHERE hold_id = $1",
+                        &[&id, &ttl],
                     )
                     .await?;
                 Ok(n == 1)
@@ -2070,6 +2087,10 @@ impl GcCatalog for PgCatalog {
 }
 
 impl NodeCatalog for PgCatalog {
+    fn now(&self) -> CatalogResult<DateTime<Utc>> {
+        self.call(|c| async move { get(&c.query_one("SELECT now()", &[]).await?, 0) })
+    }
+
     fn heartbeat(&self, node: &Node) -> CatalogResult<()> {
         let n = node.clone();
         self.call(move |c| {
@@ -2077,7 +2098,8 @@ impl NodeCatalog for PgCatalog {
             async move {
                 c.execute(
                     "INSERT INTO nodes (id, api_address, started_at, heartbeat_at, version) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                     VALUES ($1, $2, $3, CASE WHEN $4 = 'epoch'::timestamptz THEN $4 ELSE now() END, $5) \
+                     ON CONFLICT (id) DO UPDATE SET \
                      api_address = EXCLUDED.api_address, started_at = EXCLUDED.started_at, \
                      heartbeat_at = EXCLUDED.heartbeat_at, version = EXCLUDED.version",
                     &[
@@ -2120,10 +2142,14 @@ impl NodeCatalog for PgCatalog {
         &self,
         instance_id: &str,
         node_id: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> CatalogResult<bool> {
-        let (instance, node, until) = (instance_id.to_string(), node_id.to_string(), now + ttl);
+        let (instance, node, ttl) = (
+            instance_id.to_string(),
+            node_id.to_string(),
+            lease_micros(ttl)?,
+        );
         // One statement: the row lock taken by ON CONFLICT makes the look and
         // the write one step, so of two racing claims exactly one changes
         // the row (the other sees the winner's valid lease and updates none).
@@ -2133,14 +2159,15 @@ impl NodeCatalog for PgCatalog {
                 let row = c
                     .query_opt(
                         "INSERT INTO instance_owners (instance_id, node_id, epoch, expires_at) \
-                         VALUES ($1, $2, 1, $3) ON CONFLICT (instance_id) DO UPDATE SET \
+                         VALUES ($1, $2, 1, now() + $3::bigint * interval '1 microsecond') \
+                         ON CONFLICT (instance_id) DO UPDATE SET \
                          epoch = CASE WHEN instance_owners.node_id = EXCLUDED.node_id \
                                  THEN instance_owners.epoch ELSE instance_owners.epoch + 1 END, \
                          node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at \
                          WHERE instance_owners.node_id = EXCLUDED.node_id \
-                            OR instance_owners.expires_at <= $4 \
+                            OR instance_owners.expires_at <= now() \
                          RETURNING epoch",
-                        &[&instance, &node, &until, &now],
+                        &[&instance, &node, &ttl],
                     )
                     .await?;
                 Ok(row.is_some())
@@ -2151,17 +2178,18 @@ impl NodeCatalog for PgCatalog {
     fn renew_instances(
         &self,
         node_id: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> CatalogResult<usize> {
-        let (node, until) = (node_id.to_string(), now + ttl);
+        let (node, ttl) = (node_id.to_string(), lease_micros(ttl)?);
         self.call(move |c| {
             let node = node.clone();
             async move {
                 let n = c
                     .execute(
-                        "UPDATE instance_owners SET expires_at = $2 WHERE node_id = $1",
-                        &[&node, &until],
+                        "UPDATE instance_owners SET expires_at = now() + $2::bigint * interval '1 microsecond' \
+                         WHERE node_id = $1",
+                        &[&node, &ttl],
                     )
                     .await?;
                 Ok(n as usize)
