@@ -14,13 +14,15 @@
 //! backend against these docs.
 //!
 //! Leases and expiries (node heartbeats, instance ownership, job leases,
-//! queued job claims, repository holds) are judged by one clock, the
-//! catalog's ([`NodeCatalog::now`]). The `now` those methods take is the
-//! caller's reading of the time: SQLite, which lives on the caller's host,
-//! takes it as the catalog's clock (so tests can walk it); PostgreSQL,
-//! shared by the nodes of a fleet, ignores it and reads the server's clock
-//! inside the statement that decides, so no node's clock, ahead or behind,
-//! ever takes a live lease or keeps a dead one.
+//! queued job claims, repository holds, console sessions, request nonces)
+//! are judged by one clock, the catalog's ([`NodeCatalog::now`]). The `now`
+//! those methods take is the caller's reading of the time: SQLite, which
+//! lives on the caller's host, takes it as the catalog's clock (so tests can
+//! walk it); PostgreSQL, shared by the nodes of a fleet, ignores it and
+//! reads the server's clock inside the statement that decides, keeping of a
+//! `forget_before` only its distance from the caller's `now`. So no node's
+//! clock, ahead or behind, ever takes a live lease, keeps a dead one or
+//! forgets what another node still needs.
 
 use std::collections::BTreeMap;
 
@@ -270,7 +272,8 @@ pub trait AccessCatalog: Send + Sync {
     /// Returns false when no such key existed.
     fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
     /// Records a request nonce of a key; false when it was recorded before.
-    /// Nonces older than `forget_before` are dropped on the way.
+    /// Nonces older than `forget_before` are dropped on the way (by the
+    /// catalog's clock, see the module documentation).
     fn admit_nonce(
         &self,
         key_id: &str,
@@ -282,15 +285,18 @@ pub trait AccessCatalog: Send + Sync {
     /// `candidate` and returns it. Of several nodes asking at once, exactly
     /// one candidate is stored and all of them get it back.
     fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String>;
-    /// Records a new console session; sessions last seen before
-    /// `forget_before` are dropped on the way.
+    /// Records a new console session (its `created_at` and `last_seen_at`
+    /// are the caller's `now`); sessions last seen before `forget_before`
+    /// are dropped on the way. Judged by the catalog's clock, see the
+    /// module documentation.
     fn put_session(
         &self,
         session: &ConsoleSession,
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<()>;
-    /// The session with that id hash, its `last_seen_at` moved to `now`
-    /// (returned as it was before); `None` when there is none.
+    /// The session with that id hash, its `last_seen_at` moved to `now` on
+    /// the catalog's clock (returned as it was before); `None` when there
+    /// is none.
     fn touch_session(
         &self,
         id_hash: &str,

@@ -20,11 +20,14 @@
 //! source.
 //!
 //! Times are kept to the microsecond (PostgreSQL's `timestamptz`). Every
-//! lease and expiry is judged by the server's clock (`now()`, the start of
-//! the deciding statement's transaction): the `now` a caller passes is its
-//! own clock's reading and decides nothing here, so a node whose clock runs
-//! ahead cannot take a live lease and one whose clock runs behind cannot
-//! keep a dead one or write a lease that lapses early.
+//! lease and expiry (heartbeats, ownership, job leases, repository holds,
+//! console sessions, request nonces) is judged by the server's clock
+//! (`now()`, the start of the deciding statement's transaction): the `now`
+//! a caller passes is its own clock's reading and decides nothing here, and
+//! a horizon given as a time (`forget_before`) counts only as its distance
+//! from that `now`. So a node whose clock runs ahead cannot take a live
+//! lease or forget what others still need, and one whose clock runs behind
+//! cannot keep a dead lease or write one that lapses early.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -1789,17 +1792,21 @@ impl AccessCatalog for PgCatalog {
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<bool> {
         let (key, nonce) = (key_id.to_string(), nonce.to_string());
+        let keep = lease_micros(now - forget_before)?;
         self.call(move |c| {
             let (key, nonce) = (key.clone(), nonce.clone());
             async move {
-                c.execute("DELETE FROM used_nonces WHERE used_at < $1", &[&forget_before])
-                    .await?;
+                c.execute(
+                    "DELETE FROM used_nonces WHERE used_at < now() - $1::bigint * interval '1 microsecond'",
+                    &[&keep],
+                )
+                .await?;
                 // The primary key decides: of two nodes admitting the same
                 // nonce at once, exactly one inserts it.
                 let n = c
                     .execute(
-                        "INSERT INTO used_nonces (key_id, nonce, used_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                        &[&key, &nonce, &now],
+                        "INSERT INTO used_nonces (key_id, nonce, used_at) VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
+                        &[&key, &nonce],
                     )
                     .await?;
                 Ok(n == 1)
@@ -1832,27 +1839,21 @@ impl AccessCatalog for PgCatalog {
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<()> {
         let s = session.clone();
+        let keep = lease_micros(session.last_seen_at - forget_before)?;
         self.call(move |mut c| {
             let s = s.clone();
             async move {
                 let tx = c.transaction().await?;
                 tx.execute(
-                    "DELETE FROM console_sessions WHERE last_seen_at < $1",
-                    &[&forget_before],
+                    "DELETE FROM console_sessions \
+                     WHERE last_seen_at < now() - $1::bigint * interval '1 microsecond'",
+                    &[&keep],
                 )
                 .await?;
                 tx.execute(
                     "INSERT INTO console_sessions (id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    &[
-                        &s.id_hash,
-                        &s.key_id,
-                        &s.read_only,
-                        &s.csrf,
-                        &s.created_at,
-                        &s.last_seen_at,
-                        &s.flash,
-                    ],
+                     VALUES ($1, $2, $3, $4, now(), now(), $5)",
+                    &[&s.id_hash, &s.key_id, &s.read_only, &s.csrf, &s.flash],
                 )
                 .await?;
                 tx.commit().await?;
@@ -1864,7 +1865,7 @@ impl AccessCatalog for PgCatalog {
     fn touch_session(
         &self,
         id_hash: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> CatalogResult<Option<ConsoleSession>> {
         let key = id_hash.to_string();
         self.call(move |mut c| {
@@ -1892,8 +1893,8 @@ impl AccessCatalog for PgCatalog {
                 };
                 if found.is_some() {
                     tx.execute(
-                        "UPDATE console_sessions SET last_seen_at = $2 WHERE id_hash = $1",
-                        &[&key, &now],
+                        "UPDATE console_sessions SET last_seen_at = now() WHERE id_hash = $1",
+                        &[&key],
                     )
                     .await?;
                 }

@@ -79,7 +79,10 @@ impl Backend for Postgres {
                  UPDATE repo_holds SET expires_at = expires_at - {us} * interval '1 microsecond',
                                        acquired_at = acquired_at - {us} * interval '1 microsecond';
                  UPDATE nodes SET heartbeat_at = heartbeat_at - {us} * interval '1 microsecond'
-                   WHERE heartbeat_at > 'epoch';"
+                   WHERE heartbeat_at > 'epoch';
+                 UPDATE console_sessions SET last_seen_at = last_seen_at - {us} * interval '1 microsecond',
+                                             created_at = created_at - {us} * interval '1 microsecond';
+                 UPDATE used_nonces SET used_at = used_at - {us} * interval '1 microsecond';"
             ),
         );
         t + by
@@ -740,14 +743,13 @@ fn keys_policies_passwords_and_nonces(b: &dyn Backend) {
     assert!(!cat.delete_access_key("AK1").unwrap());
     assert_eq!(cat.get_access_key("AK1").unwrap(), None);
 
-    let old = t - chrono::Duration::hours(1);
-    assert!(cat.admit_nonce("AK1", "n1", old, old).unwrap());
-    assert!(!b.open().admit_nonce("AK1", "n1", old, old).unwrap());
-    assert!(cat.admit_nonce("AK2", "n1", old, old).unwrap());
+    let horizon = chrono::Duration::minutes(30);
+    assert!(cat.admit_nonce("AK1", "n1", t, t - horizon).unwrap());
+    assert!(!b.open().admit_nonce("AK1", "n1", t, t - horizon).unwrap());
+    assert!(cat.admit_nonce("AK2", "n1", t, t - horizon).unwrap());
     // Forgotten once older than the horizon.
-    assert!(cat
-        .admit_nonce("AK1", "n1", t, t - chrono::Duration::minutes(30))
-        .unwrap());
+    let t = b.pass(t, chrono::Duration::hours(1));
+    assert!(cat.admit_nonce("AK1", "n1", t, t - horizon).unwrap());
 }
 
 fn wal_segments_and_restore_points(b: &dyn Backend) {
@@ -1080,6 +1082,27 @@ fn a_skewed_node_clock_decides_no_lease() {
     assert_eq!(honest.get_job(job.id).unwrap().state, JobState::Failed);
     let gc = hold(&behind, "r", true, 60);
     assert!(behind.acquire_repo_hold(&gc, t - skew).unwrap());
+
+    // Console sessions and request nonces: the node ahead forgets neither
+    // a session idle for less than the horizon nor a nonce still inside
+    // the replay window, though both look an hour old to it.
+    let horizon = chrono::Duration::minutes(30);
+    honest
+        .put_session(&session("live", now()), now() - horizon)
+        .unwrap();
+    assert!(honest
+        .admit_nonce("AK1", "used", now(), now() - horizon)
+        .unwrap());
+    let t = now() + skew;
+    ahead.put_session(&session("new", t), t - horizon).unwrap();
+    assert!(ahead.admit_nonce("AK1", "other", t, t - horizon).unwrap());
+    assert!(honest.touch_session("live", now()).unwrap().is_some());
+    assert!(!honest
+        .admit_nonce("AK1", "used", now(), now() - horizon)
+        .unwrap());
+    // Its session is stamped with the server's time: live for the others.
+    let stamped = honest.touch_session("new", now()).unwrap().unwrap();
+    assert!(stamped.last_seen_at <= honest.now().unwrap());
 }
 
 #[test]
@@ -1808,21 +1831,25 @@ fn console_sessions_are_known_to_every_handle(b: &dyn Backend) {
     let (a, other) = (b.open(), b.open());
     let t0 = now();
     a.put_session(&session("old", t0), t0).unwrap();
-    let t1 = t0 + chrono::Duration::minutes(10);
+    let t1 = b.pass(t0, chrono::Duration::minutes(10));
     a.put_session(&session("new", t1), t1 - chrono::Duration::minutes(5))
         .unwrap();
     // Putting "new" forgot "old" (last seen before the horizon).
     assert_eq!(other.touch_session("old", t1).unwrap(), None);
     // Another handle (node) finds it whole, and its touch is seen by all.
-    let t2 = t1 + chrono::Duration::seconds(30);
-    assert_eq!(
-        other.touch_session("new", t2).unwrap(),
-        Some(session("new", t1))
-    );
-    assert_eq!(
-        a.touch_session("new", t2).unwrap().unwrap().last_seen_at,
-        t2
-    );
+    // Its times are the catalog's clock's: compared, not matched.
+    let t2 = b.pass(t1, chrono::Duration::seconds(30));
+    let untimed = |s: ConsoleSession| ConsoleSession {
+        created_at: DateTime::UNIX_EPOCH,
+        last_seen_at: DateTime::UNIX_EPOCH,
+        ..s
+    };
+    let first = other.touch_session("new", t2).unwrap().unwrap();
+    assert_eq!(untimed(first.clone()), untimed(session("new", t1)));
+    assert_eq!(first.created_at, first.last_seen_at);
+    let second = a.touch_session("new", t2).unwrap().unwrap();
+    assert!(second.last_seen_at > first.last_seen_at);
+    assert_eq!(second.created_at, first.created_at);
     // The flash is taken once, wherever; a new one replaces nothing else.
     assert!(a.take_session_flash("new").unwrap().is_some());
     assert_eq!(other.take_session_flash("new").unwrap(), None);
