@@ -167,10 +167,10 @@ pub trait JobCatalog: Send + Sync {
     fn queued_jobs(&self) -> CatalogResult<Vec<Job>>;
     /// Claims a queued job for this handle's lease owner, run by `node_id`:
     /// it stops being queued, its heartbeat is `now` (on the catalog's
-    /// clock). `None`, changing
-    /// nothing, when it is no longer queued (another handle claimed it) or
-    /// unknown. Of several handles claiming the same job at once, exactly one
-    /// gets it; a handle never waits for another's claim.
+    /// clock). `None`, changing nothing, when it is no longer queued
+    /// (another handle claimed it) or unknown. Of several handles claiming
+    /// the same job at once, exactly one gets it; a handle never waits for
+    /// another's claim.
     fn claim_queued_job(
         &self,
         id: JobId,
@@ -179,9 +179,8 @@ pub trait JobCatalog: Send + Sync {
     ) -> CatalogResult<Option<Job>>;
     /// Takes over the unfinished jobs of other owners whose lease expired
     /// (last heartbeat more than `lease` before `now`, on the catalog's
-    /// clock): each is marked
-    /// `Failed` with the reason, with its running backup set, so new work
-    /// can start. Jobs of this handle's own owner are never taken over, nor
+    /// clock): each is marked `Failed` with the reason, with its running
+    /// backup set, so new work can start. Jobs of this handle's own owner are never taken over, nor
     /// queued jobs (nobody owns them yet: the instance's next owner claims
     /// them). The look and the takeover are one transaction. Returns how
     /// many were failed.

@@ -13,9 +13,9 @@
 //! Leases are judged by the catalog's clock
 //! ([`strata_catalog::NodeCatalog::now`], read once per round), not by this
 //! node's clock nor the service's [`crate::Clock`] (tests walk that one
-//! through weeks): on PostgreSQL the server decides
-//! every claim and renewal in the statement itself, so nodes whose clocks
-//! disagree still agree on who holds what. A node also stops counting an
+//! through weeks): on PostgreSQL the server decides every claim and renewal
+//! in the statement itself, so nodes whose clocks disagree still agree on
+//! who holds what. A node also stops counting an
 //! instance as its own once the lease it last saw lapses, even while the
 //! catalog cannot be reached: it keeps that moment as a deadline on its own
 //! monotonic clock (the lease's remaining time as the catalog's clock saw
@@ -286,9 +286,10 @@ impl Service {
         let catalog = self.engine.catalog();
         let me = self.node_id().to_string();
         let ttl = self.node_ttl();
-        // The catalog's clock, read before anything is renewed or claimed:
-        // every lease written below ends at or after `now + ttl`, so a
-        // deadline counted from `asked` never outlives the lease.
+        // The catalog's clock, read after `asked`: it said at most `now`
+        // then, so a lease's `expires_at - now` counted from `asked` never
+        // outlives the lease. Renewals and claims below end at or after
+        // `now + ttl`.
         let asked = Instant::now();
         let now = catalog.now()?;
         let renewal_due = lock(&self.membership.last_renewal)
