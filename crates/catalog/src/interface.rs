@@ -12,6 +12,17 @@
 //! blocking pool. Times are kept at least to the microsecond (PostgreSQL's
 //! precision; SQLite keeps nanoseconds). `tests/contract.rs` checks every
 //! backend against these docs.
+//!
+//! Leases and expiries (node heartbeats, instance ownership, job leases,
+//! queued job claims, repository holds, console sessions, request nonces)
+//! are judged by one clock, the catalog's ([`NodeCatalog::now`]). The `now`
+//! those methods take is the caller's reading of the time: SQLite, which
+//! lives on the caller's host, takes it as the catalog's clock (so tests can
+//! walk it); PostgreSQL, shared by the nodes of a fleet, ignores it and
+//! reads the server's clock inside the statement that decides, keeping of a
+//! `forget_before` only its distance from the caller's `now`. So no node's
+//! clock, ahead or behind, ever takes a live lease, keeps a dead one or
+//! forgets what another node still needs.
 
 use std::collections::BTreeMap;
 
@@ -139,7 +150,8 @@ pub trait JobCatalog: Send + Sync {
     /// per process start, never a PID.
     fn lease_owner(&self) -> &LeaseOwner;
     /// Renews the lease on every unfinished job of [`JobCatalog::lease_owner`]
-    /// (heartbeat = `now`); returns how many jobs were renewed.
+    /// (heartbeat = `now` on the catalog's clock, see the module
+    /// documentation); returns how many jobs were renewed.
     fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize>;
     /// A new job for `instance_id` that no process owns yet: `NoStart`,
     /// queued until the node owning the instance claims it
@@ -154,10 +166,11 @@ pub trait JobCatalog: Send + Sync {
     /// Every queued job, oldest first.
     fn queued_jobs(&self) -> CatalogResult<Vec<Job>>;
     /// Claims a queued job for this handle's lease owner, run by `node_id`:
-    /// it stops being queued, its heartbeat is `now`. `None`, changing
-    /// nothing, when it is no longer queued (another handle claimed it) or
-    /// unknown. Of several handles claiming the same job at once, exactly one
-    /// gets it; a handle never waits for another's claim.
+    /// it stops being queued, its heartbeat is `now` (on the catalog's
+    /// clock). `None`, changing nothing, when it is no longer queued
+    /// (another handle claimed it) or unknown. Of several handles claiming
+    /// the same job at once, exactly one gets it; a handle never waits for
+    /// another's claim.
     fn claim_queued_job(
         &self,
         id: JobId,
@@ -165,9 +178,9 @@ pub trait JobCatalog: Send + Sync {
         now: DateTime<Utc>,
     ) -> CatalogResult<Option<Job>>;
     /// Takes over the unfinished jobs of other owners whose lease expired
-    /// (last heartbeat more than `lease` before `now`): each is marked
-    /// `Failed` with the reason, with its running backup set, so new work
-    /// can start. Jobs of this handle's own owner are never taken over, nor
+    /// (last heartbeat more than `lease` before `now`, on the catalog's
+    /// clock): each is marked `Failed` with the reason, with its running
+    /// backup set, so new work can start. Jobs of this handle's own owner are never taken over, nor
     /// queued jobs (nobody owns them yet: the instance's next owner claims
     /// them). The look and the takeover are one transaction. Returns how
     /// many were failed.
@@ -258,7 +271,8 @@ pub trait AccessCatalog: Send + Sync {
     /// Returns false when no such key existed.
     fn delete_access_key(&self, id: &str) -> CatalogResult<bool>;
     /// Records a request nonce of a key; false when it was recorded before.
-    /// Nonces older than `forget_before` are dropped on the way.
+    /// Nonces older than `forget_before` are dropped on the way (by the
+    /// catalog's clock, see the module documentation).
     fn admit_nonce(
         &self,
         key_id: &str,
@@ -270,15 +284,18 @@ pub trait AccessCatalog: Send + Sync {
     /// `candidate` and returns it. Of several nodes asking at once, exactly
     /// one candidate is stored and all of them get it back.
     fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String>;
-    /// Records a new console session; sessions last seen before
-    /// `forget_before` are dropped on the way.
+    /// Records a new console session (its `created_at` and `last_seen_at`
+    /// are the caller's `now`); sessions last seen before `forget_before`
+    /// are dropped on the way. Judged by the catalog's clock, see the
+    /// module documentation.
     fn put_session(
         &self,
         session: &ConsoleSession,
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<()>;
-    /// The session with that id hash, its `last_seen_at` moved to `now`
-    /// (returned as it was before); `None` when there is none.
+    /// The session with that id hash, its `last_seen_at` moved to `now` on
+    /// the catalog's clock (returned as it was before); `None` when there
+    /// is none.
     fn touch_session(
         &self,
         id_hash: &str,
@@ -302,13 +319,15 @@ pub trait AccessCatalog: Send + Sync {
 /// live shared holds or one live exclusive hold, never both, whichever
 /// node took them; a hold past its expiry is removed by the next acquirer.
 pub trait GcCatalog: Send + Sync {
-    /// Takes `hold` at `now` (expiring `hold.ttl` later) unless a live hold
+    /// Takes `hold` at `now` (on the catalog's clock; expiring `hold.ttl`
+    /// later) unless a live hold
     /// of the same repository conflicts (any hold for an exclusive one, an
     /// exclusive one for a shared one): then false and nothing is taken.
     /// Expired holds of the repository are removed first. The look and the
     /// take are one atomic step across every handle on the catalog.
     fn acquire_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool>;
-    /// Moves the hold's expiry to `now` + `hold.ttl`; false when the hold
+    /// Moves the hold's expiry to `now` + `hold.ttl` (on the catalog's
+    /// clock); false when the hold
     /// is gone (released, or expired and removed by another acquirer): its
     /// holder lost it and must stop relying on it.
     fn renew_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool>;
@@ -343,14 +362,21 @@ pub trait IndexCatalog: Send + Sync {
 /// a compare-and-set: of two nodes claiming the same free or lapsed lease
 /// at once, exactly one gets it.
 pub trait NodeCatalog: Send + Sync {
+    /// The catalog's clock, by which every lease and expiry is judged (see
+    /// the module documentation): a node reads it once per round and judges
+    /// heartbeats and lease rows by it, never by its own clock.
+    fn now(&self) -> CatalogResult<DateTime<Utc>>;
     /// Records a node's heartbeat: inserts its row or replaces its address,
-    /// start, heartbeat time and version.
+    /// start, heartbeat time and version. `node.heartbeat_at` is the
+    /// caller's `now` (the catalog's clock decides, as for leases), except
+    /// [`DateTime::UNIX_EPOCH`], which is kept as given: the mark of a node
+    /// that left.
     fn heartbeat(&self, node: &Node) -> CatalogResult<()>;
     /// Every node that ever heartbeated, by id (live or not: the caller
     /// judges by `heartbeat_at`).
     fn list_nodes(&self) -> CatalogResult<Vec<Node>>;
     /// Takes or renews the lease of `instance_id` for `node_id` until
-    /// `now + ttl`: succeeds when no node holds it, when its lease lapsed
+    /// `now + ttl` (on the catalog's clock): succeeds when no node holds it, when its lease lapsed
     /// (`expires_at <= now`; the epoch goes up), or when `node_id` holds it
     /// already (a renewal). False, changing nothing, when another node holds
     /// a valid lease. The look and the write are one transaction.
@@ -361,7 +387,8 @@ pub trait NodeCatalog: Send + Sync {
         now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> CatalogResult<bool>;
-    /// Extends every lease `node_id` holds to `now + ttl`; returns how many.
+    /// Extends every lease `node_id` holds to `now + ttl` (on the catalog's
+    /// clock); returns how many.
     /// Leases of other nodes are untouched.
     fn renew_instances(
         &self,

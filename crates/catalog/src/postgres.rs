@@ -19,7 +19,15 @@
 //! backend-neutral [`CatalogError`] variants with the driver error as
 //! source.
 //!
-//! Times are kept to the microsecond (PostgreSQL's `timestamptz`).
+//! Times are kept to the microsecond (PostgreSQL's `timestamptz`). Every
+//! lease and expiry (heartbeats, ownership, job leases, repository holds,
+//! console sessions, request nonces) is judged by the server's clock
+//! (`now()`, the start of the deciding statement's transaction): the `now`
+//! a caller passes is its own clock's reading and decides nothing here, and
+//! a horizon given as a time (`forget_before`) counts only as its distance
+//! from that `now`. So a node whose clock runs ahead cannot take a live
+//! lease or forget what others still need, and one whose clock runs behind
+//! cannot keep a dead lease or write one that lapses early.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -375,6 +383,115 @@ impl PgCatalog {
     }
 }
 
+/// One statement's text and owned parameters, kept for every attempt of
+/// its call.
+struct Statement {
+    sql: String,
+    params: Params,
+}
+
+/// Owned statement parameters: each value is moved into a box, so a call
+/// can run again (after a serialization failure) without its caller.
+macro_rules! sql_params {
+    ($($value:expr),* $(,)?) => {
+        vec![$(Box::new($value) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>),*]
+    };
+}
+
+// The shapes of almost every method: one statement with its parameters,
+// answering the rows it changed, every row, at most one row or exactly one.
+// A method that needs a transaction calls [`PgCatalog::call`] itself.
+impl PgCatalog {
+    fn statement<T, F, Fut>(
+        &self,
+        sql: impl Into<String>,
+        params: Params,
+        run: F,
+    ) -> CatalogResult<T>
+    where
+        F: Fn(Object, std::sync::Arc<Statement>) -> Fut + Send + 'static,
+        Fut: Future<Output = CatalogResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let st = std::sync::Arc::new(Statement {
+            sql: sql.into(),
+            params,
+        });
+        self.call(move |c| run(c, st.clone()))
+    }
+
+    /// Runs `statements`, each deleting by the one parameter `key`, in one
+    /// transaction: the first deletes the row itself, the others the rows
+    /// that depend on it, and they run only when the first found it.
+    /// False when it did not.
+    fn delete_with_dependents(
+        &self,
+        statements: &'static [&'static str],
+        key: &str,
+    ) -> CatalogResult<bool> {
+        let key = key.to_string();
+        self.call(move |mut c| {
+            let key = key.clone();
+            async move {
+                let tx = c.transaction().await?;
+                for (i, sql) in statements.iter().enumerate() {
+                    if tx.execute(*sql, &[&key]).await? == 0 && i == 0 {
+                        return Ok(false);
+                    }
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+        })
+    }
+
+    /// Runs one statement; answers how many rows it changed.
+    fn execute(&self, sql: impl Into<String>, params: Params) -> CatalogResult<u64> {
+        self.statement(sql, params, |c, st| async move {
+            Ok(c.execute(&st.sql, &refs(&st.params)).await?)
+        })
+    }
+
+    /// Runs one query; answers every row, mapped by `row`.
+    fn query<T: Send + 'static>(
+        &self,
+        sql: impl Into<String>,
+        params: Params,
+        row: fn(&Row) -> CatalogResult<T>,
+    ) -> CatalogResult<Vec<T>> {
+        self.statement(sql, params, move |c, st| async move {
+            all(c.query(&st.sql, &refs(&st.params)).await?, row)
+        })
+    }
+
+    /// Runs one query answering at most one row, mapped by `row`.
+    fn query_opt<T: Send + 'static>(
+        &self,
+        sql: impl Into<String>,
+        params: Params,
+        row: fn(&Row) -> CatalogResult<T>,
+    ) -> CatalogResult<Option<T>> {
+        self.statement(sql, params, move |c, st| async move {
+            c.query_opt(&st.sql, &refs(&st.params))
+                .await?
+                .map(|r| row(&r))
+                .transpose()
+        })
+    }
+
+    /// Runs one query answering exactly one row, mapped by `row`.
+    fn query_one<T: Send + 'static>(
+        &self,
+        sql: impl Into<String>,
+        params: Params,
+        row: fn(&Row) -> CatalogResult<T>,
+    ) -> CatalogResult<T> {
+        self.statement(sql, params, move |c, st| async move {
+            row(&c.query_one(&st.sql, &refs(&st.params)).await?)
+        })
+    }
+}
+
 fn stopped() -> CatalogError {
     CatalogError::Busy("the catalog's runtime stopped before answering".into())
 }
@@ -452,6 +569,18 @@ where
     let text: String = get(r, i)?;
     text.parse()
         .map_err(|e: T::Err| CatalogError::Corrupt(format!("{text:?}: {e}").into()))
+}
+
+/// A lease length as the microseconds a statement multiplies into an
+/// interval (`now() + $n * interval '1 microsecond'`).
+fn lease_micros(ttl: chrono::Duration) -> CatalogResult<i64> {
+    ttl.num_microseconds()
+        .ok_or_else(|| CatalogError::Invalid(format!("lease of {ttl}")))
+}
+
+/// A repository hold's lifetime, as [`RepoHold::expiry`] bounds it.
+fn hold_micros(hold: &RepoHold) -> CatalogResult<i64> {
+    lease_micros(chrono::Duration::from_std(hold.ttl).unwrap_or(chrono::Duration::days(1)))
 }
 
 fn lsn_to_sql(l: Lsn) -> i64 {
@@ -832,38 +961,24 @@ fn all<T>(rows: Vec<Row>, f: fn(&Row) -> CatalogResult<T>) -> CatalogResult<Vec<
 
 impl InstanceCatalog for PgCatalog {
     fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
-        let p = instance_params(i);
-        let id = i.id.to_string();
         let sql = format!(
             "INSERT INTO instances ({INSTANCE_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
             placeholders(13)
         );
-        let p = std::sync::Arc::new(p);
-        let n = self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move { Ok(c.execute(&sql, &refs(&p)).await?) }
-        })?;
-        if n == 0 {
-            return Err(CatalogError::InstanceExists(id));
+        if self.execute(sql, instance_params(i))? == 0 {
+            return Err(CatalogError::InstanceExists(i.id.to_string()));
         }
         Ok(())
     }
 
     fn update_instance(&self, i: &Instance) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(instance_params(i));
-        let n = self.call(move |c| {
-            let p = p.clone();
-            async move {
-                // Everything but the registration time (column 12).
-                let r = refs(&p);
-                let args = [&r[..11], &r[12..]].concat();
-                Ok(c.execute(
-                    "UPDATE instances SET host=$2, port=$3, user_name=$4, password_env=$5, dbname=$6, sslmode=$7, sslrootcert=$8, system_identifier=$9, pg_version_num=$10, wal_segment_size=$11, password=$12 WHERE id=$1",
-                    &args,
-                )
-                .await?)
-            }
-        })?;
+        // Everything but the registration time (parameter 12).
+        let mut p = instance_params(i);
+        p.remove(11);
+        let n = self.execute(
+            "UPDATE instances SET host=$2, port=$3, user_name=$4, password_env=$5, dbname=$6, sslmode=$7, sslrootcert=$8, system_identifier=$9, pg_version_num=$10, wal_segment_size=$11, password=$12 WHERE id=$1",
+            p,
+        )?;
         if n == 0 {
             return Err(CatalogError::InstanceNotFound(i.id.to_string()));
         }
@@ -871,130 +986,66 @@ impl InstanceCatalog for PgCatalog {
     }
 
     fn get_instance(&self, id: &str) -> CatalogResult<Instance> {
-        let key = id.to_string();
-        let found = self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| instance_from_row(&r))
-                    .transpose()
-            }
-        })?;
-        found.ok_or_else(|| CatalogError::InstanceNotFound(id.to_string()))
+        let sql = format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = $1");
+        self.query_opt(sql, sql_params![id.to_string()], instance_from_row)?
+            .ok_or_else(|| CatalogError::InstanceNotFound(id.to_string()))
     }
 
     fn list_instances(&self) -> CatalogResult<Vec<Instance>> {
-        self.call(|c| async move {
-            let sql = format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY id");
-            all(c.query(&sql, &[]).await?, instance_from_row)
-        })
+        let sql = format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY id");
+        self.query(sql, sql_params![], instance_from_row)
     }
 
     fn delete_instance(&self, id: &str) -> CatalogResult<()> {
-        let key = id.to_string();
-        let deleted = self.call(move |mut c| {
-            let key = key.clone();
-            async move {
-                let tx = c.transaction().await?;
-                if tx
-                    .execute("DELETE FROM instances WHERE id = $1", &[&key])
-                    .await?
-                    == 0
-                {
-                    return Ok(false);
-                }
-                tx.execute(
-                    "DELETE FROM backup_policies WHERE instance_id = $1",
-                    &[&key],
-                )
-                .await?;
-                tx.execute(
-                    "DELETE FROM instance_owners WHERE instance_id = $1",
-                    &[&key],
-                )
-                .await?;
-                tx.execute("DELETE FROM wal_receivers WHERE instance_id = $1", &[&key])
-                    .await?;
-                tx.commit().await?;
-                Ok(true)
-            }
-        })?;
-        if !deleted {
+        let statements = &[
+            "DELETE FROM instances WHERE id = $1",
+            "DELETE FROM backup_policies WHERE instance_id = $1",
+            "DELETE FROM instance_owners WHERE instance_id = $1",
+            "DELETE FROM wal_receivers WHERE instance_id = $1",
+        ];
+        if !self.delete_with_dependents(statements, id)? {
             return Err(CatalogError::InstanceNotFound(id.to_string()));
         }
         Ok(())
     }
 
     fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(managed_params(m));
         let sql = format!(
             "INSERT INTO managed_instances ({MANAGED_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
             placeholders(10),
             excluded(MANAGED_COLS, 1)
         );
-        self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move {
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        self.execute(sql, managed_params(m)).map(drop)
     }
 
     fn get_managed(&self, instance_id: &str) -> CatalogResult<Option<ManagedInstance>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql =
-                    format!("SELECT {MANAGED_COLS} FROM managed_instances WHERE instance_id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| managed_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql = format!("SELECT {MANAGED_COLS} FROM managed_instances WHERE instance_id = $1");
+        self.query_opt(sql, sql_params![instance_id.to_string()], managed_from_row)
     }
 
     fn list_managed(&self) -> CatalogResult<Vec<ManagedInstance>> {
-        self.call(|c| async move {
-            let sql = format!(
-                "SELECT {MANAGED_COLS} FROM managed_instances ORDER BY created_at, instance_id"
-            );
-            all(c.query(&sql, &[]).await?, managed_from_row)
-        })
+        let sql = format!(
+            "SELECT {MANAGED_COLS} FROM managed_instances ORDER BY created_at, instance_id"
+        );
+        self.query(sql, sql_params![], managed_from_row)
     }
 
     fn delete_managed(&self, instance_id: &str) -> CatalogResult<()> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                c.execute(
-                    "DELETE FROM managed_instances WHERE instance_id = $1",
-                    &[&key],
-                )
-                .await?;
-                Ok(())
-            }
-        })
+        self.execute(
+            "DELETE FROM managed_instances WHERE instance_id = $1",
+            sql_params![instance_id.to_string()],
+        )
+        .map(drop)
     }
 }
 
 impl BackupCatalog for PgCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(backup_params(b));
         let sql = format!(
             "INSERT INTO backup_sets ({BACKUP_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
             placeholders(18)
         );
-        let n = self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move { Ok(c.execute(&sql, &refs(&p)).await?) }
-        })?;
-        if n == 0 {
+        if self.execute(sql, backup_params(b))? == 0 {
             return Err(CatalogError::BackupExists(b.id.to_string()));
         }
         Ok(())
@@ -1055,117 +1106,59 @@ impl BackupCatalog for PgCatalog {
     }
 
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet> {
-        let key = id.to_string();
-        let found = self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!("SELECT {BACKUP_COLS} FROM backup_sets WHERE id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| backup_from_row(&r))
-                    .transpose()
-            }
-        })?;
-        found.ok_or_else(|| CatalogError::BackupNotFound(id.to_string()))
+        let sql = format!("SELECT {BACKUP_COLS} FROM backup_sets WHERE id = $1");
+        self.query_opt(sql, sql_params![id.to_string()], backup_from_row)?
+            .ok_or_else(|| CatalogError::BackupNotFound(id.to_string()))
     }
 
     fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {BACKUP_COLS} FROM backup_sets WHERE instance_id = $1 ORDER BY started_at, id"
-                );
-                all(c.query(&sql, &[&key]).await?, backup_from_row)
-            }
-        })
+        let sql = format!(
+            "SELECT {BACKUP_COLS} FROM backup_sets WHERE instance_id = $1 ORDER BY started_at, id"
+        );
+        self.query(sql, sql_params![instance_id.to_string()], backup_from_row)
     }
 
     fn delete_backup(&self, id: &str) -> CatalogResult<()> {
-        let key = id.to_string();
-        let deleted = self.call(move |mut c| {
-            let key = key.clone();
-            async move {
-                let tx = c.transaction().await?;
-                if tx
-                    .execute("DELETE FROM backup_sets WHERE id = $1", &[&key])
-                    .await?
-                    == 0
-                {
-                    return Ok(false);
-                }
-                tx.execute("DELETE FROM backup_drills WHERE backup_id = $1", &[&key])
-                    .await?;
-                tx.commit().await?;
-                Ok(true)
-            }
-        })?;
-        if !deleted {
+        let statements = &[
+            "DELETE FROM backup_sets WHERE id = $1",
+            "DELETE FROM backup_drills WHERE backup_id = $1",
+        ];
+        if !self.delete_with_dependents(statements, id)? {
             return Err(CatalogError::BackupNotFound(id.to_string()));
         }
         Ok(())
     }
 
     fn put_drill(&self, d: &DrillResult) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(drill_params(d));
         let sql = format!(
             "INSERT INTO backup_drills ({DRILL_COLS}) VALUES ({}) ON CONFLICT (backup_id) DO UPDATE SET {}",
             placeholders(7),
             excluded(DRILL_COLS, 1)
         );
-        self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move {
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        self.execute(sql, drill_params(d)).map(drop)
     }
 
     fn get_drill(&self, backup_id: &str) -> CatalogResult<Option<DrillResult>> {
-        let key = backup_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!("SELECT {DRILL_COLS} FROM backup_drills WHERE backup_id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| drill_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql = format!("SELECT {DRILL_COLS} FROM backup_drills WHERE backup_id = $1");
+        self.query_opt(sql, sql_params![backup_id.to_string()], drill_from_row)
     }
 
     fn list_drills(&self, instance_id: &str) -> CatalogResult<Vec<DrillResult>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {DRILL_COLS} FROM backup_drills WHERE instance_id = $1 ORDER BY started_at"
-                );
-                all(c.query(&sql, &[&key]).await?, drill_from_row)
-            }
-        })
+        let sql = format!(
+            "SELECT {DRILL_COLS} FROM backup_drills WHERE instance_id = $1 ORDER BY started_at"
+        );
+        self.query(sql, sql_params![instance_id.to_string()], drill_from_row)
     }
 }
 
 impl WalCatalog for PgCatalog {
     fn upsert_wal_segment(&self, w: &WalSegmentRow) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(wal_params(w));
         let sql = format!(
             "INSERT INTO wal_segments ({WAL_COLS}) VALUES ({}) ON CONFLICT (instance_id, timeline, segment, partial) DO UPDATE SET {}",
             placeholders(15),
             excluded(WAL_COLS, 4)
         );
-        self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move {
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        self.execute(sql, wal_params(w)).map(drop)
     }
 
     fn delete_wal_segment(
@@ -1175,22 +1168,16 @@ impl WalCatalog for PgCatalog {
         segment: &str,
         partial: bool,
     ) -> CatalogResult<()> {
-        let (key, seg, tl) = (
-            instance_id.to_string(),
-            segment.to_string(),
-            i64::from(timeline.0),
-        );
-        self.call(move |c| {
-            let (key, seg) = (key.clone(), seg.clone());
-            async move {
-                c.execute(
-                    "DELETE FROM wal_segments WHERE instance_id=$1 AND timeline=$2 AND segment=$3 AND partial=$4",
-                    &[&key, &tl, &seg, &partial],
-                )
-                .await?;
-                Ok(())
-            }
-        })
+        self.execute(
+            "DELETE FROM wal_segments WHERE instance_id=$1 AND timeline=$2 AND segment=$3 AND partial=$4",
+            sql_params![
+                instance_id.to_string(),
+                i64::from(timeline.0),
+                segment.to_string(),
+                partial
+            ],
+        )
+        .map(drop)
     }
 
     fn find_wal_segment(
@@ -1199,157 +1186,118 @@ impl WalCatalog for PgCatalog {
         timeline: TimelineId,
         segment: &str,
     ) -> CatalogResult<Vec<WalSegmentRow>> {
-        let (key, seg, tl) = (
-            instance_id.to_string(),
-            segment.to_string(),
-            i64::from(timeline.0),
+        let sql = format!(
+            "SELECT {WAL_COLS} FROM wal_segments WHERE instance_id = $1 AND timeline = $2 AND segment = $3 ORDER BY partial"
         );
-        self.call(move |c| {
-            let (key, seg) = (key.clone(), seg.clone());
-            async move {
-                let sql = format!(
-                    "SELECT {WAL_COLS} FROM wal_segments WHERE instance_id = $1 AND timeline = $2 AND segment = $3 ORDER BY partial"
-                );
-                all(c.query(&sql, &[&key, &tl, &seg]).await?, wal_from_row)
-            }
-        })
+        let p = sql_params![
+            instance_id.to_string(),
+            i64::from(timeline.0),
+            segment.to_string()
+        ];
+        self.query(sql, p, wal_from_row)
     }
 
     fn list_wal_segments(&self, instance_id: &str) -> CatalogResult<Vec<WalSegmentRow>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {WAL_COLS} FROM wal_segments WHERE instance_id = $1 ORDER BY timeline, segment, partial"
-                );
-                all(c.query(&sql, &[&key]).await?, wal_from_row)
-            }
-        })
+        let sql = format!(
+            "SELECT {WAL_COLS} FROM wal_segments WHERE instance_id = $1 ORDER BY timeline, segment, partial"
+        );
+        self.query(sql, sql_params![instance_id.to_string()], wal_from_row)
     }
 
     fn upsert_restore_point(&self, r: &RestorePointRow) -> CatalogResult<()> {
-        let row = r.clone();
-        self.call(move |c| {
-            let row = row.clone();
-            async move {
-                c.execute(
-                    "INSERT INTO restore_points (instance_id, timeline, name, lsn, time) VALUES ($1,$2,$3,$4,$5) \
-                     ON CONFLICT (instance_id, lsn) DO UPDATE SET timeline = EXCLUDED.timeline, name = EXCLUDED.name, time = EXCLUDED.time",
-                    &[&row.instance_id.as_str(), &i64::from(row.timeline.0), &row.name, &lsn_to_sql(row.lsn), &row.time],
-                )
-                .await?;
-                Ok(())
-            }
-        })
+        self.execute(
+            "INSERT INTO restore_points (instance_id, timeline, name, lsn, time) VALUES ($1,$2,$3,$4,$5) \
+             ON CONFLICT (instance_id, lsn) DO UPDATE SET timeline = EXCLUDED.timeline, name = EXCLUDED.name, time = EXCLUDED.time",
+            sql_params![
+                r.instance_id.to_string(),
+                i64::from(r.timeline.0),
+                r.name.clone(),
+                lsn_to_sql(r.lsn),
+                r.time
+            ],
+        )
+        .map(drop)
     }
 
     fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let rows = c
-                    .query(
-                        "SELECT instance_id, timeline, name, lsn, time FROM restore_points WHERE instance_id = $1 ORDER BY lsn",
-                        &[&key],
-                    )
-                    .await?;
-                all(rows, |r| {
-                    Ok(RestorePointRow {
-                        instance_id: get::<String>(r, 0)?.into(),
-                        timeline: TimelineId(get_u32(r, 1)?),
-                        name: get(r, 2)?,
-                        lsn: lsn_from_sql(get(r, 3)?),
-                        time: get(r, 4)?,
-                    })
+        self.query(
+            "SELECT instance_id, timeline, name, lsn, time FROM restore_points WHERE instance_id = $1 ORDER BY lsn",
+            sql_params![instance_id.to_string()],
+            |r| {
+                Ok(RestorePointRow {
+                    instance_id: get::<String>(r, 0)?.into(),
+                    timeline: TimelineId(get_u32(r, 1)?),
+                    name: get(r, 2)?,
+                    lsn: lsn_from_sql(get(r, 3)?),
+                    time: get(r, 4)?,
                 })
-            }
-        })
+            },
+        )
     }
 }
 
 impl JobCatalog for PgCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {
-        let key = instance_id.map(str::to_string);
-        let owner = self.owner.as_str().to_string();
-        // Truncated as the column keeps it, so the returned job is the row.
-        let now = Utc::now();
-        self.call(move |c| {
-            let (key, owner) = (key.clone(), owner.clone());
-            async move {
-                let sql = format!(
-                    "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) \
-                     VALUES ($1, $2, 'NoStart', $3, $4, $5, $3) RETURNING {JOB_COLS}"
-                );
-                let row = c
-                    .query_one(
-                        &sql,
-                        &[&kind.as_str(), &key, &now, &i64::from(std::process::id()), &owner],
-                    )
-                    .await?;
-                job_from_row(&row)
-            }
-        })
+        let sql = format!(
+            "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) \
+             VALUES ($1, $2, 'NoStart', $3, $4, $5, now()) RETURNING {JOB_COLS}"
+        );
+        let p = sql_params![
+            kind.as_str(),
+            instance_id.map(str::to_string),
+            Utc::now(),
+            i64::from(std::process::id()),
+            self.owner.as_str().to_string()
+        ];
+        self.query_one(sql, p, job_from_row)
     }
 
     fn update_job(&self, j: &Job) -> CatalogResult<()> {
-        let job = j.clone();
-        let owner = self.owner.as_str().to_string();
-        let (updated, exists) = self.call(move |c| {
-            let (job, owner) = (job.clone(), owner.clone());
-            async move {
-                // A job that ended under another owner (taken over when this
-                // one stopped renewing its lease) is no longer this one's.
-                let n = c
-                    .execute(
-                        "UPDATE jobs SET state=$2, progress=$3, detail=$4, backup_id=$5, finished_at=$6, error=$7 \
-                         WHERE id=$1 AND (state NOT IN ('Finished', 'Failed') OR owner IS NOT DISTINCT FROM $8)",
-                        &[
-                            &job.id.get(), &job.state.as_str(), &i64::from(job.progress), &job.detail,
-                            &job.backup_id.as_deref(), &job.finished_at, &job.error, &owner,
-                        ],
-                    )
-                    .await?;
-                if n > 0 {
-                    return Ok((true, true));
-                }
-                let exists = c
-                    .query_opt("SELECT 1 FROM jobs WHERE id = $1", &[&job.id.get()])
-                    .await?
-                    .is_some();
-                Ok((false, exists))
-            }
-        })?;
-        match (updated, exists) {
-            (true, _) => Ok(()),
-            (false, true) => Err(CatalogError::LeaseLost(j.id)),
-            (false, false) => Err(CatalogError::JobNotFound(j.id)),
+        // A job that ended under another owner (taken over when this one
+        // stopped renewing its lease) is no longer this one's.
+        let updated = self.execute(
+            "UPDATE jobs SET state=$2, progress=$3, detail=$4, backup_id=$5, finished_at=$6, error=$7 \
+             WHERE id=$1 AND (state NOT IN ('Finished', 'Failed') OR owner IS NOT DISTINCT FROM $8)",
+            sql_params![
+                j.id.get(),
+                j.state.as_str(),
+                i64::from(j.progress),
+                j.detail.clone(),
+                j.backup_id.as_deref().map(str::to_string),
+                j.finished_at,
+                j.error.clone(),
+                self.owner.as_str().to_string()
+            ],
+        )?;
+        if updated > 0 {
+            return Ok(());
         }
+        let exists = self.query_opt(
+            "SELECT 1 FROM jobs WHERE id = $1",
+            sql_params![j.id.get()],
+            |_| Ok(()),
+        )?;
+        Err(match exists {
+            Some(()) => CatalogError::LeaseLost(j.id),
+            None => CatalogError::JobNotFound(j.id),
+        })
     }
 
     fn get_job(&self, id: JobId) -> CatalogResult<Job> {
-        let found = self.call(move |c| async move {
-            let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1");
-            c.query_opt(&sql, &[&id.get()])
-                .await?
-                .map(|r| job_from_row(&r))
-                .transpose()
-        })?;
-        found.ok_or(CatalogError::JobNotFound(id))
+        let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1");
+        self.query_opt(sql, sql_params![id.get()], job_from_row)?
+            .ok_or(CatalogError::JobNotFound(id))
     }
 
     fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>> {
-        let key = instance_id.map(str::to_string);
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {JOB_COLS} FROM jobs WHERE $1::text IS NULL OR instance_id = $1 ORDER BY id"
-                );
-                all(c.query(&sql, &[&key]).await?, job_from_row)
-            }
-        })
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE $1::text IS NULL OR instance_id = $1 ORDER BY id"
+        );
+        self.query(
+            sql,
+            sql_params![instance_id.map(str::to_string)],
+            job_from_row,
+        )
     }
 
     fn queue_job(
@@ -1358,89 +1306,65 @@ impl JobCatalog for PgCatalog {
         instance_id: &str,
         backup_id: Option<&str>,
     ) -> CatalogResult<Job> {
-        let key = instance_id.to_string();
-        let set = backup_id.map(str::to_string);
-        let now = Utc::now();
-        self.call(move |c| {
-            let (key, set) = (key.clone(), set.clone());
-            async move {
-                let sql = format!(
-                    "INSERT INTO jobs (kind, instance_id, state, backup_id, started_at, pid, queued, heartbeat_at) \
-                     VALUES ($1, $2, 'NoStart', $3, $4, $5, true, $4) RETURNING {JOB_COLS}"
-                );
-                let row = c
-                    .query_one(
-                        &sql,
-                        &[&kind.as_str(), &key, &set, &now, &i64::from(std::process::id())],
-                    )
-                    .await?;
-                job_from_row(&row)
-            }
-        })
+        let sql = format!(
+            "INSERT INTO jobs (kind, instance_id, state, backup_id, started_at, pid, queued, heartbeat_at) \
+             VALUES ($1, $2, 'NoStart', $3, $4, $5, true, now()) RETURNING {JOB_COLS}"
+        );
+        let p = sql_params![
+            kind.as_str(),
+            instance_id.to_string(),
+            backup_id.map(str::to_string),
+            Utc::now(),
+            i64::from(std::process::id())
+        ];
+        self.query_one(sql, p, job_from_row)
     }
 
     fn queued_jobs(&self) -> CatalogResult<Vec<Job>> {
-        self.call(move |c| async move {
-            let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE queued ORDER BY id");
-            all(c.query(&sql, &[]).await?, job_from_row)
-        })
+        let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE queued ORDER BY id");
+        self.query(sql, sql_params![], job_from_row)
     }
 
     fn claim_queued_job(
         &self,
         id: JobId,
         node_id: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> CatalogResult<Option<Job>> {
-        let owner = self.owner.as_str().to_string();
-        let node = node_id.to_string();
-        self.call(move |c| {
-            let (owner, node) = (owner.clone(), node.clone());
-            async move {
-                // A job another node is claiming right now is skipped, not
-                // waited for: that node gets it, this one finds nothing.
-                let sql = format!(
-                    "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = $4, pid = $5 \
-                     WHERE id = (SELECT id FROM jobs WHERE id = $1 AND queued FOR UPDATE SKIP LOCKED) \
-                     AND queued RETURNING {JOB_COLS}"
-                );
-                c.query_opt(
-                    &sql,
-                    &[&id.get(), &owner, &node, &now, &i64::from(std::process::id())],
-                )
-                .await?
-                .map(|r| job_from_row(&r))
-                .transpose()
-            }
-        })
+        // A job another node is claiming right now is skipped, not waited
+        // for: that node gets it, this one finds nothing.
+        let sql = format!(
+            "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = now(), pid = $4 \
+             WHERE id = (SELECT id FROM jobs WHERE id = $1 AND queued FOR UPDATE SKIP LOCKED) \
+             AND queued RETURNING {JOB_COLS}"
+        );
+        let p = sql_params![
+            id.get(),
+            self.owner.as_str().to_string(),
+            node_id.to_string(),
+            i64::from(std::process::id())
+        ];
+        self.query_opt(sql, p, job_from_row)
     }
 
     fn lease_owner(&self) -> &LeaseOwner {
         &self.owner
     }
 
-    fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize> {
-        let owner = self.owner.as_str().to_string();
-        self.call(move |c| {
-            let owner = owner.clone();
-            async move {
-                Ok(c.execute(
-                    "UPDATE jobs SET heartbeat_at=$2 WHERE owner=$1 AND state NOT IN ('Finished', 'Failed')",
-                    &[&owner, &now],
-                )
-                .await? as usize)
-            }
-        })
+    fn renew_leases(&self, _now: DateTime<Utc>) -> CatalogResult<usize> {
+        let n = self.execute(
+            "UPDATE jobs SET heartbeat_at=now() WHERE owner=$1 AND state NOT IN ('Finished', 'Failed')",
+            sql_params![self.owner.as_str().to_string()],
+        )?;
+        Ok(n as usize)
     }
 
     fn fail_expired_jobs(
         &self,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
         lease: chrono::Duration,
     ) -> CatalogResult<usize> {
-        let Some(expired_before) = now.checked_sub_signed(lease) else {
-            return Ok(0);
-        };
+        let lease = lease_micros(lease)?;
         let owner = self.owner.as_str().to_string();
         self.call(move |mut c| {
             let owner = owner.clone();
@@ -1452,21 +1376,22 @@ impl JobCatalog for PgCatalog {
                 let tx = c.transaction().await?;
                 let sql = format!(
                     "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') \
-                     AND owner IS DISTINCT FROM $1 AND NOT queued AND coalesce(heartbeat_at, started_at) < $2 \
+                     AND owner IS DISTINCT FROM $1 AND NOT queued \
+                     AND coalesce(heartbeat_at, started_at) < now() - $2::bigint * interval '1 microsecond' \
                      ORDER BY id FOR UPDATE SKIP LOCKED"
                 );
-                let expired = all(tx.query(&sql, &[&owner, &expired_before]).await?, job_from_row)?;
+                let expired = all(tx.query(&sql, &[&owner, &lease]).await?, job_from_row)?;
                 for job in &expired {
                     let reason = lease_expired_reason(job);
                     // The job changes hands: its old owner can no longer write it.
                     tx.execute(
-                        "UPDATE jobs SET state='Failed', finished_at=$2, error=$3, owner=$4 WHERE id=$1",
-                        &[&job.id.get(), &now, &reason, &owner],
+                        "UPDATE jobs SET state='Failed', finished_at=now(), error=$2, owner=$3 WHERE id=$1",
+                        &[&job.id.get(), &reason, &owner],
                     )
                     .await?;
                     tx.execute(
-                        "UPDATE backup_sets SET status='Failed', finished_at=$2, error=$3 WHERE job_id=$1 AND status='Running'",
-                        &[&job.id.get(), &now, &reason],
+                        "UPDATE backup_sets SET status='Failed', finished_at=now(), error=$2 WHERE job_id=$1 AND status='Running'",
+                        &[&job.id.get(), &reason],
                     )
                     .await?;
                 }
@@ -1479,66 +1404,36 @@ impl JobCatalog for PgCatalog {
 
 impl PolicyCatalog for PgCatalog {
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql =
-                    format!("SELECT {POLICY_COLS} FROM backup_policies WHERE instance_id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| policy_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql = format!("SELECT {POLICY_COLS} FROM backup_policies WHERE instance_id = $1");
+        self.query_opt(sql, sql_params![instance_id.to_string()], policy_from_row)
     }
 
     fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(policy_params(policy));
         let sql = format!(
             "INSERT INTO backup_policies ({POLICY_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
             placeholders(8),
             excluded(POLICY_COLS, 1)
         );
-        self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move {
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        self.execute(sql, policy_params(policy)).map(drop)
     }
 
     fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {CROSS_POLICY_COLS} FROM cross_backup_policies WHERE instance_id = $1"
-                );
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| cross_policy_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql =
+            format!("SELECT {CROSS_POLICY_COLS} FROM cross_backup_policies WHERE instance_id = $1");
+        self.query_opt(
+            sql,
+            sql_params![instance_id.to_string()],
+            cross_policy_from_row,
+        )
     }
 
     fn put_cross_policy(&self, policy: &CrossBackupPolicy) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(cross_policy_params(policy));
         let sql = format!(
             "INSERT INTO cross_backup_policies ({CROSS_POLICY_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
             placeholders(8),
             excluded(CROSS_POLICY_COLS, 1)
         );
-        self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move {
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        self.execute(sql, cross_policy_params(policy)).map(drop)
     }
 }
 
@@ -1550,58 +1445,40 @@ impl CrossRegionCatalog for PgCatalog {
         copied_bytes: u64,
         copied_at: DateTime<Utc>,
     ) -> CatalogResult<i64> {
-        let json = to_json(set)?;
-        let (region, instance, backup) = (
-            region.to_string(),
-            set.instance_id.to_string(),
-            set.id.to_string(),
-        );
-        self.call(move |c| {
-            let (region, instance, backup, json) =
-                (region.clone(), instance.clone(), backup.clone(), json.clone());
-            async move {
-                let row = c
-                    .query_one(
-                        "INSERT INTO cross_backups (region, instance_id, backup_id, backup_set, copied_bytes, copied_at) \
-                         VALUES ($1,$2,$3,$4,$5,$6) RETURNING id",
-                        &[&region, &instance, &backup, &json, &(copied_bytes as i64), &copied_at],
-                    )
-                    .await?;
-                get(&row, 0)
-            }
-        })
+        self.query_one(
+            "INSERT INTO cross_backups (region, instance_id, backup_id, backup_set, copied_bytes, copied_at) \
+             VALUES ($1,$2,$3,$4,$5,$6) RETURNING id",
+            sql_params![
+                region.to_string(),
+                set.instance_id.to_string(),
+                set.id.to_string(),
+                to_json(set)?,
+                copied_bytes as i64,
+                copied_at
+            ],
+            |r| get(r, 0),
+        )
     }
 
     fn list_cross_backups(&self, instance_id: &str) -> CatalogResult<Vec<CrossBackup>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let rows = c
-                    .query(
-                        "SELECT id, region, backup_set, copied_bytes, copied_at FROM cross_backups WHERE instance_id = $1 ORDER BY backup_id, id",
-                        &[&key],
-                    )
-                    .await?;
-                all(rows, |r| {
-                    Ok(CrossBackup {
-                        id: get(r, 0)?,
-                        region: get(r, 1)?,
-                        set: from_json(get(r, 2)?)?,
-                        copied_bytes: get_u64(r, 3)?,
-                        copied_at: get(r, 4)?,
-                    })
+        self.query(
+            "SELECT id, region, backup_set, copied_bytes, copied_at FROM cross_backups WHERE instance_id = $1 ORDER BY backup_id, id",
+            sql_params![instance_id.to_string()],
+            |r| {
+                Ok(CrossBackup {
+                    id: get(r, 0)?,
+                    region: get(r, 1)?,
+                    set: from_json(get(r, 2)?)?,
+                    copied_bytes: get_u64(r, 3)?,
+                    copied_at: get(r, 4)?,
                 })
-            }
-        })
+            },
+        )
     }
 
     fn delete_cross_backup(&self, id: i64) -> CatalogResult<()> {
-        self.call(move |c| async move {
-            c.execute("DELETE FROM cross_backups WHERE id = $1", &[&id])
-                .await?;
-            Ok(())
-        })
+        self.execute("DELETE FROM cross_backups WHERE id = $1", sql_params![id])
+            .map(drop)
     }
 
     fn insert_cross_wal(
@@ -1610,76 +1487,53 @@ impl CrossRegionCatalog for PgCatalog {
         row: &WalSegmentRow,
         copied_at: DateTime<Utc>,
     ) -> CatalogResult<i64> {
-        let json = to_json(row)?;
-        let (region, instance, segment, tl) = (
-            region.to_string(),
-            row.instance_id.to_string(),
-            row.segment.clone(),
-            i64::from(row.timeline.0),
-        );
-        self.call(move |c| {
-            let (region, instance, segment, json) =
-                (region.clone(), instance.clone(), segment.clone(), json.clone());
-            async move {
-                let row = c
-                    .query_one(
-                        "INSERT INTO cross_wal_segments (region, instance_id, timeline, segment, wal_segment, copied_at) \
-                         VALUES ($1,$2,$3,$4,$5,$6) RETURNING id",
-                        &[&region, &instance, &tl, &segment, &json, &copied_at],
-                    )
-                    .await?;
-                get(&row, 0)
-            }
-        })
+        self.query_one(
+            "INSERT INTO cross_wal_segments (region, instance_id, timeline, segment, wal_segment, copied_at) \
+             VALUES ($1,$2,$3,$4,$5,$6) RETURNING id",
+            sql_params![
+                region.to_string(),
+                row.instance_id.to_string(),
+                i64::from(row.timeline.0),
+                row.segment.clone(),
+                to_json(row)?,
+                copied_at
+            ],
+            |r| get(r, 0),
+        )
     }
 
     fn list_cross_wal(&self, instance_id: &str) -> CatalogResult<Vec<CrossWalSegment>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let rows = c
-                    .query(
-                        "SELECT id, region, wal_segment, copied_at FROM cross_wal_segments WHERE instance_id = $1 ORDER BY timeline, segment, id",
-                        &[&key],
-                    )
-                    .await?;
-                all(rows, |r| {
-                    Ok(CrossWalSegment {
-                        id: get(r, 0)?,
-                        region: get(r, 1)?,
-                        row: from_json(get(r, 2)?)?,
-                        copied_at: get(r, 3)?,
-                    })
+        self.query(
+            "SELECT id, region, wal_segment, copied_at FROM cross_wal_segments WHERE instance_id = $1 ORDER BY timeline, segment, id",
+            sql_params![instance_id.to_string()],
+            |r| {
+                Ok(CrossWalSegment {
+                    id: get(r, 0)?,
+                    region: get(r, 1)?,
+                    row: from_json(get(r, 2)?)?,
+                    copied_at: get(r, 3)?,
                 })
-            }
-        })
+            },
+        )
     }
 
     fn delete_cross_wal(&self, id: i64) -> CatalogResult<()> {
-        self.call(move |c| async move {
-            c.execute("DELETE FROM cross_wal_segments WHERE id = $1", &[&id])
-                .await?;
-            Ok(())
-        })
+        self.execute(
+            "DELETE FROM cross_wal_segments WHERE id = $1",
+            sql_params![id],
+        )
+        .map(drop)
     }
 }
 
 impl UsageCatalog for PgCatalog {
     fn add_usage_sample(&self, sample: &UsageSample) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(sample_params(sample));
         let sql = format!(
             "INSERT INTO usage_samples ({SAMPLE_COLS}) VALUES ({}) ON CONFLICT (instance_id, sampled_at) DO UPDATE SET {}",
             placeholders(7),
             excluded(SAMPLE_COLS, 2)
         );
-        self.call(move |c| {
-            let (p, sql) = (p.clone(), sql.clone());
-            async move {
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        self.execute(sql, sample_params(sample)).map(drop)
     }
 
     fn list_usage_samples(
@@ -1688,81 +1542,62 @@ impl UsageCatalog for PgCatalog {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> CatalogResult<Vec<UsageSample>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = $1 \
-                     AND ($2::timestamptz IS NULL OR sampled_at >= $2) \
-                     AND ($3::timestamptz IS NULL OR sampled_at <= $3) ORDER BY sampled_at"
-                );
-                all(c.query(&sql, &[&key, &from, &to]).await?, sample_from_row)
-            }
-        })
+        let sql = format!(
+            "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = $1 \
+             AND ($2::timestamptz IS NULL OR sampled_at >= $2) \
+             AND ($3::timestamptz IS NULL OR sampled_at <= $3) ORDER BY sampled_at"
+        );
+        let p = sql_params![instance_id.to_string(), from, to];
+        self.query(sql, p, sample_from_row)
     }
 
     fn last_usage_sample(&self, instance_id: &str) -> CatalogResult<Option<UsageSample>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!(
-                    "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = $1 ORDER BY sampled_at DESC LIMIT 1"
-                );
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| sample_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql = format!(
+            "SELECT {SAMPLE_COLS} FROM usage_samples WHERE instance_id = $1 ORDER BY sampled_at DESC LIMIT 1"
+        );
+        self.query_opt(sql, sql_params![instance_id.to_string()], sample_from_row)
     }
+}
+
+const SESSION_COLS: &str = "id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash";
+
+fn session_from_row(r: &Row) -> CatalogResult<ConsoleSession> {
+    Ok(ConsoleSession {
+        id_hash: get(r, 0)?,
+        key_id: get(r, 1)?,
+        read_only: get(r, 2)?,
+        csrf: get(r, 3)?,
+        created_at: get(r, 4)?,
+        last_seen_at: get(r, 5)?,
+        flash: get(r, 6)?,
+    })
 }
 
 impl AccessCatalog for PgCatalog {
     fn add_access_key(&self, key: &AccessKey) -> CatalogResult<()> {
-        let p = std::sync::Arc::new(key_params(key));
-        self.call(move |c| {
-            let p = p.clone();
-            async move {
-                let sql = format!("INSERT INTO access_keys ({KEY_COLS}) VALUES ($1,$2,$3,$4,$5)");
-                c.execute(&sql, &refs(&p)).await?;
-                Ok(())
-            }
-        })
+        let sql = format!(
+            "INSERT INTO access_keys ({KEY_COLS}) VALUES ({})",
+            placeholders(5)
+        );
+        self.execute(sql, key_params(key)).map(drop)
     }
 
     fn get_access_key(&self, id: &str) -> CatalogResult<Option<AccessKey>> {
-        let key = id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql = format!("SELECT {KEY_COLS} FROM access_keys WHERE id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| key_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql = format!("SELECT {KEY_COLS} FROM access_keys WHERE id = $1");
+        self.query_opt(sql, sql_params![id.to_string()], key_from_row)
     }
 
     fn list_access_keys(&self) -> CatalogResult<Vec<AccessKey>> {
-        self.call(|c| async move {
-            let sql = format!("SELECT {KEY_COLS} FROM access_keys ORDER BY created_at, id");
-            all(c.query(&sql, &[]).await?, key_from_row)
-        })
+        let sql = format!("SELECT {KEY_COLS} FROM access_keys ORDER BY created_at, id");
+        self.query(sql, sql_params![], key_from_row)
     }
 
     fn delete_access_key(&self, id: &str) -> CatalogResult<bool> {
-        let key = id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                Ok(c.execute("DELETE FROM access_keys WHERE id = $1", &[&key])
-                    .await?
-                    > 0)
-            }
-        })
+        let n = self.execute(
+            "DELETE FROM access_keys WHERE id = $1",
+            sql_params![id.to_string()],
+        )?;
+        Ok(n > 0)
     }
 
     fn admit_nonce(
@@ -1772,42 +1607,31 @@ impl AccessCatalog for PgCatalog {
         now: DateTime<Utc>,
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<bool> {
-        let (key, nonce) = (key_id.to_string(), nonce.to_string());
-        self.call(move |c| {
-            let (key, nonce) = (key.clone(), nonce.clone());
-            async move {
-                c.execute("DELETE FROM used_nonces WHERE used_at < $1", &[&forget_before])
-                    .await?;
-                // The primary key decides: of two nodes admitting the same
-                // nonce at once, exactly one inserts it.
-                let n = c
-                    .execute(
-                        "INSERT INTO used_nonces (key_id, nonce, used_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                        &[&key, &nonce, &now],
-                    )
-                    .await?;
-                Ok(n == 1)
-            }
-        })
+        let keep = lease_micros(now - forget_before)?;
+        self.execute(
+            "DELETE FROM used_nonces WHERE used_at < now() - $1::bigint * interval '1 microsecond'",
+            sql_params![keep],
+        )?;
+        // The primary key decides: of two nodes admitting the same nonce at
+        // once, exactly one inserts it.
+        let n = self.execute(
+            "INSERT INTO used_nonces (key_id, nonce, used_at) VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
+            sql_params![key_id.to_string(), nonce.to_string()],
+        )?;
+        Ok(n == 1)
     }
 
     fn shared_secret(&self, name: &str, candidate: &str) -> CatalogResult<String> {
-        let (name, candidate) = (name.to_string(), candidate.to_string());
-        self.call(move |c| {
-            let (name, candidate) = (name.clone(), candidate.clone());
-            async move {
-                // The primary key decides which node's candidate is kept.
-                c.execute(
-                    "INSERT INTO shared_secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&name, &candidate, &Utc::now()],
-                )
-                .await?;
-                let row = c
-                    .query_one("SELECT value FROM shared_secrets WHERE name = $1", &[&name])
-                    .await?;
-                get(&row, 0)
-            }
-        })
+        // The primary key decides which node's candidate is kept.
+        self.execute(
+            "INSERT INTO shared_secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            sql_params![name.to_string(), candidate.to_string(), Utc::now()],
+        )?;
+        self.query_one(
+            "SELECT value FROM shared_secrets WHERE name = $1",
+            sql_params![name.to_string()],
+            |r| get(r, 0),
+        )
     }
 
     fn put_session(
@@ -1816,27 +1640,23 @@ impl AccessCatalog for PgCatalog {
         forget_before: DateTime<Utc>,
     ) -> CatalogResult<()> {
         let s = session.clone();
+        let keep = lease_micros(session.last_seen_at - forget_before)?;
         self.call(move |mut c| {
             let s = s.clone();
             async move {
                 let tx = c.transaction().await?;
                 tx.execute(
-                    "DELETE FROM console_sessions WHERE last_seen_at < $1",
-                    &[&forget_before],
+                    "DELETE FROM console_sessions \
+                     WHERE last_seen_at < now() - $1::bigint * interval '1 microsecond'",
+                    &[&keep],
                 )
                 .await?;
                 tx.execute(
-                    "INSERT INTO console_sessions (id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    &[
-                        &s.id_hash,
-                        &s.key_id,
-                        &s.read_only,
-                        &s.csrf,
-                        &s.created_at,
-                        &s.last_seen_at,
-                        &s.flash,
-                    ],
+                    &format!(
+                        "INSERT INTO console_sessions ({SESSION_COLS}) \
+                         VALUES ($1, $2, $3, $4, now(), now(), $5)"
+                    ),
+                    &[&s.id_hash, &s.key_id, &s.read_only, &s.csrf, &s.flash],
                 )
                 .await?;
                 tx.commit().await?;
@@ -1848,106 +1668,57 @@ impl AccessCatalog for PgCatalog {
     fn touch_session(
         &self,
         id_hash: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> CatalogResult<Option<ConsoleSession>> {
-        let key = id_hash.to_string();
-        self.call(move |mut c| {
-            let key = key.clone();
-            async move {
-                let tx = c.transaction().await?;
-                let row = tx
-                    .query_opt(
-                        "SELECT id_hash, key_id, read_only, csrf, created_at, last_seen_at, flash \
-                         FROM console_sessions WHERE id_hash = $1 FOR UPDATE",
-                        &[&key],
-                    )
-                    .await?;
-                let found = match row {
-                    Some(r) => Some(ConsoleSession {
-                        id_hash: get(&r, 0)?,
-                        key_id: get(&r, 1)?,
-                        read_only: get(&r, 2)?,
-                        csrf: get(&r, 3)?,
-                        created_at: get(&r, 4)?,
-                        last_seen_at: get(&r, 5)?,
-                        flash: get(&r, 6)?,
-                    }),
-                    None => None,
-                };
-                if found.is_some() {
-                    tx.execute(
-                        "UPDATE console_sessions SET last_seen_at = $2 WHERE id_hash = $1",
-                        &[&key, &now],
-                    )
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(found)
-            }
-        })
+        // One statement: the row as it was before, and its touch.
+        let sql = format!(
+            "UPDATE console_sessions AS s SET last_seen_at = now() \
+             FROM (SELECT {SESSION_COLS} FROM console_sessions WHERE id_hash = $1 FOR UPDATE) AS old \
+             WHERE s.id_hash = old.id_hash \
+             RETURNING {}",
+            SESSION_COLS
+                .split(", ")
+                .map(|c| format!("old.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.query_opt(sql, sql_params![id_hash.to_string()], session_from_row)
     }
 
     fn delete_session(&self, id_hash: &str) -> CatalogResult<()> {
-        let key = id_hash.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                c.execute("DELETE FROM console_sessions WHERE id_hash = $1", &[&key])
-                    .await?;
-                Ok(())
-            }
-        })
+        self.execute(
+            "DELETE FROM console_sessions WHERE id_hash = $1",
+            sql_params![id_hash.to_string()],
+        )
+        .map(drop)
     }
 
     fn set_session_flash(&self, id_hash: &str, flash: &str) -> CatalogResult<()> {
-        let (key, flash) = (id_hash.to_string(), flash.to_string());
-        self.call(move |c| {
-            let (key, flash) = (key.clone(), flash.clone());
-            async move {
-                c.execute(
-                    "UPDATE console_sessions SET flash = $2 WHERE id_hash = $1",
-                    &[&key, &flash],
-                )
-                .await?;
-                Ok(())
-            }
-        })
+        self.execute(
+            "UPDATE console_sessions SET flash = $2 WHERE id_hash = $1",
+            sql_params![id_hash.to_string(), flash.to_string()],
+        )
+        .map(drop)
     }
 
     fn take_session_flash(&self, id_hash: &str) -> CatalogResult<Option<String>> {
-        let key = id_hash.to_string();
-        // The row is locked from the look to the clear, so of two requests
-        // taking the message at once only one sees it.
-        self.call(move |mut c| {
-            let key = key.clone();
-            async move {
-                let tx = c.transaction().await?;
-                let row = tx
-                    .query_opt(
-                        "SELECT flash FROM console_sessions WHERE id_hash = $1 FOR UPDATE",
-                        &[&key],
-                    )
-                    .await?;
-                let flash: Option<String> = match row {
-                    Some(r) => get(&r, 0)?,
-                    None => None,
-                };
-                if flash.is_some() {
-                    tx.execute(
-                        "UPDATE console_sessions SET flash = NULL WHERE id_hash = $1",
-                        &[&key],
-                    )
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(flash)
-            }
-        })
+        // One statement, the row locked from the look to the clear: of two
+        // requests taking the message at once only one sees it.
+        let flash = self.query_opt(
+            "UPDATE console_sessions AS s SET flash = NULL \
+             FROM (SELECT id_hash, flash FROM console_sessions WHERE id_hash = $1 FOR UPDATE) AS old \
+             WHERE s.id_hash = old.id_hash AND old.flash IS NOT NULL \
+             RETURNING old.flash",
+            sql_params![id_hash.to_string()],
+            |r| get::<String>(r, 0),
+        )?;
+        Ok(flash)
     }
 }
 
 impl GcCatalog for PgCatalog {
-    fn acquire_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
+    fn acquire_repo_hold(&self, hold: &RepoHold, _now: DateTime<Utc>) -> CatalogResult<bool> {
+        let ttl = hold_micros(hold)?;
         let hold = hold.clone();
         self.call(move |mut c| {
             let hold = hold.clone();
@@ -1961,8 +1732,8 @@ impl GcCatalog for PgCatalog {
                 )
                 .await?;
                 tx.execute(
-                    "DELETE FROM repo_holds WHERE repository_id = $1 AND expires_at < $2",
-                    &[&hold.repository_id, &now],
+                    "DELETE FROM repo_holds WHERE repository_id = $1 AND expires_at < now()",
+                    &[&hold.repository_id],
                 )
                 .await?;
                 let row = tx
@@ -1978,15 +1749,14 @@ impl GcCatalog for PgCatalog {
                 }
                 tx.execute(
                     "INSERT INTO repo_holds (hold_id, repository_id, exclusive, owner, purpose, acquired_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                     VALUES ($1, $2, $3, $4, $5, now(), now() + $6::bigint * interval '1 microsecond')",
                     &[
                         &hold.id,
                         &hold.repository_id,
                         &hold.exclusive,
                         &hold.owner.as_str(),
                         &hold.purpose,
-                        &now,
-                        &hold.expiry(now),
+                        &ttl,
                     ],
                 )
                 .await?;
@@ -1996,50 +1766,30 @@ impl GcCatalog for PgCatalog {
         })
     }
 
-    fn renew_repo_hold(&self, hold: &RepoHold, now: DateTime<Utc>) -> CatalogResult<bool> {
-        let (id, expiry) = (hold.id.clone(), hold.expiry(now));
-        self.call(move |c| {
-            let id = id.clone();
-            async move {
-                let n = c
-                    .execute(
-                        "UPDATE repo_holds SET expires_at = $2 WHERE hold_id = $1",
-                        &[&id, &expiry],
-                    )
-                    .await?;
-                Ok(n == 1)
-            }
-        })
+    fn renew_repo_hold(&self, hold: &RepoHold, _now: DateTime<Utc>) -> CatalogResult<bool> {
+        let n = self.execute(
+            "UPDATE repo_holds SET expires_at = now() + $2::bigint * interval '1 microsecond' \
+             WHERE hold_id = $1",
+            sql_params![hold.id.clone(), hold_micros(hold)?],
+        )?;
+        Ok(n == 1)
     }
 
     fn release_repo_hold(&self, hold_id: &str) -> CatalogResult<()> {
-        let id = hold_id.to_string();
-        self.call(move |c| {
-            let id = id.clone();
-            async move {
-                c.execute("DELETE FROM repo_holds WHERE hold_id = $1", &[&id])
-                    .await?;
-                Ok(())
-            }
-        })
+        self.execute(
+            "DELETE FROM repo_holds WHERE hold_id = $1",
+            sql_params![hold_id.to_string()],
+        )
+        .map(drop)
     }
 
     fn gc_pending(&self, repository_id: &str) -> CatalogResult<BTreeMap<String, DateTime<Utc>>> {
-        let key = repository_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let rows = c
-                    .query(
-                        "SELECT pack_id, unreferenced_since FROM gc_pending WHERE repository_id = $1",
-                        &[&key],
-                    )
-                    .await?;
-                rows.iter()
-                    .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
-                    .collect()
-            }
-        })
+        let pending: Vec<(String, DateTime<Utc>)> = self.query(
+            "SELECT pack_id, unreferenced_since FROM gc_pending WHERE repository_id = $1",
+            sql_params![repository_id.to_string()],
+            |r| Ok((get(r, 0)?, get(r, 1)?)),
+        )?;
+        Ok(pending.into_iter().collect())
     }
 
     fn put_gc_pending(
@@ -2070,192 +1820,139 @@ impl GcCatalog for PgCatalog {
 }
 
 impl NodeCatalog for PgCatalog {
-    fn heartbeat(&self, node: &Node) -> CatalogResult<()> {
-        let n = node.clone();
-        self.call(move |c| {
-            let n = n.clone();
-            async move {
-                c.execute(
-                    "INSERT INTO nodes (id, api_address, started_at, heartbeat_at, version) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
-                     api_address = EXCLUDED.api_address, started_at = EXCLUDED.started_at, \
-                     heartbeat_at = EXCLUDED.heartbeat_at, version = EXCLUDED.version",
-                    &[
-                        &n.id,
-                        &n.api_address,
-                        &n.started_at,
-                        &n.heartbeat_at,
-                        &n.version,
-                    ],
-                )
-                .await?;
-                Ok(())
-            }
-        })
+    fn now(&self) -> CatalogResult<DateTime<Utc>> {
+        self.query_one("SELECT now()", sql_params![], |r| get(r, 0))
+    }
+
+    fn heartbeat(&self, n: &Node) -> CatalogResult<()> {
+        self.execute(
+            "INSERT INTO nodes (id, api_address, started_at, heartbeat_at, version) \
+             VALUES ($1, $2, $3, CASE WHEN $4 = 'epoch'::timestamptz THEN $4 ELSE now() END, $5) \
+             ON CONFLICT (id) DO UPDATE SET \
+             api_address = EXCLUDED.api_address, started_at = EXCLUDED.started_at, \
+             heartbeat_at = EXCLUDED.heartbeat_at, version = EXCLUDED.version",
+            sql_params![
+                n.id.clone(),
+                n.api_address.clone(),
+                n.started_at,
+                n.heartbeat_at,
+                n.version.clone()
+            ],
+        )
+        .map(drop)
     }
 
     fn list_nodes(&self) -> CatalogResult<Vec<Node>> {
-        self.call(move |c| async move {
-            let rows = c
-                .query(
-                    "SELECT id, api_address, started_at, heartbeat_at, version FROM nodes ORDER BY id",
-                    &[],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Node {
-                        id: get(r, 0)?,
-                        api_address: get(r, 1)?,
-                        started_at: get(r, 2)?,
-                        heartbeat_at: get(r, 3)?,
-                        version: get(r, 4)?,
-                    })
+        self.query(
+            "SELECT id, api_address, started_at, heartbeat_at, version FROM nodes ORDER BY id",
+            sql_params![],
+            |r| {
+                Ok(Node {
+                    id: get(r, 0)?,
+                    api_address: get(r, 1)?,
+                    started_at: get(r, 2)?,
+                    heartbeat_at: get(r, 3)?,
+                    version: get(r, 4)?,
                 })
-                .collect()
-        })
+            },
+        )
     }
 
     fn claim_instance(
         &self,
         instance_id: &str,
         node_id: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> CatalogResult<bool> {
-        let (instance, node, until) = (instance_id.to_string(), node_id.to_string(), now + ttl);
         // One statement: the row lock taken by ON CONFLICT makes the look and
         // the write one step, so of two racing claims exactly one changes
         // the row (the other sees the winner's valid lease and updates none).
-        self.call(move |c| {
-            let (instance, node) = (instance.clone(), node.clone());
-            async move {
-                let row = c
-                    .query_opt(
-                        "INSERT INTO instance_owners (instance_id, node_id, epoch, expires_at) \
-                         VALUES ($1, $2, 1, $3) ON CONFLICT (instance_id) DO UPDATE SET \
-                         epoch = CASE WHEN instance_owners.node_id = EXCLUDED.node_id \
-                                 THEN instance_owners.epoch ELSE instance_owners.epoch + 1 END, \
-                         node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at \
-                         WHERE instance_owners.node_id = EXCLUDED.node_id \
-                            OR instance_owners.expires_at <= $4 \
-                         RETURNING epoch",
-                        &[&instance, &node, &until, &now],
-                    )
-                    .await?;
-                Ok(row.is_some())
-            }
-        })
+        let claimed = self.query_opt(
+            "INSERT INTO instance_owners (instance_id, node_id, epoch, expires_at) \
+             VALUES ($1, $2, 1, now() + $3::bigint * interval '1 microsecond') \
+             ON CONFLICT (instance_id) DO UPDATE SET \
+             epoch = CASE WHEN instance_owners.node_id = EXCLUDED.node_id \
+                     THEN instance_owners.epoch ELSE instance_owners.epoch + 1 END, \
+             node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at \
+             WHERE instance_owners.node_id = EXCLUDED.node_id \
+                OR instance_owners.expires_at <= now() \
+             RETURNING epoch",
+            sql_params![
+                instance_id.to_string(),
+                node_id.to_string(),
+                lease_micros(ttl)?
+            ],
+            |_| Ok(()),
+        )?;
+        Ok(claimed.is_some())
     }
 
     fn renew_instances(
         &self,
         node_id: &str,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> CatalogResult<usize> {
-        let (node, until) = (node_id.to_string(), now + ttl);
-        self.call(move |c| {
-            let node = node.clone();
-            async move {
-                let n = c
-                    .execute(
-                        "UPDATE instance_owners SET expires_at = $2 WHERE node_id = $1",
-                        &[&node, &until],
-                    )
-                    .await?;
-                Ok(n as usize)
-            }
-        })
+        let n = self.execute(
+            "UPDATE instance_owners SET expires_at = now() + $2::bigint * interval '1 microsecond' \
+             WHERE node_id = $1",
+            sql_params![node_id.to_string(), lease_micros(ttl)?],
+        )?;
+        Ok(n as usize)
     }
 
     fn release_instance(&self, instance_id: &str, node_id: &str) -> CatalogResult<bool> {
-        let (instance, node) = (instance_id.to_string(), node_id.to_string());
-        self.call(move |c| {
-            let (instance, node) = (instance.clone(), node.clone());
-            async move {
-                let n = c
-                    .execute(
-                        "DELETE FROM instance_owners WHERE instance_id = $1 AND node_id = $2",
-                        &[&instance, &node],
-                    )
-                    .await?;
-                Ok(n > 0)
-            }
-        })
+        let n = self.execute(
+            "DELETE FROM instance_owners WHERE instance_id = $1 AND node_id = $2",
+            sql_params![instance_id.to_string(), node_id.to_string()],
+        )?;
+        Ok(n > 0)
     }
 
     fn list_owners(&self) -> CatalogResult<Vec<InstanceOwner>> {
-        self.call(move |c| async move {
-            let rows = c
-                .query(
-                    "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners \
-                     ORDER BY instance_id",
-                    &[],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(InstanceOwner {
-                        instance_id: get(r, 0)?,
-                        node_id: get(r, 1)?,
-                        epoch: get(r, 2)?,
-                        expires_at: get(r, 3)?,
-                    })
+        self.query(
+            "SELECT instance_id, node_id, epoch, expires_at FROM instance_owners ORDER BY instance_id",
+            sql_params![],
+            |r| {
+                Ok(InstanceOwner {
+                    instance_id: get(r, 0)?,
+                    node_id: get(r, 1)?,
+                    epoch: get(r, 2)?,
+                    expires_at: get(r, 3)?,
                 })
-                .collect()
-        })
+            },
+        )
     }
 
-    fn publish_receiver(&self, status: &ReceiverStatus) -> CatalogResult<()> {
-        let r = status.clone();
-        self.call(move |c| {
-            let r = r.clone();
-            async move {
-                c.execute(
-                    "INSERT INTO wal_receivers (instance_id, node_id, running, received_lsn, server_end_lsn, \
-                     last_message_at, last_error, failing, published_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (instance_id) DO UPDATE SET node_id=excluded.node_id, running=excluded.running, \
-                     received_lsn=excluded.received_lsn, server_end_lsn=excluded.server_end_lsn, \
-                     last_message_at=excluded.last_message_at, last_error=excluded.last_error, \
-                     failing=excluded.failing, published_at=excluded.published_at",
-                    &[
-                        &r.instance_id, &r.node_id, &r.running, &lsn_to_sql(Lsn(r.received_lsn)),
-                        &lsn_to_sql(Lsn(r.server_end_lsn)), &r.last_message_at, &r.last_error,
-                        &r.failing, &r.published_at,
-                    ],
-                )
-                .await?;
-                Ok(())
-            }
-        })
+    fn publish_receiver(&self, r: &ReceiverStatus) -> CatalogResult<()> {
+        let sql = format!(
+            "INSERT INTO wal_receivers ({RECEIVER_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
+            placeholders(9),
+            excluded(RECEIVER_COLS, 1)
+        );
+        let p = sql_params![
+            r.instance_id.clone(),
+            r.node_id.clone(),
+            r.running,
+            lsn_to_sql(Lsn(r.received_lsn)),
+            lsn_to_sql(Lsn(r.server_end_lsn)),
+            r.last_message_at,
+            r.last_error.clone(),
+            r.failing.clone(),
+            r.published_at
+        ];
+        self.execute(sql, p).map(drop)
     }
 
     fn list_receivers(&self) -> CatalogResult<Vec<ReceiverStatus>> {
-        self.call(move |c| async move {
-            let rows = c
-                .query(
-                    &format!("SELECT {RECEIVER_COLS} FROM wal_receivers ORDER BY instance_id"),
-                    &[],
-                )
-                .await?;
-            all(rows, receiver_from_row)
-        })
+        let sql = format!("SELECT {RECEIVER_COLS} FROM wal_receivers ORDER BY instance_id");
+        self.query(sql, sql_params![], receiver_from_row)
     }
 
     fn get_receiver(&self, instance_id: &str) -> CatalogResult<Option<ReceiverStatus>> {
-        let key = instance_id.to_string();
-        self.call(move |c| {
-            let key = key.clone();
-            async move {
-                let sql =
-                    format!("SELECT {RECEIVER_COLS} FROM wal_receivers WHERE instance_id = $1");
-                c.query_opt(&sql, &[&key])
-                    .await?
-                    .map(|r| receiver_from_row(&r))
-                    .transpose()
-            }
-        })
+        let sql = format!("SELECT {RECEIVER_COLS} FROM wal_receivers WHERE instance_id = $1");
+        self.query_opt(sql, sql_params![instance_id.to_string()], receiver_from_row)
     }
 }
 

@@ -1338,6 +1338,12 @@ fn lease_end(now: DateTime<Utc>, ttl: chrono::Duration) -> CatalogResult<DateTim
 }
 
 impl NodeCatalog for SqliteCatalog {
+    /// The process's clock: a SQLite catalog lives on the one host that
+    /// uses it, so its clock is the catalog's.
+    fn now(&self) -> CatalogResult<DateTime<Utc>> {
+        Ok(Utc::now())
+    }
+
     fn heartbeat(&self, n: &Node) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(

@@ -117,7 +117,8 @@ pub fn check_key_pair(catalog: &dyn Catalog, id: &str, secret: &str) -> Option<P
 impl Sessions {
     /// Starts a session for `principal`; returns its id (the cookie's value).
     pub fn create(&self, principal: &Principal, catalog: &dyn Catalog) -> CatalogResult<String> {
-        let now = Utc::now();
+        // The catalog's clock, which every node judges sessions by.
+        let now = catalog.now()?;
         let id = random_token();
         let session = ConsoleSession {
             id_hash: id_hash(&id),
@@ -138,9 +139,12 @@ impl Sessions {
     pub fn get(&self, headers: &HeaderMap, catalog: &dyn Catalog) -> Option<Signed> {
         let id = cookie(headers, SESSION_COOKIE)?;
         let hash = id_hash(id);
-        let now = Utc::now();
-        let s = match catalog.touch_session(&hash, now) {
-            Ok(found) => found?,
+        let s = catalog
+            .now()
+            .and_then(|now| Ok((now, catalog.touch_session(&hash, now)?)));
+        let (now, s) = match s {
+            Ok((now, Some(s))) => (now, s),
+            Ok((_, None)) => return None,
             Err(e) => {
                 tracing::warn!("reading a console session: {e}");
                 return None;

@@ -10,12 +10,18 @@
 //! own, after stopping its WAL receiver there. The rest of the round acts
 //! only on the instances this node holds a lease on ([`Service::owns`]).
 //!
-//! Leases are judged by the wall clock, not the service's [`crate::Clock`]
-//! (tests walk that one through weeks): the nodes' clocks must agree to
-//! well within a lease. A node also stops counting an instance as its own
-//! once the lease it last saw lapses, even while the catalog cannot be
-//! reached, so a node cut off from the catalog stops its instances' work by
-//! itself at about the time another node may take them.
+//! Leases are judged by the catalog's clock
+//! ([`strata_catalog::NodeCatalog::now`], read once per round), not by this
+//! node's clock nor the service's [`crate::Clock`] (tests walk that one
+//! through weeks): on PostgreSQL the server decides every claim and renewal
+//! in the statement itself, so nodes whose clocks disagree still agree on
+//! who holds what. A node also stops counting an
+//! instance as its own once the lease it last saw lapses, even while the
+//! catalog cannot be reached: it keeps that moment as a deadline on its own
+//! monotonic clock (the lease's remaining time as the catalog's clock saw
+//! it), so a node cut off from the catalog stops its instances' work by
+//! itself at about the time another node may take them, whatever its wall
+//! clock says.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -33,8 +39,9 @@ pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(20);
 /// Which instances this node holds leases on, as of its last fleet round.
 #[derive(Default)]
 pub(crate) struct Membership {
-    /// Owned instances and when their lease lapses as last seen.
-    owned: std::sync::Mutex<BTreeMap<String, DateTime<Utc>>>,
+    /// Owned instances and when their lease lapses as last seen, on this
+    /// process's monotonic clock.
+    owned: std::sync::Mutex<BTreeMap<String, Instant>>,
     /// When this node last recorded its heartbeat and renewed its leases.
     last_renewal: std::sync::Mutex<Option<Instant>>,
 }
@@ -126,12 +133,12 @@ impl Service {
     pub fn owns(&self, instance_id: &str) -> bool {
         lock(&self.membership.owned)
             .get(instance_id)
-            .is_some_and(|until| *until > Utc::now())
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// How many instances this node holds leases on.
     pub fn owned_count(&self) -> usize {
-        let now = Utc::now();
+        let now = Instant::now();
         lock(&self.membership.owned)
             .values()
             .filter(|until| **until > now)
@@ -141,10 +148,9 @@ impl Service {
     /// The node holding each instance's lease (lapsed leases left out), by
     /// instance id.
     pub fn instance_owners(&self) -> CatalogResult<BTreeMap<String, String>> {
-        let now = Utc::now();
-        Ok(self
-            .engine
-            .catalog()
+        let catalog = self.engine.catalog();
+        let now = catalog.now()?;
+        Ok(catalog
             .list_owners()?
             .into_iter()
             .filter(|o| o.expires_at > now)
@@ -155,7 +161,7 @@ impl Service {
     /// Every node that ever heartbeated on this catalog, by id, with its
     /// health judged as the fleet rounds judge it (this node is live).
     pub fn nodes_health(&self) -> CatalogResult<Vec<NodeHealth>> {
-        let now = Utc::now();
+        let now = self.engine.catalog().now()?;
         let owners = self.instance_owners()?;
         let ttl = self.node_ttl();
         let mut nodes = self.engine.catalog().list_nodes()?;
@@ -192,13 +198,10 @@ impl Service {
 
     /// The live nodes as the catalog's heartbeats say.
     pub(crate) fn live_nodes(&self) -> CatalogResult<BTreeSet<String>> {
-        let nodes = self.engine.catalog().list_nodes()?;
-        Ok(live_nodes(
-            self.node_id(),
-            &nodes,
-            Utc::now(),
-            self.node_ttl(),
-        ))
+        let catalog = self.engine.catalog();
+        let now = catalog.now()?;
+        let nodes = catalog.list_nodes()?;
+        Ok(live_nodes(self.node_id(), &nodes, now, self.node_ttl()))
     }
 
     /// One fleet round: heartbeat and renewals when due, claims, and the
@@ -283,7 +286,12 @@ impl Service {
         let catalog = self.engine.catalog();
         let me = self.node_id().to_string();
         let ttl = self.node_ttl();
-        let now = Utc::now();
+        // The catalog's clock, read after `asked`: it said at most `now`
+        // then, so a lease's `expires_at - now` counted from `asked` never
+        // outlives the lease. Renewals and claims below end at or after
+        // `now + ttl`.
+        let asked = Instant::now();
+        let now = catalog.now()?;
         let renewal_due = lock(&self.membership.last_renewal)
             .is_none_or(|t| t.elapsed() >= self.settings.node.lease / 4);
         if renewal_due {
@@ -319,7 +327,10 @@ impl Service {
             }
         }
         let known: BTreeSet<&String> = instance_ids.iter().collect();
-        let owned: BTreeMap<String, DateTime<Utc>> = owners
+        let deadline = |expires_at: DateTime<Utc>| {
+            asked + (expires_at - now).to_std().unwrap_or(Duration::ZERO)
+        };
+        let owned: BTreeMap<String, Instant> = owners
             .into_iter()
             .filter(|(id, o)| {
                 o.node_id == me
@@ -327,7 +338,7 @@ impl Service {
                     && known.contains(id)
                     && !plan.release.contains(id)
             })
-            .map(|(id, o)| (id, o.expires_at))
+            .map(|(id, o)| (id, deadline(o.expires_at)))
             .collect();
         *lock(&self.membership.owned) = owned;
         Ok(plan.release)
