@@ -375,8 +375,11 @@ impl Engine {
             .map(|(pack, since)| (PackId::from(pack), since))
             .collect();
         let grace = Duration::from_std(self.settings.gc_grace).unwrap_or(Duration::MAX);
-        let (report, pending) =
-            repo.collect_garbage_fenced(&pending, Utc::now(), grace, still_held)?;
+        // The grace period runs on the catalog's clock, as leases do: a
+        // collecting node whose clock runs ahead must not see a pack another
+        // node just wrote as old enough to delete.
+        let now = self.catalog.now()?;
+        let (report, pending) = repo.collect_garbage_fenced(&pending, now, grace, still_held)?;
         let pending = pending
             .into_iter()
             .map(|(pack, since)| (pack.into_string(), since))
