@@ -274,6 +274,18 @@ pub struct Instance {
     pub wal_segment_size: Option<u64>,
     /// When the instance was registered.
     pub created_at: DateTime<Utc>,
+    /// URL of the snapshot agent on the database host (`strata agent`),
+    /// when snapshot backups and instant clones go through one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+    /// The agent's credential as stored: `plain:<hex>`, or `sealed:<hex>`
+    /// under the repository's data key when it is encrypted. Kept only in
+    /// the catalog, like the password.
+    #[serde(skip)]
+    pub agent_key: Option<String>,
+    /// Certificate or CA file trusted for the agent's TLS (`https` URLs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_ca: Option<String>,
 }
 
 impl Instance {
@@ -294,6 +306,9 @@ impl Instance {
             pg_version_num: None,
             wal_segment_size: None,
             created_at: Utc::now(),
+            agent_url: None,
+            agent_key: None,
+            agent_ca: None,
         }
     }
 
@@ -378,9 +393,32 @@ pub struct BackupSet {
     pub error: Option<String>,
     /// The job that took the backup, when one did.
     pub job_id: Option<JobId>,
+    /// How the data was copied (sets recorded before snapshots existed
+    /// are physical).
+    #[serde(default)]
+    pub method: BackupMethod,
+    /// A snapshot set: its snapshot is on the database host (the agent's
+    /// snapshot directory), so clones from it are instant.
+    #[serde(default)]
+    pub snapshot_local: bool,
+    /// A snapshot set: its files are in the repository too (uploaded), so
+    /// it survives the host and restores or downloads like a physical set.
+    #[serde(default)]
+    pub snapshot_uploaded: bool,
+    /// A snapshot set: the space its local snapshot holds on its own
+    /// (blocks no other file shares), as the agent estimated it.
+    #[serde(default)]
+    pub snapshot_bytes: Option<u64>,
 }
 
 impl BackupSet {
+    /// Whether the set's files are in the repository: every successful
+    /// physical set, a snapshot set once uploaded.
+    pub fn in_repository(&self) -> bool {
+        self.status == BackupStatus::Success
+            && (self.method == BackupMethod::Physical || self.snapshot_uploaded)
+    }
+
     /// A set just started: `Running`, nothing known of it yet.
     pub fn started(
         id: BackupId,
@@ -408,6 +446,51 @@ impl BackupSet {
             file_count: 0,
             error: None,
             job_id,
+            method: BackupMethod::Physical,
+            snapshot_local: false,
+            snapshot_uploaded: false,
+            snapshot_bytes: None,
+        }
+    }
+}
+
+/// How a backup set's data was copied, as RDS names backup methods.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum BackupMethod {
+    /// Read over the replication protocol into the repository.
+    #[default]
+    Physical,
+    /// A copy-on-write snapshot of the data directory on the database host
+    /// (through its agent), uploaded to the repository afterwards.
+    Snapshot,
+}
+
+impl BackupMethod {
+    /// The spelling RDS uses, stored in the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupMethod::Physical => "Physical",
+            BackupMethod::Snapshot => "Snapshot",
+        }
+    }
+}
+
+impl fmt::Display for BackupMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackupMethod {
+    type Err = CatalogError;
+
+    fn from_str(s: &str) -> CatalogResult<Self> {
+        match s {
+            "Physical" => Ok(BackupMethod::Physical),
+            "Snapshot" => Ok(BackupMethod::Snapshot),
+            other => Err(CatalogError::Invalid(format!(
+                "backup method {other:?} (Physical or Snapshot)"
+            ))),
         }
     }
 }
@@ -480,11 +563,15 @@ pub enum JobKind {
     Drill,
     /// Backup sets and WAL copied to another region's repository.
     CrossCopy,
+    /// A snapshot backup through the instance's agent (seconds).
+    SnapshotBackup,
+    /// A snapshot set's files uploaded from the agent to the repository.
+    SnapshotUpload,
 }
 
 impl JobKind {
     /// Every kind, in the order above.
-    pub const ALL: [JobKind; 7] = [
+    pub const ALL: [JobKind; 9] = [
         JobKind::Backup,
         JobKind::Restore,
         JobKind::Clone,
@@ -492,6 +579,8 @@ impl JobKind {
         JobKind::RestoreTable,
         JobKind::Drill,
         JobKind::CrossCopy,
+        JobKind::SnapshotBackup,
+        JobKind::SnapshotUpload,
     ];
 
     /// The spelling stored in the catalog and used by the API.
@@ -504,6 +593,8 @@ impl JobKind {
             JobKind::RestoreTable => "restore-table",
             JobKind::Drill => "drill",
             JobKind::CrossCopy => "cross-copy",
+            JobKind::SnapshotBackup => "snapshot",
+            JobKind::SnapshotUpload => "snapshot-upload",
         }
     }
 }

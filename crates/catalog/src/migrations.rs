@@ -580,6 +580,31 @@ CREATE TABLE wal_receivers (
 );
 "#,
     },
+    Migration {
+        version: 12,
+        description: "snapshot backups through an agent on the database host",
+        sqlite: r#"
+-- The agent serving an instance's data directory, and its credential as
+-- stored (plain:<hex> or sealed:<hex>).
+ALTER TABLE instances ADD COLUMN agent_url TEXT;
+ALTER TABLE instances ADD COLUMN agent_key TEXT;
+ALTER TABLE instances ADD COLUMN agent_ca TEXT;
+-- How a set was copied; a snapshot set's local copy and upload state.
+ALTER TABLE backup_sets ADD COLUMN method TEXT NOT NULL DEFAULT 'Physical';
+ALTER TABLE backup_sets ADD COLUMN snapshot_local INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE backup_sets ADD COLUMN snapshot_uploaded INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE backup_sets ADD COLUMN snapshot_bytes INTEGER;
+"#,
+        postgres: r#"
+ALTER TABLE instances ADD COLUMN agent_url text;
+ALTER TABLE instances ADD COLUMN agent_key text;
+ALTER TABLE instances ADD COLUMN agent_ca text;
+ALTER TABLE backup_sets ADD COLUMN method text NOT NULL DEFAULT 'Physical';
+ALTER TABLE backup_sets ADD COLUMN snapshot_local boolean NOT NULL DEFAULT false;
+ALTER TABLE backup_sets ADD COLUMN snapshot_uploaded boolean NOT NULL DEFAULT false;
+ALTER TABLE backup_sets ADD COLUMN snapshot_bytes bigint;
+"#,
+    },
 ];
 
 #[cfg(test)]

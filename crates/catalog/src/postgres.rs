@@ -603,7 +603,7 @@ fn refs(p: &Params) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         .collect()
 }
 
-const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at, password";
+const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at, password, agent_url, agent_key, agent_ca";
 
 fn instance_params(i: &Instance) -> Params {
     vec![
@@ -620,6 +620,9 @@ fn instance_params(i: &Instance) -> Params {
         Box::new(opt_i64(i.wal_segment_size)),
         Box::new(i.created_at),
         Box::new(i.password.clone()),
+        Box::new(i.agent_url.clone()),
+        Box::new(i.agent_key.clone()),
+        Box::new(i.agent_ca.clone()),
     ]
 }
 
@@ -639,10 +642,13 @@ fn instance_from_row(r: &Row) -> CatalogResult<Instance> {
         wal_segment_size: get::<Option<i64>>(r, 10)?.map(|v| v as u64),
         created_at: get(r, 11)?,
         password: get(r, 12)?,
+        agent_url: get(r, 13)?,
+        agent_key: get(r, 14)?,
+        agent_ca: get(r, 15)?,
     })
 }
 
-const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id";
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes";
 
 fn backup_params(b: &BackupSet) -> Params {
     vec![
@@ -664,6 +670,10 @@ fn backup_params(b: &BackupSet) -> Params {
         Box::new(b.file_count as i64),
         Box::new(b.error.clone()),
         Box::new(b.job_id.map(JobId::get)),
+        Box::new(b.method.as_str().to_string()),
+        Box::new(b.snapshot_local),
+        Box::new(b.snapshot_uploaded),
+        Box::new(b.snapshot_bytes.map(|v| v as i64)),
     ]
 }
 
@@ -689,6 +699,10 @@ fn backup_from_row(r: &Row) -> CatalogResult<BackupSet> {
         file_count: get_u64(r, 15)?,
         error: get(r, 16)?,
         job_id: get::<Option<i64>>(r, 17)?.map(JobId::new),
+        method: get_parsed(r, 18)?,
+        snapshot_local: get(r, 19)?,
+        snapshot_uploaded: get(r, 20)?,
+        snapshot_bytes: get::<Option<i64>>(r, 21)?.map(|v| v as u64),
     })
 }
 
@@ -963,7 +977,7 @@ impl InstanceCatalog for PgCatalog {
     fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO instances ({INSTANCE_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
-            placeholders(13)
+            placeholders(16)
         );
         if self.execute(sql, instance_params(i))? == 0 {
             return Err(CatalogError::InstanceExists(i.id.to_string()));
@@ -976,7 +990,7 @@ impl InstanceCatalog for PgCatalog {
         let mut p = instance_params(i);
         p.remove(11);
         let n = self.execute(
-            "UPDATE instances SET host=$2, port=$3, user_name=$4, password_env=$5, dbname=$6, sslmode=$7, sslrootcert=$8, system_identifier=$9, pg_version_num=$10, wal_segment_size=$11, password=$12 WHERE id=$1",
+            "UPDATE instances SET host=$2, port=$3, user_name=$4, password_env=$5, dbname=$6, sslmode=$7, sslrootcert=$8, system_identifier=$9, pg_version_num=$10, wal_segment_size=$11, password=$12, agent_url=$13, agent_key=$14, agent_ca=$15 WHERE id=$1",
             p,
         )?;
         if n == 0 {
@@ -1043,7 +1057,7 @@ impl BackupCatalog for PgCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO backup_sets ({BACKUP_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
-            placeholders(18)
+            placeholders(22)
         );
         if self.execute(sql, backup_params(b))? == 0 {
             return Err(CatalogError::BackupExists(b.id.to_string()));
@@ -1057,7 +1071,7 @@ impl BackupCatalog for PgCatalog {
         let owner = self.owner.clone();
         let sql = format!(
             "UPDATE backup_sets SET ({BACKUP_COLS}) = ({}) WHERE id = $1",
-            placeholders(18)
+            placeholders(22)
         );
         self.call(move |mut c| {
             let (set, p, owner, sql) = (set.clone(), p.clone(), owner.clone(), sql.clone());

@@ -152,10 +152,13 @@ fn instance_from_row(r: &Row) -> rusqlite::Result<Instance> {
         wal_segment_size: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
         created_at: parse_ts(r.get(11)?)?,
         password: r.get(12)?,
+        agent_url: r.get(13)?,
+        agent_key: r.get(14)?,
+        agent_ca: r.get(15)?,
     })
 }
 
-const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at, password";
+const INSTANCE_COLS: &str = "id, host, port, user_name, password_env, dbname, sslmode, sslrootcert, system_identifier, pg_version_num, wal_segment_size, created_at, password, agent_url, agent_key, agent_ca";
 
 /// A text column parsed into its type; a value this build does not know is
 /// a conversion error that names it.
@@ -193,10 +196,14 @@ fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
         file_count: r.get::<_, i64>(15)? as u64,
         error: r.get(16)?,
         job_id: r.get::<_, Option<i64>>(17)?.map(JobId::new),
+        method: parsed(r, 18)?,
+        snapshot_local: r.get(19)?,
+        snapshot_uploaded: r.get(20)?,
+        snapshot_bytes: r.get::<_, Option<i64>>(21)?.map(|v| v as u64),
     })
 }
 
-const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id";
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes";
 
 fn wal_from_row(r: &Row) -> rusqlite::Result<WalSegmentRow> {
     Ok(WalSegmentRow {
@@ -333,13 +340,14 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
 /// REPLACE`); returns the rows changed.
 fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
     Ok(c.execute(
-                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
+                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22)"),
                 params![
                     b.id.as_str(), b.instance_id.as_str(), b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
                     b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
                     b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
                     b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
-                    b.file_count as i64, b.error, b.job_id.map(JobId::get)
+                    b.file_count as i64, b.error, b.job_id.map(JobId::get), b.method.as_str(),
+                    b.snapshot_local, b.snapshot_uploaded, b.snapshot_bytes.map(|v| v as i64)
                 ],
             )?)
 }
@@ -348,11 +356,12 @@ impl InstanceCatalog for SqliteCatalog {
     fn add_instance(&self, i: &Instance) -> CatalogResult<()> {
         self.with(|c| {
             let n = c.execute(
-                &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
+                &format!("INSERT OR IGNORE INTO instances ({INSTANCE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"),
                 params![
                     i.id.as_str(), i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
-                    i.wal_segment_size.map(|v| v as i64), ts(&i.created_at), i.password
+                    i.wal_segment_size.map(|v| v as i64), ts(&i.created_at), i.password,
+                    i.agent_url, i.agent_key, i.agent_ca
                 ],
             )?;
             if n == 0 {
@@ -365,11 +374,12 @@ impl InstanceCatalog for SqliteCatalog {
     fn update_instance(&self, i: &Instance) -> CatalogResult<()> {
         self.with(|c| {
             let n = c.execute(
-                "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11, password=?12 WHERE id=?1",
+                "UPDATE instances SET host=?2, port=?3, user_name=?4, password_env=?5, dbname=?6, sslmode=?7, sslrootcert=?8, system_identifier=?9, pg_version_num=?10, wal_segment_size=?11, password=?12, agent_url=?13, agent_key=?14, agent_ca=?15 WHERE id=?1",
                 params![
                     i.id.as_str(), i.host, i.port, i.user, i.password_env, i.dbname, i.sslmode.as_str(), i.sslrootcert,
                     i.system_identifier.map(|v| v.to_string()), i.pg_version_num,
-                    i.wal_segment_size.map(|v| v as i64), i.password
+                    i.wal_segment_size.map(|v| v as i64), i.password,
+                    i.agent_url, i.agent_key, i.agent_ca
                 ],
             )?;
             if n == 0 {
@@ -1525,6 +1535,9 @@ mod tests {
             pg_version_num: Some(150018),
             wal_segment_size: Some(16 << 20),
             created_at: Utc::now(),
+            agent_url: None,
+            agent_key: None,
+            agent_ca: None,
         }
     }
 
@@ -1546,6 +1559,8 @@ mod tests {
             "restore-table",
             "drill",
             "cross-copy",
+            "snapshot",
+            "snapshot-upload",
         ];
         for (i, kind) in kinds.iter().enumerate() {
             cat.with(|c| {
@@ -1565,7 +1580,7 @@ mod tests {
             let stored = column(&format!("SELECT kind FROM jobs WHERE id = {}", new.id));
             assert_eq!(stored, *kind);
         }
-        assert_eq!(JobKind::ALL.len(), 7);
+        assert_eq!(JobKind::ALL.len(), 9);
 
         for (mode, sslmode) in [("Automated", "verify-full"), ("Manual", "disable")] {
             let id = format!("{mode}-{sslmode}");
@@ -1588,6 +1603,7 @@ mod tests {
             .unwrap();
             let set = cat.get_backup(&id).unwrap();
             assert_eq!(set.mode.as_str(), mode);
+            assert_eq!(set.method, BackupMethod::Physical, "rows before methods");
             assert_eq!(cat.get_instance(&id).unwrap().sslmode.as_str(), sslmode);
         }
 
@@ -1605,6 +1621,10 @@ mod tests {
         assert!(err.contains("verify-ca or verify-full"), "{err}");
         let err = "manual".parse::<BackupMode>().unwrap_err().to_string();
         assert!(err.contains("Automated or Manual"), "{err}");
+        cat.with(|c| Ok(c.execute("UPDATE backup_sets SET method = 'Flash'", [])?))
+            .unwrap();
+        let err = cat.list_backups("Manual-disable").unwrap_err().to_string();
+        assert!(err.contains("Physical or Snapshot"), "{err}");
     }
 
     #[test]

@@ -161,6 +161,9 @@ fn instance(id: &str) -> Instance {
         pg_version_num: Some(150018),
         wal_segment_size: Some(16 << 20),
         created_at: now(),
+        agent_url: None,
+        agent_key: None,
+        agent_ca: None,
     }
 }
 
@@ -219,6 +222,10 @@ fn full_set(id: &str, t: DateTime<Utc>) -> BackupSet {
         file_count: 9,
         error: None,
         job_id: None,
+        method: BackupMethod::Physical,
+        snapshot_local: false,
+        snapshot_uploaded: false,
+        snapshot_bytes: None,
     }
 }
 
@@ -228,6 +235,9 @@ fn instances_round_trip_and_refuse_duplicates(b: &dyn Backend) {
     i.password = Some("s3cret".into());
     i.sslmode = SslMode::VerifyFull;
     i.sslrootcert = Some("/etc/ca.pem".into());
+    i.agent_url = Some("https://db1.example:7432".into());
+    i.agent_key = Some(format!("plain:{}", "ab".repeat(32)));
+    i.agent_ca = Some("/etc/agent-ca.pem".into());
     cat.add_instance(&i).unwrap();
     assert!(matches!(
         cat.add_instance(&instance("a")),
@@ -245,12 +255,18 @@ fn instances_round_trip_and_refuse_duplicates(b: &dyn Backend) {
     changed.host = "db.example".into();
     changed.port = 6543;
     changed.password = None;
+    changed.agent_url = Some("https://db2.example:7432".into());
+    changed.agent_key = None;
     changed.created_at = now() + chrono::Duration::hours(1);
     other.update_instance(&changed).unwrap();
     let got = cat.get_instance("a").unwrap();
     assert_eq!(
         (got.host.as_str(), got.port, got.password),
         ("db.example", 6543, None)
+    );
+    assert_eq!(
+        (got.agent_url.as_deref(), got.agent_key, got.agent_ca),
+        (Some("https://db2.example:7432"), None, i.agent_ca.clone())
     );
     assert_eq!(
         got.created_at, i.created_at,
@@ -318,6 +334,21 @@ fn backup_sets_round_trip(b: &dyn Backend) {
         .collect();
     assert_eq!(ids, ["0", "1"], "oldest first");
     assert!(cat.list_backups("b").unwrap().is_empty());
+
+    // A snapshot set: its method and its local and uploaded states.
+    let mut snap = full_set("2", t + chrono::Duration::seconds(1));
+    snap.method = BackupMethod::Snapshot;
+    snap.snapshot_local = true;
+    snap.snapshot_bytes = Some(u64::from(u32::MAX) + 7);
+    cat.insert_backup(&snap).unwrap();
+    assert_eq!(b.open().get_backup("2").unwrap(), snap);
+    assert!(!snap.in_repository());
+    snap.snapshot_uploaded = true;
+    snap.snapshot_local = false;
+    cat.update_backup(&snap).unwrap();
+    let read = b.open().get_backup("2").unwrap();
+    assert_eq!(read, snap);
+    assert!(read.in_repository());
 
     let mut moved = set.clone();
     moved.instance_id = "b".into();

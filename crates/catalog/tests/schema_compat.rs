@@ -39,6 +39,9 @@ fn instance() -> Instance {
         pg_version_num: Some(160004),
         wal_segment_size: Some(16 << 20),
         created_at: at(1, 0),
+        agent_url: None,
+        agent_key: None,
+        agent_ca: None,
     }
 }
 
@@ -62,6 +65,10 @@ fn backup() -> BackupSet {
         file_count: 1200,
         error: None,
         job_id: None,
+        method: strata_catalog::BackupMethod::Physical,
+        snapshot_local: false,
+        snapshot_uploaded: false,
+        snapshot_bytes: None,
     }
 }
 

@@ -58,6 +58,11 @@ pub fn task_type(kind: JobKind, mode: Option<BackupMode>) -> (String, String) {
         (JobKind::Drill, _) => ("drill", "Restore Drill"),
         (JobKind::CrossCopy, _) => ("cross-copy", "Cross-Region Backup"),
         (JobKind::DdrRestore, _) => ("ddr-restore", "Restore from Cross-Region Backup"),
+        (JobKind::SnapshotBackup, Some(BackupMode::Automated)) => {
+            ("auto-snapshot", "Automatic Snapshot Backup")
+        }
+        (JobKind::SnapshotBackup, _) => ("manual-snapshot", "Manual Snapshot Backup"),
+        (JobKind::SnapshotUpload, _) => ("snapshot-upload", "Upload Snapshot to Repository"),
     };
     (key.into(), label.into())
 }

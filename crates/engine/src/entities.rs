@@ -48,6 +48,9 @@ pub(crate) fn instance_from_record(rec: &InstanceRecord) -> EngineResult<Instanc
         pg_version_num: None,
         wal_segment_size: None,
         created_at: rec.created_at,
+        agent_url: None,
+        agent_key: None,
+        agent_ca: None,
     })
 }
 
@@ -243,6 +246,10 @@ mod tests {
                 file_count: 11,
                 error: None,
                 job_id: None,
+                method: strata_catalog::BackupMethod::Physical,
+                snapshot_local: false,
+                snapshot_uploaded: false,
+                snapshot_bytes: None,
             }
         );
         // Manifests from before modes were recorded are manual backups.

@@ -419,6 +419,10 @@ mod tests {
             file_count: 1,
             error: None,
             job_id: None,
+            method: strata_catalog::BackupMethod::Physical,
+            snapshot_local: false,
+            snapshot_uploaded: false,
+            snapshot_bytes: None,
         }
     }
 
