@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use chrono::{Duration, Utc};
 use serde_json::{json, Map, Value};
 use strata_catalog::{
-    BackupId, BackupMode, BackupSet, BackupStatus, Instance, Job, JobId, JobKind, JobState,
-    SslMode, WalSegmentRow,
+    BackupId, BackupMethod, BackupMode, BackupSet, BackupStatus, Instance, Job, JobId, JobKind,
+    JobState, SslMode, WalSegmentRow,
 };
 use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
@@ -110,27 +110,19 @@ fn not_supported(code: &str, message: impl Into<String>) -> ApiError {
 
 fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
-    match p.get("BackupMethod").unwrap_or("Physical") {
-        "Physical" => {}
-        "Snapshot" => {
-            return Err(not_supported(
-                "InvalidBackupMethod.NotSupported",
-                format!(
-                "Snapshot backups are not supported for instance {}; use BackupMethod Physical.",
-                inst.id
-            ),
-            ))
-        }
+    let method = match p.get("BackupMethod").unwrap_or("Physical") {
+        "Physical" => BackupMethod::Physical,
+        "Snapshot" => BackupMethod::Snapshot,
         other => {
             return Err(not_supported(
                 "InvalidBackupMethod.NotSupported",
                 format!(
-                    "BackupMethod {} is not supported for PostgreSQL; use Physical.",
+                    "BackupMethod {} is not supported for PostgreSQL; use Physical or Snapshot.",
                     quoted(other)
                 ),
             ))
         }
-    }
+    };
     match p.get("BackupType").unwrap_or("Auto") {
         "Auto" | "FullBackup" => {}
         other => {
@@ -143,7 +135,7 @@ fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             ))
         }
     }
-    let job = svc.request_backup(&inst.id)?;
+    let job = svc.request_backup(&inst.id, method)?;
     Ok(obj(json!({"BackupJobId": job.id.to_string()})))
 }
 
@@ -209,7 +201,7 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
                 "BackupEndTime": b.finished_at.map(format_seconds).unwrap_or_default(),
                 "BackupType": "FullBackup",
                 "BackupMode": b.mode,
-                "BackupMethod": "Physical",
+                "BackupMethod": b.method.as_str(),
                 "BackupInitiator": if b.mode == BackupMode::Manual { "User" } else { "System" },
                 "BackupSize": b.total_bytes,
                 "Engine": "PostgreSQL",
@@ -236,7 +228,16 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
             if let Some(e) = &b.error {
                 m.insert("StrataErrorMessage".into(), json!(e));
             }
-            if b.status == BackupStatus::Success {
+            if b.method == BackupMethod::Snapshot {
+                // Where the snapshot set's data is: on the database host
+                // (clones from it are instant), in the repository, or both.
+                m.insert("StrataSnapshotLocal".into(), json!(b.snapshot_local));
+                m.insert("StrataSnapshotUploaded".into(), json!(b.snapshot_uploaded));
+                if let Some(bytes) = b.snapshot_bytes {
+                    m.insert("StrataSnapshotLocalSize".into(), json!(bytes));
+                }
+            }
+            if b.in_repository() {
                 let (url, _) = state.links.sign(&format!("/download/backups/{}/{}.tar", b.instance_id, b.id), Utc::now());
                 let (zst, _) = state.links.sign(&format!("/download/backups/{}/{}.tar.zst", b.instance_id, b.id), Utc::now());
                 m.insert("BackupDownloadURL".into(), json!(url));
@@ -452,25 +453,59 @@ fn describe_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         "BackupLog": if pol.log_backup_enabled { "Enable" } else { "Disabled" },
         "EnableBackupLog": if pol.log_backup_enabled { "1" } else { "0" },
         "LogBackupRetentionPeriod": pol.log_retention_days,
-        "BackupMethod": "Physical",
-        "Category": "Standard",
+        "BackupMethod": pol.backup_method.as_str(),
+        "Category": category(pol.backup_method),
     })))
+}
+
+/// RDS's `Category` of a policy: `Flash` ("backup within seconds") is
+/// snapshot backups.
+fn category(method: BackupMethod) -> &'static str {
+    match method {
+        BackupMethod::Physical => "Standard",
+        BackupMethod::Snapshot => "Flash",
+    }
 }
 
 async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     policy_mode(p)?;
-    if p.get("Category").is_some_and(|c| c != "Standard") {
-        return Err(not_supported(
-            "InvalidCategory.NotSupported",
-            "Backup within seconds (Category Flash) is not supported; use Standard.",
-        ));
-    }
-    if p.get("BackupMethod").is_some_and(|m| m != "Physical") {
-        return Err(not_supported(
-            "InvalidBackupMethod.NotSupported",
-            "Only Physical backups are supported for this instance.",
-        ));
+    let by_category = match p.get("Category") {
+        None => None,
+        Some("Standard") => Some(BackupMethod::Physical),
+        Some("Flash") => Some(BackupMethod::Snapshot),
+        Some(other) => {
+            return Err(ApiError::bad(
+                "InvalidCategory.Malformed",
+                format!("Category must be Standard or Flash, got {}", quoted(other)),
+            ))
+        }
+    };
+    let by_method = match p.get("BackupMethod") {
+        None => None,
+        Some("Physical") => Some(BackupMethod::Physical),
+        Some("Snapshot") => Some(BackupMethod::Snapshot),
+        Some(other) => {
+            return Err(not_supported(
+                "InvalidBackupMethod.NotSupported",
+                format!(
+                    "BackupMethod {} is not supported for PostgreSQL; use Physical or Snapshot.",
+                    quoted(other)
+                ),
+            ))
+        }
+    };
+    if let (Some(a), Some(b)) = (by_category, by_method) {
+        if a != b {
+            return Err(ApiError::bad(
+                "InvalidParameterCombination",
+                format!(
+                    "Category {} and BackupMethod {} disagree: Flash is snapshot backups, Standard physical ones.",
+                    category(a),
+                    b.as_str()
+                ),
+            ));
+        }
     }
     let log = match p.bool("EnableBackupLog")? {
         Some(v) => Some(v),
@@ -482,6 +517,7 @@ async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
         backup_retention_days: p.get("BackupRetentionPeriod").map(str::to_string),
         log_backup_enabled: log,
         log_retention_days: p.get("LogBackupRetentionPeriod").map(str::to_string),
+        backup_method: by_category.or(by_method),
     };
     let pol = svc.modify_policy(&inst.id, change).await?;
     Ok(obj(json!({
@@ -818,12 +854,30 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         sslrootcert: p.get("SSLRootCert").map(str::to_string),
         ..Instance::new(id, p.required("Host")?, port, p.required("User")?, sslmode)
     };
-    let registered = svc.register_instance(instance).await?;
+    let agent = match p.get("AgentUrl") {
+        None => None,
+        Some(url) => {
+            let key = p.required("AgentKey")?;
+            let key = strata_agent::AgentKey::from_hex(key).ok_or_else(|| {
+                ApiError::bad(
+                    "InvalidAgentKey.Malformed",
+                    "AgentKey must be the 64 hex digits of the agent's key file",
+                )
+            })?;
+            Some(strata_service::AgentAccess {
+                url: url.to_string(),
+                key,
+                ca_file: p.get("AgentCaFile").map(str::to_string),
+            })
+        }
+    };
+    let registered = svc.register_instance(instance, agent).await?;
     Ok(obj(json!({
         "DBInstanceId": registered.id,
         "EngineVersion": engine_version(registered.pg_version_num),
         "StrataSystemIdentifier": registered.system_identifier.map(|s| s.to_string()).unwrap_or_default(),
         "StrataConnectionVerified": strata_engine::connection_verified(&registered),
+        "StrataAgentUrl": registered.agent_url.clone().unwrap_or_default(),
         "Warnings": strata_engine::connection_warnings(&registered),
     })))
 }

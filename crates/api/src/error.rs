@@ -185,6 +185,7 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::TableNameFormat => "InvalidTableName.Format",
         Refusal::TableNameTaken => "InvalidTableName.Duplicate",
         Refusal::TableNotFound => "InvalidTableName.NotFound",
+        Refusal::SnapshotNeedsAgent => "InvalidBackupMethod.NotSupported",
     }
 }
 
@@ -329,6 +330,10 @@ mod tests {
             (Refusal::TableNameFormat, "InvalidTableName.Format"),
             (Refusal::TableNameTaken, "InvalidTableName.Duplicate"),
             (Refusal::TableNotFound, "InvalidTableName.NotFound"),
+            (
+                Refusal::SnapshotNeedsAgent,
+                "InvalidBackupMethod.NotSupported",
+            ),
         ];
         for (kind, code) in cases {
             let e = ApiError::from(PolicyError {

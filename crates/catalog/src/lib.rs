@@ -765,6 +765,10 @@ pub struct BackupPolicy {
     pub updated_at: DateTime<Utc>,
     /// Start of the last window the scheduler ran an automatic backup for.
     pub last_auto_slot: Option<DateTime<Utc>>,
+    /// How automatic backups copy the data: `Snapshot` is RDS's "backup
+    /// within seconds" (`Category` `Flash`).
+    #[serde(default)]
+    pub backup_method: BackupMethod,
 }
 
 /// A PostgreSQL server Strata itself created and runs (a clone restored

@@ -594,6 +594,8 @@ ALTER TABLE backup_sets ADD COLUMN method TEXT NOT NULL DEFAULT 'Physical';
 ALTER TABLE backup_sets ADD COLUMN snapshot_local INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE backup_sets ADD COLUMN snapshot_uploaded INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE backup_sets ADD COLUMN snapshot_bytes INTEGER;
+-- How automatic backups copy the data (Snapshot: RDS's Category Flash).
+ALTER TABLE backup_policies ADD COLUMN backup_method TEXT NOT NULL DEFAULT 'Physical';
 "#,
         postgres: r#"
 ALTER TABLE instances ADD COLUMN agent_url text;
@@ -603,6 +605,7 @@ ALTER TABLE backup_sets ADD COLUMN method text NOT NULL DEFAULT 'Physical';
 ALTER TABLE backup_sets ADD COLUMN snapshot_local boolean NOT NULL DEFAULT false;
 ALTER TABLE backup_sets ADD COLUMN snapshot_uploaded boolean NOT NULL DEFAULT false;
 ALTER TABLE backup_sets ADD COLUMN snapshot_bytes bigint;
+ALTER TABLE backup_policies ADD COLUMN backup_method text NOT NULL DEFAULT 'Physical';
 "#,
     },
 ];

@@ -833,7 +833,7 @@ fn drill_from_row(r: &Row) -> CatalogResult<DrillResult> {
     })
 }
 
-const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot";
+const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method";
 
 fn policy_params(p: &BackupPolicy) -> Params {
     vec![
@@ -845,6 +845,7 @@ fn policy_params(p: &BackupPolicy) -> Params {
         Box::new(i64::from(p.log_retention_days)),
         Box::new(p.updated_at),
         Box::new(p.last_auto_slot),
+        Box::new(p.backup_method.as_str().to_string()),
     ]
 }
 
@@ -863,6 +864,7 @@ fn policy_from_row(r: &Row) -> CatalogResult<BackupPolicy> {
         log_retention_days: get_u32(r, 5)?,
         updated_at: get(r, 6)?,
         last_auto_slot: get(r, 7)?,
+        backup_method: get_parsed(r, 8)?,
     })
 }
 
@@ -1425,7 +1427,7 @@ impl PolicyCatalog for PgCatalog {
     fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO backup_policies ({POLICY_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
-            placeholders(8),
+            placeholders(9),
             excluded(POLICY_COLS, 1)
         );
         self.execute(sql, policy_params(policy)).map(drop)

@@ -844,7 +844,7 @@ impl PolicyCatalog for SqliteCatalog {
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>> {
         self.with(|c| {
             Ok(c.query_row(
-                "SELECT instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot FROM backup_policies WHERE instance_id = ?1",
+                "SELECT instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method FROM backup_policies WHERE instance_id = ?1",
                 [instance_id],
                 |r| {
                     let days: String = r.get(1)?;
@@ -857,6 +857,7 @@ impl PolicyCatalog for SqliteCatalog {
                         log_retention_days: r.get(5)?,
                         updated_at: parse_ts(r.get(6)?)?,
                         last_auto_slot: opt_ts(r.get(7)?)?,
+                        backup_method: parsed(r, 8)?,
                     })
                 },
             )
@@ -867,11 +868,11 @@ impl PolicyCatalog for SqliteCatalog {
     fn put_policy(&self, p: &BackupPolicy) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO backup_policies (instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                "INSERT OR REPLACE INTO backup_policies (instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
                 params![
                     p.instance_id.as_str(), p.backup_days.join(","), p.backup_window, p.backup_retention_days,
                     p.log_backup_enabled, p.log_retention_days, ts(&p.updated_at),
-                    p.last_auto_slot.as_ref().map(ts)
+                    p.last_auto_slot.as_ref().map(ts), p.backup_method.as_str()
                 ],
             )?;
             Ok(())

@@ -177,6 +177,7 @@ fn policy(instance_id: &str) -> BackupPolicy {
         log_retention_days: 8,
         updated_at: now(),
         last_auto_slot: Some(now()),
+        backup_method: BackupMethod::Physical,
     }
 }
 

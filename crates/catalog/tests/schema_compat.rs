@@ -112,6 +112,7 @@ fn policy() -> BackupPolicy {
         log_retention_days: 3,
         updated_at: at(0, 30),
         last_auto_slot: Some(at(1, 0)),
+        backup_method: strata_catalog::BackupMethod::Physical,
     }
 }
 

@@ -24,7 +24,8 @@ use pg_replication::{
 };
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{
-    BackupId, BackupMode, BackupSet, BackupStatus, Instance, InstanceId, Job, JobKind, JobState,
+    BackupId, BackupMethod, BackupMode, BackupSet, BackupStatus, Instance, InstanceId, Job,
+    JobKind, JobState,
 };
 use strata_repo::{
     BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
@@ -44,12 +45,13 @@ use crate::segment::SegmentArchiver;
 mod receiver;
 use crate::wal_uploader::WalUploader;
 use crate::{Engine, EngineError, EngineResult, Progress};
-use receiver::{BackupReceiver, StreamStart};
+use receiver::BackupReceiver;
+pub(crate) use receiver::StreamStart;
 
 /// Backup set ids are the start time in milliseconds: numeric like RDS ids,
 /// and sorting by id sorts by age. Two backups starting in the same
 /// millisecond take the next free one (the catalog refuses duplicates).
-fn new_backup_id(attempt: i64) -> BackupId {
+pub(crate) fn new_backup_id(attempt: i64) -> BackupId {
     BackupId::new((Utc::now().timestamp_millis() + attempt).to_string())
 }
 
@@ -60,6 +62,9 @@ pub struct BackupOptions {
     pub mode: BackupMode,
     /// Server-side read limit in kB/s (BASE_BACKUP MAX_RATE, 32..=1048576).
     pub max_rate_kb: Option<u32>,
+    /// Over the replication protocol, or a snapshot through the instance's
+    /// agent.
+    pub method: BackupMethod,
 }
 
 impl Default for BackupOptions {
@@ -67,6 +72,7 @@ impl Default for BackupOptions {
         BackupOptions {
             mode: BackupMode::Manual,
             max_rate_kb: None,
+            method: BackupMethod::Physical,
         }
     }
 }
@@ -106,9 +112,11 @@ impl Engine {
         opts: &BackupOptions,
     ) -> EngineResult<PendingBackup> {
         let instance = self.check_backup(instance_id, opts)?;
-        let job = self
-            .catalog
-            .create_job(JobKind::Backup, Some(instance_id))?;
+        let kind = match opts.method {
+            BackupMethod::Physical => JobKind::Backup,
+            BackupMethod::Snapshot => JobKind::SnapshotBackup,
+        };
+        let job = self.catalog.create_job(kind, Some(instance_id))?;
         self.record_backup_set(job, instance, opts)
     }
 
@@ -141,6 +149,11 @@ impl Engine {
             }
         }
         let instance = self.catalog.get_instance(instance_id)?;
+        if opts.method == BackupMethod::Snapshot && instance.agent_url.is_none() {
+            return Err(EngineError::Refused(format!(
+                "instance {instance_id} has no agent: snapshot backups need `strata agent` on the database host, registered with --agent"
+            )));
+        }
         self.fail_expired_jobs()?;
         if let Some(running) = self
             .catalog
@@ -158,7 +171,7 @@ impl Engine {
     }
 
     /// Records the running backup set of `job` and names it in the job.
-    fn record_backup_set(
+    pub(crate) fn record_backup_set(
         &self,
         mut job: Job,
         instance: Instance,
@@ -171,6 +184,7 @@ impl Engine {
             Utc::now(),
             Some(job.id),
         );
+        set.method = opts.method;
         let mut attempt = 0;
         loop {
             match self.catalog.insert_backup(&set) {
@@ -205,9 +219,16 @@ impl Engine {
 
         let (outcome, hold) = match self.hold_gc().await {
             Ok(hold) => {
-                let outcome = self
-                    .run_backup(&mut instance, &mut set, &mut job, opts, progress)
-                    .await;
+                let outcome = match set.method {
+                    BackupMethod::Physical => {
+                        self.run_backup(&mut instance, &mut set, &mut job, opts, progress)
+                            .await
+                    }
+                    BackupMethod::Snapshot => self
+                        .run_snapshot(&instance, &mut set, &mut job, progress)
+                        .await
+                        .map(|_| ()),
+                };
                 (outcome, Some(hold))
             }
             Err(e) => (Err(e), None),
@@ -225,7 +246,7 @@ impl Engine {
     /// Records how a backup ended on its set and job: `Success` and
     /// `Finished`, or `Failed` with the reason on both (the original error is
     /// returned even when recording it fails).
-    fn record_backup_outcome(
+    pub(crate) fn record_backup_outcome(
         &self,
         mut set: BackupSet,
         mut job: Job,
@@ -464,7 +485,7 @@ fn base_backup_options(id: &str, opts: &BackupOptions, incremental: bool) -> Bas
 
 /// A second connection with a temporary physical slot, created before the
 /// backup starts so the server keeps every WAL segment the backup needs.
-async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session, String)> {
+pub(crate) async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session, String)> {
     let mut session = open_session(instance).await?;
     let slot = format!("strata_backup_{}_{:08x}", std::process::id(), rand_u32());
     session
@@ -477,13 +498,13 @@ async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session, String)> {
 
 /// The task streaming a backup's WAL into the repository, until told the
 /// backup's end position.
-struct BackupWal {
+pub(crate) struct BackupWal {
     stop_tx: watch::Sender<Option<Lsn>>,
     task: tokio::task::JoinHandle<EngineResult<()>>,
 }
 
 impl BackupWal {
-    fn start(
+    pub(crate) fn start(
         engine: &Engine,
         instance: &Instance,
         session: Session,
@@ -507,7 +528,7 @@ impl BackupWal {
     }
 
     /// Done once the WAL up to `stop` is stored.
-    async fn stored(self, stop: Lsn) -> EngineResult<()> {
+    pub(crate) async fn stored(self, stop: Lsn) -> EngineResult<()> {
         let _ = self.stop_tx.send(Some(stop));
         match self.task.await {
             Ok(result) => result,

@@ -22,6 +22,7 @@ mod reindex;
 mod restore;
 mod retention;
 mod segment;
+mod snapshot;
 mod wal_uploader;
 
 use std::path::PathBuf;

@@ -457,6 +457,7 @@ mod tests {
             log_retention_days: log,
             updated_at: now,
             last_auto_slot: None,
+            backup_method: strata_catalog::BackupMethod::Physical,
         }
     }
 

@@ -166,6 +166,7 @@ impl Rig {
         let opts = BackupOptions {
             mode: BackupMode::Manual,
             max_rate_kb: None,
+            method: strata_catalog::BackupMethod::Physical,
         };
         runtime
             .block_on(self.engine.backup(id, &opts, &NoProgress))

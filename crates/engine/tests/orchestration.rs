@@ -128,6 +128,7 @@ fn policy(days: u32) -> BackupPolicy {
         log_retention_days: days,
         updated_at: Utc::now(),
         last_auto_slot: None,
+        backup_method: strata_catalog::BackupMethod::Physical,
     }
 }
 

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use strata_catalog::{BackupId, BackupMode, BackupStatus, Job, JobId, JobState};
+use strata_catalog::{
+    BackupId, BackupMethod, BackupMode, BackupStatus, Job, JobId, JobKind, JobState,
+};
 use strata_engine::{BackupOptions, Engine, NoProgress, PendingBackup};
 use tokio::task::JoinHandle;
 
@@ -80,10 +82,11 @@ impl BackupTasks {
 }
 
 impl Service {
-    /// The options of a backup of `mode` on this node.
-    pub(crate) fn backup_options(&self, mode: BackupMode) -> BackupOptions {
+    /// The options of a backup of `mode` by `method` on this node.
+    pub(crate) fn backup_options(&self, mode: BackupMode, method: BackupMethod) -> BackupOptions {
         BackupOptions {
             mode,
+            method,
             max_rate_kb: if mode == BackupMode::Automated {
                 self.settings.backup_max_rate_kb
             } else {
@@ -98,15 +101,21 @@ impl Service {
         self: &Arc<Self>,
         instance_id: &str,
         mode: BackupMode,
+        method: BackupMethod,
     ) -> ServiceResult<Job> {
-        let opts = self.backup_options(mode);
+        let opts = self.backup_options(mode, method);
         let pending = self.engine.prepare_backup(instance_id, &opts)?;
         Ok(self.spawn_backup(pending, opts))
     }
 
     /// Starts the manual backup of a queued job this node claimed.
     pub(crate) fn start_claimed_backup(self: &Arc<Self>, job: Job) -> ServiceResult<Job> {
-        let opts = self.backup_options(BackupMode::Manual);
+        let method = if job.kind == JobKind::SnapshotBackup {
+            BackupMethod::Snapshot
+        } else {
+            BackupMethod::Physical
+        };
+        let opts = self.backup_options(BackupMode::Manual, method);
         let pending = self.engine.prepare_claimed_backup(job, &opts)?;
         Ok(self.spawn_backup(pending, opts))
     }

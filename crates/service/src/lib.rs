@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupPolicy, BackupStatus, CatalogError, Instance, JobId};
+use strata_catalog::{BackupMethod, BackupPolicy, BackupStatus, CatalogError, Instance, JobId};
 use strata_engine::{Engine, EngineError};
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -158,6 +158,16 @@ impl Default for ServiceSettings {
     }
 }
 
+/// How to reach an instance's snapshot agent, as given at registration.
+pub struct AgentAccess {
+    /// The agent's URL (`http://` or `https://`).
+    pub url: String,
+    /// Its key.
+    pub key: strata_agent::AgentKey,
+    /// Certificate or CA file to trust for `https`.
+    pub ca_file: Option<String>,
+}
+
 /// A policy change as the API receives it; `None` keeps the current value.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyChange {
@@ -171,6 +181,9 @@ pub struct PolicyChange {
     pub log_backup_enabled: Option<bool>,
     /// Days WAL is kept.
     pub log_retention_days: Option<String>,
+    /// How automatic backups copy the data (`Snapshot`: RDS's `Category`
+    /// `Flash`).
+    pub backup_method: Option<BackupMethod>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -407,6 +420,25 @@ impl Service {
             )?;
         }
         policy::check_log_retention(p.log_retention_days, p.backup_retention_days)?;
+        if let Some(method) = change.backup_method {
+            if method == BackupMethod::Snapshot
+                && self
+                    .engine
+                    .catalog()
+                    .get_instance(instance_id)?
+                    .agent_url
+                    .is_none()
+            {
+                return Err(PolicyError {
+                    kind: Refusal::SnapshotNeedsAgent,
+                    message: format!(
+                        "instance {instance_id} has no agent: snapshot backups (Category Flash) need `strata agent` on the database host, registered with the instance"
+                    ),
+                }
+                .into());
+            }
+            p.backup_method = method;
+        }
         let turning_off = p.log_backup_enabled && change.log_backup_enabled == Some(false);
         if let Some(on) = change.log_backup_enabled {
             p.log_backup_enabled = on;
@@ -441,7 +473,11 @@ impl Service {
     /// Checks the server can be backed up, then registers it with the
     /// default policy. Its first backup and WAL receiver start at the next
     /// tick.
-    pub async fn register_instance(&self, mut instance: Instance) -> ServiceResult<Instance> {
+    pub async fn register_instance(
+        &self,
+        mut instance: Instance,
+        agent: Option<AgentAccess>,
+    ) -> ServiceResult<Instance> {
         if self.engine.catalog().get_instance(&instance.id).is_ok() {
             return Err(CatalogError::InstanceExists(instance.id.to_string()).into());
         }
@@ -449,6 +485,11 @@ impl Service {
         instance.system_identifier = Some(facts.system_id);
         instance.pg_version_num = Some(facts.pg_version_num);
         instance.wal_segment_size = Some(facts.wal_segment_size);
+        if let Some(agent) = agent {
+            self.engine
+                .attach_agent(&mut instance, &agent.url, &agent.key, agent.ca_file)
+                .await?;
+        }
         self.engine.add_instance(&instance)?;
         self.policy(&instance.id)?;
         Ok(instance)
@@ -670,6 +711,7 @@ mod tests {
                     backup_retention_days: Some(" 30 ".into()),
                     log_retention_days: Some("30".into()),
                     log_backup_enabled: None,
+                    backup_method: None,
                 },
             )
             .await

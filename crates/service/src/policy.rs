@@ -70,6 +70,8 @@ pub enum Refusal {
     TableNameTaken,
     /// A named table does not exist at the restore point.
     TableNotFound,
+    /// Snapshot backups asked of an instance without an agent.
+    SnapshotNeedsAgent,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for
@@ -208,6 +210,7 @@ pub fn default_policy(instance_id: &str, now: DateTime<Utc>) -> BackupPolicy {
         log_retention_days: DEFAULT_RETENTION_DAYS,
         updated_at: now,
         last_auto_slot: None,
+        backup_method: strata_catalog::BackupMethod::Physical,
     }
 }
 

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use strata_catalog::{BackupMode, Job, JobId, JobKind};
+use strata_catalog::{BackupMethod, BackupMode, Job, JobId, JobKind};
 use strata_engine::EngineError;
 
 use crate::{fail_job, fleet, Service, ServiceResult};
@@ -28,14 +28,21 @@ impl Service {
     /// Queues a manual backup of `instance_id` for its owner and returns the
     /// job. Refused at once, as before, when the options are invalid, the
     /// instance is unknown, or a backup of it runs or waits already.
-    pub fn request_backup(self: &Arc<Self>, instance_id: &str) -> ServiceResult<Job> {
-        self.engine
-            .check_backup(instance_id, &self.backup_options(BackupMode::Manual))?;
+    pub fn request_backup(
+        self: &Arc<Self>,
+        instance_id: &str,
+        method: BackupMethod,
+    ) -> ServiceResult<Job> {
+        self.engine.check_backup(
+            instance_id,
+            &self.backup_options(BackupMode::Manual, method),
+        )?;
         let catalog = self.engine.catalog();
+        let is_backup = |k: JobKind| matches!(k, JobKind::Backup | JobKind::SnapshotBackup);
         if let Some(waiting) = catalog
             .queued_jobs()?
             .into_iter()
-            .find(|j| j.kind == JobKind::Backup && j.instance_id.as_deref() == Some(instance_id))
+            .find(|j| is_backup(j.kind) && j.instance_id.as_deref() == Some(instance_id))
         {
             return Err(EngineError::Conflict(format!(
                 "a backup of instance {instance_id} is already queued (job {})",
@@ -43,7 +50,11 @@ impl Service {
             ))
             .into());
         }
-        let job = catalog.queue_job(JobKind::Backup, instance_id, None)?;
+        let kind = match method {
+            BackupMethod::Physical => JobKind::Backup,
+            BackupMethod::Snapshot => JobKind::SnapshotBackup,
+        };
+        let job = catalog.queue_job(kind, instance_id, None)?;
         self.take_if_mine(&job);
         Ok(catalog.get_job(job.id)?)
     }
@@ -132,7 +143,9 @@ impl Service {
         let id = claimed.id;
         let instance = claimed.instance_id.clone().unwrap_or_default();
         let started = match claimed.kind {
-            JobKind::Backup => self.start_claimed_backup(claimed).map(|_| ()),
+            JobKind::Backup | JobKind::SnapshotBackup => {
+                self.start_claimed_backup(claimed).map(|_| ())
+            }
             JobKind::Drill => self.start_claimed_drill(claimed).map(|_| ()),
             other => Err(EngineError::Refused(format!(
                 "{} jobs are not run through the queue",

@@ -187,7 +187,7 @@ impl Service {
         };
         p.last_auto_slot = Some(why.slot);
         self.engine.catalog().put_policy(p)?;
-        match self.start_backup(&instance.id, BackupMode::Automated) {
+        match self.start_backup(&instance.id, BackupMode::Automated, p.backup_method) {
             Ok(job) => tracing::info!(
                 instance = %instance.id,
                 job = %job.id,
@@ -285,6 +285,7 @@ mod tests {
         // Once recorded (even if that backup failed), "first" is spent.
         let served = BackupPolicy {
             last_auto_slot: Some(at(21, 9)),
+            backup_method: strata_catalog::BackupMethod::Physical,
             ..p.clone()
         };
         assert_eq!(auto_backup(&served, &[], at(21, 10)), None);
@@ -308,6 +309,7 @@ mod tests {
     fn windows_start_backups_unless_one_runs() {
         let p = BackupPolicy {
             last_auto_slot: Some(at(21, 9)),
+            backup_method: strata_catalog::BackupMethod::Physical,
             ..policy()
         };
         let done = [set(BackupStatus::Success)];
@@ -328,6 +330,7 @@ mod tests {
         // Served: nothing until Thursday's window.
         let served = BackupPolicy {
             last_auto_slot: Some(at(23, 2)),
+            backup_method: strata_catalog::BackupMethod::Physical,
             ..p
         };
         assert_eq!(auto_backup(&served, &done, at(25, 23)), None);

@@ -206,13 +206,16 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         regions,
     );
     assert_eq!(svc.regions().available(), ["dr"]);
-    svc.register_instance(Instance::new(
-        "xr",
-        cluster.host(),
-        cluster.port(),
-        "postgres",
-        SslMode::Disable,
-    ))
+    svc.register_instance(
+        Instance::new(
+            "xr",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
     .await
     .unwrap();
     let p = svc
@@ -232,7 +235,12 @@ async fn copies_follow_the_policy_and_their_own_retention() {
     // each with its own WAL although log copies are off.
     svc.tick().await;
     settle(&svc, "xr").await;
-    svc.start_backup("xr", BackupMode::Manual).unwrap();
+    svc.start_backup(
+        "xr",
+        BackupMode::Manual,
+        strata_catalog::BackupMethod::Physical,
+    )
+    .unwrap();
     settle(&svc, "xr").await;
     cluster.psql(
         "postgres",
@@ -351,7 +359,12 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         },
     )
     .unwrap();
-    svc.start_backup("xr", BackupMode::Manual).unwrap();
+    svc.start_backup(
+        "xr",
+        BackupMode::Manual,
+        strata_catalog::BackupMethod::Physical,
+    )
+    .unwrap();
     settle(&svc, "xr").await;
     for _ in 0..20 {
         svc.tick().await;

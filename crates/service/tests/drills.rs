@@ -68,13 +68,16 @@ async fn drill_of_a_hostile_catalog(major: u32) {
         },
     );
     let id = format!("drill{major}");
-    svc.register_instance(Instance::new(
-        &id,
-        cluster.host(),
-        cluster.port(),
-        "postgres",
-        SslMode::Disable,
-    ))
+    svc.register_instance(
+        Instance::new(
+            &id,
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
     .await
     .unwrap();
     svc.tick().await;

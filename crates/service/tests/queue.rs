@@ -50,19 +50,24 @@ async fn a_backup_runs_on_the_instances_owner_whichever_node_is_asked() {
     let dir = tempfile::tempdir().unwrap();
     let a = node(dir.path(), "node-a");
     let b = node(dir.path(), "node-b");
-    a.register_instance(Instance::new(
-        "queued",
-        cluster.host(),
-        cluster.port(),
-        "postgres",
-        SslMode::Disable,
-    ))
+    a.register_instance(
+        Instance::new(
+            "queued",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
     .await
     .unwrap();
 
     // No round ran anywhere: node a is alone and will own the instance, so
     // it starts the backup during the call, as a single node always did.
-    let job = a.request_backup("queued").unwrap();
+    let job = a
+        .request_backup("queued", strata_catalog::BackupMethod::Physical)
+        .unwrap();
     assert!(!job.queued);
     assert_eq!(job.node_id.as_deref(), Some("node-a"));
     assert_eq!(a.running_backup_job("queued"), Some(job.id));
@@ -74,7 +79,9 @@ async fn a_backup_runs_on_the_instances_owner_whichever_node_is_asked() {
     assert!(catalog
         .claim_instance("queued", "node-b", Utc::now(), lease)
         .unwrap());
-    let job = a.request_backup("queued").unwrap();
+    let job = a
+        .request_backup("queued", strata_catalog::BackupMethod::Physical)
+        .unwrap();
     assert!(job.queued);
     assert_eq!(
         (job.state, job.node_id.as_deref()),
@@ -82,7 +89,9 @@ async fn a_backup_runs_on_the_instances_owner_whichever_node_is_asked() {
     );
     assert_eq!(a.running_backup_job("queued"), None);
     // A second one while it waits is refused, as while one runs.
-    assert!(a.request_backup("queued").is_err());
+    assert!(a
+        .request_backup("queued", strata_catalog::BackupMethod::Physical)
+        .is_err());
 
     b.tick().await;
     let taken = b.job(job.id).unwrap();
@@ -93,7 +102,9 @@ async fn a_backup_runs_on_the_instances_owner_whichever_node_is_asked() {
 
     // A job still queued when its instance is deregistered fails with the
     // reason instead of waiting for an owner that will never come.
-    let job = a.request_backup("queued").unwrap();
+    let job = a
+        .request_backup("queued", strata_catalog::BackupMethod::Physical)
+        .unwrap();
     assert!(job.queued);
     b.deregister_instance("queued").await.unwrap();
     let ended = a.job(job.id).unwrap();

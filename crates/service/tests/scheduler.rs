@@ -61,13 +61,16 @@ async fn scheduler_follows_days_windows_downtime_and_retention() {
     // 2027-01-06 is a Wednesday, in the future of every backup taken here.
     let clock = Arc::new(ManualClock::new(at("2027-01-06T10:00:00Z")));
     let svc = Service::new(engine(dir.path()), clock.clone(), settings(dir.path()));
-    svc.register_instance(Instance::new(
-        "sched",
-        cluster.host(),
-        cluster.port(),
-        "postgres",
-        SslMode::Disable,
-    ))
+    svc.register_instance(
+        Instance::new(
+            "sched",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
     .await
     .unwrap();
     let p = svc
@@ -235,13 +238,16 @@ async fn garbage_collection_waits_for_running_backups() {
         Arc::new(ManualClock::new(Utc::now())),
         settings(dir.path()),
     );
-    svc.register_instance(Instance::new(
-        "gc",
-        cluster.host(),
-        cluster.port(),
-        "postgres",
-        SslMode::Disable,
-    ))
+    svc.register_instance(
+        Instance::new(
+            "gc",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
     .await
     .unwrap();
     let first = svc
@@ -270,6 +276,7 @@ async fn garbage_collection_waits_for_running_backups() {
     let opts = strata_engine::BackupOptions {
         mode: BackupMode::Manual,
         max_rate_kb: Some(4096),
+        method: strata_catalog::BackupMethod::Physical,
     };
     let pending = svc.engine().prepare_backup("gc", &opts).unwrap();
     let engine = svc.engine().clone();
@@ -371,13 +378,16 @@ async fn a_failed_restore_drill_raises_the_alert() {
         .collect();
     let engine = engine.with_settings(engine_settings);
     let svc = Service::new(engine, Arc::new(ManualClock::new(Utc::now())), settings);
-    svc.register_instance(Instance::new(
-        "drill",
-        cluster.host(),
-        cluster.port(),
-        "postgres",
-        SslMode::Disable,
-    ))
+    svc.register_instance(
+        Instance::new(
+            "drill",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
     .await
     .unwrap();
     let wait_drill = |backup: BackupId| {

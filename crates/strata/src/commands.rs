@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pg_wal::Lsn;
 use serde::Serialize;
-use strata_catalog::{BackupMode, Instance, SslMode};
+use strata_catalog::{BackupMethod, BackupMode, Instance, SslMode};
 use strata_engine::{
     BackupOptions, Engine, RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions,
     WalReceiveOptions,
@@ -76,6 +76,9 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
             sslmode,
             sslrootcert,
             no_check,
+            agent,
+            agent_key_file,
+            agent_ca,
         } => {
             if !Instance::valid_id(&id) {
                 bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)");
@@ -102,6 +105,25 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
                 instance.pg_version_num = Some(facts.pg_version_num);
                 instance.wal_segment_size = Some(facts.wal_segment_size);
             }
+            if let Some(url) = agent {
+                let Some(key_file) = agent_key_file else {
+                    bail!("--agent needs --agent-key-file: the key the agent wrote on its first start");
+                };
+                let key = strata_agent::AgentKey::load(&key_file)
+                    .map_err(|e| anyhow::anyhow!("agent key {}: {e}", key_file.display()))?;
+                let ca = agent_ca.map(|p| p.display().to_string());
+                if no_check {
+                    bail!("--agent cannot be checked with --no-check; register without --no-check");
+                }
+                let facts =
+                    runtime()?.block_on(engine.attach_agent(&mut instance, &url, &key, ca))?;
+                println!(
+                    "agent at {url}: data directory {} on {} ({} free)",
+                    facts.data_dir.display(),
+                    facts.fs.fs_type,
+                    human_bytes(facts.fs.free_bytes)
+                );
+            }
             engine.add_instance(&instance)?;
             for warning in strata_engine::connection_warnings(&instance) {
                 eprintln!("warning: instance {id}: {warning}");
@@ -119,15 +141,37 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
 /// `strata backup create|list|show`.
 pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
     match cmd {
-        BackupCmd::Create { id, max_rate } => {
+        BackupCmd::Create {
+            id,
+            max_rate,
+            snapshot,
+        } => {
             let opts = BackupOptions {
                 mode: BackupMode::Manual,
                 max_rate_kb: max_rate,
+                method: if snapshot {
+                    BackupMethod::Snapshot
+                } else {
+                    BackupMethod::Physical
+                },
             };
             let progress = CliProgress::new();
             let started = std::time::Instant::now();
             let set = runtime()?.block_on(engine.backup(&id, &opts, &progress))?;
             progress.finish();
+            if snapshot {
+                println!(
+                    "snapshot backup {} of {}: {} in {} files on the database host, consistent at {}; {:.1}s",
+                    set.id,
+                    set.instance_id,
+                    human_bytes(set.total_bytes),
+                    set.file_count,
+                    set.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
+                    started.elapsed().as_secs_f64()
+                );
+                println!("{}", set.id);
+                return Ok(());
+            }
             println!(
                 "backup {} of {}: {} in {} files; {} new ({} stored), {} deduplicated; {:.1}s",
                 set.id,

@@ -110,6 +110,8 @@ enum KeyCmd {
     Delete { id: String },
 }
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum InstanceCmd {
     /// Register a server. Connects first to check it can be backed up.
@@ -135,6 +137,16 @@ enum InstanceCmd {
         /// Register without connecting.
         #[arg(long)]
         no_check: bool,
+        /// URL of `strata agent` on the database host (snapshot backups,
+        /// instant clones), e.g. https://db1:7432.
+        #[arg(long)]
+        agent: Option<String>,
+        /// The agent's key file (written by the agent on its first start).
+        #[arg(long, requires = "agent")]
+        agent_key_file: Option<PathBuf>,
+        /// Certificate or CA file to trust for an https agent URL.
+        #[arg(long, requires = "agent")]
+        agent_ca: Option<PathBuf>,
     },
     /// List registered servers.
     List {
@@ -151,6 +163,11 @@ enum BackupCmd {
         /// Limit the server's read rate, in kB/s (32 to 1048576).
         #[arg(long)]
         max_rate: Option<u32>,
+        /// A snapshot of the data directory through the instance's agent
+        /// (seconds, whatever the size) instead of a copy over the
+        /// replication protocol.
+        #[arg(long)]
+        snapshot: bool,
     },
     /// List backup sets of an instance.
     List {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_catalog::{BackupSet, Instance, Job, WalSegmentRow};
+use strata_catalog::{BackupMethod, BackupSet, BackupStatus, Instance, Job, WalSegmentRow};
 use strata_engine::Progress;
 use strata_repo::VerifyReport;
 
@@ -157,15 +157,16 @@ pub fn print_instances(list: &[Instance]) {
 
 pub fn print_backups(list: &[BackupSet]) {
     println!(
-        "{:<15} {:<8} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
-        "ID", "STATUS", "MODE", "STARTED", "FINISHED", "SIZE", "NEW", "STOP LSN"
+        "{:<15} {:<8} {:<9} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
+        "ID", "STATUS", "MODE", "METHOD", "STARTED", "FINISHED", "SIZE", "NEW", "STOP LSN"
     );
     for b in list {
         println!(
-            "{:<15} {:<8} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
+            "{:<15} {:<8} {:<9} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
             b.id,
             b.status.as_str(),
             b.mode,
+            b.method,
             time(&b.started_at),
             opt_time(b.finished_at),
             human_bytes(b.total_bytes),
@@ -174,6 +175,14 @@ pub fn print_backups(list: &[BackupSet]) {
         );
         if let Some(e) = &b.error {
             println!("    error: {e}");
+        }
+        if b.method == BackupMethod::Snapshot && b.status == BackupStatus::Success {
+            let yes = |v: bool| if v { "yes" } else { "no" };
+            println!(
+                "    snapshot: on the database host {}, in the repository {}",
+                yes(b.snapshot_local),
+                yes(b.snapshot_uploaded)
+            );
         }
     }
 }

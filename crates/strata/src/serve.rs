@@ -73,7 +73,7 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         let service = Service::with_regions(engine.clone(), Arc::new(SystemClock), settings, regions);
         if let Some(sb) = &sandbox {
             if service.instance(DEMO_INSTANCE).is_err() {
-                if let Err(e) = service.register_instance(sb.instance()).await {
+                if let Err(e) = service.register_instance(sb.instance(), None).await {
                     sb.stop();
                     return Err(anyhow::Error::new(e).context("registering the sandbox"));
                 }
