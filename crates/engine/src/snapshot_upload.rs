@@ -41,6 +41,9 @@ use crate::{Engine, EngineError, EngineResult, Progress};
 
 /// Largest label file read from a snapshot (the agent refuses larger ones when they are put).
 const MAX_LABEL_FILE: u64 = 1024 * 1024;
+/// Longest wait for the next bytes of a file range: the agent reads a local file, so a stream
+/// silent this long is a dead connection (a partition sends no reset), not a slow disk.
+const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What to upload: a snapshot of an instance whose backup set is already in the catalog.
 #[derive(Clone)]
@@ -498,7 +501,7 @@ impl FileUploads {
         for step in steps {
             match step {
                 BlockSource::Reuse(block) => {
-                    let block = self.lock()?.add_existing(&block);
+                    let block = self.lock().add_existing(&block);
                     self.counters
                         .reused
                         .fetch_add(block.raw_len as u64, Ordering::Relaxed);
@@ -520,9 +523,16 @@ impl FileUploads {
                         )));
                     }
                     let mut block = Vec::with_capacity(self.block_size);
-                    while let Some(chunk) = reader
-                        .next_chunk()
+                    while let Some(chunk) = tokio::time::timeout(CHUNK_TIMEOUT, reader.next_chunk())
                         .await
+                        .map_err(|_| {
+                            EngineError::Unreachable(format!(
+                                "{}: {}: agent at {} sent nothing for {CHUNK_TIMEOUT:?}",
+                                self.what,
+                                doing(),
+                                self.agent.url()
+                            ))
+                        })?
                         .map_err(|e| agent_error(&self.what, &doing(), e))?
                     {
                         crc = crc.map(|c| crc32c::crc32c_append(c, &chunk));
@@ -586,8 +596,8 @@ impl FileUploads {
         .await
     }
 
-    fn lock(&self) -> EngineResult<std::sync::MutexGuard<'_, BlockWriter>> {
-        Ok(self.writer.lock().unwrap_or_else(|p| p.into_inner()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, BlockWriter> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
