@@ -3,8 +3,9 @@
 //! WAL receiver archiving meanwhile, a local repository. A snapshot taken in backup mode is
 //! uploaded, restored from the repository and started (rows equal to the source at the backup
 //! point) and downloaded (pg_verifybackup accepts it); after a 1 % change a second snapshot is
-//! uploaded against the first reading at most a tenth of the bytes, and restores equal too; an
-//! agent stopped mid-upload fails it, naming the agent, with no manifest in the repository.
+//! uploaded against the first reading at most a tenth of the bytes, and restores equal too; a
+//! repository that refuses writes, a snapshot deleted mid-upload and an agent stopped
+//! mid-upload each fail it, naming the cause, with no manifest in the repository.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,7 @@ use strata_engine::{
     Engine, EngineSettings, NoProgress, Progress, RecoveryTarget, RestoreOptions, SnapshotBase,
     SnapshotUpload, StartOptions, UploadReport, WalReceiveOptions,
 };
-use strata_repo::{LocalStorage, RepoError, Repository};
+use strata_repo::{LocalStorage, MinFreeSpace, RepoError, Repository};
 use testkit::{Cluster, FsKind, LoopFs};
 
 const ID: &str = "snap";
@@ -263,6 +264,31 @@ impl Progress for StopAgentAfter {
     fn message(&self, _: &str) {}
 }
 
+/// Deletes a snapshot directory on the host once the upload has read `after` bytes.
+struct DeleteAfter {
+    after: u64,
+    dir: PathBuf,
+    done: AtomicBool,
+}
+
+impl Progress for DeleteAfter {
+    fn update(&self, _: &str, done: u64, _: Option<u64>) {
+        if done >= self.after && !self.done.swap(true, Ordering::SeqCst) {
+            std::fs::remove_dir_all(&self.dir).unwrap();
+        }
+    }
+    fn message(&self, _: &str) {}
+}
+
+/// No manifest of set `id` in the repository: nothing half-uploaded can be restored.
+fn assert_not_committed(repo: &Repository, id: &BackupId) {
+    assert!(matches!(
+        repo.read_manifest(ID, id),
+        Err(RepoError::BackupNotFound(_))
+    ));
+    assert!(!repo.list_backups(ID).unwrap().contains(id));
+}
+
 #[test]
 fn a_snapshot_uploads_restores_and_the_next_reads_only_changed_blocks() {
     let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 500, true) else {
@@ -422,8 +448,59 @@ fn a_snapshot_uploads_restores_and_the_next_reads_only_changed_blocks() {
     assert_eq!(restore_digest(&engine, &dir, &second), source2);
     verify_download(&engine, &dir, &second);
 
-    // 3. The agent stops mid-upload: the upload fails naming it, and no set is committed.
+    // 3. The repository refuses writes (its file system under the free-space minimum): the
+    // upload fails with the repository's reason, and no set is committed.
     let (third, _) = runtime.block_on(snapshot_backup(&cluster, &engine, &agent.client, "s3"));
+    let full = LocalStorage::new(dir.join("repo"))
+        .unwrap()
+        .with_min_free(MinFreeSpace {
+            bytes: u64::MAX,
+            percent: 100,
+        });
+    let full_engine = engine.with_repo(Repository::open(Arc::new(full)).unwrap());
+    let err = upload(
+        &runtime,
+        &full_engine,
+        &agent.client,
+        &third,
+        "s3",
+        None,
+        &NoProgress,
+    )
+    .expect_err("an upload into a full repository succeeded");
+    eprintln!("upload into a full repository: {err}");
+    assert!(err.to_string().contains("below the minimum"), "{err}");
+    assert_not_committed(&repo, &third);
+
+    // 4. The snapshot is deleted on the host mid-upload: the upload fails naming it.
+    let snapshot_dir = cluster
+        .data_dir()
+        .parent()
+        .unwrap()
+        .join("strata-snapshots/s3");
+    let deleter = DeleteAfter {
+        after: 1 << 20,
+        dir: snapshot_dir.clone(),
+        done: AtomicBool::new(false),
+    };
+    let err = upload(
+        &runtime,
+        &engine,
+        &agent.client,
+        &third,
+        "s3",
+        None,
+        &deleter,
+    )
+    .expect_err("an upload of a deleted snapshot succeeded");
+    eprintln!("upload of a snapshot deleted meanwhile: {err}");
+    assert!(deleter.done.load(Ordering::SeqCst) && !snapshot_dir.exists());
+    assert!(err.to_string().contains("no snapshot s3"), "{err}");
+    assert!(err.to_string().contains(agent.client.url()), "{err}");
+    assert_not_committed(&repo, &third);
+
+    // 5. The agent stops mid-upload: the upload fails naming it, and no set is committed.
+    let (fourth, _) = runtime.block_on(snapshot_backup(&cluster, &engine, &agent.client, "s4"));
     let stopper = StopAgentAfter {
         after: 1 << 20,
         stop: agent.stop.clone(),
@@ -433,8 +510,8 @@ fn a_snapshot_uploads_restores_and_the_next_reads_only_changed_blocks() {
         &runtime,
         &engine,
         &agent.client,
-        &third,
-        "s3",
+        &fourth,
+        "s4",
         None,
         &stopper,
     )
@@ -445,12 +522,11 @@ fn a_snapshot_uploads_restores_and_the_next_reads_only_changed_blocks() {
         err.to_string().contains(agent.client.url()),
         "the error does not name the agent: {err}"
     );
-    assert!(err.to_string().contains("snapshot s3"), "{err}");
-    assert!(matches!(
-        repo.read_manifest(ID, &third),
-        Err(RepoError::BackupNotFound(_))
-    ));
-    assert!(!repo.list_backups(ID).unwrap().contains(&third));
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert!(err.to_string().contains("snapshot s4"), "{err}");
+    assert_not_committed(&repo, &fourth);
+    // What is committed is exactly the two uploaded sets.
+    assert_eq!(repo.list_backups(ID).unwrap(), vec![first, second]);
 
     stop_wal.send(true).unwrap();
     runtime.block_on(receiver).unwrap().unwrap();
