@@ -525,8 +525,11 @@ fn a_snapshot_uploads_restores_and_the_next_reads_only_changed_blocks() {
     assert!(err.to_string().contains("unreachable"), "{err}");
     assert!(err.to_string().contains("snapshot s4"), "{err}");
     assert_not_committed(&repo, &fourth);
-    // What is committed is exactly the two uploaded sets.
+    // What is committed is exactly the two uploaded sets, every block they name intact.
     assert_eq!(repo.list_backups(ID).unwrap(), vec![first, second]);
+    let verified = repo.verify(&|_, _| {}).unwrap();
+    assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+    assert_eq!(verified.backups_checked, 2);
 
     stop_wal.send(true).unwrap();
     runtime.block_on(receiver).unwrap().unwrap();
