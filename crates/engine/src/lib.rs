@@ -1,5 +1,6 @@
 //! Strata's engine: the jobs that move data between PostgreSQL servers and the
-//! repository — full backups over the replication protocol, continuous WAL
+//! repository — full backups over the replication protocol, uploads of
+//! snapshot backups from the agent on the database host, continuous WAL
 //! archiving from a replication slot, restores (latest or point in time),
 //! verification and catalog reindexing. The CLI and the service both drive
 //! these through [`Engine`].
@@ -23,6 +24,7 @@ mod restore;
 mod retention;
 mod segment;
 mod snapshot;
+mod snapshot_upload;
 mod wal_uploader;
 
 use std::path::PathBuf;
@@ -49,6 +51,7 @@ pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
 pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
 pub use retention::{newest_success, pitr_anchor, plan_retention, GcGuard, RetentionPlan};
+pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};
 
 impl Engine {
     /// The same engine reading and writing `repo` instead (a cross-region
@@ -108,6 +111,8 @@ pub struct EngineSettings {
     /// How long a pack must have been unreferenced, as seen by an earlier
     /// garbage collection, before a collection deletes it.
     pub gc_grace: std::time::Duration,
+    /// Files of a snapshot read from the agent at once while it is uploaded.
+    pub snapshot_upload_parallel: usize,
 }
 
 impl Default for EngineSettings {
@@ -127,6 +132,7 @@ impl Default for EngineSettings {
             repo_hold_ttl: std::time::Duration::from_secs(60),
             job_lease: std::time::Duration::from_secs(30),
             gc_grace: std::time::Duration::from_secs(3600),
+            snapshot_upload_parallel: 4,
         }
     }
 }
