@@ -295,10 +295,19 @@ impl Engine {
             wal,
             restore_points,
         } = index;
-        let backups: Vec<BackupSet> = backups
-            .into_iter()
-            .filter(|b| b.status == BackupStatus::Success)
-            .collect();
+        if let Some(local) = backups.iter().find(|b| {
+            opts.backup_id.as_deref() == Some(b.id.as_str())
+                && b.status == BackupStatus::Success
+                && !b.in_repository()
+        }) {
+            return Err(EngineError::Refused(format!(
+                "backup {} is a snapshot on the database host that is not uploaded to the repository yet; clone it through the instance's agent, or restore it once its upload is done",
+                local.id
+            )));
+        }
+        // A repository restore reads sets the repository has: a snapshot
+        // counts once uploaded.
+        let backups: Vec<BackupSet> = backups.into_iter().filter(|b| b.in_repository()).collect();
         let backup = choose_backup(
             instance_id,
             &backups,

@@ -26,6 +26,7 @@ use strata_catalog::{BackupSet, Instance, Job, JobState};
 
 use crate::backup::{open_wal_slot, BackupWal, StreamStart};
 use crate::blocking::blocking;
+use crate::catalog_retry::retry_busy;
 use crate::connect::{connect_options, explain};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -283,6 +284,114 @@ impl Engine {
             Err(e) if e.code() == Some(strata_agent::proto::ErrorCode::NotFound) => Ok(()),
             Err(e) => Err(agent_error(agent.url(), e)),
         }
+    }
+
+    /// Uploads the snapshot set `backup_id` from its agent into the
+    /// repository under `job` (whose states it records), reading only the
+    /// blocks changed since the newest earlier snapshot set of the instance
+    /// that is both still on the host and uploaded. Records the set as
+    /// uploaded with what the repository gained; on failure the job is
+    /// `Failed` with the reason and the set stays as it was (its snapshot
+    /// on the host, still restorable there).
+    pub async fn run_snapshot_upload(
+        &self,
+        mut job: Job,
+        progress: &dyn Progress,
+    ) -> EngineResult<(BackupSet, crate::UploadReport)> {
+        let outcome = self.upload_for_job(&mut job, progress).await;
+        let now = Utc::now();
+        job.finished_at = Some(now);
+        match &outcome {
+            Ok(_) => {
+                job.state = JobState::Finished;
+                job.progress = 100;
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e.to_string());
+            }
+        }
+        self.record_job("recording a snapshot upload's end", &job)
+            .await?;
+        outcome
+    }
+
+    async fn upload_for_job(
+        &self,
+        job: &mut Job,
+        progress: &dyn Progress,
+    ) -> EngineResult<(BackupSet, crate::UploadReport)> {
+        let backup_id = job.backup_id.clone().ok_or_else(|| {
+            EngineError::Refused(format!("snapshot upload job {} names no backup", job.id))
+        })?;
+        let engine = self.clone();
+        let id = backup_id.clone();
+        let (set, instance, sets) = blocking(move || {
+            let set = engine.catalog.get_backup(&id)?;
+            let instance = engine.catalog.get_instance(&set.instance_id)?;
+            let sets = engine.catalog.list_backups(&set.instance_id)?;
+            Ok((set, instance, sets))
+        })
+        .await?;
+        if set.method != strata_catalog::BackupMethod::Snapshot || !set.snapshot_local {
+            return Err(EngineError::Refused(format!(
+                "backup {backup_id} is not a snapshot on the database host"
+            )));
+        }
+        let agent = self.agent(&instance)?.ok_or_else(|| {
+            EngineError::Refused(format!("instance {} has no agent", instance.id))
+        })?;
+        let base = sets
+            .iter()
+            .filter(|b| {
+                b.method == strata_catalog::BackupMethod::Snapshot
+                    && b.snapshot_local
+                    && b.snapshot_uploaded
+                    && b.status == strata_catalog::BackupStatus::Success
+                    && b.started_at < set.started_at
+            })
+            .max_by_key(|b| b.started_at)
+            .and_then(|b| {
+                Some(crate::SnapshotBase {
+                    snapshot: SnapshotName::new(b.id.as_str()).ok()?,
+                    backup_id: b.id.clone(),
+                })
+            });
+        job.state = JobState::Uploading;
+        job.detail = format!("upload of snapshot backup {backup_id} to the repository");
+        self.record_job("recording a snapshot upload's start", job)
+            .await?;
+        let snapshot = SnapshotName::new(set.id.as_str())
+            .map_err(|e| EngineError::Failed(format!("backup id {}: {e}", set.id)))?;
+        let report = self
+            .upload_snapshot(
+                crate::SnapshotUpload {
+                    instance_id: instance.id.to_string(),
+                    backup_id: set.id.clone(),
+                    agent,
+                    snapshot,
+                    base,
+                },
+                progress,
+            )
+            .await?;
+        // The row as it is now (another round may have changed its local
+        // state meanwhile), with the upload recorded.
+        let engine = self.clone();
+        let (id, stats) = (set.id.clone(), report.stats.clone());
+        let set = blocking(move || {
+            let mut set = engine.catalog.get_backup(&id)?;
+            set.snapshot_uploaded = true;
+            set.new_bytes = stats.new_bytes;
+            set.dedup_bytes = stats.dedup_bytes;
+            set.stored_bytes = stats.stored_bytes;
+            retry_busy("recording an uploaded snapshot", || {
+                engine.catalog.update_backup(&set)
+            })?;
+            Ok(set)
+        })
+        .await?;
+        Ok((set, report))
     }
 
     /// Records a set's new snapshot state (local copy gone, or uploaded).

@@ -69,6 +69,12 @@ impl Service {
             ))
             .into());
         }
+        if !set.in_repository() {
+            return Err(EngineError::Refused(format!(
+                "backup {backup_id} is a snapshot not uploaded to the repository yet; it is drilled once uploaded"
+            ))
+            .into());
+        }
         Ok(set)
     }
 

@@ -131,7 +131,13 @@ impl Service {
             match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
                 Ok(set) => {
                     tracing::info!(instance = %id, backup = %set.id, "backup finished");
-                    if svc.settings.drills {
+                    if set.method == BackupMethod::Snapshot {
+                        // Durable off the host once uploaded, in the background.
+                        if let Err(e) = svc.request_snapshot_upload(&set) {
+                            tracing::warn!(instance = %id, "cannot queue the snapshot's upload: {e}");
+                        }
+                    }
+                    if svc.settings.drills && set.in_repository() {
                         if let Err(e) = svc.start_drill(&set.id) {
                             tracing::warn!(instance = %id, "cannot queue a restore drill: {e}");
                         }

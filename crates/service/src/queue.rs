@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use strata_catalog::{BackupMethod, BackupMode, Job, JobId, JobKind};
+use strata_catalog::{BackupMethod, BackupMode, BackupSet, Job, JobId, JobKind};
 use strata_engine::EngineError;
 
 use crate::{fail_job, fleet, Service, ServiceResult};
@@ -69,6 +69,53 @@ impl Service {
                 .queue_job(JobKind::Drill, &set.instance_id, Some(&set.id))?;
         self.take_if_mine(&job);
         Ok(job.id)
+    }
+
+    /// Queues the upload of the snapshot set `set` to the repository for its
+    /// instance's owner (the node that reaches its agent for it).
+    pub(crate) fn request_snapshot_upload(
+        self: &Arc<Self>,
+        set: &BackupSet,
+    ) -> ServiceResult<JobId> {
+        let job = self.engine.catalog().queue_job(
+            JobKind::SnapshotUpload,
+            &set.instance_id,
+            Some(&set.id),
+        )?;
+        self.take_if_mine(&job);
+        Ok(job.id)
+    }
+
+    /// Runs the snapshot upload of a queued job this node claimed.
+    fn start_claimed_upload(self: &Arc<Self>, job: Job) {
+        let svc = Arc::clone(self);
+        tokio::spawn(async move {
+            let id = job.id;
+            match svc
+                .engine
+                .run_snapshot_upload(job, &strata_engine::NoProgress)
+                .await
+            {
+                Ok((set, report)) => {
+                    tracing::info!(
+                        instance = %set.instance_id,
+                        backup = %set.id,
+                        job = %id,
+                        read = report.read_bytes,
+                        reused = report.reused_bytes,
+                        "snapshot uploaded to the repository"
+                    );
+                    if svc.settings.drills {
+                        if let Err(e) = svc.start_drill(&set.id) {
+                            tracing::warn!(backup = %set.id, "cannot queue a restore drill: {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(job = %id, "snapshot upload failed: {e}"),
+            }
+            svc.housekeeping.request_gc();
+            svc.usage_changed();
+        });
     }
 
     /// Whether queued work for `instance_id` runs on this node: it holds the
@@ -147,6 +194,10 @@ impl Service {
                 self.start_claimed_backup(claimed).map(|_| ())
             }
             JobKind::Drill => self.start_claimed_drill(claimed).map(|_| ()),
+            JobKind::SnapshotUpload => {
+                self.start_claimed_upload(claimed);
+                Ok(())
+            }
             other => Err(EngineError::Refused(format!(
                 "{} jobs are not run through the queue",
                 other.as_str()
