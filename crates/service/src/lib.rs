@@ -25,6 +25,7 @@ mod drills;
 pub mod fleet;
 mod jobs;
 mod local;
+mod local_snapshots;
 mod membership;
 mod metrics;
 mod pg_client;
@@ -108,6 +109,9 @@ pub struct ServiceSettings {
     pub local_listen: String,
     /// Drill every successful backup (restore, recover, pg_amcheck).
     pub drills: bool,
+    /// Snapshots each instance keeps on its database host (the newest;
+    /// older ones go once uploaded).
+    pub snapshot_keep_local: usize,
     /// Storage usage sampling and free quotas.
     pub usage: UsageSettings,
     /// This node's identity in a fleet sharing the catalog.
@@ -152,6 +156,7 @@ impl Default for ServiceSettings {
             local_ports: (15432, 15531),
             local_listen: "127.0.0.1".into(),
             drills: true,
+            snapshot_keep_local: 2,
             usage: UsageSettings::default(),
             node: NodeSettings::default(),
         }

@@ -169,6 +169,11 @@ impl Service {
         }
         if retention_due {
             self.apply_retention(&p, now)?;
+            if instance.agent_url.is_some() {
+                if let Err(e) = self.prune_local_snapshots(instance).await {
+                    tracing::warn!(instance = %instance.id, "local snapshot retention: {e}");
+                }
+            }
         }
         Ok(())
     }

@@ -70,6 +70,18 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub gc: GcConfig,
     pub node: NodeConfig,
+    pub snapshot: SnapshotConfig,
+}
+
+/// `[snapshot]`: snapshot backups through agents on database hosts.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Snapshots each instance keeps on its database host (older ones are
+    /// deleted there once uploaded).
+    pub keep_local: Option<usize>,
+    /// Files of a snapshot read from the agent at once while it uploads.
+    pub upload_parallel: Option<usize>,
 }
 
 /// `[node]`: this server's identity among `strata serve` nodes sharing one
@@ -625,6 +637,9 @@ impl Config {
         if let Some(secs) = self.node.lease_secs {
             s.node.lease = Duration::from_secs(secs);
         }
+        if let Some(keep) = self.snapshot.keep_local {
+            s.snapshot_keep_local = keep;
+        }
         Ok(s)
     }
 
@@ -645,6 +660,9 @@ impl Config {
         }
         if let Some(secs) = self.wal.retry_max_secs {
             s.wal_retry_max = Duration::from_secs(secs.max(1));
+        }
+        if let Some(p) = self.snapshot.upload_parallel {
+            s.snapshot_upload_parallel = p.clamp(1, 64);
         }
         if let Some(p) = self.restore.parallelism.filter(|p| *p > 0) {
             s.restore_parallelism = p;
