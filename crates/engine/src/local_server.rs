@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-pub(crate) use pg_conf::quote;
-use pg_conf::{line_setting, line_value, ConfDir};
 /// Re-exported: the one list of settings a copy loses, shared with the agent's clones.
 pub use pg_conf::is_neutralized;
+pub(crate) use pg_conf::quote;
+use pg_conf::{line_setting, line_value, ConfDir};
 
 use crate::{EngineError, EngineResult};
 

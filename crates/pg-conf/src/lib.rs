@@ -425,8 +425,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("target"), "archive_command = 'x'\n").unwrap();
         std::fs::remove_file(d.join("postgresql.auto.conf")).unwrap();
-        std::os::unix::fs::symlink(outside.join("target"), d.join("postgresql.auto.conf"))
-            .unwrap();
+        std::os::unix::fs::symlink(outside.join("target"), d.join("postgresql.auto.conf")).unwrap();
         let err = neutralize_copy(&dir).unwrap_err();
         assert_eq!(err.source.raw_os_error(), Some(libc::ELOOP), "{err}");
         assert!(dir.append("postgresql.auto.conf", "port = 1\n").is_err());
