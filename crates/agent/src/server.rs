@@ -257,6 +257,19 @@ async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next)
         None
     };
     let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
+    if wal_limit.is_some() {
+        // Signature and clock first: only a signed request may make the agent read a segment.
+        let head = agent.verifier.verify_head(
+            parts.method.as_str(),
+            parts.uri.path(),
+            parts.uri.query().unwrap_or(""),
+            |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+            unix_now(),
+        );
+        if let Err(refusal) = head {
+            return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+        }
+    }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) if wal_limit.is_some() => {

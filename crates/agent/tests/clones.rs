@@ -458,6 +458,25 @@ async fn hostile_start_requests_and_wal_files_are_refused_and_write_nothing() {
         assert_eq!(status, 400, "{name}: {text}");
         assert_eq!(code_of(&text), ErrorCode::InvalidParameter, "{name}");
     }
+    // An unsigned upload announcing a segment-sized body is refused before any byte of the
+    // body is read: only a signed request makes the agent buffer a segment.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+        let head = format!(
+            "PUT /v1/clones/c1/wal/000000010000000000000002 HTTP/1.1\r\nHost: {}\r\nContent-Length: {segment}\r\nConnection: close\r\n\r\n",
+            agent.addr
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut answer))
+            .await
+            .expect("answered without the body")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(text.contains("unsigned request"), "{text}");
+    }
     let seg2 = wal("000000010000000000000002");
     for len in [0, 1000, segment - 1, segment + 1] {
         let e = agent
