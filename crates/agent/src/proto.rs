@@ -29,9 +29,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::clone_server::{CloneStarted, CloneStatus, StartRequest, TargetRequest};
 pub use crate::cow::{ByteRange, ChangedRanges, FsInfo};
 use crate::names::SnapshotName;
-pub use crate::clone_server::{CloneStarted, CloneStatus, StartRequest, TargetRequest};
 pub use crate::snapshot::{
     CloneCreated, EntryKind, FileChanges, FreeFloor, Labels, Manifest, ManifestEntry,
     SnapshotCreated, SnapshotInfo,
