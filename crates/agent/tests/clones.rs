@@ -285,6 +285,29 @@ async fn a_clone_of_a_snapshot_starts_with_the_backup_rows_and_runs_nothing_of_t
     assert!(!process_alive(pid));
     assert!(!agent.client.clone_status(&c1).await.unwrap().running);
 
+    // Started as a read-only standby: it stays in recovery.
+    let port_standby = testkit::free_port();
+    agent
+        .client
+        .start_clone(
+            &c1,
+            &StartRequest {
+                port: port_standby,
+                listen_addresses: None,
+                target: None,
+                stay_in_recovery: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(psql(&bin, port_standby, "SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(
+        psql(&bin, port_standby, "SELECT count(*) FROM t WHERE id = 5000"),
+        "1"
+    );
+    assert!(clone.path.join("standby.signal").exists());
+    assert!(!agent.client.stop_clone(&c1).await.unwrap().running);
+
     // Started again (its own configuration written over the previous one), then deleted
     // while running: the server is stopped first.
     let port2 = testkit::free_port();
@@ -305,6 +328,8 @@ async fn a_clone_of_a_snapshot_starts_with_the_backup_rows_and_runs_nothing_of_t
         psql(&bin, port2, "SELECT count(*) FROM t WHERE id = 5000"),
         "1"
     );
+    assert_eq!(psql(&bin, port2, "SELECT pg_is_in_recovery()"), "f");
+    assert!(!clone.path.join("standby.signal").exists());
     let pid = agent.client.clone_status(&c1).await.unwrap().pid.unwrap();
     agent.client.delete_clone(&c1).await.unwrap();
     assert!(!clone.path.exists());
