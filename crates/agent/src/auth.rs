@@ -256,6 +256,48 @@ impl Verifier {
         now: i64,
     ) -> Result<(), AuthRefusal> {
         let refuse = |m: &str| Err(AuthRefusal(m.to_string()));
+        let (nonce, timestamp, claimed_hash) =
+            self.check_head(method, path, query, &header, now)?;
+        if !hex::encode(Sha256::digest(body)).eq_ignore_ascii_case(claimed_hash) {
+            return refuse("body does not match its signed hash");
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, t| (now - *t).abs() <= MAX_SKEW_SECS);
+        if seen.contains_key(nonce) {
+            return refuse("replayed request: nonce already used");
+        }
+        if seen.len() >= MAX_NONCES {
+            return refuse("too many requests within the replay window; retry later");
+        }
+        seen.insert(nonce.to_string(), timestamp);
+        Ok(())
+    }
+
+    /// Checks everything but the body and the nonce: the signature over the claimed body hash
+    /// and the clock. The agent runs it before reading a large body (a WAL segment), so an
+    /// unsigned request cannot make it buffer one; [`verify`](Self::verify) follows.
+    pub fn verify_head<'h>(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        header: impl Fn(&str) -> Option<&'h str>,
+        now: i64,
+    ) -> Result<(), AuthRefusal> {
+        self.check_head(method, path, query, &header, now)
+            .map(|_| ())
+    }
+
+    /// (nonce, timestamp, claimed body hash) of a request whose signature and time are right.
+    fn check_head<'h>(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        header: &impl Fn(&str) -> Option<&'h str>,
+        now: i64,
+    ) -> Result<(&'h str, i64, &'h str), AuthRefusal> {
+        let refuse = |m: &str| Err(AuthRefusal(m.to_string()));
         let Some(auth) = header("authorization") else {
             return refuse("unsigned request: no authorization header");
         };
@@ -283,25 +325,13 @@ impl Verifier {
         if mac(&self.key, &text).verify_slice(&signature).is_err() {
             return refuse("signature does not match (wrong key?)");
         }
-        if !hex::encode(Sha256::digest(body)).eq_ignore_ascii_case(claimed_hash) {
-            return refuse("body does not match its signed hash");
-        }
         if (now - timestamp).abs() > MAX_SKEW_SECS {
             return Err(AuthRefusal(format!(
                 "request time {timestamp} is {}s away from the agent's clock (at most {MAX_SKEW_SECS}s)",
                 (now - timestamp).abs()
             )));
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, t| (now - *t).abs() <= MAX_SKEW_SECS);
-        if seen.contains_key(nonce) {
-            return refuse("replayed request: nonce already used");
-        }
-        if seen.len() >= MAX_NONCES {
-            return refuse("too many requests within the replay window; retry later");
-        }
-        seen.insert(nonce.to_string(), timestamp);
-        Ok(())
+        Ok((nonce, timestamp, claimed_hash))
     }
 }
 

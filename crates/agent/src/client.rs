@@ -20,11 +20,13 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 
 use crate::auth::{new_nonce, sign, unix_now, AgentKey};
+use crate::clone_server::{CloneStarted, CloneStatus, StartRequest};
 use crate::names::{CloneName, RelPath, SnapshotName};
 use crate::proto::{
     encode_query_value, CloneCreated, CloneRequest, ErrorBody, ErrorCode, FileChanges, HostFacts,
     Labels, Manifest, SnapshotCreated, SnapshotInfo, SpaceEstimate,
 };
+use crate::wal::{WalAdded, WalFileName, WalRangeRequest};
 
 /// Largest JSON answer read (a manifest or change list of a very large cluster).
 const MAX_JSON_ANSWER: usize = 512 * 1024 * 1024;
@@ -351,7 +353,87 @@ impl AgentClient {
             .await
     }
 
-    /// Deletes clone `clone`.
+    /// Starts a PostgreSQL server in clone `clone` (its configuration neutralized, see
+    /// docs/AGENT.md); answers once it accepts connections.
+    pub async fn start_clone(
+        &self,
+        clone: &CloneName,
+        request: &StartRequest,
+    ) -> Result<CloneStarted, AgentError> {
+        let body = serde_json::to_vec(request).map_err(|e| self.protocol(e.to_string()))?;
+        self.json(Method::POST, &format!("/v1/clones/{clone}/start"), "", body)
+            .await
+    }
+
+    /// Stops clone `clone`'s server (fast shutdown) if it runs.
+    pub async fn stop_clone(&self, clone: &CloneName) -> Result<CloneStatus, AgentError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/clones/{clone}/stop"),
+            "",
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// Whether clone `clone`'s server runs, and on which port.
+    pub async fn clone_status(&self, clone: &CloneName) -> Result<CloneStatus, AgentError> {
+        self.json(Method::GET, &format!("/v1/clones/{clone}"), "", Vec::new())
+            .await
+    }
+
+    /// Stores WAL file `file` (a whole segment, or a history file) in clone `clone`'s
+    /// `pg_wal/`.
+    pub async fn put_clone_wal(
+        &self,
+        clone: &CloneName,
+        file: &WalFileName,
+        bytes: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        self.empty(
+            Method::PUT,
+            &format!("/v1/clones/{clone}/wal/{file}"),
+            "",
+            bytes,
+        )
+        .await
+    }
+
+    /// Stores WAL file `file` (a whole segment, or a history file) in snapshot `name`'s
+    /// `pg_wal/`.
+    pub async fn put_snapshot_wal(
+        &self,
+        name: &SnapshotName,
+        file: &WalFileName,
+        bytes: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        self.empty(
+            Method::PUT,
+            &format!("/v1/snapshots/{name}/wal/{file}"),
+            "",
+            bytes,
+        )
+        .await
+    }
+
+    /// Reflinks segments `first` to `last` (at most 64) from the live data directory's
+    /// `pg_wal/` into snapshot `name`, so the snapshot holds its own WAL.
+    pub async fn add_snapshot_wal(
+        &self,
+        name: &SnapshotName,
+        first: &WalFileName,
+        last: &WalFileName,
+    ) -> Result<WalAdded, AgentError> {
+        let body = serde_json::to_vec(&WalRangeRequest {
+            first: first.clone(),
+            last: last.clone(),
+        })
+        .map_err(|e| self.protocol(e.to_string()))?;
+        self.json(Method::POST, &format!("/v1/snapshots/{name}/wal"), "", body)
+            .await
+    }
+
+    /// Deletes clone `clone`, stopping its server first.
     pub async fn delete_clone(&self, clone: &CloneName) -> Result<(), AgentError> {
         self.empty(
             Method::DELETE,

@@ -14,8 +14,14 @@
 //! | GET | `/v1/snapshots/{name}/space` | | [`SpaceEstimate`] |
 //! | GET | `/v1/snapshots/{name}/file` | `?path=&offset=&len=` | the bytes (streamed) |
 //! | GET | `/v1/snapshots/{name}/changes` | `?since=` | `[FileChanges]` |
+//! | POST | `/v1/snapshots/{name}/wal` | `WalRangeRequest` | `WalAdded` |
+//! | PUT | `/v1/snapshots/{name}/wal/{file}` | the WAL file's bytes | 201 |
 //! | POST | `/v1/clones/{name}` | [`CloneRequest`] | [`CloneCreated`] |
-//! | DELETE | `/v1/clones/{name}` | | 204 |
+//! | GET | `/v1/clones/{name}` | | `CloneStatus` |
+//! | POST | `/v1/clones/{name}/start` | `StartRequest` | `CloneStarted` |
+//! | POST | `/v1/clones/{name}/stop` | | `CloneStatus` |
+//! | PUT | `/v1/clones/{name}/wal/{file}` | the WAL file's bytes | 201 |
+//! | DELETE | `/v1/clones/{name}` | (stops its server first) | 204 |
 //!
 //! Refusals carry an [`ErrorBody`] with a one-line message and the status of its [`ErrorCode`].
 
@@ -23,14 +29,17 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::clone_server::{CloneStarted, CloneStatus, StartRequest, TargetRequest};
 pub use crate::cow::{ByteRange, ChangedRanges, FsInfo};
 use crate::names::SnapshotName;
 pub use crate::snapshot::{
     CloneCreated, EntryKind, FileChanges, FreeFloor, Labels, Manifest, ManifestEntry,
     SnapshotCreated, SnapshotInfo,
 };
+pub use crate::wal::{WalAdded, WalFileName, WalRangeRequest};
 
-/// Largest request body the agent reads (label files are the largest).
+/// Largest request body the agent reads (label files are the largest), WAL uploads aside: those
+/// may be as large as the cluster's WAL segments.
 pub const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
 /// Largest range one file read returns.
 pub const MAX_READ_LEN: u64 = 1 << 30;

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{unix_now, AgentKey, Verifier};
+use crate::clone_server::{CloneServers, StartRequest};
 use crate::cow;
 use crate::names::{CloneName, RelPath, SnapshotName};
 use crate::proto::{
@@ -29,6 +30,7 @@ use crate::proto::{
     MAX_READ_LEN, MAX_REQUEST_BODY,
 };
 use crate::snapshot::{FreeFloor, Labels, Layout, SnapshotError, SnapshotStore};
+use crate::wal::{is_wal_upload, WalFileName, WalRangeRequest, WalTarget};
 
 /// Why the agent cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,7 @@ pub struct Agent {
     store: SnapshotStore,
     verifier: Verifier,
     min_free: FreeFloor,
+    servers: CloneServers,
 }
 
 impl Agent {
@@ -99,7 +102,26 @@ impl Agent {
             store,
             verifier: Verifier::new(key),
             min_free,
+            servers: CloneServers::default(),
         })
+    }
+
+    /// The same agent running clones' servers with `pg_ctl` from `dir` (`--pg-bin`) instead of
+    /// `/usr/lib/postgresql/<major>/bin`.
+    pub fn with_pg_bin(mut self, dir: PathBuf) -> Agent {
+        self.servers.pg_bin = Some(dir);
+        self
+    }
+
+    /// Starts, stops and reports clones' servers.
+    pub fn servers(&self) -> &CloneServers {
+        &self.servers
+    }
+
+    /// Deletes clone `clone`, stopping its server first.
+    pub fn delete_clone(&self, clone: &CloneName) -> Result<(), SnapshotError> {
+        self.servers.stop(&self.store, clone, true)?;
+        self.store.delete_clone(clone)
     }
 
     /// The snapshots and clones this agent serves.
@@ -140,8 +162,18 @@ impl Agent {
             .route("/v1/snapshots/{name}/space", get(space))
             .route("/v1/snapshots/{name}/file", get(read_file))
             .route("/v1/snapshots/{name}/changes", get(changes))
-            .route("/v1/clones/{name}", post(create_clone).delete(delete_clone))
+            .route("/v1/snapshots/{name}/wal", post(add_snapshot_wal))
+            .route("/v1/snapshots/{name}/wal/{file}", put(put_snapshot_wal))
+            .route(
+                "/v1/clones/{name}",
+                post(create_clone).delete(delete_clone).get(clone_status),
+            )
+            .route("/v1/clones/{name}/start", post(start_clone))
+            .route("/v1/clones/{name}/stop", post(stop_clone))
+            .route("/v1/clones/{name}/wal/{file}", put(put_clone_wal))
             .fallback(not_found)
+            // Bodies are read, bounded, by the signature check.
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
             .with_state(self)
     }
@@ -175,7 +207,9 @@ impl IntoResponse for ApiError {
 impl From<SnapshotError> for ApiError {
     fn from(e: SnapshotError) -> Self {
         let code = match &e {
-            SnapshotError::InvalidName(_) => ErrorCode::InvalidParameter,
+            SnapshotError::InvalidName(_) | SnapshotError::InvalidParameter(_) => {
+                ErrorCode::InvalidParameter
+            }
             SnapshotError::NotFound(_) => ErrorCode::NotFound,
             SnapshotError::Exists(_) => ErrorCode::Exists,
             SnapshotError::LowSpace(_) => ErrorCode::LowSpace,
@@ -212,8 +246,39 @@ async fn blocking<T: Send + 'static>(
 
 async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
+    // A WAL file may be as large as the cluster's segments; every other body is small.
+    let wal_limit = if is_wal_upload(parts.method.as_str(), parts.uri.path()) {
+        let a = agent.clone();
+        tokio::task::spawn_blocking(move || a.store.wal_segment_size().ok())
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
+    if wal_limit.is_some() {
+        // Signature and clock first: only a signed request may make the agent read a segment.
+        let head = agent.verifier.verify_head(
+            parts.method.as_str(),
+            parts.uri.path(),
+            parts.uri.query().unwrap_or(""),
+            |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+            unix_now(),
+        );
+        if let Err(refusal) = head {
+            return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+        }
+    }
+    let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
+        Err(_) if wal_limit.is_some() => {
+            return ApiError(
+                ErrorCode::InvalidParameter,
+                format!("a WAL file holds at most {limit} bytes (the cluster's segment size)"),
+            )
+            .into_response()
+        }
         Err(_) => {
             return (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -394,8 +459,82 @@ async fn delete_clone(
 ) -> ApiResult<StatusCode> {
     let clone = CloneName::new(&name)?;
     let a = agent.clone();
-    blocking(move || a.store.delete_clone(&clone)).await?;
+    blocking(move || a.delete_clone(&clone)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clone_status(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let clone = CloneName::new(&name)?;
+    let a = agent.clone();
+    Ok(Json(blocking(move || a.servers.status(&a.store, &clone)).await?).into_response())
+}
+
+async fn start_clone(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let clone = CloneName::new(&name)?;
+    let req: StartRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(ErrorCode::InvalidParameter, format!("start request: {e}")))?;
+    let a = agent.clone();
+    let started = blocking(move || a.servers.start(&a.store, &clone, &req)).await?;
+    Ok(Json(started).into_response())
+}
+
+async fn stop_clone(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let clone = CloneName::new(&name)?;
+    let a = agent.clone();
+    Ok(Json(blocking(move || a.servers.stop(&a.store, &clone, false)).await?).into_response())
+}
+
+async fn put_clone_wal(
+    State(agent): State<Arc<Agent>>,
+    UrlPath((name, file)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let target = WalTarget::Clone(CloneName::new(&name)?);
+    put_wal(agent, target, &file, body).await
+}
+
+async fn put_snapshot_wal(
+    State(agent): State<Arc<Agent>>,
+    UrlPath((name, file)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let target = WalTarget::Snapshot(SnapshotName::new(&name)?);
+    put_wal(agent, target, &file, body).await
+}
+
+async fn put_wal(
+    agent: Arc<Agent>,
+    target: WalTarget,
+    file: &str,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let file = WalFileName::new(file)?;
+    let a = agent.clone();
+    blocking(move || a.store.put_wal(&target, &file, &body)).await?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn add_snapshot_wal(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let name = SnapshotName::new(&name)?;
+    let req: WalRangeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(ErrorCode::InvalidParameter, format!("WAL range: {e}")))?;
+    let a = agent.clone();
+    let added = blocking(move || a.store.add_wal_range(&name, &req.first, &req.last)).await?;
+    Ok((StatusCode::CREATED, Json(added)).into_response())
 }
 
 /// Certificate chain and private key (PEM files) for HTTPS.

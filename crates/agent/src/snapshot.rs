@@ -44,6 +44,10 @@ pub enum SnapshotError {
     /// Free space is under the configured floor.
     #[error("{0}")]
     LowSpace(String),
+    /// A parameter other than a name broke its rules (a port, a recovery target, a WAL file's
+    /// size or range).
+    #[error("{0}")]
+    InvalidParameter(String),
     /// The request cannot be served as asked (labels written twice, a clone dir not set, …).
     #[error("{0}")]
     Refused(String),
@@ -63,7 +67,10 @@ pub enum SnapshotError {
     },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         op,
         path: path.to_path_buf(),
@@ -239,8 +246,10 @@ pub struct Layout {
 /// Snapshots and clones of one data directory.
 #[derive(Debug)]
 pub struct SnapshotStore {
-    layout: Layout,
-    owner: (u32, u32),
+    pub(crate) layout: Layout,
+    pub(crate) owner: (u32, u32),
+    /// The cluster's WAL segment size, learnt from the live `pg_wal` when first needed.
+    pub(crate) segment_size: std::sync::OnceLock<u64>,
 }
 
 /// Directories whose contents a base backup leaves out (the directory itself is kept), matched
@@ -298,7 +307,11 @@ impl SnapshotStore {
             }
             remove_partials(dir)?;
         }
-        Ok(SnapshotStore { layout, owner })
+        Ok(SnapshotStore {
+            layout,
+            owner,
+            segment_size: std::sync::OnceLock::new(),
+        })
     }
 
     /// The directories served.
@@ -337,7 +350,7 @@ impl SnapshotStore {
         self.layout.snapshot_dir.join(name.as_str())
     }
 
-    fn existing_snapshot(&self, name: &SnapshotName) -> Result<PathBuf, SnapshotError> {
+    pub(crate) fn existing_snapshot(&self, name: &SnapshotName) -> Result<PathBuf, SnapshotError> {
         let root = self.snapshot_root(name);
         match fs::symlink_metadata(&root) {
             Ok(m) if m.is_dir() => Ok(root),
@@ -734,7 +747,7 @@ impl SnapshotStore {
         }
     }
 
-    fn clone_dir(&self) -> Result<&Path, SnapshotError> {
+    pub(crate) fn clone_dir(&self) -> Result<&Path, SnapshotError> {
         self.layout.clone_dir.as_deref().ok_or_else(|| {
             SnapshotError::Refused("this agent has no clone directory (--clone-dir)".into())
         })
@@ -984,7 +997,7 @@ fn mode_of(path: &Path) -> Result<Option<u32>, SnapshotError> {
 /// tablespace symlink it planted, say) into a snapshot that user owns; as that user, the
 /// kernel enforces this already. `pg_basebackup`, running as the server, could not read such
 /// files either.
-fn owner_may_read(
+pub(crate) fn owner_may_read(
     meta: &fs::Metadata,
     owner: (u32, u32),
     path: &Path,
@@ -1013,7 +1026,7 @@ fn owner_may_read(
 }
 
 /// Creates directory `path` with exactly `mode`, owned by `owner` when we may give files away.
-fn make_dir(path: &Path, mode: u32, owner: (u32, u32)) -> Result<(), SnapshotError> {
+pub(crate) fn make_dir(path: &Path, mode: u32, owner: (u32, u32)) -> Result<(), SnapshotError> {
     fs::DirBuilder::new()
         .mode(mode)
         .create(path)
@@ -1024,7 +1037,7 @@ fn make_dir(path: &Path, mode: u32, owner: (u32, u32)) -> Result<(), SnapshotErr
 
 /// Gives `path` to `owner` when running as root (the agent may run as root or as the
 /// PostgreSQL OS user; the latter owns what it creates already).
-fn chown_like(path: &Path, owner: (u32, u32)) -> Result<(), SnapshotError> {
+pub(crate) fn chown_like(path: &Path, owner: (u32, u32)) -> Result<(), SnapshotError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
@@ -1052,12 +1065,21 @@ fn remove_partials(dir: &Path) -> Result<(), SnapshotError> {
 
 /// `openat2(dir, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)` resolved beneath `dir` without
 /// following any symlink.
-fn open_beneath(dir: &File, path: &RelPath) -> io::Result<File> {
-    let c_path = CString::new(path.as_str().as_bytes())
+pub(crate) fn open_beneath(dir: &File, path: &RelPath) -> io::Result<File> {
+    openat2_beneath(dir, path.as_str(), 0)
+}
+
+/// The directory `path` beneath `dir`, opened without following any symlink.
+pub(crate) fn open_dir_beneath(dir: &File, path: &str) -> io::Result<File> {
+    openat2_beneath(dir, path, libc::O_DIRECTORY)
+}
+
+fn openat2_beneath(dir: &File, path: &str, extra_flags: i32) -> io::Result<File> {
+    let c_path = CString::new(path.as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
     // SAFETY: an all-zero open_how is the documented "no flags" value; fields are set below.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra_flags) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: dir is an open descriptor, c_path a NUL-terminated string and how a valid
     // open_how whose size is passed; all outlive the call.

@@ -19,11 +19,15 @@
 //! file syntax) and guc_tables.c (the settings and what they do).
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+/// Re-exported: the one list of settings a copy loses, shared with the agent's clones.
+pub use pg_conf::is_neutralized;
+pub(crate) use pg_conf::quote;
+use pg_conf::{line_setting, line_value, ConfDir};
 
 use crate::{EngineError, EngineResult};
 
@@ -85,162 +89,6 @@ const CAPACITY_SETTINGS: [&str; 6] = [
     "max_pred_locks_per_transaction",
 ];
 
-/// Whether a setting from a source's configuration file is removed before
-/// Strata starts a copy: it runs a command, loads code, names a file or
-/// directory (which may lie outside the data directory), opens a listener,
-/// points recovery or replication somewhere, or belongs to an extension. Strata sets its own values
-/// for the listener and recovery afterwards.
-pub fn is_neutralized(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    const SUFFIXES: [&str; 9] = [
-        "_command",
-        "_library",
-        "_libraries",
-        "_path",
-        "file",
-        "_dir",
-        "_directory",
-        "_directories",
-        "_provider",
-    ];
-    const PREFIXES: [&str; 7] = [
-        "include",
-        "archive_",
-        "primary_",
-        "recovery_",
-        "restore_",
-        "unix_socket_",
-        "ssl",
-    ];
-    const EXACT: [&str; 8] = [
-        "listen_addresses",
-        "port",
-        "log_filename",
-        "hot_standby",
-        "data_directory",
-        "event_source",
-        "krb_server_keyfile",
-        "synchronized_standby_slots",
-    ];
-    // Settings of extensions (dotted names): their libraries are not
-    // preloaded any more, and some run code when loaded (`plperl.on_init`,
-    // `pltcl.start_proc`).
-    name.contains('.')
-        || SUFFIXES.iter().any(|s| name.ends_with(s))
-        || PREFIXES.iter().any(|p| name.starts_with(p))
-        || EXACT.contains(&name.as_str())
-}
-
-/// The setting (or directive) a configuration line sets, lowercased, as
-/// PostgreSQL's lexer reads it: optional blanks, then a name made of
-/// letters, digits, `_`, `.` and bytes ≥ 0x80. `None` for blank and
-/// comment lines. Lines are bytes: PostgreSQL reads files in any encoding,
-/// so a line that is not UTF-8 is still a line.
-fn line_setting(line: &[u8]) -> Option<String> {
-    let start = line
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\x0c' | b'\x0b'))?;
-    let t = &line[start..];
-    let end = t
-        .iter()
-        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b >= 0x80))
-        .unwrap_or(t.len());
-    (end > 0).then(|| String::from_utf8_lossy(&t[..end]).to_ascii_lowercase())
-}
-
-/// The value of a `name = value` line, unquoted; `None` if it is not a
-/// plain value.
-fn line_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let t = line.trim_start();
-    let rest = t.get(name.len()..)?.trim_start();
-    let rest = rest.strip_prefix('=').unwrap_or(rest).trim();
-    let value = rest.split('#').next()?.trim();
-    Some(value.trim_matches('\''))
-}
-
-const NEUTRALIZED: &[u8] = b"# neutralized by strata: ";
-
-/// Comments out every neutralized setting of one configuration file;
-/// returns the new text and the names removed.
-fn neutralize_text(text: &[u8]) -> (Vec<u8>, Vec<String>) {
-    let mut out = Vec::with_capacity(text.len());
-    let mut removed = Vec::new();
-    for line in text.split_inclusive(|&b| b == b'\n') {
-        match line_setting(line) {
-            Some(name) if is_neutralized(&name) => {
-                out.extend_from_slice(NEUTRALIZED);
-                out.extend(line.iter().filter(|&&b| b != b'\r'));
-                if !line.ends_with(b"\n") {
-                    out.push(b'\n');
-                }
-                removed.push(name);
-            }
-            _ => out.extend_from_slice(line),
-        }
-    }
-    (out, removed)
-}
-
-/// Lines of `pg_hba.conf`/`pg_ident.conf` that read other files
-/// (`include*` directives, `@file` lists) are dropped from a copy. A line
-/// ending in a backslash continues on the next (PostgreSQL 16+), so the
-/// decision is taken for whole logical lines.
-fn neutralize_hba(text: &[u8]) -> (Vec<u8>, bool) {
-    let mut dropped = false;
-    let mut out = Vec::with_capacity(text.len());
-    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-    let mut i = 0;
-    while i < lines.len() {
-        let mut j = i;
-        while j + 1 < lines.len() && trim_end(lines[j]).ends_with(b"\\") {
-            j += 1;
-        }
-        // PostgreSQL drops the backslash and the line break and reads on.
-        let logical: Vec<u8> = lines[i..=j]
-            .iter()
-            .enumerate()
-            .flat_map(|(k, l)| {
-                let l = if i + k < j {
-                    let t = trim_end(l);
-                    &t[..t.len() - 1]
-                } else {
-                    l
-                };
-                l.iter().copied()
-            })
-            .collect();
-        let t = trim_start(&logical);
-        let reads_files = !t.starts_with(b"#")
-            && (t.to_ascii_lowercase().starts_with(b"include") || t.contains(&b'@'));
-        for line in &lines[i..=j] {
-            if reads_files {
-                dropped = true;
-                out.extend_from_slice(NEUTRALIZED);
-            }
-            out.extend_from_slice(line);
-            out.push(b'\n');
-        }
-        i = j + 1;
-    }
-    // One line break was added per piece, one more than the text has.
-    out.pop();
-    (out, dropped)
-}
-
-fn trim_start(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    &b[n..]
-}
-
-fn trim_end(b: &[u8]) -> &[u8] {
-    let n = b
-        .iter()
-        .rev()
-        .take_while(|c| c.is_ascii_whitespace())
-        .count();
-    &b[..b.len() - n]
-}
-
 /// A configuration file's bytes; `None` when it does not exist. Any other
 /// failure to read it stops the start: a file left unread would be left
 /// unfiltered.
@@ -250,24 +98,6 @@ fn read_config(path: &Path) -> EngineResult<Option<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(EngineError::io(format!("reading {}", path.display()))(e)),
     }
-}
-
-/// A configuration-file string literal: quotes doubled, backslashes and
-/// control characters escaped (guc-file.l's GUC_scanstr reads them back), so
-/// a value can never end its line or the string early.
-pub(crate) fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\{:03o}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
 }
 
 /// Strata's own values for a server it starts: the listener and, for
@@ -345,53 +175,24 @@ pub fn configure(
             Ok(Vec::new())
         }
         ServerUse::Copy => {
-            let mut removed = Vec::new();
-            for name in ["postgresql.conf", "postgresql.auto.conf"] {
-                let Some(text) = read_config(&path(name))? else {
-                    continue;
-                };
-                let (text, mut gone) = neutralize_text(&text);
-                removed.append(&mut gone);
-                write_private(&path(name), &text)?;
-            }
-            if !path("postgresql.conf").exists() {
-                // Clusters laid out the Debian way keep their configuration
-                // outside the data directory.
-                write_private(&path("postgresql.conf"), "")?;
-            }
-            for name in ["pg_hba.conf", "pg_ident.conf"] {
-                let Some(text) = read_config(&path(name))? else {
-                    continue;
-                };
-                let (text, dropped) = neutralize_hba(&text);
-                if dropped {
-                    removed.push(format!("{name}: include and @file lines"));
-                }
-                write_private(&path(name), &text)?;
-            }
-            if !path("pg_hba.conf").exists() {
-                write_private(
-                    &path("pg_hba.conf"),
-                    "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
-                )?;
-            }
+            let dir = ConfDir::open(data_dir).map_err(conf_error)?;
+            let mut removed = pg_conf::neutralize_copy(&dir).map_err(conf_error)?;
             let mut tail = strata_settings(opts, data_dir, recovery);
             if removed.iter().any(|n| n.starts_with("ssl")) {
                 // Certificates named outside the data directory are gone.
                 tail.push_str("ssl = off\n");
             }
-            let mut f = fs::OpenOptions::new()
-                .append(true)
-                .open(path("postgresql.auto.conf"))
-                .or_else(|_| fs::File::create(path("postgresql.auto.conf")))
-                .map_err(io("opening postgresql.auto.conf".into()))?;
-            f.write_all(tail.as_bytes())
-                .map_err(io("writing postgresql.auto.conf".into()))?;
+            dir.append("postgresql.auto.conf", tail)
+                .map_err(conf_error)?;
             removed.sort();
             removed.dedup();
             Ok(removed)
         }
     }
+}
+
+fn conf_error(e: pg_conf::ConfError) -> EngineError {
+    EngineError::io(format!("{} {}", e.op, e.path.display()))(e.source)
 }
 
 /// The capacity settings of a source file, as lines, when plain integers.
@@ -579,6 +380,7 @@ pub fn accepts_connections(socket_dir: Option<&Path>, port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pg_conf::{neutralize_hba, neutralize_text};
 
     #[test]
     fn dangerous_settings_are_neutralized_as_a_class() {

@@ -37,6 +37,10 @@ pub struct AgentArgs {
     /// Free space a snapshot must leave on the file system: bytes, or a percentage like 10%.
     #[arg(long, default_value = "10%")]
     min_free_bytes: String,
+    /// Directory of pg_ctl for starting clones' servers
+    /// (default: /usr/lib/postgresql/<major>/bin, the major from the clone's PG_VERSION).
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -68,7 +72,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .key_file
         .unwrap_or_else(|| snapshot_dir.join("agent.key"));
     let (key, created) = AgentKey::load_or_create(&key_file)?;
-    let agent = Arc::new(Agent::start(layout, key, min_free)?);
+    let mut agent = Agent::start(layout, key, min_free)?;
+    if let Some(bin) = args.pg_bin {
+        agent = agent.with_pg_bin(bin);
+    }
+    let agent = Arc::new(agent);
     let tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(strata_agent::server::tls_acceptor(&TlsFiles { cert, key })?)
