@@ -186,6 +186,44 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
             println!("{}", set.id);
             Ok(())
         }
+        BackupCmd::Upload { id, backup } => {
+            let set = engine.catalog().get_backup(&backup)?;
+            if set.instance_id.as_str() != id {
+                bail!("backup {backup} belongs to instance {}, not {id}", set.instance_id);
+            }
+            if set.method != BackupMethod::Snapshot {
+                bail!("backup {backup} is not a snapshot backup: it is in the repository already");
+            }
+            let mut job = engine
+                .catalog()
+                .create_job(strata_catalog::JobKind::SnapshotUpload, Some(&id))?;
+            job.backup_id = Some(set.id.clone());
+            engine.catalog().update_job(&job)?;
+            let progress = CliProgress::new();
+            let started = std::time::Instant::now();
+            let (set, report) = runtime()?.block_on(engine.run_snapshot_upload(job, &progress))?;
+            progress.finish();
+            println!(
+                "snapshot backup {} of {} uploaded: {} in {} files; read {} from the agent, reused {}{}; {} new ({} stored), {} deduplicated; {:.1}s",
+                set.id,
+                set.instance_id,
+                human_bytes(report.total_bytes),
+                report.files,
+                human_bytes(report.read_bytes),
+                human_bytes(report.reused_bytes),
+                report
+                    .base
+                    .as_ref()
+                    .map(|b| format!(" from backup {b}"))
+                    .unwrap_or_default(),
+                human_bytes(set.new_bytes),
+                human_bytes(set.stored_bytes),
+                human_bytes(set.dedup_bytes),
+                started.elapsed().as_secs_f64()
+            );
+            println!("{}", set.id);
+            Ok(())
+        }
         BackupCmd::List { id, json } => {
             engine.catalog().get_instance(&id)?;
             engine.fail_expired_jobs()?;

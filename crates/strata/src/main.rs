@@ -169,6 +169,13 @@ enum BackupCmd {
         #[arg(long)]
         snapshot: bool,
     },
+    /// Upload a snapshot backup set from the instance's agent into the
+    /// repository now (what the server does in the background after each
+    /// snapshot): reads only what changed since the previous uploaded snapshot.
+    Upload {
+        id: String,
+        backup: String,
+    },
     /// List backup sets of an instance.
     List {
         id: String,

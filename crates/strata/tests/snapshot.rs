@@ -1,0 +1,462 @@
+//! Snapshot backups as an operator runs them, every part a separate process: a PostgreSQL 15
+//! cluster on a loop-mounted XFS (`reflink=1`), `strata agent` serving its data directory, and
+//! the `strata` CLI registering the instance with `--agent`, taking snapshots
+//! (`backup create --snapshot`), uploading one (`backup upload`) and restoring by time from it
+//! and the archived WAL. Also what an operator meets when something is wrong: a wrong key, an
+//! agent serving another cluster or a data directory on ext4 (refused at registration), and an
+//! agent killed before or during a snapshot (the set `Failed`, backup mode ended on the server,
+//! the next snapshot fine).
+//!
+//! Each test has its own file system, cluster and agent (one of them kills its agent).
+//! Timings are printed (`--nocapture`), never asserted.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{add_args, state_digest, wait_for, Strata};
+use testkit::{Cluster, FsKind, LoopFs};
+
+/// A running `strata agent`, SIGKILLed on drop (before its file system is unmounted).
+struct AgentProcess {
+    child: Option<Child>,
+    data: PathBuf,
+    port: u16,
+}
+
+impl AgentProcess {
+    /// Starts the agent on `data` and waits for its "serving" line.
+    fn start(data: &Path, port: u16) -> AgentProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["agent", "--data-dir"])
+            .arg(data)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("STRATA_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn strata agent");
+        let stderr = child.stderr.take().expect("agent stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the agent printed nothing");
+        assert!(line.contains("strata agent serving"), "{line}");
+        AgentProcess {
+            child: Some(child),
+            data: data.to_path_buf(),
+            port,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn snapshot_dir(&self) -> PathBuf {
+        self.data.parent().expect("data dir parent").join("strata-snapshots")
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.snapshot_dir().join("agent.key")
+    }
+
+    /// SIGKILL, as a crash: nothing of the agent runs after it.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL strata agent");
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same data directory and port.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
+        *self = AgentProcess::start(&self.data.clone(), self.port);
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A PostgreSQL 15 cluster on `fs` with pgbench tables and a ledger.
+fn cluster_on(fs: &LoopFs) -> Cluster {
+    // WAL kept small: the file system is too.
+    let pg = Cluster::builder(15)
+        .in_dir(fs.path())
+        .conf("max_wal_size = 128MB")
+        .conf("min_wal_size = 32MB")
+        .start();
+    pg.pgbench("postgres", &["-i", "-q", "-s", "1"]);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE ledger (id int PRIMARY KEY, note text)",
+    );
+    pg
+}
+
+/// A directory that looks like a data directory to the agent (PG_VERSION, a pg_control whose
+/// system identifier is 42), owned by the postgres OS user.
+fn fake_data_dir(parent: &Path) -> PathBuf {
+    let data = parent.join("data");
+    std::fs::create_dir_all(data.join("global")).unwrap();
+    std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+    std::fs::write(data.join("global/pg_control"), 42u64.to_ne_bytes()).unwrap();
+    let ok = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(parent)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    data
+}
+
+/// `instance add ID` for `pg` with `--agent URL --agent-key-file KEY`.
+fn add_with_agent(strata: &Strata, id: &str, pg: &Cluster, url: &str, key: &Path) -> std::process::Output {
+    let port = pg.port().to_string();
+    let key = key.display().to_string();
+    let mut args = add_args(id, &port, "postgres");
+    args.extend_from_slice(&["--agent", url, "--agent-key-file", &key]);
+    strata.run(&args)
+}
+
+fn instance_ids(strata: &Strata) -> Vec<String> {
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&strata.ok(&["instance", "list", "--json"])).unwrap();
+    list.iter()
+        .map(|i| i["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Strata's sessions on `pg` (it connects with application_name `strata`).
+fn strata_sessions(pg: &Cluster) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'strata' AND backend_type = 'client backend'",
+    )
+}
+
+/// `backup create ID --snapshot`: the backup id and the wall time.
+fn snapshot(strata: &Strata, id: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let out = strata.ok(&["backup", "create", id, "--snapshot"]);
+    let took = started.elapsed();
+    let backup = out.lines().last().expect("backup id line").trim().to_string();
+    (backup, took)
+}
+
+fn utc_now(pg: &Cluster) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+}
+
+#[test]
+fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let pg = cluster_on(&fs);
+    let db = "postgres";
+    let agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
+    let strata = Strata::new("snapshot");
+
+    // A key that is not the agent's: refused, nothing registered.
+    let wrong_key = strata.dir.join("wrong.key");
+    std::fs::write(&wrong_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&wrong_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = add_with_agent(&strata, "snap-wrong", &pg, &agent.url(), &wrong_key);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("agent at {} refused the credential", agent.url())),
+        "{stderr}"
+    );
+
+    // An agent serving another cluster: refused by system identifier.
+    let other_root = fs.path().join("other");
+    let other_data = fake_data_dir(&other_root);
+    let other = AgentProcess::start(&other_data, testkit::free_port());
+    let out = add_with_agent(&strata, "snap-other", &pg, &other.url(), &other.key_file());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "the agent at {} serves the cluster with system identifier 42, not instance snap-other's",
+            other.url()
+        )),
+        "{stderr}"
+    );
+
+    // The same agent once its data directory is on ext4 (mounted over it): refused with the
+    // one line naming the file system and what is needed.
+    if let Some(ext4) = LoopFs::or_skip(FsKind::Ext4, 64, true) {
+        let ext4_data = fake_data_dir(&ext4.path().join("pg"));
+        let bind = Command::new("mount")
+            .arg("--bind")
+            .arg(&ext4_data)
+            .arg(&other_data)
+            .status()
+            .unwrap();
+        assert!(bind.success());
+        let out = add_with_agent(&strata, "snap-ext4", &pg, &other.url(), &other.key_file());
+        let _ = Command::new("umount").arg(&other_data).status();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(
+            stderr.trim_end(),
+            format!(
+                "error: data directory {} is on ext4, which cannot clone files; snapshots need a file system with reflink (XFS made with -m reflink=1, or btrfs)",
+                other_data.display()
+            )
+        );
+    }
+    drop(other);
+    assert!(instance_ids(&strata).is_empty(), "{:?}", instance_ids(&strata));
+
+    // The right agent and key: registered, the file system named.
+    let out = add_with_agent(&strata, "snap", &pg, &agent.url(), &agent.key_file());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "agent at {}: data directory {} on xfs",
+            agent.url(),
+            pg.data_dir().display()
+        )),
+        "{stdout}"
+    );
+    assert_eq!(instance_ids(&strata), ["snap"]);
+    let mut receiver = strata.wal_receiver("snap");
+
+    // A snapshot under a light write load with DDL: tables created and rows inserted while
+    // the backup runs.
+    let stop = AtomicBool::new(false);
+    let ddl_rounds = AtomicU32::new(0);
+    let (backup, took) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                pg.pgbench(db, &["-n", "-c", "1", "-T", "1"]);
+            }
+        });
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                pg.psql(
+                    db,
+                    &format!(
+                        "CREATE TABLE ddl_{i} AS SELECT g AS x, md5(g::text) AS y FROM generate_series(1, 2000) g; \
+                         INSERT INTO ddl_{i} SELECT g, 'more' FROM generate_series(1, 100) g; \
+                         DROP TABLE IF EXISTS ddl_{}",
+                        i - 1
+                    ),
+                );
+                ddl_rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        wait_for("DDL to start", 60, || ddl_rounds.load(Ordering::Relaxed) >= 2);
+        let before = ddl_rounds.load(Ordering::Relaxed);
+        let taken = snapshot(&strata, "snap");
+        wait_for("a DDL round after the snapshot", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) > before + 1
+        });
+        stop.store(true, Ordering::Relaxed);
+        taken
+    });
+    println!("snapshot wall time under load: {:.2} s", took.as_secs_f64());
+
+    let sets = strata.backups("snap");
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    assert_eq!(sets[0]["id"], backup.as_str());
+    assert_eq!(sets[0]["status"], "Success");
+    assert_eq!(sets[0]["method"], "Snapshot");
+    assert_eq!(sets[0]["snapshot_local"], true);
+    assert_eq!(sets[0]["snapshot_uploaded"], false);
+    let listed = strata.ok(&["backup", "list", "snap"]);
+    assert!(listed.lines().next().unwrap().contains("METHOD"), "{listed}");
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&backup))
+        .unwrap_or_else(|| panic!("{backup} not listed:\n{listed}"));
+    assert!(row.contains("Success") && row.contains("Snapshot"), "{row}");
+    assert!(
+        listed.contains("snapshot: on the database host yes, in the repository no"),
+        "{listed}"
+    );
+    // The snapshot on the agent's side, with the label pg_backup_stop returned.
+    let snap_dir = agent.snapshot_dir().join(&backup);
+    let label = std::fs::read_to_string(snap_dir.join("backup_label")).unwrap();
+    assert!(label.contains(&format!("LABEL: strata snapshot {backup}")), "{label}");
+    assert!(snap_dir.join("global/pg_control").is_file());
+    assert!(snap_dir.join("PG_VERSION").is_file());
+
+    // Two committed phases after the snapshot, the time between them.
+    pg.psql(db, "INSERT INTO ledger VALUES (1, 'after the snapshot')");
+    pg.pgbench(db, &["-n", "-c", "1", "-t", "50"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = utc_now(&pg);
+    let d1 = state_digest(&pg, db);
+    std::thread::sleep(Duration::from_millis(300));
+    pg.psql(db, "INSERT INTO ledger VALUES (2, 'later')");
+    pg.pgbench(db, &["-n", "-c", "1", "-t", "50"]);
+    assert_ne!(state_digest(&pg, db), d1);
+    let end_lsn: pg_wal::Lsn = pg
+        .psql(db, "SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    wait_for("WAL archived past the second phase", 60, || {
+        strata.wal("snap").iter().any(|w| {
+            w["end_lsn"]
+                .as_str()
+                .and_then(|l| l.parse::<pg_wal::Lsn>().ok())
+                .is_some_and(|l| l >= end_lsn)
+        })
+    });
+    receiver.stop();
+
+    // Uploaded into the repository, then restored by time from it and the archived WAL.
+    let started = Instant::now();
+    let out = strata.ok(&["backup", "upload", "snap", &backup]);
+    println!(
+        "snapshot upload: {:.2} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.lines().next().unwrap_or_default()
+    );
+    assert!(out.contains("uploaded") && out.contains("read "), "{out}");
+    let sets = strata.backups("snap");
+    assert_eq!(sets[0]["snapshot_uploaded"], true, "{sets:?}");
+    assert!(strata
+        .ok(&["backup", "list", "snap"])
+        .contains("snapshot: on the database host yes, in the repository yes"));
+    let restored = strata.restore_and_start("snap", "time", 15, &["--time", &t1]);
+    assert_eq!(
+        state_digest(&restored, db),
+        d1,
+        "restore to {t1} does not match the rows committed then"
+    );
+    assert_eq!(
+        restored.psql(db, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"),
+        "1"
+    );
+}
+
+/// The `.partial-<name>` directory of a snapshot the agent is making, if any.
+fn partial_snapshot(snapshot_dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(snapshot_dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+        .map(|e| e.path())
+}
+
+/// Asserts the newest set of `id` is `Failed` naming the agent as unreachable, and that no
+/// session of Strata is left on the server (so none holds backup mode).
+fn assert_failed_unreachable(strata: &Strata, pg: &Cluster, id: &str, stderr: &str, url: &str) {
+    let unreachable = format!("agent at {url} unreachable");
+    assert!(stderr.contains(&unreachable), "{stderr}");
+    let sets = strata.backups(id);
+    let newest = sets
+        .iter()
+        .max_by_key(|s| s["id"].as_str().unwrap_or_default().to_string())
+        .expect("a set recorded");
+    assert_eq!(newest["status"], "Failed", "{newest}");
+    assert!(
+        newest["error"].as_str().unwrap_or_default().contains(&unreachable),
+        "{newest}"
+    );
+    assert_eq!(strata_sessions(pg), "0");
+}
+
+#[test]
+fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mode() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let pg = cluster_on(&fs);
+    let mut agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
+    let strata = Strata::new("snapshot-kill");
+    let out = add_with_agent(&strata, "killed", &pg, &agent.url(), &agent.key_file());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Killed before the snapshot.
+    agent.kill9();
+    let stderr = strata.fails(&["backup", "create", "killed", "--snapshot"]);
+    assert_failed_unreachable(&strata, &pg, "killed", &stderr, &agent.url());
+    agent.restart();
+    let (first, took) = snapshot(&strata, "killed");
+    println!("snapshot after the agent's restart: {:.2} s", took.as_secs_f64());
+    assert!(agent.snapshot_dir().join(&first).join("backup_label").is_file());
+
+    // Killed during the reflink walk: enough small tables that the walk takes a while, the
+    // kill as soon as the walk's `.partial-` directory shows.
+    // One transaction per table: all in one would exceed the lock table.
+    let mut sql = String::new();
+    for i in 0..3000 {
+        sql.push_str(&format!(
+            "CREATE TABLE many_{i} (id int PRIMARY KEY, v text); INSERT INTO many_{i} VALUES (1, 'x');"
+        ));
+    }
+    pg.psql("postgres", &sql);
+    let backup = strata
+        .command(&["backup", "create", "killed", "--snapshot"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backup create");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partial = loop {
+        if let Some(p) = partial_snapshot(&agent.snapshot_dir()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no .partial- snapshot directory appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    agent.kill9();
+    let out = backup.wait_with_output().expect("backup create output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the snapshot succeeded although its agent was killed");
+    assert_failed_unreachable(&strata, &pg, "killed", &stderr, &agent.url());
+    assert!(partial.is_dir(), "the killed walk's directory is left until the next start");
+
+    // Restarted: the partial snapshot removed, the next snapshot fine.
+    agent.restart();
+    assert!(!partial.exists(), "{} left after the restart", partial.display());
+    let (next, took) = snapshot(&strata, "killed");
+    println!(
+        "snapshot of {} files after the kill: {:.2} s",
+        3000 * 4,
+        took.as_secs_f64()
+    );
+    let sets = strata.backups("killed");
+    let mut ok: Vec<String> = sets
+        .iter()
+        .filter(|s| s["status"] == "Success")
+        .map(|s| s["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ok.sort();
+    let mut expected = vec![first, next.clone()];
+    expected.sort();
+    assert_eq!(ok, expected, "{sets:?}");
+    assert_eq!(sets.len(), 4, "two failed, two successful: {sets:?}");
+    assert!(agent.snapshot_dir().join(&next).join("backup_label").is_file());
+}
