@@ -68,7 +68,10 @@ impl AgentProcess {
     }
 
     fn snapshot_dir(&self) -> PathBuf {
-        self.data.parent().expect("data dir parent").join("strata-snapshots")
+        self.data
+            .parent()
+            .expect("data dir parent")
+            .join("strata-snapshots")
     }
 
     fn key_file(&self) -> PathBuf {
@@ -129,7 +132,13 @@ fn fake_data_dir(parent: &Path) -> PathBuf {
 }
 
 /// `instance add ID` for `pg` with `--agent URL --agent-key-file KEY`.
-fn add_with_agent(strata: &Strata, id: &str, pg: &Cluster, url: &str, key: &Path) -> std::process::Output {
+fn add_with_agent(
+    strata: &Strata,
+    id: &str,
+    pg: &Cluster,
+    url: &str,
+    key: &Path,
+) -> std::process::Output {
     let port = pg.port().to_string();
     let key = key.display().to_string();
     let mut args = add_args(id, &port, "postgres");
@@ -158,7 +167,12 @@ fn snapshot(strata: &Strata, id: &str) -> (String, Duration) {
     let started = Instant::now();
     let out = strata.ok(&["backup", "create", id, "--snapshot"]);
     let took = started.elapsed();
-    let backup = out.lines().last().expect("backup id line").trim().to_string();
+    let backup = out
+        .lines()
+        .last()
+        .expect("backup id line")
+        .trim()
+        .to_string();
     (backup, took)
 }
 
@@ -231,12 +245,20 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
         );
     }
     drop(other);
-    assert!(instance_ids(&strata).is_empty(), "{:?}", instance_ids(&strata));
+    assert!(
+        instance_ids(&strata).is_empty(),
+        "{:?}",
+        instance_ids(&strata)
+    );
 
     // The right agent and key: registered, the file system named.
     let out = add_with_agent(&strata, "snap", &pg, &agent.url(), &agent.key_file());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains(&format!(
             "agent at {}: data directory {} on xfs",
@@ -274,7 +296,9 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
                 ddl_rounds.fetch_add(1, Ordering::Relaxed);
             }
         });
-        wait_for("DDL to start", 60, || ddl_rounds.load(Ordering::Relaxed) >= 2);
+        wait_for("DDL to start", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) >= 2
+        });
         let before = ddl_rounds.load(Ordering::Relaxed);
         let taken = snapshot(&strata, "snap");
         wait_for("a DDL round after the snapshot", 60, || {
@@ -293,7 +317,10 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
     assert_eq!(sets[0]["snapshot_local"], true);
     assert_eq!(sets[0]["snapshot_uploaded"], false);
     let listed = strata.ok(&["backup", "list", "snap"]);
-    assert!(listed.lines().next().unwrap().contains("METHOD"), "{listed}");
+    assert!(
+        listed.lines().next().unwrap().contains("METHOD"),
+        "{listed}"
+    );
     let row = listed
         .lines()
         .find(|l| l.starts_with(&backup))
@@ -306,7 +333,10 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
     // The snapshot on the agent's side, with the label pg_backup_stop returned.
     let snap_dir = agent.snapshot_dir().join(&backup);
     let label = std::fs::read_to_string(snap_dir.join("backup_label")).unwrap();
-    assert!(label.contains(&format!("LABEL: strata snapshot {backup}")), "{label}");
+    assert!(
+        label.contains(&format!("LABEL: strata snapshot {backup}")),
+        "{label}"
+    );
     assert!(snap_dir.join("global/pg_control").is_file());
     assert!(snap_dir.join("PG_VERSION").is_file());
 
@@ -355,7 +385,10 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
         "restore to {t1} does not match the rows committed then"
     );
     assert_eq!(
-        restored.psql(db, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"),
+        restored.psql(
+            db,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"
+        ),
         "1"
     );
 }
@@ -381,7 +414,10 @@ fn assert_failed_unreachable(strata: &Strata, pg: &Cluster, id: &str, stderr: &s
         .expect("a set recorded");
     assert_eq!(newest["status"], "Failed", "{newest}");
     assert!(
-        newest["error"].as_str().unwrap_or_default().contains(&unreachable),
+        newest["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&unreachable),
         "{newest}"
     );
     assert_eq!(strata_sessions(pg), "0");
@@ -389,14 +425,18 @@ fn assert_failed_unreachable(strata: &Strata, pg: &Cluster, id: &str, stderr: &s
 
 #[test]
 fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mode() {
-    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 2000, true) else {
         return;
     };
     let pg = cluster_on(&fs);
     let mut agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
     let strata = Strata::new("snapshot-kill");
     let out = add_with_agent(&strata, "killed", &pg, &agent.url(), &agent.key_file());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Killed before the snapshot.
     agent.kill9();
@@ -404,8 +444,15 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
     assert_failed_unreachable(&strata, &pg, "killed", &stderr, &agent.url());
     agent.restart();
     let (first, took) = snapshot(&strata, "killed");
-    println!("snapshot after the agent's restart: {:.2} s", took.as_secs_f64());
-    assert!(agent.snapshot_dir().join(&first).join("backup_label").is_file());
+    println!(
+        "snapshot after the agent's restart: {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(agent
+        .snapshot_dir()
+        .join(&first)
+        .join("backup_label")
+        .is_file());
 
     // Killed during the reflink walk: enough small tables that the walk takes a while, the
     // kill as soon as the walk's `.partial-` directory shows.
@@ -417,7 +464,7 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
         ));
     }
     pg.psql("postgres", &sql);
-    let backup = strata
+    let mut backup = strata
         .command(&["backup", "create", "killed", "--snapshot"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -428,19 +475,40 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
         if let Some(p) = partial_snapshot(&agent.snapshot_dir()) {
             break p;
         }
-        assert!(Instant::now() < deadline, "no .partial- snapshot directory appeared");
+        if backup.try_wait().expect("poll backup create").is_some() {
+            let out = backup.wait_with_output().expect("backup create output");
+            panic!(
+                "the snapshot ended before its walk was seen: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no .partial- snapshot directory appeared"
+        );
         std::thread::sleep(Duration::from_millis(1));
     };
     agent.kill9();
     let out = backup.wait_with_output().expect("backup create output");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the snapshot succeeded although its agent was killed");
+    assert!(
+        !out.status.success(),
+        "the snapshot succeeded although its agent was killed"
+    );
     assert_failed_unreachable(&strata, &pg, "killed", &stderr, &agent.url());
-    assert!(partial.is_dir(), "the killed walk's directory is left until the next start");
+    assert!(
+        partial.is_dir(),
+        "the killed walk's directory is left until the next start"
+    );
 
     // Restarted: the partial snapshot removed, the next snapshot fine.
     agent.restart();
-    assert!(!partial.exists(), "{} left after the restart", partial.display());
+    assert!(
+        !partial.exists(),
+        "{} left after the restart",
+        partial.display()
+    );
     let (next, took) = snapshot(&strata, "killed");
     println!(
         "snapshot of {} files after the kill: {:.2} s",
@@ -458,5 +526,9 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
     expected.sort();
     assert_eq!(ok, expected, "{sets:?}");
     assert_eq!(sets.len(), 4, "two failed, two successful: {sets:?}");
-    assert!(agent.snapshot_dir().join(&next).join("backup_label").is_file());
+    assert!(agent
+        .snapshot_dir()
+        .join(&next)
+        .join("backup_label")
+        .is_file());
 }
