@@ -366,6 +366,8 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             matches!(
                 j.kind,
                 JobKind::Backup
+                    | JobKind::SnapshotBackup
+                    | JobKind::SnapshotUpload
                     | JobKind::Clone
                     | JobKind::RestoreTable
                     | JobKind::CrossCopy
@@ -385,7 +387,9 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     for j in jobs {
         let set = j.backup_id.as_deref().and_then(|b| svc.backup_set(b).ok());
         let mode = match (j.kind, &set) {
-            (JobKind::Backup, Some(s)) => s.mode,
+            (JobKind::Backup | JobKind::SnapshotBackup | JobKind::SnapshotUpload, Some(s)) => {
+                s.mode
+            }
             _ => BackupMode::Manual,
         };
         let action = match j.kind {
@@ -393,6 +397,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             JobKind::RestoreTable => "RestoreTable",
             JobKind::CrossCopy => "CrossRegionBackup",
             JobKind::DdrRestore => "CreateDdrInstance",
+            JobKind::SnapshotUpload => "StrataSnapshotUpload",
             _ => "NormalBackupTask",
         };
         if p.get("BackupMode").is_some_and(|m| m != mode.as_str()) {
