@@ -101,6 +101,10 @@ def test_registration_refuses_a_wrong_key_an_unreachable_agent_and_ext4(client):
     )
     assert e.data["Message"] == "AgentKey must be the 64 hex digits of the agent's key file", e.data["Message"]
     h.expect_error("MissingParameter", 400, h.register, client, instance_id, AgentUrl=url)
+    e = h.expect_error("MissingParameter", 400, h.register, client, instance_id, AgentKey="ab" * 32)
+    assert e.data["Message"] == (
+        "AgentKey and AgentCaFile go with AgentUrl, the agent's URL, which is not supplied."
+    ), e.data["Message"]
 
     # A well-formed key that is not the agent's: the agent refuses it.
     e = h.expect_error(

@@ -860,6 +860,14 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         ..Instance::new(id, p.required("Host")?, port, p.required("User")?, sslmode)
     };
     let agent = match p.get("AgentUrl") {
+        // An agent's key or certificate without its URL would register an
+        // instance that cannot take the snapshots its caller meant it to.
+        None if p.get("AgentKey").is_some() || p.get("AgentCaFile").is_some() => {
+            return Err(ApiError::bad(
+                "MissingParameter",
+                "AgentKey and AgentCaFile go with AgentUrl, the agent's URL, which is not supplied.",
+            ))
+        }
         None => None,
         Some(url) => {
             let key = p.required("AgentKey")?;
