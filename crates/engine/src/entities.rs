@@ -87,6 +87,14 @@ pub(crate) fn backup_set_from_manifest(
     set.stop_timeline = Some(m.stop_timeline);
     set.pg_version_num = Some(m.pg_version_num);
     record_stats(&mut set, &m.stats);
+    // A set uploaded from a snapshot says so in its label; whether the
+    // snapshot is still on the database host is the agent's to say, not the
+    // repository's.
+    if m.label.starts_with("strata snapshot ") {
+        set.method = strata_catalog::BackupMethod::Snapshot;
+        set.snapshot_uploaded = true;
+        set.snapshot_local = false;
+    }
     Ok(set)
 }
 
@@ -259,6 +267,19 @@ mod tests {
             backup_set_from_manifest("db1", &manifest("Weekly")),
             Err(EngineError::Repo(RepoError::Corrupt { .. }))
         ));
+    }
+
+    #[test]
+    fn a_manifest_uploaded_from_a_snapshot_is_a_snapshot_set_in_the_repository() {
+        let mut m = manifest("Automated");
+        m.label = crate::snapshot_label(&strata_agent::SnapshotName::new("1796547563402").unwrap());
+        let set = backup_set_from_manifest("db1", &m).unwrap();
+        assert_eq!(set.method, strata_catalog::BackupMethod::Snapshot);
+        assert!(set.snapshot_uploaded && !set.snapshot_local);
+        m.label = "strata backup 1796547563402".into();
+        let set = backup_set_from_manifest("db1", &m).unwrap();
+        assert_eq!(set.method, strata_catalog::BackupMethod::Physical);
+        assert!(!set.snapshot_uploaded);
     }
 
     #[test]

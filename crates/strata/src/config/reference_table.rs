@@ -132,6 +132,8 @@ fn resolved_default(key: &str) -> Option<String> {
         "local_repository.min_free_bytes" => min_free.bytes.to_string(),
         "local_repository.min_free_percent" => min_free.percent.to_string(),
         "wal.flush_interval_ms" => engine.wal_flush_interval.as_millis().to_string(),
+        "snapshot.upload_parallel" => engine.snapshot_upload_parallel.to_string(),
+        "snapshot.keep_local" => service.snapshot_keep_local.to_string(),
         "wal.status_interval_secs" => engine.wal_status_interval.as_secs().to_string(),
         "wal.retry_max_secs" => {
             // Two parts obey this key; they must start from the same value.
