@@ -192,6 +192,7 @@ def test_deregistering_during_a_backup_cancels_it():
 
 
 def test_backup_method_snapshot_is_refused(instance, client):
+    # Snapshot: this instance has no agent; Logical: not a method Strata has.
     for method in ("Snapshot", "Logical"):
         h.expect_error(
             "InvalidBackupMethod.NotSupported", 400, client.create_backup,

@@ -145,7 +145,8 @@ INVALID = [
     pytest.param(dict(backup_policy_mode="LogBackupPolicy", enable_backup_log="maybe"),
                  "InvalidEnableBackupLog.Malformed", id="enable-maybe"),
     pytest.param(dict(backup_policy_mode="EverythingPolicy"), "InvalidBackupPolicyMode.Malformed", id="mode"),
-    pytest.param(dict(category="Flash"), "InvalidCategory.NotSupported", id="flash"),
+    # An instance without an agent cannot take snapshots.
+    pytest.param(dict(category="Flash"), "InvalidBackupMethod.NotSupported", id="flash"),
     pytest.param(dict(backup_method="Snapshot"), "InvalidBackupMethod.NotSupported", id="snapshot"),
 ]
 

@@ -112,6 +112,10 @@ pub struct ServiceSettings {
     /// Snapshots each instance keeps on its database host (the newest;
     /// older ones go once uploaded).
     pub snapshot_keep_local: usize,
+    /// Bytes the snapshots of one instance may hold on its database host
+    /// (what only they hold, as the agent measures it); uploaded ones past
+    /// it are deleted there, oldest first. `None`: no limit.
+    pub snapshot_local_max_bytes: Option<u64>,
     /// Storage usage sampling and free quotas.
     pub usage: UsageSettings,
     /// This node's identity in a fleet sharing the catalog.
@@ -157,6 +161,7 @@ impl Default for ServiceSettings {
             local_listen: "127.0.0.1".into(),
             drills: true,
             snapshot_keep_local: 2,
+            snapshot_local_max_bytes: None,
             usage: UsageSettings::default(),
             node: NodeSettings::default(),
         }

@@ -38,6 +38,28 @@ pub(crate) fn local_snapshots_to_drop(sets: &[BackupSet], keep: usize) -> Vec<Ba
         .collect()
 }
 
+/// The local snapshots to delete so those on the host take at most
+/// `max_bytes`. `local` holds each local snapshot set with the bytes only it
+/// holds on the host now (the agent's measure: what deleting it frees).
+/// Counted from the newest, a snapshot that would take the total over the
+/// budget is dropped if it is uploaded; the newest is never dropped, and one
+/// not uploaded is kept (and counted) whatever it costs.
+pub(crate) fn local_snapshots_over_space(local: &[(&BackupSet, u64)], max_bytes: u64) -> Vec<BackupId> {
+    let mut newest_first: Vec<&(&BackupSet, u64)> = local.iter().collect();
+    newest_first.sort_by(|(a, _), (b, _)| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+    let mut total = 0u64;
+    let mut drop = Vec::new();
+    for (i, (set, bytes)) in newest_first.into_iter().enumerate() {
+        let over = total.saturating_add(*bytes) > max_bytes;
+        if over && i > 0 && set.snapshot_uploaded {
+            drop.push(set.id.clone());
+        } else {
+            total = total.saturating_add(*bytes);
+        }
+    }
+    drop
+}
+
 /// Longest wait between two uploads of a snapshot that keep failing.
 const UPLOAD_RETRY_MAX: chrono::Duration = chrono::Duration::hours(24);
 
@@ -126,6 +148,10 @@ impl Service {
             self.engine.record_snapshot_state(set).await?;
             tracing::info!(instance = %instance.id, backup = %id, "local snapshot deleted (uploaded, past the newest kept)");
         }
+        if let Some(max_bytes) = self.settings.snapshot_local_max_bytes {
+            self.prune_local_snapshots_by_space(instance, &agent, max_bytes)
+                .await?;
+        }
         // Snapshots whose set the catalog no longer has at all.
         let known: BTreeSet<&str> = sets.iter().map(|b| b.id.as_str()).collect();
         let on_host = match on_host {
@@ -147,6 +173,57 @@ impl Service {
                     tracing::warn!(instance = %instance.id, "deleting snapshot {}: {e}", snapshot.name.as_str())
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Service {
+    /// Measures every local snapshot of `instance` on its agent (recording the
+    /// figure on its set) and deletes the uploaded ones that take the host's
+    /// snapshots past `max_bytes`.
+    async fn prune_local_snapshots_by_space(
+        self: &Arc<Self>,
+        instance: &Instance,
+        agent: &strata_agent::AgentClient,
+        max_bytes: u64,
+    ) -> ServiceResult<()> {
+        let sets = self.engine.catalog().list_backups(&instance.id)?;
+        let mut measured: Vec<(BackupSet, u64)> = Vec::new();
+        for set in sets.iter().filter(|b| {
+            b.method == BackupMethod::Snapshot
+                && b.snapshot_local
+                && b.status == BackupStatus::Success
+        }) {
+            let Ok(name) = strata_agent::SnapshotName::new(set.id.as_str()) else {
+                continue;
+            };
+            match agent.space(&name).await {
+                Ok(space) => {
+                    let mut set = set.clone();
+                    if set.snapshot_bytes != Some(space.exclusive_bytes) {
+                        set.snapshot_bytes = Some(space.exclusive_bytes);
+                        self.engine.record_snapshot_state(set.clone()).await?;
+                    }
+                    measured.push((set, space.exclusive_bytes));
+                }
+                // Not measured this round: it is neither counted nor dropped.
+                Err(e) => {
+                    tracing::warn!(instance = %instance.id, backup = %set.id, "measuring a local snapshot: {e}")
+                }
+            }
+        }
+        let local: Vec<(&BackupSet, u64)> = measured.iter().map(|(s, b)| (s, *b)).collect();
+        for id in local_snapshots_over_space(&local, max_bytes) {
+            let Some((set, bytes)) = measured.iter().find(|(s, _)| s.id == id) else {
+                continue;
+            };
+            let mut set = set.clone();
+            self.engine.delete_local_snapshot(instance, &set).await?;
+            set.snapshot_local = false;
+            set.snapshot_bytes = None;
+            self.engine.record_snapshot_state(set).await?;
+            tracing::info!(instance = %instance.id, backup = %id, bytes, "local snapshot deleted (uploaded; the host's snapshots over snapshot.local_max_bytes)");
         }
         Ok(())
     }
@@ -192,6 +269,30 @@ mod tests {
         assert_eq!(drop(2), ["c", "a"], "b is the only copy of its set");
         assert_eq!(drop(0), ["e", "d", "c", "a"]);
         assert!(drop(10).is_empty());
+    }
+
+    #[test]
+    fn the_space_budget_drops_the_oldest_uploaded_snapshots_first() {
+        let sets = [
+            snap("a", 1, true),
+            snap("b", 2, false),
+            snap("c", 3, true),
+            snap("d", 4, true),
+            snap("e", 5, true),
+        ];
+        let bytes = [40u64, 30, 20, 10, 500];
+        let local: Vec<(&BackupSet, u64)> = sets.iter().zip(bytes).collect();
+        let drop = |max| {
+            local_snapshots_over_space(&local, max)
+                .into_iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+        };
+        // The newest is kept even alone over the budget; b, not uploaded, stays.
+        assert_eq!(drop(100), ["d", "c", "a"]);
+        assert_eq!(drop(530), ["c", "a"]);
+        assert_eq!(drop(560), ["a"]);
+        assert!(drop(600).is_empty());
     }
 
     fn upload(id: i64, set: &str, state: JobState, failed_minutes: i64) -> Job {

@@ -82,6 +82,9 @@ pub struct SnapshotConfig {
     pub keep_local: Option<usize>,
     /// Files of a snapshot read from the agent at once while it uploads.
     pub upload_parallel: Option<usize>,
+    /// Bytes one instance's snapshots may hold on its database host; older
+    /// uploaded ones past it are deleted there. Absent or 0: no limit.
+    pub local_max_bytes: Option<u64>,
 }
 
 /// `[node]`: this server's identity among `strata serve` nodes sharing one
@@ -640,6 +643,7 @@ impl Config {
         if let Some(keep) = self.snapshot.keep_local {
             s.snapshot_keep_local = keep;
         }
+        s.snapshot_local_max_bytes = self.snapshot.local_max_bytes.filter(|&b| b > 0);
         Ok(s)
     }
 

@@ -134,6 +134,7 @@ fn resolved_default(key: &str) -> Option<String> {
         "wal.flush_interval_ms" => engine.wal_flush_interval.as_millis().to_string(),
         "snapshot.upload_parallel" => engine.snapshot_upload_parallel.to_string(),
         "snapshot.keep_local" => service.snapshot_keep_local.to_string(),
+        "snapshot.local_max_bytes" => service.snapshot_local_max_bytes.unwrap_or(0).to_string(),
         "wal.status_interval_secs" => engine.wal_status_interval.as_secs().to_string(),
         "wal.retry_max_secs" => {
             // Two parts obey this key; they must start from the same value.
