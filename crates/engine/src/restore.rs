@@ -1072,7 +1072,23 @@ pub(crate) fn plan_wal(
     wal: &[WalSegmentRow],
     histories: &BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
 ) -> EngineResult<Vec<StagedSegment>> {
-    let base = manifest.start_timeline;
+    Ok(plan_wal_from(
+        manifest.start_lsn,
+        manifest.start_timeline,
+        geometry,
+        wal,
+        histories,
+    ))
+}
+
+/// [`plan_wal`] for a backup starting at `start_lsn` on `base`.
+pub(crate) fn plan_wal_from(
+    start_lsn: Lsn,
+    base: TimelineId,
+    geometry: WalGeometry,
+    wal: &[WalSegmentRow],
+    histories: &BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
+) -> Vec<StagedSegment> {
     // Newest timeline whose history contains the backup's timeline.
     let (target_tli, path): (TimelineId, Vec<(TimelineId, Lsn)>) = histories
         .iter()
@@ -1104,7 +1120,7 @@ pub(crate) fn plan_wal(
             .push(w);
     }
     let mut plan = Vec::new();
-    let mut seg = geometry.segment_of(manifest.start_lsn);
+    let mut seg = geometry.segment_of(start_lsn);
     loop {
         let tli = tli_for(seg);
         let name = geometry.segment_file_name(tli, seg);
@@ -1126,7 +1142,7 @@ pub(crate) fn plan_wal(
         }
         seg = SegmentNo(seg.0 + 1);
     }
-    Ok(plan)
+    plan
 }
 
 #[derive(Default)]
