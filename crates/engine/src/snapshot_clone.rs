@@ -23,8 +23,12 @@ use pg_replication::{ConnectOptions, ReplicationClient};
 use pg_wal::history::TimelineHistory;
 use pg_wal::{history_file_name, Lsn, TimelineId, WalGeometry};
 use strata_agent::proto::ErrorCode;
-use strata_agent::{AgentClient, CloneName, SnapshotName, StartRequest, TargetRequest, WalFileName};
-use strata_catalog::{BackupMethod, BackupSet, BackupStatus, Instance, JobId, JobState, WalSegmentRow};
+use strata_agent::{
+    AgentClient, CloneName, SnapshotName, StartRequest, TargetRequest, WalFileName,
+};
+use strata_catalog::{
+    BackupMethod, BackupSet, BackupStatus, Instance, JobId, JobState, WalSegmentRow,
+};
 
 use crate::blocking::blocking;
 use crate::connect::connect_options;
@@ -84,9 +88,9 @@ fn plan_clone_wal(
     target: &RecoveryTarget,
     gap: bool,
 ) -> EngineResult<ClonePlan> {
-    let stop = set.stop_lsn.ok_or_else(|| {
-        EngineError::Failed(format!("backup {} has no stop position", set.id))
-    })?;
+    let stop = set
+        .stop_lsn
+        .ok_or_else(|| EngineError::Failed(format!("backup {} has no stop position", set.id)))?;
     let reach = plan.last().map_or(Lsn::INVALID, |s| s.row.end_lsn);
     if reach < stop {
         return Err(EngineError::Refused(format!(
@@ -191,8 +195,9 @@ impl Engine {
                 agent.url()
             ))
         })?;
-        let snapshot = SnapshotName::new(set.id.as_str())
-            .map_err(|e| EngineError::Failed(format!("backup id {} as a snapshot name: {e}", set.id)))?;
+        let snapshot = SnapshotName::new(set.id.as_str()).map_err(|e| {
+            EngineError::Failed(format!("backup id {} as a snapshot name: {e}", set.id))
+        })?;
         if let Some(job) = job.as_deref_mut() {
             job.state = JobState::Preparing;
             self.record_job("recording a clone's start", job).await?;
@@ -350,7 +355,9 @@ impl Engine {
         let deadline = Instant::now() + self.settings.start_timeout;
         loop {
             let last = match ReplicationClient::connect(&opts).await {
-                Ok(mut session) => match session.simple_query("SELECT pg_is_in_recovery()::text").await
+                Ok(mut session) => match session
+                    .simple_query("SELECT pg_is_in_recovery()::text")
+                    .await
                 {
                     Ok(rows) => {
                         let in_recovery = rows.first().and_then(|r| r.first().cloned().flatten());
@@ -461,14 +468,24 @@ mod tests {
 
         // Archived WAL ending before the stop position: refused.
         let short = vec![staged(2, None, None), staged(3, None, Some(3 * SEG + 50))];
-        let e = refusal(plan_clone_wal(&b, geometry(), short, &RecoveryTarget::Immediate, false));
+        let e = refusal(plan_clone_wal(
+            &b,
+            geometry(),
+            short,
+            &RecoveryTarget::Immediate,
+            false,
+        ));
         assert!(e.contains("is not in the archive"), "{e}");
     }
 
     #[test]
     fn a_time_takes_the_wal_up_to_the_first_later_commit() {
         let b = set(2 * SEG, 2 * SEG + 100);
-        let all = || (2..8).map(|s| staged(s, Some(s as u32 * 5), None)).collect();
+        let all = || {
+            (2..8)
+                .map(|s| staged(s, Some(s as u32 * 5), None))
+                .collect()
+        };
         // Segment 4 commits last at minute 20: the first after 17.
         let p = plan_clone_wal(&b, geometry(), all(), &RecoveryTarget::Time(t(17)), false).unwrap();
         assert_eq!(segnos(&p), [2, 3, 4]);
@@ -480,13 +497,22 @@ mod tests {
         assert_eq!(p.target, RecoveryTarget::Latest);
 
         // ... unless the archive has a gap after the usable WAL.
-        let e = refusal(plan_clone_wal(&b, geometry(), all(), &RecoveryTarget::Time(t(58)), true));
+        let e = refusal(plan_clone_wal(
+            &b,
+            geometry(),
+            all(),
+            &RecoveryTarget::Time(t(58)),
+            true,
+        ));
         assert!(e.contains("gap"), "{e}");
     }
 
     #[test]
     fn targets_in_the_agents_spelling() {
-        assert_eq!(target_request(&RecoveryTarget::Immediate), TargetRequest::Immediate);
+        assert_eq!(
+            target_request(&RecoveryTarget::Immediate),
+            TargetRequest::Immediate
+        );
         assert_eq!(
             target_request(&RecoveryTarget::Time(t(5))),
             TargetRequest::Time("2026-12-06T09:05:00+00:00".into())

@@ -45,9 +45,10 @@ pub(crate) struct Made {
 impl Service {
     /// The host the clone of `source`'s snapshot is reached at: its agent's.
     pub(crate) fn agent_host(&self, source: &Instance) -> ServiceResult<String> {
-        let agent = self.engine.agent(source)?.ok_or_else(|| {
-            EngineError::Refused(format!("instance {} has no agent", source.id))
-        })?;
+        let agent = self
+            .engine
+            .agent(source)?
+            .ok_or_else(|| EngineError::Refused(format!("instance {} has no agent", source.id)))?;
         Ok(agent.host().to_string())
     }
 

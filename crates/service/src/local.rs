@@ -308,32 +308,40 @@ impl Service {
             let agent_target = target.clone();
             let restore = move || {
                 let socket_dir = prepare_instance_dir(&dir, engine.os_user().as_deref())?;
-                engine.restore(
-                    &source_id,
-                    &RestoreOptions {
-                        target_dir: dir.join("pgdata"),
-                        backup_id,
-                        target,
-                        start: Some(StartOptions {
-                            port,
-                            listen_addresses: Some(listen),
-                            socket_dir: Some(socket_dir),
-                            usage: ServerUse::Copy,
-                        }),
-                        job_id: Some(job_id),
-                        index,
-                    },
-                    &NoProgress,
-                )
-                .map(|o| crate::agent_clones::Made {
-                    backup_id: o.backup_id,
-                    neutralized: o.neutralized,
-                })
+                engine
+                    .restore(
+                        &source_id,
+                        &RestoreOptions {
+                            target_dir: dir.join("pgdata"),
+                            backup_id,
+                            target,
+                            start: Some(StartOptions {
+                                port,
+                                listen_addresses: Some(listen),
+                                socket_dir: Some(socket_dir),
+                                usage: ServerUse::Copy,
+                            }),
+                            job_id: Some(job_id),
+                            index,
+                        },
+                        &NoProgress,
+                    )
+                    .map(|o| crate::agent_clones::Made {
+                        backup_id: o.backup_id,
+                        neutralized: o.neutralized,
+                    })
             };
             let run = match on_host {
                 Some(set) => {
                     let made = svc
-                        .make_on_agent(&source, &managed.instance_id, set, agent_target, job_id, restore)
+                        .make_on_agent(
+                            &source,
+                            &managed.instance_id,
+                            set,
+                            agent_target,
+                            job_id,
+                            restore,
+                        )
                         .await;
                     if let Err(e) = &made {
                         crate::fail_job(&svc.engine, job_id, &e.to_string());

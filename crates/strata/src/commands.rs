@@ -189,7 +189,10 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
         BackupCmd::Upload { id, backup } => {
             let set = engine.catalog().get_backup(&backup)?;
             if set.instance_id.as_str() != id {
-                bail!("backup {backup} belongs to instance {}, not {id}", set.instance_id);
+                bail!(
+                    "backup {backup} belongs to instance {}, not {id}",
+                    set.instance_id
+                );
             }
             if set.method != BackupMethod::Snapshot {
                 bail!("backup {backup} is not a snapshot backup: it is in the repository already");

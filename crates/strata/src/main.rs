@@ -172,10 +172,7 @@ enum BackupCmd {
     /// Upload a snapshot backup set from the instance's agent into the
     /// repository now (what the server does in the background after each
     /// snapshot): reads only what changed since the previous uploaded snapshot.
-    Upload {
-        id: String,
-        backup: String,
-    },
+    Upload { id: String, backup: String },
     /// List backup sets of an instance.
     List {
         id: String,

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{add_args, state_digest, wait_for, Strata};
+use common::{add_args, signed_call, state_digest, wait_for, Strata};
 use testkit::{Cluster, FsKind, LoopFs};
 
 /// A running `strata agent`, SIGKILLed on drop (before its file system is unmounted).
@@ -68,7 +68,10 @@ impl AgentProcess {
     }
 
     fn snapshot_dir(&self) -> PathBuf {
-        self.data.parent().expect("data dir parent").join("strata-snapshots")
+        self.data
+            .parent()
+            .expect("data dir parent")
+            .join("strata-snapshots")
     }
 
     fn key_file(&self) -> PathBuf {
@@ -129,7 +132,13 @@ fn fake_data_dir(parent: &Path) -> PathBuf {
 }
 
 /// `instance add ID` for `pg` with `--agent URL --agent-key-file KEY`.
-fn add_with_agent(strata: &Strata, id: &str, pg: &Cluster, url: &str, key: &Path) -> std::process::Output {
+fn add_with_agent(
+    strata: &Strata,
+    id: &str,
+    pg: &Cluster,
+    url: &str,
+    key: &Path,
+) -> std::process::Output {
     let port = pg.port().to_string();
     let key = key.display().to_string();
     let mut args = add_args(id, &port, "postgres");
@@ -158,7 +167,12 @@ fn snapshot(strata: &Strata, id: &str) -> (String, Duration) {
     let started = Instant::now();
     let out = strata.ok(&["backup", "create", id, "--snapshot"]);
     let took = started.elapsed();
-    let backup = out.lines().last().expect("backup id line").trim().to_string();
+    let backup = out
+        .lines()
+        .last()
+        .expect("backup id line")
+        .trim()
+        .to_string();
     (backup, took)
 }
 
@@ -231,12 +245,20 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
         );
     }
     drop(other);
-    assert!(instance_ids(&strata).is_empty(), "{:?}", instance_ids(&strata));
+    assert!(
+        instance_ids(&strata).is_empty(),
+        "{:?}",
+        instance_ids(&strata)
+    );
 
     // The right agent and key: registered, the file system named.
     let out = add_with_agent(&strata, "snap", &pg, &agent.url(), &agent.key_file());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains(&format!(
             "agent at {}: data directory {} on xfs",
@@ -274,7 +296,9 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
                 ddl_rounds.fetch_add(1, Ordering::Relaxed);
             }
         });
-        wait_for("DDL to start", 60, || ddl_rounds.load(Ordering::Relaxed) >= 2);
+        wait_for("DDL to start", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) >= 2
+        });
         let before = ddl_rounds.load(Ordering::Relaxed);
         let taken = snapshot(&strata, "snap");
         wait_for("a DDL round after the snapshot", 60, || {
@@ -293,7 +317,10 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
     assert_eq!(sets[0]["snapshot_local"], true);
     assert_eq!(sets[0]["snapshot_uploaded"], false);
     let listed = strata.ok(&["backup", "list", "snap"]);
-    assert!(listed.lines().next().unwrap().contains("METHOD"), "{listed}");
+    assert!(
+        listed.lines().next().unwrap().contains("METHOD"),
+        "{listed}"
+    );
     let row = listed
         .lines()
         .find(|l| l.starts_with(&backup))
@@ -306,7 +333,10 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
     // The snapshot on the agent's side, with the label pg_backup_stop returned.
     let snap_dir = agent.snapshot_dir().join(&backup);
     let label = std::fs::read_to_string(snap_dir.join("backup_label")).unwrap();
-    assert!(label.contains(&format!("LABEL: strata snapshot {backup}")), "{label}");
+    assert!(
+        label.contains(&format!("LABEL: strata snapshot {backup}")),
+        "{label}"
+    );
     assert!(snap_dir.join("global/pg_control").is_file());
     assert!(snap_dir.join("PG_VERSION").is_file());
 
@@ -355,7 +385,10 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
         "restore to {t1} does not match the rows committed then"
     );
     assert_eq!(
-        restored.psql(db, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"),
+        restored.psql(
+            db,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"
+        ),
         "1"
     );
 }
@@ -381,7 +414,10 @@ fn assert_failed_unreachable(strata: &Strata, pg: &Cluster, id: &str, stderr: &s
         .expect("a set recorded");
     assert_eq!(newest["status"], "Failed", "{newest}");
     assert!(
-        newest["error"].as_str().unwrap_or_default().contains(&unreachable),
+        newest["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&unreachable),
         "{newest}"
     );
     assert_eq!(strata_sessions(pg), "0");
@@ -396,7 +432,11 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
     let mut agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
     let strata = Strata::new("snapshot-kill");
     let out = add_with_agent(&strata, "killed", &pg, &agent.url(), &agent.key_file());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Killed before the snapshot.
     agent.kill9();
@@ -404,8 +444,15 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
     assert_failed_unreachable(&strata, &pg, "killed", &stderr, &agent.url());
     agent.restart();
     let (first, took) = snapshot(&strata, "killed");
-    println!("snapshot after the agent's restart: {:.2} s", took.as_secs_f64());
-    assert!(agent.snapshot_dir().join(&first).join("backup_label").is_file());
+    println!(
+        "snapshot after the agent's restart: {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(agent
+        .snapshot_dir()
+        .join(&first)
+        .join("backup_label")
+        .is_file());
 
     // Killed during the reflink walk: enough small tables that the walk takes a while, the
     // kill as soon as the walk's `.partial-` directory shows.
@@ -428,19 +475,32 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
         if let Some(p) = partial_snapshot(&agent.snapshot_dir()) {
             break p;
         }
-        assert!(Instant::now() < deadline, "no .partial- snapshot directory appeared");
+        assert!(
+            Instant::now() < deadline,
+            "no .partial- snapshot directory appeared"
+        );
         std::thread::sleep(Duration::from_millis(1));
     };
     agent.kill9();
     let out = backup.wait_with_output().expect("backup create output");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the snapshot succeeded although its agent was killed");
+    assert!(
+        !out.status.success(),
+        "the snapshot succeeded although its agent was killed"
+    );
     assert_failed_unreachable(&strata, &pg, "killed", &stderr, &agent.url());
-    assert!(partial.is_dir(), "the killed walk's directory is left until the next start");
+    assert!(
+        partial.is_dir(),
+        "the killed walk's directory is left until the next start"
+    );
 
     // Restarted: the partial snapshot removed, the next snapshot fine.
     agent.restart();
-    assert!(!partial.exists(), "{} left after the restart", partial.display());
+    assert!(
+        !partial.exists(),
+        "{} left after the restart",
+        partial.display()
+    );
     let (next, took) = snapshot(&strata, "killed");
     println!(
         "snapshot of {} files after the kill: {:.2} s",
@@ -458,5 +518,207 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
     expected.sort();
     assert_eq!(ok, expected, "{sets:?}");
     assert_eq!(sets.len(), 4, "two failed, two successful: {sets:?}");
-    assert!(agent.snapshot_dir().join(&next).join("backup_label").is_file());
+    assert!(agent
+        .snapshot_dir()
+        .join(&next)
+        .join("backup_label")
+        .is_file());
+}
+
+/// The instance fields of `id` in a `DescribeDBInstances` answer (none: not listed).
+fn described(strata: &Strata, port: u16, id: &str) -> Option<serde_json::Value> {
+    let v = signed_call(strata, port, &[("Action", "DescribeDBInstances")]);
+    v["Items"]["DBInstance"]
+        .as_array()
+        .expect("DescribeDBInstances lists Items.DBInstance")
+        .iter()
+        .find(|i| i["DBInstanceId"] == id)
+        .cloned()
+}
+
+/// `CloneDBInstance` of `source` with `params`; waits until the clone runs and returns its
+/// description.
+fn clone_via_api(
+    strata: &Strata,
+    port: u16,
+    source: &str,
+    params: &[(&str, &str)],
+) -> serde_json::Value {
+    let mut all = vec![("Action", "CloneDBInstance"), ("DBInstanceId", source)];
+    all.extend_from_slice(params);
+    let started = Instant::now();
+    let v = signed_call(strata, port, &all);
+    let id = v["DBInstanceId"].as_str().expect("clone id").to_string();
+    let mut last = serde_json::Value::Null;
+    wait_for("the clone to run", 180, || {
+        last = described(strata, port, &id).expect("the clone is listed");
+        last["DBInstanceStatus"] != "Creating"
+    });
+    assert_eq!(last["DBInstanceStatus"], "Running", "{last}");
+    println!(
+        "clone {id} ({params:?}) running after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    last
+}
+
+#[test]
+fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let pg = cluster_on(&fs);
+    let db = "postgres";
+    let agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
+    let strata = Strata::new("snapclone");
+    let out = add_with_agent(&strata, "src", &pg, &agent.url(), &agent.key_file());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut receiver = strata.wal_receiver("src");
+
+    // A snapshot under pgbench load with DDL.
+    let stop = AtomicBool::new(false);
+    let ddl_rounds = AtomicU32::new(0);
+    let (backup, _) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                pg.pgbench(db, &["-n", "-c", "1", "-T", "1"]);
+            }
+        });
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                pg.psql(
+                    db,
+                    &format!(
+                        "CREATE TABLE ddl_{i} AS SELECT g AS x FROM generate_series(1, 2000) g; \
+                         DROP TABLE IF EXISTS ddl_{}",
+                        i - 1
+                    ),
+                );
+                ddl_rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        wait_for("DDL to start", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) >= 2
+        });
+        let before = ddl_rounds.load(Ordering::Relaxed);
+        let taken = snapshot(&strata, "src");
+        wait_for("a DDL round after the snapshot", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) > before + 1
+        });
+        stop.store(true, Ordering::Relaxed);
+        taken
+    });
+
+    // Two committed phases after it, a whole second (RestoreTime's precision) between them.
+    pg.psql(db, "INSERT INTO ledger VALUES (1, 'after the snapshot')");
+    pg.pgbench(db, &["-n", "-c", "1", "-t", "50"]);
+    let d1 = state_digest(&pg, db);
+    std::thread::sleep(Duration::from_millis(1100));
+    let t1 = pg.psql(
+        db,
+        "SELECT to_char(date_trunc('second', clock_timestamp() AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(db, "INSERT INTO ledger VALUES (2, 'later')");
+    pg.pgbench(db, &["-n", "-c", "1", "-t", "50"]);
+    assert_ne!(state_digest(&pg, db), d1);
+    let end_lsn: pg_wal::Lsn = pg
+        .psql(db, "SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    wait_for("WAL archived past the second phase", 60, || {
+        strata.wal("src").iter().any(|w| {
+            w["end_lsn"]
+                .as_str()
+                .and_then(|l| l.parse::<pg_wal::Lsn>().ok())
+                .is_some_and(|l| l >= end_lsn)
+        })
+    });
+    receiver.stop();
+
+    // The set at its consistency point, as the repository restores it (uploaded for this
+    // comparison only), into a directory off the snapshot's file system.
+    strata.ok(&["backup", "upload", "src", &backup]);
+    let from_repo = strata.restore_and_start(
+        "src",
+        "consistent",
+        15,
+        &["--backup", &backup, "--immediate"],
+    );
+    let consistent = state_digest(&from_repo, db);
+    let tables = "SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class WHERE relname LIKE 'ddl\\_%' AND relkind = 'r'";
+    let consistent_tables = from_repo.psql(db, tables);
+    drop(from_repo);
+
+    let server = common::Server::start(&strata, &[]);
+    let clone_root = pg.data_dir().parent().unwrap().join("strata-clones");
+
+    // By BackupId: on the database host, rows as at the backup's consistency point.
+    let by_set = clone_via_api(&strata, server.port, "src", &[("BackupId", &backup)]);
+    let id = by_set["DBInstanceId"].as_str().unwrap().to_string();
+    assert_eq!(by_set["StrataAgentClone"], id.as_str(), "{by_set}");
+    assert_eq!(by_set["StrataSourceDBInstanceId"], "src");
+    let dir = clone_root.join(&id);
+    assert_eq!(
+        by_set["StrataDataDirectory"],
+        dir.display().to_string().as_str()
+    );
+    assert!(dir.join("PG_VERSION").is_file());
+    let port: u16 = by_set["Port"].as_str().unwrap().parse().unwrap();
+    let clone = testkit::Cluster::adopt(15, dir.clone(), port);
+    assert_eq!(clone.psql(db, "SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(state_digest(&clone, db), consistent);
+    assert_eq!(clone.psql(db, tables), consistent_tables);
+    assert_eq!(clone.psql(db, "SELECT count(*) FROM ledger"), "0");
+    // Its configuration sanitized as any restore's, by the agent.
+    let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains(&format!("# Written by strata agent for clone {id}")),
+        "{auto}"
+    );
+    assert!(auto.contains("restore_command = 'false'"), "{auto}");
+
+    // By RestoreTime: the rows committed by then.
+    let by_time = clone_via_api(&strata, server.port, "src", &[("RestoreTime", &t1)]);
+    let time_id = by_time["DBInstanceId"].as_str().unwrap().to_string();
+    assert_eq!(by_time["StrataAgentClone"], time_id.as_str(), "{by_time}");
+    let time_port: u16 = by_time["Port"].as_str().unwrap().parse().unwrap();
+    let at_time = testkit::Cluster::adopt(15, clone_root.join(&time_id), time_port);
+    assert_eq!(state_digest(&at_time, db), d1, "clone to {t1}");
+    assert_eq!(
+        at_time.psql(
+            db,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"
+        ),
+        "1"
+    );
+
+    // DeleteDBInstance: the server stopped and the directory gone on the host.
+    for (clone_id, port) in [(&id, port), (&time_id, time_port)] {
+        signed_call(
+            &strata,
+            server.port,
+            &[
+                ("Action", "DeleteDBInstance"),
+                ("DBInstanceId", clone_id.as_str()),
+            ],
+        );
+        assert!(described(&strata, server.port, clone_id).is_none());
+        assert!(
+            !clone_root.join(clone_id).exists(),
+            "{clone_id} left on the host"
+        );
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server of {clone_id} still listens"
+        );
+    }
+    assert_eq!(instance_ids(&strata), ["src"]);
+    drop((clone, at_time));
 }
