@@ -25,6 +25,7 @@ mod retention;
 mod segment;
 mod snapshot;
 mod snapshot_clone;
+mod snapshot_restore;
 mod snapshot_upload;
 mod wal_uploader;
 
@@ -53,6 +54,7 @@ pub use reindex::ReindexReport;
 pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
 pub use retention::{newest_success, pitr_anchor, plan_retention, GcGuard, RetentionPlan};
 pub use snapshot_clone::{AgentCloneOptions, AgentCloneOutcome};
+pub use snapshot_restore::LocalSnapshot;
 pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};
 
 impl Engine {

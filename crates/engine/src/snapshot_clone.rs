@@ -70,9 +70,9 @@ pub struct AgentCloneOutcome {
 
 /// The WAL a clone of a snapshot set recovers from and the target it is
 /// started with.
-struct ClonePlan {
-    segments: Vec<StagedSegment>,
-    target: RecoveryTarget,
+pub(crate) struct ClonePlan {
+    pub(crate) segments: Vec<StagedSegment>,
+    pub(crate) target: RecoveryTarget,
 }
 
 /// Cuts the archived WAL from the set's start (`plan`, in order, as
@@ -248,6 +248,18 @@ impl Engine {
         set: &BackupSet,
         target: &RecoveryTarget,
     ) -> EngineResult<(ClonePlan, WalGeometry, Histories)> {
+        let engine = self.clone();
+        let (source, set, target) = (source.clone(), set.clone(), target.clone());
+        blocking(move || engine.snapshot_wal_plan(&source, &set, &target)).await
+    }
+
+    /// [`Engine::clone_wal_plan`] on the calling thread.
+    pub(crate) fn snapshot_wal_plan(
+        &self,
+        source: &Instance,
+        set: &BackupSet,
+        target: &RecoveryTarget,
+    ) -> EngineResult<(ClonePlan, WalGeometry, Histories)> {
         let geometry = source
             .wal_segment_size
             .and_then(|s| WalGeometry::new(s).ok())
@@ -260,18 +272,13 @@ impl Engine {
         let (start, timeline) = set.start_lsn.zip(set.start_timeline).ok_or_else(|| {
             EngineError::Failed(format!("backup {} has no start position", set.id))
         })?;
-        let engine = self.clone();
-        let (set, target, id) = (set.clone(), target.clone(), source.id.to_string());
-        blocking(move || {
-            let wal = engine.catalog.list_wal_segments(&id)?;
-            let histories = engine.load_histories(&id)?;
-            let staged = plan_wal_from(start, timeline, geometry, &wal, &histories);
-            let reach = staged.last().map_or(Lsn::INVALID, |s| s.row.end_lsn);
-            let gap = wal.iter().any(|w| w.begin_lsn > reach);
-            let plan = plan_clone_wal(&set, geometry, staged, &target, gap)?;
-            Ok((plan, geometry, histories))
-        })
-        .await
+        let wal = self.catalog.list_wal_segments(&source.id)?;
+        let histories = self.load_histories(&source.id)?;
+        let staged = plan_wal_from(start, timeline, geometry, &wal, &histories);
+        let reach = staged.last().map_or(Lsn::INVALID, |s| s.row.end_lsn);
+        let gap = wal.iter().any(|w| w.begin_lsn > reach);
+        let plan = plan_clone_wal(set, geometry, staged, target, gap)?;
+        Ok((plan, geometry, histories))
     }
 
     /// Puts the planned WAL into the clone, starts its server and waits
@@ -390,7 +397,7 @@ impl Engine {
     }
 }
 
-type Histories = BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>;
+pub(crate) type Histories = BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>;
 
 #[cfg(test)]
 mod tests {

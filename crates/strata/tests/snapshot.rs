@@ -656,6 +656,33 @@ fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
     let consistent_tables = from_repo.psql(db, tables);
     drop(from_repo);
 
+    // `strata restore --backup SET` on the database host, into a directory on the snapshot's
+    // file system: reflinked from the snapshot, the same rows.
+    let cli_dir = fs.path().join("cli-restore");
+    let cli_port = testkit::free_port();
+    let out = strata.ok(&[
+        "restore",
+        "src",
+        "--backup",
+        &backup,
+        "--immediate",
+        "--target-dir",
+        &cli_dir.display().to_string(),
+        "--start",
+        "--port",
+        &cli_port.to_string(),
+    ]);
+    assert!(out.contains("reflinked from the snapshot"), "{out}");
+    let cli = testkit::Cluster::adopt(15, cli_dir.clone(), cli_port);
+    assert_eq!(state_digest(&cli, db), consistent);
+    assert_eq!(cli.psql(db, tables), consistent_tables);
+    let auto = std::fs::read_to_string(cli_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains(&format!("strata restore of backup {backup}")),
+        "{auto}"
+    );
+    drop(cli);
+
     let server = common::Server::start(&strata, &[]);
     let clone_root = pg.data_dir().parent().unwrap().join("strata-clones");
 
