@@ -366,6 +366,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             matches!(
                 j.kind,
                 JobKind::Backup
+                    | JobKind::SnapshotBackup
                     | JobKind::Clone
                     | JobKind::RestoreTable
                     | JobKind::CrossCopy
@@ -385,7 +386,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     for j in jobs {
         let set = j.backup_id.as_deref().and_then(|b| svc.backup_set(b).ok());
         let mode = match (j.kind, &set) {
-            (JobKind::Backup, Some(s)) => s.mode,
+            (JobKind::Backup | JobKind::SnapshotBackup, Some(s)) => s.mode,
             _ => BackupMode::Manual,
         };
         let action = match j.kind {

@@ -12,92 +12,13 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{add_args, signed_call, state_digest, wait_for, Strata};
+use common::{add_args, signed_call, state_digest, wait_for, AgentProcess, Strata};
 use testkit::{Cluster, FsKind, LoopFs};
-
-/// A running `strata agent`, SIGKILLed on drop (before its file system is unmounted).
-struct AgentProcess {
-    child: Option<Child>,
-    data: PathBuf,
-    port: u16,
-}
-
-impl AgentProcess {
-    /// Starts the agent on `data` and waits for its "serving" line.
-    fn start(data: &Path, port: u16) -> AgentProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(["agent", "--data-dir"])
-            .arg(data)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env_remove("STRATA_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn strata agent");
-        let stderr = child.stderr.take().expect("agent stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the agent printed nothing");
-        assert!(line.contains("strata agent serving"), "{line}");
-        AgentProcess {
-            child: Some(child),
-            data: data.to_path_buf(),
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn snapshot_dir(&self) -> PathBuf {
-        self.data
-            .parent()
-            .expect("data dir parent")
-            .join("strata-snapshots")
-    }
-
-    fn key_file(&self) -> PathBuf {
-        self.snapshot_dir().join("agent.key")
-    }
-
-    /// SIGKILL, as a crash: nothing of the agent runs after it.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL strata agent");
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same data directory and port.
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "agent still running");
-        *self = AgentProcess::start(&self.data.clone(), self.port);
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// A PostgreSQL 15 cluster on `fs` with pgbench tables and a ledger.
 fn cluster_on(fs: &LoopFs) -> Cluster {
