@@ -215,7 +215,7 @@ impl Engine {
             Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),
             Err(e) => return Err(agent_error(agent.url(), e)),
         }
-        if let Some(job) = job.as_deref_mut() {
+        if let Some(job) = job {
             job.state = JobState::Uploading;
             job.progress = 30;
             self.record_job("recording a clone's state", job).await?;

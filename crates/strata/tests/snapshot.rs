@@ -490,7 +490,7 @@ fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
     };
     let pg = cluster_on(&fs);
     let db = "postgres";
-    let agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
+    let mut agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
     let strata = Strata::new("snapclone");
     let out = add_with_agent(&strata, "src", &pg, &agent.url(), &agent.key_file());
     assert!(
@@ -669,4 +669,48 @@ fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
     }
     assert_eq!(instance_ids(&strata), ["src"]);
     drop((clone, at_time));
+
+    // A clone whose server cannot start (the agent finds no pg_ctl): Failed with the agent's
+    // reason, nothing left on the host, deletable.
+    agent.kill9();
+    let agent = AgentProcess::start_with(
+        pg.data_dir(),
+        agent.port(),
+        &["--pg-bin", "/nonexistent/bin"],
+    );
+    let v = signed_call(
+        &strata,
+        server.port,
+        &[
+            ("Action", "CloneDBInstance"),
+            ("DBInstanceId", "src"),
+            ("BackupId", &backup),
+        ],
+    );
+    let failed = v["DBInstanceId"].as_str().unwrap().to_string();
+    let mut last = serde_json::Value::Null;
+    wait_for("the clone to fail", 120, || {
+        last = described(&strata, server.port, &failed).expect("listed");
+        last["DBInstanceStatus"] != "Creating"
+    });
+    assert_eq!(last["DBInstanceStatus"], "Failed", "{last}");
+    let reason = last["StrataErrorMessage"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("agent at {} refused", agent.url()))
+            && reason.contains("no pg_ctl in /nonexistent/bin"),
+        "{reason}"
+    );
+    assert!(
+        !clone_root.join(&failed).exists(),
+        "the failed clone is left on the host"
+    );
+    signed_call(
+        &strata,
+        server.port,
+        &[
+            ("Action", "DeleteDBInstance"),
+            ("DBInstanceId", failed.as_str()),
+        ],
+    );
+    assert!(described(&strata, server.port, &failed).is_none());
 }

@@ -593,10 +593,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent on `data` and waits for its "serving" line.
     pub fn start(data: &Path, port: u16) -> AgentProcess {
+        Self::start_with(data, port, &[])
+    }
+
+    /// [`AgentProcess::start`] with more arguments (`--pg-bin DIR`, say).
+    pub fn start_with(data: &Path, port: u16, extra: &[&str]) -> AgentProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(["agent", "--data-dir"])
             .arg(data)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .env_remove("STRATA_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -622,6 +628,10 @@ impl AgentProcess {
             data: data.to_path_buf(),
             port,
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn url(&self) -> String {
