@@ -113,6 +113,25 @@ impl FreeFloor {
             FreeFloor::Percent(p) => ((total as u128 * p as u128) / 100) as u64,
         }
     }
+
+    /// Why a snapshot in `dir` is refused with `free` of `total` bytes free, or `None` when
+    /// the floor is kept. The agent checks before each snapshot; the server checks the same
+    /// from the agent's facts before it puts PostgreSQL in backup mode.
+    pub fn refusal(&self, dir: &Path, free: u64, total: u64) -> Option<String> {
+        let need = self.bytes(total);
+        if free >= need {
+            return None;
+        }
+        let pct = if total == 0 {
+            0
+        } else {
+            (free as u128 * 100 / total as u128) as u64
+        };
+        Some(format!(
+            "snapshot refused: the file system of {} has {free} bytes free ({pct}% of {total} bytes), under the floor of {self} ({need} bytes)",
+            dir.display()
+        ))
+    }
 }
 
 impl std::fmt::Display for FreeFloor {
@@ -365,21 +384,14 @@ impl SnapshotStore {
     /// Refuses when the snapshot directory's file system has less free space than `floor`.
     pub fn check_free_space(&self, floor: FreeFloor) -> Result<(), SnapshotError> {
         let space = cow::fs_space(&self.layout.snapshot_dir)?;
-        let need = floor.bytes(space.total_bytes);
-        if space.free_bytes < need {
-            let pct = if space.total_bytes == 0 {
-                0
-            } else {
-                (space.free_bytes as u128 * 100 / space.total_bytes as u128) as u64
-            };
-            return Err(SnapshotError::LowSpace(format!(
-                "snapshot refused: the file system of {} has {} bytes free ({pct}% of {} bytes), under the floor of {floor} ({need} bytes)",
-                self.layout.snapshot_dir.display(),
-                space.free_bytes,
-                space.total_bytes
-            )));
+        match floor.refusal(
+            &self.layout.snapshot_dir,
+            space.free_bytes,
+            space.total_bytes,
+        ) {
+            Some(why) => Err(SnapshotError::LowSpace(why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Takes snapshot `name` of the data directory (see the module documentation), refusing it
@@ -1157,5 +1169,15 @@ mod tests {
         assert!(FreeFloor::parse("-1").is_err());
         assert!(FreeFloor::parse("ten").is_err());
         assert_eq!(FreeFloor::Percent(10).bytes(1000), 100);
+        let dir = Path::new("/srv/pg/strata-snapshots");
+        assert_eq!(FreeFloor::Percent(10).refusal(dir, 100, 1000), None);
+        assert_eq!(
+            FreeFloor::Percent(10).refusal(dir, 30, 1000).as_deref(),
+            Some("snapshot refused: the file system of /srv/pg/strata-snapshots has 30 bytes free (3% of 1000 bytes), under the floor of 10% (100 bytes)")
+        );
+        assert_eq!(
+            FreeFloor::Bytes(5).refusal(dir, 4, 0).as_deref(),
+            Some("snapshot refused: the file system of /srv/pg/strata-snapshots has 4 bytes free (0% of 0 bytes), under the floor of 5 bytes (5 bytes)")
+        );
     }
 }

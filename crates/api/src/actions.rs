@@ -367,6 +367,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
                 j.kind,
                 JobKind::Backup
                     | JobKind::SnapshotBackup
+                    | JobKind::SnapshotUpload
                     | JobKind::Clone
                     | JobKind::RestoreTable
                     | JobKind::CrossCopy
@@ -386,7 +387,9 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     for j in jobs {
         let set = j.backup_id.as_deref().and_then(|b| svc.backup_set(b).ok());
         let mode = match (j.kind, &set) {
-            (JobKind::Backup | JobKind::SnapshotBackup, Some(s)) => s.mode,
+            (JobKind::Backup | JobKind::SnapshotBackup | JobKind::SnapshotUpload, Some(s)) => {
+                s.mode
+            }
             _ => BackupMode::Manual,
         };
         let action = match j.kind {
@@ -394,6 +397,7 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             JobKind::RestoreTable => "RestoreTable",
             JobKind::CrossCopy => "CrossRegionBackup",
             JobKind::DdrRestore => "CreateDdrInstance",
+            JobKind::SnapshotUpload => "StrataSnapshotUpload",
             _ => "NormalBackupTask",
         };
         if p.get("BackupMode").is_some_and(|m| m != mode.as_str()) {
@@ -755,7 +759,6 @@ fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<
         "StrataSourceDBInstanceId": managed.as_ref().map(|m| m.source_instance.clone()).unwrap_or_default(),
         "StrataErrorMessage": managed.as_ref().and_then(|m| m.error.clone()).unwrap_or_default(),
         "StrataDataDirectory": managed.as_ref().map(|m| m.data_dir.clone()).unwrap_or_default(),
-        "StrataAgentClone": managed.as_ref().and_then(|m| m.agent_clone.clone()).unwrap_or_default(),
         "ConnectionString": i.host,
         "Port": i.port.to_string(),
         "CreateTime": format_seconds(i.created_at),
@@ -857,6 +860,14 @@ async fn register_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         ..Instance::new(id, p.required("Host")?, port, p.required("User")?, sslmode)
     };
     let agent = match p.get("AgentUrl") {
+        // An agent's key or certificate without its URL would register an
+        // instance that cannot take the snapshots its caller meant it to.
+        None if p.get("AgentKey").is_some() || p.get("AgentCaFile").is_some() => {
+            return Err(ApiError::bad(
+                "MissingParameter",
+                "AgentKey and AgentCaFile go with AgentUrl, the agent's URL, which is not supplied.",
+            ))
+        }
         None => None,
         Some(url) => {
             let key = p.required("AgentKey")?;

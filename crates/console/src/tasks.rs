@@ -141,7 +141,7 @@ fn listing(
         }
         // Backups are typed by their set's mode: one lookup per job shown.
         let mode = match (j.kind, &j.backup_id) {
-            (JobKind::Backup, Some(b)) => backup_mode(b),
+            (JobKind::Backup | JobKind::SnapshotBackup, Some(b)) => backup_mode(b),
             _ => None,
         };
         let task = to_task(j, mode);
@@ -240,9 +240,16 @@ fn center(listing: &Listing, filter: &Filter, instances: &[InstanceId]) -> Marku
         task_type(JobKind::Restore, None),
     ];
     for &kind in &listing.kinds {
-        let t = task_type(kind, None);
-        if kind != JobKind::Backup && !types.contains(&t) {
-            types.push(t);
+        let modes: &[Option<BackupMode>] = match kind {
+            JobKind::Backup => &[],
+            JobKind::SnapshotBackup => &[Some(BackupMode::Manual), Some(BackupMode::Automated)],
+            _ => &[None],
+        };
+        for &mode in modes {
+            let t = task_type(kind, mode);
+            if !types.contains(&t) {
+                types.push(t);
+            }
         }
     }
     let statuses: Vec<(String, String)> = STATUSES
@@ -375,15 +382,18 @@ mod tests {
                 })
                 .unwrap();
         }
-        let backup = |instance: &str, set: &str, mode: BackupMode, state: JobState| {
+        let backup_of = |kind: JobKind, instance: &str, set: &str, mode: BackupMode, state| {
             catalog
                 .insert_backup(&BackupSet::started(set.into(), instance, mode, now, None))
                 .unwrap();
-            let mut job = catalog.create_job(JobKind::Backup, Some(instance)).unwrap();
+            let mut job = catalog.create_job(kind, Some(instance)).unwrap();
             job.backup_id = Some(set.into());
             job.state = state;
             catalog.update_job(&job).unwrap();
             job.id
+        };
+        let backup = |instance: &str, set: &str, mode: BackupMode, state: JobState| {
+            backup_of(JobKind::Backup, instance, set, mode, state)
         };
         let auto = backup("a", "1", BackupMode::Automated, JobState::Finished);
         let manual = backup("a", "2", BackupMode::Manual, JobState::Uploading);
@@ -399,7 +409,20 @@ mod tests {
             .map(|t| t.id)
             .collect()
         };
-        assert_eq!(ids(Filter::default()), [other, manual, auto]);
+        // A snapshot the scheduler took is typed by its set's mode as a physical backup is.
+        let snapshot = backup_of(
+            JobKind::SnapshotBackup,
+            "b",
+            "4",
+            BackupMode::Automated,
+            JobState::Finished,
+        );
+        assert_eq!(ids(Filter::default()), [snapshot, other, manual, auto]);
+        let auto_snapshots = Filter {
+            kind: "auto-snapshot".into(),
+            ..Filter::default()
+        };
+        assert_eq!(ids(auto_snapshots), [snapshot]);
         let kind = |k: &str| Filter {
             kind: k.into(),
             ..Filter::default()
@@ -417,7 +440,7 @@ mod tests {
             instance: "b".into(),
             ..Filter::default()
         };
-        assert_eq!(ids(instance), [other]);
+        assert_eq!(ids(instance), [snapshot, other]);
     }
 
     #[test]
@@ -437,8 +460,17 @@ mod tests {
             "Restore Databases or Tables"
         );
         assert_eq!(task_type(JobKind::CrossCopy, None).1, "Cross-Region Backup");
+        assert_eq!(
+            task_type(JobKind::SnapshotBackup, Some(BackupMode::Automated)).0,
+            "auto-snapshot"
+        );
+        assert_eq!(
+            task_type(JobKind::SnapshotBackup, None).0,
+            "manual-snapshot"
+        );
         // Other kinds are keyed by their catalog name.
-        for kind in JobKind::ALL.into_iter().filter(|&k| k != JobKind::Backup) {
+        let by_mode = [JobKind::Backup, JobKind::SnapshotBackup];
+        for kind in JobKind::ALL.into_iter().filter(|k| !by_mode.contains(k)) {
             assert_eq!(task_type(kind, None).0, kind.as_str());
         }
     }

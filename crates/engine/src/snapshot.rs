@@ -165,8 +165,18 @@ impl Engine {
         let name = SnapshotName::new(set.id.as_str()).map_err(|e| {
             EngineError::Failed(format!("backup id {} as a snapshot name: {e}", set.id))
         })?;
-        // The agent refuses a snapshot below its free-space floor itself.
-        let _ = facts;
+        // The agent refuses a snapshot below its free-space floor itself; refused here first,
+        // a short host is spared the checkpoint and backup mode.
+        if let Some(why) = facts.min_free.refusal(
+            &facts.snapshot_dir,
+            facts.fs.free_bytes,
+            facts.fs.total_bytes,
+        ) {
+            return Err(EngineError::Refused(format!(
+                "agent at {} refused: {why}",
+                agent.url()
+            )));
+        }
 
         // The temporary slot first, so the server keeps the WAL from before
         // the start; then the session that holds backup mode.

@@ -3,12 +3,17 @@
 //! `snapshot_keep_local` snapshots on the host (instant clones, cheap next
 //! uploads); an older one is deleted there once it is uploaded, never
 //! before. Snapshots the agent still has whose set is gone from the catalog
-//! (deleted by retention or by a user) are deleted too.
+//! (deleted by retention or by a user) are deleted too. A snapshot whose
+//! upload failed (agent or repository unreachable for a while) is queued for
+//! upload again, so it does not stay the set's only copy.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use strata_catalog::{BackupId, BackupMethod, BackupSet, BackupStatus, Instance};
+use chrono::{DateTime, Utc};
+use strata_catalog::{
+    BackupId, BackupMethod, BackupSet, BackupStatus, Instance, Job, JobKind, JobState,
+};
 
 use crate::{Service, ServiceResult};
 
@@ -33,7 +38,70 @@ pub(crate) fn local_snapshots_to_drop(sets: &[BackupSet], keep: usize) -> Vec<Ba
         .collect()
 }
 
+/// Longest wait between two uploads of a snapshot that keep failing.
+const UPLOAD_RETRY_MAX: chrono::Duration = chrono::Duration::hours(24);
+
+/// The snapshot sets on the host whose newest upload failed and that are
+/// not uploaded yet, due for another upload at `now`: `first_wait` after the
+/// first failure, twice as long after each further one (at most a day). A
+/// set never queued for upload (taken with the CLI, uploaded by
+/// `strata backup upload`) is left alone, and so is one whose upload is
+/// queued or runs.
+pub(crate) fn uploads_to_retry(
+    sets: &[BackupSet],
+    jobs: &[Job],
+    now: DateTime<Utc>,
+    first_wait: chrono::Duration,
+) -> Vec<BackupId> {
+    let mut uploads: BTreeMap<&BackupId, Vec<&Job>> = BTreeMap::new();
+    for job in jobs.iter().filter(|j| j.kind == JobKind::SnapshotUpload) {
+        if let Some(id) = &job.backup_id {
+            uploads.entry(id).or_default().push(job);
+        }
+    }
+    let due = |id: &BackupId| {
+        let Some(tries) = uploads.get(id) else {
+            return false;
+        };
+        let Some(newest) = tries.iter().max_by_key(|j| j.id) else {
+            return false;
+        };
+        if newest.state != JobState::Failed {
+            return false;
+        }
+        let failures = tries.iter().filter(|j| j.state == JobState::Failed).count();
+        let wait = (1..failures).fold(first_wait, |w, _| (w * 2).min(UPLOAD_RETRY_MAX));
+        let failed_at = newest.finished_at.unwrap_or(newest.started_at);
+        now - failed_at >= wait
+    };
+    sets.iter()
+        .filter(|b| {
+            b.method == BackupMethod::Snapshot
+                && b.status == BackupStatus::Success
+                && b.snapshot_local
+                && !b.snapshot_uploaded
+        })
+        .filter(|b| due(&b.id))
+        .map(|b| b.id.clone())
+        .collect()
+}
+
 impl Service {
+    /// Queues again the uploads of `instance`'s snapshots that failed.
+    pub(crate) fn retry_failed_uploads(self: &Arc<Self>, instance: &Instance) -> ServiceResult<()> {
+        let catalog = self.engine.catalog();
+        let sets = catalog.list_backups(&instance.id)?;
+        let jobs = catalog.list_jobs(Some(&instance.id))?;
+        let first_wait = self.settings.retention_interval;
+        for id in uploads_to_retry(&sets, &jobs, self.now(), first_wait) {
+            if let Some(set) = sets.iter().find(|b| b.id == id) {
+                let job = self.request_snapshot_upload(set)?;
+                tracing::info!(instance = %instance.id, backup = %id, job = %job, "snapshot upload failed before; queued again");
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the local snapshot retention of `instance` on its agent.
     pub(crate) async fn prune_local_snapshots(
         self: &Arc<Self>,
@@ -42,6 +110,11 @@ impl Service {
         let Some(agent) = self.engine.agent(instance)? else {
             return Ok(());
         };
+        // Listed before the catalog is read: a snapshot's set is recorded
+        // before the agent makes it, so a snapshot listed here whose set the
+        // catalog read next lacks is one whose set is gone, never one being
+        // taken meanwhile.
+        let on_host = agent.snapshots().await;
         let sets = self.engine.catalog().list_backups(&instance.id)?;
         for id in local_snapshots_to_drop(&sets, self.settings.snapshot_keep_local) {
             let Some(mut set) = sets.iter().find(|b| b.id == id).cloned() else {
@@ -55,7 +128,7 @@ impl Service {
         }
         // Snapshots whose set the catalog no longer has at all.
         let known: BTreeSet<&str> = sets.iter().map(|b| b.id.as_str()).collect();
-        let on_host = match agent.snapshots().await {
+        let on_host = match on_host {
             Ok(list) => list,
             Err(e) => {
                 tracing::warn!(instance = %instance.id, "listing the agent's snapshots: {e}");
@@ -119,5 +192,70 @@ mod tests {
         assert_eq!(drop(2), ["c", "a"], "b is the only copy of its set");
         assert_eq!(drop(0), ["e", "d", "c", "a"]);
         assert!(drop(10).is_empty());
+    }
+
+    fn upload(id: i64, set: &str, state: JobState, failed_minutes: i64) -> Job {
+        let t =
+            Utc.with_ymd_and_hms(2026, 12, 6, 1, 0, 0).unwrap() + Duration::minutes(failed_minutes);
+        Job {
+            id: strata_catalog::JobId::new(id),
+            kind: JobKind::SnapshotUpload,
+            instance_id: Some("i".into()),
+            state,
+            progress: 0,
+            detail: String::new(),
+            backup_id: Some(set.into()),
+            started_at: t,
+            finished_at: (state == JobState::Failed).then_some(t),
+            error: None,
+            owner: strata_catalog::LeaseOwner::random(),
+            heartbeat_at: t,
+            pid: 0,
+            queued: false,
+            node_id: None,
+        }
+    }
+
+    #[test]
+    fn failed_uploads_are_retried_with_growing_waits() {
+        let sets = vec![
+            snap("failed-once", 0, false),
+            snap("failed-thrice", 1, false),
+            snap("running-again", 2, false),
+            snap("never-queued", 3, false),
+            snap("uploaded", 4, true),
+        ];
+        let jobs = vec![
+            upload(1, "failed-once", JobState::Failed, 0),
+            upload(2, "failed-thrice", JobState::Failed, 0),
+            upload(3, "failed-thrice", JobState::Failed, 5),
+            upload(4, "failed-thrice", JobState::Failed, 15),
+            upload(5, "running-again", JobState::Failed, 0),
+            upload(6, "running-again", JobState::Uploading, 5),
+            upload(7, "uploaded", JobState::Failed, 0),
+            upload(8, "uploaded", JobState::Finished, 5),
+        ];
+        let due = |minutes_after_first_failure: i64| {
+            let now = Utc.with_ymd_and_hms(2026, 12, 6, 1, 0, 0).unwrap()
+                + Duration::minutes(minutes_after_first_failure);
+            uploads_to_retry(&sets, &jobs, now, Duration::minutes(5))
+                .into_iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(due(4).is_empty());
+        assert_eq!(due(5), ["failed-once"]);
+        // Three failures, the last at minute 15: 20 minutes after it.
+        assert_eq!(due(34), ["failed-once"]);
+        assert_eq!(due(35), ["failed-once", "failed-thrice"]);
+        // The set's local copy gone: nothing to upload from.
+        let mut gone = sets.clone();
+        gone[0].snapshot_local = false;
+        let now = Utc.with_ymd_and_hms(2026, 12, 7, 0, 0, 0).unwrap();
+        let ids: Vec<String> = uploads_to_retry(&gone, &jobs, now, Duration::minutes(5))
+            .into_iter()
+            .map(|b| b.to_string())
+            .collect();
+        assert_eq!(ids, ["failed-thrice"]);
     }
 }

@@ -184,16 +184,30 @@ impl Service {
     /// Whether this node reports `instance_id` (in `/metrics`): it holds
     /// its lease or, while no node validly holds it, it is the node that
     /// will. Exactly one live node answers yes for each instance.
+    /// `desired` is [`fleet::assign`] over every instance and the live nodes.
     pub(crate) fn reports(
         &self,
         instance_id: &str,
         owners: &BTreeMap<String, String>,
-        live: &BTreeSet<String>,
+        desired: &BTreeMap<String, String>,
     ) -> bool {
         match owners.get(instance_id) {
             Some(node) => node == self.node_id(),
-            None => fleet::desired_owner(instance_id, live) == Some(self.node_id()),
+            None => desired.get(instance_id).map(String::as_str) == Some(self.node_id()),
         }
+    }
+
+    /// The desired owner of each of `instances` among the live nodes
+    /// ([`fleet::assign`]), as every live node computes it.
+    pub(crate) fn desired_owners(
+        &self,
+        instances: &[strata_catalog::Instance],
+    ) -> CatalogResult<BTreeMap<String, String>> {
+        let ids: Vec<String> = instances
+            .iter()
+            .map(|i| String::from(i.id.clone()))
+            .collect();
+        Ok(fleet::assign(&ids, &self.live_nodes()?))
     }
 
     /// The live nodes as the catalog's heartbeats say.
@@ -393,10 +407,15 @@ mod tests {
         let (mine_a, mine_b) = (owned(&a, &ids), owned(&b, &ids));
         assert!(mine_a.is_disjoint(&mine_b), "{mine_a:?} {mine_b:?}");
         assert_eq!(mine_a.len() + mine_b.len(), 12);
-        assert!(!mine_b.is_empty() && !mine_a.is_empty());
+        assert_eq!(
+            (mine_a.len(), mine_b.len()),
+            (6, 6),
+            "the bound halves them"
+        );
         let live = BTreeSet::from(["a".to_string(), "b".to_string()]);
+        let desired = fleet::assign(&ids, &live);
         for id in &mine_b {
-            assert_eq!(fleet::desired_owner(id, &live), Some("b"));
+            assert_eq!(desired[id], "b");
         }
         // The catalog agrees, and every node reads the same owners.
         assert_eq!(a.instance_owners().unwrap(), b.instance_owners().unwrap());

@@ -197,9 +197,10 @@ impl Service {
         let mut samples = Samples::default();
         samples.declare(PER_INSTANCE);
         let owners = self.instance_owners()?;
-        let live = self.live_nodes()?;
-        for i in &self.engine.catalog().list_instances()? {
-            if !self.reports(&i.id, &owners, &live) {
+        let instances = self.engine.catalog().list_instances()?;
+        let desired = self.desired_owners(&instances)?;
+        for i in &instances {
+            if !self.reports(&i.id, &owners, &desired) {
                 continue;
             }
             self.backup_samples(i, now, &mut samples)?;

@@ -22,7 +22,7 @@ use chrono::Utc;
 use strata_catalog::{BackupMethod, BackupMode, BackupSet, Job, JobId, JobKind};
 use strata_engine::EngineError;
 
-use crate::{fail_job, fleet, Service, ServiceResult};
+use crate::{fail_job, Service, ServiceResult};
 
 impl Service {
     /// Queues a manual backup of `instance_id` for its owner and returns the
@@ -131,8 +131,12 @@ impl Service {
         if owners.contains_key(instance_id) {
             return false;
         }
-        self.live_nodes()
-            .is_ok_and(|live| fleet::desired_owner(instance_id, &live) == Some(self.node_id()))
+        let Ok(instances) = self.engine.catalog().list_instances() else {
+            return false;
+        };
+        self.desired_owners(&instances).is_ok_and(|desired| {
+            desired.get(instance_id).map(String::as_str) == Some(self.node_id())
+        })
     }
 
     /// Claims and runs a job just queued here when this node runs its

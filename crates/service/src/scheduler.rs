@@ -173,6 +173,9 @@ impl Service {
                 if let Err(e) = self.prune_local_snapshots(instance).await {
                     tracing::warn!(instance = %instance.id, "local snapshot retention: {e}");
                 }
+                if let Err(e) = self.retry_failed_uploads(instance) {
+                    tracing::warn!(instance = %instance.id, "snapshot uploads to retry: {e}");
+                }
             }
         }
         Ok(())

@@ -249,9 +249,10 @@ impl Service {
         };
         let mut targets = HashMap::new();
         let owners = self.instance_owners()?;
-        let live = self.live_nodes()?;
-        for instance in self.engine.catalog().list_instances()? {
-            if only_owned && !self.reports(&instance.id, &owners, &live) {
+        let instances = self.engine.catalog().list_instances()?;
+        let desired = self.desired_owners(&instances)?;
+        for instance in instances {
+            if only_owned && !self.reports(&instance.id, &owners, &desired) {
                 continue;
             }
             let figures = usage

@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::agent::{cluster_on, fake_data_dir, AgentProcess, BindMount};
 use common::Strata;
-use testkit::{Cluster, S3Server};
+use testkit::{Cluster, FsKind, LoopFs, S3Server};
 
 /// Longest a pytest module (or the crash client) may run.
 const PYTHON_TIMEOUT: Duration = Duration::from_secs(600);
@@ -415,14 +416,28 @@ fn run_module_with_drills(module: &str, drills: bool) {
 /// `[scheduler]` table (start it with a table header of its own).
 fn run_module_configured(module: &str, drills: bool, config: &str) {
     python();
+    let cluster = Cluster::start_default(15);
+    run_module_on(module, &cluster, drills, config, &[]);
+}
+
+/// One pytest module against a fresh server and `cluster`, with `extra`
+/// in its environment besides what [`ApiServer::python_env`] sets.
+fn run_module_on(
+    module: &str,
+    cluster: &Cluster,
+    drills: bool,
+    config: &str,
+    extra: &[(&str, String)],
+) {
+    python();
     assert!(
         sdk_dir().join(module).is_file(),
         "tests/sdk/{module} missing"
     );
-    let cluster = Cluster::start_default(15);
     let name = module.trim_start_matches("test_").trim_end_matches(".py");
     let server = ApiServer::start_with_drills(&format!("api-{name}"), config, drills);
-    let env = server.python_env(&cluster);
+    let mut env = server.python_env(cluster);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let path = format!("tests/sdk/{module}");
     let output = server.run_python(
         &format!("pytest-{name}"),
@@ -479,13 +494,12 @@ fn sdk_clone_of_a_snapshot_on_the_database_host() {
         .conf("max_wal_size = 128MB")
         .conf("min_wal_size = 32MB")
         .start();
-    let agent = common::AgentProcess::start(cluster.data_dir(), testkit::free_port());
-    let key = std::fs::read_to_string(agent.key_file()).expect("agent key file");
+    let agent = AgentProcess::start(cluster.data_dir(), testkit::free_port());
     let server = ApiServer::start_with_drills("api-snapshot-clone", "", false);
     let mut env = server.python_env(&cluster);
     env.extend([
         ("STRATA_AGENT_URL".to_string(), agent.url()),
-        ("STRATA_AGENT_KEY".to_string(), key.trim().to_string()),
+        ("STRATA_AGENT_KEY".to_string(), agent.key_hex()),
         (
             "STRATA_AGENT_CLONE_DIR".to_string(),
             agent.clone_dir().display().to_string(),
@@ -513,6 +527,49 @@ fn sdk_storage_usage_and_free_quota() {
         false,
         "[usage]\nfree_quota = \"1KiB\"\nsample_interval_secs = 3600\n",
     );
+}
+
+/// Snapshot backups through the API: the PostgreSQL server on a
+/// loop-mounted XFS (`reflink=1`) served by `strata agent`, a second agent
+/// whose data directory is on ext4 (refused at registration), and one
+/// snapshot kept on the host (`snapshot.keep_local = 1`), so retention
+/// deletes the older one there once the newer is uploaded.
+#[test]
+fn sdk_snapshot_backups() {
+    python();
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let cluster = cluster_on(&fs);
+    let agent = AgentProcess::start(cluster.data_dir(), testkit::free_port());
+    // An agent started on XFS whose data directory is then covered by one on ext4 (an agent
+    // refuses to start on ext4 itself).
+    let other_data = fake_data_dir(&fs.path().join("other"));
+    let other = AgentProcess::start(&other_data, testkit::free_port());
+    let Some(ext4) = LoopFs::or_skip(FsKind::Ext4, 64, true) else {
+        return;
+    };
+    let ext4_data = fake_data_dir(&ext4.path().join("pg"));
+    let covered = BindMount::new(&ext4_data, &other_data);
+    let extra = [
+        ("STRATA_AGENT_URL", agent.url()),
+        ("STRATA_AGENT_KEY", agent.key_hex()),
+        (
+            "STRATA_AGENT_SNAPSHOT_DIR",
+            agent.snapshot_dir().display().to_string(),
+        ),
+        ("STRATA_EXT4_AGENT_URL", other.url()),
+        ("STRATA_EXT4_AGENT_KEY", other.key_hex()),
+        ("STRATA_EXT4_DATA_DIR", other_data.display().to_string()),
+    ];
+    run_module_on(
+        "test_snapshot.py",
+        &cluster,
+        false,
+        "[snapshot]\nkeep_local = 1\n",
+        &extra,
+    );
+    drop(covered);
 }
 
 #[test]

@@ -17,40 +17,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{add_args, signed_call, state_digest, wait_for, AgentProcess, Strata};
+use common::agent::{cluster_on, fake_data_dir, AgentProcess};
+use common::{add_args, signed_call, state_digest, wait_for, Strata};
 use testkit::{Cluster, FsKind, LoopFs};
-
-/// A PostgreSQL 15 cluster on `fs` with pgbench tables and a ledger.
-fn cluster_on(fs: &LoopFs) -> Cluster {
-    // WAL kept small: the file system is too.
-    let pg = Cluster::builder(15)
-        .in_dir(fs.path())
-        .conf("max_wal_size = 128MB")
-        .conf("min_wal_size = 32MB")
-        .start();
-    pg.pgbench("postgres", &["-i", "-q", "-s", "1"]);
-    pg.psql(
-        "postgres",
-        "CREATE TABLE ledger (id int PRIMARY KEY, note text)",
-    );
-    pg
-}
-
-/// A directory that looks like a data directory to the agent (PG_VERSION, a pg_control whose
-/// system identifier is 42), owned by the postgres OS user.
-fn fake_data_dir(parent: &Path) -> PathBuf {
-    let data = parent.join("data");
-    std::fs::create_dir_all(data.join("global")).unwrap();
-    std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
-    std::fs::write(data.join("global/pg_control"), 42u64.to_ne_bytes()).unwrap();
-    let ok = Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(parent)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    data
-}
 
 /// `instance add ID` for `pg` with `--agent URL --agent-key-file KEY`.
 fn add_with_agent(
@@ -350,7 +319,13 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
         return;
     };
     let pg = cluster_on(&fs);
-    let mut agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
+    // 3000 tables and their WAL fill most of the file system: the floor is not what this test
+    // is about.
+    let mut agent = AgentProcess::start_with(
+        pg.data_dir(),
+        testkit::free_port(),
+        &["--min-free-bytes", "1%"],
+    );
     let strata = Strata::new("snapshot-kill");
     let out = add_with_agent(&strata, "killed", &pg, &agent.url(), &agent.key_file());
     assert!(
@@ -385,7 +360,7 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
         ));
     }
     pg.psql("postgres", &sql);
-    let backup = strata
+    let mut backup = strata
         .command(&["backup", "create", "killed", "--snapshot"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -395,6 +370,14 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
     let partial = loop {
         if let Some(p) = partial_snapshot(&agent.snapshot_dir()) {
             break p;
+        }
+        if backup.try_wait().expect("poll backup create").is_some() {
+            let out = backup.wait_with_output().expect("backup create output");
+            panic!(
+                "the snapshot ended before its walk was seen: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -444,6 +427,90 @@ fn an_agent_killed_before_or_during_a_snapshot_fails_the_set_and_ends_backup_mod
         .join(&next)
         .join("backup_label")
         .is_file());
+}
+
+/// Checkpoints requested of `pg` so far (`pg_backup_start` requests one).
+fn requested_checkpoints(pg: &Cluster) -> u64 {
+    pg.psql("postgres", "SELECT checkpoints_req FROM pg_stat_bgwriter")
+        .parse()
+        .expect("checkpoints_req")
+}
+
+#[test]
+fn a_snapshot_under_the_free_space_floor_is_refused_before_backup_mode_and_leaves_nothing() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let pg = cluster_on(&fs);
+    let port = testkit::free_port();
+    // A floor of the whole file system: never kept.
+    let mut agent = AgentProcess::start_with(pg.data_dir(), port, &["--min-free-bytes", "100%"]);
+    let strata = Strata::new("snapshot-floor");
+    let out = add_with_agent(&strata, "floor", &pg, &agent.url(), &agent.key_file());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let checkpoints = requested_checkpoints(&pg);
+    let stderr = strata.fails(&["backup", "create", "floor", "--snapshot"]);
+    let refusal = format!(
+        "agent at {} refused: snapshot refused: the file system of {} has ",
+        agent.url(),
+        agent.snapshot_dir().display()
+    );
+    assert!(stderr.contains(&refusal), "{stderr}");
+    assert!(
+        stderr.contains("bytes), under the floor of 100% ("),
+        "{stderr}"
+    );
+    let sets = strata.backups("floor");
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    assert_eq!(sets[0]["status"], "Failed", "{sets:?}");
+    assert_eq!(sets[0]["method"], "Snapshot", "{sets:?}");
+    assert!(
+        sets[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&refusal),
+        "{sets:?}"
+    );
+    // Nothing left behind: no snapshot (partial or not) next to the key, no session or slot
+    // of Strata on the server, and the server never went into backup mode (no checkpoint).
+    let mut left: Vec<String> = std::fs::read_dir(agent.snapshot_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["agent.key"]);
+    assert_eq!(strata_sessions(&pg), "0");
+    assert_eq!(
+        pg.psql("postgres", "SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+    assert_eq!(requested_checkpoints(&pg), checkpoints);
+
+    // The floor lowered (same key, same port): the next snapshot is taken, and its
+    // checkpoint shows in the counter the refusal left alone.
+    agent.kill9();
+    let agent = AgentProcess::start_with(pg.data_dir(), port, &["--min-free-bytes", "1%"]);
+    let (backup, _) = snapshot(&strata, "floor");
+    assert!(agent
+        .snapshot_dir()
+        .join(&backup)
+        .join("backup_label")
+        .is_file());
+    wait_for("the snapshot's checkpoint counted", 30, || {
+        requested_checkpoints(&pg) > checkpoints
+    });
+    let statuses: Vec<String> = strata
+        .backups("floor")
+        .iter()
+        .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(statuses, ["Failed", "Success"]);
 }
 
 /// The instance fields of `id` in a `DescribeDBInstances` answer (none: not listed).

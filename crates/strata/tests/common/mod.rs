@@ -3,11 +3,12 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, Read, Write};
+pub mod agent;
+
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use testkit::{Cluster, S3Server};
@@ -580,99 +581,4 @@ pub fn signed_call(strata: &Strata, port: u16, params: &[(&str, &str)]) -> serde
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status}: {e}: {body}"));
     assert!(status.contains("200"), "{status}: {v}");
     v
-}
-
-/// A running `strata agent` (the binary under test) on a data directory, SIGKILLed on drop
-/// (declare it after its file system, so it goes first).
-pub struct AgentProcess {
-    child: Option<Child>,
-    data: PathBuf,
-    port: u16,
-}
-
-impl AgentProcess {
-    /// Starts the agent on `data` and waits for its "serving" line.
-    pub fn start(data: &Path, port: u16) -> AgentProcess {
-        Self::start_with(data, port, &[])
-    }
-
-    /// [`AgentProcess::start`] with more arguments (`--pg-bin DIR`, say).
-    pub fn start_with(data: &Path, port: u16, extra: &[&str]) -> AgentProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(["agent", "--data-dir"])
-            .arg(data)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .env_remove("STRATA_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn strata agent");
-        let stderr = child.stderr.take().expect("agent stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the agent printed nothing");
-        assert!(line.contains("strata agent serving"), "{line}");
-        AgentProcess {
-            child: Some(child),
-            data: data.to_path_buf(),
-            port,
-        }
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn clone_dir(&self) -> PathBuf {
-        self.data
-            .parent()
-            .expect("data dir parent")
-            .join("strata-clones")
-    }
-
-    pub fn snapshot_dir(&self) -> PathBuf {
-        self.data
-            .parent()
-            .expect("data dir parent")
-            .join("strata-snapshots")
-    }
-
-    pub fn key_file(&self) -> PathBuf {
-        self.snapshot_dir().join("agent.key")
-    }
-
-    /// SIGKILL, as a crash: nothing of the agent runs after it.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL strata agent");
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same data directory and port.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "agent still running");
-        *self = AgentProcess::start(&self.data.clone(), self.port);
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
