@@ -201,6 +201,12 @@ impl AgentClient {
         &self.url
     }
 
+    /// The host of its URL (an IPv6 address without brackets): where the
+    /// database host is reached from here.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Facts about the agent's host and cluster.
     pub async fn facts(&self) -> Result<HostFacts, AgentError> {
         self.json(Method::GET, "/v1/facts", "", Vec::new()).await

@@ -212,8 +212,9 @@ pub fn reflink_from(
     cloned
 }
 
-/// `ioctl(dst, FICLONE, src)`: makes `dst` share all of `src`'s data.
-fn clone_file(src: &File, dst: &File) -> io::Result<()> {
+/// `ioctl(dst, FICLONE, src)`: makes `dst` share all of `src`'s data (both on one file
+/// system that clones files; `EXDEV` or `EOPNOTSUPP` otherwise).
+pub fn clone_file(src: &File, dst: &File) -> io::Result<()> {
     // SAFETY: both descriptors are open for the duration of the call (borrowed Files); FICLONE
     // takes the source descriptor as its integer argument and touches no user memory.
     let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };

@@ -759,6 +759,7 @@ fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<
         "StrataSourceDBInstanceId": managed.as_ref().map(|m| m.source_instance.clone()).unwrap_or_default(),
         "StrataErrorMessage": managed.as_ref().and_then(|m| m.error.clone()).unwrap_or_default(),
         "StrataDataDirectory": managed.as_ref().map(|m| m.data_dir.clone()).unwrap_or_default(),
+        "StrataAgentClone": managed.as_ref().and_then(|m| m.agent_clone.clone()).unwrap_or_default(),
         "ConnectionString": i.host,
         "Port": i.port.to_string(),
         "CreateTime": format_seconds(i.created_at),

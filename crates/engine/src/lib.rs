@@ -24,6 +24,8 @@ mod restore;
 mod retention;
 mod segment;
 mod snapshot;
+mod snapshot_clone;
+mod snapshot_restore;
 mod snapshot_upload;
 mod wal_uploader;
 
@@ -51,6 +53,8 @@ pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
 pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
 pub use retention::{newest_success, pitr_anchor, plan_retention, GcGuard, RetentionPlan};
+pub use snapshot_clone::{AgentCloneOptions, AgentCloneOutcome};
+pub use snapshot_restore::LocalSnapshot;
 pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};
 
 impl Engine {

@@ -138,6 +138,29 @@ impl Engine {
         opts: &RestoreOptions,
         progress: &dyn Progress,
     ) -> EngineResult<RestoreOutcome> {
+        self.restore_from(instance_id, opts, None, progress)
+    }
+
+    /// [`Engine::restore`] of the set `local` found still on this host
+    /// (see [`Engine::local_snapshot`]): its files reflinked from the
+    /// snapshot instead of read from the repository.
+    pub fn restore_local_snapshot(
+        &self,
+        instance_id: &str,
+        opts: &RestoreOptions,
+        local: &crate::LocalSnapshot,
+        progress: &dyn Progress,
+    ) -> EngineResult<RestoreOutcome> {
+        self.restore_from(instance_id, opts, Some(local), progress)
+    }
+
+    fn restore_from(
+        &self,
+        instance_id: &str,
+        opts: &RestoreOptions,
+        local: Option<&crate::LocalSnapshot>,
+        progress: &dyn Progress,
+    ) -> EngineResult<RestoreOutcome> {
         let instance = self.catalog.get_instance(instance_id)?;
         self.fail_expired_jobs()?;
         // Garbage collection stays off the packs this restore reads until
@@ -159,7 +182,10 @@ impl Engine {
         retry_busy("recording a restore job's start", || {
             self.catalog.update_job(&job)
         })?;
-        let result = self.run_restore(&instance.id, opts, progress, &mut job);
+        let result = match local {
+            Some(local) => self.run_snapshot_restore(&instance, opts, local, progress, &mut job),
+            None => self.run_restore(&instance.id, opts, progress, &mut job),
+        };
         match &result {
             Ok(_) if !own_job => {}
             Ok(_) => {
@@ -599,7 +625,7 @@ impl Engine {
         Ok(findings)
     }
 
-    fn start_and_wait(
+    pub(crate) fn start_and_wait(
         &self,
         server: &LocalServer,
         major: u32,
@@ -696,7 +722,7 @@ fn start_writeback(file: &fs::File) {
 
 /// Makes the restored files durable: syncfs on the target's file system
 /// (Linux) instead of a sync of every file system on the host.
-fn sync_filesystem(target: &Path) -> EngineResult<()> {
+pub(crate) fn sync_filesystem(target: &Path) -> EngineResult<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
@@ -1072,7 +1098,23 @@ pub(crate) fn plan_wal(
     wal: &[WalSegmentRow],
     histories: &BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
 ) -> EngineResult<Vec<StagedSegment>> {
-    let base = manifest.start_timeline;
+    Ok(plan_wal_from(
+        manifest.start_lsn,
+        manifest.start_timeline,
+        geometry,
+        wal,
+        histories,
+    ))
+}
+
+/// [`plan_wal`] for a backup starting at `start_lsn` on `base`.
+pub(crate) fn plan_wal_from(
+    start_lsn: Lsn,
+    base: TimelineId,
+    geometry: WalGeometry,
+    wal: &[WalSegmentRow],
+    histories: &BTreeMap<TimelineId, (TimelineHistory, Vec<u8>)>,
+) -> Vec<StagedSegment> {
     // Newest timeline whose history contains the backup's timeline.
     let (target_tli, path): (TimelineId, Vec<(TimelineId, Lsn)>) = histories
         .iter()
@@ -1104,7 +1146,7 @@ pub(crate) fn plan_wal(
             .push(w);
     }
     let mut plan = Vec::new();
-    let mut seg = geometry.segment_of(manifest.start_lsn);
+    let mut seg = geometry.segment_of(start_lsn);
     loop {
         let tli = tli_for(seg);
         let name = geometry.segment_file_name(tli, seg);
@@ -1126,7 +1168,7 @@ pub(crate) fn plan_wal(
         }
         seg = SegmentNo(seg.0 + 1);
     }
-    Ok(plan)
+    plan
 }
 
 #[derive(Default)]
@@ -1203,7 +1245,7 @@ fn confirm_target(
     })
 }
 
-fn write_recovery_settings(
+pub(crate) fn write_recovery_settings(
     dir: &Path,
     backup_id: &str,
     target: &RecoveryTarget,

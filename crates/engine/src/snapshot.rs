@@ -30,7 +30,7 @@ use crate::catalog_retry::retry_busy;
 use crate::connect::{connect_options, explain};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
-fn agent_error(url: &str, e: AgentError) -> EngineError {
+pub(crate) fn agent_error(url: &str, e: AgentError) -> EngineError {
     let text = e.to_string();
     // The client's messages name the agent already; add it when they don't.
     let text = if text.contains(url) {

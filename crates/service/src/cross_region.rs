@@ -461,6 +461,7 @@ impl Service {
                 engine: self.engine.with_repository(repo),
                 index: Some(index),
                 job_kind: JobKind::DdrRestore,
+                on_host: None,
             },
         )
     }

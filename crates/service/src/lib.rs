@@ -19,6 +19,7 @@
 //! ([`PolicyError`] with a [`Refusal`] kind); RDS's codes are the API's.
 #![warn(missing_docs)]
 
+mod agent_clones;
 mod clock;
 mod cross_region;
 mod drills;

@@ -44,6 +44,9 @@ pub(crate) struct CloneRequest {
     pub index: Option<strata_engine::RestoreIndex>,
     /// Job kind recorded: [`JobKind::Clone`] or [`JobKind::DdrRestore`].
     pub job_kind: JobKind,
+    /// The snapshot set still on the database host to clone there through
+    /// the source's agent (`None`: a restore from the repository here).
+    pub on_host: Option<strata_catalog::BackupSet>,
 }
 
 /// A server restored for a short task, stopped and removed by
@@ -190,6 +193,18 @@ impl Service {
     ) -> ServiceResult<InstanceId> {
         let (backup_id, target) = self.check_restore_source(source_id, &src)?;
         let major = self.pg_major(source_id, backup_id.as_deref())?;
+        let has_agent = self
+            .engine
+            .catalog()
+            .get_instance(source_id)?
+            .agent_url
+            .is_some();
+        let on_host = if has_agent {
+            let backups = self.engine.catalog().list_backups(source_id)?;
+            crate::agent_clones::local_snapshot_for(&backups, backup_id.as_ref(), src.restore_time)
+        } else {
+            None
+        };
         let (id, _) = self.launch_clone(
             source_id,
             CloneRequest {
@@ -200,6 +215,7 @@ impl Service {
                 engine: self.engine.clone(),
                 index: None,
                 job_kind: JobKind::Clone,
+                on_host,
             },
         )?;
         Ok(id)
@@ -221,22 +237,34 @@ impl Service {
             engine,
             index,
             job_kind,
+            on_host,
         } = req;
+        // The local binaries are needed on the host too: a clone whose
+        // snapshot is pruned meanwhile is restored here.
         self.engine.pg_bin_dir(major)?;
         let id = InstanceId::new(format!("pgc-{}", random_suffix(12)));
         let port = self.free_port()?;
         let dir = self.settings.instances_dir.join(id.as_str());
+        let host = match &on_host {
+            Some(_) => self.agent_host(&source)?,
+            None => "127.0.0.1".to_string(),
+        };
         let managed = ManagedInstance {
             instance_id: id.clone(),
             source_instance: source_id.into(),
             backup_id: backup_id.clone(),
             restore_time,
-            data_dir: dir.join("pgdata").display().to_string(),
+            // On the host: the agent's path, recorded once the clone is made.
+            data_dir: match &on_host {
+                Some(_) => String::new(),
+                None => dir.join("pgdata").display().to_string(),
+            },
             port,
             pg_major: major,
             status: "Creating".into(),
             error: None,
             created_at: Utc::now(),
+            agent_clone: on_host.as_ref().map(|_| id.to_string()),
         };
         // Marked as managed first, so the scheduler leaves it alone until it runs.
         self.engine.catalog().put_managed(&managed)?;
@@ -244,7 +272,7 @@ impl Service {
             password_env: source.password_env.clone(),
             password: source.password.clone(),
             dbname: source.dbname.clone(),
-            ..Instance::new(&id, "127.0.0.1", port, &source.user, SslMode::Prefer)
+            ..Instance::new(&id, &host, port, &source.user, SslMode::Prefer)
         }) {
             Ok(()) => {}
             // Registered in the catalog; only its record in the primary
@@ -263,7 +291,13 @@ impl Service {
             .engine
             .catalog()
             .create_job(job_kind, Some(source_id))?;
-        job.detail = format!("restore to new instance {id} on port {port}");
+        job.detail = match &on_host {
+            Some(set) => format!(
+                "clone of snapshot {} on the database host ({host}) to new instance {id} on port {port}",
+                set.id
+            ),
+            None => format!("restore to new instance {id} on port {port}"),
+        };
         job.backup_id = backup_id.clone();
         self.engine.catalog().update_job(&job)?;
         let job_id = job.id;
@@ -271,27 +305,51 @@ impl Service {
         let source_id = source_id.to_string();
         tokio::spawn(async move {
             let listen = svc.settings.local_listen.clone();
-            let run = tokio::task::spawn_blocking(move || {
+            let agent_target = target.clone();
+            let restore = move || {
                 let socket_dir = prepare_instance_dir(&dir, engine.os_user().as_deref())?;
-                engine.restore(
-                    &source_id,
-                    &RestoreOptions {
-                        target_dir: dir.join("pgdata"),
-                        backup_id,
-                        target,
-                        start: Some(StartOptions {
-                            port,
-                            listen_addresses: Some(listen),
-                            socket_dir: Some(socket_dir),
-                            usage: ServerUse::Copy,
-                        }),
-                        job_id: Some(job_id),
-                        index,
-                    },
-                    &NoProgress,
-                )
-            })
-            .await;
+                engine
+                    .restore(
+                        &source_id,
+                        &RestoreOptions {
+                            target_dir: dir.join("pgdata"),
+                            backup_id,
+                            target,
+                            start: Some(StartOptions {
+                                port,
+                                listen_addresses: Some(listen),
+                                socket_dir: Some(socket_dir),
+                                usage: ServerUse::Copy,
+                            }),
+                            job_id: Some(job_id),
+                            index,
+                        },
+                        &NoProgress,
+                    )
+                    .map(|o| crate::agent_clones::Made {
+                        backup_id: o.backup_id,
+                        neutralized: o.neutralized,
+                    })
+            };
+            let run = match on_host {
+                Some(set) => {
+                    let made = svc
+                        .make_on_agent(
+                            &source,
+                            &managed.instance_id,
+                            set,
+                            agent_target,
+                            job_id,
+                            restore,
+                        )
+                        .await;
+                    if let Err(e) = &made {
+                        crate::fail_job(&svc.engine, job_id, &e.to_string());
+                    }
+                    Ok(made)
+                }
+                None => tokio::task::spawn_blocking(restore).await,
+            };
             let mut m = match svc.engine.catalog().get_managed(&managed.instance_id) {
                 Ok(Some(m)) => m,
                 _ => return,
@@ -342,15 +400,25 @@ impl Service {
             ))
             .into());
         }
-        m.status = "Deleting".into();
+        let previous = std::mem::replace(&mut m.status, "Deleting".into());
         self.engine.catalog().put_managed(&m)?;
+        if let Some(name) = m.agent_clone.clone() {
+            // Gone from the host first: a clone Strata forgot would run on.
+            if let Err(e) = self.delete_agent_clone(&m, &name).await {
+                m.status = previous;
+                self.engine.catalog().put_managed(&m)?;
+                return Err(e);
+            }
+        }
         self.deregister_instance(instance_id).await?;
-        self.stop_local(&m);
+        if m.agent_clone.is_none() {
+            self.stop_local(&m);
+        }
         let dir = Path::new(&m.data_dir)
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&m.data_dir));
-        if dir.starts_with(&self.settings.instances_dir) {
+        if m.agent_clone.is_none() && dir.starts_with(&self.settings.instances_dir) {
             std::fs::remove_dir_all(&dir)
                 .or_else(|e| {
                     if e.kind() == std::io::ErrorKind::NotFound {
@@ -443,7 +511,11 @@ impl Service {
             m.error = Some("the server stopped while this instance was being created".into());
             let _ = self.engine.catalog().put_managed(&m);
         }
-        for m in all.into_iter().filter(|m| m.status == "Running") {
+        // Clones on database hosts are their agents' to run.
+        for m in all
+            .into_iter()
+            .filter(|m| m.status == "Running" && m.agent_clone.is_none())
+        {
             if Path::new(&m.data_dir).join("postmaster.pid").exists() {
                 continue;
             }

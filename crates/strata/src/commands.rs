@@ -310,10 +310,51 @@ pub(crate) fn restore(engine: &Engine, args: &RestoreArgs) -> Result<()> {
         job_id: None,
         index: None,
     };
+    let local = local_snapshot(engine, &args.id, &opts)?;
     let progress = CliProgress::new();
-    let outcome = engine.restore(&args.id, &opts, &progress)?;
+    let outcome = match &local {
+        Some(local) => engine.restore_local_snapshot(&args.id, &opts, local, &progress)?,
+        None => engine.restore(&args.id, &opts, &progress)?,
+    };
     progress.finish();
+    if let Some(local) = &local {
+        if !args.json {
+            println!(
+                "reflinked from the snapshot {} on this host",
+                local.dir.display()
+            );
+        }
+    }
     print(args.json, &outcome, print_restore)
+}
+
+/// The snapshot set `opts` names when it is still on this host and can be
+/// reflinked into the target (the CLI runs on the database host); `None`
+/// otherwise, the agent unreachable included: the repository restores it.
+fn local_snapshot(
+    engine: &Engine,
+    id: &str,
+    opts: &RestoreOptions,
+) -> Result<Option<strata_engine::LocalSnapshot>> {
+    let Some(backup) = &opts.backup_id else {
+        return Ok(None);
+    };
+    let instance = engine.catalog().get_instance(id)?;
+    let is_local = engine
+        .catalog()
+        .get_backup(backup)
+        .is_ok_and(|b| b.instance_id == instance.id && b.snapshot_local);
+    if instance.agent_url.is_none() || !is_local {
+        return Ok(None);
+    }
+    let facts = crate::runtime()?.block_on(engine.check_agent(&instance));
+    match facts {
+        Ok(facts) => Ok(engine.local_snapshot(id, opts, &facts.snapshot_dir)?),
+        Err(e) => {
+            eprintln!("note: {e}; restoring backup {backup} from the repository");
+            Ok(None)
+        }
+    }
 }
 
 fn print_restore(outcome: &RestoreOutcome) {

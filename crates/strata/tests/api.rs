@@ -480,6 +480,43 @@ fn sdk_hostile_names_and_source_settings() {
     run_module("test_hostile_source.py");
 }
 
+/// CloneDBInstance of a snapshot backup on the database host: PostgreSQL
+/// on an XFS loop file system with `strata agent` beside it, registered
+/// with the agent through the API.
+#[test]
+fn sdk_clone_of_a_snapshot_on_the_database_host() {
+    python();
+    let Some(fs) = testkit::LoopFs::or_skip(testkit::FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let cluster = Cluster::builder(15)
+        .in_dir(fs.path())
+        .conf("max_wal_size = 128MB")
+        .conf("min_wal_size = 32MB")
+        .start();
+    let agent = AgentProcess::start(cluster.data_dir(), testkit::free_port());
+    let server = ApiServer::start_with_drills("api-snapshot-clone", "", false);
+    let mut env = server.python_env(&cluster);
+    env.extend([
+        ("STRATA_AGENT_URL".to_string(), agent.url()),
+        ("STRATA_AGENT_KEY".to_string(), agent.key_hex()),
+        (
+            "STRATA_AGENT_CLONE_DIR".to_string(),
+            agent.clone_dir().display().to_string(),
+        ),
+    ]);
+    let output = server.run_python(
+        "pytest-snapshot-clone",
+        &["-m", "pytest", "-q", "tests/sdk/test_snapshot_clone.py"],
+        &env,
+    );
+    assert!(
+        output.contains(" passed") && !output.contains(" skipped"),
+        "pytest ran nothing or skipped tests:\n{output}"
+    );
+    server.assert_no_internal_errors();
+}
+
 /// Storage usage with a 1 KiB free quota and an hour between samples (so
 /// samples follow changes only): StrataDescribeBackupStorageUsage,
 /// TotalEcsSnapshotSize and Encryption.

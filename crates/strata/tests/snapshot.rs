@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::agent::{cluster_on, fake_data_dir, AgentProcess};
-use common::{add_args, state_digest, wait_for, Strata};
+use common::{add_args, signed_call, state_digest, wait_for, Strata};
 use testkit::{Cluster, FsKind, LoopFs};
 
 /// `instance add ID` for `pg` with `--agent URL --agent-key-file KEY`.
@@ -511,4 +511,273 @@ fn a_snapshot_under_the_free_space_floor_is_refused_before_backup_mode_and_leave
         .map(|s| s["status"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(statuses, ["Failed", "Success"]);
+}
+
+/// The instance fields of `id` in a `DescribeDBInstances` answer (none: not listed).
+fn described(strata: &Strata, port: u16, id: &str) -> Option<serde_json::Value> {
+    let v = signed_call(strata, port, &[("Action", "DescribeDBInstances")]);
+    v["Items"]["DBInstance"]
+        .as_array()
+        .expect("DescribeDBInstances lists Items.DBInstance")
+        .iter()
+        .find(|i| i["DBInstanceId"] == id)
+        .cloned()
+}
+
+/// `CloneDBInstance` of `source` with `params`; waits until the clone runs and returns its
+/// description.
+fn clone_via_api(
+    strata: &Strata,
+    port: u16,
+    source: &str,
+    params: &[(&str, &str)],
+) -> serde_json::Value {
+    let mut all = vec![("Action", "CloneDBInstance"), ("DBInstanceId", source)];
+    all.extend_from_slice(params);
+    let started = Instant::now();
+    let v = signed_call(strata, port, &all);
+    let id = v["DBInstanceId"].as_str().expect("clone id").to_string();
+    let mut last = serde_json::Value::Null;
+    wait_for("the clone to run", 180, || {
+        last = described(strata, port, &id).expect("the clone is listed");
+        last["DBInstanceStatus"] != "Creating"
+    });
+    assert_eq!(last["DBInstanceStatus"], "Running", "{last}");
+    println!(
+        "clone {id} ({params:?}) running after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    last
+}
+
+#[test]
+fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let pg = cluster_on(&fs);
+    let db = "postgres";
+    let mut agent = AgentProcess::start(pg.data_dir(), testkit::free_port());
+    let strata = Strata::new("snapclone");
+    let out = add_with_agent(&strata, "src", &pg, &agent.url(), &agent.key_file());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut receiver = strata.wal_receiver("src");
+
+    // A snapshot under pgbench load with DDL.
+    let stop = AtomicBool::new(false);
+    let ddl_rounds = AtomicU32::new(0);
+    let (backup, _) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                pg.pgbench(db, &["-n", "-c", "1", "-T", "1"]);
+            }
+        });
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                pg.psql(
+                    db,
+                    &format!(
+                        "CREATE TABLE ddl_{i} AS SELECT g AS x FROM generate_series(1, 2000) g; \
+                         DROP TABLE IF EXISTS ddl_{}",
+                        i - 1
+                    ),
+                );
+                ddl_rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        wait_for("DDL to start", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) >= 2
+        });
+        let before = ddl_rounds.load(Ordering::Relaxed);
+        let taken = snapshot(&strata, "src");
+        wait_for("a DDL round after the snapshot", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) > before + 1
+        });
+        stop.store(true, Ordering::Relaxed);
+        taken
+    });
+
+    // Two committed phases after it, a whole second (RestoreTime's precision) between them.
+    pg.psql(db, "INSERT INTO ledger VALUES (1, 'after the snapshot')");
+    pg.pgbench(db, &["-n", "-c", "1", "-t", "50"]);
+    let d1 = state_digest(&pg, db);
+    std::thread::sleep(Duration::from_millis(1100));
+    let t1 = pg.psql(
+        db,
+        "SELECT to_char(date_trunc('second', clock_timestamp() AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(db, "INSERT INTO ledger VALUES (2, 'later')");
+    pg.pgbench(db, &["-n", "-c", "1", "-t", "50"]);
+    assert_ne!(state_digest(&pg, db), d1);
+    let end_lsn: pg_wal::Lsn = pg
+        .psql(db, "SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    wait_for("WAL archived past the second phase", 60, || {
+        strata.wal("src").iter().any(|w| {
+            w["end_lsn"]
+                .as_str()
+                .and_then(|l| l.parse::<pg_wal::Lsn>().ok())
+                .is_some_and(|l| l >= end_lsn)
+        })
+    });
+    receiver.stop();
+
+    // The set at its consistency point, as the repository restores it (uploaded for this
+    // comparison only), into a directory off the snapshot's file system.
+    strata.ok(&["backup", "upload", "src", &backup]);
+    let from_repo = strata.restore_and_start(
+        "src",
+        "consistent",
+        15,
+        &["--backup", &backup, "--immediate"],
+    );
+    let consistent = state_digest(&from_repo, db);
+    let tables = "SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class WHERE relname LIKE 'ddl\\_%' AND relkind = 'r'";
+    let consistent_tables = from_repo.psql(db, tables);
+    drop(from_repo);
+
+    // `strata restore --backup SET` on the database host, into a directory on the snapshot's
+    // file system: reflinked from the snapshot, the same rows.
+    let cli_dir = fs.path().join("cli-restore");
+    let cli_port = testkit::free_port();
+    let out = strata.ok(&[
+        "restore",
+        "src",
+        "--backup",
+        &backup,
+        "--immediate",
+        "--target-dir",
+        &cli_dir.display().to_string(),
+        "--start",
+        "--port",
+        &cli_port.to_string(),
+    ]);
+    assert!(out.contains("reflinked from the snapshot"), "{out}");
+    let cli = testkit::Cluster::adopt(15, cli_dir.clone(), cli_port);
+    assert_eq!(state_digest(&cli, db), consistent);
+    assert_eq!(cli.psql(db, tables), consistent_tables);
+    let auto = std::fs::read_to_string(cli_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains(&format!("strata restore of backup {backup}")),
+        "{auto}"
+    );
+    drop(cli);
+
+    let server = common::Server::start(&strata, &[]);
+    let clone_root = pg.data_dir().parent().unwrap().join("strata-clones");
+
+    // By BackupId: on the database host, rows as at the backup's consistency point.
+    let by_set = clone_via_api(&strata, server.port, "src", &[("BackupId", &backup)]);
+    let id = by_set["DBInstanceId"].as_str().unwrap().to_string();
+    assert_eq!(by_set["StrataAgentClone"], id.as_str(), "{by_set}");
+    assert_eq!(by_set["StrataSourceDBInstanceId"], "src");
+    let dir = clone_root.join(&id);
+    assert_eq!(
+        by_set["StrataDataDirectory"],
+        dir.display().to_string().as_str()
+    );
+    assert!(dir.join("PG_VERSION").is_file());
+    let port: u16 = by_set["Port"].as_str().unwrap().parse().unwrap();
+    let clone = testkit::Cluster::adopt(15, dir.clone(), port);
+    assert_eq!(clone.psql(db, "SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(state_digest(&clone, db), consistent);
+    assert_eq!(clone.psql(db, tables), consistent_tables);
+    assert_eq!(clone.psql(db, "SELECT count(*) FROM ledger"), "0");
+    // Its configuration sanitized as any restore's, by the agent.
+    let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains(&format!("# Written by strata agent for clone {id}")),
+        "{auto}"
+    );
+    assert!(auto.contains("restore_command = 'false'"), "{auto}");
+
+    // By RestoreTime: the rows committed by then.
+    let by_time = clone_via_api(&strata, server.port, "src", &[("RestoreTime", &t1)]);
+    let time_id = by_time["DBInstanceId"].as_str().unwrap().to_string();
+    assert_eq!(by_time["StrataAgentClone"], time_id.as_str(), "{by_time}");
+    let time_port: u16 = by_time["Port"].as_str().unwrap().parse().unwrap();
+    let at_time = testkit::Cluster::adopt(15, clone_root.join(&time_id), time_port);
+    assert_eq!(state_digest(&at_time, db), d1, "clone to {t1}");
+    assert_eq!(
+        at_time.psql(
+            db,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger"
+        ),
+        "1"
+    );
+
+    // DeleteDBInstance: the server stopped and the directory gone on the host.
+    for (clone_id, port) in [(&id, port), (&time_id, time_port)] {
+        signed_call(
+            &strata,
+            server.port,
+            &[
+                ("Action", "DeleteDBInstance"),
+                ("DBInstanceId", clone_id.as_str()),
+            ],
+        );
+        assert!(described(&strata, server.port, clone_id).is_none());
+        assert!(
+            !clone_root.join(clone_id).exists(),
+            "{clone_id} left on the host"
+        );
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server of {clone_id} still listens"
+        );
+    }
+    assert_eq!(instance_ids(&strata), ["src"]);
+    drop((clone, at_time));
+
+    // A clone whose server cannot start (the agent finds no pg_ctl): Failed with the agent's
+    // reason, nothing left on the host, deletable.
+    agent.kill9();
+    let agent = AgentProcess::start_with(
+        pg.data_dir(),
+        agent.port(),
+        &["--pg-bin", "/nonexistent/bin"],
+    );
+    let v = signed_call(
+        &strata,
+        server.port,
+        &[
+            ("Action", "CloneDBInstance"),
+            ("DBInstanceId", "src"),
+            ("BackupId", &backup),
+        ],
+    );
+    let failed = v["DBInstanceId"].as_str().unwrap().to_string();
+    let mut last = serde_json::Value::Null;
+    wait_for("the clone to fail", 120, || {
+        last = described(&strata, server.port, &failed).expect("listed");
+        last["DBInstanceStatus"] != "Creating"
+    });
+    assert_eq!(last["DBInstanceStatus"], "Failed", "{last}");
+    let reason = last["StrataErrorMessage"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("agent at {} refused", agent.url()))
+            && reason.contains("no pg_ctl in /nonexistent/bin"),
+        "{reason}"
+    );
+    assert!(
+        !clone_root.join(&failed).exists(),
+        "the failed clone is left on the host"
+    );
+    signed_call(
+        &strata,
+        server.port,
+        &[
+            ("Action", "DeleteDBInstance"),
+            ("DBInstanceId", failed.as_str()),
+        ],
+    );
+    assert!(described(&strata, server.port, &failed).is_none());
 }

@@ -58,6 +58,18 @@ impl AgentProcess {
         }
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where its clones go (the default, beside the data directory).
+    pub fn clone_dir(&self) -> PathBuf {
+        self.data
+            .parent()
+            .expect("data dir parent")
+            .join("strata-clones")
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
