@@ -213,7 +213,7 @@ class Strata:
         self.binary = binary
         self.dir = data_dir
         self.dir.mkdir(parents=True)
-        self.config = data_dir.with_suffix(".toml")
+        self.config = data_dir.parent / f"{data_dir.name}.toml"
         # keep_local high: every snapshot stays on the host, so each upload's
         # base is the one uploaded just before it.
         self.config.write_text(
@@ -464,15 +464,16 @@ def dir_bytes(path):
 def bench_size(args, strata_bin, work, size_gb):
     """The whole run for one dataset size; returns its figures."""
     r = {"size_gb": size_gb, "load_start": os.getloadavg()[0]}
-    image = work / f"xfs-{size_gb}g.img"
-    fs = LoopXfs(image, work / f"mnt-{size_gb}g", int((size_gb * 3 + 8) * 2**30))
+    tag = f"{size_gb:g}g".replace(".", "_")
+    image = work / f"xfs-{tag}.img"
+    fs = LoopXfs(image, work / f"mnt-{tag}", int((size_gb * 3 + 8) * 2**30))
     cleanups = [fs.unmount]
     try:
         sock = fs.mount / "sock"
         sock.mkdir()
         shutil.chown(sock, "postgres", "postgres")
-        log(f"{size_gb} GB: initdb on {fs.mount}")
-        pg = Cluster(fs.mount / "pgdata", sock, work / f"pg-{size_gb}g.log")
+        log(f"{size_gb:g} GB: initdb on {fs.mount}")
+        pg = Cluster(fs.mount / "pgdata", sock, work / f"pg-{tag}.log")
         cleanups.insert(0, lambda: pg.stop("immediate"))
         t0 = time.monotonic()
         pg.load(size_gb)
@@ -480,15 +481,15 @@ def bench_size(args, strata_bin, work, size_gb):
         r["db_bytes"] = int(pg.sql("SELECT sum(pg_database_size(oid)) FROM pg_database"))
         r["data_dir_bytes"] = dir_bytes(pg.data)
         r["scale"], r["text_rows"], r["bytea_rows"] = pg.scale, pg.text_rows, pg.bytea_rows
-        log(f"{size_gb} GB: dataset ready in {r['load_secs']:.0f} s: databases {r['db_bytes'] >> 20} MiB, "
+        log(f"{size_gb:g} GB: dataset ready in {r['load_secs']:.0f} s: databases {r['db_bytes'] >> 20} MiB, "
             f"data directory {r['data_dir_bytes'] >> 20} MiB")
 
-        agent = Agent(strata_bin, pg.data, work / f"agent-{size_gb}g.log")
+        agent = Agent(strata_bin, pg.data, work / f"agent-{tag}.log")
         cleanups.insert(0, agent.stop)
         r["agent_rss_idle"] = agent.proc_status("VmRSS")
 
         def strata_for(name, with_agent):
-            s = Strata(strata_bin, work / f"strata-{size_gb}g-{name}", work / f"strata-{size_gb}g.log")
+            s = Strata(strata_bin, work / f"strata-{tag}-{name}", work / f"strata-{tag}.log")
             add = ["instance", "add", INSTANCE, "--host", "127.0.0.1", "--port", str(pg.port), "--user", "postgres"]
             if with_agent:
                 add += ["--agent", agent.url, "--agent-key-file", str(agent.key_file)]
@@ -501,7 +502,7 @@ def bench_size(args, strata_bin, work, size_gb):
         for rep in range(1, args.full_reps + 1):
             order = ["physical", "snapshot"] if rep % 2 else ["snapshot", "physical"]
             for kind in order:
-                log(f"{size_gb} GB: full round {rep}/{args.full_reps}: {kind}")
+                log(f"{size_gb:g} GB: full round {rep}/{args.full_reps}: {kind}")
                 if kind == "physical":
                     s = strata_for(f"physical-{rep}", False)
                     r["physical"].append(physical_backup(s))
@@ -515,17 +516,17 @@ def bench_size(args, strata_bin, work, size_gb):
                     up = upload(snap, agent, first["id"])
                     up["stored"] = snap.repo_bytes()
                     r["first_upload"].append(up)
-                    log(f"{size_gb} GB: {up['line']}")
+                    log(f"{size_gb:g} GB: {up['line']}")
 
         # More snapshot backups (cheap), then the clone step from the last one.
         r["snapshots"] = list(r["first_snapshot"])
         for rep in range(1, args.reps + 1):
             s = snapshot_backup(snap, agent)
             r["snapshots"].append(s)
-            log(f"{size_gb} GB: snapshot backup {rep}/{args.reps}: {s['wall']:.2f} s")
+            log(f"{size_gb:g} GB: snapshot backup {rep}/{args.reps}: {s['wall']:.2f} s")
         agent.reset_peak()
         try:
-            r["clone"] = measure_clone(agent, snap, pg, r["snapshots"][-1]["id"], "clone-" + f"{size_gb:g}".replace(".", "_"), args.reps)
+            r["clone"] = measure_clone(agent, snap, pg, r["snapshots"][-1]["id"], f"clone-{tag}", args.reps)
         except RuntimeError as e:
             if not args.keep_going:
                 raise
@@ -536,21 +537,21 @@ def bench_size(args, strata_bin, work, size_gb):
         # Uploads after a 1 % change, each against the snapshot uploaded before it.
         r["incremental"] = []
         for rep in range(1, args.reps + 1):
-            log(f"{size_gb} GB: 1 % change {rep}/{args.reps}")
+            log(f"{size_gb:g} GB: 1 % change {rep}/{args.reps}")
             pg.change_one_percent(rep)
             s = snapshot_backup(snap, agent)
             up = upload(snap, agent, s["id"])
             up["snapshot_wall"] = s["wall"]
             up["snapshot_agent_peak"] = s["agent_peak"]
             r["incremental"].append(up)
-            log(f"{size_gb} GB: {up['line']}")
-        log(f"{size_gb} GB: 1 % of pgbench_accounts rows, every 100th")
+            log(f"{size_gb:g} GB: {up['line']}")
+        log(f"{size_gb:g} GB: 1 % of pgbench_accounts rows, every 100th")
         pg.change_scattered()
         s = snapshot_backup(snap, agent)
         up = upload(snap, agent, s["id"])
         up["snapshot_wall"] = s["wall"]
         r["scattered"] = up
-        log(f"{size_gb} GB: {up['line']}")
+        log(f"{size_gb:g} GB: {up['line']}")
         r["load_end"] = os.getloadavg()[0]
         return r
     finally:
