@@ -330,6 +330,16 @@ logging_collector = off
             self.sql(f"UPDATE {table} SET {setting} WHERE {key} >= {lo} AND {key} < {hi}")
         self.sql("CHECKPOINT")
 
+    def accounts_extents(self):
+        """Extents of pgbench_accounts' files (all 1 GB segments), as FIEMAP reports them."""
+        rel = self.data / self.sql("SELECT pg_relation_filepath('pgbench_accounts')")
+        total = 0
+        for f in [rel, *sorted(rel.parent.glob(rel.name + ".*"))]:
+            if re.fullmatch(r"\d+(\.\d+)?", f.name):
+                out = run(["filefrag", f]).stdout
+                total += int(re.search(r"(\d+) extents? found", out).group(1))
+        return total
+
     def change_scattered(self):
         """Every 100th row of pgbench_accounts: 1 % of its rows, on every page."""
         self.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = 7")
@@ -484,6 +494,7 @@ def bench_size(args, strata_bin, work, size_gb):
         log(f"{size_gb:g} GB: dataset ready in {r['load_secs']:.0f} s: databases {r['db_bytes'] >> 20} MiB, "
             f"data directory {r['data_dir_bytes'] >> 20} MiB")
 
+        r["extents_loaded"] = pg.accounts_extents()
         agent = Agent(strata_bin, pg.data, work / f"agent-{tag}.log")
         cleanups.insert(0, agent.stop)
         r["agent_rss_idle"] = agent.proc_status("VmRSS")
@@ -545,8 +556,10 @@ def bench_size(args, strata_bin, work, size_gb):
             up["snapshot_agent_peak"] = s["agent_peak"]
             r["incremental"].append(up)
             log(f"{size_gb:g} GB: {up['line']}")
+        r["extents_changed"] = pg.accounts_extents()
         log(f"{size_gb:g} GB: 1 % of pgbench_accounts rows, every 100th")
         pg.change_scattered()
+        r["extents_scattered"] = pg.accounts_extents()
         s = snapshot_backup(snap, agent)
         up = upload(snap, agent, s["id"])
         up["snapshot_wall"] = s["wall"]
@@ -607,6 +620,11 @@ def summarize(r):
     c["inc_read_ratio"] = c["inc_read"] / c["first_read"]
     sc = r["scattered"]
     c["sc_wall"], c["sc_read"] = sc["wall"], sc["read_from_agent"]
+    c["sc_snapshot_wall"] = sc["snapshot_wall"]
+    c["sc_cpu"] = sc["cli_cpu"]
+    c["inc_cli_peak"] = max(u["cli_peak"] for u in inc)
+    c["sc_cli_peak"] = sc["cli_peak"]
+    c["extents"] = (r["extents_loaded"], r["extents_changed"], r["extents_scattered"])
     c["sc_time_ratio"] = sc["wall"] / c["first_wall"]
     c["sc_read_ratio"] = sc["read_from_agent"] / c["first_read"]
     peaks = {
@@ -658,12 +676,18 @@ def report(results, args, strata_bin):
     row("upload after every 100th pgbench_accounts row changed: s / MiB read",
         lambda c: f"{secs(c['sc_wall'])} / {mib(c['sc_read'])}")
     row("  ÷ first upload: time / bytes read", lambda c: f"{c['sc_time_ratio']:.2f}× / {c['sc_read_ratio']:.2f}×")
+    row("  its upload's CPU s (strata process)", lambda c: secs(c["sc_cpu"]))
+    row("  the snapshot backup before it, wall s", lambda c: secs(c["sc_snapshot_wall"]))
+    row("pgbench_accounts extents: loaded / after the 1 % changes / after every 100th row",
+        lambda c: " / ".join(f"{n:,}" for n in c["extents"]))
     row("agent peak RSS MiB (VmHWM), highest phase", lambda c: f"{c['agent_peak'] / 2**20:.1f}")
     row("  snapshot / clone / first upload / later uploads",
         lambda c: " / ".join(f"{v / 2**20:.1f}" if v else "—" for v in c["agent_peaks"].values()))
     row("agent RSS at rest after start, MiB", lambda c: f"{c['agent_idle'] / 2**20:.1f}")
     row("strata peak RSS MiB: physical backup / first upload",
         lambda c: f"{c['physical_peak'] / 2**20:.1f} / {c['first_cli_peak'] / 2**20:.1f}")
+    row("strata peak RSS MiB: uploads after 1 % change / after every 100th row",
+        lambda c: f"{c['inc_cli_peak'] / 2**20:.1f} / {c['sc_cli_peak'] / 2**20:.1f}")
     row("load average (1 min) at start / end", lambda c: f"{c['load'][0]:.2f} / {c['load'][1]:.2f}")
     table = "\n".join(lines)
     facts = machine_facts(strata_bin)
