@@ -395,7 +395,9 @@ def measure_clone(agent, strata, cluster, set_id, name, reps):
     the snapshot, the snapshot reflinked into a clone directory, and a PostgreSQL server started
     on it, recovering to the backup's consistency point and promoted (the agent answers once it
     accepts connections). Strata's `CloneDBInstance` on a snapshot set adds its own bookkeeping
-    on the Strata server around these calls; timing through it belongs here once it exists."""
+    on the Strata server around these calls; timing through it belongs here once it exists.
+    Each repetition also times a second clone whose postgresql.conf gets
+    `recovery_init_sync_method = syncfs` first (the agent does not set it today)."""
     s = strata.backup(set_id)
     tli = int(s["start_timeline"])
     first = segment_name(tli, parse_lsn(s["start_lsn"]))
@@ -403,13 +405,17 @@ def measure_clone(agent, strata, cluster, set_id, name, reps):
     t0 = time.monotonic()
     agent.call("POST", f"/v1/snapshots/{set_id}/wal", {"first": first, "last": last})
     wal_secs = time.monotonic() - t0
-    results = []
-    for rep in range(1, reps + 1):
-        clone = f"{name}-{rep}"
+
+    def one_clone(clone, syncfs):
         port = free_port()
         t0 = time.monotonic()
         created = agent.call("POST", f"/v1/clones/{clone}", {"snapshot": set_id})
         t1 = time.monotonic()
+        if syncfs:
+            # What Strata's restore gives a restored server's first start: one syncfs() of the
+            # file system instead of an fsync() of every file before recovery.
+            with open(pathlib.Path(created["path"], "postgresql.conf"), "a") as f:
+                f.write("recovery_init_sync_method = syncfs\n")
         started = agent.call(
             "POST",
             f"/v1/clones/{clone}/start",
@@ -424,11 +430,18 @@ def measure_clone(agent, strata, cluster, set_id, name, reps):
             raise RuntimeError(f"clone {clone} has {rows} pgbench_branches rows, not {cluster.scale}")
         server_log = pathlib.Path(created["path"], "strata-server.log").read_text(errors="replace")
         agent.call("DELETE", f"/v1/clones/{clone}")
-        results.append({"clone_secs": t1 - t0, "start_secs": t2 - t1, "total_secs": t2 - t0,
-                        "agent_start_ms": started.get("elapsed_ms"), "server_log": server_log,
-                        "startup_sync_secs": startup_sync_secs(server_log)})
-        log(f"clone {rep}/{reps}: {t2 - t0:.2f} s (reflink {t1 - t0:.2f} s, start {t2 - t1:.2f} s)")
-    return {"wal_secs": wal_secs, "segments": [first, last], "reps": results}
+        log(f"clone {clone}{' (syncfs)' if syncfs else ''}: {t2 - t0:.2f} s "
+            f"(reflink {t1 - t0:.2f} s, start {t2 - t1:.2f} s)")
+        return {"clone_secs": t1 - t0, "start_secs": t2 - t1, "total_secs": t2 - t0,
+                "agent_start_ms": started.get("elapsed_ms"), "server_log": server_log,
+                "startup_sync_secs": startup_sync_secs(server_log)}
+
+    # Alternating, so both see the same load.
+    results, with_syncfs = [], []
+    for rep in range(1, reps + 1):
+        results.append(one_clone(f"{name}-{rep}", False))
+        with_syncfs.append(one_clone(f"{name}-syncfs-{rep}", True))
+    return {"wal_secs": wal_secs, "segments": [first, last], "reps": results, "reps_syncfs": with_syncfs}
 
 
 def snapshot_backup(strata, agent):
@@ -601,6 +614,9 @@ def summarize(r):
         c["clone_wal"] = clone["wal_secs"]
         c["clone_sync"] = median([x["startup_sync_secs"] for x in clone["reps"] if x["startup_sync_secs"] is not None])
         c["clone_n"] = len(clone["reps"])
+        c["clone_syncfs"] = median([x["total_secs"] for x in clone["reps_syncfs"]])
+        c["clone_syncfs_sync"] = median([x["startup_sync_secs"] for x in clone["reps_syncfs"]
+                                         if x["startup_sync_secs"] is not None])
     c["physical_wall"] = median([p["wall"] for p in r["physical"]])
     c["physical_cpu"] = median([p["cli_cpu"] for p in r["physical"]])
     c["physical_stored"] = median([p["stored"] for p in r["physical"]])
@@ -659,6 +675,8 @@ def report(results, args, strata_bin):
         lambda c: f"{secs(c['clone_total'])} (n={c['clone_n']})" if "clone_total" in c else "not measured")
     row("  of which: reflink of the snapshot / server start", lambda c: f"{secs(c.get('clone_reflink'))} / {secs(c.get('clone_start'))}")
     row("  of the start: PostgreSQL syncing every file before recovery", lambda c: secs(c.get("clone_sync")))
+    row("  the same with recovery_init_sync_method = syncfs in the clone: total / sync, s",
+        lambda c: f"{secs(c.get('clone_syncfs'))} / {secs(c.get('clone_syncfs_sync'))}")
     row("  the set's WAL reflinked into the snapshot (once), s", lambda c: secs(c.get("clone_wal")))
     row("`strata backup create` (physical), wall s", lambda c: secs(c["physical_wall"]))
     row("first snapshot upload, wall s", lambda c: secs(c["first_wall"]))
