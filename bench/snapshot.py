@@ -23,9 +23,14 @@ system:
    the agent reports changed since the previous uploaded snapshot;
 7. once: every 100th row of pgbench_accounts updated (1 % of its rows, spread
    over every page), the same snapshot and upload: the worst case for
-   block-level change tracking;
+   block-level change tracking; the table's extents (filefrag) are counted
+   after the load, after the 1 % changes and after this one;
 8. the agent's peak RSS (/proc/PID/status VmHWM), reset before each phase
    (/proc/PID/clear_refs) and read after it, and its highest value overall.
+
+The clone step goes through the agent's signed API (docs/AGENT.md), as a clone
+from a snapshot set does on the database host; each repetition also times a
+clone started with `recovery_init_sync_method = syncfs`.
 
 Bytes read by an upload: what Strata read from the agent (`received_bytes` of
 the uploaded set), and what the agent process read in all (/proc/PID/io
