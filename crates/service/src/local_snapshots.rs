@@ -290,7 +290,7 @@ mod tests {
         };
         // The newest is kept even alone over the budget; b, not uploaded, stays.
         assert_eq!(drop(100), ["d", "c", "a"]);
-        assert_eq!(drop(530), ["c", "a"]);
+        assert_eq!(drop(520), ["c", "a"]);
         assert_eq!(drop(560), ["a"]);
         assert!(drop(600).is_empty());
     }
