@@ -262,7 +262,7 @@ def test_snapshots_need_an_agent(admin):
         assert e.data["Message"].startswith(f"instance {instance_id} has no agent: snapshot backups (Category Flash)"), e.data["Message"]
         assert h.call(admin, "DescribeBackupPolicy", DBInstanceId=instance_id)["Category"] == "Standard"
         e = h.expect_error(
-            "InvalidParameter", 400, admin.create_backup,
+            "InvalidBackupMethod.NotSupported", 400, admin.create_backup,
             rds.CreateBackupRequest(dbinstance_id=instance_id, backup_method="Snapshot"),
         )
         assert e.data["Message"].startswith(f"instance {instance_id} has no agent"), e.data["Message"]
