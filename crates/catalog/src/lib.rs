@@ -795,6 +795,11 @@ pub struct ManagedInstance {
     pub error: Option<String>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// The clone's name on the source instance's agent when it was cloned
+    /// from a snapshot and runs on the database host (`data_dir` is then the
+    /// agent's path); `None` for a server under Strata's instances directory.
+    #[serde(default)]
+    pub agent_clone: Option<String>,
 }
 
 /// The outcome of a restore drill of one backup set.

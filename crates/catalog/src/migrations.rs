@@ -608,6 +608,18 @@ ALTER TABLE backup_sets ADD COLUMN snapshot_bytes bigint;
 ALTER TABLE backup_policies ADD COLUMN backup_method text NOT NULL DEFAULT 'Physical';
 "#,
     },
+    Migration {
+        version: 13,
+        description: "clones of snapshots running on the database host",
+        sqlite: r#"
+-- The clone's name on the source instance's agent, for a clone of a local
+-- snapshot started there (NULL: a server under Strata's instances directory).
+ALTER TABLE managed_instances ADD COLUMN agent_clone TEXT;
+"#,
+        postgres: r#"
+ALTER TABLE managed_instances ADD COLUMN agent_clone text;
+"#,
+    },
 ];
 
 #[cfg(test)]

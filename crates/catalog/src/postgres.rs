@@ -774,7 +774,7 @@ fn job_from_row(r: &Row) -> CatalogResult<Job> {
     })
 }
 
-const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
+const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at, agent_clone";
 
 fn managed_params(m: &ManagedInstance) -> Params {
     vec![
@@ -788,6 +788,7 @@ fn managed_params(m: &ManagedInstance) -> Params {
         Box::new(m.status.clone()),
         Box::new(m.error.clone()),
         Box::new(m.created_at),
+        Box::new(m.agent_clone.clone()),
     ]
 }
 
@@ -804,6 +805,7 @@ fn managed_from_row(r: &Row) -> CatalogResult<ManagedInstance> {
         status: get(r, 7)?,
         error: get(r, 8)?,
         created_at: get(r, 9)?,
+        agent_clone: get(r, 10)?,
     })
 }
 
@@ -1028,7 +1030,7 @@ impl InstanceCatalog for PgCatalog {
     fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO managed_instances ({MANAGED_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
-            placeholders(10),
+            placeholders(11),
             excluded(MANAGED_COLS, 1)
         );
         self.execute(sql, managed_params(m)).map(drop)

@@ -257,7 +257,7 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
 
 const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id";
 
-const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at";
+const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at, agent_clone";
 
 fn managed_from_row(r: &Row) -> rusqlite::Result<ManagedInstance> {
     Ok(ManagedInstance {
@@ -271,6 +271,7 @@ fn managed_from_row(r: &Row) -> rusqlite::Result<ManagedInstance> {
         status: r.get(7)?,
         error: r.get(8)?,
         created_at: parse_ts(r.get(9)?)?,
+        agent_clone: r.get(10)?,
     })
 }
 
@@ -428,10 +429,10 @@ impl InstanceCatalog for SqliteCatalog {
     fn put_managed(&self, m: &ManagedInstance) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT OR REPLACE INTO managed_instances ({MANAGED_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"),
+                &format!("INSERT OR REPLACE INTO managed_instances ({MANAGED_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)"),
                 params![
                     m.instance_id.as_str(), m.source_instance.as_str(), m.backup_id.as_deref(), m.restore_time.as_ref().map(ts),
-                    m.data_dir, m.port, m.pg_major, m.status, m.error, ts(&m.created_at)
+                    m.data_dir, m.port, m.pg_major, m.status, m.error, ts(&m.created_at), m.agent_clone
                 ],
             )?;
             Ok(())

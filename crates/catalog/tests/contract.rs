@@ -847,12 +847,24 @@ fn managed_instances_and_drills(b: &dyn Backend) {
         status: "Creating".into(),
         error: None,
         created_at: t,
+        agent_clone: None,
     };
     cat.put_managed(&m).unwrap();
     m.status = "Running".into();
     cat.put_managed(&m).unwrap();
     assert_eq!(cat.get_managed("clone-1").unwrap(), Some(m.clone()));
-    assert_eq!(cat.list_managed().unwrap(), [m]);
+    // A clone on the database host keeps its agent clone's name.
+    let on_host = ManagedInstance {
+        instance_id: "clone-2".into(),
+        data_dir: "/srv/pg/strata-clones/clone-2".into(),
+        agent_clone: Some("clone-2".into()),
+        created_at: t + chrono::Duration::seconds(1),
+        ..m.clone()
+    };
+    cat.put_managed(&on_host).unwrap();
+    assert_eq!(cat.get_managed("clone-2").unwrap(), Some(on_host.clone()));
+    assert_eq!(cat.list_managed().unwrap(), [m, on_host]);
+    cat.delete_managed("clone-2").unwrap();
     cat.delete_managed("clone-1").unwrap();
     cat.delete_managed("clone-1").unwrap();
     assert_eq!(cat.get_managed("clone-1").unwrap(), None);
@@ -1302,6 +1314,7 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
         status: "Running".into(),
         error: None,
         created_at: t,
+        agent_clone: None,
     })
     .unwrap();
     cat.put_drill(&DrillResult {

@@ -128,6 +128,7 @@ fn managed() -> ManagedInstance {
         status: "Running".into(),
         error: None,
         created_at: at(2, 0),
+        agent_clone: None,
     }
 }
 
