@@ -237,6 +237,7 @@ impl Service {
             status: "Creating".into(),
             error: None,
             created_at: Utc::now(),
+            agent_clone: None,
         };
         // Marked as managed first, so the scheduler leaves it alone until it runs.
         self.engine.catalog().put_managed(&managed)?;
