@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use strata_catalog::{
-    BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, RepoHold, WalSegmentRow,
+    BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, KeepUntil, RepoHold, WalSegmentRow,
 };
 use strata_repo::{GcReport, PackId, PendingPacks, Repository};
 
@@ -286,6 +286,45 @@ impl Engine {
         Ok(())
     }
 
+    /// What retention decides for an instance's sets and WAL at `now`
+    /// (applied by [`Engine::apply_retention`], shown by the dry run).
+    pub fn retention_decision(
+        &self,
+        policy: &BackupPolicy,
+        now: DateTime<Utc>,
+    ) -> EngineResult<RetentionDecision> {
+        let backups = self.catalog.list_backups(&policy.instance_id)?;
+        let wal = self.catalog.list_wal_segments(&policy.instance_id)?;
+        Ok(decide_retention(policy, &backups, &wal, now))
+    }
+
+    /// Keeps a successful set of `instance_id` by hand (`Some`), forever or
+    /// until a time, with a note; `None` releases it, and retention decides
+    /// again. Returns the set as stored.
+    pub fn keep_backup_set(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+        keep: Option<(KeepUntil, Option<String>)>,
+    ) -> EngineResult<BackupSet> {
+        let mut set = self.catalog.get_backup(backup_id)?;
+        if set.instance_id != instance_id {
+            return Err(strata_catalog::CatalogError::BackupNotFound(backup_id.to_string()).into());
+        }
+        if keep.is_some() && set.status != BackupStatus::Success {
+            return Err(EngineError::Conflict(format!(
+                "backup {backup_id} is {}: only a successful set can be kept",
+                set.status.as_str()
+            )));
+        }
+        (set.keep_until, set.keep_note) = match keep {
+            Some((until, note)) => (Some(until), note),
+            None => (None, None),
+        };
+        self.catalog.update_backup(&set)?;
+        Ok(set)
+    }
+
     /// Applies an instance's policy at `now`; returns what was deleted.
     pub fn apply_retention(
         &self,
@@ -295,9 +334,20 @@ impl Engine {
         let backups = self.catalog.list_backups(&policy.instance_id)?;
         let wal = self.catalog.list_wal_segments(&policy.instance_id)?;
         let mut plan = plan_retention(policy, &backups, &wal, now);
-        for id in &plan.backups {
-            self.delete_backup_set(id)?;
+        let mut deleted = Vec::new();
+        for id in plan.backups {
+            match self.delete_backup_set(&id) {
+                Ok(()) => deleted.push(id),
+                // Kept by hand since the sets were read: it stays, and so
+                // does the WAL it needs (decided again at the next pass).
+                Err(EngineError::Conflict(why)) => {
+                    tracing::info!(backup = %id, "retention left a set: {why}");
+                    plan.wal.clear();
+                }
+                Err(e) => return Err(e),
+            }
         }
+        plan.backups = deleted;
         // A restore stages WAL while it runs and holds the repository
         // shared: expired WAL waits for the next round rather than vanish
         // under it.

@@ -148,6 +148,7 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
         } => {
             let opts = BackupOptions {
                 mode: BackupMode::Manual,
+                taken_under: None,
                 max_rate_kb: max_rate,
                 method: if snapshot {
                     BackupMethod::Snapshot
