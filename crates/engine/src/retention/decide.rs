@@ -345,8 +345,13 @@ impl<'a> Context<'a> {
                 let reasons = self.reasons(b);
                 let holds = |end: &Option<DateTime<Utc>>| end.is_none_or(|e| self.now < e);
                 let lasts = |r: &&Reason| (r.1.is_none(), r.1);
-                let held = reasons.iter().filter(|r| holds(&r.1)).max_by_key(lasts);
-                let ended = reasons.iter().max_by_key(lasts);
+                // Of reasons lasting as long, the first listed is shown.
+                let held = reasons
+                    .iter()
+                    .rev()
+                    .filter(|r| holds(&r.1))
+                    .max_by_key(lasts);
+                let ended = reasons.iter().rev().max_by_key(lasts);
                 let expires_at = if matches!(b.keep_until, Some(KeepUntil::Forever)) {
                     None
                 } else {
