@@ -37,11 +37,58 @@ const FILE_MODE_MASK: u32 = 0o640;
 /// [`Engine::local_snapshot`]).
 #[derive(Debug, Clone)]
 pub struct LocalSnapshot {
-    /// The snapshot's directory.
+    /// The snapshot's directory, as shown to people.
     pub dir: PathBuf,
     /// The set.
     pub set: BackupSet,
+    /// The directory itself, opened without following a link anywhere on
+    /// its path: what is read, whatever is renamed after the check.
+    root: std::sync::Arc<File>,
 }
+
+/// Opens the directory `path` for reading, refusing a symbolic link in any
+/// component of the path (`openat2` with `RESOLVE_NO_SYMLINKS`): the
+/// PostgreSQL OS user owns the snapshot directory and its parents may be
+/// its too, so a component swapped for a link must not lead the read to a
+/// directory of root's.
+fn open_dir_no_links(path: &Path) -> io::Result<File> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    // SAFETY: an all-zero open_how is the documented "no flags" value; fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `c` is a NUL-terminated string and `how` a valid open_how whose
+    // size is passed; both outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat2 and is not owned elsewhere.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
+}
+
+/// The uid of the OS user `name`, if it exists.
+fn uid_of(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: getpwnam gets a valid C string; the result is read at once.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    // SAFETY: pw is checked to be non-null before it is read.
+    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid })
+}
+
+/// The most of a snapshot's `tablespace_map` read (it lists one line per
+/// tablespace).
+const TABLESPACE_MAP_MAX: u64 = 1 << 20;
 
 /// The device of `path`, or of its nearest existing ancestor.
 fn device_of(path: &Path) -> Option<u64> {
@@ -84,8 +131,10 @@ fn names_in(dir: &File) -> io::Result<Vec<std::ffi::OsString>> {
 
 /// Reflinks every directory and regular file of the snapshot `src` into
 /// `dst`; returns the files and bytes.
-fn reflink_tree(src: &Path, dst: &Beneath) -> EngineResult<(u64, u64)> {
-    let root = File::open(src).map_err(EngineError::io(format!("opening {}", src.display())))?;
+fn reflink_tree(src: &Path, root: &File, dst: &Beneath) -> EngineResult<(u64, u64)> {
+    let root = root
+        .try_clone()
+        .map_err(EngineError::io(format!("opening {}", src.display())))?;
     let meta = root
         .metadata()
         .map_err(EngineError::io(format!("reading {}", src.display())))?;
@@ -188,16 +237,53 @@ impl Engine {
             return Ok(None);
         }
         let dir = snapshot_dir.join(set.id.as_str());
-        let readable =
-            fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) && fs::read_dir(&dir).is_ok();
-        if !readable || device_of(&dir) != device_of(&opts.target_dir) {
+        let root = match open_dir_no_links(&dir) {
+            Ok(root) => root,
+            Err(e) => {
+                tracing::info!(backup = %set.id, "snapshot {} not reflinked: {e}", dir.display());
+                return Ok(None);
+            }
+        };
+        let meta = root
+            .metadata()
+            .map_err(EngineError::io(format!("reading {}", dir.display())))?;
+        // The snapshot is the PostgreSQL OS user's: never root's, and the
+        // user restored servers run as when that is known.
+        let owner_ok = meta.uid() != 0
+            && self
+                .os_user()
+                .is_none_or(|user| uid_of(&user) == Some(meta.uid()));
+        if !owner_ok {
+            tracing::warn!(backup = %set.id, uid = meta.uid(), "snapshot {} belongs to an unexpected user; restoring from the repository", dir.display());
             return Ok(None);
         }
-        let map = fs::read(dir.join("tablespace_map")).unwrap_or_default();
+        if Some(meta.dev()) != device_of(&opts.target_dir) {
+            return Ok(None);
+        }
+        let map = match open_entry(&root, std::ffi::OsStr::new("tablespace_map")) {
+            Ok(f) => {
+                let mut map = Vec::new();
+                io::Read::read_to_end(&mut io::Read::take(f, TABLESPACE_MAP_MAX), &mut map)
+                    .map_err(EngineError::io(format!(
+                        "reading {}/tablespace_map",
+                        dir.display()
+                    )))?;
+                map
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::info!(backup = %set.id, "snapshot {} not reflinked: tablespace_map: {e}", dir.display());
+                return Ok(None);
+            }
+        };
         if !map.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
-        Ok(Some(LocalSnapshot { dir, set }))
+        Ok(Some(LocalSnapshot {
+            dir,
+            set,
+            root: std::sync::Arc::new(root),
+        }))
     }
 
     /// Restores `local` into `opts.target_dir` (empty, prepared by the
@@ -229,7 +315,7 @@ impl Engine {
             "opening {}",
             opts.target_dir.display()
         )))?;
-        let (files, bytes) = reflink_tree(&local.dir, &root)?;
+        let (files, bytes) = reflink_tree(&local.dir, &local.root, &root)?;
         progress.update("restore", bytes, Some(bytes));
 
         root.create_dir_all("pg_wal", 0o700)
@@ -314,12 +400,38 @@ mod tests {
         fs::create_dir_all(&target).unwrap();
         symlink("/etc", snap.join("base/1/escape")).unwrap();
         let root = Beneath::open(&target).unwrap();
-        let err = match reflink_tree(&snap, &root) {
+        let snap_root = open_dir_no_links(&snap).unwrap();
+        let err = match reflink_tree(&snap, &snap_root, &root) {
             Ok(done) => panic!("copied {done:?} through a link"),
             Err(e) => e.to_string(),
         };
         assert!(err.contains("is a symbolic link"), "{err}");
         assert!(!target.join("base/1/escape").exists());
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_snapshot_reached_through_a_link_is_not_opened() {
+        let base = std::env::temp_dir().join(format!("strata-snapswap-{}", std::process::id()));
+        let real = base.join("elsewhere");
+        fs::create_dir_all(&real).unwrap();
+        fs::create_dir_all(base.join("snapshots")).unwrap();
+        // The set's directory swapped for a link, and a parent swapped for one.
+        symlink(&real, base.join("snapshots/1796547563402")).unwrap();
+        symlink(base.join("snapshots"), base.join("via-link")).unwrap();
+        for path in [
+            base.join("snapshots/1796547563402"),
+            base.join("via-link/1796547563402"),
+        ] {
+            let err = open_dir_no_links(&path).expect_err("opened through a link");
+            // A link as the last component fails as "not a directory".
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
+                "{}: {err}",
+                path.display()
+            );
+        }
+        assert!(open_dir_no_links(&real).is_ok());
         let _ = fs::remove_dir_all(&base);
     }
 }
