@@ -112,6 +112,16 @@ def test_registration_refuses_a_wrong_key_an_unreachable_agent_and_ext4(client):
     )
     assert f"agent at {url} refused the credential" in e.data["Message"], e.data["Message"]
 
+    # Plain http off the loopback: refused before any request is sent (answers are not
+    # signed, so only TLS vouches for them over a network).
+    e = h.expect_error(
+        "InvalidParameter", 400, h.register, client, instance_id,
+        AgentUrl="http://192.0.2.1:7070", AgentKey="ab" * 32,
+    )
+    assert e.data["Message"].startswith(
+        "agent at http://192.0.2.1:7070: plain http is accepted on the loopback only"
+    ), e.data["Message"]
+
     # Nothing listens there.
     e = h.expect_error(
         "Strata.ServerUnreachable", 400, h.register, client, instance_id,
@@ -129,6 +139,18 @@ def test_registration_refuses_a_wrong_key_an_unreachable_agent_and_ext4(client):
         "snapshots need a file system with reflink (XFS made with -m reflink=1, or btrfs)"
     ), e.data["Message"]
     assert instance_id not in registered_ids(client)
+
+
+def test_one_agent_serves_one_instance(admin, snap):
+    url, key = agent()
+    other = h.new_instance_id("snapdup")
+    e = h.expect_error(
+        "InvalidParameter", 400, h.register, admin, other, AgentUrl=url, AgentKey=key
+    )
+    assert e.data["Message"] == (
+        f"agent at {url} already serves instance {snap}; one agent serves one instance"
+    ), e.data["Message"]
+    assert other not in registered_ids(admin)
 
 
 def test_snapshot_backup_is_uploaded_in_the_background(admin, snap):

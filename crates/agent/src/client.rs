@@ -190,6 +190,21 @@ impl AgentClient {
         })
     }
 
+    /// Whether requests go over TLS (`https`).
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether the agent's host is this machine's loopback (`localhost`,
+    /// 127.0.0.0/8, `::1`), where plain HTTP never leaves the host.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     /// The same client with other time limits.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> AgentClient {
         self.timeouts = timeouts;

@@ -74,8 +74,29 @@ impl Engine {
         ca_file: Option<String>,
     ) -> EngineResult<HostFacts> {
         // Parsed by the client: a URL, never a connection string.
-        AgentClient::new(url, key.clone(), ca_file.as_deref().map(Path::new))
+        let client = AgentClient::new(url, key.clone(), ca_file.as_deref().map(Path::new))
             .map_err(|e| EngineError::Refused(e.to_string()))?;
+        // Requests are signed but answers are not: over the network only TLS
+        // vouches that the files and changed ranges come from the agent.
+        if !client.uses_tls() && !client.is_loopback() {
+            return Err(EngineError::Refused(format!(
+                "agent at {url}: plain http is accepted on the loopback only; serve the agent over TLS (strata agent --tls-cert/--tls-key) and register its https URL with its certificate or CA file"
+            )));
+        }
+        // One agent serves one data directory: a second instance on it would
+        // see the first one's snapshots as strays and delete them.
+        let same = |other: &str| other.trim_end_matches('/') == url.trim_end_matches('/');
+        if let Some(other) = self
+            .catalog
+            .list_instances()?
+            .into_iter()
+            .find(|i| i.id != instance.id && i.agent_url.as_deref().is_some_and(same))
+        {
+            return Err(EngineError::Refused(format!(
+                "agent at {url} already serves instance {}; one agent serves one instance",
+                other.id
+            )));
+        }
         instance.agent_url = Some(url.to_string());
         instance.agent_key = Some(self.stored_agent_key(&instance.id, key)?);
         instance.agent_ca = ca_file;
