@@ -186,6 +186,12 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::TableNameTaken => "InvalidTableName.Duplicate",
         Refusal::TableNotFound => "InvalidTableName.NotFound",
         Refusal::SnapshotNeedsAgent => "InvalidBackupMethod.NotSupported",
+        Refusal::BackupIntervalMalformed => "InvalidBackupInterval.Malformed",
+        Refusal::BackupIntervalNeedsSnapshot => "InvalidBackupInterval.NotSupported",
+        Refusal::AdvancedPolicyMalformed => "InvalidAdvancedDataPolicies.Malformed",
+        Refusal::ArchivePolicyMalformed => "InvalidArchiveBackupPolicy.Malformed",
+        Refusal::KeepLastMalformed => "InvalidKeepLast.Malformed",
+        Refusal::KeepMalformed => "InvalidKeepUntil.Malformed",
     }
 }
 
@@ -334,6 +340,24 @@ mod tests {
                 Refusal::SnapshotNeedsAgent,
                 "InvalidBackupMethod.NotSupported",
             ),
+            (
+                Refusal::BackupIntervalMalformed,
+                "InvalidBackupInterval.Malformed",
+            ),
+            (
+                Refusal::BackupIntervalNeedsSnapshot,
+                "InvalidBackupInterval.NotSupported",
+            ),
+            (
+                Refusal::AdvancedPolicyMalformed,
+                "InvalidAdvancedDataPolicies.Malformed",
+            ),
+            (
+                Refusal::ArchivePolicyMalformed,
+                "InvalidArchiveBackupPolicy.Malformed",
+            ),
+            (Refusal::KeepLastMalformed, "InvalidKeepLast.Malformed"),
+            (Refusal::KeepMalformed, "InvalidKeepUntil.Malformed"),
         ];
         for (kind, code) in cases {
             let e = ApiError::from(PolicyError {

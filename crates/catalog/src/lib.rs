@@ -409,6 +409,255 @@ pub struct BackupSet {
     /// (blocks no other file shares), as the agent estimated it.
     #[serde(default)]
     pub snapshot_bytes: Option<u64>,
+    /// Kept by hand (`strata backup keep`): forever or until a time; while
+    /// kept, neither retention nor a deletion removes the set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_until: Option<KeepUntil>,
+    /// Why the set is kept, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_note: Option<String>,
+    /// The policy rule the set was taken under and the retention it had
+    /// then (see [`TakenUnder`]); `None` for manual sets and sets taken
+    /// before rules were recorded, which follow the regular retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_under: Option<TakenUnder>,
+}
+
+/// How long a set kept by hand stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum KeepUntil {
+    /// Until released.
+    Forever,
+    /// Until this time (then retention decides again).
+    Until(DateTime<Utc>),
+}
+
+impl KeepUntil {
+    /// Whether the keep still holds at `now`.
+    pub fn holds_at(self, now: DateTime<Utc>) -> bool {
+        match self {
+            KeepUntil::Forever => true,
+            KeepUntil::Until(t) => now < t,
+        }
+    }
+}
+
+impl fmt::Display for KeepUntil {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeepUntil::Forever => f.write_str("forever"),
+            KeepUntil::Until(t) => {
+                f.write_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            }
+        }
+    }
+}
+
+impl FromStr for KeepUntil {
+    type Err = CatalogError;
+
+    fn from_str(s: &str) -> CatalogResult<Self> {
+        if s.eq_ignore_ascii_case("forever") {
+            return Ok(KeepUntil::Forever);
+        }
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| KeepUntil::Until(t.with_timezone(&Utc)))
+            .map_err(|_| {
+                CatalogError::Invalid(format!("keep until {s:?} (forever or an RFC 3339 time)"))
+            })
+    }
+}
+
+impl From<KeepUntil> for String {
+    fn from(k: KeepUntil) -> String {
+        k.to_string()
+    }
+}
+
+impl TryFrom<String> for KeepUntil {
+    type Error = CatalogError;
+
+    fn try_from(s: String) -> CatalogResult<Self> {
+        s.parse()
+    }
+}
+
+/// The policy rule an automatic set was taken under, stamped when it is
+/// taken: a set keeps this retention even after its rule is deleted or
+/// changed. Where several rules fell on the set's day, the one with the
+/// longest retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakenUnder {
+    /// The rule's id ([`DataRule::id`], or [`REGULAR_RULE_ID`]).
+    pub rule: String,
+    /// Days the set is kept from its end.
+    pub retention_days: u32,
+}
+
+/// The id of the regular weekly rule (the policy's backup days and
+/// `backup_retention_days`), the first rule of an advanced policy.
+pub const REGULAR_RULE_ID: &str = "regular";
+
+/// Minutes between high-frequency snapshots RDS accepts (`BackupInterval`).
+pub const BACKUP_INTERVALS_MINUTES: [u32; 9] = [15, 30, 60, 120, 180, 240, 360, 480, 720];
+
+/// A day of the month a monthly rule falls on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum MonthDay {
+    /// The day with this number (1 to 31; a month without it has no backup
+    /// by this day).
+    Day(u32),
+    /// The month's last day, whatever its number.
+    Last,
+}
+
+impl fmt::Display for MonthDay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MonthDay::Day(d) => write!(f, "{d}"),
+            MonthDay::Last => f.write_str("Last"),
+        }
+    }
+}
+
+impl FromStr for MonthDay {
+    type Err = CatalogError;
+
+    fn from_str(s: &str) -> CatalogResult<Self> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("last") {
+            return Ok(MonthDay::Last);
+        }
+        match s.parse::<u32>() {
+            Ok(d) if (1..=31).contains(&d) => Ok(MonthDay::Day(d)),
+            _ => Err(CatalogError::Invalid(format!(
+                "day of the month {s:?} (1 to 31 or Last)"
+            ))),
+        }
+    }
+}
+
+impl From<MonthDay> for String {
+    fn from(d: MonthDay) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for MonthDay {
+    type Error = CatalogError;
+
+    fn try_from(s: String) -> CatalogResult<Self> {
+        s.parse()
+    }
+}
+
+/// When an advanced (sparse) rule takes a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum RuleKind {
+    /// On these days of the week.
+    Weekly {
+        /// The days, in week order.
+        days: Vec<chrono::Weekday>,
+    },
+    /// On these days of the month.
+    Monthly {
+        /// The days, ascending, `Last` at the end.
+        days: Vec<MonthDay>,
+    },
+    /// Once a year, on this date.
+    Yearly {
+        /// Month, 1 to 12.
+        month: u32,
+        /// Day of the month, valid for the month (29 February: leap years only).
+        day: u32,
+    },
+}
+
+impl RuleKind {
+    /// The kind's name: `weekly`, `monthly` or `yearly`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuleKind::Weekly { .. } => "weekly",
+            RuleKind::Monthly { .. } => "monthly",
+            RuleKind::Yearly { .. } => "yearly",
+        }
+    }
+
+    /// Whether the rule falls on `date`.
+    pub fn falls_on(&self, date: chrono::NaiveDate) -> bool {
+        use chrono::Datelike;
+        match self {
+            RuleKind::Weekly { days } => days.contains(&date.weekday()),
+            RuleKind::Monthly { days } => days.iter().any(|d| match d {
+                MonthDay::Day(n) => date.day() == *n,
+                MonthDay::Last => date
+                    .succ_opt()
+                    .is_none_or(|next| next.month() != date.month()),
+            }),
+            RuleKind::Yearly { month, day } => date.month() == *month && date.day() == *day,
+        }
+    }
+}
+
+/// One rule of an advanced (sparse) backup policy beyond the regular one:
+/// when it takes a backup and how long the set is kept (RDS's
+/// `AdvancedDataPolicy`, `StrategyId` being the id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRule {
+    /// Stable id, unique in the policy: letters, digits, `-` and `_`.
+    pub id: String,
+    /// When the rule takes a backup.
+    pub kind: RuleKind,
+    /// Days its sets are kept, 1 to 3650.
+    pub retention_days: u32,
+}
+
+/// How archived backups are kept beyond the regular retention
+/// (`ArchiveBackupKeepPolicy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ArchiveKeepPolicy {
+    /// The first `archive_keep_count` sets of each calendar month.
+    #[default]
+    ByMonth,
+    /// The first `archive_keep_count` sets of each ISO week.
+    ByWeek,
+    /// Every set.
+    KeepAll,
+}
+
+impl ArchiveKeepPolicy {
+    /// The spelling RDS uses, stored in the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveKeepPolicy::ByMonth => "ByMonth",
+            ArchiveKeepPolicy::ByWeek => "ByWeek",
+            ArchiveKeepPolicy::KeepAll => "KeepAll",
+        }
+    }
+}
+
+impl fmt::Display for ArchiveKeepPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ArchiveKeepPolicy {
+    type Err = CatalogError;
+
+    fn from_str(s: &str) -> CatalogResult<Self> {
+        match s {
+            "ByMonth" => Ok(ArchiveKeepPolicy::ByMonth),
+            "ByWeek" => Ok(ArchiveKeepPolicy::ByWeek),
+            "KeepAll" => Ok(ArchiveKeepPolicy::KeepAll),
+            other => Err(CatalogError::Invalid(format!(
+                "archive keep policy {other:?} (ByMonth, ByWeek or KeepAll)"
+            ))),
+        }
+    }
 }
 
 impl BackupSet {
@@ -450,7 +699,15 @@ impl BackupSet {
             snapshot_local: false,
             snapshot_uploaded: false,
             snapshot_bytes: None,
+            keep_until: None,
+            keep_note: None,
+            taken_under: None,
         }
+    }
+
+    /// Whether the set is kept by hand at `now`.
+    pub fn kept_at(&self, now: DateTime<Utc>) -> bool {
+        self.keep_until.is_some_and(|k| k.holds_at(now))
     }
 }
 
@@ -769,7 +1026,123 @@ pub struct BackupPolicy {
     /// within seconds" (`Category` `Flash`).
     #[serde(default)]
     pub backup_method: BackupMethod,
+    /// Minutes between high-frequency snapshots on the backup days
+    /// (`BackupInterval`, one of [`BACKUP_INTERVALS_MINUTES`]); `None`: one
+    /// backup in the window.
+    #[serde(default)]
+    pub backup_interval_minutes: Option<u32>,
+    /// The advanced (sparse) policy is on: `advanced_data_rules` take
+    /// backups beside the regular rule, and `advanced_log_retention_days`
+    /// replaces `log_retention_days`.
+    #[serde(default)]
+    pub advanced_enabled: bool,
+    /// The advanced policy's rules beyond the regular one.
+    #[serde(default)]
+    pub advanced_data_rules: Vec<DataRule>,
+    /// Days WAL is kept under the advanced policy (`AdvancedLogPolicies`).
+    #[serde(default)]
+    pub advanced_log_retention_days: Option<u32>,
+    /// Days archived sets are kept, 30 to 1095; 0: archiving off.
+    #[serde(default)]
+    pub archive_retention_days: u32,
+    /// Which sets are archived past the regular retention.
+    #[serde(default)]
+    pub archive_keep_policy: ArchiveKeepPolicy,
+    /// Sets kept per month (1–31) or week (1–7).
+    #[serde(default = "one")]
+    pub archive_keep_count: u32,
+    /// Also keep the last N successful sets, whatever their age.
+    #[serde(default)]
+    pub keep_last: Option<u32>,
 }
+
+fn one() -> u32 {
+    1
+}
+
+impl BackupPolicy {
+    /// The regular policy of `instance_id` with every newer option off:
+    /// what a policy stored before those options existed reads as.
+    pub fn regular(
+        instance_id: &str,
+        backup_days: Vec<String>,
+        backup_window: &str,
+        backup_retention_days: u32,
+        log_retention_days: u32,
+        updated_at: DateTime<Utc>,
+    ) -> BackupPolicy {
+        BackupPolicy {
+            instance_id: instance_id.into(),
+            backup_days,
+            backup_window: backup_window.to_string(),
+            backup_retention_days,
+            log_backup_enabled: true,
+            log_retention_days,
+            updated_at,
+            last_auto_slot: None,
+            backup_method: BackupMethod::Physical,
+            backup_interval_minutes: None,
+            advanced_enabled: false,
+            advanced_data_rules: Vec::new(),
+            advanced_log_retention_days: None,
+            archive_retention_days: 0,
+            archive_keep_policy: ArchiveKeepPolicy::ByMonth,
+            archive_keep_count: 1,
+            keep_last: None,
+        }
+    }
+
+    /// Days WAL is kept: the advanced log policy's when it is on.
+    pub fn effective_log_retention_days(&self) -> u32 {
+        match (self.advanced_enabled, self.advanced_log_retention_days) {
+            (true, Some(days)) => days,
+            _ => self.log_retention_days,
+        }
+    }
+
+    /// The rule a set taken at `started_at` by the scheduler is taken
+    /// under: of the rules falling on that day (the regular one on its
+    /// backup days, high-frequency snapshots included, and with the
+    /// advanced policy on, its rules), the one with the longest
+    /// retention. `None` when no rule falls on the day. The scheduler stamps
+    /// the result on the set ([`BackupSet::taken_under`]).
+    pub fn rule_for(&self, started_at: DateTime<Utc>) -> Option<TakenUnder> {
+        use chrono::Datelike;
+        let date = started_at.date_naive();
+        let weekday = WEEKDAY_NAMES[date.weekday().num_days_from_monday() as usize];
+        let regular = self.backup_days.iter().any(|d| d == weekday);
+        let mut best = regular.then(|| TakenUnder {
+            rule: REGULAR_RULE_ID.to_string(),
+            retention_days: self.backup_retention_days,
+        });
+        if self.advanced_enabled {
+            for r in &self.advanced_data_rules {
+                if r.kind.falls_on(date)
+                    && best
+                        .as_ref()
+                        .is_none_or(|b| r.retention_days > b.retention_days)
+                {
+                    best = Some(TakenUnder {
+                        rule: r.id.clone(),
+                        retention_days: r.retention_days,
+                    });
+                }
+            }
+        }
+        best
+    }
+}
+
+/// Weekday names as RDS spells them, Monday first.
+const WEEKDAY_NAMES: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// A PostgreSQL server Strata itself created and runs (a clone restored
 /// from a backup): only these can be deleted through the API.
@@ -926,6 +1299,43 @@ pub struct AccessKey {
     pub description: String,
     /// When the key was created.
     pub created_at: DateTime<Utc>,
+}
+
+/// A set's keep as the `kept` and `keep_until` columns hold it (kept with
+/// no time: forever); both backends read and write it so.
+pub(crate) fn keep_from_sql(kept: bool, until: Option<DateTime<Utc>>) -> Option<KeepUntil> {
+    match (kept, until) {
+        (false, _) => None,
+        (true, None) => Some(KeepUntil::Forever),
+        (true, Some(t)) => Some(KeepUntil::Until(t)),
+    }
+}
+
+/// The `keep_until` column of a keep.
+pub(crate) fn keep_until_sql(keep: Option<KeepUntil>) -> Option<DateTime<Utc>> {
+    match keep {
+        Some(KeepUntil::Until(t)) => Some(t),
+        _ => None,
+    }
+}
+
+/// The rule a set was taken under, from its two columns.
+pub(crate) fn taken_from_sql(rule: Option<String>, days: Option<u32>) -> Option<TakenUnder> {
+    Some(TakenUnder {
+        rule: rule?,
+        retention_days: days?,
+    })
+}
+
+/// An advanced policy's rules as stored: a JSON list.
+pub(crate) fn rules_to_sql(rules: &[DataRule]) -> CatalogResult<String> {
+    serde_json::to_string(rules).map_err(|e| CatalogError::Invalid(format!("backup rules: {e}")))
+}
+
+/// The rules back from their JSON.
+pub(crate) fn rules_from_sql(text: &str) -> CatalogResult<Vec<DataRule>> {
+    serde_json::from_str(text)
+        .map_err(|e| CatalogError::Corrupt(format!("backup rules: {e}").into()))
 }
 
 /// `sslmode` as libpq spells it.

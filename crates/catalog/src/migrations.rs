@@ -620,6 +620,45 @@ ALTER TABLE managed_instances ADD COLUMN agent_clone TEXT;
 ALTER TABLE managed_instances ADD COLUMN agent_clone text;
 "#,
     },
+    Migration {
+        version: 14,
+        description: "richer retention: high-frequency snapshots, sparse rules, archives, keep",
+        sqlite: r#"
+-- BackupInterval in minutes (NULL: off); the advanced (sparse) policy with
+-- its rules as JSON (a list of {id, kind, retention_days}); archived
+-- backups; count-based retention (NULL: off).
+ALTER TABLE backup_policies ADD COLUMN backup_interval_minutes INTEGER;
+ALTER TABLE backup_policies ADD COLUMN advanced_enabled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE backup_policies ADD COLUMN advanced_data_rules TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE backup_policies ADD COLUMN advanced_log_retention_days INTEGER;
+ALTER TABLE backup_policies ADD COLUMN archive_retention_days INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE backup_policies ADD COLUMN archive_keep_policy TEXT NOT NULL DEFAULT 'ByMonth';
+ALTER TABLE backup_policies ADD COLUMN archive_keep_count INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE backup_policies ADD COLUMN keep_last INTEGER;
+-- A set kept by hand (keep_until NULL while kept: forever) and why; the
+-- rule an automatic set was taken under and the retention it had then.
+ALTER TABLE backup_sets ADD COLUMN kept INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE backup_sets ADD COLUMN keep_until TEXT;
+ALTER TABLE backup_sets ADD COLUMN keep_note TEXT;
+ALTER TABLE backup_sets ADD COLUMN taken_rule TEXT;
+ALTER TABLE backup_sets ADD COLUMN taken_retention_days INTEGER;
+"#,
+        postgres: r#"
+ALTER TABLE backup_policies ADD COLUMN backup_interval_minutes bigint;
+ALTER TABLE backup_policies ADD COLUMN advanced_enabled boolean NOT NULL DEFAULT false;
+ALTER TABLE backup_policies ADD COLUMN advanced_data_rules text NOT NULL DEFAULT '[]';
+ALTER TABLE backup_policies ADD COLUMN advanced_log_retention_days bigint;
+ALTER TABLE backup_policies ADD COLUMN archive_retention_days bigint NOT NULL DEFAULT 0;
+ALTER TABLE backup_policies ADD COLUMN archive_keep_policy text NOT NULL DEFAULT 'ByMonth';
+ALTER TABLE backup_policies ADD COLUMN archive_keep_count bigint NOT NULL DEFAULT 1;
+ALTER TABLE backup_policies ADD COLUMN keep_last bigint;
+ALTER TABLE backup_sets ADD COLUMN kept boolean NOT NULL DEFAULT false;
+ALTER TABLE backup_sets ADD COLUMN keep_until timestamptz;
+ALTER TABLE backup_sets ADD COLUMN keep_note text;
+ALTER TABLE backup_sets ADD COLUMN taken_rule text;
+ALTER TABLE backup_sets ADD COLUMN taken_retention_days bigint;
+"#,
+    },
 ];
 
 #[cfg(test)]

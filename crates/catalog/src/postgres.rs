@@ -648,7 +648,7 @@ fn instance_from_row(r: &Row) -> CatalogResult<Instance> {
     })
 }
 
-const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes";
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes, kept, keep_until, keep_note, taken_rule, taken_retention_days";
 
 fn backup_params(b: &BackupSet) -> Params {
     vec![
@@ -674,6 +674,11 @@ fn backup_params(b: &BackupSet) -> Params {
         Box::new(b.snapshot_local),
         Box::new(b.snapshot_uploaded),
         Box::new(b.snapshot_bytes.map(|v| v as i64)),
+        Box::new(b.keep_until.is_some()),
+        Box::new(keep_until_sql(b.keep_until)),
+        Box::new(b.keep_note.clone()),
+        Box::new(b.taken_under.as_ref().map(|t| t.rule.clone())),
+        Box::new(b.taken_under.as_ref().map(|t| i64::from(t.retention_days))),
     ]
 }
 
@@ -703,6 +708,9 @@ fn backup_from_row(r: &Row) -> CatalogResult<BackupSet> {
         snapshot_local: get(r, 19)?,
         snapshot_uploaded: get(r, 20)?,
         snapshot_bytes: get::<Option<i64>>(r, 21)?.map(|v| v as u64),
+        keep_until: keep_from_sql(get(r, 22)?, get(r, 23)?),
+        keep_note: get(r, 24)?,
+        taken_under: taken_from_sql(get(r, 25)?, get_opt_u32(r, 26)?),
     })
 }
 
@@ -835,10 +843,10 @@ fn drill_from_row(r: &Row) -> CatalogResult<DrillResult> {
     })
 }
 
-const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method";
+const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method, backup_interval_minutes, advanced_enabled, advanced_data_rules, advanced_log_retention_days, archive_retention_days, archive_keep_policy, archive_keep_count, keep_last";
 
-fn policy_params(p: &BackupPolicy) -> Params {
-    vec![
+fn policy_params(p: &BackupPolicy) -> CatalogResult<Params> {
+    Ok(vec![
         Box::new(p.instance_id.to_string()),
         Box::new(p.backup_days.join(",")),
         Box::new(p.backup_window.clone()),
@@ -848,7 +856,15 @@ fn policy_params(p: &BackupPolicy) -> Params {
         Box::new(p.updated_at),
         Box::new(p.last_auto_slot),
         Box::new(p.backup_method.as_str().to_string()),
-    ]
+        Box::new(opt_i64(p.backup_interval_minutes)),
+        Box::new(p.advanced_enabled),
+        Box::new(rules_to_sql(&p.advanced_data_rules)?),
+        Box::new(opt_i64(p.advanced_log_retention_days)),
+        Box::new(i64::from(p.archive_retention_days)),
+        Box::new(p.archive_keep_policy.as_str().to_string()),
+        Box::new(i64::from(p.archive_keep_count)),
+        Box::new(opt_i64(p.keep_last)),
+    ])
 }
 
 fn policy_from_row(r: &Row) -> CatalogResult<BackupPolicy> {
@@ -867,6 +883,14 @@ fn policy_from_row(r: &Row) -> CatalogResult<BackupPolicy> {
         updated_at: get(r, 6)?,
         last_auto_slot: get(r, 7)?,
         backup_method: get_parsed(r, 8)?,
+        backup_interval_minutes: get_opt_u32(r, 9)?,
+        advanced_enabled: get(r, 10)?,
+        advanced_data_rules: rules_from_sql(&get::<String>(r, 11)?)?,
+        advanced_log_retention_days: get_opt_u32(r, 12)?,
+        archive_retention_days: get_u32(r, 13)?,
+        archive_keep_policy: get_parsed(r, 14)?,
+        archive_keep_count: get_u32(r, 15)?,
+        keep_last: get_opt_u32(r, 16)?,
     })
 }
 
@@ -1061,7 +1085,7 @@ impl BackupCatalog for PgCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO backup_sets ({BACKUP_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
-            placeholders(22)
+            placeholders(27)
         );
         if self.execute(sql, backup_params(b))? == 0 {
             return Err(CatalogError::BackupExists(b.id.to_string()));
@@ -1075,7 +1099,7 @@ impl BackupCatalog for PgCatalog {
         let owner = self.owner.clone();
         let sql = format!(
             "UPDATE backup_sets SET ({BACKUP_COLS}) = ({}) WHERE id = $1",
-            placeholders(22)
+            placeholders(27)
         );
         self.call(move |mut c| {
             let (set, p, owner, sql) = (set.clone(), p.clone(), owner.clone(), sql.clone());
@@ -1429,10 +1453,10 @@ impl PolicyCatalog for PgCatalog {
     fn put_policy(&self, policy: &BackupPolicy) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO backup_policies ({POLICY_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
-            placeholders(9),
+            placeholders(17),
             excluded(POLICY_COLS, 1)
         );
-        self.execute(sql, policy_params(policy)).map(drop)
+        self.execute(sql, policy_params(policy)?).map(drop)
     }
 
     fn get_cross_policy(&self, instance_id: &str) -> CatalogResult<Option<CrossBackupPolicy>> {

@@ -200,10 +200,15 @@ fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
         snapshot_local: r.get(19)?,
         snapshot_uploaded: r.get(20)?,
         snapshot_bytes: r.get::<_, Option<i64>>(21)?.map(|v| v as u64),
+        keep_until: keep_from_sql(r.get(22)?, opt_ts(r.get(23)?)?),
+        keep_note: r.get(24)?,
+        taken_under: taken_from_sql(r.get(25)?, r.get(26)?),
     })
 }
 
-const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes";
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes, kept, keep_until, keep_note, taken_rule, taken_retention_days";
+
+const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method, backup_interval_minutes, advanced_enabled, advanced_data_rules, advanced_log_retention_days, archive_retention_days, archive_keep_policy, archive_keep_count, keep_last";
 
 fn wal_from_row(r: &Row) -> rusqlite::Result<WalSegmentRow> {
     Ok(WalSegmentRow {
@@ -341,14 +346,16 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
 /// REPLACE`); returns the rows changed.
 fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
     Ok(c.execute(
-                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22)"),
+                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27)"),
                 params![
                     b.id.as_str(), b.instance_id.as_str(), b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
                     b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
                     b.start_timeline.map(|t| t.0), b.stop_timeline.map(|t| t.0), b.pg_version_num,
                     b.total_bytes as i64, b.new_bytes as i64, b.dedup_bytes as i64, b.stored_bytes as i64,
                     b.file_count as i64, b.error, b.job_id.map(JobId::get), b.method.as_str(),
-                    b.snapshot_local, b.snapshot_uploaded, b.snapshot_bytes.map(|v| v as i64)
+                    b.snapshot_local, b.snapshot_uploaded, b.snapshot_bytes.map(|v| v as i64),
+                    b.keep_until.is_some(), keep_until_sql(b.keep_until).as_ref().map(ts), b.keep_note,
+                    b.taken_under.as_ref().map(|t| t.rule.as_str()), b.taken_under.as_ref().map(|t| t.retention_days)
                 ],
             )?)
 }
@@ -845,13 +852,17 @@ impl PolicyCatalog for SqliteCatalog {
     fn get_policy(&self, instance_id: &str) -> CatalogResult<Option<BackupPolicy>> {
         self.with(|c| {
             Ok(c.query_row(
-                "SELECT instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method FROM backup_policies WHERE instance_id = ?1",
+                &format!("SELECT {POLICY_COLS} FROM backup_policies WHERE instance_id = ?1"),
                 [instance_id],
                 |r| {
                     let days: String = r.get(1)?;
                     Ok(BackupPolicy {
                         instance_id: r.get::<_, String>(0)?.into(),
-                        backup_days: days.split(',').filter(|d| !d.is_empty()).map(String::from).collect(),
+                        backup_days: days
+                            .split(',')
+                            .filter(|d| !d.is_empty())
+                            .map(String::from)
+                            .collect(),
                         backup_window: r.get(2)?,
                         backup_retention_days: r.get(3)?,
                         log_backup_enabled: r.get(4)?,
@@ -859,6 +870,22 @@ impl PolicyCatalog for SqliteCatalog {
                         updated_at: parse_ts(r.get(6)?)?,
                         last_auto_slot: opt_ts(r.get(7)?)?,
                         backup_method: parsed(r, 8)?,
+                        backup_interval_minutes: r.get(9)?,
+                        advanced_enabled: r.get(10)?,
+                        advanced_data_rules: rules_from_sql(&r.get::<_, String>(11)?).map_err(
+                            |e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    11,
+                                    rusqlite::types::Type::Text,
+                                    Box::new(e),
+                                )
+                            },
+                        )?,
+                        advanced_log_retention_days: r.get(12)?,
+                        archive_retention_days: r.get(13)?,
+                        archive_keep_policy: parsed(r, 14)?,
+                        archive_keep_count: r.get(15)?,
+                        keep_last: r.get(16)?,
                     })
                 },
             )
@@ -869,11 +896,14 @@ impl PolicyCatalog for SqliteCatalog {
     fn put_policy(&self, p: &BackupPolicy) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO backup_policies (instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+                &format!("INSERT OR REPLACE INTO backup_policies ({POLICY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
                 params![
                     p.instance_id.as_str(), p.backup_days.join(","), p.backup_window, p.backup_retention_days,
                     p.log_backup_enabled, p.log_retention_days, ts(&p.updated_at),
-                    p.last_auto_slot.as_ref().map(ts), p.backup_method.as_str()
+                    p.last_auto_slot.as_ref().map(ts), p.backup_method.as_str(),
+                    p.backup_interval_minutes, p.advanced_enabled, rules_to_sql(&p.advanced_data_rules)?,
+                    p.advanced_log_retention_days, p.archive_retention_days, p.archive_keep_policy.as_str(),
+                    p.archive_keep_count, p.keep_last
                 ],
             )?;
             Ok(())

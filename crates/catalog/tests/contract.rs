@@ -178,6 +178,14 @@ fn policy(instance_id: &str) -> BackupPolicy {
         updated_at: now(),
         last_auto_slot: Some(now()),
         backup_method: BackupMethod::Physical,
+        backup_interval_minutes: None,
+        advanced_enabled: false,
+        advanced_data_rules: Vec::new(),
+        advanced_log_retention_days: None,
+        archive_retention_days: 0,
+        archive_keep_policy: strata_catalog::ArchiveKeepPolicy::ByMonth,
+        archive_keep_count: 1,
+        keep_last: None,
     }
 }
 
@@ -227,6 +235,9 @@ fn full_set(id: &str, t: DateTime<Utc>) -> BackupSet {
         snapshot_local: false,
         snapshot_uploaded: false,
         snapshot_bytes: None,
+        keep_until: None,
+        keep_note: None,
+        taken_under: None,
     }
 }
 
@@ -310,6 +321,30 @@ fn backup_sets_round_trip(b: &dyn Backend) {
     let set = full_set("1", t);
     cat.insert_backup(&set).unwrap();
     assert_eq!(cat.get_backup("1").unwrap(), set);
+    // A keep by hand (forever, then until a time) and the rule a set was
+    // taken under read back as written, and a release clears the keep.
+    let mut kept = set.clone();
+    kept.keep_until = Some(KeepUntil::Forever);
+    kept.keep_note = Some("before the migration".into());
+    kept.taken_under = Some(TakenUnder {
+        rule: "month-ends".into(),
+        retention_days: 365,
+    });
+    cat.update_backup(&kept).unwrap();
+    assert_eq!(cat.get_backup("1").unwrap(), kept);
+    kept.keep_until = Some(KeepUntil::Until(t + chrono::Duration::days(400)));
+    cat.update_backup(&kept).unwrap();
+    assert_eq!(cat.get_backup("1").unwrap(), kept);
+    cat.update_backup(&BackupSet {
+        keep_until: None,
+        keep_note: None,
+        ..kept.clone()
+    })
+    .unwrap();
+    let released = cat.get_backup("1").unwrap();
+    assert_eq!((released.keep_until, released.keep_note), (None, None));
+    assert_eq!(released.taken_under, kept.taken_under);
+    cat.update_backup(&set).unwrap();
     assert!(matches!(
         cat.insert_backup(&set),
         Err(CatalogError::BackupExists(_))
@@ -754,7 +789,41 @@ fn keys_policies_passwords_and_nonces(b: &dyn Backend) {
     p2.log_backup_enabled = true;
     p2.last_auto_slot = None;
     cat.put_policy(&p2).unwrap();
-    assert_eq!(cat.get_policy("a").unwrap(), Some(p2));
+    assert_eq!(cat.get_policy("a").unwrap(), Some(p2.clone()));
+    // Every retention option, the sparse rules included, reads back as written.
+    let p3 = BackupPolicy {
+        backup_interval_minutes: Some(15),
+        advanced_enabled: true,
+        advanced_data_rules: vec![
+            DataRule {
+                id: "month-ends".into(),
+                kind: RuleKind::Monthly {
+                    days: vec![MonthDay::Day(1), MonthDay::Day(15), MonthDay::Last],
+                },
+                retention_days: 365,
+            },
+            DataRule {
+                id: "new-year".into(),
+                kind: RuleKind::Yearly { month: 1, day: 1 },
+                retention_days: 3650,
+            },
+            DataRule {
+                id: "weekends".into(),
+                kind: RuleKind::Weekly {
+                    days: vec![chrono::Weekday::Sat, chrono::Weekday::Sun],
+                },
+                retention_days: 30,
+            },
+        ],
+        advanced_log_retention_days: Some(14),
+        archive_retention_days: 1095,
+        archive_keep_policy: ArchiveKeepPolicy::ByWeek,
+        archive_keep_count: 7,
+        keep_last: Some(5),
+        ..p2
+    };
+    cat.put_policy(&p3).unwrap();
+    assert_eq!(cat.get_policy("a").unwrap(), Some(p3));
 
     let t = now();
     let k = AccessKey {

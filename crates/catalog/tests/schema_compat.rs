@@ -69,6 +69,9 @@ fn backup() -> BackupSet {
         snapshot_local: false,
         snapshot_uploaded: false,
         snapshot_bytes: None,
+        keep_until: None,
+        keep_note: None,
+        taken_under: None,
     }
 }
 
@@ -113,6 +116,14 @@ fn policy() -> BackupPolicy {
         updated_at: at(0, 30),
         last_auto_slot: Some(at(1, 0)),
         backup_method: strata_catalog::BackupMethod::Physical,
+        backup_interval_minutes: None,
+        advanced_enabled: false,
+        advanced_data_rules: Vec::new(),
+        advanced_log_retention_days: None,
+        archive_retention_days: 0,
+        archive_keep_policy: strata_catalog::ArchiveKeepPolicy::ByMonth,
+        archive_keep_count: 1,
+        keep_last: None,
     }
 }
 

@@ -258,6 +258,9 @@ mod tests {
                 snapshot_local: false,
                 snapshot_uploaded: false,
                 snapshot_bytes: None,
+                keep_until: None,
+                keep_note: None,
+                taken_under: None,
             }
         );
         // Manifests from before modes were recorded are manual backups.

@@ -423,6 +423,9 @@ mod tests {
             snapshot_local: false,
             snapshot_uploaded: false,
             snapshot_bytes: None,
+            keep_until: None,
+            keep_note: None,
+            taken_under: None,
         }
     }
 
@@ -458,6 +461,14 @@ mod tests {
             updated_at: now,
             last_auto_slot: None,
             backup_method: strata_catalog::BackupMethod::Physical,
+            backup_interval_minutes: None,
+            advanced_enabled: false,
+            advanced_data_rules: Vec::new(),
+            advanced_log_retention_days: None,
+            archive_retention_days: 0,
+            archive_keep_policy: strata_catalog::ArchiveKeepPolicy::ByMonth,
+            archive_keep_count: 1,
+            keep_last: None,
         }
     }
 

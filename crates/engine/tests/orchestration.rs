@@ -129,6 +129,14 @@ fn policy(days: u32) -> BackupPolicy {
         updated_at: Utc::now(),
         last_auto_slot: None,
         backup_method: strata_catalog::BackupMethod::Physical,
+        backup_interval_minutes: None,
+        advanced_enabled: false,
+        advanced_data_rules: Vec::new(),
+        advanced_log_retention_days: None,
+        archive_retention_days: 0,
+        archive_keep_policy: strata_catalog::ArchiveKeepPolicy::ByMonth,
+        archive_keep_count: 1,
+        keep_last: None,
     }
 }
 

@@ -5,8 +5,11 @@
 //! maps to RDS's error code), defaults and the schedule arithmetic live here
 //! as pure functions.
 
-use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc, Weekday};
-use strata_catalog::BackupPolicy;
+use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
+use strata_catalog::{
+    ArchiveKeepPolicy, BackupMethod, BackupPolicy, DataRule, KeepUntil, RuleKind,
+    BACKUP_INTERVALS_MINUTES, REGULAR_RULE_ID,
+};
 
 /// Weekday names as RDS spells them.
 pub const WEEKDAYS: [&str; 7] = [
@@ -72,6 +75,18 @@ pub enum Refusal {
     TableNotFound,
     /// Snapshot backups asked of an instance without an agent.
     SnapshotNeedsAgent,
+    /// `BackupInterval` is not one of the intervals offered.
+    BackupIntervalMalformed,
+    /// `BackupInterval` asked of a policy whose backups are not snapshots.
+    BackupIntervalNeedsSnapshot,
+    /// An advanced (sparse) policy rule is malformed.
+    AdvancedPolicyMalformed,
+    /// Archived backups (retention, keep policy or count) are malformed.
+    ArchivePolicyMalformed,
+    /// The count of last sets to keep is out of range.
+    KeepLastMalformed,
+    /// A keep by hand is malformed (a time in the past, a bad note).
+    KeepMalformed,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for
@@ -178,6 +193,222 @@ pub fn check_log_retention(days: u32, data_days: u32) -> Result<u32, PolicyError
     Ok(days)
 }
 
+/// Days an advanced rule's sets may be kept.
+pub const RULE_RETENTION_DAYS: std::ops::RangeInclusive<u32> = 1..=3650;
+/// Days archived sets may be kept (0 turns archiving off).
+pub const ARCHIVE_RETENTION_DAYS: std::ops::RangeInclusive<u32> = 30..=1095;
+/// Rules an advanced policy may have beside the regular one.
+pub const MAX_ADVANCED_RULES: usize = 32;
+/// Count-based retention: how many last sets may be asked for.
+pub const KEEP_LAST: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Longest note on a kept set, in characters.
+pub const KEEP_NOTE_CHARS: usize = 256;
+
+/// Checks `BackupInterval`: one of the intervals offered, and only for a
+/// policy whose automatic backups are snapshots (RDS's `Category=Flash`),
+/// since a physical backup every 15 minutes would never finish.
+pub fn check_backup_interval(
+    minutes: Option<u32>,
+    method: BackupMethod,
+) -> Result<Option<u32>, PolicyError> {
+    let Some(m) = minutes else {
+        return Ok(None);
+    };
+    if !BACKUP_INTERVALS_MINUTES.contains(&m) {
+        return Err(invalid(
+            Refusal::BackupIntervalMalformed,
+            format!("BackupInterval must be one of 15, 30, 60, 120, 180, 240, 360, 480 or 720 minutes, got {m}"),
+        ));
+    }
+    if method != BackupMethod::Snapshot {
+        return Err(invalid(
+            Refusal::BackupIntervalNeedsSnapshot,
+            "BackupInterval needs snapshot backups (Category=Flash): high-frequency backups are snapshots",
+        ));
+    }
+    Ok(Some(m))
+}
+
+fn bad_rule(message: String) -> PolicyError {
+    invalid(Refusal::AdvancedPolicyMalformed, message)
+}
+
+/// Checks one advanced rule: its id (1–64 letters, digits, `-`, `_`, not
+/// the regular rule's), its days and its retention.
+pub fn check_data_rule(rule: &DataRule) -> Result<(), PolicyError> {
+    let id = &rule.id;
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !id_ok {
+        return Err(bad_rule(format!(
+            "rule id {id:?} must be 1 to 64 letters, digits, '-' or '_'"
+        )));
+    }
+    if id == REGULAR_RULE_ID {
+        return Err(bad_rule(format!(
+            "rule id {id:?} is the regular rule's (the backup days and BackupRetentionPeriod)"
+        )));
+    }
+    if !RULE_RETENTION_DAYS.contains(&rule.retention_days) {
+        return Err(bad_rule(format!(
+            "rule {id}: retention must be 1 to 3650 days, got {}",
+            rule.retention_days
+        )));
+    }
+    match &rule.kind {
+        RuleKind::Weekly { days } => {
+            if days.is_empty() || has_duplicates(days) {
+                return Err(bad_rule(format!(
+                    "rule {id}: a weekly rule names one or more distinct days of the week"
+                )));
+            }
+        }
+        RuleKind::Monthly { days } => {
+            if days.is_empty() || has_duplicates(days) {
+                return Err(bad_rule(format!(
+                    "rule {id}: a monthly rule names one or more distinct days of the month (1 to 31 or Last)"
+                )));
+            }
+            if let Some(d) = days
+                .iter()
+                .find(|d| matches!(d, strata_catalog::MonthDay::Day(n) if !(1..=31).contains(n)))
+            {
+                return Err(bad_rule(format!(
+                    "rule {id}: {d} is not a day of the month"
+                )));
+            }
+        }
+        RuleKind::Yearly { month, day } => {
+            // 2024 is a leap year: 29 February is a date, taken in leap years.
+            if NaiveDate::from_ymd_opt(2024, *month, *day).is_none() {
+                return Err(bad_rule(format!(
+                    "rule {id}: month {month} day {day} is not a date"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn has_duplicates<T: PartialEq>(items: &[T]) -> bool {
+    items
+        .iter()
+        .enumerate()
+        .any(|(i, a)| items[..i].contains(a))
+}
+
+/// Checks an advanced policy's rules: each one, ids unique, at most
+/// [`MAX_ADVANCED_RULES`].
+pub fn check_data_rules(rules: &[DataRule]) -> Result<(), PolicyError> {
+    if rules.len() > MAX_ADVANCED_RULES {
+        return Err(bad_rule(format!(
+            "an advanced policy has at most {MAX_ADVANCED_RULES} rules besides the regular one, got {}",
+            rules.len()
+        )));
+    }
+    for (i, r) in rules.iter().enumerate() {
+        check_data_rule(r)?;
+        if rules[..i].iter().any(|o| o.id == r.id) {
+            return Err(bad_rule(format!("rule id {:?} is used twice", r.id)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks archived backups: retention 0 (off) or 30–1095 days, and a keep
+/// count of 1–31 by month or 1–7 by week (any with `KeepAll`).
+pub fn check_archive(
+    retention_days: u32,
+    keep: ArchiveKeepPolicy,
+    count: u32,
+) -> Result<(), PolicyError> {
+    if retention_days != 0 && !ARCHIVE_RETENTION_DAYS.contains(&retention_days) {
+        return Err(invalid(
+            Refusal::ArchivePolicyMalformed,
+            format!("ArchiveBackupRetentionPeriod must be 0 (off) or 30 to 1095 days, got {retention_days}"),
+        ));
+    }
+    let range = match keep {
+        ArchiveKeepPolicy::ByMonth => 1..=31,
+        ArchiveKeepPolicy::ByWeek => 1..=7,
+        ArchiveKeepPolicy::KeepAll => return Ok(()),
+    };
+    if !range.contains(&count) {
+        return Err(invalid(
+            Refusal::ArchivePolicyMalformed,
+            format!(
+                "ArchiveBackupKeepCount must be {} to {} with ArchiveBackupKeepPolicy {keep}, got {count}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks count-based retention: off, or 1–1000 last sets.
+pub fn check_keep_last(keep_last: Option<u32>) -> Result<Option<u32>, PolicyError> {
+    match keep_last {
+        Some(n) if !KEEP_LAST.contains(&n) => Err(invalid(
+            Refusal::KeepLastMalformed,
+            format!("the count of last sets to keep must be 1 to 1000, got {n}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Checks a keep by hand at `now`: a time in the future, and a note of at
+/// most [`KEEP_NOTE_CHARS`] characters without control characters.
+pub fn check_keep(
+    until: KeepUntil,
+    note: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), PolicyError> {
+    if let KeepUntil::Until(t) = until {
+        if t <= now {
+            return Err(invalid(
+                Refusal::KeepMalformed,
+                format!("a set can only be kept until a time to come, not {t}"),
+            ));
+        }
+    }
+    if let Some(note) = note {
+        if note.chars().count() > KEEP_NOTE_CHARS || note.chars().any(char::is_control) {
+            return Err(invalid(
+                Refusal::KeepMalformed,
+                format!("a keep note is at most {KEEP_NOTE_CHARS} characters without control characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the retention options of a whole policy (what
+/// `ModifyBackupPolicy` composed): interval, advanced rules and log
+/// retention, archive, count.
+pub fn check_retention_options(p: &BackupPolicy) -> Result<(), PolicyError> {
+    check_backup_interval(p.backup_interval_minutes, p.backup_method)?;
+    check_data_rules(&p.advanced_data_rules)?;
+    if let Some(days) = p.advanced_log_retention_days {
+        if !LOG_RETENTION_DAYS.contains(&days) {
+            return Err(invalid(
+                Refusal::LogRetentionMalformed,
+                format!("the advanced log retention must be 7 to 7300 days, got {days}"),
+            ));
+        }
+    }
+    check_archive(
+        p.archive_retention_days,
+        p.archive_keep_policy,
+        p.archive_keep_count,
+    )?;
+    check_keep_last(p.keep_last)?;
+    Ok(())
+}
+
 /// A retention value as it arrives on the API (a string); `kind` says which
 /// retention it is, `name` the parameter.
 pub fn parse_days_count(value: &str, kind: Refusal, name: &str) -> Result<u32, PolicyError> {
@@ -210,7 +441,15 @@ pub fn default_policy(instance_id: &str, now: DateTime<Utc>) -> BackupPolicy {
         log_retention_days: DEFAULT_RETENTION_DAYS,
         updated_at: now,
         last_auto_slot: None,
-        backup_method: strata_catalog::BackupMethod::Physical,
+        backup_method: BackupMethod::Physical,
+        backup_interval_minutes: None,
+        advanced_enabled: false,
+        advanced_data_rules: Vec::new(),
+        advanced_log_retention_days: None,
+        archive_retention_days: 0,
+        archive_keep_policy: ArchiveKeepPolicy::ByMonth,
+        archive_keep_count: 1,
+        keep_last: None,
     }
 }
 
@@ -358,6 +597,119 @@ mod tests {
             Refusal::LogRetentionMalformed
         );
         assert_eq!(check_log_retention(30, 30).unwrap(), 30);
+    }
+
+    fn rule(id: &str, kind: RuleKind, days: u32) -> DataRule {
+        DataRule {
+            id: id.into(),
+            kind,
+            retention_days: days,
+        }
+    }
+
+    #[test]
+    fn retention_options_refuse_every_bad_value() {
+        use strata_catalog::MonthDay;
+        assert_eq!(
+            check_backup_interval(Some(15), BackupMethod::Snapshot).unwrap(),
+            Some(15)
+        );
+        assert_eq!(
+            check_backup_interval(None, BackupMethod::Physical).unwrap(),
+            None
+        );
+        assert_eq!(
+            check_backup_interval(Some(20), BackupMethod::Snapshot)
+                .unwrap_err()
+                .kind,
+            Refusal::BackupIntervalMalformed
+        );
+        assert_eq!(
+            check_backup_interval(Some(60), BackupMethod::Physical)
+                .unwrap_err()
+                .kind,
+            Refusal::BackupIntervalNeedsSnapshot
+        );
+
+        let weekly = |days: Vec<Weekday>| RuleKind::Weekly { days };
+        let monthly = |days: Vec<MonthDay>| RuleKind::Monthly { days };
+        let good = [
+            rule("sat", weekly(vec![Weekday::Sat]), 30),
+            rule("ends", monthly(vec![MonthDay::Day(1), MonthDay::Last]), 365),
+            rule("leap", RuleKind::Yearly { month: 2, day: 29 }, 3650),
+        ];
+        check_data_rules(&good).unwrap();
+        let bad = [
+            rule("", weekly(vec![Weekday::Sat]), 30),
+            rule("a b", weekly(vec![Weekday::Sat]), 30),
+            rule("regular", weekly(vec![Weekday::Sat]), 30),
+            rule("w", weekly(vec![]), 30),
+            rule("w", weekly(vec![Weekday::Sat, Weekday::Sat]), 30),
+            rule("w", weekly(vec![Weekday::Sat]), 0),
+            rule("w", weekly(vec![Weekday::Sat]), 3651),
+            rule("m", monthly(vec![]), 30),
+            rule("m", monthly(vec![MonthDay::Day(32)]), 30),
+            rule("m", monthly(vec![MonthDay::Last, MonthDay::Last]), 30),
+            rule("y", RuleKind::Yearly { month: 2, day: 30 }, 30),
+            rule("y", RuleKind::Yearly { month: 13, day: 1 }, 30),
+        ];
+        for r in bad {
+            assert_eq!(
+                check_data_rule(&r).unwrap_err().kind,
+                Refusal::AdvancedPolicyMalformed,
+                "{r:?}"
+            );
+        }
+        let twice = [good[0].clone(), good[0].clone()];
+        assert!(check_data_rules(&twice)
+            .unwrap_err()
+            .message
+            .contains("twice"));
+
+        check_archive(0, ArchiveKeepPolicy::ByMonth, 1).unwrap();
+        check_archive(1095, ArchiveKeepPolicy::ByMonth, 31).unwrap();
+        check_archive(30, ArchiveKeepPolicy::KeepAll, 0).unwrap();
+        for (days, keep, count) in [
+            (29, ArchiveKeepPolicy::ByMonth, 1),
+            (1096, ArchiveKeepPolicy::ByMonth, 1),
+            (30, ArchiveKeepPolicy::ByMonth, 32),
+            (30, ArchiveKeepPolicy::ByMonth, 0),
+            (30, ArchiveKeepPolicy::ByWeek, 8),
+        ] {
+            assert_eq!(
+                check_archive(days, keep, count).unwrap_err().kind,
+                Refusal::ArchivePolicyMalformed,
+                "{days} {keep} {count}"
+            );
+        }
+
+        assert_eq!(check_keep_last(Some(5)).unwrap(), Some(5));
+        assert_eq!(
+            check_keep_last(Some(0)).unwrap_err().kind,
+            Refusal::KeepLastMalformed
+        );
+
+        let now = at("2026-12-06T10:00:00Z");
+        check_keep(KeepUntil::Forever, Some("audit 2026"), now).unwrap();
+        check_keep(KeepUntil::Until(at("2027-01-01T00:00:00Z")), None, now).unwrap();
+        for (until, note) in [
+            (KeepUntil::Until(now), None),
+            (KeepUntil::Forever, Some("two\nlines")),
+            (KeepUntil::Forever, Some(&*"x".repeat(257))),
+        ] {
+            assert_eq!(
+                check_keep(until, note, now).unwrap_err().kind,
+                Refusal::KeepMalformed
+            );
+        }
+
+        let mut p = default_policy("x", now);
+        check_retention_options(&p).unwrap();
+        p.advanced_log_retention_days = Some(3);
+        assert_eq!(
+            check_retention_options(&p).unwrap_err().kind,
+            Refusal::LogRetentionMalformed
+        );
     }
 
     #[test]
