@@ -25,7 +25,7 @@ use pg_replication::{
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use strata_catalog::{
     BackupId, BackupMethod, BackupMode, BackupSet, BackupStatus, Instance, InstanceId, Job,
-    JobKind, JobState,
+    JobKind, JobState, TakenUnder,
 };
 use strata_repo::{
     BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
@@ -65,6 +65,9 @@ pub struct BackupOptions {
     /// Over the replication protocol, or a snapshot through the instance's
     /// agent.
     pub method: BackupMethod,
+    /// The policy rule an automatic backup is taken under, stamped on its
+    /// set so that it keeps that rule's retention (`None`: manual).
+    pub taken_under: Option<TakenUnder>,
 }
 
 impl Default for BackupOptions {
@@ -73,6 +76,7 @@ impl Default for BackupOptions {
             mode: BackupMode::Manual,
             max_rate_kb: None,
             method: BackupMethod::Physical,
+            taken_under: None,
         }
     }
 }
@@ -185,6 +189,7 @@ impl Engine {
             Some(job.id),
         );
         set.method = opts.method;
+        set.taken_under = opts.taken_under.clone();
         let mut attempt = 0;
         loop {
             match self.catalog.insert_backup(&set) {

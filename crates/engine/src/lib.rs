@@ -52,7 +52,10 @@ pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
 pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
-pub use retention::{newest_success, pitr_anchor, plan_retention, GcGuard, RetentionPlan};
+pub use retention::{
+    decide_retention, newest_success, pitr_anchor, plan_retention, GcGuard, KeptBy,
+    RetentionDecision, RetentionPlan, SetDecision,
+};
 pub use snapshot_clone::{AgentCloneOptions, AgentCloneOutcome};
 pub use snapshot_restore::LocalSnapshot;
 pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};

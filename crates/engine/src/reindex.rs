@@ -1,6 +1,7 @@
 //! `repo reindex`: rebuilds the catalog's index of backup sets, WAL segments
 //! and restore points from the repository alone (the repository is the
-//! source of truth; jobs are operational history and are kept).
+//! source of truth; jobs are operational history and are kept, and so are
+//! the keeps by hand and retention rules recorded on sets still stored).
 
 use serde::Serialize;
 use strata_catalog::CatalogError;
@@ -26,6 +27,14 @@ impl Engine {
     /// Rebuilds the catalog's index from the repository (`strata repo reindex`).
     pub fn reindex(&self) -> EngineResult<ReindexReport> {
         let mut report = ReindexReport::default();
+        // What only the catalog knows of a set (a keep by hand, the rule it
+        // was taken under) carries over to the rebuilt row.
+        let mut known = std::collections::HashMap::new();
+        for i in self.catalog.list_instances()? {
+            for b in self.catalog.list_backups(&i.id)? {
+                known.insert(b.id.clone(), (b.keep_until, b.keep_note, b.taken_under));
+            }
+        }
         self.catalog.clear_index()?;
         for rec in self.repo.list_instances()? {
             report.instances += 1;
@@ -40,9 +49,12 @@ impl Engine {
             }
             for backup_id in self.repo.list_backups(&rec.id)? {
                 let m = self.repo.read_manifest(&rec.id, &backup_id)?;
-                let inserted = self
-                    .catalog
-                    .insert_backup(&entities::backup_set_from_manifest(&rec.id, &m)?);
+                let mut set = entities::backup_set_from_manifest(&rec.id, &m)?;
+                if let Some((keep_until, keep_note, taken_under)) = known.remove(&set.id) {
+                    (set.keep_until, set.keep_note, set.taken_under) =
+                        (keep_until, keep_note, taken_under);
+                }
+                let inserted = self.catalog.insert_backup(&set);
                 match inserted {
                     Ok(()) => {}
                     // Sets of two instances that started in the same

@@ -11,21 +11,26 @@
 //!   every WAL segment after the anchor's start, so both stay;
 //! - every kept set keeps the WAL between its start and stop LSN, without
 //!   which it cannot reach consistency (with log backup off too);
-//! - everything else older than its retention period goes.
+//! - everything else goes once no rule keeps it: the decision per set, with
+//!   the policy's richer rules (sparse rules, high-frequency thinning,
+//!   archives, keep by hand, the last N), is [`decide_retention`].
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use chrono::{DateTime, Duration, Utc};
-use pg_wal::Lsn;
 use serde::Serialize;
 use strata_catalog::{
-    BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, RepoHold, WalSegmentRow,
+    BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, KeepUntil, RepoHold, WalSegmentRow,
 };
 use strata_repo::{GcReport, PackId, PendingPacks, Repository};
 
 use crate::{Engine, EngineError, EngineResult};
+
+mod decide;
+
+pub use decide::{decide_retention, KeptBy, RetentionDecision, SetDecision};
 
 /// Held while a backup writes packs or a reader reads them (shared), or
 /// while garbage is collected (exclusive): a hold row in the catalog, so
@@ -176,61 +181,20 @@ pub fn pitr_anchor(backups: &[BackupSet], log_start: DateTime<Utc>) -> Option<Ba
         .map(|b| b.id.clone())
 }
 
-/// Decides what `policy` lets go at `now`. Pure: the scheduler's tests run it
-/// against a fake clock.
+/// Decides what `policy` lets go at `now` ([`decide_retention`], reduced to
+/// the deletions). Pure: the scheduler's tests run it against a fake clock.
 pub fn plan_retention(
     policy: &BackupPolicy,
     backups: &[BackupSet],
     wal: &[WalSegmentRow],
     now: DateTime<Utc>,
 ) -> RetentionPlan {
-    let data_start = now - Duration::days(policy.backup_retention_days as i64);
-    let log_start = now - Duration::days(policy.log_retention_days as i64);
-    let successes = successes(backups);
-    let newest = newest_success(backups);
-    let anchor = if policy.log_backup_enabled {
-        pitr_anchor(backups, log_start)
-    } else {
-        None
-    };
-    let mut plan = RetentionPlan::default();
-    for b in backups {
-        let expired = b.finished_at.unwrap_or(b.started_at) < data_start;
-        let protected = Some(&b.id) == newest.as_ref() || Some(&b.id) == anchor.as_ref();
-        if expired && !protected && b.status != BackupStatus::Running {
-            plan.backups.push(b.id.clone());
-        }
+    let decision = decide_retention(policy, backups, wal, now);
+    RetentionPlan {
+        backups: decision.deleted().map(|d| d.backup_id.clone()).collect(),
+        wal: decision.wal,
+        wal_postponed: 0,
     }
-    let kept_ranges: Vec<(Lsn, Lsn)> = successes
-        .iter()
-        .filter(|b| !plan.backups.contains(&b.id))
-        .filter_map(|b| Some((b.start_lsn?, b.stop_lsn?)))
-        .collect();
-    let needed_by_a_set = |w: &WalSegmentRow| {
-        kept_ranges
-            .iter()
-            .any(|&(start, stop)| w.begin_lsn <= stop && w.end_lsn > start)
-    };
-    let anchor_start = anchor
-        .as_ref()
-        .and_then(|id| successes.iter().find(|b| &b.id == id))
-        .and_then(|b| b.start_lsn);
-    for w in wal {
-        if needed_by_a_set(w) {
-            continue;
-        }
-        let expired = if !policy.log_backup_enabled {
-            true
-        } else if let Some(start) = anchor_start {
-            w.end_lsn <= start
-        } else {
-            w.last_commit.unwrap_or(w.stored_at) < log_start && successes.is_empty()
-        };
-        if expired {
-            plan.wal.push(w.clone());
-        }
-    }
-    plan
 }
 
 impl Engine {
@@ -291,12 +255,18 @@ impl Engine {
 
     /// Deletes one backup set: manifest first (so the set stops existing in
     /// the repository), then the catalog row. Its blocks are freed by the
-    /// next garbage collection.
+    /// next garbage collection. A set kept by hand is refused until released.
     pub fn delete_backup_set(&self, backup_id: &str) -> EngineResult<()> {
         let set = self.catalog.get_backup(backup_id)?;
         if set.status == BackupStatus::Running {
             return Err(EngineError::Conflict(format!(
                 "backup {backup_id} is still running"
+            )));
+        }
+        if set.kept_at(Utc::now()) {
+            return Err(EngineError::Conflict(format!(
+                "backup {backup_id} is kept ({}); release it first",
+                set.keep_until.map(|k| k.to_string()).unwrap_or_default()
             )));
         }
         if set.status == BackupStatus::Success {
@@ -316,6 +286,45 @@ impl Engine {
         Ok(())
     }
 
+    /// What retention decides for an instance's sets and WAL at `now`
+    /// (applied by [`Engine::apply_retention`], shown by the dry run).
+    pub fn retention_decision(
+        &self,
+        policy: &BackupPolicy,
+        now: DateTime<Utc>,
+    ) -> EngineResult<RetentionDecision> {
+        let backups = self.catalog.list_backups(&policy.instance_id)?;
+        let wal = self.catalog.list_wal_segments(&policy.instance_id)?;
+        Ok(decide_retention(policy, &backups, &wal, now))
+    }
+
+    /// Keeps a successful set of `instance_id` by hand (`Some`), forever or
+    /// until a time, with a note; `None` releases it, and retention decides
+    /// again. Returns the set as stored.
+    pub fn keep_backup_set(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+        keep: Option<(KeepUntil, Option<String>)>,
+    ) -> EngineResult<BackupSet> {
+        let mut set = self.catalog.get_backup(backup_id)?;
+        if set.instance_id != instance_id {
+            return Err(strata_catalog::CatalogError::BackupNotFound(backup_id.to_string()).into());
+        }
+        if keep.is_some() && set.status != BackupStatus::Success {
+            return Err(EngineError::Conflict(format!(
+                "backup {backup_id} is {}: only a successful set can be kept",
+                set.status.as_str()
+            )));
+        }
+        (set.keep_until, set.keep_note) = match keep {
+            Some((until, note)) => (Some(until), note),
+            None => (None, None),
+        };
+        self.catalog.update_backup(&set)?;
+        Ok(set)
+    }
+
     /// Applies an instance's policy at `now`; returns what was deleted.
     pub fn apply_retention(
         &self,
@@ -325,9 +334,20 @@ impl Engine {
         let backups = self.catalog.list_backups(&policy.instance_id)?;
         let wal = self.catalog.list_wal_segments(&policy.instance_id)?;
         let mut plan = plan_retention(policy, &backups, &wal, now);
-        for id in &plan.backups {
-            self.delete_backup_set(id)?;
+        let mut deleted = Vec::new();
+        for id in plan.backups {
+            match self.delete_backup_set(&id) {
+                Ok(()) => deleted.push(id),
+                // Kept by hand since the sets were read: it stays, and so
+                // does the WAL it needs (decided again at the next pass).
+                Err(EngineError::Conflict(why)) => {
+                    tracing::info!(backup = %id, "retention left a set: {why}");
+                    plan.wal.clear();
+                }
+                Err(e) => return Err(e),
+            }
         }
+        plan.backups = deleted;
         // A restore stages WAL while it runs and holds the repository
         // shared: expired WAL waits for the next round rather than vanish
         // under it.
@@ -392,7 +412,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pg_wal::TimelineId;
+    use pg_wal::{Lsn, TimelineId};
     use strata_catalog::BackupMode;
 
     fn at(days_ago: i64, now: DateTime<Utc>) -> DateTime<Utc> {

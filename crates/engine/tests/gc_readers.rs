@@ -167,6 +167,7 @@ impl Rig {
             mode: BackupMode::Manual,
             max_rate_kb: None,
             method: strata_catalog::BackupMethod::Physical,
+            taken_under: None,
         };
         runtime
             .block_on(self.engine.backup(id, &opts, &NoProgress))

@@ -87,6 +87,7 @@ impl Service {
         BackupOptions {
             mode,
             method,
+            taken_under: None,
             max_rate_kb: if mode == BackupMode::Automated {
                 self.settings.backup_max_rate_kb
             } else {
@@ -103,7 +104,22 @@ impl Service {
         mode: BackupMode,
         method: BackupMethod,
     ) -> ServiceResult<Job> {
-        let opts = self.backup_options(mode, method);
+        self.start_backup_under(instance_id, mode, method, None)
+    }
+
+    /// [`Service::start_backup`] of a backup taken under a policy rule
+    /// (see [`strata_catalog::BackupPolicy::rule_for`]), stamped on its set.
+    pub fn start_backup_under(
+        self: &Arc<Self>,
+        instance_id: &str,
+        mode: BackupMode,
+        method: BackupMethod,
+        taken_under: Option<strata_catalog::TakenUnder>,
+    ) -> ServiceResult<Job> {
+        let opts = BackupOptions {
+            taken_under,
+            ..self.backup_options(mode, method)
+        };
         let pending = self.engine.prepare_backup(instance_id, &opts)?;
         Ok(self.spawn_backup(pending, opts))
     }

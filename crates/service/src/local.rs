@@ -430,12 +430,27 @@ impl Service {
                 .map_err(EngineError::io(format!("removing {}", dir.display())))?;
         }
         if !keep_backups {
+            // Sets kept by hand stay, with the WAL they need to be consistent.
+            let now = Utc::now();
+            let mut kept = Vec::new();
             for b in self.engine.catalog().list_backups(instance_id)? {
-                if b.status != BackupStatus::Running {
+                if b.kept_at(now) {
+                    kept.extend(b.start_lsn.zip(b.stop_lsn));
+                } else if b.status != BackupStatus::Running {
                     self.engine.delete_backup_set(&b.id)?;
                 }
             }
-            let wal = self.engine.catalog().list_wal_segments(instance_id)?;
+            let wal: Vec<_> = self
+                .engine
+                .catalog()
+                .list_wal_segments(instance_id)?
+                .into_iter()
+                .filter(|w| {
+                    !kept
+                        .iter()
+                        .any(|&(start, stop)| w.begin_lsn <= stop && w.end_lsn > start)
+                })
+                .collect();
             self.engine.delete_wal_segments(&wal)?;
             self.housekeeping.request_gc();
         }

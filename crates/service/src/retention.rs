@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, CatalogError};
-use strata_engine::{EngineError, RetentionPlan};
+use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, CatalogError, KeepUntil};
+use strata_engine::{EngineError, RetentionDecision, RetentionPlan};
 
 use crate::policy::{PolicyError, Refusal};
 use crate::{lock, Service, ServiceError, ServiceResult};
@@ -77,6 +77,7 @@ pub struct DeletionRules {
     log_start: DateTime<Utc>,
     anchor: Option<BackupId>,
     newest: Option<BackupId>,
+    now: DateTime<Utc>,
 }
 
 impl DeletionRules {
@@ -89,6 +90,7 @@ impl DeletionRules {
             log_start,
             anchor: strata_engine::pitr_anchor(backups, log_start),
             newest: strata_engine::newest_success(backups),
+            now,
         }
     }
 
@@ -97,6 +99,18 @@ impl DeletionRules {
         let id = &set.id;
         if set.status == BackupStatus::Running {
             return Some(EngineError::Conflict(format!("backup {id} is still running")).into());
+        }
+        if set.kept_at(self.now) {
+            return Some(
+                PolicyError {
+                    kind: Refusal::BackupSetKept,
+                    message: format!(
+                        "backup {id} is kept by hand ({}); release it first",
+                        set.keep_until.map(|k| k.to_string()).unwrap_or_default()
+                    ),
+                }
+                .into(),
+            );
         }
         if set.status != BackupStatus::Success {
             return None;
@@ -152,6 +166,35 @@ impl Service {
         }
         self.housekeeping.request_gc();
         Ok(())
+    }
+
+    /// What retention would do for an instance now, set by set (the dry
+    /// run): what keeps each set and until when, and the WAL that would go.
+    pub fn retention_dry_run(&self, instance_id: &str) -> ServiceResult<RetentionDecision> {
+        let p = self.policy(instance_id)?;
+        Ok(self.engine.retention_decision(&p, self.now())?)
+    }
+
+    /// Keeps a set by hand, forever or until a time to come, with a note:
+    /// neither retention nor a deletion removes it until released.
+    pub fn keep_backup(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+        until: KeepUntil,
+        note: Option<String>,
+    ) -> ServiceResult<BackupSet> {
+        self.engine.catalog().get_instance(instance_id)?;
+        crate::policy::check_keep(until, note.as_deref(), self.now())?;
+        Ok(self
+            .engine
+            .keep_backup_set(instance_id, backup_id, Some((until, note)))?)
+    }
+
+    /// Releases a set kept by hand: retention decides its fate again.
+    pub fn release_backup(&self, instance_id: &str, backup_id: &str) -> ServiceResult<BackupSet> {
+        self.engine.catalog().get_instance(instance_id)?;
+        Ok(self.engine.keep_backup_set(instance_id, backup_id, None)?)
     }
 
     /// Applies an instance's retention at `now`; asks for a collection when
@@ -284,6 +327,12 @@ mod tests {
         for s in &sets[..4] {
             assert_eq!(kept(&rules, s), None, "{}: log backup off", s.id);
         }
+        // Kept by hand: refused until released or until its time passed.
+        let mut held = sets[0].clone();
+        held.keep_until = Some(KeepUntil::Forever);
+        assert_eq!(kept(&rules, &held), Some(Refusal::BackupSetKept));
+        held.keep_until = Some(KeepUntil::Until(now - Duration::hours(1)));
+        assert_eq!(kept(&rules, &held), None);
         assert_eq!(
             kept(&rules, &sets[4]),
             Some(Refusal::BackupSetKept),

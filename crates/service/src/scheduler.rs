@@ -195,7 +195,9 @@ impl Service {
         };
         p.last_auto_slot = Some(why.slot);
         self.engine.catalog().put_policy(p)?;
-        match self.start_backup(&instance.id, BackupMode::Automated, p.backup_method) {
+        // The set keeps the retention of the rule its window belongs to.
+        let rule = p.rule_for(why.slot);
+        match self.start_backup_under(&instance.id, BackupMode::Automated, p.backup_method, rule) {
             Ok(job) => tracing::info!(
                 instance = %instance.id,
                 job = %job.id,

@@ -277,6 +277,7 @@ async fn garbage_collection_waits_for_running_backups() {
         mode: BackupMode::Manual,
         max_rate_kb: Some(4096),
         method: strata_catalog::BackupMethod::Physical,
+        taken_under: None,
     };
     let pending = svc.engine().prepare_backup("gc", &opts).unwrap();
     let engine = svc.engine().clone();

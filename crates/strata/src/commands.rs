@@ -5,10 +5,10 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pg_wal::Lsn;
 use serde::Serialize;
-use strata_catalog::{BackupMethod, BackupMode, Instance, SslMode};
+use strata_catalog::{BackupMethod, BackupMode, BackupPolicy, Instance, KeepUntil, SslMode};
 use strata_engine::{
-    BackupOptions, Engine, RecoveryTarget, RestoreOptions, RestoreOutcome, StartOptions,
-    WalReceiveOptions,
+    BackupOptions, Engine, RecoveryTarget, RestoreOptions, RestoreOutcome, SetDecision,
+    StartOptions, WalReceiveOptions,
 };
 
 use crate::config::{self, CatalogLocation, Config};
@@ -148,6 +148,7 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
         } => {
             let opts = BackupOptions {
                 mode: BackupMode::Manual,
+                taken_under: None,
                 max_rate_kb: max_rate,
                 method: if snapshot {
                     BackupMethod::Snapshot
@@ -231,7 +232,37 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
             engine.catalog().get_instance(&id)?;
             engine.fail_expired_jobs()?;
             let list = engine.catalog().list_backups(&id)?;
-            print(json, &list[..], output::print_backups)
+            if json {
+                return print(json, &list[..], |_| ());
+            }
+            let decision = engine.retention_decision(&policy_of(engine, &id)?, Utc::now())?;
+            output::print_backups(&list, &decision.sets);
+            Ok(())
+        }
+        BackupCmd::Keep {
+            id,
+            backup,
+            until,
+            note,
+        } => {
+            engine.catalog().get_instance(&id)?;
+            let until = match until {
+                Some(t) => KeepUntil::Until(parse_date_or_time(&t)?),
+                None => KeepUntil::Forever,
+            };
+            strata_service::policy::check_keep(until, note.as_deref(), Utc::now())?;
+            let set = engine.keep_backup_set(&id, &backup, Some((until, note)))?;
+            match set.keep_until {
+                Some(KeepUntil::Until(t)) => println!("kept {} until {t}", set.id),
+                _ => println!("kept {} until released", set.id),
+            }
+            Ok(())
+        }
+        BackupCmd::Release { id, backup } => {
+            engine.catalog().get_instance(&id)?;
+            let set = engine.keep_backup_set(&id, &backup, None)?;
+            println!("released {}: retention decides its fate again", set.id);
+            Ok(())
         }
         BackupCmd::Show { id, backup, json } => {
             engine.catalog().get_instance(&id)?;
@@ -240,6 +271,96 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
             print(json, &summary, output::BackupSummary::print)
         }
     }
+}
+
+/// An instance's stored policy, or the one it gets when it has none yet.
+fn policy_of(engine: &Engine, id: &str) -> Result<BackupPolicy> {
+    Ok(match engine.catalog().get_policy(id)? {
+        Some(p) => p,
+        None => strata_service::policy::default_policy(id, Utc::now()),
+    })
+}
+
+/// A date (`YYYY-MM-DD`, midnight UTC) or a time as [`parse_time`] reads it.
+fn parse_date_or_time(s: &str) -> Result<DateTime<Utc>> {
+    match chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        Ok(d) => Ok(d.and_time(chrono::NaiveTime::MIN).and_utc()),
+        Err(_) => parse_time(s),
+    }
+}
+
+/// One instance's retention decision, as the dry run prints it.
+#[derive(Serialize)]
+struct RetentionReport {
+    instance_id: String,
+    sets: Vec<SetDecision>,
+    /// Keys of the WAL objects that go.
+    wal: Vec<String>,
+}
+
+/// `strata repo retention [--dry-run]`.
+fn retention(
+    engine: &Engine,
+    dry_run: bool,
+    json: bool,
+    instance: Option<String>,
+    at: Option<String>,
+) -> Result<()> {
+    let now = match at {
+        Some(t) => parse_date_or_time(&t)?,
+        None => Utc::now(),
+    };
+    let ids: Vec<String> = match instance {
+        Some(id) => {
+            engine.catalog().get_instance(&id)?;
+            vec![id]
+        }
+        None => engine
+            .catalog()
+            .list_instances()?
+            .into_iter()
+            .map(|i| i.id.to_string())
+            .collect(),
+    };
+    let mut reports = Vec::new();
+    for id in ids {
+        let policy = policy_of(engine, &id)?;
+        let decision = engine.retention_decision(&policy, now)?;
+        if !dry_run {
+            let plan = engine.apply_retention(&policy, now)?;
+            if !json {
+                println!(
+                    "{id}: deleted {} backup set(s) and {} WAL object(s){}",
+                    plan.backups.len(),
+                    plan.wal.len(),
+                    if plan.wal_postponed > 0 {
+                        format!(
+                            " ({} WAL object(s) left for later: the repository is in use)",
+                            plan.wal_postponed
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        reports.push(RetentionReport {
+            instance_id: id,
+            sets: decision.sets,
+            wal: decision.wal.into_iter().map(|w| w.object_key).collect(),
+        });
+    }
+    if json {
+        return print(true, &reports, |_| ());
+    }
+    if dry_run {
+        output::print_retention(
+            reports
+                .iter()
+                .map(|r| (r.instance_id.as_str(), &r.sets[..], r.wal.len())),
+        );
+    }
+    Ok(())
 }
 
 /// `strata wal receive|list`.
@@ -455,6 +576,12 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
                 Ok(())
             }
         },
+        RepoCmd::Retention {
+            dry_run,
+            json,
+            instance,
+            at,
+        } => retention(engine, dry_run, json, instance, at),
         RepoCmd::Reindex => {
             let report = engine.reindex()?;
             println!(

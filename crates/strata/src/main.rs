@@ -187,6 +187,22 @@ enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a backup set past its retention, forever or until a date:
+    /// neither retention, a deletion nor garbage collection removes it until
+    /// it is released.
+    Keep {
+        id: String,
+        backup: String,
+        /// Keep until this date (`YYYY-MM-DD`, midnight UTC) or time (RFC
+        /// 3339) instead of forever.
+        #[arg(long)]
+        until: Option<String>,
+        /// Why the set is kept (shown in lists).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Release a set kept by hand: retention decides its fate again.
+    Release { id: String, backup: String },
 }
 
 #[derive(Subcommand)]
@@ -260,6 +276,22 @@ enum RepoCmd {
     },
     /// Rebuild the catalog's index from the repository.
     Reindex,
+    /// Apply every instance's retention now, or with `--dry-run` show what
+    /// it would delete and why each set stays.
+    Retention {
+        /// Show the decision, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Decide as of this date or time instead of now (dry run only):
+        /// what will have gone by then, if no new set is taken.
+        #[arg(long, requires = "dry_run")]
+        at: Option<String>,
+    },
     /// Collect garbage once now: delete packs no backup set references
     /// once they stayed so for `[gc] grace_secs`. Does nothing (and says
     /// so) while a backup or a reader on any node holds the repository.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use strata_catalog::{BackupMethod, BackupSet, BackupStatus, Instance, Job, WalSegmentRow};
-use strata_engine::Progress;
+use strata_engine::{Progress, SetDecision};
 use strata_repo::VerifyReport;
 
 pub fn human_bytes(n: u64) -> String {
@@ -155,7 +155,8 @@ pub fn print_instances(list: &[Instance]) {
     }
 }
 
-pub fn print_backups(list: &[BackupSet]) {
+/// Backup sets with what retention decided for each (kept by, expiry).
+pub fn print_backups(list: &[BackupSet], decisions: &[SetDecision]) {
     println!(
         "{:<15} {:<8} {:<9} {:<9} {:<21} {:<21} {:>10} {:>10} {:<14}",
         "ID", "STATUS", "MODE", "METHOD", "STARTED", "FINISHED", "SIZE", "NEW", "STOP LSN"
@@ -176,6 +177,14 @@ pub fn print_backups(list: &[BackupSet]) {
         if let Some(e) = &b.error {
             println!("    error: {e}");
         }
+        if let Some(d) = decisions.iter().find(|d| d.backup_id == b.id) {
+            println!(
+                "    retention: {} by {}, expires {}",
+                if d.delete { "goes" } else { "kept" },
+                d.kept_by,
+                opt_time(d.expires_at)
+            );
+        }
         if b.method == BackupMethod::Snapshot && b.status == BackupStatus::Success {
             let yes = |v: bool| if v { "yes" } else { "no" };
             println!(
@@ -183,6 +192,29 @@ pub fn print_backups(list: &[BackupSet]) {
                 yes(b.snapshot_local),
                 yes(b.snapshot_uploaded)
             );
+        }
+    }
+}
+
+/// The retention dry run: per instance, each set's fate and why.
+pub fn print_retention<'a>(reports: impl Iterator<Item = (&'a str, &'a [SetDecision], usize)>) {
+    println!(
+        "{:<20} {:<18} {:<7} {:<21} KEPT BY",
+        "INSTANCE", "SET", "ACTION", "EXPIRES"
+    );
+    for (instance, sets, wal) in reports {
+        for d in sets {
+            println!(
+                "{:<20} {:<18} {:<7} {:<21} {}",
+                instance,
+                d.backup_id,
+                if d.delete { "delete" } else { "keep" },
+                opt_time(d.expires_at),
+                d.kept_by
+            );
+        }
+        if wal > 0 {
+            println!("{instance:<20} {wal} WAL object(s) would be deleted");
         }
     }
 }
