@@ -226,58 +226,70 @@ pub fn data_policies(p: &Params, current: &BackupPolicy) -> ApiResult<DataPolici
         let id = field(e, "StrategyId")
             .ok_or_else(|| ApiError::missing("AdvancedDataPolicies.StrategyId"))?;
         if id == REGULAR_RULE_ID {
-            if act == Some(Action::Delete) || act == Some(Action::Create) {
-                return Err(malformed(
-                    DATA_CODE,
-                    "the regular rule is always there: it can be updated, not created or deleted",
-                ));
-            }
-            if let Some(t) = field(e, "FilterType") {
-                if !t.eq_ignore_ascii_case("Weekly") {
-                    return Err(malformed(DATA_CODE, "the regular rule is weekly"));
-                }
-            }
-            out.regular_days = field(e, "FilterValue").map(str::to_string);
-            out.regular_retention = field(e, "RetentionValue").map(str::to_string);
-            check_days_type(e, "RetentionType", DATA_CODE)?;
-            continue;
-        }
-        let existing = rules.iter().position(|r| r.id == id);
-        match (act, existing) {
-            (Some(Action::Delete), Some(i)) => {
-                rules.remove(i);
-                continue;
-            }
-            (Some(Action::Delete | Action::Update), None) => {
-                return Err(malformed(
-                    DATA_CODE,
-                    format!("no advanced rule has StrategyId {}", quoted(id)),
-                ));
-            }
-            (Some(Action::Create), Some(_)) | (None, Some(_)) => {
-                return Err(malformed(
-                    DATA_CODE,
-                    format!("StrategyId {} is used twice", quoted(id)),
-                ));
-            }
-            _ => {}
-        }
-        let filter_type = field(e, "FilterType")
-            .ok_or_else(|| ApiError::missing("AdvancedDataPolicies.FilterType"))?;
-        let filter_value = field(e, "FilterValue")
-            .ok_or_else(|| ApiError::missing("AdvancedDataPolicies.FilterValue"))?;
-        let rule = DataRule {
-            id: id.to_string(),
-            kind: policy::parse_rule_kind(filter_type, filter_value)?,
-            retention_days: days_value(e, "RetentionType", "RetentionValue", DATA_CODE)?,
-        };
-        match existing {
-            Some(i) => rules[i] = rule,
-            None => rules.push(rule),
+            regular_rule(e, act, &mut out)?;
+        } else {
+            edit_rule(e, id, act, &mut rules)?;
         }
     }
     out.rules = Some(rules);
     Ok(out)
+}
+
+/// The regular rule's entry: its days and retention, checked later as
+/// `PreferredBackupPeriod` and `BackupRetentionPeriod` are.
+fn regular_rule(e: &Entry, act: Option<Action>, out: &mut DataPolicies) -> ApiResult<()> {
+    if matches!(act, Some(Action::Delete | Action::Create)) {
+        return Err(malformed(
+            DATA_CODE,
+            "the regular rule is always there: it can be updated, not created or deleted",
+        ));
+    }
+    if field(e, "FilterType").is_some_and(|t| !t.eq_ignore_ascii_case("Weekly")) {
+        return Err(malformed(DATA_CODE, "the regular rule is weekly"));
+    }
+    check_days_type(e, "RetentionType", DATA_CODE)?;
+    out.regular_days = field(e, "FilterValue").map(str::to_string);
+    out.regular_retention = field(e, "RetentionValue").map(str::to_string);
+    Ok(())
+}
+
+/// One other rule's entry applied to `rules`: created, updated, deleted, or
+/// (without `ActionType`) added to the list that replaces them.
+fn edit_rule(e: &Entry, id: &str, act: Option<Action>, rules: &mut Vec<DataRule>) -> ApiResult<()> {
+    let existing = rules.iter().position(|r| r.id == id);
+    match (act, existing) {
+        (Some(Action::Delete), Some(i)) => {
+            rules.remove(i);
+            return Ok(());
+        }
+        (Some(Action::Delete | Action::Update), None) => {
+            return Err(malformed(
+                DATA_CODE,
+                format!("no advanced rule has StrategyId {}", quoted(id)),
+            ));
+        }
+        (Some(Action::Create) | None, Some(_)) => {
+            return Err(malformed(
+                DATA_CODE,
+                format!("StrategyId {} is used twice", quoted(id)),
+            ));
+        }
+        _ => {}
+    }
+    let filter_type = field(e, "FilterType")
+        .ok_or_else(|| ApiError::missing("AdvancedDataPolicies.FilterType"))?;
+    let filter_value = field(e, "FilterValue")
+        .ok_or_else(|| ApiError::missing("AdvancedDataPolicies.FilterValue"))?;
+    let rule = DataRule {
+        id: id.to_string(),
+        kind: policy::parse_rule_kind(filter_type, filter_value)?,
+        retention_days: days_value(e, "RetentionType", "RetentionValue", DATA_CODE)?,
+    };
+    match existing {
+        Some(i) => rules[i] = rule,
+        None => rules.push(rule),
+    }
+    Ok(())
 }
 
 /// What `AdvancedLogPolicies` changes: the advanced log retention
@@ -377,4 +389,123 @@ pub fn describe_log(p: &BackupPolicy) -> Value {
         "LogRetentionType": "Days",
         "LogRetentionValue": p.effective_log_retention_days(),
     }]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        Params::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn current() -> BackupPolicy {
+        let mut p = strata_service::policy::default_policy("a", Utc::now());
+        p.advanced_data_rules = vec![DataRule {
+            id: "old".into(),
+            kind: policy::parse_rule_kind("Weekly", "Sunday").unwrap(),
+            retention_days: 30,
+        }];
+        p
+    }
+
+    fn ids(d: &DataPolicies) -> Vec<(String, u32)> {
+        d.rules
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|r| (r.id.clone(), r.retention_days))
+            .collect()
+    }
+
+    #[test]
+    fn flattened_lists_replace_or_edit_the_rules() {
+        // Without ActionType the list replaces the rules, in index order.
+        let d = data_policies(
+            &params(&[
+                ("AdvancedDataPolicies.2.StrategyId", "y"),
+                ("AdvancedDataPolicies.2.FilterType", "Yearly"),
+                ("AdvancedDataPolicies.2.FilterValue", "12-31"),
+                ("AdvancedDataPolicies.2.RetentionValue", "3650"),
+                ("AdvancedDataPolicies.1.StrategyId", "regular"),
+                ("AdvancedDataPolicies.1.FilterValue", "Monday,Friday"),
+                ("AdvancedDataPolicies.1.RetentionValue", "30"),
+            ]),
+            &current(),
+        )
+        .unwrap();
+        assert_eq!(ids(&d), [("y".to_string(), 3650)]);
+        assert_eq!(d.regular_days.as_deref(), Some("Monday,Friday"));
+        assert_eq!(d.regular_retention.as_deref(), Some("30"));
+        // With ActionType each entry edits one rule.
+        let d = data_policies(
+            &params(&[(
+                "AdvancedDataPolicies",
+                r#"[{"ActionType":"CREATE","StrategyId":"m","FilterType":"Monthly","FilterValue":"Last","RetentionValue":365},
+                    {"ActionType":"UPDATE","StrategyId":"old","FilterType":"Weekly","FilterValue":"Saturday","RetentionValue":60}]"#,
+            )]),
+            &current(),
+        )
+        .unwrap();
+        assert_eq!(ids(&d), [("old".to_string(), 60), ("m".to_string(), 365)]);
+        let d = data_policies(
+            &params(&[
+                ("AdvancedDataPolicies.1.ActionType", "DELETE"),
+                ("AdvancedDataPolicies.1.StrategyId", "old"),
+            ]),
+            &current(),
+        )
+        .unwrap();
+        assert_eq!(ids(&d), []);
+        // Absent: nothing changes.
+        assert!(data_policies(&params(&[]), &current())
+            .unwrap()
+            .rules
+            .is_none());
+    }
+
+    #[test]
+    fn malformed_lists_are_refused() {
+        for pairs in [
+            vec![("AdvancedDataPolicies", "{}")],
+            vec![("AdvancedDataPolicies.0.StrategyId", "x")],
+            vec![("AdvancedDataPolicies.1.Color", "blue")],
+            vec![
+                ("AdvancedDataPolicies.1.StrategyId", "old"),
+                ("AdvancedDataPolicies.1.ActionType", "CREATE"),
+            ],
+            vec![
+                ("AdvancedDataPolicies.1.StrategyId", "regular"),
+                ("AdvancedDataPolicies.1.FilterType", "Monthly"),
+            ],
+        ] {
+            let e = data_policies(&params(&pairs), &current())
+                .err()
+                .unwrap_or_else(|| panic!("{pairs:?} accepted"));
+            assert_eq!(e.code, DATA_CODE, "{pairs:?}");
+        }
+        let e = log_policies(&params(&[
+            ("AdvancedLogPolicies.1.LogRetentionValue", "7"),
+            ("AdvancedLogPolicies.2.LogRetentionValue", "8"),
+        ]))
+        .err()
+        .unwrap();
+        assert_eq!(e.code, LOG_CODE);
+    }
+
+    #[test]
+    fn the_answer_goes_back_unchanged() {
+        let p = current();
+        let answer = describe_data(&p);
+        let list = serde_json::to_string(&answer["AdvancedDataPolicy"]).unwrap();
+        let d = data_policies(&params(&[("AdvancedDataPolicies", &list)]), &p).unwrap();
+        assert_eq!(d.rules.unwrap(), p.advanced_data_rules);
+        assert_eq!(d.regular_days.unwrap(), p.backup_days.join(","));
+    }
 }
