@@ -1049,14 +1049,14 @@ pub struct BackupPolicy {
     #[serde(default)]
     pub archive_keep_policy: ArchiveKeepPolicy,
     /// Sets kept per month (1–31) or week (1–7).
-    #[serde(default = "one")]
+    #[serde(default = "default_archive_keep_count")]
     pub archive_keep_count: u32,
     /// Also keep the last N successful sets, whatever their age.
     #[serde(default)]
     pub keep_last: Option<u32>,
 }
 
-fn one() -> u32 {
+fn default_archive_keep_count() -> u32 {
     1
 }
 

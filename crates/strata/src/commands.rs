@@ -232,10 +232,19 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
             engine.catalog().get_instance(&id)?;
             engine.fail_expired_jobs()?;
             let list = engine.catalog().list_backups(&id)?;
-            if json {
-                return print(json, &list[..], |_| ());
-            }
             let decision = engine.retention_decision(&policy_of(engine, &id)?, Utc::now())?;
+            if json {
+                let listed: Vec<ListedSet> = list
+                    .iter()
+                    .zip(&decision.sets)
+                    .map(|(set, d)| ListedSet {
+                        set,
+                        kept_by: d.kept_by.to_string(),
+                        expires_at: d.expires_at,
+                    })
+                    .collect();
+                return print(json, &listed[..], |_| ());
+            }
             output::print_backups(&list, &decision.sets);
             Ok(())
         }
@@ -287,6 +296,16 @@ fn parse_date_or_time(s: &str) -> Result<DateTime<Utc>> {
         Ok(d) => Ok(d.and_time(chrono::NaiveTime::MIN).and_utc()),
         Err(_) => parse_time(s),
     }
+}
+
+/// A set as `backup list --json` prints it: its fields, what keeps it and
+/// its expected expiry.
+#[derive(Serialize)]
+struct ListedSet<'a> {
+    #[serde(flatten)]
+    set: &'a strata_catalog::BackupSet,
+    kept_by: String,
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// One instance's retention decision, as the dry run prints it.

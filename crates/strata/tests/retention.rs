@@ -65,6 +65,8 @@ fn a_kept_set_outlives_retention_until_released() {
     let kept = list.iter().find(|b| b["id"] == old.as_str()).unwrap();
     assert_eq!(kept["keep_until"], "forever");
     assert_eq!(kept["keep_note"], "audit 2026");
+    assert_eq!(kept["kept_by"], "kept forever (audit 2026)");
+    assert_eq!(kept["expires_at"], serde_json::Value::Null);
     let table = strata.ok(&["backup", "list", "db"]);
     assert!(
         table.contains("kept by kept forever (audit 2026)"),
