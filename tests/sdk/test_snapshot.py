@@ -225,6 +225,20 @@ def test_category_flash_makes_scheduled_backups_snapshots(admin, snap):
     policy = h.call(admin, "DescribeBackupPolicy", DBInstanceId=snap)
     assert (policy["Category"], policy["BackupMethod"]) == ("Flash", "Snapshot"), policy
 
+    # High-frequency snapshots: possible now, returned, and off again (-1); while on, the
+    # policy cannot go back to physical backups.
+    admin.modify_backup_policy(rds.ModifyBackupPolicyRequest(dbinstance_id=snap, backup_interval="15"))
+    assert admin.describe_backup_policy(
+        rds.DescribeBackupPolicyRequest(dbinstance_id=snap)
+    ).body.backup_interval == "15"
+    h.expect_error(
+        "InvalidBackupInterval.NotSupported", 400, admin.modify_backup_policy,
+        rds.ModifyBackupPolicyRequest(dbinstance_id=snap, category="Standard"),
+    )
+    admin.modify_backup_policy(rds.ModifyBackupPolicyRequest(dbinstance_id=snap, backup_interval="-1"))
+    policy = h.call(admin, "DescribeBackupPolicy", DBInstanceId=snap)
+    assert (policy["BackupInterval"], policy["Category"]) == ("-1", "Flash"), policy
+
     # CreateBackup without BackupMethod is a physical backup whatever the
     # policy (RDS's default); the policy's method is the scheduler's.
     manual = h.backup(admin, snap)

@@ -6,15 +6,17 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use chrono::{Duration, Utc};
+use chrono::Utc;
 use serde_json::{json, Map, Value};
 use strata_catalog::{
-    BackupId, BackupMethod, BackupMode, BackupSet, BackupStatus, Instance, Job, JobId, JobKind,
-    JobState, SslMode, WalSegmentRow,
+    ArchiveKeepPolicy, BackupId, BackupMethod, BackupMode, BackupPolicy, BackupSet, BackupStatus,
+    Instance, Job, JobId, JobKind, JobState, KeepUntil, SslMode, WalSegmentRow,
 };
+use strata_engine::SetDecision;
 use strata_service::policy::{self, format_minutes, format_seconds};
 use strata_service::{PolicyChange, RestoreSource, Service};
 
+use crate::advanced;
 use crate::cross_region;
 use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::params::{page, Params};
@@ -44,7 +46,10 @@ pub const ACTIONS: &[&str] = &[
     "RestoreTable",
     "StrataDeregisterDBInstance",
     "StrataDescribeBackupStorageUsage",
+    "StrataDescribeRetention",
+    "StrataKeepBackup",
     "StrataRegisterDBInstance",
+    "StrataReleaseBackup",
     "StrataStartRestoreDrill",
 ];
 
@@ -72,6 +77,9 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "DeleteDBInstance" => delete_instance(svc, p).await,
         "RestoreTable" => restore_table(svc, p),
         "StrataStartRestoreDrill" => start_drill(svc, p),
+        "StrataKeepBackup" => keep_backup(svc, p),
+        "StrataReleaseBackup" => release_backup(svc, p),
+        "StrataDescribeRetention" => describe_retention(svc, p).await,
         "DescribeAvailableCrossRegion" => cross_region::describe_available_regions(svc, p),
         "DescribeAvailableRecoveryTime" => cross_region::describe_recovery_time(svc, p),
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
@@ -174,6 +182,14 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
         .await?
         .stored_bytes();
     let encryption = encryption_field(svc);
+    let id = inst.id.clone();
+    let decisions: std::collections::HashMap<BackupId, SetDecision> =
+        off_runtime(svc, move |svc| svc.retention_dry_run(&id))
+            .await?
+            .sets
+            .into_iter()
+            .map(|d| (d.backup_id.clone(), d))
+            .collect();
     let drills: std::collections::HashMap<BackupId, strata_catalog::DrillResult> = svc
         .drills(&inst.id)?
         .into_iter()
@@ -216,10 +232,18 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
             let m = item.as_object_mut().expect("object");
             if let (Some(f), BackupStatus::Success) = (b.finished_at, b.status) {
                 m.insert("ConsistentTime".into(), json!(f.timestamp()));
-                m.insert(
-                    "ExpectExpireTime".into(),
-                    json!(format_seconds(f + Duration::days(policy.backup_retention_days as i64))),
-                );
+            }
+            if let Some(d) = decisions.get(&b.id) {
+                if let Some(t) = d.expires_at {
+                    m.insert("ExpectExpireTime".into(), json!(format_seconds(t)));
+                }
+                m.insert("StrataKeptBy".into(), json!(d.kept_by.to_string()));
+            }
+            if let Some(k) = b.keep_until {
+                m.insert("StrataKeepUntil".into(), json!(keep_until_field(k)));
+            }
+            if let Some(note) = &b.keep_note {
+                m.insert("StrataKeepNote".into(), json!(note));
             }
             if let (Some(a), Some(z)) = (b.start_lsn, b.stop_lsn) {
                 m.insert("StrataStartLsn".into(), json!(a.to_string()));
@@ -430,6 +454,76 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     Ok(obj(json!({"Items": {"BackupJob": items}})))
 }
 
+/// A keep by hand as answers write it: `forever` or a UTC time.
+fn keep_until_field(k: KeepUntil) -> String {
+    match k {
+        KeepUntil::Forever => "forever".into(),
+        KeepUntil::Until(t) => format_seconds(t),
+    }
+}
+
+/// A set's keep by hand as `StrataKeepBackup` and `StrataReleaseBackup`
+/// answer it.
+fn keep_fields(b: &BackupSet) -> Fields {
+    obj(json!({
+        "DBInstanceId": b.instance_id,
+        "BackupId": b.id,
+        "StrataKeepUntil": b.keep_until.map(keep_until_field).unwrap_or_default(),
+        "StrataKeepNote": b.keep_note.clone().unwrap_or_default(),
+    }))
+}
+
+fn keep_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let backup_id = p.required("BackupId")?;
+    let until = match p.get("KeepUntil") {
+        None => KeepUntil::Forever,
+        Some(v) => v.trim().parse::<KeepUntil>().map_err(|_| {
+            ApiError::bad(
+                "InvalidKeepUntil.Malformed",
+                format!(
+                    "KeepUntil must be forever or an RFC 3339 time, got {}",
+                    quoted(v)
+                ),
+            )
+        })?,
+    };
+    let note = p.get("Note").map(str::to_string);
+    let set = svc.keep_backup(&inst.id, backup_id, until, note)?;
+    Ok(keep_fields(&set))
+}
+
+fn release_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let set = svc.release_backup(&inst.id, p.required("BackupId")?)?;
+    Ok(keep_fields(&set))
+}
+
+/// The retention dry run: every set's fate now, what keeps it and until
+/// when, and the WAL that would go.
+async fn describe_retention(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let id = inst.id.clone();
+    let decision = off_runtime(svc, move |svc| svc.retention_dry_run(&id)).await?;
+    let items: Vec<Value> = decision
+        .sets
+        .iter()
+        .map(|d| {
+            json!({
+                "BackupId": d.backup_id,
+                "StrataAction": if d.delete { "Delete" } else { "Keep" },
+                "StrataKeptBy": d.kept_by.to_string(),
+                "ExpectExpireTime": d.expires_at.map(format_seconds).unwrap_or_default(),
+            })
+        })
+        .collect();
+    Ok(obj(json!({
+        "DBInstanceId": inst.id,
+        "Items": {"Backup": items},
+        "StrataWalFilesToDelete": decision.wal.len(),
+    })))
+}
+
 // ----- policy -----
 
 fn policy_mode(p: &Params) -> ApiResult<&str> {
@@ -460,7 +554,115 @@ fn describe_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         "LogBackupRetentionPeriod": pol.log_retention_days,
         "BackupMethod": pol.backup_method.as_str(),
         "Category": category(pol.backup_method),
+        "BackupInterval": pol.backup_interval_minutes.map_or("-1".to_string(), |m| m.to_string()),
+        "AdvancedBackupPolicyEnabled": pol.advanced_enabled,
+        "AdvancedDataPolicies": advanced::describe_data(&pol),
+        "AdvancedLogPolicies": advanced::describe_log(&pol),
+        "ArchiveBackupRetentionPeriod": pol.archive_retention_days.to_string(),
+        "ArchiveBackupKeepPolicy": pol.archive_keep_policy.as_str(),
+        "ArchiveBackupKeepCount": pol.archive_keep_count.to_string(),
+        "StrataKeepLastBackups": pol.keep_last.unwrap_or(0),
     })))
+}
+
+/// `BackupInterval`: minutes, or `-1` (or empty) for off, as RDS writes it.
+fn backup_interval(p: &Params) -> ApiResult<Option<Option<u32>>> {
+    let Some(v) = p.raw("BackupInterval").map(str::trim) else {
+        return Ok(None);
+    };
+    if v.is_empty() || v == "-1" {
+        return Ok(Some(None));
+    }
+    v.parse().map(|m| Some(Some(m))).map_err(|_| {
+        ApiError::bad(
+            "InvalidBackupInterval.Malformed",
+            format!(
+                "BackupInterval must be a number of minutes or -1 (off), got {}",
+                quoted(v)
+            ),
+        )
+    })
+}
+
+/// A whole number parameter that RDS error `code` refuses when malformed.
+fn count(p: &Params, name: &str, code: &str) -> ApiResult<Option<u32>> {
+    p.get(name)
+        .map(|v| {
+            v.trim().parse().map_err(|_| {
+                ApiError::bad(
+                    code,
+                    format!("{name} must be a whole number, got {}", quoted(v)),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The retention options of `ModifyBackupPolicy` beyond the regular ones,
+/// set on `change`.
+fn retention_options(
+    p: &Params,
+    current: &BackupPolicy,
+    change: &mut PolicyChange,
+) -> ApiResult<()> {
+    change.backup_interval_minutes = backup_interval(p)?;
+    change.advanced_enabled = match p.int("EnableAdvancedBackupPolicy")? {
+        None => None,
+        Some(1) => Some(true),
+        Some(0) => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad(
+                "InvalidEnableAdvancedBackupPolicy.Malformed",
+                format!("EnableAdvancedBackupPolicy must be 1 or 0, got {other}"),
+            ))
+        }
+    };
+    let data = advanced::data_policies(p, current)?;
+    if data.regular_days.is_some() && change.backup_days.is_some()
+        || data.regular_retention.is_some() && change.backup_retention_days.is_some()
+    {
+        return Err(ApiError::bad(
+            "InvalidParameterCombination",
+            "the regular rule is given twice: in AdvancedDataPolicies (StrategyId regular) and in PreferredBackupPeriod or BackupRetentionPeriod",
+        ));
+    }
+    change.backup_days = change.backup_days.take().or(data.regular_days);
+    change.backup_retention_days = change
+        .backup_retention_days
+        .take()
+        .or(data.regular_retention);
+    change.advanced_data_rules = data.rules;
+    let log = advanced::log_policies(p)?;
+    change.advanced_log_retention_days = log.retention;
+    if let Some(on) = log.enabled {
+        if change.log_backup_enabled.is_some_and(|l| l != on) {
+            return Err(ApiError::bad(
+                "InvalidParameterCombination",
+                "EnableBackupLog and AdvancedLogPolicies' EnableLogBackup disagree",
+            ));
+        }
+        change.log_backup_enabled = Some(on);
+    }
+    const ARCHIVE: &str = "InvalidArchiveBackupPolicy.Malformed";
+    change.archive_retention_days = count(p, "ArchiveBackupRetentionPeriod", ARCHIVE)?;
+    change.archive_keep_policy = p
+        .get("ArchiveBackupKeepPolicy")
+        .map(|v| {
+            v.trim().parse::<ArchiveKeepPolicy>().map_err(|_| {
+                ApiError::bad(
+                    ARCHIVE,
+                    format!(
+                        "ArchiveBackupKeepPolicy must be ByMonth, ByWeek or KeepAll, got {}",
+                        quoted(v)
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    change.archive_keep_count = count(p, "ArchiveBackupKeepCount", ARCHIVE)?;
+    change.keep_last = count(p, "StrataKeepLastBackups", "InvalidKeepLast.Malformed")?
+        .map(|n| (n > 0).then_some(n));
+    Ok(())
 }
 
 /// RDS's `Category` of a policy: `Flash` ("backup within seconds") is
@@ -516,14 +718,16 @@ async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
         Some(v) => Some(v),
         None => p.bool("BackupLog")?,
     };
-    let change = PolicyChange {
+    let mut change = PolicyChange {
         backup_days: p.get("PreferredBackupPeriod").map(str::to_string),
         backup_window: p.get("PreferredBackupTime").map(str::to_string),
         backup_retention_days: p.get("BackupRetentionPeriod").map(str::to_string),
         log_backup_enabled: log,
         log_retention_days: p.get("LogBackupRetentionPeriod").map(str::to_string),
         backup_method: by_category.or(by_method),
+        ..Default::default()
     };
+    retention_options(p, &svc.policy(&inst.id)?, &mut change)?;
     let pol = svc.modify_policy(&inst.id, change).await?;
     Ok(obj(json!({
         "DBInstanceID": inst.id,

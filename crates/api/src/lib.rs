@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod actions;
+mod advanced;
 mod auth;
 mod cross_region;
 mod download;

@@ -27,6 +27,29 @@ impl Params {
             .filter(|v| !v.trim().is_empty())
     }
 
+    /// The value of `name` as sent, empty included (for parameters where
+    /// empty has a meaning, such as "off").
+    pub fn raw(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The members of a list of objects as the SDK flattens it
+    /// (`Name.1.Field=value`): `(index, field, value)` in the order sent.
+    pub fn flattened<'a>(&'a self, name: &str) -> Vec<(&'a str, &'a str, &'a str)> {
+        let prefix = format!("{name}.");
+        self.0
+            .iter()
+            .filter_map(|(k, v)| {
+                let (index, field) = k.strip_prefix(&prefix)?.split_once('.')?;
+                Some((index, field, v.as_str()))
+            })
+            .collect()
+    }
+
     /// The value of `name`, or a `MissingParameter` error.
     pub fn required(&self, name: &str) -> ApiResult<&str> {
         self.get(name).ok_or_else(|| ApiError::missing(name))

@@ -45,7 +45,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupMethod, BackupPolicy, BackupStatus, CatalogError, Instance, JobId};
+use strata_catalog::{
+    ArchiveKeepPolicy, BackupMethod, BackupPolicy, BackupStatus, CatalogError, DataRule, Instance,
+    JobId,
+};
 use strata_engine::{Engine, EngineError};
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -195,6 +198,52 @@ pub struct PolicyChange {
     /// How automatic backups copy the data (`Snapshot`: RDS's `Category`
     /// `Flash`).
     pub backup_method: Option<BackupMethod>,
+    /// Minutes between high-frequency snapshots; `Some(None)` turns them off.
+    pub backup_interval_minutes: Option<Option<u32>>,
+    /// Whether the advanced (sparse) policy is on.
+    pub advanced_enabled: Option<bool>,
+    /// The advanced policy's rules beyond the regular one, replacing the
+    /// current ones.
+    pub advanced_data_rules: Option<Vec<DataRule>>,
+    /// Days WAL is kept under the advanced policy; `Some(None)` removes it.
+    pub advanced_log_retention_days: Option<Option<u32>>,
+    /// Days archived sets are kept (0: off).
+    pub archive_retention_days: Option<u32>,
+    /// Which sets are archived.
+    pub archive_keep_policy: Option<ArchiveKeepPolicy>,
+    /// Sets archived per month or week.
+    pub archive_keep_count: Option<u32>,
+    /// Keep the last N sets; `Some(None)` turns count-based retention off.
+    pub keep_last: Option<Option<u32>>,
+}
+
+/// The retention options of `change` set on `p` (checked afterwards as a
+/// whole by [`policy::check_retention_options`]).
+fn apply_retention_options(p: &mut BackupPolicy, change: PolicyChange) {
+    if let Some(interval) = change.backup_interval_minutes {
+        p.backup_interval_minutes = interval;
+    }
+    if let Some(on) = change.advanced_enabled {
+        p.advanced_enabled = on;
+    }
+    if let Some(rules) = change.advanced_data_rules {
+        p.advanced_data_rules = rules;
+    }
+    if let Some(days) = change.advanced_log_retention_days {
+        p.advanced_log_retention_days = days;
+    }
+    if let Some(days) = change.archive_retention_days {
+        p.archive_retention_days = days;
+    }
+    if let Some(keep) = change.archive_keep_policy {
+        p.archive_keep_policy = keep;
+    }
+    if let Some(count) = change.archive_keep_count {
+        p.archive_keep_count = count;
+    }
+    if let Some(n) = change.keep_last {
+        p.keep_last = n;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -454,6 +503,10 @@ impl Service {
         if let Some(on) = change.log_backup_enabled {
             p.log_backup_enabled = on;
         }
+        apply_retention_options(&mut p, change);
+        // Checked as a whole, before anything is stored: a refused change
+        // changes nothing.
+        policy::check_retention_options(&p)?;
         p.updated_at = self.now();
         self.engine.catalog().put_policy(&p)?;
         if turning_off {
@@ -722,7 +775,7 @@ mod tests {
                     backup_retention_days: Some(" 30 ".into()),
                     log_retention_days: Some("30".into()),
                     log_backup_enabled: None,
-                    backup_method: None,
+                    ..Default::default()
                 },
             )
             .await

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
 use strata_catalog::{
-    ArchiveKeepPolicy, BackupMethod, BackupPolicy, DataRule, KeepUntil, RuleKind,
+    ArchiveKeepPolicy, BackupMethod, BackupPolicy, DataRule, KeepUntil, MonthDay, RuleKind,
     BACKUP_INTERVALS_MINUTES, REGULAR_RULE_ID,
 };
 
@@ -420,6 +420,88 @@ pub fn parse_days_count(value: &str, kind: Refusal, name: &str) -> Result<u32, P
     })
 }
 
+/// Parses an advanced rule's schedule as the API carries it (`FilterType`,
+/// `FilterValue`): `Weekly` with day names (`Monday,Friday`), `Monthly`
+/// with days of the month (`1,15,Last`), `Yearly` with a date (`MM-DD`).
+/// The days are returned in order; [`check_data_rule`] judges the rest.
+pub fn parse_rule_kind(filter_type: &str, filter_value: &str) -> Result<RuleKind, PolicyError> {
+    let parts = || {
+        filter_value
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+    };
+    match filter_type.trim().to_ascii_lowercase().as_str() {
+        "weekly" => {
+            let mut days = Vec::new();
+            for part in parts() {
+                let Some(i) = WEEKDAYS.iter().position(|d| d.eq_ignore_ascii_case(part)) else {
+                    return Err(bad_rule(format!(
+                        "FilterValue {part:?} is not a day of the week (Monday … Sunday)"
+                    )));
+                };
+                days.push(i);
+            }
+            days.sort();
+            Ok(RuleKind::Weekly {
+                days: days
+                    .into_iter()
+                    .filter_map(|i| Weekday::try_from(i as u8).ok())
+                    .collect(),
+            })
+        }
+        "monthly" => {
+            let mut days = parts()
+                .map(|p| {
+                    p.parse::<MonthDay>().map_err(|_| {
+                        bad_rule(format!(
+                            "FilterValue {p:?} is not a day of the month (1 to 31 or Last)"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            days.sort();
+            Ok(RuleKind::Monthly { days })
+        }
+        "yearly" => {
+            let bad = || {
+                bad_rule(format!(
+                    "FilterValue {filter_value:?} of a yearly rule must be a date MM-DD, e.g. 12-31"
+                ))
+            };
+            let (m, d) = filter_value.trim().split_once('-').ok_or_else(bad)?;
+            let month = m.parse().map_err(|_| bad())?;
+            let day = d.parse().map_err(|_| bad())?;
+            Ok(RuleKind::Yearly { month, day })
+        }
+        _ => Err(bad_rule(format!(
+            "FilterType must be Weekly, Monthly or Yearly, got {filter_type:?}"
+        ))),
+    }
+}
+
+/// An advanced rule's schedule as the API carries it: `FilterType` and
+/// `FilterValue` (the inverse of [`parse_rule_kind`]).
+pub fn rule_filter(kind: &RuleKind) -> (&'static str, String) {
+    match kind {
+        RuleKind::Weekly { days } => (
+            "Weekly",
+            days.iter()
+                .map(|d| weekday_name(*d))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        RuleKind::Monthly { days } => (
+            "Monthly",
+            days.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        RuleKind::Yearly { month, day } => ("Yearly", format!("{month:02}-{day:02}")),
+    }
+}
+
 /// The policy a newly registered instance gets: log backup on, 7-day
 /// retentions, two backup days three or four days apart and a one-hour
 /// window, both derived from the instance id so instances spread out.
@@ -457,8 +539,32 @@ fn weekday_name(d: Weekday) -> &'static str {
     WEEKDAYS[d.num_days_from_monday() as usize]
 }
 
-/// Window starts of `policy` on the backup days, from the day before
-/// `around` minus `back` days to `forward` days after.
+/// Whether `policy` takes a backup on `day`: a regular backup day, or with
+/// the advanced policy on, a day one of its rules falls on.
+fn is_backup_day(policy: &BackupPolicy, day: NaiveDate) -> bool {
+    policy
+        .backup_days
+        .iter()
+        .any(|b| b == weekday_name(day.weekday()))
+        || (policy.advanced_enabled
+            && policy
+                .advanced_data_rules
+                .iter()
+                .any(|r| r.kind.falls_on(day)))
+}
+
+/// The minutes between high-frequency snapshots, when the policy takes them
+/// (they are snapshots: with any other method the interval is ignored).
+fn snapshot_interval(policy: &BackupPolicy) -> Option<u32> {
+    policy
+        .backup_interval_minutes
+        .filter(|m| *m > 0 && policy.backup_method == BackupMethod::Snapshot)
+}
+
+/// Backup starts of `policy` from the day before `around` minus `back`
+/// days to `forward` days after, in order: the window start on each backup
+/// day, and on the regular backup days one every `BackupInterval` from
+/// midnight UTC.
 fn slots(
     policy: &BackupPolicy,
     around: DateTime<Utc>,
@@ -468,17 +574,29 @@ fn slots(
     let Ok(start) = parse_window(&policy.backup_window) else {
         return Vec::new();
     };
+    let interval = snapshot_interval(policy);
     let today = around.date_naive();
-    (-back..=forward)
-        .map(|d| today + Duration::days(d))
-        .filter(|day| {
-            policy
-                .backup_days
-                .iter()
-                .any(|b| b == weekday_name(day.weekday()))
-        })
-        .map(|day| Utc.from_utc_datetime(&day.and_time(start)))
-        .collect()
+    let mut starts = Vec::new();
+    for day in (-back..=forward).map(|d| today + Duration::days(d)) {
+        if !is_backup_day(policy, day) {
+            continue;
+        }
+        starts.push(Utc.from_utc_datetime(&day.and_time(start)));
+        let regular = policy
+            .backup_days
+            .iter()
+            .any(|b| b == weekday_name(day.weekday()));
+        if let (Some(minutes), true) = (interval, regular) {
+            let midnight = Utc.from_utc_datetime(&day.and_time(NaiveTime::MIN));
+            starts.extend(
+                (0..24 * 60 / i64::from(minutes))
+                    .map(|i| midnight + Duration::minutes(i * i64::from(minutes))),
+            );
+        }
+    }
+    starts.sort();
+    starts.dedup();
+    starts
 }
 
 /// When the next automatic backup starts: the first window start on a
@@ -771,5 +889,99 @@ mod tests {
         // Windows before the policy changed are not owed.
         p.updated_at = at("2026-11-30T03:00:00Z");
         assert_eq!(due_slot(&p, at("2026-11-30T04:00:00Z")), None);
+    }
+
+    #[test]
+    fn rule_schedules_parse_and_print_back() {
+        for (ty, value, printed) in [
+            ("Weekly", "friday, Monday", "Monday,Friday"),
+            ("monthly", "Last,15,1", "1,15,Last"),
+            ("Yearly", "2-29", "02-29"),
+        ] {
+            let kind = parse_rule_kind(ty, value).unwrap();
+            let (t, v) = rule_filter(&kind);
+            assert_eq!(v, printed);
+            assert_eq!(parse_rule_kind(t, &v).unwrap(), kind);
+        }
+        for (ty, value) in [
+            ("Weekly", "Funday"),
+            ("Monthly", "32"),
+            ("Monthly", "first"),
+            ("Yearly", "12/31"),
+            ("Daily", "1"),
+        ] {
+            assert_eq!(
+                parse_rule_kind(ty, value).unwrap_err().kind,
+                Refusal::AdvancedPolicyMalformed,
+                "{ty} {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn high_frequency_snapshots_run_every_interval_on_backup_days() {
+        // Monday and Thursday, window 02:00, snapshots every 4 hours.
+        let mut p = policy("Monday,Thursday", "02:00Z-03:00Z", "2026-11-20T00:00:00Z");
+        p.backup_method = BackupMethod::Snapshot;
+        p.backup_interval_minutes = Some(240);
+        // Monday 23 November: aligned to midnight, the window on top.
+        assert_eq!(
+            due_slot(&p, at("2026-11-23T00:10:00Z")),
+            Some(at("2026-11-23T00:00:00Z"))
+        );
+        assert_eq!(
+            due_slot(&p, at("2026-11-23T02:30:00Z")),
+            Some(at("2026-11-23T02:00:00Z"))
+        );
+        assert_eq!(
+            next_backup_time(&p, at("2026-11-23T02:30:00Z")),
+            Some(at("2026-11-23T04:00:00Z"))
+        );
+        p.last_auto_slot = Some(at("2026-11-23T20:00:00Z"));
+        // Tuesday is no backup day: nothing until Thursday's midnight.
+        assert_eq!(due_slot(&p, at("2026-11-24T12:00:00Z")), None);
+        assert_eq!(
+            next_backup_time(&p, at("2026-11-24T12:00:00Z")),
+            Some(at("2026-11-26T00:00:00Z"))
+        );
+        // Physical backups take no high-frequency ones.
+        p.backup_method = BackupMethod::Physical;
+        assert_eq!(
+            next_backup_time(&p, at("2026-11-23T02:30:00Z")),
+            Some(at("2026-11-26T02:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn advanced_rules_add_their_days() {
+        let mut p = policy("Monday,Thursday", "02:00Z-03:00Z", "2026-11-20T00:00:00Z");
+        p.advanced_data_rules = vec![DataRule {
+            id: "month-end".into(),
+            kind: parse_rule_kind("Monthly", "Last").unwrap(),
+            retention_days: 365,
+        }];
+        // Monday 30 November is the month's last day; Tuesday 1 December no backup day.
+        let sunday = at("2026-11-29T12:00:00Z");
+        assert_eq!(
+            next_backup_time(&p, sunday),
+            Some(at("2026-11-30T02:00:00Z"))
+        );
+        p.backup_days = parse_days("Tuesday,Wednesday").unwrap();
+        // Off, the rule takes nothing; on, it adds the month's last day.
+        assert_eq!(
+            next_backup_time(&p, sunday),
+            Some(at("2026-12-01T02:00:00Z"))
+        );
+        p.advanced_enabled = true;
+        assert_eq!(
+            next_backup_time(&p, sunday),
+            Some(at("2026-11-30T02:00:00Z"))
+        );
+        // The set of that day is stamped with the rule's retention.
+        let rule = p.rule_for(at("2026-11-30T02:00:00Z")).unwrap();
+        assert_eq!(
+            (rule.rule.as_str(), rule.retention_days),
+            ("month-end", 365)
+        );
     }
 }

@@ -460,3 +460,118 @@ async fn a_failed_restore_drill_raises_the_alert() {
     );
     svc.shutdown().await;
 }
+
+/// The advanced policy through the scheduler: a monthly rule takes a backup
+/// on the month's last day although it is no regular backup day, a weekly
+/// rule falling on a regular day gives that day's set the longer retention,
+/// and deleting the rules leaves the sets the retention they were taken with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advanced_rules_take_and_stamp_their_backups() {
+    use strata_catalog::DataRule;
+    let cluster = testkit::shared_cluster(15);
+    let dir = tempfile::tempdir().unwrap();
+    // 2027-01-27 is a Wednesday; the 31st, January's last day, a Sunday.
+    let clock = Arc::new(ManualClock::new(at("2027-01-27T10:00:00Z")));
+    let svc = Service::new(engine(dir.path()), clock.clone(), settings(dir.path()));
+    svc.register_instance(
+        Instance::new(
+            "sparse",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ),
+        None,
+    )
+    .await
+    .unwrap();
+    let rule = |id: &str, kind: &str, value: &str, days| DataRule {
+        id: id.into(),
+        kind: policy::parse_rule_kind(kind, value).unwrap(),
+        retention_days: days,
+    };
+    svc.modify_policy(
+        "sparse",
+        PolicyChange {
+            backup_days: Some("Monday,Thursday".into()),
+            backup_window: Some("02:00Z-03:00Z".into()),
+            // Long retentions: the clock runs weeks ahead of the backups' real times.
+            backup_retention_days: Some("730".into()),
+            log_backup_enabled: Some(false),
+            advanced_enabled: Some(true),
+            advanced_data_rules: Some(vec![
+                rule("month-end", "Monthly", "Last", 3650),
+                rule("thursdays", "Weekly", "Thursday", 1000),
+                rule("tuesdays", "Weekly", "Tuesday", 800),
+            ]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sparse").await.len(), 1, "the first backup");
+
+    let stamped = |sets: &[strata_catalog::BackupSet]| {
+        let newest = sets.iter().max_by_key(|b| b.started_at).unwrap();
+        newest
+            .taken_under
+            .clone()
+            .map(|t| (t.rule, t.retention_days))
+    };
+    // Thursday 28th: regular (730 days) and "thursdays" (1000 days) fall on it.
+    clock.set(at("2027-01-28T02:00:00Z"));
+    svc.tick().await;
+    let sets = settle(&svc, "sparse").await;
+    assert_eq!(sets.len(), 2);
+    assert_eq!(stamped(&sets), Some(("thursdays".into(), 1000)));
+    // Saturday 30th: no rule.
+    clock.set(at("2027-01-30T02:00:00Z"));
+    svc.tick().await;
+    assert_eq!(settle(&svc, "sparse").await.len(), 2);
+    // Sunday 31st: only the monthly rule.
+    clock.set(at("2027-01-31T02:00:00Z"));
+    svc.tick().await;
+    let sets = settle(&svc, "sparse").await;
+    assert_eq!(sets.len(), 3);
+    assert_eq!(stamped(&sets), Some(("month-end".into(), 3650)));
+    // Monday 1 February: the regular rule alone.
+    clock.set(at("2027-02-01T02:00:00Z"));
+    svc.tick().await;
+    let sets = settle(&svc, "sparse").await;
+    assert_eq!(sets.len(), 4);
+    assert_eq!(stamped(&sets), Some(("regular".into(), 730)));
+
+    // The rules deleted (and the policy off): the sets keep their stamps,
+    // and Tuesday is no backup day any more.
+    svc.modify_policy(
+        "sparse",
+        PolicyChange {
+            advanced_enabled: Some(false),
+            advanced_data_rules: Some(Vec::new()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    clock.set(at("2027-02-02T02:00:00Z"));
+    svc.tick().await;
+    let sets = settle(&svc, "sparse").await;
+    assert_eq!(sets.len(), 4);
+    let mut stamps: Vec<_> = sets
+        .iter()
+        .filter_map(|b| b.taken_under.clone())
+        .map(|t| (t.rule, t.retention_days))
+        .collect();
+    stamps.sort();
+    // The first backup of a registration belongs to no window.
+    assert_eq!(
+        stamps,
+        [
+            ("month-end".into(), 3650),
+            ("regular".into(), 730),
+            ("thursdays".into(), 1000)
+        ]
+    );
+    svc.shutdown().await;
+}

@@ -6,6 +6,7 @@
 //! on the host (`snapshot_keep_local = 1`) retention deletes the older ones there once
 //! uploaded, and the oldest, now only in the repository, restores equal to the source at its
 //! backup point. A snapshot whose upload failed is uploaded again by the next retention round.
+//! With a `BackupInterval`, the scheduler takes a snapshot every interval on the backup days.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -291,6 +292,109 @@ async fn flash_snapshots_upload_leave_the_host_and_restore_from_the_repository()
     );
     drop(restored);
     let _ = std::fs::remove_dir_all(&restore_parent);
+
+    svc.shutdown().await;
+    let _ = stop_agent.send(true);
+}
+
+/// High-frequency snapshots (`BackupInterval`): on the backup days one every interval from
+/// midnight UTC besides the window's, none on the other days, each stamped with the regular
+/// rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_frequency_snapshots_run_every_interval_on_the_backup_days() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let pg = Cluster::builder(15).in_dir(fs.path()).start();
+    let (access, _snapshot_dir, stop_agent) = start_agent(pg.data_dir()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog: Arc<dyn Catalog> =
+        Arc::new(SqliteCatalog::open(&dir.path().join("catalog.db")).unwrap());
+    let repo = Repository::open_or_init(Arc::new(
+        LocalStorage::new(dir.path().join("repo")).unwrap(),
+    ))
+    .unwrap();
+    let engine = Engine::new(catalog, repo, EngineSettings::default());
+    // 2027-01-06 is a Wednesday, in the future of every backup taken here.
+    let clock = Arc::new(ManualClock::new(at("2027-01-06T10:00:00Z")));
+    let settings = ServiceSettings {
+        instances_dir: dir.path().join("instances"),
+        drills: false,
+        // Retention's high-frequency thinning would judge these sets by their real times,
+        // weeks before the clock: it runs only in the first round here.
+        retention_interval: chrono::Duration::days(30),
+        ..Default::default()
+    };
+    let svc = Service::new(engine, clock.clone(), settings);
+    svc.register_instance(
+        Instance::new(ID, pg.host(), pg.port(), "postgres", SslMode::Disable),
+        Some(access),
+    )
+    .await
+    .unwrap();
+    // The interval needs snapshots: refused with physical backups, taken with the method.
+    let physical = svc
+        .modify_policy(
+            ID,
+            PolicyChange {
+                backup_interval_minutes: Some(Some(240)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        physical.to_string().contains("BackupInterval"),
+        "{physical}"
+    );
+    svc.modify_policy(
+        ID,
+        PolicyChange {
+            backup_method: Some(BackupMethod::Snapshot),
+            backup_interval_minutes: Some(Some(240)),
+            backup_days: Some("Thursday,Monday".into()),
+            backup_window: Some("02:00Z-03:00Z".into()),
+            // The clock runs weeks ahead of the backups' real times.
+            backup_retention_days: Some("730".into()),
+            log_backup_enabled: Some(false),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    svc.tick().await;
+    let first = new_snapshot(&svc, 0).await;
+    wait_uploaded(&svc, &first.id).await;
+    let mut taken = 1;
+    // Thursday: midnight, the window at 02:00, 04:00; a round between slots takes nothing.
+    for (now, due) in [
+        ("2027-01-06T23:00:00Z", false),
+        ("2027-01-07T00:00:00Z", true),
+        ("2027-01-07T00:10:00Z", false),
+        ("2027-01-07T02:00:00Z", true),
+        ("2027-01-07T03:59:00Z", false),
+        ("2027-01-07T04:00:00Z", true),
+        // Friday is no backup day: its first round makes up Thursday's missed slots once.
+        ("2027-01-08T04:00:00Z", true),
+        ("2027-01-08T12:00:00Z", false),
+    ] {
+        clock.set(at(now));
+        svc.tick().await;
+        if due {
+            let b = new_snapshot(&svc, taken).await;
+            wait_uploaded(&svc, &b.id).await;
+            let stamp = b.taken_under.clone().map(|t| (t.rule, t.retention_days));
+            assert_eq!(stamp, Some(("regular".into(), 730)), "{now}");
+            taken += 1;
+        } else {
+            assert_eq!(settle(&svc).await.len(), taken, "{now}");
+        }
+    }
+    assert_eq!(
+        svc.policy(ID).unwrap().last_auto_slot,
+        Some(at("2027-01-07T20:00:00Z"))
+    );
 
     svc.shutdown().await;
     let _ = stop_agent.send(true);

@@ -462,6 +462,11 @@ fn sdk_backup_policy() {
 }
 
 #[test]
+fn sdk_advanced_backup_policy_and_keep() {
+    run_module("test_policy_advanced.py");
+}
+
+#[test]
 fn sdk_log_backups_recovery_window_and_delete() {
     run_module("test_wal.py");
 }
