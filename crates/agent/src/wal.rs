@@ -276,7 +276,7 @@ impl SnapshotStore {
             f.write_all(bytes)
                 .and_then(|()| f.sync_all())
                 .map_err(io_err("write", &shown))?;
-            chown_like(&tmp, self.owner)?;
+            chown_like(&f, &tmp, self.owner)?;
             // A hard link fails when the name exists: a concurrent writer's file stays.
             fs::hard_link(&tmp, &final_path).map_err(|e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
@@ -362,9 +362,9 @@ impl SnapshotStore {
                 }
                 owner_may_read(&meta, self.owner, &from)?;
                 let to = dst.child(s.as_str());
-                bytes += cow::reflink_from(&source, &from, &to, meta.mode() & 0o600)?;
+                bytes +=
+                    cow::reflink_from(&source, &from, &to, meta.mode() & 0o600, Some(self.owner))?;
                 done.push(to.clone());
-                chown_like(&to, self.owner)?;
             }
             Ok(bytes)
         })();

@@ -44,7 +44,10 @@ pub(crate) fn local_snapshots_to_drop(sets: &[BackupSet], keep: usize) -> Vec<Ba
 /// Counted from the newest, a snapshot that would take the total over the
 /// budget is dropped if it is uploaded; the newest is never dropped, and one
 /// not uploaded is kept (and counted) whatever it costs.
-pub(crate) fn local_snapshots_over_space(local: &[(&BackupSet, u64)], max_bytes: u64) -> Vec<BackupId> {
+pub(crate) fn local_snapshots_over_space(
+    local: &[(&BackupSet, u64)],
+    max_bytes: u64,
+) -> Vec<BackupId> {
     let mut newest_first: Vec<&(&BackupSet, u64)> = local.iter().collect();
     newest_first.sort_by(|(a, _), (b, _)| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
     let mut total = 0u64;
