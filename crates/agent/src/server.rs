@@ -133,8 +133,8 @@ impl Agent {
     pub fn facts(&self) -> Result<HostFacts, SnapshotError> {
         let layout = self.store.layout();
         let fs = self.store.probe()?;
-        let pg_major = std::fs::read_to_string(layout.data_dir.join("PG_VERSION"))
-            .ok()
+        let pg_major = read_head(&layout.data_dir.join("PG_VERSION"), 16)
+            .and_then(|v| String::from_utf8(v).ok())
             .and_then(|v| v.trim().split('.').next().and_then(|m| m.parse().ok()));
         Ok(HostFacts {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -182,11 +182,26 @@ impl Agent {
 /// The cluster's system identifier: `ControlFileData.system_identifier`, the first field of
 /// `global/pg_control` (src/include/catalog/pg_control.h), in the host's byte order.
 fn system_identifier(data_dir: &Path) -> Option<u64> {
+    let head = read_head(&data_dir.join("global/pg_control"), 8)?;
+    Some(u64::from_ne_bytes(head.try_into().ok()?))
+}
+
+/// At most `max` bytes from the start of the regular file `path`, never through a symlink at
+/// its last component nor from a FIFO or device the data directory's owner might plant.
+fn read_head(path: &Path, max: u64) -> Option<Vec<u8>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(data_dir.join("global/pg_control")).ok()?;
-    let mut buf = [0u8; 8];
-    f.read_exact(&mut buf).ok()?;
-    Some(u64::from_ne_bytes(buf))
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::new();
+    f.take(max).read_to_end(&mut head).ok()?;
+    Some(head)
 }
 
 /// A refusal as the API sends it.
@@ -257,18 +272,17 @@ async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next)
         None
     };
     let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
-    if wal_limit.is_some() {
-        // Signature and clock first: only a signed request may make the agent read a segment.
-        let head = agent.verifier.verify_head(
-            parts.method.as_str(),
-            parts.uri.path(),
-            parts.uri.query().unwrap_or(""),
-            |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
-            unix_now(),
-        );
-        if let Err(refusal) = head {
-            return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
-        }
+    // Signature and clock first: only a signed request may make the agent read a body.
+    let head = agent.verifier.verify_head(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+        unix_now(),
+    );
+    if let Err(refusal) = head {
+        tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
+        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
