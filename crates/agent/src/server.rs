@@ -9,6 +9,7 @@ use std::io::{self, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Query, Request, State};
@@ -589,7 +590,14 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Start
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true.
+/// Connections served at once; more wait in the listen queue until one ends.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Time a client has for the TLS handshake, and for sending a request's headers.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true, at most
+/// [`MAX_CONNECTIONS`] connections at once, each given [`HEAD_TIMEOUT`] to say what it wants.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
@@ -597,36 +605,60 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let router = agent.router();
-    let Some(acceptor) = tls else {
-        return axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
-            .await;
-    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            r = listener.accept() => r?,
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
+            () = stopped(&mut shutdown) => return Ok(()),
         };
-        let acceptor = acceptor.clone();
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: try again soon.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut shutdown) => return Ok(()),
+        };
+        let acceptor = tls.clone();
         let svc = hyper_util::service::TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
+            let _permit = permit;
+            let Some(acceptor) = acceptor else {
+                return serve_connection(hyper_util::rt::TokioIo::new(stream), svc, peer).await;
             };
-            let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(e) =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(io, svc)
-                    .await
-            {
-                tracing::debug!(%peer, "connection: {e}");
+            match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(hyper_util::rt::TokioIo::new(tls), svc, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {HEAD_TIMEOUT:?}"),
             }
         });
+    }
+}
+
+/// Resolves once `shutdown` turns true (the guard `wait_for` returns is not `Send`).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// HTTP/1.1 or HTTP/2 on one accepted connection, its request heads due within [`HEAD_TIMEOUT`].
+async fn serve_connection<I>(
+    io: I,
+    svc: hyper_util::service::TowerToHyperService<Router>,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    if let Err(e) = builder.serve_connection(io, svc).await {
+        tracing::debug!(%peer, "connection: {e}");
     }
 }
