@@ -210,15 +210,24 @@ impl Engine {
             .upload_base(req, system_id, block_size, progress, &what)
             .await?;
         let mtime = set.finished_at.unwrap_or(set.started_at).timestamp();
-        let (dirs, jobs) = plan_files(
-            &listing.entries,
-            &tablespaces,
-            mtime,
-            block_size,
-            base.as_ref(),
-            changes.as_ref(),
-        )
-        .map_err(|why| EngineError::Failed(format!("{what}: {why}")))?;
+        // Planning walks every block of every file: on the blocking pool, not a runtime thread.
+        let (planned, tablespaces, base) = {
+            let failed = what.clone();
+            blocking(move || {
+                let planned = plan_files(
+                    &listing.entries,
+                    &tablespaces,
+                    mtime,
+                    block_size,
+                    base.as_ref(),
+                    changes.as_ref(),
+                )
+                .map_err(|why| EngineError::Failed(format!("{failed}: {why}")));
+                Ok((planned, tablespaces, base))
+            })
+            .await?
+        };
+        let (dirs, jobs) = planned?;
         let total_bytes: u64 = jobs.iter().map(|j| j.entry.size).sum();
 
         let (repo, id, base_read) = (self.repo.clone(), instance.id.to_string(), base.clone());
