@@ -1,7 +1,9 @@
 //! `strata agent`: the snapshot agent on the database host (command-line wiring of
 //! `strata-agent`; the protocol is described in docs/AGENT.md).
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -192,25 +194,84 @@ fn become_data_dir_owner(data_dir: &Path, dirs: &[&Path]) -> Result<RunsAs> {
     Ok(owner)
 }
 
-/// Creates `dir` and its missing ancestors as root, each mode 0700 and given to `owner` through
-/// its open descriptor (never by path, so a swapped path cannot redirect the change).
+/// Creates `dir` and its missing ancestors as root, each mode 0700 and given to `owner`. The
+/// first existing ancestor is opened with no symlink anywhere on its (canonical) path and each
+/// new directory is made and given away relative to its parent's descriptor, so a path the
+/// PostgreSQL OS user swaps meanwhile (say, a directory it owns replaced by a symlink to /etc)
+/// cannot make root create or chown anything elsewhere.
 fn create_owned_dir(dir: &Path, owner: &RunsAs) -> Result<()> {
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .take_while(|d| std::fs::symlink_metadata(d).is_err())
-        .collect();
-    for d in missing.into_iter().rev() {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(d)
-            .with_context(|| format!("create directory {}", d.display()))?;
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-            .open(d)
-            .with_context(|| format!("open directory {}", d.display()))?;
-        std::os::unix::fs::fchown(&opened, Some(owner.uid), Some(owner.gid))
-            .with_context(|| format!("give directory {} to {owner}", d.display()))?;
+    let mut existing = dir;
+    let mut missing = Vec::new();
+    while std::fs::symlink_metadata(existing).is_err() {
+        let (Some(name), Some(parent)) = (existing.file_name(), existing.parent()) else {
+            bail!(
+                "cannot create directory {}: no parent to create it in",
+                dir.display()
+            );
+        };
+        missing.push(name);
+        existing = parent;
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let canonical = std::fs::canonicalize(existing)
+        .with_context(|| format!("directory {}", existing.display()))?;
+    let mut parent = open_dir_without_symlinks(&canonical)
+        .with_context(|| format!("open directory {} (symlinks refused)", canonical.display()))?;
+    for name in missing.into_iter().rev() {
+        let c_name = std::ffi::CString::new(name.as_bytes())
+            .with_context(|| format!("directory {}: NUL in name", dir.display()))?;
+        // SAFETY: parent is an open directory descriptor and c_name a NUL-terminated string,
+        // both alive for the call.
+        if unsafe { libc::mkdirat(parent.as_raw_fd(), c_name.as_ptr(), 0o700) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("create directory {}", dir.display()));
+        }
+        // SAFETY: as above; the result is checked before use.
+        let fd = unsafe {
+            libc::openat(
+                parent.as_raw_fd(),
+                c_name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("open directory {}", dir.display()));
+        }
+        // SAFETY: fd was just opened and is owned by nothing else.
+        let child = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::os::unix::fs::fchown(&child, Some(owner.uid), Some(owner.gid))
+            .with_context(|| format!("give directory {} to {owner}", dir.display()))?;
+        parent = child;
     }
     Ok(())
+}
+
+/// Opens the absolute directory `path` refusing a symlink at any component
+/// (`openat2(RESOLVE_NO_SYMLINKS)`).
+fn open_dir_without_symlinks(path: &Path) -> std::io::Result<std::fs::File> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: an all-zero open_how is the documented "no flags" value; fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: c_path is NUL-terminated and how a valid open_how whose size is passed; both
+    // outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
 }

@@ -45,7 +45,11 @@ fn an_agent_started_as_root_runs_as_the_data_directorys_owner_and_refuses_a_root
     let data = fake_data_dir(&fs.path().join("owned"));
     let owner = std::fs::metadata(&data).unwrap();
     assert_ne!(owner.uid(), 0);
-    let agent = AgentProcess::start(&data, testkit::free_port());
+    // Clones in a directory two levels below what exists: every level made for the owner.
+    let nested = fs.path().join("owned/deeper/clones");
+    let nested_arg = nested.display().to_string();
+    let agent =
+        AgentProcess::start_with(&data, testkit::free_port(), &["--clone-dir", &nested_arg]);
     assert_eq!(ids_of(agent.pid(), "Uid:"), vec![owner.uid(); 4]);
     assert_eq!(ids_of(agent.pid(), "Gid:"), vec![owner.gid(); 4]);
     let groups = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
@@ -54,7 +58,8 @@ fn an_agent_started_as_root_runs_as_the_data_directorys_owner_and_refuses_a_root
         "{groups}"
     );
     // What it made, it made as the owner: the directories root created for it, and the key.
-    for made in [agent.snapshot_dir(), agent.clone_dir(), agent.key_file()] {
+    let deeper = fs.path().join("owned/deeper");
+    for made in [agent.snapshot_dir(), deeper, nested, agent.key_file()] {
         let meta = std::fs::symlink_metadata(&made).unwrap();
         assert_eq!(
             (meta.uid(), meta.gid()),
