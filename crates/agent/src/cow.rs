@@ -169,37 +169,51 @@ fn probe_reflink(dir: &Path) -> Result<bool, CowError> {
     result
 }
 
+/// The permission bits a snapshot or clone keeps of its source's: the owner's and the group's
+/// (PostgreSQL's group access mode), never the world's, never setuid, setgid or sticky — a
+/// copy must not become a way to plant a set-id program.
+pub const KEPT_MODE_BITS: u32 = 0o750;
+
 /// Clones the file `src` into a new file `dst` (which must not exist) by reflink, with
-/// permission bits `mode`. Returns the size of the clone. On failure `dst` is removed.
+/// permission bits `mode` (within [`KEPT_MODE_BITS`]). Returns the size of the clone. On
+/// failure `dst` is removed.
 pub fn reflink(src: &Path, dst: &Path, mode: u32) -> Result<u64, CowError> {
     let source = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(src)
         .map_err(|e| CowError::new("open", src, e))?;
-    reflink_from(&source, src, dst, mode)
+    reflink_from(&source, src, dst, mode, None)
 }
 
-/// [`reflink`] from an already opened source file (`src_path` only names it in errors).
+/// [`reflink`] from an already opened source file (`src_path` only names it in errors), given
+/// to `owner` when running as root (through the new file's descriptor, before its mode is set).
 pub fn reflink_from(
     source: &File,
     src_path: &Path,
     dst: &Path,
     mode: u32,
+    owner: Option<(u32, u32)>,
 ) -> Result<u64, CowError> {
+    let mode = mode & KEPT_MODE_BITS;
     let target = OpenOptions::new()
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode & 0o7777)
+        .mode(mode & 0o700)
         .open(dst)
         .map_err(|e| CowError::new("create", dst, e))?;
     let cloned = clone_file(source, &target)
         .map_err(|e| CowError::new("clone", src_path, e))
         .and_then(|()| {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            if let (Some((uid, gid)), 0) = (owner, unsafe { libc::geteuid() }) {
+                std::os::unix::fs::fchown(&target, Some(uid), Some(gid))
+                    .map_err(|e| CowError::new("chown", dst, e))?;
+            }
             // The umask may have narrowed the mode at creation.
             target
-                .set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+                .set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(|e| CowError::new("chmod", dst, e))?;
             target
                 .metadata()

@@ -9,6 +9,7 @@ use std::io::{self, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Query, Request, State};
@@ -133,8 +134,8 @@ impl Agent {
     pub fn facts(&self) -> Result<HostFacts, SnapshotError> {
         let layout = self.store.layout();
         let fs = self.store.probe()?;
-        let pg_major = std::fs::read_to_string(layout.data_dir.join("PG_VERSION"))
-            .ok()
+        let pg_major = read_head(&layout.data_dir.join("PG_VERSION"), 16)
+            .and_then(|v| String::from_utf8(v).ok())
             .and_then(|v| v.trim().split('.').next().and_then(|m| m.parse().ok()));
         Ok(HostFacts {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -182,11 +183,26 @@ impl Agent {
 /// The cluster's system identifier: `ControlFileData.system_identifier`, the first field of
 /// `global/pg_control` (src/include/catalog/pg_control.h), in the host's byte order.
 fn system_identifier(data_dir: &Path) -> Option<u64> {
+    let head = read_head(&data_dir.join("global/pg_control"), 8)?;
+    Some(u64::from_ne_bytes(head.try_into().ok()?))
+}
+
+/// At most `max` bytes from the start of the regular file `path`, never through a symlink at
+/// its last component nor from a FIFO or device the data directory's owner might plant.
+fn read_head(path: &Path, max: u64) -> Option<Vec<u8>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(data_dir.join("global/pg_control")).ok()?;
-    let mut buf = [0u8; 8];
-    f.read_exact(&mut buf).ok()?;
-    Some(u64::from_ne_bytes(buf))
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::new();
+    f.take(max).read_to_end(&mut head).ok()?;
+    Some(head)
 }
 
 /// A refusal as the API sends it.
@@ -257,18 +273,17 @@ async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next)
         None
     };
     let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
-    if wal_limit.is_some() {
-        // Signature and clock first: only a signed request may make the agent read a segment.
-        let head = agent.verifier.verify_head(
-            parts.method.as_str(),
-            parts.uri.path(),
-            parts.uri.query().unwrap_or(""),
-            |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
-            unix_now(),
-        );
-        if let Err(refusal) = head {
-            return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
-        }
+    // Signature and clock first: only a signed request may make the agent read a body.
+    let head = agent.verifier.verify_head(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+        unix_now(),
+    );
+    if let Err(refusal) = head {
+        tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
+        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
@@ -575,7 +590,14 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Start
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true.
+/// Connections served at once; more wait in the listen queue until one ends.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Time a client has for the TLS handshake, and for sending a request's headers.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true, at most
+/// [`MAX_CONNECTIONS`] connections at once, each given [`HEAD_TIMEOUT`] to say what it wants.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
@@ -583,36 +605,60 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let router = agent.router();
-    let Some(acceptor) = tls else {
-        return axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
-            .await;
-    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            r = listener.accept() => r?,
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
+            () = stopped(&mut shutdown) => return Ok(()),
         };
-        let acceptor = acceptor.clone();
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: try again soon.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut shutdown) => return Ok(()),
+        };
+        let acceptor = tls.clone();
         let svc = hyper_util::service::TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
+            let _permit = permit;
+            let Some(acceptor) = acceptor else {
+                return serve_connection(hyper_util::rt::TokioIo::new(stream), svc, peer).await;
             };
-            let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(e) =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(io, svc)
-                    .await
-            {
-                tracing::debug!(%peer, "connection: {e}");
+            match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(hyper_util::rt::TokioIo::new(tls), svc, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {HEAD_TIMEOUT:?}"),
             }
         });
+    }
+}
+
+/// Resolves once `shutdown` turns true (the guard `wait_for` returns is not `Send`).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// HTTP/1.1 or HTTP/2 on one accepted connection, its request heads due within [`HEAD_TIMEOUT`].
+async fn serve_connection<I>(
+    io: I,
+    svc: hyper_util::service::TowerToHyperService<Router>,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    if let Err(e) = builder.serve_connection(io, svc).await {
+        tracing::debug!(%peer, "connection: {e}");
     }
 }

@@ -322,7 +322,12 @@ impl SnapshotStore {
                     .mode(0o700)
                     .create(dir)
                     .map_err(io_err("create directory", dir))?;
-                chown_like(dir, owner)?;
+                let opened = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(dir)
+                    .map_err(io_err("open directory", dir))?;
+                chown_like(&opened, dir, owner)?;
             }
             remove_partials(dir)?;
         }
@@ -478,7 +483,7 @@ impl SnapshotStore {
             owner_may_read(&location_meta, self.owner, &location)?;
             let rel = format!("pg_tblspc/{oid}");
             let dst = target.join(&rel);
-            let mode = location_meta.mode() & 0o7777;
+            let mode = location_meta.mode() & cow::KEPT_MODE_BITS;
             make_dir(&dst, mode, self.owner)?;
             walk.push(&rel, EntryKind::Dir, 0, mode)?;
             walk.filter = Filter::Tablespace;
@@ -581,7 +586,7 @@ impl SnapshotStore {
             f.write_all(text.as_bytes())
                 .and_then(|()| f.sync_all())
                 .map_err(io_err("write", &path))?;
-            chown_like(&path, self.owner)?;
+            chown_like(&f, &path, self.owner)?;
         }
         Ok(())
     }
@@ -607,7 +612,7 @@ impl SnapshotStore {
                 };
                 let meta =
                     fs::symlink_metadata(entry.path()).map_err(io_err("stat", &entry.path()))?;
-                let mode = meta.mode() & 0o7777;
+                let mode = meta.mode() & cow::KEPT_MODE_BITS;
                 if meta.is_dir() {
                     entries.push(ManifestEntry {
                         path,
@@ -719,9 +724,8 @@ impl SnapshotStore {
                             .map_err(io_err("open", &src))?;
                         let opened = source.metadata().map_err(io_err("stat", &src))?;
                         owner_may_read(&opened, self.owner, &src)?;
-                        bytes += cow::reflink_from(&source, &src, &dst, e.mode)?;
+                        bytes += cow::reflink_from(&source, &src, &dst, e.mode, Some(self.owner))?;
                         files += 1;
-                        chown_like(&dst, self.owner)?;
                     }
                 }
             }
@@ -846,7 +850,7 @@ impl Walk {
                 // The WAL comes from the archive or is added by the caller: keep the
                 // directory (a symlink becomes one) with an empty archive_status.
                 let mode = fs::metadata(&src_path)
-                    .map(|m| m.mode() & 0o7777)
+                    .map(|m| m.mode() & cow::KEPT_MODE_BITS)
                     .unwrap_or(0o700);
                 make_dir(&dst_path, mode, self.owner)?;
                 self.push(&child_rel, EntryKind::Dir, 0, mode)?;
@@ -854,7 +858,7 @@ impl Walk {
                 self.push("pg_wal/archive_status", EntryKind::Dir, 0, mode)?;
                 continue;
             }
-            let mode = meta.mode() & 0o7777;
+            let mode = meta.mode() & cow::KEPT_MODE_BITS;
             if meta.is_dir() {
                 owner_may_read(&meta, self.owner, &src_path)?;
                 make_dir(&dst_path, mode, self.owner)?;
@@ -879,9 +883,9 @@ impl Walk {
                     continue;
                 }
                 owner_may_read(&opened, self.owner, &src_path)?;
-                let mode = opened.mode() & 0o7777;
-                let size = cow::reflink_from(&source, &src_path, &dst_path, mode)?;
-                chown_like(&dst_path, self.owner)?;
+                let mode = opened.mode() & cow::KEPT_MODE_BITS;
+                let size =
+                    cow::reflink_from(&source, &src_path, &dst_path, mode, Some(self.owner))?;
                 self.push(&child_rel, EntryKind::File, size, mode)?;
             }
             // Symlinks outside pg_tblspc, sockets and FIFOs are not part of a base backup.
@@ -913,7 +917,7 @@ impl Walk {
             };
             if meta.is_dir() {
                 let child_rel = join_rel(rel, &name);
-                let mode = meta.mode() & 0o7777;
+                let mode = meta.mode() & cow::KEPT_MODE_BITS;
                 make_dir(&dst.join(&name), mode, self.owner)?;
                 self.push(&child_rel, EntryKind::Dir, 0, mode)?;
                 let saved = self.filter;
@@ -998,7 +1002,7 @@ fn join_rel(rel: &str, name: &str) -> String {
 
 fn mode_of(path: &Path) -> Result<Option<u32>, SnapshotError> {
     match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(m.mode() & 0o7777)),
+        Ok(m) => Ok(Some(m.mode() & cow::KEPT_MODE_BITS)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("stat", path)(e)),
     }
@@ -1037,24 +1041,38 @@ pub(crate) fn owner_may_read(
     )))
 }
 
-/// Creates directory `path` with exactly `mode`, owned by `owner` when we may give files away.
+/// Creates directory `path` with exactly `mode` (within [`cow::KEPT_MODE_BITS`]), owned by
+/// `owner` when we may give files away. Owner and mode are set through the new directory's
+/// descriptor, owner first: a path swapped meanwhile cannot redirect them.
 pub(crate) fn make_dir(path: &Path, mode: u32, owner: (u32, u32)) -> Result<(), SnapshotError> {
+    let mode = mode & cow::KEPT_MODE_BITS;
     fs::DirBuilder::new()
-        .mode(mode)
+        .mode(mode & 0o700)
         .create(path)
         .map_err(io_err("create directory", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))?;
-    chown_like(path, owner)
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err("open directory", path))?;
+    chown_like(&dir, path, owner)?;
+    dir.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("chmod", path))
 }
 
-/// Gives `path` to `owner` when running as root (the agent may run as root or as the
-/// PostgreSQL OS user; the latter owns what it creates already).
-pub(crate) fn chown_like(path: &Path, owner: (u32, u32)) -> Result<(), SnapshotError> {
+/// Gives the open `file` (named `path` in errors) to `owner` when running as root (the agent's
+/// library may run as root in-process; `strata agent` runs as the PostgreSQL OS user, which
+/// owns what it creates already). Through the descriptor: a swapped path cannot redirect it.
+pub(crate) fn chown_like(
+    file: &fs::File,
+    path: &Path,
+    owner: (u32, u32),
+) -> Result<(), SnapshotError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)).map_err(io_err("chown", path))
+    std::os::unix::fs::fchown(file, Some(owner.0), Some(owner.1)).map_err(io_err("chown", path))
 }
 
 fn remove_partials(dir: &Path) -> Result<(), SnapshotError> {

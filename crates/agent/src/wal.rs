@@ -163,14 +163,15 @@ impl DirHandle {
 }
 
 impl SnapshotStore {
-    /// The cluster's WAL segment size: the size of the segment files in the live `pg_wal/`
-    /// (a power of two from 1 MiB to 1 GiB).
+    /// The cluster's WAL segment size: the most common size of the regular files with a
+    /// segment's name in the live `pg_wal/` that PostgreSQL could have made (a power of two from
+    /// 1 MiB to 1 GiB), so one file planted there cannot set it.
     pub fn wal_segment_size(&self) -> Result<u64, SnapshotError> {
         if let Some(size) = self.segment_size.get() {
             return Ok(*size);
         }
         let pg_wal = self.layout.data_dir.join("pg_wal");
-        let mut found = None;
+        let mut seen = std::collections::BTreeMap::<u64, usize>::new();
         for entry in fs::read_dir(&pg_wal).map_err(io_err("read", &pg_wal))? {
             let entry = entry.map_err(io_err("read", &pg_wal))?;
             let is_segment = entry
@@ -182,18 +183,13 @@ impl SnapshotStore {
                 continue;
             }
             let meta = fs::symlink_metadata(entry.path()).map_err(io_err("stat", &pg_wal))?;
-            let size = meta.len();
-            if meta.is_file()
-                && size.is_power_of_two()
-                && (MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size)
-            {
-                found = Some(size);
-                break;
+            if meta.is_file() && is_valid_segment_size(meta.len()) {
+                *seen.entry(meta.len()).or_default() += 1;
             }
         }
-        let size = found.ok_or_else(|| {
+        let size = most_common_size(&seen).ok_or_else(|| {
             SnapshotError::Refused(format!(
-                "no WAL segment in {} tells the cluster's segment size",
+                "the WAL segments in {} do not tell the cluster's segment size (count by size: {seen:?})",
                 pg_wal.display()
             ))
         })?;
@@ -276,7 +272,7 @@ impl SnapshotStore {
             f.write_all(bytes)
                 .and_then(|()| f.sync_all())
                 .map_err(io_err("write", &shown))?;
-            chown_like(&tmp, self.owner)?;
+            chown_like(&f, &tmp, self.owner)?;
             // A hard link fails when the name exists: a concurrent writer's file stays.
             fs::hard_link(&tmp, &final_path).map_err(|e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
@@ -362,9 +358,9 @@ impl SnapshotStore {
                 }
                 owner_may_read(&meta, self.owner, &from)?;
                 let to = dst.child(s.as_str());
-                bytes += cow::reflink_from(&source, &from, &to, meta.mode() & 0o600)?;
+                bytes +=
+                    cow::reflink_from(&source, &from, &to, meta.mode() & 0o600, Some(self.owner))?;
                 done.push(to.clone());
-                chown_like(&to, self.owner)?;
             }
             Ok(bytes)
         })();
@@ -378,6 +374,20 @@ impl SnapshotStore {
             }
         }
     }
+}
+
+/// A size `initdb --wal-segsize` allows: a power of two from 1 MiB to 1 GiB
+/// (`IsValidWalSegSize`, src/include/access/xlog_internal.h).
+fn is_valid_segment_size(size: u64) -> bool {
+    size.is_power_of_two() && (MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size)
+}
+
+/// The size counted most often; `None` when there is none or two sizes tie for it.
+fn most_common_size(seen: &std::collections::BTreeMap<u64, usize>) -> Option<u64> {
+    let top = seen.values().copied().max()?;
+    let mut leaders = seen.iter().filter(|(_, n)| **n == top);
+    let (size, _) = leaders.next()?;
+    leaders.next().is_none().then_some(*size)
 }
 
 /// Whether `path` is a WAL upload (`PUT /v1/{snapshots|clones}/{name}/wal/{file}`), whose body
@@ -434,6 +444,27 @@ mod tests {
             .unwrap()
             .segment_number(seg)
             .is_none());
+    }
+
+    #[test]
+    fn the_segment_size_is_the_most_common_valid_one() {
+        assert!(is_valid_segment_size(16 << 20));
+        assert!(is_valid_segment_size(1 << 20) && is_valid_segment_size(1 << 30));
+        assert!(!is_valid_segment_size(0));
+        assert!(!is_valid_segment_size(1 << 19));
+        assert!(!is_valid_segment_size(1 << 31));
+        assert!(!is_valid_segment_size((16 << 20) + 1));
+        let counts = |pairs: &[(u64, usize)]| pairs.iter().copied().collect();
+        assert_eq!(most_common_size(&counts(&[])), None);
+        // One planted file does not outvote the cluster's segments.
+        assert_eq!(
+            most_common_size(&counts(&[(1 << 20, 1), (16 << 20, 5)])),
+            Some(16 << 20)
+        );
+        assert_eq!(
+            most_common_size(&counts(&[(1 << 20, 2), (16 << 20, 2)])),
+            None
+        );
     }
 
     #[test]

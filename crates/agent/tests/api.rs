@@ -44,6 +44,26 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
     assert!(body.contains("unsigned request"), "{body}");
     assert!(!body.trim_end().contains('\n'), "one line: {body}");
 
+    // Unsigned, announcing a body over the limit and sending none: refused on its head alone,
+    // the body never waited for.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\n\r\n",
+            3 << 20
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut answer))
+            .await
+            .expect("the agent waited for the body of an unsigned request")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("unsigned request"), "{answer}");
+    }
+
     // Signed with another key.
     let other = AgentKey::generate();
     let (status, body) = raw_request(

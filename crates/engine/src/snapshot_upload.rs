@@ -41,6 +41,13 @@ use crate::{Engine, EngineError, EngineResult, Progress};
 
 /// Largest label file read from a snapshot (the agent refuses larger ones when they are put).
 const MAX_LABEL_FILE: u64 = 1024 * 1024;
+
+/// Most entries a snapshot's manifest may list (files and directories of one cluster).
+const MAX_MANIFEST_ENTRIES: usize = 10_000_000;
+
+/// Largest file a snapshot's manifest may list: PostgreSQL cuts relations into 1 GiB segments
+/// unless built otherwise; anything near this is not a data directory's file.
+const MAX_MANIFEST_FILE: u64 = 1 << 40;
 /// Longest wait for the next bytes of a file range: the agent reads a local file, so a stream
 /// silent this long is a dead connection (a partition sends no reset), not a slow disk.
 const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -185,6 +192,8 @@ impl Engine {
             .manifest(&req.snapshot)
             .await
             .map_err(|e| agent_err("listing the snapshot", e))?;
+        check_listing(&listing.entries)
+            .map_err(|why| EngineError::Refused(format!("{what}: the agent's manifest {why}")))?;
         let labels = self.snapshot_labels(req, &listing.entries, &what).await?;
         check_label(&labels.backup_label, start_lsn, start_tli)
             .map_err(|why| EngineError::Refused(format!("{what}: {why}")))?;
@@ -201,15 +210,24 @@ impl Engine {
             .upload_base(req, system_id, block_size, progress, &what)
             .await?;
         let mtime = set.finished_at.unwrap_or(set.started_at).timestamp();
-        let (dirs, jobs) = plan_files(
-            &listing.entries,
-            &tablespaces,
-            mtime,
-            block_size,
-            base.as_ref(),
-            changes.as_ref(),
-        )
-        .map_err(|why| EngineError::Failed(format!("{what}: {why}")))?;
+        // Planning walks every block of every file: on the blocking pool, not a runtime thread.
+        let (planned, tablespaces, base) = {
+            let failed = what.clone();
+            blocking(move || {
+                let planned = plan_files(
+                    &listing.entries,
+                    &tablespaces,
+                    mtime,
+                    block_size,
+                    base.as_ref(),
+                    changes.as_ref(),
+                )
+                .map_err(|why| EngineError::Failed(format!("{failed}: {why}")));
+                Ok((planned, tablespaces, base))
+            })
+            .await?
+        };
+        let (dirs, jobs) = planned?;
         let total_bytes: u64 = jobs.iter().map(|j| j.entry.size).sum();
 
         let (repo, id, base_read) = (self.repo.clone(), instance.id.to_string(), base.clone());
@@ -816,6 +834,40 @@ fn plan_blocks(
     out
 }
 
+/// Refuses a manifest no cluster could produce, before anything is planned from it: too many
+/// entries, a file over [`MAX_MANIFEST_FILE`], or sizes whose sum overflows.
+fn check_listing(entries: &[ManifestEntry]) -> Result<(), String> {
+    check_listing_within(entries, MAX_MANIFEST_ENTRIES, MAX_MANIFEST_FILE)
+}
+
+/// [`check_listing`] with its limits as values.
+fn check_listing_within(
+    entries: &[ManifestEntry],
+    max_entries: usize,
+    max_file: u64,
+) -> Result<(), String> {
+    if entries.len() > max_entries {
+        return Err(format!(
+            "lists {} entries; at most {max_entries} are accepted",
+            entries.len()
+        ));
+    }
+    let mut total: u64 = 0;
+    for e in entries {
+        if e.size > max_file {
+            return Err(format!(
+                "gives {} {} bytes; at most {max_file} are accepted",
+                e.path.as_str(),
+                e.size
+            ));
+        }
+        total = total
+            .checked_add(e.size)
+            .ok_or_else(|| "sizes add up to more than 2^64 bytes".to_string())?;
+    }
+    Ok(())
+}
+
 /// Whether a base file's blocks cover it as this repository cuts files.
 fn cut_evenly(f: &FileEntry, block_size: u64) -> bool {
     let Some((last, rest)) = f.blocks.split_last() else {
@@ -913,6 +965,39 @@ mod tests {
     use strata_repo::PackId;
 
     const BS: u64 = 131072;
+
+    fn listed(path: &str, size: u64) -> ManifestEntry {
+        ManifestEntry {
+            path: RelPath::new(path).unwrap(),
+            kind: EntryKind::File,
+            size,
+            mode: 0o600,
+        }
+    }
+
+    #[test]
+    fn absurd_manifests_are_refused_before_planning() {
+        let fine = [
+            listed("base/5/1259", 8192),
+            listed("global/pg_control", 8192),
+        ];
+        assert_eq!(check_listing(&fine), Ok(()));
+        let huge = [listed("base/5/1259", MAX_MANIFEST_FILE + 1)];
+        let why = check_listing(&huge).unwrap_err();
+        assert!(why.contains("base/5/1259"), "{why}");
+        let three = [listed("a", 1), listed("b", 1), listed("c", 1)];
+        assert_eq!(check_listing_within(&three, 3, 1), Ok(()));
+        assert_eq!(
+            check_listing_within(&three, 2, 1),
+            Err("lists 3 entries; at most 2 are accepted".to_string())
+        );
+        // Sizes whose sum passes 2^64: refused, no overflow.
+        let big = [listed("a", u64::MAX / 2 + 1), listed("b", u64::MAX / 2 + 1)];
+        assert_eq!(
+            check_listing_within(&big, 2, u64::MAX),
+            Err("sizes add up to more than 2^64 bytes".to_string())
+        );
+    }
 
     fn block(n: u8, len: u64) -> BlockRef {
         BlockRef {

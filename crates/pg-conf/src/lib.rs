@@ -93,6 +93,10 @@ pub fn line_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     Some(value.trim_matches('\''))
 }
 
+/// Largest configuration file read: a planted multi-gigabyte "postgresql.conf" is refused, not
+/// loaded into memory.
+pub const MAX_CONF_FILE: u64 = 16 * 1024 * 1024;
+
 /// What a commented-out line starts with.
 pub const NEUTRALIZED: &[u8] = b"# neutralized by strata: ";
 
@@ -266,7 +270,7 @@ impl ConfDir {
         std::fs::symlink_metadata(self.through_handle(name)).is_ok()
     }
 
-    /// The bytes of file `name`; `None` when it does not exist. A symlink or any other failure
+    /// The bytes of file `name` (at most [`MAX_CONF_FILE`]); `None` when it does not exist. A symlink or any other failure
     /// is an error: a file left unread would be left unfiltered.
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, ConfError> {
         let opened = OpenOptions::new()
@@ -286,8 +290,16 @@ impl ConfDir {
             )));
         }
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
+        (&mut file)
+            .take(MAX_CONF_FILE + 1)
+            .read_to_end(&mut bytes)
             .map_err(self.err("reading", name))?;
+        if bytes.len() as u64 > MAX_CONF_FILE {
+            return Err(self.err("reading", name)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("over {MAX_CONF_FILE} bytes, more than any configuration file holds"),
+            )));
+        }
         Ok(Some(bytes))
     }
 
@@ -389,6 +401,26 @@ pub fn neutralize_copy(dir: &ConfDir) -> Result<Vec<String>, ConfError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configuration_file_over_the_cap_is_refused_unread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ConfDir::open(tmp.path()).unwrap();
+        std::fs::write(tmp.path().join("postgresql.conf"), "port = 5433\n").unwrap();
+        assert_eq!(
+            dir.read("postgresql.conf").unwrap().as_deref(),
+            Some(&b"port = 5433\n"[..])
+        );
+        // Sparse: as large as claimed without taking the space.
+        let big = std::fs::File::create(tmp.path().join("postgresql.auto.conf")).unwrap();
+        big.set_len(MAX_CONF_FILE + 1).unwrap();
+        let err = dir.read("postgresql.auto.conf").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than any configuration file holds"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_copy_is_neutralized_in_place_and_symlinks_are_refused() {

@@ -1,7 +1,10 @@
 //! `strata agent`: the snapshot agent on the database host (command-line wiring of
 //! `strata-agent`; the protocol is described in docs/AGENT.md).
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +47,12 @@ pub struct AgentArgs {
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
+///
+/// Started as root, it first does what needs root (creating missing snapshot and clone
+/// directories, reading the TLS files, binding the listener) and then becomes the data
+/// directory's owner for good, before any thread exists: every later file operation runs with
+/// PostgreSQL's rights, so nothing the PostgreSQL OS user plants (symlinks, renames) can make
+/// it act as root.
 pub fn run(args: AgentArgs) -> Result<()> {
     let min_free = FreeFloor::parse(&args.min_free_bytes).map_err(anyhow::Error::msg)?;
     let data_dir = std::fs::canonicalize(&args.data_dir)
@@ -60,6 +69,16 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let clone_dir = args
         .clone_dir
         .unwrap_or_else(|| parent.join("strata-clones"));
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(strata_agent::server::tls_acceptor(&TlsFiles { cert, key })?)
+        }
+        _ => None,
+    };
+    let listener = std::net::TcpListener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let runs_as = become_data_dir_owner(&data_dir, &[&snapshot_dir, &clone_dir])?;
     let layout = Layout {
         data_dir: data_dir.clone(),
         snapshot_dir: snapshot_dir.clone(),
@@ -77,12 +96,6 @@ pub fn run(args: AgentArgs) -> Result<()> {
         agent = agent.with_pg_bin(bin);
     }
     let agent = Arc::new(agent);
-    let tls = match (args.tls_cert, args.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(strata_agent::server::tls_acceptor(&TlsFiles { cert, key })?)
-        }
-        _ => None,
-    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     crate::runtime()?.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -94,12 +107,10 @@ pub fn run(args: AgentArgs) -> Result<()> {
             }
             let _ = stop_tx.send(true);
         });
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "strata agent serving {} on {scheme}://{addr} (snapshots in {}, clones in {}, key file {}{})",
+            "strata agent serving {} on {scheme}://{addr} as {runs_as} (snapshots in {}, clones in {}, key file {}{})",
             data_dir.display(),
             snapshot_dir.display(),
             clone_dir.display(),
@@ -109,4 +120,158 @@ pub fn run(args: AgentArgs) -> Result<()> {
         strata_agent::server::serve(listener, agent, tls, stop_rx).await?;
         Ok(())
     })
+}
+
+/// The user the agent runs as, for its serving line: `uid 26 (gid 26)`.
+struct RunsAs {
+    uid: u32,
+    gid: u32,
+}
+
+impl std::fmt::Display for RunsAs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uid {} (gid {})", self.uid, self.gid)
+    }
+}
+
+/// Refuses a data directory owned by root (PostgreSQL never runs as root). As root: creates the
+/// missing `dirs` (mode 0700, given to the data directory's owner) and switches to that owner
+/// (supplementary groups dropped, then gid, then uid), verified. Not root: nothing to switch.
+fn become_data_dir_owner(data_dir: &Path, dirs: &[&Path]) -> Result<RunsAs> {
+    let meta = std::fs::metadata(data_dir)
+        .with_context(|| format!("data directory {}", data_dir.display()))?;
+    if meta.uid() == 0 {
+        bail!(
+            "data directory {} is owned by root; PostgreSQL never runs as root: the agent serves a data directory owned by the PostgreSQL OS user",
+            data_dir.display()
+        );
+    }
+    let owner = RunsAs {
+        uid: meta.uid(),
+        gid: meta.gid(),
+    };
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if euid != 0 {
+        return Ok(RunsAs {
+            uid: euid,
+            gid: egid,
+        });
+    }
+    for dir in dirs {
+        create_owned_dir(dir, &owner)?;
+    }
+    // SAFETY: plain system calls on integers (and a null list of length 0); the process has a
+    // single thread here (no runtime yet), so every thread changes identity.
+    let switched = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setgid(owner.gid) == 0
+            && libc::setuid(owner.uid) == 0
+    };
+    if !switched {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot switch to the data directory's owner, {owner}"));
+    }
+    // SAFETY: as above; getgroups with a zero length only counts.
+    let (uid, euid, gid, egid, groups) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+            libc::getgroups(0, std::ptr::null_mut()),
+        )
+    };
+    // SAFETY: as above; must fail once root is left for good.
+    let regained = unsafe { libc::setuid(0) } == 0;
+    if (uid, euid) != (owner.uid, owner.uid)
+        || (gid, egid) != (owner.gid, owner.gid)
+        || groups != 0
+        || regained
+    {
+        bail!("switching to {owner} did not take (uid {uid}, euid {euid}, gid {gid}, egid {egid}, {groups} supplementary groups)");
+    }
+    Ok(owner)
+}
+
+/// Creates `dir` and its missing ancestors as root, each mode 0700 and given to `owner`. The
+/// first existing ancestor is opened with no symlink anywhere on its (canonical) path and each
+/// new directory is made and given away relative to its parent's descriptor, so a path the
+/// PostgreSQL OS user swaps meanwhile (say, a directory it owns replaced by a symlink to /etc)
+/// cannot make root create or chown anything elsewhere.
+fn create_owned_dir(dir: &Path, owner: &RunsAs) -> Result<()> {
+    let mut existing = dir;
+    let mut missing = Vec::new();
+    while std::fs::symlink_metadata(existing).is_err() {
+        let (Some(name), Some(parent)) = (existing.file_name(), existing.parent()) else {
+            bail!(
+                "cannot create directory {}: no parent to create it in",
+                dir.display()
+            );
+        };
+        missing.push(name);
+        existing = parent;
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let canonical = std::fs::canonicalize(existing)
+        .with_context(|| format!("directory {}", existing.display()))?;
+    let mut parent = open_dir_without_symlinks(&canonical)
+        .with_context(|| format!("open directory {} (symlinks refused)", canonical.display()))?;
+    for name in missing.into_iter().rev() {
+        let c_name = std::ffi::CString::new(name.as_bytes())
+            .with_context(|| format!("directory {}: NUL in name", dir.display()))?;
+        // SAFETY: parent is an open directory descriptor and c_name a NUL-terminated string,
+        // both alive for the call.
+        if unsafe { libc::mkdirat(parent.as_raw_fd(), c_name.as_ptr(), 0o700) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("create directory {}", dir.display()));
+        }
+        // SAFETY: as above; the result is checked before use.
+        let fd = unsafe {
+            libc::openat(
+                parent.as_raw_fd(),
+                c_name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("open directory {}", dir.display()));
+        }
+        // SAFETY: fd was just opened and is owned by nothing else.
+        let child = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::os::unix::fs::fchown(&child, Some(owner.uid), Some(owner.gid))
+            .with_context(|| format!("give directory {} to {owner}", dir.display()))?;
+        parent = child;
+    }
+    Ok(())
+}
+
+/// Opens the absolute directory `path` refusing a symlink at any component
+/// (`openat2(RESOLVE_NO_SYMLINKS)`).
+fn open_dir_without_symlinks(path: &Path) -> std::io::Result<std::fs::File> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: an all-zero open_how is the documented "no flags" value; fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: c_path is NUL-terminated and how a valid open_how whose size is passed; both
+    // outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
 }

@@ -21,6 +21,90 @@ use common::agent::{cluster_on, fake_data_dir, AgentProcess};
 use common::{add_args, signed_call, state_digest, wait_for, Strata};
 use testkit::{Cluster, FsKind, LoopFs};
 
+/// The `Uid:` (real, effective, saved, file system) or `Gid:` line of /proc/PID/status.
+fn ids_of(pid: u32, line: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = status
+        .lines()
+        .find_map(|l| l.strip_prefix(line))
+        .unwrap_or_else(|| panic!("no {line} line in {status}"));
+    ids.split_whitespace().map(|n| n.parse().unwrap()).collect()
+}
+
+#[test]
+fn an_agent_started_as_root_runs_as_the_data_directorys_owner_and_refuses_a_root_owned_one() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the agent is started as root here");
+        return;
+    }
+    let data = fake_data_dir(&fs.path().join("owned"));
+    let owner = std::fs::metadata(&data).unwrap();
+    assert_ne!(owner.uid(), 0);
+    // Clones in a directory two levels below what exists: every level made for the owner.
+    let nested = fs.path().join("owned/deeper/clones");
+    let nested_arg = nested.display().to_string();
+    let agent =
+        AgentProcess::start_with(&data, testkit::free_port(), &["--clone-dir", &nested_arg]);
+    assert_eq!(ids_of(agent.pid(), "Uid:"), vec![owner.uid(); 4]);
+    assert_eq!(ids_of(agent.pid(), "Gid:"), vec![owner.gid(); 4]);
+    let groups = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    assert!(
+        groups.lines().any(|l| l.trim_end() == "Groups:"),
+        "{groups}"
+    );
+    // What it made, it made as the owner: the directories root created for it, and the key.
+    let deeper = fs.path().join("owned/deeper");
+    for made in [agent.snapshot_dir(), deeper, nested, agent.key_file()] {
+        let meta = std::fs::symlink_metadata(&made).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (owner.uid(), owner.gid()),
+            "{}",
+            made.display()
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(agent.snapshot_dir()).unwrap().mode() & 0o7777,
+        0o700
+    );
+
+    // A data directory owned by root: refused with the reason, nothing created beside it.
+    let root_owned = fake_data_dir(&fs.path().join("rooted"));
+    let ok = Command::new("chown")
+        .args(["-R", "root:root"])
+        .arg(fs.path().join("rooted"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["agent", "--data-dir"])
+        .arg(&root_owned)
+        .args(["--listen", &format!("127.0.0.1:{}", testkit::free_port())])
+        .env_remove("STRATA_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "data directory {} is owned by root; PostgreSQL never runs as root",
+            root_owned.display()
+        )),
+        "{stderr}"
+    );
+    let mut beside: Vec<String> = std::fs::read_dir(fs.path().join("rooted"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    assert_eq!(beside, ["data"]);
+}
+
 /// `instance add ID` for `pg` with `--agent URL --agent-key-file KEY`.
 fn add_with_agent(
     strata: &Strata,

@@ -58,6 +58,11 @@ impl AgentProcess {
         }
     }
 
+    /// Its process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
