@@ -14,11 +14,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::agent::{cluster_on, fake_data_dir, AgentProcess};
-use common::{add_args, signed_call, state_digest, wait_for, Strata};
+use common::{add_args, signed_call, state_digest, under_load_with_ddl, wait_for, Strata};
 use testkit::{Cluster, FsKind, LoopFs};
 
 /// The `Uid:` (real, effective, saved, file system) or `Gid:` line of /proc/PID/status.
@@ -246,41 +245,20 @@ fn snapshot_backups_register_with_the_agent_and_restore_by_time() {
 
     // A snapshot under a light write load with DDL: tables created and rows inserted while
     // the backup runs.
-    let stop = AtomicBool::new(false);
-    let ddl_rounds = AtomicU32::new(0);
-    let (backup, took) = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                pg.pgbench(db, &["-n", "-c", "1", "-T", "1"]);
-            }
-        });
-        s.spawn(|| {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                pg.psql(
-                    db,
-                    &format!(
-                        "CREATE TABLE ddl_{i} AS SELECT g AS x, md5(g::text) AS y FROM generate_series(1, 2000) g; \
-                         INSERT INTO ddl_{i} SELECT g, 'more' FROM generate_series(1, 100) g; \
-                         DROP TABLE IF EXISTS ddl_{}",
-                        i - 1
-                    ),
-                );
-                ddl_rounds.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        wait_for("DDL to start", 60, || {
-            ddl_rounds.load(Ordering::Relaxed) >= 2
-        });
-        let before = ddl_rounds.load(Ordering::Relaxed);
-        let taken = snapshot(&strata, "snap");
-        wait_for("a DDL round after the snapshot", 60, || {
-            ddl_rounds.load(Ordering::Relaxed) > before + 1
-        });
-        stop.store(true, Ordering::Relaxed);
-        taken
-    });
+    let ((backup, took), _) = under_load_with_ddl(
+        &pg,
+        db,
+        1,
+        |i| {
+            format!(
+                "CREATE TABLE ddl_{i} AS SELECT g AS x, md5(g::text) AS y FROM generate_series(1, 2000) g; \
+                 INSERT INTO ddl_{i} SELECT g, 'more' FROM generate_series(1, 100) g; \
+                 DROP TABLE IF EXISTS ddl_{}",
+                i - 1
+            )
+        },
+        || snapshot(&strata, "snap"),
+    );
     println!("snapshot wall time under load: {:.2} s", took.as_secs_f64());
 
     let sets = strata.backups("snap");
@@ -652,40 +630,19 @@ fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
     let mut receiver = strata.wal_receiver("src");
 
     // A snapshot under pgbench load with DDL.
-    let stop = AtomicBool::new(false);
-    let ddl_rounds = AtomicU32::new(0);
-    let (backup, _) = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                pg.pgbench(db, &["-n", "-c", "1", "-T", "1"]);
-            }
-        });
-        s.spawn(|| {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                pg.psql(
-                    db,
-                    &format!(
-                        "CREATE TABLE ddl_{i} AS SELECT g AS x FROM generate_series(1, 2000) g; \
-                         DROP TABLE IF EXISTS ddl_{}",
-                        i - 1
-                    ),
-                );
-                ddl_rounds.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        wait_for("DDL to start", 60, || {
-            ddl_rounds.load(Ordering::Relaxed) >= 2
-        });
-        let before = ddl_rounds.load(Ordering::Relaxed);
-        let taken = snapshot(&strata, "src");
-        wait_for("a DDL round after the snapshot", 60, || {
-            ddl_rounds.load(Ordering::Relaxed) > before + 1
-        });
-        stop.store(true, Ordering::Relaxed);
-        taken
-    });
+    let ((backup, _), _) = under_load_with_ddl(
+        &pg,
+        db,
+        1,
+        |i| {
+            format!(
+                "CREATE TABLE ddl_{i} AS SELECT g AS x FROM generate_series(1, 2000) g; \
+                 DROP TABLE IF EXISTS ddl_{}",
+                i - 1
+            )
+        },
+        || snapshot(&strata, "src"),
+    );
 
     // Two committed phases after it, a whole second (RestoreTime's precision) between them.
     pg.psql(db, "INSERT INTO ledger VALUES (1, 'after the snapshot')");

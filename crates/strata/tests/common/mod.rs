@@ -271,43 +271,20 @@ pub fn pitr_round_trip(strata: &Strata, id: &str) {
     let mut receiver = strata.wal_receiver(id);
 
     // Load and DDL run for the whole backup.
-    let stop = AtomicBool::new(false);
-    let ddl_rounds = AtomicU32::new(0);
-    let (backup_id, during) = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                pg.pgbench(db, &["-n", "-c", "2", "-T", "1"]);
-            }
-        });
-        s.spawn(|| {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                pg.psql(
-                    db,
-                    &format!(
-                        "CREATE TABLE ddl_{i} AS SELECT g AS x, md5(g::text) AS y FROM generate_series(1, 20000) g; \
-                         CREATE INDEX ddl_{i}_y ON ddl_{i} (y); \
-                         DROP TABLE IF EXISTS ddl_{}",
-                        i - 1
-                    ),
-                );
-                ddl_rounds.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        wait_for("DDL to start", 60, || {
-            ddl_rounds.load(Ordering::Relaxed) >= 2
-        });
-        let before = ddl_rounds.load(Ordering::Relaxed);
-        let backup = strata.backup(id);
-        // Let one more DDL round finish so it surely overlapped the backup.
-        wait_for("a DDL round after the backup", 60, || {
-            ddl_rounds.load(Ordering::Relaxed) > before + 1
-        });
-        let during = ddl_rounds.load(Ordering::Relaxed) - before;
-        stop.store(true, Ordering::Relaxed);
-        (backup, during)
-    });
+    let (backup_id, during) = under_load_with_ddl(
+        &pg,
+        db,
+        2,
+        |i| {
+            format!(
+                "CREATE TABLE ddl_{i} AS SELECT g AS x, md5(g::text) AS y FROM generate_series(1, 20000) g; \
+                 CREATE INDEX ddl_{i}_y ON ddl_{i} (y); \
+                 DROP TABLE IF EXISTS ddl_{}",
+                i - 1
+            )
+        },
+        || strata.backup(id),
+    );
     assert!(during >= 1, "no DDL ran during the backup");
     let sets = strata.backups(id);
     assert_eq!(sets.len(), 1);
@@ -581,4 +558,46 @@ pub fn signed_call(strata: &Strata, port: u16, params: &[(&str, &str)]) -> serde
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status}: {e}: {body}"));
     assert!(status.contains("200"), "{status}: {v}");
     v
+}
+
+/// Runs `during` while pgbench (`clients` connections) and a loop of the DDL
+/// `ddl(i)` (round i = 1, 2, …) write to `db`: it starts once two DDL rounds
+/// ended and returns once another round ended after it, so at least one
+/// overlapped it. Returns its result and the DDL rounds that ended meanwhile.
+pub fn under_load_with_ddl<T: Send>(
+    pg: &Cluster,
+    db: &str,
+    clients: u32,
+    ddl: impl Fn(u32) -> String + Sync,
+    during: impl FnOnce() -> T + Send,
+) -> (T, u32) {
+    let stop = AtomicBool::new(false);
+    let ddl_rounds = AtomicU32::new(0);
+    let clients = clients.to_string();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                pg.pgbench(db, &["-n", "-c", &clients, "-T", "1"]);
+            }
+        });
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                pg.psql(db, &ddl(i));
+                ddl_rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        wait_for("DDL to start", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) >= 2
+        });
+        let before = ddl_rounds.load(Ordering::Relaxed);
+        let result = during();
+        wait_for("a DDL round after it", 60, || {
+            ddl_rounds.load(Ordering::Relaxed) > before + 1
+        });
+        let rounds = ddl_rounds.load(Ordering::Relaxed) - before;
+        stop.store(true, Ordering::Relaxed);
+        (result, rounds)
+    })
 }
