@@ -121,6 +121,10 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
             "/console/instances/{id}/strategy",
             get(instance::strategy).post(instance::save_strategy),
         )
+        .route(
+            "/console/instances/{id}/strategy/rules",
+            post(instance::save_rule),
+        )
         .route("/console/instances/{id}/restore", get(instance::restore))
         .route(
             "/console/instances/{id}/restore/clone",
