@@ -283,7 +283,7 @@ pub async fn backups(
         @match &answer {
             Err(e) => { (layout::error_box("The list could not be shown:", e)) }
             Ok(a) if log => { (log_list(a)) (pager(&b, &q, a)) }
-            Ok(a) => { (data_list(a)) (pager(&b, &q, a)) }
+            Ok(a) => { (data_list(&b, &page.who, a)) (pager(&b, &q, a)) }
         }
     };
     let status = match &answer {
@@ -349,7 +349,7 @@ fn pager(base: &str, q: &ListQuery, answer: &Map<String, Value>) -> Markup {
     }
 }
 
-fn data_list(answer: &Map<String, Value>) -> Markup {
+fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
     let rows = items(answer, "Items", "Backup");
     let stored = count(answer.get("TotalEcsSnapshotSize"));
     html! {
@@ -366,6 +366,9 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
                     (sort_th("Size", "num"))
                     (sort_th("Status", "text"))
                     (sort_th("Restore Drill", "text"))
+                    (sort_th("Kept By", "text"))
+                    (sort_th("Expected Expiry", "num"))
+                    th scope="col" { "Keep" }
                     th scope="col" { "Download" }
                 } }
                 tbody {
@@ -389,6 +392,15 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
                                 }
                             }
                             (drill_cell(b))
+                            td.kept data-v=(text(b, "StrataKeptBy")) { (text(b, "StrataKeptBy")) }
+                            @let expiry = layout::parse_api_time(text(b, "ExpectExpireTime"));
+                            td.expiry data-v=(layout::sort_time(expiry)) {
+                                @match expiry {
+                                    Some(t) => { (time(t)) }
+                                    None => { span.muted { "none" } }
+                                }
+                            }
+                            (keep_cell(base, who, b))
                             td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
                         }
                     }
@@ -399,6 +411,93 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
             }
         }
     }
+}
+
+/// A set's keep by hand: what keeps it, and Release; or Keep with an
+/// optional date and note.
+fn keep_cell(base: &str, who: &Signed, set: &Value) -> Markup {
+    let id = text(set, "BackupId");
+    let until = text(set, "StrataKeepUntil");
+    let action = format!("{base}/backups/keep");
+    html! {
+        td.keep {
+            @if !until.is_empty() {
+                div.sub {
+                    @match layout::parse_api_time(until) {
+                        Some(t) => { "until " (time(t)) }
+                        None => { (until) }
+                    }
+                    @let note = text(set, "StrataKeepNote");
+                    @if !note.is_empty() { " · " (note) }
+                }
+            }
+            @if !who.read_only && text(set, "BackupStatus") == BackupStatus::Success.as_str() {
+                @if until.is_empty() {
+                    details.keepform {
+                        summary.button.ghost { "Keep" }
+                        form method="post" action=(action) {
+                            (layout::csrf(who))
+                            input type="hidden" name="backup_id" value=(id);
+                            label { "Until" input type="date" name="until" aria-label="Keep until"; }
+                            label { "Note" input name="note" maxlength="256" aria-label="Note"; }
+                            p.hint { "No date: kept until released." }
+                            button.primary type="submit" name="op" value="keep" { "Keep" }
+                        }
+                    }
+                } @else {
+                    form method="post" action=(action) {
+                        (layout::csrf(who))
+                        input type="hidden" name="backup_id" value=(id);
+                        button.ghost type="submit" name="op" value="release" { "Release" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `KeepUntil` for a date picked in the form: the start of that day, UTC;
+/// no date keeps the set until released.
+fn keep_until(date: &str) -> String {
+    match date.trim() {
+        "" => "forever".to_string(),
+        d if d.len() == 10 => format!("{d}T00:00:00Z"),
+        d => d.to_string(),
+    }
+}
+
+/// `POST /console/instances/{id}/backups/keep`: `StrataKeepBackup` or
+/// `StrataReleaseBackup` of one set.
+pub async fn keep_backup(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let form = Fields(form);
+    if !csrf_ok(&page.who, &form) {
+        return csrf_refused(&page.who);
+    }
+    let set = form.get("backup_id").trim().to_string();
+    let mut params = vec![("DBInstanceId", id.clone()), ("BackupId", set.clone())];
+    let (action, done, failed) = if form.get("op") == "release" {
+        ("StrataReleaseBackup", "released", "The set was not released:")
+    } else {
+        params.push(("KeepUntil", keep_until(form.get("until"))));
+        params.push(("Note", form.get("note").trim().to_string()));
+        ("StrataKeepBackup", "kept", "The set was not kept:")
+    };
+    match state.call(&page.who, action, params).await {
+        Ok(_) => state.flash(
+            &page.who,
+            Flash::Done {
+                text: format!("Backup set {set} {done}."),
+                link: None,
+            },
+        ),
+        Err(e) => state.flash_error(&page.who, failed, &e),
+    }
+    Redirect::to(&format!("{}/backups", base(&id))).into_response()
 }
 
 /// The last restore drill of a set: its result, with when it ran and what
@@ -1099,7 +1198,7 @@ fn rules_table(
                         th scope="col" { "Kind" }
                         th scope="col" { "Days" }
                         th scope="col" { "Retention (Days)" }
-                        th scope="col" { span.visually-hidden { "Actions" } }
+                        th scope="col" { "Actions" }
                     } }
                     tbody {
                         tr data-rule="regular" {
