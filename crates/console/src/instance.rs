@@ -481,7 +481,11 @@ pub async fn keep_backup(
     let set = form.get("backup_id").trim().to_string();
     let mut params = vec![("DBInstanceId", id.clone()), ("BackupId", set.clone())];
     let (action, done, failed) = if form.get("op") == "release" {
-        ("StrataReleaseBackup", "released", "The set was not released:")
+        (
+            "StrataReleaseBackup",
+            "released",
+            "The set was not released:",
+        )
     } else {
         params.push(("KeepUntil", keep_until(form.get("until"))));
         params.push(("Note", form.get("note").trim().to_string()));
@@ -712,7 +716,16 @@ pub async fn strategy(
         Err(e) => return missing(&page, e),
     };
     let body = match state.service.policy(&inst.id) {
-        Ok(p) => strategy_form(&state, &page.who, &inst, &p, &Strategy::of(&p), None, false, None),
+        Ok(p) => strategy_form(
+            &state,
+            &page.who,
+            &inst,
+            &p,
+            &Strategy::of(&p),
+            None,
+            false,
+            None,
+        ),
         Err(e) => layout::error_box("The policy could not be read:", &e.into()),
     };
     render(&state, page, &inst, Tab::Strategy, StatusCode::OK, body)
@@ -751,7 +764,9 @@ pub async fn save_strategy(
     let values = Strategy::from_form(&form);
     let turning_off = current.log_backup_enabled && !values.log_on;
     if turning_off && !page.who.read_only && form.get("confirm_log_off") != "yes" {
-        let body = strategy_form(&state, &page.who, &inst, &current, &values, None, true, None);
+        let body = strategy_form(
+            &state, &page.who, &inst, &current, &values, None, true, None,
+        );
         return render(&state, page, &inst, Tab::Strategy, StatusCode::OK, body);
     }
     let outcome = match values.blank_field_error() {
@@ -1118,7 +1133,10 @@ fn rule_params(
             ("AdvancedDataPolicies.1.FilterType", draft.kind.clone()),
             ("AdvancedDataPolicies.1.FilterValue", draft.value.clone()),
             ("AdvancedDataPolicies.1.RetentionType", "Days".into()),
-            ("AdvancedDataPolicies.1.RetentionValue", draft.retention.clone()),
+            (
+                "AdvancedDataPolicies.1.RetentionValue",
+                draft.retention.clone(),
+            ),
         ]);
     }
     params
@@ -1739,6 +1757,12 @@ mod tests {
             retention: "7".into(),
             log_on: true,
             log_retention: "7".into(),
+            interval: "-1".into(),
+            advanced_on: false,
+            archive_days: "0".into(),
+            archive_policy: "ByMonth".into(),
+            archive_count: "1".into(),
+            keep_last: "0".into(),
         };
         assert_eq!(
             s.blank_field_error().unwrap().code,
@@ -1760,6 +1784,130 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn retention_options_become_the_api_parameters() {
+        let s = Strategy::from_form(&fields(&[
+            ("day", "Monday"),
+            ("day", "Friday"),
+            ("window", "02:00Z-03:00Z"),
+            ("retention", "7"),
+            ("log_retention", "7"),
+            ("interval", "60"),
+            ("advanced", "on"),
+            ("archive_days", ""),
+            ("archive_policy", "ByWeek"),
+            ("archive_count", "2"),
+            ("keep_last", " 5 "),
+        ]));
+        let params = s.params("pg-1");
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("BackupInterval"), Some("60"));
+        assert_eq!(get("EnableAdvancedBackupPolicy"), Some("1"));
+        // An empty field is off, as its hint says, not "keep the current value".
+        assert_eq!(get("ArchiveBackupRetentionPeriod"), Some("0"));
+        assert_eq!(get("ArchiveBackupKeepPolicy"), Some("ByWeek"));
+        assert_eq!(get("ArchiveBackupKeepCount"), Some("2"));
+        assert_eq!(get("StrataKeepLastBackups"), Some("5"));
+        assert_eq!(
+            error_field("InvalidBackupInterval.NotSupported"),
+            "interval"
+        );
+        assert_eq!(
+            error_field("InvalidArchiveBackupPolicy.Malformed"),
+            "archive"
+        );
+    }
+
+    #[test]
+    fn rule_edits_become_action_type_entries() {
+        let mut stored = policy::default_policy("pg-1", Utc::now());
+        stored.advanced_data_rules.push(strata_catalog::DataRule {
+            id: "monthly-1".into(),
+            kind: policy::parse_rule_kind("Monthly", "Last").unwrap(),
+            retention_days: 365,
+        });
+        let draft = RuleDraft {
+            id: String::new(),
+            kind: "Monthly".into(),
+            value: "1,15".into(),
+            retention: "90".into(),
+        };
+        // A new rule gets the first id of its kind not taken.
+        assert_eq!(
+            rule_params("pg-1", RuleOp::Create, &draft, &stored),
+            vec![
+                ("DBInstanceId", "pg-1".to_string()),
+                ("AdvancedDataPolicies.1.ActionType", "CREATE".into()),
+                ("AdvancedDataPolicies.1.StrategyId", "monthly-2".into()),
+                ("AdvancedDataPolicies.1.FilterType", "Monthly".into()),
+                ("AdvancedDataPolicies.1.FilterValue", "1,15".into()),
+                ("AdvancedDataPolicies.1.RetentionType", "Days".into()),
+                ("AdvancedDataPolicies.1.RetentionValue", "90".into()),
+            ]
+        );
+        let existing = RuleDraft {
+            id: "monthly-1".into(),
+            ..draft
+        };
+        assert_eq!(
+            rule_params("pg-1", RuleOp::Update, &existing, &stored)[2],
+            ("AdvancedDataPolicies.1.StrategyId", "monthly-1".to_string())
+        );
+        assert_eq!(
+            rule_params("pg-1", RuleOp::Delete, &existing, &stored),
+            vec![
+                ("DBInstanceId", "pg-1".to_string()),
+                ("AdvancedDataPolicies.1.ActionType", "DELETE".into()),
+                ("AdvancedDataPolicies.1.StrategyId", "monthly-1".into()),
+            ]
+        );
+        assert_eq!(RuleOp::parse("remove"), None);
+    }
+
+    #[test]
+    fn keep_cells_offer_keep_or_release() {
+        let admin = Signed {
+            id: "s".into(),
+            key_id: "k".into(),
+            read_only: false,
+            csrf: "t".into(),
+        };
+        let free = serde_json::json!({"BackupId": "17", "BackupStatus": "Success"});
+        let cell = keep_cell("/console/instances/pg-1", &admin, &free).into_string();
+        assert!(
+            cell.contains(r#"value="keep""#) && !cell.contains(r#"value="release""#),
+            "{cell}"
+        );
+        let kept = serde_json::json!({
+            "BackupId": "17",
+            "BackupStatus": "Success",
+            "StrataKeepUntil": "2027-03-01T00:00:00Z",
+            "StrataKeepNote": "audit",
+        });
+        let cell = keep_cell("/console/instances/pg-1", &admin, &kept).into_string();
+        assert!(
+            cell.contains(r#"value="release""#) && cell.contains("audit"),
+            "{cell}"
+        );
+        assert!(
+            cell.contains(r#"datetime="2027-03-01T00:00:00Z""#),
+            "{cell}"
+        );
+        let reader = Signed {
+            read_only: true,
+            ..admin
+        };
+        let cell = keep_cell("/console/instances/pg-1", &reader, &kept).into_string();
+        assert!(!cell.contains("<form") && cell.contains("audit"), "{cell}");
+        assert_eq!(keep_until(""), "forever");
+        assert_eq!(keep_until("2027-03-01"), "2027-03-01T00:00:00Z");
     }
 
     #[test]
