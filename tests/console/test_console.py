@@ -273,6 +273,7 @@ def test_retention_rules_are_edited_on_the_strategy_page(console, env, api):
     row = rule_row(console, "monthly-1")
     assert row.find_element("css selector", "input[name=value]").get_attribute("value") == rules[1]["FilterValue"]
     assert "Last" in rules[1]["FilterValue"], rules
+    console.d.execute_script("document.querySelector('#advanced-rules').scrollIntoView()")
     console.shot("backup-strategy-rules")
 
     # A day past 31 is refused under the table, with what was entered kept.
@@ -388,7 +389,7 @@ def test_a_set_is_kept_by_hand_then_released(console, env, api):
     assert "Kept By" in header and "Expected Expiry" in header, header
     middle = sets[1].get_attribute("data-backup")
     row = sets[1]
-    assert row.find_element("css selector", "td.kept").text, row.text
+    assert row.find_element("css selector", "td.kept .keptby").text, row.text
 
     until = (datetime.utcnow() + timedelta(days=400)).strftime("%Y-%m-%d")
     row.find_element("css selector", "details.keepform summary").click()
@@ -399,17 +400,17 @@ def test_a_set_is_kept_by_hand_then_released(console, env, api):
     console.wait("the kept notice", lambda: console.finds(".notice.ok"))
     assert f"{middle} kept" in console.text(".notice.ok")
     row = console.find(f"#data-backups tr[data-backup='{middle}']")
-    assert row.find_element("css selector", "td.kept").text == f"kept until {until}T00:00:00Z (audit)", row.text
+    assert row.find_element("css selector", "td.kept .keptby").text == f"kept until {until}T00:00:00Z (audit)", row.text
     expiry = row.find_element("css selector", "td.expiry time").get_attribute("datetime")
     assert expiry == f"{until}T00:00:00Z", expiry
-    assert "audit" in row.find_element("css selector", "td.keep").text
+    assert "audit" in row.find_element("css selector", "td.kept .keep").text
     console.shot("base-backups-kept")
 
     console.click_through(row.find_element("css selector", "button[value=release]"))
     console.wait("the released notice", lambda: console.finds(".notice.ok"))
     assert f"{middle} released" in console.text(".notice.ok")
     row = console.find(f"#data-backups tr[data-backup='{middle}']")
-    assert not row.find_element("css selector", "td.kept").text.startswith("kept until"), row.text
+    assert not row.find_element("css selector", "td.kept .keptby").text.startswith("kept until"), row.text
     assert row.find_elements("css selector", "details.keepform")
 
 
@@ -600,7 +601,7 @@ def test_read_only_key_sees_no_buttons_that_change_things(console, env):
     assert "read-only" in console.text(".whoami")
     console.go(f"/console/instances/{instance}/backups")
     assert not console.finds("button[data-open=backup-dialog]")
-    assert not console.finds("#data-backups td.keep form")
+    assert not console.finds("#data-backups td.kept form")
     console.go(f"/console/instances/{instance}/strategy")
     assert not console.finds("#save-strategy")
     assert not console.finds("#rules button") and not console.finds("#rules tr[data-rule=new]")

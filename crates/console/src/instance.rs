@@ -368,7 +368,6 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                     (sort_th("Restore Drill", "text"))
                     (sort_th("Kept By", "text"))
                     (sort_th("Expected Expiry", "num"))
-                    th scope="col" { "Keep" }
                     th scope="col" { "Download" }
                 } }
                 tbody {
@@ -392,7 +391,7 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                                 }
                             }
                             (drill_cell(b))
-                            td.kept data-v=(text(b, "StrataKeptBy")) { (text(b, "StrataKeptBy")) }
+                            (kept_cell(base, who, b))
                             @let expiry = layout::parse_api_time(text(b, "ExpectExpireTime"));
                             td.expiry data-v=(layout::sort_time(expiry)) {
                                 @match expiry {
@@ -400,7 +399,6 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                                     None => { span.muted { "none" } }
                                 }
                             }
-                            (keep_cell(base, who, b))
                             td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
                         }
                     }
@@ -413,16 +411,17 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
     }
 }
 
-/// A set's keep by hand: what keeps it, and Release; or Keep with an
-/// optional date and note.
-fn keep_cell(base: &str, who: &Signed, set: &Value) -> Markup {
+/// What keeps a set (retention's words), its keep by hand with Release,
+/// or Keep with an optional date and note.
+fn kept_cell(base: &str, who: &Signed, set: &Value) -> Markup {
     let id = text(set, "BackupId");
     let until = text(set, "StrataKeepUntil");
     let action = format!("{base}/backups/keep");
     html! {
-        td.keep {
+        td.kept data-v=(text(set, "StrataKeptBy")) {
+            span.keptby { (text(set, "StrataKeptBy")) }
             @if !until.is_empty() {
-                div.sub {
+                div.sub.keep {
                     @match layout::parse_api_time(until) {
                         Some(t) => { "until " (time(t)) }
                         None => { (until) }
@@ -1167,7 +1166,7 @@ fn rule_row(inst: &Instance, who: &Signed, draft: &RuleDraft, ro: bool) -> Marku
                 placeholder="Monday,Friday · 1,15,Last · 12-31"; }
             td { input name="retention" form=(form_id) inputmode="numeric" value=(draft.retention)
                 aria-label="Retention (days)" disabled[ro]; }
-            td.actions {
+            td.ruleactions {
                 @if !ro {
                     form id=(form_id) method="post" action=(format!("{}/strategy/rules", base(&inst.id))) {
                         (layout::csrf(who))
@@ -1872,7 +1871,7 @@ mod tests {
     }
 
     #[test]
-    fn keep_cells_offer_keep_or_release() {
+    fn kept_cells_offer_keep_or_release() {
         let admin = Signed {
             id: "s".into(),
             key_id: "k".into(),
@@ -1880,7 +1879,7 @@ mod tests {
             csrf: "t".into(),
         };
         let free = serde_json::json!({"BackupId": "17", "BackupStatus": "Success"});
-        let cell = keep_cell("/console/instances/pg-1", &admin, &free).into_string();
+        let cell = kept_cell("/console/instances/pg-1", &admin, &free).into_string();
         assert!(
             cell.contains(r#"value="keep""#) && !cell.contains(r#"value="release""#),
             "{cell}"
@@ -1891,7 +1890,7 @@ mod tests {
             "StrataKeepUntil": "2027-03-01T00:00:00Z",
             "StrataKeepNote": "audit",
         });
-        let cell = keep_cell("/console/instances/pg-1", &admin, &kept).into_string();
+        let cell = kept_cell("/console/instances/pg-1", &admin, &kept).into_string();
         assert!(
             cell.contains(r#"value="release""#) && cell.contains("audit"),
             "{cell}"
@@ -1904,7 +1903,7 @@ mod tests {
             read_only: true,
             ..admin
         };
-        let cell = keep_cell("/console/instances/pg-1", &reader, &kept).into_string();
+        let cell = kept_cell("/console/instances/pg-1", &reader, &kept).into_string();
         assert!(!cell.contains("<form") && cell.contains("audit"), "{cell}");
         assert_eq!(keep_until(""), "forever");
         assert_eq!(keep_until("2027-03-01"), "2027-03-01T00:00:00Z");
