@@ -209,6 +209,15 @@ class Api:
         return {k: body[k] for k in POLICY_FIELDS}
 
 
+    def policy_answer(self, instance):
+        """DescribeBackupPolicy's whole answer, retention options included
+        (through scripts/rds-curl.sh: Strata's extension fields are not in
+        the SDK's models)."""
+        return self._curl("DescribeBackupPolicy", f"DBInstanceId={instance}")
+
+    def create_backup(self, instance):
+        return self._curl("CreateBackup", f"DBInstanceId={instance}")
+
     def storage_usage(self, instance):
         """StrataDescribeBackupStorageUsage (an extension action: its fields
         are not in the SDK's models), through scripts/rds-curl.sh."""

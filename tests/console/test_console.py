@@ -211,6 +211,102 @@ def test_policy_is_validated_inline_then_saved(console, env, api):
     console.shot("backup-strategy")
 
 
+def rule_row(console, rule):
+    return console.find(f"#rules tr[data-rule='{rule}']")
+
+
+def set_rule(console, rule, kind=None, value=None, retention=None):
+    row = rule_row(console, rule)
+    if kind is not None:
+        row.find_element("css selector", f"select[name=kind] option[value={kind}]").click()
+    for name, text in (("value", value), ("retention", retention)):
+        if text is not None:
+            field = row.find_element("css selector", f"input[name={name}]")
+            field.clear()
+            field.send_keys(text)
+    return row
+
+
+def advanced_rules(api, instance):
+    return api.policy_answer(instance)["AdvancedDataPolicies"]["AdvancedDataPolicy"]
+
+
+def test_retention_rules_are_edited_on_the_strategy_page(console, env, api):
+    instance = env["instance"]
+    console.go(f"/console/instances/{instance}/strategy")
+    # The instance takes physical backups: high-frequency snapshots are refused.
+    console.find("#interval option[value='60']").click()
+    console.click_through(console.find("#save-strategy"))
+    console.wait("the interval error", lambda: console.finds("#interval-error"))
+    error = console.text("#interval-error")
+    assert "InvalidBackupInterval.NotSupported" in error and "Flash" in error, error
+    assert api.policy_answer(instance)["BackupInterval"] == "-1"
+
+    console.go(f"/console/instances/{instance}/strategy")
+    set_field(console, "#keep_last", "3")
+    set_field(console, "#archive_days", "90")
+    console.find("#archive_policy option[value=ByWeek]").click()
+    set_field(console, "#archive_count", "2")
+    if not console.find("#advanced").is_selected():
+        console.find("#advanced").click()
+    console.click_through(console.find("#save-strategy"))
+    console.wait("the saved notice", lambda: console.finds(".notice.ok"))
+    saved = api.policy_answer(instance)
+    assert saved["StrataKeepLastBackups"] == 3, saved
+    assert saved["ArchiveBackupRetentionPeriod"] == "90" and saved["ArchiveBackupKeepPolicy"] == "ByWeek", saved
+    assert saved["ArchiveBackupKeepCount"] == "2" and saved["AdvancedBackupPolicyEnabled"] is True, saved
+    assert console.find("#keep_last").get_attribute("value") == "3"
+    assert console.find("#advanced").is_selected()
+
+    # The regular rule comes first and cannot be deleted.
+    regular = rule_row(console, "regular")
+    assert console.finds("#rules tbody tr")[0] == regular
+    assert not regular.find_elements("css selector", "button")
+    assert "Monday,Thursday" in regular.text
+
+    set_rule(console, "new", kind="Monthly", value="1,Last", retention="365")
+    console.click_through(rule_row(console, "new").find_element("css selector", "button[value=create]"))
+    console.wait("the rule added", lambda: console.finds(".notice.ok"))
+    rules = advanced_rules(api, instance)
+    assert [r["StrategyId"] for r in rules] == ["regular", "monthly-1"], rules
+    assert rules[1]["FilterType"] == "Monthly" and rules[1]["RetentionValue"] == 365, rules
+    row = rule_row(console, "monthly-1")
+    assert row.find_element("css selector", "input[name=value]").get_attribute("value") == rules[1]["FilterValue"]
+    assert "Last" in rules[1]["FilterValue"], rules
+    console.d.execute_script("document.querySelector('#advanced-rules').scrollIntoView()")
+    console.shot("backup-strategy-rules")
+
+    # A day past 31 is refused under the table, with what was entered kept.
+    set_rule(console, "new", kind="Monthly", value="32", retention="30")
+    console.click_through(rule_row(console, "new").find_element("css selector", "button[value=create]"))
+    console.wait("the rule error", lambda: console.finds("#rules-error"))
+    assert "Malformed" in console.text("#rules-error"), console.text("#rules-error")
+    assert rule_row(console, "new").find_element("css selector", "input[name=value]").get_attribute("value") == "32"
+    assert advanced_rules(api, instance) == rules
+
+    set_rule(console, "monthly-1", retention="400")
+    console.click_through(rule_row(console, "monthly-1").find_element("css selector", "button[value=update]"))
+    console.wait("the rule saved", lambda: console.finds(".notice.ok"))
+    assert advanced_rules(api, instance)[1]["RetentionValue"] == 400
+    assert set_rule(console, "monthly-1").find_element(
+        "css selector", "input[name=retention]").get_attribute("value") == "400"
+
+    console.click_through(rule_row(console, "monthly-1").find_element("css selector", "button[value=delete]"))
+    console.wait("the rule deleted", lambda: console.finds(".notice.ok"))
+    assert [r["StrategyId"] for r in advanced_rules(api, instance)] == ["regular"]
+    assert not console.finds("#rules tr[data-rule='monthly-1']")
+
+    # Back to the regular policy for the tests after this one.
+    set_field(console, "#keep_last", "0")
+    set_field(console, "#archive_days", "0")
+    console.find("#advanced").click()
+    console.click_through(console.find("#save-strategy"))
+    console.wait("the saved notice", lambda: console.finds(".notice.ok"))
+    saved = api.policy_answer(instance)
+    assert saved["StrataKeepLastBackups"] == 0 and saved["ArchiveBackupRetentionPeriod"] == "0", saved
+    assert saved["AdvancedBackupPolicyEnabled"] is False, saved
+
+
 def utc(s):
     return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ")
 
@@ -266,6 +362,56 @@ def test_data_backups_show_restore_drill_results(console, env):
     local = (at + timedelta(hours=8)).strftime("%Y-%m-%d %H:%M:%S")
     assert hover.startswith(local) and "UTC: " in hover and "pg_amcheck clean" in hover, hover
     console.shot("base-backups-drills")
+
+
+def successful_sets(console, instance):
+    """The Data Backup list's successful sets, oldest first."""
+    console.go(f"/console/instances/{instance}/backups")
+    rows = [r for r in console.finds("#data-backups tr[data-backup]")
+            if "Success" in r.find_element("css selector", "td .badge").text]
+    return sorted(rows, key=lambda r: int(r.find_elements("css selector", "td")[1].get_attribute("data-v")))
+
+
+def test_a_set_is_kept_by_hand_then_released(console, env, api):
+    """A set neither newest nor the recovery base shows what keeps it: the
+    keep by hand while it lasts, the regular retention after release."""
+    instance = env["instance"]
+    if len(successful_sets(console, instance)) < 3:
+        api.create_backup(instance)
+
+    def three():
+        time.sleep(1)
+        rows = successful_sets(console, instance)
+        return rows if len(rows) >= 3 else None
+
+    sets = console.wait("three successful sets", three, timeout=240)
+    header = [th.text for th in console.finds("#data-backups thead th")]
+    assert "Kept By" in header and "Expected Expiry" in header, header
+    middle = sets[1].get_attribute("data-backup")
+    row = sets[1]
+    assert row.find_element("css selector", "td.kept .keptby").text, row.text
+
+    until = (datetime.utcnow() + timedelta(days=400)).strftime("%Y-%m-%d")
+    row.find_element("css selector", "details.keepform summary").click()
+    form = row.find_element("css selector", "details.keepform form")
+    console.d.execute_script("arguments[0].value = arguments[1]", form.find_element("css selector", "input[name=until]"), until)
+    form.find_element("css selector", "input[name=note]").send_keys("audit")
+    console.click_through(form.find_element("css selector", "button[value=keep]"))
+    console.wait("the kept notice", lambda: console.finds(".notice.ok"))
+    assert f"{middle} kept" in console.text(".notice.ok")
+    row = console.find(f"#data-backups tr[data-backup='{middle}']")
+    assert row.find_element("css selector", "td.kept .keptby").text == f"kept until {until}T00:00:00Z (audit)", row.text
+    expiry = row.find_element("css selector", "td.expiry time").get_attribute("datetime")
+    assert expiry == f"{until}T00:00:00Z", expiry
+    assert "audit" in row.find_element("css selector", "td.kept .keep").text
+    console.shot("base-backups-kept")
+
+    console.click_through(row.find_element("css selector", "button[value=release]"))
+    console.wait("the released notice", lambda: console.finds(".notice.ok"))
+    assert f"{middle} released" in console.text(".notice.ok")
+    row = console.find(f"#data-backups tr[data-backup='{middle}']")
+    assert not row.find_element("css selector", "td.kept .keptby").text.startswith("kept until"), row.text
+    assert row.find_elements("css selector", "details.keepform")
 
 
 def test_restore_refuses_a_time_outside_the_window_inline(console, env):
@@ -455,8 +601,10 @@ def test_read_only_key_sees_no_buttons_that_change_things(console, env):
     assert "read-only" in console.text(".whoami")
     console.go(f"/console/instances/{instance}/backups")
     assert not console.finds("button[data-open=backup-dialog]")
+    assert not console.finds("#data-backups td.kept form")
     console.go(f"/console/instances/{instance}/strategy")
     assert not console.finds("#save-strategy")
+    assert not console.finds("#rules button") and not console.finds("#rules tr[data-rule=new]")
     assert all(f.get_attribute("disabled") is not None for f in console.finds("fieldset.card"))
     console.shot("read-only-strategy")
     console.go(f"/console/instances/{instance}/restore")
@@ -476,6 +624,13 @@ def test_read_only_key_sees_no_buttons_that_change_things(console, env):
     assert "Forbidden.ReadOnlyAccessKey" in body, body
     status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/strategy", token)
     assert status == 403 and "read-only" in body, (status, body)
+    status, body = console.d.execute_async_script(
+        """
+        const [url, token, done] = arguments;
+        fetch(url, {method: 'POST', body: new URLSearchParams({csrf: token, op: 'delete', rule: 'any'})})
+          .then(r => r.text().then(t => done([r.status, t])));
+        """, f"/console/instances/{instance}/strategy/rules", token)
+    assert status == 403 and "Forbidden.ReadOnlyAccessKey" in body, (status, body)
     for form in ("clone", "databases"):
         status, body = console.d.execute_async_script(
             post, f"/console/instances/{instance}/restore/{form}", token)

@@ -283,7 +283,7 @@ pub async fn backups(
         @match &answer {
             Err(e) => { (layout::error_box("The list could not be shown:", e)) }
             Ok(a) if log => { (log_list(a)) (pager(&b, &q, a)) }
-            Ok(a) => { (data_list(a)) (pager(&b, &q, a)) }
+            Ok(a) => { (data_list(&b, &page.who, a)) (pager(&b, &q, a)) }
         }
     };
     let status = match &answer {
@@ -349,7 +349,7 @@ fn pager(base: &str, q: &ListQuery, answer: &Map<String, Value>) -> Markup {
     }
 }
 
-fn data_list(answer: &Map<String, Value>) -> Markup {
+fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
     let rows = items(answer, "Items", "Backup");
     let stored = count(answer.get("TotalEcsSnapshotSize"));
     html! {
@@ -366,6 +366,8 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
                     (sort_th("Size", "num"))
                     (sort_th("Status", "text"))
                     (sort_th("Restore Drill", "text"))
+                    (sort_th("Kept By", "text"))
+                    (sort_th("Expected Expiry", "num"))
                     th scope="col" { "Download" }
                 } }
                 tbody {
@@ -389,6 +391,14 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
                                 }
                             }
                             (drill_cell(b))
+                            (kept_cell(base, who, b))
+                            @let expiry = layout::parse_api_time(text(b, "ExpectExpireTime"));
+                            td.expiry data-v=(layout::sort_time(expiry)) {
+                                @match expiry {
+                                    Some(t) => { (time(t)) }
+                                    None => { span.muted { "none" } }
+                                }
+                            }
                             td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
                         }
                     }
@@ -399,6 +409,98 @@ fn data_list(answer: &Map<String, Value>) -> Markup {
             }
         }
     }
+}
+
+/// What keeps a set (retention's words), its keep by hand with Release,
+/// or Keep with an optional date and note.
+fn kept_cell(base: &str, who: &Signed, set: &Value) -> Markup {
+    let id = text(set, "BackupId");
+    let until = text(set, "StrataKeepUntil");
+    let action = format!("{base}/backups/keep");
+    html! {
+        td.kept data-v=(text(set, "StrataKeptBy")) {
+            span.keptby { (text(set, "StrataKeptBy")) }
+            @if !until.is_empty() {
+                div.sub.keep {
+                    @match layout::parse_api_time(until) {
+                        Some(t) => { "until " (time(t)) }
+                        None => { (until) }
+                    }
+                    @let note = text(set, "StrataKeepNote");
+                    @if !note.is_empty() { " · " (note) }
+                }
+            }
+            @if !who.read_only && text(set, "BackupStatus") == BackupStatus::Success.as_str() {
+                @if until.is_empty() {
+                    details.keepform {
+                        summary.button.ghost { "Keep" }
+                        form method="post" action=(action) {
+                            (layout::csrf(who))
+                            input type="hidden" name="backup_id" value=(id);
+                            label { "Until" input type="date" name="until" aria-label="Keep until"; }
+                            label { "Note" input name="note" maxlength="256" aria-label="Note"; }
+                            p.hint { "No date: kept until released." }
+                            button.primary type="submit" name="op" value="keep" { "Keep" }
+                        }
+                    }
+                } @else {
+                    form method="post" action=(action) {
+                        (layout::csrf(who))
+                        input type="hidden" name="backup_id" value=(id);
+                        button.ghost type="submit" name="op" value="release" { "Release" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `KeepUntil` for a date picked in the form: the start of that day, UTC;
+/// no date keeps the set until released.
+fn keep_until(date: &str) -> String {
+    match date.trim() {
+        "" => "forever".to_string(),
+        d if d.len() == 10 => format!("{d}T00:00:00Z"),
+        d => d.to_string(),
+    }
+}
+
+/// `POST /console/instances/{id}/backups/keep`: `StrataKeepBackup` or
+/// `StrataReleaseBackup` of one set.
+pub async fn keep_backup(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let form = Fields(form);
+    if !csrf_ok(&page.who, &form) {
+        return csrf_refused(&page.who);
+    }
+    let set = form.get("backup_id").trim().to_string();
+    let mut params = vec![("DBInstanceId", id.clone()), ("BackupId", set.clone())];
+    let (action, done, failed) = if form.get("op") == "release" {
+        (
+            "StrataReleaseBackup",
+            "released",
+            "The set was not released:",
+        )
+    } else {
+        params.push(("KeepUntil", keep_until(form.get("until"))));
+        params.push(("Note", form.get("note").trim().to_string()));
+        ("StrataKeepBackup", "kept", "The set was not kept:")
+    };
+    match state.call(&page.who, action, params).await {
+        Ok(_) => state.flash(
+            &page.who,
+            Flash::Done {
+                text: format!("Backup set {set} {done}."),
+                link: None,
+            },
+        ),
+        Err(e) => state.flash_error(&page.who, failed, &e),
+    }
+    Redirect::to(&format!("{}/backups", base(&id))).into_response()
 }
 
 /// The last restore drill of a set: its result, with when it ran and what
@@ -474,6 +576,14 @@ struct Strategy {
     retention: String,
     log_on: bool,
     log_retention: String,
+    /// High-frequency snapshot interval in minutes, `-1` off.
+    interval: String,
+    advanced_on: bool,
+    archive_days: String,
+    archive_policy: String,
+    archive_count: String,
+    /// Last N sets kept whatever their age, `0` off.
+    keep_last: String,
 }
 
 impl Strategy {
@@ -484,6 +594,14 @@ impl Strategy {
             retention: p.backup_retention_days.to_string(),
             log_on: p.log_backup_enabled,
             log_retention: p.log_retention_days.to_string(),
+            interval: p
+                .backup_interval_minutes
+                .map_or("-1".to_string(), |m| m.to_string()),
+            advanced_on: p.advanced_enabled,
+            archive_days: p.archive_retention_days.to_string(),
+            archive_policy: p.archive_keep_policy.as_str().to_string(),
+            archive_count: p.archive_keep_count.to_string(),
+            keep_last: p.keep_last.unwrap_or(0).to_string(),
         }
     }
 
@@ -494,6 +612,12 @@ impl Strategy {
             retention: f.get("retention").trim().to_string(),
             log_on: f.get("log_backup") == "on",
             log_retention: f.get("log_retention").trim().to_string(),
+            interval: f.get("interval").trim().to_string(),
+            advanced_on: f.get("advanced") == "on",
+            archive_days: zero_if_blank(f.get("archive_days")),
+            archive_policy: f.get("archive_policy").trim().to_string(),
+            archive_count: f.get("archive_count").trim().to_string(),
+            keep_last: zero_if_blank(f.get("keep_last")),
         }
     }
 
@@ -509,6 +633,15 @@ impl Strategy {
                 if self.log_on { "True" } else { "False" }.into(),
             ),
             ("LogBackupRetentionPeriod", self.log_retention.clone()),
+            ("BackupInterval", self.interval.clone()),
+            (
+                "EnableAdvancedBackupPolicy",
+                if self.advanced_on { "1" } else { "0" }.into(),
+            ),
+            ("ArchiveBackupRetentionPeriod", self.archive_days.clone()),
+            ("ArchiveBackupKeepPolicy", self.archive_policy.clone()),
+            ("ArchiveBackupKeepCount", self.archive_count.clone()),
+            ("StrataKeepLastBackups", self.keep_last.clone()),
         ]
     }
 
@@ -544,6 +677,14 @@ impl Strategy {
     }
 }
 
+/// An option whose empty field means off (`0`), as its hint says.
+fn zero_if_blank(v: &str) -> String {
+    match v.trim() {
+        "" => "0".to_string(),
+        v => v.to_string(),
+    }
+}
+
 /// Which field an API error belongs under.
 fn error_field(code: &str) -> &'static str {
     match code {
@@ -552,6 +693,12 @@ fn error_field(code: &str) -> &'static str {
         "InvalidBackupRetentionPeriod.Malformed" => "retention",
         "InvalidLogBackupRetentionPeriod.Malformed" | "InvalidParameterCombination" => {
             "log_retention"
+        }
+        "InvalidBackupInterval.Malformed" | "InvalidBackupInterval.NotSupported" => "interval",
+        "InvalidArchiveBackupPolicy.Malformed" => "archive",
+        "InvalidKeepLast.Malformed" => "keep_last",
+        "InvalidAdvancedDataPolicies.Malformed" | "InvalidEnableAdvancedBackupPolicy.Malformed" => {
+            "rules"
         }
         _ => "",
     }
@@ -568,7 +715,16 @@ pub async fn strategy(
         Err(e) => return missing(&page, e),
     };
     let body = match state.service.policy(&inst.id) {
-        Ok(p) => strategy_form(&state, &page.who, &inst, &p, &Strategy::of(&p), None, false),
+        Ok(p) => strategy_form(
+            &state,
+            &page.who,
+            &inst,
+            &p,
+            &Strategy::of(&p),
+            None,
+            false,
+            None,
+        ),
         Err(e) => layout::error_box("The policy could not be read:", &e.into()),
     };
     render(&state, page, &inst, Tab::Strategy, StatusCode::OK, body)
@@ -607,7 +763,9 @@ pub async fn save_strategy(
     let values = Strategy::from_form(&form);
     let turning_off = current.log_backup_enabled && !values.log_on;
     if turning_off && !page.who.read_only && form.get("confirm_log_off") != "yes" {
-        let body = strategy_form(&state, &page.who, &inst, &current, &values, None, true);
+        let body = strategy_form(
+            &state, &page.who, &inst, &current, &values, None, true, None,
+        );
         return render(&state, page, &inst, Tab::Strategy, StatusCode::OK, body);
     }
     let outcome = match values.blank_field_error() {
@@ -636,7 +794,16 @@ pub async fn save_strategy(
         }
         Err(e) => {
             let status = e.status;
-            let body = strategy_form(&state, &page.who, &inst, &current, &values, Some(&e), false);
+            let body = strategy_form(
+                &state,
+                &page.who,
+                &inst,
+                &current,
+                &values,
+                Some(&e),
+                false,
+                None,
+            );
             render(&state, page, &inst, Tab::Strategy, status, body)
         }
     }
@@ -675,6 +842,7 @@ fn strategy_form(
     v: &Strategy,
     error: Option<&ApiError>,
     confirm_log_off: bool,
+    rule_edit: Option<&RuleEdit>,
 ) -> Markup {
     let ro = who.read_only;
     let next = policy::next_backup_time(stored, state.service.now());
@@ -766,6 +934,7 @@ fn strategy_form(
                     (field_error(error, "log_retention"))
                 }
             }
+            (retention_fieldset(v, error, ro))
             @if !ro {
                 div.formactions {
                     button.primary type="submit" #save-strategy { "Save" }
@@ -780,6 +949,369 @@ fn strategy_form(
                     }
                 }
             }
+        }
+        (rules_table(inst, who, stored, rule_edit))
+    }
+}
+
+/// The high-frequency intervals offered, in minutes (`-1`: off).
+const INTERVALS: [(&str, &str); 10] = [
+    ("-1", "Off"),
+    ("15", "15 minutes"),
+    ("30", "30 minutes"),
+    ("60", "1 hour"),
+    ("120", "2 hours"),
+    ("180", "3 hours"),
+    ("240", "4 hours"),
+    ("360", "6 hours"),
+    ("480", "8 hours"),
+    ("720", "12 hours"),
+];
+
+const ARCHIVE_POLICIES: [(&str, &str); 3] = [
+    ("ByMonth", "First sets of each month"),
+    ("ByWeek", "First sets of each week"),
+    ("KeepAll", "Every set"),
+];
+
+fn invalid(error: Option<&ApiError>, field: &str) -> Option<&'static str> {
+    error
+        .filter(|e| error_field(&e.code) == field)
+        .map(|_| "true")
+}
+
+/// The retention options beyond the regular days: high-frequency
+/// snapshots, keep last N, archived sets and the advanced rules' switch.
+fn retention_fieldset(v: &Strategy, error: Option<&ApiError>, ro: bool) -> Markup {
+    html! {
+        fieldset.card disabled[ro] {
+            legend { "Retention Rules" }
+            div.field {
+                label for="interval" { "High-Frequency Snapshots" }
+                select #interval name="interval" aria-invalid=[invalid(error, "interval")] {
+                    @if !INTERVALS.iter().any(|(m, _)| *m == v.interval) {
+                        option value=(v.interval) selected { (v.interval) " minutes" }
+                    }
+                    @for (minutes, label) in INTERVALS {
+                        option value=(minutes) selected[minutes == v.interval] { (label) }
+                    }
+                }
+                p.hint { "Snapshots this often on backup days, thinned to hourly over a day and daily after. Only with snapshot backups (Flash)." }
+                (field_error(error, "interval"))
+            }
+            div.field {
+                label for="keep_last" { "Keep Last Backup Sets" }
+                input #keep_last name="keep_last" inputmode="numeric" value=(v.keep_last)
+                    aria-invalid=[invalid(error, "keep_last")];
+                p.hint { "The last 1 to 1000 successful sets stay whatever their age; 0: off." }
+                (field_error(error, "keep_last"))
+            }
+            div.field role="group" aria-labelledby="archive-label" {
+                span.label #archive-label { "Archived Backups" }
+                div.inline {
+                    label for="archive_days" { "Retention (Days)" }
+                    input #archive_days name="archive_days" inputmode="numeric" value=(v.archive_days)
+                        aria-invalid=[invalid(error, "archive")];
+                    label for="archive_policy" { "Keep" }
+                    select #archive_policy name="archive_policy" {
+                        @for (value, label) in ARCHIVE_POLICIES {
+                            option value=(value) selected[value == v.archive_policy] { (label) }
+                        }
+                    }
+                    label for="archive_count" { "Sets per Period" }
+                    input #archive_count name="archive_count" inputmode="numeric" value=(v.archive_count)
+                        aria-invalid=[invalid(error, "archive")];
+                }
+                p.hint { "30 to 1095 days past their end (0: off); 1 to 31 sets a month or 1 to 7 a week." }
+                (field_error(error, "archive"))
+            }
+            div.field {
+                span.label { "Advanced Backup Policy" }
+                label.switch {
+                    input #advanced type="checkbox" name="advanced" value="on" checked[v.advanced_on];
+                    span { "Enabled" }
+                }
+                p.hint { "Turns on the rules below beside the regular one." }
+            }
+        }
+    }
+}
+
+/// A rule of the advanced policy as the rules table edits it.
+#[derive(Debug, Clone, Default)]
+struct RuleDraft {
+    /// `StrategyId`; empty for a rule being added.
+    id: String,
+    kind: String,
+    value: String,
+    retention: String,
+}
+
+impl RuleDraft {
+    fn from_form(f: &Fields) -> RuleDraft {
+        RuleDraft {
+            id: f.get("rule").trim().to_string(),
+            kind: f.get("kind").trim().to_string(),
+            value: f.get("value").trim().to_string(),
+            retention: f.get("retention").trim().to_string(),
+        }
+    }
+}
+
+/// A refused rule change, shown with what was entered.
+struct RuleEdit {
+    error: ApiError,
+    draft: RuleDraft,
+}
+
+/// Which edit a rule form asks for: `ActionType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RuleOp {
+    Create,
+    Update,
+    Delete,
+}
+
+impl RuleOp {
+    fn parse(s: &str) -> Option<RuleOp> {
+        match s {
+            "create" => Some(RuleOp::Create),
+            "update" => Some(RuleOp::Update),
+            "delete" => Some(RuleOp::Delete),
+            _ => None,
+        }
+    }
+
+    fn action_type(self) -> &'static str {
+        match self {
+            RuleOp::Create => "CREATE",
+            RuleOp::Update => "UPDATE",
+            RuleOp::Delete => "DELETE",
+        }
+    }
+
+    fn done(self) -> &'static str {
+        match self {
+            RuleOp::Create => "added",
+            RuleOp::Update => "saved",
+            RuleOp::Delete => "deleted",
+        }
+    }
+}
+
+const RULE_KINDS: [&str; 3] = ["Weekly", "Monthly", "Yearly"];
+
+/// An id for a new rule of `kind`: `monthly-1`, or the next number free.
+fn new_rule_id(kind: &str, stored: &BackupPolicy) -> String {
+    let stem = kind.to_ascii_lowercase();
+    (1..)
+        .map(|n| format!("{stem}-{n}"))
+        .find(|id| !stored.advanced_data_rules.iter().any(|r| &r.id == id))
+        .unwrap_or(stem)
+}
+
+/// `ModifyBackupPolicy`'s parameters for one rule edit (`ActionType` mode).
+fn rule_params(
+    instance_id: &str,
+    op: RuleOp,
+    draft: &RuleDraft,
+    stored: &BackupPolicy,
+) -> Vec<(&'static str, String)> {
+    let id = if op == RuleOp::Create {
+        new_rule_id(&draft.kind, stored)
+    } else {
+        draft.id.clone()
+    };
+    let mut params = vec![
+        ("DBInstanceId", instance_id.to_string()),
+        ("AdvancedDataPolicies.1.ActionType", op.action_type().into()),
+        ("AdvancedDataPolicies.1.StrategyId", id),
+    ];
+    if op != RuleOp::Delete {
+        params.extend([
+            ("AdvancedDataPolicies.1.FilterType", draft.kind.clone()),
+            ("AdvancedDataPolicies.1.FilterValue", draft.value.clone()),
+            ("AdvancedDataPolicies.1.RetentionType", "Days".into()),
+            (
+                "AdvancedDataPolicies.1.RetentionValue",
+                draft.retention.clone(),
+            ),
+        ]);
+    }
+    params
+}
+
+/// One editable row of the rules table: its inputs belong to the form in
+/// its last cell (`form` attribute), as a form cannot span cells.
+fn rule_row(inst: &Instance, who: &Signed, draft: &RuleDraft, ro: bool) -> Markup {
+    let adding = draft.id.is_empty();
+    let form_id = if adding {
+        "rule-new".to_string()
+    } else {
+        format!("rule-{}", draft.id)
+    };
+    html! {
+        tr data-rule=(if adding { "new" } else { draft.id.as_str() }) {
+            td {
+                @if adding { span.muted { "new rule" } } @else { code { (draft.id) } }
+            }
+            td {
+                select name="kind" form=(form_id) aria-label="Kind" disabled[ro] {
+                    @for k in RULE_KINDS {
+                        option value=(k) selected[k == draft.kind] { (k) }
+                    }
+                }
+            }
+            td { input name="value" form=(form_id) value=(draft.value) aria-label="Days" disabled[ro]
+                placeholder="Monday,Friday · 1,15,Last · 12-31"; }
+            td { input name="retention" form=(form_id) inputmode="numeric" value=(draft.retention)
+                aria-label="Retention (days)" disabled[ro]; }
+            td.ruleactions {
+                @if !ro {
+                    form id=(form_id) method="post" action=(format!("{}/strategy/rules", base(&inst.id))) {
+                        (layout::csrf(who))
+                        input type="hidden" name="rule" value=(draft.id);
+                        @if adding {
+                            button.primary type="submit" name="op" value="create" { "Add" }
+                        } @else {
+                            button.ghost type="submit" name="op" value="update" { "Save" }
+                            button.danger type="submit" name="op" value="delete" { "Delete" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The advanced policy's rules: the regular one first (edited with the
+/// form above, never deleted), then the others, and a row to add one.
+fn rules_table(
+    inst: &Instance,
+    who: &Signed,
+    stored: &BackupPolicy,
+    edit: Option<&RuleEdit>,
+) -> Markup {
+    let ro = who.read_only;
+    let draft_for = |id: &str| edit.map(|e| &e.draft).filter(|d| d.id == id);
+    let added = draft_for("").cloned().unwrap_or_else(|| RuleDraft {
+        kind: "Monthly".into(),
+        ..RuleDraft::default()
+    });
+    html! {
+        section.card #advanced-rules aria-labelledby="rules-title" {
+            h2 #rules-title { "Advanced Backup Rules" }
+            p.hint {
+                "A set is kept for the longest retention among the rules falling on its day. "
+                "The rules apply while the advanced policy is enabled above."
+            }
+            @if let Some(e) = edit {
+                p.fielderror role="alert" #rules-error { "The rule was not saved: " (e.error.message) " " span.code { (e.error.code) } }
+            }
+            div.tablewrap {
+                table.data #rules {
+                    thead { tr {
+                        th scope="col" { "Rule" }
+                        th scope="col" { "Kind" }
+                        th scope="col" { "Days" }
+                        th scope="col" { "Retention (Days)" }
+                        th scope="col" { "Actions" }
+                    } }
+                    tbody {
+                        tr data-rule="regular" {
+                            td { code { "regular" } }
+                            td { "Weekly" }
+                            td { (stored.backup_days.join(",")) }
+                            td { (stored.backup_retention_days) }
+                            td { span.muted { "the backup cycle and retention above" } }
+                        }
+                        @for r in &stored.advanced_data_rules {
+                            @let (kind, value) = policy::rule_filter(&r.kind);
+                            @let draft = draft_for(&r.id).cloned().unwrap_or_else(|| RuleDraft {
+                                id: r.id.clone(),
+                                kind: kind.to_string(),
+                                value,
+                                retention: r.retention_days.to_string(),
+                            });
+                            (rule_row(inst, who, &draft, ro))
+                        }
+                        @if !ro {
+                            (rule_row(inst, who, &added, ro))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `POST /console/instances/{id}/strategy/rules`: one rule added, saved or
+/// deleted through `ModifyBackupPolicy`'s `ActionType` edits.
+pub async fn save_rule(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let form = Fields(form);
+    if !csrf_ok(&page.who, &form) {
+        return csrf_refused(&page.who);
+    }
+    let inst = match load(&state, &id) {
+        Ok(i) => i,
+        Err(e) => return missing(&page, e),
+    };
+    let current = match state.service.policy(&inst.id) {
+        Ok(p) => p,
+        Err(e) => {
+            let body = layout::error_box("The policy could not be read:", &e.into());
+            return render(
+                &state,
+                page,
+                &inst,
+                Tab::Strategy,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                body,
+            );
+        }
+    };
+    let draft = RuleDraft::from_form(&form);
+    let Some(op) = RuleOp::parse(form.get("op")) else {
+        // Not one of the table's buttons: nothing to change.
+        return Redirect::to(&format!("{}/strategy", base(&inst.id))).into_response();
+    };
+    let outcome = state
+        .call(
+            &page.who,
+            "ModifyBackupPolicy",
+            rule_params(&inst.id, op, &draft, &current),
+        )
+        .await;
+    match outcome.map(|_| op) {
+        Ok(op) => {
+            state.flash(
+                &page.who,
+                Flash::Done {
+                    text: format!("Backup rule {}.", op.done()),
+                    link: None,
+                },
+            );
+            Redirect::to(&format!("{}/strategy", base(&inst.id))).into_response()
+        }
+        Err(error) => {
+            let status = error.status;
+            let edit = RuleEdit { error, draft };
+            let body = strategy_form(
+                &state,
+                &page.who,
+                &inst,
+                &current,
+                &Strategy::of(&current),
+                None,
+                false,
+                Some(&edit),
+            );
+            render(&state, page, &inst, Tab::Strategy, status, body)
         }
     }
 }
@@ -1224,6 +1756,12 @@ mod tests {
             retention: "7".into(),
             log_on: true,
             log_retention: "7".into(),
+            interval: "-1".into(),
+            advanced_on: false,
+            archive_days: "0".into(),
+            archive_policy: "ByMonth".into(),
+            archive_count: "1".into(),
+            keep_last: "0".into(),
         };
         assert_eq!(
             s.blank_field_error().unwrap().code,
@@ -1245,6 +1783,130 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn retention_options_become_the_api_parameters() {
+        let s = Strategy::from_form(&fields(&[
+            ("day", "Monday"),
+            ("day", "Friday"),
+            ("window", "02:00Z-03:00Z"),
+            ("retention", "7"),
+            ("log_retention", "7"),
+            ("interval", "60"),
+            ("advanced", "on"),
+            ("archive_days", ""),
+            ("archive_policy", "ByWeek"),
+            ("archive_count", "2"),
+            ("keep_last", " 5 "),
+        ]));
+        let params = s.params("pg-1");
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("BackupInterval"), Some("60"));
+        assert_eq!(get("EnableAdvancedBackupPolicy"), Some("1"));
+        // An empty field is off, as its hint says, not "keep the current value".
+        assert_eq!(get("ArchiveBackupRetentionPeriod"), Some("0"));
+        assert_eq!(get("ArchiveBackupKeepPolicy"), Some("ByWeek"));
+        assert_eq!(get("ArchiveBackupKeepCount"), Some("2"));
+        assert_eq!(get("StrataKeepLastBackups"), Some("5"));
+        assert_eq!(
+            error_field("InvalidBackupInterval.NotSupported"),
+            "interval"
+        );
+        assert_eq!(
+            error_field("InvalidArchiveBackupPolicy.Malformed"),
+            "archive"
+        );
+    }
+
+    #[test]
+    fn rule_edits_become_action_type_entries() {
+        let mut stored = policy::default_policy("pg-1", Utc::now());
+        stored.advanced_data_rules.push(strata_catalog::DataRule {
+            id: "monthly-1".into(),
+            kind: policy::parse_rule_kind("Monthly", "Last").unwrap(),
+            retention_days: 365,
+        });
+        let draft = RuleDraft {
+            id: String::new(),
+            kind: "Monthly".into(),
+            value: "1,15".into(),
+            retention: "90".into(),
+        };
+        // A new rule gets the first id of its kind not taken.
+        assert_eq!(
+            rule_params("pg-1", RuleOp::Create, &draft, &stored),
+            vec![
+                ("DBInstanceId", "pg-1".to_string()),
+                ("AdvancedDataPolicies.1.ActionType", "CREATE".into()),
+                ("AdvancedDataPolicies.1.StrategyId", "monthly-2".into()),
+                ("AdvancedDataPolicies.1.FilterType", "Monthly".into()),
+                ("AdvancedDataPolicies.1.FilterValue", "1,15".into()),
+                ("AdvancedDataPolicies.1.RetentionType", "Days".into()),
+                ("AdvancedDataPolicies.1.RetentionValue", "90".into()),
+            ]
+        );
+        let existing = RuleDraft {
+            id: "monthly-1".into(),
+            ..draft
+        };
+        assert_eq!(
+            rule_params("pg-1", RuleOp::Update, &existing, &stored)[2],
+            ("AdvancedDataPolicies.1.StrategyId", "monthly-1".to_string())
+        );
+        assert_eq!(
+            rule_params("pg-1", RuleOp::Delete, &existing, &stored),
+            vec![
+                ("DBInstanceId", "pg-1".to_string()),
+                ("AdvancedDataPolicies.1.ActionType", "DELETE".into()),
+                ("AdvancedDataPolicies.1.StrategyId", "monthly-1".into()),
+            ]
+        );
+        assert_eq!(RuleOp::parse("remove"), None);
+    }
+
+    #[test]
+    fn kept_cells_offer_keep_or_release() {
+        let admin = Signed {
+            id: "s".into(),
+            key_id: "k".into(),
+            read_only: false,
+            csrf: "t".into(),
+        };
+        let free = serde_json::json!({"BackupId": "17", "BackupStatus": "Success"});
+        let cell = kept_cell("/console/instances/pg-1", &admin, &free).into_string();
+        assert!(
+            cell.contains(r#"value="keep""#) && !cell.contains(r#"value="release""#),
+            "{cell}"
+        );
+        let kept = serde_json::json!({
+            "BackupId": "17",
+            "BackupStatus": "Success",
+            "StrataKeepUntil": "2027-03-01T00:00:00Z",
+            "StrataKeepNote": "audit",
+        });
+        let cell = kept_cell("/console/instances/pg-1", &admin, &kept).into_string();
+        assert!(
+            cell.contains(r#"value="release""#) && cell.contains("audit"),
+            "{cell}"
+        );
+        assert!(
+            cell.contains(r#"datetime="2027-03-01T00:00:00Z""#),
+            "{cell}"
+        );
+        let reader = Signed {
+            read_only: true,
+            ..admin
+        };
+        let cell = kept_cell("/console/instances/pg-1", &reader, &kept).into_string();
+        assert!(!cell.contains("<form") && cell.contains("audit"), "{cell}");
+        assert_eq!(keep_until(""), "forever");
+        assert_eq!(keep_until("2027-03-01"), "2027-03-01T00:00:00Z");
     }
 
     #[test]

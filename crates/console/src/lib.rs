@@ -121,6 +121,10 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
             "/console/instances/{id}/strategy",
             get(instance::strategy).post(instance::save_strategy),
         )
+        .route(
+            "/console/instances/{id}/strategy/rules",
+            post(instance::save_rule),
+        )
         .route("/console/instances/{id}/restore", get(instance::restore))
         .route(
             "/console/instances/{id}/restore/clone",
@@ -132,6 +136,10 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         )
         .route("/console/instances/{id}/storage", get(instance::storage))
         .route("/console/instances/{id}/backup", post(instance::backup_now))
+        .route(
+            "/console/instances/{id}/backups/keep",
+            post(instance::keep_backup),
+        )
         .route("/console/static/{version}/{name}", get(assets::serve))
         .route("/console/{*rest}", get(not_found))
         .layer(middleware::map_response(security_headers))
