@@ -164,6 +164,23 @@ pub struct ManifestEntry {
     pub size: u64,
     /// Permission bits (`0o600`, `0o700`, …).
     pub mode: u32,
+    /// Inode and change time as the snapshot holds it now (none: not read, as in the answer
+    /// to a snapshot's creation, or an agent older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+/// What the kernel changes whenever a file is written, truncated, chmod-ed, renamed or linked:
+/// its change time (which no user but root can set back) and inode. A snapshot's stamps taken
+/// when it is complete and again before it is used show whether the files were touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// Inode number.
+    pub inode: u64,
+    /// Change time, seconds since the epoch.
+    pub ctime_sec: i64,
+    /// Change time, nanoseconds within the second.
+    pub ctime_nsec: i64,
 }
 
 /// Every entry of a snapshot, parents before children.
@@ -613,12 +630,18 @@ impl SnapshotStore {
                 let meta =
                     fs::symlink_metadata(entry.path()).map_err(io_err("stat", &entry.path()))?;
                 let mode = meta.mode() & cow::KEPT_MODE_BITS;
+                let stamp = Some(FileStamp {
+                    inode: meta.ino(),
+                    ctime_sec: meta.ctime(),
+                    ctime_nsec: meta.ctime_nsec(),
+                });
                 if meta.is_dir() {
                     entries.push(ManifestEntry {
                         path,
                         kind: EntryKind::Dir,
                         size: 0,
                         mode,
+                        stamp,
                     });
                     stack.push((entry.path(), child_rel));
                 } else if meta.is_file() {
@@ -627,6 +650,7 @@ impl SnapshotStore {
                         kind: EntryKind::File,
                         size: meta.len(),
                         mode,
+                        stamp,
                     });
                 }
             }
@@ -798,6 +822,7 @@ impl Walk {
             kind,
             size,
             mode,
+            stamp: None,
         });
         Ok(())
     }

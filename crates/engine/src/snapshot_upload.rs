@@ -972,6 +972,7 @@ mod tests {
             kind: EntryKind::File,
             size,
             mode: 0o600,
+            stamp: None,
         }
     }
 
