@@ -455,6 +455,19 @@ impl Engine {
         set: &BackupSet,
         listing: &Manifest,
     ) -> EngineResult<()> {
+        if set.snapshot_fingerprint.is_none() {
+            return Ok(());
+        }
+        let (engine, set, listing) = (self.clone(), set.clone(), listing.clone());
+        blocking(move || engine.refuse_changed_snapshot(&set, &listing)).await
+    }
+
+    /// [`Engine::check_snapshot_unchanged`] off the runtime.
+    pub(crate) fn refuse_changed_snapshot(
+        &self,
+        set: &BackupSet,
+        listing: &Manifest,
+    ) -> EngineResult<()> {
         let Some(text) = &set.snapshot_fingerprint else {
             return Ok(());
         };
@@ -467,17 +480,11 @@ impl Engine {
             return Ok(());
         };
         tracing::warn!(backup = %set.id, "snapshot changed on the database host: {what}");
-        let engine = self.clone();
-        let id = set.id.clone();
-        blocking(move || {
-            let mut row = engine.catalog.get_backup(&id)?;
-            row.snapshot_local = false;
-            retry_busy("recording a changed snapshot as not local", || {
-                engine.catalog.update_backup(&row)
-            })?;
-            Ok(())
-        })
-        .await?;
+        let mut row = self.catalog.get_backup(&set.id)?;
+        row.snapshot_local = false;
+        retry_busy("recording a changed snapshot as not local", || {
+            self.catalog.update_backup(&row)
+        })?;
         let instead = if set.snapshot_uploaded {
             "restore from the repository"
         } else {
