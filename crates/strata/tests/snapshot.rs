@@ -821,4 +821,64 @@ fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
         ],
     );
     assert!(described(&strata, server.port, &failed).is_none());
+
+    // One byte of a relation in the snapshot rewritten on the host by the PostgreSQL OS user,
+    // its mtime put back: the reflink restore is refused naming the file, the set is no longer
+    // local, and the next restore takes the repository's copy.
+    let rel = pg.psql(db, "SELECT pg_relation_filepath('pgbench_accounts')");
+    let file = agent.snapshot_dir().join(&backup).join(&rel);
+    let file = file.display().to_string();
+    let stamp = fs.path().join("mtime-ref").display().to_string();
+    let ok = std::process::Command::new("touch")
+        .args(["-r", &file, &stamp])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "{file}");
+    for args in [
+        vec![
+            "dd",
+            "if=/dev/urandom",
+            &format!("of={file}"),
+            "bs=1",
+            "count=1",
+            "seek=8200",
+            "conv=notrunc",
+        ],
+        vec!["touch", "-r", &stamp, &file],
+    ] {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let restore = |name: &str| {
+        vec![
+            "restore".to_string(),
+            "src".into(),
+            "--backup".into(),
+            backup.clone(),
+            "--immediate".into(),
+            "--target-dir".into(),
+            fs.path().join(name).display().to_string(),
+        ]
+    };
+    let args = restore("tampered");
+    let err = strata.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains(&format!(
+            "snapshot {backup} changed on the database host after it was taken ({rel}: ctime); it is not used: restore from the repository"
+        )),
+        "{err}"
+    );
+    let set = strata
+        .backups("src")
+        .into_iter()
+        .find(|b| b["id"] == backup.as_str())
+        .expect("the set is listed");
+    assert_eq!(set["snapshot_local"], false, "{set}");
+    let args = restore("from-repo");
+    let out = strata.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.contains("reflinked from the snapshot"), "{out}");
 }
