@@ -768,8 +768,7 @@ pub fn manifest_of(root: &Path) -> Result<Manifest, SnapshotError> {
             let Ok(path) = RelPath::new(&child_rel) else {
                 continue;
             };
-            let meta =
-                fs::symlink_metadata(entry.path()).map_err(io_err("stat", &entry.path()))?;
+            let meta = fs::symlink_metadata(entry.path()).map_err(io_err("stat", &entry.path()))?;
             let mode = meta.mode() & cow::KEPT_MODE_BITS;
             let stamp = Some(FileStamp {
                 inode: meta.ino(),
