@@ -7,6 +7,7 @@
 //! - [`clone_server`]: start, stop and report a PostgreSQL server in a clone, its
 //!   configuration neutralized by `pg_conf` as the Strata server's restored copies are.
 //! - [`wal`]: WAL files put into snapshots and clones, segment ranges reflinked from `pg_wal`.
+//! - [`fingerprint`]: a snapshot's fingerprint, checked before it is used.
 //! - [`auth`]: the agent's key file and the request signature.
 //! - [`proto`]: the HTTP API's paths and bodies.
 //! - [`server`]: the agent (`strata agent`).
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod client;
 pub mod clone_server;
 pub mod cow;
+pub mod fingerprint;
 pub mod names;
 pub mod proto;
 pub mod server;
@@ -28,6 +30,7 @@ pub mod wal;
 pub use auth::{AgentKey, KeyError};
 pub use client::{AgentClient, AgentError, RangeReader, Timeouts};
 pub use clone_server::{CloneStarted, CloneStatus, StartRequest, TargetRequest};
+pub use fingerprint::{Fingerprint, FingerprintError};
 pub use names::{CloneName, InvalidName, RelPath, SnapshotName};
 pub use server::{Agent, StartError, TlsFiles};
 pub use snapshot::{FreeFloor, Labels, Layout};

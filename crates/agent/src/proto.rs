@@ -33,7 +33,7 @@ pub use crate::clone_server::{CloneStarted, CloneStatus, StartRequest, TargetReq
 pub use crate::cow::{ByteRange, ChangedRanges, FsInfo};
 use crate::names::SnapshotName;
 pub use crate::snapshot::{
-    CloneCreated, EntryKind, FileChanges, FreeFloor, Labels, Manifest, ManifestEntry,
+    CloneCreated, EntryKind, FileChanges, FileStamp, FreeFloor, Labels, Manifest, ManifestEntry,
     SnapshotCreated, SnapshotInfo,
 };
 pub use crate::wal::{WalAdded, WalFileName, WalRangeRequest};

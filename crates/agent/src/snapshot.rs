@@ -164,6 +164,23 @@ pub struct ManifestEntry {
     pub size: u64,
     /// Permission bits (`0o600`, `0o700`, …).
     pub mode: u32,
+    /// Inode and change time as the snapshot holds it now (none: not read, as in the answer
+    /// to a snapshot's creation, or an agent older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+/// What the kernel changes whenever a file is written, truncated, chmod-ed, renamed or linked:
+/// its change time (which no user but root can set back) and inode. A snapshot's stamps taken
+/// when it is complete and again before it is used show whether the files were touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// Inode number.
+    pub inode: u64,
+    /// Change time, seconds since the epoch.
+    pub ctime_sec: i64,
+    /// Change time, nanoseconds within the second.
+    pub ctime_nsec: i64,
 }
 
 /// Every entry of a snapshot, parents before children.
@@ -593,46 +610,7 @@ impl SnapshotStore {
 
     /// Every entry of snapshot `name`, read from the snapshot itself.
     pub fn manifest(&self, name: &SnapshotName) -> Result<Manifest, SnapshotError> {
-        let root = self.existing_snapshot(name)?;
-        let mut entries = Vec::new();
-        let mut stack = vec![(root.clone(), String::new())];
-        while let Some((dir, rel)) = stack.pop() {
-            let mut list = fs::read_dir(&dir)
-                .map_err(io_err("read", &dir))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(io_err("read", &dir))?;
-            list.sort_by_key(|e| e.file_name());
-            for entry in list {
-                let Some(file) = entry.file_name().to_str().map(str::to_string) else {
-                    continue;
-                };
-                let child_rel = join_rel(&rel, &file);
-                let Ok(path) = RelPath::new(&child_rel) else {
-                    continue;
-                };
-                let meta =
-                    fs::symlink_metadata(entry.path()).map_err(io_err("stat", &entry.path()))?;
-                let mode = meta.mode() & cow::KEPT_MODE_BITS;
-                if meta.is_dir() {
-                    entries.push(ManifestEntry {
-                        path,
-                        kind: EntryKind::Dir,
-                        size: 0,
-                        mode,
-                    });
-                    stack.push((entry.path(), child_rel));
-                } else if meta.is_file() {
-                    entries.push(ManifestEntry {
-                        path,
-                        kind: EntryKind::File,
-                        size: meta.len(),
-                        mode,
-                    });
-                }
-            }
-        }
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Manifest { entries })
+        manifest_of(&self.existing_snapshot(name)?)
     }
 
     /// Opens file `path` of snapshot `name` for reading. The path is resolved beneath the
@@ -770,6 +748,57 @@ impl SnapshotStore {
     }
 }
 
+/// Every entry of the snapshot at `root` (its directory, or a `/proc/self/fd/<n>` path of a
+/// handle to it) with inode and change time: what `GET manifest` serves and a
+/// [`crate::Fingerprint`] is taken of.
+pub fn manifest_of(root: &Path) -> Result<Manifest, SnapshotError> {
+    let mut entries = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut list = fs::read_dir(&dir)
+            .map_err(io_err("read", &dir))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io_err("read", &dir))?;
+        list.sort_by_key(|e| e.file_name());
+        for entry in list {
+            let Some(file) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let child_rel = join_rel(&rel, &file);
+            let Ok(path) = RelPath::new(&child_rel) else {
+                continue;
+            };
+            let meta = fs::symlink_metadata(entry.path()).map_err(io_err("stat", &entry.path()))?;
+            let mode = meta.mode() & cow::KEPT_MODE_BITS;
+            let stamp = Some(FileStamp {
+                inode: meta.ino(),
+                ctime_sec: meta.ctime(),
+                ctime_nsec: meta.ctime_nsec(),
+            });
+            if meta.is_dir() {
+                entries.push(ManifestEntry {
+                    path,
+                    kind: EntryKind::Dir,
+                    size: 0,
+                    mode,
+                    stamp,
+                });
+                stack.push((entry.path(), child_rel));
+            } else if meta.is_file() {
+                entries.push(ManifestEntry {
+                    path,
+                    kind: EntryKind::File,
+                    size: meta.len(),
+                    mode,
+                    stamp,
+                });
+            }
+        }
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Manifest { entries })
+}
+
 /// Which exclusion rules apply: the data directory's, or a tablespace's (no top-level names).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Filter {
@@ -798,6 +827,7 @@ impl Walk {
             kind,
             size,
             mode,
+            stamp: None,
         });
         Ok(())
     }

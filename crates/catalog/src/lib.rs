@@ -421,6 +421,11 @@ pub struct BackupSet {
     /// before rules were recorded, which follow the regular retention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub taken_under: Option<TakenUnder>,
+    /// A snapshot set: its snapshot's fingerprint when it was complete
+    /// (`strata_agent::Fingerprint` text), checked before the snapshot is
+    /// uploaded, cloned or restored from; `None` for sets taken before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_fingerprint: Option<String>,
 }
 
 /// How long a set kept by hand stays.
@@ -702,6 +707,7 @@ impl BackupSet {
             keep_until: None,
             keep_note: None,
             taken_under: None,
+            snapshot_fingerprint: None,
         }
     }
 

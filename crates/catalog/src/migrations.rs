@@ -659,6 +659,18 @@ ALTER TABLE backup_sets ADD COLUMN taken_rule text;
 ALTER TABLE backup_sets ADD COLUMN taken_retention_days bigint;
 "#,
     },
+    Migration {
+        version: 15,
+        description: "snapshot fingerprints, checked before a snapshot is used",
+        sqlite: r#"
+-- A snapshot set's fingerprint (v1:<latest ctime>:<sha256>) taken when the
+-- snapshot was complete (NULL: taken before fingerprints).
+ALTER TABLE backup_sets ADD COLUMN snapshot_fingerprint TEXT;
+"#,
+        postgres: r#"
+ALTER TABLE backup_sets ADD COLUMN snapshot_fingerprint text;
+"#,
+    },
 ];
 
 #[cfg(test)]

@@ -648,7 +648,7 @@ fn instance_from_row(r: &Row) -> CatalogResult<Instance> {
     })
 }
 
-const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes, kept, keep_until, keep_note, taken_rule, taken_retention_days";
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes, kept, keep_until, keep_note, taken_rule, taken_retention_days, snapshot_fingerprint";
 
 fn backup_params(b: &BackupSet) -> Params {
     vec![
@@ -679,6 +679,7 @@ fn backup_params(b: &BackupSet) -> Params {
         Box::new(b.keep_note.clone()),
         Box::new(b.taken_under.as_ref().map(|t| t.rule.clone())),
         Box::new(b.taken_under.as_ref().map(|t| i64::from(t.retention_days))),
+        Box::new(b.snapshot_fingerprint.clone()),
     ]
 }
 
@@ -711,6 +712,7 @@ fn backup_from_row(r: &Row) -> CatalogResult<BackupSet> {
         keep_until: keep_from_sql(get(r, 22)?, get(r, 23)?),
         keep_note: get(r, 24)?,
         taken_under: taken_from_sql(get(r, 25)?, get_opt_u32(r, 26)?),
+        snapshot_fingerprint: get(r, 27)?,
     })
 }
 
@@ -1085,7 +1087,7 @@ impl BackupCatalog for PgCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO backup_sets ({BACKUP_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
-            placeholders(27)
+            placeholders(28)
         );
         if self.execute(sql, backup_params(b))? == 0 {
             return Err(CatalogError::BackupExists(b.id.to_string()));
@@ -1099,7 +1101,7 @@ impl BackupCatalog for PgCatalog {
         let owner = self.owner.clone();
         let sql = format!(
             "UPDATE backup_sets SET ({BACKUP_COLS}) = ({}) WHERE id = $1",
-            placeholders(27)
+            placeholders(28)
         );
         self.call(move |mut c| {
             let (set, p, owner, sql) = (set.clone(), p.clone(), owner.clone(), sql.clone());

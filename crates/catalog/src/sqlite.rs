@@ -203,10 +203,11 @@ fn backup_from_row(r: &Row) -> rusqlite::Result<BackupSet> {
         keep_until: keep_from_sql(r.get(22)?, opt_ts(r.get(23)?)?),
         keep_note: r.get(24)?,
         taken_under: taken_from_sql(r.get(25)?, r.get(26)?),
+        snapshot_fingerprint: r.get(27)?,
     })
 }
 
-const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes, kept, keep_until, keep_note, taken_rule, taken_retention_days";
+const BACKUP_COLS: &str = "id, instance_id, status, mode, started_at, finished_at, start_lsn, stop_lsn, start_timeline, stop_timeline, pg_version_num, total_bytes, new_bytes, dedup_bytes, stored_bytes, file_count, error, job_id, method, snapshot_local, snapshot_uploaded, snapshot_bytes, kept, keep_until, keep_note, taken_rule, taken_retention_days, snapshot_fingerprint";
 
 const POLICY_COLS: &str = "instance_id, backup_days, backup_window, backup_retention_days, log_backup_enabled, log_retention_days, updated_at, last_auto_slot, backup_method, backup_interval_minutes, advanced_enabled, advanced_data_rules, advanced_log_retention_days, archive_retention_days, archive_keep_policy, archive_keep_count, keep_last";
 
@@ -346,7 +347,7 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
 /// REPLACE`); returns the rows changed.
 fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
     Ok(c.execute(
-                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27)"),
+                &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)"),
                 params![
                     b.id.as_str(), b.instance_id.as_str(), b.status.as_str(), b.mode.as_str(), ts(&b.started_at),
                     b.finished_at.as_ref().map(ts), b.start_lsn.map(lsn_to_sql), b.stop_lsn.map(lsn_to_sql),
@@ -355,7 +356,8 @@ fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usiz
                     b.file_count as i64, b.error, b.job_id.map(JobId::get), b.method.as_str(),
                     b.snapshot_local, b.snapshot_uploaded, b.snapshot_bytes.map(|v| v as i64),
                     b.keep_until.is_some(), keep_until_sql(b.keep_until).as_ref().map(ts), b.keep_note,
-                    b.taken_under.as_ref().map(|t| t.rule.as_str()), b.taken_under.as_ref().map(|t| t.retention_days)
+                    b.taken_under.as_ref().map(|t| t.rule.as_str()), b.taken_under.as_ref().map(|t| t.retention_days),
+                    b.snapshot_fingerprint
                 ],
             )?)
 }

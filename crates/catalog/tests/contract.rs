@@ -238,6 +238,7 @@ fn full_set(id: &str, t: DateTime<Utc>) -> BackupSet {
         keep_until: None,
         keep_note: None,
         taken_under: None,
+        snapshot_fingerprint: None,
     }
 }
 
@@ -376,6 +377,7 @@ fn backup_sets_round_trip(b: &dyn Backend) {
     snap.method = BackupMethod::Snapshot;
     snap.snapshot_local = true;
     snap.snapshot_bytes = Some(u64::from(u32::MAX) + 7);
+    snap.snapshot_fingerprint = Some(format!("v1:1796000000.123456789:{}", "ab".repeat(32)));
     cat.insert_backup(&snap).unwrap();
     assert_eq!(b.open().get_backup("2").unwrap(), snap);
     assert!(!snap.in_repository());

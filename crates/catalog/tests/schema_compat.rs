@@ -72,6 +72,7 @@ fn backup() -> BackupSet {
         keep_until: None,
         keep_note: None,
         taken_under: None,
+        snapshot_fingerprint: None,
     }
 }
 

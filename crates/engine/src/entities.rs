@@ -261,6 +261,7 @@ mod tests {
                 keep_until: None,
                 keep_note: None,
                 taken_under: None,
+                snapshot_fingerprint: None,
             }
         );
         // Manifests from before modes were recorded are manual backups.

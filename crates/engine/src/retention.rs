@@ -446,6 +446,7 @@ mod tests {
             keep_until: None,
             keep_note: None,
             taken_under: None,
+            snapshot_fingerprint: None,
         }
     }
 

@@ -11,6 +11,11 @@
 //! other. If anything fails, the session is closed, which ends backup mode on
 //! the server; the set is recorded `Failed` with the reason.
 //!
+//! Once complete (labels written), the snapshot's fingerprint (see
+//! `strata_agent::fingerprint`) is recorded on the set; an upload, a clone and
+//! a local restore compare it first and refuse a snapshot changed on the host
+//! since, which is then no longer counted as local.
+//!
 //! The agent's credential is kept in the catalog as `plain:<hex>`, or
 //! `sealed:<hex>` under the repository's data key when it is encrypted (as the
 //! shared link key is).
@@ -21,7 +26,8 @@ use chrono::Utc;
 use pg_replication::{ConnectOptions, ReplicationClient};
 use pg_wal::{Lsn, TimelineId};
 use strata_agent::proto::HostFacts;
-use strata_agent::{AgentClient, AgentError, AgentKey, Labels, SnapshotName};
+use strata_agent::proto::Manifest;
+use strata_agent::{AgentClient, AgentError, AgentKey, Fingerprint, Labels, SnapshotName};
 use strata_catalog::{BackupSet, Instance, Job, JobState};
 
 use crate::backup::{open_wal_slot, BackupWal, StreamStart};
@@ -284,6 +290,21 @@ impl Engine {
         // Each file is in the snapshot, consistent once the WAL to the stop
         // position is replayed: stored now, as a physical backup's is.
         wal.stored(stop_lsn).await?;
+        // Complete: what a later use compares with.
+        let listing = agent
+            .manifest(&name)
+            .await
+            .map_err(|e| agent_error(agent.url(), e))?;
+        set.snapshot_fingerprint = match Fingerprint::of(&listing) {
+            Ok(f) => Some(f.to_string()),
+            Err(e) => {
+                progress.message(&format!(
+                    "backup {}: no fingerprint, its uses are not checked: {e}",
+                    set.id
+                ));
+                None
+            }
+        };
 
         let space = agent.space(&name).await.ok();
         set.stop_lsn = Some(stop_lsn);
@@ -423,6 +444,56 @@ impl Engine {
         })
         .await?;
         Ok((set, report))
+    }
+
+    /// Refuses snapshot set `set` if its snapshot changed on the database host since its
+    /// fingerprint was taken, as `listing` (just read from the agent) shows it; such a set is
+    /// recorded as no longer local, so nothing uses the snapshot again. A set taken before
+    /// fingerprints passes.
+    pub(crate) async fn check_snapshot_unchanged(
+        &self,
+        set: &BackupSet,
+        listing: &Manifest,
+    ) -> EngineResult<()> {
+        if set.snapshot_fingerprint.is_none() {
+            return Ok(());
+        }
+        let (engine, set, listing) = (self.clone(), set.clone(), listing.clone());
+        blocking(move || engine.refuse_changed_snapshot(&set, &listing)).await
+    }
+
+    /// [`Engine::check_snapshot_unchanged`] off the runtime.
+    pub(crate) fn refuse_changed_snapshot(
+        &self,
+        set: &BackupSet,
+        listing: &Manifest,
+    ) -> EngineResult<()> {
+        let Some(text) = &set.snapshot_fingerprint else {
+            return Ok(());
+        };
+        let taken = Fingerprint::parse(text)
+            .map_err(|e| EngineError::Failed(format!("backup {}: {e}", set.id)))?;
+        let changed = taken
+            .check(listing)
+            .map_err(|e| EngineError::Refused(format!("snapshot {}: {e}", set.id)))?;
+        let Some(what) = changed else {
+            return Ok(());
+        };
+        tracing::warn!(backup = %set.id, "snapshot changed on the database host: {what}");
+        let mut row = self.catalog.get_backup(&set.id)?;
+        row.snapshot_local = false;
+        retry_busy("recording a changed snapshot as not local", || {
+            self.catalog.update_backup(&row)
+        })?;
+        let instead = if set.snapshot_uploaded {
+            "restore from the repository"
+        } else {
+            "restore from another backup"
+        };
+        Err(EngineError::Refused(format!(
+            "snapshot {} changed on the database host after it was taken ({what}); it is not used: {instead}",
+            set.id
+        )))
     }
 
     /// Records a set's new snapshot state (local copy gone, or uploaded).

@@ -202,6 +202,12 @@ impl Engine {
             job.state = JobState::Preparing;
             self.record_job("recording a clone's start", job).await?;
         }
+        let listing = match agent.manifest(&snapshot).await {
+            Ok(listing) => listing,
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),
+            Err(e) => return Err(agent_error(agent.url(), e)),
+        };
+        self.check_snapshot_unchanged(set, &listing).await?;
         // Planned before the clone is made: a refused target costs nothing.
         let (plan, geometry, histories) = self.clone_wal_plan(source, set, &opts.target).await?;
 

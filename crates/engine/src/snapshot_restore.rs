@@ -21,6 +21,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use pg_wal::history_file_name;
+use strata_agent::proto::Manifest;
+use strata_agent::snapshot::manifest_of;
 use strata_catalog::{BackupMethod, BackupSet, BackupStatus, Instance, Job, JobState};
 
 use crate::beneath::Beneath;
@@ -44,6 +46,16 @@ pub struct LocalSnapshot {
     /// The directory itself, opened without following a link anywhere on
     /// its path: what is read, whatever is renamed after the check.
     root: std::sync::Arc<File>,
+}
+
+impl LocalSnapshot {
+    /// The snapshot's entries with inode and change time, read through the opened directory.
+    fn listing(&self) -> EngineResult<Manifest> {
+        let through = PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd()));
+        manifest_of(&through).map_err(|e| {
+            EngineError::Failed(format!("listing the snapshot {}: {e}", self.dir.display()))
+        })
+    }
 }
 
 /// Opens the directory `path` for reading, refusing a symbolic link in any
@@ -315,7 +327,10 @@ impl Engine {
             "opening {}",
             opts.target_dir.display()
         )))?;
+        // Checked before the copy, and after it for a change made while it ran.
+        self.refuse_changed_snapshot(set, &local.listing()?)?;
         let (files, bytes) = reflink_tree(&local.dir, &local.root, &root)?;
+        self.refuse_changed_snapshot(set, &local.listing()?)?;
         progress.update("restore", bytes, Some(bytes));
 
         root.create_dir_all("pg_wal", 0o700)

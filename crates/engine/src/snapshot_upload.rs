@@ -126,7 +126,8 @@ impl Engine {
     /// Uploads snapshot `req.snapshot` as backup set `req.backup_id` and commits its manifest;
     /// see the module documentation. Holds the repository against garbage collection while it
     /// runs, as a backup does. On failure (agent unreachable, snapshot gone, repository full)
-    /// the error names the cause and no manifest is written. The catalog is only read.
+    /// the error names the cause and no manifest is written. The catalog is only read, but for
+    /// a snapshot changed on the host since it was taken: refused, and recorded as not local.
     pub async fn upload_snapshot(
         &self,
         req: SnapshotUpload,
@@ -194,6 +195,7 @@ impl Engine {
             .map_err(|e| agent_err("listing the snapshot", e))?;
         check_listing(&listing.entries)
             .map_err(|why| EngineError::Refused(format!("{what}: the agent's manifest {why}")))?;
+        self.check_snapshot_unchanged(&set, &listing).await?;
         let labels = self.snapshot_labels(req, &listing.entries, &what).await?;
         check_label(&labels.backup_label, start_lsn, start_tli)
             .map_err(|why| EngineError::Refused(format!("{what}: {why}")))?;
@@ -316,6 +318,13 @@ impl Engine {
             received_bytes: Some(read_bytes),
             stats: stats.clone(),
         };
+        // Changed while it was read: nothing is committed.
+        let listing = req
+            .agent
+            .manifest(&req.snapshot)
+            .await
+            .map_err(|e| agent_err("listing the snapshot", e))?;
+        self.check_snapshot_unchanged(&set, &listing).await?;
         let repo = self.repo.clone();
         blocking(move || {
             if let Err(e) = repo.commit_manifest(&manifest) {
@@ -972,6 +981,7 @@ mod tests {
             kind: EntryKind::File,
             size,
             mode: 0o600,
+            stamp: None,
         }
     }
 

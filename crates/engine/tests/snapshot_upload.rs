@@ -5,7 +5,8 @@
 //! point) and downloaded (pg_verifybackup accepts it); after a 1 % change a second snapshot is
 //! uploaded against the first reading at most a tenth of the bytes, and restores equal too; a
 //! repository that refuses writes, a snapshot deleted mid-upload and an agent stopped
-//! mid-upload each fail it, naming the cause, with no manifest in the repository.
+//! mid-upload each fail it, naming the cause, with no manifest in the repository. A snapshot
+//! whose file the PostgreSQL OS user rewrote after it was taken is refused and no longer local.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +15,12 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use pg_replication::{ConnectOptions, ReplicationClient};
-use strata_agent::{Agent, AgentClient, AgentKey, FreeFloor, Labels, Layout, SnapshotName};
+use strata_agent::{
+    Agent, AgentClient, AgentKey, Fingerprint, FreeFloor, Labels, Layout, SnapshotName,
+};
 use strata_catalog::{
-    BackupId, BackupMode, BackupSet, BackupStatus, Catalog, Instance, SqliteCatalog, SslMode,
+    BackupId, BackupMethod, BackupMode, BackupSet, BackupStatus, Catalog, Instance, SqliteCatalog,
+    SslMode,
 };
 use strata_engine::{
     Engine, EngineSettings, NoProgress, Progress, RecoveryTarget, RestoreOptions, SnapshotBase,
@@ -535,6 +539,188 @@ fn a_snapshot_uploads_restores_and_the_next_reads_only_changed_blocks() {
     let verified = repo.verify(&|_, _| {}).unwrap();
     assert!(verified.problems.is_empty(), "{:?}", verified.problems);
     assert_eq!(verified.backups_checked, 2);
+
+    stop_wal.send(true).unwrap();
+    runtime.block_on(receiver).unwrap().unwrap();
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Records the snapshot's fingerprint on set `id`, as a snapshot backup does once its labels
+/// are in, and the set as local.
+fn fingerprint_set(
+    runtime: &tokio::runtime::Runtime,
+    engine: &Engine,
+    agent: &AgentClient,
+    id: &BackupId,
+    name: &str,
+) {
+    let listing = runtime
+        .block_on(agent.manifest(&SnapshotName::new(name).unwrap()))
+        .unwrap();
+    let mut set = engine.catalog().get_backup(id).unwrap();
+    set.method = BackupMethod::Snapshot;
+    set.snapshot_local = true;
+    set.snapshot_fingerprint = Some(Fingerprint::of(&listing).unwrap().to_string());
+    engine.catalog().update_backup(&set).unwrap();
+}
+
+fn run_as_postgres(args: &[&str]) {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_snapshot_changed_on_the_host_after_it_was_taken_is_not_uploaded() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let cluster = Cluster::builder(15)
+        .in_dir(fs.path())
+        .conf("autovacuum = off")
+        .start();
+    cluster.psql("postgres", &format!("CREATE DATABASE {DB}"));
+    cluster.pgbench(DB, &["-i", "-q", "-s", "1"]);
+    cluster.psql(DB, "CREATE TABLE in_ts (id int)");
+    cluster.psql("postgres", "CHECKPOINT");
+
+    let dir: PathBuf = testkit::temp_dir("strata-snapshot-tamper-");
+    let storage = Arc::new(LocalStorage::new(dir.join("repo")).unwrap());
+    let repo = Repository::open_or_init(storage).unwrap();
+    let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&dir.join("catalog.db")).unwrap());
+    let engine = Engine::new(
+        catalog,
+        repo.clone(),
+        EngineSettings {
+            os_user: Some("postgres".into()),
+            ..EngineSettings::default()
+        },
+    );
+    engine
+        .add_instance(&Instance::new(
+            ID,
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            SslMode::Disable,
+        ))
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop_wal, shutdown) = tokio::sync::watch::channel(false);
+    let receiver = {
+        let engine = engine.clone();
+        runtime.spawn(async move {
+            engine
+                .receive_wal(ID, shutdown, WalReceiveOptions::default(), &NoProgress)
+                .await
+        })
+    };
+    let slot = strata_engine::slot_name(ID);
+    wait_for("the WAL receiver streams from its slot", || {
+        cluster
+            .psql(
+                "postgres",
+                &format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+            )
+            .trim()
+            == "t"
+    });
+    let agent = runtime.block_on(start_agent(cluster.data_dir()));
+    let relation = cluster
+        .psql(DB, "SELECT pg_relation_filepath('pgbench_accounts')")
+        .trim()
+        .to_string();
+
+    // One byte of a relation in the snapshot rewritten by the PostgreSQL OS user, its mtime
+    // put back: the upload is refused naming the file, and nothing is committed.
+    let (changed, _) = runtime.block_on(snapshot_backup(&cluster, &engine, &agent.client, "t1"));
+    fingerprint_set(&runtime, &engine, &agent.client, &changed, "t1");
+    let file = cluster
+        .data_dir()
+        .parent()
+        .unwrap()
+        .join("strata-snapshots/t1")
+        .join(&relation)
+        .display()
+        .to_string();
+    let stamp = fs.path().join("mtime-ref").display().to_string();
+    let ok = std::process::Command::new("touch")
+        .args(["-r", &file, &stamp])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let before = std::fs::read(&file).unwrap();
+    run_as_postgres(&[
+        "dd",
+        "if=/dev/urandom",
+        &format!("of={file}"),
+        "bs=1",
+        "count=1",
+        "seek=8200",
+        "conv=notrunc",
+    ]);
+    run_as_postgres(&["touch", "-r", &stamp, &file]);
+    let after = std::fs::read(&file).unwrap();
+    assert_eq!(before.len(), after.len());
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        std::fs::metadata(&stamp).unwrap().modified().unwrap(),
+        "the mtime is put back"
+    );
+    let err = upload(
+        &runtime,
+        &engine,
+        &agent.client,
+        &changed,
+        "t1",
+        None,
+        &NoProgress,
+    )
+    .expect_err("a changed snapshot was uploaded");
+    eprintln!("upload of a changed snapshot: {err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "snapshot {changed} changed on the database host after it was taken ({relation}: ctime); it is not used: restore from another backup"
+        )
+    );
+    assert_not_committed(&repo, &changed);
+    assert!(
+        !engine
+            .catalog()
+            .get_backup(&changed)
+            .unwrap()
+            .snapshot_local
+    );
+
+    // An untouched snapshot still uploads, and its set stays local.
+    let (kept, _) = runtime.block_on(snapshot_backup(&cluster, &engine, &agent.client, "t2"));
+    fingerprint_set(&runtime, &engine, &agent.client, &kept, "t2");
+    let report = upload(
+        &runtime,
+        &engine,
+        &agent.client,
+        &kept,
+        "t2",
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(report.read_bytes, report.total_bytes);
+    assert_eq!(repo.list_backups(ID).unwrap(), vec![kept.clone()]);
+    assert!(engine.catalog().get_backup(&kept).unwrap().snapshot_local);
 
     stop_wal.send(true).unwrap();
     runtime.block_on(receiver).unwrap().unwrap();

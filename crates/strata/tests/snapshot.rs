@@ -821,4 +821,99 @@ fn snapshot_sets_clone_on_the_database_host_through_the_agent() {
         ],
     );
     assert!(described(&strata, server.port, &failed).is_none());
+
+    // One byte of a relation in a snapshot rewritten on the host by the PostgreSQL OS user, its
+    // mtime put back: a clone of it and a reflink restore from it are refused naming the file,
+    // the set is no longer local, and the next restore takes the repository's copy.
+    let rel = pg.psql(db, "SELECT pg_relation_filepath('pgbench_accounts')");
+    let rewrite_one_byte = |set: &str| {
+        let file = agent.snapshot_dir().join(set).join(&rel);
+        let file = file.display().to_string();
+        let stamp = fs.path().join(format!("mtime-{set}")).display().to_string();
+        let ok = std::process::Command::new("touch")
+            .args(["-r", &file, &stamp])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{file}");
+        for args in [
+            vec![
+                "dd",
+                "if=/dev/urandom",
+                &format!("of={file}"),
+                "bs=1",
+                "count=1",
+                "seek=8200",
+                "conv=notrunc",
+            ],
+            vec!["touch", "-r", &stamp, &file],
+        ] {
+            let out = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        }
+    };
+    let is_local = |set: &str| {
+        let row = strata
+            .backups("src")
+            .into_iter()
+            .find(|b| b["id"] == set)
+            .expect("the set is listed");
+        row["snapshot_local"] == true
+    };
+    let (second, _) = snapshot(&strata, "src");
+    assert!(is_local(&second));
+    rewrite_one_byte(&second);
+    let v = signed_call(
+        &strata,
+        server.port,
+        &[
+            ("Action", "CloneDBInstance"),
+            ("DBInstanceId", "src"),
+            ("BackupId", &second),
+        ],
+    );
+    let refused = v["DBInstanceId"].as_str().unwrap().to_string();
+    wait_for("the clone to fail", 120, || {
+        last = described(&strata, server.port, &refused).expect("listed");
+        last["DBInstanceStatus"] != "Creating"
+    });
+    assert_eq!(last["DBInstanceStatus"], "Failed", "{last}");
+    let reason = last["StrataErrorMessage"].as_str().unwrap_or_default();
+    assert_eq!(
+        reason,
+        format!(
+            "snapshot {second} changed on the database host after it was taken ({rel}: ctime); it is not used: restore from another backup"
+        ),
+        "{last}"
+    );
+    assert!(!clone_root.join(&refused).exists());
+    assert!(!is_local(&second));
+
+    rewrite_one_byte(&backup);
+    let restore = |name: &str| {
+        vec![
+            "restore".to_string(),
+            "src".into(),
+            "--backup".into(),
+            backup.clone(),
+            "--immediate".into(),
+            "--target-dir".into(),
+            fs.path().join(name).display().to_string(),
+        ]
+    };
+    let args = restore("tampered");
+    let err = strata.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains(&format!(
+            "snapshot {backup} changed on the database host after it was taken ({rel}: ctime); it is not used: restore from the repository"
+        )),
+        "{err}"
+    );
+    assert!(!is_local(&backup));
+    let args = restore("from-repo");
+    let out = strata.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.contains("reflinked from the snapshot"), "{out}");
 }
