@@ -730,6 +730,34 @@ pub async fn strategy(
     render(&state, page, &inst, Tab::Strategy, StatusCode::OK, body)
 }
 
+/// What a Backup Strategy form acts on: the instance and its current policy,
+/// once the form's CSRF token is checked; otherwise the page saying why not.
+fn strategy_target(
+    state: &ConsoleState,
+    id: &str,
+    page: Page,
+    form: &Fields,
+) -> Result<(Page, Instance, strata_catalog::BackupPolicy), Box<Response>> {
+    if !csrf_ok(&page.who, form) {
+        return Err(Box::new(csrf_refused(&page.who)));
+    }
+    let inst = load(state, id).map_err(|e| Box::new(missing(&page, e)))?;
+    match state.service.policy(&inst.id) {
+        Ok(p) => Ok((page, inst, p)),
+        Err(e) => {
+            let body = layout::error_box("The policy could not be read:", &e.into());
+            Err(Box::new(render(
+                state,
+                page,
+                &inst,
+                Tab::Strategy,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                body,
+            )))
+        }
+    }
+}
+
 /// `POST /console/instances/{id}/strategy`: `ModifyBackupPolicy`, after the
 /// user confirmed turning log backup off.
 pub async fn save_strategy(
@@ -739,26 +767,9 @@ pub async fn save_strategy(
     Form(form): Form<Vec<(String, String)>>,
 ) -> Response {
     let form = Fields(form);
-    if !csrf_ok(&page.who, &form) {
-        return csrf_refused(&page.who);
-    }
-    let inst = match load(&state, &id) {
-        Ok(i) => i,
-        Err(e) => return missing(&page, e),
-    };
-    let current = match state.service.policy(&inst.id) {
-        Ok(p) => p,
-        Err(e) => {
-            let body = layout::error_box("The policy could not be read:", &e.into());
-            return render(
-                &state,
-                page,
-                &inst,
-                Tab::Strategy,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                body,
-            );
-        }
+    let (page, inst, current) = match strategy_target(&state, &id, page, &form) {
+        Ok(t) => t,
+        Err(refused) => return *refused,
     };
     let values = Strategy::from_form(&form);
     let turning_off = current.log_backup_enabled && !values.log_on;
@@ -1254,26 +1265,9 @@ pub async fn save_rule(
     Form(form): Form<Vec<(String, String)>>,
 ) -> Response {
     let form = Fields(form);
-    if !csrf_ok(&page.who, &form) {
-        return csrf_refused(&page.who);
-    }
-    let inst = match load(&state, &id) {
-        Ok(i) => i,
-        Err(e) => return missing(&page, e),
-    };
-    let current = match state.service.policy(&inst.id) {
-        Ok(p) => p,
-        Err(e) => {
-            let body = layout::error_box("The policy could not be read:", &e.into());
-            return render(
-                &state,
-                page,
-                &inst,
-                Tab::Strategy,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                body,
-            );
-        }
+    let (page, inst, current) = match strategy_target(&state, &id, page, &form) {
+        Ok(t) => t,
+        Err(refused) => return *refused,
     };
     let draft = RuleDraft::from_form(&form);
     let Some(op) = RuleOp::parse(form.get("op")) else {
