@@ -90,7 +90,7 @@ pub(crate) fn backup_set_from_manifest(
     // A set uploaded from a snapshot says so in its label; whether the
     // snapshot is still on the database host is the agent's to say, not the
     // repository's.
-    if m.label.starts_with("strata snapshot ") {
+    if crate::snapshot_upload::is_snapshot_label(&m.label) {
         set.method = strata_catalog::BackupMethod::Snapshot;
         set.snapshot_uploaded = true;
         set.snapshot_local = false;

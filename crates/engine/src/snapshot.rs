@@ -219,7 +219,7 @@ impl Engine {
             .await
             .map_err(|e| explain(instance, e))?;
         let version = session.server_version_num();
-        let label = format!("strata snapshot {}", set.id);
+        let label = crate::snapshot_label(&name);
         let start_sql = if version >= 150000 {
             format!("SELECT pg_backup_start({}, true)::text", literal(&label))
         } else {

@@ -642,7 +642,14 @@ fn agent_error(what: &str, doing: &str, e: AgentError) -> EngineError {
 /// The manifest label of a set uploaded from snapshot `name` (a physical set's is
 /// `strata backup <id>`): how the format, unchanged, records where a set came from.
 pub fn snapshot_label(name: &SnapshotName) -> String {
-    format!("strata snapshot {name}")
+    format!("{SNAPSHOT_LABEL_PREFIX}{name}")
+}
+
+const SNAPSHOT_LABEL_PREFIX: &str = "strata snapshot ";
+
+/// Whether a manifest's `label` is one [`snapshot_label`] wrote.
+pub fn is_snapshot_label(label: &str) -> bool {
+    label.starts_with(SNAPSHOT_LABEL_PREFIX)
 }
 
 /// The set's start and stop positions, which a snapshot set has from the moment it succeeded.

@@ -330,6 +330,25 @@ impl Service {
         self.engine.catalog().as_ref()
     }
 
+    /// Refuses (`SnapshotNeedsAgent`) when `instance_id` has no agent;
+    /// `need` says what asked for one.
+    pub(crate) fn require_agent(&self, instance_id: &str, need: &str) -> ServiceResult<()> {
+        if self
+            .engine
+            .catalog()
+            .get_instance(instance_id)?
+            .agent_url
+            .is_some()
+        {
+            return Ok(());
+        }
+        Err(PolicyError {
+            kind: Refusal::SnapshotNeedsAgent,
+            message: format!("instance {instance_id} has no agent: {need}"),
+        }
+        .into())
+    }
+
     /// Every registered instance.
     pub fn instances(&self) -> strata_catalog::CatalogResult<Vec<Instance>> {
         self.engine.catalog().list_instances()
@@ -481,21 +500,11 @@ impl Service {
         }
         policy::check_log_retention(p.log_retention_days, p.backup_retention_days)?;
         if let Some(method) = change.backup_method {
-            if method == BackupMethod::Snapshot
-                && self
-                    .engine
-                    .catalog()
-                    .get_instance(instance_id)?
-                    .agent_url
-                    .is_none()
-            {
-                return Err(PolicyError {
-                    kind: Refusal::SnapshotNeedsAgent,
-                    message: format!(
-                        "instance {instance_id} has no agent: snapshot backups (Category Flash) need `strata agent` on the database host, registered with the instance"
-                    ),
-                }
-                .into());
+            if method == BackupMethod::Snapshot {
+                self.require_agent(
+                    instance_id,
+                    "snapshot backups (Category Flash) need `strata agent` on the database host, registered with the instance",
+                )?;
             }
             p.backup_method = method;
         }

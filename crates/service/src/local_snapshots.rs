@@ -17,18 +17,17 @@ use strata_catalog::{
 
 use crate::{Service, ServiceResult};
 
+/// Whether `b` is a successful snapshot set whose snapshot is still on the
+/// database host.
+fn is_local_snapshot(b: &BackupSet) -> bool {
+    b.method == BackupMethod::Snapshot && b.snapshot_local && b.status == BackupStatus::Success
+}
+
 /// The local snapshots to delete from the host: past the newest `keep`
 /// ones, and only those uploaded (a snapshot not uploaded is the set's only
 /// copy).
 pub(crate) fn local_snapshots_to_drop(sets: &[BackupSet], keep: usize) -> Vec<BackupId> {
-    let mut local: Vec<&BackupSet> = sets
-        .iter()
-        .filter(|b| {
-            b.method == BackupMethod::Snapshot
-                && b.snapshot_local
-                && b.status == BackupStatus::Success
-        })
-        .collect();
+    let mut local: Vec<&BackupSet> = sets.iter().filter(|b| is_local_snapshot(b)).collect();
     local.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
     local
         .into_iter()
@@ -100,12 +99,7 @@ pub(crate) fn uploads_to_retry(
         now - failed_at >= wait
     };
     sets.iter()
-        .filter(|b| {
-            b.method == BackupMethod::Snapshot
-                && b.status == BackupStatus::Success
-                && b.snapshot_local
-                && !b.snapshot_uploaded
-        })
+        .filter(|b| is_local_snapshot(b) && !b.snapshot_uploaded)
         .filter(|b| due(&b.id))
         .map(|b| b.id.clone())
         .collect()
@@ -193,11 +187,7 @@ impl Service {
     ) -> ServiceResult<()> {
         let sets = self.engine.catalog().list_backups(&instance.id)?;
         let mut measured: Vec<(BackupSet, u64)> = Vec::new();
-        for set in sets.iter().filter(|b| {
-            b.method == BackupMethod::Snapshot
-                && b.snapshot_local
-                && b.status == BackupStatus::Success
-        }) {
+        for set in sets.iter().filter(|b| is_local_snapshot(b)) {
             let Ok(name) = strata_agent::SnapshotName::new(set.id.as_str()) else {
                 continue;
             };

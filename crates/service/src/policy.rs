@@ -984,4 +984,57 @@ mod tests {
             ("month-end", 365)
         );
     }
+
+    #[test]
+    fn hostile_rule_ids_and_keep_notes_are_refused_or_kept_as_data() {
+        let weekly = || RuleKind::Weekly {
+            days: vec![Weekday::Sun],
+        };
+        for id in [
+            "..",
+            "../x",
+            "a=b",
+            "it's",
+            "\"q\"",
+            "a\nb",
+            "a b",
+            "",
+            &"r".repeat(65),
+        ] {
+            assert_eq!(
+                check_data_rule(&rule(id, weekly(), 30)).unwrap_err().kind,
+                Refusal::AdvancedPolicyMalformed,
+                "{id:?}"
+            );
+        }
+        assert!(check_data_rule(&rule(&"r".repeat(64), weekly(), 30)).is_ok());
+        let now = Utc::now();
+        for note in ["line\nbreak", "tab\there", "nul\0"] {
+            assert_eq!(
+                check_keep(KeepUntil::Forever, Some(note), now)
+                    .unwrap_err()
+                    .kind,
+                Refusal::KeepMalformed,
+                "{note:?}"
+            );
+        }
+        // Quotes, '=' and '..' are text in a note, never syntax.
+        for note in [
+            "a=b",
+            "'; DROP TABLE x; --",
+            "\"..\"",
+            &"n".repeat(KEEP_NOTE_CHARS),
+        ] {
+            assert!(
+                check_keep(KeepUntil::Forever, Some(note), now).is_ok(),
+                "{note:?}"
+            );
+        }
+        assert!(check_keep(
+            KeepUntil::Forever,
+            Some(&"n".repeat(KEEP_NOTE_CHARS + 1)),
+            now
+        )
+        .is_err());
+    }
 }

@@ -33,21 +33,11 @@ impl Service {
         instance_id: &str,
         method: BackupMethod,
     ) -> ServiceResult<Job> {
-        if method == BackupMethod::Snapshot
-            && self
-                .engine
-                .catalog()
-                .get_instance(instance_id)?
-                .agent_url
-                .is_none()
-        {
-            return Err(crate::policy::PolicyError {
-                kind: crate::policy::Refusal::SnapshotNeedsAgent,
-                message: format!(
-                    "instance {instance_id} has no agent: snapshot backups need `strata agent` on the database host, registered with the instance (AgentUrl, AgentKey)"
-                ),
-            }
-            .into());
+        if method == BackupMethod::Snapshot {
+            self.require_agent(
+                instance_id,
+                "snapshot backups need `strata agent` on the database host, registered with the instance (AgentUrl, AgentKey)",
+            )?;
         }
         self.engine.check_backup(
             instance_id,
