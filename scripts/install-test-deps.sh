@@ -177,7 +177,9 @@ check_ldd() { # dir...: every ELF file under the dirs must resolve its libraries
 free_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$(( 20000 + RANDOM % 30000 ))
+        # below the kernel's ephemeral range (32768+), so no outgoing
+        # connection's local port can take it between this check and the bind
+        p=$(( 20000 + RANDOM % 12000 ))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
     done
     die "no free TCP port found"
@@ -220,8 +222,20 @@ max_wal_senders = 4
 ssl = on
 fsync = off
 EOF
-    runuser -u postgres -- "$bin/pg_ctl" -D "$data" -l "$SMOKE_DIR/server.log" -w -t 60 start >/dev/null \
-        || { cat "$SMOKE_DIR/server.log" >&2; die "pg_ctl start ($bin) failed"; }
+    # a port free at the check can be taken before the server binds it: on
+    # "Address already in use" try another one
+    local attempt started=0
+    for attempt in 1 2 3 4 5; do
+        if runuser -u postgres -- "$bin/pg_ctl" -D "$data" -l "$SMOKE_DIR/server.log" -w -t 60 start >/dev/null; then
+            started=1; break
+        fi
+        grep -q 'Address already in use' "$SMOKE_DIR/server.log" || break
+        log "port $port was taken before the server bound it; retrying on another (attempt $attempt)"
+        port="$(free_port)"
+        echo "port = $port" >>"$data/postgresql.conf"
+        : >"$SMOKE_DIR/server.log"
+    done
+    [ "$started" = 1 ] || { cat "$SMOKE_DIR/server.log" >&2; die "pg_ctl start ($bin) failed"; }
     sql() { "$psql15" -X -A -t -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "$1"; }
     ver="$(sql 'SELECT version()')" || die "SELECT version() failed against $bin"
     ssl_lib="$(sql 'SHOW ssl_library' 2>/dev/null || echo '?')"
