@@ -38,6 +38,8 @@ pub enum WalEvent {
         xid: u32,
         /// Commit time (`xact_time`).
         time: DateTime<Utc>,
+        /// What the transaction did that may destroy data; `None` when nothing.
+        changes: Option<Box<TxnChanges>>,
     },
     /// A transaction aborted (`XLOG_XACT_ABORT`); fields as for `Commit`.
     Abort {
@@ -66,6 +68,55 @@ pub enum WalEvent {
         /// Start of the switch record.
         lsn: Lsn,
     },
+}
+
+/// A relation's storage file as the WAL names it (`RelFileLocator`, before
+/// PostgreSQL 16 `RelFileNode`): tablespace, database and file number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelFile {
+    /// Tablespace OID (1663 for `pg_default`).
+    pub spc: u32,
+    /// Database OID (0 for shared relations).
+    pub db: u32,
+    /// `relfilenode`.
+    pub rel: u32,
+}
+
+/// Rows one transaction deleted and updated in one relation file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowChanges {
+    /// The relation file (heap).
+    pub rel: RelFile,
+    /// Heap `DELETE` records.
+    pub deleted: u64,
+    /// Heap `UPDATE` and `HOT_UPDATE` records.
+    pub updated: u64,
+}
+
+/// What a committed transaction (with its subtransactions) did that can
+/// destroy data, as far as the WAL shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnChanges {
+    /// Database the transaction ran in (from the commit record), when known.
+    pub db: Option<u32>,
+    /// Relation files the commit removes: dropped tables and indexes, and the
+    /// old files of `TRUNCATE` and of rewrites (`VACUUM FULL`, `CLUSTER`).
+    pub dropped: Vec<RelFile>,
+    /// Relation files the transaction created (main fork): new tables and the
+    /// new files of `TRUNCATE` and rewrites.
+    pub created: Vec<RelFile>,
+    /// Relation files the transaction created and then filled with data
+    /// (page images or heap inserts), which tells a rewrite from a `TRUNCATE`.
+    pub filled: Vec<RelFile>,
+    /// Relation files cut short in place (`XLOG_SMGR_TRUNCATE` with this xid).
+    pub truncated: Vec<RelFile>,
+    /// Databases dropped (`XLOG_DBASE_DROP`), by OID.
+    pub dropped_databases: Vec<u32>,
+    /// Heap rows deleted and updated, per relation file.
+    pub rows: Vec<RowChanges>,
+    /// The commit carries relation cache invalidations: the system catalogs
+    /// changed (DDL), so names may have changed.
+    pub catalog_changed: bool,
 }
 
 const SIZE_OF_SHORT_PAGE_HEADER: usize = 24;

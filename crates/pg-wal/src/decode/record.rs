@@ -153,6 +153,7 @@ pub(super) fn to_event(
                     end_lsn,
                     xid,
                     time,
+                    changes: None,
                 }
             } else {
                 WalEvent::Abort {

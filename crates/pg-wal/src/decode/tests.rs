@@ -168,6 +168,7 @@ fn commit(lsn: Lsn, end_lsn: Lsn, xid: u32, us: i64) -> WalEvent {
         end_lsn,
         xid,
         time: from_pg_micros(us),
+        changes: None,
     }
 }
 
