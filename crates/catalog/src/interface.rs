@@ -31,9 +31,9 @@ use pg_wal::TimelineId;
 
 use crate::{
     AccessKey, BackupPolicy, BackupSet, CatalogResult, ConsoleSession, CrossBackup,
-    CrossBackupPolicy, CrossWalSegment, DrillResult, Instance, InstanceOwner, Job, JobId, JobKind,
-    LeaseOwner, ManagedInstance, Node, ReceiverStatus, RepoHold, RestorePointRow, UsageSample,
-    WalSegmentRow,
+    CrossBackupPolicy, CrossWalSegment, DatabaseNameRow, DrillResult, Instance, InstanceOwner, Job,
+    JobId, JobKind, LeaseOwner, ManagedInstance, Node, ReceiverStatus, RecoveryEventRow,
+    RelationNameRow, RepoHold, RestorePointRow, UsageSample, WalSegmentRow,
 };
 
 /// Registered instances and the instances Strata itself runs.
@@ -127,6 +127,28 @@ pub trait WalCatalog: Send + Sync {
     fn upsert_restore_point(&self, row: &RestorePointRow) -> CatalogResult<()>;
     /// Restore points of an instance by LSN.
     fn list_restore_points(&self, instance_id: &str) -> CatalogResult<Vec<RestorePointRow>>;
+    /// Records a recovery event, replacing one with the same key.
+    fn upsert_recovery_event(&self, row: &RecoveryEventRow) -> CatalogResult<()>;
+    /// Recovery events of an instance committed in `[since, until]` (either
+    /// end open when `None`), by timeline, LSN and place.
+    fn list_recovery_events(
+        &self,
+        instance_id: &str,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<RecoveryEventRow>>;
+    /// Records names read from an instance's server, replacing the earlier
+    /// name of the same relation file or database, in one transaction.
+    fn upsert_names(
+        &self,
+        relations: &[RelationNameRow],
+        databases: &[DatabaseNameRow],
+    ) -> CatalogResult<()>;
+    /// Every relation and database name recorded for an instance.
+    fn list_names(
+        &self,
+        instance_id: &str,
+    ) -> CatalogResult<(Vec<RelationNameRow>, Vec<DatabaseNameRow>)>;
 }
 
 /// Jobs and the leases that say which process runs them.

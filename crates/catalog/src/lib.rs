@@ -808,7 +808,76 @@ pub struct RestorePointRow {
     pub time: DateTime<Utc>,
 }
 
-/// What a job does. Stored in the catalog as [`JobKind::as_str`] spells it.
+/// A destructive effect of one committed transaction found in stored WAL
+/// (see `strata_repo::RecoveryEventInfo`); `seq` orders the effects of one
+/// commit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecoveryEventRow {
+    /// Instance the WAL came from.
+    pub instance_id: InstanceId,
+    /// Timeline of the commit record.
+    pub timeline: TimelineId,
+    /// Start of the commit record.
+    pub lsn: Lsn,
+    /// Place among the effects of the same commit.
+    pub seq: u32,
+    /// End of the commit record.
+    pub end_lsn: Lsn,
+    /// `DropTable`, `Truncate`, `DropDatabase`, `Delete` or `Update`.
+    pub kind: String,
+    /// Transaction id.
+    pub xid: u32,
+    /// Commit time.
+    pub time: DateTime<Utc>,
+    /// Database OID.
+    pub db_oid: u32,
+    /// Table's storage file number (none for a database).
+    pub relfilenode: Option<u32>,
+    /// Database name when it was known.
+    pub database: Option<String>,
+    /// Schema name when it was known.
+    pub schema: Option<String>,
+    /// Table name when it was known.
+    pub table: Option<String>,
+    /// Rows deleted or updated.
+    pub rows: Option<u64>,
+}
+
+/// The last name seen for a relation file of an instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelationNameRow {
+    /// Instance the relation belongs to.
+    pub instance_id: InstanceId,
+    /// Database OID.
+    pub db_oid: u32,
+    /// Storage file number.
+    pub relfilenode: u32,
+    /// The relation's OID (stays when `TRUNCATE` gives it a new file).
+    pub rel_oid: u32,
+    /// Schema name.
+    pub schema: String,
+    /// Relation name.
+    pub name: String,
+    /// `pg_class.relkind` (`r` table, `m` materialized view, `i` index, `t` TOAST).
+    pub kind: String,
+    /// When this name was read from the server.
+    pub seen_at: DateTime<Utc>,
+}
+
+/// The last name seen for a database of an instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DatabaseNameRow {
+    /// Instance the database belongs to.
+    pub instance_id: InstanceId,
+    /// Database OID.
+    pub db_oid: u32,
+    /// Database name.
+    pub name: String,
+    /// When this name was read from the server.
+    pub seen_at: DateTime<Utc>,
+}
+
+/// What a job does. Stored in the catalog/// What a job does. Stored in the catalog as [`JobKind::as_str`] spells it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum JobKind {

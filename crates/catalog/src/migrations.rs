@@ -671,6 +671,91 @@ ALTER TABLE backup_sets ADD COLUMN snapshot_fingerprint TEXT;
 ALTER TABLE backup_sets ADD COLUMN snapshot_fingerprint text;
 "#,
     },
+    Migration {
+        version: 16,
+        description: "recovery events decoded from WAL, and the names of relations and databases",
+        sqlite: r#"
+-- One row per destructive effect of a committed transaction (a dropped or
+-- truncated table, a dropped database, many rows deleted or updated),
+-- keyed by its commit record and its place among that commit's effects.
+CREATE TABLE recovery_events (
+    instance_id TEXT NOT NULL,
+    timeline INTEGER NOT NULL,
+    lsn INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    end_lsn INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    xid INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    db_oid INTEGER NOT NULL,
+    relfilenode INTEGER,
+    database_name TEXT,
+    schema_name TEXT,
+    table_name TEXT,
+    row_count INTEGER,
+    PRIMARY KEY (instance_id, timeline, lsn, seq)
+);
+CREATE INDEX recovery_events_time ON recovery_events(instance_id, time);
+-- The last name seen for each relation file and database of an instance,
+-- read from the server: names for events whose WAL names only numbers.
+CREATE TABLE relation_names (
+    instance_id TEXT NOT NULL,
+    db_oid INTEGER NOT NULL,
+    relfilenode INTEGER NOT NULL,
+    rel_oid INTEGER NOT NULL,
+    schema_name TEXT NOT NULL,
+    rel_name TEXT NOT NULL,
+    rel_kind TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (instance_id, db_oid, relfilenode)
+);
+CREATE TABLE database_names (
+    instance_id TEXT NOT NULL,
+    db_oid INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (instance_id, db_oid)
+);
+"#,
+        postgres: r#"
+CREATE TABLE recovery_events (
+    instance_id text NOT NULL,
+    timeline bigint NOT NULL,
+    lsn bigint NOT NULL,
+    seq bigint NOT NULL,
+    end_lsn bigint NOT NULL,
+    kind text NOT NULL,
+    xid bigint NOT NULL,
+    time timestamptz NOT NULL,
+    db_oid bigint NOT NULL,
+    relfilenode bigint,
+    database_name text,
+    schema_name text,
+    table_name text,
+    row_count bigint,
+    PRIMARY KEY (instance_id, timeline, lsn, seq)
+);
+CREATE INDEX recovery_events_time ON recovery_events(instance_id, time);
+CREATE TABLE relation_names (
+    instance_id text NOT NULL,
+    db_oid bigint NOT NULL,
+    relfilenode bigint NOT NULL,
+    rel_oid bigint NOT NULL,
+    schema_name text NOT NULL,
+    rel_name text NOT NULL,
+    rel_kind text NOT NULL,
+    seen_at timestamptz NOT NULL,
+    PRIMARY KEY (instance_id, db_oid, relfilenode)
+);
+CREATE TABLE database_names (
+    instance_id text NOT NULL,
+    db_oid bigint NOT NULL,
+    name text NOT NULL,
+    seen_at timestamptz NOT NULL,
+    PRIMARY KEY (instance_id, db_oid)
+);
+"#,
+    },
 ];
 
 #[cfg(test)]

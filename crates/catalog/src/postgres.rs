@@ -1046,6 +1046,8 @@ impl InstanceCatalog for PgCatalog {
             "DELETE FROM backup_policies WHERE instance_id = $1",
             "DELETE FROM instance_owners WHERE instance_id = $1",
             "DELETE FROM wal_receivers WHERE instance_id = $1",
+            "DELETE FROM relation_names WHERE instance_id = $1",
+            "DELETE FROM database_names WHERE instance_id = $1",
         ];
         if !self.delete_with_dependents(statements, id)? {
             return Err(CatalogError::InstanceNotFound(id.to_string()));
@@ -1278,7 +1280,150 @@ impl WalCatalog for PgCatalog {
             },
         )
     }
+
+    fn upsert_recovery_event(&self, e: &RecoveryEventRow) -> CatalogResult<()> {
+        let sql = format!(
+            "INSERT INTO recovery_events ({EVENT_COLS}) VALUES ({}) ON CONFLICT (instance_id, timeline, lsn, seq) DO UPDATE SET {}",
+            placeholders(14),
+            excluded(EVENT_COLS, 4)
+        );
+        self.execute(
+            sql,
+            sql_params![
+                e.instance_id.to_string(),
+                i64::from(e.timeline.0),
+                lsn_to_sql(e.lsn),
+                i64::from(e.seq),
+                lsn_to_sql(e.end_lsn),
+                e.kind.clone(),
+                i64::from(e.xid),
+                e.time,
+                i64::from(e.db_oid),
+                e.relfilenode.map(i64::from),
+                e.database.clone(),
+                e.schema.clone(),
+                e.table.clone(),
+                opt_i64(e.rows)
+            ],
+        )
+        .map(drop)
+    }
+
+    fn list_recovery_events(
+        &self,
+        instance_id: &str,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<RecoveryEventRow>> {
+        self.query(
+            format!(
+                "SELECT {EVENT_COLS} FROM recovery_events WHERE instance_id = $1 \
+                 AND ($2::timestamptz IS NULL OR time >= $2) AND ($3::timestamptz IS NULL OR time <= $3) \
+                 ORDER BY timeline, lsn, seq"
+            ),
+            sql_params![instance_id.to_string(), since, until],
+            |r| {
+                Ok(RecoveryEventRow {
+                    instance_id: get::<String>(r, 0)?.into(),
+                    timeline: TimelineId(get_u32(r, 1)?),
+                    lsn: lsn_from_sql(get(r, 2)?),
+                    seq: get_u32(r, 3)?,
+                    end_lsn: lsn_from_sql(get(r, 4)?),
+                    kind: get(r, 5)?,
+                    xid: get_u32(r, 6)?,
+                    time: get(r, 7)?,
+                    db_oid: get_u32(r, 8)?,
+                    relfilenode: get_opt_u32(r, 9)?,
+                    database: get(r, 10)?,
+                    schema: get(r, 11)?,
+                    table: get(r, 12)?,
+                    rows: get::<Option<i64>>(r, 13)?.map(|v| v.max(0) as u64),
+                })
+            },
+        )
+    }
+
+    fn upsert_names(
+        &self,
+        relations: &[RelationNameRow],
+        databases: &[DatabaseNameRow],
+    ) -> CatalogResult<()> {
+        let (relations, databases) = (relations.to_vec(), databases.to_vec());
+        self.call(move |mut c| {
+            let (relations, databases) = (relations.clone(), databases.clone());
+            async move {
+                let tx = c.transaction().await?;
+                for r in &relations {
+                    tx.execute(
+                        "INSERT INTO relation_names (instance_id, db_oid, relfilenode, rel_oid, schema_name, rel_name, rel_kind, seen_at) \
+                         VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (instance_id, db_oid, relfilenode) DO UPDATE SET \
+                         rel_oid = EXCLUDED.rel_oid, schema_name = EXCLUDED.schema_name, rel_name = EXCLUDED.rel_name, \
+                         rel_kind = EXCLUDED.rel_kind, seen_at = EXCLUDED.seen_at",
+                        &[
+                            &r.instance_id.to_string(),
+                            &i64::from(r.db_oid),
+                            &i64::from(r.relfilenode),
+                            &i64::from(r.rel_oid),
+                            &r.schema,
+                            &r.name,
+                            &r.kind,
+                            &r.seen_at,
+                        ],
+                    )
+                    .await?;
+                }
+                for d in &databases {
+                    tx.execute(
+                        "INSERT INTO database_names (instance_id, db_oid, name, seen_at) VALUES ($1,$2,$3,$4) \
+                         ON CONFLICT (instance_id, db_oid) DO UPDATE SET name = EXCLUDED.name, seen_at = EXCLUDED.seen_at",
+                        &[&d.instance_id.to_string(), &i64::from(d.db_oid), &d.name, &d.seen_at],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn list_names(
+        &self,
+        instance_id: &str,
+    ) -> CatalogResult<(Vec<RelationNameRow>, Vec<DatabaseNameRow>)> {
+        let relations = self.query(
+            "SELECT instance_id, db_oid, relfilenode, rel_oid, schema_name, rel_name, rel_kind, seen_at \
+             FROM relation_names WHERE instance_id = $1 ORDER BY db_oid, relfilenode",
+            sql_params![instance_id.to_string()],
+            |r| {
+                Ok(RelationNameRow {
+                    instance_id: get::<String>(r, 0)?.into(),
+                    db_oid: get_u32(r, 1)?,
+                    relfilenode: get_u32(r, 2)?,
+                    rel_oid: get_u32(r, 3)?,
+                    schema: get(r, 4)?,
+                    name: get(r, 5)?,
+                    kind: get(r, 6)?,
+                    seen_at: get(r, 7)?,
+                })
+            },
+        )?;
+        let databases = self.query(
+            "SELECT instance_id, db_oid, name, seen_at FROM database_names WHERE instance_id = $1 ORDER BY db_oid",
+            sql_params![instance_id.to_string()],
+            |r| {
+                Ok(DatabaseNameRow {
+                    instance_id: get::<String>(r, 0)?.into(),
+                    db_oid: get_u32(r, 1)?,
+                    name: get(r, 2)?,
+                    seen_at: get(r, 3)?,
+                })
+            },
+        )?;
+        Ok((relations, databases))
+    }
 }
+
+const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, database_name, schema_name, table_name, row_count";
 
 impl JobCatalog for PgCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {
@@ -2022,7 +2167,7 @@ impl IndexCatalog for PgCatalog {
         self.call(|mut c| async move {
             let tx = c.transaction().await?;
             tx.batch_execute(
-                "DELETE FROM backup_sets; DELETE FROM wal_segments; DELETE FROM restore_points;",
+                "DELETE FROM backup_sets; DELETE FROM wal_segments; DELETE FROM restore_points; DELETE FROM recovery_events;",
             )
             .await?;
             tx.commit().await?;

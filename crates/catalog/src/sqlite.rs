@@ -430,6 +430,8 @@ impl InstanceCatalog for SqliteCatalog {
             tx.execute("DELETE FROM backup_policies WHERE instance_id = ?1", [id])?;
             tx.execute("DELETE FROM instance_owners WHERE instance_id = ?1", [id])?;
             tx.execute("DELETE FROM wal_receivers WHERE instance_id = ?1", [id])?;
+            tx.execute("DELETE FROM relation_names WHERE instance_id = ?1", [id])?;
+            tx.execute("DELETE FROM database_names WHERE instance_id = ?1", [id])?;
             tx.commit()?;
             Ok(())
         })
@@ -683,7 +685,123 @@ impl WalCatalog for SqliteCatalog {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+
+    fn upsert_recovery_event(&self, e: &RecoveryEventRow) -> CatalogResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO recovery_events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
+                params![
+                    e.instance_id.as_str(), e.timeline.0, lsn_to_sql(e.lsn), e.seq, lsn_to_sql(e.end_lsn),
+                    e.kind, e.xid, ts(&e.time), e.db_oid, e.relfilenode, e.database, e.schema, e.table,
+                    e.rows.map(|r| r as i64)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_recovery_events(
+        &self,
+        instance_id: &str,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> CatalogResult<Vec<RecoveryEventRow>> {
+        let rows: Vec<RecoveryEventRow> = self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {EVENT_COLS} FROM recovery_events WHERE instance_id = ?1 ORDER BY timeline, lsn, seq"
+            ))?;
+            let rows = st.query_map([instance_id], |r| {
+                Ok(RecoveryEventRow {
+                    instance_id: r.get::<_, String>(0)?.into(),
+                    timeline: TimelineId(r.get(1)?),
+                    lsn: lsn_from_sql(r.get(2)?),
+                    seq: r.get(3)?,
+                    end_lsn: lsn_from_sql(r.get(4)?),
+                    kind: r.get(5)?,
+                    xid: r.get(6)?,
+                    time: parse_ts(r.get(7)?)?,
+                    db_oid: r.get(8)?,
+                    relfilenode: r.get(9)?,
+                    database: r.get(10)?,
+                    schema: r.get(11)?,
+                    table: r.get(12)?,
+                    rows: r.get::<_, Option<i64>>(13)?.map(|v| v.max(0) as u64),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })?;
+        // Times are text here; compared as times, not as strings.
+        Ok(rows
+            .into_iter()
+            .filter(|e| since.is_none_or(|s| e.time >= s) && until.is_none_or(|u| e.time <= u))
+            .collect())
+    }
+
+    fn upsert_names(
+        &self,
+        relations: &[RelationNameRow],
+        databases: &[DatabaseNameRow],
+    ) -> CatalogResult<()> {
+        self.with(|c| {
+            let tx = immediate(c)?;
+            for r in relations {
+                tx.execute(
+                    "INSERT OR REPLACE INTO relation_names (instance_id, db_oid, relfilenode, rel_oid, schema_name, rel_name, rel_kind, seen_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                    params![r.instance_id.as_str(), r.db_oid, r.relfilenode, r.rel_oid, r.schema, r.name, r.kind, ts(&r.seen_at)],
+                )?;
+            }
+            for d in databases {
+                tx.execute(
+                    "INSERT OR REPLACE INTO database_names (instance_id, db_oid, name, seen_at) VALUES (?1,?2,?3,?4)",
+                    params![d.instance_id.as_str(), d.db_oid, d.name, ts(&d.seen_at)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn list_names(
+        &self,
+        instance_id: &str,
+    ) -> CatalogResult<(Vec<RelationNameRow>, Vec<DatabaseNameRow>)> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT instance_id, db_oid, relfilenode, rel_oid, schema_name, rel_name, rel_kind, seen_at FROM relation_names WHERE instance_id = ?1 ORDER BY db_oid, relfilenode",
+            )?;
+            let relations = st
+                .query_map([instance_id], |r| {
+                    Ok(RelationNameRow {
+                        instance_id: r.get::<_, String>(0)?.into(),
+                        db_oid: r.get(1)?,
+                        relfilenode: r.get(2)?,
+                        rel_oid: r.get(3)?,
+                        schema: r.get(4)?,
+                        name: r.get(5)?,
+                        kind: r.get(6)?,
+                        seen_at: parse_ts(r.get(7)?)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare(
+                "SELECT instance_id, db_oid, name, seen_at FROM database_names WHERE instance_id = ?1 ORDER BY db_oid",
+            )?;
+            let databases = st
+                .query_map([instance_id], |r| {
+                    Ok(DatabaseNameRow {
+                        instance_id: r.get::<_, String>(0)?.into(),
+                        db_oid: r.get(1)?,
+                        name: r.get(2)?,
+                        seen_at: parse_ts(r.get(3)?)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok((relations, databases))
+        })
+    }
 }
+
+const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, database_name, schema_name, table_name, row_count";
 
 impl JobCatalog for SqliteCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {
@@ -1542,7 +1660,7 @@ impl IndexCatalog for SqliteCatalog {
         self.with(|c| {
             let tx = immediate(c)?;
             tx.execute_batch(
-                "DELETE FROM backup_sets; DELETE FROM wal_segments; DELETE FROM restore_points;",
+                "DELETE FROM backup_sets; DELETE FROM wal_segments; DELETE FROM restore_points; DELETE FROM recovery_events;",
             )?;
             tx.commit()?;
             Ok(())

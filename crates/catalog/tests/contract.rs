@@ -115,6 +115,7 @@ contract!(
     usage_samples_by_time,
     keys_policies_passwords_and_nonces,
     wal_segments_and_restore_points,
+    recovery_events_and_names,
     managed_instances_and_drills,
     clear_index_keeps_everything_else,
     duplicates_are_conflicts_with_their_source,
@@ -902,6 +903,81 @@ fn wal_segments_and_restore_points(b: &dyn Backend) {
         [rp(0x200, "renamed"), rp(0x300, "later")]
     );
     assert!(cat.list_restore_points("b").unwrap().is_empty());
+}
+
+fn recovery_events_and_names(b: &dyn Backend) {
+    let cat = b.open();
+    let ev = |lsn: u64, seq: u32, time: &str, table: Option<&str>| RecoveryEventRow {
+        instance_id: "a".into(),
+        timeline: TimelineId(1),
+        lsn: Lsn(lsn),
+        seq,
+        end_lsn: Lsn(lsn + 0x40),
+        kind: "DropTable".into(),
+        xid: 4_000_000_000,
+        time: at(time),
+        db_oid: 16384,
+        relfilenode: Some(3_000_000_000),
+        database: Some("shop".into()),
+        schema: Some("public".into()),
+        table: table.map(Into::into),
+        rows: Some(u64::from(u32::MAX) + 7),
+    };
+    let late = ev(0x300, 0, "2026-11-25T12:00:00.000001Z", Some("b"));
+    let early = ev(0x200, 1, "2026-11-25T10:00:00.000001Z", None);
+    cat.upsert_recovery_event(&late).unwrap();
+    cat.upsert_recovery_event(&ev(0x200, 1, "2026-11-25T10:00:00.000001Z", Some("x")))
+        .unwrap();
+    // The same key replaces its row.
+    cat.upsert_recovery_event(&early).unwrap();
+    assert_eq!(
+        cat.list_recovery_events("a", None, None).unwrap(),
+        [early.clone(), late.clone()]
+    );
+    let since = at("2026-11-25T11:00:00Z");
+    assert_eq!(
+        cat.list_recovery_events("a", Some(since), None).unwrap(),
+        [late.clone()]
+    );
+    assert_eq!(
+        cat.list_recovery_events("a", None, Some(since)).unwrap(),
+        [early.clone()]
+    );
+    assert!(cat
+        .list_recovery_events("b", None, None)
+        .unwrap()
+        .is_empty());
+    // A reindex rebuilds events from the repository: they go with the index.
+    cat.clear_index().unwrap();
+    assert!(cat
+        .list_recovery_events("a", None, None)
+        .unwrap()
+        .is_empty());
+
+    let rel = |relfilenode: u32, name: &str| RelationNameRow {
+        instance_id: "a".into(),
+        db_oid: 16384,
+        relfilenode,
+        rel_oid: 16390,
+        schema: "public".into(),
+        name: name.into(),
+        kind: "r".into(),
+        seen_at: at("2026-11-25T10:00:00.000001Z"),
+    };
+    let db = |name: &str| DatabaseNameRow {
+        instance_id: "a".into(),
+        db_oid: 16384,
+        name: name.into(),
+        seen_at: at("2026-11-25T10:00:00.000001Z"),
+    };
+    cat.upsert_names(&[rel(16390, "orders"), rel(16400, "x")], &[db("shop")])
+        .unwrap();
+    cat.upsert_names(&[rel(16390, "orders_old")], &[db("store")])
+        .unwrap();
+    let (relations, databases) = cat.list_names("a").unwrap();
+    assert_eq!(relations, [rel(16390, "orders_old"), rel(16400, "x")]);
+    assert_eq!(databases, [db("store")]);
+    assert_eq!(cat.list_names("b").unwrap(), (vec![], vec![]));
 }
 
 fn managed_instances_and_drills(b: &dyn Backend) {

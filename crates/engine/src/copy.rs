@@ -317,6 +317,7 @@ mod tests {
             min_commit_xid: None,
             max_commit_xid: None,
             restore_points: Vec::new(),
+            events: Vec::new(),
             stored_at: Utc::now(),
         };
         let key = source.put_wal_segment("db", &meta, &data).unwrap();

@@ -40,7 +40,8 @@ pub use storage::{
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};
 pub use wal::{
-    history_key, wal_segment_key, RestorePointInfo, WalObject, WalPayload, WalSegmentMeta,
+    history_key, wal_segment_key, RecoveryEventInfo, RecoveryEventKind, RestorePointInfo,
+    WalObject, WalPayload, WalSegmentMeta,
 };
 
 use object::{open, seal};
@@ -1104,6 +1105,7 @@ mod tests {
             min_commit_xid: None,
             max_commit_xid: None,
             restore_points: Vec::new(),
+            events: Vec::new(),
             stored_at: Utc::now(),
         };
         let key = repo.put_wal_payload("i", &meta, &mut payload).unwrap();
@@ -1126,6 +1128,7 @@ mod tests {
             min_commit_xid: None,
             max_commit_xid: None,
             restore_points: Vec::new(),
+            events: Vec::new(),
             stored_at: Utc::now(),
         }
     }

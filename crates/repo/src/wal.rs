@@ -31,6 +31,84 @@ pub struct RestorePointInfo {
     pub time: DateTime<Utc>,
 }
 
+/// What a destructive event did (see [`RecoveryEventInfo`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum RecoveryEventKind {
+    /// A table's storage was removed with its definition (`DROP TABLE`).
+    DropTable,
+    /// A table's rows were all removed at once (`TRUNCATE`).
+    Truncate,
+    /// A database was dropped (`DROP DATABASE`).
+    DropDatabase,
+    /// Many rows were deleted from one table in one transaction.
+    Delete,
+    /// Many rows were updated in one table in one transaction.
+    Update,
+}
+
+impl RecoveryEventKind {
+    /// Every kind, in the order documentation lists them.
+    pub const ALL: [RecoveryEventKind; 5] = [
+        RecoveryEventKind::DropTable,
+        RecoveryEventKind::Truncate,
+        RecoveryEventKind::DropDatabase,
+        RecoveryEventKind::Delete,
+        RecoveryEventKind::Update,
+    ];
+
+    /// The kind's name in the API, the CLI and the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoveryEventKind::DropTable => "DropTable",
+            RecoveryEventKind::Truncate => "Truncate",
+            RecoveryEventKind::DropDatabase => "DropDatabase",
+            RecoveryEventKind::Delete => "Delete",
+            RecoveryEventKind::Update => "Update",
+        }
+    }
+
+    /// The kind [`RecoveryEventKind::as_str`] spells `s` (case-insensitive).
+    pub fn parse(s: &str) -> Option<RecoveryEventKind> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// One committed transaction's destructive effect on one table or database,
+/// decoded from a segment's WAL. Names are those the relation had when the
+/// WAL was received, as far as Strata had read them from the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecoveryEventInfo {
+    /// What happened.
+    pub kind: RecoveryEventKind,
+    /// Transaction that did it.
+    pub xid: u32,
+    /// Start of its commit record: recovery stops just before it here.
+    pub lsn: Lsn,
+    /// End of its commit record: recovery to just after it stops here.
+    pub end_lsn: Lsn,
+    /// Commit time.
+    pub time: DateTime<Utc>,
+    /// Database OID.
+    pub db_oid: u32,
+    /// Storage file number of the table (none for a dropped database).
+    #[serde(default)]
+    pub relfilenode: Option<u32>,
+    /// Database name, when known.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Schema name, when known.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// Table name, when known.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// Rows deleted or updated (for `Delete` and `Update`).
+    #[serde(default)]
+    pub rows: Option<u64>,
+}
+
 /// What a WAL object records about its segment (stored in the sealed object's metadata).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WalSegmentMeta {
@@ -59,6 +137,9 @@ pub struct WalSegmentMeta {
     /// Restore points created in the segment.
     #[serde(default)]
     pub restore_points: Vec<RestorePointInfo>,
+    /// Destructive transactions committed in the segment.
+    #[serde(default)]
+    pub events: Vec<RecoveryEventInfo>,
     /// When the object was stored.
     pub stored_at: DateTime<Utc>,
 }
