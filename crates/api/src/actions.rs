@@ -46,6 +46,7 @@ pub const ACTIONS: &[&str] = &[
     "RestoreTable",
     "StrataDeregisterDBInstance",
     "StrataDescribeBackupStorageUsage",
+    "StrataDescribeRecoveryEvents",
     "StrataDescribeRetention",
     "StrataKeepBackup",
     "StrataRegisterDBInstance",
@@ -80,6 +81,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "StrataKeepBackup" => keep_backup(svc, p),
         "StrataReleaseBackup" => release_backup(svc, p),
         "StrataDescribeRetention" => describe_retention(svc, p).await,
+        "StrataDescribeRecoveryEvents" => describe_recovery_events(svc, p),
         "DescribeAvailableCrossRegion" => cross_region::describe_available_regions(svc, p),
         "DescribeAvailableRecoveryTime" => cross_region::describe_recovery_time(svc, p),
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
@@ -813,6 +815,118 @@ fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         "RecoveryBeginTime": window.map(|w| format_seconds(w.0)).unwrap_or_default(),
         "RecoveryEndTime": window.map(|w| format_seconds(w.1)).unwrap_or_default(),
     })))
+}
+
+/// `StrataDescribeRecoveryEvents`: what destroyed data and when, decoded
+/// from the WAL, with the restore targets just before and just after each.
+fn describe_recovery_events(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let (since, until) = p.period()?;
+    let (number, size) = p.paging(&[30, 100], true)?;
+    let mut kinds = Vec::new();
+    for k in p.get("EventType").unwrap_or_default().split(',') {
+        let k = k.trim();
+        if k.is_empty() {
+            continue;
+        }
+        let Some(known) = strata_engine::EVENT_KINDS
+            .iter()
+            .find(|known| known.eq_ignore_ascii_case(k))
+        else {
+            return Err(ApiError::bad(
+                "InvalidEventType.Malformed",
+                format!(
+                    "EventType must be a comma-separated list of {}, got {}",
+                    strata_engine::EVENT_KINDS.join(", "),
+                    quoted(k)
+                ),
+            ));
+        };
+        kinds.push(known.to_string());
+    }
+    let filter = strata_engine::EventFilter {
+        since,
+        until,
+        kinds,
+        database: p.get("DBName").map(str::to_string),
+        table: p.get("TableName").map(str::to_string),
+    };
+    let events = svc.recovery_events(&inst.id, &filter)?;
+    let items: Vec<Value> = page(&events, number, size)
+        .into_iter()
+        .map(|e| recovery_event_fields(&e))
+        .collect();
+    Ok(obj(json!({
+        "DBInstanceId": inst.id,
+        "Items": {"RecoveryEvent": items},
+        "PageNumber": number,
+        "PageRecordCount": items.len(),
+        "TotalRecordCount": events.len(),
+    })))
+}
+
+fn recovery_event_fields(e: &strata_engine::RecoveryEvent) -> Value {
+    let targets = match e.xid {
+        // Recovery stops before the commit record (exclusive) or right
+        // after it (inclusive); an LSN target at the record's start does
+        // the same.
+        Some(xid) => json!({
+            "JustBefore": {
+                "RestoreTargetXid": xid.to_string(),
+                "RestoreTargetLsn": e.lsn.to_string(),
+                "RestoreTargetInclusive": false,
+            },
+            "JustAfter": {
+                "RestoreTargetXid": xid.to_string(),
+                "RestoreTargetLsn": e.lsn.to_string(),
+                "RestoreTargetInclusive": true,
+            },
+        }),
+        None => json!({
+            "JustAfter": {
+                "RestoreTargetLsn": e.lsn.to_string(),
+                "RestoreTargetInclusive": true,
+            },
+        }),
+    };
+    let mut m = json!({
+        "EventType": e.kind,
+        "EventTime": format_seconds(e.time),
+        "StrataEventTime": e.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "Timeline": e.timeline.0,
+        "Lsn": e.lsn.to_string(),
+        "EndLsn": e.end_lsn.to_string(),
+        "RestoreTargets": targets,
+    });
+    let fields = m.as_object_mut().expect("an object");
+    let mut put = |k: &str, v: Value| {
+        fields.insert(k.into(), v);
+    };
+    if let Some(x) = e.xid {
+        put("Xid", json!(x.to_string()));
+    }
+    if let Some(d) = &e.database {
+        put("DBName", json!(d));
+    }
+    if let Some(o) = e.db_oid {
+        put("DBOid", json!(o));
+    }
+    if let Some(s) = &e.schema {
+        put("SchemaName", json!(s));
+    }
+    if let Some(t) = &e.table {
+        put("TableName", json!(t));
+    }
+    if let Some(f) = e.relfilenode {
+        put("RelFileNode", json!(f));
+    }
+    if let Some(r) = e.rows {
+        put("Rows", json!(r));
+    }
+    if let Some(n) = &e.name {
+        put("RestorePointName", json!(n));
+    }
+    m
 }
 
 // ----- restores -----

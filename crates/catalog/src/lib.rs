@@ -833,6 +833,8 @@ pub struct RecoveryEventRow {
     pub db_oid: u32,
     /// Table's storage file number (none for a database).
     pub relfilenode: Option<u32>,
+    /// Table's OID when it was known.
+    pub rel_oid: Option<u32>,
     /// Database name when it was known.
     pub database: Option<String>,
     /// Schema name when it was known.

@@ -1284,7 +1284,7 @@ impl WalCatalog for PgCatalog {
     fn upsert_recovery_event(&self, e: &RecoveryEventRow) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO recovery_events ({EVENT_COLS}) VALUES ({}) ON CONFLICT (instance_id, timeline, lsn, seq) DO UPDATE SET {}",
-            placeholders(14),
+            placeholders(15),
             excluded(EVENT_COLS, 4)
         );
         self.execute(
@@ -1300,6 +1300,7 @@ impl WalCatalog for PgCatalog {
                 e.time,
                 i64::from(e.db_oid),
                 e.relfilenode.map(i64::from),
+                e.rel_oid.map(i64::from),
                 e.database.clone(),
                 e.schema.clone(),
                 e.table.clone(),
@@ -1334,10 +1335,11 @@ impl WalCatalog for PgCatalog {
                     time: get(r, 7)?,
                     db_oid: get_u32(r, 8)?,
                     relfilenode: get_opt_u32(r, 9)?,
-                    database: get(r, 10)?,
-                    schema: get(r, 11)?,
-                    table: get(r, 12)?,
-                    rows: get::<Option<i64>>(r, 13)?.map(|v| v.max(0) as u64),
+                    rel_oid: get_opt_u32(r, 10)?,
+                    database: get(r, 11)?,
+                    schema: get(r, 12)?,
+                    table: get(r, 13)?,
+                    rows: get::<Option<i64>>(r, 14)?.map(|v| v.max(0) as u64),
                 })
             },
         )
@@ -1423,7 +1425,7 @@ impl WalCatalog for PgCatalog {
     }
 }
 
-const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, database_name, schema_name, table_name, row_count";
+const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, rel_oid, database_name, schema_name, table_name, row_count";
 
 impl JobCatalog for PgCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {

@@ -689,10 +689,10 @@ impl WalCatalog for SqliteCatalog {
     fn upsert_recovery_event(&self, e: &RecoveryEventRow) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT OR REPLACE INTO recovery_events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
+                &format!("INSERT OR REPLACE INTO recovery_events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
                 params![
                     e.instance_id.as_str(), e.timeline.0, lsn_to_sql(e.lsn), e.seq, lsn_to_sql(e.end_lsn),
-                    e.kind, e.xid, ts(&e.time), e.db_oid, e.relfilenode, e.database, e.schema, e.table,
+                    e.kind, e.xid, ts(&e.time), e.db_oid, e.relfilenode, e.rel_oid, e.database, e.schema, e.table,
                     e.rows.map(|r| r as i64)
                 ],
             )?;
@@ -722,10 +722,11 @@ impl WalCatalog for SqliteCatalog {
                     time: parse_ts(r.get(7)?)?,
                     db_oid: r.get(8)?,
                     relfilenode: r.get(9)?,
-                    database: r.get(10)?,
-                    schema: r.get(11)?,
-                    table: r.get(12)?,
-                    rows: r.get::<_, Option<i64>>(13)?.map(|v| v.max(0) as u64),
+                    rel_oid: r.get(10)?,
+                    database: r.get(11)?,
+                    schema: r.get(12)?,
+                    table: r.get(13)?,
+                    rows: r.get::<_, Option<i64>>(14)?.map(|v| v.max(0) as u64),
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -801,7 +802,7 @@ impl WalCatalog for SqliteCatalog {
     }
 }
 
-const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, database_name, schema_name, table_name, row_count";
+const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, rel_oid, database_name, schema_name, table_name, row_count";
 
 impl JobCatalog for SqliteCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {

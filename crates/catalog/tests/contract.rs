@@ -918,6 +918,7 @@ fn recovery_events_and_names(b: &dyn Backend) {
         time: at(time),
         db_oid: 16384,
         relfilenode: Some(3_000_000_000),
+        rel_oid: Some(16390),
         database: Some("shop".into()),
         schema: Some("public".into()),
         table: table.map(Into::into),

@@ -12,6 +12,7 @@
 //! on the new timeline. Reference: PostgreSQL's receivelog.c describes the
 //! same protocol dance from the client side.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pg_replication::{ReplicationClient, ReplicationMessage};
@@ -22,6 +23,8 @@ use tokio::sync::watch;
 
 use crate::blocking::blocking;
 use crate::connect::{explain, open_session, remember_facts};
+use crate::events::EventOptions;
+use crate::names::{NameRefresher, RelationNames};
 use crate::segment::SegmentArchiver;
 use crate::wal_uploader::{Stored, WalUploader};
 use crate::{Engine, EngineError, EngineResult, Progress};
@@ -210,6 +213,7 @@ impl Engine {
 
         let start = geometry.segment_start(geometry.segment_of(start));
         let mut uploader = WalUploader::start(self.clone(), &instance.id, start);
+        let events = self.event_options(instance);
         let streamed = self
             .stream_wal(
                 instance,
@@ -217,6 +221,7 @@ impl Engine {
                 &mut uploader,
                 geometry,
                 (tli, start),
+                events,
                 shutdown,
                 health,
                 progress,
@@ -272,13 +277,16 @@ impl Engine {
         uploader: &mut WalUploader,
         geometry: WalGeometry,
         from: (TimelineId, Lsn),
+        events: Option<(EventOptions, NameRefresher)>,
         shutdown: &mut watch::Receiver<bool>,
         health: &mut Health,
         progress: &dyn Progress,
     ) -> EngineResult<Ended> {
         let slot = slot_name(&instance.id);
         let (mut tli, start) = from;
-        let mut archiver = SegmentArchiver::new(geometry, tli, start, uploader.queue());
+        let (event_opts, refresher) = events.unzip();
+        let mut archiver = SegmentArchiver::new(geometry, tli, start, uploader.queue())
+            .with_events(event_opts.clone());
         let mut flush_tick = tokio::time::interval(self.settings.wal_flush_interval);
         let mut status_tick = tokio::time::interval(self.settings.wal_status_interval);
         let mut acknowledged = uploader.durable();
@@ -316,6 +324,11 @@ impl Engine {
                             Some(ReplicationMessage::XLogData { start, data, server_wal_end }) => {
                                 // Waits only when the uploader's queue is full.
                                 archiver.push(start, &data).await?;
+                                if archiver.take_catalog_changed() {
+                                    if let Some(r) = &refresher {
+                                        r.request();
+                                    }
+                                }
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
                             }
                             Some(ReplicationMessage::Keepalive { reply_requested, server_wal_end }) => {
@@ -349,8 +362,33 @@ impl Engine {
                 "timeline {tli} ended at {next_start}; following timeline {next_tli}"
             ));
             tli = next_tli;
-            archiver = SegmentArchiver::new(geometry, tli, next_start, uploader.queue());
+            archiver = SegmentArchiver::new(geometry, tli, next_start, uploader.queue())
+                .with_events(event_opts.clone());
         }
+    }
+
+    /// How the receiver of `instance` decodes recovery events, with the
+    /// reader of its names (none when events are off or the names cannot
+    /// be loaded from the catalog).
+    fn event_options(&self, instance: &Instance) -> Option<(EventOptions, NameRefresher)> {
+        if !self.settings.recovery_events {
+            return None;
+        }
+        let names = match RelationNames::load(self, &instance.id) {
+            Ok(n) => Arc::new(n),
+            Err(e) => {
+                tracing::warn!(instance = %instance.id, "recovery events off: {e}");
+                return None;
+            }
+        };
+        let opts = EventOptions {
+            names: Some(names.clone()),
+            min_rows: self.settings.event_min_rows,
+        };
+        Some((
+            opts,
+            NameRefresher::start(self.clone(), instance.clone(), names),
+        ))
     }
 
     /// Stores the history file of `tli` unless it is stored already.

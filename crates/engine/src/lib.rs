@@ -16,8 +16,10 @@ mod connect;
 mod copy;
 mod entities;
 mod error;
+mod events;
 mod incremental;
 pub mod local_server;
+mod names;
 mod progress;
 mod reindex;
 mod restore;
@@ -48,6 +50,7 @@ pub use copy::{
     CopyReport,
 };
 pub use error::{EngineError, EngineResult};
+pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
 pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;
@@ -120,6 +123,12 @@ pub struct EngineSettings {
     pub gc_grace: std::time::Duration,
     /// Files of a snapshot read from the agent at once while it is uploaded.
     pub snapshot_upload_parallel: usize,
+    /// Whether WAL receivers decode recovery events (destructive
+    /// transactions) and read the names of the server's relations.
+    pub recovery_events: bool,
+    /// Rows one transaction must delete or update in one table to be a
+    /// recovery event.
+    pub event_min_rows: u64,
 }
 
 impl Default for EngineSettings {
@@ -140,6 +149,8 @@ impl Default for EngineSettings {
             job_lease: std::time::Duration::from_secs(30),
             gc_grace: std::time::Duration::from_secs(3600),
             snapshot_upload_parallel: 4,
+            recovery_events: true,
+            event_min_rows: 1000,
         }
     }
 }

@@ -11,10 +11,11 @@
 use chrono::{DateTime, Utc};
 use pg_wal::decode::{WalDecoder, WalEvent};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
-use strata_repo::{RestorePointInfo, WalSegmentMeta};
+use strata_repo::{RecoveryEventInfo, RestorePointInfo, WalSegmentMeta};
 
 use crate::catalog_retry::retry_busy;
 use crate::entities;
+use crate::events::{commit_events, event_rows, EventOptions};
 use crate::wal_uploader::{UploadQueue, WalPiece};
 use crate::{Engine, EngineError, EngineResult};
 
@@ -27,12 +28,27 @@ pub struct Summary {
     pub min_xid: Option<u32>,
     pub max_xid: Option<u32>,
     pub restore_points: Vec<RestorePointInfo>,
+    pub events: Vec<RecoveryEventInfo>,
 }
 
 impl Summary {
-    fn absorb(&mut self, event: WalEvent) {
+    /// Takes in one decoded record; answers whether it was a commit that
+    /// changed the system catalogs (names may have changed).
+    fn absorb(&mut self, event: WalEvent, events: Option<&EventOptions>) -> bool {
+        let mut catalog_changed = false;
         match event {
-            WalEvent::Commit { xid, time, .. } => {
+            WalEvent::Commit {
+                lsn,
+                end_lsn,
+                xid,
+                time,
+                changes,
+            } => {
+                if let (Some(changes), Some(opts)) = (changes, events) {
+                    catalog_changed = changes.catalog_changed;
+                    self.events
+                        .extend(commit_events(&changes, xid, (lsn, end_lsn), time, opts));
+                }
                 self.first_commit.get_or_insert(time);
                 self.last_commit = Some(time);
                 self.commit_count += 1;
@@ -51,6 +67,7 @@ impl Summary {
             }),
             WalEvent::Abort { .. } | WalEvent::Switch { .. } => {}
         }
+        catalog_changed
     }
 }
 
@@ -65,6 +82,10 @@ pub struct SegmentArchiver {
     decoder: WalDecoder,
     summary: Summary,
     queue: UploadQueue,
+    /// Recovery events are decoded when set.
+    events: Option<EventOptions>,
+    /// A commit changed the system catalogs since [`Self::take_catalog_changed`].
+    catalog_changed: bool,
 }
 
 impl SegmentArchiver {
@@ -86,7 +107,20 @@ impl SegmentArchiver {
             decoder: WalDecoder::new(geometry, seg_start),
             summary: Summary::default(),
             queue,
+            events: None,
+            catalog_changed: false,
         }
+    }
+
+    /// Decodes recovery events too (see [`crate::events`]).
+    pub fn with_events(mut self, events: Option<EventOptions>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Whether a commit changed the system catalogs since the last call.
+    pub fn take_catalog_changed(&mut self) -> bool {
+        std::mem::take(&mut self.catalog_changed)
     }
 
     /// The first LSN not yet received.
@@ -144,7 +178,7 @@ impl SegmentArchiver {
                 ))
             })?;
             for event in events {
-                self.summary.absorb(event);
+                self.catalog_changed |= self.summary.absorb(event, self.events.as_ref());
             }
             data = rest;
             if self.received == seg_size {
@@ -202,6 +236,11 @@ pub fn record_segment(
     for row in entities::restore_point_rows(instance_id, meta) {
         retry_busy("recording a restore point", || {
             catalog.upsert_restore_point(&row)
+        })?;
+    }
+    for row in event_rows(instance_id, meta.timeline, &meta.events) {
+        retry_busy("recording a recovery event", || {
+            catalog.upsert_recovery_event(&row)
         })?;
     }
     Ok(())

@@ -449,6 +449,7 @@ fn meta(
         min_commit_xid: summary.min_xid,
         max_commit_xid: summary.max_xid,
         restore_points: summary.restore_points,
+        events: summary.events,
         stored_at: Utc::now(),
     }
 }

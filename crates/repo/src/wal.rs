@@ -44,6 +44,11 @@ pub enum RecoveryEventKind {
     Delete,
     /// Many rows were updated in one table in one transaction.
     Update,
+    /// A table's file was replaced by a filled one (`VACUUM FULL`,
+    /// `CLUSTER`, a rewriting `ALTER TABLE`): no data lost, unless the
+    /// table turns out gone afterwards (then it was dropped). Kept so that
+    /// can be decided once the server's catalog is read again.
+    Rewrite,
 }
 
 impl RecoveryEventKind {
@@ -64,6 +69,7 @@ impl RecoveryEventKind {
             RecoveryEventKind::DropDatabase => "DropDatabase",
             RecoveryEventKind::Delete => "Delete",
             RecoveryEventKind::Update => "Update",
+            RecoveryEventKind::Rewrite => "Rewrite",
         }
     }
 
@@ -71,6 +77,7 @@ impl RecoveryEventKind {
     pub fn parse(s: &str) -> Option<RecoveryEventKind> {
         Self::ALL
             .into_iter()
+            .chain([RecoveryEventKind::Rewrite])
             .find(|k| k.as_str().eq_ignore_ascii_case(s))
     }
 }
@@ -95,6 +102,9 @@ pub struct RecoveryEventInfo {
     /// Storage file number of the table (none for a dropped database).
     #[serde(default)]
     pub relfilenode: Option<u32>,
+    /// The table's OID, when its name was known.
+    #[serde(default)]
+    pub rel_oid: Option<u32>,
     /// Database name, when known.
     #[serde(default)]
     pub database: Option<String>,

@@ -673,6 +673,16 @@ impl Service {
         let backups = self.engine.catalog().list_backups(instance_id)?;
         Ok(recovery_window(&backups, &wal))
     }
+
+    /// Recovery events of an instance (see `strata_engine::RecoveryEvent`).
+    pub fn recovery_events(
+        &self,
+        instance_id: &str,
+        filter: &strata_engine::EventFilter,
+    ) -> ServiceResult<Vec<strata_engine::RecoveryEvent>> {
+        self.engine.catalog().get_instance(instance_id)?;
+        Ok(self.engine.recovery_events(instance_id, filter)?)
+    }
 }
 
 #[cfg(test)]

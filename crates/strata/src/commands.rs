@@ -7,8 +7,8 @@ use pg_wal::Lsn;
 use serde::Serialize;
 use strata_catalog::{BackupMethod, BackupMode, BackupPolicy, Instance, KeepUntil, SslMode};
 use strata_engine::{
-    BackupOptions, Engine, RecoveryTarget, RestoreOptions, RestoreOutcome, SetDecision,
-    StartOptions, WalReceiveOptions,
+    BackupOptions, Engine, EventFilter, RecoveryTarget, RestoreOptions, RestoreOutcome,
+    SetDecision, StartOptions, WalReceiveOptions,
 };
 
 use crate::config::{self, CatalogLocation, Config};
@@ -410,6 +410,37 @@ pub(crate) fn wal(engine: &Engine, cmd: WalCmd) -> Result<()> {
             engine.catalog().get_instance(&id)?;
             let list = engine.catalog().list_wal_segments(&id)?;
             print(json, &list[..], output::print_wal)
+        }
+        WalCmd::Events {
+            id,
+            since,
+            until,
+            table,
+            database,
+            kind,
+            json,
+        } => {
+            engine.catalog().get_instance(&id)?;
+            for k in &kind {
+                if !strata_engine::EVENT_KINDS
+                    .iter()
+                    .any(|known| known.eq_ignore_ascii_case(k))
+                {
+                    bail!(
+                        "unknown event kind {k:?}: expected one of {}",
+                        strata_engine::EVENT_KINDS.join(", ")
+                    );
+                }
+            }
+            let filter = EventFilter {
+                since: since.as_deref().map(parse_time).transpose()?,
+                until: until.as_deref().map(parse_time).transpose()?,
+                kinds: kind,
+                database,
+                table,
+            };
+            let events = engine.recovery_events(&id, &filter)?;
+            print(json, &events[..], output::print_events)
         }
     }
 }

@@ -322,6 +322,11 @@ pub struct WalConfig {
     /// Longest pause between two attempts of a failing WAL receiver, in
     /// seconds; the pause doubles from 2 s up to this.
     pub retry_max_secs: Option<u64>,
+    /// Whether receivers decode recovery events (default: true).
+    pub recovery_events: Option<bool>,
+    /// Rows one transaction must delete or update in one table to be a
+    /// recovery event (default: 1000).
+    pub event_min_rows: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -667,6 +672,12 @@ impl Config {
         }
         if let Some(p) = self.snapshot.upload_parallel {
             s.snapshot_upload_parallel = p.clamp(1, 64);
+        }
+        if let Some(on) = self.wal.recovery_events {
+            s.recovery_events = on;
+        }
+        if let Some(rows) = self.wal.event_min_rows {
+            s.event_min_rows = rows.max(1);
         }
         if let Some(p) = self.restore.parallelism.filter(|p| *p > 0) {
             s.restore_parallelism = p;

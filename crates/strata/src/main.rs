@@ -220,6 +220,30 @@ enum WalCmd {
         #[arg(long)]
         json: bool,
     },
+    /// List recovery events: tables dropped or truncated, databases
+    /// dropped, large deletes and updates, restore points; each with the
+    /// restore targets just before and just after it.
+    Events {
+        id: String,
+        /// Only events at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events at or before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only events of this table (`name` or `schema.name`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only events of this database.
+        #[arg(long)]
+        database: Option<String>,
+        /// Only these kinds (DropTable, Truncate, DropDatabase, Delete,
+        /// Update, RestorePoint), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]

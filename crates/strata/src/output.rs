@@ -237,6 +237,34 @@ pub fn print_wal(list: &[WalSegmentRow]) {
     }
 }
 
+/// Recovery events, with what to pass to restore to just before each.
+pub fn print_events(list: &[strata_engine::RecoveryEvent]) {
+    println!(
+        "{:<27} {:<13} {:>10} {:<16} {:<32} {:>9}  JUST BEFORE",
+        "TIME", "EVENT", "XID", "DATABASE", "TABLE / NAME", "ROWS"
+    );
+    for e in list {
+        let what = e
+            .table_label()
+            .or_else(|| e.name.clone())
+            .unwrap_or_else(|| "-".into());
+        let before = match e.xid {
+            Some(x) => format!("--xid {x} --exclusive"),
+            None => format!("--lsn {}", e.lsn),
+        };
+        println!(
+            "{:<27} {:<13} {:>10} {:<16} {:<32} {:>9}  {}",
+            e.time.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+            e.kind,
+            e.xid.map_or("-".into(), |x| x.to_string()),
+            e.database.as_deref().unwrap_or("-"),
+            what,
+            e.rows.map_or("-".into(), |r| r.to_string()),
+            before
+        );
+    }
+}
+
 pub fn print_jobs(list: &[Job]) {
     println!(
         "{:<6} {:<12} {:<16} {:<10} {:>4} {:<21}",

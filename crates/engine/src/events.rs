@@ -1,0 +1,376 @@
+//! Recovery events: the committed transactions that destroyed data (a table
+//! dropped or truncated, a database dropped, many rows deleted or updated
+//! at once), decoded from WAL as it is received and stored with each
+//! segment, so a user can find the moment to restore to and restore to just
+//! before it.
+//!
+//! Classifying a commit's dropped files needs what the WAL alone cannot
+//! say: which file was a table (and its name), and whether the table still
+//! exists afterwards. When the commit is decoded the file is looked up in
+//! the names last read from the server ([`crate::names`]); a dropped table
+//! file whose transaction also created an empty file is a `TRUNCATE`, one
+//! whose transaction only created filled files is a rewrite (`VACUUM FULL`,
+//! `CLUSTER`), otherwise a drop. When events are listed the catalog's names
+//! settle it for tables whose OID is known: still there under another file
+//! means truncated (or rewritten), gone means dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use pg_wal::decode::{RelFile, TxnChanges};
+use pg_wal::{Lsn, TimelineId};
+use serde::Serialize;
+use strata_catalog::{RecoveryEventRow, RelationNameRow};
+use strata_repo::{RecoveryEventInfo, RecoveryEventKind};
+
+use crate::names::RelationNames;
+use crate::{Engine, EngineResult};
+
+/// OIDs below this are assigned by initdb (`FirstNormalObjectId`): files
+/// numbered below it that Strata has no name for belong to the system.
+const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
+/// The kinds of events listed, as the API and the CLI spell them.
+pub const EVENT_KINDS: [&str; 6] = [
+    "DropTable",
+    "Truncate",
+    "DropDatabase",
+    "Delete",
+    "Update",
+    "RestorePoint",
+];
+
+/// How commits are turned into events while WAL is received.
+#[derive(Debug, Clone)]
+pub struct EventOptions {
+    /// Names of the instance's relations (none: events carry numbers only,
+    /// and get names when listed).
+    pub names: Option<Arc<RelationNames>>,
+    /// Rows one transaction must delete (or update) in one table to be an
+    /// event.
+    pub min_rows: u64,
+}
+
+/// The events of one commit, in a stable order.
+pub fn commit_events(
+    changes: &TxnChanges,
+    xid: u32,
+    (lsn, end_lsn): (Lsn, Lsn),
+    time: DateTime<Utc>,
+    opts: &EventOptions,
+) -> Vec<RecoveryEventInfo> {
+    let names = opts.names.as_deref();
+    let event = |kind, db_oid: u32| RecoveryEventInfo {
+        kind,
+        xid,
+        lsn,
+        end_lsn,
+        time,
+        db_oid,
+        relfilenode: None,
+        rel_oid: None,
+        database: names.and_then(|n| n.database(db_oid)),
+        schema: None,
+        table: None,
+        rows: None,
+    };
+    // Some(name) for a user table, Some(None) for a file Strata has no name
+    // for that may be one, None for everything else.
+    let table_file = |f: &RelFile| match names.and_then(|n| n.relation(f.db, f.rel)) {
+        Some(name) if name.is_user_table() => Some(Some(name)),
+        Some(_) => None,
+        None if f.db != 0 && f.rel >= FIRST_NORMAL_OBJECT_ID => Some(None),
+        None => None,
+    };
+    let on_table = |kind, f: &RelFile| {
+        let name = table_file(f)?;
+        let mut e = event(kind, f.db);
+        e.relfilenode = Some(f.rel);
+        if let Some(name) = name {
+            e.rel_oid = Some(name.rel_oid);
+            e.schema = Some(name.schema);
+            e.table = Some(name.name);
+        }
+        Some(e)
+    };
+
+    let mut out = Vec::new();
+    for &db in &changes.dropped_databases {
+        out.push(event(RecoveryEventKind::DropDatabase, db));
+    }
+    let filled: HashSet<&RelFile> = changes.filled.iter().collect();
+    let created_empty = changes.created.iter().any(|f| !filled.contains(f));
+    let dropped_kind = if created_empty {
+        RecoveryEventKind::Truncate
+    } else if !changes.created.is_empty() {
+        RecoveryEventKind::Rewrite
+    } else {
+        RecoveryEventKind::DropTable
+    };
+    for f in &changes.dropped {
+        out.extend(on_table(dropped_kind, f));
+    }
+    for f in &changes.truncated {
+        out.extend(on_table(RecoveryEventKind::Truncate, f));
+    }
+    for r in &changes.rows {
+        for (kind, rows) in [
+            (RecoveryEventKind::Delete, r.deleted),
+            (RecoveryEventKind::Update, r.updated),
+        ] {
+            if rows >= opts.min_rows.max(1) {
+                if let Some(mut e) = on_table(kind, &r.rel) {
+                    e.rows = Some(rows);
+                    out.push(e);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A recovery event as listed: names settled, and the restore targets
+/// just before and just after it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RecoveryEvent {
+    /// `DropTable`, `Truncate`, `DropDatabase`, `Delete`, `Update` or
+    /// `RestorePoint`.
+    pub kind: String,
+    /// Timeline of the commit (or restore point) record.
+    pub timeline: TimelineId,
+    /// Transaction id (none for a restore point).
+    pub xid: Option<u32>,
+    /// Commit (or restore point) time.
+    pub time: DateTime<Utc>,
+    /// Start of the record.
+    pub lsn: Lsn,
+    /// End of the record.
+    pub end_lsn: Lsn,
+    /// Database name, or its OID as text when no name is known.
+    pub database: Option<String>,
+    /// Database OID.
+    pub db_oid: Option<u32>,
+    /// Schema name.
+    pub schema: Option<String>,
+    /// Table name.
+    pub table: Option<String>,
+    /// The table's storage file number.
+    pub relfilenode: Option<u32>,
+    /// Rows deleted or updated.
+    pub rows: Option<u64>,
+    /// Restore point name.
+    pub name: Option<String>,
+}
+
+impl RecoveryEvent {
+    /// `schema.table`, or the file number when no name is known.
+    pub fn table_label(&self) -> Option<String> {
+        match (&self.schema, &self.table, self.relfilenode) {
+            (Some(s), Some(t), _) => Some(format!("{s}.{t}")),
+            (_, _, Some(f)) => Some(format!("relfilenode {f}")),
+            _ => None,
+        }
+    }
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Committed at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Committed at or before.
+    pub until: Option<DateTime<Utc>>,
+    /// Kinds to keep (empty: all).
+    pub kinds: Vec<String>,
+    /// Database name to keep.
+    pub database: Option<String>,
+    /// Table name (`name` or `schema.name`) to keep.
+    pub table: Option<String>,
+}
+
+impl EventFilter {
+    fn keeps(&self, e: &RecoveryEvent) -> bool {
+        if !self.kinds.is_empty() && !self.kinds.iter().any(|k| k.eq_ignore_ascii_case(&e.kind)) {
+            return false;
+        }
+        if let Some(db) = &self.database {
+            if e.database.as_deref() != Some(db.as_str()) {
+                return false;
+            }
+        }
+        if let Some(t) = &self.table {
+            let qualified = match (&e.schema, &e.table) {
+                (Some(s), Some(n)) => (t == n) || *t == format!("{s}.{n}"),
+                _ => false,
+            };
+            if !qualified {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Engine {
+    /// Recovery events of an instance (restore points included), oldest
+    /// first.
+    pub fn recovery_events(
+        &self,
+        instance_id: &str,
+        filter: &EventFilter,
+    ) -> EngineResult<Vec<RecoveryEvent>> {
+        let rows = self
+            .catalog
+            .list_recovery_events(instance_id, filter.since, filter.until)?;
+        let (relations, databases) = self.catalog.list_names(instance_id)?;
+        let settle = Settle::new(&relations, &databases);
+        let mut events: Vec<RecoveryEvent> = rows
+            .into_iter()
+            .filter_map(|row| settle.event(row))
+            .collect();
+        for rp in self.catalog.list_restore_points(instance_id)? {
+            if filter.since.is_some_and(|s| rp.time < s)
+                || filter.until.is_some_and(|u| rp.time > u)
+            {
+                continue;
+            }
+            events.push(RecoveryEvent {
+                kind: "RestorePoint".into(),
+                timeline: rp.timeline,
+                xid: None,
+                time: rp.time,
+                // The catalog keeps where recovery to the point stops.
+                lsn: rp.lsn,
+                end_lsn: rp.lsn,
+                database: None,
+                db_oid: None,
+                schema: None,
+                table: None,
+                relfilenode: None,
+                rows: None,
+                name: Some(rp.name),
+            });
+        }
+        events.retain(|e| filter.keeps(e));
+        events.sort_by(|a, b| (a.timeline, a.lsn).cmp(&(b.timeline, b.lsn)));
+        Ok(events)
+    }
+}
+
+/// Names and kinds settled from the catalog's names.
+struct Settle<'a> {
+    by_file: HashMap<(u32, u32), &'a RelationNameRow>,
+    /// Every file seen for a relation OID.
+    files_of: HashMap<(u32, u32), Vec<&'a RelationNameRow>>,
+    databases: HashMap<u32, &'a str>,
+}
+
+impl<'a> Settle<'a> {
+    fn new(
+        relations: &'a [RelationNameRow],
+        databases: &'a [strata_catalog::DatabaseNameRow],
+    ) -> Self {
+        let mut files_of: HashMap<(u32, u32), Vec<&RelationNameRow>> = HashMap::new();
+        for r in relations {
+            files_of.entry((r.db_oid, r.rel_oid)).or_default().push(r);
+        }
+        Settle {
+            by_file: relations
+                .iter()
+                .map(|r| ((r.db_oid, r.relfilenode), r))
+                .collect(),
+            files_of,
+            databases: databases
+                .iter()
+                .map(|d| (d.db_oid, d.name.as_str()))
+                .collect(),
+        }
+    }
+
+    /// The event as listed, or None for a rewrite that lost nothing.
+    fn event(&self, row: RecoveryEventRow) -> Option<RecoveryEvent> {
+        let mut kind = RecoveryEventKind::parse(&row.kind)?;
+        let (mut schema, mut table, mut rel_oid) = (row.schema, row.table, row.rel_oid);
+        if let (None, Some(file)) = (&table, row.relfilenode) {
+            if let Some(r) = self.by_file.get(&(row.db_oid, file)) {
+                (schema, table, rel_oid) = (
+                    Some(r.schema.clone()),
+                    Some(r.name.clone()),
+                    Some(r.rel_oid),
+                );
+            }
+        }
+        if matches!(
+            kind,
+            RecoveryEventKind::DropTable | RecoveryEventKind::Truncate | RecoveryEventKind::Rewrite
+        ) {
+            if let (Some(oid), Some(file)) = (rel_oid, row.relfilenode) {
+                // A newer file of the same relation (file numbers come
+                // from the OID counter, which only grows): the relation
+                // outlived the commit.
+                let outlived = self
+                    .files_of
+                    .get(&(row.db_oid, oid))
+                    .is_some_and(|files| files.iter().any(|f| f.relfilenode > file));
+                kind = match (kind, outlived) {
+                    (RecoveryEventKind::Rewrite, true) => return None,
+                    (_, true) => RecoveryEventKind::Truncate,
+                    (_, false) => RecoveryEventKind::DropTable,
+                };
+            } else if kind == RecoveryEventKind::Rewrite {
+                return None;
+            }
+        }
+        let database = row
+            .database
+            .or_else(|| self.databases.get(&row.db_oid).map(|s| s.to_string()));
+        Some(RecoveryEvent {
+            kind: kind.as_str().into(),
+            timeline: row.timeline,
+            xid: Some(row.xid),
+            time: row.time,
+            lsn: row.lsn,
+            end_lsn: row.end_lsn,
+            database,
+            db_oid: Some(row.db_oid),
+            schema,
+            table,
+            relfilenode: row.relfilenode,
+            rows: row.rows,
+            name: None,
+        })
+    }
+}
+
+/// The catalog rows of a segment's events.
+pub(crate) fn event_rows<'a>(
+    instance_id: &'a str,
+    timeline: TimelineId,
+    events: &'a [RecoveryEventInfo],
+) -> impl Iterator<Item = RecoveryEventRow> + 'a {
+    // Events of one commit are adjacent and share its LSN.
+    let mut seq = 0u32;
+    let mut last = None;
+    events.iter().map(move |e| {
+        seq = if last == Some(e.lsn) { seq + 1 } else { 0 };
+        last = Some(e.lsn);
+        RecoveryEventRow {
+            instance_id: instance_id.into(),
+            timeline,
+            lsn: e.lsn,
+            seq,
+            end_lsn: e.end_lsn,
+            kind: e.kind.as_str().into(),
+            xid: e.xid,
+            time: e.time,
+            db_oid: e.db_oid,
+            relfilenode: e.relfilenode,
+            rel_oid: e.rel_oid,
+            database: e.database.clone(),
+            schema: e.schema.clone(),
+            table: e.table.clone(),
+            rows: e.rows,
+        }
+    })
+}
