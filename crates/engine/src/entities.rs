@@ -306,6 +306,7 @@ mod tests {
                 lsn: Lsn(0x100_4000),
                 time: t,
             }],
+            events: Vec::new(),
             stored_at: t + chrono::Duration::seconds(9),
         };
         let row = wal_segment_row("db1", &meta, "wal/key".into());

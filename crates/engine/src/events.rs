@@ -374,3 +374,227 @@ pub(crate) fn event_rows<'a>(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use pg_wal::decode::RowChanges;
+    use strata_catalog::DatabaseNameRow;
+
+    use super::*;
+
+    fn file(rel: u32) -> RelFile {
+        RelFile {
+            spc: 1663,
+            db: 5,
+            rel,
+        }
+    }
+
+    fn time() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap()
+    }
+
+    fn opts(min_rows: u64) -> EventOptions {
+        EventOptions {
+            names: None,
+            min_rows,
+        }
+    }
+
+    fn kinds(changes: &TxnChanges, min_rows: u64) -> Vec<(RecoveryEventKind, Option<u32>)> {
+        commit_events(
+            changes,
+            700,
+            (Lsn(0x100), Lsn(0x140)),
+            time(),
+            &opts(min_rows),
+        )
+        .into_iter()
+        .map(|e| (e.kind, e.relfilenode))
+        .collect()
+    }
+
+    #[test]
+    fn a_commit_is_classified_by_the_files_it_dropped_created_and_filled() {
+        let dropped = TxnChanges {
+            dropped: vec![file(20000)],
+            ..Default::default()
+        };
+        assert_eq!(
+            kinds(&dropped, 1000),
+            [(RecoveryEventKind::DropTable, Some(20000))]
+        );
+        let truncated = TxnChanges {
+            dropped: vec![file(20000)],
+            created: vec![file(20010), file(20011)],
+            filled: vec![file(20011)],
+            ..Default::default()
+        };
+        assert_eq!(
+            kinds(&truncated, 1000),
+            [(RecoveryEventKind::Truncate, Some(20000))]
+        );
+        let rewritten = TxnChanges {
+            dropped: vec![file(20000)],
+            created: vec![file(20010)],
+            filled: vec![file(20010)],
+            ..Default::default()
+        };
+        assert_eq!(
+            kinds(&rewritten, 1000),
+            [(RecoveryEventKind::Rewrite, Some(20000))]
+        );
+        // System files and shared catalogs are never events.
+        let system = TxnChanges {
+            dropped: vec![
+                file(1259),
+                RelFile {
+                    spc: 1664,
+                    db: 0,
+                    rel: 30000,
+                },
+            ],
+            ..Default::default()
+        };
+        assert!(kinds(&system, 1000).is_empty());
+    }
+
+    #[test]
+    fn rows_count_from_the_threshold_and_databases_always() {
+        let changes = TxnChanges {
+            rows: vec![
+                RowChanges {
+                    rel: file(20000),
+                    deleted: 999,
+                    updated: 1000,
+                },
+                RowChanges {
+                    rel: file(20001),
+                    deleted: 5000,
+                    updated: 0,
+                },
+            ],
+            dropped_databases: vec![16500],
+            ..Default::default()
+        };
+        assert_eq!(
+            kinds(&changes, 1000),
+            [
+                (RecoveryEventKind::DropDatabase, None),
+                (RecoveryEventKind::Update, Some(20000)),
+                (RecoveryEventKind::Delete, Some(20001)),
+            ]
+        );
+        assert_eq!(kinds(&changes, 1).len(), 4);
+    }
+
+    fn row(kind: RecoveryEventKind, relfilenode: u32, rel_oid: Option<u32>) -> RecoveryEventRow {
+        RecoveryEventRow {
+            instance_id: "i".into(),
+            timeline: TimelineId(1),
+            lsn: Lsn(0x100),
+            seq: 0,
+            end_lsn: Lsn(0x140),
+            kind: kind.as_str().into(),
+            xid: 700,
+            time: time(),
+            db_oid: 5,
+            relfilenode: Some(relfilenode),
+            rel_oid,
+            database: None,
+            schema: None,
+            table: None,
+            rows: None,
+        }
+    }
+
+    fn name(relfilenode: u32, rel_oid: u32, name: &str) -> RelationNameRow {
+        RelationNameRow {
+            instance_id: "i".into(),
+            db_oid: 5,
+            relfilenode,
+            rel_oid,
+            schema: "public".into(),
+            name: name.into(),
+            kind: "r".into(),
+            seen_at: time(),
+        }
+    }
+
+    #[test]
+    fn listing_settles_drops_truncates_and_rewrites_by_what_outlived_the_commit() {
+        let names = [
+            name(20000, 16400, "t"),
+            name(20050, 16400, "t"),
+            name(20001, 16401, "gone"),
+        ];
+        let dbs = [DatabaseNameRow {
+            instance_id: "i".into(),
+            db_oid: 5,
+            name: "shop".into(),
+            seen_at: time(),
+        }];
+        let settle = Settle::new(&names, &dbs);
+        let kind = |r| settle.event(r).map(|e| e.kind);
+        // 16400 has a newer file: it outlived the commit.
+        assert_eq!(
+            kind(row(RecoveryEventKind::DropTable, 20000, Some(16400))).as_deref(),
+            Some("Truncate")
+        );
+        assert_eq!(
+            kind(row(RecoveryEventKind::Rewrite, 20000, Some(16400))),
+            None
+        );
+        // 16401 did not: a rewrite whose table is gone was a drop (a swap).
+        assert_eq!(
+            kind(row(RecoveryEventKind::Rewrite, 20001, Some(16401))).as_deref(),
+            Some("DropTable")
+        );
+        assert_eq!(
+            kind(row(RecoveryEventKind::Truncate, 20001, Some(16401))).as_deref(),
+            Some("DropTable")
+        );
+        // Unknown when decoded, named when listed.
+        let e = settle
+            .event(row(RecoveryEventKind::Delete, 20001, None))
+            .unwrap();
+        assert_eq!(
+            (e.table.as_deref(), e.database.as_deref()),
+            (Some("gone"), Some("shop"))
+        );
+        // Never named: the number stays.
+        let e = settle
+            .event(row(RecoveryEventKind::DropTable, 29999, None))
+            .unwrap();
+        assert_eq!(e.table_label().as_deref(), Some("relfilenode 29999"));
+    }
+
+    #[test]
+    fn the_effects_of_one_commit_are_numbered_in_order() {
+        let mut events = commit_events(
+            &TxnChanges {
+                dropped: vec![file(20000), file(20001)],
+                ..Default::default()
+            },
+            700,
+            (Lsn(0x100), Lsn(0x140)),
+            time(),
+            &opts(1000),
+        );
+        events.extend(commit_events(
+            &TxnChanges {
+                dropped: vec![file(20002)],
+                ..Default::default()
+            },
+            701,
+            (Lsn(0x200), Lsn(0x240)),
+            time(),
+            &opts(1000),
+        ));
+        let keys: Vec<(Lsn, u32)> = event_rows("i", TimelineId(1), &events)
+            .map(|r| (r.lsn, r.seq))
+            .collect();
+        assert_eq!(keys, [(Lsn(0x100), 0), (Lsn(0x100), 1), (Lsn(0x200), 0)]);
+    }
+}
