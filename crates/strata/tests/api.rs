@@ -457,6 +457,11 @@ fn sdk_backups_tasks_instances_read_only_key() {
 }
 
 #[test]
+fn sdk_recovery_events_and_undo() {
+    run_module("test_events.py");
+}
+
+#[test]
 fn sdk_backup_policy() {
     run_module("test_policy.py");
 }

@@ -1,0 +1,87 @@
+"""Recovery events through the official SDK with both signatures: a large
+DELETE decoded from the WAL as it arrives is listed by
+StrataDescribeRecoveryEvents with its table, xid and restore targets, and
+undone exactly with RestoreTable to just before it."""
+
+import time
+import uuid
+
+import pytest
+
+import helpers as h
+
+WAIT = 60
+
+
+def events(client, instance_id, **kw):
+    body = h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId=instance_id, PageSize=100, **kw)
+    items = body["Items"]["RecoveryEvent"]
+    assert body["TotalRecordCount"] >= len(items) == body["PageRecordCount"], body
+    return items
+
+
+def wait_event(client, instance_id, table, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = events(client, instance_id, TableName=table)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"no event for {table} after {timeout}s: {events(client, instance_id)}")
+        time.sleep(0.3)
+
+
+def digest(table):
+    return h.psql(
+        f"SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t"
+    )
+
+
+@pytest.fixture(scope="module")
+def deleted(instance, admin):
+    """A table of 1500 rows emptied by one DELETE (and written to again
+    after it); answers its name, the xid and the digest just before."""
+    table = f"ev_{uuid.uuid4().hex[:8]}"
+    h.psql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    h.psql(f"INSERT INTO {table} SELECT g, md5(g::text) FROM generate_series(1, 1500) g")
+    # The receiver reads the new table's name after the CREATE's commit.
+    time.sleep(2)
+    before = digest(table)
+    out = h.psql(f"WITH d AS (DELETE FROM {table} RETURNING 1) SELECT txid_current(), count(*) FROM d")
+    xid, rows = out.split("|")
+    assert rows == "1500", out
+    h.psql(f"INSERT INTO {table} VALUES (1, 'written after the delete')")
+    return table, xid, before
+
+
+def test_a_large_delete_is_listed_with_its_restore_targets(client, instance, deleted):
+    table, xid, _ = deleted
+    (event,) = wait_event(client, instance.id, table)
+    assert event["EventType"] == "Delete"
+    assert event["Xid"] == xid
+    assert event["Rows"] == 1500
+    assert (event["DBName"], event["SchemaName"]) == ("postgres", "public")
+    assert event["EventTime"].endswith("Z") and event["StrataEventTime"].startswith(event["EventTime"][:19])
+    before = event["RestoreTargets"]["JustBefore"]
+    after = event["RestoreTargets"]["JustAfter"]
+    assert (before["RestoreTargetXid"], before["RestoreTargetInclusive"]) == (xid, False)
+    assert (after["RestoreTargetXid"], after["RestoreTargetInclusive"]) == (xid, True)
+    assert before["RestoreTargetLsn"] == event["Lsn"]
+    # Filters narrow, they do not widen.
+    assert events(client, instance.id, TableName=table, EventType="DropTable") == []
+    assert [e["Xid"] for e in events(client, instance.id, TableName=f"public.{table}")] == [xid]
+    assert events(client, instance.id, TableName=table, DBName="no_such_db") == []
+
+
+def test_read_only_keys_list_events(ro_client, instance, deleted):
+    table, xid, _ = deleted
+    assert [e["Xid"] for e in wait_event(ro_client, instance.id, table)] == [xid]
+
+
+def test_bad_filters_are_refused(client, instance):
+    with pytest.raises(Exception) as info:
+        h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId=instance.id, EventType="Delete,Explode")
+    assert "InvalidEventType.Malformed" in str(info.value)
+    with pytest.raises(Exception) as info:
+        h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId="sdk-no-such-instance")
+    assert "InvalidDBInstanceId.NotFound" in str(info.value)
