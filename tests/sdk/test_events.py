@@ -62,11 +62,10 @@ def test_a_large_delete_is_listed_with_its_restore_targets(client, instance, del
     assert event["Rows"] == 1500
     assert (event["DBName"], event["SchemaName"]) == ("postgres", "public")
     assert event["EventTime"].endswith("Z") and event["StrataEventTime"].startswith(event["EventTime"][:19])
-    before = event["RestoreTargets"]["JustBefore"]
-    after = event["RestoreTargets"]["JustAfter"]
-    assert (before["RestoreTargetXid"], before["RestoreTargetInclusive"]) == (xid, False)
-    assert (after["RestoreTargetXid"], after["RestoreTargetInclusive"]) == (xid, True)
-    assert before["RestoreTargetLsn"] == event["Lsn"]
+    targets = event["RestoreTargets"]
+    assert targets["JustBefore"] == {"StrataRestoreTargetXid": xid, "StrataRestoreTargetInclusive": "false"}
+    assert targets["JustAfter"] == {"StrataRestoreTargetXid": xid, "StrataRestoreTargetInclusive": "true"}
+    assert targets["JustBeforeLsn"] == {"StrataRestoreTargetLsn": event["Lsn"], "StrataRestoreTargetInclusive": "false"}
     # Filters narrow, they do not widen.
     assert events(client, instance.id, TableName=table, EventType="DropTable") == []
     assert [e["Xid"] for e in events(client, instance.id, TableName=f"public.{table}")] == [xid]

@@ -866,28 +866,30 @@ fn describe_recovery_events(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields>
 }
 
 fn recovery_event_fields(e: &strata_engine::RecoveryEvent) -> Value {
+    // Each target is a set of parameters `RestoreTable` and
+    // `CloneDBInstance` take as they are: recovery stops before the commit
+    // record (not inclusive) or right after it (inclusive); an LSN target
+    // at the record's start does the same.
+    let xid_target = |xid: u32, inclusive: bool| {
+        json!({
+            "StrataRestoreTargetXid": xid.to_string(),
+            "StrataRestoreTargetInclusive": inclusive.to_string(),
+        })
+    };
+    let lsn_target = |inclusive: bool| {
+        json!({
+            "StrataRestoreTargetLsn": e.lsn.to_string(),
+            "StrataRestoreTargetInclusive": inclusive.to_string(),
+        })
+    };
     let targets = match e.xid {
-        // Recovery stops before the commit record (exclusive) or right
-        // after it (inclusive); an LSN target at the record's start does
-        // the same.
         Some(xid) => json!({
-            "JustBefore": {
-                "RestoreTargetXid": xid.to_string(),
-                "RestoreTargetLsn": e.lsn.to_string(),
-                "RestoreTargetInclusive": false,
-            },
-            "JustAfter": {
-                "RestoreTargetXid": xid.to_string(),
-                "RestoreTargetLsn": e.lsn.to_string(),
-                "RestoreTargetInclusive": true,
-            },
+            "JustBefore": xid_target(xid, false),
+            "JustAfter": xid_target(xid, true),
+            "JustBeforeLsn": lsn_target(false),
+            "JustAfterLsn": lsn_target(true),
         }),
-        None => json!({
-            "JustAfter": {
-                "RestoreTargetLsn": e.lsn.to_string(),
-                "RestoreTargetInclusive": true,
-            },
-        }),
+        None => json!({"JustAfterLsn": lsn_target(true)}),
     };
     let mut m = json!({
         "EventType": e.kind,
