@@ -1193,3 +1193,91 @@ async fn deregister_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields
     svc.deregister_instance(&inst.id).await?;
     Ok(obj(json!({"DBInstanceId": inst.id})))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(pairs: &[(&str, &str)]) -> Result<RestoreSource, String> {
+        let p = Params::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        restore_source(&p).map_err(|e| e.code)
+    }
+
+    #[test]
+    fn transaction_and_lsn_targets_and_their_refusals() {
+        let exact = |pairs: &[(&str, &str)]| source(pairs).map(|s| s.exact);
+        assert_eq!(
+            exact(&[(TARGET_XID, "742")]),
+            Ok(Some(ExactTarget {
+                point: ExactPoint::Xid(742),
+                inclusive: true
+            }))
+        );
+        assert_eq!(
+            exact(&[(TARGET_XID, "4294967295"), (TARGET_INCLUSIVE, "false")]),
+            Ok(Some(ExactTarget {
+                point: ExactPoint::Xid(u32::MAX),
+                inclusive: false
+            }))
+        );
+        assert_eq!(
+            exact(&[(TARGET_LSN, "16/B374D848"), (TARGET_INCLUSIVE, "0")]),
+            Ok(Some(ExactTarget {
+                point: ExactPoint::Lsn(Lsn(0x16_B374_D848)),
+                inclusive: false
+            }))
+        );
+        assert_eq!(
+            exact(&[("BackupId", "b1"), (TARGET_XID, "7")]).map(|e| e.is_some()),
+            Ok(true)
+        );
+        let refused: &[(&[(&str, &str)], &str)] = &[
+            (&[(TARGET_XID, "0")], "InvalidRestoreTargetXid.Malformed"),
+            (
+                &[(TARGET_XID, "4294967296")],
+                "InvalidRestoreTargetXid.Malformed",
+            ),
+            (&[(TARGET_XID, "-1")], "InvalidRestoreTargetXid.Malformed"),
+            (&[(TARGET_XID, "+1")], "InvalidRestoreTargetXid.Malformed"),
+            (&[(TARGET_XID, " 7")], "InvalidRestoreTargetXid.Malformed"),
+            (
+                &[(TARGET_LSN, "3000000")],
+                "InvalidRestoreTargetLsn.Malformed",
+            ),
+            (&[(TARGET_LSN, "0/1'")], "InvalidRestoreTargetLsn.Malformed"),
+            (
+                &[(TARGET_XID, "7"), (TARGET_INCLUSIVE, "yes please")],
+                "InvalidRestoreTargetInclusive.Malformed",
+            ),
+            (
+                &[(TARGET_XID, "7"), (TARGET_LSN, "0/1")],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[(TARGET_XID, "7"), ("RestoreTime", "2026-11-25T10:00:00Z")],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[(TARGET_LSN, "0/1"), ("RestoreTime", "2026-11-25T10:00:00Z")],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[("BackupId", "b1"), (TARGET_INCLUSIVE, "false")],
+                "MissingParameter",
+            ),
+            (&[], "MissingParameter"),
+        ];
+        for (pairs, code) in refused {
+            assert_eq!(
+                source(pairs).map(|_| ()),
+                Err(code.to_string()),
+                "{pairs:?}"
+            );
+        }
+    }
+}
