@@ -841,7 +841,7 @@ fn restore_source(p: &Params) -> ApiResult<RestoreSource> {
     if backup_id.is_none() && restore_time.is_none() && exact.is_none() {
         return Err(ApiError::bad(
             "MissingParameter",
-            format!("Specify BackupId, RestoreTime, {TARGET_XID} or {TARGET_LSN} (a backup with a time or a target, too)."),
+            format!("Specify BackupId, RestoreTime, {TARGET_XID} or {TARGET_LSN} (BackupId may go with any of the others)."),
         ));
     }
     Ok(RestoreSource {

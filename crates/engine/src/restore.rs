@@ -1310,7 +1310,8 @@ struct WalFindings {
     /// A commit after the backup's end and after the target time exists.
     commit_after_time: bool,
     xid_found: bool,
-    /// Any record after the target LSN was decoded (recovery can stop there).
+    /// Recovery can stop at the target LSN: a decoded record ends past it
+    /// (just after it) or starts at or past it (just before it).
     passed_lsn: bool,
 }
 
