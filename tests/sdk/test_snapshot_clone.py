@@ -2,7 +2,8 @@
 the official SDK: the instance is registered with its agent, a snapshot
 backup is taken with CreateBackup, and the clone made from it runs on the
 database host (the agent's clone directory), listed by DescribeDBInstances,
-with the rows of the backup; DeleteDBInstance removes it there.
+with the rows of the backup; DeleteDBInstance removes it there. A clone of
+a snapshot set can also stop just before a transaction.
 
 The Rust harness (crates/strata/tests/api.rs) runs PostgreSQL on an XFS
 loop file system with `strata agent` next to it and sets STRATA_AGENT_URL,
@@ -101,4 +102,42 @@ def test_a_snapshot_backup_clones_on_the_database_host(sig):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0, f"clone {clone_id} still answers on {port}"
     assert h.psql(f"SELECT count(*) FROM {table}") == "500"
+    h.retire(admin, instance_id)
+
+
+def test_a_snapshot_clone_stops_just_before_a_transaction():
+    """The agent's clone recovers from the snapshot set to just before one
+    transaction (`xid_before`): the rows it deleted are there, the rows
+    inserted after it are not."""
+    from test_restore import wait_recoverable_past
+
+    admin = h.make_client("v3", *h.admin_key())
+    instance_id = h.new_instance_id("snapxid")
+    h.register(admin, instance_id,
+               AgentUrl=h.env("STRATA_AGENT_URL"), AgentKey=h.env("STRATA_AGENT_KEY"))
+    h.wait_first_backup(admin, instance_id)
+    table = "snap_undo"
+    h.psql(f"DROP TABLE IF EXISTS {table};"
+           f"CREATE TABLE {table} AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 200) g")
+    resp = admin.create_backup(
+        rds.CreateBackupRequest(dbinstance_id=instance_id, backup_method="Snapshot"))
+    job = h.wait_job(admin, instance_id, resp.body.backup_job_id)
+    assert job.backup_status == "Finished", h.jobs(admin, instance_id)
+    h.psql(f"UPDATE {table} SET note = 'after the snapshot' WHERE id % 5 = 0")
+    digest = f"SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) FROM {table} t"
+    pre = h.psql(digest)
+    out = h.psql(f"BEGIN; DELETE FROM {table}; SELECT 'xid=' || (txid_current() % 4294967296); COMMIT;")
+    xid = out.split("xid=")[1].split()[0]
+    h.psql(f"INSERT INTO {table} VALUES (1001, 'after the transaction'); SELECT pg_switch_wal();")
+    wait_recoverable_past(admin, instance_id, h.utcnow().replace(microsecond=0))
+
+    body = h.call(admin, "CloneDBInstance", DBInstanceId=instance_id, BackupId=job.backup_id,
+                  StrataRestoreTargetXid=xid, StrataRestoreTargetInclusive="false")
+    clone_id = body["DBInstanceId"]
+    item, _ = wait_listed_running(admin, clone_id)
+    assert item["StrataAgentClone"] == clone_id, item
+    port = int(item["Port"])
+    assert psql_at(port, digest) == pre
+    admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=clone_id))
+    assert listed(admin, clone_id) is None
     h.retire(admin, instance_id)

@@ -49,10 +49,14 @@ pub enum TargetRequest {
     Immediate,
     /// The last commit at or before a time (RFC 3339, or `YYYY-MM-DDTHH:MMZ`).
     Time(String),
-    /// An LSN (`16/B374D848`).
+    /// An LSN (`16/B374D848`): after the first record at or past it.
     Lsn(String),
+    /// Just before the record at or past an LSN.
+    LsnBefore(String),
     /// Just after a transaction's commit (decimal xid).
     Xid(String),
+    /// Just before a transaction's commit (decimal xid).
+    XidBefore(String),
     /// A restore point's name.
     Name(String),
 }
@@ -108,8 +112,8 @@ enum Target {
     Latest,
     Immediate,
     Time(DateTime<Utc>),
-    Lsn(u32, u32),
-    Xid(u32),
+    Lsn { hi: u32, lo: u32, inclusive: bool },
+    Xid { xid: u32, inclusive: bool },
     Name(String),
 }
 
@@ -127,33 +131,29 @@ impl Target {
                 ))
             })?),
             TargetRequest::Lsn(s) => {
-                let half = |p: &str| {
-                    (!p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .then(|| u32::from_str_radix(p, 16).ok())
-                        .flatten()
-                };
-                let parsed = s
-                    .split_once('/')
-                    .and_then(|(hi, lo)| Some((half(hi)?, half(lo)?)));
-                let (hi, lo) = parsed.ok_or_else(|| {
-                    invalid(format!(
-                        "invalid LSN {:?} (expected e.g. 0/3000000)",
-                        short(s)
-                    ))
-                })?;
-                Target::Lsn(hi, lo)
+                let (hi, lo) = parse_lsn(s)?;
+                Target::Lsn {
+                    hi,
+                    lo,
+                    inclusive: true,
+                }
             }
-            TargetRequest::Xid(s) => Target::Xid(
-                s.parse::<u32>()
-                    .ok()
-                    .filter(|_| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "invalid transaction id {:?} (a decimal number up to 4294967295)",
-                            short(s)
-                        ))
-                    })?,
-            ),
+            TargetRequest::LsnBefore(s) => {
+                let (hi, lo) = parse_lsn(s)?;
+                Target::Lsn {
+                    hi,
+                    lo,
+                    inclusive: false,
+                }
+            }
+            TargetRequest::Xid(s) => Target::Xid {
+                xid: parse_xid(s)?,
+                inclusive: true,
+            },
+            TargetRequest::XidBefore(s) => Target::Xid {
+                xid: parse_xid(s)?,
+                inclusive: false,
+            },
             TargetRequest::Name(s) => {
                 if s.is_empty()
                     || s.len() > MAX_RESTORE_POINT_NAME
@@ -178,11 +178,55 @@ impl Target {
                 "recovery_target_time = {}\n",
                 quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
             ),
-            Target::Lsn(hi, lo) => format!("recovery_target_lsn = '{hi:X}/{lo:X}'\n"),
-            Target::Xid(x) => format!("recovery_target_xid = '{x}'\n"),
+            Target::Lsn { hi, lo, inclusive } => format!(
+                "recovery_target_lsn = '{hi:X}/{lo:X}'\nrecovery_target_inclusive = {}\n",
+                on_off(*inclusive)
+            ),
+            Target::Xid { xid, inclusive } => format!(
+                "recovery_target_xid = '{xid}'\nrecovery_target_inclusive = {}\n",
+                on_off(*inclusive)
+            ),
             Target::Name(n) => format!("recovery_target_name = {}\n", quote(n)),
         }
     }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// An LSN as `strata restore --lsn` takes it (`16/B374D848`).
+fn parse_lsn(s: &str) -> Result<(u32, u32), SnapshotError> {
+    let half = |p: &str| {
+        (!p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(p, 16).ok())
+            .flatten()
+    };
+    s.split_once('/')
+        .and_then(|(hi, lo)| Some((half(hi)?, half(lo)?)))
+        .ok_or_else(|| {
+            SnapshotError::InvalidParameter(format!(
+                "invalid LSN {:?} (expected e.g. 0/3000000)",
+                short(s)
+            ))
+        })
+}
+
+/// A transaction id in decimal, digits only.
+fn parse_xid(s: &str) -> Result<u32, SnapshotError> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|_| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            SnapshotError::InvalidParameter(format!(
+                "invalid transaction id {:?} (a decimal number up to 4294967295)",
+                short(s)
+            ))
+        })
 }
 
 fn short(s: &str) -> String {
@@ -615,11 +659,19 @@ mod tests {
         );
         assert_eq!(
             t(TargetRequest::Lsn("16/b374d848".into())).unwrap(),
-            "recovery_target_lsn = '16/B374D848'\n"
+            "recovery_target_lsn = '16/B374D848'\nrecovery_target_inclusive = on\n"
+        );
+        assert_eq!(
+            t(TargetRequest::LsnBefore("16/b374d848".into())).unwrap(),
+            "recovery_target_lsn = '16/B374D848'\nrecovery_target_inclusive = off\n"
         );
         assert_eq!(
             t(TargetRequest::Xid("742".into())).unwrap(),
-            "recovery_target_xid = '742'\n"
+            "recovery_target_xid = '742'\nrecovery_target_inclusive = on\n"
+        );
+        assert_eq!(
+            t(TargetRequest::XidBefore("742".into())).unwrap(),
+            "recovery_target_xid = '742'\nrecovery_target_inclusive = off\n"
         );
         assert_eq!(
             t(TargetRequest::Name("it's".into())).unwrap(),
@@ -635,6 +687,9 @@ mod tests {
             TargetRequest::Xid("+1".into()),
             TargetRequest::Xid("4294967296".into()),
             TargetRequest::Xid("1 or 1".into()),
+            TargetRequest::XidBefore("".into()),
+            TargetRequest::XidBefore("7'\nrestore_command='id".into()),
+            TargetRequest::LsnBefore("0/1'\nrestore_command='id".into()),
             TargetRequest::Name("".into()),
             TargetRequest::Name("a\nrestore_command = 'id'".into()),
             TargetRequest::Name("x".repeat(64)),

@@ -14,7 +14,7 @@ use strata_catalog::{
 };
 use strata_engine::SetDecision;
 use strata_service::policy::{self, format_minutes, format_seconds};
-use strata_service::{PolicyChange, RestoreSource, Service};
+use strata_service::{ExactPoint, ExactTarget, Lsn, PolicyChange, RestoreSource, Service};
 
 use crate::advanced;
 use crate::cross_region;
@@ -947,16 +947,104 @@ fn restore_source(p: &Params) -> ApiResult<RestoreSource> {
         None => None,
     };
     let backup_id = p.get("BackupId").map(BackupId::from);
-    if backup_id.is_none() && restore_time.is_none() {
+    let exact = exact_target(p)?;
+    if exact.is_some() && restore_time.is_some() {
+        return Err(ApiError::bad(
+            "InvalidParameterCombination",
+            format!("RestoreTime and {TARGET_XID}/{TARGET_LSN} name two different points; give one of them."),
+        ));
+    }
+    if backup_id.is_none() && restore_time.is_none() && exact.is_none() {
         return Err(ApiError::bad(
             "MissingParameter",
-            "Specify BackupId, RestoreTime or both.",
+            format!("Specify BackupId, RestoreTime, {TARGET_XID} or {TARGET_LSN} (BackupId may go with any of the others)."),
         ));
     }
     Ok(RestoreSource {
         backup_id,
         restore_time,
+        exact,
     })
+}
+
+/// Extension parameters of the restores: recover to a transaction or a WAL
+/// position, just after it (the default, as PostgreSQL's
+/// `recovery_target_inclusive`) or just before it.
+const TARGET_XID: &str = "StrataRestoreTargetXid";
+const TARGET_LSN: &str = "StrataRestoreTargetLsn";
+const TARGET_INCLUSIVE: &str = "StrataRestoreTargetInclusive";
+
+/// The transaction or WAL position a restore asks for, if any.
+fn exact_target(p: &Params) -> ApiResult<Option<ExactTarget>> {
+    let xid = p.get(TARGET_XID).map(parse_xid).transpose()?;
+    let lsn = p
+        .get(TARGET_LSN)
+        .map(|v| {
+            v.parse::<Lsn>().map_err(|_| {
+                ApiError::bad(
+                    "InvalidRestoreTargetLsn.Malformed",
+                    format!(
+                        "{TARGET_LSN} must be a WAL position written as two hexadecimal numbers of up to 8 digits, e.g. 0/3000028, got {}",
+                        quoted(v)
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    let inclusive = p
+        .get(TARGET_INCLUSIVE)
+        .map(|v| match v.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(ApiError::bad(
+                "InvalidRestoreTargetInclusive.Malformed",
+                format!(
+                    "{TARGET_INCLUSIVE} must be true (just after the target) or false (just before it), got {}",
+                    quoted(v)
+                ),
+            )),
+        })
+        .transpose()?;
+    let point = match (xid, lsn) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "InvalidParameterCombination",
+                format!("{TARGET_XID} and {TARGET_LSN} name two different points; give one of them."),
+            ))
+        }
+        (Some(x), None) => ExactPoint::Xid(x),
+        (None, Some(l)) => ExactPoint::Lsn(l),
+        (None, None) if inclusive.is_some() => {
+            return Err(ApiError::bad(
+                "MissingParameter",
+                format!("{TARGET_INCLUSIVE} says on which side of {TARGET_XID} or {TARGET_LSN} to stop; give one of them."),
+            ))
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(ExactTarget {
+        point,
+        inclusive: inclusive.unwrap_or(true),
+    }))
+}
+
+/// A transaction id as PostgreSQL's `recovery_target_xid` takes it here:
+/// decimal digits, 1 to 4294967295.
+fn parse_xid(v: &str) -> ApiResult<u32> {
+    v.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| v.parse::<u32>().ok())
+        .flatten()
+        .filter(|x| *x != 0)
+        .ok_or_else(|| {
+            ApiError::bad(
+                "InvalidRestoreTargetXid.Malformed",
+                format!(
+                    "{TARGET_XID} must be a transaction id in decimal, 1 to 4294967295 (txid_current() modulo 2^32), got {}",
+                    quoted(v)
+                ),
+            )
+        })
 }
 
 fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
@@ -1220,4 +1308,92 @@ async fn deregister_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields
     let inst = instance(svc, p)?;
     svc.deregister_instance(&inst.id).await?;
     Ok(obj(json!({"DBInstanceId": inst.id})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(pairs: &[(&str, &str)]) -> Result<RestoreSource, String> {
+        let p = Params::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        restore_source(&p).map_err(|e| e.code)
+    }
+
+    #[test]
+    fn transaction_and_lsn_targets_and_their_refusals() {
+        let exact = |pairs: &[(&str, &str)]| source(pairs).map(|s| s.exact);
+        assert_eq!(
+            exact(&[(TARGET_XID, "742")]),
+            Ok(Some(ExactTarget {
+                point: ExactPoint::Xid(742),
+                inclusive: true
+            }))
+        );
+        assert_eq!(
+            exact(&[(TARGET_XID, "4294967295"), (TARGET_INCLUSIVE, "false")]),
+            Ok(Some(ExactTarget {
+                point: ExactPoint::Xid(u32::MAX),
+                inclusive: false
+            }))
+        );
+        assert_eq!(
+            exact(&[(TARGET_LSN, "16/B374D848"), (TARGET_INCLUSIVE, "0")]),
+            Ok(Some(ExactTarget {
+                point: ExactPoint::Lsn(Lsn(0x16_B374_D848)),
+                inclusive: false
+            }))
+        );
+        assert_eq!(
+            exact(&[("BackupId", "b1"), (TARGET_XID, "7")]).map(|e| e.is_some()),
+            Ok(true)
+        );
+        let refused: &[(&[(&str, &str)], &str)] = &[
+            (&[(TARGET_XID, "0")], "InvalidRestoreTargetXid.Malformed"),
+            (
+                &[(TARGET_XID, "4294967296")],
+                "InvalidRestoreTargetXid.Malformed",
+            ),
+            (&[(TARGET_XID, "-1")], "InvalidRestoreTargetXid.Malformed"),
+            (&[(TARGET_XID, "+1")], "InvalidRestoreTargetXid.Malformed"),
+            (&[(TARGET_XID, " 7")], "InvalidRestoreTargetXid.Malformed"),
+            (
+                &[(TARGET_LSN, "3000000")],
+                "InvalidRestoreTargetLsn.Malformed",
+            ),
+            (&[(TARGET_LSN, "0/1'")], "InvalidRestoreTargetLsn.Malformed"),
+            (
+                &[(TARGET_XID, "7"), (TARGET_INCLUSIVE, "yes please")],
+                "InvalidRestoreTargetInclusive.Malformed",
+            ),
+            (
+                &[(TARGET_XID, "7"), (TARGET_LSN, "0/1")],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[(TARGET_XID, "7"), ("RestoreTime", "2026-11-25T10:00:00Z")],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[(TARGET_LSN, "0/1"), ("RestoreTime", "2026-11-25T10:00:00Z")],
+                "InvalidParameterCombination",
+            ),
+            (
+                &[("BackupId", "b1"), (TARGET_INCLUSIVE, "false")],
+                "MissingParameter",
+            ),
+            (&[], "MissingParameter"),
+        ];
+        for (pairs, code) in refused {
+            assert_eq!(
+                source(pairs).map(|_| ()),
+                Err(code.to_string()),
+                "{pairs:?}"
+            );
+        }
+    }
 }

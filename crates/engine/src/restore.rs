@@ -44,10 +44,22 @@ pub enum RecoveryTarget {
     Immediate,
     /// The last commit at or before a time.
     Time(DateTime<Utc>),
-    /// An LSN.
-    Lsn(Lsn),
-    /// Just after a transaction's commit.
-    Xid(u32),
+    /// A WAL position (`recovery_target_lsn`).
+    Lsn {
+        /// The position.
+        lsn: Lsn,
+        /// Stop after the first record at or past it (PostgreSQL's
+        /// default), or just before it.
+        inclusive: bool,
+    },
+    /// A transaction (`recovery_target_xid`).
+    Xid {
+        /// The transaction id.
+        xid: u32,
+        /// Stop just after its commit (PostgreSQL's default), or just
+        /// before it, leaving it and everything after undone.
+        inclusive: bool,
+    },
     /// A named restore point (`pg_create_restore_point`).
     Name(String),
 }
@@ -58,8 +70,22 @@ impl std::fmt::Display for RecoveryTarget {
             RecoveryTarget::Latest => write!(f, "the end of the archived WAL"),
             RecoveryTarget::Immediate => write!(f, "the backup's consistency point"),
             RecoveryTarget::Time(t) => write!(f, "time {}", t.to_rfc3339()),
-            RecoveryTarget::Lsn(l) => write!(f, "LSN {l}"),
-            RecoveryTarget::Xid(x) => write!(f, "transaction {x}"),
+            RecoveryTarget::Lsn {
+                lsn,
+                inclusive: true,
+            } => write!(f, "LSN {lsn}"),
+            RecoveryTarget::Lsn {
+                lsn,
+                inclusive: false,
+            } => write!(f, "just before LSN {lsn}"),
+            RecoveryTarget::Xid {
+                xid,
+                inclusive: true,
+            } => write!(f, "just after transaction {xid}"),
+            RecoveryTarget::Xid {
+                xid,
+                inclusive: false,
+            } => write!(f, "just before transaction {xid}"),
             RecoveryTarget::Name(n) => write!(f, "restore point {n:?}"),
         }
     }
@@ -296,6 +322,35 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// Checks `target` against `instance_id`'s catalog before a restore is
+    /// started in the background: the set asked for ends before it, or some
+    /// set does; a transaction committed in the archived WAL (as the
+    /// segments' commit xid ranges tell). The restore checks it again
+    /// against the decoded WAL.
+    pub fn check_target(
+        &self,
+        instance_id: &str,
+        backup_id: Option<&str>,
+        target: &RecoveryTarget,
+    ) -> EngineResult<()> {
+        let index = self.restore_index(instance_id)?;
+        let backups: Vec<BackupSet> = index
+            .backups
+            .into_iter()
+            .filter(|b| b.status == BackupStatus::Success)
+            .collect();
+        choose_backup(
+            instance_id,
+            &backups,
+            &index.wal,
+            &index.restore_points,
+            backup_id,
+            target,
+            None,
+        )?;
+        Ok(())
+    }
+
     /// The backup sets, WAL and restore points of `instance_id` in the catalog.
     fn restore_index(&self, instance_id: &str) -> EngineResult<RestoreIndex> {
         Ok(RestoreIndex {
@@ -334,6 +389,12 @@ impl Engine {
         // A repository restore reads sets the repository has: a snapshot
         // counts once uploaded.
         let backups: Vec<BackupSet> = backups.into_iter().filter(|b| b.in_repository()).collect();
+        let commit = match (&opts.target, backups.last()) {
+            (RecoveryTarget::Xid { xid, .. }, Some(newest)) => {
+                Some(self.locate_commit(instance_id, newest, &wal, *xid)?)
+            }
+            _ => None,
+        };
         let backup = choose_backup(
             instance_id,
             &backups,
@@ -341,6 +402,7 @@ impl Engine {
             &restore_points,
             opts.backup_id.as_deref(),
             &opts.target,
+            commit,
         )?
         .clone();
         progress.message(&format!(
@@ -365,6 +427,47 @@ impl Engine {
             wal_end,
             gap,
         })
+    }
+
+    /// Where the newest commit of transaction `xid` in the archived WAL
+    /// starts, decoded from the segments whose commit xid range holds it
+    /// (newest first). `any_set` gives the WAL geometry.
+    fn locate_commit(
+        &self,
+        instance_id: &str,
+        any_set: &BackupSet,
+        wal: &[WalSegmentRow],
+        xid: u32,
+    ) -> EngineResult<Lsn> {
+        let candidates = commit_candidates(wal, xid);
+        if candidates.is_empty() {
+            return Err(EngineError::Refused(format!(
+                "transaction {xid} did not commit in the archived WAL"
+            )));
+        }
+        let manifest = self.repo.read_manifest(instance_id, &any_set.id)?;
+        let geometry = WalGeometry::new(manifest.wal_segment_size)
+            .map_err(|e| EngineError::Failed(format!("backup {}: {e}", any_set.id)))?;
+        for row in candidates {
+            let (meta, data) = self.read_wal_row(row)?;
+            let start = geometry.segment_start(geometry.segment_of(row.begin_lsn));
+            let events = WalDecoder::new(geometry, start).feed(&data).map_err(|e| {
+                EngineError::Failed(format!("WAL segment {} does not decode: {e}", meta.segment))
+            })?;
+            let commit = events
+                .iter()
+                .filter_map(|e| match e {
+                    WalEvent::Commit { xid: x, lsn, .. } if *x == xid => Some(*lsn),
+                    _ => None,
+                })
+                .max();
+            if let Some(lsn) = commit {
+                return Ok(lsn);
+            }
+        }
+        Err(EngineError::Refused(format!(
+            "transaction {xid} did not commit in the archived WAL"
+        )))
     }
 
     /// Gives the restored directories to the OS user the server runs as
@@ -969,7 +1072,7 @@ fn check_wal_reach(
     // WAL archived past the end of the usable run means a hole: a
     // receiver started after the server had dropped the WAL in between.
     let gap = wal.iter().any(|w| w.begin_lsn > wal_end).then_some(wal_end);
-    if let RecoveryTarget::Lsn(l) = target {
+    if let RecoveryTarget::Lsn { lsn: l, .. } = target {
         if *l > wal_end {
             return Err(EngineError::Refused(match gap {
                 Some(g) => format!(
@@ -984,11 +1087,14 @@ fn check_wal_reach(
 
 /// The latest backup end a target allows, as an LSN or a time (`None`:
 /// any), as far as the catalog's WAL rows and restore points tell.
+/// `commit`: where the commit of a transaction target was decoded; without
+/// it the bound is the end of the newest segment that may hold the commit.
 fn target_limit(
     instance_id: &str,
     wal: &[WalSegmentRow],
     restore_points: &[strata_catalog::RestorePointRow],
     target: &RecoveryTarget,
+    commit: Option<Lsn>,
 ) -> EngineResult<(Option<Lsn>, Option<DateTime<Utc>>)> {
     Ok(match target {
         RecoveryTarget::Latest | RecoveryTarget::Immediate => (None, None),
@@ -1011,7 +1117,9 @@ fn target_limit(
             }
             (None, Some(*t))
         }
-        RecoveryTarget::Lsn(l) => (Some(*l), None),
+        // Recovery can stop before a record only once consistent, so the
+        // backup must end at or before it, whichever side is asked for.
+        RecoveryTarget::Lsn { lsn, .. } => (Some(*lsn), None),
         RecoveryTarget::Name(n) => {
             let rp = restore_points
                 .iter()
@@ -1024,22 +1132,43 @@ fn target_limit(
                 })?;
             (Some(rp.lsn), None)
         }
-        RecoveryTarget::Xid(x) => {
-            let seg = wal
-                .iter()
-                .filter(|w| {
-                    w.min_commit_xid.is_some_and(|m| m <= *x)
-                        && w.max_commit_xid.is_some_and(|m| m >= *x)
-                })
-                .min_by_key(|w| w.begin_lsn)
-                .ok_or_else(|| {
-                    EngineError::Refused(format!(
-                        "transaction {x} did not commit in the archived WAL"
-                    ))
-                })?;
-            (Some(seg.end_lsn), None)
-        }
+        // The backup must end before the commit record, both to stop
+        // before it and to stop after it (recovery reads it consistent).
+        RecoveryTarget::Xid { xid, .. } => match commit {
+            Some(c) => (Some(c), None),
+            None => {
+                let seg = commit_candidates(wal, *xid)
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        EngineError::Refused(format!(
+                            "transaction {xid} did not commit in the archived WAL"
+                        ))
+                    })?;
+                (Some(seg.end_lsn), None)
+            }
+        },
     })
+}
+
+/// The archived WAL objects that may hold the commit of `xid` (their
+/// commit xid range holds it), newest first; a complete segment stands
+/// for its partial objects.
+fn commit_candidates(wal: &[WalSegmentRow], xid: u32) -> Vec<&WalSegmentRow> {
+    let complete: std::collections::HashSet<(TimelineId, &str)> = wal
+        .iter()
+        .filter(|w| !w.partial)
+        .map(|w| (w.timeline, w.segment.as_str()))
+        .collect();
+    let mut rows: Vec<&WalSegmentRow> = wal
+        .iter()
+        .filter(|w| {
+            w.min_commit_xid.is_some_and(|m| m <= xid) && w.max_commit_xid.is_some_and(|m| m >= xid)
+        })
+        .filter(|w| !w.partial || !complete.contains(&(w.timeline, w.segment.as_str())))
+        .collect();
+    rows.sort_by_key(|w| std::cmp::Reverse((w.begin_lsn, w.end_lsn)));
+    rows
 }
 
 /// Picks the backup to restore for `target` and checks the target lies in
@@ -1051,6 +1180,7 @@ fn choose_backup<'a>(
     restore_points: &[strata_catalog::RestorePointRow],
     backup_id: Option<&str>,
     target: &RecoveryTarget,
+    commit: Option<Lsn>,
 ) -> EngineResult<&'a BackupSet> {
     if backups.is_empty() {
         return Err(EngineError::Refused(format!(
@@ -1059,9 +1189,13 @@ fn choose_backup<'a>(
     }
     let stop = |b: &BackupSet| b.stop_lsn.unwrap_or(Lsn(u64::MAX));
     let done = |b: &BackupSet| b.finished_at.unwrap_or(b.started_at);
-    let (limit_lsn, limit_time) = target_limit(instance_id, wal, restore_points, target)?;
+    let (limit_lsn, limit_time) = target_limit(instance_id, wal, restore_points, target, commit)?;
     let fits = |b: &BackupSet| {
         limit_lsn.is_none_or(|l| stop(b) <= l) && limit_time.is_none_or(|t| done(b) <= t)
+    };
+    let what = match (target, commit) {
+        (RecoveryTarget::Xid { .. }, Some(c)) => format!("{target} (committed at {c})"),
+        _ => target.to_string(),
     };
     let chosen = match backup_id {
         Some(id) => {
@@ -1072,7 +1206,7 @@ fn choose_backup<'a>(
             })?;
             if !fits(b) {
                 return Err(EngineError::Refused(format!(
-                    "{target} is before the end of backup {id}; choose an older backup or a later target"
+                    "recovery target {what} is before the end of backup {id}; choose an older backup or a later target"
                 )));
             }
             b
@@ -1080,7 +1214,7 @@ fn choose_backup<'a>(
         None => backups.iter().rev().find(|b| fits(b)).ok_or_else(|| {
             let oldest = &backups[0];
             EngineError::Refused(format!(
-                "{target} is before the oldest backup (backup {} ended at {} / LSN {})",
+                "recovery target {what} is before the oldest backup (backup {} ended at {} / LSN {})",
                 oldest.id,
                 done(oldest).to_rfc3339(),
                 stop(oldest)
@@ -1176,7 +1310,8 @@ struct WalFindings {
     /// A commit after the backup's end and after the target time exists.
     commit_after_time: bool,
     xid_found: bool,
-    /// Any record after the target LSN was decoded (recovery can stop there).
+    /// Recovery can stop at the target LSN: a decoded record ends past it
+    /// (just after it) or starts at or past it (just before it).
     passed_lsn: bool,
 }
 
@@ -1188,10 +1323,24 @@ impl WalFindings {
             | WalEvent::RestorePoint { end_lsn, .. } => *end_lsn,
             WalEvent::Switch { lsn } => *lsn,
         };
-        if let RecoveryTarget::Lsn(l) = wanted {
-            if end > *l {
-                self.passed_lsn = true;
-            }
+        let start = match &event {
+            WalEvent::Commit { lsn, .. }
+            | WalEvent::Abort { lsn, .. }
+            | WalEvent::RestorePoint { lsn, .. }
+            | WalEvent::Switch { lsn } => *lsn,
+        };
+        // Just before the LSN: no commit starting at or past it means
+        // nothing committed there, and replaying everything is the same.
+        match wanted {
+            RecoveryTarget::Lsn {
+                lsn,
+                inclusive: true,
+            } if end > *lsn => self.passed_lsn = true,
+            RecoveryTarget::Lsn {
+                lsn,
+                inclusive: false,
+            } if start >= *lsn => self.passed_lsn = true,
+            _ => {}
         }
         if let WalEvent::Commit { xid, time, lsn, .. } = event {
             if lsn < stop_lsn {
@@ -1199,7 +1348,7 @@ impl WalFindings {
             }
             match wanted {
                 RecoveryTarget::Time(t) if time > *t => self.commit_after_time = true,
-                RecoveryTarget::Xid(x) if xid == *x => self.xid_found = true,
+                RecoveryTarget::Xid { xid: x, .. } if xid == *x => self.xid_found = true,
                 _ => {}
             }
         }
@@ -1234,13 +1383,15 @@ fn confirm_target(
             }
             beyond_gap(format!("target time {}", t.to_rfc3339()))?
         }
-        RecoveryTarget::Xid(x) if !found.xid_found => {
+        RecoveryTarget::Xid { xid, .. } if !found.xid_found => {
             return Err(EngineError::Refused(format!(
-                "transaction {x} did not commit in the archived WAL after backup {}",
+                "transaction {xid} did not commit in the archived WAL after backup {}",
                 manifest.backup_id
             )))
         }
-        RecoveryTarget::Lsn(l) if !found.passed_lsn => beyond_gap(format!("target LSN {l}"))?,
+        RecoveryTarget::Lsn { lsn, .. } if !found.passed_lsn => {
+            beyond_gap(format!("target LSN {lsn}"))?
+        }
         other => other,
     })
 }
@@ -1268,8 +1419,14 @@ pub(crate) fn write_recovery_settings(
             "recovery_target_time = {}\n",
             quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
         )),
-        RecoveryTarget::Lsn(l) => conf.push_str(&format!("recovery_target_lsn = '{l}'\n")),
-        RecoveryTarget::Xid(x) => conf.push_str(&format!("recovery_target_xid = '{x}'\n")),
+        RecoveryTarget::Lsn { lsn, inclusive } => conf.push_str(&format!(
+            "recovery_target_lsn = '{lsn}'\nrecovery_target_inclusive = {}\n",
+            on_off(*inclusive)
+        )),
+        RecoveryTarget::Xid { xid, inclusive } => conf.push_str(&format!(
+            "recovery_target_xid = '{xid}'\nrecovery_target_inclusive = {}\n",
+            on_off(*inclusive)
+        )),
         RecoveryTarget::Name(n) => conf.push_str(&format!("recovery_target_name = {}\n", quote(n))),
     }
     let neutralized = match start {
@@ -1289,6 +1446,14 @@ pub(crate) fn write_recovery_settings(
     fs::write(dir.join("recovery.signal"), "")
         .map_err(EngineError::io("writing recovery.signal"))?;
     Ok(neutralized)
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 /// Recovery settings of a directory Strata does not start: appended to the
@@ -1348,6 +1513,17 @@ mod tests {
         .expect("a manifest")
     }
 
+    fn xid(xid: u32, inclusive: bool) -> RecoveryTarget {
+        RecoveryTarget::Xid { xid, inclusive }
+    }
+
+    fn lsn(lsn: u64, inclusive: bool) -> RecoveryTarget {
+        RecoveryTarget::Lsn {
+            lsn: Lsn(lsn),
+            inclusive,
+        }
+    }
+
     /// A successful set that ended at `minute` at LSN `stop`.
     fn set(id: &str, minute: u32, stop: u64) -> BackupSet {
         let mut b = BackupSet::started(
@@ -1401,7 +1577,7 @@ mod tests {
             time: t(22),
         }];
         let pick = |id: Option<&str>, target: RecoveryTarget| {
-            choose_backup("i", &backups, &segments, &points, id, &target)
+            choose_backup("i", &backups, &segments, &points, id, &target, None)
                 .map(|b| b.id.clone())
                 .map_err(|e| e.to_string())
         };
@@ -1426,8 +1602,17 @@ mod tests {
                 RecoveryTarget::Time(t(25)),
                 Err("before the end of backup c"),
             ),
-            (None, RecoveryTarget::Lsn(Lsn(2999)), Ok("b")),
-            (None, RecoveryTarget::Lsn(Lsn(3000)), Ok("c")),
+            (None, lsn(2999, true), Ok("b")),
+            (None, lsn(3000, true), Ok("c")),
+            // Just before a record: the backup must be consistent by then.
+            (None, lsn(2999, false), Ok("b")),
+            (None, lsn(3000, false), Ok("c")),
+            (None, lsn(999, false), Err("before the oldest backup")),
+            (
+                Some("c"),
+                lsn(2999, false),
+                Err("before the end of backup c"),
+            ),
             (
                 None,
                 RecoveryTarget::Name("before-migration".into()),
@@ -1438,9 +1623,12 @@ mod tests {
                 RecoveryTarget::Name("nope".into()),
                 Err("no restore point named"),
             ),
-            (None, RecoveryTarget::Xid(150), Ok("b")),
-            (None, RecoveryTarget::Xid(350), Ok("c")),
-            (None, RecoveryTarget::Xid(999), Err("did not commit")),
+            // Before the commit is decoded: the newest segment that may
+            // hold it bounds the backup.
+            (None, xid(150, true), Ok("b")),
+            (None, xid(350, false), Ok("c")),
+            (None, xid(999, true), Err("did not commit")),
+            (None, xid(999, false), Err("did not commit")),
             (
                 Some("zz"),
                 RecoveryTarget::Latest,
@@ -1455,6 +1643,36 @@ mod tests {
                 _ => panic!("{id:?} {target:?}: wanted {want:?}, got {got:?}"),
             }
         }
+        // Once the commit is decoded, the backup ends before it, the same
+        // for either side of it: a set ending later in its segment cannot
+        // stop there (recovery would not be consistent yet).
+        let at = |id: Option<&str>, target: RecoveryTarget, commit: u64| {
+            choose_backup(
+                "i",
+                &backups,
+                &segments,
+                &points,
+                id,
+                &target,
+                Some(Lsn(commit)),
+            )
+            .map(|b| b.id.clone())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(at(None, xid(150, false), 1500).unwrap(), "a");
+        assert_eq!(at(None, xid(150, true), 1500).unwrap(), "a");
+        assert_eq!(at(None, xid(150, false), 2000).unwrap(), "b");
+        assert_eq!(at(None, xid(250, false), 2999).unwrap(), "b");
+        let e = at(Some("b"), xid(150, false), 1500).unwrap_err();
+        assert!(
+            e.contains(
+                "just before transaction 150 (committed at 0/5DC) is before the end of backup b"
+            ),
+            "{e}"
+        );
+        let e = at(None, xid(120, false), 900).unwrap_err();
+        assert!(e.contains("before the oldest backup"), "{e}");
+
         let none: [BackupSet; 0] = [];
         assert!(choose_backup(
             "i",
@@ -1462,7 +1680,8 @@ mod tests {
             &segments,
             &points,
             None,
-            &RecoveryTarget::Latest
+            &RecoveryTarget::Latest,
+            None
         )
         .unwrap_err()
         .to_string()
@@ -1473,11 +1692,69 @@ mod tests {
             &[],
             &points,
             None,
-            &RecoveryTarget::Time(t(25))
+            &RecoveryTarget::Time(t(25)),
+            None
         )
         .unwrap_err()
         .to_string()
         .contains("no archived WAL"));
+    }
+
+    #[test]
+    fn what_the_staged_wal_shows_of_each_target() {
+        let commit = |lsn: u64, end: u64, xid: u32| WalEvent::Commit {
+            lsn: Lsn(lsn),
+            end_lsn: Lsn(end),
+            xid,
+            time: t(25),
+            changes: None,
+        };
+        let stop = Lsn(1000);
+        let found = |wanted: RecoveryTarget, events: Vec<WalEvent>| {
+            let mut f = WalFindings::default();
+            for e in events {
+                f.absorb(e, stop, &wanted);
+            }
+            (f.xid_found, f.passed_lsn)
+        };
+        // A record spanning the LSN: recovery stops after it, but there is
+        // no record at or past it to stop before.
+        let spanning = || vec![commit(1990, 2010, 7)];
+        assert_eq!(found(lsn(2000, true), spanning()), (false, true));
+        assert_eq!(found(lsn(2000, false), spanning()), (false, false));
+        assert_eq!(
+            found(lsn(2000, false), vec![commit(2000, 2040, 7)]),
+            (false, true)
+        );
+        // Commits before the backup's end do not count.
+        assert_eq!(
+            found(xid(7, false), vec![commit(900, 940, 7)]),
+            (false, false)
+        );
+        assert_eq!(found(xid(7, false), spanning()), (true, false));
+        assert_eq!(found(xid(8, true), spanning()), (false, false));
+    }
+
+    #[test]
+    fn recovery_settings_of_each_side_of_a_target() {
+        let settings = |target: RecoveryTarget| {
+            let dir = tempfile::tempdir().unwrap();
+            write_recovery_settings(dir.path(), "b", &target, None).unwrap();
+            fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap()
+        };
+        let conf = settings(xid(742, false));
+        assert!(
+            conf.contains("recovery_target_xid = '742'\nrecovery_target_inclusive = off\n"),
+            "{conf}"
+        );
+        let conf = settings(xid(742, true));
+        assert!(conf.contains("recovery_target_inclusive = on\n"), "{conf}");
+        let conf = settings(lsn(0x3000028, false));
+        assert!(
+            conf.contains("recovery_target_lsn = '0/3000028'\nrecovery_target_inclusive = off\n"),
+            "{conf}"
+        );
+        assert!(!settings(RecoveryTarget::Immediate).contains("inclusive"));
     }
 
     #[test]
@@ -1522,28 +1799,40 @@ mod tests {
                 Err("beyond a gap"),
             ),
             (
-                RecoveryTarget::Xid(7),
+                xid(7, true),
                 seen(false, false, false),
                 None,
                 Err("did not commit"),
             ),
             (
-                RecoveryTarget::Xid(7),
+                xid(7, true),
                 seen(false, true, false),
                 None,
-                Ok(RecoveryTarget::Xid(7)),
+                Ok(xid(7, true)),
             ),
             (
-                RecoveryTarget::Lsn(Lsn(9000)),
+                xid(7, false),
+                seen(false, true, false),
+                None,
+                Ok(xid(7, false)),
+            ),
+            (
+                xid(7, false),
+                seen(false, false, false),
+                None,
+                Err("did not commit"),
+            ),
+            (
+                lsn(9000, true),
                 seen(false, false, false),
                 None,
                 Ok(RecoveryTarget::Latest),
             ),
             (
-                RecoveryTarget::Lsn(Lsn(9000)),
+                lsn(9000, true),
                 seen(false, false, true),
                 None,
-                Ok(RecoveryTarget::Lsn(Lsn(9000))),
+                Ok(lsn(9000, true)),
             ),
             (
                 RecoveryTarget::Latest,
@@ -1708,7 +1997,7 @@ mod tests {
             .plan_restore(
                 "i",
                 index.clone(),
-                &options(RecoveryTarget::Lsn(Lsn(5 << 24))),
+                &options(lsn(5 << 24, true)),
                 &crate::NoProgress,
             )
             .err()
@@ -1750,21 +2039,21 @@ mod tests {
             ),
             (end, &rows[..1], RecoveryTarget::Latest, Ok(None)),
             (end, &rows[..], RecoveryTarget::Latest, Ok(Some(end))),
-            (end, &rows[..1], RecoveryTarget::Lsn(end), Ok(None)),
+            (end, &rows[..1], lsn(end.0, false), Ok(None)),
             (
                 end,
                 &rows[..1],
-                RecoveryTarget::Lsn(Lsn(end.0 + 1)),
+                lsn(end.0 + 1, true),
                 Err("target LSN 0/2000001 is after the newest archived WAL (0/2000000)"),
             ),
             (
                 end,
                 &rows[..],
-                RecoveryTarget::Lsn(Lsn(end.0 + 1)),
+                lsn(end.0 + 1, true),
                 Err("lies beyond a gap in the archived WAL at 0/2000000"),
             ),
             // Other targets are checked against the decoded WAL later.
-            (end, &rows[..], RecoveryTarget::Xid(5), Ok(Some(end))),
+            (end, &rows[..], xid(5, false), Ok(Some(end))),
         ] {
             let got = check_wal_reach(&manifest, rows, wal_end, &target).map_err(|e| e.to_string());
             match (got, expected) {

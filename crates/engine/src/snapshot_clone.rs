@@ -131,8 +131,22 @@ fn target_request(target: &RecoveryTarget) -> TargetRequest {
         RecoveryTarget::Latest => TargetRequest::Latest,
         RecoveryTarget::Immediate => TargetRequest::Immediate,
         RecoveryTarget::Time(t) => TargetRequest::Time(t.to_rfc3339()),
-        RecoveryTarget::Lsn(l) => TargetRequest::Lsn(l.to_string()),
-        RecoveryTarget::Xid(x) => TargetRequest::Xid(x.to_string()),
+        RecoveryTarget::Lsn {
+            lsn,
+            inclusive: true,
+        } => TargetRequest::Lsn(lsn.to_string()),
+        RecoveryTarget::Lsn {
+            lsn,
+            inclusive: false,
+        } => TargetRequest::LsnBefore(lsn.to_string()),
+        RecoveryTarget::Xid {
+            xid,
+            inclusive: true,
+        } => TargetRequest::Xid(xid.to_string()),
+        RecoveryTarget::Xid {
+            xid,
+            inclusive: false,
+        } => TargetRequest::XidBefore(xid.to_string()),
         RecoveryTarget::Name(n) => TargetRequest::Name(n.clone()),
     }
 }
@@ -531,8 +545,25 @@ mod tests {
             TargetRequest::Time("2026-12-06T09:05:00+00:00".into())
         );
         assert_eq!(
-            target_request(&RecoveryTarget::Lsn(Lsn(0x1_0000_0010))),
+            target_request(&RecoveryTarget::Lsn {
+                lsn: Lsn(0x1_0000_0010),
+                inclusive: true
+            }),
             TargetRequest::Lsn("1/10".into())
+        );
+        assert_eq!(
+            target_request(&RecoveryTarget::Lsn {
+                lsn: Lsn(0x1_0000_0010),
+                inclusive: false
+            }),
+            TargetRequest::LsnBefore("1/10".into())
+        );
+        assert_eq!(
+            target_request(&RecoveryTarget::Xid {
+                xid: 742,
+                inclusive: false
+            }),
+            TargetRequest::XidBefore("742".into())
         );
     }
 }

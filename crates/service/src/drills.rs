@@ -194,6 +194,7 @@ impl Service {
         let src = RestoreSource {
             backup_id: Some(backup_id.into()),
             restore_time: None,
+            exact: None,
         };
         let scratch = self.start_scratch(instance_id, &src, job_id)?;
         let checked = (|| {

@@ -55,8 +55,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
-pub use local::{RestoreSource, Scratch};
+pub use local::{ExactPoint, ExactTarget, RestoreSource, Scratch};
 pub use membership::{NodeHealth, NodeState, DEFAULT_NODE_LEASE};
+pub use pg_wal::Lsn;
 pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
 pub use wal_supervisor::WalReceiverState;

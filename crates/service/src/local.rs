@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use pg_wal::Lsn;
 use strata_catalog::{
     BackupId, BackupStatus, Instance, InstanceId, JobId, JobKind, ManagedInstance, SslMode,
 };
@@ -23,14 +24,46 @@ use crate::window::{check_restore_time, WindowOf};
 
 use crate::{Service, ServiceResult};
 
-/// What to restore: a backup set, a point in time, or both (that set,
-/// recovered to that time).
+/// What to restore: a backup set, a point in time or an exact target, or
+/// a set with either (that set, recovered to that point).
 #[derive(Debug, Clone, Default)]
 pub struct RestoreSource {
     /// The set to restore.
     pub backup_id: Option<BackupId>,
     /// The time to recover to.
     pub restore_time: Option<DateTime<Utc>>,
+    /// A transaction or WAL position to recover to (never with a time).
+    pub exact: Option<ExactTarget>,
+}
+
+/// A transaction or a WAL position, and the side of it recovery stops on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactTarget {
+    /// Where.
+    pub point: ExactPoint,
+    /// Just after it (PostgreSQL's `recovery_target_inclusive`, on by
+    /// default) or just before it.
+    pub inclusive: bool,
+}
+
+/// A point in the WAL named exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExactPoint {
+    /// A transaction's commit.
+    Xid(u32),
+    /// A WAL position.
+    Lsn(Lsn),
+}
+
+impl ExactTarget {
+    /// The engine's recovery target.
+    pub fn recovery_target(&self) -> RecoveryTarget {
+        let inclusive = self.inclusive;
+        match self.point {
+            ExactPoint::Xid(xid) => RecoveryTarget::Xid { xid, inclusive },
+            ExactPoint::Lsn(lsn) => RecoveryTarget::Lsn { lsn, inclusive },
+        }
+    }
 }
 
 /// How to create a new instance from backups: which set and target, and
@@ -114,8 +147,20 @@ impl Service {
             }
             None => None,
         };
-        let target = match (src.restore_time, &chosen) {
-            (Some(t), _) => {
+        let target = match (src.restore_time, src.exact, &chosen) {
+            (Some(_), Some(_), _) => {
+                return Err(invalid(
+                    Refusal::ConflictingParameters,
+                    "RestoreTime and a transaction or LSN target name two different points; give one",
+                ))
+            }
+            (None, Some(exact), _) => {
+                let target = exact.recovery_target();
+                self.engine
+                    .check_target(instance_id, src.backup_id.as_deref(), &target)?;
+                target
+            }
+            (Some(t), None, _) => {
                 check_restore_time(
                     self.recovery_window(instance_id)?,
                     t,
@@ -132,11 +177,11 @@ impl Service {
                 RecoveryTarget::Time(t)
             }
             // A backup set alone: recover just to its consistency point.
-            (None, Some(_)) => RecoveryTarget::Immediate,
-            (None, None) => {
+            (None, None, Some(_)) => RecoveryTarget::Immediate,
+            (None, None, None) => {
                 return Err(invalid(
                     Refusal::MissingParameter,
-                    "specify BackupId, RestoreTime or both",
+                    "specify BackupId, RestoreTime, a transaction or LSN target, or a backup with either",
                 ))
             }
         };

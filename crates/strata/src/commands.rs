@@ -450,12 +450,20 @@ fn recovery_target(args: &RestoreArgs) -> Result<RecoveryTarget> {
     Ok(if let Some(t) = &args.time {
         RecoveryTarget::Time(parse_time(t)?)
     } else if let Some(l) = &args.lsn {
-        RecoveryTarget::Lsn(
-            l.parse::<Lsn>()
+        RecoveryTarget::Lsn {
+            lsn: l
+                .parse::<Lsn>()
                 .map_err(|_| anyhow::anyhow!("invalid LSN {l:?} (expected e.g. 0/3000000)"))?,
-        )
-    } else if let Some(x) = args.xid {
-        RecoveryTarget::Xid(x)
+            inclusive: !args.exclusive,
+        }
+    } else if let Some(xid) = args.xid {
+        if xid == 0 {
+            anyhow::bail!("invalid transaction id 0 (1 to 4294967295)");
+        }
+        RecoveryTarget::Xid {
+            xid,
+            inclusive: !args.exclusive,
+        }
     } else if let Some(n) = &args.name {
         RecoveryTarget::Name(n.clone())
     } else if args.immediate {
@@ -731,14 +739,33 @@ mod tests {
         let t = |extra: &[&str]| recovery_target(&restore_args(extra)).unwrap().to_string();
         assert_eq!(t(&[]), RecoveryTarget::Latest.to_string());
         assert_eq!(t(&["--immediate"]), RecoveryTarget::Immediate.to_string());
-        assert_eq!(t(&["--xid", "742"]), RecoveryTarget::Xid(742).to_string());
+        assert_eq!(
+            t(&["--xid", "742"]),
+            RecoveryTarget::Xid {
+                xid: 742,
+                inclusive: true
+            }
+            .to_string()
+        );
+        assert_eq!(
+            t(&["--xid", "742", "--exclusive"]),
+            "just before transaction 742"
+        );
+        assert_eq!(
+            t(&["--lsn", "0/3000028", "--exclusive"]),
+            "just before LSN 0/3000028"
+        );
         assert_eq!(
             t(&["--name", "before-upgrade"]),
             RecoveryTarget::Name("before-upgrade".into()).to_string()
         );
         assert_eq!(
             t(&["--lsn", "0/3000000"]),
-            RecoveryTarget::Lsn("0/3000000".parse().unwrap()).to_string()
+            RecoveryTarget::Lsn {
+                lsn: "0/3000000".parse().unwrap(),
+                inclusive: true
+            }
+            .to_string()
         );
         assert_eq!(
             t(&["--time", "2026-11-25T10:00Z"]),
@@ -759,6 +786,17 @@ mod tests {
             "--immediate",
         ];
         assert!(crate::Cli::try_parse_from(argv).is_err());
+        // --exclusive says which side of an xid or LSN; alone it means nothing.
+        for extra in [
+            &["--exclusive"][..],
+            &["--time", "2026-11-25T10:00Z", "--exclusive"],
+        ] {
+            let argv = ["strata", "restore", "db1", "--target-dir", "/x"];
+            let argv: Vec<&str> = argv.iter().chain(extra).copied().collect();
+            assert!(crate::Cli::try_parse_from(argv).is_err(), "{extra:?}");
+        }
+        let err = recovery_target(&restore_args(&["--xid", "0"])).unwrap_err();
+        assert!(err.to_string().contains("invalid transaction id"), "{err}");
         let err = recovery_target(&restore_args(&["--lsn", "3000000"])).unwrap_err();
         assert!(err.to_string().contains("invalid LSN"), "{err}");
         let err = recovery_target(&restore_args(&["--time", "yesterday"])).unwrap_err();

@@ -248,6 +248,7 @@ enum WalCmd {
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name", "immediate"])))]
+#[command(group(clap::ArgGroup::new("exact").args(["lsn", "xid"])))]
 struct RestoreArgs {
     id: String,
     /// New data directory (must be empty or absent).
@@ -259,12 +260,18 @@ struct RestoreArgs {
     /// Recover to this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
     #[arg(long)]
     time: Option<String>,
-    /// Recover to this WAL position (e.g. 0/3000000).
+    /// Recover to this WAL position (e.g. 0/3000000): up to and including
+    /// the first record there (with --exclusive, up to just before it).
     #[arg(long)]
     lsn: Option<String>,
-    /// Recover up to and including this transaction.
+    /// Recover up to and including this transaction's commit (with
+    /// --exclusive, up to just before it: the transaction undone).
     #[arg(long)]
     xid: Option<u32>,
+    /// Stop just before the --xid transaction or the --lsn position
+    /// instead of just after it (recovery_target_inclusive = off).
+    #[arg(long, requires = "exact")]
+    exclusive: bool,
     /// Recover to this named restore point.
     #[arg(long)]
     name: Option<String>,

@@ -482,6 +482,14 @@ fn sdk_restores_downloads_and_drills() {
     run_module_with_drills("test_restore.py", true);
 }
 
+/// RestoreTable and CloneDBInstance just before and just after one
+/// destructive transaction (by xid and by its commit LSN) while another
+/// session commits beside it; malformed and conflicting targets refused.
+#[test]
+fn sdk_restores_exact_to_a_transaction() {
+    run_module("test_restore_targets.py");
+}
+
 /// Hostile names (conninfo strings, quotes, long and multibyte names) in
 /// RestoreTable and restore drills, a source whose settings run commands,
 /// scratch servers closed to other users, table restores that fail cleanly.

@@ -278,6 +278,16 @@ fn restore_refuses_impossible_targets() {
         &["--name", "no-such-point"],
         "no-such-point",
     );
+    restore(
+        "no-such-xid",
+        &["--xid", "4000000000", "--exclusive"],
+        "transaction 4000000000 did not commit in the archived WAL",
+    );
+    restore(
+        "early-lsn",
+        &["--lsn", "0/10", "--exclusive"],
+        "recovery target just before LSN 0/10 is before the oldest backup",
+    );
 
     let occupied = strata.dir.join("occupied");
     std::fs::create_dir(&occupied).unwrap();

@@ -1,12 +1,15 @@
 //! The core round trip (backup under pgbench load with concurrent DDL, WAL
 //! archiving, restores to latest, time, LSN, xid and restore point compared
 //! row by row) with the repository in a local directory, on a real S3 server
-//! (s3s-fs), and on S3 with encryption at rest.
+//! (s3s-fs), and on S3 with encryption at rest; and a destructive
+//! transaction committed while a backup ran, undone.
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{files_under, pitr_round_trip, Strata};
-use testkit::S3Server;
+use testkit::{Cluster, S3Server};
 
 #[test]
 fn pitr_under_load_with_ddl() {
@@ -63,4 +66,148 @@ fn pitr_under_load_on_s3_encrypted() {
         );
     }
     let _ = std::fs::remove_dir_all(key.parent().unwrap());
+}
+
+/// A transaction that deletes a table's rows commits while a (throttled)
+/// backup streams its files. That set ends after the commit, in the same
+/// WAL segment: it cannot stop just before the transaction (recovery is
+/// not consistent there yet), so the restore takes the set before it,
+/// and the table comes back as committed just before the transaction.
+#[test]
+fn just_before_a_transaction_committed_during_a_backup() {
+    let strata = Strata::new("pitr-during");
+    let pg = Cluster::start_default(15);
+    let db = "postgres";
+    let digest = |c: &Cluster| {
+        c.psql(
+            db,
+            "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY id)), '') FROM t1 t",
+        )
+    };
+    pg.psql(
+        db,
+        "CREATE EXTENSION pg_walinspect; \
+         CREATE TABLE t1 (id int PRIMARY KEY, note text); \
+         INSERT INTO t1 SELECT g, md5(g::text) FROM generate_series(1, 40) g",
+    );
+    let id = "during";
+    strata.add_instance(id, &pg);
+    let mut receiver = strata.wal_receiver(id);
+    let before = strata.backup(id);
+    pg.psql(
+        db,
+        "UPDATE t1 SET note = 'after the first backup' WHERE id % 3 = 0",
+    );
+
+    let (during, pre, xid, start) = std::thread::scope(|s| {
+        let backup = s.spawn(|| strata.ok(&["backup", "create", id, "--max-rate", "2048"]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pg.psql(
+            db,
+            "SELECT count(*) FROM pg_stat_progress_basebackup WHERE phase = 'streaming database files'",
+        ) != "1"
+        {
+            assert!(Instant::now() < deadline, "the backup never streamed files");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pre = digest(&pg);
+        let start = pg.psql(db, "SELECT pg_current_wal_insert_lsn()");
+        let out = pg.psql(
+            db,
+            "BEGIN; DELETE FROM t1; SELECT txid_current() % 4294967296; COMMIT;",
+        );
+        let xid = out
+            .lines()
+            .find(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()))
+            .expect("the transaction's xid")
+            .to_string();
+        let during = backup.join().expect("backup thread");
+        let during = during
+            .lines()
+            .last()
+            .expect("backup id line")
+            .trim()
+            .to_string();
+        (during, pre, xid, start)
+    });
+    pg.psql(db, "INSERT INTO t1 VALUES (1001, 'after T')");
+    let commit: pg_wal::Lsn = pg
+        .psql(
+            db,
+            &format!(
+                "SELECT start_lsn FROM pg_get_wal_records_info('{start}', pg_current_wal_flush_lsn()) \
+                 WHERE resource_manager = 'Transaction' AND record_type = 'COMMIT' AND xid = '{xid}'"
+            ),
+        )
+        .parse()
+        .expect("the commit record's LSN");
+    // The premise: the second set started before the commit and ended after it.
+    let sets = strata.backups(id);
+    let lsn = |id: &str, field: &str| -> pg_wal::Lsn {
+        let set = sets.iter().find(|b| b["id"] == id).expect("the set");
+        set[field].as_str().expect(field).parse().expect("an LSN")
+    };
+    assert!(
+        lsn(&during, "start_lsn") < commit && commit < lsn(&during, "stop_lsn"),
+        "the transaction (committed at {commit}) did not commit during backup {during}: {sets:?}"
+    );
+    assert!(lsn(&before, "stop_lsn") < commit);
+
+    let end_lsn: pg_wal::Lsn = pg
+        .psql(
+            db,
+            "SELECT pg_switch_wal(); SELECT pg_current_wal_insert_lsn()",
+        )
+        .lines()
+        .last()
+        .expect("an LSN")
+        .parse()
+        .expect("an LSN");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !strata.wal(id).iter().any(|w| {
+        w["end_lsn"]
+            .as_str()
+            .unwrap()
+            .parse::<pg_wal::Lsn>()
+            .unwrap()
+            >= end_lsn
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "WAL not archived up to {end_lsn}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    receiver.stop();
+
+    let restored = strata.restore_and_start(id, "before-t", 15, &["--xid", &xid, "--exclusive"]);
+    assert_eq!(digest(&restored), pre);
+    let restored = strata.restore_and_start(id, "after-t", 15, &["--xid", &xid]);
+    assert_eq!(digest(&restored), "0:");
+    let restored = strata.restore_and_start(
+        id,
+        "before-commit-lsn",
+        15,
+        &["--lsn", &commit.to_string(), "--exclusive"],
+    );
+    assert_eq!(digest(&restored), pre);
+    // The set taken during the transaction, asked for by name, is refused
+    // before anything is written.
+    let dir = strata.repo_dir().with_file_name("restore-refused");
+    let err = strata.fails(&[
+        "restore",
+        id,
+        "--target-dir",
+        &dir.display().to_string(),
+        "--backup",
+        &during,
+        "--xid",
+        &xid,
+        "--exclusive",
+    ]);
+    assert!(
+        err.contains(&format!("just before transaction {xid} (committed at {commit}) is before the end of backup {during}")),
+        "{err}"
+    );
+    assert!(!dir.exists());
 }

@@ -258,8 +258,8 @@ pub fn path_str(p: &Path) -> String {
 }
 
 /// The core round trip: a backup under pgbench load with concurrent DDL and
-/// WAL archived by `wal receive`, then restores to latest, to a time, an LSN,
-/// an xid and a named restore point, each started and compared row by row
+/// WAL archived by `wal receive`, then restores to latest, to a time, an LSN
+/// (and just before it), an xid (and just before it) and a named restore point, each started and compared row by row
 /// (by digest) with what was committed at that target.
 pub fn pitr_round_trip(strata: &Strata, id: &str) {
     let pg = Cluster::start_default(15);
@@ -310,6 +310,7 @@ pub fn pitr_round_trip(strata: &Strata, id: &str) {
     let d2 = state_digest(&pg, db);
 
     phase(3);
+    let d3_before = state_digest(&pg, db);
     let xid3 = pg.psql(
         db,
         "BEGIN; INSERT INTO ledger VALUES (300, 'xid marker'); SELECT txid_current(); COMMIT;",
@@ -323,7 +324,7 @@ pub fn pitr_round_trip(strata: &Strata, id: &str) {
     phase(5);
     let d5 = state_digest(&pg, db);
     // Every distinct target must be a distinct state, or the test proves nothing.
-    let all = [&d1, &d2, &d3, &d4, &d5];
+    let all = [&d1, &d2, &d3_before, &d3, &d4, &d5];
     for (i, a) in all.iter().enumerate() {
         for b in &all[i + 1..] {
             assert_ne!(a, b);
@@ -358,6 +359,14 @@ pub fn pitr_round_trip(strata: &Strata, id: &str) {
         ("time", vec!["--time", &t1], &d1),
         ("lsn", vec!["--lsn", &lsn2], &d2),
         ("xid", vec!["--xid", &xid3], &d3),
+        // Just before the marker transaction: phase 3 without it.
+        (
+            "before-xid",
+            vec!["--xid", &xid3, "--exclusive"],
+            &d3_before,
+        ),
+        // Nothing ran between phase 2 and the LSN: either side is phase 2.
+        ("before-lsn", vec!["--lsn", &lsn2, "--exclusive"], &d2),
         ("name", vec!["--name", "before-phase-5"], &d4),
     ];
     for (name, args, expected) in cases {
