@@ -13,7 +13,20 @@
 //! signature does not verify, whose body does not hash to the signed hash, whose time is more
 //! than five minutes off, or whose nonce it has already seen within that window (a replay);
 //! nonces are remembered only after the signature verified, so unsigned traffic cannot fill
-//! the memory.
+//! the memory. A request signed before the agent started is refused too: its nonce may have
+//! been seen by the agent's previous run, whose memory is gone (see [`Verifier::new`]).
+//!
+//! Every answer is sealed the same way, so nothing between the agent and the Strata server
+//! can forge or alter one: HMAC-SHA256 under the key over
+//!
+//! ```text
+//! STRATA-AGENT-RESPONSE-HMAC-SHA256\n<status>\n<the request's nonce>\n<hex sha256 of body>
+//! ```
+//!
+//! sent as `x-strata-response-mac: <hex>`, in the headers of an answer held in memory and in
+//! the trailers of a streamed one (a file range). The client refuses an answer whose MAC is
+//! missing or does not verify; binding the request's nonce stops an old answer being replayed
+//! for a new request.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -30,6 +43,8 @@ pub const HEADER_TIMESTAMP: &str = "x-strata-timestamp";
 pub const HEADER_NONCE: &str = "x-strata-nonce";
 /// Header: hex SHA-256 of the request body.
 pub const HEADER_CONTENT_SHA256: &str = "x-strata-content-sha256";
+/// Header (or trailer, for a streamed answer): the agent's MAC of its answer.
+pub const HEADER_RESPONSE_MAC: &str = "x-strata-response-mac";
 /// The `authorization` scheme.
 pub const AUTH_SCHEME: &str = "Strata-HMAC-SHA256";
 /// Largest accepted difference between a request's time and the agent's clock, seconds.
@@ -224,6 +239,73 @@ pub fn sign(
     }
 }
 
+/// The MAC of one answer, computed as its body goes by: the agent seals what it sends, the
+/// client checks what it received.
+pub struct ResponseSeal {
+    mac: Hmac<Sha256>,
+    nonce: String,
+    body: Sha256,
+}
+
+impl std::fmt::Debug for ResponseSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseSeal")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseSeal {
+    /// A seal for the answer to the request that carried `nonce`.
+    pub fn new(key: &AgentKey, nonce: &str) -> ResponseSeal {
+        ResponseSeal {
+            mac: mac(key, ""),
+            nonce: nonce.to_string(),
+            body: Sha256::new(),
+        }
+    }
+
+    /// Adds the next bytes of the body.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.body.update(bytes);
+    }
+
+    fn finish(self, status: u16) -> Hmac<Sha256> {
+        let body_hash = hex::encode(self.body.finalize());
+        let mut mac = self.mac;
+        mac.update(
+            format!(
+                "STRATA-AGENT-RESPONSE-HMAC-SHA256\n{status}\n{}\n{body_hash}",
+                self.nonce
+            )
+            .as_bytes(),
+        );
+        mac
+    }
+
+    /// The MAC (hex) of an answer with `status` and the body seen so far.
+    pub fn seal(self, status: u16) -> String {
+        hex::encode(self.finish(status).finalize().into_bytes())
+    }
+
+    /// Checks the `claimed` MAC of an answer with `status` and the body seen so far.
+    pub fn verify(self, status: u16, claimed: Option<&str>) -> Result<(), AuthRefusal> {
+        let Some(claimed) = claimed else {
+            return Err(AuthRefusal(format!(
+                "the answer carries no {HEADER_RESPONSE_MAC}; it does not come from an agent holding the key"
+            )));
+        };
+        let claimed = hex::decode(claimed.trim())
+            .map_err(|_| AuthRefusal(format!("the answer's {HEADER_RESPONSE_MAC} is not hex")))?;
+        self.finish(status).verify_slice(&claimed).map_err(|_| {
+            AuthRefusal(
+                "the answer's MAC does not verify: altered on the way, or not from an agent holding the key"
+                    .into(),
+            )
+        })
+    }
+}
+
 /// A request the agent refuses to authenticate, with a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -243,6 +325,11 @@ impl Verifier {
             key,
             seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A seal for the answer to the request that carried `nonce`.
+    pub fn seal(&self, nonce: &str) -> ResponseSeal {
+        ResponseSeal::new(&self.key, nonce)
     }
 
     /// Verifies a request at time `now`. `header` looks a header up by lower-case name.
@@ -442,6 +529,32 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.0.contains("not Strata-HMAC-SHA256"), "{e}");
+    }
+
+    #[test]
+    fn an_answer_seal_binds_status_body_nonce_and_key() {
+        let key = AgentKey::generate();
+        let nonce = new_nonce();
+        let sealed = |status: u16, body: &[u8], nonce: &str, key: &AgentKey| {
+            let mut s = ResponseSeal::new(key, nonce);
+            s.update(body);
+            s.seal(status)
+        };
+        let mac = sealed(200, b"{}", &nonce, &key);
+        let check = |status: u16, body: &[u8], nonce: &str| {
+            let mut s = ResponseSeal::new(&key, nonce);
+            s.update(body);
+            s.verify(status, Some(&mac))
+        };
+        assert_eq!(check(200, b"{}", &nonce), Ok(()));
+        assert!(check(201, b"{}", &nonce).is_err());
+        assert!(check(200, b"{ }", &nonce).is_err());
+        assert!(check(200, b"{}", &new_nonce()).is_err());
+        assert_ne!(mac, sealed(200, b"{}", &nonce, &AgentKey::generate()));
+        let e = ResponseSeal::new(&key, &nonce)
+            .verify(200, None)
+            .unwrap_err();
+        assert!(e.0.contains("carries no x-strata-response-mac"), "{e}");
     }
 
     #[test]

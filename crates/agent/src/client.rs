@@ -6,6 +6,10 @@
 //! which of three things happened: the agent could not be reached ([`AgentError::Unreachable`]),
 //! it refused the credential ([`AgentError::Unauthorized`]), or it refused the request itself
 //! ([`AgentError::Refused`], with the agent's [`ErrorCode`] and message).
+//!
+//! Every answer must carry the agent's MAC (see `auth`); one without it, or with a wrong one,
+//! is refused as [`AgentError::Forged`] before anything in it is used. A streamed file range
+//! carries its MAC in a trailer: [`RangeReader`] fails at the end when it does not verify.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 
-use crate::auth::{new_nonce, sign, unix_now, AgentKey};
+use crate::auth::{new_nonce, sign, unix_now, AgentKey, ResponseSeal, HEADER_RESPONSE_MAC};
 use crate::clone_server::{CloneStarted, CloneStatus, StartRequest};
 use crate::names::{CloneName, RelPath, SnapshotName};
 use crate::proto::{
@@ -77,6 +81,15 @@ pub enum AgentError {
         code: ErrorCode,
         /// The agent's one-line message.
         message: String,
+    },
+    /// The answer does not carry a valid MAC of the agent's: it was altered on the way or does
+    /// not come from the agent holding the key.
+    #[error("refused an answer claiming to be from agent at {url}: {reason}")]
+    Forged {
+        /// The agent's URL.
+        url: String,
+        /// What was wrong with the MAC.
+        reason: String,
     },
     /// The answer was not what the protocol promises.
     #[error("agent at {url} answered unexpectedly: {reason}")]
@@ -322,7 +335,7 @@ impl AgentClient {
             "path={}&offset={offset}&len={len}",
             encode_query_value(path.as_str())
         );
-        let response = self
+        let (response, seal) = self
             .send(
                 Method::GET,
                 &format!("/v1/snapshots/{name}/file"),
@@ -330,15 +343,25 @@ impl AgentClient {
                 Vec::new(),
             )
             .await?;
+        if !response.status().is_success() {
+            return Err(self.refusal(response, seal).await);
+        }
         let expected = response
             .headers()
-            .get(hyper::header::CONTENT_LENGTH)
+            .get(crate::server::HEADER_RANGE_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| self.protocol("file range without content-length".into()))?;
+            .ok_or_else(|| {
+                self.protocol(format!(
+                    "file range without {}",
+                    crate::server::HEADER_RANGE_LENGTH
+                ))
+            })?;
         Ok(RangeReader {
             url: self.url.clone(),
+            status: response.status().as_u16(),
             body: response.into_body(),
+            seal: Some(seal),
             expected,
             received: 0,
         })
@@ -486,10 +509,9 @@ impl AgentClient {
         query: &str,
         body: Vec<u8>,
     ) -> Result<T, AgentError> {
-        let response = self.send(method, path, query, body).await?;
-        let bytes = read_limited(response.into_body(), MAX_JSON_ANSWER)
-            .await
-            .map_err(|e| self.protocol(e))?;
+        let bytes = self
+            .sealed(method, path, query, body, MAX_JSON_ANSWER)
+            .await?;
         serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("bad JSON: {e}")))
     }
 
@@ -500,19 +522,99 @@ impl AgentClient {
         query: &str,
         body: Vec<u8>,
     ) -> Result<(), AgentError> {
-        let response = self.send(method, path, query, body).await?;
-        let _ = read_limited(response.into_body(), 64 * 1024).await;
+        self.sealed(method, path, query, body, 64 * 1024).await?;
         Ok(())
     }
 
-    /// Sends one signed request; any status other than 2xx becomes an error.
+    /// Sends one signed request and reads its whole answer (at most `limit` bytes), whose
+    /// MAC must verify; any status other than 2xx becomes an error.
+    async fn sealed(
+        &self,
+        method: Method,
+        path: &str,
+        query: &str,
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<Bytes, AgentError> {
+        let (response, seal) = self.send(method, path, query, body).await?;
+        if !response.status().is_success() {
+            return Err(self.refusal(response, seal).await);
+        }
+        let status = response.status().as_u16();
+        let claimed = mac_header(response.headers());
+        let bytes = read_limited(response.into_body(), limit)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        self.check_seal(seal, status, &bytes, claimed.as_deref())?;
+        Ok(bytes)
+    }
+
+    fn check_seal(
+        &self,
+        mut seal: ResponseSeal,
+        status: u16,
+        body: &[u8],
+        claimed: Option<&str>,
+    ) -> Result<(), AgentError> {
+        seal.update(body);
+        seal.verify(status, claimed)
+            .map_err(|e| AgentError::Forged {
+                url: self.url.clone(),
+                reason: e.0,
+            })
+    }
+
+    /// The error a non-2xx answer stands for, once its MAC verified.
+    async fn refusal(&self, response: hyper::Response<Incoming>, seal: ResponseSeal) -> AgentError {
+        let status = response.status();
+        let claimed = mac_header(response.headers());
+        let text = match read_limited(response.into_body(), 64 * 1024).await {
+            Ok(t) => t,
+            Err(e) => return self.protocol(e),
+        };
+        if let Err(forged) = self.check_seal(seal, status.as_u16(), &text, claimed.as_deref()) {
+            // An agent holding another key seals its refusal with that key. Whoever sent it,
+            // the request failed; its reason is shown but marked as unverified.
+            if status == StatusCode::UNAUTHORIZED {
+                return AgentError::Unauthorized {
+                    url: self.url.clone(),
+                    reason: format!(
+                        "{} (unverified: the answer is not sealed with this key either, so the keys differ)",
+                        error_message(&text).0
+                    ),
+                };
+            }
+            return forged;
+        }
+        let (message, code) = error_message(&text);
+        let code = code.unwrap_or(if status == StatusCode::UNAUTHORIZED {
+            ErrorCode::Unauthorized
+        } else {
+            ErrorCode::Internal
+        });
+        if status == StatusCode::UNAUTHORIZED || code == ErrorCode::Unauthorized {
+            return AgentError::Unauthorized {
+                url: self.url.clone(),
+                reason: message,
+            };
+        }
+        AgentError::Refused {
+            url: self.url.clone(),
+            status: status.as_u16(),
+            code,
+            message,
+        }
+    }
+
+    /// Sends one signed request: its answer, and the seal its MAC is checked with.
     async fn send(
         &self,
         method: Method,
         path: &str,
         query: &str,
         body: Vec<u8>,
-    ) -> Result<hyper::Response<Incoming>, AgentError> {
+    ) -> Result<(hyper::Response<Incoming>, ResponseSeal), AgentError> {
+        let nonce = new_nonce();
         let signed = sign(
             &self.key,
             method.as_str(),
@@ -520,7 +622,7 @@ impl AgentClient {
             query,
             &body,
             unix_now(),
-            &new_nonce(),
+            &nonce,
         );
         let uri = if query.is_empty() {
             path.to_string()
@@ -536,7 +638,9 @@ impl AgentClient {
             .method(method)
             .uri(uri)
             .header(hyper::header::HOST, host_header)
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            // A streamed answer's MAC comes as a trailer.
+            .header(hyper::header::TE, "trailers");
         for (name, value) in signed.pairs() {
             builder = builder.header(name, value);
         }
@@ -549,36 +653,7 @@ impl AgentClient {
             .await
             .map_err(|_| self.unreachable(format!("no answer within {:?}", self.timeouts.request)))?
             .map_err(|e| self.unreachable(e.to_string()))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let text = read_limited(response.into_body(), 64 * 1024)
-            .await
-            .unwrap_or_default();
-        let (code, message) = match serde_json::from_slice::<ErrorBody>(&text) {
-            Ok(b) => (b.code, b.message),
-            Err(_) => (
-                if status == StatusCode::UNAUTHORIZED {
-                    ErrorCode::Unauthorized
-                } else {
-                    ErrorCode::Internal
-                },
-                String::from_utf8_lossy(&text).trim().to_string(),
-            ),
-        };
-        if status == StatusCode::UNAUTHORIZED || code == ErrorCode::Unauthorized {
-            return Err(AgentError::Unauthorized {
-                url: self.url.clone(),
-                reason: message,
-            });
-        }
-        Err(AgentError::Refused {
-            url: self.url.clone(),
-            status: status.as_u16(),
-            code,
-            message,
-        })
+        Ok((response, ResponseSeal::new(&self.key, &nonce)))
     }
 
     async fn connect(
@@ -634,7 +709,10 @@ impl AgentClient {
 #[derive(Debug)]
 pub struct RangeReader {
     url: String,
+    status: u16,
     body: Incoming,
+    /// Until the trailer's MAC verified.
+    seal: Option<ResponseSeal>,
     expected: u64,
     received: u64,
 }
@@ -650,11 +728,20 @@ impl RangeReader {
         self.expected == 0
     }
 
-    /// The next chunk, `None` at the end; an error if the stream broke off early.
+    /// The next chunk, `None` at the end; an error if the stream broke off early or its MAC
+    /// (in the trailer) is missing or wrong, so the bytes before must be discarded.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, AgentError> {
         loop {
             match self.body.frame().await {
                 None => {
+                    if self.seal.is_some() {
+                        return Err(AgentError::Forged {
+                            url: self.url.clone(),
+                            reason: format!(
+                                "the file range ended without its {HEADER_RESPONSE_MAC} trailer"
+                            ),
+                        });
+                    }
                     if self.received != self.expected {
                         return Err(AgentError::Protocol {
                             url: self.url.clone(),
@@ -673,14 +760,51 @@ impl RangeReader {
                     })
                 }
                 Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.received += data.len() as u64;
-                        return Ok(Some(data));
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let Some(seal) = self.seal.as_mut() else {
+                                return Err(AgentError::Protocol {
+                                    url: self.url.clone(),
+                                    reason: "file range data after its trailer".into(),
+                                });
+                            };
+                            seal.update(&data);
+                            self.received += data.len() as u64;
+                            return Ok(Some(data));
+                        }
+                        Err(frame) => frame,
+                    };
+                    if let (Ok(trailers), Some(seal)) = (frame.into_trailers(), self.seal.take()) {
+                        seal.verify(self.status, mac_header(&trailers).as_deref())
+                            .map_err(|e| AgentError::Forged {
+                                url: self.url.clone(),
+                                reason: e.0,
+                            })?;
                     }
                 }
             }
         }
     }
+}
+
+/// An error answer's one-line message, and its code when it is an [`ErrorBody`].
+fn error_message(text: &[u8]) -> (String, Option<ErrorCode>) {
+    match serde_json::from_slice::<ErrorBody>(text) {
+        Ok(b) => (b.message, Some(b.code)),
+        Err(_) => {
+            let text = String::from_utf8_lossy(text);
+            let line = text.lines().next().unwrap_or("").trim();
+            (line.chars().take(300).collect(), None)
+        }
+    }
+}
+
+/// The `x-strata-response-mac` of an answer's headers or trailers.
+fn mac_header(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get(HEADER_RESPONSE_MAC)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, String> {

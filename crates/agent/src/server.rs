@@ -260,7 +260,75 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Marks an answer whose body is streamed: sealed in a trailer rather than a header.
+#[derive(Debug, Clone, Copy)]
+struct Streamed;
+
+/// Header of a streamed file range: its length (a sealed answer is sent chunked, without
+/// `content-length`).
+pub const HEADER_RANGE_LENGTH: &str = "x-strata-range-length";
+
 async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    // The nonce as sent, whatever it is: the client checks the seal against its own.
+    let nonce = req
+        .headers()
+        .get(crate::auth::HEADER_NONCE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let response = check_then_run(&agent, req, next).await;
+    seal(agent.verifier.seal(&nonce), response).await
+}
+
+/// Seals an answer: a MAC over its status, body and the request's nonce (see `auth`).
+async fn seal(mut seal: crate::auth::ResponseSeal, response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
+    if parts.extensions.remove::<Streamed>().is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::TRAILER,
+            HeaderValue::from_static(crate::auth::HEADER_RESPONSE_MAC),
+        );
+        let frames = futures::stream::unfold(
+            (body.into_data_stream(), Some(seal)),
+            move |(mut data, seal)| async move {
+                let mut seal = seal?;
+                match futures::StreamExt::next(&mut data).await {
+                    Some(Ok(chunk)) => {
+                        seal.update(&chunk);
+                        Some((Ok(hyper::body::Frame::data(chunk)), (data, Some(seal))))
+                    }
+                    // The client sees the stream break off and no trailer.
+                    Some(Err(e)) => Some((Err(e), (data, None))),
+                    None => {
+                        let mut trailers = axum::http::HeaderMap::new();
+                        let mac = HeaderValue::from_str(&seal.seal(status))
+                            .unwrap_or(HeaderValue::from_static(""));
+                        trailers.insert(crate::auth::HEADER_RESPONSE_MAC, mac);
+                        Some((Ok(hyper::body::Frame::trailers(trailers)), (data, None)))
+                    }
+                }
+            },
+        );
+        return Response::from_parts(parts, Body::new(http_body_util::StreamBody::new(frames)));
+    }
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("agent answer could not be read for sealing: {e}");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    seal.update(&bytes);
+    if let Ok(mac) = HeaderValue::from_str(&seal.seal(status)) {
+        parts.headers.insert(crate::auth::HEADER_RESPONSE_MAC, mac);
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// Checks the request's signature (reading its body, bounded) and runs it.
+async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     // A WAL file may be as large as the cluster's segments; every other body is small.
     let wal_limit = if is_wal_upload(parts.method.as_str(), parts.uri.path()) {
@@ -446,12 +514,13 @@ async fn read_file(
         }
     });
     let mut response = Body::from_stream(stream).into_response();
+    response.extensions_mut().insert(Streamed);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(HEADER_RANGE_LENGTH, HeaderValue::from(len));
     Ok(response)
 }
 
