@@ -316,15 +316,26 @@ pub struct AuthRefusal(pub String);
 pub struct Verifier {
     key: AgentKey,
     seen: Mutex<HashMap<String, i64>>,
+    not_before: i64,
 }
 
 impl Verifier {
-    /// A verifier for `key`.
-    pub fn new(key: AgentKey) -> Verifier {
+    /// A verifier for `key` accepting requests signed at `not_before` (Unix seconds) or later.
+    /// The agent passes the first whole second after it started: the nonces of requests signed
+    /// earlier may have been accepted by its previous run, whose memory of them is gone, so a
+    /// request recorded then cannot be replayed after a restart. A client whose clock is behind
+    /// signs again with the time the refusal names.
+    pub fn new(key: AgentKey, not_before: i64) -> Verifier {
         Verifier {
             key,
             seen: Mutex::new(HashMap::new()),
+            not_before,
         }
+    }
+
+    /// The earliest request time accepted, Unix seconds.
+    pub fn not_before(&self) -> i64 {
+        self.not_before
     }
 
     /// A seal for the answer to the request that carried `nonce`.
@@ -418,6 +429,12 @@ impl Verifier {
                 (now - timestamp).abs()
             )));
         }
+        if timestamp < self.not_before {
+            return Err(AuthRefusal(format!(
+                "request signed at {timestamp}, before the agent started (requests signed from {} on are accepted); sign it again",
+                self.not_before
+            )));
+        }
         Ok((nonce, timestamp, claimed_hash))
     }
 }
@@ -449,7 +466,7 @@ mod tests {
     #[test]
     fn a_signed_request_verifies_once() {
         let key = AgentKey::generate();
-        let v = Verifier::new(key.clone());
+        let v = Verifier::new(key.clone(), 0);
         let h = sign(
             &key,
             "POST",
@@ -470,7 +487,7 @@ mod tests {
     #[test]
     fn every_signed_part_is_bound() {
         let key = AgentKey::generate();
-        let v = Verifier::new(key.clone());
+        let v = Verifier::new(key.clone(), 0);
         let h = sign(
             &key,
             "POST",
@@ -490,7 +507,7 @@ mod tests {
         }
         let e = verify(&v, &h, "POST", "/v1/snapshots/a", "x=1", b"{\"a\":1}", 1000).unwrap_err();
         assert!(e.0.contains("body does not match"), "{e}");
-        let other = Verifier::new(AgentKey::generate());
+        let other = Verifier::new(AgentKey::generate(), 0);
         let e = verify(&other, &h, "POST", "/v1/snapshots/a", "x=1", b"{}", 1000).unwrap_err();
         assert!(e.0.contains("wrong key"), "{e}");
     }
@@ -498,7 +515,7 @@ mod tests {
     #[test]
     fn stale_and_future_requests_are_refused() {
         let key = AgentKey::generate();
-        let v = Verifier::new(key.clone());
+        let v = Verifier::new(key.clone(), 0);
         for now in [1000 + MAX_SKEW_SECS + 1, 1000 - MAX_SKEW_SECS - 1] {
             let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
             let e = verify(&v, &h, "GET", "/v1/facts", "", b"", now).unwrap_err();
@@ -512,8 +529,19 @@ mod tests {
     }
 
     #[test]
+    fn requests_signed_before_the_agent_started_are_refused() {
+        let key = AgentKey::generate();
+        let v = Verifier::new(key.clone(), 1000);
+        let h = sign(&key, "GET", "/v1/facts", "", b"", 999, &new_nonce());
+        let e = verify(&v, &h, "GET", "/v1/facts", "", b"", 1000).unwrap_err();
+        assert!(e.0.contains("before the agent started"), "{e}");
+        let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
+        assert_eq!(verify(&v, &h, "GET", "/v1/facts", "", b"", 999), Ok(()));
+    }
+
+    #[test]
     fn unsigned_and_malformed_requests_are_refused() {
-        let v = Verifier::new(AgentKey::generate());
+        let v = Verifier::new(AgentKey::generate(), 0);
         let e = v
             .verify("GET", "/v1/facts", "", |_| None, b"", 0)
             .unwrap_err();

@@ -144,6 +144,8 @@ pub struct AgentClient {
     key: AgentKey,
     tls: Option<tokio_rustls::TlsConnector>,
     timeouts: Timeouts,
+    /// Seconds added to this host's clock when signing (0 but in tests).
+    clock_offset: i64,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -200,6 +202,7 @@ impl AgentClient {
             key,
             tls,
             timeouts: Timeouts::default(),
+            clock_offset: 0,
         })
     }
 
@@ -221,6 +224,14 @@ impl AgentClient {
     /// The same client with other time limits.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> AgentClient {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// The same client signing as if its clock were `secs` seconds off: how tests play a
+    /// host whose clock is behind or ahead of the agent's.
+    #[doc(hidden)]
+    pub fn with_clock_offset(mut self, secs: i64) -> AgentClient {
+        self.clock_offset = secs;
         self
     }
 
@@ -343,9 +354,6 @@ impl AgentClient {
                 Vec::new(),
             )
             .await?;
-        if !response.status().is_success() {
-            return Err(self.refusal(response, seal).await);
-        }
         let expected = response
             .headers()
             .get(crate::server::HEADER_RANGE_LENGTH)
@@ -537,9 +545,6 @@ impl AgentClient {
         limit: usize,
     ) -> Result<Bytes, AgentError> {
         let (response, seal) = self.send(method, path, query, body).await?;
-        if !response.status().is_success() {
-            return Err(self.refusal(response, seal).await);
-        }
         let status = response.status().as_u16();
         let claimed = mac_header(response.headers());
         let bytes = read_limited(response.into_body(), limit)
@@ -564,55 +569,103 @@ impl AgentClient {
             })
     }
 
-    /// The error a non-2xx answer stands for, once its MAC verified.
-    async fn refusal(&self, response: hyper::Response<Incoming>, seal: ResponseSeal) -> AgentError {
+    /// The error a non-2xx answer stands for, once its MAC verified; with it, on a sealed
+    /// 401, the earliest request time the agent accepts.
+    async fn refusal(
+        &self,
+        response: hyper::Response<Incoming>,
+        seal: ResponseSeal,
+    ) -> (AgentError, Option<i64>) {
         let status = response.status();
         let claimed = mac_header(response.headers());
         let text = match read_limited(response.into_body(), 64 * 1024).await {
             Ok(t) => t,
-            Err(e) => return self.protocol(e),
+            Err(e) => return (self.protocol(e), None),
         };
         if let Err(forged) = self.check_seal(seal, status.as_u16(), &text, claimed.as_deref()) {
             // An agent holding another key seals its refusal with that key. Whoever sent it,
             // the request failed; its reason is shown but marked as unverified.
             if status == StatusCode::UNAUTHORIZED {
-                return AgentError::Unauthorized {
-                    url: self.url.clone(),
-                    reason: format!(
-                        "{} (unverified: the answer is not sealed with this key either, so the keys differ)",
-                        error_message(&text).0
-                    ),
-                };
+                let reason = format!(
+                    "{} (unverified: the answer is not sealed with this key either, so the keys differ)",
+                    error_message(&text).message
+                );
+                let url = self.url.clone();
+                return (AgentError::Unauthorized { url, reason }, None);
             }
-            return forged;
+            return (forged, None);
         }
-        let (message, code) = error_message(&text);
+        let ErrorMessage {
+            message,
+            code,
+            not_before,
+        } = error_message(&text);
         let code = code.unwrap_or(if status == StatusCode::UNAUTHORIZED {
             ErrorCode::Unauthorized
         } else {
             ErrorCode::Internal
         });
         if status == StatusCode::UNAUTHORIZED || code == ErrorCode::Unauthorized {
-            return AgentError::Unauthorized {
-                url: self.url.clone(),
-                reason: message,
-            };
+            let url = self.url.clone();
+            return (
+                AgentError::Unauthorized {
+                    url,
+                    reason: message,
+                },
+                not_before,
+            );
         }
-        AgentError::Refused {
+        let refused = AgentError::Refused {
             url: self.url.clone(),
             status: status.as_u16(),
             code,
             message,
-        }
+        };
+        (refused, None)
     }
 
-    /// Sends one signed request: its answer, and the seal its MAC is checked with.
+    /// Sends one signed request: its 2xx answer, and the seal its MAC is checked with. Refused
+    /// as signed before the agent (re)started, which a client whose clock is a little behind
+    /// the agent's meets right after a restart, it signs once more with the time the agent
+    /// named.
     async fn send(
         &self,
         method: Method,
         path: &str,
         query: &str,
         body: Vec<u8>,
+    ) -> Result<(hyper::Response<Incoming>, ResponseSeal), AgentError> {
+        let body = Bytes::from(body);
+        let timestamp = unix_now() + self.clock_offset;
+        let (response, seal) = self
+            .send_once(&method, path, query, body.clone(), timestamp)
+            .await?;
+        if response.status().is_success() {
+            return Ok((response, seal));
+        }
+        let (refusal, not_before) = self.refusal(response, seal).await;
+        let Some(not_before) =
+            not_before.filter(|t| *t > timestamp && *t - unix_now() <= crate::auth::MAX_SKEW_SECS)
+        else {
+            return Err(refusal);
+        };
+        let (response, seal) = self
+            .send_once(&method, path, query, body, not_before)
+            .await?;
+        if response.status().is_success() {
+            return Ok((response, seal));
+        }
+        Err(self.refusal(response, seal).await.0)
+    }
+
+    /// Sends one request signed at `timestamp`, whatever its answer's status.
+    async fn send_once(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        body: Bytes,
+        timestamp: i64,
     ) -> Result<(hyper::Response<Incoming>, ResponseSeal), AgentError> {
         let nonce = new_nonce();
         let signed = sign(
@@ -621,7 +674,7 @@ impl AgentClient {
             path,
             query,
             &body,
-            unix_now(),
+            timestamp,
             &nonce,
         );
         let uri = if query.is_empty() {
@@ -635,7 +688,7 @@ impl AgentClient {
             format!("{}:{}", self.host, self.port)
         };
         let mut builder = Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(uri)
             .header(hyper::header::HOST, host_header)
             .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -645,7 +698,7 @@ impl AgentClient {
             builder = builder.header(name, value);
         }
         let request = builder
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| self.protocol(e.to_string()))?;
 
         let mut sender = self.connect().await?;
@@ -787,14 +840,31 @@ impl RangeReader {
     }
 }
 
-/// An error answer's one-line message, and its code when it is an [`ErrorBody`].
-fn error_message(text: &[u8]) -> (String, Option<ErrorCode>) {
+/// What an error answer says.
+struct ErrorMessage {
+    /// One line.
+    message: String,
+    /// Its kind, when it is an [`ErrorBody`].
+    code: Option<ErrorCode>,
+    /// The earliest request time the agent accepts, on a 401.
+    not_before: Option<i64>,
+}
+
+fn error_message(text: &[u8]) -> ErrorMessage {
     match serde_json::from_slice::<ErrorBody>(text) {
-        Ok(b) => (b.message, Some(b.code)),
+        Ok(b) => ErrorMessage {
+            message: b.message,
+            code: Some(b.code),
+            not_before: b.not_before,
+        },
         Err(_) => {
             let text = String::from_utf8_lossy(text);
             let line = text.lines().next().unwrap_or("").trim();
-            (line.chars().take(300).collect(), None)
+            ErrorMessage {
+                message: line.chars().take(300).collect(),
+                code: None,
+                not_before: None,
+            }
         }
     }
 }

@@ -101,7 +101,7 @@ impl Agent {
         }
         Ok(Agent {
             store,
-            verifier: Verifier::new(key),
+            verifier: Verifier::new(key, first_whole_second()),
             min_free,
             servers: CloneServers::default(),
         })
@@ -180,6 +180,17 @@ impl Agent {
     }
 }
 
+/// The next whole second, once it has come: every request signed before it was signed before
+/// this agent started (see [`Verifier::new`]), and a client on the same clock is never refused.
+fn first_whole_second() -> i64 {
+    let next = unix_now() + 1;
+    let due = std::time::UNIX_EPOCH + Duration::from_secs(next.max(0) as u64);
+    if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
+    next
+}
+
 /// The cluster's system identifier: `ControlFileData.system_identifier`, the first field of
 /// `global/pg_control` (src/include/catalog/pg_control.h), in the host's byte order.
 fn system_identifier(data_dir: &Path) -> Option<u64> {
@@ -215,6 +226,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             code: self.0,
             message: self.1.replace('\n', "; "),
+            not_before: None,
         };
         (status, Json(body)).into_response()
     }
@@ -351,7 +363,7 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
     );
     if let Err(refusal) = head {
         tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
-        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+        return unauthorized(agent, refusal);
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
@@ -368,6 +380,7 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
                 Json(ErrorBody {
                     code: ErrorCode::Refused,
                     message: format!("request body over {MAX_REQUEST_BODY} bytes"),
+                    not_before: None,
                 }),
             )
                 .into_response()
@@ -383,10 +396,20 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
     );
     if let Err(refusal) = verified {
         tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
-        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+        return unauthorized(agent, refusal);
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A 401 naming the earliest request time accepted.
+fn unauthorized(agent: &Agent, refusal: crate::auth::AuthRefusal) -> Response {
+    let body = ErrorBody {
+        code: ErrorCode::Unauthorized,
+        message: refusal.0.replace('\n', "; "),
+        not_before: Some(agent.verifier.not_before()),
+    };
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -1,13 +1,16 @@
 //! The agent's HTTP API under hostile requests, on a loop-mounted XFS: unsigned, wrongly
 //! signed, stale, replayed and tampered requests are refused with 401 and change nothing;
 //! names and paths with `..`, absolute paths and symlinks cannot leave the agent's
-//! directories; the client tells unreachable, refused credential and refusals apart; TLS.
+//! directories; a request recorded before the agent restarted is refused after; the client
+//! tells unreachable, refused credential and refusals apart; TLS.
 
 mod common;
 
 use std::process::Command;
 
-use common::{default_layout, fake_data_dir, raw_request, signed, start_agent};
+use common::{
+    default_layout, fake_data_dir, raw_request, signed, start_agent, start_agent_with_key,
+};
 use strata_agent::auth::unix_now;
 use strata_agent::proto::{ErrorBody, ErrorCode};
 use strata_agent::{Agent, AgentClient, AgentError, AgentKey, FreeFloor, RelPath, SnapshotName};
@@ -127,6 +130,62 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
     let err = wrong.delete_snapshot(&name("a")).await.unwrap_err();
     assert!(matches!(err, AgentError::Unauthorized { .. }), "{err:?}");
     assert!(agent.layout.snapshot_dir.join("a").is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_recorded_before_a_restart_are_refused_after_it() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 64 * 1024);
+    let layout = default_layout(&data);
+    let first = start_agent(layout.clone(), FreeFloor::Percent(1)).await;
+    let key = first.key.clone();
+    let path = "/v1/snapshots/a";
+
+    // Recorded: one request the first run served, one it never saw.
+    let served = signed(&key, "POST", path, "", b"", unix_now());
+    let (status, body) = raw_request(first.addr, "POST", path, &served, b"").await;
+    assert_eq!(status, 201, "{body}");
+    first.client.delete_snapshot(&name("a")).await.unwrap();
+    let unsent = signed(&key, "POST", path, "", b"", unix_now());
+    drop(first);
+
+    // The same agent (data directory, key file) started again: its memory of nonces is
+    // gone, yet neither recorded request is accepted.
+    let second = start_agent_with_key(layout, FreeFloor::Percent(1), key).await;
+    for recorded in [&served, &unsent] {
+        let (status, body) = raw_request(second.addr, "POST", path, recorded, b"").await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(code_of(&body), ErrorCode::Unauthorized);
+        assert!(body.contains("before the agent started"), "{body}");
+        let not_before = serde_json::from_str::<ErrorBody>(&body).unwrap().not_before;
+        assert!(not_before.is_some_and(|t| t <= unix_now()), "{body}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&second.layout.snapshot_dir)
+            .unwrap()
+            .count(),
+        0,
+        "no replay made a snapshot"
+    );
+
+    // Freshly signed requests are served, and a client whose clock is behind the agent's
+    // (its request signed before the start) signs again with the time the refusal names.
+    second.client.create_snapshot(&name("a")).await.unwrap();
+    let behind = AgentClient::new(&format!("http://{}", second.addr), second.key.clone(), None)
+        .unwrap()
+        .with_clock_offset(-290);
+    behind.create_snapshot(&name("b")).await.unwrap();
+    let names: Vec<String> = second
+        .client
+        .snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,11 @@ pub fn default_layout(data_dir: &Path) -> Layout {
 
 /// Starts an agent for `layout` with a fresh key (panics if it refuses to start).
 pub async fn start_agent(layout: Layout, floor: FreeFloor) -> RunningAgent {
-    let key = AgentKey::generate();
+    start_agent_with_key(layout, floor, AgentKey::generate()).await
+}
+
+/// Starts an agent for `layout` with `key`, as `strata agent` does with an existing key file.
+pub async fn start_agent_with_key(layout: Layout, floor: FreeFloor, key: AgentKey) -> RunningAgent {
     let agent = Agent::start(layout.clone(), key.clone(), floor).expect("agent starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
