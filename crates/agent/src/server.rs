@@ -682,22 +682,48 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Start
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Connections served at once; more wait in the listen queue until one ends.
-pub const MAX_CONNECTIONS: usize = 64;
+/// How many connections the agent serves at once and how long a client has to say what it
+/// wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen queue until one ends.
+    pub max_connections: usize,
+    /// Time a client has for the TLS handshake and for sending each request's head, from the
+    /// connection's start or the end of its previous answer (an idle connection is closed).
+    pub head_timeout: Duration,
+}
 
-/// Time a client has for the TLS handshake, and for sending a request's headers.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            head_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
-/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true, at most
-/// [`MAX_CONNECTIONS`] connections at once, each given [`HEAD_TIMEOUT`] to say what it wants.
+/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true, within the
+/// default [`Limits`]: 64 connections, 30 s for each request's head.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    serve_with_limits(listener, agent, tls, Limits::default(), shutdown).await
+}
+
+/// [`serve`] within other `limits`.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let router = agent.router();
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let head_timeout = limits.head_timeout;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
@@ -720,12 +746,16 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let Some(acceptor) = acceptor else {
-                return serve_connection(hyper_util::rt::TokioIo::new(stream), svc, peer).await;
+                let io = hyper_util::rt::TokioIo::new(stream);
+                return serve_connection(io, svc, peer, head_timeout).await;
             };
-            match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_connection(hyper_util::rt::TokioIo::new(tls), svc, peer).await,
+            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    serve_connection(io, svc, peer, head_timeout).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {HEAD_TIMEOUT:?}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {head_timeout:?}"),
             }
         });
     }
@@ -736,21 +766,23 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// HTTP/1.1 or HTTP/2 on one accepted connection, its request heads due within [`HEAD_TIMEOUT`].
+/// HTTP/1.1 on one accepted connection, each request head due within `head_timeout`. Only
+/// HTTP/1.1, which is all the client speaks: detecting HTTP/2 would first wait, with no time
+/// limit, for bytes a silent client never sends.
 async fn serve_connection<I>(
     io: I,
     svc: hyper_util::service::TowerToHyperService<Router>,
     peer: SocketAddr,
+    head_timeout: Duration,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .http1()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT);
-    if let Err(e) = builder.serve_connection(io, svc).await {
+        .header_read_timeout(head_timeout)
+        .serve_connection(io, svc)
+        .await;
+    if let Err(e) = served {
         tracing::debug!(%peer, "connection: {e}");
     }
 }

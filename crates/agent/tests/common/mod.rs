@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use strata_agent::server::Limits;
 use strata_agent::{Agent, AgentClient, AgentKey, FreeFloor, Layout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -41,16 +42,27 @@ pub async fn start_agent(layout: Layout, floor: FreeFloor) -> RunningAgent {
 
 /// Starts an agent for `layout` with `key`, as `strata agent` does with an existing key file.
 pub async fn start_agent_with_key(layout: Layout, floor: FreeFloor, key: AgentKey) -> RunningAgent {
+    start_agent_with_limits(layout, floor, key, Limits::default()).await
+}
+
+/// Starts an agent for `layout` with `key`, serving within `limits`.
+pub async fn start_agent_with_limits(
+    layout: Layout,
+    floor: FreeFloor,
+    key: AgentKey,
+    limits: Limits,
+) -> RunningAgent {
     let agent = Agent::start(layout.clone(), key.clone(), floor).expect("agent starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(strata_agent::server::serve(
+    tokio::spawn(strata_agent::server::serve_with_limits(
         listener,
         Arc::new(agent),
         None,
+        limits,
         stop_rx,
     ));
     let client = AgentClient::new(&format!("http://{addr}"), key.clone(), None).expect("client");
