@@ -13,8 +13,9 @@
 //! signature does not verify, whose body does not hash to the signed hash, whose time is more
 //! than five minutes off, or whose nonce it has already seen within that window (a replay);
 //! nonces are remembered only after the signature verified, so unsigned traffic cannot fill
-//! the memory. A request signed before the agent started is refused too: its nonce may have
-//! been seen by the agent's previous run, whose memory is gone (see [`Verifier::new`]).
+//! the memory. A request signed before the agent started, or not after the latest one its
+//! previous run accepted (kept in a file), is refused too: its nonce may have been seen by that
+//! run, whose memory is gone (see [`Verifier::recording`]).
 //!
 //! Every answer is sealed the same way, so nothing between the agent and the Strata server
 //! can forge or alter one: HMAC-SHA256 under the key over
@@ -317,6 +318,32 @@ pub struct Verifier {
     key: AgentKey,
     seen: Mutex<HashMap<String, i64>>,
     not_before: i64,
+    record: Option<LatestRequest>,
+}
+
+/// The latest request time the agent accepted, kept in a file so that the next run of the
+/// agent accepts only requests signed after it: a client whose clock runs ahead of the
+/// agent's signs requests dated after the agent's restart, and their nonces are forgotten.
+#[derive(Debug)]
+struct LatestRequest {
+    path: PathBuf,
+    latest: Mutex<i64>,
+}
+
+impl LatestRequest {
+    /// Records `timestamp` if it is the latest yet (at most one write a second).
+    fn note(&self, timestamp: i64) -> std::io::Result<()> {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if timestamp <= *latest {
+            return Ok(());
+        }
+        // Written aside and renamed, so a crash leaves the old time or the new, never half.
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{timestamp}\n"))?;
+        std::fs::rename(&tmp, &self.path)?;
+        *latest = timestamp;
+        Ok(())
+    }
 }
 
 impl Verifier {
@@ -330,7 +357,37 @@ impl Verifier {
             key,
             seen: Mutex::new(HashMap::new()),
             not_before,
+            record: None,
         }
+    }
+
+    /// [`new`](Self::new), also keeping the latest accepted request time in the file `path`
+    /// and accepting only requests signed after the time it already holds: what a previous
+    /// run accepted stays refused even from a client whose clock is ahead.
+    pub fn recording(
+        key: AgentKey,
+        not_before: i64,
+        path: PathBuf,
+    ) -> Result<Verifier, std::io::Error> {
+        let latest = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse::<i64>().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} does not hold a time (Unix seconds); remove it to start over",
+                        path.display()
+                    ),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let mut verifier = Verifier::new(key, not_before.max(latest.saturating_add(1)));
+        verifier.record = Some(LatestRequest {
+            path,
+            latest: Mutex::new(latest),
+        });
+        Ok(verifier)
     }
 
     /// The earliest request time accepted, Unix seconds.
@@ -368,6 +425,15 @@ impl Verifier {
             return refuse("too many requests within the replay window; retry later");
         }
         seen.insert(nonce.to_string(), timestamp);
+        drop(seen);
+        if let Some(record) = &self.record {
+            record.note(timestamp).map_err(|e| {
+                AuthRefusal(format!(
+                    "the agent cannot record the request's time in {}: {e}",
+                    record.path.display()
+                ))
+            })?;
+        }
         Ok(())
     }
 
@@ -431,7 +497,7 @@ impl Verifier {
         }
         if timestamp < self.not_before {
             return Err(AuthRefusal(format!(
-                "request signed at {timestamp}, before the agent started (requests signed from {} on are accepted); sign it again",
+                "request signed at {timestamp}, before the agent started (it accepts requests signed from {} on, after any it accepted before); sign it again",
                 self.not_before
             )));
         }
@@ -537,6 +603,39 @@ mod tests {
         assert!(e.0.contains("before the agent started"), "{e}");
         let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
         assert_eq!(verify(&v, &h, "GET", "/v1/facts", "", b"", 999), Ok(()));
+    }
+
+    #[test]
+    fn a_restarted_verifier_refuses_what_the_previous_one_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latest");
+        let key = AgentKey::generate();
+        let first = Verifier::recording(key.clone(), 1000, path.clone()).unwrap();
+        // A client whose clock runs a minute ahead.
+        let ahead = sign(&key, "GET", "/v1/facts", "", b"", 1060, &new_nonce());
+        assert_eq!(
+            verify(&first, &ahead, "GET", "/v1/facts", "", b"", 1000),
+            Ok(())
+        );
+        let older = sign(&key, "GET", "/v1/facts", "", b"", 1010, &new_nonce());
+        assert_eq!(
+            verify(&first, &older, "GET", "/v1/facts", "", b"", 1000),
+            Ok(())
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1060\n");
+        // Restarted ten seconds later.
+        let second = Verifier::recording(key.clone(), 1010, path.clone()).unwrap();
+        assert_eq!(second.not_before(), 1061);
+        let e = verify(&second, &ahead, "GET", "/v1/facts", "", b"", 1010).unwrap_err();
+        assert!(e.0.contains("before the agent started"), "{e}");
+        let fresh = sign(&key, "GET", "/v1/facts", "", b"", 1061, &new_nonce());
+        assert_eq!(
+            verify(&second, &fresh, "GET", "/v1/facts", "", b"", 1010),
+            Ok(())
+        );
+        std::fs::write(&path, "yesterday").unwrap();
+        let e = Verifier::recording(key, 0, path).unwrap_err();
+        assert!(e.to_string().contains("does not hold a time"), "{e}");
     }
 
     #[test]

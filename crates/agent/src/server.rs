@@ -99,9 +99,16 @@ impl Agent {
                 }
             });
         }
+        let latest_request = store.layout().snapshot_dir.join(LATEST_REQUEST_FILE);
+        let verifier = Verifier::recording(key, first_whole_second(), latest_request.clone())
+            .map_err(|source| SnapshotError::Io {
+                op: "read",
+                path: latest_request,
+                source,
+            })?;
         Ok(Agent {
             store,
-            verifier: Verifier::new(key, first_whole_second()),
+            verifier,
             min_free,
             servers: CloneServers::default(),
         })
@@ -179,6 +186,10 @@ impl Agent {
             .with_state(self)
     }
 }
+
+/// In the snapshot directory: the latest request time the agent accepted (see
+/// [`Verifier::recording`]).
+pub const LATEST_REQUEST_FILE: &str = "agent.latest-request";
 
 /// The next whole second, once it has come: every request signed before it was signed before
 /// this agent started (see [`Verifier::new`]), and a client on the same clock is never refused.

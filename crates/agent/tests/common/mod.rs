@@ -166,3 +166,12 @@ pub fn signed(
     .pairs()
     .to_vec()
 }
+
+/// Entries of the snapshot directory but the agent's own state file (the latest request time).
+pub fn entries_but_state(snapshot_dir: &Path) -> usize {
+    std::fs::read_dir(snapshot_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != strata_agent::server::LATEST_REQUEST_FILE)
+        .count()
+}
