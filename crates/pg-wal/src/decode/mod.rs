@@ -16,13 +16,16 @@
 //! Memory is bounded by the records that are reported (commit and abort records,
 //! restore points); all other records are CRC-checked as they stream past and dropped.
 
+mod changes;
 mod record;
 
 use chrono::{DateTime, Utc};
 
 use crate::{Lsn, WalError, WalGeometry, XLOG_BLCKSZ};
 
-use record::{Kind, RecordHeader, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET};
+use changes::ChangeTracker;
+pub use changes::{MAX_ENTRIES, MAX_ENTRIES_PER_XID, MAX_TRACKED_XIDS};
+use record::{BlockRecordPrefix, Decoded, Kind, RecordHeader, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET};
 
 /// Something in the WAL that Strata acts on (recovery targets, catalog of restore points).
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +120,11 @@ pub struct TxnChanges {
     /// The commit carries relation cache invalidations: the system catalogs
     /// changed (DDL), so names may have changed.
     pub catalog_changed: bool,
+    /// Not everything was recorded: the decoder's memory caps were reached
+    /// ([`MAX_TRACKED_XIDS`] transactions in flight, [`MAX_ENTRIES_PER_XID`] files per
+    /// transaction, [`MAX_ENTRIES`] in all). `dropped` and `catalog_changed` come from the
+    /// commit record and are always complete; the other lists are then a lower bound.
+    pub incomplete: bool,
 }
 
 const SIZE_OF_SHORT_PAGE_HEADER: usize = 24;
@@ -164,6 +172,11 @@ impl WalVersion {
                 record::BKPIMAGE_IS_COMPRESSED_PG14
             } else {
                 record::BKPIMAGE_COMPRESSED
+            },
+            dbase_drop: if self == WalVersion::Pg14 {
+                record::XLOG_DBASE_DROP_PG14
+            } else {
+                record::XLOG_DBASE_DROP
             },
         }
     }
@@ -237,6 +250,10 @@ pub struct WalDecoder {
     skip_until: Option<Lsn>,
     /// Errors are sticky: the stream position is no longer trustworthy.
     failed: Option<WalError>,
+    /// What in-flight transactions did so far.
+    changes: ChangeTracker,
+    /// The beginning of the heap or page-image record in progress.
+    prefix: BlockRecordPrefix,
 }
 
 impl WalDecoder {
@@ -254,6 +271,8 @@ impl WalDecoder {
             prev: None,
             skip_until: None,
             failed: (start.0 % XLOG_BLCKSZ != 0).then_some(WalError::UnalignedStart(start)),
+            changes: ChangeTracker::default(),
+            prefix: BlockRecordPrefix::new(),
         }
     }
 
@@ -369,6 +388,10 @@ impl WalDecoder {
                     *crc = crc32c::crc32c_append(*crc, chunk);
                     if let Some(buffer) = buffer {
                         buffer.extend_from_slice(chunk);
+                    }
+                    if self.prefix.active() {
+                        let compressed = self.version.record_format().image_compressed;
+                        self.prefix.feed(*got, chunk, header.tot_len, compressed);
                     }
                     *got += chunk.len() as u32;
                     if *got == header.tot_len {
@@ -505,7 +528,12 @@ impl WalDecoder {
             self.end_of_valid_wal();
             return Ok(());
         }
-        let kind = record::classify(header.rmid, header.info);
+        let kind = record::classify(header.rmid, header.info, self.version.record_format());
+        // Row changes and fills need an xid; fills only matter while a created file is open.
+        let block_kind = record::classify_block(header.rmid, header.info).filter(|k| {
+            header.xid != 0 && (*k != record::BlockKind::Fill || self.changes.watching_fills())
+        });
+        self.prefix.start(block_kind);
         let buffer = kind.map(|_| {
             let mut buffer = Vec::with_capacity((tot_len as usize).min(RECORD_BUFFER_HINT));
             buffer.extend_from_slice(bytes);
@@ -547,21 +575,40 @@ impl WalDecoder {
             return Ok(());
         }
         self.prev = Some(start);
+        let format = self.version.record_format();
+        let malformed = |reason| WalError::MalformedRecord { lsn: start, reason };
+        if let Some(change) = self
+            .prefix
+            .finish(header.tot_len, format.image_compressed)
+            .map_err(malformed)?
+        {
+            self.changes.on_block(header.xid, change);
+        }
         let Some(kind) = kind else {
             return Ok(());
         };
         let end_lsn = Lsn(self.pos.0.next_multiple_of(MAXALIGN));
         let record = buffer.as_deref().unwrap_or(&head);
-        let event = record::to_event(
-            kind,
-            &header,
-            record,
-            start,
-            end_lsn,
-            self.version.record_format(),
-        )
-        .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
-        events.push(event);
+        let decoded =
+            record::decode(kind, &header, record, start, end_lsn, format).map_err(malformed)?;
+        match decoded {
+            Decoded::Event(event) => events.push(event),
+            Decoded::XactEnd { mut event, parts } => {
+                match &mut event {
+                    WalEvent::Commit { xid, changes, .. } => {
+                        *changes = self.changes.commit(*xid, &parts);
+                    }
+                    WalEvent::Abort { xid, .. } => self.changes.abort(*xid, &parts),
+                    _ => {}
+                }
+                events.push(event);
+            }
+            Decoded::Create(rel) => self.changes.on_create(header.xid, rel),
+            Decoded::Truncate(rel) => self.changes.on_truncate(header.xid, rel),
+            Decoded::DropDatabase(db) => self.changes.on_drop_database(header.xid, db),
+            Decoded::OldestRunning(xid) => self.changes.oldest_running(xid),
+            Decoded::Nothing => {}
+        }
         if kind == Kind::Switch {
             self.skip_to_next_segment();
         }

@@ -359,10 +359,28 @@ fn prepared_transactions_take_the_twophase_xid() {
     let abort_at = w.record(1, 0x40 | 0x80, 0, &with_main_data(&abort));
     let abort_end = w.end();
     let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+    let three = 0x0303_0303;
+    let changes = TxnChanges {
+        db: Some(0x0101_0101),
+        dropped: vec![RelFile {
+            spc: three,
+            db: three,
+            rel: three,
+        }],
+        // Message id 5 is a catalog cache's.
+        catalog_changed: true,
+        ..TxnChanges::default()
+    };
     assert_eq!(
         events,
         vec![
-            commit(at, end, 4242, 77),
+            WalEvent::Commit {
+                lsn: at,
+                end_lsn: end,
+                xid: 4242,
+                time: from_pg_micros(77),
+                changes: Some(Box::new(changes)),
+            },
             WalEvent::Abort {
                 lsn: abort_at,
                 end_lsn: abort_end,

@@ -1,0 +1,401 @@
+//! What each in-flight transaction did that can destroy data, collected per xid from the
+//! records that carry it (`xl_xid`) until its commit or abort record says how it ended.
+//!
+//! References: src/backend/access/transam/xact.c (`RecordTransactionCommit`: a commit lists its
+//! committed subtransactions; an aborted subtransaction writes its own abort record),
+//! src/backend/storage/ipc/standby.c (`LogCurrentRunningXacts`: every xid before
+//! `oldestRunningXid` has finished) and src/backend/access/transam/transam.c
+//! (`TransactionIdPrecedes`).
+//!
+//! Memory is capped: at most [`MAX_TRACKED_XIDS`] transactions, [`MAX_ENTRIES_PER_XID`]
+//! relation files (or databases) per xid and [`MAX_ENTRIES`] in all. What does not fit is not
+//! recorded, and the commit that would have reported it says so (`TxnChanges::incomplete`).
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use super::record::{BlockChange, BlockKind, XactParts};
+use super::{RelFile, RowChanges, TxnChanges};
+
+/// In-flight transactions (and subtransactions) with something recorded.
+pub const MAX_TRACKED_XIDS: usize = 65_536;
+/// Relation files and databases recorded for one xid.
+pub const MAX_ENTRIES_PER_XID: usize = 16_384;
+/// Relation files and databases recorded across all xids (about 8 MiB).
+pub const MAX_ENTRIES: usize = 262_144;
+/// Xids that were refused for want of room, remembered by their low bits (8 KiB).
+const REFUSED_BITS: usize = 65_536;
+/// Recycled states kept for the next transactions (they keep their vectors' capacity).
+const SPARE_STATES: usize = 64;
+
+/// Multiplicative hashing for xids and relation files: keys come from the server's WAL and are
+/// spread already, and SipHash on every heap record would cost more than the decoding.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct FastHasher(u64);
+
+const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(FIBONACCI);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0.rotate_left(32) ^ u64::from(n)).wrapping_mul(FIBONACCI);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// `TransactionIdPrecedes`: modulo-2^32 comparison for normal xids (3 and up).
+pub(super) fn xid_precedes(a: u32, b: u32) -> bool {
+    const FIRST_NORMAL: u32 = 3;
+    if a < FIRST_NORMAL || b < FIRST_NORMAL {
+        return a < b;
+    }
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// What one xid did so far.
+#[derive(Debug, Default)]
+struct XidState {
+    created: Vec<RelFile>,
+    truncated: Vec<RelFile>,
+    dropped_databases: Vec<u32>,
+    rows: Vec<RowChanges>,
+    /// Something was not recorded because a cap was reached.
+    incomplete: bool,
+}
+
+impl XidState {
+    fn entries(&self) -> usize {
+        self.created.len() + self.truncated.len() + self.dropped_databases.len() + self.rows.len()
+    }
+
+    fn clear(&mut self) {
+        self.created.clear();
+        self.truncated.clear();
+        self.dropped_databases.clear();
+        self.rows.clear();
+        self.incomplete = false;
+    }
+}
+
+/// Relation file created by an in-flight xid, and whether data went into it since.
+#[derive(Debug, Clone, Copy)]
+struct Created {
+    xid: u32,
+    filled: bool,
+}
+
+/// Xids refused for want of room; a commit that may involve one of them is incomplete.
+#[derive(Debug)]
+struct Refused {
+    bits: Box<[u64; REFUSED_BITS / 64]>,
+    /// The latest refused xid: once it is older than every running xid, all have ended.
+    latest: u32,
+}
+
+impl Refused {
+    fn bit(xid: u32) -> (usize, u64) {
+        let i = xid as usize % REFUSED_BITS;
+        (i / 64, 1 << (i % 64))
+    }
+
+    fn contains(&self, xid: u32) -> bool {
+        let (word, mask) = Refused::bit(xid);
+        self.bits[word] & mask != 0
+    }
+}
+
+/// Per-xid change tracking between a transaction's first record and its end.
+#[derive(Debug, Default)]
+pub(super) struct ChangeTracker {
+    states: FastMap<u32, XidState>,
+    /// Files created by in-flight xids (also how a fill finds its file).
+    created: FastMap<RelFile, Created>,
+    /// Entries recorded in all states.
+    entries: usize,
+    spare: Vec<XidState>,
+    refused: Option<Refused>,
+}
+
+impl ChangeTracker {
+    /// Whether any in-flight xid created a file: only then are inserts and page images looked at.
+    pub fn watching_fills(&self) -> bool {
+        !self.created.is_empty()
+    }
+
+    /// The state of `xid`, made on first use if the caps allow (`None` otherwise).
+    fn state(&mut self, xid: u32) -> Option<&mut XidState> {
+        let full = self.states.len() >= MAX_TRACKED_XIDS;
+        match self.states.entry(xid) {
+            Entry::Occupied(entry) => Some(entry.into_mut()),
+            Entry::Vacant(_) if full => {
+                refuse(&mut self.refused, xid);
+                None
+            }
+            Entry::Vacant(entry) => Some(entry.insert(self.spare.pop().unwrap_or_default())),
+        }
+    }
+
+    /// Room for one more entry for `xid`; marks the state incomplete when there is none.
+    fn room(&mut self, xid: u32) -> Option<&mut XidState> {
+        let full = self.entries >= MAX_ENTRIES;
+        let state = self.state(xid)?;
+        if full || state.entries() >= MAX_ENTRIES_PER_XID {
+            state.incomplete = true;
+            return None;
+        }
+        self.entries += 1;
+        self.states.get_mut(&xid)
+    }
+
+    /// `XLOG_SMGR_CREATE` of a main fork by `xid`.
+    pub fn on_create(&mut self, xid: u32, rel: RelFile) {
+        if xid == 0 {
+            return;
+        }
+        if let Some(state) = self.room(xid) {
+            state.created.push(rel);
+            self.created.insert(rel, Created { xid, filled: false });
+        }
+    }
+
+    /// `XLOG_SMGR_TRUNCATE` of a main fork by `xid` (VACUUM's, without an xid, is not a
+    /// transaction's doing).
+    pub fn on_truncate(&mut self, xid: u32, rel: RelFile) {
+        if xid == 0 {
+            return;
+        }
+        if let Some(state) = self.room(xid) {
+            state.truncated.push(rel);
+        }
+    }
+
+    /// `XLOG_DBASE_DROP` by `xid`.
+    pub fn on_drop_database(&mut self, xid: u32, db: u32) {
+        if xid == 0 {
+            return;
+        }
+        if let Some(state) = self.room(xid) {
+            state.dropped_databases.push(db);
+        }
+    }
+
+    /// A heap row change or a page written, by `xid`, in block 0's relation file.
+    pub fn on_block(&mut self, xid: u32, change: BlockChange) {
+        match change.kind {
+            BlockKind::Fill => {
+                if let Some(created) = self.created.get_mut(&change.rel) {
+                    created.filled = true;
+                }
+            }
+            BlockKind::Delete | BlockKind::Update => self.count_row(xid, change),
+        }
+    }
+
+    fn count_row(&mut self, xid: u32, change: BlockChange) {
+        if xid == 0 {
+            return;
+        }
+        let full = self.entries >= MAX_ENTRIES;
+        let Some(state) = self.state(xid) else {
+            return;
+        };
+        // Usually the same relation as the transaction's previous change.
+        let found = match state.rows.last() {
+            Some(last) if last.rel == change.rel => Some(state.rows.len() - 1),
+            _ => state.rows.iter().position(|r| r.rel == change.rel),
+        };
+        let index = match found {
+            Some(index) => index,
+            None if full || state.entries() >= MAX_ENTRIES_PER_XID => {
+                state.incomplete = true;
+                return;
+            }
+            None => {
+                state.rows.push(RowChanges {
+                    rel: change.rel,
+                    deleted: 0,
+                    updated: 0,
+                });
+                state.rows.len() - 1
+            }
+        };
+        let added = found.is_none();
+        let row = &mut state.rows[index];
+        match change.kind {
+            BlockKind::Delete => row.deleted += 1,
+            _ => row.updated += 1,
+        }
+        if added {
+            self.entries += 1;
+        }
+    }
+
+    /// Removes `xid`'s state and its files from the index of created files, adding those that
+    /// were filled to `filled`.
+    fn take(&mut self, xid: u32, filled: &mut Vec<RelFile>) -> Option<XidState> {
+        let state = self.states.remove(&xid)?;
+        self.entries -= state.entries();
+        for rel in &state.created {
+            if self.created.get(rel).is_some_and(|c| c.xid == xid) {
+                if self.created.remove(rel).is_some_and(|c| c.filled) {
+                    filled.push(*rel);
+                }
+            }
+        }
+        Some(state)
+    }
+
+    fn recycle(&mut self, mut state: XidState) {
+        if self.spare.len() < SPARE_STATES {
+            state.clear();
+            self.spare.push(state);
+        }
+    }
+
+    fn was_refused(&self, xid: u32) -> bool {
+        self.refused.as_ref().is_some_and(|r| r.contains(xid))
+    }
+
+    /// A commit of `xid` (with the subtransactions it lists): what the transaction did, if
+    /// anything worth reporting.
+    pub fn commit(&mut self, xid: u32, parts: &XactParts<'_>) -> Option<Box<TxnChanges>> {
+        let mut changes = TxnChanges {
+            db: parts.db,
+            dropped: parts.rels().collect(),
+            catalog_changed: parts.catalog_changed,
+            ..TxnChanges::default()
+        };
+        let mut incomplete = self.was_refused(xid);
+        if !self.states.is_empty() || self.refused.is_some() {
+            for id in std::iter::once(xid).chain(parts.subxacts()) {
+                incomplete |= id != xid && self.was_refused(id);
+                let Some(mut state) = self.take(id, &mut changes.filled) else {
+                    continue;
+                };
+                incomplete |= state.incomplete;
+                merge(&mut changes, &mut state);
+                self.recycle(state);
+            }
+        }
+        changes.incomplete = incomplete;
+        normalize(&mut changes);
+        let nothing = changes.dropped.is_empty()
+            && changes.created.is_empty()
+            && changes.truncated.is_empty()
+            && changes.dropped_databases.is_empty()
+            && changes.rows.is_empty()
+            && !changes.catalog_changed
+            && !changes.incomplete;
+        (!nothing).then(|| Box::new(changes))
+    }
+
+    /// An abort of `xid` (a transaction or a subtransaction) and of the subtransactions it
+    /// lists: nothing of theirs happened.
+    pub fn abort(&mut self, xid: u32, parts: &XactParts<'_>) {
+        if self.states.is_empty() {
+            return;
+        }
+        for id in std::iter::once(xid).chain(parts.subxacts()) {
+            if let Some(state) = self.take(id, &mut Vec::new()) {
+                self.recycle(state);
+            }
+        }
+    }
+
+    /// `XLOG_RUNNING_XACTS`: xids before `oldest` have ended, so any state of theirs left
+    /// (their end was before our start, or was never logged, as after a crash) goes.
+    pub fn oldest_running(&mut self, oldest: u32) {
+        if self
+            .refused
+            .as_ref()
+            .is_some_and(|r| xid_precedes(r.latest, oldest))
+        {
+            self.refused = None;
+        }
+        let ended: Vec<u32> = self
+            .states
+            .keys()
+            .copied()
+            .filter(|&xid| xid_precedes(xid, oldest))
+            .collect();
+        for xid in ended {
+            if let Some(state) = self.take(xid, &mut Vec::new()) {
+                self.recycle(state);
+            }
+        }
+    }
+
+    /// Transactions currently tracked.
+    #[cfg(test)]
+    pub fn tracked(&self) -> usize {
+        self.states.len()
+    }
+}
+
+/// Remembers an xid that got no state for want of room.
+fn refuse(refused: &mut Option<Refused>, xid: u32) {
+    let refused = refused.get_or_insert_with(|| Refused {
+        bits: Box::new([0; REFUSED_BITS / 64]),
+        latest: xid,
+    });
+    let (word, mask) = Refused::bit(xid);
+    refused.bits[word] |= mask;
+    if xid_precedes(refused.latest, xid) {
+        refused.latest = xid;
+    }
+}
+
+/// Adds what a state recorded to a report; the first state's vectors move over whole.
+fn merge(changes: &mut TxnChanges, state: &mut XidState) {
+    append(&mut changes.created, &mut state.created);
+    append(&mut changes.truncated, &mut state.truncated);
+    append(&mut changes.dropped_databases, &mut state.dropped_databases);
+    if changes.rows.is_empty() {
+        changes.rows = std::mem::take(&mut state.rows);
+        return;
+    }
+    for row in state.rows.drain(..) {
+        match changes.rows.iter_mut().find(|r| r.rel == row.rel) {
+            Some(total) => {
+                total.deleted += row.deleted;
+                total.updated += row.updated;
+            }
+            None => changes.rows.push(row),
+        }
+    }
+}
+
+fn append<T>(to: &mut Vec<T>, from: &mut Vec<T>) {
+    if to.is_empty() {
+        std::mem::swap(to, from);
+    } else {
+        to.append(from);
+    }
+}
+
+/// Sorted and without duplicates, so equal transactions give equal reports.
+fn normalize(changes: &mut TxnChanges) {
+    for files in [
+        &mut changes.dropped,
+        &mut changes.created,
+        &mut changes.filled,
+        &mut changes.truncated,
+    ] {
+        files.sort_unstable();
+        files.dedup();
+    }
+    changes.dropped_databases.sort_unstable();
+    changes.dropped_databases.dedup();
+    changes.rows.sort_unstable_by_key(|r| r.rel);
+}
