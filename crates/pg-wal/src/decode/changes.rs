@@ -28,6 +28,8 @@ pub const MAX_ENTRIES: usize = 262_144;
 const REFUSED_BITS: usize = 65_536;
 /// Recycled states kept for the next transactions (they keep their vectors' capacity).
 const SPARE_STATES: usize = 64;
+/// Relations per xid searched one by one; past that, rows are found through an index.
+const ROW_SCAN_LIMIT: usize = 8;
 
 /// Multiplicative hashing for xids and relation files: keys come from the server's WAL and are
 /// spread already, and SipHash on every heap record would cost more than the decoding.
@@ -70,6 +72,8 @@ struct XidState {
     truncated: Vec<RelFile>,
     dropped_databases: Vec<u32>,
     rows: Vec<RowChanges>,
+    /// Position of each relation in `rows`, kept once there are more than [`ROW_SCAN_LIMIT`].
+    row_index: FastMap<RelFile, usize>,
     /// Something was not recorded because a cap was reached.
     incomplete: bool,
 }
@@ -84,7 +88,42 @@ impl XidState {
         self.truncated.clear();
         self.dropped_databases.clear();
         self.rows.clear();
+        if !self.row_index.is_empty() {
+            self.row_index = FastMap::default();
+        }
         self.incomplete = false;
+    }
+
+    fn find_row(&mut self, rel: RelFile) -> Option<usize> {
+        match self.rows.last() {
+            // Usually the same relation as the transaction's previous change.
+            Some(last) if last.rel == rel => Some(self.rows.len() - 1),
+            _ if self.rows.len() <= ROW_SCAN_LIMIT => self.rows.iter().position(|r| r.rel == rel),
+            _ => {
+                if self.row_index.is_empty() {
+                    self.row_index = self
+                        .rows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (r.rel, i))
+                        .collect();
+                }
+                self.row_index.get(&rel).copied()
+            }
+        }
+    }
+
+    fn add_row(&mut self, rel: RelFile) -> usize {
+        let index = self.rows.len();
+        self.rows.push(RowChanges {
+            rel,
+            deleted: 0,
+            updated: 0,
+        });
+        if !self.row_index.is_empty() {
+            self.row_index.insert(rel, index);
+        }
+        index
     }
 }
 
@@ -95,7 +134,8 @@ struct Created {
     filled: bool,
 }
 
-/// Xids refused for want of room; a commit that may involve one of them is incomplete.
+/// Xids refused for want of room; a commit that may involve one of them is incomplete. Xids
+/// are remembered by their low 16 bits, so one 65536 xids apart may be flagged too.
 #[derive(Debug)]
 struct Refused {
     bits: Box<[u64; REFUSED_BITS / 64]>,
@@ -210,25 +250,14 @@ impl ChangeTracker {
         let Some(state) = self.state(xid) else {
             return;
         };
-        // Usually the same relation as the transaction's previous change.
-        let found = match state.rows.last() {
-            Some(last) if last.rel == change.rel => Some(state.rows.len() - 1),
-            _ => state.rows.iter().position(|r| r.rel == change.rel),
-        };
+        let found = state.find_row(change.rel);
         let index = match found {
             Some(index) => index,
             None if full || state.entries() >= MAX_ENTRIES_PER_XID => {
                 state.incomplete = true;
                 return;
             }
-            None => {
-                state.rows.push(RowChanges {
-                    rel: change.rel,
-                    deleted: 0,
-                    updated: 0,
-                });
-                state.rows.len() - 1
-            }
+            None => state.add_row(change.rel),
         };
         let added = found.is_none();
         let row = &mut state.rows[index];
@@ -241,19 +270,32 @@ impl ChangeTracker {
         }
     }
 
-    /// Removes `xid`'s state and its files from the index of created files, adding those that
-    /// were filled to `filled`.
-    fn take(&mut self, xid: u32, filled: &mut Vec<RelFile>) -> Option<XidState> {
+    /// Removes `xid`'s state.
+    fn take(&mut self, xid: u32) -> Option<XidState> {
         let state = self.states.remove(&xid)?;
         self.entries -= state.entries();
-        for rel in &state.created {
+        Some(state)
+    }
+
+    /// Drops the files `xid` created from the index of created files, adding those that were
+    /// filled to `filled`.
+    fn unindex(&mut self, xid: u32, created: &[RelFile], mut filled: Option<&mut Vec<RelFile>>) {
+        for rel in created {
             if self.created.get(rel).is_some_and(|c| c.xid == xid) {
-                if self.created.remove(rel).is_some_and(|c| c.filled) {
+                let was_filled = self.created.remove(rel).is_some_and(|c| c.filled);
+                if let (true, Some(filled)) = (was_filled, filled.as_deref_mut()) {
                     filled.push(*rel);
                 }
             }
         }
-        Some(state)
+    }
+
+    /// Forgets `xid` altogether.
+    fn discard(&mut self, xid: u32) {
+        if let Some(state) = self.take(xid) {
+            self.unindex(xid, &state.created, None);
+            self.recycle(state);
+        }
     }
 
     fn recycle(&mut self, mut state: XidState) {
@@ -270,24 +312,28 @@ impl ChangeTracker {
     /// A commit of `xid` (with the subtransactions it lists): what the transaction did, if
     /// anything worth reporting.
     pub fn commit(&mut self, xid: u32, parts: &XactParts<'_>) -> Option<Box<TxnChanges>> {
-        let mut changes = TxnChanges {
-            db: parts.db,
-            dropped: parts.rels().collect(),
-            catalog_changed: parts.catalog_changed,
-            ..TxnChanges::default()
-        };
-        let mut incomplete = self.was_refused(xid);
+        let mut report: Option<Box<TxnChanges>> = None;
+        let mut incomplete = false;
         if !self.states.is_empty() || self.refused.is_some() {
             for id in std::iter::once(xid).chain(parts.subxacts()) {
-                incomplete |= id != xid && self.was_refused(id);
-                let Some(mut state) = self.take(id, &mut changes.filled) else {
+                incomplete |= self.was_refused(id);
+                let Some(mut state) = self.take(id) else {
                     continue;
                 };
+                let changes = report.get_or_insert_with(Box::default);
+                self.unindex(id, &state.created, Some(&mut changes.filled));
                 incomplete |= state.incomplete;
-                merge(&mut changes, &mut state);
+                merge(changes, &mut state);
                 self.recycle(state);
             }
         }
+        if report.is_none() && !incomplete && !parts.catalog_changed && !parts.removes_files() {
+            return None;
+        }
+        let mut changes = report.unwrap_or_default();
+        changes.db = parts.db;
+        changes.dropped = parts.rels().collect();
+        changes.catalog_changed = parts.catalog_changed;
         changes.incomplete = incomplete;
         normalize(&mut changes);
         let nothing = changes.dropped.is_empty()
@@ -297,7 +343,7 @@ impl ChangeTracker {
             && changes.rows.is_empty()
             && !changes.catalog_changed
             && !changes.incomplete;
-        (!nothing).then(|| Box::new(changes))
+        (!nothing).then_some(changes)
     }
 
     /// An abort of `xid` (a transaction or a subtransaction) and of the subtransactions it
@@ -307,9 +353,7 @@ impl ChangeTracker {
             return;
         }
         for id in std::iter::once(xid).chain(parts.subxacts()) {
-            if let Some(state) = self.take(id, &mut Vec::new()) {
-                self.recycle(state);
-            }
+            self.discard(id);
         }
     }
 
@@ -330,9 +374,7 @@ impl ChangeTracker {
             .filter(|&xid| xid_precedes(xid, oldest))
             .collect();
         for xid in ended {
-            if let Some(state) = self.take(xid, &mut Vec::new()) {
-                self.recycle(state);
-            }
+            self.discard(xid);
         }
     }
 
@@ -361,19 +403,8 @@ fn merge(changes: &mut TxnChanges, state: &mut XidState) {
     append(&mut changes.created, &mut state.created);
     append(&mut changes.truncated, &mut state.truncated);
     append(&mut changes.dropped_databases, &mut state.dropped_databases);
-    if changes.rows.is_empty() {
-        changes.rows = std::mem::take(&mut state.rows);
-        return;
-    }
-    for row in state.rows.drain(..) {
-        match changes.rows.iter_mut().find(|r| r.rel == row.rel) {
-            Some(total) => {
-                total.deleted += row.deleted;
-                total.updated += row.updated;
-            }
-            None => changes.rows.push(row),
-        }
-    }
+    // Rows of the same file from several subtransactions are summed in `normalize`.
+    append(&mut changes.rows, &mut state.rows);
 }
 
 fn append<T>(to: &mut Vec<T>, from: &mut Vec<T>) {
@@ -398,4 +429,171 @@ fn normalize(changes: &mut TxnChanges) {
     changes.dropped_databases.sort_unstable();
     changes.dropped_databases.dedup();
     changes.rows.sort_unstable_by_key(|r| r.rel);
+    changes.rows.dedup_by(|next, kept| {
+        let same = next.rel == kept.rel;
+        if same {
+            kept.deleted += next.deleted;
+            kept.updated += next.updated;
+        }
+        same
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(n: u32) -> RelFile {
+        RelFile {
+            spc: 1663,
+            db: 5,
+            rel: n,
+        }
+    }
+
+    fn delete(n: u32) -> BlockChange {
+        BlockChange {
+            kind: BlockKind::Delete,
+            rel: file(n),
+        }
+    }
+
+    fn commit(tracker: &mut ChangeTracker, xid: u32) -> Option<Box<TxnChanges>> {
+        tracker.commit(xid, &XactParts::default())
+    }
+
+    #[test]
+    fn xid_comparison_wraps_around() {
+        assert!(xid_precedes(100, 101));
+        assert!(!xid_precedes(101, 100));
+        assert!(!xid_precedes(100, 100));
+        assert!(xid_precedes(0xFFFF_FFF0, 5));
+        assert!(!xid_precedes(5, 0xFFFF_FFF0));
+        // Special xids (0 to 2) compare plainly.
+        assert!(xid_precedes(2, 0xFFFF_FFF0));
+    }
+
+    #[test]
+    fn many_relations_in_one_transaction() {
+        let mut tracker = ChangeTracker::default();
+        for round in 0..3 {
+            for n in (0..1000).rev() {
+                tracker.on_block(7, delete(n));
+                if round == 0 && n % 2 == 0 {
+                    tracker.on_block(7, delete(n));
+                }
+            }
+        }
+        let changes = commit(&mut tracker, 7).expect("changes");
+        assert_eq!(changes.rows.len(), 1000);
+        assert!(changes.rows.windows(2).all(|w| w[0].rel < w[1].rel));
+        assert!(changes
+            .rows
+            .iter()
+            .all(|r| r.deleted == 3 + u64::from(r.rel.rel % 2 == 0)));
+        assert_eq!(tracker.entries, 0);
+        assert_eq!(tracker.tracked(), 0);
+    }
+
+    #[test]
+    fn subtransactions_of_one_file_are_summed() {
+        let mut tracker = ChangeTracker::default();
+        for xid in [10, 11, 12] {
+            for n in 0..20 {
+                tracker.on_block(xid, delete(n));
+            }
+        }
+        let mut subxacts = Vec::new();
+        for xid in [11u32, 12] {
+            subxacts.extend_from_slice(&xid.to_le_bytes());
+        }
+        let parts = XactParts::with_subxacts(&subxacts);
+        let changes = tracker.commit(10, &parts).expect("changes");
+        assert_eq!(changes.rows.len(), 20);
+        assert!(changes.rows.iter().all(|r| r.deleted == 3));
+    }
+
+    #[test]
+    fn per_xid_cap_makes_the_report_incomplete() {
+        let mut tracker = ChangeTracker::default();
+        for n in 0..MAX_ENTRIES_PER_XID as u32 + 10 {
+            tracker.on_block(7, delete(n));
+        }
+        // Files already recorded still count.
+        tracker.on_block(7, delete(0));
+        tracker.on_create(7, file(1_000_000));
+        let changes = commit(&mut tracker, 7).expect("changes");
+        assert!(changes.incomplete);
+        assert!(changes.created.is_empty());
+        assert_eq!(changes.rows.len(), MAX_ENTRIES_PER_XID);
+        assert_eq!(changes.rows[0].deleted, 2);
+        assert_eq!(tracker.entries, 0);
+    }
+
+    #[test]
+    fn total_cap_makes_the_report_incomplete() {
+        let mut tracker = ChangeTracker::default();
+        let per_xid = MAX_ENTRIES_PER_XID as u32;
+        let xids = (MAX_ENTRIES / MAX_ENTRIES_PER_XID) as u32;
+        for xid in 100..100 + xids {
+            for n in 0..per_xid {
+                tracker.on_block(xid, delete(n));
+            }
+        }
+        assert_eq!(tracker.entries, MAX_ENTRIES);
+        tracker.on_block(99, delete(1));
+        let changes = commit(&mut tracker, 99).expect("changes");
+        assert!(changes.incomplete && changes.rows.is_empty());
+        // Room again once a transaction ended.
+        let changes = commit(&mut tracker, 100).expect("changes");
+        assert!(!changes.incomplete);
+        tracker.on_block(98, delete(1));
+        assert!(!commit(&mut tracker, 98).expect("changes").incomplete);
+    }
+
+    #[test]
+    fn refused_xids_flag_their_commits_until_they_are_past() {
+        let mut tracker = ChangeTracker::default();
+        let first = 3u32;
+        let late = first + MAX_TRACKED_XIDS as u32;
+        for xid in first..late {
+            tracker.on_block(xid, delete(1));
+        }
+        assert_eq!(tracker.tracked(), MAX_TRACKED_XIDS);
+        tracker.on_block(late, delete(1));
+        assert_eq!(tracker.tracked(), MAX_TRACKED_XIDS);
+        let changes = commit(&mut tracker, late).expect("changes");
+        assert!(changes.incomplete && changes.rows.is_empty());
+        // (`first` shares its bit with `late`: refused xids are remembered by their low bits.)
+        let changes = commit(&mut tracker, first + 1).expect("changes");
+        assert!(!changes.incomplete);
+        assert_eq!(changes.rows[0].deleted, 1);
+        // Every xid up to `late` has ended: all forgotten, nothing flagged any more.
+        tracker.oldest_running(late + 1);
+        assert_eq!(tracker.tracked(), 0);
+        assert_eq!(tracker.entries, 0);
+        assert!(tracker.refused.is_none());
+        assert_eq!(commit(&mut tracker, late), None);
+    }
+
+    #[test]
+    fn fills_reach_the_creator_and_end_with_it() {
+        let mut tracker = ChangeTracker::default();
+        let fill = |n| BlockChange {
+            kind: BlockKind::Fill,
+            rel: file(n),
+        };
+        tracker.on_create(20, file(1));
+        tracker.on_create(21, file(2));
+        assert!(tracker.watching_fills());
+        // The parent writes into the file its subtransaction created.
+        tracker.on_block(20, fill(2));
+        tracker.on_block(20, fill(3));
+        tracker.abort(21, &XactParts::default());
+        assert!(tracker.watching_fills());
+        let changes = commit(&mut tracker, 20).expect("changes");
+        assert_eq!(changes.created, vec![file(1)]);
+        assert!(changes.filled.is_empty());
+        assert!(!tracker.watching_fills());
+    }
 }

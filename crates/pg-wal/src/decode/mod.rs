@@ -577,12 +577,14 @@ impl WalDecoder {
         self.prev = Some(start);
         let format = self.version.record_format();
         let malformed = |reason| WalError::MalformedRecord { lsn: start, reason };
-        if let Some(change) = self
-            .prefix
-            .finish(header.tot_len, format.image_compressed)
-            .map_err(malformed)?
-        {
-            self.changes.on_block(header.xid, change);
+        if self.prefix.active() {
+            if let Some(change) = self
+                .prefix
+                .finish(header.tot_len, format.image_compressed)
+                .map_err(malformed)?
+            {
+                self.changes.on_block(header.xid, change);
+            }
         }
         let Some(kind) = kind else {
             return Ok(());

@@ -229,14 +229,27 @@ pub(super) struct XactParts<'a> {
     pub catalog_changed: bool,
 }
 
-impl XactParts<'_> {
-    pub fn subxacts(&self) -> impl Iterator<Item = u32> + '_ {
+impl<'a> XactParts<'a> {
+    /// Parts listing only these subtransactions (raw little-endian xids).
+    #[cfg(test)]
+    pub fn with_subxacts(subxacts: &'a [u8]) -> Self {
+        XactParts {
+            subxacts,
+            ..XactParts::default()
+        }
+    }
+
+    pub fn subxacts(&self) -> impl Iterator<Item = u32> + 'a {
         self.subxacts
             .chunks_exact(SIZE_OF_TRANSACTION_ID)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    pub fn rels(&self) -> impl Iterator<Item = RelFile> + '_ {
+    pub fn removes_files(&self) -> bool {
+        !self.rels.is_empty()
+    }
+
+    pub fn rels(&self) -> impl Iterator<Item = RelFile> + 'a {
         self.rels
             .chunks_exact(SIZE_OF_REL_FILE_LOCATOR)
             .map(rel_file)
@@ -394,6 +407,7 @@ fn xact_parts<'a>(
     Ok((parts, twophase_xid))
 }
 
+#[inline]
 fn rel_file(b: &[u8]) -> RelFile {
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     RelFile {
@@ -488,25 +502,30 @@ fn layout(headers: &[u8], body_len: usize, image_compressed: u8) -> Result<Layou
 /// Block 0's relation and fork from the first block header, which heap records and page
 /// images always start with (`XLogRecordAssemble` writes block headers in block id order).
 fn block0(headers: &[u8], image_compressed: u8) -> Result<(RelFile, u8), String> {
-    let mut cursor = Cursor::new(headers);
-    let id = cursor.u8()?;
+    // id, fork_flags, data_length; then the image header, the RelFileLocator, the block number.
+    let (&[id, fork_flags, ..], after) = (headers, headers.get(4..).unwrap_or_default()) else {
+        return Err("record too short for a block header".into());
+    };
     if id != 0 {
         return Err(format!("expected block 0 first, found block id {id}"));
     }
-    let fork_flags = cursor.u8()?;
-    cursor.take(2)?; // data length
+    let mut at = 0;
     if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
-        cursor.take(4)?; // image length, hole offset
-        let image_info = cursor.u8()?;
-        if image_info & BKPIMAGE_HAS_HOLE != 0 && image_info & image_compressed != 0 {
-            cursor.take(2)?;
-        }
+        // Image length, hole offset, bimg_info, and the hole length of a compressed image.
+        let image_info = *after.get(4).ok_or("record too short for an image header")?;
+        at = if image_info & BKPIMAGE_HAS_HOLE != 0 && image_info & image_compressed != 0 {
+            7
+        } else {
+            5
+        };
     }
     if fork_flags & BKPBLOCK_SAME_REL != 0 {
         return Err("block 0: BKPBLOCK_SAME_REL without a previous relation".into());
     }
-    let rel = rel_file(cursor.take(SIZE_OF_REL_FILE_LOCATOR)?);
-    Ok((rel, fork_flags & BKPBLOCK_FORK_MASK))
+    let rel = after
+        .get(at..at + SIZE_OF_REL_FILE_LOCATOR)
+        .ok_or("record too short for a block header")?;
+    Ok((rel_file(rel), fork_flags & BKPBLOCK_FORK_MASK))
 }
 
 /// Finds the record's main data; it is the last thing in the record.
@@ -551,9 +570,11 @@ impl BlockRecordPrefix {
 
     pub fn start(&mut self, kind: Option<BlockKind>) {
         self.kind = kind;
-        self.len = 0;
-        self.pick_at = None;
-        self.picked = None;
+        if kind.is_some() {
+            self.len = 0;
+            self.pick_at = None;
+            self.picked = None;
+        }
     }
 
     pub fn active(&self) -> bool {
