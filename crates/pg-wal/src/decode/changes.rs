@@ -158,12 +158,15 @@ impl Refused {
 /// Per-xid change tracking between a transaction's first record and its end.
 #[derive(Debug, Default)]
 pub(super) struct ChangeTracker {
-    states: FastMap<u32, XidState>,
+    /// Boxed, so that moving a state in and out of the map and the spares is cheap.
+    states: FastMap<u32, Box<XidState>>,
     /// Files created by in-flight xids (also how a fill finds its file).
     created: FastMap<RelFile, Created>,
     /// Entries recorded in all states.
     entries: usize,
-    spare: Vec<XidState>,
+    // Boxes on purpose: a spare moves into `states` as a pointer, not a struct copy.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<XidState>>,
     refused: Option<Refused>,
 }
 
@@ -174,7 +177,7 @@ impl ChangeTracker {
     }
 
     /// The state of `xid`, made on first use if the caps allow (`None` otherwise).
-    fn state(&mut self, xid: u32) -> Option<&mut XidState> {
+    fn state(&mut self, xid: u32) -> Option<&mut Box<XidState>> {
         let full = self.states.len() >= MAX_TRACKED_XIDS;
         match self.states.entry(xid) {
             Entry::Occupied(entry) => Some(entry.into_mut()),
@@ -187,7 +190,7 @@ impl ChangeTracker {
     }
 
     /// Room for one more entry for `xid`; marks the state incomplete when there is none.
-    fn room(&mut self, xid: u32) -> Option<&mut XidState> {
+    fn room(&mut self, xid: u32) -> Option<&mut Box<XidState>> {
         let full = self.entries >= MAX_ENTRIES;
         let state = self.state(xid)?;
         if full || state.entries() >= MAX_ENTRIES_PER_XID {
@@ -271,7 +274,7 @@ impl ChangeTracker {
     }
 
     /// Removes `xid`'s state.
-    fn take(&mut self, xid: u32) -> Option<XidState> {
+    fn take(&mut self, xid: u32) -> Option<Box<XidState>> {
         let state = self.states.remove(&xid)?;
         self.entries -= state.entries();
         Some(state)
@@ -298,7 +301,7 @@ impl ChangeTracker {
         }
     }
 
-    fn recycle(&mut self, mut state: XidState) {
+    fn recycle(&mut self, mut state: Box<XidState>) {
         if self.spare.len() < SPARE_STATES {
             state.clear();
             self.spare.push(state);
@@ -332,7 +335,9 @@ impl ChangeTracker {
         }
         let mut changes = report.unwrap_or_default();
         changes.db = parts.db;
-        changes.dropped = parts.rels().collect();
+        if parts.removes_files() {
+            changes.dropped = parts.rels().collect();
+        }
         changes.catalog_changed = parts.catalog_changed;
         changes.incomplete = incomplete;
         normalize(&mut changes);
@@ -417,26 +422,29 @@ fn append<T>(to: &mut Vec<T>, from: &mut Vec<T>) {
 
 /// Sorted and without duplicates, so equal transactions give equal reports.
 fn normalize(changes: &mut TxnChanges) {
-    for files in [
-        &mut changes.dropped,
-        &mut changes.created,
-        &mut changes.filled,
-        &mut changes.truncated,
-    ] {
-        files.sort_unstable();
-        files.dedup();
+    sort_dedup(&mut changes.dropped);
+    sort_dedup(&mut changes.created);
+    sort_dedup(&mut changes.filled);
+    sort_dedup(&mut changes.truncated);
+    sort_dedup(&mut changes.dropped_databases);
+    if changes.rows.len() > 1 {
+        changes.rows.sort_unstable_by_key(|r| r.rel);
+        changes.rows.dedup_by(|next, kept| {
+            let same = next.rel == kept.rel;
+            if same {
+                kept.deleted += next.deleted;
+                kept.updated += next.updated;
+            }
+            same
+        });
     }
-    changes.dropped_databases.sort_unstable();
-    changes.dropped_databases.dedup();
-    changes.rows.sort_unstable_by_key(|r| r.rel);
-    changes.rows.dedup_by(|next, kept| {
-        let same = next.rel == kept.rel;
-        if same {
-            kept.deleted += next.deleted;
-            kept.updated += next.updated;
-        }
-        same
-    });
+}
+
+fn sort_dedup<T: Ord>(items: &mut Vec<T>) {
+    if items.len() > 1 {
+        items.sort_unstable();
+        items.dedup();
+    }
 }
 
 #[cfg(test)]

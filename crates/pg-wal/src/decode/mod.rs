@@ -13,8 +13,27 @@
 //! after an `XLOG_SWITCH` is skipped). Formats we cannot read (unknown page magic, other
 //! segment or page sizes, a file from another position) are errors.
 //!
-//! Memory is bounded by the records that are reported (commit and abort records,
-//! restore points); all other records are CRC-checked as they stream past and dropped.
+//! Every commit also says what its transaction did that can destroy data
+//! ([`TxnChanges`]): the files it dropped (from the commit record itself), and what the
+//! records carrying its xid or its committed subtransactions' xids showed along the way:
+//! files created (`XLOG_SMGR_CREATE`, main fork) and whether data went into them afterwards
+//! (heap inserts, page images: a rewrite by `VACUUM FULL`/`CLUSTER` fills its new file,
+//! `TRUNCATE` leaves it empty), files truncated in place (`XLOG_SMGR_TRUNCATE` with an xid),
+//! databases dropped (`XLOG_DBASE_DROP`), heap rows deleted and updated per file (the
+//! speculative insertions `INSERT … ON CONFLICT` takes back are not deletes), and whether the
+//! system catalogs changed (relation or catalog cache invalidations in the commit record). A
+//! subtransaction's abort, or its parent's, discards what it did; `XLOG_RUNNING_XACTS`
+//! (`oldestRunningXid`) retires transactions whose end was never seen. A transaction that was
+//! already running where decoding started reports only what followed. Counting covers system
+//! catalogs too (DDL updates `pg_class` rows).
+//!
+//! Memory is bounded by the records that are reported (commit and abort records, restore
+//! points), by the rare records that change a transaction's state (kept whole), and by the
+//! per-xid state, which is capped ([`MAX_TRACKED_XIDS`], [`MAX_ENTRIES_PER_XID`],
+//! [`MAX_ENTRIES`]; a commit whose changes did not all fit says so in
+//! [`TxnChanges::incomplete`]). Of heap and page-image records only the first
+//! 64 bytes after the record header (block 0's header; a delete's flags are picked up on the
+//! way) are kept; all other records are CRC-checked as they stream past and dropped.
 
 mod changes;
 mod record;
