@@ -129,6 +129,8 @@ pub struct TxnChanges {
     pub created: Vec<RelFile>,
     /// Relation files the transaction created and then filled with data
     /// (page images or heap inserts), which tells a rewrite from a `TRUNCATE`.
+    /// Look at the table's own file: a new index file is filled even by
+    /// `TRUNCATE`, which writes its metapage at once.
     pub filled: Vec<RelFile>,
     /// Relation files cut short in place (`XLOG_SMGR_TRUNCATE` with this xid).
     pub truncated: Vec<RelFile>,
@@ -136,8 +138,8 @@ pub struct TxnChanges {
     pub dropped_databases: Vec<u32>,
     /// Heap rows deleted and updated, per relation file.
     pub rows: Vec<RowChanges>,
-    /// The commit carries relation cache invalidations: the system catalogs
-    /// changed (DDL), so names may have changed.
+    /// The commit carries relation or catalog cache invalidations: the system
+    /// catalogs changed (DDL), so names may have changed.
     pub catalog_changed: bool,
     /// Not everything was recorded: the decoder's memory caps were reached
     /// ([`MAX_TRACKED_XIDS`] transactions in flight, [`MAX_ENTRIES_PER_XID`] files per
@@ -261,6 +263,8 @@ pub struct WalDecoder {
     page: PageState,
     record: RecordState,
     version: WalVersion,
+    /// `version.record_format()`, kept at hand for every record.
+    format: record::RecordFormat,
     /// At a (re)synchronisation point: continuation data of an earlier record is skipped.
     fresh: bool,
     /// Start of the last valid record, to check the next record's `xl_prev`.
@@ -286,6 +290,7 @@ impl WalDecoder {
             page: PageState::Content,
             record: RecordState::Idle,
             version: WalVersion::Pg15,
+            format: WalVersion::Pg15.record_format(),
             fresh: true,
             prev: None,
             skip_until: None,
@@ -409,7 +414,7 @@ impl WalDecoder {
                         buffer.extend_from_slice(chunk);
                     }
                     if self.prefix.active() {
-                        let compressed = self.version.record_format().image_compressed;
+                        let compressed = self.format.image_compressed;
                         self.prefix.feed(*got, chunk, header.tot_len, compressed);
                     }
                     *got += chunk.len() as u32;
@@ -455,6 +460,7 @@ impl WalDecoder {
             lsn: page_start,
             magic,
         })?;
+        self.format = self.version.record_format();
         if info & !XLP_ALL_FLAGS != 0 {
             self.end_of_valid_wal();
             return Ok(());
@@ -547,7 +553,7 @@ impl WalDecoder {
             self.end_of_valid_wal();
             return Ok(());
         }
-        let kind = record::classify(header.rmid, header.info, self.version.record_format());
+        let kind = record::classify(header.rmid, header.info, self.format);
         // Row changes and fills need an xid; fills only matter while a created file is open.
         let block_kind = record::classify_block(header.rmid, header.info).filter(|k| {
             header.xid != 0 && (*k != record::BlockKind::Fill || self.changes.watching_fills())
@@ -594,16 +600,10 @@ impl WalDecoder {
             return Ok(());
         }
         self.prev = Some(start);
-        let format = self.version.record_format();
+        let format = self.format;
         let malformed = |reason| WalError::MalformedRecord { lsn: start, reason };
         if self.prefix.active() {
-            if let Some(change) = self
-                .prefix
-                .finish(header.tot_len, format.image_compressed)
-                .map_err(malformed)?
-            {
-                self.changes.on_block(header.xid, change);
-            }
+            self.finish_block_record(start, &header)?;
         }
         let Some(kind) = kind else {
             return Ok(());
@@ -632,6 +632,18 @@ impl WalDecoder {
         }
         if kind == Kind::Switch {
             self.skip_to_next_segment();
+        }
+        Ok(())
+    }
+
+    /// A heap or page-image record ended: count what it changed.
+    fn finish_block_record(&mut self, start: Lsn, header: &RecordHeader) -> Result<(), WalError> {
+        let change = self
+            .prefix
+            .finish(header.tot_len, self.format.image_compressed)
+            .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
+        if let Some(change) = change {
+            self.changes.on_block(header.xid, change);
         }
         Ok(())
     }
