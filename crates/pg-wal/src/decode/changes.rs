@@ -22,8 +22,10 @@ use super::{RelFile, RowChanges, TxnChanges};
 pub const MAX_TRACKED_XIDS: usize = 65_536;
 /// Relation files and databases recorded for one xid.
 pub const MAX_ENTRIES_PER_XID: usize = 16_384;
-/// Relation files and databases recorded across all xids (about 8 MiB).
-pub const MAX_ENTRIES: usize = 262_144;
+/// Relation files and databases recorded across all xids. With the xid states this bounds the
+/// tracker at roughly 30 MiB (about 115 bytes per entry with its index, 170 per state); a
+/// few KiB is usual.
+pub const MAX_ENTRIES: usize = 131_072;
 /// Xids that were refused for want of room, remembered by their low bits (8 KiB).
 const REFUSED_BITS: usize = 65_536;
 /// Recycled states kept for the next transactions (they keep their vectors' capacity).
