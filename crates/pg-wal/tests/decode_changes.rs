@@ -22,6 +22,7 @@ impl Db {
         // Keep every segment, so the whole test's WAL is still there to decode.
         let cluster = Cluster::builder(major)
             .conf("wal_keep_size = '1GB'")
+            .conf("max_prepared_transactions = 4")
             .start();
         let oid = cluster
             .psql(
@@ -128,7 +129,8 @@ fn rows(changes: &TxnChanges, file: RelFile) -> (u64, u64) {
 fn check(major: u32) {
     let db = Db::start(major);
     for table in [
-        "t_drop", "t_trunc", "t_vac", "t_del", "t_upd", "t_small", "t_rb", "t_sp", "t_ren", "t_ins",
+        "t_drop", "t_trunc", "t_vac", "t_del", "t_upd", "t_small", "t_rb", "t_sp", "t_ren",
+        "t_ins", "t_2pc",
     ] {
         db.sql(&format!(
             "CREATE TABLE {table} (id int PRIMARY KEY, note text); \
@@ -178,6 +180,17 @@ fn check(major: u32) {
     let ren_file = db.file("t_ren");
     let ren_xid = db.xid_of("ALTER TABLE t_ren RENAME TO t_renamed", "COMMIT");
     let ins_xid = db.xid_of("INSERT INTO t_ins VALUES (1000, 'new')", "COMMIT");
+    // Two-phase: the commit comes later, from another session, and names the prepared xid.
+    let twopc_file = db.file("t_2pc");
+    let twopc_xid = db.xid_of(
+        "DELETE FROM t_2pc WHERE id <= 5; SAVEPOINT a; \
+         DELETE FROM t_2pc WHERE id > 5 AND id <= 8; RELEASE a",
+        "PREPARE TRANSACTION 'p1'",
+    );
+    // Rows p1 does not hold: a prepared transaction keeps its row locks.
+    let twopc_rb_xid = db.xid_of("DELETE FROM t_2pc WHERE id > 8", "PREPARE TRANSACTION 'p2'");
+    db.sql("COMMIT PREPARED 'p1'");
+    db.sql("ROLLBACK PREPARED 'p2'");
 
     let events = db.decode_since(from);
     let commits = commits(&events);
@@ -236,6 +249,16 @@ fn check(major: u32) {
     assert_eq!(rows(&renamed, ren_file), (0, 0));
 
     assert_eq!(commits.get(&ins_xid), Some(&None), "INSERT-only commit");
+
+    let prepared = changes_of(&commits, twopc_xid, "COMMIT PREPARED");
+    assert_eq!(rows(&prepared, twopc_file), (8, 0));
+    assert!(
+        !commits.contains_key(&twopc_rb_xid),
+        "ROLLBACK PREPARED, yet committed"
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, WalEvent::Abort { xid, .. } if *xid == twopc_rb_xid)));
 }
 
 #[test]

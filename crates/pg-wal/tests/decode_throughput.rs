@@ -69,6 +69,11 @@ fn decode_throughput_on_pgbench_wal() {
         .map(|(start, path)| (start, std::fs::read(path).expect("read segment")))
         .collect();
     let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    // As the replication stream delivers it: at most 128 KiB per message.
+    let chunk_size = std::env::var("STRATA_BENCH_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128 * 1024);
     let mut best = f64::MAX;
     let mut commits = 0;
     for _ in 0..10 {
@@ -76,7 +81,7 @@ fn decode_throughput_on_pgbench_wal() {
         commits = 0;
         let mut decoder = WalDecoder::new(geometry, files[0].0);
         for (_, segment) in &files {
-            for chunk in segment.chunks(128 * 1024) {
+            for chunk in segment.chunks(chunk_size) {
                 let events = decoder.feed(chunk).expect("decode");
                 commits += events
                     .iter()
