@@ -11,7 +11,6 @@
 //! relation files (or databases) per xid and [`MAX_ENTRIES`] in all. What does not fit is not
 //! recorded, and the commit that would have reported it says so (`TxnChanges::incomplete`).
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -129,6 +128,78 @@ impl XidState {
     }
 }
 
+/// Slots of the direct-mapped part of [`XidStates`].
+const XID_SLOTS: usize = 4096;
+
+/// Per-xid states. Xids in flight are usually close together, so most sit in the slot their
+/// low bits choose, found without hashing; an xid whose slot is taken goes to a map.
+#[derive(Debug, Default)]
+struct XidStates {
+    /// Empty until the first state; then [`XID_SLOTS`] long.
+    slots: Vec<Option<(u32, Box<XidState>)>>,
+    overflow: FastMap<u32, Box<XidState>>,
+    len: usize,
+}
+
+impl XidStates {
+    fn slot(xid: u32) -> usize {
+        xid as usize % XID_SLOTS
+    }
+
+    fn in_slot(&self, xid: u32) -> bool {
+        matches!(self.slots.get(Self::slot(xid)), Some(Some((x, _))) if *x == xid)
+    }
+
+    fn get_mut(&mut self, xid: u32) -> Option<&mut Box<XidState>> {
+        if self.in_slot(xid) {
+            return self.slots[Self::slot(xid)].as_mut().map(|(_, state)| state);
+        }
+        if self.overflow.is_empty() {
+            return None;
+        }
+        self.overflow.get_mut(&xid)
+    }
+
+    /// Adds the state of an xid that has none.
+    fn insert(&mut self, xid: u32, state: Box<XidState>) {
+        if self.slots.is_empty() {
+            self.slots.resize_with(XID_SLOTS, || None);
+        }
+        self.len += 1;
+        let slot = &mut self.slots[Self::slot(xid)];
+        if slot.is_none() {
+            *slot = Some((xid, state));
+        } else {
+            self.overflow.insert(xid, state);
+        }
+    }
+
+    fn remove(&mut self, xid: u32) -> Option<Box<XidState>> {
+        let state = if self.in_slot(xid) {
+            self.slots[Self::slot(xid)].take().map(|(_, state)| state)
+        } else if self.overflow.is_empty() {
+            None
+        } else {
+            self.overflow.remove(&xid)
+        };
+        self.len -= usize::from(state.is_some());
+        state
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn xids(&self) -> impl Iterator<Item = u32> + '_ {
+        let slots = self.slots.iter().flatten().map(|(xid, _)| *xid);
+        slots.chain(self.overflow.keys().copied())
+    }
+}
+
 /// Relation file created by an in-flight xid, and whether data went into it since.
 #[derive(Debug, Clone, Copy)]
 struct Created {
@@ -160,8 +231,7 @@ impl Refused {
 /// Per-xid change tracking between a transaction's first record and its end.
 #[derive(Debug, Default)]
 pub(super) struct ChangeTracker {
-    /// Boxed, so that moving a state in and out of the map and the spares is cheap.
-    states: FastMap<u32, Box<XidState>>,
+    states: XidStates,
     /// Files created by in-flight xids (also how a fill finds its file).
     created: FastMap<RelFile, Created>,
     /// Entries recorded in all states.
@@ -180,15 +250,15 @@ impl ChangeTracker {
 
     /// The state of `xid`, made on first use if the caps allow (`None` otherwise).
     fn state(&mut self, xid: u32) -> Option<&mut Box<XidState>> {
-        let full = self.states.len() >= MAX_TRACKED_XIDS;
-        match self.states.entry(xid) {
-            Entry::Occupied(entry) => Some(entry.into_mut()),
-            Entry::Vacant(_) if full => {
+        if self.states.get_mut(xid).is_none() {
+            if self.states.len() >= MAX_TRACKED_XIDS {
                 refuse(&mut self.refused, xid);
-                None
+                return None;
             }
-            Entry::Vacant(entry) => Some(entry.insert(self.spare.pop().unwrap_or_default())),
+            let state = self.spare.pop().unwrap_or_default();
+            self.states.insert(xid, state);
         }
+        self.states.get_mut(xid)
     }
 
     /// Room for one more entry for `xid`; marks the state incomplete when there is none.
@@ -200,7 +270,7 @@ impl ChangeTracker {
             return None;
         }
         self.entries += 1;
-        self.states.get_mut(&xid)
+        self.states.get_mut(xid)
     }
 
     /// `XLOG_SMGR_CREATE` of a main fork by `xid`.
@@ -277,7 +347,7 @@ impl ChangeTracker {
 
     /// Removes `xid`'s state.
     fn take(&mut self, xid: u32) -> Option<Box<XidState>> {
-        let state = self.states.remove(&xid)?;
+        let state = self.states.remove(xid)?;
         self.entries -= state.entries();
         Some(state)
     }
@@ -376,8 +446,7 @@ impl ChangeTracker {
         }
         let ended: Vec<u32> = self
             .states
-            .keys()
-            .copied()
+            .xids()
             .filter(|&xid| xid_precedes(xid, oldest))
             .collect();
         for xid in ended {
