@@ -133,12 +133,18 @@ const XID_SLOTS: usize = 4096;
 
 /// Per-xid states. Xids in flight are usually close together, so most sit in the slot their
 /// low bits choose, found without hashing; an xid whose slot is taken goes to a map.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct XidStates {
     /// Empty until the first state; then [`XID_SLOTS`] long.
     slots: Vec<Option<(u32, Box<XidState>)>>,
     overflow: FastMap<u32, Box<XidState>>,
     len: usize,
+}
+
+impl std::fmt::Debug for XidStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XidStates").field("len", &self.len).finish()
+    }
 }
 
 impl XidStates {
