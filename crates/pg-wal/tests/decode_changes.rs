@@ -242,6 +242,8 @@ fn check(major: u32) {
         .collect();
     assert_eq!(dropped_db.len(), 1, "{dropped_db:?}");
     assert_eq!(dropped_db[0].dropped_databases, vec![doomed]);
+    // Every supported release marks the database invalid in place first.
+    assert!(dropped_db[0].drop_database_lsn.is_some(), "{dropped_db:?}");
 
     let renamed = changes_of(&commits, ren_xid, "RENAME");
     assert!(renamed.catalog_changed);

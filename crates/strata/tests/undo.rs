@@ -206,12 +206,20 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
         assert_eq!(digest(&r, db, "victim_delete"), deleted_digest);
         assert_eq!(r.psql(db, "SELECT count(*) FROM victim_trunc"), "0");
         drop(r);
-        let drop_db = list
+        // A dropped database is marked invalid and its files removed
+        // before the commit: the event says where it was still intact.
+        let before = list
             .iter()
             .find(|e| e["kind"] == "DropDatabase")
-            .and_then(|e| e["xid"].as_u64())
-            .expect("the DropDatabase event's xid") as u32;
-        let r = undo(drop_db, "before-drop-database");
+            .and_then(|e| e["before_lsn"].as_str())
+            .expect("the DropDatabase event's position before it")
+            .to_string();
+        let r = strata.restore_and_start(
+            "u",
+            "before-drop-database",
+            15,
+            &["--lsn", &before, "--exclusive"],
+        );
         assert_eq!(digest(&r, "doomed", "d"), doomed_digest);
     });
 }

@@ -16,6 +16,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use super::record::{BlockChange, BlockKind, XactParts};
 use super::{RelFile, RowChanges, TxnChanges};
+use crate::Lsn;
 
 /// In-flight transactions (and subtransactions) with something recorded.
 pub const MAX_TRACKED_XIDS: usize = 65_536;
@@ -77,6 +78,8 @@ struct XidState {
     row_index: FastMap<RelFile, usize>,
     /// Something was not recorded because a cap was reached.
     incomplete: bool,
+    /// See [`TxnChanges::drop_database_lsn`].
+    drop_database_lsn: Option<Lsn>,
 }
 
 impl XidState {
@@ -93,6 +96,7 @@ impl XidState {
             self.row_index = FastMap::default();
         }
         self.incomplete = false;
+        self.drop_database_lsn = None;
     }
 
     fn find_row(&mut self, rel: RelFile) -> Option<usize> {
@@ -246,9 +250,52 @@ pub(super) struct ChangeTracker {
     #[allow(clippy::vec_box)]
     spare: Vec<Box<XidState>>,
     refused: Option<Refused>,
+    /// Rows a transaction must delete or update in one file for the file to be reported
+    /// (0 and 1: every row change).
+    min_rows: u64,
 }
 
 impl ChangeTracker {
+    /// Reports only files with at least `min_rows` rows deleted or updated.
+    pub fn set_min_rows(&mut self, min_rows: u64) {
+        self.min_rows = min_rows;
+    }
+
+    fn small(&self, r: &RowChanges) -> bool {
+        r.deleted < self.min_rows && r.updated < self.min_rows
+    }
+
+    /// A commit of one xid without subtransactions that only changed rows below the threshold
+    /// (most commits of a busy server): its state is dropped without building a report.
+    fn commit_below_threshold(&mut self, xid: u32, parts: &XactParts<'_>) -> bool {
+        if self.min_rows <= 1
+            || parts.catalog_changed
+            || parts.removes_files()
+            || parts.subxacts().next().is_some()
+            || self.was_refused(xid)
+        {
+            return false;
+        }
+        let min_rows = self.min_rows;
+        let Some(state) = self.states.get_mut(xid) else {
+            return false;
+        };
+        let quiet = state.created.is_empty()
+            && state.truncated.is_empty()
+            && state.dropped_databases.is_empty()
+            && !state.incomplete
+            && state
+                .rows
+                .iter()
+                .all(|r| r.deleted < min_rows && r.updated < min_rows);
+        if quiet {
+            if let Some(state) = self.take(xid) {
+                self.recycle(state);
+            }
+        }
+        quiet
+    }
+
     /// Whether any in-flight xid created a file: only then are inserts and page images looked at.
     pub fn watching_fills(&self) -> bool {
         !self.created.is_empty()
@@ -302,12 +349,16 @@ impl ChangeTracker {
     }
 
     /// `XLOG_DBASE_DROP` by `xid`.
-    pub fn on_drop_database(&mut self, xid: u32, db: u32) {
+    /// A database dropped by `xid`; its files go at `before` or later (see
+    /// [`TxnChanges::drop_database_lsn`]).
+    pub fn on_drop_database(&mut self, xid: u32, db: u32, before: Lsn) {
         if xid == 0 {
             return;
         }
         if let Some(state) = self.room(xid) {
             state.dropped_databases.push(db);
+            state.drop_database_lsn =
+                Some(state.drop_database_lsn.map_or(before, |l| l.min(before)));
         }
     }
 
@@ -320,6 +371,8 @@ impl ChangeTracker {
                 }
             }
             BlockKind::Delete | BlockKind::Update => self.count_row(xid, change),
+            // The decoder keeps these itself.
+            BlockKind::Inplace => {}
         }
     }
 
@@ -393,6 +446,9 @@ impl ChangeTracker {
     /// A commit of `xid` (with the subtransactions it lists): what the transaction did, if
     /// anything worth reporting.
     pub fn commit(&mut self, xid: u32, parts: &XactParts<'_>) -> Option<Box<TxnChanges>> {
+        if self.commit_below_threshold(xid, parts) {
+            return None;
+        }
         let mut report: Option<Box<TxnChanges>> = None;
         let mut incomplete = false;
         if !self.states.is_empty() || self.refused.is_some() {
@@ -419,6 +475,10 @@ impl ChangeTracker {
         changes.catalog_changed = parts.catalog_changed;
         changes.incomplete = incomplete;
         normalize(&mut changes);
+        if self.min_rows > 1 {
+            let rows = std::mem::take(&mut changes.rows);
+            changes.rows = rows.into_iter().filter(|r| !self.small(r)).collect();
+        }
         let nothing = changes.dropped.is_empty()
             && changes.created.is_empty()
             && changes.truncated.is_empty()
@@ -482,6 +542,9 @@ fn refuse(refused: &mut Option<Refused>, xid: u32) {
 
 /// Adds what a state recorded to a report; the first state's vectors move over whole.
 fn merge(changes: &mut TxnChanges, state: &mut XidState) {
+    if let Some(lsn) = state.drop_database_lsn {
+        changes.drop_database_lsn = Some(changes.drop_database_lsn.map_or(lsn, |l| l.min(lsn)));
+    }
     append(&mut changes.created, &mut state.created);
     append(&mut changes.truncated, &mut state.truncated);
     append(&mut changes.dropped_databases, &mut state.dropped_databases);
@@ -578,6 +641,58 @@ mod tests {
             .all(|r| r.deleted == 3 + u64::from(r.rel.rel % 2 == 0)));
         assert_eq!(tracker.entries, 0);
         assert_eq!(tracker.tracked(), 0);
+    }
+
+    fn update(n: u32) -> BlockChange {
+        BlockChange {
+            kind: BlockKind::Update,
+            rel: file(n),
+        }
+    }
+
+    #[test]
+    fn rows_below_the_threshold_are_left_out_and_a_commit_of_only_those_reports_nothing() {
+        let mut tracker = ChangeTracker::default();
+        tracker.set_min_rows(100);
+        // A pgbench-like transaction: a few updates.
+        for n in 1..=3 {
+            tracker.on_block(7, update(n));
+        }
+        assert_eq!(commit(&mut tracker, 7), None);
+        assert_eq!((tracker.entries, tracker.tracked()), (0, 0));
+        // Enough deletes in one file: that file is reported, the small one is not.
+        for _ in 0..100 {
+            tracker.on_block(8, delete(1));
+        }
+        tracker.on_block(8, update(2));
+        let changes = commit(&mut tracker, 8).expect("changes");
+        assert_eq!(changes.rows.len(), 1);
+        assert_eq!(
+            (changes.rows[0].rel, changes.rows[0].deleted),
+            (file(1), 100)
+        );
+        // Summed over subtransactions before the threshold applies: 3 x 40 rows.
+        for xid in [10, 11, 12] {
+            for _ in 0..40 {
+                tracker.on_block(xid, delete(5));
+            }
+        }
+        let mut subxacts = Vec::new();
+        for xid in [11u32, 12] {
+            subxacts.extend_from_slice(&xid.to_le_bytes());
+        }
+        let changes = tracker
+            .commit(10, &XactParts::with_subxacts(&subxacts))
+            .expect("changes");
+        assert_eq!(changes.rows[0].deleted, 120);
+        // A file created is reported whatever the rows.
+        tracker.on_create(13, file(9));
+        tracker.on_block(13, update(2));
+        let changes = commit(&mut tracker, 13).expect("changes");
+        assert_eq!(
+            (changes.created.as_slice(), changes.rows.len()),
+            (&[file(9)][..], 0)
+        );
     }
 
     #[test]

@@ -136,6 +136,12 @@ pub struct TxnChanges {
     pub truncated: Vec<RelFile>,
     /// Databases dropped (`XLOG_DBASE_DROP`), by OID.
     pub dropped_databases: Vec<u32>,
+    /// With a database dropped: a position before which the database was intact. PostgreSQL
+    /// marks the database invalid with an in-place update of `pg_database` and removes its
+    /// files before the commit, so stopping just before the commit is too late; this is the
+    /// start of the last in-place update of a shared catalog before the first
+    /// `XLOG_DBASE_DROP` (within 16 MiB of it), or that record's start.
+    pub drop_database_lsn: Option<Lsn>,
     /// Heap rows deleted and updated, per relation file.
     pub rows: Vec<RowChanges>,
     /// The commit carries relation or catalog cache invalidations: the system
@@ -160,6 +166,10 @@ const XLP_ALL_FLAGS: u16 = 0x0007;
 const MAXALIGN: u64 = 8;
 /// `MaxAllocSize`: PostgreSQL's reader refuses longer records.
 const MAX_RECORD_LEN: u32 = 0x3FFF_FFFF;
+/// How far before its `XLOG_DBASE_DROP` record a `DROP DATABASE`'s in-place update of
+/// `pg_database` is looked for (the buffers of the database are dropped in between, which
+/// writes no WAL).
+const DROP_DATABASE_INPLACE_WINDOW: u64 = 16 << 20;
 /// Initial buffer reservation for a reported record; most are far smaller.
 const RECORD_BUFFER_HINT: usize = 64 * 1024;
 
@@ -277,6 +287,11 @@ pub struct WalDecoder {
     changes: ChangeTracker,
     /// The beginning of the heap or page-image record in progress.
     prefix: BlockRecordPrefix,
+    /// Whether commits report their changes (see [`WalDecoder::report_changes`]).
+    tracking: bool,
+    /// Start of the last in-place update of a shared catalog (see
+    /// [`TxnChanges::drop_database_lsn`]).
+    shared_inplace: Option<Lsn>,
 }
 
 impl WalDecoder {
@@ -297,7 +312,21 @@ impl WalDecoder {
             failed: (start.0 % XLOG_BLCKSZ != 0).then_some(WalError::UnalignedStart(start)),
             changes: ChangeTracker::default(),
             prefix: BlockRecordPrefix::new(),
+            tracking: true,
+            shared_inplace: None,
         }
+    }
+
+    /// Whether commits report what their transactions did ([`TxnChanges`]; on by default,
+    /// every row change reported), and from how many rows deleted or updated in one file a
+    /// file's row counts are worth reporting: below that they are left out, and a commit with
+    /// nothing else to report reports nothing, which saves building a report for most commits
+    /// of a busy server. `None` turns tracking off: no record but commits, aborts, restore
+    /// points and switches is looked at, and `changes` is always `None`.
+    pub fn report_changes(mut self, min_rows: Option<u64>) -> Self {
+        self.tracking = min_rows.is_some();
+        self.changes.set_min_rows(min_rows.unwrap_or(0));
+        self
     }
 
     /// LSN just after the last byte fed.
@@ -553,10 +582,13 @@ impl WalDecoder {
             self.end_of_valid_wal();
             return Ok(());
         }
-        let kind = record::classify(header.rmid, header.info, self.format);
+        let kind = record::classify(header.rmid, header.info, self.format)
+            .filter(|k| self.tracking || k.reported_without_tracking());
         // Row changes and fills need an xid; fills only matter while a created file is open.
         let block_kind = record::classify_block(header.rmid, header.info).filter(|k| {
-            header.xid != 0 && (*k != record::BlockKind::Fill || self.changes.watching_fills())
+            self.tracking
+                && (header.xid != 0 || *k == record::BlockKind::Inplace)
+                && (*k != record::BlockKind::Fill || self.changes.watching_fills())
         });
         self.prefix.start(block_kind);
         let buffer = kind.map(|_| {
@@ -616,17 +648,26 @@ impl WalDecoder {
             Decoded::Event(event) => events.push(event),
             Decoded::XactEnd { mut event, parts } => {
                 match &mut event {
-                    WalEvent::Commit { xid, changes, .. } => {
+                    WalEvent::Commit { xid, changes, .. } if self.tracking => {
                         *changes = self.changes.commit(*xid, &parts);
                     }
-                    WalEvent::Abort { xid, .. } => self.changes.abort(*xid, &parts),
+                    WalEvent::Abort { xid, .. } if self.tracking => {
+                        self.changes.abort(*xid, &parts)
+                    }
                     _ => {}
                 }
                 events.push(event);
             }
             Decoded::Create(rel) => self.changes.on_create(header.xid, rel),
             Decoded::Truncate(rel) => self.changes.on_truncate(header.xid, rel),
-            Decoded::DropDatabase(db) => self.changes.on_drop_database(header.xid, db),
+            Decoded::DropDatabase(db) => {
+                let before = self
+                    .shared_inplace
+                    .take()
+                    .filter(|l| start.0 - l.0 <= DROP_DATABASE_INPLACE_WINDOW)
+                    .unwrap_or(start);
+                self.changes.on_drop_database(header.xid, db, before)
+            }
             Decoded::OldestRunning(xid) => self.changes.oldest_running(xid),
             Decoded::Nothing => {}
         }
@@ -642,8 +683,15 @@ impl WalDecoder {
             .prefix
             .finish(header.tot_len, self.format.image_compressed)
             .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
-        if let Some(change) = change {
-            self.changes.on_block(header.xid, change);
+        match change {
+            // Shared catalogs live in no database (`pg_database` is one).
+            Some(change) if change.kind == record::BlockKind::Inplace => {
+                if change.rel.db == 0 {
+                    self.shared_inplace = Some(start);
+                }
+            }
+            Some(change) => self.changes.on_block(header.xid, change),
+            None => {}
         }
         Ok(())
     }

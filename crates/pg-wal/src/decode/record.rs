@@ -47,6 +47,7 @@ const XLOG_HEAP_INSERT: u8 = 0x00;
 const XLOG_HEAP_DELETE: u8 = 0x10;
 const XLOG_HEAP_UPDATE: u8 = 0x20;
 const XLOG_HEAP_HOT_UPDATE: u8 = 0x40;
+const XLOG_HEAP_INPLACE: u8 = 0x70;
 const XLOG_HEAP2_MULTI_INSERT: u8 = 0x50;
 /// `offsetof(xl_heap_delete, flags)` and the flag of a speculative insertion taken back.
 const XL_HEAP_DELETE_FLAGS_OFFSET: usize = 7;
@@ -157,6 +158,16 @@ pub(super) enum Kind {
     RunningXacts,
 }
 
+impl Kind {
+    /// Kinds decoded even with change tracking off.
+    pub(super) fn reported_without_tracking(self) -> bool {
+        matches!(
+            self,
+            Kind::Commit { .. } | Kind::Abort { .. } | Kind::RestorePoint | Kind::Switch
+        )
+    }
+}
+
 pub(super) fn classify(rmid: u8, info: u8, format: RecordFormat) -> Option<Kind> {
     match rmid {
         RM_XACT_ID => match info & XLOG_XACT_OPMASK {
@@ -195,6 +206,10 @@ pub(super) enum BlockKind {
     /// Data written into a page: heap inserts and full-page images. Only of interest for
     /// relation files created by a transaction still in flight.
     Fill,
+    /// A row overwritten in place, outside any transaction's visibility rules
+    /// (`XLOG_HEAP_INPLACE`): how `DROP DATABASE` marks the database invalid in
+    /// `pg_database` before it removes its files.
+    Inplace,
 }
 
 pub(super) fn classify_block(rmid: u8, info: u8) -> Option<BlockKind> {
@@ -203,6 +218,7 @@ pub(super) fn classify_block(rmid: u8, info: u8) -> Option<BlockKind> {
             XLOG_HEAP_DELETE => Some(BlockKind::Delete),
             XLOG_HEAP_UPDATE | XLOG_HEAP_HOT_UPDATE => Some(BlockKind::Update),
             XLOG_HEAP_INSERT => Some(BlockKind::Fill),
+            XLOG_HEAP_INPLACE => Some(BlockKind::Inplace),
             _ => None,
         },
         RM_HEAP2_ID => {

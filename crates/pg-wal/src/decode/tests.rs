@@ -677,11 +677,27 @@ fn files_created_filled_truncated_and_databases_dropped() {
         w.record(RM_SMGR, 0x20, 500, &truncate(truncated, 7));
         // VACUUM's truncation has no xid.
         w.record(RM_SMGR, 0x20, 0, &truncate(vacuumed, 7));
+        // DROP DATABASE marks the database invalid in pg_database (a shared catalog) first,
+        // outside the transaction; an in-place update in a database is not that.
+        let pg_database = RelFile {
+            spc: 1664,
+            db: 0,
+            rel: 1262,
+        };
+        let invalid_at = w.record(RM_HEAP, 0x70, 0, &block_record(pg_database, 0, 0, &[1]));
+        w.record(RM_HEAP, 0x70, 0, &block_record(rel(1259), 0, 0, &[1]));
         let mut drop = 16999u32.to_le_bytes().to_vec();
         drop.extend_from_slice(&0i32.to_le_bytes());
         w.record(RM_DBASE, drop_info, 500, &with_main_data(&drop));
         // Only smgr and snapshot invalidations: no catalog change.
         w.record(1, 0x80, 500, &xact_payload(9, &[], &dropped, &[-3, -5]));
+        // With tracking off the same WAL yields the same commits, without changes.
+        let plain = WalDecoder::new(geometry(), Lsn(MIB))
+            .report_changes(None)
+            .feed(&w.out)
+            .unwrap();
+        assert_eq!(changes_of(&plain, 500), None, "magic {magic:#x}");
+        assert_eq!(plain.len(), 1);
         let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
         assert_eq!(
             changes_of(&events, 500),
@@ -692,6 +708,7 @@ fn files_created_filled_truncated_and_databases_dropped() {
                 filled: vec![created],
                 truncated: vec![truncated],
                 dropped_databases: vec![16999],
+                drop_database_lsn: Some(invalid_at),
                 ..TxnChanges::default()
             }),
             "magic {magic:#x}"
