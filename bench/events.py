@@ -97,7 +97,10 @@ class Bench:
                 "wal_level = replica\nmax_wal_senders = 8\nmax_replication_slots = 8\n"
                 "shared_buffers = 256MB\nmax_wal_size = 4GB\ncheckpoint_timeout = 15min\n"
             )
-        as_postgres(PGBIN / "pg_ctl", "-D", self.data, "-w", "-l", self.tmp / "pg.log", "start",
+        log_file = self.tmp / "pg.log"
+        log_file.touch()
+        shutil.chown(log_file, "postgres", "postgres")
+        as_postgres(PGBIN / "pg_ctl", "-D", self.data, "-w", "-l", log_file, "start",
                     capture_output=True, check=True)
         log(f"loading pgbench scale {self.args.scale}")
         as_postgres(PGBIN / "pgbench", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres", "-i",
