@@ -288,14 +288,23 @@ impl NameRefresher {
         wake.notify_one();
         let notified = wake.clone();
         let task = tokio::spawn(async move {
+            // A server that refuses ordinary sessions to this role (a
+            // replication-only pg_hba entry) would fail every read: said
+            // once, and again only when the reason changes.
+            let mut last_error = None;
             loop {
                 notified.notified().await;
                 match engine.refresh_names(&instance, &names).await {
                     Ok(changed) => {
+                        last_error = None;
                         tracing::debug!(instance = %instance.id, changed, "relation names read")
                     }
                     Err(e) => {
-                        tracing::warn!(instance = %instance.id, "reading relation names: {e}")
+                        let e = e.to_string();
+                        if last_error.as_ref() != Some(&e) {
+                            tracing::warn!(instance = %instance.id, "reading relation names (recovery events show file numbers meanwhile): {e}");
+                        }
+                        last_error = Some(e);
                     }
                 }
                 tokio::time::sleep(REFRESH_MIN_INTERVAL).await;

@@ -225,6 +225,18 @@ pub fn record_segment(
     meta: &WalSegmentMeta,
     object_key: String,
 ) -> EngineResult<()> {
+    record_segment_from(engine, instance_id, meta, object_key, 0)
+}
+
+/// [`record_segment`] for an object whose first `events_recorded` recovery
+/// events are in the catalog already (an earlier refresh of the segment).
+pub fn record_segment_from(
+    engine: &Engine,
+    instance_id: &str,
+    meta: &WalSegmentMeta,
+    object_key: String,
+    events_recorded: usize,
+) -> EngineResult<()> {
     // Each write is keyed (one row per segment and kind, one per restore
     // point LSN): made again after an outage, it records nothing twice.
     let catalog = &engine.catalog;
@@ -242,7 +254,7 @@ pub fn record_segment(
             catalog.upsert_restore_point(&row)
         })?;
     }
-    for row in event_rows(instance_id, meta.timeline, &meta.events) {
+    for row in event_rows(instance_id, meta.timeline, &meta.events).skip(events_recorded) {
         retry_busy("recording a recovery event", || {
             catalog.upsert_recovery_event(&row)
         })?;

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::catalog_retry::retry_busy;
-use crate::segment::{record_segment, Summary};
+use crate::segment::{record_segment_from, Summary};
 use crate::{Engine, EngineError, EngineResult};
 
 /// Pieces that may wait in the queue: enough to ride out a slow put, few
@@ -236,6 +236,9 @@ struct Current {
     /// segment, and its level (a merge of [`TAIL_FANOUT`] tails of level
     /// `n` is a tail of level `n + 1`).
     tails: Vec<(usize, u32)>,
+    /// Recovery events of the segment already in the catalog (each piece
+    /// carries all of the segment's so far).
+    events_recorded: usize,
 }
 
 struct Worker {
@@ -302,6 +305,7 @@ impl Worker {
             payload: self.engine.repo.wal_payload(),
             whole_stored: false,
             tails: Vec::new(),
+            events_recorded: 0,
         });
         if current.payload.len() != piece.offset {
             return Err(EngineError::Failed(format!(
@@ -363,7 +367,13 @@ impl Worker {
         } else {
             repo.put_wal_payload(&self.instance_id, &meta, &mut current.payload)?
         };
-        record_segment(&self.engine, &self.instance_id, &meta, key)?;
+        record_segment_from(
+            &self.engine,
+            &self.instance_id,
+            &meta,
+            key,
+            current.events_recorded,
+        )?;
         Ok(done)
     }
 
@@ -417,7 +427,14 @@ impl Worker {
                 current.tails.clear();
                 key
             };
-            record_segment(&self.engine, &self.instance_id, &meta, key)?;
+            record_segment_from(
+                &self.engine,
+                &self.instance_id,
+                &meta,
+                key,
+                current.events_recorded,
+            )?;
+            current.events_recorded = meta.events.len();
         }
         Ok(Stored {
             end,
