@@ -96,6 +96,9 @@ class Bench:
                 f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = ''\n"
                 "wal_level = replica\nmax_wal_senders = 8\nmax_replication_slots = 8\n"
                 "shared_buffers = 256MB\nmax_wal_size = 4GB\ncheckpoint_timeout = 15min\n"
+                # WAL as fast as the machine writes it: what the receiver
+                # must keep up with.
+                "synchronous_commit = off\n"
             )
         log_file = self.tmp / "pg.log"
         log_file.touch()
