@@ -272,7 +272,7 @@ impl Engine {
             });
         }
         events.retain(|e| filter.keeps(e));
-        events.sort_by(|a, b| (a.timeline, a.lsn).cmp(&(b.timeline, b.lsn)));
+        events.sort_by_key(|e| (e.timeline, e.lsn));
         Ok(events)
     }
 }

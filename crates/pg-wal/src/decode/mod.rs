@@ -685,11 +685,10 @@ impl WalDecoder {
             .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
         match change {
             // Shared catalogs live in no database (`pg_database` is one).
-            Some(change) if change.kind == record::BlockKind::Inplace => {
-                if change.rel.db == 0 {
-                    self.shared_inplace = Some(start);
-                }
+            Some(change) if change.kind == record::BlockKind::Inplace && change.rel.db == 0 => {
+                self.shared_inplace = Some(start);
             }
+            Some(change) if change.kind == record::BlockKind::Inplace => {}
             Some(change) => self.changes.on_block(header.xid, change),
             None => {}
         }
