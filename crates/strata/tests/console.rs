@@ -162,45 +162,122 @@ fn console_in_a_headless_browser() {
         );
     }
 
-    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    let _ = std::fs::remove_dir_all(&shots);
-    std::fs::create_dir_all(&shots).unwrap();
-    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
-    let out = Command::new(&python)
-        .args([
+    let pages = Browser {
+        python: &python,
+        root: &root,
+        server: &server,
+        strata: &strata,
+        cluster: &cluster,
+        admin: &admin,
+        reader: &reader,
+    };
+    pages.run(
+        "test_console.py",
+        "console-screenshots",
+        &[("STRATA_LEFT_NODE", spare_id.as_str())],
+    );
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
+}
+
+/// What a browser test module runs against.
+struct Browser<'a> {
+    python: &'a Path,
+    root: &'a Path,
+    server: &'a Server,
+    strata: &'a Strata,
+    cluster: &'a Cluster,
+    admin: &'a serde_json::Value,
+    reader: &'a serde_json::Value,
+}
+
+impl Browser<'_> {
+    /// Runs one module of `tests/console` with pytest; screenshots go to
+    /// `shots` under the test's temporary directory.
+    fn run(&self, module: &str, shots: &str, extra_env: &[(&str, &str)]) {
+        let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(shots);
+        let _ = std::fs::remove_dir_all(&shots);
+        std::fs::create_dir_all(&shots).unwrap();
+        let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+        let mut cmd = Command::new(self.python);
+        cmd.args([
             "-m",
             "pytest",
-            "tests/console",
+            &format!("tests/console/{module}"),
             "-v",
             "-p",
             "no:cacheprovider",
         ])
-        .current_dir(&root)
+        .current_dir(self.root)
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("STRATA_URL", format!("http://127.0.0.1:{}", server.port))
+        .env(
+            "STRATA_URL",
+            format!("http://127.0.0.1:{}", self.server.port),
+        )
         .env("STRATA_INSTANCE", INSTANCE)
-        .env("STRATA_LEFT_NODE", &spare_id)
-        .env("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId"))
-        .env("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret"))
-        .env("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId"))
-        .env("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret"))
+        .env("STRATA_ADMIN_KEY_ID", text(self.admin, "AccessKeyId"))
+        .env(
+            "STRATA_ADMIN_KEY_SECRET",
+            text(self.admin, "AccessKeySecret"),
+        )
+        .env("STRATA_RO_KEY_ID", text(self.reader, "AccessKeyId"))
+        .env("STRATA_RO_KEY_SECRET", text(self.reader, "AccessKeySecret"))
         .env("STRATA_BIN", env!("CARGO_BIN_EXE_strata"))
-        .env("STRATA_CONFIG", &strata.config)
+        .env("STRATA_CONFIG", &self.strata.config)
         .env("STRATA_SCREENSHOTS", &shots)
-        .env("STRATA_DOCS_DIR", root.join("docs"))
-        .env("STRATA_PG_HOST", cluster.host())
-        .env("STRATA_PG_PORT", cluster.port().to_string())
-        .env("STRATA_PG_BIN", cluster.bin_dir())
-        .output()
-        .expect("run pytest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}\n{stderr}\nscreenshots: {}", shots.display());
-    assert!(
-        out.status.success(),
-        "the browser tests failed (screenshots in {}):\n{stdout}\n{stderr}",
-        shots.display()
-    );
+        .env("STRATA_DOCS_DIR", self.root.join("docs"))
+        .env("STRATA_PG_HOST", self.cluster.host())
+        .env("STRATA_PG_PORT", self.cluster.port().to_string())
+        .env("STRATA_PG_BIN", self.cluster.bin_dir());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run pytest");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stdout}\n{stderr}\nscreenshots: {}", shots.display());
+        assert!(
+            out.status.success(),
+            "the browser tests of {module} failed (screenshots in {}):\n{stdout}\n{stderr}",
+            shots.display()
+        );
+    }
+}
+
+/// The Restore tab's recovery events: a large DELETE found on the timeline
+/// and in the list, undone with "Restore table as it was just before", and
+/// cloned to just before (`tests/console/test_recovery_events.py`).
+#[test]
+fn console_recovery_events_in_a_headless_browser() {
+    let root = repo_root();
+    let python = prerequisites(&root);
+    let cluster = Cluster::start_default(15);
+    let strata = Strata::new("console-events");
+    strata.add_instance(INSTANCE, &cluster);
+    let key = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["key", "create", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(strata.ok(&args).trim()).unwrap()
+    };
+    let admin = key(&[]);
+    let reader = key(&["--read-only"]);
+    let server = Server::start(&strata, &[]);
+    wait_for("the first automatic backup", 120, || {
+        strata
+            .backups(INSTANCE)
+            .iter()
+            .any(|b| b["status"] == "Success")
+    });
+    let pages = Browser {
+        python: &python,
+        root: &root,
+        server: &server,
+        strata: &strata,
+        cluster: &cluster,
+        admin: &admin,
+        reader: &reader,
+    };
+    pages.run("test_recovery_events.py", "console-events-screenshots", &[]);
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }
