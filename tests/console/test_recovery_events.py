@@ -176,6 +176,7 @@ def test_clone_to_just_before(console, env, api, deleted):
         console.go("/console/")
         row = console.find(f"tr[data-instance='{clone}']")
         assert f"Clone of {env['instance']}" in row.text, row.text
+        console.go(f"/console/tasks?instance={env['instance']}")
         wait_task_finished(console, "Clone to New Instance")
 
         def running():

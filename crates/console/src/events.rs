@@ -593,13 +593,15 @@ fn timeline(
             div.legend aria-hidden="true" {
                 @for k in strata_api::EVENT_KINDS {
                     span.evkey {
-                        svg width="16" height="16" viewBox="-9 -9 18 18" class=(format!("mark {}", k.to_ascii_lowercase())) { path d=(shape(k)); }
+                        svg width="16" height="16" viewBox="-9 -9 18 18" class=(format!("mark {}", k.to_ascii_lowercase())) { path d=(shape(k)) {} }
                         (k)
                     }
                 }
             }
             svg.strip role="group" aria-label=(label) width="100%" height="44" {
-                line.axisline x1="0" x2="100%" y1="22" y2="22";
+                // SVG elements are closed explicitly: the HTML parser does not
+                // self-close them.
+                line.axisline x1="0" x2="100%" y1="22" y2="22" {}
                 @for e in markers {
                     @if let Some(x) = position(e.time, span) {
                         a.marker href=(format!("#{}", e.key())) aria-label=(e.summary())
@@ -607,7 +609,7 @@ fn timeline(
                             data-table=[e.table_label()] data-utc=(format_seconds(e.time)) {
                             title { (e.summary()) }
                             svg x=(format!("{x:.3}%")) y="22" overflow="visible" class=(format!("mark {}", e.kind.to_ascii_lowercase())) {
-                                path d=(shape(&e.kind));
+                                path d=(shape(&e.kind)) {}
                             }
                         }
                     }
@@ -894,6 +896,26 @@ mod tests {
         let tiny = (at("2026-12-06T12:00:00Z"), at("2026-12-06T12:00:03Z"));
         let (zoom_in, _, quarters) = zooms(tiny, Some(window));
         assert!(zoom_in.is_none() && quarters.is_empty());
+    }
+
+    #[test]
+    fn markers_sit_on_the_strip_with_their_details() {
+        let window = (at("2026-12-06T12:00:00Z"), at("2026-12-06T12:00:10Z"));
+        let html = timeline(
+            "/b",
+            &EventQuery::default(),
+            window,
+            Some(window),
+            &[delete_event()],
+            1,
+        )
+        .into_string();
+        // Closed SVG elements: a marker inside the line would not be drawn.
+        let line = html.find("</line>").unwrap();
+        let marker = html.find("<a class=\"marker\"").unwrap();
+        assert!(line < marker, "{html}");
+        assert!(html.contains(r#"<svg x="50.000%" y="22""#), "{html}");
+        assert!(html.contains(r#"data-xid="812""#), "{html}");
     }
 
     #[test]
