@@ -31,6 +31,20 @@ const MIN_SPAN_SECONDS: i64 = 2;
 /// Longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
 const MAX_NAME_BYTES: usize = 63;
 
+/// A period of time, start before end.
+type Period = (DateTime<Utc>, DateTime<Utc>);
+
+/// Where the strip's zoom links lead.
+#[derive(Debug, PartialEq)]
+struct Zooms {
+    /// The middle half.
+    zoom_in: Option<Period>,
+    /// Twice as long, within the window.
+    zoom_out: Option<Period>,
+    /// The four quarters.
+    quarters: Vec<Period>,
+}
+
 /// The Restore tab's event filters and zoom, from the query string.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct EventQuery {
@@ -52,7 +66,7 @@ pub struct EventQuery {
 impl EventQuery {
     /// The query string for these filters over `period` (none: the whole
     /// window) at page 1.
-    fn href(&self, base: &str, period: Option<(DateTime<Utc>, DateTime<Utc>)>) -> String {
+    fn href(&self, base: &str, period: Option<Period>) -> String {
         let (from, to) = match period {
             Some((f, t)) => (format_seconds(f), format_seconds(t)),
             None => (String::new(), String::new()),
@@ -232,6 +246,16 @@ fn before_name(name: &str, xid: &str) -> String {
     head + &suffix
 }
 
+/// A quarter's bound: the time of day, with the date when the quarter is a
+/// day or longer.
+fn short(t: DateTime<Utc>, other: DateTime<Utc>) -> String {
+    if (t - other).abs() >= Duration::days(1) {
+        t.format("%m-%d %H:%M").to_string()
+    } else {
+        t.format("%H:%M:%S").to_string()
+    }
+}
+
 fn utc(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
@@ -353,10 +377,7 @@ impl EventRestore {
 
 /// The strip's period: the query's `from`/`to` within reason, else the
 /// recoverable window.
-fn period(
-    q: &EventQuery,
-    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
-) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+fn period(q: &EventQuery, window: Option<Period>) -> Option<Period> {
     let from = parse_api_time(&q.from);
     let to = parse_api_time(&q.to);
     let (w0, w1) = match window {
@@ -367,16 +388,8 @@ fn period(
     (b > a).then_some((a, b))
 }
 
-/// Zoomed into the middle half, out to twice as long (within the window),
-/// and the four quarters, each a period to link to.
-fn zooms(
-    (a, b): (DateTime<Utc>, DateTime<Utc>),
-    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
-) -> (
-    Option<(DateTime<Utc>, DateTime<Utc>)>,
-    Option<(DateTime<Utc>, DateTime<Utc>)>,
-    Vec<(DateTime<Utc>, DateTime<Utc>)>,
-) {
+/// The periods the strip's zoom links lead to from `(a, b)`.
+fn zooms((a, b): Period, window: Option<Period>) -> Zooms {
     let d = b - a;
     let narrow_enough = d < Duration::seconds(MIN_SPAN_SECONDS * 2);
     let zoom_in = (!narrow_enough).then(|| (a + d / 4, b - d / 4));
@@ -391,11 +404,15 @@ fn zooms(
             .map(|i| (a + d * i / 4, a + d * (i + 1) / 4))
             .collect()
     };
-    (zoom_in, zoom_out, quarters)
+    Zooms {
+        zoom_in,
+        zoom_out,
+        quarters,
+    }
 }
 
 /// Where in the period a moment falls, in percent of the strip's width.
-fn position(t: DateTime<Utc>, (a, b): (DateTime<Utc>, DateTime<Utc>)) -> Option<f64> {
+fn position(t: DateTime<Utc>, (a, b): Period) -> Option<f64> {
     let span = (b - a).num_milliseconds() as f64;
     let at = (t - a).num_milliseconds() as f64;
     (span > 0.0 && (0.0..=span).contains(&at)).then(|| at / span * 100.0)
@@ -580,12 +597,16 @@ fn shape(kind: &str) -> &'static str {
 fn timeline(
     base: &str,
     q: &EventQuery,
-    span: (DateTime<Utc>, DateTime<Utc>),
-    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    span: Period,
+    window: Option<Period>,
     markers: &[Event],
     total: u64,
 ) -> Markup {
-    let (zoom_in, zoom_out, quarters) = zooms(span, window);
+    let Zooms {
+        zoom_in,
+        zoom_out,
+        quarters,
+    } = zooms(span, window);
     let whole = window.is_some_and(|w| w == span);
     let label = format!("Recovery events from {} to {}", utc(span.0), utc(span.1));
     html! {
@@ -625,10 +646,10 @@ fn timeline(
             }
             @if !quarters.is_empty() {
                 nav.quarters aria-label="Zoom into a quarter" {
-                    @for (i, (a, b)) in quarters.iter().enumerate() {
+                    @for (a, b) in &quarters {
                         a.quarter href=(q.href(base, Some((*a, *b)))) data-from=(format_seconds(*a)) data-to=(format_seconds(*b))
                             aria-label=(format!("Zoom into {} – {}", utc(*a), utc(*b))) {
-                            (format!("Quarter {}", i + 1))
+                            (short(*a, *b)) " – " (short(*b, *a))
                         }
                     }
                 }
@@ -754,7 +775,7 @@ fn pager(base: &str, q: &EventQuery, total: u64) -> Markup {
     let link = |n: u64| q.link(base, &q.from, &q.to, n);
     html! {
         nav.pager aria-label="Event pages" {
-            span.muted { (total) " events · page " (number) " of " (pages) }
+            span.muted { (total) @if total == 1 { " event" } @else { " events" } " · page " (number) " of " (pages) }
             @if number > 1 { a.button.ghost href=(link(number - 1)) rel="prev" { "‹ Previous" } }
             @if number < pages { a.button.ghost href=(link(number + 1)) rel="next" { "Next ›" } }
         }
@@ -875,27 +896,27 @@ mod tests {
         let window = (at("2026-12-06T12:00:00Z"), at("2026-12-06T13:00:00Z"));
         let whole = period(&EventQuery::default(), Some(window)).unwrap();
         assert_eq!(whole, window);
-        let (zoom_in, zoom_out, quarters) = zooms(whole, Some(window));
+        let z = zooms(whole, Some(window));
         assert_eq!(
-            zoom_in,
+            z.zoom_in,
             Some((at("2026-12-06T12:15:00Z"), at("2026-12-06T12:45:00Z")))
         );
-        assert_eq!(zoom_out, None);
-        assert_eq!(quarters.len(), 4);
-        assert_eq!(quarters[3].1, window.1);
+        assert_eq!(z.zoom_out, None);
+        assert_eq!(z.quarters.len(), 4);
+        assert_eq!(z.quarters[3].1, window.1);
         let q = EventQuery {
             from: "2026-12-06T12:15:00Z".into(),
             to: "2026-12-06T12:45:00Z".into(),
             ..Default::default()
         };
         let zoomed = period(&q, Some(window)).unwrap();
-        assert_eq!(zooms(zoomed, Some(window)).1, Some(window));
+        assert_eq!(zooms(zoomed, Some(window)).zoom_out, Some(window));
         assert_eq!(position(at("2026-12-06T12:30:00Z"), zoomed), Some(50.0));
         assert_eq!(position(at("2026-12-06T12:50:00Z"), zoomed), None);
         // Too narrow to zoom further.
         let tiny = (at("2026-12-06T12:00:00Z"), at("2026-12-06T12:00:03Z"));
-        let (zoom_in, _, quarters) = zooms(tiny, Some(window));
-        assert!(zoom_in.is_none() && quarters.is_empty());
+        let z = zooms(tiny, Some(window));
+        assert!(z.zoom_in.is_none() && z.quarters.is_empty());
     }
 
     #[test]

@@ -1482,7 +1482,7 @@ async fn submit_restore(
 ) -> Response {
     let inst = match restore_request(&state, &id, &page, &form) {
         Ok(i) => i,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let values = RestoreForm::from_form(&form);
     let mut params = values.source_params(&inst.id);
@@ -1556,11 +1556,11 @@ fn restore_request(
     id: &str,
     page: &Page,
     form: &Fields,
-) -> Result<Instance, Response> {
+) -> Result<Instance, Box<Response>> {
     if !csrf_ok(&page.who, form) {
-        return Err(csrf_refused(&page.who));
+        return Err(Box::new(csrf_refused(&page.who)));
     }
-    load(state, id).map_err(|e| missing(page, e))
+    load(state, id).map_err(|e| Box::new(missing(page, e)))
 }
 
 /// `POST /console/instances/{id}/restore/event`: a restore to just before
@@ -1576,7 +1576,7 @@ pub async fn restore_event(
     let form = Fields(form);
     let inst = match restore_request(&state, &id, &page, &form) {
         Ok(i) => i,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let answer = match EventRestore::from_form(&form) {
         Ok(restore) => {
