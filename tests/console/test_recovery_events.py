@@ -4,7 +4,8 @@ A table of 1500 rows is emptied by one DELETE (and written to after it); the
 DELETE is found as a marker on the timeline and as a row of the list,
 narrowed by the filters and the zoom, undone with "Restore table as it was
 just before" and cloned to just before. A 10-row DELETE, below the default
-1000-row threshold, is not an event. The tests run in file order.
+1000-row threshold, is not an event. A read-only key sees the events without
+the buttons. The tests run in file order.
 """
 
 import re
@@ -190,3 +191,22 @@ def test_clone_to_just_before(console, env, api, deleted):
         assert digest(env, TABLE, port=port) == before
     finally:
         api.delete_instance(clone)
+
+
+def test_read_only_key_sees_events_but_no_restore_buttons(console, env, deleted):
+    xid, _ = deleted
+    console.sign_out()
+    console.sign_in(*env["reader"])
+    console.wait("the instances page", lambda: console.path() == "/console/")
+    restore_tab(console, env, f"?table={TABLE}")
+    assert event_row(console, xid) is not None and marker(console, xid) is not None
+    assert not console.finds("#event-list button[data-op]") and not console.finds("#event-list dialog")
+    # The server refuses a forged restore anyway.
+    token = console.find("input[name=csrf]").get_attribute("value")
+    status, body = console.d.execute_async_script(
+        """
+        const [url, token, xid, done] = arguments;
+        fetch(url, {method: 'POST', body: new URLSearchParams({csrf: token, op: 'clone', xid: xid})})
+          .then(r => r.text().then(t => done([r.status, t])));
+        """, f"/console/instances/{env['instance']}/restore/event", token, xid)
+    assert status == 403 and "Forbidden.ReadOnlyAccessKey" in body, (status, body)
