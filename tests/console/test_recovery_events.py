@@ -36,8 +36,10 @@ def deleted(env):
               f"INSERT INTO {SMALL} SELECT g, md5(g::text) FROM generate_series(1, 20) g")
     psql(env, f"CREATE TABLE {TABLE} (id int PRIMARY KEY, v text); "
               f"INSERT INTO {TABLE} SELECT g, md5(g::text) FROM generate_series(1, 1500) g")
-    # The receiver reads the new tables' names after their commit.
-    time.sleep(2)
+    # The receiver reads the new tables' names after their commit; the
+    # wait also makes the recoverable window (from the first backup, just
+    # before these tests) long enough to zoom into.
+    time.sleep(6)
     psql(env, f"DELETE FROM {SMALL} WHERE id <= 10")
     before = digest(env, TABLE)
     out = psql(env, f"WITH d AS (DELETE FROM {TABLE} RETURNING 1) SELECT txid_current(), count(*) FROM d")
@@ -113,17 +115,21 @@ def test_filters_narrow_the_list_and_the_timeline(console, env, deleted):
     field.send_keys(TABLE)
     console.click_through(console.find("#event-search"))
     assert f"table={TABLE}" in console.path()
+    strip = console.find("#timeline")
+    seen = (strip.get_attribute("data-from"), strip.get_attribute("data-to"), console.text("#event-list"))
     rows = console.finds("#event-list tbody tr")
-    assert [r.get_attribute("data-xid") for r in rows] == [xid]
-    assert [m.get_attribute("data-xid") for m in console.finds("svg.strip a.marker")] == [xid]
+    assert [r.get_attribute("data-xid") for r in rows] == [xid], seen
+    assert [m.get_attribute("data-xid") for m in console.finds("svg.strip a.marker")] == [xid], seen
 
     # Zoom into the quarter holding the event: the strip is narrower, the
     # table filter is kept and the marker is still there.
     strip = console.find("#timeline")
     whole = (strip.get_attribute("data-from"), strip.get_attribute("data-to"))
     at = marker(console, xid).get_attribute("data-utc")
-    quarter = next(q for q in console.finds(".quarters a.quarter")
-                   if q.get_attribute("data-from") <= at <= q.get_attribute("data-to"))
+    quarters = [(q.get_attribute("data-from"), q.get_attribute("data-to"), q) for q in console.finds(".quarters a.quarter")]
+    holding = [q for f, t, q in quarters if f <= at <= t]
+    assert holding, (whole, at, [(f, t) for f, t, _ in quarters])
+    quarter = holding[0]
     console.click_through(quarter)
     strip = console.find("#timeline")
     zoomed = (strip.get_attribute("data-from"), strip.get_attribute("data-to"))
