@@ -411,6 +411,16 @@ fn zooms((a, b): Period, window: Option<Period>) -> Zooms {
     }
 }
 
+/// An end time for the API that keeps the events of its last second:
+/// events are shown to the second, so one shown at the end is in the period.
+/// Text that is no time goes as it is, for the API to refuse.
+fn through_second(to: &str) -> String {
+    match parse_api_time(to) {
+        Some(t) => format_seconds(t + Duration::seconds(1)),
+        None => to.to_string(),
+    }
+}
+
 /// Where in the period a moment falls, in percent of the strip's width.
 fn position(t: DateTime<Utc>, (a, b): Period) -> Option<f64> {
     let span = (b - a).num_milliseconds() as f64;
@@ -467,7 +477,7 @@ pub async fn section(
     let span = period(q, window);
     let list_period = (
         (!q.from.is_empty()).then(|| q.from.clone()),
-        (!q.to.is_empty()).then(|| q.to.clone()),
+        (!q.to.is_empty()).then(|| through_second(&q.to)),
     );
     let list = fetch(
         state,
@@ -480,11 +490,9 @@ pub async fn section(
     .await;
     let strip = match span {
         Some((a, b)) => {
-            // Seconds in the query: the end is rounded up to keep an event
-            // of the window's last second.
             let bounds = (
                 Some(format_seconds(a)),
-                Some(format_seconds(b + Duration::seconds(1))),
+                Some(through_second(&format_seconds(b))),
             );
             let mut markers = Vec::new();
             let mut total = 0;
@@ -937,6 +945,16 @@ mod tests {
         assert!(line < marker, "{html}");
         assert!(html.contains(r#"<svg x="50.000%" y="22""#), "{html}");
         assert!(html.contains(r#"data-xid="812""#), "{html}");
+    }
+
+    #[test]
+    fn periods_end_after_their_last_second() {
+        assert_eq!(
+            through_second("2026-12-06T12:00:05Z"),
+            "2026-12-06T12:00:06Z"
+        );
+        assert_eq!(through_second("2026-12-06T12:00Z"), "2026-12-06T12:00:01Z");
+        assert_eq!(through_second("yesterday"), "yesterday");
     }
 
     #[test]
