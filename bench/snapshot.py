@@ -15,8 +15,11 @@ system:
    followed by `strata backup upload ID SET` (the first upload: every byte read
    from the agent);
 5. in the last snapshot repository, --reps more snapshot backups (wall time of
-   the whole `strata backup create --snapshot` command), and the clone step
-   (see `measure_clone`);
+   the whole `strata backup create --snapshot` command), and the clone step:
+   through the RDS API (`strata serve`, a V2-signed `CloneDBInstance` of a
+   snapshot set, polled with `DescribeDBInstances` until the clone is Running
+   and then until it answers SQL; see `measure_api_clone`), and the same steps
+   through the agent's own API (see `measure_clone`);
 6. --reps times: 1 % of the rows changed the way bench/run.sh changes them (a
    contiguous 1 % key range of every table, new row versions appended), a
    `CHECKPOINT`, a snapshot backup and its upload, which reads only the blocks
@@ -28,9 +31,11 @@ system:
 8. the agent's peak RSS (/proc/PID/status VmHWM), reset before each phase
    (/proc/PID/clear_refs) and read after it, and its highest value overall.
 
-The clone step goes through the agent's signed API (docs/AGENT.md), as a clone
-from a snapshot set does on the database host; each repetition also times a
-clone started with `recovery_init_sync_method = syncfs`.
+The clone step is timed as a client sees it, through `CloneDBInstance`, and
+through the agent's signed API (docs/AGENT.md) alone, which leaves out the
+Strata server's bookkeeping (the job, the catalog, the polling); each
+agent-direct repetition also times a clone started with
+`recovery_init_sync_method = syncfs`.
 
 Bytes read by an upload: what Strata read from the agent (`received_bytes` of
 the uploaded set), and what the agent process read in all (/proc/PID/io
@@ -47,6 +52,7 @@ failures included. Prints a markdown table; --out writes it to a file too,
 """
 
 import argparse
+import base64
 import datetime
 import hashlib
 import hmac
@@ -65,6 +71,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -206,6 +213,68 @@ class Agent:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class ApiServer:
+    """`strata serve` over a Strata's catalog and repository, called with V2-signed requests
+    (HMAC-SHA1, as scripts/rds-curl.sh and the SDKs with signature_algorithm='v2' sign)."""
+
+    def __init__(self, strata, log_file):
+        key = json.loads(strata.ok("key", "create", "--json"))
+        self.key_id, self.secret = key["AccessKeyId"], key["AccessKeySecret"]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(strata.binary), "--config", str(strata.config), "serve", "--listen", f"127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log_file, "a"),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("strata serve did not start; see " + str(log_file))
+            time.sleep(0.1)
+
+    def call(self, action, **params):
+        q = {
+            "Action": action, "Version": "2014-08-15", "Format": "JSON", "AccessKeyId": self.key_id,
+            "SignatureMethod": "HMAC-SHA1", "SignatureVersion": "1.0",
+            "SignatureNonce": secrets.token_hex(16),
+            "Timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **params,
+        }
+
+        def enc(v):
+            return urllib.parse.quote(str(v), safe="-_.~")
+
+        query = "&".join(sorted(f"{enc(k)}={enc(v)}" for k, v in q.items()))
+        to_sign = "GET&%2F&" + enc(query)
+        digest = hmac.new((self.secret + "&").encode(), to_sign.encode(), hashlib.sha1).digest()
+        url = f"{self.url}/?{query}&Signature={enc(base64.b64encode(digest).decode())}"
+        try:
+            with urllib.request.urlopen(url, timeout=300) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{action}: {e.code} {e.read().decode(errors='replace')}")
+
+    def instance(self, instance_id):
+        items = self.call("DescribeDBInstances")["Items"]["DBInstance"]
+        return next((i for i in items if i["DBInstanceId"] == instance_id), None)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -392,17 +461,59 @@ def startup_sync_secs(server_log):
     return None
 
 
-def measure_clone(agent, strata, cluster, set_id, name, reps):
-    """Clone from a snapshot set to a server accepting connections.
+def measure_api_clone(api, cluster, set_id, reps, timeout=600):
+    """`CloneDBInstance` of a snapshot set still on the database host, as a client sees it:
+    from sending the signed request until `DescribeDBInstances` lists the clone Running, and
+    until it answers SQL with the snapshot's rows. The clone must be the agent's (made on the
+    host, `StrataAgentClone`), not a restore from the repository. Each clone is deleted with
+    `DeleteDBInstance` before the next."""
+    results = []
+    for rep in range(1, reps + 1):
+        t0 = time.monotonic()
+        clone = api.call("CloneDBInstance", DBInstanceId=INSTANCE, BackupId=set_id)["DBInstanceId"]
+        t_answered = time.monotonic()
+        while True:
+            item = api.instance(clone)
+            status = item["DBInstanceStatus"] if item else "not listed"
+            if status == "Running":
+                break
+            if status == "Failed" or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"clone {clone} of set {set_id}: {status}: {item}")
+            time.sleep(0.05)
+        t_running = time.monotonic()
+        if item.get("StrataAgentClone") != clone:
+            raise RuntimeError(f"clone {clone} was not made on the database host: {item}")
+        query = [PGBIN / "psql", "-h", "127.0.0.1", "-p", item["Port"], "-U", "postgres", "-d", "postgres",
+                 "-XAtq", "-c", "SELECT count(*) FROM pgbench_branches"]
+        while True:
+            out = as_pg(query, check=False)
+            if out.returncode == 0:
+                break
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"clone {clone} does not answer SQL: {out.stderr}")
+            time.sleep(0.05)
+        t_sql = time.monotonic()
+        if out.stdout.strip() != str(cluster.scale):
+            raise RuntimeError(f"clone {clone} has {out.stdout.strip()} pgbench_branches rows, not {cluster.scale}")
+        api.call("DeleteDBInstance", DBInstanceId=clone)
+        log(f"CloneDBInstance {clone}: answers SQL after {t_sql - t0:.2f} s "
+            f"(request {t_answered - t0:.2f} s, Running after {t_running - t0:.2f} s)")
+        results.append({"request_secs": t_answered - t0, "running_secs": t_running - t0,
+                        "sql_secs": t_sql - t0})
+    return results
 
-    Measured here through the agent's own API, the steps a clone from a snapshot set takes on
-    the database host: the set's WAL (start to stop segment) reflinked from the live pg_wal into
-    the snapshot, the snapshot reflinked into a clone directory, and a PostgreSQL server started
-    on it, recovering to the backup's consistency point and promoted (the agent answers once it
-    accepts connections). Strata's `CloneDBInstance` on a snapshot set adds its own bookkeeping
-    on the Strata server around these calls; timing through it belongs here once it exists.
-    Each repetition also times a second clone whose postgresql.conf gets
-    `recovery_init_sync_method = syncfs` first (the agent does not set it today)."""
+
+def measure_clone(agent, strata, cluster, set_id, name, reps):
+    """Clone from a snapshot set to a server accepting connections, through the agent alone.
+
+    The steps a clone from a snapshot set takes on the database host, called on the agent's own
+    API: the set's WAL (start to stop segment) reflinked from the live pg_wal into the snapshot,
+    the snapshot reflinked into a clone directory, and a PostgreSQL server started on it,
+    recovering to the backup's consistency point and promoted (the agent answers once it
+    accepts connections). `measure_api_clone` times the same through `CloneDBInstance`, with
+    the Strata server's bookkeeping around these calls. Each repetition also times a second
+    clone whose postgresql.conf gets `recovery_init_sync_method = syncfs` first (the agent
+    does not set it today)."""
     s = strata.backup(set_id)
     tli = int(s["start_timeline"])
     first = segment_name(tli, parse_lsn(s["start_lsn"]))
@@ -562,6 +673,18 @@ def bench_size(args, strata_bin, work, size_gb):
             log(f"clone step failed, left out: {e}")
             r["clone"] = None
         r["clone_agent_peak"] = agent.peak_rss()
+        # The same through the RDS API, from a snapshot set of its own.
+        api_set = snapshot_backup(snap, agent)["id"]
+        api = ApiServer(snap, work / f"serve-{tag}.log")
+        try:
+            r["api_clone"] = measure_api_clone(api, pg, api_set, args.reps)
+        except RuntimeError as e:
+            if not args.keep_going:
+                raise
+            log(f"CloneDBInstance step failed, left out: {e}")
+            r["api_clone"] = None
+        finally:
+            api.stop()
 
         # Uploads after a 1 % change, each against the snapshot uploaded before it.
         r["incremental"] = []
@@ -623,6 +746,12 @@ def summarize(r):
         c["clone_syncfs"] = median([x["total_secs"] for x in clone["reps_syncfs"]])
         c["clone_syncfs_sync"] = median([x["startup_sync_secs"] for x in clone["reps_syncfs"]
                                          if x["startup_sync_secs"] is not None])
+    api_clone = r.get("api_clone")
+    if api_clone:
+        c["api_clone_sql"] = median([x["sql_secs"] for x in api_clone])
+        c["api_clone_running"] = median([x["running_secs"] for x in api_clone])
+        c["api_clone_request"] = median([x["request_secs"] for x in api_clone])
+        c["api_clone_n"] = len(api_clone)
     c["physical_wall"] = median([p["wall"] for p in r["physical"]])
     c["physical_cpu"] = median([p["cli_cpu"] for p in r["physical"]])
     c["physical_stored"] = median([p["stored"] for p in r["physical"]])
@@ -678,7 +807,11 @@ def report(results, args, strata_bin):
     row("snapshot backup, wall s (median; min–max)",
         lambda c: f"{secs(c['snapshot_wall'])} ({secs(c['snapshot_wall_range'][0])}–{secs(c['snapshot_wall_range'][1])}, n={c['snapshot_n']})")
     row("  of which: the agent's reflink walk, s (median)", lambda c: secs(c["snapshot_reflink"]))
-    row("clone from snapshot to accepting connections, s",
+    row("CloneDBInstance of a snapshot set until the clone answers SQL, s",
+        lambda c: f"{secs(c['api_clone_sql'])} (n={c['api_clone_n']})" if "api_clone_sql" in c else "not measured")
+    row("  of which: until the request is answered / until listed Running",
+        lambda c: f"{secs(c.get('api_clone_request'))} / {secs(c.get('api_clone_running'))}")
+    row("clone through the agent's API alone, to accepting connections, s",
         lambda c: f"{secs(c['clone_total'])} (n={c['clone_n']})" if "clone_total" in c else "not measured")
     row("  of which: reflink of the snapshot / server start", lambda c: f"{secs(c.get('clone_reflink'))} / {secs(c.get('clone_start'))}")
     row("  of the start: PostgreSQL syncing every file before recovery", lambda c: secs(c.get("clone_sync")))

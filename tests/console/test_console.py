@@ -577,6 +577,7 @@ def test_read_only_key_sees_no_buttons_that_change_things(console, env):
     console.go(f"/console/instances/{instance}/backups")
     assert not console.finds("button[data-open=backup-dialog]")
     assert not console.finds("#data-backups td.kept form")
+    assert not console.finds("#data-backups td.clone form")
     console.go(f"/console/instances/{instance}/strategy")
     assert not console.finds("#save-strategy")
     assert not console.finds("#rules button") and not console.finds("#rules tr[data-rule=new]")

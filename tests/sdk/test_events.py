@@ -83,4 +83,20 @@ def test_bad_filters_are_refused(client, instance):
     assert "InvalidEventType.Malformed" in str(info.value)
     with pytest.raises(Exception) as info:
         h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId="sdk-no-such-instance")
-    assert "InvalidDBInstanceId.NotFound" in str(info.value)
+    assert "InvalidDBInstance.NotFound" in str(info.value)
+
+
+def test_restore_table_to_just_before_the_event_undoes_it(admin, instance, deleted):
+    """The event's JustBefore parameters, passed as they are, bring the
+    table back as it was committed right before the DELETE, beside the
+    original, which keeps its current row."""
+    table, xid, before = deleted
+    (event,) = wait_event(admin, instance.id, table)
+    meta = (f'[{{"type":"db","name":"postgres","tables":'
+            f'[{{"type":"table","name":"public.{table}","newname":"{table}_back"}}]}}]')
+    body = h.call(admin, "RestoreTable", DBInstanceId=instance.id, TableMeta=meta,
+                  **event["RestoreTargets"]["JustBefore"])
+    done = h.wait_job(admin, instance.id, body["StrataJobId"], timeout=180)
+    assert done.backup_status == "Finished", h.jobs(admin, instance.id)
+    assert digest(f"{table}_back") == before
+    assert h.psql(f"SELECT count(*), max(v) FROM {table}") == "1|written after the delete"

@@ -13,7 +13,21 @@
 //! signature does not verify, whose body does not hash to the signed hash, whose time is more
 //! than five minutes off, or whose nonce it has already seen within that window (a replay);
 //! nonces are remembered only after the signature verified, so unsigned traffic cannot fill
-//! the memory.
+//! the memory. A request signed before the agent started, or not after the latest one its
+//! previous run accepted (kept in a file), is refused too: its nonce may have been seen by that
+//! run, whose memory is gone (see [`Verifier::recording`]).
+//!
+//! Every answer is sealed the same way, so nothing between the agent and the Strata server
+//! can forge or alter one: HMAC-SHA256 under the key over
+//!
+//! ```text
+//! STRATA-AGENT-RESPONSE-HMAC-SHA256\n<status>\n<the request's nonce>\n<hex sha256 of body>
+//! ```
+//!
+//! sent as `x-strata-response-mac: <hex>`, in the headers of an answer held in memory and in
+//! the trailers of a streamed one (a file range). The client refuses an answer whose MAC is
+//! missing or does not verify; binding the request's nonce stops an old answer being replayed
+//! for a new request.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -30,6 +44,8 @@ pub const HEADER_TIMESTAMP: &str = "x-strata-timestamp";
 pub const HEADER_NONCE: &str = "x-strata-nonce";
 /// Header: hex SHA-256 of the request body.
 pub const HEADER_CONTENT_SHA256: &str = "x-strata-content-sha256";
+/// Header (or trailer, for a streamed answer): the agent's MAC of its answer.
+pub const HEADER_RESPONSE_MAC: &str = "x-strata-response-mac";
 /// The `authorization` scheme.
 pub const AUTH_SCHEME: &str = "Strata-HMAC-SHA256";
 /// Largest accepted difference between a request's time and the agent's clock, seconds.
@@ -224,6 +240,73 @@ pub fn sign(
     }
 }
 
+/// The MAC of one answer, computed as its body goes by: the agent seals what it sends, the
+/// client checks what it received.
+pub struct ResponseSeal {
+    mac: Hmac<Sha256>,
+    nonce: String,
+    body: Sha256,
+}
+
+impl std::fmt::Debug for ResponseSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseSeal")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseSeal {
+    /// A seal for the answer to the request that carried `nonce`.
+    pub fn new(key: &AgentKey, nonce: &str) -> ResponseSeal {
+        ResponseSeal {
+            mac: mac(key, ""),
+            nonce: nonce.to_string(),
+            body: Sha256::new(),
+        }
+    }
+
+    /// Adds the next bytes of the body.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.body.update(bytes);
+    }
+
+    fn finish(self, status: u16) -> Hmac<Sha256> {
+        let body_hash = hex::encode(self.body.finalize());
+        let mut mac = self.mac;
+        mac.update(
+            format!(
+                "STRATA-AGENT-RESPONSE-HMAC-SHA256\n{status}\n{}\n{body_hash}",
+                self.nonce
+            )
+            .as_bytes(),
+        );
+        mac
+    }
+
+    /// The MAC (hex) of an answer with `status` and the body seen so far.
+    pub fn seal(self, status: u16) -> String {
+        hex::encode(self.finish(status).finalize().into_bytes())
+    }
+
+    /// Checks the `claimed` MAC of an answer with `status` and the body seen so far.
+    pub fn verify(self, status: u16, claimed: Option<&str>) -> Result<(), AuthRefusal> {
+        let Some(claimed) = claimed else {
+            return Err(AuthRefusal(format!(
+                "the answer carries no {HEADER_RESPONSE_MAC}; it does not come from an agent holding the key"
+            )));
+        };
+        let claimed = hex::decode(claimed.trim())
+            .map_err(|_| AuthRefusal(format!("the answer's {HEADER_RESPONSE_MAC} is not hex")))?;
+        self.finish(status).verify_slice(&claimed).map_err(|_| {
+            AuthRefusal(
+                "the answer's MAC does not verify: altered on the way, or not from an agent holding the key"
+                    .into(),
+            )
+        })
+    }
+}
+
 /// A request the agent refuses to authenticate, with a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -234,15 +317,87 @@ pub struct AuthRefusal(pub String);
 pub struct Verifier {
     key: AgentKey,
     seen: Mutex<HashMap<String, i64>>,
+    not_before: i64,
+    record: Option<LatestRequest>,
+}
+
+/// The latest request time the agent accepted, kept in a file so that the next run of the
+/// agent accepts only requests signed after it: a client whose clock runs ahead of the
+/// agent's signs requests dated after the agent's restart, and their nonces are forgotten.
+#[derive(Debug)]
+struct LatestRequest {
+    path: PathBuf,
+    latest: Mutex<i64>,
+}
+
+impl LatestRequest {
+    /// Records `timestamp` if it is the latest yet (at most one write a second).
+    fn note(&self, timestamp: i64) -> std::io::Result<()> {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if timestamp <= *latest {
+            return Ok(());
+        }
+        // Written aside and renamed, so a crash leaves the old time or the new, never half.
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{timestamp}\n"))?;
+        std::fs::rename(&tmp, &self.path)?;
+        *latest = timestamp;
+        Ok(())
+    }
 }
 
 impl Verifier {
-    /// A verifier for `key`.
-    pub fn new(key: AgentKey) -> Verifier {
+    /// A verifier for `key` accepting requests signed at `not_before` (Unix seconds) or later.
+    /// The agent passes the first whole second after it started: the nonces of requests signed
+    /// earlier may have been accepted by its previous run, whose memory of them is gone, so a
+    /// request recorded then cannot be replayed after a restart. A client whose clock is behind
+    /// signs again with the time the refusal names.
+    pub fn new(key: AgentKey, not_before: i64) -> Verifier {
         Verifier {
             key,
             seen: Mutex::new(HashMap::new()),
+            not_before,
+            record: None,
         }
+    }
+
+    /// [`new`](Self::new), also keeping the latest accepted request time in the file `path`
+    /// and accepting only requests signed after the time it already holds: what a previous
+    /// run accepted stays refused even from a client whose clock is ahead.
+    pub fn recording(
+        key: AgentKey,
+        not_before: i64,
+        path: PathBuf,
+    ) -> Result<Verifier, std::io::Error> {
+        let latest = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse::<i64>().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} does not hold a time (Unix seconds); remove it to start over",
+                        path.display()
+                    ),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let mut verifier = Verifier::new(key, not_before.max(latest.saturating_add(1)));
+        verifier.record = Some(LatestRequest {
+            path,
+            latest: Mutex::new(latest),
+        });
+        Ok(verifier)
+    }
+
+    /// The earliest request time accepted, Unix seconds.
+    pub fn not_before(&self) -> i64 {
+        self.not_before
+    }
+
+    /// A seal for the answer to the request that carried `nonce`.
+    pub fn seal(&self, nonce: &str) -> ResponseSeal {
+        ResponseSeal::new(&self.key, nonce)
     }
 
     /// Verifies a request at time `now`. `header` looks a header up by lower-case name.
@@ -270,6 +425,15 @@ impl Verifier {
             return refuse("too many requests within the replay window; retry later");
         }
         seen.insert(nonce.to_string(), timestamp);
+        drop(seen);
+        if let Some(record) = &self.record {
+            record.note(timestamp).map_err(|e| {
+                AuthRefusal(format!(
+                    "the agent cannot record the request's time in {}: {e}",
+                    record.path.display()
+                ))
+            })?;
+        }
         Ok(())
     }
 
@@ -331,6 +495,12 @@ impl Verifier {
                 (now - timestamp).abs()
             )));
         }
+        if timestamp < self.not_before {
+            return Err(AuthRefusal(format!(
+                "request signed at {timestamp}, before the agent started (it accepts requests signed from {} on, after any it accepted before); sign it again",
+                self.not_before
+            )));
+        }
         Ok((nonce, timestamp, claimed_hash))
     }
 }
@@ -362,7 +532,7 @@ mod tests {
     #[test]
     fn a_signed_request_verifies_once() {
         let key = AgentKey::generate();
-        let v = Verifier::new(key.clone());
+        let v = Verifier::new(key.clone(), 0);
         let h = sign(
             &key,
             "POST",
@@ -383,7 +553,7 @@ mod tests {
     #[test]
     fn every_signed_part_is_bound() {
         let key = AgentKey::generate();
-        let v = Verifier::new(key.clone());
+        let v = Verifier::new(key.clone(), 0);
         let h = sign(
             &key,
             "POST",
@@ -403,7 +573,7 @@ mod tests {
         }
         let e = verify(&v, &h, "POST", "/v1/snapshots/a", "x=1", b"{\"a\":1}", 1000).unwrap_err();
         assert!(e.0.contains("body does not match"), "{e}");
-        let other = Verifier::new(AgentKey::generate());
+        let other = Verifier::new(AgentKey::generate(), 0);
         let e = verify(&other, &h, "POST", "/v1/snapshots/a", "x=1", b"{}", 1000).unwrap_err();
         assert!(e.0.contains("wrong key"), "{e}");
     }
@@ -411,7 +581,7 @@ mod tests {
     #[test]
     fn stale_and_future_requests_are_refused() {
         let key = AgentKey::generate();
-        let v = Verifier::new(key.clone());
+        let v = Verifier::new(key.clone(), 0);
         for now in [1000 + MAX_SKEW_SECS + 1, 1000 - MAX_SKEW_SECS - 1] {
             let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
             let e = verify(&v, &h, "GET", "/v1/facts", "", b"", now).unwrap_err();
@@ -425,8 +595,52 @@ mod tests {
     }
 
     #[test]
+    fn requests_signed_before_the_agent_started_are_refused() {
+        let key = AgentKey::generate();
+        let v = Verifier::new(key.clone(), 1000);
+        let h = sign(&key, "GET", "/v1/facts", "", b"", 999, &new_nonce());
+        let e = verify(&v, &h, "GET", "/v1/facts", "", b"", 1000).unwrap_err();
+        assert!(e.0.contains("before the agent started"), "{e}");
+        let h = sign(&key, "GET", "/v1/facts", "", b"", 1000, &new_nonce());
+        assert_eq!(verify(&v, &h, "GET", "/v1/facts", "", b"", 999), Ok(()));
+    }
+
+    #[test]
+    fn a_restarted_verifier_refuses_what_the_previous_one_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latest");
+        let key = AgentKey::generate();
+        let first = Verifier::recording(key.clone(), 1000, path.clone()).unwrap();
+        // A client whose clock runs a minute ahead.
+        let ahead = sign(&key, "GET", "/v1/facts", "", b"", 1060, &new_nonce());
+        assert_eq!(
+            verify(&first, &ahead, "GET", "/v1/facts", "", b"", 1000),
+            Ok(())
+        );
+        let older = sign(&key, "GET", "/v1/facts", "", b"", 1010, &new_nonce());
+        assert_eq!(
+            verify(&first, &older, "GET", "/v1/facts", "", b"", 1000),
+            Ok(())
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1060\n");
+        // Restarted ten seconds later.
+        let second = Verifier::recording(key.clone(), 1010, path.clone()).unwrap();
+        assert_eq!(second.not_before(), 1061);
+        let e = verify(&second, &ahead, "GET", "/v1/facts", "", b"", 1010).unwrap_err();
+        assert!(e.0.contains("before the agent started"), "{e}");
+        let fresh = sign(&key, "GET", "/v1/facts", "", b"", 1061, &new_nonce());
+        assert_eq!(
+            verify(&second, &fresh, "GET", "/v1/facts", "", b"", 1010),
+            Ok(())
+        );
+        std::fs::write(&path, "yesterday").unwrap();
+        let e = Verifier::recording(key, 0, path).unwrap_err();
+        assert!(e.to_string().contains("does not hold a time"), "{e}");
+    }
+
+    #[test]
     fn unsigned_and_malformed_requests_are_refused() {
-        let v = Verifier::new(AgentKey::generate());
+        let v = Verifier::new(AgentKey::generate(), 0);
         let e = v
             .verify("GET", "/v1/facts", "", |_| None, b"", 0)
             .unwrap_err();
@@ -442,6 +656,32 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.0.contains("not Strata-HMAC-SHA256"), "{e}");
+    }
+
+    #[test]
+    fn an_answer_seal_binds_status_body_nonce_and_key() {
+        let key = AgentKey::generate();
+        let nonce = new_nonce();
+        let sealed = |status: u16, body: &[u8], nonce: &str, key: &AgentKey| {
+            let mut s = ResponseSeal::new(key, nonce);
+            s.update(body);
+            s.seal(status)
+        };
+        let mac = sealed(200, b"{}", &nonce, &key);
+        let check = |status: u16, body: &[u8], nonce: &str| {
+            let mut s = ResponseSeal::new(&key, nonce);
+            s.update(body);
+            s.verify(status, Some(&mac))
+        };
+        assert_eq!(check(200, b"{}", &nonce), Ok(()));
+        assert!(check(201, b"{}", &nonce).is_err());
+        assert!(check(200, b"{ }", &nonce).is_err());
+        assert!(check(200, b"{}", &new_nonce()).is_err());
+        assert_ne!(mac, sealed(200, b"{}", &nonce, &AgentKey::generate()));
+        let e = ResponseSeal::new(&key, &nonce)
+            .verify(200, None)
+            .unwrap_err();
+        assert!(e.0.contains("carries no x-strata-response-mac"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! which of three things happened: the agent could not be reached ([`AgentError::Unreachable`]),
 //! it refused the credential ([`AgentError::Unauthorized`]), or it refused the request itself
 //! ([`AgentError::Refused`], with the agent's [`ErrorCode`] and message).
+//!
+//! Every answer must carry the agent's MAC (see `auth`); one without it, or with a wrong one,
+//! is refused as [`AgentError::Forged`] before anything in it is used. A streamed file range
+//! carries its MAC in a trailer: [`RangeReader`] fails at the end when it does not verify.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 
-use crate::auth::{new_nonce, sign, unix_now, AgentKey};
+use crate::auth::{new_nonce, sign, unix_now, AgentKey, ResponseSeal, HEADER_RESPONSE_MAC};
 use crate::clone_server::{CloneStarted, CloneStatus, StartRequest};
 use crate::names::{CloneName, RelPath, SnapshotName};
 use crate::proto::{
@@ -78,6 +82,15 @@ pub enum AgentError {
         /// The agent's one-line message.
         message: String,
     },
+    /// The answer does not carry a valid MAC of the agent's: it was altered on the way or does
+    /// not come from the agent holding the key.
+    #[error("refused an answer claiming to be from agent at {url}: {reason}")]
+    Forged {
+        /// The agent's URL.
+        url: String,
+        /// What was wrong with the MAC.
+        reason: String,
+    },
     /// The answer was not what the protocol promises.
     #[error("agent at {url} answered unexpectedly: {reason}")]
     Protocol {
@@ -131,6 +144,8 @@ pub struct AgentClient {
     key: AgentKey,
     tls: Option<tokio_rustls::TlsConnector>,
     timeouts: Timeouts,
+    /// Seconds added to this host's clock when signing (0 but in tests).
+    clock_offset: i64,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -187,6 +202,7 @@ impl AgentClient {
             key,
             tls,
             timeouts: Timeouts::default(),
+            clock_offset: 0,
         })
     }
 
@@ -208,6 +224,14 @@ impl AgentClient {
     /// The same client with other time limits.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> AgentClient {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// The same client signing as if its clock were `secs` seconds off: how tests play a
+    /// host whose clock is behind or ahead of the agent's.
+    #[doc(hidden)]
+    pub fn with_clock_offset(mut self, secs: i64) -> AgentClient {
+        self.clock_offset = secs;
         self
     }
 
@@ -322,7 +346,7 @@ impl AgentClient {
             "path={}&offset={offset}&len={len}",
             encode_query_value(path.as_str())
         );
-        let response = self
+        let (response, seal) = self
             .send(
                 Method::GET,
                 &format!("/v1/snapshots/{name}/file"),
@@ -332,13 +356,20 @@ impl AgentClient {
             .await?;
         let expected = response
             .headers()
-            .get(hyper::header::CONTENT_LENGTH)
+            .get(crate::server::HEADER_RANGE_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| self.protocol("file range without content-length".into()))?;
+            .ok_or_else(|| {
+                self.protocol(format!(
+                    "file range without {}",
+                    crate::server::HEADER_RANGE_LENGTH
+                ))
+            })?;
         Ok(RangeReader {
             url: self.url.clone(),
+            status: response.status().as_u16(),
             body: response.into_body(),
+            seal: Some(seal),
             expected,
             received: 0,
         })
@@ -486,10 +517,9 @@ impl AgentClient {
         query: &str,
         body: Vec<u8>,
     ) -> Result<T, AgentError> {
-        let response = self.send(method, path, query, body).await?;
-        let bytes = read_limited(response.into_body(), MAX_JSON_ANSWER)
-            .await
-            .map_err(|e| self.protocol(e))?;
+        let bytes = self
+            .sealed(method, path, query, body, MAX_JSON_ANSWER)
+            .await?;
         serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("bad JSON: {e}")))
     }
 
@@ -500,27 +530,152 @@ impl AgentClient {
         query: &str,
         body: Vec<u8>,
     ) -> Result<(), AgentError> {
-        let response = self.send(method, path, query, body).await?;
-        let _ = read_limited(response.into_body(), 64 * 1024).await;
+        self.sealed(method, path, query, body, 64 * 1024).await?;
         Ok(())
     }
 
-    /// Sends one signed request; any status other than 2xx becomes an error.
+    /// Sends one signed request and reads its whole answer (at most `limit` bytes), whose
+    /// MAC must verify; any status other than 2xx becomes an error.
+    async fn sealed(
+        &self,
+        method: Method,
+        path: &str,
+        query: &str,
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<Bytes, AgentError> {
+        let (response, seal) = self.send(method, path, query, body).await?;
+        let status = response.status().as_u16();
+        let claimed = mac_header(response.headers());
+        let bytes = read_limited(response.into_body(), limit)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        self.check_seal(seal, status, &bytes, claimed.as_deref())?;
+        Ok(bytes)
+    }
+
+    fn check_seal(
+        &self,
+        mut seal: ResponseSeal,
+        status: u16,
+        body: &[u8],
+        claimed: Option<&str>,
+    ) -> Result<(), AgentError> {
+        seal.update(body);
+        seal.verify(status, claimed)
+            .map_err(|e| AgentError::Forged {
+                url: self.url.clone(),
+                reason: e.0,
+            })
+    }
+
+    /// The error a non-2xx answer stands for, once its MAC verified; with it, on a sealed
+    /// 401, the earliest request time the agent accepts.
+    async fn refusal(
+        &self,
+        response: hyper::Response<Incoming>,
+        seal: ResponseSeal,
+    ) -> (AgentError, Option<i64>) {
+        let status = response.status();
+        let claimed = mac_header(response.headers());
+        let text = match read_limited(response.into_body(), 64 * 1024).await {
+            Ok(t) => t,
+            Err(e) => return (self.protocol(e), None),
+        };
+        if let Err(forged) = self.check_seal(seal, status.as_u16(), &text, claimed.as_deref()) {
+            // An agent holding another key seals its refusal with that key. Whoever sent it,
+            // the request failed; its reason is shown but marked as unverified.
+            if status == StatusCode::UNAUTHORIZED {
+                let reason = format!(
+                    "{} (unverified: the answer is not sealed with this key either, so the keys differ)",
+                    error_message(&text).message
+                );
+                let url = self.url.clone();
+                return (AgentError::Unauthorized { url, reason }, None);
+            }
+            return (forged, None);
+        }
+        let ErrorMessage {
+            message,
+            code,
+            not_before,
+        } = error_message(&text);
+        let code = code.unwrap_or(if status == StatusCode::UNAUTHORIZED {
+            ErrorCode::Unauthorized
+        } else {
+            ErrorCode::Internal
+        });
+        if status == StatusCode::UNAUTHORIZED || code == ErrorCode::Unauthorized {
+            let url = self.url.clone();
+            return (
+                AgentError::Unauthorized {
+                    url,
+                    reason: message,
+                },
+                not_before,
+            );
+        }
+        let refused = AgentError::Refused {
+            url: self.url.clone(),
+            status: status.as_u16(),
+            code,
+            message,
+        };
+        (refused, None)
+    }
+
+    /// Sends one signed request: its 2xx answer, and the seal its MAC is checked with. Refused
+    /// as signed before the agent (re)started, which a client whose clock is a little behind
+    /// the agent's meets right after a restart, it signs once more with the time the agent
+    /// named.
     async fn send(
         &self,
         method: Method,
         path: &str,
         query: &str,
         body: Vec<u8>,
-    ) -> Result<hyper::Response<Incoming>, AgentError> {
+    ) -> Result<(hyper::Response<Incoming>, ResponseSeal), AgentError> {
+        let body = Bytes::from(body);
+        let timestamp = unix_now() + self.clock_offset;
+        let (response, seal) = self
+            .send_once(&method, path, query, body.clone(), timestamp)
+            .await?;
+        if response.status().is_success() {
+            return Ok((response, seal));
+        }
+        let (refusal, not_before) = self.refusal(response, seal).await;
+        let Some(not_before) =
+            not_before.filter(|t| *t > timestamp && *t - unix_now() <= crate::auth::MAX_SKEW_SECS)
+        else {
+            return Err(refusal);
+        };
+        let (response, seal) = self
+            .send_once(&method, path, query, body, not_before)
+            .await?;
+        if response.status().is_success() {
+            return Ok((response, seal));
+        }
+        Err(self.refusal(response, seal).await.0)
+    }
+
+    /// Sends one request signed at `timestamp`, whatever its answer's status.
+    async fn send_once(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        body: Bytes,
+        timestamp: i64,
+    ) -> Result<(hyper::Response<Incoming>, ResponseSeal), AgentError> {
+        let nonce = new_nonce();
         let signed = sign(
             &self.key,
             method.as_str(),
             path,
             query,
             &body,
-            unix_now(),
-            &new_nonce(),
+            timestamp,
+            &nonce,
         );
         let uri = if query.is_empty() {
             path.to_string()
@@ -533,15 +688,17 @@ impl AgentClient {
             format!("{}:{}", self.host, self.port)
         };
         let mut builder = Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(uri)
             .header(hyper::header::HOST, host_header)
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            // A streamed answer's MAC comes as a trailer.
+            .header(hyper::header::TE, "trailers");
         for (name, value) in signed.pairs() {
             builder = builder.header(name, value);
         }
         let request = builder
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| self.protocol(e.to_string()))?;
 
         let mut sender = self.connect().await?;
@@ -549,36 +706,7 @@ impl AgentClient {
             .await
             .map_err(|_| self.unreachable(format!("no answer within {:?}", self.timeouts.request)))?
             .map_err(|e| self.unreachable(e.to_string()))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let text = read_limited(response.into_body(), 64 * 1024)
-            .await
-            .unwrap_or_default();
-        let (code, message) = match serde_json::from_slice::<ErrorBody>(&text) {
-            Ok(b) => (b.code, b.message),
-            Err(_) => (
-                if status == StatusCode::UNAUTHORIZED {
-                    ErrorCode::Unauthorized
-                } else {
-                    ErrorCode::Internal
-                },
-                String::from_utf8_lossy(&text).trim().to_string(),
-            ),
-        };
-        if status == StatusCode::UNAUTHORIZED || code == ErrorCode::Unauthorized {
-            return Err(AgentError::Unauthorized {
-                url: self.url.clone(),
-                reason: message,
-            });
-        }
-        Err(AgentError::Refused {
-            url: self.url.clone(),
-            status: status.as_u16(),
-            code,
-            message,
-        })
+        Ok((response, ResponseSeal::new(&self.key, &nonce)))
     }
 
     async fn connect(
@@ -634,7 +762,10 @@ impl AgentClient {
 #[derive(Debug)]
 pub struct RangeReader {
     url: String,
+    status: u16,
     body: Incoming,
+    /// Until the trailer's MAC verified.
+    seal: Option<ResponseSeal>,
     expected: u64,
     received: u64,
 }
@@ -650,11 +781,20 @@ impl RangeReader {
         self.expected == 0
     }
 
-    /// The next chunk, `None` at the end; an error if the stream broke off early.
+    /// The next chunk, `None` at the end; an error if the stream broke off early or its MAC
+    /// (in the trailer) is missing or wrong, so the bytes before must be discarded.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, AgentError> {
         loop {
             match self.body.frame().await {
                 None => {
+                    if self.seal.is_some() {
+                        return Err(AgentError::Forged {
+                            url: self.url.clone(),
+                            reason: format!(
+                                "the file range ended without its {HEADER_RESPONSE_MAC} trailer"
+                            ),
+                        });
+                    }
                     if self.received != self.expected {
                         return Err(AgentError::Protocol {
                             url: self.url.clone(),
@@ -673,14 +813,68 @@ impl RangeReader {
                     })
                 }
                 Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.received += data.len() as u64;
-                        return Ok(Some(data));
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let Some(seal) = self.seal.as_mut() else {
+                                return Err(AgentError::Protocol {
+                                    url: self.url.clone(),
+                                    reason: "file range data after its trailer".into(),
+                                });
+                            };
+                            seal.update(&data);
+                            self.received += data.len() as u64;
+                            return Ok(Some(data));
+                        }
+                        Err(frame) => frame,
+                    };
+                    if let (Ok(trailers), Some(seal)) = (frame.into_trailers(), self.seal.take()) {
+                        seal.verify(self.status, mac_header(&trailers).as_deref())
+                            .map_err(|e| AgentError::Forged {
+                                url: self.url.clone(),
+                                reason: e.0,
+                            })?;
                     }
                 }
             }
         }
     }
+}
+
+/// What an error answer says.
+struct ErrorMessage {
+    /// One line.
+    message: String,
+    /// Its kind, when it is an [`ErrorBody`].
+    code: Option<ErrorCode>,
+    /// The earliest request time the agent accepts, on a 401.
+    not_before: Option<i64>,
+}
+
+fn error_message(text: &[u8]) -> ErrorMessage {
+    match serde_json::from_slice::<ErrorBody>(text) {
+        Ok(b) => ErrorMessage {
+            message: b.message,
+            code: Some(b.code),
+            not_before: b.not_before,
+        },
+        Err(_) => {
+            let text = String::from_utf8_lossy(text);
+            let line = text.lines().next().unwrap_or("").trim();
+            ErrorMessage {
+                message: line.chars().take(300).collect(),
+                code: None,
+                not_before: None,
+            }
+        }
+    }
+}
+
+/// The `x-strata-response-mac` of an answer's headers or trailers.
+fn mac_header(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get(HEADER_RESPONSE_MAC)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, String> {

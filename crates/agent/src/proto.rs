@@ -142,6 +142,10 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// One line saying why.
     pub message: String,
+    /// On a 401: the earliest request time the agent accepts (Unix seconds, when it started),
+    /// so a client whose clock is behind can sign again with that time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).

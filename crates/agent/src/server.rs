@@ -99,9 +99,16 @@ impl Agent {
                 }
             });
         }
+        let latest_request = store.layout().snapshot_dir.join(LATEST_REQUEST_FILE);
+        let verifier = Verifier::recording(key, first_whole_second(), latest_request.clone())
+            .map_err(|source| SnapshotError::Io {
+                op: "read",
+                path: latest_request,
+                source,
+            })?;
         Ok(Agent {
             store,
-            verifier: Verifier::new(key),
+            verifier,
             min_free,
             servers: CloneServers::default(),
         })
@@ -180,6 +187,21 @@ impl Agent {
     }
 }
 
+/// In the snapshot directory: the latest request time the agent accepted (see
+/// [`Verifier::recording`]).
+pub const LATEST_REQUEST_FILE: &str = "agent.latest-request";
+
+/// The next whole second, once it has come: every request signed before it was signed before
+/// this agent started (see [`Verifier::new`]), and a client on the same clock is never refused.
+fn first_whole_second() -> i64 {
+    let next = unix_now() + 1;
+    let due = std::time::UNIX_EPOCH + Duration::from_secs(next.max(0) as u64);
+    if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
+    next
+}
+
 /// The cluster's system identifier: `ControlFileData.system_identifier`, the first field of
 /// `global/pg_control` (src/include/catalog/pg_control.h), in the host's byte order.
 fn system_identifier(data_dir: &Path) -> Option<u64> {
@@ -215,6 +237,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             code: self.0,
             message: self.1.replace('\n', "; "),
+            not_before: None,
         };
         (status, Json(body)).into_response()
     }
@@ -260,7 +283,75 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Marks an answer whose body is streamed: sealed in a trailer rather than a header.
+#[derive(Debug, Clone, Copy)]
+struct Streamed;
+
+/// Header of a streamed file range: its length (a sealed answer is sent chunked, without
+/// `content-length`).
+pub const HEADER_RANGE_LENGTH: &str = "x-strata-range-length";
+
 async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    // The nonce as sent, whatever it is: the client checks the seal against its own.
+    let nonce = req
+        .headers()
+        .get(crate::auth::HEADER_NONCE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let response = check_then_run(&agent, req, next).await;
+    seal(agent.verifier.seal(&nonce), response).await
+}
+
+/// Seals an answer: a MAC over its status, body and the request's nonce (see `auth`).
+async fn seal(mut seal: crate::auth::ResponseSeal, response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
+    if parts.extensions.remove::<Streamed>().is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::TRAILER,
+            HeaderValue::from_static(crate::auth::HEADER_RESPONSE_MAC),
+        );
+        let frames = futures::stream::unfold(
+            (body.into_data_stream(), Some(seal)),
+            move |(mut data, seal)| async move {
+                let mut seal = seal?;
+                match futures::StreamExt::next(&mut data).await {
+                    Some(Ok(chunk)) => {
+                        seal.update(&chunk);
+                        Some((Ok(hyper::body::Frame::data(chunk)), (data, Some(seal))))
+                    }
+                    // The client sees the stream break off and no trailer.
+                    Some(Err(e)) => Some((Err(e), (data, None))),
+                    None => {
+                        let mut trailers = axum::http::HeaderMap::new();
+                        let mac = HeaderValue::from_str(&seal.seal(status))
+                            .unwrap_or(HeaderValue::from_static(""));
+                        trailers.insert(crate::auth::HEADER_RESPONSE_MAC, mac);
+                        Some((Ok(hyper::body::Frame::trailers(trailers)), (data, None)))
+                    }
+                }
+            },
+        );
+        return Response::from_parts(parts, Body::new(http_body_util::StreamBody::new(frames)));
+    }
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("agent answer could not be read for sealing: {e}");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    seal.update(&bytes);
+    if let Ok(mac) = HeaderValue::from_str(&seal.seal(status)) {
+        parts.headers.insert(crate::auth::HEADER_RESPONSE_MAC, mac);
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// Checks the request's signature (reading its body, bounded) and runs it.
+async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     // A WAL file may be as large as the cluster's segments; every other body is small.
     let wal_limit = if is_wal_upload(parts.method.as_str(), parts.uri.path()) {
@@ -283,7 +374,7 @@ async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next)
     );
     if let Err(refusal) = head {
         tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
-        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+        return unauthorized(agent, refusal);
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
@@ -300,6 +391,7 @@ async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next)
                 Json(ErrorBody {
                     code: ErrorCode::Refused,
                     message: format!("request body over {MAX_REQUEST_BODY} bytes"),
+                    not_before: None,
                 }),
             )
                 .into_response()
@@ -315,10 +407,20 @@ async fn authenticate(State(agent): State<Arc<Agent>>, req: Request, next: Next)
     );
     if let Err(refusal) = verified {
         tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
-        return ApiError(ErrorCode::Unauthorized, refusal.0).into_response();
+        return unauthorized(agent, refusal);
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A 401 naming the earliest request time accepted.
+fn unauthorized(agent: &Agent, refusal: crate::auth::AuthRefusal) -> Response {
+    let body = ErrorBody {
+        code: ErrorCode::Unauthorized,
+        message: refusal.0.replace('\n', "; "),
+        not_before: Some(agent.verifier.not_before()),
+    };
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -446,12 +548,13 @@ async fn read_file(
         }
     });
     let mut response = Body::from_stream(stream).into_response();
+    response.extensions_mut().insert(Streamed);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(HEADER_RANGE_LENGTH, HeaderValue::from(len));
     Ok(response)
 }
 
@@ -590,22 +693,48 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Start
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Connections served at once; more wait in the listen queue until one ends.
-pub const MAX_CONNECTIONS: usize = 64;
+/// How many connections the agent serves at once and how long a client has to say what it
+/// wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen queue until one ends.
+    pub max_connections: usize,
+    /// Time a client has for the TLS handshake and for sending each request's head, from the
+    /// connection's start or the end of its previous answer (an idle connection is closed).
+    pub head_timeout: Duration,
+}
 
-/// Time a client has for the TLS handshake, and for sending a request's headers.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            head_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
-/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true, at most
-/// [`MAX_CONNECTIONS`] connections at once, each given [`HEAD_TIMEOUT`] to say what it wants.
+/// Serves `agent` on `listener` (HTTPS with `tls`) until `shutdown` turns true, within the
+/// default [`Limits`]: 64 connections, 30 s for each request's head.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    serve_with_limits(listener, agent, tls, Limits::default(), shutdown).await
+}
+
+/// [`serve`] within other `limits`.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let router = agent.router();
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let head_timeout = limits.head_timeout;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
@@ -628,12 +757,16 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let Some(acceptor) = acceptor else {
-                return serve_connection(hyper_util::rt::TokioIo::new(stream), svc, peer).await;
+                let io = hyper_util::rt::TokioIo::new(stream);
+                return serve_connection(io, svc, peer, head_timeout).await;
             };
-            match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_connection(hyper_util::rt::TokioIo::new(tls), svc, peer).await,
+            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    serve_connection(io, svc, peer, head_timeout).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {HEAD_TIMEOUT:?}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {head_timeout:?}"),
             }
         });
     }
@@ -644,21 +777,23 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// HTTP/1.1 or HTTP/2 on one accepted connection, its request heads due within [`HEAD_TIMEOUT`].
+/// HTTP/1.1 on one accepted connection, each request head due within `head_timeout`. Only
+/// HTTP/1.1, which is all the client speaks: detecting HTTP/2 would first wait, with no time
+/// limit, for bytes a silent client never sends.
 async fn serve_connection<I>(
     io: I,
     svc: hyper_util::service::TowerToHyperService<Router>,
     peer: SocketAddr,
+    head_timeout: Duration,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .http1()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT);
-    if let Err(e) = builder.serve_connection(io, svc).await {
+        .header_read_timeout(head_timeout)
+        .serve_connection(io, svc)
+        .await;
+    if let Err(e) = served {
         tracing::debug!(%peer, "connection: {e}");
     }
 }

@@ -1,13 +1,16 @@
 //! The agent's HTTP API under hostile requests, on a loop-mounted XFS: unsigned, wrongly
 //! signed, stale, replayed and tampered requests are refused with 401 and change nothing;
 //! names and paths with `..`, absolute paths and symlinks cannot leave the agent's
-//! directories; the client tells unreachable, refused credential and refusals apart; TLS.
+//! directories; a request recorded before the agent restarted is refused after; the client
+//! tells unreachable, refused credential and refusals apart; TLS.
 
 mod common;
 
 use std::process::Command;
 
-use common::{default_layout, fake_data_dir, raw_request, signed, start_agent};
+use common::{
+    default_layout, fake_data_dir, raw_request, signed, start_agent, start_agent_with_key,
+};
 use strata_agent::auth::unix_now;
 use strata_agent::proto::{ErrorBody, ErrorCode};
 use strata_agent::{Agent, AgentClient, AgentError, AgentKey, FreeFloor, RelPath, SnapshotName};
@@ -30,11 +33,7 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
     };
     let data = fake_data_dir(fs.path(), 64 * 1024);
     let agent = start_agent(default_layout(&data), FreeFloor::Percent(1)).await;
-    let snapshots = || {
-        std::fs::read_dir(&agent.layout.snapshot_dir)
-            .unwrap()
-            .count()
-    };
+    let snapshots = || common::entries_but_state(&agent.layout.snapshot_dir);
     let path = "/v1/snapshots/a";
 
     // Unsigned.
@@ -127,6 +126,67 @@ async fn requests_without_a_valid_signature_are_refused_and_change_nothing() {
     let err = wrong.delete_snapshot(&name("a")).await.unwrap_err();
     assert!(matches!(err, AgentError::Unauthorized { .. }), "{err:?}");
     assert!(agent.layout.snapshot_dir.join("a").is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_recorded_before_a_restart_are_refused_after_it() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 64 * 1024);
+    let layout = default_layout(&data);
+    let first = start_agent(layout.clone(), FreeFloor::Percent(1)).await;
+    let key = first.key.clone();
+    let path = "/v1/snapshots/a";
+
+    // Recorded: one request the first run served, one it never saw, and one it served from
+    // a client whose clock runs two minutes ahead (dated after the coming restart).
+    let served = signed(&key, "POST", path, "", b"", unix_now());
+    let (status, body) = raw_request(first.addr, "POST", path, &served, b"").await;
+    assert_eq!(status, 201, "{body}");
+    first.client.delete_snapshot(&name("a")).await.unwrap();
+    let unsent = signed(&key, "POST", path, "", b"", unix_now());
+    let ahead_at = unix_now() + 120;
+    let ahead = signed(&key, "POST", path, "", b"", ahead_at);
+    let (status, body) = raw_request(first.addr, "POST", path, &ahead, b"").await;
+    assert_eq!(status, 201, "{body}");
+    first.client.delete_snapshot(&name("a")).await.unwrap();
+    drop(first);
+
+    // The same agent (data directory, key file) started again: its memory of nonces is
+    // gone, yet no recorded request is accepted.
+    let second = start_agent_with_key(layout, FreeFloor::Percent(1), key).await;
+    for recorded in [&served, &unsent, &ahead] {
+        let (status, body) = raw_request(second.addr, "POST", path, recorded, b"").await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(code_of(&body), ErrorCode::Unauthorized);
+        assert!(body.contains("before the agent started"), "{body}");
+        let not_before = serde_json::from_str::<ErrorBody>(&body).unwrap().not_before;
+        assert_eq!(not_before, Some(ahead_at + 1), "{body}");
+    }
+    assert_eq!(
+        common::entries_but_state(&second.layout.snapshot_dir),
+        0,
+        "no replay made a snapshot"
+    );
+
+    // Freshly signed requests are served: a client whose requests are dated before the
+    // first accepted second (here every client on the agent's clock, and one five minutes
+    // behind it) signs again with the time the refusal names.
+    second.client.create_snapshot(&name("a")).await.unwrap();
+    let behind = AgentClient::new(&format!("http://{}", second.addr), second.key.clone(), None)
+        .unwrap()
+        .with_clock_offset(-290);
+    behind.create_snapshot(&name("b")).await.unwrap();
+    let names: Vec<String> = second
+        .client
+        .snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,9 +483,7 @@ async fn files_the_postgres_user_cannot_read_are_never_copied() {
     let err = agent.client.create_snapshot(&name("s1")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Refused), "{err}");
     assert_eq!(
-        std::fs::read_dir(&agent.layout.snapshot_dir)
-            .unwrap()
-            .count(),
+        common::entries_but_state(&agent.layout.snapshot_dir),
         0,
         "nothing kept"
     );

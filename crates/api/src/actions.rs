@@ -876,20 +876,28 @@ fn recovery_event_fields(e: &strata_engine::RecoveryEvent) -> Value {
             "StrataRestoreTargetInclusive": inclusive.to_string(),
         })
     };
-    let lsn_target = |inclusive: bool| {
+    let lsn_target = |lsn: Lsn, inclusive: bool| {
         json!({
-            "StrataRestoreTargetLsn": e.lsn.to_string(),
+            "StrataRestoreTargetLsn": lsn.to_string(),
             "StrataRestoreTargetInclusive": inclusive.to_string(),
         })
     };
-    let targets = match e.xid {
-        Some(xid) => json!({
+    let targets = match (e.xid, e.before_lsn) {
+        // A dropped database is gone before its commit: only a position
+        // earlier in its transaction finds it intact.
+        (Some(xid), Some(before)) => json!({
+            "JustBefore": lsn_target(before, false),
+            "JustAfter": xid_target(xid, true),
+            "JustBeforeLsn": lsn_target(before, false),
+            "JustAfterLsn": lsn_target(e.lsn, true),
+        }),
+        (Some(xid), None) => json!({
             "JustBefore": xid_target(xid, false),
             "JustAfter": xid_target(xid, true),
-            "JustBeforeLsn": lsn_target(false),
-            "JustAfterLsn": lsn_target(true),
+            "JustBeforeLsn": lsn_target(e.lsn, false),
+            "JustAfterLsn": lsn_target(e.lsn, true),
         }),
-        None => json!({"JustAfterLsn": lsn_target(true)}),
+        (None, _) => json!({"JustAfterLsn": lsn_target(e.lsn, true)}),
     };
     let mut m = json!({
         "EventType": e.kind,

@@ -843,6 +843,30 @@ pub struct RecoveryEventRow {
     pub table: Option<String>,
     /// Rows deleted or updated.
     pub rows: Option<u64>,
+    /// Files the transaction created and filled.
+    pub filled: Vec<u32>,
+    /// For a dropped database: a position before which it was intact.
+    pub before_lsn: Option<Lsn>,
+}
+
+/// `filled` as the catalog stores it: file numbers, comma-separated.
+pub fn files_to_text(files: &[u32]) -> String {
+    files
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The file numbers [`files_to_text`] wrote.
+pub fn files_from_text(text: &str) -> CatalogResult<Vec<u32>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|_| CatalogError::Corrupt(format!("file number {s:?}").into()))
+        })
+        .collect()
 }
 
 /// The last name seen for a relation file of an instance.

@@ -677,7 +677,9 @@ ALTER TABLE backup_sets ADD COLUMN snapshot_fingerprint text;
         sqlite: r#"
 -- One row per destructive effect of a committed transaction (a dropped or
 -- truncated table, a dropped database, many rows deleted or updated),
--- keyed by its commit record and its place among that commit's effects.
+-- keyed by its commit record and its place among that commit's effects;
+-- filled_files: the files the transaction created and filled, comma-separated;
+-- before_lsn: for a dropped database, where it was still intact.
 CREATE TABLE recovery_events (
     instance_id TEXT NOT NULL,
     timeline INTEGER NOT NULL,
@@ -694,6 +696,8 @@ CREATE TABLE recovery_events (
     schema_name TEXT,
     table_name TEXT,
     row_count INTEGER,
+    filled_files TEXT NOT NULL DEFAULT '',
+    before_lsn INTEGER,
     PRIMARY KEY (instance_id, timeline, lsn, seq)
 );
 CREATE INDEX recovery_events_time ON recovery_events(instance_id, time);
@@ -735,6 +739,8 @@ CREATE TABLE recovery_events (
     schema_name text,
     table_name text,
     row_count bigint,
+    filled_files text NOT NULL DEFAULT '',
+    before_lsn bigint,
     PRIMARY KEY (instance_id, timeline, lsn, seq)
 );
 CREATE INDEX recovery_events_time ON recovery_events(instance_id, time);

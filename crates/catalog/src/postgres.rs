@@ -1284,7 +1284,7 @@ impl WalCatalog for PgCatalog {
     fn upsert_recovery_event(&self, e: &RecoveryEventRow) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO recovery_events ({EVENT_COLS}) VALUES ({}) ON CONFLICT (instance_id, timeline, lsn, seq) DO UPDATE SET {}",
-            placeholders(15),
+            placeholders(17),
             excluded(EVENT_COLS, 4)
         );
         self.execute(
@@ -1304,7 +1304,9 @@ impl WalCatalog for PgCatalog {
                 e.database.clone(),
                 e.schema.clone(),
                 e.table.clone(),
-                opt_i64(e.rows)
+                opt_i64(e.rows),
+                files_to_text(&e.filled),
+                e.before_lsn.map(lsn_to_sql)
             ],
         )
         .map(drop)
@@ -1340,6 +1342,8 @@ impl WalCatalog for PgCatalog {
                     schema: get(r, 12)?,
                     table: get(r, 13)?,
                     rows: get::<Option<i64>>(r, 14)?.map(|v| v.max(0) as u64),
+                    filled: files_from_text(&get::<String>(r, 15)?)?,
+                    before_lsn: get::<Option<i64>>(r, 16)?.map(lsn_from_sql),
                 })
             },
         )
@@ -1425,7 +1429,7 @@ impl WalCatalog for PgCatalog {
     }
 }
 
-const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, rel_oid, database_name, schema_name, table_name, row_count";
+const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, rel_oid, database_name, schema_name, table_name, row_count, filled_files, before_lsn";
 
 impl JobCatalog for PgCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {

@@ -689,11 +689,11 @@ impl WalCatalog for SqliteCatalog {
     fn upsert_recovery_event(&self, e: &RecoveryEventRow) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT OR REPLACE INTO recovery_events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
+                &format!("INSERT OR REPLACE INTO recovery_events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
                 params![
                     e.instance_id.as_str(), e.timeline.0, lsn_to_sql(e.lsn), e.seq, lsn_to_sql(e.end_lsn),
                     e.kind, e.xid, ts(&e.time), e.db_oid, e.relfilenode, e.rel_oid, e.database, e.schema, e.table,
-                    e.rows.map(|r| r as i64)
+                    e.rows.map(|r| r as i64), files_to_text(&e.filled), e.before_lsn.map(lsn_to_sql)
                 ],
             )?;
             Ok(())
@@ -727,6 +727,8 @@ impl WalCatalog for SqliteCatalog {
                     schema: r.get(12)?,
                     table: r.get(13)?,
                     rows: r.get::<_, Option<i64>>(14)?.map(|v| v.max(0) as u64),
+                    filled: r.get::<_, String>(15)?.split(',').filter_map(|s| s.parse().ok()).collect(),
+                    before_lsn: r.get::<_, Option<i64>>(16)?.map(lsn_from_sql),
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -802,7 +804,7 @@ impl WalCatalog for SqliteCatalog {
     }
 }
 
-const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, rel_oid, database_name, schema_name, table_name, row_count";
+const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, time, db_oid, relfilenode, rel_oid, database_name, schema_name, table_name, row_count, filled_files, before_lsn";
 
 impl JobCatalog for SqliteCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {

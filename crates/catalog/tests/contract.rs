@@ -923,6 +923,8 @@ fn recovery_events_and_names(b: &dyn Backend) {
         schema: Some("public".into()),
         table: table.map(Into::into),
         rows: Some(u64::from(u32::MAX) + 7),
+        filled: vec![3_000_000_001, 17],
+        before_lsn: Some(Lsn(u64::MAX - 5)),
     };
     let late = ev(0x300, 0, "2026-11-25T12:00:00.000001Z", Some("b"));
     let early = ev(0x200, 1, "2026-11-25T10:00:00.000001Z", None);
@@ -1414,6 +1416,45 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
         time: t,
     })
     .unwrap();
+    cat.upsert_recovery_event(&RecoveryEventRow {
+        instance_id: "a".into(),
+        timeline: TimelineId(1),
+        lsn: Lsn(0x100_0200),
+        seq: 0,
+        end_lsn: Lsn(0x100_0240),
+        kind: "DropDatabase".into(),
+        xid: 900,
+        time: t,
+        db_oid: 16500,
+        relfilenode: None,
+        rel_oid: None,
+        database: Some("shop".into()),
+        schema: None,
+        table: None,
+        rows: None,
+        filled: vec![16600, 16601],
+        before_lsn: Some(Lsn(0x100_01c0)),
+    })
+    .unwrap();
+    cat.upsert_names(
+        &[RelationNameRow {
+            instance_id: "a".into(),
+            db_oid: 16500,
+            relfilenode: 16600,
+            rel_oid: 16590,
+            schema: "public".into(),
+            name: "orders".into(),
+            kind: "r".into(),
+            seen_at: t,
+        }],
+        &[DatabaseNameRow {
+            instance_id: "a".into(),
+            db_oid: 16500,
+            name: "shop".into(),
+            seen_at: t,
+        }],
+    )
+    .unwrap();
     cat.put_policy(&policy("a")).unwrap();
     cat.put_cross_policy(&CrossBackupPolicy {
         instance_id: "a".into(),
@@ -1521,6 +1562,8 @@ fn everything(cat: &dyn Catalog) -> String {
             "drills": cat.list_drills(id).unwrap(),
             "wal": cat.list_wal_segments(id).unwrap(),
             "points": cat.list_restore_points(id).unwrap(),
+            "events": cat.list_recovery_events(id, None, None).unwrap(),
+            "names": cat.list_names(id).unwrap(),
             "policy": cat.get_policy(id).unwrap(),
             "cross_policy": cat.get_cross_policy(id).unwrap(),
             "cross": cat.list_cross_backups(id).unwrap(),
@@ -1563,7 +1606,7 @@ fn a_sqlite_catalog_moves_to_an_empty_postgres_catalog_whole() {
 
     let report = copy_sqlite_to_postgres(&sqlite, &pg).unwrap();
     let tables: Vec<&str> = report.iter().map(|t| t.table.as_str()).collect();
-    assert_eq!(tables.len(), 21, "{tables:?}");
+    assert_eq!(tables.len(), 24, "{tables:?}");
     assert!(
         report.iter().all(|t| t.rows > 0),
         "a row in every table: {report:?}"

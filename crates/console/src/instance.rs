@@ -15,7 +15,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use strata_api::ApiError;
-use strata_catalog::{BackupPolicy, BackupStatus, Instance};
+use strata_catalog::{BackupMethod, BackupPolicy, BackupStatus, Instance};
 use strata_service::policy::{self, format_minutes, WEEKDAYS};
 
 use crate::events::{self, EventQuery, EventRestore};
@@ -96,7 +96,18 @@ fn head(state: &ConsoleState, who: &Signed, inst: &Instance, tab: Tab) -> Markup
                     form method="post" action=(format!("{b}/backup")) {
                         (layout::csrf(who))
                         h2 #backup-dialog-title { "Backup Instance" }
-                        p { "Start a full physical backup of " strong { (inst.id) } " now?" }
+                        @if inst.agent_url.is_some() {
+                            p { "Start a backup of " strong { (inst.id) } " now?" }
+                            div.field role="radiogroup" aria-labelledby="backup-method-label" {
+                                span.label #backup-method-label { "Method" }
+                                div.choices {
+                                    label.check { input type="radio" name="method" value="Physical" checked; span { "Physical (into the repository)" } }
+                                    label.check { input type="radio" name="method" value="Snapshot"; span { "Snapshot (copy-on-write, on the database host)" } }
+                                }
+                            }
+                        } @else {
+                            p { "Start a full physical backup of " strong { (inst.id) } " now?" }
+                        }
                         p.muted { "It runs beside the automatic schedule; follow it in the Task Center." }
                         div.actions {
                             button.ghost type="button" data-close { "Cancel" }
@@ -163,17 +174,17 @@ pub async fn backup_now(
     page: Page,
     Form(form): Form<Vec<(String, String)>>,
 ) -> Response {
-    if !csrf_ok(&page.who, &Fields(form)) {
+    let form = Fields(form);
+    if !csrf_ok(&page.who, &form) {
         return csrf_refused(&page.who);
     }
-    match state
-        .call(
-            &page.who,
-            "CreateBackup",
-            vec![("DBInstanceId", id.clone())],
-        )
-        .await
-    {
+    let mut params = vec![("DBInstanceId", id.clone())];
+    // The API checks the method (and that the instance has an agent for a snapshot).
+    let method = form.get("method").trim();
+    if !method.is_empty() {
+        params.push(("BackupMethod", method.to_string()));
+    }
+    match state.call(&page.who, "CreateBackup", params).await {
         Ok(answer) => {
             let job = answer
                 .get("BackupJobId")
@@ -370,6 +381,7 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                     (sort_th("Restore Drill", "text"))
                     (sort_th("Kept By", "text"))
                     (sort_th("Expected Expiry", "num"))
+                    th scope="col" { "Clone" }
                     th scope="col" { "Download" }
                 } }
                 tbody {
@@ -379,7 +391,12 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                             td data-v=(text(b, "BackupId")) { code { (text(b, "BackupId")) } }
                             td data-v=(layout::sort_time(layout::parse_api_time(text(b, "BackupStartTime")))) { (api_time(text(b, "BackupStartTime"))) }
                             td data-v=(layout::sort_time(layout::parse_api_time(text(b, "BackupEndTime")))) { (api_time(text(b, "BackupEndTime"))) }
-                            td { (text(b, "BackupMethod")) }
+                            td.method data-v=(text(b, "BackupMethod")) {
+                                (text(b, "BackupMethod"))
+                                @if b.get("StrataSnapshotLocal").and_then(Value::as_bool) == Some(true) {
+                                    div.sub { "on the database host" }
+                                }
+                            }
                             td { (text(b, "BackupType")) }
                             td { (text(b, "BackupMode")) }
                             td data-v=(count(b.get("BackupSize"))) {
@@ -401,6 +418,7 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                                     None => { span.muted { "none" } }
                                 }
                             }
+                            (clone_cell(base, who, b))
                             td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
                         }
                     }
@@ -408,6 +426,31 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
             }
             @if rows.is_empty() {
                 p.empty { "No backup sets in this range." }
+            }
+        }
+    }
+}
+
+/// Clone of a successful set into a new instance (`CloneDBInstance`, the Restore tab's
+/// form): instant on the database host for a snapshot still there.
+fn clone_cell(base: &str, who: &Signed, set: &Value) -> Markup {
+    let local = set.get("StrataSnapshotLocal").and_then(Value::as_bool) == Some(true);
+    let hint = if local {
+        "A new instance from this snapshot, cloned on the database host by its agent"
+    } else {
+        "A new instance restored from this set on this host"
+    };
+    html! {
+        td.clone {
+            @if !who.read_only && text(set, "BackupStatus") == BackupStatus::Success.as_str() {
+                form method="post" action=(format!("{base}/restore/clone")) {
+                    (layout::csrf(who))
+                    input type="hidden" name="restore_by" value="BackupSet";
+                    input type="hidden" name="backup_id" value=(text(set, "BackupId"));
+                    button.ghost type="submit" title=(hint) { "Clone" }
+                }
+            } @else {
+                span.muted { "—" }
             }
         }
     }
@@ -1715,6 +1758,7 @@ fn restore_form(
                             @let finished = b.finished_at.unwrap_or(b.started_at);
                             option value=(b.id) selected[v.backup_id == b.id] data-utc=(iso(finished)) title=(format!("finished {}", finished.format("%Y-%m-%d %H:%M:%S UTC"))) {
                                 (b.id) " · " (finished.format("%Y-%m-%d %H:%M:%S UTC"))
+                                @if b.method == BackupMethod::Snapshot { " · Snapshot" }
                             }
                         }
                     }

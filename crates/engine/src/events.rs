@@ -74,6 +74,8 @@ pub fn commit_events(
         schema: None,
         table: None,
         rows: None,
+        filled: Vec::new(),
+        before_lsn: None,
     };
     // Some(name) for a user table, Some(None) for a file Strata has no name
     // for that may be one, None for everything else.
@@ -97,7 +99,9 @@ pub fn commit_events(
 
     let mut out = Vec::new();
     for &db in &changes.dropped_databases {
-        out.push(event(RecoveryEventKind::DropDatabase, db));
+        let mut e = event(RecoveryEventKind::DropDatabase, db);
+        e.before_lsn = changes.drop_database_lsn;
+        out.push(e);
     }
     let filled: HashSet<&RelFile> = changes.filled.iter().collect();
     let created_empty = changes.created.iter().any(|f| !filled.contains(f));
@@ -109,7 +113,17 @@ pub fn commit_events(
         RecoveryEventKind::DropTable
     };
     for f in &changes.dropped {
-        out.extend(on_table(dropped_kind, f));
+        out.extend(on_table(dropped_kind, f).map(|mut e| {
+            if dropped_kind != RecoveryEventKind::DropTable {
+                e.filled = changes
+                    .filled
+                    .iter()
+                    .filter(|n| n.db == f.db)
+                    .map(|n| n.rel)
+                    .collect();
+            }
+            e
+        }));
     }
     for f in &changes.truncated {
         out.extend(on_table(RecoveryEventKind::Truncate, f));
@@ -161,6 +175,10 @@ pub struct RecoveryEvent {
     pub rows: Option<u64>,
     /// Restore point name.
     pub name: Option<String>,
+    /// Where recovery must stop to find the data as it was just before the
+    /// event when that is not just before its commit: a dropped database
+    /// is marked invalid and its files removed earlier in its transaction.
+    pub before_lsn: Option<Lsn>,
 }
 
 impl RecoveryEvent {
@@ -250,6 +268,7 @@ impl Engine {
                 relfilenode: None,
                 rows: None,
                 name: Some(rp.name),
+                before_lsn: None,
             });
         }
         events.retain(|e| filter.keeps(e));
@@ -306,17 +325,21 @@ impl<'a> Settle<'a> {
             RecoveryEventKind::DropTable | RecoveryEventKind::Truncate | RecoveryEventKind::Rewrite
         ) {
             if let (Some(oid), Some(file)) = (rel_oid, row.relfilenode) {
-                // A newer file of the same relation (file numbers come
-                // from the OID counter, which only grows): the relation
-                // outlived the commit.
-                let outlived = self
-                    .files_of
-                    .get(&(row.db_oid, oid))
-                    .is_some_and(|files| files.iter().any(|f| f.relfilenode > file));
-                kind = match (kind, outlived) {
-                    (RecoveryEventKind::Rewrite, true) => return None,
-                    (_, true) => RecoveryEventKind::Truncate,
-                    (_, false) => RecoveryEventKind::DropTable,
+                // The relation's next file (file numbers come from the OID
+                // counter, which only grows): the relation outlived the
+                // commit in it, rewritten when the commit's transaction
+                // filled it, truncated when not.
+                let next = self.files_of.get(&(row.db_oid, oid)).and_then(|files| {
+                    files
+                        .iter()
+                        .map(|f| f.relfilenode)
+                        .filter(|&f| f > file)
+                        .min()
+                });
+                kind = match next {
+                    Some(next) if row.filled.contains(&next) => return None,
+                    Some(_) => RecoveryEventKind::Truncate,
+                    None => RecoveryEventKind::DropTable,
                 };
             } else if kind == RecoveryEventKind::Rewrite {
                 return None;
@@ -339,6 +362,7 @@ impl<'a> Settle<'a> {
             relfilenode: row.relfilenode,
             rows: row.rows,
             name: None,
+            before_lsn: row.before_lsn,
         })
     }
 }
@@ -371,6 +395,8 @@ pub(crate) fn event_rows<'a>(
             schema: e.schema.clone(),
             table: e.table.clone(),
             rows: e.rows,
+            filled: e.filled.clone(),
+            before_lsn: e.before_lsn,
         }
     })
 }
@@ -506,6 +532,8 @@ mod tests {
             schema: None,
             table: None,
             rows: None,
+            filled: Vec::new(),
+            before_lsn: None,
         }
     }
 
@@ -542,10 +570,12 @@ mod tests {
             kind(row(RecoveryEventKind::DropTable, 20000, Some(16400))).as_deref(),
             Some("Truncate")
         );
-        assert_eq!(
-            kind(row(RecoveryEventKind::Rewrite, 20000, Some(16400))),
-            None
-        );
+        // ... and its transaction filled that new file: a rewrite.
+        let mut rewrite = row(RecoveryEventKind::Rewrite, 20000, Some(16400));
+        rewrite.filled = vec![20049, 20050];
+        assert_eq!(kind(rewrite.clone()), None);
+        rewrite.kind = "Truncate".into();
+        assert_eq!(kind(rewrite), None);
         // 16401 did not: a rewrite whose table is gone was a drop (a swap).
         assert_eq!(
             kind(row(RecoveryEventKind::Rewrite, 20001, Some(16401))).as_deref(),

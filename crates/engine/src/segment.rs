@@ -104,7 +104,8 @@ impl SegmentArchiver {
             seg_start,
             received: 0,
             pending: Vec::new(),
-            decoder: WalDecoder::new(geometry, seg_start),
+            // Changes are tracked only for recovery events.
+            decoder: WalDecoder::new(geometry, seg_start).report_changes(None),
             summary: Summary::default(),
             queue,
             events: None,
@@ -114,6 +115,9 @@ impl SegmentArchiver {
 
     /// Decodes recovery events too (see [`crate::events`]).
     pub fn with_events(mut self, events: Option<EventOptions>) -> Self {
+        debug_assert_eq!(self.received, 0, "set before any WAL is pushed");
+        self.decoder = WalDecoder::new(self.geometry, self.seg_start)
+            .report_changes(events.as_ref().map(|e| e.min_rows));
         self.events = events;
         self
     }

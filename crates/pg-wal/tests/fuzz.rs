@@ -1,7 +1,9 @@
 //! Fuzz target for the WAL record decoder, which reads bytes from the
 //! repository and from the server's replication stream. Seeds: real
-//! PostgreSQL 15 WAL pages in `fuzz-corpus/wal/` (a segment's first page,
-//! and two pages holding commits, an abort and a restore point). Property:
+//! PostgreSQL 15 WAL pages in `fuzz-corpus/wal/` (a segment's first page;
+//! two pages holding commits, an abort and a restore point; two holding row
+//! deletes and updates in savepoints; two holding a `TRUNCATE`'s new files,
+//! page image and commit). Property:
 //! no panic, no allocation sized by a length field, the same result however
 //! the bytes are chunked, and events only at positions inside what was fed.
 //! Longer run: `STRATA_FUZZ_CASES=1000000 cargo test -p pg-wal --test fuzz`.
@@ -34,19 +36,23 @@ fn fuzz_wal_decoder() {
             % (1 << 40);
         Lsn(addr - addr % 8192)
     };
-    // The seeds must decode to commits, or mutations explore only errors.
-    let commits: usize = corpus("wal")
-        .iter()
-        .map(|seed| {
-            let events =
-                decode(geometry, start_of(seed), seed, usize::MAX).expect("a seed decodes");
-            events
-                .iter()
-                .filter(|e| matches!(e, WalEvent::Commit { .. }))
-                .count()
-        })
-        .sum();
+    // The seeds must decode to commits, some reporting changes, or mutations explore only
+    // errors.
+    let (mut commits, mut with_changes) = (0, 0);
+    for seed in corpus("wal") {
+        let events = decode(geometry, start_of(&seed), &seed, usize::MAX).expect("a seed decodes");
+        for event in events {
+            if let WalEvent::Commit { changes, .. } = event {
+                commits += 1;
+                with_changes += usize::from(changes.is_some());
+            }
+        }
+    }
     assert!(commits >= 2, "the seeds hold {commits} commits");
+    assert!(
+        with_changes >= 2,
+        "the seeds hold {with_changes} commits with changes"
+    );
     fuzz("wal", |data| {
         // Start where the first page says it is (xlp_pageaddr), page aligned
         // and kept far from the end of the LSN space, as a caller's would be.

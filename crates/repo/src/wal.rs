@@ -117,6 +117,14 @@ pub struct RecoveryEventInfo {
     /// Rows deleted or updated (for `Delete` and `Update`).
     #[serde(default)]
     pub rows: Option<u64>,
+    /// Files the transaction created and filled (for `Truncate` and
+    /// `Rewrite`): a table whose new file is among them was rewritten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filled: Vec<u32>,
+    /// For `DropDatabase`: a position before which the database was intact
+    /// (it is marked invalid and its files go before the commit record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_lsn: Option<Lsn>,
 }
 
 /// What a WAL object records about its segment (stored in the sealed object's metadata).

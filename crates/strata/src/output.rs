@@ -248,9 +248,10 @@ pub fn print_events(list: &[strata_engine::RecoveryEvent]) {
             .table_label()
             .or_else(|| e.name.clone())
             .unwrap_or_else(|| "-".into());
-        let before = match e.xid {
-            Some(x) => format!("--xid {x} --exclusive"),
-            None => format!("--lsn {}", e.lsn),
+        let before = match (e.xid, e.before_lsn) {
+            (_, Some(lsn)) => format!("--lsn {lsn} --exclusive"),
+            (Some(x), None) => format!("--xid {x} --exclusive"),
+            (None, None) => format!("--lsn {}", e.lsn),
         };
         println!(
             "{:<27} {:<13} {:>10} {:<16} {:<32} {:>9}  {}",

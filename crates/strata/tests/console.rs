@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::agent::AgentProcess;
 use common::{wait_for, Server, Strata};
-use testkit::Cluster;
+use testkit::{Cluster, FsKind, LoopFs};
 
 const INSTANCE: &str = "pg-main";
 
@@ -162,86 +163,123 @@ fn console_in_a_headless_browser() {
         );
     }
 
-    let pages = Browser {
-        python: &python,
-        root: &root,
-        server: &server,
-        strata: &strata,
-        cluster: &cluster,
-        admin: &admin,
-        reader: &reader,
-    };
-    pages.run(
-        "test_console.py",
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+    run_browser_tests(
+        &python,
+        "tests/console/test_console.py",
         "console-screenshots",
-        &[("STRATA_LEFT_NODE", spare_id.as_str())],
+        &[
+            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
+            ("STRATA_INSTANCE", INSTANCE.to_string()),
+            ("STRATA_LEFT_NODE", spare_id.clone()),
+            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
+            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
+            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
+            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
+            ("STRATA_CONFIG", strata.config.display().to_string()),
+            ("STRATA_PG_HOST", cluster.host().to_string()),
+            ("STRATA_PG_PORT", cluster.port().to_string()),
+            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
+        ],
     );
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }
 
-/// What a browser test module runs against.
-struct Browser<'a> {
-    python: &'a Path,
-    root: &'a Path,
-    server: &'a Server,
-    strata: &'a Strata,
-    cluster: &'a Cluster,
-    admin: &'a serde_json::Value,
-    reader: &'a serde_json::Value,
+/// Runs the browser tests of `file` with `env` (and the binary, screenshot and docs
+/// directories), failing with their output when any fails.
+fn run_browser_tests(python: &Path, file: &str, shots_dir: &str, env: &[(&str, String)]) {
+    let root = repo_root();
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(shots_dir);
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = Command::new(python)
+        .args(["-m", "pytest", file, "-v", "-p", "no:cacheprovider"])
+        .current_dir(&root)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("STRATA_BIN", env!("CARGO_BIN_EXE_strata"))
+        .env("STRATA_SCREENSHOTS", &shots)
+        .env("STRATA_DOCS_DIR", root.join("docs"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run pytest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}\n{stderr}\nscreenshots: {}", shots.display());
+    assert!(
+        out.status.success() && stdout.contains(" passed"),
+        "the browser tests failed or ran nothing (screenshots in {}):\n{stdout}\n{stderr}",
+        shots.display()
+    );
 }
 
-impl Browser<'_> {
-    /// Runs one module of `tests/console` with pytest; screenshots go to
-    /// `shots` under the test's temporary directory.
-    fn run(&self, module: &str, shots: &str, extra_env: &[(&str, &str)]) {
-        let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(shots);
-        let _ = std::fs::remove_dir_all(&shots);
-        std::fs::create_dir_all(&shots).unwrap();
-        let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
-        let mut cmd = Command::new(self.python);
-        cmd.args([
-            "-m",
-            "pytest",
-            &format!("tests/console/{module}"),
-            "-v",
-            "-p",
-            "no:cacheprovider",
-        ])
-        .current_dir(self.root)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env(
-            "STRATA_URL",
-            format!("http://127.0.0.1:{}", self.server.port),
-        )
-        .env("STRATA_INSTANCE", INSTANCE)
-        .env("STRATA_ADMIN_KEY_ID", text(self.admin, "AccessKeyId"))
-        .env(
-            "STRATA_ADMIN_KEY_SECRET",
-            text(self.admin, "AccessKeySecret"),
-        )
-        .env("STRATA_RO_KEY_ID", text(self.reader, "AccessKeyId"))
-        .env("STRATA_RO_KEY_SECRET", text(self.reader, "AccessKeySecret"))
-        .env("STRATA_BIN", env!("CARGO_BIN_EXE_strata"))
-        .env("STRATA_CONFIG", &self.strata.config)
-        .env("STRATA_SCREENSHOTS", &shots)
-        .env("STRATA_DOCS_DIR", self.root.join("docs"))
-        .env("STRATA_PG_HOST", self.cluster.host())
-        .env("STRATA_PG_PORT", self.cluster.port().to_string())
-        .env("STRATA_PG_BIN", self.cluster.bin_dir());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("run pytest");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        println!("{stdout}\n{stderr}\nscreenshots: {}", shots.display());
-        assert!(
-            out.status.success(),
-            "the browser tests of {module} failed (screenshots in {}):\n{stdout}\n{stderr}",
-            shots.display()
-        );
-    }
+/// A snapshot backup set in the console: PostgreSQL on a loop-mounted XFS with `strata agent`
+/// beside it, the instance registered with the agent; the browser takes a snapshot backup,
+/// finds it listed with its method, and clones it from the list, the clone made by the agent.
+#[test]
+fn console_clones_a_snapshot_set_through_the_agent() {
+    let root = repo_root();
+    let python = prerequisites(&root);
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 600, true) else {
+        return;
+    };
+    let cluster = Cluster::builder(15)
+        .in_dir(fs.path())
+        .conf("max_wal_size = 128MB")
+        .conf("min_wal_size = 32MB")
+        .start();
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE ledger (id int PRIMARY KEY, note text); \
+         INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 300) g;",
+    );
+    let agent = AgentProcess::start(cluster.data_dir(), testkit::free_port());
+    let strata = Strata::with_config("console-snapshot", "", "[drills]\nenabled = false\n");
+    let port = cluster.port().to_string();
+    let key_file = agent.key_file().display().to_string();
+    let agent_url = agent.url();
+    let mut add = common::add_args(INSTANCE, &port, "postgres");
+    add.extend_from_slice(&["--agent", &agent_url, "--agent-key-file", &key_file]);
+    strata.ok(&add);
+    let key = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["key", "create", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(strata.ok(&args).trim()).unwrap()
+    };
+    let admin = key(&[]);
+    let reader = key(&["--read-only"]);
+    let server = Server::start(&strata, &[]);
+    wait_for("the first automatic backup", 120, || {
+        strata
+            .backups(INSTANCE)
+            .iter()
+            .any(|b| b["status"] == "Success")
+    });
+
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+    run_browser_tests(
+        &python,
+        "tests/console/test_console_snapshot.py",
+        "console-snapshot-screenshots",
+        &[
+            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
+            ("STRATA_INSTANCE", INSTANCE.to_string()),
+            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
+            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
+            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
+            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
+            ("STRATA_CONFIG", strata.config.display().to_string()),
+            ("STRATA_PG_HOST", cluster.host().to_string()),
+            ("STRATA_PG_PORT", cluster.port().to_string()),
+            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
+            (
+                "STRATA_AGENT_CLONE_DIR",
+                agent.clone_dir().display().to_string(),
+            ),
+        ],
+    );
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }
 
 /// The Restore tab's recovery events: a large DELETE found on the timeline
@@ -268,16 +306,25 @@ fn console_recovery_events_in_a_headless_browser() {
             .iter()
             .any(|b| b["status"] == "Success")
     });
-    let pages = Browser {
-        python: &python,
-        root: &root,
-        server: &server,
-        strata: &strata,
-        cluster: &cluster,
-        admin: &admin,
-        reader: &reader,
-    };
-    pages.run("test_recovery_events.py", "console-events-screenshots", &[]);
+
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+    run_browser_tests(
+        &python,
+        "tests/console/test_recovery_events.py",
+        "console-events-screenshots",
+        &[
+            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
+            ("STRATA_INSTANCE", INSTANCE.to_string()),
+            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
+            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
+            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
+            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
+            ("STRATA_CONFIG", strata.config.display().to_string()),
+            ("STRATA_PG_HOST", cluster.host().to_string()),
+            ("STRATA_PG_PORT", cluster.port().to_string()),
+            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
+        ],
+    );
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }

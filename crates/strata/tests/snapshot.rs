@@ -538,7 +538,8 @@ fn a_snapshot_under_the_free_space_floor_is_refused_before_backup_mode_and_leave
             .contains(&refusal),
         "{sets:?}"
     );
-    // Nothing left behind: no snapshot (partial or not) next to the key, no session or slot
+    // Nothing left behind: no snapshot (partial or not) next to the key and the latest request
+    // time, no session or slot
     // of Strata on the server, and the server never went into backup mode (no checkpoint).
     let mut left: Vec<String> = std::fs::read_dir(agent.snapshot_dir())
         .unwrap()
@@ -546,7 +547,7 @@ fn a_snapshot_under_the_free_space_floor_is_refused_before_backup_mode_and_leave
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, ["agent.key"]);
+    assert_eq!(left, ["agent.key", "agent.latest-request"]);
     assert_eq!(strata_sessions(&pg), "0");
     assert_eq!(
         pg.psql("postgres", "SELECT count(*) FROM pg_replication_slots"),

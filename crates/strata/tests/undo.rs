@@ -96,8 +96,11 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
         // are known before destroying them.
         std::thread::sleep(std::time::Duration::from_secs(2));
 
+        let dropped_digest = digest(&pg, db, "victim_drop");
         let (drop_xid, d0, d1) = xact(&pg, db, "DROP TABLE victim_drop");
+        let truncated_digest = digest(&pg, db, "victim_trunc");
         let (trunc_xid, t0, t1) = xact(&pg, db, "TRUNCATE victim_trunc");
+        let deleted_digest = digest(&pg, db, "victim_delete");
         let (delete_xid, _, _) = xact(&pg, db, "DELETE FROM victim_delete");
         pg.psql(db, "INSERT INTO victim_delete VALUES (1, 'after')");
         let (small_xid, _, _) = xact(&pg, db, "DELETE FROM small WHERE id <= 10");
@@ -113,6 +116,7 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
         let (renamed_xid, _, _) = xact(&pg, db, "DROP TABLE renamed_new");
         pg.psql(db, "SELECT pg_create_restore_point('after-cleanup')");
         let doomed_oid = pg.psql(db, "SELECT oid FROM pg_database WHERE datname = 'doomed'");
+        let doomed_digest = digest(&pg, "doomed", "d");
         pg.psql(db, "DROP DATABASE doomed");
         pg.psql(db, "INSERT INTO keeps_changing (v) VALUES ('last')");
 
@@ -183,5 +187,39 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
         let before = events(&strata, "u", &[]);
         strata.ok(&["repo", "reindex"]);
         assert_eq!(events(&strata, "u", &[]), before);
+
+        // Undo: each restore stops just before its transaction, so the
+        // table is as committed right before it while what came before
+        // the transaction (an earlier event) stays done.
+        let undo = |xid: u32, name: &str| {
+            let xid = xid.to_string();
+            strata.restore_and_start("u", name, 15, &["--xid", &xid, "--exclusive"])
+        };
+        let r = undo(drop_xid, "before-drop");
+        assert_eq!(digest(&r, db, "victim_drop"), dropped_digest);
+        drop(r);
+        let r = undo(trunc_xid, "before-truncate");
+        assert_eq!(digest(&r, db, "victim_trunc"), truncated_digest);
+        assert!(r.try_psql(db, "SELECT 1 FROM victim_drop").is_err());
+        drop(r);
+        let r = undo(delete_xid, "before-delete");
+        assert_eq!(digest(&r, db, "victim_delete"), deleted_digest);
+        assert_eq!(r.psql(db, "SELECT count(*) FROM victim_trunc"), "0");
+        drop(r);
+        // A dropped database is marked invalid and its files removed
+        // before the commit: the event says where it was still intact.
+        let before = list
+            .iter()
+            .find(|e| e["kind"] == "DropDatabase")
+            .and_then(|e| e["before_lsn"].as_str())
+            .expect("the DropDatabase event's position before it")
+            .to_string();
+        let r = strata.restore_and_start(
+            "u",
+            "before-drop-database",
+            15,
+            &["--lsn", &before, "--exclusive"],
+        );
+        assert_eq!(digest(&r, "doomed", "d"), doomed_digest);
     });
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use strata_agent::server::Limits;
 use strata_agent::{Agent, AgentClient, AgentKey, FreeFloor, Layout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,17 +37,32 @@ pub fn default_layout(data_dir: &Path) -> Layout {
 
 /// Starts an agent for `layout` with a fresh key (panics if it refuses to start).
 pub async fn start_agent(layout: Layout, floor: FreeFloor) -> RunningAgent {
-    let key = AgentKey::generate();
+    start_agent_with_key(layout, floor, AgentKey::generate()).await
+}
+
+/// Starts an agent for `layout` with `key`, as `strata agent` does with an existing key file.
+pub async fn start_agent_with_key(layout: Layout, floor: FreeFloor, key: AgentKey) -> RunningAgent {
+    start_agent_with_limits(layout, floor, key, Limits::default()).await
+}
+
+/// Starts an agent for `layout` with `key`, serving within `limits`.
+pub async fn start_agent_with_limits(
+    layout: Layout,
+    floor: FreeFloor,
+    key: AgentKey,
+    limits: Limits,
+) -> RunningAgent {
     let agent = Agent::start(layout.clone(), key.clone(), floor).expect("agent starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(strata_agent::server::serve(
+    tokio::spawn(strata_agent::server::serve_with_limits(
         listener,
         Arc::new(agent),
         None,
+        limits,
         stop_rx,
     ));
     let client = AgentClient::new(&format!("http://{addr}"), key.clone(), None).expect("client");
@@ -149,4 +165,13 @@ pub fn signed(
     )
     .pairs()
     .to_vec()
+}
+
+/// Entries of the snapshot directory but the agent's own state file (the latest request time).
+pub fn entries_but_state(snapshot_dir: &Path) -> usize {
+    std::fs::read_dir(snapshot_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != strata_agent::server::LATEST_REQUEST_FILE)
+        .count()
 }

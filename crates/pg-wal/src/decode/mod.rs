@@ -13,16 +13,38 @@
 //! after an `XLOG_SWITCH` is skipped). Formats we cannot read (unknown page magic, other
 //! segment or page sizes, a file from another position) are errors.
 //!
-//! Memory is bounded by the records that are reported (commit and abort records,
-//! restore points); all other records are CRC-checked as they stream past and dropped.
+//! Every commit also says what its transaction did that can destroy data
+//! ([`TxnChanges`]): the files it dropped (from the commit record itself), and what the
+//! records carrying its xid or its committed subtransactions' xids showed along the way:
+//! files created (`XLOG_SMGR_CREATE`, main fork) and whether data went into them afterwards
+//! (heap inserts, page images: a rewrite by `VACUUM FULL`/`CLUSTER` fills its new file,
+//! `TRUNCATE` leaves it empty), files truncated in place (`XLOG_SMGR_TRUNCATE` with an xid),
+//! databases dropped (`XLOG_DBASE_DROP`), heap rows deleted and updated per file (the
+//! speculative insertions `INSERT … ON CONFLICT` takes back are not deletes), and whether the
+//! system catalogs changed (relation or catalog cache invalidations in the commit record). A
+//! subtransaction's abort, or its parent's, discards what it did; `XLOG_RUNNING_XACTS`
+//! (`oldestRunningXid`) retires transactions whose end was never seen. A transaction that was
+//! already running where decoding started reports only what followed. Counting covers system
+//! catalogs too (DDL updates `pg_class` rows).
+//!
+//! Memory is bounded by the records that are reported (commit and abort records, restore
+//! points), by the rare records that change a transaction's state (kept whole), and by the
+//! per-xid state, which is capped ([`MAX_TRACKED_XIDS`], [`MAX_ENTRIES_PER_XID`],
+//! [`MAX_ENTRIES`]; a commit whose changes did not all fit says so in
+//! [`TxnChanges::incomplete`]). Of heap and page-image records only the first
+//! 64 bytes after the record header (block 0's header; a delete's flags are picked up on the
+//! way) are kept; all other records are CRC-checked as they stream past and dropped.
 
+mod changes;
 mod record;
 
 use chrono::{DateTime, Utc};
 
 use crate::{Lsn, WalError, WalGeometry, XLOG_BLCKSZ};
 
-use record::{Kind, RecordHeader, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET};
+use changes::ChangeTracker;
+pub use changes::{MAX_ENTRIES, MAX_ENTRIES_PER_XID, MAX_TRACKED_XIDS};
+use record::{BlockRecordPrefix, Decoded, Kind, RecordHeader, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET};
 
 /// Something in the WAL that Strata acts on (recovery targets, catalog of restore points).
 #[derive(Debug, Clone, PartialEq)]
@@ -107,16 +129,29 @@ pub struct TxnChanges {
     pub created: Vec<RelFile>,
     /// Relation files the transaction created and then filled with data
     /// (page images or heap inserts), which tells a rewrite from a `TRUNCATE`.
+    /// Look at the table's own file: a new index file is filled even by
+    /// `TRUNCATE`, which writes its metapage at once.
     pub filled: Vec<RelFile>,
     /// Relation files cut short in place (`XLOG_SMGR_TRUNCATE` with this xid).
     pub truncated: Vec<RelFile>,
     /// Databases dropped (`XLOG_DBASE_DROP`), by OID.
     pub dropped_databases: Vec<u32>,
+    /// With a database dropped: a position before which the database was intact. PostgreSQL
+    /// marks the database invalid with an in-place update of `pg_database` and removes its
+    /// files before the commit, so stopping just before the commit is too late; this is the
+    /// start of the last in-place update of a shared catalog before the first
+    /// `XLOG_DBASE_DROP` (within 16 MiB of it), or that record's start.
+    pub drop_database_lsn: Option<Lsn>,
     /// Heap rows deleted and updated, per relation file.
     pub rows: Vec<RowChanges>,
-    /// The commit carries relation cache invalidations: the system catalogs
-    /// changed (DDL), so names may have changed.
+    /// The commit carries relation or catalog cache invalidations: the system
+    /// catalogs changed (DDL), so names may have changed.
     pub catalog_changed: bool,
+    /// Not everything was recorded: the decoder's memory caps were reached
+    /// ([`MAX_TRACKED_XIDS`] transactions in flight, [`MAX_ENTRIES_PER_XID`] files per
+    /// transaction, [`MAX_ENTRIES`] in all). `dropped` and `catalog_changed` come from the
+    /// commit record and are always complete; the other lists are then a lower bound.
+    pub incomplete: bool,
 }
 
 const SIZE_OF_SHORT_PAGE_HEADER: usize = 24;
@@ -131,6 +166,10 @@ const XLP_ALL_FLAGS: u16 = 0x0007;
 const MAXALIGN: u64 = 8;
 /// `MaxAllocSize`: PostgreSQL's reader refuses longer records.
 const MAX_RECORD_LEN: u32 = 0x3FFF_FFFF;
+/// How far before its `XLOG_DBASE_DROP` record a `DROP DATABASE`'s in-place update of
+/// `pg_database` is looked for (the buffers of the database are dropped in between, which
+/// writes no WAL).
+const DROP_DATABASE_INPLACE_WINDOW: u64 = 16 << 20;
 /// Initial buffer reservation for a reported record; most are far smaller.
 const RECORD_BUFFER_HINT: usize = 64 * 1024;
 
@@ -164,6 +203,11 @@ impl WalVersion {
                 record::BKPIMAGE_IS_COMPRESSED_PG14
             } else {
                 record::BKPIMAGE_COMPRESSED
+            },
+            dbase_drop: if self == WalVersion::Pg14 {
+                record::XLOG_DBASE_DROP_PG14
+            } else {
+                record::XLOG_DBASE_DROP
             },
         }
     }
@@ -229,6 +273,8 @@ pub struct WalDecoder {
     page: PageState,
     record: RecordState,
     version: WalVersion,
+    /// `version.record_format()`, kept at hand for every record.
+    format: record::RecordFormat,
     /// At a (re)synchronisation point: continuation data of an earlier record is skipped.
     fresh: bool,
     /// Start of the last valid record, to check the next record's `xl_prev`.
@@ -237,6 +283,15 @@ pub struct WalDecoder {
     skip_until: Option<Lsn>,
     /// Errors are sticky: the stream position is no longer trustworthy.
     failed: Option<WalError>,
+    /// What in-flight transactions did so far.
+    changes: ChangeTracker,
+    /// The beginning of the heap or page-image record in progress.
+    prefix: BlockRecordPrefix,
+    /// Whether commits report their changes (see [`WalDecoder::report_changes`]).
+    tracking: bool,
+    /// Start of the last in-place update of a shared catalog (see
+    /// [`TxnChanges::drop_database_lsn`]).
+    shared_inplace: Option<Lsn>,
 }
 
 impl WalDecoder {
@@ -250,11 +305,28 @@ impl WalDecoder {
             page: PageState::Content,
             record: RecordState::Idle,
             version: WalVersion::Pg15,
+            format: WalVersion::Pg15.record_format(),
             fresh: true,
             prev: None,
             skip_until: None,
             failed: (start.0 % XLOG_BLCKSZ != 0).then_some(WalError::UnalignedStart(start)),
+            changes: ChangeTracker::default(),
+            prefix: BlockRecordPrefix::new(),
+            tracking: true,
+            shared_inplace: None,
         }
+    }
+
+    /// Whether commits report what their transactions did ([`TxnChanges`]; on by default,
+    /// every row change reported), and from how many rows deleted or updated in one file a
+    /// file's row counts are worth reporting: below that they are left out, and a commit with
+    /// nothing else to report reports nothing, which saves building a report for most commits
+    /// of a busy server. `None` turns tracking off: no record but commits, aborts, restore
+    /// points and switches is looked at, and `changes` is always `None`.
+    pub fn report_changes(mut self, min_rows: Option<u64>) -> Self {
+        self.tracking = min_rows.is_some();
+        self.changes.set_min_rows(min_rows.unwrap_or(0));
+        self
     }
 
     /// LSN just after the last byte fed.
@@ -370,6 +442,10 @@ impl WalDecoder {
                     if let Some(buffer) = buffer {
                         buffer.extend_from_slice(chunk);
                     }
+                    if self.prefix.active() {
+                        let compressed = self.format.image_compressed;
+                        self.prefix.feed(*got, chunk, header.tot_len, compressed);
+                    }
                     *got += chunk.len() as u32;
                     if *got == header.tot_len {
                         self.finish_record(events)?;
@@ -413,6 +489,7 @@ impl WalDecoder {
             lsn: page_start,
             magic,
         })?;
+        self.format = self.version.record_format();
         if info & !XLP_ALL_FLAGS != 0 {
             self.end_of_valid_wal();
             return Ok(());
@@ -505,7 +582,15 @@ impl WalDecoder {
             self.end_of_valid_wal();
             return Ok(());
         }
-        let kind = record::classify(header.rmid, header.info);
+        let kind = record::classify(header.rmid, header.info, self.format)
+            .filter(|k| self.tracking || k.reported_without_tracking());
+        // Row changes and fills need an xid; fills only matter while a created file is open.
+        let block_kind = record::classify_block(header.rmid, header.info).filter(|k| {
+            self.tracking
+                && (header.xid != 0 || *k == record::BlockKind::Inplace)
+                && (*k != record::BlockKind::Fill || self.changes.watching_fills())
+        });
+        self.prefix.start(block_kind);
         let buffer = kind.map(|_| {
             let mut buffer = Vec::with_capacity((tot_len as usize).min(RECORD_BUFFER_HINT));
             buffer.extend_from_slice(bytes);
@@ -547,23 +632,66 @@ impl WalDecoder {
             return Ok(());
         }
         self.prev = Some(start);
+        let format = self.format;
+        let malformed = |reason| WalError::MalformedRecord { lsn: start, reason };
+        if self.prefix.active() {
+            self.finish_block_record(start, &header)?;
+        }
         let Some(kind) = kind else {
             return Ok(());
         };
         let end_lsn = Lsn(self.pos.0.next_multiple_of(MAXALIGN));
         let record = buffer.as_deref().unwrap_or(&head);
-        let event = record::to_event(
-            kind,
-            &header,
-            record,
-            start,
-            end_lsn,
-            self.version.record_format(),
-        )
-        .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
-        events.push(event);
+        let decoded =
+            record::decode(kind, &header, record, start, end_lsn, format).map_err(malformed)?;
+        match decoded {
+            Decoded::Event(event) => events.push(event),
+            Decoded::XactEnd { mut event, parts } => {
+                match &mut event {
+                    WalEvent::Commit { xid, changes, .. } if self.tracking => {
+                        *changes = self.changes.commit(*xid, &parts);
+                    }
+                    WalEvent::Abort { xid, .. } if self.tracking => {
+                        self.changes.abort(*xid, &parts)
+                    }
+                    _ => {}
+                }
+                events.push(event);
+            }
+            Decoded::Create(rel) => self.changes.on_create(header.xid, rel),
+            Decoded::Truncate(rel) => self.changes.on_truncate(header.xid, rel),
+            Decoded::DropDatabase(db) => {
+                let before = self
+                    .shared_inplace
+                    .take()
+                    .filter(|l| start.0 - l.0 <= DROP_DATABASE_INPLACE_WINDOW)
+                    .unwrap_or(start);
+                self.changes.on_drop_database(header.xid, db, before)
+            }
+            Decoded::OldestRunning(xid) => self.changes.oldest_running(xid),
+            Decoded::Nothing => {}
+        }
         if kind == Kind::Switch {
             self.skip_to_next_segment();
+        }
+        Ok(())
+    }
+
+    /// A heap or page-image record ended: count what it changed.
+    fn finish_block_record(&mut self, start: Lsn, header: &RecordHeader) -> Result<(), WalError> {
+        let change = self
+            .prefix
+            .finish(header.tot_len, self.format.image_compressed)
+            .map_err(|reason| WalError::MalformedRecord { lsn: start, reason })?;
+        match change {
+            // Shared catalogs live in no database (`pg_database` is one).
+            Some(change) if change.kind == record::BlockKind::Inplace => {
+                if change.rel.db == 0 {
+                    self.shared_inplace = Some(start);
+                }
+            }
+            Some(change) => self.changes.on_block(header.xid, change),
+            None => {}
         }
         Ok(())
     }

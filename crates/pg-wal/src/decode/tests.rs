@@ -359,10 +359,28 @@ fn prepared_transactions_take_the_twophase_xid() {
     let abort_at = w.record(1, 0x40 | 0x80, 0, &with_main_data(&abort));
     let abort_end = w.end();
     let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+    let three = 0x0303_0303;
+    let changes = TxnChanges {
+        db: Some(0x0101_0101),
+        dropped: vec![RelFile {
+            spc: three,
+            db: three,
+            rel: three,
+        }],
+        // Message id 5 is a catalog cache's.
+        catalog_changed: true,
+        ..TxnChanges::default()
+    };
     assert_eq!(
         events,
         vec![
-            commit(at, end, 4242, 77),
+            WalEvent::Commit {
+                lsn: at,
+                end_lsn: end,
+                xid: 4242,
+                time: from_pg_micros(77),
+                changes: Some(Box::new(changes)),
+            },
             WalEvent::Abort {
                 lsn: abort_at,
                 end_lsn: abort_end,
@@ -454,4 +472,355 @@ fn zeroed_segment_yields_nothing() {
     let zeros = vec![0u8; MIB as usize];
     let start = geometry().segment_start(SegmentNo(3));
     assert_eq!(decode_segment(geometry(), start, &zeros).unwrap(), vec![]);
+}
+
+// ---- what committed transactions did ----
+
+const RM_SMGR: u8 = 2;
+const RM_DBASE: u8 = 4;
+const RM_STANDBY: u8 = 8;
+const RM_HEAP: u8 = 10;
+const HEAP_DELETE: u8 = 0x10;
+const HEAP_UPDATE: u8 = 0x20;
+const HEAP_HOT_UPDATE: u8 = 0x40;
+const XLH_DELETE_IS_SUPER: u8 = 0x08;
+
+fn rel(n: u32) -> RelFile {
+    RelFile {
+        spc: 1663,
+        db: 5,
+        rel: n,
+    }
+}
+
+fn locator(rel: RelFile) -> Vec<u8> {
+    [rel.spc, rel.db, rel.rel]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+/// A record referencing block 0 of `rel` (with a full-page image of `image_len` bytes if not
+/// zero), then `main` as main data.
+fn block_record(rel: RelFile, fork: u8, image_len: u16, main: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8, fork | if image_len > 0 { 0x10 } else { 0 }];
+    out.extend_from_slice(&0u16.to_le_bytes());
+    if image_len > 0 {
+        out.extend_from_slice(&image_len.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.push(0); // no hole, not compressed
+    }
+    out.extend_from_slice(&locator(rel));
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&[255, main.len() as u8]);
+    out.extend(std::iter::repeat_n(0xCD, image_len as usize));
+    out.extend_from_slice(main);
+    out
+}
+
+/// `xl_heap_delete` with `flags`.
+fn heap_delete(rel: RelFile, image_len: u16, flags: u8) -> Vec<u8> {
+    let mut main = 77u32.to_le_bytes().to_vec();
+    main.extend_from_slice(&[1, 0, 0, flags]);
+    block_record(rel, 0, image_len, &main)
+}
+
+fn heap_update(rel: RelFile) -> Vec<u8> {
+    block_record(rel, 0, 0, &[0; 14])
+}
+
+/// A commit (or abort) main data with dbinfo, subtransactions, dropped files and
+/// invalidation messages of the given ids.
+fn xact_payload(time: i64, subxacts: &[u32], rels: &[RelFile], inval_ids: &[i8]) -> Vec<u8> {
+    let xinfo: u32 = 1 | 2 | 4 | if inval_ids.is_empty() { 0 } else { 8 };
+    let mut main = time.to_le_bytes().to_vec();
+    main.extend_from_slice(&xinfo.to_le_bytes());
+    main.extend_from_slice(&5u32.to_le_bytes());
+    main.extend_from_slice(&1663u32.to_le_bytes());
+    main.extend_from_slice(&(subxacts.len() as i32).to_le_bytes());
+    for xid in subxacts {
+        main.extend_from_slice(&xid.to_le_bytes());
+    }
+    main.extend_from_slice(&(rels.len() as i32).to_le_bytes());
+    for rel in rels {
+        main.extend_from_slice(&locator(*rel));
+    }
+    if !inval_ids.is_empty() {
+        main.extend_from_slice(&(inval_ids.len() as i32).to_le_bytes());
+        for id in inval_ids {
+            let mut message = [0u8; 16];
+            message[0] = *id as u8;
+            main.extend_from_slice(&message);
+        }
+    }
+    with_main_data(&main)
+}
+
+fn changes_of(events: &[WalEvent], xid: u32) -> Option<TxnChanges> {
+    events
+        .iter()
+        .find_map(|e| match e {
+            WalEvent::Commit {
+                xid: x, changes, ..
+            } if *x == xid => Some(changes.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no commit of {xid} in {events:#?}"))
+        .map(|c| *c)
+}
+
+#[test]
+fn rows_are_counted_per_file_with_committed_subtransactions_only() {
+    let (a, b) = (rel(16384), rel(16390));
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.record(RM_HEAP, HEAP_DELETE, 100, &heap_delete(a, 0, 0));
+    // A page image puts the delete's flags far past the kept prefix.
+    w.record(RM_HEAP, HEAP_DELETE, 100, &heap_delete(a, 5000, 0));
+    w.record(RM_HEAP, HEAP_UPDATE, 100, &heap_update(a));
+    w.record(RM_HEAP, HEAP_HOT_UPDATE | 0x80, 100, &heap_update(a));
+    // Speculative insertions taken back are not deletes, with or without an image.
+    w.record(
+        RM_HEAP,
+        HEAP_DELETE,
+        100,
+        &heap_delete(a, 0, XLH_DELETE_IS_SUPER),
+    );
+    w.record(
+        RM_HEAP,
+        HEAP_DELETE,
+        100,
+        &heap_delete(a, 3000, XLH_DELETE_IS_SUPER | 1),
+    );
+    for _ in 0..3 {
+        w.record(RM_HEAP, HEAP_DELETE, 101, &heap_delete(a, 0, 0));
+    }
+    w.record(RM_HEAP, HEAP_DELETE, 101, &heap_delete(b, 0, 0));
+    // Subtransaction 102 rolls back; 103 is never mentioned again.
+    for _ in 0..5 {
+        w.record(RM_HEAP, HEAP_DELETE, 102, &heap_delete(a, 0, 0));
+    }
+    w.record(1, 0x20 | 0x80, 102, &xact_payload(1, &[], &[], &[]));
+    w.record(RM_HEAP, HEAP_DELETE, 103, &heap_delete(b, 0, 0));
+    // Another transaction's rows stay its own.
+    w.record(RM_HEAP, HEAP_DELETE, 200, &heap_delete(a, 0, 0));
+    w.record(1, 0x80, 100, &xact_payload(2, &[101], &[], &[]));
+    w.record(1, 0x80, 200, &xact_payload(3, &[], &[], &[]));
+    // A transaction that rolls back reports nothing, and its state is gone.
+    w.record(RM_HEAP, HEAP_DELETE, 300, &heap_delete(a, 0, 0));
+    w.record(1, 0x20 | 0x80, 300, &xact_payload(4, &[], &[], &[]));
+
+    let expected = TxnChanges {
+        db: Some(5),
+        rows: vec![
+            RowChanges {
+                rel: a,
+                deleted: 5,
+                updated: 2,
+            },
+            RowChanges {
+                rel: b,
+                deleted: 1,
+                updated: 0,
+            },
+        ],
+        ..TxnChanges::default()
+    };
+    let mut reference = None;
+    for chunk in [1, 7, 100, 777, usize::MAX] {
+        let chunk = chunk.min(w.out.len());
+        let mut decoder = WalDecoder::new(geometry(), Lsn(MIB));
+        let mut events = Vec::new();
+        for piece in w.out.chunks(chunk) {
+            events.extend(decoder.feed(piece).unwrap());
+        }
+        assert_eq!(
+            changes_of(&events, 100),
+            Some(expected.clone()),
+            "chunk {chunk}"
+        );
+        assert_eq!(changes_of(&events, 200).unwrap().rows.len(), 1);
+        // Only 103 (never ended) is still tracked.
+        assert_eq!(decoder.changes.tracked(), 1, "chunk {chunk}");
+        if let Some(reference) = &reference {
+            assert_eq!(&events, reference, "chunk {chunk}");
+        }
+        reference = Some(events);
+    }
+}
+
+#[test]
+fn files_created_filled_truncated_and_databases_dropped() {
+    let (created, empty, other_fork, truncated, vacuumed) =
+        (rel(20000), rel(20001), rel(20002), rel(20003), rel(20004));
+    let dropped = [rel(16384), rel(16385)];
+    for (magic, drop_info) in [(PG15_MAGIC, 0x20), (0xD10D, 0x10)] {
+        let mut w = WalWriter::new(Lsn(MIB));
+        w.magic = magic;
+        let create = |rel: RelFile, fork: u32| {
+            let mut main = locator(rel);
+            main.extend_from_slice(&fork.to_le_bytes());
+            with_main_data(&main)
+        };
+        let truncate = |rel: RelFile, flags: u32| {
+            let mut main = 0u32.to_le_bytes().to_vec();
+            main.extend_from_slice(&locator(rel));
+            main.extend_from_slice(&flags.to_le_bytes());
+            with_main_data(&main)
+        };
+        w.record(RM_SMGR, 0x10, 500, &create(created, 0));
+        w.record(RM_SMGR, 0x10, 500, &create(empty, 0));
+        w.record(RM_SMGR, 0x10, 500, &create(other_fork, 2));
+        // A page image into the new file, as VACUUM FULL and CLUSTER write it.
+        w.record(0, 0xB0, 500, &block_record(created, 0, 8000, &[]));
+        // Pages of another fork do not fill the main fork.
+        w.record(0, 0xB0, 500, &block_record(empty, 1, 100, &[]));
+        w.record(RM_SMGR, 0x20, 500, &truncate(truncated, 7));
+        // VACUUM's truncation has no xid.
+        w.record(RM_SMGR, 0x20, 0, &truncate(vacuumed, 7));
+        // DROP DATABASE marks the database invalid in pg_database (a shared catalog) first,
+        // outside the transaction; an in-place update in a database is not that.
+        let pg_database = RelFile {
+            spc: 1664,
+            db: 0,
+            rel: 1262,
+        };
+        let invalid_at = w.record(RM_HEAP, 0x70, 0, &block_record(pg_database, 0, 0, &[1]));
+        w.record(RM_HEAP, 0x70, 0, &block_record(rel(1259), 0, 0, &[1]));
+        let mut drop = 16999u32.to_le_bytes().to_vec();
+        drop.extend_from_slice(&0i32.to_le_bytes());
+        w.record(RM_DBASE, drop_info, 500, &with_main_data(&drop));
+        // Only smgr and snapshot invalidations: no catalog change.
+        w.record(1, 0x80, 500, &xact_payload(9, &[], &dropped, &[-3, -5]));
+        // With tracking off the same WAL yields the same commits, without changes.
+        let plain = WalDecoder::new(geometry(), Lsn(MIB))
+            .report_changes(None)
+            .feed(&w.out)
+            .unwrap();
+        assert_eq!(changes_of(&plain, 500), None, "magic {magic:#x}");
+        assert_eq!(plain.len(), 1);
+        let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+        assert_eq!(
+            changes_of(&events, 500),
+            Some(TxnChanges {
+                db: Some(5),
+                dropped: dropped.to_vec(),
+                created: vec![created, empty],
+                filled: vec![created],
+                truncated: vec![truncated],
+                dropped_databases: vec![16999],
+                drop_database_lsn: Some(invalid_at),
+                ..TxnChanges::default()
+            }),
+            "magic {magic:#x}"
+        );
+    }
+}
+
+#[test]
+fn catalog_invalidations_and_empty_commits() {
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.record(1, 0x80, 600, &xact_payload(1, &[], &[], &[-2]));
+    w.record(1, 0x80, 601, &xact_payload(1, &[], &[], &[42]));
+    w.record(1, 0x80, 602, &xact_payload(1, &[], &[], &[]));
+    w.record(1, 0x00, 603, &commit_payload(1));
+    let events = decode_segment(geometry(), Lsn(MIB), &w.out).unwrap();
+    assert!(changes_of(&events, 600).unwrap().catalog_changed);
+    assert!(changes_of(&events, 601).unwrap().catalog_changed);
+    assert_eq!(changes_of(&events, 602), None);
+    assert_eq!(changes_of(&events, 603), None);
+}
+
+#[test]
+fn running_xacts_forgets_transactions_that_ended_unseen() {
+    let running = |oldest: u32| {
+        let mut main = vec![0u8; 24];
+        main[16..20].copy_from_slice(&oldest.to_le_bytes());
+        with_main_data(&main)
+    };
+    let mut w = WalWriter::new(Lsn(MIB));
+    // Near wraparound: 0xFFFF_FFF0 is older than 5.
+    w.record(
+        RM_HEAP,
+        HEAP_DELETE,
+        0xFFFF_FFF0,
+        &heap_delete(rel(1), 0, 0),
+    );
+    w.record(RM_HEAP, HEAP_DELETE, 4, &heap_delete(rel(1), 0, 0));
+    w.record(RM_HEAP, HEAP_DELETE, 10, &heap_delete(rel(1), 0, 0));
+    let mut decoder = WalDecoder::new(geometry(), Lsn(MIB));
+    decoder.feed(&w.out).unwrap();
+    assert_eq!(decoder.changes.tracked(), 3);
+    let from = w.out.len();
+    w.record(RM_STANDBY, 0x10, 0, &running(5));
+    decoder.feed(&w.out[from..]).unwrap();
+    assert_eq!(decoder.changes.tracked(), 1);
+}
+
+#[test]
+fn malformed_change_records_are_errors() {
+    let bad_count = |count: i32| {
+        let mut main = 1i64.to_le_bytes().to_vec();
+        main.extend_from_slice(&2u32.to_le_bytes()); // subxacts
+        main.extend_from_slice(&count.to_le_bytes());
+        main.extend_from_slice(&[0; 8]);
+        with_main_data(&main)
+    };
+    let mut block_7 = heap_delete(rel(1), 0, 0);
+    block_7[0] = 7;
+    let short_delete = block_record(rel(1), 0, 0, &[0; 5]);
+    let cases: Vec<(&str, u8, u8, Vec<u8>)> = vec![
+        ("negative subxact count", 1, 0x80, bad_count(-1)),
+        ("huge subxact count", 1, 0x80, bad_count(i32::MAX)),
+        ("count past the end", 1, 0x80, bad_count(3)),
+        ("delete without block 0", RM_HEAP, HEAP_DELETE, block_7),
+        (
+            "update with only main data",
+            RM_HEAP,
+            HEAP_UPDATE,
+            with_main_data(&[0; 14]),
+        ),
+        (
+            "delete with short main data",
+            RM_HEAP,
+            HEAP_DELETE,
+            short_delete,
+        ),
+        ("short smgr create", RM_SMGR, 0x10, with_main_data(&[0; 10])),
+        (
+            "short smgr truncate",
+            RM_SMGR,
+            0x20,
+            with_main_data(&[0; 16]),
+        ),
+        (
+            "short database drop",
+            RM_DBASE,
+            0x20,
+            with_main_data(&[0; 3]),
+        ),
+        (
+            "short running xacts",
+            RM_STANDBY,
+            0x10,
+            with_main_data(&[0; 18]),
+        ),
+        ("empty record", RM_HEAP, HEAP_DELETE, Vec::new()),
+    ];
+    for (what, rmid, info, payload) in cases {
+        let mut w = WalWriter::new(Lsn(MIB));
+        w.record(rmid, info, 42, &payload);
+        for chunk in [1, 13, usize::MAX] {
+            let chunk = chunk.min(w.out.len());
+            let mut decoder = WalDecoder::new(geometry(), Lsn(MIB));
+            let err = w
+                .out
+                .chunks(chunk)
+                .find_map(|piece| decoder.feed(piece).err())
+                .unwrap_or_else(|| panic!("{what}: decoded"));
+            assert!(
+                matches!(err, WalError::MalformedRecord { .. }),
+                "{what}: {err}"
+            );
+        }
+    }
 }

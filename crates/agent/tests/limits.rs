@@ -1,0 +1,178 @@
+//! The agent's connection limits, on real sockets: while 64 connections are held, a 65th is
+//! not served until one of them ends; a connection that sends only part of a request head, or
+//! nothing, or stays idle after its answer is closed once its head time is up. Each check
+//! waits on what the agent does (an answer, a closed socket), never on how long it takes; the
+//! outer time limits only keep a broken agent from hanging the test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{default_layout, fake_data_dir, signed, start_agent_with_limits};
+use strata_agent::auth::unix_now;
+use strata_agent::server::Limits;
+use strata_agent::{AgentKey, FreeFloor};
+use testkit::{FsKind, LoopFs};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longest any expected event may take before the test gives up.
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+/// Sends a signed `GET /v1/facts`, the connection kept open.
+async fn ask_facts(stream: &mut TcpStream, addr: SocketAddr, key: &AgentKey) {
+    let mut head = format!("GET /v1/facts HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in signed(key, "GET", "/v1/facts", "", b"", unix_now()) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+}
+
+/// Reads one answer (head and its content-length body): its status line.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .expect("an answer with content-length");
+            if got.len() >= end + 4 + len {
+                return head.lines().next().unwrap_or("").to_string();
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Waits for the agent to close `stream`: everything it sent before closing.
+async fn until_closed(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(GIVE_UP, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the agent never closed the connection");
+    String::from_utf8_lossy(&got).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_65th_connection_waits_until_one_of_64_ends() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 4096);
+    let limits = Limits {
+        head_timeout: Duration::from_secs(600),
+        ..Limits::default()
+    };
+    assert_eq!(limits.max_connections, 64);
+    let agent = start_agent_with_limits(
+        default_layout(&data),
+        FreeFloor::Percent(1),
+        AgentKey::generate(),
+        limits,
+    )
+    .await;
+
+    // 64 connections, each answered once and kept open: all 64 are being served.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut s = TcpStream::connect(agent.addr).await.unwrap();
+        ask_facts(&mut s, agent.addr, &agent.key).await;
+        assert_eq!(read_answer(&mut s).await, "HTTP/1.1 200 OK");
+        held.push(s);
+    }
+
+    // The 65th is connected by the kernel but not served: no answer while the 64 are held.
+    let mut extra = TcpStream::connect(agent.addr).await.unwrap();
+    ask_facts(&mut extra, agent.addr, &agent.key).await;
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut byte)).await;
+    assert!(early.is_err(), "a 65th connection was served: {early:?}");
+    // The held ones still are.
+    ask_facts(&mut held[0], agent.addr, &agent.key).await;
+    assert_eq!(read_answer(&mut held[0]).await, "HTTP/1.1 200 OK");
+
+    // One of the 64 ends: the 65th is served (its request was signed a moment ago, within
+    // the agent's five minutes).
+    drop(held.pop());
+    let answer = tokio::time::timeout(GIVE_UP, read_answer(&mut extra))
+        .await
+        .expect("the 65th connection was never served");
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_do_not_finish_a_request_head_are_closed() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 4096);
+    let limits = Limits {
+        max_connections: 4,
+        head_timeout: Duration::from_secs(1),
+    };
+    let agent = start_agent_with_limits(
+        default_layout(&data),
+        FreeFloor::Percent(1),
+        AgentKey::generate(),
+        limits,
+    )
+    .await;
+
+    // Part of a head, never finished.
+    let mut partial = TcpStream::connect(agent.addr).await.unwrap();
+    partial
+        .write_all(b"GET /v1/facts HTTP/1.1\r\nHost: agent\r\nx-strata-nonce: ")
+        .await
+        .unwrap();
+    // Nothing at all.
+    let mut silent = TcpStream::connect(agent.addr).await.unwrap();
+    // One answered request, then idle.
+    let mut idle = TcpStream::connect(agent.addr).await.unwrap();
+    ask_facts(&mut idle, agent.addr, &agent.key).await;
+    assert_eq!(read_answer(&mut idle).await, "HTTP/1.1 200 OK");
+
+    for (what, stream) in [
+        ("partial head", &mut partial),
+        ("silent", &mut silent),
+        ("idle", &mut idle),
+    ] {
+        let sent = until_closed(stream).await;
+        assert!(!sent.contains(" 200 "), "{what}: served {sent}");
+    }
+
+    // The slots they held are free again: as many connections as the limit, held at once,
+    // are all served.
+    let mut fresh = Vec::new();
+    for _ in 0..limits.max_connections {
+        let mut s = TcpStream::connect(agent.addr).await.unwrap();
+        ask_facts(&mut s, agent.addr, &agent.key).await;
+        let answer = tokio::time::timeout(GIVE_UP, read_answer(&mut s))
+            .await
+            .expect("a closed connection kept its slot");
+        assert_eq!(answer, "HTTP/1.1 200 OK");
+        fresh.push(s);
+    }
+}
