@@ -277,6 +277,31 @@ def answers(env, port):
     return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
 
 
+def task_row(console, type_label, job=None):
+    """The Task Center row of task `job`, or the newest of that type."""
+    rows = [r for r in console.finds("tr[data-task]")
+            if r.find_element("css selector", "td[data-f=type]").text == type_label
+            and job in (None, r.get_attribute("data-task"))]
+    return max(rows, key=lambda r: int(r.get_attribute("data-task")), default=None)
+
+
+def wait_task_finished(console, type_label, job=None, timeout=240):
+    """Waits in the live Task Center until that task ends; returns its row."""
+    seen = {}
+
+    def ended():
+        row = task_row(console, type_label, job)
+        if row is None:
+            return False
+        status = row.find_element("css selector", "td[data-f=status] .badge").text
+        seen["text"] = row.text
+        return status in ("Finished", "Failed") and row
+
+    row = console.wait(f"the {type_label} task to end", ended, timeout=timeout)
+    assert row.find_element("css selector", "td[data-f=status] .badge").text == "Finished", seen
+    return row
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failing test leaves a screenshot and the page's HTML beside the others."""

@@ -11,7 +11,7 @@ import subprocess
 import time
 from datetime import datetime, timedelta
 
-from conftest import answers, psql, strata_json
+from conftest import answers, psql, strata_json, wait_task_finished
 
 LOG_OFF_WARNING = "Disabling log backup permanently deletes all existing log backup files"
 
@@ -315,31 +315,6 @@ def ledger_sum(env, port=None, db="postgres", table="ledger"):
     """Row count and a digest of every row, to compare copies."""
     return psql(env, f"SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t",
                 port=port, db=db)
-
-
-def task_row(console, type_label, job=None):
-    """The Task Center row of task `job`, or the newest of that type."""
-    rows = [r for r in console.finds("tr[data-task]")
-            if r.find_element("css selector", "td[data-f=type]").text == type_label
-            and job in (None, r.get_attribute("data-task"))]
-    return max(rows, key=lambda r: int(r.get_attribute("data-task")), default=None)
-
-
-def wait_task_finished(console, type_label, job=None, timeout=240):
-    """Waits in the live Task Center until that task ends; returns its row."""
-    seen = {}
-
-    def ended():
-        row = task_row(console, type_label, job)
-        if row is None:
-            return False
-        status = row.find_element("css selector", "td[data-f=status] .badge").text
-        seen["text"] = row.text
-        return status in ("Finished", "Failed") and row
-
-    row = console.wait(f"the {type_label} task to end", ended, timeout=timeout)
-    assert row.find_element("css selector", "td[data-f=status] .badge").text == "Finished", seen
-    return row
 
 
 def test_data_backups_show_restore_drill_results(console, env):

@@ -39,7 +39,7 @@ pub use download::LinkSigner;
 pub use error::{quoted, shown, ApiError, ApiResult};
 pub use params::Params;
 /// What the console says about how a registered server is reached.
-pub use strata_engine::{connection_verified, connection_warnings};
+pub use strata_engine::{connection_verified, connection_warnings, EVENT_KINDS};
 
 /// The API version Strata speaks.
 pub const API_VERSION: &str = "2014-08-15";

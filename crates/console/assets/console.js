@@ -1,7 +1,7 @@
 // Strata console: local times, sortable tables, dialogs, time filters, the
-// log-backup confirmation, the restore forms' pickers and the Task Center's
-// live progress. Pages work without it except for those; nothing here
-// changes data by itself.
+// log-backup confirmation, the restore forms' pickers, the recovery events'
+// marker details and the Task Center's live progress. Pages work without it
+// except for those; nothing here changes data by itself.
 "use strict";
 
 (function () {
@@ -202,6 +202,17 @@
     });
   }
 
+  // ----- recovery events: a marker pointed at or focused is described -----
+  function setupTimeline() {
+    const info = document.getElementById("timeline-info");
+    if (!info) return;
+    document.querySelectorAll("svg.strip a.marker").forEach((m) => {
+      const show = () => { info.textContent = m.dataset.summary; };
+      m.addEventListener("mouseenter", show);
+      m.addEventListener("focus", show);
+    });
+  }
+
   // ----- Task Center -----
   function stateKind(state) {
     if (state === "Finished") return "ok";
@@ -307,6 +318,7 @@
     setupStrategy();
     setupBounds();
     setupRestoreForms();
+    setupTimeline();
     setupTasks();
   });
 })();

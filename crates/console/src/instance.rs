@@ -1,6 +1,7 @@
 //! An instance's Backup and Restoration page, with RDS's tabs: Base Backups
 //! (data and log backup lists with time filters and paging), Backup Strategy
-//! (the policy form), Restore and Storage; and the Backup Instance button.
+//! (the policy form), Restore (with the recovery events of [`crate::events`])
+//! and Storage; and the Backup Instance button.
 //! Lists and changes go through the API's actions.
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use strata_api::ApiError;
 use strata_catalog::{BackupMethod, BackupPolicy, BackupStatus, Instance};
 use strata_service::policy::{self, format_minutes, WEEKDAYS};
 
+use crate::events::{self, EventQuery, EventRestore};
 use crate::layout::{self, api_time, badge, bytes, sort_th, state_kind, time, Section};
 use crate::session::{Flash, Signed};
 use crate::{csrf_ok, csrf_refused, html_response, url_encode, ConsoleState, Fields, Page};
@@ -1480,12 +1482,14 @@ pub async fn restore(
     State(state): State<Arc<ConsoleState>>,
     Path(id): Path<String>,
     page: Page,
+    Query(q): Query<EventQuery>,
 ) -> Response {
     let inst = match load(&state, &id) {
         Ok(i) => i,
         Err(e) => return missing(&page, e),
     };
-    let body = restore_body(&state, &page.who, &inst, &RestoreView::default());
+    let events = events::section(&state, &page.who, &inst, &q, None).await;
+    let body = restore_body(&state, &page.who, &inst, &RestoreView::default(), events);
     render(&state, page, &inst, Tab::Restore, StatusCode::OK, body)
 }
 
@@ -1519,12 +1523,9 @@ async fn submit_restore(
     form: Fields,
     kind: RestoreKind,
 ) -> Response {
-    if !csrf_ok(&page.who, &form) {
-        return csrf_refused(&page.who);
-    }
-    let inst = match load(&state, &id) {
+    let inst = match restore_request(&state, &id, &page, &form) {
         Ok(i) => i,
-        Err(e) => return missing(&page, e),
+        Err(refused) => return *refused,
     };
     let values = RestoreForm::from_form(&form);
     let mut params = values.source_params(&inst.id);
@@ -1583,13 +1584,83 @@ async fn submit_restore(
                 RestoreKind::Databases => view.databases = values,
             }
             view.error = Some((kind, e));
-            let body = restore_body(&state, &page.who, &inst, &view);
+            let events =
+                events::section(&state, &page.who, &inst, &EventQuery::default(), None).await;
+            let body = restore_body(&state, &page.who, &inst, &view, events);
             render(&state, page, &inst, Tab::Restore, status, body)
         }
     }
 }
 
-fn restore_body(state: &ConsoleState, who: &Signed, inst: &Instance, view: &RestoreView) -> Markup {
+/// The instance a Restore tab form was sent for: the one check every
+/// restore form goes through (the session's token, then the instance).
+fn restore_request(
+    state: &ConsoleState,
+    id: &str,
+    page: &Page,
+    form: &Fields,
+) -> Result<Instance, Box<Response>> {
+    if !csrf_ok(&page.who, form) {
+        return Err(Box::new(csrf_refused(&page.who)));
+    }
+    load(state, id).map_err(|e| Box::new(missing(page, e)))
+}
+
+/// `POST /console/instances/{id}/restore/event`: a restore to just before
+/// a recovery event's transaction (`RestoreTable` or `CloneDBInstance`); on
+/// success the Task Center, else the tab with the service's answer above
+/// the events.
+pub async fn restore_event(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let form = Fields(form);
+    let inst = match restore_request(&state, &id, &page, &form) {
+        Ok(i) => i,
+        Err(refused) => return *refused,
+    };
+    let answer = match EventRestore::from_form(&form) {
+        Ok(restore) => {
+            let (action, params) = restore.call(&inst.id);
+            state
+                .call(&page.who, action, params)
+                .await
+                .map(|answer| (restore, answer))
+        }
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok((restore, answer)) => {
+            let link = matches!(restore, EventRestore::Clone { .. })
+                .then(|| (crate::HOME.into(), "See it in the Instances list".into()));
+            state.flash(
+                &page.who,
+                Flash::Done {
+                    text: restore.started(&inst.id, &answer),
+                    link,
+                },
+            );
+            Redirect::to(&format!("/console/tasks?instance={}", url_encode(&inst.id)))
+                .into_response()
+        }
+        Err(e) => {
+            let events =
+                events::section(&state, &page.who, &inst, &EventQuery::default(), Some(&e)).await;
+            let body = restore_body(&state, &page.who, &inst, &RestoreView::default(), events);
+            render(&state, page, &inst, Tab::Restore, e.status, body)
+        }
+    }
+}
+
+fn restore_body(
+    state: &ConsoleState,
+    who: &Signed,
+    inst: &Instance,
+    view: &RestoreView,
+    events: Markup,
+) -> Markup {
     let window = state.service.recovery_window(&inst.id).ok().flatten();
     let sets: Vec<_> = state
         .service
@@ -1615,6 +1686,7 @@ fn restore_body(state: &ConsoleState, who: &Signed, inst: &Instance, view: &Rest
             (restore_form(who, inst, RestoreKind::Clone, &sets, window, view))
             (restore_form(who, inst, RestoreKind::Databases, &sets, window, view))
         }
+        (events)
     }
 }
 

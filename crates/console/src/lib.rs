@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod assets;
+mod events;
 mod instance;
 mod instances;
 mod layout;
@@ -133,6 +134,10 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         .route(
             "/console/instances/{id}/restore/databases",
             post(instance::restore_databases),
+        )
+        .route(
+            "/console/instances/{id}/restore/event",
+            post(instance::restore_event),
         )
         .route("/console/instances/{id}/storage", get(instance::storage))
         .route("/console/instances/{id}/backup", post(instance::backup_now))

@@ -281,3 +281,50 @@ fn console_clones_a_snapshot_set_through_the_agent() {
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }
+
+/// The Restore tab's recovery events: a large DELETE found on the timeline
+/// and in the list, undone with "Restore table as it was just before", and
+/// cloned to just before (`tests/console/test_recovery_events.py`).
+#[test]
+fn console_recovery_events_in_a_headless_browser() {
+    let root = repo_root();
+    let python = prerequisites(&root);
+    let cluster = Cluster::start_default(15);
+    let strata = Strata::new("console-events");
+    strata.add_instance(INSTANCE, &cluster);
+    let key = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["key", "create", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(strata.ok(&args).trim()).unwrap()
+    };
+    let admin = key(&[]);
+    let reader = key(&["--read-only"]);
+    let server = Server::start(&strata, &[]);
+    wait_for("the first automatic backup", 120, || {
+        strata
+            .backups(INSTANCE)
+            .iter()
+            .any(|b| b["status"] == "Success")
+    });
+
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+    run_browser_tests(
+        &python,
+        "tests/console/test_recovery_events.py",
+        "console-events-screenshots",
+        &[
+            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
+            ("STRATA_INSTANCE", INSTANCE.to_string()),
+            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
+            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
+            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
+            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
+            ("STRATA_CONFIG", strata.config.display().to_string()),
+            ("STRATA_PG_HOST", cluster.host().to_string()),
+            ("STRATA_PG_PORT", cluster.port().to_string()),
+            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
+        ],
+    );
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
+}
