@@ -124,6 +124,9 @@ struct Event {
     rows: Option<u64>,
     lsn: String,
     restore_point: Option<String>,
+    /// Where "just before" is when it is not just before the commit (a
+    /// dropped database: see `RestoreTargets.JustBefore`).
+    before_lsn: Option<String>,
 }
 
 impl Event {
@@ -145,6 +148,10 @@ impl Event {
             rows: n("Rows"),
             lsn: s("Lsn").unwrap_or_default(),
             restore_point: s("RestorePointName"),
+            before_lsn: v
+                .pointer("/RestoreTargets/JustBefore/StrataRestoreTargetLsn")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 
@@ -229,7 +236,13 @@ impl Event {
         }
         let (xid, db) = (self.xid.clone()?, self.database.clone()?);
         let newname = before_name(&db, &xid);
-        Some(EventRestore::Database { xid, db, newname })
+        let lsn = self.before_lsn.clone();
+        Some(EventRestore::Database {
+            xid,
+            lsn,
+            db,
+            newname,
+        })
     }
 }
 
@@ -271,20 +284,23 @@ pub enum EventRestore {
         table: String,
         newname: String,
     },
-    /// A dropped database into the original instance under a new name.
+    /// A dropped database into the original instance under a new name;
+    /// `lsn`: where it was still intact (before its transaction's commit).
     Database {
         xid: String,
+        lsn: Option<String>,
         db: String,
         newname: String,
     },
-    /// The whole instance into a new one.
-    Clone { xid: String },
+    /// The whole instance into a new one (`lsn` as for `Database`).
+    Clone { xid: String, lsn: Option<String> },
 }
 
 impl EventRestore {
     /// The submitted form, or the error for a form no page sends.
     pub fn from_form(f: &Fields) -> Result<EventRestore, ApiError> {
         let v = |k: &str| f.get(k).trim().to_string();
+        let lsn = || Some(v("lsn")).filter(|l| !l.is_empty());
         match f.get("op") {
             "table" => Ok(EventRestore::Table {
                 xid: v("xid"),
@@ -295,10 +311,14 @@ impl EventRestore {
             }),
             "database" => Ok(EventRestore::Database {
                 xid: v("xid"),
+                lsn: lsn(),
                 db: f.get("db").to_string(),
                 newname: v("newname"),
             }),
-            "clone" => Ok(EventRestore::Clone { xid: v("xid") }),
+            "clone" => Ok(EventRestore::Clone {
+                xid: v("xid"),
+                lsn: lsn(),
+            }),
             other => Err(ApiError::bad(
                 "InvalidParameter",
                 format!(
@@ -313,15 +333,26 @@ impl EventRestore {
         match self {
             EventRestore::Table { xid, .. }
             | EventRestore::Database { xid, .. }
-            | EventRestore::Clone { xid } => xid,
+            | EventRestore::Clone { xid, .. } => xid,
+        }
+    }
+
+    fn lsn(&self) -> Option<&str> {
+        match self {
+            EventRestore::Table { .. } => None,
+            EventRestore::Database { lsn, .. } | EventRestore::Clone { lsn, .. } => lsn.as_deref(),
         }
     }
 
     /// The action and its parameters.
     pub fn call(&self, instance_id: &str) -> (&'static str, Vec<(&'static str, String)>) {
+        let target = match self.lsn() {
+            Some(lsn) => ("StrataRestoreTargetLsn", lsn.to_string()),
+            None => ("StrataRestoreTargetXid", self.xid().to_string()),
+        };
         let mut params = vec![
             ("DBInstanceId", instance_id.to_string()),
-            ("StrataRestoreTargetXid", self.xid().to_string()),
+            target,
             ("StrataRestoreTargetInclusive", "false".to_string()),
         ];
         let meta = match self {
@@ -363,11 +394,11 @@ impl EventRestore {
                 "Restore task {} started: table {schema}.{table} of database {db} as it was just before transaction {xid}, restored as {schema}.{newname} into {instance_id}.",
                 field("StrataJobId")
             ),
-            EventRestore::Database { xid, db, newname } => format!(
+            EventRestore::Database { xid, db, newname, .. } => format!(
                 "Restore task {} started: database {db} as it was just before transaction {xid}, restored as {newname} into {instance_id}.",
                 field("StrataJobId")
             ),
-            EventRestore::Clone { xid } => format!(
+            EventRestore::Clone { xid, .. } => format!(
                 "New instance {} is being created from {instance_id} as it was just before transaction {xid}; it is listed as Running once its restore finishes.",
                 field("DBInstanceId")
             ),
@@ -712,7 +743,10 @@ fn event_table(base: &str, who: &Signed, events: &[Event]) -> Markup {
 fn actions(base: &str, who: &Signed, e: &Event) -> Markup {
     let key = e.key();
     let action = format!("{base}/restore/event");
-    let clone = e.xid.clone().map(|xid| EventRestore::Clone { xid });
+    let clone = e.xid.clone().map(|xid| EventRestore::Clone {
+        xid,
+        lsn: e.before_lsn.clone(),
+    });
     let offers = [
         (
             "table",
@@ -736,6 +770,9 @@ fn actions(base: &str, who: &Signed, e: &Event) -> Markup {
                         (layout::csrf(who))
                         input type="hidden" name="op" value=(op);
                         input type="hidden" name="xid" value=(r.xid());
+                        @if let Some(lsn) = r.lsn() {
+                            input type="hidden" name="lsn" value=(lsn);
+                        }
                         h2 id=(format!("{dialog}-title")) { (label) }
                         (dialog_body(&r, &dialog))
                         div.actions {
@@ -765,13 +802,15 @@ fn dialog_body(r: &EventRestore, id: &str) -> Markup {
             label for=(format!("{id}-newname")) { "Restore as (in schema " (schema) ")" }
             input id=(format!("{id}-newname")) name="newname" value=(newname) required spellcheck="false";
         },
-        EventRestore::Database { xid, db, newname } => html! {
+        EventRestore::Database {
+            xid, db, newname, ..
+        } => html! {
             input type="hidden" name="db" value=(db);
             p { "Restores database " strong { (db) } " as it was just before transaction " code { (xid) } " into this instance under a new name." }
             label for=(format!("{id}-newname")) { "Restore as" }
             input id=(format!("{id}-newname")) name="newname" value=(newname) required spellcheck="false";
         },
-        EventRestore::Clone { xid } => html! {
+        EventRestore::Clone { xid, .. } => html! {
             p { "Creates a new instance from this one as it was just before transaction " code { (xid) } ". The original is not touched." }
         },
     }
@@ -854,6 +893,7 @@ mod tests {
         );
         let drop = EventRestore::Database {
             xid: "7".into(),
+            lsn: Some("0/3000028".into()),
             db: "shop".into(),
             newname: "shop_before_7".into(),
         };
@@ -862,9 +902,17 @@ mod tests {
             "TableMeta",
             r#"[{"name":"shop","newname":"shop_before_7","type":"db"}]"#.into()
         )));
-        let (action, params) = EventRestore::Clone { xid: "7".into() }.call("pg-1");
+        // A dropped database is gone before its commit: the LSN before it.
+        assert!(params.contains(&("StrataRestoreTargetLsn", "0/3000028".into())));
+        assert!(!params.iter().any(|(k, _)| *k == "StrataRestoreTargetXid"));
+        let (action, params) = EventRestore::Clone {
+            xid: "7".into(),
+            lsn: None,
+        }
+        .call("pg-1");
         assert_eq!(action, "CloneDBInstance");
         assert_eq!(params.len(), 3);
+        assert!(params.contains(&("StrataRestoreTargetXid", "7".into())));
     }
 
     #[test]
@@ -883,7 +931,23 @@ mod tests {
             .collect(),
         );
         let r = EventRestore::from_form(&form).unwrap();
-        assert_eq!(r.xid(), "812");
+        assert_eq!((r.xid(), r.lsn()), ("812", None));
+        let db = Fields(
+            [
+                ("op", "database"),
+                ("xid", "9"),
+                ("lsn", " 0/3000028 "),
+                ("db", "shop"),
+                ("newname", "s"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        assert_eq!(
+            EventRestore::from_form(&db).unwrap().lsn(),
+            Some("0/3000028")
+        );
         let bad = Fields(vec![("op".into(), "drop".into())]);
         assert_eq!(
             EventRestore::from_form(&bad).unwrap_err().code,
