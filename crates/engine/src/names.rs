@@ -153,11 +153,19 @@ struct ServerNames {
 /// are needed when they are dropped).
 const DATABASES_SQL: &str = "SELECT oid, datname, datallowconn FROM pg_database";
 
-/// Every relation with storage of the connected database.
-const RELATIONS_SQL: &str =
-    "SELECT pg_relation_filenode(c.oid), c.oid, n.nspname, c.relname, c.relkind \
-     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind IN ('r', 'm', 'i', 't') AND pg_relation_filenode(c.oid) IS NOT NULL";
+/// Relations read from one server at most: a server with more (or one
+/// that answers endlessly) costs bounded memory; the rest stay numbers.
+const MAX_RELATIONS: usize = 500_000;
+
+/// Every relation with storage of the connected database, up to `limit`.
+fn relations_sql(limit: usize) -> String {
+    format!(
+        "SELECT pg_relation_filenode(c.oid), c.oid, n.nspname, c.relname, c.relkind \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'm', 'i', 't') AND pg_relation_filenode(c.oid) IS NOT NULL \
+         ORDER BY c.oid DESC LIMIT {limit}"
+    )
+}
 
 fn oid(v: &Option<String>, what: &str) -> EngineResult<u32> {
     v.as_deref()
@@ -230,6 +238,11 @@ async fn read_names(instance: &Instance) -> EngineResult<ServerNames> {
     drop(first);
     let mut relations = Vec::new();
     for (db_oid, dbname) in connectable {
+        let room = MAX_RELATIONS.saturating_sub(relations.len());
+        if room == 0 {
+            tracing::warn!(instance = %instance.id, "more than {MAX_RELATIONS} relations: the names of the rest are not read");
+            break;
+        }
         // The name travels in the startup packet as one value: it is never
         // parsed as connection settings.
         let mut session = match sql_session(instance, Some(&dbname)).await {
@@ -240,7 +253,7 @@ async fn read_names(instance: &Instance) -> EngineResult<ServerNames> {
             }
         };
         let rows = session
-            .simple_query(RELATIONS_SQL)
+            .simple_query(&relations_sql(room))
             .await
             .map_err(|e| explain(instance, e))?;
         for row in &rows {

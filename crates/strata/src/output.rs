@@ -237,6 +237,20 @@ pub fn print_wal(list: &[WalSegmentRow]) {
     }
 }
 
+/// A name from a server, with control characters escaped: a table named
+/// with terminal escape sequences cannot drive the operator's terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Recovery events, with what to pass to restore to just before each.
 pub fn print_events(list: &[strata_engine::RecoveryEvent]) {
     println!(
@@ -258,8 +272,8 @@ pub fn print_events(list: &[strata_engine::RecoveryEvent]) {
             e.time.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
             e.kind,
             e.xid.map_or("-".into(), |x| x.to_string()),
-            e.database.as_deref().unwrap_or("-"),
-            what,
+            printable(e.database.as_deref().unwrap_or("-")),
+            printable(&what),
             e.rows.map_or("-".into(), |r| r.to_string()),
             before
         );
@@ -432,5 +446,17 @@ impl BackupSummary {
         for (k, v) in rows {
             println!("{k:<19} {v}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_a_server_cannot_carry_terminal_controls() {
+        assert_eq!(printable("orders"), "orders");
+        assert_eq!(printable("tëst"), "tëst");
+        assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\nc");
     }
 }

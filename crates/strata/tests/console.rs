@@ -106,20 +106,7 @@ fn console_in_a_headless_browser() {
          INSERT INTO orders SELECT g, 'item ' || g, g % 7 FROM generate_series(1, 120) g;",
     );
     strata.add_instance(INSTANCE, &cluster);
-    let key = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["key", "create", "--json"];
-        args.extend_from_slice(extra);
-        serde_json::from_str(strata.ok(&args).trim()).unwrap()
-    };
-    let admin = key(&[]);
-    let reader = key(&["--read-only"]);
-    let server = Server::start(&strata, &[]);
-    wait_for("the first automatic backup", 120, || {
-        strata
-            .backups(INSTANCE)
-            .iter()
-            .any(|b| b["status"] == "Success")
-    });
+    let (server, keys) = serve_after_first_backup(&strata);
 
     // A second node joins the catalog and leaves cleanly, so the Nodes page
     // has a node that left beside the live one.
@@ -163,27 +150,79 @@ fn console_in_a_headless_browser() {
         );
     }
 
-    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
     run_browser_tests(
         &python,
         "tests/console/test_console.py",
         "console-screenshots",
-        &[
-            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
-            ("STRATA_INSTANCE", INSTANCE.to_string()),
-            ("STRATA_LEFT_NODE", spare_id.clone()),
-            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
-            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
-            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
-            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
-            ("STRATA_CONFIG", strata.config.display().to_string()),
-            ("STRATA_PG_HOST", cluster.host().to_string()),
-            ("STRATA_PG_PORT", cluster.port().to_string()),
-            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
-        ],
+        &browser_env(
+            &server,
+            &keys,
+            &strata,
+            &cluster,
+            &[("STRATA_LEFT_NODE", spare_id.clone())],
+        ),
     );
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
+}
+
+/// An admin and a read-only key pair.
+struct Keys {
+    admin: serde_json::Value,
+    reader: serde_json::Value,
+}
+
+/// Creates the keys the browser signs in with and starts `strata serve`;
+/// returns once the instance's first automatic backup succeeded.
+fn serve_after_first_backup(strata: &Strata) -> (Server, Keys) {
+    let key = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["key", "create", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(strata.ok(&args).trim()).unwrap()
+    };
+    let keys = Keys {
+        admin: key(&[]),
+        reader: key(&["--read-only"]),
+    };
+    let server = Server::start(strata, &[]);
+    wait_for("the first automatic backup", 120, || {
+        strata
+            .backups(INSTANCE)
+            .iter()
+            .any(|b| b["status"] == "Success")
+    });
+    (server, keys)
+}
+
+/// What every browser test module reads from its environment, and `extra`.
+fn browser_env(
+    server: &Server,
+    keys: &Keys,
+    strata: &Strata,
+    cluster: &Cluster,
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
+    let mut env = vec![
+        ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
+        ("STRATA_INSTANCE", INSTANCE.to_string()),
+        ("STRATA_ADMIN_KEY_ID", text(&keys.admin, "AccessKeyId")),
+        (
+            "STRATA_ADMIN_KEY_SECRET",
+            text(&keys.admin, "AccessKeySecret"),
+        ),
+        ("STRATA_RO_KEY_ID", text(&keys.reader, "AccessKeyId")),
+        (
+            "STRATA_RO_KEY_SECRET",
+            text(&keys.reader, "AccessKeySecret"),
+        ),
+        ("STRATA_CONFIG", strata.config.display().to_string()),
+        ("STRATA_PG_HOST", cluster.host().to_string()),
+        ("STRATA_PG_PORT", cluster.port().to_string()),
+        ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
+    ];
+    env.extend_from_slice(extra);
+    env
 }
 
 /// Runs the browser tests of `file` with `env` (and the binary, screenshot and docs
@@ -241,42 +280,22 @@ fn console_clones_a_snapshot_set_through_the_agent() {
     let mut add = common::add_args(INSTANCE, &port, "postgres");
     add.extend_from_slice(&["--agent", &agent_url, "--agent-key-file", &key_file]);
     strata.ok(&add);
-    let key = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["key", "create", "--json"];
-        args.extend_from_slice(extra);
-        serde_json::from_str(strata.ok(&args).trim()).unwrap()
-    };
-    let admin = key(&[]);
-    let reader = key(&["--read-only"]);
-    let server = Server::start(&strata, &[]);
-    wait_for("the first automatic backup", 120, || {
-        strata
-            .backups(INSTANCE)
-            .iter()
-            .any(|b| b["status"] == "Success")
-    });
+    let (server, keys) = serve_after_first_backup(&strata);
 
-    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
     run_browser_tests(
         &python,
         "tests/console/test_console_snapshot.py",
         "console-snapshot-screenshots",
-        &[
-            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
-            ("STRATA_INSTANCE", INSTANCE.to_string()),
-            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
-            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
-            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
-            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
-            ("STRATA_CONFIG", strata.config.display().to_string()),
-            ("STRATA_PG_HOST", cluster.host().to_string()),
-            ("STRATA_PG_PORT", cluster.port().to_string()),
-            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
-            (
+        &browser_env(
+            &server,
+            &keys,
+            &strata,
+            &cluster,
+            &[(
                 "STRATA_AGENT_CLONE_DIR",
                 agent.clone_dir().display().to_string(),
-            ),
-        ],
+            )],
+        ),
     );
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
@@ -292,38 +311,13 @@ fn console_recovery_events_in_a_headless_browser() {
     let cluster = Cluster::start_default(15);
     let strata = Strata::new("console-events");
     strata.add_instance(INSTANCE, &cluster);
-    let key = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["key", "create", "--json"];
-        args.extend_from_slice(extra);
-        serde_json::from_str(strata.ok(&args).trim()).unwrap()
-    };
-    let admin = key(&[]);
-    let reader = key(&["--read-only"]);
-    let server = Server::start(&strata, &[]);
-    wait_for("the first automatic backup", 120, || {
-        strata
-            .backups(INSTANCE)
-            .iter()
-            .any(|b| b["status"] == "Success")
-    });
+    let (server, keys) = serve_after_first_backup(&strata);
 
-    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap().to_string();
     run_browser_tests(
         &python,
         "tests/console/test_recovery_events.py",
         "console-events-screenshots",
-        &[
-            ("STRATA_URL", format!("http://127.0.0.1:{}", server.port)),
-            ("STRATA_INSTANCE", INSTANCE.to_string()),
-            ("STRATA_ADMIN_KEY_ID", text(&admin, "AccessKeyId")),
-            ("STRATA_ADMIN_KEY_SECRET", text(&admin, "AccessKeySecret")),
-            ("STRATA_RO_KEY_ID", text(&reader, "AccessKeyId")),
-            ("STRATA_RO_KEY_SECRET", text(&reader, "AccessKeySecret")),
-            ("STRATA_CONFIG", strata.config.display().to_string()),
-            ("STRATA_PG_HOST", cluster.host().to_string()),
-            ("STRATA_PG_PORT", cluster.port().to_string()),
-            ("STRATA_PG_BIN", cluster.bin_dir().display().to_string()),
-        ],
+        &browser_env(&server, &keys, &strata, &cluster, &[]),
     );
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
