@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from selenium import webdriver
@@ -300,6 +301,20 @@ def wait_task_finished(console, type_label, job=None, timeout=240):
     row = console.wait(f"the {type_label} task to end", ended, timeout=timeout)
     assert row.find_element("css selector", "td[data-f=status] .badge").text == "Finished", seen
     return row
+
+
+def wait_clone_running(console, clone, timeout=180):
+    """Reloads the instance list until `clone` is Running; returns its row
+    (a clone is Creating until restored, and its first backup may run
+    before it is listed Running)."""
+
+    def running():
+        time.sleep(1)
+        console.go("/console/")
+        rows = console.finds(f"tr[data-instance='{clone}']")
+        return rows and "Running" in rows[0].find_element("css selector", "td:nth-child(4)").text and rows[0]
+
+    return console.wait("the clone listed as Running", running, timeout=timeout)
 
 
 @pytest.hookimpl(hookwrapper=True)

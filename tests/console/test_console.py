@@ -11,7 +11,7 @@ import subprocess
 import time
 from datetime import datetime, timedelta
 
-from conftest import answers, psql, strata_json, wait_task_finished
+from conftest import answers, psql, strata_json, wait_clone_running, wait_task_finished
 
 LOG_OFF_WARNING = "Disabling log backup permanently deletes all existing log backup files"
 
@@ -442,14 +442,7 @@ def test_clone_by_backup_set_becomes_a_running_instance(console, env, api):
         assert row.find_element("css selector", "td[data-f=instance]").text == instance
         assert backup_id in row.find_element("css selector", "td[data-f=detail]").text
 
-        def running():
-            time.sleep(1)
-            console.go("/console/")
-            rows = console.finds(f"tr[data-instance='{clone}']")
-            return rows and "Running" in rows[0].find_element("css selector", "td:nth-child(4)").text and rows[0]
-
-        # Creating until restored; a first backup of the clone may run before "Running".
-        row = console.wait("the clone listed as Running", running, timeout=180)
+        row = wait_clone_running(console, clone)
         cells = [c.text for c in row.find_elements("css selector", "td")]
         assert f"Clone of {instance}" in cells[3], cells
         port = int(re.match(r"127\.0\.0\.1:(\d+)$", cells[1]).group(1))

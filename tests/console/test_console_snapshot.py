@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from conftest import answers, psql
+from conftest import answers, psql, wait_clone_running
 
 
 def snapshot_row(console, instance):
@@ -58,13 +58,7 @@ def test_a_snapshot_set_is_listed_with_its_method_and_clones_through_the_agent(c
     notice = console.text(".notice.ok")
     clone = re.search(r"New instance (\S+) is being created", notice).group(1)
     try:
-        def running():
-            time.sleep(1)
-            console.go("/console/")
-            rows = console.finds(f"tr[data-instance='{clone}']")
-            return rows and "Running" in rows[0].find_element("css selector", "td:nth-child(4)").text and rows[0]
-
-        row = console.wait("the clone listed as Running", running, timeout=180)
+        row = wait_clone_running(console, clone)
         cells = [c.text for c in row.find_elements("css selector", "td")]
         assert f"Clone of {instance}" in cells[3], cells
         port = int(re.match(r"127\.0\.0\.1:(\d+)$", cells[1]).group(1))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import psql, wait_task_finished
+from conftest import psql, wait_clone_running, wait_task_finished
 
 TABLE = "ev_ledger"
 SMALL = "ev_small"
@@ -186,13 +186,7 @@ def test_clone_to_just_before(console, env, api, deleted):
         console.go(f"/console/tasks?instance={env['instance']}")
         wait_task_finished(console, "Clone to New Instance")
 
-        def running():
-            time.sleep(1)
-            console.go("/console/")
-            rows = console.finds(f"tr[data-instance='{clone}']")
-            return rows and "Running" in rows[0].find_element("css selector", "td:nth-child(4)").text and rows[0]
-
-        row = console.wait("the clone listed as Running", running, timeout=180)
+        row = wait_clone_running(console, clone)
         port = int(re.search(r"127\.0\.0\.1:(\d+)", row.text).group(1))
         assert digest(env, TABLE, port=port) == before
     finally:
