@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::blocking::blocking;
 use crate::catalog_retry::retry_busy;
 use crate::connect::{explain, open_session, remember_facts, Session};
+use crate::events::EventOptions;
 use crate::incremental::{
     full_name, strip_backup_label, BlockPlan, HeapChanges, IncrementalBase, IncrementalFile,
     ManifestChange, RelFile,
@@ -1273,8 +1274,15 @@ async fn stream_backup_wal(
     stop_rx: watch::Receiver<Option<Lsn>>,
 ) -> EngineResult<()> {
     let seg_start = geometry.segment_start(geometry.segment_of(start));
+    // Segments this stream stores first carry the recovery events too
+    // (named when listed: names are the receiver's).
+    let events = engine.settings.recovery_events.then(|| EventOptions {
+        names: None,
+        min_rows: engine.settings.event_min_rows,
+    });
     let uploader = WalUploader::start(engine, &instance_id, seg_start);
-    let archiver = SegmentArchiver::new(geometry, timeline, start, uploader.queue());
+    let archiver =
+        SegmentArchiver::new(geometry, timeline, start, uploader.queue()).with_events(events);
     let streamed = stream_wal_to(archiver, session, slot, timeline, status_interval, stop_rx).await;
     // Done only once the uploader stored all of it; a storing failure is the cause.
     let (_, stored) = uploader.finish().await;

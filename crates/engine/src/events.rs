@@ -24,7 +24,7 @@ use serde::Serialize;
 use strata_catalog::{RecoveryEventRow, RelationNameRow};
 use strata_repo::{RecoveryEventInfo, RecoveryEventKind};
 
-use crate::names::RelationNames;
+use crate::names::{RelName, RelationNames};
 use crate::{Engine, EngineResult};
 
 /// OIDs below this are assigned by initdb (`FirstNormalObjectId`): files
@@ -104,7 +104,8 @@ pub fn commit_events(
         out.push(e);
     }
     let filled: HashSet<&RelFile> = changes.filled.iter().collect();
-    let created_empty = changes.created.iter().any(|f| !filled.contains(f));
+    let loaded = !changes.loaded.is_empty();
+    let created_empty = loaded || changes.created.iter().any(|f| !filled.contains(f));
     let dropped_kind = if created_empty {
         RecoveryEventKind::Truncate
     } else if !changes.created.is_empty() {
@@ -115,10 +116,13 @@ pub fn commit_events(
     for f in &changes.dropped {
         out.extend(on_table(dropped_kind, f).map(|mut e| {
             if dropped_kind != RecoveryEventKind::DropTable {
+                // Files written only as page images: a rewrite's. A file
+                // rows were inserted into is a table emptied and loaded
+                // again (or rewritten row by row): its old rows are gone.
                 e.filled = changes
                     .filled
                     .iter()
-                    .filter(|n| n.db == f.db)
+                    .filter(|n| n.db == f.db && !changes.loaded.contains(n))
                     .map(|n| n.rel)
                     .collect();
             }
@@ -313,11 +317,18 @@ impl<'a> Settle<'a> {
         let (mut schema, mut table, mut rel_oid) = (row.schema, row.table, row.rel_oid);
         if let (None, Some(file)) = (&table, row.relfilenode) {
             if let Some(r) = self.by_file.get(&(row.db_oid, file)) {
-                (schema, table, rel_oid) = (
-                    Some(r.schema.clone()),
-                    Some(r.name.clone()),
-                    Some(r.rel_oid),
-                );
+                // Decoded without names, the file turns out to be an
+                // index, a TOAST table or a system catalog: not an event.
+                let name = RelName {
+                    rel_oid: r.rel_oid,
+                    schema: r.schema.clone(),
+                    name: r.name.clone(),
+                    kind: r.kind.clone(),
+                };
+                if !name.is_user_table() {
+                    return None;
+                }
+                (schema, table, rel_oid) = (Some(name.schema), Some(name.name), Some(r.rel_oid));
             }
         }
         if matches!(
@@ -593,6 +604,14 @@ mod tests {
             (e.table.as_deref(), e.database.as_deref()),
             (Some("gone"), Some("shop"))
         );
+        // Named only when listed, as an index: not an event.
+        let mut index = name(20002, 16402, "t_pkey");
+        index.kind = "i".into();
+        let names2 = [index];
+        let settle2 = Settle::new(&names2, &dbs);
+        assert!(settle2
+            .event(row(RecoveryEventKind::DropTable, 20002, None))
+            .is_none());
         // Never named: the number stays.
         let e = settle
             .event(row(RecoveryEventKind::DropTable, 29999, None))

@@ -24,6 +24,7 @@ use pg_replication::ReplicationClient;
 use strata_catalog::{DatabaseNameRow, Instance, RelationNameRow};
 
 use crate::blocking::blocking;
+use crate::catalog_retry::retry_busy;
 use crate::connect::{connect_options, explain};
 use crate::{Engine, EngineError, EngineResult};
 
@@ -104,40 +105,59 @@ impl RelationNames {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes in one complete read of the server; answers the rows that are
-    /// new or changed, for the catalog.
-    fn absorb(&self, read: ServerNames) -> (Vec<RelationNameRow>, Vec<DatabaseNameRow>) {
-        let mut known = self.lock();
+    /// The rows of one complete read of the server that are new or
+    /// changed, for the catalog.
+    fn changes(&self, read: ServerNames) -> (Vec<RelationNameRow>, Vec<DatabaseNameRow>) {
+        let known = self.lock();
         let now = read.at;
-        let mut relations = Vec::new();
-        for (db_oid, relfilenode, name) in read.relations {
-            if known.relations.get(&(db_oid, relfilenode)) != Some(&name) {
-                relations.push(RelationNameRow {
-                    instance_id: self.instance_id.as_str().into(),
-                    db_oid,
-                    relfilenode,
-                    rel_oid: name.rel_oid,
-                    schema: name.schema.clone(),
-                    name: name.name.clone(),
-                    kind: name.kind.clone(),
-                    seen_at: now,
-                });
-                known.relations.insert((db_oid, relfilenode), name);
-            }
-        }
-        let mut databases = Vec::new();
-        for (db_oid, name) in read.databases {
-            if known.databases.get(&db_oid) != Some(&name) {
-                databases.push(DatabaseNameRow {
-                    instance_id: self.instance_id.as_str().into(),
-                    db_oid,
-                    name: name.clone(),
-                    seen_at: now,
-                });
-                known.databases.insert(db_oid, name);
-            }
-        }
+        let relations = read
+            .relations
+            .into_iter()
+            .filter(|(db_oid, relfilenode, name)| {
+                known.relations.get(&(*db_oid, *relfilenode)) != Some(name)
+            })
+            .map(|(db_oid, relfilenode, name)| RelationNameRow {
+                instance_id: self.instance_id.as_str().into(),
+                db_oid,
+                relfilenode,
+                rel_oid: name.rel_oid,
+                schema: name.schema,
+                name: name.name,
+                kind: name.kind,
+                seen_at: now,
+            })
+            .collect();
+        let databases = read
+            .databases
+            .into_iter()
+            .filter(|(db_oid, name)| known.databases.get(db_oid) != Some(name))
+            .map(|(db_oid, name)| DatabaseNameRow {
+                instance_id: self.instance_id.as_str().into(),
+                db_oid,
+                name,
+                seen_at: now,
+            })
+            .collect();
         (relations, databases)
+    }
+
+    /// Takes in rows the catalog now holds.
+    fn remember(&self, relations: &[RelationNameRow], databases: &[DatabaseNameRow]) {
+        let mut known = self.lock();
+        for r in relations {
+            known.relations.insert(
+                (r.db_oid, r.relfilenode),
+                RelName {
+                    rel_oid: r.rel_oid,
+                    schema: r.schema.clone(),
+                    name: r.name.clone(),
+                    kind: r.kind.clone(),
+                },
+            );
+        }
+        for d in databases {
+            known.databases.insert(d.db_oid, d.name.clone());
+        }
     }
 }
 
@@ -151,7 +171,8 @@ struct ServerNames {
 
 /// Every database, including those that refuse connections (their names
 /// are needed when they are dropped).
-const DATABASES_SQL: &str = "SELECT oid, datname, datallowconn FROM pg_database";
+const DATABASES_SQL: &str =
+    "SELECT oid, datname, datallowconn FROM pg_catalog.pg_database ORDER BY oid LIMIT 10000";
 
 /// Relations read from one server at most: a server with more (or one
 /// that answers endlessly) costs bounded memory; the rest stay numbers.
@@ -160,9 +181,10 @@ const MAX_RELATIONS: usize = 500_000;
 /// Every relation with storage of the connected database, up to `limit`.
 fn relations_sql(limit: usize) -> String {
     format!(
-        "SELECT pg_relation_filenode(c.oid), c.oid, n.nspname, c.relname, c.relkind \
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind IN ('r', 'm', 'i', 't') AND pg_relation_filenode(c.oid) IS NOT NULL \
+        "SELECT pg_catalog.pg_relation_filenode(c.oid::pg_catalog.regclass), c.oid, n.nspname, c.relname, c.relkind \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'm', 'i', 't') \
+         AND pg_catalog.pg_relation_filenode(c.oid::pg_catalog.regclass) IS NOT NULL \
          ORDER BY c.oid DESC LIMIT {limit}"
     )
 }
@@ -173,10 +195,24 @@ fn oid(v: &Option<String>, what: &str) -> EngineResult<u32> {
         .ok_or_else(|| EngineError::Failed(format!("the server answered {v:?} for {what}")))
 }
 
+/// A name as the server sent it; one no PostgreSQL would send (a NUL
+/// byte, longer than `NAMEDATALEN` allows) is refused, as it could not be
+/// stored or shown as it is.
 fn text(v: &Option<String>, what: &str) -> EngineResult<String> {
-    v.clone()
-        .ok_or_else(|| EngineError::Failed(format!("the server answered NULL for {what}")))
+    let v = v
+        .clone()
+        .ok_or_else(|| EngineError::Failed(format!("the server answered NULL for {what}")))?;
+    if v.contains('\0') || v.len() > MAX_NAME_BYTES {
+        return Err(EngineError::Failed(format!(
+            "the server answered an impossible {what} ({} bytes)",
+            v.len()
+        )));
+    }
+    Ok(v)
 }
+
+/// `NAMEDATALEN - 1` of a standard build, with room for builds that raise it.
+const MAX_NAME_BYTES: usize = 255;
 
 impl Engine {
     /// Reads the names of every relation of every database of `instance`
@@ -190,11 +226,20 @@ impl Engine {
         names: &RelationNames,
     ) -> EngineResult<usize> {
         let read = read_names(instance).await?;
-        let (relations, databases) = names.absorb(read);
+        let (relations, databases) = names.changes(read);
         let changed = relations.len() + databases.len();
         if changed > 0 {
+            // Remembered once stored: a failed write is tried again at the
+            // next read.
             let catalog = self.catalog.clone();
-            blocking(move || Ok(catalog.upsert_names(&relations, &databases)?)).await?;
+            let (relations, databases) = blocking(move || {
+                retry_busy("recording relation names", || {
+                    catalog.upsert_names(&relations, &databases)
+                })?;
+                Ok((relations, databases))
+            })
+            .await?;
+            names.remember(&relations, &databases);
         }
         Ok(changed)
     }
@@ -206,9 +251,18 @@ async fn sql_session(instance: &Instance, dbname: Option<&str>) -> EngineResult<
     if let Some(db) = dbname {
         opts.dbname = Some(db.to_string());
     }
-    ReplicationClient::connect(&opts)
+    let mut session = ReplicationClient::connect(&opts)
         .await
-        .map_err(|e| explain(instance, e))
+        .map_err(|e| explain(instance, e))?;
+    // Users of the database may create functions and operators in schemas
+    // on the search path that would outrank the built-in ones and run as
+    // Strata's role: only pg_catalog is searched (the queries also name
+    // it), whatever the database or role settings say.
+    session
+        .simple_query("SET search_path = pg_catalog, pg_temp")
+        .await
+        .map_err(|e| explain(instance, e))?;
+    Ok(session)
 }
 
 async fn read_names(instance: &Instance) -> EngineResult<ServerNames> {
@@ -366,10 +420,18 @@ mod tests {
             relations: rels,
             databases: vec![(5, "shop".into())],
         };
-        let (r, d) = n.absorb(read(vec![(5, 100, rel(90, "a")), (5, 101, rel(91, "b"))]));
+        let absorb = |r: ServerNames| {
+            let (rels, dbs) = n.changes(r);
+            n.remember(&rels, &dbs);
+            (rels, dbs)
+        };
+        let first = read(vec![(5, 100, rel(90, "a")), (5, 101, rel(91, "b"))]);
+        // Nothing is remembered until the catalog took it.
+        assert_eq!(n.changes(read(vec![(5, 100, rel(90, "a"))])).0.len(), 1);
+        let (r, d) = absorb(first);
         assert_eq!((r.len(), d.len()), (2, 1));
         // b renamed, a dropped: one row changes, a's name is kept.
-        let (r, d) = n.absorb(read(vec![(5, 101, rel(91, "b2"))]));
+        let (r, d) = absorb(read(vec![(5, 101, rel(91, "b2"))]));
         assert_eq!((r.len(), d.len()), (1, 0));
         assert_eq!(r[0].name, "b2");
         assert_eq!(n.relation(5, 100), Some(rel(90, "a")));

@@ -254,9 +254,28 @@ pub fn record_segment_from(
             catalog.upsert_restore_point(&row)
         })?;
     }
-    for row in event_rows(instance_id, meta.timeline, &meta.events).skip(events_recorded) {
+    record_events(
+        engine,
+        instance_id,
+        meta.timeline,
+        &meta.events,
+        events_recorded,
+    )
+}
+
+/// Records a segment's recovery events after the first `events_recorded`
+/// in the catalog (also when another writer stored the segment itself,
+/// e.g. a backup's WAL stream).
+pub fn record_events(
+    engine: &Engine,
+    instance_id: &str,
+    timeline: TimelineId,
+    events: &[RecoveryEventInfo],
+    events_recorded: usize,
+) -> EngineResult<()> {
+    for row in event_rows(instance_id, timeline, events).skip(events_recorded) {
         retry_busy("recording a recovery event", || {
-            catalog.upsert_recovery_event(&row)
+            engine.catalog.upsert_recovery_event(&row)
         })?;
     }
     Ok(())

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::catalog_retry::retry_busy;
-use crate::segment::{record_segment_from, Summary};
+use crate::segment::{record_events, record_segment_from, Summary};
 use crate::{Engine, EngineError, EngineResult};
 
 /// Pieces that may wait in the queue: enough to ride out a slow put, few
@@ -348,6 +348,13 @@ impl Worker {
                 .exists(&key)
                 .map_err(strata_repo::RepoError::from)?
         {
+            record_events(
+                &self.engine,
+                &self.instance_id,
+                piece.timeline,
+                &piece.summary.events,
+                current.events_recorded,
+            )?;
             return Ok(done);
         }
         let meta = meta(
@@ -388,6 +395,17 @@ impl Worker {
         .iter()
         .any(|w| !w.partial || w.end_lsn >= end);
         let write = !longer && current.payload.unstored_len() > 0;
+        if !write {
+            // Stored by another writer: its events are still this one's.
+            record_events(
+                &self.engine,
+                &self.instance_id,
+                piece.timeline,
+                &piece.summary.events,
+                current.events_recorded,
+            )?;
+            current.events_recorded = piece.summary.events.len();
+        }
         if write {
             let meta = meta(
                 &piece.name,

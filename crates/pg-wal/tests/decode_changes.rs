@@ -214,6 +214,8 @@ fn check(major: u32) {
     assert_eq!(vacuumed.len(), 1, "VACUUM FULL commits: {vacuumed:?}");
     assert!(vacuumed[0].created.contains(&vac_new), "{vacuumed:?}");
     assert!(vacuumed[0].filled.contains(&vac_new), "{vacuumed:?}");
+    // Written as page images, not row by row.
+    assert!(!vacuumed[0].loaded.contains(&vac_new), "{vacuumed:?}");
 
     let deleted = changes_of(&commits, del_xid, "DELETE with a savepoint");
     assert_eq!(rows(&deleted, del_file), (500, 0));

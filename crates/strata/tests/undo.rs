@@ -74,6 +74,7 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
          CREATE TABLE keeps_changing (id serial PRIMARY KEY, v text); \
          CREATE TABLE renamed_old AS SELECT g AS id FROM generate_series(1, 1200) g; \
          CREATE TABLE rewritten AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 1500) g; \
+         CREATE TABLE reloaded AS SELECT g AS id FROM generate_series(1, 1500) g; \
          CREATE DATABASE doomed",
     );
     pg.psql(
@@ -110,6 +111,12 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
             "UPDATE pgbench_accounts SET filler = 'x' WHERE aid <= 1500",
         );
         pg.psql(db, "VACUUM FULL rewritten");
+        // Emptied and loaded again in one transaction: the old rows are gone.
+        let (reload_xid, _, _) = xact(
+            &pg,
+            db,
+            "TRUNCATE reloaded; INSERT INTO reloaded SELECT g FROM generate_series(1, 5) g",
+        );
         pg.psql(db, "ALTER TABLE renamed_old RENAME TO renamed_new");
         // The rename is read from the server before the drop comes.
         std::thread::sleep(std::time::Duration::from_secs(3));
@@ -156,6 +163,9 @@ fn destructive_transactions_are_listed_under_load_and_survive_reindex() {
         assert!(!list.iter().any(|e| e["xid"] == small_xid), "{list:#?}");
         assert!(!list.iter().any(|e| e["table"] == "rewritten"), "{list:#?}");
         assert!(!list.iter().any(|e| e["table"] == "small"), "{list:#?}");
+
+        let e = find(&list, "Truncate", reload_xid);
+        assert_eq!(e["table"], "reloaded");
 
         let e = find(&list, "DropTable", renamed_xid);
         assert_eq!(e["table"], "renamed_new", "the name it had when dropped");

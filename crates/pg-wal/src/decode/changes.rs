@@ -215,6 +215,7 @@ impl XidStates {
 struct Created {
     xid: u32,
     filled: bool,
+    loaded: bool,
 }
 
 /// Xids refused for want of room; a commit that may involve one of them is incomplete. Xids
@@ -333,7 +334,14 @@ impl ChangeTracker {
         }
         if let Some(state) = self.room(xid) {
             state.created.push(rel);
-            self.created.insert(rel, Created { xid, filled: false });
+            self.created.insert(
+                rel,
+                Created {
+                    xid,
+                    filled: false,
+                    loaded: false,
+                },
+            );
         }
     }
 
@@ -368,6 +376,12 @@ impl ChangeTracker {
             BlockKind::Fill => {
                 if let Some(created) = self.created.get_mut(&change.rel) {
                     created.filled = true;
+                }
+            }
+            BlockKind::Insert => {
+                if let Some(created) = self.created.get_mut(&change.rel) {
+                    created.filled = true;
+                    created.loaded = true;
                 }
             }
             BlockKind::Delete | BlockKind::Update => self.count_row(xid, change),
@@ -413,12 +427,19 @@ impl ChangeTracker {
 
     /// Drops the files `xid` created from the index of created files, adding those that were
     /// filled to `filled`.
-    fn unindex(&mut self, xid: u32, created: &[RelFile], mut filled: Option<&mut Vec<RelFile>>) {
+    fn unindex(&mut self, xid: u32, created: &[RelFile], mut report: Option<&mut TxnChanges>) {
         for rel in created {
             if self.created.get(rel).is_some_and(|c| c.xid == xid) {
-                let was_filled = self.created.remove(rel).is_some_and(|c| c.filled);
-                if let (true, Some(filled)) = (was_filled, filled.as_deref_mut()) {
-                    filled.push(*rel);
+                let Some(c) = self.created.remove(rel) else {
+                    continue;
+                };
+                if let Some(report) = report.as_deref_mut() {
+                    if c.filled {
+                        report.filled.push(*rel);
+                    }
+                    if c.loaded {
+                        report.loaded.push(*rel);
+                    }
                 }
             }
         }
@@ -458,7 +479,7 @@ impl ChangeTracker {
                     continue;
                 };
                 let changes = report.get_or_insert_with(Box::default);
-                self.unindex(id, &state.created, Some(&mut changes.filled));
+                self.unindex(id, &state.created, Some(changes));
                 incomplete |= state.incomplete;
                 merge(changes, &mut state);
                 self.recycle(state);
@@ -565,6 +586,7 @@ fn normalize(changes: &mut TxnChanges) {
     sort_dedup(&mut changes.dropped);
     sort_dedup(&mut changes.created);
     sort_dedup(&mut changes.filled);
+    sort_dedup(&mut changes.loaded);
     sort_dedup(&mut changes.truncated);
     sort_dedup(&mut changes.dropped_databases);
     if changes.rows.len() > 1 {

@@ -132,6 +132,10 @@ pub struct TxnChanges {
     /// Look at the table's own file: a new index file is filled even by
     /// `TRUNCATE`, which writes its metapage at once.
     pub filled: Vec<RelFile>,
+    /// Of `filled`, those that got rows inserted (not only page images): a table
+    /// truncated and loaded again in one transaction, or one rewritten row by row
+    /// (`ALTER TABLE … TYPE`), not a `VACUUM FULL` or `CLUSTER`.
+    pub loaded: Vec<RelFile>,
     /// Relation files cut short in place (`XLOG_SMGR_TRUNCATE` with this xid).
     pub truncated: Vec<RelFile>,
     /// Databases dropped (`XLOG_DBASE_DROP`), by OID.
@@ -588,7 +592,8 @@ impl WalDecoder {
         let block_kind = record::classify_block(header.rmid, header.info).filter(|k| {
             self.tracking
                 && (header.xid != 0 || *k == record::BlockKind::Inplace)
-                && (*k != record::BlockKind::Fill || self.changes.watching_fills())
+                && (!matches!(k, record::BlockKind::Fill | record::BlockKind::Insert)
+                    || self.changes.watching_fills())
         });
         self.prefix.start(block_kind);
         let buffer = kind.map(|_| {

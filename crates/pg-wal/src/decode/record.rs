@@ -203,9 +203,12 @@ pub(super) fn classify(rmid: u8, info: u8, format: RecordFormat) -> Option<Kind>
 pub(super) enum BlockKind {
     Delete,
     Update,
-    /// Data written into a page: heap inserts and full-page images. Only of interest for
-    /// relation files created by a transaction still in flight.
+    /// Full-page images: how `VACUUM FULL` and `CLUSTER` write a rewritten table's new
+    /// file. Only of interest for relation files created by a transaction still in flight.
     Fill,
+    /// Rows inserted into a page (`XLOG_HEAP_INSERT`, `XLOG_HEAP2_MULTI_INSERT`): how a
+    /// table emptied by `TRUNCATE` is loaded again in the same transaction. As for `Fill`.
+    Insert,
     /// A row overwritten in place, outside any transaction's visibility rules
     /// (`XLOG_HEAP_INPLACE`): how `DROP DATABASE` marks the database invalid in
     /// `pg_database` before it removes its files.
@@ -217,12 +220,12 @@ pub(super) fn classify_block(rmid: u8, info: u8) -> Option<BlockKind> {
         RM_HEAP_ID => match info & XLOG_HEAP_OPMASK {
             XLOG_HEAP_DELETE => Some(BlockKind::Delete),
             XLOG_HEAP_UPDATE | XLOG_HEAP_HOT_UPDATE => Some(BlockKind::Update),
-            XLOG_HEAP_INSERT => Some(BlockKind::Fill),
+            XLOG_HEAP_INSERT => Some(BlockKind::Insert),
             XLOG_HEAP_INPLACE => Some(BlockKind::Inplace),
             _ => None,
         },
         RM_HEAP2_ID => {
-            (info & XLOG_HEAP_OPMASK == XLOG_HEAP2_MULTI_INSERT).then_some(BlockKind::Fill)
+            (info & XLOG_HEAP_OPMASK == XLOG_HEAP2_MULTI_INSERT).then_some(BlockKind::Insert)
         }
         RM_XLOG_ID => match info & XLR_RMGR_INFO_MASK {
             XLOG_FPI | XLOG_FPI_FOR_HINT => Some(BlockKind::Fill),
