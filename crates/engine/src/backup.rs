@@ -1276,7 +1276,7 @@ async fn stream_backup_wal(
     let seg_start = geometry.segment_start(geometry.segment_of(start));
     // Segments this stream stores first carry the recovery events too
     // (named when listed: names are the receiver's).
-    let events = engine.settings.recovery_events.then(|| EventOptions {
+    let events = engine.settings.recovery_events.then_some(EventOptions {
         names: None,
         min_rows: engine.settings.event_min_rows,
     });
