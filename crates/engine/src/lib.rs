@@ -60,6 +60,7 @@ pub use retention::{
     RetentionDecision, RetentionPlan, SetDecision,
 };
 pub use snapshot_clone::{AgentCloneOptions, AgentCloneOutcome};
+pub use snapshot_restore::open_dir_no_links;
 pub use snapshot_restore::LocalSnapshot;
 pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};
 

@@ -63,7 +63,7 @@ impl LocalSnapshot {
 /// PostgreSQL OS user owns the snapshot directory and its parents may be
 /// its too, so a component swapped for a link must not lead the read to a
 /// directory of root's.
-fn open_dir_no_links(path: &Path) -> io::Result<File> {
+pub fn open_dir_no_links(path: &Path) -> io::Result<File> {
     use std::os::unix::ffi::OsStrExt;
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;

@@ -217,7 +217,7 @@ fn create_owned_dir(dir: &Path, owner: &RunsAs) -> Result<()> {
     }
     let canonical = std::fs::canonicalize(existing)
         .with_context(|| format!("directory {}", existing.display()))?;
-    let mut parent = open_dir_without_symlinks(&canonical)
+    let mut parent = strata_engine::open_dir_no_links(&canonical)
         .with_context(|| format!("open directory {} (symlinks refused)", canonical.display()))?;
     for name in missing.into_iter().rev() {
         let c_name = std::ffi::CString::new(name.as_bytes())
@@ -247,31 +247,4 @@ fn create_owned_dir(dir: &Path, owner: &RunsAs) -> Result<()> {
         parent = child;
     }
     Ok(())
-}
-
-/// Opens the absolute directory `path` refusing a symlink at any component
-/// (`openat2(RESOLVE_NO_SYMLINKS)`).
-fn open_dir_without_symlinks(path: &Path) -> std::io::Result<std::fs::File> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    // SAFETY: an all-zero open_how is the documented "no flags" value; fields are set below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: c_path is NUL-terminated and how a valid open_how whose size is passed; both
-    // outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor owned by nothing else.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
 }
