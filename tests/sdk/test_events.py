@@ -100,3 +100,22 @@ def test_restore_table_to_just_before_the_event_undoes_it(admin, instance, delet
     assert done.backup_status == "Finished", h.jobs(admin, instance.id)
     assert digest(f"{table}_back") == before
     assert h.psql(f"SELECT count(*), max(v) FROM {table}") == "1|written after the delete"
+
+
+def test_hostile_names_are_data(client, instance):
+    """A table whose name holds a quote, a newline, `=`, `..` and 63 bytes
+    is listed under exactly that name; filter values like it match nothing
+    else and break nothing."""
+    tag = uuid.uuid4().hex[:8]
+    name = f"we'ird\n= ..{tag}" + "n" * 44
+    assert len(name.encode()) == 63
+    quoted = '"' + name.replace('"', '""') + '"'
+    h.psql(f"CREATE TABLE {quoted} (id int)")
+    h.psql(f"INSERT INTO {quoted} SELECT g FROM generate_series(1, 1200) g")
+    time.sleep(2)
+    h.psql(f"DELETE FROM {quoted}")
+    (event,) = wait_event(client, instance.id, name)
+    assert (event["TableName"], event["Rows"]) == (name, 1200)
+    for hostile in ["x' OR '1'='1", "..", "a\nb", "=", "public." + name + "x"]:
+        assert events(client, instance.id, TableName=hostile) == []
+        assert events(client, instance.id, DBName=hostile) == []
