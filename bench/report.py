@@ -195,6 +195,7 @@ def main():
     ap.add_argument("--drain-secs", required=True)
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--relations", type=int, default=0)
     ap.add_argument("--note", default="")
     a = ap.parse_args()
 
@@ -230,7 +231,13 @@ def main():
     w(
         f"Dataset: {db_mb:.0f} MiB of databases ({float(setup['data_dir_bytes']) / 2**20:.0f} MiB data directory with its WAL): "
         f"pgbench scale {setup['pgbench_scale']}, {int(setup['text_rows']):,} rows of random hex text "
-        f"(~260 characters each), {int(setup['bytea_rows']):,} rows of 1000 random bytes. "
+        f"(~260 characters each), {int(setup['bytea_rows']):,} rows of 1000 random bytes"
+        + (
+            f", {int(setup['relations']):,} small tables of 40 rows with a primary key"
+            if int(setup.get("relations", 0))
+            else ""
+        )
+        + f"; {int(setup.get('files', 0)):,} files under base/ and global/. "
         f"Each figure is the median of {a.reps} alternating repetitions (peak RSS: the highest). "
         f"Wall time of a backup includes its checkpoint (all tools ask for a fast one). "
         f"CPU = user + system seconds of the tool's processes (`/usr/bin/time -v`); the server's own "
@@ -399,6 +406,7 @@ def main():
     w(
         "Command: `bench/run.sh "
         + ("--quick" if a.quick else f"--size-gb {a.size_gb} --reps {a.reps} --lag-secs {a.lag_secs}")
+        + (f" --relations {a.relations}" if a.relations else "")
         + "`\n"
     )
 

@@ -8,6 +8,10 @@
 #
 #   bench/run.sh [--size-gb N] [--reps N] [--lag-secs N] [--quick] [--keep]
 #                [--out FILE] [--strata-bin PATH] [--no-install] [--no-pg17]
+#                [--relations N]
+#
+# --relations N adds N small tables (a primary key and a few rows each, so
+# about four files each once vacuumed) to the dataset: per-file costs.
 #
 # Last, the same dataset on PostgreSQL 17 with summarize_wal = on: Strata's
 # full backup against its backup after ~1 % change, where the server sends
@@ -29,6 +33,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 SIZE_GB=2
 REPS=3
 PG17=1
+RELATIONS=0
 LAG_SECS=60
 QUICK=0
 KEEP=0
@@ -46,7 +51,8 @@ while [ $# -gt 0 ]; do
         --strata-bin) STRATA=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
         --no-pg17) PG17=0; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --relations) RELATIONS=$2; shift 2 ;;
+        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -230,6 +236,17 @@ PY
 )
 log "dataset: pgbench scale $SCALE, $TEXT_ROWS text rows, $BYTEA_ROWS bytea rows"
 TEXT_EXPR="md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text)"
+load_relations() { # RELATIONS small tables, 200 per transaction (each takes locks)
+    local from
+    for ((from = 1; from <= RELATIONS; from += 200)); do
+        sql "DO \$\$ BEGIN
+               FOR i IN $from..LEAST($from + 199, $RELATIONS) LOOP
+                 EXECUTE format('CREATE TABLE bench_rel_%s (id int PRIMARY KEY, note text NOT NULL)', i);
+                 EXECUTE format('INSERT INTO bench_rel_%s SELECT g, md5(g::text || %L) FROM generate_series(1, 40) g', i, i);
+               END LOOP;
+             END \$\$" >/dev/null
+    done
+}
 load_dataset() { # into the server on $PORT
     as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
     sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
@@ -240,6 +257,7 @@ load_dataset() { # into the server on $PORT
     sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
     local p2=$!
     wait $p1 $p2
+    load_relations
     sql "VACUUM (FREEZE, ANALYZE)"
     sql "CHECKPOINT"
 }
@@ -253,6 +271,8 @@ record setup dataset 0 data_dir_bytes "$DATA_BYTES"
 record setup dataset 0 pgbench_scale "$SCALE"
 record setup dataset 0 text_rows "$TEXT_ROWS"
 record setup dataset 0 bytea_rows "$BYTEA_ROWS"
+record setup dataset 0 relations "$RELATIONS"
+record setup dataset 0 files "$(find "$PGDATA/base" "$PGDATA/global" -type f | wc -l)"
 
 strata_conf() { # data directory -> config file
     mkdir -p "$1"
@@ -522,4 +542,4 @@ record setup machine 0 load_end "$(cut -d' ' -f1 /proc/loadavg)"
 log "writing the report"
 python3 "$BENCH/report.py" --results "$RESULTS" --strata "$STRATA" --pgbin "$PGBIN" \
     --data-dir "$T" --size-gb "$SIZE_GB" --reps "$REPS" --lag-secs "$LAG_SECS" \
-    --lag-clients "$LAG_CLIENTS" --drain-secs "$DRAIN_SECS" --note "${BENCH_NOTE:-}" ${OUT:+--out "$OUT"} $([ "$QUICK" = 1 ] && echo --quick)
+    --lag-clients "$LAG_CLIENTS" --drain-secs "$DRAIN_SECS" --relations "$RELATIONS" --note "${BENCH_NOTE:-}" ${OUT:+--out "$OUT"} $([ "$QUICK" = 1 ] && echo --quick)

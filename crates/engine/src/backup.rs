@@ -908,6 +908,8 @@ type PoolJob = (BlockSource, oneshot::Sender<Prepared>);
 enum Work {
     Begin(FileEntry),
     Block(oneshot::Receiver<Prepared>),
+    /// A small block hashed and compressed where it arrived.
+    Ready(PreparedBlock, Vec<u8>),
     /// A block of an earlier backup, taken as it is.
     Reuse(BlockRef),
     End {
@@ -917,18 +919,40 @@ enum Work {
     Other(FileEntry),
 }
 
+/// Work items the network side gathers before handing them to the writer.
+const BATCH_ITEMS: usize = 64;
+/// Bytes of blocks after which a batch goes to the writer however few its
+/// items: with [`WORK_BATCHES`] batches queued this bounds what waits for
+/// the writer to about what 64 separate blocks used to.
+const BATCH_BYTES: usize = 1 << 20;
+/// Batches that may wait for the writer.
+const WORK_BATCHES: usize = 8;
+/// Blocks up to this size are hashed and compressed on the network task.
+const INLINE_BLOCK: usize = 32 * 1024;
+
 type WriterThread = std::thread::JoinHandle<EngineResult<(Vec<FileEntry>, BackupStats)>>;
 
 /// Hashing and compression on a thread pool; packing, in stream order, on a
 /// writer thread. Both channels are bounded: a slow repository slows the
 /// network read instead of filling memory.
 ///
+/// Work goes to the writer in batches ([`BATCH_ITEMS`] items or
+/// [`BATCH_BYTES`] of blocks, whichever comes first), and blocks of at most
+/// [`INLINE_BLOCK`] bytes are prepared where they arrive: a data directory
+/// of many small relations is tens of thousands of one-page files, and
+/// handing each to two other threads cost more in wake-ups than hashing and
+/// compressing it.
+///
 /// A stage that stops on an error hands that error to the network side:
 /// when the writer stops (a pack it could not store: a full disk, a refused
 /// upload), the next hand-over finds its queue closed and reports the
 /// writer's own error, never "the writer stopped".
 struct BlockPipeline {
-    work_tx: mpsc::Sender<Work>,
+    work_tx: mpsc::Sender<Vec<Work>>,
+    batch: Vec<Work>,
+    batch_bytes: usize,
+    repo: Repository,
+    known: Arc<HashSet<BlockHash>>,
     pool_tx: Option<mpsc::Sender<PoolJob>>,
     /// Taken by whoever first learns that the writer ended.
     writer: Mutex<Option<WriterThread>>,
@@ -951,19 +975,42 @@ impl BlockPipeline {
                 std::thread::spawn(move || prepare_blocks(&rx, &repo, &known))
             })
             .collect();
-        let (work_tx, work_rx) = mpsc::channel::<Work>(64);
+        let (work_tx, work_rx) = mpsc::channel::<Vec<Work>>(WORK_BATCHES);
         let writer = repo.block_writer(known);
         let writer = std::thread::spawn(move || write_blocks(work_rx, writer));
         BlockPipeline {
             work_tx,
+            batch: Vec::with_capacity(BATCH_ITEMS),
+            batch_bytes: 0,
+            repo: repo.clone(),
+            known: known_hashes,
             pool_tx: Some(pool_tx),
             writer: Mutex::new(Some(writer)),
             pool,
         }
     }
 
-    async fn send(&self, work: Work) -> EngineResult<()> {
-        if self.work_tx.send(work).await.is_ok() {
+    /// Queues `work` for the writer, handing the batch over when full.
+    async fn send(&mut self, work: Work) -> EngineResult<()> {
+        self.batch_bytes += match &work {
+            Work::Block(_) => self.repo.block_size(),
+            Work::Ready(_, raw) => raw.len(),
+            _ => 0,
+        };
+        self.batch.push(work);
+        if self.batch.len() >= BATCH_ITEMS || self.batch_bytes >= BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> EngineResult<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_ITEMS));
+        self.batch_bytes = 0;
+        if self.work_tx.send(batch).await.is_ok() {
             return Ok(());
         }
         // The writer dropped its queue, so it has returned (or is
@@ -979,19 +1026,27 @@ impl BlockPipeline {
         }
     }
 
-    async fn begin(&self, file: FileEntry) -> EngineResult<()> {
+    async fn begin(&mut self, file: FileEntry) -> EngineResult<()> {
         self.send(Work::Begin(file)).await
     }
 
-    async fn other(&self, file: FileEntry) -> EngineResult<()> {
+    async fn other(&mut self, file: FileEntry) -> EngineResult<()> {
         self.send(Work::Other(file)).await
     }
 
-    async fn block(&self, raw: Vec<u8>) -> EngineResult<()> {
+    async fn block(&mut self, raw: Vec<u8>) -> EngineResult<()> {
         self.source(BlockSource::Raw(raw)).await
     }
 
-    async fn source(&self, source: BlockSource) -> EngineResult<()> {
+    async fn source(&mut self, source: BlockSource) -> EngineResult<()> {
+        let source = match source {
+            BlockSource::Raw(raw) if raw.len() <= INLINE_BLOCK => {
+                let known = &self.known;
+                let prepared = BlockWriter::prepare(&self.repo, &raw, |h| known.contains(h));
+                return self.send(Work::Ready(prepared, raw)).await;
+            }
+            other => other,
+        };
         let (tx, rx) = oneshot::channel();
         let pool_tx = self.pool_tx.as_ref().expect("pool open until finish");
         // The pool queue is short and drains at compression speed; waiting
@@ -1006,7 +1061,7 @@ impl BlockPipeline {
     }
 
     /// One block of a file rebuilt from an incremental one.
-    async fn plan(&self, plan: BlockPlan) -> EngineResult<()> {
+    async fn plan(&mut self, plan: BlockPlan) -> EngineResult<()> {
         match plan {
             BlockPlan::Reuse(block) => self.send(Work::Reuse(block)).await,
             BlockPlan::Build {
@@ -1029,7 +1084,7 @@ impl BlockPipeline {
     /// Closes the file being received: records what arrived (for the
     /// check against the server's manifest) and what the manifest must
     /// say instead when the stored file differs from the one sent.
-    async fn end(&self, f: &mut OpenFile, ends: &mut Ends) -> EngineResult<()> {
+    async fn end(&mut self, f: &mut OpenFile, ends: &mut Ends) -> EngineResult<()> {
         let block_size = ends.block_size;
         match std::mem::replace(&mut f.content, Content::Plain) {
             Content::Plain => {
@@ -1095,7 +1150,7 @@ impl BlockPipeline {
     /// Stores a visibility map held back by [`BlockPipeline::end`], with
     /// its stale pages zeroed.
     async fn map(
-        &self,
+        &mut self,
         map: DeferredMap,
         heap: &HeapChanges,
         base: &IncrementalBase,
@@ -1122,7 +1177,7 @@ impl BlockPipeline {
 
     /// Stores a file held in memory as one entry.
     async fn whole_file(
-        &self,
+        &mut self,
         file: FileEntry,
         data: &[u8],
         block_size: usize,
@@ -1139,6 +1194,7 @@ impl BlockPipeline {
     }
 
     async fn finish(mut self) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+        self.flush().await?;
         drop(self.work_tx);
         self.pool_tx.take();
         let writer = self
@@ -1191,18 +1247,39 @@ fn prepare_blocks(
 /// the file entries; returns them with the packing figures once the work
 /// queue closes.
 fn write_blocks(
-    mut work_rx: mpsc::Receiver<Work>,
+    mut work_rx: mpsc::Receiver<Vec<Work>>,
     mut writer: strata_repo::BlockWriter,
 ) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
     let mut files = Vec::new();
     let mut current: Option<FileEntry> = None;
-    while let Some(work) = work_rx.blocking_recv() {
+    while let Some(batch) = work_rx.blocking_recv() {
+        for work in batch {
+            write_one(work, &mut writer, &mut files, &mut current)?;
+        }
+    }
+    Ok((files, writer.finish()?))
+}
+
+fn write_one(
+    work: Work,
+    writer: &mut strata_repo::BlockWriter,
+    files: &mut Vec<FileEntry>,
+    current: &mut Option<FileEntry>,
+) -> EngineResult<()> {
+    {
         match work {
-            Work::Begin(file) => current = Some(file),
+            Work::Begin(file) => *current = Some(file),
             Work::Block(reply) => {
                 let (prepared, raw) = reply
                     .blocking_recv()
                     .map_err(|_| EngineError::Failed("a compression thread panicked".into()))??;
+                let block = writer.add_prepared(prepared, &raw)?;
+                match current.as_mut() {
+                    Some(f) => f.blocks.push(block),
+                    None => return Err(EngineError::Failed("block outside a file".into())),
+                }
+            }
+            Work::Ready(prepared, raw) => {
                 let block = writer.add_prepared(prepared, &raw)?;
                 match current.as_mut() {
                     Some(f) => f.blocks.push(block),
@@ -1234,7 +1311,7 @@ fn write_blocks(
             Work::Other(f) => files.push(f),
         }
     }
-    Ok((files, writer.finish()?))
+    Ok(())
 }
 
 /// Waits for the writer thread off the async runtime and returns what it
@@ -1430,7 +1507,7 @@ mod tests {
                 .with_min_free(strata_repo::MinFreeSpace::NONE),
         ));
         let repo = Repository::open_or_init(storage).unwrap();
-        let pipeline = BlockPipeline::start(&repo, strata_repo::BlockIndex::default());
+        let mut pipeline = BlockPipeline::start(&repo, strata_repo::BlockIndex::default());
         let block = repo.block_size();
         let file = FileEntry {
             tablespace: None,
@@ -1482,6 +1559,61 @@ mod tests {
         out.extend_from_slice(data);
         out.resize(out.len().div_ceil(512) * 512, 0);
         out
+    }
+
+    /// Files of every size class around the inline limit and the block
+    /// size, many of them, some repeated: each comes back from the
+    /// repository whole, in stream order, whichever path its blocks took.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_and_large_files_keep_their_order_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path())
+            .unwrap()
+            .with_min_free(strata_repo::MinFreeSpace::NONE);
+        let repo = Repository::open_or_init(Arc::new(storage)).unwrap();
+        let mut pipeline = BlockPipeline::start(&repo, strata_repo::BlockIndex::default());
+        let block = repo.block_size();
+        let sizes = [
+            0,
+            1,
+            8192,
+            INLINE_BLOCK,
+            INLINE_BLOCK + 1,
+            block,
+            block + 8192,
+            3 * block,
+        ];
+        let mut expected = Vec::new();
+        for i in 0..400u64 {
+            let len = sizes[i as usize % sizes.len()];
+            // Every seventh file repeats an earlier one: deduplicated blocks.
+            let data = noise(len, if i % 7 == 0 { i / 7 } else { i + 1000 });
+            let entry = FileEntry {
+                tablespace: None,
+                path: format!("base/5/{i}"),
+                kind: FileKind::File,
+                mode: 0o600,
+                size: len as u64,
+                mtime: 0,
+                link_target: None,
+                crc32c: None,
+                blocks: Vec::new(),
+            };
+            pipeline.whole_file(entry, &data, block).await.unwrap();
+            expected.push((format!("base/5/{i}"), data));
+        }
+        let (files, stats) = pipeline.finish().await.unwrap();
+        assert_eq!(files.len(), expected.len());
+        assert!(stats.dedup_blocks > 0, "{stats:?}");
+        for (file, (path, data)) in files.iter().zip(&expected) {
+            assert_eq!(&file.path, path);
+            assert_eq!(file.size, data.len() as u64);
+            let mut back = Vec::new();
+            for b in &file.blocks {
+                back.extend(repo.read_block(b).unwrap());
+            }
+            assert_eq!(&back, data, "{path}");
+        }
     }
 
     /// Runs a crafted archive through the tar parser and the backup's entry

@@ -13,7 +13,9 @@ use strata_engine::{
 
 use crate::config::{self, CatalogLocation, Config};
 use crate::output::{self, human_bytes, CliProgress};
-use crate::{keys, runtime, BackupCmd, InstanceCmd, KeyCmd, RepoCmd, RestoreArgs, WalCmd};
+use crate::{
+    keys, on_worker, runtime, BackupCmd, InstanceCmd, KeyCmd, RepoCmd, RestoreArgs, WalCmd,
+};
 
 /// Prints `value` as pretty JSON when `json` is set, else through `table`.
 fn print<T: Serialize + ?Sized>(json: bool, value: &T, table: impl FnOnce(&T)) -> Result<()> {
@@ -156,9 +158,12 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
                     BackupMethod::Physical
                 },
             };
-            let progress = CliProgress::new();
+            let progress = std::sync::Arc::new(CliProgress::new());
             let started = std::time::Instant::now();
-            let set = runtime()?.block_on(engine.backup(&id, &opts, &progress))?;
+            let set = {
+                let (engine, progress) = (engine.clone(), progress.clone());
+                on_worker(async move { Ok(engine.backup(&id, &opts, &*progress).await?) })?
+            };
             progress.finish();
             if snapshot {
                 println!(
@@ -203,9 +208,12 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
                 .create_job(strata_catalog::JobKind::SnapshotUpload, Some(&id))?;
             job.backup_id = Some(set.id.clone());
             engine.catalog().update_job(&job)?;
-            let progress = CliProgress::new();
+            let progress = std::sync::Arc::new(CliProgress::new());
             let started = std::time::Instant::now();
-            let (set, report) = runtime()?.block_on(engine.run_snapshot_upload(job, &progress))?;
+            let (set, report) = {
+                let (engine, progress) = (engine.clone(), progress.clone());
+                on_worker(async move { Ok(engine.run_snapshot_upload(job, &*progress).await?) })?
+            };
             progress.finish();
             println!(
                 "snapshot backup {} of {} uploaded: {} in {} files; read {} from the agent, reused {}{}; {} new ({} stored), {} deduplicated; {:.1}s",
@@ -387,7 +395,8 @@ pub(crate) fn wal(engine: &Engine, cmd: WalCmd) -> Result<()> {
     match cmd {
         WalCmd::Receive { id, no_reconnect } => {
             engine.catalog().get_instance(&id)?;
-            runtime()?.block_on(async {
+            let engine = engine.clone();
+            on_worker(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

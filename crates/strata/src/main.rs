@@ -434,6 +434,23 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Runs a job that reads a socket to its end on one of the runtime's
+/// worker threads. The workers poll the socket driver themselves, so a
+/// task on one is woken where the readiness arrives; driven from this
+/// thread by `block_on`, every read would first wake a worker and then
+/// this thread, two context switches per read.
+fn on_worker<T: Send + 'static>(
+    job: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    runtime()?.block_on(async move {
+        match tokio::spawn(job).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!("the job was cancelled: {e}")),
+        }
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     // The agent runs on the database host: no catalog, repository or configuration.
     if let Command::Agent(args) = cli.command {

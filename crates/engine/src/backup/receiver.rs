@@ -415,7 +415,7 @@ impl BackupReceiver {
     /// stored, and commits the Strata manifest of `set`: the backup exists
     /// from here on. A commit that fails leaves no manifest behind.
     pub async fn commit(
-        self,
+        mut self,
         set: &BackupSet,
         start: &StreamStart,
     ) -> EngineResult<BackupManifest> {
