@@ -289,7 +289,11 @@ impl TwoPacksAtOnce {
         self.state.lock().unwrap().1
     }
 
-    fn put_pack(&self, key: &str, put: impl FnOnce() -> Result<(), StorageError>) -> Result<(), StorageError> {
+    fn put_pack(
+        &self,
+        key: &str,
+        put: impl FnOnce() -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
         let mut st = self.state.lock().unwrap();
         st.0 += 1;
         st.1 = st.1.max(st.0);
@@ -298,7 +302,11 @@ impl TwoPacksAtOnce {
         self.changed.notify_all();
         let deadline = Instant::now() + Duration::from_secs(30);
         while st.1 < 2 && Instant::now() < deadline {
-            st = self.changed.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap()
+                .0;
         }
         drop(st);
         let result = if Some(n) == self.fail {
@@ -415,7 +423,13 @@ fn packs_in_flight_on_s3_restore_whole_and_one_failure_fails_the_backup() {
     assert_eq!(rig.backup_through(counting.clone(), id), None);
     assert!(counting.most_in_flight() >= 2);
     check_invariants(&rig, id);
-    let set = rig.engine.catalog().list_backups(id).unwrap().pop().unwrap();
+    let set = rig
+        .engine
+        .catalog()
+        .list_backups(id)
+        .unwrap()
+        .pop()
+        .unwrap();
     assert_eq!(set.status, BackupStatus::Success);
     assert!(rig.clean.read_manifest(id, &set.id).unwrap().stats.packs >= 3);
     let target = dir.join("restored");
