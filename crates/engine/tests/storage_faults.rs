@@ -8,9 +8,13 @@
 //! for the successful sets; `verify` finds no problem, so every block and WAL
 //! object a committed set needs is there and intact. At the end the last
 //! successful set is restored, started and compared with the source.
+//!
+//! Several packs stored at once: a backup on S3 keeps more than one pack
+//! upload in flight and restores to the same data; one failed pack among
+//! those in flight fails the backup with its error and no manifest.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use strata_catalog::{BackupStatus, Catalog, Instance, SqliteCatalog, SslMode};
 use strata_engine::{
@@ -18,7 +22,8 @@ use strata_engine::{
 };
 use strata_repo::storage::fault::{FaultCounts, FaultPlan, FaultyStorage};
 use strata_repo::{
-    LocalStorage, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
+    LocalStorage, ObjectSize, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage,
+    Storage, StorageError,
 };
 use testkit::{Cluster, S3Server};
 
@@ -86,6 +91,17 @@ impl Rig {
         ));
         faulty.set_enabled(false);
         (outcome.is_ok(), faulty.counts())
+    }
+
+    /// One backup through `storage`; its error, if it failed.
+    fn backup_through(&mut self, storage: Arc<dyn Storage>, id: &str) -> Option<String> {
+        self.engine = self.engine.with_repo(Repository::open(storage).unwrap());
+        let outcome = self.runtime.block_on(self.engine.backup(
+            id,
+            &BackupOptions::default(),
+            &NoProgress,
+        ));
+        outcome.err().map(|e| e.to_string())
     }
 }
 
@@ -232,6 +248,199 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
                 target_dir: target.clone(),
                 backup_id: Some(newest.id.clone()),
                 target: RecoveryTarget::Latest,
+                start: Some(StartOptions {
+                    port,
+                    ..Default::default()
+                }),
+                job_id: None,
+                index: None,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    let restored = Cluster::adopt(15, target, port);
+    assert_eq!(digest(&restored), source_digest);
+    drop(restored);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pack puts wait (up to 30 s) until two are in flight at once, so a run
+/// shows whether uploads overlap; the `fail`-th pack put is refused.
+#[derive(Debug)]
+struct TwoPacksAtOnce {
+    inner: Arc<dyn Storage>,
+    fail: Option<u32>,
+    /// (in flight, most at once, pack puts so far)
+    state: Mutex<(u32, u32, u32)>,
+    changed: Condvar,
+}
+
+impl TwoPacksAtOnce {
+    fn new(inner: Arc<dyn Storage>, fail: Option<u32>) -> Self {
+        TwoPacksAtOnce {
+            inner,
+            fail,
+            state: Mutex::new((0, 0, 0)),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn most_in_flight(&self) -> u32 {
+        self.state.lock().unwrap().1
+    }
+
+    fn put_pack(
+        &self,
+        key: &str,
+        put: impl FnOnce() -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let mut st = self.state.lock().unwrap();
+        st.0 += 1;
+        st.1 = st.1.max(st.0);
+        st.2 += 1;
+        let n = st.2;
+        self.changed.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while st.1 < 2 && Instant::now() < deadline {
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+        drop(st);
+        let result = if Some(n) == self.fail {
+            Err(StorageError::Remote {
+                op: "put",
+                key: key.into(),
+                message: "injected refusal of one pack: 403 AccessDenied".into(),
+                transient: false,
+            })
+        } else {
+            put()
+        };
+        self.state.lock().unwrap().0 -= 1;
+        result
+    }
+}
+
+impl Storage for TwoPacksAtOnce {
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StorageError> {
+        match key.starts_with("packs/") {
+            true => self.put_pack(key, || self.inner.put(key, data)),
+            false => self.inner.put(key, data),
+        }
+    }
+    fn put_bytes(&self, key: &str, data: bytes::Bytes) -> Result<(), StorageError> {
+        match key.starts_with("packs/") {
+            true => self.put_pack(key, || self.inner.put_bytes(key, data)),
+            false => self.inner.put_bytes(key, data),
+        }
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.inner.list(prefix)
+    }
+    fn list_sizes(&self, prefix: &str) -> Result<Vec<ObjectSize>, StorageError> {
+        self.inner.list_sizes(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.inner.delete(key)
+    }
+    fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        self.inner.exists(key)
+    }
+    fn concurrent_puts(&self) -> usize {
+        self.inner.concurrent_puts()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn packs_in_flight_on_s3_restore_whole_and_one_failure_fails_the_backup() {
+    // A cluster of its own: ~48 MB of random bytes make three packs or more.
+    let cluster = Cluster::start_default(15);
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE noise AS SELECT g AS id, \
+           (SELECT decode(string_agg(lpad(to_hex(floor(random() * 4294967296)::bigint), 8, '0'), ''), 'hex') \
+              FROM generate_series(1, 250) WHERE g > 0) AS data \
+         FROM generate_series(1, 48000) g",
+    );
+    cluster.psql("postgres", "CHECKPOINT");
+    let digest = |c: &Cluster| {
+        c.psql(
+            "postgres",
+            "SELECT count(*) || ':' || md5(string_agg(md5(data), ',' ORDER BY id)) FROM noise",
+        )
+    };
+    let source_digest = digest(&cluster);
+    let server = S3Server::start();
+    let mut config = S3Config::from_url(&format!("s3://{}/in-flight", S3Server::BUCKET)).unwrap();
+    config.endpoint = Some(server.endpoint());
+    config.access_key_id = Some(S3Server::ACCESS_KEY.into());
+    config.secret_access_key = Some(S3Server::SECRET_KEY.into());
+    config.path_style = true;
+    config.allow_http = true;
+    config.upload_concurrency = 4;
+    let store: Arc<dyn Storage> = Arc::new(RetryingStorage::new(
+        S3Storage::new(config).unwrap(),
+        retry_policy(),
+    ));
+    let dir = testkit::temp_dir("strata-in-flight-");
+    let id = "in-flight";
+    let mut rig = Rig::new(store.clone(), &dir, &cluster, id);
+
+    // One pack among those in flight refused: the backup fails with that
+    // error, and no manifest names packs that were never stored.
+    let refusing = Arc::new(TwoPacksAtOnce::new(store.clone(), Some(2)));
+    let error = rig.backup_through(refusing.clone(), id);
+    let error = error.expect("a refused pack must fail the backup");
+    assert!(error.contains("injected refusal of one pack"), "{error}");
+    assert!(refusing.most_in_flight() >= 2);
+    assert!(rig.clean.list_backups(id).unwrap().is_empty());
+    let failed = rig.engine.catalog().list_backups(id).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].status, BackupStatus::Failed);
+    assert!(
+        failed[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("injected refusal of one pack")),
+        "{failed:?}"
+    );
+    check_invariants(&rig, id);
+
+    // The same with every pack stored: several at once, and the set restores.
+    let counting = Arc::new(TwoPacksAtOnce::new(store.clone(), None));
+    assert_eq!(rig.backup_through(counting.clone(), id), None);
+    assert!(counting.most_in_flight() >= 2);
+    check_invariants(&rig, id);
+    let set = rig
+        .engine
+        .catalog()
+        .list_backups(id)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(set.status, BackupStatus::Success);
+    assert!(rig.clean.read_manifest(id, &set.id).unwrap().stats.packs >= 3);
+    let target = dir.join("restored");
+    let port = testkit::free_port();
+    rig.engine
+        .restore(
+            id,
+            &RestoreOptions {
+                target_dir: target.clone(),
+                backup_id: Some(set.id.clone()),
+                target: RecoveryTarget::Immediate,
                 start: Some(StartOptions {
                     port,
                     ..Default::default()

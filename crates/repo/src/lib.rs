@@ -527,6 +527,7 @@ impl Repository {
             pack: PackBuilder::with_buffer(&self.keys, Vec::with_capacity(PACK_BUFFER_CAPACITY)),
             stats: BackupStats::default(),
             uploads: None,
+            broken: false,
         }
     }
 
@@ -656,41 +657,62 @@ impl Repository {
     /// Reads `blocks` in order and hands each one, checked against its
     /// hash, to `sink`. Blocks lying back to back in one pack (a file's new
     /// blocks usually do) are fetched with one ranged read of up to
-    /// [`READ_RUN_MAX`] bytes instead of one read each.
+    /// [`READ_RUN_MAX`] bytes instead of one read each. When there are
+    /// several such reads, the next one is fetched on a helper thread while
+    /// the current one is decoded, so a slow store's latency overlaps the
+    /// decompression.
     pub fn read_blocks<E: From<RepoError>>(
         &self,
         blocks: &[BlockRef],
         mut sink: impl FnMut(Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut i = 0;
-        while i < blocks.len() {
-            let first = &blocks[i];
-            let mut end = i + 1;
-            let mut run_end = first.offset + first.stored_len as u64;
-            while let Some(next) = blocks.get(end) {
-                let adjacent = next.pack == first.pack
-                    && next.offset == run_end + pack::BLOB_HEADER_LEN as u64;
-                let next_end = next.offset + next.stored_len as u64;
-                if !adjacent || next_end - first.offset > READ_RUN_MAX {
-                    break;
-                }
-                run_end = next_end;
-                end += 1;
-            }
-            let key = pack_key(&first.pack);
-            let data = self
-                .storage
-                .get_range(&key, first.offset, run_end - first.offset)
-                .map_err(RepoError::from)?;
-            for block in &blocks[i..end] {
+        let runs = read_runs(blocks);
+        let mut decode = |run: &ReadRun, data: Vec<u8>| -> Result<(), E> {
+            let first = &blocks[run.blocks.start];
+            for block in &blocks[run.blocks.clone()] {
                 let at = (block.offset - first.offset) as usize;
-                let raw =
-                    self.decode_block(&key, block, &data[at..at + block.stored_len as usize])?;
-                sink(raw)?;
+                let stored = data
+                    .get(at..at + block.stored_len as usize)
+                    .ok_or_else(|| RepoError::Corrupt {
+                        object: run.key.clone(),
+                        reason: format!("block at offset {} lies past the read", block.offset),
+                    })?;
+                sink(self.decode_block(&run.key, block, stored)?)?;
             }
-            i = end;
+            Ok(())
+        };
+        if runs.len() < 2 {
+            for run in &runs {
+                decode(run, self.fetch_run(run)?)?;
+            }
+            return Ok(());
         }
-        Ok(())
+        std::thread::scope(|scope| {
+            // Rendezvous: one run fetched ahead while one is decoded.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<RepoResult<Vec<u8>>>(0);
+            let runs = &runs;
+            scope.spawn(move || {
+                for run in runs {
+                    let fetched = self.fetch_run(run);
+                    let failed = fetched.is_err();
+                    // A closed channel: the reader stopped on an error.
+                    if tx.send(fetched).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for run in runs {
+                let data = rx.recv().map_err(|_| {
+                    RepoError::Format("the read-ahead thread stopped without an answer".into())
+                })??;
+                decode(run, data)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn fetch_run(&self, run: &ReadRun) -> RepoResult<Vec<u8>> {
+        Ok(self.storage.get_range(&run.key, run.offset, run.len)?)
     }
 
     fn decode_block(&self, key: &str, block: &BlockRef, stored: &[u8]) -> RepoResult<Vec<u8>> {
@@ -717,6 +739,44 @@ impl Repository {
 
 /// The most [`Repository::read_blocks`] fetches with one read.
 pub const READ_RUN_MAX: u64 = 8 * 1024 * 1024;
+
+/// One ranged read of [`Repository::read_blocks`]: `blocks` (indexes into
+/// its argument) lie back to back in the pack `key` from `offset`.
+struct ReadRun {
+    key: String,
+    offset: u64,
+    len: u64,
+    blocks: std::ops::Range<usize>,
+}
+
+/// Groups `blocks` into ranged reads of at most [`READ_RUN_MAX`] bytes.
+fn read_runs(blocks: &[BlockRef]) -> Vec<ReadRun> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let first = &blocks[i];
+        let mut end = i + 1;
+        let mut run_end = first.offset + first.stored_len as u64;
+        while let Some(next) = blocks.get(end) {
+            let adjacent =
+                next.pack == first.pack && next.offset == run_end + pack::BLOB_HEADER_LEN as u64;
+            let next_end = next.offset + next.stored_len as u64;
+            if !adjacent || next_end - first.offset > READ_RUN_MAX {
+                break;
+            }
+            run_end = next_end;
+            end += 1;
+        }
+        runs.push(ReadRun {
+            key: pack_key(&first.pack),
+            offset: first.offset,
+            len: run_end - first.offset,
+            blocks: i..end,
+        });
+        i = end;
+    }
+    runs
+}
 
 /// Room for a full pack: blobs up to [`DEFAULT_PACK_SIZE`] plus the block
 /// that crosses it and the index, so a pack buffer never reallocates.
@@ -754,48 +814,112 @@ pub struct BlockWriter {
     pack: PackBuilder,
     stats: BackupStats,
     uploads: Option<PackUploads>,
+    /// Set when a pack failed to be stored: nothing more is accepted.
+    broken: bool,
 }
 
-/// Full packs are sealed and stored on a thread of their own, so adding
-/// blocks never waits for the disk (or the network): one pack is stored
-/// while the next fills, and at most one more waits, which bounds memory to
-/// three pack buffers. Stored packs' buffers come back for reuse.
+/// Full packs are sealed and stored by threads of their own, so adding blocks
+/// never waits for the disk or the network: up to
+/// [`Storage::concurrent_puts`] packs are stored at once while the next one
+/// fills. The hand-over waits for a free thread, which bounds memory to that
+/// many pack buffers plus the one filling. The first failure stops the others
+/// from taking more packs and is what the writer reports. Stored packs'
+/// buffers come back for reuse.
 struct PackUploads {
+    /// A rendezvous channel: a pack is handed over only to an idle thread.
     tx: std::sync::mpsc::SyncSender<PackBuilder>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    thread: std::thread::JoinHandle<RepoResult<()>>,
+    failure: Arc<std::sync::Mutex<Option<RepoError>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// The most packs stored at once, whatever the store asks for: each one in
+/// flight holds a pack buffer.
+const MAX_PACKS_IN_FLIGHT: usize = 16;
 
 impl PackUploads {
     fn start(repo: &Repository) -> RepoResult<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<PackBuilder>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<PackBuilder>(0);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
         let (spare_tx, spare) = std::sync::mpsc::channel();
-        let storage = repo.storage.clone();
-        let keys = repo.keys.clone();
-        let thread = std::thread::Builder::new()
-            .name("strata-packs".into())
-            .spawn(move || {
-                for pack in rx {
-                    let (id, bytes) = pack.finish(&keys);
-                    storage.put(&pack_key(&id), &bytes)?;
-                    let _ = spare_tx.send(bytes);
-                }
-                Ok(())
-            })
-            .map_err(|source| StorageError::Io {
-                key: "packs".into(),
-                source,
-            })?;
-        Ok(PackUploads { tx, spare, thread })
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let in_flight = repo.storage.concurrent_puts().clamp(1, MAX_PACKS_IN_FLIGHT);
+        let mut threads = Vec::with_capacity(in_flight);
+        for n in 0..in_flight {
+            let (rx, spare_tx, failure) = (rx.clone(), spare_tx.clone(), failure.clone());
+            let (storage, keys) = (repo.storage.clone(), repo.keys.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("strata-packs-{n}"))
+                .spawn(move || store_packs(&rx, storage.as_ref(), &keys, &spare_tx, &failure))
+                .map_err(|source| StorageError::Io {
+                    key: "packs".into(),
+                    source,
+                })?;
+            threads.push(thread);
+        }
+        Ok(PackUploads {
+            tx,
+            spare,
+            failure,
+            threads,
+        })
     }
 
-    /// Waits for every pack handed over to be stored.
+    /// True once a pack failed to be stored.
+    fn failed(&self) -> bool {
+        lock(&self.failure).is_some()
+    }
+
+    /// Waits for every pack handed over to be stored; the first failure.
     fn finish(self) -> RepoResult<()> {
         drop(self.tx);
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(RepoError::Format("the pack writer thread panicked".into())))
+        let mut panicked = false;
+        for thread in self.threads {
+            panicked |= thread.join().is_err();
+        }
+        if let Some(e) = lock(&self.failure).take() {
+            return Err(e);
+        }
+        if panicked {
+            return Err(RepoError::Format("a pack writer thread panicked".into()));
+        }
+        Ok(())
     }
+}
+
+/// One pack writer thread: seals and stores packs until the channel closes
+/// or a pack (this thread's or another's) fails.
+fn store_packs(
+    rx: &std::sync::Mutex<std::sync::mpsc::Receiver<PackBuilder>>,
+    storage: &dyn Storage,
+    keys: &Keys,
+    spare: &std::sync::mpsc::Sender<Vec<u8>>,
+    failure: &std::sync::Mutex<Option<RepoError>>,
+) {
+    loop {
+        let Ok(pack) = lock(rx).recv() else { return };
+        if lock(failure).is_some() {
+            return;
+        }
+        let (id, bytes) = pack.finish(keys);
+        let bytes = bytes::Bytes::from(bytes);
+        match storage.put_bytes(&pack_key(&id), bytes.clone()) {
+            // The store dropped its references: the buffer comes back whole.
+            Ok(()) => {
+                let _ = spare.send(Vec::from(bytes));
+            }
+            Err(e) => {
+                lock(failure).get_or_insert(e.into());
+                return;
+            }
+        }
+    }
+}
+
+/// A mutex's contents even if a holder panicked (the values kept under
+/// these locks stay whole).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A block hashed (and, when new, compressed and encrypted) away from the
@@ -854,6 +978,7 @@ impl BlockWriter {
     /// Stores a block prepared by [`BlockWriter::prepare`]; `raw` is only
     /// needed when the block turned out new but was prepared as known.
     pub fn add_prepared(&mut self, prepared: PreparedBlock, raw: &[u8]) -> RepoResult<BlockRef> {
+        self.check_usable()?;
         if let Some(existing) = self.index.map.get(&prepared.hash) {
             self.stats.dedup_blocks += 1;
             self.stats.dedup_bytes += prepared.raw_len as u64;
@@ -889,15 +1014,29 @@ impl BlockWriter {
         Ok(block)
     }
 
-    /// Hands the current pack to the upload thread and starts the next one.
+    fn check_usable(&self) -> RepoResult<()> {
+        match self.broken {
+            true => Err(RepoError::Format(
+                "an earlier pack failed to be stored; this backup cannot continue".into(),
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// Hands the current pack to an upload thread and starts the next one.
     fn flush(&mut self) -> RepoResult<()> {
+        self.check_usable()?;
         if self.pack.is_empty() {
             return Ok(());
         }
-        if self.uploads.is_none() {
-            self.uploads = Some(PackUploads::start(&self.repo)?);
+        let uploads = match self.uploads.take() {
+            Some(uploads) => uploads,
+            None => PackUploads::start(&self.repo)?,
+        };
+        if uploads.failed() {
+            self.broken = true;
+            return Err(stopped_uploads(uploads));
         }
-        let uploads = self.uploads.as_ref().expect("started above");
         let buf = uploads
             .spare
             .try_recv()
@@ -907,11 +1046,11 @@ impl BlockWriter {
             PackBuilder::with_buffer(&self.repo.keys, buf),
         );
         if uploads.tx.send(pack).is_err() {
-            // The thread stopped on an error: report it.
-            let uploads = self.uploads.take().expect("started above");
-            uploads.finish()?;
-            return Err(RepoError::Format("the pack writer thread stopped".into()));
+            // Every thread stopped on an error: report it.
+            self.broken = true;
+            return Err(stopped_uploads(uploads));
         }
+        self.uploads = Some(uploads);
         self.stats.packs += 1;
         Ok(())
     }
@@ -936,6 +1075,14 @@ fn write_config(storage: &dyn Storage, config: &RepoConfig) -> RepoResult<()> {
     let bytes = serde_json::to_vec_pretty(config).map_err(|e| RepoError::Format(e.to_string()))?;
     storage.put(CONFIG_KEY, &bytes)?;
     Ok(())
+}
+
+/// The error that stopped the pack writer threads, once they all returned.
+fn stopped_uploads(uploads: PackUploads) -> RepoError {
+    match uploads.finish() {
+        Err(e) => e,
+        Ok(()) => RepoError::Format("the pack writer threads stopped".into()),
+    }
 }
 
 /// Key of a pack object.
@@ -1080,6 +1227,147 @@ mod tests {
             }
         }
         assert!(failed || w.finish().is_err());
+    }
+
+    /// Pack puts wait (up to a minute) until `wanted` are in flight at
+    /// once; the `fail`-th pack put then fails with a refusal.
+    #[derive(Debug)]
+    struct GatedPacks {
+        inner: MemoryStorage,
+        wanted: usize,
+        fail: Option<usize>,
+        state: std::sync::Mutex<(usize, usize, usize)>, // (in flight, most at once, puts)
+        changed: std::sync::Condvar,
+    }
+
+    impl GatedPacks {
+        fn new(wanted: usize, fail: Option<usize>) -> Self {
+            GatedPacks {
+                inner: MemoryStorage::new(),
+                wanted,
+                fail,
+                state: Default::default(),
+                changed: Default::default(),
+            }
+        }
+
+        fn most_in_flight(&self) -> usize {
+            self.state.lock().unwrap().1
+        }
+    }
+
+    impl Storage for GatedPacks {
+        fn put(&self, key: &str, data: &[u8]) -> storage::StorageResult<()> {
+            if !key.starts_with("packs/") {
+                return self.inner.put(key, data);
+            }
+            let mut st = self.state.lock().unwrap();
+            st.0 += 1;
+            st.1 = st.1.max(st.0);
+            st.2 += 1;
+            let n = st.2;
+            self.changed.notify_all();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while st.1 < self.wanted && std::time::Instant::now() < deadline {
+                st = self
+                    .changed
+                    .wait_timeout(st, std::time::Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+            st.0 -= 1;
+            drop(st);
+            if Some(n) == self.fail {
+                return Err(StorageError::Remote {
+                    op: "put",
+                    key: key.into(),
+                    message: "injected: 403 AccessDenied".into(),
+                    transient: false,
+                });
+            }
+            self.inner.put(key, data)
+        }
+        fn get(&self, key: &str) -> storage::StorageResult<Vec<u8>> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> storage::StorageResult<Vec<u8>> {
+            self.inner.get_range(key, offset, len)
+        }
+        fn list(&self, prefix: &str) -> storage::StorageResult<Vec<String>> {
+            self.inner.list(prefix)
+        }
+        fn list_sizes(&self, prefix: &str) -> storage::StorageResult<Vec<ObjectSize>> {
+            self.inner.list_sizes(prefix)
+        }
+        fn delete(&self, key: &str) -> storage::StorageResult<()> {
+            self.inner.delete(key)
+        }
+        fn exists(&self, key: &str) -> storage::StorageResult<bool> {
+            self.inner.exists(key)
+        }
+        fn concurrent_puts(&self) -> usize {
+            3
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    /// Blocks of noise filling `packs` packs.
+    fn pack_loads(packs: usize) -> Vec<Vec<u8>> {
+        let block = DEFAULT_BLOCK_SIZE as usize;
+        (0..(DEFAULT_PACK_SIZE * packs / block) as u64)
+            .map(|i| noise(block, i + 1))
+            .collect()
+    }
+
+    #[test]
+    fn packs_are_stored_several_at_once() {
+        let store = Arc::new(GatedPacks::new(3, None));
+        let repo = Repository::open_or_init(store.clone()).unwrap();
+        let mut w = repo.block_writer(BlockIndex::default());
+        let blocks = pack_loads(5);
+        let refs: Vec<BlockRef> = blocks.iter().map(|b| w.add(b).unwrap()).collect();
+        let stats = w.finish().unwrap();
+        assert_eq!(store.most_in_flight(), 3);
+        assert_eq!(
+            store.list("packs").unwrap().len() as u64,
+            stats.packs,
+            "every pack handed over is stored when finish returns"
+        );
+        let mut back = Vec::new();
+        repo.read_blocks(&refs, |raw| {
+            back.push(raw);
+            Ok::<_, RepoError>(())
+        })
+        .unwrap();
+        assert_eq!(back, blocks);
+    }
+
+    #[test]
+    fn one_failed_pack_among_several_in_flight_fails_the_writer() {
+        let store = Arc::new(GatedPacks::new(2, Some(2)));
+        let repo = Repository::open_or_init(store.clone()).unwrap();
+        let mut w = repo.block_writer(BlockIndex::default());
+        let mut error = None;
+        for block in pack_loads(6) {
+            if let Err(e) = w.add(&block) {
+                error = Some(e);
+                break;
+            }
+        }
+        let error = match error {
+            Some(e) => {
+                // Nothing more is accepted after a failure.
+                assert!(w.add(&noise(1000, 7)).is_err());
+                assert!(w.finish().is_err());
+                e
+            }
+            None => w.finish().unwrap_err(),
+        };
+        assert!(error.to_string().contains("injected: 403"), "{error}");
+        assert!(!error.is_transient());
+        assert!(store.most_in_flight() >= 2);
     }
 
     #[test]

@@ -228,6 +228,8 @@ pub struct S3Settings {
     pub part_size_mb: Option<usize>,
     /// Requests in flight at once.
     pub max_concurrency: Option<usize>,
+    /// Packs a backup stores at once.
+    pub upload_concurrency: Option<usize>,
     /// Deadline of one request in seconds.
     pub request_timeout_secs: Option<u64>,
     /// Attempts per call on transient errors, the first included.
@@ -748,6 +750,9 @@ fn s3_config(location: &str, s: &S3Settings) -> Result<S3Config> {
     }
     if let Some(n) = s.max_concurrency {
         c.max_concurrency = n;
+    }
+    if let Some(n) = s.upload_concurrency {
+        c.upload_concurrency = n;
     }
     if let Some(secs) = s.request_timeout_secs {
         c.request_timeout = Duration::from_secs(secs.max(1));

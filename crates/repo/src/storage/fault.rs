@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{ObjectSize, Storage, StorageError, StorageResult};
 
 /// Which failures to inject, and how often (fractions of calls, 0.0–1.0).
@@ -243,6 +245,14 @@ impl<S: Storage> FaultyStorage<S> {
 impl<S: Storage> Storage for FaultyStorage<S> {
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.call("put", key, || self.inner.put(key, data))
+    }
+
+    fn put_bytes(&self, key: &str, data: Bytes) -> StorageResult<()> {
+        self.call("put", key, || self.inner.put_bytes(key, data))
+    }
+
+    fn concurrent_puts(&self) -> usize {
+        self.inner.concurrent_puts()
     }
 
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {

@@ -319,6 +319,12 @@ impl Storage for LocalStorage {
         Ok(self.path_of(key)?.exists())
     }
 
+    /// Two: one pack's write overlaps the other's `fsync`; more only
+    /// queue on the same disk.
+    fn concurrent_puts(&self) -> usize {
+        2
+    }
+
     fn describe(&self) -> String {
         self.root.display().to_string()
     }

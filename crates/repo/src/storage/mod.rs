@@ -22,6 +22,7 @@ pub mod fault;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use thiserror::Error;
 
 pub use local::LocalStorage;
@@ -140,6 +141,18 @@ pub struct ObjectSize {
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Stores `data` under `key`, replacing any previous object atomically.
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    /// [`Storage::put`] taking the bytes by value, so a backend that hands
+    /// them to another task (S3) needs no copy of a 17 MB pack.
+    fn put_bytes(&self, key: &str, data: Bytes) -> StorageResult<()> {
+        self.put(key, &data)
+    }
+    /// How many large objects (packs) a writer should store at once. A
+    /// request to an object store mostly waits on the network and the
+    /// service, so several in flight hide that; a local disk gains little
+    /// past two. Each one in flight holds a pack buffer in memory.
+    fn concurrent_puts(&self) -> usize {
+        1
+    }
     /// The whole object; [`StorageError::NotFound`] when absent.
     fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
     /// Exactly `len` bytes from `offset`; [`StorageError::ShortRead`] when the
@@ -164,6 +177,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         (**self).put(key, data)
+    }
+    fn put_bytes(&self, key: &str, data: Bytes) -> StorageResult<()> {
+        (**self).put_bytes(key, data)
+    }
+    fn concurrent_puts(&self) -> usize {
+        (**self).concurrent_puts()
     }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         (**self).get(key)

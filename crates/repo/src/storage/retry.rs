@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{ObjectSize, Storage, StorageResult};
 
 /// How hard to retry transient failures.
@@ -92,6 +94,15 @@ impl<S: Storage> RetryingStorage<S> {
 impl<S: Storage> Storage for RetryingStorage<S> {
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.retry("put", key, || self.inner.put(key, data))
+    }
+
+    fn put_bytes(&self, key: &str, data: Bytes) -> StorageResult<()> {
+        // A clone shares the buffer: every attempt sends the same bytes.
+        self.retry("put", key, || self.inner.put_bytes(key, data.clone()))
+    }
+
+    fn concurrent_puts(&self) -> usize {
+        self.inner.concurrent_puts()
     }
 
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {

@@ -13,7 +13,8 @@
 //! copying objects using multipart upload"), so a reader never sees a partial
 //! object. Objects larger than `multipart_threshold` go up in `part_size`
 //! parts, several at once; an upload that fails is aborted so its parts do
-//! not linger. At most `max_concurrency` requests are in flight per store.
+//! not linger. At most `max_concurrency` requests are in flight per store;
+//! a backup keeps `upload_concurrency` packs in flight, each one PUT.
 //!
 //! `object_store`'s own retry loop is switched off: retries are decided in
 //! one place, by [`StorageError::is_transient`] in [`super::RetryingStorage`].
@@ -36,6 +37,19 @@ use super::{list_dir, validate_key, ObjectSize, Storage, StorageError, StorageRe
 
 /// The smallest part S3 accepts in a multipart upload (all but the last).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+
+/// Objects above this go up as multipart uploads by default. Packs (about
+/// 17 MB) and WAL segments stay below: they go up in parallel with each
+/// other, and one PUT is one request where a multipart upload is at least
+/// three (and a server that assembles the parts writes every byte twice).
+pub const DEFAULT_MULTIPART_THRESHOLD: usize = 64 * 1024 * 1024;
+
+/// Packs stored at once by default: enough to keep a loopback or LAN
+/// service busy while the backup compresses the next ones.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+
+/// The most packs a backup may store at once (each holds ~17 MB).
+pub const MAX_UPLOAD_CONCURRENCY: usize = 16;
 
 /// Where and how to reach the bucket.
 #[derive(Clone, PartialEq, Eq)]
@@ -65,6 +79,9 @@ pub struct S3Config {
     pub part_size: usize,
     /// Requests in flight at once.
     pub max_concurrency: usize,
+    /// Packs a backup stores at once (see [`Storage::concurrent_puts`]);
+    /// each holds a pack buffer (about 17 MB) until it is stored.
+    pub upload_concurrency: usize,
     /// Deadline of one HTTP request.
     pub request_timeout: Duration,
     /// Deadline of establishing a connection.
@@ -84,6 +101,7 @@ impl std::fmt::Debug for S3Config {
             .field("multipart_threshold", &self.multipart_threshold)
             .field("part_size", &self.part_size)
             .field("max_concurrency", &self.max_concurrency)
+            .field("upload_concurrency", &self.upload_concurrency)
             .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
@@ -120,9 +138,10 @@ impl S3Config {
             session_token: None,
             path_style: false,
             allow_http: false,
-            multipart_threshold: 16 * 1024 * 1024,
+            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             part_size: 8 * 1024 * 1024,
             max_concurrency: 8,
+            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
         })
@@ -183,6 +202,12 @@ impl S3Storage {
             return Err(StorageError::Config(
                 "max_concurrency must be at least 1".into(),
             ));
+        }
+        if !(1..=MAX_UPLOAD_CONCURRENCY).contains(&config.upload_concurrency) {
+            return Err(StorageError::Config(format!(
+                "upload_concurrency must be between 1 and {MAX_UPLOAD_CONCURRENCY}, got {}",
+                config.upload_concurrency
+            )));
         }
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
@@ -447,12 +472,20 @@ impl Request {
 
 impl Storage for S3Storage {
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        // The request runs on this store's runtime and must own its bytes.
+        self.put_bytes(key, Bytes::copy_from_slice(data))
+    }
+
+    fn put_bytes(&self, key: &str, data: Bytes) -> StorageResult<()> {
         validate_key(key)?;
         let request = self.request_context("put", key);
-        let data = Bytes::copy_from_slice(data);
         let c = &self.config;
         let upload = request.put(data, c.multipart_threshold, c.part_size, c.max_concurrency);
         self.call("put", key, upload)
+    }
+
+    fn concurrent_puts(&self) -> usize {
+        self.config.upload_concurrency
     }
 
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {

@@ -164,6 +164,7 @@ fn resolved_default(key: &str) -> Option<String> {
         "s3.multipart_threshold_mb" => (s3.multipart_threshold / MIB).to_string(),
         "s3.part_size_mb" => (s3.part_size / MIB).to_string(),
         "s3.max_concurrency" => s3.max_concurrency.to_string(),
+        "s3.upload_concurrency" => s3.upload_concurrency.to_string(),
         "s3.request_timeout_secs" => s3.request_timeout.as_secs().to_string(),
         "s3.max_attempts" => retry_policy(&s3_default).max_attempts.to_string(),
         _ => return None,
