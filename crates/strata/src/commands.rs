@@ -652,8 +652,8 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
         RepoCmd::Reindex => {
             let report = engine.reindex()?;
             println!(
-                "reindexed {} instance(s) ({} added), {} backup set(s), {} WAL object(s)",
-                report.instances, report.instances_added, report.backups, report.wal_segments
+                "reindexed {} instance(s) ({} added), {} backup set(s), {} WAL object(s); block index rebuilt: {} block(s)",
+                report.instances, report.instances_added, report.backups, report.wal_segments, report.blocks
             );
             Ok(())
         }

@@ -405,7 +405,8 @@ fn open_engine(config: &Config) -> Result<Engine> {
         ),
     };
     let key = config.key_source()?;
-    let mut repo = Repository::open_or_init_with_key(config.storage()?, key.as_ref())?;
+    let mut repo = Repository::open_or_init_with_key(config.storage()?, key.as_ref())?
+        .with_index_cache(data_dir.join("index-cache"));
     if let Some(level) = config.compress_level {
         repo = repo.with_compress_level(level);
     }
