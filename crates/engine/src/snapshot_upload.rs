@@ -978,7 +978,7 @@ fn postgres_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_repo::PackId;
+    use strata_repo::{BlockHash, PackId};
 
     const BS: u64 = 131072;
 

@@ -390,6 +390,25 @@ impl Repository {
         instance_id: &str,
         read: Option<&BackupManifest>,
     ) -> RepoResult<BlockIndex> {
+        let started = std::time::Instant::now();
+        let index = self.choose_index(instance_id, read)?;
+        tracing::info!(
+            "instance {instance_id}: block index ready in {} ms ({} blocks, {})",
+            started.elapsed().as_millis(),
+            index.len(),
+            match &index.stored {
+                Some(s) => format!("{} run objects", s.runs.len()),
+                None => "built from manifests".to_string(),
+            }
+        );
+        Ok(index)
+    }
+
+    fn choose_index(
+        &self,
+        instance_id: &str,
+        read: Option<&BackupManifest>,
+    ) -> RepoResult<BlockIndex> {
         if manifests_only() {
             return self.index_from_manifests(instance_id, read);
         }
@@ -427,6 +446,33 @@ impl Repository {
         let index = self.open_index(instance_id, None)?;
         report.entries = index.len() as u64;
         Ok(report)
+    }
+
+    /// Stores `entries` (sorted by hash, each hash once, in packs that
+    /// exist) as one index run of `instance_id` covering `covers`: for tools
+    /// that build an index without taking backups (benchmarks). Returns the
+    /// entries written.
+    pub fn import_index_run(
+        &self,
+        instance_id: &str,
+        covers: Vec<BackupId>,
+        entries: impl Iterator<Item = BlockRef>,
+    ) -> RepoResult<u64> {
+        let cache = self.index_cache_dir(instance_id)?;
+        let mut previous: Option<BlockHash> = None;
+        let mut count = 0u64;
+        let checked = entries.map(|b| {
+            if previous.is_some_and(|p| p >= b.hash) || !crate::pack::valid_pack_id(&b.pack) {
+                return Err(RepoError::Format(format!(
+                    "index entry {count} is out of order or names an impossible pack"
+                )));
+            }
+            previous = Some(b.hash);
+            count += 1;
+            Ok(b)
+        });
+        self.write_run(instance_id, &cache, covers, checked)?;
+        Ok(count)
     }
 
     /// Commits `manifest` (see [`Repository::commit_manifest`]), then writes
