@@ -49,9 +49,6 @@ const CACHE_MAGIC: &[u8; 8] = b"STRATAIC";
 const CACHE_VERSION: u32 = 1;
 /// Magic, version, meta length, entry count, object length, checksum.
 const CACHE_HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8;
-/// Environment switch for benchmarks: `manifests` builds the index from every
-/// manifest in memory, as builds before the persisted index did.
-pub const INDEX_MODE_ENV: &str = "STRATA_BLOCK_INDEX";
 
 /// Metadata of a run object.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -363,10 +360,6 @@ fn new_run_id() -> String {
     )
 }
 
-fn manifests_only() -> bool {
-    std::env::var(INDEX_MODE_ENV).is_ok_and(|v| v == "manifests")
-}
-
 impl Repository {
     /// Caches decoded index runs under `dir` (default: a directory of this
     /// user's under the system's temporary directory).
@@ -409,9 +402,6 @@ impl Repository {
         instance_id: &str,
         read: Option<&BackupManifest>,
     ) -> RepoResult<BlockIndex> {
-        if manifests_only() {
-            return self.index_from_manifests(instance_id, read);
-        }
         match self.open_index(instance_id, read) {
             Ok(index) => Ok(index),
             Err(e @ RepoError::Corrupt { .. }) => {
@@ -436,9 +426,6 @@ impl Repository {
         for key in self.storage.list(&index_prefix(instance_id))? {
             self.storage.delete(&key)?;
             report.objects_deleted += 1;
-        }
-        if manifests_only() {
-            return Ok(report);
         }
         if let Ok(dir) = self.index_cache_dir(instance_id) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -481,7 +468,7 @@ impl Repository {
     /// backup indexes this one from its manifest, so it is logged, not returned.
     pub fn commit_backup(&self, manifest: &BackupManifest, added: AddedBlocks) -> RepoResult<()> {
         self.commit_manifest(manifest)?;
-        if !added.indexed || manifests_only() {
+        if !added.indexed {
             return Ok(());
         }
         if let Err(e) = self.index_committed(manifest, added) {
@@ -658,8 +645,8 @@ impl Repository {
         self.write_run(instance_id, cache, covers, found.into_values().map(Ok))
     }
 
-    /// The index as builds before the persisted index made it: every
-    /// manifest read, every block held in memory.
+    /// The index as builds before the persisted index made it, for when the
+    /// cache cannot be used: every manifest read, every block held in memory.
     fn index_from_manifests(
         &self,
         instance_id: &str,
