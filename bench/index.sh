@@ -16,9 +16,8 @@
 # every manifest read into memory at the start of each backup), --reps each,
 # and reports medians of the backup's wall time, its block index set-up and
 # its peak RSS (/usr/bin/time -v). Set-up is the time the backup spends
-# before it can deduplicate: for "after" the `block index ready in N ms`
-# line it logs; for "before" the time from the stream's start to its
-# `blocks known` line (both from the logs' timestamps, see setup_ms). Each
+# before it can deduplicate: from its `BASE_BACKUP started` log line to its
+# `blocks known` line (both builds log both; see setup_ms). Each
 # backup adds a set, so a repository holds up to 2 x --reps more sets than
 # named by the end; a "before" backup writes no index run, so the next
 # "after" backup reads that one manifest.
@@ -77,17 +76,17 @@ trap cleanup EXIT
 log() { echo "[$(date +%T)] $*" >&2; }
 
 log "initdb in $T (port $PORT), pgbench scale $SCALE"
-mkdir -p "$PGDATA" && chown postgres "$PGDATA"
+mkdir -p "$PGDATA" "$T/pglog" && chown postgres "$PGDATA" "$T/pglog"
 as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres >/dev/null
 cat >>"$PGDATA/postgresql.conf" <<EOF
 port = $PORT
 listen_addresses = '127.0.0.1'
-unix_socket_directories = '$T'
+unix_socket_directories = '$T/pglog'
 max_wal_senders = 10
 wal_level = replica
 EOF
 echo "host replication all 127.0.0.1/32 trust" >>"$PGDATA/pg_hba.conf"
-as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pglog/pg.log" -w start >/dev/null
 as_pg "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
 
 RESULTS=$T/results.tsv
@@ -102,27 +101,24 @@ print(round((b - a).total_seconds() * 1000))
 EOF
 }
 
-# Set-up of the block index of one backup from its log (see the header).
-setup_ms() { # mode log
+# Set-up of the block index of one backup: from the stream's start to the
+# moment the backup knows which blocks are stored (both builds log both).
+setup_ms() { # log
     local first last
-    if [ "$1" = after ]; then
-        grep -o 'block index ready in [0-9]* ms' "$2" | tail -1 | awk '{print $5}'
-    else
-        first=$(grep -m1 'Uploading\|BASE_BACKUP\|start position' "$2" | awk '{print $1}')
-        last=$(grep -m1 'blocks known' "$2" | awk '{print $1}')
-        if [ -n "$first" ] && [ -n "$last" ]; then ms_between "$first" "$last"; else echo NA; fi
-    fi
+    first=$(sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -m1 'BASE_BACKUP started' | awk '{print $1}')
+    last=$(sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -m1 'blocks known' | awk '{print $1}')
+    if [ -n "$first" ] && [ -n "$last" ]; then ms_between "$first" "$last"; else echo NA; fi
 }
 
 measure() { # scenario mode config
     local scenario=$1 mode=$2 cfg=$3 bin tf=$T/time.txt lg=$T/backup.log
     bin=$([ "$mode" = after ] && echo "$STRATA" || echo "$BEFORE")
-    STRATA_LOG=strata_repo=info,strata_engine=debug,strata_catalog=debug \
+    STRATA_LOG=strata_repo=info,strata_engine=debug \
         /usr/bin/time -v -o "$tf" "$bin" --config "$cfg" backup create bench >/dev/null 2>"$lg"
     local rss wall setup
     rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$tf")
     wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {n=split($2,p,":"); s=0; for(i=1;i<=n;i++) s=s*60+p[i]; print s}' "$tf")
-    setup=$(setup_ms "$mode" "$lg")
+    setup=$(setup_ms "$lg")
     printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$mode" "$wall" "$setup" "$rss" >>"$RESULTS"
     log "  $scenario $mode: wall ${wall}s, set-up ${setup} ms, peak RSS $((rss / 1024)) MiB (load $(cut -d' ' -f1 /proc/loadavg))"
 }

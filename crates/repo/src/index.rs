@@ -102,7 +102,7 @@ impl BlockIndex {
             .into_values()
             .filter(|b| stored.as_ref().is_none_or(|s| s.get(&b.hash).is_none()))
             .collect();
-        blocks.sort_by(|a, b| a.hash.cmp(&b.hash));
+        blocks.sort_by_key(|b| b.hash);
         AddedBlocks {
             indexed: stored.is_some(),
             blocks,
