@@ -41,7 +41,8 @@ pub const ENTRY_LEN: usize = 56;
 pub const RUN_PART_MAX: usize = 1 << 18;
 /// Entries per checksummed chunk of a cache file: one lookup reads one chunk.
 const CHUNK: usize = 64;
-/// A run is merged into the next smaller one once it is at least a quarter of its size.
+/// The two smallest runs are merged once the smaller holds at least
+/// 1/`MERGE_FACTOR` of the larger's entries.
 const MERGE_FACTOR: u64 = 4;
 /// Runs kept before the two smallest are merged whatever their sizes.
 const MAX_RUNS: usize = 12;
@@ -119,18 +120,6 @@ pub struct AddedBlocks {
     indexed: bool,
     blocks: Vec<BlockRef>,
     stored: Option<Arc<StoredIndex>>,
-}
-
-impl AddedBlocks {
-    /// Blocks the backup's run will hold.
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// True when the backup stored nothing new.
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
 }
 
 /// What [`Repository::rebuild_block_index`] did.

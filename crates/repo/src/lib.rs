@@ -31,9 +31,7 @@ use thiserror::Error;
 
 pub use crypto::{EncryptionConfig, KeySource, Keys};
 pub use gc::{GcReport, PendingPacks};
-pub use index::{
-    index_prefix, AddedBlocks, BlockIndex, IndexRebuild, INDEX_RUN_VERSION,
-};
+pub use index::{index_prefix, AddedBlocks, BlockIndex, IndexRebuild, INDEX_RUN_VERSION};
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{

@@ -611,7 +611,14 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
             blocks,
             manifests,
             blocks_per_pack,
-        } => bench_fill(engine, &instance, copies, blocks, manifests, blocks_per_pack),
+        } => bench_fill(
+            engine,
+            &instance,
+            copies,
+            blocks,
+            manifests,
+            blocks_per_pack,
+        ),
         RepoCmd::RotateKey {
             new_key_file,
             new_passphrase_env,
@@ -909,7 +916,10 @@ fn bench_fill(
             covers.push(m.backup_id);
         }
         let written = repo.import_index_run(instance, covers, (0..blocks).map(block))?;
-        println!("{written} synthetic blocks in {} packs, {manifests} synthetic sets", packs.len());
+        println!(
+            "{written} synthetic blocks in {} packs, {manifests} synthetic sets",
+            packs.len()
+        );
     } else if !covers.is_empty() {
         // The copies hold the newest set's blocks, which its run holds already.
         repo.import_index_run(instance, covers, std::iter::empty())?;
