@@ -7,7 +7,8 @@
 #     real backup, then copies of its manifest stored as older sets
 #     (`strata repo bench-fill --copies`, the sets of an unchanged database);
 #   - a synthetic 1 TB: --blocks distinct blocks (default 8 million, 1 TB at
-#     128 KiB) with random hashes in empty packs of 128 blocks, listed by 64
+#     128 KiB) with random hashes in empty packs of 512 blocks (16 MB packs of
+#     blocks compressed to a quarter), listed by 64
 #     synthetic sets of 125 000 blocks each and by one index run covering
 #     them (`strata repo bench-fill --blocks`); nothing of the terabyte is
 #     stored but the references.
@@ -154,7 +155,7 @@ done
 if [ "$BLOCKS" -gt 0 ]; then
     log "synthetic index of $BLOCKS blocks"
     cfg=$(repository synthetic)
-    /usr/bin/time -v -o "$T/fill.txt" "$STRATA" --config "$cfg" repo bench-fill bench --blocks "$BLOCKS" --manifests 64 >&2
+    /usr/bin/time -v -o "$T/fill.txt" "$STRATA" --config "$cfg" repo bench-fill bench --blocks "$BLOCKS" --manifests 64 --blocks-per-pack 512 >&2
     log "  filled in $(awk -F': ' '/Elapsed/ {print $2}' "$T/fill.txt"), repository $(du -sh "$T/synthetic/repo" | cut -f1)"
     # The first backup on a host without the cache fetches and decodes every run once.
     rm -rf "$T/synthetic/index-cache"

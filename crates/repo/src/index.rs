@@ -1338,6 +1338,33 @@ mod tests {
     }
 
     #[test]
+    fn collecting_garbage_deletes_the_index_of_an_instance_without_sets() {
+        let f = Fixture::new();
+        backup(&f.repo, "1", 0..5);
+        backup(&f.repo, "2", 3..9);
+        let collect = || {
+            f.repo
+                .collect_garbage(&PendingPacks::new(), Utc::now(), Duration::zero())
+                .unwrap()
+        };
+        f.repo.delete_backup("i", "1").unwrap();
+        collect();
+        assert!(
+            !f.run_keys().is_empty(),
+            "set 2 still deduplicates against it"
+        );
+        f.repo.delete_backup("i", "2").unwrap();
+        let (report, _) = collect();
+        assert!(report.packs_deleted >= 1);
+        assert!(f.run_keys().is_empty());
+        // The next backup starts from nothing and stores everything.
+        let m = backup(&f.repo, "3", 0..4);
+        for b in &m.files[0].blocks {
+            assert!(f.repo.storage().exists(&crate::pack_key(&b.pack)).unwrap());
+        }
+    }
+
+    #[test]
     fn a_damaged_run_is_detected_and_the_index_rebuilt_from_manifests() {
         let f = Fixture::new();
         backup(&f.repo, "1", 0..30);
