@@ -1605,7 +1605,7 @@ mod tests {
             pipeline.whole_file(entry, &data, block).await.unwrap();
             expected.push((format!("base/5/{i}"), data));
         }
-        let (files, stats) = pipeline.finish().await.unwrap();
+        let (files, stats, _) = pipeline.finish().await.unwrap();
         assert_eq!(files.len(), expected.len());
         assert!(stats.dedup_blocks > 0, "{stats:?}");
         for (file, (path, data)) in files.iter().zip(&expected) {
