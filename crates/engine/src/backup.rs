@@ -13,7 +13,7 @@
 //! the previous backup's manifest and sends only the blocks changed since
 //! (see [`crate::incremental`]); the files are rebuilt whole as they arrive.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,8 @@ use strata_catalog::{
     JobKind, JobState, TakenUnder,
 };
 use strata_repo::{
-    BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind,
-    PreparedBlock, Repository,
+    AddedBlocks, BackupManifest, BackupStats, BlockIndex, BlockRef, BlockWriter, FileEntry,
+    FileKind, PreparedBlock, Repository,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -930,7 +930,11 @@ const WORK_BATCHES: usize = 8;
 /// Blocks up to this size are hashed and compressed on the network task.
 const INLINE_BLOCK: usize = 32 * 1024;
 
-type WriterThread = std::thread::JoinHandle<EngineResult<(Vec<FileEntry>, BackupStats)>>;
+/// What the writer thread ends with: the files, the packing figures and the
+/// blocks the backup's index run must list.
+type Written = (Vec<FileEntry>, BackupStats, AddedBlocks);
+
+type WriterThread = std::thread::JoinHandle<EngineResult<Written>>;
 
 /// Hashing and compression on a thread pool; packing, in stream order, on a
 /// writer thread. Both channels are bounded: a slow repository slows the
@@ -952,7 +956,7 @@ struct BlockPipeline {
     batch: Vec<Work>,
     batch_bytes: usize,
     repo: Repository,
-    known: Arc<HashSet<BlockHash>>,
+    known: Arc<BlockIndex>,
     pool_tx: Option<mpsc::Sender<PoolJob>>,
     /// Taken by whoever first learns that the writer ended.
     writer: Mutex<Option<WriterThread>>,
@@ -960,11 +964,13 @@ struct BlockPipeline {
 }
 
 impl BlockPipeline {
-    fn start(repo: &Repository, known: strata_repo::BlockIndex) -> Self {
+    fn start(repo: &Repository, known: BlockIndex) -> Self {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let known_hashes: Arc<HashSet<BlockHash>> = Arc::new(known.hashes().collect());
+        // Pool threads only ask whether a block is stored; the index's
+        // entries stay in its cache files, so sharing it costs nothing.
+        let known_hashes = Arc::new(known.clone());
         // A tokio channel: the network task waits for room asynchronously,
         // the pool threads block on it.
         let (pool_tx, pool_rx) = mpsc::channel::<PoolJob>(threads * 2);
@@ -1193,7 +1199,7 @@ impl BlockPipeline {
         .await
     }
 
-    async fn finish(mut self) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+    async fn finish(mut self) -> EngineResult<Written> {
         self.flush().await?;
         drop(self.work_tx);
         self.pool_tx.take();
@@ -1216,11 +1222,7 @@ impl BlockPipeline {
 
 /// A pool thread: reads or rebuilds each block handed to it, hashes and
 /// compresses it, and replies; ends when the queue closes.
-fn prepare_blocks(
-    rx: &Mutex<mpsc::Receiver<PoolJob>>,
-    repo: &Repository,
-    known: &HashSet<BlockHash>,
-) {
+fn prepare_blocks(rx: &Mutex<mpsc::Receiver<PoolJob>>, repo: &Repository, known: &BlockIndex) {
     loop {
         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
         let Some((source, reply)) = next else { break };
@@ -1249,7 +1251,7 @@ fn prepare_blocks(
 fn write_blocks(
     mut work_rx: mpsc::Receiver<Vec<Work>>,
     mut writer: strata_repo::BlockWriter,
-) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+) -> EngineResult<Written> {
     let mut files = Vec::new();
     let mut current: Option<FileEntry> = None;
     while let Some(batch) = work_rx.blocking_recv() {
@@ -1257,7 +1259,8 @@ fn write_blocks(
             write_one(work, &mut writer, &mut files, &mut current)?;
         }
     }
-    Ok((files, writer.finish()?))
+    let (stats, added) = writer.finish_indexed()?;
+    Ok((files, stats, added))
 }
 
 fn write_one(
@@ -1316,7 +1319,7 @@ fn write_one(
 
 /// Waits for the writer thread off the async runtime and returns what it
 /// returned.
-async fn join_writer(writer: WriterThread) -> EngineResult<(Vec<FileEntry>, BackupStats)> {
+async fn join_writer(writer: WriterThread) -> EngineResult<Written> {
     tokio::task::spawn_blocking(move || {
         writer
             .join()
@@ -1602,7 +1605,7 @@ mod tests {
             pipeline.whole_file(entry, &data, block).await.unwrap();
             expected.push((format!("base/5/{i}"), data));
         }
-        let (files, stats) = pipeline.finish().await.unwrap();
+        let (files, stats, _) = pipeline.finish().await.unwrap();
         assert_eq!(files.len(), expected.len());
         assert!(stats.dedup_blocks > 0, "{stats:?}");
         for (file, (path, data)) in files.iter().zip(&expected) {

@@ -121,8 +121,9 @@ pub fn copy_backup_set(
             .map(|b| b.expect("every block was known or read"))
             .collect();
     }
-    report.stats = writer.finish()?;
-    target.commit_manifest(&copy)?;
+    let (stats, added) = writer.finish_indexed()?;
+    report.stats = stats;
+    target.commit_backup(&copy, added)?;
     Ok(report)
 }
 

@@ -1,7 +1,8 @@
 //! `repo reindex`: rebuilds the catalog's index of backup sets, WAL segments
 //! and restore points from the repository alone (the repository is the
 //! source of truth; jobs are operational history and are kept, and so are
-//! the keeps by hand and retention rules recorded on sets still stored).
+//! the keeps by hand and retention rules recorded on sets still stored), and
+//! each instance's block index in the repository from its manifests.
 
 use serde::Serialize;
 use strata_catalog::CatalogError;
@@ -21,6 +22,8 @@ pub struct ReindexReport {
     pub backups: u64,
     /// WAL segments indexed.
     pub wal_segments: u64,
+    /// Blocks in the rebuilt block indexes of the instances.
+    pub blocks: u64,
 }
 
 impl Engine {
@@ -68,6 +71,7 @@ impl Engine {
                 }
                 report.backups += 1;
             }
+            report.blocks += self.repo.rebuild_block_index(&rec.id)?.entries;
             for obj in self.repo.list_wal(&rec.id)? {
                 let (meta, _) = self.repo.read_wal(&obj.key)?;
                 record_segment(self, &rec.id, &meta, obj.key.clone())?;

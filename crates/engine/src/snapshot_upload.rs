@@ -32,7 +32,7 @@ use strata_agent::proto::{ByteRange, ChangedRanges, EntryKind, ErrorCode, Manife
 use strata_agent::{AgentClient, AgentError, RelPath, SnapshotName};
 use strata_catalog::{BackupId, BackupSet, BackupStatus, Instance};
 use strata_repo::{
-    BackupManifest, BackupStats, BlockHash, BlockRef, BlockWriter, FileEntry, FileKind, RepoError,
+    BackupManifest, BackupStats, BlockIndex, BlockRef, BlockWriter, FileEntry, FileKind, RepoError,
     Repository, TablespaceEntry,
 };
 
@@ -234,7 +234,7 @@ impl Engine {
 
         let (repo, id, base_read) = (self.repo.clone(), instance.id.to_string(), base.clone());
         let index = blocking(move || Ok(repo.block_index_with(&id, base_read.as_ref())?)).await?;
-        let known: Arc<HashSet<BlockHash>> = Arc::new(index.hashes().collect());
+        let known = Arc::new(index.clone());
         let writer = Arc::new(Mutex::new(self.repo.block_writer(index)));
         let counters = Arc::new(Counters::default());
         let upload = FileUploads {
@@ -284,7 +284,7 @@ impl Engine {
             .map_err(|_| EngineError::Failed(format!("{what}: the block writer is still shared")))?
             .into_inner()
             .unwrap_or_else(|p| p.into_inner());
-        let stats = blocking(move || Ok(writer.finish()?)).await?;
+        let (stats, added) = blocking(move || Ok(writer.finish_indexed()?)).await?;
         let stats = BackupStats {
             file_count: files.iter().filter(|f| f.kind == FileKind::File).count() as u64
                 + u64::from(server_manifest.is_some()),
@@ -327,7 +327,7 @@ impl Engine {
         self.check_snapshot_unchanged(&set, &listing).await?;
         let repo = self.repo.clone();
         blocking(move || {
-            if let Err(e) = repo.commit_manifest(&manifest) {
+            if let Err(e) = repo.commit_backup(&manifest, added) {
                 // A put that failed may still have landed: make sure no half-known set stays.
                 let _ = repo.delete_backup(&manifest.instance_id, &manifest.backup_id);
                 return Err(e.into());
@@ -508,7 +508,7 @@ struct FileUploads {
     agent: AgentClient,
     snapshot: SnapshotName,
     writer: Arc<Mutex<BlockWriter>>,
-    known: Arc<HashSet<BlockHash>>,
+    known: Arc<BlockIndex>,
     counters: Arc<Counters>,
     block_size: usize,
     total_bytes: u64,
@@ -978,7 +978,7 @@ fn postgres_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_repo::PackId;
+    use strata_repo::{BlockHash, PackId};
 
     const BS: u64 = 131072;
 

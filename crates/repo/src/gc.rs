@@ -13,7 +13,9 @@
 //! no manifest yet, so the caller must also make sure no backup runs during
 //! a collection: the engine holds the repository exclusively in the catalog
 //! and checks before each deletion that it still does (the fence of
-//! [`Repository::collect_garbage_fenced`]).
+//! [`Repository::collect_garbage_fenced`]). The block index of an instance
+//! left without sets is deleted too; other instances' indexes keep entries of
+//! deleted packs, which readers ignore (see `index`).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -81,10 +83,20 @@ impl Repository {
         let mut report = GcReport::default();
         let mut still_pending = PendingPacks::new();
         let mut referenced: HashSet<PackId> = HashSet::new();
+        // Index runs by instance, and the instances that still have a set.
+        let mut index_runs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut with_sets: HashSet<String> = HashSet::new();
         for key in self.storage.list("instances/")? {
             let Some(rest) = key.strip_prefix("instances/") else {
                 continue;
             };
+            if let Some((instance_id, _)) = rest.split_once("/index/") {
+                index_runs
+                    .entry(instance_id.to_string())
+                    .or_default()
+                    .push(key.clone());
+                continue;
+            }
             let Some((instance_id, backup_id)) = rest
                 .strip_suffix(".manifest")
                 .and_then(|r| r.split_once("/backups/"))
@@ -98,6 +110,7 @@ impl Repository {
                 Err(e) => return Err(e),
             };
             report.manifests_scanned += 1;
+            with_sets.insert(instance_id.to_string());
             for file in manifest.all_files() {
                 for block in &file.blocks {
                     if !referenced.contains(&block.pack) {
@@ -131,6 +144,22 @@ impl Repository {
             } else {
                 still_pending.insert(PackId::from(id), since);
                 report.packs_pending += 1;
+            }
+        }
+        // An instance without sets has nothing to deduplicate against: its
+        // block index would only point into the packs just deleted.
+        for (instance_id, keys) in index_runs {
+            if with_sets.contains(&instance_id) {
+                continue;
+            }
+            if held {
+                held = still_held();
+            }
+            if !held {
+                break;
+            }
+            for key in keys {
+                self.storage.delete(&key)?;
             }
         }
         Ok((report, still_pending))

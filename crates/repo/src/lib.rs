@@ -11,6 +11,7 @@
 
 pub mod crypto;
 mod gc;
+mod index;
 pub mod manifest;
 pub mod object;
 pub mod pack;
@@ -22,7 +23,6 @@ mod usage;
 mod verify;
 mod wal;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +31,7 @@ use thiserror::Error;
 
 pub use crypto::{EncryptionConfig, KeySource, Keys};
 pub use gc::{GcReport, PendingPacks};
+pub use index::{index_prefix, AddedBlocks, BlockIndex, IndexRebuild, INDEX_RUN_VERSION};
 pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
 pub use object::ObjectKind;
 pub use storage::{
@@ -124,6 +125,9 @@ pub enum RepoError {
     /// A key is missing, unreadable, or configured where none belongs.
     #[error("{0}")]
     KeyRequired(String),
+    /// The local cache of the block index cannot be used.
+    #[error("block index cache {0}")]
+    Cache(String),
 }
 
 impl RepoError {
@@ -275,6 +279,8 @@ pub struct Repository {
     config: RepoConfig,
     keys: Arc<Keys>,
     compress_level: i32,
+    /// Where decoded block index runs are cached (see `index`).
+    index_cache: Option<Arc<std::path::PathBuf>>,
 }
 
 impl Repository {
@@ -406,6 +412,7 @@ impl Repository {
             config,
             keys: Arc::new(keys),
             compress_level: DEFAULT_COMPRESS_LEVEL,
+            index_cache: None,
         })
     }
 
@@ -529,37 +536,6 @@ impl Repository {
             uploads: None,
             broken: false,
         }
-    }
-
-    /// Every block referenced by a committed manifest of `instance_id`.
-    /// Blocks of unfinished backups are deliberately not reused: only what a
-    /// manifest vouches for counts as stored.
-    pub fn block_index(&self, instance_id: &str) -> RepoResult<BlockIndex> {
-        self.block_index_with(instance_id, None)
-    }
-
-    /// [`Repository::block_index`], taking the blocks of `read` (a manifest
-    /// of the instance the caller holds already) without reading it again.
-    pub fn block_index_with(
-        &self,
-        instance_id: &str,
-        read: Option<&BackupManifest>,
-    ) -> RepoResult<BlockIndex> {
-        let mut index = BlockIndex::default();
-        let mut add = |manifest: &BackupManifest| {
-            for file in manifest.all_files() {
-                for block in &file.blocks {
-                    index.map.entry(block.hash).or_insert_with(|| block.clone());
-                }
-            }
-        };
-        for backup_id in self.list_backups(instance_id)? {
-            match read {
-                Some(m) if m.backup_id == backup_id => add(m),
-                _ => add(&self.read_manifest(instance_id, &backup_id)?),
-            }
-        }
-        Ok(index)
     }
 
     /// Writes the manifest: from this moment the backup set exists.
@@ -782,29 +758,6 @@ fn read_runs(blocks: &[BlockRef]) -> Vec<ReadRun> {
 /// that crosses it and the index, so a pack buffer never reallocates.
 const PACK_BUFFER_CAPACITY: usize = DEFAULT_PACK_SIZE + 1024 * 1024;
 
-/// Blocks already stored, by content hash.
-#[derive(Debug, Default, Clone)]
-pub struct BlockIndex {
-    map: HashMap<BlockHash, BlockRef>,
-}
-
-impl BlockIndex {
-    /// Blocks indexed.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// True when no block is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// Addresses of the blocks indexed.
-    pub fn hashes(&self) -> impl Iterator<Item = BlockHash> + '_ {
-        self.map.keys().copied()
-    }
-}
-
 /// Stores blocks for one backup: hashes, deduplicates, compresses and packs.
 /// Packs are written as they fill; [`BlockWriter::finish`] writes the last one.
 /// Nothing here is visible as a backup until the manifest is committed.
@@ -954,12 +907,12 @@ impl BlockWriter {
 
     /// True when the block is already stored or written by this writer.
     pub fn contains(&self, hash: &BlockHash) -> bool {
-        self.index.map.contains_key(hash)
+        self.index.contains(hash)
     }
 
     /// Stores `raw` (unless already stored) and returns its reference.
     pub fn add(&mut self, raw: &[u8]) -> RepoResult<BlockRef> {
-        let prepared = Self::prepare(&self.repo, raw, |h| self.index.map.contains_key(h));
+        let prepared = Self::prepare(&self.repo, raw, |h| self.index.contains(h));
         self.add_prepared(prepared, raw)
     }
 
@@ -968,21 +921,21 @@ impl BlockWriter {
     pub fn add_existing(&mut self, block: &BlockRef) -> BlockRef {
         self.stats.dedup_blocks += 1;
         self.stats.dedup_bytes += block.raw_len as u64;
-        self.index
-            .map
-            .entry(block.hash)
-            .or_insert_with(|| block.clone())
-            .clone()
+        if let Some(known) = self.index.get(&block.hash) {
+            return known;
+        }
+        self.index.map.insert(block.hash, block.clone());
+        block.clone()
     }
 
     /// Stores a block prepared by [`BlockWriter::prepare`]; `raw` is only
     /// needed when the block turned out new but was prepared as known.
     pub fn add_prepared(&mut self, prepared: PreparedBlock, raw: &[u8]) -> RepoResult<BlockRef> {
         self.check_usable()?;
-        if let Some(existing) = self.index.map.get(&prepared.hash) {
+        if let Some(existing) = self.index.get(&prepared.hash) {
             self.stats.dedup_blocks += 1;
             self.stats.dedup_bytes += prepared.raw_len as u64;
-            return Ok(existing.clone());
+            return Ok(existing);
         }
         let (compression, data) = match prepared.encoded {
             Some(encoded) => encoded?,
@@ -1057,12 +1010,18 @@ impl BlockWriter {
 
     /// Stores the last pack and waits until every pack is stored; returns
     /// the counters for the manifest.
-    pub fn finish(mut self) -> RepoResult<BackupStats> {
+    pub fn finish(self) -> RepoResult<BackupStats> {
+        Ok(self.finish_indexed()?.0)
+    }
+
+    /// [`BlockWriter::finish`], also returning the blocks the index did not
+    /// hold, for [`Repository::commit_backup`].
+    pub fn finish_indexed(mut self) -> RepoResult<(BackupStats, AddedBlocks)> {
         self.flush()?;
         if let Some(uploads) = self.uploads.take() {
             uploads.finish()?;
         }
-        Ok(self.stats)
+        Ok((self.stats, self.index.added()))
     }
 
     /// What the writer stored so far.

@@ -1,5 +1,6 @@
 //! Sealed objects: every repository object other than a pack (manifests, WAL
-//! segments, timeline histories, instance records) is stored in one envelope.
+//! segments, timeline histories, instance records, block index runs) is
+//! stored in one envelope.
 //! Unencrypted (version 1), its last 32 bytes are a keyed BLAKE3 hash of
 //! everything before them, so a single flipped byte anywhere is detected. In an
 //! encrypted repository (version 2) everything after the 12-byte header is
@@ -36,6 +37,8 @@ pub enum ObjectKind {
     TimelineHistory = 3,
     /// An instance record.
     Instance = 4,
+    /// A run of an instance's block index.
+    IndexRun = 5,
 }
 
 impl ObjectKind {
@@ -45,6 +48,7 @@ impl ObjectKind {
             2 => ObjectKind::WalSegment,
             3 => ObjectKind::TimelineHistory,
             4 => ObjectKind::Instance,
+            5 => ObjectKind::IndexRun,
             _ => return None,
         })
     }

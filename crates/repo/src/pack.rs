@@ -25,6 +25,14 @@ pub const PACK_HEADER_LEN: usize = 16;
 pub const BLOB_HEADER_LEN: usize = 44;
 const INDEX_ENTRY_LEN: usize = 32 + 8 + 4 + 4;
 
+/// True for what a pack id is: 32 lower-case hex digits (ids reach object keys).
+pub fn valid_pack_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Blob stored as is (compression would not shrink it).
 pub const COMPRESSION_NONE: u8 = 0;
 /// Blob compressed with zstd.

@@ -117,6 +117,10 @@ impl Repository {
                 {
                     report.problems.push(problem(key, e.to_string()));
                 }
+            } else if key.contains("/index/") && key.ends_with(".run") {
+                if let Err(e) = self.check_index_run(key, &bytes) {
+                    report.problems.push(problem(key, e.to_string()));
+                }
             } else if key.contains("/wal/") {
                 report.wal_objects_checked += 1;
                 if let Err(e) = self.read_wal(key) {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use chrono::{TimeZone, Utc};
 use pg_wal::{Lsn, TimelineId};
 use strata_repo::{
-    BackupManifest, BackupStats, BlockIndex, FileEntry, FileKind, InstanceRecord, LocalStorage,
-    Repository, Storage, TablespaceEntry,
+    index_prefix, BackupManifest, BackupStats, BlockIndex, FileEntry, FileKind, InstanceRecord,
+    LocalStorage, Repository, Storage, TablespaceEntry,
 };
 
 const FIXTURE: &str = "tests/fixtures/repo-v1";
@@ -162,6 +162,31 @@ fn repository_written_by_the_previous_release_reads_back_byte_exact() {
     assert_eq!(link.kind, FileKind::Symlink);
     assert_eq!(link.link_target.as_deref(), Some("/srv/ts"));
     assert_eq!(manifest.tablespaces[0].location, "/srv/ts");
+
+    // It has no block index: the first backup indexes it from its manifest,
+    // deduplicates against it, and the repository still verifies clean.
+    assert!(repo
+        .storage()
+        .list(&index_prefix(INSTANCE))
+        .unwrap()
+        .is_empty());
+    let repo = repo.with_index_cache(dir.path().join("cache"));
+    let index = repo.block_index(INSTANCE).unwrap();
+    for f in manifest.all_files() {
+        for b in &f.blocks {
+            assert_eq!(index.get(&b.hash).as_ref(), Some(b));
+        }
+    }
+    assert_eq!(
+        repo.storage().list(&index_prefix(INSTANCE)).unwrap().len(),
+        1
+    );
+    let mut writer = repo.block_writer(index);
+    writer
+        .add(&text(2 * repo.block_size() + 1000, 1)[..repo.block_size()])
+        .unwrap();
+    assert_eq!(writer.finish().unwrap().new_blocks, 0);
+    assert!(repo.verify(&|_, _| {}).unwrap().is_clean());
 }
 
 /// Writes the fixture's backup into a new repository at `root`: how

@@ -605,6 +605,20 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
             let usage = repo.measure_usage(&mut Default::default())?;
             print(json, &usage, output::print_usage)
         }
+        RepoCmd::BenchFill {
+            instance,
+            copies,
+            blocks,
+            manifests,
+            blocks_per_pack,
+        } => bench_fill(
+            engine,
+            &instance,
+            copies,
+            blocks,
+            manifests,
+            blocks_per_pack,
+        ),
         RepoCmd::RotateKey {
             new_key_file,
             new_passphrase_env,
@@ -652,8 +666,8 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
         RepoCmd::Reindex => {
             let report = engine.reindex()?;
             println!(
-                "reindexed {} instance(s) ({} added), {} backup set(s), {} WAL object(s)",
-                report.instances, report.instances_added, report.backups, report.wal_segments
+                "reindexed {} instance(s) ({} added), {} backup set(s), {} WAL object(s); block index rebuilt: {} block(s)",
+                report.instances, report.instances_added, report.backups, report.wal_segments, report.blocks
             );
             Ok(())
         }
@@ -724,6 +738,91 @@ pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>> {
         return Ok(t.and_utc());
     }
     bail!("invalid time {s:?} (expected RFC 3339, e.g. 2026-11-25T10:00:00Z)")
+}
+
+/// `strata repo bench-fill`: earlier sets and a synthetic block index for
+/// the block index benchmark. Synthetic sets get ids older than every real
+/// one; their blocks are in empty packs, so such a repository is good for
+/// measuring backups into it and nothing else.
+fn bench_fill(
+    engine: &Engine,
+    instance: &str,
+    copies: u64,
+    blocks: u64,
+    manifests: u64,
+    per_pack: u64,
+) -> Result<()> {
+    use strata_repo::{BackupId, BlockHash, BlockRef, FileEntry, FileKind, PackId};
+    let repo = engine.repo();
+    let newest = repo
+        .list_backups(instance)?
+        .pop()
+        .context("the instance has no backup set to start from")?;
+    let base = repo.read_manifest(instance, &newest)?;
+    let first: u64 = newest.parse().context("backup ids are numbers")?;
+    let mut covers = Vec::new();
+    for k in 0..copies {
+        let mut m = base.clone();
+        m.backup_id = BackupId::from((first - 10_000_000 - k).to_string());
+        repo.commit_manifest(&m)?;
+        covers.push(m.backup_id);
+    }
+    if blocks > 0 {
+        let (manifests, per_pack) = (manifests.clamp(1, blocks), per_pack.max(1));
+        let packs: Vec<PackId> = (0..blocks.div_ceil(per_pack))
+            .map(|_| PackId::new(hex::encode(rand::random::<[u8; 16]>())))
+            .collect();
+        for p in &packs {
+            repo.storage().put(&strata_repo::pack_key(p), b"")?;
+        }
+        // Sorted, distinct and uniform: block i's hash starts in the i-th
+        // of `blocks` equal slices of the hash space.
+        let seed: [u8; 32] = rand::random();
+        let step = u64::MAX / blocks;
+        let block = |i: u64| {
+            let mut hash = *blake3::keyed_hash(&seed, &i.to_le_bytes()).as_bytes();
+            let at = i * step + u64::from_le_bytes(hash[..8].try_into().expect("8 bytes")) % step;
+            hash[..8].copy_from_slice(&at.to_be_bytes());
+            BlockRef {
+                hash: BlockHash(hash),
+                pack: packs[(i / per_pack) as usize].clone(),
+                offset: 16 + (i % per_pack) * 65_100,
+                stored_len: 65_000,
+                raw_len: 131_072,
+                compression: 1,
+            }
+        };
+        for j in 0..manifests {
+            let range = j * blocks / manifests..(j + 1) * blocks / manifests;
+            let mut m = base.clone();
+            m.backup_id = BackupId::from((first - 20_000_000 - j).to_string());
+            m.tablespaces.clear();
+            m.server_manifest = None;
+            m.files = vec![FileEntry {
+                tablespace: None,
+                path: "base/1/synthetic".into(),
+                kind: FileKind::File,
+                mode: 0o600,
+                size: (range.end - range.start) * 131_072,
+                mtime: 0,
+                link_target: None,
+                crc32c: None,
+                blocks: range.map(block).collect(),
+            }];
+            repo.commit_manifest(&m)?;
+            covers.push(m.backup_id);
+        }
+        let written = repo.import_index_run(instance, covers, (0..blocks).map(block))?;
+        println!(
+            "{written} synthetic blocks in {} packs, {manifests} synthetic sets",
+            packs.len()
+        );
+    } else if !covers.is_empty() {
+        // The copies hold the newest set's blocks, which its run holds already.
+        repo.import_index_run(instance, covers, std::iter::empty())?;
+    }
+    println!("{copies} copies of backup {newest}");
+    Ok(())
 }
 
 #[cfg(test)]

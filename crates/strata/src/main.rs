@@ -340,6 +340,25 @@ enum RepoCmd {
         #[arg(long)]
         region: Option<String>,
     },
+    /// Benchmarks only: store earlier backup sets and a large block index
+    /// without taking backups (docs/BENCHMARKS.md, "Block index").
+    #[command(hide = true)]
+    BenchFill {
+        /// Instance with at least one backup set.
+        instance: String,
+        /// Copies of the newest set, stored as older sets (earlier backups
+        /// of an unchanged database).
+        #[arg(long, default_value_t = 0)]
+        copies: u64,
+        /// Distinct synthetic blocks: random hashes in empty packs, listed
+        /// by `--manifests` synthetic sets and by one index run covering them.
+        #[arg(long, default_value_t = 0)]
+        blocks: u64,
+        #[arg(long, default_value_t = 64)]
+        manifests: u64,
+        #[arg(long, default_value_t = 128)]
+        blocks_per_pack: u64,
+    },
     /// Re-wrap an encrypted repository's data key under a new key file or
     /// passphrase (no data is rewritten). Update the encryption settings afterwards.
     #[command(group(clap::ArgGroup::new("new_key").required(true).args(["new_key_file", "new_passphrase_env"])))]
@@ -405,7 +424,8 @@ fn open_engine(config: &Config) -> Result<Engine> {
         ),
     };
     let key = config.key_source()?;
-    let mut repo = Repository::open_or_init_with_key(config.storage()?, key.as_ref())?;
+    let mut repo = Repository::open_or_init_with_key(config.storage()?, key.as_ref())?
+        .with_index_cache(data_dir.join("index-cache"));
     if let Some(level) = config.compress_level {
         repo = repo.with_compress_level(level);
     }

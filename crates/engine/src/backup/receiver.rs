@@ -438,7 +438,7 @@ impl BackupReceiver {
         self.pipeline
             .whole_file(manifest_entry, &self.server_manifest, self.block_size)
             .await?;
-        let (mut files, stats) = self.pipeline.finish().await?;
+        let (mut files, stats, added) = self.pipeline.finish().await?;
         let stats = BackupStats {
             // Everything a restore writes, the server's backup_manifest included,
             // so that new + deduplicated bytes add up to the total.
@@ -471,7 +471,7 @@ impl BackupReceiver {
         };
         let repo = self.repo;
         blocking(move || {
-            if let Err(e) = repo.commit_manifest(&manifest) {
+            if let Err(e) = repo.commit_backup(&manifest, added) {
                 // A put that failed may still have landed (a timeout after the
                 // store accepted it); this backup is being recorded as failed, so
                 // make sure the repository does not hold it either.
