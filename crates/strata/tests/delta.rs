@@ -295,3 +295,58 @@ fn delta_restore_refuses_other_directories_and_marks_a_failed_one_unusable() {
     assert_eq!(state_digest(&restored, DB), at_backup);
     assert!(!dir.join("global/pg_control.strata-delta").exists());
 }
+
+#[test]
+fn delta_restore_of_a_tablespace_goes_where_a_restore_puts_it() {
+    let strata = Strata::new("delta-tblspc");
+    let pg = Cluster::start_default(15);
+    let location = testkit::temp_dir("strata-delta-tblspc-");
+    pg.psql(
+        DB,
+        &format!(
+            "CREATE TABLESPACE ts LOCATION '{}'; \
+             CREATE TABLE in_ts TABLESPACE ts AS SELECT g, md5(g::text) AS v FROM generate_series(1, 20000) g",
+            location.display()
+        ),
+    );
+    let id = "tsdb";
+    strata.add_instance(id, &pg);
+    strata.backup(id);
+    let digest = "SELECT count(*) || ':' || md5(string_agg(g || v, ',' ORDER BY g)) FROM in_ts";
+    let at_backup = pg.psql(DB, digest);
+    let mut copy = strata.restore_and_start(id, "copy", 15, &["--immediate"]);
+    let dir = copy.data_dir().to_path_buf();
+    copy.psql(
+        DB,
+        "UPDATE in_ts SET v = 'changed' WHERE g <= 100; \
+         CREATE TABLE also_in_ts TABLESPACE ts AS SELECT g FROM generate_series(1, 1000) g",
+    );
+    let also = copy.psql(DB, "SELECT pg_relation_filepath('also_in_ts')");
+    copy.stop();
+    drop(copy);
+    let ts_root = PathBuf::from(format!("{}.tblspc", dir.display()));
+    let oid_dir = std::fs::read_dir(&ts_root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(oid_dir.join("stray"), b"x").unwrap();
+    std::fs::create_dir(ts_root.join("99999")).unwrap();
+    let also = dir.join(also);
+    assert!(also.exists(), "{}", also.display());
+
+    let (out, restored) = delta_restore(&strata, id, &dir, &["--immediate"]);
+    assert_eq!(restored.psql(DB, digest), at_backup, "{out}");
+    assert_eq!(
+        restored.psql(DB, "SELECT to_regclass('also_in_ts') IS NULL"),
+        "t"
+    );
+    assert!(!also.exists(), "{}", also.display());
+    assert!(!oid_dir.join("stray").exists());
+    assert!(!ts_root.join("99999").exists());
+    assert!(out["delta"]["blocks_reused"].as_u64().unwrap() > 0, "{out}");
+    drop(restored);
+    let _ = std::fs::remove_dir_all(&location);
+    let _ = std::fs::remove_dir_all(&ts_root);
+}
