@@ -81,6 +81,18 @@ cleanup() {
     done
     if [ "$KEEP" = 1 ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
 }
+# A step that fails (set -e) shows the logs of what it ran before they go.
+on_error() {
+    local rc=$?
+    trap - ERR
+    echo "bench: a step failed (exit $rc, line ${BASH_LINENO[0]}); the last lines of its logs:" >&2
+    for f in "$T"/*.log "$DELTA_DIR"/log/*; do
+        [ -f "$f" ] || continue
+        echo "--- $f" >&2
+        tail -n 20 "$f" >&2
+    done
+}
+trap on_error ERR
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -1182,9 +1182,13 @@ pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
     let mut stack = vec![root.to_path_buf()];
     let mut walked = Vec::new();
     while let Some(p) = stack.pop() {
-        walked.push(p.clone());
         let meta = fs::symlink_metadata(&p)
             .map_err(EngineError::io(format!("reading {}", p.display())))?;
+        // An entry the user owns already is left alone: a delta restore
+        // finds most of them so, and a chown would still dirty each inode.
+        if meta.uid() != uid || meta.gid() != gid {
+            walked.push(p.clone());
+        }
         if meta.is_dir() {
             for entry in
                 fs::read_dir(&p).map_err(EngineError::io(format!("reading {}", p.display())))?
