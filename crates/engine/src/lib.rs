@@ -14,6 +14,7 @@ mod blocking;
 mod catalog_retry;
 mod connect;
 mod copy;
+mod delta;
 mod entities;
 mod error;
 mod events;
@@ -49,6 +50,7 @@ pub use copy::{
     copy_backup_set, copy_histories, copy_instance_record, copy_wal_segment, CopiedBlocks,
     CopyReport,
 };
+pub use delta::DeltaReport;
 pub use error::{EngineError, EngineResult};
 pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
 pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};

@@ -350,6 +350,29 @@ impl LocalServer {
     }
 }
 
+/// The postmaster a data directory's `postmaster.pid` (its bytes) names,
+/// when that process is alive: its first line is the pid (miscinit.c).
+pub(crate) fn live_postmaster(pidfile: &[u8]) -> Option<i32> {
+    let text = String::from_utf8_lossy(pidfile);
+    let pid = text.lines().next()?.trim().parse::<i32>().ok()?;
+    (pid > 0 && process_alive(pid)).then_some(pid)
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X'))
+}
+
 /// The server's last FATAL/PANIC line (or last line) of a log, for errors
 /// that stay on one line.
 pub(crate) fn log_tail(log: &Path) -> String {

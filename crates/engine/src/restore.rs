@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -32,6 +32,7 @@ use strata_repo::{BackupManifest, FileEntry, FileKind};
 
 use crate::beneath::Beneath;
 use crate::catalog_retry::retry_busy;
+use crate::delta::{self, DeltaReport};
 use crate::local_server::{self, LocalServer, ServerUse, StartOptions};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -94,8 +95,13 @@ impl std::fmt::Display for RecoveryTarget {
 /// What to restore, where, and whether to start it.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
-    /// The new data directory (absent or empty).
+    /// The new data directory (absent or empty), or with `delta` an
+    /// existing data directory of the same cluster.
     pub target_dir: PathBuf,
+    /// Restore over the data directory in `target_dir`, writing only the
+    /// blocks that differ from the backup and removing what it does not
+    /// have (see [`crate::delta`]).
+    pub delta: bool,
     /// The set to restore (default: the newest that reaches `target`).
     pub backup_id: Option<BackupId>,
     /// Where recovery stops.
@@ -147,6 +153,9 @@ pub struct RestoreOutcome {
     /// Settings of the source removed before the start (see
     /// [`crate::local_server::is_neutralized`]).
     pub neutralized: Vec<String>,
+    /// What a delta restore reused, wrote and removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaReport>,
 }
 
 /// A WAL object chosen for staging.
@@ -192,7 +201,16 @@ impl Engine {
         // Garbage collection stays off the packs this restore reads until
         // it ends, whatever becomes of the set meanwhile.
         let _reading = self.hold_gc_blocking()?;
-        let created = prepare_target_dir(&opts.target_dir)?;
+        let (created, existing) = if opts.delta {
+            if local.is_some() {
+                return Err(EngineError::Refused(
+                    "a delta restore reads the repository; a snapshot on this host is reflinked into an empty directory instead".into(),
+                ));
+            }
+            (false, Some(delta::check_target(&opts.target_dir)?))
+        } else {
+            (prepare_target_dir(&opts.target_dir)?, None)
+        };
         let (mut job, own_job) = match opts.job_id {
             Some(id) => (self.catalog.get_job(id)?, false),
             None => (
@@ -210,8 +228,20 @@ impl Engine {
         })?;
         let result = match local {
             Some(local) => self.run_snapshot_restore(&instance, opts, local, progress, &mut job),
-            None => self.run_restore(&instance.id, opts, progress, &mut job),
+            None => self.run_restore(&instance.id, opts, existing, progress, &mut job),
         };
+        // A delta restore cannot take back what it changed in a directory
+        // it did not create: it says the directory is left unusable.
+        let result = result.map_err(|e| match e {
+            e if opts.delta && delta::marker_present(&opts.target_dir) => {
+                EngineError::Failed(format!(
+                    "{e}; the delta restore left {} unusable: its global/pg_control is moved to {} so that PostgreSQL will not start it; run the delta restore again, or restore into an empty directory",
+                    opts.target_dir.display(),
+                    delta::DELTA_MARKER
+                ))
+            }
+            e => e,
+        });
         match &result {
             Ok(_) if !own_job => {}
             Ok(_) => {
@@ -224,8 +254,9 @@ impl Engine {
                 job.state = JobState::Failed;
                 job.error = Some(e.to_string());
                 // A failed start keeps the directory for its log; anything
-                // earlier leaves nothing behind.
-                if !matches!(e, EngineError::RestoredServer(_)) {
+                // earlier leaves nothing behind (but the directory a delta
+                // restore went over is the user's).
+                if !opts.delta && !matches!(e, EngineError::RestoredServer(_)) {
                     clean_target_dir(&opts.target_dir, created);
                 }
             }
@@ -240,6 +271,7 @@ impl Engine {
         &self,
         instance_id: &str,
         opts: &RestoreOptions,
+        existing: Option<u64>,
         progress: &dyn Progress,
         job: &mut strata_catalog::Job,
     ) -> EngineResult<RestoreOutcome> {
@@ -265,6 +297,14 @@ impl Engine {
             ));
         }
 
+        let removed = match existing {
+            Some(system_identifier) => {
+                delta::check_same_system(&opts.target_dir, system_identifier, manifest)?;
+                self.prepare_delta(manifest, &opts.target_dir, progress)?
+            }
+            None => 0,
+        };
+
         job.state = JobState::Uploading;
         retry_busy("recording a restore job's state", || {
             self.catalog.update_job(job)
@@ -282,13 +322,18 @@ impl Engine {
                     manifest,
                 )
             });
-            let files = self.materialize(manifest, &opts.target_dir, progress);
+            let files = self.materialize(manifest, &opts.target_dir, opts.delta, progress);
             let staged = wal
                 .join()
                 .unwrap_or_else(|_| Err(EngineError::Failed("staging the WAL panicked".into())));
             (files, staged)
         });
-        let (files, bytes) = materialized?;
+        let Materialized {
+            files,
+            bytes,
+            mut delta,
+            control,
+        } = materialized?;
         let found = staged?;
 
         job.state = JobState::Checking;
@@ -301,6 +346,17 @@ impl Engine {
         let neutralized =
             write_recovery_settings(&opts.target_dir, &backup.id, &target, opts.start.as_ref())?;
         self.hand_over(&opts.target_dir, manifest)?;
+        if let Some((control, mode)) = control {
+            delta::install_control(
+                &opts.target_dir,
+                &control,
+                mode & FILE_MODE_MASK,
+                self.os_user().as_deref(),
+            )?;
+        }
+        if let Some(d) = &mut delta {
+            d.removed = removed;
+        }
 
         let mut outcome = RestoreOutcome {
             backup_id: backup.id.clone(),
@@ -313,6 +369,7 @@ impl Engine {
             started_port: None,
             recovery_stop: None,
             neutralized,
+            delta,
         };
         if let Some(start) = &opts.start {
             outcome.recovery_stop =
@@ -573,14 +630,10 @@ impl Engine {
         &self,
         manifest: &BackupManifest,
         target: &Path,
+        delta: bool,
         progress: &dyn Progress,
-    ) -> EngineResult<(u64, u64)> {
-        manifest.validate().map_err(|e| {
-            EngineError::Refused(format!(
-                "backup {} cannot be restored: its manifest has a forged or damaged {e}",
-                manifest.backup_id
-            ))
-        })?;
+    ) -> EngineResult<Materialized> {
+        check_manifest(manifest)?;
         let roots = RestoreRoots::open(manifest, target)?;
         for f in manifest.files.iter().filter(|f| f.kind == FileKind::Dir) {
             let (root, shown) = roots.place(f)?;
@@ -594,14 +647,43 @@ impl Engine {
         {
             let to = tablespace_link(f, target)?;
             let (root, shown) = roots.place(f)?;
-            root.symlink(&f.path, &to).map_err(EngineError::io(format!(
-                "creating link {}",
-                shown.display()
-            )))?;
+            match root.symlink(&f.path, &to) {
+                // Kept by the delta restore only when it points there.
+                Err(e) if delta && e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => other.map_err(EngineError::io(format!(
+                    "creating link {}",
+                    shown.display()
+                )))?,
+            }
         }
-        let files = write_order(manifest);
+        let mut files = write_order(manifest);
         let total: u64 = files.iter().map(|f| f.size).sum();
-        self.write_files(&files, &roots, total, progress)?;
+        // A delta restore writes pg_control last (see crate::delta).
+        let control = match delta {
+            true => match files
+                .iter()
+                .position(|f| f.tablespace.is_none() && f.path == delta::CONTROL_FILE)
+            {
+                Some(i) => {
+                    let f = files.remove(i);
+                    let mut bytes = Vec::with_capacity(f.size as usize);
+                    self.repo.read_blocks(&f.blocks, |data| {
+                        bytes.extend_from_slice(&data);
+                        Ok::<(), EngineError>(())
+                    })?;
+                    Some((bytes, f.mode))
+                }
+                None => {
+                    return Err(EngineError::Refused(format!(
+                        "backup {} has no {}; it cannot be restored over a data directory",
+                        manifest.backup_id,
+                        delta::CONTROL_FILE
+                    )))
+                }
+            },
+            false => None,
+        };
+        let report = self.write_files(&files, &roots, total, delta, progress)?;
         progress.update("restore", total, Some(total));
         if let Some(map) = tablespace_map(manifest, target) {
             let mut out = roots
@@ -611,7 +693,72 @@ impl Engine {
             out.write_all(map.as_bytes())
                 .map_err(EngineError::io("writing tablespace_map"))?;
         }
-        Ok((files.len() as u64, total))
+        let files = files.len() as u64 + u64::from(control.is_some());
+        Ok(Materialized {
+            files,
+            bytes: total,
+            delta: delta.then_some(report),
+            control,
+        })
+    }
+
+    /// Readies `target` for a delta restore of `manifest` (see
+    /// [`crate::delta`]): takes it over, moves its pg_control aside and
+    /// removes what the backup does not have; returns how many entries went.
+    fn prepare_delta(
+        &self,
+        manifest: &BackupManifest,
+        target: &Path,
+        progress: &dyn Progress,
+    ) -> EngineResult<u64> {
+        check_manifest(manifest)?;
+        let io = |p: &Path| EngineError::io(format!("reading {}", p.display()));
+        let mut owned = vec![target.to_path_buf()];
+        owned.extend(
+            manifest
+                .tablespaces
+                .iter()
+                .map(|ts| tablespace_dir(target, ts.oid))
+                .filter(|d| d.is_dir()),
+        );
+        if self.os_user().is_some() {
+            for dir in &owned {
+                delta::take_over(dir)?;
+            }
+        }
+        let main = Beneath::open(target).map_err(io(target))?;
+        delta::set_marker(&main, target)?;
+        let roots = RestoreRoots::open(manifest, target)?;
+        let mut removed = delta::remove_extra(
+            &roots.main,
+            &delta::Expected::of(manifest, None, |f| tablespace_link(f, target))?,
+        )
+        .map_err(io(target))?;
+        for (oid, root) in &roots.tablespaces {
+            let expected =
+                delta::Expected::of(manifest, Some(*oid), |f| tablespace_link(f, target))?;
+            removed +=
+                delta::remove_extra(root, &expected).map_err(io(&tablespace_dir(target, *oid)))?;
+        }
+        // Restored tablespaces the backup does not have.
+        let ts_root = tablespace_root(target);
+        if ts_root.is_dir() {
+            let dir = Beneath::open(&ts_root).map_err(io(&ts_root))?;
+            for (name, kind) in dir.list().map_err(io(&ts_root))? {
+                let listed = name
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|oid| roots.tablespaces.contains_key(&oid));
+                if !listed {
+                    removed += dir.remove(&name, kind).map_err(io(&ts_root))?;
+                }
+            }
+        }
+        progress.message(&format!(
+            "delta restore over {}: removed {removed} entries the backup does not have",
+            target.display()
+        ));
+        Ok(removed)
     }
 
     /// Writes `files` on `restore_parallelism` threads; the first error
@@ -621,9 +768,11 @@ impl Engine {
         files: &[&FileEntry],
         roots: &RestoreRoots,
         total: u64,
+        delta: bool,
         progress: &dyn Progress,
-    ) -> EngineResult<()> {
+    ) -> EngineResult<DeltaReport> {
         let next = AtomicUsize::new(0);
+        let report = Mutex::new(DeltaReport::default());
         let written = AtomicU64::new(0);
         let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
         let threads = self.settings.restore_parallelism.max(1);
@@ -636,13 +785,19 @@ impl Engine {
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(f) = files.get(i) else { return };
-                    if let Err(e) = roots
-                        .place(f)
-                        .and_then(|(root, shown)| self.write_file(f, root, &shown))
-                    {
-                        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert(e);
-                        return;
+                    let done = roots.place(f).and_then(|(root, shown)| match delta {
+                        true => self.patch_or_write(f, root, &shown),
+                        false => self
+                            .write_file(f, root, &shown)
+                            .map(|()| DeltaReport::default()),
+                    });
+                    match done {
+                        Ok(r) => report.lock().unwrap_or_else(|p| p.into_inner()).add(&r),
+                        Err(e) => {
+                            let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                            slot.get_or_insert(e);
+                            return;
+                        }
                     }
                     let done = written.fetch_add(f.size, Ordering::Relaxed) + f.size;
                     if let Ok(mut last) = last_report.try_lock() {
@@ -656,7 +811,44 @@ impl Engine {
         });
         match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(report.into_inner().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+
+    /// A delta restore's file: patched where it differs when it is there
+    /// (see [`delta::patch_file`]), written whole when it is not.
+    fn patch_or_write(
+        &self,
+        f: &FileEntry,
+        root: &Beneath,
+        shown: &Path,
+    ) -> EngineResult<DeltaReport> {
+        let existing = root
+            .open_existing(&f.path)
+            .map_err(EngineError::io(format!("opening {}", shown.display())))?
+            .filter(|file| file.metadata().is_ok_and(|m| m.is_file()));
+        match existing {
+            Some(file) => {
+                let report = delta::patch_file(&self.repo, f, &file, shown)?;
+                if report.blocks_written > 0 {
+                    start_writeback(&file);
+                }
+                file.set_permissions(fs::Permissions::from_mode(f.mode & FILE_MODE_MASK))
+                    .map_err(EngineError::io(format!(
+                        "setting mode of {}",
+                        shown.display()
+                    )))?;
+                Ok(report)
+            }
+            None => {
+                self.write_file(f, root, shown)?;
+                Ok(DeltaReport {
+                    files_written: 1,
+                    blocks_written: f.blocks.len() as u64,
+                    bytes_written: f.size,
+                    ..Default::default()
+                })
+            }
         }
     }
 
@@ -915,6 +1107,26 @@ impl<'a> RestoreRoots<'a> {
     }
 }
 
+/// Refuses a manifest with a forged or damaged entry before anything is written.
+fn check_manifest(manifest: &BackupManifest) -> EngineResult<()> {
+    manifest.validate().map_err(|e| {
+        EngineError::Refused(format!(
+            "backup {} cannot be restored: its manifest has a forged or damaged {e}",
+            manifest.backup_id
+        ))
+    })
+}
+
+/// What writing a backup's files did.
+struct Materialized {
+    files: u64,
+    bytes: u64,
+    /// What a delta restore reused and wrote.
+    delta: Option<DeltaReport>,
+    /// A delta restore's pg_control and its mode, written last.
+    control: Option<(Vec<u8>, u32)>,
+}
+
 /// Refuses a non-empty directory; returns whether the directory was created.
 fn prepare_target_dir(dir: &Path) -> EngineResult<bool> {
     match fs::read_dir(dir) {
@@ -966,23 +1178,17 @@ const FILE_MODE_MASK: u32 = 0o640;
 /// change nothing inside it, so it cannot swap a directory for a link
 /// while the tree is walked.
 pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
-    let name = std::ffi::CString::new(user)
-        .map_err(|_| EngineError::Refused(format!("invalid OS user name {user:?}")))?;
-    // SAFETY: getpwnam gets a valid C string; the result is read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        return Err(EngineError::Refused(format!(
-            "OS user {user:?} does not exist"
-        )));
-    }
-    // SAFETY: pw was checked to be non-null.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    let (uid, gid) = user_ids(user)?;
     let mut stack = vec![root.to_path_buf()];
     let mut walked = Vec::new();
     while let Some(p) = stack.pop() {
-        walked.push(p.clone());
         let meta = fs::symlink_metadata(&p)
             .map_err(EngineError::io(format!("reading {}", p.display())))?;
+        // An entry the user owns already is left alone: a delta restore
+        // finds most of them so, and a chown would still dirty each inode.
+        if meta.uid() != uid || meta.gid() != gid {
+            walked.push(p.clone());
+        }
         if meta.is_dir() {
             for entry in
                 fs::read_dir(&p).map_err(EngineError::io(format!("reading {}", p.display())))?
@@ -1002,6 +1208,21 @@ pub fn chown_tree(root: &Path, user: &str) -> EngineResult<()> {
         )))?;
     }
     Ok(())
+}
+
+/// The uid and primary gid of OS user `user`.
+pub(crate) fn user_ids(user: &str) -> EngineResult<(u32, u32)> {
+    let name = std::ffi::CString::new(user)
+        .map_err(|_| EngineError::Refused(format!("invalid OS user name {user:?}")))?;
+    // SAFETY: getpwnam gets a valid C string; the result is read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return Err(EngineError::Refused(format!(
+            "OS user {user:?} does not exist"
+        )));
+    }
+    // SAFETY: pw was checked to be non-null.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
 /// The regular files of a backup (the server's backup_manifest included),
@@ -1931,6 +2152,7 @@ mod tests {
             target_dir: PathBuf::from("/restore/here"),
             backup_id: None,
             target,
+            delta: false,
             start: None,
             job_id: None,
             index: None,

@@ -371,6 +371,7 @@ impl Engine {
             started_port: None,
             recovery_stop: None,
             neutralized,
+            delta: None,
         };
         if let Some(start) = &opts.start {
             let major = set.pg_version_num.map(|v| v / 10000).ok_or_else(|| {

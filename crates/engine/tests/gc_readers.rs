@@ -218,6 +218,7 @@ fn a_restore_and_a_download_of_a_set_deleted_meanwhile_complete() {
         id,
         &RestoreOptions {
             target_dir: target.clone(),
+            delta: false,
             backup_id: Some(restored_set.clone()),
             target: RecoveryTarget::Latest,
             start: Some(StartOptions {

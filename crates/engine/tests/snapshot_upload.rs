@@ -193,6 +193,7 @@ fn restore_digest(engine: &Engine, dir: &Path, id: &BackupId) -> String {
             ID,
             &RestoreOptions {
                 target_dir: target.clone(),
+                delta: false,
                 backup_id: Some(id.clone()),
                 target: RecoveryTarget::Immediate,
                 start: Some(StartOptions {

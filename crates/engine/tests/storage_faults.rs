@@ -246,6 +246,7 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
             &id,
             &RestoreOptions {
                 target_dir: target.clone(),
+                delta: false,
                 backup_id: Some(newest.id.clone()),
                 target: RecoveryTarget::Latest,
                 start: Some(StartOptions {

@@ -358,6 +358,7 @@ impl Service {
                         &source_id,
                         &RestoreOptions {
                             target_dir: dir.join("pgdata"),
+                            delta: false,
                             backup_id,
                             target,
                             start: Some(StartOptions {
@@ -628,6 +629,7 @@ impl Service {
             instance_id,
             &RestoreOptions {
                 target_dir: dir.join("pgdata"),
+                delta: false,
                 backup_id,
                 target,
                 start: Some(StartOptions {

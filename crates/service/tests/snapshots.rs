@@ -266,6 +266,7 @@ async fn flash_snapshots_upload_leave_the_host_and_restore_from_the_repository()
             ID,
             &RestoreOptions {
                 target_dir: restore_dir,
+                delta: false,
                 backup_id: Some(id),
                 target: RecoveryTarget::Immediate,
                 start: Some(StartOptions {

@@ -486,6 +486,7 @@ fn recovery_target(args: &RestoreArgs) -> Result<RecoveryTarget> {
 pub(crate) fn restore(engine: &Engine, args: &RestoreArgs) -> Result<()> {
     let opts = RestoreOptions {
         target_dir: args.target_dir.clone(),
+        delta: args.delta,
         backup_id: args.backup.as_deref().map(Into::into),
         target: recovery_target(args)?,
         start: match (args.start, args.port) {
@@ -498,7 +499,12 @@ pub(crate) fn restore(engine: &Engine, args: &RestoreArgs) -> Result<()> {
         job_id: None,
         index: None,
     };
-    let local = local_snapshot(engine, &args.id, &opts)?;
+    // A delta restore compares with the repository's blocks; a snapshot on
+    // this host is reflinked into an empty directory.
+    let local = match args.delta {
+        true => None,
+        false => local_snapshot(engine, &args.id, &opts)?,
+    };
     let progress = CliProgress::new();
     let outcome = match &local {
         Some(local) => engine.restore_local_snapshot(&args.id, &opts, local, &progress)?,
@@ -556,6 +562,18 @@ fn print_restore(outcome: &RestoreOutcome) {
         outcome.wal_end,
         outcome.target
     );
+    if let Some(d) = &outcome.delta {
+        println!(
+            "delta: wrote {} ({} blocks; {} files whole, {} patched), reused {} blocks ({} files unchanged), removed {} entries",
+            human_bytes(d.bytes_written),
+            d.blocks_written,
+            d.files_written,
+            d.files_patched,
+            d.blocks_reused,
+            d.files_unchanged,
+            d.removed
+        );
+    }
     match outcome.started_port {
         Some(port) => println!(
             "server running on port {port}{}",

@@ -45,7 +45,8 @@ enum Command {
     /// Archive and list WAL.
     #[command(subcommand)]
     Wal(WalCmd),
-    /// Restore an instance into a new data directory.
+    /// Restore an instance into a new data directory (or, with --delta,
+    /// over an existing one of the same cluster).
     Restore(RestoreArgs),
     /// Jobs and their states.
     #[command(subcommand)]
@@ -251,9 +252,15 @@ enum WalCmd {
 #[command(group(clap::ArgGroup::new("exact").args(["lsn", "xid"])))]
 struct RestoreArgs {
     id: String,
-    /// New data directory (must be empty or absent).
+    /// New data directory (must be empty or absent; with --delta, an
+    /// existing data directory of the same cluster).
     #[arg(long)]
     target_dir: PathBuf,
+    /// Restore over the data directory already in --target-dir: only the
+    /// blocks that differ from the backup are written, what the backup does
+    /// not have is removed. No server may run in it.
+    #[arg(long)]
+    delta: bool,
     /// Backup set to restore (default: the newest one before the target).
     #[arg(long)]
     backup: Option<String>,
