@@ -41,7 +41,7 @@ const SMALL_MESSAGE: usize = 64 * 1024;
 /// See [`SMALL_MESSAGE`]: short against the partial refresh interval, so
 /// what is durable lags by no more than that; the socket buffers what
 /// arrives meanwhile.
-const READ_PAUSE: Duration = Duration::from_millis(10);
+const READ_PAUSE: Duration = Duration::from_millis(20);
 
 /// Options for [`Engine::receive_wal`].
 #[derive(Debug, Clone, Default)]
