@@ -32,8 +32,8 @@ use crate::{Engine, EngineError, EngineResult, Progress};
 /// An XLogData message shorter than this, with nothing more received,
 /// means the server sends WAL as commits flush it, one small message each:
 /// the receiver then waits [`READ_PAUSE`] before reading again, so one
-/// wakeup takes in the WAL of many commits (at thousands of commits a
-/// second, a wakeup per message cost more CPU than storing the WAL). A
+/// read takes in the WAL of many commits (at thousands of commits a
+/// second, a read per message cost more CPU than storing the WAL). A
 /// server sending a backlog fills its messages (128 kB) and is read
 /// without pause.
 const SMALL_MESSAGE: usize = 64 * 1024;

@@ -304,19 +304,19 @@ mod tests {
         // One write of a few bytes on loopback arrives in one piece: the
         // first read takes in all of it.
         match conn.read_message().await.unwrap() {
-            Backend::Message(Message::CopyData(body)) => assert_eq!(&body.data()[..], b"first"),
+            Backend::Message(Message::CopyData(body)) => assert_eq!(body.data(), b"first"),
             _ => panic!("not CopyData"),
         }
         assert!(conn.has_buffered_message());
         match conn.read_message().await.unwrap() {
-            Backend::Message(Message::CopyData(body)) => assert_eq!(&body.data()[..], b"second"),
+            Backend::Message(Message::CopyData(body)) => assert_eq!(body.data(), b"second"),
             _ => panic!("not CopyData"),
         }
         // What is left is the start of a third message: not one to read.
         assert!(!conn.has_buffered_message());
         server.write_all(&second[4..]).await.unwrap();
         match conn.read_message().await.unwrap() {
-            Backend::Message(Message::CopyData(body)) => assert_eq!(&body.data()[..], b"second"),
+            Backend::Message(Message::CopyData(body)) => assert_eq!(body.data(), b"second"),
             _ => panic!("not CopyData"),
         }
         assert!(!conn.has_buffered_message());
