@@ -29,6 +29,20 @@ use crate::segment::SegmentArchiver;
 use crate::wal_uploader::{Stored, WalUploader};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
+/// An XLogData message shorter than this, with nothing more received,
+/// means the server sends WAL as commits flush it, one small message each:
+/// the receiver then waits [`READ_PAUSE`] before reading again, so one
+/// read takes in the WAL of many commits (at thousands of commits a
+/// second, a read per message cost more CPU than storing the WAL). A
+/// server sending a backlog fills its messages (128 kB) and is read
+/// without pause.
+const SMALL_MESSAGE: usize = 64 * 1024;
+
+/// See [`SMALL_MESSAGE`]: short against the partial refresh interval, so
+/// what is durable lags by no more than that; the socket buffers what
+/// arrives meanwhile.
+const READ_PAUSE: Duration = Duration::from_millis(20);
+
 /// Options for [`Engine::receive_wal`].
 #[derive(Debug, Clone, Default)]
 pub struct WalReceiveOptions {
@@ -330,6 +344,9 @@ impl Engine {
                                     }
                                 }
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
+                                if data.len() < SMALL_MESSAGE && !stream.has_buffered_message() {
+                                    tokio::time::sleep(READ_PAUSE).await;
+                                }
                             }
                             Some(ReplicationMessage::Keepalive { reply_requested, server_wal_end }) => {
                                 progress.wal_position(archiver.position().0, server_wal_end.0);

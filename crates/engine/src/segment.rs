@@ -144,12 +144,15 @@ impl SegmentArchiver {
 
     /// The bytes not handed over yet, as a piece; they leave the archiver.
     fn take_piece(&mut self) -> WalPiece {
+        // The next piece is about as long: room for it at once, not grown
+        // (and its pages faulted in) by doubling.
+        let room = Vec::with_capacity(self.pending.len());
         WalPiece {
             timeline: self.timeline,
             seg_start: self.seg_start,
             name: self.segment_name(),
             offset: self.received - self.pending.len(),
-            bytes: std::mem::take(&mut self.pending),
+            bytes: std::mem::replace(&mut self.pending, room),
             summary: self.summary.clone(),
         }
     }

@@ -299,14 +299,17 @@ impl Worker {
             .current
             .take()
             .filter(|c| c.timeline == piece.timeline && c.seg_start == piece.seg_start);
-        let mut current = current.unwrap_or_else(|| Current {
-            timeline: piece.timeline,
-            seg_start: piece.seg_start,
-            payload: self.engine.repo.wal_payload(),
-            whole_stored: false,
-            tails: Vec::new(),
-            events_recorded: 0,
-        });
+        let mut current = match current {
+            Some(current) => current,
+            None => Current {
+                timeline: piece.timeline,
+                seg_start: piece.seg_start,
+                payload: self.engine.repo.wal_payload()?,
+                whole_stored: false,
+                tails: Vec::new(),
+                events_recorded: 0,
+            },
+        };
         if current.payload.len() != piece.offset {
             return Err(EngineError::Failed(format!(
                 "WAL segment {}: a piece from byte {} follows {} bytes",
@@ -366,9 +369,11 @@ impl Worker {
             checksum,
             piece.summary,
         );
-        // Complete segments are compressed whole, as one frame: as small
-        // as the segment gets, whatever the refreshes cut it into.
-        let key = if current.payload.frames() > 1 {
+        // A segment cut into small frames by refreshes (little WAL per
+        // refresh) is compressed again as one frame, as small as it gets;
+        // large frames are stored as they are, sparing a second
+        // compression of every byte when WAL comes fast.
+        let key = if current.payload.frames_too_small() {
             let data = current.payload.raw()?;
             repo.put_wal_segment(&self.instance_id, &meta, &data)?
         } else {
@@ -595,6 +600,42 @@ mod tests {
         assert!(!engine.repo.storage().exists(&key).unwrap());
         let complete = wal_segment_key("i", TimelineId(1), "000000010000000000000001", false);
         assert_eq!(engine.repo.read_wal(&complete).unwrap().1, bytes);
+    }
+
+    /// A segment received in large pieces is stored complete from the
+    /// frames the refreshes compressed, one received in small pieces as one
+    /// new frame; either way the stored segment holds exactly the bytes
+    /// received, and its partial object is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn complete_segments_hold_the_bytes_whatever_the_pieces() {
+        let bytes: Vec<u8> = (0..SEG).map(|i| (i % 251) as u8).collect();
+        let partial_key = wal_segment_key("i", TimelineId(1), "000000010000000000000001", true);
+        let complete = wal_segment_key("i", TimelineId(1), "000000010000000000000001", false);
+        for piece in [SEG as usize / 2, SEG as usize / 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let engine = engine(dir.path());
+            let mut up = WalUploader::start(engine.clone(), "i", Lsn(SEG));
+            let q = up.queue();
+            let mut offset = 0;
+            while offset + piece < SEG as usize {
+                q.partial(partial(offset, &bytes[offset..offset + piece]))
+                    .await
+                    .unwrap();
+                offset += piece;
+                assert_eq!(
+                    up.next_stored().await.unwrap().end,
+                    Lsn(SEG + offset as u64)
+                );
+            }
+            q.segment(partial(offset, &bytes[offset..])).await.unwrap();
+            drop(q);
+            let (left, outcome) = up.finish().await;
+            outcome.unwrap();
+            assert_eq!(left[0].end, Lsn(2 * SEG));
+            assert_eq!(engine.repo.read_wal(&complete).unwrap().1, bytes);
+            assert!(!engine.repo.storage().exists(&partial_key).unwrap());
+            assert_eq!(rows(&engine), vec![(false, Lsn(2 * SEG))]);
+        }
     }
 
     /// A local store that counts the bytes put into it.

@@ -152,6 +152,20 @@ impl Connection {
         }
     }
 
+    /// Whether a whole message waits in the read buffer (the next read
+    /// needs no socket read).
+    pub(crate) fn has_buffered_message(&self) -> bool {
+        self.read_buf.len() >= 5 && {
+            let len = u32::from_be_bytes([
+                self.read_buf[1],
+                self.read_buf[2],
+                self.read_buf[3],
+                self.read_buf[4],
+            ]) as usize;
+            self.read_buf.len() > len
+        }
+    }
+
     fn parse_buffered(&mut self) -> Result<Option<Backend>, ReplicationError> {
         if self.read_buf.len() < 5 {
             return Ok(None);
@@ -255,5 +269,56 @@ pub(crate) fn data_row_columns(row: &DataRowBody) -> Result<Vec<Option<Bytes>>, 
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A CopyData message holding `body`.
+    fn copy_data(body: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'd'];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Messages read together are handed out one by one, and the buffer
+    /// says whether the next one is there whole; half a message is not.
+    #[tokio::test]
+    async fn a_buffered_message_is_reported_only_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(Transport::Plain(client));
+        assert!(!conn.has_buffered_message());
+
+        let second = copy_data(b"second");
+        let mut sent = copy_data(b"first");
+        sent.extend_from_slice(&second);
+        sent.extend_from_slice(&second[..4]);
+        server.write_all(&sent).await.unwrap();
+        // One write of a few bytes on loopback arrives in one piece: the
+        // first read takes in all of it.
+        match conn.read_message().await.unwrap() {
+            Backend::Message(Message::CopyData(body)) => assert_eq!(body.data(), b"first"),
+            _ => panic!("not CopyData"),
+        }
+        assert!(conn.has_buffered_message());
+        match conn.read_message().await.unwrap() {
+            Backend::Message(Message::CopyData(body)) => assert_eq!(body.data(), b"second"),
+            _ => panic!("not CopyData"),
+        }
+        // What is left is the start of a third message: not one to read.
+        assert!(!conn.has_buffered_message());
+        server.write_all(&second[4..]).await.unwrap();
+        match conn.read_message().await.unwrap() {
+            Backend::Message(Message::CopyData(body)) => assert_eq!(body.data(), b"second"),
+            _ => panic!("not CopyData"),
+        }
+        assert!(!conn.has_buffered_message());
     }
 }

@@ -173,6 +173,13 @@ impl ReplicationClient {
 }
 
 impl ReplicationStream<'_> {
+    /// Whether the next message is already received (reading it waits for
+    /// nothing). Lets a caller pause between socket reads while the
+    /// server's messages come small and one at a time.
+    pub fn has_buffered_message(&self) -> bool {
+        self.client.conn.has_buffered_message()
+    }
+
     /// The next message from the server; `None` after the stream has ended and the connection
     /// is back in command mode. Cancellation-safe: partial frames stay buffered, so it can sit
     /// in `tokio::select!` beside a ticker.

@@ -1332,7 +1332,7 @@ mod tests {
     #[test]
     fn wal_payload_frames_open_as_one_payload() {
         let (_d, repo) = repo();
-        let mut payload = repo.wal_payload();
+        let mut payload = repo.wal_payload().unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         for piece in data.chunks(70_000) {
             payload.extend(piece).unwrap();
@@ -1359,6 +1359,31 @@ mod tests {
         let (read_meta, read) = repo.read_wal(&key).unwrap();
         assert_eq!(read_meta, meta);
         assert_eq!(read, data);
+        // Frames of 70 000 bytes are worth joining into one; the one
+        // compression context made every frame, and they decompress whole.
+        assert!(payload.frames_too_small());
+        assert_eq!(payload.raw().unwrap(), data);
+    }
+
+    /// Frames of zstd's window or more are stored as they are; a payload
+    /// of one frame never counts as cut small.
+    #[test]
+    fn wal_payload_frames_of_a_window_are_large_enough() {
+        let (_d, repo) = repo();
+        let data: Vec<u8> = (0..2 * crate::wal::WHOLE_FRAME_MIN as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut whole = repo.wal_payload().unwrap();
+        whole.extend(&data[..1000]).unwrap();
+        assert!(!whole.frames_too_small());
+        let mut large = repo.wal_payload().unwrap();
+        for piece in data.chunks(crate::wal::WHOLE_FRAME_MIN) {
+            large.extend(piece).unwrap();
+        }
+        assert!(!large.frames_too_small());
+        assert_eq!(large.raw().unwrap(), data);
+        large.extend(&data[..1000]).unwrap();
+        assert!(large.frames_too_small());
     }
 
     fn partial_meta(payload: &WalPayload) -> WalSegmentMeta {
@@ -1384,7 +1409,7 @@ mod tests {
     fn partial_tails_join_and_whole_writes_replace_them() {
         let (_d, repo) = repo();
         let data: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 253) as u8).collect();
-        let mut payload = repo.wal_payload();
+        let mut payload = repo.wal_payload().unwrap();
         let tails_of = |repo: &Repository| {
             repo.storage()
                 .list("instances/i/wal/00000001/000000010000000000000003.partial.d/")
@@ -1460,7 +1485,7 @@ mod tests {
     #[test]
     fn a_tail_that_lies_about_its_range_is_corrupt() {
         let (_d, repo) = repo();
-        let mut payload = repo.wal_payload();
+        let mut payload = repo.wal_payload().unwrap();
         payload.extend(&[1u8; 1000]).unwrap();
         let key = repo
             .put_wal_payload("i", &partial_meta(&payload), &mut payload)

@@ -104,17 +104,20 @@ fn seal_body<M: Serialize>(
     out.extend_from_slice(&version.to_le_bytes());
     out.push(kind as u8);
     out.push(flags);
-    let mut inner = Vec::with_capacity(4 + meta.len() + body.len());
-    inner.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    inner.extend_from_slice(&meta);
-    inner.extend_from_slice(body);
     match &keys.cipher {
         Some(cipher) => {
+            let mut inner = Vec::with_capacity(4 + meta.len() + body.len());
+            inner.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+            inner.extend_from_slice(&meta);
+            inner.extend_from_slice(body);
             let sealed = cipher.seal(&inner, &out)?;
             out.extend_from_slice(&sealed);
         }
         None => {
-            out.extend_from_slice(&inner);
+            // Written in place: a WAL segment's megabytes are copied once.
+            out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+            out.extend_from_slice(&meta);
+            out.extend_from_slice(body);
             let tag = keys.hasher.hash(&out);
             out.extend_from_slice(&tag.0);
         }

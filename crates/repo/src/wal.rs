@@ -170,11 +170,16 @@ pub struct WalSegmentMeta {
 /// ([`Repository::put_wal_tail`]).
 pub struct WalPayload {
     checksum: blake3::Hasher,
+    /// One compression context for all the frames: a fresh one per frame
+    /// costs its tables' allocation and first touch each time.
+    compressor: zstd::bulk::Compressor<'static>,
+    /// Where a frame is compressed before it joins `frames`, kept between
+    /// frames for the same reason.
+    scratch: Vec<u8>,
     frames: Vec<u8>,
     /// Where each frame begins: (raw offset, offset in `frames`).
     starts: Vec<(usize, usize)>,
     len: usize,
-    level: i32,
     /// The keyed hasher before any byte, to start a tail's checksum.
     empty: blake3::Hasher,
     /// Checksum of the raw bytes from `stored_len` on.
@@ -189,10 +194,14 @@ impl WalPayload {
         if data.is_empty() {
             return Ok(());
         }
-        let frame =
-            zstd::bulk::compress(data, self.level).map_err(|e| RepoError::Format(e.to_string()))?;
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.compressor
+            .compress_to_buffer(data, &mut self.scratch)
+            .map_err(|e| RepoError::Format(e.to_string()))?;
         self.starts.push((self.len, self.frames.len()));
-        self.frames.extend_from_slice(&frame);
+        self.frames.extend_from_slice(&self.scratch);
         self.checksum.update(data);
         self.unstored_checksum.update(data);
         self.len += data.len();
@@ -214,9 +223,14 @@ impl WalPayload {
         hex::encode(self.checksum.finalize().as_bytes())
     }
 
-    /// How many zstd frames hold the bytes.
-    pub fn frames(&self) -> usize {
-        self.starts.len()
+    /// Whether the frames are too small to store the complete segment as
+    /// they are: each frame starts without the history of the one before
+    /// and with entropy tables of its own, so frames shorter than zstd's
+    /// window at the fast levels compress measurably worse than one frame.
+    /// Larger ones lose next to nothing, and storing them as they are
+    /// spares decompressing and compressing the segment again.
+    pub fn frames_too_small(&self) -> bool {
+        self.starts.len() > 1 && self.len / self.starts.len() < WHOLE_FRAME_MIN
     }
 
     /// The raw bytes held, decompressed.
@@ -255,12 +269,29 @@ impl WalPayload {
         Ok(raw)
     }
 
+    /// The keyed checksum of the raw bytes from `from` (a frame's start)
+    /// on, decompressed a little at a time into the hasher: no buffer of
+    /// their size is allocated (and faulted in) for it.
+    fn checksum_from(&self, from: usize) -> RepoResult<String> {
+        let mut hasher = self.empty.clone();
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(self.frames_from(from)?)
+            .map_err(|e| RepoError::Format(format!("WAL frames do not decompress: {e}")))?;
+        std::io::copy(&mut decoder, &mut hasher)
+            .map_err(|e| RepoError::Format(format!("WAL frames do not decompress: {e}")))?;
+        Ok(hex::encode(hasher.finalize().as_bytes()))
+    }
+
     /// Records that everything held is now in stored objects.
     fn mark_stored(&mut self) {
         self.stored_len = self.len;
         self.unstored_checksum = self.empty.clone();
     }
 }
+
+/// Raw bytes a frame of a [`WalPayload`] averages at least for a complete
+/// segment to be stored as its frames are (see
+/// [`WalPayload::frames_too_small`]): zstd's window at levels 1 to 3.
+pub const WHOLE_FRAME_MIN: usize = 512 * 1024;
 
 /// A WAL object as found by listing (nothing read yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,18 +411,21 @@ impl Repository {
     }
 
     /// An empty [`WalPayload`] for the segment being received.
-    pub fn wal_payload(&self) -> WalPayload {
+    pub fn wal_payload(&self) -> RepoResult<WalPayload> {
         let empty = self.keys.hasher.incremental();
-        WalPayload {
+        let compressor = zstd::bulk::Compressor::new(self.compress_level)
+            .map_err(|e| RepoError::Format(format!("zstd level {}: {e}", self.compress_level)))?;
+        Ok(WalPayload {
             checksum: empty.clone(),
+            compressor,
+            scratch: Vec::new(),
             frames: Vec::new(),
             starts: Vec::new(),
             len: 0,
-            level: self.compress_level,
             unstored_checksum: empty.clone(),
             empty,
             stored_len: 0,
-        }
+        })
     }
 
     /// Stores a segment, complete or partial, whose bytes were gathered in
@@ -439,7 +473,7 @@ impl Repository {
         tail_meta.checksum = if from == payload.stored_len {
             hex::encode(payload.unstored_checksum.finalize().as_bytes())
         } else {
-            self.wal_checksum(&payload.raw_from(from)?)
+            payload.checksum_from(from)?
         };
         let bytes = seal_compressed(
             &self.keys,
