@@ -407,18 +407,10 @@ pub(crate) fn wal(engine: &Engine, cmd: WalCmd) -> Result<()> {
                     }
                     let _ = tx.send(true);
                 });
-                // On a worker thread, not this one: the worker that sees
-                // the socket ready runs the receiver itself instead of
-                // waking this thread for every message.
-                let engine = engine.clone();
-                let receiver = tokio::spawn(async move {
-                    let progress = CliProgress::lines();
-                    engine
-                        .receive_wal(&id, rx, WalReceiveOptions { no_reconnect }, &progress)
-                        .await
-                        .map(|()| id)
-                });
-                let id = receiver.await??;
+                let progress = CliProgress::lines();
+                engine
+                    .receive_wal(&id, rx, WalReceiveOptions { no_reconnect }, &progress)
+                    .await?;
                 eprintln!("WAL receiver for {id} stopped");
                 anyhow::Ok(())
             })
