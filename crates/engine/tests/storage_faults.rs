@@ -448,6 +448,7 @@ fn packs_in_flight_on_s3_restore_whole_and_one_failure_fails_the_backup() {
                 }),
                 job_id: None,
                 index: None,
+                delta: false,
             },
             &NoProgress,
         )
