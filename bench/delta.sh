@@ -47,7 +47,8 @@ done
 [ "$(id -u)" = 0 ] || { echo "run as root (clusters run as the postgres OS user)" >&2; exit 1; }
 [ -x "$PGBIN/initdb" ] || { echo "PostgreSQL 15 not found in $PGBIN" >&2; exit 1; }
 command -v pgbackrest >/dev/null || { echo "pgbackrest is missing (apt-get install pgbackrest)" >&2; exit 1; }
-log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 if [ -z "$STRATA" ]; then
     log "building Strata (release)"
     (cd "$ROOT" && cargo build --release -q -p strata)
@@ -66,7 +67,6 @@ mkdir -p "$T/sock"
 chown postgres "$T" "$T/sock"
 RESULTS=$T/results.tsv
 : >"$RESULTS"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 RPORT=$(free_port)
 PGDATA=$T/pgdata
@@ -96,8 +96,6 @@ trap on_error ERR
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-as_pg() { runuser -u postgres -- "$@"; }
-sql() { as_pg "$PGBIN/psql" -h "$T/sock" -p "$PORT" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 rsql() { as_pg "$PGBIN/psql" -h 127.0.0.1 -p "$RPORT" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
@@ -130,55 +128,14 @@ PY
 # ---- source cluster and dataset ----------------------------------------------
 log "initdb in $T (port $PORT)"
 as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres >/dev/null
-cat >>"$PGDATA/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$T/sock'
-shared_buffers = 256MB
-max_wal_size = 8GB
-checkpoint_timeout = 30min
-autovacuum = off
-archive_mode = on
-archive_command = 'pgbackrest --config=$PGBR_CONF --stanza=bench archive-push %p'
-CONF
-cat >"$PGBR_CONF" <<CONF
-[global]
-repo1-path=$T/pgbr-repo
-repo1-retention-full=99
-log-path=$T/pgbackrest-log
-lock-path=$T/pgbackrest-lock
-spool-path=$T/pgbackrest-spool
-log-level-console=warn
-log-level-file=off
-compress-type=zst
-compress-level=1
-process-max=$(nproc)
-start-fast=y
-
-[bench]
-pg1-path=$PGDATA
-pg1-port=$PORT
-pg1-socket-path=$T/sock
-pg1-user=postgres
-CONF
-mkdir -p "$T/pgbr-repo"
-chown postgres "$PGBR_CONF" "$T/pgbr-repo"
+server_conf "$PGDATA" "archive_mode = on
+archive_command = 'pgbackrest --config=$PGBR_CONF --stanza=bench archive-push %p'"
+pgbr_write_conf "$PGBR_CONF" "$T/pgbr-repo"
 as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
 
-read -r SCALE TEXT_ROWS BYTEA_ROWS < <(python3 - "$SIZE_GB" <<'PY'
-import sys
-gb = float(sys.argv[1]) * 2**30
-print(max(1, round(gb * 0.4 / 15.5e6)), max(1000, int(gb * 0.3 / 340)), max(1000, int(gb * 0.3 / 1070)))
-PY
-)
+mixed_dataset_plan "$SIZE_GB"
 log "dataset: pgbench scale $SCALE, $TEXT_ROWS text rows, $BYTEA_ROWS bytea rows"
-TEXT_EXPR="md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text)"
-as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
-sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
-sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)"
-sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)"
-sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g"
-sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g"
+load_mixed_dataset
 sql "VACUUM (FREEZE, ANALYZE)"
 sql "CHECKPOINT"
 DIGEST_SQL="SELECT (SELECT count(*) || ':' || sum(hashtext(a::text)) FROM pgbench_accounts a) || '/' || (SELECT count(*) || ':' || sum(hashtext(body)) FROM bench_text) || '/' || (SELECT count(*) || ':' || sum(hashtext(encode(data, 'hex'))) FROM bench_bytes)"

@@ -69,7 +69,8 @@ DRAIN_SECS=$([ "$QUICK" = 1 ] && echo 2 || echo 5)
 [ "$(id -u)" = 0 ] || { echo "run as root (clusters run as the postgres OS user)" >&2; exit 1; }
 [ -x "$PGBIN/initdb" ] || { echo "PostgreSQL 15 not found in $PGBIN (apt-get install postgresql-15)" >&2; exit 1; }
 
-log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 
 # ---- tools -------------------------------------------------------------------
 if [ "$INSTALL" = 1 ]; then
@@ -104,12 +105,10 @@ RESULTS=$T/results.tsv
 : >"$RESULTS"
 printf 'setup\tmachine\t0\tload_start\t%s\n' "$(cut -d' ' -f1 /proc/loadavg)" >>"$RESULTS"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 RPORT=$(free_port)
 PGDATA=$T/pgdata
 PGBR_CONF=$T/pgbackrest.conf
-CORES=$(nproc)
 
 BG_PIDS=()
 cleanup() {
@@ -147,12 +146,7 @@ trap on_error ERR
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-as_pg() { runuser -u postgres -- "$@"; }
-sql() { as_pg "$PGBIN/psql" -h "$T/sock" -p "$PORT" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$RESULTS"; }
-dir_bytes() { du -sb "$@" 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 
 # timed PHASE TOOL REP -- command...: wall clock, CPU and peak RSS of the command.
 timed() {
@@ -178,64 +172,16 @@ SH
 chmod 755 "$T/pgbackrest-archive-push.sh"
 touch "$T/times/archive-push.txt"
 chown postgres "$T/times" "$T/times/archive-push.txt"
-server_conf() { # data directory, extra settings: what every benchmark server runs with
-    cat >>"$1/postgresql.conf" <<CONF
-# written by bench/run.sh
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$T/sock'
-shared_buffers = 256MB
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
-max_wal_size = 8GB
-checkpoint_timeout = 30min
-autovacuum = off
-logging_collector = off
-$2
-CONF
-}
 server_conf "$PGDATA" "archive_mode = on
 archive_command = '$T/pgbackrest-archive-push.sh %p'"
 as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
 
-pgbr_conf() { # repo directory
-    cat >"$PGBR_CONF" <<CONF
-[global]
-repo1-path=$1
-repo1-retention-full=99
-log-path=$T/pgbackrest-log
-lock-path=$T/pgbackrest-lock
-spool-path=$T/pgbackrest-spool
-log-level-console=warn
-log-level-file=off
-compress-type=zst
-compress-level=1
-process-max=$CORES
-start-fast=y
-
-[bench]
-pg1-path=$PGDATA
-pg1-port=$PORT
-pg1-socket-path=$T/sock
-pg1-user=postgres
-CONF
-    mkdir -p "$1"
-    chown postgres "$1" "$PGBR_CONF"
-}
+pgbr_conf() { pgbr_write_conf "$PGBR_CONF" "$1"; } # repo directory
 pgbr() { as_pg pgbackrest --config="$PGBR_CONF" --stanza=bench "$@"; }
 
 # ---- dataset -----------------------------------------------------------------
-read -r SCALE TEXT_ROWS BYTEA_ROWS < <(python3 - "$SIZE_GB" <<'PY'
-import sys
-gb = float(sys.argv[1]) * 2**30
-# ~40 % pgbench (about 15.5 MB per scale unit with indexes), 30 % text rows
-# of ~340 bytes on disk, 30 % bytea rows of ~1070 bytes on disk.
-print(max(1, round(gb * 0.4 / 15.5e6)), max(1000, int(gb * 0.3 / 340)), max(1000, int(gb * 0.3 / 1070)))
-PY
-)
+mixed_dataset_plan "$SIZE_GB"
 log "dataset: pgbench scale $SCALE, $TEXT_ROWS text rows, $BYTEA_ROWS bytea rows"
-TEXT_EXPR="md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text)"
 load_relations() { # RELATIONS small tables, 200 per transaction (each takes locks)
     local from
     for ((from = 1; from <= RELATIONS; from += 200)); do
@@ -248,15 +194,7 @@ load_relations() { # RELATIONS small tables, 200 per transaction (each takes loc
     done
 }
 load_dataset() { # into the server on $PORT
-    as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
-    sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
-    sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)" >/dev/null
-    sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)" >/dev/null
-    sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g" &
-    local p1=$!
-    sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
-    local p2=$!
-    wait $p1 $p2
+    load_mixed_dataset
     load_relations
     sql "VACUUM (FREEZE, ANALYZE)"
     sql "CHECKPOINT"
@@ -373,16 +311,6 @@ strata_stored_end() {
         python3 -c 'import json,sys; f=lambda s: (int(s.split("/")[0],16)<<32)+int(s.split("/")[1],16); e=max((f(w["end_lsn"]) for w in json.load(sys.stdin)), default=0); print("%X/%X" % (e>>32, e&0xffffffff))'
 }
 strata_stored_past() { lsn_ge "$(strata_stored_end)" "$1"; }
-wait_for() { # seconds description command...
-    local secs=$1 what=$2 i
-    shift 2
-    for ((i = 0; i < secs * 10; i++)); do
-        "$@" && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $what" >&2
-    return 1
-}
 pgbr_archived_past() { # lsn
     local last
     last=$(sql "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")

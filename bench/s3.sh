@@ -49,7 +49,8 @@ done
 [ -x "$S3S_FS" ] || { echo "s3s-fs not found at $S3S_FS (scripts/install-test-deps.sh)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "/usr/bin/time is missing (apt-get install time)" >&2; exit 1; }
 
-log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 if [ -z "$STRATA" ]; then
     log "building Strata (release)"
@@ -73,7 +74,6 @@ chown postgres "$T" "$T/sock"
 RESULTS=$T/results.tsv
 : >"$RESULTS"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 S3_PORT=$(free_port)
 PGDATA=$T/pgdata
@@ -100,12 +100,7 @@ trap on_error ERR
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-as_pg() { runuser -u postgres -- "$@"; }
-sql() { as_pg "$PGBIN/psql" -h "$T/sock" -p "$PORT" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$RESULTS"; }
-dir_bytes() { du -sb "$@" 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 
 # CPU seconds the S3 server has used so far (user + system).
 server_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$S3_PID/stat"; }
@@ -130,39 +125,12 @@ timed() {
 # ---- source cluster and dataset (as bench/run.sh) ----------------------------
 log "initdb in $T (port $PORT)"
 as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres >/dev/null
-cat >>"$PGDATA/postgresql.conf" <<CONF
-# written by bench/s3.sh
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$T/sock'
-shared_buffers = 256MB
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
-max_wal_size = 8GB
-checkpoint_timeout = 30min
-autovacuum = off
-logging_collector = off
-CONF
+server_conf "$PGDATA"
 as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
 
-read -r SCALE TEXT_ROWS BYTEA_ROWS < <(python3 - "$SIZE_GB" <<'PY'
-import sys
-gb = float(sys.argv[1]) * 2**30
-print(max(1, round(gb * 0.4 / 15.5e6)), max(1000, int(gb * 0.3 / 340)), max(1000, int(gb * 0.3 / 1070)))
-PY
-)
+mixed_dataset_plan "$SIZE_GB"
 log "dataset: pgbench scale $SCALE, $TEXT_ROWS text rows, $BYTEA_ROWS bytea rows"
-TEXT_EXPR="md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text)"
-as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
-sql "CREATE EXTENSION IF NOT EXISTS pgcrypto"
-sql "CREATE TABLE bench_text (id bigint PRIMARY KEY, body text NOT NULL)" >/dev/null
-sql "CREATE TABLE bench_bytes (id bigint PRIMARY KEY, data bytea NOT NULL)" >/dev/null
-sql "INSERT INTO bench_text SELECT g, $TEXT_EXPR FROM generate_series(1, $TEXT_ROWS) g" &
-p1=$!
-sql "INSERT INTO bench_bytes SELECT g, gen_random_bytes(1000) FROM generate_series(1, $BYTEA_ROWS) g" &
-p2=$!
-wait $p1 $p2
+load_mixed_dataset
 sql "VACUUM (FREEZE, ANALYZE)"
 sql "CHECKPOINT"
 DATA_BYTES=$(dir_bytes "$PGDATA")

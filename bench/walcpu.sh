@@ -55,7 +55,8 @@ for t in pgbackrest /usr/bin/time python3 "$PGBIN/initdb"; do
     command -v "$t" >/dev/null || { echo "$t is missing" >&2; exit 1; }
 done
 [ -z "$PERF_DIR" ] || command -v perf >/dev/null || { echo "perf is missing (apt-get install linux-perf)" >&2; exit 1; }
-log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 if [ -z "$STRATA" ]; then
     log "building Strata (release)"
     (cd "$ROOT" && cargo build --release -q -p strata)
@@ -66,7 +67,7 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/strata-walcpu-XXXXXX")
 chmod 755 "$T"
 mkdir -p "$T/sock" "$T/times"
 chown postgres "$T" "$T/sock" "$T/times"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 PGDATA=$T/pgdata
 PGBR_CONF=$T/pgbackrest.conf
 RESULTS=$T/results.jsonl
@@ -84,19 +85,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-as_pg() { runuser -u postgres -- "$@"; }
-sql() { as_pg "$PGBIN/psql" -h "$T/sock" -p "$PORT" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
-now() { date +%s.%N; }
-wait_for() { # seconds description command...
-    local secs=$1 what=$2 i
-    shift 2
-    for ((i = 0; i < secs * 10; i++)); do
-        "$@" && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $what" >&2
-    return 1
-}
 
 log "initdb in $T (port $PORT), pgbench scale $SCALE"
 as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres >/dev/null
@@ -107,44 +95,12 @@ exec /usr/bin/time -a -o "\$(cat $T/push-times)" -f "%e %U %S %M" \
 SH
 chmod 755 "$T/archive-push.sh"
 echo /dev/null >"$T/push-times"
-cat >>"$PGDATA/postgresql.conf" <<CONF
-# written by bench/walcpu.sh (the settings of bench/run.sh)
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$T/sock'
-shared_buffers = 256MB
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
-max_wal_size = 8GB
-checkpoint_timeout = 30min
-autovacuum = off
-logging_collector = off
-archive_mode = on
-archive_command = '/bin/true'
-CONF
+server_conf "$PGDATA" "archive_mode = on
+archive_command = '/bin/true'"
 as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
 as_pg "$PGBIN/pgbench" -h "$T/sock" -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
 sql "CHECKPOINT"
-cat >"$PGBR_CONF" <<CONF
-[global]
-repo1-path=$T/pgbr-repo
-log-path=$T/pgbackrest-log
-lock-path=$T/pgbackrest-lock
-spool-path=$T/pgbackrest-spool
-log-level-console=warn
-log-level-file=off
-compress-type=zst
-compress-level=1
-
-[bench]
-pg1-path=$PGDATA
-pg1-port=$PORT
-pg1-socket-path=$T/sock
-pg1-user=postgres
-CONF
-mkdir -p "$T/pgbr-repo"
-chown postgres "$T/pgbr-repo" "$PGBR_CONF"
+pgbr_write_conf "$PGBR_CONF" "$T/pgbr-repo"
 as_pg pgbackrest --config="$PGBR_CONF" --stanza=bench stanza-create >/dev/null
 
 set_archive_command() {
