@@ -43,6 +43,13 @@ const SMALL_MESSAGE: usize = 64 * 1024;
 /// arrives meanwhile.
 const READ_PAUSE: Duration = Duration::from_millis(20);
 
+/// During a [`READ_PAUSE`] the socket is reported readable only once this
+/// much has arrived (`SO_RCVLOWAT`): the kernel then holds back the
+/// wake-ups the runtime would otherwise take once per commit for a task
+/// that is not reading. Small against the socket's receive buffer, so
+/// setting it never grows the buffer or clamps the TCP window.
+const PAUSE_LOW_WATER: usize = 32 * 1024;
+
 /// Options for [`Engine::receive_wal`].
 #[derive(Debug, Clone, Default)]
 pub struct WalReceiveOptions {
@@ -345,7 +352,13 @@ impl Engine {
                                 }
                                 progress.wal_position(archiver.position().0, server_wal_end.0);
                                 if data.len() < SMALL_MESSAGE && !stream.has_buffered_message() {
+                                    // Packets that come during the pause would
+                                    // each wake the runtime to no purpose.
+                                    let held = stream.hold_reads_below(PAUSE_LOW_WATER).is_ok();
                                     tokio::time::sleep(READ_PAUSE).await;
+                                    if held {
+                                        stream.hold_reads_below(1).map_err(|e| explain(instance, e))?;
+                                    }
                                 }
                             }
                             Some(ReplicationMessage::Keepalive { reply_requested, server_wal_end }) => {

@@ -216,8 +216,17 @@ fn receipt_continues_while_a_segment_put_hangs() {
         assert_eq!(gate.held.as_deref(), Some(held.as_str()));
         assert!(gate.stored.is_empty(), "stored: {:?}", gate.stored);
     }
-    // Nothing past the held segment is acknowledged as flushed.
-    assert!(!slot_at_least(cluster, &slot, &first));
+    // Nothing past what is stored is acknowledged as flushed: a partial
+    // refresh may have stored the first segment up to its switch record
+    // (the receiver pauses between small messages, so a refresh can fall
+    // between that record and the segment's padding), never to its end.
+    let first_end = cluster.psql(
+        "postgres",
+        &format!(
+            "SELECT '0/0'::pg_lsn + (floor(('{first}'::pg_lsn - '0/0') / 16777216) + 1) * 16777216"
+        ),
+    );
+    assert!(!slot_at_least(cluster, &slot, &first_end));
     assert!(!segments(&*catalog, id).iter().any(|w| !w.partial));
 
     // The store answers: everything queued is stored and acknowledged.

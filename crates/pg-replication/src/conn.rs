@@ -152,6 +152,37 @@ impl Connection {
         }
     }
 
+    /// Asks the kernel not to report the socket readable until `bytes`
+    /// have arrived (1, the default: any byte). Lowering it reports what is
+    /// already waiting at once (Linux 4.18 and later check the new mark
+    /// when it is set), so a reader that raised it for a pause loses no
+    /// wake-up by setting it back.
+    pub(crate) fn set_read_low_water(&self, bytes: usize) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.transport {
+            Transport::Plain(s) => s.as_raw_fd(),
+            Transport::Tls(s) => s.get_ref().0.as_raw_fd(),
+        };
+        let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is this connection's socket, open for as long as
+        // `self` is borrowed; the option value is a c_int that lives across
+        // the call, and its size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Whether a whole message waits in the read buffer (the next read
     /// needs no socket read).
     pub(crate) fn has_buffered_message(&self) -> bool {

@@ -180,6 +180,13 @@ impl ReplicationStream<'_> {
         self.client.conn.has_buffered_message()
     }
 
+    /// Holds back the socket's readiness until `bytes` have arrived, so
+    /// packets that come during a pause do not each wake the runtime; `1`
+    /// ends the hold, and what arrived meanwhile is reported at once.
+    pub fn hold_reads_below(&self, bytes: usize) -> Result<(), ReplicationError> {
+        Ok(self.client.conn.set_read_low_water(bytes)?)
+    }
+
     /// The next message from the server; `None` after the stream has ended and the connection
     /// is back in command mode. Cancellation-safe: partial frames stay buffered, so it can sit
     /// in `tokio::select!` beside a ticker.

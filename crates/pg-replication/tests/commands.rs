@@ -277,3 +277,45 @@ async fn a_plain_session_runs_sql_not_walsender_commands() {
     assert!(label.contains("LABEL: plain session"), "{label}");
     assert!(client.identify_system().await.is_err());
 }
+
+/// While reads are held below a mark, a commit's few hundred bytes of WAL
+/// stay unreported; ending the hold reports them at once, so a receiver
+/// that holds reads during a pause loses nothing and waits for no later
+/// packet. Its own cluster: another test's WAL would pass the mark.
+#[tokio::test]
+async fn held_reads_report_what_arrived_when_the_hold_ends() {
+    let cluster = Cluster::start_default(15);
+    cluster.psql("postgres", "CREATE TABLE held (x int)");
+    let mut client = ReplicationClient::connect(&opts(&cluster, "postgres"))
+        .await
+        .unwrap();
+    let id = client.identify_system().await.unwrap();
+    let mut stream = client
+        .start_replication(None, id.xlogpos, Some(id.timeline))
+        .await
+        .expect("start_replication");
+    let wait = |ms| std::time::Duration::from_millis(ms);
+    // Read until nothing more comes (a keepalive, WAL written before the
+    // start): the socket is then read dry. The insert's WAL starts at
+    // the end of what was read.
+    let mut next_start = id.xlogpos;
+    while let Ok(msg) = tokio::time::timeout(wait(300), stream.next()).await {
+        if let ReplicationMessage::XLogData { start, data, .. } = msg.unwrap().unwrap() {
+            next_start = Lsn(start.0 + data.len() as u64);
+        }
+    }
+
+    stream.hold_reads_below(1 << 20).unwrap();
+    cluster.psql("postgres", "INSERT INTO held VALUES (1)");
+    let held = tokio::time::timeout(wait(1000), stream.next()).await;
+    assert!(held.is_err(), "WAL reported during the hold: {held:?}");
+
+    stream.hold_reads_below(1).unwrap();
+    match tokio::time::timeout(wait(10_000), stream.next()).await {
+        Ok(Ok(Some(ReplicationMessage::XLogData { start, data, .. }))) => {
+            assert_eq!(start, next_start);
+            assert!(!data.is_empty());
+        }
+        other => panic!("the WAL of the insert was not reported after the hold: {other:?}"),
+    }
+}

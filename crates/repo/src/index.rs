@@ -1058,7 +1058,6 @@ mod tests {
     use chrono::{Duration, Utc};
 
     use super::*;
-    use crate::manifest::{FileEntry, FileKind};
     use crate::{KeySource, LocalStorage, PendingPacks, Storage};
 
     struct Fixture {
@@ -1091,28 +1090,7 @@ mod tests {
 
     fn manifest(id: &str, blocks: Vec<BlockRef>) -> BackupManifest {
         let size = blocks.iter().map(|b| b.raw_len as u64).sum::<u64>();
-        let mut m: BackupManifest = serde_json::from_value(serde_json::json!({
-            "format_version": 1, "backup_id": id, "instance_id": "i", "mode": "Manual",
-            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
-            "label": "t", "start_lsn": "0/2000028", "start_timeline": 1, "stop_lsn": "0/2000100",
-            "stop_timeline": 1, "start_time": Utc::now(), "stop_time": Utc::now(),
-            "tablespaces": [], "files": [], "server_manifest": null,
-            "stats": {"file_count": 1, "total_bytes": size, "new_bytes": 0, "dedup_bytes": 0,
-                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
-        }))
-        .unwrap();
-        m.files.push(FileEntry {
-            tablespace: None,
-            path: "base/1/1".into(),
-            kind: FileKind::File,
-            mode: 0o600,
-            size,
-            mtime: 0,
-            link_target: None,
-            crc32c: None,
-            blocks,
-        });
-        m
+        crate::manifest::one_file_manifest("i", id, blocks, size)
     }
 
     fn block(seed: u32) -> Vec<u8> {

@@ -157,3 +157,36 @@ mod u64_string {
             .map_err(serde::de::Error::custom)
     }
 }
+
+/// For the crate's unit tests: the manifest of backup `id` of `instance`
+/// holding one file, `base/1/1`, of `size` bytes made of `blocks`.
+#[cfg(test)]
+pub(crate) fn one_file_manifest(
+    instance: &str,
+    id: &str,
+    blocks: Vec<BlockRef>,
+    size: u64,
+) -> BackupManifest {
+    let mut m: BackupManifest = serde_json::from_value(serde_json::json!({
+        "format_version": 1, "backup_id": id, "instance_id": instance, "mode": "Manual",
+        "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
+        "label": "t", "start_lsn": "0/2000028", "start_timeline": 1, "stop_lsn": "0/2000100",
+        "stop_timeline": 1, "start_time": Utc::now(), "stop_time": Utc::now(),
+        "tablespaces": [], "files": [], "server_manifest": null,
+        "stats": {"file_count": 1, "total_bytes": size, "new_bytes": 0, "dedup_bytes": 0,
+                  "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
+    }))
+    .unwrap();
+    m.files.push(FileEntry {
+        tablespace: None,
+        path: "base/1/1".into(),
+        kind: FileKind::File,
+        mode: 0o600,
+        size,
+        mtime: 0,
+        link_target: None,
+        crc32c: None,
+        blocks,
+    });
+    m
+}

@@ -182,36 +182,13 @@ impl Repository {
 mod tests {
     use std::sync::Arc;
 
-    use chrono::Utc;
-
-    use crate::manifest::{BackupManifest, FileEntry, FileKind};
+    use crate::manifest::BackupManifest;
     use crate::{BlockIndex, BlockRef, LocalStorage, Storage};
 
     use super::*;
 
     fn manifest(instance: &str, id: &str, blocks: Vec<BlockRef>, total: u64) -> BackupManifest {
-        let mut m: BackupManifest = serde_json::from_value(serde_json::json!({
-            "format_version": 1, "backup_id": id, "instance_id": instance, "mode": "Manual",
-            "system_identifier": "1", "pg_version_num": 150000, "wal_segment_size": 16777216,
-            "label": "t", "start_lsn": "0/2000028", "start_timeline": 1, "stop_lsn": "0/2000100",
-            "stop_timeline": 1, "start_time": Utc::now(), "stop_time": Utc::now(),
-            "tablespaces": [], "files": [], "server_manifest": null,
-            "stats": {"file_count": 1, "total_bytes": total, "new_bytes": 0, "dedup_bytes": 0,
-                      "stored_bytes": 0, "new_blocks": 0, "dedup_blocks": 0, "packs": 0}
-        }))
-        .unwrap();
-        m.files.push(FileEntry {
-            tablespace: None,
-            path: "base/1/1".into(),
-            kind: FileKind::File,
-            mode: 0o600,
-            size: total,
-            mtime: 0,
-            link_target: None,
-            crc32c: None,
-            blocks,
-        });
-        m
+        crate::manifest::one_file_manifest(instance, id, blocks, total)
     }
 
     /// Sizes straight from the file system, by key prefix.
