@@ -154,16 +154,25 @@ impl Connection {
 
     /// Asks the kernel not to report the socket readable until `bytes`
     /// have arrived (1, the default: any byte). Lowering it reports what is
-    /// already waiting at once (Linux 4.18 and later check the new mark
-    /// when it is set), so a reader that raised it for a pause loses no
-    /// wake-up by setting it back.
+    /// already waiting at once: Linux checks the new mark when it is set
+    /// since 4.18, so on an older kernel (or elsewhere) a raise is not made
+    /// and the call does nothing. A raise is also kept to a quarter of the
+    /// socket's receive buffer: a mark the buffer could not hold twice over
+    /// would make the kernel grow the buffer and clamp the TCP window to
+    /// the mark for the rest of the connection.
     pub(crate) fn set_read_low_water(&self, bytes: usize) -> io::Result<()> {
         use std::os::fd::AsRawFd;
+        if !low_water_wakes() {
+            return Ok(());
+        }
         let fd = match &self.transport {
             Transport::Plain(s) => s.as_raw_fd(),
             Transport::Tls(s) => s.get_ref().0.as_raw_fd(),
         };
-        let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        let mut value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        if value > 1 {
+            value = value.min(socket_option(fd, libc::SO_RCVBUF)? / 4).max(1);
+        }
         // SAFETY: `fd` is this connection's socket, open for as long as
         // `self` is borrowed; the option value is a c_int that lives across
         // the call, and its size is passed with it.
@@ -303,8 +312,68 @@ pub(crate) fn data_row_columns(row: &DataRowBody) -> Result<Vec<Option<Bytes>>, 
     }
 }
 
+/// An integer socket option of `fd` at `SOL_SOCKET`.
+fn socket_option(fd: std::os::fd::RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket of the caller's; `value` and `len`
+    // live across the call and `len` holds `value`'s size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether lowering `SO_RCVLOWAT` reports data already waiting: Linux
+/// 4.18 and later. Read once from the running kernel's release.
+fn low_water_wakes() -> bool {
+    static WAKES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WAKES.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .and_then(|release| kernel_at_least(&release, (4, 18)))
+            .unwrap_or(false)
+    })
+}
+
+/// Whether a kernel release such as `6.1.0-18-amd64` is at least `want`.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> Option<bool> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse::<u32>().ok()?;
+    let minor = parts.next()?.parse::<u32>().ok()?;
+    Some((major, minor) >= want)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_releases_are_compared_by_major_and_minor() {
+        assert_eq!(
+            super::kernel_at_least("6.1.0-18-amd64", (4, 18)),
+            Some(true)
+        );
+        assert_eq!(
+            super::kernel_at_least("4.18.0-553.el8_10.x86_64", (4, 18)),
+            Some(true)
+        );
+        assert_eq!(super::kernel_at_least("4.9.337", (4, 18)), Some(false));
+        assert_eq!(
+            super::kernel_at_least("3.10.0-1160.el7.x86_64\n", (4, 18)),
+            Some(false)
+        );
+        assert_eq!(super::kernel_at_least("garbage", (4, 18)), None);
+    }
+
     use super::*;
     use tokio::net::TcpListener;
 
