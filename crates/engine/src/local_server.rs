@@ -134,6 +134,37 @@ fn strata_settings(opts: &StartOptions, data_dir: &Path, recovery: &str) -> Stri
     conf
 }
 
+/// Refuses a start whose TCP port is already taken on one of the
+/// addresses the server would listen on, so a restore can say so before it
+/// writes anything (PostgreSQL itself would find out only once every file
+/// is in place). Addresses that do not resolve or cannot be bound for
+/// another reason are left to the server to report.
+pub fn check_listen_port(opts: &StartOptions) -> EngineResult<()> {
+    use std::net::{TcpListener, ToSocketAddrs};
+    if opts.usage == ServerUse::Scratch {
+        return Ok(());
+    }
+    let listen = opts.listen_addresses.as_deref().unwrap_or("127.0.0.1");
+    for entry in listen.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let host = if entry == "*" { "0.0.0.0" } else { entry };
+        let Ok(addrs) = (host, opts.port).to_socket_addrs() else {
+            continue;
+        };
+        for addr in addrs {
+            if let Err(e) = TcpListener::bind(addr) {
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    return Err(EngineError::Refused(format!(
+                        "port {} on {} is in use: choose another port",
+                        opts.port,
+                        addr.ip()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes the configuration a restored server starts on (see the module
 /// documentation) and returns the names of the source's settings that were
 /// removed. `recovery` holds the recovery settings to add.

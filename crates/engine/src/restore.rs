@@ -201,6 +201,11 @@ impl Engine {
         // Garbage collection stays off the packs this restore reads until
         // it ends, whatever becomes of the set meanwhile.
         let _reading = self.hold_gc_blocking()?;
+        // A port that is taken would fail the start only after every file
+        // is written: find out first.
+        if let Some(start) = &opts.start {
+            crate::local_server::check_listen_port(start)?;
+        }
         let (created, existing) = if opts.delta {
             if local.is_some() {
                 return Err(EngineError::Refused(

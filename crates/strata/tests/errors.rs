@@ -301,8 +301,8 @@ fn restore_refuses_impossible_targets() {
     assert_eq!(std::fs::read_to_string(&keep).unwrap(), "precious");
     assert_eq!(std::fs::read_dir(&occupied).unwrap().count(), 1);
 
-    // A restored server that cannot start (its port is taken by the source
-    // server) is reported with PostgreSQL's own reason.
+    // A port taken (here by the source server) is refused before anything
+    // is written.
     let busy = strata.dir.join("restore-busy-port");
     fails_with(
         &strata,
@@ -315,7 +315,11 @@ fn restore_refuses_impossible_targets() {
             "--port",
             &pg.port().to_string(),
         ],
-        "could not create any TCP/IP sockets",
+        &format!("port {} on 127.0.0.1 is in use", pg.port()),
+    );
+    assert!(
+        !busy.exists(),
+        "a restore refused for its port left {busy:?}"
     );
 
     let jobs: Vec<serde_json::Value> =
