@@ -106,6 +106,41 @@ impl Rig {
 }
 
 /// The invariants every run must leave behind.
+/// Restores set `set_id` of `id` into `dir/restored` as `target` says,
+/// starts it, and checks `digest` of it equals the source's.
+fn restores_as(
+    rig: &Rig,
+    id: &str,
+    set_id: &str,
+    target: RecoveryTarget,
+    dir: &std::path::Path,
+    digest: impl Fn(&Cluster) -> String,
+    source_digest: &str,
+) {
+    let target_dir = dir.join("restored");
+    let port = testkit::free_port();
+    rig.engine
+        .restore(
+            id,
+            &RestoreOptions {
+                target_dir: target_dir.clone(),
+                delta: false,
+                backup_id: Some(set_id.into()),
+                target,
+                start: Some(StartOptions {
+                    port,
+                    ..Default::default()
+                }),
+                job_id: None,
+                index: None,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    let restored = Cluster::adopt(15, target_dir, port);
+    assert_eq!(digest(&restored), source_digest);
+}
+
 fn check_invariants(rig: &Rig, id: &str) {
     let sets = rig.engine.catalog().list_backups(id).unwrap();
     let manifests = rig.clean.list_backups(id).unwrap();
@@ -239,29 +274,15 @@ fn scenario(store: Arc<dyn Storage>, name: &str) {
         .rev()
         .find(|s| s.status == BackupStatus::Success)
         .unwrap();
-    let target = dir.join("restored");
-    let port = testkit::free_port();
-    rig.engine
-        .restore(
-            &id,
-            &RestoreOptions {
-                target_dir: target.clone(),
-                delta: false,
-                backup_id: Some(newest.id.clone()),
-                target: RecoveryTarget::Latest,
-                start: Some(StartOptions {
-                    port,
-                    ..Default::default()
-                }),
-                job_id: None,
-                index: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    let restored = Cluster::adopt(15, target, port);
-    assert_eq!(digest(&restored), source_digest);
-    drop(restored);
+    restores_as(
+        &rig,
+        &id,
+        &newest.id,
+        RecoveryTarget::Latest,
+        &dir,
+        digest,
+        &source_digest,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -433,29 +454,15 @@ fn packs_in_flight_on_s3_restore_whole_and_one_failure_fails_the_backup() {
         .unwrap();
     assert_eq!(set.status, BackupStatus::Success);
     assert!(rig.clean.read_manifest(id, &set.id).unwrap().stats.packs >= 3);
-    let target = dir.join("restored");
-    let port = testkit::free_port();
-    rig.engine
-        .restore(
-            id,
-            &RestoreOptions {
-                target_dir: target.clone(),
-                backup_id: Some(set.id.clone()),
-                target: RecoveryTarget::Immediate,
-                start: Some(StartOptions {
-                    port,
-                    ..Default::default()
-                }),
-                job_id: None,
-                index: None,
-                delta: false,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    let restored = Cluster::adopt(15, target, port);
-    assert_eq!(digest(&restored), source_digest);
-    drop(restored);
+    restores_as(
+        &rig,
+        id,
+        &set.id,
+        RecoveryTarget::Immediate,
+        &dir,
+        digest,
+        &source_digest,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
