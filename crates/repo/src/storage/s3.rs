@@ -675,6 +675,19 @@ mod tests {
             S3Storage::new(small),
             Err(StorageError::Config(_))
         ));
+        for packs in [0, MAX_UPLOAD_CONCURRENCY + 1, usize::MAX] {
+            let mut many = c.clone();
+            many.upload_concurrency = packs;
+            match S3Storage::new(many) {
+                Err(StorageError::Config(m)) => {
+                    assert!(
+                        m.contains("upload_concurrency must be between 1 and 16"),
+                        "{m}"
+                    )
+                }
+                other => panic!("{packs} packs in flight accepted: {other:?}"),
+            }
+        }
     }
 
     #[test]
