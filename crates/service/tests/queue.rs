@@ -31,11 +31,14 @@ fn node(dir: &std::path::Path, id: &str) -> Arc<Service> {
     Service::new(engine, Arc::new(SystemClock), settings)
 }
 
-/// Waits until the backup of `job` ended; returns its set's status.
+/// Waits until the backup of `job` ended and its task left the node;
+/// returns its set's status.
 async fn finished(svc: &Service, job: strata_catalog::JobId) -> BackupStatus {
     for _ in 0..600 {
         let j = svc.job(job).unwrap();
-        if j.state.is_terminal() {
+        let instance = j.instance_id.as_deref().unwrap();
+        let task_gone = svc.running_backup_job(instance) != Some(job);
+        if j.state.is_terminal() && task_gone {
             let set = svc.backup_set(j.backup_id.as_deref().unwrap()).unwrap();
             return set.status;
         }
