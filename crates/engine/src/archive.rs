@@ -46,9 +46,12 @@ const READ_PAUSE: Duration = Duration::from_millis(20);
 /// During a [`READ_PAUSE`] the socket is reported readable only once this
 /// much has arrived (`SO_RCVLOWAT`): the kernel then holds back the
 /// wake-ups the runtime would otherwise take once per commit for a task
-/// that is not reading. Small against the socket's receive buffer, so
-/// setting it never grows the buffer or clamps the TCP window.
-const PAUSE_LOW_WATER: usize = 32 * 1024;
+/// that is not reading. More than a pause brings at the rates where
+/// messages are small (so the pause's timer, not a packet, ends it), and
+/// cut to a quarter of the socket's receive buffer when it is set, so
+/// setting it never grows the buffer or clamps the TCP window (the buffer
+/// grows by itself, to megabytes, once WAL streams).
+const PAUSE_LOW_WATER: usize = 256 * 1024;
 
 /// Options for [`Engine::receive_wal`].
 #[derive(Debug, Clone, Default)]
