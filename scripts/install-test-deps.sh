@@ -383,6 +383,24 @@ if [ "$FORCE" = 1 ] || [ ! -f "$s3s_stamp" ] || [ ! -x "$S3S/bin/s3s-fs" ]; then
     touch "$s3s_stamp"
 fi
 
+# ---- 4b. promtool (checks and unit tests of deploy/prometheus/) -------------
+# Taken out of Debian's prometheus package without installing it: installing
+# would create a user and start a Prometheus server on this machine.
+PROM="$CACHE/prometheus"
+if [ "$FORCE" = 1 ] || [ ! -x "$PROM/usr/bin/promtool" ]; then
+    log "extracting promtool from Debian's prometheus package into .cache/prometheus"
+    prom_dl="$(mktemp -d)"
+    if ! (cd "$prom_dl" && apt-get download -qq prometheus >/dev/null 2>&1); then
+        apt-get update -qq || die "apt-get update failed"
+        (cd "$prom_dl" && apt-get download -qq prometheus >/dev/null) \
+            || die "apt-get download prometheus failed"
+    fi
+    rm -rf "$PROM"
+    dpkg-deb -x "$prom_dl"/prometheus_*.deb "$PROM" || die "cannot unpack the prometheus package"
+    rm -rf "$prom_dl"
+    "$PROM/usr/bin/promtool" --version >/dev/null 2>&1 || die "$PROM/usr/bin/promtool does not run"
+fi
+
 # ---- 5. summary --------------------------------------------------------------
 first_line() { "$@" 2>&1 | head -n1; }
 echo "== Strata test dependencies ($((SECONDS - T0))s) =="
@@ -400,3 +418,4 @@ echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_lin
 echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
 echo "openssl:         $(first_line openssl version)"
 echo "loop file systems: $(first_line mkfs.xfs -V), $(first_line mkfs.btrfs --version)"
+echo "promtool (Debian prometheus): $(first_line "$PROM/usr/bin/promtool" --version) -> .cache/prometheus/usr/bin/promtool"

@@ -66,6 +66,21 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "1 while the WAL receiver fails (cannot store or cannot stream) and retries; the reason is in StrataWalReceiver and the log.",
     ),
     (
+        "strata_recovery_window_start_timestamp_seconds",
+        "gauge",
+        "Earliest time point-in-time recovery reaches (Unix seconds); no series without a window.",
+    ),
+    (
+        "strata_recovery_window_end_timestamp_seconds",
+        "gauge",
+        "Latest time point-in-time recovery reaches: when the newest WAL was stored (Unix seconds).",
+    ),
+    (
+        "strata_log_retention_promised_seconds",
+        "gauge",
+        "How far back the window should reach by now: the log retention, or less for an instance registered since.",
+    ),
+    (
         "strata_wal_receive_lag_bytes",
         "gauge",
         "Server end of WAL minus what the receiver has received.",
@@ -168,6 +183,9 @@ const PER_INSTANCE: &[&str] = &[
     "strata_wal_archived_bytes",
     "strata_wal_receiver_up",
     "strata_wal_receiver_failing",
+    "strata_recovery_window_start_timestamp_seconds",
+    "strata_recovery_window_end_timestamp_seconds",
+    "strata_log_retention_promised_seconds",
     "strata_wal_receive_lag_bytes",
     "strata_backup_storage_logical_bytes",
     "strata_backup_storage_stored_bytes",
@@ -204,7 +222,7 @@ impl Service {
                 continue;
             }
             self.backup_samples(i, now, &mut samples)?;
-            self.wal_samples(i, &mut samples)?;
+            self.wal_samples(i, now, &mut samples)?;
             self.usage_samples(i, now, &mut samples)?;
         }
         let mut by_state: BTreeMap<&str, u64> = JOB_STATES.iter().map(|s| (*s, 0)).collect();
@@ -287,16 +305,37 @@ impl Service {
     }
 
     /// Archived WAL bytes and the live receiver's state and lag.
-    fn wal_samples(&self, i: &Instance, out: &mut Samples) -> ServiceResult<()> {
+    fn wal_samples(
+        &self,
+        i: &Instance,
+        now: DateTime<Utc>,
+        out: &mut Samples,
+    ) -> ServiceResult<()> {
         let l = format!("{{instance=\"{}\"}}", label(&i.id));
-        let wal: u64 = self
-            .engine
-            .catalog()
-            .list_wal_segments(&i.id)?
-            .iter()
-            .map(|w| w.size)
-            .sum();
+        let segments = self.engine.catalog().list_wal_segments(&i.id)?;
+        let wal: u64 = segments.iter().map(|w| w.size).sum();
         out.push("strata_wal_archived_bytes", l.clone(), wal as f64);
+        let policy = self.policy(&i.id)?;
+        if policy.log_backup_enabled {
+            let backups = self.engine.catalog().list_backups(&i.id)?;
+            if let Some((begin, end)) = crate::cross_region::recovery_window(&backups, &segments) {
+                let (begin, end) = (begin.timestamp() as f64, end.timestamp() as f64);
+                out.push(
+                    "strata_recovery_window_start_timestamp_seconds",
+                    l.clone(),
+                    begin,
+                );
+                out.push(
+                    "strata_recovery_window_end_timestamp_seconds",
+                    l.clone(),
+                    end,
+                );
+            }
+            let retention = i64::from(policy.effective_log_retention_days()) * 86_400;
+            let registered = (now - i.created_at).num_seconds().max(0);
+            let promised = retention.min(registered) as f64;
+            out.push("strata_log_retention_promised_seconds", l.clone(), promised);
+        }
         let st = self.wal.state(&i.id);
         let up = if st.is_up() { 1.0 } else { 0.0 };
         out.push("strata_wal_receiver_up", l.clone(), up);
@@ -389,5 +428,68 @@ strata_uptime_seconds 5
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len(), "a family is listed twice");
+    }
+}
+
+#[cfg(test)]
+mod deploy_files {
+    //! The alerting rules and the dashboard in deploy/ name only series this
+    //! module exports: a family renamed or dropped here fails this test, not
+    //! an operator's alert that silently never fires.
+
+    use super::FAMILIES;
+
+    const RULES: &str = include_str!("../../../deploy/prometheus/strata-rules.yml");
+    const RULE_TESTS: &str = include_str!("../../../deploy/prometheus/strata-rules.test.yml");
+    const DASHBOARD: &str = include_str!("../../../deploy/grafana/strata.json");
+
+    /// Every `strata_…` metric name in `text`.
+    fn names(text: &str) -> std::collections::BTreeSet<&str> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("strata_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            // A word that merely contains the prefix (`my_strata_x`) is not a name.
+            let preceded = rest[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !preceded {
+                out.insert(&tail[..end]);
+            }
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn rules_and_dashboard_use_exported_families() {
+        let exported: Vec<&str> = FAMILIES.iter().map(|(name, _, _)| *name).collect();
+        for (file, text) in [
+            ("strata-rules.yml", RULES),
+            ("strata-rules.test.yml", RULE_TESTS),
+            ("strata.json", DASHBOARD),
+        ] {
+            let used = names(text);
+            assert!(used.len() >= 5, "{file} names too few series: {used:?}");
+            for name in used {
+                assert!(
+                    exported.contains(&name),
+                    "{file} uses {name}, which /metrics does not export"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn metric_names_are_found_as_words() {
+        let found = names("a strata_x{} + my_strata_y - (strata_z_total)");
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            ["strata_x", "strata_z_total"]
+        );
     }
 }

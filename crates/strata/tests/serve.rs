@@ -63,6 +63,9 @@ fn demo_sandbox_is_archived_measured_and_stopped() {
     );
     assert!(line("strata_last_backup_age_seconds") >= 0.0);
     assert_eq!(line("strata_wal_receiver_up"), 1.0);
+    // Registered moments ago: the window promised so far is that short.
+    let promised = line("strata_log_retention_promised_seconds");
+    assert!((0.0..3600.0).contains(&promised), "{promised}");
     assert!(
         metrics.contains("strata_jobs{state=\"Finished\"} 1"),
         "{metrics}"
