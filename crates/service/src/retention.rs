@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, CatalogError, KeepUntil};
 use strata_engine::{EngineError, RetentionDecision, RetentionPlan};
 
-use crate::policy::{PolicyError, Refusal};
+use crate::policy::{invalid, PolicyError, Refusal};
 use crate::{lock, Service, ServiceError, ServiceResult};
 
 /// Whether the periodic retention pass is due at `now`, given when it last
@@ -189,6 +189,79 @@ impl Service {
         Ok(self
             .engine
             .keep_backup_set(instance_id, backup_id, Some((until, note)))?)
+    }
+
+    /// Moves a successful set's expiry to `until` (RDS's
+    /// `ModifyBackupSetExpireTime`), as a keep by hand until then: retention,
+    /// a deletion and garbage collection leave the set alone until `until`.
+    /// An expiry only moves later: `until` must be in the future and no
+    /// earlier than the set's current expiry; a set kept forever has none.
+    pub fn extend_backup_expiry(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+        until: DateTime<Utc>,
+    ) -> ServiceResult<BackupSet> {
+        self.engine.catalog().get_instance(instance_id)?;
+        let set = self.engine.catalog().get_backup(backup_id)?;
+        if set.instance_id != instance_id {
+            return Err(CatalogError::BackupNotFound(backup_id.to_string()).into());
+        }
+        if set.status != BackupStatus::Success {
+            return Err(invalid(
+                Refusal::BackupSetNotSuccessful,
+                format!(
+                    "backup {backup_id} is {}: only a successful set has an expiry to move",
+                    set.status.as_str()
+                ),
+            ));
+        }
+        let now = self.now();
+        if until <= now {
+            return Err(invalid(
+                Refusal::ExpireTimeTooEarly,
+                format!(
+                    "ExpectExpireTime {} is not in the future",
+                    crate::policy::format_seconds(until)
+                ),
+            ));
+        }
+        if set.keep_until == Some(KeepUntil::Forever) {
+            return Err(invalid(
+                Refusal::ExpireTimeTooEarly,
+                format!("backup {backup_id} is kept forever, so it has no expiry to move; release it first (StrataReleaseBackup)"),
+            ));
+        }
+        let current = self
+            .retention_dry_run(instance_id)?
+            .sets
+            .into_iter()
+            .find(|d| d.backup_id == set.id)
+            .and_then(|d| d.expires_at);
+        if let Some(current) = current.filter(|c| until < *c) {
+            return Err(invalid(
+                Refusal::ExpireTimeTooEarly,
+                format!(
+                    "ExpectExpireTime {} is earlier than the set's current expiry {}; an expiry can only be extended",
+                    crate::policy::format_seconds(until),
+                    crate::policy::format_seconds(current)
+                ),
+            ));
+        }
+        let until_keep = KeepUntil::Until(until);
+        crate::policy::check_keep(until_keep, set.keep_note.as_deref(), now)?;
+        Ok(self.engine.keep_backup_set(
+            instance_id,
+            backup_id,
+            Some((until_keep, set.keep_note)),
+        )?)
+    }
+
+    /// Backup sets kept after their instance was deregistered or deleted
+    /// (RDS's backups of released instances), oldest first. No retention
+    /// applies to them: they stay until deleted.
+    pub fn detached_backups(&self) -> ServiceResult<Vec<BackupSet>> {
+        Ok(self.engine.catalog().list_detached_backups()?)
     }
 
     /// Releases a set kept by hand: retention decides its fate again.
