@@ -1102,11 +1102,13 @@ fn parse_xid(v: &str) -> ApiResult<u32> {
 }
 
 fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = instance(svc, p)?;
+    // A registered instance, or one deregistered since whose sets were
+    // kept (`DescribeDetachedBackups`): the service tells them apart.
+    let source = p.required("DBInstanceId")?;
     // PayType, DBInstanceClass, VPCId… describe billing and networking
     // this service does not have; they are accepted and ignored.
     let src = restore_source(p)?;
-    let id = svc.clone_instance(&inst.id, src)?;
+    let id = svc.clone_instance(source, src)?;
     Ok(obj(json!({"DBInstanceId": id, "OrderId": ""})))
 }
 
