@@ -275,6 +275,16 @@ def test_detached_set_clones(gone, admin):
     got = psql_at(int(a["Port"]), "SELECT count(*), md5(string_agg(note, ',' ORDER BY id)) "
                                   "FROM detached_ledger")
     assert got == expected and got.startswith("123|"), (got, expected)
-    admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=clone_id))
-    # The set stays detached after its clone is gone.
+
+    # The clone is backed up as any instance; deleted with
+    # ReleasedKeepPolicy Lastest, its newest set alone stays, detached.
+    older = h.wait_first_backup(admin, clone_id)["BackupId"]
+    newest = h.backup(admin, clone_id).backup_id
+    h.expect_error("InvalidReleasedKeepPolicy.Malformed", 400, admin.delete_dbinstance,
+                   rds.DeleteDBInstanceRequest(dbinstance_id=clone_id, released_keep_policy="Some"))
+    admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=clone_id,
+                                                        released_keep_policy="Lastest"))
+    kept = detached(admin, region=REGION, dbinstance_id=clone_id)
+    assert [b.backup_id for b in kept.items.backup] == [newest] != [older], kept.to_map()
+    # The source's set stays detached too.
     assert detached(admin, region=REGION, backup_id=backup_id).total_record_count == "1"
