@@ -3,7 +3,8 @@ ModifyBackupSetExpireTime (an expiry moved past the retention keeps the set
 when retention decides at a date after it), DescribeLogBackupFiles (the
 archived WAL of a time range, as DescribeBinlogFiles lists it) and
 DescribeDetachedBackups (sets kept after their instance was deregistered,
-listed and cloned with CloneDBInstance), each with RDS's error codes for
+listed, cloned with CloneDBInstance and deleted with DeleteBackup), each
+with RDS's error codes for
 bad and hostile parameters.
 
 Run by crates/strata/tests/api.rs, which also sets STRATA_BIN and
@@ -224,7 +225,7 @@ def test_detached_sets_are_listed(instance, gone, client):
     assert b.backup_size > 1_000_000 and b.is_avail == 1
     assert h.parse_time(b.backup_start_time) <= h.parse_time(b.backup_end_time)
     assert b.consistent_time == int(h.parse_time(b.backup_end_time).timestamp())
-    assert b.backup_download_url and b.store_status == "Disabled"
+    assert b.backup_download_url and b.store_status == "Enabled"
     # The registered instance's sets are not detached.
     mine = {s.backup_id for s in h.describe_backups(client, instance.id).items.backup}
     assert mine and not mine & {x.backup_id for x in body.items.backup}
@@ -286,5 +287,12 @@ def test_detached_set_clones(gone, admin):
                                                         released_keep_policy="Lastest"))
     kept = detached(admin, region=REGION, dbinstance_id=clone_id)
     assert [b.backup_id for b in kept.items.backup] == [newest] != [older], kept.to_map()
+    # A detached set is deleted by its old instance id; the other instance's stays.
+    h.expect_error("InvalidBackupSetID.NotFound", 404, admin.delete_backup,
+                   rds.DeleteBackupRequest(dbinstance_id=clone_id, backup_id=backup_id))
+    admin.delete_backup(rds.DeleteBackupRequest(dbinstance_id=clone_id, backup_id=newest))
+    assert detached(admin, region=REGION, dbinstance_id=clone_id).total_record_count == "0"
+    h.expect_error("InvalidDBInstance.NotFound", 404, admin.delete_backup,
+                   rds.DeleteBackupRequest(dbinstance_id=clone_id, backup_id=newest))
     # The source's set stays detached too.
     assert detached(admin, region=REGION, backup_id=backup_id).total_record_count == "1"

@@ -349,9 +349,9 @@ fn describe_detached_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> 
                 "BackupSize": b.total_bytes,
                 "IsAvail": i32::from(success),
                 "MetaStatus": "OK",
-                // DeleteBackup names a registered instance: a detached set
-                // is not deleted through it.
-                "StoreStatus": "Disabled",
+                // Deletable (`DeleteBackup` with the old instance id)
+                // unless kept by hand or running.
+                "StoreStatus": if b.kept_at(svc.now()) || b.status == BackupStatus::Running { "Disabled" } else { "Enabled" },
                 "StrataEngineVersion": engine_version(b.pg_version_num),
             });
             let m = item.as_object_mut().expect("object");
@@ -436,7 +436,8 @@ async fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fie
 }
 
 fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = instance(svc, p)?;
+    // A registered instance, or a detached one (`DescribeDetachedBackups`).
+    let instance_id = p.required("DBInstanceId")?;
     let ids: Vec<BackupId> = p
         .required("BackupId")?
         .split(',')
@@ -452,13 +453,7 @@ fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             ),
         ));
     }
-    for id in &ids {
-        let set = svc.backup_set(id)?;
-        if set.instance_id != inst.id {
-            return Err(strata_catalog::CatalogError::BackupNotFound(id.to_string()).into());
-        }
-    }
-    svc.delete_backups(&inst.id, &ids)?;
+    svc.delete_backups(instance_id, &ids)?;
     Ok(Map::new())
 }
 

@@ -540,18 +540,7 @@ impl Service {
                     self.engine.delete_backup_set(&b.id)?;
                 }
             }
-            let wal: Vec<_> = self
-                .engine
-                .catalog()
-                .list_wal_segments(instance_id)?
-                .into_iter()
-                .filter(|w| {
-                    !kept
-                        .iter()
-                        .any(|&(start, stop)| w.begin_lsn <= stop && w.end_lsn > start)
-                })
-                .collect();
-            self.engine.delete_wal_segments(&wal)?;
+            self.delete_wal_beyond(instance_id, &kept)?;
             self.housekeeping.request_gc();
         }
         self.engine.catalog().delete_managed(instance_id)?;

@@ -10,7 +10,7 @@ use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, CatalogErr
 use strata_engine::{EngineError, RetentionDecision, RetentionPlan};
 
 use crate::policy::{invalid, PolicyError, Refusal};
-use crate::{lock, Service, ServiceError, ServiceResult};
+use crate::{lock, Lsn, Service, ServiceError, ServiceResult};
 
 /// Whether the periodic retention pass is due at `now`, given when it last
 /// ran: the first time, once `interval` has passed, and whenever the clock
@@ -148,8 +148,18 @@ impl Service {
         DeletionRules::new(policy, backups, self.now())
     }
 
-    /// Deletes backup sets by [`DeletionRules`]; all or none.
+    /// Deletes backup sets by [`DeletionRules`]; all or none. The sets of
+    /// an instance no longer registered (detached) follow no policy: any
+    /// may go but one kept by hand or running, and with the last one its
+    /// WAL goes too.
     pub fn delete_backups(&self, instance_id: &str, ids: &[BackupId]) -> ServiceResult<()> {
+        match self.engine.catalog().get_instance(instance_id) {
+            Ok(_) => {}
+            Err(CatalogError::InstanceNotFound(_)) => {
+                return self.delete_detached_backups(instance_id, ids)
+            }
+            Err(e) => return Err(e.into()),
+        }
         let p = self.policy(instance_id)?;
         let backups = self.engine.catalog().list_backups(instance_id)?;
         let rules = self.deletion_rules(&p, &backups);
@@ -262,6 +272,63 @@ impl Service {
     /// applies to them: they stay until deleted.
     pub fn detached_backups(&self) -> ServiceResult<Vec<BackupSet>> {
         Ok(self.engine.catalog().list_detached_backups()?)
+    }
+
+    fn delete_detached_backups(&self, instance_id: &str, ids: &[BackupId]) -> ServiceResult<()> {
+        let backups = self.engine.catalog().list_backups(instance_id)?;
+        if backups.is_empty() {
+            return Err(CatalogError::InstanceNotFound(instance_id.to_string()).into());
+        }
+        let now = self.now();
+        for id in ids {
+            let Some(set) = backups.iter().find(|b| &b.id == id) else {
+                return Err(CatalogError::BackupNotFound(id.to_string()).into());
+            };
+            if set.status == BackupStatus::Running {
+                return Err(EngineError::Conflict(format!("backup {id} is still running")).into());
+            }
+            if set.kept_at(now) {
+                return Err(invalid(
+                    Refusal::BackupSetKept,
+                    format!(
+                        "backup {id} is kept by hand ({}); release it first",
+                        set.keep_until.map(|k| k.to_string()).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        for id in ids {
+            self.engine.delete_backup_set(id)?;
+        }
+        let remaining: Vec<(Lsn, Lsn)> = backups
+            .iter()
+            .filter(|b| !ids.contains(&b.id))
+            .filter_map(|b| b.start_lsn.zip(b.stop_lsn))
+            .collect();
+        self.delete_wal_beyond(instance_id, &remaining)?;
+        self.housekeeping.request_gc();
+        Ok(())
+    }
+
+    /// Deletes an instance's WAL but the segments the sets spanning
+    /// `needed` (start and stop LSNs) need to be consistent.
+    pub(crate) fn delete_wal_beyond(
+        &self,
+        instance_id: &str,
+        needed: &[(Lsn, Lsn)],
+    ) -> ServiceResult<()> {
+        let wal: Vec<_> = self
+            .engine
+            .catalog()
+            .list_wal_segments(instance_id)?
+            .into_iter()
+            .filter(|w| {
+                !needed
+                    .iter()
+                    .any(|&(start, stop)| w.begin_lsn <= stop && w.end_lsn > start)
+            })
+            .collect();
+        Ok(self.engine.delete_wal_segments(&wal)?)
     }
 
     /// Releases a set kept by hand: retention decides its fate again.
