@@ -141,6 +141,19 @@ impl DeletionRules {
     }
 }
 
+/// The sets `ids` names among `backups`, in that order; an unknown id
+/// refuses them all, before any other reason does.
+fn sets_named<'a>(backups: &'a [BackupSet], ids: &[BackupId]) -> ServiceResult<Vec<&'a BackupSet>> {
+    ids.iter()
+        .map(|id| {
+            backups
+                .iter()
+                .find(|b| &b.id == id)
+                .ok_or_else(|| CatalogError::BackupNotFound(id.to_string()).into())
+        })
+        .collect()
+}
+
 impl Service {
     /// RDS's rules for deleting an instance's backup sets by hand now
     /// (`DeleteBackup`, and `StoreStatus` in `DescribeBackups`).
@@ -163,10 +176,7 @@ impl Service {
         let p = self.policy(instance_id)?;
         let backups = self.engine.catalog().list_backups(instance_id)?;
         let rules = self.deletion_rules(&p, &backups);
-        for id in ids {
-            let Some(set) = backups.iter().find(|b| &b.id == id) else {
-                return Err(CatalogError::BackupNotFound(id.to_string()).into());
-            };
+        for set in sets_named(&backups, ids)? {
             if let Some(refusal) = rules.refusal(set) {
                 return Err(refusal);
             }
@@ -280,10 +290,8 @@ impl Service {
             return Err(CatalogError::InstanceNotFound(instance_id.to_string()).into());
         }
         let now = self.now();
-        for id in ids {
-            let Some(set) = backups.iter().find(|b| &b.id == id) else {
-                return Err(CatalogError::BackupNotFound(id.to_string()).into());
-            };
+        for set in sets_named(&backups, ids)? {
+            let id = &set.id;
             if set.status == BackupStatus::Running {
                 return Err(EngineError::Conflict(format!("backup {id} is still running")).into());
             }
