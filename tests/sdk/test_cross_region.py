@@ -255,6 +255,10 @@ def check_ddr_before_restoring(admin, instance_id, t, cross_backup_id):
         raw = h.call(client, "CheckCreateDdrDBInstance", RegionId=TARGET, Engine="PostgreSQL",
                      RestoreType="0", BackupSetId="987654321")
         assert raw["IsValid"] == "false" and "987654321" in raw["StrataReason"], raw
+        # Another major version than the copies'.
+        raw = h.call(client, "CheckCreateDdrDBInstance", RegionId=TARGET, Engine="PostgreSQL",
+                     EngineVersion="14.0", RestoreType="0", BackupSetId=str(cross_backup_id))
+        assert raw["IsValid"] == "false" and "PostgreSQL 15" in raw["StrataReason"], raw
         # The other region holds no copies of this instance.
         raw = h.call(client, "CheckCreateDdrDBInstance", RegionId="cn-beijing", Engine="PostgreSQL",
                      RestoreType="1", SourceDBInstanceName=instance_id, SourceRegion=PRIMARY,
@@ -269,6 +273,8 @@ def check_ddr_before_restoring(admin, instance_id, t, cross_backup_id):
                    restore_time="yesterday\r\nX: 1", **by_time)
     h.expect_error("InvalidBackupSetID.Malformed", 400, check_ddr, admin, restore_type="0",
                    backup_set_id="1 OR 1=1")
+    h.expect_error("InvalidEngineVersion.Malformed", 400, check_ddr, admin, engine_version="fifteen",
+                   restore_type="0", backup_set_id=str(cross_backup_id))
     h.expect_error("InvalidEngine.Malformed", 400, check_ddr, admin, engine="MySQL",
                    restore_time=h.fmt_seconds(t), **by_time)
     h.expect_error("InvalidSourceRegion.NotFound", 400, check_ddr, admin, restore_type="1",

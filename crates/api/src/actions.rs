@@ -592,8 +592,9 @@ fn release_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 fn modify_backup_expiry(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let backup_id = p.required("BackupId")?;
-    p.required("ExpectExpireTime")?;
-    let until = p.time("ExpectExpireTime")?.expect("required above");
+    let until = p
+        .time("ExpectExpireTime")?
+        .ok_or_else(|| ApiError::missing("ExpectExpireTime"))?;
     let set = svc.extend_backup_expiry(&inst.id, backup_id, until)?;
     let data = json!({
         "DBInstanceId": set.instance_id,

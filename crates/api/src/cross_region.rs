@@ -1,6 +1,7 @@
-//! Cross-region backup actions: the policy, the copies and their WAL, the
-//! regions copies may go to, the window a copy recovers, and restoring a new
-//! instance from the copies (`CreateDdrInstance`). Field names as the SDK
+//! Cross-region backup actions: the policy and the instances that have one,
+//! the copies and their WAL, the regions copies may go to, the window a copy
+//! recovers, and restoring a new instance from the copies
+//! (`CreateDdrInstance`, checked beforehand by `CheckCreateDdrDBInstance`). Field names as the SDK
 //! models them; `CrossBackupId` and `CrossLogBackupId` are integers there.
 
 use std::sync::Arc;
@@ -336,9 +337,32 @@ pub fn check_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         }
         Err(e) => return Err(e),
     };
+    // `10.0`…`15.0` as RDS writes them, or a bare major version.
+    let wanted_major = match p.get("EngineVersion") {
+        None => None,
+        Some(v) => Some(
+            v.trim()
+                .strip_suffix(".0")
+                .unwrap_or(v.trim())
+                .parse::<u32>()
+                .map_err(|_| {
+                    ApiError::bad(
+                        "InvalidEngineVersion.Malformed",
+                        format!(
+                            "EngineVersion must be a PostgreSQL major version such as 15.0, got {}",
+                            quoted(v)
+                        ),
+                    )
+                })?,
+        ),
+    };
     let why_not =
         match svc.check_restore_from_copies(&ddr.source, ddr.region.as_deref(), ddr.choice) {
-            Ok(()) => None,
+            Ok(major) if wanted_major.is_some_and(|w| w != major) => Some(format!(
+                "InvalidEngineVersion: the copies are of PostgreSQL {major}, not {}",
+                wanted_major.unwrap_or_default()
+            )),
+            Ok(_) => None,
             Err(e) => {
                 let e = ApiError::from(e);
                 // An unknown source instance is a bad request, not an answer.

@@ -385,17 +385,18 @@ impl Service {
     /// Whether a restore from `region`'s copies of `source_id` as `choice`
     /// says can start: the copy exists (or the time is inside the copies'
     /// window), the region's repository opens and this host has the
-    /// PostgreSQL binaries of the copies' version. The refusal says why not.
+    /// PostgreSQL binaries of the copies' version. Returns that major
+    /// version; the refusal says why not.
     pub fn check_restore_from_copies(
         &self,
         source_id: &str,
         region: Option<&str>,
         choice: CopyChoice,
-    ) -> ServiceResult<()> {
+    ) -> ServiceResult<u32> {
         let plan = self.plan_copy_restore(source_id, region, choice)?;
         self.regions.target(&plan.region)?.repository()?;
         self.engine.pg_bin_dir(plan.major)?;
-        Ok(())
+        Ok(plan.major)
     }
 
     /// Starts restoring a new instance from `region`'s copies of
