@@ -158,6 +158,9 @@ def test_copies_then_restore_from_them_with_the_primary_wiped(instance, admin):
     assert copy_tasks and copy_tasks[0]["BackupStatus"] == "Finished", tasks
     assert copy_tasks[0]["BackupId"] == backup_id
 
+    check_ddr_before_restoring(admin, instance.id, t, copy.cross_backup_id)
+    listed_with_cross_region_backup(admin, instance.id)
+
     # Lose the primary repository entirely.
     primary = h.env("STRATA_PRIMARY_REPOSITORY")
     assert os.path.isfile(os.path.join(primary, "strata-repo.json"))
@@ -207,6 +210,7 @@ def test_copies_then_restore_from_them_with_the_primary_wiped(instance, admin):
     off = modify(admin, instance.id, backup_enabled="Disable")
     assert (off.backup_enabled, off.log_backup_enabled) == ("Disable", "Disable")
     assert copy.cross_backup_id in [c.cross_backup_id for c in copies(admin, instance.id).items.item]
+    assert cross_instances(admin, dbinstance_id=instance.id).total_records == 0
 
     for ddr_id in (ddr.dbinstance_id, by_set.dbinstance_id):
         admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=ddr_id))
@@ -223,3 +227,99 @@ def committed_then_more():
     psql_db("postgres", "INSERT INTO cross_ledger SELECT g, md5(g::text) FROM generate_series(301, 500) g;"
                         "SELECT pg_switch_wal();")
     return t
+
+
+def check_ddr(client, **kw):
+    args = dict(region_id=TARGET, engine="PostgreSQL", engine_version="15.0",
+                dbinstance_class="pg.n2.small.1", dbinstance_storage=20)
+    return client.check_create_ddr_dbinstance(
+        rds.CheckCreateDdrDBInstanceRequest(**{**args, **kw})).body
+
+
+def check_ddr_before_restoring(admin, instance_id, t, cross_backup_id):
+    """CheckCreateDdrDBInstance: a time inside the copies' window and the
+    copied set are possible; a time before any copy and an unknown set are
+    not, and say why; malformed requests are refused."""
+    by_time = dict(restore_type="1", source_dbinstance_name=instance_id, source_region=PRIMARY)
+    for sig in h.SIGNATURES:
+        client = h.make_client(sig, *h.admin_key())
+        ok = check_ddr(client, restore_time=h.fmt_seconds(t), **by_time)
+        assert ok.is_valid == "true" and ok.request_id, ok.to_map()
+        assert check_ddr(client, restore_type="0", backup_set_id=str(cross_backup_id)).is_valid == "true"
+
+        raw = h.call(client, "CheckCreateDdrDBInstance", RegionId=TARGET, Engine="PostgreSQL",
+                     RestoreType="1", SourceDBInstanceName=instance_id, SourceRegion=PRIMARY,
+                     RestoreTime=h.fmt_seconds(t.replace(year=t.year - 1)))
+        assert raw["IsValid"] == "false", raw
+        assert raw["StrataReason"].startswith("InvalidRestoreTime:"), raw
+        raw = h.call(client, "CheckCreateDdrDBInstance", RegionId=TARGET, Engine="PostgreSQL",
+                     RestoreType="0", BackupSetId="987654321")
+        assert raw["IsValid"] == "false" and "987654321" in raw["StrataReason"], raw
+        # Another major version than the copies'.
+        raw = h.call(client, "CheckCreateDdrDBInstance", RegionId=TARGET, Engine="PostgreSQL",
+                     EngineVersion="14.0", RestoreType="0", BackupSetId=str(cross_backup_id))
+        assert raw["IsValid"] == "false" and "PostgreSQL 15" in raw["StrataReason"], raw
+        # The other region holds no copies of this instance.
+        raw = h.call(client, "CheckCreateDdrDBInstance", RegionId="cn-beijing", Engine="PostgreSQL",
+                     RestoreType="1", SourceDBInstanceName=instance_id, SourceRegion=PRIMARY,
+                     RestoreTime=h.fmt_seconds(t))
+        assert raw["IsValid"] == "false" and raw["StrataReason"], raw
+
+    h.expect_error("InvalidRestoreType.Malformed", 400, check_ddr, admin, restore_type="2")
+    h.expect_error("MissingParameter", 400, check_ddr, admin, restore_type="0")
+    h.expect_error("MissingParameter", 400, check_ddr, admin, restore_type="1",
+                   restore_time=h.fmt_seconds(t), source_region=PRIMARY)
+    h.expect_error("InvalidRestoreTime.Format", 400, check_ddr, admin,
+                   restore_time="yesterday\r\nX: 1", **by_time)
+    h.expect_error("InvalidBackupSetID.Malformed", 400, check_ddr, admin, restore_type="0",
+                   backup_set_id="1 OR 1=1")
+    h.expect_error("InvalidEngineVersion.Malformed", 400, check_ddr, admin, engine_version="fifteen",
+                   restore_type="0", backup_set_id=str(cross_backup_id))
+    h.expect_error("InvalidEngine.Malformed", 400, check_ddr, admin, engine="MySQL",
+                   restore_time=h.fmt_seconds(t), **by_time)
+    h.expect_error("InvalidSourceRegion.NotFound", 400, check_ddr, admin, restore_type="1",
+                   source_dbinstance_name=instance_id, source_region="cn-beijing",
+                   restore_time=h.fmt_seconds(t))
+    h.expect_error("InvalidDBInstance.NotFound", 404, check_ddr, admin, restore_type="1",
+                   source_dbinstance_name="no-such-instance", source_region=PRIMARY,
+                   restore_time=h.fmt_seconds(t))
+
+
+def cross_instances(client, **kw):
+    return client.describe_cross_region_backup_dbinstance(
+        rds.DescribeCrossRegionBackupDBInstanceRequest(**{"region_id": PRIMARY, **kw})).body
+
+
+def listed_with_cross_region_backup(admin, instance_id):
+    """DescribeCrossRegionBackupDBInstance lists the instance with its
+    policy, as DescribeInstanceCrossBackupPolicy describes it."""
+    pol = policy(admin, instance_id)
+    for sig in h.SIGNATURES:
+        client = h.make_client(sig, *h.admin_key())
+        body = cross_instances(client)
+        assert body.region_id == PRIMARY and body.request_id
+        assert (body.total_records, body.items_numbers, body.page_number, body.page_size) == (1, 1, 1, 30)
+        [item] = body.items.item
+        assert (item.dbinstance_id, item.cross_backup_region, item.cross_backup_type) == (
+            instance_id, TARGET, "1")
+        assert (item.backup_enabled, item.log_backup_enabled) == ("Enable", "Enable")
+        assert (item.retent_type, item.retention) == (1, 30)
+        assert (item.backup_enabled_time, item.log_backup_enabled_time) == (
+            pol.backup_enabled_time, pol.log_backup_enabled_time)
+        assert (item.engine, item.engine_version, item.dbinstance_status, item.lock_mode) == (
+            "PostgreSQL", "15", "Running", "Unlock")
+        # By id, among others (up to 30); another instance has none.
+        assert cross_instances(client, dbinstance_id=f"pg-other,{instance_id}").total_records == 1
+        assert cross_instances(client, dbinstance_id="pg-other").items.item == []
+        past = cross_instances(client, page_number=2, page_size=30)
+        assert past.items.item == [] and past.total_records == 1
+
+    h.expect_error("MissingParameter", 400, admin.describe_cross_region_backup_dbinstance,
+                   rds.DescribeCrossRegionBackupDBInstanceRequest())
+    h.expect_error("InvalidRegionId.NotFound", 400, cross_instances, admin, region_id=TARGET)
+    h.expect_error("InvalidDBInstanceId.Malformed", 400, cross_instances, admin,
+                   dbinstance_id=",".join(f"pg-{i}" for i in range(31)))
+    for bad in (0, 29, 101):
+        h.expect_error("InvalidPageSize.Malformed", 400, cross_instances, admin, page_size=bad)
+    ro = h.make_client("v3", *h.read_only_key())
+    assert cross_instances(ro).total_records == 1

@@ -10,20 +10,24 @@ use chrono::Utc;
 use serde_json::{json, Map, Value};
 use strata_catalog::{
     ArchiveKeepPolicy, BackupId, BackupMethod, BackupMode, BackupPolicy, BackupSet, BackupStatus,
-    Instance, Job, JobId, JobKind, JobState, KeepUntil, SslMode, WalSegmentRow,
+    Instance, Job, JobId, JobKind, JobState, KeepUntil, SslMode,
 };
 use strata_engine::SetDecision;
 use strata_service::policy::{self, format_minutes, format_seconds};
-use strata_service::{ExactPoint, ExactTarget, Lsn, PolicyChange, RestoreSource, Service};
+use strata_service::{
+    ExactPoint, ExactTarget, Lsn, PolicyChange, ReleasedKeep, RestoreSource, Service,
+};
 
 use crate::advanced;
 use crate::cross_region;
 use crate::error::{quoted, shown, ApiError, ApiResult};
+use crate::log_files::{self, Listing};
 use crate::params::{page, Params};
 use crate::ApiState;
 
 /// Every action Strata answers, in alphabetical order.
 pub const ACTIONS: &[&str] = &[
+    "CheckCreateDdrDBInstance",
     "CloneDBInstance",
     "CreateBackup",
     "CreateDdrInstance",
@@ -35,13 +39,17 @@ pub const ACTIONS: &[&str] = &[
     "DescribeBackupTasks",
     "DescribeBackups",
     "DescribeBinlogFiles",
+    "DescribeCrossRegionBackupDBInstance",
     "DescribeCrossRegionBackups",
     "DescribeCrossRegionLogBackupFiles",
     "DescribeDBInstanceAttribute",
     "DescribeDBInstances",
+    "DescribeDetachedBackups",
     "DescribeInstanceCrossBackupPolicy",
     "DescribeLocalAvailableRecoveryTime",
+    "DescribeLogBackupFiles",
     "ModifyBackupPolicy",
+    "ModifyBackupSetExpireTime",
     "ModifyInstanceCrossBackupPolicy",
     "RestoreTable",
     "StrataDeregisterDBInstance",
@@ -71,6 +79,7 @@ fn obj(v: Value) -> Fields {
 pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<Fields> {
     let svc = &state.service;
     match action {
+        "CheckCreateDdrDBInstance" => cross_region::check_ddr_instance(svc, p),
         "CloneDBInstance" => clone_instance(svc, p),
         "CreateBackup" => create_backup(svc, p),
         "CreateDdrInstance" => cross_region::create_ddr_instance(svc, p),
@@ -87,14 +96,18 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
         "DescribeBackups" => describe_backups(state, p).await,
-        "DescribeBinlogFiles" => describe_binlog_files(state, p),
+        "DescribeBinlogFiles" => log_files::describe(state, p, Listing::Binlog),
+        "DescribeLogBackupFiles" => log_files::describe(state, p, Listing::LogBackup),
+        "DescribeCrossRegionBackupDBInstance" => cross_region::describe_instances(svc, p),
         "DescribeCrossRegionBackups" => cross_region::describe_backups(svc, p),
+        "DescribeDetachedBackups" => describe_detached_backups(state, p),
         "DescribeCrossRegionLogBackupFiles" => cross_region::describe_log_files(svc, p),
         "DescribeInstanceCrossBackupPolicy" => cross_region::describe_policy(svc, p),
         "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
         "DescribeDBInstances" => describe_instances(svc, p),
         "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
         "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
+        "ModifyBackupSetExpireTime" => modify_backup_expiry(svc, p),
         "ModifyInstanceCrossBackupPolicy" => cross_region::modify_policy(svc, p),
         "StrataDeregisterDBInstance" => deregister_instance(svc, p).await,
         "StrataDescribeBackupStorageUsage" => describe_storage_usage(svc, p).await,
@@ -289,6 +302,84 @@ async fn describe_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
     })))
 }
 
+/// `DescribeDetachedBackups`: the sets kept after their instance was
+/// deregistered or deleted, in this server's region (`Region`), newest
+/// first, with the filters and paging of `DescribeBackups`.
+fn describe_detached_backups(state: &ApiState, p: &Params) -> ApiResult<Fields> {
+    let svc = &state.service;
+    let region = p.required("Region")?;
+    if region != svc.regions().primary {
+        return Err(ApiError::bad(
+            "InvalidRegionId.NotFound",
+            format!(
+                "Region {} is not this server's region ({})",
+                quoted(region),
+                svc.regions().primary
+            ),
+        ));
+    }
+    let (start, end) = p.period()?;
+    let (number, size) = p.paging(&[30, 50, 100], false)?;
+    let mut sets = svc.detached_backups()?;
+    sets.reverse();
+    let matching: Vec<&BackupSet> = sets
+        .iter()
+        .filter(|b| p.get("DBInstanceId").is_none_or(|i| b.instance_id == i))
+        .filter(|b| p.get("BackupId").is_none_or(|id| b.id == id))
+        .filter(|b| p.get("BackupMode").is_none_or(|m| b.mode.as_str() == m))
+        .filter(|b| p.get("BackupStatus").is_none_or(|s| b.status.as_str() == s))
+        .filter(|b| start.is_none_or(|s| b.started_at >= s))
+        .filter(|b| end.is_none_or(|e| b.started_at <= e))
+        .collect();
+    let items: Vec<Value> = page(&matching, number, size)
+        .into_iter()
+        .map(|b| {
+            let success = b.status == BackupStatus::Success;
+            let mut item = json!({
+                "BackupId": b.id,
+                "DBInstanceId": b.instance_id,
+                "HostInstanceID": b.instance_id,
+                "DBInstanceComment": b.instance_id,
+                "BackupStatus": b.status.as_str(),
+                "BackupStartTime": format_seconds(b.started_at),
+                "BackupEndTime": b.finished_at.map(format_seconds).unwrap_or_default(),
+                "BackupType": "FullBackup",
+                "BackupMode": b.mode,
+                "BackupMethod": b.method.as_str(),
+                "BackupSize": b.total_bytes,
+                "IsAvail": i32::from(success),
+                "MetaStatus": "OK",
+                // Deletable (`DeleteBackup` with the old instance id)
+                // unless kept by hand or running.
+                "StoreStatus": if b.kept_at(svc.now()) || b.status == BackupStatus::Running { "Disabled" } else { "Enabled" },
+                "StrataEngineVersion": engine_version(b.pg_version_num),
+            });
+            let m = item.as_object_mut().expect("object");
+            if let (Some(f), true) = (b.finished_at, success) {
+                m.insert("ConsistentTime".into(), json!(f.timestamp()));
+            }
+            if let Some(k) = b.keep_until {
+                m.insert("StrataKeepUntil".into(), json!(keep_until_field(k)));
+            }
+            if b.in_repository() {
+                let (url, _) = state.links.sign(
+                    &format!("/download/backups/{}/{}.tar", b.instance_id, b.id),
+                    Utc::now(),
+                );
+                m.insert("BackupDownloadURL".into(), json!(url));
+                m.insert("BackupIntranetDownloadURL".into(), json!(url));
+            }
+            item
+        })
+        .collect();
+    Ok(obj(json!({
+        "Items": {"Backup": items},
+        "PageNumber": number.to_string(),
+        "PageRecordCount": items.len().to_string(),
+        "TotalRecordCount": matching.len().to_string(),
+    })))
+}
+
 /// `Encryption` of backup sets: RDS puts a JSON object in a string; here it
 /// describes the repository's encryption at rest, which covers every set:
 /// `{"Encrypted":false}` or `{"Encrypted":true,"Algorithm":"xchacha20-poly1305","KeySource":"key-file"}`
@@ -345,7 +436,8 @@ async fn describe_storage_usage(svc: &Arc<Service>, p: &Params) -> ApiResult<Fie
 }
 
 fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = instance(svc, p)?;
+    // A registered instance, or a detached one (`DescribeDetachedBackups`).
+    let instance_id = p.required("DBInstanceId")?;
     let ids: Vec<BackupId> = p
         .required("BackupId")?
         .split(',')
@@ -361,13 +453,7 @@ fn delete_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             ),
         ));
     }
-    for id in &ids {
-        let set = svc.backup_set(id)?;
-        if set.instance_id != inst.id {
-            return Err(strata_catalog::CatalogError::BackupNotFound(id.to_string()).into());
-        }
-    }
-    svc.delete_backups(&inst.id, &ids)?;
+    svc.delete_backups(instance_id, &ids)?;
     Ok(Map::new())
 }
 
@@ -499,6 +585,29 @@ fn release_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
     let set = svc.release_backup(&inst.id, p.required("BackupId")?)?;
     Ok(keep_fields(&set))
+}
+
+/// `ModifyBackupSetExpireTime`: moves a set's expiry later (a keep by hand
+/// until then, shown by `StrataKeepUntil`).
+fn modify_backup_expiry(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let backup_id = p.required("BackupId")?;
+    let until = p
+        .time("ExpectExpireTime")?
+        .ok_or_else(|| ApiError::missing("ExpectExpireTime"))?;
+    let set = svc.extend_backup_expiry(&inst.id, backup_id, until)?;
+    let data = json!({
+        "DBInstanceId": set.instance_id,
+        "BackupId": set.id,
+        "ExpectExpireTime": format_seconds(until),
+    });
+    Ok(obj(json!({
+        "Success": true,
+        "Code": "Success",
+        "Message": "",
+        "Data": data.to_string(),
+        "StrataKeepUntil": set.keep_until.map(keep_until_field).unwrap_or_default(),
+    })))
 }
 
 /// The retention dry run: every set's fate now, what keeps it and until
@@ -739,73 +848,6 @@ async fn modify_backup_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
 }
 
 // ----- log backups -----
-
-fn describe_binlog_files(state: &ApiState, p: &Params) -> ApiResult<Fields> {
-    let svc = &state.service;
-    let inst = instance(svc, p)?;
-    let (start, end) = p.required_period()?;
-    let (number, size) = p.paging(&[30, 100], true)?;
-    let rows = listed_wal_segments(svc.wal_segments(&inst.id)?);
-    let matching: Vec<_> = rows
-        .iter()
-        .filter(|w| {
-            let begin = w.first_commit.unwrap_or(w.stored_at);
-            let finish = w.last_commit.unwrap_or(w.stored_at);
-            finish >= start && begin <= end
-        })
-        .collect();
-    let total_size: u64 = matching.iter().map(|w| w.size).sum();
-    let items: Vec<Value> = page(&matching, number, size)
-        .into_iter()
-        .map(|w| {
-            let file = if w.partial {
-                format!("{}.partial", w.segment)
-            } else {
-                w.segment.clone()
-            };
-            let (link, expires) = state.links.sign(
-                &format!("/download/wal/{}/{file}", w.instance_id),
-                Utc::now(),
-            );
-            json!({
-                "DownloadLink": link,
-                "IntranetDownloadLink": link,
-                "LinkExpiredTime": format_seconds(expires),
-                "LogFileName": file,
-                "LogBeginTime": format_seconds(w.first_commit.unwrap_or(w.stored_at)),
-                "LogEndTime": format_seconds(w.last_commit.unwrap_or(w.stored_at)),
-                "FileSize": w.size,
-                "Checksum": w.checksum,
-                "HostInstanceID": w.instance_id,
-                "RemoteStatus": if w.partial { "Uploading" } else { "Completed" },
-                "StrataTimeline": w.timeline.0,
-                "StrataBeginLsn": w.begin_lsn.to_string(),
-                "StrataEndLsn": w.end_lsn.to_string(),
-                "StrataCommitCount": w.commit_count,
-            })
-        })
-        .collect();
-    Ok(obj(json!({
-        "Items": {"BinLogFile": items},
-        "PageNumber": number,
-        "PageRecordCount": items.len(),
-        "TotalRecordCount": matching.len(),
-        "TotalFileSize": total_size,
-    })))
-}
-
-/// WAL segments as the API lists them: a complete segment supersedes the
-/// partial one of the same name.
-pub fn listed_wal_segments(rows: Vec<WalSegmentRow>) -> Vec<WalSegmentRow> {
-    let complete: std::collections::HashSet<(u32, String)> = rows
-        .iter()
-        .filter(|w| !w.partial)
-        .map(|w| (w.timeline.0, w.segment.clone()))
-        .collect();
-    rows.into_iter()
-        .filter(|w| !w.partial || !complete.contains(&(w.timeline.0, w.segment.clone())))
-        .collect()
-}
 
 fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
@@ -1056,17 +1098,33 @@ fn parse_xid(v: &str) -> ApiResult<u32> {
 }
 
 fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
-    let inst = instance(svc, p)?;
+    // A registered instance, or one deregistered since whose sets were
+    // kept (`DescribeDetachedBackups`): the service tells them apart.
+    let source = p.required("DBInstanceId")?;
     // PayType, DBInstanceClass, VPCId… describe billing and networking
     // this service does not have; they are accepted and ignored.
     let src = restore_source(p)?;
-    let id = svc.clone_instance(&inst.id, src)?;
+    let id = svc.clone_instance(source, src)?;
     Ok(obj(json!({"DBInstanceId": id, "OrderId": ""})))
 }
 
 async fn delete_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
-    let keep = matches!(p.get("ReleasedKeepPolicy"), Some("All" | "Lastest"));
+    let keep = match p.get("ReleasedKeepPolicy") {
+        None | Some("None") => ReleasedKeep::None,
+        // RDS spells it `Lastest`.
+        Some("Lastest" | "Latest") => ReleasedKeep::Latest,
+        Some("All") => ReleasedKeep::All,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "InvalidReleasedKeepPolicy.Malformed",
+                format!(
+                    "ReleasedKeepPolicy must be None, Lastest or All, got {}",
+                    quoted(other)
+                ),
+            ))
+        }
+    };
     svc.delete_instance(&inst.id, keep).await?;
     Ok(Map::new())
 }

@@ -1,22 +1,25 @@
-//! Cross-region backup actions: the policy, the copies and their WAL, the
-//! regions copies may go to, the window a copy recovers, and restoring a new
-//! instance from the copies (`CreateDdrInstance`). Field names as the SDK
+//! Cross-region backup actions: the policy and the instances that have one,
+//! the copies and their WAL, the regions copies may go to, the window a copy
+//! recovers, and restoring a new instance from the copies
+//! (`CreateDdrInstance`, checked beforehand by `CheckCreateDdrDBInstance`). Field names as the SDK
 //! models them; `CrossBackupId` and `CrossLogBackupId` are integers there.
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
 use chrono::Utc;
 use serde_json::{json, Map, Value};
-use strata_catalog::{CrossBackup, CrossBackupPolicy};
+use strata_catalog::{CrossBackup, CrossBackupPolicy, Instance};
 use strata_service::policy::format_seconds;
 use strata_service::{CopyChoice, CrossPolicyChange, Service};
 
 use crate::error::{quoted, ApiError, ApiResult};
+use crate::log_files::{log_times, overlaps};
 use crate::params::{page, Params};
 
 type Fields = Map<String, Value>;
 
-fn obj(v: Value) -> Fields {
+pub(crate) fn obj(v: Value) -> Fields {
     match v {
         Value::Object(m) => m,
         _ => Map::new(),
@@ -74,7 +77,18 @@ pub fn modify_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 pub fn describe_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = svc.instance(p.required("DBInstanceId")?)?;
     let pol = svc.cross_policy(&inst.id)?;
-    let mut fields = obj(policy_fields(svc, &inst.id, pol.as_ref()));
+    Ok(instance_policy_fields(svc, &inst, pol.as_ref()))
+}
+
+/// An instance's cross-region backup settings with the instance's own
+/// fields, as `DescribeInstanceCrossBackupPolicy` and
+/// `DescribeCrossRegionBackupDBInstance` answer them.
+fn instance_policy_fields(
+    svc: &Service,
+    inst: &Instance,
+    pol: Option<&CrossBackupPolicy>,
+) -> Fields {
+    let mut fields = obj(policy_fields(svc, &inst.id, pol));
     let at = |t: Option<chrono::DateTime<Utc>>, on: bool| {
         t.filter(|_| on).map(format_seconds).unwrap_or_default()
     };
@@ -87,7 +101,65 @@ pub fn describe_policy(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         "EngineVersion": inst.pg_version_num.map(|v| (v / 10000).to_string()).unwrap_or_default(),
         "LockMode": "Unlock",
     })));
-    Ok(fields)
+    fields
+}
+
+/// `DescribeCrossRegionBackupDBInstance`: the instances whose backups or
+/// log backups are copied to another region, in this server's region
+/// (`RegionId`), optionally only those of `DBInstanceId` (up to 30, comma
+/// separated).
+pub fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let region = p.required("RegionId")?;
+    if region != svc.regions().primary {
+        return Err(ApiError::bad(
+            "InvalidRegionId.NotFound",
+            format!(
+                "RegionId {} is not this server's region ({})",
+                quoted(region),
+                svc.regions().primary
+            ),
+        ));
+    }
+    let wanted: Option<Vec<&str>> = p.get("DBInstanceId").map(|ids| {
+        ids.split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .collect()
+    });
+    if wanted.as_ref().is_some_and(|w| w.len() > 30) {
+        return Err(ApiError::bad(
+            "InvalidDBInstanceId.Malformed",
+            "DBInstanceId lists at most 30 instance ids",
+        ));
+    }
+    let (number, size) = p.paging(&[30, 100], true)?;
+    let mut copied = Vec::new();
+    for inst in svc.instances()? {
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !w.contains(&inst.id.as_str()))
+        {
+            continue;
+        }
+        let pol = svc
+            .cross_policy(&inst.id)?
+            .filter(|p| p.backup_enabled || p.log_backup_enabled);
+        if let Some(pol) = pol {
+            copied.push((inst, pol));
+        }
+    }
+    let items: Vec<Fields> = page(&copied, number, size)
+        .iter()
+        .map(|(inst, pol)| instance_policy_fields(svc, inst, Some(pol)))
+        .collect();
+    Ok(obj(json!({
+        "RegionId": svc.regions().primary,
+        "Items": {"Item": items},
+        "ItemsNumbers": items.len(),
+        "PageNumber": number,
+        "PageSize": size,
+        "TotalRecords": copied.len(),
+    })))
 }
 
 pub fn describe_available_regions(svc: &Arc<Service>, _p: &Params) -> ApiResult<Fields> {
@@ -170,22 +242,19 @@ pub fn describe_log_files(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         .cross_wal(&inst.id)?
         .into_iter()
         .filter(|w| region.is_none_or(|r| w.region == r))
-        .filter(|w| {
-            let begin = w.row.first_commit.unwrap_or(w.row.stored_at);
-            let finish = w.row.last_commit.unwrap_or(w.row.stored_at);
-            finish >= start && begin <= end
-        })
+        .filter(|w| overlaps(&w.row, start, end))
         .collect();
     let items: Vec<Value> = page(&files, number, size)
         .iter()
         .map(|w| {
+            let (begin, finish) = log_times(&w.row);
             json!({
                 "CrossLogBackupId": w.id,
                 "CrossBackupRegion": w.region,
                 "CrossLogBackupSize": w.row.size,
                 "LogFileName": w.row.segment,
-                "LogBeginTime": format_seconds(w.row.first_commit.unwrap_or(w.row.stored_at)),
-                "LogEndTime": format_seconds(w.row.last_commit.unwrap_or(w.row.stored_at)),
+                "LogBeginTime": format_seconds(begin),
+                "LogEndTime": format_seconds(finish),
                 "CrossDownloadLink": "",
                 "CrossIntranetDownloadLink": "",
                 "LinkExpiredTime": "",
@@ -241,7 +310,89 @@ pub fn describe_recovery_time(svc: &Arc<Service>, p: &Params) -> ApiResult<Field
     })))
 }
 
-pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+/// `CheckCreateDdrDBInstance`: whether `CreateDdrInstance` with the same
+/// source (a copied set, `RestoreType` 0, or a point in time, 1) would
+/// start. `IsValid` is `false` when the copies cannot give it, with the
+/// reason in `StrataReason`; a malformed request is refused as
+/// `CreateDdrInstance` refuses it.
+pub fn check_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let restore_type = match p.required("RestoreType")? {
+        "0" | "BackupSet" => "BackupSet",
+        "1" | "BackupTime" => "BackupTime",
+        other => {
+            return Err(ApiError::bad(
+                "InvalidRestoreType.Malformed",
+                format!(
+                    "RestoreType must be 0 (a backup set) or 1 (a point in time), got {}",
+                    quoted(other)
+                ),
+            ))
+        }
+    };
+    let ddr = match ddr_source(svc, p, restore_type) {
+        Ok(ddr) => ddr,
+        // Well-formed, but naming a copy that is not there.
+        Err(e) if e.code == "InvalidBackupSetID.NotFound" => {
+            return Ok(check_answer(Some(e.message)))
+        }
+        Err(e) => return Err(e),
+    };
+    // `10.0`…`15.0` as RDS writes them, or a bare major version.
+    let wanted_major = match p.get("EngineVersion") {
+        None => None,
+        Some(v) => Some(
+            v.trim()
+                .strip_suffix(".0")
+                .unwrap_or(v.trim())
+                .parse::<u32>()
+                .map_err(|_| {
+                    ApiError::bad(
+                        "InvalidEngineVersion.Malformed",
+                        format!(
+                            "EngineVersion must be a PostgreSQL major version such as 15.0, got {}",
+                            quoted(v)
+                        ),
+                    )
+                })?,
+        ),
+    };
+    let why_not =
+        match svc.check_restore_from_copies(&ddr.source, ddr.region.as_deref(), ddr.choice) {
+            Ok(major) if wanted_major.is_some_and(|w| w != major) => Some(format!(
+                "InvalidEngineVersion: the copies are of PostgreSQL {major}, not {}",
+                wanted_major.unwrap_or_default()
+            )),
+            Ok(_) => None,
+            Err(e) => {
+                let e = ApiError::from(e);
+                // An unknown source instance is a bad request, not an answer.
+                if e.status.is_server_error() || e.status == StatusCode::NOT_FOUND {
+                    return Err(e);
+                }
+                Some(format!("{}: {}", e.code, e.message))
+            }
+        };
+    Ok(check_answer(why_not))
+}
+
+fn check_answer(why_not: Option<String>) -> Fields {
+    obj(json!({
+        "IsValid": why_not.is_none().to_string(),
+        "StrataReason": why_not.unwrap_or_default(),
+    }))
+}
+
+/// What a restore from copies starts from, as `CreateDdrInstance` and
+/// `CheckCreateDdrDBInstance` name it.
+struct DdrSource {
+    source: strata_catalog::InstanceId,
+    region: Option<String>,
+    choice: CopyChoice,
+}
+
+/// The source of a restore from copies, `restore_type` `BackupSet` or
+/// `BackupTime`.
+fn ddr_source(svc: &Service, p: &Params, restore_type: &str) -> ApiResult<DdrSource> {
     if let Some(engine) = p
         .get("Engine")
         .filter(|e| !e.eq_ignore_ascii_case("PostgreSQL"))
@@ -253,7 +404,7 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
     }
     // Billing, class, storage and network parameters describe resources
     // this service does not have; they are accepted and ignored.
-    let (source, region, choice) = match p.required("RestoreType")? {
+    let (source, region, choice) = match restore_type {
         "BackupSet" => {
             let raw = p.required("BackupSetId")?;
             let id: i64 = raw.trim().parse().map_err(|_| {
@@ -318,7 +469,16 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
             ))
         }
     };
-    let (id, port) = svc.restore_from_copies(&source, region.as_deref(), choice)?;
+    Ok(DdrSource {
+        source,
+        region,
+        choice,
+    })
+}
+
+pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let ddr = ddr_source(svc, p, p.required("RestoreType")?)?;
+    let (id, port) = svc.restore_from_copies(&ddr.source, ddr.region.as_deref(), ddr.choice)?;
     Ok(obj(json!({
         "DBInstanceId": id,
         "ConnectionString": "127.0.0.1",

@@ -192,6 +192,8 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::ArchivePolicyMalformed => "InvalidArchiveBackupPolicy.Malformed",
         Refusal::KeepLastMalformed => "InvalidKeepLast.Malformed",
         Refusal::KeepMalformed => "InvalidKeepUntil.Malformed",
+        Refusal::ExpireTimeTooEarly => "InvalidExpectExpireTime",
+        Refusal::BackupSetNotSuccessful => "IncorrectBackupSetState",
     }
 }
 
@@ -199,7 +201,9 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
 /// resource's state forbids ("Incorrect…") with 403, a malformed one with 400.
 pub fn refusal_status(kind: Refusal) -> StatusCode {
     match kind {
-        Refusal::BackupSetKept | Refusal::NotCreatedByStrata => StatusCode::FORBIDDEN,
+        Refusal::BackupSetKept | Refusal::NotCreatedByStrata | Refusal::BackupSetNotSuccessful => {
+            StatusCode::FORBIDDEN
+        }
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -358,6 +362,8 @@ mod tests {
             ),
             (Refusal::KeepLastMalformed, "InvalidKeepLast.Malformed"),
             (Refusal::KeepMalformed, "InvalidKeepUntil.Malformed"),
+            (Refusal::ExpireTimeTooEarly, "InvalidExpectExpireTime"),
+            (Refusal::BackupSetNotSuccessful, "IncorrectBackupSetState"),
         ];
         for (kind, code) in cases {
             let e = ApiError::from(PolicyError {

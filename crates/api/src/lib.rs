@@ -15,6 +15,7 @@ mod auth;
 mod cross_region;
 mod download;
 mod error;
+mod log_files;
 mod params;
 
 use std::net::SocketAddr;
@@ -33,10 +34,11 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
+pub use actions::{exists as action_exists, receiver_status};
 pub use auth::Principal;
 pub use download::LinkSigner;
 pub use error::{quoted, shown, ApiError, ApiResult};
+pub use log_files::listed_wal_segments;
 pub use params::Params;
 /// What the console says about how a registered server is reached.
 pub use strata_engine::{connection_verified, connection_warnings, EVENT_KINDS};

@@ -85,6 +85,9 @@ pub trait BackupCatalog: Send + Sync {
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
     /// Backup sets of an instance, oldest first.
     fn list_backups(&self, instance_id: &str) -> CatalogResult<Vec<BackupSet>>;
+    /// Backup sets whose instance is no longer registered (deregistered or
+    /// deleted with its backups kept), oldest first.
+    fn list_detached_backups(&self) -> CatalogResult<Vec<BackupSet>>;
     /// Forgets a set and its drill result (one transaction);
     /// [`crate::CatalogError::BackupNotFound`] when unknown.
     fn delete_backup(&self, id: &str) -> CatalogResult<()>;

@@ -1164,6 +1164,13 @@ impl BackupCatalog for PgCatalog {
         self.query(sql, sql_params![instance_id.to_string()], backup_from_row)
     }
 
+    fn list_detached_backups(&self) -> CatalogResult<Vec<BackupSet>> {
+        let sql = format!(
+            "SELECT {BACKUP_COLS} FROM backup_sets WHERE instance_id NOT IN (SELECT id FROM instances) ORDER BY started_at, id"
+        );
+        self.query(sql, sql_params![], backup_from_row)
+    }
+
     fn delete_backup(&self, id: &str) -> CatalogResult<()> {
         let statements = &[
             "DELETE FROM backup_sets WHERE id = $1",

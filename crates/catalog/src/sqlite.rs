@@ -554,6 +554,16 @@ impl BackupCatalog for SqliteCatalog {
         })
     }
 
+    fn list_detached_backups(&self) -> CatalogResult<Vec<BackupSet>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {BACKUP_COLS} FROM backup_sets WHERE instance_id NOT IN (SELECT id FROM instances) ORDER BY started_at, id"
+            ))?;
+            let rows = st.query_map([], backup_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn delete_backup(&self, id: &str) -> CatalogResult<()> {
         self.with(|c| {
             let tx = immediate(c)?;

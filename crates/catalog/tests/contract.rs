@@ -104,6 +104,7 @@ macro_rules! contract {
 contract!(
     instances_round_trip_and_refuse_duplicates,
     deleting_an_instance_forgets_its_policy_for_every_handle,
+    sets_outlive_their_instance_as_detached,
     backup_sets_round_trip,
     a_job_belongs_to_its_lease_not_to_its_pid,
     the_lease_keeper_renews_its_owners_unfinished_jobs,
@@ -315,6 +316,27 @@ fn deleting_an_instance_forgets_its_policy_for_every_handle(b: &dyn Backend) {
         Err(CatalogError::InstanceNotFound(_))
     ));
     assert_eq!(a.get_policy("db1").unwrap(), None);
+}
+
+fn sets_outlive_their_instance_as_detached(b: &dyn Backend) {
+    let cat = b.open();
+    let t = now();
+    cat.add_instance(&instance("a")).unwrap();
+    cat.add_instance(&instance("b")).unwrap();
+    let older = full_set("10", t - chrono::Duration::hours(1));
+    let newer = full_set("11", t);
+    let other = BackupSet {
+        instance_id: "b".into(),
+        ..full_set("12", t)
+    };
+    for s in [&newer, &older, &other] {
+        cat.insert_backup(s).unwrap();
+    }
+    assert_eq!(cat.list_detached_backups().unwrap(), vec![]);
+    cat.delete_instance("a").unwrap();
+    // Oldest first; the registered instance's set is not detached.
+    assert_eq!(cat.list_detached_backups().unwrap(), vec![older, newer]);
+    assert_eq!(cat.list_backups("b").unwrap(), vec![other]);
 }
 
 fn backup_sets_round_trip(b: &dyn Backend) {

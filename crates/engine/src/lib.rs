@@ -229,6 +229,19 @@ impl Engine {
         Engine::new(self.catalog.clone(), self.repo.clone(), settings)
     }
 
+    /// An instance as the repository recorded it when it was registered
+    /// (no password): what is known of an instance deregistered since,
+    /// whose sets remain. `None` when the repository has no record.
+    pub fn recorded_instance(
+        &self,
+        instance_id: &str,
+    ) -> EngineResult<Option<strata_catalog::Instance>> {
+        self.repo
+            .read_instance(instance_id)?
+            .map(|rec| entities::instance_from_record(&rec))
+            .transpose()
+    }
+
     /// Registers an instance in the catalog and records it in the repository
     /// (without its password) so a rebuilt catalog knows it.
     pub fn add_instance(&self, instance: &strata_catalog::Instance) -> EngineResult<()> {

@@ -196,7 +196,13 @@ impl Engine {
         local: Option<&crate::LocalSnapshot>,
         progress: &dyn Progress,
     ) -> EngineResult<RestoreOutcome> {
-        let instance = self.catalog.get_instance(instance_id)?;
+        // A restore from the repository needs the instance's sets only, so
+        // sets kept after their instance was deregistered restore too; a
+        // snapshot on the database host needs the instance's agent.
+        let snapshot = match local {
+            Some(local) => Some((local, self.catalog.get_instance(instance_id)?)),
+            None => None,
+        };
         self.fail_expired_jobs()?;
         // Garbage collection stays off the packs this restore reads until
         // it ends, whatever becomes of the set meanwhile.
@@ -231,9 +237,11 @@ impl Engine {
         retry_busy("recording a restore job's start", || {
             self.catalog.update_job(&job)
         })?;
-        let result = match local {
-            Some(local) => self.run_snapshot_restore(&instance, opts, local, progress, &mut job),
-            None => self.run_restore(&instance.id, opts, existing, progress, &mut job),
+        let result = match &snapshot {
+            Some((local, instance)) => {
+                self.run_snapshot_restore(instance, opts, local, progress, &mut job)
+            }
+            None => self.run_restore(instance_id, opts, existing, progress, &mut job),
         };
         // A delta restore cannot take back what it changed in a directory
         // it did not create: it says the directory is left unusable.

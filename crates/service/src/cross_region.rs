@@ -150,6 +150,17 @@ pub enum CopyChoice {
     Time(DateTime<Utc>),
 }
 
+/// What a restore from another region's copies starts from.
+struct CopyRestorePlan {
+    region: String,
+    /// The copied set, or `None` for a point in time (the engine chooses).
+    backup_id: Option<BackupId>,
+    target: strata_engine::RecoveryTarget,
+    /// PostgreSQL major version of the copies.
+    major: u32,
+    index: RestoreIndex,
+}
+
 /// The copier's state: whether a round runs and the copies to retry.
 #[derive(Default)]
 pub(crate) struct Copier {
@@ -371,6 +382,23 @@ impl Service {
         Ok(recovery_window(std::slice::from_ref(&copy.set), &index.wal))
     }
 
+    /// Whether a restore from `region`'s copies of `source_id` as `choice`
+    /// says can start: the copy exists (or the time is inside the copies'
+    /// window), the region's repository opens and this host has the
+    /// PostgreSQL binaries of the copies' version. Returns that major
+    /// version; the refusal says why not.
+    pub fn check_restore_from_copies(
+        &self,
+        source_id: &str,
+        region: Option<&str>,
+        choice: CopyChoice,
+    ) -> ServiceResult<u32> {
+        let plan = self.plan_copy_restore(source_id, region, choice)?;
+        self.regions.target(&plan.region)?.repository()?;
+        self.engine.pg_bin_dir(plan.major)?;
+        Ok(plan.major)
+    }
+
     /// Starts restoring a new instance from `region`'s copies of
     /// `source_id`, exactly as a clone; returns its id and port at once.
     pub fn restore_from_copies(
@@ -379,6 +407,34 @@ impl Service {
         region: Option<&str>,
         choice: CopyChoice,
     ) -> ServiceResult<(InstanceId, u16)> {
+        let plan = self.plan_copy_restore(source_id, region, choice)?;
+        let repo = self.regions.target(&plan.region)?.repository()?;
+        let restore_time = match &plan.target {
+            strata_engine::RecoveryTarget::Time(t) => Some(*t),
+            _ => None,
+        };
+        self.launch_clone(
+            source_id,
+            crate::local::CloneRequest {
+                backup_id: plan.backup_id,
+                target: plan.target,
+                restore_time,
+                major: plan.major,
+                engine: self.engine.with_repository(repo),
+                index: Some(plan.index),
+                job_kind: JobKind::DdrRestore,
+                on_host: None,
+            },
+        )
+    }
+
+    /// What a restore from copies starts from, or why it cannot.
+    fn plan_copy_restore(
+        &self,
+        source_id: &str,
+        region: Option<&str>,
+        choice: CopyChoice,
+    ) -> ServiceResult<CopyRestorePlan> {
         let copies = self.cross_backups(source_id)?;
         let (region, backup_id, target) = match choice {
             CopyChoice::BackupSet(id) => {
@@ -432,7 +488,6 @@ impl Service {
                 (region, None, strata_engine::RecoveryTarget::Time(t))
             }
         };
-        let repo = self.regions.target(&region)?.repository()?;
         let index = self.cross_restore_index(source_id, &region)?;
         let version = match &backup_id {
             Some(id) => index
@@ -447,23 +502,13 @@ impl Service {
                 "the PostgreSQL version of the copies of {source_id} is not known"
             ))
         })?;
-        let restore_time = match &target {
-            strata_engine::RecoveryTarget::Time(t) => Some(*t),
-            _ => None,
-        };
-        self.launch_clone(
-            source_id,
-            crate::local::CloneRequest {
-                backup_id,
-                target,
-                restore_time,
-                major,
-                engine: self.engine.with_repository(repo),
-                index: Some(index),
-                job_kind: JobKind::DdrRestore,
-                on_host: None,
-            },
-        )
+        Ok(CopyRestorePlan {
+            region,
+            backup_id,
+            target,
+            major,
+            index,
+        })
     }
 
     /// Starts a copy round in the background unless one runs.

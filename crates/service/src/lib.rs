@@ -55,7 +55,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
-pub use local::{ExactPoint, ExactTarget, RestoreSource, Scratch};
+pub use local::{ExactPoint, ExactTarget, ReleasedKeep, RestoreSource, Scratch};
 pub use membership::{NodeHealth, NodeState, DEFAULT_NODE_LEASE};
 pub use pg_wal::Lsn;
 pub use policy::{PolicyError, Refusal};

@@ -66,6 +66,27 @@ impl ExactTarget {
     }
 }
 
+/// Which backup sets outlive a deleted instance (RDS's
+/// `ReleasedKeepPolicy`): they stay detached, listed by
+/// `DescribeDetachedBackups` and restorable by `CloneDBInstance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleasedKeep {
+    /// None (but sets kept by hand).
+    None,
+    /// The newest successful set.
+    Latest,
+    /// Every set.
+    All,
+}
+
+/// The instance a restore starts from, and whether it is detached: no
+/// longer registered, known only by its kept sets and its record in the
+/// repository.
+struct RestoreSourceInstance {
+    instance: Instance,
+    detached: bool,
+}
+
 /// How to create a new instance from backups: which set and target, and
 /// which repository and index to read (the primary's, or a region's copies).
 pub(crate) struct CloneRequest {
@@ -229,6 +250,32 @@ impl Service {
         })
     }
 
+    /// The instance a restore starts from: a registered one, or one
+    /// deregistered since whose backup sets were kept (detached), as the
+    /// repository recorded it.
+    fn restore_source_instance(&self, source_id: &str) -> ServiceResult<RestoreSourceInstance> {
+        let missing = match self.engine.catalog().get_instance(source_id) {
+            Ok(instance) => {
+                return Ok(RestoreSourceInstance {
+                    instance,
+                    detached: false,
+                })
+            }
+            Err(e @ strata_catalog::CatalogError::InstanceNotFound(_)) => e,
+            Err(e) => return Err(e.into()),
+        };
+        if self.engine.catalog().list_backups(source_id)?.is_empty() {
+            return Err(missing.into());
+        }
+        match self.engine.recorded_instance(source_id)? {
+            Some(instance) => Ok(RestoreSourceInstance {
+                instance,
+                detached: true,
+            }),
+            None => Err(missing.into()),
+        }
+    }
+
     /// Starts restoring a new instance from `source_id`'s backups and
     /// returns its id at once; the instance shows `Creating` until it runs.
     pub fn clone_instance(
@@ -236,14 +283,18 @@ impl Service {
         source_id: &str,
         src: RestoreSource,
     ) -> ServiceResult<InstanceId> {
+        let source = self.restore_source_instance(source_id)?;
+        if source.detached
+            && (src.backup_id.is_none() || src.restore_time.is_some() || src.exact.is_some())
+        {
+            return Err(invalid(
+                Refusal::ConflictingParameters,
+                format!("instance {source_id} is no longer registered: its kept backup sets restore to their consistency point; give BackupId alone"),
+            ));
+        }
         let (backup_id, target) = self.check_restore_source(source_id, &src)?;
         let major = self.pg_major(source_id, backup_id.as_deref())?;
-        let has_agent = self
-            .engine
-            .catalog()
-            .get_instance(source_id)?
-            .agent_url
-            .is_some();
+        let has_agent = source.instance.agent_url.is_some();
         let on_host = if has_agent {
             let backups = self.engine.catalog().list_backups(source_id)?;
             crate::agent_clones::local_snapshot_for(&backups, backup_id.as_ref(), src.restore_time)
@@ -273,7 +324,7 @@ impl Service {
         source_id: &str,
         req: CloneRequest,
     ) -> ServiceResult<(InstanceId, u16)> {
-        let source = self.engine.catalog().get_instance(source_id)?;
+        let source = self.restore_source_instance(source_id)?.instance;
         let CloneRequest {
             backup_id,
             target,
@@ -426,12 +477,12 @@ impl Service {
         Ok((id, port))
     }
 
-    /// Stops and removes an instance Strata created; with `keep_backups`
-    /// false its backup sets and WAL go too.
+    /// Stops and removes an instance Strata created; its backup sets and
+    /// WAL go too but for what `keep` keeps (and sets kept by hand).
     pub async fn delete_instance(
         &self,
         instance_id: &str,
-        keep_backups: bool,
+        keep: ReleasedKeep,
     ) -> ServiceResult<()> {
         let Some(mut m) = self.engine.catalog().get_managed(instance_id)? else {
             self.engine.catalog().get_instance(instance_id)?;
@@ -475,29 +526,21 @@ impl Service {
                 })
                 .map_err(EngineError::io(format!("removing {}", dir.display())))?;
         }
-        if !keep_backups {
+        if keep != ReleasedKeep::All {
             // Sets kept by hand stay, with the WAL they need to be consistent.
             let now = Utc::now();
+            let backups = self.engine.catalog().list_backups(instance_id)?;
+            let newest =
+                strata_engine::newest_success(&backups).filter(|_| keep == ReleasedKeep::Latest);
             let mut kept = Vec::new();
-            for b in self.engine.catalog().list_backups(instance_id)? {
-                if b.kept_at(now) {
+            for b in backups {
+                if b.kept_at(now) || newest.as_ref() == Some(&b.id) {
                     kept.extend(b.start_lsn.zip(b.stop_lsn));
                 } else if b.status != BackupStatus::Running {
                     self.engine.delete_backup_set(&b.id)?;
                 }
             }
-            let wal: Vec<_> = self
-                .engine
-                .catalog()
-                .list_wal_segments(instance_id)?
-                .into_iter()
-                .filter(|w| {
-                    !kept
-                        .iter()
-                        .any(|&(start, stop)| w.begin_lsn <= stop && w.end_lsn > start)
-                })
-                .collect();
-            self.engine.delete_wal_segments(&wal)?;
+            self.delete_wal_beyond(instance_id, &kept)?;
             self.housekeeping.request_gc();
         }
         self.engine.catalog().delete_managed(instance_id)?;

@@ -87,6 +87,10 @@ pub enum Refusal {
     KeepLastMalformed,
     /// A keep by hand is malformed (a time in the past, a bad note).
     KeepMalformed,
+    /// A new expiry of a backup set in the past or before its current one.
+    ExpireTimeTooEarly,
+    /// A backup set that is not (or not yet) a successful one.
+    BackupSetNotSuccessful,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for

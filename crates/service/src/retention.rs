@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use strata_catalog::{BackupId, BackupPolicy, BackupSet, BackupStatus, CatalogError, KeepUntil};
 use strata_engine::{EngineError, RetentionDecision, RetentionPlan};
 
-use crate::policy::{PolicyError, Refusal};
-use crate::{lock, Service, ServiceError, ServiceResult};
+use crate::policy::{invalid, PolicyError, Refusal};
+use crate::{lock, Lsn, Service, ServiceError, ServiceResult};
 
 /// Whether the periodic retention pass is due at `now`, given when it last
 /// ran: the first time, once `interval` has passed, and whenever the clock
@@ -141,6 +141,19 @@ impl DeletionRules {
     }
 }
 
+/// The sets `ids` names among `backups`, in that order; an unknown id
+/// refuses them all, before any other reason does.
+fn sets_named<'a>(backups: &'a [BackupSet], ids: &[BackupId]) -> ServiceResult<Vec<&'a BackupSet>> {
+    ids.iter()
+        .map(|id| {
+            backups
+                .iter()
+                .find(|b| &b.id == id)
+                .ok_or_else(|| CatalogError::BackupNotFound(id.to_string()).into())
+        })
+        .collect()
+}
+
 impl Service {
     /// RDS's rules for deleting an instance's backup sets by hand now
     /// (`DeleteBackup`, and `StoreStatus` in `DescribeBackups`).
@@ -148,15 +161,22 @@ impl Service {
         DeletionRules::new(policy, backups, self.now())
     }
 
-    /// Deletes backup sets by [`DeletionRules`]; all or none.
+    /// Deletes backup sets by [`DeletionRules`]; all or none. The sets of
+    /// an instance no longer registered (detached) follow no policy: any
+    /// may go but one kept by hand or running, and with the last one its
+    /// WAL goes too.
     pub fn delete_backups(&self, instance_id: &str, ids: &[BackupId]) -> ServiceResult<()> {
+        match self.engine.catalog().get_instance(instance_id) {
+            Ok(_) => {}
+            Err(CatalogError::InstanceNotFound(_)) => {
+                return self.delete_detached_backups(instance_id, ids)
+            }
+            Err(e) => return Err(e.into()),
+        }
         let p = self.policy(instance_id)?;
         let backups = self.engine.catalog().list_backups(instance_id)?;
         let rules = self.deletion_rules(&p, &backups);
-        for id in ids {
-            let Some(set) = backups.iter().find(|b| &b.id == id) else {
-                return Err(CatalogError::BackupNotFound(id.to_string()).into());
-            };
+        for set in sets_named(&backups, ids)? {
             if let Some(refusal) = rules.refusal(set) {
                 return Err(refusal);
             }
@@ -189,6 +209,134 @@ impl Service {
         Ok(self
             .engine
             .keep_backup_set(instance_id, backup_id, Some((until, note)))?)
+    }
+
+    /// Moves a successful set's expiry to `until` (RDS's
+    /// `ModifyBackupSetExpireTime`), as a keep by hand until then: retention,
+    /// a deletion and garbage collection leave the set alone until `until`.
+    /// An expiry only moves later: `until` must be in the future and no
+    /// earlier than the set's current expiry; a set kept forever has none.
+    pub fn extend_backup_expiry(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+        until: DateTime<Utc>,
+    ) -> ServiceResult<BackupSet> {
+        self.engine.catalog().get_instance(instance_id)?;
+        let set = self.engine.catalog().get_backup(backup_id)?;
+        if set.instance_id != instance_id {
+            return Err(CatalogError::BackupNotFound(backup_id.to_string()).into());
+        }
+        if set.status != BackupStatus::Success {
+            return Err(invalid(
+                Refusal::BackupSetNotSuccessful,
+                format!(
+                    "backup {backup_id} is {}: only a successful set has an expiry to move",
+                    set.status.as_str()
+                ),
+            ));
+        }
+        let now = self.now();
+        if until <= now {
+            return Err(invalid(
+                Refusal::ExpireTimeTooEarly,
+                format!(
+                    "ExpectExpireTime {} is not in the future",
+                    crate::policy::format_seconds(until)
+                ),
+            ));
+        }
+        if set.keep_until == Some(KeepUntil::Forever) {
+            return Err(invalid(
+                Refusal::ExpireTimeTooEarly,
+                format!("backup {backup_id} is kept forever, so it has no expiry to move; release it first (StrataReleaseBackup)"),
+            ));
+        }
+        let current = self
+            .retention_dry_run(instance_id)?
+            .sets
+            .into_iter()
+            .find(|d| d.backup_id == set.id)
+            .and_then(|d| d.expires_at);
+        if let Some(current) = current.filter(|c| until < *c) {
+            return Err(invalid(
+                Refusal::ExpireTimeTooEarly,
+                format!(
+                    "ExpectExpireTime {} is earlier than the set's current expiry {}; an expiry can only be extended",
+                    crate::policy::format_seconds(until),
+                    crate::policy::format_seconds(current)
+                ),
+            ));
+        }
+        let until_keep = KeepUntil::Until(until);
+        crate::policy::check_keep(until_keep, set.keep_note.as_deref(), now)?;
+        Ok(self.engine.keep_backup_set(
+            instance_id,
+            backup_id,
+            Some((until_keep, set.keep_note)),
+        )?)
+    }
+
+    /// Backup sets kept after their instance was deregistered or deleted
+    /// (RDS's backups of released instances), oldest first. No retention
+    /// applies to them: they stay until deleted.
+    pub fn detached_backups(&self) -> ServiceResult<Vec<BackupSet>> {
+        Ok(self.engine.catalog().list_detached_backups()?)
+    }
+
+    fn delete_detached_backups(&self, instance_id: &str, ids: &[BackupId]) -> ServiceResult<()> {
+        let backups = self.engine.catalog().list_backups(instance_id)?;
+        if backups.is_empty() {
+            return Err(CatalogError::InstanceNotFound(instance_id.to_string()).into());
+        }
+        let now = self.now();
+        for set in sets_named(&backups, ids)? {
+            let id = &set.id;
+            if set.status == BackupStatus::Running {
+                return Err(EngineError::Conflict(format!("backup {id} is still running")).into());
+            }
+            if set.kept_at(now) {
+                return Err(invalid(
+                    Refusal::BackupSetKept,
+                    format!(
+                        "backup {id} is kept by hand ({}); release it first",
+                        set.keep_until.map(|k| k.to_string()).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        for id in ids {
+            self.engine.delete_backup_set(id)?;
+        }
+        let remaining: Vec<(Lsn, Lsn)> = backups
+            .iter()
+            .filter(|b| !ids.contains(&b.id))
+            .filter_map(|b| b.start_lsn.zip(b.stop_lsn))
+            .collect();
+        self.delete_wal_beyond(instance_id, &remaining)?;
+        self.housekeeping.request_gc();
+        Ok(())
+    }
+
+    /// Deletes an instance's WAL but the segments the sets spanning
+    /// `needed` (start and stop LSNs) need to be consistent.
+    pub(crate) fn delete_wal_beyond(
+        &self,
+        instance_id: &str,
+        needed: &[(Lsn, Lsn)],
+    ) -> ServiceResult<()> {
+        let wal: Vec<_> = self
+            .engine
+            .catalog()
+            .list_wal_segments(instance_id)?
+            .into_iter()
+            .filter(|w| {
+                !needed
+                    .iter()
+                    .any(|&(start, stop)| w.begin_lsn <= stop && w.end_lsn > start)
+            })
+            .collect();
+        Ok(self.engine.delete_wal_segments(&wal)?)
     }
 
     /// Releases a set kept by hand: retention decides its fate again.

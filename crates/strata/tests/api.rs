@@ -322,6 +322,8 @@ impl ApiServer {
             ("STRATA_PG_PORT", cluster.port().to_string()),
             ("STRATA_PG_USER", "postgres".to_string()),
             ("STRATA_DATA_DIR", self.data_dir().display().to_string()),
+            ("STRATA_BIN", env!("CARGO_BIN_EXE_strata").to_string()),
+            ("STRATA_CONFIG", self.strata.config.display().to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -469,6 +471,13 @@ fn sdk_backup_policy() {
 #[test]
 fn sdk_advanced_backup_policy_and_keep() {
     run_module("test_policy_advanced.py");
+}
+
+/// ModifyBackupSetExpireTime, DescribeLogBackupFiles and
+/// DescribeDetachedBackups (a deregistered instance's set listed and cloned).
+#[test]
+fn sdk_backup_set_expiry_log_files_and_detached_sets() {
+    run_module("test_backup_ops.py");
 }
 
 #[test]
