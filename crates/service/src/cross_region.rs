@@ -462,8 +462,10 @@ impl Service {
                 index: Some(index),
                 job_kind: JobKind::DdrRestore,
                 on_host: None,
+                databases: None,
             },
         )
+        .map(|(id, port, _)| (id, port))
     }
 
     /// Starts a copy round in the background unless one runs.
