@@ -233,6 +233,13 @@ def test_taken_names_and_bad_requests_change_nothing(source, target, client):
                    rds.RecoveryDBInstanceRequest(
                        dbinstance_id=target_id, backup_id=source.backup_id,
                        target_dbinstance_id=target_id, db_names='{"rc_set":"rc_other"}'))
+    read_only = h.make_client("v3", *h.read_only_key())
+    h.expect_error("Forbidden.ReadOnlyAccessKey", 403, read_only.copy_database_between_instances,
+                   rds.CopyDatabaseBetweenInstancesRequest(
+                       dbinstance_id=source.id, target_dbinstance_id=target_id, restore_time=t,
+                       db_names='{"rc_time":"rc_ro"}'))
+    h.expect_error("Forbidden.ReadOnlyAccessKey", 403, read_only.recovery_dbinstance,
+                   rds.RecoveryDBInstanceRequest(backup_id=source.backup_id, db_names="rc_set"))
     assert databases(port) == before
     assert psql_in(port, "taken", "SELECT string_agg(v, ',') FROM mine") == "kept"
     assert psql_in(port, "taken", "SELECT count(*) FROM pg_class WHERE relname = 'ledger'") == "0"
@@ -258,6 +265,25 @@ def test_a_failed_restore_leaves_nothing_behind(source, admin):
     assert "rc_gone" in item["StrataErrorMessage"], item
     after = set(source_sql("postgres", "SELECT datname FROM pg_database").splitlines())
     assert after == before
+
+
+def test_a_new_instance_lacking_a_named_database_fails_and_stops(source, admin):
+    body = h.call(admin, "RecoveryDBInstance", BackupId=source.backup_id,
+                  DbNames="rc_set,never_there")
+    new_id = body["DBInstanceId"]
+    a = wait_status(admin, new_id)
+    try:
+        assert a["DBInstanceStatus"] == "Failed", a
+        assert "never_there" in a["StrataErrorMessage"], a
+        item = finished(admin, source.id, body["StrataJobId"], status="Failed")
+        assert "never_there" in item["StrataErrorMessage"], item
+        ready = [f"{PG_BIN}/pg_isready", "-h", "127.0.0.1", "-p", a["Port"]]
+        if os.geteuid() == 0:
+            ready = ["runuser", "-u", "postgres", "--"] + ready
+        out = subprocess.run(ready, capture_output=True, text=True, cwd="/tmp", timeout=30)
+        assert out.returncode != 0, f"{new_id} still answers on {a['Port']}"
+    finally:
+        admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=new_id))
 
 
 HOSTILE = [

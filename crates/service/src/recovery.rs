@@ -174,10 +174,8 @@ impl Service {
         self.restore_objects(source_id, target_id, src, specs, JobKind::CopyDatabases)
     }
 
-    /// On a new instance restored from a backup (blocking): drops every
-    /// database `specs` does not name except the system ones, then gives
-    /// the named ones their new names in one transaction (`postgres`, which
-    /// stays, is copied under its new name instead).
+    /// On a new instance restored from a backup (blocking): carries out
+    /// [`PrunePlan`] for the databases it holds.
     pub(crate) fn keep_only_databases(
         &self,
         instance_id: &str,
@@ -190,6 +188,47 @@ impl Service {
         let maintenance = "template1";
         let present =
             while_starting(|| conn.names(&psql, maintenance, "SELECT datname FROM pg_database"))?;
+        let plan = PrunePlan::new(&present, specs)?;
+        let force = if major >= 13 { " WITH (FORCE)" } else { "" };
+        for db in &plan.drop {
+            let sql = format!("DROP DATABASE {}{force}", ident(db));
+            conn.run(&psql, maintenance, &sql, false)?;
+        }
+        if !plan.renames.is_empty() {
+            let sql: String = plan
+                .renames
+                .iter()
+                .map(|(from, to)| {
+                    format!("ALTER DATABASE {} RENAME TO {};\n", ident(from), ident(to))
+                })
+                .collect();
+            conn.run(&psql, maintenance, &sql, true)?;
+        }
+        for (from, to) in &plan.copies {
+            let sql = format!("CREATE DATABASE {} TEMPLATE {}", ident(to), ident(from));
+            conn.run(&psql, maintenance, &sql, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// What turns a new instance holding every database of the restore point
+/// into one holding only those asked for, under their new names.
+#[derive(Debug, PartialEq)]
+struct PrunePlan {
+    /// Databases dropped (not named, not a system database).
+    drop: Vec<String>,
+    /// Renames in order, through temporary names so that swapped names
+    /// never collide; run in one transaction.
+    renames: Vec<(String, String)>,
+    /// System databases asked for under another name: copied, as they stay.
+    copies: Vec<(String, String)>,
+}
+
+impl PrunePlan {
+    /// The plan for a cluster holding `present`; a named database it lacks
+    /// is refused.
+    fn new(present: &[String], specs: &[DbSpec]) -> Result<PrunePlan, PolicyError> {
         if let Some(d) = specs.iter().find(|d| !present.contains(&d.name)) {
             return Err(invalid(
                 Refusal::DatabaseNotFound,
@@ -199,66 +238,39 @@ impl Service {
                 ),
             ));
         }
+        let is_system = |n: &str| SYSTEM_DATABASES.contains(&n);
         let named: HashSet<&str> = specs.iter().map(|d| d.name.as_str()).collect();
-        let force = if major >= 13 { " WITH (FORCE)" } else { "" };
-        for db in &present {
-            if SYSTEM_DATABASES.contains(&db.as_str()) || named.contains(db.as_str()) {
-                continue;
-            }
-            conn.run(
-                &psql,
-                maintenance,
-                &format!("DROP DATABASE {}{force}", ident(db)),
-                false,
-            )?;
-        }
-        let renamed: Vec<&DbSpec> = specs
+        let drop = present
             .iter()
-            .filter(|d| {
-                d.newname.as_deref().is_some_and(|n| n != d.name)
-                    && !SYSTEM_DATABASES.contains(&d.name.as_str())
-            })
+            .filter(|db| !is_system(db) && !named.contains(db.as_str()))
+            .cloned()
             .collect();
-        // Through temporary names, so that swapped names never collide.
-        let mut sql = String::new();
-        let mut temps = Vec::new();
-        for (i, d) in renamed.iter().enumerate() {
+        let moved: Vec<(&str, &str)> = specs
+            .iter()
+            .map(|d| (d.name.as_str(), d.newname.as_deref().unwrap_or(&d.name)))
+            .filter(|(name, new)| name != new)
+            .collect();
+        let mut renames = Vec::new();
+        let mut finals = Vec::new();
+        for (i, (name, new)) in moved.iter().filter(|(n, _)| !is_system(n)).enumerate() {
             let temp = (0..)
                 .map(|k| format!("strata_recover_{i}_{k}"))
                 .find(|t| !present.contains(t))
                 .unwrap_or_default();
-            sql.push_str(&format!(
-                "ALTER DATABASE {} RENAME TO {};\n",
-                ident(&d.name),
-                ident(&temp)
-            ));
-            temps.push(temp);
+            renames.push((name.to_string(), temp.clone()));
+            finals.push((temp, new.to_string()));
         }
-        for (d, temp) in renamed.iter().zip(&temps) {
-            sql.push_str(&format!(
-                "ALTER DATABASE {} RENAME TO {};\n",
-                ident(temp),
-                ident(d.newname.as_deref().unwrap_or_default())
-            ));
-        }
-        if !sql.is_empty() {
-            conn.run(&psql, maintenance, &sql, true)?;
-        }
-        for d in specs
+        renames.extend(finals);
+        let copies = moved
             .iter()
-            .filter(|d| SYSTEM_DATABASES.contains(&d.name.as_str()))
-        {
-            let new = d.newname.as_deref().unwrap_or(&d.name);
-            if new != d.name {
-                conn.run(
-                    &psql,
-                    maintenance,
-                    &format!("CREATE DATABASE {} TEMPLATE {}", ident(new), ident(&d.name)),
-                    false,
-                )?;
-            }
-        }
-        Ok(())
+            .filter(|(n, _)| is_system(n))
+            .map(|(n, new)| (n.to_string(), new.to_string()))
+            .collect();
+        Ok(PrunePlan {
+            drop,
+            renames,
+            copies,
+        })
     }
 }
 
@@ -301,6 +313,46 @@ mod tests {
             parse_db_names(&long).unwrap_err().kind,
             Refusal::DatabaseNameFormat
         );
+    }
+
+    #[test]
+    fn pruning_keeps_only_what_was_asked_for() {
+        let present: Vec<String> = [
+            "postgres",
+            "template0",
+            "template1",
+            "a",
+            "b",
+            "other",
+            "strata_recover_0_0",
+        ]
+        .map(String::from)
+        .to_vec();
+        let specs = parse_db_names(r#"{"a":"b","b":"a","postgres":"pg_copy"}"#).unwrap();
+        let plan = PrunePlan::new(&present, &specs).unwrap();
+        let owned = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(x, y)| (x.to_string(), y.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            plan,
+            PrunePlan {
+                drop: vec!["other".into(), "strata_recover_0_0".into()],
+                renames: owned(&[
+                    ("a", "strata_recover_0_1"),
+                    ("b", "strata_recover_1_0"),
+                    ("strata_recover_0_1", "b"),
+                    ("strata_recover_1_0", "a"),
+                ]),
+                copies: owned(&[("postgres", "pg_copy")]),
+            }
+        );
+        let kept = PrunePlan::new(&present, &parse_db_names("a").unwrap()).unwrap();
+        assert_eq!(kept.drop, ["b", "other", "strata_recover_0_0"]);
+        assert!(kept.renames.is_empty() && kept.copies.is_empty());
+        let missing = PrunePlan::new(&present, &parse_db_names("gone").unwrap());
+        assert_eq!(missing.unwrap_err().kind, Refusal::DatabaseNotFound);
     }
 
     #[test]
