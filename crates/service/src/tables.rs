@@ -1,14 +1,16 @@
 //! Restoring single databases and tables into the original instance (RDS's
-//! `RestoreTable`): the backup is restored to a scratch server, the chosen
-//! objects are copied with `pg_dump | pg_restore` into the original under
-//! their new names, and the scratch server is removed. Nothing that exists
-//! in the original is touched: every target name must be free.
+//! `RestoreTable`), or whole databases into another one (`recovery`): the
+//! backup is restored to a scratch server, the chosen objects are copied
+//! with `pg_dump | pg_restore` into the target under their new names, and
+//! the scratch server is removed. Nothing that exists in the target is
+//! touched: every target name must be free. Into another instance grants
+//! are left out (`--no-privileges`): they name the source's roles.
 //!
 //! A restore either completes or leaves nothing behind. Objects are loaded
 //! under temporary names (`strata_restore_<job>_…`) in one transaction
 //! each (`pg_restore --single-transaction`), then given their final names
-//! in one transaction at the end; on any failure the temporary objects are
-//! dropped. Tables are renamed to their temporary names (with their indexes
+//! in one transaction at the end (every whole database of a request
+//! together); on any failure the temporary objects are dropped. Tables are renamed to their temporary names (with their indexes
 //! and owned sequences) on the scratch copy before the dump.
 
 use std::collections::hash_map::Entry;
