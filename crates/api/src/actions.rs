@@ -29,6 +29,7 @@ use crate::ApiState;
 pub const ACTIONS: &[&str] = &[
     "CheckCreateDdrDBInstance",
     "CloneDBInstance",
+    "CopyDatabaseBetweenInstances",
     "CreateBackup",
     "CreateDdrInstance",
     "DeleteBackup",
@@ -51,6 +52,7 @@ pub const ACTIONS: &[&str] = &[
     "ModifyBackupPolicy",
     "ModifyBackupSetExpireTime",
     "ModifyInstanceCrossBackupPolicy",
+    "RecoveryDBInstance",
     "RestoreTable",
     "StrataDeregisterDBInstance",
     "StrataDescribeBackupStorageUsage",
@@ -81,10 +83,12 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
     match action {
         "CheckCreateDdrDBInstance" => cross_region::check_ddr_instance(svc, p),
         "CloneDBInstance" => clone_instance(svc, p),
+        "CopyDatabaseBetweenInstances" => copy_databases(svc, p),
         "CreateBackup" => create_backup(svc, p),
         "CreateDdrInstance" => cross_region::create_ddr_instance(svc, p),
         "DeleteBackup" => delete_backup(svc, p),
         "DeleteDBInstance" => delete_instance(svc, p).await,
+        "RecoveryDBInstance" => recover_databases(svc, p),
         "RestoreTable" => restore_table(svc, p),
         "StrataStartRestoreDrill" => start_drill(svc, p),
         "StrataKeepBackup" => keep_backup(svc, p),
@@ -484,6 +488,8 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
                     | JobKind::RestoreTable
                     | JobKind::CrossCopy
                     | JobKind::DdrRestore
+                    | JobKind::RecoverDatabases
+                    | JobKind::CopyDatabases
             )
         })
         .filter(|j| job_id.is_none_or(|id| j.id == id))
@@ -509,6 +515,8 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             JobKind::RestoreTable => "RestoreTable",
             JobKind::CrossCopy => "CrossRegionBackup",
             JobKind::DdrRestore => "CreateDdrInstance",
+            JobKind::RecoverDatabases => "RecoveryDBInstance",
+            JobKind::CopyDatabases => "CopyDatabaseBetweenInstances",
             JobKind::SnapshotUpload => "StrataSnapshotUpload",
             _ => "NormalBackupTask",
         };
@@ -1134,6 +1142,59 @@ fn restore_table(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let src = restore_source(p)?;
     let specs = strata_service::parse_table_meta(p.required("TableMeta")?)?;
     let job = svc.restore_tables(&inst.id, src, specs)?;
+    Ok(obj(json!({"StrataJobId": job.to_string()})))
+}
+
+/// `RecoveryDBInstance`: `DbNames` of a set (its instance implied) or of
+/// `DBInstanceId` at `RestoreTime`, into `TargetDBInstanceId` or, without
+/// one, into a new instance. The new instance's class, storage, network
+/// and billing fields have no meaning here and are ignored.
+fn recover_databases(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let src = restore_source(p)?;
+    let source = match (p.get("DBInstanceId"), &src.backup_id) {
+        (Some(_), _) => instance(svc, p)?.id,
+        (None, Some(set)) if src.restore_time.is_none() => svc.backup_set(set)?.instance_id,
+        (None, _) => return Err(ApiError::missing("DBInstanceId")),
+    };
+    let specs = strata_service::parse_db_names(p.required("DbNames")?)?;
+    let target = match p.get("TargetDBInstanceId") {
+        Some(id) => Some(svc.instance(id)?.id),
+        None => None,
+    };
+    let (id, job) = svc.recover_databases(&source, target.as_deref(), src, specs)?;
+    Ok(obj(json!({
+        "DBInstanceId": id,
+        "OrderId": "",
+        "StrataJobId": job.to_string(),
+    })))
+}
+
+/// `CopyDatabaseBetweenInstances`: `DbNames` of `DBInstanceId`'s backup set
+/// or point in time into `TargetDBInstanceId`. Users and their privileges
+/// are not copied (`SyncUserPrivilege=YES` is refused): objects belong to
+/// the target's connecting user.
+fn copy_databases(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let source = instance(svc, p)?;
+    let target = svc.instance(p.required("TargetDBInstanceId")?)?;
+    let src = restore_source(p)?;
+    match p.get("SyncUserPrivilege").map(str::trim) {
+        None => {}
+        Some(v) if v.eq_ignore_ascii_case("NO") => {}
+        Some(v) if v.eq_ignore_ascii_case("YES") => {
+            return Err(not_supported(
+                "InvalidSyncUserPrivilege.NotSupported",
+                "SyncUserPrivilege=YES is not supported: the copied objects belong to the user Strata connects to the target as; create users and grant privileges there, or send NO.",
+            ))
+        }
+        Some(v) => {
+            return Err(ApiError::bad(
+                "InvalidSyncUserPrivilege.Malformed",
+                format!("SyncUserPrivilege must be YES or NO, got {}", quoted(v)),
+            ))
+        }
+    }
+    let specs = strata_service::parse_db_names(p.required("DbNames")?)?;
+    let job = svc.copy_databases(&source.id, &target.id, src, specs)?;
     Ok(obj(json!({"StrataJobId": job.to_string()})))
 }
 

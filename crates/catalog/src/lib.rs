@@ -925,11 +925,17 @@ pub enum JobKind {
     SnapshotBackup,
     /// A snapshot set's files uploaded from the agent to the repository.
     SnapshotUpload,
+    /// Databases of a backup restored into an instance or a new one
+    /// (`RecoveryDBInstance`).
+    RecoverDatabases,
+    /// Databases of one instance's backup copied into another instance
+    /// (`CopyDatabaseBetweenInstances`).
+    CopyDatabases,
 }
 
 impl JobKind {
     /// Every kind, in the order above.
-    pub const ALL: [JobKind; 9] = [
+    pub const ALL: [JobKind; 11] = [
         JobKind::Backup,
         JobKind::Restore,
         JobKind::Clone,
@@ -939,6 +945,8 @@ impl JobKind {
         JobKind::CrossCopy,
         JobKind::SnapshotBackup,
         JobKind::SnapshotUpload,
+        JobKind::RecoverDatabases,
+        JobKind::CopyDatabases,
     ];
 
     /// The spelling stored in the catalog and used by the API.
@@ -953,6 +961,8 @@ impl JobKind {
             JobKind::CrossCopy => "cross-copy",
             JobKind::SnapshotBackup => "snapshot",
             JobKind::SnapshotUpload => "snapshot-upload",
+            JobKind::RecoverDatabases => "recover-databases",
+            JobKind::CopyDatabases => "copy-databases",
         }
     }
 }

@@ -1726,6 +1726,8 @@ mod tests {
             "cross-copy",
             "snapshot",
             "snapshot-upload",
+            "recover-databases",
+            "copy-databases",
         ];
         for (i, kind) in kinds.iter().enumerate() {
             cat.with(|c| {
@@ -1745,7 +1747,7 @@ mod tests {
             let stored = column(&format!("SELECT kind FROM jobs WHERE id = {}", new.id));
             assert_eq!(stored, *kind);
         }
-        assert_eq!(JobKind::ALL.len(), 9);
+        assert_eq!(JobKind::ALL.len(), 11);
 
         for (mode, sslmode) in [("Automated", "verify-full"), ("Manual", "disable")] {
             let id = format!("{mode}-{sslmode}");

@@ -63,6 +63,8 @@ pub fn task_type(kind: JobKind, mode: Option<BackupMode>) -> (String, String) {
         }
         (JobKind::SnapshotBackup, _) => ("manual-snapshot", "Manual Snapshot Backup"),
         (JobKind::SnapshotUpload, _) => ("snapshot-upload", "Upload Snapshot to Repository"),
+        (JobKind::RecoverDatabases, _) => ("recover-databases", "Restore Databases"),
+        (JobKind::CopyDatabases, _) => ("copy-databases", "Copy Databases Between Instances"),
     };
     (key.into(), label.into())
 }

@@ -424,8 +424,10 @@ impl Service {
                 index: Some(plan.index),
                 job_kind: JobKind::DdrRestore,
                 on_host: None,
+                databases: None,
             },
         )
+        .map(|(id, port, _)| (id, port))
     }
 
     /// What a restore from copies starts from, or why it cannot.

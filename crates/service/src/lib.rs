@@ -15,7 +15,8 @@
 //! job records), `queue` (work any node's API starts for the instance's
 //! owner), `receivers` (WAL receiver states every node answers with),
 //! `usage`, `drills`, `cross_region` (the copier), `local` (clones
-//! and scratch servers), `tables` and `metrics`. Refusals are typed
+//! and scratch servers), `tables`, `recovery` (databases restored into
+//! another instance or a new one) and `metrics`. Refusals are typed
 //! ([`PolicyError`] with a [`Refusal`] kind); RDS's codes are the API's.
 #![warn(missing_docs)]
 
@@ -33,6 +34,7 @@ mod pg_client;
 pub mod policy;
 mod queue;
 mod receivers;
+mod recovery;
 mod retention;
 mod scheduler;
 mod tables;
@@ -66,6 +68,7 @@ use cross_region::Copier;
 use drills::DrillWorker;
 use jobs::BackupTasks;
 pub(crate) use jobs::{fail_job, finish_job};
+pub use recovery::parse_db_names;
 use retention::Housekeeping;
 use scheduler::Leaving;
 pub use tables::{parse_table_meta, DbSpec, TableSpec};

@@ -20,6 +20,7 @@ use strata_engine::{
 
 use crate::pg_client::{ident, ClientConn};
 use crate::policy::{invalid, Refusal};
+use crate::tables::DbSpec;
 use crate::window::{check_restore_time, WindowOf};
 
 use crate::{Service, ServiceResult};
@@ -101,6 +102,10 @@ pub(crate) struct CloneRequest {
     /// The snapshot set still on the database host to clone there through
     /// the source's agent (`None`: a restore from the repository here).
     pub on_host: Option<strata_catalog::BackupSet>,
+    /// Only these databases, under their new names (`RecoveryDBInstance`):
+    /// the others are dropped before the instance is reported running.
+    /// `None`: every database, as it was.
+    pub databases: Option<Vec<DbSpec>>,
 }
 
 /// A server restored for a short task, stopped and removed by
@@ -232,7 +237,11 @@ impl Service {
             })
     }
 
-    fn pg_major(&self, instance_id: &str, backup_id: Option<&str>) -> ServiceResult<u32> {
+    pub(crate) fn pg_major(
+        &self,
+        instance_id: &str,
+        backup_id: Option<&str>,
+    ) -> ServiceResult<u32> {
         let version = match backup_id {
             Some(b) => self.engine.catalog().get_backup(b)?.pg_version_num,
             None => {
@@ -301,7 +310,7 @@ impl Service {
         } else {
             None
         };
-        let (id, _) = self.launch_clone(
+        let (id, _, _) = self.launch_clone(
             source_id,
             CloneRequest {
                 backup_id,
@@ -312,18 +321,19 @@ impl Service {
                 index: None,
                 job_kind: JobKind::Clone,
                 on_host,
+                databases: None,
             },
         )?;
         Ok(id)
     }
 
     /// Registers a new instance (`Creating`) and restores it in the
-    /// background as `req` says; returns its id and port at once.
+    /// background as `req` says; returns its id, port and job at once.
     pub(crate) fn launch_clone(
         self: &Arc<Self>,
         source_id: &str,
         req: CloneRequest,
-    ) -> ServiceResult<(InstanceId, u16)> {
+    ) -> ServiceResult<(InstanceId, u16, JobId)> {
         let source = self.restore_source_instance(source_id)?.instance;
         let CloneRequest {
             backup_id,
@@ -334,6 +344,7 @@ impl Service {
             index,
             job_kind,
             on_host,
+            databases,
         } = req;
         // The local binaries are needed on the host too: a clone whose
         // snapshot is pruned meanwhile is restored here.
@@ -394,6 +405,13 @@ impl Service {
             ),
             None => format!("restore to new instance {id} on port {port}"),
         };
+        if let Some(specs) = &databases {
+            job.detail = format!(
+                "{}, keeping only {}",
+                job.detail,
+                crate::tables::describe(specs)
+            );
+        }
         job.backup_id = backup_id.clone();
         self.engine.catalog().update_job(&job)?;
         let job_id = job.id;
@@ -451,6 +469,28 @@ impl Service {
                 Ok(Some(m)) => m,
                 _ => return,
             };
+            // Databases not asked for go before anyone is told it runs.
+            let run = match (run, databases) {
+                (Ok(Ok(outcome)), Some(specs)) => {
+                    let pruner = Arc::clone(&svc);
+                    let id = managed.instance_id.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        pruner.keep_only_databases(&id, major, &specs)
+                    })
+                    .await
+                    {
+                        Ok(Ok(())) => Ok(Ok(outcome)),
+                        Ok(Err(e)) => {
+                            // Its server does not go on serving what was not asked for.
+                            svc.stop_local(&managed);
+                            crate::fail_job(&svc.engine, job_id, &e.to_string());
+                            Ok(Err(e.to_string()))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                (run, _) => run.map(|made| made.map_err(|e| e.to_string())),
+            };
             match run {
                 Ok(Ok(outcome)) => {
                     m.status = "Running".into();
@@ -474,7 +514,7 @@ impl Service {
             }
             let _ = svc.engine.catalog().put_managed(&m);
         });
-        Ok((id, port))
+        Ok((id, port, job_id))
     }
 
     /// Stops and removes an instance Strata created; its backup sets and
@@ -709,24 +749,13 @@ impl Service {
             user,
             ..scratch.conn()
         };
-        // Recovery has ended when the restore returns, but the postmaster
-        // may refuse sessions for a moment more ("not yet accepting
-        // connections"): ask again for a while before giving up.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let found = loop {
-            let answer = probe.names(
+        let found = while_starting(|| {
+            probe.names(
                 &scratch.psql_tool,
                 "postgres",
                 "SELECT rolname FROM pg_roles WHERE oid = 10",
-            );
-            let starting = matches!(&answer, Err(e) if e.to_string().contains("accepting connections")
-                || e.to_string().contains("Hot standby mode is disabled")
-                || e.to_string().contains("starting up"));
-            if !starting || std::time::Instant::now() >= deadline {
-                break answer;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        };
+            )
+        });
         match found {
             Ok(names) if names.len() == 1 => scratch.superuser = names[0].clone(),
             other => {
@@ -808,6 +837,24 @@ impl Scratch {
         let _ = std::fs::remove_dir_all(&self.dir);
         let tblspc = PathBuf::from(format!("{}.tblspc", pgdata.display()));
         let _ = std::fs::remove_dir_all(tblspc);
+    }
+}
+
+/// Asks `ask` again for a while as long as the server answers that it is
+/// still starting: recovery has ended when a restore returns, but the
+/// postmaster may refuse sessions for a moment more ("not yet accepting
+/// connections").
+pub(crate) fn while_starting<T>(mut ask: impl FnMut() -> ServiceResult<T>) -> ServiceResult<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let answer = ask();
+        let starting = matches!(&answer, Err(e) if e.to_string().contains("accepting connections")
+            || e.to_string().contains("Hot standby mode is disabled")
+            || e.to_string().contains("starting up"));
+        if !starting || std::time::Instant::now() >= deadline {
+            return answer;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

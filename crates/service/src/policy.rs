@@ -61,6 +61,8 @@ pub enum Refusal {
     NotCreatedByStrata,
     /// `TableMeta` is not a well-formed list of databases and tables.
     TableMetaMalformed,
+    /// `DbNames` is not a list of names nor an object of new names.
+    DbNamesMalformed,
     /// A database name cannot be used (length, control characters).
     DatabaseNameFormat,
     /// A new database name is given twice or already exists.

@@ -1,14 +1,16 @@
 //! Restoring single databases and tables into the original instance (RDS's
-//! `RestoreTable`): the backup is restored to a scratch server, the chosen
-//! objects are copied with `pg_dump | pg_restore` into the original under
-//! their new names, and the scratch server is removed. Nothing that exists
-//! in the original is touched: every target name must be free.
+//! `RestoreTable`), or whole databases into another one (`recovery`): the
+//! backup is restored to a scratch server, the chosen objects are copied
+//! with `pg_dump | pg_restore` into the target under their new names, and
+//! the scratch server is removed. Nothing that exists in the target is
+//! touched: every target name must be free. Into another instance grants
+//! are left out (`--no-privileges`): they name the source's roles.
 //!
 //! A restore either completes or leaves nothing behind. Objects are loaded
 //! under temporary names (`strata_restore_<job>_…`) in one transaction
 //! each (`pg_restore --single-transaction`), then given their final names
-//! in one transaction at the end; on any failure the temporary objects are
-//! dropped. Tables are renamed to their temporary names (with their indexes
+//! in one transaction at the end (every whole database of a request
+//! together); on any failure the temporary objects are dropped. Tables are renamed to their temporary names (with their indexes
 //! and owned sequences) on the scratch copy before the dump.
 
 use std::collections::hash_map::Entry;
@@ -101,7 +103,7 @@ fn check_name(kind: Refusal, what: &str, s: &str, new: bool) -> Result<(), Polic
 }
 
 /// A name as shown in a message: escaped, and cut when long.
-fn shown(s: &str) -> String {
+pub(crate) fn shown(s: &str) -> String {
     let mut out: String = s
         .chars()
         .take(80)
@@ -142,7 +144,6 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
             d.newname = None;
         }
     }
-    let mut new_dbs = HashSet::new();
     for d in &specs {
         if d.kind != "db" {
             return Err(bad(format!(
@@ -150,18 +151,51 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
                 shown(&d.kind)
             )));
         }
+        if d.tables.is_empty() && d.newname.is_none() {
+            return Err(bad(format!(
+                "database {} needs a \"newname\" to be restored under",
+                shown(&d.name)
+            )));
+        }
+        if let Some(t) = d.tables.iter().find(|t| t.kind != "table") {
+            return Err(bad(format!(
+                "table entries need \"type\":\"table\", got {}",
+                shown(&t.kind)
+            )));
+        }
+    }
+    check_specs(&specs)?;
+    Ok(specs)
+}
+
+/// Whole databases restored under new names, as [`DbSpec`]s checked like
+/// those of `TableMeta`: `(name in the backup, new name)` pairs.
+pub fn database_specs(pairs: Vec<(String, String)>) -> Result<Vec<DbSpec>, PolicyError> {
+    let specs: Vec<DbSpec> = pairs
+        .into_iter()
+        .map(|(name, newname)| DbSpec {
+            kind: db_kind(),
+            name,
+            newname: Some(newname),
+            tables: Vec::new(),
+        })
+        .collect();
+    check_specs(&specs)?;
+    Ok(specs)
+}
+
+/// The name rules every restore of databases and tables shares: names
+/// PostgreSQL can hold, new names printable and each given once.
+fn check_specs(specs: &[DbSpec]) -> Result<(), PolicyError> {
+    let mut new_dbs = HashSet::new();
+    for d in specs {
         check_name(Refusal::DatabaseNameFormat, "database name", &d.name, false)?;
         if let Some(new) = &d.newname {
             check_name(Refusal::DatabaseNameFormat, "database newname", new, true)?;
         }
         if d.tables.is_empty() {
-            let Some(new) = &d.newname else {
-                return Err(bad(format!(
-                    "database {} needs a \"newname\" to be restored under",
-                    shown(&d.name)
-                )));
-            };
-            if !new_dbs.insert(new.clone()) {
+            let new = d.newname.as_deref().unwrap_or_default();
+            if !new_dbs.insert(new.to_string()) {
                 return Err(PolicyError {
                     kind: Refusal::DatabaseNameTaken,
                     message: format!("database newname {} is given twice", shown(new)),
@@ -171,12 +205,6 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
         let mut new_tables = HashSet::new();
         for t in &d.tables {
             let (schema, table) = split_table(&t.name);
-            if t.kind != "table" {
-                return Err(bad(format!(
-                    "table entries need \"type\":\"table\", got {}",
-                    shown(&t.kind)
-                )));
-            }
             check_name(Refusal::TableNameFormat, "schema name", &schema, false)?;
             check_name(Refusal::TableNameFormat, "table name", &table, false)?;
             check_name(Refusal::TableNameFormat, "table newname", &t.newname, true)?;
@@ -198,11 +226,11 @@ pub fn parse_table_meta(text: &str) -> Result<Vec<DbSpec>, PolicyError> {
             }
         }
     }
-    Ok(specs)
+    Ok(())
 }
 
 /// The connection to a registered instance, for its client programs.
-fn original_conn(instance: &Instance) -> ServiceResult<ClientConn> {
+pub(crate) fn original_conn(instance: &Instance) -> ServiceResult<ClientConn> {
     let password = strata_engine::instance_password(instance)?;
     Ok(ClientConn {
         host: instance.host.clone(),
@@ -245,15 +273,81 @@ impl Service {
         src: RestoreSource,
         specs: Vec<DbSpec>,
     ) -> ServiceResult<JobId> {
-        let instance = self.engine.catalog().get_instance(instance_id)?;
-        self.check_restore_source(instance_id, &src)?;
-        let major = instance.pg_version_num.map(|v| v / 10000).unwrap_or(15);
+        self.restore_objects(instance_id, instance_id, src, specs, JobKind::RestoreTable)
+    }
+
+    /// Restores databases and tables of `source_id`'s backups into
+    /// `target_id` (the same instance or another one Strata backs up):
+    /// checks every target name is free there, then restores in the
+    /// background through a scratch server. The job, of `kind`, is the
+    /// source's. Returns its id.
+    pub(crate) fn restore_objects(
+        self: &Arc<Self>,
+        source_id: &str,
+        target_id: &str,
+        src: RestoreSource,
+        specs: Vec<DbSpec>,
+        kind: JobKind,
+    ) -> ServiceResult<JobId> {
+        self.engine.catalog().get_instance(source_id)?;
+        let target = self.engine.catalog().get_instance(target_id)?;
+        if !self.is_ready(target_id) {
+            return Err(EngineError::Conflict(format!(
+                "instance {target_id} is not running yet (or failed to be created); restore into it once it is Running"
+            ))
+            .into());
+        }
+        self.check_restore_source(source_id, &src)?;
+        let major = target.pg_version_num.map(|v| v / 10000).unwrap_or(15);
         let psql = self.engine.client_tool("psql", major)?;
         self.engine.client_tool("pg_dump", major)?;
         self.engine.client_tool("pg_restore", major)?;
-        let original = original_conn(&instance)?;
-        let databases = original.names(&psql, "postgres", "SELECT datname FROM pg_database")?;
-        for d in &specs {
+        let original = original_conn(&target)?;
+        self.check_targets_free(&original, &psql, target_id, &specs)?;
+        let mut job = self.engine.catalog().create_job(kind, Some(source_id))?;
+        job.detail = describe(&specs);
+        if target_id != source_id {
+            job.detail.push_str(&format!(" into instance {target_id}"));
+        }
+        job.backup_id = src.backup_id.clone();
+        self.engine.catalog().update_job(&job)?;
+        let job_id = job.id;
+        let svc = Arc::clone(self);
+        let id = source_id.to_string();
+        let keep_privileges = target_id == source_id;
+        tokio::task::spawn_blocking(move || {
+            let outcome = svc.start_scratch(&id, &src, job_id).and_then(|scratch| {
+                let r =
+                    svc.copy_objects(&scratch, &original, &psql, &specs, job_id, keep_privileges);
+                scratch.remove();
+                r
+            });
+            match outcome {
+                Ok(()) => {
+                    finish_job(&svc.engine, job_id, None);
+                    tracing::info!(instance = %id, job = %job_id, "databases and tables restored");
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %id, job = %job_id, "restore of databases/tables failed: {e}");
+                    fail_job(&svc.engine, job_id, &e.to_string());
+                }
+            }
+        });
+        Ok(job_id)
+    }
+
+    /// Refuses, before anything is written, a new database name the target
+    /// already has, tables put into a database it lacks, and a new table
+    /// name taken in its schema.
+    fn check_targets_free(
+        &self,
+        original: &ClientConn,
+        psql: &Path,
+        instance_id: &str,
+        specs: &[DbSpec],
+    ) -> ServiceResult<()> {
+        let databases = original.names(psql, "postgres", "SELECT datname FROM pg_database")?;
+        for d in specs {
             if d.tables.is_empty() {
                 let new = d.newname.as_deref().unwrap_or_default();
                 if databases.iter().any(|x| x == new) {
@@ -279,7 +373,7 @@ impl Service {
             }
             for t in &d.tables {
                 let (schema, _) = split_table(&t.name);
-                if relation_names(&original, &psql, into, &schema)?.contains(&t.newname) {
+                if relation_names(original, psql, into, &schema)?.contains(&t.newname) {
                     return Err(invalid(
                         Refusal::TableNameTaken,
                         format!(
@@ -292,34 +386,7 @@ impl Service {
                 }
             }
         }
-        let mut job = self
-            .engine
-            .catalog()
-            .create_job(JobKind::RestoreTable, Some(instance_id))?;
-        job.detail = describe(&specs);
-        job.backup_id = src.backup_id.clone();
-        self.engine.catalog().update_job(&job)?;
-        let job_id = job.id;
-        let svc = Arc::clone(self);
-        let id = instance_id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let outcome = svc.start_scratch(&id, &src, job_id).and_then(|scratch| {
-                let r = svc.copy_objects(&scratch, &original, &psql, &specs, job_id);
-                scratch.remove();
-                r
-            });
-            match outcome {
-                Ok(()) => {
-                    finish_job(&svc.engine, job_id, None);
-                    tracing::info!(instance = %id, job = %job_id, "databases and tables restored");
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %id, job = %job_id, "restore of databases/tables failed: {e}");
-                    fail_job(&svc.engine, job_id, &e.to_string());
-                }
-            }
-        });
-        Ok(job_id)
+        Ok(())
     }
 
     fn copy_objects(
@@ -329,12 +396,14 @@ impl Service {
         psql: &Path,
         specs: &[DbSpec],
         job_id: JobId,
+        keep_privileges: bool,
     ) -> ServiceResult<()> {
         let tools = Tools {
             pg_dump: self.engine.client_tool("pg_dump", scratch.major)?,
             pg_restore: self.engine.client_tool("pg_restore", scratch.major)?,
             psql: psql.to_path_buf(),
             scratch_psql: scratch.psql_tool().to_path_buf(),
+            keep_privileges,
         };
         let in_backup = scratch.names("postgres", "SELECT datname FROM pg_database")?;
         for d in specs {
@@ -348,25 +417,51 @@ impl Service {
                 ));
             }
         }
-        for (i, d) in specs.iter().enumerate() {
-            if let Ok(mut job) = self.engine.catalog().get_job(job_id) {
-                job.state = JobState::Uploading;
-                job.progress = (90 + i * 9 / specs.len()).min(99) as u8;
-                let _ = self.engine.catalog().update_job(&job);
+        // Whole databases load under temporary names and take their final
+        // names together at the end: a failure drops every one loaded.
+        let mut loaded: Vec<(String, String)> = Vec::new();
+        let outcome = (|| {
+            for (i, d) in specs.iter().enumerate() {
+                if let Ok(mut job) = self.engine.catalog().get_job(job_id) {
+                    job.state = JobState::Uploading;
+                    job.progress = (90 + i * 9 / specs.len()).min(99) as u8;
+                    let _ = self.engine.catalog().update_job(&job);
+                }
+                let temp = format!("strata_restore_{job_id}_{i}");
+                if d.tables.is_empty() {
+                    load_database(scratch, original, &tools, d, &temp)?;
+                    loaded.push((temp, d.newname.clone().unwrap_or_default()));
+                } else {
+                    restore_tables(scratch, original, &tools, d, &temp)?;
+                }
             }
-            let temp = format!("strata_restore_{job_id}_{i}");
-            if d.tables.is_empty() {
-                restore_database(scratch, original, &tools, d, &temp)?;
-            } else {
-                restore_tables(scratch, original, &tools, d, &temp)?;
+            if loaded.is_empty() {
+                return Ok(());
+            }
+            let renames: String = loaded
+                .iter()
+                .map(|(temp, name)| {
+                    format!(
+                        "ALTER DATABASE {} RENAME TO {};\n",
+                        ident(temp),
+                        ident(name)
+                    )
+                })
+                .collect();
+            original.run(&tools.psql, "postgres", &renames, true)?;
+            Ok(())
+        })();
+        if outcome.is_err() {
+            for (temp, _) in &loaded {
+                drop_database(original, &tools, temp);
             }
         }
-        Ok(())
+        outcome
     }
 }
 
 /// One line per database for the job's detail.
-fn describe(specs: &[DbSpec]) -> String {
+pub(crate) fn describe(specs: &[DbSpec]) -> String {
     specs
         .iter()
         .map(|d| {
@@ -400,53 +495,51 @@ struct Tools {
     psql: std::path::PathBuf,
     /// psql of the scratch server's version.
     scratch_psql: std::path::PathBuf,
+    /// Whether grants are restored: into the instance the backup is of,
+    /// whose roles they name; elsewhere those roles need not exist.
+    keep_privileges: bool,
 }
 
-/// Copies a whole database: loaded into a temporary database, renamed at
-/// the end, dropped on failure.
-fn restore_database(
+/// Copies a whole database into the new database `temp`, dropped again if
+/// the load fails.
+fn load_database(
     scratch: &Scratch,
     original: &ClientConn,
     tools: &Tools,
     d: &DbSpec,
     temp: &str,
 ) -> ServiceResult<()> {
-    let final_name = d.newname.clone().unwrap_or_default();
+    // A temporary name someone else took fails here, before anything is ours to drop.
     original.run(
         &tools.psql,
         "postgres",
         &format!("CREATE DATABASE {} TEMPLATE template0", ident(temp)),
         false,
     )?;
-    let loaded = (|| {
-        let mut dump = scratch.conn().command(&tools.pg_dump, &d.name);
-        dump.arg("-Fc");
-        let mut load = original.command(&tools.pg_restore, temp);
-        load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
-        pipe(dump, load)?;
-        original.run(
-            &tools.psql,
-            "postgres",
-            &format!(
-                "ALTER DATABASE {} RENAME TO {}",
-                ident(temp),
-                ident(&final_name)
-            ),
-            false,
-        )
-    })();
-    if let Err(e) = loaded {
-        if let Err(cleanup) = original.run(
-            &tools.psql,
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {}", ident(temp)),
-            false,
-        ) {
-            tracing::warn!("could not drop the partly restored database {temp}: {cleanup}");
-        }
+    let mut dump = scratch.conn().command(&tools.pg_dump, &d.name);
+    dump.arg("-Fc");
+    let mut load = original.command(&tools.pg_restore, temp);
+    load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
+    if !tools.keep_privileges {
+        load.arg("--no-privileges");
+    }
+    if let Err(e) = pipe(dump, load) {
+        drop_database(original, tools, temp);
         return Err(e);
     }
     Ok(())
+}
+
+/// Drops a temporary database this restore created; a failure is logged.
+fn drop_database(original: &ClientConn, tools: &Tools, temp: &str) {
+    if let Err(e) = original.run(
+        &tools.psql,
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {}", ident(temp)),
+        false,
+    ) {
+        tracing::warn!("could not drop the partly restored database {temp}: {e}");
+    }
 }
 
 /// A relation to rename at the end: where it was loaded and its final name.
@@ -518,6 +611,9 @@ fn restore_tables(
     }
     let mut load = original.command(&tools.pg_restore, &into);
     load.args(["--exit-on-error", "--no-owner", "--single-transaction"]);
+    if !tools.keep_privileges {
+        load.arg("--no-privileges");
+    }
     // A failed load rolled back as a whole: nothing of it is left.
     pipe(dump, load)?;
     let sql: String = renames

@@ -491,6 +491,14 @@ fn sdk_restores_downloads_and_drills() {
     run_module_with_drills("test_restore.py", true);
 }
 
+/// RecoveryDBInstance and CopyDatabaseBetweenInstances: databases of a set
+/// or a point in time into a clone Strata runs and into a new instance,
+/// taken names refused, failures leaving nothing, hostile names.
+#[test]
+fn sdk_recovery_and_copy_between_instances() {
+    run_module("test_recovery.py");
+}
+
 /// RestoreTable and CloneDBInstance just before and just after one
 /// destructive transaction (by xid and by its commit LSN) while another
 /// session commits beside it; malformed and conflicting targets refused.
