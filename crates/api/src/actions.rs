@@ -18,6 +18,7 @@ use strata_service::{ExactPoint, ExactTarget, Lsn, PolicyChange, RestoreSource, 
 
 use crate::advanced;
 use crate::cross_region;
+use crate::meta;
 use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::params::{page, Params};
 use crate::ApiState;
@@ -31,16 +32,19 @@ pub const ACTIONS: &[&str] = &[
     "DeleteDBInstance",
     "DescribeAvailableCrossRegion",
     "DescribeAvailableRecoveryTime",
+    "DescribeBackupDatabase",
     "DescribeBackupPolicy",
     "DescribeBackupTasks",
     "DescribeBackups",
     "DescribeBinlogFiles",
+    "DescribeCrossBackupMetaList",
     "DescribeCrossRegionBackups",
     "DescribeCrossRegionLogBackupFiles",
     "DescribeDBInstanceAttribute",
     "DescribeDBInstances",
     "DescribeInstanceCrossBackupPolicy",
     "DescribeLocalAvailableRecoveryTime",
+    "DescribeMetaList",
     "ModifyBackupPolicy",
     "ModifyInstanceCrossBackupPolicy",
     "RestoreTable",
@@ -84,16 +88,19 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "StrataDescribeRecoveryEvents" => describe_recovery_events(svc, p),
         "DescribeAvailableCrossRegion" => cross_region::describe_available_regions(svc, p),
         "DescribeAvailableRecoveryTime" => cross_region::describe_recovery_time(svc, p),
+        "DescribeBackupDatabase" => meta::describe_backup_database(svc, p).await,
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
         "DescribeBackups" => describe_backups(state, p).await,
         "DescribeBinlogFiles" => describe_binlog_files(state, p),
+        "DescribeCrossBackupMetaList" => cross_region::describe_meta_list(svc, p).await,
         "DescribeCrossRegionBackups" => cross_region::describe_backups(svc, p),
         "DescribeCrossRegionLogBackupFiles" => cross_region::describe_log_files(svc, p),
         "DescribeInstanceCrossBackupPolicy" => cross_region::describe_policy(svc, p),
         "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
         "DescribeDBInstances" => describe_instances(svc, p),
         "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
+        "DescribeMetaList" => meta::describe_meta_list(svc, p).await,
         "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
         "ModifyInstanceCrossBackupPolicy" => cross_region::modify_policy(svc, p),
         "StrataDeregisterDBInstance" => deregister_instance(svc, p).await,
@@ -156,7 +163,7 @@ fn engine_version(v: Option<u32>) -> String {
 /// Runs a service query that may measure the repository (usage before the
 /// first sample walks every object) on the blocking pool, never on the
 /// request's runtime thread.
-async fn off_runtime<T: Send + 'static>(
+pub(crate) async fn off_runtime<T: Send + 'static>(
     svc: &Arc<Service>,
     query: impl FnOnce(&Service) -> Result<T, strata_service::ServiceError> + Send + 'static,
 ) -> ApiResult<T> {

@@ -192,6 +192,7 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::ArchivePolicyMalformed => "InvalidArchiveBackupPolicy.Malformed",
         Refusal::KeepLastMalformed => "InvalidKeepLast.Malformed",
         Refusal::KeepMalformed => "InvalidKeepUntil.Malformed",
+        Refusal::NoContents => "IncorrectBackupSetState",
     }
 }
 
@@ -199,7 +200,9 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
 /// resource's state forbids ("Incorrect…") with 403, a malformed one with 400.
 pub fn refusal_status(kind: Refusal) -> StatusCode {
     match kind {
-        Refusal::BackupSetKept | Refusal::NotCreatedByStrata => StatusCode::FORBIDDEN,
+        Refusal::BackupSetKept | Refusal::NotCreatedByStrata | Refusal::NoContents => {
+            StatusCode::FORBIDDEN
+        }
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -358,6 +361,7 @@ mod tests {
             ),
             (Refusal::KeepLastMalformed, "InvalidKeepLast.Malformed"),
             (Refusal::KeepMalformed, "InvalidKeepUntil.Malformed"),
+            (Refusal::NoContents, "IncorrectBackupSetState"),
         ];
         for (kind, code) in cases {
             let e = ApiError::from(PolicyError {

@@ -15,6 +15,7 @@ mod auth;
 mod cross_region;
 mod download;
 mod error;
+mod meta;
 mod params;
 
 use std::net::SocketAddr;

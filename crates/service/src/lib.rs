@@ -21,6 +21,7 @@
 
 mod agent_clones;
 mod clock;
+mod contents;
 mod cross_region;
 mod drills;
 pub mod fleet;
@@ -52,6 +53,7 @@ use strata_catalog::{
 use strata_engine::{Engine, EngineError};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use contents::SetContents;
 pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };

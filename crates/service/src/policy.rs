@@ -87,6 +87,9 @@ pub enum Refusal {
     KeepLastMalformed,
     /// A keep by hand is malformed (a time in the past, a bad note).
     KeepMalformed,
+    /// The backup set has no list of its databases and tables (not in the
+    /// repository, or taken before lists were recorded).
+    NoContents,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for
