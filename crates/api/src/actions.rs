@@ -18,8 +18,8 @@ use strata_service::{ExactPoint, ExactTarget, Lsn, PolicyChange, RestoreSource, 
 
 use crate::advanced;
 use crate::cross_region;
-use crate::meta;
 use crate::error::{quoted, shown, ApiError, ApiResult};
+use crate::meta;
 use crate::params::{page, Params};
 use crate::ApiState;
 

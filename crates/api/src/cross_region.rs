@@ -343,8 +343,10 @@ pub async fn describe_meta_list(svc: &Arc<Service>, p: &Params) -> ApiResult<Fie
             ),
         )
     })?;
-    let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, "InvalidBackupSetID.NotFound", why);
-    let copy = find_copy(svc, None, id).map_err(|_| not_found(format!("no cross-region backup {id}")))?;
+    let not_found =
+        |why: String| ApiError::new(StatusCode::NOT_FOUND, "InvalidBackupSetID.NotFound", why);
+    let copy =
+        find_copy(svc, None, id).map_err(|_| not_found(format!("no cross-region backup {id}")))?;
     if let Some(region) = p.get("Region").filter(|r| *r != copy.region) {
         return Err(not_found(format!(
             "cross-region backup {id} is in region {}, not {}",

@@ -28,9 +28,8 @@ use strata_catalog::{
     JobKind, JobState, TakenUnder,
 };
 use strata_repo::{
-    BackupContents,
-    AddedBlocks, BackupManifest, BackupStats, BlockIndex, BlockRef, BlockWriter, FileEntry,
-    FileKind, PreparedBlock, Repository,
+    AddedBlocks, BackupContents, BackupManifest, BackupStats, BlockIndex, BlockRef, BlockWriter,
+    FileEntry, FileKind, PreparedBlock, Repository,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 

@@ -245,7 +245,10 @@ impl Engine {
     }
 }
 
-pub(crate) async fn sql_session(instance: &Instance, dbname: Option<&str>) -> EngineResult<ReplicationClient> {
+pub(crate) async fn sql_session(
+    instance: &Instance,
+    dbname: Option<&str>,
+) -> EngineResult<ReplicationClient> {
     let mut opts = connect_options(instance)?;
     opts.replication = false;
     if let Some(db) = dbname {

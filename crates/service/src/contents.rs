@@ -34,15 +34,24 @@ pub struct SetContents {
 
 /// Reads the list recorded with `set` in `repo`; refused when the set is
 /// not in the repository or was taken before lists were recorded.
-fn read(repo: &Repository, set: &BackupSet, at: Option<DateTime<Utc>>) -> ServiceResult<SetContents> {
+fn read(
+    repo: &Repository,
+    set: &BackupSet,
+    at: Option<DateTime<Utc>>,
+) -> ServiceResult<SetContents> {
     if !set.in_repository() {
         let why = match set.status {
-            BackupStatus::Success => "is a snapshot on the database host, not uploaded to the repository".to_string(),
+            BackupStatus::Success => {
+                "is a snapshot on the database host, not uploaded to the repository".to_string()
+            }
             other => format!("is {}", other.as_str()),
         };
         return Err(invalid(
             Refusal::NoContents,
-            format!("backup set {} {why}: it has no list of databases and tables", set.id),
+            format!(
+                "backup set {} {why}: it has no list of databases and tables",
+                set.id
+            ),
         ));
     }
     let contents = repo
@@ -195,7 +204,11 @@ mod tests {
         let mut contents = BackupContents {
             read_at: Utc::now(),
             databases: vec![
-                db(5, "shop", vec![table("public", "orders"), table("s\"x", "orders")]),
+                db(
+                    5,
+                    "shop",
+                    vec![table("public", "orders"), table("s\"x", "orders")],
+                ),
                 db(6, "crm", vec![table("public", "orders")]),
                 db(7, "gone", vec![]),
             ],
@@ -215,7 +228,10 @@ mod tests {
             .iter()
             .map(|d| {
                 let tables = d.tables.iter().flatten();
-                (d.name.clone(), tables.map(|t| format!("{}.{}", t.schema, t.name)).collect())
+                (
+                    d.name.clone(),
+                    tables.map(|t| format!("{}.{}", t.schema, t.name)).collect(),
+                )
             })
             .collect();
         assert_eq!(
