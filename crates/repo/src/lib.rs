@@ -1130,6 +1130,39 @@ mod tests {
         assert_eq!(repo.read_block(&rb).unwrap(), b);
     }
 
+    #[test]
+    fn contents_are_read_back_alone_and_absent_in_older_sets() {
+        let (_d, repo) = repo();
+        let old = crate::manifest::one_file_manifest("i", "1000", Vec::new(), 0);
+        repo.commit_manifest(&old).unwrap();
+        let mut new = crate::manifest::one_file_manifest("i", "2000", Vec::new(), 0);
+        let contents = BackupContents {
+            read_at: Utc::now(),
+            databases: vec![DatabaseContents {
+                oid: 16384,
+                name: "a,b 'c\"".into(),
+                size: Some(7_000_000),
+                tables: Some(vec![TableContents {
+                    oid: 16390,
+                    schema: "s.x".into(),
+                    name: "表".into(),
+                    kind: "r".into(),
+                    size: 8192,
+                }]),
+                truncated: false,
+            }],
+        };
+        new.contents = Some(contents.clone());
+        repo.commit_manifest(&new).unwrap();
+        assert_eq!(repo.read_contents("i", "2000").unwrap(), Some(contents));
+        assert_eq!(repo.read_manifest("i", "2000").unwrap(), new);
+        assert_eq!(repo.read_contents("i", "1000").unwrap(), None);
+        assert!(matches!(
+            repo.read_contents("i", "3000"),
+            Err(RepoError::BackupNotFound(_))
+        ));
+    }
+
     /// Bytes zstd cannot shrink (xorshift), for incompressible blocks.
     fn noise(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;

@@ -1135,7 +1135,7 @@ mod tests {
             Utc::now(),
             None,
         );
-        let err = receiver.commit(&set, &start()).await.unwrap_err();
+        let err = receiver.commit(&set, &start(), None).await.unwrap_err();
         assert!(err.to_string().contains("not complete"), "{err}");
         assert!(rig.engine.repo.list_backups("i").unwrap().is_empty());
     }
