@@ -43,20 +43,6 @@ pub(crate) struct MetaQuery {
 
 impl MetaQuery {
     pub(crate) fn from_params(p: &Params) -> ApiResult<MetaQuery> {
-        let index = p.int("PageIndex")?;
-        if let Some(i) = index.filter(|i| *i < 1) {
-            return Err(ApiError::bad(
-                "InvalidPageIndex.Malformed",
-                format!("PageIndex must be 1 or more, got {i}"),
-            ));
-        }
-        let size = p.int("PageSize")?;
-        if let Some(s) = size.filter(|s| !(1..=MAX_PAGE_SIZE).contains(s)) {
-            return Err(ApiError::bad(
-                "InvalidPageSize.Malformed",
-                format!("PageSize must be 1 to {MAX_PAGE_SIZE}, got {s}"),
-            ));
-        }
         let database = p.get("GetDbName").map(str::to_string);
         let pattern = p.get("Pattern").map(str::to_string);
         if database.is_some() && pattern.is_some() {
@@ -68,7 +54,7 @@ impl MetaQuery {
         Ok(MetaQuery {
             database,
             pattern,
-            page: index.zip(size).map(|(i, s)| (i as usize, s as usize)),
+            page: p.index_paging(MAX_PAGE_SIZE)?,
         })
     }
 }
@@ -238,4 +224,125 @@ pub(crate) async fn describe_meta_list(svc: &Arc<Service>, p: &Params) -> ApiRes
         }
     };
     meta_fields(&found, &query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_service::{BackupContents, DatabaseContents, TableContents};
+
+    fn found() -> SetContents {
+        let table = |schema: &str, name: &str| TableContents {
+            oid: 16400,
+            schema: schema.into(),
+            name: name.into(),
+            kind: "r".into(),
+            size: 8192,
+        };
+        let db = |name: &str, tables: Option<Vec<TableContents>>| DatabaseContents {
+            oid: 16384,
+            name: name.into(),
+            size: Some(1 << 20),
+            tables,
+            truncated: false,
+        };
+        SetContents {
+            instance_id: "pg".into(),
+            backup_id: "1700000000000".into(),
+            contents: BackupContents {
+                read_at: chrono::Utc::now(),
+                databases: vec![
+                    db(
+                        "TestDB2",
+                        Some(vec![
+                            table("z", "a"),
+                            table("public", "b"),
+                            table("public", "a"),
+                        ]),
+                    ),
+                    db("postgres", Some(Vec::new())),
+                    db("testdb1", None),
+                ],
+            },
+            at: None,
+        }
+    }
+
+    fn query(pairs: &[(&str, &str)]) -> ApiResult<MetaQuery> {
+        MetaQuery::from_params(&Params::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
+    }
+
+    fn listed(fields: &Fields, key: &str) -> Vec<String> {
+        fields["Items"]["Meta"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m[key].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn databases_match_a_pattern_and_tables_are_sorted_and_paged() {
+        let f = found();
+        let all = meta_fields(&f, &query(&[]).unwrap()).unwrap();
+        assert_eq!(listed(&all, "Database"), ["TestDB2", "postgres", "testdb1"]);
+        assert_eq!(
+            (
+                all["TotalRecordCount"].as_u64(),
+                all["TotalPageCount"].as_u64()
+            ),
+            (Some(3), Some(1))
+        );
+        let matched = meta_fields(&f, &query(&[("Pattern", "test")]).unwrap()).unwrap();
+        assert_eq!(listed(&matched, "Database"), ["TestDB2", "testdb1"]);
+        let tables = query(&[
+            ("GetDbName", "TestDB2"),
+            ("PageIndex", "2"),
+            ("PageSize", "2"),
+        ])
+        .unwrap();
+        let page = meta_fields(&f, &tables).unwrap();
+        assert_eq!(listed(&page, "Tables"), ["z.a"]);
+        assert_eq!(
+            (
+                page["PageNumber"].as_u64(),
+                page["PageRecordCount"].as_u64(),
+                page["TotalPageCount"].as_u64()
+            ),
+            (Some(2), Some(1), Some(2))
+        );
+        let first = meta_fields(&f, &query(&[("GetDbName", "TestDB2")]).unwrap()).unwrap();
+        assert_eq!(listed(&first, "Tables"), ["public.a", "public.b", "z.a"]);
+        let empty = meta_fields(&f, &query(&[("GetDbName", "postgres")]).unwrap()).unwrap();
+        assert_eq!(
+            (
+                empty["TotalRecordCount"].as_u64(),
+                empty["TotalPageCount"].as_u64()
+            ),
+            (Some(0), Some(0))
+        );
+    }
+
+    #[test]
+    fn unknown_and_unreadable_databases_are_refused() {
+        let f = found();
+        let code = |pairs: &[(&str, &str)]| {
+            query(pairs)
+                .and_then(|q| meta_fields(&f, &q))
+                .map(|_| ())
+                .unwrap_err()
+                .code
+        };
+        assert_eq!(code(&[("GetDbName", "testdb")]), "InvalidDBName.NotFound");
+        assert_eq!(code(&[("GetDbName", "testdb1")]), "IncorrectBackupSetState");
+        assert_eq!(
+            code(&[("GetDbName", "postgres"), ("Pattern", "p")]),
+            "InvalidParameterCombination"
+        );
+    }
 }

@@ -11,7 +11,7 @@
 //! names read from the server record no creation time.
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupId, BackupSet, BackupStatus, CrossBackup, InstanceId};
+use strata_catalog::{BackupId, BackupMethod, BackupSet, BackupStatus, CrossBackup, InstanceId};
 use strata_engine::{EngineError, EventFilter, RecoveryEvent};
 use strata_repo::{BackupContents, Repository};
 
@@ -58,10 +58,18 @@ fn read(
         .read_contents(&set.instance_id, &set.id)
         .map_err(EngineError::from)?
         .ok_or_else(|| {
+            let why = match set.method {
+                BackupMethod::Snapshot => {
+                    "is a snapshot backup, which records no list of databases and tables"
+                }
+                BackupMethod::Physical => {
+                    "was taken before Strata recorded the databases and tables of its sets"
+                }
+            };
             invalid::<crate::ServiceError>(
                 Refusal::NoContents,
                 format!(
-                    "backup set {} was taken before Strata recorded the databases and tables of its sets; restore it (CloneDBInstance) to see them",
+                    "backup set {} {why}; restore it (CloneDBInstance) to see them",
                     set.id
                 ),
             )

@@ -62,6 +62,7 @@ pub use membership::{NodeHealth, NodeState, DEFAULT_NODE_LEASE};
 pub use pg_wal::Lsn;
 pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
+pub use strata_repo::{BackupContents, DatabaseContents, TableContents};
 pub use wal_supervisor::WalReceiverState;
 
 use cross_region::Copier;
