@@ -5,15 +5,23 @@
 //! from the repository that holds the set or its cross-region copy.
 //!
 //! For a point in time the list is that of the set a restore to that time
-//! starts from, less the tables and databases recovery events show dropped
-//! between the set's end and the time. Tables created or renamed in that
-//! interval are not in it: the WAL names no table it creates, and the
-//! names read from the server record no creation time.
+//! starts from, brought forward with what the WAL receiver saw between the
+//! set and the time: tables and databases whose names it read from the
+//! server in that interval are added (or renamed), and those recovery
+//! events show dropped are taken out. The receiver reads names at most
+//! once a second after a catalog change, so the list is exact to about a
+//! second; a table created in the interval and renamed after the time is
+//! missed (the catalog keeps one name per file, the last).
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupId, BackupMethod, BackupSet, BackupStatus, CrossBackup, InstanceId};
+use strata_catalog::{
+    BackupId, BackupMethod, BackupSet, BackupStatus, CrossBackup, DatabaseNameRow, InstanceId,
+    RelationNameRow,
+};
 use strata_engine::{EngineError, EventFilter, RecoveryEvent};
-use strata_repo::{BackupContents, Repository};
+use strata_repo::{BackupContents, DatabaseContents, Repository, TableContents};
 
 use crate::policy::{invalid, Refusal};
 use crate::window::{check_restore_time, WindowOf};
@@ -82,22 +90,103 @@ fn read(
     })
 }
 
+/// Brings `contents` (read from the server at `contents.read_at`) to time
+/// `t` with the names the WAL receiver read from the server after that
+/// and up to `t`: a database or table seen for the first time is added
+/// (a table with size 0: its size was never read), one seen under a new
+/// name takes it. Rows are the catalog's last name per file, so a table
+/// created in the interval and renamed after `t` is missed, never shown
+/// under a name it did not have yet.
+fn apply_names(
+    contents: &mut BackupContents,
+    relations: &[RelationNameRow],
+    databases: &[DatabaseNameRow],
+    t: DateTime<Utc>,
+) {
+    let since = contents.read_at;
+    let within = |seen: DateTime<Utc>| seen > since && seen <= t;
+    let mut dbs: Vec<&DatabaseNameRow> = databases.iter().filter(|d| within(d.seen_at)).collect();
+    dbs.sort_by_key(|d| d.seen_at);
+    for row in dbs {
+        match contents.databases.iter_mut().find(|d| d.oid == row.db_oid) {
+            Some(d) => d.name = row.name.clone(),
+            None => contents.databases.push(DatabaseContents {
+                oid: row.db_oid,
+                name: row.name.clone(),
+                size: None,
+                tables: Some(Vec::new()),
+                truncated: false,
+            }),
+        }
+    }
+    let mut rels: Vec<&RelationNameRow> = relations
+        .iter()
+        .filter(|r| within(r.seen_at) && is_user_table(&r.schema, &r.kind))
+        .collect();
+    rels.sort_by_key(|r| r.seen_at);
+    for row in rels {
+        let Some(tables) = contents
+            .databases
+            .iter_mut()
+            .find(|d| d.oid == row.db_oid)
+            .and_then(|d| d.tables.as_mut())
+        else {
+            continue;
+        };
+        match tables.iter_mut().find(|t| t.oid == row.rel_oid) {
+            Some(table) => {
+                table.schema = row.schema.clone();
+                table.name = row.name.clone();
+            }
+            None => tables.push(TableContents {
+                oid: row.rel_oid,
+                schema: row.schema.clone(),
+                name: row.name.clone(),
+                kind: row.kind.clone(),
+                size: 0,
+            }),
+        }
+    }
+}
+
+/// The tables a list holds, by the rule of the SQL that reads it
+/// (strata_engine's `contents`): tables and materialized views (the names
+/// read for recovery events have no partitioned or foreign tables) outside
+/// the schemas reserved to the system.
+fn is_user_table(schema: &str, kind: &str) -> bool {
+    matches!(kind, "r" | "p" | "m" | "f")
+        && schema != "information_schema"
+        && !schema.starts_with("pg_")
+}
+
 /// Takes out of `contents` what `events` (recovery events committed after
-/// the set) dropped: whole databases by OID, tables by database OID,
-/// schema and name. A table dropped and created again under its name is
-/// still taken out: the list does not know of creations.
-fn apply_drops(contents: &mut BackupContents, events: &[RecoveryEvent]) {
+/// the set, up to the time asked for) dropped: whole databases by OID,
+/// tables by their OID when the dropped file's is known (`oid_of`), else
+/// by schema and name.
+fn apply_drops(
+    contents: &mut BackupContents,
+    events: &[RecoveryEvent],
+    oid_of: impl Fn(u32, u32) -> Option<u32>,
+) {
     for e in events {
         let Some(db_oid) = e.db_oid else { continue };
         match e.kind.as_str() {
             "DropDatabase" => contents.databases.retain(|d| d.oid != db_oid),
             "DropTable" => {
-                let (Some(schema), Some(table)) = (&e.schema, &e.table) else {
+                let rel_oid = e.relfilenode.and_then(|f| oid_of(db_oid, f));
+                let name = e.schema.as_ref().zip(e.table.as_ref());
+                if rel_oid.is_none() && name.is_none() {
                     continue;
-                };
+                }
                 for d in contents.databases.iter_mut().filter(|d| d.oid == db_oid) {
                     if let Some(tables) = &mut d.tables {
-                        tables.retain(|t| !(t.schema == *schema && t.name == *table));
+                        tables.retain(|t| match (rel_oid, name) {
+                            (Some(oid), _) => t.oid != oid,
+                            (None, Some((schema, table))) => {
+                                !(t.schema == *schema && t.name == *table)
+                            }
+                            (None, None) => true,
+                        });
                     }
                 }
             }
@@ -140,8 +229,16 @@ impl Service {
                 )
             })?;
         let mut found = read(self.engine.repo(), set, Some(t))?;
+        let (relations, databases) = self.engine.catalog().list_names(instance_id)?;
+        apply_names(&mut found.contents, &relations, &databases, t);
+        let oids: HashMap<(u32, u32), u32> = relations
+            .iter()
+            .map(|r| ((r.db_oid, r.relfilenode), r.rel_oid))
+            .collect();
+        // Drops committed after the set's stop position: some may precede
+        // the list's read (and are then no-ops), none is missed.
         let filter = EventFilter {
-            since: set.finished_at,
+            since: Some(set.started_at),
             until: Some(t),
             kinds: vec!["DropTable".into(), "DropDatabase".into()],
             ..Default::default()
@@ -153,7 +250,9 @@ impl Service {
             .into_iter()
             .filter(|e| stop.is_none_or(|s| e.lsn >= s))
             .collect();
-        apply_drops(&mut found.contents, &events);
+        apply_drops(&mut found.contents, &events, |db, file| {
+            oids.get(&(db, file)).copied()
+        });
         Ok(found)
     }
 
@@ -221,15 +320,18 @@ mod tests {
                 db(7, "gone", vec![]),
             ],
         };
+        let mut no_name = event("DropTable", 6, None, None);
+        no_name.relfilenode = Some(99999);
         apply_drops(
             &mut contents,
             &[
                 event("DropTable", 5, Some("public"), Some("orders")),
                 event("Truncate", 6, Some("public"), Some("orders")),
-                // A drop whose table had no name known: nothing to match.
-                event("DropTable", 6, None, None),
+                // A drop whose table had no name or OID known: nothing to match.
+                no_name,
                 event("DropDatabase", 7, None, None),
             ],
+            |_, _| None,
         );
         let names: Vec<(String, Vec<String>)> = contents
             .databases
@@ -247,6 +349,90 @@ mod tests {
             vec![
                 ("shop".to_string(), vec!["s\"x.orders".to_string()]),
                 ("crm".to_string(), vec!["public.orders".to_string()]),
+            ]
+        );
+    }
+
+    fn rel(
+        db_oid: u32,
+        file: u32,
+        rel_oid: u32,
+        name: &str,
+        seen: DateTime<Utc>,
+    ) -> RelationNameRow {
+        RelationNameRow {
+            instance_id: "pg".into(),
+            db_oid,
+            relfilenode: file,
+            rel_oid,
+            schema: "public".into(),
+            name: name.into(),
+            kind: "r".into(),
+            seen_at: seen,
+        }
+    }
+
+    #[test]
+    fn names_seen_between_the_list_and_the_time_bring_it_forward() {
+        let read_at = Utc::now();
+        let at = |secs: i64| read_at + chrono::Duration::seconds(secs);
+        let mut orders = table("public", "orders");
+        orders.oid = 100;
+        let mut contents = BackupContents {
+            read_at,
+            databases: vec![DatabaseContents {
+                oid: 5,
+                name: "shop".into(),
+                size: None,
+                tables: Some(vec![orders]),
+                truncated: false,
+            }],
+        };
+        let mut toast = rel(5, 301, 201, "pg_toast_200", at(2));
+        toast.schema = "pg_toast".into();
+        toast.kind = "t".into();
+        let relations = [
+            // Seen before the list was read: already in it (or gone).
+            rel(5, 300, 150, "older", at(-5)),
+            // orders renamed, then a table created, then one created too late.
+            rel(5, 310, 100, "orders_2025", at(2)),
+            rel(5, 311, 200, "invoices", at(3)),
+            toast,
+            rel(5, 312, 250, "after_the_time", at(30)),
+            // A database created in between, with a table.
+            rel(9, 400, 500, "crm_people", at(4)),
+        ];
+        let databases = [DatabaseNameRow {
+            instance_id: "pg".into(),
+            db_oid: 9,
+            name: "crm".into(),
+            seen_at: at(4),
+        }];
+        apply_names(&mut contents, &relations, &databases, at(10));
+        // invoices (file 311) dropped again before the time, found by its OID.
+        let mut dropped = event("DropTable", 5, Some("public"), Some("renamed_since"));
+        dropped.relfilenode = Some(311);
+        apply_drops(&mut contents, &[dropped], |db, file| {
+            relations
+                .iter()
+                .find(|r| (r.db_oid, r.relfilenode) == (db, file))
+                .map(|r| r.rel_oid)
+        });
+        let listed: Vec<(String, Vec<String>)> = contents
+            .databases
+            .iter()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    d.tables.iter().flatten().map(|t| t.name.clone()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("shop".to_string(), vec!["orders_2025".to_string()]),
+                ("crm".to_string(), vec!["crm_people".to_string()]),
             ]
         );
     }
