@@ -11,6 +11,8 @@ import subprocess
 import time
 from datetime import datetime, timedelta
 
+from selenium.webdriver.support.ui import Select
+
 from conftest import answers, psql, strata_json, wait_clone_running, wait_task_finished
 
 LOG_OFF_WARNING = "Disabling log backup permanently deletes all existing log backup files"
@@ -459,6 +461,18 @@ def test_clone_by_backup_set_becomes_a_running_instance(console, env, api):
 def test_restore_a_database_into_the_original(console, env):
     instance = env["instance"]
     console.go(f"/console/instances/{instance}/restore")
+    # The chosen set's databases, as DescribeBackupDatabase lists them, are offered in each row.
+    sets = console.finds("#db-set option")
+    offered = lambda: {o.get_attribute("value") for o in console.finds("#db-choices option")}
+    assert {"postgres", "shop"} <= offered(), offered()
+    assert console.find("#db-form input[name=db_name]").get_attribute("list") == "db-choices"
+    assert f"Backup set {sets[0].get_attribute('value')} holds" in console.text("#db-choices-hint")
+    # Another set chosen: its own list replaces the first.
+    oldest = sets[-1].get_attribute("value")
+    Select(console.find("#db-set")).select_by_value(oldest)
+    console.wait("the oldest set's databases", lambda: f"Backup set {oldest} holds" in console.text("#db-choices-hint"))
+    assert "postgres" in offered()
+    Select(console.find("#db-set")).select_by_value(sets[0].get_attribute("value"))
     names = console.finds("#db-form input[name=db_name]")
     new_names = console.finds("#db-form input[name=db_newname]")
     names[0].send_keys("shop")

@@ -246,6 +246,9 @@ def check_ddr_before_restoring(admin, instance_id, t, cross_backup_id):
         ok = check_ddr(client, restore_time=h.fmt_seconds(t), **by_time)
         assert ok.is_valid == "true" and ok.request_id, ok.to_map()
         assert check_ddr(client, restore_type="0", backup_set_id=str(cross_backup_id)).is_valid == "true"
+        # A check only reads: a read-only key may ask it.
+        ro = h.make_client(sig, *h.read_only_key())
+        assert check_ddr(ro, restore_type="0", backup_set_id=str(cross_backup_id)).is_valid == "true"
 
         raw = h.call(client, "CheckCreateDdrDBInstance", RegionId=TARGET, Engine="PostgreSQL",
                      RestoreType="1", SourceDBInstanceName=instance_id, SourceRegion=PRIMARY,

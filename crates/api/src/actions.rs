@@ -22,6 +22,7 @@ use crate::advanced;
 use crate::cross_region;
 use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::log_files::{self, Listing};
+use crate::meta;
 use crate::params::{page, Params};
 use crate::ApiState;
 
@@ -36,10 +37,12 @@ pub const ACTIONS: &[&str] = &[
     "DeleteDBInstance",
     "DescribeAvailableCrossRegion",
     "DescribeAvailableRecoveryTime",
+    "DescribeBackupDatabase",
     "DescribeBackupPolicy",
     "DescribeBackupTasks",
     "DescribeBackups",
     "DescribeBinlogFiles",
+    "DescribeCrossBackupMetaList",
     "DescribeCrossRegionBackupDBInstance",
     "DescribeCrossRegionBackups",
     "DescribeCrossRegionLogBackupFiles",
@@ -49,6 +52,7 @@ pub const ACTIONS: &[&str] = &[
     "DescribeInstanceCrossBackupPolicy",
     "DescribeLocalAvailableRecoveryTime",
     "DescribeLogBackupFiles",
+    "DescribeMetaList",
     "ModifyBackupPolicy",
     "ModifyBackupSetExpireTime",
     "ModifyInstanceCrossBackupPolicy",
@@ -97,12 +101,14 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "StrataDescribeRecoveryEvents" => describe_recovery_events(svc, p),
         "DescribeAvailableCrossRegion" => cross_region::describe_available_regions(svc, p),
         "DescribeAvailableRecoveryTime" => cross_region::describe_recovery_time(svc, p),
+        "DescribeBackupDatabase" => meta::describe_backup_database(svc, p).await,
         "DescribeBackupPolicy" => describe_backup_policy(svc, p),
         "DescribeBackupTasks" => describe_backup_tasks(svc, p),
         "DescribeBackups" => describe_backups(state, p).await,
         "DescribeBinlogFiles" => log_files::describe(state, p, Listing::Binlog),
         "DescribeLogBackupFiles" => log_files::describe(state, p, Listing::LogBackup),
         "DescribeCrossRegionBackupDBInstance" => cross_region::describe_instances(svc, p),
+        "DescribeCrossBackupMetaList" => cross_region::describe_meta_list(svc, p).await,
         "DescribeCrossRegionBackups" => cross_region::describe_backups(svc, p),
         "DescribeDetachedBackups" => describe_detached_backups(state, p),
         "DescribeCrossRegionLogBackupFiles" => cross_region::describe_log_files(svc, p),
@@ -110,6 +116,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "DescribeDBInstanceAttribute" => describe_instance_attribute(svc, p),
         "DescribeDBInstances" => describe_instances(svc, p),
         "DescribeLocalAvailableRecoveryTime" => describe_recovery_time(svc, p),
+        "DescribeMetaList" => meta::describe_meta_list(svc, p).await,
         "ModifyBackupPolicy" => modify_backup_policy(svc, p).await,
         "ModifyBackupSetExpireTime" => modify_backup_expiry(svc, p),
         "ModifyInstanceCrossBackupPolicy" => cross_region::modify_policy(svc, p),
@@ -173,7 +180,7 @@ fn engine_version(v: Option<u32>) -> String {
 /// Runs a service query that may measure the repository (usage before the
 /// first sample walks every object) on the blocking pool, never on the
 /// request's runtime thread.
-async fn off_runtime<T: Send + 'static>(
+pub(crate) async fn off_runtime<T: Send + 'static>(
     svc: &Arc<Service>,
     query: impl FnOnce(&Service) -> Result<T, strata_service::ServiceError> + Send + 'static,
 ) -> ApiResult<T> {

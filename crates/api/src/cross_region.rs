@@ -486,3 +486,35 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
         "OrderId": "",
     })))
 }
+
+/// `DescribeCrossBackupMetaList`: the databases, or one database's tables,
+/// of a cross-region copy (`BackupSetId` is its `CrossBackupId`), read
+/// from the copy's own region.
+pub async fn describe_meta_list(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let query = crate::meta::MetaQuery::from_params(p)?;
+    let raw = p.required("BackupSetId")?;
+    let id: i64 = raw.trim().parse().map_err(|_| {
+        ApiError::bad(
+            "InvalidBackupSetID.Malformed",
+            format!(
+                "BackupSetId must be a cross-region backup id (an integer), got {}",
+                quoted(raw)
+            ),
+        )
+    })?;
+    let not_found =
+        |why: String| ApiError::new(StatusCode::NOT_FOUND, "InvalidBackupSetID.NotFound", why);
+    let copy =
+        find_copy(svc, None, id).map_err(|_| not_found(format!("no cross-region backup {id}")))?;
+    if let Some(region) = p.get("Region").filter(|r| *r != copy.region) {
+        return Err(not_found(format!(
+            "cross-region backup {id} is in region {}, not {}",
+            copy.region,
+            quoted(region)
+        )));
+    }
+    let found = crate::actions::off_runtime(svc, move |svc| svc.copy_contents(&copy)).await?;
+    let mut fields = crate::meta::meta_fields(&found, &query)?;
+    fields.insert("StrataCrossBackupId".into(), json!(id));
+    Ok(fields)
+}

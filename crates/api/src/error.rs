@@ -195,6 +195,7 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::KeepMalformed => "InvalidKeepUntil.Malformed",
         Refusal::ExpireTimeTooEarly => "InvalidExpectExpireTime",
         Refusal::BackupSetNotSuccessful => "IncorrectBackupSetState",
+        Refusal::NoContents => "IncorrectBackupSetState",
     }
 }
 
@@ -202,9 +203,10 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
 /// resource's state forbids ("Incorrect…") with 403, a malformed one with 400.
 pub fn refusal_status(kind: Refusal) -> StatusCode {
     match kind {
-        Refusal::BackupSetKept | Refusal::NotCreatedByStrata | Refusal::BackupSetNotSuccessful => {
-            StatusCode::FORBIDDEN
-        }
+        Refusal::BackupSetKept
+        | Refusal::NotCreatedByStrata
+        | Refusal::BackupSetNotSuccessful
+        | Refusal::NoContents => StatusCode::FORBIDDEN,
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -366,6 +368,7 @@ mod tests {
             (Refusal::KeepMalformed, "InvalidKeepUntil.Malformed"),
             (Refusal::ExpireTimeTooEarly, "InvalidExpectExpireTime"),
             (Refusal::BackupSetNotSuccessful, "IncorrectBackupSetState"),
+            (Refusal::NoContents, "IncorrectBackupSetState"),
         ];
         for (kind, code) in cases {
             let e = ApiError::from(PolicyError {

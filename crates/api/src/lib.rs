@@ -16,6 +16,7 @@ mod cross_region;
 mod download;
 mod error;
 mod log_files;
+mod meta;
 mod params;
 
 use std::net::SocketAddr;
@@ -275,15 +276,16 @@ pub async fn invoke(
             ),
         ));
     }
-    if principal.read_only
-        && !action.starts_with("Describe")
-        && !action.starts_with("StrataDescribe")
-    {
+    // Describe* and Check* only read; a read-only key may call them.
+    let reads = ["Describe", "StrataDescribe", "Check"]
+        .iter()
+        .any(|prefix| action.starts_with(prefix));
+    if principal.read_only && !reads {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Forbidden.ReadOnlyAccessKey",
             format!(
-                "AccessKey {} is read-only: it may call only Describe* actions, not {action}.",
+                "AccessKey {} is read-only: it may call only Describe* and Check* actions, not {action}.",
                 principal.access_key_id
             ),
         ));

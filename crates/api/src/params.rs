@@ -156,6 +156,30 @@ impl Params {
     }
 }
 
+impl Params {
+    /// `PageIndex` (≥ 1) and `PageSize` (1 to `max`) as the meta lists
+    /// take them: both checked when given, and paging only when both are
+    /// (RDS: each "takes effect only when specified together" with the
+    /// other).
+    pub fn index_paging(&self, max: i64) -> ApiResult<Option<(usize, usize)>> {
+        let index = self.int("PageIndex")?;
+        if let Some(i) = index.filter(|i| *i < 1) {
+            return Err(ApiError::bad(
+                "InvalidPageIndex.Malformed",
+                format!("PageIndex must be 1 or more, got {i}"),
+            ));
+        }
+        let size = self.int("PageSize")?;
+        if let Some(s) = size.filter(|s| !(1..=max).contains(s)) {
+            return Err(ApiError::bad(
+                "InvalidPageSize.Malformed",
+                format!("PageSize must be 1 to {max}, got {s}"),
+            ));
+        }
+        Ok(index.zip(size).map(|(i, s)| (i as usize, s as usize)))
+    }
+}
+
 pub fn parse_time(v: &str) -> Option<DateTime<Utc>> {
     let v = v.trim();
     ["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%MZ"]
@@ -249,6 +273,27 @@ mod tests {
             "InvalidPageNumber.Malformed"
         );
         assert_eq!(page(&[1, 2, 3, 4, 5], 2, 2), vec![3, 4]);
+        let both = p(&[("PageIndex", "3"), ("PageSize", "20")]);
+        assert_eq!(both.index_paging(1000).unwrap(), Some((3, 20)));
+        assert_eq!(p(&[("PageSize", "20")]).index_paging(1000).unwrap(), None);
+        for (pairs, code) in [
+            (
+                &[("PageIndex", "0"), ("PageSize", "5")][..],
+                "InvalidPageIndex.Malformed",
+            ),
+            (&[("PageIndex", "two")][..], "InvalidPageIndex.Malformed"),
+            (&[("PageSize", "1001")][..], "InvalidPageSize.Malformed"),
+            (
+                &[("PageIndex", "1"), ("PageSize", "0")][..],
+                "InvalidPageSize.Malformed",
+            ),
+        ] {
+            assert_eq!(
+                p(pairs).index_paging(1000).unwrap_err().code,
+                code,
+                "{pairs:?}"
+            );
+        }
         assert!(page(&[1, 2, 3], 3, 2).is_empty());
     }
 }

@@ -200,6 +200,39 @@
       form.querySelectorAll("input[name=restore_by]").forEach((r) => r.addEventListener("change", show));
       show();
     });
+    setupDatabaseChoices();
+  }
+
+  // ----- Databases form: the chosen set's databases are offered -----
+  function setupDatabaseChoices() {
+    const select = document.getElementById("db-set");
+    const list = document.getElementById("db-choices");
+    const hint = document.getElementById("db-choices-hint");
+    if (!select || !list || !hint) return;
+    select.addEventListener("change", async () => {
+      const url = hint.dataset.url + "?backup_id=" + encodeURIComponent(select.value);
+      let answer;
+      try {
+        const resp = await fetch(url, { credentials: "same-origin" });
+        answer = await resp.json();
+      } catch (e) {
+        hint.textContent = "The databases of backup set " + select.value + " could not be read.";
+        return;
+      }
+      if (answer.BackupId !== select.value) return;
+      list.replaceChildren();
+      if (answer.Databases) {
+        answer.Databases.forEach((name) => {
+          const option = document.createElement("option");
+          option.value = name;
+          list.appendChild(option);
+        });
+        hint.textContent = "Backup set " + answer.BackupId + " holds " + answer.Databases.length +
+          " databases: pick one in each row.";
+      } else {
+        hint.textContent = "No list of databases for backup set " + answer.BackupId + ": " + answer.Error;
+      }
+    });
   }
 
   // ----- recovery events: a marker pointed at or focused is described -----

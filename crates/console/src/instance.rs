@@ -1459,6 +1459,103 @@ struct RestoreView {
     clone: RestoreForm,
     databases: RestoreForm,
     error: Option<(RestoreKind, ApiError)>,
+    /// The databases of the set the Databases form restores from.
+    choices: Option<SetChoices>,
+}
+
+/// The databases a backup set holds (`DescribeBackupDatabase`), offered
+/// in the Databases form, or why the set has no list.
+#[derive(Debug, Clone)]
+struct SetChoices {
+    backup_id: String,
+    databases: Result<Vec<String>, String>,
+}
+
+impl SetChoices {
+    /// Asks the API as the signed-in key.
+    async fn read(
+        state: &ConsoleState,
+        who: &Signed,
+        instance_id: &str,
+        backup_id: &str,
+    ) -> SetChoices {
+        let params = vec![
+            ("DBInstanceId", instance_id.to_string()),
+            ("BackupId", backup_id.to_string()),
+        ];
+        let databases = match state.call(who, "DescribeBackupDatabase", params).await {
+            Ok(answer) => Ok(answer
+                .get("StrataDatabaseNames")
+                .and_then(Value::as_array)
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()),
+            Err(e) => Err(e.message),
+        };
+        SetChoices {
+            backup_id: backup_id.to_string(),
+            databases,
+        }
+    }
+
+    /// The set the form restores from: the one chosen, else the newest
+    /// successful one (the list's first option).
+    async fn for_form(
+        state: &ConsoleState,
+        who: &Signed,
+        inst: &Instance,
+        form: &RestoreForm,
+    ) -> Option<SetChoices> {
+        let chosen = match form.backup_id.as_str() {
+            "" => state
+                .service
+                .backup_sets(&inst.id)
+                .ok()?
+                .into_iter()
+                .rev()
+                .find(|b| b.status == BackupStatus::Success)?
+                .id
+                .to_string(),
+            id => id.to_string(),
+        };
+        Some(SetChoices::read(state, who, &inst.id, &chosen).await)
+    }
+
+    /// As the page's script receives it when another set is chosen.
+    fn json(&self) -> Value {
+        match &self.databases {
+            Ok(names) => serde_json::json!({"BackupId": self.backup_id, "Databases": names}),
+            Err(why) => serde_json::json!({"BackupId": self.backup_id, "Error": why}),
+        }
+    }
+}
+
+/// `GET /console/instances/{id}/restore/databases?backup_id=…`: the
+/// databases of one set as JSON, for the Databases form's suggestions.
+pub async fn set_databases(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Query(q): Query<SetQuery>,
+) -> Response {
+    let inst = match load(&state, &id) {
+        Ok(i) => i,
+        Err(e) => return missing(&page, e),
+    };
+    let choices = SetChoices::read(&state, &page.who, &inst.id, &q.backup_id).await;
+    axum::Json(choices.json()).into_response()
+}
+
+/// The query of [`set_databases`].
+#[derive(Debug, Deserialize)]
+pub struct SetQuery {
+    #[serde(default)]
+    backup_id: String,
 }
 
 impl RestoreView {
@@ -1489,7 +1586,9 @@ pub async fn restore(
         Err(e) => return missing(&page, e),
     };
     let events = events::section(&state, &page.who, &inst, &q, None).await;
-    let body = restore_body(&state, &page.who, &inst, &RestoreView::default(), events);
+    let mut view = RestoreView::default();
+    view.choices = SetChoices::for_form(&state, &page.who, &inst, &view.databases).await;
+    let body = restore_body(&state, &page.who, &inst, &view, events);
     render(&state, page, &inst, Tab::Restore, StatusCode::OK, body)
 }
 
@@ -1584,6 +1683,7 @@ async fn submit_restore(
                 RestoreKind::Databases => view.databases = values,
             }
             view.error = Some((kind, e));
+            view.choices = SetChoices::for_form(&state, &page.who, &inst, &view.databases).await;
             let events =
                 events::section(&state, &page.who, &inst, &EventQuery::default(), None).await;
             let body = restore_body(&state, &page.who, &inst, &view, events);
@@ -1648,7 +1748,9 @@ pub async fn restore_event(
         Err(e) => {
             let events =
                 events::section(&state, &page.who, &inst, &EventQuery::default(), Some(&e)).await;
-            let body = restore_body(&state, &page.who, &inst, &RestoreView::default(), events);
+            let mut view = RestoreView::default();
+            view.choices = SetChoices::for_form(&state, &page.who, &inst, &view.databases).await;
+            let body = restore_body(&state, &page.who, &inst, &view, events);
             render(&state, page, &inst, Tab::Restore, e.status, body)
         }
     }
@@ -1789,11 +1891,27 @@ fn restore_form(
                                 @let (name, new) = v.databases.get(i).cloned().unwrap_or_default();
                                 div.dbrow {
                                     input name="db_name" value=(name) placeholder="database" aria-label=(format!("Database {}", i + 1))
-                                        aria-invalid=[invalid("databases")] spellcheck="false";
+                                        aria-invalid=[invalid("databases")] spellcheck="false" list="db-choices" autocomplete="off";
                                     span.muted { "as" }
                                     input name="db_newname" value=(new) placeholder="new name" aria-label=(format!("Restore database {} as", i + 1))
                                         aria-invalid=[invalid("databases")] spellcheck="false";
                                 }
+                            }
+                        }
+                        datalist #db-choices {
+                            @if let Some(Ok(names)) = view.choices.as_ref().map(|c| &c.databases) {
+                                @for n in names { option value=(n) {} }
+                            }
+                        }
+                        p.hint #db-choices-hint data-url=(format!("{}/restore/databases", base(&inst.id))) {
+                            @match &view.choices {
+                                Some(SetChoices { backup_id, databases: Ok(names) }) => {
+                                    "Backup set " (backup_id) " holds " (names.len()) " databases: pick one in each row."
+                                }
+                                Some(SetChoices { backup_id, databases: Err(why) }) => {
+                                    "No list of databases for backup set " (backup_id) ": " (why)
+                                }
+                                None => {}
                             }
                         }
                         p.hint { "Leave rows you do not need empty." }

@@ -133,7 +133,7 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         )
         .route(
             "/console/instances/{id}/restore/databases",
-            post(instance::restore_databases),
+            get(instance::set_databases).post(instance::restore_databases),
         )
         .route(
             "/console/instances/{id}/restore/event",

@@ -28,8 +28,8 @@ use strata_catalog::{
     JobKind, JobState, TakenUnder,
 };
 use strata_repo::{
-    AddedBlocks, BackupManifest, BackupStats, BlockIndex, BlockRef, BlockWriter, FileEntry,
-    FileKind, PreparedBlock, Repository,
+    AddedBlocks, BackupContents, BackupManifest, BackupStats, BlockIndex, BlockRef, BlockWriter,
+    FileEntry, FileKind, PreparedBlock, Repository,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -359,32 +359,38 @@ impl Engine {
         );
 
         let wal = BackupWal::start(self, instance, wal_session, slot, &start, geometry);
+        let reader = instance.clone();
+        let backup_id = set.id.clone();
         let run = BackupRun {
             instance: &*instance,
             set,
             job,
             progress,
         };
-        self.consume_backup(run, &start, base, &mut bb, |stop| wal.stored(stop))
-            .await
+        self.consume_backup(run, &start, base, &mut bb, |stop| async move {
+            wal.stored(stop).await?;
+            Ok(crate::contents::read_contents_or_none(&reader, &backup_id).await)
+        })
+        .await
     }
 
     /// Everything a backup does once the server streams: records the start,
     /// feeds the stream to a [`BackupReceiver`], checks it, waits until
-    /// `wal_stored` says the WAL up to the end position is stored, commits
-    /// the manifest and records its figures in the set. The caller records
-    /// the outcome ([`Engine::record_backup_outcome`]).
+    /// `before_commit` says the WAL up to the end position is stored (it
+    /// answers the databases and tables read from the server, if any),
+    /// commits the manifest and records its figures in the set. The caller
+    /// records the outcome ([`Engine::record_backup_outcome`]).
     async fn consume_backup<W, F>(
         &self,
         run: BackupRun<'_>,
         start: &StreamStart,
         base: Option<IncrementalBase>,
         events: &mut impl BackupEvents,
-        wal_stored: W,
+        before_commit: W,
     ) -> EngineResult<()>
     where
         W: FnOnce(Lsn) -> F,
-        F: std::future::Future<Output = EngineResult<()>>,
+        F: std::future::Future<Output = EngineResult<Option<BackupContents>>>,
     {
         let BackupRun {
             instance,
@@ -419,10 +425,10 @@ impl Engine {
             "backup {}: waiting for WAL up to {stop_lsn}",
             set.id
         ));
-        wal_stored(stop_lsn).await?;
+        let contents = before_commit(stop_lsn).await?;
         tracing::debug!("backup {}: WAL up to {stop_lsn} stored", set.id);
 
-        let manifest = receiver.commit(set, start).await?;
+        let manifest = receiver.commit(set, start, contents).await?;
         let stats = &manifest.stats;
         if let Some(from) = &manifest.incremental_from {
             progress.message(&format!(

@@ -243,6 +243,7 @@ mod tests {
             incremental_from: None,
             received_bytes: None,
             stats: BackupStats::default(),
+            contents: None,
         })
         .unwrap();
     }

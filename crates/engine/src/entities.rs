@@ -226,6 +226,7 @@ mod tests {
                 dedup_blocks: 4,
                 packs: 1,
             },
+            contents: None,
         }
     }
 

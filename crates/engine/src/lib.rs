@@ -13,6 +13,7 @@ mod beneath;
 mod blocking;
 mod catalog_retry;
 mod connect;
+mod contents;
 mod copy;
 mod delta;
 mod entities;

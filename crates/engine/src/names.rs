@@ -189,7 +189,7 @@ fn relations_sql(limit: usize) -> String {
     )
 }
 
-fn oid(v: &Option<String>, what: &str) -> EngineResult<u32> {
+pub(crate) fn oid(v: &Option<String>, what: &str) -> EngineResult<u32> {
     v.as_deref()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| EngineError::Failed(format!("the server answered {v:?} for {what}")))
@@ -198,7 +198,7 @@ fn oid(v: &Option<String>, what: &str) -> EngineResult<u32> {
 /// A name as the server sent it; one no PostgreSQL would send (a NUL
 /// byte, longer than `NAMEDATALEN` allows) is refused, as it could not be
 /// stored or shown as it is.
-fn text(v: &Option<String>, what: &str) -> EngineResult<String> {
+pub(crate) fn text(v: &Option<String>, what: &str) -> EngineResult<String> {
     let v = v
         .clone()
         .ok_or_else(|| EngineError::Failed(format!("the server answered NULL for {what}")))?;
@@ -245,7 +245,10 @@ impl Engine {
     }
 }
 
-async fn sql_session(instance: &Instance, dbname: Option<&str>) -> EngineResult<ReplicationClient> {
+pub(crate) async fn sql_session(
+    instance: &Instance,
+    dbname: Option<&str>,
+) -> EngineResult<ReplicationClient> {
     let mut opts = connect_options(instance)?;
     opts.replication = false;
     if let Some(db) = dbname {

@@ -317,6 +317,7 @@ impl Engine {
             incremental_from: base.as_ref().map(|b| b.backup_id.clone()),
             received_bytes: Some(read_bytes),
             stats: stats.clone(),
+            contents: None,
         };
         // Changed while it was read: nothing is committed.
         let listing = req

@@ -32,7 +32,10 @@ use thiserror::Error;
 pub use crypto::{EncryptionConfig, KeySource, Keys};
 pub use gc::{GcReport, PendingPacks};
 pub use index::{index_prefix, AddedBlocks, BlockIndex, IndexRebuild, INDEX_RUN_VERSION};
-pub use manifest::{BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry};
+pub use manifest::{
+    BackupContents, BackupManifest, BackupStats, DatabaseContents, FileEntry, FileKind,
+    TableContents, TablespaceEntry,
+};
 pub use object::ObjectKind;
 pub use storage::{
     LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy, RetryingStorage, S3Config,
@@ -571,6 +574,45 @@ impl Repository {
         self.decode_manifest(&key, &bytes)
     }
 
+    /// The databases and tables recorded with a backup set (`None` for a
+    /// set taken before they were recorded), without building its file
+    /// list: a large set's manifest holds millions of block references.
+    pub fn read_contents(
+        &self,
+        instance_id: &str,
+        backup_id: &str,
+    ) -> RepoResult<Option<BackupContents>> {
+        /// The manifest's fields this reader needs; the others are skipped.
+        #[derive(serde::Deserialize)]
+        struct ContentsOnly {
+            #[serde(default)]
+            format_version: u32,
+            #[serde(default)]
+            contents: Option<BackupContents>,
+        }
+        let key = manifest_key(instance_id, backup_id);
+        let bytes = match self.storage.get(&key) {
+            Ok(b) => b,
+            Err(StorageError::NotFound(_)) => {
+                return Err(RepoError::BackupNotFound(backup_id.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let opened = open::<serde_json::Value>(&self.keys, &key, ObjectKind::Manifest, &bytes)?;
+        let read: ContentsOnly =
+            serde_json::from_slice(&opened.payload).map_err(|e| RepoError::Corrupt {
+                object: key.clone(),
+                reason: e.to_string(),
+            })?;
+        if read.format_version > manifest::MANIFEST_VERSION {
+            return Err(RepoError::NewerFormat {
+                found: read.format_version,
+                supported: manifest::MANIFEST_VERSION,
+            });
+        }
+        Ok(read.contents)
+    }
+
     fn decode_manifest(&self, key: &str, bytes: &[u8]) -> RepoResult<BackupManifest> {
         let opened = open::<serde_json::Value>(&self.keys, key, ObjectKind::Manifest, bytes)?;
         let raw: serde_json::Value =
@@ -1086,6 +1128,39 @@ mod tests {
         assert_eq!(stats.dedup_blocks, 1);
         assert_eq!(repo.read_block(&ra).unwrap(), a);
         assert_eq!(repo.read_block(&rb).unwrap(), b);
+    }
+
+    #[test]
+    fn contents_are_read_back_alone_and_absent_in_older_sets() {
+        let (_d, repo) = repo();
+        let old = crate::manifest::one_file_manifest("i", "1000", Vec::new(), 0);
+        repo.commit_manifest(&old).unwrap();
+        let mut new = crate::manifest::one_file_manifest("i", "2000", Vec::new(), 0);
+        let contents = BackupContents {
+            read_at: Utc::now(),
+            databases: vec![DatabaseContents {
+                oid: 16384,
+                name: "a,b 'c\"".into(),
+                size: Some(7_000_000),
+                tables: Some(vec![TableContents {
+                    oid: 16390,
+                    schema: "s.x".into(),
+                    name: "表".into(),
+                    kind: "r".into(),
+                    size: 8192,
+                }]),
+                truncated: false,
+            }],
+        };
+        new.contents = Some(contents.clone());
+        repo.commit_manifest(&new).unwrap();
+        assert_eq!(repo.read_contents("i", "2000").unwrap(), Some(contents));
+        assert_eq!(repo.read_manifest("i", "2000").unwrap(), new);
+        assert_eq!(repo.read_contents("i", "1000").unwrap(), None);
+        assert!(matches!(
+            repo.read_contents("i", "3000"),
+            Err(RepoError::BackupNotFound(_))
+        ));
     }
 
     /// Bytes zstd cannot shrink (xorshift), for incompressible blocks.

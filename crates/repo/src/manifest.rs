@@ -61,6 +61,56 @@ pub struct BackupManifest {
     pub received_bytes: Option<u64>,
     /// What the backup wrote.
     pub stats: BackupStats,
+    /// The databases and tables the server listed while the backup ran;
+    /// absent for sets taken before Strata recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contents: Option<BackupContents>,
+}
+
+/// The databases of a backup set and each one's tables, as the server
+/// listed them over SQL sessions once the backup's files were received
+/// (`pg_database`, `pg_class`): what a restore of the set can offer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupContents {
+    /// When the server was read.
+    pub read_at: DateTime<Utc>,
+    /// Every database that is not a template, by name.
+    pub databases: Vec<DatabaseContents>,
+}
+
+/// One database of a backup set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DatabaseContents {
+    /// `pg_database.oid`.
+    pub oid: u32,
+    /// Database name.
+    pub name: String,
+    /// `pg_database_size`, when the role could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Its tables, by schema and name; absent when the database could not
+    /// be read (it refuses connections, or the role may not connect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<TableContents>>,
+    /// More tables than a set records: the list holds the first ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// One table of a database in a backup set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TableContents {
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// `pg_class.relkind`: `r` table, `p` partitioned table, `m`
+    /// materialized view, `f` foreign table.
+    pub kind: String,
+    /// `pg_total_relation_size`: the table with its indexes and TOAST.
+    pub size: u64,
 }
 
 /// A tablespace of the backed-up server.

@@ -268,6 +268,7 @@ fn write_backup(root: &Path) {
         incremental_from: None,
         received_bytes: None,
         stats,
+        contents: None,
     })
     .unwrap();
 }

@@ -3,7 +3,8 @@
 //! the seal redone as anyone holding a plain repository's key can, the JSON
 //! inside) and packs (header, blob headers, index, trailer; again also
 //! re-sealed). Seeds: `fuzz-corpus/manifest/` (manifest payloads shaped as
-//! Strata writes them, one with a tablespace and its link) and
+//! Strata writes them, one with a tablespace and its link, one with the
+//! databases and tables of its set) and
 //! `fuzz-corpus/pack/` (a pack written by `PackBuilder`). Property: no panic,
 //! no allocation sized by a length field, and either a typed error or a
 //! value that passes its own checks (`BackupManifest::validate`; every blob
@@ -40,12 +41,22 @@ fn fuzz_manifest() {
     std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
     let read = |bytes: &[u8]| {
         std::fs::write(&path, bytes).expect("write");
+        // The reader of the contents alone never panics, and agrees with
+        // the whole manifest's reader whenever both accept (it parses the
+        // bytes directly, so it refuses duplicate keys the other's JSON
+        // tree lets the last one win).
+        let contents = repo.read_contents("fuzz", "b");
         match repo.read_manifest("fuzz", "b") {
-            Ok(m) => assert_eq!(
-                m.validate(),
-                Ok(()),
-                "an accepted manifest fails its checks"
-            ),
+            Ok(m) => {
+                assert_eq!(
+                    m.validate(),
+                    Ok(()),
+                    "an accepted manifest fails its checks"
+                );
+                if let Ok(c) = contents {
+                    assert_eq!(c, m.contents, "the two readers disagree");
+                }
+            }
             Err(RepoError::Storage(e)) => panic!("storage failed: {e}"),
             Err(_) => {}
         }

@@ -22,6 +22,7 @@
 
 mod agent_clones;
 mod clock;
+mod contents;
 mod cross_region;
 mod drills;
 pub mod fleet;
@@ -54,6 +55,7 @@ use strata_catalog::{
 use strata_engine::{Engine, EngineError};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use contents::SetContents;
 pub use cross_region::{
     recovery_window, CopyChoice, CrossPolicyChange, RegionTarget, Regions, RETENTION_DAYS,
 };
@@ -62,6 +64,7 @@ pub use membership::{NodeHealth, NodeState, DEFAULT_NODE_LEASE};
 pub use pg_wal::Lsn;
 pub use policy::{PolicyError, Refusal};
 pub use retention::DeletionRules;
+pub use strata_repo::{BackupContents, DatabaseContents, TableContents};
 pub use wal_supervisor::WalReceiverState;
 
 use cross_region::Copier;

@@ -93,6 +93,9 @@ pub enum Refusal {
     ExpireTimeTooEarly,
     /// A backup set that is not (or not yet) a successful one.
     BackupSetNotSuccessful,
+    /// The backup set has no list of its databases and tables (not in the
+    /// repository, or taken before lists were recorded).
+    NoContents,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for

@@ -724,6 +724,32 @@ fn crash_as_pid_1_of_a_pid_namespace_fails_the_job_when_its_lease_expires() {
     crash_during_backup("api-crash-pidns", true);
 }
 
+/// What backup sets hold: DescribeBackupDatabase and DescribeMetaList by
+/// set and by point in time, DescribeCrossBackupMetaList of a copy in
+/// `cn-beijing` (a directory repository); this server is `cn-hangzhou`.
+#[test]
+fn sdk_backup_contents_by_set_time_and_copy() {
+    python();
+    let cluster = Cluster::start_default(15);
+    let strata = Strata::with_config("api-meta", "region_id = \"cn-hangzhou\"\n", "");
+    let regions = format!(
+        "[regions.cn-beijing]\nrepository = {:?}\n",
+        strata.dir.join("beijing").display().to_string()
+    );
+    let server = ApiServer::start_configured(strata, &regions, false);
+    let env = server.python_env(&cluster);
+    let output = server.run_python(
+        "pytest-meta",
+        &["-m", "pytest", "-q", "tests/sdk/test_meta.py"],
+        &env,
+    );
+    assert!(
+        output.contains(" passed") && !output.contains(" skipped"),
+        "pytest ran nothing or skipped tests:\n{output}"
+    );
+    server.assert_no_internal_errors();
+}
+
 /// Cross-region backup: this server is region `cn-hangzhou`; copies go to
 /// `cn-shanghai`, an encrypted repository on a real S3 server (so every
 /// block is re-hashed and re-sealed with another key), and `cn-beijing`

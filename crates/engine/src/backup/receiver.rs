@@ -19,7 +19,9 @@ use chrono::{DateTime, Utc};
 use pg_replication::{BaseBackupEvent, TarEntry};
 use pg_wal::{Lsn, TimelineId};
 use strata_catalog::BackupSet;
-use strata_repo::{BackupManifest, BackupStats, FileEntry, FileKind, Repository, TablespaceEntry};
+use strata_repo::{
+    BackupContents, BackupManifest, BackupStats, FileEntry, FileKind, Repository, TablespaceEntry,
+};
 
 use super::{
     check_server_manifest, file_entry, manifest_path, BlockPipeline, Content, Ends, OpenFile,
@@ -418,6 +420,7 @@ impl BackupReceiver {
         mut self,
         set: &BackupSet,
         start: &StreamStart,
+        contents: Option<BackupContents>,
     ) -> EngineResult<BackupManifest> {
         let State::Ended(stop_lsn, stop_timeline, stop_time) = self.state else {
             return Err(EngineError::Failed(
@@ -468,6 +471,7 @@ impl BackupReceiver {
             incremental_from: self.base.map(|b| b.manifest.backup_id),
             received_bytes: Some(self.streamed),
             stats,
+            contents,
         };
         let repo = self.repo;
         blocking(move || {
@@ -805,7 +809,7 @@ mod tests {
         let outcome = engine
             .consume_backup(run, &start(), None, &mut Replay(events.into()), |lsn| {
                 waited_for = Some(lsn);
-                async { Ok(()) }
+                async { Ok(None) }
             })
             .await;
         if outcome.is_ok() {
@@ -1131,7 +1135,7 @@ mod tests {
             Utc::now(),
             None,
         );
-        let err = receiver.commit(&set, &start()).await.unwrap_err();
+        let err = receiver.commit(&set, &start(), None).await.unwrap_err();
         assert!(err.to_string().contains("not complete"), "{err}");
         assert!(rig.engine.repo.list_backups("i").unwrap().is_empty());
     }
