@@ -81,6 +81,7 @@ fn demo_sandbox_is_archived_measured_and_stopped() {
         "--demo prints the key: {out}"
     );
     assert!(err.contains("sandbox PostgreSQL stopped"), "{err}");
+    assert!(out.contains("its first backup starts now"), "{out}");
     let pid_file = data.join("demo/pgdata/postmaster.pid");
     assert!(!pid_file.exists(), "the sandbox still runs");
 
@@ -93,6 +94,22 @@ fn demo_sandbox_is_archived_measured_and_stopped() {
     let (ok, out, err) = server.stop();
     assert!(ok, "{out}\n{err}");
     assert!(!out.contains("AccessKey created"), "{out}");
+    // No backup starts on a restart: it says what the sandbox has instead.
+    let sets = strata.backups("demo").len();
+    assert!(!out.contains("first backup starts now"), "{out}");
+    assert!(
+        out.contains(&format!("it has {sets} backup set(s), the newest finished ")),
+        "{out}"
+    );
+    assert_eq!(
+        strata
+            .backups("demo")
+            .iter()
+            .filter(|b| b["mode"] == "Automated")
+            .count(),
+        1,
+        "the restart started no automatic backup"
+    );
 }
 
 #[test]
