@@ -139,7 +139,8 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
             }
             println!("  strata backup list {DEMO_INSTANCE}          # backup sets (CLI, same data directory)");
             println!("  strata task list {DEMO_INSTANCE}            # jobs and their progress");
-            println!("  python3 -c 'from alibabacloud_rds20140815.client import Client' ...  # see README: \"Using the API\"");
+            println!("  python3 -m venv strata-sdk && strata-sdk/bin/pip install {SDK_PACKAGES}");
+            println!("  strata-sdk/bin/python your_script.py      # the official SDK; see README: \"Using the API\"");
             println!("  the key pair for the SDK is in {}", key_file.display());
             println!("strata: press Ctrl-C to stop the server and the sandbox");
         }
@@ -164,6 +165,9 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         anyhow::Ok(())
     })
 }
+
+/// The PyPI packages the README's SDK example imports.
+const SDK_PACKAGES: &str = "alibabacloud-rds20140815 alibabacloud-tea-openapi";
 
 /// What happens to the sandbox's backups now, as the service will find it
 /// on its first round: a first backup only for an instance that never had

@@ -82,6 +82,11 @@ fn demo_sandbox_is_archived_measured_and_stopped() {
     );
     assert!(err.contains("sandbox PostgreSQL stopped"), "{err}");
     assert!(out.contains("its first backup starts now"), "{out}");
+    // The SDK hint installs what it needs into a venv of its own.
+    assert!(
+        out.contains("python3 -m venv strata-sdk && strata-sdk/bin/pip install alibabacloud-rds20140815 alibabacloud-tea-openapi"),
+        "{out}"
+    );
     let pid_file = data.join("demo/pgdata/postmaster.pid");
     assert!(!pid_file.exists(), "the sandbox still runs");
 
