@@ -1,12 +1,14 @@
 //! `strata serve` as a process: the demo sandbox from start to stop, the
-//! admin key and its permissions, `strata key`, `/metrics`, and HTTPS.
+//! admin key and its permissions, `strata key`, `/metrics`, HTTPS, and
+//! restore drills of backups the CLI takes beside it.
 
 mod common;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{http_get, wait_for, Server, Strata};
+use common::{http_get, signed_call, wait_for, Server, Strata};
+use testkit::Cluster;
 
 fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -103,7 +105,9 @@ fn demo_sandbox_is_archived_measured_and_stopped() {
     let sets = strata.backups("demo").len();
     assert!(!out.contains("first backup starts now"), "{out}");
     assert!(
-        out.contains(&format!("it has {sets} backup set(s), the newest finished ")),
+        out.contains(&format!(
+            "it has {sets} backup set(s), the newest finished "
+        )),
         "{out}"
     );
     assert_eq!(
@@ -206,4 +210,61 @@ fn serves_https_with_a_configured_certificate() {
     let (ok, out, err) = server.stop();
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("https://"), "{out}");
+}
+
+/// The drill of set `backup` as `DescribeBackups` reports it, once it ended.
+fn finished_drill(strata: &Strata, port: u16, id: &str, backup: &str) -> Option<serde_json::Value> {
+    let answer = signed_call(
+        strata,
+        port,
+        &[
+            ("Action", "DescribeBackups"),
+            ("DBInstanceId", id),
+            ("BackupId", backup),
+        ],
+    );
+    let item = answer["Items"]["Backup"][0].clone();
+    matches!(
+        item["StrataDrillStatus"].as_str(),
+        Some("Passed" | "Failed")
+    )
+    .then_some(item)
+}
+
+#[test]
+fn a_backup_taken_with_the_cli_beside_the_service_is_drilled() {
+    let pg = Cluster::start_default(15);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept SELECT generate_series(1, 100)",
+    );
+    let strata = Strata::new("cli-drill");
+    let id = "cli-drill";
+    strata.add_instance(id, &pg);
+    let server = Server::start(&strata, &[]);
+    // The service's own first backup ends (and is drilled as it ends)
+    // before the CLI takes one: two backups of an instance never overlap.
+    wait_for("the first automatic backup", 120, || {
+        strata.backups(id).iter().any(|b| b["status"] == "Success")
+    });
+    let auto = strata.backups(id)[0]["id"].as_str().unwrap().to_string();
+    let cli = strata.backup(id);
+    assert_ne!(cli, auto);
+    let mut drill = None;
+    wait_for("the drill of the CLI's backup", 240, || {
+        drill = finished_drill(&strata, server.port, id, &cli);
+        drill.is_some()
+    });
+    let drill = drill.unwrap();
+    assert_eq!(drill["StrataDrillStatus"], "Passed", "{drill}");
+    let message = drill["StrataDrillMessage"].as_str().unwrap();
+    assert!(message.contains("pg_amcheck clean"), "{message}");
+    let mut first = None;
+    wait_for("the drill of the automatic backup", 240, || {
+        first = finished_drill(&strata, server.port, id, &auto);
+        first.is_some()
+    });
+    assert_eq!(first.unwrap()["StrataDrillStatus"], "Passed");
+    let (ok, out, err) = server.stop();
+    assert!(ok, "{out}\n{err}");
 }
