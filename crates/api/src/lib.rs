@@ -33,7 +33,9 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use actions::{exists as action_exists, listed_wal_segments, receiver_status};
+pub use actions::{
+    exists as action_exists, instance_state, listed_wal_segments, receiver_status, InstanceState,
+};
 pub use auth::Principal;
 pub use download::LinkSigner;
 pub use error::{quoted, shown, ApiError, ApiResult};

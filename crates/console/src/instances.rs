@@ -19,6 +19,8 @@ struct Row {
     backing_up: Option<u8>,
     /// For instances Strata created: their state, error and source.
     managed: Option<ManagedInstance>,
+    /// `Running`, `Unreachable` (since when and why) or a managed state.
+    state: strata_api::InstanceState,
     receiver: String,
     /// The node holding its ownership lease (empty while none does).
     node: String,
@@ -53,6 +55,7 @@ fn row(
     let usage = crate::storage::current(svc, &instance.id)?;
     Ok(Row {
         receiver: strata_api::receiver_status(svc, &instance.id)?,
+        state: strata_api::instance_state(svc, &instance)?,
         node: owners
             .get(instance.id.as_str())
             .cloned()
@@ -153,7 +156,7 @@ fn list(rows: &[Row]) -> Markup {
 fn instance_row(r: &Row) -> Markup {
     let i = &r.instance;
     let href = format!("/console/instances/{}/backups", url_encode(&i.id));
-    let status = r.managed.as_ref().map_or("Running", |m| m.status.as_str());
+    let status = r.state.status.as_str();
     html! {
         tr data-instance=(i.id) {
             td data-v=(i.id) { a.strong href=(href) { (i.id) } }
@@ -164,6 +167,12 @@ fn instance_row(r: &Row) -> Markup {
                     (Some(p), "Running") => { (badge("info", &format!("Backing up {p}%"))) }
                     (_, "Running") => { (badge("ok", "Running")) }
                     (_, other) => { (badge(state_kind(other), other)) }
+                }
+                @if let Some((since, why)) = &r.state.unreachable {
+                    div.sub {
+                        "since " (time(*since))
+                        div.err-text { (why) }
+                    }
                 }
                 @if let Some(m) = &r.managed {
                     div.sub {

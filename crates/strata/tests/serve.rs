@@ -268,3 +268,108 @@ fn a_backup_taken_with_the_cli_beside_the_service_is_drilled() {
     let (ok, out, err) = server.stop();
     assert!(ok, "{out}\n{err}");
 }
+
+/// One instance's value of metric `name` in a `/metrics` answer.
+fn metric(metrics: &str, name: &str, id: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{instance=\"{id}\"}}")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_server_that_goes_away_shows_as_unreachable_with_the_reason_and_since_when() {
+    let mut pg = Cluster::start_default(15);
+    let strata = Strata::with_config("gone", "", "[drills]\nenabled = false\n");
+    let id = "gone";
+    strata.add_instance(id, &pg);
+    let server = Server::start(&strata, &[]);
+    let describe = || {
+        let answer = signed_call(
+            &strata,
+            server.port,
+            &[
+                ("Action", "DescribeDBInstanceAttribute"),
+                ("DBInstanceId", id),
+            ],
+        );
+        answer["Items"]["DBInstanceAttribute"][0].clone()
+    };
+    let metrics = || http_get(server.port, "/metrics").1;
+    wait_for("the WAL receiver to stream", 120, || {
+        describe()["StrataWalReceiverState"] == "Streaming"
+            && metric(&metrics(), "strata_wal_receiver_up", id) == Some(1.0)
+    });
+    let up = describe();
+    assert_eq!(up["DBInstanceStatus"], "Running", "{up}");
+    assert_eq!(up["StrataUnreachableSince"], "", "{up}");
+    assert_eq!(
+        metric(&metrics(), "strata_instance_unreachable_seconds", id),
+        Some(0.0)
+    );
+
+    let stopped_at = chrono::Utc::now();
+    pg.stop();
+    // The stream breaks at once; the receiver then retries with a pause
+    // that grows up to a minute: its first retry already tells.
+    let mut gone = serde_json::Value::Null;
+    wait_for("the instance to show as unreachable", 120, || {
+        gone = describe();
+        gone["DBInstanceStatus"] == "Unreachable"
+    });
+    let reason = gone["StrataUnreachableReason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("instance {id}")) && reason.contains("127.0.0.1"),
+        "the reason names the server: {gone}"
+    );
+    let since =
+        chrono::DateTime::parse_from_rfc3339(gone["StrataUnreachableSince"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {gone}"));
+    // Whole seconds: the stop began within the second `since` names or before it.
+    assert!(
+        since.timestamp() >= stopped_at.timestamp(),
+        "unreachable since {since}, stopped at {stopped_at}"
+    );
+    assert_eq!(gone["StrataWalReceiverState"], "Failing", "{gone}");
+    let failing_since = gone["StrataWalReceiverFailingSince"].as_str().unwrap();
+    assert!(!failing_since.is_empty(), "{gone}");
+    wait_for("the metrics to say so", 60, || {
+        let m = metrics();
+        metric(&m, "strata_wal_receiver_up", id) == Some(0.0)
+            && metric(&m, "strata_instance_unreachable_seconds", id).is_some_and(|s| s > 0.0)
+    });
+    // DescribeDBInstances says the same.
+    let listed = signed_call(&strata, server.port, &[("Action", "DescribeDBInstances")]);
+    assert_eq!(
+        common::instances_field(&listed, "DBInstanceStatus")
+            .get(id)
+            .map(String::as_str),
+        Some("Unreachable"),
+        "{listed}"
+    );
+    assert_eq!(
+        common::instances_field(&listed, "StrataUnreachableReason")
+            .get(id)
+            .map(String::as_str),
+        Some(reason),
+        "{listed}"
+    );
+
+    // Back: running and streaming again, and nothing unreachable left.
+    pg.start();
+    wait_for("the instance to be reached again", 120, || {
+        let d = describe();
+        d["DBInstanceStatus"] == "Running" && d["StrataWalReceiverState"] == "Streaming"
+    });
+    let back = describe();
+    assert_eq!(back["StrataUnreachableReason"], "", "{back}");
+    assert_eq!(back["StrataWalReceiverFailingSince"], "", "{back}");
+    wait_for("the metrics to say so", 60, || {
+        let m = metrics();
+        metric(&m, "strata_wal_receiver_up", id) == Some(1.0)
+            && metric(&m, "strata_instance_unreachable_seconds", id) == Some(0.0)
+    });
+    let (ok, out, err) = server.stop();
+    assert!(ok, "{out}\n{err}");
+}
