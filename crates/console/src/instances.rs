@@ -209,3 +209,62 @@ fn instance_row(r: &Row) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use strata_catalog::SslMode;
+
+    fn row(state: strata_api::InstanceState, receiver: &str) -> Row {
+        Row {
+            instance: Instance::new("pg-1", "10.0.0.7", 5432, "postgres", SslMode::Disable),
+            backing_up: None,
+            managed: None,
+            state,
+            receiver: receiver.into(),
+            node: "node-a".into(),
+            last_backup: None,
+            window: None,
+            log_on: true,
+            data_bytes: 0,
+            log_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_server_that_cannot_be_reached_is_listed_as_such_with_why_and_since_when() {
+        let since = chrono::Utc
+            .with_ymd_and_hms(2026, 12, 6, 18, 51, 52)
+            .unwrap();
+        let why = "cannot reach instance pg-1 (10.0.0.7:5432 as postgres): Connection refused";
+        let html = instance_row(&row(
+            strata_api::InstanceState {
+                status: "Unreachable".into(),
+                unreachable: Some((since, why.into())),
+            },
+            &format!("Failing: {why}"),
+        ))
+        .into_string();
+        assert!(
+            html.contains(r#"<span class="badge err">Unreachable</span>"#),
+            "{html}"
+        );
+        assert!(html.contains("2026-12-06 18:51:52 UTC"), "{html}");
+        assert!(html.contains(why), "{html}");
+        assert!(!html.contains("Running"), "{html}");
+
+        let html = instance_row(&row(
+            strata_api::InstanceState {
+                status: "Running".into(),
+                unreachable: None,
+            },
+            "Streaming",
+        ))
+        .into_string();
+        assert!(
+            html.contains("Running") && !html.contains("Unreachable"),
+            "{html}"
+        );
+    }
+}
