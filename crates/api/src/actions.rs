@@ -1252,6 +1252,52 @@ fn receiver_state(
     })
 }
 
+/// What an instance's `DBInstanceStatus` says, and since when and why its
+/// server cannot be reached while it cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceState {
+    /// `Running`, `Unreachable`, or the state of an instance Strata
+    /// creates (`Creating`, `Failed`…).
+    pub status: String,
+    /// Since when the server cannot be reached, and why.
+    pub unreachable: Option<(chrono::DateTime<Utc>, String)>,
+}
+
+/// The state of instance `i` as every node answers it.
+pub fn instance_state(svc: &Service, i: &Instance) -> ApiResult<InstanceState> {
+    let wal = svc.wal_state(&i.id)?;
+    let managed = svc.managed_instance(&i.id)?;
+    state_of(svc, i, managed.as_ref(), &wal)
+}
+
+/// The state from what the WAL receiver found (`wal`, the owner's view):
+/// a server it cannot reach is `Unreachable` whatever it was, unless Strata
+/// is still creating it or it failed to (their own state says more).
+fn state_of(
+    svc: &Service,
+    i: &Instance,
+    managed: Option<&strata_catalog::ManagedInstance>,
+    wal: &strata_service::WalReceiverState,
+) -> ApiResult<InstanceState> {
+    let status = managed.map_or("Running", |m| m.status.as_str());
+    let unreachable = match (wal.unreachable_since, &wal.failing) {
+        (Some(since), Some(why))
+            if status == "Running" && svc.policy(&i.id)?.log_backup_enabled =>
+        {
+            Some((since, why.clone()))
+        }
+        _ => None,
+    };
+    Ok(InstanceState {
+        status: if unreachable.is_some() {
+            "Unreachable".into()
+        } else {
+            status.into()
+        },
+        unreachable,
+    })
+}
+
 /// What every node answers about the fleet's instances: the node holding
 /// each one's ownership lease and each one's WAL receiver state.
 struct FleetView {
@@ -1276,14 +1322,16 @@ fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<
         .get(i.id.as_str())
         .cloned()
         .unwrap_or_default();
+    let managed = svc.managed_instance(&i.id)?;
+    let state = state_of(svc, i, managed.as_ref(), &wal)?;
+    let failing_since = wal.failing_since;
     let (receiver_word, receiver_error) = receiver_state(svc, &i.id, wal)?;
     let receiver = receiver_words(receiver_word, receiver_error.clone());
     let owners = &fleet.owners;
-    let managed = svc.managed_instance(&i.id)?;
-    let status = managed
-        .as_ref()
-        .map(|m| m.status.clone())
-        .unwrap_or_else(|| "Running".into());
+    let (unreachable_since, unreachable_reason) = state
+        .unreachable
+        .map(|(since, why)| (format_seconds(since), why))
+        .unwrap_or_default();
     let last_backup = svc
         .backup_sets(&i.id)?
         .into_iter()
@@ -1295,7 +1343,9 @@ fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<
         "DBInstanceDescription": i.id,
         "Engine": "PostgreSQL",
         "EngineVersion": engine_version(i.pg_version_num),
-        "DBInstanceStatus": status,
+        "DBInstanceStatus": state.status,
+        "StrataUnreachableSince": unreachable_since,
+        "StrataUnreachableReason": unreachable_reason,
         "DBInstanceType": "Primary",
         "StrataCreatedByStrata": managed.is_some(),
         "StrataSourceDBInstanceId": managed.as_ref().map(|m| m.source_instance.clone()).unwrap_or_default(),
@@ -1315,6 +1365,7 @@ fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<
         "StrataWalReceiver": receiver,
         "StrataWalReceiverState": receiver_word,
         "StrataWalReceiverError": receiver_error.unwrap_or_default(),
+        "StrataWalReceiverFailingSince": failing_since.map(format_seconds).unwrap_or_default(),
         "StrataLastBackupTime": last_backup.map(format_seconds).unwrap_or_default(),
         "StrataNode": owners.get(i.id.as_str()).cloned().unwrap_or_default(),
     }))

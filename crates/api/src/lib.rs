@@ -35,7 +35,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use actions::{exists as action_exists, receiver_status};
+pub use actions::{exists as action_exists, instance_state, receiver_status, InstanceState};
 pub use auth::Principal;
 pub use download::LinkSigner;
 pub use error::{quoted, shown, ApiError, ApiResult};

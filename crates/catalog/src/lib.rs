@@ -237,6 +237,11 @@ pub struct ReceiverStatus {
     pub last_error: Option<String>,
     /// Why the receiver is failing, while it does.
     pub failing: Option<String>,
+    /// When the current run of failures began.
+    pub failing_since: Option<DateTime<Utc>>,
+    /// Since when the server cannot be reached, while that is why the
+    /// receiver fails.
+    pub unreachable_since: Option<DateTime<Utc>>,
     /// When the owner published this.
     pub published_at: DateTime<Utc>,
 }

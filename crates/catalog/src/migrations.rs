@@ -764,6 +764,18 @@ CREATE TABLE database_names (
 );
 "#,
     },
+    Migration {
+        version: 17,
+        description: "since when a WAL receiver fails, and since when its server is unreachable",
+        sqlite: r#"
+ALTER TABLE wal_receivers ADD COLUMN failing_since TEXT;
+ALTER TABLE wal_receivers ADD COLUMN unreachable_since TEXT;
+"#,
+        postgres: r#"
+ALTER TABLE wal_receivers ADD COLUMN failing_since timestamptz;
+ALTER TABLE wal_receivers ADD COLUMN unreachable_since timestamptz;
+"#,
+    },
 ];
 
 #[cfg(test)]

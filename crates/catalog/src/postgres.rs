@@ -2130,7 +2130,7 @@ impl NodeCatalog for PgCatalog {
     fn publish_receiver(&self, r: &ReceiverStatus) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO wal_receivers ({RECEIVER_COLS}) VALUES ({}) ON CONFLICT (instance_id) DO UPDATE SET {}",
-            placeholders(9),
+            placeholders(11),
             excluded(RECEIVER_COLS, 1)
         );
         let p = sql_params![
@@ -2142,7 +2142,9 @@ impl NodeCatalog for PgCatalog {
             r.last_message_at,
             r.last_error.clone(),
             r.failing.clone(),
-            r.published_at
+            r.published_at,
+            r.failing_since,
+            r.unreachable_since
         ];
         self.execute(sql, p).map(drop)
     }
@@ -2159,7 +2161,8 @@ impl NodeCatalog for PgCatalog {
 }
 
 const RECEIVER_COLS: &str = "instance_id, node_id, running, received_lsn, server_end_lsn, \
-                             last_message_at, last_error, failing, published_at";
+                             last_message_at, last_error, failing, published_at, \
+                             failing_since, unreachable_since";
 
 fn receiver_from_row(r: &Row) -> CatalogResult<ReceiverStatus> {
     Ok(ReceiverStatus {
@@ -2172,6 +2175,8 @@ fn receiver_from_row(r: &Row) -> CatalogResult<ReceiverStatus> {
         last_error: get(r, 6)?,
         failing: get(r, 7)?,
         published_at: get(r, 8)?,
+        failing_since: get(r, 9)?,
+        unreachable_since: get(r, 10)?,
     })
 }
 

@@ -1614,16 +1614,18 @@ impl NodeCatalog for SqliteCatalog {
     fn publish_receiver(&self, r: &ReceiverStatus) -> CatalogResult<()> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO wal_receivers (instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                "INSERT INTO wal_receivers (instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at, failing_since, unreachable_since) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
                  ON CONFLICT(instance_id) DO UPDATE SET node_id=excluded.node_id, running=excluded.running, \
                  received_lsn=excluded.received_lsn, server_end_lsn=excluded.server_end_lsn, \
                  last_message_at=excluded.last_message_at, last_error=excluded.last_error, \
-                 failing=excluded.failing, published_at=excluded.published_at",
+                 failing=excluded.failing, published_at=excluded.published_at, \
+                 failing_since=excluded.failing_since, unreachable_since=excluded.unreachable_since",
                 params![
                     r.instance_id, r.node_id, r.running, lsn_to_sql(Lsn(r.received_lsn)),
                     lsn_to_sql(Lsn(r.server_end_lsn)), r.last_message_at.as_ref().map(ts),
-                    r.last_error, r.failing, ts(&r.published_at)
+                    r.last_error, r.failing, ts(&r.published_at),
+                    r.failing_since.as_ref().map(ts), r.unreachable_since.as_ref().map(ts)
                 ],
             )?;
             Ok(())
@@ -1652,7 +1654,7 @@ impl NodeCatalog for SqliteCatalog {
     }
 }
 
-const RECEIVER_COLS: &str = "instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at";
+const RECEIVER_COLS: &str = "instance_id, node_id, running, received_lsn, server_end_lsn, last_message_at, last_error, failing, published_at, failing_since, unreachable_since";
 
 fn receiver_from_row(r: &Row) -> rusqlite::Result<ReceiverStatus> {
     Ok(ReceiverStatus {
@@ -1665,6 +1667,8 @@ fn receiver_from_row(r: &Row) -> rusqlite::Result<ReceiverStatus> {
         last_error: r.get(6)?,
         failing: r.get(7)?,
         published_at: parse_ts(r.get(8)?)?,
+        failing_since: opt_ts(r.get(9)?)?,
+        unreachable_since: opt_ts(r.get(10)?)?,
     })
 }
 

@@ -2036,6 +2036,8 @@ fn receiver(instance: &str, node: &str, t: DateTime<Utc>) -> ReceiverStatus {
         last_message_at: Some(t),
         last_error: Some("connection reset".into()),
         failing: None,
+        failing_since: None,
+        unreachable_since: None,
         published_at: t,
     }
 }
@@ -2056,6 +2058,8 @@ fn receiver_states_are_published_and_replaced(b: &dyn Backend) {
         last_message_at: None,
         last_error: None,
         failing: Some("could not connect".into()),
+        failing_since: Some(t - chrono::Duration::seconds(40)),
+        unreachable_since: Some(t - chrono::Duration::seconds(20)),
         published_at: t + chrono::Duration::seconds(3),
         ..receiver("pg-1", "node-b", t)
     };

@@ -67,6 +67,9 @@ fn missing(page: &Page, e: ApiError) -> Response {
 fn head(state: &ConsoleState, who: &Signed, inst: &Instance, tab: Tab) -> Markup {
     let svc = &state.service;
     let receiver = strata_api::receiver_status(svc, &inst.id).unwrap_or_else(|e| e.message);
+    let unreachable = strata_api::instance_state(svc, inst)
+        .ok()
+        .and_then(|s| s.unreachable);
     let window = svc.recovery_window(&inst.id).ok().flatten();
     let b = base(&inst.id);
     html! {
@@ -126,7 +129,12 @@ fn head(state: &ConsoleState, who: &Signed, inst: &Instance, tab: Tab) -> Markup
                 strong { "Connection not verified. " } (warning)
             }
         }
-        @if let Some(reason) = receiver.strip_prefix("Failing: ") {
+        @if let Some((since, why)) = &unreachable {
+            div.notice.err role="alert" {
+                strong { "Server unreachable since " (time(*since)) ": " } (why)
+                p.muted { "Strata keeps trying to reach it with a growing pause; backups of it fail until it answers again." }
+            }
+        } @else if let Some(reason) = receiver.strip_prefix("Failing: ") {
             div.notice.err role="alert" {
                 strong { "Log backup is failing: " } (reason)
                 p.muted { "The WAL receiver retries with a growing pause; WAL the server keeps in its replication slot is stored once the cause is fixed." }

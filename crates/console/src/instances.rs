@@ -19,6 +19,8 @@ struct Row {
     backing_up: Option<u8>,
     /// For instances Strata created: their state, error and source.
     managed: Option<ManagedInstance>,
+    /// `Running`, `Unreachable` (since when and why) or a managed state.
+    state: strata_api::InstanceState,
     receiver: String,
     /// The node holding its ownership lease (empty while none does).
     node: String,
@@ -53,6 +55,7 @@ fn row(
     let usage = crate::storage::current(svc, &instance.id)?;
     Ok(Row {
         receiver: strata_api::receiver_status(svc, &instance.id)?,
+        state: strata_api::instance_state(svc, &instance)?,
         node: owners
             .get(instance.id.as_str())
             .cloned()
@@ -153,7 +156,7 @@ fn list(rows: &[Row]) -> Markup {
 fn instance_row(r: &Row) -> Markup {
     let i = &r.instance;
     let href = format!("/console/instances/{}/backups", url_encode(&i.id));
-    let status = r.managed.as_ref().map_or("Running", |m| m.status.as_str());
+    let status = r.state.status.as_str();
     html! {
         tr data-instance=(i.id) {
             td data-v=(i.id) { a.strong href=(href) { (i.id) } }
@@ -164,6 +167,12 @@ fn instance_row(r: &Row) -> Markup {
                     (Some(p), "Running") => { (badge("info", &format!("Backing up {p}%"))) }
                     (_, "Running") => { (badge("ok", "Running")) }
                     (_, other) => { (badge(state_kind(other), other)) }
+                }
+                @if let Some((since, why)) = &r.state.unreachable {
+                    div.sub {
+                        "since " (time(*since))
+                        div.err-text { (why) }
+                    }
                 }
                 @if let Some(m) = &r.managed {
                     div.sub {
@@ -198,5 +207,64 @@ fn instance_row(r: &Row) -> Markup {
                 @if r.node.is_empty() { span.muted { "None yet" } } @else { code { (r.node) } }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use strata_catalog::SslMode;
+
+    fn row(state: strata_api::InstanceState, receiver: &str) -> Row {
+        Row {
+            instance: Instance::new("pg-1", "10.0.0.7", 5432, "postgres", SslMode::Disable),
+            backing_up: None,
+            managed: None,
+            state,
+            receiver: receiver.into(),
+            node: "node-a".into(),
+            last_backup: None,
+            window: None,
+            log_on: true,
+            data_bytes: 0,
+            log_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_server_that_cannot_be_reached_is_listed_as_such_with_why_and_since_when() {
+        let since = chrono::Utc
+            .with_ymd_and_hms(2026, 12, 6, 18, 51, 52)
+            .unwrap();
+        let why = "cannot reach instance pg-1 (10.0.0.7:5432 as postgres): Connection refused";
+        let html = instance_row(&row(
+            strata_api::InstanceState {
+                status: "Unreachable".into(),
+                unreachable: Some((since, why.into())),
+            },
+            &format!("Failing: {why}"),
+        ))
+        .into_string();
+        assert!(
+            html.contains(r#"<span class="badge err">Unreachable</span>"#),
+            "{html}"
+        );
+        assert!(html.contains("2026-12-06 18:51:52 UTC"), "{html}");
+        assert!(html.contains(why), "{html}");
+        assert!(!html.contains("Running"), "{html}");
+
+        let html = instance_row(&row(
+            strata_api::InstanceState {
+                status: "Running".into(),
+                unreachable: None,
+            },
+            "Streaming",
+        ))
+        .into_string();
+        assert!(
+            html.contains("Running") && !html.contains("Unreachable"),
+            "{html}"
+        );
     }
 }

@@ -163,7 +163,7 @@ pub fn badge(kind: &str, text: &str) -> Markup {
 pub fn state_kind(state: &str) -> &'static str {
     match state {
         "Success" | "Finished" | "Completed" | "Streaming" => "ok",
-        "Failed" => "err",
+        "Failed" | "Unreachable" => "err",
         "NoStart" | "Off" => "neutral",
         s if s.starts_with("Failing") => "err",
         _ => "info",

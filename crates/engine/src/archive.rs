@@ -188,7 +188,7 @@ impl Engine {
                     } else {
                         Failure::Connection
                     });
-                    progress.wal_failing(&e.to_string(), failures, delay);
+                    progress.wal_failing(&e, failures, delay);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => return Ok(()),
@@ -233,7 +233,6 @@ impl Engine {
             instance.id
         ));
         *streamed_once = true;
-        health.working(false, progress);
 
         let start = geometry.segment_start(geometry.segment_of(start));
         let mut uploader = WalUploader::start(self.clone(), &instance.id, start);
@@ -320,6 +319,10 @@ impl Engine {
                 .start_replication(Some(&slot), seg_start, Some(tli))
                 .await
                 .map_err(|e| explain(instance, e))?;
+            // Only now is a lost connection over: a server that accepts
+            // connections but cannot stream is still failing.
+            progress.wal_streaming();
+            health.working(false, progress);
             let next = loop {
                 tokio::select! {
                     _ = shutdown.changed() => {

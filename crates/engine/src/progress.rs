@@ -10,18 +10,21 @@ pub trait Progress: Send + Sync {
     /// WAL streaming position: what is received (`received`, an LSN) against
     /// the end of WAL on the server (`server_end`), for lag reporting.
     fn wal_position(&self, _received: u64, _server_end: u64) {}
-    /// The WAL receiver failed (`error`, the real cause) for the
-    /// `attempt`-th time since it last stored WAL, and tries again after
-    /// `retry_in`.
-    fn wal_failing(&self, error: &str, attempt: u32, retry_in: std::time::Duration) {
+    /// The WAL receiver failed (`error`, the real cause: an
+    /// [`crate::EngineError::Unreachable`] when the server cannot be
+    /// reached) for the `attempt`-th time since it last stored WAL, and
+    /// tries again after `retry_in`.
+    fn wal_failing(&self, error: &crate::EngineError, attempt: u32, retry_in: std::time::Duration) {
         self.message(&format!(
             "WAL receiver failed (attempt {attempt}): {error}; reconnecting in {}s",
             retry_in.as_secs()
         ));
     }
-    /// The WAL receiver works again after failing: connected, and WAL
+    /// The WAL receiver works again after failing: streaming, and WAL
     /// stored when storing was what failed.
     fn wal_recovered(&self) {}
+    /// The server accepted START_REPLICATION: WAL streams from now on.
+    fn wal_streaming(&self) {}
 }
 
 /// Discards progress.

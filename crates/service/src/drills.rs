@@ -4,8 +4,13 @@
 //! per backup set (`DescribeBackups` reports it, `/metrics` alerts on a
 //! failure). Drills run one at a time by default on their own thread at
 //! low CPU priority, so scheduled backups are never held up by them.
+//!
+//! Sets this service did not take (`strata backup create`, a backup that
+//! ended while the service was down, sets from before drills were on) are
+//! found by the scheduler's round: a successful set with no drill recorded
+//! is drilled, newest first, one at a time while no other drill waits.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, Once};
 
@@ -25,6 +30,10 @@ pub(crate) struct DrillWorker {
     /// Wakes the worker when a drill is queued or the service stops.
     pub(crate) wakeup: Condvar,
     started: Once,
+    /// Backup sets known to have a drill recorded. Held while an automatic
+    /// drill is decided and recorded, so a set is drilled once however it
+    /// was found (its backup ending here, or the round).
+    recorded: Mutex<HashSet<BackupId>>,
 }
 
 impl Default for DrillWorker {
@@ -33,6 +42,7 @@ impl Default for DrillWorker {
             queue: Mutex::new(VecDeque::new()),
             wakeup: Condvar::new(),
             started: Once::new(),
+            recorded: Mutex::new(HashSet::new()),
         }
     }
 }
@@ -46,6 +56,58 @@ impl Service {
             .catalog()
             .create_job(JobKind::Drill, Some(&set.instance_id))?;
         self.begin_drill(set, job)
+    }
+
+    /// Queues the drill of a set that just became drillable here (its
+    /// backup or upload ended) unless one is recorded for it already.
+    pub(crate) fn drill_new_set(self: &Arc<Self>, backup_id: &BackupId) -> ServiceResult<()> {
+        let mut recorded = lock(&self.drill_worker.recorded);
+        if recorded.contains(backup_id) || self.engine.catalog().get_drill(backup_id)?.is_some() {
+            recorded.insert(backup_id.clone());
+            return Ok(());
+        }
+        self.start_drill(backup_id)?;
+        recorded.insert(backup_id.clone());
+        Ok(())
+    }
+
+    /// The round's share for one instance: queues a drill of its newest
+    /// successful set in the repository with no drill recorded, while no
+    /// drill waits in this node's queue (a backlog goes one at a time).
+    pub(crate) fn drill_undrilled(self: &Arc<Self>, sets: &[BackupSet]) -> ServiceResult<()> {
+        if !self.settings.drills {
+            return Ok(());
+        }
+        let mut recorded = lock(&self.drill_worker.recorded);
+        let mut unknown: Vec<&BackupSet> = sets
+            .iter()
+            .filter(|b| b.status == BackupStatus::Success && b.in_repository())
+            .filter(|b| !recorded.contains(&b.id))
+            .collect();
+        let Some(first) = unknown.first() else {
+            return Ok(());
+        };
+        if !lock(&self.drill_worker.queue).is_empty() {
+            return Ok(());
+        }
+        let drilled = self.engine.catalog().list_drills(&first.instance_id)?;
+        recorded.extend(drilled.into_iter().map(|d| d.backup_id));
+        unknown.retain(|b| !recorded.contains(&b.id));
+        let Some(set) = unknown
+            .into_iter()
+            .max_by_key(|b| (b.finished_at, b.started_at))
+        else {
+            return Ok(());
+        };
+        let job = self.start_drill(&set.id)?;
+        recorded.insert(set.id.clone());
+        tracing::info!(
+            instance = %set.instance_id,
+            backup = %set.id,
+            job = %job,
+            "restore drill queued for a backup set not drilled yet"
+        );
+        Ok(())
     }
 
     /// Queues the drill of a queued job this node claimed.

@@ -154,7 +154,7 @@ impl Service {
                         }
                     }
                     if svc.settings.drills && set.in_repository() {
-                        if let Err(e) = svc.start_drill(&set.id) {
+                        if let Err(e) = svc.drill_new_set(&set.id) {
                             tracing::warn!(instance = %id, "cannot queue a restore drill: {e}");
                         }
                     }

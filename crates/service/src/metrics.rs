@@ -58,7 +58,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "strata_wal_receiver_up",
         "gauge",
-        "1 while the WAL receiver is streaming or connecting and its last attempt did not fail.",
+        "1 while the WAL receiver streams (the server accepted START_REPLICATION) and its last attempt did not fail; 0 while it connects or fails.",
     ),
     (
         "strata_wal_receiver_failing",
@@ -79,6 +79,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "strata_log_retention_promised_seconds",
         "gauge",
         "How far back the window should reach by now: the log retention, or less for an instance registered since.",
+    ),
+    (
+        "strata_instance_unreachable_seconds",
+        "gauge",
+        "How long the WAL receiver has not reached the instance's server (refused, timed out, connection lost); 0 while it reaches it. The reason is in StrataUnreachableReason and the log.",
     ),
     (
         "strata_wal_receive_lag_bytes",
@@ -186,6 +191,7 @@ const PER_INSTANCE: &[&str] = &[
     "strata_recovery_window_start_timestamp_seconds",
     "strata_recovery_window_end_timestamp_seconds",
     "strata_log_retention_promised_seconds",
+    "strata_instance_unreachable_seconds",
     "strata_wal_receive_lag_bytes",
     "strata_backup_storage_logical_bytes",
     "strata_backup_storage_stored_bytes",
@@ -341,6 +347,15 @@ impl Service {
         out.push("strata_wal_receiver_up", l.clone(), up);
         let failing = if st.failing.is_some() { 1.0 } else { 0.0 };
         out.push("strata_wal_receiver_failing", l.clone(), failing);
+        let unreachable = match st.unreachable_since.filter(|_| st.running) {
+            Some(since) => ((Utc::now() - since).num_milliseconds().max(0) as f64) / 1000.0,
+            None => 0.0,
+        };
+        out.push(
+            "strata_instance_unreachable_seconds",
+            l.clone(),
+            unreachable,
+        );
         if st.last_message.is_some() {
             let lag = st.server_end.saturating_sub(st.received) as f64;
             out.push("strata_wal_receive_lag_bytes", l, lag);

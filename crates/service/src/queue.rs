@@ -112,7 +112,7 @@ impl Service {
                         "snapshot uploaded to the repository"
                     );
                     if svc.settings.drills {
-                        if let Err(e) = svc.start_drill(&set.id) {
+                        if let Err(e) = svc.drill_new_set(&set.id) {
                             tracing::warn!(backup = %set.id, "cannot queue a restore drill: {e}");
                         }
                     }

@@ -27,13 +27,15 @@ pub(crate) const PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) struct Published(Mutex<HashMap<String, (WalReceiverState, Instant)>>);
 
 /// The parts of a state whose change is published at once: those that
-/// change the state word (`Starting`, `Streaming`, `Failing`) or the error.
-fn shape(s: &WalReceiverState) -> (bool, bool, Option<&str>, Option<&str>) {
+/// change the state word (`Starting`, `Streaming`, `Failing`), the error,
+/// or whether the server is reachable.
+fn shape(s: &WalReceiverState) -> (bool, bool, Option<&str>, Option<&str>, bool) {
     (
         s.running,
         s.last_message.is_some(),
         s.failing.as_deref(),
         s.last_error.as_deref(),
+        s.unreachable_since.is_some(),
     )
 }
 
@@ -66,6 +68,8 @@ fn to_row(node_id: &str, instance_id: &str, s: &WalReceiverState) -> ReceiverSta
         last_message_at: s.last_message,
         last_error: s.last_error.clone(),
         failing: s.failing.clone(),
+        failing_since: s.failing_since,
+        unreachable_since: s.unreachable_since,
         published_at: Utc::now(),
     }
 }
@@ -78,6 +82,8 @@ fn from_row(r: ReceiverStatus) -> WalReceiverState {
         last_message: r.last_message_at,
         last_error: r.last_error,
         failing: r.failing,
+        failing_since: r.failing_since,
+        unreachable_since: r.unreachable_since,
         ..WalReceiverState::default()
     }
 }
@@ -198,13 +204,21 @@ mod tests {
             ..streaming(100)
         };
         assert!(publish_due(Some(&last), &stopped, soon));
+        let unreachable = WalReceiverState {
+            unreachable_since: Some(chrono::DateTime::UNIX_EPOCH),
+            ..streaming(100)
+        };
+        assert!(publish_due(Some(&last), &unreachable, soon));
     }
 
     #[test]
     fn a_published_row_reads_back_as_the_owners_state() {
+        let since = chrono::DateTime::UNIX_EPOCH + chrono::Duration::seconds(60);
         let s = WalReceiverState {
             failing: Some("could not connect".into()),
             last_error: Some("could not connect".into()),
+            failing_since: Some(since),
+            unreachable_since: Some(since),
             ..streaming(0x1_0000_0028)
         };
         let back = from_row(to_row("node-a", "pg-1", &s));
@@ -215,7 +229,9 @@ mod tests {
                 back.server_end,
                 back.last_message,
                 back.failing.as_deref(),
-                back.last_error.as_deref()
+                back.last_error.as_deref(),
+                back.failing_since,
+                back.unreachable_since
             ),
             (
                 s.running,
@@ -223,7 +239,9 @@ mod tests {
                 s.server_end,
                 s.last_message,
                 s.failing.as_deref(),
-                s.last_error.as_deref()
+                s.last_error.as_deref(),
+                s.failing_since,
+                s.unreachable_since
             )
         );
     }

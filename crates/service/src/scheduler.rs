@@ -1,6 +1,7 @@
 //! The scheduler: the service loop and one round of it ([`Service::tick`]):
 //! jobs whose owner died, queued jobs of owned instances, automatic backups
-//! due by each policy, WAL receivers for instances with log backup on,
+//! due by each policy, restore drills of sets not drilled yet, WAL
+//! receivers for instances with log backup on,
 //! retention, cross-region copies, garbage collection and usage samples.
 //! Time comes from the service's [`crate::Clock`], so tests walk it through
 //! days and weeks.
@@ -157,8 +158,12 @@ impl Service {
             return Ok(());
         }
         let mut p = self.policy(&instance.id)?;
+        let backups = self.engine.catalog().list_backups(&instance.id)?;
         if !self.backups.runs(&instance.id) {
-            self.start_auto_backup_if_due(instance, &mut p, now)?;
+            self.start_auto_backup_if_due(instance, &mut p, &backups, now)?;
+        }
+        if let Err(e) = self.drill_undrilled(&backups) {
+            tracing::warn!(instance = %instance.id, "cannot queue a restore drill: {e}");
         }
         if p.log_backup_enabled {
             self.ensure_receiver(&instance.id);
@@ -181,16 +186,17 @@ impl Service {
         Ok(())
     }
 
-    /// Starts an automatic backup when [`auto_backup`] says one is owed,
-    /// recording the slot in the policy first.
+    /// Starts an automatic backup when [`auto_backup`] says one is owed
+    /// given the instance's `backups`, recording the slot in the policy
+    /// first.
     fn start_auto_backup_if_due(
         self: &Arc<Self>,
         instance: &Instance,
         p: &mut BackupPolicy,
+        backups: &[BackupSet],
         now: DateTime<Utc>,
     ) -> ServiceResult<()> {
-        let backups = self.engine.catalog().list_backups(&instance.id)?;
-        let Some(why) = auto_backup(p, &backups, now) else {
+        let Some(why) = auto_backup(p, backups, now) else {
             return Ok(());
         };
         p.last_auto_slot = Some(why.slot);

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use strata_engine::{Engine, Progress, WalReceiveOptions};
+use strata_engine::{Engine, EngineError, Progress, WalReceiveOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -26,7 +26,8 @@ pub struct WalReceiverState {
     pub received: u64,
     /// The server's end of WAL at the last status message.
     pub server_end: u64,
-    /// When the server last sent anything.
+    /// When the server last sent anything (its acceptance of
+    /// START_REPLICATION included): `None` until the receiver streams.
     pub last_message: Option<DateTime<Utc>>,
     /// The last error, kept after recovery for the record.
     pub last_error: Option<String>,
@@ -39,12 +40,17 @@ pub struct WalReceiverState {
     pub failures: u32,
     /// When the current run of failures began.
     pub failing_since: Option<DateTime<Utc>>,
+    /// Since when the server cannot be reached (refused, timed out, the
+    /// connection lost), while that is why the receiver fails.
+    pub unreachable_since: Option<DateTime<Utc>>,
 }
 
 impl WalReceiverState {
     /// Streaming and not failing: what `strata_wal_receiver_up` reports.
+    /// A receiver still connecting is not up: a server that is gone must
+    /// not look healthy until the first attempt gives up.
     pub fn is_up(&self) -> bool {
-        self.running && self.failing.is_none()
+        self.running && self.failing.is_none() && self.last_message.is_some()
     }
 }
 
@@ -53,10 +59,11 @@ type States = Arc<Mutex<HashMap<String, WalReceiverState>>>;
 
 /// Records a failure of an instance's receiver and logs it: the first one
 /// (and a change of cause) at WARN, a failure that persists at ERROR.
+/// `unreachable`: the cause is that the server cannot be reached.
 fn note_receiver_failure(
     states: &Mutex<HashMap<String, WalReceiverState>>,
     instance_id: &str,
-    error: &str,
+    (error, unreachable): (&str, bool),
     attempt: u32,
     retry_in: Duration,
 ) {
@@ -64,9 +71,15 @@ fn note_receiver_failure(
         let mut states = lock(states);
         let s = states.entry(instance_id.to_string()).or_default();
         let changed = s.failing.as_deref() != Some(error);
+        let now = Utc::now();
         if s.failing.is_none() {
-            s.failing_since = Some(Utc::now());
+            s.failing_since = Some(now);
         }
+        s.unreachable_since = if unreachable {
+            s.unreachable_since.or(Some(now))
+        } else {
+            None
+        };
         s.failing = Some(error.to_string());
         s.failures = attempt.max(s.failures.saturating_add(1));
         changed
@@ -91,8 +104,15 @@ fn note_receiver_recovered(
     let mut states = lock(states);
     let s = states.entry(instance_id.to_string()).or_default();
     s.failing_since = None;
+    s.unreachable_since = None;
     let failures = std::mem::take(&mut s.failures);
     s.failing.take().map(|error| (error, failures))
+}
+
+/// Whether `e` says the server cannot be reached (as opposed to refusing,
+/// or Strata's storage failing).
+fn is_unreachable(e: &EngineError) -> bool {
+    matches!(e, EngineError::Unreachable(_))
 }
 
 /// Records a receiver's position for `/metrics`.
@@ -117,8 +137,20 @@ impl Progress for WalProgress {
         s.last_error = None;
     }
 
-    fn wal_failing(&self, error: &str, attempt: u32, retry_in: Duration) {
-        note_receiver_failure(&self.states, &self.instance_id, error, attempt, retry_in);
+    fn wal_failing(&self, error: &EngineError, attempt: u32, retry_in: Duration) {
+        note_receiver_failure(
+            &self.states,
+            &self.instance_id,
+            (&error.to_string(), is_unreachable(error)),
+            attempt,
+            retry_in,
+        );
+    }
+
+    fn wal_streaming(&self) {
+        let mut states = lock(&self.states);
+        let s = states.entry(self.instance_id.clone()).or_default();
+        s.last_message = Some(Utc::now());
     }
 
     fn wal_recovered(&self) {
@@ -286,7 +318,8 @@ async fn supervise(
         }
         if let Err(e) = outcome {
             let attempt = lock(&states).get(&id).map_or(0, |s| s.failures) + 1;
-            note_receiver_failure(&states, &id, &e.to_string(), attempt, delay);
+            let text = e.to_string();
+            note_receiver_failure(&states, &id, (&text, is_unreachable(&e)), attempt, delay);
         }
         let mut stop_wait = stop_rx.clone();
         tokio::select! {
@@ -305,29 +338,59 @@ mod tests {
     fn failures_count_up_and_recovery_clears_them() {
         let states = Mutex::new(HashMap::new());
         let retry = Duration::from_secs(2);
-        note_receiver_failure(&states, "a", "repository full", 1, retry);
-        note_receiver_failure(&states, "a", "repository full", 2, retry);
+        note_receiver_failure(&states, "a", ("repository full", false), 1, retry);
+        note_receiver_failure(&states, "a", ("repository full", false), 2, retry);
         let s = lock(&states).get("a").cloned().unwrap();
         assert_eq!(s.failing.as_deref(), Some("repository full"));
         assert_eq!(s.failures, 2);
+        assert_eq!(
+            s.unreachable_since, None,
+            "a full repository is no unreachable server"
+        );
         let since = s.failing_since.expect("a failing receiver says since when");
-        // A new cause keeps the start of the run of failures.
-        note_receiver_failure(&states, "a", "connection refused", 1, retry);
+        // A new cause keeps the start of the run of failures; the server
+        // is unreachable from its first such failure on.
+        note_receiver_failure(&states, "a", ("connection refused", true), 1, retry);
         let s = lock(&states).get("a").cloned().unwrap();
         assert_eq!(s.failing.as_deref(), Some("connection refused"));
         assert_eq!(s.failures, 3);
         assert_eq!(s.failing_since, Some(since));
-        assert!(!WalReceiverState { running: true, ..s }.is_up());
+        let unreachable = s.unreachable_since.expect("unreachable since when");
+        note_receiver_failure(&states, "a", ("connection timed out", true), 4, retry);
+        let s = lock(&states).get("a").cloned().unwrap();
+        assert_eq!(s.unreachable_since, Some(unreachable));
+        assert!(!WalReceiverState {
+            running: true,
+            last_message: Some(Utc::now()),
+            ..s
+        }
+        .is_up());
         assert_eq!(
             note_receiver_recovered(&states, "a"),
-            Some(("connection refused".to_string(), 3))
+            Some(("connection timed out".to_string(), 4))
         );
         let s = lock(&states).get("a").cloned().unwrap();
         assert_eq!(
-            (s.failing.clone(), s.failures, s.failing_since),
-            (None, 0, None)
+            (
+                s.failing.clone(),
+                s.failures,
+                s.failing_since,
+                s.unreachable_since
+            ),
+            (None, 0, None, None)
         );
-        assert!(WalReceiverState { running: true, ..s }.is_up());
+        // Up only once the server streams, not while still connecting.
+        assert!(!WalReceiverState {
+            running: true,
+            ..s.clone()
+        }
+        .is_up());
+        assert!(WalReceiverState {
+            running: true,
+            last_message: Some(Utc::now()),
+            ..s
+        }
+        .is_up());
         // Recovering without a failure reports nothing; other instances are untouched.
         assert_eq!(note_receiver_recovered(&states, "a"), None);
         assert!(!lock(&states).contains_key("b"));

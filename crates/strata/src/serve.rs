@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use strata_api::{ApiState, LinkSigner, MetricsAccess, TlsFiles};
-use strata_catalog::{Instance, SslMode};
+use strata_catalog::{BackupStatus, Instance, SslMode};
 use strata_console::ConsoleState;
 use strata_engine::{as_user, chown_tree, Engine, LocalServer, ServerUse};
 use strata_service::{Service, SystemClock};
@@ -79,6 +79,11 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
                 }
             }
         }
+        // Read before the scheduler's first round, which may start a backup.
+        let demo_backups = match &sandbox {
+            Some(_) => Some(demo_backups(&service)?),
+            None => None,
+        };
         let scheduler = tokio::spawn(Arc::clone(&service).run(stop_rx.clone()));
         // One key for every node sharing the catalog, so any node serves a
         // link another signed; a key file an earlier release wrote seeds it
@@ -129,10 +134,13 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         if let Some(sb) = &sandbox {
             let key_file = keys::admin_key_path(&data_dir);
             println!("strata: sandbox PostgreSQL {} on 127.0.0.1:{} (data in {}), registered as instance {DEMO_INSTANCE:?}", sb.major, sb.port, sb.pgdata.display());
-            println!("strata: its first backup starts now and WAL is archived continuously. Next steps:");
+            if let Some(backups) = &demo_backups {
+                println!("strata: {backups}. Next steps:");
+            }
             println!("  strata backup list {DEMO_INSTANCE}          # backup sets (CLI, same data directory)");
             println!("  strata task list {DEMO_INSTANCE}            # jobs and their progress");
-            println!("  python3 -c 'from alibabacloud_rds20140815.client import Client' ...  # see README: \"Using the API\"");
+            println!("  python3 -m venv strata-sdk && strata-sdk/bin/pip install {SDK_PACKAGES}");
+            println!("  strata-sdk/bin/python your_script.py      # the official SDK; see README: \"Using the API\"");
             println!("  the key pair for the SDK is in {}", key_file.display());
             println!("strata: press Ctrl-C to stop the server and the sandbox");
         }
@@ -156,6 +164,45 @@ pub fn serve(config: &Config, engine: Engine, listen: Option<String>, demo: bool
         eprintln!("strata: stopped");
         anyhow::Ok(())
     })
+}
+
+/// The PyPI packages the README's SDK example imports.
+const SDK_PACKAGES: &str = "alibabacloud-rds20140815 alibabacloud-tea-openapi";
+
+/// What happens to the sandbox's backups now, as the service will find it
+/// on its first round: a first backup only for an instance that never had
+/// one (see the scheduler), else what it has and when the next come.
+fn demo_backups(service: &Service) -> Result<String> {
+    let policy = service.policy(DEMO_INSTANCE)?;
+    let sets = service.backup_sets(DEMO_INSTANCE)?;
+    let wal = if policy.log_backup_enabled {
+        "WAL is archived continuously"
+    } else {
+        "log backup is off"
+    };
+    if sets.is_empty() && policy.last_auto_slot.is_none() {
+        return Ok(format!("its first backup starts now and {wal}"));
+    }
+    let newest = sets
+        .iter()
+        .filter(|b| b.status == BackupStatus::Success)
+        .filter_map(|b| b.finished_at)
+        .max();
+    let have = match newest {
+        Some(t) => format!(
+            "it has {} backup set(s), the newest finished {}",
+            sets.len(),
+            t.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        None => format!(
+            "it has no successful backup yet (strata backup create {DEMO_INSTANCE} takes one now)"
+        ),
+    };
+    Ok(format!(
+        "{have}; automatic backups run on {} in {}; {wal}",
+        policy.backup_days.join(", "),
+        policy.backup_window
+    ))
 }
 
 /// A PostgreSQL cluster under `<data_dir>/demo`, run by the unprivileged
