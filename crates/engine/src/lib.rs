@@ -18,6 +18,7 @@ mod delta;
 mod entities;
 mod error;
 mod events;
+mod import;
 mod incremental;
 pub mod local_server;
 mod names;

@@ -1,0 +1,251 @@
+//! `strata import basebackup`: the output of `pg_basebackup -Ft` taken
+//! outside Strata (plain with `-X fetch`, gzip with `-X stream`) becomes a
+//! backup set that restores, on its own, to the data the source had when
+//! the backup was taken. Directories that are not what they claim (a member
+//! name leaving the data directory, a link leading out, a truncated archive,
+//! no base.tar, another cluster's backup) are refused with nothing stored.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{path_str, state_digest, Strata};
+use testkit::Cluster;
+
+const DB: &str = "postgres";
+
+/// `pg_basebackup -Ft` of `pg` with `extra` arguments into a new directory.
+fn basebackup(pg: &Cluster, extra: &[&str]) -> PathBuf {
+    let dir = testkit::temp_dir("strata-import-");
+    let target = dir.join("out");
+    let status = Command::new("chown")
+        .args(["postgres:postgres", &path_str(&dir)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let own = pg.bin_dir().join("pg_basebackup");
+    let tool = if own.exists() {
+        own
+    } else {
+        PathBuf::from("/usr/lib/postgresql/15/bin/pg_basebackup")
+    };
+    let mut cmd = Command::new(tool);
+    cmd.args([
+        "-h",
+        pg.host(),
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(["-Ft", "-c", "fast", "--no-sync", "-D", &path_str(&target)])
+    .args(extra);
+    testkit::run_as_postgres(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "pg_basebackup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target
+}
+
+/// Imports `dir` into `id`; returns the backup set id.
+fn import(strata: &Strata, id: &str, dir: &Path) -> String {
+    let out = strata.ok(&["import", "basebackup", "--instance", id, &path_str(dir)]);
+    out.lines().last().unwrap().trim().to_string()
+}
+
+/// Files of the repository that hold data: packs and WAL.
+fn stored(strata: &Strata) -> Vec<String> {
+    common::files_under(&strata.repo_dir())
+        .into_iter()
+        .map(|p| path_str(&p))
+        .filter(|p| p.contains("/packs/") || p.contains("/wal/") || p.ends_with(".manifest"))
+        .collect()
+}
+
+#[test]
+fn imported_basebackups_restore_to_the_data_at_backup_time() {
+    let strata = Strata::new("import");
+    let pg = Cluster::start_default(15);
+    pg.pgbench(DB, &["-i", "-q", "-s", "1"]);
+    pg.psql(
+        DB,
+        "CREATE TABLE ledger (id int PRIMARY KEY, note text); \
+         INSERT INTO ledger SELECT g, 'row ' || g FROM generate_series(1, 500) g",
+    );
+    let id = "imported";
+    strata.add_instance(id, &pg);
+
+    let plain = basebackup(&pg, &["-X", "fetch"]);
+    assert!(plain.join("base.tar").is_file() && plain.join("backup_manifest").is_file());
+    let at_plain = state_digest(&pg, DB);
+    pg.psql(
+        DB,
+        "UPDATE pgbench_accounts SET abalance = abalance + 3 WHERE aid <= 300; \
+         INSERT INTO ledger VALUES (1000, 'between the backups')",
+    );
+    let gzip = basebackup(&pg, &["-X", "stream", "-z"]);
+    assert!(gzip.join("base.tar.gz").is_file() && gzip.join("pg_wal.tar.gz").is_file());
+    let at_gzip = state_digest(&pg, DB);
+    assert_ne!(at_plain, at_gzip);
+    pg.psql(DB, "INSERT INTO ledger VALUES (2000, 'after both backups')");
+
+    let first = import(&strata, id, &plain);
+    let second = import(&strata, id, &gzip);
+    let sets = strata.backups(id);
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert!(sets.iter().all(|s| s["status"] == "Success"), "{sets:?}");
+    // The second import stores little: most blocks are the first's.
+    let second_row = sets.iter().find(|s| s["id"] == second.as_str()).unwrap();
+    assert!(
+        second_row["dedup_bytes"].as_u64().unwrap() > second_row["new_bytes"].as_u64().unwrap(),
+        "{second_row}"
+    );
+
+    // The source is gone: each set restores from the repository alone.
+    drop(pg);
+    for (set, expected, name) in [(&first, &at_plain, "plain"), (&second, &at_gzip, "gzip")] {
+        let restored = strata.restore_and_start(id, name, 15, &["--backup", set, "--immediate"]);
+        assert_eq!(&state_digest(&restored, DB), expected, "{name}");
+    }
+}
+
+/// A ustar member written byte for byte (names a `tar` tool would refuse).
+fn member(name: &str, typeflag: u8, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000600\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[136..148].copy_from_slice(b"14000000000\0");
+    h[156] = typeflag;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = h;
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A copy of `source` (a pg_basebackup -Ft directory) whose base.tar is `base`.
+fn with_base(source: &Path, base: Vec<u8>) -> PathBuf {
+    let dir = testkit::temp_dir("strata-import-hostile-");
+    for entry in std::fs::read_dir(source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(dir.join("base.tar"), base).unwrap();
+    dir
+}
+
+/// `base.tar` without its end-of-archive blocks.
+fn members_of(base: &[u8]) -> Vec<u8> {
+    let mut end = base.len();
+    while end >= 512 && base[end - 512..end].iter().all(|&b| b == 0) {
+        end -= 512;
+    }
+    base[..end].to_vec()
+}
+
+#[test]
+fn hostile_or_foreign_directories_are_refused_with_nothing_stored() {
+    let strata = Strata::new("import-hostile");
+    let pg = Cluster::start_default(15);
+    pg.psql(
+        DB,
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g",
+    );
+    let id = "target";
+    strata.add_instance(id, &pg);
+    let source = basebackup(&pg, &["-X", "fetch"]);
+    let base = std::fs::read(source.join("base.tar")).unwrap();
+    let members = members_of(&base);
+    let trailer = vec![0u8; 1024];
+
+    let hostile = |extra: Vec<u8>| [members.clone(), extra, trailer.clone()].concat();
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "a name climbing out",
+            with_base(&source, hostile(member("../escaped", b'0', "", b"x"))),
+            "\"../escaped\"",
+        ),
+        (
+            "a name inside that climbs out",
+            with_base(
+                &source,
+                hostile(member("base/../../escaped", b'0', "", b"x")),
+            ),
+            "\"base/../../escaped\"",
+        ),
+        (
+            "an absolute name",
+            with_base(&source, hostile(member("/tmp/escaped", b'0', "", b"x"))),
+            "\"/tmp/escaped\"",
+        ),
+        (
+            "a link leading out",
+            with_base(&source, hostile(member("base/evil", b'2', "/etc", b""))),
+            "\"base/evil\"",
+        ),
+        (
+            "a truncated archive",
+            with_base(&source, base[..base.len() / 2].to_vec()),
+            "truncated",
+        ),
+        (
+            "an archive without its end",
+            with_base(&source, members.clone()),
+            "truncated",
+        ),
+    ];
+    for (what, dir, why) in &cases {
+        let err = strata.fails(&["import", "basebackup", "--instance", id, &path_str(dir)]);
+        assert!(err.contains(why), "{what}: {err}");
+        assert!(strata.backups(id).is_empty(), "{what}");
+        assert_eq!(stored(&strata), Vec::<String>::new(), "{what}");
+    }
+
+    // No base.tar at all.
+    let no_base = with_base(&source, Vec::new());
+    std::fs::remove_file(no_base.join("base.tar")).unwrap();
+    let err = strata.fails(&[
+        "import",
+        "basebackup",
+        "--instance",
+        id,
+        &path_str(&no_base),
+    ]);
+    assert!(err.contains("has no base.tar"), "{err}");
+
+    // Another cluster's backup, once Strata knows the instance's cluster.
+    let other = testkit::shared_cluster(15);
+    strata.add_instance("other", other);
+    strata.backup("other");
+    let before = stored(&strata);
+    let err = strata.fails(&[
+        "import",
+        "basebackup",
+        "--instance",
+        "other",
+        &path_str(&source),
+    ]);
+    assert!(err.contains("system identifier"), "{err}");
+    assert_eq!(strata.backups("other").len(), 1);
+    assert_eq!(stored(&strata), before);
+
+    // The untouched directory imports.
+    import(&strata, id, &source);
+    assert_eq!(strata.backups(id).len(), 1);
+    for (_, dir, _) in cases {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let _ = std::fs::remove_dir_all(no_base);
+}
