@@ -465,7 +465,7 @@ fn check_segment_header(
 }
 
 /// Where a WAL member sits: `pg_wal/` of the data directory, or `pg_wal.tar`.
-fn wal_name<'a>(role: Role, path: &'a str) -> Option<&'a str> {
+fn wal_name(role: Role, path: &str) -> Option<&str> {
     match role {
         Role::Wal => Some(path),
         Role::Base => path.strip_prefix("pg_wal/"),
@@ -808,6 +808,7 @@ enum WalItem {
 struct Replayed(mpsc::Receiver<Result<BaseBackupEvent, ReplicationError>>);
 
 impl BackupEvents for Replayed {
+    #[allow(clippy::manual_async_fn)] // the trait's signature requires `Send`
     fn next_event(
         &mut self,
     ) -> impl std::future::Future<Output = Result<Option<BaseBackupEvent>, ReplicationError>> + Send
