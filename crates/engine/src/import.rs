@@ -262,9 +262,8 @@ fn walk(
         for event in events.drain(..) {
             visit(event)?;
         }
-        if reader.ended() {
-            break;
-        }
+        // Read on past the tar's end: a compressed file is checked (its
+        // checksum, its length) only at its own end.
     }
     reader
         .finish()
@@ -1202,5 +1201,194 @@ impl Engine {
         drop(events);
         let _ = tokio::task::spawn_blocking(move || reader.join()).await;
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn archive_names_say_their_role_and_compression() {
+        assert_eq!(classify("base.tar"), Some((Role::Base, Compression::None)));
+        assert_eq!(
+            classify("base.tar.gz"),
+            Some((Role::Base, Compression::Gzip))
+        );
+        assert_eq!(
+            classify("pg_wal.tar.zst"),
+            Some((Role::Wal, Compression::Zstd))
+        );
+        assert_eq!(
+            classify("16384.tar"),
+            Some((Role::Tablespace(16384), Compression::None))
+        );
+        for other in [
+            "base.tar.lz4",
+            "01.tar",
+            ".tar",
+            "../base.tar",
+            "x.tar",
+            "99999999999.tar",
+        ] {
+            assert_eq!(classify(other), None, "{other}");
+        }
+    }
+
+    const LABEL: &str = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
+        CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\n\
+        START TIME: 2026-12-06 19:40:12 UTC\nLABEL: pg_basebackup base backup\n\
+        START TIMELINE: 1\n";
+
+    #[test]
+    fn backup_label_gives_the_start() {
+        let label = parse_backup_label(LABEL.as_bytes()).unwrap();
+        assert_eq!(label.start_lsn, Lsn(0x0200_0028));
+        assert_eq!(label.timeline, TimelineId(1));
+        assert_eq!(
+            label.start_time.unwrap().to_rfc3339(),
+            "2026-12-06T19:40:12+00:00"
+        );
+        let incremental = format!("{LABEL}INCREMENTAL FROM LSN: 0/1000028\n");
+        let err = parse_backup_label(incremental.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("pg_combinebackup"), "{err}");
+        let err = parse_backup_label(b"LABEL: x\n").unwrap_err();
+        assert!(err.to_string().contains("START WAL LOCATION"), "{err}");
+    }
+
+    #[test]
+    fn the_manifest_must_describe_the_same_backup() {
+        let label = parse_backup_label(LABEL.as_bytes()).unwrap();
+        let manifest = |start: &str| {
+            format!(
+                "{{\"Files\": [], \"WAL-Ranges\": [{{ \"Timeline\": 1, \"Start-LSN\": \"{start}\", \"End-LSN\": \"0/2000100\" }}]}}"
+            )
+        };
+        assert_eq!(
+            manifest_wal_end(manifest("0/2000028").as_bytes(), &label).unwrap(),
+            (Lsn(0x0200_0100), TimelineId(1))
+        );
+        let err = manifest_wal_end(manifest("0/5000028").as_bytes(), &label).unwrap_err();
+        assert!(err.to_string().contains("not of the same backup"), "{err}");
+    }
+
+    fn long_header(sysid: u64, addr: u64, seg_size: u32) -> Vec<u8> {
+        let mut h = vec![0u8; LONG_HEADER];
+        h[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+        h[2..4].copy_from_slice(&XLP_LONG_HEADER.to_le_bytes());
+        h[4..8].copy_from_slice(&1u32.to_le_bytes());
+        h[8..16].copy_from_slice(&addr.to_le_bytes());
+        h[24..32].copy_from_slice(&sysid.to_le_bytes());
+        h[32..36].copy_from_slice(&seg_size.to_le_bytes());
+        h[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn wal_of_another_cluster_or_place_is_refused() {
+        let size = 16u64 << 20;
+        let ok = long_header(7, size * 2, size as u32);
+        assert_eq!(
+            check_segment_header("s", &ok, 7, Lsn(size * 2), size).unwrap(),
+            size
+        );
+        let err = check_segment_header("s", &ok, 8, Lsn(size * 2), size).unwrap_err();
+        assert!(err.to_string().contains("system identifier 7"), "{err}");
+        let err = check_segment_header("s", &ok, 7, Lsn(size * 3), size).unwrap_err();
+        assert!(err.to_string().contains("first page is at"), "{err}");
+        let err = check_segment_header("s", &ok[..20], 7, Lsn(size * 2), size).unwrap_err();
+        assert!(err.to_string().contains("shorter"), "{err}");
+    }
+
+    #[test]
+    fn the_wal_archive_holds_only_wal_files() {
+        let g = WalGeometry::new(16 << 20).unwrap();
+        let file = TarEntryKind::File;
+        assert!(matches!(
+            wal_member("000000010000000000000002", &file, &g),
+            Ok(WalMember::Segment(TimelineId(1), SegmentNo(2)))
+        ));
+        assert!(matches!(
+            wal_member("00000002.history", &file, &g),
+            Ok(WalMember::History(TimelineId(2)))
+        ));
+        assert!(matches!(
+            wal_member("archive_status/000000010000000000000002.done", &file, &g),
+            Ok(WalMember::Other)
+        ));
+        for bad in [
+            "../000000010000000000000002",
+            "/etc/passwd",
+            "postgresql.conf",
+        ] {
+            assert!(wal_member(bad, &file, &g).is_err(), "{bad}");
+        }
+        let link = TarEntryKind::Symlink {
+            target: "/tmp".into(),
+        };
+        assert!(wal_member("000000010000000000000002", &link, &g).is_err());
+    }
+
+    /// A gzip archive cut short, or one whose tar ends without its
+    /// end-of-archive blocks, is refused as truncated.
+    #[test]
+    fn truncated_compressed_archives_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut header = tar::Header::new_ustar();
+        header.set_path("PG_VERSION").unwrap();
+        header.set_size(3);
+        header.set_mode(0o600);
+        header.set_cksum();
+        let mut whole = header.as_bytes().to_vec();
+        whole.extend_from_slice(b"15\n");
+        whole.resize(1024, 0);
+        let no_end = whole.clone();
+        whole.resize(2048, 0);
+        let gz = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let compressed = gz(&whole);
+        let read = Arc::new(AtomicU64::new(0));
+        let archive = |file: &str| Archive {
+            file: file.into(),
+            role: Role::Base,
+            compression: Compression::Gzip,
+            size: 0,
+        };
+        for (name, bytes, ok) in [
+            ("whole.tar.gz", compressed.clone(), true),
+            (
+                "cut.tar.gz",
+                compressed[..compressed.len() - 12].to_vec(),
+                false,
+            ),
+            ("no_end.tar.gz", gz(&no_end), false),
+        ] {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+            let mut members = 0;
+            let outcome = walk(dir.path(), &archive(name), &read, |e| {
+                members += matches!(e, BaseBackupEvent::Entry(_)) as usize;
+                Ok(())
+            });
+            match (ok, outcome) {
+                (true, Ok(())) => assert_eq!(members, 1),
+                (false, Err(e)) => assert!(
+                    e.to_string().contains(name) && !e.to_string().is_empty(),
+                    "{name}: {e}"
+                ),
+                (_, outcome) => panic!("{name}: {outcome:?}"),
+            }
+        }
+        // A link in the directory is not followed.
+        std::os::unix::fs::symlink(
+            dir.path().join("whole.tar.gz"),
+            dir.path().join("base.tar.gz"),
+        )
+        .unwrap();
+        let err = walk(dir.path(), &archive("base.tar.gz"), &read, |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("cannot open"), "{err}");
     }
 }
