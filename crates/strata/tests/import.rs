@@ -68,6 +68,13 @@ fn stored(strata: &Strata) -> Vec<String> {
 
 #[test]
 fn imported_basebackups_restore_to_the_data_at_backup_time() {
+    let digest = |c: &Cluster| {
+        let far = c.psql(
+            DB,
+            "SELECT count(*) || ':' || md5(string_agg(note, ',' ORDER BY id)) FROM far",
+        );
+        format!("{}|{far}", state_digest(c, DB))
+    };
     let strata = Strata::new("import");
     let pg = Cluster::start_default(15);
     pg.pgbench(DB, &["-i", "-q", "-s", "1"]);
@@ -76,27 +83,54 @@ fn imported_basebackups_restore_to_the_data_at_backup_time() {
         "CREATE TABLE ledger (id int PRIMARY KEY, note text); \
          INSERT INTO ledger SELECT g, 'row ' || g FROM generate_series(1, 500) g",
     );
+    // A tablespace: its own archive, placed through tablespace_map.
+    let ts_dir = testkit::temp_dir("strata-import-ts-");
+    let status = Command::new("chown")
+        .args(["postgres:postgres", &path_str(&ts_dir)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    pg.psql(
+        DB,
+        &format!("CREATE TABLESPACE spare LOCATION '{}'", path_str(&ts_dir)),
+    );
+    pg.psql(
+        DB,
+        "CREATE TABLE far (id int, note text) TABLESPACE spare; \
+         INSERT INTO far SELECT g, md5(g::text) FROM generate_series(1, 2000) g",
+    );
     let id = "imported";
     strata.add_instance(id, &pg);
 
     let plain = basebackup(&pg, &["-X", "fetch"]);
     assert!(plain.join("base.tar").is_file() && plain.join("backup_manifest").is_file());
-    let at_plain = state_digest(&pg, DB);
+    let ts_oid = pg.psql(DB, "SELECT oid FROM pg_tablespace WHERE spcname = 'spare'");
+    assert!(plain.join(format!("{ts_oid}.tar")).is_file());
+    let at_plain = digest(&pg);
     pg.psql(
         DB,
         "UPDATE pgbench_accounts SET abalance = abalance + 3 WHERE aid <= 300; \
-         INSERT INTO ledger VALUES (1000, 'between the backups')",
+         INSERT INTO ledger VALUES (1000, 'between the backups'); \
+         DELETE FROM far WHERE id <= 100",
     );
     let gzip = basebackup(&pg, &["-X", "stream", "-z"]);
     assert!(gzip.join("base.tar.gz").is_file() && gzip.join("pg_wal.tar.gz").is_file());
-    let at_gzip = state_digest(&pg, DB);
+    let at_gzip = digest(&pg);
     assert_ne!(at_plain, at_gzip);
-    pg.psql(DB, "INSERT INTO ledger VALUES (2000, 'after both backups')");
+    pg.psql(
+        DB,
+        "INSERT INTO ledger VALUES (1500, 'before the zstd backup')",
+    );
+    let zstd = basebackup(&pg, &["-X", "fetch", "--compress=zstd"]);
+    assert!(zstd.join("base.tar.zst").is_file());
+    let at_zstd = digest(&pg);
+    pg.psql(DB, "INSERT INTO ledger VALUES (2000, 'after every backup')");
 
     let first = import(&strata, id, &plain);
     let second = import(&strata, id, &gzip);
+    let third = import(&strata, id, &zstd);
     let sets = strata.backups(id);
-    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert_eq!(sets.len(), 3, "{sets:?}");
     assert!(sets.iter().all(|s| s["status"] == "Success"), "{sets:?}");
     // The second import stores little: most blocks are the first's.
     let second_row = sets.iter().find(|s| s["id"] == second.as_str()).unwrap();
@@ -107,10 +141,15 @@ fn imported_basebackups_restore_to_the_data_at_backup_time() {
 
     // The source is gone: each set restores from the repository alone.
     drop(pg);
-    for (set, expected, name) in [(&first, &at_plain, "plain"), (&second, &at_gzip, "gzip")] {
+    for (set, expected, name) in [
+        (&first, &at_plain, "plain"),
+        (&second, &at_gzip, "gzip"),
+        (&third, &at_zstd, "zstd"),
+    ] {
         let restored = strata.restore_and_start(id, name, 15, &["--backup", set, "--immediate"]);
-        assert_eq!(&state_digest(&restored, DB), expected, "{name}");
+        assert_eq!(&digest(&restored), expected, "{name}");
     }
+    let _ = std::fs::remove_dir_all(ts_dir);
 }
 
 /// A ustar member written byte for byte (names a `tar` tool would refuse).
