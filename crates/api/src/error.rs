@@ -192,6 +192,9 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::ArchivePolicyMalformed => "InvalidArchiveBackupPolicy.Malformed",
         Refusal::KeepLastMalformed => "InvalidKeepLast.Malformed",
         Refusal::KeepMalformed => "InvalidKeepUntil.Malformed",
+        Refusal::ImportDisabled => "Strata.ImportDisabled",
+        Refusal::ImportFileMalformed => "InvalidBackupFile.Malformed",
+        Refusal::ImportFileNotFound => "InvalidBackupFile.NotFound",
     }
 }
 
@@ -199,7 +202,9 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
 /// resource's state forbids ("Incorrect…") with 403, a malformed one with 400.
 pub fn refusal_status(kind: Refusal) -> StatusCode {
     match kind {
-        Refusal::BackupSetKept | Refusal::NotCreatedByStrata => StatusCode::FORBIDDEN,
+        Refusal::BackupSetKept | Refusal::NotCreatedByStrata | Refusal::ImportDisabled => {
+            StatusCode::FORBIDDEN
+        }
         _ => StatusCode::BAD_REQUEST,
     }
 }

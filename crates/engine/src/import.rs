@@ -31,7 +31,7 @@ use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use pg_replication::{BaseBackupEvent, ReplicationError, TarEntry, TarEntryKind, TarReader};
 use pg_wal::{Lsn, SegmentNo, TimelineId, WalGeometry};
-use strata_catalog::{BackupSet, Instance, JobKind};
+use strata_catalog::{BackupSet, Instance, Job, JobKind};
 use tokio::sync::mpsc;
 
 use crate::backup::{
@@ -1071,17 +1071,51 @@ async fn with_progress<T: Send + 'static>(
     }
 }
 
+/// An import whose directory passed every check and whose job and backup
+/// set are recorded (job `NoStart`, set `Running`); nothing is stored yet.
+pub struct PendingImport {
+    job: Job,
+    set: BackupSet,
+    instance: Instance,
+    import: ImportDir,
+    plan: Plan,
+}
+
+impl PendingImport {
+    /// The import's job.
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    /// The backup set it is storing.
+    pub fn set(&self) -> &BackupSet {
+        &self.set
+    }
+}
+
 impl Engine {
     /// Imports the output directory of `pg_basebackup -Ft` as a backup set
-    /// of `instance_id`; see the module documentation. A refusal (anything
-    /// the first pass finds) records nothing; a failure while storing is
-    /// recorded on the set and its job, as a backup's, and commits nothing.
+    /// of `instance_id`: [`Engine::prepare_import`], then
+    /// [`Engine::run_import`].
     pub async fn import_basebackup(
         &self,
         instance_id: &str,
         dir: &Path,
         progress: &dyn Progress,
     ) -> EngineResult<BackupSet> {
+        let pending = self.prepare_import(instance_id, dir, progress).await?;
+        self.run_import(pending, progress).await
+    }
+
+    /// The first pass (see the module documentation) and, when it finds
+    /// nothing to refuse, the job and the running backup set. A refusal
+    /// records nothing.
+    pub async fn prepare_import(
+        &self,
+        instance_id: &str,
+        dir: &Path,
+        progress: &dyn Progress,
+    ) -> EngineResult<PendingImport> {
         let instance = self.catalog.get_instance(instance_id)?;
         let import = ImportDir::scan(dir)?;
         let total = import.total_size();
@@ -1110,13 +1144,36 @@ impl Engine {
             .catalog
             .create_job(JobKind::Backup, Some(instance_id))?;
         let pending = self.record_backup_set(job, instance, &opts)?;
-        let (mut job, mut set, instance) = (pending.job, pending.set, pending.instance);
+        let (job, mut set, instance) = (pending.job, pending.set, pending.instance);
         if let Some(at) = plan.survey.label.start_time {
             set.started_at = at;
         }
+        Ok(PendingImport {
+            job,
+            set,
+            instance,
+            import,
+            plan,
+        })
+    }
+
+    /// The second pass of a prepared import; its outcome is recorded on
+    /// the set and the job, as a backup's. A failure commits nothing.
+    pub async fn run_import(
+        &self,
+        pending: PendingImport,
+        progress: &dyn Progress,
+    ) -> EngineResult<BackupSet> {
+        let PendingImport {
+            mut job,
+            mut set,
+            instance,
+            import,
+            plan,
+        } = pending;
         progress.message(&format!(
-            "import into {instance_id}: backup {} of the cluster {}, WAL from {} to {}",
-            set.id, plan.survey.system_id, plan.survey.label.start_lsn, plan.stop_lsn
+            "import into {}: backup {} of the cluster {}, WAL from {} to {}",
+            instance.id, set.id, plan.survey.system_id, plan.survey.label.start_lsn, plan.stop_lsn
         ));
         job.state = strata_catalog::JobState::Preparing;
         self.record_job("recording an import's start", &job).await?;

@@ -54,6 +54,7 @@ pub use copy::{
 pub use delta::DeltaReport;
 pub use error::{EngineError, EngineResult};
 pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
+pub use import::PendingImport;
 pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;

@@ -87,6 +87,12 @@ pub enum Refusal {
     KeepLastMalformed,
     /// A keep by hand is malformed (a time in the past, a bad note).
     KeepMalformed,
+    /// Imports over the API are off (no import directory is configured).
+    ImportDisabled,
+    /// An import's file name is not one name under the import directory.
+    ImportFileMalformed,
+    /// No directory of that name is in the import directory.
+    ImportFileNotFound,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for
