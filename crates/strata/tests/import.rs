@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{path_str, state_digest, Strata};
+use common::{path_str, signed_call_status, state_digest, wait_for, Server, Strata};
 use testkit::Cluster;
 
 const DB: &str = "postgres";
@@ -287,4 +287,86 @@ fn hostile_or_foreign_directories_are_refused_with_nothing_stored() {
         let _ = std::fs::remove_dir_all(dir);
     }
     let _ = std::fs::remove_dir_all(no_base);
+}
+
+#[test]
+fn the_api_imports_only_names_in_the_import_directory() {
+    let import_dir = testkit::temp_dir("strata-import-dir-");
+    let strata = Strata::with_config(
+        "import-api",
+        "",
+        &format!("[import]\ndir = {:?}\n", path_str(&import_dir)),
+    );
+    let pg = testkit::shared_cluster(15);
+    let id = "apiimport";
+    strata.add_instance(id, pg);
+    let out = basebackup(pg, &["-X", "fetch"]);
+    std::fs::rename(&out, import_dir.join("nightly-1")).unwrap();
+    // A directory in place whose base.tar names a file outside.
+    let base = std::fs::read(import_dir.join("nightly-1/base.tar")).unwrap();
+    let hostile = [
+        members_of(&base),
+        member("../../outside", b'0', "", b"x"),
+        vec![0u8; 1024],
+    ]
+    .concat();
+    let planted = with_base(&import_dir.join("nightly-1"), hostile);
+    std::fs::rename(&planted, import_dir.join("planted")).unwrap();
+    std::os::unix::fs::symlink(import_dir.join("nightly-1"), import_dir.join("link")).unwrap();
+
+    let server = Server::start(&strata, &[]);
+    // The service takes the instance's first backup on its own; imports
+    // wait for it (one backup of an instance at a time).
+    let manual = || -> Vec<serde_json::Value> {
+        strata
+            .backups(id)
+            .into_iter()
+            .filter(|s| s["mode"] == "Manual")
+            .collect()
+    };
+    wait_for("the service's first backup", 120, || {
+        let sets = strata.backups(id);
+        !sets.is_empty() && sets.iter().all(|s| s["status"] != "Running")
+    });
+    let call = |file: &str| {
+        signed_call_status(
+            &strata,
+            server.port,
+            &[
+                ("Action", "StrataImportBackupFile"),
+                ("DBInstanceId", id),
+                ("BackupFile", file),
+            ],
+        )
+    };
+    for (file, code) in [
+        ("../nightly-1", "InvalidBackupFile.Malformed"),
+        (
+            &path_str(&import_dir.join("nightly-1")),
+            "InvalidBackupFile.Malformed",
+        ),
+        ("link", "InvalidBackupFile.Malformed"),
+        ("absent", "InvalidBackupFile.NotFound"),
+        ("planted", "InvalidParameter"),
+    ] {
+        let (status, answer) = call(file);
+        assert!(status.contains("400"), "{file}: {status} {answer}");
+        assert_eq!(answer["Code"], code, "{file}: {answer}");
+    }
+    assert_eq!(manual(), Vec::<serde_json::Value>::new());
+
+    let (status, answer) = call("nightly-1");
+    assert!(status.contains("200"), "{status} {answer}");
+    let backup = answer["BackupId"].as_str().unwrap().to_string();
+    assert!(!backup.is_empty() && !answer["BackupJobId"].as_str().unwrap().is_empty());
+    wait_for("the import to finish", 120, || {
+        manual()
+            .iter()
+            .any(|s| s["id"] == backup.as_str() && s["status"] != "Running")
+    });
+    let sets = manual();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    assert_eq!(sets[0]["status"], "Success", "{sets:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(import_dir);
 }
