@@ -463,12 +463,36 @@ fn check_segment_header(
     Ok(seg_size)
 }
 
-/// Where a WAL member sits: `pg_wal/` of the data directory, or `pg_wal.tar`.
-fn wal_name(role: Role, path: &str) -> Option<&str> {
+/// What a member of `role`'s archive is on the WAL side: `None` for a file
+/// of the backup set. In the data directory's archive only segments and
+/// history files directly in `pg_wal/` are WAL (`-X fetch`); everything
+/// else there is an ordinary member, checked as any. `pg_wal.tar` holds
+/// WAL files only.
+fn wal_kind(
+    role: Role,
+    entry: &TarEntry,
+    geometry: &WalGeometry,
+) -> EngineResult<Option<WalMember>> {
     match role {
-        Role::Wal => Some(path),
-        Role::Base => path.strip_prefix("pg_wal/"),
-        Role::Tablespace(_) => None,
+        Role::Tablespace(_) => Ok(None),
+        Role::Wal => wal_member(&entry.path, &entry.kind, geometry).map(Some),
+        Role::Base => {
+            let Some(name) = entry.path.strip_prefix("pg_wal/") else {
+                return Ok(None);
+            };
+            Ok(match wal_member(name, &entry.kind, geometry) {
+                Ok(m @ (WalMember::Segment(..) | WalMember::History(_))) => Some(m),
+                _ => None,
+            })
+        }
+    }
+}
+
+/// The name a WAL member is stored and reported under.
+fn wal_file_name(role: Role, path: &str) -> &str {
+    match role {
+        Role::Base => path.strip_prefix("pg_wal/").unwrap_or(path),
+        _ => path,
     }
 }
 
@@ -547,22 +571,18 @@ impl Gathered {
         };
         // Names only: the segment size is checked against each header.
         let geometry = WalGeometry::new(16 << 20).map_err(|e| refused(e.to_string()))?;
-        let wal = match wal_name(archive.role, &entry.path) {
-            Some(name) => match wal_member(name, &entry.kind, &geometry)? {
-                WalMember::Segment(tli, seg) => {
-                    self.segments.push(SeenSegment {
-                        name: name.to_string(),
-                        tli,
-                        seg,
-                        size: entry.size,
-                        header: Vec::new(),
-                    });
-                    Some(Some(self.segments.len() - 1))
-                }
-                WalMember::History(_) => Some(None),
-                WalMember::Other if archive.role == Role::Wal => return Ok(None),
-                WalMember::Other => None,
-            },
+        let wal = match wal_kind(archive.role, &entry, &geometry)? {
+            Some(WalMember::Segment(tli, seg)) => {
+                self.segments.push(SeenSegment {
+                    name: wal_file_name(archive.role, &entry.path).to_string(),
+                    tli,
+                    seg,
+                    size: entry.size,
+                    header: Vec::new(),
+                });
+                Some(Some(self.segments.len() - 1))
+            }
+            Some(WalMember::History(_) | WalMember::Other) => Some(None),
             None => None,
         };
         if wal.is_none() {
@@ -909,15 +929,11 @@ fn replay_archives(
         walk(&plan.dir, archive, read, |event| match event {
             BaseBackupEvent::Entry(entry) => {
                 skipping = false;
-                let member = match wal_name(archive.role, &entry.path) {
-                    Some(name) => Some((name, wal_member(name, &entry.kind, &plan.geometry)?)),
-                    None => None,
-                };
-                match member {
-                    Some((name, member @ (WalMember::Segment(..) | WalMember::History(_)))) => {
+                match wal_kind(archive.role, &entry, &plan.geometry)? {
+                    Some(member @ (WalMember::Segment(..) | WalMember::History(_))) => {
                         let collecting = CollectingWal {
                             member,
-                            name: name.to_string(),
+                            name: wal_file_name(archive.role, &entry.path).to_string(),
                             size: entry.size,
                             data: Vec::with_capacity(entry.size as usize),
                         };
@@ -927,11 +943,11 @@ fn replay_archives(
                         wal = Some(collecting);
                         Ok(())
                     }
-                    Some((_, WalMember::Other)) if archive.role == Role::Wal => {
+                    Some(WalMember::Other) => {
                         skipping = true;
                         Ok(())
                     }
-                    _ => send(events_tx, BaseBackupEvent::Entry(entry)),
+                    None => send(events_tx, BaseBackupEvent::Entry(entry)),
                 }
             }
             BaseBackupEvent::Data(data) => {
@@ -1385,6 +1401,48 @@ mod tests {
             target: "/tmp".into(),
         };
         assert!(wal_member("000000010000000000000002", &link, &g).is_err());
+    }
+
+    #[test]
+    fn only_wal_files_in_pg_wal_leave_the_data_directory() {
+        let g = WalGeometry::new(16 << 20).unwrap();
+        let entry = |path: &str, kind: TarEntryKind| TarEntry {
+            path: path.into(),
+            kind,
+            mode: 0o600,
+            size: 0,
+            mtime: 0,
+        };
+        let file = TarEntryKind::File;
+        let dir = TarEntryKind::Directory;
+        let kind = |role, e: &TarEntry| wal_kind(role, e, &g).unwrap();
+        assert!(matches!(
+            kind(
+                Role::Base,
+                &entry("pg_wal/000000010000000000000003", file.clone())
+            ),
+            Some(WalMember::Segment(TimelineId(1), SegmentNo(3)))
+        ));
+        for ordinary in ["pg_wal/archive_status", "./pg_wal/summaries", "pg_wal"] {
+            assert!(
+                kind(Role::Base, &entry(ordinary, dir.clone())).is_none(),
+                "{ordinary}"
+            );
+        }
+        assert!(kind(Role::Base, &entry("pg_wal/x.done", file.clone())).is_none());
+        assert!(kind(
+            Role::Tablespace(1),
+            &entry("000000010000000000000003", file.clone())
+        )
+        .is_none());
+        assert!(matches!(
+            kind(
+                Role::Wal,
+                &entry("000000010000000000000003.partial", file.clone())
+            ),
+            Some(WalMember::Other)
+        ));
+        assert!(wal_kind(Role::Wal, &entry("base/1/1259", file), &g).is_err());
     }
 
     /// A gzip archive cut short, or one whose tar ends without its
