@@ -32,6 +32,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use pg_replication::{BaseBackupEvent, ReplicationError, TarEntry, TarEntryKind, TarReader};
 use pg_wal::{Lsn, SegmentNo, TimelineId, WalGeometry};
 use strata_catalog::{BackupSet, Instance, Job, JobKind};
+use strata_repo::{FileEntry, FileKind};
 use tokio::sync::mpsc;
 
 use crate::backup::{
@@ -516,6 +517,9 @@ struct Survey {
     /// Bytes of those files.
     total: u64,
     segments: Vec<SeenSegment>,
+    /// The end position the WAL's backup-end record gives (looked for only
+    /// without a `backup_manifest`).
+    backup_end: Option<Lsn>,
 }
 
 /// The member being read in the first pass.
@@ -530,6 +534,8 @@ struct Reading {
     /// Not a file of the set: a WAL segment (its index in the survey's
     /// list) or a history file (`None` inside).
     wal: Option<Option<usize>>,
+    /// A segment the [`EndFinder`] decodes.
+    decode: bool,
 }
 
 /// Files of the data directory whose contents the checks read.
@@ -549,6 +555,84 @@ struct Gathered {
     small: HashMap<String, Vec<u8>>,
     segments: Vec<SeenSegment>,
     total: u64,
+    /// Set when there is no `backup_manifest` to give the end position.
+    end: Option<EndFinder>,
+}
+
+/// Looks for the backup's end in its WAL: the `XLOG_BACKUP_END` record
+/// naming its start, which a primary writes when the backup stops (its end
+/// is the position `pg_backup_stop` returns). Segments are decoded from the
+/// one holding the start, on its timeline, while they follow each other.
+#[derive(Default)]
+struct EndFinder {
+    decoder: Option<pg_wal::decode::WalDecoder>,
+    /// The segment the decoder expects next.
+    next: Lsn,
+    start: Option<Lsn>,
+    found: Option<Lsn>,
+    /// A gap, another timeline or undecodable WAL: nothing more is looked at.
+    stopped: bool,
+}
+
+impl EndFinder {
+    /// Whether the segment `name` of `size` bytes is to be decoded, given
+    /// the backup's label (read before any WAL: it leads base.tar).
+    fn begin(&mut self, name: &str, size: u64, label: Option<&[u8]>) -> bool {
+        if self.stopped || self.found.is_some() {
+            return false;
+        }
+        let Some(label) = label.and_then(|l| parse_backup_label(l).ok()) else {
+            self.stopped = true;
+            return false;
+        };
+        let Ok(geometry) = WalGeometry::new(size) else {
+            self.stopped = true;
+            return false;
+        };
+        let Some((tli, seg)) = geometry.parse_segment_file_name(name) else {
+            return false;
+        };
+        let seg_start = geometry.segment_start(seg);
+        if tli != label.timeline {
+            return false;
+        }
+        if self.decoder.is_none() {
+            let first = geometry.segment_start(geometry.segment_of(label.start_lsn));
+            if seg_start != first {
+                return false;
+            }
+            self.decoder = Some(pg_wal::decode::WalDecoder::new(geometry, seg_start));
+            self.start = Some(label.start_lsn);
+        } else if seg_start != self.next {
+            self.stopped = true;
+            return false;
+        }
+        self.next = seg_start + size;
+        true
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        let (Some(decoder), Some(start)) = (self.decoder.as_mut(), self.start) else {
+            return;
+        };
+        match decoder.feed(data) {
+            Ok(events) => {
+                for event in events {
+                    if let pg_wal::decode::WalEvent::BackupEnd {
+                        end_lsn,
+                        start: ended,
+                        ..
+                    } = event
+                    {
+                        if ended == start {
+                            self.found = Some(end_lsn);
+                        }
+                    }
+                }
+            }
+            Err(_) => self.stopped = true,
+        }
+    }
 }
 
 impl Gathered {
@@ -571,10 +655,17 @@ impl Gathered {
         };
         // Names only: the segment size is checked against each header.
         let geometry = WalGeometry::new(16 << 20).map_err(|e| refused(e.to_string()))?;
+        let mut decode = false;
         let wal = match wal_kind(archive.role, &entry, &geometry)? {
             Some(WalMember::Segment(tli, seg)) => {
+                let name = wal_file_name(archive.role, &entry.path);
+                let label = self.small.get("backup_label").map(Vec::as_slice);
+                decode = self
+                    .end
+                    .as_mut()
+                    .is_some_and(|end| end.begin(name, entry.size, label));
                 self.segments.push(SeenSegment {
-                    name: wal_file_name(archive.role, &entry.path).to_string(),
+                    name: name.to_string(),
                     tli,
                     seg,
                     size: entry.size,
@@ -602,6 +693,7 @@ impl Gathered {
             remaining: entry.size,
             crc: 0,
             wal,
+            decode,
         };
         if f.remaining == 0 {
             self.close(f);
@@ -616,6 +708,11 @@ impl Gathered {
         f.crc = crc32c::crc32c_append(f.crc, data);
         if let Some(keep) = f.keep.as_mut() {
             keep.extend_from_slice(data);
+        }
+        if f.decode {
+            if let Some(end) = self.end.as_mut() {
+                end.feed(data);
+            }
         }
         if let Some(Some(i)) = f.wal {
             let header = &mut self.segments[i].header;
@@ -638,7 +735,10 @@ fn import_entry(tablespace: Option<u32>, entry: &TarEntry) -> EngineResult<()> {
 
 /// The first pass: see the module documentation.
 fn survey(dir: &ImportDir, read: &Arc<AtomicU64>) -> EngineResult<Survey> {
-    let mut gathered = Gathered::default();
+    let mut gathered = Gathered {
+        end: dir.manifest.is_none().then(EndFinder::default),
+        ..Gathered::default()
+    };
     for archive in &dir.archives {
         let mut current: Option<Reading> = None;
         walk(&dir.dir, archive, read, |event| {
@@ -723,6 +823,7 @@ fn conclude(dir: &ImportDir, g: Gathered) -> EngineResult<Survey> {
         received: g.received,
         total: g.total,
         segments: g.segments,
+        backup_end: g.end.and_then(|e| e.found),
     })
 }
 
@@ -758,13 +859,22 @@ fn plan(dir: &ImportDir, survey: Survey, instance: &Instance) -> EngineResult<Pl
             )));
         }
     }
-    let Some(manifest) = dir.manifest.clone() else {
-        return Err(refused(
-            "no backup_manifest: it holds the backup's end position, which nothing else in the directory records (pg_basebackup writes it unless --no-manifest is given)",
-        ));
+    let (manifest, stop_lsn) = match dir.manifest.clone() {
+        Some(manifest) => {
+            check_server_manifest(&manifest, &survey.received)
+                .map_err(|e| refused(e.to_string()))?;
+            let (stop, _) = manifest_wal_end(&manifest, &survey.label)?;
+            (manifest, stop)
+        }
+        None => {
+            let stop = survey.backup_end.ok_or_else(|| {
+                refused(
+                    "no backup_manifest, and no backup-end record for this backup in its WAL: nothing records where it ends (a backup of a standby writes none; take it with a manifest, pg_basebackup's default)",
+                )
+            })?;
+            (written_manifest(&survey, stop), stop)
+        }
     };
-    check_server_manifest(&manifest, &survey.received).map_err(|e| refused(e.to_string()))?;
-    let (stop_lsn, _) = manifest_wal_end(&manifest, &survey.label)?;
     let Some(seg_size) = survey.segments.first().map(|s| s.size) else {
         return Err(refused(
             "the backup holds no WAL: take it with -X fetch or -X stream (the default), so that it can be restored on its own",
@@ -814,6 +924,37 @@ fn plan(dir: &ImportDir, survey: Survey, instance: &Instance) -> EngineResult<Pl
         first,
         last,
     })
+}
+
+/// A `backup_manifest` in PostgreSQL's layout for a backup that came
+/// without one: every file the first pass read, with its size and CRC-32C,
+/// and the WAL range from `backup_label` to the backup-end record.
+fn written_manifest(survey: &Survey, stop: Lsn) -> Vec<u8> {
+    let mut files: Vec<FileEntry> = survey
+        .received
+        .iter()
+        .map(|(path, (size, crc))| FileEntry {
+            tablespace: None,
+            path: path.clone(),
+            kind: FileKind::File,
+            mode: 0o600,
+            size: *size,
+            mtime: 0,
+            link_target: None,
+            crc32c: Some(*crc),
+            blocks: Vec::new(),
+        })
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    crate::snapshot_upload::postgres_manifest(
+        survey.pg_major * 10000,
+        survey.system_id,
+        &files,
+        survey.label.start_time.unwrap_or_else(Utc::now),
+        survey.label.timeline,
+        survey.label.start_lsn,
+        stop,
+    )
 }
 
 /// WAL the second pass read, for the task storing it.

@@ -1,5 +1,6 @@
 //! `strata import basebackup`: the output of `pg_basebackup -Ft` taken
-//! outside Strata (plain with `-X fetch`, gzip with `-X stream`) becomes a
+//! outside Strata (plain with `-X fetch`, gzip with `-X stream`, zstd
+//! without a manifest, a tablespace in each) becomes a
 //! backup set that restores, on its own, to the data the source had when
 //! the backup was taken. Directories that are not what they claim (a member
 //! name leaving the data directory, a link leading out, a truncated archive,
@@ -121,16 +122,31 @@ fn imported_basebackups_restore_to_the_data_at_backup_time() {
         DB,
         "INSERT INTO ledger VALUES (1500, 'before the zstd backup')",
     );
-    let zstd = basebackup(&pg, &["-X", "fetch", "--compress=zstd"]);
-    assert!(zstd.join("base.tar.zst").is_file());
+    // zstd, and no manifest: the end position comes from the WAL.
+    let zstd = basebackup(&pg, &["-X", "fetch", "--compress=zstd", "--no-manifest"]);
+    assert!(zstd.join("base.tar.zst").is_file() && !zstd.join("backup_manifest").exists());
     let at_zstd = digest(&pg);
     pg.psql(DB, "INSERT INTO ledger VALUES (2000, 'after every backup')");
 
     let first = import(&strata, id, &plain);
     let second = import(&strata, id, &gzip);
     let third = import(&strata, id, &zstd);
+    // The same backup without its manifest ends where the manifest says.
+    let bare = testkit::temp_dir("strata-import-bare-");
+    for entry in std::fs::read_dir(&plain).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "backup_manifest" {
+            std::fs::copy(entry.path(), bare.join(entry.file_name())).unwrap();
+        }
+    }
+    let fourth = import(&strata, id, &bare);
     let sets = strata.backups(id);
-    assert_eq!(sets.len(), 3, "{sets:?}");
+    assert_eq!(sets.len(), 4, "{sets:?}");
+    let row = |set: &str| sets.iter().find(|s| s["id"] == set).unwrap().clone();
+    assert_eq!(row(&first)["stop_lsn"], row(&fourth)["stop_lsn"]);
+    assert_eq!(row(&first)["start_lsn"], row(&fourth)["start_lsn"]);
+    assert!(row(&fourth)["stop_lsn"].is_string(), "{}", row(&fourth));
+    let _ = std::fs::remove_dir_all(bare);
     assert!(sets.iter().all(|s| s["status"] == "Success"), "{sets:?}");
     // The second import stores little: most blocks are the first's.
     let second_row = sets.iter().find(|s| s["id"] == second.as_str()).unwrap();
