@@ -266,6 +266,9 @@ fn hostile_or_foreign_directories_are_refused_with_nothing_stored() {
         assert!(err.contains(why), "{what}: {err}");
         assert!(strata.backups(id).is_empty(), "{what}");
         assert_eq!(stored(&strata), Vec::<String>::new(), "{what}");
+        let tasks: Vec<serde_json::Value> =
+            serde_json::from_str(&strata.ok(&["task", "list", id, "--json"])).unwrap();
+        assert!(tasks.is_empty(), "{what}: {tasks:?}");
     }
 
     // No base.tar at all.
@@ -299,6 +302,9 @@ fn hostile_or_foreign_directories_are_refused_with_nothing_stored() {
     // The untouched directory imports.
     import(&strata, id, &source);
     assert_eq!(strata.backups(id).len(), 1);
+    let tasks: Vec<serde_json::Value> =
+        serde_json::from_str(&strata.ok(&["task", "list", id, "--json"])).unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
     for (_, dir, _) in cases {
         let _ = std::fs::remove_dir_all(dir);
     }
