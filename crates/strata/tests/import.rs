@@ -155,6 +155,9 @@ fn imported_basebackups_restore_to_the_data_at_backup_time() {
         "{second_row}"
     );
 
+    // Every object the imports wrote reads back and checks out.
+    strata.ok(&["repo", "verify"]);
+
     // The source is gone: each set restores from the repository alone.
     drop(pg);
     for (set, expected, name) in [
