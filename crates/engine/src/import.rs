@@ -7,7 +7,11 @@
 //! of [`strata_repo::paths`], as for a server's stream), each file's size
 //! and CRC-32C against `backup_manifest`, `backup_label` (start position,
 //! timeline), `global/pg_control` (system identifier) and the first page of
-//! every WAL segment (system identifier, address, segment size). Only a
+//! every WAL segment (system identifier, address, segment size). Without a
+//! `backup_manifest`, the WAL is decoded for the backup-end record that
+//! gives the end position, and the set's manifest is written from the
+//! files as read (src/backend/access/transam/xlog.c, `XLOG_BACKUP_END`).
+//! Only a
 //! directory that passes all of it gets a job and a backup set. The second
 //! pass replays the archives as the BASE_BACKUP event stream the backup's
 //! receiver consumes (so files are cut, deduplicated, checked and committed
@@ -49,6 +53,8 @@ const CHUNK: usize = 256 * 1024;
 /// Largest member whose contents the first pass keeps (backup_label,
 /// tablespace_map, pg_control, PG_VERSION).
 const SMALL_FILE: u64 = 64 * 1024;
+/// Largest `backup_manifest` read (PostgreSQL's is some 150 bytes a file).
+const MAX_MANIFEST: u64 = 1 << 30;
 /// `XLogLongPageHeaderData`: the first 40 bytes of every segment.
 const LONG_HEADER: usize = 40;
 const XLP_LONG_HEADER: u16 = 0x0002;
@@ -151,8 +157,15 @@ impl ImportDir {
             if name == "backup_manifest" {
                 let mut text = Vec::new();
                 open_member(dir, &name)?
+                    .take(MAX_MANIFEST + 1)
                     .read_to_end(&mut text)
                     .map_err(|e| refused(format!("reading backup_manifest: {e}")))?;
+                if text.len() as u64 > MAX_MANIFEST {
+                    return Err(refused(format!(
+                        "backup_manifest is over {} MiB: not one PostgreSQL writes",
+                        MAX_MANIFEST >> 20
+                    )));
+                }
                 manifest = Some(text);
                 continue;
             }
