@@ -62,6 +62,7 @@ pub const ACTIONS: &[&str] = &[
     "StrataDescribeBackupStorageUsage",
     "StrataDescribeRecoveryEvents",
     "StrataDescribeRetention",
+    "StrataImportBackupFile",
     "StrataKeepBackup",
     "StrataRegisterDBInstance",
     "StrataReleaseBackup",
@@ -95,6 +96,7 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "RecoveryDBInstance" => recover_databases(svc, p),
         "RestoreTable" => restore_table(svc, p),
         "StrataStartRestoreDrill" => start_drill(svc, p),
+        "StrataImportBackupFile" => import_backup_file(svc, p).await,
         "StrataKeepBackup" => keep_backup(svc, p),
         "StrataReleaseBackup" => release_backup(svc, p),
         "StrataDescribeRetention" => describe_retention(svc, p).await,
@@ -1203,6 +1205,18 @@ fn copy_databases(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let specs = strata_service::parse_db_names(p.required("DbNames")?)?;
     let job = svc.copy_databases(&source.id, &target.id, src, specs)?;
     Ok(obj(json!({"StrataJobId": job.to_string()})))
+}
+
+/// Imports the `pg_basebackup -Ft` output directory `BackupFile` of the
+/// configured import directory (a name, never a path) as a backup set.
+async fn import_backup_file(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+    let inst = instance(svc, p)?;
+    let name = p.required("BackupFile")?;
+    let job = svc.import_backup_file(&inst.id, name).await?;
+    Ok(obj(json!({
+        "BackupJobId": job.id.to_string(),
+        "BackupId": job.backup_id.as_deref().unwrap_or_default(),
+    })))
 }
 
 fn start_drill(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {

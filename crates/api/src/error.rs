@@ -196,6 +196,9 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::ExpireTimeTooEarly => "InvalidExpectExpireTime",
         Refusal::BackupSetNotSuccessful => "IncorrectBackupSetState",
         Refusal::NoContents => "IncorrectBackupSetState",
+        Refusal::ImportDisabled => "Strata.ImportDisabled",
+        Refusal::ImportFileMalformed => "InvalidBackupFile.Malformed",
+        Refusal::ImportFileNotFound => "InvalidBackupFile.NotFound",
     }
 }
 
@@ -206,7 +209,8 @@ pub fn refusal_status(kind: Refusal) -> StatusCode {
         Refusal::BackupSetKept
         | Refusal::NotCreatedByStrata
         | Refusal::BackupSetNotSuccessful
-        | Refusal::NoContents => StatusCode::FORBIDDEN,
+        | Refusal::NoContents
+        | Refusal::ImportDisabled => StatusCode::FORBIDDEN,
         _ => StatusCode::BAD_REQUEST,
     }
 }

@@ -91,7 +91,7 @@ pub struct PendingBackup {
     pub job: Job,
     /// The backup set, `Running` until it commits or fails.
     pub set: BackupSet,
-    instance: Instance,
+    pub(crate) instance: Instance,
 }
 
 impl Engine {
@@ -380,7 +380,7 @@ impl Engine {
     /// answers the databases and tables read from the server, if any),
     /// commits the manifest and records its figures in the set. The caller
     /// records the outcome ([`Engine::record_backup_outcome`]).
-    async fn consume_backup<W, F>(
+    pub(crate) async fn consume_backup<W, F>(
         &self,
         run: BackupRun<'_>,
         start: &StreamStart,
@@ -457,7 +457,7 @@ impl Engine {
         while let Some(event) = events
             .next_event()
             .await
-            .map_err(|e| explain(instance, e))?
+            .map_err(|e| events.explain(instance, e))?
         {
             receiver.feed(event).await?;
             if last_report.elapsed() >= Duration::from_millis(500) {
@@ -552,19 +552,25 @@ impl BackupWal {
 }
 
 /// The rows a running backup updates and where it reports.
-struct BackupRun<'a> {
-    instance: &'a Instance,
-    set: &'a mut BackupSet,
-    job: &'a mut Job,
-    progress: &'a dyn Progress,
+pub(crate) struct BackupRun<'a> {
+    pub instance: &'a Instance,
+    pub set: &'a mut BackupSet,
+    pub job: &'a mut Job,
+    pub progress: &'a dyn Progress,
 }
 
 /// A source of BASE_BACKUP events: the live stream, or a recorded one.
-trait BackupEvents {
+pub(crate) trait BackupEvents {
     /// The next event; `None` once the stream is over.
     fn next_event(
         &mut self,
     ) -> impl std::future::Future<Output = Result<Option<BaseBackupEvent>, ReplicationError>> + Send;
+
+    /// The failure to report for an error of this source (a server's,
+    /// named with the instance, unless the source says otherwise).
+    fn explain(&self, instance: &Instance, e: ReplicationError) -> EngineError {
+        explain(instance, e)
+    }
 }
 
 impl BackupEvents for pg_replication::BaseBackup<'_> {
@@ -712,7 +718,7 @@ fn rand_u32() -> u32 {
 /// [`strata_repo::paths`]. Checked here, before anything is stored, so a
 /// hostile or broken server fails the backup instead of leaving a manifest
 /// no restore accepts.
-fn file_entry(tablespace: Option<u32>, entry: &TarEntry) -> EngineResult<FileEntry> {
+pub(crate) fn file_entry(tablespace: Option<u32>, entry: &TarEntry) -> EngineResult<FileEntry> {
     let (kind, link_target) = match &entry.kind {
         TarEntryKind::File => (FileKind::File, None),
         TarEntryKind::Directory => (FileKind::Dir, None),
@@ -746,7 +752,7 @@ fn file_entry(tablespace: Option<u32>, entry: &TarEntry) -> EngineResult<FileEnt
 }
 
 /// The path the server's backup_manifest uses for a file.
-fn manifest_path(tablespace: Option<u32>, path: &str) -> String {
+pub(crate) fn manifest_path(tablespace: Option<u32>, path: &str) -> String {
     match tablespace {
         Some(oid) => format!("pg_tblspc/{oid}/{path}"),
         None => path.to_string(),

@@ -19,6 +19,7 @@ mod delta;
 mod entities;
 mod error;
 mod events;
+mod import;
 mod incremental;
 pub mod local_server;
 mod names;
@@ -54,6 +55,7 @@ pub use copy::{
 pub use delta::DeltaReport;
 pub use error::{EngineError, EngineResult};
 pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
+pub use import::PendingImport;
 pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
 pub use reindex::ReindexReport;

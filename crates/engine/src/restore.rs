@@ -1554,13 +1554,15 @@ impl WalFindings {
         let end = match &event {
             WalEvent::Commit { end_lsn, .. }
             | WalEvent::Abort { end_lsn, .. }
-            | WalEvent::RestorePoint { end_lsn, .. } => *end_lsn,
+            | WalEvent::RestorePoint { end_lsn, .. }
+            | WalEvent::BackupEnd { end_lsn, .. } => *end_lsn,
             WalEvent::Switch { lsn } => *lsn,
         };
         let start = match &event {
             WalEvent::Commit { lsn, .. }
             | WalEvent::Abort { lsn, .. }
             | WalEvent::RestorePoint { lsn, .. }
+            | WalEvent::BackupEnd { lsn, .. }
             | WalEvent::Switch { lsn } => *lsn,
         };
         // Just before the LSN: no commit starting at or past it means

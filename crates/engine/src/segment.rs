@@ -65,7 +65,7 @@ impl Summary {
                 lsn: end_lsn,
                 time,
             }),
-            WalEvent::Abort { .. } | WalEvent::Switch { .. } => {}
+            WalEvent::Abort { .. } | WalEvent::Switch { .. } | WalEvent::BackupEnd { .. } => {}
         }
         catalog_changed
     }

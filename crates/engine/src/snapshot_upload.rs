@@ -926,7 +926,7 @@ fn touches(ranges: &[ByteRange], cursor: &mut usize, start: u64, end: u64) -> bo
 /// from PostgreSQL 17), with a CRC-32C for every file read whole and none for files that took
 /// blocks by reference (pg_verifybackup then checks their size), and the `Manifest-Checksum`
 /// over everything before its own line.
-fn postgres_manifest(
+pub(crate) fn postgres_manifest(
     pg_version: u32,
     system_id: u64,
     files: &[FileEntry],

@@ -171,6 +171,12 @@ impl TarReader {
         Ok(())
     }
 
+    /// Whether the end-of-archive zero block was read (a file written by
+    /// `pg_basebackup -Ft` always has it; a live stream may not).
+    pub fn ended(&self) -> bool {
+        matches!(self.state, State::Ended)
+    }
+
     /// Checks that the archive ended on a member boundary.
     pub fn finish(&self) -> Result<(), ReplicationError> {
         match &self.state {

@@ -70,7 +70,8 @@ fn fuzz_wal_decoder() {
             let at = match event {
                 WalEvent::Commit { end_lsn, .. }
                 | WalEvent::Abort { end_lsn, .. }
-                | WalEvent::RestorePoint { end_lsn, .. } => end_lsn,
+                | WalEvent::RestorePoint { end_lsn, .. }
+                | WalEvent::BackupEnd { end_lsn, .. } => end_lsn,
                 WalEvent::Switch { lsn } => lsn,
             };
             assert!(

@@ -170,6 +170,27 @@ impl Service {
         job
     }
 
+    /// Runs the second pass of a checked import in the background, as a
+    /// backup of its instance (one at a time, cancelled alike).
+    pub(crate) fn spawn_import(self: &Arc<Self>, pending: strata_engine::PendingImport) -> Job {
+        let job = pending.job().clone();
+        let id = pending.set().instance_id.to_string();
+        let svc = Arc::clone(self);
+        let task_id = id.clone();
+        let task = tokio::spawn(async move {
+            let id = task_id;
+            match svc.engine.run_import(pending, &NoProgress).await {
+                Ok(set) => tracing::info!(instance = %id, backup = %set.id, "import finished"),
+                Err(e) => tracing::warn!(instance = %id, "import failed: {e}"),
+            }
+            svc.backups.remove(&id);
+            svc.housekeeping.request_gc();
+            svc.usage_changed();
+        });
+        self.backups.insert(&id, job.id, task);
+        job
+    }
+
     /// Stops the backup this server runs for an instance, if any, and
     /// records it as failed with `reason`. Waits for the task to end first:
     /// a task busy on another thread runs on to its next await and may still

@@ -26,6 +26,7 @@ mod contents;
 mod cross_region;
 mod drills;
 pub mod fleet;
+mod import;
 mod jobs;
 mod local;
 mod local_snapshots;
@@ -131,6 +132,9 @@ pub struct ServiceSettings {
     pub usage: UsageSettings,
     /// This node's identity in a fleet sharing the catalog.
     pub node: NodeSettings,
+    /// The directory `StrataImportBackupFile` imports from (one name
+    /// beneath it per import); `None`: imports over the API are off.
+    pub import_dir: Option<std::path::PathBuf>,
 }
 
 /// Who this node is among the `strata serve` nodes sharing a catalog, and
@@ -175,6 +179,7 @@ impl Default for ServiceSettings {
             snapshot_local_max_bytes: None,
             usage: UsageSettings::default(),
             node: NodeSettings::default(),
+            import_dir: None,
         }
     }
 }

@@ -96,6 +96,12 @@ pub enum Refusal {
     /// The backup set has no list of its databases and tables (not in the
     /// repository, or taken before lists were recorded).
     NoContents,
+    /// Imports over the API are off (no import directory is configured).
+    ImportDisabled,
+    /// An import's file name is not one name under the import directory.
+    ImportFileMalformed,
+    /// No directory of that name is in the import directory.
+    ImportFileNotFound,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for

@@ -14,7 +14,8 @@ use strata_engine::{
 use crate::config::{self, CatalogLocation, Config};
 use crate::output::{self, human_bytes, CliProgress};
 use crate::{
-    keys, on_worker, runtime, BackupCmd, InstanceCmd, KeyCmd, RepoCmd, RestoreArgs, WalCmd,
+    keys, on_worker, runtime, BackupCmd, ImportCmd, InstanceCmd, KeyCmd, RepoCmd, RestoreArgs,
+    WalCmd,
 };
 
 /// Prints `value` as pretty JSON when `json` is set, else through `table`.
@@ -141,6 +142,36 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
 }
 
 /// `strata backup create|list|show`.
+pub(crate) fn import(engine: &Engine, cmd: ImportCmd) -> Result<()> {
+    let ImportCmd::Basebackup { instance, dir } = cmd;
+    let progress = std::sync::Arc::new(CliProgress::new());
+    let started = std::time::Instant::now();
+    let set = {
+        let (engine, progress) = (engine.clone(), progress.clone());
+        on_worker(async move {
+            Ok(engine
+                .import_basebackup(&instance, &dir, &*progress)
+                .await?)
+        })?
+    };
+    progress.finish();
+    println!(
+        "imported backup {} of {}: {} in {} files, WAL {} to {}; {} new ({} stored), {} deduplicated; {:.1}s",
+        set.id,
+        set.instance_id,
+        human_bytes(set.total_bytes),
+        set.file_count,
+        set.start_lsn.map(|l| l.to_string()).unwrap_or_default(),
+        set.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
+        human_bytes(set.new_bytes),
+        human_bytes(set.stored_bytes),
+        human_bytes(set.dedup_bytes),
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", set.id);
+    Ok(())
+}
+
 pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
     match cmd {
         BackupCmd::Create {

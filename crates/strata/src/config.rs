@@ -71,6 +71,16 @@ pub struct Config {
     pub gc: GcConfig,
     pub node: NodeConfig,
     pub snapshot: SnapshotConfig,
+    pub import: ImportConfig,
+}
+
+/// `[import]`: backups taken elsewhere, imported over the API.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportConfig {
+    /// The directory `StrataImportBackupFile` imports from; absent: that
+    /// action is refused.
+    pub dir: Option<PathBuf>,
 }
 
 /// `[snapshot]`: snapshot backups through agents on database hosts.
@@ -651,6 +661,11 @@ impl Config {
             s.snapshot_keep_local = keep;
         }
         s.snapshot_local_max_bytes = self.snapshot.local_max_bytes.filter(|&b| b > 0);
+        s.import_dir = self
+            .import
+            .dir
+            .as_ref()
+            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
         Ok(s)
     }
 

@@ -45,6 +45,9 @@ enum Command {
     /// Archive and list WAL.
     #[command(subcommand)]
     Wal(WalCmd),
+    /// Bring backups taken elsewhere into the repository.
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Restore an instance into a new data directory (or, with --delta,
     /// over an existing one of the same cluster).
     Restore(RestoreArgs),
@@ -204,6 +207,21 @@ enum BackupCmd {
     },
     /// Release a set kept by hand: retention decides its fate again.
     Release { id: String, backup: String },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// Import the output directory of `pg_basebackup -Ft` (base.tar,
+    /// <oid>.tar, pg_wal.tar, each plain, .gz or .zst, and backup_manifest)
+    /// as a backup set of a registered instance; the last line printed is
+    /// the backup set id.
+    Basebackup {
+        /// The instance the backup was taken of.
+        #[arg(long)]
+        instance: String,
+        /// The directory pg_basebackup wrote.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -497,6 +515,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Instance(cmd) => commands::instance(&engine, cmd),
         Command::Backup(cmd) => commands::backup(&engine, cmd),
         Command::Wal(cmd) => commands::wal(&engine, cmd),
+        Command::Import(cmd) => commands::import(&engine, cmd),
         Command::Restore(args) => commands::restore(&engine, &args),
         Command::Task(TaskCmd::List { id, json }) => commands::tasks(&engine, id.as_deref(), json),
         Command::Repo(cmd) => commands::repo(&config, &engine, cmd),

@@ -85,6 +85,16 @@ pub enum WalEvent {
         /// Time the record was written (`rp_time`).
         time: DateTime<Utc>,
     },
+    /// `XLOG_BACKUP_END`: a backup of a primary that started at `start`
+    /// ended; its end position is `end_lsn` (what `pg_backup_stop` returns).
+    BackupEnd {
+        /// Start of the record.
+        lsn: Lsn,
+        /// End of the record (`EndRecPtr`).
+        end_lsn: Lsn,
+        /// The start position of the backup it ends.
+        start: Lsn,
+    },
     /// `XLOG_SWITCH`: the rest of the segment is padding.
     Switch {
         /// Start of the switch record.

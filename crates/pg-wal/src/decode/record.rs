@@ -30,6 +30,7 @@ const RM_HEAP_ID: u8 = 10;
 const XLR_RMGR_INFO_MASK: u8 = 0xF0;
 
 const XLOG_SWITCH: u8 = 0x40;
+const XLOG_BACKUP_END: u8 = 0x50;
 const XLOG_RESTORE_POINT: u8 = 0x70;
 const XLOG_FPI_FOR_HINT: u8 = 0xA0;
 const XLOG_FPI: u8 = 0xB0;
@@ -152,6 +153,7 @@ pub(super) enum Kind {
     Abort { prepared: bool },
     RestorePoint,
     Switch,
+    BackupEnd,
     SmgrCreate,
     SmgrTruncate,
     DropDatabase,
@@ -163,7 +165,11 @@ impl Kind {
     pub(super) fn reported_without_tracking(self) -> bool {
         matches!(
             self,
-            Kind::Commit { .. } | Kind::Abort { .. } | Kind::RestorePoint | Kind::Switch
+            Kind::Commit { .. }
+                | Kind::Abort { .. }
+                | Kind::RestorePoint
+                | Kind::Switch
+                | Kind::BackupEnd
         )
     }
 }
@@ -180,6 +186,7 @@ pub(super) fn classify(rmid: u8, info: u8, format: RecordFormat) -> Option<Kind>
         RM_XLOG_ID => match info & XLR_RMGR_INFO_MASK {
             XLOG_SWITCH => Some(Kind::Switch),
             XLOG_RESTORE_POINT => Some(Kind::RestorePoint),
+            XLOG_BACKUP_END => Some(Kind::BackupEnd),
             _ => None,
         },
         RM_SMGR_ID => match info & XLR_RMGR_INFO_MASK {
@@ -352,6 +359,15 @@ pub(super) fn decode<'a>(
                 end_lsn,
                 name,
                 time,
+            }))
+        }
+        Kind::BackupEnd => {
+            // The record's main data is the backup's start position.
+            let start = Lsn(main.i64()? as u64);
+            Ok(Decoded::Event(WalEvent::BackupEnd {
+                lsn,
+                end_lsn,
+                start,
             }))
         }
         Kind::SmgrCreate => {

@@ -547,6 +547,17 @@ pub fn instances_field(
 /// `data/admin-key.json`, sends it to the server on `port` and returns the
 /// JSON answer, which must be a 200.
 pub fn signed_call(strata: &Strata, port: u16, params: &[(&str, &str)]) -> serde_json::Value {
+    let (status, v) = signed_call_status(strata, port, params);
+    assert!(status.contains("200"), "{status}: {v}");
+    v
+}
+
+/// [`signed_call`] whatever the answer: its status line and JSON body.
+pub fn signed_call_status(
+    strata: &Strata,
+    port: u16,
+    params: &[(&str, &str)],
+) -> (String, serde_json::Value) {
     let path = strata.dir.join("data/admin-key.json");
     wait_for("the admin key", 30, || path.exists());
     let key: serde_json::Value =
@@ -565,8 +576,7 @@ pub fn signed_call(strata: &Strata, port: u16, params: &[(&str, &str)]) -> serde
     let (status, body) = http_get(port, &format!("/?{query}"));
     let v: serde_json::Value =
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status}: {e}: {body}"));
-    assert!(status.contains("200"), "{status}: {v}");
-    v
+    (status, v)
 }
 
 /// Runs `during` while pgbench (`clients` connections) and a loop of the DDL
