@@ -406,16 +406,7 @@ fn ddr_source(svc: &Service, p: &Params, restore_type: &str) -> ApiResult<DdrSou
     // this service does not have; they are accepted and ignored.
     let (source, region, choice) = match restore_type {
         "BackupSet" => {
-            let raw = p.required("BackupSetId")?;
-            let id: i64 = raw.trim().parse().map_err(|_| {
-                ApiError::bad(
-                    "InvalidBackupSetID.Malformed",
-                    format!(
-                        "BackupSetId must be a cross-region backup id (an integer), got {}",
-                        quoted(raw)
-                    ),
-                )
-            })?;
+            let id = cross_backup_id(p)?;
             let copy = find_copy(svc, p.get("SourceDBInstanceName"), id).map_err(|_| {
                 ApiError::bad(
                     "InvalidBackupSetID.NotFound",
@@ -492,16 +483,7 @@ pub fn create_ddr_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> 
 /// from the copy's own region.
 pub async fn describe_meta_list(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let query = crate::meta::MetaQuery::from_params(p)?;
-    let raw = p.required("BackupSetId")?;
-    let id: i64 = raw.trim().parse().map_err(|_| {
-        ApiError::bad(
-            "InvalidBackupSetID.Malformed",
-            format!(
-                "BackupSetId must be a cross-region backup id (an integer), got {}",
-                quoted(raw)
-            ),
-        )
-    })?;
+    let id = cross_backup_id(p)?;
     let not_found =
         |why: String| ApiError::new(StatusCode::NOT_FOUND, "InvalidBackupSetID.NotFound", why);
     let copy =
@@ -517,4 +499,18 @@ pub async fn describe_meta_list(svc: &Arc<Service>, p: &Params) -> ApiResult<Fie
     let mut fields = crate::meta::meta_fields(&found, &query)?;
     fields.insert("StrataCrossBackupId".into(), json!(id));
     Ok(fields)
+}
+
+/// `BackupSetId` naming a cross-region copy (its `CrossBackupId`).
+fn cross_backup_id(p: &Params) -> ApiResult<i64> {
+    let raw = p.required("BackupSetId")?;
+    raw.trim().parse().map_err(|_| {
+        ApiError::bad(
+            "InvalidBackupSetID.Malformed",
+            format!(
+                "BackupSetId must be a cross-region backup id (an integer), got {}",
+                quoted(raw)
+            ),
+        )
+    })
 }

@@ -203,6 +203,15 @@ impl Engine {
             Some(local) => Some((local, self.catalog.get_instance(instance_id)?)),
             None => None,
         };
+        if snapshot.is_none() {
+            if let Err(unknown) = self.catalog.get_instance(instance_id) {
+                // Neither registered nor with sets kept: nothing to restore,
+                // and no job to record for it.
+                if self.catalog.list_backups(instance_id)?.is_empty() {
+                    return Err(unknown.into());
+                }
+            }
+        }
         self.fail_expired_jobs()?;
         // Garbage collection stays off the packs this restore reads until
         // it ends, whatever becomes of the set meanwhile.
