@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod assets;
+mod cross_region;
 mod events;
 mod instance;
 mod instances;
@@ -136,8 +137,16 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
             get(instance::set_databases).post(instance::restore_databases),
         )
         .route(
+            "/console/instances/{id}/restore/tables",
+            post(instance::restore_tables),
+        )
+        .route(
             "/console/instances/{id}/restore/event",
             post(instance::restore_event),
+        )
+        .route(
+            "/console/instances/{id}/cross-region",
+            get(cross_region::page).post(cross_region::save),
         )
         .route("/console/instances/{id}/storage", get(instance::storage))
         .route("/console/instances/{id}/backup", post(instance::backup_now))
