@@ -189,3 +189,40 @@ def test_clone_to_a_point_in_time(console, env, api):
         assert ledger_sum(env, port=port) == ledger_sum(env)
     finally:
         api.delete_instance(clone)
+
+
+def test_read_only_key_changes_nothing(console, env, api):
+    instance = env["instance"]
+    policy = lambda: {k: v for k, v in api._curl(
+        "DescribeInstanceCrossBackupPolicy", f"DBInstanceId={instance}").items() if k != "RequestId"}
+    before = policy()
+    assert before["BackupEnabled"] == "Enable", before
+    console.sign_out()
+    console.sign_in(*env["reader"])
+    console.go(f"/console/instances/{instance}/cross-region")
+    assert not console.finds("#cross-submit")
+    assert console.find("#cross-form fieldset").get_attribute("disabled") is not None
+    assert console.finds("#cross-copies tr[data-copy]")
+    console.go(f"/console/instances/{instance}/restore")
+    assert not console.finds("#tbl-submit")
+    # Download links are for reading: offered to a read-only key too.
+    console.go(f"/console/instances/{instance}/backups")
+    assert console.finds("#data-backups td.download a.dl")
+
+    # The server refuses a POST with the session's token, and one without it.
+    post = """
+        const [url, fields, done] = arguments;
+        fetch(url, {method: 'POST', body: new URLSearchParams(fields)})
+          .then(r => r.text().then(t => done([r.status, t])));
+    """
+    token = console.find("input[name=csrf]").get_attribute("value")
+    change = {"csrf": token, "backup": "", "region": "eu-copy", "retention": "7"}
+    status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/cross-region", change)
+    assert status == 403 and "Forbidden.ReadOnlyAccessKey" in body, (status, body)
+    tables = {"csrf": token, "tbl_db": "postgres", "table_name": "ledger", "table_newname": "ledger_ro"}
+    status, body = console.d.execute_async_script(post, f"/console/instances/{instance}/restore/tables", tables)
+    assert status == 403 and "Forbidden.ReadOnlyAccessKey" in body, (status, body)
+    status, body = console.d.execute_async_script(
+        post, f"/console/instances/{instance}/cross-region", {**change, "csrf": "forged"})
+    assert status == 403 and "Request refused" in body, (status, body)
+    assert policy() == before

@@ -1,7 +1,8 @@
 //! An instance's Backup and Restoration page, with RDS's tabs: Base Backups
-//! (data and log backup lists with time filters and paging), Backup Strategy
-//! (the policy form), Restore (with the recovery events of [`crate::events`])
-//! and Storage; and the Backup Instance button.
+//! (data and log backup lists with time filters, paging and download
+//! links), Backup Strategy (the policy form), Restore (clone, databases and
+//! tables, with the recovery events of [`crate::events`]) and Storage; the
+//! Backup Instance button. Cross-Region Backup is [`crate::cross_region`].
 //! Lists and changes go through the API's actions.
 
 use std::sync::Arc;
@@ -2317,6 +2318,41 @@ mod tests {
             .unwrap_err()
             .message
             .contains("\"crm\" needs a \"newname\""));
+    }
+
+    #[test]
+    fn table_forms_restore_into_their_own_database() {
+        let form = RestoreForm::from_form(&fields(&[
+            ("restore_by", "BackupSet"),
+            ("backup_id", "1764000000000"),
+            ("tbl_db", " shop "),
+            ("table_name", "orders"),
+            ("table_newname", "orders_back"),
+            ("table_name", ""),
+            ("table_newname", ""),
+            ("table_name", "sales.items"),
+            ("table_newname", "items_back"),
+        ]));
+        let meta = form.tables_meta();
+        assert_eq!(
+            serde_json::from_str::<Value>(&meta).unwrap(),
+            serde_json::json!([{"type": "db", "name": "shop", "tables": [
+                {"type": "table", "name": "orders", "newname": "orders_back"},
+                {"type": "table", "name": "sales.items", "newname": "items_back"}
+            ]}])
+        );
+        // The service reads it as tables going into `shop` itself.
+        let specs = strata_service::parse_table_meta(&meta).unwrap();
+        assert_eq!(specs[0].newname, None);
+        assert_eq!(specs[0].tables.len(), 2);
+        // A qualified new name is refused with the API's words.
+        let bad = RestoreForm::from_form(&fields(&[
+            ("tbl_db", "shop"),
+            ("table_name", "orders"),
+            ("table_newname", "sales.orders_back"),
+        ]));
+        let e = strata_service::parse_table_meta(&bad.tables_meta()).unwrap_err();
+        assert!(e.message.contains("must be unqualified"), "{}", e.message);
     }
 
     #[test]

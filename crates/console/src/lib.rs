@@ -1,6 +1,7 @@
 //! Strata's web console, served by `strata serve` under `/console/`: the
-//! instance list, each instance's Backup and Restoration page (base backups,
-//! backup strategy, restore, storage), the Task Center, laid out as RDS
+//! instance list, each instance's Backup and Restoration page (base backups
+//! with their downloads, backup strategy, restore, cross-region backup,
+//! storage), the Task Center, laid out as RDS
 //! users know them, and the fleet's nodes with their health.
 //!
 //! Pages are rendered on the server; a small script (no build step, nothing
