@@ -226,3 +226,19 @@ def test_read_only_key_changes_nothing(console, env, api):
         post, f"/console/instances/{instance}/cross-region", {**change, "csrf": "forged"})
     assert status == 403 and "Request refused" in body, (status, body)
     assert policy() == before
+
+
+def test_new_pages_fit_a_narrow_screen(console, env):
+    instance = env["instance"]
+    console.viewport(390, 844, mobile=True)
+    try:
+        for name, path in [
+            ("narrow-cross-region", f"/console/instances/{instance}/cross-region"),
+            ("narrow-restore-tables", f"/console/instances/{instance}/restore"),
+            ("narrow-base-backups-downloads", f"/console/instances/{instance}/backups"),
+        ]:
+            console.go(path)
+            assert console.no_horizontal_scroll(), f"{path} scrolls sideways at 390 px"
+            console.shot(name)
+    finally:
+        console.viewport(1280, 800)
