@@ -2321,6 +2321,26 @@ mod tests {
     }
 
     #[test]
+    fn download_links_to_this_server_become_relative() {
+        let set = serde_json::json!({
+            "BackupDownloadURL": "http://0.0.0.0:8080/download/backups/pg-1/17.tar?Expires=1&Signature=ab",
+            "StrataBackupDownloadURLZstd": "https://dl.example/download/backups/pg-1/17.tar.zst?Expires=1&Signature=cd",
+        });
+        let origin = "http://0.0.0.0:8080";
+        assert_eq!(
+            download_link(&set, "BackupDownloadURL", origin),
+            Some("/download/backups/pg-1/17.tar?Expires=1&Signature=ab")
+        );
+        // A configured public address is kept as it is.
+        assert!(download_link(&set, "StrataBackupDownloadURLZstd", origin)
+            .is_some_and(|l| l.starts_with("https://dl.example/")));
+        let failed = serde_json::json!({"BackupStatus": "Failed"});
+        assert_eq!(download_link(&failed, "BackupDownloadURL", origin), None);
+        let cell = download_cell(&failed, origin).into_string();
+        assert!(cell.contains("—") && !cell.contains("href"), "{cell}");
+    }
+
+    #[test]
     fn table_forms_restore_into_their_own_database() {
         let form = RestoreForm::from_form(&fields(&[
             ("restore_by", "BackupSet"),
