@@ -31,7 +31,8 @@ CHROMIUM_FLAGS = [
 ]
 TIME_ZONE = "Asia/Shanghai"
 # Screenshots also copied into docs/ when STRATA_UPDATE_DOCS_SCREENSHOTS=1.
-DOCS_SHOTS = {"instances", "task-center", "base-backups", "backup-strategy-error", "storage", "restore"}
+DOCS_SHOTS = {"instances", "task-center", "base-backups", "backup-strategy-error", "storage", "restore",
+              "cross-region"}
 
 
 def need(name):

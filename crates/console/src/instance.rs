@@ -1,7 +1,8 @@
 //! An instance's Backup and Restoration page, with RDS's tabs: Base Backups
-//! (data and log backup lists with time filters and paging), Backup Strategy
-//! (the policy form), Restore (with the recovery events of [`crate::events`])
-//! and Storage; and the Backup Instance button.
+//! (data and log backup lists with time filters, paging and download
+//! links), Backup Strategy (the policy form), Restore (clone, databases and
+//! tables, with the recovery events of [`crate::events`]) and Storage; the
+//! Backup Instance button. Cross-Region Backup is [`crate::cross_region`].
 //! Lists and changes go through the API's actions.
 
 use std::sync::Arc;
@@ -24,30 +25,32 @@ use crate::session::{Flash, Signed};
 use crate::{csrf_ok, csrf_refused, html_response, url_encode, ConsoleState, Fields, Page};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Tab {
+pub(crate) enum Tab {
     Backups,
     Strategy,
     Restore,
+    CrossRegion,
     Storage,
 }
 
-const TABS: [(Tab, &str, &str); 4] = [
+const TABS: [(Tab, &str, &str); 5] = [
     (Tab::Backups, "backups", "Base Backups"),
     (Tab::Strategy, "strategy", "Backup Strategy"),
     (Tab::Restore, "restore", "Restore"),
+    (Tab::CrossRegion, "cross-region", "Cross-Region Backup"),
     (Tab::Storage, "storage", "Storage"),
 ];
 
-fn base(id: &str) -> String {
+pub(crate) fn base(id: &str) -> String {
     format!("/console/instances/{}", url_encode(id))
 }
 
 /// The instance, or the error for the page saying it does not exist.
-fn load(state: &ConsoleState, id: &str) -> Result<Instance, ApiError> {
+pub(crate) fn load(state: &ConsoleState, id: &str) -> Result<Instance, ApiError> {
     Ok(state.service.instance(id)?)
 }
 
-fn missing(page: &Page, e: ApiError) -> Response {
+pub(crate) fn missing(page: &Page, e: ApiError) -> Response {
     html_response(
         e.status,
         layout::page(
@@ -148,7 +151,7 @@ fn head(state: &ConsoleState, who: &Signed, inst: &Instance, tab: Tab) -> Markup
     }
 }
 
-fn render(
+pub(crate) fn render(
     state: &ConsoleState,
     page: Page,
     inst: &Instance,
@@ -295,6 +298,7 @@ pub async fn backups(
     };
     let answer = state.call(&page.who, action, params).await;
     let b = base(&inst.id);
+    let origin = state.api.links.base_url.as_str();
     let body = html! {
         nav.subtabs aria-label="Backup type" {
             a href=(format!("{b}/backups")) aria-current=[(!log).then_some("page")] { "Data Backup" }
@@ -303,8 +307,8 @@ pub async fn backups(
         (filters(&b, &q, log))
         @match &answer {
             Err(e) => { (layout::error_box("The list could not be shown:", e)) }
-            Ok(a) if log => { (log_list(a)) (pager(&b, &q, a)) }
-            Ok(a) => { (data_list(&b, &page.who, a)) (pager(&b, &q, a)) }
+            Ok(a) if log => { (log_list(a, origin)) (pager(&b, &q, a)) }
+            Ok(a) => { (data_list(&b, &page.who, a, origin)) (pager(&b, &q, a)) }
         }
     };
     let status = match &answer {
@@ -370,7 +374,7 @@ fn pager(base: &str, q: &ListQuery, answer: &Map<String, Value>) -> Markup {
     }
 }
 
-fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
+fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>, origin: &str) -> Markup {
     let rows = items(answer, "Items", "Backup");
     let stored = count(answer.get("TotalEcsSnapshotSize"));
     html! {
@@ -427,7 +431,7 @@ fn data_list(base: &str, who: &Signed, answer: &Map<String, Value>) -> Markup {
                                 }
                             }
                             (clone_cell(base, who, b))
-                            td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
+                            (download_cell(b, origin))
                         }
                     }
                 }
@@ -459,6 +463,40 @@ fn clone_cell(base: &str, who: &Signed, set: &Value) -> Markup {
                 }
             } @else {
                 span.muted { "—" }
+            }
+        }
+    }
+}
+
+/// A signed download link of an answer, relative when it points at this
+/// server: the browser then fetches it from the address it reached the
+/// console at (the listen address in the link may be `0.0.0.0`).
+fn download_link<'a>(item: &'a Value, key: &str, origin: &str) -> Option<&'a str> {
+    let link = item
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|l| !l.is_empty())?;
+    Some(match link.strip_prefix(origin) {
+        Some(path) if path.starts_with("/download/") => path,
+        _ => link,
+    })
+}
+
+/// The set's signed download links as `DescribeBackups` gives them (a tar
+/// in `pg_basebackup -Ft` layout, or the same zstd-compressed); sets that
+/// have none (not successful, or a snapshot not uploaded yet) show a dash.
+fn download_cell(set: &Value, origin: &str) -> Markup {
+    let link = |key: &str| download_link(set, key, origin);
+    html! {
+        td.download {
+            @match link("BackupDownloadURL") {
+                Some(tar) => {
+                    a.dl href=(tar) download title="The set as one tar in pg_basebackup's layout (base.tar, pg_wal.tar, backup_manifest); the link expires after a while: reload the list for a fresh one" { "Download" }
+                    @if let Some(zst) = link("StrataBackupDownloadURLZstd") {
+                        div.sub { a.dlzst href=(zst) download { ".tar.zst" } }
+                    }
+                }
+                None => { span.muted title="Only a successful set in the repository downloads" { "—" } }
             }
         }
     }
@@ -582,7 +620,7 @@ fn drill_cell(set: &Value) -> Markup {
     }
 }
 
-fn log_list(answer: &Map<String, Value>) -> Markup {
+fn log_list(answer: &Map<String, Value>, origin: &str) -> Markup {
     let rows = items(answer, "Items", "BinLogFile");
     html! {
         p.summary { "WAL files in this range: " strong { (bytes(count(answer.get("TotalFileSize")))) } "." }
@@ -607,7 +645,12 @@ fn log_list(answer: &Map<String, Value>) -> Markup {
                             td data-v=(layout::sort_time(layout::parse_api_time(text(w, "LogEndTime")))) { (api_time(text(w, "LogEndTime"))) }
                             td data-v=(count(w.get("FileSize"))) { (bytes(count(w.get("FileSize")))) }
                             td data-v=(status) { (badge(state_kind(status), status)) }
-                            td { span.muted title="Downloads are not available in this version of Strata" { "—" } }
+                            td.download {
+                                @match download_link(w, "DownloadLink", origin) {
+                                    Some(link) => { a href=(link) download title=(format!("The segment's original bytes; the link expires {}", text(w, "LinkExpiredTime"))) { "Download" } }
+                                    None => { span.muted { "—" } }
+                                }
+                            }
                         }
                     }
                 }
@@ -1375,6 +1418,9 @@ enum RestoreKind {
     Clone,
     /// `RestoreTable` with databases: copies beside the originals.
     Databases,
+    /// `RestoreTable` with tables of one database: copies beside the
+    /// originals in that database.
+    Tables,
 }
 
 impl RestoreKind {
@@ -1383,6 +1429,7 @@ impl RestoreKind {
         match self {
             RestoreKind::Clone => "clone",
             RestoreKind::Databases => "db",
+            RestoreKind::Tables => "tbl",
         }
     }
 }
@@ -1399,22 +1446,33 @@ struct RestoreForm {
     restore_time: String,
     /// (database, restored as) pairs; blank rows are left out.
     databases: Vec<(String, String)>,
+    /// The database the Tables form restores tables of, into itself.
+    database: String,
+    /// (table, restored as) pairs; blank rows are left out.
+    tables: Vec<(String, String)>,
+}
+
+/// `name`/`newname` pairs of repeated form fields, blank rows left out.
+fn name_pairs(f: &Fields, name: &str, newname: &str) -> Vec<(String, String)> {
+    let names = f.all(name);
+    let new_names = f.all(newname);
+    names
+        .iter()
+        .zip(new_names.iter().chain(std::iter::repeat(&"")))
+        .map(|(n, m)| (n.trim().to_string(), m.trim().to_string()))
+        .filter(|(n, m)| !n.is_empty() || !m.is_empty())
+        .collect()
 }
 
 impl RestoreForm {
     fn from_form(f: &Fields) -> RestoreForm {
-        let names = f.all("db_name");
-        let new_names = f.all("db_newname");
         RestoreForm {
             by_time: f.get("restore_by") == "BackupTime",
             backup_id: f.get("backup_id").trim().to_string(),
             restore_time: f.get("restore_time").trim().to_string(),
-            databases: names
-                .iter()
-                .zip(new_names.iter().chain(std::iter::repeat(&"")))
-                .map(|(n, m)| (n.trim().to_string(), m.trim().to_string()))
-                .filter(|(n, m)| !n.is_empty() || !m.is_empty())
-                .collect(),
+            databases: name_pairs(f, "db_name", "db_newname"),
+            database: f.get("tbl_db").trim().to_string(),
+            tables: name_pairs(f, "table_name", "table_newname"),
         }
     }
 
@@ -1437,6 +1495,17 @@ impl RestoreForm {
             .map(|(name, new)| serde_json::json!({"type": "db", "name": name, "newname": new}))
             .collect();
         Value::Array(entries).to_string()
+    }
+
+    /// `RestoreTable`'s `TableMeta` for the chosen tables of one database,
+    /// restored into that database.
+    fn tables_meta(&self) -> String {
+        let tables: Vec<Value> = self
+            .tables
+            .iter()
+            .map(|(name, new)| serde_json::json!({"type": "table", "name": name, "newname": new}))
+            .collect();
+        serde_json::json!([{"type": "db", "name": self.database, "tables": tables}]).to_string()
     }
 }
 
@@ -1466,6 +1535,7 @@ fn restore_error_field(code: &str, by_time: bool) -> &'static str {
 struct RestoreView {
     clone: RestoreForm,
     databases: RestoreForm,
+    tables: RestoreForm,
     error: Option<(RestoreKind, ApiError)>,
     /// The databases of the set the Databases form restores from.
     choices: Option<SetChoices>,
@@ -1571,6 +1641,7 @@ impl RestoreView {
         match kind {
             RestoreKind::Clone => &self.clone,
             RestoreKind::Databases => &self.databases,
+            RestoreKind::Tables => &self.tables,
         }
     }
 
@@ -1620,6 +1691,17 @@ pub async fn restore_databases(
     submit_restore(state, id, page, Fields(form), RestoreKind::Databases).await
 }
 
+/// `POST /console/instances/{id}/restore/tables`: `RestoreTable` of
+/// single tables, under new names in their own database.
+pub async fn restore_tables(
+    State(state): State<Arc<ConsoleState>>,
+    Path(id): Path<String>,
+    page: Page,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    submit_restore(state, id, page, Fields(form), RestoreKind::Tables).await
+}
+
 /// Runs the form's action as the signed-in key; on success the Task
 /// Center, else the tab again with the values kept and the error under its
 /// field.
@@ -1642,6 +1724,10 @@ async fn submit_restore(
             params.push(("TableMeta", values.table_meta()));
             "RestoreTable"
         }
+        RestoreKind::Tables => {
+            params.push(("TableMeta", values.tables_meta()));
+            "RestoreTable"
+        }
     };
     match state.call(&page.who, action, params).await {
         Ok(answer) => {
@@ -1659,16 +1745,23 @@ async fn submit_restore(
                         link: Some((crate::HOME.into(), "See it in the Instances list".into())),
                     }
                 }
-                RestoreKind::Databases => {
+                RestoreKind::Databases | RestoreKind::Tables => {
                     let job = answer
                         .get("StrataJobId")
                         .and_then(Value::as_str)
                         .unwrap_or_default();
-                    let list: Vec<String> = values
-                        .databases
-                        .iter()
-                        .map(|(n, m)| format!("{n} as {m}"))
-                        .collect();
+                    let list: Vec<String> = match kind {
+                        RestoreKind::Tables => values
+                            .tables
+                            .iter()
+                            .map(|(n, m)| format!("{}.{n} as {m}", values.database))
+                            .collect(),
+                        _ => values
+                            .databases
+                            .iter()
+                            .map(|(n, m)| format!("{n} as {m}"))
+                            .collect(),
+                    };
                     Flash::Done {
                         text: format!(
                             "Restore task {job} started: {} into {}.",
@@ -1689,6 +1782,7 @@ async fn submit_restore(
             match kind {
                 RestoreKind::Clone => view.clone = values,
                 RestoreKind::Databases => view.databases = values,
+                RestoreKind::Tables => view.tables = values,
             }
             view.error = Some((kind, e));
             view.choices = SetChoices::for_form(&state, &page.who, &inst, &view.databases).await;
@@ -1795,6 +1889,7 @@ fn restore_body(
         div.cards {
             (restore_form(who, inst, RestoreKind::Clone, &sets, window, view))
             (restore_form(who, inst, RestoreKind::Databases, &sets, window, view))
+            (restore_form(who, inst, RestoreKind::Tables, &sets, window, view))
         }
         (events)
     }
@@ -1843,16 +1938,21 @@ fn restore_form(
             "databases",
             "Restore Databases",
         ),
+        RestoreKind::Tables => (
+            "Restore Tables to the Original Instance",
+            "tables",
+            "Restore Tables",
+        ),
     };
     html! {
         form.restore.timefilter method="post" action=(format!("{}/restore/{action}", base(&inst.id))) novalidate id=(format!("{p}-form")) {
             (layout::csrf(who))
             fieldset.card disabled[ro] {
                 legend { (title) }
-                @if kind == RestoreKind::Clone {
-                    p.hint { "Restores into a new instance that Strata starts and runs on this host; the original is not touched." }
-                } @else {
-                    p.hint { "Each database is restored beside the original under its new name, which must not exist yet." }
+                @match kind {
+                    RestoreKind::Clone => { p.hint { "Restores into a new instance that Strata starts and runs on this host; the original is not touched." } }
+                    RestoreKind::Databases => { p.hint { "Each database is restored beside the original under its new name, which must not exist yet." } }
+                    RestoreKind::Tables => { p.hint { "Each table is restored into its database beside the original under its new name (same schema), which must not exist yet." } }
                 }
                 div.field role="radiogroup" aria-labelledby=(format!("{p}-by")) {
                     span.label id=(format!("{p}-by")) { "Restore By" }
@@ -1926,10 +2026,41 @@ fn restore_form(
                         (restore_field_error(view, kind, "databases"))
                     }
                 }
+                @if kind == RestoreKind::Tables {
+                    (table_fields(v, &invalid))
+                    (restore_field_error(view, kind, "databases"))
+                }
                 @if !ro {
                     div.formactions { button.primary type="submit" id=(format!("{p}-submit")) { (button) } }
                 }
             }
+        }
+    }
+}
+
+/// The Tables form's database and its rows of table and new name.
+fn table_fields(v: &RestoreForm, invalid: &dyn Fn(&str) -> Option<&'static str>) -> Markup {
+    html! {
+        div.field {
+            label for="tbl-db" { "Database" }
+            input #tbl-db name="tbl_db" value=(v.database) placeholder="database" spellcheck="false"
+                aria-invalid=[invalid("databases")];
+        }
+        div.field role="group" aria-labelledby="tbl-names-label" {
+            span.label #tbl-names-label { "Tables" }
+            div.dbrows {
+                @for i in 0..DATABASE_ROWS.max(v.tables.len()) {
+                    @let (name, new) = v.tables.get(i).cloned().unwrap_or_default();
+                    div.dbrow {
+                        input name="table_name" value=(name) placeholder="schema.table" aria-label=(format!("Table {}", i + 1))
+                            aria-invalid=[invalid("databases")] spellcheck="false";
+                        span.muted { "as" }
+                        input name="table_newname" value=(new) placeholder="new name" aria-label=(format!("Restore table {} as", i + 1))
+                            aria-invalid=[invalid("databases")] spellcheck="false";
+                    }
+                }
+            }
+            p.hint { "A table without a schema is in " code { "public" } ". Leave rows you do not need empty." }
         }
     }
 }
@@ -2187,6 +2318,61 @@ mod tests {
             .unwrap_err()
             .message
             .contains("\"crm\" needs a \"newname\""));
+    }
+
+    #[test]
+    fn download_links_to_this_server_become_relative() {
+        let set = serde_json::json!({
+            "BackupDownloadURL": "http://0.0.0.0:8080/download/backups/pg-1/17.tar?Expires=1&Signature=ab",
+            "StrataBackupDownloadURLZstd": "https://dl.example/download/backups/pg-1/17.tar.zst?Expires=1&Signature=cd",
+        });
+        let origin = "http://0.0.0.0:8080";
+        assert_eq!(
+            download_link(&set, "BackupDownloadURL", origin),
+            Some("/download/backups/pg-1/17.tar?Expires=1&Signature=ab")
+        );
+        // A configured public address is kept as it is.
+        assert!(download_link(&set, "StrataBackupDownloadURLZstd", origin)
+            .is_some_and(|l| l.starts_with("https://dl.example/")));
+        let failed = serde_json::json!({"BackupStatus": "Failed"});
+        assert_eq!(download_link(&failed, "BackupDownloadURL", origin), None);
+        let cell = download_cell(&failed, origin).into_string();
+        assert!(cell.contains("—") && !cell.contains("href"), "{cell}");
+    }
+
+    #[test]
+    fn table_forms_restore_into_their_own_database() {
+        let form = RestoreForm::from_form(&fields(&[
+            ("restore_by", "BackupSet"),
+            ("backup_id", "1764000000000"),
+            ("tbl_db", " shop "),
+            ("table_name", "orders"),
+            ("table_newname", "orders_back"),
+            ("table_name", ""),
+            ("table_newname", ""),
+            ("table_name", "sales.items"),
+            ("table_newname", "items_back"),
+        ]));
+        let meta = form.tables_meta();
+        assert_eq!(
+            serde_json::from_str::<Value>(&meta).unwrap(),
+            serde_json::json!([{"type": "db", "name": "shop", "tables": [
+                {"type": "table", "name": "orders", "newname": "orders_back"},
+                {"type": "table", "name": "sales.items", "newname": "items_back"}
+            ]}])
+        );
+        // The service reads it as tables going into `shop` itself.
+        let specs = strata_service::parse_table_meta(&meta).unwrap();
+        assert_eq!(specs[0].newname, None);
+        assert_eq!(specs[0].tables.len(), 2);
+        // A qualified new name is refused with the API's words.
+        let bad = RestoreForm::from_form(&fields(&[
+            ("tbl_db", "shop"),
+            ("table_name", "orders"),
+            ("table_newname", "sales.orders_back"),
+        ]));
+        let e = strata_service::parse_table_meta(&bad.tables_meta()).unwrap_err();
+        assert!(e.message.contains("must be unqualified"), "{}", e.message);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Strata's web console, served by `strata serve` under `/console/`: the
-//! instance list, each instance's Backup and Restoration page (base backups,
-//! backup strategy, restore, storage), the Task Center, laid out as RDS
+//! instance list, each instance's Backup and Restoration page (base backups
+//! with their downloads, backup strategy, restore, cross-region backup,
+//! storage), the Task Center, laid out as RDS
 //! users know them, and the fleet's nodes with their health.
 //!
 //! Pages are rendered on the server; a small script (no build step, nothing
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod assets;
+mod cross_region;
 mod events;
 mod instance;
 mod instances;
@@ -136,8 +138,16 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
             get(instance::set_databases).post(instance::restore_databases),
         )
         .route(
+            "/console/instances/{id}/restore/tables",
+            post(instance::restore_tables),
+        )
+        .route(
             "/console/instances/{id}/restore/event",
             post(instance::restore_event),
+        )
+        .route(
+            "/console/instances/{id}/cross-region",
+            get(cross_region::page).post(cross_region::save),
         )
         .route("/console/instances/{id}/storage", get(instance::storage))
         .route("/console/instances/{id}/backup", post(instance::backup_now))

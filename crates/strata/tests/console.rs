@@ -322,3 +322,43 @@ fn console_recovery_events_in_a_headless_browser() {
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }
+
+/// What the console offers beside the API's newer actions
+/// (`tests/console/test_console_parity.py`): download links of backup sets
+/// and WAL, the cross-region backup policy and its copies (to a directory
+/// repository as region `eu-copy`), single-table restores and a clone to a
+/// point in time.
+#[test]
+fn console_parity_in_a_headless_browser() {
+    let root = repo_root();
+    let python = prerequisites(&root);
+    let cluster = Cluster::start_default(15);
+    let strata = Strata::new("console-parity");
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&strata.config)
+        .unwrap();
+    writeln!(
+        config,
+        "[drills]\nenabled = false\n[regions.eu-copy]\nrepository = {:?}",
+        strata.dir.join("eu-copy").display().to_string()
+    )
+    .unwrap();
+    drop(config);
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE ledger (id int PRIMARY KEY, note text); \
+         INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 300) g;",
+    );
+    strata.add_instance(INSTANCE, &cluster);
+    let (server, keys) = serve_after_first_backup(&strata);
+
+    run_browser_tests(
+        &python,
+        "tests/console/test_console_parity.py",
+        "console-parity-screenshots",
+        &browser_env(&server, &keys, &strata, &cluster, &[]),
+    );
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
+}
