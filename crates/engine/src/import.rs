@@ -1021,10 +1021,9 @@ fn plan(dir: &ImportDir, survey: Survey, instance: &Instance) -> EngineResult<Pl
         }
     }
     while dir.wal_after
-        && survey
-            .segments
-            .iter()
-            .any(|s| geometry.parse_segment_file_name(&s.name) == Some((tli, SegmentNo(last.0 + 1))))
+        && survey.segments.iter().any(|s| {
+            geometry.parse_segment_file_name(&s.name) == Some((tli, SegmentNo(last.0 + 1)))
+        })
     {
         last = SegmentNo(last.0 + 1);
     }

@@ -214,12 +214,13 @@ impl Compression {
     fn decoder(self, file: File, name: &str) -> std::io::Result<Box<dyn Read + Send>> {
         Ok(match self {
             Compression::None => Box::new(file),
-            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(
-                file,
-            ))),
-            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(|e| {
-                std::io::Error::other(format!("{name}: zstd: {e}"))
-            })?),
+            Compression::Gzip => {
+                Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+            }
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(file)
+                    .map_err(|e| std::io::Error::other(format!("{name}: zstd: {e}")))?,
+            ),
         })
     }
 }
@@ -310,7 +311,11 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
         )));
     }
     let kind = text("backup", "backup-type")?;
-    let sysid = as_u64(&ini, "db-system-id", &ini.need("backup:db", "db-system-id")?)?;
+    let sysid = as_u64(
+        &ini,
+        "db-system-id",
+        &ini.need("backup:db", "db-system-id")?,
+    )?;
     if sysid != system_id {
         return Err(refused(format!(
             "backup {label} is of the cluster with system identifier {sysid}, the stanza's is {system_id}"
@@ -345,8 +350,16 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
             .collect(),
         None => Vec::new(),
     };
-    let file_mode = parse_mode(&ini, ini.get("target:file:default", "mode")?.as_ref(), 0o600)?;
-    let dir_mode = parse_mode(&ini, ini.get("target:path:default", "mode")?.as_ref(), 0o700)?;
+    let file_mode = parse_mode(
+        &ini,
+        ini.get("target:file:default", "mode")?.as_ref(),
+        0o600,
+    )?;
+    let dir_mode = parse_mode(
+        &ini,
+        ini.get("target:path:default", "mode")?.as_ref(),
+        0o700,
+    )?;
     let mut dirs = Vec::new();
     for (name, value) in ini.section("target:path") {
         if name == "pg_data" {
@@ -466,7 +479,9 @@ impl WalArchive {
                     parse_sha1(sum),
                     segment.len() == 24
                         && segment.starts_with(&sub)
-                        && segment.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')),
+                        && segment
+                            .bytes()
+                            .all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')),
                 ) else {
                     continue;
                 };
@@ -528,7 +543,9 @@ fn read_segment(s: &ArchivedSegment) -> std::io::Result<Vec<u8>> {
 /// up to the next one's (the last: as far as the archive runs on).
 fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBackup>)> {
     if !valid_stanza(stanza) {
-        return Err(refused(format!("{stanza:?} is not a pgBackRest stanza name")));
+        return Err(refused(format!(
+            "{stanza:?} is not a pgBackRest stanza name"
+        )));
     }
     let backup_dir = repo.join("backup").join(stanza);
     let info = read_info(&backup_dir.join("backup.info"))?;
@@ -548,9 +565,12 @@ fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBack
         }
         let v = info.json(label, value)?;
         let db_id = v.get("db-id").and_then(Value::as_u64).unwrap_or(0);
-        let history = info
-            .get("db:history", &db_id.to_string())?
-            .ok_or_else(|| refused(format!("{}: no database {db_id} in [db:history]", info.name)))?;
+        let history = info.get("db:history", &db_id.to_string())?.ok_or_else(|| {
+            refused(format!(
+                "{}: no database {db_id} in [db:history]",
+                info.name
+            ))
+        })?;
         let version = history
             .get("db-version")
             .and_then(Value::as_str)
@@ -700,7 +720,13 @@ struct TarStream {
     ended: bool,
 }
 
-fn header(path: &str, kind: tar::EntryType, size: u64, mode: u32, mtime: u64) -> std::io::Result<Vec<u8>> {
+fn header(
+    path: &str,
+    kind: tar::EntryType,
+    size: u64,
+    mode: u32,
+    mtime: u64,
+) -> std::io::Result<Vec<u8>> {
     let mut h = tar::Header::new_ustar();
     h.set_path(path)
         .map_err(|e| std::io::Error::other(format!("{path}: {e}")))?;
@@ -856,20 +882,21 @@ impl Engine {
                 true,
             );
             progress.message(&format!("checking backup {}", backup.label));
-            let c = self.check_import(&instance, import, progress).await.map_err(
-                |e| match e {
-                    EngineError::Refused(msg) => {
-                        refused(format!("backup {}: {msg}", backup.label))
-                    }
+            let c = self
+                .check_import(&instance, import, progress)
+                .await
+                .map_err(|e| match e {
+                    EngineError::Refused(msg) => refused(format!("backup {}: {msg}", backup.label)),
                     other => other,
-                },
-            )?;
+                })?;
             checked.push((backup.label.clone(), c));
         }
         let mut sets = Vec::new();
         for (label, c) in checked {
             let (start, stop) = c.range();
-            progress.message(&format!("importing backup {label}: WAL from {start}, backup ends at {stop}"));
+            progress.message(&format!(
+                "importing backup {label}: WAL from {start}, backup ends at {stop}"
+            ));
             let pending = self.record_import(instance_id, c)?;
             sets.push(self.run_import(pending, progress).await?);
         }
@@ -932,7 +959,30 @@ mod tests {
         );
         assert!(ini.need("db", "missing").is_err());
         assert!(Ini::parse("b", b"key=outside\n").is_err());
-        assert!(Ini::parse("b", &[0xff, 0xfe]).unwrap_err().to_string().contains("encrypted"));
+        assert!(Ini::parse("b", &[0xff, 0xfe])
+            .unwrap_err()
+            .to_string()
+            .contains("encrypted"));
+    }
+
+    #[test]
+    fn encrypted_and_unreadable_repositories_are_refused() {
+        let repo = tempfile::tempdir().unwrap();
+        let stanza = repo.path().join("backup/main");
+        std::fs::create_dir_all(&stanza).unwrap();
+        std::fs::write(
+            stanza.join("backup.info"),
+            "[cipher]\ncipher-pass=\"secret\"\n\n[db]\ndb-system-id=1\n",
+        )
+        .unwrap();
+        let err = read_repository(repo.path(), "main").unwrap_err();
+        assert!(err.to_string().contains("encrypted"), "{err}");
+        let err = read_repository(repo.path(), "../main").unwrap_err();
+        assert!(err.to_string().contains("not a pgBackRest stanza"), "{err}");
+        for kind in ["lz4", "bz2"] {
+            let err = Compression::from_type(kind).unwrap_err();
+            assert!(err.to_string().contains("gz, zst"), "{err}");
+        }
     }
 
     #[test]
