@@ -140,6 +140,8 @@ pub(crate) struct ImportDir {
     /// Whether the WAL that follows the backup's, as far as it runs on
     /// without a gap, is stored too.
     wal_after: bool,
+    /// When the backup ended, when its source records it.
+    ended_at: Option<DateTime<Utc>>,
 }
 
 /// Opens a file of the import directory without following a link in its
@@ -262,6 +264,7 @@ impl ImportDir {
             manifest,
             known_range: None,
             wal_after: false,
+            ended_at: None,
         })
     }
 
@@ -272,6 +275,7 @@ impl ImportDir {
         archives: Vec<Archive>,
         range: (Lsn, Lsn),
         wal_after: bool,
+        ended_at: Option<DateTime<Utc>>,
     ) -> ImportDir {
         ImportDir {
             origin: Origin::Synthesized(source),
@@ -279,6 +283,7 @@ impl ImportDir {
             manifest: None,
             known_range: Some(range),
             wal_after,
+            ended_at,
         }
     }
 
@@ -1477,6 +1482,7 @@ impl Engine {
             import,
             plan,
         } = pending;
+        let ended_at = import.ended_at;
         progress.message(&format!(
             "import into {}: backup {} of the cluster {}, WAL from {} to {}",
             instance.id, set.id, plan.survey.system_id, plan.survey.label.start_lsn, plan.stop_lsn
@@ -1498,7 +1504,16 @@ impl Engine {
         let engine = self.clone();
         blocking(move || {
             drop(hold);
-            engine.record_backup_outcome(set, job, outcome)
+            let mut set = engine.record_backup_outcome(set, job, outcome)?;
+            // A backup taken earlier ended when its source says, not now:
+            // restores to a time pick it by that.
+            if let Some(ended) = ended_at {
+                set.finished_at = Some(ended);
+                crate::retry_busy("recording an imported backup's end", || {
+                    engine.catalog.update_backup(&set)
+                })?;
+            }
+            Ok(set)
         })
         .await
     }
@@ -1521,6 +1536,7 @@ impl Engine {
             start_timeline: timeline,
             start_time: survey.label.start_time.unwrap_or_else(Utc::now),
             total: Some(survey.total),
+            stop_time: import.ended_at,
         };
         run.set.pg_version_num = Some(start.pg_version);
         let (events_tx, events_rx) = mpsc::channel(64);

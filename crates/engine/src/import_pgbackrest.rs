@@ -32,6 +32,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId, WalGeometry};
 use serde_json::Value;
 use sha1::{Digest, Sha1};
@@ -259,6 +260,8 @@ struct RepoBackup {
     stop: Lsn,
     archive_start: String,
     timeline: TimelineId,
+    /// `backup-timestamp-stop`.
+    ended_at: Option<DateTime<Utc>>,
     dirs: Vec<(String, u32)>,
     files: Vec<BackupFile>,
     /// The WAL imported with it: from its start on, without a gap.
@@ -431,6 +434,10 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
         stop: lsn("backup-lsn-stop")?,
         archive_start,
         timeline,
+        ended_at: ini
+            .get("backup", "backup-timestamp-stop")?
+            .and_then(|v| v.as_i64())
+            .and_then(|t| DateTime::from_timestamp(t, 0)),
         dirs,
         files,
         segments: Vec::new(),
@@ -880,6 +887,7 @@ impl Engine {
                 archives,
                 (backup.start, backup.stop),
                 true,
+                backup.ended_at,
             );
             progress.message(&format!("checking backup {}", backup.label));
             let c = self
@@ -1009,6 +1017,7 @@ mod tests {
                 stop: Lsn(0),
                 archive_start: String::new(),
                 timeline: TimelineId(1),
+                ended_at: None,
                 dirs: Vec::new(),
                 files: vec![f],
                 segments: Vec::new(),

@@ -181,6 +181,11 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
     );
     pgbr.run(&["backup", "--type=full", "--compress-type=gz"]);
     let at_second = digest(&pg);
+    let after_second = pg.psql(
+        DB,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     pg.psql(DB, "DELETE FROM ledger WHERE id > 2500");
     pgbr.run(&["backup", "--type=incr", "--compress-type=gz"]);
     let at_third = digest(&pg);
@@ -310,6 +315,10 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
         let restored = strata.restore_and_start(id, name, 15, &["--backup", set, "--immediate"]);
         assert_eq!(&digest(&restored), expected, "{name}");
     }
+    // A time between the second backup and the third: the set is picked
+    // by when pgBackRest says its backup ended.
+    let restored = strata.restore_and_start(id, "time", 15, &["--time", &after_second]);
+    assert_eq!(digest(&restored), at_second);
     // From the first backup through every segment archived since.
     let restored = strata.restore_and_start(id, "latest", 15, &["--backup", &sets[0]]);
     assert_eq!(digest(&restored), at_end);
