@@ -19,8 +19,10 @@
 //! go through the import of [`crate::import`]: the same first pass that
 //! refuses before anything is stored, the same receiver. Every name from
 //! a manifest or a directory listing is checked before it reaches a path.
-//! Encrypted repositories, bundled files (`repo-bundle`), block
-//! incremental backups and backups with tablespaces or links are refused.
+//! Tablespaces (`pg_tblspc/<oid>/…`) become archives of their own, placed
+//! by the backup's `tablespace_map`. Encrypted repositories, bundled files
+//! (`repo-bundle`), block incremental backups and other links in the data
+//! directory are refused.
 //!
 //! Reference: pgBackRest's src/info/infoBackup.c, src/info/manifest.c,
 //! src/command/archive/common.c (the layout), src/common/ini.c.
@@ -226,10 +228,20 @@ impl Compression {
     }
 }
 
+/// A directory of a backup, from its manifest.
+#[derive(Debug, Clone)]
+struct BackupDir {
+    tablespace: Option<u32>,
+    path: String,
+    mode: u32,
+}
+
 /// A file of a backup, from its manifest.
 #[derive(Debug, Clone)]
 struct BackupFile {
-    /// Relative to the data directory.
+    /// `None`: the data directory.
+    tablespace: Option<u32>,
+    /// Relative to the data directory or the tablespace's directory.
     path: String,
     /// The backup whose directory holds it (itself, or a prior one).
     stored_in: String,
@@ -262,7 +274,8 @@ struct RepoBackup {
     timeline: TimelineId,
     /// `backup-timestamp-stop`.
     ended_at: Option<DateTime<Utc>>,
-    dirs: Vec<(String, u32)>,
+    tablespaces: Vec<u32>,
+    dirs: Vec<BackupDir>,
     files: Vec<BackupFile>,
     /// The WAL imported with it: from its start on, without a gap.
     segments: Vec<ArchivedSegment>,
@@ -288,17 +301,72 @@ fn parse_mode(ini: &Ini, v: Option<&Value>, default: u32) -> EngineResult<u32> {
     }
 }
 
-/// A manifest name under `pg_data/`, refused unless a restore may write it.
-fn data_path(ini: &Ini, name: &str, kind: FileKind) -> EngineResult<String> {
-    let rest = name.strip_prefix("pg_data/").ok_or_else(|| {
+/// Where a manifest name lives: `pg_data/<path>` in the data directory,
+/// `pg_tblspc/<oid>/<path>` in tablespace `oid` (one of `tablespaces`).
+/// Refused unless a restore may write it there.
+fn data_path(
+    ini: &Ini,
+    name: &str,
+    kind: FileKind,
+    tablespaces: &[u32],
+) -> EngineResult<(Option<u32>, String)> {
+    let outside = || {
         refused(format!(
-            "{}: {name:?} is outside the data directory (tablespaces and links are not imported)",
+            "{}: {name:?} is outside the data directory and its tablespaces",
             ini.name
         ))
-    })?;
-    strata_repo::paths::check_entry(None, rest, kind)
+    };
+    let (tablespace, rest) = match name.strip_prefix("pg_data/") {
+        Some(rest) => (None, rest),
+        None => {
+            let (oid, rest) = name
+                .strip_prefix("pg_tblspc/")
+                .and_then(|r| r.split_once('/'))
+                .ok_or_else(outside)?;
+            let oid = tablespaces
+                .iter()
+                .find(|t| t.to_string() == oid)
+                .ok_or_else(outside)?;
+            (Some(*oid), rest)
+        }
+    };
+    strata_repo::paths::check_entry(tablespace, rest, kind)
         .map_err(|e| refused(format!("{}: refusing the entry {name:?}: {e}", ini.name)))?;
-    Ok(rest.to_string())
+    Ok((tablespace, rest.to_string()))
+}
+
+/// The tablespaces of a backup (`[backup:target]` links named
+/// `pg_tblspc/<oid>`); any other target or link is refused.
+fn tablespaces(ini: &Ini, label: &str) -> EngineResult<Vec<u32>> {
+    let other = |name: &str| {
+        refused(format!(
+            "backup {label} has the link {name:?} in its data directory: Strata imports the data directory and its tablespaces only"
+        ))
+    };
+    let mut oids = Vec::new();
+    for (name, value) in ini.section("backup:target") {
+        if name == "pg_data" {
+            continue;
+        }
+        let v = ini.json(name, value)?;
+        let oid = name
+            .strip_prefix("pg_tblspc/")
+            .filter(|o| !o.starts_with('0') && o.len() <= 10)
+            .and_then(|o| o.parse::<u32>().ok())
+            .filter(|o| v.get("tablespace-id").and_then(Value::as_str) == Some(&o.to_string()))
+            .filter(|_| v.get("type").and_then(Value::as_str) == Some("link"))
+            .ok_or_else(|| other(name))?;
+        oids.push(oid);
+    }
+    for (name, _) in ini.section("target:link") {
+        let known = name
+            .strip_prefix("pg_data/pg_tblspc/")
+            .is_some_and(|o| oids.iter().any(|t| t.to_string() == o));
+        if !known {
+            return Err(other(name));
+        }
+    }
+    Ok(oids)
 }
 
 /// Reads the manifest of backup `label`.
@@ -339,13 +407,14 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
             _ => Compression::None,
         },
     };
-    let targets = ini.section("backup:target");
-    if targets.len() != 1 || targets[0].0 != "pg_data" || !ini.section("target:link").is_empty() {
-        return Err(refused(format!(
-            "backup {label} has tablespaces or links ({}): Strata imports pgBackRest backups of a data directory alone",
-            targets.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
-        )));
+    if !ini
+        .section("backup:target")
+        .iter()
+        .any(|(k, _)| k == "pg_data")
+    {
+        return Err(refused(format!("{}: no pg_data target", ini.name)));
     }
+    let tablespaces = tablespaces(&ini, label)?;
     let references: Vec<String> = match ini.get("backup", "backup-reference")? {
         Some(v) => as_str(&ini, "backup-reference", &v)?
             .split(',')
@@ -365,16 +434,26 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
     )?;
     let mut dirs = Vec::new();
     for (name, value) in ini.section("target:path") {
-        if name == "pg_data" {
+        // The roots: the data directory, `pg_tblspc` and each tablespace's.
+        let root = name == "pg_data"
+            || name == "pg_tblspc"
+            || name
+                .strip_prefix("pg_tblspc/")
+                .is_some_and(|o| tablespaces.iter().any(|t| t.to_string() == o));
+        if root {
             continue;
         }
-        let path = data_path(&ini, name, FileKind::Dir)?;
+        let (tablespace, path) = data_path(&ini, name, FileKind::Dir, &tablespaces)?;
         let v = ini.json(name, value)?;
-        dirs.push((path, parse_mode(&ini, v.get("mode"), dir_mode)?));
+        dirs.push(BackupDir {
+            tablespace,
+            path,
+            mode: parse_mode(&ini, v.get("mode"), dir_mode)?,
+        });
     }
     let mut files = Vec::new();
     for (name, value) in ini.section("target:file") {
-        let path = data_path(&ini, name, FileKind::File)?;
+        let (tablespace, path) = data_path(&ini, name, FileKind::File, &tablespaces)?;
         let v = ini.json(name, value)?;
         if v.get("bni").is_some() || v.get("bi").is_some() {
             return Err(refused(format!(
@@ -405,6 +484,7 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
             None => label.to_string(),
         };
         files.push(BackupFile {
+            tablespace,
             path,
             stored_in,
             size,
@@ -434,6 +514,7 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
         stop: lsn("backup-lsn-stop")?,
         archive_start,
         timeline,
+        tablespaces,
         ended_at: ini
             .get("backup", "backup-timestamp-stop")?
             .and_then(|v| v.as_i64())
@@ -664,11 +745,15 @@ impl TarSource for RepoTar {
                     members.push((s.name.clone(), Member::Segment(s.clone())));
                 }
             }
-            _ => {
-                for (path, mode) in &b.dirs {
-                    members.push((path.clone(), Member::Dir(path.clone(), *mode)));
+            role => {
+                let tablespace = match role {
+                    Role::Tablespace(oid) => Some(oid),
+                    _ => None,
+                };
+                for d in b.dirs.iter().filter(|d| d.tablespace == tablespace) {
+                    members.push((d.path.clone(), Member::Dir(d.path.clone(), d.mode)));
                 }
-                for f in &b.files {
+                for f in b.files.iter().filter(|f| f.tablespace == tablespace) {
                     members.push((f.path.clone(), Member::File(f.clone())));
                 }
                 members.sort_by(|a, b| a.0.cmp(&b.0));
@@ -772,7 +857,11 @@ impl TarStream {
                 self.buf = header(&f.path, tar::EntryType::Regular, f.size, f.mode, f.mtime)?;
                 if f.size > 0 {
                     let b = &self.backup;
-                    let stored = format!("pg_data/{}{}", f.path, b.compression.extension());
+                    let root = match f.tablespace {
+                        Some(oid) => format!("pg_tblspc/{oid}"),
+                        None => "pg_data".into(),
+                    };
+                    let stored = format!("{root}/{}{}", f.path, b.compression.extension());
                     let path = b.backup_dir.join(&f.stored_in).join(&stored);
                     let name = format!("{}/{stored}", f.stored_in);
                     let file =
@@ -876,12 +965,32 @@ impl Engine {
         let mut checked = Vec::new();
         for backup in backups {
             let backup = Arc::new(backup);
-            let data: u64 = backup.files.iter().map(|f| f.size + 512).sum();
-            let wal = backup.segments.len() as u64 * (16 << 20);
-            let archives = vec![
-                Archive::synthesized(format!("{}/pg_data", backup.label), Role::Base, data),
-                Archive::synthesized(format!("WAL from {}", backup.archive_start), Role::Wal, wal),
-            ];
+            let size = |t: Option<u32>| -> u64 {
+                let files = backup.files.iter().filter(|f| f.tablespace == t);
+                files.map(|f| f.size + 512).sum()
+            };
+            // The order pg_basebackup writes: tablespaces, data directory, WAL.
+            let mut archives: Vec<Archive> = backup
+                .tablespaces
+                .iter()
+                .map(|oid| {
+                    Archive::synthesized(
+                        format!("{}/pg_tblspc/{oid}", backup.label),
+                        Role::Tablespace(*oid),
+                        size(Some(*oid)),
+                    )
+                })
+                .collect();
+            archives.push(Archive::synthesized(
+                format!("{}/pg_data", backup.label),
+                Role::Base,
+                size(None),
+            ));
+            archives.push(Archive::synthesized(
+                format!("WAL from {}", backup.archive_start),
+                Role::Wal,
+                backup.segments.len() as u64 * (16 << 20),
+            ));
             let import = ImportDir::synthesized(
                 Arc::new(RepoTar(backup.clone())),
                 archives,
@@ -939,18 +1048,24 @@ mod tests {
     #[test]
     fn manifest_names_stay_in_the_data_directory() {
         let ini = Ini::parse("m", b"[x]\n").unwrap();
+        let ts = [16384];
         assert_eq!(
-            data_path(&ini, "pg_data/base/1/1259", FileKind::File).unwrap(),
-            "base/1/1259"
+            data_path(&ini, "pg_data/base/1/1259", FileKind::File, &ts).unwrap(),
+            (None, "base/1/1259".to_string())
+        );
+        assert_eq!(
+            data_path(&ini, "pg_tblspc/16384/PG_15_1/5/1", FileKind::File, &ts).unwrap(),
+            (Some(16384), "PG_15_1/5/1".to_string())
         );
         for bad in [
             "pg_data/../../etc/passwd",
             "pg_data//etc",
-            "pg_tblspc/16384/x",
+            "pg_tblspc/16385/x",
+            "pg_tblspc/16384/../../x",
             "/etc/passwd",
             "pg_data/base/../../x",
         ] {
-            assert!(data_path(&ini, bad, FileKind::File).is_err(), "{bad}");
+            assert!(data_path(&ini, bad, FileKind::File, &ts).is_err(), "{bad}");
         }
     }
 
@@ -1000,6 +1115,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join(label).join("pg_data")).unwrap();
         std::fs::write(dir.path().join(label).join("pg_data/PG_VERSION"), b"15\n").unwrap();
         let file = |size, sum: &[u8]| BackupFile {
+            tablespace: None,
             path: "PG_VERSION".into(),
             stored_in: label.into(),
             size,
@@ -1018,6 +1134,7 @@ mod tests {
                 archive_start: String::new(),
                 timeline: TimelineId(1),
                 ended_at: None,
+                tablespaces: Vec::new(),
                 dirs: Vec::new(),
                 files: vec![f],
                 segments: Vec::new(),

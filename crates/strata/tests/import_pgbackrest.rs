@@ -1,6 +1,6 @@
 //! `strata import pgbackrest`: a real pgBackRest stanza (a full backup
-//! compressed with zstd, a full and an incremental one with gzip, WAL
-//! archived by `archive-push`) becomes backup sets that restore, from the
+//! compressed with zstd, a full and an incremental one with gzip, a
+//! tablespace, WAL archived by `archive-push`) becomes backup sets that restore, from the
 //! repository alone, to each backup's consistency point and to the last
 //! archived WAL. Repositories that are not what they claim (a manifest
 //! name leaving the data directory, a file whose SHA-1 differs, another
@@ -90,7 +90,8 @@ fn digest(c: &Cluster) -> String {
     c.psql(
         DB,
         "SELECT (SELECT count(*) || ':' || md5(string_agg(id || note, ',' ORDER BY id)) FROM ledger) \
-         || '|' || (SELECT count(*) || ':' || coalesce(sum(g), 0) FROM later)",
+         || '|' || (SELECT count(*) || ':' || coalesce(sum(g), 0) FROM later) \
+         || '|' || (SELECT count(*) || ':' || md5(string_agg(note, ',' ORDER BY id)) FROM far)",
     )
 }
 
@@ -166,6 +167,17 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
         .start();
     pgbr.configure(Some(&pg));
     pgbr.run(&["stanza-create"]);
+    // A tablespace: pgBackRest stores it under pg_tblspc/<oid>.
+    let ts_dir = testkit::temp_dir("strata-pgbr-ts-");
+    pg.psql(
+        DB,
+        &format!("CREATE TABLESPACE spare LOCATION '{}'", path_str(&ts_dir)),
+    );
+    pg.psql(
+        DB,
+        "CREATE TABLE far (id int, note text) TABLESPACE spare; \
+         INSERT INTO far SELECT g, md5(g::text) FROM generate_series(1, 2000) g",
+    );
     pg.psql(
         DB,
         "CREATE TABLE ledger (id int PRIMARY KEY, note text); \
@@ -186,7 +198,10 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
     );
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    pg.psql(DB, "DELETE FROM ledger WHERE id > 2500");
+    pg.psql(
+        DB,
+        "DELETE FROM ledger WHERE id > 2500; DELETE FROM far WHERE id <= 100",
+    );
     pgbr.run(&["backup", "--type=incr", "--compress-type=gz"]);
     let at_third = digest(&pg);
     pg.psql(
@@ -224,6 +239,14 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
             .to_string()
     };
     assert_eq!(option(&backups[0]), "\"zst\"");
+    let first_manifest = std::fs::read_to_string(
+        repo.join("backup")
+            .join(STANZA)
+            .join(&backups[0])
+            .join("backup.manifest"),
+    )
+    .unwrap();
+    assert!(first_manifest.contains("\npg_tblspc/"), "no tablespace");
     assert_eq!(option(&backups[1]), "\"gz\"");
 
     let strata = Strata::new("import-pgbackrest");
@@ -323,4 +346,5 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
     let restored = strata.restore_and_start(id, "latest", 15, &["--backup", &sets[0]]);
     assert_eq!(digest(&restored), at_end);
     let _ = std::fs::remove_dir_all(work);
+    let _ = std::fs::remove_dir_all(ts_dir);
 }
