@@ -271,6 +271,7 @@ struct RepoBackup {
     start: Lsn,
     stop: Lsn,
     archive_start: String,
+    archive_stop: String,
     timeline: TimelineId,
     /// `backup-timestamp-stop`.
     ended_at: Option<DateTime<Utc>>,
@@ -513,6 +514,7 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
         start: lsn("backup-lsn-start")?,
         stop: lsn("backup-lsn-stop")?,
         archive_start,
+        archive_stop: text("backup", "backup-archive-stop")?,
         timeline,
         tablespaces,
         ended_at: ini
@@ -691,7 +693,10 @@ fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBack
     for (i, b) in read.iter_mut().enumerate() {
         if let Some((tli, next)) = starts.get(i + 1) {
             if *tli == b.timeline {
-                let stop = b.segments.iter().position(|s| &s.name >= next);
+                let stop = b
+                    .segments
+                    .iter()
+                    .position(|s| &s.name >= next && s.name > b.archive_stop);
                 if let Some(stop) = stop.filter(|s| *s > 0) {
                     b.segments.truncate(stop);
                 }
@@ -1132,6 +1137,7 @@ mod tests {
                 start: Lsn(0),
                 stop: Lsn(0),
                 archive_start: String::new(),
+                archive_stop: String::new(),
                 timeline: TimelineId(1),
                 ended_at: None,
                 tablespaces: Vec::new(),
