@@ -107,6 +107,8 @@ impl Archive {
 /// would make).
 pub(crate) trait TarSource: Send + Sync {
     fn open(&self, archive: &Archive) -> EngineResult<Box<dyn Read + Send>>;
+    /// What the archives are read from, for messages.
+    fn describe(&self) -> String;
 }
 
 /// Where the archives of an import are read from.
@@ -122,7 +124,7 @@ impl Origin {
     fn describe(&self) -> String {
         match self {
             Origin::Dir(dir) => dir.display().to_string(),
-            Origin::Synthesized(_) => "the repository".into(),
+            Origin::Synthesized(source) => source.describe(),
         }
     }
 }

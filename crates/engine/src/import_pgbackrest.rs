@@ -741,6 +741,17 @@ enum Member {
 struct RepoTar(Arc<RepoBackup>);
 
 impl TarSource for RepoTar {
+    fn describe(&self) -> String {
+        let b = &self.0;
+        format!(
+            "pgBackRest backup {} ({} backup, {} WAL segments from {})",
+            b.label,
+            b.kind,
+            b.segments.len(),
+            b.archive_start
+        )
+    }
+
     fn open(&self, archive: &Archive) -> EngineResult<Box<dyn Read + Send>> {
         let b = &self.0;
         let mut members: Vec<(String, Member)> = Vec::new();
