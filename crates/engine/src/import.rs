@@ -17,6 +17,9 @@
 //! receiver consumes (so files are cut, deduplicated, checked and committed
 //! exactly as a backup's are) and stores the WAL from `pg_wal/` or
 //! `pg_wal.tar` through the WAL uploader, as a backup's own WAL stream.
+//! Other tools' repositories come through the same passes as tar streams
+//! a [`TarSource`] makes (see [`crate::import_pgbackrest`]), with the
+//! start and end positions their own records give.
 //!
 //! References: src/bin/pg_basebackup/pg_basebackup.c (archive names),
 //! src/backend/backup/basebackup.c (`backup_label`, members, the manifest's

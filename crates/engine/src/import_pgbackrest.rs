@@ -1086,6 +1086,37 @@ mod tests {
     }
 
     #[test]
+    fn only_tablespace_links_are_imported() {
+        let manifest = |target: &str, link: &str| {
+            format!(
+                "[backup:target]\npg_data={{\"path\":\"/d\",\"type\":\"path\"}}\n{target}\n\n[target:link]\n{link}\n"
+            )
+        };
+        let ts = "pg_tblspc/16384={\"path\":\"/t\",\"tablespace-id\":\"16384\",\"tablespace-name\":\"spare\",\"type\":\"link\"}";
+        let ini = Ini::parse(
+            "m",
+            manifest(ts, "pg_data/pg_tblspc/16384={\"destination\":\"/t\"}").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(tablespaces(&ini, "L").unwrap(), vec![16384]);
+        for (target, link) in [
+            (
+                "pg_data/pg_wal={\"path\":\"/w\",\"type\":\"link\"}",
+                "pg_data/pg_wal={\"destination\":\"/w\"}",
+            ),
+            (ts, "pg_data/pg_tblspc/16385={\"destination\":\"/x\"}"),
+            (
+                "pg_tblspc/../x={\"path\":\"/t\",\"tablespace-id\":\"16384\",\"type\":\"link\"}",
+                "",
+            ),
+        ] {
+            let ini = Ini::parse("m", manifest(target, link).as_bytes()).unwrap();
+            let err = tablespaces(&ini, "L").unwrap_err();
+            assert!(err.to_string().contains("tablespaces only"), "{err}");
+        }
+    }
+
+    #[test]
     fn ini_values_are_json() {
         let ini = Ini::parse(
             "backup.info",
