@@ -683,6 +683,12 @@ fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBack
             Some(archive) => wal_run(archive, &backup.archive_start)?,
             None => Vec::new(),
         };
+        if backup.segments.is_empty() {
+            return Err(refused(format!(
+                "backup {label} starts in WAL segment {}, which is not in archive/{stanza}/{dir}: without it the backup cannot be restored",
+                backup.archive_start
+            )));
+        }
         read.push(backup);
     }
     // Each backup keeps the WAL up to the next one's start on its timeline.
