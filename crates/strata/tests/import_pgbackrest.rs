@@ -292,6 +292,32 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
     )
     .unwrap();
     let why_swapped = "SHA-1";
+    // The WAL segment the second backup starts in, gone.
+    let no_wal = copy_of(&repo);
+    let second_manifest = std::fs::read_to_string(
+        repo.join("backup")
+            .join(STANZA)
+            .join(&backups[1])
+            .join("backup.manifest"),
+    )
+    .unwrap();
+    let start_segment = second_manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("backup-archive-start=\""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let segment_dir = no_wal
+        .join("archive")
+        .join(STANZA)
+        .join("15-1")
+        .join(&start_segment[..16]);
+    for entry in std::fs::read_dir(&segment_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path_str(&path).contains(&format!("/{start_segment}-")) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     for (what, dir, why) in [
         (
             "a manifest name climbing out",
@@ -299,6 +325,7 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
             "\"pg_data/../../escaped\"",
         ),
         ("a file that is not the manifest's", &swapped, why_swapped),
+        ("a backup without its WAL", &no_wal, start_segment.as_str()),
     ] {
         let err = refused(&strata, id, dir);
         assert!(err.contains(why), "{what}: {err}");
@@ -317,7 +344,7 @@ fn a_pgbackrest_stanza_imports_with_its_history() {
     assert!(err.contains("system identifier"), "{err}");
     assert_eq!(strata.backups("other").len(), 1);
     assert_eq!(stored(&strata), before);
-    for dir in [climbing, swapped] {
+    for dir in [climbing, swapped, no_wal] {
         let _ = std::fs::remove_dir_all(dir);
     }
 
