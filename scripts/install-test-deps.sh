@@ -70,7 +70,7 @@ S3S_FS_VERSION=0.14.1
 # agent's tests run on (testkit's LoopFs; util-linux brings losetup and mount).
 APT_PACKAGES=(postgresql-15 postgresql-client-15 openssl libc6 libstdc++6 libgcc-s1 zlib1g
               python3 python3-venv util-linux curl zstd chromium chromium-driver
-              xfsprogs btrfs-progs)
+              xfsprogs btrfs-progs pgbackrest)
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="$REPO/.cache"

@@ -351,6 +351,7 @@ impl Engine {
             start_timeline: bb.start_timeline(),
             start_time: Utc::now(),
             total: bb.total_size_bytes(),
+            stop_time: None,
         };
         tracing::debug!(
             "backup {}: BASE_BACKUP started at {}",

@@ -17,6 +17,9 @@
 //! receiver consumes (so files are cut, deduplicated, checked and committed
 //! exactly as a backup's are) and stores the WAL from `pg_wal/` or
 //! `pg_wal.tar` through the WAL uploader, as a backup's own WAL stream.
+//! Other tools' repositories come through the same passes as tar streams
+//! a [`TarSource`] makes (see [`crate::import_pgbackrest`]), with the
+//! start and end positions their own records give.
 //!
 //! References: src/bin/pg_basebackup/pg_basebackup.c (archive names),
 //! src/backend/backup/basebackup.c (`backup_label`, members, the manifest's
@@ -73,7 +76,7 @@ enum Compression {
 
 /// What an archive of the directory holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(crate) enum Role {
     /// `base.tar`: the data directory.
     Base,
     /// `<oid>.tar`: a tablespace.
@@ -83,20 +86,67 @@ enum Role {
 }
 
 #[derive(Debug, Clone)]
-struct Archive {
-    file: String,
-    role: Role,
+pub(crate) struct Archive {
+    pub(crate) file: String,
+    pub(crate) role: Role,
     compression: Compression,
-    size: u64,
+    pub(crate) size: u64,
 }
 
-/// The files of an import directory, classified.
-struct ImportDir {
-    dir: PathBuf,
+impl Archive {
+    /// An archive another module produces as a tar stream.
+    pub(crate) fn synthesized(file: String, role: Role, size: u64) -> Archive {
+        Archive {
+            file,
+            role,
+            compression: Compression::None,
+            size,
+        }
+    }
+}
+
+/// Produces the tar stream of an archive that is not a file of a
+/// directory (another tool's repository, read as the stream its files
+/// would make).
+pub(crate) trait TarSource: Send + Sync {
+    fn open(&self, archive: &Archive) -> EngineResult<Box<dyn Read + Send>>;
+    /// What the archives are read from, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Where the archives of an import are read from.
+#[derive(Clone)]
+pub(crate) enum Origin {
+    /// Files of a directory, as `pg_basebackup -Ft` writes them.
+    Dir(PathBuf),
+    /// Tar streams made on the fly.
+    Synthesized(Arc<dyn TarSource>),
+}
+
+impl Origin {
+    fn describe(&self) -> String {
+        match self {
+            Origin::Dir(dir) => dir.display().to_string(),
+            Origin::Synthesized(source) => source.describe(),
+        }
+    }
+}
+
+/// What an import reads, classified.
+pub(crate) struct ImportDir {
+    origin: Origin,
     /// Tablespaces first, the data directory last (the server's order),
     /// then `pg_wal.tar`.
     archives: Vec<Archive>,
     manifest: Option<Vec<u8>>,
+    /// Start and end of the backup when its source records them (then no
+    /// `backup_manifest` is needed): `backup_label` must agree.
+    known_range: Option<(Lsn, Lsn)>,
+    /// Whether the WAL that follows the backup's, as far as it runs on
+    /// without a gap, is stored too.
+    wal_after: bool,
+    /// When the backup ended, when its source records it.
+    ended_at: Option<DateTime<Utc>>,
 }
 
 /// Opens a file of the import directory without following a link in its
@@ -214,10 +264,32 @@ impl ImportDir {
             Role::Wal => (2, 0),
         });
         Ok(ImportDir {
-            dir: dir.to_path_buf(),
+            origin: Origin::Dir(dir.to_path_buf()),
             archives,
             manifest,
+            known_range: None,
+            wal_after: false,
+            ended_at: None,
         })
+    }
+
+    /// Archives a [`TarSource`] produces, of a backup that starts and
+    /// ends at `range`; `wal_after` as the field says.
+    pub(crate) fn synthesized(
+        source: Arc<dyn TarSource>,
+        archives: Vec<Archive>,
+        range: (Lsn, Lsn),
+        wal_after: bool,
+        ended_at: Option<DateTime<Utc>>,
+    ) -> ImportDir {
+        ImportDir {
+            origin: Origin::Synthesized(source),
+            archives,
+            manifest: None,
+            known_range: Some(range),
+            wal_after,
+            ended_at,
+        }
     }
 
     fn total_size(&self) -> u64 {
@@ -242,17 +314,27 @@ impl<R: Read> Read for Counted<R> {
 /// Reads one archive to its end, handing every tar event to `visit`. A
 /// truncated, corrupt or trailing-garbage archive is refused, naming it.
 fn walk(
-    dir: &Path,
+    origin: &Origin,
     archive: &Archive,
     read: &Arc<AtomicU64>,
     mut visit: impl FnMut(BaseBackupEvent) -> EngineResult<()>,
 ) -> EngineResult<()> {
     let name = &archive.file;
+    let dir = match origin {
+        Origin::Dir(dir) => dir,
+        Origin::Synthesized(source) => {
+            let input = Counted {
+                inner: source.open(archive)?,
+                read: read.clone(),
+            };
+            return walk_tar(name, input, visit);
+        }
+    };
     let file = Counted {
         inner: open_member(dir, name)?,
         read: read.clone(),
     };
-    let mut input: Box<dyn Read> = match archive.compression {
+    let input: Box<dyn Read> = match archive.compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file))),
         Compression::Zstd => Box::new(
@@ -260,6 +342,15 @@ fn walk(
                 .map_err(|e| refused(format!("{name}: zstd: {e}")))?,
         ),
     };
+    walk_tar(name, input, &mut visit)
+}
+
+/// Reads the tar stream `input` of archive `name` to its end.
+fn walk_tar(
+    name: &str,
+    mut input: impl Read,
+    mut visit: impl FnMut(BaseBackupEvent) -> EngineResult<()>,
+) -> EngineResult<()> {
     let mut reader = TarReader::new();
     let mut events = VecDeque::new();
     let mut buf = vec![0u8; CHUNK];
@@ -749,12 +840,12 @@ fn import_entry(tablespace: Option<u32>, entry: &TarEntry) -> EngineResult<()> {
 /// The first pass: see the module documentation.
 fn survey(dir: &ImportDir, read: &Arc<AtomicU64>) -> EngineResult<Survey> {
     let mut gathered = Gathered {
-        end: dir.manifest.is_none().then(EndFinder::default),
+        end: (dir.manifest.is_none() && dir.known_range.is_none()).then(EndFinder::default),
         ..Gathered::default()
     };
     for archive in &dir.archives {
         let mut current: Option<Reading> = None;
-        walk(&dir.dir, archive, read, |event| {
+        walk(&dir.origin, archive, read, |event| {
             match event {
                 BaseBackupEvent::Entry(entry) => {
                     current = gathered.entry(archive, entry)?;
@@ -872,14 +963,23 @@ fn plan(dir: &ImportDir, survey: Survey, instance: &Instance) -> EngineResult<Pl
             )));
         }
     }
-    let (manifest, stop_lsn) = match dir.manifest.clone() {
-        Some(manifest) => {
+    if let Some((start, _)) = dir.known_range {
+        if start != survey.label.start_lsn {
+            return Err(refused(format!(
+                "the backup is recorded as starting at {start}, but its backup_label says {}: they are not of the same backup",
+                survey.label.start_lsn
+            )));
+        }
+    }
+    let (manifest, stop_lsn) = match (dir.manifest.clone(), dir.known_range) {
+        (None, Some((_, stop))) => (written_manifest(&survey, stop), stop),
+        (Some(manifest), _) => {
             check_server_manifest(&manifest, &survey.received)
                 .map_err(|e| refused(e.to_string()))?;
             let (stop, _) = manifest_wal_end(&manifest, &survey.label)?;
             (manifest, stop)
         }
-        None => {
+        (None, None) => {
             let stop = survey.backup_end.ok_or_else(|| {
                 refused(
                     "no backup_manifest, and no backup-end record for this backup in its WAL: nothing records where it ends (a backup of a standby writes none; take it with a manifest, pg_basebackup's default)",
@@ -915,7 +1015,8 @@ fn plan(dir: &ImportDir, survey: Survey, instance: &Instance) -> EngineResult<Pl
     }
     let tli = survey.label.timeline;
     let first = geometry.segment_of(survey.label.start_lsn);
-    let last = geometry.segment_of(Lsn(stop_lsn.0.saturating_sub(1)).max(survey.label.start_lsn));
+    let mut last =
+        geometry.segment_of(Lsn(stop_lsn.0.saturating_sub(1)).max(survey.label.start_lsn));
     for seg in first.0..=last.0 {
         let have = survey
             .segments
@@ -928,6 +1029,13 @@ fn plan(dir: &ImportDir, survey: Survey, instance: &Instance) -> EngineResult<Pl
                 survey.label.start_lsn
             )));
         }
+    }
+    while dir.wal_after
+        && survey.segments.iter().any(|s| {
+            geometry.parse_segment_file_name(&s.name) == Some((tli, SegmentNo(last.0 + 1)))
+        })
+    {
+        last = SegmentNo(last.0 + 1);
     }
     Ok(Plan {
         survey,
@@ -1009,7 +1117,7 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// What the reader thread needs of the plan.
 struct ReplayPlan {
-    dir: PathBuf,
+    origin: Origin,
     archives: Vec<Archive>,
     tablespace_map: HashMap<u32, String>,
     manifest: Vec<u8>,
@@ -1080,7 +1188,7 @@ fn replay_archives(
         }
         let mut wal: Option<CollectingWal> = None;
         let mut skipping = false;
-        walk(&plan.dir, archive, read, |event| match event {
+        walk(&plan.origin, archive, read, |event| match event {
             BaseBackupEvent::Entry(entry) => {
                 skipping = false;
                 match wal_kind(archive.role, &entry, &plan.geometry)? {
@@ -1241,6 +1349,20 @@ async fn with_progress<T: Send + 'static>(
     }
 }
 
+/// An import whose first pass found nothing to refuse; nothing is
+/// recorded yet.
+pub(crate) struct CheckedImport {
+    import: ImportDir,
+    plan: Plan,
+}
+
+impl CheckedImport {
+    /// Where the backup starts and ends.
+    pub(crate) fn range(&self) -> (Lsn, Lsn) {
+        (self.plan.survey.label.start_lsn, self.plan.stop_lsn)
+    }
+}
+
 /// An import whose directory passed every check and whose job and backup
 /// set are recorded (job `NoStart`, set `Running`); nothing is stored yet.
 pub struct PendingImport {
@@ -1288,12 +1410,25 @@ impl Engine {
     ) -> EngineResult<PendingImport> {
         let instance = self.catalog.get_instance(instance_id)?;
         let import = ImportDir::scan(dir)?;
+        let checked = self.check_import(&instance, import, progress).await?;
+        self.record_import(instance_id, checked)
+    }
+
+    /// The first pass over `import` (see the module documentation) and the
+    /// checks of what it read against `instance`. Records nothing.
+    pub(crate) async fn check_import(
+        &self,
+        instance: &Instance,
+        import: ImportDir,
+        progress: &dyn Progress,
+    ) -> EngineResult<CheckedImport> {
         let total = import.total_size();
         progress.message(&format!(
-            "import into {instance_id}: checking {} archives ({} MiB) in {}",
+            "import into {}: checking {} archives ({} MiB) in {}",
+            instance.id,
             import.archives.len(),
             total.div_ceil(1 << 20),
-            dir.display()
+            import.origin.describe()
         ));
         let read = Arc::new(AtomicU64::new(0));
         let (survey, import) = {
@@ -1307,7 +1442,18 @@ impl Engine {
             )
             .await?
         };
-        let plan = plan(&import, survey, &instance)?;
+        let plan = plan(&import, survey, instance)?;
+        Ok(CheckedImport { import, plan })
+    }
+
+    /// The job and the running backup set of a checked import.
+    pub(crate) fn record_import(
+        &self,
+        instance_id: &str,
+        checked: CheckedImport,
+    ) -> EngineResult<PendingImport> {
+        let CheckedImport { import, plan } = checked;
+        let instance = self.catalog.get_instance(instance_id)?;
         let opts = BackupOptions::default();
         self.check_backup(instance_id, &opts)?;
         let job = self
@@ -1341,6 +1487,7 @@ impl Engine {
             import,
             plan,
         } = pending;
+        let ended_at = import.ended_at;
         progress.message(&format!(
             "import into {}: backup {} of the cluster {}, WAL from {} to {}",
             instance.id, set.id, plan.survey.system_id, plan.survey.label.start_lsn, plan.stop_lsn
@@ -1362,7 +1509,16 @@ impl Engine {
         let engine = self.clone();
         blocking(move || {
             drop(hold);
-            engine.record_backup_outcome(set, job, outcome)
+            let mut set = engine.record_backup_outcome(set, job, outcome)?;
+            // A backup taken earlier ended when its source says, not now:
+            // restores to a time pick it by that.
+            if let Some(ended) = ended_at {
+                set.finished_at = Some(ended);
+                crate::retry_busy("recording an imported backup's end", || {
+                    engine.catalog.update_backup(&set)
+                })?;
+            }
+            Ok(set)
         })
         .await
     }
@@ -1385,12 +1541,13 @@ impl Engine {
             start_timeline: timeline,
             start_time: survey.label.start_time.unwrap_or_else(Utc::now),
             total: Some(survey.total),
+            stop_time: import.ended_at,
         };
         run.set.pg_version_num = Some(start.pg_version);
         let (events_tx, events_rx) = mpsc::channel(64);
         let (wal_tx, wal_rx) = mpsc::channel(2);
         let replay_plan = ReplayPlan {
-            dir: import.dir,
+            origin: import.origin,
             archives: import.archives,
             tablespace_map: survey.tablespace_map,
             manifest: plan.manifest,
@@ -1639,7 +1796,8 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(name), bytes).unwrap();
             let mut members = 0;
-            let outcome = walk(dir.path(), &archive(name), &read, |e| {
+            let origin = Origin::Dir(dir.path().to_path_buf());
+            let outcome = walk(&origin, &archive(name), &read, |e| {
                 members += matches!(e, BaseBackupEvent::Entry(_)) as usize;
                 Ok(())
             });
@@ -1658,7 +1816,8 @@ mod tests {
             dir.path().join("base.tar.gz"),
         )
         .unwrap();
-        let err = walk(dir.path(), &archive("base.tar.gz"), &read, |_| Ok(())).unwrap_err();
+        let origin = Origin::Dir(dir.path().to_path_buf());
+        let err = walk(&origin, &archive("base.tar.gz"), &read, |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("cannot open"), "{err}");
     }
 }

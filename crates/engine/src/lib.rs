@@ -20,6 +20,7 @@ mod entities;
 mod error;
 mod events;
 mod import;
+mod import_pgbackrest;
 mod incremental;
 pub mod local_server;
 mod names;

@@ -239,6 +239,7 @@ impl Engine {
             start_timeline: timeline,
             start_time: Utc::now(),
             total: None,
+            stop_time: None,
         };
         set.start_lsn = Some(start_lsn);
         set.start_timeline = Some(timeline);

@@ -141,34 +141,50 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
     }
 }
 
-/// `strata backup create|list|show`.
+/// `strata import basebackup|pgbackrest`.
 pub(crate) fn import(engine: &Engine, cmd: ImportCmd) -> Result<()> {
-    let ImportCmd::Basebackup { instance, dir } = cmd;
     let progress = std::sync::Arc::new(CliProgress::new());
     let started = std::time::Instant::now();
-    let set = {
+    let sets = {
         let (engine, progress) = (engine.clone(), progress.clone());
         on_worker(async move {
-            Ok(engine
-                .import_basebackup(&instance, &dir, &*progress)
-                .await?)
+            Ok(match cmd {
+                ImportCmd::Basebackup { instance, dir } => vec![
+                    engine
+                        .import_basebackup(&instance, &dir, &*progress)
+                        .await?,
+                ],
+                ImportCmd::Pgbackrest {
+                    instance,
+                    repo,
+                    stanza,
+                } => {
+                    engine
+                        .import_pgbackrest(&instance, &repo, &stanza, &*progress)
+                        .await?
+                }
+            })
         })?
     };
     progress.finish();
-    println!(
-        "imported backup {} of {}: {} in {} files, WAL {} to {}; {} new ({} stored), {} deduplicated; {:.1}s",
-        set.id,
-        set.instance_id,
-        human_bytes(set.total_bytes),
-        set.file_count,
-        set.start_lsn.map(|l| l.to_string()).unwrap_or_default(),
-        set.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
-        human_bytes(set.new_bytes),
-        human_bytes(set.stored_bytes),
-        human_bytes(set.dedup_bytes),
-        started.elapsed().as_secs_f64()
-    );
-    println!("{}", set.id);
+    for set in &sets {
+        println!(
+            "imported backup {} of {}: {} in {} files, WAL {} to {}; {} new ({} stored), {} deduplicated",
+            set.id,
+            set.instance_id,
+            human_bytes(set.total_bytes),
+            set.file_count,
+            set.start_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            set.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            human_bytes(set.new_bytes),
+            human_bytes(set.stored_bytes),
+            human_bytes(set.dedup_bytes),
+        );
+    }
+    println!("{:.1}s", started.elapsed().as_secs_f64());
+    for set in &sets {
+        println!("{}", set.id);
+    }
     Ok(())
 }
 

@@ -222,6 +222,21 @@ enum ImportCmd {
         /// The directory pg_basebackup wrote.
         dir: PathBuf,
     },
+    /// Import every backup of a pgBackRest stanza (full, differential,
+    /// incremental; gz, zst or uncompressed) with its archived WAL, oldest
+    /// first, each as a backup set; the last lines printed are the backup
+    /// set ids.
+    Pgbackrest {
+        /// The instance the stanza backs up.
+        #[arg(long)]
+        instance: String,
+        /// The pgBackRest repository (repo1-path).
+        #[arg(long)]
+        repo: PathBuf,
+        /// The stanza.
+        #[arg(long)]
+        stanza: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -45,6 +45,9 @@ pub(crate) struct StreamStart {
     pub start_time: DateTime<Utc>,
     /// The server's estimate of the bytes it sends, when it made one.
     pub total: Option<u64>,
+    /// When the backup ended, if its source records it (an import of a
+    /// backup taken earlier); else the end of the stream is.
+    pub stop_time: Option<DateTime<Utc>>,
 }
 
 /// Where the receiver is in the stream.
@@ -427,6 +430,7 @@ impl BackupReceiver {
                 "the backup stream is not complete".into(),
             ));
         };
+        let stop_time = start.stop_time.unwrap_or(stop_time);
         let manifest_entry = FileEntry {
             tablespace: None,
             path: "backup_manifest".into(),
@@ -780,6 +784,7 @@ mod tests {
             start_timeline: TimelineId(1),
             start_time: Utc::now(),
             total: Some(500_000),
+            stop_time: None,
         }
     }
 
