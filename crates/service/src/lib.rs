@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 mod agent_clones;
+mod alerts;
 mod clock;
 mod contents;
 mod cross_region;
@@ -55,6 +56,7 @@ use strata_catalog::{
 };
 use strata_engine::{Engine, EngineError};
 
+pub use alerts::NotifySettings;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use contents::SetContents;
 pub use cross_region::{
@@ -135,6 +137,8 @@ pub struct ServiceSettings {
     /// The directory `StrataImportBackupFile` imports from (one name
     /// beneath it per import); `None`: imports over the API are off.
     pub import_dir: Option<std::path::PathBuf>,
+    /// Notifications and their sinks.
+    pub notify: NotifySettings,
 }
 
 /// Who this node is among the `strata serve` nodes sharing a catalog, and
@@ -180,6 +184,7 @@ impl Default for ServiceSettings {
             usage: UsageSettings::default(),
             node: NodeSettings::default(),
             import_dir: None,
+            notify: NotifySettings::default(),
         }
     }
 }
@@ -294,6 +299,8 @@ pub struct Service {
     published: receivers::Published,
     /// When this service started (recorded with the node's heartbeat).
     started_at: DateTime<Utc>,
+    /// What notifications announced.
+    occurrences: Mutex<alerts::Occurrences>,
 }
 
 impl Service {
@@ -326,6 +333,7 @@ impl Service {
             membership: membership::Membership::default(),
             published: receivers::Published::default(),
             started_at: Utc::now(),
+            occurrences: Mutex::default(),
         })
     }
 
