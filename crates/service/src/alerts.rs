@@ -126,7 +126,10 @@ fn failed_job_event(job: &Job, instance: &str) -> Option<Event> {
             kind,
             Some(instance),
             at,
-            format!("{what} job {} of instance {instance} failed: {error}", job.id),
+            format!(
+                "{what} job {} of instance {instance} failed: {error}",
+                job.id
+            ),
         )
         .with_details(json!({
             "job_id": job.id.get(),
@@ -199,8 +202,8 @@ impl Service {
         let settings = &self.settings.notify;
 
         let wal = self.wal.state(id);
-        let threshold = chrono::Duration::from_std(settings.wal_failing_after)
-            .unwrap_or(chrono::Duration::MAX);
+        let threshold =
+            chrono::Duration::from_std(settings.wal_failing_after).unwrap_or(chrono::Duration::MAX);
         // The receiver's times are wall-clock times.
         let failing = wal
             .failing_since
@@ -271,7 +274,12 @@ impl Service {
 
         match self.engine.catalog().last_usage_sample(id) {
             Ok(sample) => {
-                let over = sample.as_ref().is_some_and(|s| s.excess_bytes() > 0);
+                // A quota that is a share of the database size means nothing
+                // before the first backup measured that size.
+                let unknown = matches!(self.quota_rule(id), crate::FreeQuota::PercentOfDatabase(_));
+                let over = sample
+                    .as_ref()
+                    .is_some_and(|s| s.excess_bytes() > 0 && !(unknown && s.quota_bytes == 0));
                 if seen.observe(Condition::OverQuota, id, over) == Some(Change::Began) {
                     if let Some(s) = sample {
                         events.push(
