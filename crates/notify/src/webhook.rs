@@ -118,6 +118,10 @@ impl WebhookSink {
             sink: spec.name.clone(),
             reason,
         };
+        let lower = spec.url.to_ascii_lowercase();
+        if !lower.starts_with("http://") && !lower.starts_with("https://") {
+            return Err(refuse("the URL must start with http:// or https://".into()));
+        }
         let uri: Uri = spec
             .url
             .parse()
