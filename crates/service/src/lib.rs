@@ -16,7 +16,8 @@
 //! owner), `receivers` (WAL receiver states every node answers with),
 //! `usage`, `drills`, `cross_region` (the copier), `local` (clones
 //! and scratch servers), `tables`, `recovery` (databases restored into
-//! another instance or a new one) and `metrics`. Refusals are typed
+//! another instance or a new one), `alerts` (notifications: which events are
+//! due, delivered through `strata_notify`'s sinks) and `metrics`. Refusals are typed
 //! ([`PolicyError`] with a [`Refusal`] kind); RDS's codes are the API's.
 #![warn(missing_docs)]
 
