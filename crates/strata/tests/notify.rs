@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use common::Strata;
 
-/// A webhook receiver on 127.0.0.1 answering 200; returns its URL and the
-/// (timestamp, signature, body) of each request.
-fn receiver() -> (String, Arc<Mutex<Vec<(i64, String, Vec<u8>)>>>) {
+/// The timestamp, signature and body of a request.
+type Received = (i64, String, Vec<u8>);
+
+/// A webhook receiver on 127.0.0.1 answering 200; returns its URL and what
+/// each request brought.
+fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/strata", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
