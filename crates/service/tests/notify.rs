@@ -1,5 +1,6 @@
 //! Notifications end to end: a real PostgreSQL 15 server registered, then
-//! stopped; the backup that fails and the missing backups the dead man's
+//! stopped; the backup that fails, the WAL receiver that fails (and streams
+//! again once the server is back) and the missing backups the dead man's
 //! switch notices reach a webhook receiver on 127.0.0.1, signed, once per
 //! occurrence, and each delivery is recorded as a `notify` job.
 
@@ -88,18 +89,19 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     panic!("{what} did not happen within two minutes");
 }
 
-/// The `notify` jobs that ended.
-fn deliveries(catalog: &dyn Catalog) -> Vec<strata_catalog::Job> {
+/// The `notify` jobs of event `kind` that ended.
+fn deliveries(catalog: &dyn Catalog, kind: &str) -> Vec<strata_catalog::Job> {
     catalog
         .list_jobs(None)
         .unwrap()
         .into_iter()
         .filter(|j| j.kind == JobKind::Notify && j.state.is_terminal())
+        .filter(|j| j.detail.starts_with(&format!("{kind} to ")))
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_backup_and_an_overdue_one_reach_the_webhook_once() {
+async fn failures_and_an_overdue_backup_reach_the_webhook_once() {
     let mut cluster = testkit::Cluster::start_default(15);
     let dir = tempfile::tempdir().unwrap();
     let (url, seen) = receiver().await;
@@ -123,15 +125,21 @@ async fn a_failed_backup_and_an_overdue_one_reach_the_webhook_once() {
         LocalStorage::new(dir.path().join("repo")).unwrap(),
     ))
     .unwrap();
-    let engine = Engine::new(catalog.clone(), repo, EngineSettings::default());
+    let quick_retries = EngineSettings {
+        wal_retry_max: Duration::from_secs(2),
+        ..EngineSettings::default()
+    };
+    let engine = Engine::new(catalog.clone(), repo, quick_retries);
     let clock = Arc::new(ManualClock::new(Utc::now()));
     let settings = ServiceSettings {
         instances_dir: dir.path().join("instances"),
         drills: false,
+        receiver_backoff_max: Duration::from_secs(2),
         notify: NotifySettings {
             notifier: Notifier::new(vec![Sink::Webhook(sink)]).unwrap(),
             backup_overdue: Some(chrono::Duration::hours(6)),
-            wal_failing_after: Duration::from_secs(3600),
+            // Announced at the first failure the round sees.
+            wal_failing_after: Duration::ZERO,
         },
         ..Default::default()
     };
@@ -200,10 +208,41 @@ async fn a_failed_backup_and_an_overdue_one_reach_the_webhook_once() {
         svc.tick().await;
     }
     wait_for("the recorded delivery", || {
-        deliveries(catalog.as_ref()).len() == 1
+        deliveries(catalog.as_ref(), "backup-failed").len() == 1
     })
     .await;
     assert_eq!(of_kind(&seen, "backup-failed").len(), 1);
+
+    // The WAL receiver lost its server too: announced once while it fails.
+    for _ in 0..1200 {
+        svc.tick().await;
+        if !of_kind(&seen, "wal-receiver-failing").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failing = of_kind(&seen, "wal-receiver-failing");
+    assert_eq!(failing.len(), 1, "{failing:?}");
+    assert_eq!(failing[0]["instance"], "pg");
+    assert!(!failing[0]["details"]["error"].as_str().unwrap().is_empty());
+    svc.tick().await;
+    svc.tick().await;
+
+    // The server is back and writes WAL: the receiver streams again.
+    cluster.start();
+    for _ in 0..1200 {
+        svc.tick().await;
+        if !of_kind(&seen, "wal-receiver-recovered").is_empty() {
+            break;
+        }
+        cluster.psql(
+            "postgres",
+            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1)",
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(of_kind(&seen, "wal-receiver-recovered").len(), 1);
+    assert_eq!(of_kind(&seen, "wal-receiver-failing").len(), 1);
 
     // Seven hours on, the last success is too old: the dead man's switch
     // fires once, though nothing runs.
@@ -215,15 +254,19 @@ async fn a_failed_backup_and_an_overdue_one_reach_the_webhook_once() {
     .await;
     svc.tick().await;
     svc.tick().await;
-    wait_for("both deliveries recorded", || {
-        deliveries(catalog.as_ref()).len() >= 2
+    wait_for("the overdue delivery recorded", || {
+        deliveries(catalog.as_ref(), "backup-overdue").len() == 1
     })
     .await;
     let overdue = of_kind(&seen, "backup-overdue");
     assert_eq!(overdue.len(), 1, "{overdue:?}");
     assert_eq!(overdue[0]["details"]["hours"], 6);
 
-    let jobs = deliveries(catalog.as_ref());
+    let jobs = [
+        deliveries(catalog.as_ref(), "backup-failed"),
+        deliveries(catalog.as_ref(), "backup-overdue"),
+    ]
+    .concat();
     let details: Vec<&str> = jobs.iter().map(|j| j.detail.as_str()).collect();
     assert!(
         jobs.iter().all(|j| j.state == JobState::Finished),
