@@ -412,6 +412,42 @@ mod tests {
     }
 
     #[test]
+    fn job_failures_map_to_events_and_the_newest_copy_decides() {
+        use strata_catalog::{JobCatalog, SqliteCatalog};
+        let catalog = SqliteCatalog::open_in_memory().unwrap();
+        let job = |kind: JobKind, state: JobState, error: &str| {
+            let mut j = catalog.create_job(kind, None).unwrap();
+            j.state = state;
+            j.error = Some(error.to_string());
+            j.finished_at = Some(Utc::now());
+            j
+        };
+        let backup = job(JobKind::SnapshotBackup, JobState::Failed, "agent gone");
+        let e = failed_job_event(&backup, "a\nb").unwrap();
+        assert_eq!(e.kind, EventKind::BackupFailed);
+        assert_eq!(e.instance.as_deref(), Some("a\nb"));
+        assert_eq!(e.details["error"], "agent gone");
+        assert_eq!(e.details["job_id"], backup.id.get());
+        let drill = job(JobKind::Drill, JobState::Failed, "amcheck");
+        assert_eq!(
+            failed_job_event(&drill, "a").unwrap().kind,
+            EventKind::DrillFailed
+        );
+        let restore = job(JobKind::Restore, JobState::Failed, "x");
+        assert!(failed_job_event(&restore, "a").is_none());
+
+        let failed = job(JobKind::CrossCopy, JobState::Failed, "region down");
+        let running = job(JobKind::CrossCopy, JobState::Uploading, "");
+        assert_eq!(
+            copies_failing(&[&failed, &running]).map(|j| j.id),
+            Some(failed.id)
+        );
+        let mut later = job(JobKind::CrossCopy, JobState::Finished, "");
+        later.finished_at = failed.finished_at.map(|t| t + chrono::Duration::seconds(1));
+        assert!(copies_failing(&[&failed, &later, &running]).is_none());
+    }
+
+    #[test]
     fn forgotten_instances_start_afresh() {
         let mut seen = Occurrences::default();
         seen.observe(Condition::BackupOverdue, "a", true);
