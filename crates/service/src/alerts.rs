@@ -333,6 +333,7 @@ impl Service {
                 let catalog = svc.engine.catalog();
                 let job = match catalog.create_job(JobKind::Notify, event.instance.as_deref()) {
                     Ok(mut job) => {
+                        job.state = JobState::Uploading;
                         job.detail = format!("{} to {} {}", event.kind, sink.kind(), sink.name());
                         let _ = catalog.update_job(&job);
                         Some(job.id)
