@@ -936,11 +936,13 @@ pub enum JobKind {
     /// Databases of one instance's backup copied into another instance
     /// (`CopyDatabaseBetweenInstances`).
     CopyDatabases,
+    /// A notification delivered to one sink (webhook, email).
+    Notify,
 }
 
 impl JobKind {
     /// Every kind, in the order above.
-    pub const ALL: [JobKind; 11] = [
+    pub const ALL: [JobKind; 12] = [
         JobKind::Backup,
         JobKind::Restore,
         JobKind::Clone,
@@ -952,6 +954,7 @@ impl JobKind {
         JobKind::SnapshotUpload,
         JobKind::RecoverDatabases,
         JobKind::CopyDatabases,
+        JobKind::Notify,
     ];
 
     /// The spelling stored in the catalog and used by the API.
@@ -968,6 +971,7 @@ impl JobKind {
             JobKind::SnapshotUpload => "snapshot-upload",
             JobKind::RecoverDatabases => "recover-databases",
             JobKind::CopyDatabases => "copy-databases",
+            JobKind::Notify => "notify",
         }
     }
 }

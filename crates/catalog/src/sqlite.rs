@@ -1732,6 +1732,7 @@ mod tests {
             "snapshot-upload",
             "recover-databases",
             "copy-databases",
+            "notify",
         ];
         for (i, kind) in kinds.iter().enumerate() {
             cat.with(|c| {
@@ -1751,7 +1752,7 @@ mod tests {
             let stored = column(&format!("SELECT kind FROM jobs WHERE id = {}", new.id));
             assert_eq!(stored, *kind);
         }
-        assert_eq!(JobKind::ALL.len(), 11);
+        assert_eq!(JobKind::ALL.len(), 12);
 
         for (mode, sslmode) in [("Automated", "verify-full"), ("Manual", "disable")] {
             let id = format!("{mode}-{sslmode}");

@@ -65,6 +65,7 @@ pub fn task_type(kind: JobKind, mode: Option<BackupMode>) -> (String, String) {
         (JobKind::SnapshotUpload, _) => ("snapshot-upload", "Upload Snapshot to Repository"),
         (JobKind::RecoverDatabases, _) => ("recover-databases", "Restore Databases"),
         (JobKind::CopyDatabases, _) => ("copy-databases", "Copy Databases Between Instances"),
+        (JobKind::Notify, _) => ("notify", "Notification"),
     };
     (key.into(), label.into())
 }

@@ -16,11 +16,13 @@
 //! owner), `receivers` (WAL receiver states every node answers with),
 //! `usage`, `drills`, `cross_region` (the copier), `local` (clones
 //! and scratch servers), `tables`, `recovery` (databases restored into
-//! another instance or a new one) and `metrics`. Refusals are typed
+//! another instance or a new one), `alerts` (notifications: which events are
+//! due, delivered through `strata_notify`'s sinks) and `metrics`. Refusals are typed
 //! ([`PolicyError`] with a [`Refusal`] kind); RDS's codes are the API's.
 #![warn(missing_docs)]
 
 mod agent_clones;
+mod alerts;
 mod clock;
 mod contents;
 mod cross_region;
@@ -55,6 +57,7 @@ use strata_catalog::{
 };
 use strata_engine::{Engine, EngineError};
 
+pub use alerts::NotifySettings;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use contents::SetContents;
 pub use cross_region::{
@@ -135,6 +138,8 @@ pub struct ServiceSettings {
     /// The directory `StrataImportBackupFile` imports from (one name
     /// beneath it per import); `None`: imports over the API are off.
     pub import_dir: Option<std::path::PathBuf>,
+    /// Notifications and their sinks.
+    pub notify: NotifySettings,
 }
 
 /// Who this node is among the `strata serve` nodes sharing a catalog, and
@@ -180,6 +185,7 @@ impl Default for ServiceSettings {
             usage: UsageSettings::default(),
             node: NodeSettings::default(),
             import_dir: None,
+            notify: NotifySettings::default(),
         }
     }
 }
@@ -294,6 +300,8 @@ pub struct Service {
     published: receivers::Published,
     /// When this service started (recorded with the node's heartbeat).
     started_at: DateTime<Utc>,
+    /// What notifications announced.
+    occurrences: Mutex<alerts::Occurrences>,
 }
 
 impl Service {
@@ -326,6 +334,7 @@ impl Service {
             membership: membership::Membership::default(),
             published: receivers::Published::default(),
             started_at: Utc::now(),
+            occurrences: Mutex::default(),
         })
     }
 

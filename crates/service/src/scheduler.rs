@@ -2,7 +2,8 @@
 //! jobs whose owner died, queued jobs of owned instances, automatic backups
 //! due by each policy, restore drills of sets not drilled yet, WAL
 //! receivers for instances with log backup on,
-//! retention, cross-region copies, garbage collection and usage samples.
+//! retention, cross-region copies, garbage collection, usage samples and
+//! notifications.
 //! Time comes from the service's [`crate::Clock`], so tests walk it through
 //! days and weeks.
 
@@ -113,6 +114,7 @@ impl Service {
         if let Err(e) = self.sample_usage_if_due().await {
             tracing::warn!("storage usage sample: {e}");
         }
+        self.notify_round(&instances, now);
     }
 
     /// Fails the jobs whose owner stopped renewing its lease (a process that

@@ -992,3 +992,72 @@ mod tests {
         }
     }
 }
+
+/// One sink's answer to `strata notify test`.
+#[derive(Serialize)]
+struct TestDelivery {
+    sink: String,
+    kind: &'static str,
+    delivered: bool,
+    /// The far end's answer, or why nothing was delivered.
+    result: String,
+    attempts: u32,
+}
+
+/// `strata notify test [--sink NAME]`: a test event to every configured
+/// sink (or the one named), each result reported; fails when any failed.
+pub(crate) async fn notify_test(
+    notifier: &strata_notify::Notifier,
+    only: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let sinks: Vec<&strata_notify::Sink> = notifier
+        .sinks()
+        .iter()
+        .filter(|s| only.is_none_or(|n| s.name() == n))
+        .collect();
+    match (only, sinks.is_empty()) {
+        (Some(name), true) => bail!("no notification sink is named {name:?}"),
+        (None, true) => {
+            bail!("no notification sink is configured ([[notify.webhook]], [[notify.email]])")
+        }
+        _ => {}
+    }
+    let event = strata_notify::Event::new(
+        strata_notify::EventKind::Test,
+        None,
+        Utc::now(),
+        "a test notification from strata notify test",
+    );
+    let mut results = Vec::new();
+    for sink in sinks {
+        let (delivered, result, attempts) = match sink.deliver(&event).await {
+            Ok(d) => (true, d.answer, d.attempts),
+            Err(strata_notify::NotifyError::Failed { attempts, reason }) => {
+                (false, reason, attempts)
+            }
+            Err(e) => (false, e.to_string(), 0),
+        };
+        results.push(TestDelivery {
+            sink: sink.name().to_string(),
+            kind: sink.kind(),
+            delivered,
+            result,
+            attempts,
+        });
+    }
+    print(json, &results[..], |rows| {
+        for r in rows {
+            let outcome = if r.delivered { "delivered" } else { "FAILED" };
+            println!(
+                "{:<20} {:<8} {outcome}: {} ({} attempt(s))",
+                r.sink, r.kind, r.result, r.attempts
+            );
+        }
+    })?;
+    let failed = results.iter().filter(|r| !r.delivered).count();
+    if failed > 0 {
+        bail!("{failed} of {} sink(s) failed", results.len());
+    }
+    Ok(())
+}

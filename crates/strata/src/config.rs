@@ -25,8 +25,11 @@ use strata_repo::{
     Storage, DEFAULT_COMPRESS_LEVEL,
 };
 
+mod notify;
 #[cfg(test)]
 mod reference_table;
+
+pub use notify::NotifyConfig;
 
 /// Where the catalog lives, as the configuration says.
 pub enum CatalogLocation {
@@ -72,6 +75,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub snapshot: SnapshotConfig,
     pub import: ImportConfig,
+    pub notify: NotifyConfig,
 }
 
 /// `[import]`: backups taken elsewhere, imported over the API.
@@ -666,6 +670,7 @@ impl Config {
             .dir
             .as_ref()
             .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+        s.notify = self.notify.settings()?;
         Ok(s)
     }
 

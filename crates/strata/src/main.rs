@@ -75,6 +75,22 @@ enum Command {
     /// Run the snapshot agent on the database host: copy-on-write snapshots and clones of
     /// one data directory, served over signed HTTP.
     Agent(agent::AgentArgs),
+    /// Notifications: check the configured sinks.
+    #[command(subcommand)]
+    Notify(NotifyCmd),
+}
+
+#[derive(Subcommand)]
+enum NotifyCmd {
+    /// Send a test event to every sink (or one) and report each result;
+    /// fails when any delivery fails.
+    Test {
+        /// Only this sink.
+        #[arg(long)]
+        sink: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -517,6 +533,15 @@ fn run(cli: Cli) -> Result<()> {
         return agent::run(args);
     }
     let config = Config::load(cli.config.as_deref())?;
+    // A test notification needs only the configured sinks.
+    if let Command::Notify(NotifyCmd::Test { sink, json }) = &cli.command {
+        let notifier = config.notify.notifier()?;
+        let sink = sink.clone();
+        let json = *json;
+        return on_worker(
+            async move { commands::notify_test(&notifier, sink.as_deref(), json).await },
+        );
+    }
     // Moving the catalog needs neither the repository nor a lease.
     if let Command::Catalog(CatalogCmd::Migrate { to, json }) = &cli.command {
         return commands::catalog_migrate(&config, to, *json);
@@ -539,6 +564,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Catalog(CatalogCmd::Migrate { to, json }) => {
             commands::catalog_migrate(&config, &to, json)
         }
-        Command::Agent(_) => unreachable!("handled before the engine is opened"),
+        Command::Agent(_) | Command::Notify(_) => {
+            unreachable!("handled before the engine is opened")
+        }
     }
 }

@@ -55,12 +55,25 @@ fn readme_rows() -> Vec<(Vec<String>, String)> {
     rows
 }
 
-/// TOML that sets `PROBE` in the table at `path` (`<id>` written as a name).
+/// Stands for the elements of an array of tables (`[[notify.webhook]]`).
+const ELEMENT: &str = "[]";
+
+/// TOML that sets `PROBE` in the table at `path` (`<id>` written as a name,
+/// an array's element as its one element).
 fn probe_toml(path: &[String]) -> String {
     let table: Vec<&str> = path
         .iter()
         .map(|p| if p == ID { "x" } else { p.as_str() })
         .collect();
+    if let Some(at) = table.iter().position(|p| *p == ELEMENT) {
+        let array = table[..at].join(".");
+        let rest = &table[at + 1..];
+        return if rest.is_empty() {
+            format!("[[{array}]]\n{PROBE} = 1")
+        } else {
+            format!("[[{array}]]\n[{array}.{}]\n{PROBE} = 1", rest.join("."))
+        };
+    }
     if table.is_empty() {
         format!("{PROBE} = 1")
     } else {
@@ -68,12 +81,17 @@ fn probe_toml(path: &[String]) -> String {
     }
 }
 
+/// `a.b.[].c` as the README writes it: `a.b[].c`.
+fn dotted(path: &[String]) -> String {
+    path.join(".").replace(".[]", "[]")
+}
+
 /// Every key [`Config`] accepts, dotted, maps' entries as `<id>`.
 fn config_keys(path: Vec<String>, keys: &mut BTreeSet<String>) {
     let err = toml::from_str::<Config>(&probe_toml(&path))
         .err()
         .map(|e| e.message().to_string());
-    let dotted = path.join(".");
+    let dotted = dotted(&path);
     match err {
         // A struct: serde lists the fields it expects.
         Some(msg) if msg.starts_with(&format!("unknown field `{PROBE}`")) => {
@@ -96,12 +114,30 @@ fn config_keys(path: Vec<String>, keys: &mut BTreeSet<String>) {
         Some(msg) if msg.starts_with("invalid type: integer") && !path.is_empty() => {
             keys.insert(format!("{dotted}.{ID}"));
         }
+        // An array of tables: its elements' keys.
+        Some(msg)
+            if msg.starts_with("invalid type: map, expected a sequence")
+                && is_array_of_tables(&path) =>
+        {
+            let mut p = path;
+            p.push(ELEMENT.to_string());
+            config_keys(p, keys);
+        }
         // A value: a table is not one.
         Some(msg) if msg.starts_with("invalid type: map") => {
             keys.insert(dotted);
         }
         other => panic!("{dotted}: cannot tell what this key is: {other:?}"),
     }
+}
+
+/// Whether the sequence at `path` holds tables (its element takes fields).
+fn is_array_of_tables(path: &[String]) -> bool {
+    let mut p = path.to_vec();
+    p.push(ELEMENT.to_string());
+    toml::from_str::<Config>(&probe_toml(&p))
+        .err()
+        .is_some_and(|e| e.message().starts_with(&format!("unknown field `{PROBE}`")))
 }
 
 /// The resolved default of `key` as the README writes it, for the keys
@@ -167,6 +203,14 @@ fn resolved_default(key: &str) -> Option<String> {
         "s3.upload_concurrency" => s3.upload_concurrency.to_string(),
         "s3.request_timeout_secs" => s3.request_timeout.as_secs().to_string(),
         "s3.max_attempts" => retry_policy(&s3_default).max_attempts.to_string(),
+        "notify.wal_failing_minutes" => {
+            (service.notify.wal_failing_after.as_secs() / 60).to_string()
+        }
+        "notify.webhook[].retries" => notify::WEBHOOK_RETRIES.to_string(),
+        "notify.webhook[].timeout_secs" | "notify.email[].timeout_secs" => {
+            notify::SINK_TIMEOUT_SECS.to_string()
+        }
+        "notify.email[].security" => notify::SMTP_SECURITY.to_string(),
         _ => return None,
     })
 }

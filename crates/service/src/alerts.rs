@@ -1,0 +1,464 @@
+//! Notifications: what each round of the serving node finds worth telling
+//! (a failed backup or drill job, a WAL receiver failing longer than a
+//! threshold and its recovery, no successful backup within N hours, stored
+//! bytes above the free quota, cross-region copies failing) and their
+//! delivery to the configured sinks, each recorded as a `notify` job.
+//!
+//! Each occurrence is announced once. A failed job is one occurrence; a
+//! condition (WAL receiver, overdue backup, quota, copies) is announced when
+//! it begins and re-armed when it ends. What was announced is kept in memory
+//! only: after a restart, jobs that ended before it are not announced again,
+//! and a condition still in force is announced once more (the catalog's
+//! `notify` jobs record every delivery for the audit).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use strata_catalog::{BackupStatus, Instance, Job, JobId, JobKind, JobState};
+use strata_notify::{Event, EventKind, Notifier};
+
+use crate::{finish_job, lock, Service};
+
+/// Notification settings of the service.
+#[derive(Debug, Clone)]
+pub struct NotifySettings {
+    /// The sinks (none: notifications are off).
+    pub notifier: Notifier,
+    /// Announce an instance without a successful backup for this long
+    /// (`None`: never).
+    pub backup_overdue: Option<chrono::Duration>,
+    /// Announce a WAL receiver failing (or its server unreachable) for
+    /// longer than this.
+    pub wal_failing_after: Duration,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            notifier: Notifier::default(),
+            backup_overdue: None,
+            wal_failing_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A state of an instance announced when it begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Condition {
+    /// The WAL receiver fails.
+    WalFailing,
+    /// No recent successful backup.
+    BackupOverdue,
+    /// Above the free quota.
+    OverQuota,
+    /// The latest cross-region copy failed.
+    CopyFailing,
+}
+
+/// How a condition changed in this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    Began,
+    Ended,
+}
+
+/// What was announced: failed jobs and conditions in force.
+#[derive(Debug, Default)]
+pub(crate) struct Occurrences {
+    jobs: HashSet<JobId>,
+    active: HashSet<(Condition, String)>,
+}
+
+impl Occurrences {
+    /// Whether the failure of `job` is news (and now known).
+    pub(crate) fn first_failure(&mut self, job: JobId) -> bool {
+        self.jobs.insert(job)
+    }
+
+    /// Records whether `condition` holds for `instance` and says whether
+    /// that began or ended it.
+    pub(crate) fn observe(
+        &mut self,
+        condition: Condition,
+        instance: &str,
+        holds: bool,
+    ) -> Option<Change> {
+        let key = (condition, instance.to_string());
+        match (holds, self.active.contains(&key)) {
+            (true, false) => {
+                self.active.insert(key);
+                Some(Change::Began)
+            }
+            (false, true) => {
+                self.active.remove(&key);
+                Some(Change::Ended)
+            }
+            _ => None,
+        }
+    }
+
+    /// Forgets conditions of instances not in `instances` (deregistered,
+    /// or run by another node now).
+    pub(crate) fn retain(&mut self, instances: &HashSet<&str>) {
+        self.active.retain(|(_, i)| instances.contains(i.as_str()));
+    }
+}
+
+/// The event a failed job makes, if its kind is announced.
+fn failed_job_event(job: &Job, instance: &str) -> Option<Event> {
+    let kind = match job.kind {
+        JobKind::Backup | JobKind::SnapshotBackup => EventKind::BackupFailed,
+        JobKind::Drill => EventKind::DrillFailed,
+        _ => return None,
+    };
+    let error = job.error.clone().unwrap_or_default();
+    let what = if kind == EventKind::DrillFailed {
+        "restore drill"
+    } else {
+        "backup"
+    };
+    let at = job.finished_at.unwrap_or(job.started_at);
+    Some(
+        Event::new(
+            kind,
+            Some(instance),
+            at,
+            format!(
+                "{what} job {} of instance {instance} failed: {error}",
+                job.id
+            ),
+        )
+        .with_details(json!({
+            "job_id": job.id.get(),
+            "backup_id": job.backup_id.as_ref().map(|b| b.to_string()),
+            "error": error,
+        })),
+    )
+}
+
+/// Whether the newest cross-region copy job that ended failed.
+fn copies_failing<'a>(jobs: &[&'a Job]) -> Option<&'a Job> {
+    jobs.iter()
+        .filter(|j| j.kind == JobKind::CrossCopy && j.state.is_terminal())
+        .max_by_key(|j| (j.finished_at, j.id.get()))
+        .filter(|j| j.state == JobState::Failed)
+        .copied()
+}
+
+impl Service {
+    /// This round's events for the instances this node runs, handed to the
+    /// sinks in the background.
+    pub(crate) fn notify_round(self: &Arc<Self>, instances: &[Instance], now: DateTime<Utc>) {
+        if self.settings.notify.notifier.is_empty() {
+            return;
+        }
+        let jobs = match self.engine.catalog().list_jobs(None) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!("notifications: listing jobs: {e}");
+                return;
+            }
+        };
+        let owned: Vec<&Instance> = instances.iter().filter(|i| self.owns(&i.id)).collect();
+        let mut events = Vec::new();
+        {
+            let mut seen = lock(&self.occurrences);
+            seen.retain(&owned.iter().map(|i| i.id.as_ref()).collect());
+            for instance in &owned {
+                let id: &str = instance.id.as_ref();
+                let mine: Vec<&Job> = jobs
+                    .iter()
+                    .filter(|j| j.instance_id.as_deref() == Some(id))
+                    .collect();
+                for job in &mine {
+                    let news = job.state == JobState::Failed
+                        && job.finished_at.is_some_and(|t| t >= self.started_at)
+                        && seen.first_failure(job.id);
+                    if news {
+                        events.extend(failed_job_event(job, id));
+                    }
+                }
+                self.conditions(instance, &mine, now, &mut seen, &mut events);
+            }
+        }
+        for event in events {
+            self.dispatch(event);
+        }
+    }
+
+    /// The conditions of one instance that began or ended in this round.
+    fn conditions(
+        &self,
+        instance: &Instance,
+        jobs: &[&Job],
+        now: DateTime<Utc>,
+        seen: &mut Occurrences,
+        events: &mut Vec<Event>,
+    ) {
+        let id: &str = instance.id.as_ref();
+        let settings = &self.settings.notify;
+
+        let wal = self.wal.state(id);
+        let threshold =
+            chrono::Duration::from_std(settings.wal_failing_after).unwrap_or(chrono::Duration::MAX);
+        // The receiver's times are wall-clock times.
+        let failing = wal
+            .failing_since
+            .is_some_and(|since| Utc::now() - since >= threshold);
+        match seen.observe(Condition::WalFailing, id, failing) {
+            Some(Change::Began) => {
+                let reason = wal.failing.clone().unwrap_or_default();
+                let unreachable = wal.unreachable_since.is_some();
+                events.push(
+                    Event::new(
+                        EventKind::WalReceiverFailing,
+                        Some(id),
+                        now,
+                        format!(
+                            "the WAL receiver of instance {id} has been failing since {}{}: {reason}",
+                            wal.failing_since.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                            if unreachable { " (server unreachable)" } else { "" }
+                        ),
+                    )
+                    .with_details(json!({
+                        "error": reason,
+                        "failing_since": wal.failing_since,
+                        "unreachable": unreachable,
+                        "failures": wal.failures,
+                    })),
+                );
+            }
+            Some(Change::Ended) => events.push(Event::new(
+                EventKind::WalReceiverRecovered,
+                Some(id),
+                now,
+                format!("the WAL receiver of instance {id} streams again"),
+            )),
+            None => {}
+        }
+
+        if let Some(limit) = settings.backup_overdue {
+            match self.engine.catalog().list_backups(id) {
+                Ok(backups) => {
+                    let newest = backups
+                        .iter()
+                        .filter(|b| b.status == BackupStatus::Success)
+                        .filter_map(|b| b.finished_at)
+                        .max();
+                    let since = newest.unwrap_or(instance.created_at);
+                    let overdue = now - since > limit;
+                    if seen.observe(Condition::BackupOverdue, id, overdue) == Some(Change::Began) {
+                        events.push(
+                            Event::new(
+                                EventKind::BackupOverdue,
+                                Some(id),
+                                now,
+                                format!(
+                                    "instance {id} has no successful backup within the last {} hour(s)",
+                                    limit.num_hours()
+                                ),
+                            )
+                            .with_details(json!({
+                                "last_success": newest,
+                                "hours": limit.num_hours(),
+                            })),
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(instance = %id, "notifications: backups: {e}"),
+            }
+        }
+
+        match self.engine.catalog().last_usage_sample(id) {
+            Ok(sample) => {
+                // A quota that is a share of the database size means nothing
+                // before the first backup measured that size.
+                let unknown = matches!(self.quota_rule(id), crate::FreeQuota::PercentOfDatabase(_));
+                let over = sample
+                    .as_ref()
+                    .is_some_and(|s| s.excess_bytes() > 0 && !(unknown && s.quota_bytes == 0));
+                if seen.observe(Condition::OverQuota, id, over) == Some(Change::Began) {
+                    if let Some(s) = sample {
+                        events.push(
+                            Event::new(
+                                EventKind::StorageOverQuota,
+                                Some(id),
+                                now,
+                                format!(
+                                    "instance {id} stores {} bytes, {} above its free quota",
+                                    s.stored_bytes(),
+                                    s.excess_bytes()
+                                ),
+                            )
+                            .with_details(json!({
+                                "stored_bytes": s.stored_bytes(),
+                                "quota_bytes": s.quota_bytes,
+                                "excess_bytes": s.excess_bytes(),
+                            })),
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(instance = %id, "notifications: usage: {e}"),
+        }
+
+        let failed_copy = copies_failing(jobs);
+        if seen.observe(Condition::CopyFailing, id, failed_copy.is_some()) == Some(Change::Began) {
+            if let Some(job) = failed_copy {
+                let error = job.error.clone().unwrap_or_default();
+                events.push(
+                    Event::new(
+                        EventKind::CrossRegionCopyFailing,
+                        Some(id),
+                        now,
+                        format!("copies of instance {id} to another region fail: {error}"),
+                    )
+                    .with_details(json!({ "job_id": job.id.get(), "error": error })),
+                );
+            }
+        }
+    }
+
+    /// Delivers `event` to every sink that wants it, in the background, one
+    /// `notify` job per sink.
+    pub(crate) fn dispatch(self: &Arc<Self>, event: Event) {
+        tracing::info!(instance = ?event.instance, "notification: {}", event.message);
+        let svc = Arc::clone(self);
+        tokio::spawn(async move {
+            let notifier = svc.settings.notify.notifier.clone();
+            for sink in notifier.sinks_for(&event) {
+                let catalog = svc.engine.catalog();
+                let job = match catalog.create_job(JobKind::Notify, event.instance.as_deref()) {
+                    Ok(mut job) => {
+                        job.state = JobState::Uploading;
+                        job.detail = format!("{} to {} {}", event.kind, sink.kind(), sink.name());
+                        let _ = catalog.update_job(&job);
+                        Some(job.id)
+                    }
+                    Err(e) => {
+                        tracing::warn!("notifications: recording a delivery: {e}");
+                        None
+                    }
+                };
+                match sink.deliver(&event).await {
+                    Ok(done) => {
+                        if let Some(id) = job {
+                            if let Ok(mut j) = catalog.get_job(id) {
+                                j.detail.push_str(&format!(
+                                    ": {} after {} attempt(s)",
+                                    done.answer, done.attempts
+                                ));
+                                let _ = catalog.update_job(&j);
+                            }
+                            finish_job(&svc.engine, id, None);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(sink = %sink.name(), "notification not delivered: {e}");
+                        if let Some(id) = job {
+                            crate::fail_job(&svc.engine, id, &e.to_string());
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_is_announced_once_per_occurrence() {
+        let mut seen = Occurrences::default();
+        let rounds = [false, true, true, true, false, false, true, true];
+        let changes: Vec<Option<Change>> = rounds
+            .iter()
+            .map(|&holds| seen.observe(Condition::WalFailing, "a", holds))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                None,
+                Some(Change::Began),
+                None,
+                None,
+                Some(Change::Ended),
+                None,
+                Some(Change::Began),
+                None
+            ]
+        );
+        // Instances and conditions are independent.
+        assert_eq!(
+            seen.observe(Condition::WalFailing, "b", true),
+            Some(Change::Began)
+        );
+        assert_eq!(
+            seen.observe(Condition::OverQuota, "a", true),
+            Some(Change::Began)
+        );
+    }
+
+    #[test]
+    fn a_failed_job_is_announced_once() {
+        let mut seen = Occurrences::default();
+        assert!(seen.first_failure(JobId::new(3)));
+        assert!(!seen.first_failure(JobId::new(3)));
+        assert!(seen.first_failure(JobId::new(4)));
+    }
+
+    #[test]
+    fn job_failures_map_to_events_and_the_newest_copy_decides() {
+        use strata_catalog::{JobCatalog, SqliteCatalog};
+        let catalog = SqliteCatalog::open_in_memory().unwrap();
+        let job = |kind: JobKind, state: JobState, error: &str| {
+            let mut j = catalog.create_job(kind, None).unwrap();
+            j.state = state;
+            j.error = Some(error.to_string());
+            j.finished_at = Some(Utc::now());
+            j
+        };
+        let backup = job(JobKind::SnapshotBackup, JobState::Failed, "agent gone");
+        let e = failed_job_event(&backup, "a\nb").unwrap();
+        assert_eq!(e.kind, EventKind::BackupFailed);
+        assert_eq!(e.instance.as_deref(), Some("a\nb"));
+        assert_eq!(e.details["error"], "agent gone");
+        assert_eq!(e.details["job_id"], backup.id.get());
+        let drill = job(JobKind::Drill, JobState::Failed, "amcheck");
+        assert_eq!(
+            failed_job_event(&drill, "a").unwrap().kind,
+            EventKind::DrillFailed
+        );
+        let restore = job(JobKind::Restore, JobState::Failed, "x");
+        assert!(failed_job_event(&restore, "a").is_none());
+
+        let failed = job(JobKind::CrossCopy, JobState::Failed, "region down");
+        let running = job(JobKind::CrossCopy, JobState::Uploading, "");
+        assert_eq!(
+            copies_failing(&[&failed, &running]).map(|j| j.id),
+            Some(failed.id)
+        );
+        let mut later = job(JobKind::CrossCopy, JobState::Finished, "");
+        later.finished_at = failed.finished_at.map(|t| t + chrono::Duration::seconds(1));
+        assert!(copies_failing(&[&failed, &later, &running]).is_none());
+    }
+
+    #[test]
+    fn forgotten_instances_start_afresh() {
+        let mut seen = Occurrences::default();
+        seen.observe(Condition::BackupOverdue, "a", true);
+        seen.observe(Condition::BackupOverdue, "b", true);
+        seen.retain(&["b"].into_iter().collect());
+        // "a" left this node and came back still overdue: announced again.
+        assert_eq!(
+            seen.observe(Condition::BackupOverdue, "a", true),
+            Some(Change::Began)
+        );
+        assert_eq!(seen.observe(Condition::BackupOverdue, "b", true), None);
+    }
+}
