@@ -38,7 +38,8 @@ pub use manifest::{
 };
 pub use object::ObjectKind;
 pub use storage::{
-    LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy, RetryingStorage, S3Config,
+    AzureConfig, AzureStorage, LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy,
+    RetryingStorage, S3Config,
     S3Storage, Storage, StorageError,
 };
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
