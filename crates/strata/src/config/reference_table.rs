@@ -116,6 +116,9 @@ fn resolved_default(key: &str) -> Option<String> {
         .expect("default min_free");
     let s3_default = S3Settings::default();
     let s3 = s3_config("s3://strata-defaults", &s3_default).expect("default S3 config");
+    let azure_default = AzureSettings::default();
+    let azure =
+        azure_config("azure://strata-defaults", &azure_default).expect("default Azure config");
     const MIB: usize = 1024 * 1024;
     Some(match key {
         "data_dir" => config.data_dir().display().to_string(),
@@ -167,6 +170,11 @@ fn resolved_default(key: &str) -> Option<String> {
         "s3.upload_concurrency" => s3.upload_concurrency.to_string(),
         "s3.request_timeout_secs" => s3.request_timeout.as_secs().to_string(),
         "s3.max_attempts" => retry_policy(&s3_default).max_attempts.to_string(),
+        "azure.use_emulator" => azure.use_emulator.to_string(),
+        "azure.max_concurrency" => azure.max_concurrency.to_string(),
+        "azure.upload_concurrency" => azure.upload_concurrency.to_string(),
+        "azure.request_timeout_secs" => azure.request_timeout.as_secs().to_string(),
+        "azure.max_attempts" => azure_retry_policy(&azure_default).max_attempts.to_string(),
         _ => return None,
     })
 }
