@@ -39,8 +39,7 @@ pub use manifest::{
 pub use object::ObjectKind;
 pub use storage::{
     AzureConfig, AzureStorage, LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy,
-    RetryingStorage, S3Config,
-    S3Storage, Storage, StorageError,
+    RetryingStorage, S3Config, S3Storage, Storage, StorageError,
 };
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use strata_repo::{
-    AzureConfig, AzureStorage, LocalStorage, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
-    StorageError,
+    AzureConfig, AzureStorage, LocalStorage, Repository, RetryPolicy, RetryingStorage, S3Config,
+    S3Storage, Storage, StorageError,
 };
 use testkit::{Azurite, S3Server};
 

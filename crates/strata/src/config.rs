@@ -22,8 +22,7 @@ use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
     AzureConfig, AzureStorage, KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage,
-    Storage, DEFAULT_COMPRESS_LEVEL,
+    S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
 };
 
 #[cfg(test)]
@@ -840,9 +839,9 @@ fn azure_config(location: &str, s: &AzureSettings) -> Result<AzureConfig> {
     c.endpoint = s.endpoint.clone();
     c.use_emulator = s.use_emulator.unwrap_or(false);
     c.access_key = match (&s.access_key, &s.access_key_file) {
-        (Some(_), Some(_)) => bail!(
-            "[azure] access_key_file and STRATA_AZURE_ACCESS_KEY are alternatives; set one"
-        ),
+        (Some(_), Some(_)) => {
+            bail!("[azure] access_key_file and STRATA_AZURE_ACCESS_KEY are alternatives; set one")
+        }
         (Some(key), None) => Some(key.trim().to_string()),
         (None, Some(path)) => Some(
             std::fs::read_to_string(path)
@@ -995,7 +994,10 @@ mod azure_settings_tests {
         std::fs::write(&path, text).unwrap();
         let config = Config::load(Some(&path)).unwrap();
         let c = azure_config(&config.repository(), &config.azure).unwrap();
-        assert_eq!((c.container.as_str(), c.prefix.as_str()), ("backups", "prod"));
+        assert_eq!(
+            (c.container.as_str(), c.prefix.as_str()),
+            ("backups", "prod")
+        );
         assert_eq!(c.account.as_deref(), Some("acct"));
         assert_eq!(c.access_key.as_deref(), Some("c2VjcmV0LWtleS1ieXRlcw=="));
         assert_eq!(c.upload_concurrency, 2);
@@ -1011,7 +1013,10 @@ mod azure_settings_tests {
         // A key that is not base64 is refused without being echoed.
         std::fs::write(&key_file, "not a key!").unwrap();
         let err = format!("{:#}", config.storage().unwrap_err());
-        assert!(err.contains("not a base64 Shared Key") && !err.contains("not a key!"), "{err}");
+        assert!(
+            err.contains("not a base64 Shared Key") && !err.contains("not a key!"),
+            "{err}"
+        );
         // Unknown keys and bad containers are refused.
         std::fs::write(&path, "[azure]\naccess_key = \"x\"\n").unwrap();
         assert!(Config::load(Some(&path)).is_err());

@@ -110,8 +110,9 @@ impl Azurite {
         let version = "2021-08-06";
         let resource = format!("/{0}/{0}/{name}\nrestype:container", Self::ACCOUNT);
         // VERB, eleven standard headers (all empty), canonical x-ms- headers, resource.
-        let to_sign =
-            format!("PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}");
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
+        );
         let key = STANDARD.decode(Self::ACCOUNT_KEY).expect("base64 key");
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("any key length");
         mac.update(to_sign.as_bytes());

@@ -244,7 +244,10 @@ mod tests {
     #[test]
     fn urls_and_settings_are_checked() {
         let c = AzureConfig::from_url("azure://backups/a/b/").unwrap();
-        assert_eq!((c.container.as_str(), c.prefix.as_str()), ("backups", "a/b"));
+        assert_eq!(
+            (c.container.as_str(), c.prefix.as_str()),
+            ("backups", "a/b")
+        );
         assert_eq!(AzureConfig::from_url("azure://backups").unwrap().prefix, "");
         for bad in [
             "s3://backups",

@@ -504,20 +504,6 @@ fn error_chain(err: &dyn StdError) -> String {
     text
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_codes_are_found_in_messages() {
-        assert_eq!(
-            http_status("Error performing PUT x in 1ms - Server returned non-2xx status code: 503 Service Unavailable: "),
-            Some(503)
-        );
-        assert_eq!(http_status("connection reset"), None);
-    }
-}
-
 /// Implements [`Storage`] for a service's type by handing every call to its
 /// `inner` [`ObjectStorage`].
 macro_rules! forward_storage {
@@ -569,3 +555,17 @@ macro_rules! forward_storage {
     };
 }
 pub(crate) use forward_storage;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_are_found_in_messages() {
+        assert_eq!(
+            http_status("Error performing PUT x in 1ms - Server returned non-2xx status code: 503 Service Unavailable: "),
+            Some(503)
+        );
+        assert_eq!(http_status("connection reset"), None);
+    }
+}

@@ -12,11 +12,11 @@
 //! wraps any of them and retries what [`StorageError::is_transient`] calls
 //! transient; it is the only place a storage call is retried.
 
+mod azure;
+mod cloud;
 mod local;
 mod memory;
 mod retry;
-mod azure;
-mod cloud;
 mod s3;
 mod space;
 
@@ -28,10 +28,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use azure::{AzureConfig, AzureStorage};
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
-pub use azure::{AzureConfig, AzureStorage};
 pub use s3::{S3Config, S3Storage};
 pub use space::MinFreeSpace;
 
