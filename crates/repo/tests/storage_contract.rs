@@ -293,6 +293,11 @@ fn azure_wrong_key_or_missing_container_fail_clearly_and_are_not_retried() {
     let storage = RetryingStorage::new(AzureStorage::new(missing).unwrap(), RetryPolicy::default());
     let err = storage.put("x", b"y").unwrap_err();
     assert!(!err.is_transient(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does the bucket or container exist?"),
+        "{err}"
+    );
     // Nothing was written anywhere by either attempt.
     let good = AzureStorage::new(azure_config(&azurite, "")).unwrap();
     assert!(good.list("").unwrap().is_empty());

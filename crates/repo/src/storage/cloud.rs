@@ -454,6 +454,15 @@ fn classify(op: &'static str, key: &str, err: object_store::Error) -> StorageErr
     use object_store::Error as E;
     let message = error_chain(&err);
     let transient = match &err {
+        // A write or a listing has no object to miss: the bucket or container is.
+        E::NotFound { .. } if op == "put" || op == "list" => {
+            return StorageError::Remote {
+                op,
+                key: key.to_string(),
+                message: format!("{message} (does the bucket or container exist?)"),
+                transient: false,
+            }
+        }
         E::NotFound { .. } => return StorageError::NotFound(key.to_string()),
         E::Generic { source, .. } => generic_is_transient(source.as_ref(), &message),
         // Refusals (403, 401, 409, 412, 304), bad paths, unsupported calls.
