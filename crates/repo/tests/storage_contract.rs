@@ -1,16 +1,17 @@
-//! The `Storage` contract, run against every backend: a local directory and a
-//! real S3-protocol server (s3s-fs). Whatever the repository relies on —
+//! The `Storage` contract, run against every backend: memory, a local
+//! directory, a real S3-protocol server (s3s-fs) and a real Azure Blob
+//! Storage emulator (Azurite). Whatever the repository relies on —
 //! atomic whole-object puts, exact ranged reads, sorted recursive listing
 //! under a directory prefix, idempotent deletes, keys with slashes — must hold
-//! on both, including objects large enough to go up as multipart uploads.
+//! on all, including objects large enough to go up as multipart uploads.
 
 use std::sync::Arc;
 
 use strata_repo::{
-    LocalStorage, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
-    StorageError,
+    AzureConfig, AzureStorage, LocalStorage, Repository, RetryPolicy, RetryingStorage, S3Config,
+    S3Storage, Storage, StorageError,
 };
-use testkit::S3Server;
+use testkit::{Azurite, S3Server};
 
 const MIB: usize = 1024 * 1024;
 
@@ -35,6 +36,18 @@ fn s3_config(server: &S3Server, prefix: &str) -> S3Config {
     config.path_style = true;
     config.allow_http = true;
     // Small parts so a 12 MiB object is a three-part upload.
+    config.multipart_threshold = 5 * MIB;
+    config.part_size = 5 * MIB;
+    config.max_concurrency = 4;
+    config
+}
+
+fn azure_config(azurite: &Azurite, prefix: &str) -> AzureConfig {
+    let mut config =
+        AzureConfig::from_url(&format!("azure://{}/{prefix}", Azurite::CONTAINER)).unwrap();
+    config.use_emulator = true;
+    config.endpoint = Some(azurite.endpoint());
+    // Small blocks so a 12 MiB object is three blocks and a block list.
     config.multipart_threshold = 5 * MIB;
     config.part_size = 5 * MIB;
     config.max_concurrency = 4;
@@ -224,6 +237,77 @@ fn s3_wrong_credentials_fail_clearly_and_are_not_retried() {
 fn repository_round_trip_on_s3() {
     let server = S3Server::start();
     let storage: Arc<dyn Storage> = Arc::new(S3Storage::new(s3_config(&server, "r")).unwrap());
+    let repo = Repository::open_or_init(storage.clone()).unwrap();
+    let mut writer = repo.block_writer(Default::default());
+    let blocks: Vec<Vec<u8>> = (0..3).map(|i| pattern(100_000, i)).collect();
+    let refs: Vec<_> = blocks.iter().map(|b| writer.add(b).unwrap()).collect();
+    writer.finish().unwrap();
+    let reopened = Repository::open(storage).unwrap();
+    assert_eq!(reopened.config().repository_id, repo.config().repository_id);
+    for (block, r) in blocks.iter().zip(&refs) {
+        assert_eq!(&reopened.read_block(r).unwrap(), block);
+    }
+    assert!(reopened.verify(&|_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn azure_meets_the_contract() {
+    let azurite = Azurite::start();
+    let storage = AzureStorage::new(azure_config(&azurite, "repo/one")).unwrap();
+    contract(&storage);
+    // The prefix is a real blob name prefix in the container.
+    let whole = AzureStorage::new(azure_config(&azurite, "")).unwrap();
+    assert_eq!(whole.get("repo/one/a/b/c").unwrap(), b"hello");
+    assert!(whole.list("a").unwrap().is_empty());
+    assert_eq!(
+        storage.describe(),
+        format!(
+            "azure://{}/repo/one at {}/{}",
+            Azurite::CONTAINER,
+            azurite.endpoint(),
+            Azurite::ACCOUNT
+        )
+    );
+    // Containers are separate namespaces.
+    azurite.create_container("other");
+    let mut other_config = azure_config(&azurite, "repo/one");
+    other_config.container = "other".into();
+    let other = AzureStorage::new(other_config).unwrap();
+    assert!(other.list("").unwrap().is_empty());
+    other.put("a/b/c", b"elsewhere").unwrap();
+    assert_eq!(storage.get("a/b/c").unwrap(), b"hello");
+}
+
+#[test]
+fn azure_wrong_key_or_missing_container_fail_clearly_and_are_not_retried() {
+    let azurite = Azurite::start();
+    let mut config = azure_config(&azurite, "");
+    // A well-formed key that is not the account's.
+    config.access_key = Some("bm90LXRoZS1rZXktbm90LXRoZS1rZXktbm90LXRoZS1rZXk=".into());
+    let storage = RetryingStorage::new(AzureStorage::new(config).unwrap(), RetryPolicy::default());
+    let err = storage.put("x", b"y").unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.to_string().contains("put x"), "{err}");
+    let mut missing = azure_config(&azurite, "");
+    missing.container = "no-such-container".into();
+    let storage = RetryingStorage::new(AzureStorage::new(missing).unwrap(), RetryPolicy::default());
+    let err = storage.put("x", b"y").unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does the bucket or container exist?"),
+        "{err}"
+    );
+    // Nothing was written anywhere by either attempt.
+    let good = AzureStorage::new(azure_config(&azurite, "")).unwrap();
+    assert!(good.list("").unwrap().is_empty());
+}
+
+#[test]
+fn repository_round_trip_on_azure() {
+    let azurite = Azurite::start();
+    let storage: Arc<dyn Storage> =
+        Arc::new(AzureStorage::new(azure_config(&azurite, "r")).unwrap());
     let repo = Repository::open_or_init(storage.clone()).unwrap();
     let mut writer = repo.block_writer(Default::default());
     let blocks: Vec<Vec<u8>> = (0..3).map(|i| pattern(100_000, i)).collect();

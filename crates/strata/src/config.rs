@@ -4,7 +4,7 @@
 //!
 //! Every key is optional here; the accessors below resolve it into the
 //! settings each crate runs with ([`EngineSettings`], `ServiceSettings` with
-//! its `UsageSettings`, [`S3Config`], [`RetryPolicy`], [`MinFreeSpace`]).
+//! its `UsageSettings`, [`S3Config`], [`AzureConfig`], [`RetryPolicy`], [`MinFreeSpace`]).
 //! A default is defined once: in that crate's `Default` (or constant), or in
 //! an accessor here for what only the binary knows (data directory, listen
 //! address, link lifetime). The field comments therefore say what a key
@@ -21,8 +21,8 @@ use serde::Deserialize;
 use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
-    KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage, S3Config, S3Storage,
-    Storage, DEFAULT_COMPRESS_LEVEL,
+    AzureConfig, AzureStorage, KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage,
+    S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
 };
 
 mod notify;
@@ -44,7 +44,8 @@ pub enum CatalogLocation {
 pub struct Config {
     /// Root for the default repository and catalog locations.
     pub data_dir: Option<PathBuf>,
-    /// Repository: a directory (default `<data_dir>/repo`) or `s3://bucket/prefix`.
+    /// Repository: a directory (default `<data_dir>/repo`), `s3://bucket/prefix`
+    /// or `azure://container/prefix`.
     pub repository: Option<String>,
     /// The catalog: a SQLite file (default `<data_dir>/catalog.db`) or a
     /// `postgres://` URL.
@@ -59,6 +60,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub scheduler: SchedulerConfig,
     pub s3: S3Settings,
+    pub azure: AzureSettings,
     pub encryption: EncryptionSettings,
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
@@ -175,9 +177,10 @@ pub struct GcConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegionConfig {
-    /// A directory or `s3://bucket/prefix`.
+    /// A directory, `s3://bucket/prefix` or `azure://container/prefix`.
     pub repository: String,
     pub s3: S3Settings,
+    pub azure: AzureSettings,
     pub encryption: EncryptionSettings,
 }
 
@@ -222,7 +225,7 @@ pub struct DrillsConfig {
 }
 
 /// How to reach an `s3://` repository.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Settings {
     /// Service URL (default: AWS S3 for `region`).
@@ -248,6 +251,71 @@ pub struct S3Settings {
     pub request_timeout_secs: Option<u64>,
     /// Attempts per call on transient errors, the first included.
     pub max_attempts: Option<u32>,
+}
+
+/// Everything but the secret, which shows only whether it is set.
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<hidden>"),
+            )
+            .field("path_style", &self.path_style)
+            .field("allow_http", &self.allow_http)
+            .field("multipart_threshold_mb", &self.multipart_threshold_mb)
+            .field("part_size_mb", &self.part_size_mb)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+/// How to reach an `azure://` repository.
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AzureSettings {
+    /// Storage account name (default with `use_emulator`: `devstoreaccount1`).
+    pub account: Option<String>,
+    /// File holding the account's Shared Key (surrounding whitespace
+    /// ignored); default: the `AZURE_*` environment, then managed identity.
+    pub access_key_file: Option<PathBuf>,
+    /// The key itself, from `STRATA_AZURE_ACCESS_KEY` only (never from the file).
+    #[serde(skip)]
+    access_key: Option<String>,
+    /// Blob service URL (sovereign clouds, private endpoints, the emulator).
+    pub endpoint: Option<String>,
+    /// Talk to Azurite: path-style URLs, plain http, its development account.
+    pub use_emulator: Option<bool>,
+    /// Requests in flight at once.
+    pub max_concurrency: Option<usize>,
+    /// Packs a backup stores at once.
+    pub upload_concurrency: Option<usize>,
+    /// Deadline of one request in seconds.
+    pub request_timeout_secs: Option<u64>,
+    /// Attempts per call on transient errors, the first included.
+    pub max_attempts: Option<u32>,
+}
+
+impl std::fmt::Debug for AzureSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureSettings")
+            .field("account", &self.account)
+            .field("access_key_file", &self.access_key_file)
+            .field("access_key", &self.access_key.as_ref().map(|_| "<hidden>"))
+            .field("endpoint", &self.endpoint)
+            .field("use_emulator", &self.use_emulator)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
 }
 
 /// Encryption at rest: what unlocks (or, for a new repository, encrypts) it.
@@ -399,6 +467,7 @@ impl Config {
             config.server.listen = Some(v);
         }
         config.s3.apply_env()?;
+        config.azure.apply_env()?;
         if let Ok(v) = std::env::var("STRATA_ENCRYPTION_KEY_FILE") {
             config.encryption.key_file = Some(v.into());
         }
@@ -413,7 +482,7 @@ impl Config {
                 bail!("[regions.{id}]: a region id uses letters, digits and '-'");
             }
             if region.repository.is_empty() {
-                bail!("[regions.{id}] repository is required (a directory or s3://bucket/prefix)");
+                bail!("[regions.{id}] repository is required (a directory, s3://bucket/prefix or azure://container/prefix)");
             }
             if region.encryption.key_file.is_some() && region.encryption.passphrase_env.is_some() {
                 bail!("[regions.{id}.encryption] key_file and passphrase_env are alternatives; set one");
@@ -496,7 +565,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("strata-data"))
     }
 
-    /// The repository as configured: a directory path or an `s3://` URL.
+    /// The repository as configured: a directory path, an `s3://` or an `azure://` URL.
     pub fn repository(&self) -> String {
         self.repository
             .clone()
@@ -509,6 +578,7 @@ impl Config {
         open_storage(
             &self.repository(),
             &self.s3,
+            &self.azure,
             self.local_repository.min_free()?,
         )
     }
@@ -546,6 +616,7 @@ impl Config {
             let storage = open_storage(
                 &region.repository,
                 &region.s3,
+                &region.azure,
                 self.local_repository.min_free()?,
             )
             .with_context(|| format!("[regions.{id}]"))?;
@@ -721,14 +792,23 @@ impl Config {
     }
 }
 
-/// Opens the storage at `location` (a directory or `s3://bucket/prefix`,
-/// reached with `s`). Object storage is wrapped in retries with backoff; a
-/// local directory fails fast and keeps `min_free` free.
+/// Opens the storage at `location` (a directory, `s3://bucket/prefix`
+/// reached with `s` or `azure://container/prefix` reached with `azure`).
+/// Object storage is wrapped in retries with backoff; a local directory
+/// fails fast and keeps `min_free` free.
 fn open_storage(
     location: &str,
     s: &S3Settings,
+    azure: &AzureSettings,
     min_free: MinFreeSpace,
 ) -> Result<Arc<dyn Storage>> {
+    if location.starts_with("azure://") {
+        let c = azure_config(location, azure)?;
+        return Ok(Arc::new(RetryingStorage::new(
+            AzureStorage::new(c)?,
+            azure_retry_policy(azure),
+        )));
+    }
     if !location.starts_with("s3://") {
         let dir = PathBuf::from(&location);
         let local = LocalStorage::new(&dir)
@@ -778,6 +858,55 @@ fn s3_config(location: &str, s: &S3Settings) -> Result<S3Config> {
         c.request_timeout = Duration::from_secs(secs.max(1));
     }
     Ok(c)
+}
+
+/// `azure://container/prefix` reached as `s` says, the rest as [`AzureConfig`] has it.
+fn azure_config(location: &str, s: &AzureSettings) -> Result<AzureConfig> {
+    let mut c = AzureConfig::from_url(location)?;
+    c.account = s.account.clone();
+    c.endpoint = s.endpoint.clone();
+    c.use_emulator = s.use_emulator.unwrap_or(false);
+    c.access_key = match (&s.access_key, &s.access_key_file) {
+        (Some(_), Some(_)) => {
+            bail!("[azure] access_key_file and STRATA_AZURE_ACCESS_KEY are alternatives; set one")
+        }
+        (Some(key), None) => Some(key.trim().to_string()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("[azure] access_key_file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(key) = &c.access_key {
+        // A Shared Key is base64; say so without echoing any of it.
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(key);
+        if key.is_empty() || decoded.is_err() {
+            bail!("[azure] the access key is not a base64 Shared Key (as the portal shows it)");
+        }
+    }
+    if let Some(n) = s.max_concurrency {
+        c.max_concurrency = n;
+    }
+    if let Some(n) = s.upload_concurrency {
+        c.upload_concurrency = n;
+    }
+    if let Some(secs) = s.request_timeout_secs {
+        c.request_timeout = Duration::from_secs(secs.max(1));
+    }
+    Ok(c)
+}
+
+/// Retries of calls to Azure: `azure.max_attempts`, the rest as
+/// [`RetryPolicy`] has it.
+fn azure_retry_policy(s: &AzureSettings) -> RetryPolicy {
+    let default = RetryPolicy::default();
+    RetryPolicy {
+        max_attempts: s.max_attempts.unwrap_or(default.max_attempts).max(1),
+        ..default
+    }
 }
 
 /// Retries of calls to object storage: `s3.max_attempts`, the rest as
@@ -848,6 +977,83 @@ impl S3Settings {
     }
 }
 
+impl AzureSettings {
+    fn apply_env(&mut self) -> Result<()> {
+        let text = |name: &str| std::env::var(name).ok();
+        if let Some(v) = text("STRATA_AZURE_ACCOUNT") {
+            self.account = Some(v);
+        }
+        if let Some(v) = text("STRATA_AZURE_ACCESS_KEY") {
+            self.access_key = Some(v);
+        }
+        if let Some(v) = text("STRATA_AZURE_ACCESS_KEY_FILE") {
+            self.access_key_file = Some(v.into());
+        }
+        if let Some(v) = text("STRATA_AZURE_ENDPOINT") {
+            self.endpoint = Some(v);
+        }
+        if let Ok(v) = std::env::var("STRATA_AZURE_USE_EMULATOR") {
+            self.use_emulator = Some(match v.as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => bail!("STRATA_AZURE_USE_EMULATOR must be true or false, got {v:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod azure_settings_tests {
+    use super::*;
+
+    #[test]
+    fn azure_settings_reach_the_storage_and_the_key_stays_hidden() {
+        let dir = testkit::temp_dir("strata-azure-conf-");
+        let key_file = dir.join("azure.key");
+        std::fs::write(&key_file, "c2VjcmV0LWtleS1ieXRlcw==\n").unwrap();
+        let text = format!(
+            "repository = \"azure://backups/prod\"\n[azure]\naccount = \"acct\"\n\
+             access_key_file = \"{}\"\nendpoint = \"https://acct.blob.core.chinacloudapi.cn\"\n\
+             upload_concurrency = 2\nmax_attempts = 3\n",
+            key_file.display()
+        );
+        let path = dir.join("strata.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        let c = azure_config(&config.repository(), &config.azure).unwrap();
+        assert_eq!(
+            (c.container.as_str(), c.prefix.as_str()),
+            ("backups", "prod")
+        );
+        assert_eq!(c.account.as_deref(), Some("acct"));
+        assert_eq!(c.access_key.as_deref(), Some("c2VjcmV0LWtleS1ieXRlcw=="));
+        assert_eq!(c.upload_concurrency, 2);
+        assert_eq!(azure_retry_policy(&config.azure).max_attempts, 3);
+        let storage = config.storage().unwrap();
+        assert_eq!(
+            storage.describe(),
+            "azure://backups/prod at https://acct.blob.core.chinacloudapi.cn"
+        );
+        let shown = format!("{config:?} {c:?} {storage:?}");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+
+        // A key that is not base64 is refused without being echoed.
+        std::fs::write(&key_file, "not a key!").unwrap();
+        let err = format!("{:#}", config.storage().unwrap_err());
+        assert!(
+            err.contains("not a base64 Shared Key") && !err.contains("not a key!"),
+            "{err}"
+        );
+        // Unknown keys and bad containers are refused.
+        std::fs::write(&path, "[azure]\naccess_key = \"x\"\n").unwrap();
+        assert!(Config::load(Some(&path)).is_err());
+        let bad = AzureSettings::default();
+        assert!(azure_config("azure://Bad_Container", &bad).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[cfg(test)]
 mod node_id_tests {
     use super::*;
@@ -906,5 +1112,27 @@ mod node_id_tests {
         let s = c.service_settings().unwrap();
         assert_eq!((s.node.id.as_str(), s.node.lease.as_secs()), ("n-1", 8));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn s3_settings_never_print_their_secret() {
+        let settings = S3Settings {
+            access_key_id: Some("AKIDEXAMPLE".into()),
+            secret_access_key: Some("wJalrXUtnFEMI-very-secret".into()),
+            ..S3Settings::default()
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(
+            shown.contains("<hidden>") && shown.contains("AKIDEXAMPLE"),
+            "{shown}"
+        );
+        let unset = format!("{:?}", S3Settings::default());
+        assert!(unset.contains("secret_access_key: None"), "{unset}");
     }
 }

@@ -12,10 +12,12 @@
 //! dev-dependency only and knows nothing about Strata's own types.
 #![warn(missing_docs)]
 
+mod azurite;
 pub mod fuzz;
 mod loopfs;
 mod s3;
 
+pub use azurite::{azurite_blob_binary, Azurite};
 pub use loopfs::{FsKind, LoopFs, LoopFsUnavailable};
 pub use s3::{s3s_fs_binary, S3Server};
 

@@ -6,11 +6,14 @@
 //! either sees the whole object or nothing, which is what makes "manifest
 //! written last" a commit point.
 //!
-//! Backends: [`LocalStorage`] (a directory) and [`S3Storage`] (any
-//! S3-compatible service, through the `object_store` crate). [`RetryingStorage`]
-//! wraps either and retries what [`StorageError::is_transient`] calls
+//! Backends: [`LocalStorage`] (a directory), [`S3Storage`] (any
+//! S3-compatible service) and [`AzureStorage`] (Azure Blob Storage), the
+//! latter two through the `object_store` crate. [`RetryingStorage`]
+//! wraps any of them and retries what [`StorageError::is_transient`] calls
 //! transient; it is the only place a storage call is retried.
 
+mod azure;
+mod cloud;
 mod local;
 mod memory;
 mod retry;
@@ -25,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use azure::{AzureConfig, AzureStorage};
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
 pub use retry::{RetryPolicy, RetryingStorage};

@@ -152,6 +152,9 @@ fn resolved_default(key: &str) -> Option<String> {
         .expect("default min_free");
     let s3_default = S3Settings::default();
     let s3 = s3_config("s3://strata-defaults", &s3_default).expect("default S3 config");
+    let azure_default = AzureSettings::default();
+    let azure =
+        azure_config("azure://strata-defaults", &azure_default).expect("default Azure config");
     const MIB: usize = 1024 * 1024;
     Some(match key {
         "data_dir" => config.data_dir().display().to_string(),
@@ -211,6 +214,11 @@ fn resolved_default(key: &str) -> Option<String> {
             notify::SINK_TIMEOUT_SECS.to_string()
         }
         "notify.email[].security" => notify::SMTP_SECURITY.to_string(),
+        "azure.use_emulator" => azure.use_emulator.to_string(),
+        "azure.max_concurrency" => azure.max_concurrency.to_string(),
+        "azure.upload_concurrency" => azure.upload_concurrency.to_string(),
+        "azure.request_timeout_secs" => azure.request_timeout.as_secs().to_string(),
+        "azure.max_attempts" => azure_retry_policy(&azure_default).max_attempts.to_string(),
         _ => return None,
     })
 }

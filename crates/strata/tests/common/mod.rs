@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use testkit::{Cluster, S3Server};
+use testkit::{Azurite, Cluster, S3Server};
 
 pub struct Strata {
     pub dir: PathBuf,
@@ -36,6 +36,27 @@ impl Strata {
                 S3Server::SECRET_KEY
             ),
         )
+    }
+
+    /// A Strata whose repository is `azure://<test container>/<name>` on
+    /// `azurite`, with `sections` added to the configuration. The emulator's
+    /// key comes from a file, as a real account's would.
+    pub fn on_azure(name: &str, azurite: &Azurite, sections: &str) -> Strata {
+        let strata = Self::with_config(name, "", "");
+        let key_file = strata.dir.join("azure.key");
+        std::fs::write(&key_file, format!("{}\n", Azurite::ACCOUNT_KEY)).unwrap();
+        let config = std::fs::read_to_string(&strata.config).unwrap();
+        std::fs::write(
+            &strata.config,
+            format!(
+                "repository = \"azure://{}/{name}\"\n{config}[azure]\nuse_emulator = true\nendpoint = {:?}\naccess_key_file = {:?}\n{sections}",
+                Azurite::CONTAINER,
+                azurite.endpoint(),
+                path_str(&key_file)
+            ),
+        )
+        .unwrap();
+        strata
     }
 
     /// A Strata with `top` (top-level keys) and `sections` added to the

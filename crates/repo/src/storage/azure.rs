@@ -1,0 +1,310 @@
+//! A repository in Azure Blob Storage (or Azurite, its emulator), through the
+//! `object_store` crate's Microsoft Azure client: Shared Key signing,
+//! Microsoft Entra credentials and the REST protocol are its job. Requests,
+//! uploads, listing and error classification are shared with the other
+//! object stores in [`super::cloud`].
+//!
+//! Atomicity: a blob becomes visible only when a single Put Blob or the Put
+//! Block List that commits its uncommitted blocks succeeds (Azure Storage REST
+//! reference, "Put Block List"), so a reader never sees a partial object.
+//! Blocks never committed are discarded by the service after a week.
+//!
+//! The emulator is reached path-style, `http://host:port/<account>/<container>/<blob>`,
+//! with its well-known development account unless another one is given.
+//! The account key is never printed: `Debug` leaves it out.
+
+use std::time::Duration;
+
+use object_store::azure::MicrosoftAzureBuilder;
+
+use super::cloud::{
+    ObjectStorage, Tuning, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE,
+    DEFAULT_UPLOAD_CONCURRENCY,
+};
+use super::{validate_key, StorageError, StorageResult};
+
+/// The account every Azurite serves (Microsoft's "Use the Azurite emulator",
+/// well-known storage account and key).
+pub const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+
+/// The public key of [`EMULATOR_ACCOUNT`]; not a secret.
+pub const EMULATOR_ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Where Azurite listens unless told otherwise.
+pub const EMULATOR_BLOB_URL: &str = "http://127.0.0.1:10000";
+
+/// Where and how to reach the container.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AzureConfig {
+    /// Storage account name (default with `use_emulator`: [`EMULATOR_ACCOUNT`]).
+    pub account: Option<String>,
+    /// Container name.
+    pub container: String,
+    /// Blob name prefix inside the container (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// Shared Key of the account; when absent, the `AZURE_*` environment
+    /// (service principal, workload identity) and then the machine's managed
+    /// identity are used, as the Azure SDKs do.
+    pub access_key: Option<String>,
+    /// Blob service URL: `https://<account>.blob.core.windows.net` by
+    /// default, another for sovereign clouds or private endpoints. With
+    /// `use_emulator`, the emulator's base URL (default [`EMULATOR_BLOB_URL`]).
+    pub endpoint: Option<String>,
+    /// Talk to Azurite: path-style URLs, plain http, the development
+    /// account and key unless others are given.
+    pub use_emulator: bool,
+    /// Blobs larger than this go up as blocks and a block list.
+    pub multipart_threshold: usize,
+    /// Size of each block.
+    pub part_size: usize,
+    /// Requests in flight at once.
+    pub max_concurrency: usize,
+    /// Packs a backup stores at once (see [`super::Storage::concurrent_puts`]).
+    pub upload_concurrency: usize,
+    /// Deadline of one HTTP request.
+    pub request_timeout: Duration,
+    /// Deadline of establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for AzureConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureConfig")
+            .field("account", &self.account)
+            .field("container", &self.container)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("use_emulator", &self.use_emulator)
+            .field("multipart_threshold", &self.multipart_threshold)
+            .field("part_size", &self.part_size)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AzureConfig {
+    /// Parses `azure://container[/prefix]`; every other setting takes its default.
+    pub fn from_url(url: &str) -> StorageResult<Self> {
+        let rest = url.strip_prefix("azure://").ok_or_else(|| {
+            StorageError::Config(format!("{url:?} is not an azure://container/prefix URL"))
+        })?;
+        let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        // Azure's container naming rules: 3-63 lower-case letters, digits and
+        // single hyphens, starting and ending with a letter or digit.
+        let valid_container = (3..=63).contains(&container.len())
+            && container
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !container.starts_with('-')
+            && !container.ends_with('-')
+            && !container.contains("--");
+        if !valid_container {
+            return Err(StorageError::Config(format!(
+                "{container:?} is not a valid container name (3-63 lower-case letters, digits or single '-')"
+            )));
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        if !prefix.is_empty() {
+            validate_key(&prefix)
+                .map_err(|_| StorageError::Config(format!("invalid blob prefix {prefix:?}")))?;
+        }
+        Ok(AzureConfig {
+            account: None,
+            container: container.to_string(),
+            prefix,
+            access_key: None,
+            endpoint: None,
+            use_emulator: false,
+            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
+            part_size: DEFAULT_PART_SIZE,
+            max_concurrency: 8,
+            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+        })
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            multipart_threshold: self.multipart_threshold,
+            part_size: self.part_size,
+            max_concurrency: self.max_concurrency,
+            upload_concurrency: self.upload_concurrency,
+            request_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+
+    fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("azure://{}", self.container)
+        } else {
+            format!("azure://{}/{}", self.container, self.prefix)
+        }
+    }
+
+    /// The account requests are made for.
+    fn account_name(&self) -> StorageResult<String> {
+        match (&self.account, self.use_emulator) {
+            (Some(account), _) => {
+                // Azure account names: 3-24 lower-case letters and digits.
+                let valid = (3..=24).contains(&account.len())
+                    && account
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+                if !valid {
+                    return Err(StorageError::Config(format!(
+                        "{account:?} is not a valid storage account name (3-24 lower-case letters or digits)"
+                    )));
+                }
+                Ok(account.clone())
+            }
+            (None, true) => Ok(EMULATOR_ACCOUNT.to_string()),
+            (None, false) => Err(StorageError::Config(format!(
+                "{}: the storage account is required",
+                self.url()
+            ))),
+        }
+    }
+}
+
+/// A repository in an Azure Blob Storage container (under a blob prefix).
+pub struct AzureStorage {
+    inner: ObjectStorage,
+    config: AzureConfig,
+}
+
+impl std::fmt::Debug for AzureStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureStorage")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AzureStorage {
+    /// Sets up the client; no request is made until the first call.
+    pub fn new(config: AzureConfig) -> StorageResult<Self> {
+        let tuning = config.tuning();
+        tuning.check()?;
+        let account = config.account_name()?;
+        let mut builder = MicrosoftAzureBuilder::from_env()
+            .with_account(&account)
+            .with_container_name(&config.container)
+            .with_retry(Tuning::retry_config());
+        let endpoint = if config.use_emulator {
+            // The account is the first path segment of every emulator URL;
+            // object_store's own emulator switch reads the URL from the
+            // process environment, which a service of many repositories
+            // cannot share, so the URL is built here.
+            let base = config.endpoint.as_deref().unwrap_or(EMULATOR_BLOB_URL);
+            let key = config.access_key.as_deref().unwrap_or(EMULATOR_ACCOUNT_KEY);
+            builder = builder.with_access_key(key);
+            Some(format!("{}/{account}", base.trim_end_matches('/')))
+        } else {
+            if let Some(key) = &config.access_key {
+                builder = builder.with_access_key(key);
+            }
+            config.endpoint.clone()
+        };
+        if let Some(endpoint) = &endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let allow_http = config.use_emulator;
+        builder = builder
+            .with_allow_http(allow_http)
+            .with_client_options(tuning.client_options(allow_http));
+        let azure = builder
+            .build()
+            .map_err(|e| StorageError::Config(format!("{}: {e}", config.url())))?;
+        let description = match &endpoint {
+            Some(endpoint) => format!("{} at {endpoint}", config.url()),
+            None => format!("{} in account {account}", config.url()),
+        };
+        let inner = ObjectStorage::new("azure", azure, &config.prefix, tuning, description)?;
+        Ok(AzureStorage { inner, config })
+    }
+
+    /// The configuration the store was made with.
+    pub fn config(&self) -> &AzureConfig {
+        &self.config
+    }
+}
+
+super::cloud::forward_storage!(AzureStorage);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Storage;
+
+    #[test]
+    fn urls_and_settings_are_checked() {
+        let c = AzureConfig::from_url("azure://backups/a/b/").unwrap();
+        assert_eq!(
+            (c.container.as_str(), c.prefix.as_str()),
+            ("backups", "a/b")
+        );
+        assert_eq!(AzureConfig::from_url("azure://backups").unwrap().prefix, "");
+        for bad in [
+            "s3://backups",
+            "azure://Backups",
+            "azure://ab",
+            "azure://-backups",
+            "azure://back--ups",
+            "azure://backups/a/../b",
+        ] {
+            assert!(AzureConfig::from_url(bad).is_err(), "{bad}");
+        }
+        // A real service needs its account; the emulator has one.
+        assert!(matches!(
+            AzureStorage::new(c.clone()),
+            Err(StorageError::Config(_))
+        ));
+        let mut bad_account = c.clone();
+        bad_account.account = Some("My_Account".into());
+        assert!(AzureStorage::new(bad_account).is_err());
+        let mut emulator = c.clone();
+        emulator.use_emulator = true;
+        emulator.endpoint = Some("http://127.0.0.1:1/".into());
+        let s = AzureStorage::new(emulator).unwrap();
+        assert_eq!(
+            s.describe(),
+            "azure://backups/a/b at http://127.0.0.1:1/devstoreaccount1"
+        );
+        let mut small = c;
+        small.use_emulator = true;
+        small.part_size = 1024;
+        assert!(matches!(
+            AzureStorage::new(small),
+            Err(StorageError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn the_access_key_is_never_printed() {
+        let mut c = AzureConfig::from_url("azure://backups").unwrap();
+        c.account = Some("acct".into());
+        c.access_key = Some("c2VjcmV0LWtleS1ieXRlcw==".into());
+        let s = AzureStorage::new(c).unwrap();
+        let shown = format!("{s:?} {:?} {}", s.config(), s.describe());
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+    }
+
+    #[test]
+    fn an_unreachable_emulator_is_transient() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = AzureConfig::from_url("azure://backups").unwrap();
+        c.use_emulator = true;
+        c.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        let err = AzureStorage::new(c).unwrap().exists("a").unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+}
