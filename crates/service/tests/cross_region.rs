@@ -359,6 +359,8 @@ async fn copies_follow_the_policy_and_their_own_retention() {
         },
     )
     .unwrap();
+    // The rounds above may have started a scheduled backup meanwhile.
+    settle(&svc, "xr").await;
     svc.start_backup(
         "xr",
         BackupMode::Manual,
