@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
-use strata_catalog::{BackupStatus, Instance};
+use strata_catalog::{BackupSet, BackupStatus, Instance};
 
 use crate::{lock, Service, ServiceResult};
 
@@ -227,8 +227,10 @@ impl Service {
             if !self.reports(&i.id, &owners, &desired) {
                 continue;
             }
-            self.backup_samples(i, now, &mut samples)?;
-            self.wal_samples(i, now, &mut samples)?;
+            // One read of the sets serves both.
+            let backups = self.engine.catalog().list_backups(&i.id)?;
+            self.backup_samples(i, &backups, now, &mut samples)?;
+            self.wal_samples(i, &backups, now, &mut samples)?;
             self.usage_samples(i, now, &mut samples)?;
         }
         let mut by_state: BTreeMap<&str, u64> = JOB_STATES.iter().map(|s| (*s, 0)).collect();
@@ -263,11 +265,11 @@ impl Service {
     fn backup_samples(
         &self,
         i: &Instance,
+        backups: &[BackupSet],
         now: DateTime<Utc>,
         out: &mut Samples,
     ) -> ServiceResult<()> {
         let l = format!("{{instance=\"{}\"}}", label(&i.id));
-        let backups = self.engine.catalog().list_backups(&i.id)?;
         if let Some(last) = backups
             .iter()
             .filter(|b| b.status == BackupStatus::Success)
@@ -314,6 +316,7 @@ impl Service {
     fn wal_samples(
         &self,
         i: &Instance,
+        backups: &[BackupSet],
         now: DateTime<Utc>,
         out: &mut Samples,
     ) -> ServiceResult<()> {
@@ -323,8 +326,7 @@ impl Service {
         out.push("strata_wal_archived_bytes", l.clone(), wal as f64);
         let policy = self.policy(&i.id)?;
         if policy.log_backup_enabled {
-            let backups = self.engine.catalog().list_backups(&i.id)?;
-            if let Some((begin, end)) = crate::cross_region::recovery_window(&backups, &segments) {
+            if let Some((begin, end)) = crate::cross_region::recovery_window(backups, &segments) {
                 let (begin, end) = (begin.timestamp() as f64, end.timestamp() as f64);
                 out.push(
                     "strata_recovery_window_start_timestamp_seconds",
