@@ -579,10 +579,19 @@ pub fn signed_call_status(
     port: u16,
     params: &[(&str, &str)],
 ) -> (String, serde_json::Value) {
-    let path = strata.dir.join("data/admin-key.json");
-    wait_for("the admin key", 30, || path.exists());
+    signed_call_with_key(&strata.dir.join("data/admin-key.json"), port, params)
+}
+
+/// [`signed_call_status`] with the admin key pair in `key_file` (an
+/// `admin-key.json` written by `strata serve`).
+pub fn signed_call_with_key(
+    key_file: &Path,
+    port: u16,
+    params: &[(&str, &str)],
+) -> (String, serde_json::Value) {
+    wait_for("the admin key", 30, || key_file.exists());
     let key: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(key_file).unwrap()).unwrap();
     let mut all = vec![("Version", "2014-08-15"), ("Format", "JSON")];
     all.extend_from_slice(params);
     let nonce = format!("{:032x}", rand::random::<u128>());
