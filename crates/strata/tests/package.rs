@@ -266,6 +266,49 @@ fn start_as_unit(
         .unwrap()
 }
 
+/// A process killed (and reaped) when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The agent unit's ExecStart with its EnvironmentFile= read as systemd
+/// reads it: `${VAR}` is one word (empty or not), `$VAR` splits on spaces.
+fn agent_command(unit: &BTreeMap<String, Vec<String>>) -> Command {
+    let env_file = one(unit, "EnvironmentFile").trim_start_matches('-');
+    let vars: BTreeMap<String, String> = std::fs::read_to_string(env_file)
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_string(), v.trim_matches('"').to_string())
+        })
+        .collect();
+    let var = |name: &str| vars.get(name).cloned().unwrap_or_default();
+    let mut words = Vec::new();
+    for word in unit_words(one(unit, "ExecStart")) {
+        if let Some(name) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
+            words.push(var(name));
+        } else if let Some(name) = word.strip_prefix('$') {
+            words.extend(var(name).split_whitespace().map(str::to_string));
+        } else {
+            assert!(!word.contains('$'), "{word}");
+            words.push(word);
+        }
+    }
+    let mut cmd = Command::new(&words[0]);
+    cmd.args(&words[1..])
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin");
+    cmd
+}
+
 /// Runs the installed `strata` CLI as the service's user on the packaged
 /// configuration, as an operator would (`sudo -u strata strata --config …`).
 fn cli(args: &[&str]) -> String {
@@ -539,6 +582,48 @@ fn the_debian_package_installs_serves_backs_up_and_purges() {
     let secret = key["AccessKeySecret"].as_str().unwrap();
     assert!(!out.contains(secret) && !err.contains(secret));
     assert!(!err.contains('\u{1b}'), "colour codes in the log: {err}");
+
+    // The agent, configured in /etc/default/strata-agent, serves a data
+    // directory on a file system with reflinks as the directory's owner.
+    if let Some(fs) = testkit::LoopFs::or_skip(testkit::FsKind::Xfs, 300, true) {
+        let data = common::agent::fake_data_dir(fs.path());
+        let agent_port = testkit::free_port();
+        let defaults = std::fs::read_to_string("/etc/default/strata-agent").unwrap();
+        assert!(defaults.contains("\nDATA_DIR=\n"), "{defaults}");
+        std::fs::write(
+            "/etc/default/strata-agent",
+            defaults
+                .replace("\nDATA_DIR=\n", &format!("\nDATA_DIR={}\n", data.display()))
+                .replace("\nLISTEN=\n", &format!("\nLISTEN=127.0.0.1:{agent_port}\n")),
+        )
+        .unwrap();
+        let agent_unit = service_section(AGENT_UNIT);
+        assert!(
+            !agent_unit.contains_key("User"),
+            "started as root, it drops to the owner"
+        );
+        let mut agent = KillOnDrop(
+            agent_command(&agent_unit)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut first = String::new();
+        let stderr = agent.0.stderr.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut first).unwrap();
+        let postgres_uid = std::fs::metadata(&data).unwrap().uid();
+        assert!(first.contains("strata agent serving"), "{first}");
+        assert!(
+            first.contains(&format!("as uid {postgres_uid} ")),
+            "{first}"
+        );
+        let snapshots = fs.path().join("strata-snapshots");
+        let meta = std::fs::metadata(&snapshots).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (postgres_uid, 0o700));
+        drop(agent);
+    }
 
     // Removed: the program and units go; configuration, data and user stay.
     ok(Command::new("dpkg").args(["--remove", "strata"]));
