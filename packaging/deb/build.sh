@@ -7,6 +7,7 @@
 # (cargo build --profile quickstart -p strata: the release optimizations
 # without debug information). The version is the workspace's, from Cargo.toml.
 # --fast compresses with gzip -1 instead of xz (for tests: seconds, not minutes).
+# The Maintainer field is "$DEBFULLNAME <$DEBEMAIL>" when both are set.
 # Needs dpkg-deb, objcopy and objdump (binutils). Prints the package's path.
 set -eu
 
@@ -35,6 +36,10 @@ fi
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' "$root/Cargo.toml")
 [ -n "$version" ] || { echo "build.sh: no version in $root/Cargo.toml" >&2; exit 1; }
 arch=$(dpkg --print-architecture)
+maintainer="Strata maintainers <strata@localhost>"
+if [ -n "${DEBFULLNAME:-}" ] && [ -n "${DEBEMAIL:-}" ]; then
+    maintainer="$DEBFULLNAME <$DEBEMAIL>"
+fi
 
 mkdir -p "$out"
 stage=$(mktemp -d "$out/stage.XXXXXX")
@@ -45,7 +50,8 @@ chmod 0755 "$stage"
 install -d "$stage/DEBIAN" "$stage/usr/bin" "$stage/lib/systemd/system" \
     "$stage/etc/default" "$stage/usr/share/doc/strata"
 install -d -m 0750 "$stage/etc/strata"
-# Debug information stays out of the package, as dh_strip would leave it.
+# Debug information stays out of the package; the symbols stay, for readable
+# backtraces, as the quickstart profile keeps them.
 objcopy --strip-debug "$binary" "$stage/usr/bin/strata"
 chmod 0755 "$stage/usr/bin/strata"
 install -m 0644 "$here/files/strata.service" "$here/files/strata-agent.service" "$stage/lib/systemd/system/"
@@ -53,8 +59,8 @@ install -m 0640 "$here/files/strata.toml" "$stage/etc/strata/strata.toml"
 install -m 0644 "$here/files/strata-agent.default" "$stage/etc/default/strata-agent"
 install -m 0644 "$root/README.md" "$stage/usr/share/doc/strata/README.md"
 install -m 0644 "$here/debian/copyright" "$stage/usr/share/doc/strata/copyright"
-printf 'strata (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- Strata maintainers <strata@localhost>  %s\n' \
-    "$version" "$version" "$(date -R -u -d @"${SOURCE_DATE_EPOCH:-$(date +%s)}")" |
+printf 'strata (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- %s  %s\n' \
+    "$version" "$version" "$maintainer" "$(date -R -u -d @"${SOURCE_DATE_EPOCH:-$(date +%s)}")" |
     gzip -9n >"$stage/usr/share/doc/strata/changelog.Debian.gz"
 chmod 0644 "$stage/usr/share/doc/strata/changelog.Debian.gz"
 
@@ -66,7 +72,7 @@ printf '/etc/strata/strata.toml\n/etc/default/strata-agent\n' >"$stage/DEBIAN/co
 # libc6 at least as new as the newest symbol version the binary uses.
 glibc=$(objdump -T "$stage/usr/bin/strata" | sed -n 's/.*GLIBC_\([0-9.]*\).*/\1/p' | sort -V | tail -n 1)
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
-sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@GLIBC@/$glibc/" -e "s/@SIZE@/$size/" \
+sed -e "s/@VERSION@/$version/" -e "s|@MAINTAINER@|$maintainer|" -e "s/@ARCH@/$arch/" -e "s/@GLIBC@/$glibc/" -e "s/@SIZE@/$size/" \
     "$here/debian/control.in" >"$stage/DEBIAN/control"
 
 deb=$out/strata_${version}_${arch}.deb

@@ -384,7 +384,16 @@ fn the_debian_package_installs_serves_backs_up_and_purges() {
     if Path::new("/usr/bin/lintian").exists() {
         let out = run(Command::new("lintian").arg(&deb));
         let text = String::from_utf8_lossy(&out.stdout);
-        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("E:")).collect();
+        // Chosen, not overlooked: the symbols stay for backtraces; the
+        // placeholder maintainer is replaced with DEBFULLNAME/DEBEMAIL.
+        let chosen = [
+            "unstripped-binary-or-object",
+            "maintainer-address-is-on-localhost",
+        ];
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("E:") && !chosen.iter().any(|t| l.contains(t)))
+            .collect();
         assert!(errors.is_empty(), "lintian:\n{text}");
     }
 
@@ -624,6 +633,19 @@ fn the_debian_package_installs_serves_backs_up_and_purges() {
         assert_eq!((meta.uid(), meta.mode() & 0o777), (postgres_uid, 0o700));
         drop(agent);
     }
+
+    // Upgraded (installed again over itself): the administrator's change to
+    // the configuration, its mode and the data stay.
+    let edited = format!(
+        "{}\n# site change\n",
+        std::fs::read_to_string(CONFIG).unwrap()
+    );
+    std::fs::write(CONFIG, &edited).unwrap();
+    ok(Command::new("dpkg").args(["--install", &deb]));
+    assert_eq!(std::fs::read_to_string(CONFIG).unwrap(), edited);
+    assert_eq!(stat(CONFIG), (0o640, "root".into(), "strata".into()));
+    assert_eq!(strata_user().unwrap()[2], uid.to_string());
+    assert!(Path::new(DATA).join("repo/strata-repo.json").exists());
 
     // Removed: the program and units go; configuration, data and user stay.
     ok(Command::new("dpkg").args(["--remove", "strata"]));
