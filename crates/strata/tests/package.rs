@@ -8,9 +8,11 @@
 //! installed system-wide (/usr/bin/strata, /etc/strata, /var/lib/strata, the
 //! `strata` user): this file holds the only test touching those, and it
 //! refuses to start when any of them already exists. systemd is usually not
-//! PID 1 here, so the service is run the way its unit would run it: ExecStart
-//! under User=/Group= with its Environment= and WorkingDirectory=, all read
-//! from the installed unit file.
+//! PID 1 here (where it is, the service postinst started is stopped first), so
+//! the service is run the way its unit would run it: ExecStart under
+//! User=/Group= with its Environment=, WorkingDirectory= and UMask=, all read
+//! from the installed unit file; the unit's sandboxing is checked by
+//! `systemd-analyze verify` only.
 
 mod common;
 
@@ -427,6 +429,12 @@ fn the_debian_package_installs_serves_backs_up_and_purges() {
     assert!(version_out.contains(version), "{version_out}");
     if Path::new("/usr/bin/systemd-analyze").exists() {
         ok(Command::new("systemd-analyze").args(["verify", UNIT, AGENT_UNIT]));
+    }
+
+    // Where systemd runs, postinst started the service: it is stopped, so
+    // the one below is the only process on /var/lib/strata.
+    if Path::new("/run/systemd/system").exists() {
+        ok(Command::new("systemctl").args(["stop", "strata.service"]));
     }
 
     // The service, run as its unit runs it, answers.
