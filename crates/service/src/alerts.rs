@@ -10,6 +10,10 @@
 //! only: after a restart, jobs that ended before it are not announced again,
 //! and a condition still in force is announced once more (the catalog's
 //! `notify` jobs record every delivery for the audit).
+//!
+//! A round reads only the jobs that ended since shortly before the previous
+//! round ([`JOB_END_SLACK`]) and each instance's newest ended cross-region
+//! copy, never the whole job history.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -65,17 +69,45 @@ pub(crate) enum Change {
     Ended,
 }
 
+/// How far before the previous round a round looks for ended jobs: a job's
+/// end time is taken before its record is written, so one that ended just
+/// before a round may be visible only to the next.
+pub(crate) const JOB_END_SLACK: chrono::Duration = chrono::Duration::minutes(10);
+
 /// What was announced: failed jobs and conditions in force.
 #[derive(Debug, Default)]
 pub(crate) struct Occurrences {
     jobs: HashSet<JobId>,
     active: HashSet<(Condition, String)>,
+    /// When the previous round read the ended jobs.
+    last_round: Option<DateTime<Utc>>,
 }
 
 impl Occurrences {
     /// Whether the failure of `job` is news (and now known).
     pub(crate) fn first_failure(&mut self, job: JobId) -> bool {
         self.jobs.insert(job)
+    }
+
+    /// Where this round's reading of ended jobs starts: shortly before the
+    /// previous round, or at `started` (the process start) for the first;
+    /// records `now` as this round's time.
+    pub(crate) fn ended_since(
+        &mut self,
+        started: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        let since = self
+            .last_round
+            .map_or(started, |t| (t - JOB_END_SLACK).max(started));
+        self.last_round = Some(now);
+        since
+    }
+
+    /// Forgets failures outside this round's reading: they can no longer
+    /// come back, as the reading only moves forward.
+    pub(crate) fn keep_failures(&mut self, read: &HashSet<JobId>) {
+        self.jobs.retain(|j| read.contains(j));
     }
 
     /// Records whether `condition` holds for `instance` and says whether
@@ -139,14 +171,6 @@ fn failed_job_event(job: &Job, instance: &str) -> Option<Event> {
     )
 }
 
-/// Whether the newest cross-region copy job that ended failed.
-fn copies_failing<'a>(jobs: &[&'a Job]) -> Option<&'a Job> {
-    jobs.iter()
-        .filter(|j| j.kind == JobKind::CrossCopy && j.state.is_terminal())
-        .max_by_key(|j| (j.finished_at, j.id.get()))
-        .filter(|j| j.state == JobState::Failed)
-        .copied()
-}
 
 impl Service {
     /// This round's events for the instances this node runs, handed to the
@@ -155,33 +179,33 @@ impl Service {
         if self.settings.notify.notifier.is_empty() {
             return;
         }
-        let jobs = match self.engine.catalog().list_jobs(None) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!("notifications: listing jobs: {e}");
-                return;
-            }
-        };
         let owned: Vec<&Instance> = instances.iter().filter(|i| self.owns(&i.id)).collect();
         let mut events = Vec::new();
         {
             let mut seen = lock(&self.occurrences);
             seen.retain(&owned.iter().map(|i| i.id.as_ref()).collect());
-            for instance in &owned {
-                let id: &str = instance.id.as_ref();
-                let mine: Vec<&Job> = jobs
-                    .iter()
-                    .filter(|j| j.instance_id.as_deref() == Some(id))
-                    .collect();
-                for job in &mine {
-                    let news = job.state == JobState::Failed
-                        && job.finished_at.is_some_and(|t| t >= self.started_at)
-                        && seen.first_failure(job.id);
-                    if news {
-                        events.extend(failed_job_event(job, id));
+            // Job end times are wall-clock times, whatever the scheduler's clock.
+            let since = seen.ended_since(self.started_at, Utc::now());
+            match self.engine.catalog().jobs_ended_since(since) {
+                Ok(ended) => {
+                    seen.keep_failures(&ended.iter().map(|j| j.id).collect());
+                    let owned_ids: HashSet<&str> = owned.iter().map(|i| i.id.as_ref()).collect();
+                    for job in &ended {
+                        let Some(id) = job.instance_id.as_deref() else {
+                            continue;
+                        };
+                        if owned_ids.contains(id)
+                            && job.state == JobState::Failed
+                            && seen.first_failure(job.id)
+                        {
+                            events.extend(failed_job_event(job, id));
+                        }
                     }
                 }
-                self.conditions(instance, &mine, now, &mut seen, &mut events);
+                Err(e) => tracing::warn!("notifications: reading ended jobs: {e}"),
+            }
+            for instance in &owned {
+                self.conditions(instance, now, &mut seen, &mut events);
             }
         }
         for event in events {
@@ -193,7 +217,6 @@ impl Service {
     fn conditions(
         &self,
         instance: &Instance,
-        jobs: &[&Job],
         now: DateTime<Utc>,
         seen: &mut Occurrences,
         events: &mut Vec<Event>,
@@ -305,7 +328,17 @@ impl Service {
             Err(e) => tracing::warn!(instance = %id, "notifications: usage: {e}"),
         }
 
-        let failed_copy = copies_failing(jobs);
+        let failed_copy = match self
+            .engine
+            .catalog()
+            .newest_ended_job(id, JobKind::CrossCopy)
+        {
+            Ok(job) => job.filter(|j| j.state == JobState::Failed),
+            Err(e) => {
+                tracing::warn!(instance = %id, "notifications: copies: {e}");
+                return;
+            }
+        };
         if seen.observe(Condition::CopyFailing, id, failed_copy.is_some()) == Some(Change::Began) {
             if let Some(job) = failed_copy {
                 let error = job.error.clone().unwrap_or_default();
@@ -413,7 +446,25 @@ mod tests {
     }
 
     #[test]
-    fn job_failures_map_to_events_and_the_newest_copy_decides() {
+    fn ended_jobs_are_read_from_shortly_before_the_previous_round() {
+        let mut seen = Occurrences::default();
+        let start = Utc::now();
+        let t1 = start + chrono::Duration::hours(1);
+        let t2 = t1 + chrono::Duration::minutes(1);
+        assert_eq!(seen.ended_since(start, start), start);
+        // Never before the process start.
+        assert_eq!(seen.ended_since(start, t1), start);
+        assert_eq!(seen.ended_since(start, t2), t1 - JOB_END_SLACK);
+
+        assert!(seen.first_failure(JobId::new(1)));
+        assert!(seen.first_failure(JobId::new(2)));
+        seen.keep_failures(&[JobId::new(2)].into_iter().collect());
+        assert!(!seen.first_failure(JobId::new(2)), "still read: still known");
+        assert!(seen.first_failure(JobId::new(1)), "forgotten once out of reach");
+    }
+
+    #[test]
+    fn job_failures_map_to_events() {
         use strata_catalog::{JobCatalog, SqliteCatalog};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let job = |kind: JobKind, state: JobState, error: &str| {
@@ -436,16 +487,6 @@ mod tests {
         );
         let restore = job(JobKind::Restore, JobState::Failed, "x");
         assert!(failed_job_event(&restore, "a").is_none());
-
-        let failed = job(JobKind::CrossCopy, JobState::Failed, "region down");
-        let running = job(JobKind::CrossCopy, JobState::Uploading, "");
-        assert_eq!(
-            copies_failing(&[&failed, &running]).map(|j| j.id),
-            Some(failed.id)
-        );
-        let mut later = job(JobKind::CrossCopy, JobState::Finished, "");
-        later.finished_at = failed.finished_at.map(|t| t + chrono::Duration::seconds(1));
-        assert!(copies_failing(&[&failed, &later, &running]).is_none());
     }
 
     #[test]
