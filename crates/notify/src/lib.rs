@@ -225,12 +225,37 @@ impl Sink {
         }
     }
 
+    /// Which events it receives.
+    pub fn route(&self) -> &Route {
+        match self {
+            Sink::Webhook(w) => w.route(),
+            Sink::Email(e) => e.route(),
+        }
+    }
+
+    /// Where it delivers, for people, without secrets (see
+    /// [`WebhookSink::target`], [`EmailSink::target`]).
+    pub fn target(&self) -> String {
+        match self {
+            Sink::Webhook(w) => w.target(),
+            Sink::Email(e) => e.target(),
+        }
+    }
+
     /// Whether it receives `event`.
     pub fn wants(&self, event: &Event) -> bool {
-        match self {
-            Sink::Webhook(w) => w.route().wants(event),
-            Sink::Email(e) => e.route().wants(event),
-        }
+        self.route().wants(event)
+    }
+
+    /// A `test` event (which every route lets through), as `strata notify
+    /// test` and the console's "Send test" send; `origin` says which.
+    pub fn test_event(origin: &str) -> Event {
+        Event::new(
+            EventKind::Test,
+            None,
+            Utc::now(),
+            format!("a test notification from {origin}"),
+        )
     }
 
     /// Delivers `event`, retrying as the sink allows.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use strata_catalog::{BackupStatus, Instance, Job, JobId, JobKind, JobState};
-use strata_notify::{Event, EventKind, Notifier};
+use strata_notify::{Delivered, Event, EventKind, Notifier, NotifyError, Sink};
 
 use crate::{finish_job, lock, Service};
 
@@ -173,6 +173,11 @@ fn failed_job_event(job: &Job, instance: &str) -> Option<Event> {
 
 
 impl Service {
+    /// The configured notification sinks.
+    pub fn notifier(&self) -> &Notifier {
+        &self.settings.notify.notifier
+    }
+
     /// This round's events for the instances this node runs, handed to the
     /// sinks in the background.
     pub(crate) fn notify_round(self: &Arc<Self>, instances: &[Instance], now: DateTime<Utc>) {
@@ -363,41 +368,61 @@ impl Service {
         tokio::spawn(async move {
             let notifier = svc.settings.notify.notifier.clone();
             for sink in notifier.sinks_for(&event) {
-                let catalog = svc.engine.catalog();
-                let job = match catalog.create_job(JobKind::Notify, event.instance.as_deref()) {
-                    Ok(mut job) => {
-                        job.state = JobState::Uploading;
-                        job.detail = format!("{} to {} {}", event.kind, sink.kind(), sink.name());
-                        let _ = catalog.update_job(&job);
-                        Some(job.id)
-                    }
-                    Err(e) => {
-                        tracing::warn!("notifications: recording a delivery: {e}");
-                        None
-                    }
-                };
-                match sink.deliver(&event).await {
-                    Ok(done) => {
-                        if let Some(id) = job {
-                            if let Ok(mut j) = catalog.get_job(id) {
-                                j.detail.push_str(&format!(
-                                    ": {} after {} attempt(s)",
-                                    done.answer, done.attempts
-                                ));
-                                let _ = catalog.update_job(&j);
-                            }
-                            finish_job(&svc.engine, id, None);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(sink = %sink.name(), "notification not delivered: {e}");
-                        if let Some(id) = job {
-                            crate::fail_job(&svc.engine, id, &e.to_string());
-                        }
-                    }
-                }
+                let _ = svc.deliver_recorded(sink, &event).await;
             }
         });
+    }
+
+    /// Sends a `test` event to the sink named `name` (as `strata notify
+    /// test` does), recorded as a `notify` job like every delivery; `None`
+    /// when no sink has that name.
+    pub async fn send_test_notification(
+        &self,
+        name: &str,
+        origin: &str,
+    ) -> Option<Result<Delivered, NotifyError>> {
+        let sink = self.notifier().sinks().iter().find(|s| s.name() == name)?;
+        Some(self.deliver_recorded(sink, &Sink::test_event(origin)).await)
+    }
+
+    /// Delivers `event` to `sink`, recorded as a `notify` job whose detail
+    /// says what went where and what the far end answered.
+    async fn deliver_recorded(&self, sink: &Sink, event: &Event) -> Result<Delivered, NotifyError> {
+        let catalog = self.engine.catalog();
+        let job = match catalog.create_job(JobKind::Notify, event.instance.as_deref()) {
+            Ok(mut job) => {
+                job.state = JobState::Uploading;
+                job.detail = format!("{} to {} {}", event.kind, sink.kind(), sink.name());
+                let _ = catalog.update_job(&job);
+                Some(job.id)
+            }
+            Err(e) => {
+                tracing::warn!("notifications: recording a delivery: {e}");
+                None
+            }
+        };
+        let outcome = sink.deliver(event).await;
+        match &outcome {
+            Ok(done) => {
+                if let Some(id) = job {
+                    if let Ok(mut j) = catalog.get_job(id) {
+                        j.detail.push_str(&format!(
+                            ": {} after {} attempt(s)",
+                            done.answer, done.attempts
+                        ));
+                        let _ = catalog.update_job(&j);
+                    }
+                    finish_job(&self.engine, id, None);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sink = %sink.name(), "notification not delivered: {e}");
+                if let Some(id) = job {
+                    crate::fail_job(&self.engine, id, &e.to_string());
+                }
+            }
+        }
+        outcome
     }
 }
 
