@@ -619,7 +619,10 @@ fn ended_jobs_are_read_by_end_time(b: &dyn Backend) {
     assert_eq!(newest("a", JobKind::Drill), Some(drill));
     assert_eq!(newest("a", JobKind::Backup), None);
     assert_eq!(newest("c", JobKind::CrossCopy), None);
-    let got = observer.newest_ended_job("b", JobKind::CrossCopy).unwrap().unwrap();
+    let got = observer
+        .newest_ended_job("b", JobKind::CrossCopy)
+        .unwrap()
+        .unwrap();
     assert_eq!(got.state, JobState::Failed);
     assert_eq!(got.finished_at, Some(t0 + chrono::Duration::seconds(5)));
 }

@@ -336,7 +336,10 @@ mod tests {
             target("https://hooks.example.com/services/T0/B0/token"),
             "https://hooks.example.com/…"
         );
-        assert_eq!(target("http://127.0.0.1:9/?key=abc"), "http://127.0.0.1:9/…");
+        assert_eq!(
+            target("http://127.0.0.1:9/?key=abc"),
+            "http://127.0.0.1:9/…"
+        );
         assert_eq!(target("http://127.0.0.1:9/"), "http://127.0.0.1:9/");
     }
 

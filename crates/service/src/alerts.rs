@@ -171,7 +171,6 @@ fn failed_job_event(job: &Job, instance: &str) -> Option<Event> {
     )
 }
 
-
 impl Service {
     /// The configured notification sinks.
     pub fn notifier(&self) -> &Notifier {
@@ -484,8 +483,14 @@ mod tests {
         assert!(seen.first_failure(JobId::new(1)));
         assert!(seen.first_failure(JobId::new(2)));
         seen.keep_failures(&[JobId::new(2)].into_iter().collect());
-        assert!(!seen.first_failure(JobId::new(2)), "still read: still known");
-        assert!(seen.first_failure(JobId::new(1)), "forgotten once out of reach");
+        assert!(
+            !seen.first_failure(JobId::new(2)),
+            "still read: still known"
+        );
+        assert!(
+            seen.first_failure(JobId::new(1)),
+            "forgotten once out of reach"
+        );
     }
 
     #[test]

@@ -398,7 +398,12 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
     });
     let regions = Regions::new(
         "home",
-        vec![RegionTarget::new("dr", target.clone() as Arc<dyn Storage>, None, 1)],
+        vec![RegionTarget::new(
+            "dr",
+            target.clone() as Arc<dyn Storage>,
+            None,
+            1,
+        )],
     );
     // The drill's scratch server may only use a port held here: it fails.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -444,7 +449,11 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
 
     // The first backup: its drill fails, it is above the one-byte quota and
     // its copy cannot commit.
-    let expected = ["drill-failed", "storage-over-quota", "cross-region-copy-failing"];
+    let expected = [
+        "drill-failed",
+        "storage-over-quota",
+        "cross-region-copy-failing",
+    ];
     for _ in 0..1200 {
         svc.tick().await;
         let kinds = signed_kinds(&pager_seen, &pager_secret, &global_secret);
@@ -468,7 +477,11 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
     pager_kinds.sort();
     assert_eq!(
         pager_kinds,
-        ["cross-region-copy-failing", "drill-failed", "storage-over-quota"],
+        [
+            "cross-region-copy-failing",
+            "drill-failed",
+            "storage-over-quota"
+        ],
         "the instance's sink: each event once"
     );
     let mut global_kinds = signed_kinds(&global_seen, &global_secret, &pager_secret);
@@ -478,7 +491,10 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
         ["cross-region-copy-failing", "storage-over-quota"],
         "every instance's sink: only its kinds, once"
     );
-    assert!(elsewhere_seen.lock().unwrap().is_empty(), "routed to another instance");
+    assert!(
+        elsewhere_seen.lock().unwrap().is_empty(),
+        "routed to another instance"
+    );
 
     let drill = &of_kind(&pager_seen, "drill-failed")[0];
     let drill_job = catalog
@@ -501,7 +517,9 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
         drill["details"]["backup_id"].as_str(),
         drill_job.backup_id.as_deref()
     );
-    assert!(sets.iter().any(|b| Some(b.id.as_ref()) == drill_job.backup_id.as_deref()));
+    assert!(sets
+        .iter()
+        .any(|b| Some(b.id.as_ref()) == drill_job.backup_id.as_deref()));
 
     let quota = &of_kind(&global_seen, "storage-over-quota")[0];
     assert_eq!(quota["instance"], "pg");
