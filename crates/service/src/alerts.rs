@@ -1,7 +1,8 @@
 //! Notifications: what each round of the serving node finds worth telling
 //! (a failed backup or drill job, a WAL receiver failing longer than a
 //! threshold and its recovery, no successful backup within N hours, stored
-//! bytes above the free quota, cross-region copies failing) and their
+//! bytes above the free quota, cross-region copies failing, a recovery
+//! window shorter than the log retention promises) and their
 //! delivery to the configured sinks, each recorded as a `notify` job.
 //!
 //! Each occurrence is announced once. A failed job is one occurrence; a
@@ -37,6 +38,9 @@ pub struct NotifySettings {
     /// Announce a WAL receiver failing (or its server unreachable) for
     /// longer than this.
     pub wal_failing_after: Duration,
+    /// Announce a recovery window shorter than the log retention promises
+    /// by more than this (`None`: never).
+    pub window_short_by: Option<chrono::Duration>,
 }
 
 impl Default for NotifySettings {
@@ -45,6 +49,7 @@ impl Default for NotifySettings {
             notifier: Notifier::default(),
             backup_overdue: None,
             wal_failing_after: Duration::from_secs(300),
+            window_short_by: None,
         }
     }
 }
@@ -60,6 +65,23 @@ pub(crate) enum Condition {
     OverQuota,
     /// The latest cross-region copy failed.
     CopyFailing,
+    /// The recovery window falls short of the promise.
+    WindowShort,
+}
+
+/// How often an instance's recovery window is measured (by the service
+/// clock): it reads every WAL segment row of the instance.
+const WINDOW_CHECK_EVERY: chrono::Duration = chrono::Duration::minutes(5);
+
+/// By how much a recovery window from `begin` to `end` falls short of
+/// `promised` (the log retention, or the time since registration when that
+/// is shorter); `None` without a window at all.
+pub(crate) fn window_shortfall(
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    promised: chrono::Duration,
+) -> chrono::Duration {
+    let length = window.map_or(chrono::Duration::zero(), |(begin, end)| end - begin);
+    promised - length
 }
 
 /// How a condition changed in this round.
@@ -81,6 +103,8 @@ pub(crate) struct Occurrences {
     active: HashSet<(Condition, String)>,
     /// When the previous round read the ended jobs.
     last_round: Option<DateTime<Utc>>,
+    /// When each instance's recovery window was last measured.
+    window_checked: std::collections::HashMap<String, DateTime<Utc>>,
 }
 
 impl Occurrences {
@@ -102,6 +126,19 @@ impl Occurrences {
             .map_or(started, |t| (t - JOB_END_SLACK).max(started));
         self.last_round = Some(now);
         since
+    }
+
+    /// Whether the recovery window of `instance` is due for measuring at
+    /// `now` (and now measured); a clock set back makes it due.
+    pub(crate) fn window_due(&mut self, instance: &str, now: DateTime<Utc>) -> bool {
+        let due = self
+            .window_checked
+            .get(instance)
+            .is_none_or(|&t| now < t || now - t >= WINDOW_CHECK_EVERY);
+        if due {
+            self.window_checked.insert(instance.to_string(), now);
+        }
+        due
     }
 
     /// Forgets failures outside this round's reading: they can no longer
@@ -136,6 +173,8 @@ impl Occurrences {
     /// or run by another node now).
     pub(crate) fn retain(&mut self, instances: &HashSet<&str>) {
         self.active.retain(|(_, i)| instances.contains(i.as_str()));
+        self.window_checked
+            .retain(|i, _| instances.contains(i.as_str()));
     }
 }
 
@@ -332,6 +371,12 @@ impl Service {
             Err(e) => tracing::warn!(instance = %id, "notifications: usage: {e}"),
         }
 
+        if let Some(margin) = settings.window_short_by {
+            if seen.window_due(id, now) {
+                self.window_condition(instance, margin, now, seen, events);
+            }
+        }
+
         let failed_copy = match self
             .engine
             .catalog()
@@ -356,6 +401,59 @@ impl Service {
                     .with_details(json!({ "job_id": job.id.get(), "error": error })),
                 );
             }
+        }
+    }
+
+    /// Measures the recovery window of an instance with log backup on
+    /// against its promise: the log retention, or the time since
+    /// registration while that is shorter.
+    fn window_condition(
+        &self,
+        instance: &Instance,
+        margin: chrono::Duration,
+        now: DateTime<Utc>,
+        seen: &mut Occurrences,
+        events: &mut Vec<Event>,
+    ) {
+        let id: &str = instance.id.as_ref();
+        let measured = self.policy(id).and_then(|p| {
+            if !p.log_backup_enabled {
+                return Ok(None);
+            }
+            let retention = chrono::Duration::days(p.effective_log_retention_days().into());
+            let promised = retention.min(now - instance.created_at);
+            Ok(Some((self.recovery_window(id)?, promised)))
+        });
+        let (window, promised) = match measured {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                seen.observe(Condition::WindowShort, id, false);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, "notifications: recovery window: {e}");
+                return;
+            }
+        };
+        let short = window_shortfall(window, promised);
+        if seen.observe(Condition::WindowShort, id, short > margin) == Some(Change::Began) {
+            events.push(
+                Event::new(
+                    EventKind::RecoveryWindowShort,
+                    Some(id),
+                    now,
+                    format!(
+                        "the recovery window of instance {id} is {} hour(s) shorter than its log retention promises",
+                        short.num_hours()
+                    ),
+                )
+                .with_details(json!({
+                    "window_start": window.map(|w| w.0),
+                    "window_end": window.map(|w| w.1),
+                    "promised_seconds": promised.num_seconds(),
+                    "short_by_seconds": short.num_seconds(),
+                })),
+            );
         }
     }
 
@@ -517,6 +615,24 @@ mod tests {
         );
         let restore = job(JobKind::Restore, JobState::Failed, "x");
         assert!(failed_job_event(&restore, "a").is_none());
+    }
+
+    #[test]
+    fn windows_are_measured_against_the_promise_every_few_minutes() {
+        let t = Utc::now();
+        let h = chrono::Duration::hours;
+        assert_eq!(window_shortfall(Some((t - h(30), t)), h(24)), h(-6));
+        assert_eq!(window_shortfall(Some((t - h(10), t)), h(24)), h(14));
+        assert_eq!(window_shortfall(None, h(2)), h(2));
+
+        let mut seen = Occurrences::default();
+        assert!(seen.window_due("a", t));
+        assert!(!seen.window_due("a", t + chrono::Duration::minutes(1)));
+        assert!(seen.window_due("b", t), "per instance");
+        assert!(seen.window_due("a", t + WINDOW_CHECK_EVERY));
+        assert!(seen.window_due("a", t), "a clock set back");
+        seen.retain(&HashSet::new());
+        assert!(seen.window_due("a", t), "forgotten with the instance");
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! again once the server is back) and the missing backups the dead man's
 //! switch notices reach a webhook receiver on 127.0.0.1, signed, once per
 //! occurrence, and each delivery is recorded as a `notify` job. A second
-//! server's failed restore drill, storage above its free quota and failing
-//! cross-region copies reach the sinks routed to its instance or to every
-//! instance, and no other.
+//! server's failed restore drill, storage above its free quota, failing
+//! cross-region copies and a recovery window shorter than promised reach the
+//! sinks routed to its instance or to every instance, and no other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -148,6 +148,7 @@ async fn failures_and_an_overdue_backup_reach_the_webhook_once() {
             backup_overdue: Some(chrono::Duration::hours(6)),
             // Announced at the first failure the round sees.
             wal_failing_after: Duration::ZERO,
+            window_short_by: None,
         },
         ..Default::default()
     };
@@ -373,7 +374,7 @@ fn signed_kinds(seen: &Mutex<Vec<Received>>, secret: &[u8], other: &[u8]) -> Vec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
+async fn a_drill_the_quota_copies_and_a_short_window_reach_their_routed_sinks_once() {
     let cluster = testkit::Cluster::start_default(15);
     let dir = tempfile::tempdir().unwrap();
     let (pager, pager_secret, pager_seen) = routed_sink("pager", &["pg"], &[]).await;
@@ -418,6 +419,7 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
         },
         notify: NotifySettings {
             notifier: Notifier::new(vec![pager, global, elsewhere]).unwrap(),
+            window_short_by: Some(chrono::Duration::hours(1)),
             ..NotifySettings::default()
         },
         ..Default::default()
@@ -582,6 +584,46 @@ async fn a_drill_the_quota_and_copies_reach_the_sinks_routed_to_them_once() {
         jobs[0].detail,
         "drill-failed to webhook pager: HTTP 200 after 1 attempt(s)"
     );
+
+    // Three hours on by the service clock, the window still begins at the
+    // first backup and ends at the newest WAL: shorter than the three hours
+    // since registration promise, by more than the hour allowed. Only the
+    // instance's sink takes that kind.
+    let window_events = |seen: &Mutex<Vec<Received>>| of_kind(seen, "recovery-window-short");
+    clock.set(Utc::now() + chrono::Duration::hours(3));
+    svc.tick().await;
+    wait_for("the recovery-window-short delivery", || {
+        !window_events(&pager_seen).is_empty()
+    })
+    .await;
+    for _ in 0..3 {
+        svc.tick().await;
+    }
+    let short = window_events(&pager_seen);
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert_eq!(short[0]["instance"], "pg");
+    let promised = short[0]["details"]["promised_seconds"].as_i64().unwrap();
+    let short_by = short[0]["details"]["short_by_seconds"].as_i64().unwrap();
+    assert!((3 * 3600..4 * 3600).contains(&promised), "{}", short[0]);
+    assert!(short_by > 3600 && short_by <= promised, "{}", short[0]);
+    signed_kinds(&pager_seen, &pager_secret, &global_secret);
+    assert!(window_events(&global_seen).is_empty());
+
+    // Back to the wall clock the promise is met: the condition ends
+    // silently, and the next shortfall is a new occurrence.
+    clock.set(Utc::now());
+    svc.tick().await;
+    svc.tick().await;
+    assert_eq!(window_events(&pager_seen).len(), 1);
+    clock.set(Utc::now() + chrono::Duration::hours(3));
+    svc.tick().await;
+    wait_for("the second recovery-window-short delivery", || {
+        window_events(&pager_seen).len() == 2
+    })
+    .await;
+    assert!(window_events(&global_seen).is_empty());
+    assert!(elsewhere_seen.lock().unwrap().is_empty());
+
     drop(held);
     svc.shutdown().await;
 }
