@@ -114,18 +114,10 @@ impl Occurrences {
     }
 
     /// Where this round's reading of ended jobs starts: shortly before the
-    /// previous round, or at `started` (the process start) for the first;
-    /// records `now` as this round's time.
-    pub(crate) fn ended_since(
-        &mut self,
-        started: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> DateTime<Utc> {
-        let since = self
-            .last_round
-            .map_or(started, |t| (t - JOB_END_SLACK).max(started));
-        self.last_round = Some(now);
-        since
+    /// previous reading, or at `started` (the process start) for the first.
+    pub(crate) fn ended_since(&self, started: DateTime<Utc>) -> DateTime<Utc> {
+        self.last_round
+            .map_or(started, |t| (t - JOB_END_SLACK).max(started))
     }
 
     /// Whether the recovery window of `instance` is due for measuring at
@@ -141,9 +133,12 @@ impl Occurrences {
         due
     }
 
-    /// Forgets failures outside this round's reading: they can no longer
-    /// come back, as the reading only moves forward.
-    pub(crate) fn keep_failures(&mut self, read: &HashSet<JobId>) {
+    /// Records a reading taken at `at` that found `read`, and forgets
+    /// failures outside it: they can no longer come back, as the reading
+    /// only moves forward. A reading that failed is not recorded, so the
+    /// next one starts where this one would have.
+    pub(crate) fn read_ended(&mut self, at: DateTime<Utc>, read: &HashSet<JobId>) {
+        self.last_round = Some(at);
         self.jobs.retain(|j| read.contains(j));
     }
 
@@ -228,10 +223,10 @@ impl Service {
             let mut seen = lock(&self.occurrences);
             seen.retain(&owned.iter().map(|i| i.id.as_ref()).collect());
             // Job end times are wall-clock times, whatever the scheduler's clock.
-            let since = seen.ended_since(self.started_at, Utc::now());
+            let (since, at) = (seen.ended_since(self.started_at), Utc::now());
             match self.engine.catalog().jobs_ended_since(since) {
                 Ok(ended) => {
-                    seen.keep_failures(&ended.iter().map(|j| j.id).collect());
+                    seen.read_ended(at, &ended.iter().map(|j| j.id).collect());
                     let owned_ids: HashSet<&str> = owned.iter().map(|i| i.id.as_ref()).collect();
                     for job in &ended {
                         let Some(id) = job.instance_id.as_deref() else {
@@ -572,15 +567,16 @@ mod tests {
         let mut seen = Occurrences::default();
         let start = Utc::now();
         let t1 = start + chrono::Duration::hours(1);
-        let t2 = t1 + chrono::Duration::minutes(1);
-        assert_eq!(seen.ended_since(start, start), start);
+        assert_eq!(seen.ended_since(start), start);
         // Never before the process start.
-        assert_eq!(seen.ended_since(start, t1), start);
-        assert_eq!(seen.ended_since(start, t2), t1 - JOB_END_SLACK);
-
+        seen.read_ended(start + chrono::Duration::minutes(1), &HashSet::new());
+        assert_eq!(seen.ended_since(start), start);
         assert!(seen.first_failure(JobId::new(1)));
         assert!(seen.first_failure(JobId::new(2)));
-        seen.keep_failures(&[JobId::new(2)].into_iter().collect());
+        seen.read_ended(t1, &[JobId::new(2)].into_iter().collect());
+        assert_eq!(seen.ended_since(start), t1 - JOB_END_SLACK);
+        // Without a new reading (a failed one), the start stays put.
+        assert_eq!(seen.ended_since(start), t1 - JOB_END_SLACK);
         assert!(
             !seen.first_failure(JobId::new(2)),
             "still read: still known"
