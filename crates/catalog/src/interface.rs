@@ -177,6 +177,8 @@ pub trait JobCatalog: Send + Sync {
     /// The job of `kind` of an instance that ended last (by end time, then
     /// id), if any ended.
     fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>>;
+    /// The `limit` newest jobs of `kind` (every instance's), newest first.
+    fn newest_jobs(&self, kind: JobKind, limit: usize) -> CatalogResult<Vec<Job>>;
     /// The lease owner jobs created through this handle belong to: random
     /// per process start, never a PID.
     fn lease_owner(&self) -> &LeaseOwner;

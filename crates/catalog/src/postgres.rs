@@ -1523,6 +1523,12 @@ impl JobCatalog for PgCatalog {
         )
     }
 
+    fn newest_jobs(&self, kind: JobKind, limit: usize) -> CatalogResult<Vec<Job>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE kind = $1 ORDER BY id DESC LIMIT $2");
+        self.query(sql, sql_params![kind.as_str(), limit], job_from_row)
+    }
+
     fn queue_job(
         &self,
         kind: JobKind,

@@ -904,6 +904,17 @@ impl JobCatalog for SqliteCatalog {
         })
     }
 
+    fn newest_jobs(&self, kind: JobKind, limit: usize) -> CatalogResult<Vec<Job>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE kind = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = st.query_map(params![kind.as_str(), limit], job_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn queue_job(
         &self,
         kind: JobKind,

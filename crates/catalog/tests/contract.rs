@@ -107,7 +107,7 @@ contract!(
     sets_outlive_their_instance_as_detached,
     backup_sets_round_trip,
     a_job_belongs_to_its_lease_not_to_its_pid,
-    ended_jobs_are_read_by_end_time,
+    jobs_are_read_by_end_time_and_newest_first,
     the_lease_keeper_renews_its_owners_unfinished_jobs,
     gc_pending_is_kept_per_repository,
     repo_holds_exclude_a_collection_from_backups_and_readers_on_every_handle,
@@ -565,7 +565,7 @@ fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
     assert!(observer.list_jobs(Some("b")).unwrap().is_empty());
 }
 
-fn ended_jobs_are_read_by_end_time(b: &dyn Backend) {
+fn jobs_are_read_by_end_time_and_newest_first(b: &dyn Backend) {
     let catalog = b.open();
     let t0 = now();
     let end = |kind: JobKind, instance: &str, state: JobState, secs: i64| {
@@ -619,6 +619,23 @@ fn ended_jobs_are_read_by_end_time(b: &dyn Backend) {
     assert_eq!(newest("a", JobKind::Drill), Some(drill));
     assert_eq!(newest("a", JobKind::Backup), None);
     assert_eq!(newest("c", JobKind::CrossCopy), None);
+    // The newest of a kind, running ones included, newest first.
+    assert_eq!(
+        ids(observer.newest_jobs(JobKind::CrossCopy, 3).unwrap()),
+        [running.id, other, copy]
+    );
+    assert_eq!(
+        ids(observer.newest_jobs(JobKind::Drill, 10).unwrap()),
+        [drill]
+    );
+    assert!(observer
+        .newest_jobs(JobKind::Notify, 10)
+        .unwrap()
+        .is_empty());
+    assert!(observer
+        .newest_jobs(JobKind::CrossCopy, 0)
+        .unwrap()
+        .is_empty());
     let got = observer
         .newest_ended_job("b", JobKind::CrossCopy)
         .unwrap()

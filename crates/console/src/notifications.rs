@@ -31,7 +31,7 @@ pub async fn page(State(state): State<Arc<ConsoleState>>, page: Page) -> Respons
         reader
             .service
             .catalog()
-            .list_jobs(None)
+            .newest_jobs(JobKind::Notify, RECENT)
             .map_err(|e| e.to_string())
     })
     .await
@@ -120,13 +120,7 @@ fn sinks(sinks: &[Sink], who: &Signed) -> Markup {
 }
 
 fn deliveries(jobs: &[Job]) -> Markup {
-    let recent: Vec<&Job> = jobs
-        .iter()
-        .rev()
-        .filter(|j| j.kind == JobKind::Notify)
-        .take(RECENT)
-        .collect();
-    if recent.is_empty() {
+    if jobs.is_empty() {
         return html! { div.card #deliveries { p.muted { "Nothing was delivered yet." } } };
     }
     html! {
@@ -140,7 +134,7 @@ fn deliveries(jobs: &[Job]) -> Markup {
                     th scope="col" { "Outcome" }
                 } }
                 tbody {
-                    @for j in recent {
+                    @for j in jobs {
                         tr data-job=(j.id.get()) {
                             td { (j.id) }
                             td { (time(j.started_at)) }
