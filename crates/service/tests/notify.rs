@@ -5,7 +5,8 @@
 //! occurrence, and each delivery is recorded as a `notify` job. A second
 //! server's failed restore drill, storage above its free quota, failing
 //! cross-region copies and a recovery window shorter than promised reach the
-//! sinks routed to its instance or to every instance, and no other.
+//! sinks routed to its instance or to every instance, and no other; its WAL
+//! receiver failing for less than the threshold is not announced.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -375,7 +376,7 @@ fn signed_kinds(seen: &Mutex<Vec<Received>>, secret: &[u8], other: &[u8]) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_the_quota_copies_and_a_short_window_reach_their_routed_sinks_once() {
-    let cluster = testkit::Cluster::start_default(15);
+    let mut cluster = testkit::Cluster::start_default(15);
     let dir = tempfile::tempdir().unwrap();
     let (pager, pager_secret, pager_seen) = routed_sink("pager", &["pg"], &[]).await;
     let (global, global_secret, global_seen) = routed_sink(
@@ -623,6 +624,23 @@ async fn a_drill_the_quota_copies_and_a_short_window_reach_their_routed_sinks_on
     .await;
     assert!(window_events(&global_seen).is_empty());
     assert!(elsewhere_seen.lock().unwrap().is_empty());
+
+    // The server goes away: the receiver fails, but for less than the five
+    // minutes this service waits before announcing it.
+    cluster.stop();
+    for _ in 0..1200 {
+        svc.tick().await;
+        if svc.wal_state("pg").unwrap().failing_since.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = svc.wal_state("pg").unwrap();
+    assert!(state.failing.is_some(), "{state:?}");
+    for _ in 0..5 {
+        svc.tick().await;
+    }
+    assert!(of_kind(&pager_seen, "wal-receiver-failing").is_empty());
 
     drop(held);
     svc.shutdown().await;
