@@ -1,8 +1,9 @@
 """The Notifications page in headless Chromium: the configured sinks are
 listed with their routing and without any secret, "Send test" reaches a
 webhook receiver running here (its HMAC signature checked) and reports a sink
-nobody answers as failed, both deliveries are listed, and a read-only key is
-offered no button. The tests run in file order.
+nobody answers as failed, both deliveries are listed, a request without the
+session's token is refused, and a read-only key is offered no button and is
+refused when it posts anyway. The tests run in file order.
 """
 
 import hashlib
@@ -111,10 +112,47 @@ def test_a_failing_sink_shows_the_failure(console, env, receiver):
     console.shot("notifications-failed")
 
 
-def test_a_read_only_key_gets_no_button(console, env, receiver):
+def post_test(console, sink, csrf):
+    """Submits a Send test form built here, as a page could forge one."""
+    old = console.find("html")
+    console.d.execute_script(
+        """
+        const f = document.createElement('form');
+        f.method = 'post';
+        f.action = arguments[0];
+        for (const [name, value] of [['sink', arguments[1]], ['csrf', arguments[2]]]) {
+            if (value === null) continue;
+            const i = document.createElement('input');
+            i.type = 'hidden'; i.name = name; i.value = value;
+            f.appendChild(i);
+        }
+        document.body.appendChild(f);
+        f.submit();
+        """,
+        PAGE + "/test",
+        sink,
+        csrf,
+    )
+    console.wait("the answer", lambda: console.finds("h1") and console.find("html") != old)
+
+
+def test_a_request_without_the_session_token_is_refused(console, env, receiver):
+    post_test(console, "ops", None)
+    console.wait("the refusal", lambda: console.text("h1") == "Request refused")
+    assert len(receiver) == 1
+
+
+def test_a_read_only_key_gets_no_button_and_is_refused(console, env, receiver):
     console.sign_out()
     console.sign_in(*env["reader"])
     console.go(PAGE)
     assert [r.get_attribute("data-sink") for r in console.finds("#sinks tbody tr")] == ["ops", "dead", "dba"]
     assert not console.finds("#sinks button")
+    assert len(console.finds("#deliveries tbody tr")) == 2
+    # Even with its own session token, the request is refused.
+    token = console.find("input[name=csrf]").get_attribute("value")
+    post_test(console, "ops", token)
+    console.wait("the refusal notice", lambda: console.finds(".notice.err"))
+    assert "read-only AccessKey" in console.text(".notice.err")
+    assert len(receiver) == 1
     assert len(console.finds("#deliveries tbody tr")) == 2
