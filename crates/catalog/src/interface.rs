@@ -171,6 +171,14 @@ pub trait JobCatalog: Send + Sync {
     fn get_job(&self, id: JobId) -> CatalogResult<Job>;
     /// Jobs of an instance (every job with `None`), by id.
     fn list_jobs(&self, instance_id: Option<&str>) -> CatalogResult<Vec<Job>>;
+    /// Jobs that ended (`Finished` or `Failed`) at or after `since`, by id:
+    /// what a periodic reader has not seen yet, without the whole history.
+    fn jobs_ended_since(&self, since: DateTime<Utc>) -> CatalogResult<Vec<Job>>;
+    /// The job of `kind` of an instance that ended last (by end time, then
+    /// id), if any ended.
+    fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>>;
+    /// The `limit` newest jobs of `kind` (every instance's), newest first.
+    fn newest_jobs(&self, kind: JobKind, limit: usize) -> CatalogResult<Vec<Job>>;
     /// The lease owner jobs created through this handle belong to: random
     /// per process start, never a PID.
     fn lease_owner(&self) -> &LeaseOwner;

@@ -1502,6 +1502,33 @@ impl JobCatalog for PgCatalog {
         )
     }
 
+    fn jobs_ended_since(&self, since: DateTime<Utc>) -> CatalogResult<Vec<Job>> {
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE state IN ('Finished', 'Failed') \
+             AND finished_at >= $1 ORDER BY id"
+        );
+        self.query(sql, sql_params![since], job_from_row)
+    }
+
+    fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>> {
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE instance_id = $1 AND kind = $2 \
+             AND state IN ('Finished', 'Failed') AND finished_at IS NOT NULL \
+             ORDER BY finished_at DESC, id DESC LIMIT 1"
+        );
+        self.query_opt(
+            sql,
+            sql_params![instance_id.to_string(), kind.as_str()],
+            job_from_row,
+        )
+    }
+
+    fn newest_jobs(&self, kind: JobKind, limit: usize) -> CatalogResult<Vec<Job>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE kind = $1 ORDER BY id DESC LIMIT $2");
+        self.query(sql, sql_params![kind.as_str(), limit], job_from_row)
+    }
+
     fn queue_job(
         &self,
         kind: JobKind,

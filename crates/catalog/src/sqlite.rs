@@ -878,6 +878,43 @@ impl JobCatalog for SqliteCatalog {
         })
     }
 
+    fn jobs_ended_since(&self, since: DateTime<Utc>) -> CatalogResult<Vec<Job>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE state IN ('Finished', 'Failed') \
+                 AND finished_at >= ?1 ORDER BY id"
+            ))?;
+            let rows = st.query_map([ts(&since)], job_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!(
+                    "SELECT {JOB_COLS} FROM jobs WHERE instance_id = ?1 AND kind = ?2 \
+                     AND state IN ('Finished', 'Failed') AND finished_at IS NOT NULL \
+                     ORDER BY finished_at DESC, id DESC LIMIT 1"
+                ),
+                params![instance_id, kind.as_str()],
+                job_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn newest_jobs(&self, kind: JobKind, limit: usize) -> CatalogResult<Vec<Job>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE kind = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = st.query_map(params![kind.as_str(), limit], job_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn queue_job(
         &self,
         kind: JobKind,

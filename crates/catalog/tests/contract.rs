@@ -107,6 +107,7 @@ contract!(
     sets_outlive_their_instance_as_detached,
     backup_sets_round_trip,
     a_job_belongs_to_its_lease_not_to_its_pid,
+    jobs_are_read_by_end_time_and_newest_first,
     the_lease_keeper_renews_its_owners_unfinished_jobs,
     gc_pending_is_kept_per_repository,
     repo_holds_exclude_a_collection_from_backups_and_readers_on_every_handle,
@@ -562,6 +563,85 @@ fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
     assert_eq!(all, [orphan.id, live.id]);
     assert_eq!(observer.list_jobs(Some("a")).unwrap().len(), 2);
     assert!(observer.list_jobs(Some("b")).unwrap().is_empty());
+}
+
+fn jobs_are_read_by_end_time_and_newest_first(b: &dyn Backend) {
+    let catalog = b.open();
+    let t0 = now();
+    let end = |kind: JobKind, instance: &str, state: JobState, secs: i64| {
+        let mut j = catalog.create_job(kind, Some(instance)).unwrap();
+        j.state = state;
+        j.finished_at = Some(t0 + chrono::Duration::seconds(secs));
+        catalog.update_job(&j).unwrap();
+        j.id
+    };
+    let old_copy = end(JobKind::CrossCopy, "a", JobState::Failed, -60);
+    // Ended last though created first: the end time decides.
+    let late_copy = end(JobKind::CrossCopy, "a", JobState::Finished, 30);
+    let copy = end(JobKind::CrossCopy, "a", JobState::Failed, 10);
+    let drill = end(JobKind::Drill, "a", JobState::Failed, 0);
+    let other = end(JobKind::CrossCopy, "b", JobState::Failed, 5);
+    let running = catalog.create_job(JobKind::CrossCopy, Some("a")).unwrap();
+    let mut running = running;
+    running.state = JobState::Uploading;
+    catalog.update_job(&running).unwrap();
+
+    let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let observer = b.open();
+    assert_eq!(
+        ids(observer.jobs_ended_since(t0).unwrap()),
+        [late_copy, copy, drill, other],
+        "only what ended at or after the time, by id"
+    );
+    assert_eq!(
+        ids(observer
+            .jobs_ended_since(t0 + chrono::Duration::seconds(11))
+            .unwrap()),
+        [late_copy]
+    );
+    assert!(observer
+        .jobs_ended_since(t0 + chrono::Duration::hours(1))
+        .unwrap()
+        .is_empty());
+    let all = ids(observer
+        .jobs_ended_since(t0 - chrono::Duration::hours(1))
+        .unwrap());
+    assert_eq!(all, [old_copy, late_copy, copy, drill, other]);
+
+    let newest = |instance: &str, kind: JobKind| {
+        observer
+            .newest_ended_job(instance, kind)
+            .unwrap()
+            .map(|j| j.id)
+    };
+    assert_eq!(newest("a", JobKind::CrossCopy), Some(late_copy));
+    assert_eq!(newest("b", JobKind::CrossCopy), Some(other));
+    assert_eq!(newest("a", JobKind::Drill), Some(drill));
+    assert_eq!(newest("a", JobKind::Backup), None);
+    assert_eq!(newest("c", JobKind::CrossCopy), None);
+    // The newest of a kind, running ones included, newest first.
+    assert_eq!(
+        ids(observer.newest_jobs(JobKind::CrossCopy, 3).unwrap()),
+        [running.id, other, copy]
+    );
+    assert_eq!(
+        ids(observer.newest_jobs(JobKind::Drill, 10).unwrap()),
+        [drill]
+    );
+    assert!(observer
+        .newest_jobs(JobKind::Notify, 10)
+        .unwrap()
+        .is_empty());
+    assert!(observer
+        .newest_jobs(JobKind::CrossCopy, 0)
+        .unwrap()
+        .is_empty());
+    let got = observer
+        .newest_ended_job("b", JobKind::CrossCopy)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.state, JobState::Failed);
+    assert_eq!(got.finished_at, Some(t0 + chrono::Duration::seconds(5)));
 }
 
 fn the_lease_keeper_renews_its_owners_unfinished_jobs(b: &dyn Backend) {

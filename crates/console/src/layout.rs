@@ -15,6 +15,7 @@ pub enum Section {
     Instances,
     Tasks,
     Nodes,
+    Notifications,
     None,
 }
 
@@ -48,6 +49,7 @@ pub fn page(
                             a href="/console/" aria-current=[(section == Section::Instances).then_some("page")] { "Instances" }
                             a href="/console/tasks" aria-current=[(section == Section::Tasks).then_some("page")] { "Task Center" }
                             a href="/console/nodes" aria-current=[(section == Section::Nodes).then_some("page")] { "Nodes" }
+                            a href="/console/notifications" aria-current=[(section == Section::Notifications).then_some("page")] { "Notifications" }
                         }
                         div.whoami {
                             span.key title="Signed in with this AccessKey" { (who.key_id) }

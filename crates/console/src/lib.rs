@@ -2,7 +2,8 @@
 //! instance list, each instance's Backup and Restoration page (base backups
 //! with their downloads, backup strategy, restore, cross-region backup,
 //! storage), the Task Center, laid out as RDS
-//! users know them, and the fleet's nodes with their health.
+//! users know them, the fleet's nodes with their health, and the
+//! notification sinks with their deliveries.
 //!
 //! Pages are rendered on the server; a small script (no build step, nothing
 //! from the internet) adds local times, sorting, dialogs and the Task
@@ -25,6 +26,7 @@ mod instance;
 mod instances;
 mod layout;
 mod nodes;
+mod notifications;
 mod session;
 mod storage;
 mod tasks;
@@ -110,6 +112,11 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         .route("/console/signout", post(signout))
         .route("/console/tasks", get(tasks::page))
         .route("/console/nodes", get(nodes::page))
+        .route("/console/notifications", get(notifications::page))
+        .route(
+            "/console/notifications/test",
+            post(notifications::send_test),
+        )
         .route("/console/api/tasks", get(tasks::json))
         .route(
             "/console/instances/{id}",

@@ -69,6 +69,7 @@ pub struct EmailSpec {
 /// An email sink ready to deliver.
 pub struct EmailSink {
     name: String,
+    server: String,
     route: Route,
     from: Mailbox,
     to: Vec<Mailbox>,
@@ -121,6 +122,7 @@ impl EmailSink {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }
         Ok(EmailSink {
+            server: format!("{}:{}", spec.host, spec.port),
             name: spec.name,
             route: spec.route,
             from,
@@ -137,6 +139,13 @@ impl EmailSink {
     /// Which events it receives.
     pub fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Where it sends, for people: the SMTP server and the recipients
+    /// (never the credentials).
+    pub fn target(&self) -> String {
+        let to: Vec<String> = self.to.iter().map(|m| m.email.to_string()).collect();
+        format!("{} to {}", self.server, to.join(", "))
     }
 
     /// Sends `event` as one message to every recipient (one attempt: a
@@ -219,6 +228,27 @@ mod tests {
         assert_eq!(s, "[Strata] backup-failed: dbBcc: victim@example.com");
         assert!(!s.contains('\n') && !s.contains('\r'));
         assert!(body(&e).contains("instance: db\r\nBcc"));
+    }
+
+    #[test]
+    fn targets_name_the_server_and_recipients_but_no_credentials() {
+        let sink = EmailSink::new(EmailSpec {
+            name: "mail".into(),
+            host: "smtp.example.com".into(),
+            port: 587,
+            security: SmtpSecurity::None,
+            credentials: Some(("strata".into(), "hunter2".into())),
+            from: "s@example.com".into(),
+            to: vec!["a@example.com".into(), "B <b@example.com>".into()],
+            route: Route::default(),
+            timeout: std::time::Duration::from_secs(1),
+        })
+        .unwrap();
+        assert_eq!(
+            sink.target(),
+            "smtp.example.com:587 to a@example.com, b@example.com"
+        );
+        assert!(!format!("{sink:?}").contains("hunter2"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Strata's notifications: the events the service reports (a failed backup
 //! or drill, a WAL receiver failing, no recent backup, storage above the free
-//! quota, cross-region copies failing) and the sinks that deliver them:
+//! quota, cross-region copies failing, a recovery window shorter than
+//! promised) and the sinks that deliver them:
 //! webhooks (a JSON body signed with HMAC-SHA256, retried with backoff) and
 //! email over SMTP. Which events become due is the service's business; this
 //! crate only shapes and delivers them.
@@ -41,13 +42,16 @@ pub enum EventKind {
     StorageOverQuota,
     /// Copies of an instance's backups to another region fail.
     CrossRegionCopyFailing,
+    /// An instance's point-in-time recovery window is shorter than its
+    /// log retention promises, by more than the configured margin.
+    RecoveryWindowShort,
     /// A test event (`strata notify test`).
     Test,
 }
 
 impl EventKind {
     /// Every kind, in the order above.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::BackupFailed,
         EventKind::DrillFailed,
         EventKind::WalReceiverFailing,
@@ -55,6 +59,7 @@ impl EventKind {
         EventKind::BackupOverdue,
         EventKind::StorageOverQuota,
         EventKind::CrossRegionCopyFailing,
+        EventKind::RecoveryWindowShort,
         EventKind::Test,
     ];
 
@@ -68,6 +73,7 @@ impl EventKind {
             EventKind::BackupOverdue => "backup-overdue",
             EventKind::StorageOverQuota => "storage-over-quota",
             EventKind::CrossRegionCopyFailing => "cross-region-copy-failing",
+            EventKind::RecoveryWindowShort => "recovery-window-short",
             EventKind::Test => "test",
         }
     }
@@ -225,12 +231,37 @@ impl Sink {
         }
     }
 
+    /// Which events it receives.
+    pub fn route(&self) -> &Route {
+        match self {
+            Sink::Webhook(w) => w.route(),
+            Sink::Email(e) => e.route(),
+        }
+    }
+
+    /// Where it delivers, for people, without secrets (see
+    /// [`WebhookSink::target`], [`EmailSink::target`]).
+    pub fn target(&self) -> String {
+        match self {
+            Sink::Webhook(w) => w.target(),
+            Sink::Email(e) => e.target(),
+        }
+    }
+
     /// Whether it receives `event`.
     pub fn wants(&self, event: &Event) -> bool {
-        match self {
-            Sink::Webhook(w) => w.route().wants(event),
-            Sink::Email(e) => e.route().wants(event),
-        }
+        self.route().wants(event)
+    }
+
+    /// A `test` event (which every route lets through), as `strata notify
+    /// test` and the console's "Send test" send; `origin` says which.
+    pub fn test_event(origin: &str) -> Event {
+        Event::new(
+            EventKind::Test,
+            None,
+            Utc::now(),
+            format!("a test notification from {origin}"),
+        )
     }
 
     /// Delivers `event`, retrying as the sink allows.

@@ -167,6 +167,15 @@ impl WebhookSink {
         &self.spec.route
     }
 
+    /// Where it posts, for people: scheme, host and port only, as hosted
+    /// webhooks often carry a token in their path or query.
+    pub fn target(&self) -> String {
+        let scheme = self.uri.scheme_str().unwrap_or("http");
+        let authority = self.uri.authority().map(|a| a.as_str()).unwrap_or("");
+        let hidden = !matches!(self.uri.path(), "" | "/") || self.uri.query().is_some();
+        format!("{scheme}://{authority}/{}", if hidden { "…" } else { "" })
+    }
+
     /// POSTs `event`, retrying transient failures with doubling waits.
     pub async fn deliver(&self, event: &Event) -> Result<Delivered, NotifyError> {
         let body = Bytes::from(event.to_json());
@@ -318,6 +327,20 @@ mod tests {
             backoff: Duration::from_millis(1),
             timeout: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn targets_show_no_path_or_query() {
+        let target = |url: &str| WebhookSink::new(spec(url)).unwrap().target();
+        assert_eq!(
+            target("https://hooks.example.com/services/T0/B0/token"),
+            "https://hooks.example.com/…"
+        );
+        assert_eq!(
+            target("http://127.0.0.1:9/?key=abc"),
+            "http://127.0.0.1:9/…"
+        );
+        assert_eq!(target("http://127.0.0.1:9/"), "http://127.0.0.1:9/");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Notifications: what each round of the serving node finds worth telling
 //! (a failed backup or drill job, a WAL receiver failing longer than a
 //! threshold and its recovery, no successful backup within N hours, stored
-//! bytes above the free quota, cross-region copies failing) and their
+//! bytes above the free quota, cross-region copies failing, a recovery
+//! window shorter than the log retention promises) and their
 //! delivery to the configured sinks, each recorded as a `notify` job.
 //!
 //! Each occurrence is announced once. A failed job is one occurrence; a
@@ -10,6 +11,10 @@
 //! only: after a restart, jobs that ended before it are not announced again,
 //! and a condition still in force is announced once more (the catalog's
 //! `notify` jobs record every delivery for the audit).
+//!
+//! A round reads only the jobs that ended since shortly before the previous
+//! round ([`JOB_END_SLACK`]) and each instance's newest ended cross-region
+//! copy, never the whole job history.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use strata_catalog::{BackupStatus, Instance, Job, JobId, JobKind, JobState};
-use strata_notify::{Event, EventKind, Notifier};
+use strata_notify::{Delivered, Event, EventKind, Notifier, NotifyError, Sink};
 
 use crate::{finish_job, lock, Service};
 
@@ -33,6 +38,9 @@ pub struct NotifySettings {
     /// Announce a WAL receiver failing (or its server unreachable) for
     /// longer than this.
     pub wal_failing_after: Duration,
+    /// Announce a recovery window shorter than the log retention promises
+    /// by more than this (`None`: never).
+    pub window_short_by: Option<chrono::Duration>,
 }
 
 impl Default for NotifySettings {
@@ -41,6 +49,7 @@ impl Default for NotifySettings {
             notifier: Notifier::default(),
             backup_overdue: None,
             wal_failing_after: Duration::from_secs(300),
+            window_short_by: None,
         }
     }
 }
@@ -56,6 +65,23 @@ pub(crate) enum Condition {
     OverQuota,
     /// The latest cross-region copy failed.
     CopyFailing,
+    /// The recovery window falls short of the promise.
+    WindowShort,
+}
+
+/// How often an instance's recovery window is measured (by the service
+/// clock): it reads every WAL segment row of the instance.
+const WINDOW_CHECK_EVERY: chrono::Duration = chrono::Duration::minutes(5);
+
+/// By how much a recovery window from `begin` to `end` falls short of
+/// `promised` (the log retention, or the time since registration when that
+/// is shorter); `None` without a window at all.
+pub(crate) fn window_shortfall(
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    promised: chrono::Duration,
+) -> chrono::Duration {
+    let length = window.map_or(chrono::Duration::zero(), |(begin, end)| end - begin);
+    promised - length
 }
 
 /// How a condition changed in this round.
@@ -65,17 +91,55 @@ pub(crate) enum Change {
     Ended,
 }
 
+/// How far before the previous round a round looks for ended jobs: a job's
+/// end time is taken before its record is written, so one that ended just
+/// before a round may be visible only to the next.
+pub(crate) const JOB_END_SLACK: chrono::Duration = chrono::Duration::minutes(10);
+
 /// What was announced: failed jobs and conditions in force.
 #[derive(Debug, Default)]
 pub(crate) struct Occurrences {
     jobs: HashSet<JobId>,
     active: HashSet<(Condition, String)>,
+    /// When the previous round read the ended jobs.
+    last_round: Option<DateTime<Utc>>,
+    /// When each instance's recovery window was last measured.
+    window_checked: std::collections::HashMap<String, DateTime<Utc>>,
 }
 
 impl Occurrences {
     /// Whether the failure of `job` is news (and now known).
     pub(crate) fn first_failure(&mut self, job: JobId) -> bool {
         self.jobs.insert(job)
+    }
+
+    /// Where this round's reading of ended jobs starts: shortly before the
+    /// previous reading, or at `started` (the process start) for the first.
+    pub(crate) fn ended_since(&self, started: DateTime<Utc>) -> DateTime<Utc> {
+        self.last_round
+            .map_or(started, |t| (t - JOB_END_SLACK).max(started))
+    }
+
+    /// Whether the recovery window of `instance` is due for measuring at
+    /// `now` (and now measured); a clock set back makes it due.
+    pub(crate) fn window_due(&mut self, instance: &str, now: DateTime<Utc>) -> bool {
+        let due = self
+            .window_checked
+            .get(instance)
+            .is_none_or(|&t| now < t || now - t >= WINDOW_CHECK_EVERY);
+        if due {
+            self.window_checked.insert(instance.to_string(), now);
+        }
+        due
+    }
+
+    /// Records a reading taken at `at` that found `read`, and forgets
+    /// failures outside it: they can no longer come back, as the reading
+    /// only moves forward. A reading that failed is not recorded, so the
+    /// next one starts where this one would have.
+    pub(crate) fn read_ended(&mut self, at: DateTime<Utc>, read: &HashSet<JobId>) {
+        self.last_round = Some(at);
+        self.jobs.retain(|j| read.contains(j));
     }
 
     /// Records whether `condition` holds for `instance` and says whether
@@ -104,6 +168,8 @@ impl Occurrences {
     /// or run by another node now).
     pub(crate) fn retain(&mut self, instances: &HashSet<&str>) {
         self.active.retain(|(_, i)| instances.contains(i.as_str()));
+        self.window_checked
+            .retain(|i, _| instances.contains(i.as_str()));
     }
 }
 
@@ -139,49 +205,45 @@ fn failed_job_event(job: &Job, instance: &str) -> Option<Event> {
     )
 }
 
-/// Whether the newest cross-region copy job that ended failed.
-fn copies_failing<'a>(jobs: &[&'a Job]) -> Option<&'a Job> {
-    jobs.iter()
-        .filter(|j| j.kind == JobKind::CrossCopy && j.state.is_terminal())
-        .max_by_key(|j| (j.finished_at, j.id.get()))
-        .filter(|j| j.state == JobState::Failed)
-        .copied()
-}
-
 impl Service {
+    /// The configured notification sinks.
+    pub fn notifier(&self) -> &Notifier {
+        &self.settings.notify.notifier
+    }
+
     /// This round's events for the instances this node runs, handed to the
     /// sinks in the background.
     pub(crate) fn notify_round(self: &Arc<Self>, instances: &[Instance], now: DateTime<Utc>) {
         if self.settings.notify.notifier.is_empty() {
             return;
         }
-        let jobs = match self.engine.catalog().list_jobs(None) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!("notifications: listing jobs: {e}");
-                return;
-            }
-        };
         let owned: Vec<&Instance> = instances.iter().filter(|i| self.owns(&i.id)).collect();
         let mut events = Vec::new();
         {
             let mut seen = lock(&self.occurrences);
             seen.retain(&owned.iter().map(|i| i.id.as_ref()).collect());
-            for instance in &owned {
-                let id: &str = instance.id.as_ref();
-                let mine: Vec<&Job> = jobs
-                    .iter()
-                    .filter(|j| j.instance_id.as_deref() == Some(id))
-                    .collect();
-                for job in &mine {
-                    let news = job.state == JobState::Failed
-                        && job.finished_at.is_some_and(|t| t >= self.started_at)
-                        && seen.first_failure(job.id);
-                    if news {
-                        events.extend(failed_job_event(job, id));
+            // Job end times are wall-clock times, whatever the scheduler's clock.
+            let (since, at) = (seen.ended_since(self.started_at), Utc::now());
+            match self.engine.catalog().jobs_ended_since(since) {
+                Ok(ended) => {
+                    seen.read_ended(at, &ended.iter().map(|j| j.id).collect());
+                    let owned_ids: HashSet<&str> = owned.iter().map(|i| i.id.as_ref()).collect();
+                    for job in &ended {
+                        let Some(id) = job.instance_id.as_deref() else {
+                            continue;
+                        };
+                        if owned_ids.contains(id)
+                            && job.state == JobState::Failed
+                            && seen.first_failure(job.id)
+                        {
+                            events.extend(failed_job_event(job, id));
+                        }
                     }
                 }
-                self.conditions(instance, &mine, now, &mut seen, &mut events);
+                Err(e) => tracing::warn!("notifications: reading ended jobs: {e}"),
+            }
+            for instance in &owned {
+                self.conditions(instance, now, &mut seen, &mut events);
             }
         }
         for event in events {
@@ -193,7 +255,6 @@ impl Service {
     fn conditions(
         &self,
         instance: &Instance,
-        jobs: &[&Job],
         now: DateTime<Utc>,
         seen: &mut Occurrences,
         events: &mut Vec<Event>,
@@ -305,7 +366,23 @@ impl Service {
             Err(e) => tracing::warn!(instance = %id, "notifications: usage: {e}"),
         }
 
-        let failed_copy = copies_failing(jobs);
+        if let Some(margin) = settings.window_short_by {
+            if seen.window_due(id, now) {
+                self.window_condition(instance, margin, now, seen, events);
+            }
+        }
+
+        let failed_copy = match self
+            .engine
+            .catalog()
+            .newest_ended_job(id, JobKind::CrossCopy)
+        {
+            Ok(job) => job.filter(|j| j.state == JobState::Failed),
+            Err(e) => {
+                tracing::warn!(instance = %id, "notifications: copies: {e}");
+                return;
+            }
+        };
         if seen.observe(Condition::CopyFailing, id, failed_copy.is_some()) == Some(Change::Began) {
             if let Some(job) = failed_copy {
                 let error = job.error.clone().unwrap_or_default();
@@ -322,6 +399,59 @@ impl Service {
         }
     }
 
+    /// Measures the recovery window of an instance with log backup on
+    /// against its promise: the log retention, or the time since
+    /// registration while that is shorter.
+    fn window_condition(
+        &self,
+        instance: &Instance,
+        margin: chrono::Duration,
+        now: DateTime<Utc>,
+        seen: &mut Occurrences,
+        events: &mut Vec<Event>,
+    ) {
+        let id: &str = instance.id.as_ref();
+        let measured = self.policy(id).and_then(|p| {
+            if !p.log_backup_enabled {
+                return Ok(None);
+            }
+            let retention = chrono::Duration::days(p.effective_log_retention_days().into());
+            let promised = retention.min(now - instance.created_at);
+            Ok(Some((self.recovery_window(id)?, promised)))
+        });
+        let (window, promised) = match measured {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                seen.observe(Condition::WindowShort, id, false);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, "notifications: recovery window: {e}");
+                return;
+            }
+        };
+        let short = window_shortfall(window, promised);
+        if seen.observe(Condition::WindowShort, id, short > margin) == Some(Change::Began) {
+            events.push(
+                Event::new(
+                    EventKind::RecoveryWindowShort,
+                    Some(id),
+                    now,
+                    format!(
+                        "the recovery window of instance {id} is {} hour(s) shorter than its log retention promises",
+                        short.num_hours()
+                    ),
+                )
+                .with_details(json!({
+                    "window_start": window.map(|w| w.0),
+                    "window_end": window.map(|w| w.1),
+                    "promised_seconds": promised.num_seconds(),
+                    "short_by_seconds": short.num_seconds(),
+                })),
+            );
+        }
+    }
+
     /// Delivers `event` to every sink that wants it, in the background, one
     /// `notify` job per sink.
     pub(crate) fn dispatch(self: &Arc<Self>, event: Event) {
@@ -330,41 +460,61 @@ impl Service {
         tokio::spawn(async move {
             let notifier = svc.settings.notify.notifier.clone();
             for sink in notifier.sinks_for(&event) {
-                let catalog = svc.engine.catalog();
-                let job = match catalog.create_job(JobKind::Notify, event.instance.as_deref()) {
-                    Ok(mut job) => {
-                        job.state = JobState::Uploading;
-                        job.detail = format!("{} to {} {}", event.kind, sink.kind(), sink.name());
-                        let _ = catalog.update_job(&job);
-                        Some(job.id)
-                    }
-                    Err(e) => {
-                        tracing::warn!("notifications: recording a delivery: {e}");
-                        None
-                    }
-                };
-                match sink.deliver(&event).await {
-                    Ok(done) => {
-                        if let Some(id) = job {
-                            if let Ok(mut j) = catalog.get_job(id) {
-                                j.detail.push_str(&format!(
-                                    ": {} after {} attempt(s)",
-                                    done.answer, done.attempts
-                                ));
-                                let _ = catalog.update_job(&j);
-                            }
-                            finish_job(&svc.engine, id, None);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(sink = %sink.name(), "notification not delivered: {e}");
-                        if let Some(id) = job {
-                            crate::fail_job(&svc.engine, id, &e.to_string());
-                        }
-                    }
-                }
+                let _ = svc.deliver_recorded(sink, &event).await;
             }
         });
+    }
+
+    /// Sends a `test` event to the sink named `name` (as `strata notify
+    /// test` does), recorded as a `notify` job like every delivery; `None`
+    /// when no sink has that name.
+    pub async fn send_test_notification(
+        &self,
+        name: &str,
+        origin: &str,
+    ) -> Option<Result<Delivered, NotifyError>> {
+        let sink = self.notifier().sinks().iter().find(|s| s.name() == name)?;
+        Some(self.deliver_recorded(sink, &Sink::test_event(origin)).await)
+    }
+
+    /// Delivers `event` to `sink`, recorded as a `notify` job whose detail
+    /// says what went where and what the far end answered.
+    async fn deliver_recorded(&self, sink: &Sink, event: &Event) -> Result<Delivered, NotifyError> {
+        let catalog = self.engine.catalog();
+        let job = match catalog.create_job(JobKind::Notify, event.instance.as_deref()) {
+            Ok(mut job) => {
+                job.state = JobState::Uploading;
+                job.detail = format!("{} to {} {}", event.kind, sink.kind(), sink.name());
+                let _ = catalog.update_job(&job);
+                Some(job.id)
+            }
+            Err(e) => {
+                tracing::warn!("notifications: recording a delivery: {e}");
+                None
+            }
+        };
+        let outcome = sink.deliver(event).await;
+        match &outcome {
+            Ok(done) => {
+                if let Some(id) = job {
+                    if let Ok(mut j) = catalog.get_job(id) {
+                        j.detail.push_str(&format!(
+                            ": {} after {} attempt(s)",
+                            done.answer, done.attempts
+                        ));
+                        let _ = catalog.update_job(&j);
+                    }
+                    finish_job(&self.engine, id, None);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sink = %sink.name(), "notification not delivered: {e}");
+                if let Some(id) = job {
+                    crate::fail_job(&self.engine, id, &e.to_string());
+                }
+            }
+        }
+        outcome
     }
 }
 
@@ -413,7 +563,32 @@ mod tests {
     }
 
     #[test]
-    fn job_failures_map_to_events_and_the_newest_copy_decides() {
+    fn ended_jobs_are_read_from_shortly_before_the_previous_round() {
+        let mut seen = Occurrences::default();
+        let start = Utc::now();
+        let t1 = start + chrono::Duration::hours(1);
+        assert_eq!(seen.ended_since(start), start);
+        // Never before the process start.
+        seen.read_ended(start + chrono::Duration::minutes(1), &HashSet::new());
+        assert_eq!(seen.ended_since(start), start);
+        assert!(seen.first_failure(JobId::new(1)));
+        assert!(seen.first_failure(JobId::new(2)));
+        seen.read_ended(t1, &[JobId::new(2)].into_iter().collect());
+        assert_eq!(seen.ended_since(start), t1 - JOB_END_SLACK);
+        // Without a new reading (a failed one), the start stays put.
+        assert_eq!(seen.ended_since(start), t1 - JOB_END_SLACK);
+        assert!(
+            !seen.first_failure(JobId::new(2)),
+            "still read: still known"
+        );
+        assert!(
+            seen.first_failure(JobId::new(1)),
+            "forgotten once out of reach"
+        );
+    }
+
+    #[test]
+    fn job_failures_map_to_events() {
         use strata_catalog::{JobCatalog, SqliteCatalog};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let job = |kind: JobKind, state: JobState, error: &str| {
@@ -436,16 +611,24 @@ mod tests {
         );
         let restore = job(JobKind::Restore, JobState::Failed, "x");
         assert!(failed_job_event(&restore, "a").is_none());
+    }
 
-        let failed = job(JobKind::CrossCopy, JobState::Failed, "region down");
-        let running = job(JobKind::CrossCopy, JobState::Uploading, "");
-        assert_eq!(
-            copies_failing(&[&failed, &running]).map(|j| j.id),
-            Some(failed.id)
-        );
-        let mut later = job(JobKind::CrossCopy, JobState::Finished, "");
-        later.finished_at = failed.finished_at.map(|t| t + chrono::Duration::seconds(1));
-        assert!(copies_failing(&[&failed, &later, &running]).is_none());
+    #[test]
+    fn windows_are_measured_against_the_promise_every_few_minutes() {
+        let t = Utc::now();
+        let h = chrono::Duration::hours;
+        assert_eq!(window_shortfall(Some((t - h(30), t)), h(24)), h(-6));
+        assert_eq!(window_shortfall(Some((t - h(10), t)), h(24)), h(14));
+        assert_eq!(window_shortfall(None, h(2)), h(2));
+
+        let mut seen = Occurrences::default();
+        assert!(seen.window_due("a", t));
+        assert!(!seen.window_due("a", t + chrono::Duration::minutes(1)));
+        assert!(seen.window_due("b", t), "per instance");
+        assert!(seen.window_due("a", t + WINDOW_CHECK_EVERY));
+        assert!(seen.window_due("a", t), "a clock set back");
+        seen.retain(&HashSet::new());
+        assert!(seen.window_due("a", t), "forgotten with the instance");
     }
 
     #[test]

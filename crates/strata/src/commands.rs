@@ -1023,12 +1023,7 @@ pub(crate) async fn notify_test(
         }
         _ => {}
     }
-    let event = strata_notify::Event::new(
-        strata_notify::EventKind::Test,
-        None,
-        Utc::now(),
-        "a test notification from strata notify test",
-    );
+    let event = strata_notify::Sink::test_event("strata notify test");
     let mut results = Vec::new();
     for sink in sinks {
         let (delivered, result, attempts) = match sink.deliver(&event).await {

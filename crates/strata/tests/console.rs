@@ -362,3 +362,79 @@ fn console_parity_in_a_headless_browser() {
     let (ok, out, err) = server.stop();
     assert!(ok, "serve exited with an error:\n{out}\n{err}");
 }
+
+/// A port nothing listens on once this returns (the browser test's
+/// receiver binds it, or nobody does).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Notifications page (`tests/console/test_notifications.py`): a webhook
+/// routed to the instance whose receiver the browser test runs, a webhook
+/// nobody answers and an SMTP sink with a password; the page lists them
+/// without their secrets, and "Send test" reaches the receiver or shows the
+/// failure.
+#[test]
+fn console_notifications_in_a_headless_browser() {
+    let root = repo_root();
+    let python = prerequisites(&root);
+    let cluster = Cluster::start_default(15);
+    let strata = Strata::with_config("console-notify", "", "[drills]\nenabled = false\n");
+    let (hook_port, dead_port) = (free_port(), free_port());
+    let hook_secret = "hook-secret-7f3a9c";
+    let dead_secret = "dead-secret-41be02";
+    let smtp_password = "smtp-password-c0ffee";
+    let path_token = "path-token-9d1e";
+    let file = |name: &str, text: &str| {
+        let path = strata.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&strata.config)
+        .unwrap();
+    writeln!(
+        config,
+        "[[notify.webhook]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{hook_port}/hook/{path_token}\"\n\
+         secret_file = {:?}\ninstances = [\"{INSTANCE}\"]\nevents = [\"backup-failed\", \"drill-failed\"]\nretries = 0\n\
+         [[notify.webhook]]\nname = \"dead\"\nurl = \"http://127.0.0.1:{dead_port}/hook\"\n\
+         secret_file = {:?}\nretries = 0\ntimeout_secs = 2\n\
+         [[notify.email]]\nname = \"dba\"\nhost = \"127.0.0.1\"\nport = {dead_port}\nsecurity = \"none\"\n\
+         user = \"strata\"\npassword_file = {:?}\nfrom = \"strata@example.com\"\nto = [\"dba@example.com\"]\ntimeout_secs = 2",
+        file("hook.secret", hook_secret),
+        file("dead.secret", dead_secret),
+        file("smtp.password", smtp_password),
+    )
+    .unwrap();
+    drop(config);
+    strata.add_instance(INSTANCE, &cluster);
+    let (server, keys) = serve_after_first_backup(&strata);
+
+    run_browser_tests(
+        &python,
+        "tests/console/test_notifications.py",
+        "console-notify-screenshots",
+        &browser_env(
+            &server,
+            &keys,
+            &strata,
+            &cluster,
+            &[
+                ("STRATA_HOOK_PORT", hook_port.to_string()),
+                ("STRATA_DEAD_PORT", dead_port.to_string()),
+                ("STRATA_HOOK_SECRET", hook_secret.to_string()),
+                (
+                    "STRATA_HIDDEN",
+                    [hook_secret, dead_secret, smtp_password, path_token].join(","),
+                ),
+            ],
+        ),
+    );
+    let (ok, out, err) = server.stop();
+    assert!(ok, "serve exited with an error:\n{out}\n{err}");
+}

@@ -30,6 +30,9 @@ pub struct NotifyConfig {
     pub backup_overdue_hours: Option<u32>,
     /// Announce a WAL receiver failing for longer than this.
     pub wal_failing_minutes: Option<u64>,
+    /// Announce a recovery window shorter than the log retention promises
+    /// by more than this many hours.
+    pub recovery_window_short_hours: Option<u32>,
     pub webhook: Vec<WebhookConfig>,
     pub email: Vec<EmailConfig>,
 }
@@ -166,6 +169,10 @@ impl NotifyConfig {
                 .filter(|h| *h > 0)
                 .map(|h| chrono::Duration::hours(h.into())),
             wal_failing_after: self.wal_failing_after(),
+            window_short_by: self
+                .recovery_window_short_hours
+                .filter(|h| *h > 0)
+                .map(|h| chrono::Duration::hours(h.into())),
         })
     }
 }
@@ -191,6 +198,7 @@ mod tests {
             r#"
             [notify]
             backup_overdue_hours = 26
+            recovery_window_short_hours = 6
             [[notify.webhook]]
             name = "ops"
             url = "https://hooks.example.com/strata"
@@ -211,6 +219,7 @@ mod tests {
         let s = c.settings().unwrap();
         assert_eq!(s.backup_overdue, Some(chrono::Duration::hours(26)));
         assert_eq!(s.wal_failing_after, Duration::from_secs(300));
+        assert_eq!(s.window_short_by, Some(chrono::Duration::hours(6)));
         let names: Vec<(&str, &str)> = s
             .notifier
             .sinks()
@@ -218,6 +227,11 @@ mod tests {
             .map(|s| (s.kind(), s.name()))
             .collect();
         assert_eq!(names, [("webhook", "ops"), ("email", "dba")]);
+        assert_eq!(
+            parse("[notify]\n").settings().unwrap().window_short_by,
+            None,
+            "off unless set"
+        );
     }
 
     #[test]
