@@ -36,6 +36,11 @@ pub enum EventKind {
     WalReceiverFailing,
     /// A WAL receiver reported failing streams again.
     WalReceiverRecovered,
+    /// An instance's WAL receiver has stayed further behind its server
+    /// than the threshold for longer than the failing threshold.
+    WalReceiverLagging,
+    /// A WAL receiver reported lagging is within the threshold again.
+    WalReceiverCaughtUp,
     /// No successful backup of an instance within the configured hours.
     BackupOverdue,
     /// An instance's stored backups exceed its free quota.
@@ -51,11 +56,13 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in the order above.
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::BackupFailed,
         EventKind::DrillFailed,
         EventKind::WalReceiverFailing,
         EventKind::WalReceiverRecovered,
+        EventKind::WalReceiverLagging,
+        EventKind::WalReceiverCaughtUp,
         EventKind::BackupOverdue,
         EventKind::StorageOverQuota,
         EventKind::CrossRegionCopyFailing,
@@ -70,6 +77,8 @@ impl EventKind {
             EventKind::DrillFailed => "drill-failed",
             EventKind::WalReceiverFailing => "wal-receiver-failing",
             EventKind::WalReceiverRecovered => "wal-receiver-recovered",
+            EventKind::WalReceiverLagging => "wal-receiver-lagging",
+            EventKind::WalReceiverCaughtUp => "wal-receiver-caught-up",
             EventKind::BackupOverdue => "backup-overdue",
             EventKind::StorageOverQuota => "storage-over-quota",
             EventKind::CrossRegionCopyFailing => "cross-region-copy-failing",

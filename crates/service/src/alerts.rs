@@ -38,6 +38,9 @@ pub struct NotifySettings {
     /// Announce a WAL receiver failing (or its server unreachable) for
     /// longer than this.
     pub wal_failing_after: Duration,
+    /// Announce a WAL receiver further behind its server than this many
+    /// bytes for longer than `wal_failing_after` (`None`: never).
+    pub wal_lag_bytes: Option<u64>,
     /// Announce a recovery window shorter than the log retention promises
     /// by more than this (`None`: never).
     pub window_short_by: Option<chrono::Duration>,
@@ -49,6 +52,7 @@ impl Default for NotifySettings {
             notifier: Notifier::default(),
             backup_overdue: None,
             wal_failing_after: Duration::from_secs(300),
+            wal_lag_bytes: None,
             window_short_by: None,
         }
     }
@@ -59,6 +63,8 @@ impl Default for NotifySettings {
 pub(crate) enum Condition {
     /// The WAL receiver fails.
     WalFailing,
+    /// The WAL receiver stays behind its server.
+    WalLagging,
     /// No recent successful backup.
     BackupOverdue,
     /// Above the free quota.
@@ -105,6 +111,8 @@ pub(crate) struct Occurrences {
     last_round: Option<DateTime<Utc>>,
     /// When each instance's recovery window was last measured.
     window_checked: std::collections::HashMap<String, DateTime<Utc>>,
+    /// Since when each instance's WAL receiver has been behind, while it is.
+    lagging_since: std::collections::HashMap<String, DateTime<Utc>>,
 }
 
 impl Occurrences {
@@ -142,6 +150,26 @@ impl Occurrences {
         self.jobs.retain(|j| read.contains(j));
     }
 
+    /// Whether `instance`'s receiver, behind now or not (`behind`), has been
+    /// behind without a break for at least `threshold` at `now`.
+    pub(crate) fn behind_for(
+        &mut self,
+        instance: &str,
+        behind: bool,
+        now: DateTime<Utc>,
+        threshold: chrono::Duration,
+    ) -> bool {
+        if !behind {
+            self.lagging_since.remove(instance);
+            return false;
+        }
+        let since = *self
+            .lagging_since
+            .entry(instance.to_string())
+            .or_insert(now);
+        now - since >= threshold
+    }
+
     /// Records whether `condition` holds for `instance` and says whether
     /// that began or ended it.
     pub(crate) fn observe(
@@ -169,6 +197,8 @@ impl Occurrences {
     pub(crate) fn retain(&mut self, instances: &HashSet<&str>) {
         self.active.retain(|(_, i)| instances.contains(i.as_str()));
         self.window_checked
+            .retain(|i, _| instances.contains(i.as_str()));
+        self.lagging_since
             .retain(|i, _| instances.contains(i.as_str()));
     }
 }
@@ -297,6 +327,42 @@ impl Service {
                 Some(id),
                 now,
                 format!("the WAL receiver of instance {id} streams again"),
+            )),
+            None => {}
+        }
+
+        // Behind by the figure `strata_wal_receive_lag_bytes` reports, for as
+        // long as a failure must last before it is announced; a failing
+        // receiver is announced as failing instead.
+        let behind = wal.server_end.saturating_sub(wal.received);
+        let lagging = settings.wal_lag_bytes.is_some_and(|limit| {
+            let now_behind = wal.running && wal.failing.is_none() && behind > limit;
+            seen.behind_for(id, now_behind, Utc::now(), threshold)
+        });
+        match seen.observe(Condition::WalLagging, id, lagging) {
+            Some(Change::Began) => events.push(
+                Event::new(
+                    EventKind::WalReceiverLagging,
+                    Some(id),
+                    now,
+                    format!(
+                        "the WAL receiver of instance {id} is {behind} bytes behind its server \
+                         (threshold {})",
+                        settings.wal_lag_bytes.unwrap_or_default()
+                    ),
+                )
+                .with_details(json!({
+                    "behind_bytes": behind,
+                    "received_lsn": pg_wal::Lsn(wal.received).to_string(),
+                    "server_end_lsn": pg_wal::Lsn(wal.server_end).to_string(),
+                    "threshold_bytes": settings.wal_lag_bytes,
+                })),
+            ),
+            Some(Change::Ended) => events.push(Event::new(
+                EventKind::WalReceiverCaughtUp,
+                Some(id),
+                now,
+                format!("the WAL receiver of instance {id} is within the lag threshold again"),
             )),
             None => {}
         }
@@ -629,6 +695,27 @@ mod tests {
         assert!(seen.window_due("a", t), "a clock set back");
         seen.retain(&HashSet::new());
         assert!(seen.window_due("a", t), "forgotten with the instance");
+    }
+
+    #[test]
+    fn a_receiver_is_lagging_once_behind_without_a_break_for_the_threshold() {
+        let mut seen = Occurrences::default();
+        let t0 = Utc::now();
+        let five = chrono::Duration::minutes(5);
+        let at = |m: i64| t0 + chrono::Duration::minutes(m);
+        assert!(!seen.behind_for("a", true, at(0), five));
+        assert!(!seen.behind_for("a", true, at(4), five));
+        assert!(seen.behind_for("a", true, at(5), five));
+        // A moment within the threshold starts the count again.
+        assert!(!seen.behind_for("a", false, at(6), five));
+        assert!(!seen.behind_for("a", true, at(7), five));
+        assert!(!seen.behind_for("a", true, at(11), five));
+        assert!(seen.behind_for("a", true, at(12), five));
+        // Each instance counts on its own, and a forgotten one afresh.
+        assert!(!seen.behind_for("b", true, at(12), five));
+        seen.retain(&HashSet::from(["b"]));
+        assert!(!seen.behind_for("a", true, at(13), five));
+        assert!(seen.behind_for("b", true, at(17), five));
     }
 
     #[test]

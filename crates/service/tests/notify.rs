@@ -149,6 +149,7 @@ async fn failures_and_an_overdue_backup_reach_the_webhook_once() {
             backup_overdue: Some(chrono::Duration::hours(6)),
             // Announced at the first failure the round sees.
             wal_failing_after: Duration::ZERO,
+            wal_lag_bytes: None,
             window_short_by: None,
         },
         ..Default::default()
@@ -420,6 +421,7 @@ async fn a_drill_the_quota_copies_and_a_short_window_reach_their_routed_sinks_on
         },
         notify: NotifySettings {
             notifier: Notifier::new(vec![pager, global, elsewhere]).unwrap(),
+            wal_lag_bytes: None,
             window_short_by: Some(chrono::Duration::hours(1)),
             ..NotifySettings::default()
         },

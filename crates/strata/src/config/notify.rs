@@ -17,6 +17,9 @@ pub const WEBHOOK_RETRIES: u32 = 3;
 pub const SINK_TIMEOUT_SECS: u64 = 10;
 /// Minutes a WAL receiver fails before it is announced, by default.
 pub const WAL_FAILING_MINUTES: u64 = 5;
+/// MiB a WAL receiver may stay behind its server, by default (as the
+/// `StrataWalLagHigh` rule of deploy/prometheus).
+pub const WAL_LAG_MB: u64 = 256;
 /// How an SMTP connection is protected unless `security` says otherwise.
 pub const SMTP_SECURITY: &str = "starttls-required";
 /// The wait before a webhook's first retry (doubling after each).
@@ -30,6 +33,9 @@ pub struct NotifyConfig {
     pub backup_overdue_hours: Option<u32>,
     /// Announce a WAL receiver failing for longer than this.
     pub wal_failing_minutes: Option<u64>,
+    /// Announce a WAL receiver further behind its server than this many MiB
+    /// for longer than `wal_failing_minutes` (0: never).
+    pub wal_lag_mb: Option<u64>,
     /// Announce a recovery window shorter than the log retention promises
     /// by more than this many hours.
     pub recovery_window_short_hours: Option<u32>,
@@ -103,6 +109,14 @@ impl NotifyConfig {
         Duration::from_secs(60 * self.wal_failing_minutes.unwrap_or(WAL_FAILING_MINUTES))
     }
 
+    /// The WAL lag threshold in force (`None`: off).
+    pub fn wal_lag_bytes(&self) -> Option<u64> {
+        match self.wal_lag_mb.unwrap_or(WAL_LAG_MB) {
+            0 => None,
+            mb => Some(mb.saturating_mul(1024 * 1024)),
+        }
+    }
+
     /// The sinks, their secrets read and their settings checked.
     pub fn notifier(&self) -> Result<Notifier> {
         let mut sinks = Vec::new();
@@ -169,6 +183,7 @@ impl NotifyConfig {
                 .filter(|h| *h > 0)
                 .map(|h| chrono::Duration::hours(h.into())),
             wal_failing_after: self.wal_failing_after(),
+            wal_lag_bytes: self.wal_lag_bytes(),
             window_short_by: self
                 .recovery_window_short_hours
                 .filter(|h| *h > 0)
@@ -219,6 +234,16 @@ mod tests {
         let s = c.settings().unwrap();
         assert_eq!(s.backup_overdue, Some(chrono::Duration::hours(26)));
         assert_eq!(s.wal_failing_after, Duration::from_secs(300));
+        assert_eq!(s.wal_lag_bytes, Some(256 << 20));
+        assert_eq!(
+            parse("[notify]\nwal_lag_mb = 0\n").settings().unwrap().wal_lag_bytes,
+            None,
+            "0 turns it off"
+        );
+        assert_eq!(
+            parse("[notify]\nwal_lag_mb = 64\n").settings().unwrap().wal_lag_bytes,
+            Some(64 << 20)
+        );
         assert_eq!(s.window_short_by, Some(chrono::Duration::hours(6)));
         let names: Vec<(&str, &str)> = s
             .notifier

@@ -209,6 +209,10 @@ fn resolved_default(key: &str) -> Option<String> {
         "notify.wal_failing_minutes" => {
             (service.notify.wal_failing_after.as_secs() / 60).to_string()
         }
+        "notify.wal_lag_mb" => match service.notify.wal_lag_bytes {
+            Some(b) => (b >> 20).to_string(),
+            None => "0".to_string(),
+        },
         "notify.webhook[].retries" => notify::WEBHOOK_RETRIES.to_string(),
         "notify.webhook[].timeout_secs" | "notify.email[].timeout_secs" => {
             notify::SINK_TIMEOUT_SECS.to_string()
