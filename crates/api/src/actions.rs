@@ -24,6 +24,7 @@ use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::log_files::{self, Listing};
 use crate::meta;
 use crate::params::{page, Params};
+use crate::user_backups;
 use crate::ApiState;
 
 /// Every action Strata answers, in alphabetical order.
@@ -35,6 +36,7 @@ pub const ACTIONS: &[&str] = &[
     "CreateDdrInstance",
     "DeleteBackup",
     "DeleteDBInstance",
+    "DeleteUserBackupFile",
     "DescribeAvailableCrossRegion",
     "DescribeAvailableRecoveryTime",
     "DescribeBackupDatabase",
@@ -53,6 +55,8 @@ pub const ACTIONS: &[&str] = &[
     "DescribeLocalAvailableRecoveryTime",
     "DescribeLogBackupFiles",
     "DescribeMetaList",
+    "ImportUserBackupFile",
+    "ListUserBackupFiles",
     "ModifyBackupPolicy",
     "ModifyBackupSetExpireTime",
     "ModifyInstanceCrossBackupPolicy",
@@ -67,6 +71,7 @@ pub const ACTIONS: &[&str] = &[
     "StrataRegisterDBInstance",
     "StrataReleaseBackup",
     "StrataStartRestoreDrill",
+    "UpdateUserBackupFile",
 ];
 
 /// Whether Strata implements `action` (RDS's or an extension).
@@ -93,6 +98,10 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
         "CreateDdrInstance" => cross_region::create_ddr_instance(svc, p),
         "DeleteBackup" => delete_backup(svc, p),
         "DeleteDBInstance" => delete_instance(svc, p).await,
+        "DeleteUserBackupFile" => user_backups::delete(svc, p),
+        "ImportUserBackupFile" => user_backups::import(svc, p).await,
+        "ListUserBackupFiles" => user_backups::list(svc, p),
+        "UpdateUserBackupFile" => user_backups::update(svc, p),
         "RecoveryDBInstance" => recover_databases(svc, p),
         "RestoreTable" => restore_table(svc, p),
         "StrataStartRestoreDrill" => start_drill(svc, p),
@@ -1117,10 +1126,19 @@ fn parse_xid(v: &str) -> ApiResult<u32> {
 fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     // A registered instance, or one deregistered since whose sets were
     // kept (`DescribeDetachedBackups`): the service tells them apart.
-    let source = p.required("DBInstanceId")?;
+    let src = restore_source(p)?;
+    // A set alone names its instance (a user backup's owner, one no
+    // longer registered, or a registered one).
+    let named = match (p.get("DBInstanceId"), &src.backup_id) {
+        (Some(id), _) => id.to_string(),
+        (None, Some(set)) if src.restore_time.is_none() => {
+            svc.backup_set(set)?.instance_id.to_string()
+        }
+        (None, _) => return Err(ApiError::missing("DBInstanceId")),
+    };
+    let source = named.as_str();
     // PayType, DBInstanceClass, VPCId… describe billing and networking
     // this service does not have; they are accepted and ignored.
-    let src = restore_source(p)?;
     let id = svc.clone_instance(source, src)?;
     Ok(obj(json!({"DBInstanceId": id, "OrderId": ""})))
 }

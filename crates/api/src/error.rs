@@ -199,6 +199,10 @@ pub fn refusal_code(kind: Refusal) -> &'static str {
         Refusal::ImportDisabled => "Strata.ImportDisabled",
         Refusal::ImportFileMalformed => "InvalidBackupFile.Malformed",
         Refusal::ImportFileNotFound => "InvalidBackupFile.NotFound",
+        Refusal::UserBackupNotFound => "InvalidBackupId.NotFound",
+        Refusal::CommentMalformed => "InvalidComment.Malformed",
+        Refusal::UserBackupRetentionMalformed => "InvalidRetention.Malformed",
+        Refusal::EngineVersionMalformed => "InvalidEngineVersion.Malformed",
     }
 }
 
@@ -211,6 +215,7 @@ pub fn refusal_status(kind: Refusal) -> StatusCode {
         | Refusal::BackupSetNotSuccessful
         | Refusal::NoContents
         | Refusal::ImportDisabled => StatusCode::FORBIDDEN,
+        Refusal::UserBackupNotFound => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_REQUEST,
     }
 }

@@ -18,6 +18,7 @@ mod error;
 mod log_files;
 mod meta;
 mod params;
+mod user_backups;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -276,8 +277,8 @@ pub async fn invoke(
             ),
         ));
     }
-    // Describe* and Check* only read; a read-only key may call them.
-    let reads = ["Describe", "StrataDescribe", "Check"]
+    // Describe*, List* and Check* only read; a read-only key may call them.
+    let reads = ["Describe", "StrataDescribe", "Check", "List"]
         .iter()
         .any(|prefix| action.starts_with(prefix));
     if principal.read_only && !reads {
@@ -285,7 +286,7 @@ pub async fn invoke(
             StatusCode::FORBIDDEN,
             "Forbidden.ReadOnlyAccessKey",
             format!(
-                "AccessKey {} is read-only: it may call only Describe* and Check* actions, not {action}.",
+                "AccessKey {} is read-only: it may call only Describe*, List* and Check* actions, not {action}.",
                 principal.access_key_id
             ),
         ));

@@ -326,7 +326,17 @@ impl Instance {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     }
+
+    /// Whether `id` names the owner of a user backup (RDS's
+    /// `ImportUserBackupFile`): an id no registration may take, never in
+    /// the instance table, whose only set is the backup imported.
+    pub fn owns_user_backup(id: &str) -> bool {
+        id.starts_with(USER_BACKUP_OWNER_PREFIX)
+    }
 }
+
+/// Prefix of the ids that own user backups (see [`Instance::owns_user_backup`]).
+pub const USER_BACKUP_OWNER_PREFIX: &str = "userbackup-";
 
 /// Where a backup set stands.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

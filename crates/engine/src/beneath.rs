@@ -234,6 +234,18 @@ impl Beneath {
         Ok(fd.map(File::from))
     }
 
+    /// Opens existing file `rel` for reading; `None` when it (or a
+    /// directory on the way) does not exist. A link anywhere on the way
+    /// fails the open.
+    pub(crate) fn open_read(&self, rel: &str) -> io::Result<Option<File>> {
+        let Some((dir, name)) = self.existing_parent(rel)? else {
+            return Ok(None);
+        };
+        let at = dir.as_ref().unwrap_or(&self.root);
+        let fd = not_found_is_none(open_at(at, name, libc::O_RDONLY | libc::O_NONBLOCK, 0))?;
+        Ok(fd.map(File::from))
+    }
+
     /// Reads existing regular file `rel` (at most `max` bytes); `None` when
     /// it does not exist.
     pub(crate) fn read_existing(&self, rel: &str, max: u64) -> io::Result<Option<Vec<u8>>> {

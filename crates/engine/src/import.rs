@@ -38,7 +38,7 @@ use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use pg_replication::{BaseBackupEvent, ReplicationError, TarEntry, TarEntryKind, TarReader};
 use pg_wal::{Lsn, SegmentNo, TimelineId, WalGeometry};
-use strata_catalog::{BackupSet, Instance, Job, JobKind};
+use strata_catalog::{BackupSet, Instance, Job, JobKind, KeepUntil};
 use strata_repo::{FileEntry, FileKind};
 use tokio::sync::mpsc;
 
@@ -1452,17 +1452,31 @@ impl Engine {
         instance_id: &str,
         checked: CheckedImport,
     ) -> EngineResult<PendingImport> {
-        let CheckedImport { import, plan } = checked;
         let instance = self.catalog.get_instance(instance_id)?;
-        let opts = BackupOptions::default();
-        self.check_backup(instance_id, &opts)?;
+        self.check_backup(instance_id, &BackupOptions::default())?;
+        self.record_checked(instance, checked, None)
+    }
+
+    /// Records the job and the running set of `checked` for `instance`,
+    /// the set annotated with `keep` (until when, and a note).
+    fn record_checked(
+        &self,
+        instance: Instance,
+        checked: CheckedImport,
+        keep: Option<(Option<KeepUntil>, Option<String>)>,
+    ) -> EngineResult<PendingImport> {
+        let CheckedImport { import, plan } = checked;
         let job = self
             .catalog
-            .create_job(JobKind::Backup, Some(instance_id))?;
-        let pending = self.record_backup_set(job, instance, &opts)?;
+            .create_job(JobKind::Backup, Some(&instance.id))?;
+        let pending = self.record_backup_set(job, instance, &BackupOptions::default())?;
         let (job, mut set, instance) = (pending.job, pending.set, pending.instance);
         if let Some(at) = plan.survey.label.start_time {
             set.started_at = at;
+        }
+        if let Some((until, note)) = keep {
+            (set.keep_until, set.keep_note) = (until, note);
+            self.catalog.update_backup(&set)?;
         }
         Ok(PendingImport {
             job,
@@ -1471,6 +1485,44 @@ impl Engine {
             import,
             plan,
         })
+    }
+
+    /// A user backup (RDS's `ImportUserBackupFile`): the first pass over
+    /// `dir`, then the job and the running set of `owner_id`, an id of
+    /// [`Instance::owns_user_backup`] never registered. The owner is
+    /// recorded in the repository only, with what the backup says of its
+    /// cluster, so the set restores as a detached instance's does.
+    /// `engine_major`, when given, must be the backup's PostgreSQL major
+    /// version. A refusal records nothing.
+    pub async fn prepare_user_import(
+        &self,
+        owner_id: &str,
+        dir: &Path,
+        engine_major: Option<u32>,
+        keep: (Option<KeepUntil>, Option<String>),
+        progress: &dyn Progress,
+    ) -> EngineResult<PendingImport> {
+        if !Instance::owns_user_backup(owner_id) || !Instance::valid_id(owner_id) {
+            return Err(refused(format!(
+                "{owner_id:?} is not the id of a user backup's owner"
+            )));
+        }
+        let mut owner = Instance::new(owner_id, "", 0, "", strata_catalog::SslMode::Disable);
+        let import = ImportDir::scan(dir)?;
+        let checked = self.check_import(&owner, import, progress).await?;
+        let survey = &checked.plan.survey;
+        if let Some(major) = engine_major.filter(|m| *m != survey.pg_major) {
+            return Err(refused(format!(
+                "EngineVersion is {major}, but this is a backup of PostgreSQL {} (its PG_VERSION)",
+                survey.pg_major
+            )));
+        }
+        owner.system_identifier = Some(survey.system_id);
+        owner.pg_version_num = Some(survey.pg_major * 10000);
+        owner.wal_segment_size = Some(checked.plan.geometry.segment_size());
+        self.repo
+            .put_instance(&crate::entities::instance_record(&owner))?;
+        self.record_checked(owner, checked, Some(keep))
     }
 
     /// The second pass of a prepared import; its outcome is recorded on

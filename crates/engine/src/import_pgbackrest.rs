@@ -30,7 +30,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,6 +40,7 @@ use sha1::{Digest, Sha1};
 use strata_catalog::BackupSet;
 use strata_repo::FileKind;
 
+use crate::beneath::Beneath;
 use crate::blocking::blocking;
 use crate::import::{Archive, ImportDir, Role, TarSource};
 use crate::{Engine, EngineError, EngineResult, Progress};
@@ -124,13 +124,16 @@ fn as_u64(ini: &Ini, key: &str, v: &Value) -> EngineResult<u64> {
         .ok_or_else(|| refused(format!("{}: {key} is not a number", ini.name)))
 }
 
-/// Reads a file of the repository, refusing a link in its last component.
-fn open_file(path: &Path) -> EngineResult<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| refused(format!("cannot open {}: {e}", path.display())))?;
+/// Reads the file `rel` of the repository `repo`: opened one component at
+/// a time beneath it, so a link anywhere on the way (a label directory, a
+/// WAL directory, a file) is refused, not followed out of the repository.
+fn open_file(repo: &Path, rel: &str) -> EngineResult<File> {
+    let path = repo.join(rel);
+    let cannot = |e: std::io::Error| refused(format!("cannot open {}: {e}", path.display()));
+    let file = Beneath::open(repo)
+        .and_then(|root| root.open_read(rel))
+        .map_err(cannot)?
+        .ok_or_else(|| refused(format!("{} does not exist", path.display())))?;
     let meta = file
         .metadata()
         .map_err(|e| refused(format!("{}: {e}", path.display())))?;
@@ -140,9 +143,11 @@ fn open_file(path: &Path) -> EngineResult<File> {
     Ok(file)
 }
 
-fn read_info(path: &Path) -> EngineResult<Ini> {
+fn read_info(repo: &Path, rel: &str) -> EngineResult<Ini> {
+    let path = repo.join(rel);
+    let path = path.as_path();
     let mut text = Vec::new();
-    open_file(path)?
+    open_file(repo, rel)?
         .take(MAX_INFO + 1)
         .read_to_end(&mut text)
         .map_err(|e| refused(format!("reading {}: {e}", path.display())))?;
@@ -160,6 +165,16 @@ fn valid_stanza(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A database version of `[db:history]`, which names the WAL directory:
+/// `<major>` or `<major>.<minor>` in digits (`15`, `9.6`).
+fn valid_db_version(version: &str) -> bool {
+    let number = |p: &str| !p.is_empty() && p.len() <= 4 && p.bytes().all(|b| b.is_ascii_digit());
+    match version.split_once('.') {
+        Some((major, minor)) => number(major) && number(minor),
+        None => number(version),
+    }
 }
 
 /// A backup label: `YYYYMMDD-HHMMSSF`, with `_YYYYMMDD-HHMMSS[DI]` after
@@ -255,7 +270,10 @@ struct BackupFile {
 #[derive(Debug, Clone)]
 struct ArchivedSegment {
     name: String,
-    file: PathBuf,
+    /// The repository.
+    repo: PathBuf,
+    /// The file, relative to `repo`.
+    file: String,
     sha1: [u8; 20],
     compression: Compression,
 }
@@ -265,8 +283,10 @@ struct ArchivedSegment {
 struct RepoBackup {
     label: String,
     kind: String,
-    /// `backup/<stanza>`.
-    backup_dir: PathBuf,
+    /// The repository.
+    repo: PathBuf,
+    /// The stanza, checked by [`valid_stanza`].
+    stanza: String,
     compression: Compression,
     start: Lsn,
     stop: Lsn,
@@ -371,8 +391,13 @@ fn tablespaces(ini: &Ini, label: &str) -> EngineResult<Vec<u32>> {
 }
 
 /// Reads the manifest of backup `label`.
-fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult<RepoBackup> {
-    let ini = read_info(&backup_dir.join(label).join("backup.manifest"))?;
+fn read_manifest(
+    repo: &Path,
+    stanza: &str,
+    label: &str,
+    system_id: u64,
+) -> EngineResult<RepoBackup> {
+    let ini = read_info(repo, &format!("backup/{stanza}/{label}/backup.manifest"))?;
     let text = |section: &str, key: &str| -> EngineResult<String> {
         as_str(&ini, key, &ini.need(section, key)?).map(str::to_string)
     };
@@ -509,7 +534,8 @@ fn read_manifest(backup_dir: &Path, label: &str, system_id: u64) -> EngineResult
     Ok(RepoBackup {
         label: label.to_string(),
         kind,
-        backup_dir: backup_dir.to_path_buf(),
+        repo: repo.to_path_buf(),
+        stanza: stanza.to_string(),
         compression,
         start: lsn("backup-lsn-start")?,
         stop: lsn("backup-lsn-stop")?,
@@ -533,7 +559,9 @@ struct WalArchive {
 }
 
 impl WalArchive {
-    fn scan(dir: &Path) -> EngineResult<WalArchive> {
+    /// The WAL of `rel`, a directory of the repository `repo`.
+    fn scan(repo: &Path, rel: &str) -> EngineResult<WalArchive> {
+        let dir = &repo.join(rel);
         let mut segments: BTreeMap<String, Vec<ArchivedSegment>> = BTreeMap::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
@@ -585,7 +613,8 @@ impl WalArchive {
                     .or_default()
                     .push(ArchivedSegment {
                         name: segment.to_string(),
-                        file: sub_dir.join(&name),
+                        repo: repo.to_path_buf(),
+                        file: format!("{rel}/{sub}/{name}"),
                         sha1,
                         compression,
                     });
@@ -607,7 +636,7 @@ impl WalArchive {
 
 /// Reads an archived segment whole, its SHA-1 checked.
 fn read_segment(s: &ArchivedSegment) -> std::io::Result<Vec<u8>> {
-    let file = open_file(&s.file).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let file = open_file(&s.repo, &s.file).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut data = Vec::new();
     s.compression
         .decoder(file, &s.name)?
@@ -637,8 +666,7 @@ fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBack
             "{stanza:?} is not a pgBackRest stanza name"
         )));
     }
-    let backup_dir = repo.join("backup").join(stanza);
-    let info = read_info(&backup_dir.join("backup.info"))?;
+    let info = read_info(repo, &format!("backup/{stanza}/backup.info"))?;
     if !info.section("cipher").is_empty() {
         return Err(refused(
             "the repository is encrypted (backup.info has a cipher passphrase): encrypted pgBackRest repositories are not supported",
@@ -664,7 +692,7 @@ fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBack
         let version = history
             .get("db-version")
             .and_then(Value::as_str)
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+            .filter(|v| valid_db_version(v))
             .ok_or_else(|| refused(format!("{}: database {db_id} has no version", info.name)))?
             .to_string();
         backups.push((label.clone(), db_id, version));
@@ -673,11 +701,11 @@ fn read_repository(repo: &Path, stanza: &str) -> EngineResult<(u64, Vec<RepoBack
     let mut read = Vec::new();
     let mut archives: HashMap<String, WalArchive> = HashMap::new();
     for (label, db_id, version) in &backups {
-        let mut backup = read_manifest(&backup_dir, label, system_id)?;
+        let mut backup = read_manifest(repo, stanza, label, system_id)?;
         let dir = format!("{version}-{db_id}");
         if !archives.contains_key(&dir) {
-            let path = repo.join("archive").join(stanza).join(&dir);
-            archives.insert(dir.clone(), WalArchive::scan(&path)?);
+            let rel = format!("archive/{stanza}/{dir}");
+            archives.insert(dir.clone(), WalArchive::scan(repo, &rel)?);
         }
         backup.segments = match archives.get(&dir) {
             Some(archive) => wal_run(archive, &backup.archive_start)?,
@@ -884,10 +912,10 @@ impl TarStream {
                         None => "pg_data".into(),
                     };
                     let stored = format!("{root}/{}{}", f.path, b.compression.extension());
-                    let path = b.backup_dir.join(&f.stored_in).join(&stored);
                     let name = format!("{}/{stored}", f.stored_in);
-                    let file =
-                        open_file(&path).map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let rel = format!("backup/{}/{name}", b.stanza);
+                    let file = open_file(&b.repo, &rel)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
                     self.current = Some(Checked {
                         input: b.compression.decoder(file, &name)?,
                         name,
@@ -1165,8 +1193,9 @@ mod tests {
     fn a_file_that_differs_from_the_manifest_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let label = "20261206-195010F";
-        std::fs::create_dir_all(dir.path().join(label).join("pg_data")).unwrap();
-        std::fs::write(dir.path().join(label).join("pg_data/PG_VERSION"), b"15\n").unwrap();
+        let data = dir.path().join("backup/main").join(label).join("pg_data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("PG_VERSION"), b"15\n").unwrap();
         let file = |size, sum: &[u8]| BackupFile {
             tablespace: None,
             path: "PG_VERSION".into(),
@@ -1180,7 +1209,8 @@ mod tests {
             let backup = Arc::new(RepoBackup {
                 label: label.into(),
                 kind: "full".into(),
-                backup_dir: dir.path().to_path_buf(),
+                repo: dir.path().to_path_buf(),
+                stanza: "main".into(),
                 compression: Compression::None,
                 start: Lsn(0),
                 stop: Lsn(0),
@@ -1210,5 +1240,124 @@ mod tests {
         assert!(err.to_string().contains("longer"), "{err}");
         let err = stream(file(4, b"15\n\n")).unwrap_err();
         assert!(err.to_string().contains("the manifest says 4"), "{err}");
+    }
+
+    /// A repository whose `backup.info` is `info` (after a valid `[db]`).
+    fn repo_with_info(info: &str) -> tempfile::TempDir {
+        let repo = tempfile::tempdir().unwrap();
+        let stanza = repo.path().join("backup/main");
+        std::fs::create_dir_all(&stanza).unwrap();
+        std::fs::write(
+            stanza.join("backup.info"),
+            format!("[db]\ndb-system-id=7\n\n[db:history]\n1={{\"db-version\":\"15\"}}\n\n{info}"),
+        )
+        .unwrap();
+        repo
+    }
+
+    #[test]
+    fn hostile_labels_stanzas_and_versions_from_a_repository_are_refused() {
+        let long = "2".repeat(4096);
+        for label in [
+            "../20261206-195010F",
+            "20261206-195010F/../../etc",
+            "20261206-195010F\"",
+            "20261206-195010F';touch /tmp/x'",
+            "\"20261206-195010F\"",
+            "20261206-195010F\u{0}",
+            "20261206-195010F\\n",
+            long.as_str(),
+        ] {
+            let repo = repo_with_info(&format!("[backup:current]\n{label}={{\"db-id\":1}}\n"));
+            let err = read_repository(repo.path(), "main").unwrap_err();
+            assert!(
+                err.to_string().contains("not a pgBackRest backup label"),
+                "{label:?}: {err}"
+            );
+        }
+        // A version names a directory: only digits and one dot.
+        for version in ["..", "../../etc", "15/..", "15\\n", "1.2.3", "", "99999999"] {
+            let repo = tempfile::tempdir().unwrap();
+            let stanza = repo.path().join("backup/main");
+            std::fs::create_dir_all(&stanza).unwrap();
+            std::fs::write(
+                stanza.join("backup.info"),
+                format!("[db]\ndb-system-id=7\n\n[db:history]\n1={{\"db-version\":\"{version}\"}}\n\n[backup:current]\n20261206-195010F={{\"db-id\":1}}\n"),
+            )
+            .unwrap();
+            let err = read_repository(repo.path(), "main").unwrap_err();
+            assert!(
+                err.to_string().contains("has no version"),
+                "{version:?}: {err}"
+            );
+        }
+        for stanza in [
+            "..",
+            "../main",
+            "a/b",
+            "main\n",
+            "ma'in",
+            "ma\"in",
+            "$(id)",
+            &"s".repeat(300),
+        ] {
+            let err = read_repository(Path::new("/nonexistent"), stanza).unwrap_err();
+            assert!(
+                err.to_string().contains("not a pgBackRest stanza"),
+                "{stanza:?}: {err}"
+            );
+        }
+        assert!(valid_db_version("15") && valid_db_version("9.6"));
+    }
+
+    #[test]
+    fn links_in_a_repository_are_not_followed() {
+        // A label directory that is a link elsewhere: its manifest is not read.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("backup.manifest"), "[backup]\n").unwrap();
+        let repo = repo_with_info("[backup:current]\n20261206-195010F={\"db-id\":1}\n");
+        std::os::unix::fs::symlink(
+            outside.path(),
+            repo.path().join("backup/main/20261206-195010F"),
+        )
+        .unwrap();
+        let err = read_repository(repo.path(), "main").unwrap_err();
+        assert!(err.to_string().contains("cannot open"), "{err}");
+        // The stanza's directory as a link: refused alike.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("backup")).unwrap();
+        std::os::unix::fs::symlink(
+            repo.path().join("backup/main"),
+            other.path().join("backup/main"),
+        )
+        .unwrap();
+        let err = read_repository(other.path(), "main").unwrap_err();
+        assert!(err.to_string().contains("cannot open"), "{err}");
+        // A data file reached through a linked directory.
+        let dir = tempfile::tempdir().unwrap();
+        let label = "20261206-195010F";
+        std::fs::create_dir_all(dir.path().join("backup/main").join(label)).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("PG_VERSION"), b"15\n").unwrap();
+        std::os::unix::fs::symlink(
+            elsewhere.path(),
+            dir.path().join("backup/main").join(label).join("pg_data"),
+        )
+        .unwrap();
+        let err = open_file(
+            dir.path(),
+            &format!("backup/main/{label}/pg_data/PG_VERSION"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot open"), "{err}");
+        // A WAL segment that is a link.
+        let wal = dir.path().join("archive/main/15-1/0000000100000000");
+        std::fs::create_dir_all(&wal).unwrap();
+        let name = format!("000000010000000000000002-{}", "0".repeat(40));
+        std::os::unix::fs::symlink("/etc/passwd", wal.join(&name)).unwrap();
+        let archive = WalArchive::scan(dir.path(), "archive/main/15-1").unwrap();
+        let segment = archive.get("000000010000000000000002").unwrap().unwrap();
+        let err = read_segment(segment).unwrap_err();
+        assert!(err.to_string().contains("cannot open"), "{err}");
     }
 }

@@ -251,6 +251,12 @@ impl Engine {
     pub fn add_instance(&self, instance: &strata_catalog::Instance) -> EngineResult<()> {
         // Slot names fold case and punctuation (and are cut at 63 bytes):
         // two instances must never share one.
+        if strata_catalog::Instance::owns_user_backup(&instance.id) {
+            return Err(EngineError::Refused(format!(
+                "instance ids starting with {:?} name user backups; choose another id",
+                strata_catalog::USER_BACKUP_OWNER_PREFIX
+            )));
+        }
         let slot = slot_name(&instance.id);
         if let Some(other) = self
             .catalog

@@ -43,6 +43,9 @@ impl Engine {
             report.instances += 1;
             match self.catalog.get_instance(&rec.id) {
                 Ok(_) => {}
+                // A user backup's owner is never registered: its set is indexed alone.
+                Err(CatalogError::InstanceNotFound(_))
+                    if strata_catalog::Instance::owns_user_backup(&rec.id) => {}
                 Err(CatalogError::InstanceNotFound(_)) => {
                     self.catalog
                         .add_instance(&entities::instance_from_record(&rec)?)?;

@@ -19,7 +19,7 @@ const MAX_NAME: usize = 255;
 /// `name` as one directory beneath `root`: letters, digits, `.`, `_`, `-`,
 /// not starting with a dot (so neither `.` nor `..`), and a real directory
 /// there, not a link to one.
-fn import_path(root: &Path, name: &str) -> ServiceResult<PathBuf> {
+pub(crate) fn import_path(root: &Path, name: &str) -> ServiceResult<PathBuf> {
     let well_formed = !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.starts_with('.')
@@ -50,6 +50,18 @@ fn import_path(root: &Path, name: &str) -> ServiceResult<PathBuf> {
 }
 
 impl Service {
+    /// The directory `name` of the configured import directory, checked
+    /// by [`import_path`]; refused when imports over the API are off.
+    pub(crate) fn import_dir_of(&self, name: &str) -> ServiceResult<PathBuf> {
+        let Some(root) = self.settings.import_dir.as_deref() else {
+            return Err(invalid(
+                Refusal::ImportDisabled,
+                "imports over the API are off: set import.dir in the configuration to the directory operators place backups in",
+            ));
+        };
+        import_path(root, name)
+    }
+
     /// Imports the `pg_basebackup -Ft` output directory `name` of the
     /// import directory as a backup set of `instance_id`: checked now
     /// (refused with nothing recorded), stored in the background; returns
@@ -59,13 +71,7 @@ impl Service {
         instance_id: &str,
         name: &str,
     ) -> ServiceResult<Job> {
-        let Some(root) = self.settings.import_dir.as_deref() else {
-            return Err(invalid(
-                Refusal::ImportDisabled,
-                "imports over the API are off: set import.dir in the configuration to the directory operators place backups in",
-            ));
-        };
-        let dir = import_path(root, name)?;
+        let dir = self.import_dir_of(name)?;
         let pending = self
             .engine
             .prepare_import(instance_id, &dir, &NoProgress)

@@ -43,6 +43,7 @@ mod retention;
 mod scheduler;
 mod tables;
 mod usage;
+pub mod user_backups;
 mod wal_supervisor;
 mod window;
 

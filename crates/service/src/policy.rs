@@ -102,6 +102,14 @@ pub enum Refusal {
     ImportFileMalformed,
     /// No directory of that name is in the import directory.
     ImportFileNotFound,
+    /// No user backup has that id.
+    UserBackupNotFound,
+    /// A user backup's comment is too long or holds control characters.
+    CommentMalformed,
+    /// A user backup's retention is not a number of days in range.
+    UserBackupRetentionMalformed,
+    /// `EngineVersion` is not a PostgreSQL major version.
+    EngineVersionMalformed,
 }
 
 /// A request that breaks a policy rule: what it got wrong and a message for

@@ -280,8 +280,15 @@ impl Service {
     /// Backup sets kept after their instance was deregistered or deleted
     /// (RDS's backups of released instances), oldest first. No retention
     /// applies to them: they stay until deleted.
+    /// User backups are listed by `ListUserBackupFiles` instead.
     pub fn detached_backups(&self) -> ServiceResult<Vec<BackupSet>> {
-        Ok(self.engine.catalog().list_detached_backups()?)
+        Ok(self
+            .engine
+            .catalog()
+            .list_detached_backups()?
+            .into_iter()
+            .filter(|b| !strata_catalog::Instance::owns_user_backup(&b.instance_id))
+            .collect())
     }
 
     fn delete_detached_backups(&self, instance_id: &str, ids: &[BackupId]) -> ServiceResult<()> {

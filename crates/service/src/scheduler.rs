@@ -106,6 +106,11 @@ impl Service {
                 tracing::warn!(instance = %instance.id, "scheduler: {e}");
             }
         }
+        if retention_due {
+            if let Err(e) = self.expire_user_backups(now) {
+                tracing::warn!("user backup retention: {e}");
+            }
+        }
         self.wal.reap();
         let ids: Vec<String> = instances.iter().map(|i| i.id.to_string()).collect();
         self.publish_receivers(&ids).await;

@@ -112,7 +112,7 @@ enum CatalogCmd {
 enum KeyCmd {
     /// Create a key pair and print it (the secret is shown only here).
     Create {
-        /// The key may call only Describe* and Check* actions.
+        /// The key may call only Describe*, List* and Check* actions.
         #[arg(long)]
         read_only: bool,
         #[arg(long, default_value = "")]

@@ -453,6 +453,24 @@ fn run_module_on(
     server.assert_no_internal_errors();
 }
 
+/// User backups: a pg_basebackup directory placed in the import
+/// directory, imported, listed, changed, cloned and deleted; hostile
+/// BackupFile names refused.
+#[test]
+fn sdk_user_backups() {
+    let import_dir = testkit::temp_dir("strata-user-backups-");
+    let cluster = Cluster::start_default(15);
+    let dir = import_dir.display().to_string();
+    run_module_on(
+        "test_user_backup.py",
+        &cluster,
+        false,
+        &format!("[import]\ndir = {dir:?}\n"),
+        &[("STRATA_IMPORT_DIR", dir.clone())],
+    );
+    let _ = std::fs::remove_dir_all(&import_dir);
+}
+
 #[test]
 fn sdk_backups_tasks_instances_read_only_key() {
     run_module("test_backups.py");
