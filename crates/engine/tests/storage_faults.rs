@@ -411,7 +411,7 @@ fn packs_in_flight_on_s3_restore_whole_and_one_failure_fails_the_backup() {
     config.secret_access_key = Some(S3Server::SECRET_KEY.into());
     config.path_style = true;
     config.allow_http = true;
-    config.upload_concurrency = 4;
+    config.tuning.upload_concurrency = 4;
     let store: Arc<dyn Storage> = Arc::new(RetryingStorage::new(
         S3Storage::new(config).unwrap(),
         retry_policy(),

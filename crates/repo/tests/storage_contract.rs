@@ -36,9 +36,9 @@ fn s3_config(server: &S3Server, prefix: &str) -> S3Config {
     config.path_style = true;
     config.allow_http = true;
     // Small parts so a 12 MiB object is a three-part upload.
-    config.multipart_threshold = 5 * MIB;
-    config.part_size = 5 * MIB;
-    config.max_concurrency = 4;
+    config.tuning.multipart_threshold = 5 * MIB;
+    config.tuning.part_size = 5 * MIB;
+    config.tuning.max_concurrency = 4;
     config
 }
 
@@ -48,9 +48,9 @@ fn azure_config(azurite: &Azurite, prefix: &str) -> AzureConfig {
     config.use_emulator = true;
     config.endpoint = Some(azurite.endpoint());
     // Small blocks so a 12 MiB object is three blocks and a block list.
-    config.multipart_threshold = 5 * MIB;
-    config.part_size = 5 * MIB;
-    config.max_concurrency = 4;
+    config.tuning.multipart_threshold = 5 * MIB;
+    config.tuning.part_size = 5 * MIB;
+    config.tuning.max_concurrency = 4;
     config
 }
 
