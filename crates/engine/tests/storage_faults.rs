@@ -22,10 +22,10 @@ use strata_engine::{
 };
 use strata_repo::storage::fault::{FaultCounts, FaultPlan, FaultyStorage};
 use strata_repo::{
-    LocalStorage, ObjectSize, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage,
-    Storage, StorageError,
+    GcsConfig, GcsStorage, LocalStorage, ObjectSize, Repository, RetryPolicy, RetryingStorage,
+    S3Config, S3Storage, Storage, StorageError,
 };
-use testkit::{Cluster, S3Server};
+use testkit::{Cluster, FakeGcs, S3Server};
 
 /// Retries as the binary does, with short delays so the test stays quick.
 fn retry_policy() -> RetryPolicy {
@@ -483,4 +483,13 @@ fn backups_under_storage_faults_on_s3() {
     config.path_style = true;
     config.allow_http = true;
     scenario(Arc::new(S3Storage::new(config).unwrap()), "s3");
+}
+
+#[test]
+fn backups_under_storage_faults_on_gcs() {
+    let server = FakeGcs::start();
+    let mut config = GcsConfig::from_url(&format!("gs://{}/faults", FakeGcs::BUCKET)).unwrap();
+    config.use_emulator = true;
+    config.endpoint = Some(server.endpoint());
+    scenario(Arc::new(GcsStorage::new(config).unwrap()), "gcs");
 }

@@ -1215,7 +1215,11 @@ mod object_store_settings_tests {
         let config = load(&dir, &text).unwrap();
         let c = gcs_config(&config.repository(), &config.gcs).unwrap();
         assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("backups", "prod"));
-        assert!(c.service_account_key.as_deref().unwrap().contains("c2VjcmV0"));
+        assert!(c
+            .service_account_key
+            .as_deref()
+            .unwrap()
+            .contains("c2VjcmV0"));
         assert_eq!(c.tuning.upload_concurrency, 3);
         assert_eq!(config.gcs.tuning.retry_policy().max_attempts, 5);
         // The key holds no usable RSA key: refused, and never echoed.

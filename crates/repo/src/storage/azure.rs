@@ -278,7 +278,9 @@ mod tests {
             let url = format!("azure://{container}/p");
             assert!(AzureConfig::from_url(&url).is_err(), "{container:?}");
         }
-        for prefix in ["a/../b", "..", "./a", "a//b", "a\nb", "a\rb", "a\u{7f}b", "a\u{0}b"] {
+        for prefix in [
+            "a/../b", "..", "./a", "a//b", "a\nb", "a\rb", "a\u{7f}b", "a\u{0}b",
+        ] {
             let url = format!("azure://backups/{prefix}");
             assert!(AzureConfig::from_url(&url).is_err(), "{prefix:?}");
         }

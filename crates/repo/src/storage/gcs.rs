@@ -215,7 +215,9 @@ impl GcsStorage {
             .build()
             .map_err(|e| StorageError::Config(format!("{}: {e}", config.url())))?;
         let description = match (&config.endpoint, config.use_emulator) {
-            (Some(endpoint), _) => format!("{} at {}", config.url(), endpoint.trim_end_matches('/')),
+            (Some(endpoint), _) => {
+                format!("{} at {}", config.url(), endpoint.trim_end_matches('/'))
+            }
             (None, true) => format!("{} at {EMULATOR_URL}", config.url()),
             (None, false) => config.url(),
         };
@@ -318,7 +320,8 @@ mod tests {
 
     #[test]
     fn the_service_account_key_is_never_printed() {
-        let secret = "-----BEGIN PRIVATE KEY-----\\nc2VjcmV0LWtleS1ieXRlcw==\\n-----END PRIVATE KEY-----\\n";
+        let secret =
+            "-----BEGIN PRIVATE KEY-----\\nc2VjcmV0LWtleS1ieXRlcw==\\n-----END PRIVATE KEY-----\\n";
         let mut c = GcsConfig::from_url("gs://backups").unwrap();
         c.service_account_key = Some(format!(
             "{{\"type\": \"service_account\", \"private_key\": \"{secret}\", \

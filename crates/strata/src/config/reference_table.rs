@@ -103,10 +103,8 @@ fn config_keys(path: Vec<String>, keys: &mut BTreeSet<String>) {
                     let Some(name) = key.strip_prefix(&format!("{table}.")) else {
                         continue;
                     };
-                    let toml = probe_toml(&path).replace(
-                        &format!("{PROBE} = 1"),
-                        &format!("{name} = \"probe\""),
-                    );
+                    let toml = probe_toml(&path)
+                        .replace(&format!("{PROBE} = 1"), &format!("{name} = \"probe\""));
                     let refused = toml::from_str::<Config>(&toml)
                         .err()
                         .is_some_and(|e| e.message().starts_with("unknown field"));
