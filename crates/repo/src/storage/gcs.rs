@@ -203,13 +203,17 @@ impl GcsStorage {
         let tuning = config.tuning;
         tuning.check()?;
         let allow_http = config.use_emulator;
-        let mut builder = GoogleCloudStorageBuilder::from_env()
+        // A key from the configuration is the only credential; without one
+        // the `GOOGLE_*` environment is read (a key path there would
+        // otherwise clash with the configured key).
+        let builder = match config.builder_key()? {
+            Some(key) => GoogleCloudStorageBuilder::new().with_service_account_key(key),
+            None => GoogleCloudStorageBuilder::from_env(),
+        };
+        let builder = builder
             .with_bucket_name(&config.bucket)
             .with_retry(Tuning::retry_config())
             .with_client_options(tuning.client_options(allow_http));
-        if let Some(key) = config.builder_key()? {
-            builder = builder.with_service_account_key(key);
-        }
         // object_store's messages about credentials name no key material.
         let gcs = builder
             .build()

@@ -231,6 +231,42 @@ mod tests {
         assert!(err.is_transient(), "{err}");
     }
 
+    /// A server that answers 404 and hands back the first request line.
+    fn request_line_server() -> (String, std::sync::mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut buf = [0u8; 65536];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            let _ = tx.send(text.lines().next().unwrap_or_default().to_string());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        });
+        (format!("http://{addr}"), rx)
+    }
+
+    #[test]
+    fn a_virtual_hosted_endpoint_is_the_buckets_own_url() {
+        // As for Alibaba OSS: `https://<bucket>.s3.oss-<region>.aliyuncs.com`
+        // with path_style off; the bucket is not repeated in the path.
+        let (endpoint, seen) = request_line_server();
+        let mut config = S3Config::from_url("s3://my-backups/pre").unwrap();
+        config.endpoint = Some(endpoint);
+        config.access_key_id = Some("AKID".into());
+        config.secret_access_key = Some("SECRET".into());
+        config.allow_http = true;
+        config.path_style = false;
+        assert!(!S3Storage::new(config).unwrap().exists("a/b").unwrap());
+        assert_eq!(seen.recv().unwrap(), "HEAD /pre/a/b HTTP/1.1");
+    }
+
     #[test]
     fn urls_and_settings_are_checked() {
         let c = S3Config::from_url("s3://my-bucket/a/b/").unwrap();
