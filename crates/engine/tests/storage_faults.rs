@@ -22,10 +22,10 @@ use strata_engine::{
 };
 use strata_repo::storage::fault::{FaultCounts, FaultPlan, FaultyStorage};
 use strata_repo::{
-    LocalStorage, ObjectSize, Repository, RetryPolicy, RetryingStorage, S3Config, S3Storage,
-    Storage, StorageError,
+    GcsConfig, GcsStorage, LocalStorage, ObjectSize, Repository, RetryPolicy, RetryingStorage,
+    S3Config, S3Storage, Storage, StorageError,
 };
-use testkit::{Cluster, S3Server};
+use testkit::{Cluster, FakeGcs, S3Server};
 
 /// Retries as the binary does, with short delays so the test stays quick.
 fn retry_policy() -> RetryPolicy {
@@ -411,7 +411,7 @@ fn packs_in_flight_on_s3_restore_whole_and_one_failure_fails_the_backup() {
     config.secret_access_key = Some(S3Server::SECRET_KEY.into());
     config.path_style = true;
     config.allow_http = true;
-    config.upload_concurrency = 4;
+    config.tuning.upload_concurrency = 4;
     let store: Arc<dyn Storage> = Arc::new(RetryingStorage::new(
         S3Storage::new(config).unwrap(),
         retry_policy(),
@@ -483,4 +483,13 @@ fn backups_under_storage_faults_on_s3() {
     config.path_style = true;
     config.allow_http = true;
     scenario(Arc::new(S3Storage::new(config).unwrap()), "s3");
+}
+
+#[test]
+fn backups_under_storage_faults_on_gcs() {
+    let server = FakeGcs::start();
+    let mut config = GcsConfig::from_url(&format!("gs://{}/faults", FakeGcs::BUCKET)).unwrap();
+    config.use_emulator = true;
+    config.endpoint = Some(server.endpoint());
+    scenario(Arc::new(GcsStorage::new(config).unwrap()), "gcs");
 }

@@ -4,7 +4,8 @@
 //!
 //! Every key is optional here; the accessors below resolve it into the
 //! settings each crate runs with ([`EngineSettings`], `ServiceSettings` with
-//! its `UsageSettings`, [`S3Config`], [`AzureConfig`], [`RetryPolicy`], [`MinFreeSpace`]).
+//! its `UsageSettings`, [`S3Config`], [`AzureConfig`], [`GcsConfig`], [`RetryPolicy`],
+//! [`MinFreeSpace`]).
 //! A default is defined once: in that crate's `Default` (or constant), or in
 //! an accessor here for what only the binary knows (data directory, listen
 //! address, link lifetime). The field comments therefore say what a key
@@ -21,8 +22,8 @@ use serde::Deserialize;
 use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
-    AzureConfig, AzureStorage, KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
+    AzureConfig, AzureStorage, GcsConfig, GcsStorage, KeySource, LocalStorage, MinFreeSpace,
+    RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, Tuning, DEFAULT_COMPRESS_LEVEL,
 };
 
 mod notify;
@@ -44,8 +45,8 @@ pub enum CatalogLocation {
 pub struct Config {
     /// Root for the default repository and catalog locations.
     pub data_dir: Option<PathBuf>,
-    /// Repository: a directory (default `<data_dir>/repo`), `s3://bucket/prefix`
-    /// or `azure://container/prefix`.
+    /// Repository: a directory (default `<data_dir>/repo`), `s3://bucket/prefix`,
+    /// `azure://container/prefix` or `gs://bucket/prefix`.
     pub repository: Option<String>,
     /// The catalog: a SQLite file (default `<data_dir>/catalog.db`) or a
     /// `postgres://` URL.
@@ -61,6 +62,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub s3: S3Settings,
     pub azure: AzureSettings,
+    pub gcs: GcsSettings,
     pub encryption: EncryptionSettings,
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
@@ -177,10 +179,11 @@ pub struct GcConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegionConfig {
-    /// A directory, `s3://bucket/prefix` or `azure://container/prefix`.
+    /// A directory, `s3://bucket/prefix`, `azure://container/prefix` or `gs://bucket/prefix`.
     pub repository: String,
     pub s3: S3Settings,
     pub azure: AzureSettings,
+    pub gcs: GcsSettings,
     pub encryption: EncryptionSettings,
 }
 
@@ -239,6 +242,17 @@ pub struct S3Settings {
     pub path_style: Option<bool>,
     /// Allow a plain-http endpoint.
     pub allow_http: Option<bool>,
+    /// Part sizes, concurrency, deadlines and attempts, in the same table.
+    #[serde(flatten)]
+    pub tuning: TuningSettings,
+}
+
+/// The keys every object-store table (`[s3]`, `[azure]`, `[gcs]`) has: how
+/// [`Tuning`] and the retries are set. Flattened into those tables, so its
+/// keys sit beside the service's own; unknown keys are refused by the table.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TuningSettings {
     /// Objects above this size (MiB) go up as multipart uploads.
     pub multipart_threshold_mb: Option<usize>,
     /// Part size of multipart uploads in MiB (at least 5).
@@ -251,6 +265,38 @@ pub struct S3Settings {
     pub request_timeout_secs: Option<u64>,
     /// Attempts per call on transient errors, the first included.
     pub max_attempts: Option<u32>,
+}
+
+impl TuningSettings {
+    /// `tuning` with the keys that are set applied (checked when the store is made).
+    fn apply(&self, tuning: &mut Tuning) {
+        const MIB: usize = 1024 * 1024;
+        if let Some(mb) = self.multipart_threshold_mb {
+            tuning.multipart_threshold = mb.saturating_mul(MIB);
+        }
+        if let Some(mb) = self.part_size_mb {
+            tuning.part_size = mb.saturating_mul(MIB);
+        }
+        if let Some(n) = self.max_concurrency {
+            tuning.max_concurrency = n;
+        }
+        if let Some(n) = self.upload_concurrency {
+            tuning.upload_concurrency = n;
+        }
+        if let Some(secs) = self.request_timeout_secs {
+            tuning.request_timeout = Duration::from_secs(secs.max(1));
+        }
+    }
+
+    /// Retries of calls to the store: `max_attempts`, the rest as
+    /// [`RetryPolicy`] has it.
+    fn retry_policy(&self) -> RetryPolicy {
+        let default = RetryPolicy::default();
+        RetryPolicy {
+            max_attempts: self.max_attempts.unwrap_or(default.max_attempts).max(1),
+            ..default
+        }
+    }
 }
 
 /// Everything but the secret, which shows only whether it is set.
@@ -266,12 +312,7 @@ impl std::fmt::Debug for S3Settings {
             )
             .field("path_style", &self.path_style)
             .field("allow_http", &self.allow_http)
-            .field("multipart_threshold_mb", &self.multipart_threshold_mb)
-            .field("part_size_mb", &self.part_size_mb)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("upload_concurrency", &self.upload_concurrency)
-            .field("request_timeout_secs", &self.request_timeout_secs)
-            .field("max_attempts", &self.max_attempts)
+            .field("tuning", &self.tuning)
             .finish()
     }
 }
@@ -292,14 +333,9 @@ pub struct AzureSettings {
     pub endpoint: Option<String>,
     /// Talk to Azurite: path-style URLs, plain http, its development account.
     pub use_emulator: Option<bool>,
-    /// Requests in flight at once.
-    pub max_concurrency: Option<usize>,
-    /// Packs a backup stores at once.
-    pub upload_concurrency: Option<usize>,
-    /// Deadline of one request in seconds.
-    pub request_timeout_secs: Option<u64>,
-    /// Attempts per call on transient errors, the first included.
-    pub max_attempts: Option<u32>,
+    /// Block sizes, concurrency, deadlines and attempts, in the same table.
+    #[serde(flatten)]
+    pub tuning: TuningSettings,
 }
 
 impl std::fmt::Debug for AzureSettings {
@@ -310,10 +346,35 @@ impl std::fmt::Debug for AzureSettings {
             .field("access_key", &self.access_key.as_ref().map(|_| "<hidden>"))
             .field("endpoint", &self.endpoint)
             .field("use_emulator", &self.use_emulator)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("upload_concurrency", &self.upload_concurrency)
-            .field("request_timeout_secs", &self.request_timeout_secs)
-            .field("max_attempts", &self.max_attempts)
+            .field("tuning", &self.tuning)
+            .finish()
+    }
+}
+
+/// How to reach a `gs://` repository.
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcsSettings {
+    /// File holding a service account's JSON key; default: the
+    /// `GOOGLE_*` environment, application default credentials, then the
+    /// metadata server.
+    pub service_account_file: Option<PathBuf>,
+    /// Service URL (private endpoints, an emulator).
+    pub endpoint: Option<String>,
+    /// Talk to an emulator: no credentials, plain http allowed.
+    pub use_emulator: Option<bool>,
+    /// Part sizes, concurrency, deadlines and attempts, in the same table.
+    #[serde(flatten)]
+    pub tuning: TuningSettings,
+}
+
+impl std::fmt::Debug for GcsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsSettings")
+            .field("service_account_file", &self.service_account_file)
+            .field("endpoint", &self.endpoint)
+            .field("use_emulator", &self.use_emulator)
+            .field("tuning", &self.tuning)
             .finish()
     }
 }
@@ -468,6 +529,7 @@ impl Config {
         }
         config.s3.apply_env()?;
         config.azure.apply_env()?;
+        config.gcs.apply_env()?;
         if let Ok(v) = std::env::var("STRATA_ENCRYPTION_KEY_FILE") {
             config.encryption.key_file = Some(v.into());
         }
@@ -482,7 +544,7 @@ impl Config {
                 bail!("[regions.{id}]: a region id uses letters, digits and '-'");
             }
             if region.repository.is_empty() {
-                bail!("[regions.{id}] repository is required (a directory, s3://bucket/prefix or azure://container/prefix)");
+                bail!("[regions.{id}] repository is required (a directory, s3://bucket/prefix, azure://container/prefix or gs://bucket/prefix)");
             }
             if region.encryption.key_file.is_some() && region.encryption.passphrase_env.is_some() {
                 bail!("[regions.{id}.encryption] key_file and passphrase_env are alternatives; set one");
@@ -565,7 +627,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("strata-data"))
     }
 
-    /// The repository as configured: a directory path, an `s3://` or an `azure://` URL.
+    /// The repository as configured: a directory path, an `s3://`, `azure://` or `gs://` URL.
     pub fn repository(&self) -> String {
         self.repository
             .clone()
@@ -577,8 +639,11 @@ impl Config {
     pub fn storage(&self) -> Result<Arc<dyn Storage>> {
         open_storage(
             &self.repository(),
-            &self.s3,
-            &self.azure,
+            ObjectStores {
+                s3: &self.s3,
+                azure: &self.azure,
+                gcs: &self.gcs,
+            },
             self.local_repository.min_free()?,
         )
     }
@@ -615,8 +680,11 @@ impl Config {
         for (id, region) in &self.regions {
             let storage = open_storage(
                 &region.repository,
-                &region.s3,
-                &region.azure,
+                ObjectStores {
+                    s3: &region.s3,
+                    azure: &region.azure,
+                    gcs: &region.gcs,
+                },
                 self.local_repository.min_free()?,
             )
             .with_context(|| format!("[regions.{id}]"))?;
@@ -792,35 +860,49 @@ impl Config {
     }
 }
 
-/// Opens the storage at `location` (a directory, `s3://bucket/prefix`
-/// reached with `s` or `azure://container/prefix` reached with `azure`).
-/// Object storage is wrapped in retries with backoff; a local directory
-/// fails fast and keeps `min_free` free.
+/// The object-store tables one repository location is opened with.
+#[derive(Clone, Copy)]
+struct ObjectStores<'a> {
+    s3: &'a S3Settings,
+    azure: &'a AzureSettings,
+    gcs: &'a GcsSettings,
+}
+
+/// Opens the storage at `location`: a directory, or an `s3://`, `azure://`
+/// or `gs://` URL reached as the matching table of `stores` says. Object
+/// storage is wrapped in retries with backoff; a local directory fails fast
+/// and keeps `min_free` free.
 fn open_storage(
     location: &str,
-    s: &S3Settings,
-    azure: &AzureSettings,
+    stores: ObjectStores<'_>,
     min_free: MinFreeSpace,
 ) -> Result<Arc<dyn Storage>> {
     if location.starts_with("azure://") {
-        let c = azure_config(location, azure)?;
+        let c = azure_config(location, stores.azure)?;
         return Ok(Arc::new(RetryingStorage::new(
             AzureStorage::new(c)?,
-            azure_retry_policy(azure),
+            stores.azure.tuning.retry_policy(),
         )));
     }
-    if !location.starts_with("s3://") {
-        let dir = PathBuf::from(&location);
-        let local = LocalStorage::new(&dir)
-            .with_context(|| format!("cannot use repository directory {location}"))?
-            .with_min_free(min_free);
-        return Ok(Arc::new(local));
+    if location.starts_with("gs://") {
+        let c = gcs_config(location, stores.gcs)?;
+        return Ok(Arc::new(RetryingStorage::new(
+            GcsStorage::new(c)?,
+            stores.gcs.tuning.retry_policy(),
+        )));
     }
-    let c = s3_config(location, s)?;
-    Ok(Arc::new(RetryingStorage::new(
-        S3Storage::new(c)?,
-        retry_policy(s),
-    )))
+    if location.starts_with("s3://") {
+        let c = s3_config(location, stores.s3)?;
+        return Ok(Arc::new(RetryingStorage::new(
+            S3Storage::new(c)?,
+            stores.s3.tuning.retry_policy(),
+        )));
+    }
+    let dir = PathBuf::from(&location);
+    let local = LocalStorage::new(&dir)
+        .with_context(|| format!("cannot use repository directory {location}"))?
+        .with_min_free(min_free);
+    Ok(Arc::new(local))
 }
 
 /// `s3://bucket/prefix` reached as `s` says, the rest as [`S3Config`] has it.
@@ -841,22 +923,7 @@ fn s3_config(location: &str, s: &S3Settings) -> Result<S3Config> {
     if let Some(on) = s.allow_http {
         c.allow_http = on;
     }
-    const MIB: usize = 1024 * 1024;
-    if let Some(mb) = s.multipart_threshold_mb {
-        c.multipart_threshold = mb.saturating_mul(MIB);
-    }
-    if let Some(mb) = s.part_size_mb {
-        c.part_size = mb.saturating_mul(MIB);
-    }
-    if let Some(n) = s.max_concurrency {
-        c.max_concurrency = n;
-    }
-    if let Some(n) = s.upload_concurrency {
-        c.upload_concurrency = n;
-    }
-    if let Some(secs) = s.request_timeout_secs {
-        c.request_timeout = Duration::from_secs(secs.max(1));
-    }
+    s.tuning.apply(&mut c.tuning);
     Ok(c)
 }
 
@@ -887,36 +954,24 @@ fn azure_config(location: &str, s: &AzureSettings) -> Result<AzureConfig> {
             bail!("[azure] the access key is not a base64 Shared Key (as the portal shows it)");
         }
     }
-    if let Some(n) = s.max_concurrency {
-        c.max_concurrency = n;
-    }
-    if let Some(n) = s.upload_concurrency {
-        c.upload_concurrency = n;
-    }
-    if let Some(secs) = s.request_timeout_secs {
-        c.request_timeout = Duration::from_secs(secs.max(1));
-    }
+    s.tuning.apply(&mut c.tuning);
     Ok(c)
 }
 
-/// Retries of calls to Azure: `azure.max_attempts`, the rest as
-/// [`RetryPolicy`] has it.
-fn azure_retry_policy(s: &AzureSettings) -> RetryPolicy {
-    let default = RetryPolicy::default();
-    RetryPolicy {
-        max_attempts: s.max_attempts.unwrap_or(default.max_attempts).max(1),
-        ..default
+/// `gs://bucket/prefix` reached as `s` says, the rest as [`GcsConfig`] has it.
+fn gcs_config(location: &str, s: &GcsSettings) -> Result<GcsConfig> {
+    let mut c = GcsConfig::from_url(location)?;
+    c.endpoint = s.endpoint.clone();
+    c.use_emulator = s.use_emulator.unwrap_or(false);
+    if let Some(path) = &s.service_account_file {
+        // Read here so an endpoint can be written into it; its text is
+        // never shown, a parse error names only a line and column.
+        let key = std::fs::read_to_string(path)
+            .with_context(|| format!("[gcs] service_account_file {}", path.display()))?;
+        c.service_account_key = Some(key);
     }
-}
-
-/// Retries of calls to object storage: `s3.max_attempts`, the rest as
-/// [`RetryPolicy`] has it.
-fn retry_policy(s: &S3Settings) -> RetryPolicy {
-    let default = RetryPolicy::default();
-    RetryPolicy {
-        max_attempts: s.max_attempts.unwrap_or(default.max_attempts).max(1),
-        ..default
-    }
+    s.tuning.apply(&mut c.tuning);
+    Ok(c)
 }
 
 impl EncryptionSettings {
@@ -977,6 +1032,26 @@ impl S3Settings {
     }
 }
 
+impl GcsSettings {
+    fn apply_env(&mut self) -> Result<()> {
+        let text = |name: &str| std::env::var(name).ok();
+        if let Some(v) = text("STRATA_GCS_SERVICE_ACCOUNT_FILE") {
+            self.service_account_file = Some(v.into());
+        }
+        if let Some(v) = text("STRATA_GCS_ENDPOINT") {
+            self.endpoint = Some(v);
+        }
+        if let Ok(v) = std::env::var("STRATA_GCS_USE_EMULATOR") {
+            self.use_emulator = Some(match v.as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => bail!("STRATA_GCS_USE_EMULATOR must be true or false, got {v:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl AzureSettings {
     fn apply_env(&mut self) -> Result<()> {
         let text = |name: &str| std::env::var(name).ok();
@@ -1028,8 +1103,8 @@ mod azure_settings_tests {
         );
         assert_eq!(c.account.as_deref(), Some("acct"));
         assert_eq!(c.access_key.as_deref(), Some("c2VjcmV0LWtleS1ieXRlcw=="));
-        assert_eq!(c.upload_concurrency, 2);
-        assert_eq!(azure_retry_policy(&config.azure).max_attempts, 3);
+        assert_eq!(c.tuning.upload_concurrency, 2);
+        assert_eq!(config.azure.tuning.retry_policy().max_attempts, 3);
         let storage = config.storage().unwrap();
         assert_eq!(
             storage.describe(),
@@ -1050,6 +1125,141 @@ mod azure_settings_tests {
         assert!(Config::load(Some(&path)).is_err());
         let bad = AzureSettings::default();
         assert!(azure_config("azure://Bad_Container", &bad).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod object_store_settings_tests {
+    use super::*;
+
+    fn load(dir: &Path, text: &str) -> Result<Config> {
+        let path = dir.join("strata.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path))
+    }
+
+    #[test]
+    fn configuration_files_written_before_the_shared_tuning_table_still_parse() {
+        let dir = testkit::temp_dir("strata-tuning-conf-");
+        let config = load(
+            &dir,
+            "repository = \"s3://backups/prod\"\n\
+             [s3]\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"eu-west-1\"\n\
+             path_style = true\nallow_http = true\nmultipart_threshold_mb = 32\n\
+             part_size_mb = 16\nmax_concurrency = 3\nupload_concurrency = 2\n\
+             request_timeout_secs = 30\nmax_attempts = 4\n\
+             [azure]\naccount = \"acct\"\nuse_emulator = true\nmax_concurrency = 5\n\
+             upload_concurrency = 6\nrequest_timeout_secs = 7\nmax_attempts = 2\n\
+             [regions.eu]\nrepository = \"s3://eu-backups\"\n\
+             [regions.eu.s3]\npart_size_mb = 12\nmax_attempts = 9\n",
+        )
+        .unwrap();
+        let s3 = s3_config(&config.repository(), &config.s3).unwrap();
+        assert_eq!(s3.region, "eu-west-1");
+        const MIB: usize = 1024 * 1024;
+        assert_eq!(
+            s3.tuning,
+            Tuning {
+                multipart_threshold: 32 * MIB,
+                part_size: 16 * MIB,
+                max_concurrency: 3,
+                upload_concurrency: 2,
+                request_timeout: Duration::from_secs(30),
+                ..Tuning::default()
+            }
+        );
+        assert_eq!(config.s3.tuning.retry_policy().max_attempts, 4);
+        let azure = azure_config("azure://backups", &config.azure).unwrap();
+        assert_eq!(
+            azure.tuning,
+            Tuning {
+                max_concurrency: 5,
+                upload_concurrency: 6,
+                request_timeout: Duration::from_secs(7),
+                ..Tuning::default()
+            }
+        );
+        assert_eq!(config.azure.tuning.retry_policy().max_attempts, 2);
+        let region = &config.regions["eu"];
+        assert_eq!(region.s3.tuning.part_size_mb, Some(12));
+        assert_eq!(region.s3.tuning.retry_policy().max_attempts, 9);
+        // Unknown keys are still refused, beside the shared ones or among them.
+        for bad in [
+            "[s3]\nmax_concurency = 3\n",
+            "[azure]\npart_size = 5\n",
+            "[gcs]\naccess_key = \"x\"\n",
+            "[regions.eu]\nrepository = \"gs://eu-backups\"\n[regions.eu.gcs]\nbucket = \"x\"\n",
+        ] {
+            let err = format!("{:#}", load(&dir, bad).unwrap_err());
+            assert!(err.contains("unknown field"), "{bad}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn gcs_settings_reach_the_storage_and_the_key_stays_hidden() {
+        let dir = testkit::temp_dir("strata-gcs-conf-");
+        let key_file = dir.join("sa.json");
+        std::fs::write(
+            &key_file,
+            "{\"type\": \"service_account\", \"client_email\": \"strata@p.iam.gserviceaccount.com\", \
+             \"private_key\": \"-----BEGIN PRIVATE KEY-----\\nc2VjcmV0LWtleS1ieXRlcw==\\n-----END PRIVATE KEY-----\\n\"}",
+        )
+        .unwrap();
+        let text = format!(
+            "repository = \"gs://backups/prod\"\n[gcs]\nservice_account_file = \"{}\"\n\
+             upload_concurrency = 3\nmax_attempts = 5\n",
+            key_file.display()
+        );
+        let config = load(&dir, &text).unwrap();
+        let c = gcs_config(&config.repository(), &config.gcs).unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("backups", "prod"));
+        assert!(c
+            .service_account_key
+            .as_deref()
+            .unwrap()
+            .contains("c2VjcmV0"));
+        assert_eq!(c.tuning.upload_concurrency, 3);
+        assert_eq!(config.gcs.tuning.retry_policy().max_attempts, 5);
+        // The key holds no usable RSA key: refused, and never echoed.
+        let shown = match config.storage() {
+            Ok(storage) => format!("{config:?} {c:?} {storage:?} {}", storage.describe()),
+            Err(e) => format!("{config:?} {c:?} {e:#}"),
+        };
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+
+        // An emulator: no key, its endpoint.
+        let config = load(
+            &dir,
+            "repository = \"gs://backups/prod\"\n[gcs]\nuse_emulator = true\n\
+             endpoint = \"http://127.0.0.1:4443\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.storage().unwrap().describe(),
+            "gs://backups/prod at http://127.0.0.1:4443"
+        );
+        // Hostile buckets and prefixes are refused before anything is sent.
+        for repository in [
+            "gs://Backups",
+            "gs://goog-backups",
+            "gs://back..ups",
+            "gs://backups/../other",
+            "gs://backups/a\u{1b}[2Jb",
+        ] {
+            assert!(
+                gcs_config(repository, &GcsSettings::default()).is_err(),
+                "{repository:?}"
+            );
+        }
+        // A missing key file is named, not guessed at.
+        let missing = GcsSettings {
+            service_account_file: Some(dir.join("absent.json")),
+            ..GcsSettings::default()
+        };
+        let err = format!("{:#}", gcs_config("gs://backups", &missing).unwrap_err());
+        assert!(err.contains("service_account_file"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

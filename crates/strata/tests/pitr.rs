@@ -1,7 +1,8 @@
 //! The core round trip (backup under pgbench load with concurrent DDL, WAL
 //! archiving, restores to latest, time, LSN, xid and restore point compared
 //! row by row) with the repository in a local directory, on a real S3 server
-//! (s3s-fs), and on S3 with encryption at rest; and a destructive
+//! (s3s-fs), on a Google Cloud Storage emulator (fake-gcs-server), and on S3
+//! with encryption at rest; and a destructive
 //! transaction committed while a backup ran, undone.
 
 mod common;
@@ -9,7 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{files_under, pitr_round_trip, Strata};
-use testkit::{Cluster, S3Server};
+use strata_repo::{GcsConfig, GcsStorage, Storage};
+use testkit::{Cluster, FakeGcs, S3Server};
 
 #[test]
 fn pitr_under_load_with_ddl() {
@@ -30,6 +32,25 @@ fn pitr_under_load_on_s3() {
     assert!(objects
         .iter()
         .any(|p| p.to_string_lossy().ends_with(".manifest")));
+    assert!(!strata.repo_dir().exists());
+}
+
+#[test]
+fn pitr_under_load_on_gcs() {
+    let gcs = FakeGcs::start();
+    let strata = Strata::on_gcs("pitr-gcs", &gcs, "");
+    pitr_round_trip(&strata, "pitr-gcs");
+    // Backups and archived WAL went to the bucket, nothing to the data directory.
+    let mut config = GcsConfig::from_url(&format!("gs://{}/pitr-gcs", FakeGcs::BUCKET)).unwrap();
+    config.use_emulator = true;
+    config.endpoint = Some(gcs.endpoint());
+    let objects = GcsStorage::new(config).unwrap().list("").unwrap();
+    assert!(objects.iter().any(|k| k.ends_with(".pack")), "{objects:?}");
+    assert!(
+        objects.iter().any(|k| k.ends_with(".manifest")),
+        "{objects:?}"
+    );
+    assert!(objects.iter().any(|k| k.contains("/wal/")), "{objects:?}");
     assert!(!strata.repo_dir().exists());
 }
 

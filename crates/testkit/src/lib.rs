@@ -13,11 +13,13 @@
 #![warn(missing_docs)]
 
 mod azurite;
+mod fake_gcs;
 pub mod fuzz;
 mod loopfs;
 mod s3;
 
 pub use azurite::{azurite_blob_binary, Azurite};
+pub use fake_gcs::{fake_gcs_server_binary, FakeGcs};
 pub use loopfs::{FsKind, LoopFs, LoopFsUnavailable};
 pub use s3::{s3s_fs_binary, S3Server};
 

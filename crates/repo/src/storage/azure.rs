@@ -13,15 +13,10 @@
 //! with its well-known development account unless another one is given.
 //! The account key is never printed: `Debug` leaves it out.
 
-use std::time::Duration;
-
 use object_store::azure::MicrosoftAzureBuilder;
 
-use super::cloud::{
-    ObjectStorage, Tuning, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE,
-    DEFAULT_UPLOAD_CONCURRENCY,
-};
-use super::{validate_key, StorageError, StorageResult};
+use super::cloud::{checked_endpoint, ObjectStorage, Tuning};
+use super::{validate_prefix, StorageError, StorageResult};
 
 /// The account every Azurite serves (Microsoft's "Use the Azurite emulator",
 /// well-known storage account and key).
@@ -54,18 +49,8 @@ pub struct AzureConfig {
     /// Talk to Azurite: path-style URLs, plain http, the development
     /// account and key unless others are given.
     pub use_emulator: bool,
-    /// Blobs larger than this go up as blocks and a block list.
-    pub multipart_threshold: usize,
-    /// Size of each block.
-    pub part_size: usize,
-    /// Requests in flight at once.
-    pub max_concurrency: usize,
-    /// Packs a backup stores at once (see [`super::Storage::concurrent_puts`]).
-    pub upload_concurrency: usize,
-    /// Deadline of one HTTP request.
-    pub request_timeout: Duration,
-    /// Deadline of establishing a connection.
-    pub connect_timeout: Duration,
+    /// Block sizes, concurrency and deadlines.
+    pub tuning: Tuning,
 }
 
 impl std::fmt::Debug for AzureConfig {
@@ -76,11 +61,7 @@ impl std::fmt::Debug for AzureConfig {
             .field("prefix", &self.prefix)
             .field("endpoint", &self.endpoint)
             .field("use_emulator", &self.use_emulator)
-            .field("multipart_threshold", &self.multipart_threshold)
-            .field("part_size", &self.part_size)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("upload_concurrency", &self.upload_concurrency)
-            .field("request_timeout", &self.request_timeout)
+            .field("tuning", &self.tuning)
             .finish_non_exhaustive()
     }
 }
@@ -107,10 +88,8 @@ impl AzureConfig {
             )));
         }
         let prefix = prefix.trim_matches('/').to_string();
-        if !prefix.is_empty() {
-            validate_key(&prefix)
-                .map_err(|_| StorageError::Config(format!("invalid blob prefix {prefix:?}")))?;
-        }
+        validate_prefix(&prefix)
+            .map_err(|_| StorageError::Config(format!("invalid blob prefix {prefix:?}")))?;
         Ok(AzureConfig {
             account: None,
             container: container.to_string(),
@@ -118,24 +97,8 @@ impl AzureConfig {
             access_key: None,
             endpoint: None,
             use_emulator: false,
-            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
-            part_size: DEFAULT_PART_SIZE,
-            max_concurrency: 8,
-            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
-            request_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(5),
+            tuning: Tuning::default(),
         })
-    }
-
-    fn tuning(&self) -> Tuning {
-        Tuning {
-            multipart_threshold: self.multipart_threshold,
-            part_size: self.part_size,
-            max_concurrency: self.max_concurrency,
-            upload_concurrency: self.upload_concurrency,
-            request_timeout: self.request_timeout,
-            connect_timeout: self.connect_timeout,
-        }
     }
 
     fn url(&self) -> String {
@@ -188,27 +151,32 @@ impl std::fmt::Debug for AzureStorage {
 impl AzureStorage {
     /// Sets up the client; no request is made until the first call.
     pub fn new(config: AzureConfig) -> StorageResult<Self> {
-        let tuning = config.tuning();
+        let tuning = config.tuning;
         tuning.check()?;
         let account = config.account_name()?;
         let mut builder = MicrosoftAzureBuilder::from_env()
             .with_account(&account)
             .with_container_name(&config.container)
             .with_retry(Tuning::retry_config());
+        let configured = config
+            .endpoint
+            .as_deref()
+            .map(|e| checked_endpoint(e, config.use_emulator))
+            .transpose()?;
         let endpoint = if config.use_emulator {
             // The account is the first path segment of every emulator URL;
             // object_store's own emulator switch reads the URL from the
             // process environment, which a service of many repositories
             // cannot share, so the URL is built here.
-            let base = config.endpoint.as_deref().unwrap_or(EMULATOR_BLOB_URL);
+            let base = configured.as_deref().unwrap_or(EMULATOR_BLOB_URL);
             let key = config.access_key.as_deref().unwrap_or(EMULATOR_ACCOUNT_KEY);
             builder = builder.with_access_key(key);
-            Some(format!("{}/{account}", base.trim_end_matches('/')))
+            Some(format!("{base}/{account}"))
         } else {
             if let Some(key) = &config.access_key {
                 builder = builder.with_access_key(key);
             }
-            config.endpoint.clone()
+            configured
         };
         if let Some(endpoint) = &endpoint {
             builder = builder.with_endpoint(endpoint.clone());
@@ -277,11 +245,97 @@ mod tests {
         );
         let mut small = c;
         small.use_emulator = true;
-        small.part_size = 1024;
+        small.tuning.part_size = 1024;
         assert!(matches!(
             AzureStorage::new(small),
             Err(StorageError::Config(_))
         ));
+    }
+
+    #[test]
+    fn hostile_container_account_prefix_and_endpoint_values_are_refused() {
+        for container in [
+            "",
+            "ab",
+            "Backups",
+            "back_ups",
+            "back.ups",
+            "back ups",
+            "back\nups",
+            "back\rups",
+            "back\u{0}ups",
+            "bäckups",
+            "..",
+            "%2e%2e",
+            "$root",
+            "-backups",
+            "backups-",
+            "back--ups",
+            "backups?comp=list",
+            "backups#x",
+            &"a".repeat(64),
+        ] {
+            let url = format!("azure://{container}/p");
+            assert!(AzureConfig::from_url(&url).is_err(), "{container:?}");
+        }
+        for prefix in [
+            "a/../b", "..", "./a", "a//b", "a\nb", "a\rb", "a\u{7f}b", "a\u{0}b",
+        ] {
+            let url = format!("azure://backups/{prefix}");
+            assert!(AzureConfig::from_url(&url).is_err(), "{prefix:?}");
+        }
+        let base = AzureConfig::from_url("azure://backups").unwrap();
+        for account in [
+            "ab",
+            "Account",
+            "acc-ount",
+            "acc_ount",
+            "evil.example.com",
+            "acct/../other",
+            "acct#",
+            "acct?x=1",
+            "acct@evil",
+            "acct\n",
+            "acct\u{0}",
+            "äccount",
+            &"a".repeat(25),
+        ] {
+            for use_emulator in [false, true] {
+                let mut c = base.clone();
+                c.account = Some(account.to_string());
+                c.use_emulator = use_emulator;
+                c.endpoint = Some("https://blob.example".into());
+                match AzureStorage::new(c) {
+                    Err(StorageError::Config(m)) => {
+                        assert!(m.contains("not a valid storage account name"), "{m}")
+                    }
+                    other => panic!("account {account:?} accepted: {other:?}"),
+                }
+            }
+        }
+        for endpoint in [
+            "ftp://blob.example",
+            "https://",
+            "https://blob.example/\r\nX-Injected: 1",
+            "https://blob.example?sig=1",
+            "https://user@blob.example",
+            "blob.example",
+        ] {
+            let mut c = base.clone();
+            c.account = Some("acct".into());
+            c.endpoint = Some(endpoint.into());
+            assert!(
+                matches!(AzureStorage::new(c), Err(StorageError::Config(_))),
+                "{endpoint:?}"
+            );
+        }
+        // Plain http only for the emulator.
+        let mut plain = base.clone();
+        plain.account = Some("acct".into());
+        plain.endpoint = Some("http://blob.example".into());
+        assert!(AzureStorage::new(plain.clone()).is_err());
+        plain.use_emulator = true;
+        assert!(AzureStorage::new(plain).is_ok());
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! What every object-store repository shares, whatever the service (S3,
-//! Azure Blob Storage): an `Arc<dyn ObjectStore>` from the `object_store`
+//! Azure Blob Storage, Google Cloud Storage): an `Arc<dyn ObjectStore>` from the `object_store`
 //! crate driven through the synchronous [`Storage`] trait, with bounded
 //! requests in flight, multipart uploads above a threshold, sorted recursive
 //! listing and one error classifier. The service-specific modules ([`super::s3`],
-//! [`super::azure`]) only build the store from their settings.
+//! [`super::azure`], [`super::gcs`]) only build the store from their settings.
 //!
 //! The [`Storage`] trait is synchronous and is called from plain threads and
 //! from inside tokio tasks alike, so each store owns a small tokio runtime of
@@ -13,7 +13,7 @@
 //!
 //! Atomicity: an object becomes visible only when a single PUT or the
 //! completion of a multipart upload succeeds (S3's CompleteMultipartUpload,
-//! Azure's Put Block List), so a reader never sees a partial object. Objects
+//! Azure's Put Block List, GCS's XML API CompleteMultipartUpload), so a reader never sees a partial object. Objects
 //! larger than `multipart_threshold` go up in `part_size` parts, several at
 //! once; an upload that fails is aborted so its parts do not linger. At most
 //! `max_concurrency` requests are in flight per store; a backup keeps
@@ -58,15 +58,38 @@ pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
 /// The most packs a backup may store at once (each holds ~17 MB).
 pub const MAX_UPLOAD_CONCURRENCY: usize = 16;
 
-/// How a store moves bytes, whatever the service.
+/// How a store moves bytes, whatever the service: part of every
+/// object-store configuration ([`super::S3Config`], [`super::AzureConfig`],
+/// [`super::GcsConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Tuning {
+pub struct Tuning {
+    /// Objects larger than this go up as multipart uploads (S3, GCS) or
+    /// blocks and a block list (Azure).
     pub multipart_threshold: usize,
+    /// Size of each part or block.
     pub part_size: usize,
+    /// Requests in flight at once.
     pub max_concurrency: usize,
+    /// Packs a backup stores at once (see [`Storage::concurrent_puts`]);
+    /// each holds a pack buffer (about 17 MB) until it is stored.
     pub upload_concurrency: usize,
+    /// Deadline of one HTTP request.
     pub request_timeout: Duration,
+    /// Deadline of establishing a connection.
     pub connect_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
+            part_size: DEFAULT_PART_SIZE,
+            max_concurrency: 8,
+            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Tuning {
@@ -115,6 +138,27 @@ impl Tuning {
     }
 }
 
+/// `http(s)://host[:port][/path]` with nothing that could smuggle another
+/// request or header; plain http only for an emulator.
+pub(crate) fn checked_endpoint(endpoint: &str, allow_http: bool) -> StorageResult<String> {
+    let trimmed = endpoint.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://").filter(|_| allow_http));
+    let valid = rest.is_some_and(|r| {
+        !r.is_empty()
+            && !r.starts_with('/')
+            && r.chars().all(|c| c.is_ascii_graphic())
+            && !r.contains(['?', '#', '@', '\\'])
+    });
+    if !valid {
+        return Err(StorageError::Config(format!(
+            "{endpoint:?} is not a usable endpoint (https://host[:port]; http:// only for an emulator)"
+        )));
+    }
+    Ok(trimmed.to_string())
+}
+
 /// A repository in an object store (under a key prefix).
 pub(crate) struct ObjectStorage {
     store: Arc<dyn ObjectStore>,
@@ -124,7 +168,7 @@ pub(crate) struct ObjectStorage {
     runtime: Option<tokio::runtime::Runtime>,
     permits: Arc<Semaphore>,
     tuning: Tuning,
-    /// Which service, for log lines and messages (`s3`, `azure`).
+    /// Which service, for log lines and messages (`s3`, `azure`, `gcs`).
     service: &'static str,
     /// What [`Storage::describe`] answers.
     description: String,

@@ -7,13 +7,15 @@
 //! written last" a commit point.
 //!
 //! Backends: [`LocalStorage`] (a directory), [`S3Storage`] (any
-//! S3-compatible service) and [`AzureStorage`] (Azure Blob Storage), the
-//! latter two through the `object_store` crate. [`RetryingStorage`]
+//! S3-compatible service), [`AzureStorage`] (Azure Blob Storage) and
+//! [`GcsStorage`] (Google Cloud Storage), the last three through the
+//! `object_store` crate. [`RetryingStorage`]
 //! wraps any of them and retries what [`StorageError::is_transient`] calls
 //! transient; it is the only place a storage call is retried.
 
 mod azure;
 mod cloud;
+mod gcs;
 mod local;
 mod memory;
 mod retry;
@@ -29,6 +31,8 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub use azure::{AzureConfig, AzureStorage};
+pub use cloud::Tuning;
+pub use gcs::{GcsConfig, GcsStorage};
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
@@ -224,6 +228,20 @@ pub(crate) fn validate_key(key: &str) -> StorageResult<()> {
     } else {
         Err(StorageError::InvalidKey(key.to_string()))
     }
+}
+
+/// An object-store URL's prefix after its slashes were trimmed: a valid key
+/// with no control characters, which would end up in request paths and log
+/// lines. Empty means the whole bucket or container.
+pub(crate) fn validate_prefix(prefix: &str) -> StorageResult<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    validate_key(prefix)?;
+    if prefix.chars().any(char::is_control) {
+        return Err(StorageError::InvalidKey(prefix.to_string()));
+    }
+    Ok(())
 }
 
 /// A list prefix as a directory key (no trailing `/`), or `None` for the root.

@@ -2,22 +2,17 @@
 //! Alibaba OSS, s3s-fs, …), through the `object_store` crate's Amazon S3
 //! client: request signing (SigV4), credentials and the wire protocol are its
 //! job, not ours. Requests, uploads, listing and error classification are
-//! shared with the other object stores in [`super::object`].
+//! shared with the other object stores in [`super::cloud`].
 //!
 //! Atomicity: an object becomes visible only when a single PUT or a
 //! CompleteMultipartUpload succeeds (Amazon S3 User Guide, "Uploading and
 //! copying objects using multipart upload"), so a reader never sees a partial
 //! object.
 
-use std::time::Duration;
-
 use object_store::aws::AmazonS3Builder;
 
-use super::cloud::{
-    ObjectStorage, Tuning, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE,
-    DEFAULT_UPLOAD_CONCURRENCY,
-};
-use super::{validate_key, StorageError, StorageResult};
+use super::cloud::{ObjectStorage, Tuning};
+use super::{validate_prefix, StorageError, StorageResult};
 
 /// Where and how to reach the bucket.
 #[derive(Clone, PartialEq, Eq)]
@@ -41,19 +36,8 @@ pub struct S3Config {
     pub path_style: bool,
     /// Permit `http://` endpoints (tests, private networks).
     pub allow_http: bool,
-    /// Objects larger than this go up as multipart uploads.
-    pub multipart_threshold: usize,
-    /// Size of each part of a multipart upload.
-    pub part_size: usize,
-    /// Requests in flight at once.
-    pub max_concurrency: usize,
-    /// Packs a backup stores at once (see [`Storage::concurrent_puts`]);
-    /// each holds a pack buffer (about 17 MB) until it is stored.
-    pub upload_concurrency: usize,
-    /// Deadline of one HTTP request.
-    pub request_timeout: Duration,
-    /// Deadline of establishing a connection.
-    pub connect_timeout: Duration,
+    /// Part sizes, concurrency and deadlines.
+    pub tuning: Tuning,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -66,11 +50,7 @@ impl std::fmt::Debug for S3Config {
             .field("access_key_id", &self.access_key_id)
             .field("path_style", &self.path_style)
             .field("allow_http", &self.allow_http)
-            .field("multipart_threshold", &self.multipart_threshold)
-            .field("part_size", &self.part_size)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("upload_concurrency", &self.upload_concurrency)
-            .field("request_timeout", &self.request_timeout)
+            .field("tuning", &self.tuning)
             .finish_non_exhaustive()
     }
 }
@@ -92,10 +72,8 @@ impl S3Config {
             )));
         }
         let prefix = prefix.trim_matches('/').to_string();
-        if !prefix.is_empty() {
-            validate_key(&prefix)
-                .map_err(|_| StorageError::Config(format!("invalid key prefix {prefix:?}")))?;
-        }
+        validate_prefix(&prefix)
+            .map_err(|_| StorageError::Config(format!("invalid key prefix {prefix:?}")))?;
         Ok(S3Config {
             bucket: bucket.to_string(),
             prefix,
@@ -106,24 +84,8 @@ impl S3Config {
             session_token: None,
             path_style: false,
             allow_http: false,
-            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
-            part_size: DEFAULT_PART_SIZE,
-            max_concurrency: 8,
-            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
-            request_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(5),
+            tuning: Tuning::default(),
         })
-    }
-
-    fn tuning(&self) -> Tuning {
-        Tuning {
-            multipart_threshold: self.multipart_threshold,
-            part_size: self.part_size,
-            max_concurrency: self.max_concurrency,
-            upload_concurrency: self.upload_concurrency,
-            request_timeout: self.request_timeout,
-            connect_timeout: self.connect_timeout,
-        }
     }
 
     fn url(&self) -> String {
@@ -152,7 +114,7 @@ impl std::fmt::Debug for S3Storage {
 impl S3Storage {
     /// Sets up the client; no request is made until the first call.
     pub fn new(config: S3Config) -> StorageResult<Self> {
-        let tuning = config.tuning();
+        let tuning = config.tuning;
         tuning.check()?;
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
@@ -269,6 +231,42 @@ mod tests {
         assert!(err.is_transient(), "{err}");
     }
 
+    /// A server that answers 404 and hands back the first request line.
+    fn request_line_server() -> (String, std::sync::mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut buf = [0u8; 65536];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            let _ = tx.send(text.lines().next().unwrap_or_default().to_string());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        });
+        (format!("http://{addr}"), rx)
+    }
+
+    #[test]
+    fn a_virtual_hosted_endpoint_is_the_buckets_own_url() {
+        // As for Alibaba OSS: `https://<bucket>.s3.oss-<region>.aliyuncs.com`
+        // with path_style off; the bucket is not repeated in the path.
+        let (endpoint, seen) = request_line_server();
+        let mut config = S3Config::from_url("s3://my-backups/pre").unwrap();
+        config.endpoint = Some(endpoint);
+        config.access_key_id = Some("AKID".into());
+        config.secret_access_key = Some("SECRET".into());
+        config.allow_http = true;
+        config.path_style = false;
+        assert!(!S3Storage::new(config).unwrap().exists("a/b").unwrap());
+        assert_eq!(seen.recv().unwrap(), "HEAD /pre/a/b HTTP/1.1");
+    }
+
     #[test]
     fn urls_and_settings_are_checked() {
         let c = S3Config::from_url("s3://my-bucket/a/b/").unwrap();
@@ -277,15 +275,19 @@ mod tests {
         assert!(S3Config::from_url("/srv/repo").is_err());
         assert!(S3Config::from_url("s3://B").is_err());
         assert!(S3Config::from_url("s3://bucket/a/../b").is_err());
+        for prefix in ["..", "a//b", "a\nb", "a\u{0}b", "a\u{7f}b"] {
+            let url = format!("s3://bucket/{prefix}");
+            assert!(S3Config::from_url(&url).is_err(), "{prefix:?}");
+        }
         let mut small = c.clone();
-        small.part_size = 1024;
+        small.tuning.part_size = 1024;
         assert!(matches!(
             S3Storage::new(small),
             Err(StorageError::Config(_))
         ));
         for packs in [0, MAX_UPLOAD_CONCURRENCY + 1, usize::MAX] {
             let mut many = c.clone();
-            many.upload_concurrency = packs;
+            many.tuning.upload_concurrency = packs;
             match S3Storage::new(many) {
                 Err(StorageError::Config(m)) => {
                     assert!(

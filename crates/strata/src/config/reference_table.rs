@@ -93,6 +93,30 @@ fn config_keys(path: Vec<String>, keys: &mut BTreeSet<String>) {
         .map(|e| e.message().to_string());
     let dotted = dotted(&path);
     match err {
+        // A table with the shared tuning keys flattened into it (`[s3]`):
+        // serde names no fields, so the README's keys of the table of that
+        // name are tried one by one, and the shared keys added.
+        Some(msg) if msg == format!("unknown field `{PROBE}`") => {
+            let table = path.last().expect("a table").clone();
+            for (row, _) in readme_rows() {
+                for key in row {
+                    let Some(name) = key.strip_prefix(&format!("{table}.")) else {
+                        continue;
+                    };
+                    let toml = probe_toml(&path)
+                        .replace(&format!("{PROBE} = 1"), &format!("{name} = \"probe\""));
+                    let refused = toml::from_str::<Config>(&toml)
+                        .err()
+                        .is_some_and(|e| e.message().starts_with("unknown field"));
+                    if !name.contains('.') && !refused {
+                        keys.insert(format!("{dotted}.{name}"));
+                    }
+                }
+            }
+            for name in tuning_keys() {
+                keys.insert(format!("{dotted}.{name}"));
+            }
+        }
         // A struct: serde lists the fields it expects.
         Some(msg) if msg.starts_with(&format!("unknown field `{PROBE}`")) => {
             let expected = msg.split_once("expected").expect("expected fields").1;
@@ -140,6 +164,40 @@ fn is_array_of_tables(path: &[String]) -> bool {
         .is_some_and(|e| e.message().starts_with(&format!("unknown field `{PROBE}`")))
 }
 
+/// The keys of [`TuningSettings`], which every object-store table has.
+fn tuning_keys() -> Vec<String> {
+    let err = toml::from_str::<TuningSettings>(&format!("{PROBE} = 1"))
+        .expect_err("the probe is refused");
+    let msg = err.message().to_string();
+    let expected = msg.split_once("expected").expect("expected fields").1;
+    let keys: Vec<String> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    assert!(keys.len() >= 6, "{msg}");
+    keys
+}
+
+/// `azure.max_attempts` → `max_attempts`: a shared tuning key of `[azure]` or `[gcs]`.
+fn shared_tuning_key(key: &str) -> Option<&'static str> {
+    let (table, name) = key.split_once('.')?;
+    if table != "azure" && table != "gcs" {
+        return None;
+    }
+    [
+        "multipart_threshold_mb",
+        "part_size_mb",
+        "max_concurrency",
+        "upload_concurrency",
+        "request_timeout_secs",
+        "max_attempts",
+    ]
+    .into_iter()
+    .find(|k| *k == name)
+}
+
 /// The resolved default of `key` as the README writes it, for the keys
 /// whose default is a plain value.
 fn resolved_default(key: &str) -> Option<String> {
@@ -155,6 +213,8 @@ fn resolved_default(key: &str) -> Option<String> {
     let azure_default = AzureSettings::default();
     let azure =
         azure_config("azure://strata-defaults", &azure_default).expect("default Azure config");
+    let gcs_default = GcsSettings::default();
+    let gcs = gcs_config("gs://strata-defaults", &gcs_default).expect("default GCS config");
     const MIB: usize = 1024 * 1024;
     Some(match key {
         "data_dir" => config.data_dir().display().to_string(),
@@ -200,12 +260,12 @@ fn resolved_default(key: &str) -> Option<String> {
         "s3.region" => s3.region,
         "s3.path_style" => s3.path_style.to_string(),
         "s3.allow_http" => s3.allow_http.to_string(),
-        "s3.multipart_threshold_mb" => (s3.multipart_threshold / MIB).to_string(),
-        "s3.part_size_mb" => (s3.part_size / MIB).to_string(),
-        "s3.max_concurrency" => s3.max_concurrency.to_string(),
-        "s3.upload_concurrency" => s3.upload_concurrency.to_string(),
-        "s3.request_timeout_secs" => s3.request_timeout.as_secs().to_string(),
-        "s3.max_attempts" => retry_policy(&s3_default).max_attempts.to_string(),
+        "s3.multipart_threshold_mb" => (s3.tuning.multipart_threshold / MIB).to_string(),
+        "s3.part_size_mb" => (s3.tuning.part_size / MIB).to_string(),
+        "s3.max_concurrency" => s3.tuning.max_concurrency.to_string(),
+        "s3.upload_concurrency" => s3.tuning.upload_concurrency.to_string(),
+        "s3.request_timeout_secs" => s3.tuning.request_timeout.as_secs().to_string(),
+        "s3.max_attempts" => s3_default.tuning.retry_policy().max_attempts.to_string(),
         "notify.wal_failing_minutes" => {
             (service.notify.wal_failing_after.as_secs() / 60).to_string()
         }
@@ -219,10 +279,23 @@ fn resolved_default(key: &str) -> Option<String> {
         }
         "notify.email[].security" => notify::SMTP_SECURITY.to_string(),
         "azure.use_emulator" => azure.use_emulator.to_string(),
-        "azure.max_concurrency" => azure.max_concurrency.to_string(),
-        "azure.upload_concurrency" => azure.upload_concurrency.to_string(),
-        "azure.request_timeout_secs" => azure.request_timeout.as_secs().to_string(),
-        "azure.max_attempts" => azure_retry_policy(&azure_default).max_attempts.to_string(),
+        "gcs.use_emulator" => gcs.use_emulator.to_string(),
+        // The shared tuning keys of `[azure]` and `[gcs]` resolve as `[s3]`'s do.
+        _ if shared_tuning_key(key).is_some() => {
+            let shared = shared_tuning_key(key).expect("checked");
+            let (tuning, retries) = match key.split('.').next() {
+                Some("azure") => (azure.tuning, azure_default.tuning.retry_policy()),
+                _ => (gcs.tuning, gcs_default.tuning.retry_policy()),
+            };
+            match shared {
+                "multipart_threshold_mb" => (tuning.multipart_threshold / MIB).to_string(),
+                "part_size_mb" => (tuning.part_size / MIB).to_string(),
+                "max_concurrency" => tuning.max_concurrency.to_string(),
+                "upload_concurrency" => tuning.upload_concurrency.to_string(),
+                "request_timeout_secs" => tuning.request_timeout.as_secs().to_string(),
+                _ => retries.max_attempts.to_string(),
+            }
+        }
         _ => return None,
     })
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use testkit::{Azurite, Cluster, S3Server};
+use testkit::{Azurite, Cluster, FakeGcs, S3Server};
 
 pub struct Strata {
     pub dir: PathBuf,
@@ -57,6 +57,19 @@ impl Strata {
         )
         .unwrap();
         strata
+    }
+
+    /// A Strata whose repository is `gs://<test bucket>/<name>` on the
+    /// emulator `gcs`, with `sections` added to the configuration.
+    pub fn on_gcs(name: &str, gcs: &FakeGcs, sections: &str) -> Strata {
+        Self::with_config(
+            name,
+            &format!("repository = \"gs://{}/{name}\"\n", FakeGcs::BUCKET),
+            &format!(
+                "[gcs]\nuse_emulator = true\nendpoint = {:?}\n{sections}",
+                gcs.endpoint()
+            ),
+        )
     }
 
     /// A Strata with `top` (top-level keys) and `sections` added to the
