@@ -236,12 +236,18 @@ mod tests {
         assert_eq!(s.wal_failing_after, Duration::from_secs(300));
         assert_eq!(s.wal_lag_bytes, Some(256 << 20));
         assert_eq!(
-            parse("[notify]\nwal_lag_mb = 0\n").settings().unwrap().wal_lag_bytes,
+            parse("[notify]\nwal_lag_mb = 0\n")
+                .settings()
+                .unwrap()
+                .wal_lag_bytes,
             None,
             "0 turns it off"
         );
         assert_eq!(
-            parse("[notify]\nwal_lag_mb = 64\n").settings().unwrap().wal_lag_bytes,
+            parse("[notify]\nwal_lag_mb = 64\n")
+                .settings()
+                .unwrap()
+                .wal_lag_bytes,
             Some(64 << 20)
         );
         assert_eq!(s.window_short_by, Some(chrono::Duration::hours(6)));
