@@ -24,7 +24,7 @@ use serde::Serialize;
 use strata_catalog::{
     BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, KeepUntil, RepoHold, WalSegmentRow,
 };
-use strata_repo::{GcReport, PackId, PendingPacks, Repository};
+use strata_repo::{GcReport, PackId, PendingPacks, RepoError, Repository, StorageError};
 
 use crate::{Engine, EngineError, EngineResult};
 
@@ -270,7 +270,14 @@ impl Engine {
             )));
         }
         if set.status == BackupStatus::Success {
-            self.repo.delete_backup(&set.instance_id, &set.id)?;
+            match self.repo.delete_backup(&set.instance_id, &set.id) {
+                Err(RepoError::Storage(locked @ StorageError::Locked { .. })) => {
+                    return Err(EngineError::Conflict(format!(
+                        "backup {backup_id} stays: {locked}"
+                    )))
+                }
+                other => other?,
+            }
         }
         self.catalog.delete_backup(&set.id)?;
         Ok(())
@@ -279,7 +286,14 @@ impl Engine {
     /// Deletes WAL segments from the repository, then from the catalog.
     pub fn delete_wal_segments(&self, rows: &[WalSegmentRow]) -> EngineResult<()> {
         for w in rows {
-            self.repo.delete_wal(&w.object_key)?;
+            match self.repo.delete_wal(&w.object_key) {
+                // Kept in the catalog too: the next pass tries again.
+                Err(RepoError::Storage(locked @ StorageError::Locked { .. })) => {
+                    tracing::info!("retention left a WAL object: {locked}");
+                    continue;
+                }
+                other => other?,
+            }
             self.catalog
                 .delete_wal_segment(&w.instance_id, w.timeline, &w.segment, w.partial)?;
         }

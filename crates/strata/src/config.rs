@@ -22,7 +22,7 @@ use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
     AzureConfig, AzureStorage, KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
+    LockMode, ObjectLock, S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
 };
 
 mod notify;
@@ -78,6 +78,9 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub import: ImportConfig,
     pub notify: NotifyConfig,
+    /// Read the repository as it was at this time (`restore --repo-as-of`).
+    #[serde(skip)]
+    pub repo_as_of: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// `[import]`: backups taken elsewhere, imported over the API.
@@ -251,6 +254,12 @@ pub struct S3Settings {
     pub request_timeout_secs: Option<u64>,
     /// Attempts per call on transient errors, the first included.
     pub max_attempts: Option<u32>,
+    /// `governance` or `compliance`: packs, manifests and WAL objects are
+    /// written under an S3 Object Lock retention of `object_lock_days`.
+    pub object_lock: Option<String>,
+    /// Days each locked object is protected after it is written or
+    /// referenced again (the longest retention plus a margin).
+    pub object_lock_days: Option<u32>,
 }
 
 /// Everything but the secret, which shows only whether it is set.
@@ -272,6 +281,8 @@ impl std::fmt::Debug for S3Settings {
             .field("upload_concurrency", &self.upload_concurrency)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("max_attempts", &self.max_attempts)
+            .field("object_lock", &self.object_lock)
+            .field("object_lock_days", &self.object_lock_days)
             .finish()
     }
 }
@@ -575,6 +586,18 @@ impl Config {
     /// The storage the repository lives in. Object storage is wrapped in
     /// retries with backoff; a local directory fails fast.
     pub fn storage(&self) -> Result<Arc<dyn Storage>> {
+        if let Some(time) = self.repo_as_of {
+            let location = self.repository();
+            if !location.starts_with("s3://") {
+                bail!("--repo-as-of needs an s3:// repository in a versioned bucket; {location} is not one");
+            }
+            let mut c = s3_config(&location, &self.s3)?;
+            c.as_of = Some(time);
+            return Ok(Arc::new(RetryingStorage::new(
+                S3Storage::new(c)?,
+                retry_policy(&self.s3),
+            )));
+        }
         open_storage(
             &self.repository(),
             &self.s3,
@@ -857,7 +880,31 @@ fn s3_config(location: &str, s: &S3Settings) -> Result<S3Config> {
     if let Some(secs) = s.request_timeout_secs {
         c.request_timeout = Duration::from_secs(secs.max(1));
     }
+    c.object_lock = object_lock(s)?;
     Ok(c)
+}
+
+/// `[s3] object_lock` and `object_lock_days`, checked together.
+fn object_lock(s: &S3Settings) -> Result<Option<ObjectLock>> {
+    let mode = match s.object_lock.as_deref() {
+        None => {
+            if s.object_lock_days.is_some() {
+                bail!("[s3] object_lock_days is set without object_lock");
+            }
+            return Ok(None);
+        }
+        Some("governance") => LockMode::Governance,
+        Some("compliance") => LockMode::Compliance,
+        Some(other) => bail!("[s3] object_lock must be \"governance\" or \"compliance\", got {other:?}"),
+    };
+    let days = match s.object_lock_days {
+        Some(days) if (1..=36500).contains(&days) => days,
+        Some(days) => bail!("[s3] object_lock_days must be between 1 and 36500, got {days}"),
+        None => bail!(
+            "[s3] object_lock needs object_lock_days: the longest backup or log retention of the repository's instances plus a margin"
+        ),
+    };
+    Ok(Some(ObjectLock { mode, days }))
 }
 
 /// `azure://container/prefix` reached as `s` says, the rest as [`AzureConfig`] has it.

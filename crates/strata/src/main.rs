@@ -334,6 +334,11 @@ struct RestoreArgs {
     /// Stop as soon as the backup is consistent (no WAL replayed past it).
     #[arg(long)]
     immediate: bool,
+    /// Read the repository as it was at this time (RFC 3339), from the
+    /// object versions of its S3 bucket, read-only: what was deleted or
+    /// overwritten in the repository since is restored from all the same.
+    #[arg(long, value_name = "TIME")]
+    repo_as_of: Option<String>,
     /// Start the restored server and wait until the target is reached.
     #[arg(long, requires = "port")]
     start: bool,
@@ -468,6 +473,20 @@ fn main() {
     }
 }
 
+/// `--repo-as-of`: an RFC 3339 time, not in the future (a view of the
+/// repository's future would change under the restore).
+fn repo_as_of(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    let time = chrono::DateTime::parse_from_rfc3339(text)
+        .with_context(|| {
+            format!("--repo-as-of {text:?} is not an RFC 3339 time (e.g. 2026-11-25T10:00:00Z)")
+        })?
+        .with_timezone(&chrono::Utc);
+    if time > chrono::Utc::now() {
+        anyhow::bail!("--repo-as-of {text} is in the future");
+    }
+    Ok(time)
+}
+
 fn open_engine(config: &Config) -> Result<Engine> {
     let data_dir = config.data_dir();
     std::fs::create_dir_all(&data_dir)
@@ -532,7 +551,14 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Agent(args) = cli.command {
         return agent::run(args);
     }
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Command::Restore(RestoreArgs {
+        repo_as_of: Some(time),
+        ..
+    }) = &cli.command
+    {
+        config.repo_as_of = Some(repo_as_of(time)?);
+    }
     // A test notification needs only the configured sinks.
     if let Command::Notify(NotifyCmd::Test { sink, json }) = &cli.command {
         let notifier = config.notify.notifier()?;
