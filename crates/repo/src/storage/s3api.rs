@@ -89,6 +89,8 @@ pub(crate) struct S3Api {
 pub(crate) struct Answer {
     pub status: u16,
     pub body: Bytes,
+    /// `x-amz-object-lock-retain-until-date`, on a HEAD of a locked object.
+    pub retain_until: Option<String>,
 }
 
 impl Answer {
@@ -196,6 +198,7 @@ impl S3Api {
     ) -> StorageResult<Answer> {
         let op: &'static str = match method {
             "GET" => "GET",
+            "HEAD" => "HEAD",
             "PUT" => "PUT",
             "DELETE" => "DELETE",
             _ => "request",
@@ -256,13 +259,22 @@ impl S3Api {
             }
         })?;
         let status = response.status().as_u16();
+        let retain_until = response
+            .headers()
+            .get("x-amz-object-lock-retain-until-date")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = response.bytes().await.map_err(|e| StorageError::Remote {
             op,
             key: what.clone(),
             message: format!("{url}: reading the answer: {e}"),
             transient: true,
         })?;
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            retain_until,
+        })
     }
 
     fn unexpected(op: &'static str, key: &str, answer: &Answer) -> StorageError {
@@ -338,29 +350,22 @@ impl S3Api {
         .await
     }
 
-    /// The retain-until date of one version of `key`, if it has one.
+    /// The retain-until date of one version of `key`, if it has one (from
+    /// HeadObject, which reports it to whoever may read it).
     pub async fn retention(
         &self,
         key: &str,
         version_id: &str,
     ) -> StorageResult<Option<DateTime<Utc>>> {
-        #[derive(Deserialize)]
-        struct Retention {
-            #[serde(rename = "RetainUntilDate")]
-            until: Option<String>,
-        }
-        let query = format!("retention=&versionId={}", utf8_percent_encode(version_id, QUERY));
-        let answer = self.send("GET", Some(key), &query, &[], Bytes::new()).await?;
+        let query = format!("versionId={}", utf8_percent_encode(version_id, QUERY));
+        let answer = self.send("HEAD", Some(key), &query, &[], Bytes::new()).await?;
         match answer.status {
-            200 => Ok(
-                quick_xml::de::from_str::<Retention>(&String::from_utf8_lossy(&answer.body))
-                    .ok()
-                    .and_then(|r| r.until)
-                    .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
-                    .map(|d| d.with_timezone(&Utc)),
-            ),
+            200 => Ok(answer
+                .retain_until
+                .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
+                .map(|d| d.with_timezone(&Utc))),
             404 => Ok(None),
-            _ => Err(Self::unexpected("GET", key, &answer)),
+            _ => Err(Self::unexpected("HEAD", key, &answer)),
         }
     }
 
