@@ -568,6 +568,8 @@ impl Repository {
         for pack in packs {
             self.storage.retain(&pack_key(pack))?;
         }
+        self.storage.retain(CONFIG_KEY)?;
+        self.storage.retain(&instance_key(&manifest.instance_id))?;
         self.storage.put(&key, &bytes)?;
         Ok(())
     }

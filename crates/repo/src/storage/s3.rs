@@ -351,6 +351,11 @@ impl S3Storage {
         }
         let api = self.api();
         let answer = block_on_api(&self.inner, "retention", api.put_retention(key, lock.mode, until))?;
+        // Renewing what is not there (an instance record not yet written)
+        // protects nothing and needs nothing.
+        if answer.status == 404 && answer.code() == "NoSuchKey" {
+            return Ok(());
+        }
         if answer.status != 200 {
             return Err(StorageError::Remote {
                 op: "put",
@@ -439,14 +444,27 @@ fn block_on_api<T: Send>(
     })
 }
 
-/// Packs, manifests and WAL objects: what a wipe must not reach. The
-/// repository's configuration, instance records and block indexes are
-/// rewritten or compacted in place (their earlier versions stay in a
-/// versioned bucket all the same).
+/// What a wipe must not reach: packs, manifests, complete WAL objects and
+/// timeline histories, the repository's configuration and instance records.
+/// Not locked: block indexes, which Strata compacts and can rebuild, and the
+/// partial WAL segment being received with its tails, which Strata replaces
+/// as WAL arrives (the complete segment is locked).
 fn lockable(key: &str) -> bool {
-    (key.starts_with("packs/") && key.ends_with(".pack"))
-        || (key.starts_with("instances/")
-            && (key.contains("/wal/") || (key.contains("/backups/") && key.ends_with(".manifest"))))
+    if key == crate::CONFIG_KEY {
+        return true;
+    }
+    if key.starts_with("packs/") {
+        return key.ends_with(".pack");
+    }
+    let Some(rest) = key.strip_prefix("instances/") else {
+        return false;
+    };
+    let Some((_, within)) = rest.split_once('/') else {
+        return false;
+    };
+    within == "instance"
+        || (within.starts_with("backups/") && within.ends_with(".manifest"))
+        || (within.starts_with("wal/") && !within.contains(".partial"))
 }
 
 impl Storage for S3Storage {
@@ -572,6 +590,29 @@ impl Storage for S3Storage {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn what_is_locked() {
+        for key in [
+            "strata-repo.json",
+            "packs/ab/abcdef.pack",
+            "instances/i1/instance",
+            "instances/i1/backups/b1.manifest",
+            "instances/i1/wal/00000001/000000010000000000000003",
+            "instances/i1/wal/00000002.history",
+        ] {
+            assert!(super::lockable(key), "{key}");
+        }
+        for key in [
+            "instances/i1/index/r1-0000.run",
+            "instances/i1/wal/00000001/000000010000000000000004.partial",
+            "instances/i1/wal/00000001/000000010000000000000004.partial.d/0-1",
+            "packs/ab/tmp",
+            "other",
+        ] {
+            assert!(!super::lockable(key), "{key}");
+        }
+    }
+
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
