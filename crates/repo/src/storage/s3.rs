@@ -282,7 +282,7 @@ impl S3Storage {
         if !enabled {
             return Err(StorageError::Config(format!(
                 "object_lock is set but bucket {} does not have Object Lock enabled \
-                 (it can only be enabled on a versioned bucket; see docs/OPERATIONS.md)",
+                 (it is enabled when the bucket is created; see docs/DEPLOYMENT.md)",
                 self.config.bucket
             )));
         }
