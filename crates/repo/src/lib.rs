@@ -38,8 +38,8 @@ pub use manifest::{
 };
 pub use object::ObjectKind;
 pub use storage::{
-    AzureConfig, AzureStorage, LocalStorage, MemoryStorage, MinFreeSpace, ObjectSize, RetryPolicy,
-    LockMode, ObjectLock, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
+    AzureConfig, AzureStorage, LocalStorage, LockMode, MemoryStorage, MinFreeSpace, ObjectLock,
+    ObjectSize, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
 };
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};

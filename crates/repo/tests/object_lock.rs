@@ -108,8 +108,15 @@ fn locked_objects_are_refused_by_the_store_and_kept_by_collection() {
         wal.to_string(),
     ] {
         let until = retain_until(&moto, "locked", &key);
-        assert!(until > Utc::now() + day - chrono::Duration::minutes(5), "{key}: {until}");
-        assert_eq!(delete_every_version(&moto, "locked", &key), ["AccessDenied"], "{key}");
+        assert!(
+            until > Utc::now() + day - chrono::Duration::minutes(5),
+            "{key}: {until}"
+        );
+        assert_eq!(
+            delete_every_version(&moto, "locked", &key),
+            ["AccessDenied"],
+            "{key}"
+        );
         // Strata's own delete is refused the same way, and leaves no
         // delete marker behind: the object stays readable.
         match storage.delete(&key) {
@@ -192,7 +199,10 @@ fn lock_settings_are_refused_on_a_bucket_without_object_lock() {
     moto.create_bucket("plain", true, false);
     match S3Storage::new(config(&moto, "plain", governance(1))) {
         Err(StorageError::Config(m)) => {
-            assert!(m.contains("bucket plain does not have Object Lock enabled"), "{m}")
+            assert!(
+                m.contains("bucket plain does not have Object Lock enabled"),
+                "{m}"
+            )
         }
         other => panic!("accepted: {other:?}"),
     }

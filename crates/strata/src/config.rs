@@ -21,8 +21,8 @@ use serde::Deserialize;
 use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
-    AzureConfig, AzureStorage, KeySource, LocalStorage, MinFreeSpace, RetryPolicy, RetryingStorage,
-    LockMode, ObjectLock, S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
+    AzureConfig, AzureStorage, KeySource, LocalStorage, LockMode, MinFreeSpace, ObjectLock,
+    RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, DEFAULT_COMPRESS_LEVEL,
 };
 
 mod notify;
@@ -895,7 +895,9 @@ fn object_lock(s: &S3Settings) -> Result<Option<ObjectLock>> {
         }
         Some("governance") => LockMode::Governance,
         Some("compliance") => LockMode::Compliance,
-        Some(other) => bail!("[s3] object_lock must be \"governance\" or \"compliance\", got {other:?}"),
+        Some(other) => {
+            bail!("[s3] object_lock must be \"governance\" or \"compliance\", got {other:?}")
+        }
     };
     let days = match s.object_lock_days {
         Some(days) if (1..=36500).contains(&days) => days,
@@ -1165,6 +1167,36 @@ mod node_id_tests {
 #[cfg(test)]
 mod secret_tests {
     use super::*;
+
+    #[test]
+    fn object_lock_settings_are_checked_together() {
+        let s = |lock: Option<&str>, days: Option<u32>| S3Settings {
+            object_lock: lock.map(str::to_string),
+            object_lock_days: days,
+            ..S3Settings::default()
+        };
+        assert_eq!(object_lock(&s(None, None)).unwrap(), None);
+        assert_eq!(
+            object_lock(&s(Some("compliance"), Some(40))).unwrap(),
+            Some(ObjectLock {
+                mode: LockMode::Compliance,
+                days: 40
+            })
+        );
+        for (lock, days, why) in [
+            (Some("governance"), None, "needs object_lock_days"),
+            (Some("governance"), Some(0), "between 1 and 36500"),
+            (
+                Some("Governance"),
+                Some(5),
+                "\"governance\" or \"compliance\"",
+            ),
+            (None, Some(5), "without object_lock"),
+        ] {
+            let err = object_lock(&s(lock, days)).unwrap_err().to_string();
+            assert!(err.contains(why), "{lock:?} {days:?}: {err}");
+        }
+    }
 
     #[test]
     fn s3_settings_never_print_their_secret() {

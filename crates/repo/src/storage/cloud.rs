@@ -231,11 +231,13 @@ impl ObjectStorage {
                 ..Default::default()
             };
             if let Some((offset, len)) = range {
-                let end = offset.checked_add(len).ok_or_else(|| StorageError::ShortRead {
-                    key: request.key.clone(),
-                    offset,
-                    len,
-                })?;
+                let end = offset
+                    .checked_add(len)
+                    .ok_or_else(|| StorageError::ShortRead {
+                        key: request.key.clone(),
+                        offset,
+                        len,
+                    })?;
                 options.range = Some((offset..end).into());
             }
             let _permit = request.permit().await?;

@@ -350,7 +350,11 @@ impl S3Storage {
             }
         }
         let api = self.api();
-        let answer = block_on_api(&self.inner, "retention", api.put_retention(key, lock.mode, until))?;
+        let answer = block_on_api(
+            &self.inner,
+            "retention",
+            api.put_retention(key, lock.mode, until),
+        )?;
         // Renewing what is not there (an instance record not yet written)
         // protects nothing and needs nothing.
         if answer.status == 404 && answer.code() == "NoSuchKey" {

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
-    SigningSettings, UriPathNormalizationMode,
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
 use base64::Engine;
@@ -107,7 +107,10 @@ impl Answer {
     }
 
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).chars().take(300).collect()
+        String::from_utf8_lossy(&self.body)
+            .chars()
+            .take(300)
+            .collect()
     }
 }
 
@@ -294,7 +297,9 @@ impl S3Api {
             #[serde(rename = "ObjectLockEnabled", default)]
             enabled: String,
         }
-        let answer = self.send("GET", None, "object-lock=", &[], Bytes::new()).await?;
+        let answer = self
+            .send("GET", None, "object-lock=", &[], Bytes::new())
+            .await?;
         match answer.status {
             200 => Ok(
                 quick_xml::de::from_str::<Config>(&String::from_utf8_lossy(&answer.body))
@@ -314,7 +319,9 @@ impl S3Api {
             #[serde(rename = "Status", default)]
             status: String,
         }
-        let answer = self.send("GET", None, "versioning=", &[], Bytes::new()).await?;
+        let answer = self
+            .send("GET", None, "versioning=", &[], Bytes::new())
+            .await?;
         if answer.status != 200 {
             return Err(Self::unexpected("GET", &self.bucket, &answer));
         }
@@ -358,7 +365,9 @@ impl S3Api {
         version_id: &str,
     ) -> StorageResult<Option<DateTime<Utc>>> {
         let query = format!("versionId={}", utf8_percent_encode(version_id, QUERY));
-        let answer = self.send("HEAD", Some(key), &query, &[], Bytes::new()).await?;
+        let answer = self
+            .send("HEAD", Some(key), &query, &[], Bytes::new())
+            .await?;
         match answer.status {
             200 => Ok(answer
                 .retain_until
@@ -397,12 +406,14 @@ impl S3Api {
             if answer.status != 200 {
                 return Err(Self::unexpected("GET", &prefix, &answer));
             }
-            let page: VersionsPage = quick_xml::de::from_str(&String::from_utf8_lossy(&answer.body))
-                .map_err(|e| StorageError::Remote {
-                    op: "GET",
-                    key: prefix.clone(),
-                    message: format!("unreadable ListObjectVersions answer: {e}"),
-                    transient: false,
+            let page: VersionsPage =
+                quick_xml::de::from_str(&String::from_utf8_lossy(&answer.body)).map_err(|e| {
+                    StorageError::Remote {
+                        op: "GET",
+                        key: prefix.clone(),
+                        message: format!("unreadable ListObjectVersions answer: {e}"),
+                        transient: false,
+                    }
                 })?;
             for entry in page.entries {
                 let (item, delete_marker) = match entry {
