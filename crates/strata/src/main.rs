@@ -473,14 +473,10 @@ fn main() {
     }
 }
 
-/// `--repo-as-of`: an RFC 3339 time, not in the future (a view of the
-/// repository's future would change under the restore).
+/// `--repo-as-of`: a time as `--time` takes it, not in the future (a view
+/// of the repository's future would change under the restore).
 fn repo_as_of(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
-    let time = chrono::DateTime::parse_from_rfc3339(text)
-        .with_context(|| {
-            format!("--repo-as-of {text:?} is not an RFC 3339 time (e.g. 2026-11-25T10:00:00Z)")
-        })?
-        .with_timezone(&chrono::Utc);
+    let time = commands::parse_time(text).context("--repo-as-of")?;
     if time > chrono::Utc::now() {
         anyhow::bail!("--repo-as-of {text} is in the future");
     }
