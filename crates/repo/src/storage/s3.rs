@@ -356,8 +356,8 @@ impl S3Storage {
             api.put_retention(key, lock.mode, until),
         )?;
         // Renewing what is not there (an instance record not yet written)
-        // protects nothing and needs nothing.
-        if answer.status == 404 && answer.code() == "NoSuchKey" {
+        // protects nothing and needs nothing, whatever the store answered.
+        if answer.status != 200 && !self.inner.exists(key)? {
             return Ok(());
         }
         if answer.status != 200 {
