@@ -24,7 +24,7 @@ use serde::Serialize;
 use strata_catalog::{
     BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, KeepUntil, RepoHold, WalSegmentRow,
 };
-use strata_repo::{GcReport, PackId, PendingPacks, Repository};
+use strata_repo::{GcReport, PackId, PendingPacks, RepoError, Repository, StorageError};
 
 use crate::{Engine, EngineError, EngineResult};
 
@@ -270,20 +270,37 @@ impl Engine {
             )));
         }
         if set.status == BackupStatus::Success {
-            self.repo.delete_backup(&set.instance_id, &set.id)?;
+            match self.repo.delete_backup(&set.instance_id, &set.id) {
+                Err(RepoError::Storage(locked @ StorageError::Locked { .. })) => {
+                    return Err(EngineError::Conflict(format!(
+                        "backup {backup_id} stays: {locked}"
+                    )))
+                }
+                other => other?,
+            }
         }
         self.catalog.delete_backup(&set.id)?;
         Ok(())
     }
 
     /// Deletes WAL segments from the repository, then from the catalog.
-    pub fn delete_wal_segments(&self, rows: &[WalSegmentRow]) -> EngineResult<()> {
+    /// Returns the keys the store refused to delete yet (Object Lock): they
+    /// stay in the catalog, and the next pass tries again.
+    pub fn delete_wal_segments(&self, rows: &[WalSegmentRow]) -> EngineResult<Vec<String>> {
+        let mut locked = Vec::new();
         for w in rows {
-            self.repo.delete_wal(&w.object_key)?;
+            match self.repo.delete_wal(&w.object_key) {
+                Err(RepoError::Storage(e @ StorageError::Locked { .. })) => {
+                    tracing::info!("retention left a WAL object: {e}");
+                    locked.push(w.object_key.clone());
+                    continue;
+                }
+                other => other?,
+            }
             self.catalog
                 .delete_wal_segment(&w.instance_id, w.timeline, &w.segment, w.partial)?;
         }
-        Ok(())
+        Ok(locked)
     }
 
     /// What retention decides for an instance's sets and WAL at `now`
@@ -352,7 +369,11 @@ impl Engine {
         // shared: expired WAL waits for the next round rather than vanish
         // under it.
         match self.try_gc_lock(true)? {
-            Some(_guard) => self.delete_wal_segments(&plan.wal)?,
+            Some(_guard) => {
+                let locked = self.delete_wal_segments(&plan.wal)?;
+                plan.wal.retain(|w| !locked.contains(&w.object_key));
+                plan.wal_postponed = locked.len();
+            }
             None => {
                 plan.wal_postponed = plan.wal.len();
                 plan.wal.clear();
@@ -548,5 +569,83 @@ mod tests {
         let plan = plan_retention(&policy(7, 7, true, now), &[], &wal, now);
         assert_eq!(plan.wal.len(), 1);
         assert_eq!(plan.wal[0].begin_lsn, Lsn(0));
+    }
+
+    /// A store whose manifests and WAL objects are all under a lock that
+    /// has not ended: it refuses to delete them, as S3 Object Lock does.
+    #[derive(Debug)]
+    struct LockedStore(strata_repo::MemoryStorage);
+
+    impl strata_repo::Storage for LockedStore {
+        fn put(&self, key: &str, data: &[u8]) -> strata_repo::storage::StorageResult<()> {
+            self.0.put(key, data)
+        }
+        fn get(&self, key: &str) -> strata_repo::storage::StorageResult<Vec<u8>> {
+            self.0.get(key)
+        }
+        fn get_range(
+            &self,
+            key: &str,
+            offset: u64,
+            len: u64,
+        ) -> strata_repo::storage::StorageResult<Vec<u8>> {
+            self.0.get_range(key, offset, len)
+        }
+        fn list(&self, prefix: &str) -> strata_repo::storage::StorageResult<Vec<String>> {
+            self.0.list(prefix)
+        }
+        fn list_sizes(
+            &self,
+            prefix: &str,
+        ) -> strata_repo::storage::StorageResult<Vec<strata_repo::ObjectSize>> {
+            self.0.list_sizes(prefix)
+        }
+        fn delete(&self, key: &str) -> strata_repo::storage::StorageResult<()> {
+            if key.ends_with(".manifest") || key.starts_with("wal/") {
+                return Err(StorageError::Locked {
+                    key: key.to_string(),
+                    until: Some(Utc::now() + Duration::days(3)),
+                });
+            }
+            self.0.delete(key)
+        }
+        fn exists(&self, key: &str) -> strata_repo::storage::StorageResult<bool> {
+            self.0.exists(key)
+        }
+        fn describe(&self) -> String {
+            "locked".into()
+        }
+    }
+
+    #[test]
+    fn sets_and_wal_the_store_keeps_locked_stay_and_are_reported() {
+        let now = Utc::now();
+        let repo =
+            Repository::open_or_init(Arc::new(LockedStore(strata_repo::MemoryStorage::new())))
+                .unwrap();
+        let catalog = strata_catalog::SqliteCatalog::open_in_memory().unwrap();
+        let engine = Engine::new(Arc::new(catalog), repo, crate::EngineSettings::default());
+        let catalog = engine.catalog().clone();
+        catalog
+            .insert_backup(&set("old", BackupStatus::Success, at(20, now), (100, 200)))
+            .unwrap();
+        for n in 1..=2 {
+            catalog.upsert_wal_segment(&seg(n, at(20, now))).unwrap();
+        }
+
+        // The set stays in the catalog, and the refusal says until when.
+        match engine.delete_backup_set("old") {
+            Err(EngineError::Conflict(why)) => {
+                assert!(why.contains("kept by Object Lock until"), "{why}")
+            }
+            other => panic!("a locked set deleted: {other:?}"),
+        }
+        assert_eq!(catalog.get_backup("old").unwrap().id, "old");
+
+        // WAL objects the store keeps stay listed, for the next pass.
+        let rows = catalog.list_wal_segments("i").unwrap();
+        let locked = engine.delete_wal_segments(&rows).unwrap();
+        assert_eq!(locked, ["wal/1", "wal/2"]);
+        assert_eq!(catalog.list_wal_segments("i").unwrap().len(), 2);
     }
 }

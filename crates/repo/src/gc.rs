@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
-use crate::{manifest_key, PackId, RepoResult, Repository};
+use crate::{manifest_key, PackId, RepoResult, Repository, StorageError};
 
 /// What one collection did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -35,6 +35,12 @@ pub struct GcReport {
     pub packs_deleted: u64,
     /// Unreferenced packs kept until their grace period is over.
     pub packs_pending: u64,
+    /// Unreferenced packs the store refused to delete: an Object Lock
+    /// retention keeps them (they stay pending and go at a later run).
+    pub packs_locked: u64,
+    /// The latest retain-until date among them, when the store said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 /// Packs found unreferenced by earlier collections: pack id -> when first
@@ -139,8 +145,15 @@ impl Repository {
                 held = still_held();
             }
             if due && held {
-                self.storage.delete(&key)?;
-                report.packs_deleted += 1;
+                match self.storage.delete(&key) {
+                    Ok(()) => report.packs_deleted += 1,
+                    Err(StorageError::Locked { until, .. }) => {
+                        report.packs_locked += 1;
+                        report.locked_until = report.locked_until.max(until);
+                        still_pending.insert(PackId::from(id), since);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             } else {
                 still_pending.insert(PackId::from(id), since);
                 report.packs_pending += 1;

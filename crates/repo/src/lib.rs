@@ -38,8 +38,9 @@ pub use manifest::{
 };
 pub use object::ObjectKind;
 pub use storage::{
-    AzureConfig, AzureStorage, GcsConfig, GcsStorage, LocalStorage, MemoryStorage, MinFreeSpace,
-    ObjectSize, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError, Tuning,
+    AzureConfig, AzureStorage, GcsConfig, GcsStorage, LocalStorage, LockMode, MemoryStorage,
+    MinFreeSpace, ObjectLock, ObjectSize, RetryPolicy, RetryingStorage, S3Config, S3Storage,
+    Storage, StorageError, Tuning,
 };
 pub use usage::{InstanceUsage, RepositoryUsage, UsageCache};
 pub use verify::{VerifyProblem, VerifyReport};
@@ -557,6 +558,19 @@ impl Repository {
             &serde_json::to_vec(manifest).map_err(|e| RepoError::Format(e.to_string()))?,
             Some(3),
         )?;
+        // Under Object Lock, every pack the set needs must be kept at least
+        // as long as the set itself, reused ones included.
+        let mut packs: Vec<&str> = manifest
+            .all_files()
+            .flat_map(|f| f.blocks.iter().map(|b| b.pack.as_str()))
+            .collect();
+        packs.sort_unstable();
+        packs.dedup();
+        for pack in packs {
+            self.storage.retain(&pack_key(pack))?;
+        }
+        self.storage.retain(CONFIG_KEY)?;
+        self.storage.retain(&instance_key(&manifest.instance_id))?;
         self.storage.put(&key, &bytes)?;
         Ok(())
     }

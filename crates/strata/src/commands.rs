@@ -711,7 +711,16 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
                 println!(
                     "deleted {} pack(s), {} kept, {} pending until their grace period is over",
                     r.packs_deleted, r.packs_kept, r.packs_pending
-                )
+                );
+                if r.packs_locked > 0 {
+                    println!(
+                        "{} unreferenced pack(s) kept by Object Lock{}",
+                        r.packs_locked,
+                        r.locked_until
+                            .map(|u| format!(" until {}", u.to_rfc3339()))
+                            .unwrap_or_default()
+                    );
+                }
             }),
             None if json => {
                 println!("null");

@@ -22,8 +22,9 @@ use serde::Deserialize;
 use strata_catalog::PgConnect;
 use strata_engine::EngineSettings;
 use strata_repo::{
-    AzureConfig, AzureStorage, GcsConfig, GcsStorage, KeySource, LocalStorage, MinFreeSpace,
-    RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, Tuning, DEFAULT_COMPRESS_LEVEL,
+    AzureConfig, AzureStorage, GcsConfig, GcsStorage, KeySource, LocalStorage, LockMode,
+    MinFreeSpace, ObjectLock, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, Tuning,
+    DEFAULT_COMPRESS_LEVEL,
 };
 
 mod notify;
@@ -80,6 +81,9 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub import: ImportConfig,
     pub notify: NotifyConfig,
+    /// Read the repository as it was at this time (`restore --repo-as-of`).
+    #[serde(skip)]
+    pub repo_as_of: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// `[import]`: backups taken elsewhere, imported over the API.
@@ -242,6 +246,12 @@ pub struct S3Settings {
     pub path_style: Option<bool>,
     /// Allow a plain-http endpoint.
     pub allow_http: Option<bool>,
+    /// `governance` or `compliance`: packs, manifests and WAL objects are
+    /// written under an S3 Object Lock retention of `object_lock_days`.
+    pub object_lock: Option<String>,
+    /// Days each locked object is protected after it is written or
+    /// referenced again (the longest retention plus a margin).
+    pub object_lock_days: Option<u32>,
     /// Part sizes, concurrency, deadlines and attempts, in the same table.
     #[serde(flatten)]
     pub tuning: TuningSettings,
@@ -313,6 +323,8 @@ impl std::fmt::Debug for S3Settings {
             .field("path_style", &self.path_style)
             .field("allow_http", &self.allow_http)
             .field("tuning", &self.tuning)
+            .field("object_lock", &self.object_lock)
+            .field("object_lock_days", &self.object_lock_days)
             .finish()
     }
 }
@@ -637,6 +649,18 @@ impl Config {
     /// The storage the repository lives in. Object storage is wrapped in
     /// retries with backoff; a local directory fails fast.
     pub fn storage(&self) -> Result<Arc<dyn Storage>> {
+        if let Some(time) = self.repo_as_of {
+            let location = self.repository();
+            if !location.starts_with("s3://") {
+                bail!("--repo-as-of needs an s3:// repository in a versioned bucket; {location} is not one");
+            }
+            let mut c = s3_config(&location, &self.s3)?;
+            c.as_of = Some(time);
+            return Ok(Arc::new(RetryingStorage::new(
+                S3Storage::new(c)?,
+                self.s3.tuning.retry_policy(),
+            )));
+        }
         open_storage(
             &self.repository(),
             ObjectStores {
@@ -924,7 +948,33 @@ fn s3_config(location: &str, s: &S3Settings) -> Result<S3Config> {
         c.allow_http = on;
     }
     s.tuning.apply(&mut c.tuning);
+    c.object_lock = object_lock(s)?;
     Ok(c)
+}
+
+/// `[s3] object_lock` and `object_lock_days`, checked together.
+fn object_lock(s: &S3Settings) -> Result<Option<ObjectLock>> {
+    let mode = match s.object_lock.as_deref() {
+        None => {
+            if s.object_lock_days.is_some() {
+                bail!("[s3] object_lock_days is set without object_lock");
+            }
+            return Ok(None);
+        }
+        Some("governance") => LockMode::Governance,
+        Some("compliance") => LockMode::Compliance,
+        Some(other) => {
+            bail!("[s3] object_lock must be \"governance\" or \"compliance\", got {other:?}")
+        }
+    };
+    let days = match s.object_lock_days {
+        Some(days) if (1..=36500).contains(&days) => days,
+        Some(days) => bail!("[s3] object_lock_days must be between 1 and 36500, got {days}"),
+        None => bail!(
+            "[s3] object_lock needs object_lock_days: the longest backup or log retention of the repository's instances plus a margin"
+        ),
+    };
+    Ok(Some(ObjectLock { mode, days }))
 }
 
 /// `azure://container/prefix` reached as `s` says, the rest as [`AzureConfig`] has it.
@@ -1328,6 +1378,36 @@ mod node_id_tests {
 #[cfg(test)]
 mod secret_tests {
     use super::*;
+
+    #[test]
+    fn object_lock_settings_are_checked_together() {
+        let s = |lock: Option<&str>, days: Option<u32>| S3Settings {
+            object_lock: lock.map(str::to_string),
+            object_lock_days: days,
+            ..S3Settings::default()
+        };
+        assert_eq!(object_lock(&s(None, None)).unwrap(), None);
+        assert_eq!(
+            object_lock(&s(Some("compliance"), Some(40))).unwrap(),
+            Some(ObjectLock {
+                mode: LockMode::Compliance,
+                days: 40
+            })
+        );
+        for (lock, days, why) in [
+            (Some("governance"), None, "needs object_lock_days"),
+            (Some("governance"), Some(0), "between 1 and 36500"),
+            (
+                Some("Governance"),
+                Some(5),
+                "\"governance\" or \"compliance\"",
+            ),
+            (None, Some(5), "without object_lock"),
+        ] {
+            let err = object_lock(&s(lock, days)).unwrap_err().to_string();
+            assert!(err.contains(why), "{lock:?} {days:?}: {err}");
+        }
+    }
 
     #[test]
     fn s3_settings_never_print_their_secret() {

@@ -334,6 +334,11 @@ struct RestoreArgs {
     /// Stop as soon as the backup is consistent (no WAL replayed past it).
     #[arg(long)]
     immediate: bool,
+    /// Read the repository as it was at this time (RFC 3339), from the
+    /// object versions of its S3 bucket, read-only: what was deleted or
+    /// overwritten in the repository since is restored from all the same.
+    #[arg(long, value_name = "TIME")]
+    repo_as_of: Option<String>,
     /// Start the restored server and wait until the target is reached.
     #[arg(long, requires = "port")]
     start: bool,
@@ -470,6 +475,16 @@ fn main() {
     }
 }
 
+/// `--repo-as-of`: a time as `--time` takes it, not in the future (a view
+/// of the repository's future would change under the restore).
+fn repo_as_of(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    let time = commands::parse_time(text).context("--repo-as-of")?;
+    if time > chrono::Utc::now() {
+        anyhow::bail!("--repo-as-of {text} is in the future");
+    }
+    Ok(time)
+}
+
 fn open_engine(config: &Config) -> Result<Engine> {
     let data_dir = config.data_dir();
     std::fs::create_dir_all(&data_dir)
@@ -534,7 +549,14 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Agent(args) = cli.command {
         return agent::run(args);
     }
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Command::Restore(RestoreArgs {
+        repo_as_of: Some(time),
+        ..
+    }) = &cli.command
+    {
+        config.repo_as_of = Some(repo_as_of(time)?);
+    }
     // A test notification needs only the configured sinks.
     if let Command::Notify(NotifyCmd::Test { sink, json }) = &cli.command {
         let notifier = config.notify.notifier()?;

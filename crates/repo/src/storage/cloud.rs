@@ -226,7 +226,7 @@ impl ObjectStorage {
     }
 
     /// Runs `work` on this store's runtime and waits for it from any thread.
-    fn call<T, F>(&self, op: &'static str, key: &str, work: F) -> StorageResult<T>
+    pub(crate) fn call<T, F>(&self, op: &'static str, key: &str, work: F) -> StorageResult<T>
     where
         T: Send + 'static,
         F: Future<Output = StorageResult<T>> + Send + 'static,
@@ -249,6 +249,49 @@ impl ObjectStorage {
                 message: format!("the {} client runtime stopped", self.service),
                 transient: false,
             })
+        })
+    }
+
+    /// The runtime requests run on.
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// One version of `key` (whole, or `len` bytes from `offset`), by the
+    /// version id the store gave it.
+    pub(crate) fn get_version(
+        &self,
+        key: &str,
+        version: &str,
+        range: Option<(u64, u64)>,
+    ) -> StorageResult<Vec<u8>> {
+        validate_key(key)?;
+        let request = self.request_context("get", key);
+        let version = version.to_string();
+        self.call("get", key, async move {
+            let path = request.path()?;
+            let mut options = object_store::GetOptions {
+                version: Some(version),
+                ..Default::default()
+            };
+            if let Some((offset, len)) = range {
+                let end = offset
+                    .checked_add(len)
+                    .ok_or_else(|| StorageError::ShortRead {
+                        key: request.key.clone(),
+                        offset,
+                        len,
+                    })?;
+                options.range = Some((offset..end).into());
+            }
+            let _permit = request.permit().await?;
+            let result = request
+                .store
+                .get_opts(&path, options)
+                .await
+                .map_err(|e| request.fail(e))?;
+            let bytes = result.bytes().await.map_err(|e| request.fail(e))?;
+            Ok(bytes.to_vec())
         })
     }
 

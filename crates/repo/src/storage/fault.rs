@@ -279,6 +279,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.call("exists", key, || self.inner.exists(key))
     }
 
+    fn retain(&self, key: &str) -> StorageResult<()> {
+        self.inner.retain(key)
+    }
+
     fn describe(&self) -> String {
         format!("{} (with injected faults)", self.inner.describe())
     }

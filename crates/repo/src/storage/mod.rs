@@ -20,6 +20,7 @@ mod local;
 mod memory;
 mod retry;
 mod s3;
+mod s3api;
 mod space;
 
 #[cfg(feature = "fault-injection")]
@@ -36,7 +37,8 @@ pub use gcs::{GcsConfig, GcsStorage};
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
-pub use s3::{S3Config, S3Storage};
+pub use s3::{ObjectLock, S3Config, S3Storage};
+pub use s3api::LockMode;
 pub use space::MinFreeSpace;
 
 /// What a store can fail with; [`StorageError::is_transient`] decides retries.
@@ -94,6 +96,25 @@ pub enum StorageError {
     /// credentials); retrying does not help.
     #[error("storage configuration: {0}")]
     Config(String),
+    /// The store refuses to delete the object: an Object Lock retention
+    /// holds it until `until` (when the store said).
+    #[error("{key} is kept by Object Lock{}", .until.map(|u| format!(" until {}", u.to_rfc3339())).unwrap_or_default())]
+    Locked {
+        /// Key of the object.
+        key: String,
+        /// The retain-until date.
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// A write through a read-only view of the repository.
+    #[error("{op} {key} refused: {why}")]
+    ReadOnly {
+        /// The request.
+        op: &'static str,
+        /// Key of the object.
+        key: String,
+        /// Which view refuses it.
+        why: String,
+    },
     /// A local repository's file system would keep less free space than
     /// the configured minimum after this write; nothing was written.
     #[error(
@@ -128,6 +149,8 @@ impl StorageError {
             | StorageError::InvalidKey(_)
             | StorageError::ShortRead { .. }
             | StorageError::Config(_)
+            | StorageError::Locked { .. }
+            | StorageError::ReadOnly { .. }
             | StorageError::BelowMinFree { .. } => false,
         }
     }
@@ -176,6 +199,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn delete(&self, key: &str) -> StorageResult<()>;
     /// True when an object has that key.
     fn exists(&self, key: &str) -> StorageResult<bool>;
+    /// Protects `key` for the store's whole retention window from now on,
+    /// when the store keeps objects under a retention (S3 Object Lock): a
+    /// pack a new backup set references again must outlive that set.
+    /// Nothing to do elsewhere.
+    fn retain(&self, _key: &str) -> StorageResult<()> {
+        Ok(())
+    }
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
 }
@@ -209,6 +239,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn exists(&self, key: &str) -> StorageResult<bool> {
         (**self).exists(key)
+    }
+    fn retain(&self, key: &str) -> StorageResult<()> {
+        (**self).retain(key)
     }
     fn describe(&self) -> String {
         (**self).describe()

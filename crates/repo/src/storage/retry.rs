@@ -129,6 +129,10 @@ impl<S: Storage> Storage for RetryingStorage<S> {
         self.retry("exists", key, || self.inner.exists(key))
     }
 
+    fn retain(&self, key: &str) -> StorageResult<()> {
+        self.retry("retain", key, || self.inner.retain(key))
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -8,11 +8,43 @@
 //! CompleteMultipartUpload succeeds (Amazon S3 User Guide, "Uploading and
 //! copying objects using multipart upload"), so a reader never sees a partial
 //! object.
+//!
+//! Immutability (Amazon S3 User Guide, "Locking objects with Object Lock"):
+//! with [`S3Config::object_lock`], every pack, manifest and WAL object is
+//! given a retention right after it is stored (PutObjectRetention), and a
+//! pack a new backup set references again has its retention pushed out
+//! ([`Storage::retain`]). Deleting such an object removes its versions for
+//! good once their date has passed; before that the store refuses, and the
+//! call fails with [`StorageError::Locked`] without leaving a delete marker.
+//! With [`S3Config::as_of`] the store is a read-only view of the bucket as it
+//! was at that time, read from its object versions.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use object_store::aws::AmazonS3Builder;
 
 use super::cloud::{ObjectStorage, Tuning};
-use super::{validate_prefix, StorageError, StorageResult};
+use super::s3api::{ApiSettings, LockMode, S3Api};
+use super::{
+    list_dir, validate_key, validate_prefix, ObjectSize, Storage, StorageError, StorageResult,
+};
+
+/// Object Lock settings of a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// Governance or compliance retention.
+    pub mode: LockMode,
+    /// How long an object is protected after it is written or referenced
+    /// again: the longest backup or log retention of the repository's
+    /// instances plus a margin.
+    pub days: u32,
+}
+
+/// A reused pack's retention is renewed at most once a day per process.
+const RENEW_SLACK: chrono::Duration = chrono::Duration::days(1);
 
 /// Where and how to reach the bucket.
 #[derive(Clone, PartialEq, Eq)]
@@ -38,6 +70,12 @@ pub struct S3Config {
     pub allow_http: bool,
     /// Part sizes, concurrency and deadlines.
     pub tuning: Tuning,
+    /// Protect packs, manifests and WAL objects with Object Lock; the bucket
+    /// must have Object Lock enabled.
+    pub object_lock: Option<ObjectLock>,
+    /// Read the repository as it was at this time, from the bucket's object
+    /// versions; every write is refused.
+    pub as_of: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -51,6 +89,8 @@ impl std::fmt::Debug for S3Config {
             .field("path_style", &self.path_style)
             .field("allow_http", &self.allow_http)
             .field("tuning", &self.tuning)
+            .field("object_lock", &self.object_lock)
+            .field("as_of", &self.as_of)
             .finish_non_exhaustive()
     }
 }
@@ -85,7 +125,25 @@ impl S3Config {
             path_style: false,
             allow_http: false,
             tuning: Tuning::default(),
+            object_lock: None,
+            as_of: None,
         })
+    }
+
+    fn api_settings(&self) -> ApiSettings<'_> {
+        ApiSettings {
+            bucket: &self.bucket,
+            prefix: &self.prefix,
+            endpoint: self.endpoint.as_deref(),
+            region: &self.region,
+            access_key_id: self.access_key_id.as_deref(),
+            secret_access_key: self.secret_access_key.as_deref(),
+            session_token: self.session_token.as_deref(),
+            path_style: self.path_style,
+            allow_http: self.allow_http,
+            request_timeout: self.tuning.request_timeout,
+            connect_timeout: self.tuning.connect_timeout,
+        }
     }
 
     fn url(&self) -> String {
@@ -101,6 +159,13 @@ impl S3Config {
 pub struct S3Storage {
     inner: ObjectStorage,
     config: S3Config,
+    /// The signed calls object_store lacks; only with Object Lock or as-of.
+    api: Option<S3Api>,
+    /// The objects of an as-of view: key -> (version id, size).
+    view: Option<BTreeMap<String, (String, u64)>>,
+    /// Retain-until dates this process set, so a pack referenced by many
+    /// sets is not renewed at every one.
+    retained: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl std::fmt::Debug for S3Storage {
@@ -112,7 +177,9 @@ impl std::fmt::Debug for S3Storage {
 }
 
 impl S3Storage {
-    /// Sets up the client; no request is made until the first call.
+    /// Sets up the client. No request is made until the first call, except
+    /// with Object Lock (the bucket must have it enabled) or as-of (the
+    /// bucket must be versioned; its versions are listed once).
     pub fn new(config: S3Config) -> StorageResult<Self> {
         let tuning = config.tuning;
         tuning.check()?;
@@ -143,7 +210,177 @@ impl S3Storage {
             None => config.url(),
         };
         let inner = ObjectStorage::new("s3", s3, &config.prefix, tuning, description)?;
-        Ok(S3Storage { inner, config })
+        let mut storage = S3Storage {
+            inner,
+            api: None,
+            view: None,
+            retained: Mutex::new(HashMap::new()),
+            config,
+        };
+        if storage.config.object_lock.is_some() || storage.config.as_of.is_some() {
+            storage.api = Some(S3Api::new(storage.config.api_settings())?);
+        }
+        if let Some(lock) = storage.config.object_lock {
+            if lock.days == 0 {
+                return Err(StorageError::Config(
+                    "object_lock_days must be at least 1".into(),
+                ));
+            }
+            if storage.config.as_of.is_none() {
+                storage.check_object_lock()?;
+            }
+        }
+        if let Some(time) = storage.config.as_of {
+            storage.view = Some(storage.read_view(time)?);
+        }
+        Ok(storage)
+    }
+
+    fn api(&self) -> &S3Api {
+        self.api.as_ref().expect("made with object_lock or as_of")
+    }
+
+    /// Refuses a bucket without Object Lock: retention could not be set.
+    fn check_object_lock(&self) -> StorageResult<()> {
+        let api = self.api();
+        let enabled = block_on_api(&self.inner, "object-lock", api.object_lock_enabled())?;
+        if !enabled {
+            return Err(StorageError::Config(format!(
+                "object_lock is set but bucket {} does not have Object Lock enabled \
+                 (it is enabled when the bucket is created; see docs/DEPLOYMENT.md)",
+                self.config.bucket
+            )));
+        }
+        Ok(())
+    }
+
+    /// The newest version of each key not after `time`, delete markers
+    /// meaning "absent".
+    fn read_view(&self, time: DateTime<Utc>) -> StorageResult<BTreeMap<String, (String, u64)>> {
+        let api = self.api();
+        if !block_on_api(&self.inner, "versioning", api.versioning_enabled())? {
+            return Err(StorageError::Config(format!(
+                "--repo-as-of needs a versioned bucket; {} has no versioning, so its past \
+                 is not kept",
+                self.config.bucket
+            )));
+        }
+        let versions = block_on_api(&self.inner, "versions", api.list_versions(""))?;
+        let mut newest: BTreeMap<String, (DateTime<Utc>, String, u64, bool)> = BTreeMap::new();
+        for v in versions.into_iter().filter(|v| v.last_modified <= time) {
+            let newer = newest
+                .get(&v.key)
+                .is_none_or(|(seen, ..)| v.last_modified > *seen);
+            if newer {
+                newest.insert(
+                    v.key,
+                    (v.last_modified, v.version_id, v.size, v.delete_marker),
+                );
+            }
+        }
+        Ok(newest
+            .into_iter()
+            .filter(|(_, (_, _, _, deleted))| !deleted)
+            .map(|(key, (_, version, size, _))| (key, (version, size)))
+            .collect())
+    }
+
+    fn read_only(&self, op: &'static str, key: &str) -> StorageError {
+        StorageError::ReadOnly {
+            op,
+            key: key.to_string(),
+            why: format!(
+                "the repository is opened as of {} (read-only)",
+                self.config
+                    .as_of
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            ),
+        }
+    }
+
+    fn version_of(&self, key: &str) -> StorageResult<Option<&(String, u64)>> {
+        validate_key(key)?;
+        Ok(self.view.as_ref().and_then(|v| v.get(key)))
+    }
+
+    /// Sets `key`'s retention to the lock window from now, unless this
+    /// process already set one that ends no more than a day sooner.
+    fn lock(&self, key: &str, lock: ObjectLock) -> StorageResult<()> {
+        let until = Utc::now() + chrono::Duration::days(i64::from(lock.days));
+        let known = self.retained.lock().map(|m| m.get(key).copied());
+        if let Ok(Some(known)) = known {
+            if known + RENEW_SLACK >= until {
+                return Ok(());
+            }
+        }
+        let api = self.api();
+        let answer = block_on_api(
+            &self.inner,
+            "retention",
+            api.put_retention(key, lock.mode, until),
+        )?;
+        // Renewing what is not there (an instance record not yet written)
+        // protects nothing and needs nothing, whatever the store answered.
+        if answer.status != 200 && !self.inner.exists(key)? {
+            return Ok(());
+        }
+        if answer.status != 200 {
+            return Err(StorageError::Remote {
+                op: "put",
+                key: key.to_string(),
+                message: format!(
+                    "setting its Object Lock retention: status {} {}",
+                    answer.status,
+                    answer.code()
+                ),
+                transient: answer.status >= 500 || answer.status == 429,
+            });
+        }
+        if let Ok(mut known) = self.retained.lock() {
+            known.insert(key.to_string(), until);
+        }
+        Ok(())
+    }
+
+    /// Removes every version of `key`, oldest first, and stops at the first
+    /// the store refuses: what is newer stays readable, no delete marker
+    /// hides it.
+    fn delete_versions(&self, key: &str) -> StorageResult<()> {
+        let api = self.api();
+        let mut versions = block_on_api(&self.inner, "versions", api.list_versions(key))?;
+        versions.retain(|v| v.key == key);
+        versions.sort_by_key(|v| v.last_modified);
+        for v in versions {
+            let answer = block_on_api(
+                &self.inner,
+                "delete",
+                api.delete_version(key, &v.version_id),
+            )?;
+            match answer.status {
+                200 | 204 | 404 => {}
+                403 => {
+                    let until =
+                        block_on_api(&self.inner, "retention", api.retention(key, &v.version_id))?;
+                    return Err(StorageError::Locked {
+                        key: key.to_string(),
+                        until,
+                    });
+                }
+                status => {
+                    return Err(StorageError::Remote {
+                        op: "delete",
+                        key: key.to_string(),
+                        message: format!("status {status} {}", answer.code()),
+                        transient: status >= 500 || status == 429,
+                    })
+                }
+            }
+        }
+        if let Ok(mut known) = self.retained.lock() {
+            known.remove(key);
+        }
+        Ok(())
     }
 
     /// The configuration the store was made with.
@@ -152,10 +389,199 @@ impl S3Storage {
     }
 }
 
-super::cloud::forward_storage!(S3Storage);
+/// Runs one of [`S3Api`]'s calls on the store's runtime. The call borrows
+/// the client, so it is driven here under a scoped thread's `block_on`
+/// rather than spawned.
+fn block_on_api<T: Send>(
+    inner: &ObjectStorage,
+    op: &'static str,
+    work: impl std::future::Future<Output = StorageResult<T>> + Send,
+) -> StorageResult<T> {
+    let handle = inner.handle();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| handle.block_on(work))
+            .join()
+            .unwrap_or_else(|_| {
+                Err(StorageError::Remote {
+                    op,
+                    key: String::new(),
+                    message: "the S3 request thread panicked".into(),
+                    transient: false,
+                })
+            })
+    })
+}
+
+/// What a wipe must not reach: packs, manifests, complete WAL objects and
+/// timeline histories, the repository's configuration and instance records.
+/// Not locked: block indexes, which Strata compacts and can rebuild, and the
+/// partial WAL segment being received with its tails, which Strata replaces
+/// as WAL arrives (the complete segment is locked).
+fn lockable(key: &str) -> bool {
+    if key == crate::CONFIG_KEY {
+        return true;
+    }
+    if key.starts_with("packs/") {
+        return key.ends_with(".pack");
+    }
+    let Some(rest) = key.strip_prefix("instances/") else {
+        return false;
+    };
+    let Some((_, within)) = rest.split_once('/') else {
+        return false;
+    };
+    within == "instance"
+        || (within.starts_with("backups/") && within.ends_with(".manifest"))
+        || (within.starts_with("wal/") && !within.contains(".partial"))
+}
+
+impl Storage for S3Storage {
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        self.put_bytes(key, Bytes::copy_from_slice(data))
+    }
+
+    fn put_bytes(&self, key: &str, data: Bytes) -> StorageResult<()> {
+        if self.view.is_some() {
+            return Err(self.read_only("put", key));
+        }
+        self.inner.put_bytes(key, data)?;
+        match self.config.object_lock {
+            Some(lock) if lockable(key) => {
+                // A new version: whatever was retained before was another one.
+                if let Ok(mut known) = self.retained.lock() {
+                    known.remove(key);
+                }
+                self.lock(key, lock)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn concurrent_puts(&self) -> usize {
+        self.inner.concurrent_puts()
+    }
+
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        if self.view.is_none() {
+            return self.inner.get(key);
+        }
+        match self.version_of(key)? {
+            Some((version, _)) => self.inner.get_version(key, version, None),
+            None => Err(StorageError::NotFound(key.to_string())),
+        }
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        if self.view.is_none() {
+            return self.inner.get_range(key, offset, len);
+        }
+        let Some((version, size)) = self.version_of(key)? else {
+            return Err(StorageError::NotFound(key.to_string()));
+        };
+        let short = || StorageError::ShortRead {
+            key: key.to_string(),
+            offset,
+            len,
+        };
+        match offset.checked_add(len) {
+            Some(end) if end <= *size => {}
+            _ => return Err(short()),
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = self.inner.get_version(key, version, Some((offset, len)))?;
+        if bytes.len() as u64 != len {
+            return Err(short());
+        }
+        Ok(bytes)
+    }
+
+    fn list(&self, prefix: &str) -> StorageResult<Vec<String>> {
+        Ok(self
+            .list_sizes(prefix)?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> StorageResult<Vec<ObjectSize>> {
+        let Some(view) = &self.view else {
+            return self.inner.list_sizes(prefix);
+        };
+        let dir = list_dir(prefix)?.map(|d| format!("{d}/"));
+        Ok(view
+            .iter()
+            .filter(|(key, _)| dir.as_deref().is_none_or(|d| key.starts_with(d)))
+            .map(|(key, (_, size))| ObjectSize {
+                key: key.clone(),
+                size: *size,
+            })
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        if self.view.is_some() {
+            return Err(self.read_only("delete", key));
+        }
+        validate_key(key)?;
+        match self.config.object_lock {
+            Some(_) if lockable(key) => self.delete_versions(key),
+            _ => self.inner.delete(key),
+        }
+    }
+
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        if self.view.is_none() {
+            return self.inner.exists(key);
+        }
+        Ok(self.version_of(key)?.is_some())
+    }
+
+    fn retain(&self, key: &str) -> StorageResult<()> {
+        match (self.config.object_lock, &self.view) {
+            (Some(lock), None) if lockable(key) => {
+                validate_key(key)?;
+                self.lock(key, lock)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.config.as_of {
+            Some(time) => format!("{} as of {}", self.inner.describe(), time.to_rfc3339()),
+            None => self.inner.describe(),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn what_is_locked() {
+        for key in [
+            "strata-repo.json",
+            "packs/ab/abcdef.pack",
+            "instances/i1/instance",
+            "instances/i1/backups/b1.manifest",
+            "instances/i1/wal/00000001/000000010000000000000003",
+            "instances/i1/wal/00000002.history",
+        ] {
+            assert!(super::lockable(key), "{key}");
+        }
+        for key in [
+            "instances/i1/index/r1-0000.run",
+            "instances/i1/wal/00000001/000000010000000000000004.partial",
+            "instances/i1/wal/00000001/000000010000000000000004.partial.d/0-1",
+            "packs/ab/tmp",
+            "other",
+        ] {
+            assert!(!super::lockable(key), "{key}");
+        }
+    }
+
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
