@@ -22,10 +22,10 @@ use strata_engine::{
 };
 use strata_repo::storage::fault::{FaultCounts, FaultPlan, FaultyStorage};
 use strata_repo::{
-    GcsConfig, GcsStorage, LocalStorage, ObjectSize, Repository, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage, Storage, StorageError,
+    AzureConfig, AzureStorage, GcsConfig, GcsStorage, LocalStorage, ObjectSize, Repository,
+    RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage, StorageError,
 };
-use testkit::{Cluster, FakeGcs, S3Server};
+use testkit::{Azurite, Cluster, FakeGcs, S3Server};
 
 /// Retries as the binary does, with short delays so the test stays quick.
 fn retry_policy() -> RetryPolicy {
@@ -492,4 +492,14 @@ fn backups_under_storage_faults_on_gcs() {
     config.use_emulator = true;
     config.endpoint = Some(server.endpoint());
     scenario(Arc::new(GcsStorage::new(config).unwrap()), "gcs");
+}
+
+#[test]
+fn backups_under_storage_faults_on_azure() {
+    let azurite = Azurite::start();
+    let mut config =
+        AzureConfig::from_url(&format!("azure://{}/faults", Azurite::CONTAINER)).unwrap();
+    config.use_emulator = true;
+    config.endpoint = Some(azurite.endpoint());
+    scenario(Arc::new(AzureStorage::new(config).unwrap()), "azure");
 }

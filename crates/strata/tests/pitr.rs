@@ -1,7 +1,8 @@
 //! The core round trip (backup under pgbench load with concurrent DDL, WAL
 //! archiving, restores to latest, time, LSN, xid and restore point compared
 //! row by row) with the repository in a local directory, on a real S3 server
-//! (s3s-fs), on a Google Cloud Storage emulator (fake-gcs-server), and on S3
+//! (s3s-fs), on a Google Cloud Storage emulator (fake-gcs-server), on an Azure
+//! Blob Storage emulator (Azurite), and on S3
 //! with encryption at rest; and a destructive
 //! transaction committed while a backup ran, undone.
 
@@ -10,8 +11,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{files_under, pitr_round_trip, Strata};
-use strata_repo::{GcsConfig, GcsStorage, Storage};
-use testkit::{Cluster, FakeGcs, S3Server};
+use strata_repo::{AzureConfig, AzureStorage, GcsConfig, GcsStorage, Storage};
+use testkit::{Azurite, Cluster, FakeGcs, S3Server};
 
 #[test]
 fn pitr_under_load_with_ddl() {
@@ -45,6 +46,26 @@ fn pitr_under_load_on_gcs() {
     config.use_emulator = true;
     config.endpoint = Some(gcs.endpoint());
     let objects = GcsStorage::new(config).unwrap().list("").unwrap();
+    assert!(objects.iter().any(|k| k.ends_with(".pack")), "{objects:?}");
+    assert!(
+        objects.iter().any(|k| k.ends_with(".manifest")),
+        "{objects:?}"
+    );
+    assert!(objects.iter().any(|k| k.contains("/wal/")), "{objects:?}");
+    assert!(!strata.repo_dir().exists());
+}
+
+#[test]
+fn pitr_under_load_on_azure() {
+    let azurite = Azurite::start();
+    let strata = Strata::on_azure("pitr-azure", &azurite, "");
+    pitr_round_trip(&strata, "pitr-azure");
+    // Backups and archived WAL went to the container, nothing to the data directory.
+    let mut config =
+        AzureConfig::from_url(&format!("azure://{}/pitr-azure", Azurite::CONTAINER)).unwrap();
+    config.use_emulator = true;
+    config.endpoint = Some(azurite.endpoint());
+    let objects = AzureStorage::new(config).unwrap().list("").unwrap();
     assert!(objects.iter().any(|k| k.ends_with(".pack")), "{objects:?}");
     assert!(
         objects.iter().any(|k| k.ends_with(".manifest")),
