@@ -12,6 +12,7 @@
 pub mod crypto;
 mod gc;
 mod index;
+mod key_record;
 pub mod manifest;
 pub mod object;
 pub mod pack;
@@ -29,9 +30,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use crypto::{EncryptionConfig, KeySource, Keys};
+pub use crypto::{EncryptionConfig, KeyDomain, KeySource, Keys};
 pub use gc::{GcReport, PendingPacks};
 pub use index::{index_prefix, AddedBlocks, BlockIndex, IndexRebuild, INDEX_RUN_VERSION};
+pub use key_record::{key_record_key, InstanceKeyRecord, KEY_RECORD_VERSION};
 pub use manifest::{
     BackupContents, BackupManifest, BackupStats, DatabaseContents, FileEntry, FileKind,
     TableContents, TablespaceEntry,
@@ -128,6 +130,15 @@ pub enum RepoError {
     /// A key is missing, unreadable, or configured where none belongs.
     #[error("{0}")]
     KeyRequired(String),
+    /// An object or pack is sealed under an instance key domain whose key
+    /// this reader does not hold (the instance's KMS key was not unwrapped).
+    #[error("{object} is sealed under instance key domain {domain}, whose key is not unlocked here")]
+    DomainLocked {
+        /// Key of the object.
+        object: String,
+        /// The domain its header names.
+        domain: crypto::KeyDomain,
+    },
     /// The local cache of the block index cannot be used.
     #[error("block index cache {0}")]
     Cache(String),
@@ -430,16 +441,67 @@ impl Repository {
         Ok(())
     }
 
-    /// True when the repository is encrypted.
+    /// True when the repository is encrypted (its own keys; an instance key
+    /// domain is encrypted either way).
     pub fn is_encrypted(&self) -> bool {
-        self.keys.is_encrypted()
+        self.keys.repository_keys().is_encrypted()
+    }
+
+    /// The repository's own keys, the base of every instance key domain.
+    pub fn repository_keys(&self) -> Arc<Keys> {
+        Keys::repository_arc(&self.keys)
+    }
+
+    /// This repository writing under `keys` (an instance key domain, see
+    /// [`Keys::instance_domain`]): new packs and objects are sealed under
+    /// them; objects of the repository's domain are still read.
+    pub fn in_domain(&self, keys: Keys) -> Repository {
+        Repository {
+            keys: Arc::new(keys),
+            ..self.clone()
+        }
+    }
+
+    /// This repository writing under the repository's own keys.
+    pub fn in_repository_domain(&self) -> Repository {
+        Repository {
+            keys: self.repository_keys(),
+            ..self.clone()
+        }
+    }
+
+    /// The key domain new packs and objects are sealed under.
+    pub fn domain(&self) -> KeyDomain {
+        self.keys.domain()
+    }
+
+    /// The view of this repository whose keys read the blocks of backup set
+    /// `backup_id`: blocks carry no domain of their own, their set's manifest
+    /// does (a set's blocks are always of its manifest's domain).
+    pub fn for_set(&self, instance_id: &str, backup_id: &str) -> RepoResult<Repository> {
+        let key = manifest_key(instance_id, backup_id);
+        let bytes = match self.storage.get(&key) {
+            Ok(b) => b,
+            Err(StorageError::NotFound(_)) => {
+                return Err(RepoError::BackupNotFound(backup_id.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match object::object_domain(&bytes).0 {
+            d if d == self.keys.domain() => Ok(self.clone()),
+            KeyDomain::REPOSITORY => Ok(self.in_repository_domain()),
+            domain => Err(RepoError::DomainLocked {
+                object: key,
+                domain,
+            }),
+        }
     }
 
     /// Seals a small secret kept outside the repository (in the catalog)
     /// under the repository's data key, bound to this repository and to
     /// `label`; `None` when the repository is not encrypted.
     pub fn seal_secret(&self, secret: &[u8], label: &str) -> RepoResult<Option<Vec<u8>>> {
-        match &self.keys.cipher {
+        match &self.keys.repository_keys().cipher {
             Some(c) => c.seal(secret, self.secret_aad(label).as_bytes()).map(Some),
             None => Ok(None),
         }
@@ -451,7 +513,7 @@ impl Repository {
             object: format!("catalog secret {label}"),
             reason: reason.into(),
         };
-        let cipher = self.keys.cipher.as_ref().ok_or_else(|| {
+        let cipher = self.keys.repository_keys().cipher.as_ref().ok_or_else(|| {
             corrupt("sealed under a repository key, but the repository is not encrypted")
         })?;
         cipher
@@ -497,7 +559,14 @@ impl Repository {
 
     /// Stores an instance's record (replacing an older one).
     pub fn put_instance(&self, rec: &InstanceRecord) -> RepoResult<()> {
-        let bytes = seal(&self.keys, ObjectKind::Instance, rec, &[], None)?;
+        // Instance records stay under the repository's keys: every reader lists them.
+        let bytes = seal(
+            self.keys.repository_keys(),
+            ObjectKind::Instance,
+            rec,
+            &[],
+            None,
+        )?;
         self.storage.put(&instance_key(&rec.id), &bytes)?;
         Ok(())
     }
@@ -1673,6 +1742,94 @@ mod tests {
         Repository::open_or_init(plain.clone()).unwrap();
         let err = Repository::open_with_key(plain, Some(&first)).unwrap_err();
         assert!(err.to_string().contains("is not encrypted"), "{err}");
+    }
+
+    fn domain_keys(repo: &Repository, domain: u32, byte: u8) -> Keys {
+        Keys::instance_domain(
+            KeyDomain(domain),
+            zeroize::Zeroizing::new([byte; 32]),
+            repo.repository_keys(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn instance_key_domain_seals_its_own_packs_and_objects() {
+        let (_dir, repo) = repo();
+        // Written before the domain existed: repository keys, format unchanged.
+        let old_block = b"older block, repository keys ".repeat(100);
+        let mut w = repo.block_writer(BlockIndex::default());
+        let old_ref = w.add(&old_block).unwrap();
+        w.finish().unwrap();
+        let old_obj = seal(&repo.keys, ObjectKind::Instance, &1u32, b"", None).unwrap();
+        assert_eq!(&old_obj[8..10], &[1, 0]);
+
+        let domain = repo.in_domain(domain_keys(&repo, 0x0a0b0c0d, 7));
+        let block = b"PLAINTEXT-MARKER in an instance domain ".repeat(100);
+        let mut w = domain.block_writer(BlockIndex::default());
+        let r = w.add(&block).unwrap();
+        w.finish().unwrap();
+        assert_ne!(
+            r.hash,
+            repo.hasher().hash(&block),
+            "instance blocks hash under the instance's key"
+        );
+        let obj = seal(&domain.keys, ObjectKind::Manifest, &"meta", b"payload", None).unwrap();
+        assert_eq!(&obj[8..10], &[3, 0]);
+        assert_eq!(
+            object::object_domain(&obj),
+            (KeyDomain(0x0a0b0c0d), 16)
+        );
+        let pack_key = pack_key(&r.pack);
+        let pack_bytes = repo.storage().get(&pack_key).unwrap();
+        assert_eq!(&pack_bytes[8..10], &[3, 0]);
+        assert_eq!(pack::pack_domain(&pack_bytes), Some(KeyDomain(0x0a0b0c0d)));
+        assert!(!pack_bytes.windows(16).any(|w| w == b"PLAINTEXT-MARKER"));
+
+        // The domain reads its own and the repository's objects.
+        assert_eq!(domain.read_block(&r).unwrap(), block);
+        assert_eq!(
+            domain.in_repository_domain().read_block(&old_ref).unwrap(),
+            old_block
+        );
+        assert_eq!(
+            open::<String>(&domain.keys, "m", ObjectKind::Manifest, &obj)
+                .unwrap()
+                .payload,
+            b"payload"
+        );
+        assert_eq!(
+            open::<u32>(&domain.keys, "i", ObjectKind::Instance, &old_obj)
+                .unwrap()
+                .meta,
+            1
+        );
+        assert!(domain.verify(&|_, _| {}).unwrap().is_clean());
+
+        // The repository's keys do not open the domain's objects: a clear refusal.
+        let err = open::<String>(&repo.keys, "m", ObjectKind::Manifest, &obj)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert!(!report.is_clean());
+        assert!(repo.read_block(&r).is_err());
+
+        // The same domain id under another data key fails authentication.
+        let wrong = domain_keys(&repo, 0x0a0b0c0d, 8);
+        let err = open::<String>(&wrong, "m", ObjectKind::Manifest, &obj)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
+        assert!(pack::verify_pack(&wrong, &pack_key, &pack_bytes).is_err());
+        assert!(repo.in_domain(wrong).read_block(&r).is_err());
+        // A header naming another domain is refused before any key is tried.
+        let mut moved = obj.clone();
+        moved[12] ^= 1;
+        let err = open::<String>(&domain.keys, "m", ObjectKind::Manifest, &moved)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
     }
 
     #[test]
