@@ -12,6 +12,10 @@ pub enum EngineError {
     /// The repository failed (storage, format, encryption).
     #[error(transparent)]
     Repo(#[from] strata_repo::RepoError),
+    /// The key management service refused or failed (a disabled or deleted
+    /// key, credentials it does not accept, unreachable).
+    #[error(transparent)]
+    Kms(#[from] strata_kms::KmsError),
     /// A server problem a retry will not fix, already phrased for the user.
     #[error("{0}")]
     Server(String),

@@ -26,6 +26,7 @@ mod alerts;
 mod clock;
 mod contents;
 mod cross_region;
+mod encryption;
 mod drills;
 pub mod fleet;
 mod import;
