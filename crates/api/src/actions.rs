@@ -20,6 +20,7 @@ use strata_service::{
 
 use crate::advanced;
 use crate::cross_region;
+use crate::encryption;
 use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::log_files::{self, Listing};
 use crate::meta;
@@ -87,9 +88,15 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
     let svc = &state.service;
     match action {
         "CheckCreateDdrDBInstance" => cross_region::check_ddr_instance(svc, p),
-        "CloneDBInstance" => clone_instance(svc, p),
+        "CloneDBInstance" => clone_instance(svc, p).await,
         "CopyDatabaseBetweenInstances" => copy_databases(svc, p),
-        "CreateBackup" => create_backup(svc, p),
+        "AuthorizeBackupEncryption" => encryption::authorize(svc, p).await,
+        "CheckBackupEncryptionAuthorized" => encryption::check_authorized(svc, p).await,
+        "CheckRegionSupportBackupEncryption" => encryption::check_region_support(svc, p),
+        "CreateBackup" => create_backup(svc, p).await,
+        "DescribeDBInstanceEncryptionKey" => encryption::describe(svc, p).await,
+        "EnableBackupEncryption" => encryption::enable(svc, p).await,
+        "StrataRotateBackupEncryptionKey" => encryption::rotate(svc, p).await,
         "CreateDdrInstance" => cross_region::create_ddr_instance(svc, p),
         "DeleteBackup" => delete_backup(svc, p),
         "DeleteDBInstance" => delete_instance(svc, p).await,
@@ -144,8 +151,10 @@ fn not_supported(code: &str, message: impl Into<String>) -> ApiError {
 
 // ----- backups -----
 
-fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+async fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
+    // Encrypted backups need their KMS key usable: refused now, not as a failed job.
+    encryption::check_instance_key(svc, &inst.id).await?;
     let method = match p.get("BackupMethod").unwrap_or("Physical") {
         "Physical" => BackupMethod::Physical,
         "Snapshot" => BackupMethod::Snapshot,
@@ -1114,10 +1123,14 @@ fn parse_xid(v: &str) -> ApiResult<u32> {
         })
 }
 
-fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+async fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     // A registered instance, or one deregistered since whose sets were
     // kept (`DescribeDetachedBackups`): the service tells them apart.
     let source = p.required("DBInstanceId")?;
+    if strata_catalog::Instance::valid_id(source) {
+        // Encrypted sets restore only while their KMS key is usable.
+        encryption::check_instance_key(svc, source).await?;
+    }
     // PayType, DBInstanceClass, VPCId… describe billing and networking
     // this service does not have; they are accepted and ignored.
     let src = restore_source(p)?;
