@@ -56,6 +56,18 @@ impl Engine {
             None => Ok(self.repo.clone()),
             Some(record) => {
                 let kms = self.require_kms()?;
+                // A KMS may still decrypt under a key disabled a moment ago
+                // (caches, emulators): its state decides.
+                let meta = kms.describe_key(&record.kms_key_id).await?;
+                if !meta.enabled {
+                    return Err(EngineError::Kms(KmsError::KeyDisabled {
+                        key: record.kms_key_id.clone(),
+                        message: format!(
+                            "its state is {}",
+                            meta.key_state.as_deref().unwrap_or("not enabled")
+                        ),
+                    }));
+                }
                 let context = self.key_context(instance_id);
                 let data_key = kms
                     .decrypt(&record.kms_key_id, &record.wrapped_bytes()?, &context.pairs())

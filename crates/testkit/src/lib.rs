@@ -15,10 +15,12 @@
 mod azurite;
 pub mod fuzz;
 mod loopfs;
+mod moto;
 mod s3;
 
 pub use azurite::{azurite_blob_binary, Azurite};
 pub use loopfs::{FsKind, LoopFs, LoopFsUnavailable};
+pub use moto::{moto_dir, Moto};
 pub use s3::{s3s_fs_binary, S3Server};
 
 use std::collections::HashMap;
