@@ -7,6 +7,7 @@ touching a pack, hostile key ids refused with RDS-style codes."""
 
 import json
 import os
+import subprocess
 import time
 import urllib.request
 
@@ -34,19 +35,43 @@ def kms(op, **body):
 
 @pytest.fixture(scope="module")
 def cmk():
-    return kms("CreateKey", Description="strata backups")["KeyMetadata"]
+    meta = kms("CreateKey", Description="strata backups", KeyUsage="ENCRYPT_DECRYPT",
+               Origin="AWS_KMS")["KeyMetadata"]
+    assert meta["KeyUsage"] == "ENCRYPT_DECRYPT" and meta["Origin"] == "AWS_KMS", meta
+    return meta
 
 
 def repo_dir():
     return os.path.join(os.environ["STRATA_DATA_DIR"], "repo")
 
 
-def repo_contains(marker):
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def readable(data, needle):
+    """Whether `needle` is in `data` as stored or in any zstd frame in it
+    (objects of a plain repository are compressed, not hidden)."""
+    if needle in data:
+        return True
+    at = data.find(ZSTD_MAGIC)
+    while at >= 0:
+        out = subprocess.run(["zstd", "-dcq"], input=data[at:], capture_output=True, timeout=60)
+        if needle in out.stdout:
+            return True
+        at = data.find(ZSTD_MAGIC, at + 4)
+    return False
+
+
+def repo_contains(marker, since_ns=0):
+    """Whether any repository object (written after `since_ns`) holds `marker`."""
     needle = marker.encode()
     for root, _, files in os.walk(repo_dir()):
         for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                if needle in fh.read():
+            path = os.path.join(root, f)
+            if os.stat(path).st_mtime_ns < since_ns:
+                continue
+            with open(path, "rb") as fh:
+                if readable(fh.read(), needle):
                     return True
     return False
 
@@ -96,7 +121,7 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
     h.psql(f"CREATE TABLE enc_before (note text); INSERT INTO enc_before VALUES ('{before}');"
            "SELECT pg_switch_wal();")
     deadline = time.monotonic() + 60
-    while not repo_contains(before):
+    while not repo_contains(before, since_ns=time.time_ns() - 5 * 10**9):
         assert time.monotonic() < deadline, "plain WAL never showed the row"
         time.sleep(0.5)
 
@@ -109,6 +134,7 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
     assert record["kms_key_id"] == cmk["Arn"] and record["key_version"] == 1
     assert "wrapped_key" in record and "plaintext" not in json.dumps(record).lower()
 
+    enabled_at = time.time_ns()
     secret = "STRATA-SECRET-" + os.urandom(8).hex()
     h.psql(f"CREATE TABLE enc_after (note text); INSERT INTO enc_after VALUES ('{secret}');"
            "SELECT pg_switch_wal();")
@@ -116,6 +142,7 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
     h.psql("SELECT pg_switch_wal();")
     time.sleep(2)
     assert not repo_contains(secret), "a row written after enabling is readable in the repository"
+    assert repo_contains(before, since_ns=0), "the control marker vanished: the scan is broken"
 
     for sig in h.SIGNATURES:
         client = h.make_client(sig, *h.admin_key())
@@ -124,7 +151,8 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
         assert (d.encryption_key, d.encryption_key_status) == (cmk["Arn"], "Enabled")
         assert d.key_usage == "ENCRYPT_DECRYPT" and d.origin == "AWS_KMS"
         assert d.description == "strata backups" and d.creator == cmk["AWSAccountId"]
-        assert d.encryption_key_list.encryption_key[0].key_type == "CMK"
+        assert [k.key_type for k in d.encryption_key_list] == ["CMK"]
+        assert d.encryption_key_list[0].encryption_key_status == "Enabled"
 
     # Disabled: no new backup, no restore, a clear code; the state shows.
     kms("DisableKey", KeyId=cmk["KeyId"])
@@ -165,4 +193,4 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
 
     # A new backup after re-enabling works and stays in the instance's domain.
     h.backup(admin, instance.id)
-    assert not repo_contains(secret)
+    assert not repo_contains(secret, since_ns=enabled_at)

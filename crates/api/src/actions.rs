@@ -29,7 +29,10 @@ use crate::ApiState;
 
 /// Every action Strata answers, in alphabetical order.
 pub const ACTIONS: &[&str] = &[
+    "AuthorizeBackupEncryption",
+    "CheckBackupEncryptionAuthorized",
     "CheckCreateDdrDBInstance",
+    "CheckRegionSupportBackupEncryption",
     "CloneDBInstance",
     "CopyDatabaseBetweenInstances",
     "CreateBackup",
@@ -48,12 +51,14 @@ pub const ACTIONS: &[&str] = &[
     "DescribeCrossRegionBackups",
     "DescribeCrossRegionLogBackupFiles",
     "DescribeDBInstanceAttribute",
+    "DescribeDBInstanceEncryptionKey",
     "DescribeDBInstances",
     "DescribeDetachedBackups",
     "DescribeInstanceCrossBackupPolicy",
     "DescribeLocalAvailableRecoveryTime",
     "DescribeLogBackupFiles",
     "DescribeMetaList",
+    "EnableBackupEncryption",
     "ModifyBackupPolicy",
     "ModifyBackupSetExpireTime",
     "ModifyInstanceCrossBackupPolicy",
@@ -67,6 +72,7 @@ pub const ACTIONS: &[&str] = &[
     "StrataKeepBackup",
     "StrataRegisterDBInstance",
     "StrataReleaseBackup",
+    "StrataRotateBackupEncryptionKey",
     "StrataStartRestoreDrill",
 ];
 

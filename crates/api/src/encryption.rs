@@ -37,7 +37,7 @@ fn require_kms(svc: &Service) -> ApiResult<()> {
 }
 
 /// The `EncryptionKey` parameter, checked (a KMS key id, ARN or alias).
-fn encryption_key<'a>(p: &'a Params, required: bool) -> ApiResult<Option<&'a str>> {
+fn encryption_key(p: &Params, required: bool) -> ApiResult<Option<&str>> {
     let key = match p.get("EncryptionKey") {
         None | Some("") if required => return Err(ApiError::missing("EncryptionKey")),
         None | Some("") => return Ok(None),
@@ -162,10 +162,8 @@ pub(crate) async fn describe(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields
         item.insert("AliasName".into(), Value::String(String::new()));
     }
     let mut out = obj(fields);
-    out.insert(
-        "EncryptionKeyList".into(),
-        json!({"EncryptionKey": [list_item]}),
-    );
+    // The SDK's model reads the list as a plain array.
+    out.insert("EncryptionKeyList".into(), json!([list_item]));
     Ok(out)
 }
 

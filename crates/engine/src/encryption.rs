@@ -70,7 +70,11 @@ impl Engine {
                 }
                 let context = self.key_context(instance_id);
                 let data_key = kms
-                    .decrypt(&record.kms_key_id, &record.wrapped_bytes()?, &context.pairs())
+                    .decrypt(
+                        &record.kms_key_id,
+                        &record.wrapped_bytes()?,
+                        &context.pairs(),
+                    )
                     .await?;
                 let keys = Keys::instance_domain(
                     record.key_domain,
@@ -126,9 +130,7 @@ impl Engine {
             )));
         }
         let context = self.key_context(instance_id);
-        let data_key = kms
-            .generate_data_key(kms_key_id, &context.pairs())
-            .await?;
+        let data_key = kms.generate_data_key(kms_key_id, &context.pairs()).await?;
         let record = InstanceKeyRecord {
             format_version: KEY_RECORD_VERSION,
             instance_id: instance_id.to_string(),

@@ -56,7 +56,6 @@ pub use copy::{
 };
 pub use delta::DeltaReport;
 pub use encryption::BackupEncryption;
-pub use strata_kms;
 pub use error::{EngineError, EngineResult};
 pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
 pub use import::PendingImport;
@@ -72,6 +71,7 @@ pub use snapshot_clone::{AgentCloneOptions, AgentCloneOutcome};
 pub use snapshot_restore::open_dir_no_links;
 pub use snapshot_restore::LocalSnapshot;
 pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};
+pub use strata_kms;
 
 impl Engine {
     /// The same engine reading and writing `repo` instead (a cross-region

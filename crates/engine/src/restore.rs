@@ -198,8 +198,12 @@ impl Engine {
     ) -> EngineResult<RestoreOutcome> {
         // Sets and WAL of an instance with encrypted backups open only with
         // its data key, unwrapped by the KMS now.
-        self.for_instance_blocking(instance_id)?
-            .restore_in_domain(instance_id, opts, local, progress)
+        self.for_instance_blocking(instance_id)?.restore_in_domain(
+            instance_id,
+            opts,
+            local,
+            progress,
+        )
     }
 
     fn restore_in_domain(

@@ -279,7 +279,9 @@ impl Kms {
 
     /// Whether Strata's credentials are accepted at all (`ListKeys`, one key).
     pub async fn check_credentials(&self) -> KmsResult<()> {
-        self.call("ListKeys", "", json!({"Limit": 1})).await.map(|_| ())
+        self.call("ListKeys", "", json!({"Limit": 1}))
+            .await
+            .map(|_| ())
     }
 
     async fn call(&self, operation: &str, key: &str, body: Value) -> KmsResult<Value> {
@@ -404,13 +406,15 @@ fn tls_config() -> KmsResult<rustls::ClientConfig> {
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    Ok(rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| KmsError::Invalid(format!("TLS: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KmsError::Invalid(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
 }
 
 fn check_key_id(id: &str) -> KmsResult<()> {
@@ -462,7 +466,9 @@ fn blob(answer: &Value, field: &str) -> KmsResult<Vec<u8>> {
 }
 
 fn thirty_two(bytes: &[u8]) -> KmsResult<Zeroizing<[u8; 32]>> {
-    let key: [u8; 32] = bytes.try_into().map_err(|_| malformed("32-byte Plaintext"))?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| malformed("32-byte Plaintext"))?;
     Ok(Zeroizing::new(key))
 }
 
@@ -482,7 +488,14 @@ mod tests {
             "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
         ));
         assert!(valid_key_id("alias/strata-backups"));
-        for bad in ["", "a\"b", "a\nb", "a b", "k'ey", &"k".repeat(MAX_KEY_ID_LEN + 1)] {
+        for bad in [
+            "",
+            "a\"b",
+            "a\nb",
+            "a b",
+            "k'ey",
+            &"k".repeat(MAX_KEY_ID_LEN + 1),
+        ] {
             assert!(!valid_key_id(bad), "{bad:?}");
         }
         let config = KmsConfig {
@@ -514,7 +527,10 @@ mod tests {
             .find(|(k, _)| k == "authorization")
             .map(|(_, v)| v.clone())
             .unwrap();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"), "{auth}");
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"),
+            "{auth}"
+        );
         assert!(auth.contains("/eu-west-1/kms/aws4_request"), "{auth}");
         assert!(auth.contains("x-amz-target"), "{auth}");
     }

@@ -55,7 +55,8 @@ impl Repository {
     /// Stores an instance's key record (replacing an older one).
     pub fn put_key_record(&self, rec: &InstanceKeyRecord) -> RepoResult<()> {
         let bytes = serde_json::to_vec_pretty(rec).map_err(|e| RepoError::Format(e.to_string()))?;
-        self.storage.put(&key_record_key(&rec.instance_id), &bytes)?;
+        self.storage
+            .put(&key_record_key(&rec.instance_id), &bytes)?;
         Ok(())
     }
 

@@ -132,7 +132,9 @@ pub enum RepoError {
     KeyRequired(String),
     /// An object or pack is sealed under an instance key domain whose key
     /// this reader does not hold (the instance's KMS key was not unwrapped).
-    #[error("{object} is sealed under instance key domain {domain}, whose key is not unlocked here")]
+    #[error(
+        "{object} is sealed under instance key domain {domain}, whose key is not unlocked here"
+    )]
     DomainLocked {
         /// Key of the object.
         object: String,
@@ -1767,12 +1769,16 @@ mod tests {
             repo.hasher().hash(&block),
             "instance blocks hash under the instance's key"
         );
-        let obj = seal(&domain.keys, ObjectKind::Manifest, &"meta", b"payload", None).unwrap();
+        let obj = seal(
+            &domain.keys,
+            ObjectKind::Manifest,
+            &"meta",
+            b"payload",
+            None,
+        )
+        .unwrap();
         assert_eq!(&obj[8..10], &[3, 0]);
-        assert_eq!(
-            object::object_domain(&obj),
-            (KeyDomain(0x0a0b0c0d), 16)
-        );
+        assert_eq!(object::object_domain(&obj), (KeyDomain(0x0a0b0c0d), 16));
         let pack_key = pack_key(&r.pack);
         let pack_bytes = repo.storage().get(&pack_key).unwrap();
         assert_eq!(&pack_bytes[8..10], &[3, 0]);

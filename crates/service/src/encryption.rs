@@ -15,7 +15,11 @@ impl Service {
         instance_id: &str,
         kms_key_id: &str,
     ) -> Result<InstanceKeyRecord, ServiceError> {
-        let before = self.engine.repo().read_key_record(instance_id).map_err(EngineError::from)?;
+        let before = self
+            .engine
+            .repo()
+            .read_key_record(instance_id)
+            .map_err(EngineError::from)?;
         let record = self
             .engine
             .enable_backup_encryption(instance_id, kms_key_id)

@@ -260,7 +260,10 @@ impl KmsSettings {
     /// incomplete or hostile settings.
     pub fn client(&self) -> Result<Option<strata_engine::strata_kms::Kms>> {
         let Some(endpoint) = &self.endpoint else {
-            if self.region.is_some() || self.access_key_id.is_some() || self.secret_access_key.is_some() {
+            if self.region.is_some()
+                || self.access_key_id.is_some()
+                || self.secret_access_key.is_some()
+            {
                 bail!("[kms] settings without kms.endpoint");
             }
             return Ok(None);
@@ -268,7 +271,9 @@ impl KmsSettings {
         let region = self.region.clone().unwrap_or_else(|| "us-east-1".into());
         if region.is_empty()
             || region.len() > 64
-            || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            || !region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
             bail!("kms.region must be 1 to 64 characters of a-z, 0-9 and -");
         }
@@ -278,7 +283,10 @@ impl KmsSettings {
         if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             bail!("kms.access_key_id must be 1 to 128 letters and digits");
         }
-        if secret.is_empty() || secret.len() > 1024 || secret.chars().any(|c| c.is_control() || c == ' ') {
+        if secret.is_empty()
+            || secret.len() > 1024
+            || secret.chars().any(|c| c.is_control() || c == ' ')
+        {
             bail!("kms.secret_access_key must be 1 to 1024 printable characters without spaces");
         }
         let kms = strata_engine::strata_kms::Kms::new(strata_engine::strata_kms::KmsConfig {
