@@ -225,6 +225,9 @@ pub struct DrillsConfig {
     pub enabled: Option<bool>,
 }
 
+/// The region KMS requests are signed for unless `kms.region` says otherwise.
+pub const KMS_DEFAULT_REGION: &str = "us-east-1";
+
 /// `[kms]`: the key management service (AWS KMS API) whose customer master
 /// keys wrap the data keys of instances with encrypted backups.
 #[derive(Clone, Deserialize, Default)]
@@ -268,7 +271,10 @@ impl KmsSettings {
             }
             return Ok(None);
         };
-        let region = self.region.clone().unwrap_or_else(|| "us-east-1".into());
+        let region = self
+            .region
+            .clone()
+            .unwrap_or_else(|| KMS_DEFAULT_REGION.into());
         if region.is_empty()
             || region.len() > 64
             || !region
