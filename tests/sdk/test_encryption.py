@@ -71,9 +71,10 @@ def repo_contains(marker, since_ns=0):
             if os.stat(path).st_mtime_ns < since_ns:
                 continue
             with open(path, "rb") as fh:
-                if readable(fh.read(), needle):
-                    return True
-    return False
+                data = fh.read()
+            if readable(data, needle):
+                return f"{path} ({data[:16]!r})"
+    return None
 
 
 def packs():
@@ -141,7 +142,7 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
     encrypted_set = h.backup(admin, instance.id).backup_id
     h.psql("SELECT pg_switch_wal();")
     time.sleep(2)
-    assert not repo_contains(secret), "a row written after enabling is readable in the repository"
+    assert repo_contains(secret) is None, "a row written after enabling is readable in the repository"
     assert repo_contains(before, since_ns=0), "the control marker vanished: the scan is broken"
 
     for sig in h.SIGNATURES:
@@ -193,4 +194,4 @@ def test_encrypted_backups_disable_rotate_and_restore(instance, admin, cmk):
 
     # A new backup after re-enabling works and stays in the instance's domain.
     h.backup(admin, instance.id)
-    assert not repo_contains(secret, since_ns=enabled_at)
+    assert repo_contains(secret, since_ns=enabled_at) is None
