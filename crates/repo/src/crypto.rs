@@ -117,6 +117,7 @@ pub struct KdfParams {
 
 /// XChaCha20-Poly1305 with a random nonce per message:
 /// `nonce (24) | ciphertext | tag (16)`.
+#[derive(Clone)]
 pub struct Cipher {
     aead: XChaCha20Poly1305,
 }
@@ -191,12 +192,16 @@ impl std::fmt::Display for KeyDomain {
 /// cipher (and the data key it came from) when the repository is encrypted.
 /// An instance key domain's keys also hold the repository's (`base`), so a
 /// reader of that instance opens objects written before the domain existed.
+/// Keys may also carry other instance domains' keys for reading only
+/// ([`Keys::with_read_domains`]): a repository-wide job (garbage collection,
+/// verify, usage) opens every domain it was given with one set of keys.
 pub struct Keys {
     pub(crate) hasher: Hasher,
     pub(crate) cipher: Option<Cipher>,
     data_key: Option<Zeroizing<[u8; 32]>>,
     domain: KeyDomain,
     base: Option<Arc<Keys>>,
+    read_domains: Vec<Arc<Keys>>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -204,6 +209,7 @@ impl std::fmt::Debug for Keys {
         f.debug_struct("Keys")
             .field("encrypted", &self.cipher.is_some())
             .field("domain", &self.domain)
+            .field("read_domains", &self.read_domains())
             .finish_non_exhaustive()
     }
 }
@@ -217,6 +223,7 @@ impl Keys {
             data_key: None,
             domain: KeyDomain::REPOSITORY,
             base: None,
+            read_domains: Vec::new(),
         }
     }
 
@@ -229,6 +236,7 @@ impl Keys {
             data_key: Some(data_key),
             domain: KeyDomain::REPOSITORY,
             base: None,
+            read_domains: Vec::new(),
         }
     }
 
@@ -248,7 +256,8 @@ impl Keys {
         let base = match &base.base {
             // Always the repository's keys, never another instance's.
             Some(repository) => repository.clone(),
-            None => base,
+            None if base.read_domains.is_empty() => base,
+            None => Arc::new(base.with_read_domains(Vec::new())),
         };
         let aead_key = Zeroizing::new(blake3::derive_key(
             INSTANCE_AEAD_KEY_CONTEXT,
@@ -261,7 +270,40 @@ impl Keys {
             data_key: None,
             domain,
             base: Some(base),
+            read_domains: Vec::new(),
         })
+    }
+
+    /// These keys also reading the domains of `others` (instance domains'
+    /// keys, see [`Keys::instance_domain`]); writing is unchanged. Keys of
+    /// the repository's domain or of this one in `others` are ignored, and
+    /// only `others`' own domain is taken from each (not what they read).
+    pub fn with_read_domains(&self, others: Vec<Arc<Keys>>) -> Keys {
+        let mut read_domains: Vec<Arc<Keys>> = Vec::new();
+        for keys in others {
+            let d = keys.domain;
+            if d == KeyDomain::REPOSITORY
+                || d == self.domain
+                || read_domains.iter().any(|k| k.domain == d)
+            {
+                continue;
+            }
+            read_domains.push(keys);
+        }
+        Keys {
+            hasher: self.hasher.clone(),
+            cipher: self.cipher.clone(),
+            data_key: self.data_key.clone(),
+            domain: self.domain,
+            base: self.base.clone(),
+            read_domains,
+        }
+    }
+
+    /// The instance domains these keys read besides their own and the
+    /// repository's.
+    pub fn read_domains(&self) -> Vec<KeyDomain> {
+        self.read_domains.iter().map(|k| k.domain).collect()
     }
 
     /// The key domain these keys write.
@@ -274,7 +316,22 @@ impl Keys {
         if domain == self.domain {
             return Some(self);
         }
-        self.base.as_deref().filter(|b| b.domain == domain)
+        if let Some(base) = self.base.as_deref().filter(|b| b.domain == domain) {
+            return Some(base);
+        }
+        self.read_domains
+            .iter()
+            .find(|k| k.domain == domain)
+            .map(|k| k.as_ref())
+    }
+
+    /// The keys of every domain these read besides their own: the
+    /// repository's (in an instance domain), then the read-only domains.
+    pub(crate) fn other_domains(&self) -> impl Iterator<Item = &Keys> {
+        self.base
+            .as_deref()
+            .into_iter()
+            .chain(self.read_domains.iter().map(|k| k.as_ref()))
     }
 
     /// The repository's own keys (these, outside an instance domain).

@@ -464,6 +464,21 @@ impl Repository {
         }
     }
 
+    /// This repository also reading the instance domains of `domains` (see
+    /// [`Keys::with_read_domains`]); it writes as before. Repository-wide
+    /// jobs use it with every instance domain unlocked.
+    pub fn with_read_domains(&self, domains: Vec<Arc<Keys>>) -> Repository {
+        Repository {
+            keys: Arc::new(self.keys.with_read_domains(domains)),
+            ..self.clone()
+        }
+    }
+
+    /// The keys this repository writes under (its domain's).
+    pub fn domain_keys(&self) -> Arc<Keys> {
+        self.keys.clone()
+    }
+
     /// This repository writing under the repository's own keys.
     pub fn in_repository_domain(&self) -> Repository {
         Repository {
@@ -791,13 +806,16 @@ impl Repository {
             compression: block.compression,
         };
         let decoded = decode_checked(&self.keys, key, &entry, stored);
-        if decoded.is_err() && self.keys.domain() != KeyDomain::REPOSITORY {
+        if decoded.is_err() {
             // A block reference carries no key domain: one of a set taken
             // before the instance's domain existed is under the repository's
-            // keys. Both are authenticated (AEAD or keyed hash), so trying
-            // the second never yields another block's bytes.
-            if let Ok(raw) = decode_checked(self.keys.repository_keys(), key, &entry, stored) {
-                return Ok(raw);
+            // keys, and a repository-wide reader holds every instance's.
+            // All are authenticated (AEAD or keyed hash), so trying another
+            // never yields another block's bytes.
+            for other in self.keys.other_domains() {
+                if let Ok(raw) = decode_checked(other, key, &entry, stored) {
+                    return Ok(raw);
+                }
             }
         }
         decoded
@@ -1830,6 +1848,61 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
+    }
+
+    #[test]
+    fn read_domains_open_every_unlocked_domain_and_write_in_their_own() {
+        let (_dir, repo) = repo();
+        let mut w = repo.block_writer(BlockIndex::default());
+        let plain_block = b"repository block ".repeat(100);
+        let plain_ref = w.add(&plain_block).unwrap();
+        w.finish().unwrap();
+        let a = repo.in_domain(domain_keys(&repo, 0xa, 1));
+        let b = repo.in_domain(domain_keys(&repo, 0xb, 2));
+        let mut written = Vec::new();
+        for (i, d) in [&a, &b].into_iter().enumerate() {
+            let block = format!("instance {i} block ").repeat(100).into_bytes();
+            let mut w = d.block_writer(BlockIndex::default());
+            let r = w.add(&block).unwrap();
+            w.finish().unwrap();
+            written.push((r, block));
+        }
+        // The repository alone opens neither instance's packs.
+        assert!(repo.read_block(&written[0].0).is_err());
+        assert!(!repo.verify(&|_, _| {}).unwrap().is_clean());
+
+        let all =
+            repo.with_read_domains(vec![a.domain_keys(), b.domain_keys(), repo.domain_keys()]);
+        assert_eq!(all.domain(), KeyDomain::REPOSITORY);
+        assert_eq!(
+            all.domain_keys().read_domains(),
+            vec![KeyDomain(0xa), KeyDomain(0xb)]
+        );
+        for (r, block) in &written {
+            assert_eq!(&all.read_block(r).unwrap(), block);
+        }
+        assert_eq!(all.read_block(&plain_ref).unwrap(), plain_block);
+        assert!(all.verify(&|_, _| {}).unwrap().is_clean());
+
+        // Only one of them unlocked: the other stays a clear refusal.
+        let only_a = repo.with_read_domains(vec![a.domain_keys()]);
+        assert_eq!(only_a.read_block(&written[0].0).unwrap(), written[0].1);
+        let obj = seal(&b.keys, ObjectKind::Manifest, &"m", b"p", None).unwrap();
+        let err = open::<String>(&only_a.keys, "m", ObjectKind::Manifest, &obj)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
+
+        // An instance domain built on the multi-domain keys reads only its own
+        // and the repository's, and writes its own.
+        let c = all.in_domain(domain_keys(&all, 0xc, 3));
+        assert!(c.read_block(&written[0].0).is_err());
+        assert_eq!(c.read_block(&plain_ref).unwrap(), plain_block);
+        // A reader in an instance domain writes there and reads the others.
+        let a_all = a.with_read_domains(vec![b.domain_keys()]);
+        assert_eq!(a_all.domain(), KeyDomain(0xa));
+        assert_eq!(a_all.read_block(&written[1].0).unwrap(), written[1].1);
+        assert_eq!(a_all.read_block(&plain_ref).unwrap(), plain_block);
     }
 
     #[test]
