@@ -16,6 +16,17 @@ use strata_repo::{InstanceKeyRecord, KeyDomain, Keys, Repository, KEY_RECORD_VER
 
 use crate::{Engine, EngineError, EngineResult};
 
+/// An encrypted instance whose key domain cannot be unlocked now.
+#[derive(Debug)]
+pub struct LockedDomain {
+    /// The instance.
+    pub instance_id: String,
+    /// Its CMK.
+    pub kms_key_id: String,
+    /// What the KMS said.
+    pub error: KmsError,
+}
+
 /// An instance's key record and what the KMS says about its CMK now.
 #[derive(Debug, Clone)]
 pub struct BackupEncryption {
@@ -54,36 +65,105 @@ impl Engine {
         let record = crate::blocking::blocking(move || Ok(repo.read_key_record(&id)?)).await?;
         match record {
             None => Ok(self.repo.clone()),
-            Some(record) => {
-                let kms = self.require_kms()?;
-                // A KMS may still decrypt under a key disabled a moment ago
-                // (caches, emulators): its state decides.
-                let meta = kms.describe_key(&record.kms_key_id).await?;
-                if !meta.enabled {
-                    return Err(EngineError::Kms(KmsError::KeyDisabled {
-                        key: record.kms_key_id.clone(),
-                        message: format!(
-                            "its state is {}",
-                            meta.key_state.as_deref().unwrap_or("not enabled")
-                        ),
-                    }));
-                }
-                let context = self.key_context(instance_id);
-                let data_key = kms
-                    .decrypt(
-                        &record.kms_key_id,
-                        &record.wrapped_bytes()?,
-                        &context.pairs(),
-                    )
-                    .await?;
-                let keys = Keys::instance_domain(
-                    record.key_domain,
-                    data_key,
-                    self.repo.repository_keys(),
-                )?;
-                Ok(self.repo.in_domain(keys))
+            Some(record) => Ok(self.repo.in_domain(self.unlock(&record).await?)),
+        }
+    }
+
+    /// The keys of `record`'s domain, its data key unwrapped by the KMS now.
+    async fn unlock(&self, record: &InstanceKeyRecord) -> Result<Keys, KmsError> {
+        let kms = self.kms().ok_or_else(|| {
+            KmsError::Invalid("no key management service is configured (the [kms] settings)".into())
+        })?;
+        // A KMS may still decrypt under a key disabled a moment ago
+        // (caches, emulators): its state decides.
+        let meta = kms.describe_key(&record.kms_key_id).await?;
+        if !meta.enabled {
+            return Err(KmsError::KeyDisabled {
+                key: record.kms_key_id.clone(),
+                message: format!(
+                    "its state is {}",
+                    meta.key_state.as_deref().unwrap_or("not enabled")
+                ),
+            });
+        }
+        let context = self.key_context(&record.instance_id);
+        let wrapped = record
+            .wrapped_bytes()
+            .map_err(|e| KmsError::InvalidCiphertext(e.to_string()))?;
+        let data_key = kms
+            .decrypt(&record.kms_key_id, &wrapped, &context.pairs())
+            .await?;
+        Keys::instance_domain(record.key_domain, data_key, self.repo.repository_keys())
+            .map_err(|e| KmsError::InvalidCiphertext(e.to_string()))
+    }
+
+    /// The repository reading every instance's backups, for `job` (garbage
+    /// collection, verify, reindex): each encrypted instance's key domain
+    /// (every key record in the store, detached instances' too) unlocked
+    /// through the KMS. One that cannot be unlocked fails it with
+    /// [`EngineError::DomainLocked`] naming the instance and its key: such a
+    /// job cannot know what that instance's sets hold, so it does nothing.
+    pub async fn whole_repo(&self, job: &str) -> EngineResult<Repository> {
+        let (repo, mut locked) = self.readable_repo().await?;
+        match locked.pop() {
+            None => Ok(repo),
+            Some(l) => Err(EngineError::DomainLocked {
+                job: job.to_string(),
+                instance: l.instance_id,
+                key: l.kms_key_id,
+                source: l.error,
+            }),
+        }
+    }
+
+    /// The repository reading every instance domain that can be unlocked
+    /// now, and those that cannot: for reports that show what they can
+    /// (usage, metrics) and mark the rest.
+    pub async fn readable_repo(&self) -> EngineResult<(Repository, Vec<LockedDomain>)> {
+        let repo = self.repo.clone();
+        let records = crate::blocking::blocking(move || Ok(repo.list_key_records()?)).await?;
+        let mut keys = Vec::new();
+        let mut locked = Vec::new();
+        for record in records {
+            match self.unlock(&record).await {
+                Ok(k) => keys.push(Arc::new(k)),
+                Err(error) => locked.push(LockedDomain {
+                    instance_id: record.instance_id,
+                    kms_key_id: record.kms_key_id,
+                    error,
+                }),
             }
         }
+        Ok((self.repo.with_read_domains(keys), locked))
+    }
+
+    /// [`Engine::whole_repo`] from synchronous code.
+    pub fn whole_repo_blocking(&self, job: &str) -> EngineResult<Repository> {
+        self.on_kms_thread(self.whole_repo(job))
+    }
+
+    /// [`Engine::readable_repo`] from synchronous code.
+    pub fn readable_repo_blocking(&self) -> EngineResult<(Repository, Vec<LockedDomain>)> {
+        self.on_kms_thread(self.readable_repo())
+    }
+
+    /// Runs `job` (KMS calls) on a thread of its own with a runtime of its
+    /// own, so synchronous code inside or outside a runtime can wait for it.
+    fn on_kms_thread<T: Send>(
+        &self,
+        job: impl std::future::Future<Output = EngineResult<T>> + Send,
+    ) -> EngineResult<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(EngineError::io("starting a runtime for the KMS"))?;
+                rt.block_on(job)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(EngineError::Failed("the KMS call panicked".into())))
+        })
     }
 
     /// This engine with [`Engine::instance_repo`] of `instance_id`.
@@ -94,17 +174,7 @@ impl Engine {
     /// [`Engine::for_instance`] from synchronous code (a restore): the KMS
     /// is called on a thread of its own with a runtime of its own.
     pub fn for_instance_blocking(&self, instance_id: &str) -> EngineResult<Engine> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(EngineError::io("starting a runtime for the KMS"))?;
-                rt.block_on(self.for_instance(instance_id))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(EngineError::Failed("the KMS call panicked".into())))
-        })
+        self.on_kms_thread(self.for_instance(instance_id))
     }
 
     /// Switches `instance_id`'s backups to a key domain of their own whose

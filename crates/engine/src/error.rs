@@ -16,6 +16,23 @@ pub enum EngineError {
     /// key, credentials it does not accept, unreachable).
     #[error(transparent)]
     Kms(#[from] strata_kms::KmsError),
+    /// A job that needs every instance's backups (garbage collection,
+    /// verify, reindex) could not unlock an encrypted instance's key domain:
+    /// it did nothing.
+    #[error(
+        "{job} needs every instance's backups, but those of instance {instance} are encrypted under KMS key {key}, which cannot be used now ({source}); nothing was done"
+    )]
+    DomainLocked {
+        /// The job refused.
+        job: String,
+        /// The instance whose domain is locked.
+        instance: String,
+        /// Its CMK.
+        key: String,
+        /// What the KMS said.
+        #[source]
+        source: strata_kms::KmsError,
+    },
     /// A server problem a retry will not fix, already phrased for the user.
     #[error("{0}")]
     Server(String),

@@ -55,7 +55,7 @@ pub use copy::{
     CopyReport,
 };
 pub use delta::DeltaReport;
-pub use encryption::BackupEncryption;
+pub use encryption::{BackupEncryption, LockedDomain};
 pub use error::{EngineError, EngineResult};
 pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
 pub use import::PendingImport;

@@ -300,6 +300,14 @@ impl Keys {
         }
     }
 
+    /// The keys of read-only domain `domain`, if held.
+    pub(crate) fn read_domain(&self, domain: KeyDomain) -> Option<Arc<Keys>> {
+        self.read_domains
+            .iter()
+            .find(|k| k.domain == domain)
+            .cloned()
+    }
+
     /// The instance domains these keys read besides their own and the
     /// repository's.
     pub fn read_domains(&self) -> Vec<KeyDomain> {

@@ -60,6 +60,26 @@ impl Repository {
         Ok(())
     }
 
+    /// Every instance key record in the store, registered or detached
+    /// instances alike, by instance id.
+    pub fn list_key_records(&self) -> RepoResult<Vec<InstanceKeyRecord>> {
+        let mut records = Vec::new();
+        for key in self.storage.list("instances/")? {
+            let Some(instance_id) = key
+                .strip_prefix("instances/")
+                .and_then(|k| k.strip_suffix("/encryption-key.json"))
+                .filter(|id| !id.contains('/'))
+            else {
+                continue;
+            };
+            if let Some(rec) = self.read_key_record(instance_id)? {
+                records.push(rec);
+            }
+        }
+        records.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        Ok(records)
+    }
+
     /// An instance's key record; `None` when its backups use the repository's keys.
     pub fn read_key_record(&self, instance_id: &str) -> RepoResult<Option<InstanceKeyRecord>> {
         let key = key_record_key(instance_id);

@@ -474,6 +474,23 @@ impl Repository {
         }
     }
 
+    /// This repository writing in `domain`, one it reads (its own, the
+    /// repository's or one of [`Repository::with_read_domains`]'s), reading
+    /// that domain and the repository's; `None` when it does not hold it.
+    pub fn writing_in(&self, domain: KeyDomain) -> Option<Repository> {
+        let keys = if domain == KeyDomain::REPOSITORY {
+            self.repository_keys()
+        } else if domain == self.keys.domain() {
+            self.keys.clone()
+        } else {
+            self.keys.read_domain(domain)?
+        };
+        Some(Repository {
+            keys,
+            ..self.clone()
+        })
+    }
+
     /// The keys this repository writes under (its domain's).
     pub fn domain_keys(&self) -> Arc<Keys> {
         self.keys.clone()

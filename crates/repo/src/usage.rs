@@ -37,6 +37,11 @@ pub struct InstanceUsage {
     pub metadata_bytes: u64,
     /// WAL segments, partial segments and timeline histories.
     pub wal_bytes: u64,
+    /// Some of its sets are in a key domain this measurement could not open
+    /// (its KMS key disabled or deleted): those sets are not counted and the
+    /// packs only they use are unattributed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub locked: bool,
 }
 
 impl InstanceUsage {
@@ -145,6 +150,12 @@ impl Repository {
                     Err(RepoError::BackupNotFound(_)) => {
                         entry.metadata_bytes -= object.size;
                         usage.total_bytes -= object.size;
+                        continue;
+                    }
+                    // An instance domain the reader does not hold: reported,
+                    // not failed, so the other instances' figures stand.
+                    Err(RepoError::DomainLocked { .. }) => {
+                        entry.locked = true;
                         continue;
                     }
                     Err(e) => return Err(e),
