@@ -217,17 +217,6 @@ def gc():
     raise AssertionError("garbage collection was skipped for a minute")
 
 
-def backup_with_new_packs(admin, instance_id, tag):
-    """A backup of fresh rows; its id and the packs it wrote."""
-    before = set(packs())
-    h.psql(f"CREATE TABLE {tag} AS SELECT md5(i::text || '{tag}') AS note "
-           "FROM generate_series(1, 2000) i;")
-    backup_id = h.backup(admin, instance_id).backup_id
-    new = set(packs()) - before
-    assert new, "the backup wrote no pack"
-    return backup_id, new
-
-
 def domain_of(pack_path):
     with open(pack_path, "rb") as f:
         header = f.read(16)
@@ -240,18 +229,49 @@ def pack_path(name):
 
 def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
     domain = key_record(instance.id)["key_domain"]
-    kept, _ = backup_with_new_packs(admin, instance.id, "gc_kept")
-    dropped, dropped_packs = backup_with_new_packs(admin, instance.id, "gc_dropped")
+    # Log backup off: a set younger than the log retention may be deleted.
+    admin.modify_backup_policy(rds.ModifyBackupPolicyRequest(
+        dbinstance_id=instance.id, backup_policy_mode="LogBackupPolicy", enable_backup_log="False"))
+    h.psql("CREATE TABLE gc_kept AS SELECT i FROM generate_series(1, 2000) i;")
+    before = set(packs())
+    # 40 MB of random bytes: packs hold 16 MB, so some hold nothing else
+    # and no later set references them once the table is gone.
+    h.psql("CREATE TABLE gc_dropped AS SELECT decode(string_agg(md5(random()::text), ''), 'hex') "
+           "AS noise FROM generate_series(1, 2621440) i GROUP BY i % 40000;")
+    dropped = h.backup(admin, instance.id).backup_id
+    dropped_packs = set(packs()) - before
+    assert len(dropped_packs) >= 2, dropped_packs
     assert {domain_of(pack_path(p)) for p in dropped_packs} == {domain}
-    admin.delete_backup(rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=dropped))
+    h.psql("DROP TABLE gc_dropped; CHECKPOINT;")
+    last = h.backup(admin, instance.id).backup_id
 
-    # Garbage collection reads the encrypted instance's sets and reclaims
-    # the packs only the deleted set used.
-    # (The service's own scheduled collection may get there first.)
+    # Disabled CMK: garbage collection refuses, naming the instance and
+    # key, and deletes nothing; usage still answers and marks the instance.
+    kms("DisableKey", KeyId=cmk["KeyId"])
+    try:
+        admin.delete_backup(rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=dropped))
+        held = packs()
+        code, out, err = strata("repo", "gc", "--json")
+        assert code != 0, out
+        assert instance.id in err and cmk["Arn"] in err and "nothing was done" in err, err
+        assert packs() == held and dropped_packs <= set(held)
+        code, out, err = strata("repo", "usage", "--json")
+        assert code == 0, err
+        usage = json.loads(out)
+        assert usage["instances"][instance.id]["locked"] is True, usage
+        assert usage["total_bytes"] > 0
+    finally:
+        kms("EnableKey", KeyId=cmk["KeyId"])
+
+    # Enabled again: the collection reads the instance's sets and reclaims
+    # the packs only the deleted set used (the service's own scheduled
+    # collection may get there first).
     report = gc()
-    if dropped_packs & set(packs()):
+    if not dropped_packs - set(packs()):
         report = gc()
-    assert not dropped_packs & set(packs()), report
+    assert dropped_packs - set(packs()), report
+    code, out, err = strata("repo", "usage", "--json")
+    assert code == 0 and "locked" not in json.loads(out)["instances"][instance.id], out
 
     # Verify reads every domain: clean, then a damaged pack of the instance is found.
     code, out, err = strata("repo", "verify", "--json")
@@ -271,34 +291,11 @@ def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
             f.seek(64)
             f.write(byte)
 
-    # Disabled CMK: GC refuses, naming the instance and key, and deletes
-    # nothing; usage still answers and marks the instance.
-    doomed, doomed_packs = backup_with_new_packs(admin, instance.id, "gc_doomed")
-    admin.delete_backup(rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=doomed))
-    kms("DisableKey", KeyId=cmk["KeyId"])
-    try:
-        before = packs()
-        code, out, err = strata("repo", "gc", "--json")
-        assert code != 0, out
-        assert instance.id in err and cmk["Arn"] in err and "nothing was done" in err, err
-        assert packs() == before
-        assert doomed_packs <= set(before)
-        code, out, err = strata("repo", "usage", "--json")
-        assert code == 0, err
-        usage = json.loads(out)
-        assert usage["instances"][instance.id]["locked"] is True, usage
-        assert usage["total_bytes"] > 0
-    finally:
-        kms("EnableKey", KeyId=cmk["KeyId"])
-    report = gc()
-    if doomed_packs & set(packs()):
-        report = gc()
-    assert not doomed_packs & set(packs()), report
-
     # The remaining set restores with its rows.
     v2 = h.make_client("v2", *h.admin_key())
     clone = v2.clone_dbinstance(rds.CloneDBInstanceRequest(
-        dbinstance_id=instance.id, backup_id=kept)).body.dbinstance_id
+        dbinstance_id=instance.id, backup_id=last)).body.dbinstance_id
     a, _ = wait_running(v2, clone)
     assert psql_at(int(a["Port"]), "SELECT count(*) FROM gc_kept") == "2000"
+    assert psql_at(int(a["Port"]), "SELECT to_regclass('gc_dropped') IS NULL") == "t"
     admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=clone))

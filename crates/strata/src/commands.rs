@@ -330,7 +330,10 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
         }
         BackupCmd::Show { id, backup, json } => {
             engine.catalog().get_instance(&id)?;
-            let m = engine.repo().read_manifest(&id, &backup)?;
+            let m = engine
+                .for_instance_blocking(&id)?
+                .repo()
+                .read_manifest(&id, &backup)?;
             let summary = output::BackupSummary::of(&m);
             print(json, &summary, output::BackupSummary::print)
         }
