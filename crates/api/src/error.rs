@@ -158,8 +158,8 @@ impl From<EngineError> for ApiError {
             EngineError::Server(m) => ApiError::bad("Strata.ServerRefused", m),
             EngineError::Refused(m) => ApiError::bad("InvalidParameter", m),
             EngineError::Kms(k) => kms_error(&k),
-            EngineError::DomainLocked { ref source, .. } => {
-                let code = kms_error(source);
+            EngineError::DomainLocked { ref locked, .. } => {
+                let code = kms_error(&locked.error);
                 ApiError::new(code.status, &code.code, e.to_string())
             }
             other => internal(&other),

@@ -109,9 +109,7 @@ impl Engine {
             None => Ok(repo),
             Some(l) => Err(EngineError::DomainLocked {
                 job: job.to_string(),
-                instance: l.instance_id,
-                key: l.kms_key_id,
-                source: l.error,
+                locked: Box::new(l),
             }),
         }
     }

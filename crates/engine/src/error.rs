@@ -20,18 +20,16 @@ pub enum EngineError {
     /// verify, reindex) could not unlock an encrypted instance's key domain:
     /// it did nothing.
     #[error(
-        "{job} needs every instance's backups, but those of instance {instance} are encrypted under KMS key {key}, which cannot be used now ({source}); nothing was done"
+        "{job} needs every instance's backups, but those of instance {} are encrypted under KMS key {}, which cannot be used now ({}); nothing was done",
+        locked.instance_id,
+        locked.kms_key_id,
+        locked.error
     )]
     DomainLocked {
         /// The job refused.
         job: String,
-        /// The instance whose domain is locked.
-        instance: String,
-        /// Its CMK.
-        key: String,
-        /// What the KMS said.
-        #[source]
-        source: strata_kms::KmsError,
+        /// The instance, its key and what the KMS said.
+        locked: Box<crate::LockedDomain>,
     },
     /// A server problem a retry will not fix, already phrased for the user.
     #[error("{0}")]
