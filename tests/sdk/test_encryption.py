@@ -255,6 +255,9 @@ def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
         assert code != 0, out
         assert instance.id in err and cmk["Arn"] in err and "nothing was done" in err, err
         assert packs() == held and dropped_packs <= set(held)
+        for job in (["repo", "verify"], ["repo", "reindex"]):
+            code, out, err = strata(*job)
+            assert code != 0 and instance.id in err and "nothing was done" in err, (job, err)
         code, out, err = strata("repo", "usage", "--json")
         assert code == 0, err
         usage = json.loads(out)
