@@ -255,6 +255,8 @@ def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
         assert code != 0, out
         assert instance.id in err and cmk["Arn"] in err and "nothing was done" in err, err
         assert packs() == held and dropped_packs <= set(held)
+        status, _, text = h.http_get("/metrics")
+        assert status == 200 and "strata_" in text
         for job in (["repo", "verify"], ["repo", "reindex"]):
             code, out, err = strata(*job)
             assert code != 0 and instance.id in err and "nothing was done" in err, (job, err)
@@ -293,6 +295,10 @@ def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
         with open(pack_path(victim), "r+b") as f:
             f.seek(64)
             f.write(byte)
+
+    # The set's databases, read in the instance's domain.
+    raw = h.call(admin, "DescribeBackupDatabase", DBInstanceId=instance.id, BackupId=last)
+    assert "postgres" in raw["StrataDatabaseNames"] and raw["StrataBackupId"] == last
 
     # The remaining set restores with its rows.
     v2 = h.make_client("v2", *h.admin_key())
