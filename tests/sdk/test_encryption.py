@@ -308,3 +308,9 @@ def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
     assert psql_at(int(a["Port"]), "SELECT count(*) FROM gc_kept") == "2000"
     assert psql_at(int(a["Port"]), "SELECT to_regclass('gc_dropped') IS NULL") == "t"
     admin.delete_dbinstance(rds.DeleteDBInstanceRequest(dbinstance_id=clone))
+
+    # Reindex reads the encrypted instance's sets back into the catalog.
+    code, out, err = strata("repo", "reindex")
+    assert code == 0, err
+    listed = [b.backup_id for b in h.describe_backups(admin, instance.id).items.backup]
+    assert last in listed and dropped not in listed, listed
