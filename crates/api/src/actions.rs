@@ -20,6 +20,7 @@ use strata_service::{
 
 use crate::advanced;
 use crate::cross_region;
+use crate::encryption;
 use crate::error::{quoted, shown, ApiError, ApiResult};
 use crate::log_files::{self, Listing};
 use crate::meta;
@@ -29,7 +30,10 @@ use crate::ApiState;
 
 /// Every action Strata answers, in alphabetical order.
 pub const ACTIONS: &[&str] = &[
+    "AuthorizeBackupEncryption",
+    "CheckBackupEncryptionAuthorized",
     "CheckCreateDdrDBInstance",
+    "CheckRegionSupportBackupEncryption",
     "CloneDBInstance",
     "CopyDatabaseBetweenInstances",
     "CreateBackup",
@@ -49,12 +53,14 @@ pub const ACTIONS: &[&str] = &[
     "DescribeCrossRegionBackups",
     "DescribeCrossRegionLogBackupFiles",
     "DescribeDBInstanceAttribute",
+    "DescribeDBInstanceEncryptionKey",
     "DescribeDBInstances",
     "DescribeDetachedBackups",
     "DescribeInstanceCrossBackupPolicy",
     "DescribeLocalAvailableRecoveryTime",
     "DescribeLogBackupFiles",
     "DescribeMetaList",
+    "EnableBackupEncryption",
     "ImportUserBackupFile",
     "ListUserBackupFiles",
     "ModifyBackupPolicy",
@@ -70,6 +76,7 @@ pub const ACTIONS: &[&str] = &[
     "StrataKeepBackup",
     "StrataRegisterDBInstance",
     "StrataReleaseBackup",
+    "StrataRotateBackupEncryptionKey",
     "StrataStartRestoreDrill",
     "UpdateUserBackupFile",
 ];
@@ -92,9 +99,15 @@ pub async fn dispatch(state: &ApiState, action: &str, p: &Params) -> ApiResult<F
     let svc = &state.service;
     match action {
         "CheckCreateDdrDBInstance" => cross_region::check_ddr_instance(svc, p),
-        "CloneDBInstance" => clone_instance(svc, p),
+        "CloneDBInstance" => clone_instance(svc, p).await,
         "CopyDatabaseBetweenInstances" => copy_databases(svc, p),
-        "CreateBackup" => create_backup(svc, p),
+        "AuthorizeBackupEncryption" => encryption::authorize(svc, p).await,
+        "CheckBackupEncryptionAuthorized" => encryption::check_authorized(svc, p).await,
+        "CheckRegionSupportBackupEncryption" => encryption::check_region_support(svc, p),
+        "CreateBackup" => create_backup(svc, p).await,
+        "DescribeDBInstanceEncryptionKey" => encryption::describe(svc, p).await,
+        "EnableBackupEncryption" => encryption::enable(svc, p).await,
+        "StrataRotateBackupEncryptionKey" => encryption::rotate(svc, p).await,
         "CreateDdrInstance" => cross_region::create_ddr_instance(svc, p),
         "DeleteBackup" => delete_backup(svc, p),
         "DeleteDBInstance" => delete_instance(svc, p).await,
@@ -153,8 +166,10 @@ fn not_supported(code: &str, message: impl Into<String>) -> ApiError {
 
 // ----- backups -----
 
-fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+async fn create_backup(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let inst = instance(svc, p)?;
+    // Encrypted backups need their KMS key usable: refused now, not as a failed job.
+    encryption::check_instance_key(svc, &inst.id).await?;
     let method = match p.get("BackupMethod").unwrap_or("Physical") {
         "Physical" => BackupMethod::Physical,
         "Snapshot" => BackupMethod::Snapshot,
@@ -1123,7 +1138,7 @@ fn parse_xid(v: &str) -> ApiResult<u32> {
         })
 }
 
-fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
+async fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     // A registered instance, or one deregistered since whose sets were
     // kept (`DescribeDetachedBackups`): the service tells them apart.
     let src = restore_source(p)?;
@@ -1137,6 +1152,10 @@ fn clone_instance(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
         (None, _) => return Err(ApiError::missing("DBInstanceId")),
     };
     let source = named.as_str();
+    if strata_catalog::Instance::valid_id(source) {
+        // Encrypted sets restore only while their KMS key is usable.
+        encryption::check_instance_key(svc, source).await?;
+    }
     // PayType, DBInstanceClass, VPCId… describe billing and networking
     // this service does not have; they are accepted and ignored.
     let id = svc.clone_instance(source, src)?;

@@ -157,9 +157,29 @@ impl From<EngineError> for ApiError {
             EngineError::Unreachable(m) => ApiError::bad("Strata.ServerUnreachable", m),
             EngineError::Server(m) => ApiError::bad("Strata.ServerRefused", m),
             EngineError::Refused(m) => ApiError::bad("InvalidParameter", m),
+            EngineError::Kms(k) => kms_error(&k),
+            EngineError::DomainLocked { ref locked, .. } => {
+                let code = kms_error(&locked.error);
+                ApiError::new(code.status, &code.code, e.to_string())
+            }
             other => internal(&other),
         }
     }
+}
+
+/// The answer to a KMS failure: what is wrong with the key, in RDS's style.
+fn kms_error(e: &strata_engine::strata_kms::KmsError) -> ApiError {
+    use strata_engine::strata_kms::KmsError as K;
+    let (status, code) = match e {
+        K::KeyDisabled { .. } => (StatusCode::FORBIDDEN, "InvalidKmsKey.Disabled"),
+        K::KeyNotFound(_) => (StatusCode::NOT_FOUND, "InvalidKmsKey.NotFound"),
+        K::AccessDenied(_) => (StatusCode::FORBIDDEN, "InvalidKmsKey.NotAuthorized"),
+        K::InvalidCiphertext(_) => (StatusCode::FORBIDDEN, "InvalidKmsKey.Mismatch"),
+        K::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "Strata.KmsUnavailable"),
+        K::Refused { .. } => (StatusCode::BAD_REQUEST, "InvalidKmsKey.Refused"),
+        K::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidEncryptionKey.Malformed"),
+    };
+    ApiError::new(status, code, e.to_string())
 }
 
 /// RDS's error code for a policy refusal.

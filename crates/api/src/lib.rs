@@ -14,6 +14,7 @@ mod advanced;
 mod auth;
 mod cross_region;
 mod download;
+mod encryption;
 mod error;
 mod log_files;
 mod meta;

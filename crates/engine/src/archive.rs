@@ -155,16 +155,22 @@ impl Engine {
             // An unreachable catalog is retried here like an unreachable
             // server (the slot holds the WAL meanwhile).
             let outcome = match self.catalog.get_instance(instance_id) {
-                Ok(mut instance) => {
-                    self.receive_once(
-                        &mut instance,
-                        &mut shutdown,
-                        &mut streamed_once,
-                        &mut health,
-                        progress,
-                    )
-                    .await
-                }
+                // Each connection unwraps the instance's key anew: a key
+                // disabled in the KMS stops archiving at the next one.
+                Ok(mut instance) => match self.for_instance(instance_id).await {
+                    Ok(engine) => {
+                        engine
+                            .receive_once(
+                                &mut instance,
+                                &mut shutdown,
+                                &mut streamed_once,
+                                &mut health,
+                                progress,
+                            )
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e.into()),
             };
             match outcome {

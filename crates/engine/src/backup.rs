@@ -225,15 +225,21 @@ impl Engine {
 
         let (outcome, hold) = match self.hold_gc().await {
             Ok(hold) => {
-                let outcome = match set.method {
-                    BackupMethod::Physical => {
-                        self.run_backup(&mut instance, &mut set, &mut job, opts, progress)
+                // An instance with encrypted backups writes in its key
+                // domain; its KMS key must be usable now.
+                let outcome = match self.for_instance(&instance.id).await {
+                    Err(e) => Err(e),
+                    Ok(engine) => match set.method {
+                        BackupMethod::Physical => {
+                            engine
+                                .run_backup(&mut instance, &mut set, &mut job, opts, progress)
+                                .await
+                        }
+                        BackupMethod::Snapshot => engine
+                            .run_snapshot(&instance, &mut set, &mut job, progress)
                             .await
-                    }
-                    BackupMethod::Snapshot => self
-                        .run_snapshot(&instance, &mut set, &mut job, progress)
-                        .await
-                        .map(|_| ()),
+                            .map(|_| ()),
+                    },
                 };
                 (outcome, Some(hold))
             }

@@ -12,6 +12,25 @@ pub enum EngineError {
     /// The repository failed (storage, format, encryption).
     #[error(transparent)]
     Repo(#[from] strata_repo::RepoError),
+    /// The key management service refused or failed (a disabled or deleted
+    /// key, credentials it does not accept, unreachable).
+    #[error(transparent)]
+    Kms(#[from] strata_kms::KmsError),
+    /// A job that needs every instance's backups (garbage collection,
+    /// verify, reindex) could not unlock an encrypted instance's key domain:
+    /// it did nothing.
+    #[error(
+        "{job} needs every instance's backups, but those of instance {} are encrypted under KMS key {}, which cannot be used now ({}); nothing was done",
+        locked.instance_id,
+        locked.kms_key_id,
+        locked.error
+    )]
+    DomainLocked {
+        /// The job refused.
+        job: String,
+        /// The instance, its key and what the KMS said.
+        locked: Box<crate::LockedDomain>,
+    },
     /// A server problem a retry will not fix, already phrased for the user.
     #[error("{0}")]
     Server(String),

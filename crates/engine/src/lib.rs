@@ -16,6 +16,7 @@ mod connect;
 mod contents;
 mod copy;
 mod delta;
+mod encryption;
 mod entities;
 mod error;
 mod events;
@@ -54,6 +55,7 @@ pub use copy::{
     CopyReport,
 };
 pub use delta::DeltaReport;
+pub use encryption::{BackupEncryption, LockedDomain};
 pub use error::{EngineError, EngineResult};
 pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
 pub use import::PendingImport;
@@ -69,6 +71,7 @@ pub use snapshot_clone::{AgentCloneOptions, AgentCloneOutcome};
 pub use snapshot_restore::open_dir_no_links;
 pub use snapshot_restore::LocalSnapshot;
 pub use snapshot_upload::{snapshot_label, SnapshotBase, SnapshotUpload, UploadReport};
+pub use strata_kms;
 
 impl Engine {
     /// The same engine reading and writing `repo` instead (a cross-region
@@ -193,6 +196,8 @@ pub struct Engine {
     repo: Repository,
     /// Knobs from the configuration.
     settings: EngineSettings,
+    /// The key management service of instances with encrypted backups.
+    kms: Option<Arc<strata_kms::Kms>>,
 }
 
 impl Engine {
@@ -202,6 +207,7 @@ impl Engine {
             catalog,
             repo,
             settings,
+            kms: None,
         }
     }
 
@@ -224,13 +230,19 @@ impl Engine {
     /// This engine with another repository (same catalog and settings), e.g.
     /// the same store seen through a fault-injecting or retrying layer.
     pub fn with_repo(&self, repo: Repository) -> Engine {
-        Engine::new(self.catalog.clone(), repo, self.settings.clone())
+        Engine {
+            repo,
+            ..self.clone()
+        }
     }
 
     /// This engine with `settings` in place of its own (same catalog and
     /// repository).
     pub fn with_settings(&self, settings: EngineSettings) -> Engine {
-        Engine::new(self.catalog.clone(), self.repo.clone(), settings)
+        Engine {
+            settings,
+            ..self.clone()
+        }
     }
 
     /// An instance as the repository recorded it when it was registered

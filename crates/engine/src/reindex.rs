@@ -9,7 +9,9 @@ use strata_catalog::CatalogError;
 
 use crate::entities;
 use crate::segment::record_segment;
-use crate::{Engine, EngineResult};
+use strata_repo::KeyDomain;
+
+use crate::{Engine, EngineError, EngineResult};
 
 /// What a reindex found in the repository and put in the catalog.
 #[derive(Debug, Default, Serialize)]
@@ -28,7 +30,10 @@ pub struct ReindexReport {
 
 impl Engine {
     /// Rebuilds the catalog's index from the repository (`strata repo reindex`).
+    /// Every encrypted instance's key domain is unlocked first (the KMS):
+    /// while one cannot be, nothing is changed.
     pub fn reindex(&self) -> EngineResult<ReindexReport> {
+        let repo = self.whole_repo_blocking("reindex")?;
         let mut report = ReindexReport::default();
         // What only the catalog knows of a set (a keep by hand, the rule it
         // was taken under) carries over to the rebuilt row.
@@ -39,7 +44,7 @@ impl Engine {
             }
         }
         self.catalog.clear_index()?;
-        for rec in self.repo.list_instances()? {
+        for rec in repo.list_instances()? {
             report.instances += 1;
             match self.catalog.get_instance(&rec.id) {
                 Ok(_) => {}
@@ -53,8 +58,8 @@ impl Engine {
                 }
                 Err(e) => return Err(e.into()),
             }
-            for backup_id in self.repo.list_backups(&rec.id)? {
-                let m = self.repo.read_manifest(&rec.id, &backup_id)?;
+            for backup_id in repo.list_backups(&rec.id)? {
+                let m = repo.read_manifest(&rec.id, &backup_id)?;
                 let mut set = entities::backup_set_from_manifest(&rec.id, &m)?;
                 if let Some((keep_until, keep_note, taken_under)) = known.remove(&set.id) {
                     (set.keep_until, set.keep_note, set.taken_under) =
@@ -74,9 +79,17 @@ impl Engine {
                 }
                 report.backups += 1;
             }
-            report.blocks += self.repo.rebuild_block_index(&rec.id)?.entries;
-            for obj in self.repo.list_wal(&rec.id)? {
-                let (meta, _) = self.repo.read_wal(&obj.key)?;
+            // The block index is written in the instance's own domain.
+            let own = match repo.read_key_record(&rec.id)? {
+                Some(k) => repo.writing_in(k.key_domain),
+                None => repo.writing_in(KeyDomain::REPOSITORY),
+            }
+            .ok_or_else(|| {
+                EngineError::Failed(format!("instance {}: key domain not unlocked", rec.id))
+            })?;
+            report.blocks += own.rebuild_block_index(&rec.id)?.entries;
+            for obj in repo.list_wal(&rec.id)? {
+                let (meta, _) = repo.read_wal(&obj.key)?;
                 record_segment(self, &rec.id, &meta, obj.key.clone())?;
                 report.wal_segments += 1;
             }

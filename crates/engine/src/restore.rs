@@ -196,6 +196,23 @@ impl Engine {
         local: Option<&crate::LocalSnapshot>,
         progress: &dyn Progress,
     ) -> EngineResult<RestoreOutcome> {
+        // Sets and WAL of an instance with encrypted backups open only with
+        // its data key, unwrapped by the KMS now.
+        self.for_instance_blocking(instance_id)?.restore_in_domain(
+            instance_id,
+            opts,
+            local,
+            progress,
+        )
+    }
+
+    fn restore_in_domain(
+        &self,
+        instance_id: &str,
+        opts: &RestoreOptions,
+        local: Option<&crate::LocalSnapshot>,
+        progress: &dyn Progress,
+    ) -> EngineResult<RestoreOutcome> {
         // A restore from the repository needs the instance's sets only, so
         // sets kept after their instance was deregistered restore too; a
         // snapshot on the database host needs the instance's agent.

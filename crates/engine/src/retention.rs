@@ -384,13 +384,16 @@ impl Engine {
 
     /// Removes packs no manifest references once they stayed so for the
     /// grace period. Returns `None` without doing anything while a backup or
-    /// a reader holds the repository (it will be tried again later).
+    /// a reader holds the repository (it will be tried again later). Every
+    /// encrypted instance's key domain is unlocked first: while one cannot be
+    /// (its KMS key disabled or deleted, the KMS unreachable) nothing is
+    /// deleted and the error names the instance and key.
     pub fn collect_garbage(&self) -> EngineResult<Option<GcReport>> {
+        let repo = self.whole_repo_blocking("garbage collection")?;
         let Some(guard) = self.try_gc_lock(true)? else {
             return Ok(None);
         };
-        self.collect(&self.repo, &mut || guard.still_held())
-            .map(Some)
+        self.collect(&repo, &mut || guard.still_held()).map(Some)
     }
 
     /// Garbage collection of `repo` by the grace period alone, without the

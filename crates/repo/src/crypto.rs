@@ -17,6 +17,7 @@
 //! as format version 1 always did.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -36,6 +37,8 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 
 const AEAD_KEY_CONTEXT: &str = "strata repository 2026 aead key v1";
 const HASH_KEY_CONTEXT: &str = "strata repository 2026 block hash key v1";
+const INSTANCE_AEAD_KEY_CONTEXT: &str = "strata instance key domain 2026 aead key v1";
+const INSTANCE_HASH_KEY_CONTEXT: &str = "strata instance key domain 2026 block hash key v1";
 const KEY_FILE_CONTEXT: &str = "strata repository 2026 master key from key file v1";
 const WRAP_AAD: &[u8] = b"strata data key v1:";
 /// Key files must hold at least this many bytes (ideally random ones).
@@ -114,6 +117,7 @@ pub struct KdfParams {
 
 /// XChaCha20-Poly1305 with a random nonce per message:
 /// `nonce (24) | ciphertext | tag (16)`.
+#[derive(Clone)]
 pub struct Cipher {
     aead: XChaCha20Poly1305,
 }
@@ -157,18 +161,55 @@ impl Cipher {
     }
 }
 
+/// Which keys sealed a pack or an object: 0 is the repository's own keys,
+/// any other value an instance's key domain (its data key wrapped by a KMS;
+/// see docs/REPOSITORY.md, "Instance key domains").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyDomain(pub u32);
+
+impl KeyDomain {
+    /// The repository's own keys.
+    pub const REPOSITORY: KeyDomain = KeyDomain(0);
+
+    /// A new random instance domain (never [`KeyDomain::REPOSITORY`]).
+    pub fn random() -> KeyDomain {
+        loop {
+            let id: u32 = rand::random();
+            if id != 0 {
+                return KeyDomain(id);
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for KeyDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
 /// The secrets one repository works with: the block hash key always, the
 /// cipher (and the data key it came from) when the repository is encrypted.
+/// An instance key domain's keys also hold the repository's (`base`), so a
+/// reader of that instance opens objects written before the domain existed.
+/// Keys may also carry other instance domains' keys for reading only
+/// ([`Keys::with_read_domains`]): a repository-wide job (garbage collection,
+/// verify, usage) opens every domain it was given with one set of keys.
 pub struct Keys {
     pub(crate) hasher: Hasher,
     pub(crate) cipher: Option<Cipher>,
     data_key: Option<Zeroizing<[u8; 32]>>,
+    domain: KeyDomain,
+    base: Option<Arc<Keys>>,
+    read_domains: Vec<Arc<Keys>>,
 }
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keys")
             .field("encrypted", &self.cipher.is_some())
+            .field("domain", &self.domain)
+            .field("read_domains", &self.read_domains())
             .finish_non_exhaustive()
     }
 }
@@ -180,6 +221,9 @@ impl Keys {
             hasher: Hasher::new(hash_key),
             cipher: None,
             data_key: None,
+            domain: KeyDomain::REPOSITORY,
+            base: None,
+            read_domains: Vec::new(),
         }
     }
 
@@ -190,7 +234,122 @@ impl Keys {
             hasher: Hasher::new(hash_key),
             cipher: Some(Cipher::new(&aead_key)),
             data_key: Some(data_key),
+            domain: KeyDomain::REPOSITORY,
+            base: None,
+            read_domains: Vec::new(),
         }
+    }
+
+    /// The keys of an instance key domain: AEAD and block hash keys derived
+    /// from the instance's data key (unwrapped by the KMS) as the repository's
+    /// are from its own, under other contexts. `base` is the repository's.
+    pub fn instance_domain(
+        domain: KeyDomain,
+        data_key: Zeroizing<[u8; 32]>,
+        base: Arc<Keys>,
+    ) -> RepoResult<Keys> {
+        if domain == KeyDomain::REPOSITORY {
+            return Err(RepoError::Format(
+                "key domain 0 is the repository's own".into(),
+            ));
+        }
+        let base = match &base.base {
+            // Always the repository's keys, never another instance's.
+            Some(repository) => repository.clone(),
+            None if base.read_domains.is_empty() => base,
+            None => Arc::new(base.with_read_domains(Vec::new())),
+        };
+        let aead_key = Zeroizing::new(blake3::derive_key(
+            INSTANCE_AEAD_KEY_CONTEXT,
+            data_key.as_ref(),
+        ));
+        let hash_key = blake3::derive_key(INSTANCE_HASH_KEY_CONTEXT, data_key.as_ref());
+        Ok(Keys {
+            hasher: Hasher::new(hash_key),
+            cipher: Some(Cipher::new(&aead_key)),
+            data_key: None,
+            domain,
+            base: Some(base),
+            read_domains: Vec::new(),
+        })
+    }
+
+    /// These keys also reading the domains of `others` (instance domains'
+    /// keys, see [`Keys::instance_domain`]); writing is unchanged. Keys of
+    /// the repository's domain or of this one in `others` are ignored, and
+    /// only `others`' own domain is taken from each (not what they read).
+    pub fn with_read_domains(&self, others: Vec<Arc<Keys>>) -> Keys {
+        let mut read_domains: Vec<Arc<Keys>> = Vec::new();
+        for keys in others {
+            let d = keys.domain;
+            if d == KeyDomain::REPOSITORY
+                || d == self.domain
+                || read_domains.iter().any(|k| k.domain == d)
+            {
+                continue;
+            }
+            read_domains.push(keys);
+        }
+        Keys {
+            hasher: self.hasher.clone(),
+            cipher: self.cipher.clone(),
+            data_key: self.data_key.clone(),
+            domain: self.domain,
+            base: self.base.clone(),
+            read_domains,
+        }
+    }
+
+    /// The keys of read-only domain `domain`, if held.
+    pub(crate) fn read_domain(&self, domain: KeyDomain) -> Option<Arc<Keys>> {
+        self.read_domains
+            .iter()
+            .find(|k| k.domain == domain)
+            .cloned()
+    }
+
+    /// The instance domains these keys read besides their own and the
+    /// repository's.
+    pub fn read_domains(&self) -> Vec<KeyDomain> {
+        self.read_domains.iter().map(|k| k.domain).collect()
+    }
+
+    /// The key domain these keys write.
+    pub fn domain(&self) -> KeyDomain {
+        self.domain
+    }
+
+    /// The keys of `domain` among these and the repository's, if held.
+    pub(crate) fn for_domain(&self, domain: KeyDomain) -> Option<&Keys> {
+        if domain == self.domain {
+            return Some(self);
+        }
+        if let Some(base) = self.base.as_deref().filter(|b| b.domain == domain) {
+            return Some(base);
+        }
+        self.read_domains
+            .iter()
+            .find(|k| k.domain == domain)
+            .map(|k| k.as_ref())
+    }
+
+    /// The keys of every domain these read besides their own: the
+    /// repository's (in an instance domain), then the read-only domains.
+    pub(crate) fn other_domains(&self) -> impl Iterator<Item = &Keys> {
+        self.base
+            .as_deref()
+            .into_iter()
+            .chain(self.read_domains.iter().map(|k| k.as_ref()))
+    }
+
+    /// The repository's own keys (these, outside an instance domain).
+    pub(crate) fn repository_keys(&self) -> &Keys {
+        self.base.as_deref().unwrap_or(self)
+    }
+
+    /// [`Keys::repository_keys`], shared.
+    pub(crate) fn repository_arc(keys: &Arc<Keys>) -> Arc<Keys> {
+        keys.base.clone().unwrap_or_else(|| keys.clone())
     }
 
     /// A new encrypted repository's keys and the config that stores them.

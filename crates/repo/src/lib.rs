@@ -12,6 +12,7 @@
 pub mod crypto;
 mod gc;
 mod index;
+mod key_record;
 pub mod manifest;
 pub mod object;
 pub mod pack;
@@ -29,9 +30,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use crypto::{EncryptionConfig, KeySource, Keys};
+pub use crypto::{EncryptionConfig, KeyDomain, KeySource, Keys};
 pub use gc::{GcReport, PendingPacks};
 pub use index::{index_prefix, AddedBlocks, BlockIndex, IndexRebuild, INDEX_RUN_VERSION};
+pub use key_record::{key_record_key, InstanceKeyRecord, KEY_RECORD_VERSION};
 pub use manifest::{
     BackupContents, BackupManifest, BackupStats, DatabaseContents, FileEntry, FileKind,
     TableContents, TablespaceEntry,
@@ -129,6 +131,17 @@ pub enum RepoError {
     /// A key is missing, unreadable, or configured where none belongs.
     #[error("{0}")]
     KeyRequired(String),
+    /// An object or pack is sealed under an instance key domain whose key
+    /// this reader does not hold (the instance's KMS key was not unwrapped).
+    #[error(
+        "{object} is sealed under instance key domain {domain}, whose key is not unlocked here"
+    )]
+    DomainLocked {
+        /// Key of the object.
+        object: String,
+        /// The domain its header names.
+        domain: crypto::KeyDomain,
+    },
     /// The local cache of the block index cannot be used.
     #[error("block index cache {0}")]
     Cache(String),
@@ -431,16 +444,77 @@ impl Repository {
         Ok(())
     }
 
-    /// True when the repository is encrypted.
+    /// True when the repository is encrypted (its own keys; an instance key
+    /// domain is encrypted either way).
     pub fn is_encrypted(&self) -> bool {
-        self.keys.is_encrypted()
+        self.keys.repository_keys().is_encrypted()
+    }
+
+    /// The repository's own keys, the base of every instance key domain.
+    pub fn repository_keys(&self) -> Arc<Keys> {
+        Keys::repository_arc(&self.keys)
+    }
+
+    /// This repository writing under `keys` (an instance key domain, see
+    /// [`Keys::instance_domain`]): new packs and objects are sealed under
+    /// them; objects of the repository's domain are still read.
+    pub fn in_domain(&self, keys: Keys) -> Repository {
+        Repository {
+            keys: Arc::new(keys),
+            ..self.clone()
+        }
+    }
+
+    /// This repository also reading the instance domains of `domains` (see
+    /// [`Keys::with_read_domains`]); it writes as before. Repository-wide
+    /// jobs use it with every instance domain unlocked.
+    pub fn with_read_domains(&self, domains: Vec<Arc<Keys>>) -> Repository {
+        Repository {
+            keys: Arc::new(self.keys.with_read_domains(domains)),
+            ..self.clone()
+        }
+    }
+
+    /// This repository writing in `domain`, one it reads (its own, the
+    /// repository's or one of [`Repository::with_read_domains`]'s), reading
+    /// that domain and the repository's; `None` when it does not hold it.
+    pub fn writing_in(&self, domain: KeyDomain) -> Option<Repository> {
+        let keys = if domain == KeyDomain::REPOSITORY {
+            self.repository_keys()
+        } else if domain == self.keys.domain() {
+            self.keys.clone()
+        } else {
+            self.keys.read_domain(domain)?
+        };
+        Some(Repository {
+            keys,
+            ..self.clone()
+        })
+    }
+
+    /// The keys this repository writes under (its domain's).
+    pub fn domain_keys(&self) -> Arc<Keys> {
+        self.keys.clone()
+    }
+
+    /// This repository writing under the repository's own keys.
+    pub fn in_repository_domain(&self) -> Repository {
+        Repository {
+            keys: self.repository_keys(),
+            ..self.clone()
+        }
+    }
+
+    /// The key domain new packs and objects are sealed under.
+    pub fn domain(&self) -> KeyDomain {
+        self.keys.domain()
     }
 
     /// Seals a small secret kept outside the repository (in the catalog)
     /// under the repository's data key, bound to this repository and to
     /// `label`; `None` when the repository is not encrypted.
     pub fn seal_secret(&self, secret: &[u8], label: &str) -> RepoResult<Option<Vec<u8>>> {
-        match &self.keys.cipher {
+        match &self.keys.repository_keys().cipher {
             Some(c) => c.seal(secret, self.secret_aad(label).as_bytes()).map(Some),
             None => Ok(None),
         }
@@ -452,7 +526,7 @@ impl Repository {
             object: format!("catalog secret {label}"),
             reason: reason.into(),
         };
-        let cipher = self.keys.cipher.as_ref().ok_or_else(|| {
+        let cipher = self.keys.repository_keys().cipher.as_ref().ok_or_else(|| {
             corrupt("sealed under a repository key, but the repository is not encrypted")
         })?;
         cipher
@@ -498,7 +572,14 @@ impl Repository {
 
     /// Stores an instance's record (replacing an older one).
     pub fn put_instance(&self, rec: &InstanceRecord) -> RepoResult<()> {
-        let bytes = seal(&self.keys, ObjectKind::Instance, rec, &[], None)?;
+        // Instance records stay under the repository's keys: every reader lists them.
+        let bytes = seal(
+            self.keys.repository_keys(),
+            ObjectKind::Instance,
+            rec,
+            &[],
+            None,
+        )?;
         self.storage.put(&instance_key(&rec.id), &bytes)?;
         Ok(())
     }
@@ -755,17 +836,20 @@ impl Repository {
             raw_len: block.raw_len,
             compression: block.compression,
         };
-        let raw = pack::decode_blob(&self.keys, key, &entry, stored)?;
-        if self.keys.hasher.hash(&raw) != block.hash {
-            return Err(RepoError::Corrupt {
-                object: key.to_string(),
-                reason: format!(
-                    "block {} at offset {} does not match its hash",
-                    block.hash, block.offset
-                ),
-            });
+        let decoded = decode_checked(&self.keys, key, &entry, stored);
+        if decoded.is_err() {
+            // A block reference carries no key domain: one of a set taken
+            // before the instance's domain existed is under the repository's
+            // keys, and a repository-wide reader holds every instance's.
+            // All are authenticated (AEAD or keyed hash), so trying another
+            // never yields another block's bytes.
+            for other in self.keys.other_domains() {
+                if let Ok(raw) = decode_checked(other, key, &entry, stored) {
+                    return Ok(raw);
+                }
+            }
         }
-        Ok(raw)
+        decoded
     }
 }
 
@@ -1109,6 +1193,21 @@ pub fn pack_key(id: &str) -> String {
 /// Key of a backup set's manifest.
 pub fn manifest_key(instance_id: &str, backup_id: &str) -> String {
     format!("instances/{instance_id}/backups/{backup_id}.manifest")
+}
+
+/// A blob decoded under `keys` and checked against its address.
+fn decode_checked(keys: &Keys, key: &str, entry: &PackEntry, stored: &[u8]) -> RepoResult<Vec<u8>> {
+    let raw = pack::decode_blob(keys, key, entry, stored)?;
+    if keys.hasher.hash(&raw) != entry.hash {
+        return Err(RepoError::Corrupt {
+            object: key.to_string(),
+            reason: format!(
+                "block {} at offset {} does not match its hash",
+                entry.hash, entry.offset
+            ),
+        });
+    }
+    Ok(raw)
 }
 
 /// Key of an instance's record.
@@ -1687,6 +1786,154 @@ mod tests {
         Repository::open_or_init(plain.clone()).unwrap();
         let err = Repository::open_with_key(plain, Some(&first)).unwrap_err();
         assert!(err.to_string().contains("is not encrypted"), "{err}");
+    }
+
+    fn domain_keys(repo: &Repository, domain: u32, byte: u8) -> Keys {
+        Keys::instance_domain(
+            KeyDomain(domain),
+            zeroize::Zeroizing::new([byte; 32]),
+            repo.repository_keys(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn instance_key_domain_seals_its_own_packs_and_objects() {
+        let (_dir, repo) = repo();
+        // Written before the domain existed: repository keys, format unchanged.
+        let old_block = b"older block, repository keys ".repeat(100);
+        let mut w = repo.block_writer(BlockIndex::default());
+        let old_ref = w.add(&old_block).unwrap();
+        w.finish().unwrap();
+        let old_obj = seal(&repo.keys, ObjectKind::Instance, &1u32, b"", None).unwrap();
+        assert_eq!(&old_obj[8..10], &[1, 0]);
+
+        let domain = repo.in_domain(domain_keys(&repo, 0x0a0b0c0d, 7));
+        let block = b"PLAINTEXT-MARKER in an instance domain ".repeat(100);
+        let mut w = domain.block_writer(BlockIndex::default());
+        let r = w.add(&block).unwrap();
+        w.finish().unwrap();
+        assert_ne!(
+            r.hash,
+            repo.hasher().hash(&block),
+            "instance blocks hash under the instance's key"
+        );
+        let obj = seal(
+            &domain.keys,
+            ObjectKind::Manifest,
+            &"meta",
+            b"payload",
+            None,
+        )
+        .unwrap();
+        assert_eq!(&obj[8..10], &[3, 0]);
+        assert_eq!(object::object_domain(&obj), (KeyDomain(0x0a0b0c0d), 16));
+        let pack_key = pack_key(&r.pack);
+        let pack_bytes = repo.storage().get(&pack_key).unwrap();
+        assert_eq!(&pack_bytes[8..10], &[3, 0]);
+        assert_eq!(pack::pack_domain(&pack_bytes), Some(KeyDomain(0x0a0b0c0d)));
+        assert!(!pack_bytes.windows(16).any(|w| w == b"PLAINTEXT-MARKER"));
+
+        // The domain reads its own and the repository's objects.
+        assert_eq!(domain.read_block(&r).unwrap(), block);
+        assert_eq!(domain.read_block(&old_ref).unwrap(), old_block);
+        assert_eq!(
+            domain.in_repository_domain().read_block(&old_ref).unwrap(),
+            old_block
+        );
+        assert_eq!(
+            open::<String>(&domain.keys, "m", ObjectKind::Manifest, &obj)
+                .unwrap()
+                .payload,
+            b"payload"
+        );
+        assert_eq!(
+            open::<u32>(&domain.keys, "i", ObjectKind::Instance, &old_obj)
+                .unwrap()
+                .meta,
+            1
+        );
+        assert!(domain.verify(&|_, _| {}).unwrap().is_clean());
+
+        // The repository's keys do not open the domain's objects: a clear refusal.
+        let err = open::<String>(&repo.keys, "m", ObjectKind::Manifest, &obj)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert!(!report.is_clean());
+        assert!(repo.read_block(&r).is_err());
+
+        // The same domain id under another data key fails authentication.
+        let wrong = domain_keys(&repo, 0x0a0b0c0d, 8);
+        let err = open::<String>(&wrong, "m", ObjectKind::Manifest, &obj)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
+        assert!(pack::verify_pack(&wrong, &pack_key, &pack_bytes).is_err());
+        assert!(repo.in_domain(wrong).read_block(&r).is_err());
+        // A header naming another domain is refused before any key is tried.
+        let mut moved = obj.clone();
+        moved[12] ^= 1;
+        let err = open::<String>(&domain.keys, "m", ObjectKind::Manifest, &moved)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
+    }
+
+    #[test]
+    fn read_domains_open_every_unlocked_domain_and_write_in_their_own() {
+        let (_dir, repo) = repo();
+        let mut w = repo.block_writer(BlockIndex::default());
+        let plain_block = b"repository block ".repeat(100);
+        let plain_ref = w.add(&plain_block).unwrap();
+        w.finish().unwrap();
+        let a = repo.in_domain(domain_keys(&repo, 0xa, 1));
+        let b = repo.in_domain(domain_keys(&repo, 0xb, 2));
+        let mut written = Vec::new();
+        for (i, d) in [&a, &b].into_iter().enumerate() {
+            let block = format!("instance {i} block ").repeat(100).into_bytes();
+            let mut w = d.block_writer(BlockIndex::default());
+            let r = w.add(&block).unwrap();
+            w.finish().unwrap();
+            written.push((r, block));
+        }
+        // The repository alone opens neither instance's packs.
+        assert!(repo.read_block(&written[0].0).is_err());
+        assert!(!repo.verify(&|_, _| {}).unwrap().is_clean());
+
+        let all =
+            repo.with_read_domains(vec![a.domain_keys(), b.domain_keys(), repo.domain_keys()]);
+        assert_eq!(all.domain(), KeyDomain::REPOSITORY);
+        assert_eq!(
+            all.domain_keys().read_domains(),
+            vec![KeyDomain(0xa), KeyDomain(0xb)]
+        );
+        for (r, block) in &written {
+            assert_eq!(&all.read_block(r).unwrap(), block);
+        }
+        assert_eq!(all.read_block(&plain_ref).unwrap(), plain_block);
+        assert!(all.verify(&|_, _| {}).unwrap().is_clean());
+
+        // Only one of them unlocked: the other stays a clear refusal.
+        let only_a = repo.with_read_domains(vec![a.domain_keys()]);
+        assert_eq!(only_a.read_block(&written[0].0).unwrap(), written[0].1);
+        let obj = seal(&b.keys, ObjectKind::Manifest, &"m", b"p", None).unwrap();
+        let err = open::<String>(&only_a.keys, "m", ObjectKind::Manifest, &obj)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RepoError::DomainLocked { .. }), "{err}");
+
+        // An instance domain built on the multi-domain keys reads only its own
+        // and the repository's, and writes its own.
+        let c = all.in_domain(domain_keys(&all, 0xc, 3));
+        assert!(c.read_block(&written[0].0).is_err());
+        assert_eq!(c.read_block(&plain_ref).unwrap(), plain_block);
+        // A reader in an instance domain writes there and reads the others.
+        let a_all = a.with_read_domains(vec![b.domain_keys()]);
+        assert_eq!(a_all.domain(), KeyDomain(0xa));
+        assert_eq!(a_all.read_block(&written[1].0).unwrap(), written[1].1);
+        assert_eq!(a_all.read_block(&plain_ref).unwrap(), plain_block);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::crypto::Keys;
+use crate::crypto::{KeyDomain, Keys};
 use crate::{RepoError, RepoResult};
 
 /// First bytes of every sealed object.
@@ -18,10 +18,15 @@ pub const OBJECT_MAGIC: &[u8; 8] = b"STRATAOB";
 pub const OBJECT_VERSION_PLAIN: u16 = 1;
 /// Envelope version of encrypted repositories.
 pub const OBJECT_VERSION_ENCRYPTED: u16 = 2;
+/// Envelope version of an instance key domain: encrypted as version 2 under
+/// the keys of the domain the header names.
+pub const OBJECT_VERSION_KEY_DOMAIN: u16 = 3;
 /// The highest envelope version this build reads.
-pub const OBJECT_VERSION: u16 = OBJECT_VERSION_ENCRYPTED;
+pub const OBJECT_VERSION: u16 = OBJECT_VERSION_KEY_DOMAIN;
 /// Magic, version, kind, flags.
 const FIXED_LEN: usize = 12;
+/// Version 3 adds the key domain (u32).
+const DOMAIN_HEADER_LEN: usize = FIXED_LEN + 4;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 2;
 
@@ -93,17 +98,24 @@ fn seal_body<M: Serialize>(
 ) -> RepoResult<Vec<u8>> {
     let meta = serde_json::to_vec(meta).map_err(|e| RepoError::Format(e.to_string()))?;
     let mut flags = flags;
-    let version = if keys.is_encrypted() {
+    let domain = keys.domain();
+    let version = if domain != KeyDomain::REPOSITORY {
+        flags |= FLAG_ENCRYPTED;
+        OBJECT_VERSION_KEY_DOMAIN
+    } else if keys.is_encrypted() {
         flags |= FLAG_ENCRYPTED;
         OBJECT_VERSION_ENCRYPTED
     } else {
         OBJECT_VERSION_PLAIN
     };
-    let mut out = Vec::with_capacity(FIXED_LEN + 4 + meta.len() + body.len() + 40);
+    let mut out = Vec::with_capacity(DOMAIN_HEADER_LEN + 4 + meta.len() + body.len() + 40);
     out.extend_from_slice(OBJECT_MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
     out.push(kind as u8);
     out.push(flags);
+    if version == OBJECT_VERSION_KEY_DOMAIN {
+        out.extend_from_slice(&domain.0.to_le_bytes());
+    }
     match &keys.cipher {
         Some(cipher) => {
             let mut inner = Vec::with_capacity(4 + meta.len() + body.len());
@@ -123,6 +135,22 @@ fn seal_body<M: Serialize>(
         }
     }
     Ok(out)
+}
+
+/// The key domain a sealed object's header names and the header's length
+/// (the repository's domain before version 3).
+pub fn object_domain(bytes: &[u8]) -> (KeyDomain, usize) {
+    let version = bytes
+        .get(8..10)
+        .map(|v| u16::from_le_bytes([v[0], v[1]]))
+        .unwrap_or(0);
+    match bytes.get(FIXED_LEN..DOMAIN_HEADER_LEN) {
+        Some(id) if version == OBJECT_VERSION_KEY_DOMAIN => (
+            KeyDomain(u32::from_le_bytes([id[0], id[1], id[2], id[3]])),
+            DOMAIN_HEADER_LEN,
+        ),
+        _ => (KeyDomain::REPOSITORY, FIXED_LEN),
+    }
 }
 
 /// A sealed object whose seal has been checked.
@@ -145,12 +173,19 @@ pub fn open<M: DeserializeOwned>(
         object: key.to_string(),
         reason: why.to_string(),
     };
-    if bytes.len() < FIXED_LEN + 4 + 32 || &bytes[..8] != OBJECT_MAGIC {
+    if bytes.len() < DOMAIN_HEADER_LEN + 32 || &bytes[..8] != OBJECT_MAGIC {
         return Err(corrupt("not a Strata object (bad magic or truncated)"));
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     let flags = bytes[11];
     let encrypted = flags & FLAG_ENCRYPTED != 0;
+    let (domain, header_len) = object_domain(bytes);
+    let keys = keys
+        .for_domain(domain)
+        .ok_or_else(|| RepoError::DomainLocked {
+            object: key.to_string(),
+            domain,
+        })?;
     let inner = match (&keys.cipher, encrypted) {
         (None, false) => {
             let (body, tag) = bytes.split_at(bytes.len() - 32);
@@ -160,7 +195,7 @@ pub fn open<M: DeserializeOwned>(
             body[FIXED_LEN..].to_vec()
         }
         (Some(cipher), true) => {
-            let (header, sealed) = bytes.split_at(FIXED_LEN);
+            let (header, sealed) = bytes.split_at(header_len);
             cipher
                 .open(sealed, header)
                 .ok_or_else(|| corrupt("cannot be decrypted: the object was modified or damaged"))?
@@ -178,7 +213,7 @@ pub fn open<M: DeserializeOwned>(
             supported: OBJECT_VERSION as u32,
         });
     }
-    if encrypted != (version == OBJECT_VERSION_ENCRYPTED) {
+    if encrypted != (version >= OBJECT_VERSION_ENCRYPTED) {
         return Err(corrupt(
             "envelope version does not match its encryption flag",
         ));

@@ -6,7 +6,7 @@
 //! repository's AEAD, so one block can still be read with a ranged GET.
 //! Layout in docs/REPOSITORY.md ("Packs").
 
-use crate::crypto::{Cipher, Keys};
+use crate::crypto::{Cipher, KeyDomain, Keys};
 use crate::{BlockHash, PackId, RepoError, RepoResult};
 
 /// First bytes of every pack.
@@ -17,8 +17,11 @@ pub const PACK_INDEX_MAGIC: &[u8; 8] = b"STRATAPX";
 pub const PACK_VERSION_PLAIN: u16 = 1;
 /// Pack version of encrypted repositories: every blob's data is AEAD-sealed.
 pub const PACK_VERSION_ENCRYPTED: u16 = 2;
+/// Pack version of an instance key domain: encrypted as version 2, under the
+/// keys of the domain named in the header.
+pub const PACK_VERSION_KEY_DOMAIN: u16 = 3;
 /// The highest pack version this build reads.
-pub const PACK_VERSION: u16 = PACK_VERSION_ENCRYPTED;
+pub const PACK_VERSION: u16 = PACK_VERSION_KEY_DOMAIN;
 /// Bytes of a pack's header.
 pub const PACK_HEADER_LEN: usize = 16;
 /// stored_len u32, raw_len u32, hash 32, compression u8, 3 reserved bytes.
@@ -70,15 +73,21 @@ impl PackBuilder {
     /// of a stored pack, so full-size buffers are allocated (and their pages
     /// faulted in) once per backup instead of once per pack.
     pub fn with_buffer(keys: &Keys, mut buf: Vec<u8>) -> Self {
-        let version = if keys.is_encrypted() {
-            PACK_VERSION_ENCRYPTED
-        } else {
-            PACK_VERSION_PLAIN
-        };
         buf.clear();
         buf.extend_from_slice(PACK_MAGIC);
-        buf.extend_from_slice(&version.to_le_bytes());
-        buf.extend_from_slice(&[0; 6]);
+        if keys.domain() != KeyDomain::REPOSITORY {
+            buf.extend_from_slice(&PACK_VERSION_KEY_DOMAIN.to_le_bytes());
+            buf.extend_from_slice(&keys.domain().0.to_le_bytes());
+            buf.extend_from_slice(&[0; 2]);
+        } else {
+            let version = if keys.is_encrypted() {
+                PACK_VERSION_ENCRYPTED
+            } else {
+                PACK_VERSION_PLAIN
+            };
+            buf.extend_from_slice(&version.to_le_bytes());
+            buf.extend_from_slice(&[0; 6]);
+        }
         PackBuilder {
             id: PackId::new(hex::encode(rand::random::<[u8; 16]>())),
             buf,
@@ -198,8 +207,22 @@ fn blob_aad(hash: &BlockHash, raw_len: u32, compression: u8) -> [u8; 37] {
     aad
 }
 
+/// The key domain a pack's header names (the repository's before version 3).
+pub fn pack_domain(header: &[u8]) -> Option<KeyDomain> {
+    if header.len() < PACK_HEADER_LEN || &header[..8] != PACK_MAGIC {
+        return None;
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    Some(if version == PACK_VERSION_KEY_DOMAIN {
+        KeyDomain(u32::from_le_bytes(header[10..14].try_into().ok()?))
+    } else {
+        KeyDomain::REPOSITORY
+    })
+}
+
 /// Checks a whole pack: its seal, its index against the blob headers, and
-/// every blob's content hash. Returns the blobs it holds.
+/// every blob's content hash. Returns the blobs it holds. `keys` are used
+/// for a pack of their domain or of the repository's.
 pub fn verify_pack(keys: &Keys, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackEntry>> {
     let corrupt = |why: String| RepoError::Corrupt {
         object: key.to_string(),
@@ -209,12 +232,6 @@ pub fn verify_pack(keys: &Keys, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackE
     if bytes.len() < min || &bytes[..8] != PACK_MAGIC {
         return Err(corrupt("not a Strata pack (bad magic or truncated)".into()));
     }
-    let (body, seal) = bytes.split_at(bytes.len() - 32);
-    if keys.hasher.hash(body).0 != seal {
-        return Err(corrupt(
-            "pack seal mismatch: the pack was modified or damaged".into(),
-        ));
-    }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     if version > PACK_VERSION {
         return Err(RepoError::NewerFormat {
@@ -222,7 +239,22 @@ pub fn verify_pack(keys: &Keys, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackE
             supported: PACK_VERSION as u32,
         });
     }
-    if (version == PACK_VERSION_ENCRYPTED) != keys.is_encrypted() {
+    let domain = pack_domain(bytes).unwrap_or(KeyDomain::REPOSITORY);
+    let keys = keys
+        .for_domain(domain)
+        .ok_or_else(|| RepoError::DomainLocked {
+            object: key.to_string(),
+            domain,
+        })?;
+    let (body, seal) = bytes.split_at(bytes.len() - 32);
+    if keys.hasher.hash(body).0 != seal {
+        return Err(corrupt(
+            "pack seal mismatch: the pack was modified or damaged".into(),
+        ));
+    }
+    if (version >= PACK_VERSION_ENCRYPTED) != keys.is_encrypted()
+        || (version == PACK_VERSION_KEY_DOMAIN) != (domain != KeyDomain::REPOSITORY)
+    {
         return Err(corrupt(format!(
             "pack version {version} does not match the repository's encryption setting"
         )));

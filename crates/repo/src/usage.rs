@@ -37,6 +37,11 @@ pub struct InstanceUsage {
     pub metadata_bytes: u64,
     /// WAL segments, partial segments and timeline histories.
     pub wal_bytes: u64,
+    /// Some of its sets are in a key domain this measurement could not open
+    /// (its KMS key disabled or deleted): those sets are not counted and the
+    /// packs only they use are unattributed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub locked: bool,
 }
 
 impl InstanceUsage {
@@ -145,6 +150,12 @@ impl Repository {
                     Err(RepoError::BackupNotFound(_)) => {
                         entry.metadata_bytes -= object.size;
                         usage.total_bytes -= object.size;
+                        continue;
+                    }
+                    // An instance domain the reader does not hold: reported,
+                    // not failed, so the other instances' figures stand.
+                    Err(RepoError::DomainLocked { .. }) => {
+                        entry.locked = true;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -284,5 +295,43 @@ mod tests {
         assert_eq!(usage.instances["b"].pack_bytes, 0);
         assert_eq!(usage.instances["b"].backup_sets, 0);
         assert_eq!(cache.manifests.len(), 1);
+    }
+
+    #[test]
+    fn an_instance_domain_not_held_is_marked_locked_and_the_rest_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(LocalStorage::new(dir.path()).unwrap());
+        let repo = Repository::open_or_init(storage).unwrap();
+        let keys = crate::Keys::instance_domain(
+            crate::KeyDomain(0x5eed),
+            zeroize::Zeroizing::new([9; 32]),
+            repo.repository_keys(),
+        )
+        .unwrap();
+        let enc = repo.in_domain(keys);
+        let mut w = repo.block_writer(BlockIndex::default());
+        let plain = w.add(&[1u8; 4000]).unwrap();
+        w.finish().unwrap();
+        let mut w = enc.block_writer(BlockIndex::default());
+        let sealed = w.add(&[2u8; 4000]).unwrap();
+        w.finish().unwrap();
+        repo.commit_manifest(&manifest("a", "1", vec![plain], 4000))
+            .unwrap();
+        enc.commit_manifest(&manifest("e", "2", vec![sealed], 4000))
+            .unwrap();
+
+        let usage = repo.measure_usage(&mut UsageCache::default()).unwrap();
+        assert!(!usage.instances["a"].locked);
+        assert_eq!(usage.instances["a"].backup_sets, 1);
+        let e = &usage.instances["e"];
+        assert!(e.locked);
+        assert_eq!((e.backup_sets, e.pack_bytes), (0, 0));
+
+        let all = repo.with_read_domains(vec![enc.domain_keys()]);
+        let usage = all.measure_usage(&mut UsageCache::default()).unwrap();
+        let e = &usage.instances["e"];
+        assert!(!e.locked);
+        assert_eq!(e.backup_sets, 1);
+        assert!(e.pack_bytes > 0);
     }
 }

@@ -117,6 +117,14 @@ impl Repository {
                 {
                     report.problems.push(problem(key, e.to_string()));
                 }
+            } else if key.ends_with("/encryption-key.json") {
+                let instance = key
+                    .strip_prefix("instances/")
+                    .and_then(|k| k.strip_suffix("/encryption-key.json"))
+                    .unwrap_or_default();
+                if let Err(e) = self.read_key_record(instance) {
+                    report.problems.push(problem(key, e.to_string()));
+                }
             } else if key.contains("/index/") && key.ends_with(".run") {
                 if let Err(e) = self.check_index_run(key, &bytes) {
                     report.problems.push(problem(key, e.to_string()));

@@ -203,7 +203,9 @@ impl Service {
         if set.instance_id != instance_id {
             return Err(strata_catalog::CatalogError::BackupNotFound(backup_id.to_string()).into());
         }
-        read(self.engine.repo(), &set, None)
+        // The instance's own key domain when its backups are encrypted.
+        let engine = self.engine.for_instance_blocking(instance_id)?;
+        read(engine.repo(), &set, None)
     }
 
     /// The databases and tables a restore of `instance_id` to time `t`
@@ -228,7 +230,8 @@ impl Service {
                     format!("no backup set of instance {instance_id} ends before {t}"),
                 )
             })?;
-        let mut found = read(self.engine.repo(), set, Some(t))?;
+        let engine = self.engine.for_instance_blocking(instance_id)?;
+        let mut found = read(engine.repo(), set, Some(t))?;
         let (relations, databases) = self.engine.catalog().list_names(instance_id)?;
         apply_names(&mut found.contents, &relations, &databases, t);
         let oids: HashMap<(u32, u32), u32> = relations

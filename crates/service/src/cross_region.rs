@@ -603,9 +603,14 @@ impl Service {
             .filter(|b| !copied.contains(b.id.as_str()))
             .collect();
         if !due.is_empty() {
-            copy_instance_record(self.engine.repo(), &repo, id)?;
+            // Read in the instance's key domain when its backups are
+            // encrypted; the copy is written under the target repository's
+            // own keys (docs/REPOSITORY.md, "Instance key domains").
+            let source = self.engine.for_instance_blocking(id)?;
+            let source = source.repo();
+            copy_instance_record(source, &repo, id)?;
             let ids: Vec<BackupId> = copies.iter().map(|c| c.set.id.clone()).collect();
-            let known = CopiedBlocks::learn(self.engine.repo(), &repo, id, &ids)?;
+            let known = CopiedBlocks::learn(source, &repo, id, &ids)?;
             let wal = self.engine.catalog().list_wal_segments(id)?;
             for set in due {
                 let key = format!("{}/{}/{}", policy.region, id, set.id);
@@ -634,13 +639,7 @@ impl Service {
                     .map_err(ServiceError::from)
                     .and_then(|_guard| {
                         self.copy_segments(&policy.region, &repo, &own_wal)?;
-                        Ok(copy_backup_set(
-                            self.engine.repo(),
-                            &repo,
-                            id,
-                            &set.id,
-                            &known,
-                        )?)
+                        Ok(copy_backup_set(source, &repo, id, &set.id, &known)?)
                     });
                 match outcome {
                     Ok(report) => {
@@ -698,12 +697,14 @@ impl Service {
             .filter(|w| w.region == region)
             .map(|w| (w.row.timeline.0, w.row.segment))
             .collect();
-        copy_histories(self.engine.repo(), repo, id)?;
+        let source = self.engine.for_instance_blocking(id)?;
+        let source = source.repo();
+        copy_histories(source, repo, id)?;
         for row in rows {
             if have.contains(&(row.timeline.0, row.segment.clone())) {
                 continue;
             }
-            let copy = copy_wal_segment(self.engine.repo(), repo, row)?;
+            let copy = copy_wal_segment(source, repo, row)?;
             self.engine
                 .catalog()
                 .insert_cross_wal(region, &copy, Utc::now())?;
@@ -745,13 +746,15 @@ impl Service {
         if due.is_empty() {
             return Ok(());
         }
-        copy_histories(self.engine.repo(), repo, id)?;
+        let source = self.engine.for_instance_blocking(id)?;
+        let source = source.repo();
+        copy_histories(source, repo, id)?;
         for row in due {
             let key = format!("{}/{}/{}", policy.region, id, row.object_key);
             if !lock(&self.copier.retries).ready(&key) {
                 continue;
             }
-            match copy_wal_segment(self.engine.repo(), repo, &row) {
+            match copy_wal_segment(source, repo, &row) {
                 Ok(copy) => {
                     self.engine
                         .catalog()

@@ -27,6 +27,7 @@ mod clock;
 mod contents;
 mod cross_region;
 mod drills;
+mod encryption;
 pub mod fleet;
 mod import;
 mod jobs;
@@ -442,8 +443,10 @@ impl Service {
         else {
             return Ok(None);
         };
+        // The instance's own key domain when its backups are encrypted.
         let (_, data) = self
             .engine
+            .for_instance_blocking(instance_id)?
             .repo()
             .read_wal(&row.object_key)
             .map_err(EngineError::from)?;
@@ -458,7 +461,9 @@ impl Service {
         instance_id: &str,
         backup_id: &str,
     ) -> ServiceResult<strata_engine::BackupArchive> {
-        Ok(self.engine.backup_archive(instance_id, backup_id)?)
+        // The instance's own key domain when its backups are encrypted.
+        let engine = self.engine.for_instance_blocking(instance_id)?;
+        Ok(engine.backup_archive(instance_id, backup_id)?)
     }
 
     /// Strata's record of an instance it created (a clone), if it is one.

@@ -240,11 +240,20 @@ impl Service {
     /// in a fleet each instance is sampled by its owner only, see
     /// [`Service::reports`]).
     fn record_samples(&self, now: DateTime<Utc>, only_owned: bool) -> ServiceResult<()> {
+        // Every encrypted instance's domain that can be unlocked is read; one
+        // that cannot (its KMS key disabled) keeps its last sample.
+        let (repo, locked) = self.engine.readable_repo_blocking()?;
+        for l in &locked {
+            tracing::warn!(
+                instance = %l.instance_id,
+                "usage: backups encrypted under KMS key {} cannot be read now ({}); the instance keeps its last figures",
+                l.kms_key_id,
+                l.error
+            );
+        }
         let usage = {
             let mut cache = lock(&self.usage.cache);
-            self.engine
-                .repo()
-                .measure_usage(&mut cache)
+            repo.measure_usage(&mut cache)
                 .map_err(strata_engine::EngineError::from)?
         };
         let mut targets = HashMap::new();
@@ -260,6 +269,9 @@ impl Service {
                 .get(&instance.id)
                 .cloned()
                 .unwrap_or_default();
+            if figures.locked || locked.iter().any(|l| l.instance_id == instance.id) {
+                continue;
+            }
             let sample = UsageSample {
                 instance_id: instance.id.clone(),
                 at: now,

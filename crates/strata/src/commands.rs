@@ -330,7 +330,10 @@ pub(crate) fn backup(engine: &Engine, cmd: BackupCmd) -> Result<()> {
         }
         BackupCmd::Show { id, backup, json } => {
             engine.catalog().get_instance(&id)?;
-            let m = engine.repo().read_manifest(&id, &backup)?;
+            let m = engine
+                .for_instance_blocking(&id)?
+                .repo()
+                .read_manifest(&id, &backup)?;
             let summary = output::BackupSummary::of(&m);
             print(json, &summary, output::BackupSummary::print)
         }
@@ -649,9 +652,11 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
     match cmd {
         RepoCmd::Verify { json } => {
             let progress = CliProgress::objects();
-            let report = engine.repo().verify(&|done, total| {
-                strata_engine::Progress::update(&progress, "verify", done, Some(total))
-            })?;
+            let report = engine
+                .whole_repo_blocking("verify")?
+                .verify(&|done, total| {
+                    strata_engine::Progress::update(&progress, "verify", done, Some(total))
+                })?;
             progress.finish();
             print(json, &report, output::print_verify)?;
             if !report.is_clean() {
@@ -665,7 +670,16 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
         RepoCmd::Usage { json, region } => {
             let repo = match region {
                 Some(id) => config.regions()?.target(&id)?.repository()?,
-                None => engine.repo().clone(),
+                None => {
+                    let (repo, locked) = engine.readable_repo_blocking()?;
+                    for l in locked {
+                        eprintln!(
+                            "warning: instance {}: backups encrypted under KMS key {} cannot be read now ({}); its figures are incomplete",
+                            l.instance_id, l.kms_key_id, l.error
+                        );
+                    }
+                    repo
+                }
             };
             let usage = repo.measure_usage(&mut Default::default())?;
             print(json, &usage, output::print_usage)

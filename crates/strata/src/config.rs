@@ -65,6 +65,7 @@ pub struct Config {
     pub azure: AzureSettings,
     pub gcs: GcsSettings,
     pub encryption: EncryptionSettings,
+    pub kms: KmsSettings,
     pub instances: InstancesConfig,
     pub drills: DrillsConfig,
     pub downloads: DownloadsConfig,
@@ -229,6 +230,87 @@ pub struct InstancesConfig {
 pub struct DrillsConfig {
     /// Restore-drill every successful backup.
     pub enabled: Option<bool>,
+}
+
+/// The region KMS requests are signed for unless `kms.region` says otherwise.
+pub const KMS_DEFAULT_REGION: &str = "us-east-1";
+
+/// `[kms]`: the key management service (AWS KMS API) whose customer master
+/// keys wrap the data keys of instances with encrypted backups.
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsSettings {
+    /// `http(s)://host[:port]` of the KMS API.
+    pub endpoint: Option<String>,
+    /// Region the requests are signed for.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key (never printed).
+    pub secret_access_key: Option<String>,
+}
+
+/// Everything but the secret, which shows only whether it is set.
+impl std::fmt::Debug for KmsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsSettings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<hidden>"),
+            )
+            .finish()
+    }
+}
+
+impl KmsSettings {
+    /// The KMS client, `None` when no `[kms]` endpoint is set; refuses
+    /// incomplete or hostile settings.
+    pub fn client(&self) -> Result<Option<strata_engine::strata_kms::Kms>> {
+        let Some(endpoint) = &self.endpoint else {
+            if self.region.is_some()
+                || self.access_key_id.is_some()
+                || self.secret_access_key.is_some()
+            {
+                bail!("[kms] settings without kms.endpoint");
+            }
+            return Ok(None);
+        };
+        let region = self
+            .region
+            .clone()
+            .unwrap_or_else(|| KMS_DEFAULT_REGION.into());
+        if region.is_empty()
+            || region.len() > 64
+            || !region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            bail!("kms.region must be 1 to 64 characters of a-z, 0-9 and -");
+        }
+        let (Some(id), Some(secret)) = (&self.access_key_id, &self.secret_access_key) else {
+            bail!("kms.access_key_id and kms.secret_access_key must both be set");
+        };
+        if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("kms.access_key_id must be 1 to 128 letters and digits");
+        }
+        if secret.is_empty()
+            || secret.len() > 1024
+            || secret.chars().any(|c| c.is_control() || c == ' ')
+        {
+            bail!("kms.secret_access_key must be 1 to 1024 printable characters without spaces");
+        }
+        let kms = strata_engine::strata_kms::Kms::new(strata_engine::strata_kms::KmsConfig {
+            endpoint: endpoint.clone(),
+            region,
+            access_key_id: id.clone(),
+            secret_access_key: zeroize::Zeroizing::new(secret.clone()),
+        })
+        .map_err(|e| anyhow::anyhow!("[kms]: {e}"))?;
+        Ok(Some(kms))
+    }
 }
 
 /// How to reach an `s3://` repository.
@@ -1372,6 +1454,40 @@ mod node_id_tests {
         let s = c.service_settings().unwrap();
         assert_eq!((s.node.id.as_str(), s.node.lease.as_secs()), ("n-1", 8));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod kms_tests {
+    use super::*;
+
+    #[test]
+    fn kms_settings_never_print_their_secret_and_refuse_hostile_values() {
+        let good = KmsSettings {
+            endpoint: Some("http://127.0.0.1:4566".into()),
+            region: Some("eu-west-1".into()),
+            access_key_id: Some("AKIDEXAMPLE".into()),
+            secret_access_key: Some("kms-very-secret".into()),
+        };
+        assert!(!format!("{good:?}").contains("very-secret"));
+        let kms = good.client().unwrap().unwrap();
+        assert!(!format!("{kms:?}").contains("very-secret"));
+        assert!(KmsSettings::default().client().unwrap().is_none());
+        let bad = |f: &dyn Fn(&mut KmsSettings)| {
+            let mut s = good.clone();
+            f(&mut s);
+            s.client().err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        assert!(bad(&|s| s.endpoint = Some("file:///etc/passwd".into())).contains("http"));
+        assert!(bad(&|s| s.region = Some("eu\nwest".into())).contains("kms.region"));
+        assert!(bad(&|s| s.access_key_id = Some("AK\"ID".into())).contains("access_key_id"));
+        assert!(bad(&|s| s.secret_access_key = None).contains("both"));
+        assert!(bad(&|s| s.secret_access_key = Some("a\nb".into())).contains("secret_access_key"));
+        let orphan = KmsSettings {
+            region: Some("us-east-1".into()),
+            ..Default::default()
+        };
+        assert!(orphan.client().is_err());
     }
 }
 

@@ -502,7 +502,11 @@ fn open_engine(config: &Config) -> Result<Engine> {
     if let Some(level) = config.compress_level {
         repo = repo.with_compress_level(level);
     }
-    Ok(Engine::new(catalog, repo, config.engine_settings()))
+    let engine = Engine::new(catalog, repo, config.engine_settings());
+    Ok(match config.kms.client()? {
+        Some(kms) => engine.with_kms(kms),
+        None => engine,
+    })
 }
 
 /// Opens (creating) the SQLite catalog at `path`, readable by its owner only.

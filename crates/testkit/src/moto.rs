@@ -33,6 +33,8 @@ impl Moto {
     pub const ACCESS_KEY: &'static str = "strata-moto-access";
     /// Its secret.
     pub const SECRET_KEY: &'static str = "strata-moto-secret-key-0123456789";
+    /// Region the tests use.
+    pub const REGION: &'static str = "us-east-1";
 
     /// Starts a server without buckets.
     pub fn start() -> Moto {
@@ -74,6 +76,17 @@ impl Moto {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The `[kms]` table of a Strata configuration using this server's KMS.
+    pub fn kms_config(&self) -> String {
+        format!(
+            "[kms]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            self.endpoint(),
+            Self::REGION,
+            Self::ACCESS_KEY,
+            Self::SECRET_KEY
+        )
     }
 
     /// Creates bucket `name`: plain, versioned, or with Object Lock (which

@@ -258,6 +258,7 @@ fn resolved_default(key: &str) -> Option<String> {
         "usage.free_quota" => service.usage.default_quota.to_string(),
         "postgres.bin_dirs" => format!("{:?}", engine.pg_bin_dirs),
         "s3.region" => s3.region,
+        "kms.region" => KMS_DEFAULT_REGION.to_string(),
         "s3.path_style" => s3.path_style.to_string(),
         "s3.allow_http" => s3.allow_http.to_string(),
         "s3.multipart_threshold_mb" => (s3.tuning.multipart_threshold / MIB).to_string(),
