@@ -27,7 +27,7 @@ def kms(op, **body):
         headers={
             "Content-Type": "application/x-amz-json-1.1",
             "X-Amz-Target": f"TrentService.{op}",
-            "Authorization": "AWS4-HMAC-SHA256 Credential=strata-moto-access/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0",
+            "Authorization": "AWS4-HMAC-SHA256 Credential=STRATAMOTOACCESS/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0",
         })
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"{}")

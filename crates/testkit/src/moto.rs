@@ -30,7 +30,7 @@ pub struct Moto {
 
 impl Moto {
     /// Access key id the tests use (moto accepts any).
-    pub const ACCESS_KEY: &'static str = "strata-moto-access";
+    pub const ACCESS_KEY: &'static str = "STRATAMOTOACCESS";
     /// Its secret.
     pub const SECRET_KEY: &'static str = "strata-moto-secret-key-0123456789";
     /// Region the tests use.
