@@ -7,18 +7,17 @@
 //! sends the Create Container request itself, signed with Shared Key
 //! (Azure Storage REST reference, "Authorize with Shared Key").
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::{free_port, keep_test_dirs, workspace_root};
+use crate::emulator::{http_exchange, start_on_free_port};
+use crate::{keep_test_dirs, workspace_root};
 
 /// The `azurite-blob` launcher: env `STRATA_AZURITE_BLOB`, else
 /// `<workspace>/.cache/azurite/node_modules/.bin/azurite-blob`.
@@ -58,39 +57,22 @@ impl Azurite {
             .tempdir_in("/tmp")
             .expect("create azurite temp dir")
             .keep();
-        let mut last_log = String::new();
-        // A port free a moment ago may be taken by the time the server binds it.
-        for _ in 0..3 {
-            let port = free_port();
-            let log = dir.join(format!("azurite-{port}.log"));
-            let log_file = std::fs::File::create(&log).expect("create azurite log");
-            let mut child = Command::new(&binary)
+        let started = start_on_free_port("azurite", &dir, Duration::from_secs(30), |port| {
+            let mut command = Command::new(&binary);
+            command
                 .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
                 .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
                 // Its debug log and lock files land in the working directory.
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("clone log handle"))
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    let azurite = Azurite { child, dir, port };
-                    azurite.create_container(Self::CONTAINER);
-                    return azurite;
-                }
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            last_log = std::fs::read_to_string(&log).unwrap_or_default();
-        }
-        panic!("azurite did not start listening:\n{last_log}");
+                .current_dir(&dir);
+            command
+        });
+        let azurite = Azurite {
+            child: started.child,
+            dir,
+            port: started.port,
+        };
+        azurite.create_container(Self::CONTAINER);
+        azurite
     }
 
     /// `http://127.0.0.1:PORT`: the emulator's base URL (the account is the
@@ -128,13 +110,7 @@ impl Azurite {
             account = Self::ACCOUNT,
             port = self.port,
         );
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to azurite");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("read timeout");
-        stream.write_all(request.as_bytes()).expect("send");
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
+        let answer = http_exchange(self.port, &request);
         let status = answer.lines().next().unwrap_or_default();
         assert!(
             status.starts_with("HTTP/1.1 201"),

@@ -16,10 +16,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use crate::{free_port, keep_test_dirs, workspace_root};
+use crate::emulator::{http_exchange, start_on_free_port};
+use crate::{keep_test_dirs, workspace_root};
 
 /// The `fake-gcs-server` binary: env `STRATA_FAKE_GCS_SERVER`, else
 /// `<workspace>/.cache/fake-gcs/bin/fake-gcs-server`.
@@ -59,13 +60,9 @@ impl FakeGcs {
             .keep();
         let relay = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
         let relay_port = relay.local_addr().expect("relay address").port();
-        let mut last_log = String::new();
-        // A port free a moment ago may be taken by the time the server binds it.
-        for _ in 0..3 {
-            let port = free_port();
-            let log = dir.join(format!("fake-gcs-{port}.log"));
-            let log_file = std::fs::File::create(&log).expect("create fake-gcs log");
-            let mut child = Command::new(&binary)
+        let started = start_on_free_port("fake-gcs", &dir, Duration::from_secs(30), |port| {
+            let mut command = Command::new(&binary);
+            command
                 .args(["-scheme", "http", "-host", "127.0.0.1"])
                 .args(["-port", &port.to_string(), "-backend", "memory"])
                 // XML-API routes answer only requests for the public host,
@@ -73,35 +70,19 @@ impl FakeGcs {
                 .args(["-public-host", &format!("127.0.0.1:{relay_port}")])
                 .args(["-external-url", &format!("http://127.0.0.1:{relay_port}")])
                 .args(["-log-level", "warn"])
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("clone log handle"))
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    std::thread::spawn(move || relay_loop(relay, port));
-                    let server = FakeGcs {
-                        child,
-                        dir,
-                        port,
-                        relay_port,
-                    };
-                    server.create_bucket(Self::BUCKET);
-                    return server;
-                }
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            last_log = std::fs::read_to_string(&log).unwrap_or_default();
-        }
-        panic!("fake-gcs-server did not start listening:\n{last_log}");
+                .current_dir(&dir);
+            command
+        });
+        let port = started.port;
+        std::thread::spawn(move || relay_loop(relay, port));
+        let server = FakeGcs {
+            child: started.child,
+            dir,
+            port,
+            relay_port,
+        };
+        server.create_bucket(Self::BUCKET);
+        server
     }
 
     /// `http://127.0.0.1:PORT`: the emulator's base URL (the relay's).
@@ -121,14 +102,7 @@ impl FakeGcs {
             port = self.port,
             len = body.len(),
         );
-        let mut stream =
-            TcpStream::connect(("127.0.0.1", self.port)).expect("connect to fake-gcs-server");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("read timeout");
-        stream.write_all(request.as_bytes()).expect("send");
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
+        let answer = http_exchange(self.port, &request);
         let status = answer.lines().next().unwrap_or_default();
         assert!(
             status.starts_with("HTTP/1.1 200"),

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod azurite;
+mod emulator;
 mod fake_gcs;
 pub mod fuzz;
 mod loopfs;

@@ -5,12 +5,12 @@
 //! that moto's environment brings, a client independent of Strata's.
 //! Stopped on drop.
 
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{free_port, workspace_root};
+use crate::emulator::start_on_free_port;
+use crate::workspace_root;
 
 /// The environment moto is installed in: env `STRATA_MOTO`, else
 /// `<workspace>/.cache/moto`.
@@ -44,33 +44,21 @@ impl Moto {
             "{} not found; run scripts/install-test-deps.sh (or set STRATA_MOTO)",
             binary.display()
         );
-        let mut last_log = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let log = std::env::temp_dir().join(format!("strata-moto-{port}.log"));
-            let log_file = std::fs::File::create(&log).expect("create moto log");
-            let mut child = Command::new(&binary)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("clone log handle"))
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Moto { child, port, log };
-                }
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            last_log = std::fs::read_to_string(&log).unwrap_or_default();
+        let started = start_on_free_port(
+            "strata-moto",
+            &std::env::temp_dir(),
+            Duration::from_secs(60),
+            |port| {
+                let mut command = Command::new(&binary);
+                command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+                command
+            },
+        );
+        Moto {
+            child: started.child,
+            port: started.port,
+            log: started.log,
         }
-        panic!("moto_server did not start listening:\n{last_log}");
     }
 
     /// `http://127.0.0.1:PORT`.
