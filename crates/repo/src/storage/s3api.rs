@@ -415,32 +415,13 @@ impl S3Api {
                         transient: false,
                     }
                 })?;
-            for entry in page.entries {
-                let (item, delete_marker) = match entry {
-                    VersionEntry::Version(v) => (v, false),
-                    VersionEntry::DeleteMarker(v) => (v, true),
-                    VersionEntry::Other => continue,
-                };
-                let Some(key) = item.key.strip_prefix(&self.prefix) else {
-                    continue;
-                };
-                let last_modified = DateTime::parse_from_rfc3339(&item.last_modified)
-                    .map_err(|e| StorageError::Remote {
-                        op: "GET",
-                        key: item.key.clone(),
-                        message: format!("bad LastModified {:?}: {e}", item.last_modified),
-                        transient: false,
-                    })?
-                    .with_timezone(&Utc);
-                found.push(ObjectVersion {
-                    key: key.to_string(),
-                    version_id: item.version_id,
-                    last_modified,
-                    size: item.size.unwrap_or(0),
-                    delete_marker,
-                });
-            }
-            match (page.truncated, page.next_key, page.next_version) {
+            let (truncated, next_key, next_version) = (
+                page.truncated,
+                page.next_key.clone(),
+                page.next_version.clone(),
+            );
+            found.extend(page_versions(page, &self.prefix)?);
+            match (truncated, next_key, next_version) {
                 (true, Some(key), Some(version)) => marker = Some((key, version)),
                 (true, _, _) => {
                     return Err(StorageError::Remote {
@@ -455,6 +436,47 @@ impl S3Api {
             }
         }
     }
+}
+
+/// The versions and delete markers of one ListObjectVersions page, keys made
+/// relative to `prefix`. A key that is not a valid repository key (`..`,
+/// empty parts, control characters) cannot be one Strata wrote: it is left
+/// out, so nothing the store lists reaches a path or a request unchecked.
+fn page_versions(page: VersionsPage, prefix: &str) -> StorageResult<Vec<ObjectVersion>> {
+    let mut found = Vec::new();
+    for entry in page.entries {
+        let (item, delete_marker) = match entry {
+            VersionEntry::Version(v) => (v, false),
+            VersionEntry::DeleteMarker(v) => (v, true),
+            VersionEntry::Other => continue,
+        };
+        let Some(key) = item.key.strip_prefix(prefix) else {
+            continue;
+        };
+        if super::validate_prefix(key).is_err() || key.is_empty() {
+            tracing::warn!(
+                "ignoring {:?} in the version listing: not a repository key",
+                item.key
+            );
+            continue;
+        }
+        let last_modified = DateTime::parse_from_rfc3339(&item.last_modified)
+            .map_err(|e| StorageError::Remote {
+                op: "GET",
+                key: item.key.clone(),
+                message: format!("bad LastModified {:?}: {e}", item.last_modified),
+                transient: false,
+            })?
+            .with_timezone(&Utc);
+        found.push(ObjectVersion {
+            key: key.to_string(),
+            version_id: item.version_id,
+            last_modified,
+            size: item.size.unwrap_or(0),
+            delete_marker,
+        });
+    }
+    Ok(found)
 }
 
 #[derive(Deserialize)]
@@ -519,5 +541,47 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, vec![(true, "v2", None), (false, "v1", Some(7))]);
+        let versions = page_versions(page, "r/").unwrap();
+        assert_eq!(versions.len(), 2);
+        assert!(versions.iter().all(|v| v.key == "a"));
+    }
+
+    fn one_version(key: &str, modified: &str) -> VersionsPage {
+        let xml = format!(
+            r#"<ListVersionsResult><IsTruncated>false</IsTruncated>
+  <Version><Key>{key}</Key><VersionId>v1</VersionId>
+    <LastModified>{modified}</LastModified><Size>7</Size></Version>
+</ListVersionsResult>"#
+        );
+        quick_xml::de::from_str(&xml).unwrap()
+    }
+
+    #[test]
+    fn hostile_keys_and_dates_in_a_version_listing_are_not_taken() {
+        let when = "2026-12-06T10:00:00.000Z";
+        let long = format!("r/packs/{}", "x".repeat(2000));
+        for key in [
+            "r/../x",
+            "r/packs/../../etc/passwd",
+            "r/a&#10;b",
+            "r/a&#9;b",
+            "r//a",
+            "r/./a",
+            "r/",
+            "other/a",
+        ] {
+            let versions = page_versions(one_version(key, when), "r/").unwrap();
+            assert!(versions.is_empty(), "{key:?} taken: {versions:?}");
+        }
+        // Quotes, `=` and long names are data: kept as they are.
+        for key in ["r/a\"b'c", "r/a=b", long.as_str()] {
+            let versions = page_versions(one_version(key, when), "r/").unwrap();
+            assert_eq!(versions.len(), 1, "{key:?}");
+            assert_eq!(versions[0].key, key.strip_prefix("r/").unwrap());
+        }
+        for bad_date in ["yesterday", "", "2026-13-40T99:00:00Z"] {
+            let err = page_versions(one_version("r/a", bad_date), "r/").unwrap_err();
+            assert!(err.to_string().contains("bad LastModified"), "{err}");
+        }
     }
 }
