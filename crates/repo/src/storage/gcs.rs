@@ -151,6 +151,16 @@ impl GcsConfig {
                 )));
             }
         }
+        // These would send requests elsewhere or unauthenticated, around the
+        // endpoint checks: only `endpoint`/`use_emulator` decide that.
+        for field in ["gcs_base_url", "disable_oauth"] {
+            if key.contains_key(field) {
+                return Err(StorageError::Config(format!(
+                    "{}: the service account key sets {field}; use the [gcs] endpoint setting instead",
+                    self.url()
+                )));
+            }
+        }
         // object_store insists on this field, which only names the key.
         key.entry("private_key_id")
             .or_insert_with(|| serde_json::Value::String(String::new()));
@@ -348,6 +358,25 @@ mod tests {
             let err = GcsStorage::new(c.clone()).unwrap_err();
             let shown = format!("{err} {err:?} {c:?}");
             assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_key_file_cannot_move_or_unauthenticate_the_requests() {
+        let mut c = GcsConfig::from_url("gs://backups").unwrap();
+        for extra in [
+            "\"gcs_base_url\": \"https://elsewhere.example\"",
+            "\"gcs_base_url\": \"http://127.0.0.1:1/\\r\\nHost: x\"",
+            "\"disable_oauth\": true",
+        ] {
+            c.service_account_key = Some(format!(
+                "{{\"private_key\": \"k\", \"client_email\": \"s@example.com\", {extra}}}"
+            ));
+            let err = GcsStorage::new(c.clone()).unwrap_err();
+            assert!(
+                matches!(&err, StorageError::Config(m) if m.contains("the service account key sets")),
+                "{extra}: {err}"
+            );
         }
     }
 
