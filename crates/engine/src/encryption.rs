@@ -36,6 +36,11 @@ pub struct BackupEncryption {
     pub key: Result<KeyMetadata, String>,
 }
 
+/// Held while a key record is read, decided on and written: two enables
+/// of one instance at once must not both find no record and write two data
+/// keys, the second making what the first sealed unreadable.
+static KEY_RECORD_CHANGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Engine {
     /// The KMS client, when one is configured.
     pub fn kms(&self) -> Option<&Kms> {
@@ -187,6 +192,7 @@ impl Engine {
     ) -> EngineResult<InstanceKeyRecord> {
         let kms = self.require_kms()?;
         self.catalog.get_instance(instance_id)?;
+        let _changing = KEY_RECORD_CHANGES.lock().await;
         if let Some(existing) = self.repo.read_key_record(instance_id)? {
             let meta = kms.describe_key(kms_key_id).await?;
             if same_key(&existing.kms_key_id, &meta, kms_key_id) {
@@ -227,6 +233,7 @@ impl Engine {
         to_key_id: Option<&str>,
     ) -> EngineResult<InstanceKeyRecord> {
         let kms = self.require_kms()?;
+        let _changing = KEY_RECORD_CHANGES.lock().await;
         let Some(mut record) = self.repo.read_key_record(instance_id)? else {
             return Err(EngineError::Refused(format!(
                 "backups of instance {instance_id} are not encrypted with a KMS key"
