@@ -36,6 +36,11 @@ pub struct InstanceKeyRecord {
     pub rotated_at: Option<DateTime<Utc>>,
 }
 
+/// Longest KMS key id (an ARN of an alias is at most 2048 characters).
+const MAX_KMS_KEY_ID_LEN: usize = 2048;
+/// Longest wrapped data key, in hex (a KMS ciphertext blob is at most 6144 bytes).
+const MAX_WRAPPED_KEY_HEX_LEN: usize = 2 * 6144;
+
 /// Key of an instance's key record.
 pub fn key_record_key(instance_id: &str) -> String {
     format!("instances/{instance_id}/encryption-key.json")
@@ -112,6 +117,92 @@ impl Repository {
                 rec.instance_id, rec.key_domain
             )));
         }
+        // Both go to the KMS, into answers and log lines: ids as KMS spells
+        // them (ARNs, aliases, UUIDs), a ciphertext of a KMS's size.
+        let id_ok = !rec.kms_key_id.is_empty()
+            && rec.kms_key_id.len() <= MAX_KMS_KEY_ID_LEN
+            && rec
+                .kms_key_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":/_-.".contains(&b));
+        if !id_ok {
+            return Err(corrupt("names a KMS key id that no KMS issues".into()));
+        }
+        if rec.wrapped_key.is_empty()
+            || rec.wrapped_key.len() > MAX_WRAPPED_KEY_HEX_LEN
+            || !rec.wrapped_key.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(corrupt(
+                "holds a wrapped key that is not a KMS ciphertext in hex".into(),
+            ));
+        }
         Ok(Some(rec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::storage::Storage;
+    use crate::LocalStorage;
+
+    #[test]
+    fn hostile_key_records_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(LocalStorage::new(dir.path().join("repo")).unwrap());
+        let repo = Repository::open_or_init(storage.clone()).unwrap();
+        let good = InstanceKeyRecord {
+            format_version: KEY_RECORD_VERSION,
+            instance_id: "db1".into(),
+            key_domain: KeyDomain(7),
+            kms_key_id:
+                "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+            wrapped_key: "00ff".repeat(46),
+            created_at: Utc::now(),
+            key_version: 1,
+            rotated_at: None,
+        };
+        repo.put_key_record(&good).unwrap();
+        assert_eq!(
+            repo.read_key_record("db1").unwrap().unwrap().kms_key_id,
+            good.kms_key_id
+        );
+        let key = key_record_key("db1");
+        let write = |rec: serde_json::Value| storage.put(&key, rec.to_string().as_bytes()).unwrap();
+        let base = serde_json::to_value(&good).unwrap();
+        let with = |field: &str, value: serde_json::Value| {
+            let mut v = base.clone();
+            v[field] = value;
+            v
+        };
+        for (what, rec) in [
+            ("another instance", with("instance_id", "db2".into())),
+            ("the repository's domain", with("key_domain", 0.into())),
+            ("a quote", with("kms_key_id", "alias/a\"b".into())),
+            ("a newline", with("kms_key_id", "alias/a\nb".into())),
+            ("an equals sign", with("kms_key_id", "alias/a=b".into())),
+            ("an empty id", with("kms_key_id", "".into())),
+            (
+                "a 2049-byte id",
+                with("kms_key_id", "k".repeat(2049).into()),
+            ),
+            ("a key not in hex", with("wrapped_key", "zz".into())),
+            ("an empty key", with("wrapped_key", "".into())),
+            (
+                "a 6145-byte key",
+                with("wrapped_key", "00".repeat(6145).into()),
+            ),
+        ] {
+            write(rec);
+            let err = repo.read_key_record("db1").unwrap_err();
+            assert!(matches!(err, RepoError::Corrupt { .. }), "{what}: {err}");
+        }
+        write(with("format_version", (KEY_RECORD_VERSION + 1).into()));
+        assert!(matches!(
+            repo.read_key_record("db1").unwrap_err(),
+            RepoError::NewerFormat { .. }
+        ));
     }
 }
