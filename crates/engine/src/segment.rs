@@ -145,8 +145,9 @@ impl SegmentArchiver {
     /// The bytes not handed over yet, as a piece; they leave the archiver.
     fn take_piece(&mut self) -> WalPiece {
         // The next piece is about as long: room for it at once, not grown
-        // (and its pages faulted in) by doubling.
-        let room = Vec::with_capacity(self.pending.len());
+        // (and its pages faulted in) by doubling; a buffer the uploader
+        // handed back, its pages mapped already, when there is one.
+        let room = self.queue.buffer(self.pending.len());
         WalPiece {
             timeline: self.timeline,
             seg_start: self.seg_start,

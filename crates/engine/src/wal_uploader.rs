@@ -44,6 +44,12 @@ pub const QUEUE_SEGMENTS: usize = 4;
 /// of each size.
 pub const TAIL_FANOUT: usize = 16;
 
+/// Piece buffers the worker hands back for reuse: two, one being filled
+/// while one is stored. A buffer larger than [`SPARE_BUFFER_MAX`] is freed
+/// instead, so a burst does not stay held.
+const SPARE_BUFFERS: usize = 2;
+const SPARE_BUFFER_MAX: usize = 64 << 20;
+
 /// Bytes of one segment received since the previous piece: `offset` bytes
 /// into the segment, with the summary of the segment's records so far.
 pub struct WalPiece {
@@ -88,6 +94,31 @@ pub struct UploadQueue {
     /// A partial refresh waits in the queue: the next one is not queued, so
     /// refreshes never take the room complete segments need.
     partial_queued: Arc<AtomicBool>,
+    /// Emptied piece buffers, their pages still mapped: a receiver that
+    /// took a fresh buffer for every piece faulted in all the WAL it
+    /// received once more (a tenth of its CPU).
+    spare: SpareBuffers,
+}
+
+/// See [`UploadQueue::buffer`].
+#[derive(Clone, Default)]
+struct SpareBuffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl SpareBuffers {
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn give(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() == 0 || buffer.capacity() > SPARE_BUFFER_MAX {
+            return;
+        }
+        buffer.clear();
+        let mut spare = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buffer);
+        }
+    }
 }
 
 fn stopped() -> EngineError {
@@ -96,6 +127,14 @@ fn stopped() -> EngineError {
 }
 
 impl UploadQueue {
+    /// An empty buffer for the next piece, one the worker handed back when
+    /// there is one, else a new one with room for `capacity` bytes.
+    pub fn buffer(&self, capacity: usize) -> Vec<u8> {
+        self.spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(capacity))
+    }
+
     /// Queues the last piece of a segment, waiting while the queue is full.
     pub async fn segment(&self, piece: WalPiece) -> EngineResult<()> {
         self.tx
@@ -163,17 +202,24 @@ impl WalUploader {
         let (report_tx, reports) = mpsc::unbounded_channel();
         let partial_queued = Arc::new(AtomicBool::new(false));
         let abandoned = Arc::new(AtomicBool::new(false));
+        let spare = SpareBuffers::default();
         let worker = Worker {
             abandoned: abandoned.clone(),
             engine,
             instance_id: instance_id.into(),
             current: None,
+            spare_payload: None,
+            spare_buffers: spare.clone(),
             partial_queued: partial_queued.clone(),
             reports: report_tx,
         };
         let worker = tokio::spawn(worker.run(rx));
         WalUploader {
-            queue: Some(UploadQueue { tx, partial_queued }),
+            queue: Some(UploadQueue {
+                tx,
+                partial_queued,
+                spare,
+            }),
             reports,
             worker: Some(worker),
             durable,
@@ -245,6 +291,10 @@ struct Worker {
     engine: Engine,
     instance_id: InstanceId,
     current: Option<Current>,
+    /// The payload of the last segment finished, emptied for the next one
+    /// (see [`WalPayload::reset`]).
+    spare_payload: Option<WalPayload>,
+    spare_buffers: SpareBuffers,
     partial_queued: Arc<AtomicBool>,
     abandoned: Arc<AtomicBool>,
     reports: mpsc::UnboundedSender<Stored>,
@@ -290,21 +340,36 @@ impl Worker {
         Ok(())
     }
 
+    /// An empty payload: the last one finished, or a new one.
+    fn payload(&mut self) -> EngineResult<WalPayload> {
+        match self.spare_payload.take() {
+            Some(mut payload) => {
+                payload.reset();
+                Ok(payload)
+            }
+            None => Ok(self.engine.repo.wal_payload()?),
+        }
+    }
+
     fn store(&mut self, upload: Upload) -> EngineResult<Stored> {
-        let (piece, complete) = match upload {
+        let (mut piece, complete) = match upload {
             Upload::Segment(piece) => (piece, true),
             Upload::Partial(piece) => (piece, false),
         };
-        let current = self
-            .current
-            .take()
-            .filter(|c| c.timeline == piece.timeline && c.seg_start == piece.seg_start);
+        let current = match self.current.take() {
+            Some(c) if c.timeline == piece.timeline && c.seg_start == piece.seg_start => Some(c),
+            Some(c) => {
+                self.spare_payload = Some(c.payload);
+                None
+            }
+            None => None,
+        };
         let mut current = match current {
             Some(current) => current,
             None => Current {
                 timeline: piece.timeline,
                 seg_start: piece.seg_start,
-                payload: self.engine.repo.wal_payload()?,
+                payload: self.payload()?,
                 whole_stored: false,
                 tails: Vec::new(),
                 events_recorded: 0,
@@ -319,8 +384,11 @@ impl Worker {
             )));
         }
         current.payload.extend(&piece.bytes)?;
+        self.spare_buffers.give(std::mem::take(&mut piece.bytes));
         if complete {
-            self.store_segment(current, piece)
+            let stored = self.store_segment(&mut current, piece);
+            self.spare_payload = Some(current.payload);
+            stored
         } else {
             let stored = self.store_partial(&mut current, piece);
             self.current = Some(current);
@@ -328,7 +396,7 @@ impl Worker {
         }
     }
 
-    fn store_segment(&mut self, mut current: Current, piece: WalPiece) -> EngineResult<Stored> {
+    fn store_segment(&mut self, current: &mut Current, piece: WalPiece) -> EngineResult<Stored> {
         let repo = &self.engine.repo;
         let end = current.seg_start + current.payload.len() as u64;
         let checksum = current.payload.checksum();
@@ -778,6 +846,7 @@ mod tests {
         let q = UploadQueue {
             tx,
             partial_queued: Arc::new(AtomicBool::new(false)),
+            spare: SpareBuffers::default(),
         };
         assert!(q.offer_partial(|| partial(0, b"a")).unwrap());
         assert!(!q.offer_partial(|| partial(1, b"b")).unwrap());

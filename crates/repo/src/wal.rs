@@ -208,6 +208,19 @@ impl WalPayload {
         Ok(())
     }
 
+    /// Empties the payload for the next segment, keeping its buffers and
+    /// compression context: their pages stay mapped, so a receiver does
+    /// not fault a segment's worth of fresh memory in for every segment.
+    pub fn reset(&mut self) {
+        self.checksum = self.empty.clone();
+        self.unstored_checksum = self.empty.clone();
+        self.scratch.clear();
+        self.frames.clear();
+        self.starts.clear();
+        self.len = 0;
+        self.stored_len = 0;
+    }
+
     /// Raw bytes held.
     pub fn len(&self) -> usize {
         self.len
