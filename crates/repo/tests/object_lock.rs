@@ -270,3 +270,37 @@ fn an_as_of_view_is_refused_on_an_unversioned_bucket() {
         other => panic!("accepted: {other:?}"),
     }
 }
+
+/// A refusal with no retention in force (here a legal hold, as a missing
+/// delete permission would be) is not taken for a lock that will end: the
+/// delete fails as refused, and says what to check.
+#[test]
+fn a_refusal_without_a_retention_is_not_a_lock() {
+    let moto = Moto::start();
+    moto.create_bucket("held", true, true);
+    let storage = S3Storage::new(config(&moto, "held", governance(1))).unwrap();
+    let key = "instances/i1/backups/held.manifest";
+    moto.boto3(&format!(
+        "s3.put_object(Bucket='held', Key='repo/{key}', Body=b'x', ObjectLockLegalHoldStatus='ON')\n"
+    ));
+    match storage.delete(key) {
+        Err(StorageError::Remote {
+            message, transient, ..
+        }) => {
+            assert!(!transient);
+            assert!(
+                message.contains("without an Object Lock retention"),
+                "{message}"
+            );
+        }
+        other => panic!("not refused as a permission problem: {other:?}"),
+    }
+    // Still there: nothing was deleted, no delete marker hides it.
+    assert!(storage.exists(key).unwrap());
+    // Once released, the same delete goes through.
+    moto.boto3(&format!(
+        "s3.put_object_legal_hold(Bucket='held', Key='repo/{key}', LegalHold={{'Status': 'OFF'}})\n"
+    ));
+    storage.delete(key).unwrap();
+    assert!(!storage.exists(key).unwrap());
+}

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use object_store::aws::AmazonS3Builder;
 
-use super::cloud::{ObjectStorage, Tuning};
+use super::cloud::{checked_endpoint, ObjectStorage, Tuning};
 use super::s3api::{ApiSettings, LockMode, S3Api};
 use super::{
     list_dir, validate_key, validate_prefix, ObjectSize, Storage, StorageError, StorageResult,
@@ -183,6 +183,22 @@ impl S3Storage {
     pub fn new(config: S3Config) -> StorageResult<Self> {
         let tuning = config.tuning;
         tuning.check()?;
+        // The region names a host when no endpoint is set: letters, digits
+        // and hyphens only, so it cannot point the requests elsewhere.
+        let region_ok = (1..=64).contains(&config.region.len())
+            && config
+                .region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !region_ok {
+            return Err(StorageError::Config(format!(
+                "{:?} is not a region name (letters, digits and '-')",
+                config.region
+            )));
+        }
+        if let Some(endpoint) = &config.endpoint {
+            checked_endpoint(endpoint, config.allow_http)?;
+        }
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
@@ -360,11 +376,25 @@ impl S3Storage {
             match answer.status {
                 200 | 204 | 404 => {}
                 403 => {
+                    // Locked only when a retention still holds the version:
+                    // a refusal without one is a missing permission (or a
+                    // legal hold), which waiting does not end.
                     let until =
                         block_on_api(&self.inner, "retention", api.retention(key, &v.version_id))?;
-                    return Err(StorageError::Locked {
-                        key: key.to_string(),
-                        until,
+                    return Err(match until.filter(|u| *u > Utc::now()) {
+                        Some(until) => StorageError::Locked {
+                            key: key.to_string(),
+                            until: Some(until),
+                        },
+                        None => StorageError::Remote {
+                            op: "delete",
+                            key: key.to_string(),
+                            message: format!(
+                                "status 403 {}: refused without an Object Lock retention in force (check the credentials' s3:DeleteObjectVersion permission and legal holds)",
+                                answer.code()
+                            ),
+                            transient: false,
+                        },
                     });
                 }
                 status => {
@@ -460,6 +490,10 @@ impl Storage for S3Storage {
 
     fn concurrent_puts(&self) -> usize {
         self.inner.concurrent_puts()
+    }
+
+    fn concurrent_reads(&self) -> usize {
+        self.inner.concurrent_reads()
     }
 
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
@@ -691,6 +725,57 @@ mod tests {
         config.path_style = false;
         assert!(!S3Storage::new(config).unwrap().exists("a/b").unwrap());
         assert_eq!(seen.recv().unwrap(), "HEAD /pre/a/b HTTP/1.1");
+    }
+
+    /// An endpoint or region that would send the requests (and their
+    /// signatures) somewhere else than the service named is refused.
+    #[test]
+    fn hostile_endpoints_and_regions_are_refused() {
+        let config = |endpoint: Option<&str>, region: &str| {
+            let mut c = S3Config::from_url("s3://bucket/pre").unwrap();
+            c.endpoint = endpoint.map(str::to_string);
+            c.region = region.to_string();
+            c.access_key_id = Some("AKID".into());
+            c.secret_access_key = Some("SECRET".into());
+            c
+        };
+        for endpoint in [
+            "https://user:pw@example.com",
+            "https://example.com\r\nX: y",
+            "https://example.com/?a",
+            "https://example.com#frag",
+            "ftp://example.com",
+            "http://example.com",
+            "https://",
+            "https:///x",
+        ] {
+            let err = S3Storage::new(config(Some(endpoint), "us-east-1")).unwrap_err();
+            assert!(
+                matches!(err, StorageError::Config(_)),
+                "{endpoint:?}: {err}"
+            );
+        }
+        for region in [
+            "",
+            "evil.com/x?",
+            "us-east-1.evil.com",
+            "a b",
+            "a\nb",
+            &"r".repeat(65),
+        ] {
+            let err = S3Storage::new(config(None, region)).unwrap_err();
+            assert!(matches!(err, StorageError::Config(_)), "{region:?}: {err}");
+        }
+        // Plain http only when allowed; ordinary names pass.
+        let mut c = config(Some("http://127.0.0.1:9000"), "us-east-1");
+        c.allow_http = true;
+        S3Storage::new(c).unwrap();
+        S3Storage::new(config(None, "eu-central-1")).unwrap();
+        S3Storage::new(config(
+            Some("https://s3.oss-cn-hangzhou.aliyuncs.com/"),
+            "oss-cn-hangzhou",
+        ))
+        .unwrap();
     }
 
     #[test]

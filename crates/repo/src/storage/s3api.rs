@@ -152,14 +152,9 @@ impl S3Api {
         };
         let credentials = Credentials::new(id, secret, token, None, "strata");
         let endpoint = match s.endpoint {
-            Some(e) => e.trim_end_matches('/').to_string(),
+            Some(e) => super::cloud::checked_endpoint(e, s.allow_http)?,
             None => format!("https://s3.{}.amazonaws.com", s.region),
         };
-        if endpoint.starts_with("http://") && !s.allow_http {
-            return Err(StorageError::Config(format!(
-                "{endpoint} is plain http; set allow_http to use it"
-            )));
-        }
         let (origin, bucket_path) = if s.path_style {
             (endpoint, format!("/{}", s.bucket))
         } else {
