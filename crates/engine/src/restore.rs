@@ -28,7 +28,7 @@ use serde::Serialize;
 use strata_catalog::{
     BackupId, BackupSet, BackupStatus, JobId, JobKind, JobState, RestorePointRow, WalSegmentRow,
 };
-use strata_repo::{BackupManifest, FileEntry, FileKind};
+use strata_repo::{BackupManifest, BlockRef, FileEntry, FileKind};
 
 use crate::beneath::Beneath;
 use crate::catalog_retry::retry_busy;
@@ -816,6 +816,10 @@ impl Engine {
         let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
         let threads = self.settings.restore_parallelism.max(1);
         let last_report = Mutex::new(Instant::now());
+        let work: Vec<Vec<&FileEntry>> = match delta {
+            true => files.iter().map(|f| vec![*f]).collect(),
+            false => work_items(files),
+        };
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| loop {
@@ -823,13 +827,15 @@ impl Engine {
                         return;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(f) = files.get(i) else { return };
-                    let done = roots.place(f).and_then(|(root, shown)| match delta {
-                        true => self.patch_or_write(f, root, &shown),
-                        false => self
-                            .write_file(f, root, &shown)
+                    let Some(item) = work.get(i) else { return };
+                    let done = match (delta, item.as_slice()) {
+                        (true, [f]) => roots
+                            .place(f)
+                            .and_then(|(root, shown)| self.patch_or_write(f, root, &shown)),
+                        _ => self
+                            .write_batch(item, roots)
                             .map(|()| DeltaReport::default()),
-                    });
+                    };
                     match done {
                         Ok(r) => report.lock().unwrap_or_else(|p| p.into_inner()).add(&r),
                         Err(e) => {
@@ -838,7 +844,8 @@ impl Engine {
                             return;
                         }
                     }
-                    let done = written.fetch_add(f.size, Ordering::Relaxed) + f.size;
+                    let size: u64 = item.iter().map(|f| f.size).sum();
+                    let done = written.fetch_add(size, Ordering::Relaxed) + size;
                     if let Ok(mut last) = last_report.try_lock() {
                         if last.elapsed() >= Duration::from_millis(500) {
                             *last = Instant::now();
@@ -893,30 +900,59 @@ impl Engine {
 
     /// Writes one file beneath `root`; `shown` names it in errors.
     fn write_file(&self, f: &FileEntry, root: &Beneath, shown: &Path) -> EngineResult<()> {
-        let mut out = root
-            .create_file(&f.path)
-            .map_err(EngineError::io(format!("creating {}", shown.display())))?;
-        let mut size = 0u64;
-        let mut crc = 0u32;
-        self.repo.read_blocks(&f.blocks, |data| {
-            crc = crc32c::crc32c_append(crc, &data);
-            size += data.len() as u64;
-            out.write_all(&data)
-                .map_err(EngineError::io(format!("writing {}", shown.display())))
-        })?;
-        start_writeback(&out);
-        if size != f.size || f.crc32c.is_some_and(|c| c != crc) {
-            return Err(EngineError::Failed(format!(
-                "{} restored with the wrong size or checksum; the repository is damaged (run `strata repo verify`)",
-                f.path
-            )));
+        let mut out = OutFile::create(f, root, shown)?;
+        self.repo.read_blocks(&f.blocks, |data| out.append(&data))?;
+        out.finish()
+    }
+
+    /// Writes the files of one work item (see [`work_items`]): their
+    /// blocks are read as one list, so the blocks of small files that lie
+    /// together in a pack come in one ranged read, and each file is
+    /// written and checked as its blocks arrive.
+    fn write_batch<'f>(&self, batch: &[&'f FileEntry], roots: &RestoreRoots) -> EngineResult<()> {
+        if let [f] = batch {
+            let (root, shown) = roots.place(f)?;
+            return self.write_file(f, root, &shown);
         }
-        out.set_permissions(fs::Permissions::from_mode(f.mode & FILE_MODE_MASK))
-            .map_err(EngineError::io(format!(
-                "setting mode of {}",
-                shown.display()
-            )))?;
-        Ok(())
+        let blocks: Vec<BlockRef> = batch.iter().flat_map(|f| f.blocks.clone()).collect();
+        // The file being written and the blocks it still waits for; files
+        // without blocks are written whole when their turn comes.
+        let mut files = batch.iter();
+        let mut current: Option<(OutFile<'f>, usize)> = None;
+        let mut advance = |current: &mut Option<(OutFile<'f>, usize)>| -> EngineResult<()> {
+            if let Some((out, _)) = current.take() {
+                out.finish()?;
+            }
+            for f in files.by_ref() {
+                let (root, shown) = roots.place(f)?;
+                let out = OutFile::create(f, root, &shown)?;
+                if f.blocks.is_empty() {
+                    out.finish()?;
+                } else {
+                    *current = Some((out, f.blocks.len()));
+                    break;
+                }
+            }
+            Ok(())
+        };
+        advance(&mut current)?;
+        self.repo.read_blocks(&blocks, |data| {
+            let Some((out, left)) = current.as_mut() else {
+                return Err(EngineError::Failed(
+                    "a batch of restored files received more blocks than its files hold".into(),
+                ));
+            };
+            out.append(&data)?;
+            *left -= 1;
+            if *left == 0 {
+                advance(&mut current)?;
+            }
+            Ok(())
+        })?;
+        match current {
+            None => Ok(()),
+            Some((out, _)) => out.finish(),
+        }
     }
 
     /// Writes the planned WAL (partial segments padded with zeros) and the
@@ -1266,6 +1302,98 @@ pub(crate) fn user_ids(user: &str) -> EngineResult<(u32, u32)> {
 
 /// The regular files of a backup (the server's backup_manifest included),
 /// largest first, so no thread is left alone with a big file at the end.
+/// A restored file being written: counts what it received, and checks it
+/// against the manifest when finished.
+struct OutFile<'a> {
+    f: &'a FileEntry,
+    out: fs::File,
+    shown: PathBuf,
+    size: u64,
+    crc: u32,
+}
+
+impl<'a> OutFile<'a> {
+    fn create(f: &'a FileEntry, root: &Beneath, shown: &Path) -> EngineResult<Self> {
+        let out = root
+            .create_file(&f.path)
+            .map_err(EngineError::io(format!("creating {}", shown.display())))?;
+        Ok(OutFile {
+            f,
+            out,
+            shown: shown.to_path_buf(),
+            size: 0,
+            crc: 0,
+        })
+    }
+
+    fn append(&mut self, data: &[u8]) -> EngineResult<()> {
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.size += data.len() as u64;
+        self.out
+            .write_all(data)
+            .map_err(EngineError::io(format!("writing {}", self.shown.display())))
+    }
+
+    fn finish(self) -> EngineResult<()> {
+        start_writeback(&self.out);
+        let f = self.f;
+        if self.size != f.size || f.crc32c.is_some_and(|c| c != self.crc) {
+            return Err(EngineError::Failed(format!(
+                "{} restored with the wrong size or checksum; the repository is damaged (run `strata repo verify`)",
+                f.path
+            )));
+        }
+        self.out
+            .set_permissions(fs::Permissions::from_mode(f.mode & FILE_MODE_MASK))
+            .map_err(EngineError::io(format!(
+                "setting mode of {}",
+                self.shown.display()
+            )))
+    }
+}
+
+/// Files up to this size are restored in batches (see [`work_items`]).
+const BATCH_FILE_MAX: u64 = 1024 * 1024;
+
+/// Stored bytes one batch of small files reads at most: one ranged read
+/// when its blocks lie together.
+const BATCH_STORED_MAX: u64 = strata_repo::READ_RUN_MAX;
+
+/// What the writer threads take one at a time: each large file alone, in
+/// `files`' order (largest first), then the small ones in batches, ordered
+/// by where their first block is stored. A data directory is mostly small
+/// files (catalogs, free space and visibility maps) written one after the
+/// other by the backup, so their blocks lie side by side in a few packs: a
+/// batch reads many of them with one request instead of one request each,
+/// which an object store answers in tens of milliseconds.
+fn work_items<'a>(files: &[&'a FileEntry]) -> Vec<Vec<&'a FileEntry>> {
+    let (small, large): (Vec<&FileEntry>, Vec<&FileEntry>) =
+        files.iter().partition(|f| f.size <= BATCH_FILE_MAX);
+    let mut items: Vec<Vec<&FileEntry>> = large.into_iter().map(|f| vec![f]).collect();
+    let mut small = small;
+    small.sort_by(|a, b| {
+        fn at(f: &FileEntry) -> Option<(&str, u64)> {
+            f.blocks.first().map(|b| (b.pack.as_str(), b.offset))
+        }
+        at(a).cmp(&at(b))
+    });
+    let mut batch: Vec<&FileEntry> = Vec::new();
+    let mut stored = 0u64;
+    for f in small {
+        let size: u64 = f.blocks.iter().map(|b| u64::from(b.stored_len)).sum();
+        if !batch.is_empty() && stored + size > BATCH_STORED_MAX {
+            items.push(std::mem::take(&mut batch));
+            stored = 0;
+        }
+        stored += size;
+        batch.push(f);
+    }
+    if !batch.is_empty() {
+        items.push(batch);
+    }
+    items
+}
+
 fn write_order(manifest: &BackupManifest) -> Vec<&FileEntry> {
     let mut files: Vec<&FileEntry> = manifest
         .all_files()
@@ -2325,6 +2453,61 @@ mod tests {
                 (got, want) => panic!("{target}: {got:?}, expected {want:?}"),
             }
         }
+    }
+
+    /// Large files are written alone, largest first; small ones in
+    /// batches ordered by where their blocks lie, each batch reading at
+    /// most one run's worth of stored bytes; every file is in exactly one
+    /// item.
+    #[test]
+    fn small_files_are_written_in_batches_by_where_they_are_stored() {
+        let block = |pack: &str, offset: u64, stored: u32| BlockRef {
+            hash: strata_repo::BlockHash([0; 32]),
+            pack: strata_repo::PackId::new(pack),
+            offset,
+            stored_len: stored,
+            raw_len: stored,
+            compression: 0,
+        };
+        let file = |path: &str, size: u64, blocks: Vec<BlockRef>| FileEntry {
+            tablespace: None,
+            path: path.into(),
+            kind: FileKind::File,
+            mode: 0o600,
+            size,
+            mtime: 0,
+            link_target: None,
+            crc32c: None,
+            blocks,
+        };
+        let mib = 1024 * 1024;
+        let files = [
+            file("big", 3 * mib, vec![block("p2", 0, 3 << 20)]),
+            file("bigger", 5 * mib, vec![block("p1", 0, 5 << 20)]),
+            file("c", 8192, vec![block("p3", 9000, 8192)]),
+            file("a", 8192, vec![block("p3", 100, 8192)]),
+            file("empty", 0, vec![]),
+            file("b", 8192, vec![block("p3", 8400, 600)]),
+            // Stored bytes past one run start a new batch.
+            file("fat", mib, vec![block("p4", 0, (8 << 20) - 1000)]),
+            file("d", 8192, vec![block("p5", 0, 8192)]),
+        ];
+        let mut refs: Vec<&FileEntry> = files.iter().collect();
+        refs.sort_by_key(|f| std::cmp::Reverse(f.size));
+        let items: Vec<Vec<&str>> = work_items(&refs)
+            .iter()
+            .map(|item| item.iter().map(|f| f.path.as_str()).collect())
+            .collect();
+        assert_eq!(
+            items,
+            vec![
+                vec!["bigger"],
+                vec!["big"],
+                vec!["empty", "a", "b", "c"],
+                vec!["fat"],
+                vec!["d"],
+            ]
+        );
     }
 
     /// Which files a restore writes, in which order, and where its

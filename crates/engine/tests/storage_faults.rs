@@ -380,6 +380,9 @@ impl Storage for TwoPacksAtOnce {
     fn concurrent_puts(&self) -> usize {
         self.inner.concurrent_puts()
     }
+    fn concurrent_reads(&self) -> usize {
+        self.inner.concurrent_reads()
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

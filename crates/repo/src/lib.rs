@@ -800,23 +800,30 @@ impl Repository {
             }
             return Ok(());
         }
+        // Fetcher `j` of `depth` reads runs j, j + depth, ... in turn and
+        // hands each over through a rendezvous, so up to `depth` reads are
+        // in flight or waiting while one is decoded, in the file's order.
+        let depth = self.storage.concurrent_reads().clamp(1, runs.len());
         std::thread::scope(|scope| {
-            // Rendezvous: one run fetched ahead while one is decoded.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<RepoResult<Vec<u8>>>(0);
             let runs = &runs;
-            scope.spawn(move || {
-                for run in runs {
-                    let fetched = self.fetch_run(run);
-                    let failed = fetched.is_err();
-                    // A closed channel: the reader stopped on an error.
-                    if tx.send(fetched).is_err() || failed {
-                        return;
+            let mut fetched = Vec::with_capacity(depth);
+            for first in 0..depth {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<RepoResult<Vec<u8>>>(0);
+                fetched.push(rx);
+                scope.spawn(move || {
+                    for run in runs.iter().skip(first).step_by(depth) {
+                        let data = self.fetch_run(run);
+                        let failed = data.is_err();
+                        // A closed channel: the reader stopped on an error.
+                        if tx.send(data).is_err() || failed {
+                            return;
+                        }
                     }
-                }
-            });
-            for run in runs {
-                let data = rx.recv().map_err(|_| {
-                    RepoError::Format("the read-ahead thread stopped without an answer".into())
+                });
+            }
+            for (i, run) in runs.iter().enumerate() {
+                let data = fetched[i % depth].recv().map_err(|_| {
+                    RepoError::Format("a read-ahead thread stopped without an answer".into())
                 })??;
                 decode(run, data)?;
             }
@@ -1515,6 +1522,125 @@ mod tests {
         assert!(error.to_string().contains("injected: 403"), "{error}");
         assert!(!error.is_transient());
         assert!(store.most_in_flight() >= 2);
+    }
+
+    /// Ranged reads of packs wait until `wanted` are in flight at once (or
+    /// a minute passes); the read from offset `fail` fails.
+    #[derive(Debug)]
+    struct GatedReads {
+        inner: Arc<MemoryStorage>,
+        reads: usize,
+        wanted: usize,
+        fail: Option<u64>,
+        /// In flight, most in flight, reads started.
+        state: std::sync::Mutex<(usize, usize, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Storage for GatedReads {
+        fn put(&self, key: &str, data: &[u8]) -> storage::StorageResult<()> {
+            self.inner.put(key, data)
+        }
+        fn get(&self, key: &str) -> storage::StorageResult<Vec<u8>> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> storage::StorageResult<Vec<u8>> {
+            let mut st = self.state.lock().unwrap();
+            st.0 += 1;
+            st.1 = st.1.max(st.0);
+            st.2 += 1;
+            self.changed.notify_all();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while st.1 < self.wanted && std::time::Instant::now() < deadline {
+                st = self
+                    .changed
+                    .wait_timeout(st, std::time::Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+            st.0 -= 1;
+            drop(st);
+            if Some(offset) == self.fail {
+                return Err(StorageError::Remote {
+                    op: "get",
+                    key: key.into(),
+                    message: "injected: 500 InternalError".into(),
+                    transient: true,
+                });
+            }
+            self.inner.get_range(key, offset, len)
+        }
+        fn list(&self, prefix: &str) -> storage::StorageResult<Vec<String>> {
+            self.inner.list(prefix)
+        }
+        fn list_sizes(&self, prefix: &str) -> storage::StorageResult<Vec<ObjectSize>> {
+            self.inner.list_sizes(prefix)
+        }
+        fn delete(&self, key: &str) -> storage::StorageResult<()> {
+            self.inner.delete(key)
+        }
+        fn exists(&self, key: &str) -> storage::StorageResult<bool> {
+            self.inner.exists(key)
+        }
+        fn concurrent_reads(&self) -> usize {
+            self.reads
+        }
+        fn describe(&self) -> String {
+            "gated reads".into()
+        }
+    }
+
+    /// A file is read with the store's number of reads in flight, no more,
+    /// and handed over in its own order; a failed read fails the whole read
+    /// after exactly the blocks before it.
+    #[test]
+    fn a_file_is_read_several_ranges_at_once_in_order() {
+        for (fail, wanted) in [(None, 4), (Some(5), 1)] {
+            let store = Arc::new(GatedReads {
+                inner: Arc::new(MemoryStorage::new()),
+                reads: 4,
+                wanted,
+                fail: None,
+                state: Default::default(),
+                changed: Default::default(),
+            });
+            let repo = Repository::open_or_init(store.clone()).unwrap();
+            let mut w = repo.block_writer(BlockIndex::default());
+            let blocks: Vec<Vec<u8>> = (0..12).map(|i| noise(4096, i + 1)).collect();
+            let refs: Vec<BlockRef> = blocks.iter().map(|b| w.add(b).unwrap()).collect();
+            w.finish().unwrap();
+            // Every other block, backwards: no two adjacent, one read each.
+            let order: Vec<usize> = (0..12).rev().step_by(2).chain((0..12).step_by(2)).collect();
+            let wanted_refs: Vec<BlockRef> = order.iter().map(|&i| refs[i].clone()).collect();
+            // The read of the block at position `fail` in the file fails.
+            let store = Arc::new(GatedReads {
+                inner: store.inner.clone(),
+                reads: 4,
+                wanted,
+                fail: fail.map(|n| wanted_refs[n].offset),
+                state: Default::default(),
+                changed: Default::default(),
+            });
+            let repo = Repository::open(store.clone()).unwrap();
+            let mut back = Vec::new();
+            let outcome = repo.read_blocks(&wanted_refs, |raw| {
+                back.push(raw);
+                Ok::<_, RepoError>(())
+            });
+            let expected: Vec<Vec<u8>> = order.iter().map(|&i| blocks[i].clone()).collect();
+            match fail {
+                None => {
+                    outcome.unwrap();
+                    assert_eq!(back, expected);
+                    assert_eq!(store.state.lock().unwrap().1, 4, "most reads in flight");
+                }
+                Some(n) => {
+                    let err = outcome.unwrap_err();
+                    assert!(err.to_string().contains("injected: 500"), "{err}");
+                    assert_eq!(back, expected[..n].to_vec());
+                }
+            }
+        }
     }
 
     #[test]

@@ -58,6 +58,12 @@ pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
 /// The most packs a backup may store at once (each holds ~17 MB).
 pub const MAX_UPLOAD_CONCURRENCY: usize = 16;
 
+/// Ranged reads one reader of a file keeps in flight on an object store
+/// (see [`Storage::concurrent_reads`]): with a restore's four writers, four
+/// each fill the store's default eight permits twice over, so a request
+/// always waits to go when one ends.
+pub const CLOUD_READS_PER_FILE: usize = 4;
+
 /// How a store moves bytes, whatever the service: part of every
 /// object-store configuration ([`super::S3Config`], [`super::AzureConfig`],
 /// [`super::GcsConfig`]).
@@ -494,6 +500,11 @@ impl Storage for ObjectStorage {
         self.tuning.upload_concurrency
     }
 
+    fn concurrent_reads(&self) -> usize {
+        // The requests of all readers share `max_concurrency` permits.
+        CLOUD_READS_PER_FILE.min(self.tuning.max_concurrency)
+    }
+
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         validate_key(key)?;
         self.call("get", key, self.request_context("get", key).get())
@@ -617,6 +628,9 @@ macro_rules! forward_storage {
             }
             fn concurrent_puts(&self) -> usize {
                 self.inner.concurrent_puts()
+            }
+            fn concurrent_reads(&self) -> usize {
+                self.inner.concurrent_reads()
             }
             fn get(&self, key: &str) -> $crate::storage::StorageResult<Vec<u8>> {
                 self.inner.get(key)

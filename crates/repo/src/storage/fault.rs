@@ -255,6 +255,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.concurrent_puts()
     }
 
+    fn concurrent_reads(&self) -> usize {
+        self.inner.concurrent_reads()
+    }
+
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.call("get", key, || self.inner.get(key))
     }

@@ -184,6 +184,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn concurrent_puts(&self) -> usize {
         1
     }
+    /// How many ranged reads one reader of a file keeps in flight (see
+    /// [`crate::Repository::read_blocks`]). A disk answers in microseconds:
+    /// one read ahead of the one being decoded is enough. An object store
+    /// answers each in tens of milliseconds, so a file read one request at
+    /// a time waits most of the time. Each read in flight holds up to
+    /// [`crate::READ_RUN_MAX`] bytes.
+    fn concurrent_reads(&self) -> usize {
+        1
+    }
     /// The whole object; [`StorageError::NotFound`] when absent.
     fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
     /// Exactly `len` bytes from `offset`; [`StorageError::ShortRead`] when the
@@ -221,6 +230,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn concurrent_puts(&self) -> usize {
         (**self).concurrent_puts()
+    }
+    fn concurrent_reads(&self) -> usize {
+        (**self).concurrent_reads()
     }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         (**self).get(key)

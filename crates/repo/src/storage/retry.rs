@@ -105,6 +105,10 @@ impl<S: Storage> Storage for RetryingStorage<S> {
         self.inner.concurrent_puts()
     }
 
+    fn concurrent_reads(&self) -> usize {
+        self.inner.concurrent_reads()
+    }
+
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.retry("get", key, || self.inner.get(key))
     }
