@@ -4,7 +4,8 @@
 # `archive-push` run by `archive_command`, over the same saturating pgbench
 # load on one PostgreSQL 15 server. The tools alternate, once each per
 # repetition; prints per run CPU seconds (Strata: the receiver's user +
-# system time; pgBackRest: the sum over its archive-push calls), peak RSS,
+# system time; pgBackRest: the sum over its archive-push calls), context
+# switches (voluntary and involuntary, summed the same way), peak RSS,
 # pgbench tps and the WAL lag figures of bench/run.sh's section 5, then the
 # medians and the ratio.
 #
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
         --baseline) BASELINE=$2; shift 2 ;;
         --perf) PERF_DIR=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -90,7 +91,7 @@ log "initdb in $T (port $PORT), pgbench scale $SCALE"
 as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres >/dev/null
 cat >"$T/archive-push.sh" <<SH
 #!/bin/sh
-exec /usr/bin/time -a -o "\$(cat $T/push-times)" -f "%e %U %S %M" \
+exec /usr/bin/time -a -o "\$(cat $T/push-times)" -f "%e %U %S %M %w %c" \
     pgbackrest --config="$PGBR_CONF" --stanza=bench archive-push "\$1"
 SH
 chmod 755 "$T/archive-push.sh"
@@ -171,6 +172,7 @@ text = open(sys.argv[2]).read()
 num = lambda l: float(re.search(re.escape(l) + r":\s*([0-9.]+)", text).group(1))
 r["cpu"] = num("User time (seconds)") + num("System time (seconds)")
 r["rss_mib"] = num("Maximum resident set size (kbytes)") / 1024
+r["switches"] = num("Voluntary context switches") + num("Involuntary context switches")
 print(json.dumps(r))
 PY
     rm -rf "$dir" "$dir.toml"
@@ -197,6 +199,7 @@ calls = [l.split() for l in open(sys.argv[2]) if re.match(r"^[0-9.]+ ", l)]
 r["cpu"] = sum(float(c[1]) + float(c[2]) for c in calls)
 r["rss_mib"] = max((float(c[3]) for c in calls), default=0) / 1024
 r["calls"] = len(calls)
+r["switches"] = sum(float(c[4]) + float(c[5]) for c in calls if len(c) >= 6)
 print(json.dumps(r))
 PY
 }
@@ -226,14 +229,14 @@ sys.path.insert(0, sys.argv[4])
 from report import lag_stats
 runs = [json.loads(l) for l in open(sys.argv[1])]
 print(f"load average {sys.argv[2]} before, {sys.argv[3]} after")
-print("| tool | run | CPU s | peak RSS MiB | tps | WAL MiB/s | lag p50 s | p99 s | max s | first quarter MiB | last quarter MiB | after load MiB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| tool | run | CPU s | context switches | peak RSS MiB | tps | WAL MiB/s | lag p50 s | p99 s | max s | first quarter MiB | last quarter MiB | after load MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 cpu = {}
 for r in runs:
     s = lag_stats(r["samples"], r["load_start"], r["load_end"])
     if r["run"] != "perf":
         cpu.setdefault(r["tool"], []).append(r["cpu"])
-    print(f"| {r['tool']} | {r['run']} | {r['cpu']:.2f} | {r['rss_mib']:.1f} | {r['tps']:.0f} | {s['wal_mb_s']:.1f} "
+    print(f"| {r['tool']} | {r['run']} | {r['cpu']:.2f} | {r.get('switches', 0):.0f} | {r['rss_mib']:.1f} | {r['tps']:.0f} | {s['wal_mb_s']:.1f} "
           f"| {s['p50_s']:.2f} | {s['p99_s']:.2f} | {s['max_s']:.2f} | {s['first_q_mb']:.1f} | {s['last_q_mb']:.1f} | {s['after_mb']:.1f} |")
 med = {t: statistics.median(v) for t, v in cpu.items()}
 for t, m in med.items():
