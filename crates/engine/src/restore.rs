@@ -705,7 +705,9 @@ impl Engine {
             {
                 Some(i) => {
                     let f = files.remove(i);
-                    let mut bytes = Vec::with_capacity(f.size as usize);
+                    // pg_control is 8 KiB: the manifest's size, which a forged
+                    // manifest sets at will, only sizes the first allocation.
+                    let mut bytes = Vec::with_capacity(f.size.min(64 * 1024) as usize);
                     self.repo.read_blocks(&f.blocks, |data| {
                         bytes.extend_from_slice(&data);
                         Ok::<(), EngineError>(())
@@ -1300,8 +1302,6 @@ pub(crate) fn user_ids(user: &str) -> EngineResult<(u32, u32)> {
     Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
-/// The regular files of a backup (the server's backup_manifest included),
-/// largest first, so no thread is left alone with a big file at the end.
 /// A restored file being written: counts what it received, and checks it
 /// against the manifest when finished.
 struct OutFile<'a> {
@@ -1359,6 +1359,10 @@ const BATCH_FILE_MAX: u64 = 1024 * 1024;
 /// when its blocks lie together.
 const BATCH_STORED_MAX: u64 = strata_repo::READ_RUN_MAX;
 
+/// Files one batch holds at most, so many empty or tiny files (they store
+/// next to nothing) are still spread over the writers.
+const BATCH_FILES_MAX: usize = 256;
+
 /// What the writer threads take one at a time: each large file alone, in
 /// `files`' order (largest first), then the small ones in batches, ordered
 /// by where their first block is stored. A data directory is mostly small
@@ -1381,7 +1385,8 @@ fn work_items<'a>(files: &[&'a FileEntry]) -> Vec<Vec<&'a FileEntry>> {
     let mut stored = 0u64;
     for f in small {
         let size: u64 = f.blocks.iter().map(|b| u64::from(b.stored_len)).sum();
-        if !batch.is_empty() && stored + size > BATCH_STORED_MAX {
+        if !batch.is_empty() && (stored + size > BATCH_STORED_MAX || batch.len() == BATCH_FILES_MAX)
+        {
             items.push(std::mem::take(&mut batch));
             stored = 0;
         }
@@ -1394,6 +1399,8 @@ fn work_items<'a>(files: &[&'a FileEntry]) -> Vec<Vec<&'a FileEntry>> {
     items
 }
 
+/// The regular files of a backup (the server's backup_manifest included),
+/// largest first, so no thread is left alone with a big file at the end.
 fn write_order(manifest: &BackupManifest) -> Vec<&FileEntry> {
     let mut files: Vec<&FileEntry> = manifest
         .all_files()
@@ -2452,6 +2459,77 @@ mod tests {
                 (Err(e), Err(want)) => assert!(e.contains(want), "{target}: {e}"),
                 (got, want) => panic!("{target}: {got:?}, expected {want:?}"),
             }
+        }
+    }
+
+    /// A batch hands each file exactly its own blocks, in order, writes
+    /// the empty ones between them, gives each its mode, and fails on the
+    /// first file whose bytes do not match the manifest, leaving the files
+    /// before it complete.
+    #[test]
+    fn a_batch_writes_each_file_its_own_bytes_and_checks_them() {
+        let m = manifest("0/1000028", "0/1000100");
+        let engine = engine_with(&m, &[]);
+        let mut w = engine.repo.block_writer(strata_repo::BlockIndex::default());
+        let mut file = |path: &str, mode: u32, parts: &[&[u8]]| {
+            let blocks: Vec<BlockRef> = parts.iter().map(|p| w.add(p).unwrap()).collect();
+            let whole = parts.concat();
+            FileEntry {
+                tablespace: None,
+                path: path.into(),
+                kind: FileKind::File,
+                mode,
+                size: whole.len() as u64,
+                mtime: 0,
+                link_target: None,
+                crc32c: Some(crc32c::crc32c(&whole)),
+                blocks,
+            }
+        };
+        let a = file("base/5/a", 0o600, &[&[1u8; 4096], b"tail of a"]);
+        let empty = file("base/5/empty", 0o600, &[]);
+        let b = file("base/5/b", 0o640, &[&[2u8; 8192]]);
+        let c = file("base/5/c", 0o600, &[b"c1", b"c2", b"c3"]);
+        let mut damaged = file("base/5/d", 0o600, &[b"d's bytes"]);
+        damaged.crc32c = Some(damaged.crc32c.unwrap() ^ 1);
+        let mut blockless = file("base/5/e", 0o600, &[]);
+        blockless.size = 10;
+        drop(file);
+        w.finish().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("base/5")).unwrap();
+        let roots = RestoreRoots::open(&m, dir.path()).unwrap();
+        engine.write_batch(&[&a, &empty, &b, &c], &roots).unwrap();
+        let read = |name: &str| fs::read(dir.path().join("base/5").join(name)).unwrap();
+        assert_eq!(read("a"), [&[1u8; 4096][..], b"tail of a"].concat());
+        assert_eq!(read("empty"), b"");
+        assert_eq!(read("b"), vec![2u8; 8192]);
+        assert_eq!(read("c"), b"c1c2c3");
+        let mode = |name: &str| {
+            fs::metadata(dir.path().join("base/5").join(name))
+                .unwrap()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("a"), mode("b")), (0o600, 0o640));
+
+        for (bad, says) in [
+            (
+                &damaged,
+                "base/5/d restored with the wrong size or checksum",
+            ),
+            (
+                &blockless,
+                "base/5/e restored with the wrong size or checksum",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join("base/5")).unwrap();
+            let roots = RestoreRoots::open(&m, dir.path()).unwrap();
+            let err = engine.write_batch(&[&c, bad, &b], &roots).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+            assert_eq!(fs::read(dir.path().join("base/5/c")).unwrap(), b"c1c2c3");
         }
     }
 

@@ -24,7 +24,7 @@ use serde::Serialize;
 use strata_catalog::{
     BackupId, BackupPolicy, BackupSet, BackupStatus, Catalog, KeepUntil, RepoHold, WalSegmentRow,
 };
-use strata_repo::{GcReport, PackId, PendingPacks, RepoError, Repository, StorageError};
+use strata_repo::{GcReport, PackId, PendingPacks, RepoError, Repository};
 
 use crate::{Engine, EngineError, EngineResult};
 
@@ -271,7 +271,7 @@ impl Engine {
         }
         if set.status == BackupStatus::Success {
             match self.repo.delete_backup(&set.instance_id, &set.id) {
-                Err(RepoError::Storage(locked @ StorageError::Locked { .. })) => {
+                Err(RepoError::Storage(locked)) if locked.is_kept() => {
                     return Err(EngineError::Conflict(format!(
                         "backup {backup_id} stays: {locked}"
                     )))
@@ -290,7 +290,7 @@ impl Engine {
         let mut locked = Vec::new();
         for w in rows {
             match self.repo.delete_wal(&w.object_key) {
-                Err(RepoError::Storage(e @ StorageError::Locked { .. })) => {
+                Err(RepoError::Storage(e)) if e.is_kept() => {
                     tracing::info!("retention left a WAL object: {e}");
                     locked.push(w.object_key.clone());
                     continue;
@@ -438,6 +438,7 @@ mod tests {
     use super::*;
     use pg_wal::{Lsn, TimelineId};
     use strata_catalog::BackupMode;
+    use strata_repo::StorageError;
 
     fn at(days_ago: i64, now: DateTime<Utc>) -> DateTime<Utc> {
         now - Duration::days(days_ago)
@@ -575,9 +576,10 @@ mod tests {
     }
 
     /// A store whose manifests and WAL objects are all under a lock that
-    /// has not ended: it refuses to delete them, as S3 Object Lock does.
+    /// has not ended (or, with `true`, refused for another reason, as a
+    /// legal hold is): it refuses to delete them, as S3 Object Lock does.
     #[derive(Debug)]
-    struct LockedStore(strata_repo::MemoryStorage);
+    struct LockedStore(strata_repo::MemoryStorage, bool);
 
     impl strata_repo::Storage for LockedStore {
         fn put(&self, key: &str, data: &[u8]) -> strata_repo::storage::StorageResult<()> {
@@ -605,9 +607,15 @@ mod tests {
         }
         fn delete(&self, key: &str) -> strata_repo::storage::StorageResult<()> {
             if key.ends_with(".manifest") || key.starts_with("wal/") {
-                return Err(StorageError::Locked {
-                    key: key.to_string(),
-                    until: Some(Utc::now() + Duration::days(3)),
+                return Err(match self.1 {
+                    false => StorageError::Locked {
+                        key: key.to_string(),
+                        until: Some(Utc::now() + Duration::days(3)),
+                    },
+                    true => StorageError::DeleteRefused {
+                        key: key.to_string(),
+                        reason: "an Object Lock legal hold is on".into(),
+                    },
                 });
             }
             self.0.delete(key)
@@ -622,10 +630,21 @@ mod tests {
 
     #[test]
     fn sets_and_wal_the_store_keeps_locked_stay_and_are_reported() {
+        for (refused, says) in [
+            (false, "kept by Object Lock until"),
+            (true, "cannot be deleted: an Object Lock legal hold is on"),
+        ] {
+            kept_sets_and_wal_stay(refused, says);
+        }
+    }
+
+    fn kept_sets_and_wal_stay(refused: bool, says: &str) {
         let now = Utc::now();
-        let repo =
-            Repository::open_or_init(Arc::new(LockedStore(strata_repo::MemoryStorage::new())))
-                .unwrap();
+        let repo = Repository::open_or_init(Arc::new(LockedStore(
+            strata_repo::MemoryStorage::new(),
+            refused,
+        )))
+        .unwrap();
         let catalog = strata_catalog::SqliteCatalog::open_in_memory().unwrap();
         let engine = Engine::new(Arc::new(catalog), repo, crate::EngineSettings::default());
         let catalog = engine.catalog().clone();
@@ -638,9 +657,7 @@ mod tests {
 
         // The set stays in the catalog, and the refusal says until when.
         match engine.delete_backup_set("old") {
-            Err(EngineError::Conflict(why)) => {
-                assert!(why.contains("kept by Object Lock until"), "{why}")
-            }
+            Err(EngineError::Conflict(why)) => assert!(why.contains(says), "{why}"),
             other => panic!("a locked set deleted: {other:?}"),
         }
         assert_eq!(catalog.get_backup("old").unwrap().id, "old");

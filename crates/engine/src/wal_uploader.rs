@@ -340,6 +340,13 @@ impl Worker {
         Ok(())
     }
 
+    /// Keeps a finished segment's payload for the next one, unless its
+    /// buffers grew past [`SPARE_BUFFER_MAX`] (large segments): those are
+    /// freed rather than held while the receiver idles.
+    fn keep_payload(&mut self, payload: WalPayload) {
+        self.spare_payload = (payload.capacity() <= SPARE_BUFFER_MAX).then_some(payload);
+    }
+
     /// An empty payload: the last one finished, or a new one.
     fn payload(&mut self) -> EngineResult<WalPayload> {
         match self.spare_payload.take() {
@@ -359,7 +366,7 @@ impl Worker {
         let current = match self.current.take() {
             Some(c) if c.timeline == piece.timeline && c.seg_start == piece.seg_start => Some(c),
             Some(c) => {
-                self.spare_payload = Some(c.payload);
+                self.keep_payload(c.payload);
                 None
             }
             None => None,
@@ -387,7 +394,7 @@ impl Worker {
         self.spare_buffers.give(std::mem::take(&mut piece.bytes));
         if complete {
             let stored = self.store_segment(&mut current, piece);
-            self.spare_payload = Some(current.payload);
+            self.keep_payload(current.payload);
             stored
         } else {
             let stored = self.store_partial(&mut current, piece);
@@ -817,6 +824,69 @@ mod tests {
         );
         drop(q);
         up.finish().await.1.unwrap();
+    }
+
+    /// One uploader storing segment after segment reuses the first one's
+    /// payload for the next: the second segment, stored in small refreshes
+    /// (tails) and then complete, holds exactly its own bytes, its partial
+    /// object and tails begin at its own start, and nothing of the first
+    /// segment's checksum or stored length carries over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payload_reused_for_the_next_segment_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let first: Vec<u8> = (0..SEG).map(|i| (i % 251) as u8).collect();
+        let second: Vec<u8> = (0..SEG).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        let name2 = "000000010000000000000002";
+        let piece2 = |offset: usize, added: &[u8]| WalPiece {
+            seg_start: Lsn(2 * SEG),
+            name: name2.into(),
+            ..partial(offset, added)
+        };
+        let mut up = WalUploader::start(engine.clone(), "i", Lsn(SEG));
+        let q = up.queue();
+        q.partial(partial(0, &first[..1000])).await.unwrap();
+        q.segment(partial(1000, &first[1000..])).await.unwrap();
+        let n = 40;
+        let step = 4096;
+        for k in 0..n {
+            q.partial(piece2(k * step, &second[k * step..(k + 1) * step]))
+                .await
+                .unwrap();
+        }
+        let partial2 = wal_segment_key("i", TimelineId(1), name2, true);
+        // Wait for every refresh: the partial object is the prefix so far.
+        let mut durable = Lsn(0);
+        while durable < Lsn(2 * SEG + (n * step) as u64) {
+            durable = up.next_stored().await.unwrap().end;
+        }
+        let (meta, read) = engine.repo.read_wal(&partial2).unwrap();
+        assert_eq!(read, &second[..n * step]);
+        assert_eq!(meta.begin_lsn, Lsn(2 * SEG));
+        assert_eq!(meta.checksum, engine.repo.wal_checksum(&second[..n * step]));
+        q.segment(piece2(n * step, &second[n * step..]))
+            .await
+            .unwrap();
+        drop(q);
+        let (_, outcome) = up.finish().await;
+        outcome.unwrap();
+        let complete = |name: &str| wal_segment_key("i", TimelineId(1), name, false);
+        assert_eq!(
+            engine
+                .repo
+                .read_wal(&complete("000000010000000000000001"))
+                .unwrap()
+                .1,
+            first
+        );
+        let (meta, read) = engine.repo.read_wal(&complete(name2)).unwrap();
+        assert_eq!(read, second);
+        assert_eq!(meta.checksum, engine.repo.wal_checksum(&second));
+        assert!(!engine.repo.storage().exists(&partial2).unwrap());
+        assert_eq!(
+            rows(&engine),
+            vec![(false, Lsn(2 * SEG)), (false, Lsn(3 * SEG))]
+        );
     }
 
     /// A refresh that does not continue where the last one ended stops the

@@ -41,6 +41,17 @@ pub struct GcReport {
     /// The latest retain-until date among them, when the store said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub locked_until: Option<DateTime<Utc>>,
+    /// Unreferenced packs the store refused to delete for another reason
+    /// (a legal hold, a missing permission); they stay pending too.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub packs_refused: u64,
+    /// Why, as the store showed it for the first of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_reason: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Packs found unreferenced by earlier collections: pack id -> when first
@@ -150,6 +161,11 @@ impl Repository {
                     Err(StorageError::Locked { until, .. }) => {
                         report.packs_locked += 1;
                         report.locked_until = report.locked_until.max(until);
+                        still_pending.insert(PackId::from(id), since);
+                    }
+                    Err(e @ StorageError::DeleteRefused { .. }) => {
+                        report.packs_refused += 1;
+                        report.refused_reason.get_or_insert_with(|| e.to_string());
                         still_pending.insert(PackId::from(id), since);
                     }
                     Err(e) => return Err(e.into()),

@@ -24,6 +24,7 @@ mod usage;
 mod verify;
 mod wal;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -803,7 +804,9 @@ impl Repository {
         // Fetcher `j` of `depth` reads runs j, j + depth, ... in turn and
         // hands each over through a rendezvous, so up to `depth` reads are
         // in flight or waiting while one is decoded, in the file's order.
-        let depth = self.storage.concurrent_reads().clamp(1, runs.len());
+        let wanted = self.storage.concurrent_reads().clamp(1, runs.len());
+        let extra = ExtraReads::take(wanted - 1);
+        let depth = 1 + extra.0;
         std::thread::scope(|scope| {
             let runs = &runs;
             let mut fetched = Vec::with_capacity(depth);
@@ -862,6 +865,36 @@ impl Repository {
 
 /// The most [`Repository::read_blocks`] fetches with one read.
 pub const READ_RUN_MAX: u64 = 8 * 1024 * 1024;
+
+/// Fetchers beyond the first one of each that all of a process's
+/// [`Repository::read_blocks`] calls run at once: each holds up to two
+/// reads of [`READ_RUN_MAX`], so however many threads read (a restore runs
+/// two per core), read-ahead adds at most 16 × 16 MiB.
+const EXTRA_READS_MAX: usize = 16;
+
+static EXTRA_READS: AtomicUsize = AtomicUsize::new(0);
+
+/// Extra fetchers taken from [`EXTRA_READS_MAX`] for one read, given back
+/// when dropped; as many as are free, none when all are taken (a read
+/// never waits for them).
+struct ExtraReads(usize);
+
+impl ExtraReads {
+    fn take(wanted: usize) -> Self {
+        let mut taken = 0;
+        let _ = EXTRA_READS.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+            taken = wanted.min(EXTRA_READS_MAX.saturating_sub(used));
+            Some(used + taken)
+        });
+        ExtraReads(taken)
+    }
+}
+
+impl Drop for ExtraReads {
+    fn drop(&mut self) {
+        EXTRA_READS.fetch_sub(self.0, Ordering::SeqCst);
+    }
+}
 
 /// One ranged read of [`Repository::read_blocks`]: `blocks` (indexes into
 /// its argument) lie back to back in the pack `key` from `offset`.
@@ -1550,7 +1583,9 @@ mod tests {
             st.1 = st.1.max(st.0);
             st.2 += 1;
             self.changed.notify_all();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            // Short: a reader with fewer reads in flight than wanted waits
+            // this long for each, and the test then fails on the count.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while st.1 < self.wanted && std::time::Instant::now() < deadline {
                 st = self
                     .changed

@@ -221,6 +221,11 @@ impl WalPayload {
         self.stored_len = 0;
     }
 
+    /// Bytes of memory the payload's buffers hold, whatever they hold now.
+    pub fn capacity(&self) -> usize {
+        self.frames.capacity() + self.scratch.capacity()
+    }
+
     /// Raw bytes held.
     pub fn len(&self) -> usize {
         self.len

@@ -272,35 +272,52 @@ fn an_as_of_view_is_refused_on_an_unversioned_bucket() {
 }
 
 /// A refusal with no retention in force (here a legal hold, as a missing
-/// delete permission would be) is not taken for a lock that will end: the
-/// delete fails as refused, and says what to check.
+/// delete permission would be) is not taken for a lock that ends: the
+/// delete is refused with what the store showed, collection keeps the pack
+/// and reports why, and goes on; once the hold is released it deletes it.
 #[test]
-fn a_refusal_without_a_retention_is_not_a_lock() {
+fn a_refusal_without_a_retention_is_kept_and_said_apart_from_a_lock() {
     let moto = Moto::start();
     moto.create_bucket("held", true, true);
-    let storage = S3Storage::new(config(&moto, "held", governance(1))).unwrap();
-    let key = "instances/i1/backups/held.manifest";
+    let storage = Arc::new(S3Storage::new(config(&moto, "held", governance(1))).unwrap());
+    let repo = Repository::open_or_init(storage.clone()).unwrap();
+    let garbage = stored(&repo, 3);
+    let key = pack_key(garbage.pack.as_str());
+    // Its retention lifted (past), a legal hold put on instead.
     moto.boto3(&format!(
-        "s3.put_object(Bucket='held', Key='repo/{key}', Body=b'x', ObjectLockLegalHoldStatus='ON')\n"
+        "s3.put_object_retention(Bucket='held', Key='repo/' + {key:?}, \
+         BypassGovernanceRetention=True, Retention={{'Mode': 'GOVERNANCE', \
+         'RetainUntilDate': __import__('datetime').datetime(2000, 1, 1)}})\n\
+         s3.put_object_legal_hold(Bucket='held', Key='repo/' + {key:?}, LegalHold={{'Status': 'ON'}})\n"
     ));
-    match storage.delete(key) {
-        Err(StorageError::Remote {
-            message, transient, ..
-        }) => {
-            assert!(!transient);
-            assert!(
-                message.contains("without an Object Lock retention"),
-                "{message}"
-            );
+    match storage.delete(&key) {
+        Err(StorageError::DeleteRefused { reason, .. }) => {
+            assert!(reason.contains("legal hold is on"), "{reason}")
         }
-        other => panic!("not refused as a permission problem: {other:?}"),
+        other => panic!("not refused for its legal hold: {other:?}"),
     }
     // Still there: nothing was deleted, no delete marker hides it.
-    assert!(storage.exists(key).unwrap());
-    // Once released, the same delete goes through.
+    assert!(storage.exists(&key).unwrap());
+    let (report, pending) = repo
+        .collect_garbage(&Default::default(), Utc::now(), chrono::Duration::zero())
+        .unwrap();
+    assert_eq!(
+        (
+            report.packs_deleted,
+            report.packs_locked,
+            report.packs_refused
+        ),
+        (0, 0, 1)
+    );
+    assert!(report.refused_reason.unwrap().contains("legal hold is on"));
+    assert!(pending.contains_key(garbage.pack.as_str()));
+    // Released: the next collection deletes it.
     moto.boto3(&format!(
-        "s3.put_object_legal_hold(Bucket='held', Key='repo/{key}', LegalHold={{'Status': 'OFF'}})\n"
+        "s3.put_object_legal_hold(Bucket='held', Key='repo/' + {key:?}, LegalHold={{'Status': 'OFF'}})\n"
     ));
-    storage.delete(key).unwrap();
-    assert!(!storage.exists(key).unwrap());
+    let (report, _) = repo
+        .collect_garbage(&pending, Utc::now(), chrono::Duration::zero())
+        .unwrap();
+    assert_eq!((report.packs_deleted, report.packs_refused), (1, 0));
+    assert!(!storage.exists(&key).unwrap());
 }

@@ -735,6 +735,13 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
                             .unwrap_or_default()
                     );
                 }
+                if r.packs_refused > 0 {
+                    println!(
+                        "{} unreferenced pack(s) the store refused to delete: {}",
+                        r.packs_refused,
+                        r.refused_reason.as_deref().unwrap_or("no reason given")
+                    );
+                }
             }),
             None if json => {
                 println!("null");

@@ -105,6 +105,17 @@ pub enum StorageError {
         /// The retain-until date.
         until: Option<chrono::DateTime<chrono::Utc>>,
     },
+    /// The store refuses to delete the object, and no Object Lock
+    /// retention it shows explains it: a legal hold, a missing delete
+    /// permission, or a retention the credentials may not read. Kept, like
+    /// a locked object, and tried again later.
+    #[error("{key} cannot be deleted: {reason}")]
+    DeleteRefused {
+        /// Key of the object.
+        key: String,
+        /// What the store showed of why.
+        reason: String,
+    },
     /// A write through a read-only view of the repository.
     #[error("{op} {key} refused: {why}")]
     ReadOnly {
@@ -134,6 +145,16 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// The store keeps the object against a delete ([`StorageError::Locked`]
+    /// or [`StorageError::DeleteRefused`]): what deletes leaves it for a
+    /// later pass instead of failing.
+    pub fn is_kept(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Locked { .. } | StorageError::DeleteRefused { .. }
+        )
+    }
+
     /// Whether retrying the same call may succeed. This is the one place that
     /// decides: [`RetryingStorage`] retries exactly these, and callers that
     /// reconnect (WAL receivers) ask the same question through the engine.
@@ -150,6 +171,7 @@ impl StorageError {
             | StorageError::ShortRead { .. }
             | StorageError::Config(_)
             | StorageError::Locked { .. }
+            | StorageError::DeleteRefused { .. }
             | StorageError::ReadOnly { .. }
             | StorageError::BelowMinFree { .. } => false,
         }

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use object_store::aws::AmazonS3Builder;
 
 use super::cloud::{checked_endpoint, ObjectStorage, Tuning};
-use super::s3api::{ApiSettings, LockMode, S3Api};
+use super::s3api::{ApiSettings, LockMode, LockState, S3Api};
 use super::{
     list_dir, validate_key, validate_prefix, ObjectSize, Storage, StorageError, StorageResult,
 };
@@ -184,12 +184,14 @@ impl S3Storage {
         let tuning = config.tuning;
         tuning.check()?;
         // The region names a host when no endpoint is set: letters, digits
-        // and hyphens only, so it cannot point the requests elsewhere.
+        // and hyphens only, so it cannot point the requests elsewhere. With
+        // an endpoint it is only signed (stores name theirs freely), but
+        // still one printable word.
         let region_ok = (1..=64).contains(&config.region.len())
-            && config
-                .region
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-');
+            && config.region.chars().all(|c| match config.endpoint {
+                None => c.is_ascii_alphanumeric() || c == '-',
+                Some(_) => c.is_ascii_graphic() && !matches!(c, '/' | '\\' | '?' | '#' | '@'),
+            });
         if !region_ok {
             return Err(StorageError::Config(format!(
                 "{:?} is not a region name (letters, digits and '-')",
@@ -376,26 +378,9 @@ impl S3Storage {
             match answer.status {
                 200 | 204 | 404 => {}
                 403 => {
-                    // Locked only when a retention still holds the version:
-                    // a refusal without one is a missing permission (or a
-                    // legal hold), which waiting does not end.
-                    let until =
-                        block_on_api(&self.inner, "retention", api.retention(key, &v.version_id))?;
-                    return Err(match until.filter(|u| *u > Utc::now()) {
-                        Some(until) => StorageError::Locked {
-                            key: key.to_string(),
-                            until: Some(until),
-                        },
-                        None => StorageError::Remote {
-                            op: "delete",
-                            key: key.to_string(),
-                            message: format!(
-                                "status 403 {}: refused without an Object Lock retention in force (check the credentials' s3:DeleteObjectVersion permission and legal holds)",
-                                answer.code()
-                            ),
-                            transient: false,
-                        },
-                    });
+                    let shown =
+                        block_on_api(&self.inner, "retention", api.retention(key, &v.version_id));
+                    return Err(refusal(key, &answer.code(), shown, Utc::now()));
                 }
                 status => {
                     return Err(StorageError::Remote {
@@ -416,6 +401,47 @@ impl S3Storage {
     /// The configuration the store was made with.
     pub fn config(&self) -> &S3Config {
         &self.config
+    }
+}
+
+/// How far a retain-until date may lie in the past and still explain a
+/// refusal: the store's clock and this host's differ.
+const CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+/// What a refused delete of `key` (403 with `code`) means, given what a
+/// HEAD of the version showed: [`StorageError::Locked`] while a retention
+/// holds it, [`StorageError::DeleteRefused`] naming what else it can be (a
+/// legal hold, a missing permission) otherwise. Either way the object is
+/// kept and a later pass tries again.
+fn refusal(
+    key: &str,
+    code: &str,
+    shown: StorageResult<LockState>,
+    now: DateTime<Utc>,
+) -> StorageError {
+    let refused = |reason: String| StorageError::DeleteRefused {
+        key: key.to_string(),
+        reason,
+    };
+    match shown {
+        Ok(LockState {
+            until: Some(until), ..
+        }) if until + CLOCK_SKEW > now => StorageError::Locked {
+            key: key.to_string(),
+            until: Some(until),
+        },
+        Ok(LockState {
+            legal_hold: true, ..
+        }) => refused(format!(
+            "status 403 {code}: an Object Lock legal hold is on"
+        )),
+        Ok(_) => refused(format!(
+            "status 403 {code} with no Object Lock retention in force that these credentials \
+             can read (check their s3:DeleteObjectVersion and s3:GetObjectRetention permissions)"
+        )),
+        Err(e) => refused(format!(
+            "status 403 {code}; its Object Lock settings could not be read either: {e}"
+        )),
     }
 }
 
@@ -727,6 +753,51 @@ mod tests {
         assert_eq!(seen.recv().unwrap(), "HEAD /pre/a/b HTTP/1.1");
     }
 
+    /// A refused delete is a lock only while a retention (give or take
+    /// the clocks' difference) holds the version; otherwise it is kept as
+    /// refused, saying what the store showed.
+    #[test]
+    fn what_a_refused_delete_means() {
+        let now = Utc::now();
+        let state = |until: Option<i64>, legal_hold: bool| {
+            Ok(LockState {
+                until: until.map(|m| now + chrono::Duration::minutes(m)),
+                legal_hold,
+            })
+        };
+        let said = |e: StorageError| match e {
+            StorageError::Locked { until, .. } => format!("locked {}", until.is_some()),
+            StorageError::DeleteRefused { reason, .. } => format!("refused: {reason}"),
+            other => format!("other: {other}"),
+        };
+        assert_eq!(
+            said(refusal("k", "AccessDenied", state(Some(60), false), now)),
+            "locked true"
+        );
+        // A date a little in the past: the store's clock may be behind.
+        assert_eq!(
+            said(refusal("k", "AccessDenied", state(Some(-2), false), now)),
+            "locked true"
+        );
+        let past = said(refusal("k", "AccessDenied", state(Some(-60), false), now));
+        assert!(past.contains("s3:DeleteObjectVersion"), "{past}");
+        let none = said(refusal("k", "AccessDenied", state(None, false), now));
+        assert!(
+            none.starts_with("refused: status 403 AccessDenied with no"),
+            "{none}"
+        );
+        let held = said(refusal("k", "AccessDenied", state(None, true), now));
+        assert!(held.contains("legal hold is on"), "{held}");
+        let unread = refusal(
+            "k",
+            "AccessDenied",
+            Err(StorageError::Config("HEAD refused".into())),
+            now,
+        );
+        assert!(unread.is_kept());
+        assert!(said(unread).contains("could not be read either"));
+    }
+
     /// An endpoint or region that would send the requests (and their
     /// signatures) somewhere else than the service named is refused.
     #[test]
@@ -771,6 +842,12 @@ mod tests {
         c.allow_http = true;
         S3Storage::new(c).unwrap();
         S3Storage::new(config(None, "eu-central-1")).unwrap();
+        // With an endpoint the region is only signed: S3-compatible stores
+        // name theirs freely, but it stays one word.
+        S3Storage::new(config(Some("https://ceph.example"), "zone_group.1")).unwrap();
+        for region in ["a/b", "a b", "a?b", "a@b"] {
+            assert!(S3Storage::new(config(Some("https://ceph.example"), region)).is_err());
+        }
         S3Storage::new(config(
             Some("https://s3.oss-cn-hangzhou.aliyuncs.com/"),
             "oss-cn-hangzhou",

@@ -91,6 +91,17 @@ pub(crate) struct Answer {
     pub body: Bytes,
     /// `x-amz-object-lock-retain-until-date`, on a HEAD of a locked object.
     pub retain_until: Option<String>,
+    /// `x-amz-object-lock-legal-hold` (`ON`/`OFF`), on a HEAD.
+    pub legal_hold: Option<String>,
+}
+
+/// What a HEAD of one version shows of its Object Lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LockState {
+    /// The retain-until date, when the store showed one.
+    pub until: Option<DateTime<Utc>>,
+    /// A legal hold is on.
+    pub legal_hold: bool,
 }
 
 impl Answer {
@@ -262,6 +273,11 @@ impl S3Api {
             .get("x-amz-object-lock-retain-until-date")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let legal_hold = response
+            .headers()
+            .get("x-amz-object-lock-legal-hold")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = response.bytes().await.map_err(|e| StorageError::Remote {
             op,
             key: what.clone(),
@@ -272,6 +288,7 @@ impl S3Api {
             status,
             body,
             retain_until,
+            legal_hold,
         })
     }
 
@@ -354,21 +371,22 @@ impl S3Api {
 
     /// The retain-until date of one version of `key`, if it has one (from
     /// HeadObject, which reports it to whoever may read it).
-    pub async fn retention(
-        &self,
-        key: &str,
-        version_id: &str,
-    ) -> StorageResult<Option<DateTime<Utc>>> {
+    pub async fn retention(&self, key: &str, version_id: &str) -> StorageResult<LockState> {
         let query = format!("versionId={}", utf8_percent_encode(version_id, QUERY));
         let answer = self
             .send("HEAD", Some(key), &query, &[], Bytes::new())
             .await?;
         match answer.status {
-            200 => Ok(answer
-                .retain_until
-                .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
-                .map(|d| d.with_timezone(&Utc))),
-            404 => Ok(None),
+            200 => Ok(LockState {
+                until: answer
+                    .retain_until
+                    .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
+                    .map(|d| d.with_timezone(&Utc)),
+                legal_hold: answer
+                    .legal_hold
+                    .is_some_and(|h| h.eq_ignore_ascii_case("ON")),
+            }),
+            404 => Ok(LockState::default()),
             _ => Err(Self::unexpected("HEAD", key, &answer)),
         }
     }
