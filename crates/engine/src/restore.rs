@@ -2494,7 +2494,6 @@ mod tests {
         damaged.crc32c = Some(damaged.crc32c.unwrap() ^ 1);
         let mut blockless = file("base/5/e", 0o600, &[]);
         blockless.size = 10;
-        drop(file);
         w.finish().unwrap();
 
         let dir = tempfile::tempdir().unwrap();

@@ -1416,45 +1416,36 @@ mod tests {
         assert!(failed || w.finish().is_err());
     }
 
-    /// Pack puts wait (up to a minute) until `wanted` are in flight at
-    /// once; the `fail`-th pack put then fails with a refusal.
+    /// Calls that wait at the gate until `wanted` of them are in flight at
+    /// once, or `wait` passes (then the test fails on the count).
     #[derive(Debug)]
-    struct GatedPacks {
-        inner: MemoryStorage,
+    struct Gate {
         wanted: usize,
-        fail: Option<usize>,
-        state: std::sync::Mutex<(usize, usize, usize)>, // (in flight, most at once, puts)
+        wait: std::time::Duration,
+        /// In flight, most at once, calls so far.
+        state: std::sync::Mutex<(usize, usize, usize)>,
         changed: std::sync::Condvar,
     }
 
-    impl GatedPacks {
-        fn new(wanted: usize, fail: Option<usize>) -> Self {
-            GatedPacks {
-                inner: MemoryStorage::new(),
+    impl Gate {
+        fn new(wanted: usize, wait: std::time::Duration) -> Self {
+            Gate {
                 wanted,
-                fail,
+                wait,
                 state: Default::default(),
                 changed: Default::default(),
             }
         }
 
-        fn most_in_flight(&self) -> usize {
-            self.state.lock().unwrap().1
-        }
-    }
-
-    impl Storage for GatedPacks {
-        fn put(&self, key: &str, data: &[u8]) -> storage::StorageResult<()> {
-            if !key.starts_with("packs/") {
-                return self.inner.put(key, data);
-            }
+        /// Waits at the gate; returns the call's number, from 1.
+        fn pass(&self) -> usize {
             let mut st = self.state.lock().unwrap();
             st.0 += 1;
             st.1 = st.1.max(st.0);
             st.2 += 1;
             let n = st.2;
             self.changed.notify_all();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let deadline = std::time::Instant::now() + self.wait;
             while st.1 < self.wanted && std::time::Instant::now() < deadline {
                 st = self
                     .changed
@@ -1463,7 +1454,43 @@ mod tests {
                     .0;
             }
             st.0 -= 1;
-            drop(st);
+            n
+        }
+
+        fn most_in_flight(&self) -> usize {
+            self.state.lock().unwrap().1
+        }
+    }
+
+    /// Pack puts wait (up to a minute) until `wanted` are in flight at
+    /// once; the `fail`-th pack put then fails with a refusal.
+    #[derive(Debug)]
+    struct GatedPacks {
+        inner: MemoryStorage,
+        fail: Option<usize>,
+        gate: Gate,
+    }
+
+    impl GatedPacks {
+        fn new(wanted: usize, fail: Option<usize>) -> Self {
+            GatedPacks {
+                inner: MemoryStorage::new(),
+                fail,
+                gate: Gate::new(wanted, std::time::Duration::from_secs(60)),
+            }
+        }
+
+        fn most_in_flight(&self) -> usize {
+            self.gate.most_in_flight()
+        }
+    }
+
+    impl Storage for GatedPacks {
+        fn put(&self, key: &str, data: &[u8]) -> storage::StorageResult<()> {
+            if !key.starts_with("packs/") {
+                return self.inner.put(key, data);
+            }
+            let n = self.gate.pass();
             if Some(n) == self.fail {
                 return Err(StorageError::Remote {
                     op: "put",
@@ -1557,17 +1584,16 @@ mod tests {
         assert!(store.most_in_flight() >= 2);
     }
 
-    /// Ranged reads of packs wait until `wanted` are in flight at once (or
-    /// a minute passes); the read from offset `fail` fails.
+    /// Ranged reads wait until `wanted` are in flight at once (or 5 s
+    /// pass: a reader with fewer in flight waits that long for each, and
+    /// the test then fails on the count); the read from offset `fail`
+    /// fails.
     #[derive(Debug)]
     struct GatedReads {
         inner: Arc<MemoryStorage>,
         reads: usize,
-        wanted: usize,
         fail: Option<u64>,
-        /// In flight, most in flight, reads started.
-        state: std::sync::Mutex<(usize, usize, usize)>,
-        changed: std::sync::Condvar,
+        gate: Gate,
     }
 
     impl Storage for GatedReads {
@@ -1578,23 +1604,7 @@ mod tests {
             self.inner.get(key)
         }
         fn get_range(&self, key: &str, offset: u64, len: u64) -> storage::StorageResult<Vec<u8>> {
-            let mut st = self.state.lock().unwrap();
-            st.0 += 1;
-            st.1 = st.1.max(st.0);
-            st.2 += 1;
-            self.changed.notify_all();
-            // Short: a reader with fewer reads in flight than wanted waits
-            // this long for each, and the test then fails on the count.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while st.1 < self.wanted && std::time::Instant::now() < deadline {
-                st = self
-                    .changed
-                    .wait_timeout(st, std::time::Duration::from_millis(100))
-                    .unwrap()
-                    .0;
-            }
-            st.0 -= 1;
-            drop(st);
+            self.gate.pass();
             if Some(offset) == self.fail {
                 return Err(StorageError::Remote {
                     op: "get",
@@ -1631,13 +1641,12 @@ mod tests {
     #[test]
     fn a_file_is_read_several_ranges_at_once_in_order() {
         for (fail, wanted) in [(None, 4), (Some(5), 1)] {
+            let gate = || Gate::new(wanted, std::time::Duration::from_secs(5));
             let store = Arc::new(GatedReads {
                 inner: Arc::new(MemoryStorage::new()),
                 reads: 4,
-                wanted,
                 fail: None,
-                state: Default::default(),
-                changed: Default::default(),
+                gate: gate(),
             });
             let repo = Repository::open_or_init(store.clone()).unwrap();
             let mut w = repo.block_writer(BlockIndex::default());
@@ -1651,10 +1660,8 @@ mod tests {
             let store = Arc::new(GatedReads {
                 inner: store.inner.clone(),
                 reads: 4,
-                wanted,
                 fail: fail.map(|n| wanted_refs[n].offset),
-                state: Default::default(),
-                changed: Default::default(),
+                gate: gate(),
             });
             let repo = Repository::open(store.clone()).unwrap();
             let mut back = Vec::new();
@@ -1667,7 +1674,7 @@ mod tests {
                 None => {
                     outcome.unwrap();
                     assert_eq!(back, expected);
-                    assert_eq!(store.state.lock().unwrap().1, 4, "most reads in flight");
+                    assert_eq!(store.gate.most_in_flight(), 4, "most reads in flight");
                 }
                 Some(n) => {
                     let err = outcome.unwrap_err();
