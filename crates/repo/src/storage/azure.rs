@@ -15,8 +15,8 @@
 
 use object_store::azure::MicrosoftAzureBuilder;
 
-use super::cloud::{checked_endpoint, ObjectStorage, Tuning};
-use super::{validate_prefix, StorageError, StorageResult};
+use super::cloud::{checked_endpoint, split_url, ObjectStorage, Tuning};
+use super::{StorageError, StorageResult};
 
 /// The account every Azurite serves (Microsoft's "Use the Azurite emulator",
 /// well-known storage account and key).
@@ -69,10 +69,8 @@ impl std::fmt::Debug for AzureConfig {
 impl AzureConfig {
     /// Parses `azure://container[/prefix]`; every other setting takes its default.
     pub fn from_url(url: &str) -> StorageResult<Self> {
-        let rest = url.strip_prefix("azure://").ok_or_else(|| {
-            StorageError::Config(format!("{url:?} is not an azure://container/prefix URL"))
-        })?;
-        let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let (container, prefix) =
+            split_url(url, "azure://", "an azure://container/prefix URL", "blob")?;
         // Azure's container naming rules: 3-63 lower-case letters, digits and
         // single hyphens, starting and ending with a letter or digit.
         let valid_container = (3..=63).contains(&container.len())
@@ -87,9 +85,6 @@ impl AzureConfig {
                 "{container:?} is not a valid container name (3-63 lower-case letters, digits or single '-')"
             )));
         }
-        let prefix = prefix.trim_matches('/').to_string();
-        validate_prefix(&prefix)
-            .map_err(|_| StorageError::Config(format!("invalid blob prefix {prefix:?}")))?;
         Ok(AzureConfig {
             account: None,
             container: container.to_string(),

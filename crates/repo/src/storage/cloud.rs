@@ -36,7 +36,9 @@ use object_store::prefix::PrefixStore;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use tokio::sync::Semaphore;
 
-use super::{list_dir, validate_key, ObjectSize, Storage, StorageError, StorageResult};
+use super::{
+    list_dir, validate_key, validate_prefix, ObjectSize, Storage, StorageError, StorageResult,
+};
 
 /// The smallest part S3 accepts in a multipart upload (all but the last);
 /// Azure blocks have no minimum, the same floor keeps part counts sane.
@@ -146,6 +148,26 @@ impl Tuning {
 
 /// `http(s)://host[:port][/path]` with nothing that could smuggle another
 /// request or header; plain http only for an emulator.
+/// Splits `url` of the form `<scheme>container/prefix` into the container
+/// (not checked here: each service names them by its own rules) and the
+/// prefix, trimmed of slashes and held to the repository's key rules.
+/// `form` and `noun` word the errors ("an s3://bucket/prefix URL", "key").
+pub(crate) fn split_url<'a>(
+    url: &'a str,
+    scheme: &str,
+    form: &str,
+    noun: &str,
+) -> StorageResult<(&'a str, String)> {
+    let rest = url
+        .strip_prefix(scheme)
+        .ok_or_else(|| StorageError::Config(format!("{url:?} is not {form}")))?;
+    let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_matches('/').to_string();
+    validate_prefix(&prefix)
+        .map_err(|_| StorageError::Config(format!("invalid {noun} prefix {prefix:?}")))?;
+    Ok((container, prefix))
+}
+
 pub(crate) fn checked_endpoint(endpoint: &str, allow_http: bool) -> StorageResult<String> {
     let trimmed = endpoint.trim_end_matches('/');
     let rest = trimmed

@@ -16,8 +16,8 @@
 
 use object_store::gcp::GoogleCloudStorageBuilder;
 
-use super::cloud::{checked_endpoint, ObjectStorage, Tuning};
-use super::{validate_prefix, StorageError, StorageResult};
+use super::cloud::{checked_endpoint, split_url, ObjectStorage, Tuning};
+use super::{StorageError, StorageResult};
 
 /// Where an emulator listens unless told otherwise (fake-gcs-server's port).
 pub const EMULATOR_URL: &str = "http://127.0.0.1:4443";
@@ -62,10 +62,7 @@ impl std::fmt::Debug for GcsConfig {
 impl GcsConfig {
     /// Parses `gs://bucket[/prefix]`; every other setting takes its default.
     pub fn from_url(url: &str) -> StorageResult<Self> {
-        let rest = url.strip_prefix("gs://").ok_or_else(|| {
-            StorageError::Config(format!("{url:?} is not a gs://bucket/prefix URL"))
-        })?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let (bucket, prefix) = split_url(url, "gs://", "a gs://bucket/prefix URL", "object")?;
         if !valid_bucket_name(bucket) {
             return Err(StorageError::Config(format!(
                 "{bucket:?} is not a valid bucket name (3-63 lower-case letters, digits, '-', '_', \
@@ -73,9 +70,6 @@ impl GcsConfig {
                  letter or digit, neither \"goog\" first nor \"google\" inside)"
             )));
         }
-        let prefix = prefix.trim_matches('/').to_string();
-        validate_prefix(&prefix)
-            .map_err(|_| StorageError::Config(format!("invalid object prefix {prefix:?}")))?;
         Ok(GcsConfig {
             bucket: bucket.to_string(),
             prefix,

@@ -26,11 +26,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use object_store::aws::AmazonS3Builder;
 
-use super::cloud::{checked_endpoint, ObjectStorage, Tuning};
+use super::cloud::{checked_endpoint, split_url, ObjectStorage, Tuning};
 use super::s3api::{ApiSettings, LockMode, LockState, S3Api};
-use super::{
-    list_dir, validate_key, validate_prefix, ObjectSize, Storage, StorageError, StorageResult,
-};
+use super::{list_dir, validate_key, ObjectSize, Storage, StorageError, StorageResult};
 
 /// Object Lock settings of a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,10 +96,7 @@ impl std::fmt::Debug for S3Config {
 impl S3Config {
     /// Parses `s3://bucket[/prefix]`; every other setting takes its default.
     pub fn from_url(url: &str) -> StorageResult<Self> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| {
-            StorageError::Config(format!("{url:?} is not an s3://bucket/prefix URL"))
-        })?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let (bucket, prefix) = split_url(url, "s3://", "an s3://bucket/prefix URL", "key")?;
         let valid_bucket = (3..=63).contains(&bucket.len())
             && bucket
                 .chars()
@@ -111,9 +106,6 @@ impl S3Config {
                 "{bucket:?} is not a valid bucket name (3-63 lower-case letters, digits, '-' or '.')"
             )));
         }
-        let prefix = prefix.trim_matches('/').to_string();
-        validate_prefix(&prefix)
-            .map_err(|_| StorageError::Config(format!("invalid key prefix {prefix:?}")))?;
         Ok(S3Config {
             bucket: bucket.to_string(),
             prefix,
