@@ -1685,6 +1685,68 @@ mod tests {
         }
     }
 
+    /// A store whose listing names objects that are gone by the time they
+    /// are read, as when retention deletes them while a verify runs.
+    #[derive(Debug)]
+    struct Vanishing(MemoryStorage, std::sync::atomic::AtomicBool);
+
+    impl Storage for Vanishing {
+        fn put(&self, key: &str, data: &[u8]) -> storage::StorageResult<()> {
+            self.0.put(key, data)
+        }
+        fn get(&self, key: &str) -> storage::StorageResult<Vec<u8>> {
+            self.0.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> storage::StorageResult<Vec<u8>> {
+            self.0.get_range(key, offset, len)
+        }
+        fn list(&self, prefix: &str) -> storage::StorageResult<Vec<String>> {
+            let mut keys = self.0.list(prefix)?;
+            if !self.1.load(Ordering::SeqCst) {
+                return Ok(keys);
+            }
+            keys.push("instances/i/wal/00000001/000000010000000000000009".into());
+            keys.push("instances/i/backups/gone.manifest".into());
+            keys.sort();
+            Ok(keys)
+        }
+        fn list_sizes(&self, prefix: &str) -> storage::StorageResult<Vec<ObjectSize>> {
+            self.0.list_sizes(prefix)
+        }
+        fn delete(&self, key: &str) -> storage::StorageResult<()> {
+            self.0.delete(key)
+        }
+        fn exists(&self, key: &str) -> storage::StorageResult<bool> {
+            self.0.exists(key)
+        }
+        fn describe(&self) -> String {
+            "vanishing".into()
+        }
+    }
+
+    /// Objects deleted between a verify's listing and its reads are not
+    /// damage; a damaged object read beside them still is.
+    #[test]
+    fn objects_deleted_while_a_verify_runs_are_not_problems() {
+        let store = Arc::new(Vanishing(MemoryStorage::new(), Default::default()));
+        let repo = Repository::open_or_init(store.clone()).unwrap();
+        let mut w = repo.block_writer(BlockIndex::default());
+        w.add(&noise(4096, 9)).unwrap();
+        w.finish().unwrap();
+        store.1.store(true, Ordering::SeqCst);
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+        store
+            .0
+            .put("instances/i/wal/00000001/000000010000000000000008", b"junk")
+            .unwrap();
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(report.problems[0]
+            .object
+            .ends_with("000000010000000000000008"));
+    }
+
     #[test]
     fn wal_payload_frames_open_as_one_payload() {
         let (_d, repo) = repo();

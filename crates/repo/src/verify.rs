@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::object::{open, ObjectKind};
 use crate::pack::verify_pack;
-use crate::{BlockHash, PackId, RepoResult, Repository, CONFIG_KEY};
+use crate::{BlockHash, PackId, RepoError, RepoResult, Repository, StorageError, CONFIG_KEY};
 
 /// Something verification found wrong.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -69,6 +69,13 @@ impl Repository {
         for (done, key) in keys.iter().enumerate() {
             let bytes = match self.storage.get(key) {
                 Ok(b) => b,
+                // Listed, then gone: deleted meanwhile (retention, a partial
+                // WAL object replaced by its complete segment), not damaged.
+                // A pack a manifest still needs is reported below anyway.
+                Err(StorageError::NotFound(_)) => {
+                    progress(done as u64 + 1, total);
+                    continue;
+                }
                 Err(e) => {
                     report.problems.push(problem(key, e.to_string()));
                     continue;
@@ -131,8 +138,9 @@ impl Repository {
                 }
             } else if key.contains("/wal/") {
                 report.wal_objects_checked += 1;
-                if let Err(e) = self.read_wal(key) {
-                    report.problems.push(problem(key, e.to_string()));
+                match self.read_wal(key) {
+                    Ok(_) | Err(RepoError::Storage(StorageError::NotFound(_))) => {}
+                    Err(e) => report.problems.push(problem(key, e.to_string())),
                 }
             } else {
                 report
