@@ -305,6 +305,20 @@ def test_describe_instances(instance, client):
         "InvalidDBInstance.NotFound", 404, client.describe_dbinstance_attribute,
         rds.DescribeDBInstanceAttributeRequest(dbinstance_id="no-such-instance"),
     )
+    # An id repeated is described once; more than 30 ids (RDS's limit) are refused before
+    # any is looked up, so a long list of one real id costs nothing.
+    twice = client.describe_dbinstance_attribute(
+        rds.DescribeDBInstanceAttributeRequest(dbinstance_id=f"{instance.id},{instance.id}")
+    ).body
+    assert [a.dbinstance_id for a in twice.items.dbinstance_attribute] == [instance.id]
+    for request, call in [
+        (rds.DescribeDBInstanceAttributeRequest, client.describe_dbinstance_attribute),
+        (rds.DescribeDBInstancesRequest, client.describe_dbinstances),
+    ]:
+        h.expect_error(
+            "InvalidDBInstanceId.Malformed", 400, call,
+            request(dbinstance_id=",".join([instance.id] * 31)),
+        )
 
 
 def test_register_and_deregister(instance, client, sig):

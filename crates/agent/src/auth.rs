@@ -316,9 +316,18 @@ pub struct AuthRefusal(pub String);
 #[derive(Debug)]
 pub struct Verifier {
     key: AgentKey,
-    seen: Mutex<HashMap<String, i64>>,
+    seen: Mutex<Nonces>,
     not_before: i64,
     record: Option<LatestRequest>,
+}
+
+/// Nonces of the requests accepted within the replay window, by their request time.
+#[derive(Debug, Default)]
+struct Nonces {
+    by_nonce: HashMap<String, i64>,
+    /// Nonces of requests signed before this time have been forgotten: such requests are
+    /// refused, or a clock stepped back would let a forgotten one be replayed.
+    forgotten_before: i64,
 }
 
 /// The latest request time the agent accepted, kept in a file so that the next run of the
@@ -355,7 +364,7 @@ impl Verifier {
     pub fn new(key: AgentKey, not_before: i64) -> Verifier {
         Verifier {
             key,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Nonces::default()),
             not_before,
             record: None,
         }
@@ -417,14 +426,26 @@ impl Verifier {
             return refuse("body does not match its signed hash");
         }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, t| (now - *t).abs() <= MAX_SKEW_SECS);
-        if seen.contains_key(nonce) {
+        // Only nonces too old to pass the clock check again are forgotten, and the time they
+        // go back to is remembered: a request signed before it may be one of them.
+        let horizon = now - MAX_SKEW_SECS;
+        if horizon > seen.forgotten_before {
+            seen.by_nonce.retain(|_, t| *t >= horizon);
+            seen.forgotten_before = horizon;
+        }
+        if timestamp < seen.forgotten_before {
+            return Err(AuthRefusal(format!(
+                "request signed at {timestamp}, before {} (the agent's clock has stepped back since it saw later requests); sign it again",
+                seen.forgotten_before
+            )));
+        }
+        if seen.by_nonce.contains_key(nonce) {
             return refuse("replayed request: nonce already used");
         }
-        if seen.len() >= MAX_NONCES {
+        if seen.by_nonce.len() >= MAX_NONCES {
             return refuse("too many requests within the replay window; retry later");
         }
-        seen.insert(nonce.to_string(), timestamp);
+        seen.by_nonce.insert(nonce.to_string(), timestamp);
         drop(seen);
         if let Some(record) = &self.record {
             record.note(timestamp).map_err(|e| {
@@ -548,6 +569,37 @@ mod tests {
         );
         let again = verify(&v, &h, "POST", "/v1/snapshots/a", "x=1", b"{}", 1001).unwrap_err();
         assert!(again.0.contains("replayed"), "{again}");
+    }
+
+    #[test]
+    fn a_clock_stepped_back_does_not_reopen_the_replay_window() {
+        let key = AgentKey::generate();
+        let v = Verifier::new(key.clone(), 0);
+        let at = |t: i64| sign(&key, "GET", "/v1/facts", "", b"", t, &new_nonce());
+        let first = at(1000);
+        assert_eq!(
+            verify(&v, &first, "GET", "/v1/facts", "", b"", 1000),
+            Ok(())
+        );
+        // The clock steps far back: a request of that time is refused rather than taken
+        // (taking it would forget the nonce above)...
+        let early = at(600);
+        let err = verify(&v, &early, "GET", "/v1/facts", "", b"", 600).unwrap_err();
+        assert!(err.0.contains("stepped back"), "{err}");
+        // ...and when the clock comes forward again, the first request is still a replay.
+        let again = verify(&v, &first, "GET", "/v1/facts", "", b"", 1000).unwrap_err();
+        assert!(again.0.contains("replayed"), "{again}");
+        // Requests of the present are taken, and nonces expire as the clock moves on.
+        assert_eq!(
+            verify(&v, &at(1010), "GET", "/v1/facts", "", b"", 1010),
+            Ok(())
+        );
+        let late = 1000 + MAX_SKEW_SECS + 1;
+        assert_eq!(
+            verify(&v, &at(late), "GET", "/v1/facts", "", b"", late),
+            Ok(())
+        );
+        assert!(!v.seen.lock().unwrap().by_nonce.values().any(|t| *t == 1000));
     }
 
     #[test]

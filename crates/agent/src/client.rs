@@ -122,7 +122,8 @@ impl AgentError {
 pub struct Timeouts {
     /// TCP connect and TLS handshake.
     pub connect: Duration,
-    /// From sending a request to its answer's headers (a snapshot or clone takes longest).
+    /// From sending a request to its answer's headers (a snapshot or clone takes longest),
+    /// and the longest wait for the next bytes of an answer's body.
     pub request: Duration,
 }
 
@@ -365,6 +366,11 @@ impl AgentClient {
                     crate::server::HEADER_RANGE_LENGTH
                 ))
             })?;
+        if expected > len {
+            return Err(self.protocol(format!(
+                "file range of {expected} bytes announced for {len} asked"
+            )));
+        }
         Ok(RangeReader {
             url: self.url.clone(),
             status: response.status().as_u16(),
@@ -372,6 +378,7 @@ impl AgentClient {
             seal: Some(seal),
             expected,
             received: 0,
+            idle: self.timeouts.request,
         })
     }
 
@@ -547,7 +554,7 @@ impl AgentClient {
         let (response, seal) = self.send(method, path, query, body).await?;
         let status = response.status().as_u16();
         let claimed = mac_header(response.headers());
-        let bytes = read_limited(response.into_body(), limit)
+        let bytes = read_limited(response.into_body(), limit, self.timeouts.request)
             .await
             .map_err(|e| self.protocol(e))?;
         self.check_seal(seal, status, &bytes, claimed.as_deref())?;
@@ -578,7 +585,8 @@ impl AgentClient {
     ) -> (AgentError, Option<i64>) {
         let status = response.status();
         let claimed = mac_header(response.headers());
-        let text = match read_limited(response.into_body(), 64 * 1024).await {
+        let text = match read_limited(response.into_body(), 64 * 1024, self.timeouts.request).await
+        {
             Ok(t) => t,
             Err(e) => return (self.protocol(e), None),
         };
@@ -768,6 +776,8 @@ pub struct RangeReader {
     seal: Option<ResponseSeal>,
     expected: u64,
     received: u64,
+    /// The longest wait for the next bytes.
+    idle: Duration,
 }
 
 impl RangeReader {
@@ -781,11 +791,21 @@ impl RangeReader {
         self.expected == 0
     }
 
-    /// The next chunk, `None` at the end; an error if the stream broke off early or its MAC
-    /// (in the trailer) is missing or wrong, so the bytes before must be discarded.
+    /// The next chunk, `None` at the end; an error if the stream broke off early, ran past
+    /// the announced length, stalled for longer than the request timeout, or its MAC (in the
+    /// trailer) is missing or wrong, so the bytes before must be discarded.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, AgentError> {
         loop {
-            match self.body.frame().await {
+            let frame = tokio::time::timeout(self.idle, self.body.frame())
+                .await
+                .map_err(|_| AgentError::Unreachable {
+                    url: self.url.clone(),
+                    reason: format!(
+                        "file range stalled after {} of {} bytes (nothing for {:?})",
+                        self.received, self.expected, self.idle
+                    ),
+                })?;
+            match frame {
                 None => {
                     if self.seal.is_some() {
                         return Err(AgentError::Forged {
@@ -821,6 +841,15 @@ impl RangeReader {
                                     reason: "file range data after its trailer".into(),
                                 });
                             };
+                            if self.received + data.len() as u64 > self.expected {
+                                return Err(AgentError::Protocol {
+                                    url: self.url.clone(),
+                                    reason: format!(
+                                        "file range ran past its announced {} bytes",
+                                        self.expected
+                                    ),
+                                });
+                            }
                             seal.update(&data);
                             self.received += data.len() as u64;
                             return Ok(Some(data));
@@ -877,9 +906,21 @@ fn mac_header(headers: &hyper::HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, String> {
+/// An answer's body, refused past `limit` bytes or when nothing arrives for `idle`.
+async fn read_limited(mut body: Incoming, limit: usize, idle: Duration) -> Result<Bytes, String> {
     let mut out = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Some(frame) = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the answer stalled after {} bytes (nothing for {idle:?})",
+                    out.len()
+                )
+            })?
+        else {
+            break;
+        };
         let frame = frame.map_err(|e| format!("reading the answer: {e}"))?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > limit {
@@ -891,9 +932,33 @@ async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, String>
     Ok(out.freeze())
 }
 
+/// Largest CA file read.
+const MAX_CA_FILE: u64 = 4 << 20;
+
+/// The bytes of `path`, a regular file (a FIFO or device in its place is refused without
+/// blocking) of at most [`MAX_CA_FILE`] bytes.
+fn read_ca_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    if !file.metadata()?.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    let mut out = Vec::new();
+    file.take(MAX_CA_FILE + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_CA_FILE {
+        return Err(refuse(format!("larger than {MAX_CA_FILE} bytes")));
+    }
+    Ok(out)
+}
+
 /// A TLS connector trusting the certificates in `ca_file` (a CA or the agent's own).
 fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, String> {
-    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    let pem = read_ca_file(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &pem[..]) {
         let cert = cert.map_err(|e| format!("{}: {e}", ca_file.display()))?;

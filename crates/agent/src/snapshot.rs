@@ -695,12 +695,19 @@ impl SnapshotStore {
                     EntryKind::File => {
                         // The snapshot belongs to the data directory's owner, who could swap
                         // a directory in it for a symlink: check what was actually opened.
+                        // Not blocking on a FIFO put where a file was.
                         let source = fs::OpenOptions::new()
                             .read(true)
-                            .custom_flags(libc::O_NOFOLLOW)
+                            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                             .open(&src)
                             .map_err(io_err("open", &src))?;
                         let opened = source.metadata().map_err(io_err("stat", &src))?;
+                        if !opened.is_file() {
+                            return Err(SnapshotError::Refused(format!(
+                                "{} in snapshot {snapshot} is not a regular file",
+                                e.path
+                            )));
+                        }
                         owner_may_read(&opened, self.owner, &src)?;
                         bytes += cow::reflink_from(&source, &src, &dst, e.mode, Some(self.owner))?;
                         files += 1;
@@ -1123,8 +1130,9 @@ fn remove_partials(dir: &Path) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// `openat2(dir, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)` resolved beneath `dir` without
-/// following any symlink.
+/// `openat2(dir, path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)` resolved beneath `dir`
+/// without following any symlink. `O_NONBLOCK` (no effect on regular files) keeps a FIFO put
+/// where a file was from blocking the open; callers check the kind of what they opened.
 pub(crate) fn open_beneath(dir: &File, path: &RelPath) -> io::Result<File> {
     openat2_beneath(dir, path.as_str(), 0)
 }
@@ -1139,7 +1147,9 @@ fn openat2_beneath(dir: &File, path: &str, extra_flags: i32) -> io::Result<File>
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
     // SAFETY: an all-zero open_how is the documented "no flags" value; fields are set below.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra_flags) as u64;
+    how.flags =
+        (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | extra_flags)
+            as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: dir is an open descriptor, c_path a NUL-terminated string and how a valid
     // open_how whose size is passed; all outlive the call.

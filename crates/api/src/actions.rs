@@ -536,11 +536,12 @@ fn describe_backup_tasks(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     }
     let mut items = Vec::new();
     for j in jobs {
-        let set = j.backup_id.as_deref().and_then(|b| svc.backup_set(b).ok());
-        let mode = match (j.kind, &set) {
-            (JobKind::Backup | JobKind::SnapshotBackup | JobKind::SnapshotUpload, Some(s)) => {
-                s.mode
-            }
+        // Only backups take their mode from their set: other jobs cost no lookup.
+        let mode = match (j.kind, j.backup_id.as_deref()) {
+            (JobKind::Backup | JobKind::SnapshotBackup | JobKind::SnapshotUpload, Some(b)) => svc
+                .backup_set(b)
+                .map(|s| s.mode)
+                .unwrap_or(BackupMode::Manual),
             _ => BackupMode::Manual,
         };
         let action = match j.kind {
@@ -906,12 +907,9 @@ fn describe_recovery_events(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields>
     let inst = instance(svc, p)?;
     let (since, until) = p.period()?;
     let (number, size) = p.paging(&[30, 100], true)?;
-    let mut kinds = Vec::new();
-    for k in p.get("EventType").unwrap_or_default().split(',') {
-        let k = k.trim();
-        if k.is_empty() {
-            continue;
-        }
+    let mut kinds: Vec<String> = Vec::new();
+    let asked = p.list("EventType", 100, "InvalidEventType.Malformed")?;
+    for k in asked.unwrap_or_default() {
         let Some(known) = strata_engine::EVENT_KINDS
             .iter()
             .find(|known| known.eq_ignore_ascii_case(k))
@@ -925,7 +923,9 @@ fn describe_recovery_events(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields>
                 ),
             ));
         };
-        kinds.push(known.to_string());
+        if !kinds.iter().any(|have| have == known) {
+            kinds.push(known.to_string());
+        }
     }
     let filter = strata_engine::EventFilter {
         since,
@@ -1424,9 +1424,7 @@ fn instance_fields(svc: &Service, i: &Instance, fleet: &FleetView) -> ApiResult<
 
 fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let (number, size) = p.paging(&[30, 100], true)?;
-    let wanted: Option<Vec<&str>> = p
-        .get("DBInstanceId")
-        .map(|s| s.split(',').map(str::trim).collect());
+    let wanted = p.list("DBInstanceId", 30, "InvalidDBInstanceId.Malformed")?;
     if p.get("Engine")
         .is_some_and(|e| !e.eq_ignore_ascii_case("PostgreSQL"))
     {
@@ -1455,12 +1453,11 @@ fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
 fn describe_instance_attribute(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
     let mut items = Vec::new();
     let fleet = FleetView::read(svc)?;
-    for id in p
-        .required("DBInstanceId")?
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
+    p.required("DBInstanceId")?;
+    let ids = p
+        .list("DBInstanceId", 30, "InvalidDBInstanceId.Malformed")?
+        .unwrap_or_default();
+    for id in ids {
         let i = svc.instance(id)?;
         items.push(instance_fields(svc, &i, &fleet)?);
     }

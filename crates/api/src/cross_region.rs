@@ -120,18 +120,7 @@ pub fn describe_instances(svc: &Arc<Service>, p: &Params) -> ApiResult<Fields> {
             ),
         ));
     }
-    let wanted: Option<Vec<&str>> = p.get("DBInstanceId").map(|ids| {
-        ids.split(',')
-            .map(str::trim)
-            .filter(|i| !i.is_empty())
-            .collect()
-    });
-    if wanted.as_ref().is_some_and(|w| w.len() > 30) {
-        return Err(ApiError::bad(
-            "InvalidDBInstanceId.Malformed",
-            "DBInstanceId lists at most 30 instance ids",
-        ));
-    }
+    let wanted = p.list("DBInstanceId", 30, "InvalidDBInstanceId.Malformed")?;
     let (number, size) = p.paging(&[30, 100], true)?;
     let mut copied = Vec::new();
     for inst in svc.instances()? {

@@ -27,6 +27,29 @@ impl Params {
             .filter(|v| !v.trim().is_empty())
     }
 
+    /// The comma-separated values of `name` (trimmed, empty ones dropped, each once in the
+    /// order first given), or `None` when absent. More than `max` values are refused with
+    /// error `code` before any is looked at, so a long list costs nothing downstream.
+    pub fn list(&self, name: &str, max: usize, code: &str) -> ApiResult<Option<Vec<&str>>> {
+        let Some(value) = self.get(name) else {
+            return Ok(None);
+        };
+        let mut out: Vec<&str> = Vec::new();
+        let values = value.split(',').map(str::trim).filter(|v| !v.is_empty());
+        for (n, v) in values.enumerate() {
+            if n >= max {
+                return Err(ApiError::bad(
+                    code,
+                    format!("{name} lists at most {max} values separated by commas"),
+                ));
+            }
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// The value of `name` as sent, empty included (for parameters where
     /// empty has a meaning, such as "off").
     pub fn raw(&self, name: &str) -> Option<&str> {
@@ -228,6 +251,33 @@ mod tests {
             "InvalidX.Malformed"
         );
         assert_eq!(p(&[]).bool("X").unwrap(), None);
+    }
+
+    #[test]
+    fn lists_are_bounded_and_each_value_taken_once() {
+        let code = "InvalidDBInstanceId.Malformed";
+        assert_eq!(p(&[]).list("DBInstanceId", 30, code).unwrap(), None);
+        assert_eq!(
+            p(&[("DBInstanceId", " pg1, ,pg2,pg1 ,pg3,")])
+                .list("DBInstanceId", 30, code)
+                .unwrap(),
+            Some(vec!["pg1", "pg2", "pg3"])
+        );
+        // Thirty values pass, the thirty-first is refused even when it repeats one: a long
+        // list of one real id costs nothing downstream.
+        let thirty = vec!["pg1"; 30].join(",");
+        assert_eq!(
+            p(&[("DBInstanceId", &thirty)])
+                .list("DBInstanceId", 30, code)
+                .unwrap(),
+            Some(vec!["pg1"])
+        );
+        let many = vec!["pg1"; 500_000].join(",");
+        let err = p(&[("DBInstanceId", &many)])
+            .list("DBInstanceId", 30, code)
+            .unwrap_err();
+        assert_eq!(err.code, code);
+        assert!(err.message.contains("at most 30"), "{}", err.message);
     }
 
     #[test]

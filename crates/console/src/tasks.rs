@@ -70,6 +70,13 @@ pub fn task_type(kind: JobKind, mode: Option<BackupMode>) -> (String, String) {
     (key.into(), label.into())
 }
 
+/// Whether a job of `kind` can have the task type `key`, whatever its set's mode.
+fn could_be(kind: JobKind, key: &str) -> bool {
+    [None, Some(BackupMode::Manual), Some(BackupMode::Automated)]
+        .into_iter()
+        .any(|mode| task_type(kind, mode).0 == key)
+}
+
 /// One row, as the page shows it and the poll returns it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Task {
@@ -142,6 +149,11 @@ fn listing(
         {
             continue;
         }
+        // A job whose kind cannot have the type asked for is passed over before its set is
+        // looked up: a filter matching few jobs must not cost a lookup per job ever run.
+        if !filter.kind.is_empty() && !could_be(j.kind, &filter.kind) {
+            continue;
+        }
         // Backups are typed by their set's mode: one lookup per job shown.
         let mode = match (j.kind, &j.backup_id) {
             (JobKind::Backup | JobKind::SnapshotBackup, Some(b)) => backup_mode(b),
@@ -162,13 +174,20 @@ pub async fn page(
     Query(filter): Query<Filter>,
 ) -> Response {
     let svc = &state.service;
-    let body = match (svc.jobs(None), svc.instances()) {
-        (Ok(jobs), Ok(instances)) => {
-            let listing = listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter);
+    // Catalog reads block: off the runtime's workers, which also drive WAL receivers.
+    let read = strata_api::off_the_workers(|| match (svc.jobs(None), svc.instances()) {
+        (Ok(jobs), Ok(instances)) => Ok((
+            listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter),
+            instances,
+        )),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    });
+    let body = match read {
+        Ok((listing, instances)) => {
             let ids: Vec<InstanceId> = instances.into_iter().map(|i| i.id).collect();
             center(&listing, &filter, &ids)
         }
-        (Err(e), _) | (_, Err(e)) => layout::error_box("The tasks could not be read:", &e.into()),
+        Err(e) => layout::error_box("The tasks could not be read:", &e.into()),
     };
     html_response(
         StatusCode::OK,
@@ -195,14 +214,15 @@ pub async fn json(
             serde_json::json!({"error": "The session ended: sign in again."}),
         );
     }
-    match svc.jobs(None) {
-        Ok(jobs) => {
-            let listing = listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter);
-            json_response(
-                StatusCode::OK,
-                serde_json::json!({ "tasks": listing.tasks }),
-            )
-        }
+    let read = strata_api::off_the_workers(|| {
+        svc.jobs(None)
+            .map(|jobs| listing(jobs, |b| svc.backup_set(b).ok().map(|b| b.mode), &filter))
+    });
+    match read {
+        Ok(listing) => json_response(
+            StatusCode::OK,
+            serde_json::json!({ "tasks": listing.tasks }),
+        ),
         Err(e) => {
             let e = strata_api::ApiError::from(e);
             json_response(
@@ -444,6 +464,31 @@ mod tests {
             ..Filter::default()
         };
         assert_eq!(ids(instance), [snapshot, other]);
+
+        // A type no backup can have looks no set up, however many backups there are.
+        let lookups = std::cell::Cell::new(0);
+        let notify = listing(
+            catalog.list_jobs(None).unwrap(),
+            |b| {
+                lookups.set(lookups.get() + 1);
+                catalog.get_backup(b).ok().map(|b| b.mode)
+            },
+            &kind("notify"),
+        );
+        assert!(notify.tasks.is_empty());
+        assert_eq!(lookups.get(), 0);
+        // A backup type looks up only the jobs of kinds that can have it.
+        lookups.set(0);
+        let autos = listing(
+            catalog.list_jobs(None).unwrap(),
+            |b| {
+                lookups.set(lookups.get() + 1);
+                catalog.get_backup(b).ok().map(|b| b.mode)
+            },
+            &kind("auto-snapshot"),
+        );
+        assert_eq!(autos.tasks.len(), 1);
+        assert_eq!(lookups.get(), 1);
     }
 
     #[test]

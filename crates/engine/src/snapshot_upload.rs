@@ -193,7 +193,7 @@ impl Engine {
             .manifest(&req.snapshot)
             .await
             .map_err(|e| agent_err("listing the snapshot", e))?;
-        check_listing(&listing.entries)
+        check_listing(&listing.entries, facts.fs.total_bytes)
             .map_err(|why| EngineError::Refused(format!("{what}: the agent's manifest {why}")))?;
         self.check_snapshot_unchanged(&set, &listing).await?;
         let labels = self.snapshot_labels(req, &listing.entries, &what).await?;
@@ -851,10 +851,24 @@ fn plan_blocks(
     out
 }
 
+/// How many times its file system's size a snapshot's files may add up to. Reflinked files
+/// share their extents, but one snapshot's files hold at most what the file system does
+/// unless they are sparse or the file system compresses; a cluster's files are neither
+/// sparse nor compressed past this. Files of many terabytes planted as holes by whoever owns
+/// the data directory would otherwise be read (zeros) and planned for (memory) in full.
+const MAX_LISTING_PER_FS_BYTE: u64 = 16;
+
 /// Refuses a manifest no cluster could produce, before anything is planned from it: too many
-/// entries, a file over [`MAX_MANIFEST_FILE`], or sizes whose sum overflows.
-fn check_listing(entries: &[ManifestEntry]) -> Result<(), String> {
-    check_listing_within(entries, MAX_MANIFEST_ENTRIES, MAX_MANIFEST_FILE)
+/// entries, a file over [`MAX_MANIFEST_FILE`], sizes whose sum overflows or passes
+/// [`MAX_LISTING_PER_FS_BYTE`] times `fs_total_bytes` (the size of the file system the agent
+/// says the data directory is on).
+fn check_listing(entries: &[ManifestEntry], fs_total_bytes: u64) -> Result<(), String> {
+    check_listing_within(
+        entries,
+        MAX_MANIFEST_ENTRIES,
+        MAX_MANIFEST_FILE,
+        fs_total_bytes.saturating_mul(MAX_LISTING_PER_FS_BYTE),
+    )
 }
 
 /// [`check_listing`] with its limits as values.
@@ -862,6 +876,7 @@ fn check_listing_within(
     entries: &[ManifestEntry],
     max_entries: usize,
     max_file: u64,
+    max_total: u64,
 ) -> Result<(), String> {
     if entries.len() > max_entries {
         return Err(format!(
@@ -881,6 +896,11 @@ fn check_listing_within(
         total = total
             .checked_add(e.size)
             .ok_or_else(|| "sizes add up to more than 2^64 bytes".to_string())?;
+    }
+    if total > max_total {
+        return Err(format!(
+            "lists files of {total} bytes in all, more than {max_total} (sixteen times the size of the data directory's file system): sparse files planted in the data directory?"
+        ));
     }
     Ok(())
 }
@@ -999,22 +1019,38 @@ mod tests {
             listed("base/5/1259", 8192),
             listed("global/pg_control", 8192),
         ];
-        assert_eq!(check_listing(&fine), Ok(()));
+        let fs = 1 << 30;
+        assert_eq!(check_listing(&fine, fs), Ok(()));
         let huge = [listed("base/5/1259", MAX_MANIFEST_FILE + 1)];
-        let why = check_listing(&huge).unwrap_err();
+        let why = check_listing(&huge, u64::MAX).unwrap_err();
         assert!(why.contains("base/5/1259"), "{why}");
         let three = [listed("a", 1), listed("b", 1), listed("c", 1)];
-        assert_eq!(check_listing_within(&three, 3, 1), Ok(()));
+        assert_eq!(check_listing_within(&three, 3, 1, 3), Ok(()));
         assert_eq!(
-            check_listing_within(&three, 2, 1),
+            check_listing_within(&three, 2, 1, 3),
             Err("lists 3 entries; at most 2 are accepted".to_string())
         );
         // Sizes whose sum passes 2^64: refused, no overflow.
         let big = [listed("a", u64::MAX / 2 + 1), listed("b", u64::MAX / 2 + 1)];
         assert_eq!(
-            check_listing_within(&big, 2, u64::MAX),
+            check_listing_within(&big, 2, u64::MAX, u64::MAX),
             Err("sizes add up to more than 2^64 bytes".to_string())
         );
+        // Many files of a terabyte each (holes) on a 1 GiB file system: refused before any
+        // plan is made, however few bytes they take on disk.
+        let holes: Vec<ManifestEntry> = (0..100_000)
+            .map(|i| listed(&format!("base/1/z{i}"), 1 << 40))
+            .collect();
+        let why = check_listing(&holes, fs).unwrap_err();
+        assert!(why.contains("sparse files planted"), "{why}");
+        // Up to sixteen times the file system's size passes (a compressing file system).
+        let dense = [listed("base/5/1", 8 << 30), listed("base/5/2", 8 << 30)];
+        assert_eq!(check_listing(&dense, fs), Ok(()));
+        let over = [
+            listed("base/5/1", 8 << 30),
+            listed("base/5/2", (8 << 30) + 1),
+        ];
+        assert!(check_listing(&over, fs).is_err());
     }
 
     fn block(n: u8, len: u64) -> BlockRef {

@@ -33,8 +33,33 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Largest certificate file read: a bundle of a few hundred CAs is a few hundred kilobytes.
+pub const MAX_CERT_FILE: u64 = 4 << 20;
+
+/// The bytes of certificate file `path`: a regular file (a FIFO or device named in its place
+/// is refused without blocking) of at most [`MAX_CERT_FILE`] bytes.
+pub fn read_cert_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    let mut out = Vec::new();
+    file.take(MAX_CERT_FILE + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_CERT_FILE {
+        return Err(refuse(format!("larger than {MAX_CERT_FILE} bytes")));
+    }
+    Ok(out)
+}
+
 fn load_roots(path: &Path) -> Result<RootCertStore, ReplicationError> {
-    let pem = std::fs::read(path)
+    let pem = read_cert_file(path)
         .map_err(|e| tls_err(format!("cannot read sslrootcert {}: {e}", path.display())))?;
     let mut roots = RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -187,5 +212,36 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_files_are_regular_and_bounded() {
+        let dir = testkit::temp_dir("strata-cert-");
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert_eq!(read_cert_file(&pem).unwrap().len(), 28);
+        // A device or FIFO named as the file is refused at once, not read forever.
+        let err = read_cert_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let fifo = dir.join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let err = read_cert_file(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let big = dir.join("big.pem");
+        std::fs::write(&big, vec![b'A'; MAX_CERT_FILE as usize + 1]).unwrap();
+        let err = read_cert_file(&big).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        let err = load_roots(&fifo).unwrap_err().to_string();
+        assert!(err.contains("cannot read sslrootcert"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
