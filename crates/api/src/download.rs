@@ -122,6 +122,11 @@ struct ChannelWriter {
 
 const CHUNK: usize = 256 * 1024;
 
+/// WAL downloads whose segment is held in memory at once (each up to the instance's segment
+/// size); more wait for one to finish. A download holds its place until its last byte is
+/// handed to the connection, so many parallel requests for one link cannot add up segments.
+static WAL_DOWNLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(data);
@@ -231,6 +236,13 @@ pub async fn wal(
     if let Err(e) = state.links.check(&path, &q, Utc::now()) {
         return error(e);
     }
+    let Ok(place) = WAL_DOWNLOADS.acquire().await else {
+        return error(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "WAL downloads are shut down",
+        ));
+    };
     let service = state.service.clone();
     let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let (name, partial) = match file.strip_suffix(".partial") {
@@ -247,12 +259,21 @@ pub async fn wal(
     })
     .await;
     match read {
-        Ok(Ok(data)) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            data,
-        )
-            .into_response(),
+        Ok(Ok(data)) => {
+            let len = data.len();
+            let body = stream_body(move |w| {
+                let _place = place;
+                w.write_all(&data).map_err(|e| e.to_string())
+            });
+            let mut resp = Response::new(body);
+            let headers = resp.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                "application/octet-stream".parse().expect("valid header"),
+            );
+            headers.insert(header::CONTENT_LENGTH, len.into());
+            resp
+        }
         Ok(Err(e)) => error(e),
         Err(e) => error(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
