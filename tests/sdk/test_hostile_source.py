@@ -268,6 +268,25 @@ def scratch_dirs():
     return glob.glob(os.path.join(h.env("STRATA_DATA_DIR"), "instances", "scratch-*"))
 
 
+def test_a_drill_checks_with_a_fresh_amcheck_not_the_sources(instance, admin):
+    """The source's superuser replaces amcheck's functions with SQL of their own: a drill
+    runs pg_amcheck as superuser of its scratch server, so it must check with amcheck
+    created afresh from the scratch server's installation, never with the backup's."""
+    marker = f"/tmp/strata-amcheck-{uuid.uuid4().hex}"
+    body = f"BEGIN EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {marker}'''; END"
+    h.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
+    try:
+        h.psql(
+            "CREATE OR REPLACE FUNCTION bt_index_check(index regclass, heapallindexed boolean) "
+            f"RETURNS void LANGUAGE plpgsql AS $x${body}$x$")
+        backup_id = h.backup(admin, instance.id).backup_id
+    finally:
+        h.psql("DROP EXTENSION IF EXISTS amcheck CASCADE")
+    item = drill(admin, instance.id, backup_id)
+    assert item["StrataDrillStatus"] == "Passed", item
+    assert not os.path.exists(marker), "the backup's replaced amcheck function ran"
+
+
 def test_source_commands_never_run_on_the_strata_host(instance, admin):
     marker = f"/tmp/strata-pwned-{uuid.uuid4().hex}"
     # Written byte for byte, as a superuser can (lo_export), with a byte

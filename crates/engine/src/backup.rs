@@ -622,27 +622,28 @@ impl Engine {
                 return None;
             }
         }
-        let page_size = match main.client.show("block_size").await {
-            Ok(v) => v.parse::<usize>().unwrap_or(0),
+        let block_size = match main.client.show("block_size").await {
+            Ok(v) => v,
             Err(e) => {
                 note(format!("cannot read block_size ({e})"));
                 return None;
             }
         };
-        let segment_pages = match main.client.show("segment_size").await {
-            Ok(v) => pg_wal::parse_size_setting(&v).unwrap_or(0) / page_size.max(1) as u64,
+        let segment_size = match main.client.show("segment_size").await {
+            Ok(v) => v,
             Err(e) => {
                 note(format!("cannot read segment_size ({e})"));
                 return None;
             }
         };
-        let block_size = self.repo.block_size();
-        if page_size == 0 || segment_pages == 0 || !block_size.is_multiple_of(page_size) {
-            note(format!(
-                "the repository's {block_size}-byte blocks are not whole {page_size}-byte pages"
-            ));
-            return None;
-        }
+        let (page_size, segment_pages) =
+            match page_geometry(&block_size, &segment_size, self.repo.block_size()) {
+                Ok(geometry) => geometry,
+                Err(why) => {
+                    note(why);
+                    return None;
+                }
+            };
         // Reads manifests and blocks: off the runtime.
         let (repo, id, system_id) = (self.repo.clone(), instance.id.clone(), main.system_id);
         let found =
@@ -668,6 +669,53 @@ impl Engine {
         }
         Some(IncrementalBase::new(earlier, page_size, segment_pages))
     }
+}
+
+/// Smallest and largest `block_size` PostgreSQL can be built with
+/// (`--with-blocksize`: a power of two from 1 to 32 KiB).
+const MIN_PAGE_SIZE: usize = 1 << 10;
+const MAX_PAGE_SIZE: usize = 32 << 10;
+/// Largest relation segment (`segment_size`) an incremental transfer is
+/// used with. Each `INCREMENTAL.` file may claim a whole segment in a few
+/// header bytes, and the rebuilt file is planned block by block in memory,
+/// so this bounds what a header can make Strata hold. PostgreSQL's default
+/// is 1 GiB; a server built with larger segments sends every file in full.
+const MAX_SEGMENT_SIZE: u64 = 64 << 30;
+
+/// The page size and pages per relation segment from the server's
+/// `block_size` and `segment_size` (as SHOW prints them), checked against
+/// what PostgreSQL can be built with and the repository's block size:
+/// arithmetic on pages (visibility map coverage, page offsets) relies on it.
+fn page_geometry(
+    block_size: &str,
+    segment_size: &str,
+    repo_block: usize,
+) -> Result<(usize, u64), String> {
+    let page_size = block_size
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|p| p.is_power_of_two() && (MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(p))
+        .ok_or_else(|| {
+            format!(
+                "block_size {block_size:?} is not a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}"
+            )
+        })?;
+    let segment_bytes = pg_wal::parse_size_setting(segment_size)
+        .ok()
+        .filter(|&s| s > 0 && s <= MAX_SEGMENT_SIZE && s % page_size as u64 == 0)
+        .ok_or_else(|| {
+            format!(
+                "segment_size {segment_size:?} is not a whole number of {page_size}-byte pages up to {} GiB",
+                MAX_SEGMENT_SIZE >> 30
+            )
+        })?;
+    if !repo_block.is_multiple_of(page_size) {
+        return Err(format!(
+            "the repository's {repo_block}-byte blocks are not whole {page_size}-byte pages"
+        ));
+    }
+    Ok((page_size, segment_bytes / page_size as u64))
 }
 
 /// The newest backup of this server and major version that kept the
@@ -1462,6 +1510,45 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use strata_repo::{LocalStorage, ObjectSize, Storage, StorageError};
+
+    /// What SHOW says of pages and segments is checked before incremental
+    /// arithmetic relies on it (a 1-byte page underflowed the visibility
+    /// map's page header subtraction).
+    #[test]
+    fn page_and_segment_sizes_are_checked() {
+        let block = 128 * 1024;
+        assert_eq!(page_geometry("8192", "1GB", block), Ok((8192, 131072)));
+        assert_eq!(page_geometry("1024", "64GB", block), Ok((1024, 64 << 20)));
+        assert_eq!(page_geometry("32768", "32kB", block), Ok((32768, 1)));
+        for bad in ["1", "0", "24", "512", "3000", "65536", "-8192", "8k", ""] {
+            let err = page_geometry(bad, "1GB", block).unwrap_err();
+            assert_eq!(
+                err,
+                format!("block_size {bad:?} is not a power of two from 1024 to 32768")
+            );
+        }
+        for bad in [
+            "0",
+            "4kB",
+            "12289",
+            "65GB",
+            "1TB",
+            "18446744073709551615",
+            "x",
+        ] {
+            let err = page_geometry("8192", bad, block).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "segment_size {bad:?} is not a whole number of 8192-byte pages up to 64 GiB"
+                )
+            );
+        }
+        assert_eq!(
+            page_geometry("32768", "1GB", 16384).unwrap_err(),
+            "the repository's 16384-byte blocks are not whole 32768-byte pages"
+        );
+    }
 
     /// A local directory whose file system is full for packs.
     #[derive(Debug)]

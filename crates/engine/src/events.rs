@@ -31,6 +31,14 @@ use crate::{Engine, EngineResult};
 /// numbered below it that Strata has no name for belong to the system.
 const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
 
+/// Most events one commit yields. The decoder caps each list of a commit
+/// at this many entries (`dropped` included), but their sum could pass it.
+const MAX_COMMIT_EVENTS: usize = pg_wal::decode::MAX_ENTRIES;
+/// Most file numbers the `filled` lists of one commit's events hold in all:
+/// each dropped file of a rewrite carries the filled files of its database,
+/// so a commit dropping and filling many files would multiply them.
+const MAX_COMMIT_FILLED: usize = pg_wal::decode::MAX_ENTRIES;
+
 /// The kinds of events listed, as the API and the CLI spell them.
 pub const EVENT_KINDS: [&str; 6] = [
     "DropTable",
@@ -52,7 +60,8 @@ pub struct EventOptions {
     pub min_rows: u64,
 }
 
-/// The events of one commit, in a stable order.
+/// The events of one commit, in a stable order; at most
+/// [`MAX_COMMIT_EVENTS`] of them.
 pub fn commit_events(
     changes: &TxnChanges,
     xid: u32,
@@ -98,12 +107,21 @@ pub fn commit_events(
     };
 
     let mut out = Vec::new();
-    for &db in &changes.dropped_databases {
+    for &db in changes.dropped_databases.iter().take(MAX_COMMIT_EVENTS) {
         let mut e = event(RecoveryEventKind::DropDatabase, db);
         e.before_lsn = changes.drop_database_lsn;
         out.push(e);
     }
     let filled: HashSet<&RelFile> = changes.filled.iter().collect();
+    // Files written only as page images, by database: a rewrite's. A file
+    // rows were inserted into is a table emptied and loaded again (or
+    // rewritten row by row): its old rows are gone.
+    let loaded_files: HashSet<&RelFile> = changes.loaded.iter().collect();
+    let mut rewritten: HashMap<u32, Vec<u32>> = HashMap::new();
+    for f in changes.filled.iter().filter(|f| !loaded_files.contains(f)) {
+        rewritten.entry(f.db).or_default().push(f.rel);
+    }
+    let mut filled_left = MAX_COMMIT_FILLED;
     let loaded = !changes.loaded.is_empty();
     let created_empty = loaded || changes.created.iter().any(|f| !filled.contains(f));
     let dropped_kind = if created_empty {
@@ -114,22 +132,26 @@ pub fn commit_events(
         RecoveryEventKind::DropTable
     };
     for f in &changes.dropped {
+        if out.len() >= MAX_COMMIT_EVENTS {
+            return out;
+        }
         out.extend(on_table(dropped_kind, f).map(|mut e| {
             if dropped_kind != RecoveryEventKind::DropTable {
-                // Files written only as page images: a rewrite's. A file
-                // rows were inserted into is a table emptied and loaded
-                // again (or rewritten row by row): its old rows are gone.
-                e.filled = changes
-                    .filled
-                    .iter()
-                    .filter(|n| n.db == f.db && !changes.loaded.contains(n))
-                    .map(|n| n.rel)
-                    .collect();
+                let files = rewritten.get(&f.db).map_or(&[][..], Vec::as_slice);
+                // Past the budget the event goes without: a rewritten
+                // table is then listed as truncated rather than hidden.
+                if files.len() <= filled_left {
+                    filled_left -= files.len();
+                    e.filled = files.to_vec();
+                }
             }
             e
         }));
     }
     for f in &changes.truncated {
+        if out.len() >= MAX_COMMIT_EVENTS {
+            return out;
+        }
         out.extend(on_table(RecoveryEventKind::Truncate, f));
     }
     for r in &changes.rows {
@@ -137,6 +159,9 @@ pub fn commit_events(
             (RecoveryEventKind::Delete, r.deleted),
             (RecoveryEventKind::Update, r.updated),
         ] {
+            if out.len() >= MAX_COMMIT_EVENTS {
+                return out;
+            }
             if rows >= opts.min_rows.max(1) {
                 if let Some(mut e) = on_table(kind, &r.rel) {
                     e.rows = Some(rows);
@@ -524,6 +549,48 @@ mod tests {
             ]
         );
         assert_eq!(kinds(&changes, 1).len(), 4);
+    }
+
+    /// A commit's lists are each capped by the decoder, but not their sum,
+    /// nor the copies of the filled files each rewrite event carries.
+    #[test]
+    fn one_commit_yields_a_bounded_number_of_events_and_filled_files() {
+        let many = |from: u32, n: usize| (from..from + n as u32).map(file).collect::<Vec<_>>();
+        let changes = TxnChanges {
+            dropped: many(20000, MAX_COMMIT_EVENTS),
+            truncated: many(200_000, 10),
+            rows: many(300_000, 10)
+                .into_iter()
+                .map(|rel| RowChanges {
+                    rel,
+                    deleted: 5,
+                    updated: 5,
+                })
+                .collect(),
+            dropped_databases: vec![16500],
+            ..Default::default()
+        };
+        let events = kinds(&changes, 1);
+        assert_eq!(events.len(), MAX_COMMIT_EVENTS);
+        assert_eq!(events[0], (RecoveryEventKind::DropDatabase, None));
+        assert_eq!(events[1], (RecoveryEventKind::DropTable, Some(20000)));
+
+        // A rewrite of 1000 files: each dropped file's event would carry
+        // all 1000 new ones.
+        let files = many(400_000, 1000);
+        let rewrite = TxnChanges {
+            dropped: many(20000, 1000),
+            created: files.clone(),
+            filled: files,
+            ..Default::default()
+        };
+        let events = commit_events(&rewrite, 700, (Lsn(0x100), Lsn(0x140)), time(), &opts(1));
+        assert_eq!(events.len(), 1000);
+        assert!(events.iter().all(|e| e.kind == RecoveryEventKind::Rewrite));
+        let carried: usize = events.iter().map(|e| e.filled.len()).sum();
+        assert_eq!(carried, MAX_COMMIT_FILLED / 1000 * 1000);
+        assert_eq!(events[0].filled, (400_000..401_000).collect::<Vec<_>>());
+        assert!(events[MAX_COMMIT_FILLED / 1000].filled.is_empty());
     }
 
     fn row(kind: RecoveryEventKind, relfilenode: u32, rel_oid: Option<u32>) -> RecoveryEventRow {

@@ -57,7 +57,7 @@ const CHUNK: usize = 256 * 1024;
 /// tablespace_map, pg_control, PG_VERSION).
 const SMALL_FILE: u64 = 64 * 1024;
 /// Largest `backup_manifest` read (PostgreSQL's is some 150 bytes a file).
-const MAX_MANIFEST: u64 = 1 << 30;
+pub(crate) const MAX_MANIFEST: u64 = 1 << 30;
 /// `XLogLongPageHeaderData`: the first 40 bytes of every segment.
 const LONG_HEADER: usize = 40;
 const XLP_LONG_HEADER: u16 = 0x0002;
@@ -574,6 +574,40 @@ fn check_segment_header(
 /// else there is an ordinary member, checked as any. `pg_wal.tar` holds
 /// WAL files only.
 fn wal_kind(
+    role: Role,
+    entry: &TarEntry,
+    geometry: &WalGeometry,
+) -> EngineResult<Option<WalMember>> {
+    let member = wal_kind_unsized(role, entry, geometry)?;
+    // Both passes ask (the file may have been swapped between them): what the second one
+    // gathers in memory is bounded by what the header says, so the header is bounded here.
+    let max = match member {
+        Some(WalMember::Segment(..)) => MAX_WAL_SEGMENT,
+        Some(WalMember::History(_)) => MAX_HISTORY_FILE,
+        _ => return Ok(member),
+    };
+    if entry.size > max {
+        return Err(refused(format!(
+            "{} is {} bytes; a WAL {} is at most {max}",
+            entry.path,
+            entry.size,
+            if max == MAX_WAL_SEGMENT {
+                "segment"
+            } else {
+                "history file"
+            }
+        )));
+    }
+    Ok(member)
+}
+
+/// Largest WAL segment PostgreSQL writes (`--wal-segsize` 1024).
+const MAX_WAL_SEGMENT: u64 = 1 << 30;
+/// Largest timeline history file taken: one line per earlier timeline, a few dozen bytes each.
+const MAX_HISTORY_FILE: u64 = 16 << 20;
+
+/// [`wal_kind`] before the member's size is checked.
+fn wal_kind_unsized(
     role: Role,
     entry: &TarEntry,
     geometry: &WalGeometry,
@@ -1806,7 +1840,28 @@ mod tests {
             ),
             Some(WalMember::Other)
         ));
-        assert!(wal_kind(Role::Wal, &entry("base/1/1259", file), &g).is_err());
+        assert!(wal_kind(Role::Wal, &entry("base/1/1259", file.clone()), &g).is_err());
+
+        // Sizes a header claims for WAL members are bounded before anything is gathered.
+        let sized = |path: &str, size: u64| TarEntry {
+            size,
+            ..entry(path, file.clone())
+        };
+        let history = "00000002.history";
+        assert!(wal_kind(Role::Wal, &sized(history, 100), &g).is_ok());
+        let err = wal_kind(Role::Wal, &sized(history, 1 << 40), &g)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("at most 16777216"), "{err}");
+        let segment = "pg_wal/000000010000000000000003";
+        assert!(wal_kind(Role::Base, &sized(segment, 1 << 30), &g).is_ok());
+        let err = wal_kind(Role::Base, &sized(segment, (1 << 30) + 1), &g)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("a WAL segment is at most"),
+            "{err}"
+        );
     }
 
     /// A gzip archive cut short, or one whose tar ends without its

@@ -126,6 +126,10 @@ impl BlockPlan {
 pub(crate) struct IncrementalFile {
     page_size: usize,
     pages_per_block: u64,
+    /// Pages per relation segment: no file the server sends can be longer,
+    /// so it bounds the block count, the block numbers and the truncation
+    /// length (as pg_combinebackup checks them against `RELSEG_SIZE`).
+    segment_pages: u64,
     /// Size of the incremental file as sent.
     size: u64,
     received: u64,
@@ -149,17 +153,22 @@ pub(crate) struct IncrementalFile {
 
 impl IncrementalFile {
     /// `block_size` is the repository's block size, a multiple of
-    /// `page_size`; `base` is the earlier backup's entry for the file.
+    /// `page_size`; `base` is the earlier backup's entry for the file;
+    /// `segment_pages` the server's pages per relation segment.
     pub fn new(
         size: u64,
         base: &FileEntry,
         page_size: usize,
         block_size: usize,
+        segment_pages: u64,
     ) -> Result<Self, String> {
         if page_size == 0 || !block_size.is_multiple_of(page_size) {
             return Err(format!(
                 "repository block size {block_size} is not a multiple of the page size {page_size}"
             ));
+        }
+        if segment_pages == 0 {
+            return Err("a relation segment of 0 pages".into());
         }
         let n = base.blocks.len();
         if base
@@ -176,6 +185,7 @@ impl IncrementalFile {
         Ok(IncrementalFile {
             page_size,
             pages_per_block: (block_size / page_size) as u64,
+            segment_pages,
             size,
             received: 0,
             base: base.blocks.clone(),
@@ -293,6 +303,21 @@ impl IncrementalFile {
                     "incremental header lists {n} blocks, more than the file can hold"
                 ));
             }
+            // The header is buffered whole and the rebuilt file planned
+            // block by block: neither may be longer than a segment.
+            if n > self.segment_pages {
+                return Err(format!(
+                    "incremental header lists {n} blocks, more than the {} pages of a relation segment",
+                    self.segment_pages
+                ));
+            }
+            let truncation = self.word(2) as u64;
+            if truncation > self.segment_pages {
+                return Err(format!(
+                    "incremental truncation length {truncation} pages is longer than a relation segment ({} pages)",
+                    self.segment_pages
+                ));
+            }
             if self.header.len() < self.header_wanted() {
                 return Ok(());
             }
@@ -309,6 +334,17 @@ impl IncrementalFile {
         self.blocks = (0..n).map(|i| self.word(3 + i)).collect();
         if self.blocks.windows(2).any(|w| w[0] >= w[1]) {
             return Err("incremental block list is not in ascending order".into());
+        }
+        // Ascending, so the last is the largest.
+        if let Some(&last) = self
+            .blocks
+            .last()
+            .filter(|&&b| b as u64 >= self.segment_pages)
+        {
+            return Err(format!(
+                "incremental block number {last} is beyond a relation segment ({} pages)",
+                self.segment_pages
+            ));
         }
         let last = self.blocks.last().map(|&b| b as u64 + 1).unwrap_or(0);
         self.total_pages = self.truncation.max(last);
@@ -714,6 +750,8 @@ mod tests {
 
     const PAGE: usize = 8192;
     const BLOCK: usize = 4 * PAGE;
+    /// PostgreSQL's default: 1 GiB of 8 KiB pages.
+    const SEGMENT: u64 = 131072;
 
     fn block_ref(n: u8, len: usize) -> BlockRef {
         BlockRef {
@@ -761,14 +799,14 @@ mod tests {
             out.resize(out.len().div_ceil(PAGE) * PAGE, 0);
         }
         for b in blocks {
-            out.extend(std::iter::repeat_n(*b as u8 + 1, PAGE));
+            out.extend(std::iter::repeat_n((*b as u8).wrapping_add(1), PAGE));
         }
         out
     }
 
     /// Feeds the file in awkward pieces and returns the plans.
     fn run(base: &FileEntry, file: &[u8], piece: usize) -> (Vec<BlockPlan>, u64) {
-        let mut inc = IncrementalFile::new(file.len() as u64, base, PAGE, BLOCK).unwrap();
+        let mut inc = IncrementalFile::new(file.len() as u64, base, PAGE, BLOCK, SEGMENT).unwrap();
         let mut plans = Vec::new();
         for chunk in file.chunks(piece) {
             inc.push(chunk, &mut plans).unwrap();
@@ -890,19 +928,74 @@ mod tests {
         let base = base_file(4);
         let mut bad = incremental(4, &[1]);
         bad[0] ^= 1;
-        let mut inc = IncrementalFile::new(bad.len() as u64, &base, PAGE, BLOCK).unwrap();
+        let mut inc = IncrementalFile::new(bad.len() as u64, &base, PAGE, BLOCK, SEGMENT).unwrap();
         assert!(inc
             .push(&bad, &mut Vec::new())
             .unwrap_err()
             .contains("magic"));
         let good = incremental(4, &[1, 2]);
         let mut inc =
-            IncrementalFile::new(good.len() as u64 + PAGE as u64, &base, PAGE, BLOCK).unwrap();
+            IncrementalFile::new(good.len() as u64 + PAGE as u64, &base, PAGE, BLOCK, SEGMENT)
+                .unwrap();
         assert!(inc.push(&good, &mut Vec::new()).is_err());
-        let mut inc = IncrementalFile::new(good.len() as u64, &base, PAGE, BLOCK).unwrap();
+        let mut inc = IncrementalFile::new(good.len() as u64, &base, PAGE, BLOCK, SEGMENT).unwrap();
         inc.push(&good[..good.len() - 1], &mut Vec::new()).unwrap();
         assert!(inc.finish(&mut Vec::new()).is_err());
-        assert!(IncrementalFile::new(10, &base, PAGE, PAGE * 3 / 2).is_err());
+        assert!(IncrementalFile::new(10, &base, PAGE, PAGE * 3 / 2, SEGMENT).is_err());
+    }
+
+    /// A header of a few bytes must not make a file longer than a relation
+    /// segment, nor its block list (buffered whole) longer than one.
+    #[test]
+    fn headers_beyond_a_relation_segment_are_refused() {
+        let base = base_file(4);
+        let refused = |file: &[u8]| {
+            let mut inc =
+                IncrementalFile::new(file.len() as u64, &base, PAGE, BLOCK, SEGMENT).unwrap();
+            let mut plans = Vec::new();
+            let err = inc.push(file, &mut plans).unwrap_err();
+            assert!(plans.is_empty(), "{err}");
+            err
+        };
+        // Truncation length 0xFFFFFFFF: 2^32 pages, some 2^30 blocks planned.
+        let err = refused(&incremental(u32::MAX, &[]));
+        assert!(
+            err.contains("truncation length 4294967295 pages is longer than a relation segment (131072 pages)"),
+            "{err}"
+        );
+        let err = refused(&incremental(SEGMENT as u32 + 1, &[]));
+        assert!(err.contains("truncation length 131073"), "{err}");
+        // A block number past the segment makes the file as long.
+        let err = refused(&incremental(4, &[1, 0xFFFF_FFFE]));
+        assert!(
+            err.contains("block number 4294967294 is beyond a relation segment (131072 pages)"),
+            "{err}"
+        );
+        let err = refused(&incremental(4, &[SEGMENT as u32]));
+        assert!(err.contains("block number 131072 is beyond"), "{err}");
+        // A block count past the segment is refused at the 12th byte, before
+        // the list is buffered (the file's size claims room for it).
+        let n = SEGMENT + 1;
+        let mut header = Vec::new();
+        for w in [INCREMENTAL_MAGIC, n as u32, 4] {
+            header.extend_from_slice(&w.to_ne_bytes());
+        }
+        let size = (12 + 4 * n).div_ceil(PAGE as u64) * PAGE as u64 + n * PAGE as u64;
+        let mut inc = IncrementalFile::new(size, &base, PAGE, BLOCK, SEGMENT).unwrap();
+        let err = inc.push(&header, &mut Vec::new()).unwrap_err();
+        assert!(
+            err.contains("lists 131073 blocks, more than the 131072 pages of a relation segment"),
+            "{err}"
+        );
+        // The segment's own bounds are accepted: its last page, a whole segment.
+        let (plans, size) = run(
+            &base,
+            &incremental(SEGMENT as u32, &[SEGMENT as u32 - 1]),
+            999,
+        );
+        assert_eq!(size, SEGMENT * PAGE as u64);
+        assert_eq!(plans.len(), SEGMENT as usize / 4);
+        assert!(IncrementalFile::new(10, &base, PAGE, BLOCK, 0).is_err());
     }
 
     #[test]

@@ -705,13 +705,31 @@ impl Engine {
             {
                 Some(i) => {
                     let f = files.remove(i);
-                    // pg_control is 8 KiB: the manifest's size, which a forged
-                    // manifest sets at will, only sizes the first allocation.
-                    let mut bytes = Vec::with_capacity(f.size.min(64 * 1024) as usize);
+                    // pg_control is 8 KiB: a forged manifest may give it any size or
+                    // list a block many times, so what is gathered stops at 64 KiB and
+                    // must then have the size and CRC the manifest gives.
+                    const MAX_CONTROL: usize = 64 * 1024;
+                    let mut bytes = Vec::with_capacity(f.size.min(MAX_CONTROL as u64) as usize);
                     self.repo.read_blocks(&f.blocks, |data| {
+                        if bytes.len() + data.len() > MAX_CONTROL {
+                            return Err(EngineError::Refused(format!(
+                                "backup {}: its {} is over {MAX_CONTROL} bytes",
+                                manifest.backup_id,
+                                delta::CONTROL_FILE
+                            )));
+                        }
                         bytes.extend_from_slice(&data);
-                        Ok::<(), EngineError>(())
+                        Ok(())
                     })?;
+                    if bytes.len() as u64 != f.size
+                        || f.crc32c.is_some_and(|c| c != crc32c::crc32c(&bytes))
+                    {
+                        return Err(EngineError::Refused(format!(
+                            "backup {}: its {} does not have the size and checksum its manifest gives",
+                            manifest.backup_id,
+                            delta::CONTROL_FILE
+                        )));
+                    }
                     Some((bytes, f.mode))
                 }
                 None => {

@@ -56,6 +56,9 @@ enum TlsPlan {
 }
 
 /// `server_version` as `server_version_num`: "15.18 (Debian …)" → 150018, "9.6.24" → 90624.
+/// `None` when the parts do not fit that encoding (a minor version of 10000 or more, or a
+/// number past `u32`): the server sent this string, and a wrapped or ambiguous number
+/// would pass for another version.
 pub(crate) fn parse_server_version(v: &str) -> Option<u32> {
     let numeric: String = v
         .chars()
@@ -64,11 +67,14 @@ pub(crate) fn parse_server_version(v: &str) -> Option<u32> {
     let mut parts = numeric.split('.').filter(|p| !p.is_empty());
     let major: u32 = parts.next()?.parse().ok()?;
     let second: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let base = major.checked_mul(10000)?;
     if major >= 10 {
-        Some(major * 10000 + second)
+        (second < 10000).then_some(())?;
+        base.checked_add(second)
     } else {
         let third: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        Some(major * 10000 + second * 100 + third)
+        (second < 100 && third < 100).then_some(())?;
+        base.checked_add(second * 100 + third)
     }
 }
 
@@ -324,7 +330,9 @@ impl ReplicationClient {
                 .value()
                 .map_err(|e| ReplicationError::protocol(format!("ParameterStatus: {e}")))?;
             self.server_version_num = parse_server_version(value).ok_or_else(|| {
-                ReplicationError::protocol(format!("unparsable server_version {value:?}"))
+                ReplicationError::protocol(format!(
+                    "server_version {value:?} is not a PostgreSQL version number"
+                ))
             })?;
         }
         Ok(())
@@ -625,6 +633,16 @@ mod tests {
         assert_eq!(parse_server_version("18beta1"), Some(180000));
         assert_eq!(parse_server_version("9.6.24"), Some(90624));
         assert_eq!(parse_server_version("x"), None);
+        // The largest that fits, then past u32 (major * 10000 used to overflow).
+        assert_eq!(parse_server_version("429496.7295"), Some(u32::MAX));
+        assert_eq!(parse_server_version("429496.7296"), None);
+        assert_eq!(parse_server_version("429497.0"), None);
+        assert_eq!(parse_server_version("4294967295"), None);
+        // Parts the encoding cannot hold would read as another version.
+        assert_eq!(parse_server_version("15.10000"), None);
+        assert_eq!(parse_server_version("9.100.1"), None);
+        assert_eq!(parse_server_version("9.6.100"), None);
+        assert_eq!(parse_server_version("9.99.99"), Some(99999));
     }
 
     #[test]

@@ -49,6 +49,12 @@ const MIN_KEY_FILE_LEN: usize = 32;
 const ARGON2_M_COST_KIB: u32 = 64 * 1024;
 const ARGON2_T_COST: u32 = 3;
 const ARGON2_P_COST: u32 = 1;
+/// The most memory, passes and lanes a passphrase's key derivation may ask for: sixteen times
+/// what Strata writes (the configuration file is outside every seal, so whoever can write the
+/// repository could otherwise ask for terabytes or days of work at every opening).
+const ARGON2_M_COST_KIB_MAX: u32 = 1024 * 1024;
+const ARGON2_T_COST_MAX: u32 = 48;
+const ARGON2_P_COST_MAX: u32 = 16;
 
 /// What unlocks a repository's data key.
 pub enum KeySource {
@@ -500,6 +506,10 @@ fn master_key(source: &KeySource, kdf: Option<&KdfParams>) -> RepoResult<Zeroizi
                 object: crate::CONFIG_KEY.into(),
                 reason: format!("kdf salt: {e}"),
             })?;
+            check_kdf_costs(params).map_err(|why| RepoError::Corrupt {
+                object: crate::CONFIG_KEY.into(),
+                reason: why,
+            })?;
             let argon =
                 argon2::Params::new(params.m_cost_kib, params.t_cost, params.p_cost, Some(32))
                     .map_err(|e| RepoError::Corrupt {
@@ -515,9 +525,49 @@ fn master_key(source: &KeySource, kdf: Option<&KdfParams>) -> RepoResult<Zeroizi
     }
 }
 
+/// Refuses key derivation costs past the maxima above.
+fn check_kdf_costs(params: &KdfParams) -> Result<(), String> {
+    if params.m_cost_kib > ARGON2_M_COST_KIB_MAX
+        || params.t_cost > ARGON2_T_COST_MAX
+        || params.p_cost > ARGON2_P_COST_MAX
+    {
+        return Err(format!(
+            "kdf parameters m_cost_kib {}, t_cost {}, p_cost {} ask for more than {}, {}, {}",
+            params.m_cost_kib,
+            params.t_cost,
+            params.p_cost,
+            ARGON2_M_COST_KIB_MAX,
+            ARGON2_T_COST_MAX,
+            ARGON2_P_COST_MAX
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_derivation_costs_past_the_maxima_are_refused() {
+        let params = |m, t, p| KdfParams {
+            algorithm: "argon2id".into(),
+            salt: "00".repeat(16),
+            m_cost_kib: m,
+            t_cost: t,
+            p_cost: p,
+        };
+        let written = params(ARGON2_M_COST_KIB, ARGON2_T_COST, ARGON2_P_COST);
+        assert_eq!(check_kdf_costs(&written), Ok(()));
+        for hostile in [
+            params(u32::MAX, ARGON2_T_COST, ARGON2_P_COST),
+            params(ARGON2_M_COST_KIB, u32::MAX, ARGON2_P_COST),
+            params(ARGON2_M_COST_KIB, ARGON2_T_COST, 1000),
+        ] {
+            let why = check_kdf_costs(&hostile).unwrap_err();
+            assert!(why.contains("ask for more than"), "{why}");
+        }
+    }
 
     fn key_file(dir: &std::path::Path, name: &str, content: &str) -> KeySource {
         let path = dir.join(name);

@@ -7,6 +7,8 @@
 //! sealed with the repository's AEAD, the header being its associated data.
 //! The layout is specified in docs/REPOSITORY.md ("Sealed objects").
 
+use std::io::Read;
+
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::crypto::{KeyDomain, Keys};
@@ -161,6 +163,26 @@ pub struct Opened<M> {
     pub payload: Vec<u8>,
 }
 
+/// Largest payload a WAL object decompresses to: PostgreSQL's largest WAL segment.
+const MAX_WAL_PAYLOAD: u64 = 1 << 30;
+/// How many times its stored size any other payload may decompress to, and the size every
+/// payload may reach whatever its ratio. JSON of hashes and counts compresses a few times;
+/// a payload of zeros a thousand times and more, which is how a writer of the repository
+/// (who holds the seal's key when the repository is not encrypted) would make an object of
+/// a few megabytes that fills memory when opened.
+const MAX_PAYLOAD_RATIO: u64 = 64;
+const MIN_PAYLOAD_LIMIT: u64 = 64 << 20;
+
+/// The most a payload of `kind`, stored compressed in `stored` bytes, may decompress to.
+fn payload_limit(kind: ObjectKind, stored: usize) -> u64 {
+    match kind {
+        ObjectKind::WalSegment => MAX_WAL_PAYLOAD,
+        _ => (stored as u64)
+            .saturating_mul(MAX_PAYLOAD_RATIO)
+            .max(MIN_PAYLOAD_LIMIT),
+    }
+}
+
 /// Checks the seal, version and kind of `bytes` and decodes it. `key` names
 /// the object in error messages.
 pub fn open<M: DeserializeOwned>(
@@ -236,7 +258,17 @@ pub fn open<M: DeserializeOwned>(
         .map_err(|e| corrupt(&format!("metadata: {e}")))?;
     let stored = &inner[4 + meta_len..];
     let payload = if flags & FLAG_ZSTD != 0 {
-        zstd::stream::decode_all(stored).map_err(|e| corrupt(&format!("payload: {e}")))?
+        let limit = payload_limit(expected, stored.len());
+        let mut out = Vec::new();
+        zstd::stream::read::Decoder::new(stored)
+            .and_then(|d| d.take(limit + 1).read_to_end(&mut out))
+            .map_err(|e| corrupt(&format!("payload: {e}")))?;
+        if out.len() as u64 > limit {
+            return Err(corrupt(&format!(
+                "payload decompresses to more than {limit} bytes (a decompression bomb?)"
+            )));
+        }
+        out
     } else {
         stored.to_vec()
     };
@@ -271,6 +303,40 @@ mod tests {
         }
         assert!(open::<serde_json::Value>(keys, "k", ObjectKind::Manifest, &sealed).is_err());
         sealed
+    }
+
+    #[test]
+    fn payloads_that_decompress_past_their_limit_are_refused() {
+        let keys = Keys::plain([7; 32]);
+        let meta = serde_json::json!({});
+        // One frame of 8 MiB of zeros takes a few hundred bytes; nine of them, one after the
+        // other, decompress to 72 MiB: past the 64 MiB any payload other than WAL may reach.
+        let frame = zstd::bulk::compress(&vec![0u8; 8 << 20], 3).unwrap();
+        assert!(frame.len() < 4096, "{}", frame.len());
+        let bomb: Vec<u8> = frame.repeat(9);
+        for kind in [
+            ObjectKind::Manifest,
+            ObjectKind::IndexRun,
+            ObjectKind::TimelineHistory,
+        ] {
+            let sealed = seal_compressed(&keys, kind, &meta, &bomb).unwrap();
+            let err = open::<serde_json::Value>(&keys, "k", kind, &sealed)
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains("decompression bomb"), "{err}");
+        }
+        // Eight frames (64 MiB) are within the limit, and a WAL payload may reach 1 GiB: a
+        // segment of zeros after a switch compresses as well as this.
+        let eight = seal_compressed(&keys, ObjectKind::Manifest, &meta, &frame.repeat(8)).unwrap();
+        let opened = open::<serde_json::Value>(&keys, "k", ObjectKind::Manifest, &eight).unwrap();
+        assert_eq!(opened.payload.len(), 64 << 20);
+        assert!(opened.payload.iter().all(|b| *b == 0));
+        let wal = seal_compressed(&keys, ObjectKind::WalSegment, &meta, &bomb).unwrap();
+        let opened = open::<serde_json::Value>(&keys, "k", ObjectKind::WalSegment, &wal).unwrap();
+        assert_eq!(opened.payload.len(), 72 << 20);
+        // WAL is bounded by the largest segment, the rest by their stored size.
+        assert_eq!(payload_limit(ObjectKind::WalSegment, 10), 1 << 30);
+        assert_eq!(payload_limit(ObjectKind::Manifest, 10 << 20), 640 << 20);
     }
 
     #[test]

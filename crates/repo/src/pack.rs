@@ -265,7 +265,11 @@ pub fn verify_pack(keys: &Keys, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackE
     }
     let index_offset = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes")) as usize;
     let index_end = body.len() - 16;
-    if index_offset + 4 > index_end {
+    // The offset is read from the pack: checked arithmetic, so no value wraps past the check.
+    if index_offset
+        .checked_add(4)
+        .is_none_or(|end| end > index_end)
+    {
         return Err(corrupt("pack index offset out of range".into()));
     }
     let count = u32::from_le_bytes(
@@ -273,7 +277,11 @@ pub fn verify_pack(keys: &Keys, key: &str, bytes: &[u8]) -> RepoResult<Vec<PackE
             .try_into()
             .expect("4 bytes"),
     ) as usize;
-    if index_offset + 4 + count * INDEX_ENTRY_LEN != index_end {
+    if count
+        .checked_mul(INDEX_ENTRY_LEN)
+        .and_then(|len| len.checked_add(index_offset + 4))
+        != Some(index_end)
+    {
         return Err(corrupt("pack index length does not match its count".into()));
     }
     let mut entries = Vec::with_capacity(count);
@@ -404,6 +412,37 @@ mod tests {
             bad[i] ^= 0x80;
             assert!(verify_pack(keys, "p", &bad).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn index_offsets_and_counts_that_would_wrap_are_refused() {
+        let keys = Keys::plain([3; 32]);
+        let good = build(&keys);
+        let reseal = |mut bytes: Vec<u8>| {
+            let body = bytes.len() - 32;
+            let seal = keys.hasher.hash(&bytes[..body]).0;
+            bytes[body..].copy_from_slice(&seal);
+            bytes
+        };
+        // The trailer's offset (the 8 bytes before its magic), set near the top of the range:
+        // with the seal made again, as a writer of an unencrypted repository can.
+        let trailer = good.len() - 32 - 16;
+        for offset in [u64::MAX, u64::MAX - 3, u64::MAX - 2] {
+            let mut bad = good.clone();
+            bad[trailer..trailer + 8].copy_from_slice(&offset.to_le_bytes());
+            let err = verify_pack(&keys, "p", &reseal(bad)).unwrap_err();
+            assert!(err.to_string().contains("offset out of range"), "{err}");
+        }
+        // A count whose entries would reach past the address space.
+        let index_offset =
+            u64::from_le_bytes(good[trailer..trailer + 8].try_into().unwrap()) as usize;
+        let mut bad = good.clone();
+        bad[index_offset..index_offset + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = verify_pack(&keys, "p", &reseal(bad)).unwrap_err();
+        assert!(
+            err.to_string().contains("does not match its count"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -261,14 +261,22 @@ impl Service {
         let scratch = self.start_scratch(instance_id, &src, job_id)?;
         let checked = (|| {
             let amcheck = self.engine.client_tool("pg_amcheck", scratch.major)?;
-            // amcheck must exist in every database pg_amcheck visits.
+            // amcheck must exist in every database pg_amcheck visits, and be the one this
+            // installation's script creates: the backup's own (its functions replaced by the
+            // source's superuser with SQL of theirs) would run as this server's superuser.
             let dbs = scratch.names(
                 "postgres",
                 "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn",
             )?;
             for db in &dbs {
                 scratch.disarm(db)?;
-                scratch.psql(db, "CREATE EXTENSION IF NOT EXISTS amcheck")?;
+                scratch.psql(
+                    db,
+                    "DROP EXTENSION IF EXISTS amcheck CASCADE; \
+                     DROP SCHEMA IF EXISTS strata_amcheck CASCADE; \
+                     CREATE SCHEMA strata_amcheck; \
+                     CREATE EXTENSION amcheck SCHEMA strata_amcheck",
+                )?;
             }
             let conn = scratch.conn();
             let out = conn

@@ -230,5 +230,47 @@ fn restore_refuses_a_forged_manifest_and_writes_nothing_outside_its_target() {
         std::fs::read(target.join("PG_VERSION")).unwrap(),
         b"15\n".to_vec()
     );
+
+    // A delta restore gathers pg_control in memory: a forged manifest listing its block
+    // again and again is refused at 64 KiB, one listing it twice by its size and checksum.
+    let control_before = std::fs::read(target.join("global/pg_control")).unwrap();
+    for (copies, says) in [
+        (10, "is over 65536 bytes"),
+        (2, "does not have the size and checksum"),
+    ] {
+        let mut forged = original.clone();
+        let control = forged
+            .files
+            .iter_mut()
+            .find(|f| f.path == "global/pg_control")
+            .unwrap();
+        control.blocks = std::iter::repeat_n(control.blocks.clone(), copies)
+            .flatten()
+            .collect();
+        forge(&repo_dir, &forged);
+        let err = strata.fails(&[
+            "restore",
+            "hostile",
+            "--target-dir",
+            &target.display().to_string(),
+            "--delta",
+        ]);
+        assert!(err.contains(says), "{copies} copies: {err}");
+        // As any failed delta restore, it leaves a directory PostgreSQL will not start.
+        assert!(!target.join("global/pg_control").exists());
+    }
+    // The untouched manifest completes it.
+    forge(&repo_dir, &original);
+    strata.ok(&[
+        "restore",
+        "hostile",
+        "--target-dir",
+        &target.display().to_string(),
+        "--delta",
+    ]);
+    assert_eq!(
+        std::fs::read(target.join("global/pg_control")).unwrap(),
+        control_before
+    );
     std::fs::remove_dir_all(&outside).unwrap();
 }

@@ -27,11 +27,17 @@ use super::{
     check_server_manifest, file_entry, manifest_path, BlockPipeline, Content, Ends, OpenFile,
 };
 use crate::blocking::blocking;
+use crate::import::MAX_MANIFEST;
 use crate::incremental::{
     full_name, rel_file, rewrite_server_manifest, Fork, HeapChanges, IncrementalBase,
     IncrementalFile,
 };
 use crate::{EngineError, EngineResult};
+
+/// Largest backup_label taken from an incremental transfer (PostgreSQL's
+/// is a few hundred bytes; it is held whole to drop its `INCREMENTAL FROM`
+/// lines).
+const MAX_LABEL: u64 = 1 << 20;
 
 /// What the server told when the backup started, and what the Strata
 /// manifest records of it.
@@ -108,6 +114,8 @@ pub(crate) struct BackupReceiver {
     tablespaces: Vec<TablespaceEntry>,
     ends: Ends,
     server_manifest: Vec<u8>,
+    /// Longest `server_manifest` taken ([`MAX_MANIFEST`]; tests lower it).
+    max_manifest: u64,
     streamed: u64,
 }
 
@@ -145,6 +153,7 @@ impl BackupReceiver {
             },
             base,
             server_manifest: Vec::new(),
+            max_manifest: MAX_MANIFEST,
             streamed: 0,
         })
     }
@@ -208,6 +217,14 @@ impl BackupReceiver {
             }
             (state, E::Progress { .. }) => state,
             (State::BetweenArchives | State::Manifest, E::Manifest(chunk)) => {
+                // Held in memory until the stream ends: its length is the
+                // server's to choose, so it is bounded like an imported one.
+                if (self.server_manifest.len() + chunk.len()) as u64 > self.max_manifest {
+                    return Err(EngineError::Failed(format!(
+                        "the server's backup_manifest is over {} MiB: not one PostgreSQL writes",
+                        self.max_manifest >> 20
+                    )));
+                }
                 self.server_manifest.extend_from_slice(&chunk);
                 State::Manifest
             }
@@ -290,6 +307,15 @@ impl BackupReceiver {
         let path = file.path.clone();
         let Some(full) = full_name(&path) else {
             if tablespace.is_none() && path == "backup_label" {
+                // Held in memory until complete: refused before any of it
+                // arrives when the server claims more than a label can be.
+                if file.size > MAX_LABEL {
+                    return Err(EngineError::Failed(format!(
+                        "the server sent a backup_label of {} bytes, over the {} KiB a label can be",
+                        file.size,
+                        MAX_LABEL >> 10
+                    )));
+                }
                 return Ok((file.clone(), Content::Label(file, Vec::new())));
             }
             if let Some(rel) = rel_file(&path).filter(|r| r.fork == Fork::Main) {
@@ -309,8 +335,14 @@ impl BackupReceiver {
                 base.backup_id()
             ))
         })?;
-        let inc = IncrementalFile::new(file.size, earlier, base.page_size, self.block_size)
-            .map_err(|e| EngineError::Failed(format!("{path}: {e}")))?;
+        let inc = IncrementalFile::new(
+            file.size,
+            earlier,
+            base.page_size,
+            self.block_size,
+            base.segment_pages,
+        )
+        .map_err(|e| EngineError::Failed(format!("{path}: {e}")))?;
         let rel = rel_file(&full);
         file.path = full;
         let content = match rel {
@@ -1104,6 +1136,107 @@ mod tests {
             "No space left on device",
         );
         assert!(!full_for_manifests.memory.list("packs/").unwrap().is_empty());
+    }
+
+    /// The server's backup_manifest is held until the stream ends: one
+    /// longer than the cap is refused as it arrives, not collected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_manifest_over_the_cap_is_refused() {
+        assert_eq!(MAX_MANIFEST, 1 << 30);
+        let rig = rig(None);
+        let mut receiver = BackupReceiver::start(&rig.engine.repo, "i", None)
+            .await
+            .unwrap();
+        assert_eq!(receiver.max_manifest, MAX_MANIFEST);
+        // The production cap is 1 GiB; the same check at 1 MiB.
+        receiver.max_manifest = 1 << 20;
+        let half = Bytes::from(vec![b' '; 1 << 19]);
+        for _ in 0..2 {
+            receiver
+                .feed(BaseBackupEvent::Manifest(half.clone()))
+                .await
+                .unwrap();
+        }
+        let err = receiver
+            .feed(BaseBackupEvent::Manifest(Bytes::from_static(b"}")))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the server's backup_manifest is over 1 MiB"),
+            "{err}"
+        );
+        assert_eq!(receiver.server_manifest.len(), 1 << 20);
+    }
+
+    /// An incremental transfer's backup_label is held whole: a member
+    /// claiming more than a label can be is refused at its header.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_backup_label_is_refused() {
+        let rig = rig(None);
+        let earlier = BackupManifest {
+            format_version: strata_repo::manifest::MANIFEST_VERSION,
+            backup_id: "earlier".into(),
+            instance_id: "i".into(),
+            system_identifier: 7_400_000_000_000_000_001,
+            pg_version_num: 170000,
+            wal_segment_size: 16 << 20,
+            label: String::new(),
+            mode: String::new(),
+            start_lsn: recorded::START_LSN,
+            start_timeline: TimelineId(1),
+            stop_lsn: recorded::END_LSN,
+            stop_timeline: TimelineId(1),
+            start_time: Utc::now(),
+            stop_time: Utc::now(),
+            tablespaces: Vec::new(),
+            files: Vec::new(),
+            server_manifest: None,
+            incremental_from: None,
+            received_bytes: None,
+            stats: BackupStats::default(),
+            contents: None,
+        };
+        let base = IncrementalBase::new(earlier, 8192, 131072);
+        let label = |size: u64| {
+            BaseBackupEvent::Entry(TarEntry {
+                path: "backup_label".into(),
+                kind: pg_replication::TarEntryKind::File,
+                mode: 0o600,
+                size,
+                mtime: 1_796_529_600,
+            })
+        };
+        let archive = BaseBackupEvent::ArchiveStart {
+            name: "base.tar".into(),
+            tablespace_oid: None,
+            location: None,
+        };
+        let mut receiver = BackupReceiver::start(&rig.engine.repo, "i", Some(base))
+            .await
+            .unwrap();
+        receiver.feed(archive.clone()).await.unwrap();
+        let err = receiver.feed(label(MAX_LABEL + 1)).await.unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "the server sent a backup_label of 1048577 bytes, over the 1024 KiB a label can be"
+            ),
+            "{err}"
+        );
+        // At the cap it is taken.
+        let base = IncrementalBase::new(receiver.base.take().unwrap().manifest, 8192, 131072);
+        let mut receiver = BackupReceiver::start(&rig.engine.repo, "i", Some(base))
+            .await
+            .unwrap();
+        receiver.feed(archive).await.unwrap();
+        receiver.feed(label(MAX_LABEL)).await.unwrap();
+        receiver
+            .feed(BaseBackupEvent::Data(Bytes::from(vec![
+                b'x';
+                MAX_LABEL as usize
+            ])))
+            .await
+            .unwrap();
     }
 
     /// The machine alone: a failed receiver refuses what follows, and a

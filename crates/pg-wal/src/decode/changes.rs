@@ -8,8 +8,9 @@
 //! (`TransactionIdPrecedes`).
 //!
 //! Memory is capped: at most [`MAX_TRACKED_XIDS`] transactions, [`MAX_ENTRIES_PER_XID`]
-//! relation files (or databases) per xid and [`MAX_ENTRIES`] in all. What does not fit is not
-//! recorded, and the commit that would have reported it says so (`TxnChanges::incomplete`).
+//! relation files (or databases) per xid and [`MAX_ENTRIES`] in all, and [`MAX_ENTRIES`]
+//! files dropped by one commit. What does not fit is not recorded, and the commit that would
+//! have reported it says so (`TxnChanges::incomplete`).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -24,7 +25,7 @@ pub const MAX_TRACKED_XIDS: usize = 65_536;
 pub const MAX_ENTRIES_PER_XID: usize = 16_384;
 /// Relation files and databases recorded across all xids. With the xid states this bounds the
 /// tracker at roughly 30 MiB (about 115 bytes per entry with its index, 170 per state); a
-/// few KiB is usual.
+/// few KiB is usual. Also the most dropped files one commit reports.
 pub const MAX_ENTRIES: usize = 131_072;
 /// Xids that were refused for want of room, remembered by their low bits (8 KiB).
 const REFUSED_BITS: usize = 65_536;
@@ -491,7 +492,11 @@ impl ChangeTracker {
         let mut changes = report.unwrap_or_default();
         changes.db = parts.db;
         if parts.removes_files() {
-            changes.dropped = parts.rels().collect();
+            // The list is as long as the record says (up to 89 million files in a 1 GiB
+            // record), and each file becomes an event downstream: keep what fits.
+            let mut rels = parts.rels();
+            changes.dropped = rels.by_ref().take(MAX_ENTRIES).collect();
+            incomplete |= rels.next().is_some();
         }
         changes.catalog_changed = parts.catalog_changed;
         changes.incomplete = incomplete;

@@ -30,8 +30,8 @@
 //! Memory is bounded by the records that are reported (commit and abort records, restore
 //! points), by the rare records that change a transaction's state (kept whole), and by the
 //! per-xid state, which is capped ([`MAX_TRACKED_XIDS`], [`MAX_ENTRIES_PER_XID`],
-//! [`MAX_ENTRIES`]; a commit whose changes did not all fit says so in
-//! [`TxnChanges::incomplete`]). Of heap and page-image records only the first
+//! [`MAX_ENTRIES`], which also caps the files one commit reports dropped; a commit whose
+//! changes did not all fit says so in [`TxnChanges::incomplete`]). Of heap and page-image records only the first
 //! 64 bytes after the record header (block 0's header; a delete's flags are picked up on the
 //! way) are kept; all other records are CRC-checked as they stream past and dropped.
 
@@ -132,7 +132,8 @@ pub struct TxnChanges {
     /// Database the transaction ran in (from the commit record), when known.
     pub db: Option<u32>,
     /// Relation files the commit removes: dropped tables and indexes, and the
-    /// old files of `TRUNCATE` and of rewrites (`VACUUM FULL`, `CLUSTER`).
+    /// old files of `TRUNCATE` and of rewrites (`VACUUM FULL`, `CLUSTER`). At most
+    /// [`MAX_ENTRIES`] (the first the record lists; `incomplete` when it lists more).
     pub dropped: Vec<RelFile>,
     /// Relation files the transaction created (main fork): new tables and the
     /// new files of `TRUNCATE` and rewrites.
@@ -163,8 +164,9 @@ pub struct TxnChanges {
     pub catalog_changed: bool,
     /// Not everything was recorded: the decoder's memory caps were reached
     /// ([`MAX_TRACKED_XIDS`] transactions in flight, [`MAX_ENTRIES_PER_XID`] files per
-    /// transaction, [`MAX_ENTRIES`] in all). `dropped` and `catalog_changed` come from the
-    /// commit record and are always complete; the other lists are then a lower bound.
+    /// transaction, [`MAX_ENTRIES`] in all or dropped by the commit). `catalog_changed`
+    /// comes from the commit record and is always complete, as is `dropped` unless the
+    /// record lists more than [`MAX_ENTRIES`] files; the lists are then a lower bound.
     pub incomplete: bool,
 }
 

@@ -716,6 +716,32 @@ fn files_created_filled_truncated_and_databases_dropped() {
     }
 }
 
+/// A commit record's dropped-file list is as long as the record says; one file past
+/// [`MAX_ENTRIES`] is not collected, and the report says it is incomplete.
+#[test]
+fn dropped_files_past_the_cap_make_the_commit_incomplete() {
+    let files: Vec<RelFile> = (0..MAX_ENTRIES as u32 + 1)
+        .map(|n| rel(16384 + n))
+        .collect();
+    let mut w = WalWriter::new(Lsn(MIB));
+    w.record(1, 0x80, 700, &xact_payload(1, &[], &files, &[]));
+    w.record(
+        1,
+        0x80,
+        701,
+        &xact_payload(2, &[], &files[..MAX_ENTRIES], &[]),
+    );
+    let events = decode_in_chunks(Lsn(MIB), &w.out, 1 << 16);
+    let over = changes_of(&events, 700).expect("changes");
+    assert_eq!(over.dropped.len(), MAX_ENTRIES);
+    assert_eq!(over.dropped, files[..MAX_ENTRIES]);
+    assert!(over.incomplete);
+    // At the cap the list is whole.
+    let at = changes_of(&events, 701).expect("changes");
+    assert_eq!(at.dropped, files[..MAX_ENTRIES]);
+    assert!(!at.incomplete);
+}
+
 #[test]
 fn catalog_invalidations_and_empty_commits() {
     let mut w = WalWriter::new(Lsn(MIB));

@@ -434,8 +434,29 @@ impl S3Api {
                 page.next_version.clone(),
             );
             found.extend(page_versions(page, &self.prefix)?);
+            let refuse = |why: String| StorageError::Remote {
+                op: "GET",
+                key: prefix.clone(),
+                message: why,
+                transient: false,
+            };
+            if found.len() > MAX_LISTED_VERSIONS {
+                return Err(refuse(format!(
+                    "ListObjectVersions lists more than {MAX_LISTED_VERSIONS} versions"
+                )));
+            }
             match (truncated, next_key, next_version) {
-                (true, Some(key), Some(version)) => marker = Some((key, version)),
+                (true, Some(key), Some(version)) => {
+                    // Keys come in order: a marker that does not move on would list forever.
+                    if let Some((last_key, last_version)) = &marker {
+                        if key < *last_key || (key == *last_key && version == *last_version) {
+                            return Err(refuse(format!(
+                                "a ListObjectVersions page whose next marker {key:?} does not move past {last_key:?}"
+                            )));
+                        }
+                    }
+                    marker = Some((key, version))
+                }
                 (true, _, _) => {
                     return Err(StorageError::Remote {
                         op: "GET",
@@ -450,6 +471,10 @@ impl S3Api {
         }
     }
 }
+
+/// Most object versions one listing gathers (about a gigabyte of memory): a store answering
+/// more under one prefix is refused rather than followed.
+const MAX_LISTED_VERSIONS: usize = 10_000_000;
 
 /// The versions and delete markers of one ListObjectVersions page, keys made
 /// relative to `prefix`. A key that is not a valid repository key (`..`,
@@ -557,6 +582,54 @@ mod tests {
         let versions = page_versions(page, "r/").unwrap();
         assert_eq!(versions.len(), 2);
         assert!(versions.iter().all(|v| v.key == "a"));
+    }
+
+    /// A store answering every ListObjectVersions call with the same truncated page (its
+    /// next marker is where the listing already is): the listing is refused, not followed
+    /// forever.
+    #[tokio::test]
+    async fn a_version_listing_that_does_not_move_on_is_refused() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 65536];
+                let _ = stream.read(&mut buf);
+                let body = r#"<ListVersionsResult><IsTruncated>true</IsTruncated>
+<NextKeyMarker>r/a</NextKeyMarker><NextVersionIdMarker>v1</NextVersionIdMarker>
+<Version><Key>r/a</Key><VersionId>v1</VersionId>
+<LastModified>2026-12-06T10:00:00.000Z</LastModified><Size>7</Size></Version>
+</ListVersionsResult>"#;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let api = S3Api::new(ApiSettings {
+            bucket: "b",
+            prefix: "r/",
+            endpoint: Some(&endpoint),
+            region: "us-east-1",
+            access_key_id: Some("AKID"),
+            secret_access_key: Some("SECRET"),
+            session_token: None,
+            path_style: true,
+            allow_http: true,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        let err = api.list_versions("").await.unwrap_err();
+        assert!(err.to_string().contains("does not move past"), "{err}");
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     fn one_version(key: &str, modified: &str) -> VersionsPage {
