@@ -174,15 +174,33 @@ fn probe_reflink(dir: &Path) -> Result<bool, CowError> {
 /// copy must not become a way to plant a set-id program.
 pub const KEPT_MODE_BITS: u32 = 0o750;
 
+/// Opens `path` for reading without following a symlink in its last component and without
+/// blocking on a FIFO (whoever owns the directory may swap a file for one), and refuses
+/// anything but a regular file.
+fn open_regular(path: &Path) -> Result<File, CowError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| CowError::new("open", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| CowError::new("stat", path, e))?;
+    if !meta.is_file() {
+        return Err(CowError::new(
+            "open",
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    Ok(file)
+}
+
 /// Clones the file `src` into a new file `dst` (which must not exist) by reflink, with
 /// permission bits `mode` (within [`KEPT_MODE_BITS`]). Returns the size of the clone. On
 /// failure `dst` is removed.
 pub fn reflink(src: &Path, dst: &Path, mode: u32) -> Result<u64, CowError> {
-    let source = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(src)
-        .map_err(|e| CowError::new("open", src, e))?;
+    let source = open_regular(src)?;
     reflink_from(&source, src, dst, mode, None)
 }
 
@@ -375,11 +393,7 @@ struct FiemapBuffer {
 /// The data extents of `path` (flushed first, `FIEMAP_FLAG_SYNC`), sorted by offset; `None`
 /// when the file system has no `FIEMAP` or the file has too many extents to map.
 pub fn extents(path: &Path) -> Result<Option<Vec<Extent>>, CowError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| CowError::new("open", path, e))?;
+    let file = open_regular(path)?;
     let mut buf = Box::new(FiemapBuffer {
         header: FiemapHeader::default(),
         extents: [FiemapExtent::default(); FIEMAP_BATCH],
@@ -606,6 +620,27 @@ fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO where a file was listed is refused at once by every open of a listed file
+    /// (extent maps, clones): it would otherwise hold an agent thread until a writer came.
+    #[test]
+    fn a_fifo_in_place_of_a_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("16384");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let err = extents(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let err = reflink(&fifo, &dir.path().join("copy"), 0o600).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(!dir.path().join("copy").exists());
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        assert!(extents(&plain).is_ok());
+    }
 
     fn ext(logical: u64, physical: u64, length: u64, flags: u32) -> Extent {
         Extent {

@@ -908,7 +908,7 @@ impl Walk {
                 // a path swapped during the walk cannot make the agent copy another file.
                 let source = match fs::OpenOptions::new()
                     .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                     .open(&src_path)
                 {
                     Ok(f) => f,

@@ -118,9 +118,19 @@ fn error(e: ApiError) -> Response {
 struct ChannelWriter {
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     buf: Vec<u8>,
+    /// The runtime the body is read on, to wait for the reader with a time limit.
+    runtime: tokio::runtime::Handle,
+    /// How long to wait for the reader to take a chunk.
+    stalled: std::time::Duration,
 }
 
 const CHUNK: usize = 256 * 1024;
+
+/// How long a download waits for its client to take the next chunk before it gives up.
+const STALLED_READER: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long a WAL download waits for a place (see [`WAL_DOWNLOADS`]) before it is refused.
+const WAL_PLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// WAL downloads whose segment is held in memory at once (each up to the instance's segment
 /// size); more wait for one to finish. A download holds its place until its last byte is
@@ -141,27 +151,54 @@ impl Write for ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })
+        // A client that stops reading but keeps its connection open would hold what this
+        // download holds (a WAL download's place, the repository's shared lock) forever.
+        let sent = self
+            .runtime
+            .block_on(tokio::time::timeout(self.stalled, self.tx.send(Ok(chunk))));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the client went away",
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {:?}", self.stalled),
+            )),
+        }
     }
 }
 
 fn stream_body(
     produce: impl FnOnce(&mut ChannelWriter) -> Result<(), String> + Send + 'static,
 ) -> Body {
+    stream_body_within(STALLED_READER, produce)
+}
+
+/// [`stream_body`], giving up on a client that takes no chunk for `stalled`.
+fn stream_body_within(
+    stalled: std::time::Duration,
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), String> + Send + 'static,
+) -> Body {
     let (tx, rx) = mpsc::channel(4);
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK),
+            runtime,
+            stalled,
         };
         let outcome = produce(&mut w).and_then(|()| w.flush().map_err(|e| e.to_string()));
         if let Err(e) = outcome {
             tracing::warn!("download stopped: {e}");
             // Ends the body with an error: the client sees a broken transfer,
             // never a silently truncated archive.
-            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+            let _ = w.runtime.block_on(tokio::time::timeout(
+                w.stalled,
+                tx.send(Err(std::io::Error::other(e))),
+            ));
         }
     });
     Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
@@ -236,12 +273,15 @@ pub async fn wal(
     if let Err(e) = state.links.check(&path, &q, Utc::now()) {
         return error(e);
     }
-    let Ok(place) = WAL_DOWNLOADS.acquire().await else {
-        return error(ApiError::new(
+    let Ok(Ok(place)) = tokio::time::timeout(WAL_PLACE_WAIT, WAL_DOWNLOADS.acquire()).await else {
+        let mut resp = error(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "ServiceUnavailable",
-            "WAL downloads are shut down",
+            "too many WAL downloads at once; try again shortly",
         ));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, "5".parse().expect("valid header"));
+        return resp;
     };
     let service = state.service.clone();
     let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
@@ -286,6 +326,35 @@ pub async fn wal(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that stops reading ends the download after the wait (whatever it held is let
+    /// go); one that reads gets every byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_whose_client_stops_reading_gives_up() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let produce = move |w: &mut ChannelWriter| {
+            let outcome = (0..20).try_for_each(|_| w.write_all(&[7u8; CHUNK]));
+            let _ = done_tx.send(outcome.as_ref().map_err(|e| e.kind()).copied());
+            outcome.map_err(|e| e.to_string())
+        };
+        let body = stream_body_within(std::time::Duration::from_millis(200), produce);
+        let outcome = tokio::task::spawn_blocking(move || {
+            done_rx.recv_timeout(std::time::Duration::from_secs(20))
+        })
+        .await
+        .unwrap()
+        .expect("the writer gave up");
+        assert_eq!(outcome, Err(std::io::ErrorKind::TimedOut));
+        drop(body);
+
+        let body = stream_body_within(std::time::Duration::from_millis(200), |w| {
+            (0..20)
+                .try_for_each(|_| w.write_all(&[7u8; CHUNK]))
+                .map_err(|e| e.to_string())
+        });
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        assert_eq!(bytes.len(), 20 * CHUNK);
+    }
 
     fn signer(key: [u8; 32]) -> LinkSigner {
         LinkSigner::new(key, "http://h:1/".into(), Duration::seconds(60))

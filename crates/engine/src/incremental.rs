@@ -311,13 +311,6 @@ impl IncrementalFile {
                     self.segment_pages
                 ));
             }
-            let truncation = self.word(2) as u64;
-            if truncation > self.segment_pages {
-                return Err(format!(
-                    "incremental truncation length {truncation} pages is longer than a relation segment ({} pages)",
-                    self.segment_pages
-                ));
-            }
             if self.header.len() < self.header_wanted() {
                 return Ok(());
             }
@@ -330,7 +323,10 @@ impl IncrementalFile {
                 self.size
             ));
         }
-        self.truncation = self.word(2) as u64;
+        // Servers of PostgreSQL 17 and 18 before their fix could send a truncation length past
+        // the segment (a relation over one segment that VACUUM truncated); fixed servers clamp
+        // it to the segment, and so does this, whatever the header claims.
+        self.truncation = (self.word(2) as u64).min(self.segment_pages);
         self.blocks = (0..n).map(|i| self.word(3 + i)).collect();
         if self.blocks.windows(2).any(|w| w[0] >= w[1]) {
             return Err("incremental block list is not in ascending order".into());
@@ -957,14 +953,13 @@ mod tests {
             assert!(plans.is_empty(), "{err}");
             err
         };
-        // Truncation length 0xFFFFFFFF: 2^32 pages, some 2^30 blocks planned.
-        let err = refused(&incremental(u32::MAX, &[]));
-        assert!(
-            err.contains("truncation length 4294967295 pages is longer than a relation segment (131072 pages)"),
-            "{err}"
-        );
-        let err = refused(&incremental(SEGMENT as u32 + 1, &[]));
-        assert!(err.contains("truncation length 131073"), "{err}");
+        // Truncation length 0xFFFFFFFF (2^32 pages, some 2^30 blocks had it been taken) is
+        // cut to the segment, as fixed servers send it: the file is one segment long.
+        for truncation in [u32::MAX, SEGMENT as u32 + 1] {
+            let (plans, size) = run(&base, &incremental(truncation, &[]), 999);
+            assert_eq!(size, SEGMENT * PAGE as u64, "{truncation}");
+            assert_eq!(plans.len(), SEGMENT as usize / 4, "{truncation}");
+        }
         // A block number past the segment makes the file as long.
         let err = refused(&incremental(4, &[1, 0xFFFF_FFFE]));
         assert!(

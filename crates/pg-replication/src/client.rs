@@ -132,6 +132,47 @@ fn default_root_cert() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
+/// TCP keepalive on a connection to a server: first probe after this much silence...
+const KEEPALIVE_IDLE_SECS: libc::c_int = 60;
+/// ...then one every this many seconds...
+const KEEPALIVE_INTERVAL_SECS: libc::c_int = 10;
+/// ...and the connection is dropped after this many unanswered.
+const KEEPALIVE_PROBES: libc::c_int = 6;
+
+/// Turns TCP keepalive on for `tcp`, so a server host that vanishes (powered off, a network
+/// partition: nothing sends a reset) ends a backup or a WAL stream with an error within about
+/// two minutes of silence, rather than after the system's default of two hours or never.
+fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            KEEPALIVE_INTERVAL_SECS,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ] {
+        // SAFETY: fd is the open socket `tcp` owns; value lives across the call and its size
+        // is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 impl ReplicationClient {
     /// Connects and authenticates; the whole exchange is bounded by `connect_timeout`.
     pub async fn connect(opts: &ConnectOptions) -> Result<Self, ReplicationError> {
@@ -167,6 +208,7 @@ impl ReplicationClient {
     async fn connect_once(opts: &ConnectOptions, plan: TlsPlan) -> Result<Self, ReplicationError> {
         let mut tcp = TcpStream::connect((opts.host.as_str(), opts.port)).await?;
         tcp.set_nodelay(true)?;
+        keep_alive(&tcp)?;
         let transport = match plan {
             TlsPlan::Never => Transport::Plain(tcp),
             TlsPlan::Try(verify) | TlsPlan::Must(verify) => {
@@ -622,6 +664,37 @@ pub(crate) fn log_notice(body: &postgres_protocol::message::backend::NoticeRespo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connections_probe_a_silent_peer() {
+        use std::os::fd::AsRawFd;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let get = |level, name| {
+            let mut value: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: the socket is open; value and len outlive the call.
+            let rc = unsafe {
+                libc::getsockopt(
+                    tcp.as_raw_fd(),
+                    level,
+                    name,
+                    &mut value as *mut libc::c_int as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            value
+        };
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        keep_alive(&tcp).unwrap();
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 60);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 6);
+    }
 
     #[test]
     fn server_versions() {

@@ -74,6 +74,11 @@ pub fn seal<M: Serialize>(
         Some(level) => {
             let body = zstd::bulk::compress(payload, level)
                 .map_err(|e| RepoError::Format(e.to_string()))?;
+            // A payload that compresses past what a reader accepts (a manifest of mostly
+            // identical blocks, all zeros) is stored as it is, so it can always be opened.
+            if payload.len() as u64 > payload_limit(kind, body.len()) {
+                return seal_body(keys, kind, meta, 0, payload);
+            }
             seal_body(keys, kind, meta, FLAG_ZSTD, &body)
         }
         None => seal_body(keys, kind, meta, 0, payload),
@@ -334,6 +339,22 @@ mod tests {
         let wal = seal_compressed(&keys, ObjectKind::WalSegment, &meta, &bomb).unwrap();
         let opened = open::<serde_json::Value>(&keys, "k", ObjectKind::WalSegment, &wal).unwrap();
         assert_eq!(opened.payload.len(), 72 << 20);
+        // What Strata writes it can read: a payload compressing past the limit is stored
+        // as it is.
+        let zeros = vec![0u8; 72 << 20];
+        let sealed = seal(&keys, ObjectKind::Manifest, &meta, &zeros, Some(3)).unwrap();
+        assert!(sealed.len() > 72 << 20);
+        let opened = open::<serde_json::Value>(&keys, "k", ObjectKind::Manifest, &sealed).unwrap();
+        assert_eq!(opened.payload, zeros);
+        let small = seal(
+            &keys,
+            ObjectKind::Manifest,
+            &meta,
+            &zeros[..1 << 20],
+            Some(3),
+        )
+        .unwrap();
+        assert!(small.len() < 64 << 10);
         // WAL is bounded by the largest segment, the rest by their stored size.
         assert_eq!(payload_limit(ObjectKind::WalSegment, 10), 1 << 30);
         assert_eq!(payload_limit(ObjectKind::Manifest, 10 << 20), 640 << 20);

@@ -405,6 +405,7 @@ impl S3Api {
     pub async fn list_versions(&self, dir: &str) -> StorageResult<Vec<ObjectVersion>> {
         let prefix = format!("{}{dir}", self.prefix);
         let mut found = Vec::new();
+        let (mut answered, mut pages) = (0usize, 0usize);
         let mut marker: Option<(String, String)> = None;
         loop {
             let mut query = format!("versions=&prefix={}", utf8_percent_encode(&prefix, QUERY));
@@ -433,14 +434,33 @@ impl S3Api {
                 page.next_key.clone(),
                 page.next_version.clone(),
             );
-            found.extend(page_versions(page, &self.prefix)?);
             let refuse = |why: String| StorageError::Remote {
                 op: "GET",
                 key: prefix.clone(),
                 message: why,
                 transient: false,
             };
-            if found.len() > MAX_LISTED_VERSIONS {
+            // Every entry answered counts, kept or not, and a page that says more follow must
+            // hold some: otherwise pages of nothing (or of keys not taken) could go on forever.
+            let entries = page
+                .entries
+                .iter()
+                .filter(|e| !matches!(e, VersionEntry::Other))
+                .count();
+            if truncated && entries == 0 {
+                return Err(refuse(
+                    "a truncated ListObjectVersions page with no versions".into(),
+                ));
+            }
+            answered += entries;
+            pages += 1;
+            if pages > MAX_VERSION_PAGES {
+                return Err(refuse(format!(
+                    "ListObjectVersions answers more than {MAX_VERSION_PAGES} pages"
+                )));
+            }
+            found.extend(page_versions(page, &self.prefix)?);
+            if answered > MAX_LISTED_VERSIONS {
                 return Err(refuse(format!(
                     "ListObjectVersions lists more than {MAX_LISTED_VERSIONS} versions"
                 )));
@@ -475,6 +495,9 @@ impl S3Api {
 /// Most object versions one listing gathers (about a gigabyte of memory): a store answering
 /// more under one prefix is refused rather than followed.
 const MAX_LISTED_VERSIONS: usize = 10_000_000;
+/// Most pages one listing follows: ten times what the versions above need at the 1,000 a page
+/// S3 answers, so a store answering a version or two a page is stopped too.
+const MAX_VERSION_PAGES: usize = 100_000;
 
 /// The versions and delete markers of one ListObjectVersions page, keys made
 /// relative to `prefix`. A key that is not a valid repository key (`..`,
@@ -584,11 +607,8 @@ mod tests {
         assert!(versions.iter().all(|v| v.key == "a"));
     }
 
-    /// A store answering every ListObjectVersions call with the same truncated page (its
-    /// next marker is where the listing already is): the listing is refused, not followed
-    /// forever.
-    #[tokio::test]
-    async fn a_version_listing_that_does_not_move_on_is_refused() {
+    /// A store answering every ListObjectVersions call with `body`; the calls are counted.
+    fn answering(body: &'static str) -> (S3Api, std::sync::Arc<std::sync::atomic::AtomicU32>) {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -600,11 +620,6 @@ mod tests {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut buf = [0u8; 65536];
                 let _ = stream.read(&mut buf);
-                let body = r#"<ListVersionsResult><IsTruncated>true</IsTruncated>
-<NextKeyMarker>r/a</NextKeyMarker><NextVersionIdMarker>v1</NextVersionIdMarker>
-<Version><Key>r/a</Key><VersionId>v1</VersionId>
-<LastModified>2026-12-06T10:00:00.000Z</LastModified><Size>7</Size></Version>
-</ListVersionsResult>"#;
                 let _ = write!(
                     stream,
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -627,9 +642,41 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
         })
         .unwrap();
-        let err = api.list_versions("").await.unwrap_err();
-        assert!(err.to_string().contains("does not move past"), "{err}");
+        (api, served)
+    }
+
+    /// A store whose truncated pages do not move on, or hold no versions, is refused rather
+    /// than followed forever.
+    #[tokio::test]
+    async fn a_version_listing_that_does_not_move_on_is_refused() {
+        let list = |api: S3Api| async move {
+            tokio::time::timeout(Duration::from_secs(30), api.list_versions(""))
+                .await
+                .expect("the listing ends")
+                .unwrap_err()
+                .to_string()
+        };
+        let (api, served) = answering(
+            r#"<ListVersionsResult><IsTruncated>true</IsTruncated>
+<NextKeyMarker>r/a</NextKeyMarker><NextVersionIdMarker>v1</NextVersionIdMarker>
+<Version><Key>r/a</Key><VersionId>v1</VersionId>
+<LastModified>2026-12-06T10:00:00.000Z</LastModified><Size>7</Size></Version>
+</ListVersionsResult>"#,
+        );
+        let err = list(api).await;
+        assert!(err.contains("does not move past"), "{err}");
         assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let (api, served) = answering(
+            r#"<ListVersionsResult><Name>b</Name><IsTruncated>true</IsTruncated>
+<NextKeyMarker>r/z</NextKeyMarker><NextVersionIdMarker>v1</NextVersionIdMarker>
+</ListVersionsResult>"#,
+        );
+        let err = list(api).await;
+        assert!(
+            err.contains("truncated ListObjectVersions page with no versions"),
+            "{err}"
+        );
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     fn one_version(key: &str, modified: &str) -> VersionsPage {
