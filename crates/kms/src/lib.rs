@@ -215,7 +215,7 @@ impl Kms {
         Ok(DataKey {
             plaintext: thirty_two(&plaintext)?,
             ciphertext: blob(&answer, "CiphertextBlob")?,
-            key_id: text(&answer, "KeyId")?,
+            key_id: answered_key_id(&answer)?,
         })
     }
 
@@ -260,7 +260,7 @@ impl Kms {
                        "SourceEncryptionContext": ctx, "DestinationEncryptionContext": ctx}),
             )
             .await?;
-        Ok((blob(&answer, "CiphertextBlob")?, text(&answer, "KeyId")?))
+        Ok((blob(&answer, "CiphertextBlob")?, answered_key_id(&answer)?))
     }
 
     /// What the KMS says about CMK `key_id`.
@@ -306,33 +306,54 @@ impl Kms {
             .await
             .map_err(|e| unavailable(format!("{operation}: {e}")))?;
         let status = response.status();
-        let bytes = response
-            .bytes()
+        // Read a piece at a time and stop past the limit: an endpoint streaming without end
+        // must not fill memory before the size is known.
+        let too_large = || {
+            unavailable(format!(
+                "{operation}: answer larger than {MAX_RESPONSE} bytes"
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_RESPONSE as u64)
+        {
+            return Err(too_large());
+        }
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| unavailable(format!("{operation}: {e}")))?;
-        if bytes.len() > MAX_RESPONSE {
-            return Err(unavailable(format!("{operation}: answer too large")));
+            .map_err(|e| unavailable(format!("{operation}: {e}")))?
+        {
+            if bytes.len() + chunk.len() > MAX_RESPONSE {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
         }
         let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(answer);
         }
-        let kind = answer
-            .get("__type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .rsplit('#')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        let message = answer
-            .get("message")
-            .or_else(|| answer.get("Message"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .chars()
-            .take(300)
-            .collect::<String>();
+        // What the endpoint says reaches API answers, logs and job rows: one bounded line.
+        let kind = printable(
+            answer
+                .get("__type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .rsplit('#')
+                .next()
+                .unwrap_or(""),
+            128,
+        );
+        let message = printable(
+            answer
+                .get("message")
+                .or_else(|| answer.get("Message"))
+                .and_then(|v| v.as_str())
+                .unwrap_or(""),
+            300,
+        );
         let key = key.to_string();
         Err(match kind.as_str() {
             "DisabledException" | "KMSInvalidStateException" => {
@@ -440,6 +461,21 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// `text` without control characters, cut to `max` characters.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+/// A key id the KMS answered, checked as one given to it is: it is stored and sent back.
+fn answered_key_id(answer: &Value) -> KmsResult<String> {
+    let id = text(answer, "KeyId")?;
+    if valid_key_id(&id) {
+        Ok(id)
+    } else {
+        Err(malformed("KeyId"))
+    }
+}
+
 fn malformed(field: &str) -> KmsError {
     KmsError::Unavailable {
         endpoint: String::new(),
@@ -480,6 +516,83 @@ pub fn epoch_time(secs: f64) -> Option<chrono::DateTime<chrono::Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake KMS answering every request with `answer` (status line, headers, body) after
+    /// reading the request; with `endless`, a body that never ends follows the headers.
+    async fn fake_kms(answer: String, endless: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let _ = stream.read(&mut buf).await;
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 64 * 1024];
+                    while endless && stream.write_all(&chunk).await.is_ok() {}
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn kms_at(endpoint: String) -> Kms {
+        Kms::new(KmsConfig {
+            endpoint,
+            region: "us-east-1".into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: Zeroizing::new("secret".into()),
+        })
+        .unwrap()
+    }
+
+    /// What a hostile or broken endpoint answers is bounded and checked: a body without end
+    /// is refused past 1 MiB, a key id the KMS makes up is not taken, and its error text
+    /// reaches nobody with control characters or at any length.
+    #[tokio::test]
+    async fn answers_of_a_hostile_endpoint_are_bounded_and_checked() {
+        let endless = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n".to_string();
+        let kms = kms_at(fake_kms(endless, true).await);
+        let err = kms.describe_key("alias/strata").await.unwrap_err();
+        assert!(
+            err.to_string().contains("answer larger than 1048576 bytes"),
+            "{err}"
+        );
+
+        let json = |body: &str, status: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let plaintext = "A".repeat(43) + "=";
+        let made_up =
+            format!(r#"{{"Plaintext":"{plaintext}","CiphertextBlob":"AAAA","KeyId":"a b\nc"}}"#);
+        let kms = kms_at(fake_kms(json(&made_up, "200 OK"), false).await);
+        let err = match kms.generate_data_key("alias/strata", &[]).await {
+            Ok(_) => panic!("a made-up key id was taken"),
+            Err(e) => e,
+        };
+        assert!(err.to_string().contains("no valid KeyId"), "{err}");
+
+        let noisy = format!(
+            r#"{{"__type":"{}","message":"line one\r\nline two"}}"#,
+            "X".repeat(5000)
+        );
+        let kms = kms_at(fake_kms(json(&noisy, "400 Bad Request"), false).await);
+        let err = kms
+            .describe_key("alias/strata")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('\n') && !err.contains('\r'), "{err}");
+        assert!(err.contains("line oneline two"), "{err}");
+        assert!(err.len() < 1000, "{} bytes", err.len());
+    }
 
     #[test]
     fn key_ids_are_checked_and_the_secret_never_printed() {

@@ -74,7 +74,14 @@ pub struct EmailSink {
     from: Mailbox,
     to: Vec<Mailbox>,
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Limit on a whole delivery: the transport's own timeout bounds its connection only,
+    /// not the wait for each answer of the server.
+    delivery_timeout: Duration,
 }
+
+/// SMTP exchanges of one delivery (greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, QUIT are
+/// more, but most are quick); a delivery may take this many times the spec's timeout.
+const EXCHANGES_PER_TIMEOUT: u32 = 4;
 
 impl std::fmt::Debug for EmailSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,6 +135,7 @@ impl EmailSink {
             from,
             to,
             transport: builder.build(),
+            delivery_timeout: spec.timeout * EXCHANGES_PER_TIMEOUT,
         })
     }
 
@@ -166,10 +174,16 @@ impl EmailSink {
         let message = builder
             .body(body(event))
             .map_err(|e| failed(format!("building the message: {e}")))?;
-        let response = self
-            .transport
-            .send(message)
+        // A server that accepts and then says nothing (or a line without end) would hold the
+        // delivery, and every sink after it, forever.
+        let response = tokio::time::timeout(self.delivery_timeout, self.transport.send(message))
             .await
+            .map_err(|_| {
+                failed(format!(
+                    "SMTP: no complete answer from {} within {:?}",
+                    self.server, self.delivery_timeout
+                ))
+            })?
             .map_err(|e| failed(format!("SMTP: {e}")))?;
         Ok(Delivered {
             attempts: 1,
@@ -249,6 +263,43 @@ mod tests {
             "smtp.example.com:587 to a@example.com, b@example.com"
         );
         assert!(!format!("{sink:?}").contains("hunter2"));
+    }
+
+    /// A server that accepts the connection and never answers fails the delivery within its
+    /// limit instead of holding it.
+    #[tokio::test]
+    async fn a_silent_server_fails_the_delivery_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let sink = EmailSink::new(EmailSpec {
+            name: "mail".into(),
+            host: "127.0.0.1".into(),
+            port,
+            security: SmtpSecurity::None,
+            credentials: None,
+            from: "strata@example.com".into(),
+            to: vec!["ops@example.com".into()],
+            route: Route::default(),
+            timeout: Duration::from_millis(200),
+        })
+        .unwrap();
+        let event = Event::new(
+            EventKind::BackupFailed,
+            Some("db"),
+            chrono::Utc::now(),
+            "failed",
+        );
+        let err = tokio::time::timeout(Duration::from_secs(20), sink.deliver(&event))
+            .await
+            .expect("the delivery ends")
+            .unwrap_err();
+        assert!(err.to_string().contains("no complete answer"), "{err}");
     }
 
     #[test]
