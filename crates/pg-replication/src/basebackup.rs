@@ -241,6 +241,9 @@ fn take_cstr(buf: &mut Bytes) -> Result<String, ReplicationError> {
         .map_err(|_| ReplicationError::protocol("non-UTF-8 archive name or path"))
 }
 
+/// Most tablespaces a BASE_BACKUP's header may list (a cluster has a handful).
+const MAX_TABLESPACES: usize = 65_536;
+
 impl ReplicationClient {
     /// Starts BASE_BACKUP and reads up to the first archive; see [`BaseBackup`].
     pub async fn base_backup(
@@ -272,6 +275,11 @@ impl ReplicationClient {
                                     "start timeline",
                                 )?),
                             ))
+                        }
+                        2 if tablespaces.len() >= MAX_TABLESPACES => {
+                            return Err(ReplicationError::protocol(format!(
+                                "BASE_BACKUP lists more than {MAX_TABLESPACES} tablespaces"
+                            )))
                         }
                         2 => tablespaces.push(TablespaceInfo {
                             oid: column_str(&row, 0, "tablespace")?

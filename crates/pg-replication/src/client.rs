@@ -43,7 +43,14 @@ pub struct ReplicationClient {
     pub(crate) conn: Connection,
     pub(crate) state: ConnState,
     server_version_num: u32,
+    /// Most bytes of rows one command's answer may bring (see [`MAX_RESULT_BYTES`]).
+    max_result_bytes: usize,
 }
+
+/// Most bytes of rows kept from one command's answer: each message is bounded, their number is
+/// the server's to choose, so a server answering without end would otherwise fill memory. The
+/// largest answers Strata asks for (names of every relation of a cluster) are far below it.
+pub const MAX_RESULT_BYTES: usize = 1 << 30;
 
 /// What to do about TLS on one connection attempt.
 #[derive(Clone, Copy)]
@@ -251,6 +258,7 @@ impl ReplicationClient {
             conn: Connection::new(transport),
             state: ConnState::Ready,
             server_version_num: 0,
+            max_result_bytes: MAX_RESULT_BYTES,
         };
         client.startup(opts).await?;
         Ok(client)
@@ -390,6 +398,12 @@ impl ReplicationClient {
         self.conn.is_tls()
     }
 
+    /// Lowers (or raises) the most bytes of rows one command's answer may bring; past it the
+    /// command fails and the connection is left unusable (the rest of the answer unread).
+    pub fn set_max_result_bytes(&mut self, max: usize) {
+        self.max_result_bytes = max;
+    }
+
     pub(crate) fn ensure_ready(&self) -> Result<(), ReplicationError> {
         match self.state {
             ConnState::Ready => Ok(()),
@@ -408,6 +422,7 @@ impl ReplicationClient {
         frontend::query(sql, self.conn.out())?;
         self.conn.flush().await?;
         let mut rows = Vec::new();
+        let mut received = 0usize;
         let mut error = None;
         loop {
             let msg = match self.conn.read_message().await? {
@@ -423,7 +438,17 @@ impl ReplicationClient {
                 Message::RowDescription(_)
                 | Message::CommandComplete(_)
                 | Message::EmptyQueryResponse => {}
-                Message::DataRow(body) => rows.push(data_row_columns(&body)?),
+                Message::DataRow(body) => {
+                    received += body.buffer_bytes().len();
+                    if received > self.max_result_bytes {
+                        self.state = ConnState::Busy;
+                        return Err(ReplicationError::protocol(format!(
+                            "the answer to {sql:?} is larger than {} bytes",
+                            self.max_result_bytes
+                        )));
+                    }
+                    rows.push(data_row_columns(&body)?)
+                }
                 Message::NoticeResponse(body) => log_notice(&body),
                 Message::ParameterStatus(body) => self.on_parameter_status(&body)?,
                 Message::ErrorResponse(body) => error = Some(server_error(&body)),

@@ -34,6 +34,33 @@ async fn identify_system_and_show() {
     client.identify_system().await.expect("after error");
 }
 
+/// An answer larger than the client keeps is refused, not gathered, and the connection is
+/// not used again (the rest of the answer is still on it).
+#[tokio::test]
+async fn answers_past_the_result_limit_are_refused() {
+    let cluster = shared_cluster(15);
+    let mut plain = opts(cluster, "postgres");
+    plain.replication = false;
+    plain.dbname = Some("postgres".into());
+    let mut client = ReplicationClient::connect(&plain).await.unwrap();
+    client.set_max_result_bytes(1 << 20);
+    let rows = client
+        .simple_query("SELECT repeat('x', 1000) FROM generate_series(1, 500)")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 500);
+    let err = client
+        .simple_query("SELECT repeat('x', 1000) FROM generate_series(1, 2000)")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than 1048576 bytes"),
+        "{err}"
+    );
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.to_string().contains("reconnect"), "{err}");
+}
+
 #[tokio::test]
 async fn physical_slots() {
     let cluster = shared_cluster(15);
