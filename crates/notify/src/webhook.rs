@@ -57,10 +57,11 @@ pub struct WebhookSink {
 
 impl std::fmt::Debug for WebhookSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The secret stays out of logs.
+        // The secret stays out of logs, and so do the URL's path and query (chat webhooks
+        // carry their token there): the target shows the scheme and host only.
         f.debug_struct("WebhookSink")
             .field("name", &self.spec.name)
-            .field("url", &self.spec.url)
+            .field("target", &self.target())
             .finish_non_exhaustive()
     }
 }
@@ -341,6 +342,14 @@ mod tests {
             "http://127.0.0.1:9/…"
         );
         assert_eq!(target("http://127.0.0.1:9/"), "http://127.0.0.1:9/");
+        let sink =
+            WebhookSink::new(spec("https://hooks.example.com/services/T0/B0/token")).unwrap();
+        let shown = format!("{sink:?}");
+        assert!(
+            !shown.contains("token") && !shown.contains("services"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://hooks.example.com/…"), "{shown}");
     }
 
     #[test]
