@@ -319,6 +319,13 @@ def test_describe_instances(instance, client):
             "InvalidDBInstanceId.Malformed", 400, call,
             request(dbinstance_id=",".join([instance.id] * 31)),
         )
+    # Ids are data: hostile ones name no instance, whatever they look like.
+    for bad in ["a=b", "..", "x'y", "pg\nother", "i" * 64]:
+        with pytest.raises(Exception) as info:
+            client.describe_dbinstance_attribute(
+                rds.DescribeDBInstanceAttributeRequest(dbinstance_id=f"{instance.id},{bad}"))
+        code = getattr(info.value, "code", "")
+        assert code in ("InvalidDBInstance.NotFound", "InvalidDBInstanceId.Malformed"), (bad, info.value)
 
 
 def test_register_and_deregister(instance, client, sig):

@@ -81,6 +81,12 @@ def test_bad_filters_are_refused(client, instance):
     with pytest.raises(Exception) as info:
         h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId=instance.id, EventType="Delete,Explode")
     assert "InvalidEventType.Malformed" in str(info.value)
+    # Hostile values and a list past 100 entries are refused the same way.
+    for bad in ["Delete=1", "Delete,'; DROP TABLE x", "Delete\nTruncate", "..", "x" * 64,
+                ",".join(["Delete"] * 101)]:
+        with pytest.raises(Exception) as info:
+            h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId=instance.id, EventType=bad)
+        assert "InvalidEventType.Malformed" in str(info.value), bad
     with pytest.raises(Exception) as info:
         h.call(client, "StrataDescribeRecoveryEvents", DBInstanceId="sdk-no-such-instance")
     assert "InvalidDBInstance.NotFound" in str(info.value)

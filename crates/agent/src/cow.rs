@@ -177,7 +177,7 @@ pub const KEPT_MODE_BITS: u32 = 0o750;
 /// Opens `path` for reading without following a symlink in its last component and without
 /// blocking on a FIFO (whoever owns the directory may swap a file for one), and refuses
 /// anything but a regular file.
-fn open_regular(path: &Path) -> Result<File, CowError> {
+pub(crate) fn open_regular(path: &Path) -> Result<File, CowError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)

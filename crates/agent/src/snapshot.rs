@@ -695,19 +695,8 @@ impl SnapshotStore {
                     EntryKind::File => {
                         // The snapshot belongs to the data directory's owner, who could swap
                         // a directory in it for a symlink: check what was actually opened.
-                        // Not blocking on a FIFO put where a file was.
-                        let source = fs::OpenOptions::new()
-                            .read(true)
-                            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                            .open(&src)
-                            .map_err(io_err("open", &src))?;
+                        let source = cow::open_regular(&src)?;
                         let opened = source.metadata().map_err(io_err("stat", &src))?;
-                        if !opened.is_file() {
-                            return Err(SnapshotError::Refused(format!(
-                                "{} in snapshot {snapshot} is not a regular file",
-                                e.path
-                            )));
-                        }
                         owner_may_read(&opened, self.owner, &src)?;
                         bytes += cow::reflink_from(&source, &src, &dst, e.mode, Some(self.owner))?;
                         files += 1;
