@@ -68,18 +68,21 @@ pub trait InstanceCatalog: Send + Sync {
 
 /// Backup sets and the restore drills run on them.
 ///
-/// Owns: backup sets (ids unique across all instances), drill results (at
-/// most one per backup set). A set's instance never changes, and a set
+/// Owns: backup sets (ids unique across all instances, at most one
+/// `Running` per instance), drill results (at most one per backup set). A
+/// set's instance never changes, and a set
 /// failed by a lease takeover ([`JobCatalog::fail_expired_jobs`]) is never
 /// revived by its old owner ([`crate::CatalogError::LeaseLost`]).
 pub trait BackupCatalog: Send + Sync {
     /// Records a new set; [`crate::CatalogError::BackupExists`] when its id
-    /// is taken (by any instance).
+    /// is taken (by any instance), [`crate::CatalogError::BackupRunning`]
+    /// when it is `Running` and another set of its instance is too.
     fn insert_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
     /// Replaces a set's row; [`crate::CatalogError::BackupNotFound`] when
     /// unknown, [`crate::CatalogError::Invalid`] when it names another
     /// instance, [`crate::CatalogError::LeaseLost`] when it would revive a
-    /// set failed by a takeover.
+    /// set failed by a takeover, [`crate::CatalogError::BackupRunning`] when
+    /// it would make a second set of its instance `Running`.
     fn update_backup(&self, backup: &BackupSet) -> CatalogResult<()>;
     /// One set; [`crate::CatalogError::BackupNotFound`] when unknown.
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet>;
@@ -182,6 +185,11 @@ pub trait JobCatalog: Send + Sync {
     /// The lease owner jobs created through this handle belong to: random
     /// per process start, never a PID.
     fn lease_owner(&self) -> &LeaseOwner;
+    /// Sets how long this handle's owner's lease on its jobs lasts past
+    /// each renewal ([`crate::DEFAULT_JOB_LEASE`] until set). It is stored
+    /// on every job the owner creates, claims or renews, and observers judge
+    /// the job by it ([`JobCatalog::fail_expired_jobs`]).
+    fn set_job_lease(&self, lease: std::time::Duration);
     /// Renews the lease on every unfinished job of [`JobCatalog::lease_owner`]
     /// (heartbeat = `now` on the catalog's clock, see the module
     /// documentation); returns how many jobs were renewed.
@@ -211,12 +219,16 @@ pub trait JobCatalog: Send + Sync {
         now: DateTime<Utc>,
     ) -> CatalogResult<Option<Job>>;
     /// Takes over the unfinished jobs of other owners whose lease expired
-    /// (last heartbeat more than `lease` before `now`, on the catalog's
-    /// clock): each is marked `Failed` with the reason, with its running
-    /// backup set, so new work can start. Jobs of this handle's own owner are never taken over, nor
-    /// queued jobs (nobody owns them yet: the instance's next owner claims
-    /// them). The look and the takeover are one transaction. Returns how
-    /// many were failed.
+    /// (last heartbeat longer before `now`, on the catalog's clock, than
+    /// the lease the owner stored on the job; `lease` for jobs stored
+    /// without one): each is marked `Failed` with the reason, with its
+    /// running backup set, so new work can start. Jobs of this handle's own
+    /// owner are never taken over, nor queued jobs (nobody owns them yet:
+    /// the instance's next owner claims them). After a call of this handle
+    /// found the catalog busy or unreachable, nothing is taken over for
+    /// `lease`, nor any job until its own lease has passed since: the
+    /// owners may have been cut off alike and not yet renewed. The look and
+    /// the takeover are one transaction. Returns how many were failed.
     fn fail_expired_jobs(
         &self,
         now: DateTime<Utc>,

@@ -9,15 +9,71 @@
 //! number. An owner id plus a heartbeat means the same on SQLite and on a
 //! catalog shared by several nodes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::{Catalog, Job};
+use crate::{Catalog, CatalogResult, Job};
+
+/// The lease a handle's owner keeps on its jobs until told otherwise
+/// ([`crate::interface::JobCatalog::set_job_lease`]).
+pub const DEFAULT_JOB_LEASE: Duration = Duration::from_secs(30);
+
+/// What one catalog handle knows about leases besides its owner id: the
+/// lease its owner keeps on its jobs (stored on each job it creates, claims
+/// or renews, so that every observer judges the job by it and not by its
+/// own setting), and when a call of this handle last found the catalog busy
+/// or unreachable.
+pub(crate) struct LeaseState {
+    lease_ms: AtomicU64,
+    unreachable_at: Mutex<Option<Instant>>,
+}
+
+impl LeaseState {
+    pub(crate) fn new() -> LeaseState {
+        LeaseState {
+            lease_ms: AtomicU64::new(DEFAULT_JOB_LEASE.as_millis() as u64),
+            unreachable_at: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set_lease(&self, lease: Duration) {
+        // At most about 34 years: the catalog multiplies it into microseconds.
+        let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        self.lease_ms.store(ms.clamp(1, 1 << 40), Ordering::Relaxed);
+    }
+
+    /// The owner's lease in milliseconds, as stored on its jobs.
+    pub(crate) fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease_ms.load(Ordering::Relaxed)).unwrap_or(i64::MAX)
+    }
+
+    /// Remembers when a call's answer says the catalog could not be used.
+    pub(crate) fn note<T>(&self, answer: &CatalogResult<T>) {
+        if matches!(answer, Err(e) if e.is_retryable()) {
+            *self
+                .unreachable_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+    }
+
+    /// How long ago a call last found the catalog busy or unreachable
+    /// (`None`: never). Until a job's whole lease has passed since, its
+    /// owner may not have been able to renew either, and a heartbeat that
+    /// looks expired proves nothing.
+    pub(crate) fn since_unreachable(&self) -> Option<chrono::Duration> {
+        self.unreachable_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| chrono::Duration::from_std(at.elapsed()).unwrap_or(chrono::Duration::MAX))
+    }
+}
 
 /// A lease owner: 128 random bits as 32 hex digits, one per process start
 /// (per catalog handle).

@@ -39,7 +39,7 @@ pub use interface::{
     AccessCatalog, BackupCatalog, Catalog, CrossRegionCatalog, GcCatalog, IndexCatalog,
     InstanceCatalog, JobCatalog, NodeCatalog, PolicyCatalog, UsageCatalog, WalCatalog,
 };
-pub use lease::{LeaseKeeper, LeaseOwner};
+pub use lease::{LeaseKeeper, LeaseOwner, DEFAULT_JOB_LEASE};
 pub use migrations::{Migration, MIGRATIONS};
 pub use postgres::{PgCatalog, PgConnect};
 pub use sqlite::SqliteCatalog;
@@ -143,6 +143,15 @@ pub enum CatalogError {
     /// No job has that id.
     #[error("job {0} not found")]
     JobNotFound(JobId),
+    /// A backup set of the instance is already running: at most one runs
+    /// per instance at a time.
+    #[error("a backup of instance {instance_id} is already running (backup {running})")]
+    BackupRunning {
+        /// The instance.
+        instance_id: String,
+        /// The set that runs.
+        running: String,
+    },
     /// Another process took the job over after its lease expired.
     #[error("job {0} was taken over by another process after its lease expired; its outcome is not recorded")]
     LeaseLost(JobId),
@@ -1122,6 +1131,11 @@ pub struct Job {
     pub owner: LeaseOwner,
     /// When the owner last renewed its lease on this job.
     pub heartbeat_at: DateTime<Utc>,
+    /// How long the owner's lease lasts past each heartbeat, as the owner
+    /// stored it: every observer judges the job by this, not by its own
+    /// setting. `None` on jobs stored before leases were (judged by the
+    /// observer's lease) and on queued jobs nobody owns yet.
+    pub lease_ms: Option<i64>,
     /// Process id of the owner, for people reading the job only: a PID says
     /// nothing about liveness across PID namespaces or hosts.
     pub pid: u32,

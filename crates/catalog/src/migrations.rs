@@ -776,6 +776,61 @@ ALTER TABLE wal_receivers ADD COLUMN failing_since timestamptz;
 ALTER TABLE wal_receivers ADD COLUMN unreachable_since timestamptz;
 "#,
     },
+    Migration {
+        version: 18,
+        description: "each job's lease as its owner keeps it; one running backup set per instance",
+        sqlite: r#"
+-- How long the owner's lease on the job lasts past each heartbeat, in
+-- milliseconds, as the owner set it (NULL: stored before, judged by the
+-- observer's own lease).
+ALTER TABLE jobs ADD COLUMN lease_ms INTEGER;
+-- Sets left running side by side for one instance: all but the newest fail,
+-- with their jobs, which change hands so their owners cannot revive them.
+UPDATE backup_sets
+   SET status = 'Failed',
+       finished_at = strftime('%Y-%m-%dT%H:%M:%f000000Z', 'now'),
+       error = 'another backup of the instance was running at the same time; the catalog upgrade kept the newer one'
+ WHERE status = 'Running'
+   AND EXISTS (SELECT 1 FROM backup_sets n
+                WHERE n.instance_id = backup_sets.instance_id AND n.status = 'Running'
+                  AND (n.started_at > backup_sets.started_at
+                       OR (n.started_at = backup_sets.started_at AND n.id > backup_sets.id)));
+UPDATE jobs
+   SET state = 'Failed',
+       finished_at = strftime('%Y-%m-%dT%H:%M:%f000000Z', 'now'),
+       error = 'another backup of the instance was running at the same time; the catalog upgrade kept the newer one',
+       owner = 'catalog-upgrade'
+ WHERE state NOT IN ('Finished', 'Failed')
+   AND id IN (SELECT job_id FROM backup_sets
+               WHERE status = 'Failed' AND job_id IS NOT NULL
+                 AND error = 'another backup of the instance was running at the same time; the catalog upgrade kept the newer one');
+CREATE UNIQUE INDEX backup_sets_one_running ON backup_sets(instance_id) WHERE status = 'Running';
+"#,
+        postgres: r#"
+ALTER TABLE jobs ADD COLUMN lease_ms bigint;
+-- No set starts running between the clean-up and the index.
+LOCK TABLE backup_sets IN SHARE ROW EXCLUSIVE MODE;
+UPDATE backup_sets
+   SET status = 'Failed',
+       finished_at = now(),
+       error = 'another backup of the instance was running at the same time; the catalog upgrade kept the newer one'
+ WHERE status = 'Running'
+   AND EXISTS (SELECT 1 FROM backup_sets n
+                WHERE n.instance_id = backup_sets.instance_id AND n.status = 'Running'
+                  AND (n.started_at > backup_sets.started_at
+                       OR (n.started_at = backup_sets.started_at AND n.id > backup_sets.id)));
+UPDATE jobs
+   SET state = 'Failed',
+       finished_at = now(),
+       error = 'another backup of the instance was running at the same time; the catalog upgrade kept the newer one',
+       owner = 'catalog-upgrade'
+ WHERE state NOT IN ('Finished', 'Failed')
+   AND id IN (SELECT job_id FROM backup_sets
+               WHERE status = 'Failed' AND job_id IS NOT NULL
+                 AND error = 'another backup of the instance was running at the same time; the catalog upgrade kept the newer one');
+CREATE UNIQUE INDEX backup_sets_one_running ON backup_sets(instance_id) WHERE status = 'Running';
+"#,
+    },
 ];
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use pg_wal::{Lsn, TimelineId};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 
-use crate::lease::lease_expired_reason;
+use crate::lease::{lease_expired_reason, LeaseState};
 use crate::*;
 
 /// Connections each handle keeps at most.
@@ -297,6 +297,7 @@ pub struct PgCatalog {
     pool: Pool,
     runtime: Option<tokio::runtime::Runtime>,
     owner: LeaseOwner,
+    lease: LeaseState,
 }
 
 impl Drop for PgCatalog {
@@ -342,6 +343,7 @@ impl PgCatalog {
             pool,
             runtime: Some(runtime),
             owner: LeaseOwner::random(),
+            lease: LeaseState::new(),
         };
         catalog.call(|mut c| async move { migrate(&mut c).await })?;
         Ok(catalog)
@@ -379,7 +381,9 @@ impl PgCatalog {
             };
             let _ = tx.send(result);
         });
-        rx.recv().map_err(|_| stopped())?
+        let answer = rx.recv().map_err(|_| stopped()).and_then(|r| r);
+        self.lease.note(&answer);
+        answer
     }
 }
 
@@ -758,7 +762,7 @@ fn wal_from_row(r: &Row) -> CatalogResult<WalSegmentRow> {
     })
 }
 
-const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id";
+const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id, lease_ms";
 
 fn job_from_row(r: &Row) -> CatalogResult<Job> {
     let state: String = get(r, 3)?;
@@ -780,6 +784,7 @@ fn job_from_row(r: &Row) -> CatalogResult<Job> {
         heartbeat_at: get::<Option<DateTime<Utc>>>(r, 12)?.unwrap_or(started_at),
         queued: get(r, 13)?,
         node_id: get(r, 14)?,
+        lease_ms: get(r, 15)?,
         started_at,
     })
 }
@@ -1085,16 +1090,49 @@ impl InstanceCatalog for PgCatalog {
     }
 }
 
+impl PgCatalog {
+    /// [`CatalogError::BackupRunning`] for a write of `b` that broke the
+    /// rule of one running set per instance (the unique index
+    /// `backup_sets_one_running`); any other error as it is.
+    fn running_conflict(&self, e: CatalogError, b: &BackupSet) -> CatalogError {
+        let CatalogError::Conflict(source) = &e else {
+            return e;
+        };
+        let broke_the_rule = source
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(|e| e.as_db_error())
+            .and_then(|e| e.constraint())
+            == Some("backup_sets_one_running");
+        if !broke_the_rule {
+            return e;
+        }
+        let running = self
+            .query_opt(
+                "SELECT id FROM backup_sets WHERE instance_id = $1 AND status = 'Running'",
+                sql_params![b.instance_id.to_string()],
+                |r| get::<String>(r, 0),
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "that has ended since".to_string());
+        CatalogError::BackupRunning {
+            instance_id: b.instance_id.to_string(),
+            running,
+        }
+    }
+}
+
 impl BackupCatalog for PgCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
         let sql = format!(
             "INSERT INTO backup_sets ({BACKUP_COLS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
             placeholders(28)
         );
-        if self.execute(sql, backup_params(b))? == 0 {
-            return Err(CatalogError::BackupExists(b.id.to_string()));
+        match self.execute(sql, backup_params(b)) {
+            Ok(0) => Err(CatalogError::BackupExists(b.id.to_string())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.running_conflict(e, b)),
         }
-        Ok(())
     }
 
     fn update_backup(&self, b: &BackupSet) -> CatalogResult<()> {
@@ -1149,6 +1187,7 @@ impl BackupCatalog for PgCatalog {
                 Ok(())
             }
         })
+        .map_err(|e| self.running_conflict(e, b))
     }
 
     fn get_backup(&self, id: &str) -> CatalogResult<BackupSet> {
@@ -1441,15 +1480,16 @@ const EVENT_COLS: &str = "instance_id, timeline, lsn, seq, end_lsn, kind, xid, t
 impl JobCatalog for PgCatalog {
     fn create_job(&self, kind: JobKind, instance_id: Option<&str>) -> CatalogResult<Job> {
         let sql = format!(
-            "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) \
-             VALUES ($1, $2, 'NoStart', $3, $4, $5, now()) RETURNING {JOB_COLS}"
+            "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at, lease_ms) \
+             VALUES ($1, $2, 'NoStart', $3, $4, $5, now(), $6) RETURNING {JOB_COLS}"
         );
         let p = sql_params![
             kind.as_str(),
             instance_id.map(str::to_string),
             Utc::now(),
             i64::from(std::process::id()),
-            self.owner.as_str().to_string()
+            self.owner.as_str().to_string(),
+            self.lease.lease_ms()
         ];
         self.query_one(sql, p, job_from_row)
     }
@@ -1563,7 +1603,7 @@ impl JobCatalog for PgCatalog {
         // A job another node is claiming right now is skipped, not waited
         // for: that node gets it, this one finds nothing.
         let sql = format!(
-            "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = now(), pid = $4 \
+            "UPDATE jobs SET queued = false, owner = $2, node_id = $3, heartbeat_at = now(), pid = $4, lease_ms = $5 \
              WHERE id = (SELECT id FROM jobs WHERE id = $1 AND queued FOR UPDATE SKIP LOCKED) \
              AND queued RETURNING {JOB_COLS}"
         );
@@ -1571,7 +1611,8 @@ impl JobCatalog for PgCatalog {
             id.get(),
             self.owner.as_str().to_string(),
             node_id.to_string(),
-            i64::from(std::process::id())
+            i64::from(std::process::id()),
+            self.lease.lease_ms()
         ];
         self.query_opt(sql, p, job_from_row)
     }
@@ -1580,10 +1621,14 @@ impl JobCatalog for PgCatalog {
         &self.owner
     }
 
+    fn set_job_lease(&self, lease: std::time::Duration) {
+        self.lease.set_lease(lease);
+    }
+
     fn renew_leases(&self, _now: DateTime<Utc>) -> CatalogResult<usize> {
         let n = self.execute(
-            "UPDATE jobs SET heartbeat_at=now() WHERE owner=$1 AND state NOT IN ('Finished', 'Failed')",
-            sql_params![self.owner.as_str().to_string()],
+            "UPDATE jobs SET heartbeat_at=now(), lease_ms=$2 WHERE owner=$1 AND state NOT IN ('Finished', 'Failed')",
+            sql_params![self.owner.as_str().to_string(), self.lease.lease_ms()],
         )?;
         Ok(n as usize)
     }
@@ -1593,6 +1638,12 @@ impl JobCatalog for PgCatalog {
         _now: DateTime<Utc>,
         lease: chrono::Duration,
     ) -> CatalogResult<usize> {
+        let since_outage = self.lease.since_unreachable();
+        if since_outage.is_some_and(|d| d < lease) {
+            return Ok(0);
+        }
+        let since_outage =
+            since_outage.map_or(i64::MAX, |d| d.num_microseconds().unwrap_or(i64::MAX));
         let lease = lease_micros(lease)?;
         let owner = self.owner.as_str().to_string();
         self.call(move |mut c| {
@@ -1606,10 +1657,15 @@ impl JobCatalog for PgCatalog {
                 let sql = format!(
                     "SELECT {JOB_COLS} FROM jobs WHERE state NOT IN ('Finished', 'Failed') \
                      AND owner IS DISTINCT FROM $1 AND NOT queued \
-                     AND coalesce(heartbeat_at, started_at) < now() - $2::bigint * interval '1 microsecond' \
+                     AND coalesce(heartbeat_at, started_at) < now() - \
+                         coalesce(lease_ms * 1000, $2::bigint) * interval '1 microsecond' \
+                     AND coalesce(lease_ms * 1000, $2::bigint) < $3::bigint \
                      ORDER BY id FOR UPDATE SKIP LOCKED"
                 );
-                let expired = all(tx.query(&sql, &[&owner, &lease]).await?, job_from_row)?;
+                let expired = all(
+                    tx.query(&sql, &[&owner, &lease, &since_outage]).await?,
+                    job_from_row,
+                )?;
                 for job in &expired {
                     let reason = lease_expired_reason(job);
                     // The job changes hands: its old owner can no longer write it.

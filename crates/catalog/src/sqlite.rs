@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::lease::lease_expired_reason;
+use crate::lease::{lease_expired_reason, LeaseState};
 use crate::*;
 
 /// Classifies what SQLite reported: busy/locked is retryable, a unique or
@@ -53,6 +53,7 @@ impl From<rusqlite::Error> for CatalogError {
 pub struct SqliteCatalog {
     conn: Mutex<Connection>,
     owner: LeaseOwner,
+    lease: LeaseState,
 }
 
 impl SqliteCatalog {
@@ -92,6 +93,7 @@ impl SqliteCatalog {
         Ok(SqliteCatalog {
             conn: Mutex::new(conn),
             owner: LeaseOwner::random(),
+            lease: LeaseState::new(),
         })
     }
 
@@ -103,7 +105,9 @@ impl SqliteCatalog {
             .conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&conn)
+        let answer = f(&conn);
+        self.lease.note(&answer);
+        answer
     }
 }
 
@@ -257,11 +261,12 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
         },
         queued: r.get(13)?,
         node_id: r.get(14)?,
+        lease_ms: r.get(15)?,
         started_at,
     })
 }
 
-const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id";
+const JOB_COLS: &str = "id, kind, instance_id, state, progress, detail, backup_id, started_at, finished_at, error, pid, owner, heartbeat_at, queued, node_id, lease_ms";
 
 const MANAGED_COLS: &str = "instance_id, source_instance, backup_id, restore_time, data_dir, port, pg_major, status, error, created_at, agent_clone";
 
@@ -343,8 +348,31 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AccessKey> {
     })
 }
 
-/// Writes a backup set row with `verb` (`INSERT OR IGNORE` / `INSERT OR
-/// REPLACE`); returns the rows changed.
+/// [`CatalogError::BackupRunning`] when `b` is `Running` and another set of
+/// its instance is too (the unique index would refuse it; `INSERT OR
+/// REPLACE` would delete the other row instead).
+fn refuse_second_running(c: &Connection, b: &BackupSet) -> CatalogResult<()> {
+    if b.status != BackupStatus::Running {
+        return Ok(());
+    }
+    let running: Option<String> = c
+        .query_row(
+            "SELECT id FROM backup_sets WHERE instance_id = ?1 AND status = 'Running' AND id <> ?2",
+            [b.instance_id.as_str(), b.id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match running {
+        Some(running) => Err(CatalogError::BackupRunning {
+            instance_id: b.instance_id.to_string(),
+            running,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Writes a backup set row with `verb` (`INSERT` / `INSERT OR REPLACE`);
+/// returns the rows changed.
 fn write_backup(c: &Connection, b: &BackupSet, verb: &str) -> CatalogResult<usize> {
     Ok(c.execute(
                 &format!("{verb} INTO backup_sets ({BACKUP_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)"),
@@ -484,10 +512,26 @@ impl InstanceCatalog for SqliteCatalog {
 
 impl BackupCatalog for SqliteCatalog {
     fn insert_backup(&self, b: &BackupSet) -> CatalogResult<()> {
-        if self.with(|c| write_backup(c, b, "INSERT OR IGNORE"))? == 0 {
-            return Err(CatalogError::BackupExists(b.id.to_string()));
-        }
-        Ok(())
+        self.with(|c| {
+            // One write transaction from the checks to the insert: of two
+            // handles starting a backup of one instance, one finds the
+            // other's set.
+            let tx = immediate(c)?;
+            let taken = tx
+                .query_row(
+                    "SELECT 1 FROM backup_sets WHERE id = ?1",
+                    [b.id.as_str()],
+                    |_| Ok(()),
+                )
+                .optional()?;
+            if taken.is_some() {
+                return Err(CatalogError::BackupExists(b.id.to_string()));
+            }
+            refuse_second_running(&tx, b)?;
+            write_backup(&tx, b, "INSERT")?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn update_backup(&self, b: &BackupSet) -> CatalogResult<()> {
@@ -526,6 +570,7 @@ impl BackupCatalog for SqliteCatalog {
                     }
                 }
             }
+            refuse_second_running(&tx, b)?;
             write_backup(&tx, b, "INSERT OR REPLACE")?;
             tx.commit()?;
             Ok(())
@@ -821,8 +866,8 @@ impl JobCatalog for SqliteCatalog {
         let id = self.with(|c| {
             let now = ts(&Utc::now());
             c.execute(
-                "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at) VALUES (?1, ?2, 'NoStart', ?3, ?4, ?5, ?3)",
-                params![kind.as_str(), instance_id, now, std::process::id(), self.owner.as_str()],
+                "INSERT INTO jobs (kind, instance_id, state, started_at, pid, owner, heartbeat_at, lease_ms) VALUES (?1, ?2, 'NoStart', ?3, ?4, ?5, ?3, ?6)",
+                params![kind.as_str(), instance_id, now, std::process::id(), self.owner.as_str(), self.lease.lease_ms()],
             )?;
             Ok(JobId::new(c.last_insert_rowid()))
         })?;
@@ -953,9 +998,9 @@ impl JobCatalog for SqliteCatalog {
             // look and the claim at once, and a second claimer finds the job
             // no longer queued.
             let n = c.execute(
-                "UPDATE jobs SET queued = 0, owner = ?2, node_id = ?3, heartbeat_at = ?4, pid = ?5 \
+                "UPDATE jobs SET queued = 0, owner = ?2, node_id = ?3, heartbeat_at = ?4, pid = ?5, lease_ms = ?6 \
                  WHERE id = ?1 AND queued = 1",
-                params![id.get(), self.owner.as_str(), node_id, ts(&now), std::process::id()],
+                params![id.get(), self.owner.as_str(), node_id, ts(&now), std::process::id(), self.lease.lease_ms()],
             )?;
             if n == 0 {
                 return Ok(None);
@@ -972,11 +1017,15 @@ impl JobCatalog for SqliteCatalog {
         &self.owner
     }
 
+    fn set_job_lease(&self, lease: std::time::Duration) {
+        self.lease.set_lease(lease);
+    }
+
     fn renew_leases(&self, now: DateTime<Utc>) -> CatalogResult<usize> {
         self.with(|c| {
             Ok(c.execute(
-                "UPDATE jobs SET heartbeat_at=?2 WHERE owner=?1 AND state NOT IN ('Finished', 'Failed')",
-                params![self.owner.as_str(), ts(&now)],
+                "UPDATE jobs SET heartbeat_at=?2, lease_ms=?3 WHERE owner=?1 AND state NOT IN ('Finished', 'Failed')",
+                params![self.owner.as_str(), ts(&now), self.lease.lease_ms()],
             )?)
         })
     }
@@ -986,6 +1035,10 @@ impl JobCatalog for SqliteCatalog {
         now: DateTime<Utc>,
         lease: chrono::Duration,
     ) -> CatalogResult<usize> {
+        let since_outage = self.lease.since_unreachable();
+        if since_outage.is_some_and(|d| d < lease) {
+            return Ok(0);
+        }
         self.with(|c| {
             // One write transaction from the look to the takeover: an owner
             // renewing meanwhile waits, then finds its job already failed.
@@ -999,7 +1052,14 @@ impl JobCatalog for SqliteCatalog {
             };
             let at = ts(&now);
             let mut failed = 0;
-            for job in open.into_iter().filter(|j| j.heartbeat_at.checked_add_signed(lease).is_some_and(|end| end < now)) {
+            let expired = |j: &Job| {
+                let own = j.lease_ms.map(chrono::Duration::milliseconds).unwrap_or(lease);
+                j.heartbeat_at
+                    .checked_add_signed(own)
+                    .is_some_and(|end| end < now)
+                    && since_outage.is_none_or(|d| d > own)
+            };
+            for job in open.into_iter().filter(expired) {
                 let reason = lease_expired_reason(&job);
                 // The job changes hands: its old owner can no longer write it.
                 tx.execute(

@@ -23,6 +23,9 @@ trait Backend {
     /// Lets `by` go by on the catalog's clock without waiting, from `t`,
     /// and returns `t + by`: the time to pass as `now` from then on.
     fn pass(&self, t: DateTime<Utc>, by: chrono::Duration) -> DateTime<Utc>;
+    /// Runs `sql` on the catalog directly, as an older release would have
+    /// written it.
+    fn exec(&self, sql: &str);
 }
 
 struct Sqlite {
@@ -46,6 +49,13 @@ impl Backend for Sqlite {
     /// SQLite judges leases by the `now` it is given: nothing else to do.
     fn pass(&self, t: DateTime<Utc>, by: chrono::Duration) -> DateTime<Utc> {
         t + by
+    }
+
+    fn exec(&self, sql: &str) {
+        rusqlite::Connection::open(&self.path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
     }
 }
 
@@ -87,6 +97,10 @@ impl Backend for Postgres {
         );
         t + by
     }
+
+    fn exec(&self, sql: &str) {
+        psql_url(&self.url, sql);
+    }
 }
 
 /// Each contract test on both backends: `sqlite::name` and `postgres::name`.
@@ -107,6 +121,9 @@ contract!(
     sets_outlive_their_instance_as_detached,
     backup_sets_round_trip,
     a_job_belongs_to_its_lease_not_to_its_pid,
+    a_job_is_judged_by_its_owners_lease_not_the_observers,
+    one_backup_set_of_an_instance_runs_at_a_time,
+    racing_handles_start_one_backup_of_an_instance,
     jobs_are_read_by_end_time_and_newest_first,
     the_lease_keeper_renews_its_owners_unfinished_jobs,
     gc_pending_is_kept_per_repository,
@@ -444,15 +461,16 @@ fn backup_sets_round_trip(b: &dyn Backend) {
     ));
 }
 
-fn running_backup(cat: &dyn Catalog, id: &str) -> Job {
-    let mut job = cat.create_job(JobKind::Backup, Some("a")).unwrap();
+/// A job of `cat`'s owner uploading the running set `id` of `instance`.
+fn running_backup(cat: &dyn Catalog, instance: &str, id: &str) -> Job {
+    let mut job = cat.create_job(JobKind::Backup, Some(instance)).unwrap();
     job.state = JobState::Uploading;
     job.progress = 49;
     job.backup_id = Some(id.into());
     cat.update_job(&job).unwrap();
     cat.insert_backup(&BackupSet::started(
         id.into(),
-        "a",
+        instance,
         BackupMode::Manual,
         now(),
         Some(job.id),
@@ -473,8 +491,8 @@ fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
     let lease = chrono::Duration::seconds(30);
     let secs = chrono::Duration::seconds;
     let t0 = now();
-    let orphan = running_backup(&*dead, "1");
-    let live = running_backup(&*alive, "2");
+    let orphan = running_backup(&*dead, "a", "1");
+    let live = running_backup(&*alive, "b", "2");
     assert_eq!(orphan.pid, live.pid);
     assert_eq!(dead.get_job(orphan.id).unwrap(), orphan);
     assert_eq!(dead.get_job(orphan.id).unwrap().owner, *dead.lease_owner());
@@ -561,8 +579,169 @@ fn a_job_belongs_to_its_lease_not_to_its_pid(b: &dyn Backend) {
         .map(|j| j.id)
         .collect();
     assert_eq!(all, [orphan.id, live.id]);
-    assert_eq!(observer.list_jobs(Some("a")).unwrap().len(), 2);
-    assert!(observer.list_jobs(Some("b")).unwrap().is_empty());
+    assert_eq!(observer.list_jobs(Some("a")).unwrap().len(), 1);
+    assert_eq!(observer.list_jobs(Some("b")).unwrap().len(), 1);
+    assert!(observer.list_jobs(Some("c")).unwrap().is_empty());
+}
+
+/// Owners keep different leases (one node configured with a long one, a
+/// CLI with a short one): each job is judged by the lease its owner stored,
+/// whatever the observer's own setting.
+fn a_job_is_judged_by_its_owners_lease_not_the_observers(b: &dyn Backend) {
+    let (long, short, observer) = (b.open(), b.open(), b.open());
+    long.set_job_lease(std::time::Duration::from_secs(3600));
+    short.set_job_lease(std::time::Duration::from_secs(10));
+    let observers_lease = chrono::Duration::seconds(30);
+    let patient = running_backup(&*long, "l", "patient");
+    let hasty = running_backup(&*short, "s", "hasty");
+    assert_eq!(long.get_job(patient.id).unwrap().lease_ms, Some(3_600_000));
+    assert_eq!(short.get_job(hasty.id).unwrap().lease_ms, Some(10_000));
+    // A job stored before leases were (none recorded) is judged by the
+    // observer's lease.
+    let old = running_backup(&*short, "o", "from-before");
+    b.exec(&format!(
+        "UPDATE jobs SET lease_ms = NULL WHERE id = {}",
+        old.id.get()
+    ));
+    assert_eq!(observer.get_job(old.id).unwrap().lease_ms, None);
+
+    // 20 s: past the short owner's lease, within the observer's.
+    let t = b.pass(now(), chrono::Duration::seconds(20));
+    assert_eq!(observer.fail_expired_jobs(t, observers_lease).unwrap(), 1);
+    assert_eq!(observer.get_job(hasty.id).unwrap().state, JobState::Failed);
+    assert_eq!(observer.get_job(old.id).unwrap().state, JobState::Uploading);
+    // 10 minutes: far past the observer's lease (the old job goes), within
+    // the long owner's.
+    let t = b.pass(t, chrono::Duration::minutes(10));
+    assert_eq!(observer.fail_expired_jobs(t, observers_lease).unwrap(), 1);
+    assert_eq!(observer.get_job(old.id).unwrap().state, JobState::Failed);
+    assert_eq!(
+        observer.get_job(patient.id).unwrap().state,
+        JobState::Uploading
+    );
+    assert_eq!(
+        observer.get_backup("patient").unwrap().status,
+        BackupStatus::Running
+    );
+    // A renewal stores the lease the owner keeps now.
+    long.set_job_lease(std::time::Duration::from_secs(7200));
+    assert_eq!(long.renew_leases(t).unwrap(), 1);
+    assert_eq!(long.get_job(patient.id).unwrap().lease_ms, Some(7_200_000));
+    let t = b.pass(t, chrono::Duration::minutes(90));
+    assert_eq!(observer.fail_expired_jobs(t, observers_lease).unwrap(), 0);
+    let t = b.pass(t, chrono::Duration::minutes(31));
+    assert_eq!(observer.fail_expired_jobs(t, observers_lease).unwrap(), 1);
+    assert_eq!(
+        observer.get_backup("patient").unwrap().status,
+        BackupStatus::Failed
+    );
+
+    // A queued job takes the lease of the owner that claims it.
+    let queued = observer.queue_job(JobKind::Backup, "q", None).unwrap();
+    assert_eq!(queued.lease_ms, None);
+    let claimed = long
+        .claim_queued_job(queued.id, "node-1", now())
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.lease_ms, Some(7_200_000));
+}
+
+/// At most one backup set of an instance is `Running`: a second one is
+/// refused on insert and on update, naming the one that runs, and an
+/// update never removes the running one to make room.
+fn one_backup_set_of_an_instance_runs_at_a_time(b: &dyn Backend) {
+    let cat = b.open();
+    let running = |id: &str, instance: &str| {
+        BackupSet::started(id.into(), instance, BackupMode::Manual, now(), None)
+    };
+    cat.insert_backup(&running("first", "a")).unwrap();
+    match cat.insert_backup(&running("second", "a")) {
+        Err(CatalogError::BackupRunning {
+            instance_id,
+            running,
+        }) => assert_eq!((instance_id.as_str(), running.as_str()), ("a", "first")),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        cat.get_backup("second"),
+        Err(CatalogError::BackupNotFound(_))
+    ));
+    // Other instances, and sets of the same one that ended, are not in the way.
+    cat.insert_backup(&running("other", "b")).unwrap();
+    let mut ended = running("ended", "a");
+    ended.status = BackupStatus::Failed;
+    cat.insert_backup(&ended).unwrap();
+    // Reviving the ended set while the first runs is refused, and the
+    // first is still there.
+    let mut revived = ended.clone();
+    revived.status = BackupStatus::Running;
+    assert!(matches!(
+        cat.update_backup(&revived),
+        Err(CatalogError::BackupRunning { ref running, .. }) if running == "first"
+    ));
+    assert_eq!(
+        cat.get_backup("first").unwrap().status,
+        BackupStatus::Running
+    );
+    assert_eq!(
+        cat.get_backup("ended").unwrap().status,
+        BackupStatus::Failed
+    );
+    // Progress on the running set itself is no second set.
+    let mut first = cat.get_backup("first").unwrap();
+    first.total_bytes = 42;
+    cat.update_backup(&first).unwrap();
+    // Once it ends, the next backup may start.
+    first.status = BackupStatus::Success;
+    first.finished_at = Some(now());
+    cat.update_backup(&first).unwrap();
+    cat.insert_backup(&running("second", "a")).unwrap();
+    let statuses: Vec<(String, BackupStatus)> = cat
+        .list_backups("a")
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id.to_string(), s.status))
+        .collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|(_, s)| *s == BackupStatus::Running)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+}
+
+/// Handles (nodes, a CLI) starting a backup of one instance at once: one
+/// set runs, every other start is refused as running beside it.
+fn racing_handles_start_one_backup_of_an_instance(b: &dyn Backend) {
+    for round in 0..5 {
+        let instance = format!("raced-{round}");
+        let results = race(b, 4, move |cat, n| {
+            let set = BackupSet::started(
+                format!("{instance}-by-{n}").into(),
+                &instance,
+                BackupMode::Manual,
+                now(),
+                None,
+            );
+            cat.insert_backup(&set).map(|()| n)
+        });
+        let winners: Vec<usize> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e, CatalogError::BackupRunning { running, .. }
+                        if *running == format!("raced-{round}-by-{}", winners[0])),
+                    "{e:?}"
+                );
+            }
+        }
+    }
 }
 
 fn jobs_are_read_by_end_time_and_newest_first(b: &dyn Backend) {
@@ -1195,6 +1374,8 @@ fn racing_handles_register_one_backup_id_once(b: &dyn Backend) {
         let results = race(b, 4, move |cat, n| {
             let mut set =
                 BackupSet::started(id.as_str().into(), "a", BackupMode::Manual, now(), None);
+            // Ids only: one set of an instance may run, any number may have ended.
+            set.status = BackupStatus::Failed;
             set.error = Some(format!("writer {n}"));
             cat.insert_backup(&set).map(|()| n)
         });
@@ -1234,7 +1415,7 @@ fn racing_takeovers_fail_an_expired_job_once(b: &dyn Backend) {
     let dead = b.open();
     let lease = chrono::Duration::seconds(30);
     let jobs: Vec<JobId> = (0..6)
-        .map(|n| running_backup(&*dead, &format!("expired-{n}")).id)
+        .map(|n| running_backup(&*dead, &format!("i-{n}"), &format!("expired-{n}")).id)
         .collect();
     let later = b.pass(now(), chrono::Duration::hours(1));
     let taken = race(b, 4, move |cat, _| {
@@ -1256,7 +1437,11 @@ fn a_takeover_and_its_owner_never_both_win(b: &dyn Backend) {
     let observer = b.open();
     let lease = chrono::Duration::seconds(30);
     for round in 0..10 {
-        let job = running_backup(&*owner, &format!("contested-{round}"));
+        let job = running_backup(
+            &*owner,
+            &format!("i-{round}"),
+            &format!("contested-{round}"),
+        );
         let later = b.pass(now(), chrono::Duration::hours(1));
         let barrier = Arc::new(Barrier::new(2));
         let (o, bar) = (owner.clone(), barrier.clone());
@@ -1311,7 +1496,7 @@ fn a_skewed_node_clock_decides_no_lease() {
 
     // Live leases, a live job and a live shared hold of the honest node.
     assert!(honest.claim_instance("db", "honest", now(), ttl).unwrap());
-    let job = running_backup(&*honest, "live");
+    let job = running_backup(&*honest, "a", "live");
     let shared = hold(&honest, "r", false, 60);
     assert!(honest.acquire_repo_hold(&shared, now()).unwrap());
 
@@ -1336,7 +1521,7 @@ fn a_skewed_node_clock_decides_no_lease() {
         behind.renew_instances("behind", now() - skew, ttl).unwrap(),
         1
     );
-    let its_job = running_backup(&*behind, "behind");
+    let its_job = running_backup(&*behind, "b", "behind");
     assert_eq!(behind.renew_leases(now() - skew).unwrap(), 1);
     let its_hold = hold(&behind, "q", false, 60);
     assert!(behind.acquire_repo_hold(&its_hold, now() - skew).unwrap());
@@ -1500,7 +1685,7 @@ fn populated_sqlite(path: &std::path::Path) -> SqliteCatalog {
     assert!(cat
         .claim_instance("a", "n1", t, chrono::Duration::seconds(20))
         .unwrap());
-    let job = running_backup(&cat, "running");
+    let job = running_backup(&cat, "a", "running");
     let mut done = cat.create_job(JobKind::Restore, None).unwrap();
     done.state = JobState::Finished;
     done.finished_at = Some(t);
@@ -1858,6 +2043,178 @@ fn both_backends_have_the_same_schema() {
             assert!(same, "{table}.{name}: SQLite {lite}, PostgreSQL {big}");
         }
     }
+}
+
+/// A TCP relay to the shared catalog server that can be cut: while cut,
+/// every relayed connection is shut down and new ones are closed at once,
+/// as when the network between a node and its catalog fails.
+struct Relay {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start() -> Relay {
+        use std::net::{TcpListener, TcpStream};
+        let server = testkit::catalog_server();
+        let target = (server.host().to_string(), server.port());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (is_cut, streams) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if is_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let server = TcpStream::connect((target.0.as_str(), target.1)).unwrap();
+                streams
+                    .lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, cut, open }
+    }
+
+    /// `url` with the relay in place of the server.
+    fn url(&self, url: &str) -> String {
+        let server = testkit::catalog_server();
+        let direct = format!("@{}:{}/", server.host(), server.port());
+        assert!(url.contains(&direct), "{url}");
+        url.replace(&direct, &format!("@127.0.0.1:{}/", self.port))
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn mend(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A handle that found the catalog unreachable takes no job over for one
+/// lease: the owners were likely cut off too and have not renewed yet,
+/// however old their heartbeats look.
+#[test]
+fn no_job_is_taken_over_within_a_lease_of_an_outage() {
+    let b = Postgres::new("outage_guard");
+    let relay = Relay::start();
+    let observer = PgCatalog::open(&PgConnect::new(&relay.url(&b.url))).unwrap();
+    let (owner, patient) = (b.open(), b.open());
+    owner.set_job_lease(std::time::Duration::from_secs(1));
+    patient.set_job_lease(std::time::Duration::from_secs(3600));
+    let job = running_backup(&*owner, "a", "through-the-outage");
+    let long = running_backup(&*patient, "b", "with-a-long-lease");
+    observer.list_instances().unwrap();
+    let t = b.pass(now(), chrono::Duration::hours(2));
+
+    relay.cut();
+    let err = observer.list_instances().unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    relay.mend();
+
+    let lease = chrono::Duration::seconds(30);
+    assert_eq!(observer.fail_expired_jobs(t, lease).unwrap(), 0);
+    assert_eq!(owner.get_job(job.id).unwrap().state, JobState::Uploading);
+    // The catalog answers again. Once the observer's lease (here 1 s) has
+    // passed, a job whose own lease has passed since the outage is taken
+    // over; one whose owner keeps a longer lease is not, however old its
+    // heartbeat: its owner renews only every sixth of that lease.
+    let short = chrono::Duration::seconds(1);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(observer.fail_expired_jobs(t, short).unwrap(), 1);
+    assert_eq!(owner.get_job(job.id).unwrap().state, JobState::Failed);
+    assert_eq!(patient.get_job(long.id).unwrap().state, JobState::Uploading);
+}
+
+/// Sets a race left running side by side before the rule of one running
+/// set per instance: the upgrade keeps the newest running and fails the
+/// others, on both backends.
+#[test]
+fn sets_left_running_side_by_side_are_failed_by_the_upgrade() {
+    let before = MIGRATIONS.len() - 1;
+    let rows = "INSERT INTO jobs (id, kind, instance_id, state, started_at, pid, owner, heartbeat_at, backup_id) VALUES \
+        (7, 'backup', 'a', 'Uploading', '2026-12-01T01:00:00.000000000Z', 1, 'old-owner', '2026-12-01T01:00:00.000000000Z', 'older'); \
+        INSERT INTO backup_sets (id, instance_id, status, mode, started_at, job_id) VALUES \
+        ('older', 'a', 'Running', 'Manual', '2026-12-01T01:00:00.000000000Z', 7), \
+        ('newer', 'a', 'Running', 'Manual', '2026-12-01T02:00:00.000000000Z', NULL), \
+        ('alone', 'b', 'Running', 'Manual', '2026-12-01T01:30:00.000000000Z', NULL), \
+        ('done', 'a', 'Success', 'Manual', '2026-11-30T01:00:00.000000000Z', NULL);";
+    let check = |cat: &dyn Catalog, backend: &str| {
+        let status = |id: &str| cat.get_backup(id).unwrap().status;
+        assert_eq!(status("older"), BackupStatus::Failed, "{backend}");
+        assert!(
+            cat.get_backup("older")
+                .unwrap()
+                .error
+                .unwrap()
+                .contains("running at the same time"),
+            "{backend}"
+        );
+        assert!(
+            cat.get_backup("older").unwrap().finished_at.is_some(),
+            "{backend}"
+        );
+        assert_eq!(status("newer"), BackupStatus::Running, "{backend}");
+        assert_eq!(status("alone"), BackupStatus::Running, "{backend}");
+        assert_eq!(status("done"), BackupStatus::Success, "{backend}");
+        // Its job failed with it and changed hands: the old owner cannot
+        // record it as running or finished again.
+        let job = cat.get_job(JobId::new(7)).unwrap();
+        assert_eq!(job.state, JobState::Failed, "{backend}");
+        assert_eq!(job.owner.as_str(), "catalog-upgrade", "{backend}");
+        let finished = cat.get_backup("older").unwrap().finished_at.unwrap();
+        assert!(
+            finished > at("2026-12-01T00:00:00Z"),
+            "{backend}: {finished}"
+        );
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for step in &MIGRATIONS[..before] {
+            c.execute_batch(step.sqlite).unwrap();
+        }
+        c.pragma_update(None, "user_version", MIGRATIONS[before - 1].version)
+            .unwrap();
+        c.execute_batch(rows).unwrap();
+    }
+    check(&SqliteCatalog::open(&path).unwrap(), "sqlite");
+
+    let url = testkit::catalog_database("upgrade_running_sets");
+    let mut sql = String::from(
+        "CREATE TABLE strata_schema_migrations (version bigint PRIMARY KEY, \
+         description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());\n",
+    );
+    for step in &MIGRATIONS[..before] {
+        sql.push_str(step.postgres);
+        sql.push_str(&format!(
+            "\nINSERT INTO strata_schema_migrations (version, description) VALUES ({}, 'old');\n",
+            step.version
+        ));
+    }
+    sql.push_str(rows);
+    psql_url(&url, &sql);
+    check(&PgCatalog::open(&PgConnect::new(&url)).unwrap(), "postgres");
 }
 
 /// A PostgreSQL catalog left at any earlier step (built from the migration

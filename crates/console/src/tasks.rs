@@ -394,7 +394,7 @@ mod tests {
     #[test]
     fn listing_filters_by_type_status_and_instance() {
         use strata_catalog::prelude::*;
-        use strata_catalog::{BackupSet, Instance, SqliteCatalog, SslMode};
+        use strata_catalog::{BackupSet, BackupStatus, Instance, SqliteCatalog, SslMode};
         let catalog = SqliteCatalog::open_in_memory().unwrap();
         let now = chrono::Utc::now();
         for id in ["a", "b"] {
@@ -406,9 +406,14 @@ mod tests {
                 .unwrap();
         }
         let backup_of = |kind: JobKind, instance: &str, set: &str, mode: BackupMode, state| {
-            catalog
-                .insert_backup(&BackupSet::started(set.into(), instance, mode, now, None))
-                .unwrap();
+            let mut row = BackupSet::started(set.into(), instance, mode, now, None);
+            // The set stands where its job does: one runs per instance.
+            row.status = match state {
+                JobState::Finished => BackupStatus::Success,
+                JobState::Failed => BackupStatus::Failed,
+                _ => BackupStatus::Running,
+            };
+            catalog.insert_backup(&row).unwrap();
             let mut job = catalog.create_job(kind, Some(instance)).unwrap();
             job.backup_id = Some(set.into());
             job.state = state;

@@ -195,6 +195,17 @@ impl Engine {
         loop {
             match self.catalog.insert_backup(&set) {
                 Ok(()) => break,
+                // Another backup of the instance started since the check:
+                // this job ends before it began.
+                Err(e @ strata_catalog::CatalogError::BackupRunning { .. }) => {
+                    job.state = JobState::Failed;
+                    job.error = Some(e.to_string());
+                    job.finished_at = Some(Utc::now());
+                    if let Err(e) = self.catalog.update_job(&job) {
+                        tracing::warn!(job = %job.id, "recording a refused backup job: {e}");
+                    }
+                    return Err(EngineError::Conflict(e.to_string()));
+                }
                 Err(strata_catalog::CatalogError::BackupExists(_)) if attempt < 1000 => {
                     attempt += 1;
                     set.id = new_backup_id(attempt);

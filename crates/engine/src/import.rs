@@ -1435,7 +1435,8 @@ impl Engine {
 
     /// The first pass (see the module documentation) and, when it finds
     /// nothing to refuse, the job and the running backup set. A refusal
-    /// records nothing.
+    /// records nothing, but for a backup of the instance that started
+    /// between the check and the set: the job is then recorded as failed.
     pub async fn prepare_import(
         &self,
         instance_id: &str,

@@ -156,7 +156,7 @@ impl Default for EngineSettings {
             os_user: None,
             start_timeout: std::time::Duration::from_secs(300),
             repo_hold_ttl: std::time::Duration::from_secs(60),
-            job_lease: std::time::Duration::from_secs(30),
+            job_lease: strata_catalog::DEFAULT_JOB_LEASE,
             gc_grace: std::time::Duration::from_secs(3600),
             snapshot_upload_parallel: 4,
             recovery_events: true,
@@ -201,8 +201,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over `catalog` and `repo`.
+    /// An engine over `catalog` and `repo`. The catalog handle's owner
+    /// keeps `settings.job_lease` on the jobs it runs from now on.
     pub fn new(catalog: Arc<dyn Catalog>, repo: Repository, settings: EngineSettings) -> Self {
+        catalog.set_job_lease(settings.job_lease);
         Engine {
             catalog,
             repo,
@@ -237,8 +239,9 @@ impl Engine {
     }
 
     /// This engine with `settings` in place of its own (same catalog and
-    /// repository).
+    /// repository; the catalog handle's job lease becomes theirs).
     pub fn with_settings(&self, settings: EngineSettings) -> Engine {
+        self.catalog.set_job_lease(settings.job_lease);
         Engine {
             settings,
             ..self.clone()

@@ -72,8 +72,37 @@ impl BackupTasks {
         lock(&self.tasks).keys().cloned().collect()
     }
 
-    fn insert(&self, instance_id: &str, job_id: JobId, task: JoinHandle<()>) {
-        lock(&self.tasks).insert(instance_id.to_string(), BackupTask { job_id, task });
+    /// Runs `work` (the backup of `job_id`) as the instance's task. It
+    /// starts only once recorded here, so that when it calls
+    /// [`BackupTasks::forget`] at its end the entry is there to forget.
+    fn spawn(
+        &self,
+        instance_id: &str,
+        job_id: JobId,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let (go, recorded) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if recorded.await.is_ok() {
+                work.await;
+            }
+        });
+        let earlier =
+            lock(&self.tasks).insert(instance_id.to_string(), BackupTask { job_id, task });
+        if let Some(earlier) = earlier {
+            // The catalog lets one set run per instance, so this is a task
+            // whose end is imminent; it is no longer tracked.
+            tracing::warn!(instance = instance_id, job = %earlier.job_id, "a second backup task replaced the instance's first");
+        }
+        let _ = go.send(());
+    }
+
+    /// Forgets the task of `job_id` (not a later one of the instance).
+    fn forget(&self, instance_id: &str, job_id: JobId) {
+        let mut tasks = lock(&self.tasks);
+        if tasks.get(instance_id).is_some_and(|t| t.job_id == job_id) {
+            tasks.remove(instance_id);
+        }
     }
 
     fn remove(&self, instance_id: &str) -> Option<BackupTask> {
@@ -142,7 +171,8 @@ impl Service {
         let id = pending.set.instance_id.to_string();
         let svc = Arc::clone(self);
         let task_id = id.clone();
-        let task = tokio::spawn(async move {
+        let job_id = job.id;
+        let work = async move {
             let id = task_id;
             match svc.engine.run_backup_job(pending, &opts, &NoProgress).await {
                 Ok(set) => {
@@ -161,12 +191,12 @@ impl Service {
                 }
                 Err(e) => tracing::warn!(instance = %id, "backup failed: {e}"),
             }
-            svc.backups.remove(&id);
+            svc.backups.forget(&id, job_id);
             svc.housekeeping.request_gc();
             // What is stored changed; the collection may wait for readers.
             svc.usage_changed();
-        });
-        self.backups.insert(&id, job.id, task);
+        };
+        self.backups.spawn(&id, job.id, work);
         job
     }
 
@@ -177,17 +207,18 @@ impl Service {
         let id = pending.set().instance_id.to_string();
         let svc = Arc::clone(self);
         let task_id = id.clone();
-        let task = tokio::spawn(async move {
+        let job_id = job.id;
+        let work = async move {
             let id = task_id;
             match svc.engine.run_import(pending, &NoProgress).await {
                 Ok(set) => tracing::info!(instance = %id, backup = %set.id, "import finished"),
                 Err(e) => tracing::warn!(instance = %id, "import failed: {e}"),
             }
-            svc.backups.remove(&id);
+            svc.backups.forget(&id, job_id);
             svc.housekeeping.request_gc();
             svc.usage_changed();
-        });
-        self.backups.insert(&id, job.id, task);
+        };
+        self.backups.spawn(&id, job.id, work);
         job
     }
 
@@ -222,5 +253,55 @@ impl Service {
     /// The job of the backup running for an instance in this process.
     pub fn running_backup_job(&self, instance_id: &str) -> Option<JobId> {
         self.backups.job(instance_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn until_idle(tasks: &BackupTasks) -> bool {
+        for _ in 0..400 {
+            if !tasks.runs("a") {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    /// A backup that ends at once (refused by the server, say) is forgotten
+    /// all the same: an entry left behind would keep the scheduler from
+    /// ever starting the instance's next backup.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_that_ends_at_once_is_forgotten() {
+        let tasks = Arc::new(BackupTasks::default());
+        for n in 1..=200 {
+            let (t, job) = (tasks.clone(), JobId::new(n));
+            tasks.spawn("a", job, async move { t.forget("a", job) });
+            assert!(until_idle(&tasks).await, "task {n} stayed recorded");
+        }
+    }
+
+    /// The end of an earlier task does not forget a later one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_earlier_task_does_not_forget_a_later_one() {
+        let tasks = Arc::new(BackupTasks::default());
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let t = tasks.clone();
+        tasks.spawn("a", JobId::new(1), async move {
+            let _ = released.await;
+            t.forget("a", JobId::new(1));
+        });
+        let (t, (stop, stopped)) = (tasks.clone(), tokio::sync::oneshot::channel::<()>());
+        tasks.spawn("a", JobId::new(2), async move {
+            let _ = stopped.await;
+            t.forget("a", JobId::new(2));
+        });
+        release.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(tasks.job("a"), Some(JobId::new(2)));
+        stop.send(()).unwrap();
+        assert!(until_idle(&tasks).await);
     }
 }

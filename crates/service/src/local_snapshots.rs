@@ -307,6 +307,7 @@ mod tests {
             pid: 0,
             queued: false,
             node_id: None,
+            lease_ms: None,
         }
     }
 

@@ -31,8 +31,6 @@ pub(crate) struct Housekeeping {
     gc_due: AtomicBool,
     /// The last collection and what it did (for `/metrics`).
     pub(crate) last_gc: Mutex<Option<(DateTime<Utc>, strata_repo::GcReport)>>,
-    /// When this process last found the catalog unreachable.
-    pub(crate) catalog_unreachable_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Default for Housekeeping {
@@ -42,7 +40,6 @@ impl Default for Housekeeping {
             // A collection at the first tick cleans up after a crash.
             gc_due: AtomicBool::new(true),
             last_gc: Mutex::new(None),
-            catalog_unreachable_at: Mutex::new(None),
         }
     }
 }

@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupMode, BackupPolicy, BackupSet, BackupStatus, Instance};
@@ -81,9 +80,6 @@ impl Service {
         let instances = match self.engine.catalog().list_instances() {
             Ok(i) => i,
             Err(e) => {
-                if e.is_retryable() {
-                    *lock(&self.housekeeping.catalog_unreachable_at) = Some(Instant::now());
-                }
                 tracing::warn!("listing instances: {e}");
                 return;
             }
@@ -124,18 +120,11 @@ impl Service {
 
     /// Fails the jobs whose owner stopped renewing its lease (a process that
     /// died mid-job). A write transaction that may wait for the catalog: off
-    /// the runtime.
-    ///
-    /// Not within one lease of a catalog outage this process saw: the
-    /// other processes could not renew their leases either, and a live job
-    /// whose owner is catching up must not be failed for it.
+    /// the runtime. Not within one lease of a catalog outage this process
+    /// saw (the catalog handle keeps track, see
+    /// `JobCatalog::fail_expired_jobs`): the other processes could not renew
+    /// their leases either.
     async fn fail_orphaned_jobs(&self) {
-        let lease = self.engine.settings().job_lease;
-        let recent_outage =
-            lock(&self.housekeeping.catalog_unreachable_at).is_some_and(|at| at.elapsed() < lease);
-        if recent_outage {
-            return;
-        }
         let engine = self.engine.clone();
         match tokio::task::spawn_blocking(move || engine.fail_expired_jobs()).await {
             Ok(Ok(0)) => {}
