@@ -250,11 +250,18 @@ def test_repository_wide_jobs_read_encrypted_instances(instance, admin, cmk):
     kms("DisableKey", KeyId=cmk["KeyId"])
     try:
         admin.delete_backup(rds.DeleteBackupRequest(dbinstance_id=instance.id, backup_id=dropped))
+        # The service's own collection, which the deletion asks for at its
+        # next tick, holds the domain's key since before it was disabled and
+        # may reclaim the packs first: let it, so that what follows sees
+        # only what the command does.
+        deadline = time.time() + 3
+        while dropped_packs & set(packs()) and time.time() < deadline:
+            time.sleep(0.1)
         held = packs()
         code, out, err = strata("repo", "gc", "--json")
         assert code != 0, out
         assert instance.id in err and cmk["Arn"] in err and "nothing was done" in err, err
-        assert packs() == held and dropped_packs <= set(held)
+        assert packs() == held
         status, _, text = h.http_get("/metrics")
         assert status == 200 and "strata_" in text
         for job in (["repo", "verify"], ["repo", "reindex"]):
