@@ -439,12 +439,19 @@ enum RepoCmd {
 /// the heap arenas of whichever blocking thread stored them, and freed
 /// arena memory mostly stays resident. A fixed threshold keeps every buffer
 /// over 1 MiB mmapped, returned to the system when freed.
+///
+/// Fixing it also fixes the trim threshold at its default of 128 KiB: an
+/// arena then hands its free top back to the system (and faults it in
+/// again) about every time a 128 KiB block of a backup is freed, which cost
+/// a third of a backup's system time. Arenas keep up to 16 MiB free instead;
+/// everything larger than 1 MiB is still returned at once.
 fn bound_allocator_retention() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called
     // before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 
