@@ -1010,10 +1010,11 @@ const BATCH_BYTES: usize = 1 << 20;
 const WORK_BATCHES: usize = 8;
 /// Blocks up to this size are hashed and compressed on the network task.
 const INLINE_BLOCK: usize = 32 * 1024;
-/// Consecutive blocks handed to a pool thread at once (1 MiB of 128 KiB
-/// blocks): one hand-over and one wake-up of each side for this many blocks
-/// instead of one per block.
-const POOL_BATCH: usize = 8;
+/// Bytes of consecutive blocks handed to a pool thread at once (eight
+/// blocks of the default 128 KiB, one block of 1 MiB or more): one
+/// hand-over and one wake-up of each side for several blocks instead of one
+/// per block, and no more in flight than [`BATCH_BYTES`] per job.
+const POOL_BATCH_BYTES: usize = 1 << 20;
 
 /// What the writer thread ends with: the files, the packing figures and the
 /// blocks the backup's index run must list.
@@ -1027,7 +1028,7 @@ type WriterThread = std::thread::JoinHandle<EngineResult<Written>>;
 ///
 /// Work goes to the writer in batches ([`BATCH_ITEMS`] items or
 /// [`BATCH_BYTES`] of blocks, whichever comes first), larger blocks go to
-/// the pool [`POOL_BATCH`] at a time, and blocks of at most
+/// the pool [`POOL_BATCH_BYTES`] at a time, and blocks of at most
 /// [`INLINE_BLOCK`] bytes are prepared where they arrive: a data directory
 /// of many small relations is tens of thousands of one-page files, and
 /// handing each to two other threads cost more in wake-ups than hashing and
@@ -1045,6 +1046,8 @@ struct BlockPipeline {
     /// Blocks gathered for the next pool job; handed over before any other
     /// work, so the writer sees everything in stream order.
     pool_batch: Vec<BlockSource>,
+    /// How many blocks make a pool job.
+    pool_blocks: usize,
     repo: Repository,
     known: Arc<BlockIndex>,
     pool_tx: Option<mpsc::Sender<PoolJob>>,
@@ -1078,7 +1081,8 @@ impl BlockPipeline {
             work_tx,
             batch: Vec::with_capacity(BATCH_ITEMS),
             batch_bytes: 0,
-            pool_batch: Vec::with_capacity(POOL_BATCH),
+            pool_batch: Vec::new(),
+            pool_blocks: (POOL_BATCH_BYTES / repo.block_size().max(1)).max(1),
             repo: repo.clone(),
             known: known_hashes,
             pool_tx: Some(pool_tx),
@@ -1100,7 +1104,7 @@ impl BlockPipeline {
         if self.pool_batch.is_empty() {
             return Ok(());
         }
-        let sources = std::mem::replace(&mut self.pool_batch, Vec::with_capacity(POOL_BATCH));
+        let sources = std::mem::replace(&mut self.pool_batch, Vec::with_capacity(self.pool_blocks));
         let count = sources.len();
         let (tx, rx) = oneshot::channel();
         let pool_tx = self.pool_tx.as_ref().expect("pool open until finish");
@@ -1181,7 +1185,7 @@ impl BlockPipeline {
             other => other,
         };
         self.pool_batch.push(source);
-        if self.pool_batch.len() >= POOL_BATCH {
+        if self.pool_batch.len() >= self.pool_blocks {
             self.submit_pool().await?;
         }
         Ok(())
@@ -1777,6 +1781,28 @@ mod tests {
             };
             pipeline.whole_file(entry, &data, block).await.unwrap();
             expected.push((format!("base/5/{i}"), data));
+        }
+        // Files of exactly one pool job and of two jobs and a remainder,
+        // between small ones.
+        for (i, len) in [8 * block, 1, 17 * block + 8192, 8192, 9 * block]
+            .into_iter()
+            .enumerate()
+        {
+            let path = format!("base/6/{i}");
+            let data = noise(len, 5000 + i as u64);
+            let entry = FileEntry {
+                tablespace: None,
+                path: path.clone(),
+                kind: FileKind::File,
+                mode: 0o600,
+                size: len as u64,
+                mtime: 0,
+                link_target: None,
+                crc32c: None,
+                blocks: Vec::new(),
+            };
+            pipeline.whole_file(entry, &data, block).await.unwrap();
+            expected.push((path, data));
         }
         let (files, stats, _) = pipeline.finish().await.unwrap();
         assert_eq!(files.len(), expected.len());

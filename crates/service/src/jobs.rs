@@ -192,6 +192,7 @@ impl Service {
                 Err(e) => tracing::warn!(instance = %id, "backup failed: {e}"),
             }
             svc.backups.forget(&id, job_id);
+            strata_engine::return_free_memory();
             svc.housekeeping.request_gc();
             // What is stored changed; the collection may wait for readers.
             svc.usage_changed();
@@ -215,6 +216,7 @@ impl Service {
                 Err(e) => tracing::warn!(instance = %id, "import failed: {e}"),
             }
             svc.backups.forget(&id, job_id);
+            strata_engine::return_free_memory();
             svc.housekeeping.request_gc();
             svc.usage_changed();
         };

@@ -443,8 +443,10 @@ enum RepoCmd {
 /// Fixing it also fixes the trim threshold at its default of 128 KiB: an
 /// arena then hands its free top back to the system (and faults it in
 /// again) about every time a 128 KiB block of a backup is freed, which cost
-/// a third of a backup's system time. Arenas keep up to 16 MiB free instead;
-/// everything larger than 1 MiB is still returned at once.
+/// a third of a backup's system time. Arenas keep up to 16 MiB free instead
+/// (what a backup's threads held is handed back when the backup ends, see
+/// `strata_engine::return_free_memory`); everything larger than 1 MiB is
+/// still returned at once. This overrides `MALLOC_TRIM_THRESHOLD_`.
 fn bound_allocator_retention() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called
