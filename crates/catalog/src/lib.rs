@@ -336,6 +336,18 @@ impl Instance {
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     }
 
+    /// What `password_env` may name: a portable environment variable name
+    /// (ASCII letters, digits and `_`, not starting with a digit, at most
+    /// 255 bytes).
+    pub fn valid_env_name(name: &str) -> bool {
+        name.len() <= 255
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
     /// Whether `id` names the owner of a user backup (RDS's
     /// `ImportUserBackupFile`): an id no registration may take, never in
     /// the instance table, whose only set is the backup imported.

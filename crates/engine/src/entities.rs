@@ -29,14 +29,21 @@ pub(crate) fn instance_record(i: &Instance) -> InstanceRecord {
 }
 
 /// The instance a repository record describes, as a reindex registers it:
-/// no password (the repository never has one), nothing learned yet.
-pub(crate) fn instance_from_record(rec: &InstanceRecord) -> EngineResult<Instance> {
+/// no password (the repository never has one), nothing learned yet. The
+/// environment variable holding its password is taken only from an
+/// `authenticated` record (an encrypted repository's): whoever can write to
+/// an unencrypted repository could otherwise name any variable of Strata's
+/// environment, and a host to send its value to.
+pub(crate) fn instance_from_record(
+    rec: &InstanceRecord,
+    authenticated: bool,
+) -> EngineResult<Instance> {
     Ok(Instance {
         id: rec.id.clone(),
         host: rec.host.clone(),
         port: rec.port,
         user: rec.user.clone(),
-        password_env: rec.password_env.clone(),
+        password_env: rec.password_env.clone().filter(|_| authenticated),
         password: None,
         dbname: rec.dbname.clone(),
         sslmode: rec.sslmode.parse().map_err(|e| RepoError::Corrupt {
@@ -167,7 +174,7 @@ mod tests {
         assert_eq!(rec.sslmode, "verify-full");
         let text = serde_json::to_string(&rec).unwrap();
         assert!(!text.contains("s3cret"), "{text}");
-        let back = instance_from_record(&rec).unwrap();
+        let back = instance_from_record(&rec, true).unwrap();
         // Address and login come back; the password and what was learned
         // from the server are not in the repository.
         assert_eq!(
@@ -181,11 +188,14 @@ mod tests {
                 ..i
             }
         );
+        // Unauthenticated, the record names no variable to read.
+        let forged = instance_from_record(&rec, false).unwrap();
+        assert_eq!((forged.password_env, forged.host), (None, rec.host.clone()));
         let bad = InstanceRecord {
             sslmode: "sometimes".into(),
             ..rec
         };
-        match instance_from_record(&bad) {
+        match instance_from_record(&bad, true) {
             Err(EngineError::Repo(RepoError::Corrupt { object, reason })) => {
                 assert_eq!(object, strata_repo::instance_key("db1"));
                 assert!(reason.contains("sometimes"), "{reason}");

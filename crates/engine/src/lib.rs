@@ -61,7 +61,7 @@ pub use events::{EventFilter, RecoveryEvent, EVENT_KINDS};
 pub use import::PendingImport;
 pub use local_server::{as_user, LocalServer, ServerUse, StartOptions};
 pub use progress::{NoProgress, Progress};
-pub use reindex::ReindexReport;
+pub use reindex::{ReindexReport, UnrestoredPasswordEnv};
 pub use restore::{chown_tree, RecoveryTarget, RestoreIndex, RestoreOptions, RestoreOutcome};
 pub use retention::{
     decide_retention, newest_success, pitr_anchor, plan_retention, GcGuard, KeptBy,
@@ -262,7 +262,8 @@ impl Engine {
     }
 
     /// An instance as the repository recorded it when it was registered
-    /// (no password): what is known of an instance deregistered since,
+    /// (no password; the variable holding it only from an encrypted
+    /// repository): what is known of an instance deregistered since,
     /// whose sets remain. `None` when the repository has no record.
     pub fn recorded_instance(
         &self,
@@ -270,7 +271,7 @@ impl Engine {
     ) -> EngineResult<Option<strata_catalog::Instance>> {
         self.repo
             .read_instance(instance_id)?
-            .map(|rec| entities::instance_from_record(&rec))
+            .map(|rec| entities::instance_from_record(&rec, self.repo.is_encrypted()))
             .transpose()
     }
 
@@ -301,6 +302,29 @@ impl Engine {
         self.repo
             .put_instance(&entities::instance_record(instance))?;
         Ok(())
+    }
+
+    /// Names the environment variable `instance_id`'s password is read
+    /// from (`None`: the password stored with it, if any), in the catalog
+    /// and in the repository's record of it.
+    pub fn set_password_env(
+        &self,
+        instance_id: &str,
+        variable: Option<String>,
+    ) -> EngineResult<strata_catalog::Instance> {
+        if let Some(v) = &variable {
+            if !strata_catalog::Instance::valid_env_name(v) {
+                return Err(EngineError::Refused(format!(
+                    "{v:?} is not an environment variable name (letters, digits and '_', not starting with a digit)"
+                )));
+            }
+        }
+        let mut instance = self.catalog.get_instance(instance_id)?;
+        instance.password_env = variable;
+        self.catalog.update_instance(&instance)?;
+        self.repo
+            .put_instance(&entities::instance_record(&instance))?;
+        Ok(instance)
     }
 
     /// A PostgreSQL client program (`psql`, `pg_dump`, `pg_restore`,

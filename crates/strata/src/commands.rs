@@ -86,6 +86,12 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
             if !Instance::valid_id(&id) {
                 bail!("instance id {id:?} may only use letters, digits, '-', '_' and '.' (at most 64)");
             }
+            if let Some(var) = password_env
+                .as_deref()
+                .filter(|v| !Instance::valid_env_name(v))
+            {
+                bail!("--password-env {var:?} is not an environment variable name (letters, digits and '_', not starting with a digit)");
+            }
             // Parsed here rather than by clap: one `error:` line, like every other refusal.
             let sslmode: SslMode = sslmode.parse()?;
             let mut instance = Instance {
@@ -137,6 +143,33 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
         InstanceCmd::List { json } => {
             let list = engine.catalog().list_instances()?;
             print(json, &list[..], output::print_instances)
+        }
+        InstanceCmd::Modify {
+            id,
+            password_env,
+            no_password_env,
+        } => {
+            if password_env.is_none() && !no_password_env {
+                bail!("nothing to change: give --password-env VAR or --no-password-env");
+            }
+            let instance = engine.set_password_env(&id, password_env)?;
+            match &instance.password_env {
+                Some(var) => {
+                    println!("instance {id}: the password is read from {var}");
+                    if std::env::var_os(var).is_none() {
+                        eprintln!("warning: {var} is not set here; `strata serve` and every command that connects to {id} need it in their environment");
+                    }
+                }
+                None => println!(
+                    "instance {id}: {}",
+                    if instance.password.is_some() {
+                        "the password stored with it is used"
+                    } else {
+                        "no password is sent"
+                    }
+                ),
+            }
+            Ok(())
         }
     }
 }
@@ -764,6 +797,12 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
                 "reindexed {} instance(s) ({} added), {} backup set(s), {} WAL object(s); block index rebuilt: {} block(s)",
                 report.instances, report.instances_added, report.backups, report.wal_segments, report.blocks
             );
+            for u in &report.password_env_not_restored {
+                eprintln!(
+                    "warning: instance {}: registered without its password variable {}: the records of an unencrypted repository are not authenticated. Check that {}:{} as {} is the server, then run `strata instance modify {} --password-env {}`",
+                    u.instance, u.variable, u.host, u.port, u.user, u.instance, u.variable
+                );
+            }
             Ok(())
         }
     }

@@ -173,6 +173,17 @@ enum InstanceCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change how Strata logs in to a registered server.
+    Modify {
+        id: String,
+        /// Environment variable holding the password from now on.
+        #[arg(long)]
+        password_env: Option<String>,
+        /// Read no environment variable (the password stored with the
+        /// instance, if any, or none).
+        #[arg(long, conflicts_with = "password_env")]
+        no_password_env: bool,
+    },
 }
 
 #[derive(Subcommand)]

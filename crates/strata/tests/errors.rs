@@ -178,6 +178,81 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(successes(&strata, "scram"), 1);
+
+    // A catalog rebuilt from this unencrypted repository does not take the
+    // variable's name from the instance's record: whoever can write there
+    // could have named another. No password is sent until it is named again.
+    for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = std::fs::remove_file(strata.dir.join("data").join(f));
+    }
+    let out = strata
+        .command(&["repo", "reindex"])
+        .output()
+        .expect("run strata");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "reindex: {stderr}");
+    assert!(
+        stderr.contains(
+            "warning: instance scram: registered without its password variable STRATA_TEST_PW"
+        ) && stderr.contains(&format!("127.0.0.1:{port} as r"))
+            && stderr.contains("strata instance modify scram --password-env STRATA_TEST_PW"),
+        "{stderr}"
+    );
+    assert_eq!(
+        instances(&strata)[0]["password_env"],
+        serde_json::Value::Null
+    );
+    let mut cmd = strata.command(&backup);
+    cmd.env("STRATA_TEST_PW", "right");
+    assert!(error_of(cmd).contains("password"));
+    assert_eq!(successes(&strata, "scram"), 1);
+
+    fails_with(
+        &strata,
+        &["instance", "modify", "scram"],
+        "nothing to change",
+    );
+    fails_with(
+        &strata,
+        &[
+            "instance",
+            "modify",
+            "scram",
+            "--password-env",
+            "STRATA_TEST_PW;x",
+        ],
+        "not an environment variable name",
+    );
+    fails_with(
+        &strata,
+        &[
+            "instance",
+            "modify",
+            "nobody",
+            "--password-env",
+            "STRATA_TEST_PW",
+        ],
+        "nobody",
+    );
+    strata.ok(&[
+        "instance",
+        "modify",
+        "scram",
+        "--password-env",
+        "STRATA_TEST_PW",
+    ]);
+    assert_eq!(instances(&strata)[0]["password_env"], "STRATA_TEST_PW");
+    let out = strata
+        .command(&backup)
+        .env("STRATA_TEST_PW", "right")
+        .output()
+        .expect("run strata");
+    assert!(
+        out.status.success(),
+        "backup once the variable is named again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(successes(&strata, "scram"), 2);
 }
 
 #[test]
