@@ -8,6 +8,7 @@
 use std::io::{self, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -376,6 +377,11 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
         tracing::info!(method = %parts.method, path = %parts.uri.path(), "agent refused a request: {refusal}");
         return unauthorized(agent, refusal);
     }
+    // A signed head is proof enough to keep the connection's slot while a long body comes
+    // (a replayed one fails the full check below, which closes the connection).
+    if let Some(signed) = parts.extensions.get::<ConnectionSigned>() {
+        signed.0.store(true, Ordering::Relaxed);
+    }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) if wal_limit.is_some() => {
@@ -420,7 +426,14 @@ fn unauthorized(agent: &Agent, refusal: crate::auth::AuthRefusal) -> Response {
         message: refusal.0.replace('\n', "; "),
         not_before: Some(agent.verifier.not_before()),
     };
-    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+    // A peer without the key has no use for the connection: closing it frees
+    // its slot at once.
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONNECTION, HeaderValue::from_static("close"))],
+        Json(body),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -694,7 +707,8 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Start
 }
 
 /// How many connections the agent serves at once and how long a client has to say what it
-/// wants.
+/// wants. When every slot is taken, a new connection takes the slot of one that has not yet
+/// made a signed request (see [`Slots`]); it waits only while all of them have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Connections served at once; more wait in the listen queue until one ends.
@@ -734,12 +748,9 @@ pub async fn serve_with_limits(
 ) -> io::Result<()> {
     let router = agent.router();
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Slots::default());
     let head_timeout = limits.head_timeout;
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
-            () = stopped(&mut shutdown) => return Ok(()),
-        };
         let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(accepted) => accepted,
@@ -752,23 +763,140 @@ pub async fn serve_with_limits(
             },
             () = stopped(&mut shutdown) => return Ok(()),
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Every slot is taken: one held by a connection that never
+                // signed a request goes to this one; else it waits.
+                slots.evict_unsigned();
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
+                    () = stopped(&mut shutdown) => return Ok(()),
+                }
+            }
+        };
         let acceptor = tls.clone();
-        let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+        let held = slots.hold(peer);
+        let svc = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(ConnectionSigned(held.signed.clone()))),
+        );
         tokio::spawn(async move {
             let _permit = permit;
-            let Some(acceptor) = acceptor else {
-                let io = hyper_util::rt::TokioIo::new(stream);
-                return serve_connection(io, svc, peer, head_timeout).await;
-            };
-            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let io = hyper_util::rt::TokioIo::new(tls);
-                    serve_connection(io, svc, peer, head_timeout).await
+            let served = async move {
+                let Some(acceptor) = acceptor else {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    return serve_connection(io, svc, peer, head_timeout).await;
+                };
+                match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let io = hyper_util::rt::TokioIo::new(tls);
+                        serve_connection(io, svc, peer, head_timeout).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake not done in {head_timeout:?}")
+                    }
                 }
-                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake not done in {head_timeout:?}"),
+            };
+            tokio::pin!(served);
+            loop {
+                tokio::select! {
+                    () = &mut served => return,
+                    () = held.evict.notified() => {
+                        // Signed since it was chosen: it keeps its slot.
+                        if !held.signed.load(Ordering::Relaxed) {
+                            tracing::debug!(%peer, "closed a connection that had signed no request: its slot went to a new one");
+                            return;
+                        }
+                    }
+                }
             }
         });
+    }
+}
+
+/// Set on a connection once a request on it passed the signature check.
+#[derive(Clone)]
+struct ConnectionSigned(Arc<AtomicBool>);
+
+/// The connections being served. A peer without the key can open connections and hold them
+/// until their head time is up, again and again; were slots first come, first served, it could
+/// keep every one of them and so the agent from Strata. A connection that has not yet signed a
+/// request is therefore the first to go when all are taken: of the peer address holding most
+/// such connections (a flood from one address empties itself first), the oldest.
+#[derive(Default)]
+struct Slots(std::sync::Mutex<SlotTable>);
+
+#[derive(Default)]
+struct SlotTable {
+    next: u64,
+    held: std::collections::BTreeMap<u64, HeldSlot>,
+}
+
+#[derive(Clone)]
+struct HeldSlot {
+    peer: std::net::IpAddr,
+    signed: Arc<AtomicBool>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+/// One connection's entry in [`Slots`], removed when dropped.
+struct Held {
+    slots: Arc<Slots>,
+    id: u64,
+    signed: Arc<AtomicBool>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl Slots {
+    fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hold(self: &Arc<Self>, peer: SocketAddr) -> Held {
+        let slot = HeldSlot {
+            peer: peer.ip(),
+            signed: Arc::new(AtomicBool::new(false)),
+            evict: Arc::new(tokio::sync::Notify::new()),
+        };
+        let mut table = self.table();
+        let id = table.next;
+        table.next += 1;
+        table.held.insert(id, slot.clone());
+        Held {
+            slots: self.clone(),
+            id,
+            signed: slot.signed,
+            evict: slot.evict,
+        }
+    }
+
+    /// Asks one unsigned connection, if there is one, to close (see [`Slots`]).
+    fn evict_unsigned(&self) {
+        let table = self.table();
+        // Per peer address: how many unsigned connections it holds, and its oldest (ids
+        // grow, and the map is ordered by them: the first seen is the oldest).
+        let mut per_peer = std::collections::HashMap::new();
+        for (&id, s) in &table.held {
+            if !s.signed.load(Ordering::Relaxed) {
+                per_peer.entry(s.peer).or_insert((0usize, id, s)).0 += 1;
+            }
+        }
+        // The peer holding most; of peers holding as many, the one with the oldest.
+        let chosen = per_peer
+            .into_values()
+            .max_by_key(|&(n, oldest, _)| (n, std::cmp::Reverse(oldest)));
+        if let Some((_, _, s)) = chosen {
+            s.evict.notify_one();
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.slots.table().held.remove(&self.id);
     }
 }
 

@@ -1,6 +1,8 @@
 //! The agent's connection limits, on real sockets: while 64 connections are held, a 65th is
 //! not served until one of them ends; a connection that sends only part of a request head, or
-//! nothing, or stays idle after its answer is closed once its head time is up. Each check
+//! nothing, or stays idle after its answer is closed once its head time is up; when every
+//! slot is taken, one that never signed a request (the flooding peer's first) gives its slot
+//! to a new connection, and a refused request closes its connection. Each check
 //! waits on what the agent does (an answer, a closed socket), never on how long it takes; the
 //! outer time limits only keep a broken agent from hanging the test.
 
@@ -174,5 +176,96 @@ async fn connections_that_do_not_finish_a_request_head_are_closed() {
             .expect("a closed connection kept its slot");
         assert_eq!(answer, "HTTP/1.1 200 OK");
         fresh.push(s);
+    }
+}
+
+/// A connection from `ip` (any 127.0.0.0/8 address reaches the agent on 127.0.0.1).
+async fn connect_from(ip: &str, agent: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    socket.connect(agent).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_signed_nothing_give_their_slots_to_new_ones() {
+    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
+        return;
+    };
+    let data = fake_data_dir(fs.path(), 4096);
+    // Head time far beyond the test: only giving up a slot can free one.
+    let limits = Limits {
+        max_connections: 5,
+        head_timeout: Duration::from_secs(600),
+    };
+    let agent = start_agent_with_limits(
+        default_layout(&data),
+        FreeFloor::Percent(1),
+        AgentKey::generate(),
+        limits,
+    )
+    .await;
+
+    // A refused request closes its connection at once.
+    let mut refused = TcpStream::connect(agent.addr).await.unwrap();
+    ask_facts(&mut refused, agent.addr, &AgentKey::generate()).await;
+    let sent = until_closed(&mut refused).await;
+    assert!(sent.starts_with("HTTP/1.1 401 "), "{sent}");
+
+    // One signed connection; one from 127.0.0.1 that says nothing (the oldest unsigned);
+    // three from 127.0.0.2 that say nothing.
+    let mut held = Vec::new();
+    let mut signed = TcpStream::connect(agent.addr).await.unwrap();
+    ask_facts(&mut signed, agent.addr, &agent.key).await;
+    assert_eq!(read_answer(&mut signed).await, "HTTP/1.1 200 OK");
+    let mut quiet = connect_from("127.0.0.1", agent.addr).await;
+    // 127.0.0.2 reaches the agent: a request from it is answered (refused).
+    let mut probe = connect_from("127.0.0.2", agent.addr).await;
+    ask_facts(&mut probe, agent.addr, &AgentKey::generate()).await;
+    assert!(until_closed(&mut probe).await.starts_with("HTTP/1.1 401 "));
+    let mut flood = Vec::new();
+    for _ in 0..3 {
+        flood.push(connect_from("127.0.0.2", agent.addr).await);
+    }
+
+    // The slots are full: each new signed connection gets the slot of the flooding
+    // address's oldest, which the agent closes; the older quiet one stays while the flood
+    // holds more.
+    for (i, flooding) in flood.iter_mut().take(2).enumerate() {
+        let mut new = TcpStream::connect(agent.addr).await.unwrap();
+        ask_facts(&mut new, agent.addr, &agent.key).await;
+        let answer = tokio::time::timeout(GIVE_UP, read_answer(&mut new))
+            .await
+            .unwrap_or_else(|_| panic!("no slot was given up for new connection {i}"));
+        assert_eq!(answer, "HTTP/1.1 200 OK");
+        let sent = until_closed(flooding).await;
+        assert!(sent.is_empty(), "{sent}");
+        held.push(new);
+    }
+    // One each now: the older goes first. The quiet one is closed; the flood's last stays.
+    let mut new = TcpStream::connect(agent.addr).await.unwrap();
+    ask_facts(&mut new, agent.addr, &agent.key).await;
+    let answer = tokio::time::timeout(GIVE_UP, read_answer(&mut new))
+        .await
+        .expect("no slot was given up for a third new connection");
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+    held.push(new);
+    until_closed(&mut quiet).await;
+    let mut last = flood.pop().unwrap();
+    ask_facts(&mut last, agent.addr, &agent.key).await;
+    assert_eq!(read_answer(&mut last).await, "HTTP/1.1 200 OK");
+    held.push(last);
+
+    // Every slot is now held by a signed connection: another waits.
+    let mut waiting = TcpStream::connect(agent.addr).await.unwrap();
+    ask_facts(&mut waiting, agent.addr, &agent.key).await;
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_secs(2), waiting.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "a signed connection gave up its slot: {early:?}"
+    );
+    for s in [&mut signed].into_iter().chain(held.iter_mut()) {
+        ask_facts(s, agent.addr, &agent.key).await;
+        assert_eq!(read_answer(s).await, "HTTP/1.1 200 OK");
     }
 }
