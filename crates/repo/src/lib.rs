@@ -1929,6 +1929,112 @@ mod tests {
         assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
     }
 
+    /// Tails' meta describes the prefix they end (its checksum is the
+    /// prefix's); tails written as they first were, describing their own
+    /// bytes, still join; a tail whose prefix checksum does not match what
+    /// the prefix holds is corrupt.
+    #[test]
+    fn tails_carry_the_prefix_checksum_and_old_tails_still_join() {
+        let (_d, repo) = repo();
+        let data: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let mut payload = repo.wal_payload().unwrap();
+        payload.extend(&data[..10_000]).unwrap();
+        let key = repo
+            .put_wal_payload("i", &partial_meta(&payload), &mut payload)
+            .unwrap();
+        let tail_at = |from: u64, to: u64| {
+            format!(
+                "{key}.d/{:016X}-{:016X}",
+                0x300_0000 + from,
+                0x300_0000 + to
+            )
+        };
+        let open_tail = |k: &str| {
+            let bytes = repo.storage().get(k).unwrap();
+            crate::object::open::<WalSegmentMeta>(&repo.keys, k, ObjectKind::WalSegment, &bytes)
+                .unwrap()
+        };
+
+        // A tail as written before: its own range, its own bytes' checksum.
+        let mut old_meta = partial_meta(&payload);
+        old_meta.begin_lsn = pg_wal::Lsn(0x300_0000 + 10_000);
+        old_meta.end_lsn = pg_wal::Lsn(0x300_0000 + 20_000);
+        old_meta.checksum = repo.wal_checksum(&data[10_000..20_000]);
+        old_meta.commit_count = 20_000;
+        let frames = zstd::bulk::compress(&data[10_000..20_000], 1).unwrap();
+        let sealed =
+            crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, &old_meta, &frames)
+                .unwrap();
+        repo.storage()
+            .put(&tail_at(10_000, 20_000), &sealed)
+            .unwrap();
+
+        // The writer continues from there: a tail of the prefix's checksum.
+        payload.extend(&data[10_000..20_000]).unwrap();
+        payload.mark_stored();
+        payload.extend(&data[20_000..]).unwrap();
+        let meta = partial_meta(&payload);
+        repo.put_wal_tail("i", &meta, &mut payload, 20_000).unwrap();
+        let new_tail = open_tail(&tail_at(20_000, 30_000));
+        assert_eq!(new_tail.meta.begin_lsn, pg_wal::Lsn(0x300_0000));
+        assert_eq!(new_tail.meta.checksum, repo.wal_checksum(&data));
+        assert_eq!(new_tail.payload, &data[20_000..]);
+
+        let (read_meta, read) = repo.read_wal(&key).unwrap();
+        assert_eq!(read, data);
+        assert_eq!(read_meta.begin_lsn, pg_wal::Lsn(0x300_0000));
+        assert_eq!(read_meta.end_lsn, pg_wal::Lsn(0x300_0000 + 30_000));
+        assert_eq!(read_meta.checksum, repo.wal_checksum(&data));
+
+        // The old tail's bytes replaced by others under a valid seal and
+        // their own checksum: the new tail's prefix checksum finds it.
+        let mut other = data[10_000..20_000].to_vec();
+        other[5] ^= 1;
+        let mut forged = old_meta.clone();
+        forged.checksum = repo.wal_checksum(&other);
+        let frames = zstd::bulk::compress(&other, 1).unwrap();
+        let sealed =
+            crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, &forged, &frames)
+                .unwrap();
+        repo.storage()
+            .put(&tail_at(10_000, 20_000), &sealed)
+            .unwrap();
+        match repo.read_wal(&key) {
+            Err(RepoError::Corrupt { object, reason }) => {
+                assert_eq!(object, tail_at(20_000, 30_000));
+                assert!(reason.contains("up to the tail's end"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A prefix tail that names another start than the prefix's is corrupt too.
+        let mut shifted = new_tail.meta.clone();
+        shifted.begin_lsn = pg_wal::Lsn(0x300_0000 + 1);
+        let frames = zstd::bulk::compress(&data[20_000..], 1).unwrap();
+        let sealed =
+            crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, &shifted, &frames)
+                .unwrap();
+        repo.storage()
+            .put(&tail_at(20_000, 30_000), &sealed)
+            .unwrap();
+        repo.storage()
+            .put(
+                &tail_at(10_000, 20_000),
+                &crate::object::seal_compressed(
+                    &repo.keys,
+                    ObjectKind::WalSegment,
+                    &old_meta,
+                    &zstd::bulk::compress(&data[10_000..20_000], 1).unwrap(),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let err = repo.read_wal(&key).unwrap_err();
+        assert!(
+            matches!(&err, RepoError::Corrupt { reason, .. } if reason.contains("its key names")),
+            "{err}"
+        );
+    }
+
     #[test]
     fn refuses_newer_format() {
         let (dir, repo) = repo();

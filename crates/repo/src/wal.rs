@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use pg_wal::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::KeyDomain;
 use crate::object::{open, seal, seal_compressed, ObjectKind};
 use crate::{RepoError, RepoResult, Repository, StorageError};
 
@@ -180,10 +181,8 @@ pub struct WalPayload {
     /// Where each frame begins: (raw offset, offset in `frames`).
     starts: Vec<(usize, usize)>,
     len: usize,
-    /// The keyed hasher before any byte, to start a tail's checksum.
+    /// The keyed hasher before any byte, to start the next segment's checksum.
     empty: blake3::Hasher,
-    /// Checksum of the raw bytes from `stored_len` on.
-    unstored_checksum: blake3::Hasher,
     /// Raw bytes already in some stored object.
     stored_len: usize,
 }
@@ -203,7 +202,6 @@ impl WalPayload {
         self.starts.push((self.len, self.frames.len()));
         self.frames.extend_from_slice(&self.scratch);
         self.checksum.update(data);
-        self.unstored_checksum.update(data);
         self.len += data.len();
         Ok(())
     }
@@ -213,7 +211,6 @@ impl WalPayload {
     /// not fault a segment's worth of fresh memory in for every segment.
     pub fn reset(&mut self) {
         self.checksum = self.empty.clone();
-        self.unstored_checksum = self.empty.clone();
         self.scratch.clear();
         self.frames.clear();
         self.starts.clear();
@@ -287,22 +284,9 @@ impl WalPayload {
         Ok(raw)
     }
 
-    /// The keyed checksum of the raw bytes from `from` (a frame's start)
-    /// on, decompressed a little at a time into the hasher: no buffer of
-    /// their size is allocated (and faulted in) for it.
-    fn checksum_from(&self, from: usize) -> RepoResult<String> {
-        let mut hasher = self.empty.clone();
-        let mut decoder = zstd::stream::read::Decoder::with_buffer(self.frames_from(from)?)
-            .map_err(|e| RepoError::Format(format!("WAL frames do not decompress: {e}")))?;
-        std::io::copy(&mut decoder, &mut hasher)
-            .map_err(|e| RepoError::Format(format!("WAL frames do not decompress: {e}")))?;
-        Ok(hex::encode(hasher.finalize().as_bytes()))
-    }
-
     /// Records that everything held is now in stored objects.
-    fn mark_stored(&mut self) {
+    pub(crate) fn mark_stored(&mut self) {
         self.stored_len = self.len;
-        self.unstored_checksum = self.empty.clone();
     }
 }
 
@@ -440,7 +424,6 @@ impl Repository {
             frames: Vec::new(),
             starts: Vec::new(),
             len: 0,
-            unstored_checksum: empty.clone(),
             empty,
             stored_len: 0,
         })
@@ -467,11 +450,14 @@ impl Repository {
     /// Stores the tail of a partial segment's `payload` from raw byte
     /// `from` (where a frame begins, at most what is stored already) to its
     /// end, next to the partial object; `meta` describes the whole prefix,
-    /// as for [`Repository::put_wal_payload`], and the tail's own range and
-    /// checksum are derived from it. A tail from before the end of what is
-    /// stored merges the tails it covers, which are then deleted. Returns
-    /// the partial object's key, the one the catalog records. Marks the
-    /// payload stored.
+    /// as for [`Repository::put_wal_payload`], and so does the tail's own
+    /// meta: its checksum is the prefix's, which the payload keeps anyway
+    /// (a checksum of the tail's bytes alone would hash every byte twice,
+    /// and a merged tail's bytes a third time), and readers check it once
+    /// the prefix is joined. A tail from before the end of what is stored
+    /// merges the tails it covers, which are then deleted. Returns the
+    /// partial object's key, the one the catalog records. Marks the payload
+    /// stored.
     pub fn put_wal_tail(
         &self,
         instance_id: &str,
@@ -485,30 +471,33 @@ impl Repository {
                 meta.segment, payload.len, payload.stored_len
             )));
         }
+        if meta.end_lsn.0 < meta.begin_lsn.0 + payload.len as u64 {
+            return Err(RepoError::Format(format!(
+                "WAL segment {}: {} bytes held end past {}",
+                meta.segment, payload.len, meta.end_lsn
+            )));
+        }
         let partial_key = wal_segment_key(instance_id, meta.timeline, &meta.segment, true);
         let mut tail_meta = meta.clone();
-        tail_meta.begin_lsn = Lsn(meta.end_lsn.0 - (payload.len - from) as u64);
-        tail_meta.checksum = if from == payload.stored_len {
-            hex::encode(payload.unstored_checksum.finalize().as_bytes())
-        } else {
-            payload.checksum_from(from)?
-        };
+        tail_meta.begin_lsn = Lsn(meta.end_lsn.0 - payload.len as u64);
+        tail_meta.checksum = payload.checksum();
         let bytes = seal_compressed(
             &self.keys,
             ObjectKind::WalSegment,
             &tail_meta,
             payload.frames_from(from)?,
         )?;
-        let key = tail_key(&partial_key, tail_meta.begin_lsn, tail_meta.end_lsn);
+        let begin = Lsn(meta.end_lsn.0 - (payload.len - from) as u64);
+        let key = tail_key(&partial_key, begin, tail_meta.end_lsn);
         let merges = from < payload.stored_len;
         self.storage.put(&key, &bytes)?;
         payload.mark_stored();
         if merges {
             for covered in self.storage.list(&tails_prefix(&partial_key))? {
-                let Some((begin, end)) = parse_tail_key(&partial_key, &covered) else {
+                let Some((b, e)) = parse_tail_key(&partial_key, &covered) else {
                     continue;
                 };
-                let inside = begin >= tail_meta.begin_lsn && end <= tail_meta.end_lsn;
+                let inside = b >= begin && e <= tail_meta.end_lsn;
                 if inside && covered != key {
                     self.storage.delete(&covered)?;
                 }
@@ -545,6 +534,10 @@ impl Repository {
 
     fn read_partial(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
         let (mut meta, mut data) = self.read_wal_object(key)?;
+        // The keyed hash of `data` so far, in one key domain, and how many
+        // of its bytes it has taken: carried from tail to tail, so checking
+        // each tail's prefix checksum hashes every byte once.
+        let mut prefix_hash: Option<(KeyDomain, blake3::Hasher, usize)> = None;
         let mut tails: Vec<(Lsn, Lsn, String)> = self
             .storage
             .list(&tails_prefix(key))?
@@ -560,8 +553,12 @@ impl Repository {
             if begin > meta.end_lsn {
                 break;
             }
-            let (tail_meta, bytes) = self.read_wal_object(&tail)?;
-            if (tail_meta.begin_lsn, tail_meta.end_lsn) != (begin, end)
+            let (tail_meta, bytes, domain) = self.open_wal_object(&tail)?;
+            // Its meta describes either its own bytes (as tails were first
+            // written) or the whole prefix it ends.
+            let of_prefix = tail_meta.begin_lsn == meta.begin_lsn && begin != meta.begin_lsn;
+            if (tail_meta.begin_lsn != begin && !of_prefix)
+                || tail_meta.end_lsn != end
                 || bytes.len() as u64 != end.0 - begin.0
                 || tail_meta.segment != meta.segment
                 || tail_meta.timeline != meta.timeline
@@ -571,7 +568,26 @@ impl Repository {
                     reason: "the tail does not hold the WAL its key names".into(),
                 });
             }
+            if !of_prefix {
+                self.check_wal_checksum(&tail, &tail_meta, &bytes, domain)?;
+            }
             data.extend_from_slice(&bytes[(meta.end_lsn.0 - begin.0) as usize..]);
+            if of_prefix {
+                let (domain, mut hasher, hashed) = match prefix_hash.take() {
+                    Some(running) if running.0 == domain => running,
+                    _ => (domain, self.keys_of_domain(domain).hasher.incremental(), 0),
+                };
+                hasher.update(&data[hashed..]);
+                if hex::encode(hasher.finalize().as_bytes()) != tail_meta.checksum {
+                    return Err(RepoError::Corrupt {
+                        object: tail,
+                        reason:
+                            "the segment's bytes up to the tail's end do not match its checksum"
+                                .into(),
+                    });
+                }
+                prefix_hash = Some((domain, hasher, data.len()));
+            }
             meta = WalSegmentMeta {
                 begin_lsn: meta.begin_lsn,
                 ..tail_meta
@@ -585,19 +601,42 @@ impl Repository {
     }
 
     fn read_wal_object(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {
+        let (meta, payload, domain) = self.open_wal_object(key)?;
+        self.check_wal_checksum(key, &meta, &payload, domain)?;
+        Ok((meta, payload))
+    }
+
+    /// A WAL object opened (its seal checked), with the key domain it was
+    /// written in; its content checksum is not checked yet.
+    fn open_wal_object(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>, KeyDomain)> {
         let bytes = self.storage.get(key)?;
         let opened = open::<WalSegmentMeta>(&self.keys, key, ObjectKind::WalSegment, &bytes)?;
-        // The checksum is keyed with the hash key of the object's own domain
-        // (a segment archived before the instance's key domain existed).
         let domain = crate::object::object_domain(&bytes).0;
-        let keys = self.keys.for_domain(domain).unwrap_or(&self.keys);
-        if keys.hasher.hash(&opened.payload).to_string() != opened.meta.checksum {
+        Ok((opened.meta, opened.payload, domain))
+    }
+
+    /// The keys of `domain` when this repository reads it, else its own.
+    fn keys_of_domain(&self, domain: KeyDomain) -> &crate::crypto::Keys {
+        self.keys.for_domain(domain).unwrap_or(&self.keys)
+    }
+
+    /// Checks that `payload` is what `meta`'s checksum describes. The
+    /// checksum is keyed with the hash key of the object's own domain (a
+    /// segment archived before the instance's key domain existed).
+    fn check_wal_checksum(
+        &self,
+        key: &str,
+        meta: &WalSegmentMeta,
+        payload: &[u8],
+        domain: KeyDomain,
+    ) -> RepoResult<()> {
+        if self.keys_of_domain(domain).hasher.hash(payload).to_string() != meta.checksum {
             return Err(RepoError::Corrupt {
                 object: key.to_string(),
                 reason: "segment bytes do not match their checksum".into(),
             });
         }
-        Ok((opened.meta, opened.payload))
+        Ok(())
     }
 
     /// All WAL objects of an instance, by timeline then segment name.
