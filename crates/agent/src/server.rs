@@ -354,17 +354,6 @@ async fn seal(mut seal: crate::auth::ResponseSeal, response: Response) -> Respon
 /// Checks the request's signature (reading its body, bounded) and runs it.
 async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    // A WAL file may be as large as the cluster's segments; every other body is small.
-    let wal_limit = if is_wal_upload(parts.method.as_str(), parts.uri.path()) {
-        let a = agent.clone();
-        tokio::task::spawn_blocking(move || a.store.wal_segment_size().ok())
-            .await
-            .ok()
-            .flatten()
-    } else {
-        None
-    };
-    let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
     // Signature and clock first: only a signed request may make the agent read a body.
     let head = agent.verifier.verify_head(
         parts.method.as_str(),
@@ -382,6 +371,17 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
     if let Some(signed) = parts.extensions.get::<ConnectionSigned>() {
         signed.0.store(true, Ordering::Relaxed);
     }
+    // A WAL file may be as large as the cluster's segments; every other body is small.
+    let wal_limit = if is_wal_upload(parts.method.as_str(), parts.uri.path()) {
+        let a = agent.clone();
+        tokio::task::spawn_blocking(move || a.store.wal_segment_size().ok())
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) if wal_limit.is_some() => {
@@ -765,15 +765,17 @@ pub async fn serve_with_limits(
         };
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => {
-                // Every slot is taken: one held by a connection that never
-                // signed a request goes to this one; else it waits.
-                slots.evict_unsigned();
+            // Every slot is taken: one held by a connection that has signed
+            // nothing for UNSIGNED_GRACE goes to this one; else it waits,
+            // looking again now and then.
+            Err(_) => loop {
+                slots.evict_unsigned(UNSIGNED_GRACE);
                 tokio::select! {
-                    p = permits.clone().acquire_owned() => p.map_err(io::Error::other)?,
+                    p = permits.clone().acquire_owned() => break p.map_err(io::Error::other)?,
+                    () = tokio::time::sleep(EVICTION_RECHECK) => {}
                     () = stopped(&mut shutdown) => return Ok(()),
                 }
-            }
+            },
         };
         let acceptor = tls.clone();
         let held = slots.hold(peer);
@@ -817,15 +819,26 @@ pub async fn serve_with_limits(
     }
 }
 
+/// How long a connection may hold a slot without signing a request head before a new
+/// connection may take it (see [`Slots`]): far longer than a client with the key takes to
+/// connect and send one, even with TLS, so the server's own connections, opened many at once,
+/// never take each other's slots.
+const UNSIGNED_GRACE: Duration = Duration::from_secs(2);
+
+/// While a new connection waits for a slot, how often the slots are looked at again for one
+/// to give it.
+const EVICTION_RECHECK: Duration = Duration::from_millis(250);
+
 /// Set on a connection once a request on it passed the signature check.
 #[derive(Clone)]
 struct ConnectionSigned(Arc<AtomicBool>);
 
 /// The connections being served. A peer without the key can open connections and hold them
 /// until their head time is up, again and again; were slots first come, first served, it could
-/// keep every one of them and so the agent from Strata. A connection that has not yet signed a
-/// request is therefore the first to go when all are taken: of the peer address holding most
-/// such connections (a flood from one address empties itself first), the oldest.
+/// keep every one of them and so the agent from Strata. A connection that has signed no request
+/// head for [`UNSIGNED_GRACE`] is therefore the first to go when all are taken: of the peer
+/// address (an IPv6 /64, where one host holds many) holding most such connections (a flood
+/// from one address empties itself first), the oldest.
 #[derive(Default)]
 struct Slots(std::sync::Mutex<SlotTable>);
 
@@ -838,6 +851,7 @@ struct SlotTable {
 #[derive(Clone)]
 struct HeldSlot {
     peer: std::net::IpAddr,
+    since: std::time::Instant,
     signed: Arc<AtomicBool>,
     evict: Arc<tokio::sync::Notify>,
 }
@@ -857,7 +871,8 @@ impl Slots {
 
     fn hold(self: &Arc<Self>, peer: SocketAddr) -> Held {
         let slot = HeldSlot {
-            peer: peer.ip(),
+            peer: peer_group(peer.ip()),
+            since: std::time::Instant::now(),
             signed: Arc::new(AtomicBool::new(false)),
             evict: Arc::new(tokio::sync::Notify::new()),
         };
@@ -873,14 +888,15 @@ impl Slots {
         }
     }
 
-    /// Asks one unsigned connection, if there is one, to close (see [`Slots`]).
-    fn evict_unsigned(&self) {
+    /// Asks one connection that has signed nothing for `grace`, if there is one, to close
+    /// (see [`Slots`]).
+    fn evict_unsigned(&self, grace: Duration) {
         let table = self.table();
-        // Per peer address: how many unsigned connections it holds, and its oldest (ids
-        // grow, and the map is ordered by them: the first seen is the oldest).
+        // Per peer address: how many such connections it holds, and its oldest (ids grow,
+        // and the map is ordered by them: the first seen is the oldest).
         let mut per_peer = std::collections::HashMap::new();
         for (&id, s) in &table.held {
-            if !s.signed.load(Ordering::Relaxed) {
+            if !s.signed.load(Ordering::Relaxed) && s.since.elapsed() >= grace {
                 per_peer.entry(s.peer).or_insert((0usize, id, s)).0 += 1;
             }
         }
@@ -891,6 +907,17 @@ impl Slots {
         if let Some((_, _, s)) = chosen {
             s.evict.notify_one();
         }
+    }
+}
+
+/// The address a peer is counted under: its IPv4 address, or the /64 of its IPv6 one.
+fn peer_group(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
     }
 }
 
@@ -923,5 +950,51 @@ async fn serve_connection<I>(
         .await;
     if let Err(e) = served {
         tracing::debug!(%peer, "connection: {e}");
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn hold(slots: &Arc<Slots>, addr: &str) -> Held {
+        slots.hold(addr.parse().unwrap())
+    }
+
+    fn told_to_close(held: &Held) -> bool {
+        held.evict.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn stale_unsigned_connections_of_the_busiest_address_go_first() {
+        let slots = Arc::new(Slots::default());
+        let v4 = hold(&slots, "192.0.2.9:4000");
+        // Two addresses of one IPv6 /64 count as one peer, holding most.
+        let first = hold(&slots, "[2001:db8::1]:4000");
+        let second = hold(&slots, "[2001:db8::2]:4000");
+        // Within the grace, nobody is told to close.
+        slots.evict_unsigned(Duration::from_secs(60));
+        assert!(![&v4, &first, &second].iter().any(|h| told_to_close(h)));
+
+        slots.evict_unsigned(Duration::ZERO);
+        assert!(told_to_close(&first));
+        assert!(!told_to_close(&v4) && !told_to_close(&second));
+        drop(first);
+        // One each: the older goes, a signed one never.
+        second.signed.store(true, Ordering::Relaxed);
+        slots.evict_unsigned(Duration::ZERO);
+        assert!(told_to_close(&v4) && !told_to_close(&second));
+        drop(v4);
+        slots.evict_unsigned(Duration::ZERO);
+        assert!(!told_to_close(&second));
+        assert_eq!(slots.table().held.len(), 1);
+        drop(second);
+        assert!(slots.table().held.is_empty());
+        assert_eq!(
+            peer_group("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<std::net::IpAddr>().unwrap()
+        );
     }
 }

@@ -146,16 +146,31 @@ pub fn copy_wal_segment(
 }
 
 /// Copies the instance's record (host, user, no password) when the target
-/// lacks it, so the target can be reindexed on its own.
+/// lacks it, so the target can be reindexed on its own: as the catalog has
+/// it (`registered`), else as the source repository records it, without
+/// the variable holding the password unless the source is encrypted. An
+/// unencrypted repository's record may be forged, and an encrypted target
+/// would vouch for it (a reindex of the target trusts it).
 pub fn copy_instance_record(
     source: &Repository,
     target: &Repository,
     instance_id: &str,
+    registered: Option<&strata_catalog::Instance>,
 ) -> EngineResult<()> {
-    if target.read_instance(instance_id)?.is_none() {
-        if let Some(rec) = source.read_instance(instance_id)? {
-            target.put_instance(&rec)?;
-        }
+    if target.read_instance(instance_id)?.is_some() {
+        return Ok(());
+    }
+    let rec = match registered {
+        Some(instance) => Some(crate::entities::instance_record(instance)),
+        None => source.read_instance(instance_id)?.map(|mut rec| {
+            if !source.is_encrypted() {
+                rec.password_env = None;
+            }
+            rec
+        }),
+    };
+    if let Some(rec) = rec {
+        target.put_instance(&rec)?;
     }
     Ok(())
 }

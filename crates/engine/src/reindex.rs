@@ -44,6 +44,8 @@ pub struct UnrestoredPasswordEnv {
     pub port: u16,
     /// Who logs in, as the record says.
     pub user: String,
+    /// How the connection is protected, as the record says.
+    pub sslmode: String,
     /// The variable the record names.
     pub variable: String,
 }
@@ -84,6 +86,7 @@ impl Engine {
                                 host: rec.host.clone(),
                                 port: rec.port,
                                 user: rec.user.clone(),
+                                sslmode: rec.sslmode.clone(),
                                 variable: variable.clone(),
                             });
                     }

@@ -589,9 +589,7 @@ impl Repository {
     pub fn read_instance(&self, instance_id: &str) -> RepoResult<Option<InstanceRecord>> {
         let key = instance_key(instance_id);
         match self.storage.get(&key) {
-            Ok(bytes) => Ok(Some(
-                open(&self.keys, &key, ObjectKind::Instance, &bytes)?.meta,
-            )),
+            Ok(bytes) => Ok(Some(self.open_instance_record(&key, &bytes)?)),
             Err(StorageError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -603,10 +601,35 @@ impl Repository {
         for key in self.storage.list("instances")? {
             if key.ends_with("/instance") {
                 let bytes = self.storage.get(&key)?;
-                out.push(open(&self.keys, &key, ObjectKind::Instance, &bytes)?.meta);
+                out.push(self.open_instance_record(&key, &bytes)?);
             }
         }
         Ok(out)
+    }
+
+    /// An instance record read from `key`. Records are written under the
+    /// repository's own keys only, and each under its instance's key: one
+    /// sealed in an instance's key domain (whose data key others may hold)
+    /// or moved from another instance's key is refused.
+    pub(crate) fn open_instance_record(
+        &self,
+        key: &str,
+        bytes: &[u8],
+    ) -> RepoResult<InstanceRecord> {
+        if crate::object::object_domain(bytes).0 != KeyDomain::REPOSITORY {
+            return Err(RepoError::Corrupt {
+                object: key.to_string(),
+                reason: "an instance record sealed in an instance's key domain".into(),
+            });
+        }
+        let rec: InstanceRecord = open(&self.keys, key, ObjectKind::Instance, bytes)?.meta;
+        if instance_key(&rec.id) != key {
+            return Err(RepoError::Corrupt {
+                object: key.to_string(),
+                reason: format!("the record of instance {} under another key", rec.id),
+            });
+        }
+        Ok(rec)
     }
 
     // ----- backup sets -----
@@ -1985,6 +2008,8 @@ mod tests {
         assert_eq!(read_meta.begin_lsn, pg_wal::Lsn(0x300_0000));
         assert_eq!(read_meta.end_lsn, pg_wal::Lsn(0x300_0000 + 30_000));
         assert_eq!(read_meta.checksum, repo.wal_checksum(&data));
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
 
         // The old tail's bytes replaced by others under a valid seal and
         // their own checksum: the new tail's prefix checksum finds it.
@@ -2006,6 +2031,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert_eq!(
+            report
+                .problems
+                .iter()
+                .map(|p| &*p.object)
+                .collect::<Vec<_>>(),
+            [key.as_str()],
+            "{:?}",
+            report.problems
+        );
         // A prefix tail that names another start than the prefix's is corrupt too.
         let mut shifted = new_tail.meta.clone();
         shifted.begin_lsn = pg_wal::Lsn(0x300_0000 + 1);
@@ -2033,6 +2069,41 @@ mod tests {
             matches!(&err, RepoError::Corrupt { reason, .. } if reason.contains("its key names")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_instance_record_under_another_instances_key_is_refused() {
+        let (_d, repo) = repo();
+        let rec = |id: &str| InstanceRecord {
+            id: id.into(),
+            host: format!("{id}.example"),
+            port: 5432,
+            user: "strata".into(),
+            dbname: None,
+            sslmode: "verify-full".into(),
+            password_env: Some(format!("PW_{id}")),
+            created_at: Utc::now(),
+        };
+        repo.put_instance(&rec("a")).unwrap();
+        repo.put_instance(&rec("b")).unwrap();
+        assert_eq!(repo.read_instance("b").unwrap().unwrap().host, "b.example");
+        // a's record, sealed and valid, moved to b's key.
+        let a = repo.storage().get(&instance_key("a")).unwrap();
+        repo.storage().put(&instance_key("b"), &a).unwrap();
+        for err in [
+            repo.read_instance("b").unwrap_err(),
+            repo.list_instances().unwrap_err(),
+        ] {
+            match err {
+                RepoError::Corrupt { object, reason } => {
+                    assert_eq!(object, instance_key("b"));
+                    assert!(reason.contains("instance a under another key"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let report = repo.verify(&|_, _| {}).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     }
 
     #[test]

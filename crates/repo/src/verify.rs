@@ -119,9 +119,7 @@ impl Repository {
                     report.problems.push(problem(key, e.to_string()));
                 }
             } else if key.ends_with("/instance") {
-                if let Err(e) =
-                    open::<serde_json::Value>(&self.keys, key, ObjectKind::Instance, &bytes)
-                {
+                if let Err(e) = self.open_instance_record(key, &bytes) {
                     report.problems.push(problem(key, e.to_string()));
                 }
             } else if key.ends_with("/encryption-key.json") {
@@ -138,7 +136,12 @@ impl Repository {
                 }
             } else if key.contains("/wal/") {
                 report.wal_objects_checked += 1;
-                match self.read_wal(key) {
+                let checked = if key.contains(".partial.d/") {
+                    self.check_wal_tail(key)
+                } else {
+                    self.read_wal(key).map(|_| ())
+                };
+                match checked {
                     Ok(_) | Err(RepoError::Storage(StorageError::NotFound(_))) => {}
                     Err(e) => report.problems.push(problem(key, e.to_string())),
                 }

@@ -471,7 +471,7 @@ impl Repository {
                 meta.segment, payload.len, payload.stored_len
             )));
         }
-        if meta.end_lsn.0 < meta.begin_lsn.0 + payload.len as u64 {
+        if meta.end_lsn.0 != meta.begin_lsn.0 + payload.len as u64 {
             return Err(RepoError::Format(format!(
                 "WAL segment {}: {} bytes held end past {}",
                 meta.segment, payload.len, meta.end_lsn
@@ -598,6 +598,39 @@ impl Repository {
             meta.checksum = self.wal_checksum(&data);
         }
         Ok((meta, data))
+    }
+
+    /// Checks a tail object on its own (`repo verify`): its seal, and that
+    /// it holds the range its key names. A tail whose checksum is its
+    /// prefix's is checked against it when the partial object is read
+    /// ([`Repository::read_wal`] of the `.partial` key); one describing its
+    /// own bytes is checked here.
+    pub fn check_wal_tail(&self, key: &str) -> RepoResult<()> {
+        let (partial_key, _) = key
+            .split_once(".partial.d/")
+            .map(|(segment, _)| (format!("{segment}.partial"), ()))
+            .ok_or_else(|| RepoError::Format(format!("{key} is not a WAL tail")))?;
+        let Some((begin, end)) = parse_tail_key(&partial_key, key) else {
+            return Err(RepoError::Corrupt {
+                object: key.to_string(),
+                reason: "not a tail's key".into(),
+            });
+        };
+        let (meta, payload, domain) = self.open_wal_object(key)?;
+        if meta.end_lsn != end
+            || payload.len() as u64 != end.0 - begin.0
+            || meta.begin_lsn > begin
+            || !meta.partial
+        {
+            return Err(RepoError::Corrupt {
+                object: key.to_string(),
+                reason: "the tail does not hold the WAL its key names".into(),
+            });
+        }
+        if meta.begin_lsn == begin {
+            self.check_wal_checksum(key, &meta, &payload, domain)?;
+        }
+        Ok(())
     }
 
     fn read_wal_object(&self, key: &str) -> RepoResult<(WalSegmentMeta, Vec<u8>)> {

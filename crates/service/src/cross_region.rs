@@ -608,7 +608,12 @@ impl Service {
             // own keys (docs/REPOSITORY.md, "Instance key domains").
             let source = self.engine.for_instance_blocking(id)?;
             let source = source.repo();
-            copy_instance_record(source, &repo, id)?;
+            let registered = match self.engine.catalog().get_instance(id) {
+                Ok(instance) => Some(instance),
+                Err(strata_catalog::CatalogError::InstanceNotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            copy_instance_record(source, &repo, id, registered.as_ref())?;
             let ids: Vec<BackupId> = copies.iter().map(|c| c.set.id.clone()).collect();
             let known = CopiedBlocks::learn(source, &repo, id, &ids)?;
             let wal = self.engine.catalog().list_wal_segments(id)?;

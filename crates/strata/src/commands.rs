@@ -799,8 +799,8 @@ pub(crate) fn repo(config: &Config, engine: &Engine, cmd: RepoCmd) -> Result<()>
             );
             for u in &report.password_env_not_restored {
                 eprintln!(
-                    "warning: instance {}: registered without its password variable {}: the records of an unencrypted repository are not authenticated. Check that {}:{} as {} is the server, then run `strata instance modify {} --password-env {}`",
-                    u.instance, u.variable, u.host, u.port, u.user, u.instance, u.variable
+                    "warning: instance {}: registered without its password variable {}: the records of an unencrypted repository are not authenticated. Check that {}:{} as {} with sslmode={} is the server, then run `strata instance modify {} --password-env {}`",
+                    u.instance, u.variable, u.host, u.port, u.user, u.sslmode, u.instance, u.variable
                 );
             }
             Ok(())

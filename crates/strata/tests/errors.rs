@@ -194,7 +194,7 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
     assert!(
         stderr.contains(
             "warning: instance scram: registered without its password variable STRATA_TEST_PW"
-        ) && stderr.contains(&format!("127.0.0.1:{port} as r"))
+        ) && stderr.contains(&format!("127.0.0.1:{port} as r with sslmode=prefer"))
             && stderr.contains("strata instance modify scram --password-env STRATA_TEST_PW"),
         "{stderr}"
     );

@@ -232,6 +232,10 @@ fn latest_commits_in_partial_tails_are_restored() {
         "{seen_tails} tails at once: they were not merged"
     );
     receiver.stop();
+    // The tails left (each describing the prefix it ends) pass verification.
+    assert!(std::fs::read_dir(&tails).map(|d| d.count()).unwrap_or(0) >= 1);
+    let verified = strata.ok(&["repo", "verify"]);
+    assert!(!verified.contains("problem"), "{verified}");
     let restored = strata.restore_and_start("tails", "latest", 15, &[]);
     assert_eq!(
         restored.psql("postgres", "SELECT count(*), sum(i) FROM t"),
