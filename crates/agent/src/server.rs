@@ -368,8 +368,9 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
     }
     // A signed head is proof enough to keep the connection's slot while a long body comes
     // (a replayed one fails the full check below, which closes the connection).
-    if let Some(signed) = parts.extensions.get::<ConnectionSigned>() {
-        signed.0.store(true, Ordering::Relaxed);
+    let connection = parts.extensions.get::<ConnectionState>().cloned();
+    if let Some(c) = &connection {
+        c.signed.store(true, Ordering::Relaxed);
     }
     // A WAL file may be as large as the cluster's segments; every other body is small.
     let wal_limit = if is_wal_upload(parts.method.as_str(), parts.uri.path()) {
@@ -382,16 +383,34 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
         None
     };
     let limit = wal_limit.map_or(MAX_REQUEST_BODY, |l| l as usize);
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let idle = connection.map_or(Limits::default().head_timeout, |c| c.body_idle);
+    let bytes = match read_body(body, limit, idle).await {
         Ok(b) => b,
-        Err(_) if wal_limit.is_some() => {
+        Err(BodyError::Stalled) => {
+            tracing::info!(method = %parts.method, path = %parts.uri.path(), "request body stalled for {idle:?}");
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                [(header::CONNECTION, HeaderValue::from_static("close"))],
+                Json(ErrorBody {
+                    code: ErrorCode::Refused,
+                    message: format!("no byte of the request body came for {idle:?}"),
+                    not_before: None,
+                }),
+            )
+                .into_response();
+        }
+        Err(BodyError::Broken(e)) => {
+            tracing::debug!(method = %parts.method, path = %parts.uri.path(), "request body: {e}");
+            return StatusCode::BAD_REQUEST.into_response();
+        }
+        Err(BodyError::TooLarge) if wal_limit.is_some() => {
             return ApiError(
                 ErrorCode::InvalidParameter,
                 format!("a WAL file holds at most {limit} bytes (the cluster's segment size)"),
             )
             .into_response()
         }
-        Err(_) => {
+        Err(BodyError::TooLarge) => {
             return (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Json(ErrorBody {
@@ -417,6 +436,40 @@ async fn check_then_run(agent: &Arc<Agent>, req: Request, next: Next) -> Respons
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Why a request's body was not read whole.
+enum BodyError {
+    /// Longer than allowed.
+    TooLarge,
+    /// No byte came for the connection's idle time.
+    Stalled,
+    /// The connection broke, or the body was malformed.
+    Broken(String),
+}
+
+/// Reads a request body of at most `limit` bytes, each piece due within `idle` of the one
+/// before: a client that stops sending mid-body (or never sends the body it announced) would
+/// otherwise hold its connection, and a slot, for as long as the socket stays open.
+async fn read_body(body: Body, limit: usize, idle: Duration) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut out = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyError::Stalled),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(BodyError::TooLarge)
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    out.extend_from_slice(data);
+                }
+            }
+        }
+    }
 }
 
 /// A 401 naming the earliest request time accepted.
@@ -714,7 +767,8 @@ pub struct Limits {
     /// Connections served at once; more wait in the listen queue until one ends.
     pub max_connections: usize,
     /// Time a client has for the TLS handshake and for sending each request's head, from the
-    /// connection's start or the end of its previous answer (an idle connection is closed).
+    /// connection's start or the end of its previous answer (an idle connection is closed),
+    /// and the longest a request's body may stall.
     pub head_timeout: Duration,
 }
 
@@ -779,11 +833,12 @@ pub async fn serve_with_limits(
         };
         let acceptor = tls.clone();
         let held = slots.hold(peer);
-        let svc = hyper_util::service::TowerToHyperService::new(
-            router
-                .clone()
-                .layer(axum::Extension(ConnectionSigned(held.signed.clone()))),
-        );
+        let svc = hyper_util::service::TowerToHyperService::new(router.clone().layer(
+            axum::Extension(ConnectionState {
+                signed: held.signed.clone(),
+                body_idle: head_timeout,
+            }),
+        ));
         tokio::spawn(async move {
             let _permit = permit;
             let served = async move {
@@ -829,9 +884,14 @@ const UNSIGNED_GRACE: Duration = Duration::from_secs(2);
 /// to give it.
 const EVICTION_RECHECK: Duration = Duration::from_millis(250);
 
-/// Set on a connection once a request on it passed the signature check.
+/// What requests know of their connection.
 #[derive(Clone)]
-struct ConnectionSigned(Arc<AtomicBool>);
+struct ConnectionState {
+    /// Set once a request head on it passed the signature check.
+    signed: Arc<AtomicBool>,
+    /// How long its request bodies may stall: the head time.
+    body_idle: Duration,
+}
 
 /// The connections being served. A peer without the key can open connections and hold them
 /// until their head time is up, again and again; were slots first come, first served, it could

@@ -1,10 +1,11 @@
 //! The agent's connection limits, on real sockets: while 64 connections are held, a 65th is
 //! not served until one of them ends; a connection that sends only part of a request head, or
-//! nothing, or stays idle after its answer is closed once its head time is up; when every
-//! slot is taken, one that never signed a request (the flooding peer's first) gives its slot
-//! to a new connection, and a refused request closes its connection. Each check
-//! waits on what the agent does (an answer, a closed socket), never on how long it takes; the
-//! outer time limits only keep a broken agent from hanging the test.
+//! nothing, or stays idle after its answer, or stops sending a body it announced is closed
+//! once its head time is up; when every slot is taken, one that has signed no request for a
+//! while (the flooding peer's first) gives its slot to a new connection, and a refused request
+//! closes its connection. Each check waits on what the agent does (an answer, a closed
+//! socket), never on how long it takes; the outer time limits only keep a broken agent from
+//! hanging the test.
 
 mod common;
 
@@ -151,6 +152,27 @@ async fn connections_that_do_not_finish_a_request_head_are_closed() {
         .unwrap();
     // Nothing at all.
     let mut silent = TcpStream::connect(agent.addr).await.unwrap();
+    // A signed head announcing a body that stops after ten bytes.
+    let mut stalled = TcpStream::connect(agent.addr).await.unwrap();
+    let body = vec![b'x'; 1000];
+    let mut head = format!(
+        "PUT /v1/snapshots/s1/labels HTTP/1.1\r\nHost: {}\r\ncontent-length: {}\r\n",
+        agent.addr,
+        body.len()
+    );
+    for (name, value) in signed(
+        &agent.key,
+        "PUT",
+        "/v1/snapshots/s1/labels",
+        "",
+        &body,
+        unix_now(),
+    ) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&body[..10]).await.unwrap();
     // One answered request, then idle.
     let mut idle = TcpStream::connect(agent.addr).await.unwrap();
     ask_facts(&mut idle, agent.addr, &agent.key).await;
@@ -164,6 +186,11 @@ async fn connections_that_do_not_finish_a_request_head_are_closed() {
         let sent = until_closed(stream).await;
         assert!(!sent.contains(" 200 "), "{what}: served {sent}");
     }
+    let sent = until_closed(&mut stalled).await;
+    assert!(
+        sent.starts_with("HTTP/1.1 408 "),
+        "stalled body: answered {sent}"
+    );
 
     // The slots they held are free again: as many connections as the limit, held at once,
     // are all served.
