@@ -12,7 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{default_layout, fake_data_dir, signed, start_agent_with_limits};
+use common::{default_layout, fake_data_dir, signed, start_agent_with_limits, RunningAgent};
 use strata_agent::auth::unix_now;
 use strata_agent::server::Limits;
 use strata_agent::{AgentKey, FreeFloor};
@@ -22,6 +22,21 @@ use tokio::net::TcpStream;
 
 /// Longest any expected event may take before the test gives up.
 const GIVE_UP: Duration = Duration::from_secs(120);
+
+/// An agent on a fresh loop-mounted XFS (kept mounted while the first value lives), serving
+/// within `limits`; `None` where loop mounts cannot be made.
+async fn agent_within(limits: Limits) -> Option<(LoopFs, RunningAgent)> {
+    let fs = LoopFs::or_skip(FsKind::Xfs, 300, true)?;
+    let data = fake_data_dir(fs.path(), 4096);
+    let agent = start_agent_with_limits(
+        default_layout(&data),
+        FreeFloor::Percent(1),
+        AgentKey::generate(),
+        limits,
+    )
+    .await;
+    Some((fs, agent))
+}
 
 /// Sends a signed `GET /v1/facts`, the connection kept open.
 async fn ask_facts(stream: &mut TcpStream, addr: SocketAddr, key: &AgentKey) {
@@ -81,22 +96,14 @@ async fn until_closed(stream: &mut TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_65th_connection_waits_until_one_of_64_ends() {
-    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
-        return;
-    };
-    let data = fake_data_dir(fs.path(), 4096);
     let limits = Limits {
         head_timeout: Duration::from_secs(600),
         ..Limits::default()
     };
     assert_eq!(limits.max_connections, 64);
-    let agent = start_agent_with_limits(
-        default_layout(&data),
-        FreeFloor::Percent(1),
-        AgentKey::generate(),
-        limits,
-    )
-    .await;
+    let Some((_fs, agent)) = agent_within(limits).await else {
+        return;
+    };
 
     // 64 connections, each answered once and kept open: all 64 are being served.
     let mut held = Vec::new();
@@ -128,21 +135,13 @@ async fn a_65th_connection_waits_until_one_of_64_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_do_not_finish_a_request_head_are_closed() {
-    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
-        return;
-    };
-    let data = fake_data_dir(fs.path(), 4096);
     let limits = Limits {
         max_connections: 4,
         head_timeout: Duration::from_secs(1),
     };
-    let agent = start_agent_with_limits(
-        default_layout(&data),
-        FreeFloor::Percent(1),
-        AgentKey::generate(),
-        limits,
-    )
-    .await;
+    let Some((_fs, agent)) = agent_within(limits).await else {
+        return;
+    };
 
     // Part of a head, never finished.
     let mut partial = TcpStream::connect(agent.addr).await.unwrap();
@@ -215,22 +214,14 @@ async fn connect_from(ip: &str, agent: SocketAddr) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_signed_nothing_give_their_slots_to_new_ones() {
-    let Some(fs) = LoopFs::or_skip(FsKind::Xfs, 300, true) else {
-        return;
-    };
-    let data = fake_data_dir(fs.path(), 4096);
     // Head time far beyond the test: only giving up a slot can free one.
     let limits = Limits {
         max_connections: 5,
         head_timeout: Duration::from_secs(600),
     };
-    let agent = start_agent_with_limits(
-        default_layout(&data),
-        FreeFloor::Percent(1),
-        AgentKey::generate(),
-        limits,
-    )
-    .await;
+    let Some((_fs, agent)) = agent_within(limits).await else {
+        return;
+    };
 
     // A refused request closes its connection at once.
     let mut refused = TcpStream::connect(agent.addr).await.unwrap();

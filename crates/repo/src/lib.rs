@@ -1972,6 +1972,15 @@ mod tests {
                 0x300_0000 + to
             )
         };
+        // Stores `raw` as the tail from..to, sealed (as any writer of the
+        // repository could) with `meta`.
+        let put_tail = |from: u64, to: u64, meta: &WalSegmentMeta, raw: &[u8]| {
+            let frames = zstd::bulk::compress(raw, 1).unwrap();
+            let sealed =
+                crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, meta, &frames)
+                    .unwrap();
+            repo.storage().put(&tail_at(from, to), &sealed).unwrap();
+        };
         let open_tail = |k: &str| {
             let bytes = repo.storage().get(k).unwrap();
             crate::object::open::<WalSegmentMeta>(&repo.keys, k, ObjectKind::WalSegment, &bytes)
@@ -1984,13 +1993,7 @@ mod tests {
         old_meta.end_lsn = pg_wal::Lsn(0x300_0000 + 20_000);
         old_meta.checksum = repo.wal_checksum(&data[10_000..20_000]);
         old_meta.commit_count = 20_000;
-        let frames = zstd::bulk::compress(&data[10_000..20_000], 1).unwrap();
-        let sealed =
-            crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, &old_meta, &frames)
-                .unwrap();
-        repo.storage()
-            .put(&tail_at(10_000, 20_000), &sealed)
-            .unwrap();
+        put_tail(10_000, 20_000, &old_meta, &data[10_000..20_000]);
 
         // The writer continues from there: a tail of the prefix's checksum.
         payload.extend(&data[10_000..20_000]).unwrap();
@@ -2017,13 +2020,7 @@ mod tests {
         other[5] ^= 1;
         let mut forged = old_meta.clone();
         forged.checksum = repo.wal_checksum(&other);
-        let frames = zstd::bulk::compress(&other, 1).unwrap();
-        let sealed =
-            crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, &forged, &frames)
-                .unwrap();
-        repo.storage()
-            .put(&tail_at(10_000, 20_000), &sealed)
-            .unwrap();
+        put_tail(10_000, 20_000, &forged, &other);
         match repo.read_wal(&key) {
             Err(RepoError::Corrupt { object, reason }) => {
                 assert_eq!(object, tail_at(20_000, 30_000));
@@ -2045,25 +2042,8 @@ mod tests {
         // A prefix tail that names another start than the prefix's is corrupt too.
         let mut shifted = new_tail.meta.clone();
         shifted.begin_lsn = pg_wal::Lsn(0x300_0000 + 1);
-        let frames = zstd::bulk::compress(&data[20_000..], 1).unwrap();
-        let sealed =
-            crate::object::seal_compressed(&repo.keys, ObjectKind::WalSegment, &shifted, &frames)
-                .unwrap();
-        repo.storage()
-            .put(&tail_at(20_000, 30_000), &sealed)
-            .unwrap();
-        repo.storage()
-            .put(
-                &tail_at(10_000, 20_000),
-                &crate::object::seal_compressed(
-                    &repo.keys,
-                    ObjectKind::WalSegment,
-                    &old_meta,
-                    &zstd::bulk::compress(&data[10_000..20_000], 1).unwrap(),
-                )
-                .unwrap(),
-            )
-            .unwrap();
+        put_tail(20_000, 30_000, &shifted, &data[20_000..]);
+        put_tail(10_000, 20_000, &old_meta, &data[10_000..20_000]);
         let err = repo.read_wal(&key).unwrap_err();
         assert!(
             matches!(&err, RepoError::Corrupt { reason, .. } if reason.contains("its key names")),

@@ -67,6 +67,20 @@ fn assert_one_failed_backup(strata: &Strata, id: &str, needle: &str) {
     assert!(error.contains(needle), "{needle:?} not in {error:?}");
 }
 
+/// Runs `backup` with the right password in STRATA_TEST_PW; it must succeed.
+fn backs_up_with_password(strata: &Strata, backup: &[&str], when: &str) {
+    let out = strata
+        .command(backup)
+        .env("STRATA_TEST_PW", "right")
+        .output()
+        .expect("run strata");
+    assert!(
+        out.status.success(),
+        "backup {when}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn instances(strata: &Strata) -> Vec<serde_json::Value> {
     serde_json::from_str(&strata.ok(&["instance", "list", "--json"])).unwrap()
 }
@@ -167,16 +181,7 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
     );
     assert_eq!(successes(&strata, "scram"), 0);
 
-    let out = strata
-        .command(&backup)
-        .env("STRATA_TEST_PW", "right")
-        .output()
-        .expect("run strata");
-    assert!(
-        out.status.success(),
-        "backup with the right password: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    backs_up_with_password(&strata, &backup, "with the right password");
     assert_eq!(successes(&strata, "scram"), 1);
 
     // A catalog rebuilt from this unencrypted repository does not take the
@@ -242,16 +247,7 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
         "STRATA_TEST_PW",
     ]);
     assert_eq!(instances(&strata)[0]["password_env"], "STRATA_TEST_PW");
-    let out = strata
-        .command(&backup)
-        .env("STRATA_TEST_PW", "right")
-        .output()
-        .expect("run strata");
-    assert!(
-        out.status.success(),
-        "backup once the variable is named again: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    backs_up_with_password(&strata, &backup, "once the variable is named again");
     assert_eq!(successes(&strata, "scram"), 2);
 }
 
