@@ -327,6 +327,26 @@ impl Engine {
         Ok(instance)
     }
 
+    /// Changes how the connection to `instance_id` is protected: its
+    /// sslmode and, when given, the CA certificate checked (`Some(None)`
+    /// removes it), in the catalog and in the repository's record.
+    pub fn set_tls(
+        &self,
+        instance_id: &str,
+        sslmode: strata_catalog::SslMode,
+        sslrootcert: Option<Option<String>>,
+    ) -> EngineResult<strata_catalog::Instance> {
+        let mut instance = self.catalog.get_instance(instance_id)?;
+        instance.sslmode = sslmode;
+        if let Some(cert) = sslrootcert {
+            instance.sslrootcert = cert;
+        }
+        self.catalog.update_instance(&instance)?;
+        self.repo
+            .put_instance(&entities::instance_record(&instance))?;
+        Ok(instance)
+    }
+
     /// A PostgreSQL client program (`psql`, `pg_dump`, `pg_restore`,
     /// `pg_amcheck`…) that can work with a server of major version `major`:
     /// the same major's, else the oldest newer one found in the configured

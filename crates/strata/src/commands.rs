@@ -148,11 +148,30 @@ pub(crate) fn instance(engine: &Engine, cmd: InstanceCmd) -> Result<()> {
             id,
             password_env,
             no_password_env,
+            sslmode,
+            sslrootcert,
         } => {
-            if password_env.is_none() && !no_password_env {
-                bail!("nothing to change: give --password-env VAR or --no-password-env");
+            if password_env.is_none() && !no_password_env && sslmode.is_none() {
+                bail!("nothing to change: give --password-env VAR, --no-password-env or --sslmode MODE");
             }
-            let instance = engine.set_password_env(&id, password_env)?;
+            // Parsed before anything changes: one refusal changes nothing.
+            let sslmode: Option<SslMode> = sslmode.map(|m| m.parse()).transpose()?;
+            let mut instance = engine.catalog().get_instance(&id)?;
+            let changes_password = password_env.is_some() || no_password_env;
+            if changes_password {
+                instance = engine.set_password_env(&id, password_env)?;
+            }
+            if let Some(mode) = sslmode {
+                let cert = sslrootcert.map(|p| Some(p.display().to_string()));
+                instance = engine.set_tls(&id, mode, cert)?;
+                println!("instance {id}: sslmode={}", instance.sslmode);
+                for warning in strata_engine::connection_warnings(&instance) {
+                    eprintln!("warning: instance {id}: {warning}");
+                }
+            }
+            if !changes_password {
+                return Ok(());
+            }
             match &instance.password_env {
                 Some(var) => {
                     println!("instance {id}: the password is read from {var}");

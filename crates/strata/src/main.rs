@@ -173,7 +173,8 @@ enum InstanceCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Change how Strata logs in to a registered server.
+    /// Change how Strata logs in to a registered server: the password's
+    /// variable, the TLS mode.
     Modify {
         id: String,
         /// Environment variable holding the password from now on.
@@ -183,6 +184,12 @@ enum InstanceCmd {
         /// instance, if any, or none).
         #[arg(long, conflicts_with = "password_env")]
         no_password_env: bool,
+        /// libpq sslmode from now on: disable, allow, prefer, require, verify-ca, verify-full.
+        #[arg(long)]
+        sslmode: Option<String>,
+        /// CA certificate for verify-ca / verify-full (with --sslmode).
+        #[arg(long, requires = "sslmode")]
+        sslrootcert: Option<PathBuf>,
     },
 }
 

@@ -217,6 +217,26 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
         &["instance", "modify", "scram"],
         "nothing to change",
     );
+    // The recorded sslmode can be changed too; a bad one changes nothing.
+    fails_with(
+        &strata,
+        &[
+            "instance",
+            "modify",
+            "scram",
+            "--password-env",
+            "STRATA_TEST_PW",
+            "--sslmode",
+            "sometimes",
+        ],
+        "sometimes",
+    );
+    assert_eq!(
+        instances(&strata)[0]["password_env"],
+        serde_json::Value::Null
+    );
+    strata.ok(&["instance", "modify", "scram", "--sslmode", "disable"]);
+    assert_eq!(instances(&strata)[0]["sslmode"], "disable");
     fails_with(
         &strata,
         &[
