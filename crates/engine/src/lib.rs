@@ -319,12 +319,7 @@ impl Engine {
                 )));
             }
         }
-        let mut instance = self.catalog.get_instance(instance_id)?;
-        instance.password_env = variable;
-        self.catalog.update_instance(&instance)?;
-        self.repo
-            .put_instance(&entities::instance_record(&instance))?;
-        Ok(instance)
+        self.change_instance(instance_id, |i| i.password_env = variable)
     }
 
     /// Changes how the connection to `instance_id` is protected: its
@@ -336,11 +331,23 @@ impl Engine {
         sslmode: strata_catalog::SslMode,
         sslrootcert: Option<Option<String>>,
     ) -> EngineResult<strata_catalog::Instance> {
+        self.change_instance(instance_id, |i| {
+            i.sslmode = sslmode;
+            if let Some(cert) = sslrootcert {
+                i.sslrootcert = cert;
+            }
+        })
+    }
+
+    /// Changes a registered instance in the catalog and in the
+    /// repository's record of it.
+    fn change_instance(
+        &self,
+        instance_id: &str,
+        change: impl FnOnce(&mut strata_catalog::Instance),
+    ) -> EngineResult<strata_catalog::Instance> {
         let mut instance = self.catalog.get_instance(instance_id)?;
-        instance.sslmode = sslmode;
-        if let Some(cert) = sslrootcert {
-            instance.sslrootcert = cert;
-        }
+        change(&mut instance);
         self.catalog.update_instance(&instance)?;
         self.repo
             .put_instance(&entities::instance_record(&instance))?;

@@ -233,7 +233,18 @@ mod tests {
                 .password_env,
             Some("PGPASSWORD_DB1".into())
         );
-        for bad in ["", "1PW", "PW=x", "PW\0", "-PW", &"P".repeat(256)] {
+        for bad in [
+            "",
+            "1PW",
+            "PW=x",
+            "PW\0",
+            "-PW",
+            "PW\nX",
+            "P'W",
+            "P\"W",
+            "../PW",
+            &"P".repeat(256),
+        ] {
             match rebuilt.set_password_env("db1", Some(bad.into())) {
                 Err(EngineError::Refused(m)) => assert!(m.contains("environment variable"), "{m}"),
                 other => panic!("{bad:?}: {other:?}"),

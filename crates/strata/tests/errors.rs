@@ -67,16 +67,16 @@ fn assert_one_failed_backup(strata: &Strata, id: &str, needle: &str) {
     assert!(error.contains(needle), "{needle:?} not in {error:?}");
 }
 
-/// Runs `backup` with the right password in STRATA_TEST_PW; it must succeed.
-fn backs_up_with_password(strata: &Strata, backup: &[&str], when: &str) {
+/// Runs `args` with the right password in STRATA_TEST_PW; it must succeed.
+fn succeeds_with_password(strata: &Strata, args: &[&str], what: &str) {
     let out = strata
-        .command(backup)
+        .command(args)
         .env("STRATA_TEST_PW", "right")
         .output()
         .expect("run strata");
     assert!(
         out.status.success(),
-        "backup {when}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -155,16 +155,7 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
     assert!(error_of(cmd).contains("authentication failed"));
     assert!(instances(&strata).is_empty());
 
-    let out = strata
-        .command(&add)
-        .env("STRATA_TEST_PW", "right")
-        .output()
-        .expect("run strata");
-    assert!(
-        out.status.success(),
-        "instance add with the right password: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds_with_password(&strata, &add, "instance add with the right password");
 
     let backup = ["backup", "create", "scram"];
     let mut cmd = strata.command(&backup);
@@ -181,7 +172,7 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
     );
     assert_eq!(successes(&strata, "scram"), 0);
 
-    backs_up_with_password(&strata, &backup, "with the right password");
+    succeeds_with_password(&strata, &backup, "backup with the right password");
     assert_eq!(successes(&strata, "scram"), 1);
 
     // A catalog rebuilt from this unencrypted repository does not take the
@@ -267,7 +258,7 @@ fn wrong_password_is_refused_and_right_one_works_with_scram() {
         "STRATA_TEST_PW",
     ]);
     assert_eq!(instances(&strata)[0]["password_env"], "STRATA_TEST_PW");
-    backs_up_with_password(&strata, &backup, "once the variable is named again");
+    succeeds_with_password(&strata, &backup, "backup once the variable is named again");
     assert_eq!(successes(&strata, "scram"), 2);
 }
 
