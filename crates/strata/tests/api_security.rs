@@ -209,7 +209,7 @@ fn metrics_on_their_own_listener() {
     );
     let server = Server::start(&strata, &[]);
     common::wait_for("the metrics listener", 30, || {
-        std::net::TcpStream::connect(("127.0.0.1", metrics_port)).is_ok()
+        testkit::listening(metrics_port)
     });
     // Not on the API's address any more, with or without the token.
     assert_eq!(metrics_text(server.port, None).0, 404);

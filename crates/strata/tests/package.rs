@@ -457,7 +457,7 @@ fn the_debian_package_installs_serves_backs_up_and_purges() {
         &scratch.join("serve.err"),
     ));
     wait_for("the service's health endpoint", 60, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        testkit::listening(port)
     });
     let (status, body) = http_get(port, "/healthz");
     assert!(

@@ -43,7 +43,7 @@ pub(crate) fn start_on_free_port(
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if crate::listening(port) {
                 return Started { child, port, log };
             }
             if child.try_wait().ok().flatten().is_some() {

@@ -141,6 +141,19 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
+/// Whether something listens on `127.0.0.1:port`. A connection the kernel
+/// made to itself (a connect from the very port it targets, which polling an
+/// unused port in the ephemeral range sometimes does) does not count.
+pub fn listening(port: u16) -> bool {
+    match std::net::TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => match (s.local_addr(), s.peer_addr()) {
+            (Ok(local), Ok(peer)) => local != peer,
+            _ => false,
+        },
+        Err(_) => false,
+    }
+}
+
 /// A fresh directory `/tmp/{prefix}XXXXXX`, owned by `postgres` when we are root.
 pub fn temp_dir(prefix: &str) -> PathBuf {
     temp_dir_in(Path::new("/tmp"), prefix)
@@ -937,6 +950,15 @@ mod tests {
         let port = free_port();
         assert!(port > 0);
         TcpListener::bind(("127.0.0.1", port)).expect("port should be free");
+    }
+
+    #[test]
+    fn listening_sees_a_listener_and_not_a_free_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listening(port));
+        drop(listener);
+        assert!(!listening(port));
     }
 
     #[test]

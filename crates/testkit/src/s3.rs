@@ -4,7 +4,6 @@
 //! Buckets are directories under that root (s3s-fs's `FileSystem` backend), so
 //! tests can look at, damage or remove objects on disk. Stopped on drop.
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,7 +67,7 @@ impl S3Server {
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if crate::listening(port) {
                     return S3Server { child, root, port };
                 }
                 if child.try_wait().ok().flatten().is_some() {

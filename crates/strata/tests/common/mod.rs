@@ -445,6 +445,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub struct Server {
     child: Child,
     pub port: u16,
+    /// Everything the server printed on stdout, read as it comes.
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -453,21 +456,48 @@ impl Server {
     }
 
     /// Like [`Server::start`] with `env` added to the server's environment.
+    /// Returns once the server has said it listens (after its signal
+    /// handlers are in place), so a SIGTERM right after is an orderly stop.
     pub fn start_env(strata: &Strata, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let port = testkit::free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--listen", &listen];
         args.extend_from_slice(extra);
-        let child = strata
+        let mut child = strata
             .command(&args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start strata serve");
-        let server = Server { child, port };
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stdout.take().unwrap();
+        let sink = std::sync::Arc::clone(&stdout);
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        let mut server = Server {
+            child,
+            port,
+            stdout,
+            reader: Some(reader),
+        };
+        let said = "strata: API listening on ";
         wait_for("the API to listen", 60, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let mut err = String::new();
+                let _ = server.child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!(
+                    "strata serve exited ({status}) before listening:\n{}\n{err}",
+                    server.stdout.lock().unwrap()
+                );
+            }
+            server.stdout.lock().unwrap().contains(said) && testkit::listening(port)
         });
         server
     }
@@ -481,14 +511,7 @@ impl Server {
     /// SIGTERM, then the exit status and everything printed.
     pub fn stop(mut self) -> (bool, String, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let mut out = String::new();
         let mut err = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
         self.child
             .stderr
             .take()
@@ -496,6 +519,10 @@ impl Server {
             .read_to_string(&mut err)
             .unwrap();
         let ok = self.child.wait().unwrap().success();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        let out = self.stdout.lock().unwrap().clone();
         (ok, out, err)
     }
 }
