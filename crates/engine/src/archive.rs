@@ -26,6 +26,7 @@ use crate::connect::{explain, open_session, remember_facts};
 use crate::events::EventOptions;
 use crate::names::{NameRefresher, RelationNames};
 use crate::segment::SegmentArchiver;
+use crate::silence::{Silence, Verdict};
 use crate::wal_uploader::{Stored, WalUploader};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -329,6 +330,8 @@ impl Engine {
             // connections but cannot stream is still failing.
             progress.wal_streaming();
             health.working(false, progress);
+            let mut silence = Silence::new(self.settings.wal_receiver_timeout);
+            let mut silence_tick = silence.ticker();
             let next = loop {
                 tokio::select! {
                     _ = shutdown.changed() => {
@@ -353,7 +356,8 @@ impl Engine {
                         None => return Err(EngineError::Failed("the WAL uploader stopped".into())),
                     },
                     msg = stream.next() => {
-                        match msg.map_err(|e| explain(instance, e))? {
+                        let msg = msg.map_err(|e| explain(instance, e))?;
+                        match msg {
                             Some(ReplicationMessage::XLogData { start, data, server_wal_end }) => {
                                 // Waits only when the uploader's queue is full.
                                 archiver.push(start, &data).await?;
@@ -386,7 +390,23 @@ impl Engine {
                             None => return Err(EngineError::Unreachable(format!(
                                 "instance {}: the server closed the WAL stream (connection lost)", instance.id))),
                         }
+                        // After the message is handled: time spent storing
+                        // it is no silence of the server's.
+                        silence.heard();
                     }
+                    _ = silence_tick.tick() => match silence.check(std::time::Instant::now()) {
+                        Verdict::Fine => {}
+                        Verdict::Ask => {
+                            stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, true)
+                                .await.map_err(|e| explain(instance, e))?;
+                        }
+                        Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
+                            "instance {}: the server sent nothing on the WAL stream for {} s, not even when asked \
+                             to answer (wal.receiver_timeout_secs)",
+                            instance.id,
+                            quiet.as_secs()
+                        ))),
+                    },
                     _ = flush_tick.tick() => {
                         archiver.offer_partial()?;
                     }

@@ -42,6 +42,7 @@ use crate::incremental::{
     ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
+use crate::silence::{Silence, Verdict};
 
 mod receiver;
 use crate::wal_uploader::WalUploader;
@@ -472,11 +473,25 @@ impl Engine {
         progress: &dyn Progress,
     ) -> EngineResult<()> {
         let mut last_report = Instant::now();
-        while let Some(event) = events
-            .next_event()
-            .await
-            .map_err(|e| events.explain(instance, e))?
-        {
+        // BASE_BACKUP has no keepalives to ask for: data that stops coming
+        // for the whole receiver timeout is a server that is stuck.
+        let timeout = Some(self.settings.wal_receiver_timeout).filter(|t| !t.is_zero());
+        loop {
+            let next = events.next_event();
+            let next = match timeout {
+                Some(t) => tokio::time::timeout(t, next).await.map_err(|_| {
+                    EngineError::Unreachable(format!(
+                        "instance {}: the server sent no backup data for {} s \
+                         (wal.receiver_timeout_secs)",
+                        instance.id,
+                        t.as_secs()
+                    ))
+                })?,
+                None => next.await,
+            };
+            let Some(event) = next.map_err(|e| events.explain(instance, e))? else {
+                break;
+            };
             receiver.feed(event).await?;
             if last_report.elapsed() >= Duration::from_millis(500) {
                 last_report = Instant::now();
@@ -1492,10 +1507,11 @@ async fn stream_backup_wal(
         names: None,
         min_rows: engine.settings.event_min_rows,
     });
+    let timeouts = (status_interval, engine.settings.wal_receiver_timeout);
     let uploader = WalUploader::start(engine, &instance_id, seg_start);
     let archiver =
         SegmentArchiver::new(geometry, timeline, start, uploader.queue()).with_events(events);
-    let streamed = stream_wal_to(archiver, session, slot, timeline, status_interval, stop_rx).await;
+    let streamed = stream_wal_to(archiver, session, slot, timeline, timeouts, stop_rx).await;
     // Done only once the uploader stored all of it; a storing failure is the cause.
     let (_, stored) = uploader.finish().await;
     stored.and(streamed)
@@ -1507,7 +1523,7 @@ async fn stream_wal_to(
     mut session: Session,
     slot: String,
     timeline: TimelineId,
-    status_interval: Duration,
+    (status_interval, receiver_timeout): (Duration, Duration),
     mut stop_rx: watch::Receiver<Option<Lsn>>,
 ) -> EngineResult<()> {
     let seg_start = archiver.position();
@@ -1517,6 +1533,8 @@ async fn stream_wal_to(
         .await
         .map_err(wal_stream_error)?;
     let mut ticker = tokio::time::interval(status_interval);
+    let mut silence = Silence::new(receiver_timeout);
+    let mut silence_tick = silence.ticker();
     let mut grace: Option<Instant> = None;
     loop {
         let stop = *stop_rx.borrow();
@@ -1551,7 +1569,21 @@ async fn stream_wal_to(
                     }
                     None => return Err(EngineError::Failed("the server ended the backup's WAL stream".into())),
                 }
+                silence.heard();
             }
+            _ = silence_tick.tick() => match silence.check(Instant::now()) {
+                Verdict::Fine => {}
+                Verdict::Ask => {
+                    let pos = archiver.position();
+                    stream.send_status(pos, pos, Lsn::INVALID, true).await
+                        .map_err(wal_stream_error)?;
+                }
+                Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
+                    "the server sent nothing on the backup's WAL stream for {} s, not even when asked \
+                     to answer (wal.receiver_timeout_secs)",
+                    quiet.as_secs()
+                ))),
+            },
             _ = ticker.tick() => {
                 let pos = archiver.position();
                 stream.send_status(pos, pos, Lsn::INVALID, false).await

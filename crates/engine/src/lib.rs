@@ -30,6 +30,7 @@ mod reindex;
 mod restore;
 mod retention;
 mod segment;
+mod silence;
 mod snapshot;
 mod snapshot_clone;
 mod snapshot_restore;
@@ -121,6 +122,10 @@ pub struct EngineSettings {
     pub wal_flush_interval: std::time::Duration,
     /// How often a standby status update is sent while streaming.
     pub wal_status_interval: std::time::Duration,
+    /// How long a server may send nothing on a WAL stream (or a base
+    /// backup's data stream) before the connection is given up; at half of
+    /// it Strata asks the server to answer. Zero: never.
+    pub wal_receiver_timeout: std::time::Duration,
     /// Longest wait between two attempts of a failing WAL receiver; the
     /// wait doubles from 2 s up to this.
     pub wal_retry_max: std::time::Duration,
@@ -159,6 +164,7 @@ impl Default for EngineSettings {
         EngineSettings {
             wal_flush_interval: std::time::Duration::from_millis(200),
             wal_status_interval: std::time::Duration::from_secs(10),
+            wal_receiver_timeout: std::time::Duration::from_secs(60),
             wal_retry_max: std::time::Duration::from_secs(60),
             // Twice the cores: restoring waits on file creation and writes
             // as much as on the CPU.

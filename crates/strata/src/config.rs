@@ -558,6 +558,9 @@ pub struct WalConfig {
     pub flush_interval_ms: Option<u64>,
     /// How often the WAL receiver reports its position to the server, in seconds.
     pub status_interval_secs: Option<u64>,
+    /// Seconds a server may send nothing on a WAL stream or a base backup's
+    /// data stream before the connection is given up (0: never).
+    pub receiver_timeout_secs: Option<u64>,
     /// Longest pause between two attempts of a failing WAL receiver, in
     /// seconds; the pause doubles from 2 s up to this.
     pub retry_max_secs: Option<u64>,
@@ -933,6 +936,12 @@ impl Config {
         }
         if let Some(secs) = self.wal.status_interval_secs {
             s.wal_status_interval = Duration::from_secs(secs.max(1));
+        }
+        if let Some(secs) = self.wal.receiver_timeout_secs {
+            s.wal_receiver_timeout = match secs {
+                0 => Duration::ZERO,
+                secs => Duration::from_secs(secs.max(2)),
+            };
         }
         if let Some(secs) = self.wal.retry_max_secs {
             s.wal_retry_max = Duration::from_secs(secs.max(1));

@@ -1,7 +1,9 @@
 //! Incremental storage, crashes and corruption: a second backup of an
 //! unchanged database stores almost nothing; `kill -9` mid-backup records no
 //! success and leaves a verifiable repository; a flipped byte in a pack, a
-//! manifest or a WAL object is caught by `repo verify` and by restore.
+//! manifest or a WAL object is caught by `repo verify` and by restore; a
+//! server that stops sending (its process stopped, its connection open) is
+//! given up by the WAL receiver and fails a backup instead of holding them.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{wait_for, Strata};
+use std::time::Instant;
 use testkit::Cluster;
 
 fn files_under(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -207,4 +210,135 @@ fn kill9_mid_backup_then_next_backup_and_verify_and_corruption() {
         restored.psql("postgres", "SELECT count(*) FROM pgbench_accounts"),
         "300000"
     );
+}
+
+/// A server process stopped with SIGSTOP (its connections stay open and
+/// silent, as with a hung server) and continued when dropped.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        // SAFETY: signals to a PostgreSQL backend of the test's own cluster.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP {pid}"
+        );
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The pid of the walsender that holds the cluster's (only) slot, if one does.
+fn slot_holder(pg: &Cluster) -> Option<i32> {
+    pg.psql(
+        "postgres",
+        "SELECT active_pid FROM pg_replication_slots WHERE active_pid IS NOT NULL",
+    )
+    .parse()
+    .ok()
+}
+
+#[test]
+fn a_server_that_stops_sending_is_given_up() {
+    let pg = Cluster::start_default(15);
+    pg.pgbench("postgres", &["-i", "-q", "-s", "2"]);
+    let strata = Strata::new("silent");
+    let config = std::fs::read_to_string(&strata.config).unwrap().replace(
+        "[wal]\n",
+        "[wal]\nreceiver_timeout_secs = 2\nretry_max_secs = 1\n",
+    );
+    std::fs::write(&strata.config, config).unwrap();
+    strata.add_instance("silent", &pg);
+
+    // An idle server sends a keepalive only every 30 s (wal_sender_timeout
+    // / 2); asked after 1 s of silence, it answers at once, so the stream
+    // outlives several timeouts on the same walsender.
+    let mut receiver = strata.wal_receiver("silent");
+    wait_for("the receiver to stream", 60, || slot_holder(&pg).is_some());
+    let walsender = slot_holder(&pg).unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(slot_holder(&pg), Some(walsender), "{}", receiver.stderr());
+    assert!(
+        !receiver.stderr().contains("sent nothing"),
+        "{}",
+        receiver.stderr()
+    );
+
+    // The walsender stops: the receiver gives its connection up, and once
+    // the server works again streams on a new one.
+    let stopped = Stopped::new(walsender);
+    wait_for("the receiver to give up", 60, || {
+        receiver
+            .stderr()
+            .contains("sent nothing on the WAL stream for")
+    });
+    drop(stopped);
+    wait_for("a new walsender", 60, || {
+        slot_holder(&pg).is_some_and(|pid| pid != walsender)
+    });
+    let switch: pg_wal::Lsn = pg
+        .psql(
+            "postgres",
+            "CREATE TABLE after_the_stop AS SELECT 1 AS x; SELECT pg_switch_wal()",
+        )
+        .parse()
+        .unwrap();
+    wait_for("the segment written after the stop", 60, || {
+        strata.wal("silent").iter().any(|w| {
+            let end: pg_wal::Lsn = w["end_lsn"].as_str().unwrap().parse().unwrap();
+            w["partial"] == false && end > switch
+        })
+    });
+    let err = receiver.stop();
+    assert!(err.contains("reconnecting"), "{err}");
+
+    // A backup whose server stops sending data fails, and says why.
+    let mut backup = strata
+        .command(&["backup", "create", "silent", "--max-rate", "512"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the backup to stream", 60, || {
+        pg.psql("postgres", "SELECT count(*) FROM pg_stat_progress_basebackup WHERE phase = 'streaming database files'")
+            == "1"
+    });
+    let sender: i32 = pg
+        .psql("postgres", "SELECT pid FROM pg_stat_progress_basebackup")
+        .parse()
+        .unwrap();
+    let stopped = Stopped::new(sender);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = backup.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the backup still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(stopped);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut backup.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("sent no backup data for 2 s"), "{err}");
+    let sets = strata.backups("silent");
+    assert_eq!(sets[0]["status"], "Failed", "{sets:?}");
+    assert!(
+        sets[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("sent no backup data"),
+        "{sets:?}"
+    );
+
+    // The server works again, and so do backups.
+    strata.backup("silent");
+    assert_eq!(strata.backups("silent")[1]["status"], "Success");
 }

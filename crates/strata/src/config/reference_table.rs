@@ -235,6 +235,7 @@ fn resolved_default(key: &str) -> Option<String> {
         "snapshot.keep_local" => service.snapshot_keep_local.to_string(),
         "snapshot.local_max_bytes" => service.snapshot_local_max_bytes.unwrap_or(0).to_string(),
         "wal.status_interval_secs" => engine.wal_status_interval.as_secs().to_string(),
+        "wal.receiver_timeout_secs" => engine.wal_receiver_timeout.as_secs().to_string(),
         "wal.recovery_events" => engine.recovery_events.to_string(),
         "wal.event_min_rows" => engine.event_min_rows.to_string(),
         "wal.retry_max_secs" => {

@@ -171,13 +171,18 @@ impl Strata {
 
     /// Starts `wal receive` in the background.
     pub fn wal_receiver(&self, id: &str) -> Receiver {
-        let child = self
+        let mut child = self
             .command(&["wal", "receive", id])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn wal receive");
-        Receiver { child: Some(child) }
+        let (stderr, reader) = collect(child.stderr.take().unwrap());
+        Receiver {
+            child: Some(child),
+            stderr,
+            reader: Some(reader),
+        }
     }
 
     /// Restores with `extra` arguments, starts the server and adopts it.
@@ -209,12 +214,40 @@ impl Drop for Strata {
     }
 }
 
+/// Everything `pipe` gives, read as it comes into the string returned
+/// (complete once the thread ends).
+fn collect(
+    mut pipe: impl Read + Send + 'static,
+) -> (
+    std::sync::Arc<std::sync::Mutex<String>>,
+    std::thread::JoinHandle<()>,
+) {
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = std::sync::Arc::clone(&text);
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    (text, reader)
+}
+
 /// A running `strata wal receive`; stopped with SIGINT on drop.
 pub struct Receiver {
     child: Option<Child>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Receiver {
+    /// What the receiver has printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// Sends SIGINT and waits; returns the receiver's stderr.
     pub fn stop(&mut self) -> String {
         let Some(mut child) = self.child.take() else {
@@ -233,13 +266,12 @@ impl Receiver {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let out = child.wait_with_output().expect("receiver output");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "wal receive exited with {}: {err}",
-            out.status
-        );
+        let status = child.wait().expect("receiver status");
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        let err = self.stderr();
+        assert!(status.success(), "wal receive exited with {status}: {err}");
         err
     }
 }
@@ -470,17 +502,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start strata serve");
-        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let mut pipe = child.stdout.take().unwrap();
-        let sink = std::sync::Arc::clone(&stdout);
-        let reader = std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
+        let (stdout, reader) = collect(child.stdout.take().unwrap());
         let mut server = Server {
             child,
             port,
