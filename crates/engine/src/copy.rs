@@ -335,6 +335,7 @@ mod tests {
             max_commit_xid: None,
             restore_points: Vec::new(),
             events: Vec::new(),
+            events_omitted: 0,
             stored_at: Utc::now(),
         };
         let key = source.put_wal_segment("db", &meta, &data).unwrap();

@@ -318,6 +318,7 @@ mod tests {
                 time: t,
             }],
             events: Vec::new(),
+            events_omitted: 0,
             stored_at: t + chrono::Duration::seconds(9),
         };
         let row = wal_segment_row("db1", &meta, "wal/key".into());

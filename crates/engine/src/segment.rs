@@ -29,7 +29,21 @@ pub struct Summary {
     pub max_xid: Option<u32>,
     pub restore_points: Vec<RestorePointInfo>,
     pub events: Vec<RecoveryEventInfo>,
+    /// Events past [`MAX_SEGMENT_EVENTS`], counted but not listed.
+    pub events_omitted: u64,
+    /// File numbers the `filled` lists of `events` hold in all.
+    filled: usize,
 }
+
+/// Most recovery events one segment lists. Each refresh of a partial
+/// segment stores all of its events so far, so a database user dropping
+/// tables in a loop (tens of thousands per segment) would otherwise make
+/// every refresh, and the receiver's memory, grow with the segment.
+pub const MAX_SEGMENT_EVENTS: usize = 4096;
+/// Most file numbers the `filled` lists of one segment's events hold in
+/// all (each commit's events hold at most as many): past it, events list
+/// none, and are classified by the catalog's names alone when listed.
+pub const MAX_SEGMENT_FILLED: usize = pg_wal::decode::MAX_ENTRIES;
 
 impl Summary {
     /// Takes in one decoded record; answers whether it was a commit that
@@ -46,8 +60,15 @@ impl Summary {
             } => {
                 if let (Some(changes), Some(opts)) = (changes, events) {
                     catalog_changed = changes.catalog_changed;
-                    self.events
-                        .extend(commit_events(&changes, xid, (lsn, end_lsn), time, opts));
+                    for mut e in commit_events(&changes, xid, (lsn, end_lsn), time, opts) {
+                        if self.events.len() >= MAX_SEGMENT_EVENTS {
+                            self.events_omitted += 1;
+                            continue;
+                        }
+                        e.filled.truncate(MAX_SEGMENT_FILLED - self.filled);
+                        self.filled += e.filled.len();
+                        self.events.push(e);
+                    }
                 }
                 self.first_commit.get_or_insert(time);
                 self.last_commit = Some(time);
@@ -185,8 +206,17 @@ impl SegmentArchiver {
                     self.segment_name()
                 ))
             })?;
+            let omitted = self.summary.events_omitted;
             for event in events {
                 self.catalog_changed |= self.summary.absorb(event, self.events.as_ref());
+            }
+            if omitted == 0 && self.summary.events_omitted > 0 {
+                tracing::warn!(
+                    "WAL segment {}: more than {MAX_SEGMENT_EVENTS} recovery events; the \
+                     segment's later ones are not listed (its WAL is stored whole, and \
+                     restores to any point in it still work)",
+                    self.segment_name()
+                );
             }
             data = rest;
             if self.received == seg_size {
@@ -283,4 +313,87 @@ pub fn record_events(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use pg_wal::decode::{RelFile, TxnChanges};
+    use strata_repo::RecoveryEventKind;
+
+    use super::*;
+
+    fn file(rel: u32) -> RelFile {
+        RelFile {
+            spc: 1663,
+            db: 5,
+            rel,
+        }
+    }
+
+    fn commit(xid: u32, changes: TxnChanges) -> WalEvent {
+        WalEvent::Commit {
+            lsn: Lsn(u64::from(xid) * 0x100),
+            end_lsn: Lsn(u64::from(xid) * 0x100 + 0x40),
+            xid,
+            time: Utc::now(),
+            changes: Some(Box::new(changes)),
+        }
+    }
+
+    fn opts() -> EventOptions {
+        EventOptions {
+            names: None,
+            min_rows: 1,
+        }
+    }
+
+    #[test]
+    fn a_segment_lists_a_bounded_number_of_events_and_counts_the_rest() {
+        let mut summary = Summary::default();
+        let drops = MAX_SEGMENT_EVENTS as u32 + 25;
+        for xid in 1..=drops {
+            let changes = TxnChanges {
+                dropped: vec![file(20_000 + xid)],
+                ..Default::default()
+            };
+            summary.absorb(commit(xid, changes), Some(&opts()));
+        }
+        assert_eq!(summary.events.len(), MAX_SEGMENT_EVENTS);
+        assert_eq!(summary.events_omitted, 25);
+        assert_eq!(summary.commit_count, u64::from(drops));
+        // The first ones are listed, in order.
+        assert!(summary
+            .events
+            .iter()
+            .zip(1..)
+            .all(|(e, xid)| e.xid == xid && e.kind == RecoveryEventKind::DropTable));
+        assert_eq!(summary.max_xid, Some(drops));
+    }
+
+    #[test]
+    fn the_filled_files_of_a_segments_events_are_bounded_in_all() {
+        // Rewrites of 1,000 files each: every dropped file's event carries
+        // the database's new files, up to a commit's bound.
+        let mut summary = Summary::default();
+        for xid in 1..=4u32 {
+            let new: Vec<RelFile> = (0..1000).map(|i| file(xid * 100_000 + i)).collect();
+            let changes = TxnChanges {
+                dropped: (0..100).map(|i| file(xid * 20_000 + i)).collect(),
+                created: new.clone(),
+                filled: new,
+                ..Default::default()
+            };
+            summary.absorb(commit(xid, changes), Some(&opts()));
+        }
+        assert_eq!(summary.events.len(), 400);
+        assert!(summary
+            .events
+            .iter()
+            .all(|e| e.kind == RecoveryEventKind::Rewrite));
+        let carried: usize = summary.events.iter().map(|e| e.filled.len()).sum();
+        assert_eq!(carried, MAX_SEGMENT_FILLED);
+        assert_eq!(summary.filled, MAX_SEGMENT_FILLED);
+        assert!(summary.events.last().unwrap().filled.is_empty());
+        assert_eq!(summary.events_omitted, 0);
+    }
 }

@@ -565,6 +565,7 @@ fn meta(
         max_commit_xid: summary.max_xid,
         restore_points: summary.restore_points,
         events: summary.events,
+        events_omitted: summary.events_omitted,
         stored_at: Utc::now(),
     }
 }

@@ -50,7 +50,7 @@ pub struct GcReport {
     pub refused_reason: Option<String>,
 }
 
-fn is_zero(n: &u64) -> bool {
+pub(crate) fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 

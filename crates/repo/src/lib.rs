@@ -1794,6 +1794,7 @@ mod tests {
             max_commit_xid: None,
             restore_points: Vec::new(),
             events: Vec::new(),
+            events_omitted: 0,
             stored_at: Utc::now(),
         };
         let key = repo.put_wal_payload("i", &meta, &mut payload).unwrap();
@@ -1842,6 +1843,7 @@ mod tests {
             max_commit_xid: None,
             restore_points: Vec::new(),
             events: Vec::new(),
+            events_omitted: 0,
             stored_at: Utc::now(),
         }
     }

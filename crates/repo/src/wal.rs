@@ -159,6 +159,10 @@ pub struct WalSegmentMeta {
     /// Destructive transactions committed in the segment.
     #[serde(default)]
     pub events: Vec<RecoveryEventInfo>,
+    /// Recovery events of the segment past the most one segment lists
+    /// (not in `events`, nor in the catalog).
+    #[serde(default, skip_serializing_if = "crate::gc::is_zero")]
+    pub events_omitted: u64,
     /// When the object was stored.
     pub stored_at: DateTime<Utc>,
 }
