@@ -331,7 +331,6 @@ impl Engine {
             progress.wal_streaming();
             health.working(false, progress);
             let mut silence = Silence::new(self.settings.wal_receiver_timeout);
-            let mut silence_tick = silence.ticker();
             let next = loop {
                 tokio::select! {
                     _ = shutdown.changed() => {
@@ -355,9 +354,25 @@ impl Engine {
                         // The worker failed; `finish` returns why.
                         None => return Err(EngineError::Failed("the WAL uploader stopped".into())),
                     },
-                    msg = stream.next() => {
-                        let msg = msg.map_err(|e| explain(instance, e))?;
-                        match msg {
+                    msg = tokio::time::timeout_at(silence.deadline(), stream.next()) => {
+                        // A message that is ready wins over the deadline.
+                        let Ok(msg) = msg else {
+                            match silence.check(std::time::Instant::now()) {
+                                Verdict::Fine => {}
+                                Verdict::Ask => {
+                                    stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, true)
+                                        .await.map_err(|e| explain(instance, e))?;
+                                }
+                                Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
+                                    "instance {}: the server sent nothing on the WAL stream for {} s, not even \
+                                     when asked to answer (wal.receiver_timeout_secs)",
+                                    instance.id,
+                                    quiet.as_secs()
+                                ))),
+                            }
+                            continue;
+                        };
+                        match msg.map_err(|e| explain(instance, e))? {
                             Some(ReplicationMessage::XLogData { start, data, server_wal_end }) => {
                                 // Waits only when the uploader's queue is full.
                                 archiver.push(start, &data).await?;
@@ -394,19 +409,6 @@ impl Engine {
                         // it is no silence of the server's.
                         silence.heard();
                     }
-                    _ = silence_tick.tick() => match silence.check(std::time::Instant::now()) {
-                        Verdict::Fine => {}
-                        Verdict::Ask => {
-                            stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, true)
-                                .await.map_err(|e| explain(instance, e))?;
-                        }
-                        Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
-                            "instance {}: the server sent nothing on the WAL stream for {} s, not even when asked \
-                             to answer (wal.receiver_timeout_secs)",
-                            instance.id,
-                            quiet.as_secs()
-                        ))),
-                    },
                     _ = flush_tick.tick() => {
                         archiver.offer_partial()?;
                     }

@@ -378,6 +378,12 @@ impl Engine {
         );
 
         let wal = BackupWal::start(self, instance, wal_session, slot, &start, geometry);
+        let mut live = LiveBackup {
+            stream: &mut bb,
+            stall: Some(self.settings.wal_receiver_timeout).filter(|t| !t.is_zero()),
+            wal_failed: wal.failures(),
+            failure: None,
+        };
         let reader = instance.clone();
         let backup_id = set.id.clone();
         let run = BackupRun {
@@ -386,7 +392,7 @@ impl Engine {
             job,
             progress,
         };
-        self.consume_backup(run, &start, base, &mut bb, |stop| async move {
+        self.consume_backup(run, &start, base, &mut live, |stop| async move {
             wal.stored(stop).await?;
             Ok(crate::contents::read_contents_or_none(&reader, &backup_id).await)
         })
@@ -473,25 +479,11 @@ impl Engine {
         progress: &dyn Progress,
     ) -> EngineResult<()> {
         let mut last_report = Instant::now();
-        // BASE_BACKUP has no keepalives to ask for: data that stops coming
-        // for the whole receiver timeout is a server that is stuck.
-        let timeout = Some(self.settings.wal_receiver_timeout).filter(|t| !t.is_zero());
-        loop {
-            let next = events.next_event();
-            let next = match timeout {
-                Some(t) => tokio::time::timeout(t, next).await.map_err(|_| {
-                    EngineError::Unreachable(format!(
-                        "instance {}: the server sent no backup data for {} s \
-                         (wal.receiver_timeout_secs)",
-                        instance.id,
-                        t.as_secs()
-                    ))
-                })?,
-                None => next.await,
-            };
-            let Some(event) = next.map_err(|e| events.explain(instance, e))? else {
-                break;
-            };
+        while let Some(event) = events
+            .next_event()
+            .await
+            .map_err(|e| events.explain(instance, e))?
+        {
             receiver.feed(event).await?;
             if last_report.elapsed() >= Duration::from_millis(500) {
                 last_report = Instant::now();
@@ -546,6 +538,8 @@ pub(crate) async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session,
 pub(crate) struct BackupWal {
     stop_tx: watch::Sender<Option<Lsn>>,
     task: tokio::task::JoinHandle<EngineResult<()>>,
+    /// Why the stream failed, as soon as it did.
+    failed: watch::Receiver<Option<String>>,
 }
 
 impl BackupWal {
@@ -558,7 +552,8 @@ impl BackupWal {
         geometry: WalGeometry,
     ) -> Self {
         let (stop_tx, stop_rx) = watch::channel(None);
-        let task = tokio::spawn(stream_backup_wal(
+        let (failed_tx, failed) = watch::channel(None);
+        let streamed = stream_backup_wal(
             engine.clone(),
             instance.id.clone(),
             session,
@@ -568,8 +563,25 @@ impl BackupWal {
             geometry,
             engine.settings.wal_status_interval,
             stop_rx,
-        ));
-        BackupWal { stop_tx, task }
+        );
+        let task = tokio::spawn(async move {
+            let result = streamed.await;
+            if let Err(e) = &result {
+                let _ = failed_tx.send(Some(e.to_string()));
+            }
+            result
+        });
+        BackupWal {
+            stop_tx,
+            task,
+            failed,
+        }
+    }
+
+    /// Why the stream failed, once it did (it ends without failing only
+    /// after [`BackupWal::stored`] asked it to).
+    pub(crate) fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.failed.clone()
     }
 
     /// Done once the WAL up to `stop` is stored.
@@ -606,12 +618,70 @@ pub(crate) trait BackupEvents {
     }
 }
 
-impl BackupEvents for pg_replication::BaseBackup<'_> {
+/// A backup's BASE_BACKUP stream, with the two failures that end the
+/// backup beside the server's own errors: no data for the receiver timeout
+/// (BASE_BACKUP has no keepalives to ask for, so data that stops coming is
+/// a stuck server), and the backup's WAL stream failing (found at once,
+/// not after the last file).
+struct LiveBackup<'s, 'c> {
+    stream: &'s mut pg_replication::BaseBackup<'c>,
+    /// `None`: no bound.
+    stall: Option<Duration>,
+    wal_failed: watch::Receiver<Option<String>>,
+    /// What ended the stream, when not the server's error.
+    failure: Option<Failure>,
+}
+
+enum Failure {
+    Stalled(Duration),
+    Wal(String),
+}
+
+impl BackupEvents for LiveBackup<'_, '_> {
     fn next_event(
         &mut self,
     ) -> impl std::future::Future<Output = Result<Option<BaseBackupEvent>, ReplicationError>> + Send
     {
-        self.next()
+        let LiveBackup {
+            stream,
+            stall,
+            wal_failed,
+            failure,
+        } = self;
+        let stall = *stall;
+        async move {
+            let stalled = async {
+                match stall {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // In this order: a failure beside the stream is rare and ends
+            // the backup; data that is ready wins over the stall's end.
+            tokio::select! {
+                biased;
+                Ok(why) = wal_failed.wait_for(Option::is_some) => {
+                    *failure = Some(Failure::Wal(why.clone().unwrap_or_default()));
+                }
+                next = stream.next() => return next,
+                _ = stalled => *failure = Some(Failure::Stalled(stall.unwrap_or_default())),
+            }
+            Err(ReplicationError::Io(std::io::ErrorKind::TimedOut.into()))
+        }
+    }
+
+    fn explain(&self, instance: &Instance, e: ReplicationError) -> EngineError {
+        match &self.failure {
+            Some(Failure::Stalled(t)) => EngineError::Unreachable(format!(
+                "instance {}: the server sent no backup data for {} s (wal.receiver_timeout_secs)",
+                instance.id,
+                t.as_secs()
+            )),
+            Some(Failure::Wal(why)) => {
+                EngineError::Failed(format!("the backup's WAL stream failed: {why}"))
+            }
+            None => explain(instance, e),
+        }
     }
 }
 
@@ -1534,7 +1604,6 @@ async fn stream_wal_to(
         .map_err(wal_stream_error)?;
     let mut ticker = tokio::time::interval(status_interval);
     let mut silence = Silence::new(receiver_timeout);
-    let mut silence_tick = silence.ticker();
     let mut grace: Option<Instant> = None;
     loop {
         let stop = *stop_rx.borrow();
@@ -1552,7 +1621,24 @@ async fn stream_wal_to(
             }
         }
         tokio::select! {
-            msg = stream.next() => {
+            msg = tokio::time::timeout_at(silence.deadline(), stream.next()) => {
+                // A message that is ready wins over the deadline.
+                let Ok(msg) = msg else {
+                    match silence.check(std::time::Instant::now()) {
+                        Verdict::Fine => {}
+                        Verdict::Ask => {
+                            let pos = archiver.position();
+                            stream.send_status(pos, pos, Lsn::INVALID, true).await
+                                .map_err(wal_stream_error)?;
+                        }
+                        Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
+                            "the server sent nothing on the backup's WAL stream for {} s, not even when \
+                             asked to answer (wal.receiver_timeout_secs)",
+                            quiet.as_secs()
+                        ))),
+                    }
+                    continue;
+                };
                 match msg.map_err(wal_stream_error)? {
                     Some(ReplicationMessage::XLogData { start, data, .. }) => archiver.push(start, &data).await?,
                     Some(ReplicationMessage::Keepalive { reply_requested, .. }) => {
@@ -1571,19 +1657,6 @@ async fn stream_wal_to(
                 }
                 silence.heard();
             }
-            _ = silence_tick.tick() => match silence.check(Instant::now()) {
-                Verdict::Fine => {}
-                Verdict::Ask => {
-                    let pos = archiver.position();
-                    stream.send_status(pos, pos, Lsn::INVALID, true).await
-                        .map_err(wal_stream_error)?;
-                }
-                Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
-                    "the server sent nothing on the backup's WAL stream for {} s, not even when asked \
-                     to answer (wal.receiver_timeout_secs)",
-                    quiet.as_secs()
-                ))),
-            },
             _ = ticker.tick() => {
                 let pos = archiver.position();
                 stream.send_status(pos, pos, Lsn::INVALID, false).await

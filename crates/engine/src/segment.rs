@@ -41,8 +41,9 @@ pub struct Summary {
 /// every refresh, and the receiver's memory, grow with the segment.
 pub const MAX_SEGMENT_EVENTS: usize = 4096;
 /// Most file numbers the `filled` lists of one segment's events hold in
-/// all (each commit's events hold at most as many): past it, events list
-/// none, and are classified by the catalog's names alone when listed.
+/// all (each commit's events hold at most as many): the event that
+/// reaches it lists part of its files and those after it none; they are
+/// then classified by the catalog's names alone when listed.
 pub const MAX_SEGMENT_FILLED: usize = pg_wal::decode::MAX_ENTRIES;
 
 impl Summary {

@@ -61,20 +61,17 @@ impl Silence {
         }
     }
 
-    /// How often to call [`Silence::check`]: an eighth of the timeout, so
-    /// the verdicts come at most an eighth late.
-    pub(crate) fn period(&self) -> Duration {
-        self.timeout.map_or(Duration::from_secs(3600), |t| {
-            (t / 8).max(Duration::from_millis(50))
-        })
-    }
-
-    /// A ticker at [`Silence::period`] whose ticks missed while busy are
-    /// not made up in a burst.
-    pub(crate) fn ticker(&self) -> tokio::time::Interval {
-        let mut tick = tokio::time::interval(self.period());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick
+    /// When the next verdict other than [`Verdict::Fine`] is due: wait for
+    /// the server's next message until then (a message that is ready wins
+    /// over the deadline), then [`Silence::check`]. Far off when the check
+    /// is off.
+    pub(crate) fn deadline(&self) -> tokio::time::Instant {
+        let after = match self.timeout {
+            None => Duration::from_secs(86_400),
+            Some(t) if self.asked => t,
+            Some(t) => t / 2,
+        };
+        tokio::time::Instant::from_std(self.last + after)
     }
 }
 
@@ -93,13 +90,15 @@ mod tests {
             s.check(t0 + Duration::from_secs(61)),
             Verdict::GiveUp(Duration::from_secs(61))
         );
-        assert_eq!(s.period(), Duration::from_millis(7500));
+        // Asked: the next deadline is the timeout's end.
+        assert_eq!(s.deadline().into_std(), t0 + Duration::from_secs(60));
     }
 
     #[test]
     fn hearing_from_the_server_starts_the_silence_again() {
         let mut s = Silence::new(Duration::from_secs(10));
         let t0 = s.last;
+        assert_eq!(s.deadline().into_std(), t0 + Duration::from_secs(5));
         assert_eq!(s.check(t0 + Duration::from_secs(6)), Verdict::Ask);
         s.heard();
         let t1 = s.last;
@@ -117,6 +116,6 @@ mod tests {
         let mut s = Silence::new(Duration::ZERO);
         let far = s.last + Duration::from_secs(86_400 * 365);
         assert_eq!(s.check(far), Verdict::Fine);
-        assert_eq!(s.period(), Duration::from_secs(3600));
+        assert!(s.deadline().into_std() >= s.last + Duration::from_secs(3600));
     }
 }

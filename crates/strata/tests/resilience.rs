@@ -252,14 +252,15 @@ fn a_server_that_stops_sending_is_given_up() {
     let strata = Strata::new("silent");
     let config = std::fs::read_to_string(&strata.config).unwrap().replace(
         "[wal]\n",
-        "[wal]\nreceiver_timeout_secs = 2\nretry_max_secs = 1\n",
+        "[wal]\nreceiver_timeout_secs = 3\nretry_max_secs = 1\n",
     );
     std::fs::write(&strata.config, config).unwrap();
     strata.add_instance("silent", &pg);
 
-    // An idle server sends a keepalive only every 30 s (wal_sender_timeout
-    // / 2); asked after 1 s of silence, it answers at once, so the stream
-    // outlives several timeouts on the same walsender.
+    // An idle server that hears from Strata every second (the tests'
+    // `status_interval_secs`) sends nothing of its own; asked after 1.5 s
+    // of silence it answers at once, so the stream outlives two timeouts on
+    // the same walsender.
     let mut receiver = strata.wal_receiver("silent");
     wait_for("the receiver to stream", 60, || slot_holder(&pg).is_some());
     let walsender = slot_holder(&pg).unwrap();
@@ -299,46 +300,79 @@ fn a_server_that_stops_sending_is_given_up() {
     let err = receiver.stop();
     assert!(err.contains("reconnecting"), "{err}");
 
-    // A backup whose server stops sending data fails, and says why.
-    let mut backup = strata
-        .command(&["backup", "create", "silent", "--max-rate", "512"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the backup to stream", 60, || {
-        pg.psql("postgres", "SELECT count(*) FROM pg_stat_progress_basebackup WHERE phase = 'streaming database files'")
-            == "1"
-    });
-    let sender: i32 = pg
-        .psql("postgres", "SELECT pid FROM pg_stat_progress_basebackup")
-        .parse()
-        .unwrap();
-    let stopped = Stopped::new(sender);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = backup.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the backup still runs");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    drop(stopped);
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut backup.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "{err}");
-    assert!(err.contains("sent no backup data for 2 s"), "{err}");
-    let sets = strata.backups("silent");
-    assert_eq!(sets[0]["status"], "Failed", "{sets:?}");
-    assert!(
-        sets[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("sent no backup data"),
-        "{sets:?}"
-    );
+    // A backup fails, and says why, when the server stops sending its WAL
+    // (found at once, not after the last file) or its data.
+    let temporary_slot_holder =
+        "SELECT active_pid FROM pg_replication_slots WHERE temporary AND active_pid IS NOT NULL";
+    for (stuck, why) in [
+        (
+            temporary_slot_holder,
+            "the backup's WAL stream failed: the server sent nothing",
+        ),
+        (
+            "SELECT pid FROM pg_stat_progress_basebackup",
+            "instance silent: the server sent no backup data for 3 s",
+        ),
+    ] {
+        // The last backup's server processes are gone.
+        wait_for("no backup on the server", 60, || {
+            pg.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_progress_basebackup",
+            ) == "0"
+                && pg.psql("postgres", temporary_slot_holder).is_empty()
+        });
+        let backup = strata
+            .command(&["backup", "create", "silent", "--max-rate", "512"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut backup = KillOnDrop(backup);
+        wait_for("the backup to stream", 60, || {
+            pg.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_progress_basebackup \
+                 WHERE phase = 'streaming database files'",
+            ) == "1"
+                && !pg.psql("postgres", temporary_slot_holder).is_empty()
+        });
+        let pid: i32 = pg.psql("postgres", stuck).parse().unwrap();
+        let stopped = Stopped::new(pid);
+        // Well before the throttled backup would end (about a minute).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = backup.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the backup still runs ({why})");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        drop(stopped);
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut backup.0.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{err}");
+        assert!(err.contains(why), "{err}");
+        let sets = strata.backups("silent");
+        let failed = sets.last().unwrap();
+        assert_eq!(failed["status"], "Failed", "{sets:?}");
+        assert!(failed["error"].as_str().unwrap().contains(why), "{sets:?}");
+    }
 
     // The server works again, and so do backups.
     strata.backup("silent");
-    assert_eq!(strata.backups("silent")[1]["status"], "Success");
+    let sets = strata.backups("silent");
+    assert_eq!(sets.len(), 3);
+    assert_eq!(sets[2]["status"], "Success");
+}
+
+/// A child process killed (and reaped) when dropped, so a failed assertion
+/// leaves none behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -477,9 +477,11 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub struct Server {
     child: Child,
     pub port: u16,
-    /// Everything the server printed on stdout, read as it comes.
+    /// Everything the server printed on stdout and stderr, read as it
+    /// comes (a full pipe would stop the server).
     stdout: std::sync::Arc<std::sync::Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -502,21 +504,25 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start strata serve");
-        let (stdout, reader) = collect(child.stdout.take().unwrap());
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
         let mut server = Server {
             child,
             port,
             stdout,
-            reader: Some(reader),
+            stderr,
+            readers: vec![out_reader, err_reader],
         };
         let said = "strata: API listening on ";
         wait_for("the API to listen", 60, || {
             if let Ok(Some(status)) = server.child.try_wait() {
-                let mut err = String::new();
-                let _ = server.child.stderr.take().unwrap().read_to_string(&mut err);
+                for reader in server.readers.drain(..) {
+                    reader.join().unwrap();
+                }
                 panic!(
-                    "strata serve exited ({status}) before listening:\n{}\n{err}",
-                    server.stdout.lock().unwrap()
+                    "strata serve exited ({status}) before listening:\n{}\n{}",
+                    server.stdout.lock().unwrap(),
+                    server.stderr.lock().unwrap()
                 );
             }
             server.stdout.lock().unwrap().contains(said) && testkit::listening(port)
@@ -533,18 +539,12 @@ impl Server {
     /// SIGTERM, then the exit status and everything printed.
     pub fn stop(mut self) -> (bool, String, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
         let ok = self.child.wait().unwrap().success();
-        if let Some(reader) = self.reader.take() {
+        for reader in self.readers.drain(..) {
             reader.join().unwrap();
         }
         let out = self.stdout.lock().unwrap().clone();
+        let err = self.stderr.lock().unwrap().clone();
         (ok, out, err)
     }
 }
