@@ -1550,6 +1550,22 @@ impl JobCatalog for PgCatalog {
         self.query(sql, sql_params![since], job_from_row)
     }
 
+    fn prune_jobs(&self, ended_before: DateTime<Utc>) -> CatalogResult<usize> {
+        let n = self.execute(
+            "DELETE FROM jobs WHERE id IN ( \
+                 SELECT id FROM ( \
+                   SELECT id, finished_at, row_number() OVER ( \
+                     PARTITION BY instance_id, kind ORDER BY finished_at DESC, id DESC) AS newest \
+                   FROM jobs WHERE state IN ('Finished', 'Failed') AND finished_at IS NOT NULL \
+                 ) ended \
+                 WHERE newest > 1 AND finished_at < $1 \
+                   AND id NOT IN (SELECT job_id FROM backup_sets WHERE job_id IS NOT NULL) \
+                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL))",
+            sql_params![ended_before],
+        )?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>> {
         let sql = format!(
             "SELECT {JOB_COLS} FROM jobs WHERE instance_id = $1 AND kind = $2 \

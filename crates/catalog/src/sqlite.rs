@@ -934,6 +934,23 @@ impl JobCatalog for SqliteCatalog {
         })
     }
 
+    fn prune_jobs(&self, ended_before: DateTime<Utc>) -> CatalogResult<usize> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM jobs WHERE id IN ( \
+                 SELECT id FROM ( \
+                   SELECT id, finished_at, row_number() OVER ( \
+                     PARTITION BY instance_id, kind ORDER BY finished_at DESC, id DESC) AS newest \
+                   FROM jobs WHERE state IN ('Finished', 'Failed') AND finished_at IS NOT NULL \
+                 ) ended \
+                 WHERE newest > 1 AND finished_at < ?1 \
+                   AND id NOT IN (SELECT job_id FROM backup_sets WHERE job_id IS NOT NULL) \
+                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL))",
+                [ts(&ended_before)],
+            )?)
+        })
+    }
+
     fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>> {
         self.with(|c| {
             Ok(c.query_row(

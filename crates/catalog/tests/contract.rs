@@ -125,6 +125,7 @@ contract!(
     one_backup_set_of_an_instance_runs_at_a_time,
     racing_handles_start_one_backup_of_an_instance,
     jobs_are_read_by_end_time_and_newest_first,
+    old_jobs_are_pruned_but_named_and_newest_ones_kept,
     the_lease_keeper_renews_its_owners_unfinished_jobs,
     gc_pending_is_kept_per_repository,
     repo_holds_exclude_a_collection_from_backups_and_readers_on_every_handle,
@@ -742,6 +743,100 @@ fn racing_handles_start_one_backup_of_an_instance(b: &dyn Backend) {
             }
         }
     }
+}
+
+fn old_jobs_are_pruned_but_named_and_newest_ones_kept(b: &dyn Backend) {
+    let catalog = b.open();
+    let t0 = now();
+    let end = |kind: JobKind, instance: Option<&str>, days_ago: i64| {
+        let mut j = catalog.create_job(kind, instance).unwrap();
+        j.state = JobState::Finished;
+        j.finished_at = Some(t0 - chrono::Duration::days(days_ago));
+        catalog.update_job(&j).unwrap();
+        j.id
+    };
+    // Old, and the backup set or the drill still names it.
+    let named_backup = end(JobKind::Backup, Some("a"), 200);
+    let mut set = full_set("pruned-1", t0);
+    set.job_id = Some(named_backup);
+    catalog.insert_backup(&set).unwrap();
+    let named_drill = end(JobKind::Drill, Some("a"), 200);
+    catalog
+        .put_drill(&DrillResult {
+            backup_id: "pruned-1".into(),
+            instance_id: "a".into(),
+            status: "Passed".into(),
+            detail: "ok".into(),
+            started_at: t0,
+            finished_at: Some(t0),
+            job_id: Some(named_drill),
+        })
+        .unwrap();
+    // Old, and the newest of their instance and kind.
+    let older_copy = end(JobKind::CrossCopy, Some("a"), 120);
+    let newest_copy = end(JobKind::CrossCopy, Some("a"), 110);
+    let lone_ddr = end(JobKind::DdrRestore, None, 100);
+    // Old, a newer one of the same instance and kind beside them.
+    let old_restores = [
+        end(JobKind::Restore, Some("a"), 300),
+        end(JobKind::Restore, Some("a"), 91),
+    ];
+    let old_backup = end(JobKind::Backup, Some("a"), 150);
+    let old_notify = end(JobKind::Notify, None, 95);
+    let recent_notify = end(JobKind::Notify, None, 89);
+    let recent_restore = end(JobKind::Restore, Some("a"), 2);
+    let recent_drill = end(JobKind::Drill, Some("a"), 3);
+    let unnamed_recent_backup = end(JobKind::Backup, Some("a"), 1);
+    // Another instance's jobs are judged apart.
+    let b_restore = end(JobKind::Restore, Some("b"), 100);
+    let mut running = catalog.create_job(JobKind::Restore, Some("a")).unwrap();
+    running.state = JobState::Uploading;
+    catalog.update_job(&running).unwrap();
+
+    let pruned = b
+        .open()
+        .prune_jobs(t0 - chrono::Duration::days(90))
+        .unwrap();
+    assert_eq!(pruned, 5);
+    let left: std::collections::BTreeSet<JobId> = catalog
+        .list_jobs(None)
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    for gone in [
+        old_restores[0],
+        old_restores[1],
+        older_copy,
+        old_backup,
+        old_notify,
+    ] {
+        assert!(!left.contains(&gone), "{gone:?} is still there: {left:?}");
+    }
+    let kept = [
+        named_backup,
+        named_drill,
+        newest_copy,
+        lone_ddr,
+        recent_notify,
+        recent_drill,
+        recent_restore,
+        unnamed_recent_backup,
+        b_restore,
+        running.id,
+    ];
+    assert_eq!(left, kept.into_iter().collect());
+    assert_eq!(
+        catalog
+            .newest_ended_job("a", JobKind::CrossCopy)
+            .unwrap()
+            .map(|j| j.id),
+        Some(newest_copy)
+    );
+    assert_eq!(
+        catalog.prune_jobs(t0 - chrono::Duration::days(90)).unwrap(),
+        0
+    );
 }
 
 fn jobs_are_read_by_end_time_and_newest_first(b: &dyn Backend) {

@@ -142,6 +142,9 @@ pub struct ServiceSettings {
     pub import_dir: Option<std::path::PathBuf>,
     /// Notifications and their sinks.
     pub notify: NotifySettings,
+    /// How long the Task Center keeps an ended job (by the wall clock)
+    /// that no backup set or drill names; `None`: forever.
+    pub job_keep: Option<chrono::Duration>,
 }
 
 /// Who this node is among the `strata serve` nodes sharing a catalog, and
@@ -188,9 +191,13 @@ impl Default for ServiceSettings {
             node: NodeSettings::default(),
             import_dir: None,
             notify: NotifySettings::default(),
+            job_keep: Some(chrono::Duration::days(DEFAULT_JOB_KEEP_DAYS)),
         }
     }
 }
+
+/// Days an ended job is kept unless configured (`jobs.keep_days`).
+pub const DEFAULT_JOB_KEEP_DAYS: i64 = 90;
 
 /// How to reach an instance's snapshot agent, as given at registration.
 pub struct AgentAccess {

@@ -106,6 +106,7 @@ impl Service {
             if let Err(e) = self.expire_user_backups(now) {
                 tracing::warn!("user backup retention: {e}");
             }
+            self.prune_jobs().await;
         }
         self.wal.reap();
         let ids: Vec<String> = instances.iter().map(|i| i.id.to_string()).collect();
@@ -131,6 +132,24 @@ impl Service {
             Ok(Ok(n)) => tracing::warn!("failed {n} job(s) whose owner stopped renewing its lease"),
             Ok(Err(e)) => tracing::warn!("checking for jobs with an expired lease: {e}"),
             Err(e) => tracing::warn!("checking for jobs with an expired lease: {e}"),
+        }
+    }
+
+    /// Deletes the ended jobs older than `job_keep` that nothing names
+    /// (see `JobCatalog::prune_jobs`). Ages are wall-clock facts, like the
+    /// jobs' end times: the real time, never the service clock. Off the
+    /// runtime: a write that may wait for the catalog.
+    async fn prune_jobs(&self) {
+        let Some(keep) = self.settings.job_keep else {
+            return;
+        };
+        let before = chrono::Utc::now() - keep;
+        let catalog = self.engine.catalog().clone();
+        match tokio::task::spawn_blocking(move || catalog.prune_jobs(before)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!("deleted {n} job(s) that ended before {before}"),
+            Ok(Err(e)) => tracing::warn!("deleting old jobs: {e}"),
+            Err(e) => tracing::warn!("deleting old jobs: {e}"),
         }
     }
 

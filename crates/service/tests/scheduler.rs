@@ -575,3 +575,45 @@ async fn advanced_rules_take_and_stamp_their_backups() {
     );
     svc.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_round_deletes_old_jobs_nothing_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ServiceSettings {
+        job_keep: Some(chrono::Duration::days(30)),
+        ..settings(dir.path())
+    };
+    let svc = Service::new(
+        engine(dir.path()),
+        Arc::new(ManualClock::new(Utc::now())),
+        settings,
+    );
+    let catalog = svc.engine().catalog().clone();
+    let end = |days_ago: i64| {
+        let mut j = catalog
+            .create_job(strata_catalog::JobKind::Restore, Some("pg"))
+            .unwrap();
+        j.state = strata_catalog::JobState::Finished;
+        j.finished_at = Some(Utc::now() - chrono::Duration::days(days_ago));
+        catalog.update_job(&j).unwrap();
+        j.id
+    };
+    let gone = [end(45), end(31)];
+    let kept = [end(20), end(29)];
+    let all: Vec<_> = catalog
+        .list_jobs(None)
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(all.len(), 4);
+    // The first round's retention pass runs at once.
+    svc.tick().await;
+    let left: Vec<_> = catalog
+        .list_jobs(None)
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(left, kept, "{gone:?} should be gone");
+}

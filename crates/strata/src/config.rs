@@ -169,6 +169,8 @@ pub struct JobsConfig {
     /// Seconds a running job stays owned by a process that stopped
     /// renewing its lease before another process fails it.
     pub lease_secs: Option<u64>,
+    /// Days an ended job no backup set or drill names is kept (0: forever).
+    pub keep_days: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -877,6 +879,12 @@ impl Config {
         };
         if let Some(t) = self.scheduler.tick_secs {
             s.tick = Duration::from_secs(t.max(1));
+        }
+        if let Some(days) = self.jobs.keep_days {
+            s.job_keep = match days {
+                0 => None,
+                days => Some(chrono::Duration::days(days.min(36_500) as i64)),
+            };
         }
         if let Some(t) = self.scheduler.retention_interval_secs {
             s.retention_interval = chrono::Duration::seconds(t.max(1) as i64);

@@ -249,6 +249,7 @@ fn resolved_default(key: &str) -> Option<String> {
         "scheduler.tick_secs" => service.tick.as_secs().to_string(),
         "scheduler.retention_interval_secs" => service.retention_interval.num_seconds().to_string(),
         "jobs.lease_secs" => engine.job_lease.as_secs().to_string(),
+        "jobs.keep_days" => service.job_keep.map_or(0, |k| k.num_days()).to_string(),
         "gc.grace_secs" => engine.gc_grace.as_secs().to_string(),
         "node.lease_secs" => service.node.lease.as_secs().to_string(),
         "instances.port_range" => format!("{}-{}", service.local_ports.0, service.local_ports.1),
