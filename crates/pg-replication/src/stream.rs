@@ -229,13 +229,29 @@ impl ReplicationStream<'_> {
                     }
                 }
                 State::Ending { .. } => {
-                    self.client.conn.flush().await?;
-                    let msg = self
-                        .client
-                        .conn
-                        .read_regular("while ending the stream")
-                        .await?;
-                    self.on_ending_message(msg)?;
+                    let read = match self.client.conn.flush().await {
+                        Ok(()) => {
+                            self.client
+                                .conn
+                                .read_regular("while ending the stream")
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match read {
+                        Ok(msg) => self.on_ending_message(msg)?,
+                        // A server that sent an error and closed the
+                        // connection (a FATAL: terminated, shutting down)
+                        // ended the stream for the reason it gave.
+                        Err(e) => {
+                            return Err(match std::mem::replace(&mut self.state, State::Finished) {
+                                State::Ending {
+                                    error: Some(said), ..
+                                } => said,
+                                _ => e,
+                            })
+                        }
+                    }
                 }
             }
         }
@@ -288,6 +304,9 @@ impl ReplicationStream<'_> {
     }
 
     /// Sends a standby status update ('r'): positions written, flushed to disk, and applied.
+    /// Once the stream is ending (the server ended the timeline or sent an error, seen by a
+    /// [`ReplicationStream::next`] that may have been cancelled since) there is nothing to
+    /// report: nothing is sent, and `next` goes on to what ended it.
     pub async fn send_status(
         &mut self,
         written: Lsn,
@@ -296,9 +315,7 @@ impl ReplicationStream<'_> {
         reply_requested: bool,
     ) -> Result<(), ReplicationError> {
         if !matches!(self.state, State::Streaming) {
-            return Err(ReplicationError::protocol(
-                "status update after the replication stream ended",
-            ));
+            return Ok(());
         }
         let mut payload = BytesMut::with_capacity(34);
         payload.put_u8(b'r');

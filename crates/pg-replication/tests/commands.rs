@@ -264,12 +264,64 @@ async fn timeline_history_and_end_of_timeline() {
         }
     }
     assert_eq!(pos, switch, "all WAL of timeline 1 up to the switch");
+    // Once the timeline ended there is nothing to report: nothing is sent.
+    stream
+        .send_status(pos, pos, Lsn(0), true)
+        .await
+        .expect("a status update after the end");
     assert!(stream.next().await.unwrap().is_none());
     stream.stop().await.unwrap();
     assert_eq!(
         client.identify_system().await.unwrap().timeline,
         TimelineId(2)
     );
+}
+
+/// A walsender terminated mid-stream sends its FATAL error and closes the
+/// connection: the stream ends with the server's reason, not the closed
+/// socket's, and a status update after it sends nothing and fails nothing.
+#[tokio::test]
+async fn a_terminated_walsender_ends_the_stream_with_its_reason() {
+    let cluster = shared_cluster(15);
+    let mut o = opts(cluster, "postgres");
+    o.application_name = "strata_terminated_test".into();
+    let mut client = ReplicationClient::connect(&o).await.unwrap();
+    let id = client.identify_system().await.unwrap();
+    let start = Lsn(id.xlogpos.0 - id.xlogpos.0 % SEGMENT);
+    let mut stream = client
+        .start_replication(None, start, Some(id.timeline))
+        .await
+        .expect("start_replication");
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication \
+                     WHERE application_name = 'strata_terminated_test'";
+    let mut terminated = false;
+    for _ in 0..200 {
+        if cluster.psql("postgres", terminate) == "1" {
+            terminated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        terminated,
+        "the walsender never showed in pg_stat_replication"
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match stream.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once its walsender is terminated");
+    assert_eq!(ended.sqlstate(), Some("57P01"), "{ended}");
+    stream
+        .send_status(start, start, Lsn(0), false)
+        .await
+        .expect("a status update after the end");
 }
 
 /// Without `replication` the session is an ordinary one: it runs SQL (here
