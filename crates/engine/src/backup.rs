@@ -538,8 +538,9 @@ pub(crate) async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session,
 pub(crate) struct BackupWal {
     stop_tx: watch::Sender<Option<Lsn>>,
     task: tokio::task::JoinHandle<EngineResult<()>>,
-    /// Why the stream failed, as soon as it did.
-    failed: watch::Receiver<Option<String>>,
+    /// Why the stream failed (and whether that is transient), as soon as
+    /// it did.
+    failed: watch::Receiver<Option<(String, bool)>>,
 }
 
 impl BackupWal {
@@ -567,7 +568,7 @@ impl BackupWal {
         let task = tokio::spawn(async move {
             let result = streamed.await;
             if let Err(e) = &result {
-                let _ = failed_tx.send(Some(e.to_string()));
+                let _ = failed_tx.send(Some((e.to_string(), e.is_transient())));
             }
             result
         });
@@ -578,9 +579,10 @@ impl BackupWal {
         }
     }
 
-    /// Why the stream failed, once it did (it ends without failing only
-    /// after [`BackupWal::stored`] asked it to).
-    pub(crate) fn failures(&self) -> watch::Receiver<Option<String>> {
+    /// Why the stream failed, once it did, and whether that is transient.
+    /// It ends without failing only after [`BackupWal::stored`] asked it
+    /// to: a sender gone before then is a task that panicked.
+    pub(crate) fn failures(&self) -> watch::Receiver<Option<(String, bool)>> {
         self.failed.clone()
     }
 
@@ -627,14 +629,15 @@ struct LiveBackup<'s, 'c> {
     stream: &'s mut pg_replication::BaseBackup<'c>,
     /// `None`: no bound.
     stall: Option<Duration>,
-    wal_failed: watch::Receiver<Option<String>>,
+    wal_failed: watch::Receiver<Option<(String, bool)>>,
     /// What ended the stream, when not the server's error.
     failure: Option<Failure>,
 }
 
 enum Failure {
     Stalled(Duration),
-    Wal(String),
+    /// Why, and whether that is transient.
+    Wal(String, bool),
 }
 
 impl BackupEvents for LiveBackup<'_, '_> {
@@ -660,8 +663,15 @@ impl BackupEvents for LiveBackup<'_, '_> {
             // the backup; data that is ready wins over the stall's end.
             tokio::select! {
                 biased;
-                Ok(why) = wal_failed.wait_for(Option::is_some) => {
-                    *failure = Some(Failure::Wal(why.clone().unwrap_or_default()));
+                why = wal_failed.wait_for(Option::is_some) => {
+                    *failure = Some(match why {
+                        Ok(why) => {
+                            let (why, transient) = why.clone().unwrap_or_default();
+                            Failure::Wal(why, transient)
+                        }
+                        // Gone before the backup asked it to stop.
+                        Err(_) => Failure::Wal("its task ended early".into(), false),
+                    });
                 }
                 next = stream.next() => return next,
                 _ = stalled => *failure = Some(Failure::Stalled(stall.unwrap_or_default())),
@@ -677,8 +687,12 @@ impl BackupEvents for LiveBackup<'_, '_> {
                 instance.id,
                 t.as_secs()
             )),
-            Some(Failure::Wal(why)) => {
-                EngineError::Failed(format!("the backup's WAL stream failed: {why}"))
+            Some(Failure::Wal(why, transient)) => {
+                let why = format!("the backup's WAL stream failed: {why}");
+                match transient {
+                    true => EngineError::Unreachable(why),
+                    false => EngineError::Failed(why),
+                }
             }
             None => explain(instance, e),
         }

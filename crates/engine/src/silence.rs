@@ -63,15 +63,17 @@ impl Silence {
 
     /// When the next verdict other than [`Verdict::Fine`] is due: wait for
     /// the server's next message until then (a message that is ready wins
-    /// over the deadline), then [`Silence::check`]. Far off when the check
-    /// is off.
+    /// over the deadline), then [`Silence::check`]. A day from now when the
+    /// check is off (never passed for long: a deadline in the past would
+    /// fire at once, again and again).
     pub(crate) fn deadline(&self) -> tokio::time::Instant {
-        let after = match self.timeout {
-            None => Duration::from_secs(86_400),
-            Some(t) if self.asked => t,
-            Some(t) => t / 2,
+        let due = match self.timeout {
+            None => None,
+            Some(t) if self.asked => self.last.checked_add(t),
+            Some(t) => self.last.checked_add(t / 2),
         };
-        tokio::time::Instant::from_std(self.last + after)
+        let due = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        tokio::time::Instant::from_std(due)
     }
 }
 
@@ -116,6 +118,10 @@ mod tests {
         let mut s = Silence::new(Duration::ZERO);
         let far = s.last + Duration::from_secs(86_400 * 365);
         assert_eq!(s.check(far), Verdict::Fine);
-        assert!(s.deadline().into_std() >= s.last + Duration::from_secs(3600));
+        // Long after the last message, the deadline is still ahead.
+        if let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(2 * 86_400)) {
+            s.last = long_ago;
+        }
+        assert!(s.deadline().into_std() >= Instant::now() + Duration::from_secs(3600));
     }
 }

@@ -948,7 +948,7 @@ impl Config {
         if let Some(secs) = self.wal.receiver_timeout_secs {
             s.wal_receiver_timeout = match secs {
                 0 => Duration::ZERO,
-                secs => Duration::from_secs(secs.max(2)),
+                secs => Duration::from_secs(secs.clamp(2, 86_400)),
             };
         }
         if let Some(secs) = self.wal.retry_max_secs {
