@@ -177,11 +177,12 @@ pub trait JobCatalog: Send + Sync {
     /// Jobs that ended (`Finished` or `Failed`) at or after `since`, by id:
     /// what a periodic reader has not seen yet, without the whole history.
     fn jobs_ended_since(&self, since: DateTime<Utc>) -> CatalogResult<Vec<Job>>;
-    /// Deletes the jobs that ended before `ended_before`, except those a
-    /// backup set or a drill still names and the newest ended job of each
-    /// instance and kind (what [`JobCatalog::newest_ended_job`] answers, on
-    /// which alerts rest); returns how many.
-    fn prune_jobs(&self, ended_before: DateTime<Utc>) -> CatalogResult<usize>;
+    /// Deletes up to `limit` of the jobs that ended before `ended_before`
+    /// (the oldest ids first), except those a backup set or a drill still
+    /// names and the newest ended job of each instance and kind (what
+    /// [`JobCatalog::newest_ended_job`] answers, on which alerts rest);
+    /// returns how many.
+    fn prune_jobs(&self, ended_before: DateTime<Utc>, limit: usize) -> CatalogResult<usize>;
     /// The job of `kind` of an instance that ended last (by end time, then
     /// id), if any ended.
     fn newest_ended_job(&self, instance_id: &str, kind: JobKind) -> CatalogResult<Option<Job>>;

@@ -1550,7 +1550,7 @@ impl JobCatalog for PgCatalog {
         self.query(sql, sql_params![since], job_from_row)
     }
 
-    fn prune_jobs(&self, ended_before: DateTime<Utc>) -> CatalogResult<usize> {
+    fn prune_jobs(&self, ended_before: DateTime<Utc>, limit: usize) -> CatalogResult<usize> {
         let n = self.execute(
             "DELETE FROM jobs WHERE id IN ( \
                  SELECT id FROM ( \
@@ -1560,8 +1560,9 @@ impl JobCatalog for PgCatalog {
                  ) ended \
                  WHERE newest > 1 AND finished_at < $1 \
                    AND id NOT IN (SELECT job_id FROM backup_sets WHERE job_id IS NOT NULL) \
-                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL))",
-            sql_params![ended_before],
+                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL) \
+                 ORDER BY id LIMIT $2)",
+            sql_params![ended_before, i64::try_from(limit).unwrap_or(i64::MAX)],
         )?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }

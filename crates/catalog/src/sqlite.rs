@@ -934,7 +934,7 @@ impl JobCatalog for SqliteCatalog {
         })
     }
 
-    fn prune_jobs(&self, ended_before: DateTime<Utc>) -> CatalogResult<usize> {
+    fn prune_jobs(&self, ended_before: DateTime<Utc>, limit: usize) -> CatalogResult<usize> {
         self.with(|c| {
             Ok(c.execute(
                 "DELETE FROM jobs WHERE id IN ( \
@@ -945,8 +945,9 @@ impl JobCatalog for SqliteCatalog {
                  ) ended \
                  WHERE newest > 1 AND finished_at < ?1 \
                    AND id NOT IN (SELECT job_id FROM backup_sets WHERE job_id IS NOT NULL) \
-                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL))",
-                [ts(&ended_before)],
+                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL) \
+                 ORDER BY id LIMIT ?2)",
+                params![ts(&ended_before), i64::try_from(limit).unwrap_or(i64::MAX)],
             )?)
         })
     }

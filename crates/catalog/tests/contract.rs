@@ -760,6 +760,8 @@ fn old_jobs_are_pruned_but_named_and_newest_ones_kept(b: &dyn Backend) {
     let mut set = full_set("pruned-1", t0);
     set.job_id = Some(named_backup);
     catalog.insert_backup(&set).unwrap();
+    // A set naming no job keeps nothing (a NULL among the names).
+    catalog.insert_backup(&full_set("pruned-2", t0)).unwrap();
     let named_drill = end(JobKind::Drill, Some("a"), 200);
     catalog
         .put_drill(&DrillResult {
@@ -793,11 +795,19 @@ fn old_jobs_are_pruned_but_named_and_newest_ones_kept(b: &dyn Backend) {
     running.state = JobState::Uploading;
     catalog.update_job(&running).unwrap();
 
-    let pruned = b
-        .open()
-        .prune_jobs(t0 - chrono::Duration::days(90))
-        .unwrap();
-    assert_eq!(pruned, 5);
+    // At most `limit` a call, the oldest first.
+    let other = b.open();
+    let before = t0 - chrono::Duration::days(90);
+    assert_eq!(other.prune_jobs(before, 2).unwrap(), 2);
+    let left: std::collections::BTreeSet<JobId> = catalog
+        .list_jobs(None)
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert!(!left.contains(&older_copy) && !left.contains(&old_restores[0]));
+    assert!(left.contains(&old_restores[1]) && left.contains(&old_backup));
+    assert_eq!(other.prune_jobs(before, 100).unwrap(), 3);
     let left: std::collections::BTreeSet<JobId> = catalog
         .list_jobs(None)
         .unwrap()
@@ -833,10 +843,7 @@ fn old_jobs_are_pruned_but_named_and_newest_ones_kept(b: &dyn Backend) {
             .map(|j| j.id),
         Some(newest_copy)
     );
-    assert_eq!(
-        catalog.prune_jobs(t0 - chrono::Duration::days(90)).unwrap(),
-        0
-    );
+    assert_eq!(catalog.prune_jobs(before, 100).unwrap(), 0);
 }
 
 fn jobs_are_read_by_end_time_and_newest_first(b: &dyn Backend) {

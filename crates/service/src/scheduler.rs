@@ -11,6 +11,9 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+/// Most jobs one retention pass deletes.
+const JOB_PRUNE_BATCH: usize = 5_000;
+
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupMode, BackupPolicy, BackupSet, BackupStatus, Instance};
 use tokio::sync::watch;
@@ -136,7 +139,9 @@ impl Service {
     }
 
     /// Deletes the ended jobs older than `job_keep` that nothing names
-    /// (see `JobCatalog::prune_jobs`). Ages are wall-clock facts, like the
+    /// (see `JobCatalog::prune_jobs`), at most [`JOB_PRUNE_BATCH`] a pass:
+    /// a catalog with years of jobs is pruned over a few hours of passes,
+    /// none of which holds the catalog (or this round) for long. Ages are wall-clock facts, like the
     /// jobs' end times: the real time, never the service clock. Off the
     /// runtime: a write that may wait for the catalog.
     async fn prune_jobs(&self) {
@@ -145,7 +150,8 @@ impl Service {
         };
         let before = chrono::Utc::now() - keep;
         let catalog = self.engine.catalog().clone();
-        match tokio::task::spawn_blocking(move || catalog.prune_jobs(before)).await {
+        match tokio::task::spawn_blocking(move || catalog.prune_jobs(before, JOB_PRUNE_BATCH)).await
+        {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!("deleted {n} job(s) that ended before {before}"),
             Ok(Err(e)) => tracing::warn!("deleting old jobs: {e}"),

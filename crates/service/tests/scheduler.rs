@@ -579,16 +579,20 @@ async fn advanced_rules_take_and_stamp_their_backups() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retention_round_deletes_old_jobs_nothing_names() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = ServiceSettings {
-        job_keep: Some(chrono::Duration::days(30)),
-        ..settings(dir.path())
+    let engine = engine(dir.path());
+    // The service clock runs 100 days ahead: ages are wall-clock facts, as
+    // the jobs' end times are, so it must not matter.
+    let service = |keep: Option<chrono::Duration>| {
+        Service::new(
+            engine.clone(),
+            Arc::new(ManualClock::new(Utc::now() + chrono::Duration::days(100))),
+            ServiceSettings {
+                job_keep: keep,
+                ..settings(dir.path())
+            },
+        )
     };
-    let svc = Service::new(
-        engine(dir.path()),
-        Arc::new(ManualClock::new(Utc::now())),
-        settings,
-    );
-    let catalog = svc.engine().catalog().clone();
+    let catalog = engine.catalog().clone();
     let end = |days_ago: i64| {
         let mut j = catalog
             .create_job(strata_catalog::JobKind::Restore, Some("pg"))
@@ -598,22 +602,23 @@ async fn the_retention_round_deletes_old_jobs_nothing_names() {
         catalog.update_job(&j).unwrap();
         j.id
     };
+    let ids = || -> Vec<_> {
+        catalog
+            .list_jobs(None)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect()
+    };
     let gone = [end(45), end(31)];
     let kept = [end(20), end(29)];
-    let all: Vec<_> = catalog
-        .list_jobs(None)
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(all.len(), 4);
+    assert_eq!(ids().len(), 4);
+
+    // `jobs.keep_days = 0`: every job stays.
+    service(None).tick().await;
+    assert_eq!(ids().len(), 4);
+
     // The first round's retention pass runs at once.
-    svc.tick().await;
-    let left: Vec<_> = catalog
-        .list_jobs(None)
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(left, kept, "{gone:?} should be gone");
+    service(Some(chrono::Duration::days(30))).tick().await;
+    assert_eq!(ids(), kept, "{gone:?} should be gone");
 }
