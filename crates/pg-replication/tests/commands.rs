@@ -333,6 +333,8 @@ async fn a_plain_session_runs_sql_not_walsender_commands() {
     let mut plain = opts(cluster, "postgres");
     plain.replication = false;
     plain.dbname = Some("postgres".into());
+    // Its own name: other tests of this binary open plain sessions at the same time.
+    plain.application_name = "strata_plain_session_test".into();
     let mut client = ReplicationClient::connect(&plain).await.unwrap();
     let rows = client
         .simple_query("SELECT pg_backup_start('plain session', true)::text")
@@ -342,7 +344,8 @@ async fn a_plain_session_runs_sql_not_walsender_commands() {
     assert_eq!(
         cluster.psql(
             "postgres",
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND application_name = 'strata-test'"
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND application_name = 'strata_plain_session_test'"
         ),
         "1"
     );
