@@ -46,6 +46,23 @@ pub use sqlite::SqliteCatalog;
 pub use strata_ids::{BackupId, InstanceId, JobId, PackId};
 pub use transfer::{copy_sqlite_to_postgres, TableCopy};
 
+/// The statement of [`JobCatalog::prune_jobs`] with a backend's
+/// placeholders for the end time and the limit.
+pub(crate) fn prune_jobs_sql(ended_before: &str, limit: &str) -> String {
+    format!(
+        "DELETE FROM jobs WHERE id IN ( \
+           SELECT id FROM ( \
+             SELECT id, finished_at, row_number() OVER ( \
+               PARTITION BY instance_id, kind ORDER BY finished_at DESC, id DESC) AS newest \
+             FROM jobs WHERE state IN ('Finished', 'Failed') AND finished_at IS NOT NULL \
+           ) ended \
+           WHERE newest > 1 AND finished_at < {ended_before} \
+             AND id NOT IN (SELECT job_id FROM backup_sets WHERE job_id IS NOT NULL) \
+             AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL) \
+           ORDER BY id LIMIT {limit})"
+    )
+}
+
 /// The catalog traits, to call their methods on an `Arc<dyn Catalog>`:
 /// `use strata_catalog::prelude::*;`.
 pub mod prelude {

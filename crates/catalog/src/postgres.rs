@@ -1552,16 +1552,7 @@ impl JobCatalog for PgCatalog {
 
     fn prune_jobs(&self, ended_before: DateTime<Utc>, limit: usize) -> CatalogResult<usize> {
         let n = self.execute(
-            "DELETE FROM jobs WHERE id IN ( \
-                 SELECT id FROM ( \
-                   SELECT id, finished_at, row_number() OVER ( \
-                     PARTITION BY instance_id, kind ORDER BY finished_at DESC, id DESC) AS newest \
-                   FROM jobs WHERE state IN ('Finished', 'Failed') AND finished_at IS NOT NULL \
-                 ) ended \
-                 WHERE newest > 1 AND finished_at < $1 \
-                   AND id NOT IN (SELECT job_id FROM backup_sets WHERE job_id IS NOT NULL) \
-                   AND id NOT IN (SELECT job_id FROM backup_drills WHERE job_id IS NOT NULL) \
-                 ORDER BY id LIMIT $2)",
+            crate::prune_jobs_sql("$1", "$2"),
             sql_params![ended_before, i64::try_from(limit).unwrap_or(i64::MAX)],
         )?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))

@@ -799,21 +799,19 @@ fn old_jobs_are_pruned_but_named_and_newest_ones_kept(b: &dyn Backend) {
     let other = b.open();
     let before = t0 - chrono::Duration::days(90);
     assert_eq!(other.prune_jobs(before, 2).unwrap(), 2);
-    let left: std::collections::BTreeSet<JobId> = catalog
-        .list_jobs(None)
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
+    let jobs_left = || -> std::collections::BTreeSet<JobId> {
+        catalog
+            .list_jobs(None)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect()
+    };
+    let left = jobs_left();
     assert!(!left.contains(&older_copy) && !left.contains(&old_restores[0]));
     assert!(left.contains(&old_restores[1]) && left.contains(&old_backup));
     assert_eq!(other.prune_jobs(before, 100).unwrap(), 3);
-    let left: std::collections::BTreeSet<JobId> = catalog
-        .list_jobs(None)
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
+    let left = jobs_left();
     for gone in [
         old_restores[0],
         old_restores[1],

@@ -438,14 +438,15 @@ pub(crate) fn event_rows<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use chrono::TimeZone;
     use pg_wal::decode::RowChanges;
     use strata_catalog::DatabaseNameRow;
 
     use super::*;
 
-    fn file(rel: u32) -> RelFile {
+    /// A file of database 5 in the default tablespace.
+    pub(crate) fn file(rel: u32) -> RelFile {
         RelFile {
             spc: 1663,
             db: 5,
@@ -457,7 +458,8 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap()
     }
 
-    fn opts(min_rows: u64) -> EventOptions {
+    /// Events without names, at `min_rows`.
+    pub(crate) fn opts(min_rows: u64) -> EventOptions {
         EventOptions {
             names: None,
             min_rows,

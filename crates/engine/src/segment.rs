@@ -322,14 +322,7 @@ mod tests {
     use strata_repo::RecoveryEventKind;
 
     use super::*;
-
-    fn file(rel: u32) -> RelFile {
-        RelFile {
-            spc: 1663,
-            db: 5,
-            rel,
-        }
-    }
+    use crate::events::tests::{file, opts};
 
     fn commit(xid: u32, changes: TxnChanges) -> WalEvent {
         WalEvent::Commit {
@@ -338,13 +331,6 @@ mod tests {
             xid,
             time: Utc::now(),
             changes: Some(Box::new(changes)),
-        }
-    }
-
-    fn opts() -> EventOptions {
-        EventOptions {
-            names: None,
-            min_rows: 1,
         }
     }
 
@@ -357,7 +343,7 @@ mod tests {
                 dropped: vec![file(20_000 + xid)],
                 ..Default::default()
             };
-            summary.absorb(commit(xid, changes), Some(&opts()));
+            summary.absorb(commit(xid, changes), Some(&opts(1)));
         }
         assert_eq!(summary.events.len(), MAX_SEGMENT_EVENTS);
         assert_eq!(summary.events_omitted, 25);
@@ -384,7 +370,7 @@ mod tests {
                 filled: new,
                 ..Default::default()
             };
-            summary.absorb(commit(xid, changes), Some(&opts()));
+            summary.absorb(commit(xid, changes), Some(&opts(1)));
         }
         assert_eq!(summary.events.len(), 400);
         assert!(summary
