@@ -538,8 +538,8 @@ pub(crate) async fn open_wal_slot(instance: &Instance) -> EngineResult<(Session,
 pub(crate) struct BackupWal {
     stop_tx: watch::Sender<Option<Lsn>>,
     task: tokio::task::JoinHandle<EngineResult<()>>,
-    /// Why the stream failed (and whether that is transient), as soon as
-    /// it did.
+    /// Why the stream failed (and whether the server was unreachable), as
+    /// soon as it did.
     failed: watch::Receiver<Option<(String, bool)>>,
 }
 
@@ -568,7 +568,8 @@ impl BackupWal {
         let task = tokio::spawn(async move {
             let result = streamed.await;
             if let Err(e) = &result {
-                let _ = failed_tx.send(Some((e.to_string(), e.is_transient())));
+                let unreachable = matches!(e, EngineError::Unreachable(_));
+                let _ = failed_tx.send(Some((e.to_string(), unreachable)));
             }
             result
         });
@@ -579,7 +580,8 @@ impl BackupWal {
         }
     }
 
-    /// Why the stream failed, once it did, and whether that is transient.
+    /// Why the stream failed, once it did, and whether the server was
+    /// unreachable.
     /// It ends without failing only after [`BackupWal::stored`] asked it
     /// to: a sender gone before then is a task that panicked.
     pub(crate) fn failures(&self) -> watch::Receiver<Option<(String, bool)>> {
@@ -636,7 +638,7 @@ struct LiveBackup<'s, 'c> {
 
 enum Failure {
     Stalled(Duration),
-    /// Why, and whether that is transient.
+    /// Why, and whether the server was unreachable.
     Wal(String, bool),
 }
 
@@ -666,8 +668,8 @@ impl BackupEvents for LiveBackup<'_, '_> {
                 why = wal_failed.wait_for(Option::is_some) => {
                     *failure = Some(match why {
                         Ok(why) => {
-                            let (why, transient) = why.clone().unwrap_or_default();
-                            Failure::Wal(why, transient)
+                            let (why, unreachable) = why.clone().unwrap_or_default();
+                            Failure::Wal(why, unreachable)
                         }
                         // Gone before the backup asked it to stop.
                         Err(_) => Failure::Wal("its task ended early".into(), false),
@@ -687,9 +689,9 @@ impl BackupEvents for LiveBackup<'_, '_> {
                 instance.id,
                 t.as_secs()
             )),
-            Some(Failure::Wal(why, transient)) => {
+            Some(Failure::Wal(why, unreachable)) => {
                 let why = format!("the backup's WAL stream failed: {why}");
-                match transient {
+                match unreachable {
                     true => EngineError::Unreachable(why),
                     false => EngineError::Failed(why),
                 }

@@ -243,11 +243,11 @@ impl ReplicationStream<'_> {
                         // A server that sent an error and closed the
                         // connection (a FATAL: terminated, shutting down)
                         // ended the stream for the reason it gave.
+                        // The stream stays ending: a later `next` or
+                        // `stop` meets the broken connection again.
                         Err(e) => {
-                            return Err(match std::mem::replace(&mut self.state, State::Finished) {
-                                State::Ending {
-                                    error: Some(said), ..
-                                } => said,
+                            return Err(match &mut self.state {
+                                State::Ending { error, .. } => error.take().unwrap_or(e),
                                 _ => e,
                             })
                         }

@@ -11,14 +11,14 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-/// Most jobs one retention pass deletes.
-const JOB_PRUNE_BATCH: usize = 5_000;
-
 use chrono::{DateTime, Utc};
 use strata_catalog::{BackupMode, BackupPolicy, BackupSet, BackupStatus, Instance};
 use tokio::sync::watch;
 
 use crate::{lock, policy, Service, ServiceResult};
+
+/// Most jobs one retention pass deletes.
+const JOB_PRUNE_BATCH: usize = 5_000;
 
 /// An automatic backup the scheduler starts now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,9 +139,10 @@ impl Service {
     }
 
     /// Deletes the ended jobs older than `job_keep` that nothing names
-    /// (see `JobCatalog::prune_jobs`), at most [`JOB_PRUNE_BATCH`] a pass:
-    /// a catalog with years of jobs is pruned over a few hours of passes,
-    /// none of which holds the catalog (or this round) for long. Ages are wall-clock facts, like the
+    /// (see `JobCatalog::prune_jobs`), at most [`JOB_PRUNE_BATCH`] a pass,
+    /// lowest ids first: a catalog with years of jobs is pruned over a few
+    /// hours of passes, none of which holds the catalog (or this round)
+    /// for long. Ages are wall-clock facts, like the
     /// jobs' end times: the real time, never the service clock. Off the
     /// runtime: a write that may wait for the catalog.
     async fn prune_jobs(&self) {
