@@ -135,10 +135,69 @@ fn chown_to_postgres(path: &Path) {
     assert!(status.success(), "chown {} failed", path.display());
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// Where test ports are handed out: below the kernel's ephemeral range
+/// (outgoing connections, many per test, take ports from that range at any
+/// moment, and one could take a port between its choice and a server's
+/// bind) and above the ports Strata gives its own instances by default
+/// (15432–15531). `None` when the ephemeral range leaves no room.
+fn test_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = text.split_whitespace().next()?.parse().ok()?;
+    let (lo, hi) = (20_000, low.min(32_000));
+    (hi > lo + 1_000).then_some((lo, hi))
+}
+
+/// A port on 127.0.0.1 that was free a moment ago, and that no other test
+/// process on this machine is handed while this one runs: each port is
+/// taken under a lock on a file of its own (held until the process ends),
+/// from [`test_port_range`] (the kernel's choice when there is none).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let kernels_choice = || {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener.local_addr().expect("local_addr").port()
+    };
+    let Some((lo, hi)) = test_port_range() else {
+        return kernels_choice();
+    };
+    // Shared by every user's test processes (sticky, like /tmp).
+    let dir = Path::new("/tmp/strata-test-ports");
+    if std::fs::create_dir(dir).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
+    }
+    if !dir.is_dir() {
+        return kernels_choice();
+    }
+    let span = u32::from(hi - lo);
+    // Each process walks the range from its own place.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = lo + ((start + n) % span) as u16;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o666)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap().push(file);
+        return port;
+    }
+    panic!("no free port in {lo}..{hi}");
 }
 
 /// Whether something listens on `127.0.0.1:port`. A connection the kernel
@@ -950,6 +1009,15 @@ mod tests {
         let port = free_port();
         assert!(port > 0);
         TcpListener::bind(("127.0.0.1", port)).expect("port should be free");
+    }
+
+    #[test]
+    fn free_ports_differ_and_stay_out_of_the_ephemeral_range() {
+        let ports: std::collections::BTreeSet<u16> = (0..50).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 50);
+        if let Some((lo, hi)) = test_port_range() {
+            assert!(ports.iter().all(|p| (lo..hi).contains(p)), "{ports:?}");
+        }
     }
 
     #[test]
