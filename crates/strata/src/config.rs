@@ -1559,3 +1559,52 @@ mod secret_tests {
         assert!(unset.contains("secret_access_key: None"), "{unset}");
     }
 }
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn load(text: &str) -> anyhow::Result<Config> {
+        let dir = testkit::temp_dir("strata-limits-conf-");
+        let path = dir.join("strata.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(Some(&path));
+        let _ = std::fs::remove_dir_all(&dir);
+        config
+    }
+
+    #[test]
+    fn stream_and_job_limits_are_bounded_and_zero_turns_them_off() {
+        let huge = load(&format!(
+            "[wal]\nreceiver_timeout_secs = {}\n[jobs]\nkeep_days = {}\n",
+            i64::MAX,
+            i64::MAX
+        ))
+        .unwrap();
+        assert_eq!(
+            huge.engine_settings().wal_receiver_timeout,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            huge.service_settings().unwrap().job_keep,
+            Some(chrono::Duration::days(36_500))
+        );
+        let small = load("[wal]\nreceiver_timeout_secs = 1\n").unwrap();
+        assert_eq!(
+            small.engine_settings().wal_receiver_timeout,
+            Duration::from_secs(2)
+        );
+        let off = load("[wal]\nreceiver_timeout_secs = 0\n[jobs]\nkeep_days = 0\n").unwrap();
+        assert_eq!(off.engine_settings().wal_receiver_timeout, Duration::ZERO);
+        assert_eq!(off.service_settings().unwrap().job_keep, None);
+        // Not numbers, or below zero: refused, not read as something else.
+        for bad in [
+            "[wal]\nreceiver_timeout_secs = -1\n",
+            "[wal]\nreceiver_timeout_secs = \"60\"\n",
+            "[jobs]\nkeep_days = \"../90\"\n",
+            "[jobs]\nkeep_days = 1e3\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+    }
+}
