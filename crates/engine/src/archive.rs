@@ -26,7 +26,7 @@ use crate::connect::{explain, open_session, remember_facts};
 use crate::events::EventOptions;
 use crate::names::{NameRefresher, RelationNames};
 use crate::segment::SegmentArchiver;
-use crate::silence::{Silence, Verdict};
+use crate::silence::Silence;
 use crate::wal_uploader::{Stored, WalUploader};
 use crate::{Engine, EngineError, EngineResult, Progress};
 
@@ -357,18 +357,16 @@ impl Engine {
                     msg = tokio::time::timeout_at(silence.deadline(), stream.next()) => {
                         // A message that is ready wins over the deadline.
                         let Ok(msg) = msg else {
-                            match silence.check(std::time::Instant::now()) {
-                                Verdict::Fine => {}
-                                Verdict::Ask => {
-                                    stream.send_status(archiver.position(), uploader.durable(), Lsn::INVALID, true)
-                                        .await.map_err(|e| explain(instance, e))?;
-                                }
-                                Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
+                            let (written, flushed) = (archiver.position(), uploader.durable());
+                            let silent = silence.at_deadline(&mut stream, written, flushed)
+                                .await.map_err(|e| explain(instance, e))?;
+                            if let Some(quiet) = silent {
+                                return Err(EngineError::Unreachable(format!(
                                     "instance {}: the server sent nothing on the WAL stream for {} s, not even \
                                      when asked to answer (wal.receiver_timeout_secs)",
                                     instance.id,
                                     quiet.as_secs()
-                                ))),
+                                )));
                             }
                             continue;
                         };

@@ -42,7 +42,7 @@ use crate::incremental::{
     ManifestChange, RelFile,
 };
 use crate::segment::SegmentArchiver;
-use crate::silence::{Silence, Verdict};
+use crate::silence::Silence;
 
 mod receiver;
 use crate::wal_uploader::WalUploader;
@@ -1640,18 +1640,15 @@ async fn stream_wal_to(
             msg = tokio::time::timeout_at(silence.deadline(), stream.next()) => {
                 // A message that is ready wins over the deadline.
                 let Ok(msg) = msg else {
-                    match silence.check(std::time::Instant::now()) {
-                        Verdict::Fine => {}
-                        Verdict::Ask => {
-                            let pos = archiver.position();
-                            stream.send_status(pos, pos, Lsn::INVALID, true).await
-                                .map_err(wal_stream_error)?;
-                        }
-                        Verdict::GiveUp(quiet) => return Err(EngineError::Unreachable(format!(
+                    let pos = archiver.position();
+                    let silent = silence.at_deadline(&mut stream, pos, pos).await
+                        .map_err(wal_stream_error)?;
+                    if let Some(quiet) = silent {
+                        return Err(EngineError::Unreachable(format!(
                             "the server sent nothing on the backup's WAL stream for {} s, not even when \
                              asked to answer (wal.receiver_timeout_secs)",
                             quiet.as_secs()
-                        ))),
+                        )));
                     }
                     continue;
                 };

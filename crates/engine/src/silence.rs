@@ -6,6 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use pg_replication::{ReplicationError, ReplicationStream};
+use pg_wal::Lsn;
+
 /// What to do about the time since the server last sent something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -74,6 +77,31 @@ impl Silence {
         };
         let due = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
         tokio::time::Instant::from_std(due)
+    }
+}
+
+impl Silence {
+    /// What a stream does once [`Silence::deadline`] passed with no
+    /// message: asks the server to answer (a status update with the reply
+    /// flag, reporting `written` and `flushed`), or, once the whole timeout
+    /// passed, answers how long the server has been silent: the stream is
+    /// to be given up.
+    pub(crate) async fn at_deadline(
+        &mut self,
+        stream: &mut ReplicationStream<'_>,
+        written: Lsn,
+        flushed: Lsn,
+    ) -> Result<Option<Duration>, ReplicationError> {
+        match self.check(Instant::now()) {
+            Verdict::Fine => Ok(None),
+            Verdict::Ask => {
+                stream
+                    .send_status(written, flushed, Lsn::INVALID, true)
+                    .await?;
+                Ok(None)
+            }
+            Verdict::GiveUp(quiet) => Ok(Some(quiet)),
+        }
     }
 }
 
